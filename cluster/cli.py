@@ -1,0 +1,90 @@
+"""The ``splitserve`` command line. Each subcommand imports its heavy modules only when run."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _add_engine_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="demo", help="preset name (demo, bench-125m) or a local Hugging Face directory")
+    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="default: the model's own")
+    parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0")
+    parser.add_argument("--kv-cache-mb", type=int, default=512, help="KV pool memory budget in MiB")
+    parser.add_argument("--max-num-seqs", type=int, default=64)
+    parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+
+
+def engine_config_from_args(args: argparse.Namespace):
+    from engine.config import EngineConfig
+
+    return EngineConfig(
+        model=args.model,
+        dtype=args.dtype,
+        device=args.device,
+        kv_cache_memory_bytes=args.kv_cache_mb * 1024 * 1024,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        num_threads=args.threads,
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="splitserve", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    generate = commands.add_parser("generate", help="generate text with the engine alone (no cluster)")
+    _add_engine_args(generate)
+    generate.add_argument("--prompt", action="append", help="a prompt (repeatable); default: a short demo prompt")
+    generate.add_argument("--chat", action="store_true", help="apply the model's chat template to each prompt")
+    generate.add_argument("--max-tokens", type=int, default=32)
+    generate.add_argument("--temperature", type=float, default=0.0)
+    generate.set_defaults(run=_run_generate)
+
+    bench = commands.add_parser("bench", help="benchmarks (they print ratios against a baseline run side by side)")
+    bench_kinds = bench.add_subparsers(dest="bench", required=True)
+    engine_bench = bench_kinds.add_parser("engine", help="engine vs transformers on the same weights")
+    engine_bench.add_argument("--model", default="bench-125m")
+    engine_bench.add_argument("--dtype", default="bfloat16")
+    engine_bench.add_argument("--batch-sizes", default="1,8,32,64")
+    engine_bench.add_argument("--prompt-len", type=int, default=128)
+    engine_bench.add_argument("--decode-steps", type=int, default=32)
+    engine_bench.add_argument("--threads", type=int, default=None)
+    engine_bench.add_argument("--json", dest="json_path", default=None, help="write the rows to this file")
+    engine_bench.set_defaults(run=_run_bench_engine)
+    return parser
+
+
+def _run_generate(args: argparse.Namespace) -> int:
+    from engine.engine import Engine
+    from engine.errors import EngineError
+    from engine.sampling_params import SamplingParams
+
+    try:
+        engine = Engine(engine_config_from_args(args))
+        prompts = args.prompt or ["The quick brown fox"]
+        if args.chat:
+            prompts = [engine.tokenizer.apply_chat_template([{"role": "user", "content": p}]) for p in prompts]
+        params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature)
+        for prompt, result in zip(prompts, engine.generate(prompts, params)):
+            print(f"--- prompt: {prompt!r}\n{result.text!r}\n[{len(result.token_ids)} tokens, finish={result.finish_reason}]")
+    except EngineError as exc:
+        print(f"splitserve: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _run_bench_engine(args: argparse.Namespace) -> int:
+    from bench.engine_bench import run
+
+    return run(args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,222 @@
+"""The engine: one readable step loop over scheduler → model runner → output processor.
+
+Threading contract: an Engine is owned by one thread. Workers call every method from their
+engine thread; other threads hand work over through the worker's own queue.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from engine.block_manager import BlockAllocator, KVEvent
+from engine.config import EngineConfig, blocks_for_budget
+from engine.errors import InvalidRequestError
+from engine.kv_cache import KVLayout, PagedKVCache
+from engine.model_runner import LayerHook, ModelRunner
+from engine.output import OutputProcessor, RequestOutput
+from engine.request import Request, RequestState
+from engine.sampler import Sampler, SamplingState, TokenLogprobs
+from engine.sampling_params import SamplingParams
+from engine.scheduler import Scheduler, SchedulerConfig
+from engine.weights import load_model
+
+
+@dataclass(frozen=True)
+class Reservation:
+    """Blocks held for a prompt whose KV will be written from outside."""
+
+    request_id: str
+    block_ids: tuple[int, ...]  # one per prompt block, in order
+    num_cached_tokens: int  # leading prompt tokens already in this pool's prefix cache
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    num_blocks: int
+    blocks_used: int
+    blocks_free: int
+    blocks_cached: int
+    running: int
+    waiting: int
+    waiting_for_kv: int
+
+
+@dataclass(frozen=True)
+class Completion:
+    """The whole result of one prompt, for batch use."""
+
+    request_id: str
+    prompt_token_ids: tuple[int, ...]
+    token_ids: tuple[int, ...]
+    text: str
+    finish_reason: str
+    logprobs: tuple[TokenLogprobs, ...]
+    num_cached_tokens: int
+
+
+class Engine:
+    def __init__(self, config: EngineConfig, on_layer_done: LayerHook | None = None) -> None:
+        self.config = config
+        if config.num_threads:
+            torch.set_num_threads(config.num_threads)
+        loaded = load_model(config.model, config.dtype, config.device)
+        self.model_config = loaded.config
+        self.tokenizer = loaded.tokenizer
+        self.fingerprint = loaded.fingerprint
+        self.layout = self._layout(loaded.model.lm_head.weight.dtype)
+        self.kv_cache = PagedKVCache(self.layout, config.device)
+        self.allocator = BlockAllocator(self.layout.num_blocks, config.block_size, config.enable_prefix_cache)
+        self.scheduler = Scheduler(
+            SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, config.block_size), self.allocator
+        )
+        self.runner = ModelRunner(loaded.model, self.kv_cache, Sampler(self.model_config.vocab_size, config.seed), config.device)
+        self.max_model_len = min(config.max_model_len or self.model_config.max_context, self.model_config.max_context)
+        self.outputs = OutputProcessor(self.tokenizer, self._eos_ids(), self.max_model_len)
+        self.on_layer_done = on_layer_done
+        self.requests: dict[str, Request] = {}
+        self._pending: list[RequestOutput] = []
+
+    def _layout(self, dtype: torch.dtype) -> KVLayout:
+        cfg, model = self.config, self.model_config
+        dtype_name = str(dtype).removeprefix("torch.")
+        num_blocks = cfg.num_kv_blocks or blocks_for_budget(model, cfg.block_size, dtype.itemsize, cfg.kv_cache_memory_bytes)
+        return KVLayout(model.num_layers, num_blocks, cfg.block_size, model.num_kv_heads, model.head_dim, dtype_name)
+
+    def _eos_ids(self) -> tuple[int, ...]:
+        return tuple(sorted(set(self.model_config.eos_token_ids) | set(self.tokenizer.eos_token_ids)))
+
+    # -- requests ---------------------------------------------------------------------------------
+
+    def add_request(self, request_id: str, prompt_token_ids: Sequence[int], params: SamplingParams) -> None:
+        """Queue a prompt to be prefilled here and decoded."""
+        request = self._new_request(request_id, prompt_token_ids, params)
+        self.scheduler.add(request)
+
+    def reserve(self, request_id: str, prompt_token_ids: Sequence[int], params: SamplingParams) -> Reservation:
+        """Hold blocks for a prompt whose KV another worker computes (state WAITING_FOR_KV).
+
+        Raises NoFreeBlocksError, with nothing allocated, if the pool is too full."""
+        request = self._new_request(request_id, prompt_token_ids, params, register=False)
+        self.scheduler.reserve(request)
+        self.requests[request_id] = request
+        self.outputs.start(request)
+        return Reservation(request_id, tuple(request.block_ids), request.num_published_blocks * self.config.block_size)
+
+    def complete_reservation(self, request_id: str, first_token_id: int, logprobs: TokenLogprobs | None = None) -> None:
+        """Adopt the received KV (the caller has verified it) and the first token sampled remotely;
+        the request then decodes here. Its first output comes with the next step()."""
+        request = self.requests[request_id]
+        if request.state is not RequestState.WAITING_FOR_KV:
+            raise InvalidRequestError(f"request {request_id} is not waiting for KV (state {request.state.name})")
+        self.scheduler.kv_landed(request)
+        self._record_token(request, first_token_id, logprobs)
+
+    def abort(self, request_id: str) -> bool:
+        """Stop a request in any state and free its blocks. False if it is unknown or already done."""
+        request = self.requests.get(request_id)
+        if request is None or request.state.finished:
+            return False
+        self.scheduler.finish(request, RequestState.FINISHED_ABORTED)
+        self._pending.append(self._finalize(request))
+        return True
+
+    def _new_request(self, request_id, prompt_token_ids, params, register: bool = True) -> Request:
+        prompt = list(prompt_token_ids)
+        self._validate(request_id, prompt, params)
+        request = Request(request_id, prompt, params, SamplingState(params, prompt), self.config.block_size)
+        if register:
+            self.requests[request_id] = request
+            self.outputs.start(request)
+        return request
+
+    def _validate(self, request_id: str, prompt: list[int], params: SamplingParams) -> None:
+        if request_id in self.requests:
+            raise InvalidRequestError(f"request id {request_id!r} is already in use")
+        if not prompt:
+            raise InvalidRequestError("prompt must not be empty")
+        vocab = self.model_config.vocab_size
+        if any(not 0 <= t < vocab for t in prompt):
+            raise InvalidRequestError(f"prompt token ids must be in [0, {vocab})")
+        total = len(prompt) + params.max_tokens
+        if total > self.max_model_len:
+            raise InvalidRequestError(
+                f"prompt ({len(prompt)} tokens) + max_tokens ({params.max_tokens}) = {total} exceeds "
+                f"the maximum context length {self.max_model_len}"
+            )
+        if -(-total // self.config.block_size) > self.layout.num_blocks:
+            raise InvalidRequestError(f"{total} tokens do not fit in this worker's KV pool ({self.layout.num_blocks} blocks)")
+
+    # -- the loop -------------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        """Schedule, execute, update. Returns each request's output delta for this step."""
+        plan = self.scheduler.schedule()
+        if not plan.is_empty:
+            sampled = self.runner.execute(plan, {c.request_id: self.requests[c.request_id].sampling for c in plan.chunks}, self.on_layer_done)
+            self.scheduler.step_done(plan, self.requests)
+            for request_id, (token_id, logprobs) in sampled.items():
+                self._record_token(self.requests[request_id], token_id, logprobs)
+        outputs, self._pending = self._pending, []
+        return outputs
+
+    def _record_token(self, request: Request, token_id: int, logprobs) -> None:
+        finished = self.outputs.add_token(request, token_id, logprobs)
+        if finished is not None:
+            self.scheduler.finish(request, finished)
+            self._pending.append(self._finalize(request))
+        else:
+            self._pending.append(self.outputs.emit(request))
+
+    def _finalize(self, request: Request) -> RequestOutput:
+        output = self.outputs.emit(request)
+        del self.requests[request.request_id]
+        return output
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.num_unfinished > 0 or bool(self._pending)
+
+    # -- batch use --------------------------------------------------------------------------------
+
+    def generate(self, prompts: Sequence[str | Sequence[int]], params: SamplingParams | Sequence[SamplingParams]) -> list[Completion]:
+        """Runs prompts to completion; results in prompt order."""
+        per_prompt = list(params) if isinstance(params, Sequence) else [params] * len(prompts)
+        ids = [f"gen-{uuid.uuid4().hex}" for _ in prompts]
+        prompt_ids = [self.tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompts]
+        for request_id, tokens, p in zip(ids, prompt_ids, per_prompt):
+            self.add_request(request_id, tokens, p)
+        collected: dict[str, list[RequestOutput]] = {rid: [] for rid in ids}
+        while self.has_unfinished():
+            for output in self.step():
+                collected[output.request_id].append(output)
+        return [_completion(rid, tuple(tokens), collected[rid]) for rid, tokens in zip(ids, prompt_ids)]
+
+    def stats(self) -> EngineStats:
+        return EngineStats(
+            num_blocks=self.allocator.num_blocks,
+            blocks_used=self.allocator.num_used_blocks,
+            blocks_free=self.allocator.num_free_blocks,
+            blocks_cached=self.allocator.num_cached_blocks,
+            running=len(self.scheduler.running),
+            waiting=len(self.scheduler.waiting),
+            waiting_for_kv=len(self.scheduler.awaiting_kv),
+        )
+
+    def take_kv_events(self) -> list[KVEvent]:
+        return self.allocator.take_events()
+
+
+def _completion(request_id: str, prompt: tuple[int, ...], outputs: list[RequestOutput]) -> Completion:
+    return Completion(
+        request_id=request_id,
+        prompt_token_ids=prompt,
+        token_ids=tuple(t for o in outputs for t in o.token_ids),
+        text="".join(o.text for o in outputs),
+        finish_reason=outputs[-1].finish_reason or "abort",
+        logprobs=tuple(lp for o in outputs for lp in o.logprobs),
+        num_cached_tokens=outputs[-1].num_cached_tokens,
+    )
+

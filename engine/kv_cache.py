@@ -1,0 +1,71 @@
+"""The paged KV pool: one tensor per worker.
+
+Layout ``[num_layers, num_blocks, 2 (K,V), block_size, num_kv_heads, head_dim]``::
+
+    data[layer, block]  ->  [ K: block_size x kv_heads x head_dim | V: same ]   one contiguous region
+    token at position p of a sequence lives in block_table[p // block_size], slot p % block_size
+
+so one (layer, block) pair is a single contiguous byte range: the unit both KV transports move.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class KVLayout:
+    """Shape and dtype of a KV pool; two workers exchange KV only if their layouts agree."""
+
+    num_layers: int
+    num_blocks: int
+    block_size: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: str
+
+    @property
+    def region_elements(self) -> int:
+        return 2 * self.block_size * self.num_kv_heads * self.head_dim
+
+    @property
+    def region_bytes(self) -> int:
+        """Bytes of one (layer, block) region."""
+        return self.region_elements * torch.empty((), dtype=getattr(torch, self.dtype)).element_size()
+
+    def region_offset(self, layer: int, block: int) -> int:
+        """Byte offset of (layer, block) from the start of the pool."""
+        return (layer * self.num_blocks + block) * self.region_bytes
+
+
+class PagedKVCache:
+    """Owns the pool tensor. Written by the model runner (new tokens) and by KV transports
+    (blocks received from a prefill worker); both happen on the engine's thread or while the
+    engine guarantees the target blocks are not being read."""
+
+    def __init__(self, layout: KVLayout, device: str = "cpu") -> None:
+        self.layout = layout
+        self.data = torch.zeros(
+            (layout.num_layers, layout.num_blocks, 2, layout.block_size, layout.num_kv_heads, layout.head_dim),
+            dtype=getattr(torch, layout.dtype),
+            device=device,
+        )
+
+    def write(self, layer: int, key: torch.Tensor, value: torch.Tensor, slot_block: torch.Tensor, slot_offset: torch.Tensor) -> None:
+        """Store K/V ``[tokens, kv_heads, head_dim]`` at the given (block, offset) slots of one layer."""
+        layer_data = self.data[layer]
+        layer_data[:, 0].index_put_((slot_block, slot_offset), key)
+        layer_data[:, 1].index_put_((slot_block, slot_offset), value)
+
+    def gather(self, layer: int, block_table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V for ``block_table [batch, blocks]`` as ``[batch, blocks*block_size, kv_heads, head_dim]``."""
+        batch, blocks = block_table.shape
+        regions = self.data[layer][block_table]  # [batch, blocks, 2, bs, kvh, hd]
+        shape = (batch, blocks * self.layout.block_size, self.layout.num_kv_heads, self.layout.head_dim)
+        return regions[:, :, 0].reshape(shape), regions[:, :, 1].reshape(shape)
+
+    def region(self, layer: int, block: int) -> torch.Tensor:
+        """The contiguous ``[2, block_size, kv_heads, head_dim]`` view of one (layer, block)."""
+        return self.data[layer, block]

@@ -1,0 +1,123 @@
+"""Turning sampled tokens into streamed text, and deciding when a request stops."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from engine.request import Request, RequestState
+from engine.sampler import TokenLogprobs
+from engine.tokenizer import IncrementalDetokenizer, Tokenizer
+
+
+@dataclass(frozen=True)
+class RequestOutput:
+    """What one request produced since its previous output (a streaming delta)."""
+
+    request_id: str
+    token_ids: tuple[int, ...]
+    text: str
+    logprobs: tuple[TokenLogprobs, ...]
+    finish_reason: str | None  # "stop" | "length" | "abort" | None while running
+    num_prompt_tokens: int
+    num_output_tokens: int
+    num_cached_tokens: int
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+class TextStream:
+    """Detokenizes one request's tokens and finds stop strings, which are never emitted.
+
+    Text that could still be the start of a stop string is held back until it cannot be."""
+
+    def __init__(self, tokenizer: Tokenizer, stop: tuple[str, ...]) -> None:
+        self._detokenizer = IncrementalDetokenizer(tokenizer)
+        self._stop = stop
+        self._hold = max((len(s) for s in stop), default=1) - 1
+        self._text = ""
+        self._emitted = 0
+        self.stopped = False
+
+    def add_token(self, token_id: int) -> bool:
+        """Appends one token's text; True if a stop string now appears."""
+        return self._add_text(self._detokenizer.push(token_id))
+
+    def finish(self) -> None:
+        if not self.stopped:
+            self._add_text(self._detokenizer.flush())
+
+    def take(self, final: bool) -> str:
+        limit = len(self._text) if final or self.stopped else max(self._emitted, len(self._text) - self._hold)
+        piece = self._text[self._emitted : limit]
+        self._emitted = limit
+        return piece
+
+    def _add_text(self, piece: str) -> bool:
+        if not piece or self.stopped:
+            return self.stopped
+        search_from = max(0, len(self._text) - self._hold)
+        self._text += piece
+        cut = _first_stop(self._text, self._stop, search_from)
+        if cut is not None:
+            self._text = self._text[:cut]
+            self.stopped = True
+        return self.stopped
+
+
+def _first_stop(text: str, stops: tuple[str, ...], start: int) -> int | None:
+    found = [i for i in (text.find(s, start) for s in stops) if i >= 0]
+    return min(found) if found else None
+
+
+class OutputProcessor:
+    """Per-request text streams and stop rules, applied after each sampled token."""
+
+    def __init__(self, tokenizer: Tokenizer, eos_token_ids: tuple[int, ...], max_model_len: int) -> None:
+        self.tokenizer = tokenizer
+        self.eos_token_ids = frozenset(eos_token_ids)
+        self.max_model_len = max_model_len
+        self._streams: dict[str, TextStream] = {}
+        self._new_tokens: dict[str, list[int]] = {}
+
+    def start(self, request: Request) -> None:
+        self._streams[request.request_id] = TextStream(self.tokenizer, request.params.stop)
+        self._new_tokens[request.request_id] = []
+
+    def add_token(self, request: Request, token_id: int, logprobs: TokenLogprobs | None) -> RequestState | None:
+        """Records a sampled token; returns the finished state it causes, if any."""
+        request.append_token(token_id)
+        self._new_tokens[request.request_id].append(token_id)
+        if logprobs is not None:
+            request.pending_logprobs.append(logprobs)
+        params = request.params
+        if token_id in params.stop_token_ids or (not params.ignore_eos and token_id in self.eos_token_ids):
+            return RequestState.FINISHED_STOPPED
+        if self._streams[request.request_id].add_token(token_id):
+            return RequestState.FINISHED_STOPPED
+        if len(request.output_token_ids) >= params.max_tokens or request.num_tokens >= self.max_model_len:
+            return RequestState.FINISHED_LENGTH
+        return None
+
+    def emit(self, request: Request) -> RequestOutput:
+        """The delta since the last emit; drops the request's stream once it has finished."""
+        stream = self._streams[request.request_id]
+        final = request.state.finished
+        if final and request.state is not RequestState.FINISHED_ABORTED:
+            stream.finish()
+        output = RequestOutput(
+            request_id=request.request_id,
+            token_ids=tuple(self._new_tokens[request.request_id]),
+            text=stream.take(final),
+            logprobs=tuple(request.pending_logprobs),
+            finish_reason=request.state.finish_reason,
+            num_prompt_tokens=request.num_prompt_tokens,
+            num_output_tokens=len(request.output_token_ids),
+            num_cached_tokens=request.num_cached_tokens,
+        )
+        self._new_tokens[request.request_id] = []
+        request.pending_logprobs.clear()
+        if final:
+            del self._streams[request.request_id], self._new_tokens[request.request_id]
+        return output

@@ -1,0 +1,222 @@
+"""Continuous batching with chunked prefill, prefix caching and preemption by recompute.
+
+The scheduler decides *what* runs and returns plain data; the model runner owns the tensors.
+One step's token budget is shared by everything scheduled in it::
+
+    budget = max_num_batched_tokens
+    [ running: decodes (1 token each) and unfinished prefill chunks ] -> then [ waiting, FCFS ]
+
+A request that cannot get a block preempts the most recently admitted running request
+(its blocks are freed; it recomputes later, mostly from the prefix cache).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from engine.block_manager import BlockAllocator
+from engine.errors import NoFreeBlocksError
+from engine.request import Request, RequestState
+
+
+@dataclass(frozen=True)
+class ScheduledChunk:
+    """Tokens of one request to run this step: positions [start, start + len(token_ids))."""
+
+    request_id: str
+    token_ids: tuple[int, ...]
+    start: int
+    block_ids: tuple[int, ...]
+    samples: bool  # the chunk reaches the last known token, so a new token is sampled
+
+
+@dataclass(frozen=True)
+class SchedulerOutput:
+    chunks: tuple[ScheduledChunk, ...]  # multi-token chunks first, then single-token decodes
+    preempted: tuple[str, ...] = ()
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(len(c.token_ids) for c in self.chunks)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.chunks
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    block_size: int
+
+
+class Scheduler:
+    """Owns the waiting and running queues and every block a request holds. Engine thread only."""
+
+    def __init__(self, config: SchedulerConfig, allocator: BlockAllocator) -> None:
+        self.config = config
+        self.allocator = allocator
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.awaiting_kv: dict[str, Request] = {}
+
+    # -- admission ----------------------------------------------------------------------------
+
+    def add(self, request: Request) -> None:
+        self.waiting.append(request)
+
+    def reserve(self, request: Request) -> None:
+        """Hold blocks for the whole prompt (reusing prefix hits) while its KV is computed elsewhere.
+
+        Raises NoFreeBlocksError with nothing allocated if the pool cannot hold it."""
+        hits = self.allocator.match_prefix(request.block_hashes)
+        needed = _blocks_for(request.num_prompt_tokens, self.config.block_size) - len(hits)
+        if not self.allocator.can_allocate(needed):
+            raise NoFreeBlocksError(
+                f"need {needed} free KV blocks for a {request.num_prompt_tokens}-token prompt, "
+                f"have {self.allocator.num_free_blocks}"
+            )
+        self._take_blocks(request, hits, needed)
+        request.transition(RequestState.WAITING_FOR_KV)
+        self.awaiting_kv[request.request_id] = request
+
+    def kv_landed(self, request: Request) -> None:
+        """Every prompt block has been written: publish them and let the request decode."""
+        del self.awaiting_kv[request.request_id]
+        request.num_computed_tokens = request.num_prompt_tokens
+        full = min(request.num_prompt_tokens // self.config.block_size, len(request.block_hashes))
+        new = range(request.num_published_blocks, full)
+        self.allocator.adopt([request.block_ids[i] for i in new], [request.block_hashes[i] for i in new])
+        request.num_published_blocks = full
+        request.transition(RequestState.RUNNING)
+        self.running.append(request)
+
+    # -- one step ------------------------------------------------------------------------------
+
+    def schedule(self) -> SchedulerOutput:
+        budget = self.config.max_num_batched_tokens
+        scheduled: list[ScheduledChunk] = []
+        preempted: list[str] = []
+        index = 0
+        while index < len(self.running) and budget > 0:
+            request = self.running[index]
+            chunk = self._schedule_running(request, budget, preempted)
+            if chunk is None:
+                break  # the request preempted itself
+            scheduled.append(chunk)
+            budget -= len(chunk.token_ids)
+            index += 1
+        if not preempted:
+            scheduled.extend(self._admit_waiting(budget))
+        scheduled.sort(key=lambda c: len(c.token_ids) == 1)  # stable: multi-token chunks first
+        return SchedulerOutput(tuple(scheduled), tuple(preempted))
+
+    def _schedule_running(self, request: Request, budget: int, preempted: list[str]) -> ScheduledChunk | None:
+        count = min(request.num_tokens - request.num_computed_tokens, budget)
+        while not self._grow(request, count):
+            victim = self.running.pop()
+            self._preempt(victim)
+            preempted.append(victim.request_id)
+            if victim is request:
+                return None
+        return self._chunk(request, count)
+
+    def _admit_waiting(self, budget: int) -> list[ScheduledChunk]:
+        admitted: list[ScheduledChunk] = []
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            request = self.waiting[0]
+            hits = self._prefix_hits(request)
+            start = len(hits) * self.config.block_size
+            count = min(request.num_tokens - start, budget)
+            needed = _blocks_for(start + count, self.config.block_size) - len(hits)
+            if not self.allocator.can_allocate(needed):
+                break
+            self.waiting.popleft()
+            self._take_blocks(request, hits, needed)
+            request.num_computed_tokens = start
+            if request.num_preemptions == 0:
+                request.num_cached_tokens = start
+            request.transition(RequestState.RUNNING)
+            self.running.append(request)
+            admitted.append(self._chunk(request, count))
+            budget -= count
+        return admitted
+
+    def _prefix_hits(self, request: Request) -> list[int]:
+        # At least one token must be computed to produce logits, so a fully cached prompt
+        # still recomputes its last block.
+        usable = (request.num_tokens - 1) // self.config.block_size
+        return self.allocator.match_prefix(request.block_hashes[:usable])
+
+    def _take_blocks(self, request: Request, hits: list[int], needed: int) -> None:
+        self.allocator.acquire(hits)
+        try:
+            fresh = self.allocator.allocate(needed)
+        except NoFreeBlocksError:
+            self.allocator.free(hits)
+            raise
+        request.block_ids = hits + fresh
+        request.num_published_blocks = len(hits)
+
+    def _grow(self, request: Request, count: int) -> bool:
+        needed = _blocks_for(request.num_computed_tokens + count, self.config.block_size) - len(request.block_ids)
+        if needed <= 0:
+            return True
+        if not self.allocator.can_allocate(needed):
+            return False
+        request.block_ids.extend(self.allocator.allocate(needed))
+        return True
+
+    def _chunk(self, request: Request, count: int) -> ScheduledChunk:
+        start = request.num_computed_tokens
+        tokens = request.all_token_ids[start : start + count]
+        return ScheduledChunk(
+            request.request_id, tuple(tokens), start, tuple(request.block_ids), start + count == request.num_tokens
+        )
+
+    def _preempt(self, request: Request) -> None:
+        self._release_blocks(request)
+        request.num_computed_tokens = 0
+        request.num_preemptions += 1
+        request.transition(RequestState.WAITING)
+        self.waiting.appendleft(request)
+
+    # -- after the step ------------------------------------------------------------------------
+
+    def step_done(self, output: SchedulerOutput, requests: dict[str, Request]) -> None:
+        """Advance computed counts and publish blocks that are now complete."""
+        for chunk in output.chunks:
+            request = requests[chunk.request_id]
+            request.num_computed_tokens = chunk.start + len(chunk.token_ids)
+            self.publish_complete_blocks(request)
+
+    def publish_complete_blocks(self, request: Request) -> None:
+        full = min(request.num_computed_tokens // self.config.block_size, len(request.block_hashes))
+        for index in range(request.num_published_blocks, full):
+            self.allocator.publish(request.block_ids[index], request.block_hashes[index])
+        request.num_published_blocks = max(full, request.num_published_blocks)
+
+    def finish(self, request: Request, state: RequestState) -> None:
+        """Move a request to a finished state and return its blocks to the pool."""
+        if request in self.running:
+            self.running.remove(request)
+        elif request.state is RequestState.WAITING:
+            self.waiting.remove(request)
+        self.awaiting_kv.pop(request.request_id, None)
+        self._release_blocks(request)
+        request.transition(state)
+
+    def _release_blocks(self, request: Request) -> None:
+        self.allocator.free(request.block_ids)
+        request.block_ids = []
+        request.num_published_blocks = 0
+
+    @property
+    def num_unfinished(self) -> int:
+        return len(self.waiting) + len(self.running) + len(self.awaiting_kv)
+
+
+def _blocks_for(num_tokens: int, block_size: int) -> int:
+    return -(-num_tokens // block_size)

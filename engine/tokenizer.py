@@ -1,0 +1,400 @@
+"""Text ↔ token ids, chat templates, and streaming detokenization.
+
+This module imports neither torch nor transformers: the router uses it too.
+"""
+
+from __future__ import annotations
+
+import codecs
+import json
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import jinja2
+from jinja2.ext import loopcontrols
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers import processors
+from tokenizers import Tokenizer as BackendTokenizer
+
+from engine.errors import InvalidRequestError, ModelLoadError
+
+REPLACEMENT_CHAR = "\ufffd"
+
+# Used by ByteTokenizer, and by HFTokenizer when the model ships no template.
+BUILTIN_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|' + message['role'] + '|>\\n' + message['content'] + '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}"
+)
+
+# The named special tokens transformers passes to chat templates and skips when decoding.
+_NAMED_SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "pad_token")
+
+
+class Tokenizer(ABC):
+    """Converts between text and token ids for one model.
+
+    A tokenizer is not mutated after construction. ``decode`` is the reference text of a sequence of
+    ids: ``IncrementalDetokenizer`` streams exactly what ``decode`` returns.
+
+    Attributes:
+        vocab_size: number of ids the tokenizer can decode.
+        bos_token_id: the beginning-of-sequence id, or None if the model has none.
+        eos_token_ids: every id that ends generation (a model may have several).
+    """
+
+    vocab_size: int
+    bos_token_id: int | None
+    eos_token_ids: tuple[int, ...]
+
+    @abstractmethod
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of ``text``; with ``add_special_tokens`` adds BOS (or EOS) where the tokenizer's config says so."""
+
+    @abstractmethod
+    def decode(self, token_ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        """Text of ``token_ids``; bytes that are not valid UTF-8 become U+FFFD.
+
+        ``skip_special_tokens`` drops BOS/EOS/pad/unk and every added token marked special.
+        """
+
+    @abstractmethod
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        """Render a conversation (``[{"role": ..., "content": ...}, ...]``) as prompt text.
+
+        Raises InvalidRequestError when the template rejects the conversation.
+        """
+
+    @abstractmethod
+    def is_special(self, token_id: int) -> bool:
+        """Whether ``decode(..., skip_special_tokens=True)`` drops ``token_id``."""
+
+
+class ChatTemplate:
+    """A Hugging Face style jinja chat template, compiled once.
+
+    Rendered the way transformers renders it (immutable sandbox, trim_blocks, lstrip_blocks, loop controls,
+    ``raise_exception``, ``strftime_now``, a ``tojson`` that does not escape HTML), so templates shipped with
+    a model produce the same prompt here as there. Raises ``jinja2.TemplateSyntaxError`` if ``source``
+    does not compile.
+    """
+
+    def __init__(self, source: str):
+        self._template = _sandbox().from_string(source)
+
+    def render(self, messages: list[dict], add_generation_prompt: bool, special_tokens: dict[str, str]) -> str:
+        """Prompt text; ``special_tokens`` maps names like ``bos_token`` to their text."""
+        try:
+            return self._template.render(
+                messages=messages, add_generation_prompt=add_generation_prompt, tools=None, **special_tokens
+            )
+        except Exception as exc:  # the template is the model's code: any failure means it rejects these messages
+            raise InvalidRequestError(f"chat template cannot render these messages: {exc}") from exc
+
+
+def _sandbox() -> ImmutableSandboxedEnvironment:
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+    env.filters["tojson"] = _tojson
+    env.globals["raise_exception"] = _raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    return env
+
+
+def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None, separators=None, sort_keys=False):
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+def _raise_exception(message: str):
+    raise jinja2.TemplateError(message)
+
+
+class ByteTokenizer(Tokenizer):
+    """Byte-level tokenizer for the built-in presets; needs no files.
+
+    ::
+
+        id:    0      1     2      3 .. 258       259 .. vocab_size-1
+               <pad>  <s>   </s>   bytes 0..255   alias byte (id - 3) % 256
+
+    Preset models have vocabularies of up to 32000 and dummy weights may sample any of those ids, so ids
+    past 258 alias bytes instead of being invalid. ``encode`` never produces them (nor <pad>/<s>/</s> from
+    text). Decoding is UTF-8 with invalid bytes replaced by U+FFFD.
+    """
+
+    PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
+    FIRST_BYTE_ID = 3
+    _SPECIAL_TEXT = (b"<pad>", b"<s>", b"</s>")
+    _SINGLE_BYTES = tuple(bytes([b]) for b in range(256))
+
+    def __init__(self, vocab_size: int):
+        if vocab_size < self.FIRST_BYTE_ID + 256:
+            raise ValueError(f"ByteTokenizer needs vocab_size >= {self.FIRST_BYTE_ID + 256}, got {vocab_size}")
+        self.vocab_size = vocab_size
+        self.bos_token_id = self.BOS_ID
+        self.eos_token_ids = (self.EOS_ID,)
+        self._chat_template = ChatTemplate(BUILTIN_CHAT_TEMPLATE)
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        ids = [self.FIRST_BYTE_ID + b for b in text.encode("utf-8")]
+        return [self.BOS_ID, *ids] if add_special_tokens else ids
+
+    def decode(self, token_ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        data = b"".join(self.token_bytes(t, skip_special_tokens) for t in token_ids)
+        return data.decode("utf-8", errors="replace")
+
+    def token_bytes(self, token_id: int, skip_special_tokens: bool = True) -> bytes:
+        """The bytes ``token_id`` stands for (a special token's text, or nothing when skipped)."""
+        if token_id < self.FIRST_BYTE_ID:
+            return b"" if skip_special_tokens else self._SPECIAL_TEXT[token_id]
+        return self._SINGLE_BYTES[(token_id - self.FIRST_BYTE_ID) % 256]
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        # No bos_token in the variables: encode() adds BOS itself, and the template must not double it.
+        return self._chat_template.render(messages, add_generation_prompt, {"eos_token": "</s>"})
+
+    def is_special(self, token_id: int) -> bool:
+        return 0 <= token_id < self.FIRST_BYTE_ID
+
+
+class HFTokenizer(Tokenizer):
+    """A Hugging Face fast tokenizer read without transformers.
+
+    ``tokenizer.json`` is run by the ``tokenizers`` library; ``tokenizer_config.json`` supplies the chat
+    template (``chat_template.jinja`` wins if present), the named special tokens, ``add_bos_token`` /
+    ``add_eos_token`` (which, when present, replace tokenizer.json's post-processor as transformers v5 does)
+    and ``added_tokens_decoder``. EOS ids are the tokenizer's ``eos_token`` plus ``eos_token_id`` (int or
+    list) from the model's ``generation_config.json`` and ``config.json``. ``clean_up_tokenization_spaces``
+    is not applied: it would make decoding non-incremental.
+    """
+
+    def __init__(
+        self,
+        backend: BackendTokenizer,
+        tokenizer_config: dict[str, Any],
+        chat_template: ChatTemplate | None = None,
+        model_eos_ids: Sequence[int] = (),
+    ):
+        """Takes ownership of ``backend`` (its post-processor may be replaced)."""
+        self._backend = backend
+        self._token_text = {name: _token_content(tokenizer_config.get(name)) for name in _NAMED_SPECIAL_TOKENS}
+        self._chat_template = chat_template or ChatTemplate(BUILTIN_CHAT_TEMPLATE)
+        self.vocab_size = backend.get_vocab_size(with_added_tokens=True)
+        self.bos_token_id = self._id_of(self._token_text["bos_token"])
+        eos_ids = [self._id_of(self._token_text["eos_token"]), *model_eos_ids]
+        self.eos_token_ids = tuple(dict.fromkeys(i for i in eos_ids if i is not None))
+        self._special_ids = self._collect_special_ids(tokenizer_config)
+        if "add_bos_token" in tokenizer_config or "add_eos_token" in tokenizer_config:
+            add_bos, add_eos = tokenizer_config.get("add_bos_token"), tokenizer_config.get("add_eos_token")
+            self._set_post_processor(bool(add_bos), bool(add_eos))
+
+    @classmethod
+    def from_dir(cls, path: str | Path) -> HFTokenizer:
+        """Load from a local model directory; missing or malformed files raise ModelLoadError naming the file."""
+        directory = Path(path)
+        if not directory.is_dir():
+            raise ModelLoadError(f"tokenizer directory {directory} does not exist")
+        backend = _load_backend(directory / "tokenizer.json")
+        config_path = directory / "tokenizer_config.json"
+        config = _read_json_object(config_path)
+        model_eos_ids = _eos_ids_in(directory / "generation_config.json") + _eos_ids_in(directory / "config.json")
+        template = _load_chat_template(directory, config)
+        try:
+            return cls(backend, config, template, model_eos_ids)
+        except (TypeError, ValueError, AttributeError) as exc:  # wrong field types in the config
+            raise ModelLoadError(f"{config_path} is malformed: {exc}") from exc
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self._backend.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, token_ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        if skip_special_tokens:
+            token_ids = [t for t in token_ids if t not in self._special_ids]
+        return self._backend.decode(list(token_ids), skip_special_tokens=False)
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        special_tokens = {name: text for name, text in self._token_text.items() if text is not None}
+        return self._chat_template.render(messages, add_generation_prompt, special_tokens)
+
+    def is_special(self, token_id: int) -> bool:
+        return token_id in self._special_ids
+
+    def _id_of(self, token: str | None) -> int | None:
+        return None if token is None else self._backend.token_to_id(token)
+
+    def _collect_special_ids(self, tokenizer_config: dict[str, Any]) -> frozenset[int]:
+        ids = {i for i, token in self._backend.get_added_tokens_decoder().items() if token.special}
+        for key, entry in tokenizer_config.get("added_tokens_decoder", {}).items():
+            if entry.get("special"):
+                ids.add(int(key))
+        named = (self._id_of(text) for text in self._token_text.values())
+        return frozenset(ids | {i for i in named if i is not None})
+
+    def _set_post_processor(self, add_bos: bool, add_eos: bool) -> None:
+        # transformers v5 rebuilds the post-processor whenever the config sets these flags explicitly.
+        before = self._known_token("bos_token") if add_bos else []
+        after = self._known_token("eos_token") if add_eos else []
+        single = [f"{text}:0" for text, _ in before] + ["$A:0"] + [f"{text}:0" for text, _ in after]
+        self._backend.post_processor = processors.TemplateProcessing(
+            single=" ".join(single), special_tokens=before + after
+        )
+
+    def _known_token(self, name: str) -> list[tuple[str, int]]:
+        text = self._token_text[name]
+        token_id = self._id_of(text)
+        return [] if token_id is None else [(text, token_id)]
+
+
+def load_tokenizer(model_dir: str | Path | None, vocab_size: int) -> Tokenizer:
+    """HFTokenizer for a directory containing tokenizer.json, else ByteTokenizer(vocab_size)."""
+    if model_dir is not None and (Path(model_dir) / "tokenizer.json").is_file():
+        return HFTokenizer.from_dir(model_dir)
+    return ByteTokenizer(vocab_size)
+
+
+def _token_content(value: str | dict | None) -> str | None:
+    # tokenizer_config.json writes a special token either as its text or as a serialized AddedToken.
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, dict) and isinstance(value.get("content"), str):
+        return value["content"]
+    raise TypeError(f"a special token must be a string or an AddedToken object, got {value!r}")
+
+
+def _load_backend(path: Path) -> BackendTokenizer:
+    if not path.is_file():
+        raise ModelLoadError(f"{path} not found (a Hugging Face fast tokenizer file is required)")
+    try:
+        return BackendTokenizer.from_file(str(path))
+    except Exception as exc:  # tokenizers reports every parse failure as a bare Exception
+        raise ModelLoadError(f"cannot load {path}: {exc}") from exc
+
+
+def _read_json_object(path: Path) -> dict[str, Any]:
+    """The JSON object in ``path``, or {} when the file does not exist (every such file is optional)."""
+    if not path.is_file():
+        return {}
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelLoadError(f"cannot read {path}: {exc}") from exc
+    if not isinstance(value, dict):
+        raise ModelLoadError(f"{path} must contain a JSON object")
+    return value
+
+
+def _eos_ids_in(path: Path) -> tuple[int, ...]:
+    value = _read_json_object(path).get("eos_token_id")
+    ids = [value] if value is None or isinstance(value, int) else value
+    if not isinstance(ids, list) or not all(isinstance(i, int) for i in ids if i is not None):
+        raise ModelLoadError(f"{path}: eos_token_id must be an integer or a list of integers, got {value!r}")
+    return tuple(i for i in ids if i is not None)
+
+
+def _load_chat_template(directory: Path, tokenizer_config: dict[str, Any]) -> ChatTemplate | None:
+    jinja_file = directory / "chat_template.jinja"
+    if jinja_file.is_file():
+        source, origin = jinja_file.read_text(encoding="utf-8"), jinja_file
+    else:
+        source, origin = _default_template(tokenizer_config.get("chat_template")), directory / "tokenizer_config.json"
+    if source is None:
+        return None
+    try:
+        return ChatTemplate(source)
+    except jinja2.TemplateSyntaxError as exc:
+        raise ModelLoadError(f"{origin}: the chat template does not compile: {exc}") from exc
+
+
+def _default_template(value: str | list | None) -> str | None:
+    # Some models ship several named templates; "default" is the one for plain chat.
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, list):
+        return next((t.get("template") for t in value if isinstance(t, dict) and t.get("name") == "default"), None)
+    raise ModelLoadError(f"chat_template must be a string or a list of named templates, got {type(value).__name__}")
+
+
+class IncrementalDetokenizer:
+    """Streams the text of generated tokens, one token at a time.
+
+    Contract: no piece returned by ``push`` ends in an incomplete UTF-8 character (it never carries a U+FFFD
+    that a later token could still turn into a real character), and the concatenation of every ``push``
+    result plus ``flush()`` equals ``tokenizer.decode(all_pushed_ids, skip_special_tokens)`` exactly.
+    ``push`` costs O(a few tokens), not O(tokens so far). Call ``flush`` once, after the last ``push``.
+    One instance per sequence; not thread-safe.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True):
+        self._tokenizer = tokenizer
+        self._skip_special_tokens = skip_special_tokens
+        self._ids: list[int] = []
+        self._pieces: list[str] = []
+        self._emitted_chars = 0
+        if isinstance(tokenizer, ByteTokenizer):
+            self._stream: _Utf8Stream | _WindowStream = _Utf8Stream(tokenizer, skip_special_tokens)
+        else:
+            self._stream = _WindowStream(tokenizer, skip_special_tokens)
+
+    def push(self, token_id: int) -> str:
+        """New text that is safe to emit now ('' if none yet)."""
+        self._ids.append(token_id)
+        return self._emit(self._stream.push(self._ids))
+
+    def flush(self) -> str:
+        """Whatever is still held back (e.g. an unfinished character, rendered as U+FFFD like decode does)."""
+        full_text = self._tokenizer.decode(self._ids, self._skip_special_tokens)
+        return self._emit(full_text[self._emitted_chars :])
+
+    @property
+    def text(self) -> str:
+        """All text emitted so far."""
+        return "".join(self._pieces)
+
+    def _emit(self, piece: str) -> str:
+        self._pieces.append(piece)
+        self._emitted_chars += len(piece)
+        return piece
+
+
+class _Utf8Stream:
+    """ByteTokenizer: an incremental UTF-8 decoder, O(1) per token even on runs of invalid bytes."""
+
+    def __init__(self, tokenizer: ByteTokenizer, skip_special_tokens: bool):
+        self._tokenizer = tokenizer
+        self._skip_special_tokens = skip_special_tokens
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def push(self, ids: list[int]) -> str:
+        return self._decoder.decode(self._tokenizer.token_bytes(ids[-1], self._skip_special_tokens))
+
+
+class _WindowStream:
+    """Any tokenizer: decode a short window of ids and emit what the newest ids added.
+
+    ::
+
+        ids:  ...emitted... | context | unread |
+                            ^prefix   ^read    ^len(ids)
+        piece = decode(ids[prefix:])[len(decode(ids[prefix:read])):]
+
+    The context tokens give decoders that look at neighbours (SentencePiece drops the leading space of the
+    first token) the surroundings they had when that text was emitted. A window ending in U+FFFD may be an
+    unfinished character, so nothing is emitted and the window grows until a later token completes it.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool):
+        self._tokenizer = tokenizer
+        self._skip_special_tokens = skip_special_tokens
+        self._prefix_offset = 0
+        self._read_offset = 0
+
+    def push(self, ids: list[int]) -> str:
+        context_text = self._tokenizer.decode(ids[self._prefix_offset : self._read_offset], self._skip_special_tokens)
+        window_text = self._tokenizer.decode(ids[self._prefix_offset :], self._skip_special_tokens)
+        if len(window_text) <= len(context_text) or window_text.endswith(REPLACEMENT_CHAR):
+            return ""
+        self._prefix_offset, self._read_offset = self._read_offset, len(ids)
+        return window_text[len(context_text) :]

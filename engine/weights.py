@@ -1,0 +1,168 @@
+"""Building a model: built-in presets with seeded dummy weights, or a local Hugging Face directory
+(single or sharded safetensors)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from engine.config import ModelConfig
+from engine.errors import ModelLoadError
+from engine.model import CausalLM
+from engine.tokenizer import ByteTokenizer, Tokenizer, load_tokenizer
+
+_BYTE_VOCAB_EOS = 2
+_BYTE_VOCAB_BOS = 1
+
+PRESETS: dict[str, ModelConfig] = {
+    "demo": ModelConfig(
+        architecture="LlamaForCausalLM", vocab_size=512, hidden_size=128, intermediate_size=352,
+        num_layers=4, num_heads=4, num_kv_heads=2, head_dim=32, max_position_embeddings=4096,
+        rope_theta=10000.0, dtype="float32", eos_token_ids=(_BYTE_VOCAB_EOS,), bos_token_id=_BYTE_VOCAB_BOS,
+    ),
+    "bench-125m": ModelConfig(
+        architecture="LlamaForCausalLM", vocab_size=32000, hidden_size=768, intermediate_size=2048,
+        num_layers=12, num_heads=12, num_kv_heads=4, head_dim=64, max_position_embeddings=16384,
+        rope_theta=500000.0, dtype="bfloat16", eos_token_ids=(_BYTE_VOCAB_EOS,), bos_token_id=_BYTE_VOCAB_BOS,
+    ),
+}
+
+DUMMY_WEIGHT_SEED = 1234
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    config: ModelConfig
+    model: CausalLM
+    tokenizer: Tokenizer
+    fingerprint: str  # identifies config + weights; KV is only exchanged between equal fingerprints
+
+
+def resolve_model_config(model: str) -> ModelConfig:
+    """The ModelConfig of a preset name or a local model directory (no weights loaded)."""
+    if model in PRESETS:
+        return PRESETS[model]
+    path = Path(model)
+    if not path.is_dir():
+        raise ModelLoadError(f"{model!r} is neither a preset ({', '.join(PRESETS)}) nor a model directory")
+    return ModelConfig.from_dir(path)
+
+
+def load_model(model: str, dtype: str | None = None, device: str = "cpu") -> LoadedModel:
+    config = resolve_model_config(model)
+    torch_dtype = getattr(torch, dtype or config.dtype)
+    net = CausalLM(config)
+    if model in PRESETS:
+        _fill_dummy_weights(net, DUMMY_WEIGHT_SEED)
+        tokenizer: Tokenizer = ByteTokenizer(config.vocab_size)
+        identity = f"preset:{model}:seed={DUMMY_WEIGHT_SEED}"
+    else:
+        identity = _load_safetensors(net, Path(model))
+        tokenizer = load_tokenizer(model, config.vocab_size)
+    net = net.to(device=device, dtype=torch_dtype).eval()
+    net.rotary.to(torch.float32)  # cos/sin tables stay fp32 and are cast per use, as in transformers
+    return LoadedModel(config, net, tokenizer, _fingerprint(config, identity))
+
+
+def _fingerprint(config: ModelConfig, identity: str) -> str:
+    payload = json.dumps({"config": config.fingerprint_fields(), "weights": identity}, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+@torch.no_grad()
+def _fill_dummy_weights(net: CausalLM, seed: int) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    for name, param in net.named_parameters():
+        if name.endswith("norm.weight"):
+            param.fill_(1.0)
+        elif name.endswith(".bias"):
+            param.zero_()
+        else:
+            param.normal_(0.0, 0.02, generator=generator)
+
+
+# -- Hugging Face checkpoints --------------------------------------------------------------------
+
+_FUSED = {
+    "self_attn.q_proj": ("self_attn.qkv_proj", 0),
+    "self_attn.k_proj": ("self_attn.qkv_proj", 1),
+    "self_attn.v_proj": ("self_attn.qkv_proj", 2),
+    "mlp.gate_proj": ("mlp.gate_up_proj", 0),
+    "mlp.up_proj": ("mlp.gate_up_proj", 1),
+}
+
+
+def _shard_files(model_dir: Path) -> list[Path]:
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as exc:
+            raise ModelLoadError(f"malformed {index}: {exc}") from exc
+        files = [model_dir / name for name in sorted(set(weight_map.values()))]
+    else:
+        files = sorted(model_dir.glob("*.safetensors"))
+    missing = [str(f) for f in files if not f.is_file()]
+    if not files or missing:
+        raise ModelLoadError(f"model directory {str(model_dir)!r} has no usable safetensors files {missing or ''}".rstrip())
+    return files
+
+
+def _load_safetensors(net: CausalLM, model_dir: Path) -> str:
+    """Copies checkpoint tensors into ``net``; returns an identity string for the fingerprint."""
+    params = dict(net.named_parameters())
+    loaded: set[str] = set()
+    identity = hashlib.sha256()
+    for shard in _shard_files(model_dir):
+        identity.update(f"{shard.name}:{shard.stat().st_size}".encode())
+        try:
+            with safe_open(str(shard), framework="pt") as handle:
+                for name in handle.keys():
+                    loaded.add(_copy_tensor(params, name, handle.get_tensor(name), net.config))
+        except (OSError, RuntimeError, ValueError) as exc:
+            raise ModelLoadError(f"cannot read {shard}: {exc}") from exc
+    missing = set(params) - loaded - ({"lm_head.weight"} if net.config.tie_word_embeddings else set())
+    if missing:
+        raise ModelLoadError(f"checkpoint in {str(model_dir)!r} lacks weights: {', '.join(sorted(missing)[:5])}")
+    return identity.hexdigest()
+
+
+@torch.no_grad()
+def _copy_tensor(params: dict[str, torch.nn.Parameter], name: str, tensor: torch.Tensor, config: ModelConfig) -> str:
+    target, part = _target_of(name)
+    if target not in params:
+        if "rotary_emb" in name:
+            return target
+        raise ModelLoadError(f"unexpected weight {name!r} in checkpoint")
+    param = params[target]
+    rows = _fused_rows(target, part, config)
+    destination = param if rows is None else param[rows[0] : rows[1]]
+    if destination.shape != tensor.shape:
+        raise ModelLoadError(f"weight {name!r} has shape {tuple(tensor.shape)}, expected {tuple(destination.shape)}")
+    destination.copy_(tensor.to(param.dtype))
+    return target
+
+
+def _target_of(name: str) -> tuple[str, int | None]:
+    for suffix, (fused, part) in _FUSED.items():
+        marker = f".{suffix}."
+        if marker in name:
+            prefix, rest = name.split(marker)
+            return f"{prefix}.{fused}.{rest}", part
+    return name, None
+
+
+def _fused_rows(target: str, part: int | None, config: ModelConfig) -> tuple[int, int] | None:
+    if part is None:
+        return None
+    if "qkv_proj" in target:
+        sizes = [config.q_size, config.kv_size, config.kv_size]
+    else:
+        sizes = [config.intermediate_size, config.intermediate_size]
+    begin = sum(sizes[:part])
+    return begin, begin + sizes[part]
