@@ -202,7 +202,8 @@ class BlockAllocator:
         """
         for block_id, times in Counter(block_ids).items():
             if self._ref_counts[self._checked(block_id)] < times:
-                raise ValueError(f"block {block_id} freed {times}x with ref_count {self._ref_counts[block_id]}")
+                ref_count = self._ref_counts[block_id]
+                raise ValueError(f"block {block_id} freed {times}x with ref_count {ref_count}")
         for block_id in reversed(block_ids):
             self._ref_counts[block_id] -= 1
             if self._ref_counts[block_id] == 0:
@@ -249,6 +250,14 @@ class BlockAllocator:
             self._block_hashes[block_id] = None
         self._cached.clear()
         self._emit(KVEventKind.CLEARED, [])
+
+    @property
+    def last_event_id(self) -> int:
+        return self._last_event_id
+
+    def cached_hashes(self) -> list[int]:
+        """Every published block hash (a snapshot for a new KV-event subscriber)."""
+        return list(self._cached)
 
     def take_events(self) -> list[KVEvent]:
         """Events since the last call, oldest first."""

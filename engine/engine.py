@@ -7,6 +7,7 @@ engine thread; other threads hand work over through the worker's own queue.
 from __future__ import annotations
 
 import uuid
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -79,6 +80,9 @@ class Engine:
         self.on_layer_done = on_layer_done
         self.requests: dict[str, Request] = {}
         self._pending: list[RequestOutput] = []
+        # Bounded: an owner that never drains KV events must not grow memory; readers see the
+        # gap in event ids and resynchronise from a snapshot.
+        self._kv_events: deque[KVEvent] = deque(maxlen=65536)
 
     def _layout(self, dtype: torch.dtype) -> KVLayout:
         cfg, model = self.config, self.model_config
@@ -160,6 +164,7 @@ class Engine:
             self.scheduler.step_done(plan, self.requests)
             for request_id, (token_id, logprobs) in sampled.items():
                 self._record_token(self.requests[request_id], token_id, logprobs)
+        self._kv_events.extend(self.allocator.take_events())
         outputs, self._pending = self._pending, []
         return outputs
 
@@ -206,7 +211,11 @@ class Engine:
         )
 
     def take_kv_events(self) -> list[KVEvent]:
-        return self.allocator.take_events()
+        """KV events since the last call, oldest first (older ones may have been dropped)."""
+        self._kv_events.extend(self.allocator.take_events())
+        events = list(self._kv_events)
+        self._kv_events.clear()
+        return events
 
 
 def _completion(request_id: str, prompt: tuple[int, ...], outputs: list[RequestOutput]) -> Completion:

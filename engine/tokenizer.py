@@ -57,7 +57,7 @@ class Tokenizer(ABC):
 
     @abstractmethod
     def decode(self, token_ids: Sequence[int], skip_special_tokens: bool = True) -> str:
-        """Text of ``token_ids``; bytes that are not valid UTF-8 become U+FFFD.
+        """Text of ``token_ids`` (each in ``[0, vocab_size)``); bytes that are not valid UTF-8 become U+FFFD.
 
         ``skip_special_tokens`` drops BOS/EOS/pad/unk and every added token marked special.
         """
@@ -66,7 +66,9 @@ class Tokenizer(ABC):
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         """Render a conversation (``[{"role": ..., "content": ...}, ...]``) as prompt text.
 
-        Raises InvalidRequestError when the template rejects the conversation.
+        Many templates already emit ``bos_token``: encode their output with ``add_special_tokens=False``
+        unless the model needs encode's BOS too. Raises InvalidRequestError when the template rejects the
+        conversation.
         """
 
     @abstractmethod
@@ -153,8 +155,7 @@ class ByteTokenizer(Tokenizer):
         return self._SINGLE_BYTES[(token_id - self.FIRST_BYTE_ID) % 256]
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
-        # No bos_token in the variables: encode() adds BOS itself, and the template must not double it.
-        return self._chat_template.render(messages, add_generation_prompt, {"eos_token": "</s>"})
+        return self._chat_template.render(messages, add_generation_prompt, {"bos_token": "<s>", "eos_token": "</s>"})
 
     def is_special(self, token_id: int) -> bool:
         return 0 <= token_id < self.FIRST_BYTE_ID
@@ -164,11 +165,13 @@ class HFTokenizer(Tokenizer):
     """A Hugging Face fast tokenizer read without transformers.
 
     ``tokenizer.json`` is run by the ``tokenizers`` library; ``tokenizer_config.json`` supplies the chat
-    template (``chat_template.jinja`` wins if present), the named special tokens, ``add_bos_token`` /
-    ``add_eos_token`` (which, when present, replace tokenizer.json's post-processor as transformers v5 does)
-    and ``added_tokens_decoder``. EOS ids are the tokenizer's ``eos_token`` plus ``eos_token_id`` (int or
-    list) from the model's ``generation_config.json`` and ``config.json``. ``clean_up_tokenization_spaces``
-    is not applied: it would make decoding non-incremental.
+    template (``chat_template.jinja`` wins if present), the named special tokens, ``added_tokens_decoder``,
+    and ``add_bos_token`` / ``add_eos_token``: when present these replace tokenizer.json's post-processor, as
+    transformers v4's Llama-family tokenizers do (v5 ignores them and trusts tokenizer.json).
+
+    EOS ids are the tokenizer's ``eos_token`` plus ``eos_token_id`` (int or list) from the model's
+    ``generation_config.json`` and ``config.json``. ``clean_up_tokenization_spaces`` is not applied: it would
+    make decoding non-incremental.
     """
 
     def __init__(
@@ -234,7 +237,6 @@ class HFTokenizer(Tokenizer):
         return frozenset(ids | {i for i in named if i is not None})
 
     def _set_post_processor(self, add_bos: bool, add_eos: bool) -> None:
-        # transformers v5 rebuilds the post-processor whenever the config sets these flags explicitly.
         before = self._known_token("bos_token") if add_bos else []
         after = self._known_token("eos_token") if add_eos else []
         single = [f"{text}:0" for text, _ in before] + ["$A:0"] + [f"{text}:0" for text, _ in after]
@@ -297,11 +299,12 @@ def _eos_ids_in(path: Path) -> tuple[int, ...]:
 def _load_chat_template(directory: Path, tokenizer_config: dict[str, Any]) -> ChatTemplate | None:
     jinja_file = directory / "chat_template.jinja"
     if jinja_file.is_file():
-        source, origin = jinja_file.read_text(encoding="utf-8"), jinja_file
-    else:
-        source, origin = _default_template(tokenizer_config.get("chat_template")), directory / "tokenizer_config.json"
-    if source is None:
-        return None
+        return _compile_template(jinja_file.read_text(encoding="utf-8"), jinja_file)
+    source = _default_template(tokenizer_config.get("chat_template"))
+    return None if source is None else _compile_template(source, directory / "tokenizer_config.json")
+
+
+def _compile_template(source: str, origin: Path) -> ChatTemplate:
     try:
         return ChatTemplate(source)
     except jinja2.TemplateSyntaxError as exc:
@@ -314,7 +317,7 @@ def _default_template(value: str | list | None) -> str | None:
         return value
     if isinstance(value, list):
         return next((t.get("template") for t in value if isinstance(t, dict) and t.get("name") == "default"), None)
-    raise ModelLoadError(f"chat_template must be a string or a list of named templates, got {type(value).__name__}")
+    raise ModelLoadError(f"tokenizer_config.json: chat_template must be a string or a list, not {value!r}")
 
 
 class IncrementalDetokenizer:
@@ -323,8 +326,10 @@ class IncrementalDetokenizer:
     Contract: no piece returned by ``push`` ends in an incomplete UTF-8 character (it never carries a U+FFFD
     that a later token could still turn into a real character), and the concatenation of every ``push``
     result plus ``flush()`` equals ``tokenizer.decode(all_pushed_ids, skip_special_tokens)`` exactly.
-    ``push`` costs O(a few tokens), not O(tokens so far). Call ``flush`` once, after the last ``push``.
-    One instance per sequence; not thread-safe.
+    ``push`` costs O(a few tokens), not O(tokens so far), except that with an HFTokenizer a run of tokens whose
+    text keeps ending in U+FFFD (invalid bytes) widens the window until one does not.
+
+    Call ``flush`` once, after the last ``push``. One instance per sequence; not thread-safe.
     """
 
     def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True):

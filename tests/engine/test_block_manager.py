@@ -15,7 +15,13 @@ import pytest
 import xxhash
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule, run_state_machine_as_test
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    invariant,
+    precondition,
+    rule,
+    run_state_machine_as_test,
+)
 
 from engine.block_manager import (
     ROOT_PARENT_HASH,
@@ -419,7 +425,8 @@ class AllocatorMachine(RuleBasedStateMachine):
         else:
             for block_id, block_hash in zip(block_ids, hashes):
                 already_cached = bool(self.alloc.match_prefix([block_hash]))
-                assert self.alloc.publish(block_id, block_hash) == (self.enable_prefix_cache and not already_cached)
+                expected = self.enable_prefix_cache and not already_cached
+                assert self.alloc.publish(block_id, block_hash) == expected
         seq.num_computed_blocks = len(seq.hashes)
 
     @precondition(lambda self: self.seqs)
@@ -479,7 +486,8 @@ class AllocatorMachine(RuleBasedStateMachine):
 
     @invariant()
     def cached_hashes_map_to_blocks_holding_them(self):
-        cached = {b: self.alloc.block_hash(b) for b in range(NUM_BLOCKS) if self.alloc.block_hash(b) is not None}
+        hashes = {b: self.alloc.block_hash(b) for b in range(NUM_BLOCKS)}
+        cached = {b: h for b, h in hashes.items() if h is not None}
         for block_id, block_hash in cached.items():
             assert self.alloc.match_prefix([block_hash]) == [block_id]
             assert self.contents[block_id] == block_hash
