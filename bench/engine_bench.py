@@ -221,7 +221,7 @@ def hf_state_dict(model: CausalLM) -> dict[str, torch.Tensor]:
 
 def sanity_check(engine: Engine, hf, config: BenchConfig) -> SanityResult:
     """Greedy tokens of fp32 copies must match exactly; in the benchmark dtype only the first few."""
-    prompt = make_prompts(1, SANITY_PROMPT_LEN, engine.model_config.vocab_size, seed=-1)[0]
+    prompt = make_prompts(1, SANITY_PROMPT_LEN, engine.model_config.vocab_size, seed="sanity")[0]
     fp32_engine = Engine(EngineConfig(model=config.model, dtype="float32", num_kv_blocks=8, max_num_seqs=1))
     fp32_engine.runner.model.load_state_dict(engine.runner.model.state_dict())  # the benchmark's own weights
     fp32_hf = hf_model_from_engine(fp32_engine.runner.model, torch.float32)
@@ -247,7 +247,7 @@ def hf_greedy(hf, prompt: list[int], new_tokens: int) -> list[int]:
 # -- measurements ---------------------------------------------------------------------------------
 
 
-def make_prompts(count: int, length: int, vocab_size: int, seed: int) -> list[list[int]]:
+def make_prompts(count: int, length: int, vocab_size: int, seed: int | str) -> list[list[int]]:
     rng = random.Random(seed)
     return [[rng.randrange(FIRST_REGULAR_TOKEN, vocab_size) for _ in range(length)] for _ in range(count)]
 
@@ -258,7 +258,7 @@ def measure_prefill(engine: Engine, hf, config: BenchConfig) -> Row:
     engine_times, hf_times = alternate(
         lambda prompts: engine_prefill_seconds(engine, prompts),
         lambda prompts: hf_prefill_seconds(hf, prompts),
-        lambda trial: make_prompts(batch, config.prompt_len, vocab, seed=hash(("prefill", trial))),
+        lambda trial: make_prompts(batch, config.prompt_len, vocab, seed=f"prefill-{trial}"),
         config.repeats,
     )
     return Row("prefill", batch, batch * config.prompt_len, engine_times, hf_times)
@@ -270,7 +270,7 @@ def measure_decode(engine: Engine, hf, config: BenchConfig, batch: int) -> Row:
     engine_times, hf_times = alternate(
         lambda prompts: engine_decode_seconds(engine, prompts, steps),
         lambda prompts: hf_decode_seconds(hf, prompts, steps),
-        lambda trial: make_prompts(batch, config.prompt_len, vocab, seed=hash(("decode", batch, trial))),
+        lambda trial: make_prompts(batch, config.prompt_len, vocab, seed=f"decode-{batch}-{trial}"),
         config.repeats,
     )
     return Row(f"decode@{batch}", batch, batch * steps, engine_times, hf_times)
@@ -470,7 +470,7 @@ def print_report(report: dict) -> None:
         print(f"{row['name']:<12}{row['engine_tok_s']:>14.1f}{row['hf_tok_s']:>14.1f}{row['ratio']:>8.2f}x")
     print(
         f"prefill FLOP/s: engine {flops['engine_prefill_flop_s'] / 1e9:.1f} G, transformers "
-        f"{flops['hf_prefill_flop_s'] / 1e9:.1f} G, bf16 matmul {flops['matmul_flop_s'] / 1e9:.1f} G "
+        f"{flops['hf_prefill_flop_s'] / 1e9:.1f} G, {meta['dtype']} matmul {flops['matmul_flop_s'] / 1e9:.1f} G "
         f"-> engine at {flops['engine_fraction_of_matmul']:.0%} of matmul peak"
     )
     for name, target in report["targets"].items():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 
 
@@ -42,6 +43,17 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--temperature", type=float, default=0.0)
     generate.set_defaults(run=_run_generate)
 
+    worker = commands.add_parser("worker", help="run one prefill or decode worker as a plain process (no Ray)")
+    worker.add_argument("role", choices=["prefill", "decode"])
+    _add_engine_args(worker)
+    worker.add_argument("--host", default="127.0.0.1")
+    worker.add_argument("--port", type=int, default=0, help="0: any free port")
+    worker.add_argument("--transport", choices=["grpc", "nixl"], default="grpc")
+    worker.add_argument("--lease-ms", type=int, default=30_000, help="decode: how long a reservation waits for its KV")
+    worker.add_argument("--no-verify-kv", action="store_true", help="skip KV checksums (faster)")
+    worker.add_argument("--worker-id", default=None)
+    worker.set_defaults(run=_run_worker)
+
     bench = commands.add_parser("bench", help="benchmarks (they print ratios against a baseline run side by side)")
     bench_kinds = bench.add_subparsers(dest="bench", required=True)
     engine_bench = bench_kinds.add_parser("engine", help="engine vs transformers on the same weights")
@@ -51,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     engine_bench.add_argument("--prompt-len", type=int, default=128)
     engine_bench.add_argument("--decode-steps", type=int, default=32)
     engine_bench.add_argument("--threads", type=int, default=None)
+    engine_bench.add_argument("--prefill-batch", type=int, default=8, help="prompts in the prefill row")
+    engine_bench.add_argument("--repeats", type=int, default=3, help="timed runs per side and row (median reported)")
+    engine_bench.add_argument("--quick", action="store_true", help="tiny sizes and one repeat (overrides the size flags)")
     engine_bench.add_argument("--json", dest="json_path", default=None, help="write the rows to this file")
     engine_bench.set_defaults(run=_run_bench_engine)
     return parser
@@ -72,6 +87,38 @@ def _run_generate(args: argparse.Namespace) -> int:
     except EngineError as exc:
         print(f"splitserve: {exc}", file=sys.stderr)
         return 2
+    return 0
+
+
+def _run_worker(args: argparse.Namespace) -> int:
+    import json
+    import signal
+    import threading
+
+    from engine.errors import EngineError
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    common = dict(transport=args.transport, verify_checksums=not args.no_verify_kv, host=args.host, port=args.port, worker_id=args.worker_id)
+    try:
+        if args.role == "prefill":
+            from prefill_worker.worker import PrefillWorker
+
+            worker = PrefillWorker(engine_config_from_args(args), **common)
+        else:
+            from decode_worker.worker import DecodeWorker
+
+            worker = DecodeWorker(engine_config_from_args(args), default_lease_ms=args.lease_ms, **common)
+        address = worker.start()
+    except (EngineError, OSError, ValueError) as exc:
+        print(f"splitserve: {exc}", file=sys.stderr)
+        return 2
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    print(f"splitserve {args.role} worker serving on {address} (transport {args.transport})", flush=True)
+    print("READY " + json.dumps({"role": args.role, "address": address, "worker_id": worker.worker_id}), flush=True)
+    stop.wait()
+    worker.stop()
     return 0
 
 

@@ -66,22 +66,20 @@ class PushResult(_message.Message):
     def __init__(self, bytes_received: _Optional[int] = ...) -> None: ...
 
 class CommitRequest(_message.Message):
-    __slots__ = ("request_id", "instance_id", "first_token_id", "first_logprob", "layer_checksums", "abort", "abort_reason")
+    __slots__ = ("request_id", "instance_id", "first_token_id", "first_logprob", "abort", "abort_reason")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
     FIRST_TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
     FIRST_LOGPROB_FIELD_NUMBER: _ClassVar[int]
-    LAYER_CHECKSUMS_FIELD_NUMBER: _ClassVar[int]
     ABORT_FIELD_NUMBER: _ClassVar[int]
     ABORT_REASON_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     instance_id: str
     first_token_id: int
     first_logprob: _common_pb2.TokenLogprob
-    layer_checksums: _containers.RepeatedScalarFieldContainer[int]
     abort: bool
     abort_reason: str
-    def __init__(self, request_id: _Optional[str] = ..., instance_id: _Optional[str] = ..., first_token_id: _Optional[int] = ..., first_logprob: _Optional[_Union[_common_pb2.TokenLogprob, _Mapping]] = ..., layer_checksums: _Optional[_Iterable[int]] = ..., abort: _Optional[bool] = ..., abort_reason: _Optional[str] = ...) -> None: ...
+    def __init__(self, request_id: _Optional[str] = ..., instance_id: _Optional[str] = ..., first_token_id: _Optional[int] = ..., first_logprob: _Optional[_Union[_common_pb2.TokenLogprob, _Mapping]] = ..., abort: _Optional[bool] = ..., abort_reason: _Optional[str] = ...) -> None: ...
 
 class CommitResponse(_message.Message):
     __slots__ = ()

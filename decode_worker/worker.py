@@ -1,0 +1,165 @@
+"""The decode worker: reserves blocks, receives KV, decodes with continuous batching.
+
+A reserved request's life here::
+
+    Reserve ──> WAITING_FOR_KV ──(all layers landed + commit)──> RUNNING ──> tokens ──> finished
+                   │ lease runs out / sender aborts / client aborts
+                   └──> stream fails at once; blocks return at once (gRPC) or at the lease
+                        deadline (NIXL: the sender may still be writing into them)
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import time
+
+import grpc
+
+from engine.config import EngineConfig
+from engine.engine import Engine
+from engine.errors import EngineError
+from engine.loop import RequestFailed
+from engine.output import RequestOutput
+from kv_transfer.inbox import InboundState, KVInbox
+from kv_transfer.receiver_service import KVReceiverService
+from kv_transfer.worker_base import WorkerBase, abort_on_error, logprob_from_wire, output_to_wire, sampling_params_from_wire
+from protos import decode_pb2, decode_pb2_grpc, kv_transfer_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+DEFAULT_LEASE_MS = 30_000
+MAX_LEASE_MS = 600_000
+
+
+class DecodeWorker(WorkerBase, decode_pb2_grpc.DecodeWorkerServicer):
+    role = "decode"
+    service_names = ("splitserve.DecodeWorker", "splitserve.KVReceiver")
+
+    def __init__(self, config: EngineConfig, transport: str = "grpc", verify_checksums: bool = True, default_lease_ms: int = DEFAULT_LEASE_MS, **kwargs) -> None:
+        super().__init__(config, **kwargs)
+        self.transport = transport
+        self.default_lease_ms = default_lease_ms
+        self.inbox = KVInbox(self.engine.kv_cache, self._on_commit, verify_checksums)
+        self.nixl = None
+        if transport == "nixl":
+            from kv_transfer.nixl_transport import NixlReceiver
+
+            self.nixl = NixlReceiver(f"{self.worker_id}-{self.instance_id}", self.engine.kv_cache, self.inbox)
+        self.receiver = KVReceiverService(self.inbox, self.layout, self.instance_id, self._abort_inbound, self.nixl)
+
+    def add_services(self, server: grpc.Server) -> None:
+        decode_pb2_grpc.add_DecodeWorkerServicer_to_server(self, server)
+        kv_transfer_pb2_grpc.add_KVReceiverServicer_to_server(self.receiver, server)
+
+    def stop(self, grace: float = 1.0) -> None:
+        super().stop(grace)
+        if self.nixl is not None:
+            self.nixl.close()
+
+    # -- RPCs -------------------------------------------------------------------------------------
+
+    def Reserve(self, request, context):
+        try:
+            params = sampling_params_from_wire(request.params)
+            lease_ms = min(request.lease_ms or self.default_lease_ms, MAX_LEASE_MS)
+            reservation = self.loop.call(lambda engine: self._reserve(engine, request, params, lease_ms))
+        except (EngineError, ValueError) as exc:
+            abort_on_error(context, exc)
+        return decode_pb2.Ticket(
+            request_id=request.request_id,
+            block_ids=reservation.block_ids,
+            num_cached_tokens=reservation.num_cached_tokens,
+            transport=self.transport,
+            address=self.address,
+            layout=self.layout,
+            lease_deadline_unix_ms=int((time.time() + lease_ms / 1000.0) * 1000),
+            worker_id=self.worker_id,
+            instance_id=self.instance_id,
+        )
+
+    def _reserve(self, engine: Engine, request, params, lease_ms: int):
+        """Engine thread: blocks, inbound record and output stream appear together."""
+        reservation = engine.reserve(request.request_id, list(request.prompt_token_ids), params)
+        first_missing = reservation.num_cached_tokens // self.config.block_size
+        self.inbox.open(request.request_id, reservation.block_ids[first_missing:], lease_ms / 1000.0, self.nixl is not None)
+        self.loop.watch(request.request_id)
+        self.prompt_tokens += len(request.prompt_token_ids)
+        self.prefix_hit_tokens += reservation.num_cached_tokens
+        return reservation
+
+    def Generate(self, request, context):
+        try:
+            stream = self._stream_for(request)
+        except (EngineError, ValueError) as exc:
+            abort_on_error(context, exc)
+        context.add_callback(lambda: self._cancel(request.request_id))
+        try:
+            while True:
+                try:
+                    output = stream.get(timeout=0.5)
+                except queue.Empty:
+                    if not context.is_active():
+                        return
+                    continue
+                yield output_to_wire(output)
+                if output.finished:
+                    return
+        except RequestFailed as exc:
+            context.abort(grpc.StatusCode.ABORTED, str(exc))
+
+    def _stream_for(self, request):
+        if request.reserved:
+            stream = self.loop.call(lambda engine: self.loop.stream_of(request.request_id))
+            if stream is None:
+                raise EngineError(f"no reservation {request.request_id!r} on this worker")
+            return stream
+        params = sampling_params_from_wire(request.params)
+        self.prompt_tokens += len(request.prompt_token_ids)
+        return self.loop.add_request(request.request_id, list(request.prompt_token_ids), params)
+
+    def Abort(self, request, context):
+        return decode_pb2_grpc.common__pb2.AbortResponse(found=self._cancel(request.request_id))
+
+    def Stats(self, request, context):
+        return self.stats(self.inbox.in_flight, self.inbox.leases_expired)
+
+    def SubscribeKVEvents(self, request, context):
+        yield from self.kv_event_batches(context)
+
+    # -- reservations ending ----------------------------------------------------------------------
+
+    def _cancel(self, request_id: str) -> bool:
+        if self._abort_inbound(request_id, "aborted by the client"):
+            return True
+        return self.loop.abort(request_id)
+
+    def _abort_inbound(self, request_id: str, reason: str) -> bool:
+        """Any thread: stop a reservation whose KV has not landed; the sweep frees its blocks."""
+        inbound = self.inbox.abort(request_id, reason)
+        return inbound is not None and inbound.state is InboundState.ABORTED
+
+    def _on_commit(self, request_id: str, first_token_id: int, first_logprob) -> None:
+        """Transport thread: all KV landed and verified; the engine adopts it."""
+        logprob = logprob_from_wire(first_logprob)
+
+        def adopt(engine: Engine) -> None:
+            self.inbox.forget(request_id)
+            if request_id in engine.requests:
+                engine.complete_reservation(request_id, first_token_id, logprob)
+
+        self.loop.submit(adopt)
+
+    def after_step(self, engine: Engine, outputs: list[RequestOutput]) -> None:
+        """Engine thread: expire leases, fail streams of stopped reservations, free their blocks when safe."""
+        now = time.monotonic()
+        self.inbox.expire(now)
+        for inbound in self.inbox.stopped():
+            if not inbound.client_told:
+                inbound.client_told = True
+                stream = self.loop.detach(inbound.request_id)
+                if stream is not None:
+                    stream.put(RequestFailed(inbound.reason))
+            if now >= inbound.release_time:
+                engine.abort(inbound.request_id)
+                self.inbox.forget(inbound.request_id)

@@ -1,0 +1,212 @@
+"""Runs an Engine on its own thread and hands work in and outputs out, for the workers.
+
+Contract: only the loop thread touches the engine. Other threads use ``call`` (run a function of
+the engine between steps and wait for its result), ``add_request`` / ``watch`` (get a
+RequestStream of a request's outputs) and ``abort``. Hooks run on the loop thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+from engine.block_manager import KVEvent
+from engine.engine import Engine
+from engine.output import RequestOutput
+from engine.sampling_params import SamplingParams
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class RequestFailed(Exception):
+    """A request ended without a normal finish (lease expired, transfer failed, engine error)."""
+
+
+class RequestStream:
+    """One request's outputs, in order, from the loop thread to one consumer."""
+
+    def __init__(self, request_id: str) -> None:
+        self.request_id = request_id
+        self._queue: queue.Queue[RequestOutput | BaseException] = queue.Queue()
+
+    def put(self, item: RequestOutput | BaseException) -> None:
+        self._queue.put(item)
+
+    def get(self, timeout: float | None = None) -> RequestOutput:
+        """The next output; raises queue.Empty on timeout, or the error the request failed with."""
+        item = self._queue.get(timeout=timeout)
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def __iter__(self) -> Iterator[RequestOutput]:
+        while True:
+            output = self.get()
+            yield output
+            if output.finished:
+                return
+
+
+@dataclass
+class KVEventSubscription:
+    """A subscriber's view: the snapshot taken when it joined, then every later event in order.
+    ``events`` yields None once the subscriber fell too far behind (it must resubscribe)."""
+
+    cached_hashes: list[int]
+    last_event_id: int
+    events: queue.Queue = field(default_factory=lambda: queue.Queue(maxsize=4096))
+    closed: bool = False
+
+
+class EngineLoop:
+    def __init__(
+        self,
+        engine: Engine,
+        name: str = "engine-loop",
+        after_step: Callable[[Engine, list[RequestOutput]], None] | None = None,
+        idle_interval: float = 0.05,
+    ) -> None:
+        self.engine = engine
+        self._after_step = after_step
+        self._idle_interval = idle_interval
+        self._calls: queue.SimpleQueue[tuple[Callable[[Engine], object], Future]] = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._streams: dict[str, RequestStream] = {}
+        self._subscribers: list[KVEventSubscription] = []
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+
+    def start(self) -> EngineLoop:
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        self._wake.set()
+        self._thread.join(timeout)
+
+    # -- handing work in --------------------------------------------------------------------------
+
+    def submit(self, fn: Callable[[Engine], T]) -> Future:
+        future: Future = Future()
+        self._calls.put((fn, future))
+        self._wake.set()
+        return future
+
+    def call(self, fn: Callable[[Engine], T], timeout: float | None = 30.0) -> T:
+        """Runs ``fn(engine)`` on the loop thread between steps; returns its result or raises its error."""
+        return self.submit(fn).result(timeout)
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> RequestStream:
+        def add(engine: Engine) -> RequestStream:
+            engine.add_request(request_id, prompt_token_ids, params)
+            return self.watch(request_id)
+
+        return self.call(add)
+
+    def watch(self, request_id: str) -> RequestStream:
+        """Stream for a request's outputs. Loop thread only (inside a ``call``), so no output is missed."""
+        stream = self._streams[request_id] = RequestStream(request_id)
+        return stream
+
+    def stream_of(self, request_id: str) -> RequestStream | None:
+        return self._streams.get(request_id)
+
+    def abort(self, request_id: str) -> bool:
+        return self.call(lambda engine: engine.abort(request_id))
+
+    def detach(self, request_id: str) -> RequestStream | None:
+        """Loop thread only: stop routing a request's outputs; returns its stream."""
+        return self._streams.pop(request_id, None)
+
+    def fail(self, engine: Engine, request_id: str, error: BaseException) -> None:
+        """Loop thread only: abort a request and end its stream with ``error``."""
+        stream = self.detach(request_id)
+        engine.abort(request_id)
+        if stream is not None:
+            stream.put(error)
+
+    def subscribe_kv_events(self) -> KVEventSubscription:
+        def subscribe(engine: Engine) -> KVEventSubscription:
+            self._publish_events(engine.take_kv_events())
+            allocator = engine.allocator
+            subscription = KVEventSubscription(allocator.cached_hashes(), allocator.last_event_id)
+            self._subscribers.append(subscription)
+            return subscription
+
+        return self.call(subscribe)
+
+    def unsubscribe(self, subscription: KVEventSubscription) -> None:
+        self.submit(lambda engine: self._subscribers.remove(subscription) if subscription in self._subscribers else None)
+
+    # -- the loop ---------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._run_calls()
+            outputs: list[RequestOutput] = []
+            if self.engine.has_unfinished():
+                outputs = self._step()
+            else:
+                self._wake.wait(self._idle_interval)
+                self._wake.clear()
+            self._publish_events(self.engine.take_kv_events())
+            if self._after_step is not None:
+                self._after_step(self.engine, outputs)
+
+    def _run_calls(self) -> None:
+        while True:
+            try:
+                fn, future = self._calls.get_nowait()
+            except queue.Empty:
+                return
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(fn(self.engine))
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller
+                future.set_exception(exc)
+
+    def _step(self) -> list[RequestOutput]:
+        try:
+            outputs = self.engine.step()
+        except Exception as exc:  # a bug or an out-of-memory: fail what is in flight, keep serving
+            log.exception("engine step failed; aborting in-flight requests")
+            for request_id in list(self.engine.requests):
+                self.fail(self.engine, request_id, RequestFailed(f"engine error: {exc}"))
+            self.engine.step()  # collect the abort outputs
+            return []
+        for output in outputs:
+            stream = self._streams.get(output.request_id)
+            if stream is not None:
+                stream.put(output)
+                if output.finished:
+                    del self._streams[output.request_id]
+        return outputs
+
+    def _publish_events(self, events: list[KVEvent]) -> None:
+        if not events:
+            return
+        for subscription in list(self._subscribers):
+            fresh = [e for e in events if e.event_id > subscription.last_event_id]
+            try:
+                for event in fresh:
+                    subscription.events.put_nowait(event)
+            except queue.Full:
+                subscription.closed = True
+                self._subscribers.remove(subscription)
+                _drop_oldest_and_close(subscription.events)
+
+
+def _drop_oldest_and_close(events: queue.Queue) -> None:
+    try:
+        events.get_nowait()
+    except queue.Empty:
+        pass
+    events.put_nowait(None)

@@ -1,0 +1,415 @@
+"""One NIXL agent with one worker's whole KV pool registered: the NIXL transport's moving part.
+
+The pool is the worker's paged KV tensor (engine/kv_cache.py); every (layer, block) region is one
+contiguous byte range, so a region size ``nbytes`` cuts the pool into a grid of slots::
+
+    pool bytes:  | slot 0 | slot 1 | slot 2 | ...          slot i = [i*nbytes, (i+1)*nbytes)
+    region (layer, block) = slot layer*num_blocks + block   when nbytes == region_bytes
+
+A write names regions by byte offset (``KVLayout.region_offset``); offsets are multiples of
+``nbytes``, so each becomes a slot index. Per region size we prepare the local grid once, and per
+(peer, region size) the peer's grid once; posting a write of hundreds of regions is then one
+``make_prepped_xfer`` over two int32 index arrays (~50 us), not a descriptor list built anew.
+
+Wire contract between two workers:
+- the receiver (decode) hands out ``metadata()`` (opaque NIXL bytes) and ``descriptor`` (msgpack
+  via ``to_dict``); the sender loads the first with ``add_peer`` and addresses writes with the
+  second. A peer that restarts has new metadata under possibly the same name: ``remove_peer`` the
+  old one first (``add_peer`` refuses to overwrite a loaded name with different metadata).
+- a write's notification reaches the receiver only after all of that write's regions landed.
+
+Threading: every public method (here and on ``WriteHandle``) may be called from any thread. The
+NIXL agent is created without internal locking, so one lock inside ``NixlPool`` serialises every
+call into it; calls hold it for microseconds, and ``WriteHandle.wait`` sleeps without it.
+Progress: without NIXL's progress thread (the default, see ``NixlPool``), a transfer advances only
+inside calls into the agent — the sender's ``done()``/``wait()``/``write()``, the receiver's
+``poll_notifications()``. Poll them; nothing happens in the background.
+
+Handles: every NIXL transfer handle is released exactly once — by ``write()`` itself when the
+post completes at once (usual for DRAM, where UCX copies with CMA inside the post), by
+``done()``/``wait()`` on reaching a final state, by ``WriteHandle.release()`` (aborting a write in
+flight), by ``remove_peer`` for that peer's writes, or by ``close()``.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from nixl_cu12 import nixl_agent, nixl_agent_config
+from nixl_cu12._bindings import nixlNotAllowedError
+
+logger = logging.getLogger(__name__)
+
+DESCRIPTOR_VERSION = 1
+DRAM = "DRAM"
+VRAM = "VRAM"
+_LOCAL = "NIXL_INIT_AGENT"  # NIXL's name for "the initiator's own memory" when preparing lists
+_POLL_INTERVAL_S = 100e-6
+
+# NIXL status strings returned by transfer() / check_xfer_state().
+_DONE, _IN_PROGRESS = "DONE", "PROC"
+
+
+class TransferError(Exception):
+    """NIXL could not move the data: unknown or vanished peer, a failed or timed-out write,
+    or a pool that is closed. The message says which."""
+
+
+@dataclass(frozen=True)
+class PoolDescriptor:
+    """What a peer needs to address our registered pool. Small; crosses processes as msgpack."""
+
+    agent_name: str
+    base_address: int
+    nbytes: int
+    device_id: int
+    memory: str  # DRAM or VRAM
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"version": DESCRIPTOR_VERSION, **asdict(self)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> PoolDescriptor:
+        version = data.get("version")
+        if version != DESCRIPTOR_VERSION:
+            raise ValueError(f"pool descriptor version {version!r}, expected {DESCRIPTOR_VERSION}")
+        descriptor = cls(
+            agent_name=str(data["agent_name"]),
+            base_address=int(data["base_address"]),
+            nbytes=int(data["nbytes"]),
+            device_id=int(data["device_id"]),
+            memory=str(data["memory"]),
+        )
+        if descriptor.memory not in (DRAM, VRAM):
+            raise ValueError(f"pool memory {descriptor.memory!r}, expected {DRAM} or {VRAM}")
+        return descriptor
+
+
+def _pool_memory(pool: torch.Tensor) -> tuple[str, int]:
+    """(NIXL memory type, device id) of the tensor's storage.
+
+    The VRAM branch (pool on a GPU) is written for GPU hosts and untested on this CPU-only machine.
+    """
+    if pool.device.type == "cuda":
+        return VRAM, pool.device.index if pool.device.index is not None else torch.cuda.current_device()
+    if pool.device.type == "cpu":
+        return DRAM, 0
+    raise ValueError(f"cannot register a pool on device {pool.device}")
+
+
+def _grid(base_address: int, pool_nbytes: int, nbytes: int, device_id: int) -> np.ndarray:
+    """Nx3 uint64 (address, length, device id) rows, one per nbytes-sized slot of a pool."""
+    count = pool_nbytes // nbytes
+    rows = np.empty((count, 3), dtype=np.uint64)
+    rows[:, 0] = base_address + np.arange(count, dtype=np.uint64) * np.uint64(nbytes)
+    rows[:, 1] = nbytes
+    rows[:, 2] = device_id
+    return rows
+
+
+def _slot_indices(offsets: Sequence[int], nbytes: int, pool_nbytes: int, side: str) -> np.ndarray:
+    """Byte offsets -> int32 slot indices; each region must be aligned and inside the pool."""
+    array = np.asarray(offsets, dtype=np.int64)
+    if array.ndim != 1:
+        raise ValueError(f"{side} offsets must be a flat sequence")
+    if array.size and (
+        array.min() < 0 or array.max() + nbytes > pool_nbytes or np.any(array % nbytes)
+    ):
+        raise ValueError(
+            f"{side} offsets must be multiples of {nbytes} with each region inside the "
+            f"{pool_nbytes}-byte pool"
+        )
+    return (array // nbytes).astype(np.int32)
+
+
+class WriteHandle:
+    """One posted WRITE. Poll ``done()`` or block in ``wait()``; either releases the NIXL handle
+    once the write is final. ``release()`` is only needed to abandon a write early."""
+
+    def __init__(self, owner: NixlPool, transfer: Any, peer_agent_name: str) -> None:
+        self._owner = owner
+        self._transfer = transfer  # nixl_xfer_handle while live, None once released
+        self.peer_agent_name = peer_agent_name
+        self._complete = False
+        self._error: str | None = None
+
+    def done(self) -> bool:
+        """True once every region (and the notification) went out; raises TransferError if NIXL
+        reported an error, or the write was aborted."""
+        with self._owner._lock:
+            if self._transfer is not None:
+                self._poll_locked()
+        if self._error is not None:
+            raise TransferError(self._error)
+        return self._complete
+
+    def wait(self, timeout: float) -> None:
+        """Block until done. On error raises TransferError; on timeout aborts the write (its
+        destination regions are then undefined) and raises TransferError."""
+        deadline = time.monotonic() + timeout
+        while not self.done():
+            if time.monotonic() >= deadline:
+                self._abort(f"write to {self.peer_agent_name} not complete after {timeout:.3g} s")
+                raise TransferError(self._error)
+            time.sleep(_POLL_INTERVAL_S)
+
+    def release(self) -> None:
+        """Release the NIXL handle; a write still in flight is aborted. Idempotent."""
+        self._abort(f"write to {self.peer_agent_name} was released before it completed")
+
+    def _poll_locked(self) -> None:
+        try:
+            status = self._owner._agent.check_xfer_state(self._transfer)
+        except Exception as error:  # the bindings raise one class per NIXL status
+            self._finish_locked(f"write to {self.peer_agent_name} failed: {error!r}")
+            return
+        if status == _DONE:
+            self._finish_locked(None)
+        elif status != _IN_PROGRESS:
+            self._finish_locked(f"write to {self.peer_agent_name} failed: NIXL status {status}")
+
+    def _abort(self, reason: str) -> None:
+        with self._owner._lock:
+            if self._transfer is not None:
+                self._poll_locked()  # a write that finished meanwhile is not an abort
+            if self._transfer is not None:
+                self._finish_locked(reason)
+
+    def _finish_locked(self, error: str | None) -> None:
+        """Final state reached (or forced): record it and release the NIXL handle. Caller holds the lock."""
+        transfer, self._transfer = self._transfer, None
+        self._owner._live_writes.discard(self)
+        if error is None:
+            self._complete = True
+        else:
+            self._error = error
+        try:
+            transfer.release()
+        except Exception:
+            # NIXL could not cancel a write in flight; close() tries again before the agent goes.
+            self._owner._unreleased.append(transfer)
+
+
+class NixlPool:
+    """One NIXL agent (UCX backend) with one KV pool registered once, for its whole life.
+
+    ``name`` must be unique among the agents that talk to each other. ``progress_thread`` turns
+    on NIXL's progress thread, which busy-polls a whole core — wanted on RDMA/GPU hosts when no
+    one polls, wasteful here (DRAM over UCX's CMA copies within the post anyway).
+    """
+
+    def __init__(self, name: str, pool: torch.Tensor, *, progress_thread: bool = False) -> None:
+        if not pool.is_contiguous():
+            raise ValueError("the KV pool must be one contiguous tensor")
+        memory, device_id = _pool_memory(pool)
+        self.name = name
+        self.descriptor = PoolDescriptor(
+            agent_name=name,
+            base_address=pool.data_ptr(),
+            nbytes=pool.numel() * pool.element_size(),
+            device_id=device_id,
+            memory=memory,
+        )
+        self._pool = pool  # keeps the registered memory alive as long as the agent
+        self._lock = threading.RLock()
+        self._agent: Any = nixl_agent(name, nixl_agent_config(enable_prog_thread=progress_thread, backends=["UCX"]))
+        row = np.array([[self.descriptor.base_address, self.descriptor.nbytes, device_id]], dtype=np.uint64)
+        self._registration = self._agent.register_memory(row, memory)
+        self._peers: dict[str, bytes] = {}  # agent name -> the metadata we loaded
+        self._local_grids: dict[int, Any] = {}  # region size -> prepared list over our pool
+        self._remote_grids: dict[tuple[PoolDescriptor, int], Any] = {}  # (peer, size) -> prepared list
+        self._live_writes: set[WriteHandle] = set()
+        self._unreleased: list[Any] = []
+        self._closed = False
+
+    # -- peers -------------------------------------------------------------------------------
+
+    def metadata(self) -> bytes:
+        """This agent's metadata (connection info + registered pool), for peers' ``add_peer``."""
+        with self._lock:
+            self._check_open()
+            return self._agent.get_agent_metadata()
+
+    def add_peer(self, metadata: bytes) -> str:
+        """Load a peer's metadata so we can write to it; returns its agent name. Loading the same
+        metadata again is a no-op; a restarted peer with the same name needs ``remove_peer`` first."""
+        with self._lock:
+            self._check_open()
+            try:
+                loaded = self._agent.add_remote_agent(metadata)
+            except nixlNotAllowedError as error:
+                raise TransferError(
+                    "a peer with this agent name is already loaded with other metadata "
+                    "(did it restart?); remove_peer(name) first"
+                ) from error
+            except Exception as error:
+                raise TransferError(f"cannot load peer metadata: {error!r}") from error
+            name = loaded.decode() if isinstance(loaded, bytes) else str(loaded)
+            self._peers[name] = metadata
+            return name
+
+    def remove_peer(self, agent_name: str) -> None:
+        """Forget a peer (e.g. it restarted): its writes in flight are aborted (their handles raise
+        TransferError), its prepared lists released, its metadata dropped. Unknown names are ignored."""
+        with self._lock:
+            if self._closed or agent_name not in self._peers:
+                return
+            self._drop_peer_locked(agent_name)
+
+    def peers(self) -> list[str]:
+        with self._lock:
+            return list(self._peers)
+
+    # -- data path ---------------------------------------------------------------------------
+
+    def write(
+        self,
+        peer: PoolDescriptor,
+        src_offsets: Sequence[int],
+        dst_offsets: Sequence[int],
+        nbytes: int,
+        notification: bytes,
+    ) -> WriteHandle:
+        """Post one NIXL WRITE of len(src_offsets) regions (each nbytes) from our pool into the
+        peer's pool, with ``notification`` delivered to the peer once all of them have landed.
+        Non-blocking. Offsets are byte offsets from each pool's start, multiples of ``nbytes``.
+        Raises ValueError for bad offsets, TransferError if the peer is unknown or NIXL refuses."""
+        if nbytes <= 0:
+            raise ValueError(f"region size must be positive, got {nbytes}")
+        if len(src_offsets) != len(dst_offsets) or len(src_offsets) == 0:
+            raise ValueError(
+                f"need as many source as destination offsets, at least one "
+                f"(got {len(src_offsets)} and {len(dst_offsets)}); use notify() for a bare message"
+            )
+        src = _slot_indices(src_offsets, nbytes, self.descriptor.nbytes, "source")
+        dst = _slot_indices(dst_offsets, nbytes, peer.nbytes, "destination")
+        with self._lock:
+            self._check_open()
+            self._check_peer(peer.agent_name)
+            try:
+                transfer = self._agent.make_prepped_xfer(
+                    "WRITE", self._local_grid(nbytes), src, self._remote_grid(peer, nbytes), dst, notification
+                )
+            except Exception as error:
+                raise TransferError(f"cannot create write to {peer.agent_name}: {error!r}") from error
+            handle = WriteHandle(self, transfer, peer.agent_name)
+            self._live_writes.add(handle)
+            self._post_locked(handle)
+            return handle
+
+    def notify(self, peer_agent_name: str, message: bytes) -> None:
+        """Send ``message`` to a loaded peer without data. Not ordered with respect to writes."""
+        with self._lock:
+            self._check_open()
+            self._check_peer(peer_agent_name)
+            try:
+                self._agent.send_notif(peer_agent_name, message)
+            except Exception as error:
+                raise TransferError(f"cannot notify {peer_agent_name}: {error!r}") from error
+
+    def poll_notifications(self) -> list[tuple[str, bytes]]:
+        """Notifications that arrived since the last poll, as (sender agent name, message); each
+        sender's in the order it sent them (no order is defined across senders). Also drives
+        progress on this agent. Senders need not be loaded peers."""
+        with self._lock:
+            self._check_open()
+            arrived = self._agent.get_new_notifs()
+        return [(str(sender), bytes(message)) for sender, messages in arrived.items() for message in messages]
+
+    @property
+    def pending_writes(self) -> int:
+        """Writes posted and not yet final (their NIXL handles are live)."""
+        with self._lock:
+            return len(self._live_writes)
+
+    # -- teardown ----------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Abort writes in flight, release prepared lists, drop peers, deregister the pool and
+        destroy the agent. Idempotent; every other method raises TransferError afterwards."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            for name in list(self._peers):
+                self._drop_peer_locked(name)
+            for handle in list(self._live_writes):
+                handle._finish_locked(f"pool {self.name} was closed")
+            for transfer in self._unreleased:
+                _quietly(transfer.release, f"release of an aborted write on {self.name}")
+            self._unreleased.clear()
+            for prepared in self._local_grids.values():
+                _quietly(prepared.release, f"release of a prepared list on {self.name}")
+            self._local_grids.clear()
+            _quietly(lambda: self._agent.deregister_memory(self._registration), f"deregistration on {self.name}")
+            self._agent = None  # the agent is destroyed with its last reference
+
+    def __enter__(self) -> NixlPool:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # -- internals (caller holds the lock) ---------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise TransferError(f"NIXL pool {self.name} is closed")
+
+    def _check_peer(self, agent_name: str) -> None:
+        if agent_name not in self._peers:
+            raise TransferError(f"unknown peer {agent_name!r}: load its metadata with add_peer() first")
+
+    def _post_locked(self, handle: WriteHandle) -> None:
+        try:
+            status = self._agent.transfer(handle._transfer)
+        except Exception as error:  # e.g. the peer disconnected since we loaded it
+            handle._finish_locked(f"write to {handle.peer_agent_name} failed: {error!r}")
+        else:
+            if status == _DONE:
+                handle._finish_locked(None)
+            elif status != _IN_PROGRESS:
+                handle._finish_locked(f"write to {handle.peer_agent_name} failed: NIXL status {status}")
+        if handle._error is not None:
+            raise TransferError(handle._error)
+
+    def _local_grid(self, nbytes: int) -> Any:
+        prepared = self._local_grids.get(nbytes)
+        if prepared is None:
+            ours = self.descriptor
+            rows = _grid(ours.base_address, ours.nbytes, nbytes, ours.device_id)
+            prepared = self._agent.prep_xfer_dlist(_LOCAL, rows, ours.memory)
+            self._local_grids[nbytes] = prepared
+        return prepared
+
+    def _remote_grid(self, peer: PoolDescriptor, nbytes: int) -> Any:
+        prepared = self._remote_grids.get((peer, nbytes))
+        if prepared is None:
+            rows = _grid(peer.base_address, peer.nbytes, nbytes, peer.device_id)
+            prepared = self._agent.prep_xfer_dlist(peer.agent_name, rows, peer.memory)
+            self._remote_grids[(peer, nbytes)] = prepared
+        return prepared
+
+    def _drop_peer_locked(self, agent_name: str) -> None:
+        for handle in [h for h in self._live_writes if h.peer_agent_name == agent_name]:
+            handle._finish_locked(f"peer {agent_name} was removed while the write was in flight")
+        for key in [key for key in self._remote_grids if key[0].agent_name == agent_name]:
+            _quietly(self._remote_grids.pop(key).release, f"release of {agent_name}'s prepared list")
+        del self._peers[agent_name]
+        # If NIXL keeps the old metadata, a later add_peer of the new one says so.
+        _quietly(lambda: self._agent.remove_remote_agent(agent_name), f"removal of peer {agent_name}")
+
+
+def _quietly(teardown_step: Callable[[], object], what: str) -> None:
+    """Run one teardown step; a failure is logged, never stops the rest of the teardown."""
+    try:
+        teardown_step()
+    except Exception:
+        logger.warning("NIXL %s failed", what, exc_info=True)

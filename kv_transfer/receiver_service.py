@@ -1,0 +1,107 @@
+"""The KVReceiver gRPC service a decode worker hosts: handshake, gRPC pushes, NIXL commits."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+import grpc
+
+from kv_transfer.inbox import KVInbox, TransferError
+from kv_transfer.layout import layout_mismatch
+from protos import common_pb2, kv_transfer_pb2, kv_transfer_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+# Notifications of the last NIXL writes may trail the sender's commit by a little.
+COMMIT_WAIT_S = 5.0
+
+AbortCallback = Callable[[str, str], None]  # request id, reason
+
+
+class KVReceiverService(kv_transfer_pb2_grpc.KVReceiverServicer):
+    def __init__(
+        self,
+        inbox: KVInbox,
+        layout: common_pb2.KVLayout,
+        instance_id: str,
+        on_abort: AbortCallback,
+        nixl=None,  # kv_transfer.nixl_transport.NixlReceiver when the transport is NIXL
+    ) -> None:
+        self.inbox = inbox
+        self.layout = layout
+        self.instance_id = instance_id
+        self.on_abort = on_abort
+        self.nixl = nixl
+
+    def Handshake(self, request, context):
+        response = kv_transfer_pb2.HandshakeResponse(layout=self.layout, instance_id=self.instance_id)
+        mismatch = layout_mismatch(self.layout, request.layout)
+        if mismatch:
+            log.warning("refused KV sender %s: %s", request.sender_id, mismatch)
+            response.message = mismatch
+            return response
+        if self.nixl is not None:
+            response.nixl_metadata = self.nixl.metadata()
+            response.nixl_pool = self.nixl.pool_descriptor_bytes()
+        response.accepted = True
+        return response
+
+    def PushKV(self, request_iterator, context):
+        request_id = None
+        try:
+            for chunk in request_iterator:
+                if request_id is None:
+                    request_id = self._first_chunk(chunk)
+                    continue
+                if chunk.abort:
+                    self.on_abort(request_id, chunk.abort_reason or "aborted by the prefill worker")
+                    return kv_transfer_pb2.PushResult()
+                if chunk.commit:
+                    inbound = self.inbox.commit(request_id, chunk.first_token_id, _logprob(chunk))
+                    return kv_transfer_pb2.PushResult(bytes_received=inbound.bytes_received)
+                self.inbox.write(request_id, chunk.layer, chunk.block_ids, chunk.data, chunk.checksum)
+        except TransferError as exc:
+            if request_id is not None and exc.code != "NOT_FOUND":
+                self.on_abort(request_id, str(exc))
+            context.abort(getattr(grpc.StatusCode, exc.code), str(exc))
+        # The stream ended (or broke) without a commit: the sender is gone.
+        if request_id is not None:
+            self.on_abort(request_id, "prefill worker closed the KV stream without committing")
+        context.abort(grpc.StatusCode.CANCELLED, "KV stream ended without a commit")
+
+    def _first_chunk(self, chunk) -> str:
+        if not chunk.request_id:
+            raise TransferError("the first KV message must name the request", "INVALID_ARGUMENT")
+        if chunk.instance_id and chunk.instance_id != self.instance_id:
+            raise TransferError(f"ticket is for instance {chunk.instance_id}; this worker is {self.instance_id}", "FAILED_PRECONDITION")
+        if self.inbox.get(chunk.request_id) is None:
+            raise TransferError(f"no reservation {chunk.request_id!r} on this worker", "NOT_FOUND")
+        return chunk.request_id
+
+    def Commit(self, request, context):
+        try:
+            if request.instance_id and request.instance_id != self.instance_id:
+                raise TransferError(f"ticket is for instance {request.instance_id}; this worker is {self.instance_id}", "FAILED_PRECONDITION")
+            if request.abort:
+                self.on_abort(request.request_id, request.abort_reason or "aborted by the prefill worker")
+                return kv_transfer_pb2.CommitResponse()
+            self._wait_for_layers(request.request_id)
+            self.inbox.commit(request.request_id, request.first_token_id, _logprob(request))
+        except TransferError as exc:
+            if exc.code != "NOT_FOUND":
+                self.on_abort(request.request_id, str(exc))
+            context.abort(getattr(grpc.StatusCode, exc.code), str(exc))
+        return kv_transfer_pb2.CommitResponse()
+
+    def _wait_for_layers(self, request_id: str) -> None:
+        deadline = time.monotonic() + COMMIT_WAIT_S
+        while not self.inbox.layers_complete(request_id):
+            if time.monotonic() > deadline:
+                return  # commit() names the missing layers
+            time.sleep(0.0005)
+
+
+def _logprob(message) -> common_pb2.TokenLogprob | None:
+    return message.first_logprob if message.HasField("first_logprob") else None

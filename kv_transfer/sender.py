@@ -1,0 +1,141 @@
+"""The prefill worker's side of KV transfer: one small interface, two transports.
+
+Contract of an OutboundSession (one request's KV on its way to a decode worker):
+- ``push_layer`` runs on the engine thread right after a layer was computed. It never waits on
+  the network: gRPC copies the regions into a message and queues it; NIXL posts a WRITE.
+- ``commit`` / ``abort`` run on the request's RPC thread, after the first token is known.
+- ``failed`` is set (with a reason) as soon as the receiver refused or vanished; later pushes
+  are dropped, and the prefill worker aborts the request.
+- ``release`` returns once this worker's memory is no longer read by the transfer; the
+  prefill worker calls it before blocks of a finished request can be reused.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import grpc
+
+from engine.kv_cache import PagedKVCache
+from kv_transfer.inbox import TransferError
+from kv_transfer.layout import layout_mismatch
+from protos import common_pb2, decode_pb2, kv_transfer_pb2, kv_transfer_pb2_grpc
+
+# Safety margin: a sender stops writing this long before the receiver's lease deadline.
+LEASE_MARGIN_S = 0.25
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+
+
+def channel_options() -> list[tuple[str, int]]:
+    return [
+        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ]
+
+
+class OutboundSession(ABC):
+    def __init__(self, request_id: str, ticket: decode_pb2.Ticket) -> None:
+        self.request_id = request_id
+        self.ticket = ticket
+        self.failed: str | None = None
+        self.bytes_sent = 0
+        self._deadline = ticket.lease_deadline_unix_ms / 1000.0 - LEASE_MARGIN_S
+
+    def fail(self, reason: str) -> None:
+        if self.failed is None:
+            self.failed = reason
+
+    def lease_left(self) -> bool:
+        if time.time() >= self._deadline:
+            self.fail("lease expired before the KV was sent")
+        return self.failed is None
+
+    @abstractmethod
+    def push_layer(self, cache: PagedKVCache, layer: int, src_blocks: Sequence[int], dst_blocks: Sequence[int]) -> None: ...
+
+    @abstractmethod
+    def commit(self, first_token_id: int, first_logprob: common_pb2.TokenLogprob | None, timeout: float) -> None:
+        """Blocks until the receiver has adopted the KV; raises TransferError otherwise."""
+
+    @abstractmethod
+    def abort(self, reason: str) -> None: ...
+
+    def release(self, timeout: float) -> None:
+        """Default: data was copied at push time, nothing of ours is read later."""
+
+
+@dataclass
+class Peer:
+    """A decode worker this sender has shaken hands with."""
+
+    address: str
+    stub: kv_transfer_pb2_grpc.KVReceiverStub
+    instance_id: str
+    handshake: kv_transfer_pb2.HandshakeResponse
+
+
+class KVSender(ABC):
+    """Opens sessions to decode workers; remembers each peer's handshake per receiver instance."""
+
+    def __init__(self, layout: common_pb2.KVLayout, sender_id: str) -> None:
+        self.layout = layout
+        self.sender_id = sender_id
+        self._channels: dict[str, grpc.Channel] = {}
+        self._peers: dict[str, Peer] = {}
+        self._lock = threading.Lock()
+
+    def open(self, request_id: str, ticket: decode_pb2.Ticket) -> OutboundSession:
+        return self._session(request_id, ticket, self.peer(ticket))
+
+    def peer(self, ticket: decode_pb2.Ticket) -> Peer:
+        """The handshaken peer for a ticket; a new receiver instance (a restart) means a new handshake."""
+        with self._lock:
+            peer = self._peers.get(ticket.address)
+            if peer is not None and peer.instance_id == ticket.instance_id:
+                return peer
+            if peer is not None:
+                self._forget_peer(peer)
+            peer = self._handshake(ticket.address)
+            if peer.instance_id != ticket.instance_id:
+                raise TransferError(f"ticket is for receiver instance {ticket.instance_id}, {ticket.address} is now {peer.instance_id}", "FAILED_PRECONDITION")
+            self._peers[ticket.address] = peer
+            return peer
+
+    def _handshake(self, address: str) -> Peer:
+        channel = self._channels.get(address)
+        if channel is None:
+            channel = self._channels[address] = grpc.insecure_channel(address, options=channel_options())
+        stub = kv_transfer_pb2_grpc.KVReceiverStub(channel)
+        request = kv_transfer_pb2.HandshakeRequest(layout=self.layout, sender_id=self.sender_id, nixl_metadata=self._nixl_metadata())
+        try:
+            response = stub.Handshake(request, timeout=10.0)
+        except grpc.RpcError as exc:
+            raise TransferError(f"handshake with {address} failed: {exc.details()}", "UNAVAILABLE") from exc
+        if not response.accepted:
+            raise TransferError(response.message, "FAILED_PRECONDITION")
+        mismatch = layout_mismatch(response.layout, self.layout)
+        if mismatch:
+            raise TransferError(mismatch, "FAILED_PRECONDITION")
+        peer = Peer(address, stub, response.instance_id, response)
+        self._on_new_peer(peer)
+        return peer
+
+    def _nixl_metadata(self) -> bytes:
+        return b""
+
+    def _on_new_peer(self, peer: Peer) -> None:
+        """Hook for transports with per-peer state (NIXL loads the peer's agent metadata)."""
+
+    def _forget_peer(self, peer: Peer) -> None:
+        """Hook: a peer restarted; drop what was cached about its old instance."""
+
+    @abstractmethod
+    def _session(self, request_id: str, ticket: decode_pb2.Ticket, peer: Peer) -> OutboundSession: ...
+
+    def close(self) -> None:
+        for channel in self._channels.values():
+            channel.close()

@@ -1,0 +1,205 @@
+"""What the prefill and decode workers share: an engine on its loop thread behind a gRPC server
+(with health checking and reflection), stats, KV-event streaming, and engine ↔ wire conversions."""
+
+from __future__ import annotations
+
+import logging
+import queue
+import uuid
+from concurrent import futures
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from engine.block_manager import KVEventKind
+from engine.config import EngineConfig
+from engine.engine import Engine
+from engine.errors import InvalidRequestError, NoFreeBlocksError
+from engine.loop import EngineLoop
+from engine.output import RequestOutput
+from engine.sampler import TokenLogprobs
+from engine.sampling_params import SamplingParams
+from kv_transfer.inbox import TransferError
+from kv_transfer.layout import layout_message
+from kv_transfer.sender import channel_options
+from protos import common_pb2, decode_pb2
+
+log = logging.getLogger(__name__)
+
+_EVENT_KINDS = {
+    KVEventKind.STORED: common_pb2.KVEvent.STORED,
+    KVEventKind.REMOVED: common_pb2.KVEvent.REMOVED,
+    KVEventKind.CLEARED: common_pb2.KVEvent.CLEARED,
+}
+
+
+class WorkerBase:
+    role = "worker"
+    service_names: tuple[str, ...] = ()
+
+    def __init__(self, config: EngineConfig, host: str = "127.0.0.1", port: int = 0, worker_id: str | None = None, max_rpc_threads: int = 256) -> None:
+        self.config = config
+        self.instance_id = uuid.uuid4().hex[:12]
+        self.worker_id = worker_id or f"{self.role}-{self.instance_id}"
+        self.engine = Engine(config, on_layer_done=self.on_layer_done)
+        self.layout = layout_message(self.engine.layout, self.engine.fingerprint)
+        self.loop = EngineLoop(self.engine, name=f"{self.role}-engine", after_step=self.after_step)
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_rpc_threads), options=channel_options())
+        self.health = health.HealthServicer()
+        self.port = self.server.add_insecure_port(f"{host}:{port}")
+        if self.port == 0:
+            raise OSError(f"cannot bind {host}:{port}")
+        self.address = f"{host}:{self.port}"
+        self.prefix_hit_tokens = 0
+        self.prompt_tokens = 0
+
+    # -- lifecycle --------------------------------------------------------------------------------
+
+    def start(self) -> str:
+        self.add_services(self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection((*self.service_names, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
+        self.loop.start()
+        self.server.start()
+        for name in ("", *self.service_names):
+            self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        return self.address
+
+    def stop(self, grace: float = 1.0) -> None:
+        self.health.enter_graceful_shutdown()
+        self.server.stop(grace).wait(grace + 1)
+        self.loop.stop()
+
+    def add_services(self, server: grpc.Server) -> None:
+        raise NotImplementedError  # each worker registers its own services
+
+    # -- engine-thread hooks (overridden by the workers) ------------------------------------------
+
+    def on_layer_done(self, plan, layer: int) -> None:
+        """Called on the engine thread after each layer of each step."""
+
+    def after_step(self, engine: Engine, outputs: list[RequestOutput]) -> None:
+        """Called on the engine thread after every loop iteration."""
+
+    # -- shared RPCs ------------------------------------------------------------------------------
+
+    def stats(self, transfers_in_flight: int = 0, leases_expired: int = 0) -> common_pb2.WorkerStats:
+        snapshot = self.loop.call(lambda engine: engine.stats())
+        return common_pb2.WorkerStats(
+            worker_id=self.worker_id,
+            role=self.role,
+            kv_blocks_total=snapshot.num_blocks,
+            kv_blocks_used=snapshot.blocks_used,
+            kv_blocks_free=snapshot.blocks_free,
+            kv_blocks_cached=snapshot.blocks_cached,
+            running=snapshot.running,
+            waiting=snapshot.waiting,
+            waiting_for_kv=snapshot.waiting_for_kv,
+            transfers_in_flight=transfers_in_flight,
+            leases_expired=leases_expired,
+            prefix_hit_tokens=self.prefix_hit_tokens,
+            prompt_tokens=self.prompt_tokens,
+            block_size=self.config.block_size,
+        )
+
+    def kv_event_batches(self, context: grpc.ServicerContext):
+        """Snapshot first, then events as they happen, until the client leaves or falls behind."""
+        subscription = self.loop.subscribe_kv_events()
+        context.add_callback(lambda: self.loop.unsubscribe(subscription))
+        yield common_pb2.KVEventBatch(
+            worker_id=self.worker_id, snapshot=True, last_event_id=subscription.last_event_id, cached_hashes=subscription.cached_hashes
+        )
+        while context.is_active():
+            try:
+                first = subscription.events.get(timeout=0.5)
+            except queue.Empty:
+                continue
+            batch = [first] + _drain(subscription.events)
+            events = [e for e in batch if e is not None]
+            if events:
+                yield common_pb2.KVEventBatch(
+                    worker_id=self.worker_id, last_event_id=events[-1].event_id, events=[_event_message(e) for e in events]
+                )
+            if None in batch:
+                return  # fell behind: the client resubscribes and gets a fresh snapshot
+
+
+def _drain(events: queue.Queue) -> list:
+    drained = []
+    while True:
+        try:
+            drained.append(events.get_nowait())
+        except queue.Empty:
+            return drained
+
+
+def _event_message(event) -> common_pb2.KVEvent:
+    return common_pb2.KVEvent(event_id=event.event_id, kind=_EVENT_KINDS[event.kind], block_hashes=event.block_hashes)
+
+
+# -- conversions ------------------------------------------------------------------------------------
+
+
+def sampling_params_from_wire(message: common_pb2.SamplingParams) -> SamplingParams:
+    """proto3 zero values mean "unset" for fields whose zero is not a valid setting."""
+    try:
+        return SamplingParams(
+            max_tokens=message.max_tokens,
+            temperature=message.temperature,
+            top_p=message.top_p or 1.0,
+            top_k=message.top_k,
+            min_p=message.min_p,
+            seed=message.seed if message.HasField("seed") else None,
+            presence_penalty=message.presence_penalty,
+            frequency_penalty=message.frequency_penalty,
+            repetition_penalty=message.repetition_penalty or 1.0,
+            stop=tuple(message.stop),
+            stop_token_ids=tuple(message.stop_token_ids),
+            ignore_eos=message.ignore_eos,
+            logprobs=message.logprobs if message.HasField("logprobs") else None,
+        )
+    except (TypeError, ValueError) as exc:
+        raise InvalidRequestError(str(exc)) from exc
+
+
+def logprob_to_wire(logprobs: TokenLogprobs) -> common_pb2.TokenLogprob:
+    return common_pb2.TokenLogprob(
+        token_id=logprobs.token_id,
+        logprob=logprobs.logprob,
+        top=[common_pb2.TopLogprob(token_id=t, logprob=lp) for t, lp in logprobs.top],
+    )
+
+
+def logprob_from_wire(message: common_pb2.TokenLogprob | None) -> TokenLogprobs | None:
+    if message is None:
+        return None
+    return TokenLogprobs(message.token_id, message.logprob, tuple((t.token_id, t.logprob) for t in message.top))
+
+
+def output_to_wire(output: RequestOutput) -> decode_pb2.GenerateResponse:
+    response = decode_pb2.GenerateResponse(
+        token_ids=output.token_ids,
+        text=output.text,
+        logprobs=[logprob_to_wire(lp) for lp in output.logprobs],
+        finish_reason=output.finish_reason or "",
+    )
+    if output.finished:
+        response.usage.CopyFrom(common_pb2.Usage(
+            prompt_tokens=output.num_prompt_tokens,
+            completion_tokens=output.num_output_tokens,
+            cached_tokens=output.num_cached_tokens,
+        ))
+    return response
+
+
+def abort_on_error(context: grpc.ServicerContext, exc: Exception) -> None:
+    """Maps engine and transfer errors to gRPC statuses with their message."""
+    if isinstance(exc, InvalidRequestError):
+        context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+    if isinstance(exc, NoFreeBlocksError):
+        context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+    if isinstance(exc, TransferError):
+        context.abort(getattr(grpc.StatusCode, exc.code), str(exc))
+    log.exception("unexpected error")
+    context.abort(grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}")

@@ -1,0 +1,175 @@
+"""The prefill worker: computes a prompt's KV and pushes each layer to the decode worker as soon as
+that layer is computed, then returns the first sampled token.
+
+Which blocks leave after layer ``l`` of a chunk covering positions [start, end)::
+
+    prompt blocks:  [ cached on D | ..... sent already ..... | sendable now | not computed yet ]
+                    0             ^ticket.num_cached/bs      ^sent[l]       ^end//bs (or all, at the last chunk)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import queue
+import time
+from dataclasses import dataclass
+
+import grpc
+
+from engine.config import EngineConfig
+from engine.engine import Engine
+from engine.errors import EngineError, InvalidRequestError
+from engine.output import RequestOutput
+from kv_transfer.grpc_transport import GrpcKVSender
+from kv_transfer.inbox import TransferError
+from kv_transfer.sender import KVSender, OutboundSession
+from kv_transfer.worker_base import WorkerBase, abort_on_error, logprob_to_wire, sampling_params_from_wire
+from protos import common_pb2, prefill_pb2, prefill_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+COMMIT_TIMEOUT_S = 30.0
+RELEASE_TIMEOUT_S = 10.0
+
+
+@dataclass
+class Outbound:
+    """Engine-thread bookkeeping of one request's push."""
+
+    session: OutboundSession
+    prompt_len: int
+    sent: list[int]  # per layer: prompt blocks [0, sent[l]) are on their way or cached on D
+    last_layer_done: float = 0.0
+
+
+class PrefillWorker(WorkerBase, prefill_pb2_grpc.PrefillWorkerServicer):
+    role = "prefill"
+    service_names = ("splitserve.PrefillWorker",)
+
+    def __init__(self, config: EngineConfig, transport: str = "grpc", verify_checksums: bool = True, **kwargs) -> None:
+        super().__init__(config, **kwargs)
+        self.sender = self._make_sender(transport, verify_checksums)
+        self._outbound: dict[str, Outbound] = {}  # engine thread only
+
+    def _make_sender(self, transport: str, verify: bool) -> KVSender:
+        if transport == "grpc":
+            return GrpcKVSender(self.layout, self.worker_id, verify=verify)
+        if transport == "nixl":
+            from kv_transfer.nixl_transport import NixlKVSender
+
+            return NixlKVSender(self.layout, self.worker_id, self.engine.kv_cache, verify=verify)
+        raise ValueError(f"unknown transport {transport!r}; use grpc or nixl")
+
+    def add_services(self, server: grpc.Server) -> None:
+        prefill_pb2_grpc.add_PrefillWorkerServicer_to_server(self, server)
+
+    def stop(self, grace: float = 1.0) -> None:
+        super().stop(grace)
+        self.sender.close()
+
+    # -- RPCs -------------------------------------------------------------------------------------
+
+    def Prefill(self, request, context):
+        started = time.perf_counter()
+        session = None
+        try:
+            if not request.HasField("ticket"):
+                raise InvalidRequestError("a prefill needs the decode worker's ticket")
+            params = dataclasses.replace(sampling_params_from_wire(request.params), max_tokens=1)
+            expected_blocks = -(-len(request.prompt_token_ids) // self.config.block_size)
+            if len(request.ticket.block_ids) != expected_blocks:
+                raise InvalidRequestError(f"ticket has {len(request.ticket.block_ids)} blocks for a prompt of {expected_blocks}")
+            session = self.sender.open(request.request_id, request.ticket)
+            outbound = Outbound(session, len(request.prompt_token_ids), [request.ticket.num_cached_tokens // self.config.block_size] * self.engine.model_config.num_layers)
+            stream = self.loop.call(lambda engine: self._start(engine, request, params, outbound))
+            context.add_callback(lambda: self._cancel(request.request_id, session))
+            output = self._await_first_token(stream, session, context)
+            first_logprob = logprob_to_wire(output.logprobs[0]) if output.logprobs else None
+            session.commit(output.token_ids[0], first_logprob, COMMIT_TIMEOUT_S)
+        except (EngineError, TransferError, ValueError) as exc:
+            if session is not None:
+                self._cancel(request.request_id, session, str(exc))
+            abort_on_error(context, exc)
+        done = time.perf_counter()
+        response = prefill_pb2.PrefillResponse(
+            first_token_id=output.token_ids[0],
+            num_cached_tokens=output.num_cached_tokens,
+            kv_bytes_sent=session.bytes_sent,
+            prefill_ms=(outbound.last_layer_done - started) * 1000.0,
+            exposed_transfer_ms=(done - outbound.last_layer_done) * 1000.0,
+        )
+        if first_logprob is not None:
+            response.first_logprob.CopyFrom(first_logprob)
+        return response
+
+    def _start(self, engine: Engine, request, params, outbound: Outbound):
+        engine.add_request(request.request_id, list(request.prompt_token_ids), params)
+        self._outbound[request.request_id] = outbound
+        self.prompt_tokens += outbound.prompt_len
+        return self.loop.watch(request.request_id)
+
+    def _await_first_token(self, stream, session: OutboundSession, context) -> RequestOutput:
+        while True:
+            if session.failed is not None:
+                raise TransferError(session.failed, "ABORTED")
+            if not context.is_active():
+                raise TransferError("client cancelled", "CANCELLED")
+            try:
+                output = stream.get(timeout=0.05)
+            except queue.Empty:
+                continue
+            if output.finish_reason == "abort":
+                raise TransferError(session.failed or "prefill aborted", "ABORTED")
+            if output.token_ids:
+                self.prefix_hit_tokens += output.num_cached_tokens
+                return output
+
+    def _cancel(self, request_id: str, session: OutboundSession, reason: str = "aborted by the client") -> bool:
+        found = self.loop.abort(request_id)
+        if session.failed is None:
+            session.abort(reason)
+        return found
+
+    def Abort(self, request, context):
+        outbound = self.loop.call(lambda engine: self._outbound.get(request.request_id))
+        if outbound is None:
+            return common_pb2.AbortResponse(found=self.loop.abort(request.request_id))
+        return common_pb2.AbortResponse(found=self._cancel(request.request_id, outbound.session))
+
+    def Stats(self, request, context):
+        return self.stats(transfers_in_flight=self.loop.call(lambda engine: len(self._outbound)))
+
+    def SubscribeKVEvents(self, request, context):
+        yield from self.kv_event_batches(context)
+
+    # -- engine-thread hooks ----------------------------------------------------------------------
+
+    def on_layer_done(self, plan, layer: int) -> None:
+        bs = self.config.block_size
+        for chunk in plan.chunks:
+            outbound = self._outbound.get(chunk.request_id)
+            if outbound is None or outbound.session.failed is not None:
+                continue
+            end = chunk.start + len(chunk.token_ids)
+            last = -(-outbound.prompt_len // bs) if end >= outbound.prompt_len else end // bs
+            first = outbound.sent[layer]
+            if last > first:
+                dst = outbound.session.ticket.block_ids[first:last]
+                outbound.session.push_layer(self.engine.kv_cache, layer, chunk.block_ids[first:last], dst)
+                outbound.sent[layer] = last
+            if layer == len(outbound.sent) - 1 and end >= outbound.prompt_len:
+                outbound.last_layer_done = time.perf_counter()
+
+    def after_step(self, engine: Engine, outputs: list[RequestOutput]) -> None:
+        """Blocks of finished requests may be reused by the next step: wait until no transfer reads them."""
+        for output in outputs:
+            if not output.finished:
+                continue
+            outbound = self._outbound.pop(output.request_id, None)
+            if outbound is None:
+                continue
+            try:
+                outbound.session.release(RELEASE_TIMEOUT_S)
+            except TransferError as exc:
+                outbound.session.fail(str(exc))
