@@ -1,0 +1,168 @@
+"""KV over NIXL: the prefill worker WRITEs (layer, block) regions straight into the decode worker's
+registered pool, one WRITE per pushed layer piece, each followed by a notification (msgpack:
+request id, layer, destination blocks, checksum). The decode worker polls notifications, verifies
+the landed regions in place, and adopts the KV when the sender commits over gRPC.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Sequence
+
+import grpc
+import msgpack
+
+from engine.kv_cache import PagedKVCache
+from kv_transfer import nixl_agent
+from kv_transfer.inbox import KVInbox, TransferError, region_checksum
+from kv_transfer.nixl_agent import NixlPool, PoolDescriptor, WriteHandle
+from kv_transfer.sender import KVSender, OutboundSession, Peer
+from protos import common_pb2, decode_pb2, kv_transfer_pb2
+
+log = logging.getLogger(__name__)
+
+_IDLE_POLL_S = 0.01
+_BUSY_POLL_S = 0.0002
+
+
+def _notification(request_id: str, layer: int, dst_blocks: Sequence[int], checksum: int) -> bytes:
+    return msgpack.packb({"request_id": request_id, "layer": layer, "blocks": list(dst_blocks), "checksum": checksum})
+
+
+class NixlReceiver:
+    """The decode worker's NIXL agent: its pool registered once, and a thread polling notifications."""
+
+    def __init__(self, name: str, cache: PagedKVCache, inbox: KVInbox) -> None:
+        self.pool = NixlPool(name, cache.data)
+        self.inbox = inbox
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, name="nixl-notifications", daemon=True)
+        self._thread.start()
+
+    def metadata(self) -> bytes:
+        return self.pool.metadata()
+
+    def pool_descriptor_bytes(self) -> bytes:
+        return msgpack.packb(self.pool.descriptor.to_dict())
+
+    def _poll(self) -> None:
+        while not self._stop.is_set():
+            try:
+                arrived = self.pool.poll_notifications()
+            except nixl_agent.TransferError:
+                return  # closed
+            for sender, message in arrived:
+                self._landed(sender, message)
+            self._stop.wait(_BUSY_POLL_S if self.inbox.in_flight else _IDLE_POLL_S)
+
+    def _landed(self, sender: str, message: bytes) -> None:
+        try:
+            note = msgpack.unpackb(message)
+            self.inbox.landed(note["request_id"], note["layer"], note["blocks"], note["checksum"])
+        except TransferError as exc:
+            log.warning("KV from %s rejected: %s", sender, exc)
+            if exc.code == "DATA_LOSS":
+                self.inbox.abort(note["request_id"], str(exc))
+        except (ValueError, KeyError, TypeError) as exc:
+            log.warning("malformed NIXL notification from %s: %s", sender, exc)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(2.0)
+        self.pool.close()
+
+
+class NixlSession(OutboundSession):
+    def __init__(self, request_id: str, ticket: decode_pb2.Ticket, peer: Peer, sender: NixlKVSender) -> None:
+        super().__init__(request_id, ticket)
+        self._peer = peer
+        self._sender = sender
+        self._remote = sender.remote_pool(peer)
+        self._writes: list[WriteHandle] = []
+        self._lock = threading.Lock()
+
+    def push_layer(self, cache: PagedKVCache, layer: int, src_blocks: Sequence[int], dst_blocks: Sequence[int]) -> None:
+        if not self.lease_left():
+            return
+        layout = cache.layout
+        remote_blocks = self._remote.nbytes // (layout.num_layers * layout.region_bytes)
+        src = [layout.region_offset(layer, b) for b in src_blocks]
+        dst = [(layer * remote_blocks + b) * layout.region_bytes for b in dst_blocks]
+        checksum = region_checksum(cache, layer, src_blocks) if self._sender.verify else 0
+        try:
+            handle = self._sender.pool.write(self._remote, src, dst, layout.region_bytes, _notification(self.request_id, layer, dst_blocks, checksum))
+        except (nixl_agent.TransferError, ValueError) as exc:
+            self.fail(f"NIXL write failed: {exc}")
+            return
+        with self._lock:
+            self._writes.append(handle)
+        self.bytes_sent += len(src) * layout.region_bytes
+
+    def release(self, timeout: float) -> None:
+        """Waits until every posted WRITE has read our memory (or failed)."""
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            writes, self._writes = self._writes, []
+        for handle in writes:
+            try:
+                handle.wait(max(0.0, deadline - time.monotonic()))
+            except nixl_agent.TransferError as exc:
+                self.fail(f"NIXL write failed: {exc}")
+
+    def commit(self, first_token_id: int, first_logprob: common_pb2.TokenLogprob | None, timeout: float) -> None:
+        self.release(timeout)
+        if self.failed is None:
+            self.lease_left()
+        if self.failed is not None:
+            raise TransferError(self.failed, "ABORTED")
+        request = kv_transfer_pb2.CommitRequest(request_id=self.request_id, instance_id=self.ticket.instance_id, first_token_id=first_token_id)
+        if first_logprob is not None:
+            request.first_logprob.CopyFrom(first_logprob)
+        try:
+            self._peer.stub.Commit(request, timeout=timeout)
+        except grpc.RpcError as exc:
+            self.fail(f"decode worker refused the KV: {exc.details()}")
+            raise TransferError(self.failed, "ABORTED") from exc
+
+    def abort(self, reason: str) -> None:
+        self.fail(reason)
+        request = kv_transfer_pb2.CommitRequest(request_id=self.request_id, instance_id=self.ticket.instance_id, abort=True, abort_reason=reason)
+        try:
+            self._peer.stub.Commit(request, timeout=5.0)
+        except grpc.RpcError as exc:
+            log.info("could not tell %s about the abort of %s: %s", self._peer.address, self.request_id, exc.details())
+
+
+class NixlKVSender(KVSender):
+    def __init__(self, layout: common_pb2.KVLayout, sender_id: str, cache: PagedKVCache, agent_name: str, verify: bool = True) -> None:
+        super().__init__(layout, sender_id)
+        self.verify = verify
+        self.pool = NixlPool(agent_name, cache.data)
+        self._remote_pools: dict[str, PoolDescriptor] = {}  # address -> the peer's pool
+
+    def _nixl_metadata(self) -> bytes:
+        return self.pool.metadata()
+
+    def _on_new_peer(self, peer: Peer) -> None:
+        if not peer.handshake.nixl_metadata:
+            raise TransferError(f"{peer.address} does not receive KV over NIXL (transport mismatch)", "FAILED_PRECONDITION")
+        descriptor = PoolDescriptor.from_dict(msgpack.unpackb(peer.handshake.nixl_pool))
+        self.pool.add_peer(peer.handshake.nixl_metadata)
+        self._remote_pools[peer.address] = descriptor
+
+    def _forget_peer(self, peer: Peer) -> None:
+        descriptor = self._remote_pools.pop(peer.address, None)
+        if descriptor is not None:
+            self.pool.remove_peer(descriptor.agent_name)
+
+    def remote_pool(self, peer: Peer) -> PoolDescriptor:
+        return self._remote_pools[peer.address]
+
+    def _session(self, request_id: str, ticket: decode_pb2.Ticket, peer: Peer) -> OutboundSession:
+        return NixlSession(request_id, ticket, peer, self)
+
+    def close(self) -> None:
+        super().close()
+        self.pool.close()
