@@ -45,11 +45,8 @@ class DecodeWorker(WorkerBase, decode_pb2_grpc.DecodeWorkerServicer):
         if transport == "nixl":
             from kv_transfer.nixl_transport import NixlReceiver
 
-            self.nixl = NixlReceiver(self._agent_name(), self.engine.kv_cache, self.inbox)
+            self.nixl = NixlReceiver(self.unique_name, self.engine.kv_cache, self.inbox)
         self.receiver = KVReceiverService(self.inbox, self.layout, self.instance_id, self._abort_inbound, self.nixl)
-
-    def _agent_name(self) -> str:
-        return self.worker_id if self.worker_id.endswith(self.instance_id) else f"{self.worker_id}-{self.instance_id}"
 
     def add_services(self, server: grpc.Server) -> None:
         decode_pb2_grpc.add_DecodeWorkerServicer_to_server(self, server)

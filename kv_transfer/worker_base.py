@@ -54,6 +54,11 @@ class WorkerBase:
         self.prefix_hit_tokens = 0
         self.prompt_tokens = 0
 
+    @property
+    def unique_name(self) -> str:
+        """worker id + instance id: unique even when a restarted worker keeps its id (NIXL agent names)."""
+        return self.worker_id if self.worker_id.endswith(self.instance_id) else f"{self.worker_id}-{self.instance_id}"
+
     # -- lifecycle --------------------------------------------------------------------------------
 
     def start(self) -> str:

@@ -58,8 +58,7 @@ class PrefillWorker(WorkerBase, prefill_pb2_grpc.PrefillWorkerServicer):
         if transport == "nixl":
             from kv_transfer.nixl_transport import NixlKVSender
 
-            agent_name = f"{self.worker_id}-{self.instance_id}"  # unique even when a restart reuses the id
-            return NixlKVSender(self.layout, self.worker_id, self.engine.kv_cache, agent_name, verify=verify)
+            return NixlKVSender(self.layout, self.worker_id, self.engine.kv_cache, self.unique_name, verify=verify)
         raise ValueError(f"unknown transport {transport!r}; use grpc or nixl")
 
     def add_services(self, server: grpc.Server) -> None:
