@@ -14,26 +14,8 @@ from safetensors import safe_open
 from engine.config import ModelConfig
 from engine.errors import ModelLoadError
 from engine.model import CausalLM
-from engine.tokenizer import ByteTokenizer, Tokenizer, load_tokenizer
-
-_BYTE_VOCAB_EOS = 2
-_BYTE_VOCAB_BOS = 1
-
-PRESETS: dict[str, ModelConfig] = {
-    "demo": ModelConfig(
-        architecture="LlamaForCausalLM", vocab_size=512, hidden_size=128, intermediate_size=352,
-        num_layers=4, num_heads=4, num_kv_heads=2, head_dim=32, max_position_embeddings=4096,
-        rope_theta=10000.0, dtype="float32", eos_token_ids=(_BYTE_VOCAB_EOS,), bos_token_id=_BYTE_VOCAB_BOS,
-    ),
-    "bench-125m": ModelConfig(
-        architecture="LlamaForCausalLM", vocab_size=32000, hidden_size=768, intermediate_size=2048,
-        num_layers=12, num_heads=12, num_kv_heads=4, head_dim=64, max_position_embeddings=16384,
-        rope_theta=500000.0, dtype="bfloat16", eos_token_ids=(_BYTE_VOCAB_EOS,), bos_token_id=_BYTE_VOCAB_BOS,
-    ),
-}
-
-DUMMY_WEIGHT_SEED = 1234
-
+from engine.presets import DUMMY_WEIGHT_SEED, PRESETS, load_model_tokenizer, resolve_model_config
+from engine.tokenizer import Tokenizer
 
 @dataclass(frozen=True)
 class LoadedModel:
@@ -43,27 +25,16 @@ class LoadedModel:
     fingerprint: str  # identifies config + weights; KV is only exchanged between equal fingerprints
 
 
-def resolve_model_config(model: str) -> ModelConfig:
-    """The ModelConfig of a preset name or a local model directory (no weights loaded)."""
-    if model in PRESETS:
-        return PRESETS[model]
-    path = Path(model)
-    if not path.is_dir():
-        raise ModelLoadError(f"{model!r} is neither a preset ({', '.join(PRESETS)}) nor a model directory")
-    return ModelConfig.from_dir(path)
-
-
 def load_model(model: str, dtype: str | None = None, device: str = "cpu") -> LoadedModel:
     config = resolve_model_config(model)
     torch_dtype = getattr(torch, dtype or config.dtype)
     net = CausalLM(config)
     if model in PRESETS:
         _fill_dummy_weights(net, DUMMY_WEIGHT_SEED)
-        tokenizer: Tokenizer = ByteTokenizer(config.vocab_size)
         identity = f"preset:{model}:seed={DUMMY_WEIGHT_SEED}"
     else:
         identity = _load_safetensors(net, Path(model))
-        tokenizer = load_tokenizer(model, config.vocab_size)
+    tokenizer: Tokenizer = load_model_tokenizer(model, config)
     net = net.to(device=device, dtype=torch_dtype).eval()
     net.rotary.to(torch.float32)  # cos/sin tables stay fp32 and are cast per use, as in transformers
     return LoadedModel(config, net, tokenizer, _fingerprint(config, identity))
