@@ -12,6 +12,7 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="default: the model's own")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0")
     parser.add_argument("--kv-cache-mb", type=int, default=512, help="KV pool memory budget in MiB")
+    parser.add_argument("--block-size", type=int, default=16, help="tokens per KV block (a power of two)")
     parser.add_argument("--max-num-seqs", type=int, default=64)
     parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
@@ -24,6 +25,7 @@ def engine_config_from_args(args: argparse.Namespace):
         model=args.model,
         dtype=args.dtype,
         device=args.device,
+        block_size=args.block_size,
         kv_cache_memory_bytes=args.kv_cache_mb * 1024 * 1024,
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
@@ -53,6 +55,25 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--no-verify-kv", action="store_true", help="skip KV checksums (faster)")
     worker.add_argument("--worker-id", default=None)
     worker.set_defaults(run=_run_worker)
+
+    router = commands.add_parser("router", help="run the router (OpenAI HTTP + gRPC) over a static set of workers")
+    router.add_argument("--model", default="demo", help="preset or model directory (the router loads its config and tokenizer only)")
+    router.add_argument("--served-model-name", default=None)
+    router.add_argument("--prefill", nargs="*", default=[], metavar="ADDR", help="prefill worker addresses host:port")
+    router.add_argument("--decode", nargs="+", required=True, metavar="ADDR", help="decode worker addresses host:port")
+    router.add_argument("--host", default="127.0.0.1")
+    router.add_argument("--port", type=int, default=8000)
+    router.add_argument("--grpc-port", type=int, default=50051)
+    router.add_argument("--api-key", action="append", default=[], help="accepted API key (repeatable; also SPLITSERVE_API_KEYS)")
+    router.add_argument("--routing-policy", choices=["kv_aware", "load"], default="kv_aware")
+    router.add_argument("--kv-weight", type=float, default=1.0)
+    router.add_argument("--local-prefill-threshold", type=int, default=128, help="uncached prompt tokens below which the decode worker prefills")
+    router.add_argument("--lease-policy", choices=["recompute", "fail"], default="recompute")
+    router.add_argument("--request-timeout", type=float, default=600.0)
+    router.add_argument("--max-running", type=int, default=256)
+    router.add_argument("--max-queued", type=int, default=512)
+    router.add_argument("--log-level", default="INFO")
+    router.set_defaults(run=_run_router)
 
     bench = commands.add_parser("bench", help="benchmarks (they print ratios against a baseline run side by side)")
     bench_kinds = bench.add_subparsers(dest="bench", required=True)
@@ -119,6 +140,37 @@ def _run_worker(args: argparse.Namespace) -> int:
     print("READY " + json.dumps({"role": args.role, "address": address, "worker_id": worker.worker_id}), flush=True)
     stop.wait()
     worker.stop()
+    return 0
+
+
+def router_config_from_args(args: argparse.Namespace):
+    from router.config import RouterConfig
+
+    return RouterConfig(
+        model=args.model, served_model_name=args.served_model_name, prefill_addresses=tuple(args.prefill),
+        decode_addresses=tuple(args.decode), host=args.host, port=args.port, grpc_port=args.grpc_port,
+        api_keys=tuple(args.api_key), routing_policy=args.routing_policy, kv_weight=args.kv_weight,
+        local_prefill_threshold=args.local_prefill_threshold, lease_policy=args.lease_policy,
+        request_timeout_s=args.request_timeout, max_running=args.max_running, max_queued=args.max_queued,
+    )
+
+
+def _run_router(args: argparse.Namespace) -> int:
+    import asyncio
+    import signal
+
+    from router.server import serve
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, stop.set)
+        await serve(router_config_from_args(args), stop)
+
+    asyncio.run(main())
     return 0
 
 

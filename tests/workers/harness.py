@@ -55,37 +55,67 @@ class WorkerProcess:
 
 
 def start_worker(role: str, model: str, transport: str = "grpc", *extra: str) -> WorkerProcess:
+    return wait_ready(launch_worker(role, model, transport, *extra))
+
+
+def start_workers(*specs: tuple) -> list[WorkerProcess]:
+    """Starts several workers at once (their start-up is mostly imports): specs are start_worker args."""
+    launched = [launch_worker(*spec) for spec in specs]
+    try:
+        return [wait_ready(worker) for worker in launched]
+    except BaseException:
+        for worker in launched:
+            worker.stop()
+        raise
+
+
+def launch_worker(role: str, model: str, transport: str = "grpc", *extra: str) -> WorkerProcess:
     command = [sys.executable, "-m", "cluster.cli", "worker", role, "--model", model, "--transport", transport,
                "--port", "0", "--threads", "1", "--kv-cache-mb", "64", *extra]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    worker = WorkerProcess(role, "", process)
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        line = process.stdout.readline()
-        if not line:
-            raise RuntimeError(f"{role} worker exited: {''.join(worker.log_lines)}")
-        worker.log_lines.append(line)
-        if line.startswith("READY "):
-            worker.address = json.loads(line[len("READY "):])["address"]
-            threading.Thread(target=_drain, args=(process, worker.log_lines), daemon=True).start()
-            return worker
-    process.kill()
-    raise TimeoutError(f"{role} worker did not start: {''.join(worker.log_lines)}")
+    return WorkerProcess(role, "", process)
 
 
-def _drain(process: subprocess.Popen, lines: list[str]) -> None:
-    for line in process.stdout:
-        lines.append(line)
+def wait_ready(worker: WorkerProcess) -> WorkerProcess:
+    """Reads the worker's output until its READY line; then keeps draining it in the background."""
+    process = worker.process
+    result: dict = {}
+
+    def read() -> None:
+        for line in process.stdout:
+            worker.log_lines.append(line)
+            if line.startswith("READY ") and "address" not in result:
+                result["address"] = json.loads(line[len("READY "):])["address"]
+                ready.set()
+        ready.set()  # exited
+
+    ready = threading.Event()
+    threading.Thread(target=read, daemon=True).start()
+    if not ready.wait(START_TIMEOUT_S) or "address" not in result:
+        process.kill()
+        raise RuntimeError(f"{worker.role} worker did not start: {''.join(worker.log_lines)}")
+    worker.address = result["address"]
+    return worker
 
 
 def wire_params(max_tokens: int = 16, temperature: float = 0.0, **kwargs) -> common_pb2.SamplingParams:
     return common_pb2.SamplingParams(max_tokens=max_tokens, temperature=temperature, **kwargs)
 
 
-def disaggregated(prefill: WorkerProcess, decode: WorkerProcess, request_id: str, prompt: list[int],
-                  params: common_pb2.SamplingParams, lease_ms: int = 0, timeout: float = 60) -> tuple[list[int], decode_pb2.GenerateResponse]:
-    """Reserve on D, prefill on P with the ticket, then stream the rest from D. Returns all tokens."""
+@dataclass
+class Disaggregated:
+    """Everything one reserve → prefill → decode flow returned."""
+
+    ticket: decode_pb2.Ticket
+    prefill: prefill_pb2.PrefillResponse
+    tokens: list[int]
+    last: decode_pb2.GenerateResponse
+
+
+def run_disaggregated(prefill: WorkerProcess, decode: WorkerProcess, request_id: str, prompt: list[int],
+                      params: common_pb2.SamplingParams, lease_ms: int = 0, timeout: float = 60) -> Disaggregated:
+    """Reserve on D, prefill on P with the ticket, then stream the rest from D."""
     ticket = decode.stub.Reserve(decode_pb2.ReserveRequest(request_id=request_id, prompt_token_ids=prompt, params=params, lease_ms=lease_ms), timeout=timeout)
     first = prefill.stub.Prefill(prefill_pb2.PrefillRequest(request_id=request_id, prompt_token_ids=prompt, params=params, ticket=ticket), timeout=timeout)
     tokens: list[int] = []
@@ -94,7 +124,14 @@ def disaggregated(prefill: WorkerProcess, decode: WorkerProcess, request_id: str
         tokens.extend(response.token_ids)
         last = response
     assert tokens and tokens[0] == first.first_token_id
-    return tokens, last
+    return Disaggregated(ticket, first, tokens, last)
+
+
+def disaggregated(prefill: WorkerProcess, decode: WorkerProcess, request_id: str, prompt: list[int],
+                  params: common_pb2.SamplingParams, lease_ms: int = 0, timeout: float = 60) -> tuple[list[int], decode_pb2.GenerateResponse]:
+    """Reserve on D, prefill on P with the ticket, then stream the rest from D. Returns all tokens."""
+    result = run_disaggregated(prefill, decode, request_id, prompt, params, lease_ms, timeout)
+    return result.tokens, result.last
 
 
 def aggregated(decode: WorkerProcess, request_id: str, prompt: list[int], params, timeout: float = 60) -> list[int]:
@@ -102,3 +139,35 @@ def aggregated(decode: WorkerProcess, request_id: str, prompt: list[int], params
     for response in decode.stub.Generate(decode_pb2.GenerateRequest(request_id=request_id, prompt_token_ids=prompt, params=params), timeout=timeout):
         tokens.extend(response.token_ids)
     return tokens
+
+
+def wait_until(predicate, timeout: float, interval: float = 0.05, what: str = "condition"):
+    """Polls ``predicate`` until it returns something truthy; fails after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.1f}s waiting for {what}")
+        time.sleep(interval)
+
+
+def is_idle(stats: common_pb2.WorkerStats) -> bool:
+    return (stats.kv_blocks_used == 0 and stats.waiting_for_kv == 0 and stats.transfers_in_flight == 0
+            and stats.running == 0 and stats.waiting == 0)
+
+
+def wait_idle(worker: WorkerProcess, timeout: float = 10.0) -> common_pb2.WorkerStats:
+    """Every KV block back in the pool (none used, none waiting for KV, no transfer open), polled via Stats."""
+    last: list[common_pb2.WorkerStats] = []
+
+    def idle():
+        last[:] = [worker.stats()]
+        return is_idle(last[0])
+
+    try:
+        wait_until(idle, timeout, what=f"{worker.role} worker {worker.address} to return every KV block")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}; last stats: {last[0] if last else None}") from None
+    return last[0]

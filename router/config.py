@@ -1,0 +1,52 @@
+"""The router's configuration, built once at start-up."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    model: str = "demo"  # preset or model directory: the router loads only its config and tokenizer
+    served_model_name: str | None = None  # the name clients use; default: the model's
+    prefill_addresses: tuple[str, ...] = ()
+    decode_addresses: tuple[str, ...] = ()
+    host: str = "127.0.0.1"
+    port: int = 8000
+    grpc_port: int = 50051
+    api_keys: tuple[str, ...] = ()  # empty: no authentication
+    max_body_bytes: int = 4 * 1024 * 1024
+    request_timeout_s: float = 600.0
+    max_model_len: int | None = None  # default: the model's context length
+    # admission: requests beyond max_running wait in a queue of max_queued; beyond that, 429
+    max_running: int = 256
+    max_queued: int = 512
+    queue_timeout_s: float = 30.0
+    # routing
+    routing_policy: str = "kv_aware"  # "kv_aware" | "load"
+    kv_weight: float = 1.0  # w in: cost(P) = w * uncached prompt blocks on P + active load of P
+    local_prefill_threshold: int = 128  # uncached prompt tokens on D below which D prefills itself
+    prefill_saturation: int = 8  # in-flight prefills per worker at which the pool counts as saturated
+    block_size: int = 16
+    # failures
+    prefill_timeout_s: float = 60.0
+    prefill_retries: int = 2
+    retry_backoff_s: float = 0.05
+    migration_retries: int = 2
+    lease_ms: int = 30_000
+    lease_policy: str = "recompute"  # "recompute" | "fail"
+    health_interval_s: float = 0.5
+    admin_token: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.routing_policy not in ("kv_aware", "load"):
+            raise ValueError(f"routing_policy must be kv_aware or load, got {self.routing_policy!r}")
+        if self.lease_policy not in ("recompute", "fail"):
+            raise ValueError(f"lease_policy must be recompute or fail, got {self.lease_policy!r}")
+
+
+def api_keys_from_env(configured: tuple[str, ...]) -> tuple[str, ...]:
+    """Keys from config plus SPLITSERVE_API_KEYS (comma-separated)."""
+    from_env = tuple(k.strip() for k in os.environ.get("SPLITSERVE_API_KEYS", "").split(",") if k.strip())
+    return configured + from_env

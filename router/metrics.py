@@ -1,0 +1,28 @@
+"""Prometheus metrics of one router (own registry, so several routers can live in one process)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 7.5, 10.0, 20.0, 30.0, 60.0)
+TOKEN_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.0, 5.0)
+
+
+class RouterMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("splitserve_requests", "Requests finished, by endpoint and HTTP-like status", ["endpoint", "status"], registry=r)
+        self.ttft = Histogram("splitserve_time_to_first_token_seconds", "Time to first token", buckets=LATENCY_BUCKETS, registry=r)
+        self.tpot = Histogram("splitserve_time_per_output_token_seconds", "Mean time per output token after the first, per request", buckets=TOKEN_LATENCY_BUCKETS, registry=r)
+        self.itl = Histogram("splitserve_inter_token_latency_seconds", "Gap between streamed tokens", buckets=TOKEN_LATENCY_BUCKETS, registry=r)
+        self.e2e = Histogram("splitserve_e2e_request_latency_seconds", "End-to-end request latency", buckets=LATENCY_BUCKETS, registry=r)
+        self.prompt_tokens = Counter("splitserve_prompt_tokens", "Prompt tokens of finished requests", registry=r)
+        self.generation_tokens = Counter("splitserve_generation_tokens", "Generated tokens", registry=r)
+        self.cached_tokens = Counter("splitserve_cached_prompt_tokens", "Prompt tokens served from a prefix cache", registry=r)
+        self.routing_decisions = Counter("splitserve_routing_decisions", "Routing decisions by type", ["decision"], registry=r)
+        self.prefill_retries = Counter("splitserve_prefill_retries", "Prefill attempts retried on another worker", registry=r)
+        self.migrations = Counter("splitserve_migrations", "Requests moved to another decode worker mid-stream", registry=r)
+        self.lease_expirations = Counter("splitserve_lease_expirations", "Reservations whose KV did not land in time", registry=r)
+        self.queue_depth = Gauge("splitserve_queue_depth", "Requests waiting for admission", registry=r)
+        self.running = Gauge("splitserve_running_requests", "Requests admitted and in flight", registry=r)

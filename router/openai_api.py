@@ -1,0 +1,404 @@
+"""The OpenAI-compatible HTTP API: /v1/completions, /v1/chat/completions, /v1/models, health.
+
+Every error leaves in OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any, Literal
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from prometheus_client import generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from router.frontend import Frontend, Overloaded, SamplingInput
+from router.orchestrator import Delta, GenerationError, GenerationRequest
+
+# -- request bodies ---------------------------------------------------------------------------------
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class _SamplingFields(BaseModel):
+    model_config = ConfigDict(extra="allow")  # unknown OpenAI fields are accepted and ignored
+
+    model: str | None = None
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    min_p: float = 0.0
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    n: int = Field(default=1, ge=1, le=16)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    ignore_eos: bool = False
+    user: str | None = None
+
+    def sampling(self, max_tokens: int | None, logprobs: int | None) -> SamplingInput:
+        stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
+        return SamplingInput(
+            max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, min_p=self.min_p,
+            seed=self.seed, presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
+            repetition_penalty=self.repetition_penalty, stop=stop, stop_token_ids=tuple(self.stop_token_ids or ()),
+            ignore_eos=self.ignore_eos, logprobs=logprobs,
+        )
+
+
+class CompletionBody(_SamplingFields):
+    prompt: str | list[int] | list[str] | list[list[int]]
+    max_tokens: int | None = 16
+    logprobs: int | None = None
+    echo: bool = False
+
+    @field_validator("echo")
+    @classmethod
+    def _no_echo(cls, value: bool) -> bool:
+        if value:
+            raise ValueError("echo is not supported")
+        return value
+
+
+class ChatMessageBody(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    role: Literal["system", "user", "assistant", "tool", "developer"]
+    content: str | list[dict[str, Any]] | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            parts = []
+            for part in self.content:
+                if part.get("type") != "text" or not isinstance(part.get("text"), str):
+                    raise ValueError("only text content parts are supported")
+                parts.append(part["text"])
+            return "".join(parts)
+        return self.content or ""
+
+
+class ChatBody(_SamplingFields):
+    messages: list[ChatMessageBody] = Field(min_length=1)
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = None
+
+
+# -- the app ------------------------------------------------------------------------------------------
+
+
+def create_app(frontend: Frontend, api_keys: tuple[str, ...] = ()) -> FastAPI:
+    app = FastAPI(title="splitserve", version="0.1.0", description="OpenAI-compatible API of a disaggregated LLM serving cluster")
+    app.state.frontend = frontend
+    _install_errors(app)
+    _install_guards(app, frontend, api_keys)
+
+    @app.get("/health")
+    async def health() -> dict:
+        return {"status": "ok"}
+
+    @app.get("/ready")
+    async def ready():
+        decodes = frontend.pool.of_role("decode")
+        body = {"ready": bool(decodes), "decode_workers": len(decodes), "prefill_workers": len(frontend.pool.of_role("prefill"))}
+        return JSONResponse(body, status_code=200 if decodes else 503)
+
+    @app.get("/metrics")
+    async def metrics() -> PlainTextResponse:
+        return PlainTextResponse(generate_latest(frontend.metrics.registry).decode(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        return {"object": "list", "data": [{"id": frontend.model_name, "object": "model", "created": 0, "owned_by": "splitserve", "max_model_len": frontend.max_model_len}]}
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionBody, request: Request):
+        frontend.check_model(body.model)
+        prompts = _completion_prompts(frontend, body.prompt)
+        if body.stream and len(prompts) > 1:
+            raise GenerationError("streaming supports a single prompt", 400, "invalid_request_error", "prompt")
+        jobs = [frontend.build(p, body.sampling(body.max_tokens, body.logprobs), 16) for p in prompts for _ in range(body.n)]
+        return await _respond(request, frontend, body, _seeded(jobs, body.seed), "text_completion", "cmpl")
+
+    @app.post("/v1/chat/completions")
+    async def chat(body: ChatBody, request: Request):
+        frontend.check_model(body.model)
+        try:
+            messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+        except ValueError as exc:
+            raise GenerationError(str(exc), 400, "invalid_request_error", "messages") from exc
+        prompt = frontend.encode_chat(messages)
+        logprobs = (body.top_logprobs or 0) if body.logprobs else None
+        if body.top_logprobs is not None and not body.logprobs:
+            raise GenerationError("top_logprobs requires logprobs to be true", 400, "invalid_request_error", "top_logprobs")
+        max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+        jobs = [frontend.build(prompt, body.sampling(max_tokens, logprobs), None) for _ in range(body.n)]
+        return await _respond(request, frontend, body, _seeded(jobs, body.seed), "chat.completion", "chatcmpl")
+
+    return app
+
+
+def _completion_prompts(frontend: Frontend, prompt) -> list[list[int]]:
+    if isinstance(prompt, str):
+        return [frontend.encode_text(prompt)]
+    if prompt and all(isinstance(p, int) for p in prompt):
+        return [list(prompt)]
+    if prompt and all(isinstance(p, str) for p in prompt):
+        return [frontend.encode_text(p) for p in prompt]
+    if prompt and all(isinstance(p, list) for p in prompt):
+        return [list(p) for p in prompt]
+    raise GenerationError("prompt must be a string, a list of strings, or token ids", 400, "invalid_request_error", "prompt")
+
+
+def _seeded(jobs: list[GenerationRequest], seed: int | None) -> list[GenerationRequest]:
+    """n > 1 with a seed: each choice gets its own seed, so the choices differ yet reproduce."""
+    if seed is None or len(jobs) < 2:
+        return jobs
+    seeded = []
+    for index, job in enumerate(jobs):
+        params = type(job.params)()
+        params.CopyFrom(job.params)
+        params.seed = seed + index
+        seeded.append(GenerationRequest(job.request_id, job.prompt_token_ids, params))
+    return seeded
+
+
+# -- responses ----------------------------------------------------------------------------------------
+
+
+async def _respond(request: Request, frontend: Frontend, body, jobs: list[GenerationRequest], kind: str, prefix: str):
+    response_id = f"{prefix}-{uuid.uuid4().hex}"
+    created = int(time.time())
+    chat = kind == "chat.completion"
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        return StreamingResponse(
+            _sse(frontend, jobs, response_id, created, chat, include_usage),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+    results = await _collect_or_cancel(request, [_collect(frontend, job) for job in jobs])
+    return _full_response(frontend, results, response_id, created, chat)
+
+
+async def _collect(frontend: Frontend, job: GenerationRequest) -> list[Delta]:
+    return [delta async for delta in frontend.stream(job)]
+
+
+async def _collect_or_cancel(request: Request, coroutines) -> list[list[Delta]]:
+    """Runs the generations; if the client disconnects first, cancels them (and so the workers' work)."""
+    tasks = [asyncio.ensure_future(c) for c in coroutines]
+    gathered = asyncio.gather(*tasks)
+    try:
+        while True:
+            done, _ = await asyncio.wait({gathered}, timeout=0.5)
+            if done:
+                return gathered.result()
+            if await request.is_disconnected():
+                raise asyncio.CancelledError("client disconnected")
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
+def _full_response(frontend: Frontend, results: list[list[Delta]], response_id: str, created: int, chat: bool) -> dict:
+    choices = []
+    prompt_tokens = completion_tokens = cached = 0
+    for index, deltas in enumerate(results):
+        text = "".join(d.text for d in deltas)
+        last = deltas[-1]
+        logprobs = [lp for d in deltas for lp in d.logprobs]
+        choice: dict[str, Any] = {"index": index, "finish_reason": last.finish_reason}
+        if chat:
+            choice["message"] = {"role": "assistant", "content": text}
+            choice["logprobs"] = _chat_logprobs(frontend, logprobs) if logprobs else None
+        else:
+            choice["text"] = text
+            choice["logprobs"] = _completion_logprobs(frontend, logprobs) if logprobs else None
+        choices.append(choice)
+        if last.usage is not None:
+            prompt_tokens = last.usage.prompt_tokens
+            completion_tokens += last.usage.completion_tokens
+            cached = max(cached, last.usage.cached_tokens)
+    return {
+        "id": response_id,
+        "object": "chat.completion" if chat else "text_completion",
+        "created": created,
+        "model": frontend.model_name,
+        "choices": choices,
+        "usage": _usage(prompt_tokens, completion_tokens, cached),
+    }
+
+
+def _usage(prompt: int, completion: int, cached: int) -> dict:
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion, "prompt_tokens_details": {"cached_tokens": cached}}
+
+
+async def _sse(frontend: Frontend, jobs: list[GenerationRequest], response_id: str, created: int, chat: bool, include_usage: bool) -> AsyncIterator[str]:
+    kind = "chat.completion.chunk" if chat else "text_completion"
+
+    def chunk(choices: list[dict], usage: dict | None = None) -> str:
+        payload = {"id": response_id, "object": kind, "created": created, "model": frontend.model_name, "choices": choices}
+        if include_usage:
+            payload["usage"] = usage
+        return f"data: {json.dumps(payload)}\n\n"
+
+    totals = [0, 0, 0]
+    try:
+        if chat:
+            for index in range(len(jobs)):
+                yield chunk([{"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}])
+        async for index, delta in _merge([frontend.stream(job) for job in jobs]):
+            yield chunk([_stream_choice(frontend, index, delta, chat)])
+            if delta.usage is not None:
+                totals[0] = delta.usage.prompt_tokens
+                totals[1] += delta.usage.completion_tokens
+                totals[2] = max(totals[2], delta.usage.cached_tokens)
+        if include_usage:
+            yield chunk([], _usage(*totals))
+    except GenerationError as exc:
+        yield f"data: {json.dumps(_error_body(exc))}\n\n"
+    except TimeoutError:
+        yield f"data: {json.dumps(_error_body(GenerationError('request timed out', 504, 'timeout')))}\n\n"
+    yield "data: [DONE]\n\n"
+
+
+def _stream_choice(frontend: Frontend, index: int, delta: Delta, chat: bool) -> dict:
+    choice: dict[str, Any] = {"index": index, "finish_reason": delta.finish_reason}
+    if chat:
+        choice["delta"] = {"content": delta.text} if delta.text or not delta.finish_reason else {}
+        choice["logprobs"] = _chat_logprobs(frontend, delta.logprobs) if delta.logprobs else None
+    else:
+        choice["text"] = delta.text
+        choice["logprobs"] = _completion_logprobs(frontend, delta.logprobs) if delta.logprobs else None
+    return choice
+
+
+async def _merge(streams: list[AsyncIterator[Delta]]) -> AsyncIterator[tuple[int, Delta]]:
+    """Interleaves several generations' deltas as they come; cancels all if the consumer leaves."""
+    if len(streams) == 1:
+        async for delta in streams[0]:
+            yield 0, delta
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(index: int, stream: AsyncIterator[Delta]) -> None:
+        try:
+            async for delta in stream:
+                await queue.put((index, delta))
+            await queue.put((index, None))
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer
+            await queue.put((index, exc))
+
+    tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            index, item = await queue.get()
+            if item is None:
+                remaining -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield index, item
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
+def _completion_logprobs(frontend: Frontend, logprobs) -> dict:
+    return {
+        "tokens": [frontend.token_text(lp.token_id) for lp in logprobs],
+        "token_logprobs": [lp.logprob for lp in logprobs],
+        "top_logprobs": [{frontend.token_text(t.token_id): t.logprob for t in lp.top} for lp in logprobs],
+        "text_offset": [],
+    }
+
+
+def _chat_logprobs(frontend: Frontend, logprobs) -> dict:
+    def entry(token_id: int, logprob: float) -> dict:
+        text = frontend.token_text(token_id)
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+
+    return {"content": [dict(entry(lp.token_id, lp.logprob), top_logprobs=[entry(t.token_id, t.logprob) for t in lp.top]) for lp in logprobs]}
+
+
+# -- errors and guards ----------------------------------------------------------------------------------
+
+
+def _error_body(exc: GenerationError) -> dict:
+    kind = "invalid_request_error" if exc.status < 500 else "server_error"
+    return {"error": {"message": str(exc), "type": kind, "param": exc.param, "code": exc.code}}
+
+
+def error_response(message: str, status: int, code: str, param: str | None = None, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse(_error_body(GenerationError(message, status, code, param)), status_code=status, headers=headers)
+
+
+def _install_errors(app: FastAPI) -> None:
+    @app.exception_handler(GenerationError)
+    async def generation_error(request: Request, exc: GenerationError):
+        headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, Overloaded) else None
+        return JSONResponse(_error_body(exc), status_code=exc.status, headers=headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError):
+        first = exc.errors()[0] if exc.errors() else {"msg": "invalid request", "loc": ()}
+        if first.get("type") == "json_invalid":
+            return error_response("We could not parse the JSON body of your request.", 400, "invalid_json")
+        location = [str(part) for part in first.get("loc", ()) if part != "body"]
+        param = ".".join(location) or None
+        return error_response(f"{param + ': ' if param else ''}{first.get('msg')}", 400, "invalid_request_error", param)
+
+    @app.exception_handler(ValidationError)
+    async def pydantic_error(request: Request, exc: ValidationError):
+        return error_response(str(exc), 400, "invalid_request_error")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):
+        return error_response(str(exc.detail), exc.status_code, "not_found" if exc.status_code == 404 else "http_error")
+
+    @app.exception_handler(TimeoutError)
+    async def timeout_error(request: Request, exc: TimeoutError):
+        return error_response("request timed out", 504, "timeout")
+
+
+_OPEN_PATHS = {"/health", "/ready", "/metrics", "/docs", "/openapi.json", "/redoc"}
+
+
+def _install_guards(app: FastAPI, frontend: Frontend, api_keys: tuple[str, ...]) -> None:
+    limit = frontend.config.max_body_bytes
+
+    @app.middleware("http")
+    async def guard(request: Request, call_next):
+        if api_keys and request.url.path not in _OPEN_PATHS and not request.url.path.startswith("/dashboard"):
+            supplied = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
+            if not any(hmac.compare_digest(supplied, key) for key in api_keys):
+                return error_response("Incorrect API key provided.", 401, "invalid_api_key")
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            return error_response(f"request body larger than {limit} bytes", 413, "request_too_large")
+        if request.method == "POST" and declared is None:
+            body = await request.body()
+            if len(body) > limit:
+                return error_response(f"request body larger than {limit} bytes", 413, "request_too_large")
+        response = await call_next(request)
+        if request.url.path.startswith("/v1/"):
+            frontend.metrics.requests.labels(request.url.path, str(response.status_code)).inc()
+        return response

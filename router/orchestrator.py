@@ -1,0 +1,293 @@
+"""One request's journey through the cluster, with its failure outcomes.
+
+    reserve on D ──> prefill on P (ticket) ──> first token to the client ──> decode stream from D
+       │ D full: another D          │ P fails: abort reservation, retry another P (bounded,
+       │                            │          jittered backoff), else prefill locally on D
+       └─ short prompt / no P ──> D prefills locally
+    D dies mid-stream ──> re-issue prompt + tokens so far on another D (migration)
+    lease expired ──> recompute locally on D (policy "recompute") or fail ("fail")
+    consumer goes away ──> every in-flight call is cancelled and reservations aborted
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import grpc
+
+from engine.block_manager import compute_block_hashes
+from engine.tokenizer import IncrementalDetokenizer, Tokenizer
+from protos import common_pb2, decode_pb2, prefill_pb2
+from router.config import RouterConfig
+from router.metrics import RouterMetrics
+from router.routing import Decision, NoWorkerError, Route, prefill_cost, route
+from router.workers import WorkerHandle, WorkerPool
+
+log = logging.getLogger(__name__)
+
+_WORKER_LOST = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN, grpc.StatusCode.CANCELLED}
+
+
+class GenerationError(Exception):
+    """A request cannot complete; ``status`` is the HTTP status to report."""
+
+    def __init__(self, message: str, status: int = 503, code: str = "service_unavailable", param: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.param = param
+
+
+class _DecodeLost(Exception):
+    """The decode worker went away mid-stream."""
+
+
+class _LeaseExpired(Exception):
+    """The reservation's KV did not land before its lease ran out."""
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    request_id: str
+    prompt_token_ids: tuple[int, ...]
+    params: common_pb2.SamplingParams
+
+
+@dataclass(frozen=True)
+class Delta:
+    token_ids: tuple[int, ...]
+    text: str
+    logprobs: tuple[common_pb2.TokenLogprob, ...] = ()
+    finish_reason: str | None = None
+    usage: common_pb2.Usage | None = None
+
+
+@dataclass
+class _Progress:
+    """What the client has received so far, across retries and migrations."""
+
+    tokens: list[int] = field(default_factory=list)
+    cached_tokens: int | None = None
+    attempt: int = 0
+    started: float = field(default_factory=time.perf_counter)
+    last_token_at: float | None = None
+    first_token_at: float | None = None
+
+    def next_worker_request_id(self, request_id: str) -> str:
+        self.attempt += 1
+        return f"{request_id}.{self.attempt}"
+
+
+class Orchestrator:
+    def __init__(self, config: RouterConfig, pool: WorkerPool, tokenizer: Tokenizer, metrics: RouterMetrics) -> None:
+        self.config = config
+        self.pool = pool
+        self.tokenizer = tokenizer
+        self.metrics = metrics
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[Delta]:
+        """Deltas for one request; the last one carries finish_reason and usage."""
+        progress = _Progress()
+        hashes = compute_block_hashes(request.prompt_token_ids, self.config.block_size)
+        exclude: set[str] = set()
+        force_local = False
+        while True:
+            chosen = self._route(request, progress, hashes, exclude, force_local)
+            try:
+                if chosen.decision is Decision.REMOTE_PREFILL:
+                    stream = self._remote(request, chosen, progress)
+                else:
+                    stream = self._local(request, chosen.decode, progress)
+                async for delta in stream:
+                    yield self._observe(delta, progress, request)
+                return
+            except _DecodeLost as exc:
+                chosen.decode.mark_failed()
+                exclude.add(chosen.decode.address)
+                if len(exclude) > self.config.migration_retries:
+                    raise GenerationError(f"decode workers lost mid-request: {exc}") from exc
+                self.metrics.migrations.inc()
+                log.warning("request %s: decode worker %s lost after %d tokens; migrating", request.request_id, chosen.decode.address, len(progress.tokens))
+            except _LeaseExpired as exc:
+                self.metrics.lease_expirations.inc()
+                if self.config.lease_policy == "fail":
+                    raise GenerationError(f"KV transfer did not complete in time: {exc}", 503) from exc
+                force_local = True
+
+    def _route(self, request, progress: _Progress, hashes, exclude: set[str], force_local: bool) -> Route:
+        try:
+            prompt_len = len(request.prompt_token_ids) + len(progress.tokens)
+            chosen = route(self.pool.of_role("decode"), self.pool.of_role("prefill"), prompt_len, hashes, self.config, exclude)
+        except NoWorkerError as exc:
+            raise GenerationError(str(exc), 503) from exc
+        if (force_local or progress.tokens) and chosen.decision is Decision.REMOTE_PREFILL:
+            chosen = Route(Decision.FALLBACK, chosen.decode, None, chosen.uncached_tokens, "recompute locally")
+        self.metrics.routing_decisions.labels(chosen.decision.value).inc()
+        return chosen
+
+    # -- the two paths ----------------------------------------------------------------------------
+
+    async def _local(self, request: GenerationRequest, decode: WorkerHandle, progress: _Progress) -> AsyncIterator[Delta]:
+        """D prefills and decodes; continues after ``progress.tokens`` when migrating."""
+        params = common_pb2.SamplingParams()
+        params.CopyFrom(request.params)
+        params.max_tokens = request.params.max_tokens - len(progress.tokens)
+        worker_request = decode_pb2.GenerateRequest(
+            request_id=progress.next_worker_request_id(request.request_id),
+            prompt_token_ids=list(request.prompt_token_ids) + progress.tokens,
+            params=params,
+        )
+        decode.active += 1
+        try:
+            async for delta in self._decode_stream(decode, decode.stub.Generate(worker_request, timeout=self.config.request_timeout_s), skip_first=False):
+                yield delta
+        finally:
+            decode.active -= 1
+
+    async def _remote(self, request: GenerationRequest, chosen: Route, progress: _Progress) -> AsyncIterator[Delta]:
+        decode, prefill = chosen.decode, chosen.prefill
+        tried: set[str] = set()
+        for attempt in range(self.config.prefill_retries + 1):
+            worker_id = progress.next_worker_request_id(request.request_id)
+            ticket = await self._reserve(decode, worker_id, request)
+            decode_call = decode.stub.Generate(decode_pb2.GenerateRequest(request_id=worker_id, reserved=True), timeout=self.config.request_timeout_s)
+            decode.active += 1
+            try:
+                first = await self._prefill(prefill, worker_id, request, ticket)
+                if first is None:
+                    decode_call.cancel()
+                    asyncio.ensure_future(self._abort(decode, worker_id))
+                    tried.add(prefill.address)
+                    prefill = self._another_prefill(request, tried)
+                    if prefill is None:
+                        break
+                    self.metrics.prefill_retries.inc()
+                    await asyncio.sleep(self.config.retry_backoff_s * (2**attempt) * (0.5 + random.random()))
+                    continue
+                progress.cached_tokens = first.num_cached_tokens
+                first_delta = self._first_delta(first, request)
+                yield first_delta
+                async for delta in self._decode_stream(decode, decode_call, skip_first=True, first_text_sent=bool(first_delta.text)):
+                    yield delta
+                return
+            finally:
+                decode.active -= 1
+                if not decode_call.done():
+                    decode_call.cancel()
+                    asyncio.ensure_future(self._abort(decode, worker_id))
+        log.warning("request %s: prefill failed on every worker tried; prefilling on the decode worker", request.request_id)
+        self.metrics.routing_decisions.labels(Decision.FALLBACK.value).inc()
+        async for delta in self._local(request, decode, progress):
+            yield delta
+
+    async def _reserve(self, decode: WorkerHandle, worker_id: str, request: GenerationRequest) -> decode_pb2.Ticket:
+        try:
+            return await decode.stub.Reserve(
+                decode_pb2.ReserveRequest(request_id=worker_id, prompt_token_ids=request.prompt_token_ids, params=request.params, lease_ms=self.config.lease_ms),
+                timeout=10.0,
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise self._worker_error(decode, exc) from exc
+
+    async def _prefill(self, prefill: WorkerHandle, worker_id: str, request: GenerationRequest, ticket) -> prefill_pb2.PrefillResponse | None:
+        """The prefill's answer, or None if this prefill worker failed (the caller retries)."""
+        prefill.active += 1
+        try:
+            return await prefill.stub.Prefill(
+                prefill_pb2.PrefillRequest(request_id=worker_id, prompt_token_ids=request.prompt_token_ids, params=request.params, ticket=ticket),
+                timeout=self.config.prefill_timeout_s,
+            )
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
+                raise GenerationError(exc.details(), 400, "invalid_request_error") from exc
+            if exc.code() in _WORKER_LOST:
+                prefill.mark_failed()
+            log.warning("prefill of %s on %s failed: %s %s", worker_id, prefill.address, exc.code().name, exc.details())
+            return None
+        finally:
+            prefill.active -= 1
+
+    def _another_prefill(self, request: GenerationRequest, tried: set[str]) -> WorkerHandle | None:
+        hashes = compute_block_hashes(request.prompt_token_ids, self.config.block_size)
+        candidates = [p for p in self.pool.of_role("prefill") if p.address not in tried]
+        if not candidates:
+            return None
+        blocks = -(-len(request.prompt_token_ids) // self.config.block_size)
+        return min(candidates, key=lambda p: (prefill_cost(p, hashes, blocks, self.config), random.random()))
+
+    def _first_delta(self, first: prefill_pb2.PrefillResponse, request: GenerationRequest) -> Delta:
+        # Without stop strings the decode worker's first text piece is exactly what an incremental
+        # detokenizer makes of this one token, so the client gets it now rather than after decode.
+        text = "" if request.params.stop else IncrementalDetokenizer(self.tokenizer).push(first.first_token_id)
+        logprobs = (first.first_logprob,) if first.HasField("first_logprob") else ()
+        return Delta((first.first_token_id,), text, logprobs)
+
+    async def _decode_stream(self, decode: WorkerHandle, call, skip_first: bool, first_text_sent: bool = False) -> AsyncIterator[Delta]:
+        """Deltas from a decode worker's Generate stream. With ``skip_first`` the first response (the
+        token the prefill worker already returned) contributes only text the client has not had."""
+        try:
+            async for response in call:
+                tokens = tuple(response.token_ids)
+                text, logprobs = response.text, tuple(response.logprobs)
+                if skip_first and tokens:
+                    skip_first = False
+                    tokens, logprobs = tokens[1:], logprobs[1:]
+                    if first_text_sent:
+                        text = ""
+                usage = response.usage if response.HasField("usage") else None
+                if tokens or text or response.finish_reason:
+                    yield Delta(tokens, text, logprobs, response.finish_reason or None, usage)
+                if response.finish_reason:
+                    return
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.ABORTED and "lease expired" in (exc.details() or ""):
+                raise _LeaseExpired(exc.details()) from exc
+            if exc.code() in _WORKER_LOST or exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                raise _DecodeLost(f"{exc.code().name}: {exc.details()}") from exc
+            raise GenerationError(f"decode worker error: {exc.details()}", 502, "upstream_error") from exc
+        raise _DecodeLost("decode stream ended without a finish")
+
+    def _worker_error(self, worker: WorkerHandle, exc: grpc.aio.AioRpcError) -> Exception:
+        code = exc.code()
+        if code == grpc.StatusCode.INVALID_ARGUMENT:
+            return GenerationError(exc.details(), 400, "invalid_request_error")
+        if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+            return GenerationError(f"decode worker {worker.address} is full: {exc.details()}", 503)
+        if code in _WORKER_LOST:
+            worker.mark_failed()
+            return _DecodeLost(f"{code.name}: {exc.details()}")
+        return GenerationError(f"{worker.role} worker error: {exc.details()}", 502, "upstream_error")
+
+    async def _abort(self, worker: WorkerHandle, worker_request_id: str) -> None:
+        try:
+            await worker.stub.Abort(common_pb2.AbortRequest(request_id=worker_request_id), timeout=5.0)
+        except grpc.aio.AioRpcError:
+            pass
+
+    def _observe(self, delta: Delta, progress: _Progress, request: GenerationRequest) -> Delta:
+        """Bookkeeping and latency metrics per delta; completes usage on the last one."""
+        now = time.perf_counter()
+        if delta.token_ids:
+            if progress.first_token_at is None:
+                progress.first_token_at = now
+                self.metrics.ttft.observe(now - progress.started)
+            elif progress.last_token_at is not None:
+                self.metrics.itl.observe(now - progress.last_token_at)
+            progress.last_token_at = now
+            progress.tokens.extend(delta.token_ids)
+        if delta.finish_reason is None:
+            return delta
+        cached = progress.cached_tokens if progress.cached_tokens is not None else (delta.usage.cached_tokens if delta.usage else 0)
+        usage = common_pb2.Usage(prompt_tokens=len(request.prompt_token_ids), completion_tokens=len(progress.tokens), cached_tokens=cached)
+        self.metrics.e2e.observe(now - progress.started)
+        if len(progress.tokens) > 1 and progress.first_token_at is not None:
+            self.metrics.tpot.observe((now - progress.first_token_at) / (len(progress.tokens) - 1))
+        self.metrics.prompt_tokens.inc(usage.prompt_tokens)
+        self.metrics.generation_tokens.inc(usage.completion_tokens)
+        self.metrics.cached_tokens.inc(cached)
+        return Delta(delta.token_ids, delta.text, delta.logprobs, delta.finish_reason, usage)

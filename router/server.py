@@ -1,0 +1,83 @@
+"""The router process: HTTP (uvicorn) and gRPC servers on one event loop over one worker pool."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import uvicorn
+
+from router.config import RouterConfig, api_keys_from_env
+from router.frontend import Frontend
+from router.grpc_api import create_grpc_server, mark_serving
+from router.openai_api import create_app
+from router.workers import WorkerPool
+
+log = logging.getLogger(__name__)
+
+
+class Router:
+    """Owns the pool, the frontend and both servers. ``start``/``stop`` run inside an event loop."""
+
+    def __init__(self, config: RouterConfig) -> None:
+        self.config = config
+        self.api_keys = api_keys_from_env(config.api_keys)
+        self.pool = WorkerPool(config.health_interval_s)
+        self.frontend = Frontend(config, self.pool)
+        self.app = create_app(self.frontend, self.api_keys)
+        self._http: uvicorn.Server | None = None
+        self._http_task: asyncio.Task | None = None
+        self._grpc = None
+        self.http_port = config.port
+        self.grpc_port = config.grpc_port
+
+    async def start(self) -> None:
+        for address in self.config.prefill_addresses:
+            self.pool.add(address, "prefill")
+        for address in self.config.decode_addresses:
+            self.pool.add(address, "decode")
+        self._grpc, self.grpc_port = create_grpc_server(self.frontend, f"{self.config.host}:{self.config.grpc_port}", self.api_keys)
+        await self._grpc.start()
+        await mark_serving(self._grpc)
+        http_config = uvicorn.Config(self.app, host=self.config.host, port=self.config.port, log_level="warning", lifespan="off", timeout_graceful_shutdown=2)
+        self._http = uvicorn.Server(http_config)
+        self._http_task = asyncio.create_task(self._http.serve())
+        while not self._http.started:
+            if self._http_task.done():
+                self._http_task.result()  # raises the bind error
+            await asyncio.sleep(0.02)
+        self.http_port = self._http.servers[0].sockets[0].getsockname()[1]
+
+    async def wait_ready(self, timeout: float = 30.0) -> bool:
+        """Until at least one decode worker is healthy (and every configured prefill worker, briefly)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while loop.time() < deadline:
+            if self.pool.of_role("decode") and len(self.pool.of_role("prefill")) == len(self.config.prefill_addresses):
+                return True
+            await asyncio.sleep(0.05)
+        return bool(self.pool.of_role("decode"))
+
+    async def stop(self) -> None:
+        if self._http is not None:
+            self._http.should_exit = True
+            await self._http_task
+        if self._grpc is not None:
+            await self._grpc.stop(1.0)
+        await self.pool.close()
+
+    @property
+    def urls(self) -> dict[str, str]:
+        host = self.config.host
+        return {"http": f"http://{host}:{self.http_port}", "grpc": f"{host}:{self.grpc_port}", "dashboard": f"http://{host}:{self.http_port}/dashboard"}
+
+
+async def serve(config: RouterConfig, stop: asyncio.Event) -> None:
+    router = Router(config)
+    await router.start()
+    await router.wait_ready()
+    print(f"splitserve router: OpenAI API at {router.urls['http']}/v1, gRPC at {router.urls['grpc']}", flush=True)
+    try:
+        await stop.wait()
+    finally:
+        await router.stop()
