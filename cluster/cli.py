@@ -53,8 +53,46 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--transport", choices=["grpc", "nixl"], default="grpc")
     worker.add_argument("--lease-ms", type=int, default=30_000, help="decode: how long a reservation waits for its KV")
     worker.add_argument("--no-verify-kv", action="store_true", help="skip KV checksums (faster)")
+    worker.add_argument("--push-mode", choices=["layer", "request"], default="layer",
+                        help="prefill: push KV layer by layer as computed, or all of it after the prompt (a baseline)")
     worker.add_argument("--worker-id", default=None)
     worker.set_defaults(run=_run_worker)
+
+    up = commands.add_parser("up", help="start the cluster (embedded Ray by default) and serve the OpenAI API")
+    up.add_argument("--config", default=None, help="a YAML or TOML cluster config; flags override it")
+    up.add_argument("--address", default=None, help="join this Ray cluster ('auto' on a Ray head) instead of starting one")
+    up.add_argument("--model", default=None, help="preset (demo, bench-125m) or a local Hugging Face directory")
+    up.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    up.add_argument("--device", default=None, help="cpu or cuda")
+    up.add_argument("--prefill", type=int, default=None, help="prefill workers")
+    up.add_argument("--decode", type=int, default=None, help="decode workers")
+    up.add_argument("--transport", choices=["grpc", "nixl"], default=None)
+    up.add_argument("--host", default=None)
+    up.add_argument("--port", type=int, default=None)
+    up.add_argument("--grpc-port", type=int, default=None)
+    up.add_argument("--worker-host", default=None, help="address workers bind to; 'auto': the node's IP")
+    up.add_argument("--ttft-slo", type=float, default=None, help="seconds; turns the planner on")
+    up.add_argument("--tpot-slo", type=float, default=None, help="seconds; turns the planner on")
+    up.add_argument("--min-prefill", type=int, default=None)
+    up.add_argument("--max-prefill", type=int, default=None)
+    up.add_argument("--min-decode", type=int, default=None)
+    up.add_argument("--max-decode", type=int, default=None)
+    up.add_argument("--api-key", action="append", default=None)
+    up.add_argument("--admin-token", default=None, help="default: a random token, written next to the runtime files")
+    up.add_argument("--log-level", default="WARNING")
+    up.set_defaults(run=_run_up)
+
+    for name, text in (("status", "pools and workers of a running cluster"), ("scale", "set a pool's size"), ("drain", "drain a worker: no new work, finish, exit")):
+        admin = commands.add_parser(name, help=text)
+        admin.add_argument("--url", default="http://127.0.0.1:8000", help="the router's HTTP address")
+        admin.add_argument("--admin-token", default=None, help="default: $SPLITSERVE_ADMIN_TOKEN or the token file of `up`")
+        admin.add_argument("--api-key", default=None)
+        if name == "scale":
+            admin.add_argument("role", choices=["prefill", "decode"])
+            admin.add_argument("replicas", type=int)
+        if name == "drain":
+            admin.add_argument("worker_id")
+        admin.set_defaults(run=_run_admin)
 
     router = commands.add_parser("router", help="run the router (OpenAI HTTP + gRPC) over a static set of workers")
     router.add_argument("--model", default="demo", help="preset or model directory (the router loads its config and tokenizer only)")
@@ -89,6 +127,22 @@ def build_parser() -> argparse.ArgumentParser:
     engine_bench.add_argument("--quick", action="store_true", help="tiny sizes and one repeat (overrides the size flags)")
     engine_bench.add_argument("--json", dest="json_path", default=None, help="write the rows to this file")
     engine_bench.set_defaults(run=_run_bench_engine)
+    transfer_bench = bench_kinds.add_parser("transfer", help="KV bytes/s of gRPC and NIXL vs TCP and memcpy; exposed transfer time")
+    transfer_bench.add_argument("--sizes", default="1,16,256", help="transfer sizes in MiB")
+    transfer_bench.add_argument("--repeats", type=int, default=5, help="timed transfers per path and size (median reported)")
+    transfer_bench.add_argument("--model", default="bench-125m", help="model of the prefill/decode workers")
+    transfer_bench.add_argument("--dtype", default="bfloat16")
+    transfer_bench.add_argument("--prompt-lens", default="512,2048,8192", help="prompt lengths of the exposure rows")
+    transfer_bench.add_argument("--exposure-repeats", type=int, default=3, help="prefills per row (median reported)")
+    transfer_bench.add_argument("--long-prompt-repeats", type=int, default=1, help="prefills per row for prompts >= 4096 tokens")
+    transfer_bench.add_argument("--worker-threads", type=int, default=1, help="torch threads of each worker process")
+    transfer_bench.add_argument("--kv-cache-mb", type=int, default=512, help="KV pool of each worker process")
+    transfer_bench.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    transfer_bench.add_argument("--skip-bandwidth", action="store_true")
+    transfer_bench.add_argument("--skip-exposure", action="store_true")
+    transfer_bench.add_argument("--quick", action="store_true", help="tiny sizes and few repeats (overrides the size flags)")
+    transfer_bench.add_argument("--json", dest="json_path", default=None, help="write the rows to this file")
+    transfer_bench.set_defaults(run=_run_bench_transfer)
     return parser
 
 
@@ -124,7 +178,7 @@ def _run_worker(args: argparse.Namespace) -> int:
         if args.role == "prefill":
             from prefill_worker.worker import PrefillWorker
 
-            worker = PrefillWorker(engine_config_from_args(args), **common)
+            worker = PrefillWorker(engine_config_from_args(args), push_mode=args.push_mode, **common)
         else:
             from decode_worker.worker import DecodeWorker
 
@@ -141,6 +195,46 @@ def _run_worker(args: argparse.Namespace) -> int:
     stop.wait()
     worker.stop()
     return 0
+
+
+def cluster_config_from_args(args: argparse.Namespace):
+    import dataclasses
+
+    from cluster.config import ClusterConfig, load_file
+
+    config = load_file(args.config) if args.config else ClusterConfig()
+    flat = {"model": args.model, "dtype": args.dtype, "device": args.device, "transport": args.transport, "address": args.address,
+            "host": args.host, "port": args.port, "grpc_port": args.grpc_port, "worker_host": args.worker_host,
+            "admin_token": args.admin_token, "api_keys": tuple(args.api_key) if args.api_key else None}
+    config = dataclasses.replace(config, **{k: v for k, v in flat.items() if v is not None})
+    for role, count, low, high in (("prefill", args.prefill, args.min_prefill, args.max_prefill), ("decode", args.decode, args.min_decode, args.max_decode)):
+        pool = config.pool(role)
+        replicas = count if count is not None else pool.replicas
+        low = low if low is not None else min(pool.min_replicas, replicas)
+        high = high if high is not None else max(pool.max_replicas, replicas)
+        config = config.with_pool(role, replicas=replicas, min_replicas=low, max_replicas=high)
+    slo = {k: v for k, v in (("ttft_target_s", args.ttft_slo), ("tpot_target_s", args.tpot_slo)) if v is not None}
+    if slo:
+        config = dataclasses.replace(config, planner=dataclasses.replace(config.planner, enabled=True, **slo))
+    return config
+
+
+def _run_up(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        config = cluster_config_from_args(args)
+    except (OSError, ValueError) as exc:
+        print(f"splitserve: {exc}", file=sys.stderr)
+        return 2
+    from cluster.up import up
+
+    return up(config)
+
+
+def _run_admin(args: argparse.Namespace) -> int:
+    from cluster.admin_client import run_admin
+
+    return run_admin(args)
 
 
 def router_config_from_args(args: argparse.Namespace):
@@ -176,6 +270,12 @@ def _run_router(args: argparse.Namespace) -> int:
 
 def _run_bench_engine(args: argparse.Namespace) -> int:
     from bench.engine_bench import run
+
+    return run(args)
+
+
+def _run_bench_transfer(args: argparse.Namespace) -> int:
+    from bench.transfer_bench import run
 
     return run(args)
 

@@ -53,6 +53,7 @@ class WorkerBase:
         self.address = f"{host}:{self.port}"
         self.prefix_hit_tokens = 0
         self.prompt_tokens = 0
+        self.draining = False  # set by the control plane: routers stop sending new work here
 
     @property
     def unique_name(self) -> str:
@@ -106,7 +107,12 @@ class WorkerBase:
             prefix_hit_tokens=self.prefix_hit_tokens,
             prompt_tokens=self.prompt_tokens,
             block_size=self.config.block_size,
+            draining=self.draining,
         )
+
+    def busy(self) -> bool:
+        """Any request still in this worker's engine (queued, running or waiting for KV)."""
+        return self.loop.call(lambda engine: engine.has_unfinished())
 
     def kv_event_batches(self, context: grpc.ServicerContext):
         """Snapshot first, then events as they happen, until the client leaves or falls behind."""

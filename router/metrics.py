@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import time
+from collections import deque
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 7.5, 10.0, 20.0, 30.0, 60.0)
@@ -26,3 +29,36 @@ class RouterMetrics:
         self.lease_expirations = Counter("splitserve_lease_expirations", "Reservations whose KV did not land in time", registry=r)
         self.queue_depth = Gauge("splitserve_queue_depth", "Requests waiting for admission", registry=r)
         self.running = Gauge("splitserve_running_requests", "Requests admitted and in flight", registry=r)
+        self.window = LatencyWindow()
+
+
+class LatencyWindow:
+    """Recent TTFT and TPOT samples, for SLO decisions over a sliding window."""
+
+    def __init__(self, capacity: int = 20000) -> None:
+        self._ttft: deque[tuple[float, float]] = deque(maxlen=capacity)
+        self._tpot: deque[tuple[float, float]] = deque(maxlen=capacity)
+        self._requests: deque[float] = deque(maxlen=capacity)
+
+    def record_ttft(self, seconds: float) -> None:
+        self._ttft.append((time.monotonic(), seconds))
+        self._requests.append(time.monotonic())
+
+    def record_tpot(self, seconds: float) -> None:
+        self._tpot.append((time.monotonic(), seconds))
+
+    def summary(self, window_s: float, queue_depth: int) -> dict:
+        since = time.monotonic() - window_s
+        ttft = sorted(v for t, v in self._ttft if t >= since)
+        tpot = sorted(v for t, v in self._tpot if t >= since)
+        return {
+            "ttft_p90_s": _quantile(ttft, 0.9), "tpot_p90_s": _quantile(tpot, 0.9),
+            "ttft_samples": len(ttft), "tpot_samples": len(tpot), "queue_depth": queue_depth,
+            "requests_in_window": sum(1 for t in self._requests if t >= since),
+        }
+
+
+def _quantile(sorted_values: list[float], q: float) -> float | None:
+    if not sorted_values:
+        return None
+    return sorted_values[min(len(sorted_values) - 1, int(q * len(sorted_values)))]

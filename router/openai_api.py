@@ -50,6 +50,7 @@ class _SamplingFields(BaseModel):
     stream_options: StreamOptions | None = None
     ignore_eos: bool = False
     user: str | None = None
+    return_tokens_as_token_ids: bool = False  # vLLM's extension: logprob tokens as "token_id:N"
 
     def sampling(self, max_tokens: int | None, logprobs: int | None) -> SamplingInput:
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
@@ -184,17 +185,18 @@ def _seeded(jobs: list[GenerationRequest], seed: int | None) -> list[GenerationR
 
 async def _respond(request: Request, frontend: Frontend, body, jobs: list[GenerationRequest], kind: str, prefix: str):
     response_id = f"{prefix}-{uuid.uuid4().hex}"
+    token_text = (lambda t: f"token_id:{t}") if body.return_tokens_as_token_ids else frontend.token_text
     created = int(time.time())
     chat = kind == "chat.completion"
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return StreamingResponse(
-            _sse(frontend, jobs, response_id, created, chat, include_usage),
+            _sse(frontend, jobs, response_id, created, chat, include_usage, token_text),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
     results = await _collect_or_cancel(request, [_collect(frontend, job) for job in jobs])
-    return _full_response(frontend, results, response_id, created, chat)
+    return _full_response(frontend, results, response_id, created, chat, token_text)
 
 
 async def _collect(frontend: Frontend, job: GenerationRequest) -> list[Delta]:
@@ -217,7 +219,7 @@ async def _collect_or_cancel(request: Request, coroutines) -> list[list[Delta]]:
             task.cancel()
 
 
-def _full_response(frontend: Frontend, results: list[list[Delta]], response_id: str, created: int, chat: bool) -> dict:
+def _full_response(frontend: Frontend, results: list[list[Delta]], response_id: str, created: int, chat: bool, token_text) -> dict:
     choices = []
     prompt_tokens = completion_tokens = cached = 0
     for index, deltas in enumerate(results):
@@ -227,10 +229,10 @@ def _full_response(frontend: Frontend, results: list[list[Delta]], response_id: 
         choice: dict[str, Any] = {"index": index, "finish_reason": last.finish_reason}
         if chat:
             choice["message"] = {"role": "assistant", "content": text}
-            choice["logprobs"] = _chat_logprobs(frontend, logprobs) if logprobs else None
+            choice["logprobs"] = _chat_logprobs(token_text, logprobs) if logprobs else None
         else:
             choice["text"] = text
-            choice["logprobs"] = _completion_logprobs(frontend, logprobs) if logprobs else None
+            choice["logprobs"] = _completion_logprobs(token_text, logprobs) if logprobs else None
         choices.append(choice)
         if last.usage is not None:
             prompt_tokens = last.usage.prompt_tokens
@@ -250,7 +252,7 @@ def _usage(prompt: int, completion: int, cached: int) -> dict:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion, "prompt_tokens_details": {"cached_tokens": cached}}
 
 
-async def _sse(frontend: Frontend, jobs: list[GenerationRequest], response_id: str, created: int, chat: bool, include_usage: bool) -> AsyncIterator[str]:
+async def _sse(frontend: Frontend, jobs: list[GenerationRequest], response_id: str, created: int, chat: bool, include_usage: bool, token_text) -> AsyncIterator[str]:
     kind = "chat.completion.chunk" if chat else "text_completion"
 
     def chunk(choices: list[dict], usage: dict | None = None) -> str:
@@ -265,7 +267,7 @@ async def _sse(frontend: Frontend, jobs: list[GenerationRequest], response_id: s
             for index in range(len(jobs)):
                 yield chunk([{"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}])
         async for index, delta in _merge([frontend.stream(job) for job in jobs]):
-            yield chunk([_stream_choice(frontend, index, delta, chat)])
+            yield chunk([_stream_choice(token_text, index, delta, chat)])
             if delta.usage is not None:
                 totals[0] = delta.usage.prompt_tokens
                 totals[1] += delta.usage.completion_tokens
@@ -279,14 +281,14 @@ async def _sse(frontend: Frontend, jobs: list[GenerationRequest], response_id: s
     yield "data: [DONE]\n\n"
 
 
-def _stream_choice(frontend: Frontend, index: int, delta: Delta, chat: bool) -> dict:
+def _stream_choice(token_text, index: int, delta: Delta, chat: bool) -> dict:
     choice: dict[str, Any] = {"index": index, "finish_reason": delta.finish_reason}
     if chat:
         choice["delta"] = {"content": delta.text} if delta.text or not delta.finish_reason else {}
-        choice["logprobs"] = _chat_logprobs(frontend, delta.logprobs) if delta.logprobs else None
+        choice["logprobs"] = _chat_logprobs(token_text, delta.logprobs) if delta.logprobs else None
     else:
         choice["text"] = delta.text
-        choice["logprobs"] = _completion_logprobs(frontend, delta.logprobs) if delta.logprobs else None
+        choice["logprobs"] = _completion_logprobs(token_text, delta.logprobs) if delta.logprobs else None
     return choice
 
 
@@ -322,18 +324,18 @@ async def _merge(streams: list[AsyncIterator[Delta]]) -> AsyncIterator[tuple[int
             task.cancel()
 
 
-def _completion_logprobs(frontend: Frontend, logprobs) -> dict:
+def _completion_logprobs(token_text, logprobs) -> dict:
     return {
-        "tokens": [frontend.token_text(lp.token_id) for lp in logprobs],
+        "tokens": [token_text(lp.token_id) for lp in logprobs],
         "token_logprobs": [lp.logprob for lp in logprobs],
-        "top_logprobs": [{frontend.token_text(t.token_id): t.logprob for t in lp.top} for lp in logprobs],
+        "top_logprobs": [{token_text(t.token_id): t.logprob for t in lp.top} for lp in logprobs],
         "text_offset": [],
     }
 
 
-def _chat_logprobs(frontend: Frontend, logprobs) -> dict:
+def _chat_logprobs(token_text, logprobs) -> dict:
     def entry(token_id: int, logprob: float) -> dict:
-        text = frontend.token_text(token_id)
+        text = token_text(token_id)
         return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
 
     return {"content": [dict(entry(lp.token_id, lp.logprob), top_logprobs=[entry(t.token_id, t.logprob) for t in lp.top]) for lp in logprobs]}

@@ -276,6 +276,7 @@ class Orchestrator:
             if progress.first_token_at is None:
                 progress.first_token_at = now
                 self.metrics.ttft.observe(now - progress.started)
+                self.metrics.window.record_ttft(now - progress.started)
             elif progress.last_token_at is not None:
                 self.metrics.itl.observe(now - progress.last_token_at)
             progress.last_token_at = now
@@ -286,7 +287,9 @@ class Orchestrator:
         usage = common_pb2.Usage(prompt_tokens=len(request.prompt_token_ids), completion_tokens=len(progress.tokens), cached_tokens=cached)
         self.metrics.e2e.observe(now - progress.started)
         if len(progress.tokens) > 1 and progress.first_token_at is not None:
-            self.metrics.tpot.observe((now - progress.first_token_at) / (len(progress.tokens) - 1))
+            tpot = (now - progress.first_token_at) / (len(progress.tokens) - 1)
+            self.metrics.tpot.observe(tpot)
+            self.metrics.window.record_tpot(tpot)
         self.metrics.prompt_tokens.inc(usage.prompt_tokens)
         self.metrics.generation_tokens.inc(usage.completion_tokens)
         self.metrics.cached_tokens.inc(cached)

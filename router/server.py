@@ -7,7 +7,9 @@ import logging
 
 import uvicorn
 
+from router.admin import install_admin
 from router.config import RouterConfig, api_keys_from_env
+from router.control import ControlPlane
 from router.frontend import Frontend
 from router.grpc_api import create_grpc_server, mark_serving
 from router.openai_api import create_app
@@ -19,12 +21,13 @@ log = logging.getLogger(__name__)
 class Router:
     """Owns the pool, the frontend and both servers. ``start``/``stop`` run inside an event loop."""
 
-    def __init__(self, config: RouterConfig) -> None:
+    def __init__(self, config: RouterConfig, control: ControlPlane | None = None) -> None:
         self.config = config
         self.api_keys = api_keys_from_env(config.api_keys)
         self.pool = WorkerPool(config.health_interval_s)
         self.frontend = Frontend(config, self.pool)
         self.app = create_app(self.frontend, self.api_keys)
+        install_admin(self.app, self.frontend, control, config.admin_token)
         self._http: uvicorn.Server | None = None
         self._http_task: asyncio.Task | None = None
         self._grpc = None
@@ -49,11 +52,11 @@ class Router:
         self.http_port = self._http.servers[0].sockets[0].getsockname()[1]
 
     async def wait_ready(self, timeout: float = 30.0) -> bool:
-        """Until at least one decode worker is healthy (and every configured prefill worker, briefly)."""
+        """Until a decode worker is healthy and every known worker has answered its health check."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         while loop.time() < deadline:
-            if self.pool.of_role("decode") and len(self.pool.of_role("prefill")) == len(self.config.prefill_addresses):
+            if self.pool.of_role("decode") and all(w.healthy for w in self.pool.workers.values()):
                 return True
             await asyncio.sleep(0.05)
         return bool(self.pool.of_role("decode"))

@@ -1,0 +1,73 @@
+"""``splitserve status | scale | drain``: talk to a running cluster through its router's admin API."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import urllib.error
+import urllib.parse
+import urllib.request
+
+from cluster.up import token_file
+
+
+def _admin_token(args) -> str | None:
+    if args.admin_token:
+        return args.admin_token
+    if os.environ.get("SPLITSERVE_ADMIN_TOKEN"):
+        return os.environ["SPLITSERVE_ADMIN_TOKEN"]
+    port = urllib.parse.urlparse(args.url).port or 80
+    path = token_file(port)
+    return path.read_text().strip() if path.is_file() else None
+
+
+def _request(args, method: str, path: str, body: dict | None = None) -> dict:
+    headers = {"Content-Type": "application/json"}
+    if args.api_key:
+        headers["Authorization"] = f"Bearer {args.api_key}"
+    token = _admin_token(args) if method == "POST" else None
+    if token:
+        headers["X-Admin-Token"] = token
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(args.url.rstrip("/") + path, data=data, headers=headers, method=method)
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        detail = json.loads(exc.read() or b"{}").get("error", {}).get("message", exc.reason)
+        raise SystemExit(f"splitserve: {exc.code}: {detail}") from exc
+    except urllib.error.URLError as exc:
+        raise SystemExit(f"splitserve: cannot reach {args.url}: {exc.reason}") from exc
+
+
+def format_status(status: dict) -> str:
+    cluster = status.get("cluster") or {}
+    lines = []
+    for role, pool in (cluster.get("pools") or {}).items():
+        lines.append(f"{role:8} desired {pool['desired']} (min {pool['min']}, max {pool['max']})")
+    lines.append("")
+    lines.append(f"{'WORKER':18} {'ROLE':8} {'STATE':10} {'ADDRESS':22} {'NODE':10} {'RUN':>4} {'WAIT':>4} {'KV USED/TOTAL':>14}")
+    for worker in cluster.get("workers", []):
+        stats = worker.get("stats") or {}
+        kv = f"{stats.get('kv_blocks_used', 0)}/{stats.get('kv_blocks_total', 0)}"
+        lines.append(f"{worker['worker_id']:18} {worker['role']:8} {worker['state']:10} {worker['address'] or '-':22} {worker['node_id'][:8] or '-':10} "
+                     f"{stats.get('running', 0):>4} {stats.get('waiting', 0):>4} {kv:>14}")
+    decisions = (cluster.get("planner") or {}).get("decisions") or []
+    if decisions:
+        lines.append("")
+        lines.append("planner decisions (latest last):")
+        lines += [f"  {d['role']} {d['current']} -> {d['target']}: {d['reason']}" for d in decisions[-5:]]
+    return "\n".join(lines)
+
+
+def run_admin(args) -> int:
+    if args.command == "status":
+        status = _request(args, "GET", "/admin/status")
+        print(format_status(status))
+    elif args.command == "scale":
+        print(json.dumps(_request(args, "POST", "/admin/scale", {"role": args.role, "replicas": args.replicas})))
+    else:
+        print(json.dumps(_request(args, "POST", "/admin/drain", {"worker_id": args.worker_id})))
+    sys.stdout.flush()
+    return 0

@@ -1,0 +1,316 @@
+"""The controller: one named Ray actor holding the cluster's desired state.
+
+It starts worker actors with the resources their pool asks for, learns their gRPC addresses as they
+register, checks their health, lets Ray restart crashed ones (bounded) and replaces ones that are
+gone, drains workers it scales away, runs the SLO planner, and tells routers about membership
+changes through ``watch`` (a long poll: it answers as soon as the membership version moves).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections import deque
+from dataclasses import asdict, dataclass, field
+
+import grpc
+import ray
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from cluster.config import ClusterConfig
+from cluster.planner import Observation, Planner
+from cluster.worker_actor import actor_class
+from protos import common_pb2, decode_pb2_grpc, prefill_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+ROLES = ("prefill", "decode")
+UNHEALTHY_AFTER = 2
+START_TIMEOUT_S = 300.0
+
+
+@dataclass
+class WorkerRecord:
+    worker_id: str
+    role: str
+    state: str = "starting"  # starting | ready | unhealthy | draining | dead
+    address: str = ""
+    node_id: str = ""
+    incarnation: str = ""
+    pid: int = 0
+    registrations: int = 0
+    failures: int = 0
+    started_at: float = field(default_factory=time.time)
+    stats: dict = field(default_factory=dict)
+
+    def public(self) -> dict:
+        return {k: v for k, v in asdict(self).items()}
+
+
+class Controller:
+    def __init__(self, config_json: str) -> None:
+        self.config = ClusterConfig.from_json(config_json)
+        self.desired = {role: self.config.pool(role).replicas for role in ROLES}
+        self.records: dict[str, WorkerRecord] = {}
+        self.actors: dict[str, object] = {}
+        self.groups: dict[str, object] = {}
+        self.version = 0
+        self._changed = asyncio.Condition()
+        self._tasks: list[asyncio.Task] = []
+        self._observation: Observation | None = None
+        self.planner = Planner(self.config.planner, {r: (self.config.pool(r).min_replicas, self.config.pool(r).max_replicas) for r in ROLES})
+        self.decisions: deque = deque(maxlen=100)
+        self._actor_class = actor_class()
+
+    async def start(self) -> None:
+        self._reconcile()
+        self._tasks = [asyncio.create_task(self._loop(self._reconcile_tick, 0.5)), asyncio.create_task(self._loop(self._health_tick, self.config.health_interval_s))]
+        if self.config.planner.enabled:
+            self._tasks.append(asyncio.create_task(self._loop(self._planner_tick, self.config.planner.interval_s)))
+
+    async def wait_ready(self, timeout_s: float = START_TIMEOUT_S) -> bool:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            ready = {role: sum(1 for r in self._live(role) if r.state == "ready") for role in ROLES}
+            if all(ready[role] >= self.desired[role] for role in ROLES):
+                return True
+            await asyncio.sleep(0.1)
+        return False
+
+    # -- membership -------------------------------------------------------------------------------
+
+    async def register(self, info: dict) -> None:
+        """Called by a worker actor once its gRPC server runs (again after a restart)."""
+        record = self.records.get(info["worker_id"])
+        if record is None or record.state == "dead":
+            return
+        record.address, record.node_id, record.incarnation, record.pid = info["address"], info["node_id"], info["incarnation"], info["pid"]
+        record.registrations += 1
+        record.failures = 0
+        if record.state != "draining":
+            record.state = "ready"
+        log.info("worker %s (%s) registered at %s on node %s", record.worker_id, record.role, record.address, record.node_id[:8])
+        await self._bump()
+
+    async def watch(self, since_version: int, timeout_s: float = 10.0) -> dict:
+        """Membership once its version differs from ``since_version`` (or after timeout_s)."""
+        async with self._changed:
+            try:
+                await asyncio.wait_for(self._changed.wait_for(lambda: self.version != since_version), timeout_s)
+            except asyncio.TimeoutError:
+                pass
+        return self.membership()
+
+    def membership(self) -> dict:
+        workers = [{"worker_id": r.worker_id, "role": r.role, "address": r.address, "state": r.state}
+                   for r in self.records.values() if r.address and r.state in ("ready", "draining")]
+        return {"version": self.version, "workers": workers}
+
+    async def _bump(self) -> None:
+        async with self._changed:
+            self.version += 1
+            self._changed.notify_all()
+
+    # -- status and actions -----------------------------------------------------------------------
+
+    async def status(self) -> dict:
+        pools = {role: {"desired": self.desired[role], "min": self.config.pool(role).min_replicas, "max": self.config.pool(role).max_replicas,
+                        "resources": self.config.pool(role).ray_resources} for role in ROLES}
+        return {"pools": pools, "workers": [r.public() for r in self.records.values() if r.state != "dead"],
+                "planner": {"enabled": self.config.planner.enabled, "decisions": list(self.decisions),
+                            "observation": asdict(self._observation) if self._observation else None},
+                "version": self.version, "model": self.config.model, "transport": self.config.transport}
+
+    async def scale(self, role: str, replicas: int) -> dict:
+        if role not in ROLES:
+            raise ValueError(f"role must be prefill or decode, got {role!r}")
+        low = 1 if role == "decode" else 0
+        high = self.config.pool(role).max_replicas
+        if not low <= replicas <= high:
+            raise ValueError(f"{role} replicas must be between {low} and {high}, got {replicas}")
+        self.desired[role] = replicas
+        self._request_resources()
+        self._reconcile()
+        return {"role": role, "desired": replicas}
+
+    async def drain(self, worker_id: str) -> dict:
+        record = self.records.get(worker_id)
+        if record is None or record.state in ("dead", "draining"):
+            raise ValueError(f"no running worker {worker_id!r}")
+        self.desired[record.role] = max(self.desired[record.role] - 1, 1 if record.role == "decode" else 0)
+        await self._start_drain(record)
+        return {"worker_id": worker_id, "state": "draining"}
+
+    async def report(self, observation: dict) -> None:
+        """The router's latest latency window, for the planner."""
+        self._observation = Observation(**observation)
+
+    async def shutdown(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for worker_id, actor in list(self.actors.items()):
+            try:
+                await asyncio.wait_for(actor.stop.remote(), 3.0)
+            except Exception:  # noqa: BLE001 - it may be gone already
+                pass
+            ray.kill(actor, no_restart=True)
+        for group in self.groups.values():
+            remove_placement_group(group)
+
+    # -- reconciliation ---------------------------------------------------------------------------
+
+    def _live(self, role: str) -> list[WorkerRecord]:
+        return [r for r in self.records.values() if r.role == role and r.state in ("starting", "ready", "unhealthy")]
+
+    def _reconcile(self) -> None:
+        for role in ROLES:
+            live = self._live(role)
+            for _ in range(self.desired[role] - len(live)):
+                self._spawn(role)
+            surplus = len(live) - self.desired[role]
+            if surplus > 0:
+                victims = sorted(live, key=lambda r: (r.state == "ready", _load(r), -r.started_at))[:surplus]
+                for record in victims:
+                    asyncio.ensure_future(self._start_drain(record))
+
+    async def _reconcile_tick(self) -> None:
+        self._reconcile()
+
+    def _spawn(self, role: str) -> None:
+        pool = self.config.pool(role)
+        worker_id = f"{role}-{uuid.uuid4().hex[:8]}"
+        options = dict(name=f"splitserve-{worker_id}", namespace=self.config.namespace, num_cpus=pool.num_cpus,
+                       resources=dict(pool.resources) or None, max_restarts=self.config.max_restarts, max_concurrency=4)
+        if pool.num_gpus > 1:
+            # A multi-device worker: its devices are reserved together on one node.
+            bundles = [{"GPU": 1.0, "CPU": pool.num_cpus / pool.num_gpus}] * int(pool.num_gpus)
+            group = placement_group(bundles, strategy="STRICT_PACK")
+            self.groups[worker_id] = group
+            options.update(num_cpus=0, scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_capture_child_tasks=True))
+            options["num_gpus"] = 0
+        else:
+            options["num_gpus"] = pool.num_gpus
+        self.records[worker_id] = WorkerRecord(worker_id, role)
+        self.actors[worker_id] = self._actor_class.options(**options).remote(worker_id, role, self.config.to_json())
+        log.info("starting %s worker %s with %s", role, worker_id, pool.ray_resources)
+
+    async def _start_drain(self, record: WorkerRecord) -> None:
+        if record.state in ("draining", "dead"):
+            return
+        record.state = "draining"
+        await self._bump()
+        actor = self.actors.get(record.worker_id)
+        try:
+            if actor is not None and record.address:
+                await actor.drain.remote()
+        except Exception as exc:  # noqa: BLE001 - the worker died while draining: nothing left to wait for
+            log.warning("drain of %s ended early: %s", record.worker_id, exc)
+        await self._retire(record)
+
+    async def _retire(self, record: WorkerRecord) -> None:
+        actor = self.actors.pop(record.worker_id, None)
+        if actor is not None:
+            try:
+                await asyncio.wait_for(actor.stop.remote(), 3.0)
+            except Exception:  # noqa: BLE001
+                pass
+            ray.kill(actor, no_restart=True)
+        group = self.groups.pop(record.worker_id, None)
+        if group is not None:
+            remove_placement_group(group)
+        record.state = "dead"
+        log.info("worker %s retired", record.worker_id)
+        await self._bump()
+
+    def _request_resources(self) -> None:
+        """On an autoscaling cluster, ask for the nodes the desired pools need (KubeRay adds them)."""
+        if not self.config.address:
+            return
+        from ray.autoscaler.sdk import request_resources
+
+        bundles = []
+        for role in ROLES:
+            pool = self.config.pool(role)
+            bundle = {"CPU": pool.num_cpus, **({"GPU": pool.num_gpus} if pool.num_gpus else {}), **pool.resources}
+            bundles += [bundle] * self.desired[role]
+        try:
+            request_resources(bundles=bundles)
+        except Exception as exc:  # noqa: BLE001 - no autoscaler on this cluster
+            log.debug("request_resources: %s", exc)
+
+    # -- health -----------------------------------------------------------------------------------
+
+    async def _health_tick(self) -> None:
+        records = [r for r in self.records.values() if r.address and r.state in ("ready", "unhealthy")]
+        await asyncio.gather(*(self._check(r) for r in records))
+
+    async def _check(self, record: WorkerRecord) -> None:
+        address = record.address
+        try:
+            async with grpc.aio.insecure_channel(address) as channel:
+                reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=1.0)
+                stub = prefill_pb2_grpc.PrefillWorkerStub(channel) if record.role == "prefill" else decode_pb2_grpc.DecodeWorkerStub(channel)
+                stats = await stub.Stats(common_pb2.StatsRequest(), timeout=1.0)
+            healthy = reply.status == health_pb2.HealthCheckResponse.SERVING
+        except grpc.aio.AioRpcError:
+            healthy, stats = False, None
+        if record.address != address:
+            return  # re-registered meanwhile
+        if healthy:
+            record.failures = 0
+            record.stats = {f.name: v for f, v in stats.ListFields()} if stats else {}
+            if record.state == "unhealthy":
+                record.state = "ready"
+                await self._bump()
+            return
+        record.failures += 1
+        if record.failures >= UNHEALTHY_AFTER and record.state == "ready":
+            record.state = "unhealthy"
+            log.warning("worker %s at %s is unhealthy", record.worker_id, address)
+            await self._bump()
+        if record.failures >= UNHEALTHY_AFTER:
+            await self._check_actor(record)
+
+    async def _check_actor(self, record: WorkerRecord) -> None:
+        """An unreachable worker whose actor is gone for good is replaced; a restarting one re-registers."""
+        actor = self.actors.get(record.worker_id)
+        try:
+            await asyncio.wait_for(actor.ping.remote(), 2.0)
+        except ray.exceptions.RayActorError:
+            log.warning("worker %s is gone (restarts exhausted); replacing it", record.worker_id)
+            self.actors.pop(record.worker_id, None)
+            record.state = "dead"
+            await self._bump()
+            self._reconcile()
+        except (asyncio.TimeoutError, ray.exceptions.RayError):
+            pass  # restarting: it registers again when up
+
+    # -- planner ----------------------------------------------------------------------------------
+
+    async def _planner_tick(self) -> None:
+        if self._observation is None:
+            return
+        for decision in self.planner.decide(time.time(), self._observation, dict(self.desired)):
+            self.decisions.append(decision.to_dict())
+            await self.scale(decision.role, decision.target)
+
+    async def _loop(self, tick, interval: float) -> None:
+        while True:
+            try:
+                await tick()
+            except Exception:  # noqa: BLE001 - one bad tick must not stop the control loop
+                log.exception("controller %s failed", tick.__name__)
+            await asyncio.sleep(interval)
+
+
+def _load(record: WorkerRecord) -> int:
+    stats = record.stats
+    return stats.get("running", 0) + stats.get("waiting", 0) + stats.get("waiting_for_kv", 0)
+
+
+def controller_class():
+    return ray.remote(Controller)

@@ -1,0 +1,134 @@
+"""``splitserve up``: Ray (embedded or joined), the controller, the router in this process, and the
+worker pools; membership flows controller → router as it changes; Ctrl-C / SIGTERM tears it all down."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import os
+import secrets
+import signal
+from pathlib import Path
+
+import ray
+
+from cluster.config import ClusterConfig
+from cluster.controller import controller_class
+from cluster.worker_actor import CONTROLLER_NAME
+from router.config import RouterConfig
+from router.server import Router
+
+log = logging.getLogger(__name__)
+
+
+class RayControlPlane:
+    """The router's ControlPlane, backed by the controller actor."""
+
+    def __init__(self, controller) -> None:
+        self.controller = controller
+
+    async def status(self) -> dict:
+        return await self.controller.status.remote()
+
+    async def scale(self, role: str, replicas: int) -> dict:
+        return await self.controller.scale.remote(role, replicas)
+
+    async def drain(self, worker_id: str) -> dict:
+        return await self.controller.drain.remote(worker_id)
+
+
+def token_file(port: int) -> Path:
+    return Path(os.environ.get("XDG_RUNTIME_DIR", "/tmp")) / f"splitserve-{port}.admin-token"
+
+
+def start_ray(config: ClusterConfig) -> None:
+    if config.address:
+        ray.init(address=config.address, namespace=config.namespace, log_to_driver=True)
+        return
+    pools = (config.prefill, config.decode)
+    needed = sum(p.num_cpus * p.max_replicas for p in pools)
+    # Logical CPUs: enough to place every pool at its maximum; the OS shares the real cores.
+    num_cpus = config.ray_num_cpus or max(os.cpu_count() or 1, math.ceil(needed))
+    ray.init(num_cpus=num_cpus, namespace=config.namespace, include_dashboard=False, log_to_driver=True,
+             configure_logging=True, logging_level=logging.WARNING)
+
+
+async def follow_membership(controller, router: Router) -> None:
+    """Applies the controller's membership to the router's pool as it changes."""
+    version = -1
+    while True:
+        try:
+            membership = await controller.watch.remote(version)
+        except ray.exceptions.RayError as exc:
+            log.warning("membership watch failed: %s", exc)
+            await asyncio.sleep(1.0)
+            continue
+        version = membership["version"]
+        current = {w["address"]: w for w in membership["workers"]}
+        for address in list(router.pool.workers):
+            if address not in current:
+                await router.pool.remove(address)
+        for address, worker in current.items():
+            router.pool.add(address, worker["role"])
+            router.pool.draining(address, worker["state"] == "draining")
+
+
+async def report_latencies(controller, router: Router, config: ClusterConfig) -> None:
+    while True:
+        await asyncio.sleep(config.planner.interval_s / 2)
+        frontend = router.frontend
+        summary = frontend.metrics.window.summary(config.planner.window_s, frontend.admission.waiting)
+        try:
+            await controller.report.remote(summary)
+        except ray.exceptions.RayError as exc:
+            log.warning("latency report failed: %s", exc)
+
+
+async def run_cluster(config: ClusterConfig, stop: asyncio.Event, on_ready=None) -> None:
+    controller = controller_class().options(name=CONTROLLER_NAME, namespace=config.namespace, num_cpus=0, max_concurrency=1000).remote(config.to_json())
+    await controller.start.remote()
+    admin_token = config.admin_token or secrets.token_urlsafe(24)
+    router_config = RouterConfig(model=config.model, host=config.host, port=config.port, grpc_port=config.grpc_port,
+                                 api_keys=config.api_keys, admin_token=admin_token, lease_ms=config.lease_ms,
+                                 local_prefill_threshold=config.local_prefill_threshold, health_interval_s=config.health_interval_s)
+    router = Router(router_config, RayControlPlane(controller))
+    await router.start()
+    tasks = [asyncio.create_task(follow_membership(controller, router)), asyncio.create_task(report_latencies(controller, router, config))]
+    try:
+        if not await controller.wait_ready.remote():
+            raise RuntimeError("workers did not become ready in time")
+        await router.wait_ready()
+        path = token_file(router.http_port)
+        path.write_text(admin_token)
+        path.chmod(0o600)
+        urls = router.urls
+        print(f"splitserve is up: OpenAI API {urls['http']}/v1 | gRPC {urls['grpc']} | dashboard {urls['dashboard']}", flush=True)
+        print(f"admin token in {path}", flush=True)
+        if on_ready is not None:
+            on_ready(router)
+        await stop.wait()
+    finally:
+        for task in tasks:
+            task.cancel()
+        await router.stop()
+        await controller.shutdown.remote()
+        token_file(router.http_port).unlink(missing_ok=True)
+
+
+def up(config: ClusterConfig) -> int:
+    start_ray(config)
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, stop.set)
+        await run_cluster(config, stop)
+
+    try:
+        asyncio.run(main())
+    finally:
+        ray.shutdown()
+    print("splitserve stopped", flush=True)
+    return 0
