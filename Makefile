@@ -4,10 +4,10 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: serve test setup bench-engine clean
+.PHONY: up test setup clean
 
-serve: $(STAMP)  ## start splitserve on the embedded default (demo model)
-	$(BIN)/splitserve generate --model demo --chat --prompt "Tell me about disaggregated serving."
+up: $(STAMP)  ## start the cluster on embedded Ray with the demo model; OpenAI API on :8000
+	$(BIN)/splitserve up $(UP_ARGS)
 
 test: $(STAMP)  ## run the whole test suite
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
@@ -20,9 +20,6 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $(STAMP)
-
-bench-engine: $(STAMP)
-	$(BIN)/splitserve bench engine
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache .hypothesis
