@@ -43,6 +43,7 @@ class WorkerRecord:
     incarnation: str = ""
     pid: int = 0
     registrations: int = 0
+    restarts: int = 0
     failures: int = 0
     started_at: float = field(default_factory=time.time)
     stats: dict = field(default_factory=dict)
@@ -86,7 +87,7 @@ class Controller:
     async def register(self, info: dict) -> None:
         """Called by a worker actor once its gRPC server runs (again after a restart)."""
         record = self.records.get(info["worker_id"])
-        if record is None or record.state == "dead":
+        if record is None or record.state == "dead" or record.incarnation == info["incarnation"]:
             return
         record.address, record.node_id, record.incarnation, record.pid = info["address"], info["node_id"], info["incarnation"], info["pid"]
         record.registrations += 1
@@ -180,11 +181,13 @@ class Controller:
     async def _reconcile_tick(self) -> None:
         self._reconcile()
 
-    def _spawn(self, role: str) -> None:
+    def _spawn(self, role: str, record: WorkerRecord | None = None) -> None:
+        """Starts a worker actor: a new worker, or a new incarnation of ``record`` (a restart)."""
         pool = self.config.pool(role)
-        worker_id = f"{role}-{uuid.uuid4().hex[:8]}"
-        options = dict(name=f"splitserve-{worker_id}", namespace=self.config.namespace, num_cpus=pool.num_cpus,
-                       resources=dict(pool.resources) or None, max_restarts=self.config.max_restarts, max_concurrency=4)
+        worker_id = record.worker_id if record else f"{role}-{uuid.uuid4().hex[:8]}"
+        # Restarts are the controller's, not Ray's: it knows when a worker is gone and counts them.
+        options = dict(name=f"splitserve-{worker_id}-{(record.restarts if record else 0)}", namespace=self.config.namespace,
+                       num_cpus=pool.num_cpus, resources=dict(pool.resources) or None, max_restarts=0, max_concurrency=4)
         if pool.num_gpus > 1:
             # A multi-device worker: its devices are reserved together on one node.
             bundles = [{"GPU": 1.0, "CPU": pool.num_cpus / pool.num_gpus}] * int(pool.num_gpus)
@@ -194,7 +197,7 @@ class Controller:
             options["num_gpus"] = 0
         else:
             options["num_gpus"] = pool.num_gpus
-        self.records[worker_id] = WorkerRecord(worker_id, role)
+        self.records.setdefault(worker_id, record or WorkerRecord(worker_id, role))
         self.actors[worker_id] = self._actor_class.options(**options).remote(worker_id, role, self.config.to_json())
         log.info("starting %s worker %s with %s", role, worker_id, pool.ray_resources)
 
@@ -276,18 +279,27 @@ class Controller:
             await self._check_actor(record)
 
     async def _check_actor(self, record: WorkerRecord) -> None:
-        """An unreachable worker whose actor is gone for good is replaced; a restarting one re-registers."""
+        """An unreachable worker whose actor died is restarted (up to max_restarts), then replaced."""
         actor = self.actors.get(record.worker_id)
         try:
             await asyncio.wait_for(actor.ping.remote(), 2.0)
-        except ray.exceptions.RayActorError:
-            log.warning("worker %s is gone (restarts exhausted); replacing it", record.worker_id)
-            self.actors.pop(record.worker_id, None)
+            return  # alive but not answering gRPC: stays unhealthy until it does
+        except asyncio.TimeoutError:
+            return
+        except ray.exceptions.RayError:
+            pass
+        self.actors.pop(record.worker_id, None)
+        ray.kill(actor, no_restart=True)
+        record.address, record.state = "", "starting"
+        await self._bump()
+        if record.restarts < self.config.max_restarts:
+            record.restarts += 1
+            log.warning("worker %s died; restart %d of %d", record.worker_id, record.restarts, self.config.max_restarts)
+            self._spawn(record.role, record)
+        else:
+            log.warning("worker %s died and used up its restarts; replacing it", record.worker_id)
             record.state = "dead"
-            await self._bump()
             self._reconcile()
-        except (asyncio.TimeoutError, ray.exceptions.RayError):
-            pass  # restarting: it registers again when up
 
     # -- planner ----------------------------------------------------------------------------------
 
