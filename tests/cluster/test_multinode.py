@@ -1,0 +1,43 @@
+"""Placement across nodes with ray.cluster_utils.Cluster: each pool lands on its kind of node."""
+
+from __future__ import annotations
+
+import pytest
+import ray
+from ray.cluster_utils import Cluster
+
+from cluster.config import ClusterConfig, PoolSpec
+from cluster.controller import controller_class
+from cluster.worker_actor import CONTROLLER_NAME
+
+
+@pytest.fixture
+def three_nodes():
+    if ray.is_initialized():
+        ray.shutdown()
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    prefill_node = cluster.add_node(num_cpus=2, resources={"prefill_node": 4})
+    decode_node = cluster.add_node(num_cpus=2, resources={"decode_node": 4})
+    ray.init(address=cluster.address)
+    cluster.wait_for_nodes()
+    yield prefill_node.node_id, decode_node.node_id
+    ray.shutdown()
+    cluster.shutdown()
+
+
+def test_pools_land_on_their_node_kind(three_nodes):
+    prefill_node, decode_node = three_nodes
+    config = ClusterConfig(
+        model="demo", namespace="splitserve-multinode",
+        prefill=PoolSpec(replicas=2, max_replicas=2, num_cpus=0.5, resources={"prefill_node": 1}, kv_cache_mb=32),
+        decode=PoolSpec(replicas=1, max_replicas=2, num_cpus=0.5, resources={"decode_node": 1}, kv_cache_mb=32),
+    )
+    controller = controller_class().options(name=CONTROLLER_NAME, namespace=config.namespace, num_cpus=0).remote(config.to_json())
+    try:
+        ray.get(controller.start.remote())
+        assert ray.get(controller.wait_ready.remote(240))
+        workers = ray.get(controller.status.remote())["workers"]
+        placed = sorted((w["role"], w["node_id"]) for w in workers if w["state"] == "ready")
+        assert placed == [("decode", decode_node), ("prefill", prefill_node), ("prefill", prefill_node)]
+    finally:
+        ray.get(controller.shutdown.remote())

@@ -1,0 +1,85 @@
+"""`splitserve up` as a user runs it: from a clean state, served, inspected, stopped with SIGTERM."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import openai
+
+ROOT = Path(__file__).resolve().parents[2]
+UP_LINE = re.compile(r"OpenAI API (http://\S+)/v1")
+
+
+def _descendants(pid: int) -> set[int]:
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(parent, []).append(int(entry.name))
+    found, todo = set(), [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def test_up_serves_reports_status_and_stops_cleanly(tmp_path):
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", XDG_RUNTIME_DIR=str(tmp_path))
+    process = subprocess.Popen([sys.executable, "-m", "cluster.cli", "up", "--port", "0", "--grpc-port", "0"],
+                               cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    output = []
+    try:
+        url = None
+        deadline = time.monotonic() + 240
+        while url is None and time.monotonic() < deadline:
+            line = process.stdout.readline()
+            assert line, "splitserve up exited early:\n" + "".join(output)
+            output.append(line)
+            if match := UP_LINE.search(line):
+                url = match.group(1)
+        assert url, "splitserve up did not come up:\n" + "".join(output)
+
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", timeout=60, max_retries=0)
+        reply = client.chat.completions.create(model="demo", messages=[{"role": "user", "content": "Hello there!"}], max_tokens=8)
+        assert reply.choices[0].message.content is not None and reply.usage.completion_tokens >= 1
+
+        status = subprocess.run([sys.executable, "-m", "cluster.cli", "status", "--url", url], cwd=ROOT, env=env,
+                                capture_output=True, text=True, timeout=60)
+        assert status.returncode == 0, status.stderr
+        rows = [line for line in status.stdout.splitlines() if re.match(r"(prefill|decode)-\w+ ", line)]
+        assert sorted(row.split()[1] for row in rows) == ["decode", "prefill"], status.stdout
+        assert all(" ready " in row for row in rows)
+
+        family = _descendants(process.pid)
+        assert family, "Ray and the workers run as children of `splitserve up`"
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=90)
+        assert process.returncode == 0, "".join(output) + process.stdout.read()
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and any(_alive(pid) for pid in family):
+            time.sleep(0.5)
+        strays = [pid for pid in family if _alive(pid)]
+        assert not strays, f"processes left behind: {strays}"
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(10)
