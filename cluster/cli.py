@@ -143,7 +143,18 @@ def build_parser() -> argparse.ArgumentParser:
     transfer_bench.add_argument("--quick", action="store_true", help="tiny sizes and few repeats (overrides the size flags)")
     transfer_bench.add_argument("--json", dest="json_path", default=None, help="write the rows to this file")
     transfer_bench.set_defaults(run=_run_bench_transfer)
+    serve_bench = bench_kinds.add_parser("serve", help="load generator for any OpenAI-compatible endpoint (vLLM bench serve metrics)")
+    from bench.serve_bench import add_arguments as add_serve_arguments
+
+    add_serve_arguments(serve_bench)
+    serve_bench.set_defaults(run=_run_bench_serve)
     return parser
+
+
+def _run_bench_serve(args: argparse.Namespace) -> int:
+    from bench.serve_bench import run
+
+    return run(args)
 
 
 def _run_generate(args: argparse.Namespace) -> int:
