@@ -148,7 +148,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_serve_arguments(serve_bench)
     serve_bench.set_defaults(run=_run_bench_serve)
+    router_bench = bench_kinds.add_parser("router", help="TTFT the router adds over the decode worker; highest sustained request rate")
+    from bench.router_bench import add_arguments as add_router_arguments
+
+    add_router_arguments(router_bench)
+    router_bench.set_defaults(run=_run_bench_router)
     return parser
+
+
+def _run_bench_router(args: argparse.Namespace) -> int:
+    from bench.router_bench import run
+
+    return run(args)
 
 
 def _run_bench_serve(args: argparse.Namespace) -> int:

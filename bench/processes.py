@@ -1,0 +1,69 @@
+"""Starting splitserve processes for benchmarks (workers, routers) through the CLI, and stopping them."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from contextlib import contextmanager
+
+
+def start(args: list[str], ready_marker: str, timeout_s: float = 180.0) -> tuple[subprocess.Popen, str]:
+    """Runs ``splitserve ARGS``; returns the process and the line that contained ``ready_marker``."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+    process = subprocess.Popen([sys.executable, "-m", "cluster.cli", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    lines: list[str] = []
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        line = process.stdout.readline()
+        if not line:
+            break
+        lines.append(line)
+        if ready_marker in line:
+            threading.Thread(target=lambda: [None for _ in process.stdout], daemon=True).start()
+            return process, line
+    process.kill()
+    raise RuntimeError(f"splitserve {' '.join(args)} did not start:\n{''.join(lines[-30:])}")
+
+
+def start_worker(role: str, *extra: str) -> tuple[subprocess.Popen, str]:
+    process, line = start(["worker", role, "--port", "0", *extra], "READY ")
+    return process, json.loads(line.split("READY ", 1)[1])["address"]
+
+
+def start_router(port: int, grpc_port: int, prefill: list[str], decode: list[str], *extra: str) -> subprocess.Popen:
+    args = ["router", "--port", str(port), "--grpc-port", str(grpc_port), "--log-level", "WARNING", "--decode", *decode]
+    if prefill:
+        args += ["--prefill", *prefill]
+    process, _ = start([*args, *extra], "OpenAI API at")
+    return process
+
+
+def stop(*processes: subprocess.Popen) -> None:
+    for process in processes:
+        if process.poll() is None:
+            process.terminate()
+    for process in processes:
+        try:
+            process.wait(15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+@contextmanager
+def running(*processes: subprocess.Popen):
+    try:
+        yield processes
+    finally:
+        stop(*processes)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
