@@ -19,17 +19,19 @@ import grpc
 from engine.config import EngineConfig
 from engine.engine import Engine
 from engine.errors import EngineError
-from engine.loop import RequestFailed
+from engine.loop import RequestFailed, RequestStream
 from engine.output import RequestOutput
-from kv_transfer.inbox import InboundState, KVInbox
+from kv_transfer.inbox import InboundState, KVInbox, TransferError
 from kv_transfer.receiver_service import KVReceiverService
 from kv_transfer.worker_base import WorkerBase, abort_on_error, logprob_from_wire, output_to_wire, sampling_params_from_wire
-from protos import decode_pb2, decode_pb2_grpc, kv_transfer_pb2_grpc
+from protos import common_pb2, decode_pb2, decode_pb2_grpc, kv_transfer_pb2_grpc
 
 log = logging.getLogger(__name__)
 
 DEFAULT_LEASE_MS = 30_000
 MAX_LEASE_MS = 600_000
+# A reservation's output stream waits this long for its client's Generate once the request ended.
+UNCLAIMED_STREAM_TTL_S = 60.0
 
 
 class DecodeWorker(WorkerBase, decode_pb2_grpc.DecodeWorkerServicer):
@@ -47,6 +49,10 @@ class DecodeWorker(WorkerBase, decode_pb2_grpc.DecodeWorkerServicer):
 
             self.nixl = NixlReceiver(self.unique_name, self.engine.kv_cache, self.inbox)
         self.receiver = KVReceiverService(self.inbox, self.layout, self.instance_id, self._abort_inbound, self.nixl)
+        # Engine thread only. Outputs of a reservation may come (even all of them) before its client
+        # calls Generate: the stream is kept here, reserve time attached, until claimed or swept.
+        self._unclaimed: dict[str, tuple[RequestStream, float]] = {}
+        self._next_sweep = 0.0
 
     def add_services(self, server: grpc.Server) -> None:
         decode_pb2_grpc.add_DecodeWorkerServicer_to_server(self, server)
@@ -83,7 +89,7 @@ class DecodeWorker(WorkerBase, decode_pb2_grpc.DecodeWorkerServicer):
         reservation = engine.reserve(request.request_id, list(request.prompt_token_ids), params)
         first_missing = reservation.num_cached_tokens // self.config.block_size
         self.inbox.open(request.request_id, reservation.block_ids[first_missing:], lease_ms / 1000.0, self.nixl is not None)
-        self.loop.watch(request.request_id)
+        self._unclaimed[request.request_id] = (self.loop.watch(request.request_id), time.monotonic())
         self.prompt_tokens += len(request.prompt_token_ids)
         self.prefix_hit_tokens += reservation.num_cached_tokens
         return reservation
@@ -91,7 +97,7 @@ class DecodeWorker(WorkerBase, decode_pb2_grpc.DecodeWorkerServicer):
     def Generate(self, request, context):
         try:
             stream = self._stream_for(request)
-        except (EngineError, ValueError) as exc:
+        except (EngineError, TransferError, ValueError) as exc:
             abort_on_error(context, exc)
         context.add_callback(lambda: self._cancel(request.request_id))
         try:
@@ -104,22 +110,24 @@ class DecodeWorker(WorkerBase, decode_pb2_grpc.DecodeWorkerServicer):
                     continue
                 yield output_to_wire(output)
                 if output.finished:
+                    if not request.reserved:
+                        self.prefix_hit_tokens += output.num_cached_tokens
                     return
         except RequestFailed as exc:
             context.abort(grpc.StatusCode.ABORTED, str(exc))
 
     def _stream_for(self, request):
         if request.reserved:
-            stream = self.loop.call(lambda engine: self.loop.stream_of(request.request_id))
-            if stream is None:
-                raise EngineError(f"no reservation {request.request_id!r} on this worker")
-            return stream
+            claimed = self.loop.call(lambda engine: self._unclaimed.pop(request.request_id, None))
+            if claimed is None:
+                raise TransferError(f"no reservation {request.request_id!r} waiting for its client on this worker", "NOT_FOUND")
+            return claimed[0]
         params = sampling_params_from_wire(request.params)
         self.prompt_tokens += len(request.prompt_token_ids)
         return self.loop.add_request(request.request_id, list(request.prompt_token_ids), params)
 
     def Abort(self, request, context):
-        return decode_pb2_grpc.common__pb2.AbortResponse(found=self._cancel(request.request_id))
+        return common_pb2.AbortResponse(found=self._cancel(request.request_id))
 
     def Stats(self, request, context):
         return self.stats(self.inbox.in_flight, self.inbox.leases_expired)
@@ -163,3 +171,12 @@ class DecodeWorker(WorkerBase, decode_pb2_grpc.DecodeWorkerServicer):
             if now >= inbound.release_time:
                 engine.abort(inbound.request_id)
                 self.inbox.forget(inbound.request_id)
+        if now >= self._next_sweep:
+            self._next_sweep = now + 1.0
+            self._sweep_unclaimed(engine, now)
+
+    def _sweep_unclaimed(self, engine: Engine, now: float) -> None:
+        """Engine thread: drop streams of ended reservations whose client never came."""
+        for request_id, (_, reserved_at) in list(self._unclaimed.items()):
+            if request_id not in engine.requests and now - reserved_at > UNCLAIMED_STREAM_TTL_S:
+                del self._unclaimed[request_id]

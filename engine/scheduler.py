@@ -79,6 +79,7 @@ class Scheduler:
                 f"have {self.allocator.num_free_blocks}"
             )
         self._take_blocks(request, hits, needed)
+        request.num_cached_tokens = len(hits) * self.config.block_size
         request.transition(RequestState.WAITING_FOR_KV)
         self.awaiting_kv[request.request_id] = request
 

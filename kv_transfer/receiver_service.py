@@ -66,7 +66,12 @@ class KVReceiverService(kv_transfer_pb2_grpc.KVReceiverServicer):
             if request_id is not None and exc.code != "NOT_FOUND":
                 self.on_abort(request_id, str(exc))
             context.abort(getattr(grpc.StatusCode, exc.code), str(exc))
-        # The stream ended (or broke) without a commit: the sender is gone.
+        except grpc.RpcError:
+            # The stream broke (sender gone, or a message over the size limit): nobody will commit.
+            if request_id is not None:
+                self.on_abort(request_id, "the KV stream broke before a commit")
+            raise
+        # The stream ended without a commit: the sender gave up.
         if request_id is not None:
             self.on_abort(request_id, "prefill worker closed the KV stream without committing")
         context.abort(grpc.StatusCode.CANCELLED, "KV stream ended without a commit")
@@ -81,9 +86,10 @@ class KVReceiverService(kv_transfer_pb2_grpc.KVReceiverServicer):
         return chunk.request_id
 
     def Commit(self, request, context):
+        if request.instance_id and request.instance_id != self.instance_id:
+            # Not about any reservation of this instance: leave them alone.
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"ticket is for instance {request.instance_id}; this worker is {self.instance_id}")
         try:
-            if request.instance_id and request.instance_id != self.instance_id:
-                raise TransferError(f"ticket is for instance {request.instance_id}; this worker is {self.instance_id}", "FAILED_PRECONDITION")
             if request.abort:
                 self.on_abort(request.request_id, request.abort_reason or "aborted by the prefill worker")
                 return kv_transfer_pb2.CommitResponse()

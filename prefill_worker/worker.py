@@ -31,6 +31,9 @@ log = logging.getLogger(__name__)
 
 COMMIT_TIMEOUT_S = 30.0
 RELEASE_TIMEOUT_S = 10.0
+# layer: push each layer as soon as it is computed. request: push every layer once the whole prompt
+# is computed (the baseline that `splitserve bench transfer` compares layer-by-layer against).
+PUSH_MODES = ("layer", "request")
 
 
 @dataclass
@@ -47,8 +50,11 @@ class PrefillWorker(WorkerBase, prefill_pb2_grpc.PrefillWorkerServicer):
     role = "prefill"
     service_names = ("splitserve.PrefillWorker",)
 
-    def __init__(self, config: EngineConfig, transport: str = "grpc", verify_checksums: bool = True, **kwargs) -> None:
+    def __init__(self, config: EngineConfig, transport: str = "grpc", verify_checksums: bool = True, push_mode: str = "layer", **kwargs) -> None:
+        if push_mode not in PUSH_MODES:
+            raise ValueError(f"unknown push mode {push_mode!r}; use {' or '.join(PUSH_MODES)}")
         super().__init__(config, **kwargs)
+        self.push_mode = push_mode
         self.sender = self._make_sender(transport, verify_checksums)
         self._outbound: dict[str, Outbound] = {}  # engine thread only
 
@@ -77,6 +83,7 @@ class PrefillWorker(WorkerBase, prefill_pb2_grpc.PrefillWorkerServicer):
             if not request.HasField("ticket"):
                 raise InvalidRequestError("a prefill needs the decode worker's ticket")
             params = dataclasses.replace(sampling_params_from_wire(request.params), max_tokens=1)
+            self.sender.peer(request.ticket)  # handshake first: a layout mismatch explains a block-count mismatch
             expected_blocks = -(-len(request.prompt_token_ids) // self.config.block_size)
             if len(request.ticket.block_ids) != expected_blocks:
                 raise InvalidRequestError(f"ticket has {len(request.ticket.block_ids)} blocks for a prompt of {expected_blocks}")
@@ -153,13 +160,19 @@ class PrefillWorker(WorkerBase, prefill_pb2_grpc.PrefillWorkerServicer):
                 continue
             end = chunk.start + len(chunk.token_ids)
             last = -(-outbound.prompt_len // bs) if end >= outbound.prompt_len else end // bs
-            first = outbound.sent[layer]
-            if last > first:
-                dst = outbound.session.ticket.block_ids[first:last]
-                outbound.session.push_layer(self.engine.kv_cache, layer, chunk.block_ids[first:last], dst)
-                outbound.sent[layer] = last
-            if layer == len(outbound.sent) - 1 and end >= outbound.prompt_len:
-                outbound.last_layer_done = time.perf_counter()
+            prompt_computed = layer == len(outbound.sent) - 1 and end >= outbound.prompt_len
+            if prompt_computed:
+                outbound.last_layer_done = time.perf_counter()  # stamped before the push: pushing is transfer time
+            if self.push_mode == "layer":
+                layers = [layer]
+            else:
+                layers = range(len(outbound.sent)) if prompt_computed else []
+            for pushed in layers:
+                first = outbound.sent[pushed]
+                if last > first:
+                    dst = outbound.session.ticket.block_ids[first:last]
+                    outbound.session.push_layer(self.engine.kv_cache, pushed, chunk.block_ids[first:last], dst)
+                    outbound.sent[pushed] = last
 
     def after_step(self, engine: Engine, outputs: list[RequestOutput]) -> None:
         """Blocks of finished requests may be reused by the next step: wait until no transfer reads them."""

@@ -210,3 +210,14 @@ def test_demo_preset_generates_deterministically():
     first = Engine(EngineConfig(model="demo")).generate(["hello"], SamplingParams(max_tokens=8, temperature=0.0))
     second = Engine(EngineConfig(model="demo")).generate(["hello"], SamplingParams(max_tokens=8, temperature=0.0))
     assert first[0].token_ids == second[0].token_ids and len(first[0].token_ids) >= 1
+
+
+def test_fingerprint_tells_checkpoints_of_the_same_shape_apart(tmp_path):
+    from engine.weights import load_model
+
+    write_checkpoint(tmp_path / "a", "LlamaForCausalLM", seed=1)
+    write_checkpoint(tmp_path / "b", "LlamaForCausalLM", seed=2)
+    write_checkpoint(tmp_path / "c", "LlamaForCausalLM", seed=1)
+    fingerprints = [load_model(str(tmp_path / name)).fingerprint for name in "abc"]
+    assert fingerprints[0] != fingerprints[1]
+    assert fingerprints[0] == fingerprints[2]

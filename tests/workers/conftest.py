@@ -18,13 +18,13 @@ from pathlib import Path
 import pytest
 
 from tests.checkpoints import write_checkpoint
-from tests.workers.harness import WorkerProcess, start_workers
+from tests.workers.harness import WorkerProcess, abort_leftover_reservations, start_workers, stop_workers
 
 TRANSPORTS = ("grpc", "nixl")
 SLOW_SHAPE = dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=12, num_attention_heads=8,
                   num_key_value_heads=4, max_position_embeddings=2048)
 SLOW_CHUNK = ("--max-num-batched-tokens", "128")
-SLOW_DECODE_LEASE_MS = 3000
+SLOW_DECODE_LEASE_MS = 4000
 SLOW_DECODE_POOL_MB = 20  # 106 blocks of the slow model: one 1,500-token prompt fits, two do not
 LONG_PROMPT_LEN = 1500
 
@@ -75,8 +75,14 @@ def cluster(request, checkpoints: Checkpoints):
     )
     cluster = Cluster(transport, *workers)
     yield cluster
-    for worker in cluster.workers:
-        worker.stop()
+    stop_workers(cluster.workers)
+
+
+@pytest.fixture(autouse=True)
+def _no_leftover_reservations():
+    """A failed test's reservations must not make the next test's pool checks fail too."""
+    yield
+    abort_leftover_reservations()
 
 
 @pytest.fixture

@@ -8,13 +8,14 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from dataclasses import dataclass, field
 
 import grpc
 
 from protos import common_pb2, decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
 
-START_TIMEOUT_S = 90
+START_TIMEOUT_S = 180  # several workers start at once on two shared cores
 
 
 @dataclass
@@ -67,6 +68,15 @@ def start_workers(*specs: tuple) -> list[WorkerProcess]:
         for worker in launched:
             worker.stop()
         raise
+
+
+def stop_workers(workers: list[WorkerProcess]) -> None:
+    """Asks every worker to stop at once, then waits for each (killing stragglers)."""
+    for worker in workers:
+        if worker.process.poll() is None:
+            worker.process.terminate()
+    for worker in workers:
+        worker.stop()
 
 
 def launch_worker(role: str, model: str, transport: str = "grpc", *extra: str) -> WorkerProcess:
@@ -171,3 +181,50 @@ def wait_idle(worker: WorkerProcess, timeout: float = 10.0) -> common_pb2.Worker
     except AssertionError as exc:
         raise AssertionError(f"{exc}; last stats: {last[0] if last else None}") from None
     return last[0]
+
+
+def new_id(tag: str) -> str:
+    return f"{tag}-{uuid.uuid4().hex[:8]}"
+
+
+# Reservations made through reserve(), so a failed test's leftovers can be aborted after it.
+_reserved: list[tuple[WorkerProcess, str]] = []
+
+
+def reserve(decode: WorkerProcess, request_id: str, prompt: list[int], params: common_pb2.SamplingParams | None = None,
+            lease_ms: int = 0) -> decode_pb2.Ticket:
+    request = decode_pb2.ReserveRequest(request_id=request_id, prompt_token_ids=prompt, params=params or wire_params(4), lease_ms=lease_ms)
+    _reserved.append((decode, request_id))
+    return decode.stub.Reserve(request, timeout=10)
+
+
+def abort_leftover_reservations() -> None:
+    while _reserved:
+        decode, request_id = _reserved.pop()
+        if decode.process.poll() is None:
+            try:
+                decode.stub.Abort(common_pb2.AbortRequest(request_id=request_id), timeout=5)
+            except grpc.RpcError:
+                pass
+
+
+def prefill_future(prefill: WorkerProcess, request_id: str, prompt: list[int], ticket: decode_pb2.Ticket,
+                   params: common_pb2.SamplingParams | None = None, timeout: float = 30):
+    request = prefill_pb2.PrefillRequest(request_id=request_id, prompt_token_ids=prompt, params=params or wire_params(4), ticket=ticket)
+    return prefill.stub.Prefill.future(request, timeout=timeout)
+
+
+def claim(decode: WorkerProcess, request_id: str, timeout: float = 30):
+    """The client side of a reserved request's Generate stream (started at once; iterate to read)."""
+    return decode.stub.Generate(decode_pb2.GenerateRequest(request_id=request_id, reserved=True), timeout=timeout)
+
+
+def rpc_error(call, *args, **kwargs) -> grpc.RpcError:
+    """Runs ``call`` (or drains the stream it returns) and returns the gRPC error it must end with."""
+    try:
+        result = call(*args, **kwargs)
+        if hasattr(result, "__next__"):
+            list(result)
+    except grpc.RpcError as exc:
+        return exc
+    raise AssertionError(f"{call} succeeded; expected a gRPC error status")

@@ -2,18 +2,13 @@
 
 from __future__ import annotations
 
-import uuid
 from concurrent.futures import ThreadPoolExecutor
 
 from tests.checkpoints import hf_greedy
 from tests.workers.conftest import random_prompt
-from tests.workers.harness import aggregated, disaggregated, run_disaggregated, wait_idle, wire_params
+from tests.workers.harness import aggregated, disaggregated, new_id, run_disaggregated, wait_idle, wire_params
 
 MAX_TOKENS = 10
-
-
-def _id(tag: str) -> str:
-    return f"{tag}-{uuid.uuid4().hex[:8]}"
 
 
 def test_batch_matches_transformers_and_aggregated(cluster, checkpoints, rng):
@@ -24,12 +19,12 @@ def test_batch_matches_transformers_and_aggregated(cluster, checkpoints, rng):
     params = wire_params(MAX_TOKENS)
 
     with ThreadPoolExecutor(len(prompts)) as pool:  # concurrent, so P and D batch them
-        results = list(pool.map(lambda p: disaggregated(cluster.prefill, cluster.decode, _id("batch"), p, params)[0], prompts))
+        results = list(pool.map(lambda p: disaggregated(cluster.prefill, cluster.decode, new_id("batch"), p, params)[0], prompts))
     for length, got, want in zip(lengths, results, expected):
         assert got == want, f"disaggregated output differs from transformers for a {length}-token prompt"
 
     for length, prompt, want in zip(lengths, prompts, expected):
-        assert aggregated(cluster.decode, _id("agg"), prompt, params) == want, f"aggregated path differs for {length} tokens"
+        assert aggregated(cluster.decode, new_id("agg"), prompt, params) == want, f"aggregated path differs for {length} tokens"
     wait_idle(cluster.prefill)
     wait_idle(cluster.decode)
 
@@ -48,12 +43,12 @@ def test_concurrent_requests_with_shared_prefixes(cluster, checkpoints, rng):
     p_before, d_before = cluster.prefill.stats(), cluster.decode.stats()
 
     with ThreadPoolExecutor(16) as pool:
-        results = list(pool.map(lambda p: disaggregated(cluster.prefill, cluster.decode, _id("burst"), p, params)[0], prompts))
+        results = list(pool.map(lambda p: disaggregated(cluster.prefill, cluster.decode, new_id("burst"), p, params)[0], prompts))
     for i, (got, want) in enumerate(zip(results, expected)):
         assert got == want, f"request {i} ({len(prompts[i])} tokens) differs from transformers"
 
     # Once the burst is done, a repeated prompt is served from both prefix caches.
-    repeat = run_disaggregated(cluster.prefill, cluster.decode, _id("repeat"), prompts[3], params)
+    repeat = run_disaggregated(cluster.prefill, cluster.decode, new_id("repeat"), prompts[3], params)
     assert repeat.tokens == expected[3]
     full_blocks = len(prompts[3]) // 16 * 16
     assert repeat.ticket.num_cached_tokens == full_blocks, "decode worker did not reuse its cached prefix"
