@@ -56,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--push-mode", choices=["layer", "request"], default="layer",
                         help="prefill: push KV layer by layer as computed, or all of it after the prompt (a baseline)")
     worker.add_argument("--worker-id", default=None)
+    worker.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus /metrics on this port (0: any)")
     worker.set_defaults(run=_run_worker)
 
     up = commands.add_parser("up", help="start the cluster (embedded Ray by default) and serve the OpenAI API")
@@ -153,7 +154,41 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_router_arguments(router_bench)
     router_bench.set_defaults(run=_run_bench_router)
+    compare_bench = bench_kinds.add_parser("compare", help="aggregated vs disaggregated serving over a sweep of request rates; goodput")
+    from bench.compare import add_arguments as add_compare_arguments
+
+    add_compare_arguments(compare_bench)
+    compare_bench.set_defaults(run=_run_bench_compare)
+    profile_bench = bench_kinds.add_parser("profile", help="prefill/decode step latency of this engine here, fitted for `simulate`")
+    from bench.profile import add_arguments as add_profile_arguments
+
+    add_profile_arguments(profile_bench)
+    profile_bench.set_defaults(run=_run_bench_profile)
+
+    simulate = commands.add_parser("simulate", help="discrete-event simulation of a prefill/decode cluster; split search; validation")
+    from bench.simulator import add_arguments as add_simulate_arguments
+
+    add_simulate_arguments(simulate)
+    simulate.set_defaults(run=_run_simulate)
     return parser
+
+
+def _run_bench_compare(args: argparse.Namespace) -> int:
+    from bench.compare import run
+
+    return run(args)
+
+
+def _run_bench_profile(args: argparse.Namespace) -> int:
+    from bench.profile import run
+
+    return run(args)
+
+
+def _run_simulate(args: argparse.Namespace) -> int:
+    from bench.simulator import run
+
+    return run(args)
 
 
 def _run_bench_router(args: argparse.Namespace) -> int:
@@ -206,6 +241,8 @@ def _run_worker(args: argparse.Namespace) -> int:
 
             worker = DecodeWorker(engine_config_from_args(args), default_lease_ms=args.lease_ms, **common)
         address = worker.start()
+        if args.metrics_port is not None:
+            print(f"metrics on port {worker.serve_metrics(args.metrics_port)}", flush=True)
     except (EngineError, OSError, ValueError) as exc:
         print(f"splitserve: {exc}", file=sys.stderr)
         return 2

@@ -74,15 +74,24 @@ async def follow_membership(controller, router: Router) -> None:
             router.pool.draining(address, worker["state"] == "draining")
 
 
-async def report_latencies(controller, router: Router, config: ClusterConfig) -> None:
+async def exchange_with_planner(controller, router: Router, config: ClusterConfig) -> None:
+    """Sends the router's latency window to the planner; counts the planner's decisions in /metrics."""
+    metrics = router.frontend.metrics
+    seen = 0.0
     while True:
         await asyncio.sleep(config.planner.interval_s / 2)
-        frontend = router.frontend
-        summary = frontend.metrics.window.summary(config.planner.window_s, frontend.admission.waiting)
+        summary = metrics.window.summary(config.planner.window_s, router.frontend.admission.waiting)
         try:
             await controller.report.remote(summary)
+            decisions = (await controller.status.remote())["planner"]["decisions"]
         except ray.exceptions.RayError as exc:
-            log.warning("latency report failed: %s", exc)
+            log.warning("planner exchange failed: %s", exc)
+            continue
+        for decision in decisions:
+            if decision["at"] > seen:
+                direction = "up" if decision["target"] > decision["current"] else "down"
+                metrics.planner_decisions.labels(decision["role"], direction).inc()
+                seen = decision["at"]
 
 
 async def run_cluster(config: ClusterConfig, stop: asyncio.Event, on_ready=None) -> None:
@@ -94,7 +103,7 @@ async def run_cluster(config: ClusterConfig, stop: asyncio.Event, on_ready=None)
                                  local_prefill_threshold=config.local_prefill_threshold, health_interval_s=config.health_interval_s)
     router = Router(router_config, RayControlPlane(controller))
     await router.start()
-    tasks = [asyncio.create_task(follow_membership(controller, router)), asyncio.create_task(report_latencies(controller, router, config))]
+    tasks = [asyncio.create_task(follow_membership(controller, router)), asyncio.create_task(exchange_with_planner(controller, router, config))]
     try:
         if not await controller.wait_ready.remote():
             raise RuntimeError("workers did not become ready in time")

@@ -90,8 +90,7 @@ class DecodeWorker(WorkerBase, decode_pb2_grpc.DecodeWorkerServicer):
         first_missing = reservation.num_cached_tokens // self.config.block_size
         self.inbox.open(request.request_id, reservation.block_ids[first_missing:], lease_ms / 1000.0, self.nixl is not None)
         self._unclaimed[request.request_id] = (self.loop.watch(request.request_id), time.monotonic())
-        self.prompt_tokens += len(request.prompt_token_ids)
-        self.prefix_hit_tokens += reservation.num_cached_tokens
+        self.counters.add(prompt_tokens=len(request.prompt_token_ids), prefix_hit_tokens=reservation.num_cached_tokens)
         return reservation
 
     def Generate(self, request, context):
@@ -110,8 +109,8 @@ class DecodeWorker(WorkerBase, decode_pb2_grpc.DecodeWorkerServicer):
                     continue
                 yield output_to_wire(output)
                 if output.finished:
-                    if not request.reserved:
-                        self.prefix_hit_tokens += output.num_cached_tokens
+                    self.counters.add(requests_finished=1, generated_tokens=output.num_output_tokens,
+                                      prefix_hit_tokens=0 if request.reserved else output.num_cached_tokens)
                     return
         except RequestFailed as exc:
             context.abort(grpc.StatusCode.ABORTED, str(exc))
@@ -123,17 +122,14 @@ class DecodeWorker(WorkerBase, decode_pb2_grpc.DecodeWorkerServicer):
                 raise TransferError(f"no reservation {request.request_id!r} waiting for its client on this worker", "NOT_FOUND")
             return claimed[0]
         params = sampling_params_from_wire(request.params)
-        self.prompt_tokens += len(request.prompt_token_ids)
+        self.counters.add(prompt_tokens=len(request.prompt_token_ids))
         return self.loop.add_request(request.request_id, list(request.prompt_token_ids), params)
 
     def Abort(self, request, context):
         return common_pb2.AbortResponse(found=self._cancel(request.request_id))
 
-    def Stats(self, request, context):
-        return self.stats(self.inbox.in_flight, self.inbox.leases_expired)
-
-    def SubscribeKVEvents(self, request, context):
-        yield from self.kv_event_batches(context)
+    def transfer_state(self) -> tuple[int, int]:
+        return self.inbox.in_flight, self.inbox.leases_expired
 
     # -- reservations ending ----------------------------------------------------------------------
 
@@ -150,6 +146,10 @@ class DecodeWorker(WorkerBase, decode_pb2_grpc.DecodeWorkerServicer):
     def _on_commit(self, request_id: str, first_token_id: int, first_logprob) -> None:
         """Transport thread: all KV landed and verified; the engine adopts it."""
         logprob = logprob_from_wire(first_logprob)
+        inbound = self.inbox.get(request_id)
+        if inbound is not None:
+            self.counters.add(kv_transfers_completed=1, kv_transfer_bytes=inbound.bytes_received,
+                              kv_transfer_seconds=time.monotonic() - inbound.opened_at)
 
         def adopt(engine: Engine) -> None:
             self.inbox.forget(request_id)
@@ -165,6 +165,7 @@ class DecodeWorker(WorkerBase, decode_pb2_grpc.DecodeWorkerServicer):
         for inbound in self.inbox.stopped():
             if not inbound.client_told:
                 inbound.client_told = True
+                self.counters.add(kv_transfers_failed=1)
                 stream = self.loop.detach(inbound.request_id)
                 if stream is not None:
                     stream.put(RequestFailed(inbound.reason))

@@ -54,6 +54,7 @@ class Inbound:
     bytes_received: int = 0
     reason: str = ""
     client_told: bool = False  # the decode worker failed the request's stream already
+    opened_at: float = field(default_factory=time.monotonic)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property

@@ -21,9 +21,12 @@ Wire contract between two workers:
 Threading: every public method (here and on ``WriteHandle``) may be called from any thread. The
 NIXL agent is created without internal locking, so one lock inside ``NixlPool`` serialises every
 call into it; calls hold it for microseconds, and ``WriteHandle.wait`` sleeps without it.
-Progress: without NIXL's progress thread (the default, see ``NixlPool``), a transfer advances only
-inside calls into the agent — the sender's ``done()``/``wait()``/``write()``, the receiver's
-``poll_notifications()``. Poll them; nothing happens in the background.
+Progress — the sender must poll every write to completion. NIXL sends a write's notification
+from the post itself only if the write finished there; otherwise from the first status check that
+sees it finished. A write nobody polls never notifies its peer. Poll each handle (``done()`` /
+``wait()``) or call ``NixlPool.progress()`` for all of them. Without NIXL's progress thread (the
+default, see ``NixlPool``) the data, too, moves only inside calls into the agent, and the receiver
+gets notifications only inside ``poll_notifications()``. Nothing happens in the background.
 
 Handles: every NIXL transfer handle is released exactly once — by ``write()`` itself when the
 post completes at once (usual for DRAM, where UCX copies with CMA inside the post), by
@@ -33,6 +36,7 @@ flight), by ``remove_peer`` for that peer's writes, or by ``close()``.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -52,6 +56,7 @@ DRAM = "DRAM"
 VRAM = "VRAM"
 _LOCAL = "NIXL_INIT_AGENT"  # NIXL's name for "the initiator's own memory" when preparing lists
 _POLL_INTERVAL_S = 100e-6
+_TEARDOWN_PROGRESS_ROUNDS = 3
 
 # NIXL status strings returned by transfer() / check_xfer_state().
 _DONE, _IN_PROGRESS = "DONE", "PROC"
@@ -157,7 +162,9 @@ class WriteHandle:
         while not self.done():
             if time.monotonic() >= deadline:
                 self._abort(f"write to {self.peer_agent_name} not complete after {timeout:.3g} s")
-                raise TransferError(self._error)
+                if self._error is not None:  # else it finished at the last moment
+                    raise TransferError(self._error)
+                return
             time.sleep(_POLL_INTERVAL_S)
 
     def release(self) -> None:
@@ -219,14 +226,18 @@ class NixlPool:
         )
         self._pool = pool  # keeps the registered memory alive as long as the agent
         self._lock = threading.RLock()
-        self._agent: Any = nixl_agent(name, nixl_agent_config(enable_prog_thread=progress_thread, backends=["UCX"]))
-        row = np.array([[self.descriptor.base_address, self.descriptor.nbytes, device_id]], dtype=np.uint64)
-        self._registration = self._agent.register_memory(row, memory)
+        # VRAM: UCX registers GPU memory in the current CUDA context, so make the pool's device current.
+        with torch.cuda.device(pool.device) if memory == VRAM else contextlib.nullcontext():
+            config = nixl_agent_config(enable_prog_thread=progress_thread, backends=["UCX"])
+            self._agent: Any = nixl_agent(name, config)
+            row = np.array([[self.descriptor.base_address, self.descriptor.nbytes, device_id]], dtype=np.uint64)
+            self._registration = self._agent.register_memory(row, memory)
         self._peers: dict[str, bytes] = {}  # agent name -> the metadata we loaded
         self._local_grids: dict[int, Any] = {}  # region size -> prepared list over our pool
         self._remote_grids: dict[tuple[PoolDescriptor, int], Any] = {}  # (peer, size) -> prepared list
         self._live_writes: set[WriteHandle] = set()
         self._unreleased: list[Any] = []
+        self._inbox: list[tuple[str, bytes]] = []  # notifications taken from NIXL, not yet polled
         self._closed = False
 
     # -- peers -------------------------------------------------------------------------------
@@ -279,8 +290,12 @@ class NixlPool:
     ) -> WriteHandle:
         """Post one NIXL WRITE of len(src_offsets) regions (each nbytes) from our pool into the
         peer's pool, with ``notification`` delivered to the peer once all of them have landed.
-        Non-blocking. Offsets are byte offsets from each pool's start, multiples of ``nbytes``.
-        Raises ValueError for bad offsets, TransferError if the peer is unknown or NIXL refuses."""
+        Offsets are byte offsets from each pool's start, multiples of ``nbytes``.
+
+        Never waits for the peer, but on DRAM the copy itself usually runs inside this call (UCX's
+        CMA transport writes into the peer's memory while posting), so the caller pays about one
+        memcpy of the data. Raises ValueError for bad offsets, TransferError if the peer is unknown,
+        gone, or NIXL refuses."""
         if nbytes <= 0:
             raise ValueError(f"region size must be positive, got {nbytes}")
         if len(src_offsets) != len(dst_offsets) or len(src_offsets) == 0:
@@ -316,12 +331,22 @@ class NixlPool:
 
     def poll_notifications(self) -> list[tuple[str, bytes]]:
         """Notifications that arrived since the last poll, as (sender agent name, message); each
-        sender's in the order it sent them (no order is defined across senders). Also drives
-        progress on this agent. Senders need not be loaded peers."""
+        sender's in the order it sent them (no order is defined across senders). A sender sends a
+        write's notification when it sees the write complete, which need not be posting order.
+        Also drives progress on this agent. Senders need not be loaded peers."""
         with self._lock:
             self._check_open()
-            arrived = self._agent.get_new_notifs()
-        return [(str(sender), bytes(message)) for sender, messages in arrived.items() for message in messages]
+            self._progress_agent_locked()
+            arrived, self._inbox = self._inbox, []
+        return arrived
+
+    def progress(self) -> None:
+        """Poll every write in flight once: finished ones are released and their notifications
+        sent (see "Progress" above); failures are kept for their handle's ``done()`` to raise."""
+        with self._lock:
+            self._check_open()
+            for handle in list(self._live_writes):
+                handle._poll_locked()
 
     @property
     def pending_writes(self) -> int:
@@ -348,6 +373,11 @@ class NixlPool:
             for prepared in self._local_grids.values():
                 _quietly(prepared.release, f"release of a prepared list on {self.name}")
             self._local_grids.clear()
+            # UCX aborts the process when a worker is destroyed with a failed request's cleanup
+            # still queued (seen after a write to a killed peer); one progress round flushes it.
+            for _ in range(_TEARDOWN_PROGRESS_ROUNDS):
+                _quietly(self._progress_agent_locked, f"progress before teardown of {self.name}")
+            self._inbox.clear()
             _quietly(lambda: self._agent.deregister_memory(self._registration), f"deregistration on {self.name}")
             self._agent = None  # the agent is destroyed with its last reference
 
@@ -378,7 +408,13 @@ class NixlPool:
             elif status != _IN_PROGRESS:
                 handle._finish_locked(f"write to {handle.peer_agent_name} failed: NIXL status {status}")
         if handle._error is not None:
+            self._progress_agent_locked()  # let UCX clean up the failed request now (see close())
             raise TransferError(handle._error)
+
+    def _progress_agent_locked(self) -> None:
+        """One round of NIXL/UCX progress; notifications it yields wait in the inbox."""
+        arrived = self._agent.get_new_notifs()
+        self._inbox += [(str(sender), bytes(message)) for sender, messages in arrived.items() for message in messages]
 
     def _local_grid(self, nbytes: int) -> Any:
         prepared = self._local_grids.get(nbytes)

@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import logging
 import queue
+import threading
 import uuid
+from dataclasses import dataclass, field, fields
 from concurrent import futures
 
 import grpc
+from prometheus_client import CollectorRegistry, start_http_server
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -24,6 +27,7 @@ from kv_transfer.inbox import TransferError
 from kv_transfer.layout import layout_message
 from kv_transfer.sender import channel_options
 from protos import common_pb2, decode_pb2
+from protos.worker_metrics import worker_metrics
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +36,30 @@ _EVENT_KINDS = {
     KVEventKind.REMOVED: common_pb2.KVEvent.REMOVED,
     KVEventKind.CLEARED: common_pb2.KVEvent.CLEARED,
 }
+
+
+@dataclass
+class WorkerCounters:
+    """Cumulative counters of one worker: any thread adds, Stats (and so /metrics) reads."""
+
+    prompt_tokens: int = 0
+    prefix_hit_tokens: int = 0
+    generated_tokens: int = 0
+    requests_finished: int = 0
+    kv_transfer_bytes: int = 0
+    kv_transfers_completed: int = 0
+    kv_transfers_failed: int = 0
+    kv_transfer_seconds: float = 0.0
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def add(self, **amounts: float) -> None:
+        with self._lock:
+            for name, amount in amounts.items():
+                setattr(self, name, getattr(self, name) + amount)
+
+    def snapshot(self) -> dict:
+        with self._lock:
+            return {f.name: getattr(self, f.name) for f in fields(self) if not f.name.startswith("_")}
 
 
 class WorkerBase:
@@ -51,8 +79,8 @@ class WorkerBase:
         if self.port == 0:
             raise OSError(f"cannot bind {host}:{port}")
         self.address = f"{host}:{self.port}"
-        self.prefix_hit_tokens = 0
-        self.prompt_tokens = 0
+        self.counters = WorkerCounters()
+        self.transport = "grpc"
         self.draining = False  # set by the control plane: routers stop sending new work here
 
     @property
@@ -90,8 +118,19 @@ class WorkerBase:
 
     # -- shared RPCs ------------------------------------------------------------------------------
 
-    def stats(self, transfers_in_flight: int = 0, leases_expired: int = 0) -> common_pb2.WorkerStats:
+    def transfer_state(self) -> tuple[int, int]:
+        """(transfers in flight, leases expired); each worker knows its own."""
+        return 0, 0
+
+    def Stats(self, request, context):
+        return self.stats()
+
+    def SubscribeKVEvents(self, request, context):
+        yield from self.kv_event_batches(context)
+
+    def stats(self) -> common_pb2.WorkerStats:
         snapshot = self.loop.call(lambda engine: engine.stats())
+        transfers_in_flight, leases_expired = self.transfer_state()
         return common_pb2.WorkerStats(
             worker_id=self.worker_id,
             role=self.role,
@@ -104,11 +143,18 @@ class WorkerBase:
             waiting_for_kv=snapshot.waiting_for_kv,
             transfers_in_flight=transfers_in_flight,
             leases_expired=leases_expired,
-            prefix_hit_tokens=self.prefix_hit_tokens,
-            prompt_tokens=self.prompt_tokens,
             block_size=self.config.block_size,
             draining=self.draining,
+            transport=self.transport,
+            **self.counters.snapshot(),
         )
+
+    def serve_metrics(self, port: int) -> int:
+        """Serves this worker's Prometheus metrics over HTTP on ``port`` (0: any); returns the port."""
+        registry = CollectorRegistry()
+        registry.register(_StatsCollector(self))
+        server, _ = start_http_server(port, addr=self.address.rsplit(":", 1)[0], registry=registry)
+        return server.server_port
 
     def busy(self) -> bool:
         """Any request still in this worker's engine (queued, running or waiting for KV)."""
@@ -134,6 +180,16 @@ class WorkerBase:
                 )
             if None in batch:
                 return  # fell behind: the client resubscribes and gets a fresh snapshot
+
+
+class _StatsCollector:
+    """Reads the worker's Stats at scrape time: one source for gRPC Stats and /metrics."""
+
+    def __init__(self, worker: WorkerBase) -> None:
+        self.worker = worker
+
+    def collect(self):
+        yield from worker_metrics([self.worker.stats()])
 
 
 def _drain(events: queue.Queue) -> list:

@@ -54,6 +54,7 @@ class PrefillWorker(WorkerBase, prefill_pb2_grpc.PrefillWorkerServicer):
         if push_mode not in PUSH_MODES:
             raise ValueError(f"unknown push mode {push_mode!r}; use {' or '.join(PUSH_MODES)}")
         super().__init__(config, **kwargs)
+        self.transport = transport
         self.push_mode = push_mode
         self.sender = self._make_sender(transport, verify_checksums)
         self._outbound: dict[str, Outbound] = {}  # engine thread only
@@ -96,9 +97,12 @@ class PrefillWorker(WorkerBase, prefill_pb2_grpc.PrefillWorkerServicer):
             session.commit(output.token_ids[0], first_logprob, COMMIT_TIMEOUT_S)
         except (EngineError, TransferError, ValueError) as exc:
             if session is not None:
+                self.counters.add(kv_transfers_failed=1)
                 self._cancel(request.request_id, session, str(exc))
             abort_on_error(context, exc)
         done = time.perf_counter()
+        self.counters.add(kv_transfers_completed=1, kv_transfer_bytes=session.bytes_sent, kv_transfer_seconds=done - outbound.last_layer_done,
+                          requests_finished=1, generated_tokens=1)
         response = prefill_pb2.PrefillResponse(
             first_token_id=output.token_ids[0],
             num_cached_tokens=output.num_cached_tokens,
@@ -113,7 +117,7 @@ class PrefillWorker(WorkerBase, prefill_pb2_grpc.PrefillWorkerServicer):
     def _start(self, engine: Engine, request, params, outbound: Outbound):
         engine.add_request(request.request_id, list(request.prompt_token_ids), params)
         self._outbound[request.request_id] = outbound
-        self.prompt_tokens += outbound.prompt_len
+        self.counters.add(prompt_tokens=outbound.prompt_len)
         return self.loop.watch(request.request_id)
 
     def _await_first_token(self, stream, session: OutboundSession, context) -> RequestOutput:
@@ -129,7 +133,7 @@ class PrefillWorker(WorkerBase, prefill_pb2_grpc.PrefillWorkerServicer):
             if output.finish_reason == "abort":
                 raise TransferError(session.failed or "prefill aborted", "ABORTED")
             if output.token_ids:
-                self.prefix_hit_tokens += output.num_cached_tokens
+                self.counters.add(prefix_hit_tokens=output.num_cached_tokens)
                 return output
 
     def _cancel(self, request_id: str, session: OutboundSession, reason: str = "aborted by the client") -> bool:
@@ -144,11 +148,8 @@ class PrefillWorker(WorkerBase, prefill_pb2_grpc.PrefillWorkerServicer):
             return common_pb2.AbortResponse(found=self.loop.abort(request.request_id))
         return common_pb2.AbortResponse(found=self._cancel(request.request_id, outbound.session))
 
-    def Stats(self, request, context):
-        return self.stats(transfers_in_flight=self.loop.call(lambda engine: len(self._outbound)))
-
-    def SubscribeKVEvents(self, request, context):
-        yield from self.kv_event_batches(context)
+    def transfer_state(self) -> tuple[int, int]:
+        return self.loop.call(lambda engine: len(self._outbound)), 0
 
     # -- engine-thread hooks ----------------------------------------------------------------------
 

@@ -86,7 +86,7 @@ class KVLayout(_message.Message):
     def __init__(self, protocol_version: _Optional[int] = ..., model_fingerprint: _Optional[str] = ..., dtype: _Optional[str] = ..., block_size: _Optional[int] = ..., num_layers: _Optional[int] = ..., num_kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., layout: _Optional[str] = ...) -> None: ...
 
 class WorkerStats(_message.Message):
-    __slots__ = ("worker_id", "role", "kv_blocks_total", "kv_blocks_used", "kv_blocks_free", "kv_blocks_cached", "running", "waiting", "waiting_for_kv", "transfers_in_flight", "leases_expired", "prefix_hit_tokens", "prompt_tokens", "block_size", "draining")
+    __slots__ = ("worker_id", "role", "kv_blocks_total", "kv_blocks_used", "kv_blocks_free", "kv_blocks_cached", "running", "waiting", "waiting_for_kv", "transfers_in_flight", "leases_expired", "prefix_hit_tokens", "prompt_tokens", "block_size", "draining", "transport", "kv_transfer_bytes", "kv_transfers_completed", "kv_transfers_failed", "kv_transfer_seconds", "generated_tokens", "requests_finished")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     KV_BLOCKS_TOTAL_FIELD_NUMBER: _ClassVar[int]
@@ -102,6 +102,13 @@ class WorkerStats(_message.Message):
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
     DRAINING_FIELD_NUMBER: _ClassVar[int]
+    TRANSPORT_FIELD_NUMBER: _ClassVar[int]
+    KV_TRANSFER_BYTES_FIELD_NUMBER: _ClassVar[int]
+    KV_TRANSFERS_COMPLETED_FIELD_NUMBER: _ClassVar[int]
+    KV_TRANSFERS_FAILED_FIELD_NUMBER: _ClassVar[int]
+    KV_TRANSFER_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    GENERATED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    REQUESTS_FINISHED_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     role: str
     kv_blocks_total: int
@@ -117,7 +124,14 @@ class WorkerStats(_message.Message):
     prompt_tokens: int
     block_size: int
     draining: bool
-    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[str] = ..., kv_blocks_total: _Optional[int] = ..., kv_blocks_used: _Optional[int] = ..., kv_blocks_free: _Optional[int] = ..., kv_blocks_cached: _Optional[int] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., waiting_for_kv: _Optional[int] = ..., transfers_in_flight: _Optional[int] = ..., leases_expired: _Optional[int] = ..., prefix_hit_tokens: _Optional[int] = ..., prompt_tokens: _Optional[int] = ..., block_size: _Optional[int] = ..., draining: _Optional[bool] = ...) -> None: ...
+    transport: str
+    kv_transfer_bytes: int
+    kv_transfers_completed: int
+    kv_transfers_failed: int
+    kv_transfer_seconds: float
+    generated_tokens: int
+    requests_finished: int
+    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[str] = ..., kv_blocks_total: _Optional[int] = ..., kv_blocks_used: _Optional[int] = ..., kv_blocks_free: _Optional[int] = ..., kv_blocks_cached: _Optional[int] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., waiting_for_kv: _Optional[int] = ..., transfers_in_flight: _Optional[int] = ..., leases_expired: _Optional[int] = ..., prefix_hit_tokens: _Optional[int] = ..., prompt_tokens: _Optional[int] = ..., block_size: _Optional[int] = ..., draining: _Optional[bool] = ..., transport: _Optional[str] = ..., kv_transfer_bytes: _Optional[int] = ..., kv_transfers_completed: _Optional[int] = ..., kv_transfers_failed: _Optional[int] = ..., kv_transfer_seconds: _Optional[float] = ..., generated_tokens: _Optional[int] = ..., requests_finished: _Optional[int] = ...) -> None: ...
 
 class KVEvent(_message.Message):
     __slots__ = ("event_id", "kind", "block_hashes")

@@ -6,6 +6,9 @@ import time
 from collections import deque
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily
+
+from protos.worker_metrics import worker_metrics
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 7.5, 10.0, 20.0, 30.0, 60.0)
 TOKEN_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.0, 5.0)
@@ -29,7 +32,30 @@ class RouterMetrics:
         self.lease_expirations = Counter("splitserve_lease_expirations", "Reservations whose KV did not land in time", registry=r)
         self.queue_depth = Gauge("splitserve_queue_depth", "Requests waiting for admission", registry=r)
         self.running = Gauge("splitserve_running_requests", "Requests admitted and in flight", registry=r)
+        self.kv_transfer_seconds = Histogram("splitserve_kv_transfer_exposed_seconds", "Transfer time not hidden behind prefill (last layer computed to KV committed), by transport",
+                                             ["transport"], buckets=TOKEN_LATENCY_BUCKETS, registry=r)
+        self.kv_transfer_bytes = Counter("splitserve_kv_transfer_request_bytes", "KV bytes moved for routed requests, by transport", ["transport"], registry=r)
+        self.planner_decisions = Counter("splitserve_planner_decisions", "Planner decisions applied, by pool and direction", ["role", "direction"], registry=r)
         self.window = LatencyWindow()
+
+    def watch_pool(self, pool) -> None:
+        """Adds the cluster's view: every worker's last Stats, and workers up/down by pool."""
+        self.registry.register(_PoolCollector(pool))
+
+
+class _PoolCollector:
+    def __init__(self, pool) -> None:
+        self.pool = pool
+
+    def collect(self):
+        workers = list(self.pool.workers.values())
+        up = GaugeMetricFamily("splitserve_workers", "Workers known to the router, by pool and state", labels=["role", "state"])
+        for role in ("prefill", "decode"):
+            members = [w for w in workers if w.role == role]
+            up.add_metric([role, "up"], sum(1 for w in members if w.healthy))
+            up.add_metric([role, "down"], sum(1 for w in members if not w.healthy))
+        yield up
+        yield from worker_metrics(w.stats for w in workers if w.stats.worker_id)
 
 
 class LatencyWindow:
