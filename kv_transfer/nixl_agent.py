@@ -62,7 +62,7 @@ _TEARDOWN_PROGRESS_ROUNDS = 3
 _DONE, _IN_PROGRESS = "DONE", "PROC"
 
 
-class TransferError(Exception):
+class NixlError(Exception):
     """NIXL could not move the data: unknown or vanished peer, a failed or timed-out write,
     or a pool that is closed. The message says which."""
 
@@ -146,24 +146,24 @@ class WriteHandle:
         self._error: str | None = None
 
     def done(self) -> bool:
-        """True once every region (and the notification) went out; raises TransferError if NIXL
+        """True once every region (and the notification) went out; raises NixlError if NIXL
         reported an error, or the write was aborted."""
         with self._owner._lock:
             if self._transfer is not None:
                 self._poll_locked()
         if self._error is not None:
-            raise TransferError(self._error)
+            raise NixlError(self._error)
         return self._complete
 
     def wait(self, timeout: float) -> None:
-        """Block until done. On error raises TransferError; on timeout aborts the write (its
-        destination regions are then undefined) and raises TransferError."""
+        """Block until done. On error raises NixlError; on timeout aborts the write (its
+        destination regions are then undefined) and raises NixlError."""
         deadline = time.monotonic() + timeout
         while not self.done():
             if time.monotonic() >= deadline:
                 self._abort(f"write to {self.peer_agent_name} not complete after {timeout:.3g} s")
                 if self._error is not None:  # else it finished at the last moment
-                    raise TransferError(self._error)
+                    raise NixlError(self._error)
                 return
             time.sleep(_POLL_INTERVAL_S)
 
@@ -256,19 +256,19 @@ class NixlPool:
             try:
                 loaded = self._agent.add_remote_agent(metadata)
             except nixlNotAllowedError as error:
-                raise TransferError(
+                raise NixlError(
                     "a peer with this agent name is already loaded with other metadata "
                     "(did it restart?); remove_peer(name) first"
                 ) from error
             except Exception as error:
-                raise TransferError(f"cannot load peer metadata: {error!r}") from error
+                raise NixlError(f"cannot load peer metadata: {error!r}") from error
             name = loaded.decode() if isinstance(loaded, bytes) else str(loaded)
             self._peers[name] = metadata
             return name
 
     def remove_peer(self, agent_name: str) -> None:
         """Forget a peer (e.g. it restarted): its writes in flight are aborted (their handles raise
-        TransferError), its prepared lists released, its metadata dropped. Unknown names are ignored."""
+        NixlError), its prepared lists released, its metadata dropped. Unknown names are ignored."""
         with self._lock:
             if self._closed or agent_name not in self._peers:
                 return
@@ -294,7 +294,7 @@ class NixlPool:
 
         Never waits for the peer, but on DRAM the copy itself usually runs inside this call (UCX's
         CMA transport writes into the peer's memory while posting), so the caller pays about one
-        memcpy of the data. Raises ValueError for bad offsets, TransferError if the peer is unknown,
+        memcpy of the data. Raises ValueError for bad offsets, NixlError if the peer is unknown,
         gone, or NIXL refuses."""
         if nbytes <= 0:
             raise ValueError(f"region size must be positive, got {nbytes}")
@@ -313,7 +313,7 @@ class NixlPool:
                     "WRITE", self._local_grid(nbytes), src, self._remote_grid(peer, nbytes), dst, notification
                 )
             except Exception as error:
-                raise TransferError(f"cannot create write to {peer.agent_name}: {error!r}") from error
+                raise NixlError(f"cannot create write to {peer.agent_name}: {error!r}") from error
             handle = WriteHandle(self, transfer, peer.agent_name)
             self._live_writes.add(handle)
             self._post_locked(handle)
@@ -327,7 +327,7 @@ class NixlPool:
             try:
                 self._agent.send_notif(peer_agent_name, message)
             except Exception as error:
-                raise TransferError(f"cannot notify {peer_agent_name}: {error!r}") from error
+                raise NixlError(f"cannot notify {peer_agent_name}: {error!r}") from error
 
     def poll_notifications(self) -> list[tuple[str, bytes]]:
         """Notifications that arrived since the last poll, as (sender agent name, message); each
@@ -358,7 +358,7 @@ class NixlPool:
 
     def close(self) -> None:
         """Abort writes in flight, release prepared lists, drop peers, deregister the pool and
-        destroy the agent. Idempotent; every other method raises TransferError afterwards."""
+        destroy the agent. Idempotent; every other method raises NixlError afterwards."""
         with self._lock:
             if self._closed:
                 return
@@ -391,11 +391,11 @@ class NixlPool:
 
     def _check_open(self) -> None:
         if self._closed:
-            raise TransferError(f"NIXL pool {self.name} is closed")
+            raise NixlError(f"NIXL pool {self.name} is closed")
 
     def _check_peer(self, agent_name: str) -> None:
         if agent_name not in self._peers:
-            raise TransferError(f"unknown peer {agent_name!r}: load its metadata with add_peer() first")
+            raise NixlError(f"unknown peer {agent_name!r}: load its metadata with add_peer() first")
 
     def _post_locked(self, handle: WriteHandle) -> None:
         try:
@@ -409,7 +409,7 @@ class NixlPool:
                 handle._finish_locked(f"write to {handle.peer_agent_name} failed: NIXL status {status}")
         if handle._error is not None:
             self._progress_agent_locked()  # let UCX clean up the failed request now (see close())
-            raise TransferError(handle._error)
+            raise NixlError(handle._error)
 
     def _progress_agent_locked(self) -> None:
         """One round of NIXL/UCX progress; notifications it yields wait in the inbox."""

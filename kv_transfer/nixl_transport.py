@@ -15,9 +15,8 @@ import grpc
 import msgpack
 
 from engine.kv_cache import PagedKVCache
-from kv_transfer import nixl_agent
 from kv_transfer.inbox import KVInbox, TransferError, region_checksum
-from kv_transfer.nixl_agent import NixlPool, PoolDescriptor, WriteHandle
+from kv_transfer.nixl_agent import NixlError, NixlPool, PoolDescriptor, WriteHandle
 from kv_transfer.sender import KVSender, OutboundSession, Peer
 from protos import common_pb2, decode_pb2, kv_transfer_pb2
 
@@ -51,7 +50,7 @@ class NixlReceiver:
         while not self._stop.is_set():
             try:
                 arrived = self.pool.poll_notifications()
-            except nixl_agent.TransferError:
+            except NixlError:
                 return  # closed
             for sender, message in arrived:
                 self._landed(sender, message)
@@ -93,7 +92,7 @@ class NixlSession(OutboundSession):
         checksum = region_checksum(cache, layer, src_blocks) if self._sender.verify else 0
         try:
             handle = self._sender.pool.write(self._remote, src, dst, layout.region_bytes, _notification(self.request_id, layer, dst_blocks, checksum))
-        except (nixl_agent.TransferError, ValueError) as exc:
+        except (NixlError, ValueError) as exc:
             self.fail(f"NIXL write failed: {exc}")
             return
         with self._lock:
@@ -108,7 +107,7 @@ class NixlSession(OutboundSession):
         for handle in writes:
             try:
                 handle.wait(max(0.0, deadline - time.monotonic()))
-            except nixl_agent.TransferError as exc:
+            except NixlError as exc:
                 self.fail(f"NIXL write failed: {exc}")
 
     def commit(self, first_token_id: int, first_logprob: common_pb2.TokenLogprob | None, timeout: float) -> None:
