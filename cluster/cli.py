@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 
@@ -79,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--min-decode", type=int, default=None)
     up.add_argument("--max-decode", type=int, default=None)
     up.add_argument("--api-key", action="append", default=None)
-    up.add_argument("--admin-token", default=None, help="default: a random token, written next to the runtime files")
+    up.add_argument("--admin-token", default=None, help="default: $SPLITSERVE_ADMIN_TOKEN, else a random token written next to the runtime files")
     up.add_argument("--log-level", default="WARNING")
     up.set_defaults(run=_run_up)
 
@@ -264,7 +265,7 @@ def cluster_config_from_args(args: argparse.Namespace):
     config = load_file(args.config) if args.config else ClusterConfig()
     flat = {"model": args.model, "dtype": args.dtype, "device": args.device, "transport": args.transport, "address": args.address,
             "host": args.host, "port": args.port, "grpc_port": args.grpc_port, "worker_host": args.worker_host,
-            "admin_token": args.admin_token, "api_keys": tuple(args.api_key) if args.api_key else None}
+            "admin_token": args.admin_token or os.environ.get("SPLITSERVE_ADMIN_TOKEN"), "api_keys": tuple(args.api_key) if args.api_key else None}
     config = dataclasses.replace(config, **{k: v for k, v in flat.items() if v is not None})
     for role, count, low, high in (("prefill", args.prefill, args.min_prefill, args.max_prefill), ("decode", args.decode, args.min_decode, args.max_decode)):
         pool = config.pool(role)

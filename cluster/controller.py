@@ -189,14 +189,11 @@ class Controller:
         options = dict(name=f"splitserve-{worker_id}-{(record.restarts if record else 0)}", namespace=self.config.namespace,
                        num_cpus=pool.num_cpus, resources=dict(pool.resources) or None, max_restarts=0, max_concurrency=4)
         if pool.num_gpus > 1:
-            # A multi-device worker: its devices are reserved together on one node.
-            bundles = [{"GPU": 1.0, "CPU": pool.num_cpus / pool.num_gpus}] * int(pool.num_gpus)
-            group = placement_group(bundles, strategy="STRICT_PACK")
+            # A multi-device worker: all its devices (and its node-kind resource) reserved together on one node.
+            group = placement_group([{"GPU": pool.num_gpus, "CPU": pool.num_cpus, **pool.resources}], strategy="STRICT_PACK")
             self.groups[worker_id] = group
-            options.update(num_cpus=0, scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_capture_child_tasks=True))
-            options["num_gpus"] = 0
-        else:
-            options["num_gpus"] = pool.num_gpus
+            options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=0, placement_group_capture_child_tasks=True)
+        options["num_gpus"] = pool.num_gpus
         self.records.setdefault(worker_id, record or WorkerRecord(worker_id, role))
         self.actors[worker_id] = self._actor_class.options(**options).remote(worker_id, role, self.config.to_json())
         log.info("starting %s worker %s with %s", role, worker_id, pool.ray_resources)

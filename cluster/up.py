@@ -95,7 +95,9 @@ async def exchange_with_planner(controller, router: Router, config: ClusterConfi
 
 
 async def run_cluster(config: ClusterConfig, stop: asyncio.Event, on_ready=None) -> None:
-    controller = controller_class().options(name=CONTROLLER_NAME, namespace=config.namespace, num_cpus=0, max_concurrency=1000).remote(config.to_json())
+    # On the head node: the autoscaler may remove an idle worker node, never the head.
+    controller = controller_class().options(name=CONTROLLER_NAME, namespace=config.namespace, num_cpus=0, max_concurrency=1000,
+                                            resources={"node:__internal_head__": 0.001}).remote(config.to_json())
     await controller.start.remote()
     admin_token = config.admin_token or secrets.token_urlsafe(24)
     router_config = RouterConfig(model=config.model, host=config.host, port=config.port, grpc_port=config.grpc_port,

@@ -1,0 +1,185 @@
+{{/* Names. KubeRay refuses RayCluster names longer than 53 characters. */}}
+{{- define "splitserve.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 53 | trimSuffix "-" -}}
+{{- end -}}
+
+{{- define "splitserve.fullname" -}}
+{{- if .Values.fullnameOverride -}}
+{{- .Values.fullnameOverride | trunc 53 | trimSuffix "-" -}}
+{{- else -}}
+{{- $name := default .Chart.Name .Values.nameOverride -}}
+{{- if contains $name .Release.Name -}}
+{{- .Release.Name | trunc 53 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name $name | trunc 53 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "splitserve.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "splitserve.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end -}}
+
+{{- define "splitserve.labels" -}}
+{{ include "splitserve.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
+{{- end -}}
+
+{{- define "splitserve.image" -}}
+{{- $tag := default (printf "%s-%s" .Chart.AppVersion .Values.image.variant) .Values.image.tag -}}
+{{- printf "%s:%s" .Values.image.repository $tag -}}
+{{- end -}}
+
+{{- define "splitserve.configMapName" -}}
+{{- printf "%s-config" (include "splitserve.fullname" .) -}}
+{{- end -}}
+
+{{- define "splitserve.apiKeysSecret" -}}
+{{- if .Values.apiKeys.create -}}
+{{- printf "%s-api-keys" (include "splitserve.fullname" .) -}}
+{{- else -}}
+{{- .Values.apiKeys.existingSecret -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Where the head mounts the cluster config: `splitserve up --config` reads it. */}}
+{{- define "splitserve.configDir" -}}/etc/splitserve{{- end -}}
+
+{{/*
+The splitserve cluster config (cluster/config.py, ClusterConfig) in the ConfigMap. Each pool asks
+Ray for its rayResource, which only that pool's worker group offers: the controller's placement
+and the RayCluster's worker groups are written from the same values.
+*/}}
+{{- define "splitserve.clusterConfig" -}}
+# splitserve cluster config (cluster/config.py); the head adds --address auto --host 0.0.0.0 --worker-host auto.
+model: {{ toJson .Values.model.name }}
+{{- with .Values.model.dtype }}
+dtype: {{ toJson . }}
+{{- end }}
+device: {{ toJson .Values.model.device }}
+transport: {{ toJson .Values.transport }}
+port: {{ int .Values.router.httpPort }}
+grpc_port: {{ int .Values.router.grpcPort }}
+lease_ms: {{ int .Values.router.leaseMs }}
+local_prefill_threshold: {{ int .Values.router.localPrefillThreshold }}
+{{- range $role := list "prefill" "decode" }}
+{{- $pool := index $.Values $role }}
+{{ $role }}:
+  replicas: {{ int $pool.replicas }}
+  min_replicas: {{ int $pool.minReplicas }}
+  max_replicas: {{ int $pool.maxReplicas }}
+  num_cpus: {{ int $pool.cpusPerWorker }}
+  num_gpus: {{ int $pool.gpusPerWorker }}
+  resources: {{ toJson (dict $pool.rayResource 1) }}
+  threads: {{ int $pool.threads }}
+  kv_cache_mb: {{ int $pool.kvCacheMb }}
+{{- end }}
+planner:
+  enabled: {{ or (not (empty .Values.slo.ttftSeconds)) (not (empty .Values.slo.tpotSeconds)) }}
+  {{- with .Values.slo.ttftSeconds }}
+  ttft_target_s: {{ toJson . }}
+  {{- end }}
+  {{- with .Values.slo.tpotSeconds }}
+  tpot_target_s: {{ toJson . }}
+  {{- end }}
+  interval_s: {{ toJson .Values.planner.intervalSeconds }}
+  window_s: {{ toJson .Values.planner.windowSeconds }}
+  scale_up_cooldown_s: {{ toJson .Values.planner.scaleUpCooldownSeconds }}
+  scale_down_cooldown_s: {{ toJson .Values.planner.scaleDownCooldownSeconds }}
+{{- end -}}
+
+{{/*
+The head container's shell line. KubeRay puts its generated `ray start` command in
+$KUBERAY_GEN_RAY_START_CMD (the RayCluster's ray.io/overwrite-container-cmd annotation keeps our
+command as written); `eval` honours its quoting. Dropping --block lets `ray start` return, then
+`splitserve up` becomes the container's main process: when it exits, the container restarts.
+*/}}
+{{- define "splitserve.headScript" -}}
+ulimit -n 65536; eval "${KUBERAY_GEN_RAY_START_CMD/--block/}" && exec splitserve up --address auto --config {{ include "splitserve.configDir" . }}/cluster.yaml --host 0.0.0.0 --worker-host auto
+{{- end -}}
+
+{{/* A worker pod is a plain Ray node; `--block` keeps `ray start` in the foreground. */}}
+{{- define "splitserve.workerScript" -}}
+ulimit -n 65536; eval "$KUBERAY_GEN_RAY_START_CMD"
+{{- end -}}
+
+{{/* Pod resources (dict "resources" R "gpus" N): R's requests and limits, plus N nvidia.com/gpu in both. */}}
+{{- define "splitserve.podResources" -}}
+{{- $gpus := int .gpus -}}
+{{- range $section := list "requests" "limits" }}
+{{ $section }}:
+  {{- range $name, $quantity := index $.resources $section }}
+  {{ $name }}: {{ $quantity | quote }}
+  {{- end }}
+  {{- if gt $gpus 0 }}
+  nvidia.com/gpu: {{ $gpus | quote }}
+  {{- end }}
+{{- end }}
+{{- end -}}
+
+{{/* Pod placement (nodeSelector, tolerations, affinity) of a group's values. */}}
+{{- define "splitserve.placement" -}}
+{{- with .nodeSelector }}
+nodeSelector:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .tolerations }}
+tolerations:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .affinity }}
+affinity:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end -}}
+
+{{- define "splitserve.modelVolumeMount" -}}
+{{- if .Values.model.volume }}
+- name: model
+  mountPath: {{ .Values.model.mountPath }}
+  readOnly: true
+{{- end }}
+{{- end -}}
+
+{{- define "splitserve.modelVolume" -}}
+{{- if .Values.model.volume }}
+- name: model
+  {{- toYaml .Values.model.volume | nindent 2 }}
+{{- end }}
+{{- end -}}
+
+{{/* The image runs as uid 1000 (deploy/Dockerfile). */}}
+{{- define "splitserve.podSecurityContext" -}}
+runAsNonRoot: true
+runAsUser: 1000
+runAsGroup: 1000
+fsGroup: 1000
+{{- end -}}
+
+{{/* Checks the values cannot express on their own; an error here stops `helm install`. */}}
+{{- define "splitserve.validate" -}}
+{{- range $role := list "prefill" "decode" }}
+{{- $pool := index $.Values $role }}
+{{- if not (and (le (int $pool.minReplicas) (int $pool.replicas)) (le (int $pool.replicas) (int $pool.maxReplicas))) }}
+{{- fail (printf "%s: need minReplicas <= replicas <= maxReplicas, got %d, %d, %d" $role (int $pool.minReplicas) (int $pool.replicas) (int $pool.maxReplicas)) }}
+{{- end }}
+{{- if and (eq $.Values.model.device "cuda") (lt (int $pool.gpusPerWorker) 1) }}
+{{- fail (printf "%s: model.device cuda needs gpusPerWorker >= 1" $role) }}
+{{- end }}
+{{- end }}
+{{- if lt (int .Values.decode.minReplicas) 1 }}
+{{- fail "decode: minReplicas must be at least 1 (the router needs a decode worker)" }}
+{{- end }}
+{{- if eq .Values.prefill.rayResource .Values.decode.rayResource }}
+{{- fail "prefill.rayResource and decode.rayResource must differ: each pool is pinned to its own worker group" }}
+{{- end }}
+{{- if and .Values.apiKeys.create .Values.apiKeys.existingSecret }}
+{{- fail "apiKeys: set either create or existingSecret, not both" }}
+{{- end }}
+{{- if and .Values.apiKeys.create (empty .Values.apiKeys.keys) }}
+{{- fail "apiKeys.create needs at least one key in apiKeys.keys" }}
+{{- end }}
+{{- end -}}
