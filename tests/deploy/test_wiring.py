@@ -74,7 +74,15 @@ def test_api_keys_come_from_a_secret_the_release_holds():
     assert (secret["metadata"]["name"], ref["key"] in secret["data"]) == (ref["name"], True)
     assert base64.b64decode(secret["data"][ref["key"]]).decode() == "key-one,key-two"
     assert env["SPLITSERVE_ADMIN_TOKEN"]["valueFrom"]["secretKeyRef"]["name"] == "splitserve-admin"
-    assert '--admin-token "$SPLITSERVE_ADMIN_TOKEN"' in head_container(one(objects, "RayCluster"))["args"][0]
+    assert "--admin-token" not in head_container(one(objects, "RayCluster"))["args"][0], "a token on the command line shows in ps"
+    from cluster.cli import build_parser, cluster_config_from_args
+
+    import os
+    os.environ["SPLITSERVE_ADMIN_TOKEN"] = "from-the-secret"
+    try:
+        assert cluster_config_from_args(build_parser().parse_args(["up"])).admin_token == "from-the-secret"
+    finally:
+        del os.environ["SPLITSERVE_ADMIN_TOKEN"]
 
 
 def test_default_render_has_no_secret_and_no_key_env():
