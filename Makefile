@@ -1,25 +1,32 @@
-# Set-up is part of every target: a fresh clone needs only Python 3.10+ and make.
+# Set-up is part of every target: a fresh clone needs Python 3.10+, make, and npm (the dashboard's
+# chart library; without npm the dashboard runs without charts).
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: up test setup clean
+.PHONY: up test setup browser clean
 
 up: $(STAMP)  ## start the cluster on embedded Ray with the demo model; OpenAI API on :8000
 	$(BIN)/splitserve up $(UP_ARGS)
 
-test: $(STAMP)  ## run the whole test suite
+test: $(STAMP) browser  ## run the whole test suite
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 setup: $(STAMP)
 
 # torch is pinned to the CPU build first: an unpinned torch would pull a multi-GB CUDA build.
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml router/dashboard_web/package-lock.json
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet -e '.[dev]'
+	if command -v npm >/dev/null; then npm ci --prefix router/dashboard_web --no-audit --no-fund --loglevel=error; \
+	else echo "warning: npm not found: the dashboard will show no charts" >&2; fi
 	touch $(STAMP)
 
+# The dashboard tests drive a real browser: Debian's chromium (Playwright's browser download is not used).
+browser:
+	@command -v chromium >/dev/null || (apt-get update && apt-get install -y chromium)
+
 clean:
-	rm -rf $(VENV) *.egg-info .pytest_cache .hypothesis
+	rm -rf $(VENV) *.egg-info .pytest_cache .hypothesis router/dashboard_web/node_modules

@@ -123,6 +123,7 @@ class Controller:
                         "resources": self.config.pool(role).ray_resources} for role in ROLES}
         return {"pools": pools, "workers": [r.public() for r in self.records.values() if r.state != "dead"],
                 "planner": {"enabled": self.config.planner.enabled, "decisions": list(self.decisions),
+                            "ttft_target_s": self.config.planner.ttft_target_s, "tpot_target_s": self.config.planner.tpot_target_s,
                             "observation": asdict(self._observation) if self._observation else None},
                 "version": self.version, "model": self.config.model, "transport": self.config.transport}
 
@@ -143,7 +144,9 @@ class Controller:
         if record is None or record.state in ("dead", "draining"):
             raise ValueError(f"no running worker {worker_id!r}")
         self.desired[record.role] = max(self.desired[record.role] - 1, 1 if record.role == "decode" else 0)
-        await self._start_drain(record)
+        record.state = "draining"  # at once, so reconciliation does not pick another victim meanwhile
+        await self._bump()
+        asyncio.ensure_future(self._finish_drain(record))
         return {"worker_id": worker_id, "state": "draining"}
 
     async def report(self, observation: dict) -> None:
@@ -203,6 +206,10 @@ class Controller:
             return
         record.state = "draining"
         await self._bump()
+        await self._finish_drain(record)
+
+    async def _finish_drain(self, record: WorkerRecord) -> None:
+        """Waits until the worker's in-flight work is done, then retires it."""
         actor = self.actors.get(record.worker_id)
         try:
             if actor is not None and record.address:

@@ -88,6 +88,7 @@ class Frontend:
         self.max_model_len = min(config.max_model_len or model_config.max_context, model_config.max_context)
         self.model_name = config.served_model_name or config.model
         self.metrics = RouterMetrics()
+        self.metrics.watch_pool(pool)
         self.orchestrator = Orchestrator(config, pool, self.tokenizer, self.metrics)
         self.admission = Admission(config.max_running, config.max_queued, config.queue_timeout_s, self.metrics)
 
@@ -115,6 +116,12 @@ class Frontend:
         if any(not 0 <= t < self.vocab_size for t in prompt_ids):
             raise _bad(f"prompt token ids must be in [0, {self.vocab_size})", "prompt")
         room = self.max_model_len - len(prompt_ids)
+        if room < 1:  # checked first: otherwise the default max_tokens (room) reads as a max_tokens error
+            raise GenerationError(
+                f"This model's maximum context length is {self.max_model_len} tokens. However, your prompt has "
+                f"{len(prompt_ids)} tokens, which leaves no room for the completion.",
+                400, "context_length_exceeded",
+            )
         max_tokens = sampling.max_tokens if sampling.max_tokens is not None else (default_max_tokens or room)
         if max_tokens < 1:
             raise _bad("max_tokens must be at least 1", "max_tokens")

@@ -19,6 +19,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from prometheus_client import generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from router.frontend import Frontend, Overloaded, SamplingInput
@@ -190,13 +191,48 @@ async def _respond(request: Request, frontend: Frontend, body, jobs: list[Genera
     chat = kind == "chat.completion"
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        deltas = _merge([frontend.stream(job) for job in jobs])
+        # Admission, routing and prefill run before the headers go out, so their errors keep their status (429, 503, ...).
+        first = await _first_or_cancel(request, deltas)
         return StreamingResponse(
-            _sse(frontend, jobs, response_id, created, chat, include_usage, token_text),
+            _sse(frontend, _chained(first, deltas), len(jobs), response_id, created, chat, include_usage, token_text),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
     results = await _collect_or_cancel(request, [_collect(frontend, job) for job in jobs])
     return _full_response(frontend, results, response_id, created, chat, token_text)
+
+
+async def _first_or_cancel(request: Request, deltas: AsyncIterator[tuple[int, Delta]]) -> tuple[int, Delta]:
+    """The first delta of a stream; if the client disconnects first, closes the stream (and so the workers' work)."""
+    try:
+        return await _unless_disconnected(request, asyncio.ensure_future(anext(deltas)))
+    except BaseException:
+        await deltas.aclose()
+        raise
+
+
+async def _unless_disconnected(request: Request, future: asyncio.Future):
+    """``future``'s result; if the client disconnects first, cancels it and answers 499 (to nobody)."""
+    try:
+        while True:
+            done, _ = await asyncio.wait({future}, timeout=0.5)
+            if done:
+                return future.result()
+            if await request.is_disconnected():
+                raise GenerationError("client disconnected", 499, "client_closed_request")
+    finally:
+        if not future.done():
+            future.cancel()
+            await asyncio.wait({future})
+            if not future.cancelled():
+                future.exception()  # a cancelled gather ends with CancelledError as its exception: mark it seen
+
+
+async def _chained(first: tuple[int, Delta], rest: AsyncIterator[tuple[int, Delta]]) -> AsyncIterator[tuple[int, Delta]]:
+    yield first
+    async for item in rest:
+        yield item
 
 
 async def _collect(frontend: Frontend, job: GenerationRequest) -> list[Delta]:
@@ -206,14 +242,8 @@ async def _collect(frontend: Frontend, job: GenerationRequest) -> list[Delta]:
 async def _collect_or_cancel(request: Request, coroutines) -> list[list[Delta]]:
     """Runs the generations; if the client disconnects first, cancels them (and so the workers' work)."""
     tasks = [asyncio.ensure_future(c) for c in coroutines]
-    gathered = asyncio.gather(*tasks)
     try:
-        while True:
-            done, _ = await asyncio.wait({gathered}, timeout=0.5)
-            if done:
-                return gathered.result()
-            if await request.is_disconnected():
-                raise asyncio.CancelledError("client disconnected")
+        return await _unless_disconnected(request, asyncio.gather(*tasks))
     finally:
         for task in tasks:
             task.cancel()
@@ -252,7 +282,8 @@ def _usage(prompt: int, completion: int, cached: int) -> dict:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion, "prompt_tokens_details": {"cached_tokens": cached}}
 
 
-async def _sse(frontend: Frontend, jobs: list[GenerationRequest], response_id: str, created: int, chat: bool, include_usage: bool, token_text) -> AsyncIterator[str]:
+async def _sse(frontend: Frontend, deltas: AsyncIterator[tuple[int, Delta]], choices: int, response_id: str, created: int, chat: bool,
+               include_usage: bool, token_text) -> AsyncIterator[str]:
     kind = "chat.completion.chunk" if chat else "text_completion"
 
     def chunk(choices: list[dict], usage: dict | None = None) -> str:
@@ -264,9 +295,9 @@ async def _sse(frontend: Frontend, jobs: list[GenerationRequest], response_id: s
     totals = [0, 0, 0]
     try:
         if chat:
-            for index in range(len(jobs)):
+            for index in range(choices):
                 yield chunk([{"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}])
-        async for index, delta in _merge([frontend.stream(job) for job in jobs]):
+        async for index, delta in deltas:
             yield chunk([_stream_choice(token_text, index, delta, chat)])
             if delta.usage is not None:
                 totals[0] = delta.usage.prompt_tokens
@@ -293,11 +324,10 @@ def _stream_choice(token_text, index: int, delta: Delta, chat: bool) -> dict:
 
 
 async def _merge(streams: list[AsyncIterator[Delta]]) -> AsyncIterator[tuple[int, Delta]]:
-    """Interleaves several generations' deltas as they come; cancels all if the consumer leaves."""
-    if len(streams) == 1:
-        async for delta in streams[0]:
-            yield 0, delta
-        return
+    """Interleaves several generations' deltas as they come; cancels all if the consumer leaves.
+
+    Each generation runs in a task of its own: the consumer may move between tasks (the request
+    handler takes the first delta, the response streams the rest), a generation's timeout may not."""
     queue: asyncio.Queue = asyncio.Queue()
 
     async def pump(index: int, stream: AsyncIterator[Delta]) -> None:
@@ -385,22 +415,76 @@ _OPEN_PATHS = {"/health", "/ready", "/metrics", "/docs", "/openapi.json", "/redo
 
 
 def _install_guards(app: FastAPI, frontend: Frontend, api_keys: tuple[str, ...]) -> None:
-    limit = frontend.config.max_body_bytes
+    app.add_middleware(_Guard, frontend=frontend, api_keys=api_keys)
 
-    @app.middleware("http")
-    async def guard(request: Request, call_next):
-        if api_keys and request.url.path not in _OPEN_PATHS and not request.url.path.startswith("/dashboard"):
-            supplied = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
-            if not any(hmac.compare_digest(supplied, key) for key in api_keys):
-                return error_response("Incorrect API key provided.", 401, "invalid_api_key")
-        declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > limit:
-            return error_response(f"request body larger than {limit} bytes", 413, "request_too_large")
-        if request.method == "POST" and declared is None:
-            body = await request.body()
-            if len(body) > limit:
-                return error_response(f"request body larger than {limit} bytes", 413, "request_too_large")
-        response = await call_next(request)
-        if request.url.path.startswith("/v1/"):
-            frontend.metrics.requests.labels(request.url.path, str(response.status_code)).inc()
-        return response
+
+class _Guard:
+    """API keys, body size and request counts, as plain ASGI middleware: Starlette's BaseHTTPMiddleware
+    (``@app.middleware``) would hide the client's disconnect from ``request.is_disconnected()``, and with it
+    the cancellation of a non-streaming request whose client left."""
+
+    def __init__(self, app, frontend: Frontend, api_keys: tuple[str, ...]) -> None:
+        self.app = app
+        self.frontend = frontend
+        self.api_keys = api_keys
+        self.limit = frontend.config.max_body_bytes
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path, headers = scope["path"], Headers(scope=scope)
+        # The dashboard and operator API are read-only without the admin token, which guards their actions.
+        if self.api_keys and path not in _OPEN_PATHS and not path.startswith(("/dashboard", "/admin")):
+            supplied = headers.get("authorization", "").removeprefix("Bearer ").strip()
+            if not any(hmac.compare_digest(supplied, key) for key in self.api_keys):
+                await error_response("Incorrect API key provided.", 401, "invalid_api_key")(scope, receive, send)
+                return
+        declared = headers.get("content-length")
+        too_large = error_response(f"request body larger than {self.limit} bytes", 413, "request_too_large")
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            await too_large(scope, receive, send)
+            return
+        if scope["method"] == "POST" and declared is None:
+            body = await self._read_body(receive)
+            if body is None:
+                await too_large(scope, receive, send)
+                return
+            receive = _replaying(body, receive)
+        status = 0
+
+        async def counting_send(message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, counting_send)
+        finally:
+            if path.startswith("/v1/") and status:
+                self.frontend.metrics.requests.labels(path, str(status)).inc()
+
+    async def _read_body(self, receive) -> bytes | None:
+        """A body sent without content-length, or None once it passes the limit."""
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                return b"".join(chunks)
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.limit:
+                return None
+            if not message.get("more_body"):
+                return b"".join(chunks)
+
+
+def _replaying(body: bytes, receive):
+    """``receive`` that hands out an already-read body first, then the client's later messages (disconnect)."""
+    pending = [{"type": "http.request", "body": body, "more_body": False}]
+
+    async def replay():
+        return pending.pop() if pending else await receive()
+
+    return replay

@@ -15,7 +15,7 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 import grpc
@@ -89,6 +89,7 @@ class Orchestrator:
         self.pool = pool
         self.tokenizer = tokenizer
         self.metrics = metrics
+        self.on_route: Callable[[str, Route], None] | None = None  # told each routing decision (the dashboard's activity log); must not block
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[Delta]:
         """Deltas for one request; the last one carries finish_reason and usage."""
@@ -128,6 +129,8 @@ class Orchestrator:
         if (force_local or progress.tokens) and chosen.decision is Decision.REMOTE_PREFILL:
             chosen = Route(Decision.FALLBACK, chosen.decode, None, chosen.uncached_tokens, "recompute locally")
         self.metrics.routing_decisions.labels(chosen.decision.value).inc()
+        if self.on_route is not None:
+            self.on_route(request.request_id, chosen)
         return chosen
 
     # -- the two paths ----------------------------------------------------------------------------
@@ -170,6 +173,8 @@ class Orchestrator:
                     await asyncio.sleep(self.config.retry_backoff_s * (2**attempt) * (0.5 + random.random()))
                     continue
                 progress.cached_tokens = first.num_cached_tokens
+                self.metrics.kv_transfer_seconds.labels(ticket.transport).observe(first.exposed_transfer_ms / 1000.0)
+                self.metrics.kv_transfer_bytes.labels(ticket.transport).inc(first.kv_bytes_sent)
                 first_delta = self._first_delta(first, request)
                 yield first_delta
                 async for delta in self._decode_stream(decode, decode_call, skip_first=True, first_text_sent=bool(first_delta.text)):

@@ -10,6 +10,7 @@ import uvicorn
 from router.admin import install_admin
 from router.config import RouterConfig, api_keys_from_env
 from router.control import ControlPlane
+from router.dashboard import install_dashboard
 from router.frontend import Frontend
 from router.grpc_api import create_grpc_server, mark_serving
 from router.openai_api import create_app
@@ -28,6 +29,7 @@ class Router:
         self.frontend = Frontend(config, self.pool)
         self.app = create_app(self.frontend, self.api_keys)
         install_admin(self.app, self.frontend, control, config.admin_token)
+        self.dashboard = install_dashboard(self.app, self.frontend, control)
         self._http: uvicorn.Server | None = None
         self._http_task: asyncio.Task | None = None
         self._grpc = None

@@ -1,0 +1,42 @@
+"""A real chromium, driven by Playwright, for the dashboard tests.
+
+The set-up path installs Debian's chromium (``make test`` → ``browser``); Playwright's own browser
+download is not used.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+
+import pytest
+
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync"]
+
+
+def chromium_path() -> str:
+    path = os.environ.get("SPLITSERVE_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+    if not path:
+        pytest.fail("chromium is not installed: `make test` installs it (apt-get install -y chromium)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def browser() -> Iterator[object]:
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=chromium_path(), args=CHROMIUM_ARGS)
+        yield chromium
+        chromium.close()
+
+
+class PageProblems:
+    """Console errors and uncaught exceptions of a page, as they happen."""
+
+    def __init__(self, page) -> None:
+        self.messages: list[str] = []
+        page.on("console", lambda message: self.messages.append(f"console: {message.text}") if message.type == "error" else None)
+        page.on("pageerror", lambda error: self.messages.append(f"uncaught: {error}"))
