@@ -10,9 +10,13 @@ so one (layer, block) pair is a single contiguous byte range: the unit both KV t
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+
+
+_DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
 @dataclass(frozen=True)
@@ -33,7 +37,7 @@ class KVLayout:
     @property
     def region_bytes(self) -> int:
         """Bytes of one (layer, block) region."""
-        return self.region_elements * torch.empty((), dtype=getattr(torch, self.dtype)).element_size()
+        return self.region_elements * _DTYPE_BYTES[self.dtype]
 
     def region_offset(self, layer: int, block: int) -> int:
         """Byte offset of (layer, block) from the start of the pool."""
@@ -52,6 +56,8 @@ class PagedKVCache:
             dtype=getattr(torch, layout.dtype),
             device=device,
         )
+        # The same memory as rows of bytes, one per (layer, block) region: what transports copy.
+        self.regions = self.data.view(torch.uint8).view(layout.num_layers, layout.num_blocks, layout.region_bytes)
 
     def write(self, layer: int, key: torch.Tensor, value: torch.Tensor, slot_block: torch.Tensor, slot_offset: torch.Tensor) -> None:
         """Store K/V ``[tokens, kv_heads, head_dim]`` at the given (block, offset) slots of one layer."""
@@ -65,6 +71,14 @@ class PagedKVCache:
         regions = self.data[layer][block_table]  # [batch, blocks, 2, bs, kvh, hd]
         shape = (batch, blocks * self.layout.block_size, self.layout.num_kv_heads, self.layout.head_dim)
         return regions[:, :, 0].reshape(shape), regions[:, :, 1].reshape(shape)
+
+    def read_regions(self, layer: int, blocks: Sequence[int]) -> torch.Tensor:
+        """A copy of the regions of ``blocks`` on ``layer``, back to back: ``[len(blocks), region_bytes]`` uint8."""
+        return self.regions[layer].index_select(0, torch.as_tensor(blocks, dtype=torch.long, device=self.data.device))
+
+    def write_regions(self, layer: int, blocks: Sequence[int], data: torch.Tensor) -> None:
+        """Store ``data`` (``[len(blocks), region_bytes]`` uint8) into the regions of ``blocks`` on ``layer``."""
+        self.regions[layer].index_copy_(0, torch.as_tensor(blocks, dtype=torch.long, device=self.data.device), data.to(self.data.device))
 
     def region(self, layer: int, block: int) -> torch.Tensor:
         """The contiguous ``[2, block_size, kv_heads, head_dim]`` view of one (layer, block)."""

@@ -10,7 +10,6 @@ import queue
 from collections.abc import Iterator, Sequence
 
 import grpc
-import torch
 
 from engine.kv_cache import PagedKVCache
 from kv_transfer.inbox import TransferError
@@ -82,8 +81,7 @@ class GrpcSession(OutboundSession):
 
 
 def _region_bytes(cache: PagedKVCache, layer: int, blocks: list[int]) -> bytes:
-    regions = cache.data[layer, blocks]  # a copy: [blocks, 2, bs, kvh, hd], contiguous
-    return regions.view(torch.uint8).numpy().tobytes()
+    return cache.read_regions(layer, blocks).cpu().numpy().tobytes()
 
 
 class GrpcKVSender(KVSender):

@@ -47,11 +47,15 @@ def test_counters_and_histograms_match_the_traffic(router_url):
                 assert response.status_code == 200
                 assert any(line == "data: [DONE]" for line in response.iter_lines())
         assert client.post(f"{router_url}/v1/completions", json={**body, "temperature": 9}).status_code == 400
-    time.sleep(1.5)  # the router polls worker Stats every 0.5 s
     after = _samples(router_url)
 
     def delta(name: str, **labels) -> float:
         return _sum(after, name, **labels) - _sum(before, name, **labels)
+
+    deadline = time.monotonic() + 15  # the router polls worker Stats every 0.5 s
+    while delta("splitserve_worker_requests_finished_total", role="decode") < 5 and time.monotonic() < deadline:
+        time.sleep(0.25)
+        after = _samples(router_url)
 
     assert delta("splitserve_requests_total", endpoint="/v1/completions", status="200") == 5
     assert delta("splitserve_requests_total", endpoint="/v1/completions", status="400") == 1

@@ -1,0 +1,221 @@
+"""The router in this process (its own event loop in a background thread), the workers as real processes.
+
+One transformers-written checkpoint serves every router test: 8 layers, small enough that
+transformers is a quick oracle, slow enough (a few ms per decode step) that a 1,900-token stream
+lasts seconds — long enough for kills and disconnects to land mid-stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import torch
+from prometheus_client.parser import text_string_to_metric_families
+
+from router.config import RouterConfig
+from router.server import Router
+from tests.checkpoints import write_checkpoint
+from tests.workers.harness import WorkerProcess, start_workers
+
+SERVED_MODEL = "tiny-llama"
+VOCAB = 320
+MODEL_SHAPE = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=8, num_attention_heads=4,
+                   num_key_value_heads=2, max_position_embeddings=2048)
+MAX_MODEL_LEN = 2048
+EOS = 2
+REQUEST_TIMEOUT_S = 60.0
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    path: Path
+    model: object  # the transformers model the checkpoint was written from (the oracle)
+
+
+@dataclass
+class Cluster:
+    prefills: list[WorkerProcess]
+    decode: WorkerProcess
+
+    @property
+    def workers(self) -> list[WorkerProcess]:
+        return [*self.prefills, self.decode]
+
+
+class RouterThread:
+    """A Router on its own event loop in a daemon thread; HTTP and gRPC on ports the OS picked."""
+
+    def __init__(self, config: RouterConfig, ready: bool = True) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="router-loop", daemon=True)
+        self.thread.start()
+        self.router: Router = self.call(lambda: Router(config))
+        self.run(self.router.start(), 30)
+        if ready:
+            assert self.run(self.router.wait_ready(30), 35), "router saw no healthy decode worker"
+
+    def run(self, coroutine, timeout: float):
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout)
+
+    def call(self, fn: Callable, timeout: float = 10.0):
+        """Runs ``fn`` on the router's loop (the router's state belongs to that thread)."""
+
+        async def wrapper():
+            return fn()
+
+        return self.run(wrapper(), timeout)
+
+    @property
+    def http(self) -> str:
+        return self.router.urls["http"]
+
+    @property
+    def grpc(self) -> str:
+        return self.router.urls["grpc"]
+
+    def openai(self, api_key: str = "unused", timeout: float = REQUEST_TIMEOUT_S) -> openai.OpenAI:
+        return openai.OpenAI(base_url=f"{self.http}/v1", api_key=api_key, timeout=timeout, max_retries=0)
+
+    def metrics(self) -> dict[tuple[str, tuple], float]:
+        """Every sample of /metrics, keyed by (name, sorted label items)."""
+        text = httpx.get(f"{self.http}/metrics", timeout=10).text
+        return {(s.name, tuple(sorted(s.labels.items()))): s.value for family in text_string_to_metric_families(text) for s in family.samples}
+
+    def decisions(self) -> dict[str, float]:
+        return {dict(labels)["decision"]: value for (name, labels), value in self.metrics().items() if name == "splitserve_routing_decisions_total"}
+
+    def worker_active(self) -> dict[str, int]:
+        """Requests this router has in flight per worker address."""
+        return self.call(lambda: {address: w.active for address, w in self.router.pool.workers.items()})
+
+    def running(self) -> int:
+        return self.call(lambda: self.router.frontend.admission.running)
+
+    def wait_synced(self, address: str, block_hashes: list[int], timeout: float = 10.0) -> None:
+        """Until the router's KV index of ``address`` holds every one of ``block_hashes``."""
+        pool = self.router.pool
+        wait_for(lambda: self.call(lambda: pool.workers[address].kv.prefix_blocks(block_hashes)) == len(block_hashes),
+                 timeout, f"router to learn {address}'s cached blocks")
+
+    def stop(self) -> None:
+        try:
+            self.run(self.router.stop(), 15)
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(5)
+
+
+def wait_for(predicate, timeout: float, what: str, interval: float = 0.05):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.1f}s waiting for {what}")
+        time.sleep(interval)
+
+
+def stop_all(workers: list[WorkerProcess]) -> None:
+    """Stops workers together (each takes a moment to shut down gracefully)."""
+    for worker in workers:
+        if worker.process.poll() is None:
+            worker.process.terminate()
+    for worker in workers:
+        worker.stop()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def random_prompt(rng: random.Random, length: int) -> list[int]:
+    return [rng.randrange(3, VOCAB) for _ in range(length)]
+
+
+def greedy_ignoring_eos(model, prompt: list[int], max_new_tokens: int) -> list[int]:
+    """transformers' greedy continuation that, like ``ignore_eos``, runs on past EOS."""
+    with torch.no_grad():
+        out = model(torch.tensor([prompt]), use_cache=True)
+        past, tokens = out.past_key_values, [int(out.logits[0, -1].argmax())]
+        while len(tokens) < max_new_tokens:
+            out = model(torch.tensor([[tokens[-1]]]), past_key_values=past, use_cache=True)
+            past = out.past_key_values
+            tokens.append(int(out.logits[0, -1].argmax()))
+    return tokens
+
+
+def token_ids(logprobs_tokens: list[str]) -> list[int]:
+    """Ids from logprob tokens rendered with ``return_tokens_as_token_ids``."""
+    assert all(t.startswith("token_id:") for t in logprobs_tokens), logprobs_tokens[:3]
+    return [int(t.removeprefix("token_id:")) for t in logprobs_tokens]
+
+
+# -- fixtures ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def checkpoint(tmp_path_factory) -> Checkpoint:
+    path = tmp_path_factory.mktemp("router-checkpoint") / "llama"
+    model = write_checkpoint(path, "LlamaForCausalLM", seed=21, **MODEL_SHAPE)
+    return Checkpoint(path, model)
+
+
+@pytest.fixture(scope="session")
+def cluster(checkpoint: Checkpoint) -> Iterator[Cluster]:
+    """Two prefill workers and one decode worker, shared by every test that kills nothing."""
+    model = str(checkpoint.path)
+    p1, p2, d1 = start_workers(("prefill", model), ("prefill", model), ("decode", model))
+    cluster = Cluster([p1, p2], d1)
+    yield cluster
+    stop_all(cluster.workers)
+
+
+def router_config(checkpoint: Checkpoint, prefills, decodes, **overrides) -> RouterConfig:
+    settings = dict(model=str(checkpoint.path), served_model_name=SERVED_MODEL, port=0, grpc_port=0,
+                    prefill_addresses=tuple(w if isinstance(w, str) else w.address for w in prefills),
+                    decode_addresses=tuple(w if isinstance(w, str) else w.address for w in decodes),
+                    health_interval_s=0.2, request_timeout_s=REQUEST_TIMEOUT_S)
+    settings.update(overrides)
+    return RouterConfig(**settings)
+
+
+@pytest.fixture
+def make_router(checkpoint: Checkpoint) -> Iterator[Callable[..., RouterThread]]:
+    """Routers made by a test, stopped after it: make_router(prefills, decodes, ready=True, **config)."""
+    routers: list[RouterThread] = []
+
+    def make(prefills, decodes, ready: bool = True, **overrides) -> RouterThread:
+        router = RouterThread(router_config(checkpoint, prefills, decodes, **overrides), ready)
+        routers.append(router)
+        return router
+
+    yield make
+    for router in routers:
+        router.stop()
+
+
+@pytest.fixture(scope="session")
+def router(checkpoint: Checkpoint, cluster: Cluster) -> Iterator[RouterThread]:
+    """The shared router over the shared cluster: prompts of 32+ uncached tokens are prefilled remotely."""
+    router = RouterThread(router_config(checkpoint, cluster.prefills, [cluster.decode], local_prefill_threshold=32))
+    yield router
+    router.stop()
+
+
+@pytest.fixture
+def rng(request) -> random.Random:
+    """Prompts unique to each test, so prefix caches never leak between tests."""
+    return random.Random(request.node.nodeid)

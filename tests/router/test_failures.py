@@ -1,0 +1,220 @@
+"""Failures under concurrent load: clients leaving, a decode worker dying mid-stream, a prefill worker dying.
+
+These workers are this module's own; tests kill them, in file order (disconnects first, with every
+worker alive; then one decode worker; then the prefill worker).
+"""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import httpx
+import openai
+import pytest
+
+from tests.checkpoints import hf_greedy
+from tests.router.conftest import MAX_MODEL_LEN, SERVED_MODEL, greedy_ignoring_eos, random_prompt, stop_all, token_ids, wait_for
+from tests.workers.harness import WorkerProcess, start_workers, wait_idle
+
+REQUEST_TIMEOUT_S = 60
+LONG_GENERATION = MAX_MODEL_LEN - 200  # several seconds of decoding: far longer than any wait below
+
+
+@dataclass
+class FailureCluster:
+    prefills: list[WorkerProcess]  # prefill in 64-token chunks, so a long prompt takes a while
+    decodes: list[WorkerProcess]
+
+    @property
+    def workers(self) -> list[WorkerProcess]:
+        return [*self.prefills, *self.decodes]
+
+
+def alive(workers: list[WorkerProcess]) -> list[WorkerProcess]:
+    return [w for w in workers if w.process.poll() is None]
+
+
+@pytest.fixture(scope="module")
+def failing(checkpoint):
+    model = str(checkpoint.path)
+    chunked = ("prefill", model, "grpc", "--max-num-batched-tokens", "64")
+    p1, p2, d1, d2 = start_workers(chunked, chunked, ("decode", model), ("decode", model))
+    cluster = FailureCluster([p1, p2], [d1, d2])
+    yield cluster
+    stop_all(cluster.workers)
+
+
+@dataclass
+class Stream:
+    """One streamed completion read by a client thread; progress is visible while it runs."""
+
+    ids: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    error: BaseException | None = None
+    done: threading.Event = field(default_factory=threading.Event)
+
+
+def _stream_greedy(client: openai.OpenAI, prompt: list[int], max_tokens: int, stream: Stream) -> None:
+    try:
+        for chunk in client.completions.create(model=SERVED_MODEL, prompt=[prompt], max_tokens=max_tokens, temperature=0, logprobs=0, stream=True,
+                                               extra_body={"ignore_eos": True, "return_tokens_as_token_ids": True}):
+            for choice in chunk.choices:
+                stream.ids.extend(token_ids(choice.logprobs.tokens) if choice.logprobs else [])
+                stream.finish_reason = choice.finish_reason or stream.finish_reason
+    except BaseException as exc:  # noqa: BLE001 - the test inspects it
+        stream.error = exc
+    finally:
+        stream.done.set()
+
+
+# -- clients leaving ----------------------------------------------------------------------------------
+
+
+def _leave_after_lines(url: str, body: dict, lines: int) -> int:
+    """Streams a request, reads ``lines`` SSE events, then drops the connection."""
+    seen = 0
+    with httpx.Client(timeout=REQUEST_TIMEOUT_S) as client, client.stream("POST", url, json=body) as response:
+        assert response.status_code == 200, response.read()
+        for line in response.iter_lines():
+            if line.startswith("data: "):
+                assert '"error"' not in line, line
+                seen += 1
+                if seen == lines:
+                    break
+    return seen
+
+
+def _leave_before_first_token(url: str, body: dict, wait_s: float) -> None:
+    """Gives up while the router is still admitting / prefilling (before any byte of the response)."""
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(url, json=body, timeout=httpx.Timeout(REQUEST_TIMEOUT_S, read=wait_s))
+
+
+def test_client_disconnects_return_every_block(make_router, failing, rng):
+    router = make_router(failing.prefills, failing.decodes, local_prefill_threshold=32)
+    url = f"{router.http}/v1/completions"
+    chat_url = f"{router.http}/v1/chat/completions"
+    before = {w.address: w.stats().prompt_tokens for w in failing.workers}
+
+    def long_body(prompt_len: int, **extra) -> dict:
+        prompt = random_prompt(rng, prompt_len)
+        max_tokens = min(LONG_GENERATION, MAX_MODEL_LEN - prompt_len)
+        return {"model": SERVED_MODEL, "prompt": [prompt], "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True, **extra}
+
+    jobs = [
+        lambda b=long_body(100, stream=True): _leave_after_lines(url, b, 5),  # remote prefill, mid-decode
+        lambda b=long_body(120, stream=True): _leave_after_lines(url, b, 1),  # right after the first token
+        lambda b=long_body(10, stream=True): _leave_after_lines(url, b, 5),  # local prefill
+        lambda b=long_body(60, stream=True, n=2): _leave_after_lines(url, b, 6),  # two choices at once
+        lambda b=long_body(1500, stream=True): _leave_before_first_token(url, b, 0.1),  # mid-prefill
+        lambda b=long_body(1500): _leave_before_first_token(url, b, 0.3),  # non-streaming, mid-prefill
+        lambda b=long_body(80): _leave_before_first_token(url, b, 1.5),  # non-streaming, mid-decode
+        lambda: _leave_after_lines(chat_url, {"model": SERVED_MODEL, "messages": [{"role": "user", "content": "go on " * 20}],
+                                              "max_tokens": LONG_GENERATION, "ignore_eos": True, "stream": True}, 4),
+    ]
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        for future in [pool.submit(job) for job in jobs]:
+            future.result(timeout=REQUEST_TIMEOUT_S)
+
+    # Every generation asked for minutes' worth of tokens: only cancellation can idle the workers this soon.
+    wait_for(lambda: router.running() == 0, 5, "the router to release every admission slot")
+    for worker in failing.workers:
+        wait_idle(worker, timeout=5)
+    assert sum(w.stats().prompt_tokens - before[w.address] for w in failing.decodes) > 0
+    assert sum(w.stats().prompt_tokens - before[w.address] for w in failing.prefills) > 0, "no request reached a prefill worker"
+    assert router.worker_active() == {w.address: 0 for w in failing.workers}
+
+    # And the router still serves.
+    out = router.openai().completions.create(model=SERVED_MODEL, prompt=[random_prompt(rng, 50)], max_tokens=4, temperature=0, extra_body={"ignore_eos": True})
+    assert out.usage.completion_tokens == 4
+
+
+# -- a decode worker dies mid-stream --------------------------------------------------------------------
+
+
+def test_decode_worker_killed_mid_stream_migrates(make_router, failing, checkpoint, rng):
+    assert len(alive(failing.decodes)) == 2
+    router = make_router(alive(failing.prefills), failing.decodes, local_prefill_threshold=32)
+    client = router.openai()
+    max_tokens = 250
+    prompts = [random_prompt(rng, n) for n in (20, 40, 70, 90)]  # local and remote prefills
+    expected = [greedy_ignoring_eos(checkpoint.model, p, max_tokens) for p in prompts]
+    streams = [Stream() for _ in prompts]
+    threads = [threading.Thread(target=_stream_greedy, args=(client, p, max_tokens, s), daemon=True) for p, s in zip(prompts, streams)]
+    for thread in threads:
+        thread.start()
+
+    wait_for(lambda: all(len(s.ids) >= 5 for s in streams) or any(s.done.is_set() for s in streams), 30, "every stream to start")
+    assert not any(s.done.is_set() for s in streams), [s.error for s in streams]
+    active = router.worker_active()
+    victim = max(failing.decodes, key=lambda w: active[w.address])
+    assert active[victim.address] >= 1
+    victim.kill()
+
+    for stream in streams:
+        assert stream.done.wait(REQUEST_TIMEOUT_S), "a stream hung after its decode worker died"
+    for i, (stream, want) in enumerate(zip(streams, expected)):
+        assert stream.error is None, f"stream {i} failed: {stream.error!r}"
+        assert stream.finish_reason == "length"
+        assert stream.ids == want, f"stream {i}: migrated output differs from transformers"
+    migrations = router.metrics()[("splitserve_migrations_total", ())]
+    assert migrations >= 1, "no stream was migrated"
+
+    survivor = next(w for w in failing.decodes if w is not victim)
+    for worker in alive([*failing.prefills, survivor]):
+        wait_idle(worker, timeout=10)
+    out = client.completions.create(model=SERVED_MODEL, prompt=[random_prompt(rng, 50)], max_tokens=4, temperature=0, extra_body={"ignore_eos": True})
+    assert out.usage.completion_tokens == 4
+
+
+# -- the prefill worker dies under load ------------------------------------------------------------------
+
+
+def test_prefill_workers_killed_under_load(make_router, failing, checkpoint, rng):
+    """The first prefill worker dies: its prefills are retried on the second. Then the second dies:
+    the decode workers prefill for themselves."""
+    first, second = failing.prefills
+    decodes = alive(failing.decodes)
+    router = make_router(failing.prefills, decodes, local_prefill_threshold=32, prefill_timeout_s=20)
+    client = router.openai()
+
+    def complete(prompt):
+        try:
+            out = client.completions.create(model=SERVED_MODEL, prompt=[prompt], max_tokens=6, temperature=0, logprobs=0,
+                                            extra_body={"return_tokens_as_token_ids": True})
+            return token_ids(out.choices[0].logprobs.tokens)
+        except openai.APIStatusError as exc:
+            return exc
+
+    def wave(victim: WorkerProcess, in_flight: int) -> list:
+        prompts = [random_prompt(rng, 900 + 13 * i) for i in range(6)]
+        expected = [hf_greedy(checkpoint.model, p, 6) for p in prompts]
+        with ThreadPoolExecutor(len(prompts)) as pool:
+            futures = [pool.submit(complete, p) for p in prompts]
+            wait_for(lambda: router.worker_active()[victim.address] >= in_flight, 30, f"prefills in flight on {victim.address}")
+            victim.kill()
+            results = [f.result(timeout=REQUEST_TIMEOUT_S + 10) for f in futures]
+        for i, (result, want) in enumerate(zip(results, expected)):
+            if isinstance(result, openai.APIStatusError):  # a clean error is allowed; a wrong answer is not
+                assert result.status_code >= 500 and set(result.body) >= {"message", "type", "code"}, result
+            else:
+                assert result == want, f"request {i}: output after {victim.address} died differs from transformers"
+        return [r for r in results if not isinstance(r, openai.APIStatusError)]
+
+    assert len(wave(first, 1)) == 6, "with a second prefill worker up, every request should complete"
+    assert router.metrics()[("splitserve_prefill_retries_total", ())] >= 1, "no prefill was retried on the other worker"
+    assert "fallback" not in router.decisions()
+
+    assert len(wave(second, 2)) >= 3, "the decode workers should have taken over"
+    assert router.decisions().get("fallback", 0) >= 1, router.decisions()
+
+    # With both prefill workers gone for good, long prompts are prefilled on the decode workers.
+    wait_for(lambda: router.call(lambda: not router.router.pool.of_role("prefill")), 10, "the dead prefill workers to be marked unhealthy")
+    fallbacks = router.decisions()["fallback"]
+    out = client.completions.create(model=SERVED_MODEL, prompt=[random_prompt(rng, 300)], max_tokens=6, temperature=0)
+    assert out.usage.completion_tokens >= 1
+    assert router.decisions()["fallback"] == fallbacks + 1
+    for worker in decodes:
+        wait_idle(worker, timeout=10)

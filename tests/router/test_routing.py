@@ -1,0 +1,83 @@
+"""KV-aware routing and conditional disaggregation, observed on the workers' own counters."""
+
+from __future__ import annotations
+
+from engine.block_manager import compute_block_hashes
+from tests.router.conftest import SERVED_MODEL, random_prompt
+from tests.workers.harness import wait_idle
+
+BLOCK = 16
+
+
+def _complete(router, prompt: list[int], max_tokens: int = 2) -> None:
+    out = router.openai().completions.create(model=SERVED_MODEL, prompt=[prompt], max_tokens=max_tokens, temperature=0, extra_body={"ignore_eos": True})
+    assert out.usage.completion_tokens == max_tokens
+
+
+def test_shared_prefix_goes_to_the_prefill_worker_holding_it(make_router, cluster, rng):
+    router = make_router(cluster.prefills, [cluster.decode], local_prefill_threshold=BLOCK)
+    prefix = random_prompt(rng, 16 * BLOCK)
+    prefix_hashes = compute_block_hashes(prefix, BLOCK)
+    before = {w.address: w.stats() for w in cluster.prefills}
+
+    _complete(router, prefix + random_prompt(rng, 40))
+    grown = [w for w in cluster.prefills if w.stats().prompt_tokens > before[w.address].prompt_tokens]
+    assert len(grown) == 1, "the first request is prefilled by exactly one prefill worker"
+    holder = grown[0]
+    other = next(w for w in cluster.prefills if w is not holder)
+    router.wait_synced(holder.address, prefix_hashes)
+
+    holder_before, other_before = holder.stats(), other.stats()
+    for _ in range(4):
+        _complete(router, prefix + random_prompt(rng, 40))  # 40 uncached tokens on D: still remote
+    holder_after, other_after = holder.stats(), other.stats()
+    assert other_after.prompt_tokens == other_before.prompt_tokens, "a request sharing the prefix went to the worker without it"
+    assert holder_after.prompt_tokens - holder_before.prompt_tokens == 4 * (len(prefix) + 40)
+    assert holder_after.prefix_hit_tokens - holder_before.prefix_hit_tokens >= 4 * len(prefix), "the holder did not reuse its prefix"
+    assert router.decisions() == {"remote_prefill": 5.0}
+
+    # Load matters too: an unrelated prompt may go anywhere, but the prefix keeps its home.
+    _complete(router, random_prompt(rng, 200))
+    _complete(router, prefix + random_prompt(rng, 40))
+    assert other.stats().prompt_tokens - other_after.prompt_tokens in (0, 200)
+    for worker in cluster.workers:
+        wait_idle(worker)
+
+
+def test_conditional_disaggregation(make_router, cluster, rng):
+    router = make_router(cluster.prefills, [cluster.decode], local_prefill_threshold=64)
+
+    def prompt_tokens():
+        return cluster.decode.stats().prompt_tokens, sum(w.stats().prompt_tokens for w in cluster.prefills)
+
+    decode0, prefill0 = prompt_tokens()
+    _complete(router, random_prompt(rng, 40))  # short: the decode worker prefills it
+    decode1, prefill1 = prompt_tokens()
+    assert (decode1 - decode0, prefill1 - prefill0) == (40, 0)
+    assert router.decisions() == {"local_prefill": 1.0}
+
+    long = random_prompt(rng, 200)
+    _complete(router, long)  # long: a prefill worker computes it, the decode worker reserves for it
+    decode2, prefill2 = prompt_tokens()
+    assert (decode2 - decode1, prefill2 - prefill1) == (200, 200)
+    assert router.decisions() == {"local_prefill": 1.0, "remote_prefill": 1.0}
+
+    # Repeated, the long prompt is cached on the decode worker: 8 uncached tokens < 64, so local.
+    router.wait_synced(cluster.decode.address, compute_block_hashes(long, BLOCK))
+    _complete(router, long)
+    decode3, prefill3 = prompt_tokens()
+    assert (decode3 - decode2, prefill3 - prefill2) == (200, 0)
+    decisions = router.decisions()
+    assert decisions == {"local_prefill": 2.0, "remote_prefill": 1.0}
+
+    metrics = router.metrics()
+    assert metrics[("splitserve_routing_decisions_total", (("decision", "local_prefill"),))] == 2.0
+    assert metrics[("splitserve_cached_prompt_tokens_total", ())] >= 192
+
+
+def test_no_prefill_worker_falls_back_to_the_decode_worker(make_router, cluster, rng):
+    router = make_router([], [cluster.decode], local_prefill_threshold=16)
+    prefill_before = sum(w.stats().prompt_tokens for w in cluster.prefills)
+    _complete(router, random_prompt(rng, 200))
+    assert router.decisions() == {"fallback": 1.0}
+    assert sum(w.stats().prompt_tokens for w in cluster.prefills) == prefill_before
