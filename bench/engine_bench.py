@@ -43,6 +43,7 @@ FIRST_REGULAR_TOKEN = 3  # ids below are pad/bos/eos in the presets' byte vocabu
 SANITY_PROMPT_LEN = 12
 SANITY_NEW_TOKENS = 8
 BF16_LOOSE_TOKENS = 3
+PREFILL_MIN_REPEATS = 5  # prefill runs are short: a few more steady the median at little cost
 MATMUL_SHAPE = (2048, 768, 2048)  # (m, k, n): roughly one prefill projection of this model size
 _request_counter = itertools.count()
 
@@ -124,7 +125,7 @@ def run(args: argparse.Namespace) -> int:
     config = BenchConfig.from_args(args)
     if config.threads:
         torch.set_num_threads(config.threads)
-    started = time.perf_counter()
+    started, load_before = time.perf_counter(), os.getloadavg()[0]
     engine = build_engine(config)
     hf = hf_model_from_engine(engine.runner.model, config.torch_dtype)
     sanity = sanity_check(engine, hf, config)
@@ -132,7 +133,8 @@ def run(args: argparse.Namespace) -> int:
     rows = [measure_prefill(engine, hf, config)]
     rows += [measure_decode(engine, hf, config, batch) for batch in config.batch_sizes]
     flops = flops_summary(engine.model_config, config, rows[0])
-    report = build_report(config, sanity, rows, flops, time.perf_counter() - started)
+    load = (load_before, os.getloadavg()[0])
+    report = build_report(config, sanity, rows, flops, time.perf_counter() - started, load)
     print_report(report)
     if config.json_path:
         with open(config.json_path, "w") as handle:
@@ -259,7 +261,7 @@ def measure_prefill(engine: Engine, hf, config: BenchConfig) -> Row:
         lambda prompts: engine_prefill_seconds(engine, prompts),
         lambda prompts: hf_prefill_seconds(hf, prompts),
         lambda trial: make_prompts(batch, config.prompt_len, vocab, seed=f"prefill-{trial}"),
-        config.repeats,
+        max(config.repeats, PREFILL_MIN_REPEATS),
     )
     return Row("prefill", batch, batch * config.prompt_len, engine_times, hf_times)
 
@@ -417,7 +419,9 @@ def flops_summary(model: ModelConfig, config: BenchConfig, prefill: Row) -> dict
 # -- report ---------------------------------------------------------------------------------------
 
 
-def build_report(config: BenchConfig, sanity: SanityResult, rows: list[Row], flops: dict, seconds: float) -> dict:
+def build_report(
+    config: BenchConfig, sanity: SanityResult, rows: list[Row], flops: dict, seconds: float, load: tuple[float, float]
+) -> dict:
     import transformers
 
     by_name = {row.name: row for row in rows}
@@ -441,6 +445,7 @@ def build_report(config: BenchConfig, sanity: SanityResult, rows: list[Row], flo
             "prefill_batch": config.prefill_batch,
             "repeats": config.repeats,
             "wall_seconds": seconds,
+            "load_average_1min": load,  # before, after: other work on the machine skews both sides
         },
         "sanity": asdict(sanity),
         "rows": [row.to_json() for row in rows],
@@ -476,4 +481,5 @@ def print_report(report: dict) -> None:
     for name, target in report["targets"].items():
         verdict = "met" if target["met"] else "MISSED"
         print(f"target {name}: {target['ratio']:.2f}x vs >= {target['target_ratio']}x: {verdict}")
-    print(f"({meta['wall_seconds']:.0f} s)")
+    before, after = meta["load_average_1min"]
+    print(f"({meta['wall_seconds']:.0f} s; 1-min load average {before:.1f} before, {after:.1f} after)")

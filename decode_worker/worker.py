@@ -50,8 +50,8 @@ class DecodeWorker(WorkerBase, decode_pb2_grpc.DecodeWorkerServicer):
             self.nixl = NixlReceiver(self.unique_name, self.engine.kv_cache, self.inbox)
         self.receiver = KVReceiverService(self.inbox, self.layout, self.instance_id, self._abort_inbound, self.nixl)
         # Engine thread only. Outputs of a reservation may come (even all of them) before its client
-        # calls Generate: the stream is kept here, reserve time attached, until claimed or swept.
-        self._unclaimed: dict[str, tuple[RequestStream, float]] = {}
+        # calls Generate: the stream is kept here until claimed, or until the TTL after the request ended.
+        self._unclaimed: dict[str, tuple[RequestStream, float | None]] = {}
         self._next_sweep = 0.0
 
     def add_services(self, server: grpc.Server) -> None:
@@ -89,7 +89,7 @@ class DecodeWorker(WorkerBase, decode_pb2_grpc.DecodeWorkerServicer):
         reservation = engine.reserve(request.request_id, list(request.prompt_token_ids), params)
         first_missing = reservation.num_cached_tokens // self.config.block_size
         self.inbox.open(request.request_id, reservation.block_ids[first_missing:], lease_ms / 1000.0, self.nixl is not None)
-        self._unclaimed[request.request_id] = (self.loop.watch(request.request_id), time.monotonic())
+        self._unclaimed[request.request_id] = (self.loop.watch(request.request_id), None)
         self.counters.add(prompt_tokens=len(request.prompt_token_ids), prefix_hit_tokens=reservation.num_cached_tokens)
         return reservation
 
@@ -177,7 +177,11 @@ class DecodeWorker(WorkerBase, decode_pb2_grpc.DecodeWorkerServicer):
             self._sweep_unclaimed(engine, now)
 
     def _sweep_unclaimed(self, engine: Engine, now: float) -> None:
-        """Engine thread: drop streams of ended reservations whose client never came."""
-        for request_id, (_, reserved_at) in list(self._unclaimed.items()):
-            if request_id not in engine.requests and now - reserved_at > UNCLAIMED_STREAM_TTL_S:
+        """Engine thread: drop streams of reservations that ended more than the TTL ago, unclaimed."""
+        for request_id, (stream, ended_at) in list(self._unclaimed.items()):
+            if request_id in engine.requests:
+                continue
+            if ended_at is None:
+                self._unclaimed[request_id] = (stream, now)
+            elif now - ended_at > UNCLAIMED_STREAM_TTL_S:
                 del self._unclaimed[request_id]
