@@ -65,9 +65,8 @@ def _prefill_attention(q, k, v, cache, layer, seg: PrefillSegment, scale) -> tor
         out = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scale, enable_gqa=True)
         return out[0].transpose(0, 1)
     context = seg.start + rows
-    key, value = cache.gather(layer, seg.block_table.unsqueeze(0))
-    key = key[:, :context].transpose(1, 2)
-    value = value[:, :context].transpose(1, 2)
+    key, value = cache.gather(layer, seg.block_table.unsqueeze(0))  # [1, kvh, S, D]
+    key, value = key[:, :, :context], value[:, :, :context]
     positions = torch.arange(seg.start, context, device=q.device)
     mask = torch.arange(context, device=q.device)[None, :] <= positions[:, None]  # lower-right causal
     out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scale, enable_gqa=True)
@@ -75,9 +74,14 @@ def _prefill_attention(q, k, v, cache, layer, seg: PrefillSegment, scale) -> tor
 
 
 def _decode_attention(q, cache, layer, batch: AttentionBatch, scale) -> torch.Tensor:
-    key, value = cache.gather(layer, batch.decode_block_table)  # [B, S, kvh, D]
-    query = q.unsqueeze(2)  # [B, H, 1, D]
-    out = F.scaled_dot_product_attention(
-        query, key.transpose(1, 2), value.transpose(1, 2), attn_mask=batch.decode_mask, scale=scale, enable_gqa=True
-    )
-    return out.squeeze(2)
+    """One query per sequence: two small batched matmuls beat SDPA's masked flash kernel here
+    (which costs milliseconds per layer on CPU for a single query row)."""
+    key, value = cache.gather(layer, batch.decode_block_table)  # [B, kvh, S, D]
+    decodes, kv_heads, _, head_dim = key.shape
+    groups = q.shape[1] // kv_heads  # query head h reads KV head h // groups
+    query = q.view(decodes, kv_heads, groups, head_dim)
+    scores = torch.matmul(query, key.transpose(-1, -2)).float() * scale  # [B, kvh, groups, S]
+    scores.masked_fill_(~batch.decode_mask, float("-inf"))
+    probs = scores.softmax(dim=-1).to(value.dtype)
+    out = torch.matmul(probs, value)  # [B, kvh, groups, D]
+    return out.reshape(decodes, kv_heads * groups, head_dim)

@@ -66,11 +66,14 @@ class PagedKVCache:
         layer_data[:, 1].index_put_((slot_block, slot_offset), value)
 
     def gather(self, layer: int, block_table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """K and V for ``block_table [batch, blocks]`` as ``[batch, blocks*block_size, kv_heads, head_dim]``."""
+        """K and V for ``block_table [batch, blocks]``, heads-major for attention:
+        each ``[batch, kv_heads, blocks*block_size, head_dim]``, contiguous (one gather, one transpose)."""
         batch, blocks = block_table.shape
         regions = self.data[layer][block_table]  # [batch, blocks, 2, bs, kvh, hd]
-        shape = (batch, blocks * self.layout.block_size, self.layout.num_kv_heads, self.layout.head_dim)
-        return regions[:, :, 0].reshape(shape), regions[:, :, 1].reshape(shape)
+        heads_major = regions.permute(2, 0, 4, 1, 3, 5).contiguous()  # [2, batch, kvh, blocks, bs, hd]
+        shape = (2, batch, self.layout.num_kv_heads, blocks * self.layout.block_size, self.layout.head_dim)
+        key, value = heads_major.view(shape).unbind(0)
+        return key, value
 
     def read_regions(self, layer: int, blocks: Sequence[int]) -> torch.Tensor:
         """A copy of the regions of ``blocks`` on ``layer``, back to back: ``[len(blocks), region_bytes]`` uint8."""
