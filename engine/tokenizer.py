@@ -250,10 +250,24 @@ class HFTokenizer(Tokenizer):
         return [] if token_id is None else [(text, token_id)]
 
 
+_SLOW_TOKENIZER_FILES = ("tokenizer.model", "vocab.json", "tokenizer_config.json")
+
+
 def load_tokenizer(model_dir: str | Path | None, vocab_size: int) -> Tokenizer:
-    """HFTokenizer for a directory containing tokenizer.json, else ByteTokenizer(vocab_size)."""
-    if model_dir is not None and (Path(model_dir) / "tokenizer.json").is_file():
-        return HFTokenizer.from_dir(model_dir)
+    """HFTokenizer for a directory containing tokenizer.json; ByteTokenizer(vocab_size) for one with
+    no tokenizer files at all (a bare checkpoint). A directory with only a slow tokenizer is an error:
+    silently serving bytes instead of the model's vocabulary would be wrong output."""
+    if model_dir is None:
+        return ByteTokenizer(vocab_size)
+    directory = Path(model_dir)
+    if (directory / "tokenizer.json").is_file():
+        return HFTokenizer.from_dir(directory)
+    present = [name for name in _SLOW_TOKENIZER_FILES if (directory / name).is_file()]
+    if present:
+        raise ModelLoadError(
+            f"{str(directory)!r} has {', '.join(present)} but no tokenizer.json; convert it once with "
+            "transformers (AutoTokenizer.from_pretrained(dir).save_pretrained(dir)) and retry"
+        )
     return ByteTokenizer(vocab_size)
 
 

@@ -419,3 +419,13 @@ def test_hf_streaming_decodes_small_windows(model_dir):
     assert len(ids) > 200 and max(window_sizes) <= 12
     detok.flush()
     assert detok.text == real_decode(ids)
+
+
+def test_a_directory_with_only_a_slow_tokenizer_is_refused(tmp_path):
+    from engine.errors import ModelLoadError
+    from engine.tokenizer import ByteTokenizer, load_tokenizer
+
+    assert isinstance(load_tokenizer(tmp_path, 320), ByteTokenizer)  # a bare checkpoint: bytes
+    (tmp_path / "tokenizer.model").write_bytes(b"sentencepiece")
+    with pytest.raises(ModelLoadError, match="no tokenizer.json"):
+        load_tokenizer(tmp_path, 320)
