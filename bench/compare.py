@@ -1,0 +1,304 @@
+"""``splitserve bench compare``: aggregated vs disaggregated serving on this machine — same model,
+workload and client (``bench serve``'s) — over a sweep of request rates::
+
+    aggregated     client ─> router ─> decode worker, --threads 2: prefills its prompts between decodes
+    disaggregated  client ─> router ─> prefill worker, --threads 1 ─KV─> decode worker, --threads 1
+                                       (--local-prefill-threshold 0: every prompt goes to the prefill worker)
+
+Both stacks are plain processes (``splitserve worker`` / ``splitserve router``) started once and
+kept up for the whole sweep; an idle stack only answers health checks. At each rate the two
+systems run back to back on the same requests and arrival times, the order alternating from rate
+to rate, so machine noise hits both alike.
+
+Goodput (DistServe): the highest rate at which >= 90% of requests meet both the TTFT and the TPOT
+SLO. From a sweep it is interpolated linearly between the last rate that reaches 90% and the
+first that does not; a system that reaches 90% at every rate has goodput >= the highest rate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import json
+import os
+import queue
+import random
+import re
+import subprocess
+import sys
+import threading
+import time
+from collections import deque
+from dataclasses import asdict, dataclass
+
+from bench.serve_bench import BenchRequest, print_summary, random_dataset, run_load, summarize
+
+ATTAINMENT_TARGET = 0.9
+GOODPUT_RATIO_TARGET = 1.3
+START_TIMEOUT_S = 240.0
+WARMUP_REQUESTS = 2
+
+
+@dataclass(frozen=True)
+class System:
+    name: str
+    prefill_workers: int
+    decode_workers: int
+    prefill_threads: int | None
+    decode_threads: int
+    local_prefill_threshold: int
+
+
+AGGREGATED = System("aggregated", 0, 1, None, 2, 0)
+DISAGGREGATED = System("disaggregated", 1, 1, 1, 1, 0)
+
+
+@dataclass(frozen=True)
+class CompareConfig:
+    model: str
+    dtype: str
+    rates: tuple[float, ...]
+    num_prompts: int
+    input_len: int
+    input_range_ratio: float
+    output_range: tuple[int, int]
+    slos: dict  # milliseconds: {"ttft": ..., "tpot": ...}
+    burstiness: float
+    seed: int
+    kv_cache_mb: int
+    max_num_batched_tokens: int
+    vocab_size: int
+    json_path: str | None
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> CompareConfig:
+        quick = dict(rates="1,2", num_prompts=4, input_len=64, output_range="4,8", kv_cache_mb=64) if args.quick else {}
+        pick = lambda name: quick.get(name, getattr(args, name))  # noqa: E731
+        low, high = (int(part) for part in pick("output_range").split(","))
+        return cls(args.model, args.dtype, tuple(float(r) for r in pick("rates").split(",")), pick("num_prompts"), pick("input_len"),
+                   args.input_range_ratio, (low, high), {"ttft": args.ttft_slo_ms, "tpot": args.tpot_slo_ms}, args.burstiness,
+                   args.seed, pick("kv_cache_mb"), args.max_num_batched_tokens, args.vocab_size, args.json_path)
+
+    def requests(self, count: int, seed: int) -> list[BenchRequest]:
+        """``bench serve``'s random prompts; output lengths drawn uniformly from ``output_range``."""
+        prompts = random_dataset(count, self.input_len, 1, self.input_range_ratio, 0, self.vocab_size, seed)
+        rng = random.Random(seed + 1)
+        return [dataclasses.replace(r, output_len=rng.randint(*self.output_range)) for r in prompts]
+
+
+# -- processes -------------------------------------------------------------------------------------
+
+
+class Process:
+    """A ``splitserve`` child process, waited for until it prints its ready line, then drained."""
+
+    def __init__(self, name: str, argv: list[str], ready: str, threads: int | None = None) -> None:
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        if threads:
+            env["OMP_NUM_THREADS"] = str(threads)
+        self.name = name
+        self.ready = ready
+        self.tail: deque[str] = deque(maxlen=40)
+        self.process = subprocess.Popen([sys.executable, "-m", "cluster.cli", *argv], stdout=subprocess.PIPE,
+                                        stderr=subprocess.STDOUT, text=True, env=env)
+        self._lines: queue.Queue[str | None] = queue.Queue()
+        threading.Thread(target=self._read, name=f"{name}-stdout", daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self.process.stdout:
+            self.tail.append(line.rstrip())
+            self._lines.put(line)
+        self._lines.put(None)
+
+    def wait_ready(self, timeout: float = START_TIMEOUT_S) -> str:
+        """The ready line; raises with the process's last output if it exits or times out first."""
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                line = self._lines.get(timeout=left)
+            except queue.Empty:
+                break
+            if line is None:
+                raise RuntimeError(f"{self.name} exited ({self.process.wait()}):\n" + "\n".join(self.tail))
+            if self.ready in line:
+                threading.Thread(target=self._discard, daemon=True).start()
+                return line.strip()
+        raise RuntimeError(f"{self.name} not ready after {timeout:.0f}s:\n" + "\n".join(self.tail))
+
+    def _discard(self) -> None:
+        while self._lines.get() is not None:
+            pass
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(10)
+
+
+@dataclass
+class Stack:
+    system: System
+    processes: list[Process]
+    base_url: str = ""
+
+
+def start_stacks(config: CompareConfig, systems: list[System]) -> list[Stack]:
+    """Every worker of every system starts at once; then every router."""
+    stacks = [Stack(system, []) for system in systems]
+    try:
+        addresses = {}
+        for stack in stacks:
+            for role, count, threads in (("prefill", stack.system.prefill_workers, stack.system.prefill_threads),
+                                         ("decode", stack.system.decode_workers, stack.system.decode_threads)):
+                for index in range(count):
+                    argv = ["worker", role, "--model", config.model, "--dtype", config.dtype, "--threads", str(threads), "--port", "0",
+                            "--kv-cache-mb", str(config.kv_cache_mb), "--max-num-batched-tokens", str(config.max_num_batched_tokens)]
+                    stack.processes.append(Process(f"{stack.system.name} {role} worker {index}", argv, "READY ", threads))
+        for stack in stacks:
+            for process in stack.processes:
+                addresses[process.name] = json.loads(process.wait_ready().split("READY ", 1)[1])["address"]
+        routers = []
+        for stack in stacks:
+            prefill = [addresses[p.name] for p in stack.processes if " prefill " in p.name]
+            decode = [addresses[p.name] for p in stack.processes if " decode " in p.name]
+            argv = ["router", "--model", config.model, "--decode", *decode, "--port", "0", "--grpc-port", "0",
+                    "--local-prefill-threshold", str(stack.system.local_prefill_threshold), "--log-level", "WARNING"]
+            if prefill:
+                argv[3:3] = ["--prefill", *prefill]
+            router = Process(f"{stack.system.name} router", argv, "OpenAI API at")
+            stack.processes.append(router)
+            routers.append((stack, router))
+        for stack, router in routers:
+            stack.base_url = re.search(r"OpenAI API at (\S+/v1)", router.wait_ready()).group(1).rstrip(",")
+        return stacks
+    except BaseException:
+        stop_stacks(stacks)
+        raise
+
+
+def stop_stacks(stacks: list[Stack]) -> None:
+    for stack in stacks:
+        for process in reversed(stack.processes):
+            process.stop()
+
+
+# -- the sweep -------------------------------------------------------------------------------------
+
+
+def run_system(stack: Stack, config: CompareConfig, requests: list[BenchRequest], rate: float) -> dict:
+    load_before = os.getloadavg()[0]
+    records, duration = asyncio.run(run_load(stack.base_url, config.model, requests, rate, config.burstiness, None, 0, config.seed))
+    summary = summarize(records, duration, config.slos)
+    first = min((r.start for r in records), default=0.0)
+    rows = [dict(asdict(r), start=r.start - first, tpot=r.tpot) for r in records]
+    return {"system": stack.system.name, "rate": rate, "load_1min_before": load_before, "summary": summary, "requests": rows}
+
+
+def sweep(stacks: list[Stack], config: CompareConfig) -> list[dict]:
+    requests = config.requests(config.num_prompts, config.seed)
+    for stack in stacks:
+        warmup = config.requests(WARMUP_REQUESTS, config.seed + 1000)
+        asyncio.run(run_load(stack.base_url, config.model, warmup, float("inf"), 1.0, None, 0, config.seed))
+    runs = []
+    for index, rate in enumerate(config.rates):
+        order = stacks if index % 2 == 0 else stacks[::-1]
+        for stack in order:
+            print(f"rate {rate:g} req/s: {stack.system.name} ({len(requests)} requests) ...", flush=True)
+            run = run_system(stack, config, requests, rate)
+            s = run["summary"]
+            print(f"  attainment {s['slo_attainment']:.0%}, TTFT p50 {_fmt(s['ttft_ms']['median'])} ms, TPOT p50 {_fmt(s['tpot_ms']['median'])} ms, "
+                  f"load {run['load_1min_before']:.2f}", flush=True)
+            runs.append(run)
+    return runs
+
+
+def goodput(points: list[tuple[float, float]], target: float = ATTAINMENT_TARGET) -> dict:
+    """From (rate, attainment) points: the interpolated rate where attainment first falls below
+    ``target``, and the highest swept rate before that. ``bound`` says if it is a bound only."""
+    points = sorted(points)
+    passed = None
+    for rate, attained in points:
+        if attained < target:
+            if passed is None:
+                return {"rps": 0.0, "highest_passing_rate": None, "bound": f"< {rate:g} (fails at the lowest rate swept)"}
+            low_rate, low_attained = passed
+            interpolated = low_rate + (rate - low_rate) * (low_attained - target) / (low_attained - attained)
+            return {"rps": interpolated, "highest_passing_rate": low_rate, "bound": None}
+        passed = (rate, attained)
+    return {"rps": passed[0], "highest_passing_rate": passed[0], "bound": f">= {passed[0]:g} (passes at every rate swept)"}
+
+
+def build_report(config: CompareConfig, systems: list[System], runs: list[dict], seconds: float) -> dict:
+    good = {}
+    for system in systems:
+        good[system.name] = goodput([(r["rate"], r["summary"]["slo_attainment"]) for r in runs if r["system"] == system.name])
+    aggregated, disaggregated = good[AGGREGATED.name]["rps"], good[DISAGGREGATED.name]["rps"]
+    ratio = disaggregated / aggregated if aggregated else float("inf") if disaggregated else None
+    config_json = {k: v for k, v in asdict(config).items() if k != "json_path"}
+    config_json["systems"] = {s.name: asdict(s) for s in systems}
+    return {"config": config_json, "machine": {"cpu_count": os.cpu_count(), "wall_seconds": seconds}, "runs": runs, "goodput": good,
+            "goodput_ratio": ratio, "target": {"ratio": GOODPUT_RATIO_TARGET, "met": ratio is not None and ratio >= GOODPUT_RATIO_TARGET}}
+
+
+def print_report(report: dict) -> None:
+    config = report["config"]
+    print(f"{'=' * 20} bench compare: {config['model']} {config['dtype']}, aggregated vs disaggregated {'=' * 20}")
+    low, high = int(config["input_len"] * (1 - config["input_range_ratio"])), int(config["input_len"] * (1 + config["input_range_ratio"]))
+    print(f"workload: {config['num_prompts']} requests/rate, input {low}-{high} tokens, output {config['output_range'][0]}-{config['output_range'][1]}, "
+          f"Poisson arrivals (burstiness {config['burstiness']}); SLOs: TTFT <= {config['slos']['ttft']:.0f} ms, TPOT <= {config['slos']['tpot']:.0f} ms")
+    print(f"{'rate':>5} {'system':15} {'TTFT p50':>9} {'TTFT p99':>9} {'TPOT p50':>9} {'TPOT p99':>9} {'attain':>7} {'done':>5} {'load':>5}")
+    for run in report["runs"]:
+        s = run["summary"]
+        print(f"{run['rate']:5.2f} {run['system']:15} {_fmt(s['ttft_ms']['median']):>9} {_fmt(s['ttft_ms']['p99']):>9} "
+              f"{_fmt(s['tpot_ms']['median']):>9} {_fmt(s['tpot_ms']['p99']):>9} {s['slo_attainment']:>7.0%} "
+              f"{s['completed']:>5} {run['load_1min_before']:>5.2f}")
+    for name, good in report["goodput"].items():
+        print(f"goodput @{ATTAINMENT_TARGET:.0%} attainment, {name:14}: {good['rps']:.3f} req/s" + (f"  ({good['bound']})" if good["bound"] else ""))
+    ratio, target = report["goodput_ratio"], report["target"]
+    print(f"disaggregated / aggregated goodput: {_fmt(ratio, '.2f')}x (target >= {target['ratio']}x: {'met' if target['met'] else 'NOT met'})")
+
+
+def _fmt(value: float | None, spec: str = ".0f") -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
+def run(args: argparse.Namespace) -> int:
+    config = CompareConfig.from_args(args)
+    systems = [AGGREGATED, DISAGGREGATED]
+    started = time.perf_counter()
+    stacks = start_stacks(config, systems)
+    try:
+        runs = sweep(stacks, config)
+    finally:
+        stop_stacks(stacks)
+    report = build_report(config, systems, runs, time.perf_counter() - started)
+    print_report(report)
+    if config.json_path:
+        with open(config.json_path, "w") as handle:
+            json.dump(report, handle, indent=1)
+        print(f"wrote {config.json_path}")
+    return 0 if all(r["summary"]["completed"] for r in runs) else 1
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="bench-125m")
+    parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--rates", default="0.25,0.4,0.55,0.7", help="requests/s, comma-separated")
+    parser.add_argument("--num-prompts", type=int, default=24, help="requests per rate and system")
+    parser.add_argument("--input-len", type=int, default=1024)
+    parser.add_argument("--input-range-ratio", type=float, default=0.5, help="inputs uniform in len * [1 - r, 1 + r]")
+    parser.add_argument("--output-range", default="32,64", help="outputs uniform in LOW,HIGH tokens")
+    parser.add_argument("--ttft-slo-ms", type=float, default=3000.0)
+    parser.add_argument("--tpot-slo-ms", type=float, default=50.0)
+    parser.add_argument("--burstiness", type=float, default=1.0, help="1 = Poisson")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--kv-cache-mb", type=int, default=512, help="KV pool of each worker")
+    parser.add_argument("--max-num-batched-tokens", type=int, default=2048, help="every worker's step token budget")
+    parser.add_argument("--vocab-size", type=int, default=256, help="prompt token ids are drawn from [3, vocab)")
+    parser.add_argument("--quick", action="store_true", help="a tiny run: 2 rates x 4 short requests")
+    parser.add_argument("--json", dest="json_path", default=None)

@@ -1,0 +1,306 @@
+"""``splitserve bench profile``: measures this engine on this machine and fits the latency models
+the simulator uses (``bench.sim.latency.FittedModel``), per torch thread count::
+
+    prefill_s(T)      = a + b*T + c*T^2        one prompt of T tokens prefilled in one step
+    decode_s(B, ctx)  = a + b*B + c*B*ctx      one step of B decodes over ctx keys each
+
+Mixed steps (a prompt prefilled beside running decodes, as an aggregated worker runs them) are
+measured as well and set beside what the fitted models compose for them.
+
+The engine runs in this process. Decode rows need long contexts but not their values: their
+sequences are *reserved* and completed with a token, as a decode worker adopts received KV,
+so no prompt is prefilled for them. KV transfer bytes/s: ``--link-gbps``, else the gRPC (with
+checksums) row of a ``bench transfer`` report (``--transfer-json``, or a short run of it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import platform
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from bench.sim.latency import Chunk, FittedModel, ModelShape, Step
+from engine.sampling_params import SamplingParams
+
+if TYPE_CHECKING:  # torch and the engine load when the profile runs, not when the CLI parses
+    from engine.engine import Engine
+
+FIRST_REGULAR_TOKEN = 3  # ids below are pad/bos/eos in the presets' byte vocabulary
+DECODE_STEPS = 4  # timed decode steps per (batch, context), after one untimed
+MIXED_ROWS = ((1024, 4, 1024), (512, 8, 512), (1536, 2, 1536))  # (prompt tokens, decodes, context)
+QUICK = dict(threads="1", prefill_tokens="32,64,128", decode_batches="1,2", decode_contexts="32,64", repeats=1)
+QUICK_MIXED = ((64, 2, 64),)
+
+
+@dataclass(frozen=True)
+class ProfileConfig:
+    model: str
+    dtype: str
+    threads: tuple[int, ...]
+    prefill_tokens: tuple[int, ...]
+    decode_batches: tuple[int, ...]
+    decode_contexts: tuple[int, ...]
+    mixed: tuple[tuple[int, int, int], ...]
+    repeats: int
+    seed: int
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> ProfileConfig:
+        pick = (lambda name: QUICK[name]) if args.quick else (lambda name: getattr(args, name))
+        return cls(args.model, args.dtype, _ints(pick("threads")), _ints(pick("prefill_tokens")), _ints(pick("decode_batches")),
+                   _ints(pick("decode_contexts")), QUICK_MIXED if args.quick else MIXED_ROWS, pick("repeats"), args.seed)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    config = ProfileConfig.from_args(args)
+    load_before = os.getloadavg()[0]
+    started = time.perf_counter()
+    link = transfer_bytes_per_s(args)
+    engine = _engine(config)
+    report = {"model": config.model, "dtype": config.dtype, "machine": _machine(), "load_1min_before": load_before,
+              "transfer": link, "kv_bytes_per_token": ModelShape.of(engine.model_config, config.dtype).kv_bytes_per_token,
+              "fits": {}, "points": {}}
+    for threads in config.threads:
+        torch.set_num_threads(threads)
+        report["fits"][str(threads)], report["points"][str(threads)] = profile_threads(engine, config, threads)
+    report["load_1min_after"] = os.getloadavg()[0]
+    report["wall_seconds"] = time.perf_counter() - started
+    print_report(report)
+    if args.json_path:
+        with open(args.json_path, "w") as handle:
+            json.dump(report, handle, indent=1)
+        print(f"wrote {args.json_path}")
+    return 0
+
+
+def profile_threads(engine: Engine, config: ProfileConfig, threads: int) -> tuple[dict, dict]:
+    """Measures and fits at the current torch thread count (``threads``)."""
+    prefill = measure_prefill(engine, config.prefill_tokens, config.repeats, threads)
+    decode = measure_decode(engine, config.decode_batches, config.decode_contexts, threads)
+    fit = {"prefill": fit_latency([(p["tokens"], p["tokens"] ** 2) for p in prefill], [p["seconds"] for p in prefill]),
+           "decode": fit_latency([(p["batch"], p["batch"] * p["context"]) for p in decode], [p["seconds"] for p in decode])}
+    model = FittedModel("fit", _abc(fit["prefill"]), _abc(fit["decode"]))
+    return fit, {"prefill": prefill, "decode": decode, "mixed": measure_mixed(engine, config.mixed, model)}
+
+
+def _abc(fit: dict) -> tuple[float, float, float]:
+    return fit["a"], fit["b"], fit["c"]
+
+
+def _engine(config: ProfileConfig) -> Engine:
+    from engine.config import EngineConfig
+    from engine.engine import Engine
+    from engine.presets import resolve_model_config
+
+    shape = ModelShape.of(resolve_model_config(config.model), config.dtype)
+    batches, contexts, tokens, mixed = config.decode_batches, config.decode_contexts, config.prefill_tokens, config.mixed
+    most_tokens = max(max(batches) * (max(contexts) + 2 * DECODE_STEPS), max(tokens), *(t + b * (c + 8) for t, b, c in mixed))
+    engine_config = EngineConfig(model=config.model, dtype=config.dtype, num_kv_blocks=most_tokens // 16 + 64,
+                                 max_num_batched_tokens=max(*tokens, *(t + b for t, b, _ in mixed)),
+                                 max_num_seqs=max(*batches, *(b for _, b, _ in mixed)) + 1, enable_prefix_cache=False, seed=config.seed)
+    print(f"profile: {config.model} {config.dtype}, KV for {most_tokens} tokens ({most_tokens * shape.kv_bytes_per_token / 2**20:.0f} MiB)", flush=True)
+    return Engine(engine_config)
+
+
+_ids = itertools.count()
+
+
+def _prompt(tokens: int, vocab: int, rng: random.Random) -> list[int]:
+    return [rng.randrange(FIRST_REGULAR_TOKEN, vocab) for _ in range(tokens)]
+
+
+def measure_prefill(engine: Engine, sizes: tuple[int, ...], repeats: int, threads: int) -> list[dict]:
+    """One untimed prompt, then ``repeats`` rounds over the sizes; the median step time per size."""
+    rng = random.Random(0)
+    vocab = engine.model_config.vocab_size
+    one_token = SamplingParams(max_tokens=1, ignore_eos=True)
+
+    def once(tokens: int) -> float:
+        engine.add_request(f"prefill-{next(_ids)}", _prompt(tokens, vocab, rng), one_token)
+        begin = time.perf_counter()
+        engine.step()
+        elapsed = time.perf_counter() - begin
+        _drain(engine)
+        return elapsed
+
+    once(sizes[0])
+    seconds: dict[int, list[float]] = {size: [] for size in sizes}
+    for _ in range(repeats):
+        for size in sizes:
+            seconds[size].append(once(size))
+    print(f"  threads={threads} prefill: " + ", ".join(f"{s}:{statistics.median(v) * 1e3:.0f}ms" for s, v in seconds.items()), flush=True)
+    return [{"tokens": size, "seconds": statistics.median(values), "all_seconds": values} for size, values in seconds.items()]
+
+
+def _reserve_decodes(engine: Engine, batch: int, context: int, rng: random.Random, max_tokens: int) -> list[str]:
+    """``batch`` sequences with ``context`` tokens of (unwritten) KV each, ready to decode."""
+    ids = []
+    params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
+    for _ in range(batch):
+        request_id = f"decode-{next(_ids)}"
+        engine.reserve(request_id, _prompt(context, engine.model_config.vocab_size, rng), params)
+        engine.complete_reservation(request_id, FIRST_REGULAR_TOKEN)
+        ids.append(request_id)
+    return ids
+
+
+def measure_decode(engine: Engine, batches: tuple[int, ...], contexts: tuple[int, ...], threads: int) -> list[dict]:
+    rng = random.Random(1)
+    rows = []
+    for context in contexts:
+        for batch in batches:
+            ids = _reserve_decodes(engine, batch, context, rng, DECODE_STEPS + 2)
+            engine.step()  # untimed
+            seconds = []
+            for _ in range(DECODE_STEPS):
+                begin = time.perf_counter()
+                engine.step()
+                seconds.append(time.perf_counter() - begin)
+            _finish(engine, ids)
+            rows.append({"batch": batch, "context": context, "seconds": statistics.median(seconds), "all_seconds": seconds})
+    print(f"  threads={threads} decode: " + ", ".join(f"{r['batch']}x{r['context']}:{r['seconds'] * 1e3:.0f}ms" for r in rows), flush=True)
+    return rows
+
+
+def measure_mixed(engine: Engine, shapes, model: FittedModel) -> list[dict]:
+    """A prompt prefilled in the same step as running decodes, vs the fitted models' composition."""
+    rng = random.Random(2)
+    rows = []
+    for tokens, batch, context in shapes:
+        ids = _reserve_decodes(engine, batch, context, rng, 4)
+        engine.step()  # the decodes run once alone, as they would before the prompt arrives
+        prompt_id = f"mixed-{next(_ids)}"
+        engine.add_request(prompt_id, _prompt(tokens, engine.model_config.vocab_size, rng), SamplingParams(max_tokens=1, ignore_eos=True))
+        begin = time.perf_counter()
+        engine.step()
+        measured = time.perf_counter() - begin
+        _finish(engine, ids + [prompt_id])
+        predicted = model.step_s(Step((Chunk(tokens),), batch, batch * (context + 1), context + 1))
+        rows.append({"tokens": tokens, "batch": batch, "context": context, "seconds": measured, "predicted_seconds": predicted,
+                     "error": (predicted - measured) / measured})
+    return rows
+
+
+def _drain(engine: Engine) -> None:
+    while engine.has_unfinished():
+        engine.step()
+
+
+def _finish(engine: Engine, ids: list[str]) -> None:
+    for request_id in ids:
+        engine.abort(request_id)
+    engine.step()  # collects the aborted outputs
+
+
+# -- fitting -------------------------------------------------------------------------------------------
+
+
+def fit_latency(features: list[tuple[float, float]], seconds: list[float]) -> dict:
+    """seconds ~ a + b*x1 + c*x2, least squares on relative error, every coefficient >= 0 (a
+    negative one is dropped and the rest refitted: extrapolating a negative term goes wrong fast)."""
+    x = np.array([[1.0, x1, x2] for x1, x2 in features])
+    y = np.array(seconds)
+    weights = 1.0 / y
+    active = [0, 1, 2]
+    while True:
+        solution, *_ = np.linalg.lstsq(x[:, active] * weights[:, None], y * weights, rcond=None)
+        if (solution >= 0).all() or len(active) == 1:
+            break
+        active.pop(int(np.argmin(solution)))
+    coefficients = np.zeros(3)
+    coefficients[active] = np.maximum(solution, 0.0)
+    predicted = x @ coefficients
+    errors = (predicted - y) / y
+    return {"a": float(coefficients[0]), "b": float(coefficients[1]), "c": float(coefficients[2]),
+            "mean_abs_error": float(np.abs(errors).mean()), "max_abs_error": float(np.abs(errors).max())}
+
+
+# -- KV transfer ---------------------------------------------------------------------------------------
+
+DEFAULT_LINK_GBPS = 8.0
+
+
+def transfer_bytes_per_s(args: argparse.Namespace) -> dict:
+    if args.link_gbps is not None:
+        return {"bytes_per_s": args.link_gbps * 1e9 / 8, "source": "--link-gbps"}
+    if args.transfer_json:
+        return _from_transfer_report(args.transfer_json)
+    if args.quick:
+        return {"bytes_per_s": DEFAULT_LINK_GBPS * 1e9 / 8, "source": "assumed (--quick measures no transfer)"}
+    with tempfile.TemporaryDirectory() as scratch:
+        path = os.path.join(scratch, "transfer.json")
+        command = [sys.executable, "-m", "cluster.cli", "bench", "transfer", "--skip-exposure", "--sizes", "16", "--repeats", "3", "--json", path]
+        print("profile: measuring KV transfer bytes/s (bench transfer, 16 MiB over gRPC) ...", flush=True)
+        done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+        if done.returncode == 0:
+            return _from_transfer_report(path)
+        reason = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
+        print(f"profile: transfer measurement failed ({reason[0]}); assuming {DEFAULT_LINK_GBPS} Gb/s", file=sys.stderr)
+        return {"bytes_per_s": DEFAULT_LINK_GBPS * 1e9 / 8, "source": f"assumed (measurement failed: {reason[0]})"}
+
+
+def _from_transfer_report(path: str) -> dict:
+    with open(path) as handle:
+        rows = [r for r in json.load(handle)["bandwidth"] if r["path"] == "grpc" and r["checksums"]]
+    if not rows:
+        raise SystemExit(f"splitserve: {path} has no gRPC (with checksums) bandwidth row")
+    row = max(rows, key=lambda r: r["size_bytes"])
+    return {"bytes_per_s": row["gb_s"] * 1e9, "source": f"bench transfer: gRPC with checksums, {row['size_mib']:.0f} MiB"}
+
+
+# -- report --------------------------------------------------------------------------------------------
+
+
+def print_report(report: dict) -> None:
+    print(f"{'=' * 20} bench profile: {report['model']} {report['dtype']} {'=' * 20}")
+    print(f"load (1 min) before {report['load_1min_before']:.2f}, after {report['load_1min_after']:.2f}; {report['machine']['cpu_count']} CPUs")
+    for threads, fit in report["fits"].items():
+        p, d = fit["prefill"], fit["decode"]
+        print(f"threads={threads}: prefill_s = {p['a'] * 1e3:.2f}ms + {p['b'] * 1e6:.1f}us*T + {p['c'] * 1e9:.3f}ns*T^2   "
+              f"(mean |err| {p['mean_abs_error']:.1%}, max {p['max_abs_error']:.1%})")
+        print(f"{'':10} decode_s  = {d['a'] * 1e3:.2f}ms + {d['b'] * 1e3:.2f}ms*B + {d['c'] * 1e9:.1f}ns*B*ctx   "
+              f"(mean |err| {d['mean_abs_error']:.1%}, max {d['max_abs_error']:.1%})")
+        for row in report["points"][threads]["mixed"]:
+            print(f"{'':10} mixed step {row['tokens']} tok + {row['batch']} decodes @{row['context']}: "
+                  f"measured {row['seconds'] * 1e3:.0f}ms, composed {row['predicted_seconds'] * 1e3:.0f}ms ({row['error']:+.0%})")
+    link = report["transfer"]
+    print(f"KV transfer: {link['bytes_per_s'] * 8 / 1e9:.2f} Gb/s ({link['source']}); {report['kv_bytes_per_token']} KV bytes/token")
+
+
+def _machine() -> dict:
+    import torch
+
+    return {"cpu_count": os.cpu_count(), "machine": platform.machine(), "torch": torch.__version__, "python": platform.python_version()}
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in str(text).split(",") if part.strip())
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="bench-125m")
+    parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--threads", default="1,2", help="torch thread counts to profile (a fit for each)")
+    parser.add_argument("--prefill-tokens", default="64,128,256,512,768,1024,1536,2048")
+    parser.add_argument("--decode-batches", default="1,2,4,8,16")
+    parser.add_argument("--decode-contexts", default="256,512,1024,2048")
+    parser.add_argument("--repeats", type=int, default=3, help="timed prefills per size (median used)")
+    parser.add_argument("--link-gbps", type=float, default=None, help="KV link gigabits/s (skips the measurement)")
+    parser.add_argument("--transfer-json", default=None, help="a `splitserve bench transfer --json` report to take the gRPC bytes/s from")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, one thread count, no transfer measurement")
+    parser.add_argument("--json", dest="json_path", default=None)

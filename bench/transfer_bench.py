@@ -1,0 +1,626 @@
+"""``splitserve bench transfer``: KV bytes/s of both transports beside raw TCP and memcpy, and how
+much transfer time a prefill leaves exposed, layer by layer vs the whole request after prefill.
+
+Bandwidth: this process is the sender; each path's receiver is a child process
+(``python -m bench.transfer_bench serve KIND``) on loopback::
+
+    this process                                   child process
+    PagedKVCache ── GrpcKVSender ──────────────>  KVInbox + KVReceiverService on a gRPC server
+    (random bytes)  NixlKVSender ──────────────>  same + NixlReceiver (registered pool)
+    numpy view ──── plain socket (sendall) ────>  recv_into a preallocated buffer, 1-byte ack
+    torch copy_ on one thread, in this process
+
+One transfer = open a session, push every layer (all blocks), commit; timed until the commit
+returned, i.e. the receiver adopted (and, with checksums, verified) the KV. The pool has LAYERS
+layers of bench-125m's 16 KiB (layer, block) regions, as many blocks as the size needs; the child
+opens a reservation before each transfer (untimed), as Reserve would. Paths alternate within
+each repeat so machine noise hits all of them; rows report the median.
+
+Exposure: real prefill and decode worker processes (``splitserve worker``), one prefill worker per
+(transport, --push-mode) sharing the transport's decode worker. Each request is reserve → prefill
+→ decode; PrefillResponse gives prefill_ms (until the last layer was computed) and
+exposed_transfer_ms (from then until the decode worker adopted the KV).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import socket
+import statistics
+import struct
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from concurrent import futures
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from engine.kv_cache import KVLayout, PagedKVCache
+
+MIB = 1024 * 1024
+LAYERS = 16
+BLOCK_SIZE, KV_HEADS, HEAD_DIM, DTYPE = 16, 4, 64, "bfloat16"  # bench-125m's region: 16 KiB
+FINGERPRINT = "transfer-bench"
+TRANSPORTS = ("grpc", "nixl")
+PUSH_MODES = ("layer", "request")
+TARGET_MIN_MIB = 16
+NIXL_TARGET_VS_MEMCPY = 0.5
+GRPC_TARGET_VS_TCP = 0.6
+LONG_PROMPT_TOKENS = 4096
+FIRST_REGULAR_TOKEN = 3  # ids below are pad/bos/eos in the presets' byte vocabulary
+LEASE_MS = 600_000
+RPC_TIMEOUT_S = 600.0
+START_TIMEOUT_S = 180.0
+COMMIT_TIMEOUT_S = 60.0
+# A reservation precedes its first push by at least a layer of prefill; the NIXL receiver's poller
+# sleeps 10 ms between polls while it has no reservation. Waiting this long after the (untimed)
+# reservation keeps that idle sleep out of the timing, as in a real request.
+RESERVE_GAP_S = 0.02
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    sizes_mib: tuple[int, ...]
+    repeats: int
+    model: str
+    dtype: str
+    prompt_lens: tuple[int, ...]
+    exposure_repeats: int
+    long_prompt_repeats: int
+    worker_threads: int
+    kv_cache_mb: int
+    max_num_batched_tokens: int
+    bandwidth: bool
+    exposure: bool
+    json_path: str | None
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> BenchConfig:
+        quick = dict(sizes="1,4", repeats=2, prompt_lens="64,256", exposure_repeats=1, long_prompt_repeats=1) if args.quick else {}
+        return cls(
+            sizes_mib=_ints(quick.get("sizes", args.sizes)),
+            repeats=quick.get("repeats", args.repeats),
+            model=args.model,
+            dtype=args.dtype,
+            prompt_lens=_ints(quick.get("prompt_lens", args.prompt_lens)),
+            exposure_repeats=quick.get("exposure_repeats", args.exposure_repeats),
+            long_prompt_repeats=quick.get("long_prompt_repeats", args.long_prompt_repeats),
+            worker_threads=args.worker_threads,
+            kv_cache_mb=args.kv_cache_mb,
+            max_num_batched_tokens=args.max_num_batched_tokens,
+            bandwidth=not args.skip_bandwidth,
+            exposure=not args.skip_exposure,
+            json_path=args.json_path,
+        )
+
+    def repeats_for(self, prompt_len: int) -> int:
+        """Long prompts take tens of seconds per prefill on a CPU: they run fewer times."""
+        return self.long_prompt_repeats if prompt_len >= LONG_PROMPT_TOKENS else self.exposure_repeats
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in text.split(",") if part.strip())
+
+
+# -- entry point ----------------------------------------------------------------------------------
+
+
+def run(args: argparse.Namespace) -> int:
+    config = BenchConfig.from_args(args)
+    started = time.perf_counter()
+    torch.set_num_threads(1)  # the memcpy baseline is single-threaded; the workers run 1 thread too
+    bandwidth = measure_bandwidth(config) if config.bandwidth else []
+    exposure = measure_exposure(config) if config.exposure else []
+    report = build_report(config, bandwidth, exposure, time.perf_counter() - started)
+    print_report(report)
+    if config.json_path:
+        with open(config.json_path, "w") as handle:
+            json.dump(report, handle, indent=2)
+        print(f"wrote {config.json_path}")
+    return 0
+
+
+# -- bandwidth ------------------------------------------------------------------------------------
+
+
+def bench_layout(total_bytes: int) -> KVLayout:
+    """A pool of LAYERS layers x as many 16 KiB regions per layer as ``total_bytes`` needs."""
+    region = 2 * BLOCK_SIZE * KV_HEADS * HEAD_DIM * torch.empty((), dtype=getattr(torch, DTYPE)).element_size()
+    if total_bytes % (LAYERS * region):
+        raise SystemExit(f"transfer sizes must be multiples of {LAYERS * region // 1024} KiB")
+    return KVLayout(LAYERS, total_bytes // (LAYERS * region), BLOCK_SIZE, KV_HEADS, HEAD_DIM, DTYPE)
+
+
+@dataclass(frozen=True)
+class BandwidthRow:
+    path: str  # memcpy, tcp, grpc, nixl
+    checksums: bool | None  # None: the path has no such option
+    size_bytes: int
+    seconds: tuple[float, ...]
+
+    @property
+    def label(self) -> str:
+        return self.path if self.checksums is None else f"{self.path} ({'xxh3' if self.checksums else 'no checksum'})"
+
+    @property
+    def gb_s(self) -> float:
+        return self.size_bytes / statistics.median(self.seconds) / 1e9
+
+    def to_json(self) -> dict:
+        return dict(asdict(self), label=self.label, size_mib=self.size_bytes / MIB, median_ms=statistics.median(self.seconds) * 1e3, gb_s=self.gb_s)
+
+
+class Receiver:
+    """A receiver child process; stdin/stdout lines are its control channel (never timed)."""
+
+    def __init__(self, kind: str, pool_bytes: int) -> None:
+        command = [sys.executable, "-m", "bench.transfer_bench", "serve", kind, "--pool-bytes", str(pool_bytes)]
+        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+        self.kind = kind
+        self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+        self.info = json.loads(self._reply("READY"))
+
+    def _reply(self, tag: str) -> str:
+        """The next protocol line; libraries (NIXL) log to stdout too, those lines are skipped."""
+        skipped = []
+        while line := self.process.stdout.readline():
+            if line.startswith(tag):
+                return line[len(tag):].strip()
+            skipped.append(line)
+        raise RuntimeError(f"{self.kind} receiver exited ({self.process.wait()}): {''.join(skipped)}")
+
+    def open(self, request_id: str, num_blocks: int) -> None:
+        self.process.stdin.write(f"open {request_id} {num_blocks}\n")
+        self.process.stdin.flush()
+        self._reply("ok")
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.stdin.close()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(10)
+
+
+Transfer = Callable[[int, str], float]  # (bytes, request id) -> seconds
+
+
+def measure_bandwidth(config: BenchConfig) -> list[BandwidthRow]:
+    largest = max(config.sizes_mib) * MIB
+    layout = bench_layout(largest)
+    cache = PagedKVCache(layout)
+    source = cache.data.view(-1).view(torch.uint8)
+    source.copy_(torch.randint(0, 256, (largest,), dtype=torch.uint8))
+    receivers: dict[str, Receiver] = {}
+    closers: list[Callable[[], None]] = []
+    try:
+        for kind in ("tcp", *TRANSPORTS):
+            receivers[kind] = Receiver(kind, largest)
+            closers.append(receivers[kind].close)
+        paths = _transfer_paths(cache, receivers, closers)
+        rows = []
+        for size_mib in config.sizes_mib:
+            print(f"bandwidth: {size_mib} MiB x {config.repeats} ...", flush=True)
+            rows += _measure_size(paths, size_mib * MIB, config.repeats)
+        return rows
+    finally:
+        for close in reversed(closers):
+            close()
+
+
+def _transfer_paths(cache: PagedKVCache, receivers: dict[str, Receiver], closers: list) -> dict[tuple[str, bool | None], Transfer]:
+    from kv_transfer.grpc_transport import GrpcKVSender
+    from kv_transfer.layout import layout_message
+    from kv_transfer.nixl_transport import NixlKVSender
+
+    message = layout_message(cache.layout, FINGERPRINT)
+    source = cache.data.view(-1).view(torch.uint8)
+    paths: dict[tuple[str, bool | None], Transfer] = {
+        ("memcpy", None): _memcpy_transfer(source),
+        ("tcp", None): _tcp_transfer(source, receivers["tcp"], closers),
+    }
+    for transport in TRANSPORTS:
+        for verify in (True, False):
+            if transport == "grpc":
+                sender = GrpcKVSender(message, f"bench-grpc-{verify}", verify=verify)
+            else:
+                sender = NixlKVSender(message, f"bench-nixl-{verify}", cache, f"bench-sender-{uuid.uuid4().hex[:8]}", verify=verify)
+            closers.append(sender.close)
+            paths[transport, verify] = _session_transfer(sender, cache, receivers[transport], message)
+    return paths
+
+
+def _measure_size(paths: dict[tuple[str, bool | None], Transfer], nbytes: int, repeats: int) -> list[BandwidthRow]:
+    """One untimed warm-up per path, then ``repeats`` rounds over all paths (order rotated)."""
+    keys = list(paths)
+    seconds: dict[tuple[str, bool | None], list[float]] = {key: [] for key in keys}
+    for trial in range(repeats + 1):
+        shift = trial % len(keys)
+        for key in keys[shift:] + keys[:shift]:
+            elapsed = paths[key](nbytes, f"bw-{key[0]}-{key[1]}-{nbytes}-{trial}")
+            if trial > 0:
+                seconds[key].append(elapsed)
+    return [BandwidthRow(path, checksums, nbytes, tuple(seconds[path, checksums])) for path, checksums in keys]
+
+
+def _memcpy_transfer(source: torch.Tensor) -> Transfer:
+    destination = torch.zeros_like(source)  # zeros: pages touched before any timing
+
+    def transfer(nbytes: int, request_id: str) -> float:
+        begin = time.perf_counter()
+        destination[:nbytes].copy_(source[:nbytes])
+        return time.perf_counter() - begin
+
+    return transfer
+
+
+def _tcp_transfer(source: torch.Tensor, receiver: Receiver, closers: list) -> Transfer:
+    connection = socket.create_connection(("127.0.0.1", receiver.info["tcp_port"]))
+    connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    closers.append(connection.close)
+    payload = memoryview(source.numpy())
+
+    def transfer(nbytes: int, request_id: str) -> float:
+        begin = time.perf_counter()
+        connection.sendall(struct.pack("!Q", nbytes))
+        connection.sendall(payload[:nbytes])
+        if connection.recv(1) != b"k":
+            raise RuntimeError("TCP receiver closed the connection")
+        return time.perf_counter() - begin
+
+    return transfer
+
+
+def _session_transfer(sender, cache: PagedKVCache, receiver: Receiver, layout_message) -> Transfer:
+    """As a prefill worker sends: a session per request, every layer pushed, then commit."""
+    from protos import decode_pb2
+
+    def transfer(nbytes: int, request_id: str) -> float:
+        num_blocks = nbytes // (LAYERS * cache.layout.region_bytes)
+        blocks = list(range(num_blocks))
+        receiver.open(request_id, num_blocks)
+        time.sleep(RESERVE_GAP_S)
+        ticket = decode_pb2.Ticket(
+            request_id=request_id, block_ids=blocks, transport=receiver.kind, address=receiver.info["address"],
+            layout=layout_message, lease_deadline_unix_ms=int((time.time() + LEASE_MS / 1000) * 1000),
+            worker_id="bench-receiver", instance_id=receiver.info["instance_id"],
+        )
+        begin = time.perf_counter()
+        session = sender.open(request_id, ticket)
+        for layer in range(LAYERS):
+            session.push_layer(cache, layer, blocks, blocks)
+        session.commit(0, None, COMMIT_TIMEOUT_S)
+        elapsed = time.perf_counter() - begin
+        if session.bytes_sent != nbytes:
+            raise RuntimeError(f"{receiver.kind} session sent {session.bytes_sent} bytes, expected {nbytes}")
+        return elapsed
+
+    return transfer
+
+
+# -- the receiver child process ---------------------------------------------------------------------
+
+
+def serve(argv: Sequence[str]) -> int:
+    """``python -m bench.transfer_bench serve {tcp,grpc,nixl} --pool-bytes N``: one receiver."""
+    parser = argparse.ArgumentParser(prog="bench.transfer_bench serve")
+    parser.add_argument("kind", choices=["tcp", *TRANSPORTS])
+    parser.add_argument("--pool-bytes", type=int, required=True)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    if args.kind == "tcp":
+        return _serve_tcp(args.pool_bytes)
+    return _serve_transport(args.kind, args.pool_bytes)
+
+
+def _say(line: str) -> None:
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
+def _serve_tcp(pool_bytes: int) -> int:
+    buffer = memoryview(bytearray(pool_bytes))  # bytearray() zero-fills: pages touched up front
+    listener = socket.create_server(("127.0.0.1", 0))
+    _say("READY " + json.dumps({"tcp_port": listener.getsockname()[1]}))
+    threading.Thread(target=_drain_stdin, daemon=True).start()
+    connection, _ = listener.accept()
+    connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    while header := _recv_exactly(connection, memoryview(bytearray(8))):
+        (nbytes,) = struct.unpack("!Q", header)
+        if not _recv_exactly(connection, buffer[:nbytes]):
+            break
+        connection.sendall(b"k")
+    return 0
+
+
+def _recv_exactly(connection: socket.socket, view: memoryview) -> memoryview | None:
+    got = 0
+    while got < len(view):
+        count = connection.recv_into(view[got:])
+        if count == 0:
+            return None
+        got += count
+    return view
+
+
+def _drain_stdin() -> None:
+    for _ in sys.stdin:
+        pass
+    os._exit(0)  # the bench closed our stdin: it is done with us
+
+
+def _serve_transport(kind: str, pool_bytes: int) -> int:
+    import grpc
+
+    from kv_transfer.inbox import KVInbox
+    from kv_transfer.layout import layout_message
+    from kv_transfer.receiver_service import KVReceiverService
+    from kv_transfer.sender import channel_options
+    from protos import kv_transfer_pb2_grpc
+
+    cache = PagedKVCache(bench_layout(pool_bytes))
+    inbox = KVInbox(cache, on_commit=lambda request_id, token, logprob: inbox.forget(request_id))
+    instance_id = uuid.uuid4().hex[:12]
+    nixl = None
+    if kind == "nixl":
+        from kv_transfer.nixl_transport import NixlReceiver
+
+        nixl = NixlReceiver(f"bench-receiver-{instance_id}", cache, inbox)
+    service = KVReceiverService(inbox, layout_message(cache.layout, FINGERPRINT), instance_id, lambda request_id, reason: inbox.abort(request_id, reason), nixl)
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=16), options=channel_options())
+    kv_transfer_pb2_grpc.add_KVReceiverServicer_to_server(service, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    _say("READY " + json.dumps({"address": f"127.0.0.1:{port}", "instance_id": instance_id}))
+    for line in sys.stdin:
+        command, request_id, num_blocks = line.split()
+        if command != "open":
+            raise SystemExit(f"unknown command {command!r}")
+        inbox.open(request_id, range(int(num_blocks)), LEASE_MS / 1000, remote_writes=nixl is not None)
+        _say("ok")
+    server.stop(1).wait(2)
+    if nixl is not None:
+        nixl.close()
+    return 0
+
+
+# -- exposure -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ExposureRow:
+    transport: str
+    push_mode: str
+    prompt_tokens: int
+    prefill_ms: tuple[float, ...]
+    exposed_ms: tuple[float, ...]
+    kv_bytes: int
+
+    @property
+    def exposed_share(self) -> float:
+        """Median over runs of exposed / prefill time."""
+        return statistics.median(e / p for e, p in zip(self.exposed_ms, self.prefill_ms))
+
+    def to_json(self) -> dict:
+        return dict(
+            asdict(self),
+            median_prefill_ms=statistics.median(self.prefill_ms),
+            median_exposed_ms=statistics.median(self.exposed_ms),
+            exposed_share=self.exposed_share,
+        )
+
+
+@dataclass
+class WorkerProcess:
+    role: str
+    process: subprocess.Popen
+    address: str = ""
+    log_lines: list[str] = field(default_factory=list)
+    stub: object = None
+    channel: object = None
+
+
+def start_workers(config: BenchConfig) -> dict[str, WorkerProcess]:
+    """One decode worker per transport and one prefill worker per (transport, push mode), started together."""
+    workers: dict[str, WorkerProcess] = {}
+    for transport in TRANSPORTS:
+        workers[f"decode-{transport}"] = _spawn_worker(config, "decode", transport, "--lease-ms", str(LEASE_MS))
+        for mode in PUSH_MODES:
+            workers[f"prefill-{transport}-{mode}"] = _spawn_worker(config, "prefill", transport, "--push-mode", mode)
+    try:
+        for worker in workers.values():
+            _await_ready(worker)
+    except BaseException:
+        stop_workers(workers)
+        raise
+    return workers
+
+
+def _spawn_worker(config: BenchConfig, role: str, transport: str, *extra: str) -> WorkerProcess:
+    command = [
+        sys.executable, "-m", "cluster.cli", "worker", role, "--model", config.model, "--dtype", config.dtype,
+        "--transport", transport, "--port", "0", "--threads", str(config.worker_threads),
+        "--kv-cache-mb", str(config.kv_cache_mb), "--max-num-batched-tokens", str(config.max_num_batched_tokens), *extra,
+    ]
+    env = dict(os.environ, OMP_NUM_THREADS=str(config.worker_threads), PYTHONUNBUFFERED="1")
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    return WorkerProcess(role, process)
+
+
+def _await_ready(worker: WorkerProcess) -> None:
+    import grpc
+
+    from protos import decode_pb2_grpc, prefill_pb2_grpc
+
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        line = worker.process.stdout.readline()
+        if not line:
+            raise RuntimeError(f"{worker.role} worker exited: {''.join(worker.log_lines)}")
+        worker.log_lines.append(line)
+        if line.startswith("READY "):
+            worker.address = json.loads(line[len("READY "):])["address"]
+            threading.Thread(target=lambda: worker.log_lines.extend(worker.process.stdout), daemon=True).start()
+            worker.channel = grpc.insecure_channel(worker.address)
+            stub_class = decode_pb2_grpc.DecodeWorkerStub if worker.role == "decode" else prefill_pb2_grpc.PrefillWorkerStub
+            worker.stub = stub_class(worker.channel)
+            return
+    raise TimeoutError(f"{worker.role} worker did not start: {''.join(worker.log_lines)}")
+
+
+def stop_workers(workers: dict[str, WorkerProcess]) -> None:
+    for worker in workers.values():
+        if worker.process.poll() is None:
+            worker.process.terminate()
+    for worker in workers.values():
+        try:
+            worker.process.wait(15)
+        except subprocess.TimeoutExpired:
+            worker.process.kill()
+            worker.process.wait(10)
+        if worker.channel is not None:
+            worker.channel.close()
+
+
+def measure_exposure(config: BenchConfig) -> list[ExposureRow]:
+    from engine.presets import resolve_model_config
+
+    vocab = resolve_model_config(config.model).vocab_size
+    print(f"exposure: starting {len(TRANSPORTS) * (1 + len(PUSH_MODES))} worker processes ({config.model}) ...", flush=True)
+    workers = start_workers(config)
+    try:
+        pairs = [(transport, mode) for transport in TRANSPORTS for mode in PUSH_MODES]
+        for transport, mode in pairs:  # warm-up: first-request costs, NIXL handshakes
+            _one_request(workers, transport, mode, _prompt(vocab, min(config.prompt_lens), f"warm-{transport}-{mode}"))
+        rows: list[ExposureRow] = []
+        for length in config.prompt_lens:
+            print(f"exposure: {length}-token prompts x {config.repeats_for(length)} per row ...", flush=True)
+            rows += _measure_prompt_len(workers, pairs, vocab, length, config.repeats_for(length))
+        return rows
+    finally:
+        stop_workers(workers)
+
+
+def _measure_prompt_len(workers: dict[str, WorkerProcess], pairs: list[tuple[str, str]], vocab: int, length: int, repeats: int) -> list[ExposureRow]:
+    """``repeats`` rounds over all (transport, mode) pairs, order rotated; new prompts every request."""
+    results: dict[tuple[str, str], list] = {pair: [] for pair in pairs}
+    for trial in range(repeats):
+        shift = trial % len(pairs)
+        for transport, mode in pairs[shift:] + pairs[:shift]:
+            prompt = _prompt(vocab, length, f"{transport}-{mode}-{length}-{trial}")
+            results[transport, mode].append(_one_request(workers, transport, mode, prompt))
+    return [
+        ExposureRow(transport, mode, length, tuple(r.prefill_ms for r in results[transport, mode]),
+                    tuple(r.exposed_transfer_ms for r in results[transport, mode]), results[transport, mode][0].kv_bytes_sent)
+        for transport, mode in pairs
+    ]
+
+
+def _prompt(vocab: int, length: int, seed: str) -> list[int]:
+    rng = random.Random(seed)
+    return [rng.randrange(FIRST_REGULAR_TOKEN, vocab) for _ in range(length)]
+
+
+def _one_request(workers: dict[str, WorkerProcess], transport: str, mode: str, prompt: list[int]):
+    """Reserve on D, prefill on P with the ticket, then decode on D until done. Returns the PrefillResponse."""
+    from protos import common_pb2, decode_pb2, prefill_pb2
+
+    decode, prefill = workers[f"decode-{transport}"], workers[f"prefill-{transport}-{mode}"]
+    request_id = f"exposure-{uuid.uuid4().hex[:12]}"
+    params = common_pb2.SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
+    ticket = decode.stub.Reserve(decode_pb2.ReserveRequest(request_id=request_id, prompt_token_ids=prompt, params=params, lease_ms=LEASE_MS), timeout=RPC_TIMEOUT_S)
+    if ticket.num_cached_tokens:
+        raise RuntimeError(f"the decode worker had {ticket.num_cached_tokens} tokens of a fresh prompt cached")
+    outputs = decode.stub.Generate(decode_pb2.GenerateRequest(request_id=request_id, reserved=True), timeout=RPC_TIMEOUT_S)  # a client waits from the start
+    response = prefill.stub.Prefill(prefill_pb2.PrefillRequest(request_id=request_id, prompt_token_ids=prompt, params=params, ticket=ticket), timeout=RPC_TIMEOUT_S)
+    for _ in outputs:
+        pass
+    if response.num_cached_tokens or response.prefill_ms <= 0:
+        raise RuntimeError(f"prefill of a fresh prompt hit the prefix cache or was not timed: {response}")
+    return response
+
+
+# -- report ---------------------------------------------------------------------------------------
+
+
+def build_report(config: BenchConfig, bandwidth: list[BandwidthRow], exposure: list[ExposureRow], seconds: float) -> dict:
+    return {
+        "metadata": {
+            "sizes_mib": config.sizes_mib,
+            "repeats": config.repeats,
+            "pool_layout": {"layers": LAYERS, "block_size": BLOCK_SIZE, "kv_heads": KV_HEADS, "head_dim": HEAD_DIM, "dtype": DTYPE},
+            "model": config.model,
+            "dtype": config.dtype,
+            "prompt_lens": config.prompt_lens,
+            "exposure_repeats": [config.repeats_for(length) for length in config.prompt_lens],
+            "worker_threads": config.worker_threads,
+            "max_num_batched_tokens": config.max_num_batched_tokens,
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+            "cpu_count": os.cpu_count(),
+            "machine": platform.machine(),
+            "wall_seconds": seconds,
+        },
+        "bandwidth": [_bandwidth_json(row, bandwidth) for row in bandwidth],
+        "exposure": [row.to_json() for row in exposure],
+        "targets": _targets(bandwidth),
+    }
+
+
+def _baseline(rows: list[BandwidthRow], path: str, size_bytes: int) -> BandwidthRow | None:
+    return next((r for r in rows if r.path == path and r.size_bytes == size_bytes), None)
+
+
+def _bandwidth_json(row: BandwidthRow, rows: list[BandwidthRow]) -> dict:
+    memcpy, tcp = _baseline(rows, "memcpy", row.size_bytes), _baseline(rows, "tcp", row.size_bytes)
+    return dict(row.to_json(), vs_memcpy=row.gb_s / memcpy.gb_s if memcpy else None, vs_tcp=row.gb_s / tcp.gb_s if tcp else None)
+
+
+def _targets(rows: list[BandwidthRow]) -> list[dict]:
+    """Judged on the transports as the system runs them by default: with checksums."""
+    targets = []
+    for row in rows:
+        if row.checksums is not True or row.size_bytes < TARGET_MIN_MIB * MIB:
+            continue
+        baseline, want = ("memcpy", NIXL_TARGET_VS_MEMCPY) if row.path == "nixl" else ("tcp", GRPC_TARGET_VS_TCP)
+        ratio = row.gb_s / _baseline(rows, baseline, row.size_bytes).gb_s
+        targets.append({"path": row.path, "size_mib": row.size_bytes / MIB, "baseline": baseline, "ratio": ratio, "target": want, "met": ratio >= want})
+    return targets
+
+
+def print_report(report: dict) -> None:
+    meta = report["metadata"]
+    if report["bandwidth"]:
+        print(f"\nKV bandwidth, loopback, median of {meta['repeats']} (pool: {LAYERS} layers x 16 KiB regions)")
+        print(f"{'size':>8}  {'path':<24}{'median ms':>11}{'GB/s':>9}{'vs memcpy':>11}{'vs tcp':>9}")
+        for row in report["bandwidth"]:
+            ratios = "".join(f"{row[key]:>{width}.0%}" if row[key] is not None else f"{'-':>{width}}" for key, width in (("vs_memcpy", 11), ("vs_tcp", 9)))
+            print(f"{row['size_mib']:>4.0f} MiB  {row['label']:<24}{row['median_ms']:>11.2f}{row['gb_s']:>9.2f}{ratios}")
+    if report["exposure"]:
+        print(f"\nExposed transfer time, {meta['model']} {meta['dtype']}, {meta['worker_threads']} torch thread(s) per worker, median per row")
+        print(f"{'prompt':>7}  {'transport':<10}{'push':<9}{'runs':>5}{'prefill ms':>12}{'exposed ms':>12}{'exposed/prefill':>17}{'KV MiB':>9}")
+        for row in report["exposure"]:
+            print(
+                f"{row['prompt_tokens']:>7}  {row['transport']:<10}{row['push_mode']:<9}{len(row['prefill_ms']):>5}"
+                f"{row['median_prefill_ms']:>12.1f}{row['median_exposed_ms']:>12.2f}{row['exposed_share']:>17.2%}{row['kv_bytes'] / MIB:>9.1f}"
+            )
+    for target in report["targets"]:
+        verdict = "met" if target["met"] else "MISSED"
+        print(f"target {target['path']} @ {target['size_mib']:.0f} MiB: {target['ratio']:.0%} of {target['baseline']} vs >= {target['target']:.0%}: {verdict}")
+    print(f"({meta['wall_seconds']:.0f} s)")
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] != ["serve"]:
+        raise SystemExit("usage: python -m bench.transfer_bench serve {tcp,grpc,nixl} --pool-bytes N (run `splitserve bench transfer` instead)")
+    sys.exit(serve(sys.argv[2:]))

@@ -1,0 +1,172 @@
+"""The cluster simulator's bookkeeping: conservation, zero-load latency, monotonicity, split search,
+and the validation path against a `bench compare` report."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from bench.serve_bench import summarize
+from bench.sim.cluster import Deployment, Link, WorkerSpec, simulate
+from bench.sim.hardware import H100, H200, resolve_model
+from bench.sim.latency import FittedModel, ModelShape, RooflineModel, decode_step_s, prefill_s
+from bench.sim.search import max_goodput, search_splits
+from bench.sim.validate import validate
+from bench.sim.workload import TraceRequest, Traffic, load_trace, scale_trace
+from cluster.cli import main
+
+# Shaped like this CPU's fits: ~1.6 ms per prompt token, ~30 ms per decode step.
+CPU_LIKE = FittedModel("test", prefill=(0.02, 1.5e-3, 1e-7), decode=(0.03, 2e-3, 1e-6))
+LAYERS, KV_BYTES = 12, 12288
+
+
+def deployment(num_prefill: int = 1, num_decode: int = 1, link_bytes_per_s: float = 1e9, capacity: int = 100_000,
+               budget: int = 2048, threshold: int = 0, latency_s: float = 0.0) -> Deployment:
+    spec = WorkerSpec(CPU_LIKE, capacity, budget)
+    return Deployment(num_prefill, num_decode, spec, spec, LAYERS, KV_BYTES, Link(link_bytes_per_s, latency_s), threshold)
+
+
+def traffic(rate: float = 0.5, count: int = 60, seed: int = 0) -> Traffic:
+    return Traffic(rate, count, (512, 1536), (32, 64), seed=seed)
+
+
+@pytest.mark.parametrize("setup", [
+    dict(num_prefill=0),  # aggregated
+    dict(num_prefill=1),  # disaggregated
+    dict(num_prefill=2, num_decode=2, threshold=1024),  # conditional: short prompts stay on D
+    dict(num_prefill=1, budget=256),  # chunked prefill over many steps
+    dict(num_prefill=1, capacity=4000),  # KV full: the router queues
+    dict(num_prefill=0, capacity=4000, budget=300),
+])
+def test_every_request_finishes_with_all_its_tokens(setup):
+    trace = traffic(rate=2.0).requests()  # overloaded: queues everywhere
+    result = simulate(deployment(**setup), trace)
+
+    assert all(r.success for r in result.records), [r.error for r in result.records if not r.success][:3]
+    assert [r.output_tokens for r in result.records] == [t.output_len for t in trace]
+    assert all(0 < r.ttft <= r.latency for r in result.records)
+    assert sum(result.decisions.values()) == len(trace)
+
+
+def test_a_request_that_fits_nowhere_fails_and_the_rest_finish():
+    trace = [TraceRequest(0.0, 5000, 10), TraceRequest(0.1, 100, 10)]
+    records = simulate(deployment(capacity=4000), trace).records
+    assert [r.success for r in records] == [False, True]
+
+
+@pytest.mark.parametrize("link_bytes_per_s", [1e10, 5e6])  # transfer hidden behind compute; transfer-bound
+def test_zero_load_ttft_is_prefill_plus_exposed_transfer(link_bytes_per_s):
+    tokens, latency = 1000, 0.003
+    setup = deployment(link_bytes_per_s=link_bytes_per_s, latency_s=latency)
+    record = simulate(setup, [TraceRequest(0.0, tokens, 8)]).records[0]
+
+    prefill = prefill_s(CPU_LIKE, tokens)
+    per_layer = tokens * KV_BYTES / LAYERS / link_bytes_per_s
+    # Layer l leaves when computed ((l+1)/L of the prefill) or when the link is free, whichever is later.
+    exposed = max(per_layer, LAYERS * per_layer - prefill * (LAYERS - 1) / LAYERS) + latency
+    assert record.ttft == pytest.approx(prefill + exposed, rel=1e-9)
+    assert setup.exposed_transfer_s(prefill, tokens) == pytest.approx(exposed, rel=1e-9)
+    # The rest is one decode step per token, the batch of one.
+    assert record.latency - record.ttft == pytest.approx(sum(decode_step_s(CPU_LIKE, 1, tokens + g) for g in range(1, 8)), rel=1e-9)
+
+
+def test_zero_load_aggregated_ttft_is_the_prefill():
+    record = simulate(deployment(num_prefill=0), [TraceRequest(0.0, 700, 4)]).records[0]
+    assert record.ttft == pytest.approx(prefill_s(CPU_LIKE, 700), rel=1e-9)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_more_decode_workers_never_raise_tpot_at_fixed_load(seed):
+    """Mean TPOT over the same requests; a single quantile may wobble with where requests land."""
+    trace = traffic(rate=1.0, count=120, seed=seed).requests()
+    tpots = []
+    for num_decode in (1, 2, 3, 4, 6):
+        summary = summarize(simulate(deployment(num_prefill=2, num_decode=num_decode), trace, seed).records, 1.0)
+        tpots.append(summary["tpot_ms"])
+    means = [t["mean"] for t in tpots]
+    assert all(more <= fewer + 1e-9 for fewer, more in zip(means, means[1:])), means
+    assert means[-1] < means[0] and tpots[-1]["p90"] < tpots[0]["p90"]
+
+
+def test_prefills_mixed_into_decode_steps_raise_tpot():
+    trace = traffic(rate=0.5).requests()
+    aggregated = summarize(simulate(deployment(num_prefill=0, num_decode=2), trace).records, 1.0)
+    disaggregated = summarize(simulate(deployment(num_prefill=1, num_decode=1), trace).records, 1.0)
+    assert disaggregated["tpot_ms"]["p90"] < aggregated["tpot_ms"]["p90"]
+
+
+def test_split_search_returns_a_feasible_split_within_budget():
+    slos = {"ttft": 5000.0, "tpot": 60.0}
+    load = traffic(rate=0.6, count=80)
+    results, best = search_splits(deployment(), load, slos, gpu_budget=5)
+
+    assert {(r.num_prefill, r.num_decode) for r in results} == {(p, t - p) for t in range(1, 6) for p in range(t)}
+    assert best is not None and best.gpus <= 5 and best.attainment >= 0.9
+    assert all(r.attainment < 0.9 for r in results if r.gpus < best.gpus)
+    check = summarize(simulate(deployment(best.num_prefill, best.num_decode), load.requests()).records, 1.0, slos)
+    assert check["slo_attainment"] >= 0.9
+
+
+def test_split_search_says_none_when_no_split_can_meet_the_slos():
+    _, best = search_splits(deployment(), traffic(rate=0.6, count=30), {"ttft": 1.0, "tpot": 1.0}, gpu_budget=3)
+    assert best is None
+
+
+def test_goodput_is_the_rate_where_attainment_crosses_90_percent():
+    slos = {"ttft": 5000.0, "tpot": 60.0}
+    load = traffic(count=80)
+    rate = max_goodput(deployment(), load, slos)
+    assert rate > 0
+    at = lambda r: summarize(simulate(deployment(), load.at_rate(r).requests()).records, 1.0, slos)["slo_attainment"]  # noqa: E731
+    assert at(rate) >= 0.9 and at(rate * 1.2) < 0.9
+
+
+def test_roofline_decode_is_memory_bound_and_prefill_compute_bound():
+    shape = ModelShape.of(resolve_model("llama-3.1-8b"))
+    h100, h200 = RooflineModel(H100, shape, step_overhead_s=0.0), RooflineModel(H200, shape, step_overhead_s=0.0)
+    weights_s = shape.weight_bytes / (3.35e12 * 0.8)
+    assert decode_step_s(h100, 1, 1) == pytest.approx(weights_s, rel=0.01)
+    assert decode_step_s(h200, 1, 1) == pytest.approx(decode_step_s(h100, 1, 1) * 3.35 / 4.8, rel=0.01)
+    prefill_flops = 2 * shape.linear_params * 4096
+    assert prefill_s(h100, 4096) > prefill_flops / (989e12 * 0.6)
+    assert prefill_s(h100, 4096) == pytest.approx(prefill_s(h200, 4096), rel=1e-9)  # same compute
+    with pytest.raises(ValueError):
+        RooflineModel(H100, ModelShape.of(resolve_model("llama-3.1-70b"))).kv_capacity_tokens()  # 141 GB on 80 GB
+
+
+def test_trace_files_load_and_rescale(tmp_path):
+    path = tmp_path / "trace.csv"
+    path.write_text("arrival_s,input_len,output_len\n0.0,100,5\n2.0,200,6\n4.0,300,7\n")
+    trace = load_trace(str(path))
+    assert [r.input_len for r in trace] == [100, 200, 300]
+    assert [r.arrival_s for r in scale_trace(trace, 1.0)] == [0.0, 1.0, 2.0]
+
+
+def test_validation_of_a_run_the_simulator_itself_produced_has_no_error():
+    """A compare report whose "measurements" are the simulator's own must validate at 0% error."""
+    profile = {"model": "bench-125m", "fits": {str(t): {"prefill": dict(zip("abc", CPU_LIKE.prefill)), "decode": dict(zip("abc", CPU_LIKE.decode))} for t in (1, 2)},
+               "transfer": {"bytes_per_s": 1e9}}
+    config = {"model": "bench-125m", "dtype": "bfloat16", "kv_cache_mb": 512, "max_num_batched_tokens": 2048, "seed": 0,
+              "slos": {"ttft": 4000.0, "tpot": 100.0},
+              "systems": {"disaggregated": {"prefill_workers": 1, "decode_workers": 1, "prefill_threads": 1, "decode_threads": 1, "local_prefill_threshold": 0}}}
+    trace = traffic(count=20).requests()
+    setup = deployment(capacity=512 * 1024 * 1024 // KV_BYTES)
+    result = simulate(setup, trace)
+    requests = [{"start": r.start, "prompt_len": r.prompt_len, "output_len": r.output_len} for r in result.records]
+    report = {"config": config, "runs": [{"system": "disaggregated", "rate": 0.5, "requests": requests,
+                                          "summary": summarize(result.records, result.duration_s, config["slos"])}]}
+    checked = validate(json.loads(json.dumps(report)), profile)
+    assert checked["compared"] == 4 and checked["within_tolerance"] == 4
+    assert checked["median_abs_error"] == pytest.approx(0.0, abs=1e-9)
+
+
+def test_simulate_cli_recommends_a_split_and_writes_json(tmp_path, capsys):
+    path = tmp_path / "sim.json"
+    code = main(["simulate", "--model", "llama-3.1-8b", "--hardware", "h200", "--rate", "6", "--num-requests", "60",
+                 "--ttft-slo-ms", "500", "--tpot-slo-ms", "30", "--gpu-budget", "3", "--json", str(path)])
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    report = json.loads(path.read_text())
+    assert report["recommended"]["gpus"] <= 3 and "recommended:" in printed
+    assert report["summary"]["completed"] == 60

@@ -1,0 +1,28 @@
+"""Smoke test of `splitserve bench transfer`: tiny sizes, the demo model, real processes."""
+
+from __future__ import annotations
+
+import json
+
+from cluster.cli import main
+
+
+def test_quick_transfer_bench_writes_rows(tmp_path, capsys):
+    path = tmp_path / "transfer.json"
+    code = main(["bench", "transfer", "--quick", "--model", "demo", "--json", str(path)])
+    printed = capsys.readouterr().out
+
+    assert code == 0, printed
+    report = json.loads(path.read_text())
+    paths = {(row["path"], row["checksums"]) for row in report["bandwidth"]}
+    assert paths == {("memcpy", None), ("tcp", None), ("grpc", True), ("grpc", False), ("nixl", True), ("nixl", False)}
+    assert {row["size_mib"] for row in report["bandwidth"]} == {1, 4}
+    for row in report["bandwidth"]:
+        assert row["gb_s"] > 0 and row["vs_memcpy"] > 0 and row["vs_tcp"] > 0, row
+        assert len(row["seconds"]) == report["metadata"]["repeats"]
+    combos = {(row["transport"], row["push_mode"], row["prompt_tokens"]) for row in report["exposure"]}
+    assert combos == {(t, m, n) for t in ("grpc", "nixl") for m in ("layer", "request") for n in (64, 256)}
+    for row in report["exposure"]:
+        assert row["median_prefill_ms"] > 0 and row["median_exposed_ms"] > 0 and row["exposed_share"] > 0, row
+        assert row["kv_bytes"] > 0, row
+    assert "grpc (xxh3)" in printed and "exposed/prefill" in printed
