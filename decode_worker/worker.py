@@ -107,10 +107,11 @@ class DecodeWorker(WorkerBase, decode_pb2_grpc.DecodeWorkerServicer):
                     if not context.is_active():
                         return
                     continue
-                yield output_to_wire(output)
-                if output.finished:
+                if output.finished:  # counted first: the client may close the stream on the last message
                     self.counters.add(requests_finished=1, generated_tokens=output.num_output_tokens,
                                       prefix_hit_tokens=0 if request.reserved else output.num_cached_tokens)
+                yield output_to_wire(output)
+                if output.finished:
                     return
         except RequestFailed as exc:
             context.abort(grpc.StatusCode.ABORTED, str(exc))

@@ -76,7 +76,16 @@ class RunningCluster:
         self._thread.join(60)
 
 
-def start_local_ray(num_cpus: int = 8) -> None:
-    if ray.is_initialized():
-        ray.shutdown()
-    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+def start_local_ray(num_cpus: int = 8, attempts: int = 3) -> None:
+    """Local Ray for a test module. Start-up can time out on a loaded machine (a previous module's
+    Ray still exiting): try again a bounded number of times."""
+    for attempt in range(attempts):
+        if ray.is_initialized():
+            ray.shutdown()
+        try:
+            ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+            return
+        except Exception:  # noqa: BLE001 - Ray raises a bare Exception on a start-up timeout
+            if attempt == attempts - 1:
+                raise
+            time.sleep(5)
