@@ -38,6 +38,7 @@ ATTAINMENT_TARGET = 0.9
 GOODPUT_RATIO_TARGET = 1.3
 START_TIMEOUT_S = 240.0
 WARMUP_REQUESTS = 2
+FIRST_REGULAR_TOKEN = 3  # ids below are pad/bos/eos in the presets' byte vocabulary
 
 
 @dataclass(frozen=True)
@@ -85,6 +86,12 @@ class CompareConfig:
         prompts = random_dataset(count, self.input_len, 1, self.input_range_ratio, 0, self.vocab_size, seed)
         rng = random.Random(seed + 1)
         return [dataclasses.replace(r, output_len=rng.randint(*self.output_range)) for r in prompts]
+
+
+def salted(requests: list[BenchRequest], salt: int) -> list[BenchRequest]:
+    """The same lengths with a different first token: block hashes chain from the first block, so
+    no run finds another run's prompts in a worker's prefix cache."""
+    return [dataclasses.replace(r, prompt=[FIRST_REGULAR_TOKEN + salt, *r.prompt[1:]]) for r in requests]
 
 
 # -- processes -------------------------------------------------------------------------------------
@@ -200,12 +207,13 @@ def run_system(stack: Stack, config: CompareConfig, requests: list[BenchRequest]
 
 
 def sweep(stacks: list[Stack], config: CompareConfig) -> list[dict]:
-    requests = config.requests(config.num_prompts, config.seed)
+    base = config.requests(config.num_prompts, config.seed)
     for stack in stacks:
         warmup = config.requests(WARMUP_REQUESTS, config.seed + 1000)
         asyncio.run(run_load(stack.base_url, config.model, warmup, float("inf"), 1.0, None, 0, config.seed))
     runs = []
     for index, rate in enumerate(config.rates):
+        requests = salted(base, index)  # the two systems of a rate share prompts, but not their caches
         order = stacks if index % 2 == 0 else stacks[::-1]
         for stack in order:
             print(f"rate {rate:g} req/s: {stack.system.name} ({len(requests)} requests) ...", flush=True)
@@ -298,7 +306,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--burstiness", type=float, default=1.0, help="1 = Poisson")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--kv-cache-mb", type=int, default=512, help="KV pool of each worker")
-    parser.add_argument("--max-num-batched-tokens", type=int, default=2048, help="every worker's step token budget")
+    parser.add_argument("--max-num-batched-tokens", type=int, default=512,
+                        help="every worker's step token budget; longer prompts prefill in chunks. Small enough that a step "
+                             "stays well under the router's 2 s Stats deadline, which marks a slower worker unhealthy")
     parser.add_argument("--vocab-size", type=int, default=256, help="prompt token ids are drawn from [3, vocab)")
     parser.add_argument("--quick", action="store_true", help="a tiny run: 2 rates x 4 short requests")
     parser.add_argument("--json", dest="json_path", default=None)

@@ -1,16 +1,19 @@
 """``splitserve bench profile``: measures this engine on this machine and fits the latency models
 the simulator uses (``bench.sim.latency.FittedModel``), per torch thread count::
 
-    prefill_s(T)      = a + b*T + c*T^2        one prompt of T tokens prefilled in one step
-    decode_s(B, ctx)  = a + b*B + c*B*ctx      one step of B decodes over ctx keys each
+    prefill step    = a + b*t + c*t^2 + d*t*s     a chunk of t prompt tokens after s already computed
+                                                 (s = 0, t = T: a whole prompt in one step: a + bT + cT^2)
+    decode step     = a + b*B + c*B*ctx           B decodes over ctx keys each
 
-Mixed steps (a prompt prefilled beside running decodes, as an aggregated worker runs them) are
-measured as well and set beside what the fitted models compose for them.
+The engine runs in this process with the workers' step token budget (``--max-num-batched-tokens``),
+so a prompt longer than the budget is measured as the chunks a worker computes. Mixed steps (a
+chunk beside running decodes, as an aggregated worker runs them) are measured too and set beside
+what the fitted models compose for them; the median difference is kept as the models' ``mixed`` term.
 
-The engine runs in this process. Decode rows need long contexts but not their values: their
-sequences are *reserved* and completed with a token, as a decode worker adopts received KV,
-so no prompt is prefilled for them. KV transfer bytes/s: ``--link-gbps``, else the gRPC (with
-checksums) row of a ``bench transfer`` report (``--transfer-json``, or a short run of it).
+Decode rows need long contexts but not their values: their sequences are *reserved* and completed
+with a token, as a decode worker adopts received KV, so no prompt is prefilled for them. KV
+transfer bytes/s: ``--link-gbps``, else the gRPC (with checksums) row of a ``bench transfer``
+report (``--transfer-json``, or a short run of it).
 """
 
 from __future__ import annotations
@@ -39,9 +42,9 @@ if TYPE_CHECKING:  # torch and the engine load when the profile runs, not when t
 
 FIRST_REGULAR_TOKEN = 3  # ids below are pad/bos/eos in the presets' byte vocabulary
 DECODE_STEPS = 4  # timed decode steps per (batch, context), after one untimed
-MIXED_ROWS = ((1024, 4, 1024), (512, 8, 512), (1536, 2, 1536))  # (prompt tokens, decodes, context)
-QUICK = dict(threads="1", prefill_tokens="32,64,128", decode_batches="1,2", decode_contexts="32,64", repeats=1)
-QUICK_MIXED = ((64, 2, 64),)
+MIXED_ROWS = ((8, 512), (4, 1024), (2, 1536))  # (decodes, context) beside a chunk filling the rest of the budget
+QUICK = dict(threads="1", prefill_tokens="32,64,128", decode_batches="1,2", decode_contexts="32,64", repeats=1, max_num_batched_tokens=64)
+QUICK_MIXED = ((2, 64),)
 
 
 @dataclass(frozen=True)
@@ -52,15 +55,17 @@ class ProfileConfig:
     prefill_tokens: tuple[int, ...]
     decode_batches: tuple[int, ...]
     decode_contexts: tuple[int, ...]
-    mixed: tuple[tuple[int, int, int], ...]
+    mixed: tuple[tuple[int, int], ...]
     repeats: int
+    max_num_batched_tokens: int
     seed: int
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> ProfileConfig:
         pick = (lambda name: QUICK[name]) if args.quick else (lambda name: getattr(args, name))
         return cls(args.model, args.dtype, _ints(pick("threads")), _ints(pick("prefill_tokens")), _ints(pick("decode_batches")),
-                   _ints(pick("decode_contexts")), QUICK_MIXED if args.quick else MIXED_ROWS, pick("repeats"), args.seed)
+                   _ints(pick("decode_contexts")), QUICK_MIXED if args.quick else MIXED_ROWS, pick("repeats"),
+                   pick("max_num_batched_tokens"), args.seed)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -71,7 +76,8 @@ def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     link = transfer_bytes_per_s(args)
     engine = _engine(config)
-    report = {"model": config.model, "dtype": config.dtype, "machine": _machine(), "load_1min_before": load_before,
+    report = {"model": config.model, "dtype": config.dtype, "max_num_batched_tokens": config.max_num_batched_tokens,
+              "machine": _machine(), "load_1min_before": load_before,
               "transfer": link, "kv_bytes_per_token": ModelShape.of(engine.model_config, config.dtype).kv_bytes_per_token,
               "fits": {}, "points": {}}
     for threads in config.threads:
@@ -90,15 +96,20 @@ def run(args: argparse.Namespace) -> int:
 def profile_threads(engine: Engine, config: ProfileConfig, threads: int) -> tuple[dict, dict]:
     """Measures and fits at the current torch thread count (``threads``)."""
     prefill = measure_prefill(engine, config.prefill_tokens, config.repeats, threads)
+    steps = [step for prompt in prefill for step in prompt["steps"]]
     decode = measure_decode(engine, config.decode_batches, config.decode_contexts, threads)
-    fit = {"prefill": fit_latency([(p["tokens"], p["tokens"] ** 2) for p in prefill], [p["seconds"] for p in prefill]),
+    fit = {"prefill": fit_latency([(p["tokens"], p["tokens"] ** 2, p["tokens"] * p["start"]) for p in steps], [p["seconds"] for p in steps]),
            "decode": fit_latency([(p["batch"], p["batch"] * p["context"]) for p in decode], [p["seconds"] for p in decode])}
-    model = FittedModel("fit", _abc(fit["prefill"]), _abc(fit["decode"]))
-    return fit, {"prefill": prefill, "decode": decode, "mixed": measure_mixed(engine, config.mixed, model)}
+    model = FittedModel("fit", _coefficients(fit["prefill"], "abcd"), _coefficients(fit["decode"], "abc"))
+    for prompt in prefill:
+        prompt["predicted_seconds"] = sum(model.step_s(Step((Chunk(p["tokens"], p["start"]),))) for p in prompt["steps"])
+    mixed = measure_mixed(engine, config.mixed, config.max_num_batched_tokens, model)
+    fit["mixed"] = {"a": statistics.median(row["seconds"] - row["predicted_seconds"] for row in mixed)}
+    return fit, {"prefill": prefill, "decode": decode, "mixed": mixed}
 
 
-def _abc(fit: dict) -> tuple[float, float, float]:
-    return fit["a"], fit["b"], fit["c"]
+def _coefficients(fit: dict, names: str) -> tuple[float, ...]:
+    return tuple(fit[name] for name in names)
 
 
 def _engine(config: ProfileConfig) -> Engine:
@@ -108,10 +119,12 @@ def _engine(config: ProfileConfig) -> Engine:
 
     shape = ModelShape.of(resolve_model_config(config.model), config.dtype)
     batches, contexts, tokens, mixed = config.decode_batches, config.decode_contexts, config.prefill_tokens, config.mixed
-    most_tokens = max(max(batches) * (max(contexts) + 2 * DECODE_STEPS), max(tokens), *(t + b * (c + 8) for t, b, c in mixed))
-    engine_config = EngineConfig(model=config.model, dtype=config.dtype, num_kv_blocks=most_tokens // 16 + 64,
-                                 max_num_batched_tokens=max(*tokens, *(t + b for t, b, _ in mixed)),
-                                 max_num_seqs=max(*batches, *(b for _, b, _ in mixed)) + 1, enable_prefix_cache=False, seed=config.seed)
+    budget = config.max_num_batched_tokens
+    most_tokens = max(max(batches) * (max(contexts) + 2 * DECODE_STEPS), max(tokens), *(budget + b * (c + 8) for b, c in mixed))
+    if max(batches) > budget:
+        raise SystemExit(f"splitserve: decode batches up to {max(batches)} need --max-num-batched-tokens >= that")
+    engine_config = EngineConfig(model=config.model, dtype=config.dtype, num_kv_blocks=most_tokens // 16 + 64, max_num_batched_tokens=budget,
+                                 max_num_seqs=max(*batches, *(b for b, _ in mixed)) + 1, enable_prefix_cache=False, seed=config.seed)
     print(f"profile: {config.model} {config.dtype}, KV for {most_tokens} tokens ({most_tokens * shape.kv_bytes_per_token / 2**20:.0f} MiB)", flush=True)
     return Engine(engine_config)
 
@@ -124,26 +137,34 @@ def _prompt(tokens: int, vocab: int, rng: random.Random) -> list[int]:
 
 
 def measure_prefill(engine: Engine, sizes: tuple[int, ...], repeats: int, threads: int) -> list[dict]:
-    """One untimed prompt, then ``repeats`` rounds over the sizes; the median step time per size."""
+    """One untimed prompt, then ``repeats`` rounds over the sizes; every step of a prompt (a chunk
+    of at most the budget) is timed, and the median per step kept."""
     rng = random.Random(0)
     vocab = engine.model_config.vocab_size
     one_token = SamplingParams(max_tokens=1, ignore_eos=True)
+    budget = engine.config.max_num_batched_tokens
 
-    def once(tokens: int) -> float:
+    def once(tokens: int) -> list[float]:
         engine.add_request(f"prefill-{next(_ids)}", _prompt(tokens, vocab, rng), one_token)
-        begin = time.perf_counter()
-        engine.step()
-        elapsed = time.perf_counter() - begin
-        _drain(engine)
-        return elapsed
+        seconds = []
+        while engine.has_unfinished():
+            begin = time.perf_counter()
+            engine.step()
+            seconds.append(time.perf_counter() - begin)
+        return seconds[: -(-tokens // budget)]  # a last step may only collect the finished output
 
     once(sizes[0])
-    seconds: dict[int, list[float]] = {size: [] for size in sizes}
+    timed: dict[int, list[list[float]]] = {size: [] for size in sizes}
     for _ in range(repeats):
         for size in sizes:
-            seconds[size].append(once(size))
-    print(f"  threads={threads} prefill: " + ", ".join(f"{s}:{statistics.median(v) * 1e3:.0f}ms" for s, v in seconds.items()), flush=True)
-    return [{"tokens": size, "seconds": statistics.median(values), "all_seconds": values} for size, values in seconds.items()]
+            timed[size].append(once(size))
+    rows = []
+    for size, runs in timed.items():
+        steps = [{"tokens": min(budget, size - start), "start": start, "seconds": statistics.median(run[i] for run in runs)}
+                 for i, start in enumerate(range(0, size, budget))]
+        rows.append({"tokens": size, "seconds": sum(step["seconds"] for step in steps), "steps": steps})
+    print(f"  threads={threads} prefill: " + ", ".join(f"{r['tokens']}:{r['seconds'] * 1e3:.0f}ms" for r in rows), flush=True)
+    return rows
 
 
 def _reserve_decodes(engine: Engine, batch: int, context: int, rng: random.Random, max_tokens: int) -> list[str]:
@@ -176,11 +197,13 @@ def measure_decode(engine: Engine, batches: tuple[int, ...], contexts: tuple[int
     return rows
 
 
-def measure_mixed(engine: Engine, shapes, model: FittedModel) -> list[dict]:
-    """A prompt prefilled in the same step as running decodes, vs the fitted models' composition."""
+def measure_mixed(engine: Engine, shapes, budget: int, model: FittedModel) -> list[dict]:
+    """A prompt's first chunk (the rest of the budget) in the same step as running decodes, vs the
+    fitted models' composition."""
     rng = random.Random(2)
     rows = []
-    for tokens, batch, context in shapes:
+    for batch, context in shapes:
+        tokens = budget - batch
         ids = _reserve_decodes(engine, batch, context, rng, 4)
         engine.step()  # the decodes run once alone, as they would before the prompt arrives
         prompt_id = f"mixed-{next(_ids)}"
@@ -209,24 +232,24 @@ def _finish(engine: Engine, ids: list[str]) -> None:
 # -- fitting -------------------------------------------------------------------------------------------
 
 
-def fit_latency(features: list[tuple[float, float]], seconds: list[float]) -> dict:
-    """seconds ~ a + b*x1 + c*x2, least squares on relative error, every coefficient >= 0 (a
-    negative one is dropped and the rest refitted: extrapolating a negative term goes wrong fast)."""
-    x = np.array([[1.0, x1, x2] for x1, x2 in features])
+def fit_latency(features: list[tuple[float, ...]], seconds: list[float]) -> dict:
+    """seconds ~ a + b*x1 + c*x2 (+ d*x3), least squares on relative error, every coefficient >= 0
+    (a negative one is dropped and the rest refitted: extrapolating a negative term goes wrong fast).
+    A coefficient the points cannot tell apart from zero (its feature never varies) comes out 0."""
+    x = np.array([[1.0, *row] for row in features])
     y = np.array(seconds)
     weights = 1.0 / y
-    active = [0, 1, 2]
+    active = [column for column in range(x.shape[1]) if column == 0 or x[:, column].any()]
     while True:
         solution, *_ = np.linalg.lstsq(x[:, active] * weights[:, None], y * weights, rcond=None)
         if (solution >= 0).all() or len(active) == 1:
             break
         active.pop(int(np.argmin(solution)))
-    coefficients = np.zeros(3)
+    coefficients = np.zeros(x.shape[1])
     coefficients[active] = np.maximum(solution, 0.0)
-    predicted = x @ coefficients
-    errors = (predicted - y) / y
-    return {"a": float(coefficients[0]), "b": float(coefficients[1]), "c": float(coefficients[2]),
-            "mean_abs_error": float(np.abs(errors).mean()), "max_abs_error": float(np.abs(errors).max())}
+    errors = (x @ coefficients - y) / y
+    fit = {name: float(value) for name, value in zip("abcd", coefficients)}
+    return dict(fit, mean_abs_error=float(np.abs(errors).mean()), max_abs_error=float(np.abs(errors).max()))
 
 
 # -- KV transfer ---------------------------------------------------------------------------------------
@@ -270,13 +293,16 @@ def print_report(report: dict) -> None:
     print(f"load (1 min) before {report['load_1min_before']:.2f}, after {report['load_1min_after']:.2f}; {report['machine']['cpu_count']} CPUs")
     for threads, fit in report["fits"].items():
         p, d = fit["prefill"], fit["decode"]
-        print(f"threads={threads}: prefill_s = {p['a'] * 1e3:.2f}ms + {p['b'] * 1e6:.1f}us*T + {p['c'] * 1e9:.3f}ns*T^2   "
+        print(f"threads={threads}: prefill step = {p['a'] * 1e3:.2f}ms + {p['b'] * 1e6:.1f}us*t + {p['c'] * 1e9:.3f}ns*t^2 + {p['d'] * 1e9:.3f}ns*t*s   "
               f"(mean |err| {p['mean_abs_error']:.1%}, max {p['max_abs_error']:.1%})")
-        print(f"{'':10} decode_s  = {d['a'] * 1e3:.2f}ms + {d['b'] * 1e3:.2f}ms*B + {d['c'] * 1e9:.1f}ns*B*ctx   "
+        prompts = report["points"][threads]["prefill"]
+        print(f"{'':10} whole prompts (ms, measured/fitted): " + ", ".join(
+            f"{r['tokens']}: {r['seconds'] * 1e3:.0f}/{r['predicted_seconds'] * 1e3:.0f}" for r in prompts))
+        print(f"{'':10} decode step  = {d['a'] * 1e3:.2f}ms + {d['b'] * 1e3:.2f}ms*B + {d['c'] * 1e9:.1f}ns*B*ctx   "
               f"(mean |err| {d['mean_abs_error']:.1%}, max {d['max_abs_error']:.1%})")
-        for row in report["points"][threads]["mixed"]:
-            print(f"{'':10} mixed step {row['tokens']} tok + {row['batch']} decodes @{row['context']}: "
-                  f"measured {row['seconds'] * 1e3:.0f}ms, composed {row['predicted_seconds'] * 1e3:.0f}ms ({row['error']:+.0%})")
+        print(f"{'':10} mixed steps (a chunk beside decodes), measured vs composed of the two fits: " + ", ".join(
+            f"{r['tokens']}+{r['batch']}@{r['context']}: {r['seconds'] * 1e3:.0f}/{r['predicted_seconds'] * 1e3:.0f}ms" for r in report["points"][threads]["mixed"])
+            + f"; mixed term {fit['mixed']['a'] * 1e3:+.1f}ms")
     link = report["transfer"]
     print(f"KV transfer: {link['bytes_per_s'] * 8 / 1e9:.2f} Gb/s ({link['source']}); {report['kv_bytes_per_token']} KV bytes/token")
 
@@ -296,9 +322,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--threads", default="1,2", help="torch thread counts to profile (a fit for each)")
     parser.add_argument("--prefill-tokens", default="64,128,256,512,768,1024,1536,2048")
-    parser.add_argument("--decode-batches", default="1,2,4,8,16")
+    parser.add_argument("--decode-batches", default="1,2,4,8", help="(16 at 1024+ keys falls off a cache cliff the fit does not model)")
     parser.add_argument("--decode-contexts", default="256,512,1024,2048")
     parser.add_argument("--repeats", type=int, default=3, help="timed prefills per size (median used)")
+    parser.add_argument("--max-num-batched-tokens", type=int, default=512, help="the step token budget, as the workers run (bench compare's default)")
     parser.add_argument("--link-gbps", type=float, default=None, help="KV link gigabits/s (skips the measurement)")
     parser.add_argument("--transfer-json", default=None, help="a `splitserve bench transfer --json` report to take the gRPC bytes/s from")
     parser.add_argument("--seed", type=int, default=0)

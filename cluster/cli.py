@@ -125,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     engine_bench.add_argument("--decode-steps", type=int, default=32)
     engine_bench.add_argument("--threads", type=int, default=None)
     engine_bench.add_argument("--prefill-batch", type=int, default=8, help="prompts in the prefill row")
-    engine_bench.add_argument("--repeats", type=int, default=3, help="timed runs per side and row (median reported)")
+    engine_bench.add_argument("--repeats", type=int, default=3, help="timed runs per side and row (best reported, median in the JSON)")
     engine_bench.add_argument("--quick", action="store_true", help="tiny sizes and one repeat (overrides the size flags)")
     engine_bench.add_argument("--json", dest="json_path", default=None, help="write the rows to this file")
     engine_bench.set_defaults(run=_run_bench_engine)

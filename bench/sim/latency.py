@@ -98,23 +98,29 @@ class ModelShape:
 class FittedModel:
     """Step time as the sum of a prefill part and a decode part, fixed cost counted once::
 
-        prefill_s(T)       = pa + pb*T + pc*T^2          (a chunk at start s: pc*(T^2 + 2*T*s))
-        decode_s(B, ctx)   = da + db*B + dc*B*ctx_max    (the engine pads every decode's gather
-                                                          to the longest context in the batch)
-        mixed step         = max(pa, da) + prefill part + decode part
+        prefill chunk of t tokens after s computed = pa + pb*t + pc*t^2 + pd*t*s
+        decode step of B sequences                 = da + db*B + dc*B*ctx_max
+        mixed step                                 = max(pa, da) + mixed + chunk parts + decode part
+
+    ``pd`` apart from ``pc``: a chunk after cached tokens gathers them from the paged pool, a path
+    slower per key than a fresh prompt's. ``ctx_max``: the engine pads every decode's gather to
+    the longest context in the batch. ``mixed``: what a step with both costs beyond its parts.
     """
 
     name: str
-    prefill: tuple[float, float, float]
+    prefill: tuple[float, float, float, float]
     decode: tuple[float, float, float]
+    mixed: float = 0.0
 
     def step_s(self, step: Step) -> float:
         if step.is_empty:
             return 0.0
-        pa, pb, pc = self.prefill
+        pa, pb, pc, pd = self.prefill
         da, db, dc = self.decode
         fixed = max(pa if step.chunks else 0.0, da if step.decodes else 0.0)
-        prefill = sum(pb * c.tokens + pc * (c.tokens * c.tokens + 2 * c.tokens * c.start) for c in step.chunks)
+        if step.chunks and step.decodes:
+            fixed += self.mixed
+        prefill = sum(pb * c.tokens + pc * c.tokens * c.tokens + pd * c.tokens * c.start for c in step.chunks)
         decode = db * step.decodes + dc * step.decodes * step.context_max if step.decodes else 0.0
         return fixed + prefill + decode
 
@@ -125,11 +131,12 @@ class FittedModel:
         if str(threads) not in fits:
             raise ValueError(f"the profile has no fit for {threads} thread(s); it has {', '.join(sorted(fits))}")
         fit = fits[str(threads)]
-        return cls(f"{profile['model']} cpu x{threads}", _coefficients(fit["prefill"]), _coefficients(fit["decode"]))
+        return cls(f"{profile['model']} cpu x{threads}", _coefficients(fit["prefill"], "abcd"), _coefficients(fit["decode"], "abc"),
+                   fit.get("mixed", {}).get("a", 0.0))
 
 
-def _coefficients(fit: dict) -> tuple[float, float, float]:
-    return (fit["a"], fit["b"], fit["c"])
+def _coefficients(fit: dict, names: str) -> tuple[float, ...]:
+    return tuple(fit[name] for name in names)
 
 
 # -- roofline (GPU) ----------------------------------------------------------------------------------

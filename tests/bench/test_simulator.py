@@ -17,7 +17,7 @@ from bench.sim.workload import TraceRequest, Traffic, load_trace, scale_trace
 from cluster.cli import main
 
 # Shaped like this CPU's fits: ~1.6 ms per prompt token, ~30 ms per decode step.
-CPU_LIKE = FittedModel("test", prefill=(0.02, 1.5e-3, 1e-7), decode=(0.03, 2e-3, 1e-6))
+CPU_LIKE = FittedModel("test", prefill=(0.02, 1.5e-3, 1e-7, 3e-7), decode=(0.03, 2e-3, 1e-6))
 LAYERS, KV_BYTES = 12, 12288
 
 
@@ -145,7 +145,7 @@ def test_trace_files_load_and_rescale(tmp_path):
 
 def test_validation_of_a_run_the_simulator_itself_produced_has_no_error():
     """A compare report whose "measurements" are the simulator's own must validate at 0% error."""
-    profile = {"model": "bench-125m", "fits": {str(t): {"prefill": dict(zip("abc", CPU_LIKE.prefill)), "decode": dict(zip("abc", CPU_LIKE.decode))} for t in (1, 2)},
+    profile = {"model": "bench-125m", "fits": {str(t): {"prefill": dict(zip("abcd", CPU_LIKE.prefill)), "decode": dict(zip("abc", CPU_LIKE.decode))} for t in (1, 2)},
                "transfer": {"bytes_per_s": 1e9}}
     config = {"model": "bench-125m", "dtype": "bfloat16", "kv_cache_mb": 512, "max_num_batched_tokens": 2048, "seed": 0,
               "slos": {"ttft": 4000.0, "tpot": 100.0},
