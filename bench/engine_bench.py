@@ -28,7 +28,7 @@ import random
 import statistics
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
 
@@ -44,7 +44,7 @@ FIRST_REGULAR_TOKEN = 3  # ids below are pad/bos/eos in the presets' byte vocabu
 SANITY_PROMPT_LEN = 12
 SANITY_NEW_TOKENS = 8
 BF16_LOOSE_TOKENS = 3
-PREFILL_MIN_REPEATS = 5  # prefill runs are short: a few more steady the median at little cost
+PREFILL_MIN_REPEATS = 5  # prefill runs are short: more of them cost little
 MATMUL_SHAPE = (2048, 768, 2048)  # (m, k, n): roughly one prefill projection of this model size
 _request_counter = itertools.count()
 
@@ -125,7 +125,6 @@ class SanityResult:
     engine_tokens: tuple[int, ...]
     hf_tokens: tuple[int, ...]
     bf16_first_tokens_agree: bool  # loose: only the first few tokens, in the benchmark dtype
-    notes: tuple[str, ...] = field(default_factory=tuple)
 
 
 # -- entry point ----------------------------------------------------------------------------------

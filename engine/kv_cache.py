@@ -69,7 +69,8 @@ class PagedKVCache:
         """K and V for ``block_table [batch, blocks]``, heads-major for attention:
         each ``[batch, kv_heads, blocks*block_size, head_dim]``, contiguous (one gather, one transpose)."""
         batch, blocks = block_table.shape
-        regions = self.data[layer][block_table]  # [batch, blocks, 2, bs, kvh, hd]
+        regions = self.data[layer].index_select(0, block_table.reshape(-1))  # faster than fancy indexing
+        regions = regions.view(batch, blocks, *regions.shape[1:])  # [batch, blocks, 2, bs, kvh, hd]
         heads_major = regions.permute(2, 0, 4, 1, 3, 5).contiguous()  # [2, batch, kvh, blocks, bs, hd]
         shape = (2, batch, self.layout.num_kv_heads, blocks * self.layout.block_size, self.layout.head_dim)
         key, value = heads_major.view(shape).unbind(0)
