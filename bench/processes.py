@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -14,7 +16,8 @@ from contextlib import contextmanager
 def start(args: list[str], ready_marker: str, timeout_s: float = 180.0) -> tuple[subprocess.Popen, str]:
     """Runs ``splitserve ARGS``; returns the process and the line that contained ``ready_marker``."""
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
-    process = subprocess.Popen([sys.executable, "-m", "cluster.cli", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    process = subprocess.Popen([sys.executable, "-m", "cluster.cli", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               env=env, preexec_fn=_die_with_parent)
     lines: list[str] = []
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -27,6 +30,17 @@ def start(args: list[str], ready_marker: str, timeout_s: float = 180.0) -> tuple
             return process, line
     process.kill()
     raise RuntimeError(f"splitserve {' '.join(args)} did not start:\n{''.join(lines[-30:])}")
+
+
+def _die_with_parent() -> None:
+    """Linux: the child is sent SIGTERM when the benchmark process dies, so an aborted run leaves no workers."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    except OSError:
+        pass
+
+
+_PR_SET_PDEATHSIG = 1
 
 
 def start_worker(role: str, *extra: str) -> tuple[subprocess.Popen, str]:
