@@ -124,6 +124,12 @@ class FittedModel:
         decode = db * step.decodes + dc * step.decodes * step.context_max if step.decodes else 0.0
         return fixed + prefill + decode
 
+    def calibrated(self, prefill_factor: float, decode_step_overhead_s: float) -> FittedModel:
+        """Prefill costs times ``prefill_factor``; ``decode_step_overhead_s`` more per step with decodes."""
+        pa, pb, pc, pd = (c * prefill_factor for c in self.prefill)
+        da, db, dc = self.decode
+        return FittedModel(f"{self.name} calibrated", (pa, pb, pc, pd), (da + decode_step_overhead_s, db, dc), self.mixed * prefill_factor)
+
     @classmethod
     def from_profile(cls, profile: dict, threads: int) -> FittedModel:
         """The fit for ``threads`` torch threads from a ``bench profile`` JSON report."""

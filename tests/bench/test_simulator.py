@@ -4,6 +4,7 @@ and the validation path against a `bench compare` report."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 
@@ -143,22 +144,44 @@ def test_trace_files_load_and_rescale(tmp_path):
     assert [r.arrival_s for r in scale_trace(trace, 1.0)] == [0.0, 1.0, 2.0]
 
 
-def test_validation_of_a_run_the_simulator_itself_produced_has_no_error():
-    """A compare report whose "measurements" are the simulator's own must validate at 0% error."""
-    profile = {"model": "bench-125m", "fits": {str(t): {"prefill": dict(zip("abcd", CPU_LIKE.prefill)), "decode": dict(zip("abc", CPU_LIKE.decode))} for t in (1, 2)},
-               "transfer": {"bytes_per_s": 1e9}}
+def _compare_report(model: FittedModel, trace: list[TraceRequest], zero_load: list[TraceRequest]) -> dict:
+    """A `bench compare` report whose "measurements" come from simulating ``model``."""
     config = {"model": "bench-125m", "dtype": "bfloat16", "kv_cache_mb": 512, "max_num_batched_tokens": 2048, "seed": 0,
               "slos": {"ttft": 4000.0, "tpot": 100.0},
               "systems": {"disaggregated": {"prefill_workers": 1, "decode_workers": 1, "prefill_threads": 1, "decode_threads": 1, "local_prefill_threshold": 0}}}
-    trace = traffic(count=20).requests()
-    setup = deployment(capacity=512 * 1024 * 1024 // KV_BYTES)
-    result = simulate(setup, trace)
-    requests = [{"start": r.start, "prompt_len": r.prompt_len, "output_len": r.output_len} for r in result.records]
-    report = {"config": config, "runs": [{"system": "disaggregated", "rate": 0.5, "requests": requests,
-                                          "summary": summarize(result.records, result.duration_s, config["slos"])}]}
-    checked = validate(json.loads(json.dumps(report)), profile)
-    assert checked["compared"] == 4 and checked["within_tolerance"] == 4
-    assert checked["median_abs_error"] == pytest.approx(0.0, abs=1e-9)
+    spec = WorkerSpec(model, 512 * 1024 * 1024 // KV_BYTES, 2048)
+    truth = Deployment(1, 1, spec, spec, LAYERS, KV_BYTES, Link(1e9))
+
+    def run(requests: list[TraceRequest], alone: bool) -> dict:
+        records = [simulate(truth, [replace(r, arrival_s=0.0)]).records[0] for r in requests] if alone else simulate(truth, requests).records
+        rows = [dict(start=r.start, prompt_len=r.prompt_len, output_len=r.output_len, success=r.success, ttft=r.ttft, tpot=r.tpot) for r in records]
+        return {"system": "disaggregated", "rate": 0.5, "requests": rows, "summary": summarize(records, 1.0, config["slos"])}
+
+    return json.loads(json.dumps({"config": config, "zero_load": {"disaggregated": run(zero_load, True)}, "runs": [run(trace, False)]}))
+
+
+PROFILE = {"model": "bench-125m", "transfer": {"bytes_per_s": 1e9},
+           "fits": {str(t): {"prefill": dict(zip("abcd", CPU_LIKE.prefill)), "decode": dict(zip("abc", CPU_LIKE.decode))} for t in (1, 2)}}
+
+
+def test_validation_of_runs_the_simulator_itself_produced_has_no_error():
+    report = _compare_report(CPU_LIKE, traffic(count=20).requests(), traffic(count=3, seed=5).requests())
+    checked = validate(report, PROFILE)
+    for kind in ("raw", "calibrated"):
+        assert checked["agreement"][kind]["compared"] == 4 and checked["agreement"][kind]["within_tolerance"] == 4
+        assert checked["agreement"][kind]["median_abs_error"] == pytest.approx(0.0, abs=1e-9)
+    assert checked["factors"]["disaggregated"] == pytest.approx({"prefill_factor": 1.0, "decode_step_overhead_s": 0.0}, abs=1e-9)
+
+
+def test_calibration_recovers_a_slower_machine_from_zero_load_requests():
+    slower = CPU_LIKE.calibrated(1.4, 0.012)  # prefill 40% slower, 12 ms more per decoding step
+    report = _compare_report(slower, traffic(rate=0.4, count=30).requests(), traffic(count=5, seed=5).requests())
+    checked = validate(report, PROFILE)
+    factors = checked["factors"]["disaggregated"]
+    assert factors["prefill_factor"] == pytest.approx(1.4, rel=0.03)
+    assert factors["decode_step_overhead_s"] == pytest.approx(0.012, rel=0.05)
+    assert checked["agreement"]["raw"]["median_abs_error"] > 0.15
+    assert checked["agreement"]["calibrated"]["median_abs_error"] < 0.05
 
 
 def test_simulate_cli_recommends_a_split_and_writes_json(tmp_path, capsys):
