@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import queue
+from abc import ABC, abstractmethod
 import threading
 import uuid
 from dataclasses import dataclass, field, fields
@@ -62,7 +63,7 @@ class WorkerCounters:
             return {f.name: getattr(self, f.name) for f in fields(self) if not f.name.startswith("_")}
 
 
-class WorkerBase:
+class WorkerBase(ABC):
     role = "worker"
     service_names: tuple[str, ...] = ()
 
@@ -105,8 +106,9 @@ class WorkerBase:
         self.server.stop(grace).wait(grace + 1)
         self.loop.stop()
 
+    @abstractmethod
     def add_services(self, server: grpc.Server) -> None:
-        raise NotImplementedError  # each worker registers its own services
+        """Registers the worker's own gRPC services (health and reflection are added here)."""
 
     # -- engine-thread hooks (overridden by the workers) ------------------------------------------
 
