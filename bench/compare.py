@@ -385,9 +385,9 @@ def run(args: argparse.Namespace) -> int:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="bench-125m")
     parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--rates", default="0.25,0.45,0.65,0.85,1.05", help="requests/s, comma-separated")
+    parser.add_argument("--rates", default="0.25,0.5,0.75,1.0", help="requests/s, comma-separated")
     parser.add_argument("--num-prompts", type=int, default=20, help="at least this many requests per rate and system")
-    parser.add_argument("--duration-s", type=float, default=45.0, help="... or as many as arrive in this long at the rate, if more")
+    parser.add_argument("--duration-s", type=float, default=40.0, help="... or as many as arrive in this long at the rate, if more")
     parser.add_argument("--input-len", type=int, default=1024)
     parser.add_argument("--input-range-ratio", type=float, default=0.5, help="inputs uniform in len * [1 - r, 1 + r]")
     parser.add_argument("--output-range", default="32,64", help="outputs uniform in LOW,HIGH tokens")
