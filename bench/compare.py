@@ -84,15 +84,33 @@ class CompareConfig:
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> CompareConfig:
-        quick = dict(rates="1,2", num_prompts=4, duration_s=0.0, input_len=64, output_range="4,8", kv_cache_mb=64) if args.quick else {}
+        quick = (
+            dict(rates="1,2", num_prompts=4, duration_s=0.0, input_len=64, output_range="4,8", kv_cache_mb=64)
+            if args.quick
+            else {}
+        )
 
         def pick(name: str):
             return quick.get(name, getattr(args, name))
 
         low, high = (int(part) for part in pick("output_range").split(","))
-        return cls(args.model, args.dtype, tuple(float(r) for r in pick("rates").split(",")), pick("num_prompts"), pick("duration_s"), pick("input_len"),
-                   args.input_range_ratio, (low, high), {"ttft": args.ttft_slo_ms, "tpot": args.tpot_slo_ms}, args.burstiness,
-                   args.seed, pick("kv_cache_mb"), args.max_num_batched_tokens, args.vocab_size, args.json_path)
+        return cls(
+            args.model,
+            args.dtype,
+            tuple(float(r) for r in pick("rates").split(",")),
+            pick("num_prompts"),
+            pick("duration_s"),
+            pick("input_len"),
+            args.input_range_ratio,
+            (low, high),
+            {"ttft": args.ttft_slo_ms, "tpot": args.tpot_slo_ms},
+            args.burstiness,
+            args.seed,
+            pick("kv_cache_mb"),
+            args.max_num_batched_tokens,
+            args.vocab_size,
+            args.json_path,
+        )
 
     def count_at(self, rate: float) -> int:
         """Requests per run: enough that a busy run lasts ``duration_s`` (queues build over time)."""
@@ -124,8 +142,13 @@ class Process:
         self.name = name
         self.ready = ready
         self.tail: deque[str] = deque(maxlen=40)
-        self.process = subprocess.Popen([sys.executable, "-m", "cluster.cli", *argv], stdout=subprocess.PIPE,
-                                        stderr=subprocess.STDOUT, text=True, env=env)
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "cluster.cli", *argv],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=env,
+        )
         self._lines: queue.Queue[str | None] = queue.Queue()
         threading.Thread(target=self._read, name=f"{name}-stdout", daemon=True).start()
 
@@ -177,12 +200,30 @@ def start_stacks(config: CompareConfig, systems: list[System]) -> list[Stack]:
     try:
         addresses = {}
         for stack in stacks:
-            for role, count, threads in (("prefill", stack.system.prefill_workers, stack.system.prefill_threads),
-                                         ("decode", stack.system.decode_workers, stack.system.decode_threads)):
+            for role, count, threads in (
+                ("prefill", stack.system.prefill_workers, stack.system.prefill_threads),
+                ("decode", stack.system.decode_workers, stack.system.decode_threads),
+            ):
                 for index in range(count):
-                    argv = ["worker", role, "--model", config.model, "--dtype", config.dtype, "--threads", str(threads), "--port", "0",
-                            "--kv-cache-mb", str(config.kv_cache_mb), "--max-num-batched-tokens", str(config.max_num_batched_tokens)]
-                    stack.processes.append(Process(f"{stack.system.name} {role} worker {index}", argv, "READY ", threads))
+                    argv = [
+                        "worker",
+                        role,
+                        "--model",
+                        config.model,
+                        "--dtype",
+                        config.dtype,
+                        "--threads",
+                        str(threads),
+                        "--port",
+                        "0",
+                        "--kv-cache-mb",
+                        str(config.kv_cache_mb),
+                        "--max-num-batched-tokens",
+                        str(config.max_num_batched_tokens),
+                    ]
+                    stack.processes.append(
+                        Process(f"{stack.system.name} {role} worker {index}", argv, "READY ", threads)
+                    )
         for stack in stacks:
             for process in stack.processes:
                 addresses[process.name] = json.loads(process.wait_ready().split("READY ", 1)[1])["address"]
@@ -190,8 +231,21 @@ def start_stacks(config: CompareConfig, systems: list[System]) -> list[Stack]:
         for stack in stacks:
             prefill = [addresses[p.name] for p in stack.processes if " prefill " in p.name]
             decode = [addresses[p.name] for p in stack.processes if " decode " in p.name]
-            argv = ["router", "--model", config.model, "--decode", *decode, "--port", "0", "--grpc-port", "0",
-                    "--local-prefill-threshold", str(stack.system.local_prefill_threshold), "--log-level", "WARNING"]
+            argv = [
+                "router",
+                "--model",
+                config.model,
+                "--decode",
+                *decode,
+                "--port",
+                "0",
+                "--grpc-port",
+                "0",
+                "--local-prefill-threshold",
+                str(stack.system.local_prefill_threshold),
+                "--log-level",
+                "WARNING",
+            ]
             if prefill:
                 argv[3:3] = ["--prefill", *prefill]
             router = Process(f"{stack.system.name} router", argv, "OpenAI API at")
@@ -214,22 +268,42 @@ def stop_stacks(stacks: list[Stack]) -> None:
 # -- the sweep -------------------------------------------------------------------------------------
 
 
-def run_system(stack: Stack, config: CompareConfig, requests: list[BenchRequest], rate: float, arrival_seed: int,
-               max_concurrency: int | None = None) -> dict:
+def run_system(
+    stack: Stack,
+    config: CompareConfig,
+    requests: list[BenchRequest],
+    rate: float,
+    arrival_seed: int,
+    max_concurrency: int | None = None,
+) -> dict:
     load_before = os.getloadavg()[0]
     decisions_before = routing_decisions(stack)
-    records, duration = asyncio.run(run_load(stack.base_url, config.model, requests, rate, config.burstiness, max_concurrency, 0, arrival_seed))
-    decisions = {k: v - decisions_before.get(k, 0) for k, v in routing_decisions(stack).items() if v > decisions_before.get(k, 0)}
+    records, duration = asyncio.run(
+        run_load(stack.base_url, config.model, requests, rate, config.burstiness, max_concurrency, 0, arrival_seed)
+    )
+    decisions = {
+        k: v - decisions_before.get(k, 0) for k, v in routing_decisions(stack).items() if v > decisions_before.get(k, 0)
+    }
     summary = summarize(records, duration, config.slos)
     first = min((r.start for r in records), default=0.0)
     rows = [dict(asdict(r), start=r.start - first, tpot=r.tpot) for r in records]
-    return {"system": stack.system.name, "rate": rate, "load_1min_before": load_before, "routing": decisions, "summary": summary, "requests": rows}
+    return {
+        "system": stack.system.name,
+        "rate": rate,
+        "load_1min_before": load_before,
+        "routing": decisions,
+        "summary": summary,
+        "requests": rows,
+    }
 
 
 def routing_decisions(stack: Stack) -> dict[str, float]:
     """The router's routing-decision counters (Prometheus), by decision."""
     text = httpx.get(stack.base_url.removesuffix("/v1") + "/metrics", timeout=10).text
-    return {m.group(1): float(m.group(2)) for m in re.finditer(r'^splitserve_routing_decisions_total\{decision="(\w+)"\} (\S+)$', text, re.M)}
+    return {
+        m.group(1): float(m.group(2))
+        for m in re.finditer(r'^splitserve_routing_decisions_total\{decision="(\w+)"\} (\S+)$', text, re.M)
+    }
 
 
 def zero_load(stacks: list[Stack], config: CompareConfig) -> dict:
@@ -242,7 +316,11 @@ def zero_load(stacks: list[Stack], config: CompareConfig) -> dict:
         asyncio.run(run_load(stack.base_url, config.model, warmup, float("inf"), 1.0, None, 0, config.seed))
         out[stack.system.name] = run_system(stack, config, probes, float("inf"), config.seed, max_concurrency=1)
         s = out[stack.system.name]["summary"]
-        print(f"zero load, {stack.system.name}: TTFT p50 {_fmt(s['ttft_ms']['median'])} ms, TPOT p50 {_fmt(s['tpot_ms']['median'])} ms", flush=True)
+        print(
+            f"zero load, {stack.system.name}: TTFT p50 {_fmt(s['ttft_ms']['median'])} ms, TPOT p50 "
+            f"{_fmt(s['tpot_ms']['median'])} ms",
+            flush=True,
+        )
     return out
 
 
@@ -258,8 +336,12 @@ def sweep(stacks: list[Stack], config: CompareConfig) -> list[dict]:
             print(f"rate {rate:g} req/s: {stack.system.name} ({len(requests)} requests) ...", flush=True)
             run = run_system(stack, config, requests, rate, config.seed + index)
             s = run["summary"]
-            print(f"  attainment {s['slo_attainment']:.0%}, TTFT p50 {_fmt(s['ttft_ms']['median'])} ms, TPOT p50 {_fmt(s['tpot_ms']['median'])} ms, "
-                  f"load {run['load_1min_before']:.2f}", flush=True)
+            print(
+                f"  attainment {s['slo_attainment']:.0%}, TTFT p50 {_fmt(s['ttft_ms']['median'])} ms, TPOT "
+                f"p50 {_fmt(s['tpot_ms']['median'])} ms, "
+                f"load {run['load_1min_before']:.2f}",
+                flush=True,
+            )
             runs.append(run)
     return runs
 
@@ -271,15 +353,36 @@ def goodput(points: list[tuple[float, float]], target: float = ATTAINMENT_TARGET
     points = sorted(points)
     passing = [i for i, (_, attained) in enumerate(points) if attained >= target]
     if not passing:
-        return {"rps": 0.0, "highest_passing_rate": None, "monotone": True, "bound": f"< {points[0][0]:g} (fails at every rate swept)"}
+        return {
+            "rps": 0.0,
+            "low": 0.0,
+            "high": points[0][0],
+            "highest_passing_rate": None,
+            "monotone": True,
+            "bound": f"< {points[0][0]:g} (fails at every rate swept)",
+        }
     last = passing[-1]
     rate, attained = points[last]
     monotone = len(passing) == last + 1
     if last == len(points) - 1:
-        return {"rps": rate, "highest_passing_rate": rate, "monotone": monotone, "bound": f">= {rate:g} (passes at the highest rate swept)"}
+        return {
+            "rps": rate,
+            "low": rate,
+            "high": float("inf"),
+            "highest_passing_rate": rate,
+            "monotone": monotone,
+            "bound": f">= {rate:g} (passes at the highest rate swept)",
+        }
     next_rate, next_attained = points[last + 1]
     interpolated = rate + (next_rate - rate) * (attained - target) / (attained - next_attained)
-    return {"rps": interpolated, "highest_passing_rate": rate, "monotone": monotone, "bound": None}
+    return {
+        "rps": interpolated,
+        "low": interpolated,
+        "high": interpolated,
+        "highest_passing_rate": rate,
+        "monotone": monotone,
+        "bound": None,
+    }
 
 
 def goodputs(runs: list[dict], systems: list[System], slos: dict) -> dict:
@@ -294,9 +397,21 @@ def goodputs(runs: list[dict], systems: list[System], slos: dict) -> dict:
     return out
 
 
-def ratio_of(good: dict) -> float | None:
-    aggregated, disaggregated = good[AGGREGATED.name]["rps"], good[DISAGGREGATED.name]["rps"]
-    return disaggregated / aggregated if aggregated else (float("inf") if disaggregated else None)
+def ratio_of(good: dict) -> dict:
+    """Disaggregated / aggregated goodput, as bounds where a goodput is only a bound."""
+    aggregated, disaggregated = good[AGGREGATED.name], good[DISAGGREGATED.name]
+    low = disaggregated["low"] / aggregated["high"] if aggregated["high"] else float("inf")
+    high = disaggregated["high"] / aggregated["low"] if aggregated["low"] else float("inf")
+    return {"low": low, "high": high}
+
+
+def _ratio_text(ratio: dict) -> str:
+    low, high = ratio["low"], ratio["high"]
+    if low == high:
+        return f"{low:.2f}x"
+    if high == float("inf"):
+        return f">= {low:.2f}x"
+    return f"<= {high:.2f}x" if low == 0 else f"{low:.2f}-{high:.2f}x"
 
 
 def sensitivity(runs: list[dict], systems: list[System]) -> list[dict]:
@@ -314,46 +429,71 @@ def build_report(config: CompareConfig, systems: list[System], probes: dict, run
     ratio = ratio_of(good)
     config_json = {k: v for k, v in asdict(config).items() if k != "json_path"}
     config_json["systems"] = {s.name: asdict(s) for s in systems}
-    return {"config": config_json, "machine": {"cpu_count": os.cpu_count(), "wall_seconds": seconds}, "zero_load": probes, "runs": runs,
-            "goodput": good, "goodput_ratio": ratio, "sensitivity": sensitivity(runs, systems),
-            "target": {"ratio": GOODPUT_RATIO_TARGET, "met": ratio is not None and ratio >= GOODPUT_RATIO_TARGET}}
+    return {
+        "config": config_json,
+        "machine": {"cpu_count": os.cpu_count(), "wall_seconds": seconds},
+        "zero_load": probes,
+        "runs": runs,
+        "goodput": good,
+        "goodput_ratio": ratio,
+        "sensitivity": sensitivity(runs, systems),
+        "target": {"ratio": GOODPUT_RATIO_TARGET, "met": ratio["low"] >= GOODPUT_RATIO_TARGET},
+    }
 
 
 def print_report(report: dict) -> None:
     config = report["config"]
     print(f"{'=' * 20} bench compare: {config['model']} {config['dtype']}, aggregated vs disaggregated {'=' * 20}")
-    low, high = int(config["input_len"] * (1 - config["input_range_ratio"])), int(config["input_len"] * (1 + config["input_range_ratio"]))
+    low, high = (
+        int(config["input_len"] * (1 - config["input_range_ratio"])),
+        int(config["input_len"] * (1 + config["input_range_ratio"])),
+    )
     counts = sorted({len(run["requests"]) for run in report["runs"]})
-    print(f"workload: {counts[0]}-{counts[-1]} requests/run, input {low}-{high} tokens, output {config['output_range'][0]}-{config['output_range'][1]}, "
-          f"Poisson arrivals (burstiness {config['burstiness']}); SLOs: TTFT <= {config['slos']['ttft']:.0f} ms, TPOT <= {config['slos']['tpot']:.0f} ms")
-    print(f"{'rate':>5} {'system':15} {'TTFT p50':>9} {'TTFT p99':>9} {'TPOT p50':>9} {'TPOT p99':>9} {'attain':>7} {'done':>5} {'load':>5}  routing")
+    print(
+        f"workload: {counts[0]}-{counts[-1]} requests/run, input {low}-{high} tokens, output "
+        f"{config['output_range'][0]}-{config['output_range'][1]}, "
+        f"Poisson arrivals (burstiness {config['burstiness']}); SLOs: TTFT <= {config['slos']['ttft']:.0f} "
+        f"ms, TPOT <= {config['slos']['tpot']:.0f} ms"
+    )
+    print(
+        f"{'rate':>5} {'system':15} {'TTFT p50':>9} {'TTFT p99':>9} {'TPOT p50':>9} {'TPOT p99':>9} "
+        f"{'attain':>7} {'done':>5} {'load':>5}  routing"
+    )
     zero = [dict(run, rate=0.0) for run in report["zero_load"].values()]
     for run in sorted(zero + report["runs"], key=lambda r: r["rate"]):
         s = run["summary"]
-        print(f"{run['rate'] or 'zero':>5} {run['system']:15} {_fmt(s['ttft_ms']['median']):>9} {_fmt(s['ttft_ms']['p99']):>9} "
-              f"{_fmt(s['tpot_ms']['median']):>9} {_fmt(s['tpot_ms']['p99']):>9} {s['slo_attainment']:>7.0%} "
-              f"{s['completed']:>5} {run['load_1min_before']:>5.2f}  {','.join(f'{k}:{v:.0f}' for k, v in run['routing'].items())}")
+        print(
+            f"{run['rate'] or 'zero':>5} {run['system']:15} {_fmt(s['ttft_ms']['median']):>9} "
+            f"{_fmt(s['ttft_ms']['p99']):>9} "
+            f"{_fmt(s['tpot_ms']['median']):>9} {_fmt(s['tpot_ms']['p99']):>9} {s['slo_attainment']:>7.0%} "
+            f"{s['completed']:>5} {run['load_1min_before']:>5.2f}  "
+            f"{','.join(f'{k}:{v:.0f}' for k, v in run['routing'].items())}"
+        )
     print("zero: the zero-load requests, sent one at a time; load: 1-minute load average before the run")
     for name, good in report["goodput"].items():
         notes = [good["bound"]] if good["bound"] else []
         notes += [] if good["monotone"] else ["attainment dips below 90% at a lower rate"]
-        print(f"goodput @{ATTAINMENT_TARGET:.0%} attainment, {name:14}: {good['rps']:.3f} req/s" + (f"  ({'; '.join(notes)})" if notes else ""))
+        print(
+            f"goodput @{ATTAINMENT_TARGET:.0%} attainment, {name:14}: {good['rps']:.3f} req/s"
+            + (f"  ({'; '.join(notes)})" if notes else "")
+        )
     ratio, target = report["goodput_ratio"], report["target"]
     for name, warnings in report.get("router_warnings", {}).items():
         if warnings:
             print(f"router warnings, {name} ({len(warnings)}, last): {warnings[-1]}")
-    print(f"disaggregated / aggregated goodput: {_fmt(ratio, '.2f')}x (target >= {target['ratio']}x: {'met' if target['met'] else 'NOT met'})")
-    print("the ratio under other SLOs, from the same runs (rows: TTFT SLO ms, columns: TPOT SLO ms; ~: from a goodput bound):")
-    print(f"{'':>8}" + "".join(f"{tpot:>9.0f}" for tpot in SENSITIVITY_TPOT_MS))
+    print(
+        f"disaggregated / aggregated goodput: {_ratio_text(ratio)} (target >= {target['ratio']}x: "
+        f"{'met' if target['met'] else 'NOT met'})"
+    )
+    print("the ratio under other SLOs, from the same runs (rows: TTFT SLO ms, columns: TPOT SLO ms):")
+    print(f"{'':>8}" + "".join(f"{tpot:>11.0f}" for tpot in SENSITIVITY_TPOT_MS))
     for ttft in SENSITIVITY_TTFT_MS:
         cells = [row for row in report["sensitivity"] if row["ttft_ms"] == ttft]
-        print(f"{ttft:>8.0f}" + "".join(f"{_ratio_cell(row):>9}" for row in cells))
+        print(f"{ttft:>8.0f}" + "".join(f"{_ratio_cell(row):>11}" for row in cells))
 
 
 def _ratio_cell(row: dict) -> str:
-    good = row["goodput"]
-    bounded = "~" if any(g["bound"] for g in good.values()) else ""
-    return "n/a" if row["ratio"] is None else ("inf" if row["ratio"] == float("inf") else f"{bounded}{row['ratio']:.2f}")
+    return _ratio_text(row["ratio"]).removesuffix("x").replace(" ", "")
 
 
 def _fmt(value: float | None, spec: str = ".0f") -> str:
@@ -372,8 +512,10 @@ def run(args: argparse.Namespace) -> int:
         stop_stacks(stacks)
     report = build_report(config, systems, probes, runs, time.perf_counter() - started)
     # e.g. "worker marked unhealthy": the router then prefills locally, which the routing counts show
-    report["router_warnings"] = {s.system.name: [line for p in s.processes if p.name.endswith("router") for line in p.tail if "WARNING" in line]
-                                 for s in stacks}
+    report["router_warnings"] = {
+        s.system.name: [line for p in s.processes if p.name.endswith("router") for line in p.tail if "WARNING" in line]
+        for s in stacks
+    }
     print_report(report)
     if config.json_path:
         with open(config.json_path, "w") as handle:
@@ -387,7 +529,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--rates", default="0.25,0.5,0.75,1.0", help="requests/s, comma-separated")
     parser.add_argument("--num-prompts", type=int, default=20, help="at least this many requests per rate and system")
-    parser.add_argument("--duration-s", type=float, default=40.0, help="... or as many as arrive in this long at the rate, if more")
+    parser.add_argument(
+        "--duration-s", type=float, default=40.0, help="... or as many as arrive in this long at the rate, if more"
+    )
     parser.add_argument("--input-len", type=int, default=1024)
     parser.add_argument("--input-range-ratio", type=float, default=0.5, help="inputs uniform in len * [1 - r, 1 + r]")
     parser.add_argument("--output-range", default="32,64", help="outputs uniform in LOW,HIGH tokens")
@@ -399,9 +543,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--burstiness", type=float, default=1.0, help="1 = Poisson")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--kv-cache-mb", type=int, default=512, help="KV pool of each worker")
-    parser.add_argument("--max-num-batched-tokens", type=int, default=512,
-                        help="every worker's step token budget; longer prompts prefill in chunks. Small enough that a step "
-                             "stays well under the router's 2 s Stats deadline, which marks a slower worker unhealthy")
+    parser.add_argument(
+        "--max-num-batched-tokens",
+        type=int,
+        default=512,
+        help="every worker's step token budget; longer prompts prefill in chunks. Small enough that a step "
+        "stays well under the router's 2 s Stats deadline, which marks a slower worker unhealthy",
+    )
     parser.add_argument("--vocab-size", type=int, default=256, help="prompt token ids are drawn from [3, vocab)")
     parser.add_argument("--quick", action="store_true", help="a tiny run: 2 rates x 4 short requests")
     parser.add_argument("--json", dest="json_path", default=None)

@@ -386,10 +386,14 @@ def _hf_greedy_kwargs(new_tokens: int) -> dict:
 
 def prefill_flops(model: ModelConfig, batch: int, prompt_len: int) -> float:
     """Multiply-adds x2 of one prefill: projections for every token, causal attention, lm_head once per prompt."""
-    per_token = 2 * model.num_layers * (
-        model.hidden_size * (model.q_size + 2 * model.kv_size)
-        + model.q_size * model.hidden_size
-        + 3 * model.hidden_size * model.intermediate_size
+    per_token = (
+        2
+        * model.num_layers
+        * (
+            model.hidden_size * (model.q_size + 2 * model.kv_size)
+            + model.q_size * model.hidden_size
+            + 3 * model.hidden_size * model.intermediate_size
+        )
     )
     attention = 2 * 2 * model.num_layers * model.q_size * prompt_len * (prompt_len + 1) / 2  # QK^T and PV
     lm_head = 2 * model.hidden_size * model.vocab_size

@@ -16,8 +16,14 @@ from contextlib import contextmanager
 def start(args: list[str], ready_marker: str, timeout_s: float = 180.0) -> tuple[subprocess.Popen, str]:
     """Runs ``splitserve ARGS``; returns the process and the line that contained ``ready_marker``."""
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
-    process = subprocess.Popen([sys.executable, "-m", "cluster.cli", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                               env=env, preexec_fn=_die_with_parent)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "cluster.cli", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+        preexec_fn=_die_with_parent,
+    )
     lines: list[str] = []
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:

@@ -45,7 +45,14 @@ DECODE_STEPS = 4  # timed decode steps per (batch, context), after one untimed
 OUTLIER_ERROR = 0.3
 MAX_OUTLIERS = 2
 MIXED_ROWS = ((8, 512), (4, 1024), (2, 1536))  # (decodes, context) beside a chunk filling the rest of the budget
-QUICK = dict(threads="1", prefill_tokens="32,64,128", decode_batches="1,2", decode_contexts="32,64", repeats=1, max_num_batched_tokens=64)
+QUICK = dict(
+    threads="1",
+    prefill_tokens="32,64,128",
+    decode_batches="1,2",
+    decode_contexts="32,64",
+    repeats=1,
+    max_num_batched_tokens=64,
+)
 QUICK_MIXED = ((2, 64),)
 
 
@@ -65,9 +72,18 @@ class ProfileConfig:
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> ProfileConfig:
         pick = (lambda name: QUICK[name]) if args.quick else (lambda name: getattr(args, name))
-        return cls(args.model, args.dtype, _ints(pick("threads")), _ints(pick("prefill_tokens")), _ints(pick("decode_batches")),
-                   _ints(pick("decode_contexts")), QUICK_MIXED if args.quick else MIXED_ROWS, pick("repeats"),
-                   pick("max_num_batched_tokens"), args.seed)
+        return cls(
+            args.model,
+            args.dtype,
+            _ints(pick("threads")),
+            _ints(pick("prefill_tokens")),
+            _ints(pick("decode_batches")),
+            _ints(pick("decode_contexts")),
+            QUICK_MIXED if args.quick else MIXED_ROWS,
+            pick("repeats"),
+            pick("max_num_batched_tokens"),
+            args.seed,
+        )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -78,10 +94,17 @@ def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     link = transfer_bytes_per_s(args)
     engine = _engine(config)
-    report = {"model": config.model, "dtype": config.dtype, "max_num_batched_tokens": config.max_num_batched_tokens,
-              "machine": _machine(), "load_1min_before": load_before,
-              "transfer": link, "kv_bytes_per_token": ModelShape.of(engine.model_config, config.dtype).kv_bytes_per_token,
-              "fits": {}, "points": {}}
+    report = {
+        "model": config.model,
+        "dtype": config.dtype,
+        "max_num_batched_tokens": config.max_num_batched_tokens,
+        "machine": _machine(),
+        "load_1min_before": load_before,
+        "transfer": link,
+        "kv_bytes_per_token": ModelShape.of(engine.model_config, config.dtype).kv_bytes_per_token,
+        "fits": {},
+        "points": {},
+    }
     for threads in config.threads:
         torch.set_num_threads(threads)
         report["fits"][str(threads)], report["points"][str(threads)] = profile_threads(engine, config, threads)
@@ -100,11 +123,19 @@ def profile_threads(engine: Engine, config: ProfileConfig, threads: int) -> tupl
     prefill = measure_prefill(engine, config.prefill_tokens, config.repeats, threads)
     steps = [step for prompt in prefill for step in prompt["steps"]]
     decode = measure_decode(engine, config.decode_batches, config.decode_contexts, threads)
-    fit = {"prefill": fit_latency([(p["tokens"], p["tokens"] ** 2, p["tokens"] * p["start"]) for p in steps], [p["seconds"] for p in steps]),
-           "decode": fit_latency([(p["batch"], p["batch"] * p["context"]) for p in decode], [p["seconds"] for p in decode])}
+    fit = {
+        "prefill": fit_latency(
+            [(p["tokens"], p["tokens"] ** 2, p["tokens"] * p["start"]) for p in steps], [p["seconds"] for p in steps]
+        ),
+        "decode": fit_latency(
+            [(p["batch"], p["batch"] * p["context"]) for p in decode], [p["seconds"] for p in decode]
+        ),
+    }
     model = FittedModel("fit", _coefficients(fit["prefill"], "abcd"), _coefficients(fit["decode"], "abc"))
     for prompt in prefill:
-        prompt["predicted_seconds"] = sum(model.step_s(Step((Chunk(p["tokens"], p["start"]),))) for p in prompt["steps"])
+        prompt["predicted_seconds"] = sum(
+            model.step_s(Step((Chunk(p["tokens"], p["start"]),))) for p in prompt["steps"]
+        )
     mixed = measure_mixed(engine, config.mixed, config.max_num_batched_tokens, model)
     fit["mixed"] = {"a": statistics.median(row["seconds"] - row["predicted_seconds"] for row in mixed)}
     return fit, {"prefill": prefill, "decode": decode, "mixed": mixed}
@@ -120,14 +151,32 @@ def _engine(config: ProfileConfig) -> Engine:
     from engine.presets import resolve_model_config
 
     shape = ModelShape.of(resolve_model_config(config.model), config.dtype)
-    batches, contexts, tokens, mixed = config.decode_batches, config.decode_contexts, config.prefill_tokens, config.mixed
+    batches, contexts, tokens, mixed = (
+        config.decode_batches,
+        config.decode_contexts,
+        config.prefill_tokens,
+        config.mixed,
+    )
     budget = config.max_num_batched_tokens
-    most_tokens = max(max(batches) * (max(contexts) + 2 * DECODE_STEPS), max(tokens), *(budget + b * (c + 8) for b, c in mixed))
+    most_tokens = max(
+        max(batches) * (max(contexts) + 2 * DECODE_STEPS), max(tokens), *(budget + b * (c + 8) for b, c in mixed)
+    )
     if max(batches) > budget:
         raise SystemExit(f"splitserve: decode batches up to {max(batches)} need --max-num-batched-tokens >= that")
-    engine_config = EngineConfig(model=config.model, dtype=config.dtype, num_kv_blocks=most_tokens // 16 + 64, max_num_batched_tokens=budget,
-                                 max_num_seqs=max(*batches, *(b for b, _ in mixed)) + 1, enable_prefix_cache=False, seed=config.seed)
-    print(f"profile: {config.model} {config.dtype}, KV for {most_tokens} tokens ({most_tokens * shape.kv_bytes_per_token / 2**20:.0f} MiB)", flush=True)
+    engine_config = EngineConfig(
+        model=config.model,
+        dtype=config.dtype,
+        num_kv_blocks=most_tokens // 16 + 64,
+        max_num_batched_tokens=budget,
+        max_num_seqs=max(*batches, *(b for b, _ in mixed)) + 1,
+        enable_prefix_cache=False,
+        seed=config.seed,
+    )
+    print(
+        f"profile: {config.model} {config.dtype}, KV for {most_tokens} tokens "
+        f"({most_tokens * shape.kv_bytes_per_token / 2**20:.0f} MiB)",
+        flush=True,
+    )
     return Engine(engine_config)
 
 
@@ -162,10 +211,15 @@ def measure_prefill(engine: Engine, sizes: tuple[int, ...], repeats: int, thread
             timed[size].append(once(size))
     rows = []
     for size, runs in timed.items():
-        steps = [{"tokens": min(budget, size - start), "start": start, "seconds": statistics.median(run[i] for run in runs)}
-                 for i, start in enumerate(range(0, size, budget))]
+        steps = [
+            {"tokens": min(budget, size - start), "start": start, "seconds": statistics.median(run[i] for run in runs)}
+            for i, start in enumerate(range(0, size, budget))
+        ]
         rows.append({"tokens": size, "seconds": sum(step["seconds"] for step in steps), "steps": steps})
-    print(f"  threads={threads} prefill: " + ", ".join(f"{r['tokens']}:{r['seconds'] * 1e3:.0f}ms" for r in rows), flush=True)
+    print(
+        f"  threads={threads} prefill: " + ", ".join(f"{r['tokens']}:{r['seconds'] * 1e3:.0f}ms" for r in rows),
+        flush=True,
+    )
     return rows
 
 
@@ -194,8 +248,14 @@ def measure_decode(engine: Engine, batches: tuple[int, ...], contexts: tuple[int
                 engine.step()
                 seconds.append(time.perf_counter() - begin)
             _finish(engine, ids)
-            rows.append({"batch": batch, "context": context, "seconds": statistics.median(seconds), "all_seconds": seconds})
-    print(f"  threads={threads} decode: " + ", ".join(f"{r['batch']}x{r['context']}:{r['seconds'] * 1e3:.0f}ms" for r in rows), flush=True)
+            rows.append(
+                {"batch": batch, "context": context, "seconds": statistics.median(seconds), "all_seconds": seconds}
+            )
+    print(
+        f"  threads={threads} decode: "
+        + ", ".join(f"{r['batch']}x{r['context']}:{r['seconds'] * 1e3:.0f}ms" for r in rows),
+        flush=True,
+    )
     return rows
 
 
@@ -209,14 +269,26 @@ def measure_mixed(engine: Engine, shapes, budget: int, model: FittedModel) -> li
         ids = _reserve_decodes(engine, batch, context, rng, 4)
         engine.step()  # the decodes run once alone, as they would before the prompt arrives
         prompt_id = f"mixed-{next(_ids)}"
-        engine.add_request(prompt_id, _prompt(tokens, engine.model_config.vocab_size, rng), SamplingParams(max_tokens=1, ignore_eos=True))
+        engine.add_request(
+            prompt_id,
+            _prompt(tokens, engine.model_config.vocab_size, rng),
+            SamplingParams(max_tokens=1, ignore_eos=True),
+        )
         begin = time.perf_counter()
         engine.step()
         measured = time.perf_counter() - begin
         _finish(engine, ids + [prompt_id])
         predicted = model.step_s(Step((Chunk(tokens),), batch, batch * (context + 1), context + 1))
-        rows.append({"tokens": tokens, "batch": batch, "context": context, "seconds": measured, "predicted_seconds": predicted,
-                     "error": (predicted - measured) / measured})
+        rows.append(
+            {
+                "tokens": tokens,
+                "batch": batch,
+                "context": context,
+                "seconds": measured,
+                "predicted_seconds": predicted,
+                "error": (predicted - measured) / measured,
+            }
+        )
     return rows
 
 
@@ -252,7 +324,11 @@ def fit_latency(features: list[tuple[float, ...]], seconds: list[float]) -> dict
             break
         kept.remove(worst)
     fit = {name: float(value) for name, value in zip("abcd", coefficients)}
-    fit["excluded"] = [{"features": list(features[i]), "seconds": seconds[i], "error": float(errors[i])} for i in range(len(y)) if i not in kept]
+    fit["excluded"] = [
+        {"features": list(features[i]), "seconds": seconds[i], "error": float(errors[i])}
+        for i in range(len(y))
+        if i not in kept
+    ]
     return dict(fit, mean_abs_error=float(np.abs(errors[kept]).mean()), max_abs_error=float(np.abs(errors[kept]).max()))
 
 
@@ -283,7 +359,20 @@ def transfer_bytes_per_s(args: argparse.Namespace) -> dict:
         return {"bytes_per_s": DEFAULT_LINK_GBPS * 1e9 / 8, "source": "assumed (--quick measures no transfer)"}
     with tempfile.TemporaryDirectory() as scratch:
         path = os.path.join(scratch, "transfer.json")
-        command = [sys.executable, "-m", "cluster.cli", "bench", "transfer", "--skip-exposure", "--sizes", "16", "--repeats", "3", "--json", path]
+        command = [
+            sys.executable,
+            "-m",
+            "cluster.cli",
+            "bench",
+            "transfer",
+            "--skip-exposure",
+            "--sizes",
+            "16",
+            "--repeats",
+            "3",
+            "--json",
+            path,
+        ]
         print("profile: measuring KV transfer bytes/s (bench transfer, 16 MiB over gRPC) ...", flush=True)
         done = subprocess.run(command, capture_output=True, text=True, timeout=600)
         if done.returncode == 0:
@@ -299,7 +388,10 @@ def _from_transfer_report(path: str) -> dict:
     if not rows:
         raise SystemExit(f"splitserve: {path} has no gRPC (with checksums) bandwidth row")
     row = max(rows, key=lambda r: r["size_bytes"])
-    return {"bytes_per_s": row["gb_s"] * 1e9, "source": f"bench transfer: gRPC with checksums, {row['size_mib']:.0f} MiB"}
+    return {
+        "bytes_per_s": row["gb_s"] * 1e9,
+        "source": f"bench transfer: gRPC with checksums, {row['size_mib']:.0f} MiB",
+    }
 
 
 # -- report --------------------------------------------------------------------------------------------
@@ -307,28 +399,57 @@ def _from_transfer_report(path: str) -> dict:
 
 def print_report(report: dict) -> None:
     print(f"{'=' * 20} bench profile: {report['model']} {report['dtype']} {'=' * 20}")
-    print(f"load (1 min) before {report['load_1min_before']:.2f}, after {report['load_1min_after']:.2f}; {report['machine']['cpu_count']} CPUs")
+    print(
+        f"load (1 min) before {report['load_1min_before']:.2f}, after {report['load_1min_after']:.2f}; "
+        f"{report['machine']['cpu_count']} CPUs"
+    )
     for threads, fit in report["fits"].items():
+        points = report["points"][threads]
         p, d = fit["prefill"], fit["decode"]
-        print(f"threads={threads}: prefill step = {p['a'] * 1e3:.2f}ms + {p['b'] * 1e6:.1f}us*t + {p['c'] * 1e9:.3f}ns*t^2 + {p['d'] * 1e9:.3f}ns*t*s   "
-              f"(mean |err| {p['mean_abs_error']:.1%}, max {p['max_abs_error']:.1%})")
-        prompts = report["points"][threads]["prefill"]
-        print(f"{'':10} whole prompts (ms, measured/fitted): " + ", ".join(
-            f"{r['tokens']}: {r['seconds'] * 1e3:.0f}/{r['predicted_seconds'] * 1e3:.0f}" for r in prompts))
-        print(f"{'':10} decode step  = {d['a'] * 1e3:.2f}ms + {d['b'] * 1e3:.2f}ms*B + {d['c'] * 1e9:.1f}ns*B*ctx   "
-              f"(mean |err| {d['mean_abs_error']:.1%}, max {d['max_abs_error']:.1%})"
-              + "".join(f"; left out {e['features'][0]:.0f}x{e['features'][1] / e['features'][0]:.0f}: {e['seconds'] * 1e3:.0f}ms ({e['error']:+.0%})" for e in d["excluded"]))
-        print(f"{'':10} mixed steps (a chunk beside decodes), measured vs composed of the two fits: " + ", ".join(
-            f"{r['tokens']}+{r['batch']}@{r['context']}: {r['seconds'] * 1e3:.0f}/{r['predicted_seconds'] * 1e3:.0f}ms" for r in report["points"][threads]["mixed"])
-            + f"; mixed term {fit['mixed']['a'] * 1e3:+.1f}ms")
+        print(
+            f"threads={threads}: prefill step = {p['a'] * 1e3:.2f}ms + {p['b'] * 1e6:.1f}us*t + "
+            f"{p['c'] * 1e9:.3f}ns*t^2 "
+            f"+ {p['d'] * 1e9:.3f}ns*t*s   {_errors(p, lambda f: f'{f[0]:.0f} tokens after {f[2] / f[0]:.0f}')}"
+        )
+        prompts = ", ".join(
+            f"{r['tokens']}: {r['seconds'] * 1e3:.0f}/{r['predicted_seconds'] * 1e3:.0f}" for r in points["prefill"]
+        )
+        print(f"{'':10} whole prompts (ms, measured/fitted): {prompts}")
+        print(
+            f"{'':10} decode step  = {d['a'] * 1e3:.2f}ms + {d['b'] * 1e3:.2f}ms*B + "
+            f"{d['c'] * 1e9:.1f}ns*B*ctx   {_errors(d, lambda f: f'{f[0]:.0f} decodes @{f[1] / f[0]:.0f}')}"
+        )
+        mixed = ", ".join(
+            f"{r['tokens']}+{r['batch']}@{r['context']}: {r['seconds'] * 1e3:.0f}/{r['predicted_seconds'] * 1e3:.0f}ms"
+            for r in points["mixed"]
+        )
+        print(
+            f"{'':10} mixed steps (a chunk beside decodes), measured/composed: {mixed}; mixed term "
+            f"{fit['mixed']['a'] * 1e3:+.1f}ms"
+        )
     link = report["transfer"]
-    print(f"KV transfer: {link['bytes_per_s'] * 8 / 1e9:.2f} Gb/s ({link['source']}); {report['kv_bytes_per_token']} KV bytes/token")
+    print(
+        f"KV transfer: {link['bytes_per_s'] * 8 / 1e9:.2f} Gb/s ({link['source']}); "
+        f"{report['kv_bytes_per_token']} KV bytes/token"
+    )
+
+
+def _errors(fit: dict, describe) -> str:
+    text = f"(mean |err| {fit['mean_abs_error']:.1%}, max {fit['max_abs_error']:.1%})"
+    for point in fit["excluded"]:
+        text += f"; left out {describe(point['features'])}: {point['seconds'] * 1e3:.0f}ms, fit {point['error']:+.0%}"
+    return text
 
 
 def _machine() -> dict:
     import torch
 
-    return {"cpu_count": os.cpu_count(), "machine": platform.machine(), "torch": torch.__version__, "python": platform.python_version()}
+    return {
+        "cpu_count": os.cpu_count(),
+        "machine": platform.machine(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -345,9 +466,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--decode-batches", default="1,2,4,8")
     parser.add_argument("--decode-contexts", default="256,512,1024,1536")
     parser.add_argument("--repeats", type=int, default=3, help="timed prefills per size (median used)")
-    parser.add_argument("--max-num-batched-tokens", type=int, default=512, help="the step token budget, as the workers run (bench compare's default)")
+    parser.add_argument(
+        "--max-num-batched-tokens",
+        type=int,
+        default=512,
+        help="the step token budget, as the workers run (bench compare's default)",
+    )
     parser.add_argument("--link-gbps", type=float, default=None, help="KV link gigabits/s (skips the measurement)")
-    parser.add_argument("--transfer-json", default=None, help="a `splitserve bench transfer --json` report to take the gRPC bytes/s from")
+    parser.add_argument(
+        "--transfer-json",
+        default=None,
+        help="a `splitserve bench transfer --json` report to take the gRPC bytes/s from",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="tiny sizes, one thread count, no transfer measurement")
     parser.add_argument("--json", dest="json_path", default=None)

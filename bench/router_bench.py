@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import statistics
 import time
 
 import grpc
@@ -26,7 +25,9 @@ PROMPT = list(range(3, 35))
 
 async def _direct(stub, index: int) -> float:
     start = time.perf_counter()
-    request = decode_pb2.GenerateRequest(request_id=f"direct-{index}", prompt_token_ids=PROMPT, params=common_pb2.SamplingParams(max_tokens=1))
+    request = decode_pb2.GenerateRequest(
+        request_id=f"direct-{index}", prompt_token_ids=PROMPT, params=common_pb2.SamplingParams(max_tokens=1)
+    )
     async for _ in stub.Generate(request, timeout=30):
         pass
     return time.perf_counter() - start
@@ -34,7 +35,9 @@ async def _direct(stub, index: int) -> float:
 
 async def _routed(client: httpx.AsyncClient, url: str) -> float:
     start = time.perf_counter()
-    reply = await client.post(f"{url}/v1/completions", json={"model": "demo", "prompt": PROMPT, "max_tokens": 1, "temperature": 0})
+    reply = await client.post(
+        f"{url}/v1/completions", json={"model": "demo", "prompt": PROMPT, "max_tokens": 1, "temperature": 0}
+    )
     reply.raise_for_status()
     return time.perf_counter() - start
 
@@ -50,8 +53,15 @@ async def measure_overhead(decode_address: str, url: str, samples: int) -> dict:
             direct.append(await _direct(stub, index))
             routed.append(await _routed(client, url))
     ms = lambda values, q: float(np.percentile(np.array(values) * 1000, q))  # noqa: E731
-    return {"samples": samples, "direct_p50_ms": ms(direct, 50), "direct_p99_ms": ms(direct, 99), "router_p50_ms": ms(routed, 50),
-            "router_p99_ms": ms(routed, 99), "added_p50_ms": ms(routed, 50) - ms(direct, 50), "added_p99_ms": ms(routed, 99) - ms(direct, 99)}
+    return {
+        "samples": samples,
+        "direct_p50_ms": ms(direct, 50),
+        "direct_p99_ms": ms(direct, 99),
+        "router_p50_ms": ms(routed, 50),
+        "router_p99_ms": ms(routed, 99),
+        "added_p50_ms": ms(routed, 50) - ms(direct, 50),
+        "added_p99_ms": ms(routed, 99) - ms(direct, 99),
+    }
 
 
 def sustained_rate(url: str, rates: list[float], seconds: float) -> list[dict]:
@@ -65,8 +75,20 @@ def sustained_rate(url: str, rates: list[float], seconds: float) -> list[dict]:
         achieved = summary["completed"] / duration if duration else 0.0
         # Kept up: nothing failed and the last request finished within 10% (+0.5 s) of the arrival window.
         ok = summary["failed"] == 0 and duration <= 1.1 * count / rate + 0.5
-        rows.append({"offered_rps": rate, "achieved_rps": achieved, "failed": summary["failed"], "ttft_p99_ms": summary["ttft_ms"]["p99"], "sustained": ok})
-        print(f"  offered {rate:7.1f} req/s  achieved {achieved:7.1f}  failed {summary['failed']:3d}  TTFT p99 {summary['ttft_ms']['p99'] or 0:8.1f} ms  {'ok' if ok else 'NOT sustained'}", flush=True)
+        rows.append(
+            {
+                "offered_rps": rate,
+                "achieved_rps": achieved,
+                "failed": summary["failed"],
+                "ttft_p99_ms": summary["ttft_ms"]["p99"],
+                "sustained": ok,
+            }
+        )
+        print(
+            f"  offered {rate:7.1f} req/s  achieved {achieved:7.1f}  failed {summary['failed']:3d}  TTFT p99 "
+            f"{summary['ttft_ms']['p99'] or 0:8.1f} ms  {'ok' if ok else 'NOT sustained'}",
+            flush=True,
+        )
         if not ok:
             break
     return rows
@@ -75,14 +97,31 @@ def sustained_rate(url: str, rates: list[float], seconds: float) -> list[dict]:
 def run(args) -> int:
     decode, decode_address = processes.start_worker("decode", "--model", args.model, "--threads", "1")
     port = processes.free_port()
-    router = processes.start_router(port, processes.free_port(), [], [decode_address], "--model", args.model, "--max-running", "1024", "--max-queued", "4096")
+    router = processes.start_router(
+        port,
+        processes.free_port(),
+        [],
+        [decode_address],
+        "--model",
+        args.model,
+        "--max-running",
+        "1024",
+        "--max-queued",
+        "4096",
+    )
     url = f"http://127.0.0.1:{port}"
     with processes.running(router, decode):
         overhead = asyncio.run(measure_overhead(decode_address, url, args.samples))
         print(f"router-added TTFT (1-token requests, {args.samples} samples each, alternating):")
-        print(f"  direct to decode worker  p50 {overhead['direct_p50_ms']:.2f} ms  p99 {overhead['direct_p99_ms']:.2f} ms")
-        print(f"  through the router       p50 {overhead['router_p50_ms']:.2f} ms  p99 {overhead['router_p99_ms']:.2f} ms")
-        print(f"  added by the router      p50 {overhead['added_p50_ms']:.2f} ms  p99 {overhead['added_p99_ms']:.2f} ms")
+        print(
+            f"  direct to decode worker  p50 {overhead['direct_p50_ms']:.2f} ms  p99 {overhead['direct_p99_ms']:.2f} ms"
+        )
+        print(
+            f"  through the router       p50 {overhead['router_p50_ms']:.2f} ms  p99 {overhead['router_p99_ms']:.2f} ms"
+        )
+        print(
+            f"  added by the router      p50 {overhead['added_p50_ms']:.2f} ms  p99 {overhead['added_p99_ms']:.2f} ms"
+        )
         print("sustained request rate of one router process:")
         rates = [float(r) for r in args.rates.split(",")]
         rows = sustained_rate(url, rates, args.seconds)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import json
 import random
-import statistics
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -45,7 +44,9 @@ class RequestRecord:
 # -- datasets -------------------------------------------------------------------------------------
 
 
-def random_dataset(count: int, input_len: int, output_len: int, range_ratio: float, prefix_len: int, vocab_size: int, seed: int) -> list[BenchRequest]:
+def random_dataset(
+    count: int, input_len: int, output_len: int, range_ratio: float, prefix_len: int, vocab_size: int, seed: int
+) -> list[BenchRequest]:
     """Token-id prompts (sent as such, so lengths are exact on any server) with lengths drawn
     uniformly from [len * (1 - range_ratio), len * (1 + range_ratio)], after a shared prefix."""
     rng = random.Random(seed)
@@ -71,7 +72,10 @@ def sharegpt_dataset(path: str, count: int, seed: int, chars_per_token: float = 
         if len(turns) >= 2 and turns[0].get("value") and turns[1].get("value"):
             pairs.append((turns[0]["value"], turns[1]["value"]))
     random.Random(seed).shuffle(pairs)
-    return [BenchRequest(p, max(1, int(len(p) / chars_per_token)), max(1, int(len(r) / chars_per_token))) for p, r in pairs[:count]]
+    return [
+        BenchRequest(p, max(1, int(len(p) / chars_per_token)), max(1, int(len(r) / chars_per_token)))
+        for p, r in pairs[:count]
+    ]
 
 
 # -- arrivals --------------------------------------------------------------------------------------
@@ -88,10 +92,19 @@ def arrival_gaps(count: int, rate: float, burstiness: float, seed: int) -> list[
 # -- one request -------------------------------------------------------------------------------------
 
 
-async def send(client: httpx.AsyncClient, base_url: str, model: str, request: BenchRequest, api_key: str | None) -> RequestRecord:
+async def send(
+    client: httpx.AsyncClient, base_url: str, model: str, request: BenchRequest, api_key: str | None
+) -> RequestRecord:
     record = RequestRecord(request.prompt_len, request.output_len)
-    body = {"model": model, "prompt": request.prompt, "max_tokens": request.output_len, "temperature": 0.0,
-            "stream": True, "stream_options": {"include_usage": True}, "ignore_eos": True}
+    body = {
+        "model": model,
+        "prompt": request.prompt,
+        "max_tokens": request.output_len,
+        "temperature": 0.0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "ignore_eos": True,
+    }
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     record.start = start = time.perf_counter()
     last = None
@@ -128,8 +141,18 @@ async def send(client: httpx.AsyncClient, base_url: str, model: str, request: Be
 # -- a run -------------------------------------------------------------------------------------------
 
 
-async def run_load(base_url: str, model: str, requests: list[BenchRequest], rate: float, burstiness: float,
-                   max_concurrency: int | None, warmup: int, seed: int, api_key: str | None = None, timeout_s: float = 600.0) -> tuple[list[RequestRecord], float]:
+async def run_load(
+    base_url: str,
+    model: str,
+    requests: list[BenchRequest],
+    rate: float,
+    burstiness: float,
+    max_concurrency: int | None,
+    warmup: int,
+    seed: int,
+    api_key: str | None = None,
+    timeout_s: float = 600.0,
+) -> tuple[list[RequestRecord], float]:
     """Sends warmup requests (unrecorded), then the rest on the arrival schedule; returns records and duration."""
     limits = httpx.Limits(max_connections=max_concurrency or 1000, max_keepalive_connections=max_concurrency or 1000)
     async with httpx.AsyncClient(timeout=timeout_s, limits=limits) as client:
@@ -156,7 +179,12 @@ def _stats(values: list[float], scale: float = 1000.0) -> dict:
     if not values:
         return {"mean": None, "median": None, "p90": None, "p99": None}
     array = np.array(values) * scale
-    return {"mean": float(array.mean()), "median": float(np.median(array)), "p90": float(np.percentile(array, 90)), "p99": float(np.percentile(array, 99))}
+    return {
+        "mean": float(array.mean()),
+        "median": float(np.median(array)),
+        "p90": float(np.percentile(array, 90)),
+        "p99": float(np.percentile(array, 99)),
+    }
 
 
 def summarize(records: list[RequestRecord], duration: float, goodput: dict[str, float] | None = None) -> dict:
@@ -212,7 +240,10 @@ def print_summary(summary: dict, title: str = "serving benchmark") -> None:
         s = summary[f"{name}_ms"]
         if s["mean"] is None:
             continue
-        print(f"{name.upper() + ' (ms)':32} mean {s['mean']:.1f}  median {s['median']:.1f}  p90 {s['p90']:.1f}  p99 {s['p99']:.1f}")
+        print(
+            f"{name.upper() + ' (ms)':32} mean {s['mean']:.1f}  median {s['median']:.1f}  p90 {s['p90']:.1f}  "
+            f"p99 {s['p99']:.1f}"
+        )
 
 
 def run(args) -> int:
@@ -221,17 +252,42 @@ def run(args) -> int:
             raise SystemExit("splitserve: --dataset sharegpt needs --dataset-path FILE")
         requests = sharegpt_dataset(args.dataset_path, args.num_prompts + args.warmup, args.seed)
     else:
-        requests = random_dataset(args.num_prompts + args.warmup, args.input_len, args.output_len, args.range_ratio,
-                                  args.prefix_len, args.vocab_size, args.seed)
+        requests = random_dataset(
+            args.num_prompts + args.warmup,
+            args.input_len,
+            args.output_len,
+            args.range_ratio,
+            args.prefix_len,
+            args.vocab_size,
+            args.seed,
+        )
     goodput = parse_goodput(args.goodput)
-    records, duration = asyncio.run(run_load(args.base_url.rstrip("/"), args.model, requests, args.request_rate, args.burstiness,
-                                             args.max_concurrency, args.warmup, args.seed, args.api_key))
+    records, duration = asyncio.run(
+        run_load(
+            args.base_url.rstrip("/"),
+            args.model,
+            requests,
+            args.request_rate,
+            args.burstiness,
+            args.max_concurrency,
+            args.warmup,
+            args.seed,
+            args.api_key,
+        )
+    )
     summary = summarize(records, duration, goodput)
     print_summary(summary)
     if args.json_path:
         with open(args.json_path, "w") as handle:
-            json.dump({"config": {k: v for k, v in vars(args).items() if k != "run"}, "summary": summary,
-                       "requests": [asdict(r) for r in records]}, handle, indent=1)
+            json.dump(
+                {
+                    "config": {k: v for k, v in vars(args).items() if k != "run"},
+                    "summary": summary,
+                    "requests": [asdict(r) for r in records],
+                },
+                handle,
+                indent=1,
+            )
     return 0 if summary["completed"] else 1
 
 

@@ -27,7 +27,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="llama-3.1-8b", help=MODEL_HELP)
     parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--hardware", default="h100", choices=[*GPU_CHOICES, "cpu"], help="cpu: the fits of --profile")
-    parser.add_argument("--profile", default=None, help="a `splitserve bench profile` JSON (for --hardware cpu and --validate)")
+    parser.add_argument(
+        "--profile", default=None, help="a `splitserve bench profile` JSON (for --hardware cpu and --validate)"
+    )
     parser.add_argument("--prefill-threads", type=int, default=1, help="cpu: the profile fit prefill workers use")
     parser.add_argument("--decode-threads", type=int, default=1, help="cpu: the profile fit decode workers use")
     parser.add_argument("--kv-cache-mb", type=int, default=512, help="cpu: each worker's KV pool")
@@ -35,14 +37,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compute-efficiency", type=float, default=0.6, help="GPU: achieved / peak BF16 FLOP/s")
     parser.add_argument("--bandwidth-efficiency", type=float, default=0.8, help="GPU: achieved / peak HBM bandwidth")
     parser.add_argument("--step-overhead-ms", type=float, default=2.0, help="GPU: fixed cost of one engine step")
-    parser.add_argument("--link-gbps", type=float, default=None, help="prefill -> decode gigabits/s per worker (default: GPU NIC x tp; cpu: profile)")
+    parser.add_argument(
+        "--link-gbps",
+        type=float,
+        default=None,
+        help="prefill -> decode gigabits/s per worker (default: GPU NIC x tp; cpu: profile)",
+    )
     parser.add_argument("--prefill", type=int, default=1, help="prefill workers")
     parser.add_argument("--decode", type=int, default=1, help="decode workers")
-    parser.add_argument("--local-prefill-threshold", type=int, default=128, help="prompts shorter than this prefill on the decode worker")
-    parser.add_argument("--prefill-saturation", type=int, default=8, help="in-flight prefills per worker beyond which prompts prefill locally")
+    parser.add_argument(
+        "--local-prefill-threshold",
+        type=int,
+        default=128,
+        help="prompts shorter than this prefill on the decode worker",
+    )
+    parser.add_argument(
+        "--prefill-saturation",
+        type=int,
+        default=8,
+        help="in-flight prefills per worker beyond which prompts prefill locally",
+    )
     parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
     parser.add_argument("--max-num-seqs", type=int, default=64)
-    parser.add_argument("--rate", type=float, default=None, help="requests/s (default 4; with --trace: rescales its arrivals)")
+    parser.add_argument(
+        "--rate", type=float, default=None, help="requests/s (default 4; with --trace: rescales its arrivals)"
+    )
     parser.add_argument("--num-requests", type=int, default=400)
     parser.add_argument("--input-len", type=int, default=1024)
     parser.add_argument("--input-range-ratio", type=float, default=0.5)
@@ -53,9 +72,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--ttft-slo-ms", type=float, default=1000.0)
     parser.add_argument("--tpot-slo-ms", type=float, default=50.0)
-    parser.add_argument("--gpu-budget", type=int, default=None, help="search prefill:decode splits within this many GPUs")
+    parser.add_argument(
+        "--gpu-budget", type=int, default=None, help="search prefill:decode splits within this many GPUs"
+    )
     parser.add_argument("--goodput", action="store_true", help="also search the highest rate at >= 90%% attainment")
-    parser.add_argument("--validate", default=None, metavar="COMPARE_JSON", help="simulate a `bench compare` report's runs (needs --profile)")
+    parser.add_argument(
+        "--validate",
+        default=None,
+        metavar="COMPARE_JSON",
+        help="simulate a `bench compare` report's runs (needs --profile)",
+    )
     parser.add_argument("--json", dest="json_path", default=None)
 
 

@@ -84,7 +84,11 @@ class BenchConfig:
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> BenchConfig:
-        quick = dict(sizes="1,4", repeats=2, prompt_lens="64,256", exposure_repeats=1, long_prompt_repeats=1) if args.quick else {}
+        quick = (
+            dict(sizes="1,4", repeats=2, prompt_lens="64,256", exposure_repeats=1, long_prompt_repeats=1)
+            if args.quick
+            else {}
+        )
         return cls(
             sizes_mib=_ints(quick.get("sizes", args.sizes)),
             repeats=quick.get("repeats", args.repeats),
@@ -155,7 +159,13 @@ class BandwidthRow:
         return self.size_bytes / statistics.median(self.seconds) / 1e9
 
     def to_json(self) -> dict:
-        return dict(asdict(self), label=self.label, size_mib=self.size_bytes / MIB, median_ms=statistics.median(self.seconds) * 1e3, gb_s=self.gb_s)
+        return dict(
+            asdict(self),
+            label=self.label,
+            size_mib=self.size_bytes / MIB,
+            median_ms=statistics.median(self.seconds) * 1e3,
+            gb_s=self.gb_s,
+        )
 
 
 class Receiver:
@@ -173,7 +183,7 @@ class Receiver:
         skipped = []
         while line := self.process.stdout.readline():
             if line.startswith(tag):
-                return line[len(tag):].strip()
+                return line[len(tag) :].strip()
             skipped.append(line)
         raise RuntimeError(f"{self.kind} receiver exited ({self.process.wait()}): {''.join(skipped)}")
 
@@ -218,7 +228,9 @@ def measure_bandwidth(config: BenchConfig) -> list[BandwidthRow]:
             close()
 
 
-def _transfer_paths(cache: PagedKVCache, receivers: dict[str, Receiver], closers: list) -> dict[tuple[str, bool | None], Transfer]:
+def _transfer_paths(
+    cache: PagedKVCache, receivers: dict[str, Receiver], closers: list
+) -> dict[tuple[str, bool | None], Transfer]:
     from kv_transfer.grpc_transport import GrpcKVSender
     from kv_transfer.layout import layout_message
     from kv_transfer.nixl_transport import NixlKVSender
@@ -234,7 +246,9 @@ def _transfer_paths(cache: PagedKVCache, receivers: dict[str, Receiver], closers
             if transport == "grpc":
                 sender = GrpcKVSender(message, f"bench-grpc-{verify}", verify=verify)
             else:
-                sender = NixlKVSender(message, f"bench-nixl-{verify}", cache, f"bench-sender-{uuid.uuid4().hex[:8]}", verify=verify)
+                sender = NixlKVSender(
+                    message, f"bench-nixl-{verify}", cache, f"bench-sender-{uuid.uuid4().hex[:8]}", verify=verify
+                )
             closers.append(sender.close)
             paths[transport, verify] = _session_transfer(sender, cache, receivers[transport], message)
     return paths
@@ -291,9 +305,14 @@ def _session_transfer(sender, cache: PagedKVCache, receiver: Receiver, layout_me
         receiver.open(request_id, num_blocks)
         time.sleep(RESERVE_GAP_S)
         ticket = decode_pb2.Ticket(
-            request_id=request_id, block_ids=blocks, transport=receiver.kind, address=receiver.info["address"],
-            layout=layout_message, lease_deadline_unix_ms=int((time.time() + LEASE_MS / 1000) * 1000),
-            worker_id="bench-receiver", instance_id=receiver.info["instance_id"],
+            request_id=request_id,
+            block_ids=blocks,
+            transport=receiver.kind,
+            address=receiver.info["address"],
+            layout=layout_message,
+            lease_deadline_unix_ms=int((time.time() + LEASE_MS / 1000) * 1000),
+            worker_id="bench-receiver",
+            instance_id=receiver.info["instance_id"],
         )
         begin = time.perf_counter()
         session = sender.open(request_id, ticket)
@@ -376,7 +395,13 @@ def _serve_transport(kind: str, pool_bytes: int) -> int:
         from kv_transfer.nixl_transport import NixlReceiver
 
         nixl = NixlReceiver(f"bench-receiver-{instance_id}", cache, inbox)
-    service = KVReceiverService(inbox, layout_message(cache.layout, FINGERPRINT), instance_id, lambda request_id, reason: inbox.abort(request_id, reason), nixl)
+    service = KVReceiverService(
+        inbox,
+        layout_message(cache.layout, FINGERPRINT),
+        instance_id,
+        lambda request_id, reason: inbox.abort(request_id, reason),
+        nixl,
+    )
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=16), options=channel_options())
     kv_transfer_pb2_grpc.add_KVReceiverServicer_to_server(service, server)
     port = server.add_insecure_port("127.0.0.1:0")
@@ -448,9 +473,26 @@ def start_workers(config: BenchConfig) -> dict[str, WorkerProcess]:
 
 def _spawn_worker(config: BenchConfig, role: str, transport: str, *extra: str) -> WorkerProcess:
     command = [
-        sys.executable, "-m", "cluster.cli", "worker", role, "--model", config.model, "--dtype", config.dtype,
-        "--transport", transport, "--port", "0", "--threads", str(config.worker_threads),
-        "--kv-cache-mb", str(config.kv_cache_mb), "--max-num-batched-tokens", str(config.max_num_batched_tokens), *extra,
+        sys.executable,
+        "-m",
+        "cluster.cli",
+        "worker",
+        role,
+        "--model",
+        config.model,
+        "--dtype",
+        config.dtype,
+        "--transport",
+        transport,
+        "--port",
+        "0",
+        "--threads",
+        str(config.worker_threads),
+        "--kv-cache-mb",
+        str(config.kv_cache_mb),
+        "--max-num-batched-tokens",
+        str(config.max_num_batched_tokens),
+        *extra,
     ]
     env = dict(os.environ, OMP_NUM_THREADS=str(config.worker_threads), PYTHONUNBUFFERED="1")
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
@@ -469,10 +511,12 @@ def _await_ready(worker: WorkerProcess) -> None:
             raise RuntimeError(f"{worker.role} worker exited: {''.join(worker.log_lines)}")
         worker.log_lines.append(line)
         if line.startswith("READY "):
-            worker.address = json.loads(line[len("READY "):])["address"]
+            worker.address = json.loads(line[len("READY ") :])["address"]
             threading.Thread(target=lambda: worker.log_lines.extend(worker.process.stdout), daemon=True).start()
             worker.channel = grpc.insecure_channel(worker.address)
-            stub_class = decode_pb2_grpc.DecodeWorkerStub if worker.role == "decode" else prefill_pb2_grpc.PrefillWorkerStub
+            stub_class = (
+                decode_pb2_grpc.DecodeWorkerStub if worker.role == "decode" else prefill_pb2_grpc.PrefillWorkerStub
+            )
             worker.stub = stub_class(worker.channel)
             return
     raise TimeoutError(f"{worker.role} worker did not start: {''.join(worker.log_lines)}")
@@ -496,7 +540,10 @@ def measure_exposure(config: BenchConfig) -> list[ExposureRow]:
     from engine.presets import resolve_model_config
 
     vocab = resolve_model_config(config.model).vocab_size
-    print(f"exposure: starting {len(TRANSPORTS) * (1 + len(PUSH_MODES))} worker processes ({config.model}) ...", flush=True)
+    print(
+        f"exposure: starting {len(TRANSPORTS) * (1 + len(PUSH_MODES))} worker processes ({config.model}) ...",
+        flush=True,
+    )
     workers = start_workers(config)
     try:
         pairs = [(transport, mode) for transport in TRANSPORTS for mode in PUSH_MODES]
@@ -511,7 +558,9 @@ def measure_exposure(config: BenchConfig) -> list[ExposureRow]:
         stop_workers(workers)
 
 
-def _measure_prompt_len(workers: dict[str, WorkerProcess], pairs: list[tuple[str, str]], vocab: int, length: int, repeats: int) -> list[ExposureRow]:
+def _measure_prompt_len(
+    workers: dict[str, WorkerProcess], pairs: list[tuple[str, str]], vocab: int, length: int, repeats: int
+) -> list[ExposureRow]:
     """``repeats`` rounds over all (transport, mode) pairs, order rotated; new prompts every request."""
     results: dict[tuple[str, str], list] = {pair: [] for pair in pairs}
     for trial in range(repeats):
@@ -520,8 +569,14 @@ def _measure_prompt_len(workers: dict[str, WorkerProcess], pairs: list[tuple[str
             prompt = _prompt(vocab, length, f"{transport}-{mode}-{length}-{trial}")
             results[transport, mode].append(_one_request(workers, transport, mode, prompt))
     return [
-        ExposureRow(transport, mode, length, tuple(r.prefill_ms for r in results[transport, mode]),
-                    tuple(r.exposed_transfer_ms for r in results[transport, mode]), results[transport, mode][0].kv_bytes_sent)
+        ExposureRow(
+            transport,
+            mode,
+            length,
+            tuple(r.prefill_ms for r in results[transport, mode]),
+            tuple(r.exposed_transfer_ms for r in results[transport, mode]),
+            results[transport, mode][0].kv_bytes_sent,
+        )
         for transport, mode in pairs
     ]
 
@@ -538,11 +593,19 @@ def _one_request(workers: dict[str, WorkerProcess], transport: str, mode: str, p
     decode, prefill = workers[f"decode-{transport}"], workers[f"prefill-{transport}-{mode}"]
     request_id = f"exposure-{uuid.uuid4().hex[:12]}"
     params = common_pb2.SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
-    ticket = decode.stub.Reserve(decode_pb2.ReserveRequest(request_id=request_id, prompt_token_ids=prompt, params=params, lease_ms=LEASE_MS), timeout=RPC_TIMEOUT_S)
+    ticket = decode.stub.Reserve(
+        decode_pb2.ReserveRequest(request_id=request_id, prompt_token_ids=prompt, params=params, lease_ms=LEASE_MS),
+        timeout=RPC_TIMEOUT_S,
+    )
     if ticket.num_cached_tokens:
         raise RuntimeError(f"the decode worker had {ticket.num_cached_tokens} tokens of a fresh prompt cached")
-    outputs = decode.stub.Generate(decode_pb2.GenerateRequest(request_id=request_id, reserved=True), timeout=RPC_TIMEOUT_S)  # a client waits from the start
-    response = prefill.stub.Prefill(prefill_pb2.PrefillRequest(request_id=request_id, prompt_token_ids=prompt, params=params, ticket=ticket), timeout=RPC_TIMEOUT_S)
+    outputs = decode.stub.Generate(
+        decode_pb2.GenerateRequest(request_id=request_id, reserved=True), timeout=RPC_TIMEOUT_S
+    )  # a client waits from the start
+    response = prefill.stub.Prefill(
+        prefill_pb2.PrefillRequest(request_id=request_id, prompt_token_ids=prompt, params=params, ticket=ticket),
+        timeout=RPC_TIMEOUT_S,
+    )
     for _ in outputs:
         pass
     if response.num_cached_tokens or response.prefill_ms <= 0:
@@ -553,12 +616,20 @@ def _one_request(workers: dict[str, WorkerProcess], transport: str, mode: str, p
 # -- report ---------------------------------------------------------------------------------------
 
 
-def build_report(config: BenchConfig, bandwidth: list[BandwidthRow], exposure: list[ExposureRow], seconds: float) -> dict:
+def build_report(
+    config: BenchConfig, bandwidth: list[BandwidthRow], exposure: list[ExposureRow], seconds: float
+) -> dict:
     return {
         "metadata": {
             "sizes_mib": config.sizes_mib,
             "repeats": config.repeats,
-            "pool_layout": {"layers": LAYERS, "block_size": BLOCK_SIZE, "kv_heads": KV_HEADS, "head_dim": HEAD_DIM, "dtype": DTYPE},
+            "pool_layout": {
+                "layers": LAYERS,
+                "block_size": BLOCK_SIZE,
+                "kv_heads": KV_HEADS,
+                "head_dim": HEAD_DIM,
+                "dtype": DTYPE,
+            },
             "model": config.model,
             "dtype": config.dtype,
             "prompt_lens": config.prompt_lens,
@@ -583,7 +654,9 @@ def _baseline(rows: list[BandwidthRow], path: str, size_bytes: int) -> Bandwidth
 
 def _bandwidth_json(row: BandwidthRow, rows: list[BandwidthRow]) -> dict:
     memcpy, tcp = _baseline(rows, "memcpy", row.size_bytes), _baseline(rows, "tcp", row.size_bytes)
-    return dict(row.to_json(), vs_memcpy=row.gb_s / memcpy.gb_s if memcpy else None, vs_tcp=row.gb_s / tcp.gb_s if tcp else None)
+    return dict(
+        row.to_json(), vs_memcpy=row.gb_s / memcpy.gb_s if memcpy else None, vs_tcp=row.gb_s / tcp.gb_s if tcp else None
+    )
 
 
 def _targets(rows: list[BandwidthRow]) -> list[dict]:
@@ -594,7 +667,16 @@ def _targets(rows: list[BandwidthRow]) -> list[dict]:
             continue
         baseline, want = ("memcpy", NIXL_TARGET_VS_MEMCPY) if row.path == "nixl" else ("tcp", GRPC_TARGET_VS_TCP)
         ratio = row.gb_s / _baseline(rows, baseline, row.size_bytes).gb_s
-        targets.append({"path": row.path, "size_mib": row.size_bytes / MIB, "baseline": baseline, "ratio": ratio, "target": want, "met": ratio >= want})
+        targets.append(
+            {
+                "path": row.path,
+                "size_mib": row.size_bytes / MIB,
+                "baseline": baseline,
+                "ratio": ratio,
+                "target": want,
+                "met": ratio >= want,
+            }
+        )
     return targets
 
 
@@ -604,23 +686,42 @@ def print_report(report: dict) -> None:
         print(f"\nKV bandwidth, loopback, median of {meta['repeats']} (pool: {LAYERS} layers x 16 KiB regions)")
         print(f"{'size':>8}  {'path':<24}{'median ms':>11}{'GB/s':>9}{'vs memcpy':>11}{'vs tcp':>9}")
         for row in report["bandwidth"]:
-            ratios = "".join(f"{row[key]:>{width}.0%}" if row[key] is not None else f"{'-':>{width}}" for key, width in (("vs_memcpy", 11), ("vs_tcp", 9)))
-            print(f"{row['size_mib']:>4.0f} MiB  {row['label']:<24}{row['median_ms']:>11.2f}{row['gb_s']:>9.2f}{ratios}")
+            ratios = "".join(
+                f"{row[key]:>{width}.0%}" if row[key] is not None else f"{'-':>{width}}"
+                for key, width in (("vs_memcpy", 11), ("vs_tcp", 9))
+            )
+            print(
+                f"{row['size_mib']:>4.0f} MiB  {row['label']:<24}{row['median_ms']:>11.2f}{row['gb_s']:>9.2f}{ratios}"
+            )
     if report["exposure"]:
-        print(f"\nExposed transfer time, {meta['model']} {meta['dtype']}, {meta['worker_threads']} torch thread(s) per worker, median per row")
-        print(f"{'prompt':>7}  {'transport':<10}{'push':<9}{'runs':>5}{'prefill ms':>12}{'exposed ms':>12}{'exposed/prefill':>17}{'KV MiB':>9}")
+        print(
+            f"\nExposed transfer time, {meta['model']} {meta['dtype']}, {meta['worker_threads']} torch "
+            "thread(s) per worker, median per row"
+        )
+        print(
+            f"{'prompt':>7}  "
+            f"{'transport':<10}{'push':<9}{'runs':>5}{'prefill ms':>12}{'exposed ms':>12}"
+            f"{'exposed/prefill':>17}{'KV MiB':>9}"
+        )
         for row in report["exposure"]:
             print(
                 f"{row['prompt_tokens']:>7}  {row['transport']:<10}{row['push_mode']:<9}{len(row['prefill_ms']):>5}"
-                f"{row['median_prefill_ms']:>12.1f}{row['median_exposed_ms']:>12.2f}{row['exposed_share']:>17.2%}{row['kv_bytes'] / MIB:>9.1f}"
+                f"{row['median_prefill_ms']:>12.1f}{row['median_exposed_ms']:>12.2f}"
+                f"{row['exposed_share']:>17.2%}{row['kv_bytes'] / MIB:>9.1f}"
             )
     for target in report["targets"]:
         verdict = "met" if target["met"] else "MISSED"
-        print(f"target {target['path']} @ {target['size_mib']:.0f} MiB: {target['ratio']:.0%} of {target['baseline']} vs >= {target['target']:.0%}: {verdict}")
+        print(
+            f"target {target['path']} @ {target['size_mib']:.0f} MiB: {target['ratio']:.0%} of "
+            f"{target['baseline']} vs >= {target['target']:.0%}: {verdict}"
+        )
     print(f"({meta['wall_seconds']:.0f} s)")
 
 
 if __name__ == "__main__":
     if sys.argv[1:2] != ["serve"]:
-        raise SystemExit("usage: python -m bench.transfer_bench serve {tcp,grpc,nixl} --pool-bytes N (run `splitserve bench transfer` instead)")
+        raise SystemExit(
+            "usage: python -m bench.transfer_bench serve {tcp,grpc,nixl} --pool-bytes N (run `splitserve "
+            "bench transfer` instead)"
+        )
     sys.exit(serve(sys.argv[2:]))

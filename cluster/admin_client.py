@@ -47,12 +47,17 @@ def format_status(status: dict) -> str:
     for role, pool in (cluster.get("pools") or {}).items():
         lines.append(f"{role:8} desired {pool['desired']} (min {pool['min']}, max {pool['max']})")
     lines.append("")
-    lines.append(f"{'WORKER':18} {'ROLE':8} {'STATE':10} {'ADDRESS':22} {'NODE':10} {'RUN':>4} {'WAIT':>4} {'KV USED/TOTAL':>14}")
+    lines.append(
+        f"{'WORKER':18} {'ROLE':8} {'STATE':10} {'ADDRESS':22} {'NODE':10} {'RUN':>4} {'WAIT':>4} {'KV USED/TOTAL':>14}"
+    )
     for worker in cluster.get("workers", []):
         stats = worker.get("stats") or {}
         kv = f"{stats.get('kv_blocks_used', 0)}/{stats.get('kv_blocks_total', 0)}"
-        lines.append(f"{worker['worker_id']:18} {worker['role']:8} {worker['state']:10} {worker['address'] or '-':22} {worker['node_id'][:8] or '-':10} "
-                     f"{stats.get('running', 0):>4} {stats.get('waiting', 0):>4} {kv:>14}")
+        lines.append(
+            f"{worker['worker_id']:18} {worker['role']:8} {worker['state']:10} {worker['address'] or '-':22} "
+            f"{worker['node_id'][:8] or '-':10} "
+            f"{stats.get('running', 0):>4} {stats.get('waiting', 0):>4} {kv:>14}"
+        )
     decisions = (cluster.get("planner") or {}).get("decisions") or []
     if decisions:
         lines.append("")

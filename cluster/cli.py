@@ -9,8 +9,12 @@ import sys
 
 
 def _add_engine_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="demo", help="preset name (demo, bench-125m) or a local Hugging Face directory")
-    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="default: the model's own")
+    parser.add_argument(
+        "--model", default="demo", help="preset name (demo, bench-125m) or a local Hugging Face directory"
+    )
+    parser.add_argument(
+        "--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="default: the model's own"
+    )
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0")
     parser.add_argument("--kv-cache-mb", type=int, default=512, help="KV pool memory budget in MiB")
     parser.add_argument("--block-size", type=int, default=16, help="tokens per KV block (a power of two)")
@@ -54,15 +58,23 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--transport", choices=["grpc", "nixl"], default="grpc")
     worker.add_argument("--lease-ms", type=int, default=30_000, help="decode: how long a reservation waits for its KV")
     worker.add_argument("--no-verify-kv", action="store_true", help="skip KV checksums (faster)")
-    worker.add_argument("--push-mode", choices=["layer", "request"], default="layer",
-                        help="prefill: push KV layer by layer as computed, or all of it after the prompt (a baseline)")
+    worker.add_argument(
+        "--push-mode",
+        choices=["layer", "request"],
+        default="layer",
+        help="prefill: push KV layer by layer as computed, or all of it after the prompt (a baseline)",
+    )
     worker.add_argument("--worker-id", default=None)
-    worker.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus /metrics on this port (0: any)")
+    worker.add_argument(
+        "--metrics-port", type=int, default=None, help="serve Prometheus /metrics on this port (0: any)"
+    )
     worker.set_defaults(run=_run_worker)
 
     up = commands.add_parser("up", help="start the cluster (embedded Ray by default) and serve the OpenAI API")
     up.add_argument("--config", default=None, help="a YAML or TOML cluster config; flags override it")
-    up.add_argument("--address", default=None, help="join this Ray cluster ('auto' on a Ray head) instead of starting one")
+    up.add_argument(
+        "--address", default=None, help="join this Ray cluster ('auto' on a Ray head) instead of starting one"
+    )
     up.add_argument("--model", default=None, help="preset (demo, bench-125m) or a local Hugging Face directory")
     up.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     up.add_argument("--device", default=None, help="cpu or cuda")
@@ -80,14 +92,24 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--min-decode", type=int, default=None)
     up.add_argument("--max-decode", type=int, default=None)
     up.add_argument("--api-key", action="append", default=None)
-    up.add_argument("--admin-token", default=None, help="default: $SPLITSERVE_ADMIN_TOKEN, else a random token written next to the runtime files")
+    up.add_argument(
+        "--admin-token",
+        default=None,
+        help="default: $SPLITSERVE_ADMIN_TOKEN, else a random token written next to the runtime files",
+    )
     up.add_argument("--log-level", default="WARNING")
     up.set_defaults(run=_run_up)
 
-    for name, text in (("status", "pools and workers of a running cluster"), ("scale", "set a pool's size"), ("drain", "drain a worker: no new work, finish, exit")):
+    for name, text in (
+        ("status", "pools and workers of a running cluster"),
+        ("scale", "set a pool's size"),
+        ("drain", "drain a worker: no new work, finish, exit"),
+    ):
         admin = commands.add_parser(name, help=text)
         admin.add_argument("--url", default="http://127.0.0.1:8000", help="the router's HTTP address")
-        admin.add_argument("--admin-token", default=None, help="default: $SPLITSERVE_ADMIN_TOKEN or the token file of `up`")
+        admin.add_argument(
+            "--admin-token", default=None, help="default: $SPLITSERVE_ADMIN_TOKEN or the token file of `up`"
+        )
         admin.add_argument("--api-key", default=None)
         if name == "scale":
             admin.add_argument("role", choices=["prefill", "decode"])
@@ -97,17 +119,26 @@ def build_parser() -> argparse.ArgumentParser:
         admin.set_defaults(run=_run_admin)
 
     router = commands.add_parser("router", help="run the router (OpenAI HTTP + gRPC) over a static set of workers")
-    router.add_argument("--model", default="demo", help="preset or model directory (the router loads its config and tokenizer only)")
+    router.add_argument(
+        "--model", default="demo", help="preset or model directory (the router loads its config and tokenizer only)"
+    )
     router.add_argument("--served-model-name", default=None)
     router.add_argument("--prefill", nargs="*", default=[], metavar="ADDR", help="prefill worker addresses host:port")
     router.add_argument("--decode", nargs="+", required=True, metavar="ADDR", help="decode worker addresses host:port")
     router.add_argument("--host", default="127.0.0.1")
     router.add_argument("--port", type=int, default=8000)
     router.add_argument("--grpc-port", type=int, default=50051)
-    router.add_argument("--api-key", action="append", default=[], help="accepted API key (repeatable; also SPLITSERVE_API_KEYS)")
+    router.add_argument(
+        "--api-key", action="append", default=[], help="accepted API key (repeatable; also SPLITSERVE_API_KEYS)"
+    )
     router.add_argument("--routing-policy", choices=["kv_aware", "load"], default="kv_aware")
     router.add_argument("--kv-weight", type=float, default=1.0)
-    router.add_argument("--local-prefill-threshold", type=int, default=128, help="uncached prompt tokens below which the decode worker prefills")
+    router.add_argument(
+        "--local-prefill-threshold",
+        type=int,
+        default=128,
+        help="uncached prompt tokens below which the decode worker prefills",
+    )
     router.add_argument("--lease-policy", choices=["recompute", "fail"], default="recompute")
     router.add_argument("--request-timeout", type=float, default=600.0)
     router.add_argument("--max-running", type=int, default=256)
@@ -125,48 +156,70 @@ def build_parser() -> argparse.ArgumentParser:
     engine_bench.add_argument("--decode-steps", type=int, default=32)
     engine_bench.add_argument("--threads", type=int, default=None)
     engine_bench.add_argument("--prefill-batch", type=int, default=8, help="prompts in the prefill row")
-    engine_bench.add_argument("--repeats", type=int, default=3, help="timed runs per side and row (best reported, median in the JSON)")
-    engine_bench.add_argument("--quick", action="store_true", help="tiny sizes and one repeat (overrides the size flags)")
+    engine_bench.add_argument(
+        "--repeats", type=int, default=3, help="timed runs per side and row (best reported, median in the JSON)"
+    )
+    engine_bench.add_argument(
+        "--quick", action="store_true", help="tiny sizes and one repeat (overrides the size flags)"
+    )
     engine_bench.add_argument("--json", dest="json_path", default=None, help="write the rows to this file")
     engine_bench.set_defaults(run=_run_bench_engine)
-    transfer_bench = bench_kinds.add_parser("transfer", help="KV bytes/s of gRPC and NIXL vs TCP and memcpy; exposed transfer time")
+    transfer_bench = bench_kinds.add_parser(
+        "transfer", help="KV bytes/s of gRPC and NIXL vs TCP and memcpy; exposed transfer time"
+    )
     transfer_bench.add_argument("--sizes", default="1,16,256", help="transfer sizes in MiB")
-    transfer_bench.add_argument("--repeats", type=int, default=5, help="timed transfers per path and size (median reported)")
+    transfer_bench.add_argument(
+        "--repeats", type=int, default=5, help="timed transfers per path and size (median reported)"
+    )
     transfer_bench.add_argument("--model", default="bench-125m", help="model of the prefill/decode workers")
     transfer_bench.add_argument("--dtype", default="bfloat16")
     transfer_bench.add_argument("--prompt-lens", default="512,2048,8192", help="prompt lengths of the exposure rows")
     transfer_bench.add_argument("--exposure-repeats", type=int, default=3, help="prefills per row (median reported)")
-    transfer_bench.add_argument("--long-prompt-repeats", type=int, default=1, help="prefills per row for prompts >= 4096 tokens")
+    transfer_bench.add_argument(
+        "--long-prompt-repeats", type=int, default=1, help="prefills per row for prompts >= 4096 tokens"
+    )
     transfer_bench.add_argument("--worker-threads", type=int, default=1, help="torch threads of each worker process")
     transfer_bench.add_argument("--kv-cache-mb", type=int, default=512, help="KV pool of each worker process")
     transfer_bench.add_argument("--max-num-batched-tokens", type=int, default=8192)
     transfer_bench.add_argument("--skip-bandwidth", action="store_true")
     transfer_bench.add_argument("--skip-exposure", action="store_true")
-    transfer_bench.add_argument("--quick", action="store_true", help="tiny sizes and few repeats (overrides the size flags)")
+    transfer_bench.add_argument(
+        "--quick", action="store_true", help="tiny sizes and few repeats (overrides the size flags)"
+    )
     transfer_bench.add_argument("--json", dest="json_path", default=None, help="write the rows to this file")
     transfer_bench.set_defaults(run=_run_bench_transfer)
-    serve_bench = bench_kinds.add_parser("serve", help="load generator for any OpenAI-compatible endpoint (vLLM bench serve metrics)")
+    serve_bench = bench_kinds.add_parser(
+        "serve", help="load generator for any OpenAI-compatible endpoint (vLLM bench serve metrics)"
+    )
     from bench.serve_bench import add_arguments as add_serve_arguments
 
     add_serve_arguments(serve_bench)
     serve_bench.set_defaults(run=_run_bench_serve)
-    router_bench = bench_kinds.add_parser("router", help="TTFT the router adds over the decode worker; highest sustained request rate")
+    router_bench = bench_kinds.add_parser(
+        "router", help="TTFT the router adds over the decode worker; highest sustained request rate"
+    )
     from bench.router_bench import add_arguments as add_router_arguments
 
     add_router_arguments(router_bench)
     router_bench.set_defaults(run=_run_bench_router)
-    compare_bench = bench_kinds.add_parser("compare", help="aggregated vs disaggregated serving over a sweep of request rates; goodput")
+    compare_bench = bench_kinds.add_parser(
+        "compare", help="aggregated vs disaggregated serving over a sweep of request rates; goodput"
+    )
     from bench.compare import add_arguments as add_compare_arguments
 
     add_compare_arguments(compare_bench)
     compare_bench.set_defaults(run=_run_bench_compare)
-    profile_bench = bench_kinds.add_parser("profile", help="prefill/decode step latency of this engine here, fitted for `simulate`")
+    profile_bench = bench_kinds.add_parser(
+        "profile", help="prefill/decode step latency of this engine here, fitted for `simulate`"
+    )
     from bench.profile import add_arguments as add_profile_arguments
 
     add_profile_arguments(profile_bench)
     profile_bench.set_defaults(run=_run_bench_profile)
 
-    simulate = commands.add_parser("simulate", help="discrete-event simulation of a prefill/decode cluster; split search; validation")
+    simulate = commands.add_parser(
+        "simulate", help="discrete-event simulation of a prefill/decode cluster; split search; validation"
+    )
     from bench.simulator import add_arguments as add_simulate_arguments
 
     add_simulate_arguments(simulate)
@@ -216,7 +269,10 @@ def _run_generate(args: argparse.Namespace) -> int:
             prompts = [engine.tokenizer.apply_chat_template([{"role": "user", "content": p}]) for p in prompts]
         params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature)
         for prompt, result in zip(prompts, engine.generate(prompts, params)):
-            print(f"--- prompt: {prompt!r}\n{result.text!r}\n[{len(result.token_ids)} tokens, finish={result.finish_reason}]")
+            print(
+                f"--- prompt: {prompt!r}\n{result.text!r}\n[{len(result.token_ids)} tokens, "
+                f"finish={result.finish_reason}]"
+            )
     except EngineError as exc:
         print(f"splitserve: {exc}", file=sys.stderr)
         return 2
@@ -231,7 +287,13 @@ def _run_worker(args: argparse.Namespace) -> int:
     from engine.errors import EngineError
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    common = dict(transport=args.transport, verify_checksums=not args.no_verify_kv, host=args.host, port=args.port, worker_id=args.worker_id)
+    common = dict(
+        transport=args.transport,
+        verify_checksums=not args.no_verify_kv,
+        host=args.host,
+        port=args.port,
+        worker_id=args.worker_id,
+    )
     try:
         if args.role == "prefill":
             from prefill_worker.worker import PrefillWorker
@@ -263,11 +325,24 @@ def cluster_config_from_args(args: argparse.Namespace):
     from cluster.config import ClusterConfig, load_file
 
     config = load_file(args.config) if args.config else ClusterConfig()
-    flat = {"model": args.model, "dtype": args.dtype, "device": args.device, "transport": args.transport, "address": args.address,
-            "host": args.host, "port": args.port, "grpc_port": args.grpc_port, "worker_host": args.worker_host,
-            "admin_token": args.admin_token or os.environ.get("SPLITSERVE_ADMIN_TOKEN"), "api_keys": tuple(args.api_key) if args.api_key else None}
+    flat = {
+        "model": args.model,
+        "dtype": args.dtype,
+        "device": args.device,
+        "transport": args.transport,
+        "address": args.address,
+        "host": args.host,
+        "port": args.port,
+        "grpc_port": args.grpc_port,
+        "worker_host": args.worker_host,
+        "admin_token": args.admin_token or os.environ.get("SPLITSERVE_ADMIN_TOKEN"),
+        "api_keys": tuple(args.api_key) if args.api_key else None,
+    }
     config = dataclasses.replace(config, **{k: v for k, v in flat.items() if v is not None})
-    for role, count, low, high in (("prefill", args.prefill, args.min_prefill, args.max_prefill), ("decode", args.decode, args.min_decode, args.max_decode)):
+    for role, count, low, high in (
+        ("prefill", args.prefill, args.min_prefill, args.max_prefill),
+        ("decode", args.decode, args.min_decode, args.max_decode),
+    ):
         pool = config.pool(role)
         replicas = count if count is not None else pool.replicas
         low = low if low is not None else min(pool.min_replicas, replicas)
@@ -301,11 +376,21 @@ def router_config_from_args(args: argparse.Namespace):
     from router.config import RouterConfig
 
     return RouterConfig(
-        model=args.model, served_model_name=args.served_model_name, prefill_addresses=tuple(args.prefill),
-        decode_addresses=tuple(args.decode), host=args.host, port=args.port, grpc_port=args.grpc_port,
-        api_keys=tuple(args.api_key), routing_policy=args.routing_policy, kv_weight=args.kv_weight,
-        local_prefill_threshold=args.local_prefill_threshold, lease_policy=args.lease_policy,
-        request_timeout_s=args.request_timeout, max_running=args.max_running, max_queued=args.max_queued,
+        model=args.model,
+        served_model_name=args.served_model_name,
+        prefill_addresses=tuple(args.prefill),
+        decode_addresses=tuple(args.decode),
+        host=args.host,
+        port=args.port,
+        grpc_port=args.grpc_port,
+        api_keys=tuple(args.api_key),
+        routing_policy=args.routing_policy,
+        kv_weight=args.kv_weight,
+        local_prefill_threshold=args.local_prefill_threshold,
+        lease_policy=args.lease_policy,
+        request_timeout_s=args.request_timeout,
+        max_running=args.max_running,
+        max_queued=args.max_queued,
     )
 
 

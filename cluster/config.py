@@ -26,7 +26,10 @@ class PoolSpec:
 
     def __post_init__(self) -> None:
         if not 0 <= self.min_replicas <= self.replicas <= self.max_replicas:
-            raise ValueError(f"need 0 <= min_replicas <= replicas <= max_replicas, got {self.min_replicas}, {self.replicas}, {self.max_replicas}")
+            raise ValueError(
+                f"need 0 <= min_replicas <= replicas <= max_replicas, got {self.min_replicas}, "
+                f"{self.replicas}, {self.max_replicas}"
+            )
 
     @property
     def ray_resources(self) -> dict:

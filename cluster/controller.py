@@ -63,13 +63,19 @@ class Controller:
         self._changed = asyncio.Condition()
         self._tasks: list[asyncio.Task] = []
         self._observation: Observation | None = None
-        self.planner = Planner(self.config.planner, {r: (self.config.pool(r).min_replicas, self.config.pool(r).max_replicas) for r in ROLES})
+        self.planner = Planner(
+            self.config.planner,
+            {r: (self.config.pool(r).min_replicas, self.config.pool(r).max_replicas) for r in ROLES},
+        )
         self.decisions: deque = deque(maxlen=100)
         self._actor_class = actor_class()
 
     async def start(self) -> None:
         self._reconcile()
-        self._tasks = [asyncio.create_task(self._loop(self._reconcile_tick, 0.5)), asyncio.create_task(self._loop(self._health_tick, self.config.health_interval_s))]
+        self._tasks = [
+            asyncio.create_task(self._loop(self._reconcile_tick, 0.5)),
+            asyncio.create_task(self._loop(self._health_tick, self.config.health_interval_s)),
+        ]
         if self.config.planner.enabled:
             self._tasks.append(asyncio.create_task(self._loop(self._planner_tick, self.config.planner.interval_s)))
 
@@ -89,12 +95,23 @@ class Controller:
         record = self.records.get(info["worker_id"])
         if record is None or record.state == "dead" or record.incarnation == info["incarnation"]:
             return
-        record.address, record.node_id, record.incarnation, record.pid = info["address"], info["node_id"], info["incarnation"], info["pid"]
+        record.address, record.node_id, record.incarnation, record.pid = (
+            info["address"],
+            info["node_id"],
+            info["incarnation"],
+            info["pid"],
+        )
         record.registrations += 1
         record.failures = 0
         if record.state != "draining":
             record.state = "ready"
-        log.info("worker %s (%s) registered at %s on node %s", record.worker_id, record.role, record.address, record.node_id[:8])
+        log.info(
+            "worker %s (%s) registered at %s on node %s",
+            record.worker_id,
+            record.role,
+            record.address,
+            record.node_id[:8],
+        )
         await self._bump()
 
     async def watch(self, since_version: int, timeout_s: float = 10.0) -> dict:
@@ -102,13 +119,16 @@ class Controller:
         async with self._changed:
             try:
                 await asyncio.wait_for(self._changed.wait_for(lambda: self.version != since_version), timeout_s)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
         return self.membership()
 
     def membership(self) -> dict:
-        workers = [{"worker_id": r.worker_id, "role": r.role, "address": r.address, "state": r.state}
-                   for r in self.records.values() if r.address and r.state in ("ready", "draining")]
+        workers = [
+            {"worker_id": r.worker_id, "role": r.role, "address": r.address, "state": r.state}
+            for r in self.records.values()
+            if r.address and r.state in ("ready", "draining")
+        ]
         return {"version": self.version, "workers": workers}
 
     async def _bump(self) -> None:
@@ -119,13 +139,29 @@ class Controller:
     # -- status and actions -----------------------------------------------------------------------
 
     async def status(self) -> dict:
-        pools = {role: {"desired": self.desired[role], "min": self.config.pool(role).min_replicas, "max": self.config.pool(role).max_replicas,
-                        "resources": self.config.pool(role).ray_resources} for role in ROLES}
-        return {"pools": pools, "workers": [r.public() for r in self.records.values() if r.state != "dead"],
-                "planner": {"enabled": self.config.planner.enabled, "decisions": list(self.decisions),
-                            "ttft_target_s": self.config.planner.ttft_target_s, "tpot_target_s": self.config.planner.tpot_target_s,
-                            "observation": asdict(self._observation) if self._observation else None},
-                "version": self.version, "model": self.config.model, "transport": self.config.transport}
+        pools = {
+            role: {
+                "desired": self.desired[role],
+                "min": self.config.pool(role).min_replicas,
+                "max": self.config.pool(role).max_replicas,
+                "resources": self.config.pool(role).ray_resources,
+            }
+            for role in ROLES
+        }
+        return {
+            "pools": pools,
+            "workers": [r.public() for r in self.records.values() if r.state != "dead"],
+            "planner": {
+                "enabled": self.config.planner.enabled,
+                "decisions": list(self.decisions),
+                "ttft_target_s": self.config.planner.ttft_target_s,
+                "tpot_target_s": self.config.planner.tpot_target_s,
+                "observation": asdict(self._observation) if self._observation else None,
+            },
+            "version": self.version,
+            "model": self.config.model,
+            "transport": self.config.transport,
+        }
 
     async def scale(self, role: str, replicas: int) -> dict:
         if role not in ROLES:
@@ -189,13 +225,23 @@ class Controller:
         pool = self.config.pool(role)
         worker_id = record.worker_id if record else f"{role}-{uuid.uuid4().hex[:8]}"
         # Restarts are the controller's, not Ray's: it knows when a worker is gone and counts them.
-        options = dict(name=f"splitserve-{worker_id}-{(record.restarts if record else 0)}", namespace=self.config.namespace,
-                       num_cpus=pool.num_cpus, resources=dict(pool.resources) or None, max_restarts=0, max_concurrency=4)
+        options = dict(
+            name=f"splitserve-{worker_id}-{(record.restarts if record else 0)}",
+            namespace=self.config.namespace,
+            num_cpus=pool.num_cpus,
+            resources=dict(pool.resources) or None,
+            max_restarts=0,
+            max_concurrency=4,
+        )
         if pool.num_gpus > 1:
             # A multi-device worker: all its devices (and its node-kind resource) reserved together on one node.
-            group = placement_group([{"GPU": pool.num_gpus, "CPU": pool.num_cpus, **pool.resources}], strategy="STRICT_PACK")
+            group = placement_group(
+                [{"GPU": pool.num_gpus, "CPU": pool.num_cpus, **pool.resources}], strategy="STRICT_PACK"
+            )
             self.groups[worker_id] = group
-            options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=0, placement_group_capture_child_tasks=True)
+            options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
+                group, placement_group_bundle_index=0, placement_group_capture_child_tasks=True
+            )
         options["num_gpus"] = pool.num_gpus
         self.records.setdefault(worker_id, record or WorkerRecord(worker_id, role))
         self.actors[worker_id] = self._actor_class.options(**options).remote(worker_id, role, self.config.to_json())
@@ -260,7 +306,11 @@ class Controller:
         try:
             async with grpc.aio.insecure_channel(address) as channel:
                 reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=1.0)
-                stub = prefill_pb2_grpc.PrefillWorkerStub(channel) if record.role == "prefill" else decode_pb2_grpc.DecodeWorkerStub(channel)
+                stub = (
+                    prefill_pb2_grpc.PrefillWorkerStub(channel)
+                    if record.role == "prefill"
+                    else decode_pb2_grpc.DecodeWorkerStub(channel)
+                )
                 stats = await stub.Stats(common_pb2.StatsRequest(), timeout=1.0)
             healthy = reply.status == health_pb2.HealthCheckResponse.SERVING
         except grpc.aio.AioRpcError:
@@ -288,7 +338,7 @@ class Controller:
         try:
             await asyncio.wait_for(actor.ping.remote(), 2.0)
             return  # alive but not answering gRPC: stays unhealthy until it does
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return
         except ray.exceptions.RayError:
             pass

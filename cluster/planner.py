@@ -61,14 +61,26 @@ class Planner:
         for role, (p90, samples, target) in signals.items():
             decision = self._decide_pool(now, role, p90, samples, target, current[role], observation)
             if decision is not None:
-                log.info("planner: %s %d -> %d (%s) inputs=%s", role, decision.current, decision.target, decision.reason, decision.inputs)
+                log.info(
+                    "planner: %s %d -> %d (%s) inputs=%s",
+                    role,
+                    decision.current,
+                    decision.target,
+                    decision.reason,
+                    decision.inputs,
+                )
                 decisions.append(decision)
         return decisions
 
     def _decide_pool(self, now, role, p90, samples, target, count, observation) -> PlannerDecision | None:
         low, high = self.bounds[role]
-        inputs = {"p90_s": p90, "samples": samples, "target_s": target, "queue_depth": observation.queue_depth,
-                  "requests_in_window": observation.requests_in_window}
+        inputs = {
+            "p90_s": p90,
+            "samples": samples,
+            "target_s": target,
+            "queue_depth": observation.queue_depth,
+            "requests_in_window": observation.requests_in_window,
+        }
         if count < low or count > high:
             return PlannerDecision(now, role, count, min(max(count, low), high), "outside bounds", inputs)
         busy = p90 is not None and samples >= self.spec.min_samples

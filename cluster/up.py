@@ -50,8 +50,14 @@ def start_ray(config: ClusterConfig) -> None:
     needed = sum(p.num_cpus * p.max_replicas for p in pools)
     # Logical CPUs: enough to place every pool at its maximum; the OS shares the real cores.
     num_cpus = config.ray_num_cpus or max(os.cpu_count() or 1, math.ceil(needed))
-    ray.init(num_cpus=num_cpus, namespace=config.namespace, include_dashboard=False, log_to_driver=True,
-             configure_logging=True, logging_level=logging.WARNING)
+    ray.init(
+        num_cpus=num_cpus,
+        namespace=config.namespace,
+        include_dashboard=False,
+        log_to_driver=True,
+        configure_logging=True,
+        logging_level=logging.WARNING,
+    )
 
 
 async def follow_membership(controller, router: Router) -> None:
@@ -96,16 +102,36 @@ async def exchange_with_planner(controller, router: Router, config: ClusterConfi
 
 async def run_cluster(config: ClusterConfig, stop: asyncio.Event, on_ready=None) -> None:
     # On the head node: the autoscaler may remove an idle worker node, never the head.
-    controller = controller_class().options(name=CONTROLLER_NAME, namespace=config.namespace, num_cpus=0, max_concurrency=1000,
-                                            resources={"node:__internal_head__": 0.001}).remote(config.to_json())
+    controller = (
+        controller_class()
+        .options(
+            name=CONTROLLER_NAME,
+            namespace=config.namespace,
+            num_cpus=0,
+            max_concurrency=1000,
+            resources={"node:__internal_head__": 0.001},
+        )
+        .remote(config.to_json())
+    )
     await controller.start.remote()
     admin_token = config.admin_token or secrets.token_urlsafe(24)
-    router_config = RouterConfig(model=config.model, host=config.host, port=config.port, grpc_port=config.grpc_port,
-                                 api_keys=config.api_keys, admin_token=admin_token, lease_ms=config.lease_ms,
-                                 local_prefill_threshold=config.local_prefill_threshold, health_interval_s=config.health_interval_s)
+    router_config = RouterConfig(
+        model=config.model,
+        host=config.host,
+        port=config.port,
+        grpc_port=config.grpc_port,
+        api_keys=config.api_keys,
+        admin_token=admin_token,
+        lease_ms=config.lease_ms,
+        local_prefill_threshold=config.local_prefill_threshold,
+        health_interval_s=config.health_interval_s,
+    )
     router = Router(router_config, RayControlPlane(controller))
     await router.start()
-    tasks = [asyncio.create_task(follow_membership(controller, router)), asyncio.create_task(exchange_with_planner(controller, router, config))]
+    tasks = [
+        asyncio.create_task(follow_membership(controller, router)),
+        asyncio.create_task(exchange_with_planner(controller, router, config)),
+    ]
     try:
         if not await controller.wait_ready.remote():
             raise RuntimeError("workers did not become ready in time")
@@ -114,7 +140,10 @@ async def run_cluster(config: ClusterConfig, stop: asyncio.Event, on_ready=None)
         path.write_text(admin_token)
         path.chmod(0o600)
         urls = router.urls
-        print(f"splitserve is up: OpenAI API {urls['http']}/v1 | gRPC {urls['grpc']} | dashboard {urls['dashboard']}", flush=True)
+        print(
+            f"splitserve is up: OpenAI API {urls['http']}/v1 | gRPC {urls['grpc']} | dashboard {urls['dashboard']}",
+            flush=True,
+        )
         print(f"admin token in {path}", flush=True)
         if on_ready is not None:
             on_ready(router)

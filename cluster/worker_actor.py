@@ -22,7 +22,13 @@ IDLE_BEFORE_EXIT_S = 1.0
 def engine_config_for(config: ClusterConfig, pool: PoolSpec):
     from engine.config import EngineConfig
 
-    return EngineConfig(model=config.model, dtype=config.dtype, device=_device(config.device), kv_cache_memory_bytes=pool.kv_cache_mb * 1024 * 1024, num_threads=pool.threads)
+    return EngineConfig(
+        model=config.model,
+        dtype=config.dtype,
+        device=_device(config.device),
+        kv_cache_memory_bytes=pool.kv_cache_mb * 1024 * 1024,
+        num_threads=pool.threads,
+    )
 
 
 def _device(configured: str) -> str:
@@ -56,8 +62,14 @@ class WorkerActor:
         ray.get(controller.register.remote(self.info()))
 
     def info(self) -> dict:
-        return {"worker_id": self.worker_id, "role": self.role, "address": self.address, "node_id": self.node_id,
-                "incarnation": self.incarnation, "pid": os.getpid()}
+        return {
+            "worker_id": self.worker_id,
+            "role": self.role,
+            "address": self.address,
+            "node_id": self.node_id,
+            "incarnation": self.incarnation,
+            "pid": os.getpid(),
+        }
 
     def ping(self) -> dict:
         return self.info()

@@ -21,10 +21,11 @@ from engine.engine import Engine
 from engine.errors import EngineError
 from engine.loop import RequestFailed, RequestStream
 from engine.output import RequestOutput
-from kv_transfer.inbox import InboundState, KVInbox, TransferError
+from kv_transfer.errors import TransferError
+from kv_transfer.inbox import InboundState, KVInbox
 from kv_transfer.receiver_service import KVReceiverService
-from kv_transfer.worker_base import WorkerBase, abort_on_error, logprob_from_wire, output_to_wire, sampling_params_from_wire
 from protos import common_pb2, decode_pb2, decode_pb2_grpc, kv_transfer_pb2_grpc
+from worker_server.base import WorkerBase, abort_on_error, logprob_from_wire, output_to_wire, sampling_params_from_wire
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +39,14 @@ class DecodeWorker(WorkerBase, decode_pb2_grpc.DecodeWorkerServicer):
     role = "decode"
     service_names = ("splitserve.DecodeWorker", "splitserve.KVReceiver")
 
-    def __init__(self, config: EngineConfig, transport: str = "grpc", verify_checksums: bool = True, default_lease_ms: int = DEFAULT_LEASE_MS, **kwargs) -> None:
+    def __init__(
+        self,
+        config: EngineConfig,
+        transport: str = "grpc",
+        verify_checksums: bool = True,
+        default_lease_ms: int = DEFAULT_LEASE_MS,
+        **kwargs,
+    ) -> None:
         super().__init__(config, **kwargs)
         self.transport = transport
         self.default_lease_ms = default_lease_ms
@@ -88,7 +96,9 @@ class DecodeWorker(WorkerBase, decode_pb2_grpc.DecodeWorkerServicer):
         """Engine thread: blocks, inbound record and output stream appear together."""
         reservation = engine.reserve(request.request_id, list(request.prompt_token_ids), params)
         first_missing = reservation.num_cached_tokens // self.config.block_size
-        self.inbox.open(request.request_id, reservation.block_ids[first_missing:], lease_ms / 1000.0, self.nixl is not None)
+        self.inbox.open(
+            request.request_id, reservation.block_ids[first_missing:], lease_ms / 1000.0, self.nixl is not None
+        )
         self._unclaimed[request.request_id] = (self.loop.watch(request.request_id), None)
         self.counters.add(prompt_tokens=len(request.prompt_token_ids), prefix_hit_tokens=reservation.num_cached_tokens)
         return reservation
@@ -108,8 +118,11 @@ class DecodeWorker(WorkerBase, decode_pb2_grpc.DecodeWorkerServicer):
                         return
                     continue
                 if output.finished:  # counted first: the client may close the stream on the last message
-                    self.counters.add(requests_finished=1, generated_tokens=output.num_output_tokens,
-                                      prefix_hit_tokens=0 if request.reserved else output.num_cached_tokens)
+                    self.counters.add(
+                        requests_finished=1,
+                        generated_tokens=output.num_output_tokens,
+                        prefix_hit_tokens=0 if request.reserved else output.num_cached_tokens,
+                    )
                 yield output_to_wire(output)
                 if output.finished:
                     return
@@ -120,7 +133,9 @@ class DecodeWorker(WorkerBase, decode_pb2_grpc.DecodeWorkerServicer):
         if request.reserved:
             claimed = self.loop.call(lambda engine: self._unclaimed.pop(request.request_id, None))
             if claimed is None:
-                raise TransferError(f"no reservation {request.request_id!r} waiting for its client on this worker", "NOT_FOUND")
+                raise TransferError(
+                    f"no reservation {request.request_id!r} waiting for its client on this worker", "NOT_FOUND"
+                )
             return claimed[0]
         params = sampling_params_from_wire(request.params)
         self.counters.add(prompt_tokens=len(request.prompt_token_ids))
@@ -149,8 +164,11 @@ class DecodeWorker(WorkerBase, decode_pb2_grpc.DecodeWorkerServicer):
         logprob = logprob_from_wire(first_logprob)
         inbound = self.inbox.get(request_id)
         if inbound is not None:
-            self.counters.add(kv_transfers_completed=1, kv_transfer_bytes=inbound.bytes_received,
-                              kv_transfer_seconds=time.monotonic() - inbound.opened_at)
+            self.counters.add(
+                kv_transfers_completed=1,
+                kv_transfer_bytes=inbound.bytes_received,
+                kv_transfer_seconds=time.monotonic() - inbound.opened_at,
+            )
 
         def adopt(engine: Engine) -> None:
             self.inbox.forget(request_id)

@@ -41,7 +41,13 @@ class AttentionBatch:
 
 
 def paged_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: PagedKVCache, layer: int, batch: AttentionBatch, scale: float
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cache: PagedKVCache,
+    layer: int,
+    batch: AttentionBatch,
+    scale: float,
 ) -> torch.Tensor:
     """q ``[tokens, heads, head_dim]``, k/v ``[tokens, kv_heads, head_dim]`` of this step's new tokens.
 

@@ -36,9 +36,7 @@ def hash_block_tokens(parent_hash: int | None, token_ids: Sequence[int]) -> int:
     return _hash_packed(parent_hash, _pack_tokens(token_ids))
 
 
-def compute_block_hashes(
-    token_ids: Sequence[int], block_size: int, parent_hash: int | None = None
-) -> list[int]:
+def compute_block_hashes(token_ids: Sequence[int], block_size: int, parent_hash: int | None = None) -> list[int]:
     """Chained hashes of every FULL block of ``token_ids``; a trailing partial block has none.
 
     ``parent_hash`` continues a chain, e.g. hashing only the new blocks of a growing sequence.

@@ -57,7 +57,9 @@ class ModelConfig:
                 f"unsupported architecture {self.architecture!r}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
             )
         if self.num_heads % self.num_kv_heads:
-            raise ModelLoadError(f"num_attention_heads {self.num_heads} is not a multiple of num_key_value_heads {self.num_kv_heads}")
+            raise ModelLoadError(
+                f"num_attention_heads {self.num_heads} is not a multiple of num_key_value_heads {self.num_kv_heads}"
+            )
         if self.dtype not in _DTYPES:
             raise ModelLoadError(f"unsupported torch_dtype {self.dtype!r}; supported: {', '.join(_DTYPES)}")
 

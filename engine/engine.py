@@ -74,7 +74,9 @@ class Engine:
         self.scheduler = Scheduler(
             SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, config.block_size), self.allocator
         )
-        self.runner = ModelRunner(loaded.model, self.kv_cache, Sampler(self.model_config.vocab_size, config.seed), config.device)
+        self.runner = ModelRunner(
+            loaded.model, self.kv_cache, Sampler(self.model_config.vocab_size, config.seed), config.device
+        )
         self.max_model_len = min(config.max_model_len or self.model_config.max_context, self.model_config.max_context)
         self.outputs = OutputProcessor(self.tokenizer, self._eos_ids(), self.max_model_len)
         self.on_layer_done = on_layer_done
@@ -87,7 +89,9 @@ class Engine:
     def _layout(self, dtype: torch.dtype) -> KVLayout:
         cfg, model = self.config, self.model_config
         dtype_name = str(dtype).removeprefix("torch.")
-        num_blocks = cfg.num_kv_blocks or blocks_for_budget(model, cfg.block_size, dtype.itemsize, cfg.kv_cache_memory_bytes)
+        num_blocks = cfg.num_kv_blocks or blocks_for_budget(
+            model, cfg.block_size, dtype.itemsize, cfg.kv_cache_memory_bytes
+        )
         return KVLayout(model.num_layers, num_blocks, cfg.block_size, model.num_kv_heads, model.head_dim, dtype_name)
 
     def _eos_ids(self) -> tuple[int, ...]:
@@ -152,7 +156,9 @@ class Engine:
                 f"the maximum context length {self.max_model_len}"
             )
         if -(-total // self.config.block_size) > self.layout.num_blocks:
-            raise InvalidRequestError(f"{total} tokens do not fit in this worker's KV pool ({self.layout.num_blocks} blocks)")
+            raise InvalidRequestError(
+                f"{total} tokens do not fit in this worker's KV pool ({self.layout.num_blocks} blocks)"
+            )
 
     # -- the loop -------------------------------------------------------------------------------
 
@@ -160,7 +166,9 @@ class Engine:
         """Schedule, execute, update. Returns each request's output delta for this step."""
         plan = self.scheduler.schedule()
         if not plan.is_empty:
-            sampled = self.runner.execute(plan, {c.request_id: self.requests[c.request_id].sampling for c in plan.chunks}, self.on_layer_done)
+            sampled = self.runner.execute(
+                plan, {c.request_id: self.requests[c.request_id].sampling for c in plan.chunks}, self.on_layer_done
+            )
             self.scheduler.step_done(plan, self.requests)
             for request_id, (token_id, logprobs) in sampled.items():
                 self._record_token(self.requests[request_id], token_id, logprobs)
@@ -186,7 +194,9 @@ class Engine:
 
     # -- batch use --------------------------------------------------------------------------------
 
-    def generate(self, prompts: Sequence[str | Sequence[int]], params: SamplingParams | Sequence[SamplingParams]) -> list[Completion]:
+    def generate(
+        self, prompts: Sequence[str | Sequence[int]], params: SamplingParams | Sequence[SamplingParams]
+    ) -> list[Completion]:
         """Runs prompts to completion; results in prompt order."""
         per_prompt = list(params) if isinstance(params, Sequence) else [params] * len(prompts)
         ids = [f"gen-{uuid.uuid4().hex}" for _ in prompts]
@@ -228,4 +238,3 @@ def _completion(request_id: str, prompt: tuple[int, ...], outputs: list[RequestO
         logprobs=tuple(lp for o in outputs for lp in o.logprobs),
         num_cached_tokens=outputs[-1].num_cached_tokens,
     )
-

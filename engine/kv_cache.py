@@ -15,7 +15,6 @@ from dataclasses import dataclass
 
 import torch
 
-
 _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
@@ -59,7 +58,9 @@ class PagedKVCache:
         # The same memory as rows of bytes, one per (layer, block) region: what transports copy.
         self.regions = self.data.view(torch.uint8).view(layout.num_layers, layout.num_blocks, layout.region_bytes)
 
-    def write(self, layer: int, key: torch.Tensor, value: torch.Tensor, slot_block: torch.Tensor, slot_offset: torch.Tensor) -> None:
+    def write(
+        self, layer: int, key: torch.Tensor, value: torch.Tensor, slot_block: torch.Tensor, slot_offset: torch.Tensor
+    ) -> None:
         """Store K/V ``[tokens, kv_heads, head_dim]`` at the given (block, offset) slots of one layer."""
         layer_data = self.data[layer]
         layer_data[:, 0].index_put_((slot_block, slot_offset), key)
@@ -82,7 +83,9 @@ class PagedKVCache:
 
     def write_regions(self, layer: int, blocks: Sequence[int], data: torch.Tensor) -> None:
         """Store ``data`` (``[len(blocks), region_bytes]`` uint8) into the regions of ``blocks`` on ``layer``."""
-        self.regions[layer].index_copy_(0, torch.as_tensor(blocks, dtype=torch.long, device=self.data.device), data.to(self.data.device))
+        self.regions[layer].index_copy_(
+            0, torch.as_tensor(blocks, dtype=torch.long, device=self.data.device), data.to(self.data.device)
+        )
 
     def region(self, layer: int, block: int) -> torch.Tensor:
         """The contiguous ``[2, block_size, kv_heads, head_dim]`` view of one (layer, block)."""

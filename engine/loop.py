@@ -143,7 +143,9 @@ class EngineLoop:
         return self.call(subscribe)
 
     def unsubscribe(self, subscription: KVEventSubscription) -> None:
-        self.submit(lambda engine: self._subscribers.remove(subscription) if subscription in self._subscribers else None)
+        self.submit(
+            lambda engine: self._subscribers.remove(subscription) if subscription in self._subscribers else None
+        )
 
     # -- the loop ---------------------------------------------------------------------------------
 

@@ -1,9 +1,9 @@
 """A request's life inside one engine, as an explicit state machine.
 
-    WAITING ──schedule──> RUNNING ──stop/eos──> FINISHED_STOPPED
-       ^  └─reserve─> WAITING_FOR_KV            └─max_tokens──> FINISHED_LENGTH
-       └────preempt──── RUNNING      KV landed ──> RUNNING
-    any unfinished state ──abort──> FINISHED_ABORTED
+WAITING ──schedule──> RUNNING ──stop/eos──> FINISHED_STOPPED
+   ^  └─reserve─> WAITING_FOR_KV            └─max_tokens──> FINISHED_LENGTH
+   └────preempt──── RUNNING      KV landed ──> RUNNING
+any unfinished state ──abort──> FINISHED_ABORTED
 """
 
 from __future__ import annotations

@@ -16,8 +16,8 @@ Stop tokens, EOS and ``max_tokens`` are the engine's business, not the sampler's
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 
@@ -127,7 +127,9 @@ class Sampler:
         noise = self._exponential_noise(probs.shape, states, probs.device)
         return probs.div_(noise).argmax(dim=-1)
 
-    def _exponential_noise(self, shape: torch.Size, states: Sequence[SamplingState], device: torch.device) -> torch.Tensor:
+    def _exponential_noise(
+        self, shape: torch.Size, states: Sequence[SamplingState], device: torch.device
+    ) -> torch.Tensor:
         noise = torch.empty(shape, device=device)
         unseeded = [j for j, s in enumerate(states) if s.params.seed is None]
         if unseeded:

@@ -16,8 +16,8 @@ from typing import Any
 import jinja2
 from jinja2.ext import loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
-from tokenizers import processors
 from tokenizers import Tokenizer as BackendTokenizer
+from tokenizers import processors
 
 from engine.errors import InvalidRequestError, ModelLoadError
 

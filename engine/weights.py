@@ -18,6 +18,7 @@ from engine.model import CausalLM
 from engine.presets import DUMMY_WEIGHT_SEED, PRESETS, load_model_tokenizer, resolve_model_config
 from engine.tokenizer import Tokenizer
 
+
 @dataclass(frozen=True)
 class LoadedModel:
     config: ModelConfig
@@ -81,7 +82,9 @@ def _shard_files(model_dir: Path) -> list[Path]:
         files = sorted(model_dir.glob("*.safetensors"))
     missing = [str(f) for f in files if not f.is_file()]
     if not files or missing:
-        raise ModelLoadError(f"model directory {str(model_dir)!r} has no usable safetensors files {missing or ''}".rstrip())
+        raise ModelLoadError(
+            f"model directory {str(model_dir)!r} has no usable safetensors files {missing or ''}".rstrip()
+        )
     return files
 
 

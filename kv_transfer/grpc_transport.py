@@ -12,8 +12,8 @@ from collections.abc import Iterator, Sequence
 import grpc
 
 from engine.kv_cache import PagedKVCache
-from kv_transfer.inbox import TransferError
-from kv_transfer.layout import checksum
+from kv_transfer.errors import TransferError
+from kv_transfer.integrity import checksum
 from kv_transfer.sender import KVSender, OutboundSession, Peer
 from protos import common_pb2, decode_pb2, kv_transfer_pb2
 
@@ -48,13 +48,15 @@ class GrpcSession(OutboundSession):
         for begin in range(0, len(src_blocks), per_message):
             src = list(src_blocks[begin : begin + per_message])
             data = _region_bytes(cache, layer, src)
-            self._outbox.put(kv_transfer_pb2.KVChunk(
-                request_id=self.request_id,
-                layer=layer,
-                block_ids=dst_blocks[begin : begin + per_message],
-                data=data,
-                checksum=checksum(data) if self._verify else 0,
-            ))
+            self._outbox.put(
+                kv_transfer_pb2.KVChunk(
+                    request_id=self.request_id,
+                    layer=layer,
+                    block_ids=dst_blocks[begin : begin + per_message],
+                    data=data,
+                    checksum=checksum(data) if self._verify else 0,
+                )
+            )
             self.bytes_sent += len(data)
 
     def commit(self, first_token_id: int, first_logprob: common_pb2.TokenLogprob | None, timeout: float) -> None:
@@ -85,7 +87,9 @@ def _region_bytes(cache: PagedKVCache, layer: int, blocks: list[int]) -> bytes:
 
 
 class GrpcKVSender(KVSender):
-    def __init__(self, layout: common_pb2.KVLayout, sender_id: str, chunk_bytes: int = DEFAULT_CHUNK_BYTES, verify: bool = True) -> None:
+    def __init__(
+        self, layout: common_pb2.KVLayout, sender_id: str, chunk_bytes: int = DEFAULT_CHUNK_BYTES, verify: bool = True
+    ) -> None:
         super().__init__(layout, sender_id)
         self.chunk_bytes = chunk_bytes
         self.verify = verify

@@ -20,21 +20,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
-import xxhash
 
 from engine.kv_cache import PagedKVCache
-from kv_transfer.layout import checksum
+from kv_transfer.errors import TransferError
+from kv_transfer.integrity import checksum, region_checksum
 
 # Received chunks are read-only bytes; they are only read (copied into the pool), never written.
 warnings.filterwarnings("ignore", message="The given buffer is not writable")
-
-
-class TransferError(Exception):
-    """A transfer cannot proceed; the message says why (shown to the sender)."""
-
-    def __init__(self, message: str, code: str = "FAILED_PRECONDITION") -> None:
-        super().__init__(message)
-        self.code = code  # a grpc.StatusCode name
 
 
 class InboundState(enum.Enum):
@@ -122,7 +114,9 @@ class KVInbox:
         self._check_chunk(inbound, layer, block_ids)
         region_bytes = self.cache.layout.region_bytes
         if len(data) != len(block_ids) * region_bytes:
-            raise TransferError(f"chunk has {len(data)} bytes, expected {len(block_ids)} x {region_bytes}", "INVALID_ARGUMENT")
+            raise TransferError(
+                f"chunk has {len(data)} bytes, expected {len(block_ids)} x {region_bytes}", "INVALID_ARGUMENT"
+            )
         if self.verify_checksums and expected_checksum and checksum(data) != expected_checksum:
             raise TransferError(f"checksum mismatch on layer {layer} of {request_id}", "DATA_LOSS")
         regions = torch.frombuffer(data, dtype=torch.uint8).view(len(block_ids), region_bytes)
@@ -137,7 +131,11 @@ class KVInbox:
         self._check_chunk(inbound, layer, block_ids)
         with inbound.lock:
             self._require_open(inbound)
-            if self.verify_checksums and expected_checksum and region_checksum(self.cache, layer, block_ids) != expected_checksum:
+            if (
+                self.verify_checksums
+                and expected_checksum
+                and region_checksum(self.cache, layer, block_ids) != expected_checksum
+            ):
                 raise TransferError(f"checksum mismatch on layer {layer} of {request_id}", "DATA_LOSS")
             self._mark_written(inbound, layer, block_ids)
 
@@ -152,7 +150,9 @@ class KVInbox:
         with inbound.lock:
             self._require_open(inbound)
             if not self._complete(inbound):
-                missing = [layer for layer, blocks in enumerate(inbound.written) if len(blocks) < len(inbound.block_ids)]
+                missing = [
+                    layer for layer, blocks in enumerate(inbound.written) if len(blocks) < len(inbound.block_ids)
+                ]
                 raise TransferError(f"commit before layers {missing[:8]} landed", "FAILED_PRECONDITION")
             inbound.state = InboundState.COMMITTED
         self.on_commit(request_id, first_token_id, first_logprob)
@@ -196,20 +196,12 @@ class KVInbox:
             raise TransferError(f"layer {layer} outside [0, {self.cache.layout.num_layers})", "INVALID_ARGUMENT")
         stray = set(block_ids) - set(inbound.block_ids)
         if stray or not block_ids:
-            raise TransferError(f"blocks {sorted(stray)[:8]} are not reserved for {inbound.request_id}", "INVALID_ARGUMENT")
+            raise TransferError(
+                f"blocks {sorted(stray)[:8]} are not reserved for {inbound.request_id}", "INVALID_ARGUMENT"
+            )
 
     def _mark_written(self, inbound: Inbound, layer: int, block_ids: Sequence[int]) -> None:
         inbound.written[layer].update(block_ids)
         nbytes = len(block_ids) * self.cache.layout.region_bytes
         inbound.bytes_received += nbytes
         self.bytes_received += nbytes
-
-
-def region_checksum(cache: PagedKVCache, layer: int, block_ids: Sequence[int]) -> int:
-    """Checksum of one layer's regions in ``block_ids`` order, hashed in place (no gathered copy);
-    equal to ``checksum`` of the same regions sent back to back."""
-    digest = xxhash.xxh3_64()
-    rows = cache.regions[layer]
-    for block in block_ids:
-        digest.update(memoryview(rows[block].numpy()))
-    return digest.intdigest()

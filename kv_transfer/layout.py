@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import xxhash
-
 from engine.kv_cache import KVLayout
 from protos import common_pb2
 
@@ -44,8 +42,3 @@ def layout_mismatch(ours: common_pb2.KVLayout, theirs: common_pb2.KVLayout) -> s
         if getattr(ours, name) != getattr(theirs, name)
     ]
     return "incompatible KV layout — " + "; ".join(differences) if differences else None
-
-
-def checksum(data) -> int:
-    """xxh3-64 of a bytes-like object: cheap enough to run on every chunk (~10+ GB/s)."""
-    return xxhash.xxh3_64_intdigest(data)

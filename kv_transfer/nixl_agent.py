@@ -124,12 +124,9 @@ def _slot_indices(offsets: Sequence[int], nbytes: int, pool_nbytes: int, side: s
     array = np.asarray(offsets, dtype=np.int64)
     if array.ndim != 1:
         raise ValueError(f"{side} offsets must be a flat sequence")
-    if array.size and (
-        array.min() < 0 or array.max() + nbytes > pool_nbytes or np.any(array % nbytes)
-    ):
+    if array.size and (array.min() < 0 or array.max() + nbytes > pool_nbytes or np.any(array % nbytes)):
         raise ValueError(
-            f"{side} offsets must be multiples of {nbytes} with each region inside the "
-            f"{pool_nbytes}-byte pool"
+            f"{side} offsets must be multiples of {nbytes} with each region inside the {pool_nbytes}-byte pool"
         )
     return (array // nbytes).astype(np.int32)
 

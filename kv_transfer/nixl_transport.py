@@ -15,7 +15,9 @@ import grpc
 import msgpack
 
 from engine.kv_cache import PagedKVCache
-from kv_transfer.inbox import KVInbox, TransferError, region_checksum
+from kv_transfer.errors import TransferError
+from kv_transfer.inbox import KVInbox
+from kv_transfer.integrity import region_checksum
 from kv_transfer.nixl_agent import NixlError, NixlPool, PoolDescriptor, WriteHandle
 from kv_transfer.sender import KVSender, OutboundSession, Peer
 from protos import common_pb2, decode_pb2, kv_transfer_pb2
@@ -91,7 +93,9 @@ class NixlSession(OutboundSession):
         dst = [(layer * remote_blocks + b) * layout.region_bytes for b in dst_blocks]
         checksum = region_checksum(cache, layer, src_blocks) if self._sender.verify else 0
         try:
-            handle = self._sender.pool.write(self._remote, src, dst, layout.region_bytes, _notification(self.request_id, layer, dst_blocks, checksum))
+            handle = self._sender.pool.write(
+                self._remote, src, dst, layout.region_bytes, _notification(self.request_id, layer, dst_blocks, checksum)
+            )
         except (NixlError, ValueError) as exc:
             self.fail(f"NIXL write failed: {exc}")
             return
@@ -116,7 +120,9 @@ class NixlSession(OutboundSession):
             self.lease_left()
         if self.failed is not None:
             raise TransferError(self.failed, "ABORTED")
-        request = kv_transfer_pb2.CommitRequest(request_id=self.request_id, instance_id=self.ticket.instance_id, first_token_id=first_token_id)
+        request = kv_transfer_pb2.CommitRequest(
+            request_id=self.request_id, instance_id=self.ticket.instance_id, first_token_id=first_token_id
+        )
         if first_logprob is not None:
             request.first_logprob.CopyFrom(first_logprob)
         try:
@@ -127,7 +133,9 @@ class NixlSession(OutboundSession):
 
     def abort(self, reason: str) -> None:
         self.fail(reason)
-        request = kv_transfer_pb2.CommitRequest(request_id=self.request_id, instance_id=self.ticket.instance_id, abort=True, abort_reason=reason)
+        request = kv_transfer_pb2.CommitRequest(
+            request_id=self.request_id, instance_id=self.ticket.instance_id, abort=True, abort_reason=reason
+        )
         try:
             self._peer.stub.Commit(request, timeout=5.0)
         except grpc.RpcError as exc:
@@ -135,7 +143,9 @@ class NixlSession(OutboundSession):
 
 
 class NixlKVSender(KVSender):
-    def __init__(self, layout: common_pb2.KVLayout, sender_id: str, cache: PagedKVCache, agent_name: str, verify: bool = True) -> None:
+    def __init__(
+        self, layout: common_pb2.KVLayout, sender_id: str, cache: PagedKVCache, agent_name: str, verify: bool = True
+    ) -> None:
         super().__init__(layout, sender_id)
         self.verify = verify
         self.pool = NixlPool(agent_name, cache.data)
@@ -146,7 +156,9 @@ class NixlKVSender(KVSender):
 
     def _on_new_peer(self, peer: Peer) -> None:
         if not peer.handshake.nixl_metadata:
-            raise TransferError(f"{peer.address} does not receive KV over NIXL (transport mismatch)", "FAILED_PRECONDITION")
+            raise TransferError(
+                f"{peer.address} does not receive KV over NIXL (transport mismatch)", "FAILED_PRECONDITION"
+            )
         descriptor = PoolDescriptor.from_dict(msgpack.unpackb(peer.handshake.nixl_pool))
         self.pool.add_peer(peer.handshake.nixl_metadata)
         self._remote_pools[peer.address] = descriptor

@@ -8,7 +8,8 @@ from collections.abc import Callable
 
 import grpc
 
-from kv_transfer.inbox import KVInbox, TransferError
+from kv_transfer.errors import TransferError
+from kv_transfer.inbox import KVInbox
 from kv_transfer.layout import layout_mismatch
 from protos import common_pb2, kv_transfer_pb2, kv_transfer_pb2_grpc
 
@@ -80,7 +81,9 @@ class KVReceiverService(kv_transfer_pb2_grpc.KVReceiverServicer):
         if not chunk.request_id:
             raise TransferError("the first KV message must name the request", "INVALID_ARGUMENT")
         if chunk.instance_id and chunk.instance_id != self.instance_id:
-            raise TransferError(f"ticket is for instance {chunk.instance_id}; this worker is {self.instance_id}", "FAILED_PRECONDITION")
+            raise TransferError(
+                f"ticket is for instance {chunk.instance_id}; this worker is {self.instance_id}", "FAILED_PRECONDITION"
+            )
         if self.inbox.get(chunk.request_id) is None:
             raise TransferError(f"no reservation {chunk.request_id!r} on this worker", "NOT_FOUND")
         return chunk.request_id
@@ -88,7 +91,10 @@ class KVReceiverService(kv_transfer_pb2_grpc.KVReceiverServicer):
     def Commit(self, request, context):
         if request.instance_id and request.instance_id != self.instance_id:
             # Not about any reservation of this instance: leave them alone.
-            context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"ticket is for instance {request.instance_id}; this worker is {self.instance_id}")
+            context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"ticket is for instance {request.instance_id}; this worker is {self.instance_id}",
+            )
         try:
             if request.abort:
                 self.on_abort(request.request_id, request.abort_reason or "aborted by the prefill worker")

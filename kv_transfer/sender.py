@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import grpc
 
 from engine.kv_cache import PagedKVCache
-from kv_transfer.inbox import TransferError
+from kv_transfer.errors import TransferError
 from kv_transfer.layout import layout_mismatch
 from protos import common_pb2, decode_pb2, kv_transfer_pb2, kv_transfer_pb2_grpc
 
@@ -55,7 +55,9 @@ class OutboundSession(ABC):
         return self.failed is None
 
     @abstractmethod
-    def push_layer(self, cache: PagedKVCache, layer: int, src_blocks: Sequence[int], dst_blocks: Sequence[int]) -> None: ...
+    def push_layer(
+        self, cache: PagedKVCache, layer: int, src_blocks: Sequence[int], dst_blocks: Sequence[int]
+    ) -> None: ...
 
     @abstractmethod
     def commit(self, first_token_id: int, first_logprob: common_pb2.TokenLogprob | None, timeout: float) -> None:
@@ -101,7 +103,10 @@ class KVSender(ABC):
                 self._forget_peer(peer)
             peer = self._handshake(ticket.address)
             if peer.instance_id != ticket.instance_id:
-                raise TransferError(f"ticket is for receiver instance {ticket.instance_id}, {ticket.address} is now {peer.instance_id}", "FAILED_PRECONDITION")
+                raise TransferError(
+                    f"ticket is for receiver instance {ticket.instance_id}, {ticket.address} is now {peer.instance_id}",
+                    "FAILED_PRECONDITION",
+                )
             self._peers[ticket.address] = peer
             return peer
 
@@ -110,7 +115,9 @@ class KVSender(ABC):
         if channel is None:
             channel = self._channels[address] = grpc.insecure_channel(address, options=channel_options())
         stub = kv_transfer_pb2_grpc.KVReceiverStub(channel)
-        request = kv_transfer_pb2.HandshakeRequest(layout=self.layout, sender_id=self.sender_id, nixl_metadata=self._nixl_metadata())
+        request = kv_transfer_pb2.HandshakeRequest(
+            layout=self.layout, sender_id=self.sender_id, nixl_metadata=self._nixl_metadata()
+        )
         try:
             response = stub.Handshake(request, timeout=10.0)
         except grpc.RpcError as exc:

@@ -21,11 +21,11 @@ from engine.config import EngineConfig
 from engine.engine import Engine
 from engine.errors import EngineError, InvalidRequestError
 from engine.output import RequestOutput
+from kv_transfer.errors import TransferError
 from kv_transfer.grpc_transport import GrpcKVSender
-from kv_transfer.inbox import TransferError
 from kv_transfer.sender import KVSender, OutboundSession
-from kv_transfer.worker_base import WorkerBase, abort_on_error, logprob_to_wire, sampling_params_from_wire
 from protos import common_pb2, prefill_pb2, prefill_pb2_grpc
+from worker_server.base import WorkerBase, abort_on_error, logprob_to_wire, sampling_params_from_wire
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,14 @@ class PrefillWorker(WorkerBase, prefill_pb2_grpc.PrefillWorkerServicer):
     role = "prefill"
     service_names = ("splitserve.PrefillWorker",)
 
-    def __init__(self, config: EngineConfig, transport: str = "grpc", verify_checksums: bool = True, push_mode: str = "layer", **kwargs) -> None:
+    def __init__(
+        self,
+        config: EngineConfig,
+        transport: str = "grpc",
+        verify_checksums: bool = True,
+        push_mode: str = "layer",
+        **kwargs,
+    ) -> None:
         if push_mode not in PUSH_MODES:
             raise ValueError(f"unknown push mode {push_mode!r}; use {' or '.join(PUSH_MODES)}")
         super().__init__(config, **kwargs)
@@ -87,9 +94,15 @@ class PrefillWorker(WorkerBase, prefill_pb2_grpc.PrefillWorkerServicer):
             self.sender.peer(request.ticket)  # handshake first: a layout mismatch explains a block-count mismatch
             expected_blocks = -(-len(request.prompt_token_ids) // self.config.block_size)
             if len(request.ticket.block_ids) != expected_blocks:
-                raise InvalidRequestError(f"ticket has {len(request.ticket.block_ids)} blocks for a prompt of {expected_blocks}")
+                raise InvalidRequestError(
+                    f"ticket has {len(request.ticket.block_ids)} blocks for a prompt of {expected_blocks}"
+                )
             session = self.sender.open(request.request_id, request.ticket)
-            outbound = Outbound(session, len(request.prompt_token_ids), [request.ticket.num_cached_tokens // self.config.block_size] * self.engine.model_config.num_layers)
+            outbound = Outbound(
+                session,
+                len(request.prompt_token_ids),
+                [request.ticket.num_cached_tokens // self.config.block_size] * self.engine.model_config.num_layers,
+            )
             stream = self.loop.call(lambda engine: self._start(engine, request, params, outbound))
             context.add_callback(lambda: self._cancel(request.request_id, session))
             output = self._await_first_token(stream, session, context)
@@ -101,8 +114,13 @@ class PrefillWorker(WorkerBase, prefill_pb2_grpc.PrefillWorkerServicer):
                 self._cancel(request.request_id, session, str(exc))
             abort_on_error(context, exc)
         done = time.perf_counter()
-        self.counters.add(kv_transfers_completed=1, kv_transfer_bytes=session.bytes_sent, kv_transfer_seconds=done - outbound.last_layer_done,
-                          requests_finished=1, generated_tokens=1)
+        self.counters.add(
+            kv_transfers_completed=1,
+            kv_transfer_bytes=session.bytes_sent,
+            kv_transfer_seconds=done - outbound.last_layer_done,
+            requests_finished=1,
+            generated_tokens=1,
+        )
         response = prefill_pb2.PrefillResponse(
             first_token_id=output.token_ids[0],
             num_cached_tokens=output.num_cached_tokens,

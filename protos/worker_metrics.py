@@ -26,23 +26,50 @@ _TRANSFER_LABELS = ["worker", "role", "transport"]
 
 def worker_metrics(stats: Iterable[common_pb2.WorkerStats]) -> Iterator[Metric]:
     stats = list(stats)
-    blocks = GaugeMetricFamily("splitserve_worker_kv_blocks", "KV blocks of each worker's pool, by state", labels=[*_LABELS, "state"])
-    sequences = GaugeMetricFamily("splitserve_worker_sequences", "Sequences in each worker's engine, by state", labels=[*_LABELS, "state"])
-    hit_rate = GaugeMetricFamily("splitserve_worker_prefix_cache_hit_rate", "Prompt tokens served from the prefix cache / prompt tokens", labels=_LABELS)
+    blocks = GaugeMetricFamily(
+        "splitserve_worker_kv_blocks", "KV blocks of each worker's pool, by state", labels=[*_LABELS, "state"]
+    )
+    sequences = GaugeMetricFamily(
+        "splitserve_worker_sequences", "Sequences in each worker's engine, by state", labels=[*_LABELS, "state"]
+    )
+    hit_rate = GaugeMetricFamily(
+        "splitserve_worker_prefix_cache_hit_rate",
+        "Prompt tokens served from the prefix cache / prompt tokens",
+        labels=_LABELS,
+    )
     counters = {
         name: CounterMetricFamily(f"splitserve_worker_{name}", text, labels=_LABELS)
-        for name, text in (("prompt_tokens", "Prompt tokens received"), ("prefix_hit_tokens", "Prompt tokens found in the prefix cache"),
-                           ("generated_tokens", "Tokens generated"), ("requests_finished", "Requests finished"))
+        for name, text in (
+            ("prompt_tokens", "Prompt tokens received"),
+            ("prefix_hit_tokens", "Prompt tokens found in the prefix cache"),
+            ("generated_tokens", "Tokens generated"),
+            ("requests_finished", "Requests finished"),
+        )
     }
-    transfer_bytes = CounterMetricFamily("splitserve_kv_transfer_bytes", "KV bytes sent (prefill) or received (decode)", labels=_TRANSFER_LABELS)
-    transfer_seconds = CounterMetricFamily("splitserve_kv_transfer_seconds", "Summed KV transfer time", labels=_TRANSFER_LABELS)
-    transfers = CounterMetricFamily("splitserve_kv_transfers", "KV transfers by outcome", labels=[*_TRANSFER_LABELS, "outcome"])
-    leases = CounterMetricFamily("splitserve_kv_lease_expirations", "Reservations whose KV did not land in time", labels=_TRANSFER_LABELS)
-    in_flight = GaugeMetricFamily("splitserve_kv_transfers_in_flight", "KV transfers under way", labels=_TRANSFER_LABELS)
+    transfer_bytes = CounterMetricFamily(
+        "splitserve_kv_transfer_bytes", "KV bytes sent (prefill) or received (decode)", labels=_TRANSFER_LABELS
+    )
+    transfer_seconds = CounterMetricFamily(
+        "splitserve_kv_transfer_seconds", "Summed KV transfer time", labels=_TRANSFER_LABELS
+    )
+    transfers = CounterMetricFamily(
+        "splitserve_kv_transfers", "KV transfers by outcome", labels=[*_TRANSFER_LABELS, "outcome"]
+    )
+    leases = CounterMetricFamily(
+        "splitserve_kv_lease_expirations", "Reservations whose KV did not land in time", labels=_TRANSFER_LABELS
+    )
+    in_flight = GaugeMetricFamily(
+        "splitserve_kv_transfers_in_flight", "KV transfers under way", labels=_TRANSFER_LABELS
+    )
     for s in stats:
         worker = [s.worker_id, s.role]
         transfer = [*worker, s.transport or "grpc"]
-        for state, value in (("used", s.kv_blocks_used), ("free", s.kv_blocks_free), ("cached", s.kv_blocks_cached), ("total", s.kv_blocks_total)):
+        for state, value in (
+            ("used", s.kv_blocks_used),
+            ("free", s.kv_blocks_free),
+            ("cached", s.kv_blocks_cached),
+            ("total", s.kv_blocks_total),
+        ):
             blocks.add_metric([*worker, state], value)
         for state, value in (("running", s.running), ("waiting", s.waiting), ("waiting_for_kv", s.waiting_for_kv)):
             sequences.add_metric([*worker, state], value)
@@ -55,4 +82,14 @@ def worker_metrics(stats: Iterable[common_pb2.WorkerStats]) -> Iterator[Metric]:
         transfers.add_metric([*transfer, "failed"], s.kv_transfers_failed)
         leases.add_metric(transfer, s.leases_expired)
         in_flight.add_metric(transfer, s.transfers_in_flight)
-    yield from (blocks, sequences, hit_rate, *counters.values(), transfer_bytes, transfer_seconds, transfers, leases, in_flight)
+    yield from (
+        blocks,
+        sequences,
+        hit_rate,
+        *counters.values(),
+        transfer_bytes,
+        transfer_seconds,
+        transfers,
+        leases,
+        in_flight,
+    )

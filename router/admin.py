@@ -28,10 +28,15 @@ class DrainBody(BaseModel):
 def install_admin(app: FastAPI, frontend: Frontend, control: ControlPlane | None, admin_token: str | None) -> None:
     def refused(request: Request):
         if control is None:
-            return error_response("this router has no control plane (started with static workers)", 501, "not_implemented")
+            return error_response(
+                "this router has no control plane (started with static workers)", 501, "not_implemented"
+            )
         if not admin_token:
             return error_response("admin actions are disabled: no admin token is configured", 403, "admin_disabled")
-        supplied = request.headers.get("x-admin-token") or request.headers.get("authorization", "").removeprefix("Bearer ").strip()
+        supplied = (
+            request.headers.get("x-admin-token")
+            or request.headers.get("authorization", "").removeprefix("Bearer ").strip()
+        )
         if not hmac.compare_digest(supplied, admin_token):
             return error_response("missing or incorrect admin token", 403, "invalid_admin_token")
         return None
@@ -39,8 +44,10 @@ def install_admin(app: FastAPI, frontend: Frontend, control: ControlPlane | None
     @app.get("/admin/status")
     async def status() -> dict:
         routers = {"router": {"running": frontend.admission.running, "queued": frontend.admission.waiting}}
-        known = [{"address": w.address, "role": w.role, "healthy": w.healthy, "draining": w.draining, "active": w.active}
-                 for w in frontend.pool.workers.values()]
+        known = [
+            {"address": w.address, "role": w.role, "healthy": w.healthy, "draining": w.draining, "active": w.active}
+            for w in frontend.pool.workers.values()
+        ]
         cluster = await control.status() if control is not None else None
         return {"cluster": cluster, "router": routers["router"], "router_view": known}
 

@@ -66,17 +66,26 @@ class ActivityLog:
 
     def record_route(self, request_id: str, chosen: Route) -> None:
         """The orchestrator's ``on_route`` hook: called once per routing decision."""
-        self.routes.append({
-            "at": time.time(), "request_id": request_id, "decision": chosen.decision.value, "decode": chosen.decode.address,
-            "prefill": chosen.prefill.address if chosen.prefill else None, "uncached_tokens": chosen.uncached_tokens,
-            "reason": chosen.reason,
-        })
+        self.routes.append(
+            {
+                "at": time.time(),
+                "request_id": request_id,
+                "decision": chosen.decision.value,
+                "decode": chosen.decode.address,
+                "prefill": chosen.prefill.address if chosen.prefill else None,
+                "uncached_tokens": chosen.uncached_tokens,
+                "reason": chosen.reason,
+            }
+        )
 
     def record_error(self, path: str, status: int, message: str) -> None:
         self.errors.append({"at": time.time(), "path": path, "status": status, "message": message})
 
     def recent(self) -> dict:
-        return {"routes": list(self.routes)[-ACTIVITY_SHOWN:][::-1], "errors": list(self.errors)[-ACTIVITY_SHOWN:][::-1]}
+        return {
+            "routes": list(self.routes)[-ACTIVITY_SHOWN:][::-1],
+            "errors": list(self.errors)[-ACTIVITY_SHOWN:][::-1],
+        }
 
 
 class ErrorTap:
@@ -177,14 +186,21 @@ class HistogramWindow:
 
 def _buckets(histogram) -> tuple[list[float], list[float]]:
     """(upper bounds, cumulative counts) of an unlabelled prometheus_client Histogram."""
-    pairs = [(float(s.labels["le"]), s.value) for family in histogram.collect() for s in family.samples if s.name.endswith("_bucket")]
+    pairs = [
+        (float(s.labels["le"]), s.value)
+        for family in histogram.collect()
+        for s in family.samples
+        if s.name.endswith("_bucket")
+    ]
     pairs.sort()
     return [b for b, _ in pairs], [c for _, c in pairs]
 
 
 def _counter_total(counter, where: Callable[[dict], bool] = lambda labels: True) -> float:
     """Sum of a prometheus_client Counter's samples whose labels satisfy ``where``."""
-    return sum(s.value for family in counter.collect() for s in family.samples if s.name.endswith("_total") and where(s.labels))
+    return sum(
+        s.value for family in counter.collect() for s in family.samples if s.name.endswith("_total") and where(s.labels)
+    )
 
 
 def _generate_request(labels: dict) -> bool:
@@ -288,16 +304,22 @@ class Dashboard:
         if self.slo_override is not None:
             return self.slo_override
         planner = (cluster or {}).get("planner") or {}
-        return SLOTargets(ttft_s=planner.get("ttft_target_s", DEFAULT_SLO.ttft_s), tpot_s=planner.get("tpot_target_s", DEFAULT_SLO.tpot_s))
+        return SLOTargets(
+            ttft_s=planner.get("ttft_target_s", DEFAULT_SLO.ttft_s),
+            tpot_s=planner.get("tpot_target_s", DEFAULT_SLO.tpot_s),
+        )
 
     def _series(self, now: float, slo: SLOTargets) -> dict:
         metrics = self.frontend.metrics
         self.ttft.sample(now)
         self.tpot.sample(now)
         return {
-            "ttft_p50_s": self.ttft.quantile(0.5), "ttft_p99_s": self.ttft.quantile(0.99),
-            "tpot_p50_s": self.tpot.quantile(0.5), "tpot_p99_s": self.tpot.quantile(0.99),
-            "ttft_attainment": self.ttft.share_within(slo.ttft_s), "tpot_attainment": self.tpot.share_within(slo.tpot_s),
+            "ttft_p50_s": self.ttft.quantile(0.5),
+            "ttft_p99_s": self.ttft.quantile(0.99),
+            "tpot_p50_s": self.tpot.quantile(0.5),
+            "tpot_p99_s": self.tpot.quantile(0.99),
+            "ttft_attainment": self.ttft.share_within(slo.ttft_s),
+            "tpot_attainment": self.tpot.share_within(slo.tpot_s),
             "tokens_per_s": self.rates.rate("tokens", _counter_total(metrics.generation_tokens), now),
             "requests_per_s": self.rates.rate("requests", _counter_total(metrics.requests, _generate_request), now),
             "errors_per_s": self.rates.rate("errors", _counter_total(metrics.requests, _failed_generate_request), now),
@@ -349,16 +371,28 @@ def cluster_topology(cluster: dict, pool: WorkerPool) -> dict:
     for record in cluster.get("workers", []):
         handle = pool.workers.get(record.get("address") or "")
         stats = _stats_of(handle) if handle is not None and handle.last_seen else dict(record.get("stats") or {})
-        workers.append({
-            "id": record["worker_id"], "role": record["role"], "state": record["state"], "address": record.get("address") or "",
-            "node": record.get("node_id") or "", "restarts": record.get("restarts", 0),
-            "active": handle.active if handle is not None else 0, **_load_and_kv(stats),
-        })
+        workers.append(
+            {
+                "id": record["worker_id"],
+                "role": record["role"],
+                "state": record["state"],
+                "address": record.get("address") or "",
+                "node": record.get("node_id") or "",
+                "restarts": record.get("restarts", 0),
+                "active": handle.active if handle is not None else 0,
+                **_load_and_kv(stats),
+            }
+        )
     pools = {}
     for role, spec in (cluster.get("pools") or {}).items():
         of_role = [w for w in workers if w["role"] == role]
-        pools[role] = {"desired": spec.get("desired"), "min": spec.get("min"), "max": spec.get("max"),
-                       "ready": sum(1 for w in of_role if w["state"] == "ready"), "total": len(of_role)}
+        pools[role] = {
+            "desired": spec.get("desired"),
+            "min": spec.get("min"),
+            "max": spec.get("max"),
+            "ready": sum(1 for w in of_role if w["state"] == "ready"),
+            "total": len(of_role),
+        }
     return {"pools": pools, "nodes": _nodes(workers), "workers": workers}
 
 
@@ -367,10 +401,28 @@ def pool_topology(pool: WorkerPool) -> dict:
     workers = []
     for handle in pool.workers.values():
         state = "draining" if handle.draining else "ready" if handle.healthy else "unhealthy"
-        workers.append({"id": handle.stats.worker_id or handle.address, "role": handle.role, "state": state, "address": handle.address,
-                        "node": handle.address.rsplit(":", 1)[0], "restarts": 0, "active": handle.active, **_load_and_kv(_stats_of(handle))})
-    pools = {role: {"desired": None, "min": None, "max": None, "ready": sum(1 for w in workers if w["role"] == role and w["state"] == "ready"),
-                    "total": sum(1 for w in workers if w["role"] == role)} for role in ("prefill", "decode")}
+        workers.append(
+            {
+                "id": handle.stats.worker_id or handle.address,
+                "role": handle.role,
+                "state": state,
+                "address": handle.address,
+                "node": handle.address.rsplit(":", 1)[0],
+                "restarts": 0,
+                "active": handle.active,
+                **_load_and_kv(_stats_of(handle)),
+            }
+        )
+    pools = {
+        role: {
+            "desired": None,
+            "min": None,
+            "max": None,
+            "ready": sum(1 for w in workers if w["role"] == role and w["state"] == "ready"),
+            "total": sum(1 for w in workers if w["role"] == role),
+        }
+        for role in ("prefill", "decode")
+    }
     return {"pools": pools, "nodes": _nodes(workers), "workers": workers}
 
 
@@ -381,9 +433,20 @@ def _stats_of(handle: WorkerHandle) -> dict:
 def _load_and_kv(stats: dict) -> dict:
     # Protobuf leaves zero fields out of ListFields: absent means 0.
     get = lambda name: int(stats.get(name, 0))  # noqa: E731
-    return {"load": {"running": get("running"), "waiting": get("waiting"), "waiting_for_kv": get("waiting_for_kv"),
-                     "transfers_in_flight": get("transfers_in_flight")},
-            "kv": {"total": get("kv_blocks_total"), "used": get("kv_blocks_used"), "free": get("kv_blocks_free"), "cached": get("kv_blocks_cached")}}
+    return {
+        "load": {
+            "running": get("running"),
+            "waiting": get("waiting"),
+            "waiting_for_kv": get("waiting_for_kv"),
+            "transfers_in_flight": get("transfers_in_flight"),
+        },
+        "kv": {
+            "total": get("kv_blocks_total"),
+            "used": get("kv_blocks_used"),
+            "free": get("kv_blocks_free"),
+            "cached": get("kv_blocks_cached"),
+        },
+    }
 
 
 def _nodes(workers: list[dict]) -> list[dict]:
@@ -399,8 +462,13 @@ def _nodes(workers: list[dict]) -> list[dict]:
 # -- HTTP ---------------------------------------------------------------------------------------------
 
 
-def install_dashboard(app: FastAPI, frontend: Frontend, control: ControlPlane | None, slo: SLOTargets | None = None,
-                      web_dir: Path = WEB_DIR) -> Dashboard:
+def install_dashboard(
+    app: FastAPI,
+    frontend: Frontend,
+    control: ControlPlane | None,
+    slo: SLOTargets | None = None,
+    web_dir: Path = WEB_DIR,
+) -> Dashboard:
     """Adds the dashboard's routes to ``app`` and hooks its activity log into the orchestrator.
 
     ``slo``: the TTFT/TPOT targets drawn on the charts; default: the planner's targets from
@@ -430,8 +498,12 @@ def _install_page(app: FastAPI, dashboard: Dashboard) -> None:
     @app.get("/dashboard/lib/chart.js", include_in_schema=False)
     async def chart_library():
         if not dashboard.chart_library.is_file():
-            return PlainTextResponse("chart library not installed: run `npm ci --prefix router/dashboard_web` (make setup)", 404)
-        return FileResponse(dashboard.chart_library, media_type="text/javascript", headers={"Cache-Control": "max-age=3600"})
+            return PlainTextResponse(
+                "chart library not installed: run `npm ci --prefix router/dashboard_web` (make setup)", 404
+            )
+        return FileResponse(
+            dashboard.chart_library, media_type="text/javascript", headers={"Cache-Control": "max-age=3600"}
+        )
 
 
 def _install_feed(app: FastAPI, dashboard: Dashboard) -> None:
@@ -446,4 +518,6 @@ def _install_feed(app: FastAPI, dashboard: Dashboard) -> None:
                 yield f"data: {json.dumps(await dashboard.snapshot())}\n\n"
                 await asyncio.sleep(SNAPSHOT_INTERVAL_S)
 
-        return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return StreamingResponse(
+            stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        )

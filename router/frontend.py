@@ -44,7 +44,7 @@ class Admission:
         self._metrics.queue_depth.set(self.waiting)
         try:
             await asyncio.wait_for(self._slots.acquire(), self._queue_timeout_s)
-        except asyncio.TimeoutError as exc:
+        except TimeoutError as exc:
             raise Overloaded("the request waited too long for a slot", 503, retry_after=2) from exc
         finally:
             self.waiting -= 1
@@ -96,7 +96,9 @@ class Frontend:
 
     def check_model(self, model: str | None) -> None:
         if model and model != self.model_name:
-            raise GenerationError(f"The model `{model}` does not exist. Available: {self.model_name}", 404, "model_not_found")
+            raise GenerationError(
+                f"The model `{model}` does not exist. Available: {self.model_name}", 404, "model_not_found"
+            )
 
     def encode_text(self, text: str) -> list[int]:
         return self.tokenizer.encode(text)
@@ -109,7 +111,9 @@ class Frontend:
         # Chat templates write their own BOS where the model wants one.
         return self.tokenizer.encode(rendered, add_special_tokens=False)
 
-    def build(self, prompt_ids: list[int], sampling: SamplingInput, default_max_tokens: int | None) -> GenerationRequest:
+    def build(
+        self, prompt_ids: list[int], sampling: SamplingInput, default_max_tokens: int | None
+    ) -> GenerationRequest:
         """Validates a prompt and its sampling fields; GenerationError(400) names the first problem."""
         if not prompt_ids:
             raise _bad("prompt must not be empty", "prompt")
@@ -120,7 +124,8 @@ class Frontend:
             raise GenerationError(
                 f"This model's maximum context length is {self.max_model_len} tokens. However, your prompt has "
                 f"{len(prompt_ids)} tokens, which leaves no room for the completion.",
-                400, "context_length_exceeded",
+                400,
+                "context_length_exceeded",
             )
         max_tokens = sampling.max_tokens if sampling.max_tokens is not None else (default_max_tokens or room)
         if max_tokens < 1:
@@ -128,14 +133,23 @@ class Frontend:
         if max_tokens > room:
             raise GenerationError(
                 f"This model's maximum context length is {self.max_model_len} tokens. However, you requested "
-                f"{len(prompt_ids) + max_tokens} tokens ({len(prompt_ids)} in the prompt, {max_tokens} for the completion).",
-                400, "context_length_exceeded",
+                f"{len(prompt_ids) + max_tokens} tokens ({len(prompt_ids)} in the prompt, {max_tokens} for "
+                "the completion).",
+                400,
+                "context_length_exceeded",
             )
         _check_range(sampling)
         params = common_pb2.SamplingParams(
-            max_tokens=max_tokens, temperature=sampling.temperature, top_p=sampling.top_p, top_k=max(sampling.top_k, 0),
-            min_p=sampling.min_p, presence_penalty=sampling.presence_penalty, frequency_penalty=sampling.frequency_penalty,
-            repetition_penalty=sampling.repetition_penalty, stop=sampling.stop, stop_token_ids=sampling.stop_token_ids,
+            max_tokens=max_tokens,
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            top_k=max(sampling.top_k, 0),
+            min_p=sampling.min_p,
+            presence_penalty=sampling.presence_penalty,
+            frequency_penalty=sampling.frequency_penalty,
+            repetition_penalty=sampling.repetition_penalty,
+            stop=sampling.stop,
+            stop_token_ids=sampling.stop_token_ids,
             ignore_eos=sampling.ignore_eos,
         )
         if sampling.seed is not None:
@@ -173,7 +187,11 @@ def _check_range(s: SamplingInput) -> None:
         (-2.0 <= s.presence_penalty <= 2.0, "presence_penalty must be between -2 and 2", "presence_penalty"),
         (-2.0 <= s.frequency_penalty <= 2.0, "frequency_penalty must be between -2 and 2", "frequency_penalty"),
         (0.0 < s.repetition_penalty <= 2.0, "repetition_penalty must be in (0, 2]", "repetition_penalty"),
-        (s.logprobs is None or 0 <= s.logprobs <= MAX_TOP_LOGPROBS, f"logprobs must be between 0 and {MAX_TOP_LOGPROBS}", "logprobs"),
+        (
+            s.logprobs is None or 0 <= s.logprobs <= MAX_TOP_LOGPROBS,
+            f"logprobs must be between 0 and {MAX_TOP_LOGPROBS}",
+            "logprobs",
+        ),
         (len(s.stop) <= 16 and all(s.stop), "stop must be at most 16 non-empty strings", "stop"),
     ]
     for ok, message, param in checks:

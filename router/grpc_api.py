@@ -13,8 +13,13 @@ from protos import generate_pb2, generate_pb2_grpc
 from router.frontend import Frontend, SamplingInput
 from router.orchestrator import GenerationError
 
-_STATUS = {400: grpc.StatusCode.INVALID_ARGUMENT, 401: grpc.StatusCode.UNAUTHENTICATED, 404: grpc.StatusCode.NOT_FOUND,
-           429: grpc.StatusCode.RESOURCE_EXHAUSTED, 504: grpc.StatusCode.DEADLINE_EXCEEDED}
+_STATUS = {
+    400: grpc.StatusCode.INVALID_ARGUMENT,
+    401: grpc.StatusCode.UNAUTHENTICATED,
+    404: grpc.StatusCode.NOT_FOUND,
+    429: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    504: grpc.StatusCode.DEADLINE_EXCEEDED,
+}
 
 
 class GenerateService(generate_pb2_grpc.GenerateServicer):
@@ -25,13 +30,20 @@ class GenerateService(generate_pb2_grpc.GenerateServicer):
     async def Generate(self, request: generate_pb2.CompletionRequest, context: grpc.aio.ServicerContext):
         frontend = self.frontend
         if self.api_keys and not self._authorized(context):
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or incorrect API key (metadata authorization: Bearer KEY)")
+            await context.abort(
+                grpc.StatusCode.UNAUTHENTICATED, "missing or incorrect API key (metadata authorization: Bearer KEY)"
+            )
         try:
             frontend.check_model(request.model)
             job = frontend.build(self._prompt(request), _sampling(request), 16)
             async for delta in frontend.stream(job):
-                chunk = generate_pb2.CompletionChunk(request_id=request.request_id or job.request_id, token_ids=delta.token_ids,
-                                                     text=delta.text, logprobs=delta.logprobs, finish_reason=delta.finish_reason or "")
+                chunk = generate_pb2.CompletionChunk(
+                    request_id=request.request_id or job.request_id,
+                    token_ids=delta.token_ids,
+                    text=delta.text,
+                    logprobs=delta.logprobs,
+                    finish_reason=delta.finish_reason or "",
+                )
                 if delta.usage is not None:
                     chunk.usage.CopyFrom(delta.usage)
                 yield chunk
@@ -59,10 +71,19 @@ class GenerateService(generate_pb2_grpc.GenerateServicer):
 def _sampling(request: generate_pb2.CompletionRequest) -> SamplingInput:
     p = request.params
     return SamplingInput(
-        max_tokens=p.max_tokens or None, temperature=p.temperature, top_p=p.top_p or 1.0, top_k=p.top_k or -1, min_p=p.min_p,
-        seed=p.seed if p.HasField("seed") else None, presence_penalty=p.presence_penalty, frequency_penalty=p.frequency_penalty,
-        repetition_penalty=p.repetition_penalty or 1.0, stop=tuple(p.stop), stop_token_ids=tuple(p.stop_token_ids),
-        ignore_eos=p.ignore_eos, logprobs=p.logprobs if p.HasField("logprobs") else None,
+        max_tokens=p.max_tokens or None,
+        temperature=p.temperature,
+        top_p=p.top_p or 1.0,
+        top_k=p.top_k or -1,
+        min_p=p.min_p,
+        seed=p.seed if p.HasField("seed") else None,
+        presence_penalty=p.presence_penalty,
+        frequency_penalty=p.frequency_penalty,
+        repetition_penalty=p.repetition_penalty or 1.0,
+        stop=tuple(p.stop),
+        stop_token_ids=tuple(p.stop_token_ids),
+        ignore_eos=p.ignore_eos,
+        logprobs=p.logprobs if p.HasField("logprobs") else None,
     )
 
 

@@ -56,10 +56,19 @@ class _SamplingFields(BaseModel):
     def sampling(self, max_tokens: int | None, logprobs: int | None) -> SamplingInput:
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
         return SamplingInput(
-            max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, min_p=self.min_p,
-            seed=self.seed, presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
-            repetition_penalty=self.repetition_penalty, stop=stop, stop_token_ids=tuple(self.stop_token_ids or ()),
-            ignore_eos=self.ignore_eos, logprobs=logprobs,
+            max_tokens=max_tokens,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=self.top_k,
+            min_p=self.min_p,
+            seed=self.seed,
+            presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty,
+            repetition_penalty=self.repetition_penalty,
+            stop=stop,
+            stop_token_ids=tuple(self.stop_token_ids or ()),
+            ignore_eos=self.ignore_eos,
+            logprobs=logprobs,
         )
 
 
@@ -106,7 +115,9 @@ class ChatBody(_SamplingFields):
 
 
 def create_app(frontend: Frontend, api_keys: tuple[str, ...] = ()) -> FastAPI:
-    app = FastAPI(title="splitserve", version="0.1.0", description="OpenAI-compatible API of a disaggregated LLM serving cluster")
+    app = FastAPI(
+        title="splitserve", version="0.1.0", description="OpenAI-compatible API of a disaggregated LLM serving cluster"
+    )
     app.state.frontend = frontend
     _install_errors(app)
     _install_guards(app, frontend, api_keys)
@@ -118,7 +129,11 @@ def create_app(frontend: Frontend, api_keys: tuple[str, ...] = ()) -> FastAPI:
     @app.get("/ready")
     async def ready():
         decodes = frontend.pool.of_role("decode")
-        body = {"ready": bool(decodes), "decode_workers": len(decodes), "prefill_workers": len(frontend.pool.of_role("prefill"))}
+        body = {
+            "ready": bool(decodes),
+            "decode_workers": len(decodes),
+            "prefill_workers": len(frontend.pool.of_role("prefill")),
+        }
         return JSONResponse(body, status_code=200 if decodes else 503)
 
     @app.get("/metrics")
@@ -127,7 +142,18 @@ def create_app(frontend: Frontend, api_keys: tuple[str, ...] = ()) -> FastAPI:
 
     @app.get("/v1/models")
     async def models() -> dict:
-        return {"object": "list", "data": [{"id": frontend.model_name, "object": "model", "created": 0, "owned_by": "splitserve", "max_model_len": frontend.max_model_len}]}
+        return {
+            "object": "list",
+            "data": [
+                {
+                    "id": frontend.model_name,
+                    "object": "model",
+                    "created": 0,
+                    "owned_by": "splitserve",
+                    "max_model_len": frontend.max_model_len,
+                }
+            ],
+        }
 
     @app.post("/v1/completions")
     async def completions(body: CompletionBody, request: Request):
@@ -135,7 +161,9 @@ def create_app(frontend: Frontend, api_keys: tuple[str, ...] = ()) -> FastAPI:
         prompts = _completion_prompts(frontend, body.prompt)
         if body.stream and len(prompts) > 1:
             raise GenerationError("streaming supports a single prompt", 400, "invalid_request_error", "prompt")
-        jobs = [frontend.build(p, body.sampling(body.max_tokens, body.logprobs), 16) for p in prompts for _ in range(body.n)]
+        jobs = [
+            frontend.build(p, body.sampling(body.max_tokens, body.logprobs), 16) for p in prompts for _ in range(body.n)
+        ]
         return await _respond(request, frontend, body, _seeded(jobs, body.seed), "text_completion", "cmpl")
 
     @app.post("/v1/chat/completions")
@@ -148,7 +176,9 @@ def create_app(frontend: Frontend, api_keys: tuple[str, ...] = ()) -> FastAPI:
         prompt = frontend.encode_chat(messages)
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         if body.top_logprobs is not None and not body.logprobs:
-            raise GenerationError("top_logprobs requires logprobs to be true", 400, "invalid_request_error", "top_logprobs")
+            raise GenerationError(
+                "top_logprobs requires logprobs to be true", 400, "invalid_request_error", "top_logprobs"
+            )
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         jobs = [frontend.build(prompt, body.sampling(max_tokens, logprobs), None) for _ in range(body.n)]
         return await _respond(request, frontend, body, _seeded(jobs, body.seed), "chat.completion", "chatcmpl")
@@ -165,7 +195,9 @@ def _completion_prompts(frontend: Frontend, prompt) -> list[list[int]]:
         return [frontend.encode_text(p) for p in prompt]
     if prompt and all(isinstance(p, list) for p in prompt):
         return [list(p) for p in prompt]
-    raise GenerationError("prompt must be a string, a list of strings, or token ids", 400, "invalid_request_error", "prompt")
+    raise GenerationError(
+        "prompt must be a string, a list of strings, or token ids", 400, "invalid_request_error", "prompt"
+    )
 
 
 def _seeded(jobs: list[GenerationRequest], seed: int | None) -> list[GenerationRequest]:
@@ -192,7 +224,7 @@ async def _respond(request: Request, frontend: Frontend, body, jobs: list[Genera
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         deltas = _merge([frontend.stream(job) for job in jobs])
-        # Admission, routing and prefill run before the headers go out, so their errors keep their status (429, 503, ...).
+        # Admission, routing and prefill run before the headers go out: their errors keep their status (429, 503).
         first = await _first_or_cancel(request, deltas)
         return StreamingResponse(
             _sse(frontend, _chained(first, deltas), len(jobs), response_id, created, chat, include_usage, token_text),
@@ -229,7 +261,9 @@ async def _unless_disconnected(request: Request, future: asyncio.Future):
                 future.exception()  # a cancelled gather ends with CancelledError as its exception: mark it seen
 
 
-async def _chained(first: tuple[int, Delta], rest: AsyncIterator[tuple[int, Delta]]) -> AsyncIterator[tuple[int, Delta]]:
+async def _chained(
+    first: tuple[int, Delta], rest: AsyncIterator[tuple[int, Delta]]
+) -> AsyncIterator[tuple[int, Delta]]:
     yield first
     async for item in rest:
         yield item
@@ -249,7 +283,9 @@ async def _collect_or_cancel(request: Request, coroutines) -> list[list[Delta]]:
             task.cancel()
 
 
-def _full_response(frontend: Frontend, results: list[list[Delta]], response_id: str, created: int, chat: bool, token_text) -> dict:
+def _full_response(
+    frontend: Frontend, results: list[list[Delta]], response_id: str, created: int, chat: bool, token_text
+) -> dict:
     choices = []
     prompt_tokens = completion_tokens = cached = 0
     for index, deltas in enumerate(results):
@@ -279,15 +315,34 @@ def _full_response(frontend: Frontend, results: list[list[Delta]], response_id: 
 
 
 def _usage(prompt: int, completion: int, cached: int) -> dict:
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion, "prompt_tokens_details": {"cached_tokens": cached}}
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": cached},
+    }
 
 
-async def _sse(frontend: Frontend, deltas: AsyncIterator[tuple[int, Delta]], choices: int, response_id: str, created: int, chat: bool,
-               include_usage: bool, token_text) -> AsyncIterator[str]:
+async def _sse(
+    frontend: Frontend,
+    deltas: AsyncIterator[tuple[int, Delta]],
+    choices: int,
+    response_id: str,
+    created: int,
+    chat: bool,
+    include_usage: bool,
+    token_text,
+) -> AsyncIterator[str]:
     kind = "chat.completion.chunk" if chat else "text_completion"
 
     def chunk(choices: list[dict], usage: dict | None = None) -> str:
-        payload = {"id": response_id, "object": kind, "created": created, "model": frontend.model_name, "choices": choices}
+        payload = {
+            "id": response_id,
+            "object": kind,
+            "created": created,
+            "model": frontend.model_name,
+            "choices": choices,
+        }
         if include_usage:
             payload["usage"] = usage
         return f"data: {json.dumps(payload)}\n\n"
@@ -296,7 +351,16 @@ async def _sse(frontend: Frontend, deltas: AsyncIterator[tuple[int, Delta]], cho
     try:
         if chat:
             for index in range(choices):
-                yield chunk([{"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}])
+                yield chunk(
+                    [
+                        {
+                            "index": index,
+                            "delta": {"role": "assistant", "content": ""},
+                            "logprobs": None,
+                            "finish_reason": None,
+                        }
+                    ]
+                )
         async for index, delta in deltas:
             yield chunk([_stream_choice(token_text, index, delta, chat)])
             if delta.usage is not None:
@@ -368,7 +432,12 @@ def _chat_logprobs(token_text, logprobs) -> dict:
         text = token_text(token_id)
         return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
 
-    return {"content": [dict(entry(lp.token_id, lp.logprob), top_logprobs=[entry(t.token_id, t.logprob) for t in lp.top]) for lp in logprobs]}
+    return {
+        "content": [
+            dict(entry(lp.token_id, lp.logprob), top_logprobs=[entry(t.token_id, t.logprob) for t in lp.top])
+            for lp in logprobs
+        ]
+    }
 
 
 # -- errors and guards ----------------------------------------------------------------------------------
@@ -379,7 +448,9 @@ def _error_body(exc: GenerationError) -> dict:
     return {"error": {"message": str(exc), "type": kind, "param": exc.param, "code": exc.code}}
 
 
-def error_response(message: str, status: int, code: str, param: str | None = None, headers: dict | None = None) -> JSONResponse:
+def error_response(
+    message: str, status: int, code: str, param: str | None = None, headers: dict | None = None
+) -> JSONResponse:
     return JSONResponse(_error_body(GenerationError(message, status, code, param)), status_code=status, headers=headers)
 
 

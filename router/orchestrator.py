@@ -1,12 +1,12 @@
 """One request's journey through the cluster, with its failure outcomes.
 
-    reserve on D ──> prefill on P (ticket) ──> first token to the client ──> decode stream from D
-       │ D full: another D          │ P fails: abort reservation, retry another P (bounded,
-       │                            │          jittered backoff), else prefill locally on D
-       └─ short prompt / no P ──> D prefills locally
-    D dies mid-stream ──> re-issue prompt + tokens so far on another D (migration)
-    lease expired ──> recompute locally on D (policy "recompute") or fail ("fail")
-    consumer goes away ──> every in-flight call is cancelled and reservations aborted
+reserve on D ──> prefill on P (ticket) ──> first token to the client ──> decode stream from D
+   │ D full: another D          │ P fails: abort reservation, retry another P (bounded,
+   │                            │          jittered backoff), else prefill locally on D
+   └─ short prompt / no P ──> D prefills locally
+D dies mid-stream ──> re-issue prompt + tokens so far on another D (migration)
+lease expired ──> recompute locally on D (policy "recompute") or fail ("fail")
+consumer goes away ──> every in-flight call is cancelled and reservations aborted
 """
 
 from __future__ import annotations
@@ -30,13 +30,20 @@ from router.workers import WorkerHandle, WorkerPool
 
 log = logging.getLogger(__name__)
 
-_WORKER_LOST = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN, grpc.StatusCode.CANCELLED}
+_WORKER_LOST = {
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.INTERNAL,
+    grpc.StatusCode.UNKNOWN,
+    grpc.StatusCode.CANCELLED,
+}
 
 
 class GenerationError(Exception):
     """A request cannot complete; ``status`` is the HTTP status to report."""
 
-    def __init__(self, message: str, status: int = 503, code: str = "service_unavailable", param: str | None = None) -> None:
+    def __init__(
+        self, message: str, status: int = 503, code: str = "service_unavailable", param: str | None = None
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.code = code
@@ -89,7 +96,9 @@ class Orchestrator:
         self.pool = pool
         self.tokenizer = tokenizer
         self.metrics = metrics
-        self.on_route: Callable[[str, Route], None] | None = None  # told each routing decision (the dashboard's activity log); must not block
+        self.on_route: Callable[[str, Route], None] | None = (
+            None  # told each routing decision (the dashboard's activity log); must not block
+        )
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[Delta]:
         """Deltas for one request; the last one carries finish_reason and usage."""
@@ -113,7 +122,12 @@ class Orchestrator:
                 if len(exclude) > self.config.migration_retries:
                     raise GenerationError(f"decode workers lost mid-request: {exc}") from exc
                 self.metrics.migrations.inc()
-                log.warning("request %s: decode worker %s lost after %d tokens; migrating", request.request_id, chosen.decode.address, len(progress.tokens))
+                log.warning(
+                    "request %s: decode worker %s lost after %d tokens; migrating",
+                    request.request_id,
+                    chosen.decode.address,
+                    len(progress.tokens),
+                )
             except _LeaseExpired as exc:
                 self.metrics.lease_expirations.inc()
                 if self.config.lease_policy == "fail":
@@ -123,7 +137,9 @@ class Orchestrator:
     def _route(self, request, progress: _Progress, hashes, exclude: set[str], force_local: bool) -> Route:
         try:
             prompt_len = len(request.prompt_token_ids) + len(progress.tokens)
-            chosen = route(self.pool.of_role("decode"), self.pool.of_role("prefill"), prompt_len, hashes, self.config, exclude)
+            chosen = route(
+                self.pool.of_role("decode"), self.pool.of_role("prefill"), prompt_len, hashes, self.config, exclude
+            )
         except NoWorkerError as exc:
             raise GenerationError(str(exc), 503) from exc
         if (force_local or progress.tokens) and chosen.decision is Decision.REMOTE_PREFILL:
@@ -135,7 +151,9 @@ class Orchestrator:
 
     # -- the two paths ----------------------------------------------------------------------------
 
-    async def _local(self, request: GenerationRequest, decode: WorkerHandle, progress: _Progress) -> AsyncIterator[Delta]:
+    async def _local(
+        self, request: GenerationRequest, decode: WorkerHandle, progress: _Progress
+    ) -> AsyncIterator[Delta]:
         """D prefills and decodes; continues after ``progress.tokens`` when migrating."""
         params = common_pb2.SamplingParams()
         params.CopyFrom(request.params)
@@ -147,7 +165,9 @@ class Orchestrator:
         )
         decode.active += 1
         try:
-            async for delta in self._decode_stream(decode, decode.stub.Generate(worker_request, timeout=self.config.request_timeout_s), skip_first=False):
+            async for delta in self._decode_stream(
+                decode, decode.stub.Generate(worker_request, timeout=self.config.request_timeout_s), skip_first=False
+            ):
                 yield delta
         finally:
             decode.active -= 1
@@ -158,7 +178,9 @@ class Orchestrator:
         for attempt in range(self.config.prefill_retries + 1):
             worker_id = progress.next_worker_request_id(request.request_id)
             ticket = await self._reserve(decode, worker_id, request)
-            decode_call = decode.stub.Generate(decode_pb2.GenerateRequest(request_id=worker_id, reserved=True), timeout=self.config.request_timeout_s)
+            decode_call = decode.stub.Generate(
+                decode_pb2.GenerateRequest(request_id=worker_id, reserved=True), timeout=self.config.request_timeout_s
+            )
             decode.active += 1
             try:
                 first = await self._prefill(prefill, worker_id, request, ticket)
@@ -177,7 +199,9 @@ class Orchestrator:
                 self.metrics.kv_transfer_bytes.labels(ticket.transport).inc(first.kv_bytes_sent)
                 first_delta = self._first_delta(first, request)
                 yield first_delta
-                async for delta in self._decode_stream(decode, decode_call, skip_first=True, first_text_sent=bool(first_delta.text)):
+                async for delta in self._decode_stream(
+                    decode, decode_call, skip_first=True, first_text_sent=bool(first_delta.text)
+                ):
                     yield delta
                 return
             finally:
@@ -185,7 +209,9 @@ class Orchestrator:
                 if not decode_call.done():
                     decode_call.cancel()
                     asyncio.ensure_future(self._abort(decode, worker_id))
-        log.warning("request %s: prefill failed on every worker tried; prefilling on the decode worker", request.request_id)
+        log.warning(
+            "request %s: prefill failed on every worker tried; prefilling on the decode worker", request.request_id
+        )
         self.metrics.routing_decisions.labels(Decision.FALLBACK.value).inc()
         async for delta in self._local(request, decode, progress):
             yield delta
@@ -193,18 +219,30 @@ class Orchestrator:
     async def _reserve(self, decode: WorkerHandle, worker_id: str, request: GenerationRequest) -> decode_pb2.Ticket:
         try:
             return await decode.stub.Reserve(
-                decode_pb2.ReserveRequest(request_id=worker_id, prompt_token_ids=request.prompt_token_ids, params=request.params, lease_ms=self.config.lease_ms),
+                decode_pb2.ReserveRequest(
+                    request_id=worker_id,
+                    prompt_token_ids=request.prompt_token_ids,
+                    params=request.params,
+                    lease_ms=self.config.lease_ms,
+                ),
                 timeout=10.0,
             )
         except grpc.aio.AioRpcError as exc:
             raise self._worker_error(decode, exc) from exc
 
-    async def _prefill(self, prefill: WorkerHandle, worker_id: str, request: GenerationRequest, ticket) -> prefill_pb2.PrefillResponse | None:
+    async def _prefill(
+        self, prefill: WorkerHandle, worker_id: str, request: GenerationRequest, ticket
+    ) -> prefill_pb2.PrefillResponse | None:
         """The prefill's answer, or None if this prefill worker failed (the caller retries)."""
         prefill.active += 1
         try:
             return await prefill.stub.Prefill(
-                prefill_pb2.PrefillRequest(request_id=worker_id, prompt_token_ids=request.prompt_token_ids, params=request.params, ticket=ticket),
+                prefill_pb2.PrefillRequest(
+                    request_id=worker_id,
+                    prompt_token_ids=request.prompt_token_ids,
+                    params=request.params,
+                    ticket=ticket,
+                ),
                 timeout=self.config.prefill_timeout_s,
             )
         except grpc.aio.AioRpcError as exc:
@@ -232,7 +270,9 @@ class Orchestrator:
         logprobs = (first.first_logprob,) if first.HasField("first_logprob") else ()
         return Delta((first.first_token_id,), text, logprobs)
 
-    async def _decode_stream(self, decode: WorkerHandle, call, skip_first: bool, first_text_sent: bool = False) -> AsyncIterator[Delta]:
+    async def _decode_stream(
+        self, decode: WorkerHandle, call, skip_first: bool, first_text_sent: bool = False
+    ) -> AsyncIterator[Delta]:
         """Deltas from a decode worker's Generate stream. With ``skip_first`` the first response (the
         token the prefill worker already returned) contributes only text the client has not had."""
         try:
@@ -288,8 +328,14 @@ class Orchestrator:
             progress.tokens.extend(delta.token_ids)
         if delta.finish_reason is None:
             return delta
-        cached = progress.cached_tokens if progress.cached_tokens is not None else (delta.usage.cached_tokens if delta.usage else 0)
-        usage = common_pb2.Usage(prompt_tokens=len(request.prompt_token_ids), completion_tokens=len(progress.tokens), cached_tokens=cached)
+        cached = (
+            progress.cached_tokens
+            if progress.cached_tokens is not None
+            else (delta.usage.cached_tokens if delta.usage else 0)
+        )
+        usage = common_pb2.Usage(
+            prompt_tokens=len(request.prompt_token_ids), completion_tokens=len(progress.tokens), cached_tokens=cached
+        )
         self.metrics.e2e.observe(now - progress.started)
         if len(progress.tokens) > 1 and progress.first_token_at is not None:
             tpot = (now - progress.first_token_at) / (len(progress.tokens) - 1)

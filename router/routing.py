@@ -40,7 +40,9 @@ class NoWorkerError(Exception):
     """No healthy decode worker can take the request."""
 
 
-def choose_decode(decodes: list[WorkerHandle], block_hashes: list[int], prompt_blocks: int, exclude: set[str] = frozenset()) -> WorkerHandle:
+def choose_decode(
+    decodes: list[WorkerHandle], block_hashes: list[int], prompt_blocks: int, exclude: set[str] = frozenset()
+) -> WorkerHandle:
     candidates = [w for w in decodes if w.address not in exclude]
     if not candidates:
         raise NoWorkerError("no healthy decode worker")
@@ -72,7 +74,15 @@ def route(
     uncached = prompt_len - decode.kv.prefix_blocks(block_hashes) * config.block_size
     candidates = [p for p in prefills if p.address not in exclude]
     if uncached < config.local_prefill_threshold:
-        return _logged(Route(Decision.LOCAL_PREFILL, decode, None, uncached, f"uncached {uncached} < threshold {config.local_prefill_threshold}"))
+        return _logged(
+            Route(
+                Decision.LOCAL_PREFILL,
+                decode,
+                None,
+                uncached,
+                f"uncached {uncached} < threshold {config.local_prefill_threshold}",
+            )
+        )
     if not candidates:
         return _logged(Route(Decision.FALLBACK, decode, None, uncached, "no healthy prefill worker"))
     unsaturated = [p for p in candidates if p.active < config.prefill_saturation]

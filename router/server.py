@@ -41,10 +41,19 @@ class Router:
             self.pool.add(address, "prefill")
         for address in self.config.decode_addresses:
             self.pool.add(address, "decode")
-        self._grpc, self.grpc_port = create_grpc_server(self.frontend, f"{self.config.host}:{self.config.grpc_port}", self.api_keys)
+        self._grpc, self.grpc_port = create_grpc_server(
+            self.frontend, f"{self.config.host}:{self.config.grpc_port}", self.api_keys
+        )
         await self._grpc.start()
         await mark_serving(self._grpc)
-        http_config = uvicorn.Config(self.app, host=self.config.host, port=self.config.port, log_level="warning", lifespan="off", timeout_graceful_shutdown=2)
+        http_config = uvicorn.Config(
+            self.app,
+            host=self.config.host,
+            port=self.config.port,
+            log_level="warning",
+            lifespan="off",
+            timeout_graceful_shutdown=2,
+        )
         self._http = uvicorn.Server(http_config)
         self._http_task = asyncio.create_task(self._http.serve())
         while not self._http.started:
@@ -74,7 +83,11 @@ class Router:
     @property
     def urls(self) -> dict[str, str]:
         host = self.config.host
-        return {"http": f"http://{host}:{self.http_port}", "grpc": f"{host}:{self.grpc_port}", "dashboard": f"http://{host}:{self.http_port}/dashboard"}
+        return {
+            "http": f"http://{host}:{self.http_port}",
+            "grpc": f"{host}:{self.grpc_port}",
+            "dashboard": f"http://{host}:{self.http_port}/dashboard",
+        }
 
 
 async def serve(config: RouterConfig, stop: asyncio.Event) -> None:

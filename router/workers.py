@@ -101,10 +101,17 @@ class WorkerPool:
         if address in self.workers:
             return self.workers[address]
         channel = grpc.aio.insecure_channel(address, options=[("grpc.max_receive_message_length", 64 * 1024 * 1024)])
-        stub = prefill_pb2_grpc.PrefillWorkerStub(channel) if role == "prefill" else decode_pb2_grpc.DecodeWorkerStub(channel)
+        stub = (
+            prefill_pb2_grpc.PrefillWorkerStub(channel)
+            if role == "prefill"
+            else decode_pb2_grpc.DecodeWorkerStub(channel)
+        )
         worker = WorkerHandle(address, role, channel, stub)
         self.workers[address] = worker
-        worker.tasks = [asyncio.create_task(self._watch_health(worker)), asyncio.create_task(self._follow_kv_events(worker))]
+        worker.tasks = [
+            asyncio.create_task(self._watch_health(worker)),
+            asyncio.create_task(self._follow_kv_events(worker)),
+        ]
         return worker
 
     async def remove(self, address: str) -> None:
@@ -132,7 +139,9 @@ class WorkerPool:
         health_stub = health_pb2_grpc.HealthStub(worker.channel)
         while True:
             try:
-                reply = await health_stub.Check(health_pb2.HealthCheckRequest(), timeout=max(1.0, self.health_interval_s * 2))
+                reply = await health_stub.Check(
+                    health_pb2.HealthCheckRequest(), timeout=max(1.0, self.health_interval_s * 2)
+                )
                 worker.stats = await worker.stub.Stats(common_pb2.StatsRequest(), timeout=2.0)
                 serving = reply.status == health_pb2.HealthCheckResponse.SERVING
                 if serving and not worker.healthy:

@@ -1,9 +1,9 @@
 """The cluster simulator behind ``splitserve simulate`` (entry point: ``bench.simulator``).
 
-    latency.py   step latency models: fitted to `bench profile` (CPU), roofline (GPU)
-    hardware.py  GPU datasheet numbers, model shapes
-    workload.py  arrivals and lengths, drawn or from a trace file
-    cluster.py   the discrete-event simulation of router + prefill pool + decode pool
-    search.py    goodput (highest rate at >= 90% SLO attainment) and the prefill:decode split search
-    validate.py  simulated vs measured `bench compare` runs
+latency.py   step latency models: fitted to `bench profile` (CPU), roofline (GPU)
+hardware.py  GPU datasheet numbers, model shapes
+workload.py  arrivals and lengths, drawn or from a trace file
+cluster.py   the discrete-event simulation of router + prefill pool + decode pool
+search.py    goodput (highest rate at >= 90% SLO attainment) and the prefill:decode split search
+validate.py  simulated vs measured `bench compare` runs
 """

@@ -62,7 +62,9 @@ class Deployment:
 
     def __post_init__(self) -> None:
         if self.num_decode < 1 or self.num_prefill < 0:
-            raise ValueError(f"need at least one decode worker and no negative counts, got {self.num_prefill}P:{self.num_decode}D")
+            raise ValueError(
+                f"need at least one decode worker and no negative counts, got {self.num_prefill}P:{self.num_decode}D"
+            )
 
     def with_counts(self, num_prefill: int, num_decode: int) -> Deployment:
         return replace(self, num_prefill=num_prefill, num_decode=num_decode)
@@ -245,7 +247,12 @@ class _Simulation:
             chunks.append((request, count))
             budget -= count
         contexts = [r.input_len + r.generated for r in decodes]
-        step = Step(tuple(Chunk(count, r.computed) for r, count in chunks), len(decodes), sum(contexts), max(contexts, default=0))
+        step = Step(
+            tuple(Chunk(count, r.computed) for r, count in chunks),
+            len(decodes),
+            sum(contexts),
+            max(contexts, default=0),
+        )
         return _Plan(step, tuple(chunks), tuple(decodes))
 
     def step_done(self, worker: _Worker, plan: _Plan) -> None:

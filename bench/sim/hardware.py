@@ -29,12 +29,34 @@ GPUS = {"h100": H100, "h200": H200}
 
 # Public config.json values of common shapes, so GPU plans need no download.
 _PUBLIC_SHAPES = {
-    "llama-3.1-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                         num_key_value_heads=8, vocab_size=128256, max_position_embeddings=131072),
-    "llama-3.1-70b": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
-                          num_key_value_heads=8, vocab_size=128256, max_position_embeddings=131072),
-    "qwen2.5-7b": dict(architectures=["Qwen2ForCausalLM"], hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
-                       num_attention_heads=28, num_key_value_heads=4, vocab_size=152064, max_position_embeddings=32768),
+    "llama-3.1-8b": dict(
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=128256,
+        max_position_embeddings=131072,
+    ),
+    "llama-3.1-70b": dict(
+        hidden_size=8192,
+        intermediate_size=28672,
+        num_hidden_layers=80,
+        num_attention_heads=64,
+        num_key_value_heads=8,
+        vocab_size=128256,
+        max_position_embeddings=131072,
+    ),
+    "qwen2.5-7b": dict(
+        architectures=["Qwen2ForCausalLM"],
+        hidden_size=3584,
+        intermediate_size=18944,
+        num_hidden_layers=28,
+        num_attention_heads=28,
+        num_key_value_heads=4,
+        vocab_size=152064,
+        max_position_embeddings=32768,
+    ),
 }
 MODEL_CHOICES = (*PRESETS, *_PUBLIC_SHAPES)
 
@@ -44,10 +66,14 @@ def resolve_model(name: str) -> ModelConfig:
     if name in PRESETS:
         return PRESETS[name]
     if name in _PUBLIC_SHAPES:
-        return ModelConfig.from_hf_dict({"architectures": ["LlamaForCausalLM"], "torch_dtype": "bfloat16", **_PUBLIC_SHAPES[name]})
+        return ModelConfig.from_hf_dict(
+            {"architectures": ["LlamaForCausalLM"], "torch_dtype": "bfloat16", **_PUBLIC_SHAPES[name]}
+        )
     path = Path(name)
     if path.is_dir():
         return ModelConfig.from_dir(path)
     if path.is_file():
         return ModelConfig.from_hf_dict(json.loads(path.read_text()))
-    raise ValueError(f"unknown model {name!r}: use one of {', '.join(MODEL_CHOICES)}, a model directory or a config.json")
+    raise ValueError(
+        f"unknown model {name!r}: use one of {', '.join(MODEL_CHOICES)}, a model directory or a config.json"
+    )

@@ -73,14 +73,26 @@ class ModelShape:
 
     @classmethod
     def of(cls, config: ModelConfig, dtype: str | None = None) -> ModelShape:
-        return cls(config.num_layers, config.hidden_size, config.num_heads, config.head_dim, config.q_size, config.kv_size,
-                   config.intermediate_size, config.vocab_size, config.num_parameters, _DTYPE_BYTES[dtype or config.dtype])
+        return cls(
+            config.num_layers,
+            config.hidden_size,
+            config.num_heads,
+            config.head_dim,
+            config.q_size,
+            config.kv_size,
+            config.intermediate_size,
+            config.vocab_size,
+            config.num_parameters,
+            _DTYPE_BYTES[dtype or config.dtype],
+        )
 
     @property
     def linear_params(self) -> int:
         """Weights every token multiplies through (attention projections and MLP, all layers)."""
         h = self.hidden_size
-        return self.num_layers * (h * (self.q_size + 2 * self.kv_size) + self.q_size * h + 3 * h * self.intermediate_size)
+        return self.num_layers * (
+            h * (self.q_size + 2 * self.kv_size) + self.q_size * h + 3 * h * self.intermediate_size
+        )
 
     @property
     def weight_bytes(self) -> int:
@@ -128,7 +140,12 @@ class FittedModel:
         """Prefill costs times ``prefill_factor``; ``decode_step_overhead_s`` more per step with decodes."""
         pa, pb, pc, pd = (c * prefill_factor for c in self.prefill)
         da, db, dc = self.decode
-        return FittedModel(f"{self.name} calibrated", (pa, pb, pc, pd), (da + decode_step_overhead_s, db, dc), self.mixed * prefill_factor)
+        return FittedModel(
+            f"{self.name} calibrated",
+            (pa, pb, pc, pd),
+            (da + decode_step_overhead_s, db, dc),
+            self.mixed * prefill_factor,
+        )
 
     @classmethod
     def from_profile(cls, profile: dict, threads: int) -> FittedModel:
@@ -137,8 +154,12 @@ class FittedModel:
         if str(threads) not in fits:
             raise ValueError(f"the profile has no fit for {threads} thread(s); it has {', '.join(sorted(fits))}")
         fit = fits[str(threads)]
-        return cls(f"{profile['model']} cpu x{threads}", _coefficients(fit["prefill"], "abcd"), _coefficients(fit["decode"], "abc"),
-                   fit.get("mixed", {}).get("a", 0.0))
+        return cls(
+            f"{profile['model']} cpu x{threads}",
+            _coefficients(fit["prefill"], "abcd"),
+            _coefficients(fit["decode"], "abc"),
+            fit.get("mixed", {}).get("a", 0.0),
+        )
 
 
 def _coefficients(fit: dict, names: str) -> tuple[float, ...]:
@@ -187,8 +208,11 @@ class RooflineModel:
         sampled = len(step.chunks) + step.decodes
         # Keys attended: a chunk's token i sees start + i + 1 keys; a decode sees its context.
         prefill_keys = sum(c.tokens * c.start + c.tokens * (c.tokens + 1) // 2 for c in step.chunks)
-        flops = (2 * shape.linear_params * tokens + 2 * shape.vocab_size * shape.hidden_size * sampled
-                 + 4 * shape.num_layers * shape.q_size * (prefill_keys + step.context_sum))
+        flops = (
+            2 * shape.linear_params * tokens
+            + 2 * shape.vocab_size * shape.hidden_size * sampled
+            + 4 * shape.num_layers * shape.q_size * (prefill_keys + step.context_sum)
+        )
         keys_read = sum(c.start + c.tokens for c in step.chunks) + step.context_sum
         memory = shape.weight_bytes + shape.kv_bytes_per_token * (keys_read + tokens)
         compute_s = flops / (self.gpu.bf16_tflops * 1e12 * self.compute_efficiency * self.tp)

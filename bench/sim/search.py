@@ -24,8 +24,14 @@ def attainment(deployment: Deployment, traffic: Traffic | TraceTraffic, slos: di
     return summary
 
 
-def max_goodput(deployment: Deployment, traffic: Traffic | TraceTraffic, slos: dict[str, float], target: float = ATTAINMENT_TARGET,
-                low: float = 0.01, iterations: int = 8) -> float:
+def max_goodput(
+    deployment: Deployment,
+    traffic: Traffic | TraceTraffic,
+    slos: dict[str, float],
+    target: float = ATTAINMENT_TARGET,
+    low: float = 0.01,
+    iterations: int = 8,
+) -> float:
     """The highest rate with attainment >= target: doubles until it fails, then bisects.
     Arrivals at every rate are the same draws scaled, so attainment falls (nearly) monotonically."""
 
@@ -57,23 +63,46 @@ class SplitResult:
         return self.summary["slo_attainment"]
 
     def to_json(self) -> dict:
-        return {"prefill": self.num_prefill, "decode": self.num_decode, "gpus": self.gpus, "slo_attainment": self.attainment,
-                "ttft_ms": self.summary["ttft_ms"], "tpot_ms": self.summary["tpot_ms"], "decisions": self.summary["decisions"]}
+        return {
+            "prefill": self.num_prefill,
+            "decode": self.num_decode,
+            "gpus": self.gpus,
+            "slo_attainment": self.attainment,
+            "ttft_ms": self.summary["ttft_ms"],
+            "tpot_ms": self.summary["tpot_ms"],
+            "decisions": self.summary["decisions"],
+        }
 
 
-def search_splits(deployment: Deployment, traffic: Traffic | TraceTraffic, slos: dict[str, float], gpu_budget: int,
-                  target: float = ATTAINMENT_TARGET) -> tuple[list[SplitResult], SplitResult | None]:
+def search_splits(
+    deployment: Deployment,
+    traffic: Traffic | TraceTraffic,
+    slos: dict[str, float],
+    gpu_budget: int,
+    target: float = ATTAINMENT_TARGET,
+) -> tuple[list[SplitResult], SplitResult | None, float | None]:
     """Every split with at least one decode worker within ``gpu_budget`` GPUs (0 prefill workers:
     every decode worker prefills its own prompts), at ``traffic``'s rate.
 
-    Recommended: the feasible split (attainment >= target) with the fewest GPUs, ties to the
-    higher attainment, then to more decode workers. None if no split is feasible."""
+    Recommended: of the feasible splits (attainment >= target) with the fewest GPUs, the one with
+    the highest goodput (so the most room to grow), ties to the higher attainment. Returns every
+    split, the recommended one (None if none is feasible) and its goodput."""
     workers = gpu_budget // deployment.gpus_per_worker
     results = []
     for total in range(1, workers + 1):
         for num_prefill in range(total):
             candidate = deployment.with_counts(num_prefill, total - num_prefill)
-            results.append(SplitResult(num_prefill, total - num_prefill, candidate.gpus, attainment(candidate, traffic, slos)))
+            results.append(
+                SplitResult(num_prefill, total - num_prefill, candidate.gpus, attainment(candidate, traffic, slos))
+            )
     feasible = [r for r in results if r.attainment >= target]
-    best = min(feasible, key=lambda r: (r.gpus, -r.attainment, -r.num_decode)) if feasible else None
-    return results, best
+    if not feasible:
+        return results, None, None
+    fewest = min(r.gpus for r in feasible)
+    scored = [
+        (max_goodput(deployment.with_counts(r.num_prefill, r.num_decode), traffic, slos, target), r.attainment, r)
+        for r in feasible
+        if r.gpus == fewest
+    ]
+    goodput, _, best = max(scored, key=lambda item: item[:2])
+    return results, best, goodput

@@ -43,23 +43,30 @@ def deployment_for(system: dict, config: dict, profile: dict) -> Deployment:
         return WorkerSpec(FittedModel.from_profile(profile, threads), capacity, budget)
 
     return Deployment(
-        num_prefill=system["prefill_workers"], num_decode=system["decode_workers"],
-        prefill=spec(system["prefill_threads"] or system["decode_threads"]), decode=spec(system["decode_threads"]),
-        num_layers=model.num_layers, kv_bytes_per_token=shape.kv_bytes_per_token,
-        link=Link(profile["transfer"]["bytes_per_s"]), local_prefill_threshold=system["local_prefill_threshold"],
+        num_prefill=system["prefill_workers"],
+        num_decode=system["decode_workers"],
+        prefill=spec(system["prefill_threads"] or system["decode_threads"]),
+        decode=spec(system["decode_threads"]),
+        num_layers=model.num_layers,
+        kv_bytes_per_token=shape.kv_bytes_per_token,
+        link=Link(profile["transfer"]["bytes_per_s"]),
+        local_prefill_threshold=system["local_prefill_threshold"],
     )
 
 
 def trace_of(run: dict) -> list[TraceRequest]:
-    return sorted((TraceRequest(r["start"], r["prompt_len"], r["output_len"]) for r in run["requests"]), key=lambda r: r.arrival_s)
+    return sorted(
+        (TraceRequest(r["start"], r["prompt_len"], r["output_len"]) for r in run["requests"]), key=lambda r: r.arrival_s
+    )
 
 
 def calibrate(deployment: Deployment, probe: dict) -> tuple[Deployment, dict]:
     """Scales prefill costs by measured / simulated TTFT and adds measured - simulated TPOT to every
     step that decodes (medians over the zero-load requests, each simulated alone). Multiplicative
     for prefill: what slows it here (KV pushes and checksums on the engine thread, CPU taken by
-    other processes) grows with the prompt. Additive for decode: what slows it (each token streamed
-    through gRPC, the router and HTTP to the client, on the same 2 cores) is paid once per step."""
+    other processes) grows with the prompt. Per step for decode: the gap (~18 ms with 2 threads,
+    far more than the ~1 ms of CPU a streamed token costs the router and client) is a step's
+    threads being descheduled by that other work on the same 2 cores, paid once per step."""
     ttft, tpot = [], []
     for row in probe["requests"]:
         if not row["success"]:
@@ -68,10 +75,15 @@ def calibrate(deployment: Deployment, probe: dict) -> tuple[Deployment, dict]:
         ttft.append(row["ttft"] / alone.ttft)
         if row["tpot"] and alone.tpot:
             tpot.append(row["tpot"] - alone.tpot)
-    factors = {"prefill_factor": statistics.median(ttft) if ttft else 1.0, "decode_step_overhead_s": statistics.median(tpot) if tpot else 0.0}
+    factors = {
+        "prefill_factor": statistics.median(ttft) if ttft else 1.0,
+        "decode_step_overhead_s": statistics.median(tpot) if tpot else 0.0,
+    }
 
     def adjust(spec: WorkerSpec) -> WorkerSpec:
-        return replace(spec, latency=spec.latency.calibrated(factors["prefill_factor"], factors["decode_step_overhead_s"]))
+        return replace(
+            spec, latency=spec.latency.calibrated(factors["prefill_factor"], factors["decode_step_overhead_s"])
+        )
 
     return replace(deployment, prefill=adjust(deployment.prefill), decode=adjust(deployment.decode)), factors
 
@@ -81,12 +93,17 @@ def validate(compare: dict, profile: dict) -> dict:
     slos = config["slos"]
     notes = []
     if profile.get("max_num_batched_tokens", config["max_num_batched_tokens"]) != config["max_num_batched_tokens"]:
-        notes.append(f"the profile ran a {profile['max_num_batched_tokens']}-token budget, the runs {config['max_num_batched_tokens']}")
+        notes.append(
+            f"the profile ran a {profile['max_num_batched_tokens']}-token budget, the runs "
+            f"{config['max_num_batched_tokens']}"
+        )
     deployments, factors = {}, {}
     for name, system in config["systems"].items():
         raw = deployment_for(system, config, profile)
         probe = compare.get("zero_load", {}).get(name)
-        calibrated, factors[name] = calibrate(raw, probe) if probe else (raw, {"prefill_factor": 1.0, "decode_step_overhead_s": 0.0})
+        calibrated, factors[name] = (
+            calibrate(raw, probe) if probe else (raw, {"prefill_factor": 1.0, "decode_step_overhead_s": 0.0})
+        )
         deployments[name] = {"raw": raw, "calibrated": calibrated}
     rows = []
     for run in compare["runs"]:
@@ -95,12 +112,24 @@ def validate(compare: dict, profile: dict) -> dict:
             result = simulate(deployments[run["system"]][kind], trace_of(run), config["seed"])
             predicted[kind] = summarize(result.records, result.duration_s, slos)
         rows.append(_row(run, run["summary"], predicted))
-    return {"tolerance": TOLERANCE, "factors": factors, "notes": notes, "rows": rows, "agreement": {kind: _agreement(rows, kind) for kind in KINDS}}
+    return {
+        "tolerance": TOLERANCE,
+        "factors": factors,
+        "notes": notes,
+        "rows": rows,
+        "agreement": {kind: _agreement(rows, kind) for kind in KINDS},
+    }
 
 
 def _row(run: dict, measured: dict, predicted: dict[str, dict]) -> dict:
-    row = {"system": run["system"], "rate": run["rate"],
-           "attainment": {"measured": measured.get("slo_attainment"), **{k: p.get("slo_attainment") for k, p in predicted.items()}}}
+    row = {
+        "system": run["system"],
+        "rate": run["rate"],
+        "attainment": {
+            "measured": measured.get("slo_attainment"),
+            **{k: p.get("slo_attainment") for k, p in predicted.items()},
+        },
+    }
     for name, stat in METRICS:
         have = measured[name][stat]
         cell = {"measured": have}
@@ -113,31 +142,51 @@ def _row(run: dict, measured: dict, predicted: dict[str, dict]) -> dict:
 
 
 def _agreement(rows: list[dict], kind: str) -> dict:
-    errors = [abs(row[f"{n}_{s}"][f"{kind}_error"]) for row in rows for n, s in METRICS if row[f"{n}_{s}"][f"{kind}_error"] is not None]
-    return {"compared": len(errors), "within_tolerance": sum(e <= TOLERANCE for e in errors),
-            "median_abs_error": statistics.median(errors) if errors else None}
+    errors = [
+        abs(row[f"{n}_{s}"][f"{kind}_error"])
+        for row in rows
+        for n, s in METRICS
+        if row[f"{n}_{s}"][f"{kind}_error"] is not None
+    ]
+    return {
+        "compared": len(errors),
+        "within_tolerance": sum(e <= TOLERANCE for e in errors),
+        "median_abs_error": statistics.median(errors) if errors else None,
+    }
 
 
 def print_validation(report: dict) -> None:
     print(f"{'=' * 20} simulated vs measured (bench compare runs) {'=' * 20}")
     for name, f in report["factors"].items():
-        print(f"calibration from zero-load requests, {name}: prefill costs x{f['prefill_factor']:.2f}, "
-              f"{f['decode_step_overhead_s'] * 1e3:+.1f} ms per decoding step")
+        print(
+            f"calibration from zero-load requests, {name}: prefill costs x{f['prefill_factor']:.2f}, "
+            f"{f['decode_step_overhead_s'] * 1e3:+.1f} ms per decoding step"
+        )
     for note in report["notes"]:
         print(f"note: {note}")
     labels = [f"{n.split('_')[0].upper()} {'p50' if s == 'median' else s}" for n, s in METRICS]
-    print(f"{'system':14} {'rate':>5} " + " ".join(f"{label:>27}" for label in labels) + f" {'attain meas/raw/cal':>20}")
+    print(
+        f"{'system':14} {'rate':>5} " + " ".join(f"{label:>27}" for label in labels) + f" {'attain meas/raw/cal':>20}"
+    )
     for row in report["rows"]:
         cells = []
         for name, stat in METRICS:
             c = row[f"{name}_{stat}"]
-            cells.append(f"{_ms(c['measured'])}/{_ms(c['raw'])}/{_ms(c['calibrated'])} {_pct(c['raw_error'])}/{_pct(c['calibrated_error'])}".rjust(27))
+            times = f"{_ms(c['measured'])}/{_ms(c['raw'])}/{_ms(c['calibrated'])}"
+            cells.append(f"{times} {_pct(c['raw_error'])}/{_pct(c['calibrated_error'])}".rjust(27))
         a = row["attainment"]
-        print(f"{row['system']:14} {row['rate']:5.2f} " + " ".join(cells) + f" {a['measured']:>8.0%}/{a['raw']:.0%}/{a['calibrated']:.0%}")
+        print(
+            f"{row['system']:14} {row['rate']:5.2f} "
+            + " ".join(cells)
+            + f" {a['measured']:>8.0%}/{a['raw']:.0%}/{a['calibrated']:.0%}"
+        )
     print("cells: measured/raw/calibrated ms, then raw/calibrated error of the prediction")
     for kind, agreement in report["agreement"].items():
-        print(f"{kind:>10}: within {report['tolerance']:.0%} in {agreement['within_tolerance']} of {agreement['compared']} cells, "
-              f"median |error| {_pct(agreement['median_abs_error'], signed=False)}")
+        print(
+            f"{kind:>10}: within {report['tolerance']:.0%} in {agreement['within_tolerance']} of "
+            f"{agreement['compared']} cells, "
+            f"median |error| {_pct(agreement['median_abs_error'], signed=False)}"
+        )
 
 
 def _ms(value: float | None) -> str:

@@ -30,7 +30,21 @@ class TemplateError(Exception):
 
 # -- lexing -------------------------------------------------------------------------------------
 
-KEYWORDS = {"if", "else", "end", "range", "with", "define", "template", "block", "break", "continue", "true", "false", "nil"}
+KEYWORDS = {
+    "if",
+    "else",
+    "end",
+    "range",
+    "with",
+    "define",
+    "template",
+    "block",
+    "break",
+    "continue",
+    "true",
+    "false",
+    "nil",
+}
 _SPACE = " \t\r\n"
 _NUMBER = re.compile(r"[-+]?(\d+\.\d*|\.\d+|\d+)([eE][-+]?\d+)?")
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -52,7 +66,18 @@ class Item:
 
 def _go_string(raw: str, where: str) -> str:
     out, i = [], 0
-    simple = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\", '"': '"', "'": "'", "a": "\a", "b": "\b", "f": "\f", "v": "\v"}
+    simple = {
+        "n": "\n",
+        "t": "\t",
+        "r": "\r",
+        "\\": "\\",
+        '"': '"',
+        "'": "'",
+        "a": "\a",
+        "b": "\b",
+        "f": "\f",
+        "v": "\v",
+    }
     while i < len(raw):
         c = raw[i]
         if c != "\\":
@@ -65,7 +90,7 @@ def _go_string(raw: str, where: str) -> str:
             i += 2
         elif nxt in "xuU":
             size = {"x": 2, "u": 4, "U": 8}[nxt]
-            out.append(chr(int(raw[i + 2:i + 2 + size], 16)))
+            out.append(chr(int(raw[i + 2 : i + 2 + size], 16)))
             i += 2 + size
         else:
             raise TemplateError(f"{where}: unknown escape \\{nxt} in string")
@@ -81,7 +106,7 @@ def lex(source: str, name: str) -> list[Item]:
         text = source[pos:] if start < 0 else source[pos:start]
         if trim_next:
             text = text.lstrip(_SPACE)
-        trim_left = start >= 0 and source.startswith("{{-", start) and source[start + 3:start + 4] in tuple(_SPACE)
+        trim_left = start >= 0 and source.startswith("{{-", start) and source[start + 3 : start + 4] in tuple(_SPACE)
         if trim_left:
             text = text.rstrip(_SPACE)
         if text:
@@ -129,13 +154,13 @@ def _lex_action(source: str, pos: int, where: str) -> tuple[list[Token], int, bo
                 end += 2 if source[end] == "\\" else 1
             if end >= len(source):
                 raise TemplateError(f"{where}: unterminated string")
-            tokens.append(Token("string", _go_string(source[pos + 1:end], where), spaced))
+            tokens.append(Token("string", _go_string(source[pos + 1 : end], where), spaced))
             pos = end + 1
         elif c == "`":
             end = source.find("`", pos + 1)
             if end < 0:
                 raise TemplateError(f"{where}: unterminated raw string")
-            tokens.append(Token("string", source[pos + 1:end], spaced))
+            tokens.append(Token("string", source[pos + 1 : end], spaced))
             pos = end + 1
         elif c in "()|,":
             tokens.append(Token(c, c, spaced))
@@ -292,7 +317,14 @@ class Parser:
         decl, assign = [], False
         if len(tokens) >= 2 and tokens[0].kind == "var" and tokens[1].kind in (":=", "="):
             decl, assign, tokens = [tokens[0].value], tokens[1].kind == "=", tokens[2:]
-        elif allow_two and len(tokens) >= 4 and tokens[0].kind == "var" and tokens[1].kind == "," and tokens[2].kind == "var" and tokens[3].kind == ":=":
+        elif (
+            allow_two
+            and len(tokens) >= 4
+            and tokens[0].kind == "var"
+            and tokens[1].kind == ","
+            and tokens[2].kind == "var"
+            and tokens[3].kind == ":="
+        ):
             decl, tokens = [tokens[0].value, tokens[2].value], tokens[4:]
         if not tokens:
             raise TemplateError(f"{self.where(line)}: missing value")
@@ -320,7 +352,7 @@ class Parser:
                     j += 1
                 if depth:
                     raise TemplateError(f"{self.where(line)}: unclosed parenthesis")
-                operand = Operand("pipe", self.parse_pipe(tokens[i + 1:j - 1], line))
+                operand = Operand("pipe", self.parse_pipe(tokens[i + 1 : j - 1], line))
                 i = j
             elif token.kind == "field":
                 operand = Operand("field", chain=[token.value])
@@ -460,6 +492,7 @@ def _ordered(op: str, test):
         if _kind(a) in ("nil", "bool"):
             raise TemplateError(f"{op}: invalid type for comparison")
         return test(a, b)
+
     return compare
 
 
@@ -509,7 +542,12 @@ def to_json(value) -> str:
         return json_number(value)
     if isinstance(value, str):
         # encoding/json escapes HTML characters by default.
-        return json.dumps(value, ensure_ascii=False).replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+        return (
+            json.dumps(value, ensure_ascii=False)
+            .replace("<", "\\u003c")
+            .replace(">", "\\u003e")
+            .replace("&", "\\u0026")
+        )
     if isinstance(value, list):
         return "[" + ",".join(to_json(v) for v in value) + "]"
     if isinstance(value, dict):
@@ -537,7 +575,7 @@ def _printf(fmt: str, *args) -> str:
             out.append(c)
             i += 1
             continue
-        verb = fmt[i + 1:i + 2]
+        verb = fmt[i + 1 : i + 2]
         i += 2
         if verb == "%":
             out.append("%")
@@ -571,7 +609,7 @@ def _sprint(*values) -> str:
 def _trunc(count, text: str) -> str:
     count = _to_int(count)
     if count < 0:
-        return text[len(text) + count:] if len(text) + count > 0 else text
+        return text[len(text) + count :] if len(text) + count > 0 else text
     return text[:count]
 
 
@@ -608,6 +646,7 @@ def _int64_op(name: str, op):
         for value in values[1:]:
             result = op(result, _to_int(value))
         return result
+
     apply.__name__ = name
     return apply
 
@@ -642,7 +681,7 @@ FUNCTIONS = {
     "min": _int64_op("min", min),
     "trunc": _trunc,
     "trimSuffix": lambda suffix, s: s[: -len(suffix)] if suffix and s.endswith(suffix) else s,
-    "trimPrefix": lambda prefix, s: s[len(prefix):] if prefix and s.startswith(prefix) else s,
+    "trimPrefix": lambda prefix, s: s[len(prefix) :] if prefix and s.startswith(prefix) else s,
     "trim": lambda s: s.strip(),
     "lower": lambda s: s.lower(),
     "upper": lambda s: s.upper(),

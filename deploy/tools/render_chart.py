@@ -32,9 +32,31 @@ MANIFESTS = {
 MANIFEST_RELEASE = "splitserve"
 # Helm's install order (releaseutil.InstallOrder) for the kinds a chart like this holds; other
 # kinds (custom resources) come after them.
-INSTALL_ORDER = ["Namespace", "NetworkPolicy", "ResourceQuota", "LimitRange", "PodDisruptionBudget", "ServiceAccount", "Secret",
-                 "ConfigMap", "PersistentVolumeClaim", "CustomResourceDefinition", "ClusterRole", "ClusterRoleBinding", "Role",
-                 "RoleBinding", "Service", "DaemonSet", "Pod", "ReplicaSet", "Deployment", "StatefulSet", "Job", "CronJob", "Ingress"]
+INSTALL_ORDER = [
+    "Namespace",
+    "NetworkPolicy",
+    "ResourceQuota",
+    "LimitRange",
+    "PodDisruptionBudget",
+    "ServiceAccount",
+    "Secret",
+    "ConfigMap",
+    "PersistentVolumeClaim",
+    "CustomResourceDefinition",
+    "ClusterRole",
+    "ClusterRoleBinding",
+    "Role",
+    "RoleBinding",
+    "Service",
+    "DaemonSet",
+    "Pod",
+    "ReplicaSet",
+    "Deployment",
+    "StatefulSet",
+    "Job",
+    "CronJob",
+    "Ingress",
+]
 
 
 @dataclass(frozen=True)
@@ -102,8 +124,15 @@ def _chart_object(chart: Path) -> dict:
     return {key[0].upper() + key[1:]: value for key, value in meta.items()}
 
 
-def render(chart: Path = CHART, value_files=(), overrides: dict | None = None, release: str = "splitserve",
-           namespace: str = "default", release_service: str = "Helm", notes: bool = False) -> list[Rendered]:
+def render(
+    chart: Path = CHART,
+    value_files=(),
+    overrides: dict | None = None,
+    release: str = "splitserve",
+    namespace: str = "default",
+    release_service: str = "Helm",
+    notes: bool = False,
+) -> list[Rendered]:
     chart = Path(chart)
     meta = _chart_object(chart)
     values = load_values(chart, value_files, overrides)
@@ -119,9 +148,19 @@ def render(chart: Path = CHART, value_files=(), overrides: dict | None = None, r
         name = names[path]
         if path.name.startswith("_") or (path.name == "NOTES.txt") != notes:
             continue
-        data = {"Values": as_helm_reads_it(values), "Chart": meta, "Release": {"Name": release, "Namespace": namespace,
-                "Service": release_service, "IsInstall": True, "IsUpgrade": False, "Revision": 1},
-                "Template": {"Name": name, "BasePath": f"{meta['Name']}/templates"}}
+        data = {
+            "Values": as_helm_reads_it(values),
+            "Chart": meta,
+            "Release": {
+                "Name": release,
+                "Namespace": namespace,
+                "Service": release_service,
+                "IsInstall": True,
+                "IsUpgrade": False,
+                "Revision": 1,
+            },
+            "Template": {"Name": name, "BasePath": f"{meta['Name']}/templates"},
+        }
         try:
             text = templates.render(name, data)
         except TemplateError as exc:
@@ -158,21 +197,30 @@ def manifest_text(path: Path) -> str:
     """The content of one plain manifest file under deploy/kuberay/."""
     values = MANIFESTS[path]
     flags = "".join(f" -f {v.relative_to(DEPLOY.parent)}" for v in values)
-    header = (f"# Generated from the Helm chart deploy/helm/splitserve (release {MANIFEST_RELEASE!r}{', ' + ', '.join(v.name for v in values) if values else ', default values'}).\n"
-              f"# Do not edit: change the chart, then run `python deploy/tools/render_chart.py --update-manifests`.\n"
-              f"# Same as: helm template {MANIFEST_RELEASE} deploy/helm/splitserve{flags}\n")
+    header = (
+        "# Generated from the Helm chart deploy/helm/splitserve (release "
+        f"{MANIFEST_RELEASE!r}{', ' + ', '.join(v.name for v in values) if values else ', default values'}).\n"
+        f"# Do not edit: change the chart, then run `python deploy/tools/render_chart.py --update-manifests`.\n"
+        f"# Same as: helm template {MANIFEST_RELEASE} deploy/helm/splitserve{flags}\n"
+    )
     return header + stream(render(CHART, values, release=MANIFEST_RELEASE, release_service="kubectl"))
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("chart", nargs="?", default=str(CHART))
-    parser.add_argument("-f", "--values", action="append", default=[], help="a values file (repeatable; later ones win)")
-    parser.add_argument("--set-json", action="append", default=[], metavar="KEY=JSON", help="a value, e.g. prefill.maxReplicas=8")
+    parser.add_argument(
+        "-f", "--values", action="append", default=[], help="a values file (repeatable; later ones win)"
+    )
+    parser.add_argument(
+        "--set-json", action="append", default=[], metavar="KEY=JSON", help="a value, e.g. prefill.maxReplicas=8"
+    )
     parser.add_argument("--release", default="splitserve")
     parser.add_argument("--namespace", default="default")
     parser.add_argument("--notes", action="store_true", help="render NOTES.txt instead of the manifests")
-    parser.add_argument("--update-manifests", action="store_true", help="regenerate deploy/kuberay/*.yaml from the chart")
+    parser.add_argument(
+        "--update-manifests", action="store_true", help="regenerate deploy/kuberay/*.yaml from the chart"
+    )
     args = parser.parse_args(argv)
     try:
         if args.update_manifests:

@@ -18,14 +18,20 @@ def test_quick_compare_writes_a_run_per_rate_and_system(tmp_path, capsys):
     assert code == 0, printed
     report = json.loads(path.read_text())
     rates = report["config"]["rates"]
-    assert sorted((r["rate"], r["system"]) for r in report["runs"]) == sorted((rate, s) for rate in rates for s in ("aggregated", "disaggregated"))
+    assert sorted((r["rate"], r["system"]) for r in report["runs"]) == sorted(
+        (rate, s) for rate in rates for s in ("aggregated", "disaggregated")
+    )
     for run in report["runs"]:
         summary = run["summary"]
         assert summary["completed"] == report["config"]["num_prompts"] and summary["failed"] == 0, run
-        assert summary["ttft_ms"]["p99"] > 0 and summary["tpot_ms"]["median"] > 0 and 0 <= summary["slo_attainment"] <= 1
+        assert (
+            summary["ttft_ms"]["p99"] > 0 and summary["tpot_ms"]["median"] > 0 and 0 <= summary["slo_attainment"] <= 1
+        )
         assert all(r["success"] and r["start"] >= 0 for r in run["requests"])
         # the router's own counters: disaggregated prefills every prompt remotely, aggregated never
-        assert run["routing"] == ({"remote_prefill": 4} if run["system"] == "disaggregated" else {"fallback": 4}), run["routing"]
+        assert run["routing"] == ({"remote_prefill": 4} if run["system"] == "disaggregated" else {"fallback": 4}), run[
+            "routing"
+        ]
     assert set(report["zero_load"]) == {"aggregated", "disaggregated"}
     assert set(report["goodput"]) == {"aggregated", "disaggregated"}
     assert "goodput" in printed and "disaggregated / aggregated" in printed

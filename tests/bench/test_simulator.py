@@ -22,24 +22,36 @@ CPU_LIKE = FittedModel("test", prefill=(0.02, 1.5e-3, 1e-7, 3e-7), decode=(0.03,
 LAYERS, KV_BYTES = 12, 12288
 
 
-def deployment(num_prefill: int = 1, num_decode: int = 1, link_bytes_per_s: float = 1e9, capacity: int = 100_000,
-               budget: int = 2048, threshold: int = 0, latency_s: float = 0.0) -> Deployment:
+def deployment(
+    num_prefill: int = 1,
+    num_decode: int = 1,
+    link_bytes_per_s: float = 1e9,
+    capacity: int = 100_000,
+    budget: int = 2048,
+    threshold: int = 0,
+    latency_s: float = 0.0,
+) -> Deployment:
     spec = WorkerSpec(CPU_LIKE, capacity, budget)
-    return Deployment(num_prefill, num_decode, spec, spec, LAYERS, KV_BYTES, Link(link_bytes_per_s, latency_s), threshold)
+    return Deployment(
+        num_prefill, num_decode, spec, spec, LAYERS, KV_BYTES, Link(link_bytes_per_s, latency_s), threshold
+    )
 
 
 def traffic(rate: float = 0.5, count: int = 60, seed: int = 0) -> Traffic:
     return Traffic(rate, count, (512, 1536), (32, 64), seed=seed)
 
 
-@pytest.mark.parametrize("setup", [
-    dict(num_prefill=0),  # aggregated
-    dict(num_prefill=1),  # disaggregated
-    dict(num_prefill=2, num_decode=2, threshold=1024),  # conditional: short prompts stay on D
-    dict(num_prefill=1, budget=256),  # chunked prefill over many steps
-    dict(num_prefill=1, capacity=4000),  # KV full: the router queues
-    dict(num_prefill=0, capacity=4000, budget=300),
-])
+@pytest.mark.parametrize(
+    "setup",
+    [
+        dict(num_prefill=0),  # aggregated
+        dict(num_prefill=1),  # disaggregated
+        dict(num_prefill=2, num_decode=2, threshold=1024),  # conditional: short prompts stay on D
+        dict(num_prefill=1, budget=256),  # chunked prefill over many steps
+        dict(num_prefill=1, capacity=4000),  # KV full: the router queues
+        dict(num_prefill=0, capacity=4000, budget=300),
+    ],
+)
 def test_every_request_finishes_with_all_its_tokens(setup):
     trace = traffic(rate=2.0).requests()  # overloaded: queues everywhere
     result = simulate(deployment(**setup), trace)
@@ -69,7 +81,9 @@ def test_zero_load_ttft_is_prefill_plus_exposed_transfer(link_bytes_per_s):
     assert record.ttft == pytest.approx(prefill + exposed, rel=1e-9)
     assert setup.exposed_transfer_s(prefill, tokens) == pytest.approx(exposed, rel=1e-9)
     # The rest is one decode step per token, the batch of one.
-    assert record.latency - record.ttft == pytest.approx(sum(decode_step_s(CPU_LIKE, 1, tokens + g) for g in range(1, 8)), rel=1e-9)
+    assert record.latency - record.ttft == pytest.approx(
+        sum(decode_step_s(CPU_LIKE, 1, tokens + g) for g in range(1, 8)), rel=1e-9
+    )
 
 
 def test_zero_load_aggregated_ttft_is_the_prefill():
@@ -100,18 +114,21 @@ def test_prefills_mixed_into_decode_steps_raise_tpot():
 def test_split_search_returns_a_feasible_split_within_budget():
     slos = {"ttft": 5000.0, "tpot": 60.0}
     load = traffic(rate=0.6, count=80)
-    results, best = search_splits(deployment(), load, slos, gpu_budget=5)
+    results, best, goodput = search_splits(deployment(), load, slos, gpu_budget=5)
 
     assert {(r.num_prefill, r.num_decode) for r in results} == {(p, t - p) for t in range(1, 6) for p in range(t)}
     assert best is not None and best.gpus <= 5 and best.attainment >= 0.9
     assert all(r.attainment < 0.9 for r in results if r.gpus < best.gpus)
+    assert goodput >= load.rate  # feasible at the rate searched, so its goodput is at least that
     check = summarize(simulate(deployment(best.num_prefill, best.num_decode), load.requests()).records, 1.0, slos)
     assert check["slo_attainment"] >= 0.9
 
 
 def test_split_search_says_none_when_no_split_can_meet_the_slos():
-    _, best = search_splits(deployment(), traffic(rate=0.6, count=30), {"ttft": 1.0, "tpot": 1.0}, gpu_budget=3)
-    assert best is None
+    _, best, goodput = search_splits(
+        deployment(), traffic(rate=0.6, count=30), {"ttft": 1.0, "tpot": 1.0}, gpu_budget=3
+    )
+    assert best is None and goodput is None
 
 
 def test_goodput_is_the_rate_where_attainment_crosses_90_percent():
@@ -146,22 +163,65 @@ def test_trace_files_load_and_rescale(tmp_path):
 
 def _compare_report(model: FittedModel, trace: list[TraceRequest], zero_load: list[TraceRequest]) -> dict:
     """A `bench compare` report whose "measurements" come from simulating ``model``."""
-    config = {"model": "bench-125m", "dtype": "bfloat16", "kv_cache_mb": 512, "max_num_batched_tokens": 2048, "seed": 0,
-              "slos": {"ttft": 4000.0, "tpot": 100.0},
-              "systems": {"disaggregated": {"prefill_workers": 1, "decode_workers": 1, "prefill_threads": 1, "decode_threads": 1, "local_prefill_threshold": 0}}}
+    config = {
+        "model": "bench-125m",
+        "dtype": "bfloat16",
+        "kv_cache_mb": 512,
+        "max_num_batched_tokens": 2048,
+        "seed": 0,
+        "slos": {"ttft": 4000.0, "tpot": 100.0},
+        "systems": {
+            "disaggregated": {
+                "prefill_workers": 1,
+                "decode_workers": 1,
+                "prefill_threads": 1,
+                "decode_threads": 1,
+                "local_prefill_threshold": 0,
+            }
+        },
+    }
     spec = WorkerSpec(model, 512 * 1024 * 1024 // KV_BYTES, 2048)
     truth = Deployment(1, 1, spec, spec, LAYERS, KV_BYTES, Link(1e9))
 
     def run(requests: list[TraceRequest], alone: bool) -> dict:
-        records = [simulate(truth, [replace(r, arrival_s=0.0)]).records[0] for r in requests] if alone else simulate(truth, requests).records
-        rows = [dict(start=r.start, prompt_len=r.prompt_len, output_len=r.output_len, success=r.success, ttft=r.ttft, tpot=r.tpot) for r in records]
-        return {"system": "disaggregated", "rate": 0.5, "requests": rows, "summary": summarize(records, 1.0, config["slos"])}
+        records = (
+            [simulate(truth, [replace(r, arrival_s=0.0)]).records[0] for r in requests]
+            if alone
+            else simulate(truth, requests).records
+        )
+        rows = [
+            dict(
+                start=r.start,
+                prompt_len=r.prompt_len,
+                output_len=r.output_len,
+                success=r.success,
+                ttft=r.ttft,
+                tpot=r.tpot,
+            )
+            for r in records
+        ]
+        return {
+            "system": "disaggregated",
+            "rate": 0.5,
+            "requests": rows,
+            "summary": summarize(records, 1.0, config["slos"]),
+        }
 
-    return json.loads(json.dumps({"config": config, "zero_load": {"disaggregated": run(zero_load, True)}, "runs": [run(trace, False)]}))
+    return json.loads(
+        json.dumps(
+            {"config": config, "zero_load": {"disaggregated": run(zero_load, True)}, "runs": [run(trace, False)]}
+        )
+    )
 
 
-PROFILE = {"model": "bench-125m", "transfer": {"bytes_per_s": 1e9},
-           "fits": {str(t): {"prefill": dict(zip("abcd", CPU_LIKE.prefill)), "decode": dict(zip("abc", CPU_LIKE.decode))} for t in (1, 2)}}
+PROFILE = {
+    "model": "bench-125m",
+    "transfer": {"bytes_per_s": 1e9},
+    "fits": {
+        str(t): {"prefill": dict(zip("abcd", CPU_LIKE.prefill)), "decode": dict(zip("abc", CPU_LIKE.decode))}
+        for t in (1, 2)
+    },
+}
 
 
 def test_validation_of_runs_the_simulator_itself_produced_has_no_error():
@@ -170,7 +230,9 @@ def test_validation_of_runs_the_simulator_itself_produced_has_no_error():
     for kind in ("raw", "calibrated"):
         assert checked["agreement"][kind]["compared"] == 4 and checked["agreement"][kind]["within_tolerance"] == 4
         assert checked["agreement"][kind]["median_abs_error"] == pytest.approx(0.0, abs=1e-9)
-    assert checked["factors"]["disaggregated"] == pytest.approx({"prefill_factor": 1.0, "decode_step_overhead_s": 0.0}, abs=1e-9)
+    assert checked["factors"]["disaggregated"] == pytest.approx(
+        {"prefill_factor": 1.0, "decode_step_overhead_s": 0.0}, abs=1e-9
+    )
 
 
 def test_calibration_recovers_a_slower_machine_from_zero_load_requests():
@@ -186,8 +248,27 @@ def test_calibration_recovers_a_slower_machine_from_zero_load_requests():
 
 def test_simulate_cli_recommends_a_split_and_writes_json(tmp_path, capsys):
     path = tmp_path / "sim.json"
-    code = main(["simulate", "--model", "llama-3.1-8b", "--hardware", "h200", "--rate", "6", "--num-requests", "60",
-                 "--ttft-slo-ms", "500", "--tpot-slo-ms", "30", "--gpu-budget", "3", "--json", str(path)])
+    code = main(
+        [
+            "simulate",
+            "--model",
+            "llama-3.1-8b",
+            "--hardware",
+            "h200",
+            "--rate",
+            "6",
+            "--num-requests",
+            "60",
+            "--ttft-slo-ms",
+            "500",
+            "--tpot-slo-ms",
+            "30",
+            "--gpu-budget",
+            "3",
+            "--json",
+            str(path),
+        ]
+    )
     printed = capsys.readouterr().out
     assert code == 0, printed
     report = json.loads(path.read_text())

@@ -23,8 +23,16 @@ POOL = PoolSpec(replicas=1, min_replicas=1, max_replicas=3, threads=1, kv_cache_
 @pytest.fixture(scope="module")
 def cluster():
     start_local_ray(num_cpus=8)
-    config = ClusterConfig(model="demo", port=0, grpc_port=0, prefill=POOL, decode=POOL, namespace="splitserve-test",
-                           local_prefill_threshold=32, health_interval_s=0.25)
+    config = ClusterConfig(
+        model="demo",
+        port=0,
+        grpc_port=0,
+        prefill=POOL,
+        decode=POOL,
+        namespace="splitserve-test",
+        local_prefill_threshold=32,
+        health_interval_s=0.25,
+    )
     running = RunningCluster(config)
     yield running
     running.stop()
@@ -49,7 +57,10 @@ class Load:
             count += 1
             try:
                 reply = self.client.chat.completions.create(
-                    model="demo", messages=[{"role": "user", "content": f"worker {index} request {count} " * 6}], max_tokens=12, temperature=0
+                    model="demo",
+                    messages=[{"role": "user", "content": f"worker {index} request {count} " * 6}],
+                    max_tokens=12,
+                    temperature=0,
                 )
                 assert reply.choices[0].finish_reason in ("stop", "length")
                 self.ok += 1
@@ -70,8 +81,13 @@ def test_crashed_worker_is_restarted_and_serves_again(cluster):
     load = Load(cluster.url)
     time.sleep(2.0)
     os.kill(decode["pid"], signal.SIGKILL)
-    cluster.wait_for(lambda: any(w["worker_id"] == decode["worker_id"] and w["registrations"] >= 2 and w["state"] == "ready"
-                                 for w in cluster.status()["workers"]), what="decode worker restart")
+    cluster.wait_for(
+        lambda: any(
+            w["worker_id"] == decode["worker_id"] and w["registrations"] >= 2 and w["state"] == "ready"
+            for w in cluster.status()["workers"]
+        ),
+        what="decode worker restart",
+    )
     served_before = load.ok
     cluster.wait_for(lambda: load.ok >= served_before + 3, timeout_s=60, what="requests served after the restart")
     load.stop()
@@ -83,15 +99,28 @@ def test_crashed_worker_is_restarted_and_serves_again(cluster):
 def test_scale_up_and_down_under_load_fails_nothing(cluster):
     load = Load(cluster.url)
     for role in ("prefill", "decode"):
-        reply = httpx.post(f"{cluster.url}/admin/scale", json={"role": role, "replicas": 2}, headers=cluster.admin_headers, timeout=30)
+        reply = httpx.post(
+            f"{cluster.url}/admin/scale", json={"role": role, "replicas": 2}, headers=cluster.admin_headers, timeout=30
+        )
         assert reply.status_code == 200, reply.text
-    cluster.wait_for(lambda: len(cluster.workers("prefill")) == 2 and len(cluster.workers("decode")) == 2, what="pools of 2")
+    cluster.wait_for(
+        lambda: len(cluster.workers("prefill")) == 2 and len(cluster.workers("decode")) == 2, what="pools of 2"
+    )
     time.sleep(2.0)
     for role in ("prefill", "decode"):
-        reply = httpx.post(f"{cluster.url}/admin/scale", json={"role": role, "replicas": 1}, headers=cluster.admin_headers, timeout=30)
+        reply = httpx.post(
+            f"{cluster.url}/admin/scale", json={"role": role, "replicas": 1}, headers=cluster.admin_headers, timeout=30
+        )
         assert reply.status_code == 200, reply.text
-    cluster.wait_for(lambda: len(cluster.workers("prefill")) == 1 and len(cluster.workers("decode")) == 1
-                     and not cluster.workers("prefill", "draining") and not cluster.workers("decode", "draining"), what="pools back to 1")
+    cluster.wait_for(
+        lambda: (
+            len(cluster.workers("prefill")) == 1
+            and len(cluster.workers("decode")) == 1
+            and not cluster.workers("prefill", "draining")
+            and not cluster.workers("decode", "draining")
+        ),
+        what="pools back to 1",
+    )
     time.sleep(1.0)
     load.stop()
     assert load.ok > 0
@@ -101,24 +130,47 @@ def test_scale_up_and_down_under_load_fails_nothing(cluster):
 def test_scale_and_drain_need_the_admin_token_and_valid_bounds(cluster):
     refused = httpx.post(f"{cluster.url}/admin/scale", json={"role": "decode", "replicas": 2}, timeout=10)
     assert refused.status_code == 403 and refused.json()["error"]["code"] == "invalid_admin_token"
-    too_many = httpx.post(f"{cluster.url}/admin/scale", json={"role": "decode", "replicas": 99}, headers=cluster.admin_headers, timeout=10)
+    too_many = httpx.post(
+        f"{cluster.url}/admin/scale", json={"role": "decode", "replicas": 99}, headers=cluster.admin_headers, timeout=10
+    )
     assert too_many.status_code in (400, 422)
-    unknown = httpx.post(f"{cluster.url}/admin/drain", json={"worker_id": "decode-nope"}, headers=cluster.admin_headers, timeout=10)
+    unknown = httpx.post(
+        f"{cluster.url}/admin/drain", json={"worker_id": "decode-nope"}, headers=cluster.admin_headers, timeout=10
+    )
     assert unknown.status_code == 404
     assert cluster.status()["pools"]["decode"]["desired"] == 1
 
 
 def test_planner_grows_prefill_on_slow_ttft_and_shrinks_when_idle(cluster):
-    planner = PlannerSpec(enabled=True, ttft_target_s=0.2, tpot_target_s=10.0, interval_s=0.5, scale_up_cooldown_s=60, scale_down_cooldown_s=1, min_samples=1)
+    planner = PlannerSpec(
+        enabled=True,
+        ttft_target_s=0.2,
+        tpot_target_s=10.0,
+        interval_s=0.5,
+        scale_up_cooldown_s=60,
+        scale_down_cooldown_s=1,
+        min_samples=1,
+    )
     config = dataclasses.replace(cluster.config, planner=planner, namespace="splitserve-planner")
     from cluster.controller import controller_class
     from cluster.worker_actor import CONTROLLER_NAME
 
-    controller = controller_class().options(name=CONTROLLER_NAME, namespace=config.namespace, num_cpus=0, max_concurrency=100).remote(config.to_json())
+    controller = (
+        controller_class()
+        .options(name=CONTROLLER_NAME, namespace=config.namespace, num_cpus=0, max_concurrency=100)
+        .remote(config.to_json())
+    )
     try:
         ray.get(controller.start.remote())
         assert ray.get(controller.wait_ready.remote(240))
-        slow = {"ttft_p90_s": 1.5, "tpot_p90_s": 0.01, "ttft_samples": 50, "tpot_samples": 50, "queue_depth": 4, "requests_in_window": 50}
+        slow = {
+            "ttft_p90_s": 1.5,
+            "tpot_p90_s": 0.01,
+            "ttft_samples": 50,
+            "tpot_samples": 50,
+            "queue_depth": 4,
+            "requests_in_window": 50,
+        }
         ray.get(controller.report.remote(slow))
         _wait(lambda: ray.get(controller.status.remote())["pools"]["prefill"]["desired"] == 2, "prefill grows")
         time.sleep(1.5)  # within the scale-up cooldown: no second step
@@ -126,9 +178,19 @@ def test_planner_grows_prefill_on_slow_ttft_and_shrinks_when_idle(cluster):
         assert status["pools"]["prefill"]["desired"] == 2 and status["pools"]["decode"]["desired"] == 1
         decision = status["planner"]["decisions"][0]
         assert decision["role"] == "prefill" and decision["inputs"]["p90_s"] == 1.5
-        idle = {"ttft_p90_s": None, "tpot_p90_s": None, "ttft_samples": 0, "tpot_samples": 0, "queue_depth": 0, "requests_in_window": 0}
+        idle = {
+            "ttft_p90_s": None,
+            "tpot_p90_s": None,
+            "ttft_samples": 0,
+            "tpot_samples": 0,
+            "queue_depth": 0,
+            "requests_in_window": 0,
+        }
         ray.get(controller.report.remote(idle))
-        _wait(lambda: ray.get(controller.status.remote())["pools"]["prefill"]["desired"] == 1, "prefill shrinks to its minimum")
+        _wait(
+            lambda: ray.get(controller.status.remote())["pools"]["prefill"]["desired"] == 1,
+            "prefill shrinks to its minimum",
+        )
         time.sleep(1.5)
         assert ray.get(controller.status.remote())["pools"]["prefill"]["desired"] == 1
     finally:

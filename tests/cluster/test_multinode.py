@@ -28,11 +28,16 @@ def three_nodes():
 def test_pools_land_on_their_node_kind(three_nodes):
     prefill_node, decode_node = three_nodes
     config = ClusterConfig(
-        model="demo", namespace="splitserve-multinode",
+        model="demo",
+        namespace="splitserve-multinode",
         prefill=PoolSpec(replicas=2, max_replicas=2, num_cpus=0.5, resources={"prefill_node": 1}, kv_cache_mb=32),
         decode=PoolSpec(replicas=1, max_replicas=2, num_cpus=0.5, resources={"decode_node": 1}, kv_cache_mb=32),
     )
-    controller = controller_class().options(name=CONTROLLER_NAME, namespace=config.namespace, num_cpus=0).remote(config.to_json())
+    controller = (
+        controller_class()
+        .options(name=CONTROLLER_NAME, namespace=config.namespace, num_cpus=0)
+        .remote(config.to_json())
+    )
     try:
         ray.get(controller.start.remote())
         assert ray.get(controller.wait_ready.remote(240))

@@ -3,11 +3,21 @@
 from cluster.config import PlannerSpec
 from cluster.planner import Observation, Planner
 
-SPEC = PlannerSpec(enabled=True, ttft_target_s=0.5, tpot_target_s=0.05, scale_up_cooldown_s=10, scale_down_cooldown_s=30, hysteresis=0.2, min_samples=5)
+SPEC = PlannerSpec(
+    enabled=True,
+    ttft_target_s=0.5,
+    tpot_target_s=0.05,
+    scale_up_cooldown_s=10,
+    scale_down_cooldown_s=30,
+    hysteresis=0.2,
+    min_samples=5,
+)
 
 
 def _obs(ttft=None, tpot=None, samples=20, queue=0):
-    return Observation(ttft, tpot, samples if ttft is not None else 0, samples if tpot is not None else 0, queue, samples)
+    return Observation(
+        ttft, tpot, samples if ttft is not None else 0, samples if tpot is not None else 0, queue, samples
+    )
 
 
 def _planner():

@@ -44,8 +44,14 @@ def _alive(pid: int) -> bool:
 
 def test_up_serves_reports_status_and_stops_cleanly(tmp_path):
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", XDG_RUNTIME_DIR=str(tmp_path))
-    process = subprocess.Popen([sys.executable, "-m", "cluster.cli", "up", "--port", "0", "--grpc-port", "0"],
-                               cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "cluster.cli", "up", "--port", "0", "--grpc-port", "0"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     output = []
     try:
         url = None
@@ -59,11 +65,19 @@ def test_up_serves_reports_status_and_stops_cleanly(tmp_path):
         assert url, "splitserve up did not come up:\n" + "".join(output)
 
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", timeout=60, max_retries=0)
-        reply = client.chat.completions.create(model="demo", messages=[{"role": "user", "content": "Hello there!"}], max_tokens=8)
+        reply = client.chat.completions.create(
+            model="demo", messages=[{"role": "user", "content": "Hello there!"}], max_tokens=8
+        )
         assert reply.choices[0].message.content is not None and reply.usage.completion_tokens >= 1
 
-        status = subprocess.run([sys.executable, "-m", "cluster.cli", "status", "--url", url], cwd=ROOT, env=env,
-                                capture_output=True, text=True, timeout=60)
+        status = subprocess.run(
+            [sys.executable, "-m", "cluster.cli", "status", "--url", url],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert status.returncode == 0, status.stderr
         rows = [line for line in status.stdout.splitlines() if re.match(r"(prefill|decode)-\w+ ", line)]
         assert sorted(row.split()[1] for row in rows) == ["decode", "prefill"], status.stdout

@@ -12,8 +12,16 @@ from collections.abc import Iterator
 
 import pytest
 
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync"]
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 
 
 def chromium_path() -> str:
@@ -38,5 +46,8 @@ class PageProblems:
 
     def __init__(self, page) -> None:
         self.messages: list[str] = []
-        page.on("console", lambda message: self.messages.append(f"console: {message.text}") if message.type == "error" else None)
+        page.on(
+            "console",
+            lambda message: self.messages.append(f"console: {message.text}") if message.type == "error" else None,
+        )
         page.on("pageerror", lambda error: self.messages.append(f"uncaught: {error}"))

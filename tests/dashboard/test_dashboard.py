@@ -24,8 +24,17 @@ SCREENSHOT = "/tmp/dashboard.png"
 @pytest.fixture(scope="module")
 def cluster():
     start_local_ray(num_cpus=8)
-    config = ClusterConfig(model="demo", port=0, grpc_port=0, prefill=POOL, decode=POOL, namespace="splitserve-dashboard-test",
-                           local_prefill_threshold=32, health_interval_s=0.25, admin_token=ADMIN_TOKEN)
+    config = ClusterConfig(
+        model="demo",
+        port=0,
+        grpc_port=0,
+        prefill=POOL,
+        decode=POOL,
+        namespace="splitserve-dashboard-test",
+        local_prefill_threshold=32,
+        health_interval_s=0.25,
+        admin_token=ADMIN_TOKEN,
+    )
     running = RunningCluster(config)
     yield running
     running.stop()
@@ -77,12 +86,18 @@ def test_page_loads_and_shows_the_real_workers(page, cluster):
 def test_charts_update_after_traffic(page, cluster):
     client = openai.OpenAI(base_url=f"{cluster.url}/v1", api_key="none", timeout=60, max_retries=0)
     for index in range(6):
-        reply = client.chat.completions.create(model="demo", messages=[{"role": "user", "content": f"dashboard request {index} " * 8}],
-                                               max_tokens=8, temperature=0)
+        reply = client.chat.completions.create(
+            model="demo",
+            messages=[{"role": "user", "content": f"dashboard request {index} " * 8}],
+            max_tokens=8,
+            temperature=0,
+        )
         assert reply.choices[0].finish_reason in ("stop", "length")
     with pytest.raises(openai.BadRequestError):
         client.completions.create(model="demo", prompt="too long", max_tokens=10**6)
-    has_points = "(name, index) => window.splitserve.charts[name].data.datasets[index].data.some((v) => v !== null && v > 0)"
+    has_points = (
+        "(name, index) => window.splitserve.charts[name].data.datasets[index].data.some((v) => v !== null && v > 0)"
+    )
     for name in ("requests", "tokens", "ttft", "kv"):  # prompts longer than the local-prefill threshold: KV moves
         page.wait_for_function(f"({has_points})('{name}', 0)")
     page.locator("#routes tr .decision").first.wait_for()
@@ -100,7 +115,9 @@ def test_action_without_the_admin_token_is_refused(page, cluster):
     assert pools(cluster)["prefill"]["desired"] == 1
     assert len(cluster.workers("prefill")) == 1
     # The browser logs the refused request itself; that one entry is expected.
-    assert page.problems.messages == ["console: Failed to load resource: the server responded with a status of 403 (Forbidden)"]
+    assert page.problems.messages == [
+        "console: Failed to load resource: the server responded with a status of 403 (Forbidden)"
+    ]
     page.problems.messages.clear()
 
 
@@ -110,7 +127,7 @@ def test_scale_changes_the_pool_and_the_topology(page, cluster):
     page.locator('#action-result[data-kind="ok"]', has_text="prefill pool is now set to 2").wait_for()
     assert pools(cluster)["prefill"]["desired"] == 2
     cluster.wait_for(lambda: len(cluster.workers("prefill")) == 2, timeout_s=90, what="a second ready prefill worker")
-    page.locator('.worker-ready .badge-prefill').nth(1).wait_for(timeout=10_000)
+    page.locator(".worker-ready .badge-prefill").nth(1).wait_for(timeout=10_000)
     page.wait_for_function("() => document.querySelector('#pool-prefill .ready').textContent === '2'")
     page.screenshot(path=SCREENSHOT, full_page=True)
 
@@ -120,7 +137,11 @@ def test_drain_a_worker(page, cluster):
     page.click(f'.worker[data-worker-id="{victim}"] .drain-btn')
     confirm(page)
     page.locator('#action-result[data-kind="ok"]', has_text=f"{victim} is draining").wait_for()
-    cluster.wait_for(lambda: victim not in {w["worker_id"] for w in cluster.status()["workers"]}, timeout_s=60, what=f"{victim} to leave")
+    cluster.wait_for(
+        lambda: victim not in {w["worker_id"] for w in cluster.status()["workers"]},
+        timeout_s=60,
+        what=f"{victim} to leave",
+    )
     assert pools(cluster)["prefill"]["desired"] == 1
     page.locator(f'.worker[data-worker-id="{victim}"]').wait_for(state="detached")
     assert page.problems.messages == []

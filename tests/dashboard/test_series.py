@@ -10,10 +10,17 @@ import pytest
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from protos import common_pb2
+from router.dashboard import (
+    ActivityLog,
+    Dashboard,
+    HistogramWindow,
+    RateMeter,
+    _counter_total,
+    _error_message,
+    _failed_generate_request,
+    _generate_request,
+)
 from router.metrics import RouterMetrics
-
-from router.dashboard import (ActivityLog, Dashboard, HistogramWindow, RateMeter, _counter_total, _error_message, _failed_generate_request,
-                              _generate_request)
 
 BUCKETS = (0.1, 0.2, 0.5, 1.0)
 

@@ -29,7 +29,9 @@ def bare_router(tmp_path_factory):
     app = create_app(frontend, api_keys=("secret-key",))
     install_admin(app, frontend, None, frontend.config.admin_token)
     install_dashboard(app, frontend, None, web_dir=web_dir)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="off", timeout_graceful_shutdown=1))
+    server = uvicorn.Server(
+        uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="off", timeout_graceful_shutdown=1)
+    )
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
@@ -59,7 +61,9 @@ def test_page_explains_missing_charts_and_disables_actions(browser, bare_router)
 
 
 def test_actions_need_a_control_plane(bare_router):
-    reply = httpx.post(f"{bare_router}/admin/scale", json={"role": "prefill", "replicas": 2}, headers={"X-Admin-Token": "unused"})
+    reply = httpx.post(
+        f"{bare_router}/admin/scale", json={"role": "prefill", "replicas": 2}, headers={"X-Admin-Token": "unused"}
+    )
     assert reply.status_code == 501
     assert httpx.get(f"{bare_router}/dashboard/lib/chart.js").status_code == 404
     snapshot = httpx.get(f"{bare_router}/dashboard/api/snapshot").json()

@@ -34,7 +34,9 @@ ALL_OPTIONS = {
 RENDERS = {
     "chart-default": lambda: render_chart.manifests(CHART),
     "chart-gpu": lambda: render_chart.manifests(CHART, [CHART / "values-gpu.yaml"]),
-    "chart-all-options": lambda: render_chart.manifests(CHART, [CHART / "values-gpu.yaml"], ALL_OPTIONS, release="prod"),
+    "chart-all-options": lambda: render_chart.manifests(
+        CHART, [CHART / "values-gpu.yaml"], ALL_OPTIONS, release="prod"
+    ),
     "manifest-splitserve.yaml": lambda: _load_manifest("splitserve.yaml"),
     "manifest-splitserve-gpu.yaml": lambda: _load_manifest("splitserve-gpu.yaml"),
 }
@@ -47,8 +49,10 @@ def _load_manifest(name: str) -> list[dict]:
 @pytest.fixture(scope="session")
 def shared_crds() -> Path:
     if not CRD_DIR.is_dir():
-        pytest.fail(f"the KubeRay CRDs are missing: expected {CRD_DIR} (the project's shared/ beside the repository, "
-                    f"<repo>/../shared); the deploy tests validate against them and cannot run without them")
+        pytest.fail(
+            f"the KubeRay CRDs are missing: expected {CRD_DIR} (the project's shared/ beside the repository, "
+            f"<repo>/../shared); the deploy tests validate against them and cannot run without them"
+        )
     return CRD_DIR
 
 

@@ -61,7 +61,9 @@ def test_dockerfile_passes_hadolint():
 def _splitserve(*args: str) -> subprocess.CompletedProcess:
     executable = shutil.which(exec_form("ENTRYPOINT")[0], path=str(BIN))
     assert executable, f"the image's entrypoint {exec_form('ENTRYPOINT')[0]!r} is not an installed console script"
-    return subprocess.run([executable, *exec_form("ENTRYPOINT")[1:], *args], capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [executable, *exec_form("ENTRYPOINT")[1:], *args], capture_output=True, text=True, timeout=120
+    )
 
 
 def test_entrypoint_is_the_splitserve_cli():
@@ -97,7 +99,9 @@ def test_pins_agree_with_pyproject_and_the_chart():
         assert ray_version in (None, build_args()["RAY_VERSION"]), f"{values_file.name}: rayVersion vs the image's Ray"
     assert yaml.safe_load((CHART / "values.yaml").read_text())["rayVersion"] == build_args()["RAY_VERSION"]
     chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
-    assert chart["appVersion"] == pyproject["project"]["version"], "the chart's appVersion (the image tag) vs splitserve's version"
+    assert chart["appVersion"] == pyproject["project"]["version"], (
+        "the chart's appVersion (the image tag) vs splitserve's version"
+    )
     minimum = re.search(r">=\s*(\d+)\.(\d+)", pyproject["project"]["requires-python"]).groups()
     assert tuple(map(int, build_args()["PYTHON_VERSION"].split("."))) >= tuple(map(int, minimum))
 
@@ -132,18 +136,32 @@ def test_build_context_holds_every_package_and_nothing_else():
     packages = {p.rstrip("*") for p in pyproject["tool"]["setuptools"]["packages"]["find"]["include"]}
     copied = {v.split()[0] for n, v in instructions() if n == "COPY" and not v.startswith("--from=")}
     assert packages <= copied, f"packages not copied into the image: {sorted(packages - copied)}"
-    tracked = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=REPO,
-                             capture_output=True, text=True, timeout=30).stdout.split()
+    tracked = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    ).stdout.split()
     patterns = _patterns()
     for source in copied:
         files = [f for f in tracked if f == source or f.startswith(source + "/")]
         assert files, f"COPY {source}: no such file in the repository"
         kept_out = [f for f in files if _ignored(f, patterns) and not f.endswith((".pyc",))]
         assert not kept_out, f"COPY {source} but the dockerignore drops {kept_out[:3]}"
-    for heavy in (".venv/bin/python", ".git/HEAD", "tests/conftest.py", "deploy/Dockerfile", "engine/__pycache__/x.pyc"):
+    for heavy in (
+        ".venv/bin/python",
+        ".git/HEAD",
+        "tests/conftest.py",
+        "deploy/Dockerfile",
+        "engine/__pycache__/x.pyc",
+    ):
         assert _ignored(heavy, patterns), f"{heavy} would be sent to the Docker daemon"
 
 
-@pytest.mark.parametrize("path, ignored", [("a/b.py", True), ("engine/x.py", False), ("engine/__pycache__/y.pyc", True), ("README.md", False)])
+@pytest.mark.parametrize(
+    "path, ignored",
+    [("a/b.py", True), ("engine/x.py", False), ("engine/__pycache__/y.pyc", True), ("README.md", False)],
+)
 def test_dockerignore_matcher(path, ignored):
     assert _ignored(path, ["**", "!engine/", "!README.md", "**/__pycache__"]) is ignored

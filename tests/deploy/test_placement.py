@@ -12,7 +12,6 @@ import shlex
 import subprocess
 from pathlib import Path
 
-import pytest
 import yaml
 
 from cluster.cli import build_parser, cluster_config_from_args
@@ -31,23 +30,29 @@ def head_up_argv(raycluster: dict) -> list[str]:
     container = head_container(raycluster)
     assert container["command"] == ["/bin/bash", "-c", "--"] and len(container["args"]) == 1
     tokens = shlex.split(container["args"][0])
-    starts = [i for i in range(len(tokens) - 1) if tokens[i:i + 2] == ["exec", "splitserve"]]
+    starts = [i for i in range(len(tokens) - 1) if tokens[i : i + 2] == ["exec", "splitserve"]]
     assert len(starts) == 1, f"expected one `exec splitserve` in {container['args'][0]!r}"
-    return tokens[starts[0] + 2:]
+    return tokens[starts[0] + 2 :]
 
 
 def configmap_text(objects: list[dict], path: str) -> str:
     """The file at ``path`` inside the head container, from the ConfigMap mounted there."""
     raycluster = one(objects, "RayCluster")
     pod = raycluster["spec"]["headGroupSpec"]["template"]["spec"]
-    mounts = [m for m in head_container(raycluster).get("volumeMounts", []) if path.startswith(m["mountPath"].rstrip("/") + "/")]
+    mounts = [
+        m
+        for m in head_container(raycluster).get("volumeMounts", [])
+        if path.startswith(m["mountPath"].rstrip("/") + "/")
+    ]
     assert len(mounts) == 1, f"nothing (or several volumes) mounted at {path}"
     volume = {v["name"]: v for v in pod["volumes"]}[mounts[0]["name"]]
     assert "configMap" in volume and "items" not in volume, f"{path} is not a plain ConfigMap mount"
     configmaps = {o["metadata"]["name"]: o for o in objects if o["kind"] == "ConfigMap"}
     configmap = configmaps.get(volume["configMap"]["name"])
-    assert configmap is not None, f"the head mounts ConfigMap {volume['configMap']['name']!r}, which the manifests do not hold"
-    key = path[len(mounts[0]["mountPath"].rstrip("/")) + 1:]
+    assert configmap is not None, (
+        f"the head mounts ConfigMap {volume['configMap']['name']!r}, which the manifests do not hold"
+    )
+    key = path[len(mounts[0]["mountPath"].rstrip("/")) + 1 :]
     assert key in configmap["data"], f"ConfigMap {configmap['metadata']['name']} has no key {key!r}"
     return configmap["data"][key]
 
@@ -71,8 +76,22 @@ def configmap_config(objects: list[dict]) -> ClusterConfig:
 def quantity(text) -> float:
     match = re.fullmatch(r"([0-9.]+)(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?", str(text))
     assert match, f"not a Kubernetes quantity: {text!r}"
-    scale = {None: 1, "m": 1e-3, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "P": 1e15, "E": 1e18,
-             "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60}[match.group(2)]
+    scale = {
+        None: 1,
+        "m": 1e-3,
+        "k": 1e3,
+        "M": 1e6,
+        "G": 1e9,
+        "T": 1e12,
+        "P": 1e15,
+        "E": 1e18,
+        "Ki": 2**10,
+        "Mi": 2**20,
+        "Gi": 2**30,
+        "Ti": 2**40,
+        "Pi": 2**50,
+        "Ei": 2**60,
+    }[match.group(2)]
     return float(match.group(1)) * scale
 
 
@@ -105,7 +124,9 @@ def spawn_options(config: ClusterConfig, role: str, monkeypatch) -> dict:
 
     recorder = _ActorClassRecorder()
     groups = []
-    monkeypatch.setattr(controller_module, "placement_group", lambda bundles, strategy: groups.append(bundles) or ("group", bundles))
+    monkeypatch.setattr(
+        controller_module, "placement_group", lambda bundles, strategy: groups.append(bundles) or ("group", bundles)
+    )
     controller = controller_module.Controller(config.to_json())
     controller._actor_class = recorder
     controller._spawn(role)
@@ -141,7 +162,9 @@ def test_worker_groups_offer_what_each_pool_asks_for(objects):
     for role in ROLES:
         wanted, group = config.pool(role).ray_resources, worker_group(raycluster, role)
         assert wanted["resources"], f"the {role} pool is pinned to no custom resource: it could land on any node"
-        assert ray_start_resources(group) == wanted["resources"], f"{role}: rayStartParams.resources vs the ConfigMap's {role}.resources"
+        assert ray_start_resources(group) == wanted["resources"], (
+            f"{role}: rayStartParams.resources vs the ConfigMap's {role}.resources"
+        )
         container = group["template"]["spec"]["containers"][0]
         limits, requests = container["resources"]["limits"], container["resources"]["requests"]
         assert quantity(limits.get(GPU, 0)) == wanted["num_gpus"], f"{role}: {GPU} limit vs num_gpus"
@@ -149,7 +172,9 @@ def test_worker_groups_offer_what_each_pool_asks_for(objects):
         params = group["rayStartParams"]
         assert float(params.get("num-gpus", 0)) == wanted["num_gpus"]
         assert float(params["num-cpus"]) == wanted["num_cpus"], f"{role}: num-cpus vs num_cpus"
-        assert quantity(limits["cpu"]) >= wanted["num_cpus"], f"{role}: the pod has fewer cores than its worker's Ray CPUs"
+        assert quantity(limits["cpu"]) >= wanted["num_cpus"], (
+            f"{role}: the pod has fewer cores than its worker's Ray CPUs"
+        )
 
 
 def test_each_worker_fits_its_own_group_only_once_per_pod(objects, monkeypatch):
@@ -182,7 +207,11 @@ def test_autoscaler_requests_land_in_the_right_groups(objects, tmp_path, monkeyp
     node_types = autoscaler_node_types(one(objects, "RayCluster"))
     landed = {role: 0 for role in ROLES}
     for bundle in bundles:
-        fits = [name for name, t in node_types.items() if workers_fitting(t["resources"], {k: v for k, v in bundle.items() if v}) >= 1]
+        fits = [
+            name
+            for name, t in node_types.items()
+            if workers_fitting(t["resources"], {k: v for k, v in bundle.items() if v}) >= 1
+        ]
         assert len(fits) == 1 and fits[0] in ROLES, f"bundle {bundle} fits {fits}"
         landed[fits[0]] += 1
     assert landed == controller.desired
@@ -214,7 +243,9 @@ def test_multi_gpu_worker_is_placeable(monkeypatch):
     assert bundles is not None
     for key, amount in (options.get("resources") or {}).items():
         assert any(bundle.get(key, 0) >= amount for bundle in bundles), f"no bundle of {bundles} reserves {key}"
-    assert options["num_gpus"] == 2 and sum(b.get("GPU", 0) for b in bundles) == 2, "the worker must see all of its GPUs"
+    assert options["num_gpus"] == 2 and sum(b.get("GPU", 0) for b in bundles) == 2, (
+        "the worker must see all of its GPUs"
+    )
 
 
 # -- the shell lines KubeRay runs ---------------------------------------------------------------
@@ -241,7 +272,11 @@ def _generate_ray_start_command(head: bool, params: dict, resources: dict) -> st
         params["num-cpus"] = str(math.ceil(quantity(limits.get("cpu") or requests.get("cpu"))))
     if "memory" not in params and limits.get("memory"):
         params["memory"] = str(int(quantity(limits["memory"])))
-    gpus = [v for k, v in sorted(limits.items()) if (k.endswith("gpu") or re.search(r"nvidia\.com/mig-\d+g\.\d+gb$", k)) and quantity(v)]
+    gpus = [
+        v
+        for k, v in sorted(limits.items())
+        if (k.endswith("gpu") or re.search(r"nvidia\.com/mig-\d+g\.\d+gb$", k)) and quantity(v)
+    ]
     if "num-gpus" not in params and gpus:
         params["num-gpus"] = str(int(quantity(gpus[0])))
     flags = ""
@@ -260,7 +295,9 @@ def _kuberay_ray_start(group: dict, head: bool, cluster: str) -> str:
     return _generate_ray_start_command(head, params, group["template"]["spec"]["containers"][0].get("resources", {}))
 
 
-def _run_container(container: dict, generated: str, tmp_path: Path, env: dict | None = None) -> dict[str, list[list[str]]]:
+def _run_container(
+    container: dict, generated: str, tmp_path: Path, env: dict | None = None
+) -> dict[str, list[list[str]]]:
     """Runs the container's command with stub `ray` and `splitserve` that record their arguments."""
     bin_dir, log_dir = tmp_path / "bin", tmp_path / "calls"
     bin_dir.mkdir(parents=True, exist_ok=True)
@@ -270,7 +307,9 @@ def _run_container(container: dict, generated: str, tmp_path: Path, env: dict | 
         stub.write_text(f'#!/bin/sh\nfor a in "$@"; do printf "%s\\0" "$a"; done > "{log_dir}/{name}.$$"\n')
         stub.chmod(0o755)
     run_env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "KUBERAY_GEN_RAY_START_CMD": generated, **(env or {})}
-    result = subprocess.run(container["command"] + container["args"], env=run_env, capture_output=True, text=True, timeout=30)
+    result = subprocess.run(
+        container["command"] + container["args"], env=run_env, capture_output=True, text=True, timeout=30
+    )
     assert result.returncode == 0, result.stderr
     calls = {"ray": [], "splitserve": []}
     for path in sorted(log_dir.iterdir()):
@@ -280,15 +319,26 @@ def _run_container(container: dict, generated: str, tmp_path: Path, env: dict | 
 
 def test_head_starts_ray_in_the_background_then_execs_splitserve_up(objects, tmp_path):
     raycluster = one(objects, "RayCluster")
-    assert raycluster["metadata"]["annotations"]["ray.io/overwrite-container-cmd"] == "true", \
+    assert raycluster["metadata"]["annotations"]["ray.io/overwrite-container-cmd"] == "true", (
         "without the annotation KubeRay prepends our command to its own `ray start --block`"
+    )
     generated = _kuberay_ray_start(raycluster["spec"]["headGroupSpec"], True, raycluster["metadata"]["name"])
     calls = _run_container(head_container(raycluster), generated, tmp_path, {"SPLITSERVE_ADMIN_TOKEN": "from-secret"})
     (ray_args,) = calls["ray"]
     assert ray_args[:2] == ["start", "--head"] and "--num-cpus=0" in ray_args, ray_args
     assert "--block" not in ray_args, "with --block, `ray start` never returns and `splitserve up` never runs"
     (up_args,) = calls["splitserve"]
-    assert up_args[:9] == ["up", "--address", "auto", "--config", "/etc/splitserve/cluster.yaml", "--host", "0.0.0.0", "--worker-host", "auto"]
+    assert up_args[:9] == [
+        "up",
+        "--address",
+        "auto",
+        "--config",
+        "/etc/splitserve/cluster.yaml",
+        "--host",
+        "0.0.0.0",
+        "--worker-host",
+        "auto",
+    ]
     if "--admin-token" in up_args:
         assert up_args[up_args.index("--admin-token") + 1] == "from-secret"
 
@@ -307,7 +357,9 @@ def test_workers_pass_their_custom_resources_to_ray_start_intact(objects, tmp_pa
             offered = json.loads(flags["resources"])
         except json.JSONDecodeError:
             offered = None
-        assert offered == pool.resources, f"{role}: ray start got --resources={flags['resources']} (shell quoting lost?)"
+        assert offered == pool.resources, (
+            f"{role}: ray start got --resources={flags['resources']} (shell quoting lost?)"
+        )
         assert float(flags["num-cpus"]) == pool.num_cpus
         assert float(flags.get("num-gpus", 0)) == pool.num_gpus
         assert calls["splitserve"] == []
@@ -318,8 +370,14 @@ def test_kuberay_command_port_matches_the_operator():
     # TestGenerateRayStartCommand, "WorkerNode with GPU": the exact string, spaces included.
     assert _generate_ray_start_command(False, {}, {"limits": {"nvidia.com/gpu": "1"}}) == "ray start  --num-gpus=1 "
     # TestBuildPod's worker of raycluster-sample (compared as sorted words there too).
-    group = {"rayStartParams": {"port": "6379"},
-             "template": {"spec": {"containers": [{"resources": {"limits": {"cpu": "1", "memory": "1Gi", "nvidia.com/gpu": "3"}}}]}}}
-    expected = ("ray start --block --dashboard-agent-listen-port=52365 --memory=1073741824 --num-cpus=1 --num-gpus=3 "
-                "--address=raycluster-sample-head-svc.default.svc.cluster.local:6379 --port=6379 --metrics-export-port=8080")
+    group = {
+        "rayStartParams": {"port": "6379"},
+        "template": {
+            "spec": {"containers": [{"resources": {"limits": {"cpu": "1", "memory": "1Gi", "nvidia.com/gpu": "3"}}}]}
+        },
+    }
+    expected = (
+        "ray start --block --dashboard-agent-listen-port=52365 --memory=1073741824 --num-cpus=1 --num-gpus=3 "
+        "--address=raycluster-sample-head-svc.default.svc.cluster.local:6379 --port=6379 --metrics-export-port=8080"
+    )
     assert sorted(_kuberay_ray_start(group, False, "raycluster-sample").split()) == sorted(expected.split())

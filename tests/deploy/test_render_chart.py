@@ -7,11 +7,11 @@ import subprocess
 import sys
 
 import pytest
-import yaml
-from tests.deploy.conftest import ALL_OPTIONS, CHART, DEPLOY, REPO
-
 import render_chart
+import yaml
 from gotemplate import TemplateError, TemplateSet, go_float, json_number
+
+from tests.deploy.conftest import ALL_OPTIONS, CHART, DEPLOY, REPO
 
 
 def render(source: str, data=None) -> str:
@@ -49,13 +49,20 @@ def test_define_include_and_pipelines():
     source = '{{ define "box" }}[{{ .v }}]{{ end }}{{ include "box" (dict "v" "x") | upper | nindent 2 }}'
     assert render(source) == "\n  [X]"
     assert render('{{ "a-b-" | trunc 4 | trimSuffix "-" }}') == "a-b"
-    assert render("{{ and 1 0 2 }}|{{ or 0 \"\" \"z\" }}|{{ not 0 }}") == "0|z|true"
+    assert render('{{ and 1 0 2 }}|{{ or 0 "" "z" }}|{{ not 0 }}') == "0|z|true"
     assert render('{{ .missing | default "d" }}|{{ .zero | default 5 }}', {"zero": 0.0}) == "d|5"
 
 
 def test_numbers_print_as_helm_prints_float64_values():
     # Helm reads values through JSON: 1000000 is a float64 and %v prints it 1e+06.
-    assert [go_float(v) for v in (1.0, 0.5, 123456.0, 1000000.0, 0.0001, 0.00001)] == ["1", "0.5", "123456", "1e+06", "0.0001", "1e-05"]
+    assert [go_float(v) for v in (1.0, 0.5, 123456.0, 1000000.0, 0.0001, 0.00001)] == [
+        "1",
+        "0.5",
+        "123456",
+        "1e+06",
+        "0.0001",
+        "1e-05",
+    ]
     assert [json_number(v) for v in (1000000.0, 0.00001, 1e21, 2)] == ["1000000", "0.00001", "1e+21", "2"]
     assert render("{{ .n }} {{ int .n }} {{ toJson .n }}", {"n": 1000000.0}) == "1e+06 1000000 1000000"
 
@@ -72,15 +79,18 @@ def test_quoting_and_serialisation():
     assert render('{{ "hi" | b64enc }} {{ "" | sha256sum | trunc 8 }}') == "aGk= e3b0c442"
 
 
-@pytest.mark.parametrize("source, message", [
-    ("{{ if 1 }}x", "without {{end}}"),
-    ("{{ nosuchfunction 1 }}", 'function "nosuchfunction" not defined'),
-    ("{{ .a.b }}", "nil pointer evaluating"),
-    ("{{ block \"x\" . }}{{ end }}", "not supported"),
-    ('{{ fail "stop here" }}', "stop here"),
-    ('{{ required "need it" .nothing }}', "need it"),
-    ("{{ printf \"%d\" 1.5 }}", "printf"),
-])
+@pytest.mark.parametrize(
+    "source, message",
+    [
+        ("{{ if 1 }}x", "without {{end}}"),
+        ("{{ nosuchfunction 1 }}", 'function "nosuchfunction" not defined'),
+        ("{{ .a.b }}", "nil pointer evaluating"),
+        ('{{ block "x" . }}{{ end }}', "not supported"),
+        ('{{ fail "stop here" }}', "stop here"),
+        ('{{ required "need it" .nothing }}', "need it"),
+        ('{{ printf "%d" 1.5 }}', "printf"),
+    ],
+)
 def test_errors_name_the_problem(source, message):
     with pytest.raises(TemplateError, match=message):
         render(source, {})
@@ -101,13 +111,16 @@ def test_values_are_checked_against_the_chart_schema():
         render_chart.render(CHART, overrides={"prefill": {"gpusPerWorker": 2}})
 
 
-@pytest.mark.parametrize("overrides, message", [
-    ({"decode": {"replicas": 9}}, "decode: need minReplicas <= replicas <= maxReplicas, got 1, 9, 4"),
-    ({"model": {"device": "cuda"}}, "model.device cuda needs gpusPerWorker >= 1"),
-    ({"decode": {"rayResource": "prefill_node"}}, "must differ"),
-    ({"apiKeys": {"create": True}}, "at least one key"),
-    ({"decode": {"minReplicas": 0, "replicas": 0}}, "decode: minReplicas must be at least 1"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"decode": {"replicas": 9}}, "decode: need minReplicas <= replicas <= maxReplicas, got 1, 9, 4"),
+        ({"model": {"device": "cuda"}}, "model.device cuda needs gpusPerWorker >= 1"),
+        ({"decode": {"rayResource": "prefill_node"}}, "must differ"),
+        ({"apiKeys": {"create": True}}, "at least one key"),
+        ({"decode": {"minReplicas": 0, "replicas": 0}}, "decode: minReplicas must be at least 1"),
+    ],
+)
 def test_chart_refuses_inconsistent_values(overrides, message):
     with pytest.raises(render_chart.ChartError, match=message):
         render_chart.render(CHART, overrides=overrides)
@@ -125,17 +138,34 @@ def test_notes_render():
 
 
 def test_cli_renders_the_gpu_values(tmp_path):
-    result = subprocess.run([sys.executable, str(DEPLOY / "tools" / "render_chart.py"), str(CHART), "-f", str(CHART / "values-gpu.yaml"),
-                             "--set-json", "decode.maxReplicas=16"], capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(DEPLOY / "tools" / "render_chart.py"),
+            str(CHART),
+            "-f",
+            str(CHART / "values-gpu.yaml"),
+            "--set-json",
+            "decode.maxReplicas=16",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 0, result.stderr
     raycluster = [d for d in yaml.safe_load_all(result.stdout) if d and d["kind"] == "RayCluster"][0]
     assert [g["maxReplicas"] for g in raycluster["spec"]["workerGroupSpecs"]] == [8, 16]
-    bad = subprocess.run([sys.executable, str(DEPLOY / "tools" / "render_chart.py"), "--set-json", "transport=\"tcp\""],
-                         capture_output=True, text=True, timeout=60)
+    bad = subprocess.run(
+        [sys.executable, str(DEPLOY / "tools" / "render_chart.py"), "--set-json", 'transport="tcp"'],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert bad.returncode == 1 and "transport" in bad.stderr
 
 
 @pytest.mark.parametrize("path", sorted(render_chart.MANIFESTS), ids=lambda p: p.name)
 def test_plain_manifests_are_the_chart_rendered(path):
     assert path.read_text() == render_chart.manifest_text(path), (
-        f"{path.relative_to(REPO)} differs from the chart: run `python deploy/tools/render_chart.py --update-manifests`")
+        f"{path.relative_to(REPO)} differs from the chart: run `python deploy/tools/render_chart.py --update-manifests`"
+    )

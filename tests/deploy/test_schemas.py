@@ -27,7 +27,11 @@ def _strict(schema):
     default field validation rejects them, and so do these tests)."""
     if isinstance(schema, dict):
         schema = {k: _strict(v) for k, v in schema.items()}
-        if "properties" in schema and "additionalProperties" not in schema and not schema.get("x-kubernetes-preserve-unknown-fields"):
+        if (
+            "properties" in schema
+            and "additionalProperties" not in schema
+            and not schema.get("x-kubernetes-preserve-unknown-fields")
+        ):
             schema["additionalProperties"] = False
         return schema
     if isinstance(schema, list):
@@ -51,7 +55,7 @@ def crd_kinds(crd_dir: Path) -> dict[tuple[str, str], Path]:
     return kinds
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def crd_validator(path: Path, api_version: str, kind: str) -> jsonschema.Draft7Validator:
     crd = yaml.load(path.read_text(), Loader=_YAML_LOADER)
     assert crd["spec"]["names"]["kind"] == kind
@@ -169,12 +173,15 @@ def _first_render():
     return RENDERS["chart-gpu"]()
 
 
-@pytest.mark.parametrize("mutate, expected", [
-    (lambda rc: rc["spec"]["workerGroupSpecs"][0].update(minReplica=1), "minReplica"),
-    (lambda rc: rc["spec"].update(upgradeStrategy={"type": "RollingUpdate"}), "RollingUpdate"),
-    (lambda rc: rc["spec"]["workerGroupSpecs"][1].update(replicas="two"), "two"),
-    (lambda rc: rc["spec"]["headGroupSpec"].pop("template"), "template"),
-])
+@pytest.mark.parametrize(
+    "mutate, expected",
+    [
+        (lambda rc: rc["spec"]["workerGroupSpecs"][0].update(minReplica=1), "minReplica"),
+        (lambda rc: rc["spec"].update(upgradeStrategy={"type": "RollingUpdate"}), "RollingUpdate"),
+        (lambda rc: rc["spec"]["workerGroupSpecs"][1].update(replicas="two"), "two"),
+        (lambda rc: rc["spec"]["headGroupSpec"].pop("template"), "template"),
+    ],
+)
 def test_crd_validation_catches_broken_rayclusters(mutate, expected, shared_crds):
     raycluster = copy.deepcopy(one(_first_render(), "RayCluster"))
     mutate(raycluster)
@@ -188,7 +195,9 @@ def test_kubernetes_validation_catches_broken_objects():
     assert kubernetes_errors(service)
     template = pod_templates(one(_first_render(), "RayCluster"))["prefill"]
     template["spec"]["containers"][0]["resources"]["limits"]["cpu"] = {"cores": 8}
-    assert kubernetes_errors({"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": "x"}, "template": template})
+    assert kubernetes_errors(
+        {"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": "x"}, "template": template}
+    )
 
 
 def test_operator_checks_catch_broken_rayclusters():
@@ -205,8 +214,9 @@ def test_operator_checks_catch_broken_rayclusters():
 def test_autoscaler_off_and_no_upgrade_strategy_still_validate(shared_crds):
     from tests.deploy.conftest import CHART, render_chart
 
-    objects = render_chart.manifests(CHART, overrides={"autoscaler": {"enabled": False}, "upgradeStrategy": "None",
-                                                       "service": {"type": "NodePort"}})
+    objects = render_chart.manifests(
+        CHART, overrides={"autoscaler": {"enabled": False}, "upgradeStrategy": "None", "service": {"type": "NodePort"}}
+    )
     raycluster = one(objects, "RayCluster")
     assert raycluster["spec"]["enableInTreeAutoscaling"] is False and "autoscalerOptions" not in raycluster["spec"]
     assert crd_errors(raycluster, shared_crds) == [] and operator_errors(raycluster) == []

@@ -18,14 +18,30 @@ SCRAPE_CONFIG = DEPLOY / "prometheus" / "scrape-config.yaml"
 def kuberay_pods(raycluster: dict) -> list[dict]:
     """The head and one pod of each worker group, labelled as KubeRay v1.7.0 labels them."""
     name, spec = raycluster["metadata"]["name"], raycluster["spec"]
-    groups = [("head", "headgroup", spec["headGroupSpec"])] + [("worker", g["groupName"], g) for g in spec["workerGroupSpecs"]]
+    groups = [("head", "headgroup", spec["headGroupSpec"])] + [
+        ("worker", g["groupName"], g) for g in spec["workerGroupSpecs"]
+    ]
     pods = []
     for node_type, group_name, group in groups:
         template = group["template"]
-        labels = {**template.get("metadata", {}).get("labels", {}), "ray.io/cluster": name, "ray.io/node-type": node_type,
-                  "ray.io/group": group_name, "ray.io/is-ray-node": "yes"}
-        pods.append({"metadata": {"name": f"{name}-{group_name}-x", "namespace": "default", "labels": labels,
-                                  "annotations": template.get("metadata", {}).get("annotations", {})}, "spec": template["spec"]})
+        labels = {
+            **template.get("metadata", {}).get("labels", {}),
+            "ray.io/cluster": name,
+            "ray.io/node-type": node_type,
+            "ray.io/group": group_name,
+            "ray.io/is-ray-node": "yes",
+        }
+        pods.append(
+            {
+                "metadata": {
+                    "name": f"{name}-{group_name}-x",
+                    "namespace": "default",
+                    "labels": labels,
+                    "annotations": template.get("metadata", {}).get("annotations", {}),
+                },
+                "spec": template["spec"],
+            }
+        )
     return pods
 
 
@@ -42,7 +58,10 @@ def test_service_reaches_the_router_on_the_head(objects):
     (pod,) = selected(service["spec"]["selector"], kuberay_pods(raycluster))
     assert pod["metadata"]["labels"]["ray.io/node-type"] == "head"
     ports = container_ports(pod)
-    assert {p["name"]: ports.get(p["targetPort"]) for p in service["spec"]["ports"]} == {"http": ports["http"], "grpc": ports["grpc"]}
+    assert {p["name"]: ports.get(p["targetPort"]) for p in service["spec"]["ports"]} == {
+        "http": ports["http"],
+        "grpc": ports["grpc"],
+    }
     assert [p["port"] for p in service["spec"]["ports"]] == [ports["http"], ports["grpc"]]
 
 
@@ -61,9 +80,13 @@ def test_every_container_has_requests_and_limits(objects):
     for pod in kuberay_pods(raycluster):
         for container in pod["spec"]["containers"]:
             for section in ("requests", "limits"):
-                assert {"cpu", "memory"} <= set(container["resources"][section]), f"{pod['metadata']['name']}: {section}"
+                assert {"cpu", "memory"} <= set(container["resources"][section]), (
+                    f"{pod['metadata']['name']}: {section}"
+                )
     autoscaler = raycluster["spec"].get("autoscalerOptions", {})
-    assert raycluster["spec"]["enableInTreeAutoscaling"] is True and {"requests", "limits"} <= set(autoscaler["resources"])
+    assert raycluster["spec"]["enableInTreeAutoscaling"] is True and {"requests", "limits"} <= set(
+        autoscaler["resources"]
+    )
 
 
 def test_api_keys_come_from_a_secret_the_release_holds():
@@ -74,10 +97,13 @@ def test_api_keys_come_from_a_secret_the_release_holds():
     assert (secret["metadata"]["name"], ref["key"] in secret["data"]) == (ref["name"], True)
     assert base64.b64decode(secret["data"][ref["key"]]).decode() == "key-one,key-two"
     assert env["SPLITSERVE_ADMIN_TOKEN"]["valueFrom"]["secretKeyRef"]["name"] == "splitserve-admin"
-    assert "--admin-token" not in head_container(one(objects, "RayCluster"))["args"][0], "a token on the command line shows in ps"
+    assert "--admin-token" not in head_container(one(objects, "RayCluster"))["args"][0], (
+        "a token on the command line shows in ps"
+    )
+    import os
+
     from cluster.cli import build_parser, cluster_config_from_args
 
-    import os
     os.environ["SPLITSERVE_ADMIN_TOKEN"] = "from-the-secret"
     try:
         assert cluster_config_from_args(build_parser().parse_args(["up"])).admin_token == "from-the-secret"
@@ -111,15 +137,26 @@ def discovered_targets(pods: list[dict]) -> list[dict]:
     """Prometheus' kubernetes_sd `role: pod`: one target per declared container port."""
     targets = []
     for pod in pods:
-        meta = {"__meta_kubernetes_namespace": pod["metadata"]["namespace"], "__meta_kubernetes_pod_name": pod["metadata"]["name"]}
+        meta = {
+            "__meta_kubernetes_namespace": pod["metadata"]["namespace"],
+            "__meta_kubernetes_pod_name": pod["metadata"]["name"],
+        }
         meta.update({f"__meta_kubernetes_pod_label_{_sanitize(k)}": v for k, v in pod["metadata"]["labels"].items()})
-        meta.update({f"__meta_kubernetes_pod_annotation_{_sanitize(k)}": v for k, v in pod["metadata"]["annotations"].items()})
+        meta.update(
+            {f"__meta_kubernetes_pod_annotation_{_sanitize(k)}": v for k, v in pod["metadata"]["annotations"].items()}
+        )
         for container in pod["spec"]["containers"]:
             for port in container.get("ports", []):
-                targets.append({**meta, "__address__": f"10.0.0.1:{port['containerPort']}", "__metrics_path__": "/metrics",
-                                "__meta_kubernetes_pod_container_name": container["name"],
-                                "__meta_kubernetes_pod_container_port_name": port.get("name", ""),
-                                "__meta_kubernetes_pod_container_port_number": str(port["containerPort"])})
+                targets.append(
+                    {
+                        **meta,
+                        "__address__": f"10.0.0.1:{port['containerPort']}",
+                        "__metrics_path__": "/metrics",
+                        "__meta_kubernetes_pod_container_name": container["name"],
+                        "__meta_kubernetes_pod_container_port_name": port.get("name", ""),
+                        "__meta_kubernetes_pod_container_port_number": str(port["containerPort"]),
+                    }
+                )
     return targets
 
 
@@ -145,10 +182,13 @@ def test_scrape_config_finds_exactly_the_router(objects):
     (job,) = yaml.safe_load(SCRAPE_CONFIG.read_text())["scrape_configs"]
     assert job["kubernetes_sd_configs"] == [{"role": "pod"}]
     raycluster = one(objects, "RayCluster")
-    kept = [t for t in (relabel(dict(t), job["relabel_configs"]) for t in discovered_targets(kuberay_pods(raycluster))) if t]
+    kept = [
+        t for t in (relabel(dict(t), job["relabel_configs"]) for t in discovered_targets(kuberay_pods(raycluster))) if t
+    ]
     port = container_ports(kuberay_pods(raycluster)[0])["http"]
-    assert [(t["__address__"], t["__metrics_path__"], t["ray_cluster"]) for t in kept] == \
-        [(f"10.0.0.1:{port}", "/metrics", raycluster["metadata"]["name"])]
+    assert [(t["__address__"], t["__metrics_path__"], t["ray_cluster"]) for t in kept] == [
+        (f"10.0.0.1:{port}", "/metrics", raycluster["metadata"]["name"])
+    ]
 
 
 def test_scrape_config_ignores_pods_that_opted_out():

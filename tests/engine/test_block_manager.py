@@ -61,7 +61,12 @@ def test_hashes_identical_in_another_process():
     env = {**os.environ, "PYTHONHASHSEED": seed, "PYTHONPATH": str(REPO_ROOT)}
     result = subprocess.run(
         [sys.executable, "-c", script, json.dumps(HASH_CASES)],
-        env=env, cwd=REPO_ROOT, capture_output=True, text=True, check=True, timeout=60,
+        env=env,
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
     )
     assert json.loads(result.stdout) == expected
 
@@ -325,7 +330,10 @@ def test_events_have_strictly_increasing_ids_and_are_drained():
     ids = [e.event_id for e in first + second]
     assert ids == list(range(1, len(ids) + 1))
     assert [e.kind for e in first + second] == [
-        KVEventKind.STORED, KVEventKind.STORED, KVEventKind.REMOVED, KVEventKind.CLEARED,
+        KVEventKind.STORED,
+        KVEventKind.STORED,
+        KVEventKind.REMOVED,
+        KVEventKind.CLEARED,
     ]
     assert second[-1].block_hashes == ()
     assert alloc.take_events() == []

@@ -162,7 +162,9 @@ def test_stop_token_ids_and_max_tokens(model_dir):
     full = engine.generate([prompt], SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True))[0]
     assert len(full.token_ids) == 12 and full.finish_reason == "length"
     stopper = full.token_ids[5]
-    cut = engine.generate([prompt], SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, stop_token_ids=(stopper,)))[0]
+    cut = engine.generate(
+        [prompt], SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, stop_token_ids=(stopper,))
+    )[0]
     assert cut.finish_reason == "stop"
     assert cut.token_ids == full.token_ids[: full.token_ids.index(stopper) + 1]
 
@@ -200,8 +202,10 @@ def test_missing_or_malformed_model_directory(tmp_path):
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(ModelLoadError, match="config.json"):
         Engine(EngineConfig(model=str(tmp_path)))
-    (tmp_path / "config.json").write_text('{"architectures": ["GPT2LMHeadModel"], "vocab_size": 10, "hidden_size": 8,'
-                                         ' "intermediate_size": 8, "num_hidden_layers": 1, "num_attention_heads": 1}')
+    (tmp_path / "config.json").write_text(
+        '{"architectures": ["GPT2LMHeadModel"], "vocab_size": 10, "hidden_size": 8,'
+        ' "intermediate_size": 8, "num_hidden_layers": 1, "num_attention_heads": 1}'
+    )
     with pytest.raises(ModelLoadError, match="supported: LlamaForCausalLM"):
         Engine(EngineConfig(model=str(tmp_path)))
 

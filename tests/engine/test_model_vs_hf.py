@@ -14,8 +14,13 @@ from tests.checkpoints import hf_greedy, write_checkpoint
 
 ARCHITECTURES = {
     "LlamaForCausalLM": dict(
-        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                      "original_max_position_embeddings": 64},
+        rope_scaling={
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64,
+        },
         tie_word_embeddings=True,
     ),
     "MistralForCausalLM": dict(rope_theta=1e6),

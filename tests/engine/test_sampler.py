@@ -108,7 +108,13 @@ def test_seeded_row_independent_of_batch_composition_and_order():
     alone = run_steps(Sampler(VOCAB), [x[:1] for x in steps], [make_state(seed=42, top_k=10)])[0]
 
     def batch_with_target_at(position: int) -> list[int]:
-        others = [make_state(), make_state(temperature=0.0), make_state(seed=5), make_state(top_p=0.5), make_state(seed=9)]
+        others = [
+            make_state(),
+            make_state(temperature=0.0),
+            make_state(seed=5),
+            make_state(top_p=0.5),
+            make_state(seed=9),
+        ]
         states = others[:position] + [make_state(seed=42, top_k=10)] + others[position:]
         order = list(range(1, 6))
         order.insert(position, 0)  # row 0 of each step's logits is the target's

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from engine.kv_cache import KVLayout, PagedKVCache
-from kv_transfer.nixl_agent import NixlPool, PoolDescriptor, NixlError
+from kv_transfer.nixl_agent import NixlError, NixlPool, PoolDescriptor
 
 pytestmark = pytest.mark.timeout(120)  # a guard against hangs; the suite takes ~15 s on an idle machine
 

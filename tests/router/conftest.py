@@ -29,8 +29,14 @@ from tests.workers.harness import WorkerProcess, start_workers
 
 SERVED_MODEL = "tiny-llama"
 VOCAB = 320
-MODEL_SHAPE = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=8, num_attention_heads=4,
-                   num_key_value_heads=2, max_position_embeddings=2048)
+MODEL_SHAPE = dict(
+    hidden_size=128,
+    intermediate_size=256,
+    num_hidden_layers=8,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=2048,
+)
 MAX_MODEL_LEN = 2048
 EOS = 2
 REQUEST_TIMEOUT_S = 60.0
@@ -89,10 +95,18 @@ class RouterThread:
     def metrics(self) -> dict[tuple[str, tuple], float]:
         """Every sample of /metrics, keyed by (name, sorted label items)."""
         text = httpx.get(f"{self.http}/metrics", timeout=10).text
-        return {(s.name, tuple(sorted(s.labels.items()))): s.value for family in text_string_to_metric_families(text) for s in family.samples}
+        return {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text)
+            for s in family.samples
+        }
 
     def decisions(self) -> dict[str, float]:
-        return {dict(labels)["decision"]: value for (name, labels), value in self.metrics().items() if name == "splitserve_routing_decisions_total"}
+        return {
+            dict(labels)["decision"]: value
+            for (name, labels), value in self.metrics().items()
+            if name == "splitserve_routing_decisions_total"
+        }
 
     def worker_active(self) -> dict[str, int]:
         """Requests this router has in flight per worker address."""
@@ -104,8 +118,11 @@ class RouterThread:
     def wait_synced(self, address: str, block_hashes: list[int], timeout: float = 10.0) -> None:
         """Until the router's KV index of ``address`` holds every one of ``block_hashes``."""
         pool = self.router.pool
-        wait_for(lambda: self.call(lambda: pool.workers[address].kv.prefix_blocks(block_hashes)) == len(block_hashes),
-                 timeout, f"router to learn {address}'s cached blocks")
+        wait_for(
+            lambda: self.call(lambda: pool.workers[address].kv.prefix_blocks(block_hashes)) == len(block_hashes),
+            timeout,
+            f"router to learn {address}'s cached blocks",
+        )
 
     def stop(self) -> None:
         try:
@@ -184,10 +201,16 @@ def cluster(checkpoint: Checkpoint) -> Iterator[Cluster]:
 
 
 def router_config(checkpoint: Checkpoint, prefills, decodes, **overrides) -> RouterConfig:
-    settings = dict(model=str(checkpoint.path), served_model_name=SERVED_MODEL, port=0, grpc_port=0,
-                    prefill_addresses=tuple(w if isinstance(w, str) else w.address for w in prefills),
-                    decode_addresses=tuple(w if isinstance(w, str) else w.address for w in decodes),
-                    health_interval_s=0.2, request_timeout_s=REQUEST_TIMEOUT_S)
+    settings = dict(
+        model=str(checkpoint.path),
+        served_model_name=SERVED_MODEL,
+        port=0,
+        grpc_port=0,
+        prefill_addresses=tuple(w if isinstance(w, str) else w.address for w in prefills),
+        decode_addresses=tuple(w if isinstance(w, str) else w.address for w in decodes),
+        health_interval_s=0.2,
+        request_timeout_s=REQUEST_TIMEOUT_S,
+    )
     settings.update(overrides)
     return RouterConfig(**settings)
 

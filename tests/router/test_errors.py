@@ -45,18 +45,26 @@ def test_malformed_json(router):
     assert_serving(router)
 
 
-@pytest.mark.parametrize(("path", "body", "param"), [
-    ("/v1/completions", {"prompt": "hi", "max_tokens": "many"}, "max_tokens"),
-    ("/v1/completions", {"prompt": "hi", "temperature": "hot"}, "temperature"),
-    ("/v1/completions", {"prompt": {"text": "hi"}}, None),
-    ("/v1/completions", {"max_tokens": 4}, "prompt"),
-    ("/v1/completions", {"prompt": "hi", "stop": 5}, None),
-    ("/v1/chat/completions", {"messages": "hello"}, "messages"),
-    ("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "hi"}]}, None),
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "n": "two"}, "n"),
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, "messages"),
-    ("/v1/chat/completions", {"messages": []}, "messages"),
-], ids=lambda v: v if isinstance(v, str) else None)
+@pytest.mark.parametrize(
+    ("path", "body", "param"),
+    [
+        ("/v1/completions", {"prompt": "hi", "max_tokens": "many"}, "max_tokens"),
+        ("/v1/completions", {"prompt": "hi", "temperature": "hot"}, "temperature"),
+        ("/v1/completions", {"prompt": {"text": "hi"}}, None),
+        ("/v1/completions", {"max_tokens": 4}, "prompt"),
+        ("/v1/completions", {"prompt": "hi", "stop": 5}, None),
+        ("/v1/chat/completions", {"messages": "hello"}, "messages"),
+        ("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "hi"}]}, None),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "n": "two"}, "n"),
+        (
+            "/v1/chat/completions",
+            {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+            "messages",
+        ),
+        ("/v1/chat/completions", {"messages": []}, "messages"),
+    ],
+    ids=lambda v: v if isinstance(v, str) else None,
+)
 def test_wrong_types_and_shapes(router, path, body, param):
     error = assert_error(post(router, path, body), 400)
     if param is not None:
@@ -65,8 +73,15 @@ def test_wrong_types_and_shapes(router, path, body, param):
 
 def test_unknown_model(router):
     assert_error(post(router, "/v1/completions", {"model": "gpt-17", "prompt": "hi"}), 404, "model_not_found")
-    assert_error(post(router, "/v1/chat/completions", {"model": "gpt-17", "messages": [{"role": "user", "content": "hi"}], "stream": True}),
-                 404, "model_not_found")
+    assert_error(
+        post(
+            router,
+            "/v1/chat/completions",
+            {"model": "gpt-17", "messages": [{"role": "user", "content": "hi"}], "stream": True},
+        ),
+        404,
+        "model_not_found",
+    )
     with pytest.raises(openai.NotFoundError):
         router.openai().completions.create(model="gpt-17", prompt="hi", max_tokens=2)
     assert_serving(router)
@@ -74,21 +89,48 @@ def test_unknown_model(router):
 
 def test_prompt_too_long(router, rng):
     too_long = random_prompt(rng, MAX_MODEL_LEN + 1)
-    assert_error(post(router, "/v1/completions", {"prompt": [too_long], "max_tokens": 1}), 400, "context_length_exceeded")
+    assert_error(
+        post(router, "/v1/completions", {"prompt": [too_long], "max_tokens": 1}), 400, "context_length_exceeded"
+    )
     # Prompt fits, prompt + max_tokens does not.
-    assert_error(post(router, "/v1/completions", {"prompt": [too_long[:MAX_MODEL_LEN - 10]], "max_tokens": 11, "stream": True}), 400, "context_length_exceeded")
-    assert_error(post(router, "/v1/chat/completions", {"messages": [{"role": "user", "content": "x" * (MAX_MODEL_LEN * 2)}]}), 400, "context_length_exceeded")
+    assert_error(
+        post(router, "/v1/completions", {"prompt": [too_long[: MAX_MODEL_LEN - 10]], "max_tokens": 11, "stream": True}),
+        400,
+        "context_length_exceeded",
+    )
+    assert_error(
+        post(router, "/v1/chat/completions", {"messages": [{"role": "user", "content": "x" * (MAX_MODEL_LEN * 2)}]}),
+        400,
+        "context_length_exceeded",
+    )
     with pytest.raises(openai.BadRequestError) as caught:
         router.openai().completions.create(model=SERVED_MODEL, prompt=[too_long], max_tokens=1)
     assert caught.value.code == "context_length_exceeded"
     assert_serving(router)
 
 
-@pytest.mark.parametrize(("field", "value"), [
-    ("temperature", 2.5), ("temperature", -0.1), ("top_p", 0.0), ("top_p", 1.5), ("top_k", -2), ("min_p", 1.5),
-    ("presence_penalty", 3.0), ("frequency_penalty", -2.5), ("repetition_penalty", 0.0), ("max_tokens", 0), ("max_tokens", -5),
-    ("n", 0), ("n", 17), ("logprobs", 50), ("logprobs", -1), ("stop", ["s"] * 17), ("stop", [""]),
-])
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("temperature", 2.5),
+        ("temperature", -0.1),
+        ("top_p", 0.0),
+        ("top_p", 1.5),
+        ("top_k", -2),
+        ("min_p", 1.5),
+        ("presence_penalty", 3.0),
+        ("frequency_penalty", -2.5),
+        ("repetition_penalty", 0.0),
+        ("max_tokens", 0),
+        ("max_tokens", -5),
+        ("n", 0),
+        ("n", 17),
+        ("logprobs", 50),
+        ("logprobs", -1),
+        ("stop", ["s"] * 17),
+        ("stop", [""]),
+    ],
+)
 def test_params_out_of_range(router, field, value):
     body = {"model": SERVED_MODEL, "prompt": "range check", "max_tokens": 4, field: value}
     assert_error(post(router, "/v1/completions", body), 400, param=field)
@@ -96,7 +138,9 @@ def test_params_out_of_range(router, field, value):
 
 def test_chat_params_out_of_range(router):
     base = {"messages": [{"role": "user", "content": "hi"}]}
-    assert_error(post(router, "/v1/chat/completions", {**base, "logprobs": True, "top_logprobs": 99}), 400, param="logprobs")
+    assert_error(
+        post(router, "/v1/chat/completions", {**base, "logprobs": True, "top_logprobs": 99}), 400, param="logprobs"
+    )
     assert_error(post(router, "/v1/chat/completions", {**base, "top_logprobs": 2}), 400, param="top_logprobs")
     assert_error(post(router, "/v1/chat/completions", {**base, "max_completion_tokens": 0}), 400)
     assert_error(post(router, "/v1/completions", {"prompt": [[5, 10_000]]}), 400, param="prompt")
@@ -116,12 +160,16 @@ def test_api_keys_and_body_limit(make_router, cluster):
     router = make_router(cluster.prefills, [cluster.decode], api_keys=("sk-right",), max_body_bytes=8192)
     body = {"model": SERVED_MODEL, "prompt": "auth", "max_tokens": 2}
     assert_error(post(router, "/v1/completions", body), 401, "invalid_api_key")
-    assert_error(post(router, "/v1/completions", body, headers={"authorization": "Bearer sk-wrong"}), 401, "invalid_api_key")
+    assert_error(
+        post(router, "/v1/completions", body, headers={"authorization": "Bearer sk-wrong"}), 401, "invalid_api_key"
+    )
     assert_error(httpx.get(f"{router.http}/v1/models", timeout=10), 401, "invalid_api_key")
     with pytest.raises(openai.AuthenticationError):
         router.openai(api_key="sk-wrong").completions.create(model=SERVED_MODEL, prompt="x", max_tokens=2)
     with pytest.raises(openai.AuthenticationError):
-        router.openai(api_key="sk-wrong").chat.completions.create(model=SERVED_MODEL, messages=[{"role": "user", "content": "x"}], stream=True)
+        router.openai(api_key="sk-wrong").chat.completions.create(
+            model=SERVED_MODEL, messages=[{"role": "user", "content": "x"}], stream=True
+        )
     assert httpx.get(f"{router.http}/health", timeout=10).status_code == 200  # probes need no key
     good = router.openai(api_key="sk-right").completions.create(model=SERVED_MODEL, prompt="x", max_tokens=2)
     assert good.usage.completion_tokens == 2
@@ -134,17 +182,36 @@ def test_api_keys_and_body_limit(make_router, cluster):
         for i in range(0, len(large), 1000):
             yield large[i : i + 1000].encode()
 
-    response = httpx.post(f"{router.http}/v1/completions", content=chunked(), headers={"content-type": "application/json", **auth}, timeout=30)
+    response = httpx.post(
+        f"{router.http}/v1/completions",
+        content=chunked(),
+        headers={"content-type": "application/json", **auth},
+        timeout=30,
+    )
     assert_error(response, 413, "request_too_large")
-    assert router.openai(api_key="sk-right").completions.create(model=SERVED_MODEL, prompt="x", max_tokens=2).usage.completion_tokens == 2
+    assert (
+        router.openai(api_key="sk-right")
+        .completions.create(model=SERVED_MODEL, prompt="x", max_tokens=2)
+        .usage.completion_tokens
+        == 2
+    )
 
 
 def test_overload_is_429_with_retry_after(make_router, cluster, rng):
     router = make_router([], [cluster.decode], max_running=1, max_queued=0)
-    held_body = {"model": SERVED_MODEL, "prompt": [random_prompt(rng, 10)], "max_tokens": MAX_MODEL_LEN - 20,
-                 "temperature": 0, "ignore_eos": True, "stream": True}
+    held_body = {
+        "model": SERVED_MODEL,
+        "prompt": [random_prompt(rng, 10)],
+        "max_tokens": MAX_MODEL_LEN - 20,
+        "temperature": 0,
+        "ignore_eos": True,
+        "stream": True,
+    }
     body = {"model": SERVED_MODEL, "prompt": "one too many", "max_tokens": 2}
-    with httpx.Client(timeout=30) as held_client, held_client.stream("POST", f"{router.http}/v1/completions", json=held_body) as held:
+    with (
+        httpx.Client(timeout=30) as held_client,
+        held_client.stream("POST", f"{router.http}/v1/completions", json=held_body) as held,
+    ):
         assert held.status_code == 200
         lines = held.iter_lines()
         assert next(line for line in lines if line.startswith("data: ")).startswith("data: {")  # the slot is taken
@@ -154,8 +221,12 @@ def test_overload_is_429_with_retry_after(make_router, cluster, rng):
             assert_error(response, 429, "rate_limit_exceeded")
             assert int(response.headers["retry-after"]) >= 1
         with pytest.raises(openai.RateLimitError):
-            router.openai().chat.completions.create(model=SERVED_MODEL, messages=[{"role": "user", "content": "x"}], max_tokens=2)
-        assert next(line for line in lines if line.startswith("data: ")).startswith("data: {"), "the held stream goes on"
+            router.openai().chat.completions.create(
+                model=SERVED_MODEL, messages=[{"role": "user", "content": "x"}], max_tokens=2
+            )
+        assert next(line for line in lines if line.startswith("data: ")).startswith("data: {"), (
+            "the held stream goes on"
+        )
 
     # The held stream's client left: its slot comes back and the router serves again.
     def served():

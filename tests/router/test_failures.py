@@ -15,7 +15,15 @@ import openai
 import pytest
 
 from tests.checkpoints import hf_greedy
-from tests.router.conftest import MAX_MODEL_LEN, SERVED_MODEL, greedy_ignoring_eos, random_prompt, stop_all, token_ids, wait_for
+from tests.router.conftest import (
+    MAX_MODEL_LEN,
+    SERVED_MODEL,
+    greedy_ignoring_eos,
+    random_prompt,
+    stop_all,
+    token_ids,
+    wait_for,
+)
 from tests.workers.harness import WorkerProcess, start_workers, wait_idle
 
 REQUEST_TIMEOUT_S = 60
@@ -58,8 +66,15 @@ class Stream:
 
 def _stream_greedy(client: openai.OpenAI, prompt: list[int], max_tokens: int, stream: Stream) -> None:
     try:
-        for chunk in client.completions.create(model=SERVED_MODEL, prompt=[prompt], max_tokens=max_tokens, temperature=0, logprobs=0, stream=True,
-                                               extra_body={"ignore_eos": True, "return_tokens_as_token_ids": True}):
+        for chunk in client.completions.create(
+            model=SERVED_MODEL,
+            prompt=[prompt],
+            max_tokens=max_tokens,
+            temperature=0,
+            logprobs=0,
+            stream=True,
+            extra_body={"ignore_eos": True, "return_tokens_as_token_ids": True},
+        ):
             for choice in chunk.choices:
                 stream.ids.extend(token_ids(choice.logprobs.tokens) if choice.logprobs else [])
                 stream.finish_reason = choice.finish_reason or stream.finish_reason
@@ -101,7 +116,14 @@ def test_client_disconnects_return_every_block(make_router, failing, rng):
     def long_body(prompt_len: int, **extra) -> dict:
         prompt = random_prompt(rng, prompt_len)
         max_tokens = min(LONG_GENERATION, MAX_MODEL_LEN - prompt_len)
-        return {"model": SERVED_MODEL, "prompt": [prompt], "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True, **extra}
+        return {
+            "model": SERVED_MODEL,
+            "prompt": [prompt],
+            "max_tokens": max_tokens,
+            "temperature": 0,
+            "ignore_eos": True,
+            **extra,
+        }
 
     jobs = [
         lambda b=long_body(100, stream=True): _leave_after_lines(url, b, 5),  # remote prefill, mid-decode
@@ -111,8 +133,17 @@ def test_client_disconnects_return_every_block(make_router, failing, rng):
         lambda b=long_body(1500, stream=True): _leave_before_first_token(url, b, 0.1),  # mid-prefill
         lambda b=long_body(1500): _leave_before_first_token(url, b, 0.3),  # non-streaming, mid-prefill
         lambda b=long_body(80): _leave_before_first_token(url, b, 1.5),  # non-streaming, mid-decode
-        lambda: _leave_after_lines(chat_url, {"model": SERVED_MODEL, "messages": [{"role": "user", "content": "go on " * 20}],
-                                              "max_tokens": LONG_GENERATION, "ignore_eos": True, "stream": True}, 4),
+        lambda: _leave_after_lines(
+            chat_url,
+            {
+                "model": SERVED_MODEL,
+                "messages": [{"role": "user", "content": "go on " * 20}],
+                "max_tokens": LONG_GENERATION,
+                "ignore_eos": True,
+                "stream": True,
+            },
+            4,
+        ),
     ]
     with ThreadPoolExecutor(len(jobs)) as pool:
         for future in [pool.submit(job) for job in jobs]:
@@ -123,11 +154,19 @@ def test_client_disconnects_return_every_block(make_router, failing, rng):
     for worker in failing.workers:
         wait_idle(worker, timeout=5)
     assert sum(w.stats().prompt_tokens - before[w.address] for w in failing.decodes) > 0
-    assert sum(w.stats().prompt_tokens - before[w.address] for w in failing.prefills) > 0, "no request reached a prefill worker"
+    assert sum(w.stats().prompt_tokens - before[w.address] for w in failing.prefills) > 0, (
+        "no request reached a prefill worker"
+    )
     assert router.worker_active() == {w.address: 0 for w in failing.workers}
 
     # And the router still serves.
-    out = router.openai().completions.create(model=SERVED_MODEL, prompt=[random_prompt(rng, 50)], max_tokens=4, temperature=0, extra_body={"ignore_eos": True})
+    out = router.openai().completions.create(
+        model=SERVED_MODEL,
+        prompt=[random_prompt(rng, 50)],
+        max_tokens=4,
+        temperature=0,
+        extra_body={"ignore_eos": True},
+    )
     assert out.usage.completion_tokens == 4
 
 
@@ -142,11 +181,18 @@ def test_decode_worker_killed_mid_stream_migrates(make_router, failing, checkpoi
     prompts = [random_prompt(rng, n) for n in (20, 40, 70, 90)]  # local and remote prefills
     expected = [greedy_ignoring_eos(checkpoint.model, p, max_tokens) for p in prompts]
     streams = [Stream() for _ in prompts]
-    threads = [threading.Thread(target=_stream_greedy, args=(client, p, max_tokens, s), daemon=True) for p, s in zip(prompts, streams)]
+    threads = [
+        threading.Thread(target=_stream_greedy, args=(client, p, max_tokens, s), daemon=True)
+        for p, s in zip(prompts, streams)
+    ]
     for thread in threads:
         thread.start()
 
-    wait_for(lambda: all(len(s.ids) >= 5 for s in streams) or any(s.done.is_set() for s in streams), 30, "every stream to start")
+    wait_for(
+        lambda: all(len(s.ids) >= 5 for s in streams) or any(s.done.is_set() for s in streams),
+        30,
+        "every stream to start",
+    )
     assert not any(s.done.is_set() for s in streams), [s.error for s in streams]
     active = router.worker_active()
     victim = max(failing.decodes, key=lambda w: active[w.address])
@@ -165,7 +211,13 @@ def test_decode_worker_killed_mid_stream_migrates(make_router, failing, checkpoi
     survivor = next(w for w in failing.decodes if w is not victim)
     for worker in alive([*failing.prefills, survivor]):
         wait_idle(worker, timeout=10)
-    out = client.completions.create(model=SERVED_MODEL, prompt=[random_prompt(rng, 50)], max_tokens=4, temperature=0, extra_body={"ignore_eos": True})
+    out = client.completions.create(
+        model=SERVED_MODEL,
+        prompt=[random_prompt(rng, 50)],
+        max_tokens=4,
+        temperature=0,
+        extra_body={"ignore_eos": True},
+    )
     assert out.usage.completion_tokens == 4
 
 
@@ -182,8 +234,14 @@ def test_prefill_workers_killed_under_load(make_router, failing, checkpoint, rng
 
     def complete(prompt):
         try:
-            out = client.completions.create(model=SERVED_MODEL, prompt=[prompt], max_tokens=6, temperature=0, logprobs=0,
-                                            extra_body={"return_tokens_as_token_ids": True})
+            out = client.completions.create(
+                model=SERVED_MODEL,
+                prompt=[prompt],
+                max_tokens=6,
+                temperature=0,
+                logprobs=0,
+                extra_body={"return_tokens_as_token_ids": True},
+            )
             return token_ids(out.choices[0].logprobs.tokens)
         except openai.APIStatusError as exc:
             return exc
@@ -193,7 +251,11 @@ def test_prefill_workers_killed_under_load(make_router, failing, checkpoint, rng
         expected = [hf_greedy(checkpoint.model, p, 6) for p in prompts]
         with ThreadPoolExecutor(len(prompts)) as pool:
             futures = [pool.submit(complete, p) for p in prompts]
-            wait_for(lambda: router.worker_active()[victim.address] >= in_flight, 30, f"prefills in flight on {victim.address}")
+            wait_for(
+                lambda: router.worker_active()[victim.address] >= in_flight,
+                30,
+                f"prefills in flight on {victim.address}",
+            )
             victim.kill()
             results = [f.result(timeout=REQUEST_TIMEOUT_S + 10) for f in futures]
         for i, (result, want) in enumerate(zip(results, expected)):
@@ -211,7 +273,11 @@ def test_prefill_workers_killed_under_load(make_router, failing, checkpoint, rng
     assert router.decisions().get("fallback", 0) >= 1, router.decisions()
 
     # With both prefill workers gone for good, long prompts are prefilled on the decode workers.
-    wait_for(lambda: router.call(lambda: not router.router.pool.of_role("prefill")), 10, "the dead prefill workers to be marked unhealthy")
+    wait_for(
+        lambda: router.call(lambda: not router.router.pool.of_role("prefill")),
+        10,
+        "the dead prefill workers to be marked unhealthy",
+    )
     fallbacks = router.decisions()["fallback"]
     out = client.completions.create(model=SERVED_MODEL, prompt=[random_prompt(rng, 300)], max_tokens=6, temperature=0)
     assert out.usage.completion_tokens >= 1

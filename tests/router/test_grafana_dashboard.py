@@ -9,8 +9,15 @@ from pathlib import Path
 from router.metrics import RouterMetrics
 
 DASHBOARD = Path(__file__).resolve().parents[2] / "deploy" / "grafana" / "splitserve.json"
-WORKER_VIEW = {"splitserve_worker_kv_blocks", "splitserve_worker_sequences", "splitserve_worker_prefix_cache_hit_rate",
-               "splitserve_kv_transfer_bytes_total", "splitserve_kv_transfers_total", "splitserve_kv_lease_expirations_total", "splitserve_workers"}
+WORKER_VIEW = {
+    "splitserve_worker_kv_blocks",
+    "splitserve_worker_sequences",
+    "splitserve_worker_prefix_cache_hit_rate",
+    "splitserve_kv_transfer_bytes_total",
+    "splitserve_kv_transfers_total",
+    "splitserve_kv_lease_expirations_total",
+    "splitserve_workers",
+}
 
 
 def _exported() -> set[str]:
@@ -35,5 +42,7 @@ def test_worker_view_names_are_what_the_worker_collector_emits():
     from protos import common_pb2
     from protos.worker_metrics import worker_metrics
 
-    emitted = {s.name for m in worker_metrics([common_pb2.WorkerStats(worker_id="w", role="decode")]) for s in m.samples}
+    emitted = {
+        s.name for m in worker_metrics([common_pb2.WorkerStats(worker_id="w", role="decode")]) for s in m.samples
+    }
     assert WORKER_VIEW - {"splitserve_workers"} <= emitted

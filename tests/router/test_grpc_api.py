@@ -26,7 +26,12 @@ def _generate(channel, request: generate_pb2.CompletionRequest, metadata=()) -> 
 def test_grpc_streams_the_same_tokens_as_http(router, channel, rng):
     prompt = random_prompt(rng, 70)
     params = common_pb2.SamplingParams(max_tokens=20, temperature=0, ignore_eos=True, logprobs=1)
-    chunks = _generate(channel, generate_pb2.CompletionRequest(model=SERVED_MODEL, token_ids=generate_pb2.TokenIds(ids=prompt), params=params, request_id="grpc-1"))
+    chunks = _generate(
+        channel,
+        generate_pb2.CompletionRequest(
+            model=SERVED_MODEL, token_ids=generate_pb2.TokenIds(ids=prompt), params=params, request_id="grpc-1"
+        ),
+    )
     assert len(chunks) > 1, "the completion should stream in several chunks"
     assert all(c.request_id == "grpc-1" for c in chunks)
     grpc_ids = [t for c in chunks for t in c.token_ids]
@@ -35,19 +40,42 @@ def test_grpc_streams_the_same_tokens_as_http(router, channel, rng):
     assert [lp.token_id for c in chunks for lp in c.logprobs] == grpc_ids
     assert all(len(lp.top) == 1 for c in chunks for lp in c.logprobs)
 
-    http = router.openai().completions.create(model=SERVED_MODEL, prompt=[prompt], max_tokens=20, temperature=0, logprobs=0,
-                                              extra_body={"ignore_eos": True, "return_tokens_as_token_ids": True})
+    http = router.openai().completions.create(
+        model=SERVED_MODEL,
+        prompt=[prompt],
+        max_tokens=20,
+        temperature=0,
+        logprobs=0,
+        extra_body={"ignore_eos": True, "return_tokens_as_token_ids": True},
+    )
     assert token_ids(http.choices[0].logprobs.tokens) == grpc_ids
     assert "".join(c.text for c in chunks) == http.choices[0].text
 
     # Text and chat inputs are tokenized by the router, as over HTTP.
-    text_chunks = _generate(channel, generate_pb2.CompletionRequest(text="hello there", params=common_pb2.SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)))
-    http_text = router.openai().completions.create(model=SERVED_MODEL, prompt="hello there", max_tokens=6, temperature=0, extra_body={"ignore_eos": True})
+    text_chunks = _generate(
+        channel,
+        generate_pb2.CompletionRequest(
+            text="hello there", params=common_pb2.SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+        ),
+    )
+    http_text = router.openai().completions.create(
+        model=SERVED_MODEL, prompt="hello there", max_tokens=6, temperature=0, extra_body={"ignore_eos": True}
+    )
     assert "".join(c.text for c in text_chunks) == http_text.choices[0].text
     chat = generate_pb2.ChatMessages(messages=[generate_pb2.ChatMessage(role="user", content="hi")])
-    chat_chunks = _generate(channel, generate_pb2.CompletionRequest(chat=chat, params=common_pb2.SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)))
-    http_chat = router.openai().chat.completions.create(model=SERVED_MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=6, temperature=0,
-                                                        extra_body={"ignore_eos": True})
+    chat_chunks = _generate(
+        channel,
+        generate_pb2.CompletionRequest(
+            chat=chat, params=common_pb2.SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+        ),
+    )
+    http_chat = router.openai().chat.completions.create(
+        model=SERVED_MODEL,
+        messages=[{"role": "user", "content": "hi"}],
+        max_tokens=6,
+        temperature=0,
+        extra_body={"ignore_eos": True},
+    )
     assert "".join(c.text for c in chat_chunks) == http_chat.choices[0].message.content
     assert chat_chunks[-1].usage.prompt_tokens == http_chat.usage.prompt_tokens
 
@@ -55,17 +83,28 @@ def test_grpc_streams_the_same_tokens_as_http(router, channel, rng):
 def test_health_and_reflection(channel):
     health = health_pb2_grpc.HealthStub(channel)
     for service in ("", SERVICE):
-        assert health.Check(health_pb2.HealthCheckRequest(service=service), timeout=10).status == health_pb2.HealthCheckResponse.SERVING
+        assert (
+            health.Check(health_pb2.HealthCheckRequest(service=service), timeout=10).status
+            == health_pb2.HealthCheckResponse.SERVING
+        )
     with pytest.raises(grpc.RpcError) as caught:
         health.Check(health_pb2.HealthCheckRequest(service="no.Such"), timeout=10)
     assert caught.value.code() == grpc.StatusCode.NOT_FOUND
 
     stub = reflection_pb2_grpc.ServerReflectionStub(channel)
-    responses = list(stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=10))
+    responses = list(
+        stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=10)
+    )
     services = {s.name for s in responses[0].list_services_response.service}
     assert {SERVICE, "grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection"} <= services
-    described = list(stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(file_containing_symbol=SERVICE)]), timeout=10))
-    assert described[0].file_descriptor_response.file_descriptor_proto, "reflection should describe the Generate service"
+    described = list(
+        stub.ServerReflectionInfo(
+            iter([reflection_pb2.ServerReflectionRequest(file_containing_symbol=SERVICE)]), timeout=10
+        )
+    )
+    assert described[0].file_descriptor_response.file_descriptor_proto, (
+        "reflection should describe the Generate service"
+    )
 
 
 def _status(channel, request, metadata=()) -> grpc.StatusCode:
@@ -76,10 +115,18 @@ def _status(channel, request, metadata=()) -> grpc.StatusCode:
 
 def test_grpc_errors_are_status_codes(router, channel, rng):
     params = common_pb2.SamplingParams(max_tokens=4)
-    assert _status(channel, generate_pb2.CompletionRequest(model="gpt-17", text="x", params=params)) == grpc.StatusCode.NOT_FOUND
+    assert (
+        _status(channel, generate_pb2.CompletionRequest(model="gpt-17", text="x", params=params))
+        == grpc.StatusCode.NOT_FOUND
+    )
     too_long = generate_pb2.TokenIds(ids=random_prompt(rng, MAX_MODEL_LEN + 1))
-    assert _status(channel, generate_pb2.CompletionRequest(token_ids=too_long, params=params)) == grpc.StatusCode.INVALID_ARGUMENT
-    assert _status(channel, generate_pb2.CompletionRequest(params=params)) == grpc.StatusCode.INVALID_ARGUMENT  # no input
+    assert (
+        _status(channel, generate_pb2.CompletionRequest(token_ids=too_long, params=params))
+        == grpc.StatusCode.INVALID_ARGUMENT
+    )
+    assert (
+        _status(channel, generate_pb2.CompletionRequest(params=params)) == grpc.StatusCode.INVALID_ARGUMENT
+    )  # no input
     bad = common_pb2.SamplingParams(max_tokens=4, temperature=5)
     assert _status(channel, generate_pb2.CompletionRequest(text="x", params=bad)) == grpc.StatusCode.INVALID_ARGUMENT
     assert len(_generate(channel, generate_pb2.CompletionRequest(text="fine", params=params))) >= 1

@@ -15,17 +15,27 @@ PROMPT = list(range(3, 60))  # 57 tokens: above the threshold below, so prefill 
 
 @pytest.fixture(scope="module")
 def router_url():
-    decode, decode_address = processes.start_worker("decode", "--model", "demo", "--threads", "1", "--kv-cache-mb", "32")
-    prefill, prefill_address = processes.start_worker("prefill", "--model", "demo", "--threads", "1", "--kv-cache-mb", "32")
+    decode, decode_address = processes.start_worker(
+        "decode", "--model", "demo", "--threads", "1", "--kv-cache-mb", "32"
+    )
+    prefill, prefill_address = processes.start_worker(
+        "prefill", "--model", "demo", "--threads", "1", "--kv-cache-mb", "32"
+    )
     port = processes.free_port()
-    router = processes.start_router(port, processes.free_port(), [prefill_address], [decode_address], "--local-prefill-threshold", "16")
+    router = processes.start_router(
+        port, processes.free_port(), [prefill_address], [decode_address], "--local-prefill-threshold", "16"
+    )
     with processes.running(router, prefill, decode):
         yield f"http://127.0.0.1:{port}"
 
 
 def _samples(url: str) -> dict[tuple[str, tuple], float]:
     text = httpx.get(f"{url}/metrics", timeout=10).text
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value for family in text_string_to_metric_families(text) for s in family.samples}
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
 
 
 def _value(samples, name: str, **labels) -> float:
@@ -33,7 +43,11 @@ def _value(samples, name: str, **labels) -> float:
 
 
 def _sum(samples, name: str, **labels) -> float:
-    return sum(v for (n, l), v in samples.items() if n == name and all(dict(l).get(k) == w for k, w in labels.items()))
+    return sum(
+        v
+        for (n, labelled), v in samples.items()
+        if n == name and all(dict(labelled).get(k) == w for k, w in labels.items())
+    )
 
 
 def test_counters_and_histograms_match_the_traffic(router_url):
@@ -66,7 +80,9 @@ def test_counters_and_histograms_match_the_traffic(router_url):
     assert delta("splitserve_generation_tokens_total") == 25
     assert delta("splitserve_prompt_tokens_total") == 5 * len(PROMPT)
     assert delta("splitserve_routing_decisions_total") == 5
-    assert delta("splitserve_kv_transfer_exposed_seconds_count", transport="grpc") == delta("splitserve_routing_decisions_total", decision="remote_prefill")
+    assert delta("splitserve_kv_transfer_exposed_seconds_count", transport="grpc") == delta(
+        "splitserve_routing_decisions_total", decision="remote_prefill"
+    )
     assert _value(after, "splitserve_workers", role="prefill", state="up") == 1
     assert _value(after, "splitserve_workers", role="decode", state="up") == 1
     # the workers' own counters, aggregated by the router from their Stats
@@ -75,12 +91,22 @@ def test_counters_and_histograms_match_the_traffic(router_url):
     remote = delta("splitserve_routing_decisions_total", decision="remote_prefill")
     assert delta("splitserve_kv_transfers_total", role="prefill", outcome="completed") == remote
     assert delta("splitserve_kv_transfers_total", role="decode", outcome="completed") == remote
-    assert delta("splitserve_kv_transfer_bytes_total", role="prefill") == delta("splitserve_kv_transfer_bytes_total", role="decode") > 0
+    assert (
+        delta("splitserve_kv_transfer_bytes_total", role="prefill")
+        == delta("splitserve_kv_transfer_bytes_total", role="decode")
+        > 0
+    )
 
 
 def test_worker_serves_its_own_metrics():
-    process, line = processes.start(["worker", "decode", "--model", "demo", "--port", "0", "--kv-cache-mb", "16", "--metrics-port", "0"], "metrics on port")
+    process, line = processes.start(
+        ["worker", "decode", "--model", "demo", "--port", "0", "--kv-cache-mb", "16", "--metrics-port", "0"],
+        "metrics on port",
+    )
     with processes.running(process):
         port = int(line.rsplit(" ", 1)[1])
-        families = {f.name for f in text_string_to_metric_families(httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text)}
+        families = {
+            f.name
+            for f in text_string_to_metric_families(httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text)
+        }
     assert {"splitserve_worker_kv_blocks", "splitserve_worker_sequences", "splitserve_kv_transfers"} <= families

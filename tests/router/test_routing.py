@@ -10,7 +10,9 @@ BLOCK = 16
 
 
 def _complete(router, prompt: list[int], max_tokens: int = 2) -> None:
-    out = router.openai().completions.create(model=SERVED_MODEL, prompt=[prompt], max_tokens=max_tokens, temperature=0, extra_body={"ignore_eos": True})
+    out = router.openai().completions.create(
+        model=SERVED_MODEL, prompt=[prompt], max_tokens=max_tokens, temperature=0, extra_body={"ignore_eos": True}
+    )
     assert out.usage.completion_tokens == max_tokens
 
 
@@ -31,9 +33,13 @@ def test_shared_prefix_goes_to_the_prefill_worker_holding_it(make_router, cluste
     for _ in range(4):
         _complete(router, prefix + random_prompt(rng, 40))  # 40 uncached tokens on D: still remote
     holder_after, other_after = holder.stats(), other.stats()
-    assert other_after.prompt_tokens == other_before.prompt_tokens, "a request sharing the prefix went to the worker without it"
+    assert other_after.prompt_tokens == other_before.prompt_tokens, (
+        "a request sharing the prefix went to the worker without it"
+    )
     assert holder_after.prompt_tokens - holder_before.prompt_tokens == 4 * (len(prefix) + 40)
-    assert holder_after.prefix_hit_tokens - holder_before.prefix_hit_tokens >= 4 * len(prefix), "the holder did not reuse its prefix"
+    assert holder_after.prefix_hit_tokens - holder_before.prefix_hit_tokens >= 4 * len(prefix), (
+        "the holder did not reuse its prefix"
+    )
     assert router.decisions() == {"remote_prefill": 5.0}
 
     # Load matters too: an unrelated prompt may go anywhere, but the prefix keeps its home.

@@ -21,8 +21,14 @@ from tests.checkpoints import write_checkpoint
 from tests.workers.harness import WorkerProcess, abort_leftover_reservations, start_workers, stop_workers
 
 TRANSPORTS = ("grpc", "nixl")
-SLOW_SHAPE = dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=12, num_attention_heads=8,
-                  num_key_value_heads=4, max_position_embeddings=2048)
+SLOW_SHAPE = dict(
+    hidden_size=256,
+    intermediate_size=1024,
+    num_hidden_layers=12,
+    num_attention_heads=8,
+    num_key_value_heads=4,
+    max_position_embeddings=2048,
+)
 SLOW_CHUNK = ("--max-num-batched-tokens", "128")
 SLOW_DECODE_LEASE_MS = 4000
 SLOW_DECODE_POOL_MB = 20  # 106 blocks of the slow model: one 1,500-token prompt fits, two do not
@@ -49,7 +55,15 @@ class Cluster:
 
     @property
     def workers(self) -> list[WorkerProcess]:
-        return [self.prefill, self.decode, self.slow_prefill, self.slow_decode, self.doomed_prefill, self.doomed_decode, self.odd_prefill]
+        return [
+            self.prefill,
+            self.decode,
+            self.slow_prefill,
+            self.slow_decode,
+            self.doomed_prefill,
+            self.doomed_decode,
+            self.odd_prefill,
+        ]
 
 
 @pytest.fixture(scope="session")

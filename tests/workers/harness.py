@@ -80,8 +80,24 @@ def stop_workers(workers: list[WorkerProcess]) -> None:
 
 
 def launch_worker(role: str, model: str, transport: str = "grpc", *extra: str) -> WorkerProcess:
-    command = [sys.executable, "-m", "cluster.cli", "worker", role, "--model", model, "--transport", transport,
-               "--port", "0", "--threads", "1", "--kv-cache-mb", "64", *extra]
+    command = [
+        sys.executable,
+        "-m",
+        "cluster.cli",
+        "worker",
+        role,
+        "--model",
+        model,
+        "--transport",
+        transport,
+        "--port",
+        "0",
+        "--threads",
+        "1",
+        "--kv-cache-mb",
+        "64",
+        *extra,
+    ]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     return WorkerProcess(role, "", process)
@@ -96,7 +112,7 @@ def wait_ready(worker: WorkerProcess) -> WorkerProcess:
         for line in process.stdout:
             worker.log_lines.append(line)
             if line.startswith("READY ") and "address" not in result:
-                result["address"] = json.loads(line[len("READY "):])["address"]
+                result["address"] = json.loads(line[len("READY ") :])["address"]
                 ready.set()
         ready.set()  # exited
 
@@ -123,22 +139,44 @@ class Disaggregated:
     last: decode_pb2.GenerateResponse
 
 
-def run_disaggregated(prefill: WorkerProcess, decode: WorkerProcess, request_id: str, prompt: list[int],
-                      params: common_pb2.SamplingParams, lease_ms: int = 0, timeout: float = 60) -> Disaggregated:
+def run_disaggregated(
+    prefill: WorkerProcess,
+    decode: WorkerProcess,
+    request_id: str,
+    prompt: list[int],
+    params: common_pb2.SamplingParams,
+    lease_ms: int = 0,
+    timeout: float = 60,
+) -> Disaggregated:
     """Reserve on D, prefill on P with the ticket, then stream the rest from D."""
-    ticket = decode.stub.Reserve(decode_pb2.ReserveRequest(request_id=request_id, prompt_token_ids=prompt, params=params, lease_ms=lease_ms), timeout=timeout)
-    first = prefill.stub.Prefill(prefill_pb2.PrefillRequest(request_id=request_id, prompt_token_ids=prompt, params=params, ticket=ticket), timeout=timeout)
+    ticket = decode.stub.Reserve(
+        decode_pb2.ReserveRequest(request_id=request_id, prompt_token_ids=prompt, params=params, lease_ms=lease_ms),
+        timeout=timeout,
+    )
+    first = prefill.stub.Prefill(
+        prefill_pb2.PrefillRequest(request_id=request_id, prompt_token_ids=prompt, params=params, ticket=ticket),
+        timeout=timeout,
+    )
     tokens: list[int] = []
     last = None
-    for response in decode.stub.Generate(decode_pb2.GenerateRequest(request_id=request_id, reserved=True), timeout=timeout):
+    for response in decode.stub.Generate(
+        decode_pb2.GenerateRequest(request_id=request_id, reserved=True), timeout=timeout
+    ):
         tokens.extend(response.token_ids)
         last = response
     assert tokens and tokens[0] == first.first_token_id
     return Disaggregated(ticket, first, tokens, last)
 
 
-def disaggregated(prefill: WorkerProcess, decode: WorkerProcess, request_id: str, prompt: list[int],
-                  params: common_pb2.SamplingParams, lease_ms: int = 0, timeout: float = 60) -> tuple[list[int], decode_pb2.GenerateResponse]:
+def disaggregated(
+    prefill: WorkerProcess,
+    decode: WorkerProcess,
+    request_id: str,
+    prompt: list[int],
+    params: common_pb2.SamplingParams,
+    lease_ms: int = 0,
+    timeout: float = 60,
+) -> tuple[list[int], decode_pb2.GenerateResponse]:
     """Reserve on D, prefill on P with the ticket, then stream the rest from D. Returns all tokens."""
     result = run_disaggregated(prefill, decode, request_id, prompt, params, lease_ms, timeout)
     return result.tokens, result.last
@@ -146,7 +184,9 @@ def disaggregated(prefill: WorkerProcess, decode: WorkerProcess, request_id: str
 
 def aggregated(decode: WorkerProcess, request_id: str, prompt: list[int], params, timeout: float = 60) -> list[int]:
     tokens: list[int] = []
-    for response in decode.stub.Generate(decode_pb2.GenerateRequest(request_id=request_id, prompt_token_ids=prompt, params=params), timeout=timeout):
+    for response in decode.stub.Generate(
+        decode_pb2.GenerateRequest(request_id=request_id, prompt_token_ids=prompt, params=params), timeout=timeout
+    ):
         tokens.extend(response.token_ids)
     return tokens
 
@@ -164,8 +204,13 @@ def wait_until(predicate, timeout: float, interval: float = 0.05, what: str = "c
 
 
 def is_idle(stats: common_pb2.WorkerStats) -> bool:
-    return (stats.kv_blocks_used == 0 and stats.waiting_for_kv == 0 and stats.transfers_in_flight == 0
-            and stats.running == 0 and stats.waiting == 0)
+    return (
+        stats.kv_blocks_used == 0
+        and stats.waiting_for_kv == 0
+        and stats.transfers_in_flight == 0
+        and stats.running == 0
+        and stats.waiting == 0
+    )
 
 
 def wait_idle(worker: WorkerProcess, timeout: float = 10.0) -> common_pb2.WorkerStats:
@@ -191,9 +236,16 @@ def new_id(tag: str) -> str:
 _reserved: list[tuple[WorkerProcess, str]] = []
 
 
-def reserve(decode: WorkerProcess, request_id: str, prompt: list[int], params: common_pb2.SamplingParams | None = None,
-            lease_ms: int = 0) -> decode_pb2.Ticket:
-    request = decode_pb2.ReserveRequest(request_id=request_id, prompt_token_ids=prompt, params=params or wire_params(4), lease_ms=lease_ms)
+def reserve(
+    decode: WorkerProcess,
+    request_id: str,
+    prompt: list[int],
+    params: common_pb2.SamplingParams | None = None,
+    lease_ms: int = 0,
+) -> decode_pb2.Ticket:
+    request = decode_pb2.ReserveRequest(
+        request_id=request_id, prompt_token_ids=prompt, params=params or wire_params(4), lease_ms=lease_ms
+    )
     _reserved.append((decode, request_id))
     return decode.stub.Reserve(request, timeout=10)
 
@@ -208,9 +260,17 @@ def abort_leftover_reservations() -> None:
                 pass
 
 
-def prefill_future(prefill: WorkerProcess, request_id: str, prompt: list[int], ticket: decode_pb2.Ticket,
-                   params: common_pb2.SamplingParams | None = None, timeout: float = 30):
-    request = prefill_pb2.PrefillRequest(request_id=request_id, prompt_token_ids=prompt, params=params or wire_params(4), ticket=ticket)
+def prefill_future(
+    prefill: WorkerProcess,
+    request_id: str,
+    prompt: list[int],
+    ticket: decode_pb2.Ticket,
+    params: common_pb2.SamplingParams | None = None,
+    timeout: float = 30,
+):
+    request = prefill_pb2.PrefillRequest(
+        request_id=request_id, prompt_token_ids=prompt, params=params or wire_params(4), ticket=ticket
+    )
     return prefill.stub.Prefill.future(request, timeout=timeout)
 
 

@@ -19,12 +19,16 @@ def test_batch_matches_transformers_and_aggregated(cluster, checkpoints, rng):
     params = wire_params(MAX_TOKENS)
 
     with ThreadPoolExecutor(len(prompts)) as pool:  # concurrent, so P and D batch them
-        results = list(pool.map(lambda p: disaggregated(cluster.prefill, cluster.decode, new_id("batch"), p, params)[0], prompts))
+        results = list(
+            pool.map(lambda p: disaggregated(cluster.prefill, cluster.decode, new_id("batch"), p, params)[0], prompts)
+        )
     for length, got, want in zip(lengths, results, expected):
         assert got == want, f"disaggregated output differs from transformers for a {length}-token prompt"
 
     for length, prompt, want in zip(lengths, prompts, expected):
-        assert aggregated(cluster.decode, new_id("agg"), prompt, params) == want, f"aggregated path differs for {length} tokens"
+        assert aggregated(cluster.decode, new_id("agg"), prompt, params) == want, (
+            f"aggregated path differs for {length} tokens"
+        )
     wait_idle(cluster.prefill)
     wait_idle(cluster.decode)
 
@@ -43,7 +47,9 @@ def test_concurrent_requests_with_shared_prefixes(cluster, checkpoints, rng):
     p_before, d_before = cluster.prefill.stats(), cluster.decode.stats()
 
     with ThreadPoolExecutor(16) as pool:
-        results = list(pool.map(lambda p: disaggregated(cluster.prefill, cluster.decode, new_id("burst"), p, params)[0], prompts))
+        results = list(
+            pool.map(lambda p: disaggregated(cluster.prefill, cluster.decode, new_id("burst"), p, params)[0], prompts)
+        )
     for i, (got, want) in enumerate(zip(results, expected)):
         assert got == want, f"request {i} ({len(prompts[i])} tokens) differs from transformers"
 

@@ -13,7 +13,7 @@ import time
 import grpc
 import pytest
 
-from kv_transfer.layout import checksum
+from kv_transfer.integrity import checksum
 from protos import common_pb2, decode_pb2, kv_transfer_pb2, kv_transfer_pb2_grpc, prefill_pb2
 from tests.workers.conftest import LONG_PROMPT_LEN, SLOW_DECODE_LEASE_MS, random_prompt
 from tests.workers.harness import (
@@ -216,17 +216,31 @@ class KVGeometry:
         self.region_bytes = 2 * layout.block_size * layout.num_kv_heads * layout.head_dim * itemsize
         self.num_layers = layout.num_layers
 
-    def chunk(self, request_id: str, layer: int, blocks, nbytes: int | None = None, good_checksum: bool = True) -> kv_transfer_pb2.KVChunk:
+    def chunk(
+        self, request_id: str, layer: int, blocks, nbytes: int | None = None, good_checksum: bool = True
+    ) -> kv_transfer_pb2.KVChunk:
         data = bytes(self.region_bytes * len(blocks) if nbytes is None else nbytes)
-        return kv_transfer_pb2.KVChunk(request_id=request_id, layer=layer, block_ids=list(blocks), data=data,
-                                       checksum=checksum(data) if good_checksum else 12345)
+        return kv_transfer_pb2.KVChunk(
+            request_id=request_id,
+            layer=layer,
+            block_ids=list(blocks),
+            data=data,
+            checksum=checksum(data) if good_checksum else 12345,
+        )
 
 
 def _push(receiver, messages) -> grpc.RpcError:
     return rpc_error(receiver.PushKV, iter(messages), timeout=10)
 
 
-MALFORMED_PUSHES = ("blocks not reserved", "wrong byte size", "bad checksum", "layer out of range", "commit too early", "oversized message")
+MALFORMED_PUSHES = (
+    "blocks not reserved",
+    "wrong byte size",
+    "bad checksum",
+    "layer out of range",
+    "commit too early",
+    "oversized message",
+)
 
 
 def _malformed_push(case: str, ticket: decode_pb2.Ticket):
@@ -236,15 +250,27 @@ def _malformed_push(case: str, ticket: decode_pb2.Ticket):
     if case == "blocks not reserved":
         return [geometry.chunk(request_id, 0, [max(blocks) + 1])], code.INVALID_ARGUMENT, "not reserved"
     if case == "wrong byte size":
-        return [geometry.chunk(request_id, 0, blocks, nbytes=geometry.region_bytes * len(blocks) - 4)], code.INVALID_ARGUMENT, "bytes"
+        return (
+            [geometry.chunk(request_id, 0, blocks, nbytes=geometry.region_bytes * len(blocks) - 4)],
+            code.INVALID_ARGUMENT,
+            "bytes",
+        )
     if case == "bad checksum":
         return [geometry.chunk(request_id, 0, blocks, good_checksum=False)], code.DATA_LOSS, "checksum"
     if case == "layer out of range":
         return [geometry.chunk(request_id, geometry.num_layers, blocks)], code.INVALID_ARGUMENT, "layer"
     if case == "commit too early":
-        return [geometry.chunk(request_id, 0, blocks), kv_transfer_pb2.KVChunk(request_id=request_id, commit=True)], code.FAILED_PRECONDITION, "before layers"
+        return (
+            [geometry.chunk(request_id, 0, blocks), kv_transfer_pb2.KVChunk(request_id=request_id, commit=True)],
+            code.FAILED_PRECONDITION,
+            "before layers",
+        )
     assert case == "oversized message"  # over the workers' 64 MiB limit
-    return [kv_transfer_pb2.KVChunk(request_id=request_id, layer=0, block_ids=blocks, data=bytes(65 * 1024 * 1024))], code.RESOURCE_EXHAUSTED, ""
+    return (
+        [kv_transfer_pb2.KVChunk(request_id=request_id, layer=0, block_ids=blocks, data=bytes(65 * 1024 * 1024))],
+        code.RESOURCE_EXHAUSTED,
+        "",
+    )
 
 
 @pytest.mark.parametrize("case", MALFORMED_PUSHES)
@@ -292,10 +318,16 @@ def test_malformed_commits_are_rejected(cluster, rng):
     request_id = new_id("commit")
     # NIXL: a commit waits up to 5 s for the notifications of trailing writes; the lease outlasts that.
     ticket = reserve(decode, request_id, random_prompt(rng, 40), lease_ms=lease_ms(cluster, 7000))
-    stranger = rpc_error(receiver.Commit, kv_transfer_pb2.CommitRequest(request_id=request_id, instance_id="someone-else"), timeout=10)
+    stranger = rpc_error(
+        receiver.Commit, kv_transfer_pb2.CommitRequest(request_id=request_id, instance_id="someone-else"), timeout=10
+    )
     assert stranger.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert decode.stats().waiting_for_kv == 1, "a commit naming another instance touched this reservation"
-    early = rpc_error(receiver.Commit, kv_transfer_pb2.CommitRequest(request_id=request_id, instance_id=ticket.instance_id), timeout=30)
+    early = rpc_error(
+        receiver.Commit,
+        kv_transfer_pb2.CommitRequest(request_id=request_id, instance_id=ticket.instance_id),
+        timeout=30,
+    )
     assert early.code() == grpc.StatusCode.FAILED_PRECONDITION and "before layers" in early.details()
     wait_idle(decode, timeout=release_timeout(cluster, 7000))
 
@@ -323,7 +355,11 @@ def test_invalid_requests_are_refused_without_allocating(cluster, rng):
     assert duplicate.code() == code.INVALID_ARGUMENT and "in use" in duplicate.details()
     assert decode.stub.Abort(common_pb2.AbortRequest(request_id=held_id), timeout=5).found
 
-    no_ticket = rpc_error(prefill.stub.Prefill, prefill_pb2.PrefillRequest(request_id=new_id("p"), prompt_token_ids=prompt, params=wire_params(4)), timeout=10)
+    no_ticket = rpc_error(
+        prefill.stub.Prefill,
+        prefill_pb2.PrefillRequest(request_id=new_id("p"), prompt_token_ids=prompt, params=wire_params(4)),
+        timeout=10,
+    )
     assert no_ticket.code() == code.INVALID_ARGUMENT and "ticket" in no_ticket.details()
     short_ticket = decode_pb2.Ticket()
     short_ticket.CopyFrom(ticket)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 import grpc
 
 from engine.block_manager import compute_block_hashes

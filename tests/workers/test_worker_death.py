@@ -60,7 +60,9 @@ def test_decode_killed_mid_transfer(cluster, rng):
 def test_prefill_killed_mid_transfer(cluster, rng):
     victim, decode = cluster.doomed_prefill, cluster.slow_decode
     # First contact (handshake, NIXL metadata) before the timed part: the kill must land mid-prefill.
-    assert len(disaggregated(victim, decode, new_id("warm"), random_prompt(rng, 20), wire_params(2), timeout=30)[0]) == 2
+    assert (
+        len(disaggregated(victim, decode, new_id("warm"), random_prompt(rng, 20), wire_params(2), timeout=30)[0]) == 2
+    )
     expired_before = decode.stats().leases_expired
     request_id, stream, future = _start_long_prefill(victim, decode, rng)
     assert not future.done(), "the prefill finished before the prefill worker was killed"
@@ -85,6 +87,8 @@ def test_prefill_killed_mid_transfer(cluster, rng):
     assert error.code() == grpc.StatusCode.ABORTED, error.details()
     late = rpc_error(claim, decode, request_id)
     assert late.code() == grpc.StatusCode.NOT_FOUND
-    tokens, _ = disaggregated(cluster.slow_prefill, decode, new_id("after"), random_prompt(rng, 30), wire_params(4), timeout=30)
+    tokens, _ = disaggregated(
+        cluster.slow_prefill, decode, new_id("after"), random_prompt(rng, 30), wire_params(4), timeout=30
+    )
     assert len(tokens) == 4
     wait_idle(decode)

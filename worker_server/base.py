@@ -5,16 +5,16 @@ from __future__ import annotations
 
 import logging
 import queue
-from abc import ABC, abstractmethod
 import threading
 import uuid
-from dataclasses import dataclass, field, fields
+from abc import ABC, abstractmethod
 from concurrent import futures
+from dataclasses import dataclass, field, fields
 
 import grpc
-from prometheus_client import CollectorRegistry, start_http_server
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from prometheus_client import CollectorRegistry, start_http_server
 
 from engine.block_manager import KVEventKind
 from engine.config import EngineConfig
@@ -24,7 +24,7 @@ from engine.loop import EngineLoop
 from engine.output import RequestOutput
 from engine.sampler import TokenLogprobs
 from engine.sampling_params import SamplingParams
-from kv_transfer.inbox import TransferError
+from kv_transfer.errors import TransferError
 from kv_transfer.layout import layout_message
 from kv_transfer.sender import channel_options
 from protos import common_pb2, decode_pb2
@@ -67,7 +67,14 @@ class WorkerBase(ABC):
     role = "worker"
     service_names: tuple[str, ...] = ()
 
-    def __init__(self, config: EngineConfig, host: str = "127.0.0.1", port: int = 0, worker_id: str | None = None, max_rpc_threads: int = 256) -> None:
+    def __init__(
+        self,
+        config: EngineConfig,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        worker_id: str | None = None,
+        max_rpc_threads: int = 256,
+    ) -> None:
         self.config = config
         self.instance_id = uuid.uuid4().hex[:12]
         self.worker_id = worker_id or f"{self.role}-{self.instance_id}"
@@ -94,7 +101,9 @@ class WorkerBase(ABC):
     def start(self) -> str:
         self.add_services(self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        reflection.enable_server_reflection((*self.service_names, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
+        reflection.enable_server_reflection(
+            (*self.service_names, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
+        )
         self.loop.start()
         self.server.start()
         for name in ("", *self.service_names):
@@ -167,7 +176,10 @@ class WorkerBase(ABC):
         subscription = self.loop.subscribe_kv_events()
         context.add_callback(lambda: self.loop.unsubscribe(subscription))
         yield common_pb2.KVEventBatch(
-            worker_id=self.worker_id, snapshot=True, last_event_id=subscription.last_event_id, cached_hashes=subscription.cached_hashes
+            worker_id=self.worker_id,
+            snapshot=True,
+            last_event_id=subscription.last_event_id,
+            cached_hashes=subscription.cached_hashes,
         )
         while context.is_active():
             try:
@@ -178,7 +190,9 @@ class WorkerBase(ABC):
             events = [e for e in batch if e is not None]
             if events:
                 yield common_pb2.KVEventBatch(
-                    worker_id=self.worker_id, last_event_id=events[-1].event_id, events=[_event_message(e) for e in events]
+                    worker_id=self.worker_id,
+                    last_event_id=events[-1].event_id,
+                    events=[_event_message(e) for e in events],
                 )
             if None in batch:
                 return  # fell behind: the client resubscribes and gets a fresh snapshot
@@ -254,11 +268,13 @@ def output_to_wire(output: RequestOutput) -> decode_pb2.GenerateResponse:
         finish_reason=output.finish_reason or "",
     )
     if output.finished:
-        response.usage.CopyFrom(common_pb2.Usage(
-            prompt_tokens=output.num_prompt_tokens,
-            completion_tokens=output.num_output_tokens,
-            cached_tokens=output.num_cached_tokens,
-        ))
+        response.usage.CopyFrom(
+            common_pb2.Usage(
+                prompt_tokens=output.num_prompt_tokens,
+                completion_tokens=output.num_output_tokens,
+                cached_tokens=output.num_cached_tokens,
+            )
+        )
     return response
 
 
