@@ -1,0 +1,2 @@
+"""Torch-free records both sides of the wire share: the sampling record and the model card, each
+with its validation and its protobuf conversion beside it."""
