@@ -1,4 +1,4 @@
-# Set-up is part of every target: a fresh clone needs Python 3.10+, make, and npm (the dashboard's
+# Set-up is part of every target: a fresh clone needs Python 3.11+, make, and npm (the dashboard's
 # chart library; without npm the dashboard runs without charts).
 PYTHON ?= python3
 VENV ?= .venv
@@ -10,15 +10,18 @@ STAMP := $(VENV)/.installed
 up: $(STAMP)  ## start the cluster on embedded Ray with the demo model; OpenAI API on :8000
 	$(BIN)/splitserve up $(UP_ARGS)
 
-test: $(STAMP) browser  ## run the whole test suite
+test: $(STAMP) browser  ## lint, the whole test suite, then a base install (no extras) serving a completion
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	scripts/check_base_install.sh
 
 setup: $(STAMP)
 
-# torch is pinned to the CPU build first: an unpinned torch would pull a multi-GB CUDA build.
+# torch first: PyPI's is the multi-GB CUDA build, so the script takes the CPU build unless a GPU answers.
 $(STAMP): pyproject.toml router/dashboard_web/package-lock.json
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet torch==2.13.0
+	scripts/install_torch.sh $(BIN)/pip
 	$(BIN)/pip install --quiet -e '.[dev]'
 	if command -v npm >/dev/null; then npm ci --prefix router/dashboard_web --no-audit --no-fund --loglevel=error; \
 	else echo "warning: npm not found: the dashboard will show no charts" >&2; fi

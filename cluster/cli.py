@@ -28,6 +28,7 @@ def engine_config_from_args(args: argparse.Namespace):
 
     return EngineConfig(
         model=args.model,
+        served_model_name=getattr(args, "served_model_name", None),  # workers only
         dtype=args.dtype,
         device=args.device,
         block_size=args.block_size,
@@ -39,7 +40,12 @@ def engine_config_from_args(args: argparse.Namespace):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="splitserve", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="splitserve",
+        description="Serve an LLM with prefill and decode disaggregated: a router, prefill and decode workers, Ray.",
+        epilog="Start here: `splitserve up` serves the OpenAI API on http://127.0.0.1:8000/v1. "
+        "`splitserve COMMAND --help` describes each command.",
+    )
     commands = parser.add_subparsers(dest="command", required=True)
 
     generate = commands.add_parser("generate", help="generate text with the engine alone (no cluster)")
@@ -66,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     worker.add_argument("--worker-id", default=None)
     worker.add_argument(
+        "--served-model-name", default=None, help="the name in the model card; default: the preset or directory name"
+    )
+    worker.add_argument(
         "--metrics-port", type=int, default=None, help="serve Prometheus /metrics on this port (0: any)"
     )
     worker.set_defaults(run=_run_worker)
@@ -76,6 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--address", default=None, help="join this Ray cluster ('auto' on a Ray head) instead of starting one"
     )
     up.add_argument("--model", default=None, help="preset (demo, bench-125m) or a local Hugging Face directory")
+    up.add_argument(
+        "--served-model-name", default=None, help="the name clients use; default: the preset or directory name"
+    )
     up.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     up.add_argument("--device", default=None, help="cpu or cuda")
     up.add_argument("--prefill", type=int, default=None, help="prefill workers")
@@ -120,9 +132,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     router = commands.add_parser("router", help="run the router (OpenAI HTTP + gRPC) over a static set of workers")
     router.add_argument(
-        "--model", default="demo", help="preset or model directory (the router loads its config and tokenizer only)"
+        "--model",
+        default=None,
+        help="preset or model directory to check every worker's model card against (the router loads its config "
+        "and tokenizer, and fingerprints its weights if present); default: adopt the workers' model card",
     )
-    router.add_argument("--served-model-name", default=None)
+    router.add_argument("--served-model-name", default=None, help="default: the model card's")
+    router.add_argument(
+        "--max-model-len", type=int, default=None, help="admit at most this many tokens (default: the model card's)"
+    )
     router.add_argument("--prefill", nargs="*", default=[], metavar="ADDR", help="prefill worker addresses host:port")
     router.add_argument("--decode", nargs="+", required=True, metavar="ADDR", help="decode worker addresses host:port")
     router.add_argument("--host", default="127.0.0.1")
@@ -146,121 +164,17 @@ def build_parser() -> argparse.ArgumentParser:
     router.add_argument("--log-level", default="INFO")
     router.set_defaults(run=_run_router)
 
-    bench = commands.add_parser("bench", help="benchmarks (they print ratios against a baseline run side by side)")
-    bench_kinds = bench.add_subparsers(dest="bench", required=True)
-    engine_bench = bench_kinds.add_parser("engine", help="engine vs transformers on the same weights")
-    engine_bench.add_argument("--model", default="bench-125m")
-    engine_bench.add_argument("--dtype", default="bfloat16")
-    engine_bench.add_argument("--batch-sizes", default="1,8,32,64")
-    engine_bench.add_argument("--prompt-len", type=int, default=128)
-    engine_bench.add_argument("--decode-steps", type=int, default=32)
-    engine_bench.add_argument("--threads", type=int, default=None)
-    engine_bench.add_argument("--prefill-batch", type=int, default=8, help="prompts in the prefill row")
-    engine_bench.add_argument(
-        "--repeats", type=int, default=3, help="timed runs per side and row (best reported, median in the JSON)"
-    )
-    engine_bench.add_argument(
-        "--quick", action="store_true", help="tiny sizes and one repeat (overrides the size flags)"
-    )
-    engine_bench.add_argument("--json", dest="json_path", default=None, help="write the rows to this file")
-    engine_bench.set_defaults(run=_run_bench_engine)
-    transfer_bench = bench_kinds.add_parser(
-        "transfer", help="KV bytes/s of gRPC and NIXL vs TCP and memcpy; exposed transfer time"
-    )
-    transfer_bench.add_argument("--sizes", default="1,16,256", help="transfer sizes in MiB")
-    transfer_bench.add_argument(
-        "--repeats", type=int, default=5, help="timed transfers per path and size (median reported)"
-    )
-    transfer_bench.add_argument("--model", default="bench-125m", help="model of the prefill/decode workers")
-    transfer_bench.add_argument("--dtype", default="bfloat16")
-    transfer_bench.add_argument("--prompt-lens", default="512,2048,8192", help="prompt lengths of the exposure rows")
-    transfer_bench.add_argument("--exposure-repeats", type=int, default=3, help="prefills per row (median reported)")
-    transfer_bench.add_argument(
-        "--long-prompt-repeats", type=int, default=1, help="prefills per row for prompts >= 4096 tokens"
-    )
-    transfer_bench.add_argument("--worker-threads", type=int, default=1, help="torch threads of each worker process")
-    transfer_bench.add_argument("--kv-cache-mb", type=int, default=512, help="KV pool of each worker process")
-    transfer_bench.add_argument("--max-num-batched-tokens", type=int, default=8192)
-    transfer_bench.add_argument("--skip-bandwidth", action="store_true")
-    transfer_bench.add_argument("--skip-exposure", action="store_true")
-    transfer_bench.add_argument(
-        "--quick", action="store_true", help="tiny sizes and few repeats (overrides the size flags)"
-    )
-    transfer_bench.add_argument("--json", dest="json_path", default=None, help="write the rows to this file")
-    transfer_bench.set_defaults(run=_run_bench_transfer)
-    serve_bench = bench_kinds.add_parser(
-        "serve", help="load generator for any OpenAI-compatible endpoint (vLLM bench serve metrics)"
-    )
-    from bench.serve_bench import add_arguments as add_serve_arguments
-
-    add_serve_arguments(serve_bench)
-    serve_bench.set_defaults(run=_run_bench_serve)
-    router_bench = bench_kinds.add_parser(
-        "router", help="TTFT the router adds over the decode worker; highest sustained request rate"
-    )
-    from bench.router_bench import add_arguments as add_router_arguments
-
-    add_router_arguments(router_bench)
-    router_bench.set_defaults(run=_run_bench_router)
-    compare_bench = bench_kinds.add_parser(
-        "compare", help="aggregated vs disaggregated serving over a sweep of request rates; goodput"
-    )
-    from bench.compare import add_arguments as add_compare_arguments
-
-    add_compare_arguments(compare_bench)
-    compare_bench.set_defaults(run=_run_bench_compare)
-    profile_bench = bench_kinds.add_parser(
-        "profile", help="prefill/decode step latency of this engine here, fitted for `simulate`"
-    )
-    from bench.profile import add_arguments as add_profile_arguments
-
-    add_profile_arguments(profile_bench)
-    profile_bench.set_defaults(run=_run_bench_profile)
-
-    simulate = commands.add_parser(
-        "simulate", help="discrete-event simulation of a prefill/decode cluster; split search; validation"
-    )
-    from bench.simulator import add_arguments as add_simulate_arguments
-
-    add_simulate_arguments(simulate)
-    simulate.set_defaults(run=_run_simulate)
+    # Benchmarks are not part of the serving runtime: `main` hands these commands to bench.cli, which
+    # a base install (no extras) may lack. They are listed here for --help only.
+    for name, text in DELEGATED_COMMANDS.items():
+        commands.add_parser(name, help=text, add_help=False)
     return parser
 
 
-def _run_bench_compare(args: argparse.Namespace) -> int:
-    from bench.compare import run
-
-    return run(args)
-
-
-def _run_bench_profile(args: argparse.Namespace) -> int:
-    from bench.profile import run
-
-    return run(args)
-
-
-def _run_simulate(args: argparse.Namespace) -> int:
-    from bench.simulator import run
-
-    return run(args)
-
-
-def _run_bench_router(args: argparse.Namespace) -> int:
-    from bench.router_bench import run
-
-    return run(args)
-
-
-def _run_bench_serve(args: argparse.Namespace) -> int:
-    from bench.serve_bench import run
-
-    return run(args)
-
-
 def _run_generate(args: argparse.Namespace) -> int:
+    from contract.sampling import FieldError, SamplingParams
     from engine.engine import Engine
     from engine.errors import EngineError
-    from engine.sampling_params import SamplingParams
 
     try:
         engine = Engine(engine_config_from_args(args))
@@ -273,7 +187,7 @@ def _run_generate(args: argparse.Namespace) -> int:
                 f"--- prompt: {prompt!r}\n{result.text!r}\n[{len(result.token_ids)} tokens, "
                 f"finish={result.finish_reason}]"
             )
-    except EngineError as exc:
+    except (EngineError, FieldError) as exc:
         print(f"splitserve: {exc}", file=sys.stderr)
         return 2
     return 0
@@ -327,6 +241,7 @@ def cluster_config_from_args(args: argparse.Namespace):
     config = load_file(args.config) if args.config else ClusterConfig()
     flat = {
         "model": args.model,
+        "served_model_name": args.served_model_name,
         "dtype": args.dtype,
         "device": args.device,
         "transport": args.transport,
@@ -361,6 +276,12 @@ def _run_up(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as exc:
         print(f"splitserve: {exc}", file=sys.stderr)
         return 2
+    if config.address is None:
+        # The embedded Ray cluster uses token auth (Ray >= 2.59's default, which it warns about while
+        # RAY_AUTH_MODE is unset); the token is Ray's own ~/.ray/auth_token, generated on first use.
+        # Ray reads the mode once, when imported, so this precedes `cluster.up`. A joined cluster
+        # (--address) keeps whatever mode its operator set; an explicit RAY_AUTH_MODE always wins.
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
     from cluster.up import up
 
     return up(config)
@@ -378,6 +299,7 @@ def router_config_from_args(args: argparse.Namespace):
     return RouterConfig(
         model=args.model,
         served_model_name=args.served_model_name,
+        max_model_len=args.max_model_len,
         prefill_addresses=tuple(args.prefill),
         decode_addresses=tuple(args.decode),
         host=args.host,
@@ -398,6 +320,7 @@ def _run_router(args: argparse.Namespace) -> int:
     import asyncio
     import signal
 
+    from engine.errors import EngineError
     from router.server import serve
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -409,25 +332,48 @@ def _run_router(args: argparse.Namespace) -> int:
             loop.add_signal_handler(signum, stop.set)
         await serve(router_config_from_args(args), stop)
 
-    asyncio.run(main())
+    try:
+        asyncio.run(main())
+    except (EngineError, ValueError) as exc:  # --model unreadable, or a bad flag value
+        print(f"splitserve: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 
-def _run_bench_engine(args: argparse.Namespace) -> int:
-    from bench.engine_bench import run
-
-    return run(args)
-
-
-def _run_bench_transfer(args: argparse.Namespace) -> int:
-    from bench.transfer_bench import run
-
-    return run(args)
-
-
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in DELEGATED_COMMANDS:
+        return _run_delegated(argv[0], argv[1:])
     args = build_parser().parse_args(argv)
     return args.run(args)
+
+
+DELEGATED_COMMANDS = {
+    "bench": "benchmarks; they print ratios against a baseline run side by side (needs the [bench] extra)",
+    "simulate": "discrete-event simulation of a prefill/decode cluster; split search; validation",
+}
+
+
+def _run_delegated(command: str, argv: list[str]) -> int:
+    try:
+        from bench import cli as bench_cli
+
+        return bench_cli.main(command, argv)
+    except ModuleNotFoundError as exc:
+        if (exc.name or "").split(".")[0] in _OUR_PACKAGES:
+            raise
+        print(
+            f"splitserve {command}: needs the benchmark extras, missing module {exc.name!r}: "
+            "pip install 'splitserve[bench]'",
+            file=sys.stderr,
+        )
+        return 2
+
+
+_OUR_PACKAGES = {
+    *("bench", "cluster", "contract", "decode_worker", "engine", "kv_transfer"),
+    *("prefill_worker", "protos", "router", "worker_server"),
+}
 
 
 if __name__ == "__main__":
