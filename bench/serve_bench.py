@@ -3,6 +3,10 @@
 Metrics follow vLLM's ``bench serve``: TTFT; TPOT = (latency - TTFT) / (output tokens - 1);
 ITL = every gap between streamed chunks; E2EL; request/token throughput; goodput = completed
 requests per second that meet every ``--goodput`` SLO.
+
+Invoked as vLLM's is: ``--base-url http://HOST:PORT`` (``/v1`` may be included or left out),
+``--endpoint /v1/completions`` or ``/v1/chat/completions``, ``--backend openai|openai-chat|vllm``;
+the model defaults to the first the server lists at ``GET /v1/models``.
 """
 
 from __future__ import annotations
@@ -10,11 +14,43 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 
 import httpx
 import numpy as np
+
+COMPLETIONS = "/v1/completions"
+CHAT_COMPLETIONS = "/v1/chat/completions"
+# vLLM's backends that speak the OpenAI API, and the endpoint each posts to by default.
+BACKEND_ENDPOINTS = {"openai": COMPLETIONS, "vllm": COMPLETIONS, "openai-chat": CHAT_COMPLETIONS}
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where the load goes: the server's base URL (no ``/v1``) and the API path requests are posted to."""
+
+    base_url: str
+    endpoint: str = COMPLETIONS
+
+    @classmethod
+    def of(cls, base_url: str, endpoint: str = COMPLETIONS) -> Target:
+        """Takes the base URL as vLLM users write it (``http://host:port``) or as OpenAI clients do (``.../v1``)."""
+        base = base_url.rstrip("/").removesuffix("/v1")
+        return cls(base, endpoint if endpoint.startswith("/") else "/" + endpoint)
+
+    @property
+    def url(self) -> str:
+        return self.base_url + self.endpoint
+
+    @property
+    def models_url(self) -> str:
+        return self.base_url + "/v1/models"
+
+    @property
+    def chat(self) -> bool:
+        return self.endpoint.rstrip("/").endswith("chat/completions")
 
 
 @dataclass(frozen=True)
@@ -29,6 +65,7 @@ class RequestRecord:
     prompt_len: int
     output_len: int  # requested
     success: bool = False
+    status: int = 0  # HTTP status of a failed request (200: an error in the stream); 0: no response
     error: str = ""
     ttft: float = 0.0
     latency: float = 0.0
@@ -92,38 +129,62 @@ def arrival_gaps(count: int, rate: float, burstiness: float, seed: int) -> list[
 # -- one request -------------------------------------------------------------------------------------
 
 
-async def send(
-    client: httpx.AsyncClient, base_url: str, model: str, request: BenchRequest, api_key: str | None
-) -> RequestRecord:
-    record = RequestRecord(request.prompt_len, request.output_len)
+def request_body(target: Target, model: str, request: BenchRequest) -> dict:
+    """A streamed completion of ``output_len`` tokens. Chat messages carry text, so a token-id prompt
+    goes as its ids written out; the server's usage then gives the prompt's real length."""
     body = {
         "model": model,
-        "prompt": request.prompt,
         "max_tokens": request.output_len,
         "temperature": 0.0,
         "stream": True,
         "stream_options": {"include_usage": True},
         "ignore_eos": True,
     }
+    if target.chat:
+        prompt = request.prompt if isinstance(request.prompt, str) else " ".join(map(str, request.prompt))
+        body["messages"] = [{"role": "user", "content": prompt}]
+    else:
+        body["prompt"] = request.prompt
+    return body
+
+
+def _is_token_chunk(chunk: dict) -> bool:
+    """Whether a streamed chunk carries output; a chat stream opens with a chunk announcing the role."""
+    choices = chunk.get("choices")
+    if not choices:
+        return False
+    delta = choices[0].get("delta")
+    return not (delta and "role" in delta and not delta.get("content"))
+
+
+async def send(
+    client: httpx.AsyncClient, target: Target, model: str, request: BenchRequest, api_key: str | None
+) -> RequestRecord:
+    record = RequestRecord(request.prompt_len, request.output_len)
+    body = request_body(target, model, request)
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     record.start = start = time.perf_counter()
     last = None
     try:
-        async with client.stream("POST", f"{base_url}/completions", json=body, headers=headers) as response:
+        async with client.stream("POST", target.url, json=body, headers=headers) as response:
             if response.status_code != 200:
-                record.error = f"HTTP {response.status_code}: {(await response.aread())[:200]!r}"
+                record.status = response.status_code
+                text = (await response.aread()).decode(errors="replace")
+                record.error = f"HTTP {response.status_code}: {text[:500]}"
                 return record
             async for line in response.aiter_lines():
                 if not line.startswith("data: ") or line == "data: [DONE]":
                     continue
                 chunk = json.loads(line[6:])
                 if "error" in chunk:
+                    record.status = response.status_code
                     record.error = chunk["error"].get("message", "error")
                     return record
                 now = time.perf_counter()
                 if chunk.get("usage"):
                     record.output_tokens = chunk["usage"]["completion_tokens"]
-                if not chunk.get("choices"):
+                    record.prompt_len = chunk["usage"].get("prompt_tokens") or record.prompt_len
+                if not _is_token_chunk(chunk):
                     continue
                 if last is None:
                     record.ttft = now - start
@@ -152,18 +213,22 @@ async def run_load(
     seed: int,
     api_key: str | None = None,
     timeout_s: float = 600.0,
+    endpoint: str = COMPLETIONS,
 ) -> tuple[list[RequestRecord], float]:
-    """Sends warmup requests (unrecorded), then the rest on the arrival schedule; returns records and duration."""
+    """Sends warmup requests (unrecorded), then the rest on the arrival schedule; returns records and duration.
+
+    ``base_url`` may end in ``/v1`` or not; requests go to ``endpoint`` under it."""
+    target = Target.of(base_url, endpoint)
     limits = httpx.Limits(max_connections=max_concurrency or 1000, max_keepalive_connections=max_concurrency or 1000)
     async with httpx.AsyncClient(timeout=timeout_s, limits=limits) as client:
-        await asyncio.gather(*(send(client, base_url, model, r, api_key) for r in requests[:warmup]))
+        await asyncio.gather(*(send(client, target, model, r, api_key) for r in requests[:warmup]))
         semaphore = asyncio.Semaphore(max_concurrency) if max_concurrency else None
 
         async def limited(request: BenchRequest) -> RequestRecord:
             if semaphore is None:
-                return await send(client, base_url, model, request, api_key)
+                return await send(client, target, model, request, api_key)
             async with semaphore:
-                return await send(client, base_url, model, request, api_key)
+                return await send(client, target, model, request, api_key)
 
         measured = requests[warmup:]
         tasks = []
@@ -246,26 +311,120 @@ def print_summary(summary: dict, title: str = "serving benchmark") -> None:
         )
 
 
-def run(args) -> int:
+# -- the command ------------------------------------------------------------------------------------
+
+
+def resolve_target(args) -> Target:
+    """vLLM's rules: ``--base-url`` (else ``--host`` and ``--port``) plus ``--endpoint``, whose default
+    follows ``--backend``. A backend and an endpoint that speak different APIs are refused."""
+    base_url = args.base_url or f"http://{args.host}:{args.port}"
+    if args.endpoint is None:
+        return Target.of(base_url, BACKEND_ENDPOINTS[args.backend or "openai"])
+    target = Target.of(base_url, args.endpoint)
+    if args.backend is not None and target.chat != (BACKEND_ENDPOINTS[args.backend] == CHAT_COMPLETIONS):
+        raise SystemExit(
+            f"splitserve bench serve: --backend {args.backend} speaks {BACKEND_ENDPOINTS[args.backend]}, "
+            f"not --endpoint {args.endpoint}: change one of them, or leave --backend out"
+        )
+    return target
+
+
+def served_models(target: Target, api_key: str | None) -> list[str]:
+    """The model ids at the server's ``GET /v1/models``; raises httpx.HTTPError or ValueError."""
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    response = httpx.get(target.models_url, headers=headers, timeout=30)
+    response.raise_for_status()
+    try:
+        return [model["id"] for model in response.json()["data"]]
+    except (KeyError, TypeError) as exc:
+        raise ValueError(f"{target.models_url} answered no OpenAI model list: {response.text[:200]}") from exc
+
+
+def default_model(target: Target, api_key: str | None) -> str:
+    """The first model the server lists, as vLLM's ``bench serve`` picks it when no ``--model`` is given."""
+    try:
+        models = served_models(target, api_key)
+    except (httpx.HTTPError, ValueError) as exc:
+        raise SystemExit(
+            f"splitserve bench serve: no --model given, and GET {target.models_url} failed: {exc}\n"
+            "pass --model NAME, or check --base-url (http://HOST:PORT, with or without /v1)"
+        ) from None
+    if not models:
+        raise SystemExit(f"splitserve bench serve: {target.models_url} lists no model; pass --model NAME")
+    return models[0]
+
+
+def advice(record: RequestRecord, target: Target, model: str, api_key: str | None) -> str | None:
+    """What to change after ``record`` failed, where its error says."""
+    if record.status == 0:
+        return f"is the server up at {target.base_url}? --base-url takes http://HOST:PORT, with or without /v1"
+    if record.status in (401, 403):
+        return "the server wants an API key: pass --api-key KEY"
+    if record.status not in (404, 405):
+        return None
+    try:
+        models = served_models(target, api_key)
+    except (httpx.HTTPError, ValueError):
+        return (
+            f"GET {target.models_url} fails too: is {target.base_url} the server's base URL? "
+            "--base-url takes http://HOST:PORT, with or without /v1"
+        )
+    if model not in models:
+        return (
+            f"model {model!r} is not served; the server lists {', '.join(models) or 'none'}: "
+            f"pass --model {models[0] if models else 'NAME'}, or leave --model out"
+        )
+    others = " or ".join(path for path in (COMPLETIONS, CHAT_COMPLETIONS) if path != target.endpoint)
+    return f"the server has no {target.endpoint}: pass --endpoint {others}"
+
+
+def report_failures(records: list[RequestRecord], target: Target, model: str, api_key: str | None) -> None:
+    """Prints the first failed request's error, and what to change where the error says."""
+    failed = [r for r in records if not r.success]
+    if not failed:
+        return
+    print(f"{len(failed)} of {len(records)} requests failed; the first, POST {target.url}:", file=sys.stderr)
+    print(f"  {failed[0].error}", file=sys.stderr)
+    if hint := advice(failed[0], target, model, api_key):
+        print(f"  {hint}", file=sys.stderr)
+
+
+async def send_one(target: Target, model: str, request: BenchRequest, api_key: str | None) -> RequestRecord:
+    async with httpx.AsyncClient(timeout=600.0) as client:
+        return await send(client, target, model, request, api_key)
+
+
+def build_requests(args) -> list[BenchRequest]:
     if args.dataset == "sharegpt":
         if not args.dataset_path:
             raise SystemExit("splitserve: --dataset sharegpt needs --dataset-path FILE")
-        requests = sharegpt_dataset(args.dataset_path, args.num_prompts + args.warmup, args.seed)
-    else:
-        requests = random_dataset(
-            args.num_prompts + args.warmup,
-            args.input_len,
-            args.output_len,
-            args.range_ratio,
-            args.prefix_len,
-            args.vocab_size,
-            args.seed,
-        )
+        return sharegpt_dataset(args.dataset_path, args.num_prompts + args.warmup, args.seed)
+    return random_dataset(
+        args.num_prompts + args.warmup,
+        args.input_len,
+        args.output_len,
+        args.range_ratio,
+        args.prefix_len,
+        args.vocab_size,
+        args.seed,
+    )
+
+
+def run(args) -> int:
+    target = resolve_target(args)
+    model = args.model or default_model(target, args.api_key)
+    requests = build_requests(args)
     goodput = parse_goodput(args.goodput)
+    print(f"benchmarking model {model} at {target.url}", flush=True)
+    # One request first, as vLLM's bench does: a misconfigured run fails once, with advice.
+    probe = asyncio.run(send_one(target, model, requests[0], args.api_key))
+    if not probe.success:
+        report_failures([probe], target, model, args.api_key)
+        return 1
     records, duration = asyncio.run(
         run_load(
-            args.base_url.rstrip("/"),
-            args.model,
+            target.base_url,
+            model,
             requests,
             args.request_rate,
             args.burstiness,
@@ -273,15 +432,18 @@ def run(args) -> int:
             args.warmup,
             args.seed,
             args.api_key,
+            endpoint=target.endpoint,
         )
     )
     summary = summarize(records, duration, goodput)
     print_summary(summary)
+    report_failures(records, target, model, args.api_key)
     if args.json_path:
+        config = {k: v for k, v in vars(args).items() if k not in ("run", "module")}
         with open(args.json_path, "w") as handle:
             json.dump(
                 {
-                    "config": {k: v for k, v in vars(args).items() if k != "run"},
+                    "config": {**config, "model": model, "url": target.url},
                     "summary": summary,
                     "requests": [asdict(r) for r in records],
                 },
@@ -292,21 +454,37 @@ def run(args) -> int:
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--base-url", default="http://127.0.0.1:8000/v1")
-    parser.add_argument("--model", default="demo")
+    """vLLM ``bench serve``'s spelling; the shorter names this command had first still work."""
+    parser.add_argument(
+        "--backend",
+        choices=sorted(BACKEND_ENDPOINTS),
+        default=None,
+        help="the API spoken: openai and vllm post to /v1/completions, openai-chat to /v1/chat/completions",
+    )
+    parser.add_argument(
+        "--base-url", default=None, help="the server, http://HOST:PORT (with or without /v1); default: --host, --port"
+    )
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument(
+        "--endpoint", default=None, help=f"{COMPLETIONS} or {CHAT_COMPLETIONS}; default: the --backend's"
+    )
+    parser.add_argument("--model", default=None, help="default: the first model the server lists at /v1/models")
     parser.add_argument("--api-key", default=None)
-    parser.add_argument("--dataset", choices=["random", "sharegpt"], default="random")
+    parser.add_argument("--dataset", "--dataset-name", choices=["random", "sharegpt"], default="random")
     parser.add_argument("--dataset-path", default=None, help="ShareGPT-format JSON file")
     parser.add_argument("--num-prompts", type=int, default=100)
-    parser.add_argument("--input-len", type=int, default=256)
-    parser.add_argument("--output-len", type=int, default=64)
-    parser.add_argument("--range-ratio", type=float, default=0.0)
-    parser.add_argument("--prefix-len", type=int, default=0, help="tokens shared by every prompt")
+    parser.add_argument("--input-len", "--random-input-len", type=int, default=256)
+    parser.add_argument("--output-len", "--random-output-len", type=int, default=64)
+    parser.add_argument("--range-ratio", "--random-range-ratio", type=float, default=0.0)
+    parser.add_argument(
+        "--prefix-len", "--random-prefix-len", type=int, default=0, help="tokens shared by every prompt"
+    )
     parser.add_argument("--vocab-size", type=int, default=256, help="random prompts draw token ids from [3, vocab)")
     parser.add_argument("--request-rate", type=float, default=float("inf"), help="requests/s; inf = all at once")
     parser.add_argument("--burstiness", type=float, default=1.0, help="1 = Poisson; < 1 burstier, > 1 steadier")
     parser.add_argument("--max-concurrency", type=int, default=None)
-    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--warmup", "--num-warmups", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--goodput", nargs="*", default=None, metavar="NAME:MS", help="SLOs, e.g. ttft:500 tpot:50")
     parser.add_argument("--json", dest="json_path", default=None)

@@ -44,6 +44,7 @@ def _alive(pid: int) -> bool:
 
 def test_up_serves_reports_status_and_stops_cleanly(tmp_path):
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", XDG_RUNTIME_DIR=str(tmp_path))
+    env.pop("RAY_AUTH_MODE", None)  # as a newcomer's shell has it: `up` must choose
     process = subprocess.Popen(
         [sys.executable, "-m", "cluster.cli", "up", "--port", "0", "--grpc-port", "0"],
         cwd=ROOT,
@@ -63,6 +64,8 @@ def test_up_serves_reports_status_and_stops_cleanly(tmp_path):
             if match := UP_LINE.search(line):
                 url = match.group(1)
         assert url, "splitserve up did not come up:\n" + "".join(output)
+        # Ray warns at start while its auth mode is left to its default; `up` chooses token auth.
+        assert "RAY_AUTH_MODE" not in "".join(output), "".join(output)
 
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", timeout=60, max_retries=0)
         reply = client.chat.completions.create(

@@ -1,7 +1,11 @@
-"""Renders of the chart and the plain manifests, shared by the deploy tests (no cluster, no network)."""
+"""Renders of the chart (by helm itself) and the plain manifests, shared by the deploy tests (no
+cluster, no network). helm comes from make setup: deploy/tools/find_helm.py."""
 
 from __future__ import annotations
 
+import copy
+import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -16,7 +20,7 @@ CRD_DIR = SHARED / "kuberay-crds"
 
 sys.path.insert(0, str(DEPLOY / "tools"))
 
-import render_chart  # noqa: E402
+import find_helm  # noqa: E402
 
 # Everything the chart can switch on, to validate the optional objects too.
 ALL_OPTIONS = {
@@ -30,20 +34,58 @@ ALL_OPTIONS = {
     "service": {"type": "LoadBalancer", "annotations": {"example.com/lb": "internal"}},
     "head": {"podAnnotations": {"example.com/team": "llm"}, "nodeSelector": {"pool": "cpu"}},
 }
+GPU_VALUES = CHART / "values-gpu.yaml"
+
+
+class HelmError(AssertionError):
+    """helm exited non-zero; the message is its stderr."""
+
+
+def helm(*args: str) -> str:
+    """Runs the packaged helm in the repository root; its stdout, or HelmError."""
+    result = subprocess.run([str(find_helm.helm_path()), *args], cwd=REPO, capture_output=True, text=True, timeout=120)
+    if result.returncode != 0:
+        raise HelmError(result.stderr.strip())
+    return result.stdout
+
+
+def value_args(value_files=(), values: dict | None = None) -> list[str]:
+    """-f for each file, then --set-json for each top-level key (merged into the values as -f would)."""
+    args = [arg for path in value_files for arg in ("-f", str(path))]
+    return args + [arg for key, value in (values or {}).items() for arg in ("--set-json", f"{key}={json.dumps(value)}")]
+
+
+def helm_template(value_files=(), values: dict | None = None, release: str = "splitserve", extra=()) -> str:
+    return helm("template", release, str(CHART), *value_args(value_files, values), *extra)
+
+
+def documents(text: str) -> list[dict]:
+    return [d for d in yaml.safe_load_all(text) if d is not None]
+
+
+def chart_objects(value_files=(), values: dict | None = None, release: str = "splitserve", extra=()) -> list[dict]:
+    return documents(helm_template(value_files, values, release, extra))
+
+
+def _once(make):
+    """Renders once per session; each caller gets its own deep copy (tests may mutate it)."""
+    cached: list = []
+
+    def get() -> list[dict]:
+        if not cached:
+            cached.append(make())
+        return copy.deepcopy(cached[0])
+
+    return get
+
 
 RENDERS = {
-    "chart-default": lambda: render_chart.manifests(CHART),
-    "chart-gpu": lambda: render_chart.manifests(CHART, [CHART / "values-gpu.yaml"]),
-    "chart-all-options": lambda: render_chart.manifests(
-        CHART, [CHART / "values-gpu.yaml"], ALL_OPTIONS, release="prod"
-    ),
-    "manifest-splitserve.yaml": lambda: _load_manifest("splitserve.yaml"),
-    "manifest-splitserve-gpu.yaml": lambda: _load_manifest("splitserve-gpu.yaml"),
+    "chart-default": _once(lambda: chart_objects()),
+    "chart-gpu": _once(lambda: chart_objects([GPU_VALUES])),
+    "chart-all-options": _once(lambda: chart_objects([GPU_VALUES], ALL_OPTIONS, "prod")),
+    "manifest-splitserve.yaml": _once(lambda: documents((DEPLOY / "kuberay" / "splitserve.yaml").read_text())),
+    "manifest-splitserve-gpu.yaml": _once(lambda: documents((DEPLOY / "kuberay" / "splitserve-gpu.yaml").read_text())),
 }
-
-
-def _load_manifest(name: str) -> list[dict]:
-    return [d for d in yaml.safe_load_all((DEPLOY / "kuberay" / name).read_text()) if d is not None]
 
 
 @pytest.fixture(scope="session")
@@ -56,17 +98,10 @@ def shared_crds() -> Path:
     return CRD_DIR
 
 
-_cache: dict[str, list[dict]] = {}
-
-
 @pytest.fixture(params=sorted(RENDERS))
 def objects(request) -> list[dict]:
     """Every Kubernetes object of one render (a deep copy per test: tests may mutate it)."""
-    import copy
-
-    if request.param not in _cache:
-        _cache[request.param] = RENDERS[request.param]()
-    return copy.deepcopy(_cache[request.param])
+    return RENDERS[request.param]()
 
 
 def one(objects: list[dict], kind: str) -> dict:

@@ -5,7 +5,13 @@ an API key, Prometheus' scrape job finds exactly the router, and Secrets are ref
 from __future__ import annotations
 
 import base64
+import http.server
+import json
 import re
+import subprocess
+import sys
+import threading
+import urllib.parse
 
 import yaml
 
@@ -196,3 +202,79 @@ def test_scrape_config_ignores_pods_that_opted_out():
     raycluster["spec"]["headGroupSpec"]["template"]["metadata"]["annotations"].pop("prometheus.io/scrape")
     (job,) = yaml.safe_load(SCRAPE_CONFIG.read_text())["scrape_configs"]
     assert not [t for t in discovered_targets(kuberay_pods(raycluster)) if relabel(dict(t), job["relabel_configs"])]
+
+
+# -- the `helm test` Pod, run against a stand-in router ----------------------------------------
+
+
+class _StandInRouter(http.server.BaseHTTPRequestHandler):
+    """Answers as the router's API guard does: paths outside _OPEN_PATHS need a configured key."""
+
+    api_keys: tuple[str, ...] = ()
+    ready = True
+
+    def do_GET(self):
+        supplied = self.headers.get("Authorization", "").removeprefix("Bearer ").strip()
+        if self.api_keys and self.path not in _OPEN_PATHS and supplied not in self.api_keys:
+            return self._reply(401, {"error": "unauthorized"})
+        if self.path == "/ready" and not self.ready:
+            return self._reply(503, {"ready": False})
+        bodies = {"/health": {"status": "ok"}, "/ready": {"ready": True}, "/v1/models": {"data": [{"id": "demo"}]}}
+        self._reply(200, bodies[self.path]) if self.path in bodies else self._reply(404, {})
+
+    def _reply(self, status: int, body: dict) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+def _run_test_pod(objects: list[dict], api_keys: tuple[str, ...], ready: bool = True) -> subprocess.CompletedProcess:
+    """The hook Pod's container, its URL pointed at a stand-in router on 127.0.0.1 instead of the Service."""
+    pod, service = one(objects, "Pod"), one(objects, "Service")
+    (container,) = pod["spec"]["containers"]
+    env = {}
+    for item in container["env"]:
+        if "valueFrom" in item:
+            ref = item["valueFrom"]["secretKeyRef"]
+            (secret,) = [o for o in objects if o["kind"] == "Secret" and o["metadata"]["name"] == ref["name"]]
+            env[item["name"]] = base64.b64decode(secret["data"][ref["key"]]).decode()
+        else:
+            env[item["name"]] = item["value"]
+    url = urllib.parse.urlsplit(env["SPLITSERVE_URL"])
+    http_port = {p["name"]: p["port"] for p in service["spec"]["ports"]}["http"]
+    assert (url.hostname, url.port) == (service["metadata"]["name"], http_port), "the test must go through the Service"
+    handler = type("Router", (_StandInRouter,), {"api_keys": api_keys, "ready": ready})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    env["SPLITSERVE_URL"] = f"http://127.0.0.1:{server.server_address[1]}"
+    argv = [sys.executable if container["command"][0] == "python" else container["command"][0]]
+    try:
+        return subprocess.run(
+            argv + container["command"][1:] + container["args"], env=env, capture_output=True, text=True, timeout=60
+        )
+    finally:
+        server.shutdown()
+
+
+def test_helm_test_pod_checks_the_router_through_the_service():
+    objects = RENDERS["chart-all-options"]()
+    assert one(objects, "Pod")["metadata"]["annotations"]["helm.sh/hook"] == "test"
+    passed = _run_test_pod(objects, api_keys=("key-one", "key-two"))
+    assert passed.returncode == 0, passed.stderr
+    assert "serving ['demo']" in passed.stdout
+    open_api = _run_test_pod(RENDERS["chart-default"](), api_keys=())
+    assert open_api.returncode == 0, open_api.stderr
+
+
+def test_helm_test_pod_fails_when_the_router_is_not_ready_or_refuses_the_key():
+    objects = RENDERS["chart-all-options"]()
+    not_ready = _run_test_pod(objects, api_keys=("key-one",), ready=False)
+    assert not_ready.returncode != 0 and "503" in not_ready.stderr
+    wrong_key = _run_test_pod(objects, api_keys=("another-key",))
+    assert wrong_key.returncode != 0 and "401" in wrong_key.stderr

@@ -80,15 +80,15 @@ local_prefill_threshold: {{ int .Values.router.localPrefillThreshold }}
 planner:
   enabled: {{ or (not (empty .Values.slo.ttftSeconds)) (not (empty .Values.slo.tpotSeconds)) }}
   {{- with .Values.slo.ttftSeconds }}
-  ttft_target_s: {{ toJson . }}
+  ttft_target_s: {{ float64 . | toJson }}
   {{- end }}
   {{- with .Values.slo.tpotSeconds }}
-  tpot_target_s: {{ toJson . }}
+  tpot_target_s: {{ float64 . | toJson }}
   {{- end }}
-  interval_s: {{ toJson .Values.planner.intervalSeconds }}
-  window_s: {{ toJson .Values.planner.windowSeconds }}
-  scale_up_cooldown_s: {{ toJson .Values.planner.scaleUpCooldownSeconds }}
-  scale_down_cooldown_s: {{ toJson .Values.planner.scaleDownCooldownSeconds }}
+  interval_s: {{ float64 .Values.planner.intervalSeconds | toJson }}
+  window_s: {{ float64 .Values.planner.windowSeconds | toJson }}
+  scale_up_cooldown_s: {{ float64 .Values.planner.scaleUpCooldownSeconds | toJson }}
+  scale_down_cooldown_s: {{ float64 .Values.planner.scaleDownCooldownSeconds | toJson }}
 {{- end -}}
 
 {{/*
@@ -104,6 +104,24 @@ ulimit -n 65536; eval "${KUBERAY_GEN_RAY_START_CMD/--block/}" && exec splitserve
 {{/* A worker pod is a plain Ray node; `--block` keeps `ray start` in the foreground. */}}
 {{- define "splitserve.workerScript" -}}
 ulimit -n 65536; eval "$KUBERAY_GEN_RAY_START_CMD"
+{{- end -}}
+
+{{/*
+The `helm test` Pod's Python (the image has no curl): /health, /ready (a decode worker serves) and
+/v1/models through the Service, the last with the release's first API key; any HTTP error fails it.
+*/}}
+{{- define "splitserve.testScript" -}}
+import json, os, urllib.request
+url = os.environ["SPLITSERVE_URL"]
+key = os.environ.get("SPLITSERVE_API_KEYS", "").split(",")[0]
+for path in ("/health", "/ready"):
+    urllib.request.urlopen(url + path, timeout=10).read()
+request = urllib.request.Request(url + "/v1/models", headers={"Authorization": "Bearer " + key} if key else {})
+with urllib.request.urlopen(request, timeout=10) as response:
+    models = [model["id"] for model in json.load(response)["data"]]
+if not models:
+    raise SystemExit("the router lists no model")
+print("splitserve answers through its Service, serving", models)
 {{- end -}}
 
 {{/* Pod resources (dict "resources" R "gpus" N): R's requests and limits, plus N nvidia.com/gpu in both. */}}
@@ -178,6 +196,13 @@ fsGroup: 1000
 {{- end }}
 {{- if and .Values.apiKeys.create .Values.apiKeys.existingSecret }}
 {{- fail "apiKeys: set either create or existingSecret, not both" }}
+{{- end }}
+{{- /* The schema admits these as decimal strings too (--set-string, --set 0.5); only here is their sign known. */}}
+{{- $positive := dict "slo.ttftSeconds" .Values.slo.ttftSeconds "slo.tpotSeconds" .Values.slo.tpotSeconds "planner.intervalSeconds" .Values.planner.intervalSeconds "planner.windowSeconds" .Values.planner.windowSeconds }}
+{{- range $key, $seconds := $positive }}
+{{- if and (not (kindIs "invalid" $seconds)) (le (float64 $seconds) 0.0) }}
+{{- fail (printf "%s must be a positive number of seconds, got %v" $key $seconds) }}
+{{- end }}
 {{- end }}
 {{- if and .Values.apiKeys.create (empty .Values.apiKeys.keys) }}
 {{- fail "apiKeys.create needs at least one key in apiKeys.keys" }}
