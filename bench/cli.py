@@ -76,6 +76,11 @@ def build_bench_parser() -> argparse.ArgumentParser:
     )
     _add_arguments("bench.profile", profile_bench)
     profile_bench.set_defaults(module="bench.profile")
+    chaos_bench = bench_kinds.add_parser(
+        "chaos", help="soak under worker kills, stalls and disconnects: no wrong answer, no hang, no leaked block"
+    )
+    _add_arguments("bench.chaos", chaos_bench)
+    chaos_bench.set_defaults(module="bench.chaos")
 
     return parser
 

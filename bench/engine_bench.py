@@ -32,10 +32,10 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from contract.sampling import SamplingParams
 from engine.config import EngineConfig, ModelConfig
 from engine.engine import Engine
 from engine.model import CausalLM
-from engine.sampling_params import SamplingParams
 
 DECODE_TARGET_BATCH = 32
 DECODE_TARGET_RATIO = 2.5

@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from bench.sim.latency import Chunk, FittedModel, ModelShape, Step
-from engine.sampling_params import SamplingParams
+from contract.sampling import SamplingParams
 
 if TYPE_CHECKING:  # torch and the engine load when the profile runs, not when the CLI parses
     from engine.engine import Engine

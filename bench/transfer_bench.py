@@ -388,7 +388,12 @@ def _serve_transport(kind: str, pool_bytes: int) -> int:
     from protos import kv_transfer_pb2_grpc
 
     cache = PagedKVCache(bench_layout(pool_bytes))
-    inbox = KVInbox(cache, on_commit=lambda request_id, token, logprob: inbox.forget(request_id))
+    # The bench is the landings' owner: a commit or an abort simply forgets the landing.
+    inbox = KVInbox(
+        cache,
+        on_commit=lambda request_id, token, logprob: inbox.forget(request_id),
+        on_abort=lambda request_id, reason, sender_stopped: inbox.forget(request_id),
+    )
     instance_id = uuid.uuid4().hex[:12]
     nixl = None
     if kind == "nixl":
@@ -399,7 +404,6 @@ def _serve_transport(kind: str, pool_bytes: int) -> int:
         inbox,
         layout_message(cache.layout, FINGERPRINT),
         instance_id,
-        lambda request_id, reason: inbox.abort(request_id, reason),
         nixl,
     )
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=16), options=channel_options())
@@ -411,7 +415,7 @@ def _serve_transport(kind: str, pool_bytes: int) -> int:
         command, request_id, num_blocks = line.split()
         if command != "open":
             raise SystemExit(f"unknown command {command!r}")
-        inbox.open(request_id, range(int(num_blocks)), LEASE_MS / 1000, remote_writes=nixl is not None)
+        inbox.open(request_id, range(int(num_blocks)))
         _say("ok")
     server.stop(1).wait(2)
     if nixl is not None:

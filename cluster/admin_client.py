@@ -58,12 +58,31 @@ def format_status(status: dict) -> str:
             f"{worker['node_id'][:8] or '-':10} "
             f"{stats.get('running', 0):>4} {stats.get('waiting', 0):>4} {kv:>14}"
         )
+    lines += _model_lines(status)
     decisions = (cluster.get("planner") or {}).get("decisions") or []
     if decisions:
         lines.append("")
         lines.append("planner decisions (latest last):")
         lines += [f"  {d['role']} {d['current']} -> {d['target']}: {d['reason']}" for d in decisions[-5:]]
     return "\n".join(lines)
+
+
+def _model_lines(status: dict) -> list[str]:
+    """The served model, and the workers not routed to because their model card disagrees."""
+    model = status.get("model") or {}
+    lines = [""]
+    if model.get("name"):
+        how = "adopted from the workers" if model.get("adopted") else "given to the router"
+        lines.append(
+            f"model {model['name']} ({how}; source {model.get('source')}, block size {model.get('block_size')})"
+        )
+    else:
+        lines.append(f"model: none served yet — {model.get('refusal') or 'no worker has reported its model card'}")
+    incompatible = [w for w in status.get("router_view") or [] if w.get("incompatible")]
+    if incompatible:
+        lines.append("incompatible workers (not routed to):")
+        lines += [f"  {w['role']} {w['address']}: {w['incompatible']}" for w in incompatible]
+    return lines
 
 
 def run_admin(args) -> int:

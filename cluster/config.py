@@ -53,6 +53,7 @@ class PlannerSpec:
 @dataclass(frozen=True)
 class ClusterConfig:
     model: str = "demo"
+    served_model_name: str | None = None  # default: the preset or directory name
     dtype: str | None = None
     device: str = "cpu"
     transport: str = "grpc"

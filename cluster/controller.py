@@ -319,7 +319,8 @@ class Controller:
             return  # re-registered meanwhile
         if healthy:
             record.failures = 0
-            record.stats = {f.name: v for f, v in stats.ListFields()} if stats else {}
+            # Scalars only: the status goes out as JSON (the model card is the routers' to judge).
+            record.stats = {f.name: v for f, v in stats.ListFields() if f.message_type is None} if stats else {}
             if record.state == "unhealthy":
                 record.state = "ready"
                 await self._bump()

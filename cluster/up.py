@@ -46,6 +46,7 @@ def start_ray(config: ClusterConfig) -> None:
     if config.address:
         ray.init(address=config.address, namespace=config.namespace, log_to_driver=True)
         return
+    # Token auth for this embedded cluster is chosen in cluster.cli, before `import ray` reads RAY_AUTH_MODE.
     pools = (config.prefill, config.decode)
     needed = sum(p.num_cpus * p.max_replicas for p in pools)
     # Logical CPUs: enough to place every pool at its maximum; the OS shares the real cores.
@@ -116,7 +117,8 @@ async def run_cluster(config: ClusterConfig, stop: asyncio.Event, on_ready=None)
     await controller.start.remote()
     admin_token = config.admin_token or secrets.token_urlsafe(24)
     router_config = RouterConfig(
-        model=config.model,
+        model=config.model,  # the router checks every worker's model card against it
+        served_model_name=config.served_model_name,
         host=config.host,
         port=config.port,
         grpc_port=config.grpc_port,

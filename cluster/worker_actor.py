@@ -24,6 +24,7 @@ def engine_config_for(config: ClusterConfig, pool: PoolSpec):
 
     return EngineConfig(
         model=config.model,
+        served_model_name=config.served_model_name,
         dtype=config.dtype,
         device=_device(config.device),
         kv_cache_memory_bytes=pool.kv_cache_mb * 1024 * 1024,

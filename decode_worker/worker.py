@@ -1,11 +1,8 @@
 """The decode worker: reserves blocks, receives KV, decodes with continuous batching.
 
-A reserved request's life here::
-
-    Reserve ──> WAITING_FOR_KV ──(all layers landed + commit)──> RUNNING ──> tokens ──> finished
-                   │ lease runs out / sender aborts / client aborts
-                   └──> stream fails at once; blocks return at once (gRPC) or at the lease
-                        deadline (NIXL: the sender may still be writing into them)
+A reserved request's life here is decode_worker/reservations.py's state machine: OPEN until the
+KV is committed (then the engine's request decodes it) or stopped (client, sender, lease), and its
+blocks freed once, when safe. RPC and transport threads only enqueue events to the engine thread.
 """
 
 from __future__ import annotations
@@ -16,23 +13,25 @@ import time
 
 import grpc
 
+from contract.sampling import SamplingParams
+from decode_worker.reservations import Reservations
 from engine.config import EngineConfig
 from engine.engine import Engine
 from engine.errors import EngineError
-from engine.loop import RequestFailed, RequestStream
+from engine.loop import RequestFailed
 from engine.output import RequestOutput
 from kv_transfer.errors import TransferError
-from kv_transfer.inbox import InboundState, KVInbox
+from kv_transfer.inbox import KVInbox
 from kv_transfer.receiver_service import KVReceiverService
 from protos import common_pb2, decode_pb2, decode_pb2_grpc, kv_transfer_pb2_grpc
-from worker_server.base import WorkerBase, abort_on_error, logprob_from_wire, output_to_wire, sampling_params_from_wire
+from worker_server.base import WorkerBase, abort_on_error, logprob_from_wire, output_to_wire
 
 log = logging.getLogger(__name__)
 
 DEFAULT_LEASE_MS = 30_000
 MAX_LEASE_MS = 600_000
-# A reservation's output stream waits this long for its client's Generate once the request ended.
-UNCLAIMED_STREAM_TTL_S = 60.0
+# A sender's commit waits this long for the engine thread's verdict (at most a step, normally).
+COMMIT_VERDICT_TIMEOUT_S = 30.0
 
 
 class DecodeWorker(WorkerBase, decode_pb2_grpc.DecodeWorkerServicer):
@@ -50,17 +49,14 @@ class DecodeWorker(WorkerBase, decode_pb2_grpc.DecodeWorkerServicer):
         super().__init__(config, **kwargs)
         self.transport = transport
         self.default_lease_ms = default_lease_ms
-        self.inbox = KVInbox(self.engine.kv_cache, self._on_commit, verify_checksums)
+        self.inbox = KVInbox(self.engine.kv_cache, self._on_commit, self._on_sender_abort, verify_checksums)
         self.nixl = None
         if transport == "nixl":
             from kv_transfer.nixl_transport import NixlReceiver
 
             self.nixl = NixlReceiver(self.unique_name, self.engine.kv_cache, self.inbox)
-        self.receiver = KVReceiverService(self.inbox, self.layout, self.instance_id, self._abort_inbound, self.nixl)
-        # Engine thread only. Outputs of a reservation may come (even all of them) before its client
-        # calls Generate: the stream is kept here until claimed, or until the TTL after the request ended.
-        self._unclaimed: dict[str, tuple[RequestStream, float | None]] = {}
-        self._next_sweep = 0.0
+        self.receiver = KVReceiverService(self.inbox, self.layout, self.instance_id, self.nixl)
+        self.reservations = Reservations(self.inbox, self.loop, self.counters, remote_writes=self.nixl is not None)
 
     def add_services(self, server: grpc.Server) -> None:
         decode_pb2_grpc.add_DecodeWorkerServicer_to_server(self, server)
@@ -75,7 +71,7 @@ class DecodeWorker(WorkerBase, decode_pb2_grpc.DecodeWorkerServicer):
 
     def Reserve(self, request, context):
         try:
-            params = sampling_params_from_wire(request.params)
+            params = SamplingParams.from_wire(request.params)
             lease_ms = min(request.lease_ms or self.default_lease_ms, MAX_LEASE_MS)
             reservation = self.loop.call(lambda engine: self._reserve(engine, request, params, lease_ms))
         except (EngineError, ValueError) as exc:
@@ -93,13 +89,9 @@ class DecodeWorker(WorkerBase, decode_pb2_grpc.DecodeWorkerServicer):
         )
 
     def _reserve(self, engine: Engine, request, params, lease_ms: int):
-        """Engine thread: blocks, inbound record and output stream appear together."""
-        reservation = engine.reserve(request.request_id, list(request.prompt_token_ids), params)
-        first_missing = reservation.num_cached_tokens // self.config.block_size
-        self.inbox.open(
-            request.request_id, reservation.block_ids[first_missing:], lease_ms / 1000.0, self.nixl is not None
+        reservation = self.reservations.reserve(
+            engine, request.request_id, request.prompt_token_ids, params, lease_ms / 1000.0
         )
-        self._unclaimed[request.request_id] = (self.loop.watch(request.request_id), None)
         self.counters.add(prompt_tokens=len(request.prompt_token_ids), prefix_hit_tokens=reservation.num_cached_tokens)
         return reservation
 
@@ -108,7 +100,7 @@ class DecodeWorker(WorkerBase, decode_pb2_grpc.DecodeWorkerServicer):
             stream = self._stream_for(request)
         except (EngineError, TransferError, ValueError) as exc:
             abort_on_error(context, exc)
-        context.add_callback(lambda: self._cancel(request.request_id))
+        context.add_callback(lambda: self._cancel(request.request_id, "the client went away"))
         try:
             while True:
                 try:
@@ -131,13 +123,8 @@ class DecodeWorker(WorkerBase, decode_pb2_grpc.DecodeWorkerServicer):
 
     def _stream_for(self, request):
         if request.reserved:
-            claimed = self.loop.call(lambda engine: self._unclaimed.pop(request.request_id, None))
-            if claimed is None:
-                raise TransferError(
-                    f"no reservation {request.request_id!r} waiting for its client on this worker", "NOT_FOUND"
-                )
-            return claimed[0]
-        params = sampling_params_from_wire(request.params)
+            return self.loop.call(lambda engine: self.reservations.claim(request.request_id))
+        params = SamplingParams.from_wire(request.params)
         self.counters.add(prompt_tokens=len(request.prompt_token_ids))
         return self.loop.add_request(request.request_id, list(request.prompt_token_ids), params)
 
@@ -145,62 +132,30 @@ class DecodeWorker(WorkerBase, decode_pb2_grpc.DecodeWorkerServicer):
         return common_pb2.AbortResponse(found=self._cancel(request.request_id))
 
     def transfer_state(self) -> tuple[int, int]:
-        return self.inbox.in_flight, self.inbox.leases_expired
+        return self.reservations.in_flight, self.reservations.leases_expired
 
-    # -- reservations ending ----------------------------------------------------------------------
+    # -- events for the reservations (any thread; decided on the engine thread) ------------------
 
-    def _cancel(self, request_id: str) -> bool:
-        if self._abort_inbound(request_id, "aborted by the client"):
-            return True
-        return self.loop.abort(request_id)
+    def _cancel(self, request_id: str, reason: str = "aborted by the client") -> bool:
+        """The client aborted or left: stop its reservation, or abort its request once committed."""
 
-    def _abort_inbound(self, request_id: str, reason: str) -> bool:
-        """Any thread: stop a reservation whose KV has not landed; the sweep frees its blocks."""
-        inbound = self.inbox.abort(request_id, reason)
-        return inbound is not None and inbound.state is InboundState.ABORTED
+        def cancel(engine: Engine) -> bool:
+            stopped = self.reservations.client_aborted(engine, request_id, reason)
+            return engine.abort(request_id) if stopped is None else stopped
+
+        return self.loop.call(cancel)
+
+    def _on_sender_abort(self, request_id: str, reason: str, sender_stopped: bool) -> None:
+        """Transport thread: the sender aborted, its stream broke, or its data was bad."""
+        self.loop.submit(lambda engine: self.reservations.sender_aborted(engine, request_id, reason, sender_stopped))
 
     def _on_commit(self, request_id: str, first_token_id: int, first_logprob) -> None:
-        """Transport thread: all KV landed and verified; the engine adopts it."""
+        """Transport thread: every layer landed; waits for the engine thread to adopt the KV (or refuse)."""
         logprob = logprob_from_wire(first_logprob)
-        inbound = self.inbox.get(request_id)
-        if inbound is not None:
-            self.counters.add(
-                kv_transfers_completed=1,
-                kv_transfer_bytes=inbound.bytes_received,
-                kv_transfer_seconds=time.monotonic() - inbound.opened_at,
-            )
-
-        def adopt(engine: Engine) -> None:
-            self.inbox.forget(request_id)
-            if request_id in engine.requests:
-                engine.complete_reservation(request_id, first_token_id, logprob)
-
-        self.loop.submit(adopt)
+        self.loop.call(
+            lambda engine: self.reservations.commit(engine, request_id, first_token_id, logprob),
+            timeout=COMMIT_VERDICT_TIMEOUT_S,
+        )
 
     def after_step(self, engine: Engine, outputs: list[RequestOutput]) -> None:
-        """Engine thread: expire leases, fail streams of stopped reservations, free their blocks when safe."""
-        now = time.monotonic()
-        self.inbox.expire(now)
-        for inbound in self.inbox.stopped():
-            if not inbound.client_told:
-                inbound.client_told = True
-                self.counters.add(kv_transfers_failed=1)
-                stream = self.loop.detach(inbound.request_id)
-                if stream is not None:
-                    stream.put(RequestFailed(inbound.reason))
-            if now >= inbound.release_time:
-                engine.abort(inbound.request_id)
-                self.inbox.forget(inbound.request_id)
-        if now >= self._next_sweep:
-            self._next_sweep = now + 1.0
-            self._sweep_unclaimed(engine, now)
-
-    def _sweep_unclaimed(self, engine: Engine, now: float) -> None:
-        """Engine thread: drop streams of reservations that ended more than the TTL ago, unclaimed."""
-        for request_id, (stream, ended_at) in list(self._unclaimed.items()):
-            if request_id in engine.requests:
-                continue
-            if ended_at is None:
-                self._unclaimed[request_id] = (stream, now)
-            elif now - ended_at > UNCLAIMED_STREAM_TTL_S:
-                del self._unclaimed[request_id]
+        self.reservations.tick(engine)

@@ -187,6 +187,7 @@ class EngineConfig:
     """
 
     model: str = "demo"
+    served_model_name: str | None = None  # the name the worker's model card gives; default: preset or dir name
     dtype: str | None = None  # None: the model's own torch_dtype
     device: str = "cpu"
     block_size: int = 16
@@ -198,8 +199,11 @@ class EngineConfig:
     enable_prefix_cache: bool = True
     seed: int = 0
     num_threads: int | None = None
+    cuda_graph_max_batch: int = 64  # CUDA: decode steps up to this batch replay captured graphs; 0: never
 
     def __post_init__(self) -> None:
+        if self.cuda_graph_max_batch < 0:
+            raise ValueError(f"cuda_graph_max_batch must be >= 0, got {self.cuda_graph_max_batch}")
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size must be a power of two, got {self.block_size}")
         if self.dtype is not None and self.dtype not in _DTYPES:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from contract.sampling import FieldError, SamplingParams, check_token_ids
 from engine.block_manager import BlockAllocator, KVEvent
 from engine.config import EngineConfig, blocks_for_budget
 from engine.errors import InvalidRequestError
@@ -21,7 +22,6 @@ from engine.model_runner import LayerHook, ModelRunner
 from engine.output import OutputProcessor, RequestOutput
 from engine.request import Request, RequestState
 from engine.sampler import Sampler, SamplingState, TokenLogprobs
-from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler, SchedulerConfig
 from engine.weights import load_model
 
@@ -78,6 +78,7 @@ class Engine:
             loaded.model, self.kv_cache, Sampler(self.model_config.vocab_size, config.seed), config.device
         )
         self.max_model_len = min(config.max_model_len or self.model_config.max_context, self.model_config.max_context)
+        self._num_scratch_blocks = self._enable_cuda_graphs(loaded.model)
         self.outputs = OutputProcessor(self.tokenizer, self._eos_ids(), self.max_model_len)
         self.on_layer_done = on_layer_done
         self.requests: dict[str, Request] = {}
@@ -85,6 +86,20 @@ class Engine:
         # Bounded: an owner that never drains KV events must not grow memory; readers see the
         # gap in event ids and resynchronise from a snapshot.
         self._kv_events: deque[KVEvent] = deque(maxlen=65536)
+
+    def _enable_cuda_graphs(self, model) -> int:
+        """CUDA only: decode steps replay captured graphs (engine/cuda_graphs.py). Returns the blocks
+        set aside for it: one scratch block that padded rows write into, never a live one."""
+        cfg = self.config
+        if torch.device(cfg.device).type != "cuda" or cfg.cuda_graph_max_batch == 0:
+            return 0
+        from engine.cuda_graphs import CudaGraphDecoder
+
+        (scratch,) = self.allocator.allocate(1)
+        max_batch = min(cfg.cuda_graph_max_batch, cfg.max_num_seqs)
+        max_width = -(-self.max_model_len // cfg.block_size)
+        self.runner.graphs = CudaGraphDecoder(model, self.kv_cache, max_batch, scratch, max_width)
+        return 1
 
     def _layout(self, dtype: torch.dtype) -> KVLayout:
         cfg, model = self.config, self.model_config
@@ -146,19 +161,17 @@ class Engine:
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
         if not prompt:
             raise InvalidRequestError("prompt must not be empty")
-        vocab = self.model_config.vocab_size
-        if any(not 0 <= t < vocab for t in prompt):
-            raise InvalidRequestError(f"prompt token ids must be in [0, {vocab})")
+        _check_token_ids(prompt, self.model_config.vocab_size, "prompt")
+        _check_token_ids(params.stop_token_ids, self.model_config.vocab_size, "stop_token_ids")
         total = len(prompt) + params.max_tokens
         if total > self.max_model_len:
             raise InvalidRequestError(
                 f"prompt ({len(prompt)} tokens) + max_tokens ({params.max_tokens}) = {total} exceeds "
                 f"the maximum context length {self.max_model_len}"
             )
-        if -(-total // self.config.block_size) > self.layout.num_blocks:
-            raise InvalidRequestError(
-                f"{total} tokens do not fit in this worker's KV pool ({self.layout.num_blocks} blocks)"
-            )
+        usable = self.layout.num_blocks - self._num_scratch_blocks
+        if -(-total // self.config.block_size) > usable:
+            raise InvalidRequestError(f"{total} tokens do not fit in this worker's KV pool ({usable} blocks)")
 
     # -- the loop -------------------------------------------------------------------------------
 
@@ -238,3 +251,10 @@ def _completion(request_id: str, prompt: tuple[int, ...], outputs: list[RequestO
         logprobs=tuple(lp for o in outputs for lp in o.logprobs),
         num_cached_tokens=outputs[-1].num_cached_tokens,
     )
+
+
+def _check_token_ids(token_ids: Sequence[int], vocab_size: int, field: str) -> None:
+    try:
+        check_token_ids(token_ids, vocab_size, field)
+    except FieldError as exc:
+        raise InvalidRequestError(str(exc)) from exc

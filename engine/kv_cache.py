@@ -67,14 +67,17 @@ class PagedKVCache:
         layer_data[:, 1].index_put_((slot_block, slot_offset), value)
 
     def gather(self, layer: int, block_table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """K and V for ``block_table [batch, blocks]``, heads-major for attention:
-        each ``[batch, kv_heads, blocks*block_size, head_dim]``, contiguous (one gather, one transpose)."""
+        """K and V for ``block_table [batch, blocks]``, kv-heads first for attention: each
+        ``[kv_heads, batch, blocks*block_size, head_dim]``, contiguous.
+
+        One pass: index_select on a heads-first view of the layer writes the result in its final
+        order (gathering blocks, then transposing, would copy the KV twice)."""
         batch, blocks = block_table.shape
-        regions = self.data[layer].index_select(0, block_table.reshape(-1))  # faster than fancy indexing
-        regions = regions.view(batch, blocks, *regions.shape[1:])  # [batch, blocks, 2, bs, kvh, hd]
-        heads_major = regions.permute(2, 0, 4, 1, 3, 5).contiguous()  # [2, batch, kvh, blocks, bs, hd]
-        shape = (2, batch, self.layout.num_kv_heads, blocks * self.layout.block_size, self.layout.head_dim)
-        key, value = heads_major.view(shape).unbind(0)
+        layout = self.layout
+        heads_first = self.data[layer].permute(1, 3, 0, 2, 4)  # [2, kvh, num_blocks, bs, hd], a view
+        gathered = heads_first.index_select(2, block_table.reshape(-1))  # [2, kvh, batch*blocks, bs, hd]
+        shape = (2, layout.num_kv_heads, batch, blocks * layout.block_size, layout.head_dim)
+        key, value = gathered.view(shape).unbind(0)
         return key, value
 
     def read_regions(self, layer: int, blocks: Sequence[int]) -> torch.Tensor:

@@ -15,10 +15,11 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import TypeVar
 
+from contract.sampling import SamplingParams
 from engine.block_manager import KVEvent
 from engine.engine import Engine
 from engine.output import RequestOutput
-from engine.sampling_params import SamplingParams
+from engine.request import RequestState
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -180,8 +181,10 @@ class EngineLoop:
             outputs = self.engine.step()
         except Exception as exc:  # a bug or an out-of-memory: fail what is in flight, keep serving
             log.exception("engine step failed; aborting in-flight requests")
-            for request_id in list(self.engine.requests):
-                self.fail(self.engine, request_id, RequestFailed(f"engine error: {exc}"))
+            for request_id, request in list(self.engine.requests.items()):
+                # A request waiting for KV took no part in the step; its blocks are its reservation's to free.
+                if request.state is not RequestState.WAITING_FOR_KV:
+                    self.fail(self.engine, request_id, RequestFailed(f"engine error: {exc}"))
             self.engine.step()  # collect the abort outputs
             return []
         for output in outputs:

@@ -16,8 +16,9 @@ from torch import nn
 from engine.attention import AttentionBatch, paged_attention
 from engine.config import ModelConfig
 from engine.kv_cache import PagedKVCache
+from engine.layer_ready import LayerReady, record_layer_ready
 
-LayerCallback = Callable[[int], None]
+LayerCallback = Callable[[int, LayerReady], None]  # (layer index, recorded after its K/V writes)
 
 
 class RMSNorm(nn.Module):
@@ -45,10 +46,15 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos", emb.cos(), persistent=False)
         self.register_buffer("sin", emb.sin(), persistent=False)
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        cos = self.cos[positions].unsqueeze(1).to(q.dtype)  # [T, 1, D]
-        sin = self.sin[positions].unsqueeze(1).to(q.dtype)
-        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+    def tables(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin ``[T, 1, D]`` of a step's positions: looked up once per step, used by every layer."""
+        return self.cos[positions].unsqueeze(1).to(dtype), self.sin[positions].unsqueeze(1).to(dtype)
+
+
+def apply_rotary(x: torch.Tensor, tables: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """x ``[T, heads, D]``; q and k heads may share one call (same positions, same tables)."""
+    cos, sin = tables
+    return x * cos + _rotate_half(x) * sin
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -86,16 +92,16 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps)
         self.scale = config.head_dim**-0.5
 
-    def forward(self, x, positions, rotary: RotaryEmbedding, cache: PagedKVCache, batch: AttentionBatch):
+    def forward(self, x, rope: tuple[torch.Tensor, torch.Tensor], cache: PagedKVCache, batch: AttentionBatch):
         cfg = self.config
         tokens = x.shape[0]
-        q, k, v = self.qkv_proj(x).split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
-        q = q.view(tokens, cfg.num_heads, cfg.head_dim)
-        k = k.view(tokens, cfg.num_kv_heads, cfg.head_dim)
+        qk, v = self.qkv_proj(x).split([cfg.q_size + cfg.kv_size, cfg.kv_size], dim=-1)
+        qk = qk.view(tokens, cfg.num_heads + cfg.num_kv_heads, cfg.head_dim)
         v = v.view(tokens, cfg.num_kv_heads, cfg.head_dim)
         if cfg.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = rotary(q, k, positions)
+            q, k = qk.split([cfg.num_heads, cfg.num_kv_heads], dim=1)
+            qk = torch.cat((self.q_norm(q), self.k_norm(k)), dim=1)
+        q, k = apply_rotary(qk, rope).split([cfg.num_heads, cfg.num_kv_heads], dim=1)  # one rotation for both
         out = paged_attention(q, k, v, cache, self.layer, batch, self.scale)
         return self.o_proj(out.reshape(tokens, cfg.q_size))
 
@@ -119,8 +125,8 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, x, positions, rotary, cache, batch):
-        x = x + self.self_attn(self.input_layernorm(x), positions, rotary, cache, batch)
+    def forward(self, x, rope, cache, batch):
+        x = x + self.self_attn(self.input_layernorm(x), rope, cache, batch)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -156,9 +162,10 @@ class CausalLM(nn.Module):
         on_layer_done: LayerCallback | None = None,
     ) -> torch.Tensor:
         x = self.model.embed_tokens(input_ids)
+        rope = self.rotary.tables(positions, x.dtype)
         for index, layer in enumerate(self.model.layers):
-            x = layer(x, positions, self.rotary, cache, batch)
+            x = layer(x, rope, cache, batch)
             if on_layer_done is not None:
-                on_layer_done(index)
+                on_layer_done(index, record_layer_ready(x.device))
         hidden = self.model.norm(x[logits_rows])
         return self.lm_head(hidden).float()

@@ -7,13 +7,21 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.attention import AttentionBatch, PrefillSegment
+from engine.attention import AttentionBackend, AttentionBatch, PrefillSegment, StepSequences, select_attention_backend
 from engine.kv_cache import PagedKVCache
+from engine.layer_ready import LayerReady, record_layer_ready
 from engine.model import CausalLM
 from engine.sampler import Sampler, SampleResult, SamplingState
 from engine.scheduler import ScheduledChunk, SchedulerOutput
 
-LayerHook = Callable[[SchedulerOutput, int], None]
+LayerHook = Callable[[SchedulerOutput, int, LayerReady], None]
+"""``on_layer_done(plan, layer, ready)``: called on the engine thread after each layer of a step.
+
+``ready`` is recorded on the compute stream behind that layer's K/V writes (a ``torch.cuda.Event``
+on CUDA, the already-complete ``COMPLETED`` on CPU). The hook must not read the layer's pool
+regions before ``ready`` completed, and must not wait for it on the engine thread or the compute
+stream: hand the read to a side stream (``wait_event``) or a sender thread (``synchronize``).
+See engine/layer_ready.py."""
 
 
 @dataclass(frozen=True)
@@ -26,24 +34,44 @@ class StepInputs:
 
 
 class ModelRunner:
-    def __init__(self, model: CausalLM, cache: PagedKVCache, sampler: Sampler, device: str) -> None:
+    def __init__(
+        self,
+        model: CausalLM,
+        cache: PagedKVCache,
+        sampler: Sampler,
+        device: str,
+        attention: AttentionBackend | None = None,
+    ) -> None:
         self.model = model
         self.cache = cache
         self.sampler = sampler
         self.device = device
         self.block_size = cache.layout.block_size
+        self.attention = attention if attention is not None else select_attention_backend(device)
+        self.graphs = None  # engine.cuda_graphs.CudaGraphDecoder, set by the engine on CUDA
 
     def execute(
         self, output: SchedulerOutput, states: dict[str, SamplingState], on_layer_done: LayerHook | None = None
     ) -> dict[str, tuple[int, object]]:
         """Runs one step; returns request id -> (sampled token id, TokenLogprobs | None)."""
         inputs = self.prepare(output.chunks)
-        hook = (lambda layer: on_layer_done(output, layer)) if on_layer_done else None
-        logits = self.model(inputs.input_ids, inputs.positions, self.cache, inputs.batch, inputs.logits_rows, hook)
+        logits = self._forward(inputs, output, on_layer_done)
         if not inputs.sampled_ids:
             return {}
         result: SampleResult = self.sampler.sample(logits, [states[r] for r in inputs.sampled_ids])
         return {rid: (tok, lp) for rid, tok, lp in zip(inputs.sampled_ids, result.token_ids, result.logprobs)}
+
+    def _forward(self, inputs: StepInputs, output: SchedulerOutput, on_layer_done: LayerHook | None) -> torch.Tensor:
+        shape = self.graphs.shape_for(inputs) if self.graphs is not None else None
+        if shape is None:
+            hook = (lambda layer, ready: on_layer_done(output, layer, ready)) if on_layer_done else None
+            return self.model(inputs.input_ids, inputs.positions, self.cache, inputs.batch, inputs.logits_rows, hook)
+        logits = self.graphs.run(inputs, shape)
+        if on_layer_done is not None:
+            ready = record_layer_ready(logits.device)  # behind the whole replay: every layer's K/V writes
+            for layer in range(self.cache.layout.num_layers):
+                on_layer_done(output, layer, ready)
+        return logits
 
     def prepare(self, chunks: Sequence[ScheduledChunk]) -> StepInputs:
         bs = self.block_size
@@ -74,6 +102,8 @@ class ModelRunner:
             decode_begin=len(ids) - len(decodes),
             decode_block_table=decode_table,
             decode_mask=decode_mask,
+            backend=self.attention,
+            plan=self._attention_plan(chunks, position),
         )
         return StepInputs(
             torch.tensor(ids, device=self.device),
@@ -82,6 +112,20 @@ class ModelRunner:
             torch.tensor(logits_rows, dtype=torch.long, device=self.device),
             tuple(sampled),
         )
+
+    def _attention_plan(self, chunks: Sequence[ScheduledChunk], positions: torch.Tensor) -> object:
+        if self.attention.name == "torch":
+            return None  # the torch path needs nothing beyond AttentionBatch
+        bs = self.block_size
+        lengths = torch.tensor([len(c.token_ids) for c in chunks])
+        sequences = StepSequences(
+            row_sequence=torch.repeat_interleave(torch.arange(len(chunks)), lengths),
+            positions=positions,
+            block_tables=tuple(tuple(c.block_ids[: -(-(c.start + len(c.token_ids)) // bs)]) for c in chunks),
+            block_size=bs,
+            num_blocks=self.cache.layout.num_blocks,
+        )
+        return self.attention.plan(sequences, torch.device(self.device))
 
     @staticmethod
     def _positions_by_chunk(chunks: Sequence[ScheduledChunk]):

@@ -12,9 +12,9 @@ import enum
 import time
 from dataclasses import dataclass, field
 
+from contract.sampling import SamplingParams
 from engine.block_manager import hash_block_tokens
 from engine.sampler import SamplingState, TokenLogprobs
-from engine.sampling_params import SamplingParams
 
 
 class RequestState(enum.Enum):

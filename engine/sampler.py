@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.sampling_params import SamplingParams
+from contract.sampling import SamplingParams
 
 # Temperatures below this are treated as greedy: dividing by them overflows float32 logits.
 _SAMPLING_EPS = 1e-5

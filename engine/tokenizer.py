@@ -75,6 +75,11 @@ class Tokenizer(ABC):
     def is_special(self, token_id: int) -> bool:
         """Whether ``decode(..., skip_special_tokens=True)`` drops ``token_id``."""
 
+    @property
+    def chat_template_source(self) -> str:
+        """The text of the chat template ``apply_chat_template`` renders (the model's or the built-in one)."""
+        return self._chat_template.source
+
 
 class ChatTemplate:
     """A Hugging Face style jinja chat template, compiled once.
@@ -86,6 +91,7 @@ class ChatTemplate:
     """
 
     def __init__(self, source: str):
+        self.source = source  # the text, for the model card's fingerprint
         self._template = _sandbox().from_string(source)
 
     def render(self, messages: list[dict], add_generation_prompt: bool, special_tokens: dict[str, str]) -> str:

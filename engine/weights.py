@@ -3,19 +3,23 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import xxhash
 from safetensors import safe_open
 
 from engine.config import ModelConfig
 from engine.errors import ModelLoadError
 from engine.model import CausalLM
-from engine.presets import DUMMY_WEIGHT_SEED, PRESETS, load_model_tokenizer, resolve_model_config
+from engine.presets import (
+    DUMMY_WEIGHT_SEED,
+    PRESETS,
+    load_model_tokenizer,
+    model_weights_fingerprint,
+    resolve_model_config,
+    shard_files,
+)
 from engine.tokenizer import Tokenizer
 
 
@@ -31,20 +35,15 @@ def load_model(model: str, dtype: str | None = None, device: str = "cpu") -> Loa
     config = resolve_model_config(model)
     torch_dtype = getattr(torch, dtype or config.dtype)
     net = CausalLM(config)
+    fingerprint = model_weights_fingerprint(model, config)  # the model card's code: one owner
     if model in PRESETS:
         _fill_dummy_weights(net, DUMMY_WEIGHT_SEED)
-        identity = f"preset:{model}:seed={DUMMY_WEIGHT_SEED}"
     else:
-        identity = _load_safetensors(net, Path(model))
+        _load_safetensors(net, Path(model))
     tokenizer: Tokenizer = load_model_tokenizer(model, config)
     net = net.to(device=device, dtype=torch_dtype).eval()
     net.rotary.to(torch.float32)  # cos/sin tables stay fp32 and are cast per use, as in transformers
-    return LoadedModel(config, net, tokenizer, _fingerprint(config, identity))
-
-
-def _fingerprint(config: ModelConfig, identity: str) -> str:
-    payload = json.dumps({"config": config.fingerprint_fields(), "weights": identity}, sort_keys=True)
-    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+    return LoadedModel(config, net, tokenizer, fingerprint)
 
 
 @torch.no_grad()
@@ -70,31 +69,11 @@ _FUSED = {
 }
 
 
-def _shard_files(model_dir: Path) -> list[Path]:
-    index = model_dir / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as exc:
-            raise ModelLoadError(f"malformed {index}: {exc}") from exc
-        files = [model_dir / name for name in sorted(set(weight_map.values()))]
-    else:
-        files = sorted(model_dir.glob("*.safetensors"))
-    missing = [str(f) for f in files if not f.is_file()]
-    if not files or missing:
-        raise ModelLoadError(
-            f"model directory {str(model_dir)!r} has no usable safetensors files {missing or ''}".rstrip()
-        )
-    return files
-
-
-def _load_safetensors(net: CausalLM, model_dir: Path) -> str:
-    """Copies checkpoint tensors into ``net``; returns an identity string for the fingerprint."""
+def _load_safetensors(net: CausalLM, model_dir: Path) -> None:
+    """Copies checkpoint tensors into ``net``."""
     params = dict(net.named_parameters())
     loaded: set[str] = set()
-    identity = hashlib.sha256()
-    for shard in _shard_files(model_dir):
-        identity.update(f"{shard.name}:{_content_hash(shard)}".encode())
+    for shard in shard_files(model_dir):
         try:
             with safe_open(str(shard), framework="pt") as handle:
                 for name in handle.keys():
@@ -104,16 +83,6 @@ def _load_safetensors(net: CausalLM, model_dir: Path) -> str:
     missing = set(params) - loaded - ({"lm_head.weight"} if net.config.tie_word_embeddings else set())
     if missing:
         raise ModelLoadError(f"checkpoint in {str(model_dir)!r} lacks weights: {', '.join(sorted(missing)[:5])}")
-    return identity.hexdigest()
-
-
-def _content_hash(path: Path, chunk_bytes: int = 16 << 20) -> str:
-    """Every byte counts: checkpoints of the same shape with other weights must not pass a handshake."""
-    digest = xxhash.xxh3_128()
-    with path.open("rb") as handle:
-        while chunk := handle.read(chunk_bytes):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 @torch.no_grad()

@@ -1,22 +1,28 @@
-"""The decode worker's side of KV transfer: reservations whose KV is still arriving.
+"""The decode worker's landing zones: where a reservation's KV arrives, and nothing about its life.
+
+A landing is one request's destination blocks, what has landed per layer, and a gate. Whether the
+reservation is open, committed or stopped is the decode worker's reservation state machine's
+fact, not ours: it opens a landing, closes its gate the moment the reservation leaves OPEN, and
+forgets it once the blocks are adopted or freed. Transports only report what happened.
 
 Contract:
-- ``open`` is called on the engine thread right after the engine reserved the blocks.
-- ``write`` (gRPC data), ``layer_landed`` (NIXL notifications), ``commit`` and ``abort`` come
-  from transport threads; each takes the inbound's lock, so a block is never written after its
-  reservation stopped being OPEN.
-- ``expire`` is called on the engine thread; it reports leases that ran out. The engine thread
-  frees blocks only after the inbound left OPEN (``release_time`` says when: at once for data the
-  receiver copies itself, at the lease deadline for RDMA, which a sender might still be writing).
+- ``open`` / ``close`` / ``pinned`` / ``forget`` run on the decode engine thread (the owner).
+- ``write`` (gRPC data), ``landed`` (NIXL notifications), ``layers_complete``, ``commit`` and
+  ``abort`` run on transport threads. ``write`` and ``landed`` touch the pool only while *pinned*:
+  the pin is taken under the landing's lock and only while the gate is open, and the owner frees
+  a landing's blocks only once it is closed and unpinned. So no block is written (or read for a
+  checksum) after its reservation stopped, nor ever while it could be freed.
+- ``commit`` and ``abort`` hand the event to the owner (``on_commit`` / ``on_abort``); they never
+  change a landing themselves. ``commit`` returns only once the owner adopted the KV, or raises
+  TransferError with the owner's reason.
 """
 
 from __future__ import annotations
 
-import enum
 import threading
-import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -28,90 +34,88 @@ from kv_transfer.integrity import checksum, region_checksum
 # Received chunks are read-only bytes; they are only read (copied into the pool), never written.
 warnings.filterwarnings("ignore", message="The given buffer is not writable")
 
-
-class InboundState(enum.Enum):
-    OPEN = "open"
-    COMMITTED = "committed"
-    ABORTED = "aborted"
-    EXPIRED = "expired"
+# request id, first token id, first logprob (or None); blocks until adopted, raises TransferError if refused
+CommitHandler = Callable[[str, int, object], None]
+# request id, reason, sender_stopped: the sender says it will write no more (every gRPC message from
+# it says so; a NIXL notification with bad data does not)
+AbortHandler = Callable[[str, str, bool], None]
 
 
 @dataclass
-class Inbound:
+class Landing:
     request_id: str
     block_ids: tuple[int, ...]  # destination blocks that must be written, in prompt order
-    deadline: float  # time.monotonic() by which the KV must have landed
-    remote_writes: bool  # True: a peer writes our memory directly (NIXL)
-    state: InboundState = InboundState.OPEN
-    written: list[set[int]] = field(default_factory=list)  # per layer, blocks landed
+    written: list[set[int]]  # per layer, blocks landed
     bytes_received: int = 0
-    reason: str = ""
-    client_told: bool = False  # the decode worker failed the request's stream already
-    opened_at: float = field(default_factory=time.monotonic)
+    accepting: bool = True  # the gate: False from the moment the reservation left OPEN
+    closed_reason: str = ""
+    pins: int = 0  # transport threads touching this landing's blocks right now
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
-    def release_time(self) -> float:
-        """When the engine may reuse this reservation's blocks after it stopped being OPEN."""
-        return self.deadline if self.remote_writes else 0.0
+    def complete(self) -> bool:
+        return all(len(blocks) == len(self.block_ids) for blocks in self.written)
 
-
-CommitCallback = Callable[[str, int, object], None]  # request id, first token id, first logprob (or None)
+    def missing_layers(self) -> list[int]:
+        return [layer for layer, blocks in enumerate(self.written) if len(blocks) < len(self.block_ids)]
 
 
 class KVInbox:
-    def __init__(self, cache: PagedKVCache, on_commit: CommitCallback, verify_checksums: bool = True) -> None:
+    def __init__(
+        self, cache: PagedKVCache, on_commit: CommitHandler, on_abort: AbortHandler, verify_checksums: bool = True
+    ) -> None:
         self.cache = cache
         self.on_commit = on_commit
+        self.on_abort = on_abort
         self.verify_checksums = verify_checksums
-        self._inbound: dict[str, Inbound] = {}
+        self._landings: dict[str, Landing] = {}
         self._lock = threading.Lock()
-        self.leases_expired = 0
-        self.bytes_received = 0
 
-    # -- engine thread ----------------------------------------------------------------------------
+    # -- owner (decode engine thread) -------------------------------------------------------------
 
-    def open(self, request_id: str, block_ids: Sequence[int], lease_seconds: float, remote_writes: bool) -> Inbound:
-        inbound = Inbound(request_id, tuple(block_ids), time.monotonic() + lease_seconds, remote_writes)
-        inbound.written = [set() for _ in range(self.cache.layout.num_layers)]
+    def open(self, request_id: str, block_ids: Sequence[int]) -> Landing:
+        landing = Landing(request_id, tuple(block_ids), [set() for _ in range(self.cache.layout.num_layers)])
         with self._lock:
-            self._inbound[request_id] = inbound
-        return inbound
+            self._landings[request_id] = landing
+        return landing
 
-    def expire(self, now: float) -> list[Inbound]:
-        """Marks OPEN inbounds past their deadline EXPIRED and returns them."""
-        expired = []
-        for inbound in self._snapshot():
-            with inbound.lock:
-                if inbound.state is InboundState.OPEN and now >= inbound.deadline:
-                    inbound.state = InboundState.EXPIRED
-                    inbound.reason = "lease expired before the KV landed"
-                    expired.append(inbound)
-        self.leases_expired += len(expired)
-        return expired
+    def close(self, request_id: str, reason: str) -> bool:
+        """Shut the gate: transports are refused from now on. True if every layer had landed."""
+        landing = self.get(request_id)
+        if landing is None:
+            return False
+        with landing.lock:
+            landing.accepting = False
+            landing.closed_reason = reason
+            return landing.complete
+
+    def pinned(self, request_id: str) -> bool:
+        """A transport thread is still inside this landing's blocks (its gate may be shut already)."""
+        landing = self.get(request_id)
+        if landing is None:
+            return False
+        with landing.lock:
+            return landing.pins > 0
 
     def forget(self, request_id: str) -> None:
         with self._lock:
-            self._inbound.pop(request_id, None)
-
-    def get(self, request_id: str) -> Inbound | None:
-        with self._lock:
-            return self._inbound.get(request_id)
-
-    def stopped(self) -> list[Inbound]:
-        """Inbounds that were aborted or expired and still hold their blocks."""
-        return [i for i in self._snapshot() if i.state in (InboundState.ABORTED, InboundState.EXPIRED)]
+            self._landings.pop(request_id, None)
 
     @property
-    def in_flight(self) -> int:
-        return sum(1 for i in self._snapshot() if i.state is InboundState.OPEN)
+    def num_landings(self) -> int:
+        with self._lock:
+            return len(self._landings)
 
     # -- transport threads ------------------------------------------------------------------------
 
+    def get(self, request_id: str) -> Landing | None:
+        with self._lock:
+            return self._landings.get(request_id)
+
     def write(self, request_id: str, layer: int, block_ids: Sequence[int], data: bytes, expected_checksum: int) -> None:
         """gRPC data: copy one chunk (regions of ``block_ids`` back to back) straight into the pool."""
-        inbound = self._open_inbound(request_id)
-        self._check_chunk(inbound, layer, block_ids)
+        landing = self._landing(request_id)
+        self._check_chunk(landing, layer, block_ids)
         region_bytes = self.cache.layout.region_bytes
         if len(data) != len(block_ids) * region_bytes:
             raise TransferError(
@@ -120,88 +124,80 @@ class KVInbox:
         if self.verify_checksums and expected_checksum and checksum(data) != expected_checksum:
             raise TransferError(f"checksum mismatch on layer {layer} of {request_id}", "DATA_LOSS")
         regions = torch.frombuffer(data, dtype=torch.uint8).view(len(block_ids), region_bytes)
-        with inbound.lock:
-            self._require_open(inbound)
+        with self.pin(landing):
             self.cache.write_regions(layer, block_ids, regions)
-            self._mark_written(inbound, layer, block_ids)
+            self._mark_written(landing, layer, block_ids)
 
     def landed(self, request_id: str, layer: int, block_ids: Sequence[int], expected_checksum: int) -> None:
         """A NIXL notification: the sender's WRITE of ``block_ids`` on ``layer`` has landed in place."""
-        inbound = self._open_inbound(request_id)
-        self._check_chunk(inbound, layer, block_ids)
-        with inbound.lock:
-            self._require_open(inbound)
+        landing = self._landing(request_id)
+        self._check_chunk(landing, layer, block_ids)
+        with self.pin(landing):
             if (
                 self.verify_checksums
                 and expected_checksum
                 and region_checksum(self.cache, layer, block_ids) != expected_checksum
             ):
                 raise TransferError(f"checksum mismatch on layer {layer} of {request_id}", "DATA_LOSS")
-            self._mark_written(inbound, layer, block_ids)
+            self._mark_written(landing, layer, block_ids)
 
     def layers_complete(self, request_id: str) -> bool:
-        inbound = self._open_inbound(request_id)
-        with inbound.lock:
-            return self._complete(inbound)
+        landing = self._landing(request_id)
+        with landing.lock:
+            self._require_accepting(landing)
+            return landing.complete
 
-    def commit(self, request_id: str, first_token_id: int, first_logprob) -> Inbound:
-        """Every layer landed: verify, mark COMMITTED and hand the request to the engine."""
-        inbound = self._open_inbound(request_id)
-        with inbound.lock:
-            self._require_open(inbound)
-            if not self._complete(inbound):
-                missing = [
-                    layer for layer, blocks in enumerate(inbound.written) if len(blocks) < len(inbound.block_ids)
-                ]
+    def commit(self, request_id: str, first_token_id: int, first_logprob) -> int:
+        """Every layer landed: the owner adopts the KV. Returns the bytes received."""
+        landing = self._landing(request_id)
+        with landing.lock:
+            self._require_accepting(landing)
+            if not landing.complete:
+                missing = landing.missing_layers()
                 raise TransferError(f"commit before layers {missing[:8]} landed", "FAILED_PRECONDITION")
-            inbound.state = InboundState.COMMITTED
         self.on_commit(request_id, first_token_id, first_logprob)
-        return inbound
+        return landing.bytes_received
 
-    def abort(self, request_id: str, reason: str) -> Inbound | None:
-        inbound = self.get(request_id)
-        if inbound is None:
-            return None
-        with inbound.lock:
-            if inbound.state is InboundState.OPEN:
-                inbound.state = InboundState.ABORTED
-                inbound.reason = reason
-        return inbound
+    def abort(self, request_id: str, reason: str, sender_stopped: bool = True) -> None:
+        self.on_abort(request_id, reason, sender_stopped)
 
     # -- helpers ----------------------------------------------------------------------------------
 
-    def _snapshot(self) -> list[Inbound]:
-        with self._lock:
-            return list(self._inbound.values())
-
-    def _open_inbound(self, request_id: str) -> Inbound:
-        inbound = self.get(request_id)
-        if inbound is None:
+    def _landing(self, request_id: str) -> Landing:
+        landing = self.get(request_id)
+        if landing is None:
             raise TransferError(f"no reservation {request_id!r} on this worker", "NOT_FOUND")
-        self._require_open(inbound)
-        return inbound
+        return landing
+
+    @contextmanager
+    def pin(self, landing: Landing) -> Iterator[None]:
+        """Transport threads: hold while touching a landing's blocks; refused once its gate is shut."""
+        with landing.lock:
+            self._require_accepting(landing)
+            landing.pins += 1
+        try:
+            yield
+        finally:
+            with landing.lock:
+                landing.pins -= 1
 
     @staticmethod
-    def _require_open(inbound: Inbound) -> None:
-        if inbound.state is not InboundState.OPEN:
-            reason = inbound.reason or inbound.state.value
-            raise TransferError(f"reservation {inbound.request_id} is {inbound.state.value}: {reason}", "ABORTED")
+    def _require_accepting(landing: Landing) -> None:
+        if not landing.accepting:
+            reason = landing.closed_reason or "stopped"
+            raise TransferError(f"reservation {landing.request_id} takes no more KV: {reason}", "ABORTED")
 
-    @staticmethod
-    def _complete(inbound: Inbound) -> bool:
-        return all(len(blocks) == len(inbound.block_ids) for blocks in inbound.written)
-
-    def _check_chunk(self, inbound: Inbound, layer: int, block_ids: Sequence[int]) -> None:
+    def _check_chunk(self, landing: Landing, layer: int, block_ids: Sequence[int]) -> None:
         if not 0 <= layer < self.cache.layout.num_layers:
             raise TransferError(f"layer {layer} outside [0, {self.cache.layout.num_layers})", "INVALID_ARGUMENT")
-        stray = set(block_ids) - set(inbound.block_ids)
+        stray = set(block_ids) - set(landing.block_ids)
         if stray or not block_ids:
             raise TransferError(
-                f"blocks {sorted(stray)[:8]} are not reserved for {inbound.request_id}", "INVALID_ARGUMENT"
+                f"blocks {sorted(stray)[:8]} are not reserved for {landing.request_id}", "INVALID_ARGUMENT"
             )
 
-    def _mark_written(self, inbound: Inbound, layer: int, block_ids: Sequence[int]) -> None:
-        inbound.written[layer].update(block_ids)
+    def _mark_written(self, landing: Landing, layer: int, block_ids: Sequence[int]) -> None:
         nbytes = len(block_ids) * self.cache.layout.region_bytes
-        inbound.bytes_received += nbytes
-        self.bytes_received += nbytes
+        with landing.lock:
+            landing.written[layer].update(block_ids)
+            landing.bytes_received += nbytes

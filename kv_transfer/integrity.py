@@ -1,12 +1,30 @@
-"""Integrity of KV in flight: one checksum, computed on bytes sent or on regions hashed in place."""
+"""Integrity of KV in flight: one checksum, computed on bytes sent or on regions hashed in place.
+
+Two functions, one per kind of memory, both order-sensitive:
+
+- bytes on the host (gRPC chunks, CPU pools hashed in place): xxh3-64;
+- regions in GPU memory (NIXL VRAM pools): ``device_checksum``, a torch reduction that runs where
+  the regions are, so verifying never pulls VRAM through the host.
+
+``region_checksum`` picks by the pool's device, so the two ends of a NIXL transfer agree only when
+both pools are on the same kind of memory; the NIXL sender refuses a peer that is not (with
+checksums on).
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
 import xxhash
 
 from engine.kv_cache import PagedKVCache
+
+# Two lanes modulo the Mersenne prime 2^31 - 1: each product of a word residue and a coefficient
+# stays below 2^62, and a sum of up to 2^32 residues fits in int64, so no step overflows.
+_PRIME = (1 << 31) - 1
+_LANE_MULTIPLIERS = (1_103_515_245, 740_103_789)
+_coefficients: dict[tuple[torch.device, int], torch.Tensor] = {}
 
 
 def checksum(data) -> int:
@@ -15,10 +33,42 @@ def checksum(data) -> int:
 
 
 def region_checksum(cache: PagedKVCache, layer: int, block_ids: Sequence[int]) -> int:
-    """Checksum of one layer's regions in ``block_ids`` order, hashed in place (no gathered copy);
-    equal to ``checksum`` of the same regions sent back to back."""
-    digest = xxhash.xxh3_64()
+    """Checksum of one layer's regions in ``block_ids`` order, computed where the pool lives.
+
+    CPU: hashed in place (no gathered copy), equal to ``checksum`` of the same regions sent back
+    to back. CUDA: ``device_checksum`` of the gathered regions, on the device."""
     rows = cache.regions[layer]
+    if rows.is_cuda:
+        index = torch.as_tensor(list(block_ids), dtype=torch.long).to(rows.device, non_blocking=True)
+        return device_checksum(rows.index_select(0, index))
+    digest = xxhash.xxh3_64()
     for block in block_ids:
         digest.update(memoryview(rows[block].numpy()))
     return digest.intdigest()
+
+
+def device_checksum(regions: torch.Tensor) -> int:
+    """A 62-bit, order-sensitive hash of ``regions`` (``[n, region_bytes]`` uint8, region_bytes a
+    multiple of 4), computed with torch ops on the tensor's own device; one scalar comes back.
+
+    Each 32-bit word w_i contributes (w_i mod p) * c_i mod p to each of two lanes, with per-position
+    coefficients c_i = ((i + 1) * a mod p)^2 mod p, never 0. Any change to a single word (a flipped
+    byte included) changes both lanes, since p is prime and neither factor is 0 mod p."""
+    words = regions.reshape(-1).view(torch.int32).to(torch.int64).remainder_(_PRIME)
+    lanes = [
+        words.mul(_position_coefficients(words.device, words.numel(), m)).remainder_(_PRIME).sum()
+        for m in _LANE_MULTIPLIERS
+    ]
+    high, low = (int(v) for v in torch.stack(lanes).remainder(_PRIME).tolist())
+    return ((high << 31) | low) or 1  # 0 means "not checked" on the wire
+
+
+def _position_coefficients(device: torch.device, count: int, multiplier: int) -> torch.Tensor:
+    key = (device, multiplier)
+    cached = _coefficients.get(key)
+    if cached is None or cached.numel() < count:
+        size = max(count, 2 * (cached.numel() if cached is not None else 0), 1 << 16)
+        positions = torch.arange(1, size + 1, dtype=torch.int64, device=device)
+        base = positions.mul_(multiplier).remainder_(_PRIME)
+        cached = _coefficients[key] = base.mul(base).remainder_(_PRIME)
+    return cached[:count]

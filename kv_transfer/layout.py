@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from engine.kv_cache import KVLayout
 from protos import common_pb2
+from protos.version import PROTOCOL_VERSION
 
-PROTOCOL_VERSION = 1
 POOL_AXES = "layer,block,kv,slot,head,dim"
 
 

@@ -1,10 +1,13 @@
-"""The KVReceiver gRPC service a decode worker hosts: handshake, gRPC pushes, NIXL commits."""
+"""The KVReceiver gRPC service a decode worker hosts: handshake, gRPC pushes, NIXL commits.
+
+Every message from a sender about a reservation (a commit, an abort, the end or break of its push
+stream) is also its word that it writes no more into that reservation's blocks (see
+kv_transfer/sender.py); the inbox passes that on, and the decode worker decides what it means."""
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
 
 import grpc
 
@@ -18,8 +21,6 @@ log = logging.getLogger(__name__)
 # Notifications of the last NIXL writes may trail the sender's commit by a little.
 COMMIT_WAIT_S = 5.0
 
-AbortCallback = Callable[[str, str], None]  # request id, reason
-
 
 class KVReceiverService(kv_transfer_pb2_grpc.KVReceiverServicer):
     def __init__(
@@ -27,13 +28,11 @@ class KVReceiverService(kv_transfer_pb2_grpc.KVReceiverServicer):
         inbox: KVInbox,
         layout: common_pb2.KVLayout,
         instance_id: str,
-        on_abort: AbortCallback,
         nixl=None,  # kv_transfer.nixl_transport.NixlReceiver when the transport is NIXL
     ) -> None:
         self.inbox = inbox
         self.layout = layout
         self.instance_id = instance_id
-        self.on_abort = on_abort
         self.nixl = nixl
 
     def Handshake(self, request, context):
@@ -57,25 +56,30 @@ class KVReceiverService(kv_transfer_pb2_grpc.KVReceiverServicer):
                     request_id = self._first_chunk(chunk)
                     continue
                 if chunk.abort:
-                    self.on_abort(request_id, chunk.abort_reason or "aborted by the prefill worker")
+                    self._push_stopped(request_id, chunk.abort_reason or "aborted by the prefill worker")
                     return kv_transfer_pb2.PushResult()
                 if chunk.commit:
-                    inbound = self.inbox.commit(request_id, chunk.first_token_id, _logprob(chunk))
-                    return kv_transfer_pb2.PushResult(bytes_received=inbound.bytes_received)
+                    received = self.inbox.commit(request_id, chunk.first_token_id, _logprob(chunk))
+                    return kv_transfer_pb2.PushResult(bytes_received=received)
                 self.inbox.write(request_id, chunk.layer, chunk.block_ids, chunk.data, chunk.checksum)
         except TransferError as exc:
             if request_id is not None and exc.code != "NOT_FOUND":
-                self.on_abort(request_id, str(exc))
+                self._push_stopped(request_id, str(exc))
             context.abort(getattr(grpc.StatusCode, exc.code), str(exc))
         except grpc.RpcError:
             # The stream broke (sender gone, or a message over the size limit): nobody will commit.
             if request_id is not None:
-                self.on_abort(request_id, "the KV stream broke before a commit")
+                self._push_stopped(request_id, "the KV stream broke before a commit")
             raise
         # The stream ended without a commit: the sender gave up.
         if request_id is not None:
-            self.on_abort(request_id, "prefill worker closed the KV stream without committing")
+            self._push_stopped(request_id, "prefill worker closed the KV stream without committing")
         context.abort(grpc.StatusCode.CANCELLED, "KV stream ended without a commit")
+
+    def _push_stopped(self, request_id: str, reason: str) -> None:
+        # A push stream speaks for the gRPC data path only: on a NIXL receiver the sender's WRITEs
+        # may still be on their way, whatever happens to a stream.
+        self.inbox.abort(request_id, reason, sender_stopped=self.nixl is None)
 
     def _first_chunk(self, chunk) -> str:
         if not chunk.request_id:
@@ -97,13 +101,13 @@ class KVReceiverService(kv_transfer_pb2_grpc.KVReceiverServicer):
             )
         try:
             if request.abort:
-                self.on_abort(request.request_id, request.abort_reason or "aborted by the prefill worker")
+                self.inbox.abort(request.request_id, request.abort_reason or "aborted by the prefill worker")
                 return kv_transfer_pb2.CommitResponse()
             self._wait_for_layers(request.request_id)
             self.inbox.commit(request.request_id, request.first_token_id, _logprob(request))
         except TransferError as exc:
             if exc.code != "NOT_FOUND":
-                self.on_abort(request.request_id, str(exc))
+                self.inbox.abort(request.request_id, str(exc))
             context.abort(getattr(grpc.StatusCode, exc.code), str(exc))
         return kv_transfer_pb2.CommitResponse()
 

@@ -3,11 +3,23 @@
 Contract of an OutboundSession (one request's KV on its way to a decode worker):
 - ``push_layer`` runs on the engine thread right after a layer was computed. It never waits on
   the network: gRPC copies the regions into a message and queues it; NIXL posts a WRITE.
+- ``push_layer``'s ``ready`` (engine/layer_ready.py) completes behind the layer's K/V writes: the
+  session reads those regions only once ``ready`` completed, and never waits for it on the engine
+  thread or the compute stream. A ``ready`` already complete (CPU) is read at once; otherwise the
+  read moves to the session's own thread (``synchronize``) or a side stream (``wait_event``), and
+  then ``reads_after_push`` is True. Callers outside an engine step may leave it out (``COMPLETED``).
 - ``commit`` / ``abort`` run on the request's RPC thread, after the first token is known.
 - ``failed`` is set (with a reason) as soon as the receiver refused or vanished; later pushes
   are dropped, and the prefill worker aborts the request.
-- ``release`` returns once this worker's memory is no longer read by the transfer; the
-  prefill worker calls it before blocks of a finished request can be reused.
+- ``commit`` and ``abort`` are sent only once every write of the session is final: the receiver
+  takes either (and the end of a push stream) as the sender's word that it writes no more into
+  the reservation, and may free the blocks on it.
+- ``reads_after_push``: False when ``push_layer`` copies the regions before it returns (gRPC);
+  True when the transfer reads the pool later (NIXL). Then the prefill worker keeps a reference
+  on the source blocks until ``release`` returned — on an RPC thread, never the engine thread.
+- ``release`` returns once this worker's memory is no longer read by the transfer (it waits, and
+  aborts writes still in flight at the timeout). ``close`` first refuses any later push, then
+  releases: after it, the session never reads the pool again.
 """
 
 from __future__ import annotations
@@ -21,6 +33,7 @@ from dataclasses import dataclass
 import grpc
 
 from engine.kv_cache import PagedKVCache
+from engine.layer_ready import COMPLETED, LayerReady
 from kv_transfer.errors import TransferError
 from kv_transfer.layout import layout_mismatch
 from protos import common_pb2, decode_pb2, kv_transfer_pb2, kv_transfer_pb2_grpc
@@ -38,10 +51,13 @@ def channel_options() -> list[tuple[str, int]]:
 
 
 class OutboundSession(ABC):
+    reads_after_push = False
+
     def __init__(self, request_id: str, ticket: decode_pb2.Ticket) -> None:
         self.request_id = request_id
         self.ticket = ticket
         self.failed: str | None = None
+        self.closed = False  # set by close(): later pushes are dropped
         self.bytes_sent = 0
         self._deadline = ticket.lease_deadline_unix_ms / 1000.0 - LEASE_MARGIN_S
 
@@ -56,7 +72,12 @@ class OutboundSession(ABC):
 
     @abstractmethod
     def push_layer(
-        self, cache: PagedKVCache, layer: int, src_blocks: Sequence[int], dst_blocks: Sequence[int]
+        self,
+        cache: PagedKVCache,
+        layer: int,
+        src_blocks: Sequence[int],
+        dst_blocks: Sequence[int],
+        ready: LayerReady = COMPLETED,
     ) -> None: ...
 
     @abstractmethod
@@ -68,6 +89,10 @@ class OutboundSession(ABC):
 
     def release(self, timeout: float) -> None:
         """Default: data was copied at push time, nothing of ours is read later."""
+
+    def close(self, timeout: float) -> None:
+        self.closed = True
+        self.release(timeout)
 
 
 @dataclass

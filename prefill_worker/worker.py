@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import grpc
 
+from contract.sampling import SamplingParams
 from engine.config import EngineConfig
 from engine.engine import Engine
 from engine.errors import EngineError, InvalidRequestError
@@ -25,7 +26,7 @@ from kv_transfer.errors import TransferError
 from kv_transfer.grpc_transport import GrpcKVSender
 from kv_transfer.sender import KVSender, OutboundSession
 from protos import common_pb2, prefill_pb2, prefill_pb2_grpc
-from worker_server.base import WorkerBase, abort_on_error, logprob_to_wire, sampling_params_from_wire
+from worker_server.base import WorkerBase, abort_on_error, logprob_to_wire
 
 log = logging.getLogger(__name__)
 
@@ -65,10 +66,14 @@ class PrefillWorker(WorkerBase, prefill_pb2_grpc.PrefillWorkerServicer):
         self.push_mode = push_mode
         self.sender = self._make_sender(transport, verify_checksums)
         self._outbound: dict[str, Outbound] = {}  # engine thread only
+        # Engine thread only: per request, source blocks a transport may still read (one reference
+        # each push), dropped when the Prefill RPC learnt the transport stopped reading (_transfer_done).
+        self._source_refs: dict[str, list[int]] = {}
 
     def _make_sender(self, transport: str, verify: bool) -> KVSender:
         if transport == "grpc":
-            return GrpcKVSender(self.layout, self.worker_id, verify=verify)
+            staged = self.engine.kv_cache.data.is_cuda  # stage VRAM through pinned host buffers
+            return GrpcKVSender(self.layout, self.worker_id, verify=verify, staged=staged)
         if transport == "nixl":
             from kv_transfer.nixl_transport import NixlKVSender
 
@@ -90,7 +95,7 @@ class PrefillWorker(WorkerBase, prefill_pb2_grpc.PrefillWorkerServicer):
         try:
             if not request.HasField("ticket"):
                 raise InvalidRequestError("a prefill needs the decode worker's ticket")
-            params = dataclasses.replace(sampling_params_from_wire(request.params), max_tokens=1)
+            params = dataclasses.replace(SamplingParams.from_wire(request.params), max_tokens=1)
             self.sender.peer(request.ticket)  # handshake first: a layout mismatch explains a block-count mismatch
             expected_blocks = -(-len(request.prompt_token_ids) // self.config.block_size)
             if len(request.ticket.block_ids) != expected_blocks:
@@ -113,6 +118,9 @@ class PrefillWorker(WorkerBase, prefill_pb2_grpc.PrefillWorkerServicer):
                 self.counters.add(kv_transfers_failed=1)
                 self._cancel(request.request_id, session, str(exc))
             abort_on_error(context, exc)
+        finally:
+            if session is not None:
+                self._transfer_done(request.request_id, session)
         done = time.perf_counter()
         self.counters.add(
             kv_transfers_completed=1,
@@ -169,9 +177,24 @@ class PrefillWorker(WorkerBase, prefill_pb2_grpc.PrefillWorkerServicer):
     def transfer_state(self) -> tuple[int, int]:
         return self.loop.call(lambda engine: len(self._outbound)), 0
 
+    def _transfer_done(self, request_id: str, session: OutboundSession) -> None:
+        """RPC thread, once the request's transfer ended either way: wait (here, never on the engine
+        thread) until the transport reads none of our blocks, then let the engine thread drop the
+        references that kept them."""
+        session.close(RELEASE_TIMEOUT_S)
+        if session.reads_after_push:
+            self.loop.submit(lambda engine: self._drop_source_refs(engine, request_id))
+
+    def _drop_source_refs(self, engine: Engine, request_id: str) -> None:
+        self._outbound.pop(request_id, None)  # nothing more is pushed for it, so nothing more is held
+        held = self._source_refs.pop(request_id, [])
+        if held:
+            engine.allocator.free(held)
+
     # -- engine-thread hooks ----------------------------------------------------------------------
 
-    def on_layer_done(self, plan, layer: int) -> None:
+    def on_layer_done(self, plan, layer: int, ready) -> None:
+        """``ready`` completes behind this layer's K/V writes, so behind every earlier layer's too."""
         bs = self.config.block_size
         for chunk in plan.chunks:
             outbound = self._outbound.get(chunk.request_id)
@@ -189,19 +212,17 @@ class PrefillWorker(WorkerBase, prefill_pb2_grpc.PrefillWorkerServicer):
             for pushed in layers:
                 first = outbound.sent[pushed]
                 if last > first:
+                    src = chunk.block_ids[first:last]
+                    if outbound.session.reads_after_push:  # the request may end before the transport read them
+                        self.engine.allocator.acquire(src)
+                        self._source_refs.setdefault(chunk.request_id, []).extend(src)
                     dst = outbound.session.ticket.block_ids[first:last]
-                    outbound.session.push_layer(self.engine.kv_cache, pushed, chunk.block_ids[first:last], dst)
+                    outbound.session.push_layer(self.engine.kv_cache, pushed, src, dst, ready)
                     outbound.sent[pushed] = last
 
     def after_step(self, engine: Engine, outputs: list[RequestOutput]) -> None:
-        """Blocks of finished requests may be reused by the next step: wait until no transfer reads them."""
+        """A finished request's blocks may be reused at once: those a transport still reads carry an
+        extra reference (``_source_refs``) until the transport is done with them."""
         for output in outputs:
-            if not output.finished:
-                continue
-            outbound = self._outbound.pop(output.request_id, None)
-            if outbound is None:
-                continue
-            try:
-                outbound.session.release(RELEASE_TIMEOUT_S)
-            except TransferError as exc:
-                outbound.session.fail(str(exc))
+            if output.finished:
+                self._outbound.pop(output.request_id, None)

@@ -85,8 +85,32 @@ class KVLayout(_message.Message):
     layout: str
     def __init__(self, protocol_version: _Optional[int] = ..., model_fingerprint: _Optional[str] = ..., dtype: _Optional[str] = ..., block_size: _Optional[int] = ..., num_layers: _Optional[int] = ..., num_kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., layout: _Optional[str] = ...) -> None: ...
 
+class ModelCard(_message.Message):
+    __slots__ = ("served_model_name", "source", "weights_fingerprint", "tokenizer_fingerprint", "chat_template_fingerprint", "dtype", "block_size", "max_model_len", "vocab_size", "protocol_version")
+    SERVED_MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    TOKENIZER_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    CHAT_TEMPLATE_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
+    MAX_MODEL_LEN_FIELD_NUMBER: _ClassVar[int]
+    VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    served_model_name: str
+    source: str
+    weights_fingerprint: str
+    tokenizer_fingerprint: str
+    chat_template_fingerprint: str
+    dtype: str
+    block_size: int
+    max_model_len: int
+    vocab_size: int
+    protocol_version: int
+    def __init__(self, served_model_name: _Optional[str] = ..., source: _Optional[str] = ..., weights_fingerprint: _Optional[str] = ..., tokenizer_fingerprint: _Optional[str] = ..., chat_template_fingerprint: _Optional[str] = ..., dtype: _Optional[str] = ..., block_size: _Optional[int] = ..., max_model_len: _Optional[int] = ..., vocab_size: _Optional[int] = ..., protocol_version: _Optional[int] = ...) -> None: ...
+
 class WorkerStats(_message.Message):
-    __slots__ = ("worker_id", "role", "kv_blocks_total", "kv_blocks_used", "kv_blocks_free", "kv_blocks_cached", "running", "waiting", "waiting_for_kv", "transfers_in_flight", "leases_expired", "prefix_hit_tokens", "prompt_tokens", "block_size", "draining", "transport", "kv_transfer_bytes", "kv_transfers_completed", "kv_transfers_failed", "kv_transfer_seconds", "generated_tokens", "requests_finished")
+    __slots__ = ("worker_id", "role", "kv_blocks_total", "kv_blocks_used", "kv_blocks_free", "kv_blocks_cached", "running", "waiting", "waiting_for_kv", "transfers_in_flight", "leases_expired", "prefix_hit_tokens", "prompt_tokens", "block_size", "draining", "transport", "kv_transfer_bytes", "kv_transfers_completed", "kv_transfers_failed", "kv_transfer_seconds", "generated_tokens", "requests_finished", "model_card")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     KV_BLOCKS_TOTAL_FIELD_NUMBER: _ClassVar[int]
@@ -109,6 +133,7 @@ class WorkerStats(_message.Message):
     KV_TRANSFER_SECONDS_FIELD_NUMBER: _ClassVar[int]
     GENERATED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     REQUESTS_FINISHED_FIELD_NUMBER: _ClassVar[int]
+    MODEL_CARD_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     role: str
     kv_blocks_total: int
@@ -131,7 +156,8 @@ class WorkerStats(_message.Message):
     kv_transfer_seconds: float
     generated_tokens: int
     requests_finished: int
-    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[str] = ..., kv_blocks_total: _Optional[int] = ..., kv_blocks_used: _Optional[int] = ..., kv_blocks_free: _Optional[int] = ..., kv_blocks_cached: _Optional[int] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., waiting_for_kv: _Optional[int] = ..., transfers_in_flight: _Optional[int] = ..., leases_expired: _Optional[int] = ..., prefix_hit_tokens: _Optional[int] = ..., prompt_tokens: _Optional[int] = ..., block_size: _Optional[int] = ..., draining: _Optional[bool] = ..., transport: _Optional[str] = ..., kv_transfer_bytes: _Optional[int] = ..., kv_transfers_completed: _Optional[int] = ..., kv_transfers_failed: _Optional[int] = ..., kv_transfer_seconds: _Optional[float] = ..., generated_tokens: _Optional[int] = ..., requests_finished: _Optional[int] = ...) -> None: ...
+    model_card: ModelCard
+    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[str] = ..., kv_blocks_total: _Optional[int] = ..., kv_blocks_used: _Optional[int] = ..., kv_blocks_free: _Optional[int] = ..., kv_blocks_cached: _Optional[int] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., waiting_for_kv: _Optional[int] = ..., transfers_in_flight: _Optional[int] = ..., leases_expired: _Optional[int] = ..., prefix_hit_tokens: _Optional[int] = ..., prompt_tokens: _Optional[int] = ..., block_size: _Optional[int] = ..., draining: _Optional[bool] = ..., transport: _Optional[str] = ..., kv_transfer_bytes: _Optional[int] = ..., kv_transfers_completed: _Optional[int] = ..., kv_transfers_failed: _Optional[int] = ..., kv_transfer_seconds: _Optional[float] = ..., generated_tokens: _Optional[int] = ..., requests_finished: _Optional[int] = ..., model_card: _Optional[_Union[ModelCard, _Mapping]] = ...) -> None: ...
 
 class KVEvent(_message.Message):
     __slots__ = ("event_id", "kind", "block_hashes")

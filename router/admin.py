@@ -45,11 +45,23 @@ def install_admin(app: FastAPI, frontend: Frontend, control: ControlPlane | None
     async def status() -> dict:
         routers = {"router": {"running": frontend.admission.running, "queued": frontend.admission.waiting}}
         known = [
-            {"address": w.address, "role": w.role, "healthy": w.healthy, "draining": w.draining, "active": w.active}
+            {
+                "address": w.address,
+                "role": w.role,
+                "healthy": w.healthy,
+                "draining": w.draining,
+                "active": w.active,
+                "incompatible": w.incompatible.reason if w.incompatible else None,
+            }
             for w in frontend.pool.workers.values()
         ]
         cluster = await control.status() if control is not None else None
-        return {"cluster": cluster, "router": routers["router"], "router_view": known}
+        return {
+            "cluster": cluster,
+            "router": routers["router"],
+            "model": frontend.model.describe(),
+            "router_view": known,
+        }
 
     @app.post("/admin/scale")
     async def scale(body: ScaleBody, request: Request):

@@ -8,8 +8,10 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class RouterConfig:
-    model: str = "demo"  # preset or model directory: the router loads only its config and tokenizer
-    served_model_name: str | None = None  # the name clients use; default: the model's
+    # Preset or model directory: the router loads its config and tokenizer (and fingerprints its weights,
+    # if there) and checks every worker's model card against it. None: adopt the workers' card.
+    model: str | None = None
+    served_model_name: str | None = None  # the name clients use; default: the model card's
     prefill_addresses: tuple[str, ...] = ()
     decode_addresses: tuple[str, ...] = ()
     host: str = "127.0.0.1"
@@ -18,7 +20,7 @@ class RouterConfig:
     api_keys: tuple[str, ...] = ()  # empty: no authentication
     max_body_bytes: int = 4 * 1024 * 1024
     request_timeout_s: float = 600.0
-    max_model_len: int | None = None  # default: the model's context length
+    max_model_len: int | None = None  # lowers the model card's max_model_len (never raises it)
     # admission: requests beyond max_running wait in a queue of max_queued; beyond that, 429
     max_running: int = 256
     max_queued: int = 512
@@ -28,7 +30,6 @@ class RouterConfig:
     kv_weight: float = 1.0  # w in: cost(P) = w * uncached prompt blocks on P + active load of P
     local_prefill_threshold: int = 128  # uncached prompt tokens on D below which D prefills itself
     prefill_saturation: int = 8  # in-flight prefills per worker at which the pool counts as saturated
-    block_size: int = 16
     # failures
     prefill_timeout_s: float = 60.0
     prefill_retries: int = 2
@@ -44,6 +45,8 @@ class RouterConfig:
             raise ValueError(f"routing_policy must be kv_aware or load, got {self.routing_policy!r}")
         if self.lease_policy not in ("recompute", "fail"):
             raise ValueError(f"lease_policy must be recompute or fail, got {self.lease_policy!r}")
+        if self.max_model_len is not None and self.max_model_len < 1:
+            raise ValueError(f"max_model_len must be at least 1, got {self.max_model_len}")
 
 
 def api_keys_from_env(configured: tuple[str, ...]) -> tuple[str, ...]:

@@ -276,7 +276,8 @@ class Dashboard:
         slo = self._slo(cluster)
         return {
             "at": time.time(),
-            "model": self.frontend.model_name,
+            "model": self.frontend.model.describe()["name"],  # None until the router knows the model
+            "model_refusal": self.frontend.model.refusal,
             "transport": (cluster or {}).get("transport"),
             "control": self.control is not None,
             "control_error": control_error,
@@ -380,6 +381,7 @@ def cluster_topology(cluster: dict, pool: WorkerPool) -> dict:
                 "node": record.get("node_id") or "",
                 "restarts": record.get("restarts", 0),
                 "active": handle.active if handle is not None else 0,
+                "incompatible": _incompatible(handle),
                 **_load_and_kv(stats),
             }
         )
@@ -410,6 +412,7 @@ def pool_topology(pool: WorkerPool) -> dict:
                 "node": handle.address.rsplit(":", 1)[0],
                 "restarts": 0,
                 "active": handle.active,
+                "incompatible": _incompatible(handle),
                 **_load_and_kv(_stats_of(handle)),
             }
         )
@@ -424,6 +427,11 @@ def pool_topology(pool: WorkerPool) -> dict:
         for role in ("prefill", "decode")
     }
     return {"pools": pools, "nodes": _nodes(workers), "workers": workers}
+
+
+def _incompatible(handle: WorkerHandle | None) -> str | None:
+    """Why this router does not route to the worker although it may be healthy (its model card disagrees)."""
+    return handle.incompatible.reason if handle is not None and handle.incompatible else None
 
 
 def _stats_of(handle: WorkerHandle) -> dict:

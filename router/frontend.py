@@ -6,16 +6,14 @@ import asyncio
 import contextlib
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 
+from contract.sampling import SamplingParams, check_text, check_token_ids
 from engine.errors import InvalidRequestError
-from engine.presets import load_model_tokenizer, resolve_model_config
-from engine.sampling_params import MAX_TOP_LOGPROBS
 from engine.tokenizer import Tokenizer
-from protos import common_pb2
 from router.config import RouterConfig
 from router.metrics import RouterMetrics
 from router.orchestrator import Delta, GenerationError, GenerationRequest, Orchestrator
+from router.served_model import ModelBinding
 from router.workers import WorkerPool
 
 
@@ -59,49 +57,47 @@ class Admission:
             self._slots.release()
 
 
-@dataclass(frozen=True)
-class SamplingInput:
-    """Sampling fields as the public APIs take them, before validation."""
-
-    max_tokens: int | None
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = -1
-    min_p: float = 0.0
-    seed: int | None = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    repetition_penalty: float = 1.0
-    stop: tuple[str, ...] = ()
-    stop_token_ids: tuple[int, ...] = ()
-    ignore_eos: bool = False
-    logprobs: int | None = None
-
-
 class Frontend:
     def __init__(self, config: RouterConfig, pool: WorkerPool) -> None:
         self.config = config
         self.pool = pool
-        model_config = resolve_model_config(config.model)
-        self.tokenizer: Tokenizer = load_model_tokenizer(config.model, model_config)
-        self.vocab_size = model_config.vocab_size
-        self.max_model_len = min(config.max_model_len or model_config.max_context, model_config.max_context)
-        self.model_name = config.served_model_name or config.model
+        self.model = ModelBinding(config)  # which model is served: tokenizer, limits, block size
+        pool.check_card = self.model.check
         self.metrics = RouterMetrics()
         self.metrics.watch_pool(pool)
-        self.orchestrator = Orchestrator(config, pool, self.tokenizer, self.metrics)
+        self.orchestrator = Orchestrator(config, pool, self.model, self.metrics)
         self.admission = Admission(config.max_running, config.max_queued, config.queue_timeout_s, self.metrics)
+
+    # Each of these is the served model card's; until there is one, GenerationError(503).
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        return self.model.require().tokenizer
+
+    @property
+    def vocab_size(self) -> int:
+        return self.model.require().vocab_size
+
+    @property
+    def max_model_len(self) -> int:
+        return self.model.require().max_model_len
+
+    @property
+    def model_name(self) -> str:
+        return self.model.require().name
 
     # -- input ------------------------------------------------------------------------------------
 
     def check_model(self, model: str | None) -> None:
+        """The first check of every request: 503 while no model is served, 404 for another model's name."""
+        self._check_decode_workers()
         if model and model != self.model_name:
             raise GenerationError(
                 f"The model `{model}` does not exist. Available: {self.model_name}", 404, "model_not_found"
             )
 
-    def encode_text(self, text: str) -> list[int]:
-        return self.tokenizer.encode(text)
+    def encode_text(self, text: str, field: str = "prompt") -> list[int]:
+        return self.tokenizer.encode(check_text(text, field))
 
     def encode_chat(self, messages: list[dict]) -> list[int]:
         try:
@@ -111,52 +107,35 @@ class Frontend:
         # Chat templates write their own BOS where the model wants one.
         return self.tokenizer.encode(rendered, add_special_tokens=False)
 
-    def build(
-        self, prompt_ids: list[int], sampling: SamplingInput, default_max_tokens: int | None
-    ) -> GenerationRequest:
-        """Validates a prompt and its sampling fields; GenerationError(400) names the first problem."""
+    def room(self, prompt_ids: list[int]) -> int:
+        """How many tokens may follow ``prompt_ids``; GenerationError(400) or FieldError if it is bad or too long."""
         if not prompt_ids:
             raise _bad("prompt must not be empty", "prompt")
-        if any(not 0 <= t < self.vocab_size for t in prompt_ids):
-            raise _bad(f"prompt token ids must be in [0, {self.vocab_size})", "prompt")
+        check_token_ids(prompt_ids, self.vocab_size, "prompt")
         room = self.max_model_len - len(prompt_ids)
-        if room < 1:  # checked first: otherwise the default max_tokens (room) reads as a max_tokens error
+        if room < 1:
             raise GenerationError(
                 f"This model's maximum context length is {self.max_model_len} tokens. However, your prompt has "
                 f"{len(prompt_ids)} tokens, which leaves no room for the completion.",
                 400,
                 "context_length_exceeded",
             )
-        max_tokens = sampling.max_tokens if sampling.max_tokens is not None else (default_max_tokens or room)
-        if max_tokens < 1:
-            raise _bad("max_tokens must be at least 1", "max_tokens")
-        if max_tokens > room:
+        return room
+
+    def build(self, prompt_ids: list[int], params: SamplingParams) -> GenerationRequest:
+        """Checks what the record cannot alone (the prompt, the context, the vocabulary); GenerationError(400)
+        or FieldError names the first problem."""
+        room = self.room(prompt_ids)
+        if params.max_tokens > room:
             raise GenerationError(
                 f"This model's maximum context length is {self.max_model_len} tokens. However, you requested "
-                f"{len(prompt_ids) + max_tokens} tokens ({len(prompt_ids)} in the prompt, {max_tokens} for "
-                "the completion).",
+                f"{len(prompt_ids) + params.max_tokens} tokens ({len(prompt_ids)} in the prompt, {params.max_tokens} "
+                "for the completion).",
                 400,
                 "context_length_exceeded",
             )
-        _check_range(sampling)
-        params = common_pb2.SamplingParams(
-            max_tokens=max_tokens,
-            temperature=sampling.temperature,
-            top_p=sampling.top_p,
-            top_k=max(sampling.top_k, 0),
-            min_p=sampling.min_p,
-            presence_penalty=sampling.presence_penalty,
-            frequency_penalty=sampling.frequency_penalty,
-            repetition_penalty=sampling.repetition_penalty,
-            stop=sampling.stop,
-            stop_token_ids=sampling.stop_token_ids,
-            ignore_eos=sampling.ignore_eos,
-        )
-        if sampling.seed is not None:
-            params.seed = sampling.seed
-        if sampling.logprobs is not None:
-            params.logprobs = sampling.logprobs
-        return GenerationRequest(uuid.uuid4().hex, tuple(prompt_ids), params)
+        check_token_ids(params.stop_token_ids, self.vocab_size, "stop_token_ids")
+        return GenerationRequest(uuid.uuid4().hex, tuple(prompt_ids), params.to_wire())
 
     # -- output -----------------------------------------------------------------------------------
 
@@ -164,6 +143,7 @@ class Frontend:
         """Admission, then the orchestrated deltas, under the per-request timeout."""
         async with self.admission.slot():
             if not self.pool.of_role("decode"):
+                self._check_decode_workers()  # names the incompatible workers, if that is why
                 raise Overloaded("no decode worker is ready", 503, retry_after=2)
             deadline = asyncio.get_running_loop().time() + self.config.request_timeout_s
             async with asyncio.timeout_at(deadline):
@@ -173,27 +153,14 @@ class Frontend:
     def token_text(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id], skip_special_tokens=False)
 
+    def _check_decode_workers(self) -> None:
+        """GenerationError(503) while no model is served, or when every decode worker serves another."""
+        mismatched = self.pool.incompatible("decode")
+        if mismatched and not self.pool.of_role("decode"):
+            reasons = "; ".join(f"{w.address}: {w.incompatible.reason}" for w in mismatched)
+            raise GenerationError(f"no decode worker serves this router's model — {reasons}", 503)
+        self.model.require()
+
 
 def _bad(message: str, param: str | None = None) -> GenerationError:
     return GenerationError(message, 400, "invalid_request_error", param)
-
-
-def _check_range(s: SamplingInput) -> None:
-    checks = [
-        (0.0 <= s.temperature <= 2.0, "temperature must be between 0 and 2", "temperature"),
-        (0.0 < s.top_p <= 1.0, "top_p must be in (0, 1]", "top_p"),
-        (s.top_k >= -1, "top_k must be -1 (off) or a positive integer", "top_k"),
-        (0.0 <= s.min_p <= 1.0, "min_p must be between 0 and 1", "min_p"),
-        (-2.0 <= s.presence_penalty <= 2.0, "presence_penalty must be between -2 and 2", "presence_penalty"),
-        (-2.0 <= s.frequency_penalty <= 2.0, "frequency_penalty must be between -2 and 2", "frequency_penalty"),
-        (0.0 < s.repetition_penalty <= 2.0, "repetition_penalty must be in (0, 2]", "repetition_penalty"),
-        (
-            s.logprobs is None or 0 <= s.logprobs <= MAX_TOP_LOGPROBS,
-            f"logprobs must be between 0 and {MAX_TOP_LOGPROBS}",
-            "logprobs",
-        ),
-        (len(s.stop) <= 16 and all(s.stop), "stop must be at most 16 non-empty strings", "stop"),
-    ]
-    for ok, message, param in checks:
-        if not ok:
-            raise _bad(message, param)

@@ -9,8 +9,10 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from contract.sampling import FIELDS as SAMPLING_FIELDS
+from contract.sampling import FieldError, SamplingParams
 from protos import generate_pb2, generate_pb2_grpc
-from router.frontend import Frontend, SamplingInput
+from router.frontend import Frontend
 from router.orchestrator import GenerationError
 
 _STATUS = {
@@ -20,6 +22,17 @@ _STATUS = {
     429: grpc.StatusCode.RESOURCE_EXHAUSTED,
     504: grpc.StatusCode.DEADLINE_EXCEEDED,
 }
+
+# Every field of every request message, honoured (tests/router/test_request_fields.py walks the protos and fails on a
+# field missing here). Nothing is refused: the messages carry only what the router implements.
+HONOURED: dict[str, frozenset[str]] = {
+    "CompletionRequest": frozenset({"model", "text", "token_ids", "chat", "params", "request_id"}),
+    "ChatMessages": frozenset({"messages"}),
+    "ChatMessage": frozenset({"role", "content"}),
+    "TokenIds": frozenset({"ids"}),
+    "SamplingParams": frozenset(SAMPLING_FIELDS),
+}
+DEFAULT_MAX_TOKENS = 16  # when params.max_tokens is 0 (unset)
 
 
 class GenerateService(generate_pb2_grpc.GenerateServicer):
@@ -35,7 +48,8 @@ class GenerateService(generate_pb2_grpc.GenerateServicer):
             )
         try:
             frontend.check_model(request.model)
-            job = frontend.build(self._prompt(request), _sampling(request), 16)
+            prompt = self._prompt(request)
+            job = frontend.build(prompt, SamplingParams.from_wire(request.params, DEFAULT_MAX_TOKENS))
             async for delta in frontend.stream(job):
                 chunk = generate_pb2.CompletionChunk(
                     request_id=request.request_id or job.request_id,
@@ -49,6 +63,8 @@ class GenerateService(generate_pb2_grpc.GenerateServicer):
                 yield chunk
         except GenerationError as exc:
             await context.abort(_STATUS.get(exc.status, grpc.StatusCode.UNAVAILABLE), str(exc))
+        except FieldError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except TimeoutError:
             await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "request timed out")
 
@@ -66,25 +82,6 @@ class GenerateService(generate_pb2_grpc.GenerateServicer):
         if kind == "chat":
             return self.frontend.encode_chat([{"role": m.role, "content": m.content} for m in request.chat.messages])
         raise GenerationError("the request needs text, token_ids or chat", 400, "invalid_request_error")
-
-
-def _sampling(request: generate_pb2.CompletionRequest) -> SamplingInput:
-    p = request.params
-    return SamplingInput(
-        max_tokens=p.max_tokens or None,
-        temperature=p.temperature,
-        top_p=p.top_p or 1.0,
-        top_k=p.top_k or -1,
-        min_p=p.min_p,
-        seed=p.seed if p.HasField("seed") else None,
-        presence_penalty=p.presence_penalty,
-        frequency_penalty=p.frequency_penalty,
-        repetition_penalty=p.repetition_penalty or 1.0,
-        stop=tuple(p.stop),
-        stop_token_ids=tuple(p.stop_token_ids),
-        ignore_eos=p.ignore_eos,
-        logprobs=p.logprobs if p.HasField("logprobs") else None,
-    )
 
 
 def create_grpc_server(frontend: Frontend, address: str, api_keys: tuple[str, ...] = ()) -> tuple[grpc.aio.Server, int]:

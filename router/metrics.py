@@ -9,6 +9,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 
 from protos.worker_metrics import worker_metrics
+from router.workers import INCOMPATIBLE_FIELDS
 
 LATENCY_BUCKETS = (
     0.005,
@@ -141,6 +142,17 @@ class _PoolCollector:
             up.add_metric([role, "up"], sum(1 for w in members if w.healthy))
             up.add_metric([role, "down"], sum(1 for w in members if not w.healthy))
         yield up
+        incompatible = GaugeMetricFamily(
+            "splitserve_incompatible_workers",
+            "Healthy workers not routed to because their model card disagrees with the router's, by pool and "
+            "by the card field that differs (a worker may count under several)",
+            labels=["role", "field"],
+        )
+        for role in ("prefill", "decode"):
+            for name in INCOMPATIBLE_FIELDS:
+                count = sum(1 for w in workers if w.role == role and w.incompatible and name in w.incompatible.fields)
+                incompatible.add_metric([role, name], count)
+        yield incompatible
         yield from worker_metrics(w.stats for w in workers if w.stats.worker_id)
 
 

@@ -11,6 +11,7 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 from fastapi import FastAPI, Request
@@ -18,23 +19,190 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from prometheus_client import generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, create_model, field_validator
+from pydantic_core import PydanticCustomError
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from router.frontend import Frontend, Overloaded, SamplingInput
+from contract.sampling import FIELDS as SAMPLING_FIELDS
+from contract.sampling import FieldError, SamplingParams, wrap_seed
+from router.frontend import Frontend, Overloaded
 from router.orchestrator import Delta, GenerationError, GenerationRequest
 
-# -- request bodies ---------------------------------------------------------------------------------
+# -- request bodies -----------------------------------------------------------------------------------
+#
+# Every field of every request model is honoured or refused (tests/router/test_request_fields.py walks the models
+# and fails on a field missing from these tables). Unknown fields are refused too (extra="forbid"), each with a
+# 400 naming it. Metadata fields are honoured as metadata: accepted, and they change nothing generated.
+
+_SAMPLING_HONOURED = frozenset(
+    {
+        "model",
+        "temperature",
+        "top_p",
+        "top_k",
+        "min_p",
+        "seed",
+        "stop",
+        "stop_token_ids",
+        "presence_penalty",
+        "frequency_penalty",
+        "repetition_penalty",
+        "n",
+        "stream",
+        "stream_options",
+        "ignore_eos",
+        "return_tokens_as_token_ids",
+        "user",
+    }
+)
+METADATA = frozenset({"user", "safety_identifier", "prompt_cache_key"})
+COMPLETION_HONOURED = _SAMPLING_HONOURED | {"prompt", "max_tokens", "logprobs"}
+CHAT_HONOURED = _SAMPLING_HONOURED | {
+    "messages",
+    "max_tokens",
+    "max_completion_tokens",
+    "logprobs",
+    "top_logprobs",
+    "safety_identifier",
+    "prompt_cache_key",
+}
+MESSAGE_HONOURED = frozenset({"role", "content"})
+STREAM_OPTIONS_HONOURED = frozenset({"include_usage"})
 
 
-class StreamOptions(BaseModel):
+@dataclass(frozen=True)
+class Refusal:
+    """A known field this server does not implement. Values in ``neutral`` ask for nothing and are accepted
+    (clients often send a field's default); any other value is a 400 naming the field."""
+
+    detail: str = ""
+    neutral: tuple = (None,)
+
+    def refuses(self, value: Any) -> bool:
+        return not any(type(value) is type(n) and value == n for n in self.neutral)
+
+
+_NOT_STRUCTURED = Refusal("structured output (guided decoding) is not implemented")
+_SAMPLING_REFUSED: dict[str, Refusal] = {
+    "logit_bias": Refusal(neutral=(None, {})),
+    "response_format": Refusal("structured output is not implemented", neutral=(None, {"type": "text"})),
+    "guided_json": _NOT_STRUCTURED,
+    "guided_regex": _NOT_STRUCTURED,
+    "guided_choice": _NOT_STRUCTURED,
+    "guided_grammar": _NOT_STRUCTURED,
+    "guided_decoding_backend": _NOT_STRUCTURED,
+    "guided_whitespace_pattern": _NOT_STRUCTURED,
+    "structural_tag": _NOT_STRUCTURED,
+    "use_beam_search": Refusal(neutral=(None, False)),
+    "length_penalty": Refusal(neutral=(None, 1, 1.0)),
+    "min_tokens": Refusal(neutral=(None, 0)),
+    "include_stop_str_in_output": Refusal(neutral=(None, False)),
+    "skip_special_tokens": Refusal(),
+    "spaces_between_special_tokens": Refusal(),
+    "truncate_prompt_tokens": Refusal(),
+    "prompt_logprobs": Refusal(),
+    "allowed_token_ids": Refusal(),
+    "bad_words": Refusal(neutral=(None, [])),
+    "logits_processors": Refusal(),
+    "add_special_tokens": Refusal(),
+    "priority": Refusal(neutral=(None, 0)),
+    "request_id": Refusal(),
+    "echo": Refusal(neutral=(None, False)),
+}
+COMPLETION_REFUSED: dict[str, Refusal] = {
+    **_SAMPLING_REFUSED,
+    "best_of": Refusal(neutral=(None, 1)),
+    "suffix": Refusal(neutral=(None, "")),
+}
+_NO_TOOLS = "tool and function calling is not implemented"
+CHAT_REFUSED: dict[str, Refusal] = {
+    **_SAMPLING_REFUSED,
+    "tools": Refusal(_NO_TOOLS, neutral=(None, [])),
+    "tool_choice": Refusal(_NO_TOOLS, neutral=(None, "none")),
+    "parallel_tool_calls": Refusal(_NO_TOOLS),
+    "functions": Refusal(_NO_TOOLS, neutral=(None, [])),
+    "function_call": Refusal(_NO_TOOLS, neutral=(None, "none")),
+    "audio": Refusal(),
+    "modalities": Refusal(neutral=(None, ["text"])),
+    "prediction": Refusal(),
+    "reasoning_effort": Refusal(),
+    "verbosity": Refusal(),
+    "web_search_options": Refusal(),
+    "store": Refusal("completions are not stored", neutral=(None, False)),
+    "metadata": Refusal("completions are not stored", neutral=(None, {})),
+    "service_tier": Refusal(neutral=(None, "auto", "default")),
+    "add_generation_prompt": Refusal("the assistant's turn is always opened", neutral=(None, True)),
+    "continue_final_message": Refusal(neutral=(None, False)),
+    "chat_template": Refusal("the model's own chat template is used"),
+    "chat_template_kwargs": Refusal(neutral=(None, {})),
+    "documents": Refusal(),
+    "mm_processor_kwargs": Refusal(),
+}
+MESSAGE_REFUSED: dict[str, Refusal] = {
+    "name": Refusal(),
+    "tool_calls": Refusal(_NO_TOOLS, neutral=(None, [])),
+    "tool_call_id": Refusal(_NO_TOOLS),
+    "function_call": Refusal(_NO_TOOLS),
+    "refusal": Refusal(),
+    "audio": Refusal(),
+    "reasoning_content": Refusal(),
+}
+STREAM_OPTIONS_REFUSED: dict[str, Refusal] = {"continuous_usage_stats": Refusal(neutral=(None, False))}
+
+
+class _Strict(BaseModel):
+    """Unknown fields are a 400; every string must be valid UTF-8 (JSON escapes can carry lone surrogates)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    @field_validator("*")
+    @classmethod
+    def _utf8(cls, value: Any, info: ValidationInfo) -> Any:
+        if not _valid_utf8(value):
+            raise PydanticCustomError("invalid_utf8", "{field} is not valid UTF-8", {"field": info.field_name})
+        return value
+
+
+def _valid_utf8(value: Any) -> bool:
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return False
+        return True
+    if isinstance(value, dict):
+        return all(_valid_utf8(k) and _valid_utf8(v) for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return all(_valid_utf8(v) for v in value)
+    return True
+
+
+def _refusing(name: str, base: type[BaseModel], refused: dict[str, Refusal]) -> type[BaseModel]:
+    """``base`` with the ``refused`` fields added: typed Any, so that any value reaches the refusal."""
+
+    def refuse(cls, value: Any, info: ValidationInfo) -> Any:
+        refusal = refused[info.field_name]
+        if refusal.refuses(value):
+            detail = f": {refusal.detail}" if refusal.detail else ""
+            raise PydanticCustomError(
+                "unsupported_field", "{field} is not supported{detail}", {"field": info.field_name, "detail": detail}
+            )
+        return value
+
+    return create_model(
+        name,
+        __base__=base,
+        __validators__={"_refuse": field_validator(*refused)(refuse)},
+        **{field: (Any, None) for field in refused},
+    )
+
+
+class StreamOptions(_refusing("_StreamOptionsRefused", _Strict, STREAM_OPTIONS_REFUSED)):
     include_usage: bool = False
 
 
-class _SamplingFields(BaseModel):
-    model_config = ConfigDict(extra="allow")  # unknown OpenAI fields are accepted and ignored
-
+class _SamplingFields(_Strict):
     model: str | None = None
     temperature: float = 1.0
     top_p: float = 1.0
@@ -53,42 +221,22 @@ class _SamplingFields(BaseModel):
     user: str | None = None
     return_tokens_as_token_ids: bool = False  # vLLM's extension: logprob tokens as "token_id:N"
 
-    def sampling(self, max_tokens: int | None, logprobs: int | None) -> SamplingInput:
-        stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
-        return SamplingInput(
-            max_tokens=max_tokens,
-            temperature=self.temperature,
-            top_p=self.top_p,
-            top_k=self.top_k,
-            min_p=self.min_p,
-            seed=self.seed,
-            presence_penalty=self.presence_penalty,
-            frequency_penalty=self.frequency_penalty,
-            repetition_penalty=self.repetition_penalty,
-            stop=stop,
-            stop_token_ids=tuple(self.stop_token_ids or ()),
-            ignore_eos=self.ignore_eos,
-            logprobs=logprobs,
-        )
+    def sampling(self, max_tokens: int, logprobs: int | None) -> SamplingParams:
+        """The sampling record; fields named as in the record pass through. FieldError names a bad one."""
+        if self.stream_options is not None and not self.stream:
+            raise FieldError("stream_options", "stream_options is only allowed when stream is true")
+        same = {name: getattr(self, name) for name in SAMPLING_FIELDS if name in type(self).model_fields}
+        same.update(stop=self.stop or (), stop_token_ids=tuple(self.stop_token_ids or ()))
+        return SamplingParams(**{**same, "max_tokens": max_tokens, "logprobs": logprobs})
 
 
-class CompletionBody(_SamplingFields):
+class CompletionBody(_refusing("_CompletionRefused", _SamplingFields, COMPLETION_REFUSED)):
     prompt: str | list[int] | list[str] | list[list[int]]
     max_tokens: int | None = 16
     logprobs: int | None = None
-    echo: bool = False
-
-    @field_validator("echo")
-    @classmethod
-    def _no_echo(cls, value: bool) -> bool:
-        if value:
-            raise ValueError("echo is not supported")
-        return value
 
 
-class ChatMessageBody(BaseModel):
-    model_config = ConfigDict(extra="allow")
-
+class ChatMessageBody(_refusing("_ChatMessageRefused", _Strict, MESSAGE_REFUSED)):
     role: Literal["system", "user", "assistant", "tool", "developer"]
     content: str | list[dict[str, Any]] | None = None
 
@@ -96,19 +244,21 @@ class ChatMessageBody(BaseModel):
         if isinstance(self.content, list):
             parts = []
             for part in self.content:
-                if part.get("type") != "text" or not isinstance(part.get("text"), str):
-                    raise ValueError("only text content parts are supported")
+                if part.get("type") != "text" or not isinstance(part.get("text"), str) or set(part) != {"type", "text"}:
+                    raise ValueError("only text content parts ({'type': 'text', 'text': ...}) are supported")
                 parts.append(part["text"])
             return "".join(parts)
         return self.content or ""
 
 
-class ChatBody(_SamplingFields):
+class ChatBody(_refusing("_ChatRefused", _SamplingFields, CHAT_REFUSED)):
     messages: list[ChatMessageBody] = Field(min_length=1)
     max_tokens: int | None = None
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = None
+    safety_identifier: str | None = None
+    prompt_cache_key: str | None = None  # a hint: prefixes are cached whether or not it is given
 
 
 # -- the app ------------------------------------------------------------------------------------------
@@ -129,12 +279,18 @@ def create_app(frontend: Frontend, api_keys: tuple[str, ...] = ()) -> FastAPI:
     @app.get("/ready")
     async def ready():
         decodes = frontend.pool.of_role("decode")
+        ready = bool(decodes) and frontend.model.served is not None
         body = {
-            "ready": bool(decodes),
+            "ready": ready,
             "decode_workers": len(decodes),
             "prefill_workers": len(frontend.pool.of_role("prefill")),
+            "model": frontend.model.describe(),
+            "incompatible_workers": [
+                {"address": w.address, "role": w.role, "reason": w.incompatible.reason, "fields": w.incompatible.fields}
+                for w in frontend.pool.incompatible()
+            ],
         }
-        return JSONResponse(body, status_code=200 if decodes else 503)
+        return JSONResponse(body, status_code=200 if ready else 503)
 
     @app.get("/metrics")
     async def metrics() -> PlainTextResponse:
@@ -161,10 +317,10 @@ def create_app(frontend: Frontend, api_keys: tuple[str, ...] = ()) -> FastAPI:
         prompts = _completion_prompts(frontend, body.prompt)
         if body.stream and len(prompts) > 1:
             raise GenerationError("streaming supports a single prompt", 400, "invalid_request_error", "prompt")
-        jobs = [
-            frontend.build(p, body.sampling(body.max_tokens, body.logprobs), 16) for p in prompts for _ in range(body.n)
-        ]
-        return await _respond(request, frontend, body, _seeded(jobs, body.seed), "text_completion", "cmpl")
+        params = body.sampling(16 if body.max_tokens is None else body.max_tokens, body.logprobs)
+        choices = [p for p in prompts for _ in range(body.n)]
+        jobs = [frontend.build(p, choice) for p, choice in zip(choices, _seeded(params, len(choices)))]
+        return await _respond(request, frontend, body, jobs, "text_completion", "cmpl")
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatBody, request: Request):
@@ -180,8 +336,9 @@ def create_app(frontend: Frontend, api_keys: tuple[str, ...] = ()) -> FastAPI:
                 "top_logprobs requires logprobs to be true", 400, "invalid_request_error", "top_logprobs"
             )
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-        jobs = [frontend.build(prompt, body.sampling(max_tokens, logprobs), None) for _ in range(body.n)]
-        return await _respond(request, frontend, body, _seeded(jobs, body.seed), "chat.completion", "chatcmpl")
+        params = body.sampling(frontend.room(prompt) if max_tokens is None else max_tokens, logprobs)
+        jobs = [frontend.build(prompt, choice) for choice in _seeded(params, body.n)]
+        return await _respond(request, frontend, body, jobs, "chat.completion", "chatcmpl")
 
     return app
 
@@ -200,17 +357,11 @@ def _completion_prompts(frontend: Frontend, prompt) -> list[list[int]]:
     )
 
 
-def _seeded(jobs: list[GenerationRequest], seed: int | None) -> list[GenerationRequest]:
+def _seeded(params: SamplingParams, choices: int) -> list[SamplingParams]:
     """n > 1 with a seed: each choice gets its own seed, so the choices differ yet reproduce."""
-    if seed is None or len(jobs) < 2:
-        return jobs
-    seeded = []
-    for index, job in enumerate(jobs):
-        params = type(job.params)()
-        params.CopyFrom(job.params)
-        params.seed = seed + index
-        seeded.append(GenerationRequest(job.request_id, job.prompt_token_ids, params))
-    return seeded
+    if params.seed is None or choices < 2:
+        return [params] * choices
+    return [replace(params, seed=wrap_seed(params.seed + index)) for index in range(choices)]
 
 
 # -- responses ----------------------------------------------------------------------------------------
@@ -445,7 +596,13 @@ def _chat_logprobs(token_text, logprobs) -> dict:
 
 def _error_body(exc: GenerationError) -> dict:
     kind = "invalid_request_error" if exc.status < 500 else "server_error"
-    return {"error": {"message": str(exc), "type": kind, "param": exc.param, "code": exc.code}}
+    param = _printable(exc.param) if exc.param is not None else None
+    return {"error": {"message": _printable(str(exc)), "type": kind, "param": param, "code": exc.code}}
+
+
+def _printable(text: str) -> str:
+    """``text`` as valid UTF-8: a lone surrogate from the request (say, in an unknown field's name) is escaped."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def error_response(
@@ -467,7 +624,17 @@ def _install_errors(app: FastAPI) -> None:
             return error_response("We could not parse the JSON body of your request.", 400, "invalid_json")
         location = [str(part) for part in first.get("loc", ()) if part != "body"]
         param = ".".join(location) or None
+        if first.get("type") == "extra_forbidden":
+            return error_response(
+                f"Unrecognized request argument supplied: {param}", 400, "invalid_request_error", param
+            )
+        if first.get("type") in ("unsupported_field", "invalid_utf8"):
+            return error_response(first["msg"], 400, "invalid_request_error", param)
         return error_response(f"{param + ': ' if param else ''}{first.get('msg')}", 400, "invalid_request_error", param)
+
+    @app.exception_handler(FieldError)
+    async def field_error(request: Request, exc: FieldError):
+        return error_response(str(exc), 400, "invalid_request_error", exc.field)
 
     @app.exception_handler(ValidationError)
     async def pydantic_error(request: Request, exc: ValidationError):

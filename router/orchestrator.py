@@ -17,16 +17,20 @@ import random
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import grpc
 
 from engine.block_manager import compute_block_hashes
-from engine.tokenizer import IncrementalDetokenizer, Tokenizer
+from engine.tokenizer import IncrementalDetokenizer
 from protos import common_pb2, decode_pb2, prefill_pb2
 from router.config import RouterConfig
 from router.metrics import RouterMetrics
 from router.routing import Decision, NoWorkerError, Route, prefill_cost, route
 from router.workers import WorkerHandle, WorkerPool
+
+if TYPE_CHECKING:
+    from router.served_model import ModelBinding, ServedModel
 
 log = logging.getLogger(__name__)
 
@@ -91,10 +95,10 @@ class _Progress:
 
 
 class Orchestrator:
-    def __init__(self, config: RouterConfig, pool: WorkerPool, tokenizer: Tokenizer, metrics: RouterMetrics) -> None:
+    def __init__(self, config: RouterConfig, pool: WorkerPool, model: ModelBinding, metrics: RouterMetrics) -> None:
         self.config = config
         self.pool = pool
-        self.tokenizer = tokenizer
+        self.model = model  # tokenizer and block size: the served model card's
         self.metrics = metrics
         self.on_route: Callable[[str, Route], None] | None = (
             None  # told each routing decision (the dashboard's activity log); must not block
@@ -103,14 +107,15 @@ class Orchestrator:
     async def generate(self, request: GenerationRequest) -> AsyncIterator[Delta]:
         """Deltas for one request; the last one carries finish_reason and usage."""
         progress = _Progress()
-        hashes = compute_block_hashes(request.prompt_token_ids, self.config.block_size)
+        served = self.model.require()
+        hashes = compute_block_hashes(request.prompt_token_ids, served.block_size)
         exclude: set[str] = set()
         force_local = False
         while True:
-            chosen = self._route(request, progress, hashes, exclude, force_local)
+            chosen = self._route(request, progress, hashes, served.block_size, exclude, force_local)
             try:
                 if chosen.decision is Decision.REMOTE_PREFILL:
-                    stream = self._remote(request, chosen, progress)
+                    stream = self._remote(request, chosen, progress, served)
                 else:
                     stream = self._local(request, chosen.decode, progress)
                 async for delta in stream:
@@ -134,12 +139,13 @@ class Orchestrator:
                     raise GenerationError(f"KV transfer did not complete in time: {exc}", 503) from exc
                 force_local = True
 
-    def _route(self, request, progress: _Progress, hashes, exclude: set[str], force_local: bool) -> Route:
+    def _route(
+        self, request, progress: _Progress, hashes, block_size: int, exclude: set[str], force_local: bool
+    ) -> Route:
         try:
             prompt_len = len(request.prompt_token_ids) + len(progress.tokens)
-            chosen = route(
-                self.pool.of_role("decode"), self.pool.of_role("prefill"), prompt_len, hashes, self.config, exclude
-            )
+            decodes, prefills = self.pool.of_role("decode"), self.pool.of_role("prefill")
+            chosen = route(decodes, prefills, prompt_len, hashes, block_size, self.config, exclude)
         except NoWorkerError as exc:
             raise GenerationError(str(exc), 503) from exc
         if (force_local or progress.tokens) and chosen.decision is Decision.REMOTE_PREFILL:
@@ -172,7 +178,9 @@ class Orchestrator:
         finally:
             decode.active -= 1
 
-    async def _remote(self, request: GenerationRequest, chosen: Route, progress: _Progress) -> AsyncIterator[Delta]:
+    async def _remote(
+        self, request: GenerationRequest, chosen: Route, progress: _Progress, served: ServedModel
+    ) -> AsyncIterator[Delta]:
         decode, prefill = chosen.decode, chosen.prefill
         tried: set[str] = set()
         for attempt in range(self.config.prefill_retries + 1):
@@ -188,7 +196,7 @@ class Orchestrator:
                     decode_call.cancel()
                     asyncio.ensure_future(self._abort(decode, worker_id))
                     tried.add(prefill.address)
-                    prefill = self._another_prefill(request, tried)
+                    prefill = self._another_prefill(request, tried, served.block_size)
                     if prefill is None:
                         break
                     self.metrics.prefill_retries.inc()
@@ -197,7 +205,7 @@ class Orchestrator:
                 progress.cached_tokens = first.num_cached_tokens
                 self.metrics.kv_transfer_seconds.labels(ticket.transport).observe(first.exposed_transfer_ms / 1000.0)
                 self.metrics.kv_transfer_bytes.labels(ticket.transport).inc(first.kv_bytes_sent)
-                first_delta = self._first_delta(first, request)
+                first_delta = self._first_delta(first, request, served)
                 yield first_delta
                 async for delta in self._decode_stream(
                     decode, decode_call, skip_first=True, first_text_sent=bool(first_delta.text)
@@ -255,18 +263,20 @@ class Orchestrator:
         finally:
             prefill.active -= 1
 
-    def _another_prefill(self, request: GenerationRequest, tried: set[str]) -> WorkerHandle | None:
-        hashes = compute_block_hashes(request.prompt_token_ids, self.config.block_size)
+    def _another_prefill(self, request: GenerationRequest, tried: set[str], block_size: int) -> WorkerHandle | None:
+        hashes = compute_block_hashes(request.prompt_token_ids, block_size)
         candidates = [p for p in self.pool.of_role("prefill") if p.address not in tried]
         if not candidates:
             return None
-        blocks = -(-len(request.prompt_token_ids) // self.config.block_size)
+        blocks = -(-len(request.prompt_token_ids) // block_size)
         return min(candidates, key=lambda p: (prefill_cost(p, hashes, blocks, self.config), random.random()))
 
-    def _first_delta(self, first: prefill_pb2.PrefillResponse, request: GenerationRequest) -> Delta:
+    def _first_delta(
+        self, first: prefill_pb2.PrefillResponse, request: GenerationRequest, served: ServedModel
+    ) -> Delta:
         # Without stop strings the decode worker's first text piece is exactly what an incremental
         # detokenizer makes of this one token, so the client gets it now rather than after decode.
-        text = "" if request.params.stop else IncrementalDetokenizer(self.tokenizer).push(first.first_token_id)
+        text = "" if request.params.stop else IncrementalDetokenizer(served.tokenizer).push(first.first_token_id)
         logprobs = (first.first_logprob,) if first.HasField("first_logprob") else ()
         return Delta((first.first_token_id,), text, logprobs)
 

@@ -66,12 +66,14 @@ def route(
     prefills: list[WorkerHandle],
     prompt_len: int,
     block_hashes: list[int],
+    block_size: int,
     config: RouterConfig,
     exclude: set[str] = frozenset(),
 ) -> Route:
-    prompt_blocks = -(-prompt_len // config.block_size)
+    """``block_size``: the served model card's (the workers' own), which ``block_hashes`` were made with."""
+    prompt_blocks = -(-prompt_len // block_size)
     decode = choose_decode(decodes, block_hashes, prompt_blocks, exclude)
-    uncached = prompt_len - decode.kv.prefix_blocks(block_hashes) * config.block_size
+    uncached = prompt_len - decode.kv.prefix_blocks(block_hashes) * block_size
     candidates = [p for p in prefills if p.address not in exclude]
     if uncached < config.local_prefill_threshold:
         return _logged(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 
 import uvicorn
 
@@ -63,14 +64,19 @@ class Router:
         self.http_port = self._http.servers[0].sockets[0].getsockname()[1]
 
     async def wait_ready(self, timeout: float = 30.0) -> bool:
-        """Until a decode worker is healthy and every known worker has answered its health check."""
+        """Until the model is known, a compatible decode worker is healthy and every known worker has
+        answered its health check."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         while loop.time() < deadline:
-            if self.pool.of_role("decode") and all(w.healthy for w in self.pool.workers.values()):
+            if self.ready and all(w.healthy for w in self.pool.workers.values()):
                 return True
             await asyncio.sleep(0.05)
-        return bool(self.pool.of_role("decode"))
+        return self.ready
+
+    @property
+    def ready(self) -> bool:
+        return self.frontend.model.served is not None and bool(self.pool.of_role("decode"))
 
     async def stop(self) -> None:
         if self._http is not None:
@@ -93,7 +99,12 @@ class Router:
 async def serve(config: RouterConfig, stop: asyncio.Event) -> None:
     router = Router(config)
     await router.start()
-    await router.wait_ready()
+    if not await router.wait_ready():
+        problems = [router.frontend.model.refusal] + [
+            f"{w.role} worker {w.address}: {w.incompatible.reason}" for w in router.pool.incompatible()
+        ]
+        why = "; ".join(p for p in problems if p) or "no healthy decode worker yet"
+        print(f"splitserve router: not ready — {why}", file=sys.stderr, flush=True)
     print(f"splitserve router: OpenAI API at {router.urls['http']}/v1, gRPC at {router.urls['grpc']}", flush=True)
     try:
         await stop.wait()

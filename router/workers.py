@@ -10,16 +10,20 @@ import asyncio
 import logging
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from contract.model_card import MISMATCH_FIELDS, ModelCard, card_of_stats
 from protos import common_pb2, decode_pb2_grpc, prefill_pb2_grpc
 
 log = logging.getLogger(__name__)
 
 UNHEALTHY_AFTER_FAILURES = 2
+SOURCE_UNREADABLE = "source_unreadable"  # the router could not adopt the workers' card (no --model)
+INCOMPATIBLE_FIELDS = (*MISMATCH_FIELDS, SOURCE_UNREADABLE)
 
 
 @dataclass
@@ -60,6 +64,14 @@ class KVIndex:
         return count
 
 
+@dataclass(frozen=True)
+class Incompatible:
+    """Why a worker is not routed to although it is healthy: its model card disagrees with the router's."""
+
+    reason: str
+    fields: tuple[str, ...]  # which card fields disagree: a bounded set, used as metric labels
+
+
 @dataclass
 class WorkerHandle:
     address: str
@@ -74,10 +86,11 @@ class WorkerHandle:
     kv: KVIndex = field(default_factory=KVIndex)
     last_seen: float = 0.0
     tasks: list[asyncio.Task] = field(default_factory=list)
+    incompatible: Incompatible | None = None
 
     @property
     def available(self) -> bool:
-        return self.healthy and not self.draining
+        return self.healthy and not self.draining and self.incompatible is None
 
     @property
     def load(self) -> int:
@@ -92,9 +105,16 @@ class WorkerHandle:
             self.healthy = False
 
 
+CardCheck = Callable[[ModelCard | None], Incompatible | None]
+
+
 class WorkerPool:
-    def __init__(self, health_interval_s: float = 0.5) -> None:
+    """``check_card`` judges each worker's model card at every health check (the router's ModelBinding);
+    without one, every card is accepted."""
+
+    def __init__(self, health_interval_s: float = 0.5, check_card: CardCheck | None = None) -> None:
         self.health_interval_s = health_interval_s
+        self.check_card = check_card
         self.workers: dict[str, WorkerHandle] = {}
 
     def add(self, address: str, role: str) -> WorkerHandle:
@@ -129,6 +149,10 @@ class WorkerPool:
     def of_role(self, role: str, available_only: bool = True) -> list[WorkerHandle]:
         return [w for w in self.workers.values() if w.role == role and (w.available or not available_only)]
 
+    def incompatible(self, role: str | None = None) -> list[WorkerHandle]:
+        """Workers (of ``role``) not routed to because their model card disagrees."""
+        return [w for w in self.workers.values() if w.incompatible and role in (None, w.role)]
+
     def draining(self, address: str, value: bool = True) -> None:
         if address in self.workers:
             self.workers[address].draining = value
@@ -143,6 +167,7 @@ class WorkerPool:
                     health_pb2.HealthCheckRequest(), timeout=max(1.0, self.health_interval_s * 2)
                 )
                 worker.stats = await worker.stub.Stats(common_pb2.StatsRequest(), timeout=2.0)
+                self._judge_card(worker)
                 serving = reply.status == health_pb2.HealthCheckResponse.SERVING
                 if serving and not worker.healthy:
                     log.info("%s worker %s is healthy", worker.role, worker.address)
@@ -153,6 +178,17 @@ class WorkerPool:
             except asyncio.CancelledError:
                 return
             await asyncio.sleep(self.health_interval_s * (0.8 + 0.4 * random.random()))
+
+    def _judge_card(self, worker: WorkerHandle) -> None:
+        if self.check_card is None:
+            return
+        verdict = self.check_card(card_of_stats(worker.stats))
+        if verdict != worker.incompatible:
+            if verdict is None:
+                log.info("%s worker %s: model card compatible", worker.role, worker.address)
+            else:
+                log.warning("%s worker %s is not routed to: %s", worker.role, worker.address, verdict.reason)
+        worker.incompatible = verdict
 
     async def _follow_kv_events(self, worker: WorkerHandle) -> None:
         while True:

@@ -16,14 +16,15 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, start_http_server
 
+from contract.sampling import FieldError
 from engine.block_manager import KVEventKind
 from engine.config import EngineConfig
 from engine.engine import Engine
 from engine.errors import InvalidRequestError, NoFreeBlocksError
 from engine.loop import EngineLoop
 from engine.output import RequestOutput
+from engine.presets import build_model_card
 from engine.sampler import TokenLogprobs
-from engine.sampling_params import SamplingParams
 from kv_transfer.errors import TransferError
 from kv_transfer.layout import layout_message
 from kv_transfer.sender import channel_options
@@ -80,6 +81,16 @@ class WorkerBase(ABC):
         self.worker_id = worker_id or f"{self.role}-{self.instance_id}"
         self.engine = Engine(config, on_layer_done=self.on_layer_done)
         self.layout = layout_message(self.engine.layout, self.engine.fingerprint)
+        self.model_card = build_model_card(
+            config.model,
+            self.engine.model_config,
+            self.engine.tokenizer,
+            weights=self.engine.fingerprint,
+            max_model_len=self.engine.max_model_len,
+            served_model_name=config.served_model_name,
+            dtype=self.engine.layout.dtype,
+            block_size=self.engine.layout.block_size,
+        ).to_wire()
         self.loop = EngineLoop(self.engine, name=f"{self.role}-engine", after_step=self.after_step)
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_rpc_threads), options=channel_options())
         self.health = health.HealthServicer()
@@ -121,8 +132,9 @@ class WorkerBase(ABC):
 
     # -- engine-thread hooks (overridden by the workers) ------------------------------------------
 
-    def on_layer_done(self, plan, layer: int) -> None:
-        """Called on the engine thread after each layer of each step."""
+    def on_layer_done(self, plan, layer: int, ready) -> None:
+        """Called on the engine thread after each layer of each step; ``ready`` is the layer's
+        ``engine.layer_ready.LayerReady`` (see the contract on ``engine.model_runner.LayerHook``)."""
 
     def after_step(self, engine: Engine, outputs: list[RequestOutput]) -> None:
         """Called on the engine thread after every loop iteration."""
@@ -157,6 +169,7 @@ class WorkerBase(ABC):
             block_size=self.config.block_size,
             draining=self.draining,
             transport=self.transport,
+            model_card=self.model_card,
             **self.counters.snapshot(),
         )
 
@@ -224,28 +237,6 @@ def _event_message(event) -> common_pb2.KVEvent:
 # -- conversions ------------------------------------------------------------------------------------
 
 
-def sampling_params_from_wire(message: common_pb2.SamplingParams) -> SamplingParams:
-    """proto3 zero values mean "unset" for fields whose zero is not a valid setting."""
-    try:
-        return SamplingParams(
-            max_tokens=message.max_tokens,
-            temperature=message.temperature,
-            top_p=message.top_p or 1.0,
-            top_k=message.top_k,
-            min_p=message.min_p,
-            seed=message.seed if message.HasField("seed") else None,
-            presence_penalty=message.presence_penalty,
-            frequency_penalty=message.frequency_penalty,
-            repetition_penalty=message.repetition_penalty or 1.0,
-            stop=tuple(message.stop),
-            stop_token_ids=tuple(message.stop_token_ids),
-            ignore_eos=message.ignore_eos,
-            logprobs=message.logprobs if message.HasField("logprobs") else None,
-        )
-    except (TypeError, ValueError) as exc:
-        raise InvalidRequestError(str(exc)) from exc
-
-
 def logprob_to_wire(logprobs: TokenLogprobs) -> common_pb2.TokenLogprob:
     return common_pb2.TokenLogprob(
         token_id=logprobs.token_id,
@@ -281,6 +272,8 @@ def output_to_wire(output: RequestOutput) -> decode_pb2.GenerateResponse:
 def abort_on_error(context: grpc.ServicerContext, exc: Exception) -> None:
     """Maps engine and transfer errors to gRPC statuses with their message."""
     if isinstance(exc, InvalidRequestError):
+        context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+    if isinstance(exc, FieldError):
         context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
     if isinstance(exc, NoFreeBlocksError):
         context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))

@@ -51,7 +51,8 @@
 
   function render(snapshot) {
     dashboard.snapshot = snapshot;
-    $("model").textContent = `model ${snapshot.model}${snapshot.transport ? ` · ${snapshot.transport} transport` : ""}` +
+    const model = snapshot.model ?? `not known yet${snapshot.model_refusal ? ` (${snapshot.model_refusal})` : ""}`;
+    $("model").textContent = `model ${model}${snapshot.transport ? ` · ${snapshot.transport} transport` : ""}` +
       ` · router: ${snapshot.router.running} running, ${snapshot.router.queued} queued`;
     $("updated").textContent = `updated ${clock(snapshot.at)}`;
     $("window-note").textContent = `· latency percentiles and attainment over the last ${snapshot.window_s} s`;
@@ -141,12 +142,17 @@
     drain.addEventListener("click", () => act("drain", { worker_id: worker.id },
       `Drain ${worker.role} worker ${worker.id}? It takes no new work, finishes what it has, then exits; its pool shrinks by one.`));
     const load = worker.load;
-    return el("div", { class: `worker worker-${worker.state}`, dataset: { workerId: worker.id } },
+    const incompatible = worker.incompatible
+      ? el("div", { class: "incompatible", title: worker.incompatible }, `not routed to: ${worker.incompatible}`)
+      : null;
+    const classes = `worker worker-${worker.state}${worker.incompatible ? " worker-incompatible" : ""}`;
+    return el("div", { class: classes, dataset: { workerId: worker.id } },
       el("div", { class: "worker-head" },
         el("span", { class: `badge badge-${worker.role}` }, worker.role),
         el("b", { class: "worker-id" }, worker.id),
         el("span", { class: `state state-${worker.state}` }, worker.state)),
       el("div", { class: "muted" }, worker.address || "no address yet", worker.restarts ? ` · ${worker.restarts} restart(s)` : ""),
+      incompatible,
       el("div", {}, `running ${load.running} · waiting ${load.waiting + load.waiting_for_kv} · from this router ${worker.active}`),
       el("div", { class: "kvbar", title: `KV blocks: ${kv.used} used, ${kv.cached} cached, ${kv.free} free of ${kv.total}` },
         el("span", { class: "kv-used", style: `width:${share(kv.used)}%` }),

@@ -7,10 +7,10 @@ import random
 
 import pytest
 
+from contract.sampling import FieldError, SamplingParams
 from engine.config import EngineConfig
 from engine.engine import Engine
 from engine.errors import InvalidRequestError, ModelLoadError, NoFreeBlocksError
-from engine.sampling_params import SamplingParams
 from tests.checkpoints import write_checkpoint
 
 GREEDY = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True)
@@ -88,7 +88,8 @@ def test_kv_adopted_from_another_engine_decodes_identically(model_dir, reference
     prompts, expected = reference
     decode = _engine(model_dir)
 
-    def copy_layer(plan, layer):
+    def copy_layer(plan, layer, ready):
+        ready.synchronize()
         for chunk in plan.chunks:
             source = prefill.requests[chunk.request_id].block_ids
             target = reservations[chunk.request_id].block_ids
@@ -179,8 +180,9 @@ def test_stop_token_ids_and_max_tokens(model_dir):
     ],
 )
 def test_bad_sampling_params_are_typed_errors(kwargs, message):
-    with pytest.raises(InvalidRequestError, match=message):
+    with pytest.raises(FieldError, match=message) as caught:
         SamplingParams(**kwargs)
+    assert caught.value.field == message
 
 
 def test_bad_requests_are_typed_errors(model_dir):

@@ -7,9 +7,9 @@ import random
 import pytest
 import torch
 
+from contract.sampling import SamplingParams
 from engine.config import EngineConfig
 from engine.engine import Engine
-from engine.sampling_params import SamplingParams
 from tests.checkpoints import hf_greedy, write_checkpoint
 
 ARCHITECTURES = {

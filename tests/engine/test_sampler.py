@@ -6,8 +6,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from contract.sampling import MAX_TEMPERATURE, SamplingParams
 from engine.sampler import Sampler, SamplingState, _apply_penalties
-from engine.sampling_params import SamplingParams
 
 VOCAB = 32
 
@@ -144,7 +144,7 @@ def test_unseeded_rows_follow_the_sampler_seed():
 SKEWED = torch.tensor([2.0, 1.0, 0.5, 0.0, -0.5, -1.0, -1.5, -2.0])
 
 
-@pytest.mark.parametrize("temperature", [0.25, 1.0, 4.0])
+@pytest.mark.parametrize("temperature", [0.25, 1.0, MAX_TEMPERATURE])
 def test_temperature_matches_scaled_softmax(temperature):
     draws = 20000
     counts = draw_many(SKEWED, draws, temperature=temperature)
@@ -156,9 +156,9 @@ def test_temperature_matches_scaled_softmax(temperature):
 def test_low_temperature_concentrates_and_high_spreads():
     draws = 20000
     low = draw_many(SKEWED, draws, temperature=0.1)
-    high = draw_many(SKEWED, draws, temperature=10.0)
+    high = draw_many(SKEWED, draws, temperature=MAX_TEMPERATURE)
     assert low[0] / draws > 0.99
-    assert high[0] / draws < 0.2 and len(high) == len(SKEWED)
+    assert high[0] / draws < 0.35 and len(high) == len(SKEWED)  # p = 0.31 at T = 2, 0.52 at T = 1
 
 
 def test_top_k_one_is_greedy():
@@ -220,7 +220,7 @@ def reference_allowed(row: torch.Tensor, params: SamplingParams) -> set[int]:
 @settings(max_examples=60, deadline=None, derandomize=True)
 @given(
     logits_seed=st.integers(0, 10_000),
-    temperature=st.floats(0.3, 3.0),
+    temperature=st.floats(0.3, MAX_TEMPERATURE),
     top_k=st.integers(-1, 12),
     top_p=st.floats(0.05, 1.0),
     min_p=st.floats(0.0, 0.9),

@@ -1,9 +1,10 @@
 """Failure outcomes on the data path: each ends in a clean gRPC status, never a hang, and every KV
 block returns to its pool (checked over the Stats RPC) while the workers keep serving.
 
-Blocks of a stopped reservation return at once over gRPC (the decode worker copied what it got),
-but only at the lease deadline over NIXL (a sender may still be writing into them); the tests
-reserve with a long lease on gRPC, to show the release does not wait for it, and a short one on NIXL.
+Blocks of a stopped reservation return at once over gRPC (the decode worker copied what it got);
+over NIXL (a sender may still be writing into them) once the sender says it stopped (its abort or
+commit), else at the lease deadline. Most tests reserve with a long lease on gRPC, to show the
+release does not wait for it, and a short one on NIXL; the cancellation tests use a long one on both.
 """
 
 from __future__ import annotations
@@ -126,6 +127,54 @@ def test_abort_mid_transfer(cluster, rng, how):
     assert error.code() == grpc.StatusCode.ABORTED, error.details()
     wait_idle(prefill, timeout=10)
     wait_idle(decode, timeout=3.0 if cluster.transport == "grpc" else SLOW_DECODE_LEASE_MS / 1000 + 3.0)
+
+
+CANCEL_LEASE_MS = 20_000  # far longer than any wait below: only the cancellation can free the blocks
+
+
+def _long_transfer(cluster, rng, request_id):
+    decode, prefill = cluster.slow_decode, cluster.slow_prefill
+    prompt = random_prompt(rng, LONG_PROMPT_LEN)
+    ticket = reserve(decode, request_id, prompt, lease_ms=CANCEL_LEASE_MS)
+    stream = claim(decode, request_id, timeout=60)
+    future = prefill_future(prefill, request_id, prompt, ticket, timeout=60)
+    wait_until(lambda: prefill.stats().running >= 1, 10, interval=0.02, what="the prefill to start")
+    time.sleep(0.2)
+    assert decode.stats().kv_blocks_used >= 94, "the reservation does not hold its blocks"
+    return stream, future
+
+
+def test_client_leaving_mid_transfer_frees_every_block_at_once(cluster, rng):
+    """What the router does when its client goes: cancel the decode stream and the prefill together."""
+    decode, prefill = cluster.slow_decode, cluster.slow_prefill
+    expired_before = decode.stats().leases_expired
+    stream, future = _long_transfer(cluster, rng, new_id("leaving"))
+    assert not future.done(), "the prefill finished before the client left"
+    stream.cancel()
+    future.cancel()
+
+    wait_idle(decode, timeout=3)  # NIXL too: the sender's abort says its writes are over
+    wait_idle(prefill, timeout=10)
+    assert decode.stats().leases_expired == expired_before
+    assert_still_serves(prefill, decode, rng)
+
+
+def test_client_gone_before_commit_stops_the_sender(cluster, rng):
+    """Only the decode side's client leaves: the reservation stops, the sender is refused, blocks return
+    — over gRPC at once, over NIXL when the sender's commit (after its last write) is refused."""
+    decode, prefill = cluster.slow_decode, cluster.slow_prefill
+    expired_before = decode.stats().leases_expired
+    stream, future = _long_transfer(cluster, rng, new_id("gone"))
+    stream.cancel()
+    if cluster.transport == "grpc":
+        wait_idle(decode, timeout=3)
+    error = rpc_error(future.result)
+    assert error.code() == grpc.StatusCode.ABORTED, error.details()
+    if cluster.transport == "nixl":  # over gRPC the blocks are gone already: later chunks find no reservation
+        assert "went away" in error.details()
+    wait_idle(decode, timeout=3)
+    wait_idle(prefill, timeout=10)
+    assert decode.stats().leases_expired == expired_before
 
 
 @pytest.mark.parametrize("how", ["cancel", "abort_rpc"])

@@ -1,0 +1,210 @@
+"""The sampling record: every sampling field, its one set of limits, and its protobuf conversion.
+
+The router builds it from the public APIs, the workers from the wire (``from_wire``), the engine
+samples with it. A value that passes validation is one the wire can carry and the engine can run:
+each limit is checked on the value and on the float32 the wire turns it into, integers against
+their proto types, strings for UTF-8. Errors are ``FieldError``s naming the field.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, fields
+
+from protos import common_pb2
+
+MAX_TOP_LOGPROBS = 20
+MAX_STOP_STRINGS = 16
+MAX_TEMPERATURE = 2.0
+MAX_PENALTY = 2.0  # presence and frequency penalties lie in [-2, 2]; repetition_penalty in (0, 2]
+
+_UINT32 = 1 << 32
+_INT32 = 1 << 31
+_INT64 = 1 << 63
+
+
+class FieldError(ValueError):
+    """A request field is malformed or out of range; ``field`` names it (an OpenAI ``param``)."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """What to generate and when to stop. Validated at construction; frozen after.
+
+    ``temperature == 0`` means greedy. ``top_k == 0`` (or -1, read as 0), ``top_p == 1`` and
+    ``min_p == 0`` disable those filters. ``logprobs=None`` returns no logprobs; ``logprobs=n`` returns
+    the sampled token's logprob plus the ``n`` most likely tokens.
+    """
+
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    logprobs: int | None = None
+
+    def __post_init__(self) -> None:
+        set_ = object.__setattr__
+        set_(self, "max_tokens", _integer("max_tokens", self.max_tokens, 1, _UINT32))
+        set_(self, "temperature", _number("temperature", self.temperature, 0.0, MAX_TEMPERATURE))
+        set_(self, "top_p", _number("top_p", self.top_p, 0.0, 1.0, open_low=True))
+        set_(
+            self,
+            "top_k",
+            max(_integer("top_k", self.top_k, -1, _INT32, f"-1 or 0 (off), or an integer in [1, {_INT32 - 1}]"), 0),
+        )
+        set_(self, "min_p", _number("min_p", self.min_p, 0.0, 1.0))
+        if self.seed is not None:
+            set_(self, "seed", _integer("seed", self.seed, -_INT64, _INT64, "a 64-bit signed integer"))
+        set_(self, "presence_penalty", _number("presence_penalty", self.presence_penalty, -MAX_PENALTY, MAX_PENALTY))
+        set_(self, "frequency_penalty", _number("frequency_penalty", self.frequency_penalty, -MAX_PENALTY, MAX_PENALTY))
+        set_(
+            self,
+            "repetition_penalty",
+            _number("repetition_penalty", self.repetition_penalty, 0.0, MAX_PENALTY, open_low=True),
+        )
+        set_(self, "stop", _stop_strings(self.stop))
+        set_(self, "stop_token_ids", _token_ids("stop_token_ids", self.stop_token_ids, _UINT32))
+        if not isinstance(self.ignore_eos, bool):
+            raise FieldError("ignore_eos", "ignore_eos must be a boolean")
+        if self.logprobs is not None:
+            set_(self, "logprobs", _integer("logprobs", self.logprobs, 0, MAX_TOP_LOGPROBS + 1))
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    @property
+    def has_penalties(self) -> bool:
+        return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0 or self.repetition_penalty != 1.0
+
+    # -- the wire ---------------------------------------------------------------------------------
+
+    def to_wire(self) -> common_pb2.SamplingParams:
+        message = common_pb2.SamplingParams(
+            max_tokens=self.max_tokens,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=self.top_k,
+            min_p=self.min_p,
+            presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty,
+            repetition_penalty=self.repetition_penalty,
+            stop=self.stop,
+            stop_token_ids=self.stop_token_ids,
+            ignore_eos=self.ignore_eos,
+        )
+        if self.seed is not None:
+            message.seed = self.seed
+        if self.logprobs is not None:
+            message.logprobs = self.logprobs
+        return message
+
+    @classmethod
+    def from_wire(cls, message: common_pb2.SamplingParams, default_max_tokens: int | None = None) -> SamplingParams:
+        """proto3 zero values mean "unset" where zero is no valid setting: max_tokens (then
+        ``default_max_tokens``, if given), top_p and repetition_penalty (then off). A zero
+        temperature is greedy; a zero top_k is off."""
+        max_tokens = message.max_tokens or default_max_tokens
+        if max_tokens is None:
+            raise FieldError("max_tokens", "max_tokens must be at least 1")
+        return cls(
+            max_tokens=max_tokens,
+            temperature=message.temperature,
+            top_p=message.top_p or 1.0,
+            top_k=message.top_k,
+            min_p=message.min_p,
+            seed=message.seed if message.HasField("seed") else None,
+            presence_penalty=message.presence_penalty,
+            frequency_penalty=message.frequency_penalty,
+            repetition_penalty=message.repetition_penalty or 1.0,
+            stop=tuple(message.stop),
+            stop_token_ids=tuple(message.stop_token_ids),
+            ignore_eos=message.ignore_eos,
+            logprobs=message.logprobs if message.HasField("logprobs") else None,
+        )
+
+
+FIELDS: tuple[str, ...] = tuple(f.name for f in fields(SamplingParams))
+
+
+# -- checks shared with whoever knows the vocabulary --------------------------------------------
+
+
+def check_token_ids(token_ids: Iterable[int], vocab_size: int, field: str) -> None:
+    """Token ids a model can read: each in [0, vocab_size). For prompts and stop_token_ids."""
+    _token_ids(field, token_ids, vocab_size)
+
+
+def check_text(value: str, field: str) -> str:
+    """``value`` if it is valid UTF-8 (no lone surrogates, which JSON escapes can carry); else FieldError."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise FieldError(field, f"{field} is not valid UTF-8 (position {exc.start})") from exc
+    return value
+
+
+def wrap_seed(seed: int) -> int:
+    """``seed`` folded into the signed 64-bit range (for seeds derived by arithmetic, e.g. seed + choice)."""
+    return (seed + _INT64) % (2 * _INT64) - _INT64
+
+
+# -- field checks -----------------------------------------------------------------------------------
+
+
+def _integer(name: str, value, low: int, end: int, spelled: str | None = None) -> int:
+    """``value`` as an int in [low, end)."""
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value < end:
+        raise FieldError(name, f"{name} must be {spelled or f'an integer in [{low}, {end - 1}]'}")
+    return int(value)
+
+
+def _number(name: str, value, low: float, high: float, open_low: bool = False) -> float:
+    """``value`` as a float in [low, high] (or (low, high]), checked again as the float32 the wire carries."""
+    interval = f"{'(' if open_low else '['}{low:g}, {high:g}]"
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise FieldError(name, f"{name} must be a number in {interval}")
+    value = float(value)
+    for candidate in (value, _as_float32(value)):
+        inside = (low < candidate if open_low else low <= candidate) and candidate <= high  # NaN is never inside
+        if not inside:
+            raise FieldError(name, f"{name} must be in {interval}")
+    return value
+
+
+def _as_float32(value: float) -> float:
+    if not math.isfinite(value) or abs(value) > 3.4e38:
+        return value
+    return struct.unpack("<f", struct.pack("<f", value))[0]
+
+
+def _stop_strings(stop: Sequence[str]) -> tuple[str, ...]:
+    if isinstance(stop, str):
+        stop = (stop,)
+    stop = tuple(stop)
+    if len(stop) > MAX_STOP_STRINGS or not all(isinstance(s, str) and s for s in stop):
+        raise FieldError("stop", f"stop must be at most {MAX_STOP_STRINGS} non-empty strings")
+    for text in stop:
+        check_text(text, "stop")
+    return stop
+
+
+def _token_ids(name: str, token_ids: Iterable[int], end: int) -> tuple[int, ...]:
+    ids = tuple(token_ids)
+    if not all(not isinstance(t, bool) and isinstance(t, int) and 0 <= t < end for t in ids):
+        raise FieldError(name, f"{name} must hold token ids in [0, {end})")
+    return ids

@@ -1,0 +1,250 @@
+"""One state machine per decode reservation, owned by the decode engine thread.
+
+A reservation is a prompt's blocks held here while a prefill worker computes and sends their KV,
+together with the output stream its client claims (outputs may come before the client does)::
+
+                    commit (every layer landed)
+    reserve ──> OPEN ──────────────────────────────> COMMITTED    the engine's request owns the blocks
+                 │  client abort or gone, sender abort,
+                 │  sender stream broke, bad data
+                 ├─────────────────────────────────> ABORTED ──┐
+                 │  lease deadline                             ├──> RELEASED    blocks freed, exactly once
+                 └─────────────────────────────────> EXPIRED ──┘
+                                 once no transport thread is pinned in the blocks and, when a peer
+                                 writes our memory itself (NIXL), once the sender said it stopped
+                                 (a commit or an abort from it) or the lease deadline passed
+
+    client side:  stream unclaimed ──Generate──> claimed (once; a second claim is NOT_FOUND)
+    the record goes once claimed and COMMITTED/RELEASED, or STREAM_TTL_S after its request ended
+    unclaimed (a late claim then is NOT_FOUND).
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from contract.sampling import SamplingParams
+from engine.engine import Engine
+from engine.engine import Reservation as HeldBlocks
+from engine.loop import EngineLoop, RequestFailed, RequestStream
+from engine.sampler import TokenLogprobs
+from kv_transfer.errors import TransferError
+from kv_transfer.inbox import KVInbox
+from worker_server.base import WorkerCounters
+
+# A reservation's output stream waits this long for its client's Generate once the request ended.
+STREAM_TTL_S = 60.0
+
+
+class ReservationState(enum.Enum):
+    OPEN = "open"
+    COMMITTED = "committed"
+    ABORTED = "aborted"
+    EXPIRED = "expired"
+    RELEASED = "released"
+
+    @property
+    def stopping(self) -> bool:
+        """Stopped, blocks still held until it is safe to free them."""
+        return self in (ReservationState.ABORTED, ReservationState.EXPIRED)
+
+
+_TRANSITIONS = {
+    ReservationState.OPEN: {ReservationState.COMMITTED, ReservationState.ABORTED, ReservationState.EXPIRED},
+    ReservationState.ABORTED: {ReservationState.RELEASED},
+    ReservationState.EXPIRED: {ReservationState.RELEASED},
+}
+
+
+@dataclass
+class Reservation:
+    """One reservation's record. Engine thread only."""
+
+    request_id: str
+    deadline: float  # clock time by which the KV must have landed
+    remote_writes: bool  # a peer writes our memory directly (NIXL): freeing waits for its word or the deadline
+    stream: RequestStream
+    opened_at: float
+    state: ReservationState = ReservationState.OPEN
+    reason: str = ""  # why it stopped
+    sender_stopped: bool = False  # the sender said it writes no more (its commit or abort)
+    claimed: bool = False
+    ended_at: float | None = None  # when its blocks were freed or its committed request finished
+
+    def transition(self, new_state: ReservationState) -> None:
+        if new_state not in _TRANSITIONS.get(self.state, set()):
+            raise RuntimeError(
+                f"reservation {self.request_id}: illegal transition {self.state.name} -> {new_state.name}"
+            )
+        self.state = new_state
+
+
+class Reservations:
+    """Every reservation of one decode worker.
+
+    Contract:
+    - Every method runs on the decode engine thread. RPC and transport threads never call them
+      directly: they enqueue an event (``EngineLoop.submit`` / ``call``, which run between steps)
+      — a commit (waiting for the verdict), an abort by the sender or its stream, an abort by the
+      client or its leaving, a client's Generate claiming the stream. ``tick`` runs after every
+      loop iteration: leases expire and stopped reservations are released there.
+    - A reservation's blocks are freed only by its transition to RELEASED (``engine.abort`` of its
+      request, exactly once), or, after COMMITTED, by the engine when the request ends.
+    - Transport threads touch the blocks only through the inbox, pinned, while the reservation is
+      OPEN: every transition out of OPEN shuts the landing's gate first, and RELEASED waits for
+      the pins to drop.
+    - Events for a reservation that is gone, or in a state where they mean nothing, change nothing
+      (a late commit is refused, a late abort ignored).
+    """
+
+    def __init__(
+        self,
+        inbox: KVInbox,
+        streams: EngineLoop,
+        counters: WorkerCounters,
+        remote_writes: bool,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.inbox = inbox
+        self.streams = streams
+        self.counters = counters
+        self.remote_writes = remote_writes
+        self.clock = clock
+        self._records: dict[str, Reservation] = {}
+        # Read by Stats from RPC threads (plain ints): reservations OPEN now, leases expired ever.
+        self.in_flight = 0
+        self.leases_expired = 0
+
+    def get(self, request_id: str) -> Reservation | None:
+        return self._records.get(request_id)
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    # -- events -----------------------------------------------------------------------------------
+
+    def reserve(
+        self, engine: Engine, request_id: str, prompt: Sequence[int], params: SamplingParams, lease_s: float
+    ) -> HeldBlocks:
+        """Blocks, landing and output stream appear together. Raises (holding nothing) if the engine refuses."""
+        held = engine.reserve(request_id, list(prompt), params)
+        first_missing = held.num_cached_tokens // engine.config.block_size
+        self.inbox.open(request_id, held.block_ids[first_missing:])
+        now = self.clock()
+        self._records[request_id] = Reservation(
+            request_id, now + lease_s, self.remote_writes, self.streams.watch(request_id), now
+        )
+        self.in_flight += 1
+        return held
+
+    def commit(self, engine: Engine, request_id: str, first_token_id: int, first_logprob: TokenLogprobs | None) -> None:
+        """The sender committed: adopt the KV, or raise TransferError saying why not."""
+        record = self._records.get(request_id)
+        if record is None:
+            raise TransferError(f"no reservation {request_id!r} on this worker", "NOT_FOUND")
+        record.sender_stopped = True  # a sender commits only once its writes are final
+        if record.state is not ReservationState.OPEN:
+            self._try_release(engine, record)
+            raise TransferError(f"reservation {request_id} is {record.state.value}: {record.reason}", "ABORTED")
+        landing = self.inbox.get(request_id)
+        received = landing.bytes_received if landing is not None else 0
+        if not self.inbox.close(request_id, "committed"):
+            reason = "commit before every layer landed"
+            self._stop(engine, record, ReservationState.ABORTED, reason)
+            raise TransferError(reason, "FAILED_PRECONDITION")
+        record.transition(ReservationState.COMMITTED)
+        self.in_flight -= 1
+        self.inbox.forget(request_id)
+        engine.complete_reservation(request_id, first_token_id, first_logprob)
+        self.counters.add(
+            kv_transfers_completed=1,
+            kv_transfer_bytes=received,
+            kv_transfer_seconds=self.clock() - record.opened_at,
+        )
+
+    def sender_aborted(self, engine: Engine, request_id: str, reason: str, sender_stopped: bool) -> None:
+        """The sender aborted, its stream broke or ended without a commit, or it sent bad data."""
+        record = self._records.get(request_id)
+        if record is None:
+            return
+        if sender_stopped:
+            record.sender_stopped = True
+        if record.state is ReservationState.OPEN:
+            self._stop(engine, record, ReservationState.ABORTED, reason)
+        else:
+            self._try_release(engine, record)
+
+    def client_aborted(self, engine: Engine, request_id: str, reason: str) -> bool | None:
+        """The client aborted or left. True if that stopped an OPEN reservation, False if it had
+        stopped already; None if there is nothing of ours to stop (no record, or COMMITTED: the
+        engine's request is the client's to abort)."""
+        record = self._records.get(request_id)
+        if record is None or record.state is ReservationState.COMMITTED:
+            return None
+        if record.state is ReservationState.OPEN:
+            self._stop(engine, record, ReservationState.ABORTED, reason)
+            return True
+        return False
+
+    def claim(self, request_id: str) -> RequestStream:
+        """A client's Generate takes the reservation's output stream (once)."""
+        record = self._records.get(request_id)
+        if record is None or record.claimed:
+            raise TransferError(f"no reservation {request_id!r} waiting for its client on this worker", "NOT_FOUND")
+        record.claimed = True
+        if record.state in (ReservationState.COMMITTED, ReservationState.RELEASED):
+            del self._records[request_id]
+        return record.stream
+
+    def tick(self, engine: Engine) -> None:
+        """After every loop iteration: expire leases, release what is safe, forget what is done."""
+        now = self.clock()
+        for record in list(self._records.values()):
+            if record.state is ReservationState.OPEN and now >= record.deadline:
+                self._stop(engine, record, ReservationState.EXPIRED, "lease expired before the KV landed")
+            elif record.state.stopping:
+                self._try_release(engine, record)
+            elif (
+                record.state is ReservationState.COMMITTED
+                and record.ended_at is None
+                and record.request_id not in engine.requests
+            ):
+                record.ended_at = now
+            if self._done(record, now):
+                del self._records[record.request_id]
+
+    # -- transitions ------------------------------------------------------------------------------
+
+    def _stop(self, engine: Engine, record: Reservation, state: ReservationState, reason: str) -> None:
+        """OPEN -> ABORTED / EXPIRED: shut the gate, fail the stream, release if already safe."""
+        record.transition(state)
+        record.reason = reason
+        self.in_flight -= 1
+        self.inbox.close(record.request_id, reason)
+        if state is ReservationState.EXPIRED:
+            self.leases_expired += 1
+        self.counters.add(kv_transfers_failed=1)
+        self.streams.detach(record.request_id)
+        record.stream.put(RequestFailed(reason))
+        self._try_release(engine, record)
+
+    def _try_release(self, engine: Engine, record: Reservation) -> None:
+        """ABORTED / EXPIRED -> RELEASED once nothing can write the blocks any more; frees them."""
+        if not record.state.stopping or self.inbox.pinned(record.request_id):
+            return
+        now = self.clock()
+        if record.remote_writes and not record.sender_stopped and now < record.deadline:
+            return
+        record.transition(ReservationState.RELEASED)
+        record.ended_at = now
+        self.inbox.forget(record.request_id)
+        engine.abort(record.request_id)
+
+    @staticmethod
+    def _done(record: Reservation, now: float) -> bool:
+        if record.state not in (ReservationState.COMMITTED, ReservationState.RELEASED):
+            return False
+        return record.claimed or (record.ended_at is not None and now - record.ended_at > STREAM_TTL_S)

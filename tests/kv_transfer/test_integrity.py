@@ -1,0 +1,56 @@
+"""Checksums of KV in flight: a flipped byte is caught, on the host (xxh3) and with the device
+hash — which is plain torch, so it runs here on CPU tensors too (on CUDA in tests/gpu/)."""
+
+from __future__ import annotations
+
+import torch
+
+from engine.kv_cache import KVLayout, PagedKVCache
+from kv_transfer.integrity import checksum, device_checksum, region_checksum
+
+LAYOUT = KVLayout(num_layers=2, num_blocks=12, block_size=4, num_kv_heads=2, head_dim=8, dtype="bfloat16")
+BLOCKS = [7, 0, 3, 11]
+
+
+def _pool(seed: int = 0) -> PagedKVCache:
+    cache = PagedKVCache(LAYOUT)
+    cache.data.copy_(torch.randn(cache.data.shape, generator=torch.Generator().manual_seed(seed)))
+    return cache
+
+
+def test_host_region_checksum_equals_checksum_of_the_bytes_sent():
+    cache = _pool()
+    sent = cache.read_regions(1, BLOCKS).numpy().tobytes()
+    assert region_checksum(cache, 1, BLOCKS) == checksum(sent)
+
+
+def test_every_single_flipped_byte_is_caught_by_both_hashes():
+    cache = _pool()
+    regions = cache.read_regions(0, BLOCKS)
+    host, device = checksum(regions.numpy().tobytes()), device_checksum(regions)
+    flat = regions.view(-1)
+    for index in range(0, flat.numel(), 37):
+        for bit in (0, 7):
+            flipped = flat.clone()
+            flipped[index] ^= 1 << bit
+            assert checksum(flipped.numpy().tobytes()) != host
+            assert device_checksum(flipped.view_as(regions)) != device
+
+
+def test_device_hash_is_order_sensitive_deterministic_and_never_zero():
+    cache = _pool(seed=3)
+    forward = device_checksum(cache.read_regions(0, BLOCKS))
+    assert forward == device_checksum(cache.read_regions(0, BLOCKS))
+    assert forward != device_checksum(cache.read_regions(0, BLOCKS[::-1]))
+    zeros = torch.zeros(3, LAYOUT.region_bytes, dtype=torch.uint8)
+    assert device_checksum(zeros) != 0
+    assert 0 < forward < 1 << 62
+
+
+def test_sender_and_receiver_pools_agree_when_the_regions_do():
+    """Same bytes in different blocks of different pools: equal checksums (what NIXL relies on)."""
+    sender, receiver = _pool(seed=1), PagedKVCache(LAYOUT)
+    targets = [1, 2, 4, 5]
+    receiver.write_regions(1, targets, sender.read_regions(1, BLOCKS))
+    assert device_checksum(receiver.read_regions(1, targets)) == device_checksum(sender.read_regions(1, BLOCKS))
+    assert region_checksum(receiver, 1, targets) == region_checksum(sender, 1, BLOCKS)
