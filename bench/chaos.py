@@ -54,7 +54,7 @@ from bench.chaos_faults import (
 from bench.chaos_workload import Answer, Prompt, Reference, build_prompts, judge, stream
 
 UP_READY = re.compile(r"splitserve is up: OpenAI API (http://\S+)/v1")
-FAILURE_COUNTERS = ("migrations", "prefill_retries", "lease_expirations")
+FAILURE_COUNTERS = ("migrations", "prefill_retries", "lease_expired_requests")
 
 
 @dataclass
@@ -334,8 +334,10 @@ def summarize(run: Run, leaks: dict, routing: dict, failures: dict, reference_fa
         "leaked_blocks": leaks["leaked_blocks"],
         "router_in_flight_after": leaks["router_in_flight"],
         "quiet_after_s": leaks["quiet_after_s"],
-        "faults": dict(Counter(f.kind for f in run.faults if f.recovery_s or f.how in ("signal", "hook"))),
-        "faults_failed_or_skipped": [f"{f.kind}: {f.how} {f.error}".strip() for f in run.faults if not f.recovery_s],
+        "faults": dict(Counter(f.kind for f in run.faults if f.how in ("signal", "hook"))),
+        "faults_failed_or_skipped": [
+            f"{f.kind}: {f.how} {f.error}".strip() for f in run.faults if f.how not in ("signal", "hook")
+        ],
         "recovery_s": {"min": min(back), "max": max(back)} if back else None,
         "unrecovered": sum(1 for s in recoveries if s is None),
         "p_to_d_share": routing["p_to_d_share"],

@@ -196,6 +196,15 @@ def transfer_bandwidth(device: str, megabytes: int) -> dict:
     dst = torch.zeros_like(src)
     copy_s = _best_of(lambda: dst.copy_(src), device)
     sender, receiver = NixlPool("gpu-check-sender", src), NixlPool("gpu-check-receiver", dst)
+    stop = threading.Event()
+
+    def progress_receiver() -> None:  # without a progress thread, UCX moves only inside calls into the agent
+        while not stop.is_set():
+            receiver.poll_notifications()
+            stop.wait(0.0002)
+
+    poller = threading.Thread(target=progress_receiver, daemon=True)
+    poller.start()
     try:
         sender.add_peer(receiver.metadata())
         region = 1 << 20
@@ -208,6 +217,8 @@ def transfer_bandwidth(device: str, megabytes: int) -> dict:
         nixl_s = _best_of(write, device)
         intact = bool(torch.equal(src, dst))
     finally:
+        stop.set()
+        poller.join(5)
         sender.close()
         receiver.close()
     row = {
@@ -275,7 +286,7 @@ def decode_throughput(device: str, quick: bool) -> dict:
         engine_s.append(_engine_decode_seconds(engine, prompts, steps, device))
         hf_s.append(_hf_decode_seconds(hf, prompts, steps, device))
     engine_tok_s, hf_tok_s = batch * steps / min(engine_s[1:]), batch * steps / min(hf_s[1:])
-    weight_bytes = sum(p.numel() * p.element_size() for p in engine.runner.model.parameters())
+    weight_bytes = weight_bytes_per_step(engine.runner.model)
     cfg = engine.model_config
     mean_context = prompt_len + steps / 2
     kv_bytes = (
@@ -310,6 +321,14 @@ def decode_throughput(device: str, quick: bool) -> dict:
         flush=True,
     )
     return row
+
+
+def weight_bytes_per_step(model) -> int:
+    """Weights a decode step reads: every parameter but the embedding table (a few rows of it)."""
+    embedding = model.model.embed_tokens.weight
+    total = sum(p.numel() * p.element_size() for p in model.parameters())  # a tied table is counted once
+    tied = model.lm_head.weight is embedding
+    return total if tied else total - embedding.numel() * embedding.element_size()
 
 
 def _engine_decode_seconds(engine, prompts, steps: int, device: str) -> float:

@@ -9,6 +9,7 @@ import math
 import os
 import secrets
 import signal
+import sys
 from pathlib import Path
 
 import ray
@@ -16,6 +17,8 @@ import ray
 from cluster.config import ClusterConfig
 from cluster.controller import controller_class
 from cluster.worker_actor import CONTROLLER_NAME
+from engine.errors import ModelLoadError
+from engine.presets import prepare_model
 from router.config import RouterConfig
 from router.server import Router
 
@@ -159,6 +162,11 @@ async def run_cluster(config: ClusterConfig, stop: asyncio.Event, on_ready=None)
 
 
 def up(config: ClusterConfig) -> int:
+    try:
+        prepare_model(config.model)  # a GGUF preset is built once, before the router and the workers read it
+    except ModelLoadError as exc:
+        print(f"splitserve: {exc}", file=sys.stderr, flush=True)
+        return 2
     start_ray(config)
 
     async def main() -> None:

@@ -10,27 +10,22 @@ from __future__ import annotations
 
 import math
 import struct
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, fields
 
+from contract.errors import FieldError
+from contract.grammar import Grammar
 from protos import common_pb2
 
 MAX_TOP_LOGPROBS = 20
 MAX_STOP_STRINGS = 16
 MAX_TEMPERATURE = 2.0
 MAX_PENALTY = 2.0  # presence and frequency penalties lie in [-2, 2]; repetition_penalty in (0, 2]
+MAX_LOGIT_BIAS = 100.0  # OpenAI's range: each bias lies in [-100, 100]
 
 _UINT32 = 1 << 32
 _INT32 = 1 << 31
 _INT64 = 1 << 63
-
-
-class FieldError(ValueError):
-    """A request field is malformed or out of range; ``field`` names it (an OpenAI ``param``)."""
-
-    def __init__(self, field: str, message: str) -> None:
-        super().__init__(message)
-        self.field = field
 
 
 @dataclass(frozen=True)
@@ -39,7 +34,11 @@ class SamplingParams:
 
     ``temperature == 0`` means greedy. ``top_k == 0`` (or -1, read as 0), ``top_p == 1`` and
     ``min_p == 0`` disable those filters. ``logprobs=None`` returns no logprobs; ``logprobs=n`` returns
-    the sampled token's logprob plus the ``n`` most likely tokens.
+    the sampled token's logprob plus the ``n`` most likely tokens; ``prompt_logprobs`` likewise for each
+    prompt token after the first (computed where the prompt is prefilled, so never from a prefix cache).
+    ``logit_bias`` holds (token id, bias) pairs, sorted by id, each bias as the float32 the wire carries; it is
+    added to the logits before sampling. ``min_tokens`` suppresses EOS and ``stop_token_ids`` (and defers stop
+    strings) until that many tokens are generated; it may exceed ``max_tokens``, which still ends the request.
     """
 
     max_tokens: int = 16
@@ -55,6 +54,10 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     logprobs: int | None = None
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    min_tokens: int = 0
+    prompt_logprobs: int | None = None
+    grammar: Grammar | None = None
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -82,6 +85,14 @@ class SamplingParams:
             raise FieldError("ignore_eos", "ignore_eos must be a boolean")
         if self.logprobs is not None:
             set_(self, "logprobs", _integer("logprobs", self.logprobs, 0, MAX_TOP_LOGPROBS + 1))
+        set_(self, "logit_bias", _logit_bias(self.logit_bias))
+        set_(self, "min_tokens", _integer("min_tokens", self.min_tokens, 0, _UINT32))
+        if self.prompt_logprobs is not None:
+            set_(self, "prompt_logprobs", _integer("prompt_logprobs", self.prompt_logprobs, 0, MAX_TOP_LOGPROBS + 1))
+        if self.grammar is not None:
+            if not isinstance(self.grammar, Grammar):
+                raise FieldError("grammar", "grammar must be a contract.grammar.Grammar")
+            self.grammar.compiled()  # a grammar the engine cannot compile is refused here, by name
 
     @property
     def greedy(self) -> bool:
@@ -106,11 +117,17 @@ class SamplingParams:
             stop=self.stop,
             stop_token_ids=self.stop_token_ids,
             ignore_eos=self.ignore_eos,
+            logit_bias=dict(self.logit_bias),
+            min_tokens=self.min_tokens,
         )
         if self.seed is not None:
             message.seed = self.seed
         if self.logprobs is not None:
             message.logprobs = self.logprobs
+        if self.prompt_logprobs is not None:
+            message.prompt_logprobs = self.prompt_logprobs
+        if self.grammar is not None:
+            message.grammar.CopyFrom(self.grammar.to_wire())
         return message
 
     @classmethod
@@ -135,6 +152,10 @@ class SamplingParams:
             stop_token_ids=tuple(message.stop_token_ids),
             ignore_eos=message.ignore_eos,
             logprobs=message.logprobs if message.HasField("logprobs") else None,
+            logit_bias=tuple(message.logit_bias.items()),
+            min_tokens=message.min_tokens,
+            prompt_logprobs=message.prompt_logprobs if message.HasField("prompt_logprobs") else None,
+            grammar=Grammar.from_wire(message.grammar) if message.HasField("grammar") else None,
         )
 
 
@@ -145,8 +166,14 @@ FIELDS: tuple[str, ...] = tuple(f.name for f in fields(SamplingParams))
 
 
 def check_token_ids(token_ids: Iterable[int], vocab_size: int, field: str) -> None:
-    """Token ids a model can read: each in [0, vocab_size). For prompts and stop_token_ids."""
+    """Token ids a model can read: each in [0, vocab_size). For prompts, stop_token_ids and logit_bias's keys."""
     _token_ids(field, token_ids, vocab_size)
+
+
+def check_vocabulary(params: SamplingParams, vocab_size: int) -> None:
+    """Every token id the record names is one the model has; FieldError names the field otherwise."""
+    check_token_ids(params.stop_token_ids, vocab_size, "stop_token_ids")
+    check_token_ids((token_id for token_id, _ in params.logit_bias), vocab_size, "logit_bias")
 
 
 def check_text(value: str, field: str) -> str:
@@ -201,6 +228,18 @@ def _stop_strings(stop: Sequence[str]) -> tuple[str, ...]:
     for text in stop:
         check_text(text, "stop")
     return stop
+
+
+def _logit_bias(bias) -> tuple[tuple[int, float], ...]:
+    """(token id, bias) pairs from a mapping or pairs: ids in uint32, biases in [-100, 100] as float32."""
+    pairs = tuple(bias.items()) if isinstance(bias, Mapping) else bias
+    if not isinstance(pairs, (tuple, list)) or not all(isinstance(p, (tuple, list)) and len(p) == 2 for p in pairs):
+        raise FieldError("logit_bias", "logit_bias must map token ids to biases")
+    ids = _token_ids("logit_bias", (token_id for token_id, _ in pairs), _UINT32)
+    if len(set(ids)) != len(ids):
+        raise FieldError("logit_bias", "logit_bias names a token id twice")
+    biases = (_number("logit_bias", b, -MAX_LOGIT_BIAS, MAX_LOGIT_BIAS) for _, b in pairs)
+    return tuple(sorted((token_id, _as_float32(b)) for token_id, b in zip(ids, biases)))
 
 
 def _token_ids(name: str, token_ids: Iterable[int], end: int) -> tuple[int, ...]:

@@ -13,10 +13,11 @@ from dataclasses import dataclass
 
 import torch
 
-from contract.sampling import FieldError, SamplingParams, check_token_ids
+from contract.sampling import FieldError, SamplingParams, check_token_ids, check_vocabulary
 from engine.block_manager import BlockAllocator, KVEvent
 from engine.config import EngineConfig, blocks_for_budget
 from engine.errors import InvalidRequestError
+from engine.grammar import GrammarCompiler
 from engine.kv_cache import KVLayout, PagedKVCache
 from engine.model_runner import LayerHook, ModelRunner
 from engine.output import OutputProcessor, RequestOutput
@@ -57,6 +58,8 @@ class Completion:
     finish_reason: str
     logprobs: tuple[TokenLogprobs, ...]
     num_cached_tokens: int
+    prompt_logprobs: tuple[TokenLogprobs, ...] = ()  # entry k scores prompt token k + 1
+    stop_reason: str | int | None = None
 
 
 class Engine:
@@ -80,6 +83,7 @@ class Engine:
         self.max_model_len = min(config.max_model_len or self.model_config.max_context, self.model_config.max_context)
         self._num_scratch_blocks = self._enable_cuda_graphs(loaded.model)
         self.outputs = OutputProcessor(self.tokenizer, self._eos_ids(), self.max_model_len)
+        self.grammars = GrammarCompiler(self.tokenizer, self.model_config.vocab_size, self._eos_ids())
         self.on_layer_done = on_layer_done
         self.requests: dict[str, Request] = {}
         self._pending: list[RequestOutput] = []
@@ -150,7 +154,9 @@ class Engine:
     def _new_request(self, request_id, prompt_token_ids, params, register: bool = True) -> Request:
         prompt = list(prompt_token_ids)
         self._validate(request_id, prompt, params)
-        request = Request(request_id, prompt, params, SamplingState(params, prompt), self.config.block_size)
+        grammar = self.grammars.matcher(params.grammar, prompt) if params.grammar is not None else None
+        sampling = SamplingState(params, prompt, self.outputs.eos_token_ids, grammar=grammar)
+        request = Request(request_id, prompt, params, sampling, self.config.block_size)
         if register:
             self.requests[request_id] = request
             self.outputs.start(request)
@@ -162,7 +168,10 @@ class Engine:
         if not prompt:
             raise InvalidRequestError("prompt must not be empty")
         _check_token_ids(prompt, self.model_config.vocab_size, "prompt")
-        _check_token_ids(params.stop_token_ids, self.model_config.vocab_size, "stop_token_ids")
+        try:
+            check_vocabulary(params, self.model_config.vocab_size)
+        except FieldError as exc:
+            raise InvalidRequestError(str(exc)) from exc
         total = len(prompt) + params.max_tokens
         if total > self.max_model_len:
             raise InvalidRequestError(
@@ -183,7 +192,9 @@ class Engine:
                 plan, {c.request_id: self.requests[c.request_id].sampling for c in plan.chunks}, self.on_layer_done
             )
             self.scheduler.step_done(plan, self.requests)
-            for request_id, (token_id, logprobs) in sampled.items():
+            for request_id, (scored_from, entries) in sampled.prompt_logprobs.items():
+                _record_prompt_logprobs(self.requests[request_id], scored_from, entries)
+            for request_id, (token_id, logprobs) in sampled.sampled.items():
                 self._record_token(self.requests[request_id], token_id, logprobs)
         self._kv_events.extend(self.allocator.take_events())
         outputs, self._pending = self._pending, []
@@ -250,7 +261,15 @@ def _completion(request_id: str, prompt: tuple[int, ...], outputs: list[RequestO
         finish_reason=outputs[-1].finish_reason or "abort",
         logprobs=tuple(lp for o in outputs for lp in o.logprobs),
         num_cached_tokens=outputs[-1].num_cached_tokens,
+        prompt_logprobs=tuple(lp for o in outputs for lp in o.prompt_logprobs),
+        stop_reason=outputs[-1].stop_reason,
     )
+
+
+def _record_prompt_logprobs(request: Request, scored_from: int, entries: list[TokenLogprobs]) -> None:
+    """Appends a chunk's prompt logprobs; a chunk recomputed after preemption scores nothing new."""
+    assert scored_from == len(request.prompt_logprobs), "prompt positions are scored in order, once"
+    request.prompt_logprobs.extend(entries)
 
 
 def _check_token_ids(token_ids: Sequence[int], vocab_size: int, field: str) -> None:

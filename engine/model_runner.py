@@ -11,7 +11,7 @@ from engine.attention import AttentionBackend, AttentionBatch, PrefillSegment, S
 from engine.kv_cache import PagedKVCache
 from engine.layer_ready import LayerReady, record_layer_ready
 from engine.model import CausalLM
-from engine.sampler import Sampler, SampleResult, SamplingState
+from engine.sampler import Sampler, SampleResult, SamplingState, TokenLogprobs
 from engine.scheduler import ScheduledChunk, SchedulerOutput
 
 LayerHook = Callable[[SchedulerOutput, int, LayerReady], None]
@@ -30,7 +30,14 @@ class StepInputs:
     positions: torch.Tensor
     batch: AttentionBatch
     logits_rows: torch.Tensor
-    sampled_ids: tuple[str, ...]  # request ids of the rows in logits_rows
+    sampled_ids: tuple[str, ...]  # request ids of the first rows in logits_rows
+    scored_chunks: tuple[ScheduledChunk, ...] = ()  # their prompt-scoring rows follow, chunk by chunk
+
+
+@dataclass(frozen=True)
+class StepResult:
+    sampled: dict[str, tuple[int, TokenLogprobs | None]]  # request id -> (sampled token id, its logprobs)
+    prompt_logprobs: dict[str, tuple[int, list[TokenLogprobs]]]  # request id -> (chunk.scored_from, entries)
 
 
 class ModelRunner:
@@ -52,14 +59,25 @@ class ModelRunner:
 
     def execute(
         self, output: SchedulerOutput, states: dict[str, SamplingState], on_layer_done: LayerHook | None = None
-    ) -> dict[str, tuple[int, object]]:
-        """Runs one step; returns request id -> (sampled token id, TokenLogprobs | None)."""
+    ) -> StepResult:
+        """Runs one step: the sampled tokens, and the prompt logprobs of chunks that score their prompt."""
         inputs = self.prepare(output.chunks)
         logits = self._forward(inputs, output, on_layer_done)
-        if not inputs.sampled_ids:
-            return {}
-        result: SampleResult = self.sampler.sample(logits, [states[r] for r in inputs.sampled_ids])
-        return {rid: (tok, lp) for rid, tok, lp in zip(inputs.sampled_ids, result.token_ids, result.logprobs)}
+        num_sampled = len(inputs.sampled_ids)
+        scored, row = {}, num_sampled
+        for chunk in inputs.scored_chunks:
+            count, top = len(chunk.prompt_targets), states[chunk.request_id].params.prompt_logprobs
+            rows = logits[row : row + count]
+            scored[chunk.request_id] = (
+                chunk.scored_from,
+                self.sampler.prompt_logprobs(rows, chunk.prompt_targets, top),
+            )
+            row += count
+        if not num_sampled:
+            return StepResult({}, scored)
+        result: SampleResult = self.sampler.sample(logits[:num_sampled], [states[r] for r in inputs.sampled_ids])
+        sampled = {rid: (tok, lp) for rid, tok, lp in zip(inputs.sampled_ids, result.token_ids, result.logprobs)}
+        return StepResult(sampled, scored)
 
     def _forward(self, inputs: StepInputs, output: SchedulerOutput, on_layer_done: LayerHook | None) -> torch.Tensor:
         shape = self.graphs.shape_for(inputs) if self.graphs is not None else None
@@ -79,10 +97,13 @@ class ModelRunner:
         positions: list[torch.Tensor] = []
         prefills: list[PrefillSegment] = []
         logits_rows: list[int] = []
+        scoring_rows: list[int] = []
         sampled: list[str] = []
         decodes = [c for c in chunks if len(c.token_ids) == 1]
         for chunk in chunks:
             begin = len(ids)
+            first = begin + chunk.scored_from - chunk.start
+            scoring_rows.extend(range(first, first + len(chunk.prompt_targets)))
             ids.extend(chunk.token_ids)
             positions.append(torch.arange(chunk.start, chunk.start + len(chunk.token_ids)))
             if len(chunk.token_ids) > 1:
@@ -109,8 +130,9 @@ class ModelRunner:
             torch.tensor(ids, device=self.device),
             position.to(self.device),
             batch,
-            torch.tensor(logits_rows, dtype=torch.long, device=self.device),
+            torch.tensor(logits_rows + scoring_rows, dtype=torch.long, device=self.device),
             tuple(sampled),
+            tuple(c for c in chunks if c.prompt_targets),
         )
 
     def _attention_plan(self, chunks: Sequence[ScheduledChunk], positions: torch.Tensor) -> object:

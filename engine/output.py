@@ -21,6 +21,8 @@ class RequestOutput:
     num_prompt_tokens: int
     num_output_tokens: int
     num_cached_tokens: int
+    prompt_logprobs: tuple[TokenLogprobs, ...] = ()  # once, with the first output: entry k scores prompt token k + 1
+    stop_reason: str | int | None = None  # with a "stop" finish: the stop string or stop token id (None for EOS)
 
     @property
     def finished(self) -> bool:
@@ -39,10 +41,11 @@ class TextStream:
         self._text = ""
         self._emitted = 0
         self.stopped = False
+        self.matched: str | None = None  # the stop string found
 
-    def add_token(self, token_id: int) -> bool:
-        """Appends one token's text; True if a stop string now appears."""
-        return self._add_text(self._detokenizer.push(token_id))
+    def add_token(self, token_id: int, find_stops: bool = True) -> bool:
+        """Appends one token's text; True if a stop string now appears (looked for only with ``find_stops``)."""
+        return self._add_text(self._detokenizer.push(token_id), find_stops)
 
     def finish(self) -> None:
         if not self.stopped:
@@ -54,21 +57,22 @@ class TextStream:
         self._emitted = limit
         return piece
 
-    def _add_text(self, piece: str) -> bool:
+    def _add_text(self, piece: str, find_stops: bool = True) -> bool:
         if not piece or self.stopped:
             return self.stopped
         search_from = max(0, len(self._text) - self._hold)
         self._text += piece
-        cut = _first_stop(self._text, self._stop, search_from)
-        if cut is not None:
-            self._text = self._text[:cut]
-            self.stopped = True
+        found = _first_stop(self._text, self._stop, search_from) if find_stops else None
+        if found is not None:
+            self._text = self._text[: found[0]]
+            self.stopped, self.matched = True, found[1]
         return self.stopped
 
 
-def _first_stop(text: str, stops: tuple[str, ...], start: int) -> int | None:
-    found = [i for i in (text.find(s, start) for s in stops) if i >= 0]
-    return min(found) if found else None
+def _first_stop(text: str, stops: tuple[str, ...], start: int) -> tuple[int, str] | None:
+    """(where, which) of the earliest stop string in ``text[start:]``."""
+    found = [(i, s) for i, s in ((text.find(s, start), s) for s in stops) if i >= 0]
+    return min(found, key=lambda hit: hit[0]) if found else None
 
 
 class OutputProcessor:
@@ -92,9 +96,19 @@ class OutputProcessor:
         if logprobs is not None:
             request.pending_logprobs.append(logprobs)
         params = request.params
-        if token_id in params.stop_token_ids or (not params.ignore_eos and token_id in self.eos_token_ids):
+        stream = self._streams[request.request_id]
+        # Below min_tokens nothing stops the request but its length (the sampler keeps stop ids out).
+        may_stop = len(request.output_token_ids) > params.min_tokens
+        if may_stop and token_id in params.stop_token_ids:
+            request.stop_reason = token_id
             return RequestState.FINISHED_STOPPED
-        if self._streams[request.request_id].add_token(token_id):
+        if may_stop and not params.ignore_eos and token_id in self.eos_token_ids:
+            return RequestState.FINISHED_STOPPED
+        if stream.add_token(token_id, find_stops=len(request.output_token_ids) >= params.min_tokens):
+            request.stop_reason = stream.matched
+            return RequestState.FINISHED_STOPPED
+        grammar = request.sampling.grammar
+        if grammar is not None and grammar.terminated:  # complete: nothing may follow (broken only by bad input)
             return RequestState.FINISHED_STOPPED
         if len(request.output_token_ids) >= params.max_tokens or request.num_tokens >= self.max_model_len:
             return RequestState.FINISHED_LENGTH
@@ -115,9 +129,18 @@ class OutputProcessor:
             num_prompt_tokens=request.num_prompt_tokens,
             num_output_tokens=len(request.output_token_ids),
             num_cached_tokens=request.num_cached_tokens,
+            prompt_logprobs=self._take_prompt_logprobs(request),
+            stop_reason=request.stop_reason,
         )
         self._new_tokens[request.request_id] = []
         request.pending_logprobs.clear()
         if final:
             del self._streams[request.request_id], self._new_tokens[request.request_id]
         return output
+
+    def _take_prompt_logprobs(self, request: Request) -> tuple[TokenLogprobs, ...]:
+        """The prompt's logprobs, with the first output after they are complete (once)."""
+        if request.params.prompt_logprobs is None or request.needs_prompt_scores or request.prompt_logprobs_sent:
+            return ()
+        request.prompt_logprobs_sent = True
+        return tuple(request.prompt_logprobs)

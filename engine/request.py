@@ -66,6 +66,9 @@ class Request:
     num_published_blocks: int = 0
     num_preemptions: int = 0
     pending_logprobs: list[TokenLogprobs] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprobs] = field(default_factory=list)  # entry k scores prompt token k + 1
+    prompt_logprobs_sent: bool = False
+    stop_reason: str | int | None = None  # the stop string or stop token id that finished it (not EOS)
 
     def __post_init__(self) -> None:
         self._extend_block_hashes()
@@ -86,6 +89,12 @@ class Request:
     @property
     def num_prompt_tokens(self) -> int:
         return len(self.prompt_token_ids)
+
+    @property
+    def needs_prompt_scores(self) -> bool:
+        """prompt_logprobs were asked for and some prompt token is not scored yet."""
+        wanted = self.params.prompt_logprobs is not None
+        return wanted and len(self.prompt_logprobs) < len(self.prompt_token_ids) - 1
 
     def append_token(self, token_id: int) -> None:
         self.output_token_ids.append(token_id)

@@ -2,9 +2,12 @@
 
 Pipeline per row (vLLM / OpenAI semantics):
 
-    raw logits ──► penalties ──► /temperature ──► top-k ──► top-p ──► min-p ──► sample
+    raw logits ──► logit_bias, min_tokens ──► penalties ──► grammar mask (structured output)
+        │      ──► /temperature ──► top-k ──► top-p ──► min-p ──► sample
         │
-        └──► log_softmax ──► logprobs (always of the *raw* distribution)
+        └──► log_softmax ──► logprobs (always of the *raw* distribution, as vLLM's default)
+
+``min_tokens`` sets EOS and ``stop_token_ids`` to -inf while fewer than ``min_tokens`` tokens are generated.
 
 Sampling uses the exponential-race trick: ``argmax(probs / E)`` with ``E ~ Exp(1)`` i.i.d. is an
 exact draw from ``probs``. Each seeded row draws its own noise from its own generator, so its
@@ -22,6 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from contract.sampling import SamplingParams
+from engine.grammar import GrammarMatcher
 
 # Temperatures below this are treated as greedy: dividing by them overflows float32 logits.
 _SAMPLING_EPS = 1e-5
@@ -54,9 +58,19 @@ class SamplingState:
     what ``record`` tracks. Not thread-safe; owned by the engine thread.
     """
 
-    def __init__(self, params: SamplingParams, prompt_token_ids: Sequence[int]):
+    def __init__(
+        self,
+        params: SamplingParams,
+        prompt_token_ids: Sequence[int],
+        eos_token_ids: Sequence[int] = (),
+        grammar: GrammarMatcher | None = None,
+    ):
         self.params = params
         self.num_generated = 0
+        self.grammar = grammar  # structured output: masks the logits, advanced by every recorded token
+        # What min_tokens holds back: the stop token ids, and EOS unless it is ignored (vLLM's rule).
+        stops = set(params.stop_token_ids) | (set() if params.ignore_eos else set(eos_token_ids))
+        self._min_tokens_suppressed = tuple(sorted(stops)) if params.min_tokens else ()
         # Penalty inputs are kept only for requests that use them.
         self._output_token_ids: list[int] = []
         self._prompt_token_set = _unique_ids(prompt_token_ids) if params.repetition_penalty != 1.0 else None
@@ -64,6 +78,8 @@ class SamplingState:
 
     def record(self, token_id: int) -> None:
         self.num_generated += 1
+        if self.grammar is not None:
+            self.grammar.accept(token_id)
         if self.params.has_penalties:
             self._output_token_ids.append(int(token_id))
 
@@ -71,6 +87,16 @@ class SamplingState:
     def output_token_ids(self) -> list[int]:
         """Generated tokens so far; empty unless the request has penalties. Do not mutate."""
         return self._output_token_ids
+
+    @property
+    def suppressed_token_ids(self) -> tuple[int, ...]:
+        """Token ids that may not be sampled at this step (stop and EOS ids, until min_tokens are generated)."""
+        return self._min_tokens_suppressed if self.num_generated < self.params.min_tokens else ()
+
+    @property
+    def adjusts_logits(self) -> bool:
+        """Whether logit_bias or min_tokens changes this step's logits."""
+        return bool(self.params.logit_bias) or bool(self.suppressed_token_ids)
 
     @property
     def prompt_token_set(self) -> torch.Tensor | None:
@@ -107,10 +133,25 @@ class Sampler:
         token_ids = tokens.tolist()
         return SampleResult(token_ids=token_ids, logprobs=_gather_logprobs(raw, states, tokens, token_ids))
 
+    def prompt_logprobs(self, logits: torch.Tensor, targets: Sequence[int], num_top: int) -> list[TokenLogprobs]:
+        """Logprobs of prompt tokens: row j of ``logits`` [R, V] is the model's prediction of ``targets[j]``.
+
+        Each entry holds the target's logprob and the ``num_top`` most likely tokens, of the raw distribution."""
+        logprobs = logits[:, : self.vocab_size].float().log_softmax(dim=-1)
+        chosen = logprobs.gather(1, torch.tensor(targets, device=logits.device)[:, None]).squeeze(1).tolist()
+        top_values, top_ids = logprobs.topk(num_top, dim=-1) if num_top else (logprobs[:, :0], logprobs[:, :0].long())
+        return [
+            TokenLogprobs(token_id=t, logprob=lp, top=tuple(zip(ids, values)))
+            for t, lp, ids, values in zip(targets, chosen, top_ids.tolist(), top_values.tolist())
+        ]
+
     def _choose_tokens(self, raw: torch.Tensor, states: Sequence[SamplingState]) -> torch.Tensor:
-        if all(_is_greedy(s.params) and not s.params.has_penalties for s in states):
+        if all(
+            _is_greedy(s.params) and not s.params.has_penalties and not s.adjusts_logits and s.grammar is None
+            for s in states
+        ):
             return raw.argmax(dim=-1)  # fast path the decode loop relies on: no sort, no softmax
-        processed = _apply_penalties(raw, states)
+        processed = _apply_grammar(_apply_penalties(_apply_bias_and_suppression(raw, states), states), raw, states)
         tokens = processed.argmax(dim=-1)
         sampled_rows = [i for i, s in enumerate(states) if not _is_greedy(s.params)]
         if sampled_rows:
@@ -153,6 +194,35 @@ class Sampler:
 
 def _is_greedy(params: SamplingParams) -> bool:
     return params.temperature < _SAMPLING_EPS
+
+
+def _apply_bias_and_suppression(raw: torch.Tensor, states: Sequence[SamplingState]) -> torch.Tensor:
+    """``raw`` plus each row's logit_bias, with its suppressed ids at -inf (a new tensor if any row asks)."""
+    rows = [i for i, s in enumerate(states) if s.adjusts_logits]
+    if not rows:
+        return raw
+    out = raw.clone()
+    for i in rows:
+        bias = states[i].params.logit_bias
+        if bias:
+            ids = torch.tensor([t for t, _ in bias], dtype=torch.long, device=raw.device)
+            out[i].index_add_(0, ids, torch.tensor([b for _, b in bias], dtype=raw.dtype, device=raw.device))
+        suppressed = states[i].suppressed_token_ids
+        if suppressed:
+            out[i, torch.tensor(suppressed, dtype=torch.long, device=raw.device)] = -math.inf
+    return out
+
+
+def _apply_grammar(logits: torch.Tensor, raw: torch.Tensor, states: Sequence[SamplingState]) -> torch.Tensor:
+    """``logits`` with the tokens each row's grammar forbids at -inf (never writing into ``raw``)."""
+    rows = [i for i, s in enumerate(states) if s.grammar is not None]
+    if not rows:
+        return logits
+    allowed = torch.stack([states[i].grammar.allowed() for i in rows]).to(logits.device)
+    out = logits.clone() if logits is raw else logits
+    row_index = torch.tensor(rows, device=logits.device)
+    out[row_index] = out[row_index].masked_fill(~allowed[:, : out.size(1)], -math.inf)
+    return out
 
 
 def _apply_penalties(raw: torch.Tensor, states: Sequence[SamplingState]) -> torch.Tensor:

@@ -29,6 +29,11 @@ class ScheduledChunk:
     start: int
     block_ids: tuple[int, ...]
     samples: bool  # the chunk reaches the last known token, so a new token is sampled
+    # prompt_logprobs: the prompt tokens predicted by positions [scored_from, scored_from + len(prompt_targets))
+    #   prompt   t0 t1 t2 t3 t4        position p's logits score prompt token p + 1;
+    #   chunk       [t1 t2 t3]         start=1: scores t2 t3 t4 (scored_from=1, prompt_targets=(t2, t3, t4))
+    prompt_targets: tuple[int, ...] = ()
+    scored_from: int = 0
 
 
 @dataclass(frozen=True)
@@ -134,8 +139,11 @@ class Scheduler:
             needed = _blocks_for(start + count, self.config.block_size) - len(hits)
             if not self.allocator.can_allocate(needed):
                 break
+            try:
+                self._take_blocks(request, hits, needed)
+            except NoFreeBlocksError:
+                break  # hits that were free cached blocks left the free list when acquired
             self.waiting.popleft()
-            self._take_blocks(request, hits, needed)
             request.num_computed_tokens = start
             if request.num_preemptions == 0:
                 request.num_cached_tokens = start
@@ -146,6 +154,8 @@ class Scheduler:
         return admitted
 
     def _prefix_hits(self, request: Request) -> list[int]:
+        if request.needs_prompt_scores:
+            return []  # prompt logprobs need the logits of every prompt position, which a cache hit skips
         # At least one token must be computed to produce logits, so a fully cached prompt
         # still recomputes its last block.
         usable = (request.num_tokens - 1) // self.config.block_size
@@ -173,8 +183,18 @@ class Scheduler:
     def _chunk(self, request: Request, count: int) -> ScheduledChunk:
         start = request.num_computed_tokens
         tokens = request.all_token_ids[start : start + count]
+        scored_from = max(start, len(request.prompt_logprobs))
+        targets = ()
+        if request.needs_prompt_scores:
+            targets = tuple(request.prompt_token_ids[scored_from + 1 : start + count + 1])
         return ScheduledChunk(
-            request.request_id, tuple(tokens), start, tuple(request.block_ids), start + count == request.num_tokens
+            request.request_id,
+            tuple(tokens),
+            start,
+            tuple(request.block_ids),
+            start + count == request.num_tokens,
+            targets,
+            scored_from,
         )
 
     def _preempt(self, request: Request) -> None:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import jinja2
+import jinja2.meta
 from jinja2.ext import loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as BackendTokenizer
@@ -63,12 +64,15 @@ class Tokenizer(ABC):
         """
 
     @abstractmethod
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+    def apply_chat_template(
+        self, messages: list[dict], add_generation_prompt: bool = True, tools: list[dict] | None = None
+    ) -> str:
         """Render a conversation (``[{"role": ..., "content": ...}, ...]``) as prompt text.
 
         Many templates already emit ``bos_token``: encode their output with ``add_special_tokens=False``
-        unless the model needs encode's BOS too. Raises InvalidRequestError when the template rejects the
-        conversation.
+        unless the model needs encode's BOS too. ``tools`` (OpenAI tool definitions) reach the template as
+        transformers passes them; see ``supports_tools``. Raises InvalidRequestError when the template rejects
+        the conversation.
         """
 
     @abstractmethod
@@ -79,6 +83,11 @@ class Tokenizer(ABC):
     def chat_template_source(self) -> str:
         """The text of the chat template ``apply_chat_template`` renders (the model's or the built-in one)."""
         return self._chat_template.source
+
+    @property
+    def supports_tools(self) -> bool:
+        """Whether the chat template renders tool definitions (it reads the ``tools`` variable)."""
+        return self._chat_template.reads_tools
 
 
 class ChatTemplate:
@@ -92,13 +101,21 @@ class ChatTemplate:
 
     def __init__(self, source: str):
         self.source = source  # the text, for the model card's fingerprint
-        self._template = _sandbox().from_string(source)
+        environment = _sandbox()
+        self._template = environment.from_string(source)
+        self.reads_tools = "tools" in jinja2.meta.find_undeclared_variables(environment.parse(source))
 
-    def render(self, messages: list[dict], add_generation_prompt: bool, special_tokens: dict[str, str]) -> str:
+    def render(
+        self,
+        messages: list[dict],
+        add_generation_prompt: bool,
+        special_tokens: dict[str, str],
+        tools: list[dict] | None = None,
+    ) -> str:
         """Prompt text; ``special_tokens`` maps names like ``bos_token`` to their text."""
         try:
             return self._template.render(
-                messages=messages, add_generation_prompt=add_generation_prompt, tools=None, **special_tokens
+                messages=messages, add_generation_prompt=add_generation_prompt, tools=tools, **special_tokens
             )
         except Exception as exc:  # the template is the model's code: any failure means it rejects these messages
             raise InvalidRequestError(f"chat template cannot render these messages: {exc}") from exc
@@ -160,8 +177,11 @@ class ByteTokenizer(Tokenizer):
             return b"" if skip_special_tokens else self._SPECIAL_TEXT[token_id]
         return self._SINGLE_BYTES[(token_id - self.FIRST_BYTE_ID) % 256]
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
-        return self._chat_template.render(messages, add_generation_prompt, {"bos_token": "<s>", "eos_token": "</s>"})
+    def apply_chat_template(
+        self, messages: list[dict], add_generation_prompt: bool = True, tools: list[dict] | None = None
+    ) -> str:
+        special_tokens = {"bos_token": "<s>", "eos_token": "</s>"}
+        return self._chat_template.render(messages, add_generation_prompt, special_tokens, tools)
 
     def is_special(self, token_id: int) -> bool:
         return 0 <= token_id < self.FIRST_BYTE_ID
@@ -219,14 +239,20 @@ class HFTokenizer(Tokenizer):
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self._backend.encode(text, add_special_tokens=add_special_tokens).ids
 
+    def to_json(self) -> str:
+        """The backend tokenizer as tokenizer.json text (what grammar engines read a vocabulary from)."""
+        return self._backend.to_str()
+
     def decode(self, token_ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         if skip_special_tokens:
             token_ids = [t for t in token_ids if t not in self._special_ids]
         return self._backend.decode(list(token_ids), skip_special_tokens=False)
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+    def apply_chat_template(
+        self, messages: list[dict], add_generation_prompt: bool = True, tools: list[dict] | None = None
+    ) -> str:
         special_tokens = {name: text for name, text in self._token_text.items() if text is not None}
-        return self._chat_template.render(messages, add_generation_prompt, special_tokens)
+        return self._chat_template.render(messages, add_generation_prompt, special_tokens, tools)
 
     def is_special(self, token_id: int) -> bool:
         return token_id in self._special_ids

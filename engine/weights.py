@@ -1,5 +1,5 @@
 """Building a model: built-in presets with seeded dummy weights, or a local Hugging Face directory
-(single or sharded safetensors)."""
+(single or sharded safetensors), a GGUF preset's built directory included."""
 
 from __future__ import annotations
 
@@ -16,7 +16,9 @@ from engine.presets import (
     DUMMY_WEIGHT_SEED,
     PRESETS,
     load_model_tokenizer,
+    model_directory,
     model_weights_fingerprint,
+    prepare_model,
     resolve_model_config,
     shard_files,
 )
@@ -32,6 +34,7 @@ class LoadedModel:
 
 
 def load_model(model: str, dtype: str | None = None, device: str = "cpu") -> LoadedModel:
+    prepare_model(model)  # a GGUF preset is built on first use
     config = resolve_model_config(model)
     torch_dtype = getattr(torch, dtype or config.dtype)
     net = CausalLM(config)
@@ -39,7 +42,7 @@ def load_model(model: str, dtype: str | None = None, device: str = "cpu") -> Loa
     if model in PRESETS:
         _fill_dummy_weights(net, DUMMY_WEIGHT_SEED)
     else:
-        _load_safetensors(net, Path(model))
+        _load_safetensors(net, model_directory(model))
     tokenizer: Tokenizer = load_model_tokenizer(model, config)
     net = net.to(device=device, dtype=torch_dtype).eval()
     net.rotary.to(torch.float32)  # cos/sin tables stay fp32 and are cast per use, as in transformers

@@ -7,7 +7,7 @@ import contextlib
 import uuid
 from collections.abc import AsyncIterator
 
-from contract.sampling import SamplingParams, check_text, check_token_ids
+from contract.sampling import SamplingParams, check_text, check_token_ids, check_vocabulary
 from engine.errors import InvalidRequestError
 from engine.tokenizer import Tokenizer
 from router.config import RouterConfig
@@ -63,7 +63,7 @@ class Frontend:
         self.pool = pool
         self.model = ModelBinding(config)  # which model is served: tokenizer, limits, block size
         pool.check_card = self.model.check
-        self.metrics = RouterMetrics()
+        self.metrics = RouterMetrics(model_name=lambda: getattr(self.model.served, "name", None))
         self.metrics.watch_pool(pool)
         self.orchestrator = Orchestrator(config, pool, self.model, self.metrics)
         self.admission = Admission(config.max_running, config.max_queued, config.queue_timeout_s, self.metrics)
@@ -99,13 +99,21 @@ class Frontend:
     def encode_text(self, text: str, field: str = "prompt") -> list[int]:
         return self.tokenizer.encode(check_text(text, field))
 
-    def encode_chat(self, messages: list[dict]) -> list[int]:
+    def encode_chat(
+        self,
+        messages: list[dict],
+        tools: list[dict] | None = None,
+        add_generation_prompt: bool = True,
+        add_special_tokens: bool = False,
+    ) -> list[int]:
         try:
-            rendered = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+            rendered = self.tokenizer.apply_chat_template(
+                messages, add_generation_prompt=add_generation_prompt, tools=tools
+            )
         except InvalidRequestError as exc:
             raise GenerationError(str(exc), 400, "invalid_request_error") from exc
         # Chat templates write their own BOS where the model wants one.
-        return self.tokenizer.encode(rendered, add_special_tokens=False)
+        return self.tokenizer.encode(rendered, add_special_tokens=add_special_tokens)
 
     def room(self, prompt_ids: list[int]) -> int:
         """How many tokens may follow ``prompt_ids``; GenerationError(400) or FieldError if it is bad or too long."""
@@ -134,7 +142,9 @@ class Frontend:
                 400,
                 "context_length_exceeded",
             )
-        check_token_ids(params.stop_token_ids, self.vocab_size, "stop_token_ids")
+        check_vocabulary(params, self.vocab_size)
+        if params.grammar is not None and params.grammar.accepted_prompt_tokens > len(prompt_ids):
+            raise _bad("grammar.accepted_prompt_tokens exceeds the prompt", "grammar")
         return GenerationRequest(uuid.uuid4().hex, tuple(prompt_ids), params.to_wire())
 
     # -- output -----------------------------------------------------------------------------------

@@ -31,6 +31,7 @@ HONOURED: dict[str, frozenset[str]] = {
     "ChatMessage": frozenset({"role", "content"}),
     "TokenIds": frozenset({"ids"}),
     "SamplingParams": frozenset(SAMPLING_FIELDS),
+    "Grammar": frozenset({"kind", "text", "accepted_prompt_tokens"}),
 }
 DEFAULT_MAX_TOKENS = 16  # when params.max_tokens is 0 (unset)
 
@@ -57,6 +58,7 @@ class GenerateService(generate_pb2_grpc.GenerateServicer):
                     text=delta.text,
                     logprobs=delta.logprobs,
                     finish_reason=delta.finish_reason or "",
+                    prompt_logprobs=delta.prompt_logprobs,
                 )
                 if delta.usage is not None:
                     chunk.usage.CopyFrom(delta.usage)

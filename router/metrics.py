@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.samples import Sample
 
 from protos.worker_metrics import worker_metrics
 from router.workers import INCOMPATIBLE_FIELDS
@@ -56,12 +58,18 @@ TOKEN_LATENCY_BUCKETS = (
 
 
 class RouterMetrics:
-    def __init__(self) -> None:
+    """The router's own families, and (``watch_pool``) the cluster's view; docs/metrics.md lists them all.
+
+    One router serves one model: the families about its requests carry ``model``, the served model's name, added at
+    scrape time from ``model_name`` (left out while no model is served). The same observations are exported under
+    vLLM's names too (``vllm:``, with vLLM's ``model_name`` label), for tools that only know those."""
+
+    def __init__(self, model_name: Callable[[], str | None] = lambda: None) -> None:
         self.registry = CollectorRegistry()
-        r = self.registry
+        r = self._per_model = CollectorRegistry()  # the served model's families: exported through _ModelLabelled
         self.requests = Counter(
             "splitserve_requests",
-            "Requests finished, by endpoint and HTTP-like status",
+            "HTTP requests finished, by route template (other: no route matched) and status",
             ["endpoint", "status"],
             registry=r,
         )
@@ -88,6 +96,17 @@ class RouterMetrics:
         self.cached_tokens = Counter(
             "splitserve_cached_prompt_tokens", "Prompt tokens served from a prefix cache", registry=r
         )
+        self.finished = Counter(
+            "splitserve_finished_requests", "Generations finished, by finish reason", ["finish_reason"], registry=r
+        )
+        self.queue_depth = Gauge("splitserve_queue_depth", "Requests waiting for admission", registry=r)
+        self.running = Gauge("splitserve_running_requests", "Requests admitted and in flight", registry=r)
+        self._routing_families(self.registry)
+        self.registry.register(_ModelLabelled(self._per_model, model_name))
+        self.window = LatencyWindow()
+
+    def _routing_families(self, r: CollectorRegistry) -> None:
+        """How requests were routed and what that cost: the router's mechanics, whatever the model."""
         self.routing_decisions = Counter(
             "splitserve_routing_decisions", "Routing decisions by type", ["decision"], registry=r
         )
@@ -97,22 +116,18 @@ class RouterMetrics:
         self.migrations = Counter(
             "splitserve_migrations", "Requests moved to another decode worker mid-stream", registry=r
         )
+        # The reservations themselves are counted by the decode worker that holds them (kv_lease_expirations).
         self.lease_expirations = Counter(
-            "splitserve_lease_expirations", "Reservations whose KV did not land in time", registry=r
-        )
-        self.queue_depth = Gauge("splitserve_queue_depth", "Requests waiting for admission", registry=r)
-        self.running = Gauge("splitserve_running_requests", "Requests admitted and in flight", registry=r)
-        self.kv_transfer_seconds = Histogram(
-            "splitserve_kv_transfer_exposed_seconds",
-            "Transfer time not hidden behind prefill (last layer computed to KV committed), by transport",
-            ["transport"],
-            buckets=TOKEN_LATENCY_BUCKETS,
+            "splitserve_lease_expired_requests",
+            "Requests whose decode worker reported their KV lease expired (then failed or recomputed per lease_policy)",
             registry=r,
         )
-        self.kv_transfer_bytes = Counter(
-            "splitserve_kv_transfer_request_bytes",
-            "KV bytes moved for routed requests, by transport",
+        self.kv_transfer_seconds = Histogram(
+            "splitserve_kv_transfer_exposed_seconds",
+            "Transfer time not hidden behind prefill (last layer computed to KV committed), per routed request, "
+            "by transport",
             ["transport"],
+            buckets=TOKEN_LATENCY_BUCKETS,
             registry=r,
         )
         self.planner_decisions = Counter(
@@ -121,11 +136,60 @@ class RouterMetrics:
             ["role", "direction"],
             registry=r,
         )
-        self.window = LatencyWindow()
 
     def watch_pool(self, pool) -> None:
-        """Adds the cluster's view: every worker's last Stats, and workers up/down by pool."""
+        """Adds the cluster's view: every worker's last Stats, and workers by pool and state."""
         self.registry.register(_PoolCollector(pool))
+
+
+# The router's families exported again under vLLM's names (same semantics; vLLM's time_per_output_token_seconds
+# is its older name of the inter-token latency).
+VLLM_NAMES = {
+    "splitserve_time_to_first_token_seconds": ("vllm:time_to_first_token_seconds",),
+    "splitserve_time_per_output_token_seconds": ("vllm:request_time_per_output_token_seconds",),
+    "splitserve_inter_token_latency_seconds": (
+        "vllm:inter_token_latency_seconds",
+        "vllm:time_per_output_token_seconds",
+    ),
+    "splitserve_e2e_request_latency_seconds": ("vllm:e2e_request_latency_seconds",),
+    "splitserve_prompt_tokens": ("vllm:prompt_tokens",),
+    "splitserve_generation_tokens": ("vllm:generation_tokens",),
+    "splitserve_finished_requests": ("vllm:request_success",),
+}
+_VLLM_LABEL_NAMES = {"model": "model_name", "finish_reason": "finished_reason"}
+
+
+class _ModelLabelled:
+    """Every family of ``registry`` with ``model`` added, and those in VLLM_NAMES again under vLLM's names."""
+
+    def __init__(self, registry: CollectorRegistry, model_name: Callable[[], str | None]) -> None:
+        self.registry = registry
+        self.model_name = model_name
+
+    def collect(self):
+        model = self.model_name()
+        added = {"model": model} if model else {}
+        for family in self.registry.collect():
+            yield _relabelled(family, family.name, added)
+            for name in VLLM_NAMES.get(family.name, ()):
+                yield _relabelled(family, name, added, _VLLM_LABEL_NAMES)
+
+
+def _relabelled(family: Metric, name: str, added: dict[str, str], renamed: dict[str, str] | None = None) -> Metric:
+    """``family`` as ``name``, its samples with ``added`` labels and label names mapped through ``renamed``."""
+    renamed = renamed or {}
+    copy = Metric(name, family.documentation, family.type, family.unit)
+    copy.samples = [
+        Sample(
+            name + s.name[len(family.name) :],
+            {renamed.get(k, k): v for k, v in {**s.labels, **added}.items()},
+            s.value,
+            s.timestamp,
+            s.exemplar,
+        )
+        for s in family.samples
+    ]
+    return copy
 
 
 class _PoolCollector:
@@ -134,14 +198,17 @@ class _PoolCollector:
 
     def collect(self):
         workers = list(self.pool.workers.values())
-        up = GaugeMetricFamily(
-            "splitserve_workers", "Workers known to the router, by pool and state", labels=["role", "state"]
+        states = GaugeMetricFamily(
+            "splitserve_workers",
+            "Workers known to the router, by pool and state: ready (routed to), draining, incompatible (model card "
+            "differs), down (unhealthy); the states partition the pool",
+            labels=["role", "state"],
         )
         for role in ("prefill", "decode"):
             members = [w for w in workers if w.role == role]
-            up.add_metric([role, "up"], sum(1 for w in members if w.healthy))
-            up.add_metric([role, "down"], sum(1 for w in members if not w.healthy))
-        yield up
+            for state in ("ready", "draining", "incompatible", "down"):
+                states.add_metric([role, state], sum(1 for w in members if _state(w) == state))
+        yield states
         incompatible = GaugeMetricFamily(
             "splitserve_incompatible_workers",
             "Healthy workers not routed to because their model card disagrees with the router's, by pool and "
@@ -154,6 +221,14 @@ class _PoolCollector:
                 incompatible.add_metric([role, name], count)
         yield incompatible
         yield from worker_metrics(w.stats for w in workers if w.stats.worker_id)
+
+
+def _state(worker) -> str:
+    if not worker.healthy:
+        return "down"
+    if worker.incompatible:
+        return "incompatible"
+    return "draining" if worker.draining else "ready"
 
 
 class LatencyWindow:

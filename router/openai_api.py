@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import importlib.metadata
 import json
 import time
 import uuid
@@ -24,10 +25,13 @@ from pydantic_core import PydanticCustomError
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from contract.grammar import Grammar
 from contract.sampling import FIELDS as SAMPLING_FIELDS
-from contract.sampling import FieldError, SamplingParams, wrap_seed
+from contract.sampling import FieldError, SamplingParams, check_text, check_token_ids, wrap_seed
+from protos import common_pb2
 from router.frontend import Frontend, Overloaded
 from router.orchestrator import Delta, GenerationError, GenerationRequest
+from router.structured import Tools, grammar_from_fields, tool_call_format
 
 # -- request bodies -----------------------------------------------------------------------------------
 #
@@ -54,10 +58,19 @@ _SAMPLING_HONOURED = frozenset(
         "ignore_eos",
         "return_tokens_as_token_ids",
         "user",
+        "logit_bias",
+        "min_tokens",
+        # structured output (router/structured.py): one grammar from any one of these
+        "response_format",
+        "guided_json",
+        "guided_regex",
+        "guided_choice",
+        "guided_grammar",
+        "structured_outputs",
     }
 )
 METADATA = frozenset({"user", "safety_identifier", "prompt_cache_key"})
-COMPLETION_HONOURED = _SAMPLING_HONOURED | {"prompt", "max_tokens", "logprobs"}
+COMPLETION_HONOURED = _SAMPLING_HONOURED | {"prompt", "max_tokens", "logprobs", "echo", "best_of"}
 CHAT_HONOURED = _SAMPLING_HONOURED | {
     "messages",
     "max_tokens",
@@ -66,9 +79,12 @@ CHAT_HONOURED = _SAMPLING_HONOURED | {
     "top_logprobs",
     "safety_identifier",
     "prompt_cache_key",
+    "tools",
+    "tool_choice",
+    "parallel_tool_calls",
 }
 MESSAGE_HONOURED = frozenset({"role", "content"})
-STREAM_OPTIONS_HONOURED = frozenset({"include_usage"})
+STREAM_OPTIONS_HONOURED = frozenset({"include_usage", "continuous_usage_stats"})
 
 
 @dataclass(frozen=True)
@@ -83,20 +99,13 @@ class Refusal:
         return not any(type(value) is type(n) and value == n for n in self.neutral)
 
 
-_NOT_STRUCTURED = Refusal("structured output (guided decoding) is not implemented")
+_NOT_STRUCTURED = Refusal("structured output takes response_format, guided_* or structured_outputs")
 _SAMPLING_REFUSED: dict[str, Refusal] = {
-    "logit_bias": Refusal(neutral=(None, {})),
-    "response_format": Refusal("structured output is not implemented", neutral=(None, {"type": "text"})),
-    "guided_json": _NOT_STRUCTURED,
-    "guided_regex": _NOT_STRUCTURED,
-    "guided_choice": _NOT_STRUCTURED,
-    "guided_grammar": _NOT_STRUCTURED,
     "guided_decoding_backend": _NOT_STRUCTURED,
     "guided_whitespace_pattern": _NOT_STRUCTURED,
     "structural_tag": _NOT_STRUCTURED,
     "use_beam_search": Refusal(neutral=(None, False)),
     "length_penalty": Refusal(neutral=(None, 1, 1.0)),
-    "min_tokens": Refusal(neutral=(None, 0)),
     "include_stop_str_in_output": Refusal(neutral=(None, False)),
     "skip_special_tokens": Refusal(),
     "spaces_between_special_tokens": Refusal(),
@@ -108,19 +117,16 @@ _SAMPLING_REFUSED: dict[str, Refusal] = {
     "add_special_tokens": Refusal(),
     "priority": Refusal(neutral=(None, 0)),
     "request_id": Refusal(),
-    "echo": Refusal(neutral=(None, False)),
 }
 COMPLETION_REFUSED: dict[str, Refusal] = {
     **_SAMPLING_REFUSED,
-    "best_of": Refusal(neutral=(None, 1)),
-    "suffix": Refusal(neutral=(None, "")),
+    # Insertion needs fill-in-the-middle tokens and training; the served Llama-family models have neither.
+    "suffix": Refusal("the served model has no fill-in-the-middle support", neutral=(None, "")),
 }
-_NO_TOOLS = "tool and function calling is not implemented"
+_NO_TOOLS = "use tools and tool_choice (the deprecated function-calling fields are not implemented)"
 CHAT_REFUSED: dict[str, Refusal] = {
     **_SAMPLING_REFUSED,
-    "tools": Refusal(_NO_TOOLS, neutral=(None, [])),
-    "tool_choice": Refusal(_NO_TOOLS, neutral=(None, "none")),
-    "parallel_tool_calls": Refusal(_NO_TOOLS),
+    "echo": Refusal(neutral=(None, False)),
     "functions": Refusal(_NO_TOOLS, neutral=(None, [])),
     "function_call": Refusal(_NO_TOOLS, neutral=(None, "none")),
     "audio": Refusal(),
@@ -148,7 +154,7 @@ MESSAGE_REFUSED: dict[str, Refusal] = {
     "audio": Refusal(),
     "reasoning_content": Refusal(),
 }
-STREAM_OPTIONS_REFUSED: dict[str, Refusal] = {"continuous_usage_stats": Refusal(neutral=(None, False))}
+STREAM_OPTIONS_REFUSED: dict[str, Refusal] = {}
 
 
 class _Strict(BaseModel):
@@ -198,8 +204,9 @@ def _refusing(name: str, base: type[BaseModel], refused: dict[str, Refusal]) -> 
     )
 
 
-class StreamOptions(_refusing("_StreamOptionsRefused", _Strict, STREAM_OPTIONS_REFUSED)):
-    include_usage: bool = False
+class StreamOptions(_Strict):
+    include_usage: bool = False  # a last chunk with the usage and no choices
+    continuous_usage_stats: bool = False  # usage, so far, on every chunk (vLLM's extension)
 
 
 class _SamplingFields(_Strict):
@@ -220,20 +227,47 @@ class _SamplingFields(_Strict):
     ignore_eos: bool = False
     user: str | None = None
     return_tokens_as_token_ids: bool = False  # vLLM's extension: logprob tokens as "token_id:N"
+    logit_bias: dict[str, float] | None = None  # token id (a JSON key, so a string) -> bias in [-100, 100]
+    min_tokens: int = 0  # vLLM's extension: no EOS, stop token or stop string before this many tokens
+    response_format: dict[str, Any] | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    structured_outputs: dict[str, Any] | None = None  # vLLM's: {"json" | "regex" | "choice" | "grammar" | ...: ...}
 
-    def sampling(self, max_tokens: int, logprobs: int | None) -> SamplingParams:
-        """The sampling record; fields named as in the record pass through. FieldError names a bad one."""
+    def sampling(self, max_tokens: int, logprobs: int | None, grammar: Grammar | None = None) -> SamplingParams:
+        """The sampling record; fields named as in the record pass through. FieldError names a bad one.
+        ``grammar`` (a tool_choice's) stands for the structured-output fields, which then must be unset."""
         if self.stream_options is not None and not self.stream:
             raise FieldError("stream_options", "stream_options is only allowed when stream is true")
         same = {name: getattr(self, name) for name in SAMPLING_FIELDS if name in type(self).model_fields}
         same.update(stop=self.stop or (), stop_token_ids=tuple(self.stop_token_ids or ()))
-        return SamplingParams(**{**same, "max_tokens": max_tokens, "logprobs": logprobs})
+        same.update(logit_bias=_logit_bias_ids(self.logit_bias or {}), min_tokens=self.min_tokens)
+        if self.min_tokens > max_tokens:
+            raise FieldError("min_tokens", f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({max_tokens})")
+        asked = grammar_from_fields(self)
+        if grammar is not None and asked is not None:
+            raise FieldError("tool_choice", "a required or named tool_choice constrains the output already")
+        return SamplingParams(**{**same, "max_tokens": max_tokens, "logprobs": logprobs, "grammar": grammar or asked})
 
 
 class CompletionBody(_refusing("_CompletionRefused", _SamplingFields, COMPLETION_REFUSED)):
     prompt: str | list[int] | list[str] | list[list[int]]
-    max_tokens: int | None = 16
+    max_tokens: int | None = 16  # 0: nothing generated (with echo and logprobs: the prompt scored)
     logprobs: int | None = None
+    echo: bool = False  # the prompt before the completion; with logprobs, the prompt tokens' logprobs too
+    best_of: int | None = Field(default=None, ge=1, le=16)  # candidates per prompt; the n most likely are returned
+
+
+def _logit_bias_ids(bias: dict[str, float]) -> dict[int, float]:
+    """JSON's string keys as token ids; FieldError(logit_bias) for a key that is not one."""
+    ids = {}
+    for key, value in bias.items():
+        if not key.strip().isdigit():
+            raise FieldError("logit_bias", f"logit_bias keys must be token ids, got {key!r}")
+        ids[int(key)] = value
+    return ids
 
 
 class ChatMessageBody(_refusing("_ChatMessageRefused", _Strict, MESSAGE_REFUSED)):
@@ -259,6 +293,29 @@ class ChatBody(_refusing("_ChatRefused", _SamplingFields, CHAT_REFUSED)):
     top_logprobs: int | None = None
     safety_identifier: str | None = None
     prompt_cache_key: str | None = None  # a hint: prefixes are cached whether or not it is given
+    tools: list[Any] | None = None  # checked by router/structured.py, each error naming its place
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+
+
+class TokenizeBody(_Strict):
+    """vLLM's /tokenize: ``prompt`` (special tokens added unless ``add_special_tokens`` is false) or ``messages``
+    (rendered with the chat template; special tokens added only if ``add_special_tokens`` is true)."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessageBody] | None = None
+    add_generation_prompt: bool = True
+    add_special_tokens: bool | None = None
+
+
+class DetokenizeBody(_Strict):
+    model: str | None = None
+    tokens: list[int]
+
+
+TOKENIZE_HONOURED = frozenset(TokenizeBody.model_fields)
+DETOKENIZE_HONOURED = frozenset(DetokenizeBody.model_fields)
 
 
 # -- the app ------------------------------------------------------------------------------------------
@@ -298,29 +355,55 @@ def create_app(frontend: Frontend, api_keys: tuple[str, ...] = ()) -> FastAPI:
 
     @app.get("/v1/models")
     async def models() -> dict:
-        return {
-            "object": "list",
-            "data": [
-                {
-                    "id": frontend.model_name,
-                    "object": "model",
-                    "created": 0,
-                    "owned_by": "splitserve",
-                    "max_model_len": frontend.max_model_len,
-                }
-            ],
-        }
+        return {"object": "list", "data": [_model_card(frontend)]}
 
     @app.post("/v1/completions")
     async def completions(body: CompletionBody, request: Request):
         frontend.check_model(body.model)
         prompts = _completion_prompts(frontend, body.prompt)
-        if body.stream and len(prompts) > 1:
-            raise GenerationError("streaming supports a single prompt", 400, "invalid_request_error", "prompt")
-        params = body.sampling(16 if body.max_tokens is None else body.max_tokens, body.logprobs)
-        choices = [p for p in prompts for _ in range(body.n)]
+        shape = _Completions.of(body, prompts, _echo_texts(frontend, body.prompt, prompts) if body.echo else None)
+        params = body.sampling(shape.worker_max_tokens, shape.worker_logprobs(body.logprobs))
+        if body.echo and body.logprobs is not None:
+            params = replace(params, prompt_logprobs=body.logprobs)
+        choices = [p for p in prompts for _ in range(shape.best_of)]
         jobs = [frontend.build(p, choice) for p, choice in zip(choices, _seeded(params, len(choices)))]
-        return await _respond(request, frontend, body, jobs, "text_completion", "cmpl")
+        return await _respond(request, frontend, body, jobs, "text_completion", "cmpl", completions=shape)
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str) -> dict:
+        if model_id != frontend.model_name:
+            raise GenerationError(f"The model `{model_id}` does not exist.", 404, "model_not_found", "model")
+        return _model_card(frontend)
+
+    @app.post("/tokenize")
+    async def tokenize(body: TokenizeBody) -> dict:
+        frontend.check_model(body.model)
+        if (body.prompt is None) == (body.messages is None):
+            raise FieldError("prompt", "give either prompt or messages")
+        if body.prompt is not None:
+            add_special = True if body.add_special_tokens is None else body.add_special_tokens
+            tokens = frontend.tokenizer.encode(check_text(body.prompt, "prompt"), add_special_tokens=add_special)
+        else:
+            try:
+                messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+            except ValueError as exc:
+                raise GenerationError(str(exc), 400, "invalid_request_error", "messages") from exc
+            tokens = frontend.encode_chat(
+                messages,
+                add_generation_prompt=body.add_generation_prompt,
+                add_special_tokens=bool(body.add_special_tokens),
+            )
+        return {"tokens": tokens, "count": len(tokens), "max_model_len": frontend.max_model_len}
+
+    @app.post("/detokenize")
+    async def detokenize(body: DetokenizeBody) -> dict:
+        frontend.check_model(body.model)
+        check_token_ids(body.tokens, frontend.vocab_size, "tokens")
+        return {"prompt": frontend.tokenizer.decode(body.tokens, skip_special_tokens=False)}
+
+    @app.get("/version")
+    async def version() -> dict:
+        return {"version": importlib.metadata.version("splitserve")}
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatBody, request: Request):
@@ -329,18 +412,30 @@ def create_app(frontend: Frontend, api_keys: tuple[str, ...] = ()) -> FastAPI:
             messages = [{"role": m.role, "content": m.text()} for m in body.messages]
         except ValueError as exc:
             raise GenerationError(str(exc), 400, "invalid_request_error", "messages") from exc
-        prompt = frontend.encode_chat(messages)
+        tools = _chat_tools(frontend, body)
+        prompt = frontend.encode_chat(messages, tools.template_tools if tools else None)
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         if body.top_logprobs is not None and not body.logprobs:
             raise GenerationError(
                 "top_logprobs requires logprobs to be true", 400, "invalid_request_error", "top_logprobs"
             )
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-        params = body.sampling(frontend.room(prompt) if max_tokens is None else max_tokens, logprobs)
+        tool_grammar = tools.grammar() if tools else None
+        params = body.sampling(frontend.room(prompt) if max_tokens is None else max_tokens, logprobs, tool_grammar)
         jobs = [frontend.build(prompt, choice) for choice in _seeded(params, body.n)]
-        return await _respond(request, frontend, body, jobs, "chat.completion", "chatcmpl")
+        calls = tools if tools is not None and tools.parses else None
+        return await _respond(request, frontend, body, jobs, "chat.completion", "chatcmpl", calls)
 
     return app
+
+
+def _chat_tools(frontend: Frontend, body: ChatBody) -> Tools | None:
+    """The request's tools, if any; a 400 naming ``tools`` when the model's chat template cannot render them."""
+    syntax = tool_call_format(frontend.tokenizer.chat_template_source)
+    tools = Tools.from_request(body.tools, body.tool_choice, body.parallel_tool_calls, syntax)
+    if tools is not None and not frontend.tokenizer.supports_tools:
+        raise FieldError("tools", "this model's chat template does not render tools, so the model cannot call them")
+    return tools
 
 
 def _completion_prompts(frontend: Frontend, prompt) -> list[list[int]]:
@@ -357,6 +452,110 @@ def _completion_prompts(frontend: Frontend, prompt) -> list[list[int]]:
     )
 
 
+def _model_card(frontend: Frontend) -> dict:
+    return {
+        "id": frontend.model_name,
+        "object": "model",
+        "created": 0,
+        "owned_by": "splitserve",
+        "max_model_len": frontend.max_model_len,
+    }
+
+
+def _echo_texts(frontend: Frontend, prompt, prompts: list[list[int]]) -> list[str]:
+    """What echo returns before each completion: a text prompt as sent, a token prompt decoded."""
+    if isinstance(prompt, str):
+        return [prompt]
+    if prompt and all(isinstance(p, str) for p in prompt):
+        return list(prompt)
+    return [frontend.tokenizer.decode(ids, skip_special_tokens=False) for ids in prompts]
+
+
+@dataclass(frozen=True)
+class _Completions:
+    """How /v1/completions shapes its choices beyond the generated text.
+
+    ``max_tokens`` 0 scores: the workers generate one token (a prefill always samples one), which is dropped.
+    ``best_of`` candidates are generated per prompt (with logprobs, to rank them) and the ``n`` with the highest
+    cumulative logprob returned; choice ``i * n + j`` is prompt i's j-th."""
+
+    prompts: list[list[int]]
+    echo_texts: list[str] | None
+    max_tokens: int
+    logprobs: bool  # the client asked for logprobs
+    n: int
+    best_of: int
+
+    @classmethod
+    def of(cls, body: CompletionBody, prompts: list[list[int]], echo_texts: list[str] | None) -> _Completions:
+        best_of = body.n if body.best_of is None else body.best_of
+        if best_of < body.n:
+            raise FieldError("best_of", f"best_of ({best_of}) must be at least n ({body.n})")
+        if body.stream and best_of > body.n:
+            raise FieldError("best_of", "best_of greater than n cannot stream: the best are known only at the end")
+        max_tokens = 16 if body.max_tokens is None else body.max_tokens
+        return cls(prompts, echo_texts, max_tokens, body.logprobs is not None, body.n, best_of)
+
+    @property
+    def scoring(self) -> bool:
+        return self.max_tokens == 0
+
+    @property
+    def worker_max_tokens(self) -> int:
+        return 1 if self.scoring else self.max_tokens
+
+    def worker_logprobs(self, asked: int | None) -> int | None:
+        return asked if asked is not None or self.best_of == self.n else 0
+
+    def stream(self, index: int, stream: AsyncIterator[Delta]) -> AsyncIterator[Delta]:
+        prompt = index // self.best_of
+        echo = (tuple(self.prompts[prompt]), self.echo_texts[prompt]) if self.echo_texts is not None else None
+        return _shaped(stream, echo, self.scoring)
+
+    def best(self, results: list[list[Delta]]) -> list[list[Delta]]:
+        """The n most likely of each prompt's best_of candidates (all of them when best_of == n), logprobs
+        dropped where only the ranking wanted them."""
+        chosen = []
+        for start in range(0, len(results), self.best_of):
+            candidates = results[start : start + self.best_of]
+            if self.best_of > self.n:
+                candidates = sorted(candidates, key=lambda r: -sum(lp.logprob for d in r for lp in d.logprobs))
+            chosen.extend(candidates[: self.n])
+        if not self.logprobs:
+            chosen = [[replace(d, logprobs=()) for d in deltas] for deltas in chosen]
+        return chosen
+
+
+@dataclass(frozen=True)
+class _EchoedDelta(Delta):
+    """A choice's first delta with the prompt echoed before its text: ``echo_ids`` are the prompt's tokens (their
+    logprobs, when asked for, are ``prompt_logprobs``, the first token's being null)."""
+
+    echo_ids: tuple[int, ...] = ()
+
+
+async def _shaped(
+    stream: AsyncIterator[Delta], echo: tuple[tuple[int, ...], str] | None, scoring: bool
+) -> AsyncIterator[Delta]:
+    first = True
+    async for delta in stream:
+        if scoring:
+            if not first and delta.finish_reason is None:
+                continue  # nothing of the dropped token is shown
+            usage = delta.usage
+            if usage is not None:
+                usage = common_pb2.Usage(prompt_tokens=usage.prompt_tokens, cached_tokens=usage.cached_tokens)
+            finish = "length" if delta.finish_reason is not None else None
+            delta = replace(
+                delta, token_ids=(), text="", logprobs=(), finish_reason=finish, stop_reason=None, usage=usage
+            )
+        if first and echo is not None:
+            fields = {f: getattr(delta, f) for f in Delta.__dataclass_fields__}
+            delta = _EchoedDelta(**{**fields, "text": echo[1] + delta.text}, echo_ids=echo[0])
+        first = False
+        yield delta
+
+
 def _seeded(params: SamplingParams, choices: int) -> list[SamplingParams]:
     """n > 1 with a seed: each choice gets its own seed, so the choices differ yet reproduce."""
     if params.seed is None or choices < 2:
@@ -367,23 +566,82 @@ def _seeded(params: SamplingParams, choices: int) -> list[SamplingParams]:
 # -- responses ----------------------------------------------------------------------------------------
 
 
-async def _respond(request: Request, frontend: Frontend, body, jobs: list[GenerationRequest], kind: str, prefix: str):
+async def _respond(
+    request: Request,
+    frontend: Frontend,
+    body,
+    jobs: list[GenerationRequest],
+    kind: str,
+    prefix: str,
+    tools: Tools | None = None,
+    completions: _Completions | None = None,
+):
     response_id = f"{prefix}-{uuid.uuid4().hex}"
     token_text = (lambda t: f"token_id:{t}") if body.return_tokens_as_token_ids else frontend.token_text
     created = int(time.time())
     chat = kind == "chat.completion"
+    streams = [frontend.stream(job) for job in jobs]
+    if completions is not None:
+        streams = [completions.stream(index, stream) for index, stream in enumerate(streams)]
+    tally = _UsageTally(jobs, completions.best_of if completions is not None else len(jobs))
     if body.stream:
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        deltas = _merge([frontend.stream(job) for job in jobs])
+        options = body.stream_options or StreamOptions()
+        deltas = _merge(streams)
+        if tools is not None:
+            deltas = _tool_call_deltas(deltas, tools)
         # Admission, routing and prefill run before the headers go out: their errors keep their status (429, 503).
         first = await _first_or_cancel(request, deltas)
         return StreamingResponse(
-            _sse(frontend, _chained(first, deltas), len(jobs), response_id, created, chat, include_usage, token_text),
+            _sse(frontend, _chained(first, deltas), len(jobs), response_id, created, chat, options, token_text, tally),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
-    results = await _collect_or_cancel(request, [_collect(frontend, job) for job in jobs])
-    return _full_response(frontend, results, response_id, created, chat, token_text)
+    results = await _collect_or_cancel(request, [_collect(stream) for stream in streams])
+    for index, deltas in enumerate(results):
+        for delta in deltas:
+            tally.add(index, delta)
+    if completions is not None:
+        results = completions.best(results)
+    response = _full_response(frontend, results, response_id, created, chat, token_text, tally)
+    for choice in response["choices"] if tools is not None else ():
+        content, calls = tools.parse(choice["message"]["content"])
+        if calls:
+            choice["message"].update(content=content, tool_calls=[call.to_openai() for call in calls])
+            choice["finish_reason"] = _tool_finish(choice["finish_reason"])
+    return response
+
+
+@dataclass(frozen=True)
+class _ToolCallDelta(Delta):
+    tool_calls: tuple = ()
+
+
+def _tool_finish(finish_reason: str | None) -> str | None:
+    return "tool_calls" if finish_reason == "stop" else finish_reason
+
+
+async def _tool_call_deltas(deltas: AsyncIterator[tuple[int, Delta]], tools: Tools) -> AsyncIterator[tuple[int, Delta]]:
+    """A stream whose text is held back to its end, where tool calls are parsed out of it: the last delta of each
+    choice carries the content (if any) and the calls. Logprobs still stream as they come."""
+    texts: dict[int, list[str]] = {}
+    async for index, delta in deltas:
+        first = index not in texts
+        texts.setdefault(index, []).append(delta.text)
+        if not delta.finish_reason:
+            if first or delta.logprobs:
+                yield index, replace(delta, text="")
+            continue
+        content, calls = tools.parse("".join(texts[index]))
+        if calls:
+            finish = _tool_finish(delta.finish_reason)
+            fields = {f: getattr(delta, f) for f in Delta.__dataclass_fields__}
+            delta = _ToolCallDelta(
+                **{**fields, "text": content or "", "finish_reason": finish},
+                tool_calls=tuple(call.to_openai(i) for i, call in enumerate(calls)),
+            )
+        else:
+            delta = replace(delta, text="".join(texts[index]))
+        yield index, delta
 
 
 async def _first_or_cancel(request: Request, deltas: AsyncIterator[tuple[int, Delta]]) -> tuple[int, Delta]:
@@ -420,8 +678,8 @@ async def _chained(
         yield item
 
 
-async def _collect(frontend: Frontend, job: GenerationRequest) -> list[Delta]:
-    return [delta async for delta in frontend.stream(job)]
+async def _collect(stream: AsyncIterator[Delta]) -> list[Delta]:
+    return [delta async for delta in stream]
 
 
 async def _collect_or_cancel(request: Request, coroutines) -> list[list[Delta]]:
@@ -435,43 +693,60 @@ async def _collect_or_cancel(request: Request, coroutines) -> list[list[Delta]]:
 
 
 def _full_response(
-    frontend: Frontend, results: list[list[Delta]], response_id: str, created: int, chat: bool, token_text
+    frontend: Frontend,
+    results: list[list[Delta]],
+    response_id: str,
+    created: int,
+    chat: bool,
+    token_text,
+    tally: _UsageTally,
 ) -> dict:
     choices = []
-    prompt_tokens = completion_tokens = cached = 0
     for index, deltas in enumerate(results):
         text = "".join(d.text for d in deltas)
         last = deltas[-1]
         logprobs = [lp for d in deltas for lp in d.logprobs]
-        choice: dict[str, Any] = {"index": index, "finish_reason": last.finish_reason}
+        choice: dict[str, Any] = {"index": index, "finish_reason": last.finish_reason, "stop_reason": last.stop_reason}
         if chat:
             choice["message"] = {"role": "assistant", "content": text}
             choice["logprobs"] = _chat_logprobs(token_text, logprobs) if logprobs else None
         else:
             choice["text"] = text
-            choice["logprobs"] = _completion_logprobs(token_text, logprobs) if logprobs else None
+            choice["logprobs"] = _completion_logprobs(token_text, deltas)
         choices.append(choice)
-        if last.usage is not None:
-            prompt_tokens = last.usage.prompt_tokens
-            completion_tokens += last.usage.completion_tokens
-            cached = max(cached, last.usage.cached_tokens)
     return {
         "id": response_id,
         "object": "chat.completion" if chat else "text_completion",
         "created": created,
         "model": frontend.model_name,
         "choices": choices,
-        "usage": _usage(prompt_tokens, completion_tokens, cached),
+        "usage": tally.usage(),
     }
 
 
-def _usage(prompt: int, completion: int, cached: int) -> dict:
-    return {
-        "prompt_tokens": prompt,
-        "completion_tokens": completion,
-        "total_tokens": prompt + completion,
-        "prompt_tokens_details": {"cached_tokens": cached},
-    }
+class _UsageTally:
+    """A request's usage across its choices: each prompt's tokens counted once (choices ``i * per_prompt`` to
+    ``(i + 1) * per_prompt - 1`` share prompt i), completion tokens as they come, cached tokens per prompt."""
+
+    def __init__(self, jobs: list[GenerationRequest], per_prompt: int) -> None:
+        self.per_prompt = per_prompt
+        self.prompt_tokens = sum(len(job.prompt_token_ids) for job in jobs[::per_prompt])
+        self.completion_tokens = 0
+        self.cached: dict[int, int] = {}
+
+    def add(self, index: int, delta: Delta) -> None:
+        self.completion_tokens += len(delta.token_ids)
+        if delta.usage is not None:
+            prompt = index // self.per_prompt
+            self.cached[prompt] = max(self.cached.get(prompt, 0), delta.usage.cached_tokens)
+
+    def usage(self) -> dict:
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "total_tokens": self.prompt_tokens + self.completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": sum(self.cached.values())},
+        }
 
 
 async def _sse(
@@ -481,12 +756,13 @@ async def _sse(
     response_id: str,
     created: int,
     chat: bool,
-    include_usage: bool,
+    options: StreamOptions,
     token_text,
+    tally: _UsageTally,
 ) -> AsyncIterator[str]:
     kind = "chat.completion.chunk" if chat else "text_completion"
 
-    def chunk(choices: list[dict], usage: dict | None = None) -> str:
+    def chunk(choices: list[dict], last: bool = False) -> str:
         payload = {
             "id": response_id,
             "object": kind,
@@ -494,11 +770,12 @@ async def _sse(
             "model": frontend.model_name,
             "choices": choices,
         }
-        if include_usage:
-            payload["usage"] = usage
+        if options.continuous_usage_stats or (options.include_usage and last):
+            payload["usage"] = tally.usage()
+        elif options.include_usage:
+            payload["usage"] = None
         return f"data: {json.dumps(payload)}\n\n"
 
-    totals = [0, 0, 0]
     try:
         if chat:
             for index in range(choices):
@@ -513,13 +790,10 @@ async def _sse(
                     ]
                 )
         async for index, delta in deltas:
+            tally.add(index, delta)
             yield chunk([_stream_choice(token_text, index, delta, chat)])
-            if delta.usage is not None:
-                totals[0] = delta.usage.prompt_tokens
-                totals[1] += delta.usage.completion_tokens
-                totals[2] = max(totals[2], delta.usage.cached_tokens)
-        if include_usage:
-            yield chunk([], _usage(*totals))
+        if options.include_usage:
+            yield chunk([], last=True)
     except GenerationError as exc:
         yield f"data: {json.dumps(_error_body(exc))}\n\n"
     except TimeoutError:
@@ -528,13 +802,15 @@ async def _sse(
 
 
 def _stream_choice(token_text, index: int, delta: Delta, chat: bool) -> dict:
-    choice: dict[str, Any] = {"index": index, "finish_reason": delta.finish_reason}
+    choice: dict[str, Any] = {"index": index, "finish_reason": delta.finish_reason, "stop_reason": delta.stop_reason}
     if chat:
         choice["delta"] = {"content": delta.text} if delta.text or not delta.finish_reason else {}
+        if getattr(delta, "tool_calls", ()):
+            choice["delta"]["tool_calls"] = list(delta.tool_calls)
         choice["logprobs"] = _chat_logprobs(token_text, delta.logprobs) if delta.logprobs else None
     else:
         choice["text"] = delta.text
-        choice["logprobs"] = _completion_logprobs(token_text, delta.logprobs) if delta.logprobs else None
+        choice["logprobs"] = _completion_logprobs(token_text, [delta])
     return choice
 
 
@@ -569,11 +845,26 @@ async def _merge(streams: list[AsyncIterator[Delta]]) -> AsyncIterator[tuple[int
             task.cancel()
 
 
-def _completion_logprobs(token_text, logprobs) -> dict:
+def _completion_logprobs(token_text, deltas: list[Delta]) -> dict | None:
+    """The legacy logprobs object of ``deltas``, echoed prompt first (its first token has none); None if empty."""
+    token_ids: list[int] = []
+    values: list[float | None] = []
+    tops: list[dict | None] = []
+    for delta in deltas:
+        if isinstance(delta, _EchoedDelta) and delta.prompt_logprobs:
+            token_ids.append(delta.echo_ids[0])  # the prompt's first token: nothing before it to score it
+            values.append(None)
+            tops.append(None)
+        for lp in (*delta.prompt_logprobs, *delta.logprobs):
+            token_ids.append(lp.token_id)
+            values.append(lp.logprob)
+            tops.append({token_text(t.token_id): t.logprob for t in lp.top})
+    if not token_ids:
+        return None
     return {
-        "tokens": [token_text(lp.token_id) for lp in logprobs],
-        "token_logprobs": [lp.logprob for lp in logprobs],
-        "top_logprobs": [{token_text(t.token_id): t.logprob for t in lp.top} for lp in logprobs],
+        "tokens": [token_text(t) for t in token_ids],
+        "token_logprobs": values,
+        "top_logprobs": tops,
         "text_offset": [],
     }
 
@@ -700,8 +991,8 @@ class _Guard:
         try:
             await self.app(scope, receive, counting_send)
         finally:
-            if path.startswith("/v1/") and status:
-                self.frontend.metrics.requests.labels(path, str(status)).inc()
+            if status:
+                self.frontend.metrics.requests.labels(_route_template(scope), str(status)).inc()
 
     async def _read_body(self, receive) -> bytes | None:
         """A body sent without content-length, or None once it passes the limit."""
@@ -716,6 +1007,13 @@ class _Guard:
                 return None
             if not message.get("more_body"):
                 return b"".join(chunks)
+
+
+def _route_template(scope) -> str:
+    """The matched route's path template (Starlette sets ``scope["route"]``), or "other": a bounded label set, where
+    raw paths would make a series per junk path."""
+    route = scope.get("route")
+    return getattr(route, "path", None) or "other"
 
 
 def _replaying(body: bytes, receive):

@@ -4,6 +4,7 @@ reserve on D ──> prefill on P (ticket) ──> first token to the client ─
    │ D full: another D          │ P fails: abort reservation, retry another P (bounded,
    │                            │          jittered backoff), else prefill locally on D
    └─ short prompt / no P ──> D prefills locally
+prompt logprobs asked for ──> D prefills locally (they are computed where the prompt is prefilled)
 D dies mid-stream ──> re-issue prompt + tokens so far on another D (migration)
 lease expired ──> recompute locally on D (policy "recompute") or fail ("fail")
 consumer goes away ──> every in-flight call is cancelled and reservations aborted
@@ -16,7 +17,7 @@ import logging
 import random
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 import grpc
@@ -76,6 +77,8 @@ class Delta:
     logprobs: tuple[common_pb2.TokenLogprob, ...] = ()
     finish_reason: str | None = None
     usage: common_pb2.Usage | None = None
+    prompt_logprobs: tuple[common_pb2.TokenLogprob, ...] = ()  # with the first delta, when asked for
+    stop_reason: str | int | None = None  # with a "stop" finish: the stop string or token id (None for EOS)
 
 
 @dataclass
@@ -150,6 +153,10 @@ class Orchestrator:
             raise GenerationError(str(exc), 503) from exc
         if (force_local or progress.tokens) and chosen.decision is Decision.REMOTE_PREFILL:
             chosen = Route(Decision.FALLBACK, chosen.decode, None, chosen.uncached_tokens, "recompute locally")
+        elif request.params.HasField("prompt_logprobs") and chosen.decision is Decision.REMOTE_PREFILL:
+            # Prompt logprobs need the logits of every prompt position: the worker that prefills computes them.
+            reason = "prompt logprobs are computed where the prompt is prefilled"
+            chosen = Route(Decision.LOCAL_PREFILL, chosen.decode, None, chosen.uncached_tokens, reason)
         self.metrics.routing_decisions.labels(chosen.decision.value).inc()
         if self.on_route is not None:
             self.on_route(request.request_id, chosen)
@@ -164,6 +171,11 @@ class Orchestrator:
         params = common_pb2.SamplingParams()
         params.CopyFrom(request.params)
         params.max_tokens = request.params.max_tokens - len(progress.tokens)
+        if params.HasField("grammar"):  # the tokens so far are output the grammar has accepted
+            params.grammar.accepted_prompt_tokens += len(progress.tokens)
+        params.min_tokens = max(0, request.params.min_tokens - len(progress.tokens))
+        if progress.tokens:
+            params.ClearField("prompt_logprobs")  # delivered with the first delta; the prompt now holds output
         worker_request = decode_pb2.GenerateRequest(
             request_id=progress.next_worker_request_id(request.request_id),
             prompt_token_ids=list(request.prompt_token_ids) + progress.tokens,
@@ -204,7 +216,6 @@ class Orchestrator:
                     continue
                 progress.cached_tokens = first.num_cached_tokens
                 self.metrics.kv_transfer_seconds.labels(ticket.transport).observe(first.exposed_transfer_ms / 1000.0)
-                self.metrics.kv_transfer_bytes.labels(ticket.transport).inc(first.kv_bytes_sent)
                 first_delta = self._first_delta(first, request, served)
                 yield first_delta
                 async for delta in self._decode_stream(
@@ -295,8 +306,12 @@ class Orchestrator:
                     if first_text_sent:
                         text = ""
                 usage = response.usage if response.HasField("usage") else None
-                if tokens or text or response.finish_reason:
-                    yield Delta(tokens, text, logprobs, response.finish_reason or None, usage)
+                prompt_logprobs = tuple(response.prompt_logprobs)
+                stop_reason = getattr(response, response.WhichOneof("stop_reason") or "", None)
+                if tokens or text or response.finish_reason or prompt_logprobs:
+                    yield Delta(
+                        tokens, text, logprobs, response.finish_reason or None, usage, prompt_logprobs, stop_reason
+                    )
                 if response.finish_reason:
                     return
         except grpc.aio.AioRpcError as exc:
@@ -347,6 +362,7 @@ class Orchestrator:
             prompt_tokens=len(request.prompt_token_ids), completion_tokens=len(progress.tokens), cached_tokens=cached
         )
         self.metrics.e2e.observe(now - progress.started)
+        self.metrics.finished.labels(delta.finish_reason).inc()
         if len(progress.tokens) > 1 and progress.first_token_at is not None:
             tpot = (now - progress.first_token_at) / (len(progress.tokens) - 1)
             self.metrics.tpot.observe(tpot)
@@ -354,4 +370,4 @@ class Orchestrator:
         self.metrics.prompt_tokens.inc(usage.prompt_tokens)
         self.metrics.generation_tokens.inc(usage.completion_tokens)
         self.metrics.cached_tokens.inc(cached)
-        return Delta(delta.token_ids, delta.text, delta.logprobs, delta.finish_reason, usage)
+        return replace(delta, usage=usage)

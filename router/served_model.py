@@ -19,9 +19,11 @@ from pathlib import Path
 from contract.model_card import ModelCard, ModelCardError, card_mismatch, checkpoint_shards, mismatched_fields
 from engine.errors import ModelLoadError
 from engine.presets import (
+    GGUF_PRESETS,
     PRESETS,
     build_model_card,
     load_model_tokenizer,
+    model_directory,
     model_weights_fingerprint,
     resolve_model_config,
 )
@@ -133,7 +135,7 @@ class ModelBinding:
 
 def _tokenizer_matching(card: ModelCard) -> Tokenizer:
     """The tokenizer at the card's source, if its files are the card's; ModelLoadError otherwise."""
-    if card.source not in PRESETS and not Path(card.source).is_dir():
+    if card.source not in PRESETS and card.source not in GGUF_PRESETS and not Path(card.source).is_dir():
         raise ModelLoadError(f"{card.source!r} is neither a preset nor a directory on this machine")
     config = resolve_model_config(card.source)
     tokenizer = load_model_tokenizer(card.source, config)
@@ -158,7 +160,7 @@ def _reference_from_files(config: RouterConfig) -> tuple[ModelCard, Tokenizer]:
     model_config = resolve_model_config(config.model)
     tokenizer = load_model_tokenizer(config.model, model_config)
     weights = None
-    if config.model in PRESETS or _has_weights(Path(config.model)):
+    if config.model in PRESETS or _has_weights(model_directory(config.model)):
         weights = model_weights_fingerprint(config.model, model_config)
     limit = min(config.max_model_len or model_config.max_context, model_config.max_context)
     card = build_model_card(

@@ -257,7 +257,12 @@ def output_to_wire(output: RequestOutput) -> decode_pb2.GenerateResponse:
         text=output.text,
         logprobs=[logprob_to_wire(lp) for lp in output.logprobs],
         finish_reason=output.finish_reason or "",
+        prompt_logprobs=[logprob_to_wire(lp) for lp in output.prompt_logprobs],
     )
+    if isinstance(output.stop_reason, str):
+        response.stop_string = output.stop_reason
+    elif output.stop_reason is not None:
+        response.stop_token_id = output.stop_reason
     if output.finished:
         response.usage.CopyFrom(
             common_pb2.Usage(

@@ -19,6 +19,7 @@ from contract.sampling import (
     SamplingParams,
     check_text,
     check_token_ids,
+    check_vocabulary,
     wrap_seed,
 )
 from protos import common_pb2
@@ -67,6 +68,17 @@ def test_record_and_proto_have_the_same_fields():
         ("ignore_eos", 1),
         ("logprobs", -1),
         ("logprobs", MAX_TOP_LOGPROBS + 1),
+        ("logit_bias", {5: 100.5}),
+        ("logit_bias", {5: -101}),
+        ("logit_bias", {5: math.nan}),
+        ("logit_bias", {-1: 1.0}),
+        ("logit_bias", {1 << 32: 1.0}),
+        ("logit_bias", ((5, 1.0), (5, 2.0))),
+        ("logit_bias", "5"),
+        ("min_tokens", -1),
+        ("min_tokens", 1 << 32),
+        ("prompt_logprobs", -1),
+        ("prompt_logprobs", MAX_TOP_LOGPROBS + 1),
     ],
 )
 def test_each_bad_value_names_its_field(field, value):
@@ -91,7 +103,11 @@ def test_edges_are_valid_and_round_trip():
         stop_token_ids=(0, (1 << 32) - 1),
         ignore_eos=True,
         logprobs=MAX_TOP_LOGPROBS,
+        logit_bias={(1 << 32) - 1: 100.0, 0: -100.0, 7: 0.1},
+        min_tokens=(1 << 32) - 1,
+        prompt_logprobs=MAX_TOP_LOGPROBS,
     )
+    assert edges.logit_bias == ((0, -100.0), (7, f32(0.1)), ((1 << 32) - 1, 100.0)), "sorted, as float32"
     again = SamplingParams.from_wire(common_pb2.SamplingParams.FromString(edges.to_wire().SerializeToString()))
     assert again == replace(edges, top_p=f32(1e-7))
     assert SamplingParams(top_k=-1).top_k == 0, "-1 is vLLM's spelling of off"
@@ -106,12 +122,21 @@ def test_from_wire_reads_proto3_zeros_as_unset():
     params = SamplingParams.from_wire(zero, default_max_tokens=16)
     assert params == SamplingParams(max_tokens=16, temperature=0.0)  # zero temperature is greedy; top_p etc. off
     assert (params.top_p, params.repetition_penalty, params.seed, params.logprobs) == (1.0, 1.0, None, None)
-    explicit = common_pb2.SamplingParams(max_tokens=3, seed=0, logprobs=0)
-    assert (SamplingParams.from_wire(explicit).seed, SamplingParams.from_wire(explicit).logprobs) == (0, 0)
+    assert (params.logit_bias, params.min_tokens, params.prompt_logprobs) == ((), 0, None)
+    explicit = SamplingParams.from_wire(common_pb2.SamplingParams(max_tokens=3, seed=0, logprobs=0, prompt_logprobs=0))
+    assert (explicit.seed, explicit.logprobs, explicit.prompt_logprobs) == (0, 0, 0)
 
 
 def test_vocabulary_and_text_helpers():
     check_token_ids([0, 319], 320, "prompt")
+    check_vocabulary(SamplingParams(stop_token_ids=(319,), logit_bias={0: 1.0}), 320)
+    for field, bad in [
+        ("stop_token_ids", SamplingParams(stop_token_ids=(320,))),
+        ("logit_bias", SamplingParams(logit_bias={320: 1})),
+    ]:
+        with pytest.raises(FieldError) as caught:
+            check_vocabulary(bad, 320)
+        assert caught.value.field == field
     for bad in ([320], [-1], [True]):
         with pytest.raises(FieldError, match="prompt must hold token ids") as caught:
             check_token_ids(bad, 320, "prompt")
@@ -156,6 +181,9 @@ _VALUES = {
     "stop_token_ids": st.lists(_integers, max_size=4).map(tuple),
     "ignore_eos": st.one_of(st.booleans(), st.integers(0, 1)),
     "logprobs": st.one_of(st.none(), _integers),
+    "logit_bias": st.dictionaries(_integers, _numbers, max_size=3),
+    "min_tokens": _integers,
+    "prompt_logprobs": st.one_of(st.none(), _integers),
 }
 _FLOATS = {f.name for f in fields(SamplingParams) if f.type == "float"}
 

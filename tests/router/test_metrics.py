@@ -1,8 +1,10 @@
-"""/metrics after a known amount of traffic: counters and histogram counts match it exactly."""
+"""/metrics after a known amount of traffic: counters and histogram counts match it exactly; label sets stay
+bounded; the KV pool's states partition it on a live worker; the vLLM-named families carry the same facts."""
 
 from __future__ import annotations
 
 import time
+from types import SimpleNamespace
 
 import httpx
 import pytest
@@ -14,9 +16,10 @@ PROMPT = list(range(3, 60))  # 57 tokens: above the threshold below, so prefill 
 
 
 @pytest.fixture(scope="module")
-def router_url():
+def cluster():
+    decode_metrics = processes.free_port()
     decode, decode_address = processes.start_worker(
-        "decode", "--model", "demo", "--threads", "1", "--kv-cache-mb", "32"
+        "decode", "--model", "demo", "--threads", "1", "--kv-cache-mb", "32", "--metrics-port", str(decode_metrics)
     )
     prefill, prefill_address = processes.start_worker(
         "prefill", "--model", "demo", "--threads", "1", "--kv-cache-mb", "32"
@@ -26,7 +29,12 @@ def router_url():
         port, processes.free_port(), [prefill_address], [decode_address], "--local-prefill-threshold", "16"
     )
     with processes.running(router, prefill, decode):
-        yield f"http://127.0.0.1:{port}"
+        yield SimpleNamespace(router=f"http://127.0.0.1:{port}", decode_metrics=f"http://127.0.0.1:{decode_metrics}")
+
+
+@pytest.fixture(scope="module")
+def router_url(cluster):
+    return cluster.router
 
 
 def _samples(url: str) -> dict[tuple[str, tuple], float]:
@@ -83,8 +91,9 @@ def test_counters_and_histograms_match_the_traffic(router_url):
     assert delta("splitserve_kv_transfer_exposed_seconds_count", transport="grpc") == delta(
         "splitserve_routing_decisions_total", decision="remote_prefill"
     )
-    assert _value(after, "splitserve_workers", role="prefill", state="up") == 1
-    assert _value(after, "splitserve_workers", role="decode", state="up") == 1
+    assert _value(after, "splitserve_workers", role="prefill", state="ready") == 1
+    assert _value(after, "splitserve_workers", role="decode", state="ready") == 1
+    assert _sum(after, "splitserve_workers") == 2, "the states partition the pool"
     # the workers' own counters, aggregated by the router from their Stats
     assert delta("splitserve_worker_requests_finished_total", role="decode") == 5
     assert delta("splitserve_worker_generated_tokens_total", role="decode") == 25
@@ -110,3 +119,100 @@ def test_worker_serves_its_own_metrics():
             for f in text_string_to_metric_families(httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text)
         }
     assert {"splitserve_worker_kv_blocks", "splitserve_worker_sequences", "splitserve_kv_transfers"} <= families
+
+
+def _pool(samples, **labels) -> dict[str, float]:
+    return {
+        "used": _sum(samples, "splitserve_worker_kv_blocks", state="used", **labels),
+        "free": _sum(samples, "splitserve_worker_kv_blocks", state="free", **labels),
+        "pool": _sum(samples, "splitserve_worker_kv_pool_blocks", **labels),
+        "cached": _sum(samples, "splitserve_worker_kv_cached_blocks", **labels),
+        "usage": _sum(samples, "vllm:kv_cache_usage_perc", **labels),
+    }
+
+
+def _assert_partition(pool: dict[str, float]) -> None:
+    assert pool["pool"] > 0
+    assert pool["used"] + pool["free"] == pool["pool"], pool
+    assert 0 <= pool["cached"] <= pool["pool"], pool
+    assert pool["usage"] == pytest.approx(pool["used"] / pool["pool"]), pool
+
+
+def test_kv_pool_states_partition_the_pool_on_a_live_worker(cluster):
+    body = {"model": "demo", "prompt": PROMPT, "max_tokens": 2000, "temperature": 0, "ignore_eos": True}
+    with httpx.Client(timeout=60) as client:
+        with client.stream("POST", f"{cluster.router}/v1/completions", json={**body, "stream": True}) as response:
+            assert response.status_code == 200
+            lines = response.iter_lines()
+            for _ in range(3):
+                next(lines)
+            busy = _samples(cluster.decode_metrics)  # the worker's own /metrics, mid-stream
+        # closing the stream aborts the request: its blocks go back to the pool, its full prompt blocks stay cached
+    _assert_partition(_pool(busy))
+    assert _pool(busy)["used"] > 0
+    assert _sum(busy, "vllm:num_requests_running") >= 1
+
+    deadline = time.monotonic() + 15
+    idle = _pool(_samples(cluster.decode_metrics))
+    while idle["used"] and time.monotonic() < deadline:
+        time.sleep(0.2)
+        idle = _pool(_samples(cluster.decode_metrics))
+    _assert_partition(idle)
+    assert idle["used"] == 0 and idle["free"] == idle["pool"]
+    assert idle["cached"] > 0, "the prompt's full blocks stay in the prefix cache, inside free"
+    info = [
+        dict(labels)
+        for (name, labels), _ in _samples(cluster.decode_metrics).items()
+        if name == "vllm:cache_config_info"
+    ]
+    assert [int(i["num_gpu_blocks"]) for i in info] == [idle["pool"]] and int(info[0]["block_size"]) > 0
+
+    aggregated = _samples(cluster.router)  # the router's view, from every worker's Stats
+    for role in ("prefill", "decode"):
+        _assert_partition(_pool(aggregated, role=role))
+
+
+def test_unmatched_paths_share_one_series(router_url):
+    with httpx.Client(timeout=10) as client:
+        for index in range(21):
+            assert client.get(f"{router_url}/v1/no-such-path-{index}").status_code == 404
+            assert client.post(f"{router_url}/junk/{index}", json={}).status_code == 404
+            assert client.get(f"{router_url}/v1/models/no-such-model-{index}").status_code == 404
+    series = [dict(labels) for (name, labels) in _samples(router_url) if name == "splitserve_requests_total"]
+    endpoints = {s["endpoint"] for s in series}
+    assert not [e for e in endpoints if "no-such" in e or "junk" in e], endpoints
+    assert "/v1/models/{model_id:path}" in endpoints, "a matched route counts under its template"
+    assert [s["status"] for s in series if s["endpoint"] == "other"] == ["404"]
+
+
+def test_served_model_label_and_vllm_names(router_url):
+    model = httpx.get(f"{router_url}/v1/models", timeout=10).json()["data"][0]["id"]
+    before = _samples(router_url)
+    body = {"model": model, "prompt": PROMPT, "max_tokens": 5, "temperature": 0, "ignore_eos": True}
+    with httpx.Client(timeout=60) as client:
+        for _ in range(2):
+            assert client.post(f"{router_url}/v1/completions", json=body).status_code == 200
+    after = _samples(router_url)
+
+    def delta(name: str, **labels) -> float:
+        return _sum(after, name, **labels) - _sum(before, name, **labels)
+
+    assert delta("splitserve_requests_total", model=model, endpoint="/v1/completions", status="200") == 2
+    assert delta("splitserve_time_to_first_token_seconds_count", model=model) == 2
+    assert delta("vllm:time_to_first_token_seconds_count", model_name=model) == 2
+    assert delta("vllm:e2e_request_latency_seconds_count", model_name=model) == 2
+    assert delta("vllm:request_time_per_output_token_seconds_count", model_name=model) == 2
+    assert delta("vllm:inter_token_latency_seconds_count", model_name=model) == 2 * 4
+    assert delta("vllm:time_per_output_token_seconds_count", model_name=model) == 2 * 4
+    assert delta("vllm:prompt_tokens_total", model_name=model) == 2 * len(PROMPT)
+    assert delta("vllm:generation_tokens_total", model_name=model) == 2 * 5
+    assert delta("vllm:request_success_total", model_name=model, finished_reason="length") == 2
+    for splitserve, vllm in (
+        ("splitserve_generation_tokens_total", "vllm:generation_tokens_total"),
+        ("splitserve_e2e_request_latency_seconds_sum", "vllm:e2e_request_latency_seconds_sum"),
+    ):
+        assert _sum(after, splitserve) == _sum(after, vllm), "one observation, two names"
+    # engine gauges come from the workers' Stats only (one per worker), never from the router's own admission
+    running = [dict(labels) for (name, labels) in after if name == "vllm:num_requests_running"]
+    assert sorted(r["role"] for r in running) == ["decode", "prefill"]
+    assert {r["model_name"] for r in running} == {model}

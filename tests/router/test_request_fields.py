@@ -16,6 +16,8 @@ from pydantic import BaseModel
 import tests.router.test_errors as error_tests
 import tests.router.test_grpc_api as grpc_tests
 import tests.router.test_openai_api as api_tests
+import tests.router.test_openai_contract as contract_tests
+import tests.router.test_structured_output as structured_tests
 from contract.sampling import FIELDS as SAMPLING_FIELDS
 from protos import common_pb2, generate_pb2, generate_pb2_grpc
 from router import grpc_api, openai_api
@@ -27,6 +29,8 @@ TABLES = {
     openai_api.ChatBody: (openai_api.CHAT_HONOURED, openai_api.CHAT_REFUSED),
     openai_api.ChatMessageBody: (openai_api.MESSAGE_HONOURED, openai_api.MESSAGE_REFUSED),
     openai_api.StreamOptions: (openai_api.STREAM_OPTIONS_HONOURED, openai_api.STREAM_OPTIONS_REFUSED),
+    openai_api.TokenizeBody: (openai_api.TOKENIZE_HONOURED, {}),
+    openai_api.DetokenizeBody: (openai_api.DETOKENIZE_HONOURED, {}),
 }
 GRPC_MESSAGES = {
     "CompletionRequest": generate_pb2.CompletionRequest,
@@ -34,6 +38,7 @@ GRPC_MESSAGES = {
     "ChatMessage": generate_pb2.ChatMessage,
     "TokenIds": generate_pb2.TokenIds,
     "SamplingParams": common_pb2.SamplingParams,
+    "Grammar": common_pb2.Grammar,
 }
 GREEDY_IDS = dict(temperature=0, logprobs=0, extra_body={"ignore_eos": True, "return_tokens_as_token_ids": True})
 
@@ -105,8 +110,8 @@ def test_nested_refusals_unknown_fields_and_neutral_values(router):
     user = {"role": "user", "content": "hi"}
     error = assert_error(post(router, chat, {"messages": [{**user, "name": "bob"}]}), 400, param="messages.0.name")
     assert "name is not supported" in error["message"]
-    body = {"messages": [user], "stream": True, "stream_options": {"continuous_usage_stats": True}}
-    assert_error(post(router, chat, body), 400, param="stream_options.continuous_usage_stats")
+    body = {"messages": [user], "stream": True, "stream_options": {"continuous_usage_stats": True, "other": 1}}
+    assert_error(post(router, chat, body), 400, param="stream_options.other")
     assert_error(
         post(router, chat, {"messages": [user], "stream_options": {"include_usage": True}}), 400, param="stream_options"
     )
@@ -292,6 +297,14 @@ def test_metadata_fields_change_nothing(router, rng):
     assert tagged.choices[0].message.content == base
 
 
+def test_tools_for_a_template_that_cannot_render_them_are_a_400(router):
+    """The shared checkpoint's built-in template has no tools: asking it to call one is refused, by name."""
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+    body = {"messages": [{"role": "user", "content": "hi"}], "tools": [tool]}
+    error = assert_error(post(router, "/v1/chat/completions", body), 400, "invalid_request_error", "tools")
+    assert "does not render tools" in error["message"]
+
+
 def test_text_content_parts_read_as_their_concatenation(router):
     client = router.openai()
     args = dict(model=SERVED_MODEL, max_tokens=6, temperature=0, extra_body={"ignore_eos": True})
@@ -319,6 +332,10 @@ def test_grpc_sampling_params_mean_what_http_means(router, rng):
         stop_token_ids=[VOCAB - 1],
         ignore_eos=True,
         logprobs=2,
+        logit_bias={7: 3.5},
+        min_tokens=2,
+        prompt_logprobs=2,
+        grammar=common_pb2.Grammar(kind="regex", text="[a-z ]{1,60}"),
     )
     params = common_pb2.SamplingParams(**values)
     assert {f.name for f, _ in params.ListFields()} == set(SAMPLING_FIELDS), "set every field"
@@ -330,18 +347,29 @@ def test_grpc_sampling_params_mean_what_http_means(router, rng):
         )
     grpc_ids = [t for c in chunks for t in c.token_ids]
     assert all(len(lp.top) == 2 for c in chunks for lp in c.logprobs)
+    grpc_prompt_logprobs = [lp.logprob for lp in chunks[0].prompt_logprobs]
+    assert [lp.token_id for lp in chunks[0].prompt_logprobs] == prompt[1:]
     http_fields = {k: values[k] for k in ("temperature", "top_p", "seed", "presence_penalty", "frequency_penalty")}
-    extra = {k: values[k] for k in ("top_k", "min_p", "repetition_penalty", "stop_token_ids")}
+    extra = {k: values[k] for k in ("top_k", "min_p", "repetition_penalty", "stop_token_ids", "min_tokens")}
     out = router.openai().completions.create(
         model=SERVED_MODEL,
         prompt=[prompt],
         max_tokens=12,
         logprobs=2,
+        echo=True,  # with logprobs: prompt_logprobs=2
         stop=values["stop"],
-        extra_body={**extra, "ignore_eos": True, "return_tokens_as_token_ids": True},
+        extra_body={
+            **extra,
+            "logit_bias": {"7": 3.5},
+            "guided_regex": values["grammar"].text,
+            "ignore_eos": True,
+            "return_tokens_as_token_ids": True,
+        },
         **http_fields,
     )
-    assert token_ids(out.choices[0].logprobs.tokens) == grpc_ids
+    echoed = out.choices[0].logprobs
+    assert token_ids(echoed.tokens) == prompt + grpc_ids
+    assert echoed.token_logprobs[1 : len(prompt)] == pytest.approx(grpc_prompt_logprobs, abs=1e-5)
     unset = common_pb2.SamplingParams(temperature=0, ignore_eos=True)  # max_tokens 0: the API's default
     with grpc.insecure_channel(router.grpc) as channel:
         request = generate_pb2.CompletionRequest(token_ids=generate_pb2.TokenIds(ids=prompt), params=unset)
@@ -364,6 +392,14 @@ _SAMPLING_BEHAVIOUR = {
     "repetition_penalty": test_penalties_match_a_penalised_greedy_oracle,
     "max_tokens": test_max_tokens_and_max_completion_tokens,
     "logprobs": api_tests.test_logprobs_shapes,
+    "logit_bias": contract_tests.test_logit_bias_and_min_tokens_on_both_paths,
+    "min_tokens": contract_tests.test_logit_bias_and_min_tokens_on_both_paths,
+    "response_format": structured_tests.test_json_schema_output_validates_against_the_schema,
+    "guided_json": structured_tests.test_vllm_guided_fields_constrain_completions_and_streams,
+    "guided_regex": structured_tests.test_vllm_guided_fields_constrain_completions_and_streams,
+    "guided_choice": structured_tests.test_vllm_guided_fields_constrain_completions_and_streams,
+    "guided_grammar": structured_tests.test_vllm_guided_fields_constrain_completions_and_streams,
+    "structured_outputs": structured_tests.test_vllm_guided_fields_constrain_completions_and_streams,
 }
 BEHAVIOUR = {
     "http": {
@@ -383,6 +419,15 @@ BEHAVIOUR = {
         "user": test_metadata_fields_change_nothing,
         "safety_identifier": test_metadata_fields_change_nothing,
         "prompt_cache_key": test_metadata_fields_change_nothing,
+        "echo": contract_tests.test_echo_scores_the_prompt_like_transformers,
+        "best_of": contract_tests.test_best_of_returns_the_most_likely_candidates,
+        "continuous_usage_stats": contract_tests.test_lists_of_prompts_stream_with_indices_and_count_usage_once,
+        "add_generation_prompt": contract_tests.test_model_tokenize_detokenize_and_version_endpoints,
+        "add_special_tokens": contract_tests.test_model_tokenize_detokenize_and_version_endpoints,
+        "tokens": contract_tests.test_model_tokenize_detokenize_and_version_endpoints,
+        "tools": structured_tests.test_tools_reach_the_template_and_auto_or_none_leave_text,
+        "tool_choice": structured_tests.test_named_tool_choice_returns_a_call_whose_arguments_validate,
+        "parallel_tool_calls": structured_tests.test_tools_reach_the_template_and_auto_or_none_leave_text,
     },
     "grpc": {
         **{name: test_grpc_sampling_params_mean_what_http_means for name in SAMPLING_FIELDS},
@@ -396,6 +441,8 @@ BEHAVIOUR = {
         "content": grpc_tests.test_grpc_streams_the_same_tokens_as_http,
         "params": test_grpc_sampling_params_mean_what_http_means,
         "request_id": grpc_tests.test_grpc_streams_the_same_tokens_as_http,
+        "kind": structured_tests.test_grpc_grammar_continues_after_accepted_prompt_tokens,
+        "accepted_prompt_tokens": structured_tests.test_grpc_grammar_continues_after_accepted_prompt_tokens,
     },
 }
 

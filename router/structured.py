@@ -1,0 +1,263 @@
+"""Structured output and tool calls at the front door.
+
+Request fields become one grammar spec (contract/grammar.py): OpenAI's ``response_format``, vLLM's ``guided_*``
+fields and its ``structured_outputs`` object. Tools are rendered by the model's chat template; its tool-call
+syntax (Hermes/Qwen ``<tool_call>{json}</tool_call>``, or Llama-3.1's bare ``{"name", "parameters"}`` JSON) is
+parsed out of the text, and ``tool_choice`` ``required`` or a named function is enforced by a grammar over the
+allowed tools' parameters wrapped in that syntax. Errors are ``FieldError``s naming the field.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from contract import grammar as specs
+from contract.errors import FieldError
+from contract.grammar import Grammar
+
+# vLLM's structured_outputs object: its keys that name a constraint, and the spec each makes.
+_STRUCTURED_OUTPUT_KEYS = ("json", "regex", "choice", "grammar", "json_object")
+
+
+def grammar_from_fields(body: Any) -> Grammar | None:
+    """The one grammar a request body asks for (None for free text); FieldError names a bad or second one."""
+    found: list[tuple[str, Grammar]] = []
+    response_format = getattr(body, "response_format", None)
+    if response_format is not None:
+        grammar = _response_format(response_format)
+        if grammar is not None:
+            found.append(("response_format", grammar))
+    if getattr(body, "guided_json", None) is not None:
+        found.append(("guided_json", specs.json_schema(body.guided_json, "guided_json")))
+    if getattr(body, "guided_regex", None) is not None:
+        found.append(("guided_regex", specs.text_grammar("regex", body.guided_regex, "guided_regex")))
+    if getattr(body, "guided_choice", None) is not None:
+        found.append(("guided_choice", specs.choice(body.guided_choice, "guided_choice")))
+    if getattr(body, "guided_grammar", None) is not None:
+        found.append(("guided_grammar", specs.text_grammar("grammar", body.guided_grammar, "guided_grammar")))
+    if getattr(body, "structured_outputs", None) is not None:
+        grammar = _structured_outputs(body.structured_outputs)
+        if grammar is not None:
+            found.append(("structured_outputs", grammar))
+    if len(found) > 1:
+        raise FieldError(found[1][0], f"{found[1][0]} and {found[0][0]} both constrain the output; give one")
+    return found[0][1] if found else None
+
+
+def _response_format(value: Any) -> Grammar | None:
+    field = "response_format"
+    kind = value.get("type") if isinstance(value, dict) else None
+    if kind == "text" and set(value) == {"type"}:
+        return None
+    if kind == "json_object" and set(value) == {"type"}:
+        return specs.json_schema({"type": "object"}, field)
+    if kind == "json_schema" and set(value) == {"type", "json_schema"} and isinstance(value["json_schema"], dict):
+        described = value["json_schema"]
+        unknown = set(described) - {"name", "description", "schema", "strict"}
+        if unknown or "schema" not in described:
+            raise FieldError(
+                field, "response_format.json_schema needs a schema (and may have name, description, strict)"
+            )
+        return specs.json_schema(described["schema"], field)
+    raise FieldError(
+        field,
+        'response_format must be {"type": "text"}, {"type": "json_object"} or '
+        '{"type": "json_schema", "json_schema": {"name": ..., "schema": {...}}}',
+    )
+
+
+def _structured_outputs(value: Any) -> Grammar | None:
+    field = "structured_outputs"
+    if not isinstance(value, dict):
+        raise FieldError(field, "structured_outputs must be an object")
+    unknown = sorted(set(value) - set(_STRUCTURED_OUTPUT_KEYS))
+    if unknown:
+        raise FieldError(f"{field}.{unknown[0]}", f"{field}.{unknown[0]} is not supported")
+    given = {k: v for k, v in value.items() if v is not None and v is not False}
+    if len(given) > 1:
+        raise FieldError(field, f"structured_outputs constrains the output once; got {', '.join(sorted(given))}")
+    if not given:
+        return None
+    key, spec = next(iter(given.items()))
+    where = f"{field}.{key}"
+    if key == "json":
+        return specs.json_schema(spec, where)
+    if key == "json_object":
+        if spec is not True:
+            raise FieldError(where, f"{where} must be a boolean")
+        return specs.json_schema({"type": "object"}, where)
+    if key == "choice":
+        return specs.choice(spec, where)
+    return specs.text_grammar(key, spec, where)
+
+
+# -- tools ------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ToolCall:
+    name: str
+    arguments: str  # JSON text, as OpenAI returns it
+    id: str
+
+    def to_openai(self, index: int | None = None) -> dict:
+        call = {"id": self.id, "type": "function", "function": {"name": self.name, "arguments": self.arguments}}
+        return call if index is None else {"index": index, **call}
+
+
+HERMES = "hermes"  # <tool_call>\n{"name": ..., "arguments": {...}}\n</tool_call>   (Qwen2, Qwen3, Hermes)
+LLAMA_JSON = "llama_json"  # {"name": ..., "parameters": {...}}                     (Llama 3.1+)
+
+
+def tool_call_format(template_source: str) -> str:
+    """The tool-call syntax a chat template teaches its model."""
+    return HERMES if "<tool_call>" in template_source else LLAMA_JSON
+
+
+@dataclass(frozen=True)
+class Tools:
+    """A request's tools: definitions (OpenAI's), the choice, and the model's tool-call syntax."""
+
+    definitions: tuple[dict, ...]
+    choice: str  # "auto", "required", "none", or the name of the one function to call
+    parallel: bool
+    syntax: str
+
+    @classmethod
+    def from_request(cls, tools: Any, tool_choice: Any, parallel: Any, syntax: str) -> Tools | None:
+        """None when there is nothing to do (no tools); FieldError names a malformed field."""
+        definitions = tuple(_tool_definition(t, i) for i, t in enumerate(tools or ()))
+        names = [d["function"]["name"] for d in definitions]
+        if len(set(names)) != len(names):
+            raise FieldError("tools", "tools must have distinct function names")
+        choice = _tool_choice(tool_choice, names)
+        if parallel is not None and not isinstance(parallel, bool):
+            raise FieldError("parallel_tool_calls", "parallel_tool_calls must be a boolean")
+        if not definitions:
+            return None
+        return cls(definitions, choice, parallel is not False, syntax)
+
+    @property
+    def template_tools(self) -> list[dict]:
+        return [dict(d) for d in self.definitions]
+
+    @property
+    def parses(self) -> bool:
+        """Whether the output is read for tool calls (not with tool_choice "none")."""
+        return self.choice != "none"
+
+    def grammar(self) -> Grammar | None:
+        """The grammar enforcing ``required`` or a named function; None for ``auto`` and ``none``."""
+        if self.choice in ("auto", "none"):
+            return None
+        chosen = [d for d in self.definitions if self.choice == "required" or d["function"]["name"] == self.choice]
+        arguments = "arguments" if self.syntax == HERMES else "parameters"
+        calls = [_call_schema(d["function"], arguments) for d in chosen]
+        schema = calls[0] if len(calls) == 1 else {"anyOf": calls}
+        if self.syntax == LLAMA_JSON:
+            return specs.json_schema(schema, "tool_choice")
+        repeat = ' ("\\n" call)*' if self.choice == "required" and self.parallel else ""
+        compact = {"x-guidance": {"whitespace_flexible": False}, **schema}  # as contract/grammar.py's JSON
+        lark = f'start: call{repeat}\ncall: "<tool_call>\\n" body "\\n</tool_call>"\nbody: %json {json.dumps(compact)}\n'
+        return specs.text_grammar("grammar", lark, "tool_choice")
+
+    def parse(self, text: str) -> tuple[str | None, list[ToolCall]]:
+        """(content, tool calls) of a finished output; calls that do not parse stay in the content."""
+        found = _hermes_calls(text) if self.syntax == HERMES else _llama_calls(text)
+        calls = [call for call, _ in found]
+        if not calls:
+            return text, []
+        if not self.parallel:
+            calls = calls[:1]
+        content = text
+        for _, span in found:
+            content = content.replace(span, "")  # Llama's span is the whole text: no content
+        return content.strip() or None, calls
+
+
+def _tool_definition(tool: Any, index: int) -> dict:
+    where = f"tools.{index}"
+    function = tool.get("function") if isinstance(tool, dict) else None
+    if not isinstance(tool, dict) or tool.get("type") != "function" or not isinstance(function, dict):
+        raise FieldError(where, f'{where} must be {{"type": "function", "function": {{"name": ..., ...}}}}')
+    if set(tool) != {"type", "function"}:
+        raise FieldError(where, f"{where} has unknown keys: {sorted(set(tool) - {'type', 'function'})}")
+    name = function.get("name")
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_.\-]{1,64}", name):
+        raise FieldError(f"{where}.function.name", "a function name is 1-64 letters, digits, _ . or -")
+    unknown = set(function) - {"name", "description", "parameters", "strict"}
+    if unknown:
+        raise FieldError(f"{where}.function", f"{where}.function has unknown keys: {sorted(unknown)}")
+    parameters = function.get("parameters", {"type": "object"})
+    specs.json_schema(parameters, f"{where}.function.parameters")  # a schema the grammar engine compiles
+    return {"type": "function", "function": {**function, "parameters": parameters}}
+
+
+def _tool_choice(value: Any, names: list[str]) -> str:
+    if value is None:
+        return "auto" if names else "none"
+    if value in ("auto", "required", "none"):
+        if value == "required" and not names:
+            raise FieldError("tool_choice", 'tool_choice "required" needs tools')
+        return value
+    name = value.get("function", {}).get("name") if isinstance(value, dict) else None
+    if not isinstance(value, dict) or value.get("type") != "function" or not isinstance(name, str):
+        raise FieldError(
+            "tool_choice",
+            'tool_choice must be "auto", "required", "none" or {"type": "function", "function": {"name"}}',
+        )
+    if name not in names:
+        raise FieldError("tool_choice", f"tool_choice names {name!r}, which is not among the tools")
+    return name
+
+
+def _call_schema(function: dict, arguments: str) -> dict:
+    return {
+        "type": "object",
+        "properties": {"name": {"const": function["name"]}, arguments: function["parameters"]},
+        "required": ["name", arguments],
+        "additionalProperties": False,
+    }
+
+
+_HERMES_CALL = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.DOTALL)
+
+
+def _hermes_calls(text: str) -> list[tuple[ToolCall, str]]:
+    found = []
+    for match in _HERMES_CALL.finditer(text):
+        call = _call_from_json(match.group(1), "arguments")
+        if call is not None:
+            found.append((call, match.group(0)))
+    return found
+
+
+def _llama_calls(text: str) -> list[tuple[ToolCall, str]]:
+    """Llama's calls are the whole output or nothing: one JSON object, or several joined by ';'."""
+    body = text.strip().removeprefix("<|python_tag|>").strip()
+    whole = _call_from_json(body, "parameters")
+    if whole is not None:
+        return [(whole, text)]
+    calls = [_call_from_json(part.strip(), "parameters") for part in body.split(";")]
+    if not body or None in calls:
+        return []
+    return [(call, text) for call in calls]
+
+
+def _call_from_json(text: str, arguments_key: str) -> ToolCall | None:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        return None
+    if not isinstance(value, dict) or not isinstance(value.get("name"), str):
+        return None
+    arguments = value.get(arguments_key, value.get("arguments", value.get("parameters", {})))
+    if isinstance(arguments, str):
+        arguments_text = arguments
+    else:
+        arguments_text = json.dumps(arguments, ensure_ascii=False)
+    return ToolCall(value["name"], arguments_text, f"call_{uuid.uuid4().hex[:24]}")

@@ -1,0 +1,194 @@
+"""The rest of the OpenAI/vLLM contract, through the real router and workers: logit_bias, min_tokens, echo and
+prompt logprobs (lm-eval-harness's log-likelihood request, against transformers), best_of, stop_reason,
+continuous usage, lists of prompts (streamed, and their usage), and the /v1/models/{id}, /tokenize, /detokenize
+and /version endpoints."""
+
+from __future__ import annotations
+
+import importlib.metadata
+
+import httpx
+import torch
+
+from tests.router.conftest import EOS, MAX_MODEL_LEN, SERVED_MODEL, VOCAB, greedy_ignoring_eos, random_prompt, token_ids
+from tests.router.test_errors import assert_error, post
+
+AS_IDS = {"return_tokens_as_token_ids": True}
+
+
+def _oracle_prompt_logprobs(model, prompt: list[int]) -> list[float]:
+    """transformers' log_softmax of each prompt token given the ones before it (fp32, the same weights)."""
+    with torch.no_grad():
+        logprobs = model(torch.tensor([prompt])).logits[0].float().log_softmax(-1)
+    return logprobs[:-1].gather(1, torch.tensor(prompt[1:])[:, None]).squeeze(1).tolist()
+
+
+def test_logit_bias_and_min_tokens_on_both_paths(router, rng):
+    """A 40-token prompt is prefilled remotely (its first token sampled on the prefill worker), an 8-token one
+    locally: the bias and min_tokens hold on the first token and on every decode step."""
+    client = router.openai()
+    for length in (40, 8):
+        prompt = random_prompt(rng, length)
+        favoured = rng.randrange(3, VOCAB)
+        out = client.completions.create(
+            model=SERVED_MODEL,
+            prompt=[prompt],
+            max_tokens=6,
+            temperature=0,
+            logprobs=0,
+            extra_body={**AS_IDS, "logit_bias": {str(favoured): 100}},
+        )
+        assert token_ids(out.choices[0].logprobs.tokens) == [favoured] * 6, length
+        # EOS made the likeliest token: it ends the request at once, unless min_tokens holds it back.
+        args = dict(model=SERVED_MODEL, prompt=[prompt], max_tokens=8, temperature=0, logprobs=0)
+        eos_first = client.completions.create(**args, extra_body={**AS_IDS, "logit_bias": {str(EOS): 100}})
+        assert token_ids(eos_first.choices[0].logprobs.tokens) == [EOS]
+        held = client.completions.create(**args, extra_body={**AS_IDS, "logit_bias": {str(EOS): 100}, "min_tokens": 3})
+        ids = token_ids(held.choices[0].logprobs.tokens)
+        assert len(ids) == 4 and EOS not in ids[:3] and ids[3] == EOS, (length, ids)
+        assert held.choices[0].finish_reason == "stop"
+    body = {"model": SERVED_MODEL, "prompt": "bias", "max_tokens": 2}
+    assert_error(post(router, "/v1/completions", {**body, "logit_bias": {str(VOCAB): 1}}), 400, param="logit_bias")
+    assert_error(post(router, "/v1/completions", {**body, "logit_bias": {"x": 1}}), 400, param="logit_bias")
+    assert_error(post(router, "/v1/completions", {**body, "logit_bias": {"5": 101}}), 400, param="logit_bias")
+    assert_error(post(router, "/v1/completions", {**body, "min_tokens": 3}), 400, param="min_tokens")
+    chat = {"model": SERVED_MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, "temperature": 0}
+    favoured = rng.randrange(3, VOCAB)
+    answer = post(router, "/v1/chat/completions", {**chat, "logit_bias": {str(favoured): 100}, "logprobs": True})
+    assert answer.status_code == 200, answer.text
+    assert [router.router.frontend.token_text(favoured)] * 3 == [
+        c["token"] for c in answer.json()["choices"][0]["logprobs"]["content"]
+    ]
+
+
+def test_echo_scores_the_prompt_like_transformers(router, checkpoint, rng):
+    """lm-eval-harness's log-likelihood request: echo, max_tokens 0, logprobs. A 48-token prompt would be prefilled
+    remotely; prompt logprobs send it to a decode worker's local prefill instead."""
+    client = router.openai()
+    prompt = random_prompt(rng, 48)
+    expected = _oracle_prompt_logprobs(checkpoint.model, prompt)
+    before = router.decisions().get("local_prefill", 0)
+    out = client.completions.create(
+        model=SERVED_MODEL, prompt=[prompt], max_tokens=0, echo=True, logprobs=1, temperature=0, extra_body=AS_IDS
+    )
+    choice = out.choices[0]
+    assert router.decisions().get("local_prefill", 0) == before + 1
+    assert token_ids(choice.logprobs.tokens) == prompt
+    assert choice.logprobs.token_logprobs[0] is None and choice.logprobs.top_logprobs[0] is None
+    assert torch.allclose(torch.tensor(choice.logprobs.token_logprobs[1:]), torch.tensor(expected), atol=1e-3)
+    with torch.no_grad():
+        argmax = checkpoint.model(torch.tensor([prompt])).logits[0, :-1].argmax(-1).tolist()
+    assert [list(top) for top in choice.logprobs.top_logprobs[1:]] == [[f"token_id:{t}"] for t in argmax]
+    tokenizer = router.router.frontend.tokenizer
+    assert choice.text == tokenizer.decode(prompt, skip_special_tokens=False)
+    assert (choice.finish_reason, out.usage.prompt_tokens, out.usage.completion_tokens) == ("length", 48, 0)
+
+    # Echo with a completion: the prompt's tokens, then the generated ones; streamed the same.
+    greedy = greedy_ignoring_eos(checkpoint.model, prompt, 4)
+    args = dict(model=SERVED_MODEL, prompt=[prompt], max_tokens=4, echo=True, logprobs=0, temperature=0)
+    both = client.completions.create(**args, extra_body={**AS_IDS, "ignore_eos": True}).choices[0]
+    assert token_ids(both.logprobs.tokens) == prompt + greedy
+    assert torch.allclose(torch.tensor(both.logprobs.token_logprobs[1:48]), torch.tensor(expected), atol=1e-3)
+    assert both.text == tokenizer.decode(prompt, skip_special_tokens=False) + tokenizer.decode(greedy)
+    streamed = list(client.completions.create(**args, stream=True, extra_body={**AS_IDS, "ignore_eos": True}))
+    assert "".join(c.choices[0].text for c in streamed) == both.text
+    assert [t for c in streamed if c.choices[0].logprobs for t in c.choices[0].logprobs.tokens] == both.logprobs.tokens
+    # Echo of a text prompt returns it as sent; without logprobs nothing is scored.
+    text = client.completions.create(model=SERVED_MODEL, prompt="echo me", max_tokens=0, echo=True)
+    assert (text.choices[0].text, text.choices[0].logprobs) == ("echo me", None)
+
+
+def test_best_of_returns_the_most_likely_candidates(router, rng):
+    client = router.openai()
+    prompt = random_prompt(rng, 12)
+    args = dict(model=SERVED_MODEL, prompt=[prompt], max_tokens=6, temperature=1.2, seed=9)
+    # The candidates best_of=4 draws are the choices n=4 draws with the same seed.
+    everyone = client.completions.create(**args, n=4, logprobs=0, extra_body={**AS_IDS, "ignore_eos": True})
+    ranked = sorted(everyone.choices, key=lambda c: -sum(c.logprobs.token_logprobs))
+    best = client.completions.create(**args, n=2, best_of=4, extra_body={**AS_IDS, "ignore_eos": True})
+    assert [c.text for c in best.choices] == [c.text for c in ranked[:2]]
+    assert [c.index for c in best.choices] == [0, 1] and all(c.logprobs is None for c in best.choices)
+    assert len({c.text for c in everyone.choices}) > 2, "the candidates should differ"
+    body = {"model": SERVED_MODEL, "prompt": "best", "max_tokens": 2}
+    assert_error(post(router, "/v1/completions", {**body, "n": 3, "best_of": 2}), 400, param="best_of")
+    assert_error(post(router, "/v1/completions", {**body, "best_of": 2, "stream": True}), 400, param="best_of")
+    error = assert_error(post(router, "/v1/completions", {**body, "suffix": "end"}), 400, param="suffix")
+    assert "fill-in-the-middle" in error["message"]
+
+
+def test_stop_reason_names_what_stopped(router, checkpoint, rng):
+    prompt = random_prompt(rng, 16)
+    greedy = greedy_ignoring_eos(checkpoint.model, prompt, 12)
+    body = {"model": SERVED_MODEL, "prompt": prompt, "max_tokens": 12, "temperature": 0, "ignore_eos": True}
+    by_id = post(router, "/v1/completions", {**body, "stop_token_ids": [greedy[4]]}).json()["choices"][0]
+    assert (by_id["finish_reason"], by_id["stop_reason"]) == ("stop", greedy[4])
+    text = router.router.frontend.tokenizer.decode(greedy)
+    stop = next(c for c in text[2:] if c.isalnum())
+    by_text = post(router, "/v1/completions", {**body, "stop": ["\x00never", stop]}).json()["choices"][0]
+    assert (by_text["finish_reason"], by_text["stop_reason"]) == ("stop", stop)
+    length = post(router, "/v1/completions", body).json()["choices"][0]
+    assert (length["finish_reason"], length["stop_reason"]) == ("length", None)
+    chat = {"model": SERVED_MODEL, "messages": [{"role": "user", "content": "x"}], "max_tokens": 3, "temperature": 0}
+    answer = post(router, "/v1/chat/completions", {**chat, "ignore_eos": True}).json()["choices"][0]
+    assert (answer["finish_reason"], answer["stop_reason"]) == ("length", None)
+
+
+def test_lists_of_prompts_stream_with_indices_and_count_usage_once(router, rng):
+    client = router.openai()
+    prompts = [random_prompt(rng, 3), random_prompt(rng, 5)]
+    args = dict(model=SERVED_MODEL, prompt=prompts, max_tokens=4, n=2, temperature=0, extra_body={"ignore_eos": True})
+    whole = client.completions.create(**args)
+    assert [c.index for c in whole.choices] == [0, 1, 2, 3]
+    assert (whole.usage.prompt_tokens, whole.usage.completion_tokens) == (8, 16)
+    texts: dict[int, str] = {}
+    usages = []
+    for chunk in client.completions.create(
+        **args, stream=True, stream_options={"include_usage": True, "continuous_usage_stats": True}
+    ):
+        for choice in chunk.choices:
+            texts[choice.index] = texts.get(choice.index, "") + choice.text
+        usages.append(chunk.usage)
+    assert texts == {c.index: c.text for c in whole.choices}
+    assert all(u is not None and u.prompt_tokens == 8 for u in usages), "continuous usage: on every chunk"
+    completion = [u.completion_tokens for u in usages]
+    assert completion == sorted(completion) and completion[-1] == 16 and completion[0] < 16
+    assert usages[-1].total_tokens == 24
+    # Without include_usage there is no usage-only chunk, but each chunk still carries its usage so far.
+    chunks = list(client.completions.create(**args, stream=True, stream_options={"continuous_usage_stats": True}))
+    assert all(c.choices and c.usage is not None for c in chunks)
+
+
+def test_model_tokenize_detokenize_and_version_endpoints(router):
+    http = router.http
+    card = httpx.get(f"{http}/v1/models/{SERVED_MODEL}", timeout=10)
+    assert card.status_code == 200 and card.json()["id"] == SERVED_MODEL
+    assert card.json() == httpx.get(f"{http}/v1/models", timeout=10).json()["data"][0]
+    assert router.openai().models.retrieve(SERVED_MODEL).id == SERVED_MODEL
+    assert_error(httpx.get(f"{http}/v1/models/no-such-model", timeout=10), 404, "model_not_found")
+
+    tokenizer = router.router.frontend.tokenizer
+    text = "Tokenize me, please."
+    plain = post(router, "/tokenize", {"prompt": text}).json()
+    assert plain == {
+        "tokens": tokenizer.encode(text),
+        "count": len(tokenizer.encode(text)),
+        "max_model_len": MAX_MODEL_LEN,
+    }
+    bare = post(router, "/tokenize", {"prompt": text, "add_special_tokens": False}).json()["tokens"]
+    assert bare == tokenizer.encode(text, add_special_tokens=False)
+    messages = [{"role": "user", "content": text}]
+    chat = post(router, "/tokenize", {"model": SERVED_MODEL, "messages": messages}).json()
+    served = router.openai().chat.completions.create(model=SERVED_MODEL, messages=messages, max_tokens=1)
+    assert chat["count"] == served.usage.prompt_tokens
+    rendered = tokenizer.apply_chat_template(messages, add_generation_prompt=False)
+    no_turn = post(router, "/tokenize", {"messages": messages, "add_generation_prompt": False}).json()["tokens"]
+    assert no_turn == tokenizer.encode(rendered, add_special_tokens=False) != chat["tokens"]
+    assert_error(post(router, "/tokenize", {}), 400, param="prompt")
+    assert_error(post(router, "/tokenize", {"prompt": "x", "model": "other"}), 404, "model_not_found")
+
+    back = post(router, "/detokenize", {"tokens": bare}).json()
+    assert back == {"prompt": text}
+    assert_error(post(router, "/detokenize", {"tokens": [VOCAB]}), 400, param="tokens")
+
+    version = httpx.get(f"{http}/version", timeout=10).json()
+    assert version == {"version": importlib.metadata.version("splitserve")}
