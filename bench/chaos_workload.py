@@ -95,6 +95,7 @@ class Answer:
     done: bool = False  # "data: [DONE]" seen
     disconnected: bool = False  # we closed the connection on purpose
     token_ids_known: bool = True  # the server returned "token_id:N" for every token
+    pieces: list[str] = field(default_factory=list)  # the text of each output chunk, in order
     first_byte_s: float | None = None
 
 
@@ -154,6 +155,7 @@ def _take_chunk(chunk: dict, answer: Answer, chat: bool) -> None:
         tokens = _tokens_of(choice.get("logprobs"), chat)
         if piece or tokens:
             answer.chunks += 1
+            answer.pieces.append(piece or "")
         answer.text += piece or ""
         for token_id, top in tokens:
             answer.token_ids_known &= token_id is not None
@@ -193,11 +195,17 @@ class Reference:
     top: tuple[dict[int, float], ...]
     finish_reason: str
     token_ids_known: bool
+    pieces: tuple[str, ...] = ()
 
     @classmethod
     def of(cls, answer: Answer) -> Reference:
         return cls(
-            answer.text, tuple(answer.token_ids), tuple(answer.top), answer.finish_reason or "", answer.token_ids_known
+            answer.text,
+            tuple(answer.token_ids),
+            tuple(answer.top),
+            answer.finish_reason or "",
+            answer.token_ids_known,
+            tuple(answer.pieces),
         )
 
 
@@ -234,6 +242,11 @@ def difference(answer: Answer, reference: Reference) -> dict:
         "replacement_chars": [answer.text.count("\ufffd"), reference.text.count("\ufffd")],
         "token_ids_compared": answer.token_ids_known and reference.token_ids_known,
     }
+    # Chunk by chunk (one token each, on this server): where text went missing or changed, e.g. a migration.
+    chunk = _first_difference(answer.pieces, reference.pieces)
+    if chunk is not None and answer.pieces and reference.pieces:
+        evidence["first_chunk_diff"] = chunk
+        evidence["chunks_around_diff"] = [answer.pieces[chunk : chunk + 3], list(reference.pieces[chunk : chunk + 3])]
     if evidence["token_ids_compared"]:
         token = _first_difference(answer.token_ids, reference.token_ids)
         evidence["token_ids_match"] = token is None

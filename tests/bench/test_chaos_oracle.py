@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from bench.chaos_faults import routing_share
 from bench.chaos_workload import Answer, Reference, _take_chunk, build_prompts, judge
 
@@ -25,11 +27,15 @@ def test_the_same_text_and_tokens_is_ok():
 
 def test_text_lost_at_a_migration_point_is_wrong_though_the_tokens_match():
     reference = Reference.of(_answer("ab\ufffdcd", [3, 4, 200, 5, 6]))
-    verdict, evidence = judge(_answer("abcd", [3, 4, 200, 5, 6]), reference, 1e-4)
+    reference = dataclasses.replace(reference, pieces=("a", "b", "", "\ufffdc", "d"))
+    lost = _answer("abcd", [3, 4, 200, 5, 6])
+    lost.pieces = ["a", "b", "", "c", "d"]
+    verdict, evidence = judge(lost, reference, 1e-4)
     assert verdict == "wrong"
     assert evidence["token_ids_match"] is True
     assert evidence["first_char_diff"] == 2
     assert evidence["replacement_chars"] == [0, 1]
+    assert evidence["first_chunk_diff"] == 3
 
 
 def test_a_token_that_differs_where_the_reference_had_a_tie_is_a_near_tie_not_wrong():
