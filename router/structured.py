@@ -162,7 +162,8 @@ class Tools:
             return specs.json_schema(schema, "tool_choice")
         repeat = ' ("\\n" call)*' if self.choice == "required" and self.parallel else ""
         compact = {"x-guidance": {"whitespace_flexible": False}, **schema}  # as contract/grammar.py's JSON
-        lark = f'start: call{repeat}\ncall: "<tool_call>\\n" body "\\n</tool_call>"\nbody: %json {json.dumps(compact)}\n'
+        call = 'call: "<tool_call>\\n" body "\\n</tool_call>"'
+        lark = f"start: call{repeat}\n{call}\nbody: %json {json.dumps(compact)}\n"
         return specs.text_grammar("grammar", lark, "tool_choice")
 
     def parse(self, text: str) -> tuple[str | None, list[ToolCall]]:

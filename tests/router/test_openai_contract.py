@@ -12,6 +12,7 @@ import torch
 
 from tests.router.conftest import EOS, MAX_MODEL_LEN, SERVED_MODEL, VOCAB, greedy_ignoring_eos, random_prompt, token_ids
 from tests.router.test_errors import assert_error, post
+from tests.router.test_openai_api import _stop_string_for
 
 AS_IDS = {"return_tokens_as_token_ids": True}
 
@@ -118,15 +119,15 @@ def test_best_of_returns_the_most_likely_candidates(router, rng):
 
 def test_stop_reason_names_what_stopped(router, checkpoint, rng):
     prompt = random_prompt(rng, 16)
-    greedy = greedy_ignoring_eos(checkpoint.model, prompt, 12)
-    body = {"model": SERVED_MODEL, "prompt": prompt, "max_tokens": 12, "temperature": 0, "ignore_eos": True}
+    greedy = greedy_ignoring_eos(checkpoint.model, prompt, 60)
+    body = {"model": SERVED_MODEL, "prompt": prompt, "max_tokens": 60, "temperature": 0, "ignore_eos": True}
     by_id = post(router, "/v1/completions", {**body, "stop_token_ids": [greedy[4]]}).json()["choices"][0]
     assert (by_id["finish_reason"], by_id["stop_reason"]) == ("stop", greedy[4])
-    text = router.router.frontend.tokenizer.decode(greedy)
-    stop = next(c for c in text[2:] if c.isalnum())
+    text = post(router, "/v1/completions", body).json()["choices"][0]["text"]
+    stop = _stop_string_for(text)
     by_text = post(router, "/v1/completions", {**body, "stop": ["\x00never", stop]}).json()["choices"][0]
     assert (by_text["finish_reason"], by_text["stop_reason"]) == ("stop", stop)
-    length = post(router, "/v1/completions", body).json()["choices"][0]
+    length = post(router, "/v1/completions", {**body, "max_tokens": 3}).json()["choices"][0]
     assert (length["finish_reason"], length["stop_reason"]) == ("length", None)
     chat = {"model": SERVED_MODEL, "messages": [{"role": "user", "content": "x"}], "max_tokens": 3, "temperature": 0}
     answer = post(router, "/v1/chat/completions", {**chat, "ignore_eos": True}).json()["choices"][0]
