@@ -149,12 +149,15 @@ def _spawn(role: str, model_dir: str, transport: str, device: str) -> subprocess
         "--kv-cache-mb",
         "64",
     ]
+    from protos.cluster_auth import ensure_secret_in_env
+
+    ensure_secret_in_env()
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
 
 
 def _channel(process: subprocess.Popen, stub_class):
-    import grpc
+    from protos.cluster_auth import ClusterAuth
 
     lines: list[str] = []
     deadline = time.monotonic() + START_TIMEOUT_S
@@ -166,7 +169,7 @@ def _channel(process: subprocess.Popen, stub_class):
         if line.startswith("READY "):
             threading.Thread(target=lambda: [None for _ in process.stdout], daemon=True).start()
             address = json.loads(line[len("READY ") :])["address"]
-            return stub_class(grpc.insecure_channel(address))
+            return stub_class(ClusterAuth.from_env().channel(address))
     raise RuntimeError("worker did not start:\n" + "".join(lines[-30:]))
 
 
@@ -176,7 +179,8 @@ def _one_request(decode, prefill, prompt, params, decode_pb2, prefill_pb2) -> li
         decode_pb2.ReserveRequest(request_id=request_id, prompt_token_ids=prompt, params=params, lease_ms=60_000),
         timeout=RPC_TIMEOUT_S,
     )
-    outputs = decode.Generate(decode_pb2.GenerateRequest(request_id=request_id, reserved=True), timeout=RPC_TIMEOUT_S)
+    claim = decode_pb2.GenerateRequest(request_id=request_id, reserved=True, token=ticket.token)
+    outputs = decode.Generate(claim, timeout=RPC_TIMEOUT_S)
     prefill.Prefill(
         prefill_pb2.PrefillRequest(request_id=request_id, prompt_token_ids=prompt, params=params, ticket=ticket),
         timeout=RPC_TIMEOUT_S,

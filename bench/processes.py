@@ -15,6 +15,7 @@ from contextlib import contextmanager
 
 def start(args: list[str], ready_marker: str, timeout_s: float = 180.0) -> tuple[subprocess.Popen, str]:
     """Runs ``splitserve ARGS``; returns the process and the line that contained ``ready_marker``."""
+    ensure_secret_in_env()  # the workers started here, and this process's clients, share it
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
     process = subprocess.Popen(
         [sys.executable, "-m", "cluster.cli", *args],

@@ -43,7 +43,7 @@ async def _routed(client: httpx.AsyncClient, url: str) -> float:
 
 
 async def measure_overhead(decode_address: str, url: str, samples: int) -> dict:
-    async with grpc.aio.insecure_channel(decode_address) as channel, httpx.AsyncClient(timeout=30) as client:
+    async with ClusterAuth.from_env().aio_channel(decode_address) as channel, httpx.AsyncClient(timeout=30) as client:
         stub = decode_pb2_grpc.DecodeWorkerStub(channel)
         for index in range(5):  # warm both paths
             await _direct(stub, -index - 1)

@@ -44,6 +44,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from engine.kv_cache import KVLayout, PagedKVCache
+from protos.cluster_auth import ClusterAuth, ensure_secret_in_env
 
 MIB = 1024 * 1024
 LAYERS = 16
@@ -498,6 +499,7 @@ def _spawn_worker(config: BenchConfig, role: str, transport: str, *extra: str) -
         str(config.max_num_batched_tokens),
         *extra,
     ]
+    ensure_secret_in_env()
     env = dict(os.environ, OMP_NUM_THREADS=str(config.worker_threads), PYTHONUNBUFFERED="1")
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     return WorkerProcess(role, process)
@@ -517,7 +519,7 @@ def _await_ready(worker: WorkerProcess) -> None:
         if line.startswith("READY "):
             worker.address = json.loads(line[len("READY ") :])["address"]
             threading.Thread(target=lambda: worker.log_lines.extend(worker.process.stdout), daemon=True).start()
-            worker.channel = grpc.insecure_channel(worker.address)
+            worker.channel = ClusterAuth.from_env().channel(worker.address)
             stub_class = (
                 decode_pb2_grpc.DecodeWorkerStub if worker.role == "decode" else prefill_pb2_grpc.PrefillWorkerStub
             )
@@ -604,7 +606,7 @@ def _one_request(workers: dict[str, WorkerProcess], transport: str, mode: str, p
     if ticket.num_cached_tokens:
         raise RuntimeError(f"the decode worker had {ticket.num_cached_tokens} tokens of a fresh prompt cached")
     outputs = decode.stub.Generate(
-        decode_pb2.GenerateRequest(request_id=request_id, reserved=True), timeout=RPC_TIMEOUT_S
+        decode_pb2.GenerateRequest(request_id=request_id, reserved=True, token=ticket.token), timeout=RPC_TIMEOUT_S
     )  # a client waits from the start
     response = prefill.stub.Prefill(
         prefill_pb2.PrefillRequest(request_id=request_id, prompt_token_ids=prompt, params=params, ticket=ticket),

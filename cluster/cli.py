@@ -10,7 +10,9 @@ import sys
 
 def _add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--model", default="demo", help="preset name (demo, bench-125m) or a local Hugging Face directory"
+        "--model",
+        default="demo",
+        help="preset (demo, bench-125m, smollm2-135m-instruct) or a local Hugging Face directory",
     )
     parser.add_argument(
         "--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="default: the model's own"
@@ -37,6 +39,11 @@ def engine_config_from_args(args: argparse.Namespace):
         max_num_batched_tokens=args.max_num_batched_tokens,
         num_threads=args.threads,
     )
+
+
+def _add_tls_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--tls-cert", default=None, help="PEM certificate (chain): serve HTTPS and gRPC over TLS")
+    parser.add_argument("--tls-key", default=None, help="PEM private key of --tls-cert")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -77,6 +84,12 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument(
         "--metrics-port", type=int, default=None, help="serve Prometheus /metrics on this port (0: any)"
     )
+    worker.add_argument(
+        "--insecure",
+        action="store_true",
+        help="serve without a cluster secret: anyone who can reach the port may push KV, reserve and abort "
+        "(default: refuse to start unless SPLITSERVE_CLUSTER_SECRET or SPLITSERVE_CLUSTER_SECRET_FILE is set)",
+    )
     worker.set_defaults(run=_run_worker)
 
     up = commands.add_parser("up", help="start the cluster (embedded Ray by default) and serve the OpenAI API")
@@ -84,7 +97,12 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument(
         "--address", default=None, help="join this Ray cluster ('auto' on a Ray head) instead of starting one"
     )
-    up.add_argument("--model", default=None, help="preset (demo, bench-125m) or a local Hugging Face directory")
+    up.add_argument(
+        "--model",
+        default=None,
+        help="preset (demo: the default, bench-125m, smollm2-135m-instruct: built once on first use) or a local "
+        "Hugging Face directory",
+    )
     up.add_argument(
         "--served-model-name", default=None, help="the name clients use; default: the preset or directory name"
     )
@@ -109,6 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="default: $SPLITSERVE_ADMIN_TOKEN, else a random token written next to the runtime files",
     )
+    _add_tls_args(up)
     up.add_argument("--log-level", default="WARNING")
     up.set_defaults(run=_run_up)
 
@@ -161,6 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     router.add_argument("--request-timeout", type=float, default=600.0)
     router.add_argument("--max-running", type=int, default=256)
     router.add_argument("--max-queued", type=int, default=512)
+    _add_tls_args(router)
     router.add_argument("--log-level", default="INFO")
     router.set_defaults(run=_run_router)
 
@@ -200,8 +220,19 @@ def _run_worker(args: argparse.Namespace) -> int:
 
     from engine.errors import EngineError
 
+    from protos.cluster_auth import MISSING_SECRET_HELP, ClusterAuth
+
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        auth = ClusterAuth.from_env()
+    except (OSError, ValueError) as exc:
+        print(f"splitserve: {exc}", file=sys.stderr)
+        return 2
+    if auth.secret is None and not args.insecure:
+        print(f"splitserve worker: {MISSING_SECRET_HELP}; or pass --insecure to serve unauthenticated", file=sys.stderr)
+        return 2
     common = dict(
+        auth=auth,
         transport=args.transport,
         verify_checksums=not args.no_verify_kv,
         host=args.host,
@@ -226,7 +257,8 @@ def _run_worker(args: argparse.Namespace) -> int:
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
-    print(f"splitserve {args.role} worker serving on {address} (transport {args.transport})", flush=True)
+    trust = "cluster secret required" if auth.secret else "UNAUTHENTICATED (--insecure)"
+    print(f"splitserve {args.role} worker serving on {address} (transport {args.transport}, {trust})", flush=True)
     print("READY " + json.dumps({"role": args.role, "address": address, "worker_id": worker.worker_id}), flush=True)
     stop.wait()
     worker.stop()
@@ -252,6 +284,8 @@ def cluster_config_from_args(args: argparse.Namespace):
         "worker_host": args.worker_host,
         "admin_token": args.admin_token or os.environ.get("SPLITSERVE_ADMIN_TOKEN"),
         "api_keys": tuple(args.api_key) if args.api_key else None,
+        "tls_certfile": args.tls_cert,
+        "tls_keyfile": args.tls_key,
     }
     config = dataclasses.replace(config, **{k: v for k, v in flat.items() if v is not None})
     for role, count, low, high in (
@@ -313,6 +347,8 @@ def router_config_from_args(args: argparse.Namespace):
         request_timeout_s=args.request_timeout,
         max_running=args.max_running,
         max_queued=args.max_queued,
+        tls_certfile=args.tls_cert,
+        tls_keyfile=args.tls_key,
     )
 
 

@@ -73,6 +73,10 @@ class ClusterConfig:
     api_keys: tuple[str, ...] = ()
     admin_token: str | None = None
     health_interval_s: float = 0.5
+    # TLS for the router's public HTTP and gRPC endpoints (PEM paths; both or neither). Worker-to-worker
+    # mutual TLS is configured per process through SPLITSERVE_TLS_* (protos/cluster_auth.py).
+    tls_certfile: str | None = None
+    tls_keyfile: str | None = None
 
     def __post_init__(self) -> None:
         if self.transport not in ("grpc", "nixl"):

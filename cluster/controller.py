@@ -25,6 +25,7 @@ from cluster.config import ClusterConfig
 from cluster.planner import Observation, Planner
 from cluster.worker_actor import actor_class
 from protos import common_pb2, decode_pb2_grpc, prefill_pb2_grpc
+from protos.cluster_auth import ClusterAuth
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +54,13 @@ class WorkerRecord:
 
 
 class Controller:
-    def __init__(self, config_json: str) -> None:
+    """``cluster_secret``: what every worker it starts requires of callers (handed to each worker
+    actor's constructor, never put on a command line); its own health checks present it too."""
+
+    def __init__(self, config_json: str, cluster_secret: str | None = None) -> None:
         self.config = ClusterConfig.from_json(config_json)
+        self._cluster_secret = cluster_secret
+        self.auth = ClusterAuth.from_env(cluster_secret)
         self.desired = {role: self.config.pool(role).replicas for role in ROLES}
         self.records: dict[str, WorkerRecord] = {}
         self.actors: dict[str, object] = {}
@@ -244,7 +250,9 @@ class Controller:
             )
         options["num_gpus"] = pool.num_gpus
         self.records.setdefault(worker_id, record or WorkerRecord(worker_id, role))
-        self.actors[worker_id] = self._actor_class.options(**options).remote(worker_id, role, self.config.to_json())
+        self.actors[worker_id] = self._actor_class.options(**options).remote(
+            worker_id, role, self.config.to_json(), self._cluster_secret
+        )
         log.info("starting %s worker %s with %s", role, worker_id, pool.ray_resources)
 
     async def _start_drain(self, record: WorkerRecord) -> None:
@@ -304,7 +312,7 @@ class Controller:
     async def _check(self, record: WorkerRecord) -> None:
         address = record.address
         try:
-            async with grpc.aio.insecure_channel(address) as channel:
+            async with self.auth.aio_channel(address) as channel:
                 reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=1.0)
                 stub = (
                     prefill_pb2_grpc.PrefillWorkerStub(channel)

@@ -19,6 +19,7 @@ from cluster.controller import controller_class
 from cluster.worker_actor import CONTROLLER_NAME
 from engine.errors import ModelLoadError
 from engine.presets import prepare_model
+from protos.cluster_auth import secret_from_env
 from router.config import RouterConfig
 from router.server import Router
 
@@ -105,6 +106,10 @@ async def exchange_with_planner(controller, router: Router, config: ClusterConfi
 
 
 async def run_cluster(config: ClusterConfig, stop: asyncio.Event, on_ready=None) -> None:
+    # Workers accept calls from cluster members only: the secret is $SPLITSERVE_CLUSTER_SECRET[_FILE]
+    # or one made here, handed to the controller and through it to each worker actor's constructor
+    # (never a command line), and to the router in this process.
+    cluster_secret = secret_from_env() or secrets.token_urlsafe(32)
     # On the head node: the autoscaler may remove an idle worker node, never the head.
     controller = (
         controller_class()
@@ -115,7 +120,7 @@ async def run_cluster(config: ClusterConfig, stop: asyncio.Event, on_ready=None)
             max_concurrency=1000,
             resources={"node:__internal_head__": 0.001},
         )
-        .remote(config.to_json())
+        .remote(config.to_json(), cluster_secret)
     )
     await controller.start.remote()
     admin_token = config.admin_token or secrets.token_urlsafe(24)
@@ -130,6 +135,9 @@ async def run_cluster(config: ClusterConfig, stop: asyncio.Event, on_ready=None)
         lease_ms=config.lease_ms,
         local_prefill_threshold=config.local_prefill_threshold,
         health_interval_s=config.health_interval_s,
+        cluster_secret=cluster_secret,
+        tls_certfile=config.tls_certfile,
+        tls_keyfile=config.tls_keyfile,
     )
     router = Router(router_config, RayControlPlane(controller))
     await router.start()

@@ -40,12 +40,18 @@ def _device(configured: str) -> str:
 
 
 class WorkerActor:
-    def __init__(self, worker_id: str, role: str, config_json: str) -> None:
+    """``cluster_secret``: from the controller (None: this node's environment); the worker requires it
+    of every caller and presents it to the decode workers it pushes KV to."""
+
+    def __init__(self, worker_id: str, role: str, config_json: str, cluster_secret: str | None = None) -> None:
+        from protos.cluster_auth import ClusterAuth
+
         os.environ.setdefault("OMP_NUM_THREADS", "1")
         config = ClusterConfig.from_json(config_json)
         pool = config.pool(role)
         host = ray.util.get_node_ip_address() if config.worker_host == "auto" else config.worker_host
-        common = dict(transport=config.transport, host=host, port=0, worker_id=worker_id)
+        auth = ClusterAuth.from_env(cluster_secret)
+        common = dict(transport=config.transport, host=host, port=0, worker_id=worker_id, auth=auth)
         if role == "prefill":
             from prefill_worker.worker import PrefillWorker
 

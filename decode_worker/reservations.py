@@ -22,9 +22,11 @@ together with the output stream its client claims (outputs may come before the c
 from __future__ import annotations
 
 import enum
+import hmac
+import secrets
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from contract.sampling import SamplingParams
 from engine.engine import Engine
@@ -68,6 +70,8 @@ class Reservation:
     remote_writes: bool  # a peer writes our memory directly (NIXL): freeing waits for its word or the deadline
     stream: RequestStream
     opened_at: float
+    token: str = field(default="", repr=False)  # the ticket's capability: senders and the client present it
+    peer: str = ""  # who reserved it (per-peer limit)
     state: ReservationState = ReservationState.OPEN
     reason: str = ""  # why it stopped
     sender_stopped: bool = False  # the sender said it writes no more (its commit or abort)
@@ -98,6 +102,12 @@ class Reservations:
       the pins to drop.
     - Events for a reservation that is gone, or in a state where they mean nothing, change nothing
       (a late commit is refused, a late abort ignored).
+    - A reservation is a capability: ``reserve`` mints an unguessable token for its ticket and hands
+      the landing its copy (the KV receiver checks senders against it before enqueueing anything);
+      the client's abort and claim must present it too (``authorize``). A wrong token is
+      PERMISSION_DENIED and changes nothing.
+    - One peer holds at most ``max_per_peer`` OPEN reservations (RESOURCE_EXHAUSTED beyond), so it
+      cannot hold every block until leases expire.
     """
 
     def __init__(
@@ -107,8 +117,10 @@ class Reservations:
         counters: WorkerCounters,
         remote_writes: bool,
         clock: Callable[[], float] = time.monotonic,
+        max_per_peer: int = 64,
     ) -> None:
         self.inbox = inbox
+        self.max_per_peer = max_per_peer
         self.streams = streams
         self.counters = counters
         self.remote_writes = remote_writes
@@ -127,15 +139,33 @@ class Reservations:
     # -- events -----------------------------------------------------------------------------------
 
     def reserve(
-        self, engine: Engine, request_id: str, prompt: Sequence[int], params: SamplingParams, lease_s: float
+        self,
+        engine: Engine,
+        request_id: str,
+        prompt: Sequence[int],
+        params: SamplingParams,
+        lease_s: float,
+        resume_token_ids: Sequence[int] = (),
+        peer: str = "",
     ) -> HeldBlocks:
-        """Blocks, landing and output stream appear together. Raises (holding nothing) if the engine refuses."""
-        held = engine.reserve(request_id, list(prompt), params)
+        """Blocks, landing and output stream appear together. Raises (holding nothing) if the engine refuses.
+        ``resume_token_ids``: output generated elsewhere before (``Engine.add_request``); its KV lands too.
+        The ticket's token is then ``get(request_id).token``."""
+        if request_id in self._records:
+            raise TransferError(f"reservation {request_id!r} exists already", "ALREADY_EXISTS")
+        open_of_peer = sum(1 for r in self._records.values() if r.peer == peer and r.state is ReservationState.OPEN)
+        if open_of_peer >= self.max_per_peer:
+            raise TransferError(
+                f"{peer or 'this peer'} holds {open_of_peer} open reservations already (at most {self.max_per_peer})",
+                "RESOURCE_EXHAUSTED",
+            )
+        held = engine.reserve(request_id, list(prompt), params, resume_token_ids)
         first_missing = held.num_cached_tokens // engine.config.block_size
-        self.inbox.open(request_id, held.block_ids[first_missing:])
+        token = secrets.token_urlsafe(24)
+        self.inbox.open(request_id, held.block_ids[first_missing:], token)
         now = self.clock()
         self._records[request_id] = Reservation(
-            request_id, now + lease_s, self.remote_writes, self.streams.watch(request_id), now
+            request_id, now + lease_s, self.remote_writes, self.streams.watch(request_id), now, token, peer
         )
         self.in_flight += 1
         return held
@@ -176,6 +206,13 @@ class Reservations:
             self._stop(engine, record, ReservationState.ABORTED, reason)
         else:
             self._try_release(engine, record)
+
+    def authorize(self, request_id: str, token: str) -> None:
+        """A client's abort or claim of ``request_id``: raises PERMISSION_DENIED unless it presents the
+        ticket's token. Nothing to check when there is no reservation record."""
+        record = self._records.get(request_id)
+        if record is not None and not hmac.compare_digest(token.encode(), record.token.encode()):
+            raise TransferError(f"wrong ticket token for reservation {request_id!r}", "PERMISSION_DENIED")
 
     def client_aborted(self, engine: Engine, request_id: str, reason: str) -> bool | None:
         """The client aborted or left. True if that stopped an OPEN reservation, False if it had

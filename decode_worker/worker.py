@@ -25,10 +25,14 @@ from kv_transfer.inbox import KVInbox
 from kv_transfer.receiver_service import KVReceiverService
 from protos import common_pb2, decode_pb2, decode_pb2_grpc, kv_transfer_pb2_grpc
 from worker_server.base import WorkerBase, abort_on_error, logprob_from_wire, output_to_wire
+from worker_server.security import peer_of
 
 log = logging.getLogger(__name__)
 
 DEFAULT_LEASE_MS = 30_000
+# Open reservations one peer (a router's address) may hold: enough for a router's concurrency, not
+# enough for one peer to hold every block until the leases expire.
+DEFAULT_RESERVATIONS_PER_PEER = 256
 MAX_LEASE_MS = 600_000
 # A sender's commit waits this long for the engine thread's verdict (at most a step, normally).
 COMMIT_VERDICT_TIMEOUT_S = 30.0
@@ -44,6 +48,7 @@ class DecodeWorker(WorkerBase, decode_pb2_grpc.DecodeWorkerServicer):
         transport: str = "grpc",
         verify_checksums: bool = True,
         default_lease_ms: int = DEFAULT_LEASE_MS,
+        reservations_per_peer: int = DEFAULT_RESERVATIONS_PER_PEER,
         **kwargs,
     ) -> None:
         super().__init__(config, **kwargs)
@@ -56,7 +61,13 @@ class DecodeWorker(WorkerBase, decode_pb2_grpc.DecodeWorkerServicer):
 
             self.nixl = NixlReceiver(self.unique_name, self.engine.kv_cache, self.inbox)
         self.receiver = KVReceiverService(self.inbox, self.layout, self.instance_id, self.nixl)
-        self.reservations = Reservations(self.inbox, self.loop, self.counters, remote_writes=self.nixl is not None)
+        self.reservations = Reservations(
+            self.inbox,
+            self.loop,
+            self.counters,
+            remote_writes=self.nixl is not None,
+            max_per_peer=reservations_per_peer,
+        )
 
     def add_services(self, server: grpc.Server) -> None:
         decode_pb2_grpc.add_DecodeWorkerServicer_to_server(self, server)
@@ -73,8 +84,9 @@ class DecodeWorker(WorkerBase, decode_pb2_grpc.DecodeWorkerServicer):
         try:
             params = SamplingParams.from_wire(request.params)
             lease_ms = min(request.lease_ms or self.default_lease_ms, MAX_LEASE_MS)
-            reservation = self.loop.call(lambda engine: self._reserve(engine, request, params, lease_ms))
-        except (EngineError, ValueError) as exc:
+            peer = peer_of(context)
+            reservation, token = self.loop.call(lambda engine: self._reserve(engine, request, params, lease_ms, peer))
+        except (EngineError, TransferError, ValueError) as exc:
             abort_on_error(context, exc)
         return decode_pb2.Ticket(
             request_id=request.request_id,
@@ -86,14 +98,21 @@ class DecodeWorker(WorkerBase, decode_pb2_grpc.DecodeWorkerServicer):
             lease_deadline_unix_ms=int((time.time() + lease_ms / 1000.0) * 1000),
             worker_id=self.worker_id,
             instance_id=self.instance_id,
+            token=token,
         )
 
-    def _reserve(self, engine: Engine, request, params, lease_ms: int):
+    def _reserve(self, engine: Engine, request, params, lease_ms: int, peer: str):
         reservation = self.reservations.reserve(
-            engine, request.request_id, request.prompt_token_ids, params, lease_ms / 1000.0
+            engine,
+            request.request_id,
+            request.prompt_token_ids,
+            params,
+            lease_ms / 1000.0,
+            request.resume_token_ids,
+            peer=peer,
         )
         self.counters.add(prompt_tokens=len(request.prompt_token_ids), prefix_hit_tokens=reservation.num_cached_tokens)
-        return reservation
+        return reservation, self.reservations.get(request.request_id).token
 
     def Generate(self, request, context):
         try:
@@ -123,23 +142,37 @@ class DecodeWorker(WorkerBase, decode_pb2_grpc.DecodeWorkerServicer):
 
     def _stream_for(self, request):
         if request.reserved:
-            return self.loop.call(lambda engine: self.reservations.claim(request.request_id))
+
+            def claim(engine: Engine):
+                self.reservations.authorize(request.request_id, request.token)
+                return self.reservations.claim(request.request_id)
+
+            return self.loop.call(claim)
         params = SamplingParams.from_wire(request.params)
         self.counters.add(prompt_tokens=len(request.prompt_token_ids))
-        return self.loop.add_request(request.request_id, list(request.prompt_token_ids), params)
+        return self.loop.add_request(
+            request.request_id, list(request.prompt_token_ids), params, list(request.resume_token_ids)
+        )
 
     def Abort(self, request, context):
-        return common_pb2.AbortResponse(found=self._cancel(request.request_id))
+        """A reservation's abort must present its ticket's token; a wrong one changes nothing."""
+        try:
+            return common_pb2.AbortResponse(found=self._cancel(request.request_id, token=request.token))
+        except TransferError as exc:
+            abort_on_error(context, exc)
 
     def transfer_state(self) -> tuple[int, int]:
         return self.reservations.in_flight, self.reservations.leases_expired
 
     # -- events for the reservations (any thread; decided on the engine thread) ------------------
 
-    def _cancel(self, request_id: str, reason: str = "aborted by the client") -> bool:
-        """The client aborted or left: stop its reservation, or abort its request once committed."""
+    def _cancel(self, request_id: str, reason: str = "aborted by the client", token: str | None = None) -> bool:
+        """The client aborted or left: stop its reservation, or abort its request once committed.
+        ``token``: an Abort RPC's, checked against the reservation's (None: our own Generate's client left)."""
 
         def cancel(engine: Engine) -> bool:
+            if token is not None:
+                self.reservations.authorize(request_id, token)
             stopped = self.reservations.client_aborted(engine, request_id, reason)
             return engine.abort(request_id) if stopped is None else stopped
 

@@ -16,7 +16,7 @@ import torch
 from contract.sampling import FieldError, SamplingParams, check_token_ids, check_vocabulary
 from engine.block_manager import BlockAllocator, KVEvent
 from engine.config import EngineConfig, blocks_for_budget
-from engine.errors import InvalidRequestError
+from engine.errors import InvalidRequestError, NoFreeBlocksError
 from engine.grammar import GrammarCompiler
 from engine.kv_cache import KVLayout, PagedKVCache
 from engine.model_runner import LayerHook, ModelRunner
@@ -118,19 +118,40 @@ class Engine:
 
     # -- requests ---------------------------------------------------------------------------------
 
-    def add_request(self, request_id: str, prompt_token_ids: Sequence[int], params: SamplingParams) -> None:
-        """Queue a prompt to be prefilled here and decoded."""
-        request = self._new_request(request_id, prompt_token_ids, params)
+    def add_request(
+        self,
+        request_id: str,
+        prompt_token_ids: Sequence[int],
+        params: SamplingParams,
+        resume_token_ids: Sequence[int] = (),
+    ) -> None:
+        """Queue a prompt to be prefilled here and decoded.
+
+        ``resume_token_ids``: output another worker generated for this request already (migration). The
+        request continues after it exactly as if it had generated it here — text already emitted, stop
+        strings across the boundary, penalties, seeds, grammar, ``min_tokens`` and ``max_tokens`` all count
+        it — and its KV is computed with the prompt's. Its first output carries only new tokens."""
+        request = self._new_request(request_id, prompt_token_ids, params, resume_token_ids)
         self.scheduler.add(request)
 
-    def reserve(self, request_id: str, prompt_token_ids: Sequence[int], params: SamplingParams) -> Reservation:
-        """Hold blocks for a prompt whose KV another worker computes (state WAITING_FOR_KV).
+    def reserve(
+        self,
+        request_id: str,
+        prompt_token_ids: Sequence[int],
+        params: SamplingParams,
+        resume_token_ids: Sequence[int] = (),
+    ) -> Reservation:
+        """Hold blocks for a prompt (and ``resume_token_ids``, as in ``add_request``) whose KV another worker
+        computes (state WAITING_FOR_KV).
 
         Raises NoFreeBlocksError, with nothing allocated, if the pool is too full."""
-        request = self._new_request(request_id, prompt_token_ids, params, register=False)
-        self.scheduler.reserve(request)
+        request = self._new_request(request_id, prompt_token_ids, params, resume_token_ids, register=False)
+        try:
+            self.scheduler.reserve(request)
+        except NoFreeBlocksError:
+            self.outputs.discard(request_id)
+            raise
         self.requests[request_id] = request
-        self.outputs.start(request)
         return Reservation(request_id, tuple(request.block_ids), request.num_published_blocks * self.config.block_size)
 
     def complete_reservation(self, request_id: str, first_token_id: int, logprobs: TokenLogprobs | None = None) -> None:
@@ -151,23 +172,30 @@ class Engine:
         self._pending.append(self._finalize(request))
         return True
 
-    def _new_request(self, request_id, prompt_token_ids, params, register: bool = True) -> Request:
-        prompt = list(prompt_token_ids)
-        self._validate(request_id, prompt, params)
+    def _new_request(self, request_id, prompt_token_ids, params, resume_token_ids=(), register: bool = True) -> Request:
+        """A request with its output stream started (and its resumed output replayed through it)."""
+        prompt, resumed = list(prompt_token_ids), list(resume_token_ids)
+        self._validate(request_id, prompt, params, resumed)
         grammar = self.grammars.matcher(params.grammar, prompt) if params.grammar is not None else None
         sampling = SamplingState(params, prompt, self.outputs.eos_token_ids, grammar=grammar)
         request = Request(request_id, prompt, params, sampling, self.config.block_size)
+        self.outputs.start(request)
+        try:
+            self.outputs.resume(request, resumed)
+        except InvalidRequestError:
+            self.outputs.discard(request_id)
+            raise
         if register:
             self.requests[request_id] = request
-            self.outputs.start(request)
         return request
 
-    def _validate(self, request_id: str, prompt: list[int], params: SamplingParams) -> None:
+    def _validate(self, request_id: str, prompt: list[int], params: SamplingParams, resumed: list[int]) -> None:
         if request_id in self.requests:
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
         if not prompt:
             raise InvalidRequestError("prompt must not be empty")
         _check_token_ids(prompt, self.model_config.vocab_size, "prompt")
+        _check_token_ids(resumed, self.model_config.vocab_size, "resume_token_ids")
         try:
             check_vocabulary(params, self.model_config.vocab_size)
         except FieldError as exc:

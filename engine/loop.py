@@ -104,9 +104,11 @@ class EngineLoop:
         """Runs ``fn(engine)`` on the loop thread between steps; returns its result or raises its error."""
         return self.submit(fn).result(timeout)
 
-    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> RequestStream:
+    def add_request(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, resume_token_ids: list[int] = ()
+    ) -> RequestStream:
         def add(engine: Engine) -> RequestStream:
-            engine.add_request(request_id, prompt_token_ids, params)
+            engine.add_request(request_id, prompt_token_ids, params, resume_token_ids)
             return self.watch(request_id)
 
         return self.call(add)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from engine.errors import InvalidRequestError
 from engine.request import Request, RequestState
 from engine.sampler import TokenLogprobs
 from engine.tokenizer import IncrementalDetokenizer, Tokenizer
@@ -88,6 +89,28 @@ class OutputProcessor:
     def start(self, request: Request) -> None:
         self._streams[request.request_id] = TextStream(self.tokenizer, request.params.stop)
         self._new_tokens[request.request_id] = []
+
+    def resume(self, request: Request, token_ids: list[int]) -> None:
+        """Continues a request after output another worker generated and streamed (migration).
+
+        Each token goes through ``add_token`` as if sampled here, so the detokenizer, stop-string search,
+        penalties, seed steps, grammar and token counts are where the other worker left them; its text counts
+        as emitted, and what that worker held back (an unfinished character, a possible start of a stop
+        string) comes out with the next token here. InvalidRequestError if that output had already finished
+        the request (the other worker would have ended it) or breaks its grammar."""
+        for token_id in token_ids:
+            if self.add_token(request, token_id, None) is not None:
+                raise InvalidRequestError("resume_token_ids already finish the request")
+        grammar = request.sampling.grammar
+        if grammar is not None and grammar.error:
+            raise InvalidRequestError(f"resume_token_ids do not follow the grammar: {grammar.error}")
+        self._streams[request.request_id].take(final=False)  # the client has this text already
+        self._new_tokens[request.request_id] = []
+
+    def discard(self, request_id: str) -> None:
+        """Forgets a request that never started (its admission failed)."""
+        self._streams.pop(request_id, None)
+        self._new_tokens.pop(request_id, None)
 
     def add_token(self, request: Request, token_id: int, logprobs: TokenLogprobs | None) -> RequestState | None:
         """Records a sampled token; returns the finished state it causes, if any."""

@@ -73,14 +73,15 @@ class Scheduler:
         self.waiting.append(request)
 
     def reserve(self, request: Request) -> None:
-        """Hold blocks for the whole prompt (reusing prefix hits) while its KV is computed elsewhere.
+        """Hold blocks for every token known so far (the prompt, and output resumed from another worker),
+        reusing prefix hits, while their KV is computed elsewhere.
 
         Raises NoFreeBlocksError with nothing allocated if the pool cannot hold it."""
         hits = self.allocator.match_prefix(request.block_hashes)
-        needed = _blocks_for(request.num_prompt_tokens, self.config.block_size) - len(hits)
+        needed = _blocks_for(request.num_tokens, self.config.block_size) - len(hits)
         if not self.allocator.can_allocate(needed):
             raise NoFreeBlocksError(
-                f"need {needed} free KV blocks for a {request.num_prompt_tokens}-token prompt, "
+                f"need {needed} free KV blocks for a {request.num_tokens}-token prompt, "
                 f"have {self.allocator.num_free_blocks}"
             )
         self._take_blocks(request, hits, needed)
@@ -89,10 +90,10 @@ class Scheduler:
         self.awaiting_kv[request.request_id] = request
 
     def kv_landed(self, request: Request) -> None:
-        """Every prompt block has been written: publish them and let the request decode."""
+        """Every reserved block has been written: publish them and let the request decode."""
         del self.awaiting_kv[request.request_id]
-        request.num_computed_tokens = request.num_prompt_tokens
-        full = min(request.num_prompt_tokens // self.config.block_size, len(request.block_hashes))
+        request.num_computed_tokens = request.num_tokens
+        full = min(request.num_tokens // self.config.block_size, len(request.block_hashes))
         new = range(request.num_published_blocks, full)
         self.allocator.adopt([request.block_ids[i] for i in new], [request.block_hashes[i] for i in new])
         request.num_published_blocks = full

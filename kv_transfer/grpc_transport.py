@@ -26,6 +26,7 @@ from kv_transfer.errors import TransferError
 from kv_transfer.integrity import checksum
 from kv_transfer.sender import KVSender, OutboundSession, Peer
 from protos import common_pb2, decode_pb2, kv_transfer_pb2
+from protos.cluster_auth import ClusterAuth
 
 DEFAULT_CHUNK_BYTES = 4 * 1024 * 1024
 _END = object()
@@ -53,7 +54,9 @@ class GrpcSession(OutboundSession):
         self._call.add_done_callback(self._on_done)
 
     def _messages(self) -> Iterator[kv_transfer_pb2.KVChunk]:
-        yield kv_transfer_pb2.KVChunk(request_id=self.request_id, instance_id=self.ticket.instance_id)
+        yield kv_transfer_pb2.KVChunk(
+            request_id=self.request_id, instance_id=self.ticket.instance_id, token=self.ticket.token
+        )
         while (message := self._outbox.get()) is not _END:
             if isinstance(message, _StagedRegions):
                 message = self._staged_message(message)
@@ -219,10 +222,11 @@ class GrpcKVSender(KVSender):
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
         verify: bool = True,
         staged: bool = False,
+        auth: ClusterAuth | None = None,
     ) -> None:
         """``staged``: read each layer off the engine thread once its ``ready`` completed (required
         for a CUDA pool; see the module docstring)."""
-        super().__init__(layout, sender_id)
+        super().__init__(layout, sender_id, auth)
         self.chunk_bytes = chunk_bytes
         self.verify = verify
         self.staged = staged

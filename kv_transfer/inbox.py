@@ -12,6 +12,9 @@ Contract:
   the pin is taken under the landing's lock and only while the gate is open, and the owner frees
   a landing's blocks only once it is closed and unpinned. So no block is written (or read for a
   checksum) after its reservation stopped, nor ever while it could be freed.
+- ``authorize`` (transport threads, before anything else about a request): the sender presents the
+  ticket's token, which the owner handed the landing at ``open``; a wrong one is PERMISSION_DENIED
+  and changes nothing.
 - ``commit`` and ``abort`` hand the event to the owner (``on_commit`` / ``on_abort``); they never
   change a landing themselves. ``commit`` returns only once the owner adopted the KV, or raises
   TransferError with the owner's reason.
@@ -19,6 +22,7 @@ Contract:
 
 from __future__ import annotations
 
+import hmac
 import threading
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -46,6 +50,7 @@ class Landing:
     request_id: str
     block_ids: tuple[int, ...]  # destination blocks that must be written, in prompt order
     written: list[set[int]]  # per layer, blocks landed
+    token: str = field(default="", repr=False)  # the ticket's token: senders must present it
     bytes_received: int = 0
     accepting: bool = True  # the gate: False from the moment the reservation left OPEN
     closed_reason: str = ""
@@ -73,8 +78,9 @@ class KVInbox:
 
     # -- owner (decode engine thread) -------------------------------------------------------------
 
-    def open(self, request_id: str, block_ids: Sequence[int]) -> Landing:
-        landing = Landing(request_id, tuple(block_ids), [set() for _ in range(self.cache.layout.num_layers)])
+    def open(self, request_id: str, block_ids: Sequence[int], token: str = "") -> Landing:
+        written = [set() for _ in range(self.cache.layout.num_layers)]
+        landing = Landing(request_id, tuple(block_ids), written, token=token)
         with self._lock:
             self._landings[request_id] = landing
         return landing
@@ -111,6 +117,13 @@ class KVInbox:
     def get(self, request_id: str) -> Landing | None:
         with self._lock:
             return self._landings.get(request_id)
+
+    def authorize(self, request_id: str, token: str) -> None:
+        """Raises TransferError unless ``token`` is the one of ``request_id``'s ticket (NOT_FOUND:
+        no such reservation; PERMISSION_DENIED: another request's ticket or a wrong token)."""
+        landing = self._landing(request_id)
+        if not hmac.compare_digest(token.encode(), landing.token.encode()):
+            raise TransferError(f"wrong ticket token for reservation {request_id!r}", "PERMISSION_DENIED")
 
     def write(self, request_id: str, layer: int, block_ids: Sequence[int], data: bytes, expected_checksum: int) -> None:
         """gRPC data: copy one chunk (regions of ``block_ids`` back to back) straight into the pool."""

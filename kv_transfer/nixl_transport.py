@@ -24,6 +24,7 @@ from kv_transfer.integrity import region_checksum
 from kv_transfer.nixl_agent import NixlError, NixlPool, PoolDescriptor, WriteHandle
 from kv_transfer.sender import KVSender, OutboundSession, Peer
 from protos import common_pb2, decode_pb2, kv_transfer_pb2
+from protos.cluster_auth import ClusterAuth
 
 log = logging.getLogger(__name__)
 
@@ -32,22 +33,30 @@ _BUSY_POLL_S = 0.0002
 ABORT_RELEASE_TIMEOUT_S = 5.0  # writes not final by then are aborted (NixlError on their handles)
 
 
-def _notification(request_id: str, layer: int, dst_blocks: Sequence[int], checksum: int) -> bytes:
-    return msgpack.packb({"request_id": request_id, "layer": layer, "blocks": list(dst_blocks), "checksum": checksum})
+def _notification(request_id: str, token: str, layer: int, dst_blocks: Sequence[int], checksum: int) -> bytes:
+    note = {"request_id": request_id, "token": token, "layer": layer, "blocks": list(dst_blocks), "checksum": checksum}
+    return msgpack.packb(note)
 
 
 class NixlReceiver:
-    """The decode worker's NIXL agent: its pool registered once, and a thread polling notifications."""
+    """The decode worker's NIXL agent: its pool registered once, and a thread polling notifications.
+    Notifications count only from agents admitted by an authenticated handshake, and only with the
+    ticket's token of the reservation they name."""
 
     def __init__(self, name: str, cache: PagedKVCache, inbox: KVInbox) -> None:
         self.pool = NixlPool(name, cache.data)
         self.inbox = inbox
+        self._admitted: set[str] = set()  # sender agent names; a set add/lookup is atomic under the GIL
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._poll, name="nixl-notifications", daemon=True)
         self._thread.start()
 
     def metadata(self) -> bytes:
         return self.pool.metadata()
+
+    def admit(self, agent_name: str) -> None:
+        """RPC thread, from an authenticated handshake: accept this sender agent's notifications."""
+        self._admitted.add(agent_name)
 
     def pool_descriptor_bytes(self) -> bytes:
         return msgpack.packb(self.pool.descriptor.to_dict())
@@ -63,8 +72,12 @@ class NixlReceiver:
             self._stop.wait(_BUSY_POLL_S if self.inbox.num_landings else _IDLE_POLL_S)
 
     def _landed(self, sender: str, message: bytes) -> None:
+        if sender not in self._admitted:
+            log.warning("NIXL notification from %s ignored: no authenticated handshake", sender)
+            return
         try:
             note = msgpack.unpackb(message)
+            self.inbox.authorize(note["request_id"], note["token"])
             self.inbox.landed(note["request_id"], note["layer"], note["blocks"], note["checksum"])
         except TransferError as exc:
             log.warning("KV from %s rejected: %s", sender, exc)
@@ -141,7 +154,11 @@ class NixlSession(OutboundSession):
         checksum = region_checksum(cache, layer, src_blocks) if self._sender.verify else 0
         try:
             handle = self._sender.pool.write(
-                self._remote, src, dst, layout.region_bytes, _notification(self.request_id, layer, dst_blocks, checksum)
+                self._remote,
+                src,
+                dst,
+                layout.region_bytes,
+                _notification(self.request_id, self.ticket.token, layer, dst_blocks, checksum),
             )
         except (NixlError, ValueError) as exc:
             self.fail(f"NIXL write failed: {exc}")
@@ -173,7 +190,10 @@ class NixlSession(OutboundSession):
         if self.failed is not None:
             raise TransferError(self.failed, "ABORTED")
         request = kv_transfer_pb2.CommitRequest(
-            request_id=self.request_id, instance_id=self.ticket.instance_id, first_token_id=first_token_id
+            request_id=self.request_id,
+            instance_id=self.ticket.instance_id,
+            token=self.ticket.token,
+            first_token_id=first_token_id,
         )
         if first_logprob is not None:
             request.first_logprob.CopyFrom(first_logprob)
@@ -188,7 +208,11 @@ class NixlSession(OutboundSession):
             self.fail(reason)
         self.release(ABORT_RELEASE_TIMEOUT_S)  # our abort tells the receiver we write no more: make it true
         request = kv_transfer_pb2.CommitRequest(
-            request_id=self.request_id, instance_id=self.ticket.instance_id, abort=True, abort_reason=reason
+            request_id=self.request_id,
+            instance_id=self.ticket.instance_id,
+            token=self.ticket.token,
+            abort=True,
+            abort_reason=reason,
         )
         try:
             self._peer.stub.Commit(request, timeout=5.0)
@@ -198,9 +222,15 @@ class NixlSession(OutboundSession):
 
 class NixlKVSender(KVSender):
     def __init__(
-        self, layout: common_pb2.KVLayout, sender_id: str, cache: PagedKVCache, agent_name: str, verify: bool = True
+        self,
+        layout: common_pb2.KVLayout,
+        sender_id: str,
+        cache: PagedKVCache,
+        agent_name: str,
+        verify: bool = True,
+        auth: ClusterAuth | None = None,
     ) -> None:
-        super().__init__(layout, sender_id)
+        super().__init__(layout, sender_id, auth)
         self.verify = verify
         self.pool = NixlPool(agent_name, cache.data)
         self._remote_pools: dict[str, PoolDescriptor] = {}  # address -> the peer's pool
@@ -214,6 +244,9 @@ class NixlKVSender(KVSender):
 
     def _nixl_metadata(self) -> bytes:
         return self.pool.metadata()
+
+    def _nixl_agent(self) -> str:
+        return self.pool.name
 
     def _on_new_peer(self, peer: Peer) -> None:
         if not peer.handshake.nixl_metadata:

@@ -2,7 +2,14 @@
 
 Every message from a sender about a reservation (a commit, an abort, the end or break of its push
 stream) is also its word that it writes no more into that reservation's blocks (see
-kv_transfer/sender.py); the inbox passes that on, and the decode worker decides what it means."""
+kv_transfer/sender.py); the inbox passes that on, and the decode worker decides what it means.
+
+Trust: the worker's server interceptor admits cluster members only (worker_server/security.py).
+Within the cluster a ticket is a capability: every push stream, commit and abort presents the
+ticket's token, checked (``KVInbox.authorize``) before anything about the reservation is read or
+enqueued, so another request's ticket or a wrong token is PERMISSION_DENIED and changes nothing.
+On NIXL, only an authenticated handshake hands out this worker's agent metadata and admits the
+sender's agent, whose notifications must carry the token too."""
 
 from __future__ import annotations
 
@@ -43,6 +50,10 @@ class KVReceiverService(kv_transfer_pb2_grpc.KVReceiverServicer):
             response.message = mismatch
             return response
         if self.nixl is not None:
+            if not request.nixl_agent:
+                response.message = "a NIXL sender must name its agent in the handshake"
+                return response
+            self.nixl.admit(request.nixl_agent)
             response.nixl_metadata = self.nixl.metadata()
             response.nixl_pool = self.nixl.pool_descriptor_bytes()
         response.accepted = True
@@ -88,8 +99,7 @@ class KVReceiverService(kv_transfer_pb2_grpc.KVReceiverServicer):
             raise TransferError(
                 f"ticket is for instance {chunk.instance_id}; this worker is {self.instance_id}", "FAILED_PRECONDITION"
             )
-        if self.inbox.get(chunk.request_id) is None:
-            raise TransferError(f"no reservation {chunk.request_id!r} on this worker", "NOT_FOUND")
+        self.inbox.authorize(chunk.request_id, chunk.token)  # the stream is bound to this reservation from now on
         return chunk.request_id
 
     def Commit(self, request, context):
@@ -99,6 +109,10 @@ class KVReceiverService(kv_transfer_pb2_grpc.KVReceiverServicer):
                 grpc.StatusCode.FAILED_PRECONDITION,
                 f"ticket is for instance {request.instance_id}; this worker is {self.instance_id}",
             )
+        try:
+            self.inbox.authorize(request.request_id, request.token)
+        except TransferError as exc:  # not this sender's reservation: leave it alone
+            context.abort(getattr(grpc.StatusCode, exc.code), str(exc))
         try:
             if request.abort:
                 self.inbox.abort(request.request_id, request.abort_reason or "aborted by the prefill worker")

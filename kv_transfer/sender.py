@@ -37,6 +37,7 @@ from engine.layer_ready import COMPLETED, LayerReady
 from kv_transfer.errors import TransferError
 from kv_transfer.layout import layout_mismatch
 from protos import common_pb2, decode_pb2, kv_transfer_pb2, kv_transfer_pb2_grpc
+from protos.cluster_auth import ClusterAuth
 
 # Safety margin: a sender stops writing this long before the receiver's lease deadline.
 LEASE_MARGIN_S = 0.25
@@ -106,11 +107,14 @@ class Peer:
 
 
 class KVSender(ABC):
-    """Opens sessions to decode workers; remembers each peer's handshake per receiver instance."""
+    """Opens sessions to decode workers; remembers each peer's handshake per receiver instance.
+    Every call to a receiver carries this worker's cluster credentials (``auth``; default: the
+    environment's), and every session presents its ticket's token."""
 
-    def __init__(self, layout: common_pb2.KVLayout, sender_id: str) -> None:
+    def __init__(self, layout: common_pb2.KVLayout, sender_id: str, auth: ClusterAuth | None = None) -> None:
         self.layout = layout
         self.sender_id = sender_id
+        self.auth = auth if auth is not None else ClusterAuth.from_env()
         self._channels: dict[str, grpc.Channel] = {}
         self._peers: dict[str, Peer] = {}
         self._lock = threading.Lock()
@@ -138,10 +142,13 @@ class KVSender(ABC):
     def _handshake(self, address: str) -> Peer:
         channel = self._channels.get(address)
         if channel is None:
-            channel = self._channels[address] = grpc.insecure_channel(address, options=channel_options())
+            channel = self._channels[address] = self.auth.channel(address, options=channel_options())
         stub = kv_transfer_pb2_grpc.KVReceiverStub(channel)
         request = kv_transfer_pb2.HandshakeRequest(
-            layout=self.layout, sender_id=self.sender_id, nixl_metadata=self._nixl_metadata()
+            layout=self.layout,
+            sender_id=self.sender_id,
+            nixl_metadata=self._nixl_metadata(),
+            nixl_agent=self._nixl_agent(),
         )
         try:
             response = stub.Handshake(request, timeout=10.0)
@@ -158,6 +165,9 @@ class KVSender(ABC):
 
     def _nixl_metadata(self) -> bytes:
         return b""
+
+    def _nixl_agent(self) -> str:
+        return ""
 
     def _on_new_peer(self, peer: Peer) -> None:
         """Hook for transports with per-peer state (NIXL loads the peer's agent metadata)."""

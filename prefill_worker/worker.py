@@ -73,11 +73,13 @@ class PrefillWorker(WorkerBase, prefill_pb2_grpc.PrefillWorkerServicer):
     def _make_sender(self, transport: str, verify: bool) -> KVSender:
         if transport == "grpc":
             staged = self.engine.kv_cache.data.is_cuda  # stage VRAM through pinned host buffers
-            return GrpcKVSender(self.layout, self.worker_id, verify=verify, staged=staged)
+            return GrpcKVSender(self.layout, self.worker_id, verify=verify, staged=staged, auth=self.auth)
         if transport == "nixl":
             from kv_transfer.nixl_transport import NixlKVSender
 
-            return NixlKVSender(self.layout, self.worker_id, self.engine.kv_cache, self.unique_name, verify=verify)
+            return NixlKVSender(
+                self.layout, self.worker_id, self.engine.kv_cache, self.unique_name, verify=verify, auth=self.auth
+            )
         raise ValueError(f"unknown transport {transport!r}; use grpc or nixl")
 
     def add_services(self, server: grpc.Server) -> None:
@@ -95,9 +97,12 @@ class PrefillWorker(WorkerBase, prefill_pb2_grpc.PrefillWorkerServicer):
         try:
             if not request.HasField("ticket"):
                 raise InvalidRequestError("a prefill needs the decode worker's ticket")
-            params = dataclasses.replace(SamplingParams.from_wire(request.params), max_tokens=1)
+            # Resumed output (migration) is replayed as this request's own: the token sampled is the one after it.
+            resumed = len(request.resume_token_ids)
+            params = dataclasses.replace(SamplingParams.from_wire(request.params), max_tokens=resumed + 1)
             self.sender.peer(request.ticket)  # handshake first: a layout mismatch explains a block-count mismatch
-            expected_blocks = -(-len(request.prompt_token_ids) // self.config.block_size)
+            pushed_tokens = len(request.prompt_token_ids) + resumed
+            expected_blocks = -(-pushed_tokens // self.config.block_size)
             if len(request.ticket.block_ids) != expected_blocks:
                 raise InvalidRequestError(
                     f"ticket has {len(request.ticket.block_ids)} blocks for a prompt of {expected_blocks}"
@@ -105,7 +110,7 @@ class PrefillWorker(WorkerBase, prefill_pb2_grpc.PrefillWorkerServicer):
             session = self.sender.open(request.request_id, request.ticket)
             outbound = Outbound(
                 session,
-                len(request.prompt_token_ids),
+                pushed_tokens,
                 [request.ticket.num_cached_tokens // self.config.block_size] * self.engine.model_config.num_layers,
             )
             stream = self.loop.call(lambda engine: self._start(engine, request, params, outbound))
@@ -141,7 +146,7 @@ class PrefillWorker(WorkerBase, prefill_pb2_grpc.PrefillWorkerServicer):
         return response
 
     def _start(self, engine: Engine, request, params, outbound: Outbound):
-        engine.add_request(request.request_id, list(request.prompt_token_ids), params)
+        engine.add_request(request.request_id, list(request.prompt_token_ids), params, list(request.resume_token_ids))
         self._outbound[request.request_id] = outbound
         self.counters.add(prompt_tokens=outbound.prompt_len)
         return self.loop.watch(request.request_id)
@@ -175,7 +180,7 @@ class PrefillWorker(WorkerBase, prefill_pb2_grpc.PrefillWorkerServicer):
         return common_pb2.AbortResponse(found=self._cancel(request.request_id, outbound.session))
 
     def transfer_state(self) -> tuple[int, int]:
-        return self.loop.call(lambda engine: len(self._outbound)), 0
+        return len(self._outbound), 0  # a dict's length, read without waiting for the engine's step
 
     def _transfer_done(self, request_id: str, session: OutboundSession) -> None:
         """RPC thread, once the request's transfer ended either way: wait (here, never on the engine

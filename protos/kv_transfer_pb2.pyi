@@ -8,14 +8,16 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class HandshakeRequest(_message.Message):
-    __slots__ = ("layout", "sender_id", "nixl_metadata")
+    __slots__ = ("layout", "sender_id", "nixl_metadata", "nixl_agent")
     LAYOUT_FIELD_NUMBER: _ClassVar[int]
     SENDER_ID_FIELD_NUMBER: _ClassVar[int]
     NIXL_METADATA_FIELD_NUMBER: _ClassVar[int]
+    NIXL_AGENT_FIELD_NUMBER: _ClassVar[int]
     layout: _common_pb2.KVLayout
     sender_id: str
     nixl_metadata: bytes
-    def __init__(self, layout: _Optional[_Union[_common_pb2.KVLayout, _Mapping]] = ..., sender_id: _Optional[str] = ..., nixl_metadata: _Optional[bytes] = ...) -> None: ...
+    nixl_agent: str
+    def __init__(self, layout: _Optional[_Union[_common_pb2.KVLayout, _Mapping]] = ..., sender_id: _Optional[str] = ..., nixl_metadata: _Optional[bytes] = ..., nixl_agent: _Optional[str] = ...) -> None: ...
 
 class HandshakeResponse(_message.Message):
     __slots__ = ("accepted", "message", "layout", "instance_id", "nixl_metadata", "nixl_pool")
@@ -34,7 +36,7 @@ class HandshakeResponse(_message.Message):
     def __init__(self, accepted: _Optional[bool] = ..., message: _Optional[str] = ..., layout: _Optional[_Union[_common_pb2.KVLayout, _Mapping]] = ..., instance_id: _Optional[str] = ..., nixl_metadata: _Optional[bytes] = ..., nixl_pool: _Optional[bytes] = ...) -> None: ...
 
 class KVChunk(_message.Message):
-    __slots__ = ("request_id", "instance_id", "layer", "block_ids", "data", "checksum", "commit", "first_token_id", "first_logprob", "abort", "abort_reason")
+    __slots__ = ("request_id", "instance_id", "layer", "block_ids", "data", "checksum", "commit", "first_token_id", "first_logprob", "abort", "abort_reason", "token")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
     LAYER_FIELD_NUMBER: _ClassVar[int]
@@ -46,6 +48,7 @@ class KVChunk(_message.Message):
     FIRST_LOGPROB_FIELD_NUMBER: _ClassVar[int]
     ABORT_FIELD_NUMBER: _ClassVar[int]
     ABORT_REASON_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     instance_id: str
     layer: int
@@ -57,7 +60,8 @@ class KVChunk(_message.Message):
     first_logprob: _common_pb2.TokenLogprob
     abort: bool
     abort_reason: str
-    def __init__(self, request_id: _Optional[str] = ..., instance_id: _Optional[str] = ..., layer: _Optional[int] = ..., block_ids: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ..., checksum: _Optional[int] = ..., commit: _Optional[bool] = ..., first_token_id: _Optional[int] = ..., first_logprob: _Optional[_Union[_common_pb2.TokenLogprob, _Mapping]] = ..., abort: _Optional[bool] = ..., abort_reason: _Optional[str] = ...) -> None: ...
+    token: str
+    def __init__(self, request_id: _Optional[str] = ..., instance_id: _Optional[str] = ..., layer: _Optional[int] = ..., block_ids: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ..., checksum: _Optional[int] = ..., commit: _Optional[bool] = ..., first_token_id: _Optional[int] = ..., first_logprob: _Optional[_Union[_common_pb2.TokenLogprob, _Mapping]] = ..., abort: _Optional[bool] = ..., abort_reason: _Optional[str] = ..., token: _Optional[str] = ...) -> None: ...
 
 class PushResult(_message.Message):
     __slots__ = ("bytes_received",)
@@ -66,20 +70,22 @@ class PushResult(_message.Message):
     def __init__(self, bytes_received: _Optional[int] = ...) -> None: ...
 
 class CommitRequest(_message.Message):
-    __slots__ = ("request_id", "instance_id", "first_token_id", "first_logprob", "abort", "abort_reason")
+    __slots__ = ("request_id", "instance_id", "first_token_id", "first_logprob", "abort", "abort_reason", "token")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
     FIRST_TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
     FIRST_LOGPROB_FIELD_NUMBER: _ClassVar[int]
     ABORT_FIELD_NUMBER: _ClassVar[int]
     ABORT_REASON_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     instance_id: str
     first_token_id: int
     first_logprob: _common_pb2.TokenLogprob
     abort: bool
     abort_reason: str
-    def __init__(self, request_id: _Optional[str] = ..., instance_id: _Optional[str] = ..., first_token_id: _Optional[int] = ..., first_logprob: _Optional[_Union[_common_pb2.TokenLogprob, _Mapping]] = ..., abort: _Optional[bool] = ..., abort_reason: _Optional[str] = ...) -> None: ...
+    token: str
+    def __init__(self, request_id: _Optional[str] = ..., instance_id: _Optional[str] = ..., first_token_id: _Optional[int] = ..., first_logprob: _Optional[_Union[_common_pb2.TokenLogprob, _Mapping]] = ..., abort: _Optional[bool] = ..., abort_reason: _Optional[str] = ..., token: _Optional[str] = ...) -> None: ...
 
 class CommitResponse(_message.Message):
     __slots__ = ()

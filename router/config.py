@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True)
@@ -35,14 +35,26 @@ class RouterConfig:
     prefill_retries: int = 2
     retry_backoff_s: float = 0.05
     migration_retries: int = 2
+    # D lost mid-decode: "prefill" re-pushes the KV from a prefill worker (its prefix cache holds the prompt, so
+    # only the generated tokens are computed); "local" has the new D recompute prompt + output itself.
+    migration_policy: str = "prefill"
     lease_ms: int = 30_000
     lease_policy: str = "recompute"  # "recompute" | "fail"
     health_interval_s: float = 0.5
     admin_token: str | None = None
+    # The cluster secret workers require on every call (None: $SPLITSERVE_CLUSTER_SECRET[_FILE]).
+    cluster_secret: str | None = field(default=None, repr=False)
+    # TLS for the public HTTP and gRPC endpoints: PEM certificate (chain) and key; both or neither.
+    tls_certfile: str | None = None
+    tls_keyfile: str | None = None
 
     def __post_init__(self) -> None:
+        if (self.tls_certfile is None) != (self.tls_keyfile is None):
+            raise ValueError("tls_certfile and tls_keyfile go together: give both or neither")
         if self.routing_policy not in ("kv_aware", "load"):
             raise ValueError(f"routing_policy must be kv_aware or load, got {self.routing_policy!r}")
+        if self.migration_policy not in ("prefill", "local"):
+            raise ValueError(f"migration_policy must be prefill or local, got {self.migration_policy!r}")
         if self.lease_policy not in ("recompute", "fail"):
             raise ValueError(f"lease_policy must be recompute or fail, got {self.lease_policy!r}")
         if self.max_model_len is not None and self.max_model_len < 1:

@@ -86,14 +86,21 @@ class GenerateService(generate_pb2_grpc.GenerateServicer):
         raise GenerationError("the request needs text, token_ids or chat", 400, "invalid_request_error")
 
 
-def create_grpc_server(frontend: Frontend, address: str, api_keys: tuple[str, ...] = ()) -> tuple[grpc.aio.Server, int]:
+def create_grpc_server(
+    frontend: Frontend, address: str, api_keys: tuple[str, ...] = (), tls: tuple[bytes, bytes] | None = None
+) -> tuple[grpc.aio.Server, int]:
+    """``tls``: (certificate chain, key) PEM: the endpoint then serves TLS only."""
     server = grpc.aio.server()
     generate_pb2_grpc.add_GenerateServicer_to_server(GenerateService(frontend, api_keys), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     service_name = generate_pb2.DESCRIPTOR.services_by_name["Generate"].full_name
     reflection.enable_server_reflection((service_name, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-    port = server.add_insecure_port(address)
+    if tls is None:
+        port = server.add_insecure_port(address)
+    else:
+        cert, key = tls
+        port = server.add_secure_port(address, grpc.ssl_server_credentials([(key, cert)]))
     server.health_servicer = health_servicer
     server.health_service_name = service_name
     return server, port

@@ -5,8 +5,12 @@ reserve on D ──> prefill on P (ticket) ──> first token to the client ─
    │                            │          jittered backoff), else prefill locally on D
    └─ short prompt / no P ──> D prefills locally
 prompt logprobs asked for ──> D prefills locally (they are computed where the prompt is prefilled)
-D dies mid-stream ──> re-issue prompt + tokens so far on another D (migration)
+D dies mid-stream ──> continue on another D after the tokens so far (migration): a prefill worker
+    recomputes only their KV, the prompt's being in its prefix cache (policy "prefill"), or the new D
+    prefills prompt + tokens itself ("local"); either way the worker resumes the output where the client
+    has it (text, stop strings, penalties, max_tokens), it does not take the tokens as prompt
 lease expired ──> recompute locally on D (policy "recompute") or fail ("fail")
+a worker leaves the pool under a call (its channel closed) ──> that worker is lost: retry / migrate
 consumer goes away ──> every in-flight call is cancelled and reservations aborted
 """
 
@@ -61,6 +65,13 @@ class _DecodeLost(Exception):
 
 class _LeaseExpired(Exception):
     """The reservation's KV did not land before its lease ran out."""
+
+
+def _channel_closed_under_call(worker: WorkerHandle) -> bool:
+    """Whether a CancelledError (or UsageError) from a call on ``worker`` means the pool closed its channel
+    (the worker left the pool), not that this request was cancelled: that one still propagates."""
+    task = asyncio.current_task()
+    return worker.closed and (task is None or task.cancelling() == 0)
 
 
 @dataclass(frozen=True)
@@ -151,9 +162,14 @@ class Orchestrator:
             chosen = route(decodes, prefills, prompt_len, hashes, block_size, self.config, exclude)
         except NoWorkerError as exc:
             raise GenerationError(str(exc), 503) from exc
-        if (force_local or progress.tokens) and chosen.decision is Decision.REMOTE_PREFILL:
+        local_migration = progress.tokens and self.config.migration_policy == "local"
+        if (force_local or local_migration) and chosen.decision is Decision.REMOTE_PREFILL:
             chosen = Route(Decision.FALLBACK, chosen.decode, None, chosen.uncached_tokens, "recompute locally")
-        elif request.params.HasField("prompt_logprobs") and chosen.decision is Decision.REMOTE_PREFILL:
+        elif (
+            request.params.HasField("prompt_logprobs")
+            and not progress.tokens
+            and chosen.decision is Decision.REMOTE_PREFILL
+        ):
             # Prompt logprobs need the logits of every prompt position: the worker that prefills computes them.
             reason = "prompt logprobs are computed where the prompt is prefilled"
             chosen = Route(Decision.LOCAL_PREFILL, chosen.decode, None, chosen.uncached_tokens, reason)
@@ -167,25 +183,17 @@ class Orchestrator:
     async def _local(
         self, request: GenerationRequest, decode: WorkerHandle, progress: _Progress
     ) -> AsyncIterator[Delta]:
-        """D prefills and decodes; continues after ``progress.tokens`` when migrating."""
-        params = common_pb2.SamplingParams()
-        params.CopyFrom(request.params)
-        params.max_tokens = request.params.max_tokens - len(progress.tokens)
-        if params.HasField("grammar"):  # the tokens so far are output the grammar has accepted
-            params.grammar.accepted_prompt_tokens += len(progress.tokens)
-        params.min_tokens = max(0, request.params.min_tokens - len(progress.tokens))
-        if progress.tokens:
-            params.ClearField("prompt_logprobs")  # delivered with the first delta; the prompt now holds output
+        """D prefills and decodes; resumes the output after ``progress.tokens`` when migrating."""
         worker_request = decode_pb2.GenerateRequest(
             request_id=progress.next_worker_request_id(request.request_id),
-            prompt_token_ids=list(request.prompt_token_ids) + progress.tokens,
-            params=params,
+            prompt_token_ids=request.prompt_token_ids,
+            params=_worker_params(request, progress),
+            resume_token_ids=progress.tokens,
         )
         decode.active += 1
         try:
-            async for delta in self._decode_stream(
-                decode, decode.stub.Generate(worker_request, timeout=self.config.request_timeout_s), skip_first=False
-            ):
+            call = self._open_generate(decode, worker_request)
+            async for delta in self._decode_stream(decode, call, skip_first=False):
                 yield delta
         finally:
             decode.active -= 1
@@ -194,19 +202,20 @@ class Orchestrator:
         self, request: GenerationRequest, chosen: Route, progress: _Progress, served: ServedModel
     ) -> AsyncIterator[Delta]:
         decode, prefill = chosen.decode, chosen.prefill
+        resumed = tuple(progress.tokens)  # migrating: P computes these tokens' KV too and samples the next one
         tried: set[str] = set()
         for attempt in range(self.config.prefill_retries + 1):
             worker_id = progress.next_worker_request_id(request.request_id)
-            ticket = await self._reserve(decode, worker_id, request)
-            decode_call = decode.stub.Generate(
-                decode_pb2.GenerateRequest(request_id=worker_id, reserved=True), timeout=self.config.request_timeout_s
+            ticket = await self._reserve(decode, worker_id, request, progress)
+            decode_call = self._open_generate(
+                decode, decode_pb2.GenerateRequest(request_id=worker_id, reserved=True, token=ticket.token)
             )
             decode.active += 1
             try:
-                first = await self._prefill(prefill, worker_id, request, ticket)
+                first = await self._prefill(prefill, worker_id, request, ticket, progress)
                 if first is None:
                     decode_call.cancel()
-                    asyncio.ensure_future(self._abort(decode, worker_id))
+                    asyncio.ensure_future(self._abort(decode, worker_id, ticket.token))
                     tried.add(prefill.address)
                     prefill = self._another_prefill(request, tried, served.block_size)
                     if prefill is None:
@@ -216,7 +225,7 @@ class Orchestrator:
                     continue
                 progress.cached_tokens = first.num_cached_tokens
                 self.metrics.kv_transfer_seconds.labels(ticket.transport).observe(first.exposed_transfer_ms / 1000.0)
-                first_delta = self._first_delta(first, request, served)
+                first_delta = self._first_delta(first, request, served, resumed=bool(resumed))
                 yield first_delta
                 async for delta in self._decode_stream(
                     decode, decode_call, skip_first=True, first_text_sent=bool(first_delta.text)
@@ -227,7 +236,7 @@ class Orchestrator:
                 decode.active -= 1
                 if not decode_call.done():
                     decode_call.cancel()
-                    asyncio.ensure_future(self._abort(decode, worker_id))
+                    asyncio.ensure_future(self._abort(decode, worker_id, ticket.token))
         log.warning(
             "request %s: prefill failed on every worker tried; prefilling on the decode worker", request.request_id
         )
@@ -235,22 +244,35 @@ class Orchestrator:
         async for delta in self._local(request, decode, progress):
             yield delta
 
-    async def _reserve(self, decode: WorkerHandle, worker_id: str, request: GenerationRequest) -> decode_pb2.Ticket:
+    def _open_generate(self, decode: WorkerHandle, worker_request: decode_pb2.GenerateRequest):
+        try:
+            return decode.stub.Generate(worker_request, timeout=self.config.request_timeout_s)
+        except grpc.aio.UsageError as exc:  # the pool closed its channel since it was routed to
+            raise _DecodeLost(f"decode worker {decode.address} left the pool") from exc
+
+    async def _reserve(
+        self, decode: WorkerHandle, worker_id: str, request: GenerationRequest, progress: _Progress
+    ) -> decode_pb2.Ticket:
         try:
             return await decode.stub.Reserve(
                 decode_pb2.ReserveRequest(
                     request_id=worker_id,
                     prompt_token_ids=request.prompt_token_ids,
-                    params=request.params,
+                    params=_worker_params(request, progress),
                     lease_ms=self.config.lease_ms,
+                    resume_token_ids=progress.tokens,
                 ),
                 timeout=10.0,
             )
         except grpc.aio.AioRpcError as exc:
             raise self._worker_error(decode, exc) from exc
+        except (asyncio.CancelledError, grpc.aio.UsageError) as exc:
+            if not _channel_closed_under_call(decode):
+                raise
+            raise _DecodeLost(f"decode worker {decode.address} left the pool during Reserve") from exc
 
     async def _prefill(
-        self, prefill: WorkerHandle, worker_id: str, request: GenerationRequest, ticket
+        self, prefill: WorkerHandle, worker_id: str, request: GenerationRequest, ticket, progress: _Progress
     ) -> prefill_pb2.PrefillResponse | None:
         """The prefill's answer, or None if this prefill worker failed (the caller retries)."""
         prefill.active += 1
@@ -259,11 +281,17 @@ class Orchestrator:
                 prefill_pb2.PrefillRequest(
                     request_id=worker_id,
                     prompt_token_ids=request.prompt_token_ids,
-                    params=request.params,
+                    params=_worker_params(request, progress),
                     ticket=ticket,
+                    resume_token_ids=progress.tokens,
                 ),
                 timeout=self.config.prefill_timeout_s,
             )
+        except (asyncio.CancelledError, grpc.aio.UsageError):
+            if not _channel_closed_under_call(prefill):
+                raise
+            log.warning("prefill of %s on %s: the worker left the pool under the call", worker_id, prefill.address)
+            return None
         except grpc.aio.AioRpcError as exc:
             if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
                 raise GenerationError(exc.details(), 400, "invalid_request_error") from exc
@@ -283,11 +311,13 @@ class Orchestrator:
         return min(candidates, key=lambda p: (prefill_cost(p, hashes, blocks, self.config), random.random()))
 
     def _first_delta(
-        self, first: prefill_pb2.PrefillResponse, request: GenerationRequest, served: ServedModel
+        self, first: prefill_pb2.PrefillResponse, request: GenerationRequest, served: ServedModel, resumed: bool
     ) -> Delta:
-        # Without stop strings the decode worker's first text piece is exactly what an incremental
-        # detokenizer makes of this one token, so the client gets it now rather than after decode.
-        text = "" if request.params.stop else IncrementalDetokenizer(served.tokenizer).push(first.first_token_id)
+        # Without stop strings, and at the start of the output, the decode worker's first text piece is
+        # exactly what an incremental detokenizer makes of this one token, so the client gets it now rather
+        # than after decode. Otherwise the text comes with the decode worker's first response.
+        fresh = not request.params.stop and not resumed
+        text = IncrementalDetokenizer(served.tokenizer).push(first.first_token_id) if fresh else ""
         logprobs = (first.first_logprob,) if first.HasField("first_logprob") else ()
         return Delta((first.first_token_id,), text, logprobs)
 
@@ -314,6 +344,10 @@ class Orchestrator:
                     )
                 if response.finish_reason:
                     return
+        except asyncio.CancelledError as exc:
+            if not _channel_closed_under_call(decode):
+                raise
+            raise _DecodeLost(f"decode worker {decode.address} left the pool mid-stream") from exc
         except grpc.aio.AioRpcError as exc:
             if exc.code() == grpc.StatusCode.ABORTED and "lease expired" in (exc.details() or ""):
                 raise _LeaseExpired(exc.details()) from exc
@@ -333,11 +367,15 @@ class Orchestrator:
             return _DecodeLost(f"{code.name}: {exc.details()}")
         return GenerationError(f"{worker.role} worker error: {exc.details()}", 502, "upstream_error")
 
-    async def _abort(self, worker: WorkerHandle, worker_request_id: str) -> None:
+    async def _abort(self, worker: WorkerHandle, worker_request_id: str, token: str = "") -> None:
+        """``token``: a reservation's ticket token (its abort needs it)."""
         try:
-            await worker.stub.Abort(common_pb2.AbortRequest(request_id=worker_request_id), timeout=5.0)
-        except grpc.aio.AioRpcError:
+            await worker.stub.Abort(common_pb2.AbortRequest(request_id=worker_request_id, token=token), timeout=5.0)
+        except (grpc.aio.AioRpcError, grpc.aio.UsageError):  # gone, or left the pool: nothing to abort there
             pass
+        except asyncio.CancelledError:
+            if not _channel_closed_under_call(worker):
+                raise
 
     def _observe(self, delta: Delta, progress: _Progress, request: GenerationRequest) -> Delta:
         """Bookkeeping and latency metrics per delta; completes usage on the last one."""
@@ -371,3 +409,13 @@ class Orchestrator:
         self.metrics.generation_tokens.inc(usage.completion_tokens)
         self.metrics.cached_tokens.inc(cached)
         return replace(delta, usage=usage)
+
+
+def _worker_params(request: GenerationRequest, progress: _Progress) -> common_pb2.SamplingParams:
+    """The sampling params a worker gets. Resuming after a migration, the prompt logprobs went out already."""
+    if not progress.tokens or not request.params.HasField("prompt_logprobs"):
+        return request.params
+    params = common_pb2.SamplingParams()
+    params.CopyFrom(request.params)
+    params.ClearField("prompt_logprobs")
+    return params

@@ -8,6 +8,7 @@ import sys
 
 import uvicorn
 
+from protos.cluster_auth import ClusterAuth
 from router.admin import install_admin
 from router.config import RouterConfig, api_keys_from_env
 from router.control import ControlPlane
@@ -26,7 +27,7 @@ class Router:
     def __init__(self, config: RouterConfig, control: ControlPlane | None = None) -> None:
         self.config = config
         self.api_keys = api_keys_from_env(config.api_keys)
-        self.pool = WorkerPool(config.health_interval_s)
+        self.pool = WorkerPool(config.health_interval_s, auth=ClusterAuth.from_env(config.cluster_secret))
         self.frontend = Frontend(config, self.pool)
         self.app = create_app(self.frontend, self.api_keys)
         install_admin(self.app, self.frontend, control, config.admin_token)
@@ -43,7 +44,7 @@ class Router:
         for address in self.config.decode_addresses:
             self.pool.add(address, "decode")
         self._grpc, self.grpc_port = create_grpc_server(
-            self.frontend, f"{self.config.host}:{self.config.grpc_port}", self.api_keys
+            self.frontend, f"{self.config.host}:{self.config.grpc_port}", self.api_keys, self._grpc_tls()
         )
         await self._grpc.start()
         await mark_serving(self._grpc)
@@ -54,6 +55,8 @@ class Router:
             log_level="warning",
             lifespan="off",
             timeout_graceful_shutdown=2,
+            ssl_certfile=self.config.tls_certfile,
+            ssl_keyfile=self.config.tls_keyfile,
         )
         self._http = uvicorn.Server(http_config)
         self._http_task = asyncio.create_task(self._http.serve())
@@ -62,6 +65,13 @@ class Router:
                 self._http_task.result()  # raises the bind error
             await asyncio.sleep(0.02)
         self.http_port = self._http.servers[0].sockets[0].getsockname()[1]
+
+    def _grpc_tls(self) -> tuple[bytes, bytes] | None:
+        """(certificate chain, key) PEM for the public gRPC endpoint, when TLS is configured."""
+        if self.config.tls_certfile is None:
+            return None
+        with open(self.config.tls_certfile, "rb") as cert, open(self.config.tls_keyfile, "rb") as key:
+            return cert.read(), key.read()
 
     async def wait_ready(self, timeout: float = 30.0) -> bool:
         """Until the model is known, a compatible decode worker is healthy and every known worker has
@@ -89,10 +99,11 @@ class Router:
     @property
     def urls(self) -> dict[str, str]:
         host = self.config.host
+        scheme = "https" if self.config.tls_certfile else "http"
         return {
-            "http": f"http://{host}:{self.http_port}",
+            "http": f"{scheme}://{host}:{self.http_port}",
             "grpc": f"{host}:{self.grpc_port}",
-            "dashboard": f"http://{host}:{self.http_port}/dashboard",
+            "dashboard": f"{scheme}://{host}:{self.http_port}/dashboard",
         }
 
 

@@ -18,6 +18,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from contract.model_card import MISMATCH_FIELDS, ModelCard, card_of_stats
 from protos import common_pb2, decode_pb2_grpc, prefill_pb2_grpc
+from protos.cluster_auth import ClusterAuth
 
 log = logging.getLogger(__name__)
 
@@ -87,10 +88,13 @@ class WorkerHandle:
     last_seen: float = 0.0
     tasks: list[asyncio.Task] = field(default_factory=list)
     incompatible: Incompatible | None = None
+    # Removed from the pool, its channel closed: calls in flight on it end in CancelledError, which the
+    # orchestrator then reads as this worker lost (not the request cancelled).
+    closed: bool = False
 
     @property
     def available(self) -> bool:
-        return self.healthy and not self.draining and self.incompatible is None
+        return self.healthy and not self.draining and self.incompatible is None and not self.closed
 
     @property
     def load(self) -> int:
@@ -110,17 +114,21 @@ CardCheck = Callable[[ModelCard | None], Incompatible | None]
 
 class WorkerPool:
     """``check_card`` judges each worker's model card at every health check (the router's ModelBinding);
-    without one, every card is accepted."""
+    without one, every card is accepted. Every call to a worker carries ``auth`` (the cluster secret,
+    and mutual TLS when configured; default: the environment's)."""
 
-    def __init__(self, health_interval_s: float = 0.5, check_card: CardCheck | None = None) -> None:
+    def __init__(
+        self, health_interval_s: float = 0.5, check_card: CardCheck | None = None, auth: ClusterAuth | None = None
+    ) -> None:
         self.health_interval_s = health_interval_s
         self.check_card = check_card
+        self.auth = auth if auth is not None else ClusterAuth.from_env()
         self.workers: dict[str, WorkerHandle] = {}
 
     def add(self, address: str, role: str) -> WorkerHandle:
         if address in self.workers:
             return self.workers[address]
-        channel = grpc.aio.insecure_channel(address, options=[("grpc.max_receive_message_length", 64 * 1024 * 1024)])
+        channel = self.auth.aio_channel(address, options=[("grpc.max_receive_message_length", 64 * 1024 * 1024)])
         stub = (
             prefill_pb2_grpc.PrefillWorkerStub(channel)
             if role == "prefill"
@@ -138,6 +146,7 @@ class WorkerPool:
         worker = self.workers.pop(address, None)
         if worker is None:
             return
+        worker.closed, worker.healthy = True, False
         for task in worker.tasks:
             task.cancel()
         await worker.channel.close()

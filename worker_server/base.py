@@ -29,9 +29,16 @@ from kv_transfer.errors import TransferError
 from kv_transfer.layout import layout_message
 from kv_transfer.sender import channel_options
 from protos import common_pb2, decode_pb2
+from protos.cluster_auth import ClusterAuth
 from protos.worker_metrics import worker_metrics
+from worker_server.security import PeerLimit, bind, peer_of, server_interceptors
 
 log = logging.getLogger(__name__)
+
+# KV-event subscriptions hold an RPC thread each for as long as they last: bounded per peer and in
+# all, so the threads that health checks, Stats and the data path need are never all taken.
+SUBSCRIPTIONS_PER_PEER = 4
+SUBSCRIPTIONS_SHARE = 4  # at most max_rpc_threads // SUBSCRIPTIONS_SHARE subscriptions in all
 
 _EVENT_KINDS = {
     KVEventKind.STORED: common_pb2.KVEvent.STORED,
@@ -75,8 +82,11 @@ class WorkerBase(ABC):
         port: int = 0,
         worker_id: str | None = None,
         max_rpc_threads: int = 256,
+        auth: ClusterAuth | None = None,
+        subscriptions_per_peer: int = SUBSCRIPTIONS_PER_PEER,
     ) -> None:
         self.config = config
+        self.auth = auth if auth is not None else ClusterAuth.from_env()
         self.instance_id = uuid.uuid4().hex[:12]
         self.worker_id = worker_id or f"{self.role}-{self.instance_id}"
         self.engine = Engine(config, on_layer_done=self.on_layer_done)
@@ -91,10 +101,17 @@ class WorkerBase(ABC):
             dtype=self.engine.layout.dtype,
             block_size=self.engine.layout.block_size,
         ).to_wire()
-        self.loop = EngineLoop(self.engine, name=f"{self.role}-engine", after_step=self.after_step)
-        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_rpc_threads), options=channel_options())
+        # Stats and /metrics read what the engine thread published after its last step, never wait for a step.
+        self.engine_snapshot = self.engine.stats()
+        self.loop = EngineLoop(self.engine, name=f"{self.role}-engine", after_step=self._after_step)
+        self.server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=max_rpc_threads),
+            interceptors=server_interceptors(self.auth),
+            options=channel_options(),
+        )
+        self.subscriptions = PeerLimit(subscriptions_per_peer, max(1, max_rpc_threads // SUBSCRIPTIONS_SHARE))
         self.health = health.HealthServicer()
-        self.port = self.server.add_insecure_port(f"{host}:{port}")
+        self.port = bind(self.server, f"{host}:{port}", self.auth)
         if self.port == 0:
             raise OSError(f"cannot bind {host}:{port}")
         self.address = f"{host}:{self.port}"
@@ -139,6 +156,10 @@ class WorkerBase(ABC):
     def after_step(self, engine: Engine, outputs: list[RequestOutput]) -> None:
         """Called on the engine thread after every loop iteration."""
 
+    def _after_step(self, engine: Engine, outputs: list[RequestOutput]) -> None:
+        self.after_step(engine, outputs)
+        self.engine_snapshot = engine.stats()  # one reference swap: readers see a whole snapshot
+
     # -- shared RPCs ------------------------------------------------------------------------------
 
     def transfer_state(self) -> tuple[int, int]:
@@ -149,10 +170,21 @@ class WorkerBase(ABC):
         return self.stats()
 
     def SubscribeKVEvents(self, request, context):
-        yield from self.kv_event_batches(context)
+        peer = peer_of(context)
+        if not self.subscriptions.acquire(peer):
+            context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"too many KV-event subscriptions (at most {self.subscriptions.per_peer} per peer, "
+                f"{self.subscriptions.total} in all)",
+            )
+        try:
+            yield from self.kv_event_batches(context)
+        finally:
+            self.subscriptions.release(peer)
 
     def stats(self) -> common_pb2.WorkerStats:
-        snapshot = self.loop.call(lambda engine: engine.stats())
+        """From the snapshot of the engine's last step: answers in microseconds while a step runs."""
+        snapshot = self.engine_snapshot
         transfers_in_flight, leases_expired = self.transfer_state()
         return common_pb2.WorkerStats(
             worker_id=self.worker_id,

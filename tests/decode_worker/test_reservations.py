@@ -42,10 +42,10 @@ class FakeEngine:
         self.committed: set[str] = set()
         self.aborts: Counter[str] = Counter()
 
-    def reserve(self, request_id, prompt, params) -> HeldBlocks:
+    def reserve(self, request_id, prompt, params, resume_token_ids=()) -> HeldBlocks:
         if request_id in self.requests:
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
-        blocks = self.allocator.allocate(-(-len(prompt) // BLOCK_SIZE))
+        blocks = self.allocator.allocate(-(-(len(prompt) + len(resume_token_ids)) // BLOCK_SIZE))
         self.requests[request_id] = blocks
         return HeldBlocks(request_id, tuple(blocks), 0)
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import grpc
 
 from protos import common_pb2, decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
+from protos.cluster_auth import ClusterAuth
 
 START_TIMEOUT_S = 180  # several workers start at once on two shared cores
 
@@ -28,7 +29,7 @@ class WorkerProcess:
     @property
     def channel(self) -> grpc.Channel:
         if not hasattr(self, "_channel"):
-            self._channel = grpc.insecure_channel(self.address)
+            self._channel = ClusterAuth.from_env().channel(self.address)
         return self._channel
 
     @property
@@ -160,7 +161,7 @@ def run_disaggregated(
     tokens: list[int] = []
     last = None
     for response in decode.stub.Generate(
-        decode_pb2.GenerateRequest(request_id=request_id, reserved=True), timeout=timeout
+        decode_pb2.GenerateRequest(request_id=request_id, reserved=True, token=ticket.token), timeout=timeout
     ):
         tokens.extend(response.token_ids)
         last = response
@@ -234,6 +235,13 @@ def new_id(tag: str) -> str:
 
 # Reservations made through reserve(), so a failed test's leftovers can be aborted after it.
 _reserved: list[tuple[WorkerProcess, str]] = []
+# Each reservation's ticket token: its claim and its abort present it.
+_tokens: dict[str, str] = {}
+
+
+def token_of(request_id: str) -> str:
+    """The ticket token of a reservation made here ("" if none)."""
+    return _tokens.get(request_id, "")
 
 
 def reserve(
@@ -247,7 +255,9 @@ def reserve(
         request_id=request_id, prompt_token_ids=prompt, params=params or wire_params(4), lease_ms=lease_ms
     )
     _reserved.append((decode, request_id))
-    return decode.stub.Reserve(request, timeout=10)
+    ticket = decode.stub.Reserve(request, timeout=10)
+    _tokens[request_id] = ticket.token
+    return ticket
 
 
 def abort_leftover_reservations() -> None:
@@ -255,7 +265,7 @@ def abort_leftover_reservations() -> None:
         decode, request_id = _reserved.pop()
         if decode.process.poll() is None:
             try:
-                decode.stub.Abort(common_pb2.AbortRequest(request_id=request_id), timeout=5)
+                decode.stub.Abort(common_pb2.AbortRequest(request_id=request_id, token=token_of(request_id)), timeout=5)
             except grpc.RpcError:
                 pass
 
@@ -276,7 +286,8 @@ def prefill_future(
 
 def claim(decode: WorkerProcess, request_id: str, timeout: float = 30):
     """The client side of a reserved request's Generate stream (started at once; iterate to read)."""
-    return decode.stub.Generate(decode_pb2.GenerateRequest(request_id=request_id, reserved=True), timeout=timeout)
+    request = decode_pb2.GenerateRequest(request_id=request_id, reserved=True, token=token_of(request_id))
+    return decode.stub.Generate(request, timeout=timeout)
 
 
 def rpc_error(call, *args, **kwargs) -> grpc.RpcError:

@@ -1,0 +1,197 @@
+"""Who may talk to a worker: the cluster secret and (optionally) mutual TLS, client side.
+
+Every gRPC call to a worker carries the cluster secret in its metadata (``SECRET_METADATA``); the
+worker's server interceptor (worker_server/security.py) refuses any other call with
+UNAUTHENTICATED, except the standard health check. With TLS files configured the channel is also
+mutual TLS: the worker presents its certificate and requires ours, both signed by the cluster CA.
+
+Where it comes from — the environment or a file, never a command line (``ps`` shows those):
+
+    SPLITSERVE_CLUSTER_SECRET        the secret itself
+    SPLITSERVE_CLUSTER_SECRET_FILE   or a file holding it (a mounted Kubernetes Secret)
+    SPLITSERVE_TLS_CERT / _KEY / _CA PEM paths: this process's certificate, its key, the cluster CA
+    SPLITSERVE_TLS_SERVER_NAME       the name worker certificates carry (when it is not their address)
+
+Everyone imports this module (router, workers, control plane, benchmarks): it lives in ``protos``
+beside the stubs it wraps, and needs nothing but grpc.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+
+SECRET_ENV = "SPLITSERVE_CLUSTER_SECRET"
+SECRET_FILE_ENV = "SPLITSERVE_CLUSTER_SECRET_FILE"
+TLS_CERT_ENV = "SPLITSERVE_TLS_CERT"
+TLS_KEY_ENV = "SPLITSERVE_TLS_KEY"
+TLS_CA_ENV = "SPLITSERVE_TLS_CA"
+TLS_SERVER_NAME_ENV = "SPLITSERVE_TLS_SERVER_NAME"
+SECRET_METADATA = "x-splitserve-cluster-secret"
+# Methods a worker answers without the secret: liveness tells nothing about the cluster.
+UNAUTHENTICATED_PREFIXES = ("/grpc.health.v1.Health/",)
+MISSING_SECRET_HELP = (
+    f"no cluster secret: set {SECRET_ENV} (e.g. `export {SECRET_ENV}=$(openssl rand -hex 32)`) or "
+    f"{SECRET_FILE_ENV} to a file holding it, the same for every worker and router of the cluster"
+)
+
+
+@dataclass(frozen=True)
+class TLSFiles:
+    """PEM paths for mutual TLS between cluster members."""
+
+    cert: str
+    key: str
+    ca: str
+    server_name: str | None = None  # override for the name checked in a worker's certificate
+
+    def read(self) -> tuple[bytes, bytes, bytes]:
+        return Path(self.cert).read_bytes(), Path(self.key).read_bytes(), Path(self.ca).read_bytes()
+
+
+@dataclass(frozen=True)
+class ClusterAuth:
+    """One process's credentials as a cluster member. ``secret`` None: an insecure (by-hand, opted-in) cluster."""
+
+    secret: str | None = field(default=None, repr=False)
+    tls: TLSFiles | None = None
+
+    @classmethod
+    def from_env(cls, secret: str | None = None) -> ClusterAuth:
+        """``secret`` given (a control plane handed it over) wins over the environment."""
+        return cls(secret=secret or secret_from_env(), tls=tls_from_env())
+
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        return ((SECRET_METADATA, self.secret),) if self.secret else ()
+
+    def channel(self, address: str, options: Sequence[tuple[str, object]] = ()) -> grpc.Channel:
+        """A blocking channel to a worker that presents our credentials on every call."""
+        options = [*options, *self._tls_options()]
+        if self.tls is not None:
+            channel = grpc.secure_channel(address, self._channel_credentials(), options=options)
+        else:
+            channel = grpc.insecure_channel(address, options=options)
+        return grpc.intercept_channel(channel, _SecretInterceptor(self.metadata())) if self.secret else channel
+
+    def aio_channel(self, address: str, options: Sequence[tuple[str, object]] = ()) -> grpc.aio.Channel:
+        """The asyncio flavour of ``channel`` (the router, the controller)."""
+        options = [*options, *self._tls_options()]
+        interceptors = _aio_interceptors(self.metadata()) if self.secret else None
+        if self.tls is not None:
+            return grpc.aio.secure_channel(
+                address, self._channel_credentials(), options=options, interceptors=interceptors
+            )
+        return grpc.aio.insecure_channel(address, options=options, interceptors=interceptors)
+
+    def _channel_credentials(self) -> grpc.ChannelCredentials:
+        cert, key, ca = self.tls.read()
+        return grpc.ssl_channel_credentials(root_certificates=ca, private_key=key, certificate_chain=cert)
+
+    def _tls_options(self) -> list[tuple[str, object]]:
+        if self.tls is not None and self.tls.server_name:
+            return [("grpc.ssl_target_name_override", self.tls.server_name)]
+        return []
+
+
+def secret_from_env() -> str | None:
+    secret = os.environ.get(SECRET_ENV, "").strip()
+    if secret:
+        return secret
+    path = os.environ.get(SECRET_FILE_ENV, "").strip()
+    if path:
+        secret = Path(path).read_text().strip()
+        if not secret:
+            raise ValueError(f"{SECRET_FILE_ENV}={path} is empty")
+        return secret
+    return None
+
+
+def ensure_secret_in_env() -> str:
+    """For tools that start their own workers (benchmarks): this process's secret, made up and put in
+    its environment (so its children inherit it) when there is none."""
+    secret = secret_from_env()
+    if secret is None:
+        secret = os.environ[SECRET_ENV] = secrets.token_urlsafe(32)
+    return secret
+
+
+def tls_from_env() -> TLSFiles | None:
+    paths = {name: os.environ.get(name, "").strip() for name in (TLS_CERT_ENV, TLS_KEY_ENV, TLS_CA_ENV)}
+    if not any(paths.values()):
+        return None
+    missing = [name for name, value in paths.items() if not value]
+    if missing:
+        raise ValueError(f"mutual TLS needs {TLS_CERT_ENV}, {TLS_KEY_ENV} and {TLS_CA_ENV}; missing {missing}")
+    server_name = os.environ.get(TLS_SERVER_NAME_ENV, "").strip() or None
+    return TLSFiles(paths[TLS_CERT_ENV], paths[TLS_KEY_ENV], paths[TLS_CA_ENV], server_name)
+
+
+def _with_metadata(details, extra: tuple[tuple[str, str], ...]):
+    return details._replace(metadata=[*(details.metadata or ()), *extra])
+
+
+class _SecretInterceptor(
+    grpc.UnaryUnaryClientInterceptor,
+    grpc.UnaryStreamClientInterceptor,
+    grpc.StreamUnaryClientInterceptor,
+    grpc.StreamStreamClientInterceptor,
+):
+    def __init__(self, metadata: tuple[tuple[str, str], ...]) -> None:
+        self._metadata = metadata
+
+    def _details(self, details):
+        return _ClientCallDetails(
+            details.method,
+            details.timeout,
+            [*(details.metadata or ()), *self._metadata],
+            details.credentials,
+            getattr(details, "wait_for_ready", None),
+            getattr(details, "compression", None),
+        )
+
+    def intercept_unary_unary(self, continuation, details, request):
+        return continuation(self._details(details), request)
+
+    def intercept_unary_stream(self, continuation, details, request):
+        return continuation(self._details(details), request)
+
+    def intercept_stream_unary(self, continuation, details, request_iterator):
+        return continuation(self._details(details), request_iterator)
+
+    def intercept_stream_stream(self, continuation, details, request_iterator):
+        return continuation(self._details(details), request_iterator)
+
+
+class _ClientCallDetails(grpc.ClientCallDetails):
+    def __init__(self, method, timeout, metadata, credentials, wait_for_ready, compression) -> None:
+        self.method = method
+        self.timeout = timeout
+        self.metadata = metadata
+        self.credentials = credentials
+        self.wait_for_ready = wait_for_ready
+        self.compression = compression
+
+
+def _aio_interceptors(metadata: tuple[tuple[str, str], ...]) -> list:
+    class UnaryUnary(grpc.aio.UnaryUnaryClientInterceptor):
+        async def intercept_unary_unary(self, continuation, details, request):
+            return await continuation(_with_metadata(details, metadata), request)
+
+    class UnaryStream(grpc.aio.UnaryStreamClientInterceptor):
+        async def intercept_unary_stream(self, continuation, details, request):
+            return await continuation(_with_metadata(details, metadata), request)
+
+    class StreamUnary(grpc.aio.StreamUnaryClientInterceptor):
+        async def intercept_stream_unary(self, continuation, details, request_iterator):
+            return await continuation(_with_metadata(details, metadata), request_iterator)
+
+    class StreamStream(grpc.aio.StreamStreamClientInterceptor):
+        async def intercept_stream_stream(self, continuation, details, request_iterator):
+            return await continuation(_with_metadata(details, metadata), request_iterator)
+
+    return [UnaryUnary(), UnaryStream(), StreamUnary(), StreamStream()]

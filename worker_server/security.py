@@ -1,0 +1,101 @@
+"""Who may talk to a worker, server side: the cluster-secret interceptor, mutual TLS, peer identity,
+and the per-peer limits that keep one peer from holding every block or every RPC thread.
+
+The secret is compared in constant time on every call except the standard health check
+(``protos.cluster_auth.UNAUTHENTICATED_PREFIXES``): liveness reveals nothing, and Kubernetes probes
+the router over HTTP, never a worker's gRPC. A refused call is UNAUTHENTICATED and never reaches a
+servicer.
+"""
+
+from __future__ import annotations
+
+import hmac
+import threading
+
+import grpc
+
+from protos.cluster_auth import SECRET_METADATA, UNAUTHENTICATED_PREFIXES, ClusterAuth
+
+
+class ClusterSecretInterceptor(grpc.ServerInterceptor):
+    def __init__(self, secret: str) -> None:
+        self._secret = secret.encode()
+
+    def intercept_service(self, continuation, handler_call_details):
+        method = handler_call_details.method or ""
+        if method.startswith(UNAUTHENTICATED_PREFIXES):
+            return continuation(handler_call_details)
+        presented = ""
+        for key, value in handler_call_details.invocation_metadata or ():
+            if key == SECRET_METADATA:
+                presented = value if isinstance(value, str) else value.decode(errors="replace")
+        if hmac.compare_digest(presented.encode(), self._secret):
+            return continuation(handler_call_details)
+        return _refusal(continuation(handler_call_details))
+
+
+def _refusal(handler: grpc.RpcMethodHandler | None) -> grpc.RpcMethodHandler | None:
+    """A handler of the same shape as ``handler`` that refuses the call before reading it."""
+    if handler is None:
+        return None  # unknown method: UNIMPLEMENTED, as without the interceptor
+
+    def refuse(request_or_iterator, context):
+        context.abort(grpc.StatusCode.UNAUTHENTICATED, "this worker accepts calls from cluster members only")
+
+    if handler.request_streaming and handler.response_streaming:
+        return grpc.stream_stream_rpc_method_handler(refuse)
+    if handler.request_streaming:
+        return grpc.stream_unary_rpc_method_handler(refuse)
+    if handler.response_streaming:
+        return grpc.unary_stream_rpc_method_handler(refuse)
+    return grpc.unary_unary_rpc_method_handler(refuse)
+
+
+def server_interceptors(auth: ClusterAuth) -> list[grpc.ServerInterceptor]:
+    return [ClusterSecretInterceptor(auth.secret)] if auth.secret else []
+
+
+def bind(server: grpc.Server, address: str, auth: ClusterAuth) -> int:
+    """Listens on exactly ``address`` (TLS requiring a client certificate when configured); the port."""
+    if auth.tls is None:
+        return server.add_insecure_port(address)
+    cert, key, ca = auth.tls.read()
+    credentials = grpc.ssl_server_credentials([(key, cert)], root_certificates=ca, require_client_auth=True)
+    return server.add_secure_port(address, credentials)
+
+
+def peer_of(context: grpc.ServicerContext) -> str:
+    """The calling peer for per-peer limits: its IP address (connections and ports are cheap to
+    multiply, addresses are not)."""
+    peer = context.peer() or "unknown"
+    kind, _, rest = peer.partition(":")
+    if kind == "ipv6":
+        return rest.rsplit(":", 1)[0].strip("[]")
+    if kind == "ipv4":
+        return rest.rsplit(":", 1)[0]
+    return peer
+
+
+class PeerLimit:
+    """At most ``per_peer`` holds per peer and ``total`` in all; ``acquire`` says False beyond. Any thread."""
+
+    def __init__(self, per_peer: int, total: int) -> None:
+        self.per_peer = per_peer
+        self.total = total
+        self._held: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def acquire(self, peer: str) -> bool:
+        with self._lock:
+            if self._held.get(peer, 0) >= self.per_peer or sum(self._held.values()) >= self.total:
+                return False
+            self._held[peer] = self._held.get(peer, 0) + 1
+            return True
+
+    def release(self, peer: str) -> None:
+        with self._lock:
+            left = self._held.get(peer, 0) - 1
+            if left > 0:
+                self._held[peer] = left
+            else:
+                self._held.pop(peer, None)
