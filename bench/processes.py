@@ -12,6 +12,8 @@ import threading
 import time
 from contextlib import contextmanager
 
+from protos.cluster_auth import ensure_secret_in_env
+
 
 def start(args: list[str], ready_marker: str, timeout_s: float = 180.0) -> tuple[subprocess.Popen, str]:
     """Runs ``splitserve ARGS``; returns the process and the line that contained ``ready_marker``."""

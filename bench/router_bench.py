@@ -12,13 +12,13 @@ import asyncio
 import json
 import time
 
-import grpc
 import httpx
 import numpy as np
 
 from bench import processes
 from bench.serve_bench import BenchRequest, run_load, summarize
 from protos import common_pb2, decode_pb2, decode_pb2_grpc
+from protos.cluster_auth import ClusterAuth
 
 PROMPT = list(range(3, 35))
 

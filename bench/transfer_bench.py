@@ -506,7 +506,6 @@ def _spawn_worker(config: BenchConfig, role: str, transport: str, *extra: str) -
 
 
 def _await_ready(worker: WorkerProcess) -> None:
-    import grpc
 
     from protos import decode_pb2_grpc, prefill_pb2_grpc
 

@@ -219,7 +219,6 @@ def _run_worker(args: argparse.Namespace) -> int:
     import threading
 
     from engine.errors import EngineError
-
     from protos.cluster_auth import MISSING_SECRET_HELP, ClusterAuth
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -96,7 +96,9 @@ def test_abort_while_reserved(cluster, rng):
     stream = claim(decode, request_id)
     assert decode.stats().waiting_for_kv == 1
 
-    assert decode.stub.Abort(common_pb2.AbortRequest(request_id=request_id, token=token_of(request_id)), timeout=5).found
+    assert decode.stub.Abort(
+        common_pb2.AbortRequest(request_id=request_id, token=token_of(request_id)), timeout=5
+    ).found
     error = rpc_error(lambda: stream)
     assert error.code() == grpc.StatusCode.ABORTED and "aborted" in error.details()
     refused = rpc_error(prefill_future(prefill, request_id, prompt, ticket).result)
@@ -192,7 +194,9 @@ def test_abort_while_decoding(cluster, rng, how):
     if how == "cancel":
         stream.cancel()
     else:
-        assert decode.stub.Abort(common_pb2.AbortRequest(request_id=request_id, token=token_of(request_id)), timeout=5).found
+        assert decode.stub.Abort(
+            common_pb2.AbortRequest(request_id=request_id, token=token_of(request_id)), timeout=5
+        ).found
         rest = list(stream)
         assert rest and rest[-1].finish_reason == "abort"
         assert rest[-1].usage.completion_tokens < 400
@@ -235,7 +239,9 @@ def test_handshake_refuses_other_model(cluster, rng):
     assert error.code() == grpc.StatusCode.FAILED_PRECONDITION, error.details()
     for named in ("model", "number of layers", "number of KV heads", "head dim"):
         assert named in error.details()
-    assert decode.stub.Abort(common_pb2.AbortRequest(request_id=request_id, token=token_of(request_id)), timeout=5).found
+    assert decode.stub.Abort(
+        common_pb2.AbortRequest(request_id=request_id, token=token_of(request_id)), timeout=5
+    ).found
     wait_idle(prefill)
     wait_idle(decode, timeout=release_timeout(cluster))
 
@@ -250,7 +256,9 @@ def test_handshake_refuses_other_dtype_and_block_size(cluster, rng):
     assert "dtype: receiver 'float32' vs sender 'bfloat16'" in error.details()
     assert "block size: receiver 16 vs sender 32" in error.details()
     assert "model" not in error.details()
-    assert decode.stub.Abort(common_pb2.AbortRequest(request_id=request_id, token=token_of(request_id)), timeout=5).found
+    assert decode.stub.Abort(
+        common_pb2.AbortRequest(request_id=request_id, token=token_of(request_id)), timeout=5
+    ).found
     wait_idle(prefill)
     wait_idle(decode, timeout=release_timeout(cluster))
     assert_still_serves(cluster.prefill, decode, rng)
@@ -355,7 +363,9 @@ def test_kv_push_outside_any_reservation_is_rejected(cluster, rng):
     reserve(decode, request_id, random_prompt(rng, 20), lease_ms=lease_ms(cluster))
     stranger = _push(receiver, [kv_transfer_pb2.KVChunk(request_id=request_id, instance_id="someone-else")])
     assert stranger.code() == grpc.StatusCode.FAILED_PRECONDITION and "instance" in stranger.details()
-    assert decode.stub.Abort(common_pb2.AbortRequest(request_id=request_id, token=token_of(request_id)), timeout=5).found
+    assert decode.stub.Abort(
+        common_pb2.AbortRequest(request_id=request_id, token=token_of(request_id)), timeout=5
+    ).found
     wait_idle(decode, timeout=release_timeout(cluster))
 
 
