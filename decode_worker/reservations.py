@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from contract.sampling import SamplingParams
 from engine.engine import Engine
 from engine.engine import Reservation as HeldBlocks
+from engine.errors import InvalidRequestError
 from engine.loop import EngineLoop, RequestFailed, RequestStream
 from engine.sampler import TokenLogprobs
 from kv_transfer.errors import TransferError
@@ -151,8 +152,6 @@ class Reservations:
         """Blocks, landing and output stream appear together. Raises (holding nothing) if the engine refuses.
         ``resume_token_ids``: output generated elsewhere before (``Engine.add_request``); its KV lands too.
         The ticket's token is then ``get(request_id).token``."""
-        if request_id in self._records:
-            raise TransferError(f"reservation {request_id!r} exists already", "ALREADY_EXISTS")
         open_of_peer = sum(1 for r in self._records.values() if r.peer == peer and r.state is ReservationState.OPEN)
         if open_of_peer >= self.max_per_peer:
             raise TransferError(
@@ -171,7 +170,8 @@ class Reservations:
         return held
 
     def commit(self, engine: Engine, request_id: str, first_token_id: int, first_logprob: TokenLogprobs | None) -> None:
-        """The sender committed: adopt the KV, or raise TransferError saying why not."""
+        """The sender committed: adopt the KV, or raise TransferError saying why not (a first token or
+        logprob this model and request could not have produced: INVALID_ARGUMENT, and the reservation stops)."""
         record = self._records.get(request_id)
         if record is None:
             raise TransferError(f"no reservation {request_id!r} on this worker", "NOT_FOUND")
@@ -179,6 +179,12 @@ class Reservations:
         if record.state is not ReservationState.OPEN:
             self._try_release(engine, record)
             raise TransferError(f"reservation {request_id} is {record.state.value}: {record.reason}", "ABORTED")
+        try:  # a token the model cannot read would fail every step it joins: refused here, where it enters
+            engine.check_remote_token(request_id, first_token_id, first_logprob)
+        except InvalidRequestError as exc:
+            reason = f"refused commit: {exc}"
+            self._stop(engine, record, ReservationState.ABORTED, reason)
+            raise TransferError(reason, "INVALID_ARGUMENT") from exc
         landing = self.inbox.get(request_id)
         received = landing.bytes_received if landing is not None else 0
         if not self.inbox.close(request_id, "committed"):

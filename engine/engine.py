@@ -6,10 +6,12 @@ engine thread; other threads hand work over through the worker's own queue.
 
 from __future__ import annotations
 
+import logging
+import math
 import uuid
 from collections import deque
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -19,12 +21,14 @@ from engine.config import EngineConfig, blocks_for_budget
 from engine.errors import InvalidRequestError, NoFreeBlocksError
 from engine.grammar import GrammarCompiler
 from engine.kv_cache import KVLayout, PagedKVCache
-from engine.model_runner import LayerHook, ModelRunner
+from engine.model_runner import LayerHook, ModelRunner, StepResult
 from engine.output import OutputProcessor, RequestOutput
 from engine.request import Request, RequestState
 from engine.sampler import Sampler, SamplingState, TokenLogprobs
-from engine.scheduler import Scheduler, SchedulerConfig
+from engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from engine.weights import load_model
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -87,6 +91,7 @@ class Engine:
         self.on_layer_done = on_layer_done
         self.requests: dict[str, Request] = {}
         self._pending: list[RequestOutput] = []
+        self._failures: dict[str, str] = {}  # request id -> why it failed, until take_failures()
         # Bounded: an owner that never drains KV events must not grow memory; readers see the
         # gap in event ids and resynchronise from a snapshot.
         self._kv_events: deque[KVEvent] = deque(maxlen=65536)
@@ -156,12 +161,36 @@ class Engine:
 
     def complete_reservation(self, request_id: str, first_token_id: int, logprobs: TokenLogprobs | None = None) -> None:
         """Adopt the received KV (the caller has verified it) and the first token sampled remotely;
-        the request then decodes here. Its first output comes with the next step()."""
+        the request then decodes here. Its first output comes with the next step().
+        InvalidRequestError, with nothing changed, if the token or its logprobs are not ones this model
+        and request could have produced (``check_remote_token``)."""
         request = self.requests[request_id]
         if request.state is not RequestState.WAITING_FOR_KV:
             raise InvalidRequestError(f"request {request_id} is not waiting for KV (state {request.state.name})")
+        self.check_remote_token(request_id, first_token_id, logprobs)
         self.scheduler.kv_landed(request)
         self._record_token(request, first_token_id, logprobs)
+
+    def check_remote_token(self, request_id: str, token_id: int, logprobs: TokenLogprobs | None) -> None:
+        """Raises InvalidRequestError unless a peer's first token for ``request_id`` is one this model can
+        read (an id in the vocabulary) and its logprobs are what the request asked for: present exactly when
+        it asked, about that token, at most the asked-for alternatives, ids in the vocabulary, finite values
+        <= 0. Changes nothing. (An id outside the vocabulary would fail the next step's embedding lookup.)"""
+        params = self.requests[request_id].params
+        vocab = self.model_config.vocab_size
+        _check_token_ids([token_id], vocab, "first_token_id")
+        if (logprobs is None) != (params.logprobs is None):
+            asked = "asked for" if params.logprobs is not None else "did not ask for"
+            raise InvalidRequestError(f"first_logprob: the request {asked} logprobs")
+        if logprobs is None:
+            return
+        if logprobs.token_id != token_id:
+            raise InvalidRequestError(f"first_logprob is about token {logprobs.token_id}, not {token_id}")
+        if len(logprobs.top) > params.logprobs:
+            raise InvalidRequestError(f"first_logprob has {len(logprobs.top)} alternatives (at most {params.logprobs})")
+        _check_token_ids([t for t, _ in logprobs.top], vocab, "first_logprob")
+        if not all(math.isfinite(lp) and lp <= 0.0 for lp in (logprobs.logprob, *(lp for _, lp in logprobs.top))):
+            raise InvalidRequestError("first_logprob values must be finite log-probabilities (<= 0)")
 
     def abort(self, request_id: str) -> bool:
         """Stop a request in any state and free its blocks. False if it is unknown or already done."""
@@ -213,20 +242,83 @@ class Engine:
     # -- the loop -------------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
-        """Schedule, execute, update. Returns each request's output delta for this step."""
+        """Schedule, execute, update. Returns each request's output delta for this step.
+
+        A failure stays with the request it belongs to: that request ends aborted (its blocks freed, its
+        reason kept for ``take_failures``) and the rest of the batch carries on. An error while recording
+        one request's results is that request's; a failed model execution is narrowed down to one
+        request by ``_execute``. Errors outside both (scheduling, bookkeeping bugs) propagate."""
         plan = self.scheduler.schedule()
         if not plan.is_empty:
-            sampled = self.runner.execute(
-                plan, {c.request_id: self.requests[c.request_id].sampling for c in plan.chunks}, self.on_layer_done
-            )
-            self.scheduler.step_done(plan, self.requests)
+            sampled, failed = self._execute(plan)
+            ran = replace(plan, chunks=tuple(c for c in plan.chunks if c.request_id not in failed))
+            self.scheduler.step_done(ran, self.requests)
+            for request_id, error in failed.items():
+                self._fail(request_id, error)
             for request_id, (scored_from, entries) in sampled.prompt_logprobs.items():
-                _record_prompt_logprobs(self.requests[request_id], scored_from, entries)
+                self._for_request(request_id, lambda r: _record_prompt_logprobs(r, scored_from, entries))
             for request_id, (token_id, logprobs) in sampled.sampled.items():
-                self._record_token(self.requests[request_id], token_id, logprobs)
+                self._for_request(request_id, lambda r: self._record_token(r, token_id, logprobs))
         self._kv_events.extend(self.allocator.take_events())
         outputs, self._pending = self._pending, []
         return outputs
+
+    def _execute(self, plan: SchedulerOutput) -> tuple[StepResult, dict[str, BaseException]]:
+        """Runs the plan; returns its results and the requests it failed, each with its error.
+
+        A failed execution cannot say which request caused it (a bad input, or a batch too large for
+        memory), so it is narrowed down by halving the batch until a part runs or one request alone
+        fails; only that request fails. Re-running part of a step is safe: its chunks rewrite the same
+        K/V positions with the same values, seeded sampling reseeds per step, and nothing is recorded
+        until the results are in. Costs nothing unless a step fails; at most ``2n - 1`` runs if it does."""
+        states = {c.request_id: self.requests[c.request_id].sampling for c in plan.chunks}
+        try:
+            return self.runner.execute(plan, states, self.on_layer_done), {}
+        except Exception as exc:  # noqa: BLE001 - narrowed down to a request below
+            if len(plan.chunks) == 1:
+                log.exception("request %s failed its step alone", plan.chunks[0].request_id)
+                return StepResult({}, {}), {plan.chunks[0].request_id: exc}
+            log.warning("a step of %d requests failed (%s); running it in halves", len(plan.chunks), exc)
+        half = len(plan.chunks) // 2
+        results = [self._execute(replace(plan, chunks=part)) for part in (plan.chunks[:half], plan.chunks[half:])]
+        merged = StepResult({}, {})
+        failed: dict[str, BaseException] = {}
+        for result, part_failed in results:
+            merged.sampled.update(result.sampled)
+            merged.prompt_logprobs.update(result.prompt_logprobs)
+            failed.update(part_failed)
+        return merged, failed
+
+    def _for_request(self, request_id: str, update: Callable[[Request], None]) -> None:
+        """Applies one request's step results; an error doing so fails that request only."""
+        request = self.requests.get(request_id)
+        if request is None or request.state.finished:
+            return
+        try:
+            update(request)
+        except Exception as exc:  # noqa: BLE001 - the request's own failure
+            log.exception("request %s failed recording its step", request_id)
+            self._fail(request_id, exc)
+
+    def _fail(self, request_id: str, error: BaseException) -> None:
+        """Ends a request that failed (aborted, blocks freed); ``take_failures`` reports why."""
+        request = self.requests.get(request_id)
+        if request is None:
+            return
+        self._failures[request_id] = f"engine error in request {request_id}: {type(error).__name__}: {error}"
+        if not request.state.finished:
+            self.scheduler.finish(request, RequestState.FINISHED_ABORTED)
+        try:
+            self._pending.append(self._finalize(request))
+        except Exception:  # noqa: BLE001 - its output state may be what broke: drop it
+            self.outputs.discard(request_id)
+            self.requests.pop(request_id, None)
+            self._pending.append(RequestOutput(request_id, (), "", (), "abort", request.num_prompt_tokens, 0, 0))
+
+    def take_failures(self) -> dict[str, str]:
+        """Requests that failed since the last call, with why. Each also had a last, aborted output."""
+        failures, self._failures = self._failures, {}
+        return failures
 
     def _record_token(self, request: Request, token_id: int, logprobs) -> None:
         finished = self.outputs.add_token(request, token_id, logprobs)

@@ -3,6 +3,15 @@
 Contract: only the loop thread touches the engine. Other threads use ``call`` (run a function of
 the engine between steps and wait for its result), ``add_request`` / ``watch`` (get a
 RequestStream of a request's outputs) and ``abort``. Hooks run on the loop thread.
+
+Failures stay local; the loop thread never dies and no stream is left waiting:
+- an error attributable to one request (recording its results, or its part of a step, which the
+  engine narrows a failed step down to) ends that request's stream with ``RequestFailed``; its
+  blocks are freed by the engine's normal finish, and every other request keeps streaming;
+- an error of the whole step that names no request (the scheduler's or the engine's bookkeeping)
+  fails the requests that take part in steps (not those WAITING_FOR_KV, whose blocks their
+  reservation owns), because their state can no longer be trusted; the loop then serves on;
+- an error in a hook (``after_step``) or in publishing KV events is logged and the loop serves on.
 """
 
 from __future__ import annotations
@@ -131,9 +140,9 @@ class EngineLoop:
     def fail(self, engine: Engine, request_id: str, error: BaseException) -> None:
         """Loop thread only: abort a request and end its stream with ``error``."""
         stream = self.detach(request_id)
-        engine.abort(request_id)
         if stream is not None:
-            stream.put(error)
+            stream.put(error)  # first: the stream ends even if the abort fails
+        engine.abort(request_id)
 
     def subscribe_kv_events(self) -> KVEventSubscription:
         def subscribe(engine: Engine) -> KVEventSubscription:
@@ -161,9 +170,12 @@ class EngineLoop:
             else:
                 self._wake.wait(self._idle_interval)
                 self._wake.clear()
-            self._publish_events(self.engine.take_kv_events())
-            if self._after_step is not None:
-                self._after_step(self.engine, outputs)
+            try:
+                self._publish_events(self.engine.take_kv_events())
+                if self._after_step is not None:
+                    self._after_step(self.engine, outputs)
+            except Exception:  # a bug in a hook must not stop the loop every request waits on
+                log.exception("after-step hook failed")
 
     def _run_calls(self) -> None:
         while True:
@@ -181,14 +193,14 @@ class EngineLoop:
     def _step(self) -> list[RequestOutput]:
         try:
             outputs = self.engine.step()
-        except Exception as exc:  # a bug or an out-of-memory: fail what is in flight, keep serving
-            log.exception("engine step failed; aborting in-flight requests")
-            for request_id, request in list(self.engine.requests.items()):
-                # A request waiting for KV took no part in the step; its blocks are its reservation's to free.
-                if request.state is not RequestState.WAITING_FOR_KV:
-                    self.fail(self.engine, request_id, RequestFailed(f"engine error: {exc}"))
-            self.engine.step()  # collect the abort outputs
-            return []
+        except Exception as exc:  # names no request (see the module docstring): fail those in steps, serve on
+            log.exception("engine step failed; aborting the requests in steps")
+            self._fail_requests_in_steps(RequestFailed(f"engine error: {exc}"))
+            outputs = []  # their aborted outputs come with the next step, for the hooks
+        for request_id, reason in self.engine.take_failures().items():
+            stream = self.detach(request_id)
+            if stream is not None:
+                stream.put(RequestFailed(reason))
         for output in outputs:
             stream = self._streams.get(output.request_id)
             if stream is not None:
@@ -196,6 +208,16 @@ class EngineLoop:
                 if output.finished:
                     del self._streams[output.request_id]
         return outputs
+
+    def _fail_requests_in_steps(self, error: RequestFailed) -> None:
+        for request_id, request in list(self.engine.requests.items()):
+            # A request waiting for KV took no part in the step; its blocks are its reservation's to free.
+            if request.state is RequestState.WAITING_FOR_KV:
+                continue
+            try:
+                self.fail(self.engine, request_id, error)
+            except Exception:  # noqa: BLE001 - its stream has its error; the loop must go on
+                log.exception("could not abort request %s", request_id)
 
     def _publish_events(self, events: list[KVEvent]) -> None:
         if not events:

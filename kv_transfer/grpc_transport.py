@@ -42,15 +42,16 @@ class GrpcSession(OutboundSession):
         verify: bool,
         staged: bool = False,
         copy_streams: dict | None = None,
+        metadata=None,
     ) -> None:
-        super().__init__(request_id, ticket)
+        super().__init__(request_id, ticket, metadata)
         self._chunk_bytes = chunk_bytes
         self._verify = verify
         self.reads_after_push = staged
         self._copy_streams = copy_streams if copy_streams is not None else {}
         self._staged: list[_StagedRegions] = []  # every staged read of this session, for release()
         self._outbox: queue.Queue = queue.Queue()
-        self._call = peer.stub.PushKV.future(self._messages())
+        self._call = peer.stub.PushKV.future(self._messages(), metadata=metadata)
         self._call.add_done_callback(self._on_done)
 
     def _messages(self) -> Iterator[kv_transfer_pb2.KVChunk]:
@@ -232,5 +233,7 @@ class GrpcKVSender(KVSender):
         self.staged = staged
         self._copy_streams: dict = {}  # device -> the side stream staged copies run on
 
-    def _session(self, request_id: str, ticket: decode_pb2.Ticket, peer: Peer) -> OutboundSession:
-        return GrpcSession(request_id, ticket, peer, self.chunk_bytes, self.verify, self.staged, self._copy_streams)
+    def _session(self, request_id: str, ticket: decode_pb2.Ticket, peer: Peer, metadata) -> OutboundSession:
+        return GrpcSession(
+            request_id, ticket, peer, self.chunk_bytes, self.verify, self.staged, self._copy_streams, metadata
+        )

@@ -95,8 +95,10 @@ class NixlReceiver:
 class NixlSession(OutboundSession):
     reads_after_push = True  # a posted WRITE reads our pool until NIXL reports it final
 
-    def __init__(self, request_id: str, ticket: decode_pb2.Ticket, peer: Peer, sender: NixlKVSender) -> None:
-        super().__init__(request_id, ticket)
+    def __init__(
+        self, request_id: str, ticket: decode_pb2.Ticket, peer: Peer, sender: NixlKVSender, metadata=None
+    ) -> None:
+        super().__init__(request_id, ticket, metadata)
         self._peer = peer
         self._sender = sender
         self._remote = sender.remote_pool(peer)
@@ -198,7 +200,7 @@ class NixlSession(OutboundSession):
         if first_logprob is not None:
             request.first_logprob.CopyFrom(first_logprob)
         try:
-            self._peer.stub.Commit(request, timeout=timeout)
+            self._peer.stub.Commit(request, timeout=timeout, metadata=self.metadata)
         except grpc.RpcError as exc:
             self.fail(f"decode worker refused the KV: {exc.details()}")
             raise TransferError(self.failed, "ABORTED") from exc
@@ -215,7 +217,7 @@ class NixlSession(OutboundSession):
             abort_reason=reason,
         )
         try:
-            self._peer.stub.Commit(request, timeout=5.0)
+            self._peer.stub.Commit(request, timeout=5.0, metadata=self.metadata)
         except grpc.RpcError as exc:
             log.info("could not tell %s about the abort of %s: %s", self._peer.address, self.request_id, exc.details())
 
@@ -272,8 +274,8 @@ class NixlKVSender(KVSender):
     def remote_pool(self, peer: Peer) -> PoolDescriptor:
         return self._remote_pools[peer.address]
 
-    def _session(self, request_id: str, ticket: decode_pb2.Ticket, peer: Peer) -> OutboundSession:
-        return NixlSession(request_id, ticket, peer, self)
+    def _session(self, request_id: str, ticket: decode_pb2.Ticket, peer: Peer, metadata) -> OutboundSession:
+        return NixlSession(request_id, ticket, peer, self, metadata)
 
     def close(self) -> None:
         if self._posting is not None:

@@ -54,9 +54,10 @@ def channel_options() -> list[tuple[str, int]]:
 class OutboundSession(ABC):
     reads_after_push = False
 
-    def __init__(self, request_id: str, ticket: decode_pb2.Ticket) -> None:
+    def __init__(self, request_id: str, ticket: decode_pb2.Ticket, metadata=None) -> None:
         self.request_id = request_id
         self.ticket = ticket
+        self.metadata = metadata  # gRPC metadata every call of the session carries (the trace context)
         self.failed: str | None = None
         self.closed = False  # set by close(): later pushes are dropped
         self.bytes_sent = 0
@@ -119,8 +120,8 @@ class KVSender(ABC):
         self._peers: dict[str, Peer] = {}
         self._lock = threading.Lock()
 
-    def open(self, request_id: str, ticket: decode_pb2.Ticket) -> OutboundSession:
-        return self._session(request_id, ticket, self.peer(ticket))
+    def open(self, request_id: str, ticket: decode_pb2.Ticket, metadata=None) -> OutboundSession:
+        return self._session(request_id, ticket, self.peer(ticket), metadata)
 
     def peer(self, ticket: decode_pb2.Ticket) -> Peer:
         """The handshaken peer for a ticket; a new receiver instance (a restart) means a new handshake."""
@@ -176,7 +177,7 @@ class KVSender(ABC):
         """Hook: a peer restarted; drop what was cached about its old instance."""
 
     @abstractmethod
-    def _session(self, request_id: str, ticket: decode_pb2.Ticket, peer: Peer) -> OutboundSession: ...
+    def _session(self, request_id: str, ticket: decode_pb2.Ticket, peer: Peer, metadata) -> OutboundSession: ...
 
     def close(self) -> None:
         for channel in self._channels.values():

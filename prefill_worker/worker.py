@@ -17,16 +17,19 @@ from dataclasses import dataclass
 
 import grpc
 
+from contract import tracing
 from contract.sampling import SamplingParams
 from engine.config import EngineConfig
 from engine.engine import Engine
 from engine.errors import EngineError, InvalidRequestError
+from engine.loop import RequestFailed
 from engine.output import RequestOutput
 from kv_transfer.errors import TransferError
 from kv_transfer.grpc_transport import GrpcKVSender
 from kv_transfer.sender import KVSender, OutboundSession
 from protos import common_pb2, prefill_pb2, prefill_pb2_grpc
 from worker_server.base import WorkerBase, abort_on_error, logprob_to_wire
+from worker_server.tracing import LayerPushes
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +48,7 @@ class Outbound:
     prompt_len: int
     sent: list[int]  # per layer: prompt blocks [0, sent[l]) are on their way or cached on D
     last_layer_done: float = 0.0
+    pushes: LayerPushes | None = None  # while tracing: each layer push's timing, for its span
 
 
 class PrefillWorker(WorkerBase, prefill_pb2_grpc.PrefillWorkerServicer):
@@ -91,6 +95,7 @@ class PrefillWorker(WorkerBase, prefill_pb2_grpc.PrefillWorkerServicer):
 
     # -- RPCs -------------------------------------------------------------------------------------
 
+    @tracing.server_span("splitserve.PrefillWorker/Prefill")
     def Prefill(self, request, context):
         started = time.perf_counter()
         session = None
@@ -107,17 +112,19 @@ class PrefillWorker(WorkerBase, prefill_pb2_grpc.PrefillWorkerServicer):
                 raise InvalidRequestError(
                     f"ticket has {len(request.ticket.block_ids)} blocks for a prompt of {expected_blocks}"
                 )
-            session = self.sender.open(request.request_id, request.ticket)
+            session = self.sender.open(request.request_id, request.ticket, tracing.outgoing_metadata())
             outbound = Outbound(
                 session,
                 pushed_tokens,
                 [request.ticket.num_cached_tokens // self.config.block_size] * self.engine.model_config.num_layers,
+                pushes=LayerPushes.if_tracing(self.transport, self.engine.kv_cache.layout.region_bytes),
             )
             stream = self.loop.call(lambda engine: self._start(engine, request, params, outbound))
             context.add_callback(lambda: self._cancel(request.request_id, session))
             output = self._await_first_token(stream, session, context)
             first_logprob = logprob_to_wire(output.logprobs[0]) if output.logprobs else None
-            session.commit(output.token_ids[0], first_logprob, COMMIT_TIMEOUT_S)
+            with tracing.start_span("kv.commit", kind="client"):  # until D adopted the KV: the exposed transfer
+                session.commit(output.token_ids[0], first_logprob, COMMIT_TIMEOUT_S)
         except (EngineError, TransferError, ValueError) as exc:
             if session is not None:
                 self.counters.add(kv_transfers_failed=1)
@@ -126,6 +133,8 @@ class PrefillWorker(WorkerBase, prefill_pb2_grpc.PrefillWorkerServicer):
         finally:
             if session is not None:
                 self._transfer_done(request.request_id, session)
+                if outbound.pushes is not None:
+                    outbound.pushes.emit()
         done = time.perf_counter()
         self.counters.add(
             kv_transfers_completed=1,
@@ -143,6 +152,13 @@ class PrefillWorker(WorkerBase, prefill_pb2_grpc.PrefillWorkerServicer):
         )
         if first_logprob is not None:
             response.first_logprob.CopyFrom(first_logprob)
+        tracing.annotate(
+            request_id=request.request_id,
+            prompt_tokens=outbound.prompt_len,
+            cached_tokens=output.num_cached_tokens,
+            kv_bytes_sent=session.bytes_sent,
+            transport=self.transport,
+        )
         return response
 
     def _start(self, engine: Engine, request, params, outbound: Outbound):
@@ -161,6 +177,8 @@ class PrefillWorker(WorkerBase, prefill_pb2_grpc.PrefillWorkerServicer):
                 output = stream.get(timeout=0.05)
             except queue.Empty:
                 continue
+            except RequestFailed as exc:  # the engine failed this request (engine/loop.py)
+                raise TransferError(str(exc), "ABORTED") from exc
             if output.finish_reason == "abort":
                 raise TransferError(session.failed or "prefill aborted", "ABORTED")
             if output.token_ids:
@@ -222,7 +240,10 @@ class PrefillWorker(WorkerBase, prefill_pb2_grpc.PrefillWorkerServicer):
                         self.engine.allocator.acquire(src)
                         self._source_refs.setdefault(chunk.request_id, []).extend(src)
                     dst = outbound.session.ticket.block_ids[first:last]
+                    pushing = time.time_ns() if outbound.pushes is not None else 0
                     outbound.session.push_layer(self.engine.kv_cache, pushed, src, dst, ready)
+                    if outbound.pushes is not None:
+                        outbound.pushes.record(pushed, len(src), pushing)
                     outbound.sent[pushed] = last
 
     def after_step(self, engine: Engine, outputs: list[RequestOutput]) -> None:

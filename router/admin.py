@@ -1,7 +1,9 @@
 """Operator endpoints: cluster status (read) and actions (scale a pool, drain a worker).
 
-Actions need the admin token (``Authorization: Bearer`` or ``X-Admin-Token``); without a configured
-token they are refused. A router started without a control plane answers 501.
+Everything here, and the dashboard's data, needs the admin token (``X-Admin-Token`` or ``Authorization:
+Bearer``): status shows worker addresses, nodes and load. Without a configured token, actions are refused
+and reads are open only on a router that has no API keys either (an open router; nothing to guard with).
+A router started without a control plane answers actions with 501.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import hmac
 
 from fastapi import FastAPI, Request
 from pydantic import BaseModel, Field
+from starlette.datastructures import Headers
 
 from router.control import ControlPlane
 from router.frontend import Frontend
@@ -25,24 +28,43 @@ class DrainBody(BaseModel):
     worker_id: str
 
 
-def install_admin(app: FastAPI, frontend: Frontend, control: ControlPlane | None, admin_token: str | None) -> None:
+NO_ADMIN_TOKEN = (
+    "no admin token is configured (SPLITSERVE_ADMIN_TOKEN, SPLITSERVE_ADMIN_TOKEN_FILE or --admin-token-file)"
+)
+
+
+def admin_refusal(headers: Headers, admin_token: str | None, api_keys: tuple[str, ...], action: bool):
+    """None when the request may go on, else the error response (403) saying why."""
+    if not admin_token:
+        if action:
+            return error_response(f"admin actions are disabled: {NO_ADMIN_TOKEN}", 403, "admin_disabled")
+        if api_keys:
+            return error_response(f"operator data is disabled: {NO_ADMIN_TOKEN}", 403, "admin_disabled")
+        return None
+    supplied = headers.get("x-admin-token") or headers.get("authorization", "").removeprefix("Bearer ").strip()
+    if not hmac.compare_digest(supplied.encode(), admin_token.encode()):
+        return error_response("missing or incorrect admin token", 403, "invalid_admin_token")
+    return None
+
+
+def install_admin(
+    app: FastAPI,
+    frontend: Frontend,
+    control: ControlPlane | None,
+    admin_token: str | None,
+    api_keys: tuple[str, ...] = (),
+) -> None:
     def refused(request: Request):
         if control is None:
             return error_response(
                 "this router has no control plane (started with static workers)", 501, "not_implemented"
             )
-        if not admin_token:
-            return error_response("admin actions are disabled: no admin token is configured", 403, "admin_disabled")
-        supplied = (
-            request.headers.get("x-admin-token")
-            or request.headers.get("authorization", "").removeprefix("Bearer ").strip()
-        )
-        if not hmac.compare_digest(supplied, admin_token):
-            return error_response("missing or incorrect admin token", 403, "invalid_admin_token")
-        return None
+        return admin_refusal(request.headers, admin_token, api_keys, action=True)
 
     @app.get("/admin/status")
-    async def status() -> dict:
+    async def status(request: Request):
+        if (problem := admin_refusal(request.headers, admin_token, api_keys, action=False)) is not None:
+            return problem
         routers = {"router": {"running": frontend.admission.running, "queued": frontend.admission.waiting}}
         known = [
             {

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 
 @dataclass(frozen=True)
@@ -41,7 +42,17 @@ class RouterConfig:
     lease_ms: int = 30_000
     lease_policy: str = "recompute"  # "recompute" | "fail"
     health_interval_s: float = 0.5
-    admin_token: str | None = None
+    # Guards /admin/* and the dashboard's data; None: $SPLITSERVE_ADMIN_TOKEN[_FILE] (router.server resolves it).
+    admin_token: str | None = field(default=None, repr=False)
+    # With API keys set, /metrics and the API docs (/docs, /redoc, /openapi.json) want a key unless opened here: open
+    # /metrics for a scraper that reaches the router only from inside the cluster.
+    open_metrics: bool = False
+    open_docs: bool = False
+    # Read deadlines of the public HTTP server (router/http_protocol.py): a request's headers must arrive within
+    # header_timeout_s of its first byte (of the connection, for its first request), its body within body_timeout_s
+    # of its headers. Past either: 408 when a response can still be written, else the connection is closed.
+    header_timeout_s: float = 10.0
+    body_timeout_s: float = 30.0
     # The cluster secret workers require on every call (None: $SPLITSERVE_CLUSTER_SECRET[_FILE]).
     cluster_secret: str | None = field(default=None, repr=False)
     # TLS for the public HTTP and gRPC endpoints: PEM certificate (chain) and key; both or neither.
@@ -57,11 +68,43 @@ class RouterConfig:
             raise ValueError(f"migration_policy must be prefill or local, got {self.migration_policy!r}")
         if self.lease_policy not in ("recompute", "fail"):
             raise ValueError(f"lease_policy must be recompute or fail, got {self.lease_policy!r}")
+        for name in ("header_timeout_s", "body_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be a positive number of seconds, got {getattr(self, name)!r}")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len must be at least 1, got {self.max_model_len}")
 
 
-def api_keys_from_env(configured: tuple[str, ...]) -> tuple[str, ...]:
-    """Keys from config plus SPLITSERVE_API_KEYS (comma-separated)."""
-    from_env = tuple(k.strip() for k in os.environ.get("SPLITSERVE_API_KEYS", "").split(",") if k.strip())
-    return configured + from_env
+# Secrets come from the environment or from files, never from a command line (``ps`` shows those to every user).
+API_KEYS_ENV = "SPLITSERVE_API_KEYS"  # comma-separated
+API_KEYS_FILE_ENV = "SPLITSERVE_API_KEYS_FILE"  # a file of keys, one a line or comma-separated
+ADMIN_TOKEN_ENV = "SPLITSERVE_ADMIN_TOKEN"
+ADMIN_TOKEN_FILE_ENV = "SPLITSERVE_ADMIN_TOKEN_FILE"
+
+
+def read_api_keys(path: str | os.PathLike) -> tuple[str, ...]:
+    """The keys in a file: one a line or comma-separated (a mounted Secret holding SPLITSERVE_API_KEYS's value)."""
+    text = Path(path).read_text()
+    return tuple(k.strip() for k in text.replace("\n", ",").split(",") if k.strip())
+
+
+def read_secret(path: str | os.PathLike, what: str) -> str:
+    value = Path(path).read_text().strip()
+    if not value:
+        raise ValueError(f"{what} file {path} is empty")
+    return value
+
+
+def api_keys_from_env(configured: tuple[str, ...] = ()) -> tuple[str, ...]:
+    """Keys from config plus $SPLITSERVE_API_KEYS plus the file $SPLITSERVE_API_KEYS_FILE names."""
+    from_env = tuple(k.strip() for k in os.environ.get(API_KEYS_ENV, "").split(",") if k.strip())
+    path = os.environ.get(API_KEYS_FILE_ENV)
+    return configured + from_env + (read_api_keys(path) if path else ())
+
+
+def admin_token_from_env() -> str | None:
+    """$SPLITSERVE_ADMIN_TOKEN, else the content of the file $SPLITSERVE_ADMIN_TOKEN_FILE names, else None."""
+    if os.environ.get(ADMIN_TOKEN_ENV, "").strip():
+        return os.environ[ADMIN_TOKEN_ENV].strip()
+    path = os.environ.get(ADMIN_TOKEN_FILE_ENV)
+    return read_secret(path, "admin token") if path else None

@@ -244,12 +244,15 @@ class _SamplingFields(_Strict):
         same = {name: getattr(self, name) for name in SAMPLING_FIELDS if name in type(self).model_fields}
         same.update(stop=self.stop or (), stop_token_ids=tuple(self.stop_token_ids or ()))
         same.update(logit_bias=_logit_bias_ids(self.logit_bias or {}), min_tokens=self.min_tokens)
-        if self.min_tokens > max_tokens:
-            raise FieldError("min_tokens", f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({max_tokens})")
         asked = grammar_from_fields(self)
         if grammar is not None and asked is not None:
             raise FieldError("tool_choice", "a required or named tool_choice constrains the output already")
-        return SamplingParams(**{**same, "max_tokens": max_tokens, "logprobs": logprobs, "grammar": grammar or asked})
+        params = SamplingParams(**{**same, "max_tokens": max_tokens, "logprobs": logprobs, "grammar": grammar or asked})
+        if params.min_tokens > params.max_tokens:
+            raise FieldError(
+                "min_tokens", f"min_tokens ({params.min_tokens}) must not exceed max_tokens ({max_tokens})"
+            )
+        return params
 
 
 class CompletionBody(_refusing("_CompletionRefused", _SamplingFields, COMPLETION_REFUSED)):
@@ -940,7 +943,21 @@ def _install_errors(app: FastAPI) -> None:
         return error_response("request timed out", 504, "timeout")
 
 
-_OPEN_PATHS = {"/health", "/ready", "/metrics", "/docs", "/openapi.json", "/redoc"}
+# Without an API key even when keys are set: liveness and readiness (probes). /metrics and the API docs join them only
+# when the config opens them; /admin and the dashboard's data want the admin token instead (router/admin.py).
+_OPEN_PATHS = frozenset({"/health", "/ready"})
+_METRICS_PATHS = frozenset({"/metrics"})
+_DOCS_PATHS = frozenset({"/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
+ADMIN_PREFIXES = ("/admin/", "/dashboard")
+
+
+def open_paths(config) -> frozenset[str]:
+    """The paths a router with API keys answers without one."""
+    return (
+        _OPEN_PATHS
+        | (_METRICS_PATHS if config.open_metrics else frozenset())
+        | (_DOCS_PATHS if config.open_docs else frozenset())
+    )
 
 
 def _install_guards(app: FastAPI, frontend: Frontend, api_keys: tuple[str, ...]) -> None:
@@ -957,14 +974,15 @@ class _Guard:
         self.frontend = frontend
         self.api_keys = api_keys
         self.limit = frontend.config.max_body_bytes
+        self.open_paths = open_paths(frontend.config)
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         path, headers = scope["path"], Headers(scope=scope)
-        # The dashboard and operator API are read-only without the admin token, which guards their actions.
-        if self.api_keys and path not in _OPEN_PATHS and not path.startswith(("/dashboard", "/admin")):
+        # The operator API and the dashboard answer to the admin token instead (router/admin.py).
+        if self.api_keys and path not in self.open_paths and not path.startswith(ADMIN_PREFIXES):
             supplied = headers.get("authorization", "").removeprefix("Bearer ").strip()
             if not any(hmac.compare_digest(supplied, key) for key in self.api_keys):
                 await error_response("Incorrect API key provided.", 401, "invalid_api_key")(scope, receive, send)
@@ -976,6 +994,8 @@ class _Guard:
             return
         if scope["method"] == "POST" and declared is None:
             body = await self._read_body(receive)
+            if body is _CLIENT_GONE:
+                return  # a partial body is no request: nothing runs, and there is no one to answer
             if body is None:
                 await too_large(scope, receive, send)
                 return
@@ -994,19 +1014,22 @@ class _Guard:
             if status:
                 self.frontend.metrics.requests.labels(_route_template(scope), str(status)).inc()
 
-    async def _read_body(self, receive) -> bytes | None:
-        """A body sent without content-length, or None once it passes the limit."""
+    async def _read_body(self, receive) -> bytes | object | None:
+        """A body sent without content-length, None once it passes the limit, _CLIENT_GONE if it never ended."""
         chunks, size = [], 0
         while True:
             message = await receive()
             if message["type"] != "http.request":
-                return b"".join(chunks)
+                return _CLIENT_GONE
             chunks.append(message.get("body", b""))
             size += len(chunks[-1])
             if size > self.limit:
                 return None
             if not message.get("more_body"):
                 return b"".join(chunks)
+
+
+_CLIENT_GONE = object()
 
 
 def _route_template(scope) -> str:

@@ -9,12 +9,14 @@ import sys
 import uvicorn
 
 from protos.cluster_auth import ClusterAuth
+from router import tracing
 from router.admin import install_admin
-from router.config import RouterConfig, api_keys_from_env
+from router.config import RouterConfig, admin_token_from_env, api_keys_from_env
 from router.control import ControlPlane
 from router.dashboard import install_dashboard
 from router.frontend import Frontend
 from router.grpc_api import create_grpc_server, mark_serving
+from router.http_protocol import protocol_with_deadlines
 from router.openai_api import create_app
 from router.workers import WorkerPool
 
@@ -26,12 +28,15 @@ class Router:
 
     def __init__(self, config: RouterConfig, control: ControlPlane | None = None) -> None:
         self.config = config
+        tracing.configure()  # OTEL_*: off unless asked for
         self.api_keys = api_keys_from_env(config.api_keys)
+        self.admin_token = config.admin_token or admin_token_from_env()
         self.pool = WorkerPool(config.health_interval_s, auth=ClusterAuth.from_env(config.cluster_secret))
         self.frontend = Frontend(config, self.pool)
         self.app = create_app(self.frontend, self.api_keys)
-        install_admin(self.app, self.frontend, control, config.admin_token)
-        self.dashboard = install_dashboard(self.app, self.frontend, control)
+        tracing.instrument_http(self.app)
+        install_admin(self.app, self.frontend, control, self.admin_token, self.api_keys)
+        self.dashboard = install_dashboard(self.app, self.frontend, control, self.admin_token, self.api_keys)
         self._http: uvicorn.Server | None = None
         self._http_task: asyncio.Task | None = None
         self._grpc = None
@@ -55,6 +60,7 @@ class Router:
             log_level="warning",
             lifespan="off",
             timeout_graceful_shutdown=2,
+            http=protocol_with_deadlines(self.config.header_timeout_s, self.config.body_timeout_s),
             ssl_certfile=self.config.tls_certfile,
             ssl_keyfile=self.config.tls_keyfile,
         )
@@ -65,6 +71,7 @@ class Router:
                 self._http_task.result()  # raises the bind error
             await asyncio.sleep(0.02)
         self.http_port = self._http.servers[0].sockets[0].getsockname()[1]
+        self.dashboard.start()  # recent history from now on, watched or not
 
     def _grpc_tls(self) -> tuple[bytes, bytes] | None:
         """(certificate chain, key) PEM for the public gRPC endpoint, when TLS is configured."""
@@ -89,6 +96,7 @@ class Router:
         return self.frontend.model.served is not None and bool(self.pool.of_role("decode"))
 
     async def stop(self) -> None:
+        await self.dashboard.stop()
         if self._http is not None:
             self._http.should_exit = True
             await self._http_task

@@ -16,6 +16,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, start_http_server
 
+from contract import tracing
 from contract.sampling import FieldError
 from engine.block_manager import KVEventKind
 from engine.config import EngineConfig
@@ -86,6 +87,7 @@ class WorkerBase(ABC):
         subscriptions_per_peer: int = SUBSCRIPTIONS_PER_PEER,
     ) -> None:
         self.config = config
+        tracing.configure(f"splitserve-{self.role}")  # OTEL_*; before the engine loads, so a bad value fails fast
         self.auth = auth if auth is not None else ClusterAuth.from_env()
         self.instance_id = uuid.uuid4().hex[:12]
         self.worker_id = worker_id or f"{self.role}-{self.instance_id}"

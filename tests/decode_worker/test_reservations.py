@@ -30,6 +30,7 @@ NUM_BLOCKS = 32
 BLOCK_SIZE = 4
 LEASE_S = 10.0
 PROMPT = list(range(10))  # 3 blocks
+VOCAB = 320
 
 
 class FakeEngine:
@@ -48,6 +49,10 @@ class FakeEngine:
         blocks = self.allocator.allocate(-(-(len(prompt) + len(resume_token_ids)) // BLOCK_SIZE))
         self.requests[request_id] = blocks
         return HeldBlocks(request_id, tuple(blocks), 0)
+
+    def check_remote_token(self, request_id, token_id, logprobs) -> None:
+        if not 0 <= token_id < VOCAB:
+            raise InvalidRequestError(f"first_token_id must hold token ids in [0, {VOCAB})")
 
     def complete_reservation(self, request_id, first_token_id, logprobs=None) -> None:
         assert request_id in self.requests and request_id not in self.committed
@@ -127,6 +132,20 @@ def _error(stream) -> RequestFailed:
 
 
 # -- commit ----------------------------------------------------------------------------------------
+
+
+def test_commit_of_a_token_the_model_cannot_read_stops_the_reservation(world):
+    world.reserve()
+    stream = world.reservations.get("r").stream
+    world.land_everything()
+    with pytest.raises(TransferError) as refused:
+        world.reservations.commit(world.engine, "r", VOCAB, None)
+    assert refused.value.code == "INVALID_ARGUMENT" and "first_token_id" in str(refused.value)
+    assert "r" not in world.engine.committed and world.engine.aborts["r"] == 1
+    assert world.state() is ReservationState.RELEASED and world.free == NUM_BLOCKS  # the sender said it stopped
+    assert "refused commit" in str(_error(stream))
+    world.reservations.sender_aborted(world.engine, "r", "its stream ended", True)  # the sender's word after
+    assert world.engine.aborts["r"] == 1
 
 
 def test_commit_hands_the_blocks_to_the_engine(world):

@@ -121,8 +121,10 @@ def test_prompt_too_long(router, rng):
         ("presence_penalty", 3.0),
         ("frequency_penalty", -2.5),
         ("repetition_penalty", 0.0),
-        ("max_tokens", 0),
-        ("max_tokens", -5),
+        ("max_tokens", -5),  # 0 is valid: it scores the prompt (tests/router/test_openai_contract.py)
+        ("min_tokens", 5),  # more than max_tokens
+        ("min_tokens", -1),
+        ("best_of", 0),
         ("n", 0),
         ("n", 17),
         ("logprobs", 50),
@@ -145,7 +147,7 @@ def test_chat_params_out_of_range(router):
     assert_error(post(router, "/v1/chat/completions", {**base, "max_completion_tokens": 0}), 400)
     assert_error(post(router, "/v1/completions", {"prompt": [[5, 10_000]]}), 400, param="prompt")
     assert_error(post(router, "/v1/completions", {"prompt": [[]]}), 400, param="prompt")
-    assert_error(post(router, "/v1/completions", {"prompt": "hi", "echo": True}), 400, param="echo")
+    assert_error(post(router, "/v1/chat/completions", {**base, "echo": True}), 400, param="echo")
     with pytest.raises(openai.BadRequestError):
         router.openai().chat.completions.create(model=SERVED_MODEL, messages=base["messages"], temperature=9)
     assert_serving(router)

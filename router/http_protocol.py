@@ -1,0 +1,115 @@
+"""uvicorn's HTTP/1.1 protocol (httptools) with read deadlines: a client that sends its request slowly
+(slowloris: headers a byte at a time, or a body that never ends) loses its connection instead of holding it.
+
+uvicorn bounds only the idle time between requests (``timeout_keep_alive``). Here:
+
+    connection made, or a request's first byte ─(header_timeout_s)─▶ headers ─(body_timeout_s)─▶ body complete
+                                         408 + close if not reached ┘       408 + close if not reached ┘
+
+Each deadline is a total, not an idle timer: a byte every few seconds does not extend it. The response is
+never timed: a slow but progressing stream is the application's business (its own request timeout).
+A 408 goes out only while no response has started (HTTP allows it then); otherwise the connection closes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
+
+
+def _response_408(message: str) -> bytes:
+    body = json.dumps({"error": {"message": message, "type": "request_timeout", "param": None, "code": None}}).encode()
+    head = (
+        b"HTTP/1.1 408 Request Timeout\r\n"
+        b"content-type: application/json\r\n"
+        b"connection: close\r\n"
+        b"content-length: " + str(len(body)).encode() + b"\r\n\r\n"
+    )
+    return head + body
+
+
+class DeadlineProtocol(HttpToolsProtocol):
+    """``HttpToolsProtocol`` with header and body read deadlines; :func:`protocol_with_deadlines` sets them."""
+
+    header_timeout_s: float = 10.0
+    body_timeout_s: float = 30.0
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._header_deadline: asyncio.TimerHandle | None = None
+        self._body_deadline: asyncio.TimerHandle | None = None
+
+    # -- headers --------------------------------------------------------------------------------------
+
+    def connection_made(self, transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm_header_deadline()  # a connection that never sends a byte is held no longer than a slow one
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._arm_header_deadline()
+
+    def on_headers_complete(self) -> None:
+        self._cancel_header_deadline()
+        super().on_headers_complete()
+
+    def _arm_header_deadline(self) -> None:
+        if self._header_deadline is None:
+            self._header_deadline = self.loop.call_later(self.header_timeout_s, self._headers_too_slow)
+
+    def _cancel_header_deadline(self) -> None:
+        if self._header_deadline is not None:
+            self._header_deadline.cancel()
+            self._header_deadline = None
+
+    def _headers_too_slow(self) -> None:
+        self._header_deadline = None
+        if self.transport.is_closing():
+            return
+        if self.cycle is None or self.cycle.response_complete:
+            self.transport.write(_response_408(f"request headers not received within {self.header_timeout_s:g} s"))
+        self.transport.close()  # else a response is being written (a pipelined request): no room for a 408
+
+    # -- body -----------------------------------------------------------------------------------------
+
+    def _start_asgi_task(self, cycle: RequestResponseCycle, app) -> None:
+        # The deadline starts when the request's turn comes: a pipelined request's body is not read before.
+        if cycle.more_body and self._body_deadline is None:
+            self._body_deadline = self.loop.call_later(self.body_timeout_s, self._body_too_slow, cycle)
+        super()._start_asgi_task(cycle, app)
+
+    def on_message_complete(self) -> None:
+        if self.cycle is not None and self._body_deadline is not None:
+            self._body_deadline.cancel()
+            self._body_deadline = None
+        super().on_message_complete()
+
+    def _body_too_slow(self, cycle: RequestResponseCycle) -> None:
+        self._body_deadline = None
+        if self.transport.is_closing() or not cycle.more_body:
+            return
+        if not cycle.response_started:
+            self.transport.write(_response_408(f"request body not received within {self.body_timeout_s:g} s"))
+            cycle.response_started = cycle.response_complete = True
+        # The application sees the client gone: its receive() answers http.disconnect, its send() is dropped.
+        cycle.disconnected = True
+        cycle.message_event.set()
+        self.transport.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_header_deadline()
+        if self._body_deadline is not None:
+            self._body_deadline.cancel()
+            self._body_deadline = None
+        super().connection_lost(exc)
+
+
+def protocol_with_deadlines(header_timeout_s: float, body_timeout_s: float) -> type[DeadlineProtocol]:
+    """The protocol class for ``uvicorn.Config(http=...)``."""
+    return type(
+        "DeadlineProtocol",
+        (DeadlineProtocol,),
+        {"header_timeout_s": header_timeout_s, "body_timeout_s": body_timeout_s},
+    )

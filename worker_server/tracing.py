@@ -1,0 +1,55 @@
+"""Tracing on the workers' engine threads: timings recorded there, spans made elsewhere.
+
+An engine thread runs every request's layers back to back; it only appends a tuple per pushed
+layer (two clock reads and a list append, nothing of OpenTelemetry). The request's RPC thread turns
+the records into spans once the request's pushes are over (see contract/tracing.py for the rest).
+"""
+
+from __future__ import annotations
+
+import time
+
+from contract import tracing
+
+
+class LayerPushes:
+    """One request's KV pushes, layer by layer: appended by the engine thread, read by the request's
+    RPC thread once no more pushes come (after its commit or abort)."""
+
+    def __init__(self, transport: str, region_bytes: int) -> None:
+        self.transport = transport
+        self.region_bytes = region_bytes  # one (layer, block) region
+        self._records: list[tuple[int, int, int, int]] = []  # (layer, blocks, started_ns, ended_ns)
+
+    @classmethod
+    def if_tracing(cls, transport: str, region_bytes: int) -> LayerPushes | None:
+        return cls(transport, region_bytes) if tracing.ENABLED else None
+
+    def record(self, layer: int, blocks: int, started_ns: int) -> None:
+        """Engine thread, right after ``push_layer`` returned."""
+        self._records.append((layer, blocks, started_ns, time.time_ns()))
+
+    def emit(self) -> int:
+        """One ``kv.push_layer`` span per layer, a child of the current span: from the layer's first
+        push to its last (chunked prefill pushes a layer once per chunk). Returns the bytes pushed."""
+        layers: dict[int, list[int]] = {}
+        for layer, blocks, started, ended in list(self._records):
+            entry = layers.setdefault(layer, [0, 0, started, ended])
+            entry[0] += blocks
+            entry[1] += 1
+            entry[2], entry[3] = min(entry[2], started), max(entry[3], ended)
+        total = 0
+        for layer, (blocks, pushes, started, ended) in sorted(layers.items()):
+            nbytes = blocks * self.region_bytes
+            total += nbytes
+            span = tracing.start_span(
+                "kv.push_layer",
+                start_ns=started,
+                layer=layer,
+                blocks=blocks,
+                bytes=nbytes,
+                pushes=pushes,
+                transport=self.transport,
+            )
+            span.end(end_ns=ended)
+        return total
