@@ -3,30 +3,36 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
 import urllib.error
 import urllib.parse
 import urllib.request
 
 from cluster.up import token_file
+from router.config import admin_token_from_env, api_keys_from_env, read_api_keys, read_secret
 
 
 def _admin_token(args) -> str | None:
-    if args.admin_token:
-        return args.admin_token
-    if os.environ.get("SPLITSERVE_ADMIN_TOKEN"):
-        return os.environ["SPLITSERVE_ADMIN_TOKEN"]
+    """--admin-token-file, else $SPLITSERVE_ADMIN_TOKEN[_FILE], else the token file `up` wrote for this port."""
+    if args.admin_token_file:
+        return read_secret(args.admin_token_file, "admin token")
+    if token := admin_token_from_env():
+        return token
     port = urllib.parse.urlparse(args.url).port or 80
     path = token_file(port)
     return path.read_text().strip() if path.is_file() else None
 
 
+def _api_key(args) -> str | None:
+    keys = read_api_keys(args.api_key_file) if args.api_key_file else api_keys_from_env()
+    return keys[0] if keys else None
+
+
 def _request(args, method: str, path: str, body: dict | None = None) -> dict:
     headers = {"Content-Type": "application/json"}
-    if args.api_key:
-        headers["Authorization"] = f"Bearer {args.api_key}"
-    token = _admin_token(args) if method == "POST" else None
+    if api_key := _api_key(args):
+        headers["Authorization"] = f"Bearer {api_key}"
+    token = _admin_token(args)  # status too: it shows addresses, nodes and load
     if token:
         headers["X-Admin-Token"] = token
     data = json.dumps(body).encode() if body is not None else None

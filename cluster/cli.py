@@ -46,6 +46,56 @@ def _add_tls_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tls-key", default=None, help="PEM private key of --tls-cert")
 
 
+class _SecretOnCommandLine(argparse.Action):
+    """A flag that would put a secret in argv, where ``ps`` and /proc/PID/cmdline show it to every user: refused,
+    naming where the secret goes instead."""
+
+    def __init__(self, option_strings, dest, alternatives: str, **kwargs) -> None:
+        self.alternatives = alternatives
+        super().__init__(option_strings, dest, help=f"refused (`ps` would show it): use {alternatives}", **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        parser.error(
+            f"{option_string} puts a secret on the command line, where `ps` shows it to every user of the machine; "
+            f"use {self.alternatives}"
+        )
+
+
+API_KEY_SOURCES = "--api-key-file PATH, SPLITSERVE_API_KEYS or SPLITSERVE_API_KEYS_FILE"
+ADMIN_TOKEN_SOURCES = "--admin-token-file PATH, SPLITSERVE_ADMIN_TOKEN or SPLITSERVE_ADMIN_TOKEN_FILE"
+
+
+def _add_secret_args(parser: argparse.ArgumentParser, api_key_help: str, admin_token_help: str) -> None:
+    parser.add_argument("--api-key", action=_SecretOnCommandLine, alternatives=API_KEY_SOURCES)
+    parser.add_argument("--api-key-file", default=None, metavar="PATH", help=api_key_help)
+    parser.add_argument("--admin-token", action=_SecretOnCommandLine, alternatives=ADMIN_TOKEN_SOURCES)
+    parser.add_argument("--admin-token-file", default=None, metavar="PATH", help=admin_token_help)
+
+
+def _add_edge_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--open-metrics", action="store_true", help="serve /metrics without an API key (a scraper inside the cluster)"
+    )
+    parser.add_argument("--open-docs", action="store_true", help="serve /docs and /openapi.json without an API key")
+    parser.add_argument(
+        "--header-timeout", type=float, default=None, help="seconds a client has to send a request's headers (10)"
+    )
+    parser.add_argument(
+        "--body-timeout", type=float, default=None, help="seconds a client has to send a request's body (30)"
+    )
+
+
+def _edge_settings(args: argparse.Namespace) -> dict:
+    """RouterConfig/ClusterConfig fields of _add_edge_args's flags, those given only."""
+    given = {
+        "open_metrics": args.open_metrics or None,
+        "open_docs": args.open_docs or None,
+        "header_timeout_s": args.header_timeout,
+        "body_timeout_s": args.body_timeout,
+    }
+    return {k: v for k, v in given.items() if v is not None}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="splitserve",
@@ -121,12 +171,13 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--max-prefill", type=int, default=None)
     up.add_argument("--min-decode", type=int, default=None)
     up.add_argument("--max-decode", type=int, default=None)
-    up.add_argument("--api-key", action="append", default=None)
-    up.add_argument(
-        "--admin-token",
-        default=None,
-        help="default: $SPLITSERVE_ADMIN_TOKEN, else a random token written next to the runtime files",
+    _add_secret_args(
+        up,
+        api_key_help="a file of API keys clients must send (one a line); also SPLITSERVE_API_KEYS[_FILE]",
+        admin_token_help="a file holding the admin token; default: $SPLITSERVE_ADMIN_TOKEN[_FILE], else a random "
+        "token written next to the runtime files",
     )
+    _add_edge_args(up)
     _add_tls_args(up)
     up.add_argument("--log-level", default="WARNING")
     up.set_defaults(run=_run_up)
@@ -138,10 +189,11 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         admin = commands.add_parser(name, help=text)
         admin.add_argument("--url", default="http://127.0.0.1:8000", help="the router's HTTP address")
-        admin.add_argument(
-            "--admin-token", default=None, help="default: $SPLITSERVE_ADMIN_TOKEN or the token file of `up`"
+        _add_secret_args(
+            admin,
+            api_key_help="a file holding the API key to send; default: the first of $SPLITSERVE_API_KEYS[_FILE]",
+            admin_token_help="default: $SPLITSERVE_ADMIN_TOKEN[_FILE], else the token file of `up`",
         )
-        admin.add_argument("--api-key", default=None)
         if name == "scale":
             admin.add_argument("role", choices=["prefill", "decode"])
             admin.add_argument("replicas", type=int)
@@ -165,9 +217,13 @@ def build_parser() -> argparse.ArgumentParser:
     router.add_argument("--host", default="127.0.0.1")
     router.add_argument("--port", type=int, default=8000)
     router.add_argument("--grpc-port", type=int, default=50051)
-    router.add_argument(
-        "--api-key", action="append", default=[], help="accepted API key (repeatable; also SPLITSERVE_API_KEYS)"
+    _add_secret_args(
+        router,
+        api_key_help="a file of accepted API keys, one a line; also SPLITSERVE_API_KEYS[_FILE]",
+        admin_token_help="a file holding the admin token (guards /admin and the dashboard's data); "
+        "also SPLITSERVE_ADMIN_TOKEN[_FILE]",
     )
+    _add_edge_args(router)
     router.add_argument("--routing-policy", choices=["kv_aware", "load"], default="kv_aware")
     router.add_argument("--kv-weight", type=float, default=1.0)
     router.add_argument(
@@ -268,6 +324,7 @@ def cluster_config_from_args(args: argparse.Namespace):
     import dataclasses
 
     from cluster.config import ClusterConfig, load_file
+    from router.config import read_api_keys
 
     config = load_file(args.config) if args.config else ClusterConfig()
     flat = {
@@ -281,8 +338,9 @@ def cluster_config_from_args(args: argparse.Namespace):
         "port": args.port,
         "grpc_port": args.grpc_port,
         "worker_host": args.worker_host,
-        "admin_token": args.admin_token or os.environ.get("SPLITSERVE_ADMIN_TOKEN"),
-        "api_keys": tuple(args.api_key) if args.api_key else None,
+        "admin_token": admin_token_from_args(args),
+        "api_keys": read_api_keys(args.api_key_file) if args.api_key_file else None,
+        **_edge_settings(args),
         "tls_certfile": args.tls_cert,
         "tls_keyfile": args.tls_key,
     }
@@ -326,8 +384,15 @@ def _run_admin(args: argparse.Namespace) -> int:
     return run_admin(args)
 
 
+def admin_token_from_args(args: argparse.Namespace) -> str | None:
+    """--admin-token-file's content, else $SPLITSERVE_ADMIN_TOKEN[_FILE]'s."""
+    from router.config import admin_token_from_env, read_secret
+
+    return read_secret(args.admin_token_file, "admin token") if args.admin_token_file else admin_token_from_env()
+
+
 def router_config_from_args(args: argparse.Namespace):
-    from router.config import RouterConfig
+    from router.config import RouterConfig, read_api_keys
 
     return RouterConfig(
         model=args.model,
@@ -338,7 +403,9 @@ def router_config_from_args(args: argparse.Namespace):
         host=args.host,
         port=args.port,
         grpc_port=args.grpc_port,
-        api_keys=tuple(args.api_key),
+        api_keys=read_api_keys(args.api_key_file) if args.api_key_file else (),
+        admin_token=admin_token_from_args(args),
+        **_edge_settings(args),
         routing_policy=args.routing_policy,
         kv_weight=args.kv_weight,
         local_prefill_threshold=args.local_prefill_threshold,
@@ -360,15 +427,20 @@ def _run_router(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
-    async def main() -> None:
+    async def main(config) -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(signum, stop.set)
-        await serve(router_config_from_args(args), stop)
+        await serve(config, stop)
 
     try:
-        asyncio.run(main())
+        config = router_config_from_args(args)
+    except (OSError, ValueError) as exc:  # a secret file unreadable, or a bad flag value
+        print(f"splitserve: {exc}", file=sys.stderr)
+        return 2
+    try:
+        asyncio.run(main(config))
     except (EngineError, ValueError) as exc:  # --model unreadable, or a bad flag value
         print(f"splitserve: {exc}", file=sys.stderr)
         return 2

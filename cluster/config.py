@@ -70,8 +70,14 @@ class ClusterConfig:
     max_restarts: int = 3
     lease_ms: int = 30_000
     local_prefill_threshold: int = 128
-    api_keys: tuple[str, ...] = ()
-    admin_token: str | None = None
+    # Secrets: here from a config file, the environment or files (cluster.cli), never a command line. The router
+    # keeps them; the controller and the workers never receive them (cluster.up.run_cluster).
+    api_keys: tuple[str, ...] = field(default=(), repr=False)
+    admin_token: str | None = field(default=None, repr=False)
+    open_metrics: bool = False  # router.config.RouterConfig's: /metrics without an API key
+    open_docs: bool = False  # ... and the API docs
+    header_timeout_s: float = 10.0  # the router's HTTP read deadlines (router/http_protocol.py)
+    body_timeout_s: float = 30.0
     health_interval_s: float = 0.5
     # TLS for the router's public HTTP and gRPC endpoints (PEM paths; both or neither). Worker-to-worker
     # mutual TLS is configured per process through SPLITSERVE_TLS_* (protos/cluster_auth.py).

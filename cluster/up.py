@@ -4,6 +4,7 @@ worker pools; membership flows controller → router as it changes; Ctrl-C / SIG
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import math
 import os
@@ -120,7 +121,7 @@ async def run_cluster(config: ClusterConfig, stop: asyncio.Event, on_ready=None)
             max_concurrency=1000,
             resources={"node:__internal_head__": 0.001},
         )
-        .remote(config.to_json(), cluster_secret)
+        .remote(dataclasses.replace(config, api_keys=(), admin_token=None).to_json(), cluster_secret)
     )
     await controller.start.remote()
     admin_token = config.admin_token or secrets.token_urlsafe(24)
@@ -132,6 +133,10 @@ async def run_cluster(config: ClusterConfig, stop: asyncio.Event, on_ready=None)
         grpc_port=config.grpc_port,
         api_keys=config.api_keys,
         admin_token=admin_token,
+        open_metrics=config.open_metrics,
+        open_docs=config.open_docs,
+        header_timeout_s=config.header_timeout_s,
+        body_timeout_s=config.body_timeout_s,
         lease_ms=config.lease_ms,
         local_prefill_threshold=config.local_prefill_threshold,
         health_interval_s=config.health_interval_s,

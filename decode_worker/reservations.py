@@ -28,6 +28,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from contract import tracing
 from contract.sampling import SamplingParams
 from engine.engine import Engine
 from engine.engine import Reservation as HeldBlocks
@@ -78,6 +79,7 @@ class Reservation:
     sender_stopped: bool = False  # the sender said it writes no more (its commit or abort)
     claimed: bool = False
     ended_at: float | None = None  # when its blocks were freed or its committed request finished
+    trace: object = tracing.NO_SPAN  # its kv.reservation span (contract/tracing.py), ended when it leaves OPEN
 
     def transition(self, new_state: ReservationState) -> None:
         if new_state not in _TRANSITIONS.get(self.state, set()):
@@ -192,6 +194,7 @@ class Reservations:
             self._stop(engine, record, ReservationState.ABORTED, reason)
             raise TransferError(reason, "FAILED_PRECONDITION")
         record.transition(ReservationState.COMMITTED)
+        record.trace.end(state="committed", bytes_received=received, kv_wait_ms=(self.clock() - record.opened_at) * 1e3)
         self.in_flight -= 1
         self.inbox.forget(request_id)
         engine.complete_reservation(request_id, first_token_id, first_logprob)
@@ -265,6 +268,8 @@ class Reservations:
         """OPEN -> ABORTED / EXPIRED: shut the gate, fail the stream, release if already safe."""
         record.transition(state)
         record.reason = reason
+        record.trace.fail(reason)
+        record.trace.end(state=state.value)
         self.in_flight -= 1
         self.inbox.close(record.request_id, reason)
         if state is ReservationState.EXPIRED:

@@ -13,6 +13,7 @@ import time
 
 import grpc
 
+from contract import tracing
 from contract.sampling import SamplingParams
 from decode_worker.reservations import Reservations
 from engine.config import EngineConfig
@@ -26,6 +27,7 @@ from kv_transfer.receiver_service import KVReceiverService
 from protos import common_pb2, decode_pb2, decode_pb2_grpc, kv_transfer_pb2_grpc
 from worker_server.base import WorkerBase, abort_on_error, logprob_from_wire, output_to_wire
 from worker_server.security import peer_of
+from worker_server.tracing import trace_kv_receiver
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +63,7 @@ class DecodeWorker(WorkerBase, decode_pb2_grpc.DecodeWorkerServicer):
 
             self.nixl = NixlReceiver(self.unique_name, self.engine.kv_cache, self.inbox)
         self.receiver = KVReceiverService(self.inbox, self.layout, self.instance_id, self.nixl)
+        trace_kv_receiver(self.receiver)  # while tracing: a span per push stream / commit, the sender's child
         self.reservations = Reservations(
             self.inbox,
             self.loop,
@@ -80,12 +83,15 @@ class DecodeWorker(WorkerBase, decode_pb2_grpc.DecodeWorkerServicer):
 
     # -- RPCs -------------------------------------------------------------------------------------
 
+    @tracing.server_span("splitserve.DecodeWorker/Reserve")
     def Reserve(self, request, context):
         try:
             params = SamplingParams.from_wire(request.params)
             lease_ms = min(request.lease_ms or self.default_lease_ms, MAX_LEASE_MS)
-            peer = peer_of(context)
-            reservation, token = self.loop.call(lambda engine: self._reserve(engine, request, params, lease_ms, peer))
+            peer, trace_parent = peer_of(context), tracing.current_context()
+            reservation, token = self.loop.call(
+                lambda engine: self._reserve(engine, request, params, lease_ms, peer, trace_parent)
+            )
         except (EngineError, TransferError, ValueError) as exc:
             abort_on_error(context, exc)
         return decode_pb2.Ticket(
@@ -101,7 +107,7 @@ class DecodeWorker(WorkerBase, decode_pb2_grpc.DecodeWorkerServicer):
             token=token,
         )
 
-    def _reserve(self, engine: Engine, request, params, lease_ms: int, peer: str):
+    def _reserve(self, engine: Engine, request, params, lease_ms: int, peer: str, trace_parent=None):
         reservation = self.reservations.reserve(
             engine,
             request.request_id,
@@ -112,8 +118,18 @@ class DecodeWorker(WorkerBase, decode_pb2_grpc.DecodeWorkerServicer):
             peer=peer,
         )
         self.counters.add(prompt_tokens=len(request.prompt_token_ids), prefix_hit_tokens=reservation.num_cached_tokens)
-        return reservation, self.reservations.get(request.request_id).token
+        record = self.reservations.get(request.request_id)
+        if tracing.ENABLED:  # ends when the reservation leaves OPEN: how long the KV took to land
+            record.trace = tracing.start_span(
+                "kv.reservation",
+                parent=trace_parent,
+                request_id=request.request_id,
+                blocks=len(reservation.block_ids),
+                cached_tokens=reservation.num_cached_tokens,
+            )
+        return reservation, record.token
 
+    @tracing.server_span("splitserve.DecodeWorker/Generate")
     def Generate(self, request, context):
         try:
             stream = self._stream_for(request)
@@ -133,6 +149,12 @@ class DecodeWorker(WorkerBase, decode_pb2_grpc.DecodeWorkerServicer):
                         requests_finished=1,
                         generated_tokens=output.num_output_tokens,
                         prefix_hit_tokens=0 if request.reserved else output.num_cached_tokens,
+                    )
+                    tracing.annotate(
+                        request_id=request.request_id,
+                        reserved=request.reserved,
+                        tokens_generated=output.num_output_tokens,
+                        finish_reason=output.finish_reason,
                     )
                 yield output_to_wire(output)
                 if output.finished:

@@ -4,13 +4,16 @@
     GET  /dashboard/lib/chart.js    the chart library, from router/dashboard_web/node_modules (npm ci)
     GET  /dashboard/events          SSE: one JSON snapshot a second (topology, series, activity)
     GET  /dashboard/api/snapshot    the same snapshot, once
+    GET  /dashboard/api/history     the series of the last HISTORY_POINTS snapshots, oldest first
     actions go to the operator API: POST /admin/scale, /admin/drain (router/admin.py), admin token in X-Admin-Token
 
-``/dashboard*`` is exempt from API keys (openai_api's guard); the actions need the admin token
-instead, and a router without a control plane refuses them (501), as /admin does.
+``/dashboard*`` is exempt from API keys (openai_api's guard). The page and its files load without
+credentials; its data (events, snapshot, history) needs the admin token, as /admin does
+(router.admin.admin_refusal), so the page asks for the token before it shows anything.
 
-Contract: everything here runs on the router's event loop. The snapshot is taken at most once a
-second however many pages watch; rates are differences between consecutive snapshots.
+Contract: everything here runs on the router's event loop. A snapshot is taken once a second whether
+or not a page watches (``start``), so a page opens on recent history; rates are differences between
+consecutive snapshots.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from pathlib import Path
 from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, PlainTextResponse, StreamingResponse
 
+from router.admin import admin_refusal
 from router.control import ControlPlane
 from router.frontend import Frontend
 from router.openai_api import error_response
@@ -43,15 +47,13 @@ SNAPSHOT_INTERVAL_S = 1.0
 LATENCY_WINDOW_S = 10.0  # quantiles and SLO attainment are over this sliding window
 CONTROL_TIMEOUT_S = 2.0
 ACTIVITY_SHOWN = 20
+HISTORY_POINTS = 120  # two minutes of snapshots: what a page's charts hold
 
 
 @dataclass(frozen=True)
 class SLOTargets:
     ttft_s: float
     tpot_s: float
-
-
-DEFAULT_SLO = SLOTargets(ttft_s=1.0, tpot_s=0.1)  # the planner's defaults (cluster.config.PlannerSpec)
 
 
 # -- recent activity ----------------------------------------------------------------------------------
@@ -244,11 +246,21 @@ class Dashboard:
     """Builds the snapshots: topology from the control plane (else this router's pool), series from
     this router's metrics, and recent activity."""
 
-    def __init__(self, frontend: Frontend, control: ControlPlane | None, slo: SLOTargets | None, web_dir: Path) -> None:
+    def __init__(
+        self,
+        frontend: Frontend,
+        control: ControlPlane | None,
+        slo: SLOTargets | None,
+        web_dir: Path,
+        admin_token: str | None = None,
+    ) -> None:
         self.frontend = frontend
         self.control = control
         self.slo_override = slo
         self.web_dir = web_dir
+        self.admin_token = admin_token
+        self.history: deque[dict] = deque(maxlen=HISTORY_POINTS)
+        self._sampler: asyncio.Task | None = None
         self.activity = ActivityLog()
         self.ttft = HistogramWindow(frontend.metrics.ttft)
         self.tpot = HistogramWindow(frontend.metrics.tpot)
@@ -267,7 +279,27 @@ class Dashboard:
             if time.monotonic() - self._taken_at >= SNAPSHOT_INTERVAL_S * 0.8:
                 self._snapshot = await self._take()
                 self._taken_at = time.monotonic()
+                self.history.append({key: self._snapshot[key] for key in ("at", "series", "slo")})
             return self._snapshot
+
+    def start(self) -> None:
+        """Takes a snapshot every interval from now on (on the running loop), so that history builds unwatched."""
+        if self._sampler is None:
+            self._sampler = asyncio.create_task(self._sample_forever())
+
+    async def stop(self) -> None:
+        if self._sampler is not None:
+            self._sampler.cancel()
+            await asyncio.gather(self._sampler, return_exceptions=True)
+            self._sampler = None
+
+    async def _sample_forever(self) -> None:
+        while True:
+            try:
+                await self.snapshot()
+            except Exception:  # noqa: BLE001 - a failed sample leaves a gap, not a dead sampler
+                log.exception("dashboard: snapshot failed")
+            await asyncio.sleep(SNAPSHOT_INTERVAL_S)
 
     async def _take(self) -> dict:
         now = time.monotonic()
@@ -281,9 +313,9 @@ class Dashboard:
             "transport": (cluster or {}).get("transport"),
             "control": self.control is not None,
             "control_error": control_error,
-            "actions_enabled": self.control is not None and bool(self.frontend.config.admin_token),
+            "actions_enabled": self.control is not None and bool(self.admin_token),
             "chart_library": self.chart_library.is_file(),
-            "slo": asdict(slo),
+            "slo": asdict(slo) if slo is not None else None,  # None: no SLO set, no SLO lines or attainment
             "window_s": LATENCY_WINDOW_S,
             "router": {"running": self.frontend.admission.running, "queued": self.frontend.admission.waiting},
             **topology,
@@ -301,16 +333,17 @@ class Dashboard:
             log.warning("dashboard: control plane status failed: %s", exc)
             return None, f"control plane status failed: {exc}"
 
-    def _slo(self, cluster: dict | None) -> SLOTargets:
+    def _slo(self, cluster: dict | None) -> SLOTargets | None:
+        """The targets given to the dashboard, else the planner's while it runs (its targets are set then:
+        ``up --ttft-slo/--tpot-slo``), else None: no SLO is set."""
         if self.slo_override is not None:
             return self.slo_override
         planner = (cluster or {}).get("planner") or {}
-        return SLOTargets(
-            ttft_s=planner.get("ttft_target_s", DEFAULT_SLO.ttft_s),
-            tpot_s=planner.get("tpot_target_s", DEFAULT_SLO.tpot_s),
-        )
+        if not planner.get("enabled"):
+            return None
+        return SLOTargets(ttft_s=planner["ttft_target_s"], tpot_s=planner["tpot_target_s"])
 
-    def _series(self, now: float, slo: SLOTargets) -> dict:
+    def _series(self, now: float, slo: SLOTargets | None) -> dict:
         metrics = self.frontend.metrics
         self.ttft.sample(now)
         self.tpot.sample(now)
@@ -319,8 +352,8 @@ class Dashboard:
             "ttft_p99_s": self.ttft.quantile(0.99),
             "tpot_p50_s": self.tpot.quantile(0.5),
             "tpot_p99_s": self.tpot.quantile(0.99),
-            "ttft_attainment": self.ttft.share_within(slo.ttft_s),
-            "tpot_attainment": self.tpot.share_within(slo.tpot_s),
+            "ttft_attainment": self.ttft.share_within(slo.ttft_s) if slo is not None else None,
+            "tpot_attainment": self.tpot.share_within(slo.tpot_s) if slo is not None else None,
             "tokens_per_s": self.rates.rate("tokens", _counter_total(metrics.generation_tokens), now),
             "requests_per_s": self.rates.rate("requests", _counter_total(metrics.requests, _generate_request), now),
             "errors_per_s": self.rates.rate("errors", _counter_total(metrics.requests, _failed_generate_request), now),
@@ -476,16 +509,20 @@ def install_dashboard(
     control: ControlPlane | None,
     slo: SLOTargets | None = None,
     web_dir: Path = WEB_DIR,
+    *,
+    admin_token: str | None = None,
+    api_keys: tuple[str, ...] = (),
 ) -> Dashboard:
     """Adds the dashboard's routes to ``app`` and hooks its activity log into the orchestrator.
 
-    ``slo``: the TTFT/TPOT targets drawn on the charts; default: the planner's targets from
-    ``control.status()`` when it reports them, else DEFAULT_SLO."""
-    dashboard = Dashboard(frontend, control, slo, web_dir)
+    ``slo``: the TTFT/TPOT targets drawn on the charts; default: the planner's targets while the
+    planner runs, else none (no SLO lines). ``admin_token``, ``api_keys``: who may read the data
+    (router.admin.admin_refusal)."""
+    dashboard = Dashboard(frontend, control, slo, web_dir, admin_token)
     frontend.orchestrator.on_route = dashboard.activity.record_route
     app.add_middleware(ErrorTap, activity=dashboard.activity)
     _install_page(app, dashboard)
-    _install_feed(app, dashboard)
+    _install_feed(app, dashboard, api_keys)
     return dashboard
 
 
@@ -514,13 +551,27 @@ def _install_page(app: FastAPI, dashboard: Dashboard) -> None:
         )
 
 
-def _install_feed(app: FastAPI, dashboard: Dashboard) -> None:
+def _install_feed(app: FastAPI, dashboard: Dashboard, api_keys: tuple[str, ...]) -> None:
+    def refused(request: Request):
+        return admin_refusal(request.headers, dashboard.admin_token, api_keys, action=False)
+
     @app.get("/dashboard/api/snapshot", include_in_schema=False)
-    async def snapshot() -> dict:
+    async def snapshot(request: Request):
+        if (problem := refused(request)) is not None:
+            return problem
         return await dashboard.snapshot()
+
+    @app.get("/dashboard/api/history", include_in_schema=False)
+    async def history(request: Request):
+        if (problem := refused(request)) is not None:
+            return problem
+        return {"points": list(dashboard.history), "interval_s": SNAPSHOT_INTERVAL_S}
 
     @app.get("/dashboard/events", include_in_schema=False)
     async def events(request: Request):
+        if (problem := refused(request)) is not None:
+            return problem
+
         async def stream():
             while not await request.is_disconnected():
                 yield f"data: {json.dumps(await dashboard.snapshot())}\n\n"

@@ -1,5 +1,6 @@
 """The public gRPC API: ``splitserve.Generate/Generate`` streams a completion; plus standard health
-checking and server reflection."""
+checking and server reflection. With API keys set, Generate and reflection (it describes the services)
+want a key in the ``authorization`` metadata; health stays open for probes."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from contract import tracing
 from contract.sampling import FIELDS as SAMPLING_FIELDS
 from contract.sampling import FieldError, SamplingParams
 from protos import generate_pb2, generate_pb2_grpc
@@ -34,6 +36,7 @@ HONOURED: dict[str, frozenset[str]] = {
     "Grammar": frozenset({"kind", "text", "accepted_prompt_tokens"}),
 }
 DEFAULT_MAX_TOKENS = 16  # when params.max_tokens is 0 (unset)
+REFLECTION_PREFIXES = ("/grpc.reflection.v1alpha.ServerReflection/", "/grpc.reflection.v1.ServerReflection/")
 
 
 class GenerateService(generate_pb2_grpc.GenerateServicer):
@@ -41,6 +44,7 @@ class GenerateService(generate_pb2_grpc.GenerateServicer):
         self.frontend = frontend
         self.api_keys = api_keys
 
+    @tracing.server_span("splitserve.Generate/Generate")  # the request's trace: continues a client's traceparent
     async def Generate(self, request: generate_pb2.CompletionRequest, context: grpc.aio.ServicerContext):
         frontend = self.frontend
         if self.api_keys and not self._authorized(context):
@@ -71,9 +75,7 @@ class GenerateService(generate_pb2_grpc.GenerateServicer):
             await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "request timed out")
 
     def _authorized(self, context: grpc.aio.ServicerContext) -> bool:
-        metadata = dict(context.invocation_metadata() or ())
-        supplied = str(metadata.get("authorization", "")).removeprefix("Bearer ").strip()
-        return any(hmac.compare_digest(supplied, key) for key in self.api_keys)
+        return _has_key(context.invocation_metadata(), self.api_keys)
 
     def _prompt(self, request: generate_pb2.CompletionRequest) -> list[int]:
         kind = request.WhichOneof("input")
@@ -86,11 +88,38 @@ class GenerateService(generate_pb2_grpc.GenerateServicer):
         raise GenerationError("the request needs text, token_ids or chat", 400, "invalid_request_error")
 
 
+def _has_key(metadata, api_keys: tuple[str, ...]) -> bool:
+    supplied = str(dict(metadata or ()).get("authorization", "")).removeprefix("Bearer ").strip()
+    return any(hmac.compare_digest(supplied.encode(), key.encode()) for key in api_keys)
+
+
+class _ReflectionNeedsKey(grpc.aio.ServerInterceptor):
+    """Refuses server reflection (UNAUTHENTICATED) to a caller without an API key."""
+
+    def __init__(self, api_keys: tuple[str, ...]) -> None:
+        self.api_keys = api_keys
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        method = handler_call_details.method or ""
+        if handler is None or not method.startswith(REFLECTION_PREFIXES):
+            return handler
+        if _has_key(handler_call_details.invocation_metadata, self.api_keys):
+            return handler
+
+        async def refuse(request_iterator, context):
+            await context.abort(
+                grpc.StatusCode.UNAUTHENTICATED, "missing or incorrect API key (metadata authorization: Bearer KEY)"
+            )
+
+        return grpc.stream_stream_rpc_method_handler(refuse)
+
+
 def create_grpc_server(
     frontend: Frontend, address: str, api_keys: tuple[str, ...] = (), tls: tuple[bytes, bytes] | None = None
 ) -> tuple[grpc.aio.Server, int]:
     """``tls``: (certificate chain, key) PEM: the endpoint then serves TLS only."""
-    server = grpc.aio.server()
+    server = grpc.aio.server(interceptors=[_ReflectionNeedsKey(api_keys)] if api_keys else None)
     generate_pb2_grpc.add_GenerateServicer_to_server(GenerateService(frontend, api_keys), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -32,6 +32,7 @@ from protos import common_pb2, decode_pb2, prefill_pb2
 from router.config import RouterConfig
 from router.metrics import RouterMetrics
 from router.routing import Decision, NoWorkerError, Route, prefill_cost, route
+from router.tracing import request_trace
 from router.workers import WorkerHandle, WorkerPool
 
 if TYPE_CHECKING:
@@ -102,6 +103,7 @@ class _Progress:
     started: float = field(default_factory=time.perf_counter)
     last_token_at: float | None = None
     first_token_at: float | None = None
+    trace: object = field(default_factory=request_trace)  # the request's spans (router/tracing.py)
 
     def next_worker_request_id(self, request_id: str) -> str:
         self.attempt += 1
@@ -141,6 +143,7 @@ class Orchestrator:
                 if len(exclude) > self.config.migration_retries:
                     raise GenerationError(f"decode workers lost mid-request: {exc}") from exc
                 self.metrics.migrations.inc()
+                progress.trace.event("migration", lost_worker=chosen.decode.address, tokens_so_far=len(progress.tokens))
                 log.warning(
                     "request %s: decode worker %s lost after %d tokens; migrating",
                     request.request_id,
@@ -149,6 +152,7 @@ class Orchestrator:
                 )
             except _LeaseExpired as exc:
                 self.metrics.lease_expirations.inc()
+                progress.trace.event("lease_expired", worker=chosen.decode.address, policy=self.config.lease_policy)
                 if self.config.lease_policy == "fail":
                     raise GenerationError(f"KV transfer did not complete in time: {exc}", 503) from exc
                 force_local = True
@@ -176,6 +180,7 @@ class Orchestrator:
         self.metrics.routing_decisions.labels(chosen.decision.value).inc()
         if self.on_route is not None:
             self.on_route(request.request_id, chosen)
+        progress.trace.routed(chosen, hashes)
         return chosen
 
     # -- the two paths ----------------------------------------------------------------------------
@@ -192,7 +197,7 @@ class Orchestrator:
         )
         decode.active += 1
         try:
-            call = self._open_generate(decode, worker_request)
+            call = self._open_generate(decode, worker_request, progress)
             async for delta in self._decode_stream(decode, call, skip_first=False):
                 yield delta
         finally:
@@ -208,7 +213,7 @@ class Orchestrator:
             worker_id = progress.next_worker_request_id(request.request_id)
             ticket = await self._reserve(decode, worker_id, request, progress)
             decode_call = self._open_generate(
-                decode, decode_pb2.GenerateRequest(request_id=worker_id, reserved=True, token=ticket.token)
+                decode, decode_pb2.GenerateRequest(request_id=worker_id, reserved=True, token=ticket.token), progress
             )
             decode.active += 1
             try:
@@ -221,6 +226,7 @@ class Orchestrator:
                     if prefill is None:
                         break
                     self.metrics.prefill_retries.inc()
+                    progress.trace.event("prefill_retry", attempt=attempt + 1, worker=prefill.address)
                     await asyncio.sleep(self.config.retry_backoff_s * (2**attempt) * (0.5 + random.random()))
                     continue
                 progress.cached_tokens = first.num_cached_tokens
@@ -244,15 +250,20 @@ class Orchestrator:
         async for delta in self._local(request, decode, progress):
             yield delta
 
-    def _open_generate(self, decode: WorkerHandle, worker_request: decode_pb2.GenerateRequest):
+    def _open_generate(self, decode: WorkerHandle, worker_request: decode_pb2.GenerateRequest, progress: _Progress):
+        span = progress.trace.call("decode", decode, worker_request.request_id)
         try:
-            return decode.stub.Generate(worker_request, timeout=self.config.request_timeout_s)
+            call = decode.stub.Generate(worker_request, timeout=self.config.request_timeout_s, metadata=span.metadata)
         except grpc.aio.UsageError as exc:  # the pool closed its channel since it was routed to
+            span.end()
             raise _DecodeLost(f"decode worker {decode.address} left the pool") from exc
+        progress.trace.end_when_done(span, call)
+        return call
 
     async def _reserve(
         self, decode: WorkerHandle, worker_id: str, request: GenerationRequest, progress: _Progress
     ) -> decode_pb2.Ticket:
+        span = progress.trace.call("reserve", decode, worker_id)
         try:
             return await decode.stub.Reserve(
                 decode_pb2.ReserveRequest(
@@ -263,19 +274,24 @@ class Orchestrator:
                     resume_token_ids=progress.tokens,
                 ),
                 timeout=10.0,
+                metadata=span.metadata,
             )
         except grpc.aio.AioRpcError as exc:
+            span.fail(f"{exc.code().name}: {exc.details()}")
             raise self._worker_error(decode, exc) from exc
         except (asyncio.CancelledError, grpc.aio.UsageError) as exc:
             if not _channel_closed_under_call(decode):
                 raise
             raise _DecodeLost(f"decode worker {decode.address} left the pool during Reserve") from exc
+        finally:
+            span.end()
 
     async def _prefill(
         self, prefill: WorkerHandle, worker_id: str, request: GenerationRequest, ticket, progress: _Progress
     ) -> prefill_pb2.PrefillResponse | None:
         """The prefill's answer, or None if this prefill worker failed (the caller retries)."""
         prefill.active += 1
+        span = progress.trace.call("prefill", prefill, worker_id)
         try:
             return await prefill.stub.Prefill(
                 prefill_pb2.PrefillRequest(
@@ -286,6 +302,7 @@ class Orchestrator:
                     resume_token_ids=progress.tokens,
                 ),
                 timeout=self.config.prefill_timeout_s,
+                metadata=span.metadata,
             )
         except (asyncio.CancelledError, grpc.aio.UsageError):
             if not _channel_closed_under_call(prefill):
@@ -293,6 +310,7 @@ class Orchestrator:
             log.warning("prefill of %s on %s: the worker left the pool under the call", worker_id, prefill.address)
             return None
         except grpc.aio.AioRpcError as exc:
+            span.fail(f"{exc.code().name}: {exc.details()}")
             if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
                 raise GenerationError(exc.details(), 400, "invalid_request_error") from exc
             if exc.code() in _WORKER_LOST:
@@ -301,6 +319,7 @@ class Orchestrator:
             return None
         finally:
             prefill.active -= 1
+            span.end()
 
     def _another_prefill(self, request: GenerationRequest, tried: set[str], block_size: int) -> WorkerHandle | None:
         hashes = compute_block_hashes(request.prompt_token_ids, block_size)
@@ -401,6 +420,7 @@ class Orchestrator:
         )
         self.metrics.e2e.observe(now - progress.started)
         self.metrics.finished.labels(delta.finish_reason).inc()
+        progress.trace.finished(delta.finish_reason, usage.prompt_tokens, usage.completion_tokens, cached)
         if len(progress.tokens) > 1 and progress.first_token_at is not None:
             tpot = (now - progress.first_token_at) / (len(progress.tokens) - 1)
             self.metrics.tpot.observe(tpot)

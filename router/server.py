@@ -36,7 +36,9 @@ class Router:
         self.app = create_app(self.frontend, self.api_keys)
         tracing.instrument_http(self.app)
         install_admin(self.app, self.frontend, control, self.admin_token, self.api_keys)
-        self.dashboard = install_dashboard(self.app, self.frontend, control, self.admin_token, self.api_keys)
+        self.dashboard = install_dashboard(
+            self.app, self.frontend, control, admin_token=self.admin_token, api_keys=self.api_keys
+        )
         self._http: uvicorn.Server | None = None
         self._http_task: asyncio.Task | None = None
         self._grpc = None

@@ -85,6 +85,10 @@ class RequestTrace:
             worker_request_id=worker_request_id,
         )
 
+    def end_when_done(self, span, call) -> None:
+        """Ends ``span`` when the gRPC ``call`` ends (a stream the request reads across many tasks' turns)."""
+        call.add_done_callback(lambda _call: span.end())
+
     def event(self, name: str, **attributes) -> None:
         self.request_span.add_event(name, tracing.span_attributes(attributes))
 
@@ -109,6 +113,9 @@ class _Off:
 
     def call(self, name: str, worker, worker_request_id: str):
         return tracing.NO_SPAN
+
+    def end_when_done(self, span, call) -> None:
+        pass
 
     def event(self, name: str, **attributes) -> None:
         pass

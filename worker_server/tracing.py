@@ -53,3 +53,19 @@ class LayerPushes:
             )
             span.end(end_ns=ended)
         return total
+
+
+def trace_kv_receiver(receiver) -> None:
+    """While tracing: the receiver's push streams and commits run in SERVER spans that continue the
+    sender's context (the prefill worker's Prefill span), the bytes received on the push's span."""
+    if not tracing.ENABLED:
+        return
+    push = receiver.PushKV
+
+    def push_kv(request_iterator, context):
+        result = push(request_iterator, context)
+        tracing.annotate(bytes_received=result.bytes_received)
+        return result
+
+    receiver.PushKV = tracing.server_span("splitserve.KVReceiver/PushKV")(push_kv)
+    receiver.Commit = tracing.server_span("splitserve.KVReceiver/Commit")(receiver.Commit)

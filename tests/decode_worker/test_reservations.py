@@ -341,6 +341,7 @@ class ReservationMachine(RuleBasedStateMachine):
         super().__init__()
         self.world = World(remote_writes=self.remote_writes)
         self.pins: dict[str, list] = {}  # request id -> open pin contexts
+        self.orphaned_pins: list = []  # pins of reservations whose id was reused since
         self.stopped_by_sender: set[str] = set()
 
     remote_writes = False
@@ -358,6 +359,8 @@ class ReservationMachine(RuleBasedStateMachine):
             return
         self.world.engine.aborts[request_id] = 0  # a new reservation under a reused id
         self.stopped_by_sender.discard(request_id)
+        # Pins still held belong to the old reservation's landing, not to this one.
+        self.orphaned_pins += self.pins.pop(request_id, [])
 
     @rule(request_id=st.sampled_from(IDS))
     def land(self, request_id):

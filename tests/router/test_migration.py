@@ -1,0 +1,175 @@
+"""A request outlives the workers it started on: a worker leaving the router's pool under a call, and a
+decode worker killed mid-stream, end in the reference output — tokens and text — never an error.
+
+These workers are this module's own; the last test kills one of them.
+"""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import openai
+import pytest
+
+from contract.sampling import SamplingParams
+from engine.config import EngineConfig
+from engine.engine import Engine
+from tests.checkpoints import hf_greedy
+from tests.router.conftest import SERVED_MODEL, greedy_ignoring_eos, random_prompt, stop_all, token_ids, wait_for
+from tests.workers.harness import start_workers, wait_idle
+
+REQUEST_TIMEOUT_S = 90
+FIRST_BYTE_ID = 3
+# Every three-byte UTF-8 lead byte, favoured: each token starts a character the next one breaks, so at
+# every point of the output the detokenizer holds an unfinished character back (U+FFFD once the next comes).
+LEAD_BYTES = {str(FIRST_BYTE_ID + b): 40.0 for b in range(0xE0, 0xF0)}
+
+
+@dataclass
+class Workers:
+    prefills: list
+    decodes: list
+
+    @property
+    def all(self) -> list:
+        return [*self.prefills, *self.decodes]
+
+
+@pytest.fixture(scope="module")
+def workers(checkpoint):
+    model = str(checkpoint.path)
+    chunked = ("prefill", model, "grpc", "--max-num-batched-tokens", "64")  # a long prompt prefills for a while
+    p1, p2, d1, d2 = start_workers(chunked, chunked, ("decode", model), ("decode", model))
+    yield Workers([p1, p2], [d1, d2])
+    stop_all([p1, p2, d1, d2])
+
+
+@dataclass
+class Stream:
+    ids: list[int] = field(default_factory=list)
+    text: str = ""
+    finish_reason: str | None = None
+    error: BaseException | None = None
+    done: threading.Event = field(default_factory=threading.Event)
+
+
+def _stream(client: openai.OpenAI, prompt: list[int], max_tokens: int, stream: Stream, **extra) -> None:
+    try:
+        for chunk in client.completions.create(
+            model=SERVED_MODEL,
+            prompt=[prompt],
+            max_tokens=max_tokens,
+            temperature=0,
+            logprobs=0,
+            stream=True,
+            extra_body={"ignore_eos": True, "return_tokens_as_token_ids": True, **extra.pop("extra_body", {})},
+            **extra,
+        ):
+            for choice in chunk.choices:
+                stream.ids.extend(token_ids(choice.logprobs.tokens) if choice.logprobs else [])
+                stream.text += choice.text
+                stream.finish_reason = choice.finish_reason or stream.finish_reason
+    except BaseException as exc:  # noqa: BLE001 - the test inspects it
+        stream.error = exc
+    finally:
+        stream.done.set()
+
+
+def _start(client, prompt, max_tokens, **extra) -> Stream:
+    stream = Stream()
+    threading.Thread(target=_stream, args=(client, prompt, max_tokens, stream), kwargs=extra, daemon=True).start()
+    return stream
+
+
+def test_worker_removed_from_the_pool_under_a_call_is_a_lost_worker(make_router, workers, checkpoint, rng):
+    """The pool closes a worker's channel (health says it is gone) while a Prefill or a decode stream is in
+    flight on it: the call ends in CancelledError, which must become a retry / migration, not a 500."""
+    router = make_router(workers.prefills, workers.decodes, local_prefill_threshold=32, health_interval_s=0.2)
+    client = router.openai(timeout=REQUEST_TIMEOUT_S)
+
+    # Mid-prefill: a 1,300-token prompt takes a chunked prefill worker many steps.
+    prompt = random_prompt(rng, 1300)
+    expected = hf_greedy(checkpoint.model, prompt, 6)
+    with ThreadPoolExecutor(1) as pool:
+        future = pool.submit(
+            client.completions.create,
+            model=SERVED_MODEL,
+            prompt=[prompt],
+            max_tokens=6,
+            temperature=0,
+            logprobs=0,
+            extra_body={"return_tokens_as_token_ids": True},
+        )
+        busy = wait_for(
+            lambda: next((p for p in workers.prefills if router.worker_active().get(p.address)), None),
+            30,
+            "a prefill in flight",
+        )
+        router.run(router.router.pool.remove(busy.address), 10)
+        out = future.result(REQUEST_TIMEOUT_S)
+    assert token_ids(out.choices[0].logprobs.tokens) == expected
+
+    # Mid-decode: the stream's decode worker leaves the pool.
+    prompt = random_prompt(rng, 50)
+    expected = greedy_ignoring_eos(checkpoint.model, prompt, 300)
+    stream = _start(client, prompt, 300)
+    wait_for(lambda: len(stream.ids) >= 10 or stream.done.is_set(), 30, "the stream to start")
+    serving = next(d for d in workers.decodes if router.worker_active().get(d.address))
+    router.run(router.router.pool.remove(serving.address), 10)
+    assert stream.done.wait(REQUEST_TIMEOUT_S), "the stream hung after its decode worker left the pool"
+    assert stream.error is None, repr(stream.error)
+    assert stream.ids == expected and stream.finish_reason == "length"
+    assert router.metrics()[("splitserve_migrations_total", ())] >= 1
+    for worker in workers.all:
+        wait_idle(worker, timeout=10)
+
+
+def test_decode_worker_killed_inside_a_character_keeps_text_and_kv(make_router, workers, checkpoint, rng):
+    """Killed mid-decode, while its detokenizer holds an unfinished character back: the client's text is
+    the no-fault text exactly (nothing lost at the migration point), penalties continue over the output,
+    and the prompt's KV comes from the prefill worker's prefix cache (only the generated tokens are computed)."""
+    router = make_router(workers.prefills, workers.decodes, local_prefill_threshold=32)
+    client = router.openai(timeout=REQUEST_TIMEOUT_S)
+    prompt = random_prompt(rng, 1000)
+    max_tokens = 400
+    sampling = dict(presence_penalty=0.5, frequency_penalty=0.2, logit_bias=LEAD_BYTES)
+    reference = _engine_reference(checkpoint, prompt, max_tokens, sampling)
+    assert reference.text.count("\ufffd") >= max_tokens - 1
+
+    stream = _start(client, prompt, max_tokens, **sampling)
+    wait_for(lambda: len(stream.ids) >= 20 or stream.done.is_set(), 60, "the stream to start")
+    active = router.worker_active()
+    victim = max(workers.decodes, key=lambda w: active[w.address])
+    prefill_hits = {p.address: p.stats().prefix_hit_tokens for p in workers.prefills}
+    remote_before = router.decisions().get("remote_prefill", 0)
+    victim.kill()
+
+    assert stream.done.wait(REQUEST_TIMEOUT_S), "the stream hung after its decode worker died"
+    assert stream.error is None, repr(stream.error)
+    assert router.metrics()[("splitserve_migrations_total", ())] >= 1
+    assert stream.ids == list(reference.token_ids)
+    assert stream.text == reference.text, "text lost at the migration point"
+    assert stream.finish_reason == "length"
+    # The migration went through a prefill worker, which had the prompt cached.
+    assert router.decisions().get("remote_prefill", 0) == remote_before + 1
+    reused = sum(p.stats().prefix_hit_tokens - prefill_hits[p.address] for p in workers.prefills)
+    assert reused >= len(prompt) // 16 * 16 - 16, reused
+    for worker in [*workers.prefills, *(d for d in workers.decodes if d is not victim)]:
+        wait_idle(worker, timeout=10)
+
+
+def _engine_reference(checkpoint, prompt: list[int], max_tokens: int, sampling: dict):
+    """The no-fault output, from the engine both workers run (transformers has no OpenAI penalties)."""
+    engine = Engine(EngineConfig(model=str(checkpoint.path), dtype="float32", num_kv_blocks=256))
+    params = SamplingParams(
+        max_tokens=max_tokens,
+        temperature=0.0,
+        ignore_eos=True,
+        presence_penalty=sampling["presence_penalty"],
+        frequency_penalty=sampling["frequency_penalty"],
+        logit_bias={int(k): v for k, v in sampling["logit_bias"].items()},
+    )
+    (result,) = engine.generate([prompt], params)
+    return result
