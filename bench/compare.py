@@ -8,14 +8,25 @@ workload and client (``bench serve``'s) — over a sweep of request rates::
 Both stacks are plain processes (``splitserve worker`` / ``splitserve router``) started once and
 kept up for the whole sweep; an idle stack only answers health checks. At each rate the two
 systems run back to back on the same requests and arrival times, the order alternating from rate
-to rate, so machine noise hits both alike. Before the sweep, a few requests go to each system
-one at a time: the zero-load latencies (the SLO defaults are set from them; ``simulate
---validate`` calibrates from them).
+to rate, so machine noise hits both alike.
+
+The same command tells the same story on any CPU because nothing in it is an absolute time; all
+is measured here first, on requests sent one at a time:
+
+1. sizing (``--input-len auto``): a short prompt on the aggregated stack gives prefill seconds per
+   token and TPOT; the mean prompt is sized so its prefill lasts ``PREFILL_IN_DECODE_STEPS``
+   decode steps — what one mixed-in prompt costs the decodes beside it, the effect compared here.
+2. zero load: mean-length requests per system. SLOs are DistServe's SLO scale of the
+   *aggregated* stack's zero-load latencies (TTFT SLO = scale x its TTFT, TPOT SLO = scale x its
+   TPOT): one bar for both systems, set by the baseline, so a system is never judged against its
+   own slowness (a per-system SLO would excuse the 1-thread prefill worker its slower TTFT).
+3. rates (``--rates auto``): fractions of the disaggregated prefill worker's capacity, 1 / its
+   zero-load TTFT, so the sweep spans both knees whatever the CPU's speed.
 
 Goodput (DistServe): the highest rate at which >= 90% of requests meet both the TTFT and the TPOT
 SLO. From a sweep it is interpolated linearly between the last rate that reaches 90% and the
 first that does not; a system that reaches 90% at every rate has goodput >= the highest rate.
-The report also gives the goodput ratio under other SLOs, judged on the same runs.
+The report also gives, from the same runs, attainment and goodput at other SLO scales.
 """
 
 from __future__ import annotations
@@ -38,14 +49,22 @@ from dataclasses import asdict, dataclass
 import httpx
 
 from bench.serve_bench import BenchRequest, RequestRecord, meets, random_dataset, run_load, summarize
+from protos.cluster_auth import ensure_secret_in_env
 
 ATTAINMENT_TARGET = 0.9
 GOODPUT_RATIO_TARGET = 1.3
 START_TIMEOUT_S = 240.0
 WARMUP_REQUESTS = 2
 ZERO_LOAD_REQUESTS = 3
-SENSITIVITY_TTFT_MS = (3000.0, 4000.0, 6000.0)
-SENSITIVITY_TPOT_MS = (50.0, 60.0, 80.0, 100.0)
+SIZING_PROMPT_LEN = 256
+SIZING_OUTPUT_LEN = 16
+# The mean prompt's prefill on the aggregated worker, in its decode steps: a mixed-in prompt stalls
+# the decodes beside it for about this many of their steps. Where the benchmark was tuned, 1024-token
+# prompts took ~1.2 s on one thread beside ~40 ms decode steps (~30 steps); two threads prefill
+# ~1.5x faster, so ~20.
+PREFILL_IN_DECODE_STEPS = 20.0
+INPUT_LEN_BOUNDS = (128, 4096)
+SLO_SCALES = (1.5, 2.0, 3.0, 4.0, 5.0, 6.0, 8.0)
 RECORD_FIELDS = {f.name for f in dataclasses.fields(RequestRecord)}
 FIRST_REGULAR_TOKEN = 3  # ids below are pad/bos/eos in the presets' byte vocabulary
 
@@ -62,19 +81,23 @@ class System:
 
 AGGREGATED = System("aggregated", 0, 1, None, 2, 0)
 DISAGGREGATED = System("disaggregated", 1, 1, 1, 1, 0)
+BASELINE = AGGREGATED  # its zero-load latencies set the SLOs of both systems
 
 
 @dataclass(frozen=True)
 class CompareConfig:
+    """What was asked; ``None`` input_len / rates: sized from this machine (``Plan``)."""
+
     model: str
     dtype: str
-    rates: tuple[float, ...]
+    rates: tuple[float, ...] | None
+    rate_fractions: tuple[float, ...]
     num_prompts: int  # at least this many requests per rate and system
     duration_s: float  # ... and as many as arrive in this long at the rate
-    input_len: int
+    input_len: int | None
     input_range_ratio: float
     output_range: tuple[int, int]
-    slos: dict  # milliseconds: {"ttft": ..., "tpot": ...}
+    slo_scale: float
     burstiness: float
     seed: int
     kv_cache_mb: int
@@ -85,7 +108,7 @@ class CompareConfig:
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> CompareConfig:
         quick = (
-            dict(rates="1,2", num_prompts=4, duration_s=0.0, input_len=64, output_range="4,8", kv_cache_mb=64)
+            dict(rates="1,2", num_prompts=4, duration_s=0.0, input_len="64", output_range="4,8", kv_cache_mb=64)
             if args.quick
             else {}
         )
@@ -94,16 +117,20 @@ class CompareConfig:
             return quick.get(name, getattr(args, name))
 
         low, high = (int(part) for part in pick("output_range").split(","))
+        rates, input_len = pick("rates"), pick("input_len")
+        if args.slo_scale <= 0:
+            raise SystemExit(f"splitserve: --slo-scale must be > 0, got {args.slo_scale}")
         return cls(
             args.model,
             args.dtype,
-            tuple(float(r) for r in pick("rates").split(",")),
+            None if rates == "auto" else _floats(rates),
+            _floats(args.rate_fractions),
             pick("num_prompts"),
             pick("duration_s"),
-            pick("input_len"),
+            None if input_len == "auto" else int(input_len),
             args.input_range_ratio,
             (low, high),
-            {"ttft": args.ttft_slo_ms, "tpot": args.tpot_slo_ms},
+            args.slo_scale,
             args.burstiness,
             args.seed,
             pick("kv_cache_mb"),
@@ -112,15 +139,37 @@ class CompareConfig:
             args.json_path,
         )
 
+    @property
+    def mean_output_len(self) -> int:
+        return sum(self.output_range) // 2
+
     def count_at(self, rate: float) -> int:
         """Requests per run: enough that a busy run lasts ``duration_s`` (queues build over time)."""
         return max(self.num_prompts, round(rate * self.duration_s))
 
-    def requests(self, count: int, seed: int) -> list[BenchRequest]:
+    def requests(self, count: int, seed: int, input_len: int) -> list[BenchRequest]:
         """``bench serve``'s random prompts; output lengths drawn uniformly from ``output_range``."""
-        prompts = random_dataset(count, self.input_len, 1, self.input_range_ratio, 0, self.vocab_size, seed)
+        prompts = random_dataset(count, input_len, 1, self.input_range_ratio, 0, self.vocab_size, seed)
         rng = random.Random(seed + 1)
         return [dataclasses.replace(r, output_len=rng.randint(*self.output_range)) for r in prompts]
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The workload and SLOs as sized on this machine, and the measurements they came from."""
+
+    input_len: int
+    rates: tuple[float, ...]
+    slos: dict  # milliseconds at the config's slo_scale: {"ttft": ..., "tpot": ...}
+    baseline_ms: dict  # the aggregated stack's zero-load medians: {"ttft": ..., "tpot": ...}
+    sizing: dict  # how input_len and rates were chosen
+
+    def slos_at(self, scale: float) -> dict:
+        return {name: scale * value for name, value in self.baseline_ms.items()}
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    return tuple(float(part) for part in str(text).split(",") if part.strip())
 
 
 def salted(requests: list[BenchRequest], salt: int) -> list[BenchRequest]:
@@ -196,6 +245,7 @@ class Stack:
 
 def start_stacks(config: CompareConfig, systems: list[System]) -> list[Stack]:
     """Every worker of every system starts at once; then every router."""
+    ensure_secret_in_env()  # the workers and routers started here inherit it
     stacks = [Stack(system, []) for system in systems]
     try:
         addresses = {}
@@ -274,6 +324,7 @@ def run_system(
     requests: list[BenchRequest],
     rate: float,
     arrival_seed: int,
+    slos: dict | None = None,
     max_concurrency: int | None = None,
 ) -> dict:
     load_before = os.getloadavg()[0]
@@ -284,7 +335,7 @@ def run_system(
     decisions = {
         k: v - decisions_before.get(k, 0) for k, v in routing_decisions(stack).items() if v > decisions_before.get(k, 0)
     }
-    summary = summarize(records, duration, config.slos)
+    summary = summarize(records, duration, slos)
     first = min((r.start for r in records), default=0.0)
     rows = [dict(asdict(r), start=r.start - first, tpot=r.tpot) for r in records]
     return {
@@ -306,35 +357,96 @@ def routing_decisions(stack: Stack) -> dict[str, float]:
     }
 
 
-def zero_load(stacks: list[Stack], config: CompareConfig) -> dict:
-    """Warm-up, then ``ZERO_LOAD_REQUESTS`` requests one at a time per system: the latencies
-    with no queueing and no interference (``simulate --validate`` calibrates from them)."""
-    probes = salted(config.requests(ZERO_LOAD_REQUESTS, config.seed + 2000), len(config.rates))
+def _one_at_a_time(stack: Stack, config: CompareConfig, requests: list[BenchRequest]) -> dict:
+    """``requests`` sent one at a time after a warm-up: latencies with no queueing, no interference."""
+    warmup = config.requests(WARMUP_REQUESTS, config.seed + 1000, SIZING_PROMPT_LEN)
+    asyncio.run(run_load(stack.base_url, config.model, warmup, float("inf"), 1.0, None, 0, config.seed))
+    return run_system(stack, config, requests, float("inf"), config.seed, max_concurrency=1)
+
+
+def _fixed_length(count: int, input_len: int, output_len: int, config: CompareConfig, salt: int) -> list[BenchRequest]:
+    """Probes of one length; salts from the top of the vocabulary, the sweep's runs take them from the bottom."""
+    prompts = random_dataset(count, input_len, output_len, 0.0, 0, config.vocab_size, config.seed + salt)
+    return salted(prompts, config.vocab_size - FIRST_REGULAR_TOKEN - salt)
+
+
+def size_input_len(stacks: dict[str, Stack], config: CompareConfig) -> tuple[int, dict]:
+    """The mean prompt length whose prefill lasts ``PREFILL_IN_DECODE_STEPS`` of the baseline's
+    decode steps, from short requests sent to it one at a time (prefill taken as linear in length)."""
+    if config.input_len is not None:
+        return config.input_len, {"input_len": "--input-len"}
+    probes = _fixed_length(ZERO_LOAD_REQUESTS, SIZING_PROMPT_LEN, SIZING_OUTPUT_LEN, config, 1)
+    summary = _one_at_a_time(stacks[BASELINE.name], config, probes)["summary"]
+    ttft_ms, tpot_ms = summary["ttft_ms"]["median"], summary["tpot_ms"]["median"]
+    input_len, wanted = input_len_for(ttft_ms / SIZING_PROMPT_LEN, tpot_ms)
+    per_token_ms = ttft_ms / SIZING_PROMPT_LEN
+    print(
+        f"sizing, {BASELINE.name}: {SIZING_PROMPT_LEN}-token prompt TTFT {ttft_ms:.0f} ms "
+        f"({per_token_ms:.2f} ms/token), TPOT {tpot_ms:.1f} ms -> mean prompt {input_len} tokens "
+        f"(prefill ~{PREFILL_IN_DECODE_STEPS:g} decode steps)",
+        flush=True,
+    )
+    return input_len, {
+        "input_len": "auto",
+        "probe_prompt_len": SIZING_PROMPT_LEN,
+        "probe_ttft_ms": ttft_ms,
+        "probe_tpot_ms": tpot_ms,
+        "prefill_in_decode_steps": PREFILL_IN_DECODE_STEPS,
+        "wanted_input_len": wanted,
+    }
+
+
+def input_len_for(prefill_ms_per_token: float, tpot_ms: float) -> tuple[int, float]:
+    """The mean prompt whose prefill lasts ``PREFILL_IN_DECODE_STEPS`` decode steps, in multiples
+    of 64 within ``INPUT_LEN_BOUNDS``; and the unrounded length."""
+    wanted = PREFILL_IN_DECODE_STEPS * tpot_ms / prefill_ms_per_token
+    low, high = INPUT_LEN_BOUNDS
+    return int(min(high, max(low, round(wanted / 64) * 64))), wanted
+
+
+def zero_load(stacks: dict[str, Stack], config: CompareConfig, input_len: int) -> dict:
+    """``ZERO_LOAD_REQUESTS`` mean-length requests, one at a time, per system."""
+    probes = _fixed_length(ZERO_LOAD_REQUESTS, input_len, config.mean_output_len, config, 2)
     out = {}
-    for stack in stacks:
-        warmup = config.requests(WARMUP_REQUESTS, config.seed + 1000)
-        asyncio.run(run_load(stack.base_url, config.model, warmup, float("inf"), 1.0, None, 0, config.seed))
-        out[stack.system.name] = run_system(stack, config, probes, float("inf"), config.seed, max_concurrency=1)
-        s = out[stack.system.name]["summary"]
+    for name, stack in stacks.items():
+        out[name] = _one_at_a_time(stack, config, probes)
+        s = out[name]["summary"]
         print(
-            f"zero load, {stack.system.name}: TTFT p50 {_fmt(s['ttft_ms']['median'])} ms, TPOT p50 "
-            f"{_fmt(s['tpot_ms']['median'])} ms",
+            f"zero load, {name}: {input_len}-token prompts, TTFT p50 {_fmt(s['ttft_ms']['median'])} ms, "
+            f"TPOT p50 {_fmt(s['tpot_ms']['median'], '.1f')} ms",
             flush=True,
         )
     return out
 
 
-def sweep(stacks: list[Stack], config: CompareConfig) -> list[dict]:
-    base = config.requests(max(config.count_at(rate) for rate in config.rates), config.seed)
+def make_plan(config: CompareConfig, input_len: int, sizing: dict, probes: dict) -> Plan:
+    baseline = probes[BASELINE.name]["summary"]
+    baseline_ms = {"ttft": baseline["ttft_ms"]["median"], "tpot": baseline["tpot_ms"]["median"]}
+    if None in baseline_ms.values():
+        raise RuntimeError(f"no zero-load latency from the {BASELINE.name} stack: {baseline}")
+    rates = config.rates
+    if rates is None:
+        # The prefill worker's capacity: one mean prompt at a time, back to back.
+        capacity = 1000.0 / probes[DISAGGREGATED.name]["summary"]["ttft_ms"]["median"]
+        rates = tuple(round(capacity * fraction, 3) for fraction in config.rate_fractions)
+        sizing = dict(sizing, rates="auto", prefill_capacity_rps=capacity, rate_fractions=config.rate_fractions)
+    else:
+        sizing = dict(sizing, rates="--rates")
+    slos = {name: config.slo_scale * value for name, value in baseline_ms.items()}
+    return Plan(input_len, rates, slos, baseline_ms, sizing)
+
+
+def sweep(stacks: dict[str, Stack], config: CompareConfig, plan: Plan) -> list[dict]:
+    base = config.requests(max(config.count_at(rate) for rate in plan.rates), config.seed, plan.input_len)
+    order = list(stacks.values())
     runs = []
-    for index, rate in enumerate(config.rates):
+    for index, rate in enumerate(plan.rates):
         # Both systems of a rate get the same prompts and arrival times; each rate its own arrival
         # draw, and its own first token so no run finds another's prompts in a prefix cache.
         requests = salted(base[: config.count_at(rate)], index)
-        order = stacks if index % 2 == 0 else stacks[::-1]
-        for stack in order:
+        for stack in order if index % 2 == 0 else order[::-1]:
             print(f"rate {rate:g} req/s: {stack.system.name} ({len(requests)} requests) ...", flush=True)
-            run = run_system(stack, config, requests, rate, config.seed + index)
+            run = run_system(stack, config, requests, rate, config.seed + index, plan.slos)
             s = run["summary"]
             print(
                 f"  attainment {s['slo_attainment']:.0%}, TTFT p50 {_fmt(s['ttft_ms']['median'])} ms, TPOT "
@@ -414,62 +526,81 @@ def _ratio_text(ratio: dict) -> str:
     return f"<= {high:.2f}x" if low == 0 else f"{low:.2f}-{high:.2f}x"
 
 
-def sensitivity(runs: list[dict], systems: list[System]) -> list[dict]:
-    """The goodput ratio had other SLOs been chosen, from the same runs."""
+def attainment_of(run: dict, slos: dict) -> float:
+    records = [RequestRecord(**{k: v for k, v in row.items() if k in RECORD_FIELDS}) for row in run["requests"]]
+    return sum(meets(r, slos) for r in records) / len(records)
+
+
+def scale_curve(runs: list[dict], systems: list[System], plan: Plan) -> list[dict]:
+    """Per SLO scale: each system's attainment at each rate, goodput, and the goodput ratio."""
     rows = []
-    for ttft in SENSITIVITY_TTFT_MS:
-        for tpot in SENSITIVITY_TPOT_MS:
-            good = goodputs(runs, systems, {"ttft": ttft, "tpot": tpot})
-            rows.append({"ttft_ms": ttft, "tpot_ms": tpot, "goodput": good, "ratio": ratio_of(good)})
+    for scale in sorted({*SLO_SCALES}):
+        slos = plan.slos_at(scale)
+        good = goodputs(runs, systems, slos)
+        attained = {
+            s.name: {str(run["rate"]): attainment_of(run, slos) for run in runs if run["system"] == s.name}
+            for s in systems
+        }
+        rows.append({"scale": scale, "slos_ms": slos, "attainment": attained, "goodput": good, "ratio": ratio_of(good)})
     return rows
 
 
-def build_report(config: CompareConfig, systems: list[System], probes: dict, runs: list[dict], seconds: float) -> dict:
-    good = goodputs(runs, systems, config.slos)
+def build_report(
+    config: CompareConfig, plan: Plan, systems: list[System], probes: dict, runs: list[dict], seconds: float
+) -> dict:
+    good = goodputs(runs, systems, plan.slos)
     ratio = ratio_of(good)
     config_json = {k: v for k, v in asdict(config).items() if k != "json_path"}
+    # What ran: the sized workload and the SLOs in milliseconds (``simulate --validate`` reads these).
+    config_json.update(input_len=plan.input_len, rates=plan.rates, slos=plan.slos)
     config_json["systems"] = {s.name: asdict(s) for s in systems}
     return {
         "config": config_json,
-        "machine": {"cpu_count": os.cpu_count(), "wall_seconds": seconds},
+        "plan": asdict(plan),
+        "machine": {"cpu_count": os.cpu_count(), "cpu_model": _cpu_model(), "wall_seconds": seconds},
         "zero_load": probes,
         "runs": runs,
         "goodput": good,
         "goodput_ratio": ratio,
-        "sensitivity": sensitivity(runs, systems),
+        "slo_scales": scale_curve(runs, systems, plan),
         "target": {"ratio": GOODPUT_RATIO_TARGET, "met": ratio["low"] >= GOODPUT_RATIO_TARGET},
     }
 
 
 def print_report(report: dict) -> None:
-    config = report["config"]
+    config, plan = report["config"], report["plan"]
     print(f"{'=' * 20} bench compare: {config['model']} {config['dtype']}, aggregated vs disaggregated {'=' * 20}")
     low, high = (
         int(config["input_len"] * (1 - config["input_range_ratio"])),
         int(config["input_len"] * (1 + config["input_range_ratio"])),
     )
     counts = sorted({len(run["requests"]) for run in report["runs"]})
+    base = plan["baseline_ms"]
     print(
         f"workload: {counts[0]}-{counts[-1]} requests/run, input {low}-{high} tokens, output "
         f"{config['output_range'][0]}-{config['output_range'][1]}, "
-        f"Poisson arrivals (burstiness {config['burstiness']}); SLOs: TTFT <= {config['slos']['ttft']:.0f} "
-        f"ms, TPOT <= {config['slos']['tpot']:.0f} ms"
+        f"Poisson arrivals (burstiness {config['burstiness']}); rates {_rates_source(plan['sizing'])}"
     )
     print(
-        f"{'rate':>5} {'system':15} {'TTFT p50':>9} {'TTFT p99':>9} {'TPOT p50':>9} {'TPOT p99':>9} "
+        f"SLOs: scale {config['slo_scale']:g} x the {BASELINE.name} stack's zero-load TTFT {base['ttft']:.0f} ms / "
+        f"TPOT {base['tpot']:.1f} ms: TTFT <= {config['slos']['ttft']:.0f} ms, TPOT <= {config['slos']['tpot']:.0f} ms"
+    )
+    print(
+        f"{'rate':>6} {'system':15} {'TTFT p50':>9} {'TTFT p99':>9} {'TPOT p50':>9} {'TPOT p99':>9} "
         f"{'attain':>7} {'done':>5} {'load':>5}  routing"
     )
     zero = [dict(run, rate=0.0) for run in report["zero_load"].values()]
     for run in sorted(zero + report["runs"], key=lambda r: r["rate"]):
         s = run["summary"]
+        attained = attainment_of(run, config["slos"])
         print(
-            f"{run['rate'] or 'zero':>5} {run['system']:15} {_fmt(s['ttft_ms']['median']):>9} "
+            f"{run['rate'] or 'zero':>6} {run['system']:15} {_fmt(s['ttft_ms']['median']):>9} "
             f"{_fmt(s['ttft_ms']['p99']):>9} "
-            f"{_fmt(s['tpot_ms']['median']):>9} {_fmt(s['tpot_ms']['p99']):>9} {s['slo_attainment']:>7.0%} "
+            f"{_fmt(s['tpot_ms']['median']):>9} {_fmt(s['tpot_ms']['p99']):>9} {attained:>7.0%} "
             f"{s['completed']:>5} {run['load_1min_before']:>5.2f}  "
             f"{','.join(f'{k}:{v:.0f}' for k, v in run['routing'].items())}"
         )
-    print("zero: the zero-load requests, sent one at a time; load: 1-minute load average before the run")
+    print("zero: the mean-length requests, sent one at a time; load: 1-minute load average before the run")
     for name, good in report["goodput"].items():
         notes = [good["bound"]] if good["bound"] else []
         notes += [] if good["monotone"] else ["attainment dips below 90% at a lower rate"]
@@ -477,44 +608,80 @@ def print_report(report: dict) -> None:
             f"goodput @{ATTAINMENT_TARGET:.0%} attainment, {name:14}: {good['rps']:.3f} req/s"
             + (f"  ({'; '.join(notes)})" if notes else "")
         )
-    ratio, target = report["goodput_ratio"], report["target"]
     for name, warnings in report.get("router_warnings", {}).items():
         if warnings:
             print(f"router warnings, {name} ({len(warnings)}, last): {warnings[-1]}")
+    ratio, target = report["goodput_ratio"], report["target"]
     print(
-        f"disaggregated / aggregated goodput: {_ratio_text(ratio)} (target >= {target['ratio']}x: "
-        f"{'met' if target['met'] else 'NOT met'})"
+        f"disaggregated / aggregated goodput at SLO scale {config['slo_scale']:g}: {_ratio_text(ratio)} "
+        f"(target >= {target['ratio']}x: {'met' if target['met'] else 'NOT met'})"
     )
-    print("the ratio under other SLOs, from the same runs (rows: TTFT SLO ms, columns: TPOT SLO ms):")
-    print(f"{'':>8}" + "".join(f"{tpot:>11.0f}" for tpot in SENSITIVITY_TPOT_MS))
-    for ttft in SENSITIVITY_TTFT_MS:
-        cells = [row for row in report["sensitivity"] if row["ttft_ms"] == ttft]
-        print(f"{ttft:>8.0f}" + "".join(f"{_ratio_cell(row):>11}" for row in cells))
+    print_scale_curve(report["slo_scales"], config["rates"])
 
 
-def _ratio_cell(row: dict) -> str:
-    return _ratio_text(row["ratio"]).removesuffix("x").replace(" ", "")
+def print_scale_curve(rows: list[dict], rates: list[float]) -> None:
+    print("SLO attainment (aggregated/disaggregated) by SLO scale, from the same runs:")
+    print(
+        f"{'scale':>5} {'TTFT ms':>8} {'TPOT ms':>8} "
+        + "".join(f"{f'@{rate:g}/s':>11}" for rate in rates)
+        + f" {'goodput a/d req/s':>18} {'ratio':>10}"
+    )
+    for row in rows:
+        cells = [
+            f"{row['attainment'][AGGREGATED.name][str(rate)]:.0%}/{row['attainment'][DISAGGREGATED.name][str(rate)]:.0%}"
+            for rate in rates
+        ]
+        good = row["goodput"]
+        print(
+            f"{row['scale']:>5g} {row['slos_ms']['ttft']:>8.0f} {row['slos_ms']['tpot']:>8.0f} "
+            + "".join(f"{cell:>11}" for cell in cells)
+            + f" {good[AGGREGATED.name]['rps']:>8.3f}/{good[DISAGGREGATED.name]['rps']:<9.3f} "
+            f"{_ratio_text(row['ratio']):>10}"
+        )
+
+
+def _rates_source(sizing: dict) -> str:
+    if sizing.get("rates") != "auto":
+        return "from --rates"
+    fractions = ", ".join(f"{f:g}" for f in sizing["rate_fractions"])
+    return f"{fractions} x the prefill worker's capacity {sizing['prefill_capacity_rps']:.3f} req/s"
 
 
 def _fmt(value: float | None, spec: str = ".0f") -> str:
     return "n/a" if value is None else format(value, spec)
 
 
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as handle:
+            return next((line.split(":", 1)[1].strip() for line in handle if line.startswith("model name")), "")
+    except OSError:
+        return ""
+
+
 def run(args: argparse.Namespace) -> int:
     config = CompareConfig.from_args(args)
     systems = [AGGREGATED, DISAGGREGATED]
     started = time.perf_counter()
-    stacks = start_stacks(config, systems)
+    stack_list = start_stacks(config, systems)
+    stacks = {stack.system.name: stack for stack in stack_list}
     try:
-        probes = zero_load(stacks, config)
-        runs = sweep(stacks, config)
+        input_len, sizing = size_input_len(stacks, config)
+        probes = zero_load(stacks, config, input_len)
+        plan = make_plan(config, input_len, sizing, probes)
+        print(
+            f"plan: mean prompt {plan.input_len} tokens, rates {', '.join(f'{r:g}' for r in plan.rates)} req/s, "
+            f"SLOs TTFT {plan.slos['ttft']:.0f} ms, TPOT {plan.slos['tpot']:.0f} ms (scale {config.slo_scale:g})",
+            flush=True,
+        )
+        runs = sweep(stacks, config, plan)
     finally:
-        stop_stacks(stacks)
-    report = build_report(config, systems, probes, runs, time.perf_counter() - started)
+        stop_stacks(stack_list)
+    report = build_report(config, plan, systems, probes, runs, time.perf_counter() - started)
     # e.g. "worker marked unhealthy": the router then prefills locally, which the routing counts show
     report["router_warnings"] = {
         s.system.name: [line for p in s.processes if p.name.endswith("router") for line in p.tail if "WARNING" in line]
-        for s in stacks
+        for s in stack_list
     }
     print_report(report)
     if config.json_path:
@@ -527,19 +694,34 @@ def run(args: argparse.Namespace) -> int:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="bench-125m")
     parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--rates", default="0.25,0.5,0.75,1.0", help="requests/s, comma-separated")
+    parser.add_argument(
+        "--rates", default="auto", help="requests/s, comma-separated; auto: --rate-fractions x the prefill capacity"
+    )
+    parser.add_argument(
+        "--rate-fractions",
+        default="0.3,0.55,0.8,1.05",
+        help="with --rates auto: rates as fractions of the prefill worker's capacity (1 / its zero-load TTFT)",
+    )
     parser.add_argument("--num-prompts", type=int, default=20, help="at least this many requests per rate and system")
     parser.add_argument(
         "--duration-s", type=float, default=40.0, help="... or as many as arrive in this long at the rate, if more"
     )
-    parser.add_argument("--input-len", type=int, default=1024)
+    parser.add_argument(
+        "--input-len",
+        default="auto",
+        help="mean prompt tokens; auto: its prefill lasts as long as ~20 decode steps of the aggregated worker here",
+    )
     parser.add_argument("--input-range-ratio", type=float, default=0.5, help="inputs uniform in len * [1 - r, 1 + r]")
     parser.add_argument("--output-range", default="32,64", help="outputs uniform in LOW,HIGH tokens")
-    # Each default SLO is twice the slower system's zero-load latency here (TTFT of a 1536-token
-    # prompt on the 1-thread prefill worker ~1.9 s; median TPOT of the 2-thread aggregated worker
-    # ~40 ms): both systems meet both at zero load with room; prefills mixed into decodes break TPOT.
-    parser.add_argument("--ttft-slo-ms", type=float, default=4000.0)
-    parser.add_argument("--tpot-slo-ms", type=float, default=80.0)
+    # 4: the 1-thread prefill worker's zero-load TTFT is ~1.7x the 2-thread aggregated worker's
+    # and the longest prompts take ~1.6x the mean's, so below ~3 the disaggregated stack fails
+    # the TTFT SLO with no load at all; 4 leaves it some room for queueing.
+    parser.add_argument(
+        "--slo-scale",
+        type=float,
+        default=4.0,
+        help="SLOs = this x the aggregated stack's zero-load TTFT and TPOT (DistServe's SLO scale)",
+    )
     parser.add_argument("--burstiness", type=float, default=1.0, help="1 = Poisson")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--kv-cache-mb", type=int, default=512, help="KV pool of each worker")

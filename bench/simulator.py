@@ -6,6 +6,7 @@ attainment and goodput, and (with ``--gpu-budget``) the prefill:decode split to 
     splitserve simulate --model llama-3.1-8b --hardware h100 --rate 8 --ttft-slo-ms 400 --tpot-slo-ms 40 --gpu-budget 8
     splitserve simulate --hardware cpu --profile profile.json --model bench-125m ...   (fitted to this machine)
     splitserve simulate --validate compare.json --profile profile.json                  (vs measured runs)
+    splitserve simulate --transfer-table --transfer-json transfer.json   (exposed KV transfer at GPU scale)
 
 Starting point for the controller/planner: ``--json`` writes ``recommended: {prefill, decode}``.
 Deploy that split (``splitserve up --prefill P --decode D``, or the pools' ``replicas`` in the
@@ -20,7 +21,10 @@ import argparse
 
 # Kept free of the simulator's imports: the CLI builds every parser on each invocation.
 GPU_CHOICES = ("h100", "h200")
-MODEL_HELP = "a preset (demo, bench-125m), llama-3.1-8b, llama-3.1-70b, qwen2.5-7b, a model directory or a config.json"
+MODEL_HELP = (
+    "a preset (demo, bench-125m), llama-3-8b, llama-3-70b, llama-3.1-8b, llama-3.1-70b, qwen2.5-7b, "
+    "a model directory or a config.json"
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -82,6 +86,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="COMPARE_JSON",
         help="simulate a `bench compare` report's runs (needs --profile)",
     )
+    parser.add_argument(
+        "--transfer-table",
+        action="store_true",
+        help="instead: exposed KV transfer share of TTFT, layer-wise vs whole-request push, for Llama-3-8B/70B "
+        "on H100/H200, over each transport's bandwidth (--transfer-json or --transport-gbps)",
+    )
+    parser.add_argument("--transfer-json", default=None, help="a `splitserve bench transfer --json` report")
+    parser.add_argument("--transport-gbps", default=None, help="NAME=GBPS,... per GPU link, e.g. grpc=9,nixl=80")
+    parser.add_argument("--transfer-prompt-lens", default="1024,4096,8192", help="prompt lengths of the table")
     parser.add_argument("--json", dest="json_path", default=None)
 
 

@@ -43,6 +43,9 @@ def instrument_http(app) -> None:
             f"OTEL_* asks for traces but {exc.name} is not installed: reinstall splitserve, "
             "or unset OTEL_TRACES_EXPORTER / OTEL_EXPORTER_OTLP_ENDPOINT"
         ) from exc
+    # The stable HTTP conventions (http.request.method, http.route, http.response.status_code), unless
+    # the operator chose otherwise; the instrumentation reads this once, when it first instruments.
+    os.environ.setdefault("OTEL_SEMCONV_STABILITY_OPT_IN", "http")
     FastAPIInstrumentor.instrument_app(
         app,
         excluded_urls=os.environ.get("OTEL_PYTHON_FASTAPI_EXCLUDED_URLS", DEFAULT_EXCLUDED_URLS),

@@ -32,7 +32,7 @@ from kv_transfer.sender import channel_options
 from protos import common_pb2, decode_pb2
 from protos.cluster_auth import ClusterAuth
 from protos.worker_metrics import worker_metrics
-from worker_server.security import PeerLimit, bind, peer_of, server_interceptors
+from worker_server.security import PeerLimit, bind, confine_listeners, peer_of, server_interceptors
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +89,7 @@ class WorkerBase(ABC):
         self.config = config
         tracing.configure(f"splitserve-{self.role}")  # OTEL_*; before the engine loads, so a bad value fails fast
         self.auth = auth if auth is not None else ClusterAuth.from_env()
+        confine_listeners(host)
         self.instance_id = uuid.uuid4().hex[:12]
         self.worker_id = worker_id or f"{self.role}-{self.instance_id}"
         self.engine = Engine(config, on_layer_done=self.on_layer_done)

@@ -10,6 +10,8 @@ servicer.
 from __future__ import annotations
 
 import hmac
+import ipaddress
+import os
 import threading
 
 import grpc
@@ -62,6 +64,18 @@ def bind(server: grpc.Server, address: str, auth: ClusterAuth) -> int:
     cert, key, ca = auth.tls.read()
     credentials = grpc.ssl_server_credentials([(key, cert)], root_certificates=ca, require_client_auth=True)
     return server.add_secure_port(address, credentials)
+
+
+def confine_listeners(host: str) -> None:
+    """Before any NIXL agent exists: a worker bound to loopback keeps UCX's TCP listener on loopback
+    too (UCX otherwise listens on every network device). A worker on a node address leaves UCX its
+    devices (RDMA NICs are among them): constrain them with UCX_NET_DEVICES, which always wins."""
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if loopback:
+        os.environ.setdefault("UCX_NET_DEVICES", "lo")
 
 
 def peer_of(context: grpc.ServicerContext) -> str:

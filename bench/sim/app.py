@@ -7,6 +7,7 @@ import argparse
 import json
 import sys
 
+from bench.sim import transfer
 from bench.sim.cluster import Deployment, Link, WorkerSpec
 from bench.sim.hardware import GPUS, resolve_model
 from bench.sim.latency import FittedModel, ModelShape, RooflineModel, decode_step_s, prefill_s
@@ -20,6 +21,10 @@ MIB = 1024 * 1024
 
 def run(args: argparse.Namespace) -> int:
     try:
+        if args.transfer_table:
+            return _run_transfer_table(args)
+        if args.transfer_json or args.transport_gbps:
+            raise ValueError("--transfer-json and --transport-gbps go with --transfer-table")
         if args.validate:
             return _run_validation(args)
         deployment = build_deployment(args)
@@ -228,6 +233,30 @@ def _run_validation(args: argparse.Namespace) -> int:
     if args.json_path:
         with open(args.json_path, "w") as handle:
             json.dump(report, handle, indent=1)
+        print(f"wrote {args.json_path}")
+    return 0
+
+
+def _run_transfer_table(args: argparse.Namespace) -> int:
+    if bool(args.transfer_json) == bool(args.transport_gbps):
+        raise ValueError("--transfer-table needs one of --transfer-json FILE or --transport-gbps NAME=GBPS,...")
+    transports = (
+        transfer.transports_from_report(args.transfer_json)
+        if args.transfer_json
+        else transfer.transports_from_flags(args.transport_gbps)
+    )
+    prompt_lens = tuple(int(part) for part in args.transfer_prompt_lens.split(","))
+    rows = transfer.table(transports, prompt_lens, step_overhead_s=args.step_overhead_ms / 1000)
+    print(
+        f"Exposed KV transfer / TTFT of a lone prompt, layer-wise / whole-request push (roofline prefill: "
+        f"{args.step_overhead_ms:g} ms step overhead, 60% of peak FLOP/s, 80% of peak HBM bytes/s):"
+    )
+    for t in transports:
+        print(f"- {t.name}: {t.bytes_per_s * 8 / 1e9:.1f} Gb/s per GPU link ({t.source})")
+    print(transfer.markdown(rows, transports))
+    if args.json_path:
+        with open(args.json_path, "w") as handle:
+            json.dump({"transports": [vars(t) for t in transports], "rows": rows}, handle, indent=1)
         print(f"wrote {args.json_path}")
     return 0
 

@@ -29,6 +29,26 @@ GPUS = {"h100": H100, "h200": H200}
 
 # Public config.json values of common shapes, so GPU plans need no download.
 _PUBLIC_SHAPES = {
+    "llama-3-8b": dict(
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=128256,
+        max_position_embeddings=8192,
+        rope_theta=500000.0,
+    ),
+    "llama-3-70b": dict(
+        hidden_size=8192,
+        intermediate_size=28672,
+        num_hidden_layers=80,
+        num_attention_heads=64,
+        num_key_value_heads=8,
+        vocab_size=128256,
+        max_position_embeddings=8192,
+        rope_theta=500000.0,
+    ),
     "llama-3.1-8b": dict(
         hidden_size=4096,
         intermediate_size=14336,

@@ -1,13 +1,14 @@
 "use strict";
-// The splitserve operator dashboard. Renders the snapshots of /dashboard/events (one a second);
-// actions POST to /dashboard/api/{scale,drain} with the admin token, after a confirm dialog.
-// Text from the server always goes in through textContent, never as HTML.
+// The splitserve operator dashboard. Renders the snapshots of /dashboard/events (one a second), read
+// with fetch so that the admin token travels in a header (EventSource cannot send one); the charts
+// open on /dashboard/api/history. Actions POST to /admin/{scale,drain} with the admin token, after
+// a confirm dialog, and only with a token. Text from the server always goes in through textContent.
 
 (() => {
   const HISTORY_POINTS = 120; // two minutes at one snapshot a second
   const COLORS = { p50: "#58a6ff", p99: "#f0883e", slo: "#f85149", green: "#3fb950", purple: "#bc8cff", grey: "#8b949e" };
 
-  const dashboard = { charts: null, snapshot: null, lastPointAt: null };
+  const dashboard = { charts: null, snapshot: null, lastPointAt: null, historyLoaded: false };
   window.splitserve = dashboard; // for the console and the browser tests
   let chartsLoading = false;
   let workersKey = "";
@@ -36,17 +37,61 @@
 
   // -- live feed -------------------------------------------------------------------------------------
 
-  function connect() {
-    const source = new EventSource("/dashboard/events");
-    source.onopen = () => setConnection(true);
-    source.onerror = () => setConnection(false); // EventSource reconnects by itself
-    source.onmessage = (event) => render(JSON.parse(event.data));
+  const tokenInput = $("admin-token");
+  const token = () => tokenInput.value.trim();
+  const sleep = (ms_) => new Promise((resolve) => setTimeout(resolve, ms_));
+  let feed = null; // the AbortController of the running feed
+
+  // The feed, with the token given when it starts; a refused token stops it until another is given.
+  async function connect() {
+    if (feed) feed.abort();
+    const secret = token();
+    if (!secret) {
+      setConnection("no admin token");
+      return showBanner($("token-needed"), "Enter the admin token to see the cluster (`splitserve up` prints where it is).");
+    }
+    const controller = new AbortController();
+    feed = controller;
+    while (feed === controller) {
+      try {
+        const response = await fetch("/dashboard/events", { headers: { "X-Admin-Token": secret }, signal: controller.signal, cache: "no-store" });
+        if (response.status === 401 || response.status === 403) {
+          const payload = await response.json().catch(() => ({}));
+          setConnection("token refused");
+          return showBanner($("token-needed"), `The router refused the admin token: ${(payload.error && payload.error.message) || response.status}`);
+        }
+        if (!response.ok) throw new Error(`HTTP ${response.status}`);
+        showBanner($("token-needed"), "");
+        setConnection("live");
+        await readEvents(response.body, (data) => render(JSON.parse(data)));
+      } catch (error) {
+        if (controller.signal.aborted) return;
+      }
+      setConnection("reconnecting…");
+      await sleep(1000);
+    }
   }
 
-  function setConnection(live) {
+  async function readEvents(body, onData) {
+    const reader = body.pipeThrough(new TextDecoderStream()).getReader();
+    let buffer = "";
+    for (;;) {
+      const { value, done } = await reader.read();
+      if (done) return;
+      buffer += value;
+      for (let end = buffer.indexOf("\n\n"); end >= 0; end = buffer.indexOf("\n\n")) {
+        const lines = buffer.slice(0, end).split("\n");
+        buffer = buffer.slice(end + 2);
+        const data = lines.filter((line) => line.startsWith("data: ")).map((line) => line.slice(6)).join("\n");
+        if (data) onData(data);
+      }
+    }
+  }
+
+  function setConnection(state) {
     const pill = $("connection");
-    pill.textContent = live ? "live" : "reconnecting…";
-    pill.className = `pill ${live ? "pill-on" : "pill-off"}`;
+    pill.textContent = state;
+    pill.className = `pill ${state === "live" ? "pill-on" : "pill-off"}`;
   }
 
   function render(snapshot) {
@@ -135,7 +180,9 @@
 
   function workerCard(worker, snapshot) {
     const kv = worker.kv;
-    const share = (n) => (kv.total ? Math.min(100, (100 * n) / kv.total) : 0);
+    // One number for the bar and its text: blocks in use over the pool. Cached blocks overlap both used
+    // and free (a published block may be in use or reusable), so they are counted in the text only.
+    const used = kv.total ? Math.min(100, (100 * kv.used) / kv.total) : 0;
     const drain = el("button", { class: "drain-btn", dataset: { worker: worker.id } }, "Drain");
     drain.disabled = !snapshot.actions_enabled || !["ready", "unhealthy"].includes(worker.state);
     drain.title = actionsDisabledReason(snapshot);
@@ -154,10 +201,9 @@
       el("div", { class: "muted" }, worker.address || "no address yet", worker.restarts ? ` · ${worker.restarts} restart(s)` : ""),
       incompatible,
       el("div", {}, `running ${load.running} · waiting ${load.waiting + load.waiting_for_kv} · from this router ${worker.active}`),
-      el("div", { class: "kvbar", title: `KV blocks: ${kv.used} used, ${kv.cached} cached, ${kv.free} free of ${kv.total}` },
-        el("span", { class: "kv-used", style: `width:${share(kv.used)}%` }),
-        el("span", { class: "kv-cached", style: `width:${Math.min(share(kv.cached), 100 - share(kv.used))}%` })),
-      el("div", { class: "muted" }, `KV ${kv.used}/${kv.total} blocks used (${share(kv.used).toFixed(1)}%) · ${kv.cached} cached`),
+      el("div", { class: "kvbar", title: `KV blocks: ${kv.used} used, ${kv.free} free, of ${kv.total}; ${kv.cached} in the prefix cache` },
+        el("span", { class: "kv-used", style: `width:${used}%` })),
+      el("div", { class: "muted kv-text" }, `KV ${kv.used}/${kv.total} blocks used (${used.toFixed(1)}%) · ${kv.cached} in the prefix cache`),
       drain);
   }
 
@@ -172,10 +218,10 @@
   }
 
   async function act(kind, body, question) {
+    // Without a token the router refuses; say so before asking to confirm something that cannot happen.
+    if (!token()) return showResult("error", "Enter the admin token first: actions need it.");
     if (!(await confirmDialog(question))) return;
-    const headers = { "Content-Type": "application/json" };
-    const token = $("admin-token").value.trim();
-    if (token) headers["X-Admin-Token"] = token;
+    const headers = { "Content-Type": "application/json", "X-Admin-Token": token() };
     showResult("pending", `${question.split("?")[0]}…`);
     let response;
     let payload = {};
@@ -218,12 +264,13 @@
 
   // -- charts ----------------------------------------------------------------------------------------
 
-  // Each chart: datasets, each with the snapshot value it plots.
+  // Each chart: datasets, each with the point value it plots (a point: a snapshot's at, series and slo).
+  // The fourth item marks an SLO line: shown only while an SLO is set (slo is null otherwise).
   const CHARTS = {
     ttft: [["p50", COLORS.p50, (s) => ms(s.series.ttft_p50_s)], ["p99", COLORS.p99, (s) => ms(s.series.ttft_p99_s)],
-      ["SLO", COLORS.slo, (s) => ms(s.slo.ttft_s), true]],
+      ["SLO", COLORS.slo, (s) => (s.slo ? ms(s.slo.ttft_s) : null), true]],
     tpot: [["p50", COLORS.p50, (s) => ms(s.series.tpot_p50_s)], ["p99", COLORS.p99, (s) => ms(s.series.tpot_p99_s)],
-      ["SLO", COLORS.slo, (s) => ms(s.slo.tpot_s), true]],
+      ["SLO", COLORS.slo, (s) => (s.slo ? ms(s.slo.tpot_s) : null), true]],
     slo: [["TTFT ≤ SLO", COLORS.p50, (s) => percent(s.series.ttft_attainment)], ["TPOT ≤ SLO", COLORS.p99, (s) => percent(s.series.tpot_attainment)]],
     tokens: [["generated", COLORS.green, (s) => s.series.tokens_per_s]],
     requests: [["finished", COLORS.p50, (s) => s.series.requests_per_s], ["errors", COLORS.slo, (s) => s.series.errors_per_s]],
@@ -238,26 +285,50 @@
       $("chart-grid").hidden = true;
       return;
     }
+    $("figure-slo").hidden = !snapshot.slo;
     if (!dashboard.charts) return loadCharts();
-    if (snapshot.at === dashboard.lastPointAt) return;
-    dashboard.lastPointAt = snapshot.at;
+    if (dashboard.historyLoaded) addPoints([snapshot]);
+  }
+
+  // Points newer than the last one drawn, oldest first; then the SLO lines shown or hidden as the newest says.
+  function addPoints(points) {
+    const fresh = points.filter((p) => dashboard.lastPointAt === null || p.at > dashboard.lastPointAt);
+    if (!fresh.length) return;
+    dashboard.lastPointAt = fresh[fresh.length - 1].at;
+    const sloSet = Boolean(fresh[fresh.length - 1].slo);
     for (const [name, chart] of Object.entries(dashboard.charts)) {
-      chart.data.labels.push(clock(snapshot.at));
-      CHARTS[name].forEach(([, , pick], i) => chart.data.datasets[i].data.push(pick(snapshot)));
-      if (chart.data.labels.length > HISTORY_POINTS) {
-        chart.data.labels.shift();
-        chart.data.datasets.forEach((d) => d.data.shift());
+      for (const point of fresh) {
+        chart.data.labels.push(clock(point.at));
+        CHARTS[name].forEach(([, , pick], i) => chart.data.datasets[i].data.push(pick(point)));
       }
+      const excess = chart.data.labels.length - HISTORY_POINTS;
+      if (excess > 0) {
+        chart.data.labels.splice(0, excess);
+        chart.data.datasets.forEach((d) => d.data.splice(0, excess));
+      }
+      CHARTS[name].forEach(([, , , isSlo], i) => { if (isSlo) chart.data.datasets[i].hidden = !sloSet; });
       chart.update("none");
     }
+  }
+
+  async function loadHistory() {
+    try {
+      const response = await fetch("/dashboard/api/history", { headers: { "X-Admin-Token": token() }, cache: "no-store" });
+      if (response.ok) addPoints((await response.json()).points);
+    } catch (error) {
+      // the live feed still draws from now on
+    }
+    dashboard.historyLoaded = true;
+    if (dashboard.snapshot) addPoints([dashboard.snapshot]);
   }
 
   function loadCharts() {
     if (chartsLoading) return;
     chartsLoading = true;
     const script = el("script", { src: "/dashboard/lib/chart.js" });
-    script.onload = () => {
+    script.onload = async () => {
       dashboard.charts = Object.fromEntries(Object.keys(CHARTS).map((name) => [name, makeChart(name)]));
+      await loadHistory();
     };
     script.onerror = () => showBanner($("chart-missing"), "Charts are unavailable: the chart library failed to load from /dashboard/lib/chart.js.");
     document.head.append(script);
@@ -277,15 +348,18 @@
       options: {
         animation: false, responsive: true, maintainAspectRatio: false, interaction: { mode: "index", intersect: false },
         scales: { x: { ticks: { maxTicksLimit: 6, maxRotation: 0 } }, y },
-        plugins: { legend: { labels: { boxWidth: 10, boxHeight: 2 } } },
+        plugins: { legend: { labels: { boxWidth: 10, boxHeight: 2, filter: (item) => !item.hidden } } },
       },
     });
   }
 
   // -- start -----------------------------------------------------------------------------------------
 
-  const tokenInput = $("admin-token");
   tokenInput.value = sessionStorage.getItem("splitserve-admin-token") || "";
   tokenInput.addEventListener("input", () => sessionStorage.setItem("splitserve-admin-token", tokenInput.value));
+  $("token-form").addEventListener("submit", (event) => {
+    event.preventDefault();
+    connect();
+  });
   connect();
 })();

@@ -35,6 +35,40 @@ def test_quick_compare_writes_a_run_per_rate_and_system(tmp_path, capsys):
     assert set(report["zero_load"]) == {"aggregated", "disaggregated"}
     assert set(report["goodput"]) == {"aggregated", "disaggregated"}
     assert "goodput" in printed and "disaggregated / aggregated" in printed
+    # SLOs: the scale (default 4) x the aggregated stack's zero-load medians, judged per request
+    baseline = report["zero_load"]["aggregated"]["summary"]
+    assert report["config"]["slos"] == pytest.approx(
+        {"ttft": 4 * baseline["ttft_ms"]["median"], "tpot": 4 * baseline["tpot_ms"]["median"]}
+    )
+    # a looser SLO never lowers a system's attainment at any rate
+    curve = report["slo_scales"]
+    assert [row["scale"] for row in curve] == sorted(row["scale"] for row in curve) and len(curve) >= 5
+    for system in ("aggregated", "disaggregated"):
+        for rate in rates:
+            attained = [row["attainment"][system][str(rate)] for row in curve]
+            assert attained == sorted(attained), (system, rate, attained)
+    assert "SLO attainment (aggregated/disaggregated) by SLO scale" in printed
+
+
+def test_workload_is_sized_from_the_measured_speeds():
+    """Prompt length: its prefill lasts ~20 decode steps; rates: fractions of the prefill capacity."""
+    from bench.cli import build_bench_parser
+    from bench.compare import CompareConfig, input_len_for, make_plan
+
+    assert input_len_for(1.0, 40.0) == (768, 800.0)  # 20 x 40 ms at 1 ms/token, to a multiple of 64
+    assert input_len_for(0.01, 40.0)[0] == 4096 and input_len_for(10.0, 10.0)[0] == 128  # bounded
+
+    args = build_bench_parser().parse_args(["compare", "--slo-scale", "2", "--rate-fractions", "0.5,1"])
+    config = CompareConfig.from_args(args)
+    assert config.rates is None and config.input_len is None
+    probes = {
+        "aggregated": {"summary": {"ttft_ms": {"median": 400.0}, "tpot_ms": {"median": 40.0}}},
+        "disaggregated": {"summary": {"ttft_ms": {"median": 800.0}, "tpot_ms": {"median": 30.0}}},
+    }
+    plan = make_plan(config, 1024, {}, probes)
+    assert plan.rates == (0.625, 1.25)  # 1 / 0.8 s = 1.25 req/s of prefill capacity
+    assert plan.slos == {"ttft": 800.0, "tpot": 80.0}  # 2 x the aggregated stack's, for both systems
+    assert plan.slos_at(3) == {"ttft": 1200.0, "tpot": 120.0}
 
 
 def test_goodput_is_the_highest_rate_reaching_90_percent_interpolated_to_the_next():

@@ -274,3 +274,67 @@ def test_simulate_cli_recommends_a_split_and_writes_json(tmp_path, capsys):
     report = json.loads(path.read_text())
     assert report["recommended"]["gpus"] <= 3 and "recommended:" in printed
     assert report["summary"]["completed"] == 60
+
+
+# -- exposed transfer at GPU scale ---------------------------------------------------------------------
+
+
+def _four_layers(link_bytes_per_s: float) -> Deployment:
+    spec = WorkerSpec(CPU_LIKE, 100_000)
+    return Deployment(1, 1, spec, spec, 4, 1000, Link(link_bytes_per_s))
+
+
+def test_exposed_transfer_shares_and_needed_links_by_hand():
+    """4 layers, 1000 tokens x 1000 KV bytes = 1 MB over 100 MB/s, after a 40 ms prefill.
+
+    whole request: 10 ms after the prefill            -> 10 / 50 = 20% of TTFT
+    layer-wise:    2.5 ms a layer; layer 3 is done at 40 ms, the link is free by then (layers 0-2
+                   left by 32.5 ms), so 2.5 ms remain         -> 2.5 / 42.5 = 5.88%
+    5% of TTFT:    exposed <= 40 ms * 0.05 / 0.95 = 2.105 ms
+                   whole: 1 MB / 2.105 ms = 475 MB/s; layer: 0.25 MB / 2.105 ms = 118.75 MB/s
+                   (the other layer-wise bound, 1 MB / (2.105 + 30) ms = 31 MB/s, is looser)
+    """
+    from bench.sim.transfer import exposed_s, needed_bytes_per_s, share
+
+    setup, prefill, tokens = _four_layers(100e6), 0.040, 1000
+    assert exposed_s(setup, prefill, tokens, "request") == pytest.approx(0.010)
+    assert exposed_s(setup, prefill, tokens, "layer") == pytest.approx(0.0025)
+    assert share(setup, prefill, tokens, "request") == pytest.approx(0.20)
+    assert share(setup, prefill, tokens, "layer") == pytest.approx(2.5 / 42.5)
+    budget = prefill * 0.05 / 0.95
+    assert needed_bytes_per_s(setup, prefill, tokens, "request") == pytest.approx(1e6 / budget, rel=1e-6)
+    assert needed_bytes_per_s(setup, prefill, tokens, "layer") == pytest.approx(0.25e6 / budget, rel=1e-6)
+
+
+def test_transfer_table_from_a_bench_transfer_report(tmp_path, capsys):
+    """The gRPC and NIXL rows with checksums, largest size; the line-rate column of Llama-3-8B on an
+    H100 by hand: 131072 KV bytes/token (32 layers x 2 x 8 heads x 128 x 2 B) over 50 GB/s."""
+    from bench.sim.transfer import table, transports_from_report
+
+    report = {
+        "bandwidth": [
+            {"path": "grpc", "checksums": True, "size_bytes": 16 << 20, "size_mib": 16, "gb_s": 0.5},
+            {"path": "grpc", "checksums": True, "size_bytes": 64 << 20, "size_mib": 64, "gb_s": 1.0},
+            {"path": "grpc", "checksums": False, "size_bytes": 64 << 20, "size_mib": 64, "gb_s": 9.0},
+            {"path": "nixl", "checksums": True, "size_bytes": 64 << 20, "size_mib": 64, "gb_s": 5.0},
+            {"path": "tcp", "checksums": None, "size_bytes": 64 << 20, "size_mib": 64, "gb_s": 7.0},
+        ]
+    }
+    path = tmp_path / "transfer.json"
+    path.write_text(json.dumps(report))
+    transports = transports_from_report(str(path))
+    assert [(t.name, t.bytes_per_s) for t in transports] == [("grpc", 1e9), ("nixl", 5e9)]
+
+    row = table(transports, prompt_lens=(1024,), shapes=(("llama-3-8b", 1, 1),))[0]
+    kv = 1024 * 131072
+    assert row["kv_mb"] == pytest.approx(kv / 1e6)
+    prefill = row["prefill_ms"] / 1e3
+    whole = kv / 50e9
+    assert row["shares"]["line rate"]["request"] == pytest.approx(whole / (prefill + whole))
+    assert row["shares"]["grpc"]["request"] == pytest.approx((kv / 1e9) / (prefill + kv / 1e9))
+    assert row["needed_gbps_per_gpu"]["request"] == pytest.approx(kv * 0.95 / (0.05 * prefill) * 8 / 1e9, rel=1e-6)
+
+    assert main(["simulate", "--transfer-table", "--transfer-json", str(path), "--transfer-prompt-lens", "1024"]) == 0
+    printed = capsys.readouterr().out
+    assert "| llama-3-70b | h200 | 2 | 1024 |" in printed and "grpc layer / whole" in printed
+    assert main(["simulate", "--transfer-json", str(path)]) == 2  # refused without --transfer-table

@@ -57,7 +57,7 @@ class RunningCluster:
         return {"X-Admin-Token": self.router.config.admin_token}
 
     def status(self) -> dict:
-        return httpx.get(f"{self.url}/admin/status", timeout=10).json()["cluster"]
+        return httpx.get(f"{self.url}/admin/status", headers=self.admin_headers, timeout=10).json()["cluster"]
 
     def workers(self, role: str, state: str = "ready") -> list[dict]:
         return [w for w in self.status()["workers"] if w["role"] == role and w["state"] == state]

@@ -40,7 +40,7 @@ def listening_addresses(pid: int) -> list[tuple[str, int]]:
                 address = socket.inet_ntop(family, struct.pack("<I", int(hex_address, 16)))
             else:
                 address = socket.inet_ntop(family, b"".join(raw[i : i + 4][::-1] for i in range(0, 16, 4)))
-            found.append((address, int(hex_port, 16)))
+            found.append((address.removeprefix("::ffff:"), int(hex_port, 16)))  # v4-mapped: the v4 address
     return found
 
 

@@ -1,0 +1,211 @@
+"""Bad input from a peer or a client stays local: the request it belongs to fails with a clean status,
+every other stream on the worker goes on with the right tokens, and every block returns.
+
+Real worker processes (a tiny prefill + decode pair per transport), a hostile sender speaking the
+KVReceiver protocol with a valid ticket, and clients that give up after 10 ms."""
+
+from __future__ import annotations
+
+import math
+import threading
+
+import grpc
+import pytest
+
+from kv_transfer.integrity import checksum
+from protos import common_pb2, decode_pb2, kv_transfer_pb2, kv_transfer_pb2_grpc
+from tests.workers.conftest import random_prompt
+from tests.workers.harness import (
+    WorkerProcess,
+    aggregated,
+    disaggregated,
+    new_id,
+    prefill_future,
+    reserve,
+    rpc_error,
+    start_workers,
+    stop_workers,
+    wait_idle,
+    wait_until,
+    wire_params,
+)
+
+VOCAB = 320
+LEASE_MS = 60_000  # far longer than any wait below: only the failure itself can free the blocks
+STREAM_PARAMS = dict(max_tokens=300, ignore_eos=True)
+
+
+@pytest.fixture(scope="module", params=("grpc", "nixl"))
+def pair(request, checkpoints) -> tuple[WorkerProcess, WorkerProcess]:
+    tiny = str(checkpoints.tiny)
+    prefill, decode = start_workers(("prefill", tiny, request.param), ("decode", tiny, request.param))
+    yield prefill, decode
+    stop_workers([prefill, decode])
+
+
+def _region_bytes(layout: common_pb2.KVLayout) -> int:
+    itemsize = {"float32": 4, "bfloat16": 2, "float16": 2}[layout.dtype]
+    return 2 * layout.block_size * layout.num_kv_heads * layout.head_dim * itemsize
+
+
+def _every_layer(ticket: decode_pb2.Ticket) -> list[kv_transfer_pb2.KVChunk]:
+    """A sender's data messages: every reserved block of every layer (zeros, with a good checksum)."""
+    blocks = list(ticket.block_ids)[ticket.num_cached_tokens // ticket.layout.block_size :]
+    data = bytes(_region_bytes(ticket.layout) * len(blocks))
+    return [
+        kv_transfer_pb2.KVChunk(
+            request_id=ticket.request_id, layer=layer, block_ids=blocks, data=data, checksum=checksum(data)
+        )
+        for layer in range(ticket.layout.num_layers)
+    ]
+
+
+def _opening(ticket: decode_pb2.Ticket) -> kv_transfer_pb2.KVChunk:
+    return kv_transfer_pb2.KVChunk(request_id=ticket.request_id, instance_id=ticket.instance_id, token=ticket.token)
+
+
+def _commit_over_push(decode: WorkerProcess, ticket, first_token_id: int, first_logprob=None) -> grpc.RpcError:
+    commit = kv_transfer_pb2.KVChunk(request_id=ticket.request_id, commit=True, first_token_id=first_token_id)
+    if first_logprob is not None:
+        commit.first_logprob.CopyFrom(first_logprob)
+    receiver = kv_transfer_pb2_grpc.KVReceiverStub(decode.channel)
+    return rpc_error(receiver.PushKV, iter([_opening(ticket), *_every_layer(ticket), commit]), timeout=30)
+
+
+def _commit_over_rpc(decode: WorkerProcess, ticket, first_token_id: int, first_logprob=None) -> grpc.RpcError:
+    """The Commit RPC (NIXL's way), after the data landed over a push stream held open until it is answered."""
+    receiver = kv_transfer_pb2_grpc.KVReceiverStub(decode.channel)
+    sent, release = threading.Event(), threading.Event()
+
+    def messages():
+        yield _opening(ticket)
+        yield from _every_layer(ticket)
+        sent.set()
+        release.wait(30)
+        yield kv_transfer_pb2.KVChunk(request_id=ticket.request_id, abort=True, abort_reason="done")
+
+    push = receiver.PushKV.future(messages(), timeout=60)
+    assert sent.wait(30)
+    request = kv_transfer_pb2.CommitRequest(
+        request_id=ticket.request_id, instance_id=ticket.instance_id, first_token_id=first_token_id, token=ticket.token
+    )
+    if first_logprob is not None:
+        request.first_logprob.CopyFrom(first_logprob)
+    try:
+        return rpc_error(receiver.Commit, request, timeout=30)  # it waits for the last layers to land
+    finally:
+        release.set()
+        try:
+            push.result(30)
+        except grpc.RpcError:
+            pass
+
+
+class Streams:
+    """Concurrent aggregated streams on one decode worker, each collecting its tokens or its error."""
+
+    def __init__(self, decode: WorkerProcess, prompts: list[list[int]]) -> None:
+        self.tokens: list[list[int]] = [[] for _ in prompts]
+        self.errors: list[grpc.RpcError | None] = [None] * len(prompts)
+        self.threads = [
+            threading.Thread(target=self._run, args=(decode, index, prompt), daemon=True)
+            for index, prompt in enumerate(prompts)
+        ]
+        for thread in self.threads:
+            thread.start()
+
+    def _run(self, decode: WorkerProcess, index: int, prompt: list[int]) -> None:
+        request = decode_pb2.GenerateRequest(
+            request_id=new_id(f"neighbour{index}"), prompt_token_ids=prompt, params=wire_params(**STREAM_PARAMS)
+        )
+        try:
+            for response in decode.stub.Generate(request, timeout=120):
+                self.tokens[index].extend(response.token_ids)
+        except grpc.RpcError as exc:
+            self.errors[index] = exc
+
+    def join(self) -> None:
+        for thread in self.threads:
+            thread.join(150)
+
+
+HOSTILE_COMMITS = {
+    "token outside the vocabulary": (VOCAB, None, None),
+    "largest token id": (2**32 - 1, None, None),
+    "logprob NaN": (5, common_pb2.TokenLogprob(token_id=5, logprob=math.nan), 0),
+    "logprob of another token": (5, common_pb2.TokenLogprob(token_id=6, logprob=-1.0), 0),
+    "alternative outside the vocabulary": (
+        5,
+        common_pb2.TokenLogprob(token_id=5, logprob=-1.0, top=[common_pb2.TopLogprob(token_id=VOCAB, logprob=-1.0)]),
+        1,
+    ),
+    "logprob nobody asked for": (5, common_pb2.TokenLogprob(token_id=5, logprob=-1.0), None),
+}
+
+
+@pytest.mark.parametrize(
+    ("case", "how"), [(case, "push") for case in HOSTILE_COMMITS] + [("token outside the vocabulary", "commit rpc")]
+)
+def test_hostile_commit_fails_its_reservation_only(pair, rng, case, how):
+    prefill, decode = pair
+    first_token_id, first_logprob, logprobs = HOSTILE_COMMITS[case]
+    prompts = [random_prompt(rng, 20) for _ in range(3)]
+    reference = [aggregated(decode, new_id("ref"), p, wire_params(**STREAM_PARAMS), timeout=120) for p in prompts]
+    streams = Streams(decode, prompts)
+    wait_until(lambda: decode.stats().running == 3, 30, interval=0.01, what="three streams running")
+
+    request_id = new_id("hostile")
+    params = wire_params(8) if logprobs is None else wire_params(8, logprobs=logprobs)
+    ticket = reserve(decode, request_id, random_prompt(rng, 40), params, lease_ms=LEASE_MS)
+    victim = decode.stub.Generate(
+        decode_pb2.GenerateRequest(request_id=request_id, reserved=True, token=ticket.token), timeout=60
+    )
+    commit = _commit_over_push if how == "push" else _commit_over_rpc
+    error = commit(decode, ticket, first_token_id, first_logprob)
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, error.details()
+    assert "first_" in error.details()
+    refused = rpc_error(lambda: victim)
+    assert refused.code() == grpc.StatusCode.ABORTED and "refused commit" in refused.details()
+
+    streams.join()
+    assert streams.errors == [None, None, None], [e.details() for e in streams.errors if e]
+    assert streams.tokens == reference
+    wait_idle(decode, timeout=5)
+    tokens, _ = disaggregated(prefill, decode, new_id("after"), prompts[0], wire_params(**STREAM_PARAMS), timeout=120)
+    assert tokens == reference[0]
+    wait_idle(decode, timeout=5)
+
+
+@pytest.mark.parametrize("side", ["decode stream", "prefill", "both"])
+def test_client_deadline_of_10ms_on_the_remote_path_frees_blocks_at_once(pair, rng, side):
+    """What the router sees when its client gives up at once: the decode stream and/or the prefill call end
+    DEADLINE_EXCEEDED after 10 ms; the reservation stops and every block returns without waiting for the lease."""
+    prefill, decode = pair
+    expired_before = decode.stats().leases_expired
+    for attempt in range(5):
+        request_id = new_id(f"deadline{attempt}")
+        prompt = random_prompt(rng, 300)
+        params = wire_params(100, ignore_eos=True)
+        ticket = reserve(decode, request_id, prompt, params, lease_ms=LEASE_MS)
+        claim_timeout = 0.01 if side != "prefill" else 60
+        stream = decode.stub.Generate(
+            decode_pb2.GenerateRequest(request_id=request_id, reserved=True, token=ticket.token), timeout=claim_timeout
+        )
+        prefill_timeout = 0.01 if side != "decode stream" else 60
+        future = prefill_future(prefill, request_id, prompt, ticket, params, timeout=prefill_timeout)
+        if side == "prefill":
+            error = rpc_error(future.result)
+            assert error.code() == grpc.StatusCode.DEADLINE_EXCEEDED, error.details()
+            stream.cancel()  # the router cancels the decode side once its prefill failed
+        else:
+            error = rpc_error(lambda: stream)
+            assert error.code() == grpc.StatusCode.DEADLINE_EXCEEDED, error.details()
+            try:
+                future.result()
+            except grpc.RpcError:
+                pass
+        wait_idle(decode, timeout=3)
+        wait_idle(prefill, timeout=10)
+    assert decode.stats().leases_expired == expired_before
+    tokens, _ = disaggregated(prefill, decode, new_id("after"), random_prompt(rng, 30), wire_params(5), timeout=60)
+    assert len(tokens) == 5
