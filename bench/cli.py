@@ -81,6 +81,11 @@ def build_bench_parser() -> argparse.ArgumentParser:
     )
     _add_arguments("bench.chaos", chaos_bench)
     chaos_bench.set_defaults(module="bench.chaos")
+    failover_bench = bench_kinds.add_parser(
+        "failover", help="time to the next token after a decode worker dies: KV from the prefill worker vs recompute"
+    )
+    _add_arguments("bench.failover_bench", failover_bench)
+    failover_bench.set_defaults(module="bench.failover_bench")
 
     return parser
 

@@ -49,6 +49,7 @@ from dataclasses import asdict, dataclass
 import httpx
 
 from bench.serve_bench import BenchRequest, RequestRecord, meets, random_dataset, run_load, summarize
+from bench.sim.host import CpuMeter
 from protos.cluster_auth import ensure_secret_in_env
 
 ATTAINMENT_TARGET = 0.9
@@ -241,6 +242,7 @@ class Stack:
     system: System
     processes: list[Process]
     base_url: str = ""
+    meter: CpuMeter | None = None  # every stack's workers: what else used the cores during a run
 
 
 def start_stacks(config: CompareConfig, systems: list[System]) -> list[Stack]:
@@ -303,6 +305,9 @@ def start_stacks(config: CompareConfig, systems: list[System]) -> list[Stack]:
             routers.append((stack, router))
         for stack, router in routers:
             stack.base_url = re.search(r"OpenAI API at (\S+/v1)", router.wait_ready()).group(1).rstrip(",")
+        workers = [p.process.pid for stack in stacks for p in stack.processes if not p.name.endswith("router")]
+        for stack in stacks:
+            stack.meter = CpuMeter(workers)
         return stacks
     except BaseException:
         stop_stacks(stacks)
@@ -329,9 +334,11 @@ def run_system(
 ) -> dict:
     load_before = os.getloadavg()[0]
     decisions_before = routing_decisions(stack)
+    cpu_before = stack.meter.sample()
     records, duration = asyncio.run(
         run_load(stack.base_url, config.model, requests, rate, config.burstiness, max_concurrency, 0, arrival_seed)
     )
+    cpu = stack.meter.usage(cpu_before, stack.meter.sample())
     decisions = {
         k: v - decisions_before.get(k, 0) for k, v in routing_decisions(stack).items() if v > decisions_before.get(k, 0)
     }
@@ -342,6 +349,9 @@ def run_system(
         "system": stack.system.name,
         "rate": rate,
         "load_1min_before": load_before,
+        # cores busy during the run: the workers (measured_cores) and everything else (router,
+        # client, the idle stack, other users); ``simulate --validate`` models the latter
+        "cpu": cpu,
         "routing": decisions,
         "summary": summary,
         "requests": rows,
@@ -519,6 +529,8 @@ def ratio_of(good: dict) -> dict:
 
 def _ratio_text(ratio: dict) -> str:
     low, high = ratio["low"], ratio["high"]
+    if low == 0 and high == float("inf"):
+        return "n/a"  # both fail at every rate swept
     if low == high:
         return f"{low:.2f}x"
     if high == float("inf"):
@@ -587,7 +599,7 @@ def print_report(report: dict) -> None:
     )
     print(
         f"{'rate':>6} {'system':15} {'TTFT p50':>9} {'TTFT p99':>9} {'TPOT p50':>9} {'TPOT p99':>9} "
-        f"{'attain':>7} {'done':>5} {'load':>5}  routing"
+        f"{'attain':>7} {'done':>5} {'load':>5} {'other':>5}  routing"
     )
     zero = [dict(run, rate=0.0) for run in report["zero_load"].values()]
     for run in sorted(zero + report["runs"], key=lambda r: r["rate"]):
@@ -597,10 +609,13 @@ def print_report(report: dict) -> None:
             f"{run['rate'] or 'zero':>6} {run['system']:15} {_fmt(s['ttft_ms']['median']):>9} "
             f"{_fmt(s['ttft_ms']['p99']):>9} "
             f"{_fmt(s['tpot_ms']['median']):>9} {_fmt(s['tpot_ms']['p99']):>9} {attained:>7.0%} "
-            f"{s['completed']:>5} {run['load_1min_before']:>5.2f}  "
+            f"{s['completed']:>5} {run['load_1min_before']:>5.2f} {_other_cores(run):>5}  "
             f"{','.join(f'{k}:{v:.0f}' for k, v in run['routing'].items())}"
         )
-    print("zero: the mean-length requests, sent one at a time; load: 1-minute load average before the run")
+    print(
+        "zero: the mean-length requests, sent one at a time; load: 1-minute load average before the run; "
+        "other: cores busy with anything but the workers during it"
+    )
     for name, good in report["goodput"].items():
         notes = [good["bound"]] if good["bound"] else []
         notes += [] if good["monotone"] else ["attainment dips below 90% at a lower rate"]
@@ -638,6 +653,10 @@ def print_scale_curve(rows: list[dict], rates: list[float]) -> None:
             + f" {good[AGGREGATED.name]['rps']:>8.3f}/{good[DISAGGREGATED.name]['rps']:<9.3f} "
             f"{_ratio_text(row['ratio']):>10}"
         )
+
+
+def _other_cores(run: dict) -> str:
+    return "n/a" if not run.get("cpu") else f"{run['cpu']['other_cores']:.2f}"
 
 
 def _rates_source(sizing: dict) -> str:
@@ -699,8 +718,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--rate-fractions",
-        default="0.3,0.55,0.8,1.05",
-        help="with --rates auto: rates as fractions of the prefill worker's capacity (1 / its zero-load TTFT)",
+        default="0.2,0.4,0.6,0.8",
+        help="with --rates auto: rates as fractions of the prefill worker's capacity (1 / its zero-load TTFT); "
+        "under load it prefills slower than alone (the decode worker takes the other core), so it saturates "
+        "below 1",
     )
     parser.add_argument("--num-prompts", type=int, default=20, help="at least this many requests per rate and system")
     parser.add_argument(

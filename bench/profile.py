@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from bench.sim.host import CpuMeter
 from bench.sim.latency import Chunk, FittedModel, ModelShape, Step
 from contract.sampling import SamplingParams
 
@@ -120,6 +121,8 @@ def run(args: argparse.Namespace) -> int:
 
 def profile_threads(engine: Engine, config: ProfileConfig, threads: int) -> tuple[dict, dict]:
     """Measures and fits at the current torch thread count (``threads``)."""
+    meter = CpuMeter([os.getpid()])
+    before = meter.sample()
     prefill = measure_prefill(engine, config.prefill_tokens, config.repeats, threads)
     steps = [step for prompt in prefill for step in prompt["steps"]]
     decode = measure_decode(engine, config.decode_batches, config.decode_contexts, threads)
@@ -138,6 +141,9 @@ def profile_threads(engine: Engine, config: ProfileConfig, threads: int) -> tupl
         )
     mixed = measure_mixed(engine, config.mixed, config.max_num_batched_tokens, model)
     fit["mixed"] = {"a": statistics.median(row["seconds"] - row["predicted_seconds"] for row in mixed)}
+    # What else kept cores busy meanwhile: the fits include its toll (bench.sim.host), which the
+    # simulator takes out before putting its own host's other work back in.
+    fit["cpu"] = meter.usage(before, meter.sample())
     return fit, {"prefill": prefill, "decode": decode, "mixed": mixed}
 
 
@@ -427,6 +433,8 @@ def print_report(report: dict) -> None:
             f"{'':10} mixed steps (a chunk beside decodes), measured/composed: {mixed}; mixed term "
             f"{fit['mixed']['a'] * 1e3:+.1f}ms"
         )
+        if fit.get("cpu"):
+            print(f"{'':10} other work on the machine meanwhile: {fit['cpu']['other_cores']:.2f} cores busy")
     link = report["transfer"]
     print(
         f"KV transfer: {link['bytes_per_s'] * 8 / 1e9:.2f} Gb/s ({link['source']}); "

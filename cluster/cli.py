@@ -233,6 +233,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="uncached prompt tokens below which the decode worker prefills",
     )
     router.add_argument("--lease-policy", choices=["recompute", "fail"], default="recompute")
+    router.add_argument(
+        "--migration-policy",
+        choices=["prefill", "local"],
+        default="prefill",
+        help="a decode worker lost mid-decode: re-push the KV from a prefill worker (its prefix cache holds the "
+        "prompt) or have the new decode worker recompute prompt + output itself",
+    )
     router.add_argument("--request-timeout", type=float, default=600.0)
     router.add_argument("--max-running", type=int, default=256)
     router.add_argument("--max-queued", type=int, default=512)
@@ -410,6 +417,7 @@ def router_config_from_args(args: argparse.Namespace):
         kv_weight=args.kv_weight,
         local_prefill_threshold=args.local_prefill_threshold,
         lease_policy=args.lease_policy,
+        migration_policy=args.migration_policy,
         request_timeout_s=args.request_timeout,
         max_running=args.max_running,
         max_queued=args.max_queued,

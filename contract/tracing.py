@@ -390,7 +390,9 @@ def _end_server_span(span, rpc_context, error: BaseException | None) -> None:
     from opentelemetry.trace import Status, StatusCode
 
     code, details = _grpc_status(rpc_context)
-    if code is not None:
+    if code is None and error is None:
+        span.set_attribute("rpc.grpc.status_code", 0)  # returned without setting a status: OK
+    elif code is not None:
         span.set_attribute("rpc.grpc.status_code", code.value[0])
         if code.name != "OK":
             span.set_status(Status(StatusCode.ERROR, f"{code.name}: {details or ''}"))

@@ -134,7 +134,7 @@ class PrefillWorker(WorkerBase, prefill_pb2_grpc.PrefillWorkerServicer):
             if session is not None:
                 self._transfer_done(request.request_id, session)
                 if outbound.pushes is not None:
-                    outbound.pushes.emit()
+                    outbound.pushes.emit_after(context)
         done = time.perf_counter()
         self.counters.add(
             kv_transfers_completed=1,

@@ -120,7 +120,13 @@ class Router:
 async def serve(config: RouterConfig, stop: asyncio.Event) -> None:
     router = Router(config)
     await router.start()
-    if not await router.wait_ready():
+    readiness = asyncio.create_task(router.wait_ready())
+    await asyncio.wait((readiness, asyncio.create_task(stop.wait())), return_when=asyncio.FIRST_COMPLETED)
+    if stop.is_set():  # SIGTERM while waiting for workers: stop now, not after the wait
+        readiness.cancel()
+        await router.stop()
+        return
+    if not readiness.result():
         problems = [router.frontend.model.refusal] + [
             f"{w.role} worker {w.address}: {w.incompatible.reason}" for w in router.pool.incompatible()
         ]

@@ -1,8 +1,8 @@
 """Tracing on the workers' engine threads: timings recorded there, spans made elsewhere.
 
 An engine thread runs every request's layers back to back; it only appends a tuple per pushed
-layer (two clock reads and a list append, nothing of OpenTelemetry). The request's RPC thread turns
-the records into spans once the request's pushes are over (see contract/tracing.py for the rest).
+layer (two clock reads and a list append, nothing of OpenTelemetry). Once the request's RPC has
+answered, a gRPC termination callback turns them into spans (see contract/tracing.py for the rest).
 """
 
 from __future__ import annotations
@@ -29,30 +29,35 @@ class LayerPushes:
         """Engine thread, right after ``push_layer`` returned."""
         self._records.append((layer, blocks, started_ns, time.time_ns()))
 
-    def emit(self) -> int:
-        """One ``kv.push_layer`` span per layer, a child of the current span: from the layer's first
-        push to its last (chunked prefill pushes a layer once per chunk). Returns the bytes pushed."""
+    def emit_after(self, rpc_context) -> None:
+        """``emit`` under the current span once the RPC has answered: a span costs tens of
+        microseconds, which the request's first token should not wait for."""
+        parent = tracing.current_context()
+        if not rpc_context.add_callback(lambda: self.emit(parent)):
+            self.emit(parent)  # the RPC has ended already
+
+    def emit(self, parent=None) -> None:
+        """One ``kv.push_layer`` span per layer, a child of ``parent`` (a Context; default: the
+        current one): from the layer's first push to its last (chunked prefill pushes a layer once
+        per chunk)."""
         layers: dict[int, list[int]] = {}
         for layer, blocks, started, ended in list(self._records):
             entry = layers.setdefault(layer, [0, 0, started, ended])
             entry[0] += blocks
             entry[1] += 1
             entry[2], entry[3] = min(entry[2], started), max(entry[3], ended)
-        total = 0
         for layer, (blocks, pushes, started, ended) in sorted(layers.items()):
-            nbytes = blocks * self.region_bytes
-            total += nbytes
             span = tracing.start_span(
                 "kv.push_layer",
+                parent=parent,
                 start_ns=started,
                 layer=layer,
                 blocks=blocks,
-                bytes=nbytes,
+                bytes=blocks * self.region_bytes,
                 pushes=pushes,
                 transport=self.transport,
             )
             span.end(end_ns=ended)
-        return total
 
 
 def trace_kv_receiver(receiver) -> None:

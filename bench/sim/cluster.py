@@ -10,6 +10,15 @@ the token budget (max_num_batched_tokens) goes first to running requests in admi
 (one token per decode, the rest of an unfinished prefill), then to waiting prompts, FCFS, up to
 max_num_seqs running. A step's duration is its latency model's ``step_s``.
 
+On a CPU host (``Deployment.host``, see ``bench.sim.host``) the workers share its cores with each
+other and with other work (router, client, anything else), and a KV push is CPU work too::
+
+    step time = engine step x Host.slowdown(its threads, threads of every worker stepping now)
+    prefill step on a CPU host: + its KV bytes / link bytes/s   (serialized, checksummed and sent by
+                                                                 the worker itself: not overlapped)
+
+The slowdown is set when a step starts (a step is not slowed again by one that starts after it).
+
 Simplifications, on purpose: a decode worker reserves a request's whole KV (prompt + output) when
 the router places it, so nothing is ever preempted (the router queues what fits nowhere); prefill
 workers' KV is not limited; no prefix caching (random prompts share nothing); the network between
@@ -26,6 +35,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 from bench.serve_bench import RequestRecord
+from bench.sim.host import Host
 from bench.sim.latency import Chunk, LatencyModel, Step
 from bench.sim.workload import TraceRequest
 
@@ -44,6 +54,7 @@ class WorkerSpec:
     kv_capacity_tokens: int
     max_num_batched_tokens: int = 2048
     max_num_seqs: int = 64
+    threads: int = 1  # torch threads (a CPU host's cores it keeps busy while stepping)
 
 
 @dataclass(frozen=True)
@@ -59,6 +70,7 @@ class Deployment:
     prefill_saturation: int = 8  # in-flight prefills per worker at which the router falls back to local
     request_overhead_s: float = 0.0
     gpus_per_worker: int = 1
+    host: Host | None = None  # None: each worker on its own accelerator; pushes overlap compute
 
     def __post_init__(self) -> None:
         if self.num_decode < 1 or self.num_prefill < 0:
@@ -74,7 +86,10 @@ class Deployment:
         return (self.num_prefill + self.num_decode) * self.gpus_per_worker
 
     def exposed_transfer_s(self, prefill_s: float, tokens: int) -> float:
-        """Transfer time a lone prompt adds after its prefill: layer l's KV leaves when layer l is done."""
+        """Transfer time a lone prompt adds after its prefill: layer l's KV leaves when layer l is done
+        (on a CPU host: all of it, after the prefill)."""
+        if self.host:
+            return tokens * self.kv_bytes_per_token / self.link.bytes_per_s + self.link.latency_s
         return _push_end(0.0, 0.0, prefill_s, tokens, self) - prefill_s + self.link.latency_s
 
 
@@ -219,10 +234,18 @@ class _Simulation:
             return
         worker.stepping = True
         duration = worker.spec.latency.step_s(plan.step)
-        end = self.now + duration
+        host = self.deployment.host
+        if host:
+            busy = sum(w.spec.threads for w in (*self.prefills, *self.decodes) if w.stepping)
+            duration *= host.slowdown(worker.spec.threads, busy)
         if worker.role == "prefill":
             tokens = sum(count for _, count in plan.chunks)
-            worker.link_free = _push_end(worker.link_free, self.now, duration, tokens, self.deployment)
+            if host:  # the push is the worker's own CPU work, after the step's compute
+                duration += tokens * self.deployment.kv_bytes_per_token / self.deployment.link.bytes_per_s
+                worker.link_free = self.now + duration
+            else:
+                worker.link_free = _push_end(worker.link_free, self.now, duration, tokens, self.deployment)
+        end = self.now + duration
         self.at(end, lambda _: self.step_done(worker, plan))
 
     def schedule(self, worker: _Worker) -> _Plan:

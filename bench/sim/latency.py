@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
+from bench.sim.host import Host
 from engine.config import ModelConfig
 
 _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -147,19 +148,34 @@ class FittedModel:
             self.mixed * prefill_factor,
         )
 
+    def times(self, factor: float) -> FittedModel:
+        """Every step ``factor`` times as long."""
+        return FittedModel(
+            self.name,
+            tuple(c * factor for c in self.prefill),
+            tuple(c * factor for c in self.decode),
+            self.mixed * factor,
+        )
+
     @classmethod
     def from_profile(cls, profile: dict, threads: int) -> FittedModel:
-        """The fit for ``threads`` torch threads from a ``bench profile`` JSON report."""
+        """The fit for ``threads`` torch threads from a ``bench profile`` JSON report, with the toll
+        of the other work on the machine while it was measured taken out (``bench.sim.host``): the
+        engine with the cores to itself."""
         fits = profile["fits"]
         if str(threads) not in fits:
             raise ValueError(f"the profile has no fit for {threads} thread(s); it has {', '.join(sorted(fits))}")
         fit = fits[str(threads)]
-        return cls(
+        measured = cls(
             f"{profile['model']} cpu x{threads}",
             _coefficients(fit["prefill"], "abcd"),
             _coefficients(fit["decode"], "abc"),
             fit.get("mixed", {}).get("a", 0.0),
         )
+        cores, other = profile.get("machine", {}).get("cpu_count"), (fit.get("cpu") or {}).get("other_cores")
+        if not cores or other is None:
+            return measured
+        return measured.times(1.0 / Host(cores, other).slowdown(threads, threads))
 
 
 def _coefficients(fit: dict, names: str) -> tuple[float, ...]:

@@ -7,13 +7,15 @@ the threads each worker ran with; the link is the profile's measured KV bytes/s.
 
 Two predictions per run:
 
-- ``raw``: the profile alone. The profile times the engine by itself; a served request also pays
-  for the router, gRPC and HTTP streaming, KV pushes on the prefill worker's thread, and the
-  router and client taking CPU from the workers (2 cores here) — none of which the fits see.
-- ``calibrated``: the same, with each system's prefill costs scaled by measured / simulated TTFT
-  and measured - simulated TPOT added to each decoding step, from the report's zero-load requests
-  (sent one at a time, before the sweep; see ``calibrate``). Only those single requests inform
-  it; queueing, batching and prefill/decode interference under load are still predicted.
+- ``raw``: the profile, the machine's cores and what the run measured of the other work on them —
+  nothing fitted to the runs' latencies. The workers share the cores (``bench.sim.host``): the
+  2-thread aggregated worker fills both, so the router, the client and anything else running
+  stall its steps, prefill and decode alike; the 1-thread workers of the disaggregated stack are
+  stalled only while both step. A KV push is the prefill worker's own CPU work, after its step.
+- ``calibrated``: the raw model, with each system's prefill costs scaled by measured / simulated
+  TTFT and measured - simulated TPOT added to each decoding step, from the report's zero-load
+  requests (sent one at a time, before the sweep; see ``calibrate``): what the raw model still
+  misses of each system alone.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from dataclasses import replace
 from bench.serve_bench import summarize
 from bench.sim.cluster import Deployment, Link, WorkerSpec, simulate
 from bench.sim.hardware import resolve_model
+from bench.sim.host import Host
 from bench.sim.latency import FittedModel, ModelShape
 from bench.sim.workload import TraceRequest
 
@@ -32,15 +35,15 @@ METRICS = (("ttft_ms", "median"), ("ttft_ms", "p90"), ("tpot_ms", "median"), ("t
 KINDS = ("raw", "calibrated")
 
 
-def deployment_for(system: dict, config: dict, profile: dict) -> Deployment:
-    """The simulated twin of one ``bench compare`` system (its ``config.systems`` entry)."""
+def deployment_for(system: dict, config: dict, profile: dict, host: Host | None = None) -> Deployment:
+    """The simulated twin of one ``bench compare`` system (its ``config.systems`` entry) on ``host``."""
     model = resolve_model(config["model"])
     shape = ModelShape.of(model, config["dtype"])
     capacity = config["kv_cache_mb"] * 1024 * 1024 // shape.kv_bytes_per_token
     budget = config["max_num_batched_tokens"]
 
     def spec(threads: int) -> WorkerSpec:
-        return WorkerSpec(FittedModel.from_profile(profile, threads), capacity, budget)
+        return WorkerSpec(FittedModel.from_profile(profile, threads), capacity, budget, threads=threads)
 
     return Deployment(
         num_prefill=system["prefill_workers"],
@@ -51,7 +54,15 @@ def deployment_for(system: dict, config: dict, profile: dict) -> Deployment:
         kv_bytes_per_token=shape.kv_bytes_per_token,
         link=Link(profile["transfer"]["bytes_per_s"]),
         local_prefill_threshold=system["local_prefill_threshold"],
+        host=host,
     )
+
+
+def host_of(compare: dict, run: dict) -> Host | None:
+    """The machine's cores and the other work measured during ``run`` (none recorded: none assumed)."""
+    cores = compare.get("machine", {}).get("cpu_count")
+    cpu = run.get("cpu")
+    return Host(cores, cpu["other_cores"] if cpu else 0.0) if cores else None
 
 
 def trace_of(run: dict) -> list[TraceRequest]:
@@ -79,13 +90,16 @@ def calibrate(deployment: Deployment, probe: dict) -> tuple[Deployment, dict]:
         "prefill_factor": statistics.median(ttft) if ttft else 1.0,
         "decode_step_overhead_s": statistics.median(tpot) if tpot else 0.0,
     }
+    return calibrated(deployment, factors), factors
 
+
+def calibrated(deployment: Deployment, factors: dict) -> Deployment:
     def adjust(spec: WorkerSpec) -> WorkerSpec:
         return replace(
             spec, latency=spec.latency.calibrated(factors["prefill_factor"], factors["decode_step_overhead_s"])
         )
 
-    return replace(deployment, prefill=adjust(deployment.prefill), decode=adjust(deployment.decode)), factors
+    return replace(deployment, prefill=adjust(deployment.prefill), decode=adjust(deployment.decode))
 
 
 def validate(compare: dict, profile: dict) -> dict:
@@ -97,19 +111,22 @@ def validate(compare: dict, profile: dict) -> dict:
             f"the profile ran a {profile['max_num_batched_tokens']}-token budget, the runs "
             f"{config['max_num_batched_tokens']}"
         )
-    deployments, factors = {}, {}
+    if not compare.get("machine", {}).get("cpu_count") or not all(run.get("cpu") for run in compare["runs"]):
+        notes.append("the report has no CPU usage of the runs: no other work on the cores assumed")
+    factors = {}
     for name, system in config["systems"].items():
-        raw = deployment_for(system, config, profile)
         probe = compare.get("zero_load", {}).get(name)
-        calibrated, factors[name] = (
-            calibrate(raw, probe) if probe else (raw, {"prefill_factor": 1.0, "decode_step_overhead_s": 0.0})
+        factors[name] = (
+            calibrate(deployment_for(system, config, profile, host_of(compare, probe)), probe)[1]
+            if probe
+            else {"prefill_factor": 1.0, "decode_step_overhead_s": 0.0}
         )
-        deployments[name] = {"raw": raw, "calibrated": calibrated}
     rows = []
     for run in compare["runs"]:
+        raw = deployment_for(config["systems"][run["system"]], config, profile, host_of(compare, run))
         predicted = {}
-        for kind in KINDS:
-            result = simulate(deployments[run["system"]][kind], trace_of(run), config["seed"])
+        for kind, deployment in (("raw", raw), ("calibrated", calibrated(raw, factors[run["system"]]))):
+            result = simulate(deployment, trace_of(run), config["seed"])
             predicted[kind] = summarize(result.records, result.duration_s, slos)
         rows.append(_row(run, run["summary"], predicted))
     return {

@@ -44,13 +44,6 @@ def engine_config(path, **changes) -> EngineConfig:
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny")
-    write_checkpoint(path, "LlamaForCausalLM", seed=5, **TINY)
-    return path
-
-
-@pytest.fixture(scope="module")
 def pair(tiny):
     auth = ClusterAuth(secret=SECRET)
     decode = DecodeWorker(engine_config(tiny), auth=auth, reservations_per_peer=6, subscriptions_per_peer=2)

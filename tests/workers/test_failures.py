@@ -342,7 +342,10 @@ def test_malformed_kv_push_is_rejected(cluster, rng, case):
     stream = claim(decode, request_id)
     messages, code, words = _malformed_push(case, ticket)
 
-    error = _push(receiver, [kv_transfer_pb2.KVChunk(request_id=request_id, instance_id=ticket.instance_id), *messages])
+    error = _push(
+        receiver,
+        [kv_transfer_pb2.KVChunk(request_id=request_id, instance_id=ticket.instance_id, token=ticket.token), *messages],
+    )
     assert error.code() == code, error.details()
     assert words in error.details()
     refused = rpc_error(lambda: stream)
@@ -385,7 +388,7 @@ def test_malformed_commits_are_rejected(cluster, rng):
     assert decode.stats().waiting_for_kv == 1, "a commit naming another instance touched this reservation"
     early = rpc_error(
         receiver.Commit,
-        kv_transfer_pb2.CommitRequest(request_id=request_id, instance_id=ticket.instance_id),
+        kv_transfer_pb2.CommitRequest(request_id=request_id, instance_id=ticket.instance_id, token=ticket.token),
         timeout=30,
     )
     assert early.code() == grpc.StatusCode.FAILED_PRECONDITION and "before layers" in early.details()

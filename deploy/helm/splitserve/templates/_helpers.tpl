@@ -99,6 +99,55 @@ command as written); `eval` honours its quoting. Dropping --block lets `ray star
 */}}
 {{- define "splitserve.headScript" -}}
 ulimit -n 65536; eval "${KUBERAY_GEN_RAY_START_CMD/--block/}" && exec splitserve up --address auto --config {{ include "splitserve.configDir" . }}/cluster.yaml --host 0.0.0.0 --worker-host auto
+{{- if .Values.tls.existingSecret }} --tls-cert /etc/splitserve-tls/tls.crt --tls-key /etc/splitserve-tls/tls.key{{ end }}
+{{- end -}}
+
+{{/* Data-plane trust, in every pod: the cluster secret as a file, mutual-TLS files (env entries). */}}
+{{- define "splitserve.trustEnv" -}}
+{{- with .Values.clusterSecret.existingSecret }}
+- name: SPLITSERVE_CLUSTER_SECRET_FILE
+  value: /etc/splitserve-cluster-secret/{{ $.Values.clusterSecret.secretKey }}
+{{- end }}
+{{- if .Values.clusterTLS.existingSecret }}
+- name: SPLITSERVE_TLS_CERT
+  value: /etc/splitserve-cluster-tls/tls.crt
+- name: SPLITSERVE_TLS_KEY
+  value: /etc/splitserve-cluster-tls/tls.key
+- name: SPLITSERVE_TLS_CA
+  value: /etc/splitserve-cluster-tls/ca.crt
+{{- with .Values.clusterTLS.serverName }}
+- name: SPLITSERVE_TLS_SERVER_NAME
+  value: {{ . | quote }}
+{{- end }}
+{{- end }}
+{{- end -}}
+
+{{- define "splitserve.trustVolumeMounts" -}}
+{{- if .Values.clusterSecret.existingSecret }}
+- name: cluster-secret
+  mountPath: /etc/splitserve-cluster-secret
+  readOnly: true
+{{- end }}
+{{- if .Values.clusterTLS.existingSecret }}
+- name: cluster-tls
+  mountPath: /etc/splitserve-cluster-tls
+  readOnly: true
+{{- end }}
+{{- end -}}
+
+{{- define "splitserve.trustVolumes" -}}
+{{- with .Values.clusterSecret.existingSecret }}
+- name: cluster-secret
+  secret:
+    secretName: {{ . }}
+    defaultMode: 0400
+{{- end }}
+{{- with .Values.clusterTLS.existingSecret }}
+- name: cluster-tls
+  secret:
+    secretName: {{ . }}
+    defaultMode: 0400
+{{- end }}
 {{- end -}}
 
 {{/* A worker pod is a plain Ray node; `--block` keeps `ray start` in the foreground. */}}

@@ -1,0 +1,77 @@
+"""A CPU host shared by several workers: what the simulator models of it (``Host``) and what the
+benchmarks measure for it (``CpuMeter``: how many cores everything *but* the measured processes
+kept busy — the router, the client, idle stacks, other users of the machine).
+
+Why it matters: a torch step runs its threads in lock step. A worker whose threads fill every core
+loses a whole step's progress to any other process that takes one of them; one that leaves a core
+idle loses nothing until another worker takes that core too::
+
+    2 cores, aggregated (2 threads)      2 cores, disaggregated (1 + 1 threads)
+    core 0  [P/D step ][router]          core 0  [prefill ......]
+    core 1  [P/D step ]........ <- waits core 1  [decode][router][decode]   (prefill unaffected)
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Host:
+    """Every worker on one CPU machine of ``cores``, beside other work keeping ``other_cores`` busy."""
+
+    cores: int
+    other_cores: float = 0.0
+
+    def slowdown(self, threads: int, busy_threads: int) -> float:
+        """A step of a ``threads``-thread worker while ``busy_threads`` (its own included) step. The
+        other work that finds no idle core preempts stepping threads, this worker's share of it
+        ``threads / busy_threads``; its other threads wait at the next barrier, so all of that share
+        is time its step loses."""
+        excess = busy_threads + self.other_cores - self.cores
+        return 1.0 + max(0.0, min(excess, self.other_cores)) * threads / busy_threads
+
+
+@dataclass(frozen=True)
+class CpuSample:
+    wall_s: float
+    machine_busy_ticks: int  # every core, every process
+    measured_ticks: int  # the measured processes, all their threads
+
+
+class CpuMeter:
+    """CPU time of the machine and of some processes (``/proc``), between two samples.
+
+    ``sample()`` returns None where there is no ``/proc`` (the simulator then assumes no other work)."""
+
+    def __init__(self, pids: list[int]) -> None:
+        self.pids = pids
+        self.tick_s = 1.0 / os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 0.01
+
+    def sample(self) -> CpuSample | None:
+        try:
+            with open("/proc/stat") as handle:
+                fields = [int(v) for v in handle.readline().split()[1:]]
+            measured = sum(_process_ticks(pid) for pid in self.pids)
+        except (OSError, ValueError, IndexError):
+            return None
+        user, nice, system, _idle, _iowait, irq, softirq, steal = (fields + [0] * 8)[:8]
+        return CpuSample(time.monotonic(), user + nice + system + irq + softirq + steal, measured)
+
+    def usage(self, before: CpuSample | None, after: CpuSample | None) -> dict | None:
+        """Cores kept busy on average between the samples: all, by the measured processes, by the rest."""
+        if before is None or after is None or after.wall_s <= before.wall_s:
+            return None
+        seconds = after.wall_s - before.wall_s
+        machine = (after.machine_busy_ticks - before.machine_busy_ticks) * self.tick_s / seconds
+        measured = (after.measured_ticks - before.measured_ticks) * self.tick_s / seconds
+        return {"machine_cores": machine, "measured_cores": measured, "other_cores": max(0.0, machine - measured)}
+
+
+def _process_ticks(pid: int) -> int:
+    """utime + stime of a process, every thread (fields 14 and 15 of /proc/PID/stat)."""
+    with open(f"/proc/{pid}/stat") as handle:
+        after_name = handle.read().rsplit(")", 1)[1].split()
+    return int(after_name[11]) + int(after_name[12])
