@@ -66,6 +66,8 @@ SIZING_OUTPUT_LEN = 16
 PREFILL_IN_DECODE_STEPS = 20.0
 INPUT_LEN_BOUNDS = (128, 4096)
 SLO_SCALES = (1.5, 2.0, 3.0, 4.0, 5.0, 6.0, 8.0)
+GRID_TTFT_SCALES = (2.0, 4.0, 6.0, 8.0, 12.0)  # the ratio with the TTFT and TPOT scales apart
+GRID_TPOT_SCALES = (1.5, 2.0, 3.0, 4.0, 6.0)
 RECORD_FIELDS = {f.name for f in dataclasses.fields(RequestRecord)}
 FIRST_REGULAR_TOKEN = 3  # ids below are pad/bos/eos in the presets' byte vocabulary
 
@@ -557,6 +559,18 @@ def scale_curve(runs: list[dict], systems: list[System], plan: Plan) -> list[dic
     return rows
 
 
+def ratio_grid(runs: list[dict], systems: list[System], plan: Plan) -> list[dict]:
+    """The goodput ratio had the TTFT and TPOT SLOs been set at different scales, from the same runs."""
+    rows = []
+    for ttft_scale in GRID_TTFT_SCALES:
+        for tpot_scale in GRID_TPOT_SCALES:
+            slos = {"ttft": ttft_scale * plan.baseline_ms["ttft"], "tpot": tpot_scale * plan.baseline_ms["tpot"]}
+            rows.append(
+                {"ttft_scale": ttft_scale, "tpot_scale": tpot_scale, "ratio": ratio_of(goodputs(runs, systems, slos))}
+            )
+    return rows
+
+
 def build_report(
     config: CompareConfig, plan: Plan, systems: list[System], probes: dict, runs: list[dict], seconds: float
 ) -> dict:
@@ -575,6 +589,7 @@ def build_report(
         "goodput": good,
         "goodput_ratio": ratio,
         "slo_scales": scale_curve(runs, systems, plan),
+        "ratio_grid": ratio_grid(runs, systems, plan),
         "target": {"ratio": GOODPUT_RATIO_TARGET, "met": ratio["low"] >= GOODPUT_RATIO_TARGET},
     }
 
@@ -632,6 +647,7 @@ def print_report(report: dict) -> None:
         f"(target >= {target['ratio']}x: {'met' if target['met'] else 'NOT met'})"
     )
     print_scale_curve(report["slo_scales"], config["rates"])
+    print_ratio_grid(report["ratio_grid"])
 
 
 def print_scale_curve(rows: list[dict], rates: list[float]) -> None:
@@ -657,6 +673,15 @@ def print_scale_curve(rows: list[dict], rates: list[float]) -> None:
 
 def _other_cores(run: dict) -> str:
     return "n/a" if not run.get("cpu") else f"{run['cpu']['other_cores']:.2f}"
+
+
+def print_ratio_grid(rows: list[dict]) -> None:
+    print("disaggregated / aggregated goodput with the scales apart (rows: TTFT scale, columns: TPOT scale):")
+    tpot_scales = sorted({row["tpot_scale"] for row in rows})
+    print(f"{'':>6}" + "".join(f"{scale:>10g}" for scale in tpot_scales))
+    for ttft_scale in sorted({row["ttft_scale"] for row in rows}):
+        cells = [_ratio_text(r["ratio"]).replace(" ", "") for r in rows if r["ttft_scale"] == ttft_scale]
+        print(f"{ttft_scale:>6g}" + "".join(f"{cell:>10}" for cell in cells))
 
 
 def _rates_source(sizing: dict) -> str:

@@ -122,6 +122,11 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--lease-ms", type=int, default=30_000, help="decode: how long a reservation waits for its KV")
     worker.add_argument("--no-verify-kv", action="store_true", help="skip KV checksums (faster)")
     worker.add_argument(
+        "--no-kv-bulk",
+        action="store_true",
+        help="grpc transport: keep KV bytes inside gRPC messages instead of the bulk TCP path",
+    )
+    worker.add_argument(
         "--push-mode",
         choices=["layer", "request"],
         default="layer",
@@ -297,6 +302,7 @@ def _run_worker(args: argparse.Namespace) -> int:
         auth=auth,
         transport=args.transport,
         verify_checksums=not args.no_verify_kv,
+        kv_bulk=not args.no_kv_bulk,
         host=args.host,
         port=args.port,
         worker_id=args.worker_id,

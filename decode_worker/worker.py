@@ -51,6 +51,7 @@ class DecodeWorker(WorkerBase, decode_pb2_grpc.DecodeWorkerServicer):
         verify_checksums: bool = True,
         default_lease_ms: int = DEFAULT_LEASE_MS,
         reservations_per_peer: int = DEFAULT_RESERVATIONS_PER_PEER,
+        kv_bulk: bool = True,
         **kwargs,
     ) -> None:
         super().__init__(config, **kwargs)
@@ -62,7 +63,8 @@ class DecodeWorker(WorkerBase, decode_pb2_grpc.DecodeWorkerServicer):
             from kv_transfer.nixl_transport import NixlReceiver
 
             self.nixl = NixlReceiver(self.unique_name, self.engine.kv_cache, self.inbox)
-        self.receiver = KVReceiverService(self.inbox, self.layout, self.instance_id, self.nixl)
+        self.bulk = self._bulk_receiver() if kv_bulk and transport == "grpc" else None
+        self.receiver = KVReceiverService(self.inbox, self.layout, self.instance_id, self.nixl, self.bulk)
         trace_kv_receiver(self.receiver)  # while tracing: a span per push stream / commit, the sender's child
         self.reservations = Reservations(
             self.inbox,
@@ -72,6 +74,15 @@ class DecodeWorker(WorkerBase, decode_pb2_grpc.DecodeWorkerServicer):
             max_per_peer=reservations_per_peer,
         )
 
+    def _bulk_receiver(self):
+        """gRPC transport, pool in host memory, no TLS: KV bytes may come over plain TCP (offered in the
+        handshake; control stays on gRPC). Otherwise they come in PushKV messages."""
+        if self.engine.kv_cache.data.is_cuda or self.auth.tls is not None:
+            return None
+        from kv_transfer.bulk_transport import BulkReceiver
+
+        return BulkReceiver(self.inbox, self.address.rsplit(":", 1)[0].strip("[]"), 0, self.auth.secret)
+
     def add_services(self, server: grpc.Server) -> None:
         decode_pb2_grpc.add_DecodeWorkerServicer_to_server(self, server)
         kv_transfer_pb2_grpc.add_KVReceiverServicer_to_server(self.receiver, server)
@@ -80,6 +91,8 @@ class DecodeWorker(WorkerBase, decode_pb2_grpc.DecodeWorkerServicer):
         super().stop(grace)
         if self.nixl is not None:
             self.nixl.close()
+        if self.bulk is not None:
+            self.bulk.close()
 
     # -- RPCs -------------------------------------------------------------------------------------
 

@@ -7,8 +7,9 @@ forgets it once the blocks are adopted or freed. Transports only report what hap
 
 Contract:
 - ``open`` / ``close`` / ``pinned`` / ``forget`` run on the decode engine thread (the owner).
-- ``write`` (gRPC data), ``landed`` (NIXL notifications), ``layers_complete``, ``commit`` and
-  ``abort`` run on transport threads. ``write`` and ``landed`` touch the pool only while *pinned*:
+- ``write`` (gRPC data), ``receive_in_place`` (bulk TCP data), ``landed`` (NIXL notifications),
+  ``layers_complete``, ``commit`` and ``abort`` run on transport threads. The first three touch the
+  pool only while *pinned*:
   the pin is taken under the landing's lock and only while the gate is open, and the owner frees
   a landing's blocks only once it is closed and unpinned. So no block is written (or read for a
   checksum) after its reservation stopped, nor ever while it could be freed.
@@ -146,6 +147,24 @@ class KVInbox:
         landing = self._landing(request_id)
         self._check_chunk(landing, layer, block_ids)
         with self.pin(landing):
+            if (
+                self.verify_checksums
+                and expected_checksum
+                and region_checksum(self.cache, layer, block_ids) != expected_checksum
+            ):
+                raise TransferError(f"checksum mismatch on layer {layer} of {request_id}", "DATA_LOSS")
+            self._mark_written(landing, layer, block_ids)
+
+    def receive_in_place(
+        self, request_id: str, layer: int, block_ids: Sequence[int], expected_checksum: int, fill: Callable[[], None]
+    ) -> None:
+        """Bulk TCP data (kv_transfer/bulk_transport.py): ``fill`` reads the regions of ``block_ids``
+        on ``layer`` from the network straight into the pool; they are then verified in place. The
+        landing stays pinned throughout, so a refused or stopped reservation is never written."""
+        landing = self._landing(request_id)
+        self._check_chunk(landing, layer, block_ids)
+        with self.pin(landing):
+            fill()
             if (
                 self.verify_checksums
                 and expected_checksum

@@ -36,11 +36,13 @@ class KVReceiverService(kv_transfer_pb2_grpc.KVReceiverServicer):
         layout: common_pb2.KVLayout,
         instance_id: str,
         nixl=None,  # kv_transfer.nixl_transport.NixlReceiver when the transport is NIXL
+        bulk=None,  # kv_transfer.bulk_transport.BulkReceiver: KV bytes over plain TCP (gRPC transport)
     ) -> None:
         self.inbox = inbox
         self.layout = layout
         self.instance_id = instance_id
         self.nixl = nixl
+        self.bulk = bulk
 
     def Handshake(self, request, context):
         response = kv_transfer_pb2.HandshakeResponse(layout=self.layout, instance_id=self.instance_id)
@@ -56,6 +58,8 @@ class KVReceiverService(kv_transfer_pb2_grpc.KVReceiverServicer):
             self.nixl.admit(request.nixl_agent)
             response.nixl_metadata = self.nixl.metadata()
             response.nixl_pool = self.nixl.pool_descriptor_bytes()
+        elif self.bulk is not None and request.bulk:
+            response.bulk_port = self.bulk.port  # the sender connects, authenticates, commits here
         response.accepted = True
         return response
 

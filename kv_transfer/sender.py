@@ -150,6 +150,7 @@ class KVSender(ABC):
             sender_id=self.sender_id,
             nixl_metadata=self._nixl_metadata(),
             nixl_agent=self._nixl_agent(),
+            bulk=self._wants_bulk(),
         )
         try:
             response = stub.Handshake(request, timeout=10.0)
@@ -169,6 +170,10 @@ class KVSender(ABC):
 
     def _nixl_agent(self) -> str:
         return ""
+
+    def _wants_bulk(self) -> bool:
+        """Hook: the sender can take KV bytes over the receiver's bulk TCP listener (bulk_transport.py)."""
+        return False
 
     def _on_new_peer(self, peer: Peer) -> None:
         """Hook for transports with per-peer state (NIXL loads the peer's agent metadata)."""

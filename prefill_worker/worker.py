@@ -61,6 +61,7 @@ class PrefillWorker(WorkerBase, prefill_pb2_grpc.PrefillWorkerServicer):
         transport: str = "grpc",
         verify_checksums: bool = True,
         push_mode: str = "layer",
+        kv_bulk: bool = True,
         **kwargs,
     ) -> None:
         if push_mode not in PUSH_MODES:
@@ -68,6 +69,7 @@ class PrefillWorker(WorkerBase, prefill_pb2_grpc.PrefillWorkerServicer):
         super().__init__(config, **kwargs)
         self.transport = transport
         self.push_mode = push_mode
+        self.kv_bulk = kv_bulk
         self.sender = self._make_sender(transport, verify_checksums)
         self._outbound: dict[str, Outbound] = {}  # engine thread only
         # Engine thread only: per request, source blocks a transport may still read (one reference
@@ -77,6 +79,10 @@ class PrefillWorker(WorkerBase, prefill_pb2_grpc.PrefillWorkerServicer):
     def _make_sender(self, transport: str, verify: bool) -> KVSender:
         if transport == "grpc":
             staged = self.engine.kv_cache.data.is_cuda  # stage VRAM through pinned host buffers
+            if self.kv_bulk and not staged:  # KV bytes over plain TCP where the decode worker offers it
+                from kv_transfer.bulk_transport import BulkKVSender
+
+                return BulkKVSender(self.layout, self.worker_id, verify=verify, auth=self.auth)
             return GrpcKVSender(self.layout, self.worker_id, verify=verify, staged=staged, auth=self.auth)
         if transport == "nixl":
             from kv_transfer.nixl_transport import NixlKVSender

@@ -8,32 +8,36 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class HandshakeRequest(_message.Message):
-    __slots__ = ("layout", "sender_id", "nixl_metadata", "nixl_agent")
+    __slots__ = ("layout", "sender_id", "nixl_metadata", "nixl_agent", "bulk")
     LAYOUT_FIELD_NUMBER: _ClassVar[int]
     SENDER_ID_FIELD_NUMBER: _ClassVar[int]
     NIXL_METADATA_FIELD_NUMBER: _ClassVar[int]
     NIXL_AGENT_FIELD_NUMBER: _ClassVar[int]
+    BULK_FIELD_NUMBER: _ClassVar[int]
     layout: _common_pb2.KVLayout
     sender_id: str
     nixl_metadata: bytes
     nixl_agent: str
-    def __init__(self, layout: _Optional[_Union[_common_pb2.KVLayout, _Mapping]] = ..., sender_id: _Optional[str] = ..., nixl_metadata: _Optional[bytes] = ..., nixl_agent: _Optional[str] = ...) -> None: ...
+    bulk: bool
+    def __init__(self, layout: _Optional[_Union[_common_pb2.KVLayout, _Mapping]] = ..., sender_id: _Optional[str] = ..., nixl_metadata: _Optional[bytes] = ..., nixl_agent: _Optional[str] = ..., bulk: _Optional[bool] = ...) -> None: ...
 
 class HandshakeResponse(_message.Message):
-    __slots__ = ("accepted", "message", "layout", "instance_id", "nixl_metadata", "nixl_pool")
+    __slots__ = ("accepted", "message", "layout", "instance_id", "nixl_metadata", "nixl_pool", "bulk_port")
     ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
     LAYOUT_FIELD_NUMBER: _ClassVar[int]
     INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
     NIXL_METADATA_FIELD_NUMBER: _ClassVar[int]
     NIXL_POOL_FIELD_NUMBER: _ClassVar[int]
+    BULK_PORT_FIELD_NUMBER: _ClassVar[int]
     accepted: bool
     message: str
     layout: _common_pb2.KVLayout
     instance_id: str
     nixl_metadata: bytes
     nixl_pool: bytes
-    def __init__(self, accepted: _Optional[bool] = ..., message: _Optional[str] = ..., layout: _Optional[_Union[_common_pb2.KVLayout, _Mapping]] = ..., instance_id: _Optional[str] = ..., nixl_metadata: _Optional[bytes] = ..., nixl_pool: _Optional[bytes] = ...) -> None: ...
+    bulk_port: int
+    def __init__(self, accepted: _Optional[bool] = ..., message: _Optional[str] = ..., layout: _Optional[_Union[_common_pb2.KVLayout, _Mapping]] = ..., instance_id: _Optional[str] = ..., nixl_metadata: _Optional[bytes] = ..., nixl_pool: _Optional[bytes] = ..., bulk_port: _Optional[int] = ...) -> None: ...
 
 class KVChunk(_message.Message):
     __slots__ = ("request_id", "instance_id", "layer", "block_ids", "data", "checksum", "commit", "first_token_id", "first_logprob", "abort", "abort_reason", "token")

@@ -321,6 +321,44 @@ TOKENIZE_HONOURED = frozenset(TokenizeBody.model_fields)
 DETOKENIZE_HONOURED = frozenset(DetokenizeBody.model_fields)
 
 
+# -- documented error responses: the OpenAPI document lists every status a route answers with ----------
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorBody(BaseModel):
+    """OpenAI's error shape; every error leaves in it."""
+
+    error: ErrorDetail
+
+
+_ERROR_MEANINGS = {
+    400: "Invalid request: a field is malformed, out of range or not supported (``error.param`` names it)",
+    401: "Missing or incorrect API key",
+    404: "No such model",
+    413: "Request body too large",
+    429: "Too many requests in flight; retry after the Retry-After header's seconds",
+    499: "The client disconnected before the answer (no one receives this)",
+    502: "A worker failed the request",
+    503: "No model is served yet, no decode worker is ready, or every one is full",
+    504: "The request timed out",
+}
+
+
+def errors(*statuses: int) -> dict[int | str, dict]:
+    """``responses=`` of a route answering with ``statuses`` (401 and 413 apply to every guarded route)."""
+    return {status: {"model": ErrorBody, "description": _ERROR_MEANINGS[status]} for status in statuses}
+
+
+_GUARDED = (401, 413)
+_GENERATES = errors(400, *_GUARDED, 404, 429, 499, 502, 503, 504)
+
+
 # -- the app ------------------------------------------------------------------------------------------
 
 
@@ -331,12 +369,13 @@ def create_app(frontend: Frontend, api_keys: tuple[str, ...] = ()) -> FastAPI:
     app.state.frontend = frontend
     _install_errors(app)
     _install_guards(app, frontend, api_keys)
+    _document_errors_honestly(app)
 
     @app.get("/health")
     async def health() -> dict:
         return {"status": "ok"}
 
-    @app.get("/ready")
+    @app.get("/ready", responses={503: {"description": "Not ready (same body: what is missing)"}})
     async def ready():
         decodes = frontend.pool.of_role("decode")
         ready = bool(decodes) and frontend.model.served is not None
@@ -356,11 +395,11 @@ def create_app(frontend: Frontend, api_keys: tuple[str, ...] = ()) -> FastAPI:
     async def metrics() -> PlainTextResponse:
         return PlainTextResponse(generate_latest(frontend.metrics.registry).decode(), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", responses=errors(*_GUARDED))
     async def models() -> dict:
         return {"object": "list", "data": [_model_card(frontend)]}
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", responses=_GENERATES)
     async def completions(body: CompletionBody, request: Request):
         frontend.check_model(body.model)
         prompts = _completion_prompts(frontend, body.prompt)
@@ -372,13 +411,13 @@ def create_app(frontend: Frontend, api_keys: tuple[str, ...] = ()) -> FastAPI:
         jobs = [frontend.build(p, choice) for p, choice in zip(choices, _seeded(params, len(choices)))]
         return await _respond(request, frontend, body, jobs, "text_completion", "cmpl", completions=shape)
 
-    @app.get("/v1/models/{model_id:path}")
+    @app.get("/v1/models/{model_id:path}", responses=errors(*_GUARDED, 404))
     async def model(model_id: str) -> dict:
         if model_id != frontend.model_name:
             raise GenerationError(f"The model `{model_id}` does not exist.", 404, "model_not_found", "model")
         return _model_card(frontend)
 
-    @app.post("/tokenize")
+    @app.post("/tokenize", responses=errors(400, *_GUARDED, 404, 503))
     async def tokenize(body: TokenizeBody) -> dict:
         frontend.check_model(body.model)
         if (body.prompt is None) == (body.messages is None):
@@ -398,17 +437,17 @@ def create_app(frontend: Frontend, api_keys: tuple[str, ...] = ()) -> FastAPI:
             )
         return {"tokens": tokens, "count": len(tokens), "max_model_len": frontend.max_model_len}
 
-    @app.post("/detokenize")
+    @app.post("/detokenize", responses=errors(400, *_GUARDED, 404, 503))
     async def detokenize(body: DetokenizeBody) -> dict:
         frontend.check_model(body.model)
         check_token_ids(body.tokens, frontend.vocab_size, "tokens")
         return {"prompt": frontend.tokenizer.decode(body.tokens, skip_special_tokens=False)}
 
-    @app.get("/version")
+    @app.get("/version", responses=errors(*_GUARDED))
     async def version() -> dict:
         return {"version": importlib.metadata.version("splitserve")}
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", responses=_GENERATES)
     async def chat(body: ChatBody, request: Request):
         frontend.check_model(body.model)
         try:
@@ -941,6 +980,22 @@ def _install_errors(app: FastAPI) -> None:
     @app.exception_handler(TimeoutError)
     async def timeout_error(request: Request, exc: TimeoutError):
         return error_response("request timed out", 504, "timeout")
+
+
+def _document_errors_honestly(app: FastAPI) -> None:
+    """FastAPI documents a 422 for every route with a body; invalid requests are answered 400 here, so the
+    document says that (each route's ``responses=``) and not 422."""
+    generate = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            schema = generate()
+            for operations in schema.get("paths", {}).values():
+                for operation in operations.values():
+                    operation.get("responses", {}).pop("422", None)
+        return app.openapi_schema
+
+    app.openapi = openapi
 
 
 # Without an API key even when keys are set: liveness and readiness (probes). /metrics and the API docs join them only

@@ -47,7 +47,8 @@ def test_quick_compare_writes_a_run_per_rate_and_system(tmp_path, capsys):
         for rate in rates:
             attained = [row["attainment"][system][str(rate)] for row in curve]
             assert attained == sorted(attained), (system, rate, attained)
-    assert "SLO attainment (aggregated/disaggregated) by SLO scale" in printed
+    assert "SLO attainment (aggregated/disaggregated) by SLO scale" in printed and "with the scales apart" in printed
+    assert all(run["cpu"]["measured_cores"] >= 0 and run["cpu"]["other_cores"] >= 0 for run in report["runs"])
 
 
 def test_workload_is_sized_from_the_measured_speeds():

@@ -11,6 +11,7 @@ import pytest
 from bench.serve_bench import summarize
 from bench.sim.cluster import Deployment, Link, WorkerSpec, simulate
 from bench.sim.hardware import H100, H200, resolve_model
+from bench.sim.host import Host
 from bench.sim.latency import FittedModel, ModelShape, RooflineModel, decode_step_s, prefill_s
 from bench.sim.search import max_goodput, search_splits
 from bench.sim.validate import validate
@@ -274,6 +275,92 @@ def test_simulate_cli_recommends_a_split_and_writes_json(tmp_path, capsys):
     report = json.loads(path.read_text())
     assert report["recommended"]["gpus"] <= 3 and "recommended:" in printed
     assert report["summary"]["completed"] == 60
+
+
+# -- a CPU host shared by the workers ------------------------------------------------------------------
+
+
+def test_host_slowdown_by_hand():
+    """2 cores, 0.3 of a core of other work: the 2-thread worker fills both, so all of it stalls
+    its steps; a lone 1-thread worker leaves a core for it; two 1-thread workers each take half."""
+    host = Host(2, 0.3)
+    assert host.slowdown(2, 2) == pytest.approx(1.3)
+    assert host.slowdown(1, 1) == 1.0
+    assert host.slowdown(1, 2) == pytest.approx(1.15)
+    assert Host(2, 1.5).slowdown(1, 1) == pytest.approx(1.5)  # only the 0.5 beyond the idle core
+    assert Host(2, 0.0).slowdown(2, 2) == 1.0
+
+
+def test_on_a_host_the_push_follows_the_prefill_and_contended_steps_stretch():
+    spec = WorkerSpec(CPU_LIKE, 100_000, 4096, threads=1)
+    setup = Deployment(1, 1, spec, spec, LAYERS, KV_BYTES, Link(1e8), host=Host(2, 0.5))
+    record = simulate(setup, [TraceRequest(0.0, 1000, 4)]).records[0]
+    # alone: (1 + 0.5 - 2) < 0, no slowdown; then the whole push, 1000 x 12288 B at 100 MB/s
+    assert record.ttft == pytest.approx(prefill_s(CPU_LIKE, 1000) + 1000 * KV_BYTES / 1e8, rel=1e-9)
+
+    both = replace(spec, threads=2)
+    aggregated = Deployment(0, 1, both, both, LAYERS, KV_BYTES, Link(1e8), host=Host(2, 0.5))
+    record = simulate(aggregated, [TraceRequest(0.0, 1000, 4)]).records[0]
+    assert record.ttft == pytest.approx(1.5 * prefill_s(CPU_LIKE, 1000), rel=1e-9)
+    assert record.latency - record.ttft == pytest.approx(
+        1.5 * sum(decode_step_s(CPU_LIKE, 1, 1000 + g) for g in range(1, 4)), rel=1e-9
+    )
+
+
+def test_profile_fits_lose_the_toll_of_the_other_work_measured_beside_them():
+    profile = dict(PROFILE, machine={"cpu_count": 2})
+    profile["fits"] = {k: dict(v, cpu={"other_cores": 0.25}) for k, v in PROFILE["fits"].items()}
+    alone2, alone1 = FittedModel.from_profile(profile, 2), FittedModel.from_profile(profile, 1)
+    assert alone2.prefill == pytest.approx(tuple(c / 1.25 for c in CPU_LIKE.prefill))
+    assert alone2.decode == pytest.approx(tuple(c / 1.25 for c in CPU_LIKE.decode))
+    assert alone1.prefill == pytest.approx(CPU_LIKE.prefill)  # one thread left a core for it
+
+
+def test_raw_validation_replays_each_runs_measured_other_work():
+    """Runs "measured" on a 2-core host with other work differing per run: the raw model, given
+    the cores and each run's other work, reproduces them; without the host it cannot."""
+    truth_spec = WorkerSpec(CPU_LIKE, 512 * 1024 * 1024 // KV_BYTES, 2048, threads=2)
+    config = {
+        "model": "bench-125m",
+        "dtype": "bfloat16",
+        "kv_cache_mb": 512,
+        "max_num_batched_tokens": 2048,
+        "seed": 0,
+        "slos": {"ttft": 4000.0, "tpot": 100.0},
+        "systems": {
+            "aggregated": {
+                "prefill_workers": 0,
+                "decode_workers": 1,
+                "prefill_threads": None,
+                "decode_threads": 2,
+                "local_prefill_threshold": 0,
+            }
+        },
+    }
+    runs = []
+    for rate, other in ((0.3, 0.2), (0.6, 0.6)):
+        truth = Deployment(0, 1, truth_spec, truth_spec, LAYERS, KV_BYTES, Link(1e9), host=Host(2, other))
+        records = simulate(truth, traffic(rate=rate, count=20).requests()).records
+        rows = [
+            dict(
+                start=r.start,
+                prompt_len=r.prompt_len,
+                output_len=r.output_len,
+                success=r.success,
+                ttft=r.ttft,
+                tpot=r.tpot,
+            )
+            for r in records
+        ]
+        summary = summarize(records, 1.0, config["slos"])
+        runs.append(
+            {"system": "aggregated", "rate": rate, "requests": rows, "summary": summary, "cpu": {"other_cores": other}}
+        )
+    report = json.loads(json.dumps({"config": config, "machine": {"cpu_count": 2}, "runs": runs}))
+
+    assert validate(report, PROFILE)["agreement"]["raw"]["median_abs_error"] == pytest.approx(0.0, abs=1e-9)
+    blind = dict(report, machine={})
+    assert validate(blind, PROFILE)["agreement"]["raw"]["median_abs_error"] > 0.1
 
 
 # -- exposed transfer at GPU scale ---------------------------------------------------------------------

@@ -6,6 +6,8 @@ The tests share one cluster and one page and run in file order: each leaves the 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import httpx
 import openai
 import pytest
@@ -48,6 +50,8 @@ def page(browser, cluster):
     page.set_default_timeout(UI_TIMEOUT_MS)
     page.problems = PageProblems(page)
     page.goto(f"{cluster.url}/dashboard")
+    page.fill("#admin-token", ADMIN_TOKEN)  # the page shows nothing without it
+    page.press("#admin-token", "Enter")
     yield page
     context.close()
 
@@ -69,7 +73,7 @@ def scale_in_ui(page, role: str, replicas: int) -> None:
 
 
 def test_page_loads_and_shows_the_real_workers(page, cluster):
-    snapshot = httpx.get(f"{cluster.url}/dashboard/api/snapshot", timeout=10).json()
+    snapshot = httpx.get(f"{cluster.url}/dashboard/api/snapshot", headers=cluster.admin_headers, timeout=10).json()
     assert snapshot["chart_library"], "the chart library is not installed: npm ci --prefix router/dashboard_web"
     workers = cluster.status()["workers"]
     assert {w["role"] for w in workers} == {"prefill", "decode"}
@@ -106,19 +110,51 @@ def test_charts_update_after_traffic(page, cluster):
     assert page.problems.messages == []
 
 
-def test_action_without_the_admin_token_is_refused(page, cluster):
+def test_kv_bar_agrees_with_its_text(page, cluster):
+    """After traffic the prefix cache holds blocks no request uses: the bar shows used/pool, as its text says."""
+    cards = page.locator(".worker")
+    assert cards.count() >= 2
+    for index in range(cards.count()):
+        card = cards.nth(index)
+        used, total = (int(n) for n in card.locator(".kv-text").inner_text().split()[1].split("/"))
+        filled = card.locator(".kvbar").evaluate(
+            "(bar) => [...bar.children].reduce((sum, s) => sum + s.getBoundingClientRect().width, 0)"
+            " / bar.getBoundingClientRect().width * 100"
+        )
+        assert total > 0 and filled == pytest.approx(100 * used / total, abs=0.5), card.inner_text()
+    cached = [
+        int(cards.nth(i).locator(".kv-text").inner_text().split("· ")[1].split()[0]) for i in range(cards.count())
+    ]
+    assert max(cached) > 0, "no cached blocks: the check above needs them to mean anything"
+
+
+def test_action_without_the_admin_token_is_refused_before_the_confirmation(page, cluster):
     page.fill("#admin-token", "")
-    scale_in_ui(page, "prefill", 2)
+    page.fill("#scale-prefill", "2")
+    page.click("#pool-prefill .scale-btn")
     banner = page.locator('#action-result[data-kind="error"]')
     banner.wait_for()
-    assert "403" in banner.inner_text() and "admin token" in banner.inner_text()
+    assert "admin token" in banner.inner_text()
+    assert page.locator("#confirm").is_hidden()  # never asked to confirm what cannot happen
+    page.click(".worker .drain-btn >> nth=0")
+    assert page.locator("#confirm").is_hidden()
+    # ... and the router refuses it too
+    refused = httpx.post(f"{cluster.url}/admin/scale", json={"role": "prefill", "replicas": 2}, timeout=10)
+    assert refused.status_code == 403 and "admin token" in refused.json()["error"]["message"]
     assert pools(cluster)["prefill"]["desired"] == 1
     assert len(cluster.workers("prefill")) == 1
-    # The browser logs the refused request itself; that one entry is expected.
-    assert page.problems.messages == [
-        "console: Failed to load resource: the server responded with a status of 403 (Forbidden)"
-    ]
-    page.problems.messages.clear()
+    assert page.problems.messages == []
+
+
+def test_no_process_shows_the_admin_token_on_its_command_line(cluster):
+    showing = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and ADMIN_TOKEN.encode() in (entry / "cmdline").read_bytes():
+                showing.append(entry.name)
+        except OSError:
+            continue
+    assert showing == []
 
 
 def test_scale_changes_the_pool_and_the_topology(page, cluster):

@@ -27,8 +27,8 @@ def bare_router(tmp_path_factory):
         shutil.copy(WEB_DIR / name, web_dir / name)
     frontend = Frontend(RouterConfig(model="demo", admin_token="unused"), WorkerPool())
     app = create_app(frontend, api_keys=("secret-key",))
-    install_admin(app, frontend, None, frontend.config.admin_token)
-    install_dashboard(app, frontend, None, web_dir=web_dir)
+    install_admin(app, frontend, None, frontend.config.admin_token, ("secret-key",))
+    install_dashboard(app, frontend, None, web_dir=web_dir, admin_token="unused", api_keys=("secret-key",))
     server = uvicorn.Server(
         uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="off", timeout_graceful_shutdown=1)
     )
@@ -47,7 +47,9 @@ def test_page_explains_missing_charts_and_disables_actions(browser, bare_router)
     page = browser.new_page()
     problems = PageProblems(page)
     try:
-        page.goto(f"{bare_router}/dashboard")  # no API key: the dashboard is exempt
+        page.goto(f"{bare_router}/dashboard")  # no API key: the dashboard wants the admin token instead
+        page.fill("#admin-token", "unused")
+        page.press("#admin-token", "Enter")
         missing = page.locator("#chart-missing")
         missing.wait_for(timeout=10_000)
         assert "npm ci --prefix router/dashboard_web" in missing.inner_text()
@@ -66,6 +68,6 @@ def test_actions_need_a_control_plane(bare_router):
     )
     assert reply.status_code == 501
     assert httpx.get(f"{bare_router}/dashboard/lib/chart.js").status_code == 404
-    snapshot = httpx.get(f"{bare_router}/dashboard/api/snapshot").json()
+    snapshot = httpx.get(f"{bare_router}/dashboard/api/snapshot", headers={"X-Admin-Token": "unused"}).json()
     assert snapshot["control"] is False and snapshot["chart_library"] is False and snapshot["workers"] == []
     assert httpx.get(f"{bare_router}/v1/models").status_code == 401  # the API itself still wants its key

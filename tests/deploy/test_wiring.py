@@ -13,10 +13,13 @@ import sys
 import threading
 import urllib.parse
 
+import pytest
 import yaml
 
-from router.openai_api import _OPEN_PATHS
-from tests.deploy.conftest import DEPLOY, RENDERS, head_container, one
+from cluster.config import from_dict
+from router.openai_api import _OPEN_PATHS, open_paths
+from tests.deploy.conftest import DEPLOY, RENDERS, HelmError, chart_objects, head_container, one
+from tests.deploy.test_placement import configmap_text
 
 SCRAPE_CONFIG = DEPLOY / "prometheus" / "scrape-config.yaml"
 
@@ -78,7 +81,46 @@ def test_probes_use_router_endpoints_open_without_an_api_key(objects):
     for kind, probe in probes.items():
         assert probe["path"] in _OPEN_PATHS, f"{kind} {probe['path']} would get 401 once API keys are set"
         assert probe["port"] in {p["name"] for p in container["ports"]}
-    assert "/metrics" in _OPEN_PATHS, "Prometheus scrapes without an API key"
+    config = from_dict(yaml.safe_load(configmap_text(objects, "/etc/splitserve/cluster.yaml")))
+    assert "/metrics" in open_paths(config), "the chart's default: Prometheus in the cluster scrapes without a key"
+
+
+CLOSED_METRICS = {
+    "apiKeys": {"create": True, "keys": ["key-one", "key-two"]},
+    "router": {"openMetrics": False},
+    "metrics": {"podAnnotations": False, "podMonitor": {"enabled": True}},
+}
+
+
+def test_closed_metrics_are_scraped_with_an_api_key_from_a_secret():
+    objects = chart_objects(values=CLOSED_METRICS)
+    config = from_dict(yaml.safe_load(configmap_text(objects, "/etc/splitserve/cluster.yaml")))
+    assert config.open_metrics is False and "/metrics" not in open_paths(config)
+    (endpoint,) = one(objects, "PodMonitor")["spec"]["podMetricsEndpoints"]
+    credentials = endpoint["authorization"]["credentials"]
+    secret = one(objects, "Secret")
+    assert endpoint["authorization"]["type"] == "Bearer" and credentials["name"] == secret["metadata"]["name"]
+    assert base64.b64decode(secret["data"][credentials["key"]]).decode() == "key-one"
+    own = chart_objects(
+        values={
+            **CLOSED_METRICS,
+            "metrics": {
+                "podAnnotations": False,
+                "podMonitor": {"enabled": True, "bearerTokenSecret": {"name": "scraper", "key": "token"}},
+            },
+        }
+    )
+    (endpoint,) = one(own, "PodMonitor")["spec"]["podMetricsEndpoints"]
+    assert endpoint["authorization"]["credentials"] == {"name": "scraper", "key": "token"}
+
+
+def test_closed_metrics_refuse_a_scrape_that_cannot_send_a_key():
+
+    with pytest.raises(HelmError, match="metrics.podAnnotations"):
+        chart_objects(values={**CLOSED_METRICS, "metrics": {"podAnnotations": True}})
+    existing = {**CLOSED_METRICS, "apiKeys": {"existingSecret": "keys"}}
+    with pytest.raises(HelmError, match="bearerTokenSecret"):
+        chart_objects(values=existing)
 
 
 def test_every_container_has_requests_and_limits(objects):

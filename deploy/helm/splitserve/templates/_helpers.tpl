@@ -45,6 +45,20 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 {{- end -}}
 {{- end -}}
 
+{{/* "true" when the router's /metrics wants an API key: keys are set and router.openMetrics is false. */}}
+{{- define "splitserve.metricsNeedKey" -}}
+{{- if and (include "splitserve.apiKeysSecret" .) (not .Values.router.openMetrics) -}}true{{- end -}}
+{{- end -}}
+
+{{/* The Secret whose metrics.podMonitor.bearerTokenSecret.key the PodMonitor sends: given, else the chart's own. */}}
+{{- define "splitserve.metricsTokenSecret" -}}
+{{- if .Values.metrics.podMonitor.bearerTokenSecret.name -}}
+{{- .Values.metrics.podMonitor.bearerTokenSecret.name -}}
+{{- else if .Values.apiKeys.create -}}
+{{- include "splitserve.apiKeysSecret" . -}}
+{{- end -}}
+{{- end -}}
+
 {{/* Where the head mounts the cluster config: `splitserve up --config` reads it. */}}
 {{- define "splitserve.configDir" -}}/etc/splitserve{{- end -}}
 
@@ -65,6 +79,8 @@ port: {{ int .Values.router.httpPort }}
 grpc_port: {{ int .Values.router.grpcPort }}
 lease_ms: {{ int .Values.router.leaseMs }}
 local_prefill_threshold: {{ int .Values.router.localPrefillThreshold }}
+open_metrics: {{ .Values.router.openMetrics }}
+open_docs: {{ .Values.router.openDocs }}
 {{- range $role := list "prefill" "decode" }}
 {{- $pool := index $.Values $role }}
 {{ $role }}:
@@ -245,6 +261,14 @@ fsGroup: 1000
 {{- end }}
 {{- if and .Values.apiKeys.create .Values.apiKeys.existingSecret }}
 {{- fail "apiKeys: set either create or existingSecret, not both" }}
+{{- end }}
+{{- if include "splitserve.metricsNeedKey" . }}
+{{- if .Values.metrics.podAnnotations }}
+{{- fail "metrics.podAnnotations: an annotation-discovered scrape sends no API key, and /metrics wants one (API keys set, router.openMetrics false): set router.openMetrics true, or metrics.podAnnotations false and use the PodMonitor" }}
+{{- end }}
+{{- if and .Values.metrics.podMonitor.enabled (not (include "splitserve.metricsTokenSecret" .)) }}
+{{- fail "metrics.podMonitor: /metrics wants an API key (router.openMetrics false): set metrics.podMonitor.bearerTokenSecret.name to a Secret holding one, or use apiKeys.create" }}
+{{- end }}
 {{- end }}
 {{- /* The schema admits these as decimal strings too (--set-string, --set 0.5); only here is their sign known. */}}
 {{- $positive := dict "slo.ttftSeconds" .Values.slo.ttftSeconds "slo.tpotSeconds" .Values.slo.tpotSeconds "planner.intervalSeconds" .Values.planner.intervalSeconds "planner.windowSeconds" .Values.planner.windowSeconds }}

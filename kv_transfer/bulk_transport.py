@@ -1,0 +1,626 @@
+"""KV at line rate over plain TCP: the gRPC transport's bulk path.
+
+Control stays on gRPC — handshake, commit, abort (``KVReceiver``) — and only the regions' bytes
+take TCP connections the handshake negotiated: the sender asks for bulk (``HandshakeRequest.bulk``),
+a receiver that has a bulk listener answers its port (``HandshakeResponse.bulk_port``), and the
+sender opens ``connections`` links to it. Either side without bulk, or a listener the sender cannot
+reach, and the session falls back to ``PushKV`` messages (kv_transfer/grpc_transport.py).
+
+    prefill (sender)                                  decode (receiver)
+    push_layer ─ frame ─> link queue ─ sendmsg(header, pool memoryviews) ─> recv_into the destination
+                                                      blocks, pinned (inbox) ─ xxh3 in place ─ ack
+    commit: every frame acked, then Commit over gRPC (as NIXL); abort: Commit(abort) over gRPC
+
+No intermediate copy on either side: the sender writes straight from the pool's memory, the
+receiver reads straight into the reservation's blocks while the landing is pinned (so they are
+never written after the reservation stopped, nor freed while written). Adjacent blocks go as one
+run; the checksum is xxh3 over the regions in block order (kv_transfer/integrity.py), hashed in
+place on both sides.
+
+Wire (big-endian):
+
+    hello  receiver -> sender  b"SSKV" version:u8 nonce[32]
+           sender -> receiver  HMAC-SHA256(cluster secret, HELLO_CONTEXT + nonce)    32 bytes
+           receiver -> sender  0 (admitted) or 1 (refused; the connection closes)
+    frame  sender -> receiver  b"KVF1" request_id_len:u16 token_len:u16 layer:u32 num_blocks:u32
+                               checksum:u64 | request id | ticket token | block ids (u32 each)
+                               | num_blocks x region_bytes of regions in block order
+    ack    receiver -> sender  length:u32 | "" when the frame landed (and verified), else
+                               "CODE message" (a TransferError code); one per frame, in order
+
+Trust is the control path's: the link authenticates with the cluster secret (it never crosses the
+wire), and every frame presents its ticket's token (``KVInbox.authorize``). Without TLS the bytes
+travel in the clear, as gRPC's without TLS do; with TLS configured the bulk path is not offered.
+
+Threads: ``push_layer`` (engine thread) hashes a complete layer and queues its frames; each link
+has a sending thread and an ack-reading thread; the receiver has an accepting thread and one
+thread per connection. Socket buffers: raised to ``SOCKET_BUFFER_BYTES`` where the kernel allows
+it (``net.core.[rw]mem_max``), else left to TCP autotuning, which a smaller fixed size would cap.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import hmac
+import logging
+import queue
+import secrets
+import socket
+import struct
+import threading
+import time
+from collections.abc import Sequence
+
+import grpc
+
+from engine.kv_cache import PagedKVCache
+from engine.layer_ready import COMPLETED, LayerReady
+from kv_transfer.errors import TransferError
+from kv_transfer.grpc_transport import DEFAULT_CHUNK_BYTES, GrpcKVSender
+from kv_transfer.inbox import KVInbox
+from kv_transfer.integrity import pool_bytes, region_checksum, region_runs
+from kv_transfer.sender import OutboundSession, Peer
+from protos import common_pb2, decode_pb2, kv_transfer_pb2
+from protos.cluster_auth import ClusterAuth
+
+log = logging.getLogger(__name__)
+
+VERSION = 1
+HELLO = b"SSKV"
+HELLO_CONTEXT = b"splitserve-kv-bulk-v1"
+NONCE_BYTES = 32
+FRAME_MAGIC = b"KVF1"
+FRAME_HEADER = struct.Struct("!4sHHIIQ")
+ACK_HEADER = struct.Struct("!I")
+DEFAULT_CONNECTIONS = 2
+DEFAULT_FRAME_BYTES = 8 * 1024 * 1024  # a layer piece larger than this is split (and spread over links)
+SOCKET_BUFFER_BYTES = 32 * 1024 * 1024  # ~ the bandwidth-delay product of 100 Gb/s x 2.5 ms
+CONNECT_TIMEOUT_S = 5.0
+HELLO_TIMEOUT_S = 5.0
+# Once a frame started, each of its reads and writes must progress within this: a stalled link
+# (no byte for this long) is broken, which unpins the landing and fails the sessions on it.
+STALL_TIMEOUT_S = 30.0
+MAX_CONNECTIONS = 256
+ABORT_RELEASE_TIMEOUT_S = 5.0
+_DRAIN_BYTES = 1 << 20
+
+
+def hello_proof(secret: str | None, nonce: bytes) -> bytes:
+    return hmac.new((secret or "").encode(), HELLO_CONTEXT + nonce, hashlib.sha256).digest()
+
+
+def tune_socket(sock: socket.socket) -> None:
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for option, limit in ((socket.SO_SNDBUF, "wmem_max"), (socket.SO_RCVBUF, "rmem_max")):
+        if _sysctl(f"/proc/sys/net/core/{limit}") >= SOCKET_BUFFER_BYTES:
+            sock.setsockopt(socket.SOL_SOCKET, option, SOCKET_BUFFER_BYTES)
+
+
+def _sysctl(path: str) -> int:
+    try:
+        with open(path) as handle:
+            return int(handle.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def _recv_exactly(sock: socket.socket, view: memoryview) -> None:
+    got = 0
+    while got < len(view):
+        count = sock.recv_into(view[got:])
+        if count == 0:
+            raise ConnectionError("the peer closed the bulk connection")
+        got += count
+
+
+def _recv_bytes(sock: socket.socket, count: int) -> bytes:
+    buffer = bytearray(count)
+    _recv_exactly(sock, memoryview(buffer))
+    return bytes(buffer)
+
+
+def _send_all(sock: socket.socket, buffers: list) -> None:
+    """``sendmsg`` the buffers, resuming after a partial send; no buffer is joined or copied."""
+    views = [memoryview(b).cast("B") for b in buffers]
+    while views:
+        sent = sock.sendmsg(views[:512])  # IOV_MAX is 1024 on Linux
+        while sent and views:
+            if sent >= len(views[0]):
+                sent -= len(views.pop(0))
+            else:
+                views[0] = views[0][sent:]
+                sent = 0
+
+
+# -- receiver ---------------------------------------------------------------------------------------
+
+
+class BulkReceiver:
+    """The decode worker's bulk listener: authenticated connections whose frames land in the inbox's
+    open reservations (``KVInbox.receive_in_place``). ``port`` 0 picks a free one; ``.port`` says which."""
+
+    def __init__(self, inbox: KVInbox, host: str, port: int = 0, secret: str | None = None) -> None:
+        self.inbox = inbox
+        self._secret = secret
+        self._listener = socket.create_server((host, port), family=_family(host), backlog=64)
+        tune_socket(self._listener)  # accepted sockets inherit the buffer sizes
+        self.port = self._listener.getsockname()[1]
+        self._connections: set[socket.socket] = set()
+        self._lock = threading.Lock()
+        self._closed = False
+        threading.Thread(target=self._accept, name="kv-bulk-accept", daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                sock, _ = self._listener.accept()
+            except OSError:
+                return  # closed
+            with self._lock:
+                if self._closed or len(self._connections) >= MAX_CONNECTIONS:
+                    sock.close()
+                    continue
+                self._connections.add(sock)
+            threading.Thread(target=self._serve, args=(sock,), name="kv-bulk-conn", daemon=True).start()
+
+    def _serve(self, sock: socket.socket) -> None:
+        sent_here: set[str] = set()  # reservations this link carried frames for
+        try:
+            if self._admit(sock):
+                while self._frame(sock, sent_here):
+                    pass
+        except (OSError, ConnectionError, TransferError) as exc:
+            log.info("bulk KV connection closed: %s", exc)
+        finally:
+            with self._lock:
+                self._connections.discard(sock)
+            sock.close()
+            # As a broken push stream does: a sender whose link is gone (it died, or the link broke)
+            # will not finish; its reservations not committed yet stop now, not at lease expiry.
+            for request_id in sent_here:
+                if self.inbox.get(request_id) is not None:
+                    self.inbox.abort(request_id, "the bulk KV link closed before a commit")
+
+    def _admit(self, sock: socket.socket) -> bool:
+        tune_socket(sock)
+        sock.settimeout(HELLO_TIMEOUT_S)
+        nonce = secrets.token_bytes(NONCE_BYTES)
+        sock.sendall(HELLO + bytes([VERSION]) + nonce)
+        proof = _recv_bytes(sock, hashlib.sha256().digest_size)
+        admitted = self._secret is None or hmac.compare_digest(proof, hello_proof(self._secret, nonce))
+        sock.sendall(b"\x00" if admitted else b"\x01")
+        if not admitted:
+            log.warning("bulk KV connection from %s refused: wrong cluster credentials", _peer_name(sock))
+        return admitted
+
+    def _frame(self, sock: socket.socket, sent_here: set[str]) -> bool:
+        """One frame: False when the sender closed the connection between frames."""
+        sock.settimeout(None)  # an idle link waits for the next frame as long as it likes
+        header = bytearray(FRAME_HEADER.size)
+        first = sock.recv_into(header)
+        if first == 0:
+            return False
+        sock.settimeout(STALL_TIMEOUT_S)
+        _recv_exactly(sock, memoryview(header)[first:])
+        magic, id_len, token_len, layer, num_blocks, expected = FRAME_HEADER.unpack(header)
+        if magic != FRAME_MAGIC or num_blocks == 0 or num_blocks > self.inbox.cache.layout.num_blocks:
+            raise ConnectionError(f"malformed bulk KV frame (magic {magic!r}, {num_blocks} blocks)")
+        request_id = _recv_bytes(sock, id_len).decode(errors="replace")
+        token = _recv_bytes(sock, token_len).decode(errors="replace")
+        blocks = list(struct.unpack(f"!{num_blocks}I", _recv_bytes(sock, 4 * num_blocks)))
+        landed = self._land(sock, request_id, token, layer, blocks, expected, sent_here)
+        sock.sendall(ACK_HEADER.pack(len(landed)) + landed)
+        return True
+
+    def _land(self, sock, request_id: str, token: str, layer: int, blocks: list[int], expected: int, sent_here):
+        """Receives the frame's regions into the reservation (or drains them); the ack's text."""
+        payload = len(blocks) * self.inbox.cache.layout.region_bytes
+        received = [0]
+
+        def fill() -> None:
+            pool = pool_bytes(self.inbox.cache)
+            for start, length in region_runs(self.inbox.cache, layer, blocks):
+                _recv_exactly(sock, pool[start : start + length])
+                received[0] += length
+
+        try:
+            self.inbox.authorize(request_id, token)
+            if request_id not in sent_here and len(sent_here) >= 64:  # forget reservations already gone
+                sent_here.difference_update([r for r in sent_here if self.inbox.get(r) is None])
+            sent_here.add(request_id)
+            self.inbox.receive_in_place(request_id, layer, blocks, expected, fill)
+            return b""
+        except (OSError, ConnectionError):
+            # Mid-frame: nobody can finish this layer now. Other frames on this link are their senders' business.
+            self.inbox.abort(request_id, "the bulk KV connection broke mid-frame")
+            raise
+        except TransferError as exc:
+            if received[0] < payload:
+                _drain(sock, payload - received[0])
+            if exc.code == "DATA_LOSS":  # we are the only writer of these blocks: stop the reservation
+                self.inbox.abort(request_id, str(exc))
+            return f"{exc.code} {exc}".encode()
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            connections = list(self._connections)
+        self._listener.close()
+        for sock in connections:
+            _shutdown(sock)
+
+
+def _drain(sock: socket.socket, count: int) -> None:
+    scratch = memoryview(bytearray(min(count, _DRAIN_BYTES)))
+    while count:
+        view = scratch[: min(count, len(scratch))]
+        _recv_exactly(sock, view)
+        count -= len(view)
+
+
+def _family(host: str) -> socket.AddressFamily:
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
+
+
+def _peer_name(sock: socket.socket) -> str:
+    try:
+        return str(sock.getpeername()[0])
+    except OSError:
+        return "?"
+
+
+def _shutdown(sock: socket.socket) -> None:
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+
+
+# -- sender -----------------------------------------------------------------------------------------
+
+
+class _Frame:
+    """One piece of one layer on its way. The pool is read between ``begin_reading`` and the end of
+    the send; ``stop_reading`` returns once it no longer is, and keeps a frame not yet started from
+    ever starting. ``acked`` is set with ``error`` None (landed) or the receiver's/link's reason."""
+
+    def __init__(self, session: BulkSession, cache: PagedKVCache, layer: int, src, dst, ready, checksum) -> None:
+        self.session = session
+        self.cache = cache
+        self.layer = layer
+        self.src_blocks = src
+        self.dst_blocks = dst
+        self.ready = ready
+        self.checksum = checksum  # None: computed by the link once ``ready`` completed
+        self.nbytes = len(src) * cache.layout.region_bytes
+        self.error: str | None = None
+        self.acked = threading.Event()
+        self._lock = threading.Lock()
+        self._state = "queued"  # queued -> reading -> read, or queued -> cancelled
+        self._read = threading.Event()
+
+    def begin_reading(self) -> bool:
+        with self._lock:
+            if self._state != "queued":
+                return False
+            self._state = "reading"
+            return True
+
+    def end_reading(self) -> None:
+        with self._lock:
+            self._state = "read"
+        self._read.set()
+
+    def stop_reading(self, timeout: float) -> bool:
+        """True once the pool is not read by this frame (now or ever again)."""
+        with self._lock:
+            if self._state == "queued":
+                self._state = "cancelled"
+                self._read.set()
+                self.finish("released before it was sent")
+        return self._read.wait(timeout)
+
+    def finish(self, error: str | None) -> None:
+        if not self.acked.is_set():
+            self.error = error
+            self.acked.set()
+
+    def header(self) -> list[bytes]:
+        request_id, token = self.session.request_id.encode(), self.session.ticket.token.encode()
+        fixed = FRAME_HEADER.pack(
+            FRAME_MAGIC, len(request_id), len(token), self.layer, len(self.dst_blocks), self.checksum
+        )
+        return [fixed, request_id, token, struct.pack(f"!{len(self.dst_blocks)}I", *self.dst_blocks)]
+
+
+class BulkLink:
+    """One authenticated TCP connection to a receiver's bulk listener, with its sending thread (FIFO)
+    and its ack-reading thread. Broken for good on any error: every frame on it then fails."""
+
+    def __init__(self, host: str, port: int, secret: str | None, verify: bool) -> None:
+        self.verify = verify
+        self.sock = socket.create_connection((host, port), timeout=CONNECT_TIMEOUT_S)
+        try:
+            tune_socket(self.sock)
+            self.sock.settimeout(HELLO_TIMEOUT_S)
+            greeting = _recv_bytes(self.sock, len(HELLO) + 1 + NONCE_BYTES)
+            if greeting[: len(HELLO)] != HELLO or greeting[len(HELLO)] != VERSION:
+                raise ConnectionError(f"{host}:{port} does not speak bulk KV version {VERSION}")
+            self.sock.sendall(hello_proof(secret, greeting[len(HELLO) + 1 :]))
+            if _recv_bytes(self.sock, 1) != b"\x00":
+                raise ConnectionError(f"{host}:{port} refused our cluster credentials on the bulk KV link")
+            self.sock.settimeout(STALL_TIMEOUT_S)
+        except BaseException:
+            self.sock.close()
+            raise
+        self.broken: str | None = None
+        self.queued_bytes = 0  # sent or waiting, not yet acked: where the next frame goes
+        self._outbox: queue.Queue[_Frame | None] = queue.Queue()
+        self._unacked: collections.deque[_Frame] = collections.deque()
+        self._lock = threading.Lock()
+        threading.Thread(target=self._send_loop, name="kv-bulk-send", daemon=True).start()
+        threading.Thread(target=self._ack_loop, name="kv-bulk-acks", daemon=True).start()
+
+    def send(self, frame: _Frame) -> None:
+        with self._lock:
+            if self.broken is not None:
+                frame.finish(self.broken)
+                frame.stop_reading(0)
+                return
+            self.queued_bytes += frame.nbytes
+            self._unacked.append(frame)  # acks come in send order
+            self._outbox.put(frame)
+
+    def _send_loop(self) -> None:
+        while (frame := self._outbox.get()) is not None:
+            if not frame.begin_reading():
+                continue  # released before it started: never sent, never acked
+            try:
+                self._send_frame(frame)
+            except (OSError, ValueError) as exc:
+                self.break_link(f"bulk KV link failed while sending: {exc}")
+            finally:
+                frame.end_reading()
+
+    def _send_frame(self, frame: _Frame) -> None:
+        if self.broken is not None:
+            raise OSError(self.broken)
+        if frame.checksum is None:
+            frame.ready.synchronize()
+            frame.checksum = region_checksum(frame.cache, frame.layer, frame.src_blocks) if self.verify else 0
+        pool = pool_bytes(frame.cache)
+        regions = [
+            pool[start : start + length] for start, length in region_runs(frame.cache, frame.layer, frame.src_blocks)
+        ]
+        _send_all(self.sock, frame.header() + regions)
+
+    def _ack_loop(self) -> None:
+        try:
+            while True:
+                (length,) = ACK_HEADER.unpack(_recv_bytes_blocking(self.sock, ACK_HEADER.size))
+                text = _recv_bytes_blocking(self.sock, length).decode(errors="replace") if length else ""
+                with self._lock:
+                    frame = self._next_sent_locked()
+                if frame is None:
+                    raise ConnectionError("an ack for no frame")
+                frame.finish(text or None)
+        except (OSError, ConnectionError, struct.error) as exc:
+            self.break_link(f"bulk KV link lost: {exc}")
+
+    def _next_sent_locked(self) -> _Frame | None:
+        """The oldest unacked frame that was sent; frames cancelled before sending are acked as such."""
+        while self._unacked:
+            frame = self._unacked.popleft()
+            self.queued_bytes -= frame.nbytes
+            if frame.acked.is_set():  # cancelled before it was sent
+                continue
+            return frame
+        return None
+
+    def break_link(self, reason: str) -> None:
+        with self._lock:
+            if self.broken is None:
+                self.broken = reason
+            frames, self._unacked = list(self._unacked), collections.deque()
+            self.queued_bytes = 0
+        _shutdown(self.sock)
+        self._outbox.put(None)
+        for frame in frames:
+            frame.finish(self.broken)
+
+    def close(self) -> None:
+        self.break_link("bulk KV link closed")
+        self.sock.close()
+
+
+def _recv_bytes_blocking(sock: socket.socket, count: int) -> bytes:
+    """Acks may be far apart (a long frame, or none in flight): the ack reader waits as long as the
+    link lives; a stalled send breaks the link, which ends this wait too."""
+    buffer = bytearray(count)
+    view, got = memoryview(buffer), 0
+    while got < count:
+        try:
+            received = sock.recv_into(view[got:])
+        except TimeoutError:
+            continue
+        if received == 0:
+            raise ConnectionError("the receiver closed the bulk connection")
+        got += received
+    return bytes(buffer)
+
+
+class BulkSession(OutboundSession):
+    """A request's KV over bulk links (contract: kv_transfer/sender.py). The pool is read after
+    ``push_layer`` returned (by the links' sending threads), so ``reads_after_push``."""
+
+    reads_after_push = True
+
+    def __init__(
+        self,
+        request_id: str,
+        ticket: decode_pb2.Ticket,
+        peer: Peer,
+        links: list[BulkLink],
+        frame_bytes: int,
+        verify: bool,
+        metadata=None,
+    ) -> None:
+        super().__init__(request_id, ticket, metadata)
+        self._peer = peer
+        self._links = links
+        self._frame_bytes = frame_bytes
+        self._verify = verify
+        self._frames: list[_Frame] = []
+        self._lock = threading.Lock()  # posting a frame excludes closing: none is posted after close()
+
+    def push_layer(
+        self,
+        cache: PagedKVCache,
+        layer: int,
+        src_blocks: Sequence[int],
+        dst_blocks: Sequence[int],
+        ready: LayerReady = COMPLETED,
+    ) -> None:
+        per_frame = max(1, self._frame_bytes // cache.layout.region_bytes)
+        complete = ready.query()
+        with self._lock:
+            if self.closed or not self.lease_left():
+                return
+            for begin in range(0, len(src_blocks), per_frame):
+                src = list(src_blocks[begin : begin + per_frame])
+                checksum = None
+                if complete:  # hashed here, while the links send earlier frames (xxh3 releases the GIL)
+                    checksum = region_checksum(cache, layer, src) if self._verify else 0
+                frame = _Frame(self, cache, layer, src, list(dst_blocks[begin : begin + per_frame]), ready, checksum)
+                min(self._links, key=lambda link: link.queued_bytes).send(frame)
+                self._frames.append(frame)
+                self.bytes_sent += frame.nbytes
+
+    def close(self, timeout: float) -> None:
+        with self._lock:
+            self.closed = True
+        self.release(timeout)
+
+    def release(self, timeout: float) -> None:
+        """Returns once no frame of this session reads the pool: each finished sending or never will.
+        A send stalled past ``timeout`` breaks its link, which ends the send."""
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            frames = list(self._frames)
+        for frame in frames:
+            if not frame.stop_reading(max(0.0, deadline - time.monotonic())):
+                for link in self._links:
+                    link.break_link("a KV send did not finish in time")
+                frame.stop_reading(STALL_TIMEOUT_S)
+                self.fail("a KV send did not finish in time")
+
+    def commit(self, first_token_id: int, first_logprob: common_pb2.TokenLogprob | None, timeout: float) -> None:
+        """Every frame acknowledged (landed and verified), then the commit over gRPC."""
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            frames = list(self._frames)
+        for frame in frames:
+            if not frame.acked.wait(max(0.0, deadline - time.monotonic())):
+                self.fail("decode worker did not acknowledge the KV in time")
+                break
+            if frame.error is not None:
+                self.fail(f"decode worker refused the KV: {frame.error}")
+                break
+        self.release(max(0.0, deadline - time.monotonic()))
+        if self.failed is None:
+            self.lease_left()
+        if self.failed is not None:
+            raise TransferError(self.failed, "ABORTED")
+        request = self._commit_request(first_token_id=first_token_id)
+        if first_logprob is not None:
+            request.first_logprob.CopyFrom(first_logprob)
+        try:
+            self._peer.stub.Commit(request, timeout=max(0.1, deadline - time.monotonic()), metadata=self.metadata)
+        except grpc.RpcError as exc:
+            self.fail(f"decode worker refused the KV: {exc.details()}")
+            raise TransferError(self.failed, "ABORTED") from exc
+
+    def abort(self, reason: str) -> None:
+        with self._lock:
+            self.fail(reason)
+        self.release(ABORT_RELEASE_TIMEOUT_S)  # our abort says we write no more: make it true first
+        try:
+            self._peer.stub.Commit(
+                self._commit_request(abort=True, abort_reason=reason), timeout=5.0, metadata=self.metadata
+            )
+        except grpc.RpcError as exc:
+            log.info("could not tell %s about the abort of %s: %s", self._peer.address, self.request_id, exc.details())
+
+    def _commit_request(self, **fields) -> kv_transfer_pb2.CommitRequest:
+        return kv_transfer_pb2.CommitRequest(
+            request_id=self.request_id, instance_id=self.ticket.instance_id, token=self.ticket.token, **fields
+        )
+
+
+class BulkKVSender(GrpcKVSender):
+    """The gRPC transport with the bulk path: sessions go over ``connections`` TCP links per peer when
+    the peer's handshake offers a bulk port, else as ``PushKV`` messages (the parent's). For pools in
+    host memory: a CUDA pool is staged through gRPC messages (``GrpcKVSender(staged=True)``)."""
+
+    def __init__(
+        self,
+        layout: common_pb2.KVLayout,
+        sender_id: str,
+        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        verify: bool = True,
+        auth: ClusterAuth | None = None,
+        connections: int = DEFAULT_CONNECTIONS,
+        frame_bytes: int = DEFAULT_FRAME_BYTES,
+    ) -> None:
+        super().__init__(layout, sender_id, chunk_bytes, verify, staged=False, auth=auth)
+        if connections < 1 or frame_bytes < 1:
+            raise ValueError(f"bulk KV needs at least one connection and frame byte, got {connections}, {frame_bytes}")
+        self.connections = connections
+        self.frame_bytes = frame_bytes
+        self._links: dict[str, list[BulkLink]] = {}  # peer address -> its links (under self._lock)
+
+    def _wants_bulk(self) -> bool:
+        return self.auth.tls is None  # the bulk path has no TLS: with TLS, KV stays inside gRPC
+
+    def _on_new_peer(self, peer: Peer) -> None:
+        if peer.handshake.bulk_port:
+            self._links[peer.address] = self._connect(peer)
+
+    def _connect(self, peer: Peer) -> list[BulkLink]:
+        host = peer.address.rsplit(":", 1)[0].strip("[]")
+        try:
+            return [
+                BulkLink(host, peer.handshake.bulk_port, self.auth.secret, self.verify) for _ in range(self.connections)
+            ]
+        except (OSError, ConnectionError) as exc:
+            log.warning("bulk KV to %s unavailable (%s): KV goes in gRPC messages", peer.address, exc)
+            return []
+
+    def _forget_peer(self, peer: Peer) -> None:
+        for link in self._links.pop(peer.address, []):
+            link.close()
+
+    def links(self, peer: Peer) -> list[BulkLink]:
+        """The peer's links, reconnected when one broke (a restart of the link, not of the peer)."""
+        with self._lock:
+            links = self._links.get(peer.address, [])
+            if links and any(link.broken for link in links):
+                for link in links:
+                    link.close()
+                links = self._links[peer.address] = self._connect(peer)
+            return links
+
+    def _session(self, request_id: str, ticket: decode_pb2.Ticket, peer: Peer, metadata) -> OutboundSession:
+        links = self.links(peer)
+        if not links:
+            return super()._session(request_id, ticket, peer, metadata)
+        return BulkSession(request_id, ticket, peer, links, self.frame_bytes, self.verify, metadata)
+
+    def close(self) -> None:
+        with self._lock:
+            every, self._links = [link for links in self._links.values() for link in links], {}
+        for link in every:
+            link.close()
+        super().close()

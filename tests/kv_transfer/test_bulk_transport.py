@@ -1,0 +1,240 @@
+"""The bulk TCP path of the gRPC transport (kv_transfer/bulk_transport.py): bytes land exactly in the
+reserved blocks, a byte flipped on the wire is caught, the link admits cluster members only, a
+frame with a wrong ticket token writes nothing, and a receiver without bulk gets gRPC messages.
+Real gRPC server with the cluster-secret interceptor, real TCP sockets on loopback; the flipped
+byte is flipped by a real forwarding proxy between the two."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from concurrent import futures
+
+import grpc
+import pytest
+import torch
+
+from engine.kv_cache import KVLayout, PagedKVCache
+from kv_transfer.bulk_transport import FRAME_HEADER, BulkKVSender, BulkLink, BulkReceiver, BulkSession
+from kv_transfer.errors import TransferError
+from kv_transfer.grpc_transport import GrpcSession
+from kv_transfer.inbox import KVInbox
+from kv_transfer.integrity import checksum, region_checksum
+from kv_transfer.layout import layout_message
+from kv_transfer.receiver_service import KVReceiverService
+from kv_transfer.sender import channel_options
+from protos import decode_pb2, kv_transfer_pb2_grpc
+from protos.cluster_auth import ClusterAuth
+from worker_server.security import server_interceptors
+
+LAYOUT = KVLayout(num_layers=3, num_blocks=32, block_size=4, num_kv_heads=2, head_dim=8, dtype="float32")
+SRC_BLOCKS = [5, 6, 7, 1, 9, 10]  # runs 5-7, 1, 9-10
+DST_BLOCKS = [2, 3, 11, 12, 13, 20]  # runs 2-3, 11-13, 20
+SECRET = "bulk-test-secret"
+TOKEN = "ticket-token"
+
+
+class Receiver:
+    """A decode side: inbox + KVReceiverService behind the cluster-secret interceptor + bulk listener."""
+
+    def __init__(self, bulk: bool = True) -> None:
+        self.cache = PagedKVCache(LAYOUT)
+        self.committed: list[str] = []
+        self.aborted: list[tuple[str, str]] = []
+        self.inbox = KVInbox(self.cache, self._on_commit, self._on_abort)
+        self.layout = layout_message(LAYOUT, "fingerprint")
+        self.bulk = BulkReceiver(self.inbox, "127.0.0.1", 0, SECRET) if bulk else None
+        service = KVReceiverService(self.inbox, self.layout, "instance-1", None, self.bulk)
+        self.server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=4),
+            interceptors=server_interceptors(ClusterAuth(secret=SECRET)),
+            options=channel_options(),
+        )
+        kv_transfer_pb2_grpc.add_KVReceiverServicer_to_server(service, self.server)
+        self.address = f"127.0.0.1:{self.server.add_insecure_port('127.0.0.1:0')}"
+        self.server.start()
+
+    def _on_commit(self, request_id, first_token_id, logprob) -> None:
+        self.committed.append(request_id)
+        self.inbox.close(request_id, "committed")
+
+    def _on_abort(self, request_id, reason, sender_stopped) -> None:
+        self.aborted.append((request_id, reason))
+        self.inbox.close(request_id, reason)
+
+    def ticket(self, request_id: str, token: str = TOKEN) -> decode_pb2.Ticket:
+        return decode_pb2.Ticket(
+            request_id=request_id,
+            block_ids=DST_BLOCKS,
+            transport="grpc",
+            address=self.address,
+            layout=self.layout,
+            lease_deadline_unix_ms=int((time.time() + 60) * 1000),
+            worker_id="decode",
+            instance_id="instance-1",
+            token=token,
+        )
+
+    def stop(self) -> None:
+        self.server.stop(0).wait()
+        if self.bulk is not None:
+            self.bulk.close()
+
+
+@pytest.fixture
+def receiver():
+    receiver = Receiver()
+    yield receiver
+    receiver.stop()
+
+
+def _source(seed: int = 0) -> PagedKVCache:
+    cache = PagedKVCache(LAYOUT)
+    cache.data.copy_(torch.randn(cache.data.shape, generator=torch.Generator().manual_seed(seed)))
+    return cache
+
+
+def _push_all(session, source: PagedKVCache) -> None:
+    for layer in range(LAYOUT.num_layers):
+        session.push_layer(source, layer, SRC_BLOCKS, DST_BLOCKS)
+
+
+@pytest.mark.parametrize("connections,frame_bytes", [(1, 1 << 20), (3, 2 * 512)])
+def test_bulk_kv_lands_byte_identical_in_the_reserved_blocks(receiver, connections, frame_bytes):
+    source = _source()
+    sender = BulkKVSender(
+        receiver.layout, "prefill", auth=ClusterAuth(secret=SECRET), connections=connections, frame_bytes=frame_bytes
+    )
+    try:
+        receiver.inbox.open("r", DST_BLOCKS, TOKEN)
+        session = sender.open("r", receiver.ticket("r"))
+        assert isinstance(session, BulkSession)
+        _push_all(session, source)
+        session.commit(7, None, 10.0)
+        assert receiver.committed == ["r"]
+        for layer in range(LAYOUT.num_layers):
+            assert torch.equal(receiver.cache.read_regions(layer, DST_BLOCKS), source.read_regions(layer, SRC_BLOCKS))
+        untouched = sorted(set(range(LAYOUT.num_blocks)) - set(DST_BLOCKS))
+        assert not receiver.cache.read_regions(0, untouched).any()
+    finally:
+        sender.close()
+
+
+def test_checksum_over_runs_equals_the_per_block_definition_and_catches_a_flipped_byte():
+    """Each side merges its own adjacent blocks into runs; both still hash the same thing: xxh3 of the
+    regions in block order, back to back."""
+    source = _source(seed=2)
+    sent = source.read_regions(1, SRC_BLOCKS).numpy().tobytes()
+    assert region_checksum(source, 1, SRC_BLOCKS) == checksum(sent)
+    before = region_checksum(source, 1, SRC_BLOCKS)
+    flat = source.regions[1, 9]
+    for index in (0, 1, LAYOUT.region_bytes // 2, LAYOUT.region_bytes - 1):
+        flat[index] ^= 0x10
+        assert region_checksum(source, 1, SRC_BLOCKS) != before
+        flat[index] ^= 0x10
+    assert region_checksum(source, 1, SRC_BLOCKS) == before
+
+
+class FlippingProxy:
+    """Forwards one TCP connection both ways, flipping one bit of the sender's byte number ``flip_at``."""
+
+    def __init__(self, target_port: int, flip_at: int) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.target_port = target_port
+        self.flip_at = flip_at
+        threading.Thread(target=self._run, daemon=True).start()
+
+    def _run(self) -> None:
+        client, _ = self.listener.accept()
+        upstream = socket.create_connection(("127.0.0.1", self.target_port))
+        threading.Thread(target=self._pipe, args=(upstream, client, None), daemon=True).start()
+        self._pipe(client, upstream, self.flip_at)
+
+    @staticmethod
+    def _pipe(source: socket.socket, target: socket.socket, flip_at: int | None) -> None:
+        seen = 0
+        try:
+            while data := source.recv(1 << 16):
+                if flip_at is not None and seen <= flip_at < seen + len(data):
+                    data = bytearray(data)
+                    data[flip_at - seen] ^= 0x04
+                seen += len(data)
+                target.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for sock in (source, target):
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+def test_a_byte_flipped_on_the_wire_is_refused_and_stops_the_reservation(receiver):
+    source = _source(seed=4)
+    hello = 32  # the sender's side of the hello: its proof
+    header = FRAME_HEADER.size + len("r") + len(TOKEN) + 4 * len(DST_BLOCKS)
+    proxy = FlippingProxy(receiver.bulk.port, hello + header + 1000)  # a byte inside the first frame's regions
+    link = BulkLink("127.0.0.1", proxy.port, SECRET, verify=True)
+    sender = BulkKVSender(receiver.layout, "prefill", auth=ClusterAuth(secret=SECRET), connections=1)
+    try:
+        receiver.inbox.open("r", DST_BLOCKS, TOKEN)
+        peer = sender.peer(receiver.ticket("r"))  # the control path; the data goes through the proxy
+        session = BulkSession("r", receiver.ticket("r"), peer, [link], 1 << 20, True)
+        _push_all(session, source)
+        with pytest.raises(TransferError, match="checksum mismatch"):
+            session.commit(7, None, 10.0)
+        assert receiver.committed == []
+        assert receiver.aborted and "checksum mismatch" in receiver.aborted[0][1]
+        assert not receiver.inbox.pinned("r")
+    finally:
+        link.close()
+        proxy.close()
+        sender.close()
+
+
+def test_the_bulk_link_admits_cluster_members_only(receiver):
+    with pytest.raises(ConnectionError, match="refused our cluster credentials"):
+        BulkLink("127.0.0.1", receiver.bulk.port, "not-the-secret", verify=True)
+    BulkLink("127.0.0.1", receiver.bulk.port, SECRET, verify=True).close()
+
+
+def test_a_frame_with_a_wrong_token_writes_nothing(receiver):
+    source = _source(seed=5)
+    sender = BulkKVSender(receiver.layout, "prefill", auth=ClusterAuth(secret=SECRET))
+    try:
+        receiver.inbox.open("r", DST_BLOCKS, TOKEN)
+        session = sender.open("r", receiver.ticket("r", token="guessed"))
+        _push_all(session, source)
+        with pytest.raises(TransferError, match="PERMISSION_DENIED"):
+            session.commit(7, None, 10.0)
+        assert not receiver.cache.data.any()
+        assert receiver.committed == []
+        # The link survives a refused frame: the right token still lands on it.
+        good = sender.open("r", receiver.ticket("r"))
+        _push_all(good, source)
+        good.commit(7, None, 10.0)
+        assert receiver.committed == ["r"]
+    finally:
+        sender.close()
+
+
+def test_without_a_bulk_listener_kv_goes_in_grpc_messages():
+    receiver = Receiver(bulk=False)
+    source = _source(seed=6)
+    sender = BulkKVSender(receiver.layout, "prefill", auth=ClusterAuth(secret=SECRET))
+    try:
+        receiver.inbox.open("r", DST_BLOCKS, TOKEN)
+        session = sender.open("r", receiver.ticket("r"))
+        assert isinstance(session, GrpcSession)
+        _push_all(session, source)
+        session.commit(7, None, 10.0)
+        assert torch.equal(receiver.cache.read_regions(2, DST_BLOCKS), source.read_regions(2, SRC_BLOCKS))
+    finally:
+        sender.close()
+        receiver.stop()
