@@ -31,6 +31,7 @@ from bench.sim.latency import FittedModel, ModelShape
 from bench.sim.workload import TraceRequest
 
 TOLERANCE = 0.15
+BASELINE = "aggregated"  # bench compare's baseline system
 METRICS = (("ttft_ms", "median"), ("ttft_ms", "p90"), ("tpot_ms", "median"), ("tpot_ms", "p90"))
 KINDS = ("raw", "calibrated")
 
@@ -58,11 +59,41 @@ def deployment_for(system: dict, config: dict, profile: dict, host: Host | None 
     )
 
 
-def host_of(compare: dict, run: dict) -> Host | None:
-    """The machine's cores and the other work measured during ``run`` (none recorded: none assumed)."""
+def host_of(compare: dict, run: dict, stall_cores: float = 0.0) -> Host | None:
+    """The machine's cores; the other work: ``stall_cores`` plus what ``run`` measured beyond the
+    baseline's zero-load requests (which ``stall_cores`` already stands for)."""
     cores = compare.get("machine", {}).get("cpu_count")
-    cpu = run.get("cpu")
-    return Host(cores, cpu["other_cores"] if cpu else 0.0) if cores else None
+    if not cores:
+        return None
+    return Host(cores, stall_cores + max(0.0, _other_cores(run) - _other_cores(_baseline_probe(compare))))
+
+
+def lockstep_stall(compare: dict, profile: dict) -> float:
+    """The other work, in cores, that a worker whose torch threads fill every core behaves as if it
+    shared them with when served: its threads step in lock step, so each wakeup of another thread
+    (the router, the client, every process's gRPC pollers — little CPU time, which the cores'
+    accounting shows as ~0) stalls the whole step. A machine fact, measured once: the baseline's
+    zero-load requests, end-to-end latency measured / simulated with the cores to itself. 0 when
+    the baseline leaves a core idle (the 1-thread workers see no such stall) or has no probes."""
+    probe, cores = _baseline_probe(compare), compare.get("machine", {}).get("cpu_count")
+    system = compare["config"]["systems"].get(BASELINE)
+    if not probe or not cores or not system or system["decode_threads"] < cores:
+        return 0.0
+    alone = deployment_for(system, compare["config"], profile, Host(cores))
+    ratios = [
+        row["latency"] / simulate(alone, [TraceRequest(0.0, row["prompt_len"], row["output_len"])]).records[0].latency
+        for row in probe["requests"]
+        if row["success"]
+    ]
+    return max(0.0, statistics.median(ratios) - 1.0) if ratios else 0.0
+
+
+def _baseline_probe(compare: dict) -> dict | None:
+    return compare.get("zero_load", {}).get(BASELINE)
+
+
+def _other_cores(run: dict | None) -> float:
+    return (run or {}).get("cpu", {}).get("other_cores", 0.0) if (run or {}).get("cpu") else 0.0
 
 
 def trace_of(run: dict) -> list[TraceRequest]:
@@ -113,17 +144,18 @@ def validate(compare: dict, profile: dict) -> dict:
         )
     if not compare.get("machine", {}).get("cpu_count") or not all(run.get("cpu") for run in compare["runs"]):
         notes.append("the report has no CPU usage of the runs: no other work on the cores assumed")
+    stall = lockstep_stall(compare, profile)
     factors = {}
     for name, system in config["systems"].items():
         probe = compare.get("zero_load", {}).get(name)
         factors[name] = (
-            calibrate(deployment_for(system, config, profile, host_of(compare, probe)), probe)[1]
+            calibrate(deployment_for(system, config, profile, host_of(compare, probe, stall)), probe)[1]
             if probe
             else {"prefill_factor": 1.0, "decode_step_overhead_s": 0.0}
         )
     rows = []
     for run in compare["runs"]:
-        raw = deployment_for(config["systems"][run["system"]], config, profile, host_of(compare, run))
+        raw = deployment_for(config["systems"][run["system"]], config, profile, host_of(compare, run, stall))
         predicted = {}
         for kind, deployment in (("raw", raw), ("calibrated", calibrated(raw, factors[run["system"]]))):
             result = simulate(deployment, trace_of(run), config["seed"])
@@ -131,6 +163,7 @@ def validate(compare: dict, profile: dict) -> dict:
         rows.append(_row(run, run["summary"], predicted))
     return {
         "tolerance": TOLERANCE,
+        "lockstep_stall_cores": stall,
         "factors": factors,
         "notes": notes,
         "rows": rows,
@@ -174,6 +207,11 @@ def _agreement(rows: list[dict], kind: str) -> dict:
 
 def print_validation(report: dict) -> None:
     print(f"{'=' * 20} simulated vs measured (bench compare runs) {'=' * 20}")
+    print(
+        f"raw: the profile's fits, the machine's cores, each run's measured other CPU, and the lock-step "
+        f"stall of a worker filling every core ({report['lockstep_stall_cores']:.2f} cores' worth, from the "
+        f"{BASELINE} stack's zero-load requests); nothing from the other system's runs"
+    )
     for name, f in report["factors"].items():
         print(
             f"calibration from zero-load requests, {name}: prefill costs x{f['prefill_factor']:.2f}, "
