@@ -10,6 +10,10 @@ so a prompt longer than the budget is measured as the chunks a worker computes. 
 chunk beside running decodes, as an aggregated worker runs them) are measured too and set beside
 what the fitted models compose for them; the median difference is kept as the models' ``mixed`` term.
 
+The cores the rest of the machine kept busy meanwhile are recorded per thread count
+(``bench.sim.host``): a 2-thread step on 2 cores pays for them, and the simulator takes that toll
+out of the fits before charging its own host's.
+
 Decode rows need long contexts but not their values: their sequences are *reserved* and completed
 with a token, as a decode worker adopts received KV, so no prompt is prefilled for them. KV
 transfer bytes/s: ``--link-gbps``, else the gRPC (with checksums) row of a ``bench transfer``

@@ -317,9 +317,18 @@ def test_profile_fits_lose_the_toll_of_the_other_work_measured_beside_them():
 
 
 def test_raw_validation_replays_each_runs_measured_other_work():
-    """Runs "measured" on a 2-core host with other work differing per run: the raw model, given
-    the cores and each run's other work, reproduces them; without the host it cannot."""
+    """Runs "measured" on a 2-core host: the aggregated worker's two threads fill it, so it steps as
+    if 0.3 cores of other work shared it (the lock-step stall, seen on its zero-load requests),
+    plus each run's measured other work. The raw model recovers the stall from the zero-load
+    requests alone and, given the cores and each run's other work, reproduces the runs."""
     truth_spec = WorkerSpec(CPU_LIKE, 512 * 1024 * 1024 // KV_BYTES, 2048, threads=2)
+    system = {
+        "prefill_workers": 0,
+        "decode_workers": 1,
+        "prefill_threads": None,
+        "decode_threads": 2,
+        "local_prefill_threshold": 0,
+    }
     config = {
         "model": "bench-125m",
         "dtype": "bfloat16",
@@ -327,20 +336,16 @@ def test_raw_validation_replays_each_runs_measured_other_work():
         "max_num_batched_tokens": 2048,
         "seed": 0,
         "slos": {"ttft": 4000.0, "tpot": 100.0},
-        "systems": {
-            "aggregated": {
-                "prefill_workers": 0,
-                "decode_workers": 1,
-                "prefill_threads": None,
-                "decode_threads": 2,
-                "local_prefill_threshold": 0,
-            }
-        },
+        "systems": {"aggregated": system},
     }
-    runs = []
-    for rate, other in ((0.3, 0.2), (0.6, 0.6)):
-        truth = Deployment(0, 1, truth_spec, truth_spec, LAYERS, KV_BYTES, Link(1e9), host=Host(2, other))
-        records = simulate(truth, traffic(rate=rate, count=20).requests()).records
+
+    def measured(trace: list[TraceRequest], other: float, rate: float, alone: bool = False) -> dict:
+        truth = Deployment(0, 1, truth_spec, truth_spec, LAYERS, KV_BYTES, Link(1e9), host=Host(2, 0.3 + other))
+        records = (
+            [simulate(truth, [replace(r, arrival_s=0.0)]).records[0] for r in trace]
+            if alone
+            else simulate(truth, trace).records
+        )
         rows = [
             dict(
                 start=r.start,
@@ -349,16 +354,28 @@ def test_raw_validation_replays_each_runs_measured_other_work():
                 success=r.success,
                 ttft=r.ttft,
                 tpot=r.tpot,
+                latency=r.latency,
             )
             for r in records
         ]
         summary = summarize(records, 1.0, config["slos"])
-        runs.append(
-            {"system": "aggregated", "rate": rate, "requests": rows, "summary": summary, "cpu": {"other_cores": other}}
-        )
-    report = json.loads(json.dumps({"config": config, "machine": {"cpu_count": 2}, "runs": runs}))
+        return {
+            "system": "aggregated",
+            "rate": rate,
+            "requests": rows,
+            "summary": summary,
+            "cpu": {"other_cores": other},
+        }
 
-    assert validate(report, PROFILE)["agreement"]["raw"]["median_abs_error"] == pytest.approx(0.0, abs=1e-9)
+    runs = [measured(traffic(rate=rate, count=20).requests(), other, rate) for rate, other in ((0.3, 0.2), (0.6, 0.5))]
+    zero = measured(traffic(count=3, seed=5).requests(), 0.0, float("inf"), alone=True)
+    report = json.loads(
+        json.dumps({"config": config, "machine": {"cpu_count": 2}, "zero_load": {"aggregated": zero}, "runs": runs})
+    )
+
+    checked = validate(report, PROFILE)
+    assert checked["lockstep_stall_cores"] == pytest.approx(0.3, rel=1e-6)
+    assert checked["agreement"]["raw"]["median_abs_error"] == pytest.approx(0.0, abs=1e-6)
     blind = dict(report, machine={})
     assert validate(blind, PROFILE)["agreement"]["raw"]["median_abs_error"] > 0.1
 

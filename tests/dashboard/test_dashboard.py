@@ -78,9 +78,8 @@ def test_page_loads_and_shows_the_real_workers(page, cluster):
     workers = cluster.status()["workers"]
     assert {w["role"] for w in workers} == {"prefill", "decode"}
     for worker in workers:
-        card = page.locator(f'.worker[data-worker-id="{worker["worker_id"]}"]')
-        card.wait_for()
-        assert worker["address"] in card.inner_text()
+        # The first event may be a snapshot from just before the workers were ready: wait for the next.
+        page.locator(f'.worker[data-worker-id="{worker["worker_id"]}"]', has_text=worker["address"]).wait_for()
     page.locator("#connection.pill-on").wait_for()
     page.wait_for_function("() => window.splitserve.charts !== null")
     assert page.locator("#pool-prefill .desired").inner_text() == "1"

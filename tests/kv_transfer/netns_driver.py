@@ -42,7 +42,8 @@ def fill(decode_address: str, prompt_tokens: int) -> dict:
         wire.num_layers, len(ticket.block_ids), wire.block_size, wire.num_kv_heads, wire.head_dim, wire.dtype
     )
     cache = PagedKVCache(layout)
-    cache.data.view(-1).view(torch.uint8).copy_(torch.randint(0, 256, (cache.data.numel() * 4,), dtype=torch.uint8))
+    # Finite values, as real KV is: the blocks return to the decode worker's pool and are reused later.
+    cache.data.copy_(torch.randn(cache.data.shape))
     sender = BulkKVSender(wire, "fill-driver", auth=ClusterAuth.from_env())
     try:
         session = sender.open(request_id, ticket)  # handshake and link set-up: not timed

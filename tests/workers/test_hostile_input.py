@@ -12,9 +12,12 @@ from dataclasses import dataclass
 
 import grpc
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from kv_transfer.integrity import checksum
-from protos import common_pb2, decode_pb2, kv_transfer_pb2, kv_transfer_pb2_grpc
+from protos import common_pb2, decode_pb2, kv_transfer_pb2, kv_transfer_pb2_grpc, prefill_pb2
+from tests.protobuf_strategies import messages
 from tests.workers.conftest import SLOW_CHUNK, random_prompt
 from tests.workers.harness import (
     WorkerProcess,
@@ -220,3 +223,82 @@ def test_client_deadline_of_10ms_on_the_remote_path_frees_blocks_at_once(workers
     assert decode.stats().leases_expired == expired_before
     tokens, _ = disaggregated(prefill, decode, new_id("after"), random_prompt(rng, 30), wire_params(5), timeout=60)
     assert len(tokens) == 5
+
+
+# -- fuzzing the internal services ------------------------------------------------------------------
+
+WORKER_CODES = {
+    grpc.StatusCode.OK,
+    grpc.StatusCode.INVALID_ARGUMENT,
+    grpc.StatusCode.NOT_FOUND,
+    grpc.StatusCode.FAILED_PRECONDITION,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+    grpc.StatusCode.PERMISSION_DENIED,
+    grpc.StatusCode.UNAUTHENTICATED,
+    grpc.StatusCode.ABORTED,
+    grpc.StatusCode.CANCELLED,
+    grpc.StatusCode.DEADLINE_EXCEEDED,
+    grpc.StatusCode.DATA_LOSS,  # a KV chunk whose checksum does not match
+}
+SMALL_IDS = st.lists(st.integers(0, 400), max_size=40)
+NEAR_VALID = {  # pinned so that fuzzing reaches past the first checks (and never dials a stranger)
+    "prompt_token_ids": SMALL_IDS,
+    "resume_token_ids": st.lists(st.integers(0, 400), max_size=3),
+    "max_tokens": st.integers(0, 6),
+    "lease_ms": st.integers(0, 3000),
+    "address": st.just("127.0.0.1:1"),
+    "stop": st.lists(st.text(max_size=4), max_size=2),
+}
+
+
+def _call(method, request, streaming: bool) -> grpc.StatusCode:
+    try:
+        result = method(request, timeout=20)
+        if streaming:
+            for _ in result:
+                pass
+        return grpc.StatusCode.OK
+    except grpc.RpcError as exc:
+        assert exc.code() in WORKER_CODES, f"{exc.code().name}: {exc.details()} for {request}"
+        return exc.code()
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+@given(data=st.data())
+def test_worker_services_answer_only_documented_codes(workers, data):
+    prefill, decode = workers.prefill, workers.decode
+    receiver = kv_transfer_pb2_grpc.KVReceiverStub(decode.channel)
+    near = data.draw(st.booleans())
+    overrides = NEAR_VALID if near else {"address": st.just("127.0.0.1:1")}
+    reserve_request = data.draw(messages(decode_pb2.ReserveRequest, overrides))
+    reserve_request.request_id = new_id("fuzz")
+    try:
+        ticket = decode.stub.Reserve(reserve_request, timeout=20)
+    except grpc.RpcError as exc:
+        assert exc.code() in WORKER_CODES, f"{exc.code().name}: {exc.details()}"
+        ticket = data.draw(messages(decode_pb2.Ticket, overrides))
+    chunks = data.draw(st.lists(messages(kv_transfer_pb2.KVChunk, overrides), max_size=4))
+    if near and chunks:
+        chunks[0].request_id, chunks[0].token = ticket.request_id, ticket.token
+    _call(receiver.PushKV, iter(chunks), streaming=False)
+    commit = data.draw(messages(kv_transfer_pb2.CommitRequest, overrides))
+    if near:
+        commit.request_id, commit.token = ticket.request_id, ticket.token
+    _call(receiver.Commit, commit, streaming=False)
+    _call(receiver.Handshake, data.draw(messages(kv_transfer_pb2.HandshakeRequest, overrides)), streaming=False)
+    prefill_request = data.draw(messages(prefill_pb2.PrefillRequest, overrides))
+    _call(prefill.stub.Prefill, prefill_request, streaming=False)
+    generate = data.draw(messages(decode_pb2.GenerateRequest, overrides))
+    if near and data.draw(st.booleans()):
+        generate.request_id, generate.token, generate.reserved = ticket.request_id, ticket.token, True
+    _call(decode.stub.Generate, generate, streaming=True)
+    for worker in (decode, prefill):
+        abort = data.draw(messages(common_pb2.AbortRequest, overrides))
+        _call(worker.stub.Abort, abort, streaming=False)
+    # What a router does once it is done with a reservation: abort it with its token (a no-op if it ended).
+    _call(decode.stub.Abort, common_pb2.AbortRequest(request_id=ticket.request_id, token=ticket.token), False)
+
+
+def test_after_the_worker_fuzz_every_block_returns(workers):
+    wait_idle(workers.decode, timeout=30)
+    wait_idle(workers.prefill, timeout=30)
