@@ -12,6 +12,7 @@ within itself — the lower-right causal mask: query i sees keys j <= start + i.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -71,15 +72,38 @@ class AttentionBackend(Protocol):
 
 
 class TorchPagedAttention:
-    """The reference path: SDPA for prefill chunks, a padded gather + two matmuls for decodes."""
+    """The reference path: SDPA for prefill chunks, and for decodes over a padded gather of their KV.
+
+    On CPU the decode gather writes into one buffer reused by every layer and step (a fresh
+    multi-megabyte allocation per layer costs as much as the copy itself: page faults). Not on
+    CUDA: a captured graph must keep the addresses it read, and the caching allocator is cheap."""
 
     name = "torch"
+
+    def __init__(self) -> None:
+        self._gather_buffer = GatherBuffer()
 
     def plan(self, sequences: StepSequences, device: torch.device) -> object:
         return None
 
     def attend(self, q, k, v, cache: PagedKVCache, layer: int, batch: AttentionBatch, scale: float) -> torch.Tensor:
-        return torch_paged_attention(q, k, v, cache, layer, batch, scale)
+        buffer = self._gather_buffer if q.device.type == "cpu" else None
+        return torch_paged_attention(q, k, v, cache, layer, batch, scale, buffer)
+
+
+class GatherBuffer:
+    """Flat storage that grows to the largest gather seen and is handed out as views of it.
+    One user at a time: the views of one call are dead before the next call."""
+
+    def __init__(self) -> None:
+        self._storage: torch.Tensor | None = None
+
+    def view(self, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+        size = math.prod(shape)
+        storage = self._storage
+        if storage is None or storage.numel() < size or storage.dtype != like.dtype or storage.device != like.device:
+            storage = self._storage = torch.empty(size, dtype=like.dtype, device=like.device)
+        return storage[:size].view(shape)
 
 
 _chosen: set[tuple[str, str]] = set()
@@ -127,16 +151,20 @@ def torch_paged_attention(
     layer: int,
     batch: AttentionBatch,
     scale: float,
+    gather_buffer: GatherBuffer | None = None,
 ) -> torch.Tensor:
     """q ``[tokens, heads, head_dim]``, k/v ``[tokens, kv_heads, head_dim]`` of this step's new tokens.
 
-    Writes k/v into the pool, then returns the attention output ``[tokens, heads, head_dim]``."""
+    Writes k/v into the pool, then returns the attention output ``[tokens, heads, head_dim]``.
+    ``gather_buffer``: where the decodes' KV gather goes (default: a fresh tensor)."""
     cache.write(layer, k, v, batch.slot_block, batch.slot_offset)
     out = torch.empty_like(q)
     for seg in batch.prefills:
         out[seg.begin : seg.end] = _prefill_attention(q, k, v, cache, layer, seg, scale)
     if batch.decode_block_table is not None:
-        out[batch.decode_begin :] = _decode_attention(q[batch.decode_begin :], cache, layer, batch, scale)
+        out[batch.decode_begin :] = _decode_attention(
+            q[batch.decode_begin :], cache, layer, batch, scale, gather_buffer
+        )
     return out
 
 
@@ -158,15 +186,26 @@ def _prefill_attention(q, k, v, cache, layer, seg: PrefillSegment, scale) -> tor
     return out[0].transpose(0, 1)
 
 
-def _decode_attention(q, cache, layer, batch: AttentionBatch, scale) -> torch.Tensor:
-    """One query per sequence: two small batched matmuls beat SDPA's masked flash kernel here
-    (which costs milliseconds per layer on CPU for a single query row)."""
-    key, value = cache.gather(layer, batch.decode_block_table)  # [kvh, B, S, D]
-    kv_heads, decodes, _, head_dim = key.shape
-    groups = q.shape[1] // kv_heads  # query head h reads KV head h // groups
-    query = q.view(decodes, kv_heads, groups, head_dim).transpose(0, 1)  # [kvh, B, groups, D]
-    scores = torch.matmul(query, key.transpose(-1, -2)).float() * scale  # [kvh, B, groups, S]
-    scores.masked_fill_(~batch.decode_mask.view(1, decodes, 1, -1), float("-inf"))
-    probs = scores.softmax(dim=-1).to(value.dtype)
-    out = torch.matmul(probs, value)  # [kvh, B, groups, D]
-    return out.transpose(0, 1).reshape(decodes, kv_heads * groups, head_dim)
+def _decode_attention(q, cache, layer, batch: AttentionBatch, scale, gather_buffer=None) -> torch.Tensor:
+    """One query per sequence. The query heads sharing a KV head become that head's query rows
+    (``[B, kv_heads, groups, D]``), so SDPA reads each sequence's KV once, without repeating it."""
+    key, value = _gather_decode_kv(cache, layer, batch.decode_block_table, gather_buffer)  # [B, kvh, S, D] views
+    decodes, kv_heads, _, head_dim = key.shape
+    query = q.view(decodes, kv_heads, -1, head_dim)
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=batch.decode_mask, scale=scale)
+    return out.view(decodes, -1, head_dim)
+
+
+def _gather_decode_kv(cache: PagedKVCache, layer: int, table: torch.Tensor, buffer: GatherBuffer | None):
+    """K and V of the decodes' blocks, each a ``[B, kv_heads, blocks*block_size, head_dim]`` view of one
+    kv-heads-first copy (written in its final order by one index_select, into ``buffer`` when given)."""
+    if buffer is None:
+        key, value = cache.gather(layer, table)
+        return key.transpose(0, 1), value.transpose(0, 1)
+    layout = cache.layout
+    decodes, blocks = table.shape
+    heads_first = cache.data[layer].permute(1, 3, 0, 2, 4)  # [2, kvh, num_blocks, bs, hd], a view
+    shape = (2, layout.num_kv_heads, decodes * blocks, layout.block_size, layout.head_dim)
+    gathered = torch.index_select(heads_first, 2, table.reshape(-1), out=buffer.view(shape, cache.data))
+    key, value = gathered.view(2, layout.num_kv_heads, decodes, blocks * layout.block_size, -1).unbind(0)
+    return key.transpose(0, 1), value.transpose(0, 1)

@@ -263,7 +263,7 @@ def _call(method, request, streaming: bool) -> grpc.StatusCode:
         return exc.code()
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+@settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
 @given(data=st.data())
 def test_worker_services_answer_only_documented_codes(workers, data):
     prefill, decode = workers.prefill, workers.decode
