@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import queue
+import threading
 import time
 from dataclasses import dataclass
 
@@ -126,11 +127,14 @@ class PrefillWorker(WorkerBase, prefill_pb2_grpc.PrefillWorkerServicer):
                 pushes=LayerPushes.if_tracing(self.transport, self.engine.kv_cache.layout.region_bytes),
             )
             stream = self.loop.call(lambda engine: self._start(engine, request, params, outbound))
-            context.add_callback(lambda: self._cancel(request.request_id, session))
+            # Runs when the RPC ends, however it ends: only a request that did not commit has anything to abort.
+            committed = threading.Event()
+            context.add_callback(lambda: committed.is_set() or self._cancel(request.request_id, session))
             output = self._await_first_token(stream, session, context)
             first_logprob = logprob_to_wire(output.logprobs[0]) if output.logprobs else None
             with tracing.start_span("kv.commit", kind="client"):  # until D adopted the KV: the exposed transfer
                 session.commit(output.token_ids[0], first_logprob, COMMIT_TIMEOUT_S)
+            committed.set()
         except (EngineError, TransferError, ValueError) as exc:
             if session is not None:
                 self.counters.add(kv_transfers_failed=1)

