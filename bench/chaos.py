@@ -25,6 +25,7 @@ import json
 import os
 import random
 import re
+import secrets
 import signal
 import subprocess
 import sys
@@ -52,6 +53,7 @@ from bench.chaos_faults import (
     wait_recovered,
 )
 from bench.chaos_workload import Answer, Prompt, Reference, build_prompts, judge, stream
+from router.config import admin_token_from_env, api_keys_from_env, read_api_keys
 
 UP_READY = re.compile(r"splitserve is up: OpenAI API (http://\S+)/v1")
 FAILURE_COUNTERS = ("migrations", "prefill_retries", "lease_expired_requests")
@@ -100,6 +102,7 @@ class Run:
 
 @contextmanager
 def local_up(args):
+    args.admin_token = args.admin_token or secrets.token_urlsafe(24)
     """``splitserve up`` with the requested pools, its output in ``args.log`` (or a temporary file);
     yields the router's base URL. Stopped with SIGTERM (as Ctrl-C would), killed if it lingers."""
     workdir = Path(tempfile.mkdtemp(prefix="splitserve-chaos-"))
@@ -123,7 +126,12 @@ def local_up(args):
             [sys.executable, "-m", "cluster.cli", *command],
             stdout=log,
             stderr=subprocess.STDOUT,
-            env=dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1")),
+            env=dict(
+                os.environ,
+                PYTHONUNBUFFERED="1",
+                OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"),
+                SPLITSERVE_ADMIN_TOKEN=args.admin_token,  # /admin/status (PIDs, stats) needs it
+            ),
             preexec_fn=processes._die_with_parent,  # an aborted run leaves no cluster behind
         )
     try:
@@ -409,7 +417,7 @@ def failed(summary: dict) -> bool:
 async def chaos(args, base_url: str) -> int:
     limits = httpx.Limits(max_connections=args.clients * 2 + 8, max_keepalive_connections=args.clients * 2)
     async with httpx.AsyncClient(timeout=httpx.Timeout(args.request_timeout, connect=10.0), limits=limits) as client:
-        view = ClusterView(client, base_url)
+        view = ClusterView(client, base_url, args.admin_token)
         run = Run(args, base_url, "", client, view, build_prompts(args.prompts, args.prompt_len, args.seed))
         expected = None if args.url else {"prefill": args.prefill, "decode": args.decode}
         before_faults = await wait_serving(run, expected, args.up_timeout)
@@ -482,6 +490,9 @@ def run(args) -> int:
     args.transport = args.transport_flag or "grpc"
     args.served_model = args.model if args.url else None
     args.settle_timeout = args.settle_timeout or 2 * args.lease_ms / 1000.0 + 20.0
+    args.admin_token = admin_token_from_env()  # $SPLITSERVE_ADMIN_TOKEN[_FILE]; a local up gets one of ours
+    keys = read_api_keys(args.api_key_file) if args.api_key_file else api_keys_from_env()
+    args.api_key = keys[0] if keys else None  # never a flag: `ps` shows those
     previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
         if args.url:
@@ -528,7 +539,11 @@ def add_arguments(parser) -> None:
     )
     target.add_argument("--log", default=None, help="local up: write its output here (default: a temporary file)")
     target.add_argument("--up-timeout", type=float, default=240.0, help="seconds for the cluster to serve")
-    target.add_argument("--api-key", default=None)
+    target.add_argument(
+        "--api-key-file",
+        default=None,
+        help="file with the router's API key (default: $SPLITSERVE_API_KEYS[_FILE])",
+    )
     hooks = parser.add_argument_group(
         "hooks: shell templates with {worker_id} {role} {address} {host} {port} {pid} {seconds}; "
         "default: signals to the PIDs /admin/status reports (local processes only)"

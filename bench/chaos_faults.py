@@ -49,14 +49,15 @@ class Worker:
 
 
 class ClusterView:
-    """Reads the router's ``/admin/status`` (read-only: no admin token needed) and ``/metrics``."""
+    """Reads the router's ``/admin/status`` (with the admin token: it shows PIDs and addresses) and ``/metrics``."""
 
-    def __init__(self, client: httpx.AsyncClient, base_url: str) -> None:
+    def __init__(self, client: httpx.AsyncClient, base_url: str, admin_token: str | None) -> None:
         self.client = client
         self.base_url = base_url
+        self.headers = {"X-Admin-Token": admin_token} if admin_token else {}
 
     async def status(self) -> dict:
-        response = await self.client.get(self.base_url + "/admin/status", timeout=10.0)
+        response = await self.client.get(self.base_url + "/admin/status", headers=self.headers, timeout=10.0)
         response.raise_for_status()
         return response.json()
 

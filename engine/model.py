@@ -21,6 +21,34 @@ from engine.layer_ready import LayerReady, record_layer_ready
 LayerCallback = Callable[[int, LayerReady], None]  # (layer index, recorded after its K/V writes)
 
 
+def _onednn_packing_available() -> bool:
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+
+
+class Linear(nn.Linear):
+    """nn.Linear that, once ``pack``ed, multiplies by a copy of its weight in oneDNN's blocked layout.
+
+    Why: on CPU a bf16 ``F.linear`` re-lays the weight out on every call, reading it twice; decode
+    is bound by reading the weights. The copy follows the weight: a weight changed in place (its
+    version moved, as ``load_state_dict`` does) is repacked on the next call."""
+
+    _packed: torch.Tensor | None = None
+    _packed_version = -1
+
+    def pack(self, batch_hint: int) -> None:
+        with torch.no_grad():
+            self._packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), batch_hint)
+        self._packed_version = self.weight._version
+        self._batch_hint = batch_hint
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._packed is None:
+            return F.linear(x, self.weight, self.bias)
+        if self._packed_version != self.weight._version:
+            self.pack(self._batch_hint)
+        return torch.ops.mkldnn._linear_pointwise(x, self._packed, self.bias, "none", [], "")
+
+
 class RMSNorm(nn.Module):
     def __init__(self, size: int, eps: float) -> None:
         super().__init__()
@@ -85,8 +113,8 @@ class Attention(nn.Module):
         super().__init__()
         self.config = config
         self.layer = layer
-        self.qkv_proj = nn.Linear(config.hidden_size, config.q_size + 2 * config.kv_size, bias=config.qkv_bias)
-        self.o_proj = nn.Linear(config.q_size, config.hidden_size, bias=False)
+        self.qkv_proj = Linear(config.hidden_size, config.q_size + 2 * config.kv_size, bias=config.qkv_bias)
+        self.o_proj = Linear(config.q_size, config.hidden_size, bias=False)
         if config.qk_norm:
             self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps)
             self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps)
@@ -109,8 +137,8 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.gate_up_proj = Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
+        self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
@@ -147,9 +175,23 @@ class CausalLM(nn.Module):
         self.config = config
         self.model = LlamaBackbone(config)
         self.rotary = RotaryEmbedding(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+
+    def pack_linear_weights(self, batch_hint: int) -> bool:
+        """CPU, bf16, oneDNN: every projection multiplies by a blocked-layout copy of its weight
+        (``Linear``), tuned for ``batch_hint`` rows. Costs one more copy of the projection weights.
+        Returns whether it packed (elsewhere the plain path is as fast)."""
+        weight = self.lm_head.weight
+        if weight.device.type != "cpu" or weight.dtype != torch.bfloat16 or not _onednn_packing_available():
+            return False
+        if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+            return False
+        for module in self.modules():
+            if isinstance(module, Linear):
+                module.pack(batch_hint)
+        return True
 
     @torch.inference_mode()
     def forward(

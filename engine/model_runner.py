@@ -14,6 +14,8 @@ from engine.model import CausalLM
 from engine.sampler import Sampler, SampleResult, SamplingState, TokenLogprobs
 from engine.scheduler import ScheduledChunk, SchedulerOutput
 
+PACKED_WEIGHTS_BATCH_HINT = 32  # rows the CPU weight layout is tuned for: a decode batch
+
 LayerHook = Callable[[SchedulerOutput, int, LayerReady], None]
 """``on_layer_done(plan, layer, ready)``: called on the engine thread after each layer of a step.
 
@@ -56,6 +58,7 @@ class ModelRunner:
         self.block_size = cache.layout.block_size
         self.attention = attention if attention is not None else select_attention_backend(device)
         self.graphs = None  # engine.cuda_graphs.CudaGraphDecoder, set by the engine on CUDA
+        model.pack_linear_weights(batch_hint=PACKED_WEIGHTS_BATCH_HINT)
 
     def execute(
         self, output: SchedulerOutput, states: dict[str, SamplingState], on_layer_done: LayerHook | None = None
