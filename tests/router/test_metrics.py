@@ -74,8 +74,17 @@ def test_counters_and_histograms_match_the_traffic(router_url):
     def delta(name: str, **labels) -> float:
         return _sum(after, name, **labels) - _sum(before, name, **labels)
 
+    def workers_caught_up() -> bool:
+        """Each worker's Stats are polled on their own: wait until both reflect all the traffic."""
+        remote = delta("splitserve_routing_decisions_total", decision="remote_prefill")
+        return (
+            delta("splitserve_worker_requests_finished_total", role="decode") >= 5
+            and delta("splitserve_kv_transfers_total", role="prefill", outcome="completed") >= remote
+            and delta("splitserve_kv_transfers_total", role="decode", outcome="completed") >= remote
+        )
+
     deadline = time.monotonic() + 15  # the router polls worker Stats every 0.5 s
-    while delta("splitserve_worker_requests_finished_total", role="decode") < 5 and time.monotonic() < deadline:
+    while not workers_caught_up() and time.monotonic() < deadline:
         time.sleep(0.25)
         after = _samples(router_url)
 
