@@ -41,11 +41,6 @@ def engine_config_from_args(args: argparse.Namespace):
     )
 
 
-def _add_tls_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--tls-cert", default=None, help="PEM certificate (chain): serve HTTPS and gRPC over TLS")
-    parser.add_argument("--tls-key", default=None, help="PEM private key of --tls-cert")
-
-
 class _SecretOnCommandLine(argparse.Action):
     """A flag that would put a secret in argv, where ``ps`` and /proc/PID/cmdline show it to every user: refused,
     naming where the secret goes instead."""
@@ -72,28 +67,72 @@ def _add_secret_args(parser: argparse.ArgumentParser, api_key_help: str, admin_t
     parser.add_argument("--admin-token-file", default=None, metavar="PATH", help=admin_token_help)
 
 
-def _add_edge_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--open-metrics", action="store_true", help="serve /metrics without an API key (a scraper inside the cluster)"
-    )
-    parser.add_argument("--open-docs", action="store_true", help="serve /docs and /openapi.json without an API key")
-    parser.add_argument(
-        "--header-timeout", type=float, default=None, help="seconds a client has to send a request's headers (10)"
-    )
-    parser.add_argument(
-        "--body-timeout", type=float, default=None, help="seconds a client has to send a request's body (30)"
-    )
+# -- router settings as flags ------------------------------------------------------------------
+# Derived from router.config.RouterConfig's fields (name, type, default, choices) and FIELD_HELP, so that `splitserve
+# router` and `splitserve up` spell, type and document each setting once. Flags default to None ("not given"): a
+# given flag overrides the config file, an absent one leaves the file's value, or else RouterConfig's default.
+
+_FLAG_NAMES = {"tls_certfile": "--tls-cert", "tls_keyfile": "--tls-key"}  # the rest: the field's name, dashed, no _s
+# Set otherwise: secrets through files and the environment (_add_secret_args), worker addresses by `router --prefill
+# / --decode` (or the controller, under `up`).
+_NOT_FLAGS = ("api_keys", "admin_token", "cluster_secret", "prefill_addresses", "decode_addresses")
 
 
-def _edge_settings(args: argparse.Namespace) -> dict:
-    """RouterConfig/ClusterConfig fields of _add_edge_args's flags, those given only."""
-    given = {
-        "open_metrics": args.open_metrics or None,
-        "open_docs": args.open_docs or None,
-        "header_timeout_s": args.header_timeout,
-        "body_timeout_s": args.body_timeout,
-    }
-    return {k: v for k, v in given.items() if v is not None}
+def router_flag(name: str) -> str:
+    """The command-line flag of a RouterConfig field."""
+    return _FLAG_NAMES.get(name, "--" + name.removesuffix("_s").replace("_", "-"))
+
+
+def router_flag_fields(command: str) -> tuple[str, ...]:
+    """The RouterConfig fields a command takes as flags: under `up`, what its config file may set at the top level
+    or in its router section (the model and its name are the cluster's flags there)."""
+    import dataclasses
+
+    from cluster.config import CLUSTER_WIDE, ROUTER_KEYS
+    from router.config import RouterConfig
+
+    if command == "router":
+        return tuple(f.name for f in dataclasses.fields(RouterConfig) if f.name not in _NOT_FLAGS)
+    shared = tuple(name for name in CLUSTER_WIDE if name not in ("model", "served_model_name"))
+    return shared + tuple(name for name in ROUTER_KEYS if name not in _NOT_FLAGS)
+
+
+def _add_router_setting_args(parser: argparse.ArgumentParser, names: tuple[str, ...]) -> None:
+    import dataclasses
+    import types
+    import typing
+
+    from router.config import CHOICES, FIELD_HELP, RouterConfig
+
+    hints = typing.get_type_hints(RouterConfig)
+    defaults = {f.name: f.default for f in dataclasses.fields(RouterConfig)}
+    group = parser.add_argument_group(
+        "router settings (router.config.RouterConfig's; a flag overrides the config file)"
+    )
+    for name in names:
+        hint = hints[name]
+        (kind,) = (
+            [t for t in typing.get_args(hint) if t is not type(None)] if isinstance(hint, types.UnionType) else [hint]
+        )
+        default = defaults[name]
+        if default is not None:
+            default = {True: "on", False: "off"}.get(default, default) if kind is bool else default
+        text = (FIELD_HELP[name] + ("" if default is None else f" (default: {default})")).replace("%", "%%")
+        if kind is bool:
+            action = argparse.BooleanOptionalAction
+            group.add_argument(router_flag(name), dest=name, action=action, default=None, help=text)
+            continue
+        metavar = "SECONDS" if name.endswith("_s") else "MS" if name.endswith("_ms") else None
+        if name in CHOICES:
+            metavar = None
+        group.add_argument(
+            router_flag(name), dest=name, type=kind, default=None, choices=CHOICES.get(name), metavar=metavar, help=text
+        )
+
+
+def _given_settings(args: argparse.Namespace, names) -> dict:
+    """The settings among ``names`` whose flags were given."""
+    return {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -119,7 +158,12 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--host", default="127.0.0.1")
     worker.add_argument("--port", type=int, default=0, help="0: any free port")
     worker.add_argument("--transport", choices=["grpc", "nixl"], default="grpc")
-    worker.add_argument("--lease-ms", type=int, default=30_000, help="decode: how long a reservation waits for its KV")
+    worker.add_argument(
+        "--lease-ms",
+        type=int,
+        default=None,
+        help="decode: how long a reservation waits for its KV when the router does not say; default: the worker's own",
+    )
     worker.add_argument("--no-verify-kv", action="store_true", help="skip KV checksums (faster)")
     worker.add_argument(
         "--no-kv-bulk",
@@ -166,9 +210,6 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--prefill", type=int, default=None, help="prefill workers")
     up.add_argument("--decode", type=int, default=None, help="decode workers")
     up.add_argument("--transport", choices=["grpc", "nixl"], default=None)
-    up.add_argument("--host", default=None)
-    up.add_argument("--port", type=int, default=None)
-    up.add_argument("--grpc-port", type=int, default=None)
     up.add_argument("--worker-host", default=None, help="address workers bind to; 'auto': the node's IP")
     up.add_argument("--ttft-slo", type=float, default=None, help="seconds; turns the planner on")
     up.add_argument("--tpot-slo", type=float, default=None, help="seconds; turns the planner on")
@@ -182,9 +223,8 @@ def build_parser() -> argparse.ArgumentParser:
         admin_token_help="a file holding the admin token; default: $SPLITSERVE_ADMIN_TOKEN[_FILE], else a random "
         "token written next to the runtime files",
     )
-    _add_edge_args(up)
-    _add_tls_args(up)
     up.add_argument("--log-level", default="WARNING")
+    _add_router_setting_args(up, router_flag_fields("up"))
     up.set_defaults(run=_run_up)
 
     for name, text in (
@@ -207,49 +247,16 @@ def build_parser() -> argparse.ArgumentParser:
         admin.set_defaults(run=_run_admin)
 
     router = commands.add_parser("router", help="run the router (OpenAI HTTP + gRPC) over a static set of workers")
-    router.add_argument(
-        "--model",
-        default=None,
-        help="preset or model directory to check every worker's model card against (the router loads its config "
-        "and tokenizer, and fingerprints its weights if present); default: adopt the workers' model card",
-    )
-    router.add_argument("--served-model-name", default=None, help="default: the model card's")
-    router.add_argument(
-        "--max-model-len", type=int, default=None, help="admit at most this many tokens (default: the model card's)"
-    )
     router.add_argument("--prefill", nargs="*", default=[], metavar="ADDR", help="prefill worker addresses host:port")
     router.add_argument("--decode", nargs="+", required=True, metavar="ADDR", help="decode worker addresses host:port")
-    router.add_argument("--host", default="127.0.0.1")
-    router.add_argument("--port", type=int, default=8000)
-    router.add_argument("--grpc-port", type=int, default=50051)
     _add_secret_args(
         router,
         api_key_help="a file of accepted API keys, one a line; also SPLITSERVE_API_KEYS[_FILE]",
         admin_token_help="a file holding the admin token (guards /admin and the dashboard's data); "
         "also SPLITSERVE_ADMIN_TOKEN[_FILE]",
     )
-    _add_edge_args(router)
-    router.add_argument("--routing-policy", choices=["kv_aware", "load"], default="kv_aware")
-    router.add_argument("--kv-weight", type=float, default=1.0)
-    router.add_argument(
-        "--local-prefill-threshold",
-        type=int,
-        default=128,
-        help="uncached prompt tokens below which the decode worker prefills",
-    )
-    router.add_argument("--lease-policy", choices=["recompute", "fail"], default="recompute")
-    router.add_argument(
-        "--migration-policy",
-        choices=["prefill", "local"],
-        default="prefill",
-        help="a decode worker lost mid-decode: re-push the KV from a prefill worker (its prefix cache holds the "
-        "prompt) or have the new decode worker recompute prompt + output itself",
-    )
-    router.add_argument("--request-timeout", type=float, default=600.0)
-    router.add_argument("--max-running", type=int, default=256)
-    router.add_argument("--max-queued", type=int, default=512)
-    _add_tls_args(router)
     router.add_argument("--log-level", default="INFO")
+    _add_router_setting_args(router, router_flag_fields("router"))
     router.set_defaults(run=_run_router)
 
     # Benchmarks are not part of the serving runtime: `main` hands these commands to bench.cli, which
@@ -315,7 +322,8 @@ def _run_worker(args: argparse.Namespace) -> int:
         else:
             from decode_worker.worker import DecodeWorker
 
-            worker = DecodeWorker(engine_config_from_args(args), default_lease_ms=args.lease_ms, **common)
+            lease = {} if args.lease_ms is None else {"default_lease_ms": args.lease_ms}  # else: the worker's own
+            worker = DecodeWorker(engine_config_from_args(args), **lease, **common)
         address = worker.start()
         if args.metrics_port is not None:
             print(f"metrics on port {worker.serve_metrics(args.metrics_port)}", flush=True)
@@ -334,30 +342,32 @@ def _run_worker(args: argparse.Namespace) -> int:
 
 
 def cluster_config_from_args(args: argparse.Namespace):
+    """The config file's ClusterConfig (or the defaults) with the given flags over it."""
     import dataclasses
 
-    from cluster.config import ClusterConfig, load_file
+    from cluster.config import CLUSTER_WIDE, ClusterConfig, load_file
     from router.config import read_api_keys
 
     config = load_file(args.config) if args.config else ClusterConfig()
-    flat = {
+    top = {
         "model": args.model,
         "served_model_name": args.served_model_name,
         "dtype": args.dtype,
         "device": args.device,
         "transport": args.transport,
         "address": args.address,
-        "host": args.host,
-        "port": args.port,
-        "grpc_port": args.grpc_port,
         "worker_host": args.worker_host,
+    }
+    top = {k: v for k, v in top.items() if v is not None}
+    settings = _given_settings(args, router_flag_fields("up"))
+    router = {name: value for name, value in settings.items() if name not in CLUSTER_WIDE}
+    top.update({name: value for name, value in settings.items() if name in CLUSTER_WIDE})
+    secrets = {
         "admin_token": admin_token_from_args(args),
         "api_keys": read_api_keys(args.api_key_file) if args.api_key_file else None,
-        **_edge_settings(args),
-        "tls_certfile": args.tls_cert,
-        "tls_keyfile": args.tls_key,
     }
-    config = dataclasses.replace(config, **{k: v for k, v in flat.items() if v is not None})
+    router.update({k: v for k, v in secrets.items() if v is not None})
+    config = dataclasses.replace(config, **top, router=dataclasses.replace(config.router, **router))
     for role, count, low, high in (
         ("prefill", args.prefill, args.min_prefill, args.max_prefill),
         ("decode", args.decode, args.min_decode, args.max_decode),
@@ -408,27 +418,11 @@ def router_config_from_args(args: argparse.Namespace):
     from router.config import RouterConfig, read_api_keys
 
     return RouterConfig(
-        model=args.model,
-        served_model_name=args.served_model_name,
-        max_model_len=args.max_model_len,
         prefill_addresses=tuple(args.prefill),
         decode_addresses=tuple(args.decode),
-        host=args.host,
-        port=args.port,
-        grpc_port=args.grpc_port,
         api_keys=read_api_keys(args.api_key_file) if args.api_key_file else (),
         admin_token=admin_token_from_args(args),
-        **_edge_settings(args),
-        routing_policy=args.routing_policy,
-        kv_weight=args.kv_weight,
-        local_prefill_threshold=args.local_prefill_threshold,
-        lease_policy=args.lease_policy,
-        migration_policy=args.migration_policy,
-        request_timeout_s=args.request_timeout,
-        max_running=args.max_running,
-        max_queued=args.max_queued,
-        tls_certfile=args.tls_cert,
-        tls_keyfile=args.tls_key,
+        **_given_settings(args, router_flag_fields("router")),
     )
 
 

@@ -1,14 +1,21 @@
-"""The cluster's configuration: one frozen dataclass, from defaults, a YAML/TOML file, then flags."""
+"""The cluster's configuration: one frozen dataclass, from defaults, a YAML/TOML file, then flags.
+
+The router's settings are router.config.RouterConfig's, in the file's ``router:`` section under the field names;
+the few RouterConfig fields the whole cluster shares (CLUSTER_WIDE) are top-level keys, handed to the router."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
 import tomllib
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
+
+from router.config import RouterConfig
 
 
 @dataclass(frozen=True)
@@ -50,43 +57,61 @@ class PlannerSpec:
     min_samples: int = 5
 
 
+# RouterConfig fields the cluster owns: set once, at the top level of the cluster config, because the workers or the
+# controller use them too; `splitserve up` hands them to the router. A router section naming one is refused.
+CLUSTER_WIDE = {
+    "model": "the workers load it too",
+    "served_model_name": "the workers' model cards carry it",
+    "lease_ms": "the decode workers use it too",
+    "health_interval_s": "the controller checks the workers at the same interval",
+}
+# RouterConfig fields `splitserve up` sets itself; a router section naming one is refused.
+_MEMBERSHIP = "`splitserve up` routes to the workers its controller starts (size the prefill and decode pools)"
+SET_BY_UP = {
+    "prefill_addresses": _MEMBERSHIP,
+    "decode_addresses": _MEMBERSHIP,
+    "cluster_secret": "the cluster secret comes from SPLITSERVE_CLUSTER_SECRET[_FILE], or `splitserve up` makes one",
+}
+# The keys of a cluster config's `router:` section: every other RouterConfig field, named as RouterConfig names it.
+ROUTER_KEYS = tuple(f.name for f in dataclasses.fields(RouterConfig) if f.name not in CLUSTER_WIDE | SET_BY_UP)
+ROUTER_SECRETS = ("api_keys", "admin_token")  # the router keeps them; the controller and the workers never see them
+
+
+def router_default(name: str):
+    """RouterConfig's default of a field: the one the cluster's copy of a cluster-wide fact starts from."""
+    return {f.name: f.default for f in dataclasses.fields(RouterConfig)}[name]
+
+
 @dataclass(frozen=True)
 class ClusterConfig:
     model: str = "demo"
-    served_model_name: str | None = None  # default: the preset or directory name
+    served_model_name: str | None = router_default("served_model_name")  # default: the preset or directory name
     dtype: str | None = None
     device: str = "cpu"
     transport: str = "grpc"
     address: str | None = None  # Ray address to join; None: start embedded Ray
     ray_num_cpus: int | None = None  # embedded Ray only; default: enough logical CPUs for the pools
     namespace: str = "splitserve"
-    host: str = "127.0.0.1"  # the router's HTTP/gRPC bind address
-    port: int = 8000
-    grpc_port: int = 50051
     worker_host: str = "127.0.0.1"  # where workers bind; "auto": the node's IP (multi-node clusters)
     prefill: PoolSpec = field(default_factory=PoolSpec)
     decode: PoolSpec = field(default_factory=PoolSpec)
     planner: PlannerSpec = field(default_factory=PlannerSpec)
     max_restarts: int = 3
-    lease_ms: int = 30_000
-    local_prefill_threshold: int = 128
-    # Secrets: here from a config file, the environment or files (cluster.cli), never a command line. The router
-    # keeps them; the controller and the workers never receive them (cluster.up.run_cluster).
-    api_keys: tuple[str, ...] = field(default=(), repr=False)
-    admin_token: str | None = field(default=None, repr=False)
-    open_metrics: bool = False  # router.config.RouterConfig's: /metrics without an API key
-    open_docs: bool = False  # ... and the API docs
-    header_timeout_s: float = 10.0  # the router's HTTP read deadlines (router/http_protocol.py)
-    body_timeout_s: float = 30.0
-    health_interval_s: float = 0.5
-    # TLS for the router's public HTTP and gRPC endpoints (PEM paths; both or neither). Worker-to-worker
-    # mutual TLS is configured per process through SPLITSERVE_TLS_* (protos/cluster_auth.py).
-    tls_certfile: str | None = None
-    tls_keyfile: str | None = None
+    lease_ms: int = router_default("lease_ms")
+    health_interval_s: float = router_default("health_interval_s")
+    # The router's own settings (router/config.py owns them and their defaults). Its secrets (api_keys,
+    # admin_token) come from here, the environment or files (cluster.cli), never a command line; the router
+    # keeps them, the controller and the workers never receive them (without_secrets).
+    router: RouterConfig = field(default_factory=RouterConfig)
 
     def __post_init__(self) -> None:
         if self.transport not in ("grpc", "nixl"):
             raise ValueError(f"transport must be grpc or nixl, got {self.transport!r}")
+        if not isinstance(self.router, RouterConfig):
+            raise ValueError(f"router must be a RouterConfig, got {type(self.router).__name__}")
+        for name, why in (CLUSTER_WIDE | SET_BY_UP).items():
+            if getattr(self.router, name) != router_default(name):
+                raise ValueError(f"router.{name} is not a router section setting: {why}{_instead(name)}")
 
     def pool(self, role: str) -> PoolSpec:
         return self.prefill if role == "prefill" else self.decode
@@ -94,32 +119,109 @@ class ClusterConfig:
     def with_pool(self, role: str, **changes) -> ClusterConfig:
         return dataclasses.replace(self, **{role: dataclasses.replace(self.pool(role), **changes)})
 
+    def router_config(self, *, cluster_secret: str | None, admin_token: str | None) -> RouterConfig:
+        """The config `splitserve up` starts its router with: the router section plus the facts the cluster owns."""
+        shared = {name: getattr(self, name) for name in CLUSTER_WIDE}
+        return dataclasses.replace(self.router, **shared, cluster_secret=cluster_secret, admin_token=admin_token)
+
+    def without_secrets(self) -> ClusterConfig:
+        """What the controller (and through it the workers) may see."""
+        router = dataclasses.replace(self.router, api_keys=(), admin_token=None)
+        return dataclasses.replace(self, router=router)
+
+    def to_dict(self) -> dict:
+        """Plain data in the file format: ``from_dict(config.to_dict()) == config``."""
+        data = {f.name: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v for f, v in self._items()}
+        data["router"] = {name: getattr(self.router, name) for name in ROUTER_KEYS}
+        return data
+
+    def _items(self):
+        return ((f, getattr(self, f.name)) for f in dataclasses.fields(self) if f.name != "router")
+
     def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self))
+        return json.dumps(self.to_dict())
 
     @classmethod
     def from_json(cls, text: str) -> ClusterConfig:
         return from_dict(json.loads(text))
 
 
+def _instead(name: str) -> str:
+    return f"; set the top-level {name}" if name in CLUSTER_WIDE else ""
+
+
 def from_dict(raw: dict) -> ClusterConfig:
     """A config from plain data (a parsed file); unknown keys are an error naming them."""
-    raw = dict(raw)
+    raw = dict(_mapping(raw, "config"))
+    moved = sorted(k for k in raw if k in ROUTER_KEYS)
+    if moved:
+        spelled = ", ".join(f"router.{k}" for k in moved)
+        raise ValueError(f"{', '.join(moved)}: router settings go in the config's router section: use {spelled}")
     nested = {"prefill": PoolSpec, "decode": PoolSpec, "planner": PlannerSpec}
     for key, kind in nested.items():
         if key in raw:
             raw[key] = _build(kind, raw[key], key)
-    if "api_keys" in raw:
-        raw["api_keys"] = tuple(raw["api_keys"])
+    if "router" in raw:
+        raw["router"] = router_from_dict(raw["router"])
     return _build(ClusterConfig, raw, "config")
 
 
-def _build(kind, values: dict, where: str):
-    known = {f.name for f in dataclasses.fields(kind)}
+def router_from_dict(raw: dict) -> RouterConfig:
+    """The router section of a cluster config; keys the cluster owns or `up` sets are refused, naming them."""
+    raw = _mapping(raw, "router")
+    for name, why in (CLUSTER_WIDE | SET_BY_UP).items():
+        if name in raw:
+            raise ValueError(f"router.{name} is not a router section setting: {why}{_instead(name)}")
+    return _build(RouterConfig, raw, "router", known=ROUTER_KEYS)
+
+
+def _mapping(values, where: str) -> dict:
+    if not isinstance(values, dict):
+        raise ValueError(f"{where}: expected a mapping of settings, got {type(values).__name__}")
+    return values
+
+
+def _build(kind, values: dict, where: str, known=None):
+    values = _mapping(values, where)
+    known = set(known or (f.name for f in dataclasses.fields(kind)))
     unknown = set(values) - known
     if unknown:
         raise ValueError(f"unknown {where} keys: {', '.join(sorted(unknown))}; known: {', '.join(sorted(known))}")
-    return kind(**values)
+    hints = typing.get_type_hints(kind)
+    return kind(**{name: _typed(value, hints[name], f"{where}.{name}") for name, value in values.items()})
+
+
+def _typed(value, hint, where: str):
+    """``value`` as a field of type ``hint`` takes it (a list for a tuple), or ValueError naming ``where``."""
+    options = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    for option in options:
+        if option is type(None) and value is None:
+            return None
+        if option is bool and isinstance(value, bool):
+            return value
+        if option is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if option is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return value
+        if option is str and isinstance(value, str):
+            return value
+        if option is dict and isinstance(value, dict):
+            return value
+        if typing.get_origin(option) is tuple and isinstance(value, (list, tuple)):
+            if all(isinstance(item, str) for item in value):
+                return tuple(value)
+        if dataclasses.is_dataclass(option) and isinstance(value, option):
+            return value
+    expected = " or ".join(_type_name(option) for option in options)
+    raise ValueError(f"{where} must be {expected}, got {value!r}")
+
+
+def _type_name(hint) -> str:
+    if typing.get_origin(hint) is tuple:
+        return "a list of strings"
+    return {type(None): "null", bool: "true/false", int: "an integer", float: "a number", str: "a string"}.get(
+        hint, getattr(hint, "__name__", str(hint))
+    )
 
 
 def load_file(path: str | Path) -> ClusterConfig:

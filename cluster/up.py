@@ -4,7 +4,6 @@ worker pools; membership flows controller → router as it changes; Ctrl-C / SIG
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import math
 import os
@@ -21,7 +20,6 @@ from cluster.worker_actor import CONTROLLER_NAME
 from engine.errors import ModelLoadError
 from engine.presets import prepare_model
 from protos.cluster_auth import secret_from_env
-from router.config import RouterConfig
 from router.server import Router
 
 log = logging.getLogger(__name__)
@@ -121,29 +119,11 @@ async def run_cluster(config: ClusterConfig, stop: asyncio.Event, on_ready=None)
             max_concurrency=1000,
             resources={"node:__internal_head__": 0.001},
         )
-        .remote(dataclasses.replace(config, api_keys=(), admin_token=None).to_json(), cluster_secret)
+        .remote(config.without_secrets().to_json(), cluster_secret)
     )
     await controller.start.remote()
-    admin_token = config.admin_token or secrets.token_urlsafe(24)
-    router_config = RouterConfig(
-        model=config.model,  # the router checks every worker's model card against it
-        served_model_name=config.served_model_name,
-        host=config.host,
-        port=config.port,
-        grpc_port=config.grpc_port,
-        api_keys=config.api_keys,
-        admin_token=admin_token,
-        open_metrics=config.open_metrics,
-        open_docs=config.open_docs,
-        header_timeout_s=config.header_timeout_s,
-        body_timeout_s=config.body_timeout_s,
-        lease_ms=config.lease_ms,
-        local_prefill_threshold=config.local_prefill_threshold,
-        health_interval_s=config.health_interval_s,
-        cluster_secret=cluster_secret,
-        tls_certfile=config.tls_certfile,
-        tls_keyfile=config.tls_keyfile,
-    )
+    admin_token = config.router.admin_token or secrets.token_urlsafe(24)
+    router_config = config.router_config(cluster_secret=cluster_secret, admin_token=admin_token)
     router = Router(router_config, RayControlPlane(controller))
     await router.start()
     tasks = [

@@ -6,6 +6,10 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+ROUTING_POLICIES = ("kv_aware", "load")
+MIGRATION_POLICIES = ("prefill", "local")
+LEASE_POLICIES = ("recompute", "fail")
+
 
 @dataclass(frozen=True)
 class RouterConfig:
@@ -62,18 +66,60 @@ class RouterConfig:
     def __post_init__(self) -> None:
         if (self.tls_certfile is None) != (self.tls_keyfile is None):
             raise ValueError("tls_certfile and tls_keyfile go together: give both or neither")
-        if self.routing_policy not in ("kv_aware", "load"):
-            raise ValueError(f"routing_policy must be kv_aware or load, got {self.routing_policy!r}")
-        if self.migration_policy not in ("prefill", "local"):
-            raise ValueError(f"migration_policy must be prefill or local, got {self.migration_policy!r}")
-        if self.lease_policy not in ("recompute", "fail"):
-            raise ValueError(f"lease_policy must be recompute or fail, got {self.lease_policy!r}")
+        for name, allowed in CHOICES.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be {' or '.join(allowed)}, got {getattr(self, name)!r}")
         for name in ("header_timeout_s", "body_timeout_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be a positive number of seconds, got {getattr(self, name)!r}")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len must be at least 1, got {self.max_model_len}")
 
+
+# The settings with a fixed set of values (RouterConfig checks them; the CLI offers them as choices).
+CHOICES = {"routing_policy": ROUTING_POLICIES, "migration_policy": MIGRATION_POLICIES, "lease_policy": LEASE_POLICIES}
+
+# What each RouterConfig field means, in a line: the one help text of `splitserve router`'s and `splitserve up`'s flags
+# (cluster/cli.py derives them, names, types and defaults included, from the fields) and of the docs.
+# tests/cluster/test_config.py checks that every field has one.
+FIELD_HELP = {
+    "model": "preset or model directory to check every worker's model card against (the router loads its config "
+    "and tokenizer, and fingerprints its weights if present); default: adopt the workers' model card",
+    "served_model_name": "the name clients use; default: the model card's",
+    "prefill_addresses": "prefill worker addresses host:port",
+    "decode_addresses": "decode worker addresses host:port",
+    "host": "the router's HTTP and gRPC bind address",
+    "port": "the OpenAI HTTP API's port (0: any free port)",
+    "grpc_port": "the public gRPC API's port (0: any free port)",
+    "api_keys": "API keys clients must send; empty: no authentication",
+    "max_body_bytes": "largest request body accepted, in bytes (larger: 413)",
+    "request_timeout_s": "seconds a request may take from getting its slot to its last token",
+    "max_model_len": "admit at most this many tokens (prompt + max_tokens); lowers the model card's, never raises it",
+    "max_running": "requests served at once; beyond it they queue",
+    "max_queued": "requests waiting for a slot; beyond it: 429",
+    "queue_timeout_s": "seconds a request may wait in the queue for a slot (then 503)",
+    "routing_policy": "kv_aware: prefer workers whose prefix cache holds the prompt; load: least loaded only",
+    "kv_weight": "w in cost(P) = w * uncached prompt blocks on P + active load of P",
+    "local_prefill_threshold": "uncached prompt tokens below which the decode worker prefills itself",
+    "prefill_saturation": "in-flight prefills per worker at which the prefill pool counts as saturated",
+    "prefill_timeout_s": "seconds one prefill call may take",
+    "prefill_retries": "other prefill workers tried after a failed prefill",
+    "retry_backoff_s": "base of the jittered backoff between retries, in seconds",
+    "migration_retries": "times a request moves to another decode worker after losing one mid-decode",
+    "migration_policy": "a decode worker lost mid-decode: re-push the KV from a prefill worker (its prefix cache holds "
+    "the prompt) or have the new decode worker recompute prompt + output itself",
+    "lease_ms": "how long a decode reservation waits for its KV, in milliseconds",
+    "lease_policy": "a lease expired before the KV landed: recompute (prefill again) or fail the request",
+    "health_interval_s": "seconds between health checks of each worker",
+    "admin_token": "guards /admin/* and the dashboard's data; default: $SPLITSERVE_ADMIN_TOKEN[_FILE]",
+    "open_metrics": "serve /metrics without an API key (a scraper inside the cluster)",
+    "open_docs": "serve /docs, /redoc and /openapi.json without an API key",
+    "header_timeout_s": "seconds a client has to send a request's headers",
+    "body_timeout_s": "seconds a client has to send a request's body, once its headers are in",
+    "cluster_secret": "the secret workers require; default: $SPLITSERVE_CLUSTER_SECRET[_FILE]",
+    "tls_certfile": "PEM certificate (chain): serve HTTPS and gRPC over TLS",
+    "tls_keyfile": "PEM private key of the TLS certificate",
+}
 
 # Secrets come from the environment or from files, never from a command line (``ps`` shows those to every user).
 API_KEYS_ENV = "SPLITSERVE_API_KEYS"  # comma-separated

@@ -15,6 +15,7 @@ import pytest
 import ray
 
 from cluster.config import ClusterConfig, PlannerSpec, PoolSpec
+from router.config import RouterConfig
 from tests.cluster.harness import RunningCluster, start_local_ray
 
 POOL = PoolSpec(replicas=1, min_replicas=1, max_replicas=3, threads=1, kv_cache_mb=64)
@@ -25,13 +26,11 @@ def cluster():
     start_local_ray(num_cpus=8)
     config = ClusterConfig(
         model="demo",
-        port=0,
-        grpc_port=0,
         prefill=POOL,
         decode=POOL,
         namespace="splitserve-test",
-        local_prefill_threshold=32,
         health_interval_s=0.25,
+        router=RouterConfig(port=0, grpc_port=0, local_prefill_threshold=32, max_queued=100),
     )
     running = RunningCluster(config)
     yield running
@@ -74,6 +73,13 @@ class Load:
         for thread in self._threads:
             thread.join(90)
         assert not any(t.is_alive() for t in self._threads), "a request hung"
+
+
+def test_the_router_runs_with_the_router_section_and_the_cluster_wide_facts(cluster):
+    running, config = cluster.router.config, cluster.config
+    assert (running.max_queued, running.local_prefill_threshold, running.port) == (100, 32, 0)
+    assert (running.model, running.health_interval_s, running.lease_ms) == ("demo", 0.25, config.lease_ms)
+    assert running.cluster_secret, "the router calls the workers with the cluster's secret"
 
 
 def test_crashed_worker_is_restarted_and_serves_again(cluster):

@@ -14,6 +14,7 @@ import pytest
 import ray
 
 from cluster.config import ClusterConfig, PoolSpec
+from router.config import RouterConfig
 from tests.cluster.harness import RunningCluster, start_local_ray
 from tests.dashboard.conftest import PageProblems
 
@@ -28,14 +29,11 @@ def cluster():
     start_local_ray(num_cpus=8)
     config = ClusterConfig(
         model="demo",
-        port=0,
-        grpc_port=0,
         prefill=POOL,
         decode=POOL,
         namespace="splitserve-dashboard-test",
-        local_prefill_threshold=32,
         health_interval_s=0.25,
-        admin_token=ADMIN_TOKEN,
+        router=RouterConfig(port=0, grpc_port=0, local_prefill_threshold=32, admin_token=ADMIN_TOKEN),
     )
     running = RunningCluster(config)
     yield running

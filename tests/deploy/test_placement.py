@@ -221,10 +221,12 @@ def test_autoscaler_requests_land_in_the_right_groups(objects, tmp_path, monkeyp
 
 def test_head_command_builds_the_configmap_config(objects, tmp_path):
     config = head_config(objects, tmp_path)
-    assert (config.host, config.worker_host) == ("0.0.0.0", "auto")
+    assert (config.router.host, config.worker_host) == ("0.0.0.0", "auto")
     assert config.prefill == configmap_config(objects).prefill and config.decode == configmap_config(objects).decode
     ports = {p["name"]: p["containerPort"] for p in head_container(one(objects, "RayCluster"))["ports"]}
-    assert (ports["http"], ports["grpc"]) == (config.port, config.grpc_port), "the head's ports must be the router's"
+    assert (ports["http"], ports["grpc"]) == (config.router.port, config.router.grpc_port), (
+        "the head's ports must be the router's"
+    )
 
 
 def test_cpu_and_gpu_renders_differ_where_they_should():

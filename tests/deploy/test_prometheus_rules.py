@@ -4,10 +4,12 @@ rules into a live Prometheus."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 
 import yaml
 
+from cluster.config import PlannerSpec
 from tests.deploy.conftest import DEPLOY
 
 RULES = DEPLOY / "prometheus" / "rules.yaml"
@@ -45,3 +47,16 @@ def test_promtool_catches_a_broken_rule(tmp_path):
         RULES.read_text().replace("sum by (namespace, ray_cluster) (", "sum by (namespace, ray_cluster (", 1)
     )
     assert _promtool("check", "rules", str(broken)).returncode != 0
+
+
+def test_the_ttft_alert_fires_above_the_planners_default_target():
+    (rule,) = [
+        r
+        for g in yaml.safe_load(RULES.read_text())["groups"]
+        for r in g["rules"]
+        if r.get("alert") == "SplitserveTTFTAboveSLO"
+    ]
+    target = PlannerSpec().ttft_target_s
+    threshold = re.fullmatch(r"splitserve:time_to_first_token_seconds:p99_5m > ([0-9.]+)", rule["expr"]).group(1)
+    assert float(threshold) == target, "the alert's threshold is the planner's default TTFT target"
+    assert f"above the {target:g} s SLO" in rule["annotations"]["summary"]

@@ -82,7 +82,9 @@ def test_probes_use_router_endpoints_open_without_an_api_key(objects):
         assert probe["path"] in _OPEN_PATHS, f"{kind} {probe['path']} would get 401 once API keys are set"
         assert probe["port"] in {p["name"] for p in container["ports"]}
     config = from_dict(yaml.safe_load(configmap_text(objects, "/etc/splitserve/cluster.yaml")))
-    assert "/metrics" in open_paths(config), "the chart's default: Prometheus in the cluster scrapes without a key"
+    assert "/metrics" in open_paths(config.router), (
+        "the chart's default: Prometheus in the cluster scrapes without a key"
+    )
 
 
 CLOSED_METRICS = {
@@ -95,7 +97,7 @@ CLOSED_METRICS = {
 def test_closed_metrics_are_scraped_with_an_api_key_from_a_secret():
     objects = chart_objects(values=CLOSED_METRICS)
     config = from_dict(yaml.safe_load(configmap_text(objects, "/etc/splitserve/cluster.yaml")))
-    assert config.open_metrics is False and "/metrics" not in open_paths(config)
+    assert config.router.open_metrics is False and "/metrics" not in open_paths(config.router)
     (endpoint,) = one(objects, "PodMonitor")["spec"]["podMetricsEndpoints"]
     credentials = endpoint["authorization"]["credentials"]
     secret = one(objects, "Secret")
@@ -154,7 +156,7 @@ def test_api_keys_come_from_a_secret_the_release_holds():
 
     os.environ["SPLITSERVE_ADMIN_TOKEN"] = "from-the-secret"
     try:
-        assert cluster_config_from_args(build_parser().parse_args(["up"])).admin_token == "from-the-secret"
+        assert cluster_config_from_args(build_parser().parse_args(["up"])).router.admin_token == "from-the-secret"
     finally:
         del os.environ["SPLITSERVE_ADMIN_TOKEN"]
 

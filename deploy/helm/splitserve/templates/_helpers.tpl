@@ -63,7 +63,8 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 {{- define "splitserve.configDir" -}}/etc/splitserve{{- end -}}
 
 {{/*
-The splitserve cluster config (cluster/config.py, ClusterConfig) in the ConfigMap. Each pool asks
+The splitserve cluster config (cluster/config.py, ClusterConfig) in the ConfigMap; the router's settings
+(router/config.py, RouterConfig) in its router section. Each pool asks
 Ray for its rayResource, which only that pool's worker group offers: the controller's placement
 and the RayCluster's worker groups are written from the same values.
 */}}
@@ -75,12 +76,17 @@ dtype: {{ toJson . }}
 {{- end }}
 device: {{ toJson .Values.model.device }}
 transport: {{ toJson .Values.transport }}
-port: {{ int .Values.router.httpPort }}
-grpc_port: {{ int .Values.router.grpcPort }}
 lease_ms: {{ int .Values.router.leaseMs }}
-local_prefill_threshold: {{ int .Values.router.localPrefillThreshold }}
-open_metrics: {{ .Values.router.openMetrics }}
-open_docs: {{ .Values.router.openDocs }}
+router:
+  port: {{ int .Values.router.httpPort }}
+  grpc_port: {{ int .Values.router.grpcPort }}
+  local_prefill_threshold: {{ int .Values.router.localPrefillThreshold }}
+  open_metrics: {{ .Values.router.openMetrics }}
+  open_docs: {{ .Values.router.openDocs }}
+  {{- /* --set hands helm a fraction as a string; the schema admits only numbers and decimal strings where a number goes. */}}
+  {{- range $name, $value := .Values.router.settings }}
+  {{ $name }}: {{ if and (kindIs "string" $value) (regexMatch "^[0-9.]" $value) }}{{ float64 $value | toJson }}{{ else }}{{ toJson $value }}{{ end }}
+  {{- end }}
 {{- range $role := list "prefill" "decode" }}
 {{- $pool := index $.Values $role }}
 {{ $role }}:
