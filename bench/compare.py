@@ -1,32 +1,38 @@
 """``splitserve bench compare``: aggregated vs disaggregated serving on this machine — same model,
-workload and client (``bench serve``'s) — over a sweep of request rates::
+workload and client (``bench serve``'s) — over a sweep of request rates, on equal hardware: the
+same number of engine processes with the same threads on both sides (DistServe compares per GPU;
+here an engine is one process of ``ENGINE_THREADS`` torch threads)::
 
-    aggregated     client ─> router ─> decode worker, --threads 2: prefill chunks share steps with decodes
-    disaggregated  client ─> router ─> prefill worker, --threads 1 ─KV─> decode worker, --threads 1
+    aggregated     client ─> router ─┬─> engine A (decode worker)  each prefills its own prompts, chunks
+                                     └─> engine B (decode worker)  sharing steps with its decodes
+    disaggregated  client ─> router ─> prefill worker ─KV─> decode worker
                                        (--local-prefill-threshold 0: every prompt goes to the prefill worker)
 
+(``--aggregated one-engine``: one aggregated engine with both engines' threads instead of two.)
 Both stacks are plain processes (``splitserve worker`` / ``splitserve router``) started once and
 kept up for the whole sweep; an idle stack only answers health checks. At each rate the two
 systems run back to back on the same requests and arrival times, the order alternating from rate
 to rate, so machine noise hits both alike.
 
 The same command tells the same story on any CPU because nothing in it is an absolute time; all
-is measured here first, on requests sent one at a time:
+is measured here first, on requests sent one at a time to the aggregated stack (one engine, no
+other request: the reference with no disaggregation and no interference):
 
-1. sizing (``--input-len auto``): a short prompt on the aggregated stack gives prefill seconds per
-   token and TPOT; the mean prompt is sized so its prefill lasts ``PREFILL_IN_DECODE_STEPS``
-   decode steps — what one mixed-in prompt costs the decodes beside it, the effect compared here.
-2. zero load: mean-length requests per system. SLOs are DistServe's SLO scale of the
-   *aggregated* stack's zero-load latencies (TTFT SLO = scale x its TTFT, TPOT SLO = scale x its
-   TPOT): one bar for both systems, set by the baseline, so a system is never judged against its
-   own slowness (a per-system SLO would excuse the 1-thread prefill worker its slower TTFT).
-3. rates (``--rates auto``): fractions of the disaggregated prefill worker's capacity, 1 / its
-   zero-load TTFT, so the sweep spans both knees whatever the CPU's speed.
+1. sizing (``--input-len auto``): a short prompt gives prefill seconds per token and TPOT; the
+   mean prompt is sized so its prefill lasts ``PREFILL_IN_DECODE_STEPS`` decode steps — what one
+   mixed-in prompt stalls the decodes beside it, the interference disaggregation removes.
+2. SLOs (DistServe's SLO scale): mean-length requests alone give the zero-load TTFT (prefill only)
+   and TPOT (decode only) of one engine; TTFT SLO = scale x that TTFT, TPOT SLO = scale x that
+   TPOT, one scale for both and one pair of SLOs for both systems. The disaggregated stack's own
+   zero-load TTFT is the same prefill plus the KV transfer: disaggregation's price, charged to it.
+3. rates (``--rates auto``): fractions of one engine's prefill capacity, 1 / the disaggregated
+   stack's zero-load TTFT, in steps of 0.1 so that goodput is resolved to ~10% of it.
 
 Goodput (DistServe): the highest rate at which >= 90% of requests meet both the TTFT and the TPOT
 SLO. From a sweep it is interpolated linearly between the last rate that reaches 90% and the
 first that does not; a system that reaches 90% at every rate has goodput >= the highest rate.
-The report also gives, from the same runs, attainment and goodput at other SLO scales.
+The ratio is disaggregated / aggregated goodput from the same runs; the report also gives, from
+those runs, attainment and goodput at other SLO scales and with the two scales apart.
 """
 
 from __future__ import annotations
@@ -59,10 +65,10 @@ WARMUP_REQUESTS = 2
 ZERO_LOAD_REQUESTS = 3
 SIZING_PROMPT_LEN = 256
 SIZING_OUTPUT_LEN = 16
-# The mean prompt's prefill on the aggregated worker, in its decode steps: a mixed-in prompt stalls
-# the decodes beside it for about this many of their steps. Where the benchmark was tuned, 1024-token
-# prompts took ~1.2 s on one thread beside ~40 ms decode steps (~30 steps); two threads prefill
-# ~1.5x faster, so ~20.
+# The mean prompt's prefill on an aggregated engine, in its decode steps: a mixed-in prompt stalls
+# the decodes beside it for about this many of their steps (on this machine kind, one thread:
+# 0.34-0.45 ms/token beside 24-37 ms decode steps, as busy as the rest of the machine leaves it,
+# gives ~1300-1700 tokens).
 PREFILL_IN_DECODE_STEPS = 20.0
 INPUT_LEN_BOUNDS = (128, 4096)
 SLO_SCALES = (1.5, 2.0, 3.0, 4.0, 5.0, 6.0, 8.0)
@@ -82,9 +88,16 @@ class System:
     local_prefill_threshold: int
 
 
-AGGREGATED = System("aggregated", 0, 1, None, 2, 0)
-DISAGGREGATED = System("disaggregated", 1, 1, 1, 1, 0)
-BASELINE = AGGREGATED  # its zero-load latencies set the SLOs of both systems
+ENGINE_THREADS = 1
+AGGREGATED_NAME, DISAGGREGATED_NAME = "aggregated", "disaggregated"
+DISAGGREGATED = System(DISAGGREGATED_NAME, 1, 1, ENGINE_THREADS, ENGINE_THREADS, 0)
+AGGREGATED_LAYOUTS = {
+    # as many aggregated engines as the disaggregated stack has, each as big (the default)
+    "replicas": System(AGGREGATED_NAME, 0, 2, None, ENGINE_THREADS, 0),
+    # one aggregated engine with all their threads
+    "one-engine": System(AGGREGATED_NAME, 0, 1, None, 2 * ENGINE_THREADS, 0),
+}
+BASELINE_NAME = AGGREGATED_NAME  # its zero-load latencies set the SLOs of both systems
 
 
 @dataclass(frozen=True)
@@ -93,6 +106,7 @@ class CompareConfig:
 
     model: str
     dtype: str
+    aggregated: str  # a key of AGGREGATED_LAYOUTS
     rates: tuple[float, ...] | None
     rate_fractions: tuple[float, ...]
     num_prompts: int  # at least this many requests per rate and system
@@ -126,6 +140,7 @@ class CompareConfig:
         return cls(
             args.model,
             args.dtype,
+            args.aggregated,
             None if rates == "auto" else _floats(rates),
             _floats(args.rate_fractions),
             pick("num_prompts"),
@@ -141,6 +156,10 @@ class CompareConfig:
             args.vocab_size,
             args.json_path,
         )
+
+    @property
+    def systems(self) -> list[System]:
+        return [AGGREGATED_LAYOUTS[self.aggregated], DISAGGREGATED]
 
     @property
     def mean_output_len(self) -> int:
@@ -388,12 +407,12 @@ def size_input_len(stacks: dict[str, Stack], config: CompareConfig) -> tuple[int
     if config.input_len is not None:
         return config.input_len, {"input_len": "--input-len"}
     probes = _fixed_length(ZERO_LOAD_REQUESTS, SIZING_PROMPT_LEN, SIZING_OUTPUT_LEN, config, 1)
-    summary = _one_at_a_time(stacks[BASELINE.name], config, probes)["summary"]
+    summary = _one_at_a_time(stacks[BASELINE_NAME], config, probes)["summary"]
     ttft_ms, tpot_ms = summary["ttft_ms"]["median"], summary["tpot_ms"]["median"]
     per_token_ms = ttft_ms / SIZING_PROMPT_LEN
     input_len, wanted = input_len_for(per_token_ms, tpot_ms)
     print(
-        f"sizing, {BASELINE.name}: {SIZING_PROMPT_LEN}-token prompt TTFT {ttft_ms:.0f} ms "
+        f"sizing, {BASELINE_NAME}: {SIZING_PROMPT_LEN}-token prompt TTFT {ttft_ms:.0f} ms "
         f"({per_token_ms:.2f} ms/token), TPOT {tpot_ms:.1f} ms -> mean prompt {input_len} tokens "
         f"(prefill ~{PREFILL_IN_DECODE_STEPS:g} decode steps)",
         flush=True,
@@ -432,14 +451,14 @@ def zero_load(stacks: dict[str, Stack], config: CompareConfig, input_len: int) -
 
 
 def make_plan(config: CompareConfig, input_len: int, sizing: dict, probes: dict) -> Plan:
-    baseline = probes[BASELINE.name]["summary"]
+    baseline = probes[BASELINE_NAME]["summary"]
     baseline_ms = {"ttft": baseline["ttft_ms"]["median"], "tpot": baseline["tpot_ms"]["median"]}
     if None in baseline_ms.values():
-        raise RuntimeError(f"no zero-load latency from the {BASELINE.name} stack: {baseline}")
+        raise RuntimeError(f"no zero-load latency from the {BASELINE_NAME} stack: {baseline}")
     rates = config.rates
     if rates is None:
         # The prefill worker's capacity: one mean prompt at a time, back to back.
-        capacity = 1000.0 / probes[DISAGGREGATED.name]["summary"]["ttft_ms"]["median"]
+        capacity = 1000.0 / probes[DISAGGREGATED_NAME]["summary"]["ttft_ms"]["median"]
         rates = tuple(round(capacity * fraction, 3) for fraction in config.rate_fractions)
         sizing = dict(sizing, rates="auto", prefill_capacity_rps=capacity, rate_fractions=config.rate_fractions)
     else:
@@ -523,7 +542,7 @@ def goodputs(runs: list[dict], systems: list[System], slos: dict) -> dict:
 
 def ratio_of(good: dict) -> dict:
     """Disaggregated / aggregated goodput, as bounds where a goodput is only a bound."""
-    aggregated, disaggregated = good[AGGREGATED.name], good[DISAGGREGATED.name]
+    aggregated, disaggregated = good[AGGREGATED_NAME], good[DISAGGREGATED_NAME]
     low = disaggregated["low"] / aggregated["high"] if aggregated["high"] else float("inf")
     high = disaggregated["high"] / aggregated["low"] if aggregated["low"] else float("inf")
     return {"low": low, "high": high}
@@ -545,10 +564,11 @@ def attainment_of(run: dict, slos: dict) -> float:
     return sum(meets(r, slos) for r in records) / len(records)
 
 
-def scale_curve(runs: list[dict], systems: list[System], plan: Plan) -> list[dict]:
-    """Per SLO scale: each system's attainment at each rate, goodput, and the goodput ratio."""
+def scale_curve(runs: list[dict], systems: list[System], plan: Plan, default_scale: float) -> list[dict]:
+    """Per SLO scale (``SLO_SCALES`` and the default): each system's attainment at each rate, goodput,
+    and the goodput ratio."""
     rows = []
-    for scale in sorted({*SLO_SCALES}):
+    for scale in sorted({*SLO_SCALES, default_scale}):
         slos = plan.slos_at(scale)
         good = goodputs(runs, systems, slos)
         attained = {
@@ -588,7 +608,7 @@ def build_report(
         "runs": runs,
         "goodput": good,
         "goodput_ratio": ratio,
-        "slo_scales": scale_curve(runs, systems, plan),
+        "slo_scales": scale_curve(runs, systems, plan, config.slo_scale),
         "ratio_grid": ratio_grid(runs, systems, plan),
         "target": {"ratio": GOODPUT_RATIO_TARGET, "met": ratio["low"] >= GOODPUT_RATIO_TARGET},
     }
@@ -603,14 +623,24 @@ def print_report(report: dict) -> None:
     )
     counts = sorted({len(run["requests"]) for run in report["runs"]})
     base = plan["baseline_ms"]
+    machine = report["machine"]
+    print(f"machine: {machine['cpu_count']} CPUs, {machine['cpu_model'] or 'unknown model'}")
+    for name, system in config["systems"].items():
+        print(f"  {name:14} {_layout(system)}")
     print(
-        f"workload: {counts[0]}-{counts[-1]} requests/run, input {low}-{high} tokens, output "
-        f"{config['output_range'][0]}-{config['output_range'][1]}, "
+        f"workload: {counts[0]}-{counts[-1]} requests/run, input {low}-{high} tokens "
+        f"({_input_source(plan['sizing'])}), output {config['output_range'][0]}-{config['output_range'][1]}, "
         f"Poisson arrivals (burstiness {config['burstiness']}); rates {_rates_source(plan['sizing'])}"
     )
     print(
-        f"SLOs: scale {config['slo_scale']:g} x the {BASELINE.name} stack's zero-load TTFT {base['ttft']:.0f} ms / "
-        f"TPOT {base['tpot']:.1f} ms: TTFT <= {config['slos']['ttft']:.0f} ms, TPOT <= {config['slos']['tpot']:.0f} ms"
+        f"SLO rule: scale x one engine's zero-load latency (mean-length requests alone on the {BASELINE_NAME} "
+        f"stack): TTFT {base['ttft']:.0f} ms (prefill only), TPOT {base['tpot']:.1f} ms (decode only); "
+        "the same SLOs for both systems"
+    )
+    print(
+        f"SLOs at scale {config['slo_scale']:g}: TTFT <= {config['slos']['ttft']:.0f} ms and TPOT <= "
+        f"{config['slos']['tpot']:.0f} ms, both per request; goodput: the highest rate at which >= "
+        f"{ATTAINMENT_TARGET:.0%} of requests meet both"
     )
     print(
         f"{'rate':>6} {'system':15} {'TTFT p50':>9} {'TTFT p99':>9} {'TPOT p50':>9} {'TPOT p99':>9} "
@@ -643,15 +673,15 @@ def print_report(report: dict) -> None:
             print(f"router warnings, {name} ({len(warnings)}, last): {warnings[-1]}")
     ratio, target = report["goodput_ratio"], report["target"]
     print(
-        f"disaggregated / aggregated goodput at SLO scale {config['slo_scale']:g}: {_ratio_text(ratio)} "
-        f"(target >= {target['ratio']}x: {'met' if target['met'] else 'NOT met'})"
+        f"disaggregated / aggregated goodput at SLO scale {config['slo_scale']:g}, same runs: {_ratio_text(ratio)} "
+        f"(target >= {target['ratio']}x: {'met' if target['met'] else 'MISSED'})"
     )
-    print_scale_curve(report["slo_scales"], config["rates"])
+    print_scale_curve(report["slo_scales"], config["rates"], config["slo_scale"])
     print_ratio_grid(report["ratio_grid"])
 
 
-def print_scale_curve(rows: list[dict], rates: list[float]) -> None:
-    print("SLO attainment (aggregated/disaggregated) by SLO scale, from the same runs:")
+def print_scale_curve(rows: list[dict], rates: list[float], default_scale: float) -> None:
+    print("SLO attainment (aggregated/disaggregated) by SLO scale, from the same runs (* the default scale):")
     print(
         f"{'scale':>5} {'TTFT ms':>8} {'TPOT ms':>8} "
         + "".join(f"{f'@{rate:g}/s':>11}" for rate in rates)
@@ -659,14 +689,15 @@ def print_scale_curve(rows: list[dict], rates: list[float]) -> None:
     )
     for row in rows:
         cells = [
-            f"{row['attainment'][AGGREGATED.name][str(rate)]:.0%}/{row['attainment'][DISAGGREGATED.name][str(rate)]:.0%}"
+            f"{row['attainment'][AGGREGATED_NAME][str(rate)]:.0%}/{row['attainment'][DISAGGREGATED_NAME][str(rate)]:.0%}"
             for rate in rates
         ]
         good = row["goodput"]
         print(
-            f"{row['scale']:>5g} {row['slos_ms']['ttft']:>8.0f} {row['slos_ms']['tpot']:>8.0f} "
+            f"{'*' if row['scale'] == default_scale else ' '}{row['scale']:>4g} "
+            f"{row['slos_ms']['ttft']:>8.0f} {row['slos_ms']['tpot']:>8.0f} "
             + "".join(f"{cell:>11}" for cell in cells)
-            + f" {good[AGGREGATED.name]['rps']:>8.3f}/{good[DISAGGREGATED.name]['rps']:<9.3f} "
+            + f" {good[AGGREGATED_NAME]['rps']:>8.3f}/{good[DISAGGREGATED_NAME]['rps']:<9.3f} "
             f"{_ratio_text(row['ratio']):>10}"
         )
 
@@ -684,11 +715,36 @@ def print_ratio_grid(rows: list[dict]) -> None:
         print(f"{ttft_scale:>6g}" + "".join(f"{cell:>10}" for cell in cells))
 
 
+def _layout(system: dict) -> str:
+    engines = system["prefill_workers"] + system["decode_workers"]
+    threads = (
+        system["prefill_workers"] * (system["prefill_threads"] or 0)
+        + system["decode_workers"] * system["decode_threads"]
+    )
+    if system["prefill_workers"]:
+        shape = (
+            f"{system['prefill_workers']} prefill x {system['prefill_threads']} thread(s) -KV-> "
+            f"{system['decode_workers']} decode x {system['decode_threads']}"
+        )
+    else:
+        shape = f"{system['decode_workers']} x {system['decode_threads']} thread(s), each prefilling beside its decodes"
+    return f"{engines} engine(s), {threads} thread(s): {shape}"
+
+
+def _input_source(sizing: dict) -> str:
+    if sizing.get("input_len") != "auto":
+        return "from --input-len"
+    return (
+        f"mean sized from {sizing['probe_ttft_ms']:.0f} ms for {sizing['probe_prompt_len']} tokens and "
+        f"{sizing['probe_tpot_ms']:.1f} ms TPOT: prefill ~{sizing['prefill_in_decode_steps']:g} decode steps"
+    )
+
+
 def _rates_source(sizing: dict) -> str:
     if sizing.get("rates") != "auto":
         return "from --rates"
     fractions = ", ".join(f"{f:g}" for f in sizing["rate_fractions"])
-    return f"{fractions} x the prefill worker's capacity {sizing['prefill_capacity_rps']:.3f} req/s"
+    return f"{fractions} x one engine's prefill capacity {sizing['prefill_capacity_rps']:.3f} req/s"
 
 
 def _fmt(value: float | None, spec: str = ".0f") -> str:
@@ -705,7 +761,7 @@ def _cpu_model() -> str:
 
 def run(args: argparse.Namespace) -> int:
     config = CompareConfig.from_args(args)
-    systems = [AGGREGATED, DISAGGREGATED]
+    systems = config.systems
     started = time.perf_counter()
     stack_list = start_stacks(config, systems)
     stacks = {stack.system.name: stack for stack in stack_list}
@@ -743,30 +799,34 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--rate-fractions",
-        default="0.2,0.4,0.6,0.8",
-        help="with --rates auto: rates as fractions of the prefill worker's capacity (1 / its zero-load TTFT); "
-        "under load it prefills slower than alone (the decode worker takes the other core), so it saturates "
-        "below 1",
+        default="0.3,0.4,0.5,0.6,0.7,0.8,0.9",
+        help="with --rates auto: rates as fractions of one engine's prefill capacity (1 / the disaggregated "
+        "stack's zero-load TTFT); its prefill worker saturates below 1 (it shares the machine with the rest)",
     )
-    parser.add_argument("--num-prompts", type=int, default=20, help="at least this many requests per rate and system")
+    parser.add_argument("--num-prompts", type=int, default=16, help="at least this many requests per rate and system")
     parser.add_argument(
-        "--duration-s", type=float, default=40.0, help="... or as many as arrive in this long at the rate, if more"
+        "--duration-s", type=float, default=32.0, help="... or as many as arrive in this long at the rate, if more"
     )
     parser.add_argument(
         "--input-len",
         default="auto",
-        help="mean prompt tokens; auto: its prefill lasts as long as ~20 decode steps of the aggregated worker here",
+        help="mean prompt tokens; auto: its prefill lasts as long as ~20 decode steps of an aggregated engine here",
     )
     parser.add_argument("--input-range-ratio", type=float, default=0.5, help="inputs uniform in len * [1 - r, 1 + r]")
     parser.add_argument("--output-range", default="32,64", help="outputs uniform in LOW,HIGH tokens")
-    # 4: served, the 1-thread prefill worker's zero-load TTFT is ~1.5x the 2-thread aggregated
-    # worker's and the longest prompts (1.5x the mean) take ~1.6x the mean's, so at 3 the
-    # disaggregated stack's long prompts miss the TTFT SLO at the lightest load; 4 leaves room.
     parser.add_argument(
         "--slo-scale",
         type=float,
         default=4.0,
-        help="SLOs = this x the aggregated stack's zero-load TTFT and TPOT (DistServe's SLO scale)",
+        help="SLOs = this x one engine's zero-load TTFT and TPOT, measured on the aggregated stack (DistServe's "
+        "SLO scale)",
+    )
+    parser.add_argument(
+        "--aggregated",
+        default="replicas",
+        choices=sorted(AGGREGATED_LAYOUTS),
+        help="replicas: as many 1-thread engines as the disaggregated stack has (equal engines and cores); "
+        "one-engine: one engine with all their threads",
     )
     parser.add_argument("--burstiness", type=float, default=1.0, help="1 = Poisson")
     parser.add_argument("--seed", type=int, default=0)

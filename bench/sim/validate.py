@@ -8,14 +8,17 @@ the threads each worker ran with; the link is the profile's measured KV bytes/s.
 Two predictions per run:
 
 - ``raw``: the profile, the machine's cores and what the run measured of the other work on them —
-  nothing fitted to the runs' latencies. The workers share the cores (``bench.sim.host``): the
-  2-thread aggregated worker fills both, so the router, the client and anything else running
-  stall its steps, prefill and decode alike; the 1-thread workers of the disaggregated stack are
+  nothing fitted to the runs' latencies. The workers share the cores (``bench.sim.host``): a
+  worker whose threads fill both cores (``--aggregated one-engine``) has its steps stalled by the
+  router, the client and anything else running, prefill and decode alike; 1-thread workers are
   stalled only while both step. A KV push is the prefill worker's own CPU work, after its step.
-- ``calibrated``: the raw model, with each system's prefill costs scaled by measured / simulated
-  TTFT and measured - simulated TPOT added to each decoding step, from the report's zero-load
-  requests (sent one at a time, before the sweep; see ``calibrate``): what the raw model still
-  misses of each system alone.
+  Two machine facts come from the baseline's zero-load requests (sent one at a time, before the
+  sweep): the lock-step stall of a worker filling every core, or else what a request's path
+  outside the engine steps (client, HTTP, router, gRPC hops) adds to its first token.
+- ``calibrated``: the raw model without the request overhead, with each system's prefill costs
+  scaled by measured / simulated TTFT and measured - simulated TPOT added to each decoding step,
+  from the report's zero-load requests (see ``calibrate``): each system's whole zero-load gap
+  read as slower steps rather than as a fixed cost per request.
 """
 
 from __future__ import annotations
@@ -36,7 +39,9 @@ METRICS = (("ttft_ms", "median"), ("ttft_ms", "p90"), ("tpot_ms", "median"), ("t
 KINDS = ("raw", "calibrated")
 
 
-def deployment_for(system: dict, config: dict, profile: dict, host: Host | None = None) -> Deployment:
+def deployment_for(
+    system: dict, config: dict, profile: dict, host: Host | None = None, request_overhead_s: float = 0.0
+) -> Deployment:
     """The simulated twin of one ``bench compare`` system (its ``config.systems`` entry) on ``host``."""
     model = resolve_model(config["model"])
     shape = ModelShape.of(model, config["dtype"])
@@ -55,6 +60,7 @@ def deployment_for(system: dict, config: dict, profile: dict, host: Host | None 
         kv_bytes_per_token=shape.kv_bytes_per_token,
         link=Link(profile["transfer"]["bytes_per_s"]),
         local_prefill_threshold=system["local_prefill_threshold"],
+        request_overhead_s=request_overhead_s,
         host=host,
     )
 
@@ -86,6 +92,24 @@ def lockstep_stall(compare: dict, profile: dict) -> float:
         if row["success"]
     ]
     return max(0.0, statistics.median(ratios) - 1.0) if ratios else 0.0
+
+
+def request_overhead(compare: dict, profile: dict) -> float:
+    """Seconds a request's path outside the engine steps (client, HTTP, router, gRPC hops, the step
+    loop's wakeup) adds to its first token. A machine fact, measured once: the baseline's zero-load
+    requests, TTFT measured - simulated with the cores to itself (median). 0 where the baseline
+    fills every core (the lock-step stall stands for that gap) or has no probes."""
+    probe, cores = _baseline_probe(compare), compare.get("machine", {}).get("cpu_count")
+    system = compare["config"]["systems"].get(BASELINE)
+    if not probe or not system or (cores and system["decode_threads"] >= cores):
+        return 0.0
+    alone = deployment_for(system, compare["config"], profile, Host(cores) if cores else None)
+    gaps = [
+        row["ttft"] - simulate(alone, [TraceRequest(0.0, row["prompt_len"], row["output_len"])]).records[0].ttft
+        for row in probe["requests"]
+        if row["success"]
+    ]
+    return max(0.0, statistics.median(gaps)) if gaps else 0.0
 
 
 def _baseline_probe(compare: dict) -> dict | None:
@@ -145,6 +169,7 @@ def validate(compare: dict, profile: dict) -> dict:
     if not compare.get("machine", {}).get("cpu_count") or not all(run.get("cpu") for run in compare["runs"]):
         notes.append("the report has no CPU usage of the runs: no other work on the cores assumed")
     stall = lockstep_stall(compare, profile)
+    overhead = request_overhead(compare, profile)
     factors = {}
     for name, system in config["systems"].items():
         probe = compare.get("zero_load", {}).get(name)
@@ -155,15 +180,17 @@ def validate(compare: dict, profile: dict) -> dict:
         )
     rows = []
     for run in compare["runs"]:
-        raw = deployment_for(config["systems"][run["system"]], config, profile, host_of(compare, run, stall))
+        raw = deployment_for(config["systems"][run["system"]], config, profile, host_of(compare, run, stall), overhead)
         predicted = {}
-        for kind, deployment in (("raw", raw), ("calibrated", calibrated(raw, factors[run["system"]]))):
+        bare = replace(raw, request_overhead_s=0.0)
+        for kind, deployment in (("raw", raw), ("calibrated", calibrated(bare, factors[run["system"]]))):
             result = simulate(deployment, trace_of(run), config["seed"])
             predicted[kind] = summarize(result.records, result.duration_s, slos)
         rows.append(_row(run, run["summary"], predicted))
     return {
         "tolerance": TOLERANCE,
         "lockstep_stall_cores": stall,
+        "request_overhead_s": overhead,
         "factors": factors,
         "notes": notes,
         "rows": rows,
@@ -210,7 +237,9 @@ def print_validation(report: dict) -> None:
     print(
         f"raw: the profile's fits, the machine's cores, each run's measured other CPU, and the lock-step "
         f"stall of a worker filling every core ({report['lockstep_stall_cores']:.2f} cores' worth, from the "
-        f"{BASELINE} stack's zero-load requests); nothing from the other system's runs"
+        f"{BASELINE} stack's zero-load requests), or else the time a request's path outside the engine adds to "
+        f"its first token ({report['request_overhead_s'] * 1e3:.0f} ms, from the same requests); nothing from the "
+        "other system's runs"
     )
     for name, f in report["factors"].items():
         print(

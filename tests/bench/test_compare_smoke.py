@@ -32,6 +32,11 @@ def test_quick_compare_writes_a_run_per_rate_and_system(tmp_path, capsys):
         assert run["routing"] == ({"remote_prefill": 4} if run["system"] == "disaggregated" else {"fallback": 4}), run[
             "routing"
         ]
+    # equal hardware: as many engines, as many threads, on both sides
+    systems = report["config"]["systems"]
+    engines = {name: s["prefill_workers"] + s["decode_workers"] for name, s in systems.items()}
+    assert engines == {"aggregated": 2, "disaggregated": 2}
+    assert systems["aggregated"]["decode_threads"] == systems["disaggregated"]["prefill_threads"] == 1
     assert set(report["zero_load"]) == {"aggregated", "disaggregated"}
     assert set(report["goodput"]) == {"aggregated", "disaggregated"}
     assert "goodput" in printed and "disaggregated / aggregated" in printed
@@ -48,6 +53,7 @@ def test_quick_compare_writes_a_run_per_rate_and_system(tmp_path, capsys):
             attained = [row["attainment"][system][str(rate)] for row in curve]
             assert attained == sorted(attained), (system, rate, attained)
     assert "SLO attainment (aggregated/disaggregated) by SLO scale" in printed and "with the scales apart" in printed
+    assert "SLO rule: scale x one engine's zero-load latency" in printed and "(target >= 1.3x: " in printed
     assert all(run["cpu"]["measured_cores"] >= 0 and run["cpu"]["other_cores"] >= 0 for run in report["runs"])
 
 

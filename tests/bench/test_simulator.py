@@ -442,3 +442,59 @@ def test_transfer_table_from_a_bench_transfer_report(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "| llama-3-70b | h200 | 2 | 1024 |" in printed and "grpc layer / whole" in printed
     assert main(["simulate", "--transfer-json", str(path)]) == 2  # refused without --transfer-table
+
+
+def test_raw_validation_takes_the_request_path_overhead_from_the_baselines_zero_load_requests():
+    """1-thread aggregated replicas leave no lock-step stall; what the client, HTTP, router and gRPC
+    hops add to a first token is read off the baseline's zero-load requests and replayed."""
+    spec = WorkerSpec(CPU_LIKE, 512 * 1024 * 1024 // KV_BYTES, 2048, threads=1)
+    truth = Deployment(0, 2, spec, spec, LAYERS, KV_BYTES, Link(1e9), host=Host(2), request_overhead_s=0.05)
+    system = {
+        "prefill_workers": 0,
+        "decode_workers": 2,
+        "prefill_threads": None,
+        "decode_threads": 1,
+        "local_prefill_threshold": 0,
+    }
+    config = {
+        "model": "bench-125m",
+        "dtype": "bfloat16",
+        "kv_cache_mb": 512,
+        "max_num_batched_tokens": 2048,
+        "seed": 0,
+        "slos": {"ttft": 4000.0, "tpot": 100.0},
+        "systems": {"aggregated": system},
+    }
+
+    def measured(trace: list[TraceRequest], rate: float, alone: bool = False) -> dict:
+        records = (
+            [simulate(truth, [replace(r, arrival_s=0.0)]).records[0] for r in trace]
+            if alone
+            else simulate(truth, trace).records
+        )
+        rows = [
+            dict(
+                start=r.start,
+                prompt_len=r.prompt_len,
+                output_len=r.output_len,
+                success=r.success,
+                ttft=r.ttft,
+                tpot=r.tpot,
+                latency=r.latency,
+            )
+            for r in records
+        ]
+        return {"system": "aggregated", "rate": rate, "requests": rows, "summary": summarize(records, 1.0)}
+
+    zero = measured(traffic(count=3, seed=5).requests(), float("inf"), alone=True)
+    report = {
+        "config": config,
+        "machine": {"cpu_count": 2},
+        "zero_load": {"aggregated": zero},
+        "runs": [measured(traffic(rate=0.4, count=20).requests(), 0.4)],
+    }
+
+    checked = validate(json.loads(json.dumps(report)), PROFILE)
+    assert checked["lockstep_stall_cores"] == 0.0
+    assert checked["request_overhead_s"] == pytest.approx(0.05, rel=1e-6)
+    assert checked["agreement"]["raw"]["median_abs_error"] == pytest.approx(0.0, abs=1e-6)
