@@ -1,15 +1,22 @@
 """``splitserve bench router``: what the router costs.
 
-1. TTFT the router adds: the same 1-token request straight to the decode worker's gRPC Generate vs
-   through the router's HTTP API (both from this process, alternating), p50 and p99.
-2. The highest request rate one router process sustains without errors: 1-token requests at rising
-   rates until requests fail or the router falls behind the arrivals.
+1. TTFT the router adds: the same 1-token request (same prompt, same sampling record on the wire) straight to the
+   decode worker's gRPC Generate vs through the router's HTTP API, from this process, in pairs whose order is drawn
+   at random; p50 and p99 of each path, their difference checked against the targets (1 ms p50, 2 ms p99). The HTTP
+   side uses a minimal keep-alive HTTP/1.1 client, so that what is measured is the router and not an HTTP client
+   library; what httpx would add on top is measured too and printed apart.
+2. The highest request rate one router process sustains without errors: 1-token streamed requests at rising rates
+   until requests fail or the router falls behind the arrivals. For each rate the CPU time per request of the
+   router (all threads, and its event-loop thread alone), the decode worker and this load generator is measured
+   from /proc: the event-loop thread's CPU per request bounds one router process at 1 / that rate on a whole core.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
+import random
 import time
 
 import httpx
@@ -17,64 +24,183 @@ import numpy as np
 
 from bench import processes
 from bench.serve_bench import BenchRequest, run_load, summarize
-from protos import common_pb2, decode_pb2, decode_pb2_grpc
+from contract.sampling import SamplingParams
+from protos import decode_pb2, decode_pb2_grpc
 from protos.cluster_auth import ClusterAuth
 
 PROMPT = list(range(3, 35))
+TARGET_P50_MS = 1.0
+TARGET_P99_MS = 2.0
+WARMUP_PAIRS = 20
 
 
-async def _direct(stub, index: int) -> float:
+class HttpClient:
+    """One keep-alive HTTP/1.1 connection that posts JSON and reads a Content-Length answer: about the least an HTTP
+    client can do, so its own cost stays out of the router's."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.host, self.port = host, port
+        self._reader: asyncio.StreamReader | None = None
+        self._writer: asyncio.StreamWriter | None = None
+
+    async def __aenter__(self) -> HttpClient:
+        self._reader, self._writer = await asyncio.open_connection(self.host, self.port)
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        self._writer.close()
+
+    def request_bytes(self, path: str, payload: dict) -> bytes:
+        body = json.dumps(payload).encode()
+        head = (
+            f"POST {path} HTTP/1.1\r\nhost: {self.host}:{self.port}\r\ncontent-type: application/json\r\n"
+            f"content-length: {len(body)}\r\n\r\n"
+        )
+        return head.encode() + body
+
+    async def send(self, request: bytes) -> bytes:
+        """Writes a prepared request; the answer's body. RuntimeError unless it is a 200 with a Content-Length."""
+        self._writer.write(request)
+        status = await self._reader.readline()
+        length = None
+        while (line := await self._reader.readline()) not in (b"\r\n", b""):
+            name, _, value = line.partition(b":")
+            if name.strip().lower() == b"content-length":
+                length = int(value)
+        if length is None:
+            raise RuntimeError(f"answer without content-length: {status!r}")
+        body = await self._reader.readexactly(length)
+        if not status.startswith(b"HTTP/1.1 200"):
+            raise RuntimeError(f"{status.decode().strip()}: {body[:300]!r}")
+        return body
+
+
+def _routed_payload() -> dict:
+    return {"model": "demo", "prompt": PROMPT, "max_tokens": 1, "temperature": 0}
+
+
+def _direct_request(index: int) -> decode_pb2.GenerateRequest:
+    # What the router sends for _routed_payload(): the same record, converted by the same code.
+    params = SamplingParams(max_tokens=1, temperature=0.0).to_wire()
+    return decode_pb2.GenerateRequest(request_id=f"direct-{index}", prompt_token_ids=PROMPT, params=params)
+
+
+async def _timed(call) -> float:
     start = time.perf_counter()
-    request = decode_pb2.GenerateRequest(
-        request_id=f"direct-{index}", prompt_token_ids=PROMPT, params=common_pb2.SamplingParams(max_tokens=1)
-    )
-    async for _ in stub.Generate(request, timeout=30):
-        pass
+    await call()
     return time.perf_counter() - start
 
 
-async def _routed(client: httpx.AsyncClient, url: str) -> float:
-    start = time.perf_counter()
-    reply = await client.post(
-        f"{url}/v1/completions", json={"model": "demo", "prompt": PROMPT, "max_tokens": 1, "temperature": 0}
-    )
-    reply.raise_for_status()
-    return time.perf_counter() - start
-
-
-async def measure_overhead(decode_address: str, url: str, samples: int) -> dict:
-    async with ClusterAuth.from_env().aio_channel(decode_address) as channel, httpx.AsyncClient(timeout=30) as client:
+async def measure_overhead(decode_address: str, url: str, samples: int, seed: int = 0) -> dict:
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    routed_request = HttpClient(host, int(port)).request_bytes("/v1/completions", _routed_payload())
+    async with (
+        ClusterAuth.from_env().aio_channel(decode_address) as channel,
+        HttpClient(host, int(port)) as http,
+        httpx.AsyncClient(timeout=30) as library,
+    ):
         stub = decode_pb2_grpc.DecodeWorkerStub(channel)
-        for index in range(5):  # warm both paths
-            await _direct(stub, -index - 1)
-            await _routed(client, url)
-        direct, routed = [], []
-        for index in range(samples):
-            direct.append(await _direct(stub, index))
-            routed.append(await _routed(client, url))
-    ms = lambda values, q: float(np.percentile(np.array(values) * 1000, q))  # noqa: E731
+        counter = iter(range(1 << 62))
+
+        async def direct() -> None:
+            async for _ in stub.Generate(_direct_request(next(counter)), timeout=30):
+                pass
+
+        async def routed() -> None:
+            await http.send(routed_request)
+
+        async def routed_httpx() -> None:
+            (await library.post(f"{url}/v1/completions", json=_routed_payload())).raise_for_status()
+
+        answer = json.loads(await http.send(routed_request))
+        if answer["usage"]["completion_tokens"] != 1:
+            raise RuntimeError(f"the routed request did not generate one token: {answer}")
+        paths = {"direct": direct, "routed": routed, "httpx": routed_httpx}
+        times: dict[str, list[float]] = {name: [] for name in paths}
+        rng = random.Random(seed)
+        for index in range(WARMUP_PAIRS + samples):
+            order = list(paths)
+            rng.shuffle(order)  # no path always runs first, or right after another
+            for name in order:
+                elapsed = await _timed(paths[name])
+                if index >= WARMUP_PAIRS:
+                    times[name].append(elapsed)
+    ms = {name: np.array(values) * 1000 for name, values in times.items()}
+    q = lambda name, p: float(np.percentile(ms[name], p))  # noqa: E731
     return {
         "samples": samples,
-        "direct_p50_ms": ms(direct, 50),
-        "direct_p99_ms": ms(direct, 99),
-        "router_p50_ms": ms(routed, 50),
-        "router_p99_ms": ms(routed, 99),
-        "added_p50_ms": ms(routed, 50) - ms(direct, 50),
-        "added_p99_ms": ms(routed, 99) - ms(direct, 99),
+        **{f"{name}_p{p}_ms": q(name, p) for name in paths for p in (50, 99)},
+        "added_p50_ms": q("routed", 50) - q("direct", 50),
+        "added_p99_ms": q("routed", 99) - q("direct", 99),
+        "paired_added_p50_ms": float(np.median(ms["routed"] - ms["direct"])),
+        "httpx_extra_p50_ms": q("httpx", 50) - q("routed", 50),
     }
 
 
-def sustained_rate(url: str, rates: list[float], seconds: float) -> list[dict]:
+def print_overhead(overhead: dict) -> None:
+    o = overhead
+    print(
+        f"router-added TTFT (1-token requests, {o['samples']} samples per path, order drawn at random per round; "
+        "the same prompt and sampling record both ways):"
+    )
+    print(f"  direct to decode worker (gRPC)  p50 {o['direct_p50_ms']:.2f} ms  p99 {o['direct_p99_ms']:.2f} ms")
+    print(f"  through the router (HTTP)       p50 {o['routed_p50_ms']:.2f} ms  p99 {o['routed_p99_ms']:.2f} ms")
+    p50, p99 = o["added_p50_ms"], o["added_p99_ms"]
+    print(
+        f"  added by the router             p50 {p50:.2f} ms ({_verdict(p50, TARGET_P50_MS)})  "
+        f"p99 {p99:.2f} ms ({_verdict(p99, TARGET_P99_MS)})"
+    )
+    print(f"  (median of the per-round differences: {o['paired_added_p50_ms']:.2f} ms)")
+    print(
+        f"  an httpx client costs {o['httpx_extra_p50_ms']:.2f} ms more at p50 (p50 {o['httpx_p50_ms']:.2f} ms, "
+        f"p99 {o['httpx_p99_ms']:.2f} ms): the client's own time, not the router's"
+    )
+
+
+def _verdict(value_ms: float, target_ms: float) -> str:
+    return f"{'met' if value_ms <= target_ms else 'MISSED'}: target <= {target_ms:g} ms"
+
+
+class CpuMeter:
+    """CPU seconds used so far by processes (all their threads) and by single threads, from /proc (Linux)."""
+
+    def __init__(self, **pids: int) -> None:
+        self.pids = pids
+        self.tick = os.sysconf("SC_CLK_TCK")
+
+    def _read(self, path: str) -> float | None:
+        try:
+            with open(path) as handle:
+                fields = handle.read().rsplit(")", 1)[1].split()
+        except OSError:
+            return None
+        return (int(fields[11]) + int(fields[12])) / self.tick  # utime + stime
+
+    def sample(self) -> dict[str, float | None]:
+        used = {name: self._read(f"/proc/{pid}/stat") for name, pid in self.pids.items()}
+        # The router's main thread runs its event loop: HTTP, validation, routing and gRPC's Python side.
+        used["router_loop"] = self._read(f"/proc/{self.pids['router']}/task/{self.pids['router']}/stat")
+        return used
+
+
+def sustained_rate(url: str, rates: list[float], seconds: float, meter: CpuMeter) -> list[dict]:
     rows = []
     for rate in rates:
         count = max(10, int(rate * seconds))
         requests = [BenchRequest(PROMPT, len(PROMPT), 1)] * (count + 5)
         # Evenly spaced arrivals (gamma with a huge shape): the arrival window is count / rate exactly.
+        before = meter.sample()
         records, duration = asyncio.run(run_load(f"{url}/v1", "demo", requests, rate, 1000.0, None, 5, seed=int(rate)))
+        after = meter.sample()
         summary = summarize(records, duration)
         achieved = summary["completed"] / duration if duration else 0.0
         # Kept up: nothing failed and the last request finished within 10% (+0.5 s) of the arrival window.
         ok = summary["failed"] == 0 and duration <= 1.1 * count / rate + 0.5
+        # CPU per request over the whole run (its 5 warm-up requests included, hence count + 5).
+        per_request = {
+            name: (after[name] - before[name]) * 1000 / (count + 5) if before[name] is not None else None
+            for name in before
+        }
         rows.append(
             {
                 "offered_rps": rate,
@@ -82,11 +208,15 @@ def sustained_rate(url: str, rates: list[float], seconds: float) -> list[dict]:
                 "failed": summary["failed"],
                 "ttft_p99_ms": summary["ttft_ms"]["p99"],
                 "sustained": ok,
+                "cpu_ms_per_request": per_request,
+                "router_cores": (after["router"] - before["router"]) / duration if before["router"] else None,
             }
         )
         print(
-            f"  offered {rate:7.1f} req/s  achieved {achieved:7.1f}  failed {summary['failed']:3d}  TTFT p99 "
-            f"{summary['ttft_ms']['p99'] or 0:8.1f} ms  {'ok' if ok else 'NOT sustained'}",
+            f"  offered {rate:6.1f} req/s  achieved {achieved:6.1f}  failed {summary['failed']:3d}  TTFT p99 "
+            f"{summary['ttft_ms']['p99'] or 0:7.1f} ms  CPU ms/request: router {_ms(per_request['router'])} "
+            f"(event loop {_ms(per_request['router_loop'])}), decode worker {_ms(per_request['decode'])}, load "
+            f"generator {_ms(per_request['client'])}  {'ok' if ok else 'NOT sustained'}",
             flush=True,
         )
         if not ok:
@@ -94,7 +224,34 @@ def sustained_rate(url: str, rates: list[float], seconds: float) -> list[dict]:
     return rows
 
 
+def _ms(value: float | None) -> str:
+    return f"{value:.2f}" if value is not None else "n/a"
+
+
+def print_bound(rows: list[dict]) -> None:
+    """What bounds the sustained rate: CPU per request of the router's event-loop thread, against one core."""
+    sustained = [r for r in rows if r["sustained"] and r["cpu_ms_per_request"]["router_loop"] is not None]
+    if not sustained:
+        return
+    top = max(sustained, key=lambda r: r["offered_rps"])
+    cpu = top["cpu_ms_per_request"]
+    loop_ms = cpu["router_loop"]
+    total_ms = sum(cpu[name] for name in ("router", "decode", "client") if cpu[name] is not None)
+    cores = len(os.sched_getaffinity(0))
+    print("what bounds the sustained rate (CPU per request at the highest sustained rate):")
+    print(
+        f"  the router's event loop (one thread: HTTP, validation, routing, gRPC's Python side) uses {loop_ms:.2f} ms "
+        f"per request: one router process tops out near {1000 / loop_ms:.0f} req/s with a whole core to itself"
+    )
+    print(
+        f"  router, decode worker and load generator together use {total_ms:.2f} ms per request: "
+        f"the {cores} cores here run out near {1000 * cores / total_ms:.0f} req/s"
+    )
+
+
 def run(args) -> int:
+    if args.samples < 500:
+        print(f"note: {args.samples} samples per path; a p99 of fewer than 500 rests on its 5 largest values or fewer")
     decode, decode_address = processes.start_worker("decode", "--model", args.model, "--threads", "1")
     port = processes.free_port()
     router = processes.start_router(
@@ -112,21 +269,14 @@ def run(args) -> int:
     url = f"http://127.0.0.1:{port}"
     with processes.running(router, decode):
         overhead = asyncio.run(measure_overhead(decode_address, url, args.samples))
-        print(f"router-added TTFT (1-token requests, {args.samples} samples each, alternating):")
-        print(
-            f"  direct to decode worker  p50 {overhead['direct_p50_ms']:.2f} ms  p99 {overhead['direct_p99_ms']:.2f} ms"
-        )
-        print(
-            f"  through the router       p50 {overhead['router_p50_ms']:.2f} ms  p99 {overhead['router_p99_ms']:.2f} ms"
-        )
-        print(
-            f"  added by the router      p50 {overhead['added_p50_ms']:.2f} ms  p99 {overhead['added_p99_ms']:.2f} ms"
-        )
-        print("sustained request rate of one router process:")
+        print_overhead(overhead)
+        print("sustained request rate of one router process (streamed 1-token requests, httpx load generator):")
         rates = [float(r) for r in args.rates.split(",")]
-        rows = sustained_rate(url, rates, args.seconds)
+        meter = CpuMeter(router=router.pid, decode=decode.pid, client=os.getpid())
+        rows = sustained_rate(url, rates, args.seconds, meter)
     best = max((r["offered_rps"] for r in rows if r["sustained"]), default=0.0)
     print(f"highest sustained rate: {best:.0f} req/s")
+    print_bound(rows)
     if args.json_path:
         with open(args.json_path, "w") as handle:
             json.dump({"overhead": overhead, "rates": rows, "highest_sustained_rps": best}, handle, indent=1)
@@ -135,7 +285,7 @@ def run(args) -> int:
 
 def add_arguments(parser) -> None:
     parser.add_argument("--model", default="demo")
-    parser.add_argument("--samples", type=int, default=200)
-    parser.add_argument("--rates", default="25,50,100,150,200,300,400")
-    parser.add_argument("--seconds", type=float, default=8.0, help="per rate")
+    parser.add_argument("--samples", type=int, default=1000, help="timed requests per path (at least 500)")
+    parser.add_argument("--rates", default="50,100,200,300,400,500,600,800")
+    parser.add_argument("--seconds", type=float, default=6.0, help="per rate")
     parser.add_argument("--json", dest="json_path", default=None)

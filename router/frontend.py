@@ -36,7 +36,22 @@ class Admission:
 
     @contextlib.asynccontextmanager
     async def slot(self):
-        if self._slots.locked() and self.waiting >= self._max_queued:
+        if self._slots.locked():
+            await self._queue()
+        else:
+            await self._slots.acquire()  # free: returns at once (wait_for would cost a task and a timer)
+        self.running += 1
+        self._metrics.running.set(self.running)
+        try:
+            yield
+        finally:
+            self.running -= 1
+            self._metrics.running.set(self.running)
+            self._slots.release()
+
+    async def _queue(self) -> None:
+        """Waits for a slot in the queue, or refuses: 429 when the queue is full, 503 after queue_timeout_s."""
+        if self.waiting >= self._max_queued:
             raise Overloaded("too many requests in flight; retry shortly", 429, retry_after=1)
         self.waiting += 1
         self._metrics.queue_depth.set(self.waiting)
@@ -47,14 +62,6 @@ class Admission:
         finally:
             self.waiting -= 1
             self._metrics.queue_depth.set(self.waiting)
-        self.running += 1
-        self._metrics.running.set(self.running)
-        try:
-            yield
-        finally:
-            self.running -= 1
-            self._metrics.running.set(self.running)
-            self._slots.release()
 
 
 class Frontend:

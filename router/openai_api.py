@@ -180,7 +180,7 @@ def _valid_utf8(value: Any) -> bool:
     if isinstance(value, dict):
         return all(_valid_utf8(k) and _valid_utf8(v) for k, v in value.items())
     if isinstance(value, (list, tuple)):
-        return all(_valid_utf8(v) for v in value)
+        return all(_valid_utf8(v) for v in value if type(v) is not int)  # token ids: no call per id
     return True
 
 
@@ -650,7 +650,8 @@ async def _respond(
         if calls:
             choice["message"].update(content=content, tool_calls=[call.to_openai() for call in calls])
             choice["finish_reason"] = _tool_finish(choice["finish_reason"])
-    return response
+    # Plain JSON types already: a Response skips FastAPI's jsonable_encoder walk of the whole body.
+    return JSONResponse(response)
 
 
 @dataclass(frozen=True)
@@ -726,6 +727,12 @@ async def _collect(stream: AsyncIterator[Delta]) -> list[Delta]:
 
 async def _collect_or_cancel(request: Request, coroutines) -> list[list[Delta]]:
     """Runs the generations; if the client disconnects first, cancels them (and so the workers' work)."""
+    if len(coroutines) == 1:  # the common case: one task, no gather
+        task = asyncio.ensure_future(coroutines[0])
+        try:
+            return [await _unless_disconnected(request, task)]
+        finally:
+            task.cancel()
     tasks = [asyncio.ensure_future(c) for c in coroutines]
     try:
         return await _unless_disconnected(request, asyncio.gather(*tasks))
@@ -1043,16 +1050,15 @@ class _Guard:
                 await error_response("Incorrect API key provided.", 401, "invalid_api_key")(scope, receive, send)
                 return
         declared = headers.get("content-length")
-        too_large = error_response(f"request body larger than {self.limit} bytes", 413, "request_too_large")
         if declared is not None and declared.isdigit() and int(declared) > self.limit:
-            await too_large(scope, receive, send)
+            await self._too_large()(scope, receive, send)
             return
         if scope["method"] == "POST" and declared is None:
             body = await self._read_body(receive)
             if body is _CLIENT_GONE:
                 return  # a partial body is no request: nothing runs, and there is no one to answer
             if body is None:
-                await too_large(scope, receive, send)
+                await self._too_large()(scope, receive, send)
                 return
             receive = _replaying(body, receive)
         status = 0
@@ -1068,6 +1074,9 @@ class _Guard:
         finally:
             if status:
                 self.frontend.metrics.requests.labels(_route_template(scope), str(status)).inc()
+
+    def _too_large(self) -> JSONResponse:
+        return error_response(f"request body larger than {self.limit} bytes", 413, "request_too_large")
 
     async def _read_body(self, receive) -> bytes | object | None:
         """A body sent without content-length, None once it passes the limit, _CLIENT_GONE if it never ended."""

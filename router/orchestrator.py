@@ -345,8 +345,9 @@ class Orchestrator:
     ) -> AsyncIterator[Delta]:
         """Deltas from a decode worker's Generate stream. With ``skip_first`` the first response (the
         token the prefill worker already returned) contributes only text the client has not had."""
+        responses = aiter(call)
         try:
-            async for response in call:
+            async for response in responses:
                 tokens = tuple(response.token_ids)
                 text, logprobs = response.text, tuple(response.logprobs)
                 if skip_first and tokens:
@@ -362,6 +363,9 @@ class Orchestrator:
                         tokens, text, logprobs, response.finish_reason or None, usage, prompt_logprobs, stop_reason
                     )
                 if response.finish_reason:
+                    # The worker's status is still to come: closed now, the stream's iterator is not left to the
+                    # garbage collector, whose asyncio finalizer costs a thread-safe wakeup and a task per request.
+                    await responses.aclose()
                     return
         except asyncio.CancelledError as exc:
             if not _channel_closed_under_call(decode):

@@ -58,6 +58,7 @@ class ModelBinding:
         self._tokenizer: Tokenizer | None = None
         self._refused: dict[tuple, str] = {}  # adoption attempts that failed, by card contents
         self.refusal: str | None = None  # why the router cannot serve, when it cannot adopt
+        self._served: ServedModel | None = None  # made once per reference: every request asks for it
         if config.model is not None:
             self._reference, self._tokenizer = _reference_from_files(config)
 
@@ -67,8 +68,10 @@ class ModelBinding:
         reference = self._reference
         if reference is None or reference.block_size is None or reference.dtype is None:
             return None
-        name = self.config.served_model_name or reference.served_model_name
-        return ServedModel(name, reference, self._tokenizer, reference.max_model_len)
+        if self._served is None or self._served.card is not reference or self._served.tokenizer is not self._tokenizer:
+            name = self.config.served_model_name or reference.served_model_name
+            self._served = ServedModel(name, reference, self._tokenizer, reference.max_model_len)
+        return self._served
 
     def require(self) -> ServedModel:
         """The served model, or GenerationError(503) saying why there is none yet."""

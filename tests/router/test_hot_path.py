@@ -1,0 +1,116 @@
+"""The request path's shortcuts keep their contracts: the cluster secret on every worker call, admission's queue and
+refusals, a decode stream's iterator closed when its finish arrives (not left to the garbage collector)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from protos import decode_pb2
+from router.config import RouterConfig
+from router.frontend import Admission, Overloaded
+from router.metrics import RouterMetrics
+from router.orchestrator import Orchestrator
+from router.workers import SecretStub, WorkerHandle
+
+SECRET = (("x-splitserve-cluster-secret", "s3cret"),)
+
+
+class _RecordingStub:
+    def __init__(self) -> None:
+        self.calls = []
+
+    def Generate(self, request, **kwargs):  # noqa: N802 - a gRPC method's name
+        self.calls.append((request, kwargs))
+        return "call"
+
+
+def test_secret_stub_puts_the_secret_before_the_calls_own_metadata():
+    inner = _RecordingStub()
+    stub = SecretStub(inner, SECRET)
+    assert stub.Generate("request", timeout=5, metadata=(("traceparent", "00-ab"),)) == "call"
+    assert stub.Generate("again", timeout=1) == "call"
+    assert inner.calls == [
+        ("request", {"timeout": 5, "metadata": (*SECRET, ("traceparent", "00-ab"))}),
+        ("again", {"timeout": 1, "metadata": SECRET}),
+    ]
+    assert SecretStub(inner, ()).Generate("open") == "call" and inner.calls[-1] == ("open", {"metadata": ()})
+    with pytest.raises(AttributeError):
+        stub.NoSuchMethod  # noqa: B018
+
+
+def test_admission_takes_free_slots_at_once_queues_then_refuses():
+    async def scenario():
+        admission = Admission(max_running=1, max_queued=1, queue_timeout_s=0.2, metrics=RouterMetrics())
+        holding, release = asyncio.Event(), asyncio.Event()
+
+        async def hold():
+            async with admission.slot():
+                holding.set()
+                await release.wait()
+
+        holder = asyncio.create_task(hold())
+        await holding.wait()
+        assert admission.running == 1
+        queued = asyncio.create_task(hold())
+        await asyncio.sleep(0)
+        assert admission.waiting == 1
+        with pytest.raises(Overloaded) as full:  # the queue holds one
+            async with admission.slot():
+                pass
+        assert full.value.status == 429
+        release.set()
+        await holder
+        await queued  # got the slot the first one left
+        assert (admission.running, admission.waiting) == (0, 0)
+        release.clear()
+        holding.clear()
+        holder = asyncio.create_task(hold())
+        await holding.wait()
+        with pytest.raises(Overloaded) as late:  # waited queue_timeout_s
+            async with admission.slot():
+                pass
+        assert late.value.status == 503 and admission.waiting == 0
+        release.set()
+        await holder
+
+    asyncio.run(scenario())
+
+
+class _Stream:
+    """A gRPC response stream: its iterator says when it was closed."""
+
+    def __init__(self, responses) -> None:
+        self.responses = responses
+        self.closed = False
+
+    def __aiter__(self):
+        return self._iterate()
+
+    async def _iterate(self):
+        try:
+            for response in self.responses:
+                yield response
+            await asyncio.Event().wait()  # the status, still to come
+        finally:
+            self.closed = True
+
+
+def test_decode_stream_closes_the_response_iterator_on_finish():
+    stream = _Stream(
+        [
+            decode_pb2.GenerateResponse(token_ids=[7], text="a"),
+            decode_pb2.GenerateResponse(token_ids=[8], text="b", finish_reason="length"),
+        ]
+    )
+    orchestrator = Orchestrator(RouterConfig(), pool=None, model=None, metrics=RouterMetrics())
+    worker = WorkerHandle("d:1", "decode", channel=None, stub=None)
+
+    async def collect():
+        deltas = [delta async for delta in orchestrator._decode_stream(worker, stream, skip_first=False)]
+        return deltas, stream.closed  # before the loop had a turn to finalize an abandoned iterator
+
+    deltas, closed = asyncio.run(collect())
+    assert [(d.token_ids, d.text, d.finish_reason) for d in deltas] == [((7,), "a", None), ((8,), "b", "length")]
+    assert closed
