@@ -126,13 +126,14 @@ def local_up(args):
             [sys.executable, "-m", "cluster.cli", *command],
             stdout=log,
             stderr=subprocess.STDOUT,
-            env=dict(
-                os.environ,
-                PYTHONUNBUFFERED="1",
-                OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"),
-                SPLITSERVE_ADMIN_TOKEN=args.admin_token,  # /admin/status (PIDs, stats) needs it
+            env=processes.exits_with_this_process(  # an aborted run leaves no cluster behind
+                dict(
+                    os.environ,
+                    PYTHONUNBUFFERED="1",
+                    OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"),
+                    SPLITSERVE_ADMIN_TOKEN=args.admin_token,  # /admin/status (PIDs, stats) needs it
+                )
             ),
-            preexec_fn=processes._die_with_parent,  # an aborted run leaves no cluster behind
         )
     try:
         url = _wait_for_up(process, log_path, args.up_timeout)

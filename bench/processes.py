@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -24,8 +22,7 @@ def start(args: list[str], ready_marker: str, timeout_s: float = 180.0) -> tuple
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
-        env=env,
-        preexec_fn=_die_with_parent,
+        env=exits_with_this_process(env),
     )
     lines: list[str] = []
     deadline = time.monotonic() + timeout_s
@@ -41,15 +38,11 @@ def start(args: list[str], ready_marker: str, timeout_s: float = 180.0) -> tuple
     raise RuntimeError(f"splitserve {' '.join(args)} did not start:\n{''.join(lines[-30:])}")
 
 
-def _die_with_parent() -> None:
-    """Linux: the child is sent SIGTERM when the benchmark process dies, so an aborted run leaves no workers."""
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-    except OSError:
-        pass
-
-
-_PR_SET_PDEATHSIG = 1
+def exits_with_this_process(env: dict[str, str]) -> dict[str, str]:
+    """``env`` for a ``splitserve`` child that is to stop when this process dies (an aborted run leaves no workers):
+    the child's CLI arms it itself (cluster.cli). Not a ``preexec_fn``: code run between fork and exec in a process
+    with gRPC and other threads alive can deadlock or kill the child before it prints a line."""
+    return dict(env, SPLITSERVE_EXIT_WITH_PARENT=str(os.getpid()))
 
 
 def start_worker(role: str, *extra: str) -> tuple[subprocess.Popen, str]:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import ctypes
 import logging
 import os
+import signal
 import sys
 
 
@@ -457,10 +459,33 @@ def _run_router(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    _exit_with_parent(os.environ.get(EXIT_WITH_PARENT_ENV))
     if argv and argv[0] in DELEGATED_COMMANDS:
         return _run_delegated(argv[0], argv[1:])
     args = build_parser().parse_args(argv)
     return args.run(args)
+
+
+# Set by a launcher (bench/processes.py) to its PID: this process gets SIGTERM when that one dies.
+EXIT_WITH_PARENT_ENV = "SPLITSERVE_EXIT_WITH_PARENT"
+
+
+def _exit_with_parent(parent: str | None) -> None:
+    """Linux's parent-death signal, armed here after exec rather than in a pre-exec hook of the launcher; if the
+    launcher already died (we were re-parented before arming it), exit now."""
+    if not parent:
+        return
+    if not parent.isdigit():
+        raise SystemExit(f"splitserve: {EXIT_WITH_PARENT_ENV} must be a process id, got {parent!r}")
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        return  # not Linux: nothing arms it
+    if os.getppid() != int(parent):
+        raise SystemExit(f"splitserve: the launching process {parent} is gone")
+
+
+_PR_SET_PDEATHSIG = 1
 
 
 DELEGATED_COMMANDS = {
