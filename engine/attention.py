@@ -19,6 +19,7 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
+from engine.decode_scratch import DECODE_SCRATCH_MAX_BYTES, DecodeScratch, ScratchStep
 from engine.kv_cache import PagedKVCache
 
 log = logging.getLogger(__name__)
@@ -58,33 +59,48 @@ class StepSequences:
     block_tables: tuple[tuple[int, ...], ...]
     block_size: int
     num_blocks: int  # of the pool
+    serials: tuple[int, ...] = ()  # per sequence: its request incarnation (ScheduledChunk.serial)
+    num_decodes: int = 0  # the last sequences are single-token decodes, in the last rows
 
 
 class AttentionBackend(Protocol):
-    """One implementation of paged attention. ``plan`` runs once per step (host side, before the
-    layers); ``attend`` once per layer: write the new K/V into the pool, then attend."""
+    """One implementation of paged attention. ``plan`` runs once per step (before the layers; it may
+    read the pool, which holds every position before the step's tokens); ``attend`` once per layer:
+    write the new K/V into the pool, then attend."""
 
     name: str
 
-    def plan(self, sequences: StepSequences, device: torch.device) -> object: ...
+    def plan(self, sequences: StepSequences, cache: PagedKVCache) -> object: ...
 
     def attend(self, q, k, v, cache: PagedKVCache, layer: int, batch: AttentionBatch, scale: float) -> torch.Tensor: ...
 
 
 class TorchPagedAttention:
-    """The reference path: SDPA for prefill chunks, and for decodes over a padded gather of their KV.
+    """The reference path: SDPA for prefill chunks, and for decodes over their KV.
 
-    On CPU the decode gather writes into one buffer reused by every layer and step (a fresh
-    multi-megabyte allocation per layer costs as much as the copy itself: page faults). Not on
-    CUDA: a captured graph must keep the addresses it read, and the caching allocator is cheap."""
+    On CPU the decodes read the decode scratch (engine/decode_scratch.py): their KV kept batch-major
+    between steps, one position appended per step; a step the scratch cannot hold (``scratch_max_bytes``)
+    gathers every decode's blocks into one buffer reused by every layer and step (a fresh multi-megabyte
+    allocation per layer costs as much as the copy itself: page faults). Not on CUDA: a captured graph
+    must keep the addresses it read, and the caching allocator is cheap."""
 
     name = "torch"
 
-    def __init__(self) -> None:
+    def __init__(self, scratch_max_bytes: int = DECODE_SCRATCH_MAX_BYTES) -> None:
         self._gather_buffer = GatherBuffer()
+        self.scratch = DecodeScratch(scratch_max_bytes)
 
-    def plan(self, sequences: StepSequences, device: torch.device) -> object:
-        return None
+    def plan(self, sequences: StepSequences, cache: PagedKVCache) -> ScratchStep | None:
+        decodes = sequences.num_decodes
+        if cache.data.device.type != "cpu" or not decodes:
+            return None
+        first = len(sequences.block_tables) - decodes
+        return self.scratch.plan(
+            cache,
+            list(sequences.serials[first:]),
+            sequences.positions[-decodes:].tolist(),
+            list(sequences.block_tables[first:]),
+        )
 
     def attend(self, q, k, v, cache: PagedKVCache, layer: int, batch: AttentionBatch, scale: float) -> torch.Tensor:
         buffer = self._gather_buffer if q.device.type == "cpu" else None
@@ -158,13 +174,19 @@ def torch_paged_attention(
     Writes k/v into the pool, then returns the attention output ``[tokens, heads, head_dim]``.
     ``gather_buffer``: where the decodes' KV gather goes (default: a fresh tensor)."""
     cache.write(layer, k, v, batch.slot_block, batch.slot_offset)
+    begin = batch.decode_begin
+    decodes = None
+    if isinstance(batch.plan, ScratchStep):
+        decodes = _scratch_decode_attention(q[begin:], k[begin:], v[begin:], batch.plan, layer, scale)
+    elif batch.decode_block_table is not None:
+        decodes = _decode_attention(q[begin:], cache, layer, batch, scale, gather_buffer)
+    if not batch.prefills and decodes is not None:
+        return decodes  # a decode-only step: nothing to assemble
     out = torch.empty_like(q)
     for seg in batch.prefills:
         out[seg.begin : seg.end] = _prefill_attention(q, k, v, cache, layer, seg, scale)
-    if batch.decode_block_table is not None:
-        out[batch.decode_begin :] = _decode_attention(
-            q[batch.decode_begin :], cache, layer, batch, scale, gather_buffer
-        )
+    if decodes is not None:
+        out[begin:] = decodes
     return out
 
 
@@ -186,11 +208,31 @@ def _prefill_attention(q, k, v, cache, layer, seg: PrefillSegment, scale) -> tor
     return out[0].transpose(0, 1)
 
 
+def _scratch_decode_attention(q, k, v, step: ScratchStep, layer: int, scale) -> torch.Tensor:
+    """The decodes over the scratch rows: append this step's K/V, attend over ``step.width`` keys.
+    Queries go to their rows' order and come back (a few KB) when rows are not in decode order."""
+    step.append(layer, k, v)
+    key, value = step.key_value(layer)
+    decodes, kv_heads, _, head_dim = key.shape
+    if step.order is not None:
+        q = q.index_select(0, step.order)
+    query = q.view(decodes, kv_heads, -1, head_dim)
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=step.mask, scale=scale)
+    out = out.view(decodes, -1, head_dim)
+    return out if step.order is None else out.index_select(0, step.rows)
+
+
 def _decode_attention(q, cache, layer, batch: AttentionBatch, scale, gather_buffer=None) -> torch.Tensor:
     """One query per sequence. The query heads sharing a KV head become that head's query rows
-    (``[B, kv_heads, groups, D]``), so SDPA reads each sequence's KV once, without repeating it."""
+    (``[B, kv_heads, groups, D]``), so SDPA reads each sequence's KV once, without repeating it.
+
+    The padded gather holds stale slots (the tail of a sequence's last block, the blocks padding the
+    table): they are zeroed, since a masked NaN or inf key or value still poisons the output."""
     key, value = _gather_decode_kv(cache, layer, batch.decode_block_table, gather_buffer)  # [B, kvh, S, D] views
     decodes, kv_heads, _, head_dim = key.shape
+    hidden = ~batch.decode_mask[:, :, 0, :, None]  # [B, 1, S, 1]
+    key.masked_fill_(hidden, 0)
+    value.masked_fill_(hidden, 0)
     query = q.view(decodes, kv_heads, -1, head_dim)
     out = F.scaled_dot_product_attention(query, key, value, attn_mask=batch.decode_mask, scale=scale)
     return out.view(decodes, -1, head_dim)

@@ -15,6 +15,7 @@ rows, only the key tiles holding blocks of the sequences in those rows.
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 
@@ -25,7 +26,16 @@ Q_TILE = 128
 _MIN_KV_TILE = 128  # the kernels' key tile sizes (32-128) divide any multiple of this
 
 
+FLEX_ENV = "SPLITSERVE_FLEX_ATTENTION"  # "0": the torch path even where flex runs (a CUDA host without a C compiler)
+
+
 def flex_available() -> bool:
+    """This torch ships FlexAttention and ``SPLITSERVE_FLEX_ATTENTION`` (unset, "1" or "0") does not turn it off."""
+    setting = os.environ.get(FLEX_ENV, "1")
+    if setting not in ("0", "1"):
+        raise ValueError(f"{FLEX_ENV} must be 0 or 1, got {setting!r}")
+    if setting == "0":
+        return False
     try:
         from torch.nn.attention.flex_attention import BlockMask, flex_attention  # noqa: F401
     except ImportError:
@@ -45,8 +55,8 @@ class FlexPagedAttention:
         self._flex = torch.compile(flex_attention, dynamic=True) if compiled else flex_attention
         self.name = "flex" if compiled else "flex-eager"
 
-    def plan(self, sequences: StepSequences, device: torch.device):
-        return build_block_mask(sequences, device)
+    def plan(self, sequences: StepSequences, cache: PagedKVCache):
+        return build_block_mask(sequences, cache.data.device)
 
     def attend(self, q, k, v, cache: PagedKVCache, layer: int, batch: AttentionBatch, scale: float) -> torch.Tensor:
         cache.write(layer, k, v, batch.slot_block, batch.slot_offset)
@@ -98,6 +108,10 @@ def build_block_mask(sequences: StepSequences, device: torch.device):
         BLOCK_SIZE=(Q_TILE, kv_tile_size(bs)),
         mask_mod=mask_mod,
         seq_lengths=(tokens, num_blocks * 2 * bs - bs),
+        # The per-key-tile query lists serve only the backward pass, and torch derives them assuming
+        # kv_indices span every key tile: ours are sparse tile numbers (a block high in the pool
+        # indexes out of bounds there; a device-side assert on CUDA).
+        compute_q_blocks=False,
     )
 
 

@@ -8,8 +8,10 @@ captured graph replays them in one call. Shapes must be static, so a step is pad
     pad row: token/position of d0, writes its K/V into the scratch block, attends to slot 0 only
 
 Pad rows never touch a live block: the engine sets one block aside (``scratch_block``) for them.
-Steps with a prefill chunk, a larger batch or a wider table run eagerly. The padding is plain
-torch and runs on CPU (tests/engine/test_cuda_graphs.py); capture and replay need CUDA.
+Steps with a prefill chunk, a larger batch or a wider table run eagerly, and so does every step of
+the FlexAttention backend (CUDA's default: its per-step block mask is no static buffer), so graphs
+replay only on the torch path; ``replays`` counts them. The padding is plain torch and runs on CPU
+(tests/engine/test_cuda_graphs.py); capture and replay need CUDA.
 """
 
 from __future__ import annotations
@@ -64,6 +66,7 @@ def pad_decode_step(inputs, batch_size: int, width: int, block_size: int, scratc
         slot_offset=rows_of(batch.slot_offset, torch.zeros(1, dtype=torch.long, device=device)),
         decode_block_table=table,
         decode_mask=mask,
+        plan=None,  # a graph reads the padded table: never the CPU decode scratch's rows
     )
     return dataclasses.replace(
         inputs,
@@ -92,9 +95,16 @@ class CudaGraphDecoder:
         self.max_width = width_bucket(max_width)
         self._graphs: dict[tuple[int, int], _Graph] = {}
         self._pool = None  # one memory pool shared by every graph
+        self.replays = 0  # steps that ran as a graph replay: what a report may claim, not that graphs are on
+
+    @property
+    def captures(self) -> int:
+        return len(self._graphs)
 
     def shape_for(self, inputs) -> tuple[int, int] | None:
-        """(batch bucket, width bucket) the step would replay at, or None to run it eagerly."""
+        """(batch bucket, width bucket) the step would replay at, or None to run it eagerly (so far
+        every step of another attention backend than the torch path: FlexAttention's per-step block
+        mask is no static buffer)."""
         batch = inputs.batch
         if not is_decode_only(batch) or batch.backend is None or batch.backend.name != "torch":
             return None
@@ -113,6 +123,7 @@ class CudaGraphDecoder:
         for name in ("slot_block", "slot_offset", "decode_block_table", "decode_mask"):
             getattr(entry.inputs.batch, name).copy_(getattr(padded.batch, name))
         entry.graph.replay()
+        self.replays += 1
         return entry.logits[: inputs.batch.decode_block_table.shape[0]]
 
     def _capture(self, padded) -> _Graph:
@@ -120,13 +131,15 @@ class CudaGraphDecoder:
         forward = lambda: self.model(  # noqa: E731
             static.input_ids, static.positions, self.cache, static.batch, static.logits_rows, None
         )
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            forward()  # warm-up: lazy initialisation must not happen inside the capture
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
-            logits = forward()
+        device = self.cache.data.device
+        with torch.cuda.device(device):  # the capture stream torch.cuda.graph makes is the current device's
+            side = torch.cuda.Stream(device)
+            side.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(side):
+                forward()  # warm-up: lazy initialisation must not happen inside the capture
+            torch.cuda.current_stream(device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self._pool):
+                logits = forward()
         self._pool = graph.pool()
         return _Graph(graph, static, logits)

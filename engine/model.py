@@ -166,7 +166,7 @@ class LlamaBackbone(nn.Module):
 
 class CausalLM(nn.Module):
     """The whole model. ``forward`` runs one engine step over a flat token batch and returns the
-    final hidden states of the rows in ``logits_rows`` projected to vocabulary logits."""
+    final hidden states of the rows in ``logits_rows`` projected to vocabulary logits (model dtype)."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -208,4 +208,4 @@ class CausalLM(nn.Module):
             if on_layer_done is not None:
                 on_layer_done(index, record_layer_ready(x.device))
         hidden = self.model.norm(x[logits_rows])
-        return self.lm_head(hidden).float()
+        return self.lm_head(hidden)  # in the model dtype: the sampler widens what it needs to float32

@@ -127,7 +127,7 @@ class ModelRunner:
             decode_block_table=decode_table,
             decode_mask=decode_mask,
             backend=self.attention,
-            plan=self._attention_plan(chunks, position),
+            plan=self._attention_plan(chunks, position, len(decodes)),
         )
         return StepInputs(
             torch.tensor(ids, device=self.device),
@@ -138,9 +138,7 @@ class ModelRunner:
             tuple(c for c in chunks if c.prompt_targets),
         )
 
-    def _attention_plan(self, chunks: Sequence[ScheduledChunk], positions: torch.Tensor) -> object:
-        if self.attention.name == "torch":
-            return None  # the torch path needs nothing beyond AttentionBatch
+    def _attention_plan(self, chunks: Sequence[ScheduledChunk], positions: torch.Tensor, num_decodes: int) -> object:
         bs = self.block_size
         lengths = torch.tensor([len(c.token_ids) for c in chunks])
         sequences = StepSequences(
@@ -149,8 +147,10 @@ class ModelRunner:
             block_tables=tuple(tuple(c.block_ids[: -(-(c.start + len(c.token_ids)) // bs)]) for c in chunks),
             block_size=bs,
             num_blocks=self.cache.layout.num_blocks,
+            serials=tuple(c.serial for c in chunks),
+            num_decodes=num_decodes,
         )
-        return self.attention.plan(sequences, torch.device(self.device))
+        return self.attention.plan(sequences, self.cache)
 
     @staticmethod
     def _positions_by_chunk(chunks: Sequence[ScheduledChunk]):

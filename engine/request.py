@@ -9,6 +9,7 @@ any unfinished state ──abort──> FINISHED_ABORTED
 from __future__ import annotations
 
 import enum
+import itertools
 import time
 from dataclasses import dataclass, field
 
@@ -40,6 +41,8 @@ _FINISH_REASONS = {
     RequestState.FINISHED_LENGTH: "length",
     RequestState.FINISHED_ABORTED: "abort",
 }
+_serials = itertools.count(1)
+
 _TRANSITIONS = {
     RequestState.WAITING: {RequestState.RUNNING, RequestState.WAITING_FOR_KV, RequestState.FINISHED_ABORTED},
     RequestState.WAITING_FOR_KV: {RequestState.RUNNING, *_FINISHED},
@@ -69,6 +72,9 @@ class Request:
     prompt_logprobs: list[TokenLogprobs] = field(default_factory=list)  # entry k scores prompt token k + 1
     prompt_logprobs_sent: bool = False
     stop_reason: str | int | None = None  # the stop string or stop token id that finished it (not EOS)
+    # Unique per Request object in this process: a request id used again (after an abort, say) is
+    # another sequence to everything that caches per sequence (the decode scratch).
+    serial: int = field(default_factory=lambda: next(_serials))
 
     def __post_init__(self) -> None:
         self._extend_block_hashes()

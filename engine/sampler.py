@@ -125,10 +125,18 @@ class Sampler:
         self._shared_generators: dict[torch.device, torch.Generator] = {}
 
     def sample(self, logits: torch.Tensor, states: Sequence[SamplingState]) -> SampleResult:
-        """logits: [B, V] float32 (on any device), row i belongs to states[i]. Does not mutate states."""
+        """logits: [B, V] in any float dtype (on any device), row i belongs to states[i]; processed in
+        float32. Does not mutate states."""
         if logits.dim() != 2 or logits.size(0) != len(states) or logits.size(1) < self.vocab_size:
             raise ValueError(f"logits of shape {tuple(logits.shape)} do not match {len(states)} states")
-        raw = logits[:, : self.vocab_size].float()
+        logits = logits[:, : self.vocab_size]
+        if all(_plain_greedy(s) and s.params.logprobs is None for s in states):
+            # The decode loop's fast path: no float32 copy, no softmax. Widening to float32 is exact
+            # and keeps the order, so the first maximum is the same token; max(dim) finds it faster
+            # than argmax on CPU.
+            token_ids = logits.max(dim=-1).indices.tolist()
+            return SampleResult(token_ids=token_ids, logprobs=[None] * len(states))
+        raw = logits.float()
         tokens = self._choose_tokens(raw, states)
         token_ids = tokens.tolist()
         return SampleResult(token_ids=token_ids, logprobs=_gather_logprobs(raw, states, tokens, token_ids))
@@ -146,11 +154,8 @@ class Sampler:
         ]
 
     def _choose_tokens(self, raw: torch.Tensor, states: Sequence[SamplingState]) -> torch.Tensor:
-        if all(
-            _is_greedy(s.params) and not s.params.has_penalties and not s.adjusts_logits and s.grammar is None
-            for s in states
-        ):
-            return raw.argmax(dim=-1)  # fast path the decode loop relies on: no sort, no softmax
+        if all(_plain_greedy(s) for s in states):
+            return raw.argmax(dim=-1)  # no sort, no softmax
         processed = _apply_grammar(_apply_penalties(_apply_bias_and_suppression(raw, states), states), raw, states)
         tokens = processed.argmax(dim=-1)
         sampled_rows = [i for i, s in enumerate(states) if not _is_greedy(s.params)]
@@ -194,6 +199,12 @@ class Sampler:
 
 def _is_greedy(params: SamplingParams) -> bool:
     return params.temperature < _SAMPLING_EPS
+
+
+def _plain_greedy(state: SamplingState) -> bool:
+    """Greedy over the raw logits: nothing adjusts them first."""
+    params = state.params
+    return _is_greedy(params) and not params.has_penalties and not state.adjusts_logits and state.grammar is None
 
 
 def _apply_bias_and_suppression(raw: torch.Tensor, states: Sequence[SamplingState]) -> torch.Tensor:

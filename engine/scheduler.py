@@ -29,6 +29,7 @@ class ScheduledChunk:
     start: int
     block_ids: tuple[int, ...]
     samples: bool  # the chunk reaches the last known token, so a new token is sampled
+    serial: int  # the request incarnation (Request.serial): a reused request id is another sequence
     # prompt_logprobs: the prompt tokens predicted by positions [scored_from, scored_from + len(prompt_targets))
     #   prompt   t0 t1 t2 t3 t4        position p's logits score prompt token p + 1;
     #   chunk       [t1 t2 t3]         start=1: scores t2 t3 t4 (scored_from=1, prompt_targets=(t2, t3, t4))
@@ -194,6 +195,7 @@ class Scheduler:
             start,
             tuple(request.block_ids),
             start + count == request.num_tokens,
+            request.serial,
             targets,
             scored_from,
         )

@@ -1,6 +1,7 @@
-"""What only a GPU can show: the engine on CUDA (FlexAttention, CUDA graphs) token-identical to
-transformers, the ordering contract with real CUDA events, the device checksum across two pools.
-Run by scripts/gpu_check.sh; skipped here (no CUDA)."""
+"""What only a GPU can show: the engine on CUDA (compiled FlexAttention, CUDA graphs on the torch
+path) token-identical to transformers and to each other, the ordering contract with real CUDA events,
+the device checksum across two pools. Run by scripts/gpu_check.sh (which leaves out the ``parity``
+tests: its parity section runs the same comparison and records it); skipped here (no CUDA)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import time
 import pytest
 import torch
 
+from bench.gpu_check import compare_tokens, engine_greedy, hf_greedy, parity_prompts, write_tiny_checkpoint
 from contract.sampling import SamplingParams
 from engine.attention import TorchPagedAttention
 from engine.config import EngineConfig
@@ -23,6 +25,8 @@ from tests.kv_transfer.test_layer_ordering import DST_BLOCKS, LAYOUT, SRC_BLOCKS
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
 NEW_TOKENS = 16
+GREEDY = SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True)
+SLEEP_CYCLES = 1_000_000_000  # ~0.5 s of GPU time at 2 GHz: far longer than push_layer may take
 
 
 @pytest.fixture(scope="module")
@@ -32,56 +36,68 @@ def model_dir(tmp_path_factory):
     return str(directory)
 
 
+@pytest.fixture(scope="module")
+def parity_dir(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("llama-gpu-parity")
+    write_tiny_checkpoint(str(directory))
+    return str(directory)
+
+
 def _prompts() -> list[list[int]]:
     rng = random.Random(2)
     return [[rng.randrange(3, 320) for _ in range(rng.randint(3, 70))] for _ in range(6)]
 
 
-def _hf_greedy(model_dir: str, dtype: torch.dtype, prompt: list[int], new_tokens: int) -> list[int]:
-    import transformers
-
-    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=dtype).cuda().eval()
-    ids = torch.tensor([prompt], device="cuda")
-    with torch.inference_mode():
-        out = model.generate(
-            ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, do_sample=False, pad_token_id=0
-        )
-    return out[0, len(prompt) :].tolist()
-
-
-def _engine(model_dir: str, dtype: str, **overrides) -> Engine:
-    return Engine(EngineConfig(model=model_dir, dtype=dtype, device="cuda", num_kv_blocks=256, **overrides))
+def _generate(model_dir: str, attention=None, hold_low_blocks: int = 0, **overrides) -> tuple[list, Engine]:
+    """Greedy tokens of the engine on CUDA (``attention``: instead of the device's choice); the first
+    ``hold_low_blocks`` pool blocks taken first, so that the requests land on high block ids."""
+    config = dict(num_kv_blocks=256, max_num_batched_tokens=40) | overrides
+    engine = Engine(EngineConfig(model=model_dir, dtype="float32", device="cuda", **config))
+    if attention is not None:
+        engine.runner.attention = attention
+    if hold_low_blocks:
+        engine.allocator.allocate(hold_low_blocks)
+    return [list(c.token_ids) for c in engine.generate(_prompts(), GREEDY)], engine
 
 
-@pytest.mark.parametrize("graphs", [64, 0], ids=["cuda-graphs", "eager"])
-def test_engine_fp32_is_token_identical_to_transformers(model_dir, graphs):
-    engine = _engine(model_dir, "float32", cuda_graph_max_batch=graphs, max_num_batched_tokens=48)
-    assert engine.runner.attention.name == "flex"
-    assert (engine.runner.graphs is not None) == bool(graphs)
-    prompts = _prompts()
-    got = [c.token_ids for c in engine.generate(prompts, SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0))]
-    expected = [_hf_greedy(model_dir, torch.float32, p, NEW_TOKENS) for p in prompts]
-    assert [list(t) for t in got] == expected
+@pytest.mark.parity
+def test_engine_fp32_is_token_identical_to_transformers(parity_dir):
+    prompts = parity_prompts(6)
+    expected = hf_greedy(parity_dir, "cuda", torch.float32, prompts, NEW_TOKENS)
+    for attention in (None, TorchPagedAttention()):
+        got, _ = engine_greedy(parity_dir, "cuda", "float32", prompts, NEW_TOKENS, attention)
+        assert compare_tokens(got, expected)["identical"] == len(prompts)
 
 
-def test_engine_bf16_first_tokens_match_transformers(model_dir):
-    engine = _engine(model_dir, "bfloat16")
-    prompts = _prompts()
-    got = engine.generate(prompts, SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True))
-    expected = [_hf_greedy(model_dir, torch.bfloat16, p, 3) for p in prompts]
-    agree = sum(list(c.token_ids[:1]) == e[:1] for c, e in zip(got, expected))
+@pytest.mark.parity
+def test_engine_bf16_first_tokens_match_transformers(parity_dir):
+    prompts = parity_prompts(6)
+    got, _ = engine_greedy(parity_dir, "cuda", "bfloat16", prompts, 3)
+    expected = hf_greedy(parity_dir, "cuda", torch.bfloat16, prompts, 3)
+    agree = sum(a[:1] == b[:1] for a, b in zip(got, expected))
     assert agree >= len(prompts) - 1, "bf16: first tokens disagree with transformers on more than one prompt"
 
 
-def test_flex_matches_the_torch_path_on_cuda(model_dir):
-    prompts = _prompts()
-    params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True)
-    flex = _engine(model_dir, "float32", cuda_graph_max_batch=0, max_num_batched_tokens=40)
-    torch_path = _engine(model_dir, "float32", cuda_graph_max_batch=0, max_num_batched_tokens=40)
-    torch_path.runner.attention = TorchPagedAttention()
-    assert [c.token_ids for c in flex.generate(prompts, params)] == [
-        c.token_ids for c in torch_path.generate(prompts, params)
-    ]
+def test_compiled_flex_matches_the_torch_path_on_high_block_ids(model_dir):
+    """Sequences on blocks 200..255 of 256: the block mask's tile lists hold high tile numbers."""
+    flex, engine = _generate(model_dir, hold_low_blocks=200, cuda_graph_max_batch=0)
+    assert engine.runner.attention.name == "flex"
+    torch_path, _ = _generate(model_dir, TorchPagedAttention(), hold_low_blocks=200, cuda_graph_max_batch=0)
+    assert flex == torch_path
+
+
+def test_cuda_graphs_replay_on_the_torch_path_and_change_no_token(model_dir):
+    graphs, engine = _generate(model_dir, TorchPagedAttention())
+    assert engine.runner.graphs.replays > 0, "no decode step replayed a graph"
+    eager, _ = _generate(model_dir, TorchPagedAttention(), cuda_graph_max_batch=0)
+    assert graphs == eager
+
+
+def test_the_flex_path_runs_eagerly_and_counts_no_replay(model_dir):
+    """CUDA graphs do not capture FlexAttention steps (engine/cuda_graphs.py): reports must not claim them."""
+    _, engine = _generate(model_dir)
+    assert engine.runner.attention.name == "flex"
+    assert engine.runner.graphs is not None and engine.runner.graphs.replays == 0
 
 
 @pytest.mark.parametrize("transport", ["grpc", "nixl"])
@@ -94,9 +110,12 @@ def test_push_waits_for_the_cuda_event_behind_the_kv_writes(transport):
         receiver.inbox.open("r", DST_BLOCKS)
         session = sender.open("r", receiver.ticket("r", transport))
         expected = torch.randn(LAYOUT.num_layers, len(SRC_BLOCKS), *source.data.shape[2:], device="cuda")
+        index = torch.tensor(SRC_BLOCKS, device="cuda")  # a list index would copy host -> device, blocking
+        _warm_pinned_host_memory(source)
+        torch.cuda.synchronize()
         for layer in range(LAYOUT.num_layers):
-            torch.cuda._sleep(200_000_000)  # ~0.1 s of GPU time before the layer's K/V is written
-            source.data[layer, SRC_BLOCKS] = expected[layer]
+            torch.cuda._sleep(SLEEP_CYCLES)  # GPU time before the layer's K/V is written
+            source.data[layer].index_copy_(0, index, expected[layer])
             ready = record_layer_ready(source.data.device)
             began = time.monotonic()
             session.push_layer(source, layer, SRC_BLOCKS, DST_BLOCKS, ready)
@@ -108,6 +127,16 @@ def test_push_waits_for_the_cuda_event_behind_the_kv_writes(transport):
     finally:
         sender.close()
         receiver.stop()
+
+
+def _warm_pinned_host_memory(cache: PagedKVCache) -> None:
+    """The gRPC sender stages each pushed layer through pinned host memory, every layer's buffers alive
+    at once; cudaHostAlloc synchronizes the device, so allocate (and free to torch's cache) them first."""
+    staging = []
+    for _ in range(cache.layout.num_layers):
+        staging.append(torch.empty(len(SRC_BLOCKS) * cache.layout.region_bytes, dtype=torch.uint8, pin_memory=True))
+        staging.append(torch.empty(len(SRC_BLOCKS), dtype=torch.long, pin_memory=True))  # the block index
+    del staging
 
 
 def test_device_checksum_agrees_across_pools_and_catches_a_flipped_byte():
