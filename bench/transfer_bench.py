@@ -9,7 +9,7 @@ Bandwidth: this process is the sender; each path's receiver is a child process
     (random bytes)  NixlKVSender ──────────────>  same + NixlReceiver (registered pool)
                     BulkKVSender ──── TCP ─────>  same (grpc child) + BulkReceiver: recv_into the blocks
     numpy view ──── plain socket (sendall) ────>  recv_into a preallocated buffer, 1-byte ack
-    torch copy_ on one thread, in this process
+    torch copy_ on one thread, in this process: the same regions into a second pool of the same layout
 
 One transfer = open a session, push every layer (all blocks), commit; timed until the commit
 returned, i.e. the receiver adopted (and, with checksums, verified) the KV. The pool has LAYERS
@@ -242,7 +242,7 @@ def _transfer_paths(
     message = layout_message(cache.layout, FINGERPRINT)
     source = cache.data.view(-1).view(torch.uint8)
     paths: dict[tuple[str, bool | None], Transfer] = {
-        ("memcpy", None): _memcpy_transfer(source),
+        ("memcpy", None): _memcpy_transfer(cache),
         ("tcp", None): _tcp_transfer(source, receivers["tcp"], closers),
     }
     for transport in TRANSPORTS:
@@ -275,12 +275,15 @@ def _measure_size(paths: dict[tuple[str, bool | None], Transfer], nbytes: int, r
     return [BandwidthRow(path, checksums, nbytes, tuple(seconds[path, checksums])) for path, checksums in keys]
 
 
-def _memcpy_transfer(source: torch.Tensor) -> Transfer:
-    destination = torch.zeros_like(source)  # zeros: pages touched before any timing
+def _memcpy_transfer(cache: PagedKVCache) -> Transfer:
+    """The bytes a session moves, laid out as it finds them: blocks [0, n) of every layer, copied into
+    the same blocks of a second pool of the same layout (one strided torch copy, one thread)."""
+    destination = PagedKVCache(cache.layout)  # zeroed: pages touched before any timing
 
     def transfer(nbytes: int, request_id: str) -> float:
+        num_blocks = nbytes // (LAYERS * cache.layout.region_bytes)
         begin = time.perf_counter()
-        destination[:nbytes].copy_(source[:nbytes])
+        destination.regions[:, :num_blocks].copy_(cache.regions[:, :num_blocks])
         return time.perf_counter() - begin
 
     return transfer

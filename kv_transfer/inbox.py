@@ -8,10 +8,10 @@ forgets it once the blocks are adopted or freed. Transports only report what hap
 Contract:
 - ``open`` / ``close`` / ``pinned`` / ``forget`` run on the decode engine thread (the owner).
 - ``write`` (gRPC data), ``receive_in_place`` (bulk TCP data), ``landed`` (NIXL notifications),
-  ``layers_complete``, ``commit`` and ``abort`` run on transport threads. The first three touch the
-  pool only while *pinned*:
-  the pin is taken under the landing's lock and only while the gate is open, and the owner frees
-  a landing's blocks only once it is closed and unpinned. So no block is written (or read for a
+  ``layers_complete``, ``wait_for_layers``, ``commit`` and ``abort`` run on transport threads. The
+  first three touch the pool only while *pinned*: the pin is taken under the landing's lock and
+  only while the gate is open, and the owner frees a landing's blocks only once it is closed and
+  unpinned. So no block is written (or read for a
   checksum) after its reservation stopped, nor ever while it could be freed.
 - ``authorize`` (transport threads, before anything else about a request): the sender presents the
   ticket's token, which the owner handed the landing at ``open``; a wrong one is PERMISSION_DENIED
@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hmac
 import threading
+import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -76,6 +77,7 @@ class KVInbox:
         self.verify_checksums = verify_checksums
         self._landings: dict[str, Landing] = {}
         self._lock = threading.Lock()
+        self._changed = threading.Condition()  # notified when a landing gains layers or shuts its gate
 
     # -- owner (decode engine thread) -------------------------------------------------------------
 
@@ -94,7 +96,9 @@ class KVInbox:
         with landing.lock:
             landing.accepting = False
             landing.closed_reason = reason
-            return landing.complete
+            complete = landing.complete
+        self._signal()
+        return complete
 
     def pinned(self, request_id: str) -> bool:
         """A transport thread is still inside this landing's blocks (its gate may be shut already)."""
@@ -179,6 +183,18 @@ class KVInbox:
             self._require_accepting(landing)
             return landing.complete
 
+    def wait_for_layers(self, request_id: str, timeout: float) -> bool:
+        """Blocks until every layer landed (True), the gate shut (raises TransferError) or ``timeout``
+        passed (False): how a commit waits for the notifications of trailing NIXL writes."""
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while not self.layers_complete(request_id):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._changed.wait(left)
+        return True
+
     def commit(self, request_id: str, first_token_id: int, first_logprob) -> int:
         """Every layer landed: the owner adopts the KV. Returns the bytes received."""
         landing = self._landing(request_id)
@@ -233,3 +249,8 @@ class KVInbox:
         with landing.lock:
             landing.written[layer].update(block_ids)
             landing.bytes_received += nbytes
+        self._signal()
+
+    def _signal(self) -> None:
+        with self._changed:
+            self._changed.notify_all()

@@ -2,16 +2,31 @@
 registered pool, one WRITE per pushed layer piece, each followed by a notification (msgpack:
 request id, layer, destination blocks, checksum). The decode worker polls notifications, verifies
 the landed regions in place, and adopts the KV when the sender commits over gRPC.
+
+Integrity without a second pass on the critical path (checksums on, the default): a layer's WRITE is
+posted first, and the sender's sealer thread hashes that layer's source regions while UCX moves them
+(in contiguous runs, the GIL released), then has the layer's notification, with the digest, sent as
+soon as the WRITE is final (checksums off: NIXL sends it with the WRITE)::
+
+    engine / posting thread:  post W0 ── post W1 ── post W2 ──  ...            commit
+    sealer thread:               hash 0 ┐  hash 1 ┐  hash 2 ┐                    ^
+                                 W0 final → note 0  W1 final → note 1  ...  all sealed
+    decode poll thread:                 verify 0      verify 1  ...   (while later layers land)
+
+A notification sent after its WRITE is final orders like NIXL's own (the regions have landed); the
+source regions stay referenced until ``release`` saw every seal through, hashing included.
 """
 
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_futures
+from dataclasses import dataclass, field
 
 import grpc
 import msgpack
@@ -30,12 +45,95 @@ log = logging.getLogger(__name__)
 
 _IDLE_POLL_S = 0.01
 _BUSY_POLL_S = 0.0002
+_SEAL_POLL_S = 0.0001  # the sealer's poll of WRITEs in flight: their notifications wait for it
 ABORT_RELEASE_TIMEOUT_S = 5.0  # writes not final by then are aborted (NixlError on their handles)
 
 
 def _notification(request_id: str, token: str, layer: int, dst_blocks: Sequence[int], checksum: int) -> bytes:
     note = {"request_id": request_id, "token": token, "layer": layer, "blocks": list(dst_blocks), "checksum": checksum}
     return msgpack.packb(note)
+
+
+@dataclass(eq=False)
+class _Seal:
+    """One posted layer piece until its notification went out (or its session failed)."""
+
+    session: NixlSession
+    handle: WriteHandle
+    cache: PagedKVCache
+    layer: int
+    src_blocks: list[int]
+    dst_blocks: list[int]
+    done: Future = field(default_factory=Future)
+    notification: bytes = b""  # set once the source regions are hashed
+
+    def finish(self) -> bool:
+        if not self.done.done():
+            self.done.set_result(None)
+        return True
+
+
+class _Sealer:
+    """A sender's sealer thread: takes posted layers in FIFO order, hashes each one's source regions
+    while its WRITE moves them, and polls the WRITEs in flight, sending each one's notification once
+    it is final. A slow WRITE delays only its own notification."""
+
+    def __init__(self, pool: NixlPool) -> None:
+        self._pool = pool
+        self._queue: queue.SimpleQueue[_Seal | None] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="nixl-seal", daemon=True)
+        self._thread.start()
+
+    def submit(self, seal: _Seal) -> Future:
+        with self._lock:
+            if not self._closed:
+                self._queue.put(seal)
+                return seal.done
+        seal.session.fail("the NIXL sender is closed")
+        seal.finish()
+        return seal.done
+
+    def close(self) -> None:
+        """Seals what was submitted (WRITEs still in flight are aborted) and stops the thread."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._queue.put(None)
+        self._thread.join()
+
+    def _run(self) -> None:
+        in_flight: list[_Seal] = []  # hashed, their notification waiting for the WRITE to complete
+        stopping = False
+        while not stopping or in_flight:
+            try:  # block while nothing is in flight; else come back to poll
+                seal = self._queue.get(timeout=_SEAL_POLL_S) if in_flight or stopping else self._queue.get()
+            except queue.Empty:
+                seal = None
+            else:
+                stopping = stopping or seal is None  # None: close()
+            if seal is not None and _guarded(seal, seal.session.hash_layer, failed=False):
+                in_flight.append(seal)
+            if in_flight:
+                try:  # never queue behind a post: posts poll the writes with notifications to send too
+                    self._pool.progress(wait=False)
+                except NixlError:
+                    pass  # closed: its writes were failed, their seals are over
+            in_flight = [s for s in in_flight if not _guarded(s, s.session.poll_seal, stopping, failed=True)]
+
+
+def _guarded(seal: _Seal, step, *args, failed: bool) -> bool:
+    """A sealer step; an unexpected error fails the session and ends the seal (returning ``failed``),
+    never the sealer thread."""
+    try:
+        return step(seal, *args)
+    except Exception as exc:
+        log.exception("sealing layer %d of %s failed", seal.layer, seal.session.request_id)
+        seal.session.fail(f"sealing layer {seal.layer} failed: {exc!r}")
+        seal.finish()
+        return failed
 
 
 class NixlReceiver:
@@ -111,6 +209,7 @@ class NixlSession(OutboundSession):
         self._releasing = threading.Lock()
         # Posts waiting for their layer's ``ready`` on the sender's posting thread, in push order.
         self._deferred: list[Future] = []
+        self._seals: list[Future] = []  # posted layers whose notification is not sent yet (sealer thread)
 
     def push_layer(
         self,
@@ -153,23 +252,54 @@ class NixlSession(OutboundSession):
         remote_blocks = self._remote.nbytes // (layout.num_layers * layout.region_bytes)
         src = [layout.region_offset(layer, b) for b in src_blocks]
         dst = [(layer * remote_blocks + b) * layout.region_bytes for b in dst_blocks]
-        checksum = region_checksum(cache, layer, src_blocks) if self._sender.verify else 0
+        verify = self._sender.verify
+        # Without checksums the notification rides with the WRITE; with them the sealer announces the
+        # layer once it has hashed the source, which it does while UCX moves the regions.
+        note = b"" if verify else _notification(self.request_id, self.ticket.token, layer, dst_blocks, 0)
         try:
-            handle = self._sender.pool.write(
-                self._remote,
-                src,
-                dst,
-                layout.region_bytes,
-                _notification(self.request_id, self.ticket.token, layer, dst_blocks, checksum),
-            )
+            handle = self._sender.pool.write(self._remote, src, dst, layout.region_bytes, note)
         except (NixlError, ValueError) as exc:
             self.fail(f"NIXL write failed: {exc}")
             return
         self._writes.append(handle)
         self.bytes_sent += len(src) * layout.region_bytes
+        if verify:
+            seal = _Seal(self, handle, cache, layer, list(src_blocks), list(dst_blocks))
+            self._seals.append(self._sender.sealer.submit(seal))
+
+    def hash_layer(self, seal: _Seal) -> bool:
+        """Sealer thread: hashes the layer's source regions (in place, in contiguous runs, while the
+        WRITE reads them too) and hands the pool the notification to send once the WRITE is complete.
+        False if the session failed meanwhile: nothing is announced."""
+        if self.failed is None:
+            try:
+                checksum = region_checksum(seal.cache, seal.layer, seal.src_blocks)
+            except RuntimeError as exc:  # a CUDA error surfaces here
+                self.fail(f"could not hash layer {seal.layer}: {exc}")
+        if self.failed is not None:  # nothing to announce; release() waits for the WRITE itself
+            seal.finish()
+            return False
+        note = _notification(self.request_id, self.ticket.token, seal.layer, seal.dst_blocks, checksum)
+        seal.handle.notify_when_done(note, lambda error: self._sealed(seal, error))
+        return True
+
+    def poll_seal(self, seal: _Seal, abandon: bool) -> bool:
+        """Sealer thread: True once the seal is over. A WRITE still in flight past the lease deadline,
+        or when the sender closes (``abandon``), is aborted (a complete one is announced instead)."""
+        if not seal.done.done() and (abandon or time.time() >= self._deadline):
+            seal.handle.release()  # -> _sealed(), with or without an error
+        return seal.done.done()
+
+    def _sealed(self, seal: _Seal, error: str | None) -> None:
+        """Under the pool's lock: the layer's notification went out, or never will."""
+        if error is not None:
+            self.fail(f"NIXL write failed: {error}")
+        seal.finish()
 
     def release(self, timeout: float) -> None:
-        """Waits until every posted WRITE has read our memory (or failed)."""
+        """Waits until every posted WRITE has read our memory (or failed) and every layer is sealed:
+        hashed (which reads our memory too) and its notification sent, so that a commit or an abort
+        follows every notification of the session."""
         deadline = time.monotonic() + timeout
         with self._releasing:
             with self._lock:
@@ -179,11 +309,13 @@ class NixlSession(OutboundSession):
                     self.fail("a pushed layer did not become ready in time")
             with self._lock:
                 writes, self._writes = self._writes, []
+                seals, self._seals = self._seals, []
             for handle in writes:
                 try:
                     handle.wait(max(0.0, deadline - time.monotonic()))
                 except NixlError as exc:
                     self.fail(f"NIXL write failed: {exc}")
+            wait_futures(seals)  # every WRITE is final now: each seal ends after (at most) one hash
 
     def commit(self, first_token_id: int, first_logprob: common_pb2.TokenLogprob | None, timeout: float) -> None:
         self.release(timeout)
@@ -237,6 +369,7 @@ class NixlKVSender(KVSender):
         self.pool = NixlPool(agent_name, cache.data)
         self._remote_pools: dict[str, PoolDescriptor] = {}  # address -> the peer's pool
         self._posting: ThreadPoolExecutor | None = None  # started at the first deferred post
+        self.sealer = _Sealer(self.pool)
 
     def post_when_ready(self, post, *args) -> Future:
         """Runs ``post(*args)`` on this sender's one posting thread (FIFO across sessions)."""
@@ -280,5 +413,6 @@ class NixlKVSender(KVSender):
     def close(self) -> None:
         if self._posting is not None:
             self._posting.shutdown(wait=True)
+        self.sealer.close()
         super().close()
         self.pool.close()

@@ -14,7 +14,6 @@ sender's agent, whose notifications must carry the token too."""
 from __future__ import annotations
 
 import logging
-import time
 
 import grpc
 
@@ -130,11 +129,7 @@ class KVReceiverService(kv_transfer_pb2_grpc.KVReceiverServicer):
         return kv_transfer_pb2.CommitResponse()
 
     def _wait_for_layers(self, request_id: str) -> None:
-        deadline = time.monotonic() + COMMIT_WAIT_S
-        while not self.inbox.layers_complete(request_id):
-            if time.monotonic() > deadline:
-                return  # commit() names the missing layers
-            time.sleep(0.0005)
+        self.inbox.wait_for_layers(request_id, COMMIT_WAIT_S)  # if in vain, commit() names the missing layers
 
 
 def _logprob(message) -> common_pb2.TokenLogprob | None:

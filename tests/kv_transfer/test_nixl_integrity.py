@@ -1,0 +1,159 @@
+"""Integrity over NIXL, real agents on loopback: each layer's WRITE is posted first, its source hashed
+while it moves, and its notification (with the digest) sent once it is final; the receiver verifies
+the landed regions in place. A byte flipped in a landed region is caught, the reservation stops,
+the sender is refused and nothing of the session is left in flight.
+
+The "flip" plays corruption on the wire: it changes the receiver's pool after the WRITE landed and
+before the receiver looks at it, which is exactly what a bad link or a stray write would leave.
+"""
+
+from __future__ import annotations
+
+import time
+from concurrent import futures
+
+import grpc
+import pytest
+import torch
+
+from engine.kv_cache import KVLayout, PagedKVCache
+from kv_transfer.errors import TransferError
+from kv_transfer.inbox import KVInbox
+from kv_transfer.integrity import region_checksum
+from kv_transfer.layout import layout_message
+from kv_transfer.nixl_transport import NixlKVSender, NixlReceiver
+from kv_transfer.receiver_service import KVReceiverService
+from kv_transfer.sender import channel_options
+from protos import decode_pb2, kv_transfer_pb2_grpc
+
+pytestmark = pytest.mark.timeout(120)
+
+LAYOUT = KVLayout(num_layers=4, num_blocks=24, block_size=4, num_kv_heads=2, head_dim=8, dtype="bfloat16")
+SRC_BLOCKS = [3, 4, 5, 6, 11, 0, 1]  # runs and strays, as a used pool hands them out
+DST_BLOCKS = [9, 10, 11, 2, 3, 4, 20]
+
+
+class FlippingInbox(KVInbox):
+    """An inbox that flips one byte of a landed region of ``flip_layer`` before verifying it."""
+
+    flip_layer: int | None = None
+
+    def landed(self, request_id, layer, block_ids, expected_checksum) -> None:
+        self.checksums_seen.append((layer, expected_checksum))
+        if layer == self.flip_layer:
+            region = self.cache.regions[layer, block_ids[len(block_ids) // 2]]
+            region[LAYOUT.region_bytes // 3] ^= 0x10
+        super().landed(request_id, layer, block_ids, expected_checksum)
+
+
+class Receiver:
+    """A decode worker's KV side in miniature; the owner's callbacks only record what they were told."""
+
+    def __init__(self) -> None:
+        self.cache = PagedKVCache(LAYOUT)
+        self.committed: list[str] = []
+        self.aborts: list[tuple[str, str, bool]] = []
+        self.inbox = FlippingInbox(self.cache, self._on_commit, self._on_abort)
+        self.inbox.checksums_seen = []
+        self.nixl = NixlReceiver("integrity-receiver", self.cache, self.inbox)
+        self.layout = layout_message(LAYOUT, "fingerprint")
+        service = KVReceiverService(self.inbox, self.layout, "instance-1", self.nixl)
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), options=channel_options())
+        kv_transfer_pb2_grpc.add_KVReceiverServicer_to_server(service, self.server)
+        self.address = f"127.0.0.1:{self.server.add_insecure_port('127.0.0.1:0')}"
+        self.server.start()
+
+    def _on_commit(self, request_id, first_token_id, logprob) -> None:
+        self.committed.append(request_id)
+
+    def _on_abort(self, request_id, reason, sender_stopped) -> None:
+        """As the reservation state machine does: the gate shuts at the first word of trouble."""
+        self.aborts.append((request_id, reason, sender_stopped))
+        self.inbox.close(request_id, reason)
+
+    def ticket(self, request_id: str) -> decode_pb2.Ticket:
+        return decode_pb2.Ticket(
+            request_id=request_id,
+            block_ids=DST_BLOCKS,
+            transport="nixl",
+            address=self.address,
+            layout=self.layout,
+            lease_deadline_unix_ms=int((time.time() + 60) * 1000),
+            worker_id="decode",
+            instance_id="instance-1",
+        )
+
+    def stop(self) -> None:
+        self.server.stop(0).wait()
+        self.nixl.close()
+
+
+@pytest.fixture
+def pair():
+    receiver = Receiver()
+    source = PagedKVCache(LAYOUT)
+    source.data.copy_(torch.randn(source.data.shape, generator=torch.Generator().manual_seed(5)))
+    sender = NixlKVSender(receiver.layout, "prefill", source, "integrity-sender", verify=True)
+    try:
+        yield receiver, source, sender
+    finally:
+        sender.close()
+        receiver.stop()
+
+
+def _push_all(session, source: PagedKVCache) -> None:
+    for layer in range(LAYOUT.num_layers):
+        session.push_layer(source, layer, SRC_BLOCKS, DST_BLOCKS)
+
+
+def test_every_layer_lands_exact_and_verified_against_the_senders_digest(pair):
+    receiver, source, sender = pair
+    receiver.inbox.open("ok", DST_BLOCKS)
+    session = sender.open("ok", receiver.ticket("ok"))
+    _push_all(session, source)
+    session.commit(first_token_id=1, first_logprob=None, timeout=30)
+    session.close(10)
+
+    assert receiver.committed == ["ok"] and not receiver.aborts
+    assert torch.equal(receiver.cache.data[:, DST_BLOCKS], source.data[:, SRC_BLOCKS])
+    expected = {layer: region_checksum(source, layer, SRC_BLOCKS) for layer in range(LAYOUT.num_layers)}
+    assert dict(receiver.inbox.checksums_seen) == expected, "each notification carries its layer's source digest"
+    assert all(expected.values())
+    assert sender.pool.pending_writes == 0
+
+
+@pytest.mark.parametrize("flip_layer", [0, LAYOUT.num_layers - 1])
+def test_a_byte_flipped_after_the_write_is_caught_and_the_request_fails_cleanly(pair, flip_layer):
+    receiver, source, sender = pair
+    receiver.inbox.flip_layer = flip_layer
+    receiver.inbox.open("bad", DST_BLOCKS)
+    session = sender.open("bad", receiver.ticket("bad"))
+    _push_all(session, source)
+
+    with pytest.raises(TransferError) as refused:
+        session.commit(first_token_id=1, first_logprob=None, timeout=30)
+    assert refused.value.code == "ABORTED"
+    assert "checksum mismatch" in str(refused.value), str(refused.value)
+    session.abort(str(refused.value))  # what the prefill worker does with a refused commit
+    session.close(10)
+
+    assert receiver.committed == []
+    first = receiver.aborts[0]
+    assert first[0] == "bad" and f"checksum mismatch on layer {flip_layer}" in first[1]
+    assert first[2] is False, "bad data is not the sender's word that it stopped writing"
+    assert any(stopped for _, _, stopped in receiver.aborts[1:]), "the sender's refused commit or abort says it stopped"
+    assert not receiver.inbox.pinned("bad"), "no transport thread is left inside the blocks: the owner may free them"
+    assert sender.pool.pending_writes == 0, "no write of the session is left in flight"
+
+
+def test_a_failed_session_announces_nothing_more(pair):
+    """After an abort, release waits for every seal and no notification follows the abort."""
+    receiver, source, sender = pair
+    receiver.inbox.open("gone", DST_BLOCKS)
+    session = sender.open("gone", receiver.ticket("gone"))
+    session.push_layer(source, 0, SRC_BLOCKS, DST_BLOCKS)
+    session.abort("the client went away")
+    seen = len(receiver.inbox.checksums_seen)
+    time.sleep(0.2)
+    assert len(receiver.inbox.checksums_seen) == seen
+    assert sender.pool.pending_writes == 0
