@@ -15,6 +15,7 @@ from typing import Any
 
 import jinja2
 import jinja2.meta
+import jinja2.nodes
 from jinja2.ext import loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as BackendTokenizer
@@ -89,6 +90,13 @@ class Tokenizer(ABC):
         """Whether the chat template renders tool definitions (it reads the ``tools`` variable)."""
         return self._chat_template.reads_tools
 
+    @property
+    def supports_tool_calls(self) -> bool:
+        """Whether the chat template renders earlier tool calls: it reads an assistant message's ``tool_calls``
+        (as Hugging Face templates do, each ``{"id", "type", "function": {"name", "arguments": dict}}``).
+        Tool results are messages with ``role`` ``tool``, ``content`` and ``tool_call_id``."""
+        return self._chat_template.reads_tool_calls
+
 
 class ChatTemplate:
     """A Hugging Face style jinja chat template, compiled once.
@@ -103,7 +111,9 @@ class ChatTemplate:
         self.source = source  # the text, for the model card's fingerprint
         environment = _sandbox()
         self._template = environment.from_string(source)
-        self.reads_tools = "tools" in jinja2.meta.find_undeclared_variables(environment.parse(source))
+        parsed = environment.parse(source)
+        self.reads_tools = "tools" in jinja2.meta.find_undeclared_variables(parsed)
+        self.reads_tool_calls = _reads_key(parsed, "tool_calls")
 
     def render(
         self,
@@ -119,6 +129,13 @@ class ChatTemplate:
             )
         except Exception as exc:  # the template is the model's code: any failure means it rejects these messages
             raise InvalidRequestError(f"chat template cannot render these messages: {exc}") from exc
+
+
+def _reads_key(parsed: jinja2.nodes.Template, key: str) -> bool:
+    """Whether a template reads ``key`` of some object (``x.key``, ``x['key']`` or ``'key' in x``)."""
+    return any(node.attr == key for node in parsed.find_all(jinja2.nodes.Getattr)) or any(
+        node.value == key for node in parsed.find_all(jinja2.nodes.Const)
+    )
 
 
 def _sandbox() -> ImmutableSandboxedEnvironment:

@@ -16,6 +16,7 @@ from contract.sampling import FieldError, SamplingParams
 from protos import generate_pb2, generate_pb2_grpc
 from router.frontend import Frontend
 from router.orchestrator import GenerationError
+from router.structured import tool_turns
 
 _STATUS = {
     400: grpc.StatusCode.INVALID_ARGUMENT,
@@ -69,8 +70,9 @@ class GenerateService(generate_pb2_grpc.GenerateServicer):
                 yield chunk
         except GenerationError as exc:
             await context.abort(_STATUS.get(exc.status, grpc.StatusCode.UNAVAILABLE), str(exc))
-        except FieldError as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except FieldError as exc:  # the status names the field, as HTTP's 400 does in its param
+            text = str(exc)
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, text if exc.field in text else f"{exc.field}: {text}")
         except TimeoutError:
             await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "request timed out")
 
@@ -84,7 +86,10 @@ class GenerateService(generate_pb2_grpc.GenerateServicer):
         if kind == "token_ids":
             return list(request.token_ids.ids)
         if kind == "chat":
-            return self.frontend.encode_chat([{"role": m.role, "content": m.content} for m in request.chat.messages])
+            # Checked as HTTP's are (router/structured.py): a ChatMessage carries no tool calls, so a tool message
+            # has no earlier call to answer and is refused by name, as is an unknown role.
+            said = [{"role": m.role, "content": m.content} for m in request.chat.messages]
+            return self.frontend.encode_chat(tool_turns(said, self.frontend.tokenizer.supports_tool_calls))
         raise GenerationError("the request needs text, token_ids or chat", 400, "invalid_request_error")
 
 

@@ -31,7 +31,7 @@ from contract.sampling import FieldError, SamplingParams, check_text, check_toke
 from protos import common_pb2
 from router.frontend import Frontend, Overloaded
 from router.orchestrator import Delta, GenerationError, GenerationRequest
-from router.structured import Tools, grammar_from_fields, tool_call_format
+from router.structured import CHAT_ROLES, Tools, grammar_from_fields, tool_call_format, tool_turns
 
 # -- request bodies -----------------------------------------------------------------------------------
 #
@@ -83,7 +83,7 @@ CHAT_HONOURED = _SAMPLING_HONOURED | {
     "tool_choice",
     "parallel_tool_calls",
 }
-MESSAGE_HONOURED = frozenset({"role", "content"})
+MESSAGE_HONOURED = frozenset({"role", "content", "tool_calls", "tool_call_id"})
 STREAM_OPTIONS_HONOURED = frozenset({"include_usage", "continuous_usage_stats"})
 
 
@@ -147,8 +147,6 @@ CHAT_REFUSED: dict[str, Refusal] = {
 }
 MESSAGE_REFUSED: dict[str, Refusal] = {
     "name": Refusal(),
-    "tool_calls": Refusal(_NO_TOOLS, neutral=(None, [])),
-    "tool_call_id": Refusal(_NO_TOOLS),
     "function_call": Refusal(_NO_TOOLS),
     "refusal": Refusal(),
     "audio": Refusal(),
@@ -274,8 +272,10 @@ def _logit_bias_ids(bias: dict[str, float]) -> dict[int, float]:
 
 
 class ChatMessageBody(_refusing("_ChatMessageRefused", _Strict, MESSAGE_REFUSED)):
-    role: Literal["system", "user", "assistant", "tool", "developer"]
+    role: Literal[CHAT_ROLES]
     content: str | list[dict[str, Any]] | None = None
+    tool_calls: list[Any] | None = None  # an assistant's earlier calls; checked by router/structured.py
+    tool_call_id: str | None = None  # the call a tool message answers
 
     def text(self) -> str:
         if isinstance(self.content, list):
@@ -426,12 +426,8 @@ def create_app(frontend: Frontend, api_keys: tuple[str, ...] = ()) -> FastAPI:
             add_special = True if body.add_special_tokens is None else body.add_special_tokens
             tokens = frontend.tokenizer.encode(check_text(body.prompt, "prompt"), add_special_tokens=add_special)
         else:
-            try:
-                messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-            except ValueError as exc:
-                raise GenerationError(str(exc), 400, "invalid_request_error", "messages") from exc
             tokens = frontend.encode_chat(
-                messages,
+                _conversation(frontend, body.messages),
                 add_generation_prompt=body.add_generation_prompt,
                 add_special_tokens=bool(body.add_special_tokens),
             )
@@ -450,10 +446,7 @@ def create_app(frontend: Frontend, api_keys: tuple[str, ...] = ()) -> FastAPI:
     @app.post("/v1/chat/completions", responses=_GENERATES)
     async def chat(body: ChatBody, request: Request):
         frontend.check_model(body.model)
-        try:
-            messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-        except ValueError as exc:
-            raise GenerationError(str(exc), 400, "invalid_request_error", "messages") from exc
+        messages = _conversation(frontend, body.messages)
         tools = _chat_tools(frontend, body)
         prompt = frontend.encode_chat(messages, tools.template_tools if tools else None)
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
@@ -469,6 +462,21 @@ def create_app(frontend: Frontend, api_keys: tuple[str, ...] = ()) -> FastAPI:
         return await _respond(request, frontend, body, jobs, "chat.completion", "chatcmpl", calls)
 
     return app
+
+
+def _conversation(frontend: Frontend, messages: list[ChatMessageBody]) -> list[dict]:
+    """The messages as the chat template reads them: text content (null stays null beside an assistant's
+    tool_calls, and is refused on a tool message) and the tool turns router/structured.py checked; a 400 naming
+    what is malformed."""
+    said = []
+    for m in messages:
+        try:
+            content = None if m.content is None and (m.tool_calls or m.role == "tool") else m.text()
+        except ValueError as exc:
+            raise GenerationError(str(exc), 400, "invalid_request_error", "messages") from exc
+        fields = {"tool_calls": m.tool_calls, "tool_call_id": m.tool_call_id}
+        said.append({"role": m.role, "content": content, **{k: v for k, v in fields.items() if v is not None}})
+    return tool_turns(said, frontend.tokenizer.supports_tool_calls)
 
 
 def _chat_tools(frontend: Frontend, body: ChatBody) -> Tools | None:

@@ -4,7 +4,9 @@ Request fields become one grammar spec (contract/grammar.py): OpenAI's ``respons
 fields and its ``structured_outputs`` object. Tools are rendered by the model's chat template; its tool-call
 syntax (Hermes/Qwen ``<tool_call>{json}</tool_call>``, or Llama-3.1's bare ``{"name", "parameters"}`` JSON) is
 parsed out of the text, and ``tool_choice`` ``required`` or a named function is enforced by a grammar over the
-allowed tools' parameters wrapped in that syntax. Errors are ``FieldError``s naming the field.
+allowed tools' parameters wrapped in that syntax. A conversation's earlier tool turns (an assistant's
+``tool_calls``, ``role: tool`` results) are checked and shaped as Hugging Face templates read them. Errors are
+``FieldError``s naming the field.
 """
 
 from __future__ import annotations
@@ -262,3 +264,84 @@ def _call_from_json(text: str, arguments_key: str) -> ToolCall | None:
     else:
         arguments_text = json.dumps(arguments, ensure_ascii=False)
     return ToolCall(value["name"], arguments_text, f"call_{uuid.uuid4().hex[:24]}")
+
+
+# -- earlier tool turns in a conversation ------------------------------------------------------------------
+
+# The roles a chat message may have, on every API (HTTP's request model, the gRPC API); others are refused.
+CHAT_ROLES = ("system", "user", "assistant", "tool", "developer")
+
+
+def tool_turns(messages: list[dict], renders_tool_calls: bool) -> list[dict]:
+    """The conversation as Hugging Face chat templates read it, its tool turns checked.
+
+    ``messages`` are ``{"role", "content"}`` with ``tool_calls`` / ``tool_call_id`` where the client sent them.
+    An assistant's ``tool_calls`` reach the template as ``{"id", "type", "function": {"name", "arguments"}}``
+    with ``arguments`` parsed from OpenAI's JSON string into the object templates expect (they write it with
+    ``tojson``); a tool message keeps ``tool_call_id``, which must name a call an earlier assistant message made.
+    FieldError names the offending ``messages.i...`` field, also when the template cannot render tool turns
+    (``renders_tool_calls`` false): dropping them would show the model a different conversation.
+    """
+    issued: set[str] = set()
+    turns = []
+    for i, message in enumerate(messages):
+        where = f"messages.{i}"
+        if message["role"] not in CHAT_ROLES:
+            raise FieldError(f"{where}.role", f"{where}.role must be one of {', '.join(CHAT_ROLES)}")
+        turn = {"role": message["role"], "content": message["content"]}
+        if message.get("tool_calls"):
+            if message["role"] != "assistant":
+                raise FieldError(f"{where}.tool_calls", "only assistant messages carry tool_calls")
+            if not renders_tool_calls:
+                raise FieldError(
+                    f"{where}.tool_calls",
+                    "this model's chat template does not render tool calls, so it cannot see them",
+                )
+            turn["tool_calls"] = [
+                _earlier_call(call, f"{where}.tool_calls.{j}", issued) for j, call in enumerate(message["tool_calls"])
+            ]
+        if message["role"] == "tool":
+            turn["tool_call_id"] = _answered_call(message.get("tool_call_id"), f"{where}.tool_call_id", issued)
+            if message["content"] is None:
+                raise FieldError(f"{where}.content", "a tool message carries the tool's result as its content")
+        elif message.get("tool_call_id") is not None:
+            raise FieldError(f"{where}.tool_call_id", "only tool messages carry a tool_call_id")
+        turns.append(turn)
+    return turns
+
+
+def _earlier_call(call: Any, where: str, issued: set[str]) -> dict:
+    function = call.get("function") if isinstance(call, dict) else None
+    if not isinstance(call, dict) or call.get("type") != "function" or not isinstance(function, dict):
+        raise FieldError(
+            where, f'{where} must be {{"id": ..., "type": "function", "function": {{"name", "arguments"}}}}'
+        )
+    if set(call) != {"id", "type", "function"}:
+        raise FieldError(
+            where, f"{where} has unknown or missing keys: {sorted(set(call) ^ {'id', 'type', 'function'})}"
+        )
+    if not isinstance(call["id"], str) or not call["id"] or call["id"] in issued:
+        raise FieldError(
+            f"{where}.id", f"{where}.id must be a non-empty string no other tool call in the conversation has"
+        )
+    if set(function) != {"name", "arguments"} or not isinstance(function["name"], str) or not function["name"]:
+        raise FieldError(f"{where}.function", f'{where}.function must be {{"name": string, "arguments": string}}')
+    arguments = function["arguments"]
+    try:
+        parsed = json.loads(arguments) if isinstance(arguments, str) else None
+    except json.JSONDecodeError:
+        parsed = None
+    if not isinstance(parsed, dict):
+        raise FieldError(
+            f"{where}.function.arguments", f"{where}.function.arguments must be a JSON object, as a string"
+        )
+    issued.add(call["id"])
+    return {"id": call["id"], "type": "function", "function": {"name": function["name"], "arguments": parsed}}
+
+
+def _answered_call(call_id: Any, where: str, issued: set[str]) -> str:
+    if not isinstance(call_id, str):
+        raise FieldError(where, "a tool message names the tool call it answers in tool_call_id")
+    if call_id not in issued:
+        raise FieldError(where, f"{where} {call_id!r} answers no tool call an earlier assistant message made")
+    return call_id

@@ -132,6 +132,18 @@ def test_grpc_errors_are_status_codes(router, channel, rng):
     assert len(_generate(channel, generate_pb2.CompletionRequest(text="fine", params=params))) >= 1
 
 
+def test_grpc_chat_turns_are_checked_as_over_http(router, channel):
+    """A ChatMessage carries no tool calls, so a tool message answers nothing; an unknown role is no role."""
+    params = common_pb2.SamplingParams(max_tokens=4)
+    for role, field in (("tool", "messages.1.tool_call_id"), ("wizard", "messages.1.role")):
+        said = [generate_pb2.ChatMessage(role="user", content="hi"), generate_pb2.ChatMessage(role=role, content="x")]
+        request = generate_pb2.CompletionRequest(chat=generate_pb2.ChatMessages(messages=said), params=params)
+        with pytest.raises(grpc.RpcError) as caught:
+            _generate(channel, request)
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert field in caught.value.details()
+
+
 def test_grpc_api_key(make_router, cluster):
     router = make_router(cluster.prefills, [cluster.decode], api_keys=("sk-grpc",))
     request = generate_pb2.CompletionRequest(text="x", params=common_pb2.SamplingParams(max_tokens=2))

@@ -18,6 +18,7 @@ import tests.router.test_grpc_api as grpc_tests
 import tests.router.test_openai_api as api_tests
 import tests.router.test_openai_contract as contract_tests
 import tests.router.test_structured_output as structured_tests
+import tests.router.test_tool_messages as tool_message_tests
 from contract.sampling import FIELDS as SAMPLING_FIELDS
 from protos import common_pb2, generate_pb2, generate_pb2_grpc
 from router import grpc_api, openai_api
@@ -433,6 +434,8 @@ BEHAVIOUR = {
         "tools": structured_tests.test_tools_reach_the_template_and_auto_or_none_leave_text,
         "tool_choice": structured_tests.test_named_tool_choice_returns_a_call_whose_arguments_validate,
         "parallel_tool_calls": structured_tests.test_tools_reach_the_template_and_auto_or_none_leave_text,
+        "tool_calls": tool_message_tests.test_a_second_turn_with_tool_results_is_the_prompt_transformers_renders,
+        "tool_call_id": tool_message_tests.test_tool_turns_that_do_not_add_up_are_a_400_naming_them,
     },
     "grpc": {
         **{name: test_grpc_sampling_params_mean_what_http_means for name in SAMPLING_FIELDS},

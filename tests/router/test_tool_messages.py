@@ -1,0 +1,185 @@
+"""Multi-turn tool use through the real router and a decode worker: the second turn an agent framework sends
+(the assistant's ``tool_calls``, then ``role: tool`` results) reaches the model as transformers renders it.
+
+The checkpoint is a random Qwen2 with a trained BPE tokenizer and Qwen2.5's tool template, shortened: calls are
+written ``<tool_call>{"name": ..., "arguments": <tojson of the arguments object>}</tool_call>``, results inside
+``<tool_response>`` in a user turn. Hugging Face templates take ``arguments`` as an object where OpenAI sends a
+JSON string, so the oracle is transformers rendering the same conversation in Hugging Face's form."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+from tokenizers import Tokenizer as BackendTokenizer
+
+from engine.tokenizer import HFTokenizer
+from router.config import RouterConfig
+from tests.checkpoints import write_checkpoint
+from tests.engine.test_tokenizer import write_model_dir
+from tests.router.conftest import RouterThread, greedy_ignoring_eos, stop_all, token_ids
+from tests.router.test_errors import assert_error, post
+from tests.router.test_structured_output import QWEN_TOOLS_TEMPLATE, WEATHER
+from tests.workers.harness import start_workers
+
+MODEL = "bpe-qwen-tools"
+QWEN25_TEMPLATE = """{%- if tools %}
+{{- '<|im_start|>system\\n' }}
+{%- if messages[0]['role'] == 'system' %}{{- messages[0]['content'] + '\\n\\n' }}{%- endif %}
+{{- '# Tools\\n<tools>' }}
+{%- for tool in tools %}{{- '\\n' + tool | tojson }}{%- endfor %}
+{{- '\\n</tools><|im_end|>\\n' }}
+{%- elif messages[0]['role'] == 'system' %}
+{{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}
+{%- endif %}
+{%- for message in messages %}
+{%- if (message.role == 'user') or (message.role == 'system' and not loop.first) or
+      (message.role == 'assistant' and not message.tool_calls) %}
+{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>\\n' }}
+{%- elif message.role == 'assistant' %}
+{{- '<|im_start|>' + message.role }}
+{%- if message.content %}{{- '\\n' + message.content }}{%- endif %}
+{%- for tool_call in message.tool_calls %}
+{%- if tool_call.function is defined %}{%- set tool_call = tool_call.function %}{%- endif %}
+{{- '\\n<tool_call>\\n{"name": "' + tool_call.name + '", "arguments": ' }}
+{{- tool_call.arguments | tojson + '}\\n</tool_call>' }}
+{%- endfor %}
+{{- '<|im_end|>\\n' }}
+{%- elif message.role == 'tool' %}
+{%- if loop.index0 == 0 or messages[loop.index0 - 1].role != 'tool' %}{{- '<|im_start|>user' }}{%- endif %}
+{{- '\\n<tool_response>\\n' + message.content + '\\n</tool_response>' }}
+{%- if loop.last or messages[loop.index0 + 1].role != 'tool' %}{{- '<|im_end|>\\n' }}{%- endif %}
+{%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"""
+
+PARIS = {"city": "Paris", "unit": "celsius", "days": 2}
+OSLO = {"city": "Oslo", "unit": "fahrenheit", "days": 1}
+
+
+def second_turn(arguments=json.dumps) -> list[dict]:
+    """The conversation an OpenAI-SDK agent sends after running two calls (``arguments=dict``: Hugging Face's form)."""
+    calls = [
+        {"id": "call_a", "type": "function", "function": {"name": "get_weather", "arguments": arguments(PARIS)}},
+        {"id": "call_b", "type": "function", "function": {"name": "get_weather", "arguments": arguments(OSLO)}},
+    ]
+    return [
+        {"role": "system", "content": "You answer briefly."},
+        {"role": "user", "content": "Weather in Paris and Oslo?"},
+        {"role": "assistant", "content": None, "tool_calls": calls},
+        {"role": "tool", "tool_call_id": "call_a", "content": '{"temp": 21}'},
+        {"role": "tool", "tool_call_id": "call_b", "content": '{"temp": 50}'},
+    ]
+
+
+@dataclass
+class Setup:
+    model_dir: Path
+    model: object  # the transformers model the worker serves, fp32
+    router: RouterThread
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory) -> Iterator[Setup]:
+    model_dir = write_model_dir(tmp_path_factory.mktemp("tool-messages") / MODEL, chat_template=QWEN25_TEMPLATE)
+    vocab = BackendTokenizer.from_file(str(model_dir / "tokenizer.json")).get_vocab_size(with_added_tokens=True)
+    model = write_checkpoint(model_dir, "Qwen2ForCausalLM", seed=7, vocab_size=vocab, max_position_embeddings=2048)
+    (decode,) = start_workers(("decode", str(model_dir)))
+    try:
+        config = RouterConfig(
+            port=0, grpc_port=0, decode_addresses=(decode.address,), health_interval_s=0.2, request_timeout_s=60.0
+        )
+        router = RouterThread(config)
+        try:
+            yield Setup(model_dir, model, router)
+        finally:
+            router.stop()
+    finally:
+        stop_all([decode])
+
+
+@pytest.fixture(scope="module")
+def oracle(setup):
+    transformers = pytest.importorskip("transformers")
+    return transformers.AutoTokenizer.from_pretrained(str(setup.model_dir))
+
+
+def _hf_ids(oracle, messages: list[dict], **kwargs) -> list[int]:
+    ids = oracle.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False, **kwargs)
+    return list(ids["input_ids"] if isinstance(ids, dict) else ids)
+
+
+def test_a_second_turn_with_tool_results_is_the_prompt_transformers_renders(setup, oracle):
+    http = httpx.post(
+        f"{setup.router.http}/tokenize", json={"model": MODEL, "messages": second_turn()}, timeout=30
+    ).raise_for_status()
+    expected = _hf_ids(oracle, second_turn(arguments=dict))
+    assert http.json()["tokens"] == expected
+    text = oracle.decode(expected)
+    assert '"arguments": {"city": "Paris", "unit": "celsius", "days": 2}' in text  # an object, not a quoted string
+    assert text.count("<tool_response>") == 2
+
+    # The same turn through the OpenAI SDK, with the tool definitions: the model sees transformers' prompt.
+    client = setup.router.openai()
+    out = client.chat.completions.create(
+        model=MODEL,
+        messages=second_turn(),
+        tools=[WEATHER],
+        max_tokens=8,
+        temperature=0,
+        logprobs=True,
+        extra_body={"ignore_eos": True, "return_tokens_as_token_ids": True},
+    )
+    prompt = _hf_ids(oracle, second_turn(arguments=dict), tools=[WEATHER])
+    assert out.usage.prompt_tokens == len(prompt) > len(expected)
+    generated = token_ids([t.token for t in out.choices[0].logprobs.content])
+    assert generated == greedy_ignoring_eos(setup.model, prompt, 8)
+
+
+def _changed(index: int, **changes) -> list[dict]:
+    messages = second_turn()
+    messages[index] = {**messages[index], **changes}
+    return messages
+
+
+_CALL = second_turn()[2]["tool_calls"][0]
+_BAD_TURNS = {
+    "messages.4.tool_call_id": _changed(4, tool_call_id="call_zzz"),  # answers no call that was made
+    "messages.2.tool_call_id": second_turn()[:2] + second_turn()[3:4],  # answers before any call
+    "messages.3.tool_call_id": _changed(3, tool_call_id=None),
+    "messages.3.content": _changed(3, content=None),
+    "messages.1.tool_call_id": _changed(1, tool_call_id="call_a"),  # only tool messages answer
+    "messages.1.tool_calls": _changed(1, tool_calls=[_CALL]),  # only assistants call
+    "messages.2.tool_calls.0.function.arguments": _changed(
+        2, tool_calls=[{**_CALL, "function": {"name": "get_weather", "arguments": "{city: Paris"}}]
+    ),
+    "messages.2.tool_calls.1.function.arguments": _changed(
+        2, tool_calls=[_CALL, {**_CALL, "id": "call_b", "function": {"name": "get_weather", "arguments": "[1]"}}]
+    ),
+    "messages.2.tool_calls.1.id": _changed(2, tool_calls=[_CALL, _CALL]),
+    "messages.2.tool_calls.0": _changed(2, tool_calls=[{"id": "call_a", "function": _CALL["function"]}]),
+}
+
+
+@pytest.mark.parametrize("param", list(_BAD_TURNS))
+def test_tool_turns_that_do_not_add_up_are_a_400_naming_them(setup, param):
+    body = {"model": MODEL, "messages": _BAD_TURNS[param], "max_tokens": 2}
+    assert_error(post(setup.router, "/v1/chat/completions", body), 400, "invalid_request_error", param)
+
+
+def test_a_template_that_cannot_render_tool_calls_refuses_them(router, tmp_path):
+    """The shared checkpoint's built-in template renders neither tools nor calls: the turn is refused by name."""
+    body = {"messages": second_turn(), "max_tokens": 2}
+    error = assert_error(
+        post(router, "/v1/chat/completions", body), 400, "invalid_request_error", "messages.2.tool_calls"
+    )
+    assert "does not render tool calls" in error["message"]
+    # A template may render tool definitions and still drop earlier calls (it never reads tool_calls): refused too.
+    tools_only = HFTokenizer.from_dir(write_model_dir(tmp_path / "tools-only", chat_template=QWEN_TOOLS_TEMPLATE))
+    assert (tools_only.supports_tools, tools_only.supports_tool_calls) == (True, False)
+    full = HFTokenizer.from_dir(write_model_dir(tmp_path / "full", chat_template=QWEN25_TEMPLATE))
+    assert (full.supports_tools, full.supports_tool_calls) == (True, True)
