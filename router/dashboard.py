@@ -55,6 +55,10 @@ class SLOTargets:
     ttft_s: float
     tpot_s: float
 
+    def by_name(self) -> dict[str, float]:
+        """The targets under the ``slo`` label values of ``splitserve_slo_target_seconds``."""
+        return {"ttft": self.ttft_s, "tpot": self.tpot_s}
+
 
 # -- recent activity ----------------------------------------------------------------------------------
 
@@ -257,6 +261,8 @@ class Dashboard:
         self.frontend = frontend
         self.control = control
         self.slo_override = slo
+        self.slo = slo  # the SLO in force, as of the last snapshot; /metrics exports it for the alerting rules
+        frontend.metrics.watch_slo(lambda: self.slo.by_name() if self.slo is not None else None)
         self.web_dir = web_dir
         self.admin_token = admin_token
         self.history: deque[dict] = deque(maxlen=HISTORY_POINTS)
@@ -305,7 +311,9 @@ class Dashboard:
         now = time.monotonic()
         cluster, control_error = await self._cluster_status()
         topology = cluster_topology(cluster, self.frontend.pool) if cluster else pool_topology(self.frontend.pool)
-        slo = self._slo(cluster)
+        if control_error is None:  # a control plane out of reach leaves the SLO as last learnt, not unset
+            self.slo = self._slo(cluster)
+        slo = self.slo
         return {
             "at": time.time(),
             "model": self.frontend.model.describe()["name"],  # None until the router knows the model

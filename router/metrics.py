@@ -103,6 +103,8 @@ class RouterMetrics:
         self.running = Gauge("splitserve_running_requests", "Requests admitted and in flight", registry=r)
         self._routing_families(self.registry)
         self.registry.register(_ModelLabelled(self._per_model, model_name))
+        self._slo = _SLOCollector()
+        self.registry.register(self._slo)
         self.window = LatencyWindow()
 
     def _routing_families(self, r: CollectorRegistry) -> None:
@@ -140,6 +142,10 @@ class RouterMetrics:
     def watch_pool(self, pool) -> None:
         """Adds the cluster's view: every worker's last Stats, and workers by pool and state."""
         self.registry.register(_PoolCollector(pool))
+
+    def watch_slo(self, targets: Callable[[], dict[str, float] | None]) -> None:
+        """Exports the SLO ``targets`` returns at scrape time ({"ttft": s, "tpot": s}; None: no SLO is set)."""
+        self._slo.targets = targets
 
 
 # The router's families exported again under vLLM's names (same semantics; vLLM's time_per_output_token_seconds
@@ -190,6 +196,25 @@ def _relabelled(family: Metric, name: str, added: dict[str, str], renamed: dict[
         for s in family.samples
     ]
     return copy
+
+
+class _SLOCollector:
+    """``splitserve_slo_target_seconds{slo}``: the targets the alerting rules compare the latencies with. The
+    cluster config's planner spec owns them; this only repeats what the router learnt (router.dashboard)."""
+
+    def __init__(self) -> None:
+        self.targets: Callable[[], dict[str, float] | None] = lambda: None
+
+    def collect(self):
+        family = GaugeMetricFamily(
+            "splitserve_slo_target_seconds",
+            "The cluster's latency targets, by SLO (ttft: time to first token, tpot: time per output token); "
+            "absent while no SLO is set",
+            labels=["slo"],
+        )
+        for slo, seconds in sorted((self.targets() or {}).items()):
+            family.add_metric([slo], seconds)
+        yield family
 
 
 class _PoolCollector:

@@ -7,9 +7,9 @@ from __future__ import annotations
 import re
 import subprocess
 
+import pytest
 import yaml
 
-from cluster.config import PlannerSpec
 from tests.deploy.conftest import DEPLOY
 
 RULES = DEPLOY / "prometheus" / "rules.yaml"
@@ -49,14 +49,35 @@ def test_promtool_catches_a_broken_rule(tmp_path):
     assert _promtool("check", "rules", str(broken)).returncode != 0
 
 
-def test_the_ttft_alert_fires_above_the_planners_default_target():
-    (rule,) = [
-        r
-        for g in yaml.safe_load(RULES.read_text())["groups"]
-        for r in g["rules"]
-        if r.get("alert") == "SplitserveTTFTAboveSLO"
-    ]
-    target = PlannerSpec().ttft_target_s
-    threshold = re.fullmatch(r"splitserve:time_to_first_token_seconds:p99_5m > ([0-9.]+)", rule["expr"]).group(1)
-    assert float(threshold) == target, "the alert's threshold is the planner's default TTFT target"
-    assert f"above the {target:g} s SLO" in rule["annotations"]["summary"]
+SLO_ALERTS = {
+    "SplitserveTTFTAboveSLO": ("splitserve:time_to_first_token_seconds:p99_5m", "ttft"),
+    "SplitserveTPOTAboveSLO": ("splitserve:time_per_output_token_seconds:p99_5m", "tpot"),
+}
+
+
+def _alert(rules: dict, name: str) -> dict:
+    (rule,) = [r for g in rules["groups"] for r in g["rules"] if r.get("alert") == name]
+    return rule
+
+
+@pytest.mark.parametrize("name", sorted(SLO_ALERTS))
+def test_the_slo_alerts_compare_with_the_exported_target(name):
+    """The cluster config's planner spec owns the targets; the rules hold no copy of them."""
+    p99, slo = SLO_ALERTS[name]
+    rule = _alert(yaml.safe_load(RULES.read_text()), name)
+    left, right = rule["expr"].split(">", 1)
+    assert left.strip() == p99
+    assert f'splitserve_slo_target_seconds{{slo="{slo}"}}' in right
+    assert not re.search(r"\b\d", right.replace(f'"{slo}"', "")), f"a number in the threshold: {right}"
+    assert not re.search(r"\b\d+(\.\d+)? ?m?s\b", rule["annotations"]["summary"]), "a fixed number in the summary"
+
+
+@pytest.mark.parametrize("threshold", ["0.3", "1", "1.5"])
+@pytest.mark.parametrize("name", sorted(SLO_ALERTS))
+def test_a_fixed_threshold_fails_the_unit_tests(tmp_path, name, threshold):
+    """rules.test.yaml exports two targets: whatever one number replaced the target, some case would fail."""
+    rules = yaml.safe_load(RULES.read_text())
+    _alert(rules, name)["expr"] = f"{SLO_ALERTS[name][0]} > {threshold}"
+    (tmp_path / "rules.yaml").write_text(yaml.safe_dump(rules, sort_keys=False))
+    (tmp_path / "rules.test.yaml").write_text(RULE_TESTS.read_text())
+    assert _promtool("test", "rules", str(tmp_path / "rules.test.yaml")).returncode != 0

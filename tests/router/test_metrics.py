@@ -3,6 +3,7 @@ bounded; the KV pool's states partition it on a live worker; the vLLM-named fami
 
 from __future__ import annotations
 
+import asyncio
 import time
 from types import SimpleNamespace
 
@@ -11,6 +12,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from bench import processes
+from router.config import RouterConfig
+from router.server import Router
 
 PROMPT = list(range(3, 60))  # 57 tokens: above the threshold below, so prefill is remote
 
@@ -225,3 +228,68 @@ def test_served_model_label_and_vllm_names(router_url):
     running = [dict(labels) for (name, labels) in after if name == "vllm:num_requests_running"]
     assert sorted(r["role"] for r in running) == ["decode", "prefill"]
     assert {r["model_name"] for r in running} == {model}
+
+
+class PlannerControl:
+    """A control plane whose status carries the planner section as the controller reports it
+    (cluster/controller.py: enabled, ttft_target_s, tpot_target_s from the cluster config's planner spec)."""
+
+    def __init__(self, enabled: bool, ttft_target_s: float = 1.0, tpot_target_s: float = 0.1) -> None:
+        self.planner = {
+            "enabled": enabled,
+            "decisions": [],
+            "ttft_target_s": ttft_target_s,
+            "tpot_target_s": tpot_target_s,
+        }
+
+        self.reachable = True
+
+    async def status(self) -> dict:
+        if not self.reachable:
+            raise ConnectionError("control plane unreachable")
+        return {"pools": {}, "workers": [], "planner": self.planner}
+
+
+def _slo_targets(control: PlannerControl | None, then_unreachable: bool = False) -> dict[str, float]:
+    """splitserve_slo_target_seconds on the /metrics of a router (no workers) given ``control``, after its
+    dashboard has asked the control plane once (and, ``then_unreachable``, once more in vain)."""
+
+    async def scrape() -> str:
+        router = Router(RouterConfig(model="demo", port=0, grpc_port=0), control)
+        await router.start()
+        try:
+            await router.dashboard.snapshot()
+            if then_unreachable:
+                control.reachable = False
+                router.dashboard._taken_at = float("-inf")  # the next snapshot asks again
+                assert (await router.dashboard.snapshot())["control_error"]
+            async with httpx.AsyncClient(timeout=10) as client:
+                return (await client.get(f"{router.urls['http']}/metrics")).text
+        finally:
+            await router.stop()
+
+    return {
+        s.labels["slo"]: s.value
+        for family in text_string_to_metric_families(asyncio.run(scrape()))
+        for s in family.samples
+        if s.name == "splitserve_slo_target_seconds"
+    }
+
+
+@pytest.mark.parametrize(("ttft", "tpot"), [(0.25, 0.04), (2.0, 0.3)])
+def test_the_configured_slo_targets_are_exported(ttft, tpot):
+    assert _slo_targets(PlannerControl(True, ttft, tpot)) == {"ttft": ttft, "tpot": tpot}
+
+
+def test_an_unreachable_control_plane_leaves_the_slo_target_as_last_learnt():
+    """An outage of the control plane must not unset the target, or the SLO alerts' ``for:`` would restart."""
+    assert _slo_targets(PlannerControl(True, 0.5, 0.05), then_unreachable=True) == {"ttft": 0.5, "tpot": 0.05}
+
+
+@pytest.mark.parametrize("control", [PlannerControl(False), None], ids=["planner-off", "no-control-plane"])
+def test_no_slo_target_without_an_slo(control):
+    assert _slo_targets(control) == {}
+
+
+def test_a_static_router_exports_no_slo_target(router_url):
+    assert not [name for name, _ in _samples(router_url) if name == "splitserve_slo_target_seconds"]
