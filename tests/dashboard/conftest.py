@@ -31,8 +31,10 @@ def chromium_path() -> str:
     return path
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def browser() -> Iterator[object]:
+    # Package scope: playwright's sync API keeps an event loop running in this thread while it is open, and later
+    # tests that call asyncio.run() must not find it there.
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as playwright:
