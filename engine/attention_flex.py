@@ -10,6 +10,10 @@ A query row (sequence s, position p) may see key j iff its block j // 2bs is in 
 logical index L and L*bs + slot <= p — the lower-right causal rule for prefill chunks and a plain
 length limit for decodes, one mask for the whole step. The sparse block mask lists, per 128 query
 rows, only the key tiles holding blocks of the sequences in those rows.
+
+Those tiles hold masked slots too — other sequences' blocks, free blocks, block tails, and the next
+block's K under a V-half key row — read with probability 0; 0 x NaN is NaN, so this path relies on
+the pool holding only finite values (engine/kv_cache.py) for one request's KV never to reach another.
 """
 
 from __future__ import annotations

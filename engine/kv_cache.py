@@ -46,7 +46,14 @@ class KVLayout:
 class PagedKVCache:
     """Owns the pool tensor. Written by the model runner (new tokens) and by KV transports
     (blocks received from a prefill worker); both happen on the engine's thread or while the
-    engine guarantees the target blocks are not being read."""
+    engine guarantees the target blocks are not being read.
+
+    Every value in the pool is finite: it starts zeroed and ``write``/``write_regions`` store NaN
+    and +-inf as 0. A masked slot then contributes exactly 0 to attention even where it is read —
+    FlexAttention reads whole key tiles in place, other sequences' blocks, free blocks and block
+    tails included, and 0 x NaN would be NaN. Transports that land bytes in place (bulk, NIXL)
+    carry a splitserve peer's pool regions, finite by the same rule, checked end to end by their checksums.
+    A request whose model diverges still gets its own garbage; its KV reaches no one else."""
 
     def __init__(self, layout: KVLayout, device: str = "cpu") -> None:
         self.layout = layout
@@ -61,10 +68,11 @@ class PagedKVCache:
     def write(
         self, layer: int, key: torch.Tensor, value: torch.Tensor, slot_block: torch.Tensor, slot_offset: torch.Tensor
     ) -> None:
-        """Store K/V ``[tokens, kv_heads, head_dim]`` at the given (block, offset) slots of one layer."""
-        layer_data = self.data[layer]
-        layer_data[:, 0].index_put_((slot_block, slot_offset), key)
-        layer_data[:, 1].index_put_((slot_block, slot_offset), value)
+        """Store K/V ``[tokens, kv_heads, head_dim]`` at the given (block, offset) slots of one layer
+        (non-finite values as 0)."""
+        key_value = torch.stack((key, value), 1).nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
+        # K and V in one index_put, through a [blocks, block_size, 2, ...] view of the layer.
+        self.data[layer].transpose(1, 2).index_put_((slot_block, slot_offset), key_value)
 
     def gather(self, layer: int, block_table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V for ``block_table [batch, blocks]``, kv-heads first for attention: each
@@ -85,11 +93,16 @@ class PagedKVCache:
         return self.regions[layer].index_select(0, torch.as_tensor(blocks, dtype=torch.long, device=self.data.device))
 
     def write_regions(self, layer: int, blocks: Sequence[int], data: torch.Tensor) -> None:
-        """Store ``data`` (``[len(blocks), region_bytes]`` uint8) into the regions of ``blocks`` on ``layer``."""
-        self.regions[layer].index_copy_(
-            0, torch.as_tensor(blocks, dtype=torch.long, device=self.data.device), data.to(self.data.device)
-        )
+        """Store ``data`` (``[len(blocks), region_bytes]`` uint8) into the regions of ``blocks`` on ``layer``
+        (non-finite values as 0)."""
+        index = torch.as_tensor(blocks, dtype=torch.long, device=self.data.device)
+        received = data.to(self.data.device).view(self.data.dtype)
+        self.regions[layer].index_copy_(0, index, _finite(received).view(torch.uint8))
 
     def region(self, layer: int, block: int) -> torch.Tensor:
         """The contiguous ``[2, block_size, kv_heads, head_dim]`` view of one (layer, block)."""
         return self.data[layer, block]
+
+
+def _finite(values: torch.Tensor) -> torch.Tensor:
+    return torch.nan_to_num(values, nan=0.0, posinf=0.0, neginf=0.0)
