@@ -36,7 +36,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from bench.gpu_check import copy_bandwidth, weight_bytes_per_step
+from bench.gpu_check import copy_bandwidth, kv_bytes_per_step, weight_bytes_per_step
 from contract.sampling import SamplingParams
 from engine.config import EngineConfig, ModelConfig
 from engine.engine import Engine
@@ -444,10 +444,8 @@ ROOFLINE_COPY_MIB = 1024  # large enough to leave every cache: DRAM bandwidth
 def decode_bytes_per_step(engine: Engine, batch: int, config: BenchConfig) -> tuple[int, int]:
     """(weight bytes, KV bytes) one decode step of the timed window reads, on average: the window's
     steps attend prompt_len + 1 ... prompt_len + decode_steps keys."""
-    cfg = engine.model_config
     mean_keys = config.prompt_len + (config.decode_steps + 1) / 2
-    kv_per_token = cfg.num_layers * 2 * cfg.num_kv_heads * cfg.head_dim * engine.kv_cache.data.element_size()
-    return weight_bytes_per_step(engine.runner.model), int(batch * mean_keys * kv_per_token)
+    return weight_bytes_per_step(engine.runner.model), kv_bytes_per_step(engine, batch, mean_keys)
 
 
 def roofline_summary(engine: Engine, config: BenchConfig, decode_rows: list[Row]) -> dict:

@@ -464,26 +464,22 @@ def transfer(device: str, log_dir: Path, quick: bool) -> dict:
     regions = (1 << 20, 8 << 20) if quick else (1 << 20, 256 << 20)
     env = dict(os.environ, PYTHONUNBUFFERED="1", UCX_PROTO_INFO=os.environ.get("UCX_PROTO_INFO", "y"))
     logs = [log_dir / "transfer-receiver.log", log_dir / "transfer-sender.log"]
-    helper = [sys.executable, "-m", "bench.gpu_check"]
-    receiver = subprocess.Popen(
-        helper + ["_transfer-receiver", device, str(nbytes)],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env=env,
-    )
-    try:
-        receiver_lines = _line_queue(receiver.stdout, logs[0])
-        ready = _wait_for_prefix(receiver_lines, "READY ", START_TIMEOUT_S, logs[0])
-        sender = subprocess.Popen(
-            helper + ["_transfer-sender", device, str(nbytes), ",".join(map(str, regions))],
+
+    def spawn(*args: str) -> subprocess.Popen:
+        return subprocess.Popen(
+            [sys.executable, "-m", "bench.gpu_check", *args],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
             env=env,
         )
+
+    receiver = spawn("_transfer-receiver", device, str(nbytes))
+    try:
+        receiver_lines = _line_queue(receiver.stdout, logs[0])
+        ready = _wait_for_prefix(receiver_lines, "READY ", START_TIMEOUT_S, logs[0])
+        sender = spawn("_transfer-sender", device, str(nbytes), ",".join(map(str, regions)))
         try:
             sender.stdin.write(ready[len("READY ") :] + "\n")
             sender.stdin.flush()

@@ -83,12 +83,17 @@ def test_block_mask_is_exact_and_its_tiles_cover_it():
         rows += [seq] * length
         positions += range(start, start + length)
     sequences = StepSequences(torch.tensor(rows), torch.tensor(positions), tuple(tables), bs, num_blocks)
+    assert_block_mask_exact_and_covered(sequences)
+
+
+def assert_block_mask_exact_and_covered(sequences: StepSequences) -> None:
+    """The block mask's mask_mod equals the dense mask, and its listed key tiles cover every visible key."""
     block_mask = build_block_mask(sequences, torch.device("cpu"))
     expected = _dense_mask(sequences)
     q = torch.arange(expected.shape[0])[:, None]
     kv = torch.arange(expected.shape[1])[None, :]
     assert torch.equal(block_mask.mask_mod(0, 0, q, kv), expected)
-    tile = kv_tile_size(bs)
+    tile = kv_tile_size(sequences.block_size)
     covered = torch.zeros_like(expected)
     kv_num, kv_indices = block_mask.kv_num_blocks[0, 0], block_mask.kv_indices[0, 0]
     for q_tile in range(kv_num.numel()):

@@ -14,10 +14,11 @@ import torch
 
 from contract.sampling import SamplingParams
 from engine.attention import StepSequences, TorchPagedAttention, select_attention_backend
-from engine.attention_flex import FLEX_ENV, FlexPagedAttention, build_block_mask, flex_available, kv_tile_size
+from engine.attention_flex import FLEX_ENV, FlexPagedAttention, flex_available
 from engine.config import EngineConfig
 from engine.engine import Engine
 from tests.checkpoints import write_checkpoint
+from tests.engine.test_attention_backends import assert_block_mask_exact_and_covered
 
 pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 
@@ -33,16 +34,6 @@ def model_dir(tmp_path_factory):
     return str(directory)
 
 
-def _dense_mask(sequences: StepSequences) -> torch.Tensor:
-    bs = sequences.block_size
-    mask = torch.zeros(sequences.row_sequence.numel(), sequences.num_blocks * 2 * bs - bs, dtype=torch.bool)
-    for row, (seq, pos) in enumerate(zip(sequences.row_sequence.tolist(), sequences.positions.tolist())):
-        for logical, block in enumerate(sequences.block_tables[seq]):
-            for slot in range(min(bs, pos - logical * bs + 1)):
-                mask[row, block * 2 * bs + slot] = True
-    return mask
-
-
 @pytest.mark.parametrize("tables", [((200,),), ((255, 201), (230,)), ((3, 250, 120),)], ids=["one", "two", "spread"])
 def test_block_mask_on_high_block_ids_is_exact_and_covered(tables):
     bs = 16
@@ -52,18 +43,7 @@ def test_block_mask_on_high_block_ids_is_exact_and_covered(tables):
         rows += [seq] * length
         positions += range(length)
     sequences = StepSequences(torch.tensor(rows), torch.tensor(positions), tables, bs, POOL_BLOCKS)
-    block_mask = build_block_mask(sequences, torch.device("cpu"))
-    expected = _dense_mask(sequences)
-    q = torch.arange(expected.shape[0])[:, None]
-    kv = torch.arange(expected.shape[1])[None, :]
-    assert torch.equal(block_mask.mask_mod(0, 0, q, kv), expected)
-    tile = kv_tile_size(bs)
-    covered = torch.zeros_like(expected)
-    kv_num, kv_indices = block_mask.kv_num_blocks[0, 0], block_mask.kv_indices[0, 0]
-    for q_tile in range(kv_num.numel()):
-        for index in kv_indices[q_tile, : kv_num[q_tile]].tolist():
-            covered[q_tile * 128 : (q_tile + 1) * 128, index * tile : (index + 1) * tile] = True
-    assert not (expected & ~covered).any(), "a visible key lies outside the listed tiles"
+    assert_block_mask_exact_and_covered(sequences)
 
 
 def _generate_on_high_blocks(model_dir: str, backend, prompts) -> list[tuple[int, ...]]:
