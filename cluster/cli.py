@@ -117,16 +117,17 @@ def _add_router_setting_args(parser: argparse.ArgumentParser, names: tuple[str, 
             [t for t in typing.get_args(hint) if t is not type(None)] if isinstance(hint, types.UnionType) else [hint]
         )
         default = defaults[name]
-        if default is not None:
-            default = {True: "on", False: "off"}.get(default, default) if kind is bool else default
+        if kind is bool and default is not None:
+            default = "on" if default else "off"
         text = (FIELD_HELP[name] + ("" if default is None else f" (default: {default})")).replace("%", "%%")
         if kind is bool:
-            action = argparse.BooleanOptionalAction
-            group.add_argument(router_flag(name), dest=name, action=action, default=None, help=text)
+            group.add_argument(
+                router_flag(name), dest=name, action=argparse.BooleanOptionalAction, default=None, help=text
+            )
             continue
-        metavar = "SECONDS" if name.endswith("_s") else "MS" if name.endswith("_ms") else None
-        if name in CHOICES:
-            metavar = None
+        metavar = (
+            None if name in CHOICES else "SECONDS" if name.endswith("_s") else "MS" if name.endswith("_ms") else None
+        )
         group.add_argument(
             router_flag(name), dest=name, type=kind, default=None, choices=CHOICES.get(name), metavar=metavar, help=text
         )

@@ -74,7 +74,6 @@ SET_BY_UP = {
 }
 # The keys of a cluster config's `router:` section: every other RouterConfig field, named as RouterConfig names it.
 ROUTER_KEYS = tuple(f.name for f in dataclasses.fields(RouterConfig) if f.name not in CLUSTER_WIDE | SET_BY_UP)
-ROUTER_SECRETS = ("api_keys", "admin_token")  # the router keeps them; the controller and the workers never see them
 
 
 def router_default(name: str):
