@@ -102,9 +102,9 @@ class Run:
 
 @contextmanager
 def local_up(args):
-    args.admin_token = args.admin_token or secrets.token_urlsafe(24)
     """``splitserve up`` with the requested pools, its output in ``args.log`` (or a temporary file);
     yields the router's base URL. Stopped with SIGTERM (as Ctrl-C would), killed if it lingers."""
+    args.admin_token = args.admin_token or secrets.token_urlsafe(24)
     workdir = Path(tempfile.mkdtemp(prefix="splitserve-chaos-"))
     config = workdir / "cluster.json"  # JSON is YAML: `up --config` reads it
     pool = {"min_replicas": 1, "kv_cache_mb": args.kv_cache_mb}

@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import os
 import random
@@ -24,6 +25,7 @@ import numpy as np
 
 from bench import processes
 from bench.serve_bench import BenchRequest, run_load, summarize
+from bench.sim.host import stat_ticks
 from contract.sampling import SamplingParams
 from protos import decode_pb2, decode_pb2_grpc
 from protos.cluster_auth import ClusterAuth
@@ -93,14 +95,14 @@ async def _timed(call) -> float:
 
 async def measure_overhead(decode_address: str, url: str, samples: int, seed: int = 0) -> dict:
     host, port = url.removeprefix("http://").rsplit(":", 1)
-    routed_request = HttpClient(host, int(port)).request_bytes("/v1/completions", _routed_payload())
     async with (
         ClusterAuth.from_env().aio_channel(decode_address) as channel,
         HttpClient(host, int(port)) as http,
         httpx.AsyncClient(timeout=30) as library,
     ):
+        routed_request = http.request_bytes("/v1/completions", _routed_payload())
         stub = decode_pb2_grpc.DecodeWorkerStub(channel)
-        counter = iter(range(1 << 62))
+        counter = itertools.count()
 
         async def direct() -> None:
             async for _ in stub.Generate(_direct_request(next(counter)), timeout=30):
@@ -170,11 +172,9 @@ class CpuMeter:
 
     def _read(self, path: str) -> float | None:
         try:
-            with open(path) as handle:
-                fields = handle.read().rsplit(")", 1)[1].split()
+            return stat_ticks(path) / self.tick
         except OSError:
             return None
-        return (int(fields[11]) + int(fields[12])) / self.tick  # utime + stime
 
     def sample(self) -> dict[str, float | None]:
         used = {name: self._read(f"/proc/{pid}/stat") for name, pid in self.pids.items()}

@@ -71,7 +71,13 @@ class CpuMeter:
 
 
 def _process_ticks(pid: int) -> int:
-    """utime + stime of a process, every thread (fields 14 and 15 of /proc/PID/stat)."""
-    with open(f"/proc/{pid}/stat") as handle:
+    """utime + stime of a process, every thread."""
+    return stat_ticks(f"/proc/{pid}/stat")
+
+
+def stat_ticks(path: str) -> int:
+    """utime + stime (fields 14 and 15) of a ``/proc/PID/stat`` (every thread of the process) or a
+    ``/proc/PID/task/TID/stat`` (that thread alone), in clock ticks."""
+    with open(path) as handle:
         after_name = handle.read().rsplit(")", 1)[1].split()
     return int(after_name[11]) + int(after_name[12])

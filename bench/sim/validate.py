@@ -26,7 +26,7 @@ from __future__ import annotations
 import statistics
 from dataclasses import replace
 
-from bench.serve_bench import summarize
+from bench.serve_bench import RequestRecord, summarize
 from bench.sim.cluster import Deployment, Link, WorkerSpec, simulate
 from bench.sim.hardware import resolve_model
 from bench.sim.host import Host
@@ -86,11 +86,7 @@ def lockstep_stall(compare: dict, profile: dict) -> float:
     if not probe or not cores or not system or system["decode_threads"] < cores:
         return 0.0
     alone = deployment_for(system, compare["config"], profile, Host(cores))
-    ratios = [
-        row["latency"] / simulate(alone, [TraceRequest(0.0, row["prompt_len"], row["output_len"])]).records[0].latency
-        for row in probe["requests"]
-        if row["success"]
-    ]
+    ratios = [row["latency"] / _simulated_alone(alone, row).latency for row in probe["requests"] if row["success"]]
     return max(0.0, statistics.median(ratios) - 1.0) if ratios else 0.0
 
 
@@ -104,11 +100,7 @@ def request_overhead(compare: dict, profile: dict) -> float:
     if not probe or not system or (cores and system["decode_threads"] >= cores):
         return 0.0
     alone = deployment_for(system, compare["config"], profile, Host(cores) if cores else None)
-    gaps = [
-        row["ttft"] - simulate(alone, [TraceRequest(0.0, row["prompt_len"], row["output_len"])]).records[0].ttft
-        for row in probe["requests"]
-        if row["success"]
-    ]
+    gaps = [row["ttft"] - _simulated_alone(alone, row).ttft for row in probe["requests"] if row["success"]]
     return max(0.0, statistics.median(gaps)) if gaps else 0.0
 
 
@@ -117,7 +109,12 @@ def _baseline_probe(compare: dict) -> dict | None:
 
 
 def _other_cores(run: dict | None) -> float:
-    return (run or {}).get("cpu", {}).get("other_cores", 0.0) if (run or {}).get("cpu") else 0.0
+    return ((run or {}).get("cpu") or {}).get("other_cores", 0.0)
+
+
+def _simulated_alone(deployment: Deployment, row: dict) -> RequestRecord:
+    """One measured request's simulated twin, sent alone at time 0 (its record)."""
+    return simulate(deployment, [TraceRequest(0.0, row["prompt_len"], row["output_len"])]).records[0]
 
 
 def trace_of(run: dict) -> list[TraceRequest]:
@@ -137,7 +134,7 @@ def calibrate(deployment: Deployment, probe: dict) -> tuple[Deployment, dict]:
     for row in probe["requests"]:
         if not row["success"]:
             continue
-        alone = simulate(deployment, [TraceRequest(0.0, row["prompt_len"], row["output_len"])]).records[0]
+        alone = _simulated_alone(deployment, row)
         ttft.append(row["ttft"] / alone.ttft)
         if row["tpot"] and alone.tpot:
             tpot.append(row["tpot"] - alone.tpot)

@@ -316,20 +316,16 @@ def test_profile_fits_lose_the_toll_of_the_other_work_measured_beside_them():
     assert alone1.prefill == pytest.approx(CPU_LIKE.prefill)  # one thread left a core for it
 
 
-def test_raw_validation_replays_each_runs_measured_other_work():
-    """Runs "measured" on a 2-core host: the aggregated worker's two threads fill it, so it steps as
-    if 0.3 cores of other work shared it (the lock-step stall, seen on its zero-load requests),
-    plus each run's measured other work. The raw model recovers the stall from the zero-load
-    requests alone and, given the cores and each run's other work, reproduces the runs."""
-    truth_spec = WorkerSpec(CPU_LIKE, 512 * 1024 * 1024 // KV_BYTES, 2048, threads=2)
+def _aggregated_compare_config(decode_workers: int, decode_threads: int) -> dict:
+    """A ``bench compare`` report's config with only its aggregated system."""
     system = {
         "prefill_workers": 0,
-        "decode_workers": 1,
+        "decode_workers": decode_workers,
         "prefill_threads": None,
-        "decode_threads": 2,
+        "decode_threads": decode_threads,
         "local_prefill_threshold": 0,
     }
-    config = {
+    return {
         "model": "bench-125m",
         "dtype": "bfloat16",
         "kv_cache_mb": 512,
@@ -339,25 +335,40 @@ def test_raw_validation_replays_each_runs_measured_other_work():
         "systems": {"aggregated": system},
     }
 
+
+def _replayed(truth: Deployment, trace: list[TraceRequest], alone: bool) -> tuple[list, list[dict]]:
+    """``trace`` simulated on ``truth`` (each request by itself if ``alone``): its records and the report rows."""
+    records = (
+        [simulate(truth, [replace(r, arrival_s=0.0)]).records[0] for r in trace]
+        if alone
+        else simulate(truth, trace).records
+    )
+    rows = [
+        dict(
+            start=r.start,
+            prompt_len=r.prompt_len,
+            output_len=r.output_len,
+            success=r.success,
+            ttft=r.ttft,
+            tpot=r.tpot,
+            latency=r.latency,
+        )
+        for r in records
+    ]
+    return records, rows
+
+
+def test_raw_validation_replays_each_runs_measured_other_work():
+    """Runs "measured" on a 2-core host: the aggregated worker's two threads fill it, so it steps as
+    if 0.3 cores of other work shared it (the lock-step stall, seen on its zero-load requests),
+    plus each run's measured other work. The raw model recovers the stall from the zero-load
+    requests alone and, given the cores and each run's other work, reproduces the runs."""
+    truth_spec = WorkerSpec(CPU_LIKE, 512 * 1024 * 1024 // KV_BYTES, 2048, threads=2)
+    config = _aggregated_compare_config(decode_workers=1, decode_threads=2)
+
     def measured(trace: list[TraceRequest], other: float, rate: float, alone: bool = False) -> dict:
         truth = Deployment(0, 1, truth_spec, truth_spec, LAYERS, KV_BYTES, Link(1e9), host=Host(2, 0.3 + other))
-        records = (
-            [simulate(truth, [replace(r, arrival_s=0.0)]).records[0] for r in trace]
-            if alone
-            else simulate(truth, trace).records
-        )
-        rows = [
-            dict(
-                start=r.start,
-                prompt_len=r.prompt_len,
-                output_len=r.output_len,
-                success=r.success,
-                ttft=r.ttft,
-                tpot=r.tpot,
-                latency=r.latency,
-            )
-            for r in records
-        ]
+        records, rows = _replayed(truth, trace, alone)
         summary = summarize(records, 1.0, config["slos"])
         return {
             "system": "aggregated",
@@ -449,41 +460,10 @@ def test_raw_validation_takes_the_request_path_overhead_from_the_baselines_zero_
     hops add to a first token is read off the baseline's zero-load requests and replayed."""
     spec = WorkerSpec(CPU_LIKE, 512 * 1024 * 1024 // KV_BYTES, 2048, threads=1)
     truth = Deployment(0, 2, spec, spec, LAYERS, KV_BYTES, Link(1e9), host=Host(2), request_overhead_s=0.05)
-    system = {
-        "prefill_workers": 0,
-        "decode_workers": 2,
-        "prefill_threads": None,
-        "decode_threads": 1,
-        "local_prefill_threshold": 0,
-    }
-    config = {
-        "model": "bench-125m",
-        "dtype": "bfloat16",
-        "kv_cache_mb": 512,
-        "max_num_batched_tokens": 2048,
-        "seed": 0,
-        "slos": {"ttft": 4000.0, "tpot": 100.0},
-        "systems": {"aggregated": system},
-    }
+    config = _aggregated_compare_config(decode_workers=2, decode_threads=1)
 
     def measured(trace: list[TraceRequest], rate: float, alone: bool = False) -> dict:
-        records = (
-            [simulate(truth, [replace(r, arrival_s=0.0)]).records[0] for r in trace]
-            if alone
-            else simulate(truth, trace).records
-        )
-        rows = [
-            dict(
-                start=r.start,
-                prompt_len=r.prompt_len,
-                output_len=r.output_len,
-                success=r.success,
-                ttft=r.ttft,
-                tpot=r.tpot,
-                latency=r.latency,
-            )
-            for r in records
-        ]
+        records, rows = _replayed(truth, trace, alone)
         return {"system": "aggregated", "rate": rate, "requests": rows, "summary": summarize(records, 1.0)}
 
     zero = measured(traffic(count=3, seed=5).requests(), float("inf"), alone=True)

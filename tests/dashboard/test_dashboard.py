@@ -16,7 +16,7 @@ import ray
 from cluster.config import ClusterConfig, PoolSpec
 from router.config import RouterConfig
 from tests.cluster.harness import RunningCluster, start_local_ray
-from tests.dashboard.conftest import PageProblems
+from tests.dashboard.conftest import PageProblems, give_token
 
 POOL = PoolSpec(replicas=1, min_replicas=1, max_replicas=3, threads=1, kv_cache_mb=64)
 ADMIN_TOKEN = "dashboard-test-admin-token"
@@ -48,8 +48,7 @@ def page(browser, cluster):
     page.set_default_timeout(UI_TIMEOUT_MS)
     page.problems = PageProblems(page)
     page.goto(f"{cluster.url}/dashboard")
-    page.fill("#admin-token", ADMIN_TOKEN)  # the page shows nothing without it
-    page.press("#admin-token", "Enter")
+    give_token(page, ADMIN_TOKEN)  # the page shows nothing without it
     yield page
     context.close()
 

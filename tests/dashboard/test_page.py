@@ -4,12 +4,10 @@ given the admin token, its charts open on the router's recent history, and SLO l
 
 from __future__ import annotations
 
-import threading
 import time
 
 import httpx
 import pytest
-import uvicorn
 
 from router.admin import install_admin
 from router.config import RouterConfig
@@ -17,7 +15,7 @@ from router.dashboard import SLOTargets, install_dashboard
 from router.frontend import Frontend
 from router.openai_api import create_app
 from router.workers import WorkerPool
-from tests.dashboard.conftest import PageProblems
+from tests.dashboard.conftest import PageProblems, give_token, serve_app
 from tests.router.conftest import RouterThread
 
 API_KEY = "sk-page-key"
@@ -50,11 +48,6 @@ def page(browser):
     page.problems = PageProblems(page)
     yield page
     context.close()
-
-
-def give_token(page, token: str) -> None:
-    page.fill("#admin-token", token)
-    page.press("#admin-token", "Enter")
 
 
 def history(router) -> list[dict]:
@@ -122,18 +115,8 @@ def router_with_slo(tmp_path_factory):
     install_admin(app, frontend, None, ADMIN_TOKEN, (API_KEY,))
     slo = SLOTargets(ttft_s=0.5, tpot_s=0.05)
     install_dashboard(app, frontend, None, slo=slo, admin_token=ADMIN_TOKEN, api_keys=(API_KEY,))
-    server = uvicorn.Server(
-        uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="off", timeout_graceful_shutdown=1)
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
-    server.should_exit = True
-    thread.join(10)
+    with serve_app(app) as url:
+        yield url
 
 
 def test_slo_lines_when_slos_are_set(page, router_with_slo):

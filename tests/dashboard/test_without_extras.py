@@ -4,12 +4,9 @@ the page still works, says why there are no charts, and refuses actions."""
 from __future__ import annotations
 
 import shutil
-import threading
-import time
 
 import httpx
 import pytest
-import uvicorn
 
 from router.admin import install_admin
 from router.config import RouterConfig
@@ -17,7 +14,7 @@ from router.dashboard import WEB_DIR, install_dashboard
 from router.frontend import Frontend
 from router.openai_api import create_app
 from router.workers import WorkerPool
-from tests.dashboard.conftest import PageProblems
+from tests.dashboard.conftest import PageProblems, give_token, serve_app
 
 
 @pytest.fixture(scope="module")
@@ -29,18 +26,8 @@ def bare_router(tmp_path_factory):
     app = create_app(frontend, api_keys=("secret-key",))
     install_admin(app, frontend, None, frontend.config.admin_token, ("secret-key",))
     install_dashboard(app, frontend, None, web_dir=web_dir, admin_token="unused", api_keys=("secret-key",))
-    server = uvicorn.Server(
-        uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="off", timeout_graceful_shutdown=1)
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
-    server.should_exit = True
-    thread.join(10)
+    with serve_app(app) as url:
+        yield url
 
 
 def test_page_explains_missing_charts_and_disables_actions(browser, bare_router):
@@ -48,8 +35,7 @@ def test_page_explains_missing_charts_and_disables_actions(browser, bare_router)
     problems = PageProblems(page)
     try:
         page.goto(f"{bare_router}/dashboard")  # no API key: the dashboard wants the admin token instead
-        page.fill("#admin-token", "unused")
-        page.press("#admin-token", "Enter")
+        give_token(page, "unused")
         missing = page.locator("#chart-missing")
         missing.wait_for(timeout=10_000)
         assert "npm ci --prefix router/dashboard_web" in missing.inner_text()
