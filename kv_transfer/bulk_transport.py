@@ -52,16 +52,14 @@ import threading
 import time
 from collections.abc import Sequence
 
-import grpc
-
 from engine.kv_cache import PagedKVCache
 from engine.layer_ready import COMPLETED, LayerReady
 from kv_transfer.errors import TransferError
 from kv_transfer.grpc_transport import DEFAULT_CHUNK_BYTES, GrpcKVSender
 from kv_transfer.inbox import KVInbox
 from kv_transfer.integrity import pool_bytes, region_checksum, region_runs
-from kv_transfer.sender import OutboundSession, Peer
-from protos import common_pb2, decode_pb2, kv_transfer_pb2
+from kv_transfer.sender import OutboundSession, OutOfBandSession, Peer
+from protos import common_pb2, decode_pb2
 from protos.cluster_auth import ClusterAuth
 
 log = logging.getLogger(__name__)
@@ -82,7 +80,6 @@ HELLO_TIMEOUT_S = 5.0
 # (no byte for this long) is broken, which unpins the landing and fails the sessions on it.
 STALL_TIMEOUT_S = 30.0
 MAX_CONNECTIONS = 256
-ABORT_RELEASE_TIMEOUT_S = 5.0
 _DRAIN_BYTES = 1 << 20
 
 
@@ -451,7 +448,7 @@ def _recv_bytes_blocking(sock: socket.socket, count: int) -> bytes:
     return bytes(buffer)
 
 
-class BulkSession(OutboundSession):
+class BulkSession(OutOfBandSession):
     """A request's KV over bulk links (contract: kv_transfer/sender.py). The pool is read after
     ``push_layer`` returned (by the links' sending threads), so ``reads_after_push``."""
 
@@ -467,13 +464,11 @@ class BulkSession(OutboundSession):
         verify: bool,
         metadata=None,
     ) -> None:
-        super().__init__(request_id, ticket, metadata)
-        self._peer = peer
+        super().__init__(request_id, ticket, peer, metadata)
         self._links = links
         self._frame_bytes = frame_bytes
         self._verify = verify
         self._frames: list[_Frame] = []
-        self._lock = threading.Lock()  # posting a frame excludes closing: none is posted after close()
 
     def push_layer(
         self,
@@ -529,34 +524,7 @@ class BulkSession(OutboundSession):
                 self.fail(f"decode worker refused the KV: {frame.error}")
                 break
         self.release(max(0.0, deadline - time.monotonic()))
-        if self.failed is None:
-            self.lease_left()
-        if self.failed is not None:
-            raise TransferError(self.failed, "ABORTED")
-        request = self._commit_request(first_token_id=first_token_id)
-        if first_logprob is not None:
-            request.first_logprob.CopyFrom(first_logprob)
-        try:
-            self._peer.stub.Commit(request, timeout=max(0.1, deadline - time.monotonic()), metadata=self.metadata)
-        except grpc.RpcError as exc:
-            self.fail(f"decode worker refused the KV: {exc.details()}")
-            raise TransferError(self.failed, "ABORTED") from exc
-
-    def abort(self, reason: str) -> None:
-        with self._lock:
-            self.fail(reason)
-        self.release(ABORT_RELEASE_TIMEOUT_S)  # our abort says we write no more: make it true first
-        try:
-            self._peer.stub.Commit(
-                self._commit_request(abort=True, abort_reason=reason), timeout=5.0, metadata=self.metadata
-            )
-        except grpc.RpcError as exc:
-            log.info("could not tell %s about the abort of %s: %s", self._peer.address, self.request_id, exc.details())
-
-    def _commit_request(self, **fields) -> kv_transfer_pb2.CommitRequest:
-        return kv_transfer_pb2.CommitRequest(
-            request_id=self.request_id, instance_id=self.ticket.instance_id, token=self.ticket.token, **fields
-        )
+        self._commit_over_grpc(first_token_id, first_logprob, max(0.1, deadline - time.monotonic()))
 
 
 class BulkKVSender(GrpcKVSender):

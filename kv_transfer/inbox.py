@@ -147,17 +147,9 @@ class KVInbox:
             self._mark_written(landing, layer, block_ids)
 
     def landed(self, request_id: str, layer: int, block_ids: Sequence[int], expected_checksum: int) -> None:
-        """A NIXL notification: the sender's WRITE of ``block_ids`` on ``layer`` has landed in place."""
-        landing = self._landing(request_id)
-        self._check_chunk(landing, layer, block_ids)
-        with self.pin(landing):
-            if (
-                self.verify_checksums
-                and expected_checksum
-                and region_checksum(self.cache, layer, block_ids) != expected_checksum
-            ):
-                raise TransferError(f"checksum mismatch on layer {layer} of {request_id}", "DATA_LOSS")
-            self._mark_written(landing, layer, block_ids)
+        """A NIXL notification: the sender's WRITE of ``block_ids`` on ``layer`` has landed in place
+        (nothing left to fill: verify and mark)."""
+        self.receive_in_place(request_id, layer, block_ids, expected_checksum, fill=lambda: None)
 
     def receive_in_place(
         self, request_id: str, layer: int, block_ids: Sequence[int], expected_checksum: int, fill: Callable[[], None]

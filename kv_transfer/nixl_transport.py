@@ -28,7 +28,6 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass, field
 
-import grpc
 import msgpack
 
 from engine.kv_cache import PagedKVCache
@@ -37,8 +36,8 @@ from kv_transfer.errors import TransferError
 from kv_transfer.inbox import KVInbox
 from kv_transfer.integrity import region_checksum
 from kv_transfer.nixl_agent import NixlError, NixlPool, PoolDescriptor, WriteHandle
-from kv_transfer.sender import KVSender, OutboundSession, Peer
-from protos import common_pb2, decode_pb2, kv_transfer_pb2
+from kv_transfer.sender import KVSender, OutboundSession, OutOfBandSession, Peer
+from protos import common_pb2, decode_pb2
 from protos.cluster_auth import ClusterAuth
 
 log = logging.getLogger(__name__)
@@ -46,7 +45,6 @@ log = logging.getLogger(__name__)
 _IDLE_POLL_S = 0.01
 _BUSY_POLL_S = 0.0002
 _SEAL_POLL_S = 0.0001  # the sealer's poll of WRITEs in flight: their notifications wait for it
-ABORT_RELEASE_TIMEOUT_S = 5.0  # writes not final by then are aborted (NixlError on their handles)
 
 
 def _notification(request_id: str, token: str, layer: int, dst_blocks: Sequence[int], checksum: int) -> bytes:
@@ -190,20 +188,16 @@ class NixlReceiver:
         self.pool.close()
 
 
-class NixlSession(OutboundSession):
+class NixlSession(OutOfBandSession):
     reads_after_push = True  # a posted WRITE reads our pool until NIXL reports it final
 
     def __init__(
         self, request_id: str, ticket: decode_pb2.Ticket, peer: Peer, sender: NixlKVSender, metadata=None
     ) -> None:
-        super().__init__(request_id, ticket, metadata)
-        self._peer = peer
+        super().__init__(request_id, ticket, peer, metadata)
         self._sender = sender
         self._remote = sender.remote_pool(peer)
         self._writes: list[WriteHandle] = []
-        # Posting a write excludes failing or closing the session: once abort() or close() ran, no
-        # write is posted after they collected the ones to wait for.
-        self._lock = threading.Lock()
         # One release at a time: a second caller (close after abort) returns only once the writes
         # the first one collected are final too.
         self._releasing = threading.Lock()
@@ -319,39 +313,7 @@ class NixlSession(OutboundSession):
 
     def commit(self, first_token_id: int, first_logprob: common_pb2.TokenLogprob | None, timeout: float) -> None:
         self.release(timeout)
-        if self.failed is None:
-            self.lease_left()
-        if self.failed is not None:
-            raise TransferError(self.failed, "ABORTED")
-        request = kv_transfer_pb2.CommitRequest(
-            request_id=self.request_id,
-            instance_id=self.ticket.instance_id,
-            token=self.ticket.token,
-            first_token_id=first_token_id,
-        )
-        if first_logprob is not None:
-            request.first_logprob.CopyFrom(first_logprob)
-        try:
-            self._peer.stub.Commit(request, timeout=timeout, metadata=self.metadata)
-        except grpc.RpcError as exc:
-            self.fail(f"decode worker refused the KV: {exc.details()}")
-            raise TransferError(self.failed, "ABORTED") from exc
-
-    def abort(self, reason: str) -> None:
-        with self._lock:
-            self.fail(reason)
-        self.release(ABORT_RELEASE_TIMEOUT_S)  # our abort tells the receiver we write no more: make it true
-        request = kv_transfer_pb2.CommitRequest(
-            request_id=self.request_id,
-            instance_id=self.ticket.instance_id,
-            token=self.ticket.token,
-            abort=True,
-            abort_reason=reason,
-        )
-        try:
-            self._peer.stub.Commit(request, timeout=5.0, metadata=self.metadata)
-        except grpc.RpcError as exc:
-            log.info("could not tell %s about the abort of %s: %s", self._peer.address, self.request_id, exc.details())
+        self._commit_over_grpc(first_token_id, first_logprob, timeout)
 
 
 class NixlKVSender(KVSender):

@@ -24,6 +24,7 @@ Contract of an OutboundSession (one request's KV on its way to a decode worker):
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from abc import ABC, abstractmethod
@@ -39,8 +40,11 @@ from kv_transfer.layout import layout_mismatch
 from protos import common_pb2, decode_pb2, kv_transfer_pb2, kv_transfer_pb2_grpc
 from protos.cluster_auth import ClusterAuth
 
+log = logging.getLogger(__name__)
+
 # Safety margin: a sender stops writing this long before the receiver's lease deadline.
 LEASE_MARGIN_S = 0.25
+ABORT_RELEASE_TIMEOUT_S = 5.0  # an abort waits this long for the session's reads of the pool to end
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
 
@@ -105,6 +109,52 @@ class Peer:
     stub: kv_transfer_pb2_grpc.KVReceiverStub
     instance_id: str
     handshake: kv_transfer_pb2.HandshakeResponse
+
+
+class OutOfBandSession(OutboundSession):
+    """A session whose KV bytes travel outside gRPC (NIXL WRITEs, bulk TCP links) while its commit
+    and abort are ``KVReceiver.Commit`` calls, made once ``release`` says nothing of the session
+    reads the pool any more. Subclasses implement ``push_layer``, ``release`` and ``commit``."""
+
+    def __init__(self, request_id: str, ticket: decode_pb2.Ticket, peer: Peer, metadata=None) -> None:
+        super().__init__(request_id, ticket, metadata)
+        self._peer = peer
+        # Posting excludes failing or closing the session: once abort() or close() ran, nothing is
+        # posted after they collected what to wait for.
+        self._lock = threading.Lock()
+
+    def _commit_over_grpc(
+        self, first_token_id: int, first_logprob: common_pb2.TokenLogprob | None, timeout: float
+    ) -> None:
+        """After ``release``: the lease checked, then the commit (raises TransferError if refused)."""
+        if self.failed is None:
+            self.lease_left()
+        if self.failed is not None:
+            raise TransferError(self.failed, "ABORTED")
+        request = self._commit_request(first_token_id=first_token_id)
+        if first_logprob is not None:
+            request.first_logprob.CopyFrom(first_logprob)
+        try:
+            self._peer.stub.Commit(request, timeout=timeout, metadata=self.metadata)
+        except grpc.RpcError as exc:
+            self.fail(f"decode worker refused the KV: {exc.details()}")
+            raise TransferError(self.failed, "ABORTED") from exc
+
+    def abort(self, reason: str) -> None:
+        with self._lock:
+            self.fail(reason)
+        self.release(ABORT_RELEASE_TIMEOUT_S)  # our abort tells the receiver we write no more: make it true
+        try:
+            self._peer.stub.Commit(
+                self._commit_request(abort=True, abort_reason=reason), timeout=5.0, metadata=self.metadata
+            )
+        except grpc.RpcError as exc:
+            log.info("could not tell %s about the abort of %s: %s", self._peer.address, self.request_id, exc.details())
+
+    def _commit_request(self, **fields) -> kv_transfer_pb2.CommitRequest:
+        return kv_transfer_pb2.CommitRequest(
+            request_id=self.request_id, instance_id=self.ticket.instance_id, token=self.ticket.token, **fields
+        )
 
 
 class KVSender(ABC):

@@ -9,9 +9,7 @@ from __future__ import annotations
 import socket
 import threading
 import time
-from concurrent import futures
 
-import grpc
 import pytest
 import torch
 
@@ -23,9 +21,9 @@ from kv_transfer.inbox import KVInbox
 from kv_transfer.integrity import checksum, region_checksum
 from kv_transfer.layout import layout_message
 from kv_transfer.receiver_service import KVReceiverService
-from kv_transfer.sender import channel_options
-from protos import decode_pb2, kv_transfer_pb2_grpc
+from protos import decode_pb2
 from protos.cluster_auth import ClusterAuth
+from tests.kv_transfer.receiver_server import serve_kv_receiver
 from worker_server.security import server_interceptors
 
 LAYOUT = KVLayout(num_layers=3, num_blocks=32, block_size=4, num_kv_heads=2, head_dim=8, dtype="float32")
@@ -46,14 +44,7 @@ class Receiver:
         self.layout = layout_message(LAYOUT, "fingerprint")
         self.bulk = BulkReceiver(self.inbox, "127.0.0.1", 0, SECRET) if bulk else None
         service = KVReceiverService(self.inbox, self.layout, "instance-1", None, self.bulk)
-        self.server = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=4),
-            interceptors=server_interceptors(ClusterAuth(secret=SECRET)),
-            options=channel_options(),
-        )
-        kv_transfer_pb2_grpc.add_KVReceiverServicer_to_server(service, self.server)
-        self.address = f"127.0.0.1:{self.server.add_insecure_port('127.0.0.1:0')}"
-        self.server.start()
+        self.server, self.address = serve_kv_receiver(service, server_interceptors(ClusterAuth(secret=SECRET)))
 
     def _on_commit(self, request_id, first_token_id, logprob) -> None:
         self.committed.append(request_id)

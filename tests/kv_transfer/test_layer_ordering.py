@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import threading
 import time
-from concurrent import futures
 
-import grpc
 import pytest
 import torch
 
@@ -22,8 +20,8 @@ from kv_transfer.grpc_transport import GrpcKVSender
 from kv_transfer.inbox import KVInbox
 from kv_transfer.layout import layout_message
 from kv_transfer.receiver_service import KVReceiverService
-from kv_transfer.sender import channel_options
-from protos import decode_pb2, kv_transfer_pb2_grpc
+from protos import decode_pb2
+from tests.kv_transfer.receiver_server import serve_kv_receiver
 
 LAYOUT = KVLayout(num_layers=3, num_blocks=16, block_size=4, num_kv_heads=2, head_dim=8, dtype="float32")
 SRC_BLOCKS = [5, 1, 9]
@@ -60,10 +58,7 @@ class Receiver:
             self.nixl = NixlReceiver("order-receiver", self.cache, self.inbox)
         self.layout = layout_message(LAYOUT, "fingerprint")
         service = KVReceiverService(self.inbox, self.layout, "instance-1", self.nixl)
-        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), options=channel_options())
-        kv_transfer_pb2_grpc.add_KVReceiverServicer_to_server(service, self.server)
-        self.address = f"127.0.0.1:{self.server.add_insecure_port('127.0.0.1:0')}"
-        self.server.start()
+        self.server, self.address = serve_kv_receiver(service)
 
     def _on_commit(self, request_id, first_token_id, logprob) -> None:
         self.committed.append(request_id)

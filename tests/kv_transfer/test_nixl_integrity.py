@@ -10,9 +10,7 @@ before the receiver looks at it, which is exactly what a bad link or a stray wri
 from __future__ import annotations
 
 import time
-from concurrent import futures
 
-import grpc
 import pytest
 import torch
 
@@ -23,8 +21,8 @@ from kv_transfer.integrity import region_checksum
 from kv_transfer.layout import layout_message
 from kv_transfer.nixl_transport import NixlKVSender, NixlReceiver
 from kv_transfer.receiver_service import KVReceiverService
-from kv_transfer.sender import channel_options
-from protos import decode_pb2, kv_transfer_pb2_grpc
+from protos import decode_pb2
+from tests.kv_transfer.receiver_server import serve_kv_receiver
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -58,10 +56,7 @@ class Receiver:
         self.nixl = NixlReceiver("integrity-receiver", self.cache, self.inbox)
         self.layout = layout_message(LAYOUT, "fingerprint")
         service = KVReceiverService(self.inbox, self.layout, "instance-1", self.nixl)
-        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), options=channel_options())
-        kv_transfer_pb2_grpc.add_KVReceiverServicer_to_server(service, self.server)
-        self.address = f"127.0.0.1:{self.server.add_insecure_port('127.0.0.1:0')}"
-        self.server.start()
+        self.server, self.address = serve_kv_receiver(service)
 
     def _on_commit(self, request_id, first_token_id, logprob) -> None:
         self.committed.append(request_id)
