@@ -41,6 +41,7 @@ from contract.sampling import SamplingParams
 from engine.config import EngineConfig, ModelConfig
 from engine.engine import Engine
 from engine.model import CausalLM
+from engine.native_attention import native_decode_attention
 
 DECODE_TARGET_BATCH = 32
 DECODE_TARGET_RATIO = 1.5  # issue #13: decode at batch 32 >= 1.5x transformers
@@ -499,6 +500,7 @@ def build_report(
             "threads": torch.get_num_threads(),
             "cpu_count": os.cpu_count(),
             "machine": platform.machine(),
+            "cpu_decode_attention": "native" if native_decode_attention() is not None else "sdpa",
             "prompt_len": config.prompt_len,
             "decode_steps": config.decode_steps,
             "prefill_batch": config.prefill_batch,
@@ -529,7 +531,8 @@ def print_report(report: dict) -> None:
     print(
         f"\nmodel {meta['model']} {meta['dtype']}, torch {meta['torch']}, transformers {meta['transformers']}, "
         f"{meta['threads']} threads / {meta['cpu_count']} cpus, prompt {meta['prompt_len']}, "
-        f"decode {meta['decode_steps']} steps, best of {meta['repeats']} (prefill: of {meta['prefill_repeats']})"
+        f"decode {meta['decode_steps']} steps, best of {meta['repeats']} (prefill: of {meta['prefill_repeats']}), "
+        f"decode attention: {meta['cpu_decode_attention']}"
     )
     print(f"{'row':<12}{'engine tok/s':>14}{'hf tok/s':>14}{'ratio':>9}{'median ratio':>14}")
     for row in report["rows"]:

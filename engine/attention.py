@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from engine.decode_scratch import DECODE_SCRATCH_MAX_BYTES, DecodeScratch, ScratchStep
 from engine.kv_cache import PagedKVCache
+from engine.native_attention import NativeDecodeAttention, native_decode_attention
 
 log = logging.getLogger(__name__)
 
@@ -86,9 +87,10 @@ class TorchPagedAttention:
 
     name = "torch"
 
-    def __init__(self, scratch_max_bytes: int = DECODE_SCRATCH_MAX_BYTES) -> None:
+    def __init__(self, scratch_max_bytes: int = DECODE_SCRATCH_MAX_BYTES, native: bool = True) -> None:
         self._gather_buffer = GatherBuffer()
         self.scratch = DecodeScratch(scratch_max_bytes)
+        self.native = native_decode_attention() if native else None  # the scratch's kernel; None: SDPA
 
     def plan(self, sequences: StepSequences, cache: PagedKVCache) -> ScratchStep | None:
         decodes = sequences.num_decodes
@@ -104,7 +106,7 @@ class TorchPagedAttention:
 
     def attend(self, q, k, v, cache: PagedKVCache, layer: int, batch: AttentionBatch, scale: float) -> torch.Tensor:
         buffer = self._gather_buffer if q.device.type == "cpu" else None
-        return torch_paged_attention(q, k, v, cache, layer, batch, scale, buffer)
+        return torch_paged_attention(q, k, v, cache, layer, batch, scale, buffer, self.native)
 
 
 class GatherBuffer:
@@ -168,16 +170,18 @@ def torch_paged_attention(
     batch: AttentionBatch,
     scale: float,
     gather_buffer: GatherBuffer | None = None,
+    native: NativeDecodeAttention | None = None,
 ) -> torch.Tensor:
     """q ``[tokens, heads, head_dim]``, k/v ``[tokens, kv_heads, head_dim]`` of this step's new tokens.
 
     Writes k/v into the pool, then returns the attention output ``[tokens, heads, head_dim]``.
-    ``gather_buffer``: where the decodes' KV gather goes (default: a fresh tensor)."""
+    ``gather_buffer``: where the decodes' KV gather goes (default: a fresh tensor); ``native``: the
+    decode scratch's kernel (default: SDPA)."""
     cache.write(layer, k, v, batch.slot_block, batch.slot_offset)
     begin = batch.decode_begin
     decodes = None
     if isinstance(batch.plan, ScratchStep):
-        decodes = _scratch_decode_attention(q[begin:], k[begin:], v[begin:], batch.plan, layer, scale)
+        decodes = _scratch_decode_attention(q[begin:], k[begin:], v[begin:], batch.plan, layer, scale, native)
     elif batch.decode_block_table is not None:
         decodes = _decode_attention(q[begin:], cache, layer, batch, scale, gather_buffer)
     if not batch.prefills and decodes is not None:
@@ -208,17 +212,21 @@ def _prefill_attention(q, k, v, cache, layer, seg: PrefillSegment, scale) -> tor
     return out[0].transpose(0, 1)
 
 
-def _scratch_decode_attention(q, k, v, step: ScratchStep, layer: int, scale) -> torch.Tensor:
-    """The decodes over the scratch rows: append this step's K/V, attend over ``step.width`` keys.
+def _scratch_decode_attention(q, k, v, step: ScratchStep, layer: int, scale, native=None) -> torch.Tensor:
+    """The decodes over the scratch rows: append this step's K/V, attend over each row's keys (the native
+    kernel when given and it takes the shapes, else SDPA over ``step.width`` keys, masked).
     Queries go to their rows' order and come back (a few KB) when rows are not in decode order."""
     step.append(layer, k, v)
     key, value = step.key_value(layer)
     decodes, kv_heads, _, head_dim = key.shape
     if step.order is not None:
         q = q.index_select(0, step.order)
-    query = q.view(decodes, kv_heads, -1, head_dim)
-    out = F.scaled_dot_product_attention(query, key, value, attn_mask=step.mask, scale=scale)
-    out = out.view(decodes, -1, head_dim)
+    if native is not None and native.accepts(q, key, value):
+        out = native(q, key, value, step.lengths, scale)
+    else:
+        query = q.view(decodes, kv_heads, -1, head_dim)
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=step.mask, scale=scale)
+        out = out.view(decodes, -1, head_dim)
     return out if step.order is None else out.index_select(0, step.rows)
 
 

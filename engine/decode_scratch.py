@@ -37,6 +37,7 @@ class ScratchStep:
     order: torch.Tensor | None  # [n] long: the decode in each row; None when rows == arange(n)
     width: int  # keys attended: max(positions) + 1
     mask: torch.Tensor | None  # [n, 1, 1, width] True where attended, in row order; None if all see width keys
+    lengths: torch.Tensor  # [n] long: keys attended by each row (its position + 1), in row order
 
     def append(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> None:
         """Stores this step's K/V ``[n, kv_heads, head_dim]`` (decode order) at each row's position."""
@@ -103,12 +104,13 @@ class DecodeScratch:
 
     def _step(self, rows: list[int], positions: list[int], width: int) -> ScratchStep:
         n = len(rows)
+        by_row = [0] * n
+        for row, position in zip(rows, positions):
+            by_row[row] = position + 1
+        lengths = torch.tensor(by_row, dtype=torch.long)
         mask = None
         if min(positions) + 1 < width:
-            by_row = [0] * n
-            for row, position in zip(rows, positions):
-                by_row[row] = position + 1
-            mask = (torch.arange(width)[None, :] < torch.tensor(by_row)[:, None])[:, None, None, :]
+            mask = (torch.arange(width)[None, :] < lengths[:, None])[:, None, None, :]
         order = None
         if rows != list(range(n)):
             order = torch.empty(n, dtype=torch.long)
@@ -120,6 +122,7 @@ class DecodeScratch:
             order,
             width,
             mask,
+            lengths,
         )
 
     def _reserve(self, cache: PagedKVCache, rows: int, width: int) -> bool:

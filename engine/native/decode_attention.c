@@ -1,0 +1,214 @@
+/* Decode attention on x86 CPUs with AVX2 and FMA: one query per sequence over its K/V rows, for the
+ * decode scratch (engine/decode_scratch.py). Compiled at first use by engine/native_attention.py.
+ *
+ *   q   [B, H, D]          b, h strided; D contiguous
+ *   k,v [B, KVH, S, D]     b, h, position strided; D contiguous; row b attends keys [0, lengths[b])
+ *   out [B, H, D]          contiguous
+ *
+ * One task per (sequence, KV head): its H/KVH query heads read that head's keys and values once, in
+ * one streaming pass each, with fp32 scores, softmax and accumulation (as SDPA's CPU kernel does).
+ * Why not SDPA: its CPU flash kernel sets up a tiled GEMM per (sequence, head) sized for many query
+ * rows; a decode has one to a handful, and the set-up costs as much as reading the K/V.
+ *
+ *   scores:  8 keys at a time -> 8 dot products per query head, summed across lanes together (hsum8)
+ *   softmax: e^(s - max) by a degree-6 polynomial of 2^f (relative error ~2e-7)
+ *   values:  acc[g] += weight[g][p] * v[p], one pass over the values
+ */
+#include <immintrin.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define MAX_HEAD_DIM 256
+#define MAX_GROUP 16
+#define AVX2 __attribute__((target("avx2,fma")))
+
+int decode_attention_supported(void) {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+}
+
+AVX2 static inline __m256 load8(const void *base, int64_t at, int is_bf16) {
+    if (!is_bf16) return _mm256_loadu_ps((const float *)base + at);
+    const __m128i half = _mm_loadu_si128((const __m128i *)((const uint16_t *)base + at));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(half), 16));
+}
+
+/* Lane sums of eight vectors, as one vector: result[j] = sum(a[j]). */
+AVX2 static inline __m256 hsum8(const __m256 *a) {
+    const __m256 u0 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+    const __m256 u1 = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
+    return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+}
+
+/* e^x for x <= 0: 2^(x log2 e) as 2^n (exponent bits) times a polynomial of 2^f, f in [-0.5, 0.5]. */
+AVX2 static inline __m256 exp_nonpositive(__m256 x) {
+    const __m256 t = _mm256_max_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504f)), _mm256_set1_ps(-126.0f));
+    const __m256 n = _mm256_round_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m256 f = _mm256_sub_ps(t, n);
+    __m256 p = _mm256_set1_ps(1.5353362e-4f);
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.3398874e-3f));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(9.6182578e-3f));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(5.5503264e-2f));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(2.4022652e-1f));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(6.9314718e-1f));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f));
+    const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    const __m256 result = _mm256_mul_ps(p, _mm256_castsi256_ps(bits));
+    return _mm256_and_ps(result, _mm256_cmp_ps(t, _mm256_set1_ps(-126.0f), _CMP_GT_OQ)); /* underflow: 0 */
+}
+
+/* One task's scratch: queries (fp32, pre-scaled), 8 converted keys, the output accumulators. */
+typedef struct {
+    float queries[MAX_GROUP][MAX_HEAD_DIM];
+    float keys[8][MAX_HEAD_DIM];
+    float acc[MAX_GROUP][MAX_HEAD_DIM];
+} TaskBuffers;
+
+AVX2 static void scores_of(TaskBuffers *buf, const void *k, int64_t k_stride_p, int64_t length, int groups,
+                           int chunks, int is_bf16, float *scores) {
+    const int64_t element = is_bf16 ? 2 : 4;
+    for (int64_t p0 = 0; p0 < length; p0 += 8) {
+        const int rows = length - p0 < 8 ? (int)(length - p0) : 8;
+        for (int j = 0; j < 8; j++) /* the block after next: the hardware prefetcher ramps up too slowly */
+            for (int64_t byte = 0; byte < chunks * 8 * element; byte += 64)
+                _mm_prefetch((const char *)k + ((p0 + 16 + j) * k_stride_p) * element + byte, _MM_HINT_T0);
+        for (int j = 0; j < 8; j++)
+            for (int c = 0; c < chunks; c++)
+                _mm256_storeu_ps(buf->keys[j] + 8 * c,
+                                 j < rows ? load8(k, (p0 + j) * k_stride_p + 8 * c, is_bf16) : _mm256_setzero_ps());
+        for (int g = 0; g < groups; g++) {
+            __m256 dots[8]; /* eight independent FMA chains: one chain would wait on each FMA's latency */
+            for (int j = 0; j < 8; j++) dots[j] = _mm256_setzero_ps();
+            for (int c = 0; c < chunks; c++) {
+                const __m256 query = _mm256_loadu_ps(buf->queries[g] + 8 * c);
+                for (int j = 0; j < 8; j++) dots[j] = _mm256_fmadd_ps(query, _mm256_loadu_ps(buf->keys[j] + 8 * c), dots[j]);
+            }
+            float eight[8];
+            _mm256_storeu_ps(eight, hsum8(dots));
+            memcpy(scores + g * length + p0, eight, sizeof(float) * rows);
+        }
+    }
+}
+
+/* Softmax of one query head's scores in place (unnormalised); returns 1 / their sum. */
+AVX2 static float softmax_of(float *s, int64_t length) {
+    __m256 tops = _mm256_set1_ps(s[0]);
+    int64_t p = 0;
+    for (; p + 8 <= length; p += 8) tops = _mm256_max_ps(tops, _mm256_loadu_ps(s + p));
+    float lanes[8], top = s[0];
+    _mm256_storeu_ps(lanes, tops);
+    for (int j = 0; j < 8; j++) top = lanes[j] > top ? lanes[j] : top;
+    for (; p < length; p++) top = s[p] > top ? s[p] : top;
+    const __m256 top8 = _mm256_set1_ps(top);
+    __m256 total8 = _mm256_setzero_ps();
+    for (p = 0; p + 8 <= length; p += 8) {
+        const __m256 e = exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(s + p), top8));
+        _mm256_storeu_ps(s + p, e);
+        total8 = _mm256_add_ps(total8, e);
+    }
+    float total = 0.0f;
+    _mm256_storeu_ps(lanes, total8);
+    for (int j = 0; j < 8; j++) total += lanes[j];
+    if (p < length) {
+        float tail[8] = {0};
+        memcpy(tail, s + p, sizeof(float) * (length - p));
+        _mm256_storeu_ps(lanes, exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(tail), top8)));
+        for (int64_t j = 0; j < length - p; j++) total += (s[p + j] = lanes[j]);
+    }
+    return 1.0f / total;
+}
+
+AVX2 static void attend(TaskBuffers *buf, const void *k, const void *v, int64_t k_stride_p, int64_t v_stride_p,
+                        int64_t length, int groups, int head_dim, int is_bf16, float *scores, float *inverse) {
+    const int chunks = head_dim / 8;
+    scores_of(buf, k, k_stride_p, length, groups, chunks, is_bf16, scores);
+    for (int g = 0; g < groups; g++) inverse[g] = softmax_of(scores + g * length, length);
+    /* 8 vectors of a query head's output in registers, one pass over the values each: the values of a
+     * task (a few KB per head) stay in L1 between passes. */
+    const int64_t element = is_bf16 ? 2 : 4;
+    for (int g = 0; g < groups; g++) {
+        const float *weights = scores + g * length;
+        for (int c0 = 0; c0 < chunks; c0 += 8) {
+            const int width = chunks - c0 < 8 ? chunks - c0 : 8;
+            __m256 acc[8];
+            for (int c = 0; c < 8; c++) acc[c] = _mm256_setzero_ps();
+            for (int64_t p = 0; p < length; p++) {
+                if (g == 0 && c0 == 0)
+                    for (int64_t byte = 0; byte < head_dim * element; byte += 64)
+                        _mm_prefetch((const char *)v + ((p + 16) * v_stride_p) * element + byte, _MM_HINT_T0);
+                const __m256 weight = _mm256_set1_ps(weights[p]);
+                for (int c = 0; c < 8; c++)
+                    if (c < width) acc[c] = _mm256_fmadd_ps(weight, load8(v, p * v_stride_p + 8 * (c0 + c), is_bf16), acc[c]);
+            }
+            for (int c = 0; c < width; c++) _mm256_storeu_ps(buf->acc[g] + 8 * (c0 + c), acc[c]);
+        }
+    }
+}
+
+static inline float bf16_to_float(uint16_t half) {
+    const uint32_t bits = (uint32_t)half << 16;
+    float value;
+    memcpy(&value, &bits, sizeof value);
+    return value;
+}
+
+static inline uint16_t float_to_bf16(float value) { /* round to nearest even, as torch does */
+    uint32_t bits;
+    memcpy(&bits, &value, sizeof bits);
+    if ((bits & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((bits >> 16) | 0x40u); /* quiet NaN */
+    bits += 0x7fffu + ((bits >> 16) & 1u);
+    return (uint16_t)(bits >> 16);
+}
+
+/* Strides in elements; is_bf16: bfloat16 tensors, else float32. Returns 0; -1 if the CPU lacks AVX2/FMA,
+ * a shape exceeds the fixed buffers (head_dim a multiple of 8 up to 256, up to 16 query heads per KV
+ * head) or memory ran out: the caller checks the first two before calling. */
+int decode_attention(int is_bf16, const void *q, int64_t q_stride_b, int64_t q_stride_h, const void *k,
+                     int64_t k_stride_b, int64_t k_stride_h, int64_t k_stride_p, const void *v, int64_t v_stride_b,
+                     int64_t v_stride_h, int64_t v_stride_p, const int64_t *lengths, int64_t batch, int heads,
+                     int kv_heads, int head_dim, float scale, void *out, int threads) {
+    const int groups = kv_heads > 0 ? heads / kv_heads : 0;
+    if (!decode_attention_supported() || head_dim % 8 || head_dim > MAX_HEAD_DIM || groups < 1 ||
+        groups > MAX_GROUP || groups * kv_heads != heads)
+        return -1;
+    int64_t longest = 1;
+    for (int64_t b = 0; b < batch; b++) longest = lengths[b] > longest ? lengths[b] : longest;
+    int failed = 0;
+#pragma omp parallel num_threads(threads) reduction(| : failed)
+    {
+        float *scores = malloc(sizeof(float) * groups * longest);
+        TaskBuffers *buf = aligned_alloc(64, sizeof(TaskBuffers));
+        float inverse[MAX_GROUP];
+        failed = scores == NULL || buf == NULL;
+#pragma omp for schedule(static)
+        for (int64_t task = 0; task < batch * kv_heads; task++) {
+            const int64_t b = task / kv_heads, length = lengths[b];
+            const int h = (int)(task % kv_heads);
+            if (failed || length <= 0) continue;
+            for (int g = 0; g < groups; g++) {
+                const int64_t at = b * q_stride_b + (int64_t)(h * groups + g) * q_stride_h;
+                for (int d = 0; d < head_dim; d++)
+                    buf->queries[g][d] =
+                        scale * (is_bf16 ? bf16_to_float(((const uint16_t *)q)[at + d]) : ((const float *)q)[at + d]);
+            }
+            const size_t element = is_bf16 ? 2 : 4;
+            attend(buf, (const char *)k + (b * k_stride_b + h * k_stride_h) * element,
+                   (const char *)v + (b * v_stride_b + h * v_stride_h) * element, k_stride_p, v_stride_p, length, groups,
+                   head_dim, is_bf16, scores, inverse);
+            for (int g = 0; g < groups; g++) {
+                const int64_t at = (b * heads + h * groups + g) * head_dim;
+                for (int d = 0; d < head_dim; d++) {
+                    const float result = buf->acc[g][d] * inverse[g];
+                    if (is_bf16)
+                        ((uint16_t *)out)[at + d] = float_to_bf16(result);
+                    else
+                        ((float *)out)[at + d] = result;
+                }
+            }
+        }
+        free(scores);
+        free(buf);
+    }
+    return failed ? -1 : 0;
+}
