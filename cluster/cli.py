@@ -258,6 +258,11 @@ def build_parser() -> argparse.ArgumentParser:
         admin_token_help="a file holding the admin token (guards /admin and the dashboard's data); "
         "also SPLITSERVE_ADMIN_TOKEN[_FILE]",
     )
+    router.add_argument(
+        "--config",
+        help="a cluster config file (YAML/TOML, as `splitserve up --config` reads): its router section and the "
+        "cluster-wide keys it names (model, served_model_name, lease_ms, health_interval_s); flags override it",
+    )
     router.add_argument("--log-level", default="INFO")
     _add_router_setting_args(router, router_flag_fields("router"))
     router.set_defaults(run=_run_router)
@@ -418,13 +423,22 @@ def admin_token_from_args(args: argparse.Namespace) -> str | None:
 
 
 def router_config_from_args(args: argparse.Namespace):
+    """The config file's router settings (or RouterConfig's defaults) with the given flags and secrets over them."""
+    import dataclasses
+
+    from cluster.config import router_config_from_file
     from router.config import RouterConfig, read_api_keys
 
-    return RouterConfig(
+    config = router_config_from_file(args.config) if args.config else RouterConfig()
+    secrets = {
+        "admin_token": admin_token_from_args(args),
+        "api_keys": read_api_keys(args.api_key_file) if args.api_key_file else None,
+    }
+    return dataclasses.replace(
+        config,
         prefill_addresses=tuple(args.prefill),
         decode_addresses=tuple(args.decode),
-        api_keys=read_api_keys(args.api_key_file) if args.api_key_file else (),
-        admin_token=admin_token_from_args(args),
+        **{name: value for name, value in secrets.items() if value is not None},
         **_given_settings(args, router_flag_fields("router")),
     )
 

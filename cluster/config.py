@@ -224,8 +224,25 @@ def _type_name(hint) -> str:
 
 
 def load_file(path: str | Path) -> ClusterConfig:
+    return from_dict(_read(path))
+
+
+def router_config_from_file(path: str | Path) -> RouterConfig:
+    """What a router started by hand (`splitserve router --config`) takes from a cluster config file: its router
+    section, and the cluster-wide facts (CLUSTER_WIDE) the file names, so one file configures `up` and every router.
+    The whole file is checked as `up` checks it. A fact the file leaves out keeps RouterConfig's default, not the
+    cluster's (no model named: the router adopts its workers', where `up` would serve the demo)."""
+    raw = _read(path)
+    config = from_dict(raw)
+    return dataclasses.replace(config.router, **{name: getattr(config, name) for name in CLUSTER_WIDE if name in raw})
+
+
+def _read(path: str | Path) -> dict:
+    """A config file's data: TOML by its suffix, else YAML. A file that does not parse is a ValueError naming it."""
     path = Path(path)
     text = path.read_text()
-    if path.suffix in (".toml",):
-        return from_dict(tomllib.loads(text))
-    return from_dict(yaml.safe_load(text) or {})
+    try:
+        raw = tomllib.loads(text) if path.suffix == ".toml" else yaml.safe_load(text)
+    except (tomllib.TOMLDecodeError, yaml.YAMLError) as exc:
+        raise ValueError(f"{path}: not valid {'TOML' if path.suffix == '.toml' else 'YAML'}: {exc}") from None
+    return {} if raw is None else raw

@@ -265,6 +265,42 @@ def test_every_router_setting_is_a_flag_of_splitserve_up_over_the_file(tmp_path)
     assert closed.router.open_metrics is False
 
 
+def test_a_router_started_by_hand_reads_the_cluster_file_under_its_flags(tmp_path):
+    path = tmp_path / "cluster.yaml"
+    path.write_text(
+        "served_model_name: chat\nlease_ms: 7\nprefill:\n  replicas: 2\n"
+        "router:\n  max_running: 3\n  port: 1234\n  open_metrics: true\n"
+    )
+    argv = ["router", "--decode", "d:1", "--config", str(path)]
+    from_file = router_config_from_args(build_parser().parse_args(argv))
+    up = cluster_config_from_args(build_parser().parse_args(["up", "--config", str(path)]))
+    running = up.router_config(cluster_secret=None, admin_token=None)
+    for name in ("served_model_name", "lease_ms", "max_running", "port", "open_metrics"):
+        assert getattr(from_file, name) == getattr(running, name), name  # one file, the same router settings
+    assert (from_file.max_running, from_file.lease_ms, from_file.served_model_name) == (3, 7, "chat")
+    assert from_file.model is None, "no model in the file: the router adopts its workers' (up would serve the demo)"
+    assert from_file.decode_addresses == ("d:1",)
+    flagged = router_config_from_args(build_parser().parse_args([*argv, "--max-running", "9", "--no-open-metrics"]))
+    assert (flagged.max_running, flagged.open_metrics, flagged.port) == (9, False, 1234)
+
+
+@pytest.mark.parametrize("command", [["up"], ["router", "--decode", "d:1"]])
+@pytest.mark.parametrize(
+    ("name", "text", "message"),
+    [
+        ("bad.yaml", "router: [unclosed\n", "bad.yaml: not valid YAML"),
+        ("bad.toml", "lease_ms = [\n", "bad.toml: not valid TOML"),
+        ("typo.yaml", "prefill:\n  replica: 2\n", "replica"),
+        ("list.yaml", "- 1\n", "config: expected a mapping"),
+    ],
+)
+def test_a_config_file_that_does_not_parse_or_check_is_refused(tmp_path, capsys, command, name, text, message):
+    path = tmp_path / name
+    path.write_text(text)
+    assert main([*command, "--config", str(path)]) == 2
+    assert message in capsys.readouterr().err
+
+
 def test_old_flag_spellings_still_work():
     args = ["--host", "0.0.0.0", "--port", "0", "--grpc-port", "0", "--open-metrics", "--header-timeout", "2"]
     args += ["--body-timeout", "3", "--tls-cert", "c.pem", "--tls-key", "k.pem"]
