@@ -10,7 +10,7 @@ What is timed, per side::
 
 Each decode row is also set against the machine's memory roofline: the bytes one decode step must read
 (every weight but the embedding table, and the batch's KV at the window's mean context) over the read
-bandwidth of a large copy (``bench.gpu_check``'s measure), as a fraction of the measured step time.
+bandwidth of a large reduction (``bench.gpu_check``'s measure), as a fraction of the measured step time.
 
 Both sides generate ``decode_steps + 1`` tokens greedily with EOS ignored, so the timed window after
 the first token holds exactly ``decode_steps`` forward passes. Runs alternate engine/transformers
@@ -36,7 +36,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from bench.gpu_check import copy_bandwidth, kv_bytes_per_step, weight_bytes_per_step
+from bench.gpu_check import kv_bytes_per_step, read_bandwidth, weight_bytes_per_step
 from contract.sampling import SamplingParams
 from engine.config import EngineConfig, ModelConfig
 from engine.engine import Engine
@@ -439,7 +439,7 @@ def flops_summary(model: ModelConfig, config: BenchConfig, prefill: Row) -> dict
 
 # -- memory roofline ------------------------------------------------------------------------------
 
-ROOFLINE_COPY_MIB = 1024  # large enough to leave every cache: DRAM bandwidth
+ROOFLINE_READ_MIB = 1024  # large enough to leave every cache: DRAM bandwidth
 
 
 def decode_bytes_per_step(engine: Engine, batch: int, config: BenchConfig) -> tuple[int, int]:
@@ -451,11 +451,11 @@ def decode_bytes_per_step(engine: Engine, batch: int, config: BenchConfig) -> tu
 
 def roofline_summary(engine: Engine, config: BenchConfig, decode_rows: list[Row]) -> dict:
     """Per decode row: the step time the memory bandwidth allows, and each side's fraction of it."""
-    read_bandwidth = copy_bandwidth("cpu", ROOFLINE_COPY_MIB) / 2  # a copy reads each byte once, writes it once
+    bandwidth = read_bandwidth("cpu", ROOFLINE_READ_MIB)
     rows = {}
     for row in decode_rows:
         weights, kv = decode_bytes_per_step(engine, row.batch, config)
-        roofline_step_s = (weights + kv) / read_bandwidth
+        roofline_step_s = (weights + kv) / bandwidth
         engine_step_s = min(row.engine_seconds) / config.decode_steps
         hf_step_s = min(row.hf_seconds) / config.decode_steps
         rows[row.name] = {
@@ -467,7 +467,7 @@ def roofline_summary(engine: Engine, config: BenchConfig, decode_rows: list[Row]
             "engine_fraction": roofline_step_s / engine_step_s,
             "hf_fraction": roofline_step_s / hf_step_s,
         }
-    return {"read_bandwidth_bytes_s": read_bandwidth, "copy_mib": ROOFLINE_COPY_MIB, "rows": rows}
+    return {"read_bandwidth_bytes_s": bandwidth, "read_mib": ROOFLINE_READ_MIB, "rows": rows}
 
 
 # -- report ---------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-/* Decode attention on x86 CPUs with AVX2 and FMA: one query per sequence over its K/V rows, for the
+/* Decode attention on x86 CPUs with AVX2 and FMA (and AVX-512 BF16 for bf16, where present): one query per sequence over its K/V rows, for the
  * decode scratch (engine/decode_scratch.py). Compiled at first use by engine/native_attention.py.
  *
  *   q   [B, H, D]          b, h strided; D contiguous
@@ -146,6 +146,86 @@ AVX2 static void attend(TaskBuffers *buf, const void *k, const void *v, int64_t 
     }
 }
 
+/* -- bf16 on AVX-512 BF16 (Sapphire Rapids and later, Zen 4 and later): dot products on bf16 pairs as
+ * loaded (vdpbf16ps: exact products, fp32 sums), values widened once per row, a query head's output in
+ * registers. For head_dim a multiple of 64 and up to 4 query heads per KV head; the rest take the AVX2
+ * path. Scores are (q . k) * scale, as SDPA computes them. */
+#define AVX512BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16,fma")))
+#define MAX_GROUP_512 4
+
+int decode_attention_bf16_native(void) {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bf16");
+}
+
+/* Lane sums of sixteen vectors, as one vector: result[j] = sum(a[j]). Pairs, then quads within 128-bit lanes,
+ * then across the four lanes. */
+AVX512BF16 static inline __m512 hsum16(const __m512 *a) {
+    __m512 pairs[8], quads[4];
+    for (int i = 0; i < 8; i++)
+        pairs[i] = _mm512_add_ps(_mm512_unpacklo_ps(a[2 * i], a[2 * i + 1]), _mm512_unpackhi_ps(a[2 * i], a[2 * i + 1]));
+    for (int i = 0; i < 4; i++) {
+        const __m512d x = _mm512_castps_pd(pairs[2 * i]), y = _mm512_castps_pd(pairs[2 * i + 1]);
+        quads[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(x, y)), _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)));
+    }
+    const __m512 low = _mm512_add_ps(_mm512_shuffle_f32x4(quads[0], quads[1], 0x88),
+                                     _mm512_shuffle_f32x4(quads[0], quads[1], 0xDD));
+    const __m512 high = _mm512_add_ps(_mm512_shuffle_f32x4(quads[2], quads[3], 0x88),
+                                      _mm512_shuffle_f32x4(quads[2], quads[3], 0xDD));
+    return _mm512_add_ps(_mm512_shuffle_f32x4(low, high, 0x88), _mm512_shuffle_f32x4(low, high, 0xDD));
+}
+
+AVX512BF16 static void attend_bf16_512(const uint16_t *q, int64_t q_stride_h, const uint16_t *k, const uint16_t *v,
+                                       int64_t k_stride_p, int64_t v_stride_p, int64_t length, int groups,
+                                       int head_dim, float scale, float *scores, float acc[][MAX_HEAD_DIM],
+                                       float *inverse) {
+    const int pairs = head_dim / 32; /* 32 bf16 per 512-bit load */
+    __m512bh queries[MAX_GROUP_512][MAX_HEAD_DIM / 32];
+    for (int g = 0; g < groups; g++)
+        for (int c = 0; c < pairs; c++) queries[g][c] = (__m512bh)_mm512_loadu_si512(q + g * q_stride_h + 32 * c);
+    for (int64_t p0 = 0; p0 < length; p0 += 16) { /* 16 keys: their lane sums come out together (hsum16) */
+        const int rows = length - p0 < 16 ? (int)(length - p0) : 16;
+        for (int j = 0; j < 16; j++)
+            for (int c = 0; c < pairs; c++)
+                _mm_prefetch((const char *)(k + (p0 + 32 + j) * k_stride_p + 32 * c), _MM_HINT_T0);
+        for (int g = 0; g < groups; g++) {
+            __m512 dots[16];
+            for (int j = 0; j < 16; j++) {
+                __m512 dot = _mm512_setzero_ps();
+                if (j < rows)
+                    for (int c = 0; c < pairs; c++)
+                        dot = _mm512_dpbf16_ps(dot, queries[g][c],
+                                               (__m512bh)_mm512_loadu_si512(k + (p0 + j) * k_stride_p + 32 * c));
+                dots[j] = dot;
+            }
+            float sixteen[16];
+            _mm512_storeu_ps(sixteen, _mm512_mul_ps(hsum16(dots), _mm512_set1_ps(scale)));
+            memcpy(scores + g * length + p0, sixteen, sizeof(float) * rows);
+        }
+    }
+    for (int g = 0; g < groups; g++) inverse[g] = softmax_of(scores + g * length, length);
+    for (int slab = 0; slab < head_dim; slab += 64) { /* 64 dims: 4 vectors per query head, all in registers */
+        __m512 sums[MAX_GROUP_512][4];
+        for (int g = 0; g < MAX_GROUP_512; g++)
+            for (int c = 0; c < 4; c++) sums[g][c] = _mm512_setzero_ps();
+        for (int64_t p = 0; p < length; p++) {
+            const uint16_t *value = v + p * v_stride_p + slab;
+            _mm_prefetch((const char *)(value + 16 * v_stride_p), _MM_HINT_T0);
+            _mm_prefetch((const char *)(value + 16 * v_stride_p + 32), _MM_HINT_T0);
+            __m512 row[4];
+            for (int c = 0; c < 4; c++) row[c] = _mm512_cvtpbh_ps((__m256bh)_mm256_loadu_si256((const __m256i *)(value + 16 * c)));
+            for (int g = 0; g < MAX_GROUP_512; g++) {
+                if (g >= groups) break;
+                const __m512 weight = _mm512_set1_ps(scores[g * length + p]);
+                for (int c = 0; c < 4; c++) sums[g][c] = _mm512_fmadd_ps(weight, row[c], sums[g][c]);
+            }
+        }
+        for (int g = 0; g < groups; g++)
+            for (int c = 0; c < 4; c++) _mm512_storeu_ps(acc[g] + slab + 16 * c, sums[g][c]);
+    }
+}
+
 static inline float bf16_to_float(uint16_t half) {
     const uint32_t bits = (uint32_t)half << 16;
     float value;
@@ -174,6 +254,7 @@ int decode_attention(int is_bf16, const void *q, int64_t q_stride_b, int64_t q_s
         return -1;
     int64_t longest = 1;
     for (int64_t b = 0; b < batch; b++) longest = lengths[b] > longest ? lengths[b] : longest;
+    const int wide = is_bf16 && head_dim % 64 == 0 && groups <= MAX_GROUP_512 && decode_attention_bf16_native();
     int failed = 0;
 #pragma omp parallel num_threads(threads) reduction(| : failed)
     {
@@ -186,16 +267,23 @@ int decode_attention(int is_bf16, const void *q, int64_t q_stride_b, int64_t q_s
             const int64_t b = task / kv_heads, length = lengths[b];
             const int h = (int)(task % kv_heads);
             if (failed || length <= 0) continue;
+            const size_t element = is_bf16 ? 2 : 4;
+            if (wide)
+                attend_bf16_512((const uint16_t *)q + b * q_stride_b + (int64_t)h * groups * q_stride_h, q_stride_h,
+                                (const uint16_t *)k + b * k_stride_b + h * k_stride_h,
+                                (const uint16_t *)v + b * v_stride_b + h * v_stride_h, k_stride_p, v_stride_p, length,
+                                groups, head_dim, scale, scores, buf->acc, inverse);
+            else {
             for (int g = 0; g < groups; g++) {
                 const int64_t at = b * q_stride_b + (int64_t)(h * groups + g) * q_stride_h;
                 for (int d = 0; d < head_dim; d++)
                     buf->queries[g][d] =
                         scale * (is_bf16 ? bf16_to_float(((const uint16_t *)q)[at + d]) : ((const float *)q)[at + d]);
             }
-            const size_t element = is_bf16 ? 2 : 4;
             attend(buf, (const char *)k + (b * k_stride_b + h * k_stride_h) * element,
                    (const char *)v + (b * v_stride_b + h * v_stride_h) * element, k_stride_p, v_stride_p, length, groups,
                    head_dim, is_bf16, scores, inverse);
+            }
             for (int g = 0; g < groups; g++) {
                 const int64_t at = (b * heads + h * groups + g) * head_dim;
                 for (int d = 0; d < head_dim; d++) {
