@@ -1,5 +1,6 @@
-/* Decode attention on x86 CPUs with AVX2 and FMA (and AVX-512 BF16 for bf16, where present): one query per sequence over its K/V rows, for the
- * decode scratch (engine/decode_scratch.py). Compiled at first use by engine/native_attention.py.
+/* Decode attention on x86 CPUs with AVX2 and FMA (AVX-512 BF16 for bf16 where present): one query per
+ * sequence over its K/V rows, for the decode scratch (engine/decode_scratch.py). Compiled at first use
+ * by engine/native_attention.py.
  *
  *   q   [B, H, D]          b, h strided; D contiguous
  *   k,v [B, KVH, S, D]     b, h, position strided; D contiguous; row b attends keys [0, lengths[b])
@@ -82,7 +83,8 @@ AVX2 static void scores_of(TaskBuffers *buf, const void *k, int64_t k_stride_p, 
             for (int j = 0; j < 8; j++) dots[j] = _mm256_setzero_ps();
             for (int c = 0; c < chunks; c++) {
                 const __m256 query = _mm256_loadu_ps(buf->queries[g] + 8 * c);
-                for (int j = 0; j < 8; j++) dots[j] = _mm256_fmadd_ps(query, _mm256_loadu_ps(buf->keys[j] + 8 * c), dots[j]);
+                for (int j = 0; j < 8; j++)
+                    dots[j] = _mm256_fmadd_ps(query, _mm256_loadu_ps(buf->keys[j] + 8 * c), dots[j]);
             }
             float eight[8];
             _mm256_storeu_ps(eight, hsum8(dots));
@@ -139,7 +141,8 @@ AVX2 static void attend(TaskBuffers *buf, const void *k, const void *v, int64_t 
                         _mm_prefetch((const char *)v + ((p + 16) * v_stride_p) * element + byte, _MM_HINT_T0);
                 const __m256 weight = _mm256_set1_ps(weights[p]);
                 for (int c = 0; c < 8; c++)
-                    if (c < width) acc[c] = _mm256_fmadd_ps(weight, load8(v, p * v_stride_p + 8 * (c0 + c), is_bf16), acc[c]);
+                    if (c < width)
+                        acc[c] = _mm256_fmadd_ps(weight, load8(v, p * v_stride_p + 8 * (c0 + c), is_bf16), acc[c]);
             }
             for (int c = 0; c < width; c++) _mm256_storeu_ps(buf->acc[g] + 8 * (c0 + c), acc[c]);
         }
@@ -164,10 +167,12 @@ int decode_attention_bf16_native(void) {
 AVX512BF16 static inline __m512 hsum16(const __m512 *a) {
     __m512 pairs[8], quads[4];
     for (int i = 0; i < 8; i++)
-        pairs[i] = _mm512_add_ps(_mm512_unpacklo_ps(a[2 * i], a[2 * i + 1]), _mm512_unpackhi_ps(a[2 * i], a[2 * i + 1]));
+        pairs[i] =
+            _mm512_add_ps(_mm512_unpacklo_ps(a[2 * i], a[2 * i + 1]), _mm512_unpackhi_ps(a[2 * i], a[2 * i + 1]));
     for (int i = 0; i < 4; i++) {
         const __m512d x = _mm512_castps_pd(pairs[2 * i]), y = _mm512_castps_pd(pairs[2 * i + 1]);
-        quads[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(x, y)), _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)));
+        quads[i] =
+            _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(x, y)), _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)));
     }
     const __m512 low = _mm512_add_ps(_mm512_shuffle_f32x4(quads[0], quads[1], 0x88),
                                      _mm512_shuffle_f32x4(quads[0], quads[1], 0xDD));
@@ -214,7 +219,8 @@ AVX512BF16 static void attend_bf16_512(const uint16_t *q, int64_t q_stride_h, co
             _mm_prefetch((const char *)(value + 16 * v_stride_p), _MM_HINT_T0);
             _mm_prefetch((const char *)(value + 16 * v_stride_p + 32), _MM_HINT_T0);
             __m512 row[4];
-            for (int c = 0; c < 4; c++) row[c] = _mm512_cvtpbh_ps((__m256bh)_mm256_loadu_si256((const __m256i *)(value + 16 * c)));
+            for (int c = 0; c < 4; c++)
+                row[c] = _mm512_cvtpbh_ps((__m256bh)_mm256_loadu_si256((const __m256i *)(value + 16 * c)));
             for (int g = 0; g < MAX_GROUP_512; g++) {
                 if (g >= groups) break;
                 const __m512 weight = _mm512_set1_ps(scores[g * length + p]);
@@ -268,21 +274,21 @@ int decode_attention(int is_bf16, const void *q, int64_t q_stride_b, int64_t q_s
             const int h = (int)(task % kv_heads);
             if (failed || length <= 0) continue;
             const size_t element = is_bf16 ? 2 : 4;
-            if (wide)
+            if (wide) {
                 attend_bf16_512((const uint16_t *)q + b * q_stride_b + (int64_t)h * groups * q_stride_h, q_stride_h,
                                 (const uint16_t *)k + b * k_stride_b + h * k_stride_h,
                                 (const uint16_t *)v + b * v_stride_b + h * v_stride_h, k_stride_p, v_stride_p, length,
                                 groups, head_dim, scale, scores, buf->acc, inverse);
-            else {
-            for (int g = 0; g < groups; g++) {
-                const int64_t at = b * q_stride_b + (int64_t)(h * groups + g) * q_stride_h;
-                for (int d = 0; d < head_dim; d++)
-                    buf->queries[g][d] =
-                        scale * (is_bf16 ? bf16_to_float(((const uint16_t *)q)[at + d]) : ((const float *)q)[at + d]);
-            }
-            attend(buf, (const char *)k + (b * k_stride_b + h * k_stride_h) * element,
-                   (const char *)v + (b * v_stride_b + h * v_stride_h) * element, k_stride_p, v_stride_p, length, groups,
-                   head_dim, is_bf16, scores, inverse);
+            } else {
+                for (int g = 0; g < groups; g++) {
+                    const int64_t at = b * q_stride_b + (int64_t)(h * groups + g) * q_stride_h;
+                    for (int d = 0; d < head_dim; d++)
+                        buf->queries[g][d] = scale * (is_bf16 ? bf16_to_float(((const uint16_t *)q)[at + d])
+                                                              : ((const float *)q)[at + d]);
+                }
+                attend(buf, (const char *)k + (b * k_stride_b + h * k_stride_h) * element,
+                       (const char *)v + (b * v_stride_b + h * v_stride_h) * element, k_stride_p, v_stride_p, length,
+                       groups, head_dim, is_bf16, scores, inverse);
             }
             for (int g = 0; g < groups; g++) {
                 const int64_t at = (b * heads + h * groups + g) * head_dim;
