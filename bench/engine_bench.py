@@ -41,7 +41,7 @@ from contract.sampling import SamplingParams
 from engine.config import EngineConfig, ModelConfig
 from engine.engine import Engine
 from engine.model import CausalLM
-from engine.native_attention import native_decode_attention
+from engine.native_kernels import native_kernels
 
 DECODE_TARGET_BATCH = 32
 DECODE_TARGET_RATIO = 1.5  # issue #13: decode at batch 32 >= 1.5x transformers
@@ -500,7 +500,7 @@ def build_report(
             "threads": torch.get_num_threads(),
             "cpu_count": os.cpu_count(),
             "machine": platform.machine(),
-            "cpu_decode_attention": "native" if native_decode_attention() is not None else "sdpa",
+            "cpu_decode_attention": "native" if native_kernels() is not None else "sdpa",
             "prompt_len": config.prompt_len,
             "decode_steps": config.decode_steps,
             "prefill_batch": config.prefill_batch,

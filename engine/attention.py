@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from engine.decode_scratch import DECODE_SCRATCH_MAX_BYTES, DecodeScratch, ScratchStep
 from engine.kv_cache import PagedKVCache
-from engine.native_attention import NativeDecodeAttention, native_decode_attention
+from engine.native_kernels import NativeKernels, native_kernels
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +90,7 @@ class TorchPagedAttention:
     def __init__(self, scratch_max_bytes: int = DECODE_SCRATCH_MAX_BYTES, native: bool = True) -> None:
         self._gather_buffer = GatherBuffer()
         self.scratch = DecodeScratch(scratch_max_bytes)
-        self.native = native_decode_attention() if native else None  # the scratch's kernel; None: SDPA
+        self.native = native_kernels() if native else None  # the scratch's kernel; None: SDPA
 
     def plan(self, sequences: StepSequences, cache: PagedKVCache) -> ScratchStep | None:
         decodes = sequences.num_decodes
@@ -170,7 +170,7 @@ def torch_paged_attention(
     batch: AttentionBatch,
     scale: float,
     gather_buffer: GatherBuffer | None = None,
-    native: NativeDecodeAttention | None = None,
+    native: NativeKernels | None = None,
 ) -> torch.Tensor:
     """q ``[tokens, heads, head_dim]``, k/v ``[tokens, kv_heads, head_dim]`` of this step's new tokens.
 
@@ -222,7 +222,7 @@ def _scratch_decode_attention(q, k, v, step: ScratchStep, layer: int, scale, nat
     if step.order is not None:
         q = q.index_select(0, step.order)
     if native is not None and native.accepts(q, key, value):
-        out = native(q, key, value, step.lengths, scale)
+        out = native.decode_attention(q, key, value, step.lengths, scale)
     else:
         query = q.view(decodes, kv_heads, -1, head_dim)
         out = F.scaled_dot_product_attention(query, key, value, attn_mask=step.mask, scale=scale)

@@ -17,6 +17,7 @@ from engine.attention import AttentionBatch, paged_attention
 from engine.config import ModelConfig
 from engine.kv_cache import PagedKVCache
 from engine.layer_ready import LayerReady, record_layer_ready
+from engine.native_kernels import elementwise_for
 
 LayerCallback = Callable[[int, LayerReady], None]  # (layer index, recorded after its K/V writes)
 
@@ -56,8 +57,17 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalised in fp32, scaled in the model dtype: the Hugging Face order, in one fused kernel.
-        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
+        return self.add_forward(x, None)[0]
+
+    def add_forward(self, x: torch.Tensor, residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(norm(r), r)`` with ``r = x + residual``, the residual stream after a sublayer (the native kernel
+        updates ``residual`` in place), or ``r = x`` when there is none yet. One pass on CPU in bf16."""
+        kernels = elementwise_for(x, self.weight) if residual is None else elementwise_for(x, residual, self.weight)
+        if kernels is not None and (residual is None or residual.is_contiguous()):
+            return kernels.add_rms_norm(x, residual, self.weight, self.eps)
+        stream = x if residual is None else x + residual
+        # Normalised in fp32, scaled in the model dtype: the Hugging Face order.
+        return self.weight * F.rms_norm(stream.float(), (x.shape[-1],), eps=self.eps).to(x.dtype), stream
 
 
 class RotaryEmbedding(nn.Module):
@@ -80,6 +90,10 @@ class RotaryEmbedding(nn.Module):
 def apply_rotary(x: torch.Tensor, tables: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
     """x ``[T, heads, D]``; q and k heads may share one call (same positions, same tables)."""
     cos, sin = tables
+    kernels = elementwise_for(x, cos, sin)
+    layout_fits = x.shape[2] % 32 == 0 and x.stride(1) == x.shape[2] and cos.stride() == sin.stride()  # halves of 16
+    if kernels is not None and layout_fits:
+        return kernels.rotary(x, cos, sin)
     return x * cos + _rotate_half(x) * sin
 
 
@@ -139,7 +153,11 @@ class MLP(nn.Module):
         self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        gate_up = self.gate_up_proj(x)
+        kernels = elementwise_for(gate_up)
+        if kernels is not None and gate_up.is_contiguous() and gate_up.shape[-1] % 32 == 0:  # halves of 16
+            return self.down_proj(kernels.silu_mul(gate_up))
+        gate, up = gate_up.chunk(2, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 
 
@@ -151,9 +169,13 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, x, rope, cache, batch):
-        x = x + self.self_attn(self.input_layernorm(x), rope, cache, batch)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x, residual, rope, cache, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """``x``: the previous layer's MLP output, not yet added to the residual stream ``residual`` (None
+        before the first layer: ``x`` is the embedding). Returns this layer's pair. Each norm adds its
+        input into the stream first, so add and norm are one pass."""
+        h, residual = self.input_layernorm.add_forward(x, residual)
+        h, residual = self.post_attention_layernorm.add_forward(self.self_attn(h, rope, cache, batch), residual)
+        return self.mlp(h), residual
 
 
 class LlamaBackbone(nn.Module):
@@ -203,9 +225,10 @@ class CausalLM(nn.Module):
     ) -> torch.Tensor:
         x = self.model.embed_tokens(input_ids)
         rope = self.rotary.tables(positions, x.dtype)
+        residual = None
         for index, layer in enumerate(self.model.layers):
-            x = layer(x, rope, cache, batch)
+            x, residual = layer(x, residual, rope, cache, batch)
             if on_layer_done is not None:
                 on_layer_done(index, record_layer_ready(x.device))
-        hidden = self.model.norm(x[logits_rows])
+        hidden, _ = self.model.norm.add_forward(x[logits_rows], residual[logits_rows])
         return self.lm_head(hidden)  # in the model dtype: the sampler widens what it needs to float32

@@ -1,6 +1,6 @@
 /* Decode attention on x86 CPUs with AVX2 and FMA (AVX-512 BF16 for bf16 where present): one query per
  * sequence over its K/V rows, for the decode scratch (engine/decode_scratch.py). Compiled at first use
- * by engine/native_attention.py.
+ * by engine/native_kernels.py.
  *
  *   q   [B, H, D]          b, h strided; D contiguous
  *   k,v [B, KVH, S, D]     b, h, position strided; D contiguous; row b attends keys [0, lengths[b])
@@ -16,6 +16,7 @@
  *   values:  acc[g] += weight[g][p] * v[p], one pass over the values
  */
 #include <immintrin.h>
+#include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -24,7 +25,7 @@
 #define MAX_GROUP 16
 #define AVX2 __attribute__((target("avx2,fma")))
 
-int decode_attention_supported(void) {
+int avx2_supported(void) {
     __builtin_cpu_init();
     return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
 }
@@ -156,7 +157,7 @@ AVX2 static void attend(TaskBuffers *buf, const void *k, const void *v, int64_t 
 #define AVX512BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16,fma")))
 #define MAX_GROUP_512 4
 
-int decode_attention_bf16_native(void) {
+int avx512_bf16_supported(void) {
     __builtin_cpu_init();
     return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
            __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bf16");
@@ -255,12 +256,12 @@ int decode_attention(int is_bf16, const void *q, int64_t q_stride_b, int64_t q_s
                      int64_t v_stride_h, int64_t v_stride_p, const int64_t *lengths, int64_t batch, int heads,
                      int kv_heads, int head_dim, float scale, void *out, int threads) {
     const int groups = kv_heads > 0 ? heads / kv_heads : 0;
-    if (!decode_attention_supported() || head_dim % 8 || head_dim > MAX_HEAD_DIM || groups < 1 ||
+    if (!avx2_supported() || head_dim % 8 || head_dim > MAX_HEAD_DIM || groups < 1 ||
         groups > MAX_GROUP || groups * kv_heads != heads)
         return -1;
     int64_t longest = 1;
     for (int64_t b = 0; b < batch; b++) longest = lengths[b] > longest ? lengths[b] : longest;
-    const int wide = is_bf16 && head_dim % 64 == 0 && groups <= MAX_GROUP_512 && decode_attention_bf16_native();
+    const int wide = is_bf16 && head_dim % 64 == 0 && groups <= MAX_GROUP_512 && avx512_bf16_supported();
     int failed = 0;
 #pragma omp parallel num_threads(threads) reduction(| : failed)
     {
@@ -305,4 +306,102 @@ int decode_attention(int is_bf16, const void *q, int64_t q_stride_b, int64_t q_s
         free(buf);
     }
     return failed ? -1 : 0;
+}
+
+/* -- a decoder layer's elementwise steps, bf16 on AVX-512 BF16 ----------------------------------------
+ * torch runs each as three to seven kernels over a decode batch's few rows; here each is one pass, with
+ * every bf16 rounding where torch rounds (vcvtneps2bf16: round to nearest even), so the results are
+ * torch's (add_rms_norm's sum of squares is added in another order; silu's e^x is within 2e-7 of torch's).
+ * Row lengths are multiples of 16 (the callers check). */
+
+AVX512BF16 static inline __m512 widen16(const uint16_t *p) {
+    return _mm512_cvtpbh_ps((__m256bh)_mm256_loadu_si256((const __m256i *)p));
+}
+
+AVX512BF16 static inline __m256i narrow16(__m512 v) { return (__m256i)_mm512_cvtneps_pbh(v); }
+
+AVX512BF16 static inline __m512 rounded16(__m512 v) { return _mm512_cvtpbh_ps((__m256bh)narrow16(v)); }
+
+/* Per row: with a residual, residual = x + residual (rounded, stored), else the row is x;
+ * out = weight * bf16(row * rsqrt(mean(row^2) + eps)) (Hugging Face's order). Rows contiguous. */
+AVX512BF16 int add_rms_norm_bf16(const uint16_t *x, uint16_t *residual, const uint16_t *weight, int64_t rows,
+                                 int64_t dim, float eps, uint16_t *out) {
+    for (int64_t r = 0; r < rows; r++) {
+        const uint16_t *source = x + r * dim;
+        __m512 squares = _mm512_setzero_ps();
+        if (residual != NULL) {
+            uint16_t *stream = residual + r * dim;
+            for (int64_t d = 0; d < dim; d += 16) {
+                const __m256i sum = narrow16(_mm512_add_ps(widen16(source + d), widen16(stream + d)));
+                _mm256_storeu_si256((__m256i *)(stream + d), sum);
+                const __m512 value = _mm512_cvtpbh_ps((__m256bh)sum);
+                squares = _mm512_fmadd_ps(value, value, squares);
+            }
+            source = stream;
+        } else {
+            for (int64_t d = 0; d < dim; d += 16) {
+                const __m512 value = widen16(source + d);
+                squares = _mm512_fmadd_ps(value, value, squares);
+            }
+        }
+        const __m512 inverse = _mm512_set1_ps(1.0f / sqrtf(_mm512_reduce_add_ps(squares) / (float)dim + eps));
+        for (int64_t d = 0; d < dim; d += 16) {
+            const __m512 normed = rounded16(_mm512_mul_ps(widen16(source + d), inverse));
+            _mm256_storeu_si256((__m256i *)(out + r * dim + d), narrow16(_mm512_mul_ps(widen16(weight + d), normed)));
+        }
+    }
+    return 0;
+}
+
+/* Rotate-half rotary embedding of x [T, heads, D] (token stride x_stride_t, heads contiguous within a
+ * token) with cos/sin [T, D] (token stride table_stride_t) into out [T, heads, D] contiguous:
+ * out = bf16(x * cos) + bf16(rotate_half(x) * sin), rotate_half(x) = (-x[D/2:], x[:D/2]). */
+AVX512BF16 int rotary_bf16(const uint16_t *x, int64_t x_stride_t, const uint16_t *cos, const uint16_t *sin,
+                           int64_t table_stride_t, int64_t tokens, int64_t heads, int64_t head_dim, uint16_t *out) {
+    const int64_t half = head_dim / 2;
+    const __m512 negate = _mm512_set1_ps(-1.0f);
+    for (int64_t t = 0; t < tokens; t++)
+        for (int64_t h = 0; h < heads; h++) {
+            const uint16_t *in = x + t * x_stride_t + h * head_dim;
+            uint16_t *to = out + (t * heads + h) * head_dim;
+            for (int64_t d = 0; d < head_dim; d += 16) {
+                const __m512 partner = d < half ? _mm512_mul_ps(negate, widen16(in + d + half)) : widen16(in + d - half);
+                const __m512 a = rounded16(_mm512_mul_ps(widen16(in + d), widen16(cos + t * table_stride_t + d)));
+                const __m512 b = rounded16(_mm512_mul_ps(partner, widen16(sin + t * table_stride_t + d)));
+                _mm256_storeu_si256((__m256i *)(to + d), narrow16(_mm512_add_ps(a, b)));
+            }
+        }
+    return 0;
+}
+
+/* e^x for any x, 16 at a time (as exp_nonpositive, with the exponent clamped to floats' range). */
+AVX512BF16 static inline __m512 exp16(__m512 x) {
+    const __m512 t = _mm512_min_ps(_mm512_max_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)), _mm512_set1_ps(-126.0f)),
+                                   _mm512_set1_ps(127.0f));
+    const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m512 f = _mm512_sub_ps(t, n);
+    __m512 p = _mm512_set1_ps(1.5353362e-4f);
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3398874e-3f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6182578e-3f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5503264e-2f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022652e-1f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718e-1f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+    const __m512i bits = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
+    const __m512 result = _mm512_mul_ps(p, _mm512_castsi512_ps(bits));
+    return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(t, _mm512_set1_ps(-126.0f), _CMP_GT_OQ), result);
+}
+
+/* out [T, I] = bf16(silu(gate)) * up for gate_up [T, 2I] rows (gate | up), silu = g / (1 + e^-g). */
+AVX512BF16 int silu_mul_bf16(const uint16_t *gate_up, int64_t tokens, int64_t inner, uint16_t *out) {
+    const __m512 one = _mm512_set1_ps(1.0f), negate = _mm512_set1_ps(-1.0f);
+    for (int64_t t = 0; t < tokens; t++) {
+        const uint16_t *gate = gate_up + t * 2 * inner, *up = gate + inner;
+        for (int64_t i = 0; i < inner; i += 16) {
+            const __m512 g = widen16(gate + i);
+            const __m512 silu = rounded16(_mm512_div_ps(g, _mm512_add_ps(one, exp16(_mm512_mul_ps(negate, g)))));
+            _mm256_storeu_si256((__m256i *)(out + t * inner + i), narrow16(_mm512_mul_ps(silu, widen16(up + i))));
+        }
+    }
+    return 0;
 }

@@ -1,4 +1,4 @@
-"""The CPU decode-attention kernel (engine/native_attention.py): exact against a float64 reference where
+"""The CPU decode-attention kernel (engine/native_kernels.py): exact against a float64 reference where
 it builds, never used where it cannot run (the engine then attends with SDPA, as transformers expects).
 Its use through the engine is covered by the greedy-vs-transformers tests (tests/engine/test_decode_scratch.py,
 test_model_vs_hf.py), which run the decode scratch and so this kernel on CPU."""
@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from contract.sampling import SamplingParams
-from engine import native_attention
+from engine import native_kernels
 from engine.attention import TorchPagedAttention
 from engine.config import EngineConfig
 from engine.engine import Engine
@@ -26,11 +26,11 @@ def _compiler_here() -> bool:
 
 @pytest.fixture
 def fresh_kernel(monkeypatch, tmp_path):
-    """native_decode_attention() forgets its process-wide choice; builds go to a private cache."""
-    monkeypatch.setattr(native_attention, "_loaded", {})
+    """native_kernels() forgets its process-wide choice; builds go to a private cache."""
+    monkeypatch.setattr(native_kernels, "_loaded", {})
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     yield
-    native_attention._loaded.clear()
+    native_kernels._loaded.clear()
 
 
 def _reference(q, key, value, lengths, scale) -> torch.Tensor:
@@ -50,7 +50,7 @@ def _reference(q, key, value, lengths, scale) -> torch.Tensor:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(("heads", "kv_heads", "dim"), [(12, 4, 64), (8, 8, 128), (4, 1, 16), (6, 2, 40)])
 def test_kernel_matches_reference_or_is_absent(fresh_kernel, dtype, heads, kv_heads, dim):
-    kernel = native_attention.native_decode_attention()
+    kernel = native_kernels.native_kernels()
     if not _compiler_here():
         assert kernel is None  # nothing to build it with: SDPA runs
         return
@@ -64,7 +64,7 @@ def test_kernel_matches_reference_or_is_absent(fresh_kernel, dtype, heads, kv_he
     lengths = torch.tensor([70, 1, 9, 33, 64])
     assert kernel.accepts(q, key, value)
     scale = dim**-0.5
-    out = kernel(q, key, value, lengths, scale)
+    out = kernel.decode_attention(q, key, value, lengths, scale)
     expected = _reference(q, key, value, lengths, scale)
     error = (out.double() - expected).abs().max().item()
     if dtype == torch.float32:
@@ -81,8 +81,8 @@ def test_kernel_matches_reference_or_is_absent(fresh_kernel, dtype, heads, kv_he
 def test_kernel_refuses_shapes_it_cannot_take(fresh_kernel):
     q = torch.zeros(2, 4, 12)  # head_dim not a multiple of 8
     key = torch.zeros(2, 2, 5, 12)
-    assert not native_attention.NativeDecodeAttention.accepts(q, key, key)
-    assert not native_attention.NativeDecodeAttention.accepts(q.half(), key.half(), key.half())
+    assert not native_kernels.NativeKernels.accepts(q, key, key)
+    assert not native_kernels.NativeKernels.accepts(q.half(), key.half(), key.half())
 
 
 def _greedy(engine: Engine) -> dict[str, list[int]]:
@@ -101,16 +101,16 @@ def test_without_a_compiler_the_engine_gets_the_same_tokens_from_sdpa(fresh_kern
     write_checkpoint(directory, "LlamaForCausalLM", seed=3)
     config = EngineConfig(model=str(directory), dtype="float32", num_kv_blocks=32)
     monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
-    with caplog.at_level(logging.INFO, logger="engine.native_attention"):
+    with caplog.at_level(logging.INFO, logger="engine.native_kernels"):
         sdpa_engine = Engine(config)
-    assert "SDPA (native kernel unavailable: building decode_attention.c" in caplog.text
+    assert "torch's (native kernels unavailable: building cpu_kernels.c" in caplog.text
     assert isinstance(sdpa_engine.runner.attention, TorchPagedAttention)
     assert sdpa_engine.runner.attention.native is None
     with_sdpa = _greedy(sdpa_engine)
     assert sorted(len(t) for t in with_sdpa.values()) == [8, 8, 8]
 
     monkeypatch.delenv("CC")
-    native_attention._loaded.clear()
+    native_kernels._loaded.clear()
     native_engine = Engine(config)
     assert (native_engine.runner.attention.native is not None) == _compiler_here()
     assert _greedy(native_engine) == with_sdpa

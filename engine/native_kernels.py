@@ -1,0 +1,193 @@
+"""splitserve's CPU kernels (engine/native/cpu_kernels.c): compiled on first use with the machine's C
+compiler, loaded with ctypes.
+
+- ``decode_attention``: the decode scratch's attention (engine/attention.py). On CPU, SDPA's flash
+  kernel is built for many query rows; a decode step has one per sequence, and it reads the KV at
+  about half the speed a streaming loop does.
+- ``add_rms_norm``, ``rotary``, ``silu_mul``: a decoder layer's elementwise steps in bf16, where the CPU
+  has AVX-512 BF16 (engine/model.py). torch runs each as three to seven kernels, which on a decode
+  batch's few rows cost more to start than to run; these round bf16 where torch does, so the output
+  is torch's.
+
+Where they cannot run — no C compiler (the slim container image), not x86 with AVX2 and FMA, a build
+that fails — torch runs instead, and the reason is logged once; a shape or dtype a kernel does not take
+goes to torch too (``accepts``, ``elementwise_for``). ``splitserve bench engine`` prints which ran.
+
+The shared object is cached under ``$XDG_CACHE_HOME/splitserve`` (``~/.cache/splitserve``), named by a
+hash of the source and the compiler, so a changed kernel or compiler rebuilds it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("native") / "cpu_kernels.c"
+MAX_HEAD_DIM = 256  # decode_attention's fixed buffers (cpu_kernels.c)
+MAX_GROUP = 16
+_FLAG_SETS = (("-O3", "-fno-math-errno", "-fopenmp"), ("-O3", "-fno-math-errno"))  # no OpenMP: attention on 1 thread
+_I64, _PTR, _INT = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
+
+
+class NativeKernels:
+    """The loaded library. Callers check ``accepts`` (attention) or ``elementwise_for`` first."""
+
+    def __init__(self, library: ctypes.CDLL, path: Path) -> None:
+        self.path = path
+        self._attention = _bind(library.decode_attention, [_INT, *[_PTR, _I64, _I64], *[_PTR, _I64, _I64, _I64] * 2])
+        self._attention.argtypes += [_PTR, _I64, _INT, _INT, _INT, ctypes.c_float, _PTR, _INT]
+        library.avx512_bf16_supported.restype = _INT
+        self.bf16_elementwise = bool(library.avx512_bf16_supported())  # add_rms_norm, rotary, silu_mul
+        self._add_rms_norm = _bind(library.add_rms_norm_bf16, [_PTR, _PTR, _PTR, _I64, _I64, ctypes.c_float, _PTR])
+        self._rotary = _bind(library.rotary_bf16, [_PTR, _I64, _PTR, _PTR, _I64, _I64, _I64, _I64, _PTR])
+        self._silu_mul = _bind(library.silu_mul_bf16, [_PTR, _I64, _I64, _PTR])
+
+    @staticmethod
+    def accepts(q: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> bool:
+        """Whether ``decode_attention`` takes these tensors (its fixed buffers, dtypes and strides)."""
+        heads, kv_heads, head_dim = q.shape[1], key.shape[1], q.shape[2]
+        return (
+            q.device.type == "cpu"
+            and q.dtype in (torch.bfloat16, torch.float32)
+            and q.dtype == key.dtype == value.dtype
+            and head_dim % 8 == 0
+            and head_dim <= MAX_HEAD_DIM
+            and heads % kv_heads == 0
+            and heads // kv_heads <= MAX_GROUP
+            and q.stride(2) == key.stride(3) == value.stride(3) == 1
+        )
+
+    def decode_attention(self, q, key, value, lengths: torch.Tensor, scale: float) -> torch.Tensor:
+        """q ``[B, H, D]``, key/value ``[B, KVH, S, D]``, lengths ``[B]`` (row b attends keys ``[0, lengths[b])``,
+        each at least 1) -> ``[B, H, D]``."""
+        batch, heads, head_dim = q.shape
+        out = torch.empty((batch, heads, head_dim), dtype=q.dtype)
+        lengths = lengths.to(torch.int64).contiguous()
+        status = self._attention(
+            int(q.dtype == torch.bfloat16),
+            q.data_ptr(), q.stride(0), q.stride(1),
+            key.data_ptr(), key.stride(0), key.stride(1), key.stride(2),
+            value.data_ptr(), value.stride(0), value.stride(1), value.stride(2),
+            lengths.data_ptr(), batch, heads, key.shape[1], head_dim, scale,
+            out.data_ptr(), torch.get_num_threads(),
+        )  # fmt: skip
+        if status != 0:
+            raise RuntimeError(f"native decode attention refused q {tuple(q.shape)} k {tuple(key.shape)} {q.dtype}")
+        return out
+
+    def add_rms_norm(self, x, residual, weight, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(weight * rms_norm(r), r)`` with ``r = x + residual`` (``residual`` updated in place), or ``r = x``."""
+        x = x.contiguous()
+        out = torch.empty_like(x)
+        rows, dim = x.numel() // x.shape[-1], x.shape[-1]
+        stream = residual.data_ptr() if residual is not None else None
+        self._add_rms_norm(x.data_ptr(), stream, weight.data_ptr(), rows, dim, eps, out.data_ptr())
+        return out, residual if residual is not None else x
+
+    def rotary(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """x ``[T, heads, D]`` (heads and D contiguous within a token), cos/sin ``[T, 1, D]`` -> ``[T, heads, D]``."""
+        tokens, heads, head_dim = x.shape
+        out = torch.empty((tokens, heads, head_dim), dtype=x.dtype)
+        self._rotary(x.data_ptr(), x.stride(0), cos.data_ptr(), sin.data_ptr(), cos.stride(0), tokens, heads, head_dim,
+                     out.data_ptr())  # fmt: skip
+        return out
+
+    def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """``[T, 2I]`` (gate | up, contiguous) -> silu(gate) * up ``[T, I]``."""
+        tokens, inner = gate_up.shape[0], gate_up.shape[1] // 2
+        out = torch.empty((tokens, inner), dtype=gate_up.dtype)
+        self._silu_mul(gate_up.data_ptr(), tokens, inner, out.data_ptr())
+        return out
+
+
+def elementwise_for(*tensors: torch.Tensor) -> NativeKernels | None:
+    """The kernels for a decoder layer's elementwise step over ``tensors``, or None (torch then): they take
+    CPU bf16 tensors whose rows (last dimension) are contiguous and a multiple of 16 long, on a CPU with
+    AVX-512 BF16. The caller checks any other layout its kernel needs."""
+    first = tensors[0]
+    if first.device.type != "cpu" or first.dtype != torch.bfloat16:
+        return None
+    kernels = native_kernels()
+    if kernels is None or not kernels.bf16_elementwise:
+        return None
+    for tensor in tensors:
+        if tensor.dtype != torch.bfloat16 or tensor.shape[-1] % 16 or tensor.stride(-1) != 1:
+            return None
+    return kernels
+
+
+def _bind(function, argtypes: list):
+    function.restype = _INT
+    function.argtypes = argtypes
+    return function
+
+
+_lock = threading.Lock()
+_loaded: dict[str, NativeKernels | None] = {}
+
+
+def native_kernels() -> NativeKernels | None:
+    """The kernels, built and loaded once per process; None where they cannot run here (reason logged)."""
+    with _lock:
+        if "kernel" not in _loaded:
+            kernel, why = _load()
+            if kernel is None:
+                log.info("CPU kernels: torch's (native kernels unavailable: %s)", why)
+            else:
+                log.info("CPU kernels: native, %s (bf16 elementwise: %s)", kernel.path, kernel.bf16_elementwise)
+            _loaded["kernel"] = kernel
+        return _loaded["kernel"]
+
+
+def _load() -> tuple[NativeKernels | None, str]:
+    if os.uname().machine not in ("x86_64", "AMD64"):
+        return None, f"the kernels are x86 (AVX2) code, this is {os.uname().machine}"
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        return None, "no C compiler (cc or gcc) on PATH"
+    try:
+        path = _build(compiler)
+        library = ctypes.CDLL(str(path))
+    except (OSError, subprocess.SubprocessError) as exc:
+        return None, f"building {SOURCE.name} with {compiler} failed: {exc}"
+    library.avx2_supported.restype = _INT
+    if not library.avx2_supported():
+        return None, "this CPU lacks AVX2 or FMA"
+    return NativeKernels(library, path), ""
+
+
+def _build(compiler: str) -> Path:
+    """The cached shared object for this source and compiler, compiled if absent (atomically renamed into
+    place, so concurrent workers never load a half-written file)."""
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
+    key = hashlib.sha256(SOURCE.read_bytes() + version.encode()).hexdigest()[:16]
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "splitserve"
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        cache = Path(tempfile.gettempdir()) / f"splitserve-{os.getuid()}"
+        cache.mkdir(parents=True, exist_ok=True)
+    target = cache / f"cpu_kernels-{key}.so"
+    if target.exists():
+        return target
+    errors = []
+    for flags in _FLAG_SETS:
+        partial = cache / f".{target.name}.{os.getpid()}.tmp"
+        command = [compiler, *flags, "-shared", "-fPIC", "-o", str(partial), str(SOURCE)]
+        result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+        if result.returncode == 0:
+            os.replace(partial, target)
+            return target
+        errors.append(result.stderr.strip().splitlines()[-1:] or [f"exit {result.returncode}"])
+    raise subprocess.SubprocessError("; ".join(e[0] for e in errors))
