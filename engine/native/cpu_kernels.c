@@ -374,10 +374,11 @@ AVX512BF16 int rotary_bf16(const uint16_t *x, int64_t x_stride_t, const uint16_t
     return 0;
 }
 
-/* e^x for any x, 16 at a time (as exp_nonpositive, with the exponent clamped to floats' range). */
+/* e^x for any x, 16 at a time (as exp_nonpositive): 0 below e^-87 and +inf above e^88, as float's own. */
 AVX512BF16 static inline __m512 exp16(__m512 x) {
-    const __m512 t = _mm512_min_ps(_mm512_max_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)), _mm512_set1_ps(-126.0f)),
-                                   _mm512_set1_ps(127.0f));
+    const __m512 scaled = _mm512_mul_ps(x, _mm512_set1_ps(1.44269504f));
+    const __mmask16 overflows = _mm512_cmp_ps_mask(scaled, _mm512_set1_ps(128.0f), _CMP_GE_OQ);
+    const __m512 t = _mm512_min_ps(_mm512_max_ps(scaled, _mm512_set1_ps(-126.0f)), _mm512_set1_ps(127.0f));
     const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     const __m512 f = _mm512_sub_ps(t, n);
     __m512 p = _mm512_set1_ps(1.5353362e-4f);
@@ -389,7 +390,8 @@ AVX512BF16 static inline __m512 exp16(__m512 x) {
     p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
     const __m512i bits = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
     const __m512 result = _mm512_mul_ps(p, _mm512_castsi512_ps(bits));
-    return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(t, _mm512_set1_ps(-126.0f), _CMP_GT_OQ), result);
+    const __m512 finite = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(t, _mm512_set1_ps(-126.0f), _CMP_GT_OQ), result);
+    return _mm512_mask_mov_ps(finite, overflows, _mm512_set1_ps(INFINITY));
 }
 
 /* out [T, I] = bf16(silu(gate)) * up for gate_up [T, 2I] rows (gate | up), silu = g / (1 + e^-g). */

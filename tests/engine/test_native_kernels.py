@@ -1,7 +1,8 @@
-"""The CPU decode-attention kernel (engine/native_kernels.py): exact against a float64 reference where
-it builds, never used where it cannot run (the engine then attends with SDPA, as transformers expects).
-Its use through the engine is covered by the greedy-vs-transformers tests (tests/engine/test_decode_scratch.py,
-test_model_vs_hf.py), which run the decode scratch and so this kernel on CPU."""
+"""The CPU kernels (engine/native_kernels.py). Decode attention: exact against a float64 reference where it
+builds. The bf16 elementwise steps: torch's results to the bit, where the CPU has AVX-512 BF16. Never
+used where they cannot run; the engine then runs torch's kernels to the same tokens. The attention's use
+through the engine is also covered by the greedy-vs-transformers tests (tests/engine/test_decode_scratch.py,
+test_model_vs_hf.py), which run the decode scratch, and so this kernel, on CPU."""
 
 from __future__ import annotations
 
@@ -22,6 +23,11 @@ from tests.checkpoints import write_checkpoint
 
 def _compiler_here() -> bool:
     return shutil.which("cc") is not None or shutil.which("gcc") is not None
+
+
+def _cpu_has_avx512_bf16() -> bool:
+    with open("/proc/cpuinfo") as cpuinfo:
+        return any(line.startswith("flags") and " avx512_bf16" in line for line in cpuinfo)
 
 
 @pytest.fixture
@@ -85,6 +91,44 @@ def test_kernel_refuses_shapes_it_cannot_take(fresh_kernel):
     assert not native_kernels.NativeKernels.accepts(q.half(), key.half(), key.half())
 
 
+def test_bf16_elementwise_kernels_give_torchs_results_to_the_bit(fresh_kernel):
+    generator = torch.Generator().manual_seed(11)
+
+    def randn(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=generator) * scale).to(torch.bfloat16)
+
+    x, stream, weight = randn(7, 256), randn(7, 256), (torch.rand(256, generator=generator) + 0.5).bfloat16()
+    kernels = native_kernels.elementwise_for(x, stream, weight)
+    if not (_compiler_here() and _cpu_has_avx512_bf16()):
+        assert kernels is None  # torch's kernels run
+        return
+    assert kernels is not None
+    assert native_kernels.elementwise_for(x.float()) is None and native_kernels.elementwise_for(randn(3, 40)) is None
+
+    def torch_norm(rows):
+        return weight * F.rms_norm(rows.float(), (256,), eps=1e-6).to(torch.bfloat16)
+
+    expected_stream = x + stream
+    out, updated = kernels.add_rms_norm(x, stream, weight, 1e-6)
+    assert updated is stream and torch.equal(stream, expected_stream), "the residual stream is updated in place"
+    assert torch.equal(out, torch_norm(expected_stream))
+    alone, same = kernels.add_rms_norm(x, None, weight, 1e-6)
+    assert same is x and torch.equal(alone, torch_norm(x))
+
+    for head_dim in (32, 64, 128):
+        fused = randn(5, 11 * head_dim)
+        heads = fused[:, : 8 * head_dim].view(5, 8, head_dim)  # strided: a slice of a fused projection's output
+        cos, sin = randn(5, 1, head_dim), randn(5, 1, head_dim)
+        half = head_dim // 2
+        rotated = torch.cat((-heads[..., half:], heads[..., :half]), dim=-1)
+        assert torch.equal(kernels.rotary(heads, cos, sin), heads * cos + rotated * sin), head_dim
+
+    gate_up = torch.cat((randn(9, 96, scale=6.0), randn(9, 96)), dim=1)
+    gate_up[0, :4] = torch.tensor([0.0, -100.0, 100.0, -0.0])  # e^x's clamps, and silu(0)
+    gate, up = gate_up.chunk(2, dim=-1)
+    assert torch.equal(kernels.silu_mul(gate_up), F.silu(gate) * up)
+
+
 def _greedy(engine: Engine) -> dict[str, list[int]]:
     params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
     for index, prompt in enumerate([[5, 6, 7, 8], [9, 10], list(range(3, 40))]):
@@ -114,3 +158,16 @@ def test_without_a_compiler_the_engine_gets_the_same_tokens_from_sdpa(fresh_kern
     native_engine = Engine(config)
     assert (native_engine.runner.attention.native is not None) == _compiler_here()
     assert _greedy(native_engine) == with_sdpa
+
+
+def test_a_bf16_engine_gets_the_same_tokens_from_torchs_elementwise_steps(fresh_kernel, monkeypatch):
+    """demo in bf16, every norm, rotary and SiLU native where AVX-512 BF16 is here, against the same engine with
+    torch's (attention is native in both: it is not bit-exact to SDPA, and bf16 near-ties would flip on it)."""
+    config = EngineConfig(model="demo", dtype="bfloat16", num_kv_blocks=32)
+    kernels = native_kernels.native_kernels()
+    native = kernels is not None and kernels.bf16_elementwise
+    assert native == (_compiler_here() and _cpu_has_avx512_bf16())
+    with_native = _greedy(Engine(config))
+    if kernels is not None:
+        monkeypatch.setattr(kernels, "bf16_elementwise", False)
+    assert _greedy(Engine(config)) == with_native
