@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from engine.attention import AttentionBackend, AttentionBatch, PrefillSegment, StepSequences, select_attention_backend
+from engine.decode_scratch import ScratchStep
 from engine.kv_cache import PagedKVCache
 from engine.layer_ready import LayerReady, record_layer_ready
 from engine.model import CausalLM
@@ -118,7 +119,9 @@ class ModelRunner:
         position = torch.cat(positions)
         tables = [c.block_ids for c in chunks]
         slot_block = torch.tensor([tables[i][p // bs] for i, p in self._positions_by_chunk(chunks)], dtype=torch.long)
-        decode_table, decode_mask = self._decode_tensors(decodes)
+        plan = self._attention_plan(chunks, position, len(decodes))
+        # The decode scratch holds the decodes' KV itself: their padded block table would go unread.
+        decode_table, decode_mask = (None, None) if isinstance(plan, ScratchStep) else self._decode_tensors(decodes)
         batch = AttentionBatch(
             slot_block=slot_block.to(self.device),
             slot_offset=(position % bs).to(self.device),
@@ -127,7 +130,7 @@ class ModelRunner:
             decode_block_table=decode_table,
             decode_mask=decode_mask,
             backend=self.attention,
-            plan=self._attention_plan(chunks, position, len(decodes)),
+            plan=plan,
         )
         return StepInputs(
             torch.tensor(ids, device=self.device),

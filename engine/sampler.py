@@ -26,6 +26,7 @@ import torch
 
 from contract.sampling import SamplingParams
 from engine.grammar import GrammarMatcher
+from engine.native_kernels import elementwise_for
 
 # Temperatures below this are treated as greedy: dividing by them overflows float32 logits.
 _SAMPLING_EPS = 1e-5
@@ -134,7 +135,8 @@ class Sampler:
             # The decode loop's fast path: no float32 copy, no softmax. Widening to float32 is exact
             # and keeps the order, so the first maximum is the same token; max(dim) finds it faster
             # than argmax on CPU.
-            token_ids = logits.max(dim=-1).indices.tolist()
+            kernels = elementwise_for(logits, row_multiple=1)
+            token_ids = kernels.argmax(logits) if kernels is not None else logits.max(dim=-1).indices.tolist()
             return SampleResult(token_ids=token_ids, logprobs=[None] * len(states))
         raw = logits.float()
         tokens = self._choose_tokens(raw, states)

@@ -407,3 +407,42 @@ AVX512BF16 int silu_mul_bf16(const uint16_t *gate_up, int64_t tokens, int64_t in
     }
     return 0;
 }
+
+/* -- greedy sampling: the first maximum of each row of bf16 logits, as torch.max(dim=-1) picks it (a NaN
+ * is the maximum: the row's first NaN). Rows [rows, cols] with row stride; one pass to find the maximum,
+ * one to find where it first is (both over a row in L2). */
+AVX512BF16 static int64_t argmax_row_bf16(const uint16_t *row, int64_t cols) {
+    __m512 top = _mm512_set1_ps(-INFINITY);
+    __mmask16 nan = 0;
+    int64_t c = 0;
+    for (; c + 16 <= cols; c += 16) {
+        const __m512 value = widen16(row + c);
+        nan |= _mm512_cmp_ps_mask(value, value, _CMP_UNORD_Q);
+        top = _mm512_max_ps(top, value);
+    }
+    float best = _mm512_reduce_max_ps(top);
+    for (int64_t tail = c; tail < cols; tail++) {
+        const float value = bf16_to_float(row[tail]);
+        nan |= value != value;
+        best = value > best ? value : best;
+    }
+    for (int64_t i = 0; i < cols; i++) { /* a NaN, or the first maximum: found early in the vector pass below */
+        if (i + 16 <= cols) {
+            const __m512 value = widen16(row + i);
+            const __mmask16 hit = nan ? _mm512_cmp_ps_mask(value, value, _CMP_UNORD_Q)
+                                      : _mm512_cmp_ps_mask(value, _mm512_set1_ps(best), _CMP_EQ_OQ);
+            if (hit) return i + __builtin_ctz(hit);
+            i += 15;
+            continue;
+        }
+        const float value = bf16_to_float(row[i]);
+        if (nan ? value != value : value == best) return i;
+    }
+    return 0;
+}
+
+int argmax_bf16(const uint16_t *logits, int64_t rows, int64_t cols, int64_t row_stride, int64_t *out, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t r = 0; r < rows; r++) out[r] = argmax_row_bf16(logits + r * row_stride, cols);
+    return 0;
+}

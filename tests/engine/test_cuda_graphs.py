@@ -36,8 +36,11 @@ def test_padded_decode_step_gives_the_real_rows_the_same_logits(engine):
     engine.step()  # prefill
     plan = engine.scheduler.schedule()
     inputs = engine.runner.prepare(plan.chunks)
-    # The gather path, as graphs run it (on CPU the decodes would read the decode scratch instead).
-    inputs = dataclasses.replace(inputs, batch=dataclasses.replace(inputs.batch, plan=None))
+    # The gather path, as graphs run it (on CPU the decodes would read the decode scratch instead, which
+    # needs no block table).
+    table, mask = engine.runner._decode_tensors(plan.chunks)
+    gather = dataclasses.replace(inputs.batch, plan=None, decode_block_table=table, decode_mask=mask)
+    inputs = dataclasses.replace(inputs, batch=gather)
     (scratch,) = engine.allocator.allocate(1)
     model, cache = engine.runner.model, engine.kv_cache
     plain = model(inputs.input_ids, inputs.positions, cache, inputs.batch, inputs.logits_rows)

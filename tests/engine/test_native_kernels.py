@@ -123,6 +123,13 @@ def test_bf16_elementwise_kernels_give_torchs_results_to_the_bit(fresh_kernel):
         rotated = torch.cat((-heads[..., half:], heads[..., :half]), dim=-1)
         assert torch.equal(kernels.rotary(heads, cos, sin), heads * cos + rotated * sin), head_dim
 
+    for cols in (517, 4096, 7):  # the greedy pick: torch's first maximum, a NaN being the maximum
+        logits = randn(9, cols + 3)[:, :cols]
+        logits[1, cols // 2] = logits[2, -1] = logits[2, 1] = float("nan")
+        logits[3], logits[4], logits[5] = 1.0, -float("inf"), 0.0
+        logits[5, 2], logits[6, -1] = -0.0, float("inf")
+        assert kernels.argmax(logits) == logits.max(dim=-1).indices.tolist(), cols
+
     gate_up = torch.cat((randn(9, 96, scale=6.0), randn(9, 96)), dim=1)
     gate_up[0, :4] = torch.tensor([0.0, -100.0, 100.0, -0.0])  # e^x's clamps, and silu(0)
     gate, up = gate_up.chunk(2, dim=-1)
