@@ -177,11 +177,19 @@ def torch_paged_attention(
     Writes k/v into the pool, then returns the attention output ``[tokens, heads, head_dim]``.
     ``gather_buffer``: where the decodes' KV gather goes (default: a fresh tensor); ``native``: the
     decode scratch's kernel (default: SDPA)."""
-    cache.write(layer, k, v, batch.slot_block, batch.slot_offset)
     begin = batch.decode_begin
+    scratch = batch.plan if isinstance(batch.plan, ScratchStep) else None
+    # One pass into the pool and the decode scratch where the native kernel takes this layout.
+    stored = native is not None and native.store_kv(
+        cache, layer, k, v, batch.slot_block, batch.slot_offset, scratch, begin
+    )
+    if not stored:
+        finite = cache.write(layer, k, v, batch.slot_block, batch.slot_offset)
     decodes = None
-    if isinstance(batch.plan, ScratchStep):
-        decodes = _scratch_decode_attention(q[begin:], k[begin:], v[begin:], batch.plan, layer, scale, native)
+    if scratch is not None:
+        if not stored:
+            scratch.append(layer, finite[begin:, 0], finite[begin:, 1])  # the scratch holds what the pool holds
+        decodes = _scratch_decode_attention(q[begin:], scratch, layer, scale, native)
     elif batch.decode_block_table is not None:
         decodes = _decode_attention(q[begin:], cache, layer, batch, scale, gather_buffer)
     if not batch.prefills and decodes is not None:
@@ -212,11 +220,10 @@ def _prefill_attention(q, k, v, cache, layer, seg: PrefillSegment, scale) -> tor
     return out[0].transpose(0, 1)
 
 
-def _scratch_decode_attention(q, k, v, step: ScratchStep, layer: int, scale, native=None) -> torch.Tensor:
-    """The decodes over the scratch rows: append this step's K/V, attend over each row's keys (the native
+def _scratch_decode_attention(q, step: ScratchStep, layer: int, scale, native=None) -> torch.Tensor:
+    """The decodes over the scratch rows (this step's K/V appended): attend over each row's keys (the native
     kernel when given and it takes the shapes, else SDPA over ``step.width`` keys, masked).
     Queries go to their rows' order and come back (a few KB) when rows are not in decode order."""
-    step.append(layer, k, v)
     key, value = step.key_value(layer)
     decodes, kv_heads, _, head_dim = key.shape
     if step.order is not None:

@@ -67,12 +67,13 @@ class PagedKVCache:
 
     def write(
         self, layer: int, key: torch.Tensor, value: torch.Tensor, slot_block: torch.Tensor, slot_offset: torch.Tensor
-    ) -> None:
+    ) -> torch.Tensor:
         """Store K/V ``[tokens, kv_heads, head_dim]`` at the given (block, offset) slots of one layer
-        (non-finite values as 0)."""
+        (non-finite values as 0). Returns what it stored, ``[tokens, 2 (K,V), kv_heads, head_dim]``."""
         key_value = torch.stack((key, value), 1).nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
         # K and V in one index_put, through a [blocks, block_size, 2, ...] view of the layer.
         self.data[layer].transpose(1, 2).index_put_((slot_block, slot_offset), key_value)
+        return key_value
 
     def gather(self, layer: int, block_table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V for ``block_table [batch, blocks]``, kv-heads first for attention: each

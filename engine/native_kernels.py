@@ -54,6 +54,8 @@ class NativeKernels:
         self._rotary = _bind(library.rotary_bf16, [_PTR, _I64, _PTR, _PTR, _I64, _I64, _I64, _I64, _PTR])
         self._silu_mul = _bind(library.silu_mul_bf16, [_PTR, _I64, _I64, _PTR])
         self._argmax = _bind(library.argmax_bf16, [_PTR, _I64, _I64, _I64, _PTR, _INT])
+        self._store_kv = _bind(library.store_kv_bf16, [_PTR, _I64, _PTR, _I64, *[_I64] * 3, _PTR, _I64, _PTR, _PTR])
+        self._store_kv.argtypes += [_PTR, _PTR, *[_I64] * 4, _PTR, _PTR]
 
     @staticmethod
     def accepts(q: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> bool:
@@ -111,6 +113,39 @@ class NativeKernels:
         out = torch.empty((tokens, inner), dtype=gate_up.dtype)
         self._silu_mul(gate_up.data_ptr(), tokens, inner, out.data_ptr())
         return out
+
+    def store_kv(self, cache, layer: int, key, value, slot_block, slot_offset, scratch, decode_begin: int) -> bool:
+        """A step's new K/V ``[tokens, kv_heads, head_dim]`` into the pool at (slot_block, slot_offset), non-finite
+        values as 0 (``PagedKVCache.write``), and the decodes' (rows from ``decode_begin``) into the decode
+        scratch too (``ScratchStep.append``, when ``scratch`` is one), in one pass. False, having stored
+        nothing: not bf16 where this CPU has AVX-512 BF16, or not that layout (torch's path then)."""
+        head_dim = key.shape[-1]
+        if (
+            not self.bf16_elementwise
+            or key.dtype != torch.bfloat16
+            or value.dtype != torch.bfloat16
+            or cache.data.dtype != torch.bfloat16
+            or key.stride(2) != 1
+            or key.stride(1) != head_dim
+            or value.stride(2) != 1
+            or value.stride(1) != head_dim
+        ):
+            return False
+        slot_block, slot_offset = slot_block.contiguous(), slot_offset.contiguous()
+        scratch_k = scratch_v = None
+        strides = (0, 0, 0)
+        rows = positions = None
+        if scratch is not None:
+            storage_k, storage_v = scratch.storage[layer, 0], scratch.storage[layer, 1]
+            scratch_k, scratch_v = storage_k.data_ptr(), storage_v.data_ptr()
+            strides = (storage_k.stride(0), storage_k.stride(1), storage_k.stride(2))
+            rows, positions = scratch.rows.data_ptr(), scratch.positions.data_ptr()
+        self._store_kv(
+            key.data_ptr(), key.stride(0), value.data_ptr(), value.stride(0), key.shape[0], key.shape[1], head_dim,
+            cache.data[layer].data_ptr(), cache.layout.block_size, slot_block.data_ptr(), slot_offset.data_ptr(),
+            scratch_k, scratch_v, *strides, decode_begin, rows, positions,
+        )  # fmt: skip
+        return True
 
     def argmax(self, logits: torch.Tensor) -> list[int]:
         """Each row's first maximum (a NaN counts as the maximum), as ``logits.max(dim=-1).indices``."""

@@ -446,3 +446,34 @@ int argmax_bf16(const uint16_t *logits, int64_t rows, int64_t cols, int64_t row_
     for (int64_t r = 0; r < rows; r++) out[r] = argmax_row_bf16(logits + r * row_stride, cols);
     return 0;
 }
+
+/* -- a step's new K/V into the pool, and the decodes' also into the decode scratch (bf16) ------------
+ * Token t's K (and V) is kv_heads * head_dim contiguous elements at k + t * k_stride_t; it goes to the pool
+ * region of slot_block[t], slot slot_offset[t] (pool: [blocks, 2, block_size, kv_heads, head_dim]), NaN and
+ * +-inf stored as 0 (the pool's finite rule, engine/kv_cache.py). Tokens from decode_begin on are decodes:
+ * decode i also goes to scratch row rows[i], position positions[i] (scratch_k/scratch_v: one layer's K or V
+ * storage, strided by row, head, position), the same finite values. */
+static inline void store_finite(uint16_t *to, const uint16_t *from, int64_t count) {
+    for (int64_t i = 0; i < count; i++) to[i] = (from[i] & 0x7f80u) == 0x7f80u ? 0 : from[i];
+}
+
+int store_kv_bf16(const uint16_t *k, int64_t k_stride_t, const uint16_t *v, int64_t v_stride_t, int64_t tokens,
+                  int64_t kv_heads, int64_t head_dim, uint16_t *pool, int64_t block_size, const int64_t *slot_block,
+                  const int64_t *slot_offset, uint16_t *scratch_k, uint16_t *scratch_v, int64_t stride_row,
+                  int64_t stride_head, int64_t stride_position, int64_t decode_begin, const int64_t *rows,
+                  const int64_t *positions) {
+    const int64_t width = kv_heads * head_dim;
+    for (int64_t t = 0; t < tokens; t++) {
+        uint16_t *region = pool + (slot_block[t] * 2 * block_size + slot_offset[t]) * width;
+        uint16_t *pool_k = region, *pool_v = region + block_size * width;
+        store_finite(pool_k, k + t * k_stride_t, width);
+        store_finite(pool_v, v + t * v_stride_t, width);
+        if (scratch_k == NULL || t < decode_begin) continue;
+        const int64_t i = t - decode_begin, at = rows[i] * stride_row + positions[i] * stride_position;
+        for (int64_t h = 0; h < kv_heads; h++) {
+            memcpy(scratch_k + at + h * stride_head, pool_k + h * head_dim, sizeof(uint16_t) * head_dim);
+            memcpy(scratch_v + at + h * stride_head, pool_v + h * head_dim, sizeof(uint16_t) * head_dim);
+        }
+    }
+    return 0;
+}

@@ -17,7 +17,9 @@ from contract.sampling import SamplingParams
 from engine import native_kernels
 from engine.attention import TorchPagedAttention
 from engine.config import EngineConfig
+from engine.decode_scratch import ScratchStep
 from engine.engine import Engine
+from engine.kv_cache import KVLayout, PagedKVCache
 from tests.checkpoints import write_checkpoint
 
 
@@ -178,3 +180,30 @@ def test_a_bf16_engine_gets_the_same_tokens_from_torchs_elementwise_steps(fresh_
     if kernels is not None:
         monkeypatch.setattr(kernels, "bf16_elementwise", False)
     assert _greedy(Engine(config)) == with_native
+
+
+def test_native_kv_store_writes_what_the_pool_and_the_scratch_write(fresh_kernel):
+    """Prefill rows then decodes, NaN and inf among them: the pool and the decode scratch end up as
+    PagedKVCache.write and ScratchStep.append leave them (finite values, the same bytes)."""
+    layout = KVLayout(num_layers=2, num_blocks=8, block_size=4, num_kv_heads=2, head_dim=32, dtype="bfloat16")
+    generator = torch.Generator().manual_seed(5)
+    fused = torch.randn(7, 6, 32, generator=generator).bfloat16()  # [tokens, q heads + k + v, D]
+    fused[1, 4, 3], fused[5, 5, 0], fused[6, 4, 7] = float("nan"), float("inf"), -float("inf")
+    key, value = fused[:, 2:4], fused[:, 4:6]  # strided, as the model's split hands them over
+    slot_block, slot_offset = torch.tensor([0, 0, 0, 3, 5, 6, 7]), torch.tensor([0, 1, 2, 0, 3, 1, 2])
+    decode_begin, rows, positions = 4, torch.tensor([2, 0, 1]), torch.tensor([3, 9, 6])
+
+    def scratch_step():
+        storage = torch.zeros(2, 2, 3, 2, 16, 32, dtype=torch.bfloat16)  # [layers, K|V, rows, heads, positions, D]
+        return ScratchStep(storage, rows, positions, None, 10, None, positions + 1)
+
+    expected_cache, expected_step = PagedKVCache(layout), scratch_step()
+    finite = expected_cache.write(1, key, value, slot_block, slot_offset)
+    expected_step.append(1, finite[decode_begin:, 0], finite[decode_begin:, 1])
+    kernels = native_kernels.native_kernels()
+    cache, step = PagedKVCache(layout), scratch_step()
+    stored = kernels is not None and kernels.store_kv(cache, 1, key, value, slot_block, slot_offset, step, decode_begin)
+    assert stored == (_compiler_here() and _cpu_has_avx512_bf16())
+    if stored:
+        assert torch.equal(cache.data, expected_cache.data) and torch.equal(step.storage, expected_step.storage)
+        assert torch.isfinite(cache.data).all() and cache.data[1, 3].abs().sum() > 0
