@@ -500,7 +500,7 @@ def build_report(
             "threads": torch.get_num_threads(),
             "cpu_count": os.cpu_count(),
             "machine": platform.machine(),
-            "cpu_decode_attention": "native" if native_kernels() is not None else "sdpa",
+            "cpu_kernels": _cpu_kernels(),
             "prompt_len": config.prompt_len,
             "decode_steps": config.decode_steps,
             "prefill_batch": config.prefill_batch,
@@ -515,6 +515,14 @@ def build_report(
         "roofline": roofline,
         "targets": targets,
     }
+
+
+def _cpu_kernels() -> str:
+    """Which CPU kernels the engine ran (engine/native_kernels.py)."""
+    kernels = native_kernels()
+    if kernels is None:
+        return "torch's"
+    return "native attention + bf16 elementwise" if kernels.bf16_elementwise else "native attention"
 
 
 def _sanity_line(sanity: SanityResult) -> str:
@@ -532,7 +540,7 @@ def print_report(report: dict) -> None:
         f"\nmodel {meta['model']} {meta['dtype']}, torch {meta['torch']}, transformers {meta['transformers']}, "
         f"{meta['threads']} threads / {meta['cpu_count']} cpus, prompt {meta['prompt_len']}, "
         f"decode {meta['decode_steps']} steps, best of {meta['repeats']} (prefill: of {meta['prefill_repeats']}), "
-        f"decode attention: {meta['cpu_decode_attention']}"
+        f"CPU kernels: {meta['cpu_kernels']}"
     )
     print(f"{'row':<12}{'engine tok/s':>14}{'hf tok/s':>14}{'ratio':>9}{'median ratio':>14}")
     for row in report["rows"]:
