@@ -43,18 +43,17 @@ AVX2 static inline __m256 hsum8(const __m256 *a) {
     return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
 }
 
+/* 2^f on [-0.5, 0.5], highest power first (relative error ~2e-7). */
+static const float EXP2_POLY[7] = {1.5353362e-4f, 1.3398874e-3f, 9.6182578e-3f, 5.5503264e-2f,
+                                   2.4022652e-1f, 6.9314718e-1f, 1.0f};
+
 /* e^x for x <= 0: 2^(x log2 e) as 2^n (exponent bits) times a polynomial of 2^f, f in [-0.5, 0.5]. */
 AVX2 static inline __m256 exp_nonpositive(__m256 x) {
     const __m256 t = _mm256_max_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504f)), _mm256_set1_ps(-126.0f));
     const __m256 n = _mm256_round_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     const __m256 f = _mm256_sub_ps(t, n);
-    __m256 p = _mm256_set1_ps(1.5353362e-4f);
-    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.3398874e-3f));
-    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(9.6182578e-3f));
-    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(5.5503264e-2f));
-    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(2.4022652e-1f));
-    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(6.9314718e-1f));
-    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f));
+    __m256 p = _mm256_set1_ps(EXP2_POLY[0]);
+    for (int i = 1; i < 7; i++) p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(EXP2_POLY[i]));
     const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
     const __m256 result = _mm256_mul_ps(p, _mm256_castsi256_ps(bits));
     return _mm256_and_ps(result, _mm256_cmp_ps(t, _mm256_set1_ps(-126.0f), _CMP_GT_OQ)); /* underflow: 0 */
@@ -381,13 +380,8 @@ AVX512BF16 static inline __m512 exp16(__m512 x) {
     const __m512 t = _mm512_min_ps(_mm512_max_ps(scaled, _mm512_set1_ps(-126.0f)), _mm512_set1_ps(127.0f));
     const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     const __m512 f = _mm512_sub_ps(t, n);
-    __m512 p = _mm512_set1_ps(1.5353362e-4f);
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3398874e-3f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6182578e-3f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5503264e-2f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022652e-1f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718e-1f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+    __m512 p = _mm512_set1_ps(EXP2_POLY[0]);
+    for (int i = 1; i < 7; i++) p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(EXP2_POLY[i]));
     const __m512i bits = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
     const __m512 result = _mm512_mul_ps(p, _mm512_castsi512_ps(bits));
     const __m512 finite = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(t, _mm512_set1_ps(-126.0f), _CMP_GT_OQ), result);
