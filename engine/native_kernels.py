@@ -11,7 +11,8 @@ compiler, loaded with ctypes.
 - ``argmax``: the greedy pick over bf16 logits (engine/sampler.py), 6x faster than ``max(dim=-1)``.
 
 Where they cannot run — no C compiler (the slim container image), not x86 with AVX2 and FMA, a build
-that fails — torch runs instead, and the reason is logged once; a shape or dtype a kernel does not take
+that fails, or ``SPLITSERVE_CPU_KERNELS=torch`` (``avx2``: only what a CPU without AVX-512 BF16 runs)
+— torch runs instead, and the reason is logged once; a shape or dtype a kernel does not take
 goes to torch too (``accepts``, ``elementwise_for``). ``splitserve bench engine`` prints which ran.
 
 The shared object is cached under ``$XDG_CACHE_HOME/splitserve`` (``~/.cache/splitserve``), named by a
@@ -32,6 +33,8 @@ from pathlib import Path
 
 import torch
 
+from engine.errors import EngineError
+
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("native") / "cpu_kernels.c"
@@ -44,12 +47,13 @@ _I64, _PTR, _INT = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
 class NativeKernels:
     """The loaded library. Callers check ``accepts`` (attention) or ``elementwise_for`` first."""
 
-    def __init__(self, library: ctypes.CDLL, path: Path) -> None:
+    def __init__(self, library: ctypes.CDLL, path: Path, avx512: bool = True) -> None:
         self.path = path
         self._attention = _bind(library.decode_attention, [_INT, *[_PTR, _I64, _I64], *[_PTR, _I64, _I64, _I64] * 2])
-        self._attention.argtypes += [_PTR, _I64, _INT, _INT, _INT, ctypes.c_float, _PTR, _INT]
+        self._attention.argtypes += [_PTR, _I64, _INT, _INT, _INT, ctypes.c_float, _PTR, _INT, _INT]
         library.avx512_bf16_supported.restype = _INT
-        self.bf16_elementwise = bool(library.avx512_bf16_supported())  # add_rms_norm, rotary, silu_mul
+        # AVX-512 BF16 here and allowed: the bf16 elementwise kernels, and attention's bf16 AVX-512 path.
+        self.bf16_elementwise = avx512 and bool(library.avx512_bf16_supported())
         self._add_rms_norm = _bind(library.add_rms_norm_bf16, [_PTR, _PTR, _PTR, _I64, _I64, ctypes.c_float, _PTR])
         self._rotary = _bind(library.rotary_bf16, [_PTR, _I64, _PTR, _PTR, _I64, _I64, _I64, _I64, _PTR])
         self._silu_mul = _bind(library.silu_mul_bf16, [_PTR, _I64, _I64, _PTR])
@@ -84,7 +88,7 @@ class NativeKernels:
             key.data_ptr(), key.stride(0), key.stride(1), key.stride(2),
             value.data_ptr(), value.stride(0), value.stride(1), value.stride(2),
             lengths.data_ptr(), batch, heads, key.shape[1], head_dim, scale,
-            out.data_ptr(), torch.get_num_threads(),
+            out.data_ptr(), torch.get_num_threads(), int(self.bf16_elementwise),
         )  # fmt: skip
         if status != 0:
             raise RuntimeError(f"native decode attention refused q {tuple(q.shape)} k {tuple(key.shape)} {q.dtype}")
@@ -177,24 +181,33 @@ def _bind(function, argtypes: list):
     return function
 
 
+# Which kernels run: every one this CPU can (auto), only the AVX2 ones (avx2: what a CPU without AVX-512 BF16
+# gets), or none (torch). Read at each engine's start; a value outside these is refused, naming the variable.
+CPU_KERNELS_ENV = "SPLITSERVE_CPU_KERNELS"
+CPU_KERNEL_MODES = ("auto", "avx2", "torch")
+
 _lock = threading.Lock()
-_loaded: dict[str, NativeKernels | None] = {}
+_loaded: dict[str, NativeKernels | None] = {}  # by mode
 
 
 def native_kernels() -> NativeKernels | None:
-    """The kernels, built and loaded once per process; None where they cannot run here (reason logged)."""
+    """The kernels, built and loaded once per process and mode; None where they cannot run here, or
+    SPLITSERVE_CPU_KERNELS=torch (the reason logged once)."""
+    mode = os.environ.get(CPU_KERNELS_ENV) or "auto"
+    if mode not in CPU_KERNEL_MODES:
+        raise EngineError(f"{CPU_KERNELS_ENV} must be one of {', '.join(CPU_KERNEL_MODES)}, got {mode!r}")
     with _lock:
-        if "kernel" not in _loaded:
-            kernel, why = _load()
+        if mode not in _loaded:
+            kernel, why = (None, f"{CPU_KERNELS_ENV}=torch") if mode == "torch" else _load(avx512=mode == "auto")
             if kernel is None:
                 log.info("CPU kernels: torch's (native kernels unavailable: %s)", why)
             else:
                 log.info("CPU kernels: native, %s (bf16 elementwise: %s)", kernel.path, kernel.bf16_elementwise)
-            _loaded["kernel"] = kernel
-        return _loaded["kernel"]
+            _loaded[mode] = kernel
+        return _loaded[mode]
 
 
-def _load() -> tuple[NativeKernels | None, str]:
+def _load(avx512: bool) -> tuple[NativeKernels | None, str]:
     if os.uname().machine not in ("x86_64", "AMD64"):
         return None, f"the kernels are x86 (AVX2) code, this is {os.uname().machine}"
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
@@ -208,7 +221,7 @@ def _load() -> tuple[NativeKernels | None, str]:
     library.avx2_supported.restype = _INT
     if not library.avx2_supported():
         return None, "this CPU lacks AVX2 or FMA"
-    return NativeKernels(library, path), ""
+    return NativeKernels(library, path, avx512), ""
 
 
 def _build(compiler: str) -> Path:

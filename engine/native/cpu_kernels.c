@@ -247,20 +247,20 @@ static inline uint16_t float_to_bf16(float value) { /* round to nearest even, as
     return (uint16_t)(bits >> 16);
 }
 
-/* Strides in elements; is_bf16: bfloat16 tensors, else float32. Returns 0; -1 if the CPU lacks AVX2/FMA,
+/* Strides in elements; is_bf16: bfloat16 tensors, else float32; allow_avx512: 0 keeps to the AVX2 path. Returns 0; -1 if the CPU lacks AVX2/FMA,
  * a shape exceeds the fixed buffers (head_dim a multiple of 8 up to 256, up to 16 query heads per KV
  * head) or memory ran out: the caller checks the first two before calling. */
 int decode_attention(int is_bf16, const void *q, int64_t q_stride_b, int64_t q_stride_h, const void *k,
                      int64_t k_stride_b, int64_t k_stride_h, int64_t k_stride_p, const void *v, int64_t v_stride_b,
                      int64_t v_stride_h, int64_t v_stride_p, const int64_t *lengths, int64_t batch, int heads,
-                     int kv_heads, int head_dim, float scale, void *out, int threads) {
+                     int kv_heads, int head_dim, float scale, void *out, int threads, int allow_avx512) {
     const int groups = kv_heads > 0 ? heads / kv_heads : 0;
     if (!avx2_supported() || head_dim % 8 || head_dim > MAX_HEAD_DIM || groups < 1 ||
         groups > MAX_GROUP || groups * kv_heads != heads)
         return -1;
     int64_t longest = 1;
     for (int64_t b = 0; b < batch; b++) longest = lengths[b] > longest ? lengths[b] : longest;
-    const int wide = is_bf16 && head_dim % 64 == 0 && groups <= MAX_GROUP_512 && avx512_bf16_supported();
+    const int wide = allow_avx512 && is_bf16 && head_dim % 64 == 0 && groups <= MAX_GROUP_512 && avx512_bf16_supported();
     int failed = 0;
 #pragma omp parallel num_threads(threads) reduction(| : failed)
     {

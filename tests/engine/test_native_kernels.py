@@ -19,6 +19,7 @@ from engine.attention import TorchPagedAttention
 from engine.config import EngineConfig
 from engine.decode_scratch import ScratchStep
 from engine.engine import Engine
+from engine.errors import EngineError
 from engine.kv_cache import KVLayout, PagedKVCache
 from tests.checkpoints import write_checkpoint
 
@@ -55,9 +56,11 @@ def _reference(q, key, value, lengths, scale) -> torch.Tensor:
     return out
 
 
+@pytest.mark.parametrize("mode", ["auto", "avx2"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(("heads", "kv_heads", "dim"), [(12, 4, 64), (8, 8, 128), (4, 1, 16), (6, 2, 40)])
-def test_kernel_matches_reference_or_is_absent(fresh_kernel, dtype, heads, kv_heads, dim):
+def test_kernel_matches_reference_or_is_absent(fresh_kernel, monkeypatch, mode, dtype, heads, kv_heads, dim):
+    monkeypatch.setenv(native_kernels.CPU_KERNELS_ENV, mode)  # avx2: the path a CPU without AVX-512 BF16 runs
     kernel = native_kernels.native_kernels()
     if not _compiler_here():
         assert kernel is None  # nothing to build it with: SDPA runs
@@ -177,9 +180,22 @@ def test_a_bf16_engine_gets_the_same_tokens_from_torchs_elementwise_steps(fresh_
     native = kernels is not None and kernels.bf16_elementwise
     assert native == (_compiler_here() and _cpu_has_avx512_bf16())
     with_native = _greedy(Engine(config))
-    if kernels is not None:
-        monkeypatch.setattr(kernels, "bf16_elementwise", False)
+    monkeypatch.setenv(native_kernels.CPU_KERNELS_ENV, "avx2")
+    avx2 = native_kernels.native_kernels()
+    assert avx2 is None or not avx2.bf16_elementwise
     assert _greedy(Engine(config)) == with_native
+
+
+def test_the_kernel_choice_is_honoured_or_refused(fresh_kernel, monkeypatch, caplog):
+    monkeypatch.setenv(native_kernels.CPU_KERNELS_ENV, "torch")
+    with caplog.at_level(logging.INFO, logger="engine.native_kernels"):
+        assert native_kernels.native_kernels() is None
+    assert "SPLITSERVE_CPU_KERNELS=torch" in caplog.text
+    engine = Engine(EngineConfig(model="demo", num_kv_blocks=16))
+    assert engine.runner.attention.native is None
+    monkeypatch.setenv(native_kernels.CPU_KERNELS_ENV, "fast")
+    with pytest.raises(EngineError, match="SPLITSERVE_CPU_KERNELS must be one of auto, avx2, torch, got 'fast'"):
+        Engine(EngineConfig(model="demo", num_kv_blocks=16))
 
 
 def test_native_kv_store_writes_what_the_pool_and_the_scratch_write(fresh_kernel):
