@@ -90,7 +90,7 @@ class TorchPagedAttention:
     def __init__(self, scratch_max_bytes: int = DECODE_SCRATCH_MAX_BYTES, native: bool = True) -> None:
         self._gather_buffer = GatherBuffer()
         self.scratch = DecodeScratch(scratch_max_bytes)
-        self.native = native_kernels() if native else None  # the scratch's kernel; None: SDPA
+        self.native = native_kernels() if native else None  # CPU K/V stores and decode attention; None: torch's
 
     def plan(self, sequences: StepSequences, cache: PagedKVCache) -> ScratchStep | None:
         decodes = sequences.num_decodes

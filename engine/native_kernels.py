@@ -126,6 +126,8 @@ class NativeKernels:
         head_dim = key.shape[-1]
         if (
             not self.bf16_elementwise
+            or key.device.type != "cpu"
+            or cache.data.device.type != "cpu"
             or key.dtype != torch.bfloat16
             or value.dtype != torch.bfloat16
             or cache.data.dtype != torch.bfloat16

@@ -223,3 +223,6 @@ def test_native_kv_store_writes_what_the_pool_and_the_scratch_write(fresh_kernel
     if stored:
         assert torch.equal(cache.data, expected_cache.data) and torch.equal(step.storage, expected_step.storage)
         assert torch.isfinite(cache.data).all() and cache.data[1, 3].abs().sum() > 0
+        # Not host memory (a GPU's, here "meta"): the kernel declines, and torch's path stores.
+        elsewhere = key.to("meta"), value.to("meta")
+        assert not kernels.store_kv(cache, 1, *elsewhere, slot_block, slot_offset, None, decode_begin)
