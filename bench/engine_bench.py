@@ -522,7 +522,7 @@ def _cpu_kernels() -> str:
     kernels = native_kernels()
     if kernels is None:
         return "torch's"
-    return "native attention + bf16 elementwise" if kernels.bf16_elementwise else "native attention"
+    return f"native ({kernels.isa})"
 
 
 def _sanity_line(sanity: SanityResult) -> str:

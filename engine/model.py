@@ -155,7 +155,8 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = self.gate_up_proj(x)
         kernels = elementwise_for(gate_up)
-        if kernels is not None and gate_up.is_contiguous() and gate_up.shape[-1] % 32 == 0:  # halves of 16
+        native = kernels is not None and kernels.fast_silu_mul
+        if native and gate_up.is_contiguous() and gate_up.shape[-1] % 32 == 0:  # halves of 16
             return self.down_proj(kernels.silu_mul(gate_up))
         gate, up = gate_up.chunk(2, dim=-1)
         return self.down_proj(F.silu(gate) * up)

@@ -4,14 +4,14 @@ compiler, loaded with ctypes.
 - ``decode_attention``: the decode scratch's attention (engine/attention.py). On CPU, SDPA's flash
   kernel is built for many query rows; a decode step has one per sequence, and it reads the KV at
   about half the speed a streaming loop does.
-- ``add_rms_norm``, ``rotary``, ``silu_mul``: a decoder layer's elementwise steps in bf16, where the CPU
-  has AVX-512 BF16 (engine/model.py). torch runs each as three to seven kernels, which on a decode
+- ``add_rms_norm``, ``rotary``, ``silu_mul``, ``store_kv``: a decoder layer's elementwise steps in bf16
+  (engine/model.py, engine/attention.py). torch runs each as three to seven kernels, which on a decode
   batch's few rows cost more to start than to run; these round bf16 where torch does, so the output
-  is torch's.
+  is torch's. Written once (engine/native/bf16_steps.h), built for AVX-512 BF16 and for AVX2.
 - ``argmax``: the greedy pick over bf16 logits (engine/sampler.py), 6x faster than ``max(dim=-1)``.
 
 Where they cannot run — no C compiler (the slim container image), not x86 with AVX2 and FMA, a build
-that fails, or ``SPLITSERVE_CPU_KERNELS=torch`` (``avx2``: only what a CPU without AVX-512 BF16 runs)
+that fails, or ``SPLITSERVE_CPU_KERNELS=torch`` (``avx2``: what a CPU without AVX-512 BF16 runs)
 — torch runs instead, and the reason is logged once; a shape or dtype a kernel does not take
 goes to torch too (``accepts``, ``elementwise_for``). ``splitserve bench engine`` prints which ran.
 
@@ -52,12 +52,18 @@ class NativeKernels:
         self._attention = _bind(library.decode_attention, [_INT, *[_PTR, _I64, _I64], *[_PTR, _I64, _I64, _I64] * 2])
         self._attention.argtypes += [_PTR, _I64, _INT, _INT, _INT, ctypes.c_float, _PTR, _INT, _INT]
         library.avx512_bf16_supported.restype = _INT
-        # AVX-512 BF16 here and allowed: the bf16 elementwise kernels, and attention's bf16 AVX-512 path.
-        self.bf16_elementwise = avx512 and bool(library.avx512_bf16_supported())
-        self._add_rms_norm = _bind(library.add_rms_norm_bf16, [_PTR, _PTR, _PTR, _I64, _I64, ctypes.c_float, _PTR])
-        self._rotary = _bind(library.rotary_bf16, [_PTR, _I64, _PTR, _PTR, _I64, _I64, _I64, _I64, _PTR])
-        self._silu_mul = _bind(library.silu_mul_bf16, [_PTR, _I64, _I64, _PTR])
-        self._argmax = _bind(library.argmax_bf16, [_PTR, _I64, _I64, _I64, _PTR, _INT])
+        # The instruction set the bf16 steps and attention's bf16 path run on: AVX-512 BF16 where the CPU has
+        # it and the mode allows, else AVX2.
+        self.isa = "avx512" if avx512 and library.avx512_bf16_supported() else "avx2"
+        self.bf16_elementwise = True  # add_rms_norm, rotary, silu_mul, store_kv, argmax (a test turns them off)
+        # On AVX2, e^x and the division make SiLU-and-multiply slower than torch's (79 vs 34 us at 32 x 2048).
+        self.fast_silu_mul = self.isa == "avx512"
+        names = ("add_rms_norm", "rotary", "silu_mul", "argmax")
+        steps = {name: getattr(library, f"{name}_{self.isa}") for name in names}
+        self._add_rms_norm = _bind(steps["add_rms_norm"], [_PTR, _PTR, _PTR, _I64, _I64, ctypes.c_float, _PTR])
+        self._rotary = _bind(steps["rotary"], [_PTR, _I64, _PTR, _PTR, _I64, _I64, _I64, _I64, _PTR])
+        self._silu_mul = _bind(steps["silu_mul"], [_PTR, _I64, _I64, _PTR])
+        self._argmax = _bind(steps["argmax"], [_PTR, _I64, _I64, _I64, _PTR, _INT])
         self._store_kv = _bind(library.store_kv_bf16, [_PTR, _I64, _PTR, _I64, *[_I64] * 3, _PTR, _I64, _PTR, _PTR])
         self._store_kv.argtypes += [_PTR, _PTR, *[_I64] * 4, _PTR, _PTR]
 
@@ -88,7 +94,7 @@ class NativeKernels:
             key.data_ptr(), key.stride(0), key.stride(1), key.stride(2),
             value.data_ptr(), value.stride(0), value.stride(1), value.stride(2),
             lengths.data_ptr(), batch, heads, key.shape[1], head_dim, scale,
-            out.data_ptr(), torch.get_num_threads(), int(self.bf16_elementwise),
+            out.data_ptr(), torch.get_num_threads(), int(self.isa == "avx512"),
         )  # fmt: skip
         if status != 0:
             raise RuntimeError(f"native decode attention refused q {tuple(q.shape)} k {tuple(key.shape)} {q.dtype}")
@@ -164,7 +170,7 @@ class NativeKernels:
 def elementwise_for(*tensors: torch.Tensor, row_multiple: int = 16) -> NativeKernels | None:
     """The kernels for a decoder layer's elementwise step (or greedy ``argmax``) over ``tensors``, or None
     (torch then): they take CPU bf16 tensors whose rows (last dimension) are contiguous and a multiple of
-    ``row_multiple`` long, on a CPU with AVX-512 BF16. The caller checks any other layout its kernel needs."""
+    ``row_multiple`` long. The caller checks any other layout its kernel needs."""
     first = tensors[0]
     if first.device.type != "cpu" or first.dtype != torch.bfloat16:
         return None
@@ -183,8 +189,8 @@ def _bind(function, argtypes: list):
     return function
 
 
-# Which kernels run: every one this CPU can (auto), only the AVX2 ones (avx2: what a CPU without AVX-512 BF16
-# gets), or none (torch). Read at each engine's start; a value outside these is refused, naming the variable.
+# Which kernels run: the fastest builds this CPU can run (auto), the AVX2 builds (avx2: what a CPU without
+# AVX-512 BF16 runs), or none (torch). Read at each engine's start; any other value is refused, naming it.
 CPU_KERNELS_ENV = "SPLITSERVE_CPU_KERNELS"
 CPU_KERNEL_MODES = ("auto", "avx2", "torch")
 
@@ -230,7 +236,8 @@ def _build(compiler: str) -> Path:
     """The cached shared object for this source and compiler, compiled if absent (atomically renamed into
     place, so concurrent workers never load a half-written file)."""
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
-    key = hashlib.sha256(SOURCE.read_bytes() + version.encode()).hexdigest()[:16]
+    sources = b"".join(path.read_bytes() for path in sorted(SOURCE.parent.glob("*.[ch]")))  # with its header
+    key = hashlib.sha256(sources + version.encode()).hexdigest()[:16]
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "splitserve"
     try:
         cache.mkdir(parents=True, exist_ok=True)

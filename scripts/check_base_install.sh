@@ -23,7 +23,7 @@ cd "$work"  # not the checkout: the installed package must be what runs
 "$bin/splitserve" --help > /dev/null
 "$bin/splitserve" up --help > /dev/null
 # the CPU decode-attention kernel's source ships in the package: it is compiled on first use
-"$bin/python" -c "from engine.native_kernels import SOURCE; assert SOURCE.is_file(), SOURCE"
+"$bin/python" -c "from engine.native_kernels import SOURCE; assert (SOURCE.parent / 'bf16_steps.h').is_file(), SOURCE"
 if "$bin/python" -c "import httpx" 2>/dev/null; then
     echo "base install check: httpx is installed, so this is not a base install" >&2; exit 1
 fi

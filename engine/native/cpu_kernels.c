@@ -47,16 +47,19 @@ AVX2 static inline __m256 hsum8(const __m256 *a) {
 static const float EXP2_POLY[7] = {1.5353362e-4f, 1.3398874e-3f, 9.6182578e-3f, 5.5503264e-2f,
                                    2.4022652e-1f, 6.9314718e-1f, 1.0f};
 
-/* e^x for x <= 0: 2^(x log2 e) as 2^n (exponent bits) times a polynomial of 2^f, f in [-0.5, 0.5]. */
-AVX2 static inline __m256 exp_nonpositive(__m256 x) {
-    const __m256 t = _mm256_max_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504f)), _mm256_set1_ps(-126.0f));
+/* e^x, 8 at a time: 2^(x log2 e) as 2^n (exponent bits) times EXP2_POLY(f), f in [-0.5, 0.5]; 0 below e^-87
+ * and +inf above e^88, as float's own. */
+AVX2 static inline __m256 exp8(__m256 x) {
+    const __m256 scaled = _mm256_mul_ps(x, _mm256_set1_ps(1.44269504f));
+    const __m256 t = _mm256_min_ps(_mm256_max_ps(scaled, _mm256_set1_ps(-126.0f)), _mm256_set1_ps(127.0f));
     const __m256 n = _mm256_round_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     const __m256 f = _mm256_sub_ps(t, n);
     __m256 p = _mm256_set1_ps(EXP2_POLY[0]);
     for (int i = 1; i < 7; i++) p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(EXP2_POLY[i]));
     const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
     const __m256 result = _mm256_mul_ps(p, _mm256_castsi256_ps(bits));
-    return _mm256_and_ps(result, _mm256_cmp_ps(t, _mm256_set1_ps(-126.0f), _CMP_GT_OQ)); /* underflow: 0 */
+    const __m256 finite = _mm256_and_ps(result, _mm256_cmp_ps(t, _mm256_set1_ps(-126.0f), _CMP_GT_OQ));
+    return _mm256_blendv_ps(finite, _mm256_set1_ps(INFINITY), _mm256_cmp_ps(scaled, _mm256_set1_ps(128.0f), _CMP_GE_OQ));
 }
 
 /* One task's scratch: queries (fp32, pre-scaled), 8 converted keys, the output accumulators. */
@@ -105,7 +108,7 @@ AVX2 static float softmax_of(float *s, int64_t length) {
     const __m256 top8 = _mm256_set1_ps(top);
     __m256 total8 = _mm256_setzero_ps();
     for (p = 0; p + 8 <= length; p += 8) {
-        const __m256 e = exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(s + p), top8));
+        const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(s + p), top8));
         _mm256_storeu_ps(s + p, e);
         total8 = _mm256_add_ps(total8, e);
     }
@@ -115,7 +118,7 @@ AVX2 static float softmax_of(float *s, int64_t length) {
     if (p < length) {
         float tail[8] = {0};
         memcpy(tail, s + p, sizeof(float) * (length - p));
-        _mm256_storeu_ps(lanes, exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(tail), top8)));
+        _mm256_storeu_ps(lanes, exp8(_mm256_sub_ps(_mm256_loadu_ps(tail), top8)));
         for (int64_t j = 0; j < length - p; j++) total += (s[p + j] = lanes[j]);
     }
     return 1.0f / total;
@@ -307,76 +310,23 @@ int decode_attention(int is_bf16, const void *q, int64_t q_stride_b, int64_t q_s
     return failed ? -1 : 0;
 }
 
-/* -- a decoder layer's elementwise steps, bf16 on AVX-512 BF16 ----------------------------------------
- * torch runs each as three to seven kernels over a decode batch's few rows; here each is one pass, with
- * every bf16 rounding where torch rounds (vcvtneps2bf16: round to nearest even), so the results are
- * torch's (add_rms_norm's sum of squares is added in another order; silu's e^x is within 2e-7 of torch's).
- * Row lengths are multiples of 16 (the callers check). */
+/* -- a decoder layer's bf16 elementwise steps and the greedy pick --------------------------------------
+ * Written once (bf16_steps.h) over a few vector operations, and compiled twice: 16 lanes on AVX-512 BF16
+ * (vcvtneps2bf16 rounds), 8 lanes on AVX2 (rounding to nearest even done on the bits). */
 
 AVX512BF16 static inline __m512 widen16(const uint16_t *p) {
     return _mm512_cvtpbh_ps((__m256bh)_mm256_loadu_si256((const __m256i *)p));
 }
 
-AVX512BF16 static inline __m256i narrow16(__m512 v) { return (__m256i)_mm512_cvtneps_pbh(v); }
+AVX512BF16 static inline __m512 rounded16(__m512 v) { return _mm512_cvtpbh_ps(_mm512_cvtneps_pbh(v)); }
 
-AVX512BF16 static inline __m512 rounded16(__m512 v) { return _mm512_cvtpbh_ps((__m256bh)narrow16(v)); }
-
-/* Per row: with a residual, residual = x + residual (rounded, stored), else the row is x;
- * out = weight * bf16(row * rsqrt(mean(row^2) + eps)) (Hugging Face's order). Rows contiguous. */
-AVX512BF16 int add_rms_norm_bf16(const uint16_t *x, uint16_t *residual, const uint16_t *weight, int64_t rows,
-                                 int64_t dim, float eps, uint16_t *out) {
-    for (int64_t r = 0; r < rows; r++) {
-        const uint16_t *source = x + r * dim;
-        __m512 squares = _mm512_setzero_ps();
-        if (residual != NULL) {
-            uint16_t *stream = residual + r * dim;
-            for (int64_t d = 0; d < dim; d += 16) {
-                const __m256i sum = narrow16(_mm512_add_ps(widen16(source + d), widen16(stream + d)));
-                _mm256_storeu_si256((__m256i *)(stream + d), sum);
-                const __m512 value = _mm512_cvtpbh_ps((__m256bh)sum);
-                squares = _mm512_fmadd_ps(value, value, squares);
-            }
-            source = stream;
-        } else {
-            for (int64_t d = 0; d < dim; d += 16) {
-                const __m512 value = widen16(source + d);
-                squares = _mm512_fmadd_ps(value, value, squares);
-            }
-        }
-        const __m512 inverse = _mm512_set1_ps(1.0f / sqrtf(_mm512_reduce_add_ps(squares) / (float)dim + eps));
-        for (int64_t d = 0; d < dim; d += 16) {
-            const __m512 normed = rounded16(_mm512_mul_ps(widen16(source + d), inverse));
-            _mm256_storeu_si256((__m256i *)(out + r * dim + d), narrow16(_mm512_mul_ps(widen16(weight + d), normed)));
-        }
-    }
-    return 0;
+AVX512BF16 static inline void store16(uint16_t *p, __m512 v) {
+    _mm256_storeu_si256((__m256i *)p, (__m256i)_mm512_cvtneps_pbh(v));
 }
 
-/* Rotate-half rotary embedding of x [T, heads, D] (token stride x_stride_t, heads contiguous within a
- * token) with cos/sin [T, D] (token stride table_stride_t) into out [T, heads, D] contiguous:
- * out = bf16(x * cos) + bf16(rotate_half(x) * sin), rotate_half(x) = (-x[D/2:], x[:D/2]). */
-AVX512BF16 int rotary_bf16(const uint16_t *x, int64_t x_stride_t, const uint16_t *cos, const uint16_t *sin,
-                           int64_t table_stride_t, int64_t tokens, int64_t heads, int64_t head_dim, uint16_t *out) {
-    const int64_t half = head_dim / 2;
-    const __m512 negate = _mm512_set1_ps(-1.0f);
-    for (int64_t t = 0; t < tokens; t++)
-        for (int64_t h = 0; h < heads; h++) {
-            const uint16_t *in = x + t * x_stride_t + h * head_dim;
-            uint16_t *to = out + (t * heads + h) * head_dim;
-            for (int64_t d = 0; d < head_dim; d += 16) {
-                const __m512 partner = d < half ? _mm512_mul_ps(negate, widen16(in + d + half)) : widen16(in + d - half);
-                const __m512 a = rounded16(_mm512_mul_ps(widen16(in + d), widen16(cos + t * table_stride_t + d)));
-                const __m512 b = rounded16(_mm512_mul_ps(partner, widen16(sin + t * table_stride_t + d)));
-                _mm256_storeu_si256((__m256i *)(to + d), narrow16(_mm512_add_ps(a, b)));
-            }
-        }
-    return 0;
-}
-
-/* e^x for any x, 16 at a time (as exp_nonpositive): 0 below e^-87 and +inf above e^88, as float's own. */
+/* e^x, 16 at a time, as exp8. */
 AVX512BF16 static inline __m512 exp16(__m512 x) {
     const __m512 scaled = _mm512_mul_ps(x, _mm512_set1_ps(1.44269504f));
-    const __mmask16 overflows = _mm512_cmp_ps_mask(scaled, _mm512_set1_ps(128.0f), _CMP_GE_OQ);
     const __m512 t = _mm512_min_ps(_mm512_max_ps(scaled, _mm512_set1_ps(-126.0f)), _mm512_set1_ps(127.0f));
     const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     const __m512 f = _mm512_sub_ps(t, n);
@@ -385,61 +335,101 @@ AVX512BF16 static inline __m512 exp16(__m512 x) {
     const __m512i bits = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
     const __m512 result = _mm512_mul_ps(p, _mm512_castsi512_ps(bits));
     const __m512 finite = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(t, _mm512_set1_ps(-126.0f), _CMP_GT_OQ), result);
-    return _mm512_mask_mov_ps(finite, overflows, _mm512_set1_ps(INFINITY));
+    return _mm512_mask_mov_ps(finite, _mm512_cmp_ps_mask(scaled, _mm512_set1_ps(128.0f), _CMP_GE_OQ),
+                              _mm512_set1_ps(INFINITY));
 }
 
-/* out [T, I] = bf16(silu(gate)) * up for gate_up [T, 2I] rows (gate | up), silu = g / (1 + e^-g). */
-AVX512BF16 int silu_mul_bf16(const uint16_t *gate_up, int64_t tokens, int64_t inner, uint16_t *out) {
-    const __m512 one = _mm512_set1_ps(1.0f), negate = _mm512_set1_ps(-1.0f);
-    for (int64_t t = 0; t < tokens; t++) {
-        const uint16_t *gate = gate_up + t * 2 * inner, *up = gate + inner;
-        for (int64_t i = 0; i < inner; i += 16) {
-            const __m512 g = widen16(gate + i);
-            const __m512 silu = rounded16(_mm512_div_ps(g, _mm512_add_ps(one, exp16(_mm512_mul_ps(negate, g)))));
-            _mm256_storeu_si256((__m256i *)(out + t * inner + i), narrow16(_mm512_mul_ps(silu, widen16(up + i))));
-        }
-    }
-    return 0;
+AVX2 static inline __m256 widen8(const uint16_t *p) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
 }
 
-/* -- greedy sampling: the first maximum of each row of bf16 logits, as torch.max(dim=-1) picks it (a NaN
- * is the maximum: the row's first NaN). Rows [rows, cols] with row stride; one pass to find the maximum,
- * one to find where it first is (both over a row in L2). */
-AVX512BF16 static int64_t argmax_row_bf16(const uint16_t *row, int64_t cols) {
-    __m512 top = _mm512_set1_ps(-INFINITY);
-    __mmask16 nan = 0;
-    int64_t c = 0;
-    for (; c + 16 <= cols; c += 16) {
-        const __m512 value = widen16(row + c);
-        nan |= _mm512_cmp_ps_mask(value, value, _CMP_UNORD_Q);
-        top = _mm512_max_ps(top, value);
-    }
-    float best = _mm512_reduce_max_ps(top);
-    for (int64_t tail = c; tail < cols; tail++) {
-        const float value = bf16_to_float(row[tail]);
-        nan |= value != value;
-        best = value > best ? value : best;
-    }
-    for (int64_t i = 0; i < cols; i++) { /* a NaN, or the first maximum: found early in the vector pass below */
-        if (i + 16 <= cols) {
-            const __m512 value = widen16(row + i);
-            const __mmask16 hit = nan ? _mm512_cmp_ps_mask(value, value, _CMP_UNORD_Q)
-                                      : _mm512_cmp_ps_mask(value, _mm512_set1_ps(best), _CMP_EQ_OQ);
-            if (hit) return i + __builtin_ctz(hit);
-            i += 15;
-            continue;
-        }
-        const float value = bf16_to_float(row[i]);
-        if (nan ? value != value : value == best) return i;
-    }
-    return 0;
+/* The bf16 bits of v rounded to nearest even (a NaN stays a quiet NaN), one per 32-bit lane. */
+AVX2 static inline __m256i bf16_bits8(__m256 v) {
+    const __m256i bits = _mm256_castps_si256(v);
+    const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+    const __m256i rounded = _mm256_srli_epi32(_mm256_add_epi32(bits, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff))), 16);
+    const __m256i quiet = _mm256_or_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(0x40));
+    return _mm256_blendv_epi8(rounded, quiet, _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q)));
 }
 
-int argmax_bf16(const uint16_t *logits, int64_t rows, int64_t cols, int64_t row_stride, int64_t *out, int threads) {
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t r = 0; r < rows; r++) out[r] = argmax_row_bf16(logits + r * row_stride, cols);
-    return 0;
+AVX2 static inline __m256 rounded8(__m256 v) { return _mm256_castsi256_ps(_mm256_slli_epi32(bf16_bits8(v), 16)); }
+
+AVX2 static inline void store8(uint16_t *p, __m256 v) {
+    const __m256i bits = bf16_bits8(v);
+    _mm_storeu_si128((__m128i *)p, _mm_packus_epi32(_mm256_castsi256_si128(bits), _mm256_extracti128_si256(bits, 1)));
 }
+
+AVX2 static inline float reduce_add8(__m256 v) {
+    float lanes[8], total = 0.0f;
+    _mm256_storeu_ps(lanes, v);
+    for (int j = 0; j < 8; j++) total += lanes[j];
+    return total;
+}
+
+AVX2 static inline float reduce_max8(__m256 v) {
+    float lanes[8], top = lanes[0] = -INFINITY;
+    _mm256_storeu_ps(lanes, v);
+    for (int j = 0; j < 8; j++) top = lanes[j] > top ? lanes[j] : top;
+    return top;
+}
+
+#define STEPS_TARGET AVX512BF16
+#define STEP(name) name##_avx512
+#define LANES 16
+#define VEC __m512
+#define V_LOAD widen16
+#define V_ROUND rounded16
+#define V_STORE store16
+#define V_EXP exp16
+#define V_SET1 _mm512_set1_ps
+#define V_ADD _mm512_add_ps
+#define V_MUL _mm512_mul_ps
+#define V_DIV _mm512_div_ps
+#define V_MAX _mm512_max_ps
+#define V_FMA _mm512_fmadd_ps
+#define V_REDUCE_ADD _mm512_reduce_add_ps
+#define V_REDUCE_MAX _mm512_reduce_max_ps
+#define V_NAN_MASK(v) ((unsigned)_mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q))
+#define V_EQ_MASK(a, b) ((unsigned)_mm512_cmp_ps_mask(a, b, _CMP_EQ_OQ))
+#include "bf16_steps.h"
+#undef STEPS_TARGET
+#undef STEP
+#undef LANES
+#undef VEC
+#undef V_LOAD
+#undef V_ROUND
+#undef V_STORE
+#undef V_EXP
+#undef V_SET1
+#undef V_ADD
+#undef V_MUL
+#undef V_DIV
+#undef V_MAX
+#undef V_FMA
+#undef V_REDUCE_ADD
+#undef V_REDUCE_MAX
+#undef V_NAN_MASK
+#undef V_EQ_MASK
+
+#define STEPS_TARGET AVX2
+#define STEP(name) name##_avx2
+#define LANES 8
+#define VEC __m256
+#define V_LOAD widen8
+#define V_ROUND rounded8
+#define V_STORE store8
+#define V_EXP exp8
+#define V_SET1 _mm256_set1_ps
+#define V_ADD _mm256_add_ps
+#define V_MUL _mm256_mul_ps
+#define V_DIV _mm256_div_ps
+#define V_MAX _mm256_max_ps
+#define V_FMA _mm256_fmadd_ps
+#define V_REDUCE_ADD reduce_add8
+#define V_REDUCE_MAX reduce_max8
+#define V_NAN_MASK(v) ((unsigned)_mm256_movemask_ps(_mm256_cmp_ps(v, v, _CMP_UNORD_Q)))
+#define V_EQ_MASK(a, b) ((unsigned)_mm256_movemask_ps(_mm256_cmp_ps(a, b, _CMP_EQ_OQ)))
+#include "bf16_steps.h"
 
 /* -- a step's new K/V into the pool, and the decodes' also into the decode scratch (bf16) ------------
  * Token t's K (and V) is kv_heads * head_dim contiguous elements at k + t * k_stride_t; it goes to the pool
