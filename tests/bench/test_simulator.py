@@ -185,22 +185,7 @@ def _compare_report(model: FittedModel, trace: list[TraceRequest], zero_load: li
     truth = Deployment(1, 1, spec, spec, LAYERS, KV_BYTES, Link(1e9))
 
     def run(requests: list[TraceRequest], alone: bool) -> dict:
-        records = (
-            [simulate(truth, [replace(r, arrival_s=0.0)]).records[0] for r in requests]
-            if alone
-            else simulate(truth, requests).records
-        )
-        rows = [
-            dict(
-                start=r.start,
-                prompt_len=r.prompt_len,
-                output_len=r.output_len,
-                success=r.success,
-                ttft=r.ttft,
-                tpot=r.tpot,
-            )
-            for r in records
-        ]
+        records, rows = _replayed(truth, requests, alone)
         return {
             "system": "disaggregated",
             "rate": 0.5,

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Sequence
 from concurrent import futures
 
 import grpc
 
 from kv_transfer.receiver_service import KVReceiverService
 from kv_transfer.sender import channel_options
-from protos import kv_transfer_pb2_grpc
+from protos import common_pb2, decode_pb2, kv_transfer_pb2_grpc
 
 
 def serve_kv_receiver(service: KVReceiverService, interceptors=None) -> tuple[grpc.Server, str]:
@@ -20,3 +22,25 @@ def serve_kv_receiver(service: KVReceiverService, interceptors=None) -> tuple[gr
     address = f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}"
     server.start()
     return server, address
+
+
+def loopback_ticket(
+    request_id: str,
+    transport: str,
+    address: str,
+    layout: common_pb2.KVLayout,
+    block_ids: Sequence[int],
+    token: str = "",
+) -> decode_pb2.Ticket:
+    """The ticket a decode worker would hand out for ``block_ids`` of the receiver at ``address``, 60 s of lease."""
+    return decode_pb2.Ticket(
+        request_id=request_id,
+        block_ids=block_ids,
+        transport=transport,
+        address=address,
+        layout=layout,
+        lease_deadline_unix_ms=int((time.time() + 60) * 1000),
+        worker_id="decode",
+        instance_id="instance-1",
+        token=token,
+    )

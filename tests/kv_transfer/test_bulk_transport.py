@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import socket
 import threading
-import time
 
 import pytest
 import torch
@@ -23,7 +22,7 @@ from kv_transfer.layout import layout_message
 from kv_transfer.receiver_service import KVReceiverService
 from protos import decode_pb2
 from protos.cluster_auth import ClusterAuth
-from tests.kv_transfer.receiver_server import serve_kv_receiver
+from tests.kv_transfer.receiver_server import loopback_ticket, serve_kv_receiver
 from worker_server.security import server_interceptors
 
 LAYOUT = KVLayout(num_layers=3, num_blocks=32, block_size=4, num_kv_heads=2, head_dim=8, dtype="float32")
@@ -55,17 +54,7 @@ class Receiver:
         self.inbox.close(request_id, reason)
 
     def ticket(self, request_id: str, token: str = TOKEN) -> decode_pb2.Ticket:
-        return decode_pb2.Ticket(
-            request_id=request_id,
-            block_ids=DST_BLOCKS,
-            transport="grpc",
-            address=self.address,
-            layout=self.layout,
-            lease_deadline_unix_ms=int((time.time() + 60) * 1000),
-            worker_id="decode",
-            instance_id="instance-1",
-            token=token,
-        )
+        return loopback_ticket(request_id, "grpc", self.address, self.layout, DST_BLOCKS, token)
 
     def stop(self) -> None:
         self.server.stop(0).wait()

@@ -21,7 +21,7 @@ from kv_transfer.inbox import KVInbox
 from kv_transfer.layout import layout_message
 from kv_transfer.receiver_service import KVReceiverService
 from protos import decode_pb2
-from tests.kv_transfer.receiver_server import serve_kv_receiver
+from tests.kv_transfer.receiver_server import loopback_ticket, serve_kv_receiver
 
 LAYOUT = KVLayout(num_layers=3, num_blocks=16, block_size=4, num_kv_heads=2, head_dim=8, dtype="float32")
 SRC_BLOCKS = [5, 1, 9]
@@ -67,16 +67,7 @@ class Receiver:
         raise AssertionError(f"{request_id} aborted: {reason}")
 
     def ticket(self, request_id: str, transport: str) -> decode_pb2.Ticket:
-        return decode_pb2.Ticket(
-            request_id=request_id,
-            block_ids=DST_BLOCKS,
-            transport=transport,
-            address=self.address,
-            layout=self.layout,
-            lease_deadline_unix_ms=int((time.time() + 60) * 1000),
-            worker_id="decode",
-            instance_id="instance-1",
-        )
+        return loopback_ticket(request_id, transport, self.address, self.layout, DST_BLOCKS)
 
     def stop(self) -> None:
         self.server.stop(0).wait()

@@ -22,7 +22,7 @@ from kv_transfer.layout import layout_message
 from kv_transfer.nixl_transport import NixlKVSender, NixlReceiver
 from kv_transfer.receiver_service import KVReceiverService
 from protos import decode_pb2
-from tests.kv_transfer.receiver_server import serve_kv_receiver
+from tests.kv_transfer.receiver_server import loopback_ticket, serve_kv_receiver
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -67,16 +67,7 @@ class Receiver:
         self.inbox.close(request_id, reason)
 
     def ticket(self, request_id: str) -> decode_pb2.Ticket:
-        return decode_pb2.Ticket(
-            request_id=request_id,
-            block_ids=DST_BLOCKS,
-            transport="nixl",
-            address=self.address,
-            layout=self.layout,
-            lease_deadline_unix_ms=int((time.time() + 60) * 1000),
-            worker_id="decode",
-            instance_id="instance-1",
-        )
+        return loopback_ticket(request_id, "nixl", self.address, self.layout, DST_BLOCKS)
 
     def stop(self) -> None:
         self.server.stop(0).wait()
