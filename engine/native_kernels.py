@@ -190,7 +190,7 @@ def _bind(function, argtypes: list):
 
 
 # Which kernels run: the fastest builds this CPU can run (auto), the AVX2 builds (avx2: what a CPU without
-# AVX-512 BF16 runs), or none (torch). Read at each engine's start; any other value is refused, naming it.
+# AVX-512 BF16 runs), or none (torch). Read at each lookup; an engine's start refuses any other value, naming it.
 CPU_KERNELS_ENV = "SPLITSERVE_CPU_KERNELS"
 CPU_KERNEL_MODES = ("auto", "avx2", "torch")
 
@@ -202,6 +202,8 @@ def native_kernels() -> NativeKernels | None:
     """The kernels, built and loaded once per process and mode; None where they cannot run here, or
     SPLITSERVE_CPU_KERNELS=torch (the reason logged once)."""
     mode = os.environ.get(CPU_KERNELS_ENV) or "auto"
+    if mode in _loaded:  # every elementwise step of every layer asks: no lock once loaded
+        return _loaded[mode]
     if mode not in CPU_KERNEL_MODES:
         raise EngineError(f"{CPU_KERNELS_ENV} must be one of {', '.join(CPU_KERNEL_MODES)}, got {mode!r}")
     with _lock:
