@@ -195,12 +195,17 @@ def test_hostile_commit_fails_its_reservation_only(workers, rng, case, how):
     wait_idle(decode, timeout=5)
 
 
+DEADLINE_S = 0.1
+
+
 @pytest.mark.parametrize("side", ["prefill", "both"])
-def test_client_deadline_of_10ms_on_the_remote_path_frees_blocks_at_once(workers, rng, side):
-    """The router's calls on the remote path given up after 10 ms: the prefill's, or the prefill's and the decode
+def test_client_deadline_mid_prefill_on_the_remote_path_frees_blocks_at_once(workers, rng, side):
+    """The router's calls on the remote path given up mid-prefill: the prefill's, or the prefill's and the decode
     stream's. The reservation stops before any KV is adopted, the prefill stops, and every block returns at once,
-    without waiting for the lease. (A decode stream given up alone may never reach its handler: the router's
-    Abort with the ticket's token stops the reservation then — tests/router/test_hostile_input.py.)"""
+    without waiting for the lease. The deadline (100 ms) is far shorter than the prefill but long enough for the
+    worker's handler to start: a call that expires before its handler runs never reaches the worker's code (grpc
+    drops it; seen with 10 ms on a loaded machine), and neither does a decode stream given up alone — the router's
+    Abort with the ticket's token stops the reservation then (tests/router/test_hostile_input.py)."""
     prefill, decode = workers.slow_prefill, workers.slow_decode
     expired_before = decode.stats().leases_expired
     for attempt in range(3):
@@ -209,8 +214,8 @@ def test_client_deadline_of_10ms_on_the_remote_path_frees_blocks_at_once(workers
         params = wire_params(100, ignore_eos=True)
         ticket = reserve(decode, request_id, prompt, params, lease_ms=LEASE_MS)
         claim = decode_pb2.GenerateRequest(request_id=request_id, reserved=True, token=ticket.token)
-        stream = decode.stub.Generate(claim, timeout=0.01 if side == "both" else 60)
-        future = prefill_future(prefill, request_id, prompt, ticket, params, timeout=0.01)
+        stream = decode.stub.Generate(claim, timeout=DEADLINE_S if side == "both" else 60)
+        future = prefill_future(prefill, request_id, prompt, ticket, params, timeout=DEADLINE_S)
         prefill_error = rpc_error(future.result)
         stream_error = rpc_error(lambda: stream)
         if side == "prefill":
