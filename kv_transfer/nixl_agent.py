@@ -20,15 +20,17 @@ Wire contract between two workers:
 
 Threading: every public method (here and on ``WriteHandle``) may be called from any thread. The
 NIXL agent is created without internal locking, so one lock inside ``NixlPool`` serialises every
-call into it; calls hold it for microseconds, and ``WriteHandle.wait`` sleeps without it.
+call into it; calls hold it for microseconds (a DRAM post for as long as its copy), and
+``WriteHandle.wait`` sleeps without it.
 Progress — the sender must poll every write to completion. NIXL sends a write's notification
 from the post itself only if the write finished there; otherwise from the first status check that
 sees it finished. A write nobody polls never notifies its peer. Poll each handle (``done()`` /
-``wait()``) or call ``NixlPool.progress()`` for all of them. A notification known only after the
-post (``WriteHandle.notify_when_done``: the NIXL sender's checksum) goes out the same way: from the
-first call that sees its write complete, every ``write`` included. Without NIXL's progress thread (the
+``wait()``) or call ``NixlPool.progress()`` for all of them. Without NIXL's progress thread (the
 default, see ``NixlPool``) the data, too, moves only inside calls into the agent, and the receiver
 gets notifications only inside ``poll_notifications()``. Nothing happens in the background.
+The receiver's progress matters to the sender too: over UCX, a write posted while an earlier
+notification to the same peer is not yet taken completes (and copies) only once the peer's worker
+progressed, i.e. inside the peer's ``poll_notifications()``.
 
 Handles: every NIXL transfer handle is released exactly once — by ``write()`` itself when the
 post completes at once (usual for DRAM, where UCX copies with CMA inside the post), by
@@ -38,7 +40,6 @@ flight), by ``remove_peer`` for that peer's writes, or by ``close()``.
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import logging
 import threading
@@ -123,15 +124,23 @@ def _grid(base_address: int, pool_nbytes: int, nbytes: int, device_id: int) -> n
 
 
 def _slot_indices(offsets: Sequence[int], nbytes: int, pool_nbytes: int, side: str) -> np.ndarray:
-    """Byte offsets -> int32 slot indices; each region must be aligned and inside the pool."""
+    """Byte offsets -> int32 slot indices; each region must be aligned (``write_slots`` checks the
+    bounds)."""
     array = np.asarray(offsets, dtype=np.int64)
     if array.ndim != 1:
         raise ValueError(f"{side} offsets must be a flat sequence")
-    if array.size and (array.min() < 0 or array.max() + nbytes > pool_nbytes or np.any(array % nbytes)):
+    if array.size and (np.any(array % nbytes) or array.min() < 0 or array.max() + nbytes > pool_nbytes):
         raise ValueError(
             f"{side} offsets must be multiples of {nbytes} with each region inside the {pool_nbytes}-byte pool"
         )
     return (array // nbytes).astype(np.int32)
+
+
+def _check_slots(slots: np.ndarray, count: int, side: str) -> None:
+    if slots.dtype != np.int32 or slots.ndim != 1:
+        raise ValueError(f"{side} slots must be a flat int32 array, got {slots.dtype} with {slots.ndim} dims")
+    if slots.size and (slots.min() < 0 or slots.max() >= count):
+        raise ValueError(f"{side} slots must lie in [0, {count}) (regions inside the pool)")
 
 
 class WriteHandle:
@@ -144,30 +153,11 @@ class WriteHandle:
         self.peer_agent_name = peer_agent_name
         self._complete = False
         self._error: str | None = None
-        self._announcement: tuple[bytes, Callable[[str | None], None]] | None = None
-
-    def notify_when_done(self, message: bytes, on_final: Callable[[str | None], None]) -> None:
-        """Send ``message`` to the peer once this write is complete, then ``on_final(None)``; if the
-        write failed or was aborted, nothing is sent and ``on_final`` gets the reason. Orders like a
-        notification posted with the write: it reaches the peer after the regions landed.
-
-        Never waits for the pool's lock (a post holds it while UCX copies): the announcement is
-        queued, and the next call that holds the lock takes it up — this one if the lock is free, a
-        ``write`` on its way out, ``progress`` or ``done``; the write is polled from then on by each
-        of those. ``on_final`` runs under the pool's lock: quick, and never waiting for other threads."""
-        owner = self._owner
-        owner._queued_announcements.append((self, message, on_final))
-        if owner._lock.acquire(blocking=False):
-            try:
-                owner._take_announcements_locked()
-            finally:
-                owner._lock.release()
 
     def done(self) -> bool:
         """True once every region (and the notification) went out; raises NixlError if NIXL
         reported an error, or the write was aborted."""
         with self._owner._lock:
-            self._owner._take_announcements_locked()
             if self._transfer is not None:
                 self._poll_locked()
         if self._error is not None:
@@ -221,22 +211,6 @@ class WriteHandle:
         except Exception:
             # NIXL could not cancel a write in flight; close() tries again before the agent goes.
             self._owner._unreleased.append(transfer)
-        self._announce_locked()
-
-    def _announce_locked(self) -> None:
-        """The write is final: send its announcement if one waits (see ``notify_when_done``)."""
-        self._owner._announcing.discard(self)
-        announcement, self._announcement = self._announcement, None
-        if announcement is None:
-            return
-        message, on_final = announcement
-        error = self._error
-        if error is None:
-            try:
-                self._owner._agent.send_notif(self.peer_agent_name, message)
-            except Exception as failure:
-                error = f"cannot notify {self.peer_agent_name}: {failure!r}"
-        on_final(error)
 
 
 class NixlPool:
@@ -271,9 +245,6 @@ class NixlPool:
         self._local_grids: dict[int, Any] = {}  # region size -> prepared list over our pool
         self._remote_grids: dict[tuple[PoolDescriptor, int], Any] = {}  # (peer, size) -> prepared list
         self._live_writes: set[WriteHandle] = set()
-        self._announcing: set[WriteHandle] = set()  # live writes with a notification to send once done
-        # (handle, message, on_final) from notify_when_done, taken up by the next holder of the lock
-        self._queued_announcements: collections.deque = collections.deque()
         self._unreleased: list[Any] = []
         self._inbox: list[tuple[str, bytes]] = []  # notifications taken from NIXL, not yet polled
         self._closed = False
@@ -329,8 +300,7 @@ class NixlPool:
         """Post one NIXL WRITE of len(src_offsets) regions (each nbytes) from our pool into the
         peer's pool, with ``notification`` delivered to the peer once all of them have landed (an
         empty one: none; the caller may ``notify`` once the handle is done, which orders the same).
-        Offsets are byte offsets from each pool's start, multiples of ``nbytes``; adjacent regions
-        are merged into one descriptor by NIXL.
+        Offsets are byte offsets from each pool's start, multiples of ``nbytes``.
 
         Never waits for the peer, but on DRAM the copy itself usually runs inside this call (UCX's
         CMA transport writes into the peer's memory while posting), so the caller pays about one
@@ -338,30 +308,35 @@ class NixlPool:
         gone, or NIXL refuses."""
         if nbytes <= 0:
             raise ValueError(f"region size must be positive, got {nbytes}")
-        if len(src_offsets) != len(dst_offsets) or len(src_offsets) == 0:
-            raise ValueError(
-                f"need as many source as destination offsets, at least one "
-                f"(got {len(src_offsets)} and {len(dst_offsets)}); use notify() for a bare message"
-            )
         src = _slot_indices(src_offsets, nbytes, self.descriptor.nbytes, "source")
         dst = _slot_indices(dst_offsets, nbytes, peer.nbytes, "destination")
+        return self.write_slots(peer, src, dst, nbytes, notification)
+
+    def write_slots(
+        self, peer: PoolDescriptor, src_slots: np.ndarray, dst_slots: np.ndarray, nbytes: int, notification: bytes
+    ) -> WriteHandle:
+        """``write`` addressed by slot (offset // nbytes, int32 arrays): what a caller that thinks
+        in (layer, block) regions computes in one vector step, with no per-region Python."""
+        if nbytes <= 0:
+            raise ValueError(f"region size must be positive, got {nbytes}")
+        if len(src_slots) != len(dst_slots) or len(src_slots) == 0:
+            raise ValueError(
+                f"need as many source as destination regions, at least one "
+                f"(got {len(src_slots)} and {len(dst_slots)}); use notify() for a bare message"
+            )
+        _check_slots(src_slots, self.descriptor.nbytes // nbytes, "source")
+        _check_slots(dst_slots, peer.nbytes // nbytes, "destination")
         with self._lock:
             self._check_open()
             self._check_peer(peer.agent_name)
             try:
-                transfer = self._agent.make_prepped_xfer(
-                    "WRITE", self._local_grid(nbytes), src, self._remote_grid(peer, nbytes), dst, notification
-                )
+                local, remote = self._local_grid(nbytes), self._remote_grid(peer, nbytes)
+                transfer = self._agent.make_prepped_xfer("WRITE", local, src_slots, remote, dst_slots, notification)
             except Exception as error:
                 raise NixlError(f"cannot create write to {peer.agent_name}: {error!r}") from error
             handle = WriteHandle(self, transfer, peer.agent_name)
             self._live_writes.add(handle)
-            try:
-                self._post_locked(handle)
-            finally:  # back-to-back posts must not hold notifications up
-                self._take_announcements_locked()
-                for earlier in list(self._announcing):
-                    earlier._poll_locked()
+            self._post_locked(handle)
             return handle
 
     def notify(self, peer_agent_name: str, message: bytes) -> None:
@@ -389,11 +364,10 @@ class NixlPool:
         """Poll every write in flight once: finished ones are released and their notifications
         sent (see "Progress" above); failures are kept for their handle's ``done()`` to raise.
         ``wait=False``: skip (return False) if another thread is inside the agent, e.g. posting a
-        write, which polls the writes with notifications to send itself."""
+        write."""
         if not self._lock.acquire(blocking=wait):
             return False
         try:
-            self._take_announcements_locked()  # even when closed: their writes failed, say so
             self._check_open()
             for handle in list(self._live_writes):
                 handle._poll_locked()
@@ -420,7 +394,6 @@ class NixlPool:
                 self._drop_peer_locked(name)
             for handle in list(self._live_writes):
                 handle._finish_locked(f"pool {self.name} was closed")
-            self._take_announcements_locked()  # their writes are final: announced, or told why not
             for transfer in self._unreleased:
                 _quietly(transfer.release, f"release of an aborted write on {self.name}")
             self._unreleased.clear()
@@ -469,16 +442,6 @@ class NixlPool:
         """One round of NIXL/UCX progress; notifications it yields wait in the inbox."""
         arrived = self._agent.get_new_notifs()
         self._inbox += [(str(sender), bytes(message)) for sender, messages in arrived.items() for message in messages]
-
-    def _take_announcements_locked(self) -> None:
-        """Attach queued announcements to their writes; a write already final announces at once."""
-        while self._queued_announcements:
-            handle, message, on_final = self._queued_announcements.popleft()
-            handle._announcement = (message, on_final)
-            if handle._transfer is None:
-                handle._announce_locked()
-            else:
-                self._announcing.add(handle)
 
     def _local_grid(self, nbytes: int) -> Any:
         prepared = self._local_grids.get(nbytes)

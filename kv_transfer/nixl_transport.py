@@ -1,34 +1,36 @@
 """KV over NIXL: the prefill worker WRITEs (layer, block) regions straight into the decode worker's
-registered pool, one WRITE per pushed layer piece, each followed by a notification (msgpack:
-request id, layer, destination blocks, checksum). The decode worker polls notifications, verifies
-the landed regions in place, and adopts the KV when the sender commits over gRPC.
+registered pool and the decode worker adopts them when the sender commits over gRPC.
 
-Integrity without a second pass on the critical path (checksums on, the default): a layer's WRITE is
-posted first, and the sender's sealer thread hashes that layer's source regions while UCX moves them
-(in contiguous runs, the GIL released), then has the layer's notification, with the digest, sent as
-soon as the WRITE is final (checksums off: NIXL sends it with the WRITE)::
+A push only queues its layer. The sender's posting thread reads the pool once the layer is ready
+(on CPU the copy itself runs inside the post, so the engine thread never pays it) and posts the
+layers pushed meanwhile as one WRITE, at most ``_MAX_BATCH_LAYERS``: a layer-wise push during a
+prefill posts about a layer per WRITE; a whole-request push, or layers that finish faster than they
+post, share WRITEs and save each WRITE's and notification's fixed cost. Every WRITE is announced by
+one notification (msgpack: request id, token, and per layer its destination blocks and checksum)
+that reaches the decode worker after the regions landed; it verifies each layer in place while
+later WRITEs land. With checksums (the default) the posting thread hashes a batch's source right
+after posting it: on DRAM, UCX has just copied it, so it is read again from cache; on RDMA or VRAM
+the hash overlaps the WRITE in flight. The notification follows once the WRITE is final::
 
-    engine / posting thread:  post W0 ── post W1 ── post W2 ──  ...            commit
-    sealer thread:               hash 0 ┐  hash 1 ┐  hash 2 ┐                    ^
-                                 W0 final → note 0  W1 final → note 1  ...  all sealed
-    decode poll thread:                 verify 0      verify 1  ...   (while later layers land)
+    engine thread:   push 0 push 1 ... push 15 ────────────────────── commit ─┐ (sent early)
+    posting thread:    WRITE 0 │hash│ WRITE 1-4 │hash│ WRITE 5-8 │hash│ ...   │
+    decode poll thread:           verify 0      verify 1-4      verify 5-8 ... adopt, answer
 
-A notification sent after its WRITE is final orders like NIXL's own (the regions have landed); the
-source regions stay referenced until ``release`` saw every seal through, hashing included.
+The commit is sent while the last WRITEs finish (see ``NixlSession.commit``).
 """
 
 from __future__ import annotations
 
 import logging
-import queue
 import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_futures
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import msgpack
+import numpy as np
 
 from engine.kv_cache import PagedKVCache
 from engine.layer_ready import COMPLETED, LayerReady
@@ -42,96 +44,62 @@ from protos.cluster_auth import ClusterAuth
 
 log = logging.getLogger(__name__)
 
-_IDLE_POLL_S = 0.01
-_BUSY_POLL_S = 0.0002
-_SEAL_POLL_S = 0.0001  # the sealer's poll of WRITEs in flight: their notifications wait for it
+_IDLE_POLL_S = 0.01  # no reservation open: nothing can land
+_BUSY_POLL_S = 0.0002  # reservations open, none landing right now
+_MAX_BATCH_LAYERS = 4  # bounds a notification's size and how much the receiver verifies at once
+_WRITE_POLL_S = 0.0001  # the poller's pace over WRITEs still in flight after their post
 
 
-def _notification(request_id: str, token: str, layer: int, dst_blocks: Sequence[int], checksum: int) -> bytes:
-    note = {"request_id": request_id, "token": token, "layer": layer, "blocks": list(dst_blocks), "checksum": checksum}
-    return msgpack.packb(note)
+def _notification(request_id: str, token: str, layers: list[tuple[int, list[int], int]]) -> bytes:
+    """One WRITE's notification: its layers as (layer, destination blocks, checksum; 0: unchecked)."""
+    return msgpack.packb({"request_id": request_id, "token": token, "layers": layers})
 
 
 @dataclass(eq=False)
-class _Seal:
-    """One posted layer piece until its notification went out (or its session failed)."""
+class _Push:
+    """A pushed layer piece waiting for the posting thread."""
 
-    session: NixlSession
-    handle: WriteHandle
     cache: PagedKVCache
     layer: int
     src_blocks: list[int]
     dst_blocks: list[int]
-    done: Future = field(default_factory=Future)
-    notification: bytes = b""  # set once the source regions are hashed
-
-    def finish(self) -> bool:
-        if not self.done.done():
-            self.done.set_result(None)
-        return True
+    ready: LayerReady
 
 
-class _Sealer:
-    """A sender's sealer thread: takes posted layers in FIFO order, hashes each one's source regions
-    while its WRITE moves them, and polls the WRITEs in flight, sending each one's notification once
-    it is final. A slow WRITE delays only its own notification."""
+class _WritePoller:
+    """A sender's thread that polls WRITEs still in flight after their post (RDMA, VRAM; a DRAM
+    WRITE usually completes inside its post), so that NIXL sends each one's notification as soon as
+    it completes rather than at commit. Sleeps while nothing is in flight."""
 
     def __init__(self, pool: NixlPool) -> None:
         self._pool = pool
-        self._queue: queue.SimpleQueue[_Seal | None] = queue.SimpleQueue()
-        self._lock = threading.Lock()
-        self._closed = False
-        self._thread = threading.Thread(target=self._run, name="nixl-seal", daemon=True)
+        self._wake = threading.Event()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="nixl-writes", daemon=True)
         self._thread.start()
 
-    def submit(self, seal: _Seal) -> Future:
-        with self._lock:
-            if not self._closed:
-                self._queue.put(seal)
-                return seal.done
-        seal.session.fail("the NIXL sender is closed")
-        seal.finish()
-        return seal.done
+    def watch(self) -> None:
+        self._wake.set()
 
     def close(self) -> None:
-        """Seals what was submitted (WRITEs still in flight are aborted) and stops the thread."""
-        with self._lock:
-            if self._closed:
-                return
-            self._closed = True
-            self._queue.put(None)
+        self._stopping = True
+        self._wake.set()
         self._thread.join()
 
     def _run(self) -> None:
-        in_flight: list[_Seal] = []  # hashed, their notification waiting for the WRITE to complete
-        stopping = False
-        while not stopping or in_flight:
-            try:  # block while nothing is in flight; else come back to poll
-                seal = self._queue.get(timeout=_SEAL_POLL_S) if in_flight or stopping else self._queue.get()
-            except queue.Empty:
-                seal = None
-            else:
-                stopping = stopping or seal is None  # None: close()
-            if seal is not None and _guarded(seal, seal.session.hash_layer, failed=False):
-                in_flight.append(seal)
+        while True:
+            self._wake.wait()
+            if self._stopping:
+                return
+            self._wake.clear()  # before looking: a write posted from here on sets it again
+            try:
+                self._pool.progress(wait=False)  # skipped while a post holds the agent
+                in_flight = self._pool.pending_writes
+            except NixlError:
+                return  # closed
             if in_flight:
-                try:  # never queue behind a post: posts poll the writes with notifications to send too
-                    self._pool.progress(wait=False)
-                except NixlError:
-                    pass  # closed: its writes were failed, their seals are over
-            in_flight = [s for s in in_flight if not _guarded(s, s.session.poll_seal, stopping, failed=True)]
-
-
-def _guarded(seal: _Seal, step, *args, failed: bool) -> bool:
-    """A sealer step; an unexpected error fails the session and ends the seal (returning ``failed``),
-    never the sealer thread."""
-    try:
-        return step(seal, *args)
-    except Exception as exc:
-        log.exception("sealing layer %d of %s failed", seal.layer, seal.session.request_id)
-        seal.session.fail(f"sealing layer {seal.layer} failed: {exc!r}")
-        seal.finish()
-        return failed
+                self._wake.set()
+                time.sleep(_WRITE_POLL_S)
 
 
 class NixlReceiver:
@@ -174,7 +142,8 @@ class NixlReceiver:
         try:
             note = msgpack.unpackb(message)
             self.inbox.authorize(note["request_id"], note["token"])
-            self.inbox.landed(note["request_id"], note["layer"], note["blocks"], note["checksum"])
+            for layer, blocks, checksum in note["layers"]:
+                self.inbox.landed(note["request_id"], layer, blocks, checksum)
         except TransferError as exc:
             log.warning("KV from %s rejected: %s", sender, exc)
             if exc.code == "DATA_LOSS":  # the sender did not say it stopped: it may still be writing
@@ -189,7 +158,7 @@ class NixlReceiver:
 
 
 class NixlSession(OutOfBandSession):
-    reads_after_push = True  # a posted WRITE reads our pool until NIXL reports it final
+    reads_after_push = True  # the posting thread reads our pool after push_layer returned
 
     def __init__(
         self, request_id: str, ticket: decode_pb2.Ticket, peer: Peer, sender: NixlKVSender, metadata=None
@@ -197,13 +166,14 @@ class NixlSession(OutOfBandSession):
         super().__init__(request_id, ticket, peer, metadata)
         self._sender = sender
         self._remote = sender.remote_pool(peer)
+        self._queued: list[_Push] = []  # pushed, not yet taken by the posting thread (self._lock)
+        self._draining = False  # a drain of _queued is scheduled or running (self._lock)
+        self._drains: list[Future] = []
         self._writes: list[WriteHandle] = []
+        self._posting = threading.Lock()  # held across one post: a failing release waits behind it
         # One release at a time: a second caller (close after abort) returns only once the writes
         # the first one collected are final too.
         self._releasing = threading.Lock()
-        # Posts waiting for their layer's ``ready`` on the sender's posting thread, in push order.
-        self._deferred: list[Future] = []
-        self._seals: list[Future] = []  # posted layers whose notification is not sent yet (sealer thread)
 
     def push_layer(
         self,
@@ -213,107 +183,117 @@ class NixlSession(OutOfBandSession):
         dst_blocks: Sequence[int],
         ready: LayerReady = COMPLETED,
     ) -> None:
-        """Posts the WRITE now if the layer is complete (CPU), else hands it to the posting thread,
-        which posts it once ``ready`` completed; later pushes of the session queue behind it."""
+        """Queues the layer for the posting thread, which reads it once ``ready`` completed."""
         with self._lock:
             if self.closed or not self.lease_left():
                 return
-            self._deferred = [f for f in self._deferred if not f.done()]
-            if cache.data.is_cuda or self._deferred or not ready.query():
-                args = (cache, layer, list(src_blocks), list(dst_blocks), ready)
-                self._deferred.append(self._sender.post_when_ready(self._post_when_ready, *args))
-            else:
-                self._post(cache, layer, src_blocks, dst_blocks)
+            self._queued.append(_Push(cache, layer, list(src_blocks), list(dst_blocks), ready))
+            if not self._draining:
+                self._draining = True
+                self._drains = [f for f in self._drains if not f.done()]
+                self._drains.append(self._sender.post_when_ready(self._drain))
 
-    def _post_when_ready(self, cache, layer, src_blocks, dst_blocks, ready: LayerReady) -> None:
-        """Posting thread: the layer's K/V writes are waited for here, never on the engine thread."""
+    def _drain(self) -> None:
+        """Posting thread: posts what was pushed, in push order, up to ``_MAX_BATCH_LAYERS`` layers
+        per WRITE, until nothing is queued."""
+        while True:
+            with self._lock:
+                batch = self._queued[:_MAX_BATCH_LAYERS]
+                del self._queued[:_MAX_BATCH_LAYERS]
+                if not batch:
+                    self._draining = False
+                    return
+            self._post(batch)
+
+    def _post(self, batch: list[_Push]) -> None:
         try:
-            ready.synchronize()
+            for push in batch:
+                push.ready.synchronize()
         except RuntimeError as exc:  # a CUDA error surfaces here
-            self.fail(f"layer {layer} never became ready: {exc}")
+            self.fail(f"layers {[p.layer for p in batch]} never became ready: {exc}")
             return
-        with self._lock:
-            if not self.closed and self.lease_left():
-                self._post(cache, layer, src_blocks, dst_blocks)
+        layout = batch[0].cache.layout
+        region = layout.region_bytes
+        remote_blocks = self._remote.nbytes // (layout.num_layers * region)
+        # Slot of (layer, block) in a pool cut into regions: layer * blocks per layer + block.
+        src = np.concatenate(
+            [np.asarray(p.src_blocks, dtype=np.int32) + np.int32(p.layer * layout.num_blocks) for p in batch]
+        )
+        dst = np.concatenate(
+            [np.asarray(p.dst_blocks, dtype=np.int32) + np.int32(p.layer * remote_blocks) for p in batch]
+        )
+        verify, pool = self._sender.verify, self._sender.pool
+        with self._posting:
+            if self.closed or not self.lease_left():
+                return
+            # Checksums off: the notification rides with the WRITE (NIXL sends it once the regions
+            # landed). On: it follows the WRITE, once the source is hashed (below).
+            unchecked = [(p.layer, p.dst_blocks, 0) for p in batch]
+            note = b"" if verify else _notification(self.request_id, self.ticket.token, unchecked)
+            try:
+                handle = pool.write_slots(self._remote, src, dst, region, note)
+            except (NixlError, ValueError) as exc:
+                self.fail(f"NIXL write failed: {exc}")
+                return
+            with self._lock:
+                self._writes.append(handle)
+                self.bytes_sent += len(src) * region
+        if not verify:
+            if not handle.done():
+                self._sender.poller.watch()  # its notification goes out when a poll sees it complete
+            return
+        # The source is hashed while the WRITE moves it (RDMA, VRAM), or right after the copy read
+        # it (DRAM: UCX copies inside the post, so the runs are still in cache); the notification
+        # with the digests follows once the WRITE is final.
+        try:
+            layers = [(p.layer, p.dst_blocks, region_checksum(p.cache, p.layer, p.src_blocks)) for p in batch]
+            handle.wait(max(0.0, self._deadline - time.time()))
+        except RuntimeError as exc:  # a CUDA error surfaces here
+            self.fail(f"could not hash layers {[p.layer for p in batch]}: {exc}")
+        except NixlError as exc:
+            self.fail(f"NIXL write failed: {exc}")
+        with self._posting:
+            if self.failed is not None:
+                return
+            try:
+                pool.notify(self._remote.agent_name, _notification(self.request_id, self.ticket.token, layers))
+            except NixlError as exc:
+                self.fail(f"NIXL notification failed: {exc}")
 
     def close(self, timeout: float) -> None:
         with self._lock:
             self.closed = True
         self.release(timeout)
 
-    def _post(self, cache: PagedKVCache, layer: int, src_blocks: Sequence[int], dst_blocks: Sequence[int]) -> None:
-        layout = cache.layout
-        remote_blocks = self._remote.nbytes // (layout.num_layers * layout.region_bytes)
-        src = [layout.region_offset(layer, b) for b in src_blocks]
-        dst = [(layer * remote_blocks + b) * layout.region_bytes for b in dst_blocks]
-        verify = self._sender.verify
-        # Without checksums the notification rides with the WRITE; with them the sealer announces the
-        # layer once it has hashed the source, which it does while UCX moves the regions.
-        note = b"" if verify else _notification(self.request_id, self.ticket.token, layer, dst_blocks, 0)
-        try:
-            handle = self._sender.pool.write(self._remote, src, dst, layout.region_bytes, note)
-        except (NixlError, ValueError) as exc:
-            self.fail(f"NIXL write failed: {exc}")
-            return
-        self._writes.append(handle)
-        self.bytes_sent += len(src) * layout.region_bytes
-        if verify:
-            seal = _Seal(self, handle, cache, layer, list(src_blocks), list(dst_blocks))
-            self._seals.append(self._sender.sealer.submit(seal))
-
-    def hash_layer(self, seal: _Seal) -> bool:
-        """Sealer thread: hashes the layer's source regions (in place, in contiguous runs, while the
-        WRITE reads them too) and hands the pool the notification to send once the WRITE is complete.
-        False if the session failed meanwhile: nothing is announced."""
-        if self.failed is None:
-            try:
-                checksum = region_checksum(seal.cache, seal.layer, seal.src_blocks)
-            except RuntimeError as exc:  # a CUDA error surfaces here
-                self.fail(f"could not hash layer {seal.layer}: {exc}")
-        if self.failed is not None:  # nothing to announce; release() waits for the WRITE itself
-            seal.finish()
-            return False
-        note = _notification(self.request_id, self.ticket.token, seal.layer, seal.dst_blocks, checksum)
-        seal.handle.notify_when_done(note, lambda error: self._sealed(seal, error))
-        return True
-
-    def poll_seal(self, seal: _Seal, abandon: bool) -> bool:
-        """Sealer thread: True once the seal is over. A WRITE still in flight past the lease deadline,
-        or when the sender closes (``abandon``), is aborted (a complete one is announced instead)."""
-        if not seal.done.done() and (abandon or time.time() >= self._deadline):
-            seal.handle.release()  # -> _sealed(), with or without an error
-        return seal.done.done()
-
-    def _sealed(self, seal: _Seal, error: str | None) -> None:
-        """Under the pool's lock: the layer's notification went out, or never will."""
-        if error is not None:
-            self.fail(f"NIXL write failed: {error}")
-        seal.finish()
-
     def release(self, timeout: float) -> None:
-        """Waits until every posted WRITE has read our memory (or failed) and every layer is sealed:
-        hashed (which reads our memory too) and its notification sent, so that a commit or an abort
-        follows every notification of the session."""
+        """Waits until every pushed layer was posted (or dropped) and every WRITE has read our
+        memory (or failed), so that a commit or an abort follows every notification of the session."""
         deadline = time.monotonic() + timeout
         with self._releasing:
             with self._lock:
-                deferred = list(self._deferred)
-            if wait_futures(deferred, timeout=timeout).not_done:
-                with self._lock:  # a post still waiting for its layer must never start after we return
+                drains = list(self._drains)
+            if wait_futures(drains, timeout=timeout).not_done:
+                with self._posting:  # a post under way ends first; none starts after this
                     self.fail("a pushed layer did not become ready in time")
             with self._lock:
                 writes, self._writes = self._writes, []
-                seals, self._seals = self._seals, []
             for handle in writes:
                 try:
                     handle.wait(max(0.0, deadline - time.monotonic()))
                 except NixlError as exc:
                     self.fail(f"NIXL write failed: {exc}")
-            wait_futures(seals)  # every WRITE is final now: each seal ends after (at most) one hash
 
     def commit(self, first_token_id: int, first_logprob: common_pb2.TokenLogprob | None, timeout: float) -> None:
+        """The commit travels while the last WRITEs finish: the receiver adopts only once every
+        layer's notification arrived, and each follows its WRITE's data, so a commit can never
+        adopt KV still in flight; its round trip hides behind the transfer's tail instead of
+        following it. A session that fails meanwhile cancels it (the worker's abort follows)."""
+        call = self._send_commit(first_token_id, first_logprob, timeout)
         self.release(timeout)
-        self._commit_over_grpc(first_token_id, first_logprob, timeout)
+        if self.failed is not None:
+            call.cancel()
+            raise TransferError(self.failed, "ABORTED")
+        self._await_commit(call)
 
 
 class NixlKVSender(KVSender):
@@ -330,13 +310,11 @@ class NixlKVSender(KVSender):
         self.verify = verify
         self.pool = NixlPool(agent_name, cache.data)
         self._remote_pools: dict[str, PoolDescriptor] = {}  # address -> the peer's pool
-        self._posting: ThreadPoolExecutor | None = None  # started at the first deferred post
-        self.sealer = _Sealer(self.pool)
+        self._posting = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nixl-post")
+        self.poller = _WritePoller(self.pool)
 
     def post_when_ready(self, post, *args) -> Future:
         """Runs ``post(*args)`` on this sender's one posting thread (FIFO across sessions)."""
-        if self._posting is None:
-            self._posting = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nixl-post")
         return self._posting.submit(post, *args)
 
     def _nixl_metadata(self) -> bytes:
@@ -373,8 +351,7 @@ class NixlKVSender(KVSender):
         return NixlSession(request_id, ticket, peer, self, metadata)
 
     def close(self) -> None:
-        if self._posting is not None:
-            self._posting.shutdown(wait=True)
-        self.sealer.close()
+        self._posting.shutdown(wait=True)
+        self.poller.close()
         super().close()
         self.pool.close()

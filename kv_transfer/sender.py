@@ -2,7 +2,8 @@
 
 Contract of an OutboundSession (one request's KV on its way to a decode worker):
 - ``push_layer`` runs on the engine thread right after a layer was computed. It never waits on
-  the network: gRPC copies the regions into a message and queues it; NIXL posts a WRITE.
+  the network: gRPC copies the regions into a message and queues it; NIXL queues the layer for
+  its posting thread.
 - ``push_layer``'s ``ready`` (engine/layer_ready.py) completes behind the layer's K/V writes: the
   session reads those regions only once ``ready`` completed, and never waits for it on the engine
   thread or the compute stream. A ``ready`` already complete (CPU) is read at once; otherwise the
@@ -11,9 +12,11 @@ Contract of an OutboundSession (one request's KV on its way to a decode worker):
 - ``commit`` / ``abort`` run on the request's RPC thread, after the first token is known.
 - ``failed`` is set (with a reason) as soon as the receiver refused or vanished; later pushes
   are dropped, and the prefill worker aborts the request.
-- ``commit`` and ``abort`` are sent only once every write of the session is final: the receiver
-  takes either (and the end of a push stream) as the sender's word that it writes no more into
-  the reservation, and may free the blocks on it.
+- ``abort`` is sent only once every write of the session is final: the receiver takes it (and the
+  end of a push stream) as the sender's word that it writes no more into the reservation, and
+  may free the blocks on it. So is ``commit``, except where the receiver adopts only once every
+  layer is known to have landed (NIXL: a layer's notification follows its WRITE's data); there
+  it may travel while the last writes finish, and ``commit`` returns after both.
 - ``reads_after_push``: False when ``push_layer`` copies the regions before it returns (gRPC);
   True when the transfer reads the pool later (NIXL). Then the prefill worker keeps a reference
   on the source blocks until ``release`` returned — on an RPC thread, never the engine thread.
@@ -127,6 +130,12 @@ class OutOfBandSession(OutboundSession):
         self, first_token_id: int, first_logprob: common_pb2.TokenLogprob | None, timeout: float
     ) -> None:
         """After ``release``: the lease checked, then the commit (raises TransferError if refused)."""
+        self._await_commit(self._send_commit(first_token_id, first_logprob, timeout))
+
+    def _send_commit(
+        self, first_token_id: int, first_logprob: common_pb2.TokenLogprob | None, timeout: float
+    ) -> grpc.Future:
+        """The commit on its way, the lease checked first; ``_await_commit`` takes the answer."""
         if self.failed is None:
             self.lease_left()
         if self.failed is not None:
@@ -134,8 +143,11 @@ class OutOfBandSession(OutboundSession):
         request = self._commit_request(first_token_id=first_token_id)
         if first_logprob is not None:
             request.first_logprob.CopyFrom(first_logprob)
+        return self._peer.stub.Commit.future(request, timeout=timeout, metadata=self.metadata)
+
+    def _await_commit(self, call: grpc.Future) -> None:
         try:
-            self._peer.stub.Commit(request, timeout=timeout, metadata=self.metadata)
+            call.result()
         except grpc.RpcError as exc:
             self.fail(f"decode worker refused the KV: {exc.details()}")
             raise TransferError(self.failed, "ABORTED") from exc
