@@ -48,6 +48,7 @@ _IDLE_POLL_S = 0.01  # no reservation open: nothing can land
 _BUSY_POLL_S = 0.0002  # reservations open, none landing right now
 _MAX_BATCH_LAYERS = 4  # bounds a notification's size and how much the receiver verifies at once
 _WRITE_POLL_S = 0.0001  # the poller's pace over WRITEs still in flight after their post
+_COMMIT_THREADS = 16  # commits waiting for their receivers at once; more queue
 
 
 def _notification(request_id: str, token: str, layers: list[tuple[int, list[int], int]]) -> bytes:
@@ -103,14 +104,19 @@ class _WritePoller:
 
 
 class NixlReceiver:
-    """The decode worker's NIXL agent: its pool registered once, and a thread polling notifications.
-    Notifications count only from agents admitted by an authenticated handshake, and only with the
-    ticket's token of the reservation they name."""
+    """The decode worker's NIXL agent: its pool registered once, a thread polling notifications and
+    one verifying what they announce. Notifications count only from agents admitted by an
+    authenticated handshake, and only with the ticket's token of the reservation they name.
+
+    Polling never waits for a verification: over UCX a sender's WRITE posted behind an earlier
+    notification completes only once this agent progressed (see kv_transfer/nixl_agent.py), so a
+    poll thread busy hashing a landed batch would hold the sender's next copy up."""
 
     def __init__(self, name: str, cache: PagedKVCache, inbox: KVInbox) -> None:
         self.pool = NixlPool(name, cache.data)
         self.inbox = inbox
         self._admitted: set[str] = set()  # sender agent names; a set add/lookup is atomic under the GIL
+        self._verifying = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nixl-verify")
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._poll, name="nixl-notifications", daemon=True)
         self._thread.start()
@@ -132,10 +138,11 @@ class NixlReceiver:
             except NixlError:
                 return  # closed
             for sender, message in arrived:
-                self._landed(sender, message)
+                self._verifying.submit(self._landed, sender, message)
             self._stop.wait(_BUSY_POLL_S if self.inbox.num_landings else _IDLE_POLL_S)
 
     def _landed(self, sender: str, message: bytes) -> None:
+        """Verifying thread: one notification's layers checked in place and marked landed."""
         if sender not in self._admitted:
             log.warning("NIXL notification from %s ignored: no authenticated handshake", sender)
             return
@@ -154,6 +161,7 @@ class NixlReceiver:
     def close(self) -> None:
         self._stop.set()
         self._thread.join(2.0)
+        self._verifying.shutdown(wait=True)
         self.pool.close()
 
 
@@ -287,13 +295,14 @@ class NixlSession(OutOfBandSession):
         """The commit travels while the last WRITEs finish: the receiver adopts only once every
         layer's notification arrived, and each follows its WRITE's data, so a commit can never
         adopt KV still in flight; its round trip hides behind the transfer's tail instead of
-        following it. A session that fails meanwhile cancels it (the worker's abort follows)."""
-        call = self._send_commit(first_token_id, first_logprob, timeout)
+        following it. It is made on the sender's committing threads (a blocking call: a gRPC future
+        would start a thread of its own on an idle channel). A session that fails meanwhile does
+        not wait for it: the worker's abort, which follows, stops the receiver's wait."""
+        call = self._sender.committing.submit(self._commit_over_grpc, first_token_id, first_logprob, timeout)
         self.release(timeout)
         if self.failed is not None:
-            call.cancel()
             raise TransferError(self.failed, "ABORTED")
-        self._await_commit(call)
+        call.result()
 
 
 class NixlKVSender(KVSender):
@@ -311,6 +320,7 @@ class NixlKVSender(KVSender):
         self.pool = NixlPool(agent_name, cache.data)
         self._remote_pools: dict[str, PoolDescriptor] = {}  # address -> the peer's pool
         self._posting = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nixl-post")
+        self.committing = ThreadPoolExecutor(max_workers=_COMMIT_THREADS, thread_name_prefix="nixl-commit")
         self.poller = _WritePoller(self.pool)
 
     def post_when_ready(self, post, *args) -> Future:
@@ -352,6 +362,7 @@ class NixlKVSender(KVSender):
 
     def close(self) -> None:
         self._posting.shutdown(wait=True)
+        self.committing.shutdown(wait=True)
         self.poller.close()
         super().close()
         self.pool.close()

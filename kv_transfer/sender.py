@@ -130,12 +130,6 @@ class OutOfBandSession(OutboundSession):
         self, first_token_id: int, first_logprob: common_pb2.TokenLogprob | None, timeout: float
     ) -> None:
         """After ``release``: the lease checked, then the commit (raises TransferError if refused)."""
-        self._await_commit(self._send_commit(first_token_id, first_logprob, timeout))
-
-    def _send_commit(
-        self, first_token_id: int, first_logprob: common_pb2.TokenLogprob | None, timeout: float
-    ) -> grpc.Future:
-        """The commit on its way, the lease checked first; ``_await_commit`` takes the answer."""
         if self.failed is None:
             self.lease_left()
         if self.failed is not None:
@@ -143,11 +137,8 @@ class OutOfBandSession(OutboundSession):
         request = self._commit_request(first_token_id=first_token_id)
         if first_logprob is not None:
             request.first_logprob.CopyFrom(first_logprob)
-        return self._peer.stub.Commit.future(request, timeout=timeout, metadata=self.metadata)
-
-    def _await_commit(self, call: grpc.Future) -> None:
         try:
-            call.result()
+            self._peer.stub.Commit(request, timeout=timeout, metadata=self.metadata)
         except grpc.RpcError as exc:
             self.fail(f"decode worker refused the KV: {exc.details()}")
             raise TransferError(self.failed, "ABORTED") from exc
