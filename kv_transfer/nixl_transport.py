@@ -7,16 +7,18 @@ layers pushed meanwhile as one WRITE, at most ``_MAX_BATCH_LAYERS``: a layer-wis
 prefill posts about a layer per WRITE; a whole-request push, or layers that finish faster than they
 post, share WRITEs and save each WRITE's and notification's fixed cost. Every WRITE is announced by
 one notification (msgpack: request id, token, and per layer its destination blocks and checksum)
-that reaches the decode worker after the regions landed; it verifies each layer in place while
-later WRITEs land. With checksums (the default) the posting thread hashes a batch's source right
-after posting it: on DRAM, UCX has just copied it, so it is read again from cache; on RDMA or VRAM
-the hash overlaps the WRITE in flight. The notification follows once the WRITE is final::
+that reaches the decode worker after the regions landed; it verifies each layer in place on a
+thread of its own while later WRITEs land.
 
-    engine thread:   push 0 push 1 ... push 15 ────────────────────── commit ─┐ (sent early)
-    posting thread:    WRITE 0 │hash│ WRITE 1-4 │hash│ WRITE 5-8 │hash│ ...   │
-    decode poll thread:           verify 0      verify 1-4      verify 5-8 ... adopt, answer
+Checksums off: the notification rides with the WRITE. On (the default): the sealing thread hashes a
+batch's source in contiguous runs (the GIL released) while the posting thread posts the next batch
+(on RDMA or VRAM, while the batch's own WRITE still moves), and sends the notification once the
+WRITE is final::
 
-The commit is sent while the last WRITEs finish (see ``NixlSession.commit``).
+    engine thread:   push 0 push 1 ... push 15 ── commit (sent at once, answered after the last verify)
+    posting thread:    WRITE 0 │ WRITE 1-4 │ WRITE 5-8 │ WRITE 9-12 │ WRITE 13-15
+    sealing thread:            │ hash 0,note│ hash 1-4,note │ hash 5-8,note │ ...   hash 13-15,note
+    decode verify thread:                     verify 0      verify 1-4       ...            verify 13-15
 """
 
 from __future__ import annotations
@@ -179,6 +181,8 @@ class NixlSession(OutOfBandSession):
         self._drains: list[Future] = []
         self._writes: list[WriteHandle] = []
         self._posting = threading.Lock()  # held across one post: a failing release waits behind it
+        self._seals: list[Future] = []  # batches hashed and announced on the sealing thread
+        self._announcing = threading.Lock()  # held across one notification, as _posting is across a post
         # One release at a time: a second caller (close after abort) returns only once the writes
         # the first one collected are final too.
         self._releasing = threading.Lock()
@@ -250,9 +254,14 @@ class NixlSession(OutOfBandSession):
             if not handle.done():
                 self._sender.poller.watch()  # its notification goes out when a poll sees it complete
             return
-        # The source is hashed while the WRITE moves it (RDMA, VRAM), or right after the copy read
-        # it (DRAM: UCX copies inside the post, so the runs are still in cache); the notification
-        # with the digests follows once the WRITE is final.
+        seal = self._sender.sealing.submit(self._seal, batch, handle)
+        with self._lock:
+            self._seals.append(seal)
+
+    def _seal(self, batch: list[_Push], handle: WriteHandle) -> None:
+        """Sealing thread: hashes the batch's source while the posting thread posts the next
+        batch (and, on RDMA or VRAM, while this WRITE still moves), then sends the notification with
+        the digests once the WRITE is final."""
         try:
             layers = [(p.layer, p.dst_blocks, region_checksum(p.cache, p.layer, p.src_blocks)) for p in batch]
             handle.wait(max(0.0, self._deadline - time.time()))
@@ -260,11 +269,12 @@ class NixlSession(OutOfBandSession):
             self.fail(f"could not hash layers {[p.layer for p in batch]}: {exc}")
         except NixlError as exc:
             self.fail(f"NIXL write failed: {exc}")
-        with self._posting:
+        with self._announcing:
             if self.failed is not None:
                 return
             try:
-                pool.notify(self._remote.agent_name, _notification(self.request_id, self.ticket.token, layers))
+                note = _notification(self.request_id, self.ticket.token, layers)
+                self._sender.pool.notify(self._remote.agent_name, note)
             except NixlError as exc:
                 self.fail(f"NIXL notification failed: {exc}")
 
@@ -283,6 +293,11 @@ class NixlSession(OutOfBandSession):
             if wait_futures(drains, timeout=timeout).not_done:
                 with self._posting:  # a post under way ends first; none starts after this
                     self.fail("a pushed layer did not become ready in time")
+            with self._lock:
+                seals = list(self._seals)
+            if wait_futures(seals, timeout=max(0.0, deadline - time.monotonic())).not_done:
+                with self._announcing:  # a notification under way goes first; none after this
+                    self.fail("a pushed layer was not sealed in time")
             with self._lock:
                 writes, self._writes = self._writes, []
             for handle in writes:
@@ -320,6 +335,7 @@ class NixlKVSender(KVSender):
         self.pool = NixlPool(agent_name, cache.data)
         self._remote_pools: dict[str, PoolDescriptor] = {}  # address -> the peer's pool
         self._posting = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nixl-post")
+        self.sealing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nixl-seal")
         self.committing = ThreadPoolExecutor(max_workers=_COMMIT_THREADS, thread_name_prefix="nixl-commit")
         self.poller = _WritePoller(self.pool)
 
@@ -362,6 +378,7 @@ class NixlKVSender(KVSender):
 
     def close(self) -> None:
         self._posting.shutdown(wait=True)
+        self.sealing.shutdown(wait=True)
         self.committing.shutdown(wait=True)
         self.poller.close()
         super().close()
