@@ -424,6 +424,9 @@ def test_transfer_table_from_a_bench_transfer_report(tmp_path, capsys):
     path.write_text(json.dumps(report))
     transports = transports_from_report(str(path))
     assert [(t.name, t.bytes_per_s) for t in transports] == [("grpc", 1e9), ("nixl", 5e9)]
+    report["bandwidth"].append({"path": "bulk", "checksums": True, "size_bytes": 64 << 20, "size_mib": 64, "gb_s": 3.0})
+    path.write_text(json.dumps(report))  # workers move gRPC-transport KV on the bulk links: that rate counts
+    assert [(t.name, t.bytes_per_s) for t in transports_from_report(str(path))] == [("grpc", 3e9), ("nixl", 5e9)]
 
     row = table(transports, prompt_lens=(1024,), shapes=(("llama-3-8b", 1, 1),))[0]
     kv = 1024 * 131072
