@@ -3,6 +3,8 @@ kernel grants transparent huge pages on request, backed by them; elsewhere ordin
 
 from __future__ import annotations
 
+import threading
+import time
 from pathlib import Path
 
 import torch
@@ -35,13 +37,32 @@ def test_the_pool_is_zeroed_aligned_contiguous_and_shaped():
     assert cache.regions[-1, -1].view(torch.bfloat16).eq(1.5).all()
 
 
+def _populated() -> None:
+    """Waits (bounded) for the pools' background population threads to finish."""
+    deadline = time.monotonic() + 30
+    while any(t.name == "kv-pool-populate" for t in threading.enumerate()):
+        assert time.monotonic() < deadline, "a pool's population never finished"
+        time.sleep(0.01)
+
+
 def test_the_pool_is_on_huge_pages_where_the_kernel_grants_them():
     pool = host_pool((8 * HUGE_PAGE // 4,), torch.float32)  # 8 huge pages
+    pool.fill_(2.0)
     mode = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
     huge_kb = _anon_huge_kb(pool.data_ptr())
     if "[never]" in mode:
         assert huge_kb == 0  # refused: ordinary memory, and the pool still works
     else:
         assert huge_kb > 0, f"THP mode {mode.strip()!r}, but no part of the pool is on huge pages"
-    pool.fill_(2.0)
     assert float(pool.sum()) == 2.0 * pool.numel()
+
+
+def test_background_population_keeps_what_was_written_and_zeroes_the_rest():
+    """The pool is faulted in by a thread while the engine may already write KV: nothing it wrote
+    is lost, nothing else reads anything but zero."""
+    pool = host_pool((64 << 20,), torch.uint8)
+    stride = 4096 + 7  # hits every page, at shifting offsets
+    pool[::stride] = 7  # at once: the population thread has barely started
+    _populated()
+    assert pool[::stride].eq(7).all()
+    assert int(pool.ne(0).sum()) == pool[::stride].numel()
