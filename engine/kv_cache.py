@@ -67,8 +67,7 @@ def host_pool(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     the pool in without writing to it (``_populate``): neither the worker's start nor its first
     requests wait for it. Where the advice is refused (another OS, THP off) the pool is ordinary
     memory."""
-    count = math.prod(shape)
-    nbytes = count * torch.empty((), dtype=dtype).element_size()
+    nbytes = math.prod(shape) * dtype.itemsize
     if nbytes < _HUGE_PAGE or not sys.platform.startswith("linux"):
         return torch.zeros(shape, dtype=dtype)
     mapping = mmap.mmap(-1, nbytes + _HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)

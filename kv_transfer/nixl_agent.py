@@ -123,16 +123,14 @@ def _grid(base_address: int, pool_nbytes: int, nbytes: int, device_id: int) -> n
     return rows
 
 
-def _slot_indices(offsets: Sequence[int], nbytes: int, pool_nbytes: int, side: str) -> np.ndarray:
-    """Byte offsets -> int32 slot indices; each region must be aligned (``write_slots`` checks the
-    bounds)."""
+def _slot_indices(offsets: Sequence[int], nbytes: int, side: str) -> np.ndarray:
+    """Byte offsets -> int32 slot indices; each offset must be a multiple of ``nbytes`` (``write_slots``
+    checks that the slots lie inside the pool)."""
     array = np.asarray(offsets, dtype=np.int64)
     if array.ndim != 1:
         raise ValueError(f"{side} offsets must be a flat sequence")
-    if array.size and (np.any(array % nbytes) or array.min() < 0 or array.max() + nbytes > pool_nbytes):
-        raise ValueError(
-            f"{side} offsets must be multiples of {nbytes} with each region inside the {pool_nbytes}-byte pool"
-        )
+    if np.any(array % nbytes):
+        raise ValueError(f"{side} offsets must be multiples of {nbytes}")
     return (array // nbytes).astype(np.int32)
 
 
@@ -308,8 +306,8 @@ class NixlPool:
         gone, or NIXL refuses."""
         if nbytes <= 0:
             raise ValueError(f"region size must be positive, got {nbytes}")
-        src = _slot_indices(src_offsets, nbytes, self.descriptor.nbytes, "source")
-        dst = _slot_indices(dst_offsets, nbytes, peer.nbytes, "destination")
+        src = _slot_indices(src_offsets, nbytes, "source")
+        dst = _slot_indices(dst_offsets, nbytes, "destination")
         return self.write_slots(peer, src, dst, nbytes, notification)
 
     def write_slots(

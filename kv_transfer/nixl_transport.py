@@ -58,6 +58,13 @@ def _notification(request_id: str, token: str, layers: list[tuple[int, list[int]
     return msgpack.packb({"request_id": request_id, "token": token, "layers": layers})
 
 
+def _slots(batch: list[_Push], side: str, blocks_per_layer: int) -> np.ndarray:
+    """The batch's regions on one side as slots of a pool cut into regions: layer * blocks + block."""
+    return np.concatenate(
+        [np.asarray(getattr(p, side), dtype=np.int32) + np.int32(p.layer * blocks_per_layer) for p in batch]
+    )
+
+
 @dataclass(eq=False)
 class _Push:
     """A pushed layer piece waiting for the posting thread."""
@@ -226,14 +233,8 @@ class NixlSession(OutOfBandSession):
             return
         layout = batch[0].cache.layout
         region = layout.region_bytes
-        remote_blocks = self._remote.nbytes // (layout.num_layers * region)
-        # Slot of (layer, block) in a pool cut into regions: layer * blocks per layer + block.
-        src = np.concatenate(
-            [np.asarray(p.src_blocks, dtype=np.int32) + np.int32(p.layer * layout.num_blocks) for p in batch]
-        )
-        dst = np.concatenate(
-            [np.asarray(p.dst_blocks, dtype=np.int32) + np.int32(p.layer * remote_blocks) for p in batch]
-        )
+        src = _slots(batch, "src_blocks", layout.num_blocks)
+        dst = _slots(batch, "dst_blocks", self._remote.nbytes // (layout.num_layers * region))
         verify, pool = self._sender.verify, self._sender.pool
         with self._posting:
             if self.closed or not self.lease_left():
