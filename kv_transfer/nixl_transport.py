@@ -222,7 +222,11 @@ class NixlSession(OutOfBandSession):
                 if not batch:
                     self._draining = False
                     return
-            self._post(batch)
+            try:
+                self._post(batch)
+            except Exception as exc:  # a bug: fail now rather than leave it in a Future until the commit times out
+                log.exception("posting KV of %s failed", self.request_id)
+                self.fail(f"posting layers {[p.layer for p in batch]} failed: {exc!r}")
 
     def _post(self, batch: list[_Push]) -> None:
         try:
@@ -270,6 +274,9 @@ class NixlSession(OutOfBandSession):
             self.fail(f"could not hash layers {[p.layer for p in batch]}: {exc}")
         except NixlError as exc:
             self.fail(f"NIXL write failed: {exc}")
+        except Exception as exc:  # a bug: fail now rather than leave it in a Future until the commit times out
+            log.exception("sealing KV of %s failed", self.request_id)
+            self.fail(f"sealing layers {[p.layer for p in batch]} failed: {exc!r}")
         with self._announcing:
             if self.failed is not None:
                 return

@@ -20,10 +20,22 @@ def test_quick_transfer_bench_writes_rows(tmp_path, capsys):
     assert {row["size_mib"] for row in report["bandwidth"]} == {1, 4}
     for row in report["bandwidth"]:
         assert row["gb_s"] > 0 and row["vs_memcpy"] > 0 and row["vs_tcp"] > 0, row
-        assert len(row["seconds"]) == report["metadata"]["repeats"]
+        assert len(row["seconds"]) == len(row["cpu_seconds"]) == report["metadata"]["repeats"]
+        assert row["cpu_ms"] > 0, row
+        if row["path"] == "nixl":  # both ends work: the receiver's share is counted too
+            memcpy = next(r for r in report["bandwidth"] if r["path"] == "memcpy" and r["size_mib"] == row["size_mib"])
+            assert row["cpu_ms"] > memcpy["cpu_ms"], (row, memcpy)
+    for target in report["targets"]:
+        row = next(
+            r
+            for r in report["bandwidth"]
+            if r["path"] == target["path"] and r["checksums"] is True and r["size_mib"] == target["size_mib"]
+        )
+        assert target["cpu_ms"] == row["cpu_ms"] and target["cores"] >= 1
+        assert target["cpu_allows"] > 0
     combos = {(row["transport"], row["push_mode"], row["prompt_tokens"]) for row in report["exposure"]}
     assert combos == {(t, m, n) for t in ("grpc", "nixl") for m in ("layer", "request") for n in (64, 256)}
     for row in report["exposure"]:
         assert row["median_prefill_ms"] > 0 and row["median_exposed_ms"] > 0 and row["exposed_share"] > 0, row
         assert row["kv_bytes"] > 0, row
-    assert "grpc (xxh3)" in printed and "exposed/prefill" in printed
+    assert "grpc (xxh3)" in printed and "exposed/prefill" in printed and "cpu ms" in printed

@@ -11,9 +11,12 @@ import time
 import pytest
 import torch
 
+from engine.kv_cache import KVLayout, PagedKVCache
+from kv_transfer.errors import TransferError
 from kv_transfer.integrity import region_checksum
+from kv_transfer.nixl_transport import NixlKVSender
 from tests.kv_transfer.test_layer_ordering import LateReady
-from tests.kv_transfer.test_nixl_integrity import DST_BLOCKS, LAYOUT, SRC_BLOCKS, pair  # noqa: F401 (fixture)
+from tests.kv_transfer.test_nixl_integrity import DST_BLOCKS, LAYOUT, SRC_BLOCKS, Receiver, pair  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -72,4 +75,62 @@ def test_an_early_commit_waits_for_the_last_layer_to_land(pair):  # noqa: F811
     assert outcome == [None] and receiver.committed == ["early"]
     assert torch.equal(receiver.cache.data[:, DST_BLOCKS], source.data[:, SRC_BLOCKS])
     session.close(10)
+    assert sender.pool.pending_writes == 0
+
+
+def test_a_128k_token_prompt_lands_with_its_block_lists_in_one_notification():
+    """At 128k tokens in blocks of 16, a layer is 8192 regions: a WRITE of 4 such layers is 32k
+    descriptors and its notification (the four block lists) ~100 KB of msgpack, past any single
+    UCX fragment. Both must arrive whole; the destination runs backwards, so no run merges."""
+    layout = KVLayout(num_layers=4, num_blocks=8200, block_size=1, num_kv_heads=1, head_dim=8, dtype="float32")
+    src = list(range(8192))
+    dst = list(range(8199, 7, -1))
+    receiver = Receiver(layout, dst)
+    notes = _count_notifications(receiver)
+    source = PagedKVCache(layout)
+    source.data.copy_(torch.randn(source.data.shape, generator=torch.Generator().manual_seed(7)))
+    sender = NixlKVSender(receiver.layout, "prefill", source, "long-prompt-sender", verify=True)
+    try:
+        receiver.inbox.open("long", dst)
+        session = sender.open("long", receiver.ticket("long"))
+        first = LateReady()  # every layer queued before the first post: they share one WRITE
+        session.push_layer(source, 0, src, dst, first)
+        for layer in range(1, layout.num_layers):
+            session.push_layer(source, layer, src, dst)
+        first.complete()
+        session.commit(first_token_id=1, first_logprob=None, timeout=30)
+        session.close(10)
+    finally:
+        sender.close()
+        receiver.stop()
+
+    assert receiver.committed == ["long"] and not receiver.aborts
+    assert max(len(note) for note in notes) > 64 << 10, [len(note) for note in notes]
+    assert torch.equal(receiver.cache.data[:, dst], source.data[:, src])
+    expected = {layer: region_checksum(source, layer, src) for layer in range(layout.num_layers)}
+    assert dict(receiver.inbox.checksums_seen) == expected
+
+
+@pytest.mark.parametrize("stage", ["posting", "sealing"])
+def test_an_unexpected_error_on_a_sender_thread_fails_the_commit_at_once(pair, monkeypatch, stage):  # noqa: F811
+    """A bug inside the posting or sealing thread (not a NIXL or CUDA error) must not sit unseen in
+    its Future while the commit waits out the receiver's timeout: the session fails with it."""
+    receiver, source, sender = pair
+    if stage == "posting":
+        monkeypatch.setattr(sender.pool, "write_slots", lambda *args: {}["no such slot"])
+    else:
+        monkeypatch.setattr("kv_transfer.nixl_transport.region_checksum", lambda *args: 1 // 0)
+    receiver.inbox.open("buggy", DST_BLOCKS)
+    session = sender.open("buggy", receiver.ticket("buggy"))
+    for layer in range(LAYOUT.num_layers):
+        session.push_layer(source, layer, SRC_BLOCKS, DST_BLOCKS)
+    began = time.monotonic()
+    with pytest.raises(TransferError) as failed:
+        session.commit(first_token_id=1, first_logprob=None, timeout=30)
+    assert time.monotonic() - began < 2.0, "the commit waited for the receiver instead of failing"
+    assert f"{stage} layers" in str(failed.value), str(failed.value)
+    assert ("KeyError" if stage == "posting" else "ZeroDivisionError") in str(failed.value)
+    session.abort(str(failed.value))
+    session.close(10)
+    assert receiver.committed == []
     assert sender.pool.pending_writes == 0

@@ -40,21 +40,22 @@ class FlippingInbox(KVInbox):
         self.checksums_seen.append((layer, expected_checksum))
         if layer == self.flip_layer:
             region = self.cache.regions[layer, block_ids[len(block_ids) // 2]]
-            region[LAYOUT.region_bytes // 3] ^= 0x10
+            region[self.cache.layout.region_bytes // 3] ^= 0x10
         super().landed(request_id, layer, block_ids, expected_checksum)
 
 
 class Receiver:
     """A decode worker's KV side in miniature; the owner's callbacks only record what they were told."""
 
-    def __init__(self) -> None:
-        self.cache = PagedKVCache(LAYOUT)
+    def __init__(self, layout: KVLayout = LAYOUT, blocks: list[int] = DST_BLOCKS) -> None:
+        self.cache = PagedKVCache(layout)
+        self.blocks = blocks
         self.committed: list[str] = []
         self.aborts: list[tuple[str, str, bool]] = []
         self.inbox = FlippingInbox(self.cache, self._on_commit, self._on_abort)
         self.inbox.checksums_seen = []
         self.nixl = NixlReceiver("integrity-receiver", self.cache, self.inbox)
-        self.layout = layout_message(LAYOUT, "fingerprint")
+        self.layout = layout_message(layout, "fingerprint")
         service = KVReceiverService(self.inbox, self.layout, "instance-1", self.nixl)
         self.server, self.address = serve_kv_receiver(service)
 
@@ -67,7 +68,7 @@ class Receiver:
         self.inbox.close(request_id, reason)
 
     def ticket(self, request_id: str) -> decode_pb2.Ticket:
-        return loopback_ticket(request_id, "nixl", self.address, self.layout, DST_BLOCKS)
+        return loopback_ticket(request_id, "nixl", self.address, self.layout, self.blocks)
 
     def stop(self) -> None:
         self.server.stop(0).wait()
