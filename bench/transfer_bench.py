@@ -727,8 +727,8 @@ def _targets(rows: list[BandwidthRow]) -> list[dict]:
         reference = _baseline(rows, baseline, row.size_bytes)
         ratio = row.gb_s / reference.gb_s
         # However well the transfer overlapped its work, it cannot end before its CPU time spread
-        # over every core: the best ratio this machine allows the path as it computes today.
-        cores = os.cpu_count() or 1
+        # over every core it may run on: the best ratio this machine allows the path as it computes today.
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
         cpu_allows = statistics.median(reference.seconds) / (row.cpu_ms / 1e3 / cores)
         targets.append(
             {
