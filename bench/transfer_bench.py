@@ -413,10 +413,15 @@ def _recv_exactly(connection: socket.socket, view: memoryview) -> memoryview | N
     return view
 
 
+def _report_cpu() -> None:
+    """The answer to ``cpu`` (``Receiver.cpu_seconds``): this process's CPU seconds, every thread."""
+    _say(f"cpu {time.process_time()!r}")
+
+
 def _drain_stdin() -> None:
     for line in sys.stdin:
         if line.strip() == "cpu":
-            _say(f"cpu {time.process_time()!r}")
+            _report_cpu()
     os._exit(0)  # the bench closed our stdin: it is done with us
 
 
@@ -461,7 +466,7 @@ def _serve_transport(kind: str, pool_bytes: int) -> int:
     for line in sys.stdin:
         command, *args = line.split()
         if command == "cpu":
-            _say(f"cpu {time.process_time()!r}")
+            _report_cpu()
             continue
         if command != "open":
             raise SystemExit(f"unknown command {command!r}")

@@ -17,7 +17,7 @@ import sys
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cache, cached_property
 
 import torch
 
@@ -92,10 +92,19 @@ def _populate(pool: torch.Tensor, nbytes: int) -> None:
 
 def _madvise(address: int, nbytes: int, advice: int) -> int:
     """madvise(2); nonzero when refused (no harm: the memory stays ordinary)."""
-    try:
-        return ctypes.CDLL(None, use_errno=True).madvise(ctypes.c_void_p(address), ctypes.c_size_t(nbytes), advice)
-    except (OSError, AttributeError):
+    madvise = _libc_madvise()
+    if madvise is None:
         return -1
+    return madvise(ctypes.c_void_p(address), ctypes.c_size_t(nbytes), advice)
+
+
+@cache
+def _libc_madvise():
+    """The C library's madvise, looked up once; None where there is none."""
+    try:
+        return ctypes.CDLL(None, use_errno=True).madvise
+    except (OSError, AttributeError):
+        return None
 
 
 class PagedKVCache:

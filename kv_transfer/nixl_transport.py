@@ -224,9 +224,8 @@ class NixlSession(OutOfBandSession):
                     return
             try:
                 self._post(batch)
-            except Exception as exc:  # a bug: fail now rather than leave it in a Future until the commit times out
-                log.exception("posting KV of %s failed", self.request_id)
-                self.fail(f"posting layers {[p.layer for p in batch]} failed: {exc!r}")
+            except Exception as exc:
+                self._fail_on_bug("posting", batch, exc)
 
     def _post(self, batch: list[_Push]) -> None:
         try:
@@ -274,9 +273,8 @@ class NixlSession(OutOfBandSession):
             self.fail(f"could not hash layers {[p.layer for p in batch]}: {exc}")
         except NixlError as exc:
             self.fail(f"NIXL write failed: {exc}")
-        except Exception as exc:  # a bug: fail now rather than leave it in a Future until the commit times out
-            log.exception("sealing KV of %s failed", self.request_id)
-            self.fail(f"sealing layers {[p.layer for p in batch]} failed: {exc!r}")
+        except Exception as exc:
+            self._fail_on_bug("sealing", batch, exc)
         with self._announcing:
             if self.failed is not None:
                 return
@@ -285,6 +283,12 @@ class NixlSession(OutOfBandSession):
                 self._sender.pool.notify(self._remote.agent_name, note)
             except NixlError as exc:
                 self.fail(f"NIXL notification failed: {exc}")
+
+    def _fail_on_bug(self, stage: str, batch: list[_Push], exc: Exception) -> None:
+        """An error neither NIXL nor CUDA raised on a sender thread: fail the session now, rather than
+        leave it in a Future until the commit times out."""
+        log.exception("%s KV of %s failed", stage, self.request_id)
+        self.fail(f"{stage} layers {[p.layer for p in batch]} failed: {exc!r}")
 
     def close(self, timeout: float) -> None:
         with self._lock:

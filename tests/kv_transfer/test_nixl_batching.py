@@ -11,12 +11,11 @@ import time
 import pytest
 import torch
 
-from engine.kv_cache import KVLayout, PagedKVCache
+from engine.kv_cache import KVLayout
 from kv_transfer.errors import TransferError
 from kv_transfer.integrity import region_checksum
-from kv_transfer.nixl_transport import NixlKVSender
 from tests.kv_transfer.test_layer_ordering import LateReady
-from tests.kv_transfer.test_nixl_integrity import DST_BLOCKS, LAYOUT, SRC_BLOCKS, Receiver, pair  # noqa: F401 (fixture)
+from tests.kv_transfer.test_nixl_integrity import DST_BLOCKS, LAYOUT, SRC_BLOCKS, nixl_pair, pair  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -85,12 +84,8 @@ def test_a_128k_token_prompt_lands_with_its_block_lists_in_one_notification():
     layout = KVLayout(num_layers=4, num_blocks=8200, block_size=1, num_kv_heads=1, head_dim=8, dtype="float32")
     src = list(range(8192))
     dst = list(range(8199, 7, -1))
-    receiver = Receiver(layout, dst)
-    notes = _count_notifications(receiver)
-    source = PagedKVCache(layout)
-    source.data.copy_(torch.randn(source.data.shape, generator=torch.Generator().manual_seed(7)))
-    sender = NixlKVSender(receiver.layout, "prefill", source, "long-prompt-sender", verify=True)
-    try:
+    with nixl_pair(layout, dst, "long-prompt-sender", seed=7) as (receiver, source, sender):
+        notes = _count_notifications(receiver)
         receiver.inbox.open("long", dst)
         session = sender.open("long", receiver.ticket("long"))
         first = LateReady()  # every layer queued before the first post: they share one WRITE
@@ -100,9 +95,6 @@ def test_a_128k_token_prompt_lands_with_its_block_lists_in_one_notification():
         first.complete()
         session.commit(first_token_id=1, first_logprob=None, timeout=30)
         session.close(10)
-    finally:
-        sender.close()
-        receiver.stop()
 
     assert receiver.committed == ["long"] and not receiver.aborts
     assert max(len(note) for note in notes) > 64 << 10, [len(note) for note in notes]

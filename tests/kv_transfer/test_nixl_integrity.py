@@ -10,6 +10,7 @@ before the receiver looks at it, which is exactly what a bad link or a stray wri
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -75,17 +76,24 @@ class Receiver:
         self.nixl.close()
 
 
-@pytest.fixture
-def pair():
-    receiver = Receiver()
-    source = PagedKVCache(LAYOUT)
-    source.data.copy_(torch.randn(source.data.shape, generator=torch.Generator().manual_seed(5)))
-    sender = NixlKVSender(receiver.layout, "prefill", source, "integrity-sender", verify=True)
+@contextmanager
+def nixl_pair(layout: KVLayout = LAYOUT, blocks: list[int] = DST_BLOCKS, sender_name: str = "integrity-sender", seed=5):
+    """A receiver on ``blocks``, a source pool of random KV and a checksumming NIXL sender to it."""
+    receiver = Receiver(layout, blocks)
+    source = PagedKVCache(layout)
+    source.data.copy_(torch.randn(source.data.shape, generator=torch.Generator().manual_seed(seed)))
+    sender = NixlKVSender(receiver.layout, "prefill", source, sender_name, verify=True)
     try:
         yield receiver, source, sender
     finally:
         sender.close()
         receiver.stop()
+
+
+@pytest.fixture
+def pair():
+    with nixl_pair() as made:
+        yield made
 
 
 def _push_all(session, source: PagedKVCache) -> None:
