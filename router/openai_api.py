@@ -465,13 +465,13 @@ def create_app(frontend: Frontend, api_keys: tuple[str, ...] = ()) -> FastAPI:
 
 
 def _conversation(frontend: Frontend, messages: list[ChatMessageBody]) -> list[dict]:
-    """The messages as the chat template reads them: text content (null stays null beside an assistant's
-    tool_calls, and is refused on a tool message) and the tool turns router/structured.py checked; a 400 naming
-    what is malformed."""
+    """The messages as the chat template reads them: text content (null only beside an assistant's
+    tool_calls: router/structured.py refuses it elsewhere) and the tool turns it checked; a 400 naming what is
+    malformed."""
     said = []
     for m in messages:
         try:
-            content = None if m.content is None and (m.tool_calls or m.role == "tool") else m.text()
+            content = None if m.content is None else m.text()
         except ValueError as exc:
             raise GenerationError(str(exc), 400, "invalid_request_error", "messages") from exc
         fields = {"tool_calls": m.tool_calls, "tool_call_id": m.tool_call_id}

@@ -152,6 +152,8 @@ _BAD_TURNS = {
     "messages.2.tool_call_id": second_turn()[:2] + second_turn()[3:4],  # answers before any call
     "messages.3.tool_call_id": _changed(3, tool_call_id=None),
     "messages.3.content": _changed(3, content=None),
+    "messages.1.content": _changed(1, content=None),  # a user message that says nothing: not an empty one
+    "messages.2.content": _changed(2, tool_calls=None),  # null content beside no calls
     "messages.1.tool_call_id": _changed(1, tool_call_id="call_a"),  # only tool messages answer
     "messages.1.tool_calls": _changed(1, tool_calls=[_CALL]),  # only assistants call
     "messages.2.tool_calls.0.function.arguments": _changed(
