@@ -91,6 +91,7 @@ class Engine:
         self.on_layer_done = on_layer_done
         self.requests: dict[str, Request] = {}
         self._pending: list[RequestOutput] = []
+        self._ran_nothing = False  # the last step scheduled nothing and had nothing to report
         self._failures: dict[str, str] = {}  # request id -> why it failed, until take_failures()
         # Bounded: an owner that never drains KV events must not grow memory; readers see the
         # gap in event ids and resynchronise from a snapshot.
@@ -248,6 +249,7 @@ class Engine:
         reason kept for ``take_failures``) and the rest of the batch carries on. An error while recording
         one request's results is that request's; a failed model execution is narrowed down to one
         request by ``_execute``. Errors outside both (scheduling, bookkeeping bugs) propagate."""
+        self._ran_nothing = False
         plan = self.scheduler.schedule()
         if not plan.is_empty:
             sampled, failed = self._execute(plan)
@@ -261,6 +263,7 @@ class Engine:
                 self._for_request(request_id, lambda r: self._record_token(r, token_id, logprobs))
         self._kv_events.extend(self.allocator.take_events())
         outputs, self._pending = self._pending, []
+        self._ran_nothing = plan.is_empty and not outputs
         return outputs
 
     def _execute(self, plan: SchedulerOutput) -> tuple[StepResult, dict[str, BaseException]]:
@@ -335,6 +338,13 @@ class Engine:
 
     def has_unfinished(self) -> bool:
         return self.scheduler.num_unfinished > 0 or bool(self._pending)
+
+    @property
+    def stalled(self) -> bool:
+        """The last step had nothing to run (every unfinished request waits for its KV, or for blocks) and no
+        output is pending since: only a call from outside (a commit, a new request, an abort) or freed blocks
+        change that, so a loop may sleep until one comes instead of stepping again."""
+        return self._ran_nothing and not self._pending
 
     # -- batch use --------------------------------------------------------------------------------
 

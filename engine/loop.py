@@ -167,15 +167,18 @@ class EngineLoop:
             outputs: list[RequestOutput] = []
             if self.engine.has_unfinished():
                 outputs = self._step()
-            else:
-                self._wake.wait(self._idle_interval)
-                self._wake.clear()
             try:
                 self._publish_events(self.engine.take_kv_events())
                 if self._after_step is not None:
                     self._after_step(self.engine, outputs)
             except Exception:  # a bug in a hook must not stop the loop every request waits on
                 log.exception("after-step hook failed")
+            if not self.engine.has_unfinished() or self.engine.stalled:
+                # Nothing to run until a call comes (each sets _wake); the hooks run again within idle_interval
+                # (lease expiry, releases). Stepping a stalled engine (requests waiting for their KV) again at
+                # once would spin, holding the GIL from the transport threads that land that KV.
+                self._wake.wait(self._idle_interval)
+                self._wake.clear()
 
     def _run_calls(self) -> None:
         while True:

@@ -210,7 +210,7 @@ def test_client_deadline_mid_prefill_on_the_remote_path_frees_blocks_at_once(wor
     expired_before = decode.stats().leases_expired
     for attempt in range(3):
         request_id = new_id(f"deadline{attempt}")
-        prompt = random_prompt(rng, 300)
+        prompt = random_prompt(rng, 900)  # 8 chunks of 128 tokens: many times the deadline
         params = wire_params(100, ignore_eos=True)
         ticket = reserve(decode, request_id, prompt, params, lease_ms=LEASE_MS)
         claim = decode_pb2.GenerateRequest(request_id=request_id, reserved=True, token=ticket.token)

@@ -1,0 +1,61 @@
+"""The engine loop sleeps while its engine has nothing to run — nothing unfinished, or only requests waiting for KV a
+peer computes (a decode worker's reservations) — and wakes for the call that changes that. Stepping such an engine
+again at once would spin, holding the GIL from the threads that land the KV (NIXL's notification poller, the gRPC
+and bulk TCP receivers): each of their wake-ups would wait out the interpreter's switch interval."""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+
+import pytest
+
+from contract.sampling import SamplingParams
+from engine.config import EngineConfig
+from engine.engine import Engine
+from engine.loop import EngineLoop
+from engine.request import RequestState
+from tests.checkpoints import write_checkpoint
+
+PARAMS = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("llama-loop")
+    write_checkpoint(directory, "LlamaForCausalLM", seed=3)
+    return str(directory)
+
+
+def _short_sleeps(count: int = 100) -> list[float]:
+    """What 0.1 ms sleeps take on this thread, as a transport thread's polls do."""
+    took = []
+    for _ in range(count):
+        start = time.perf_counter()
+        time.sleep(0.0001)
+        took.append(time.perf_counter() - start)
+    return took
+
+
+def test_a_reservation_waiting_for_its_kv_leaves_the_loop_asleep_until_its_commit(model_dir):
+    engine = Engine(EngineConfig(model=model_dir, dtype="float32", num_kv_blocks=64))
+    loop = EngineLoop(engine).start()
+    try:
+        loop.call(lambda e: e.reserve("r", list(range(3, 40)), PARAMS))
+        assert loop.call(lambda e: e.requests["r"].state) is RequestState.WAITING_FOR_KV
+        cpu, wall = time.process_time(), time.perf_counter()
+        sleeps = _short_sleeps()
+        time.sleep(0.3)
+        cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
+
+        assert statistics.median(sleeps) < sys.getswitchinterval() / 2, "another thread waited for the GIL"
+        assert cpu < 0.3 * wall, f"the loop kept a core busy: {cpu:.2f} s of CPU in {wall:.2f} s"
+
+        # The commit (a call, as the decode worker makes it) wakes the loop; the request then decodes to its end.
+        stream = loop.watch("r")
+        loop.call(lambda e: e.complete_reservation("r", first_token_id=5))
+        tokens = [t for output in stream for t in output.token_ids]
+        assert len(tokens) == PARAMS.max_tokens
+    finally:
+        loop.stop()
