@@ -78,6 +78,7 @@ class KVInbox:
         self._landings: dict[str, Landing] = {}
         self._lock = threading.Lock()
         self._changed = threading.Condition()  # notified when a landing gains layers or shuts its gate
+        self._commits_waiting = 0  # commits inside wait_for_layers (under _changed)
 
     # -- owner (decode engine thread) -------------------------------------------------------------
 
@@ -116,6 +117,11 @@ class KVInbox:
     def num_landings(self) -> int:
         with self._lock:
             return len(self._landings)
+
+    @property
+    def commits_waiting(self) -> int:
+        """Commits blocked in ``wait_for_layers``: their senders' last notifications are due now."""
+        return self._commits_waiting
 
     # -- transport threads ------------------------------------------------------------------------
 
@@ -180,11 +186,15 @@ class KVInbox:
         passed (False): how a commit waits for the notifications of trailing NIXL writes."""
         deadline = time.monotonic() + timeout
         with self._changed:
-            while not self.layers_complete(request_id):
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return False
-                self._changed.wait(left)
+            self._commits_waiting += 1
+            try:
+                while not self.layers_complete(request_id):
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        return False
+                    self._changed.wait(left)
+            finally:
+                self._commits_waiting -= 1
         return True
 
     def commit(self, request_id: str, first_token_id: int, first_logprob) -> int:

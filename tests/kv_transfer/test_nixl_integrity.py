@@ -152,3 +152,35 @@ def test_a_failed_session_announces_nothing_more(pair):
     time.sleep(0.2)
     assert len(receiver.inbox.checksums_seen) == seen
     assert sender.pool.pending_writes == 0
+
+
+def test_the_receiver_polls_fast_only_while_kv_moves(pair):
+    """With a reservation open and nothing arriving, the receiver polls about every millisecond (each wake takes the GIL
+    from the decode engine); from a notification on, and while a commit waits for its layers, every 0.2 ms (a sender's
+    WRITE behind a notification not yet taken waits for our next poll)."""
+    receiver, source, sender = pair
+    polls: list[float] = []
+    poll = receiver.nixl.pool.poll_notifications
+
+    def counted():
+        polls.append(time.monotonic())
+        return poll()
+
+    receiver.nixl.pool.poll_notifications = counted
+    receiver.inbox.open("paced", DST_BLOCKS)
+    time.sleep(0.1)  # the poller notices the open reservation
+    quiet_from = time.monotonic()
+    time.sleep(0.5)
+    quiet = sum(quiet_from <= t for t in polls) / (time.monotonic() - quiet_from)
+
+    session = sender.open("paced", receiver.ticket("paced"))
+    _push_all(session, source)
+    session.commit(first_token_id=1, first_logprob=None, timeout=30)
+    moving_from = time.monotonic()
+    time.sleep(0.015)  # still within _MOVING_S of the last notification
+    moving = sum(moving_from <= t for t in polls) / (time.monotonic() - moving_from)
+    session.close(10)
+
+    assert receiver.committed == ["paced"]
+    assert 100 < quiet < 1200, f"{quiet:.0f} polls/s with a reservation open and nothing arriving"
+    assert moving > 2 * quiet, f"{moving:.0f} polls/s while KV moves vs {quiet:.0f} while quiet"
