@@ -307,7 +307,8 @@ def tool_turns(messages: list[dict], renders_tool_calls: bool) -> list[dict]:
         elif message.get("tool_call_id") is not None:
             raise FieldError(f"{where}.tool_call_id", "only tool messages carry a tool_call_id")
         elif message["content"] is None and not turn.get("tool_calls"):
-            raise FieldError(f"{where}.content", f"a {message['role']} message needs content (null only beside tool_calls)")
+            role = message["role"]
+            raise FieldError(f"{where}.content", f"a {role} message needs content (null only beside tool_calls)")
         turns.append(turn)
     return turns
 
