@@ -724,6 +724,7 @@ def _bandwidth_json(row: BandwidthRow, rows: list[BandwidthRow]) -> dict:
 def _targets(rows: list[BandwidthRow]) -> list[dict]:
     """Judged on the transports as the system runs them by default: with checksums, the gRPC transport
     on its bulk path (``grpc`` rows are its PushKV fallback, shown for comparison)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     targets = []
     for row in rows:
         if row.checksums is not True or row.size_bytes < TARGET_MIN_MIB * MIB or row.path == "grpc":
@@ -733,7 +734,6 @@ def _targets(rows: list[BandwidthRow]) -> list[dict]:
         ratio = row.gb_s / reference.gb_s
         # However well the transfer overlapped its work, it cannot end before its CPU time spread
         # over every core it may run on: the best ratio this machine allows the path as it computes today.
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
         cpu_allows = statistics.median(reference.seconds) / (row.cpu_ms / 1e3 / cores)
         targets.append(
             {

@@ -302,13 +302,16 @@ def tool_turns(messages: list[dict], renders_tool_calls: bool) -> list[dict]:
             ]
         if message["role"] == "tool":
             turn["tool_call_id"] = _answered_call(message.get("tool_call_id"), f"{where}.tool_call_id", issued)
-            if message["content"] is None:
-                raise FieldError(f"{where}.content", "a tool message carries the tool's result as its content")
         elif message.get("tool_call_id") is not None:
             raise FieldError(f"{where}.tool_call_id", "only tool messages carry a tool_call_id")
-        elif message["content"] is None and not turn.get("tool_calls"):
+        if message["content"] is None and not turn.get("tool_calls"):  # null only beside an assistant's calls
             role = message["role"]
-            raise FieldError(f"{where}.content", f"a {role} message needs content (null only beside tool_calls)")
+            raise FieldError(
+                f"{where}.content",
+                "a tool message carries the tool's result as its content"
+                if role == "tool"
+                else f"a {role} message needs content (null only beside tool_calls)",
+            )
         turns.append(turn)
     return turns
 

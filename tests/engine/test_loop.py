@@ -9,23 +9,14 @@ import statistics
 import sys
 import time
 
-import pytest
-
 from contract.sampling import SamplingParams
 from engine.config import EngineConfig
 from engine.engine import Engine
 from engine.loop import EngineLoop
 from engine.request import RequestState
-from tests.checkpoints import write_checkpoint
+from tests.engine.test_failure_isolation import model_dir  # noqa: F401 (fixture)
 
 PARAMS = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("llama-loop")
-    write_checkpoint(directory, "LlamaForCausalLM", seed=3)
-    return str(directory)
 
 
 def _short_sleeps(count: int = 100) -> list[float]:
@@ -38,7 +29,7 @@ def _short_sleeps(count: int = 100) -> list[float]:
     return took
 
 
-def test_a_reservation_waiting_for_its_kv_leaves_the_loop_asleep_until_its_commit(model_dir):
+def test_a_reservation_waiting_for_its_kv_leaves_the_loop_asleep_until_its_commit(model_dir):  # noqa: F811
     engine = Engine(EngineConfig(model=model_dir, dtype="float32", num_kv_blocks=64))
     loop = EngineLoop(engine).start()
     try:

@@ -132,6 +132,15 @@ class RouterThread:
             self.thread.join(5)
 
 
+def metric_sum(samples: dict[tuple[str, tuple], float], name: str, **labels) -> float:
+    """The sum of ``name``'s samples (as ``RouterThread.metrics`` keys them) whose labels include ``labels``."""
+    return sum(
+        v
+        for (n, labelled), v in samples.items()
+        if n == name and all(dict(labelled).get(k) == w for k, w in labels.items())
+    )
+
+
 def wait_for(predicate, timeout: float, what: str, interval: float = 0.05):
     deadline = time.monotonic() + timeout
     while True:

@@ -23,7 +23,7 @@ from tokenizers import Tokenizer as BackendTokenizer
 from router.config import RouterConfig
 from tests.checkpoints import write_checkpoint
 from tests.engine.test_tokenizer import write_model_dir
-from tests.router.conftest import RouterThread, stop_all
+from tests.router.conftest import RouterThread, metric_sum, stop_all
 from tests.workers.harness import start_workers
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -68,18 +68,12 @@ def stack(tmp_path_factory) -> Iterator[tuple[Path, RouterThread]]:
         stop_all([prefill, decode])
 
 
-def _counter(samples: dict, name: str, **labels) -> float:
-    return sum(
-        value for (sample, keys), value in samples.items() if sample == name and labels.items() <= dict(keys).items()
-    )
-
-
 def _assert_our_metrics_saw(before: dict, after: dict, prompt_tokens: int, client_ttft_s: float) -> None:
     """REQUESTS remotely prefilled requests of OUTPUT_TOKENS each, ``prompt_tokens`` in all, in the router's counters;
     the router stamps a first token before it writes it to the client, so its TTFT cannot exceed the client's."""
 
     def delta(name: str, **labels) -> float:
-        return _counter(after, name, **labels) - _counter(before, name, **labels)
+        return metric_sum(after, name, **labels) - metric_sum(before, name, **labels)
 
     assert delta("vllm:request_success_total") == REQUESTS
     assert delta("vllm:prompt_tokens_total") == prompt_tokens

@@ -14,6 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from bench import processes
 from router.config import RouterConfig
 from router.server import Router
+from tests.router.conftest import metric_sum
 
 PROMPT = list(range(3, 60))  # 57 tokens: above the threshold below, so prefill is remote
 
@@ -53,14 +54,6 @@ def _value(samples, name: str, **labels) -> float:
     return samples.get((name, tuple(sorted(labels.items()))), 0.0)
 
 
-def _sum(samples, name: str, **labels) -> float:
-    return sum(
-        v
-        for (n, labelled), v in samples.items()
-        if n == name and all(dict(labelled).get(k) == w for k, w in labels.items())
-    )
-
-
 def test_counters_and_histograms_match_the_traffic(router_url):
     before = _samples(router_url)
     body = {"model": "demo", "prompt": PROMPT, "max_tokens": 5, "temperature": 0, "ignore_eos": True}
@@ -75,7 +68,7 @@ def test_counters_and_histograms_match_the_traffic(router_url):
     after = _samples(router_url)
 
     def delta(name: str, **labels) -> float:
-        return _sum(after, name, **labels) - _sum(before, name, **labels)
+        return metric_sum(after, name, **labels) - metric_sum(before, name, **labels)
 
     def workers_caught_up() -> bool:
         """Each worker's Stats are polled on their own: wait until both reflect all the traffic."""
@@ -105,7 +98,7 @@ def test_counters_and_histograms_match_the_traffic(router_url):
     )
     assert _value(after, "splitserve_workers", role="prefill", state="ready") == 1
     assert _value(after, "splitserve_workers", role="decode", state="ready") == 1
-    assert _sum(after, "splitserve_workers") == 2, "the states partition the pool"
+    assert metric_sum(after, "splitserve_workers") == 2, "the states partition the pool"
     # the workers' own counters, aggregated by the router from their Stats
     assert delta("splitserve_worker_requests_finished_total", role="decode") == 5
     assert delta("splitserve_worker_generated_tokens_total", role="decode") == 25
@@ -135,11 +128,11 @@ def test_worker_serves_its_own_metrics():
 
 def _pool(samples, **labels) -> dict[str, float]:
     return {
-        "used": _sum(samples, "splitserve_worker_kv_blocks", state="used", **labels),
-        "free": _sum(samples, "splitserve_worker_kv_blocks", state="free", **labels),
-        "pool": _sum(samples, "splitserve_worker_kv_pool_blocks", **labels),
-        "cached": _sum(samples, "splitserve_worker_kv_cached_blocks", **labels),
-        "usage": _sum(samples, "vllm:kv_cache_usage_perc", **labels),
+        "used": metric_sum(samples, "splitserve_worker_kv_blocks", state="used", **labels),
+        "free": metric_sum(samples, "splitserve_worker_kv_blocks", state="free", **labels),
+        "pool": metric_sum(samples, "splitserve_worker_kv_pool_blocks", **labels),
+        "cached": metric_sum(samples, "splitserve_worker_kv_cached_blocks", **labels),
+        "usage": metric_sum(samples, "vllm:kv_cache_usage_perc", **labels),
     }
 
 
@@ -162,7 +155,7 @@ def test_kv_pool_states_partition_the_pool_on_a_live_worker(cluster):
         # closing the stream aborts the request: its blocks go back to the pool, its full prompt blocks stay cached
     _assert_partition(_pool(busy))
     assert _pool(busy)["used"] > 0
-    assert _sum(busy, "vllm:num_requests_running") >= 1
+    assert metric_sum(busy, "vllm:num_requests_running") >= 1
 
     deadline = time.monotonic() + 15
     idle = _pool(_samples(cluster.decode_metrics))
@@ -207,7 +200,7 @@ def test_served_model_label_and_vllm_names(router_url):
     after = _samples(router_url)
 
     def delta(name: str, **labels) -> float:
-        return _sum(after, name, **labels) - _sum(before, name, **labels)
+        return metric_sum(after, name, **labels) - metric_sum(before, name, **labels)
 
     assert delta("splitserve_requests_total", model=model, endpoint="/v1/completions", status="200") == 2
     assert delta("splitserve_time_to_first_token_seconds_count", model=model) == 2
@@ -223,7 +216,7 @@ def test_served_model_label_and_vllm_names(router_url):
         ("splitserve_generation_tokens_total", "vllm:generation_tokens_total"),
         ("splitserve_e2e_request_latency_seconds_sum", "vllm:e2e_request_latency_seconds_sum"),
     ):
-        assert _sum(after, splitserve) == _sum(after, vllm), "one observation, two names"
+        assert metric_sum(after, splitserve) == metric_sum(after, vllm), "one observation, two names"
     # engine gauges come from the workers' Stats only (one per worker), never from the router's own admission
     running = [dict(labels) for (name, labels) in after if name == "vllm:num_requests_running"]
     assert sorted(r["role"] for r in running) == ["decode", "prefill"]
