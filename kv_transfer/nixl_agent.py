@@ -155,6 +155,8 @@ class WriteHandle:
     def done(self) -> bool:
         """True once every region (and the notification) went out; raises NixlError if NIXL
         reported an error, or the write was aborted."""
+        if self._complete:  # final and released: no need to wait for the lock behind a post's copy
+            return True
         with self._owner._lock:
             if self._transfer is not None:
                 self._poll_locked()

@@ -11,14 +11,16 @@ that reaches the decode worker after the regions landed; it verifies each layer 
 thread of its own while later WRITEs land.
 
 Checksums off: the notification rides with the WRITE. On (the default): the sealing thread hashes a
-batch's source in contiguous runs (the GIL released) while the posting thread posts the next batch
-(on RDMA or VRAM, while the batch's own WRITE still moves), and sends the notification once the
-WRITE is final::
+batch's source in contiguous runs (the GIL released) while the posting thread copies it, and the
+notification with the digests goes out once the WRITE is final. On DRAM a WRITE is final when its
+post returns, so the posting thread sends it between two posts (a notification from another thread
+would wait for the pool's lock behind the next post's whole copy); a WRITE still moving (RDMA,
+VRAM) is announced by the sealing thread once it completes::
 
     engine thread:   push 0 push 1 ... push 15 ── commit (sent at once, answered after the last verify)
-    posting thread:    WRITE 0 │ WRITE 1-4 │ WRITE 5-8 │ WRITE 9-12 │ WRITE 13-15
-    sealing thread:            │ hash 0,note│ hash 1-4,note │ hash 5-8,note │ ...   hash 13-15,note
-    decode verify thread:                     verify 0      verify 1-4       ...            verify 13-15
+    posting thread:    WRITE 0 │note│ WRITE 1-4 │note│ WRITE 5-8 │note│ ... WRITE 13-15 │note
+    sealing thread:    hash 0  │      hash 1-4  │      hash 5-8  │      ... hash 13-15
+    decode verify thread:       verify 0         verify 1-4          ...            verify 13-15
 """
 
 from __future__ import annotations
@@ -79,6 +81,15 @@ class _Push:
     src_blocks: list[int]
     dst_blocks: list[int]
     ready: LayerReady
+
+
+@dataclass(eq=False)
+class _Posted:
+    """A posted WRITE waiting for its notification: the batch, its digests (a Future), its handle."""
+
+    batch: list[_Push]
+    hashed: Future
+    handle: WriteHandle
 
 
 class _WritePoller:
@@ -200,7 +211,7 @@ class NixlSession(OutOfBandSession):
         self._drains: list[Future] = []
         self._writes: list[WriteHandle] = []
         self._posting = threading.Lock()  # held across one post: a failing release waits behind it
-        self._seals: list[Future] = []  # batches hashed and announced on the sealing thread
+        self._seals: list[Future] = []  # hashes and announcements on the sealing thread
         self._announcing = threading.Lock()  # held across one notification, as _posting is across a post
         # One release at a time: a second caller (close after abort) returns only once the writes
         # the first one collected are final too.
@@ -226,26 +237,47 @@ class NixlSession(OutOfBandSession):
 
     def _drain(self) -> None:
         """Posting thread: posts what was pushed, in push order, up to ``_MAX_BATCH_LAYERS`` layers
-        per WRITE, until nothing is queued."""
+        per WRITE, until nothing is queued; with checksums, announces each WRITE as soon as both
+        it is final and its source is hashed."""
+        unannounced: list[_Posted] = []
         while True:
             with self._lock:
                 batch = self._queued[:_MAX_BATCH_LAYERS]
                 del self._queued[:_MAX_BATCH_LAYERS]
-                if not batch:
-                    self._draining = False
-                    return
+            if not batch:
+                self._announce_posted(unannounced, wait_for_hashes=True)
+                with self._lock:
+                    if not self._queued:  # a push meanwhile found _draining set: it is ours to post
+                        self._draining = False
+                        return
+                continue
+            hashed = self._hash_beside_post(batch)
             try:
-                self._post(batch)
+                handle = self._post(batch)
             except Exception as exc:
                 self._fail_on_bug("posting", batch, exc)
+                continue
+            if hashed is not None and handle is not None:
+                unannounced.append(_Posted(batch, hashed, handle))
+                self._announce_posted(unannounced, wait_for_hashes=False)
 
-    def _post(self, batch: list[_Push]) -> None:
+    def _hash_beside_post(self, batch: list[_Push]) -> Future | None:
+        """With checksums: the batch's digests, computed on the sealing thread during its post."""
+        if not self._sender.verify:
+            return None
+        hashed = self._sender.sealing.submit(self._hash, batch)
+        with self._lock:
+            self._seals.append(hashed)
+        return hashed
+
+    def _post(self, batch: list[_Push]) -> WriteHandle | None:
+        """Posts the batch as one WRITE; None if it was not posted (the session failed or closed)."""
         try:
             for push in batch:
                 push.ready.synchronize()
         except RuntimeError as exc:  # a CUDA error surfaces here
             self.fail(f"layers {[p.layer for p in batch]} never became ready: {exc}")
-            return
+            return None
         layout = batch[0].cache.layout
         region = layout.region_bytes
         src = _slots(batch, "src_blocks", layout.num_blocks)
@@ -253,40 +285,58 @@ class NixlSession(OutOfBandSession):
         verify, pool = self._sender.verify, self._sender.pool
         with self._posting:
             if self.closed or not self.lease_left():
-                return
+                return None
             # Checksums off: the notification rides with the WRITE (NIXL sends it once the regions
-            # landed). On: it follows the WRITE, once the source is hashed (below).
+            # landed). On: it follows the WRITE, once the source is hashed (_announce).
             unchecked = [(p.layer, p.dst_blocks, 0) for p in batch]
             note = b"" if verify else _notification(self.request_id, self.ticket.token, unchecked)
             try:
                 handle = pool.write_slots(self._remote, src, dst, region, note)
             except (NixlError, ValueError) as exc:
                 self.fail(f"NIXL write failed: {exc}")
-                return
+                return None
             with self._lock:
                 self._writes.append(handle)
                 self.bytes_sent += len(src) * region
-        if not verify:
-            if not handle.done():
-                self._sender.poller.watch()  # its notification goes out when a poll sees it complete
-            return
-        seal = self._sender.sealing.submit(self._seal, batch, handle)
-        with self._lock:
-            self._seals.append(seal)
+        if not verify and not handle.done():
+            self._sender.poller.watch()  # its notification goes out when a poll sees it complete
+        return handle
 
-    def _seal(self, batch: list[_Push], handle: WriteHandle) -> None:
-        """Sealing thread: hashes the batch's source while the posting thread posts the next
-        batch (and, on RDMA or VRAM, while this WRITE still moves), then sends the notification with
-        the digests once the WRITE is final."""
+    def _announce_posted(self, unannounced: list[_Posted], wait_for_hashes: bool) -> None:
+        """Posting thread, between posts: announces the posted WRITEs in order while they are final
+        and hashed (waiting for the hashes if ``wait_for_hashes``: nothing is left to post); hands a
+        WRITE still moving to the sealing thread, which announces it once it completes."""
+        while unannounced:
+            posted = unannounced[0]
+            if not posted.handle.done():
+                seal = self._sender.sealing.submit(self._announce, posted)
+                with self._lock:
+                    self._seals.append(seal)
+            elif posted.hashed.done() or wait_for_hashes:
+                self._announce(posted)
+            else:
+                return  # its hash is still running: announce it after the next post
+            unannounced.pop(0)
+
+    def _hash(self, batch: list[_Push]) -> list[tuple[int, list[int], int]]:
+        """Sealing thread: each layer's (layer, destination blocks, checksum of its source regions)."""
+        for push in batch:
+            push.ready.synchronize()
+        return [(p.layer, p.dst_blocks, region_checksum(p.cache, p.layer, p.src_blocks)) for p in batch]
+
+    def _announce(self, posted: _Posted) -> None:
+        """Sends the WRITE's notification with its digests once the WRITE is final (posting thread
+        for a WRITE final at its post; else the sealing thread, which waits for it)."""
+        layers = None
         try:
-            layers = [(p.layer, p.dst_blocks, region_checksum(p.cache, p.layer, p.src_blocks)) for p in batch]
-            handle.wait(max(0.0, self._deadline - time.time()))
+            layers = posted.hashed.result(max(0.0, self._deadline - time.time()))
+            posted.handle.wait(max(0.0, self._deadline - time.time()))
         except RuntimeError as exc:  # a CUDA error surfaces here
-            self.fail(f"could not hash layers {[p.layer for p in batch]}: {exc}")
+            self.fail(f"could not hash layers {[p.layer for p in posted.batch]}: {exc}")
         except NixlError as exc:
             self.fail(f"NIXL write failed: {exc}")
         except Exception as exc:
-            self._fail_on_bug("sealing", batch, exc)
+            self._fail_on_bug("sealing", posted.batch, exc)
         with self._announcing:
             if self.failed is not None:
                 return

@@ -77,6 +77,47 @@ def test_an_early_commit_waits_for_the_last_layer_to_land(pair):  # noqa: F811
     assert sender.pool.pending_writes == 0
 
 
+def test_a_write_is_announced_before_the_next_post_copies(pair, monkeypatch):  # noqa: F811
+    """On DRAM a WRITE is final when its post returns, and the next post holds the pool's lock for
+    its whole copy: the first WRITE's notification must go out between the two posts, not wait
+    behind the second copy (which kept the receiver's verification a WRITE behind)."""
+    receiver, source, sender = pair
+    receiver.inbox.open("warm-up", DST_BLOCKS)  # a new connection's first WRITE is not final at its post
+    warm_up = sender.open("warm-up", receiver.ticket("warm-up"))
+    for layer in range(LAYOUT.num_layers):
+        warm_up.push_layer(source, layer, SRC_BLOCKS, DST_BLOCKS)
+    warm_up.commit(first_token_id=1, first_logprob=None, timeout=30)
+    warm_up.close(10)
+    arrived: list[float] = []
+    landed = receiver.nixl._landed
+    receiver.nixl._landed = lambda *note: (arrived.append(time.monotonic()), landed(*note))
+    posted: list[float] = []  # the announced session's posts
+    copying = threading.Event()
+    write_slots = sender.pool.write_slots
+
+    def long_copy(*args):
+        copying.set()
+        with sender.pool._lock:  # as a DRAM copy of a large WRITE holds it
+            handle = write_slots(*args)
+            time.sleep(0.3)
+        posted.append(time.monotonic())
+        return handle
+
+    monkeypatch.setattr(sender.pool, "write_slots", long_copy)
+    receiver.inbox.open("announced", DST_BLOCKS)
+    session = sender.open("announced", receiver.ticket("announced"))
+    session.push_layer(source, 0, SRC_BLOCKS, DST_BLOCKS)
+    assert copying.wait(10)
+    for layer in range(1, LAYOUT.num_layers):  # queued behind layer 0's copy: a second WRITE
+        session.push_layer(source, layer, SRC_BLOCKS, DST_BLOCKS)
+    session.commit(first_token_id=1, first_logprob=None, timeout=30)
+    session.close(10)
+
+    assert receiver.committed == ["warm-up", "announced"] and len(posted) == len(arrived) == 2, (posted, arrived)
+    assert arrived[0] < posted[1] - 0.15, f"WRITE 0 announced {arrived[0] - posted[1]:+.3f} s after WRITE 1's post"
+    assert torch.equal(receiver.cache.data[:, DST_BLOCKS], source.data[:, SRC_BLOCKS])
+
+
 def test_a_128k_token_prompt_lands_with_its_block_lists_in_one_notification():
     """At 128k tokens in blocks of 16, a layer is 8192 regions: a WRITE of 4 such layers is 32k
     descriptors and its notification (the four block lists) ~100 KB of msgpack, past any single
