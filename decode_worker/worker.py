@@ -57,7 +57,13 @@ class DecodeWorker(WorkerBase, decode_pb2_grpc.DecodeWorkerServicer):
         super().__init__(config, **kwargs)
         self.transport = transport
         self.default_lease_ms = default_lease_ms
-        self.inbox = KVInbox(self.engine.kv_cache, self._on_commit, self._on_sender_abort, verify_checksums)
+        self.inbox = KVInbox(
+            self.engine.kv_cache,
+            self._on_commit,
+            self._on_sender_abort,
+            verify_checksums,
+            sanitize_in_place=self.engine.runner.attention.reads_masked_slots,
+        )
         self.nixl = None
         if transport == "nixl":
             from kv_transfer.nixl_transport import NixlReceiver

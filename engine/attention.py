@@ -70,6 +70,9 @@ class AttentionBackend(Protocol):
     write the new K/V into the pool, then attend."""
 
     name: str
+    # Masked pool slots enter the arithmetic (a tile read in place: 0 x NaN is NaN), so the pool must
+    # hold only finite values, KV that peers land in place included (kv_transfer/inbox.py).
+    reads_masked_slots: bool
 
     def plan(self, sequences: StepSequences, cache: PagedKVCache) -> object: ...
 
@@ -86,6 +89,7 @@ class TorchPagedAttention:
     must keep the addresses it read, and the caching allocator is cheap."""
 
     name = "torch"
+    reads_masked_slots = False  # it attends over what it gathered, masked
 
     def __init__(self, scratch_max_bytes: int = DECODE_SCRATCH_MAX_BYTES, native: bool = True) -> None:
         self._gather_buffer = GatherBuffer()

@@ -52,6 +52,7 @@ class FlexPagedAttention:
     flex_attention falls back to an unfused reference that materialises every score (tests only)."""
 
     name = "flex"
+    reads_masked_slots = True  # whole key tiles of the pool, other sequences' slots included
 
     def __init__(self, compiled: bool = True) -> None:
         from torch.nn.attention.flex_attention import flex_attention

@@ -116,7 +116,9 @@ class PagedKVCache:
     and +-inf as 0. A masked slot then contributes exactly 0 to attention even where it is read —
     FlexAttention reads whole key tiles in place, other sequences' blocks, free blocks and block
     tails included, and 0 x NaN would be NaN. Transports that land bytes in place (bulk, NIXL)
-    carry a splitserve peer's pool regions, finite by the same rule, checked end to end by their checksums.
+    bypass both: an honest peer's regions are finite by the same rule, but a faulty or hostile one's
+    need not be (its checksum covers what it sent, not whether that is sane), so where the attention
+    reads masked slots the inbox ``sanitize``s what landed before anyone may read it.
     A request whose model diverges still gets its own garbage; its KV reaches no one else."""
 
     def __init__(self, layout: KVLayout, device: str = "cpu") -> None:
@@ -162,6 +164,11 @@ class PagedKVCache:
         index = torch.as_tensor(blocks, dtype=torch.long, device=self.data.device)
         received = data.to(self.data.device).view(self.data.dtype)
         self.regions[layer].index_copy_(0, index, _finite(received).view(torch.uint8))
+
+    def sanitize(self, layer: int, blocks: Sequence[int]) -> None:
+        """Replaces non-finite values in the regions of ``blocks`` on ``layer`` by 0, in place: for
+        bytes that landed there without passing through ``write_regions``."""
+        self.write_regions(layer, blocks, self.read_regions(layer, blocks))
 
     def region(self, layer: int, block: int) -> torch.Tensor:
         """The contiguous ``[2, block_size, kv_heads, head_dim]`` view of one (layer, block)."""

@@ -69,9 +69,17 @@ class Landing:
 
 class KVInbox:
     def __init__(
-        self, cache: PagedKVCache, on_commit: CommitHandler, on_abort: AbortHandler, verify_checksums: bool = True
+        self,
+        cache: PagedKVCache,
+        on_commit: CommitHandler,
+        on_abort: AbortHandler,
+        verify_checksums: bool = True,
+        sanitize_in_place: bool = False,
     ) -> None:
+        """``sanitize_in_place``: the engine's attention reads masked slots (``reads_masked_slots``),
+        so KV landed in place gets its non-finite values replaced by 0, as ``write`` does for gRPC chunks."""
         self.cache = cache
+        self.sanitize_in_place = sanitize_in_place
         self.on_commit = on_commit
         self.on_abort = on_abort
         self.verify_checksums = verify_checksums
@@ -173,6 +181,8 @@ class KVInbox:
                 and region_checksum(self.cache, layer, block_ids) != expected_checksum
             ):
                 raise TransferError(f"checksum mismatch on layer {layer} of {request_id}", "DATA_LOSS")
+            if self.sanitize_in_place:
+                self.cache.sanitize(layer, block_ids)
             self._mark_written(landing, layer, block_ids)
 
     def layers_complete(self, request_id: str) -> bool:

@@ -7,7 +7,8 @@ row of the query tile. Non-finite KV gets into the pool three ways, each made to
 other requests run beside it and after it (the torch path too, which masks what it gathers):
 
 - a request's own numerical blow-up (its K/V rows turn NaN or inf);
-- KV received from a peer (written through ``write_regions``, as the gRPC inbox does);
+- KV received from a peer: written through ``write_regions`` (gRPC chunks), or landed in place
+  (NIXL, bulk TCP) and sanitized by the inbox where the attention reads masked slots;
 - either of them left behind in blocks that are freed and handed to the next requests.
 
 On CPU flex_attention runs uncompiled (the unfused reference evaluates the same mask), as in
@@ -26,6 +27,7 @@ from engine.attention_flex import FlexPagedAttention
 from engine.config import EngineConfig
 from engine.engine import Engine
 from engine.kv_cache import KVLayout, PagedKVCache
+from kv_transfer.inbox import KVInbox
 from tests.checkpoints import hf_greedy, write_checkpoint
 
 pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
@@ -124,6 +126,42 @@ def test_non_finite_kv_received_from_a_peer_does_not_reach_other_requests(checkp
     received = torch.full((len(blocks), layout.region_elements), poison, dtype=engine.kv_cache.data.dtype)
     for layer in range(layout.num_layers):
         engine.kv_cache.write_regions(layer, blocks, received.view(torch.uint8))
+    engine.complete_reservation("peer", first_token_id=7)
+    got = _run(engine, {f"a{i}": p for i, (p, _) in enumerate(expected[0])})
+    assert [got[f"a{i}"] for i in range(len(expected[0]))] == [tokens for _, tokens in expected[0]]
+    _second_round(engine, expected)
+
+
+@POISONS
+@BACKENDS
+@pytest.mark.parametrize("transport", ["nixl", "bulk"])
+def test_non_finite_kv_landed_in_place_by_a_peer_does_not_reach_other_requests(
+    checkpoint, expected, backend, poison, transport
+):
+    """NIXL and bulk TCP put the peer's bytes straight into the pool, past ``write_regions``; the
+    checksum only proves they are what the peer sent. The inbox, set up as the decode worker sets
+    it up for this attention backend, must not let them reach anyone else."""
+    model_dir, _ = checkpoint
+    engine = _engine(model_dir, backend)
+    inbox = KVInbox(
+        engine.kv_cache,
+        on_commit=lambda *_: None,
+        on_abort=lambda *_: None,
+        verify_checksums=False,
+        sanitize_in_place=engine.runner.attention.reads_masked_slots,
+    )
+    blocks = list(engine.reserve("peer", list(range(40, 75)), GREEDY).block_ids)
+    inbox.open("peer", blocks)
+    for layer in range(engine.layout.num_layers):
+
+        def land(layer=layer):  # what the peer's WRITE (or recv_into) put there
+            engine.kv_cache.data[layer, blocks] = poison
+
+        if transport == "nixl":
+            land()
+            inbox.landed("peer", layer, blocks, 0)
+        else:
+            inbox.receive_in_place("peer", layer, blocks, 0, fill=land)
     engine.complete_reservation("peer", first_token_id=7)
     got = _run(engine, {f"a{i}": p for i, (p, _) in enumerate(expected[0])})
     assert [got[f"a{i}"] for i in range(len(expected[0]))] == [tokens for _, tokens in expected[0]]
