@@ -187,8 +187,11 @@ class NixlReceiver:
             log.warning("KV from %s rejected: %s", sender, exc)
             if exc.code == "DATA_LOSS":  # the sender did not say it stopped: it may still be writing
                 self.inbox.abort(note["request_id"], str(exc), sender_stopped=False)
-        except (ValueError, KeyError, TypeError) as exc:
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
             log.warning("malformed NIXL notification from %s: %s", sender, exc)
+        except Exception as exc:  # e.g. a CUDA error while verifying: fail the request now, not at its commit timeout
+            log.exception("verifying KV of %s from %s failed", note["request_id"], sender)
+            self.inbox.abort(note["request_id"], f"verifying its KV failed: {exc!r}", sender_stopped=False)
 
     def close(self) -> None:
         self._stop.set()

@@ -141,6 +141,31 @@ def test_a_byte_flipped_after_the_write_is_caught_and_the_request_fails_cleanly(
     assert sender.pool.pending_writes == 0, "no write of the session is left in flight"
 
 
+def test_an_error_while_verifying_fails_the_request_at_once(pair, monkeypatch):
+    """Not a mismatch but a failure to verify (a CUDA error in the hash, say): the request is aborted
+    with the error, rather than the error vanishing with the verifying thread's task and the commit
+    waiting out the receiver's timeout."""
+    receiver, source, sender = pair
+
+    def broken(*args):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr("kv_transfer.inbox.region_checksum", broken)
+    receiver.inbox.open("unverified", DST_BLOCKS)
+    session = sender.open("unverified", receiver.ticket("unverified"))
+    _push_all(session, source)
+    began = time.monotonic()
+    with pytest.raises(TransferError) as refused:
+        session.commit(first_token_id=1, first_logprob=None, timeout=30)
+    assert time.monotonic() - began < 5, "the commit waited for the receiver's timeout"
+    assert "illegal memory access" in str(refused.value), str(refused.value)
+    session.abort(str(refused.value))
+    session.close(10)
+    assert receiver.committed == []
+    assert receiver.aborts[0][0] == "unverified" and receiver.aborts[0][2] is False
+    assert sender.pool.pending_writes == 0
+
+
 def test_a_failed_session_announces_nothing_more(pair):
     """After an abort, release waits for every seal and no notification follows the abort."""
     receiver, source, sender = pair
