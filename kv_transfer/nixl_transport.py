@@ -83,6 +83,15 @@ class _Push:
     ready: LayerReady
 
 
+def _final(handle: WriteHandle) -> bool:
+    """Whether the WRITE completed; a failed one counts as still moving: whoever waits for it next
+    (``release``, ``_announce``) gets its error and fails the session."""
+    try:
+        return handle.done()
+    except NixlError:
+        return False
+
+
 @dataclass(eq=False)
 class _Posted:
     """A posted WRITE waiting for its notification: the batch, its digests (a Future), its handle."""
@@ -257,12 +266,11 @@ class NixlSession(OutOfBandSession):
             hashed = self._hash_beside_post(batch)
             try:
                 handle = self._post(batch)
+                if hashed is not None and handle is not None:
+                    unannounced.append(_Posted(batch, hashed, handle))
+                    self._announce_posted(unannounced, wait_for_hashes=False)
             except Exception as exc:
                 self._fail_on_bug("posting", batch, exc)
-                continue
-            if hashed is not None and handle is not None:
-                unannounced.append(_Posted(batch, hashed, handle))
-                self._announce_posted(unannounced, wait_for_hashes=False)
 
     def _hash_beside_post(self, batch: list[_Push]) -> Future | None:
         """With checksums: the batch's digests, computed on the sealing thread during its post."""
@@ -301,7 +309,7 @@ class NixlSession(OutOfBandSession):
             with self._lock:
                 self._writes.append(handle)
                 self.bytes_sent += len(src) * region
-        if not verify and not handle.done():
+        if not verify and not _final(handle):
             self._sender.poller.watch()  # its notification goes out when a poll sees it complete
         return handle
 
@@ -311,7 +319,7 @@ class NixlSession(OutOfBandSession):
         WRITE still moving to the sealing thread, which announces it once it completes."""
         while unannounced:
             posted = unannounced[0]
-            if not posted.handle.done():
+            if not _final(posted.handle):
                 seal = self._sender.sealing.submit(self._announce, posted)
                 with self._lock:
                     self._seals.append(seal)

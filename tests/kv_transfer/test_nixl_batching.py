@@ -14,6 +14,7 @@ import torch
 from engine.kv_cache import KVLayout
 from kv_transfer.errors import TransferError
 from kv_transfer.integrity import region_checksum
+from kv_transfer.nixl_agent import NixlError
 from tests.kv_transfer.test_layer_ordering import LateReady
 from tests.kv_transfer.test_nixl_integrity import DST_BLOCKS, LAYOUT, SRC_BLOCKS, nixl_pair, pair  # noqa: F401 (fixture)
 
@@ -115,6 +116,43 @@ def test_a_write_is_announced_before_the_next_post_copies(pair, monkeypatch):  #
 
     assert receiver.committed == ["warm-up", "announced"] and len(posted) == len(arrived) == 2, (posted, arrived)
     assert arrived[0] < posted[1] - 0.15, f"WRITE 0 announced {arrived[0] - posted[1]:+.3f} s after WRITE 1's post"
+    assert torch.equal(receiver.cache.data[:, DST_BLOCKS], source.data[:, SRC_BLOCKS])
+
+
+def test_a_write_that_fails_after_its_post_fails_the_session_with_nixl_s_error(pair, monkeypatch):  # noqa: F811
+    """A WRITE posted fine and then failed (the peer went away): the session fails at once with
+    the write's error, and the sender's other sessions carry on."""
+    receiver, source, sender = pair
+    write_slots = sender.pool.write_slots
+
+    class Failed:  # what a WriteHandle answers once NIXL reported the write failed
+        def done(self):
+            raise NixlError("write to the peer failed: NIXL_ERR_REMOTE_DISCONNECT")
+
+        def wait(self, timeout):
+            self.done()
+
+    monkeypatch.setattr(sender.pool, "write_slots", lambda *args: (write_slots(*args), Failed())[1])
+    receiver.inbox.open("lost", DST_BLOCKS)
+    session = sender.open("lost", receiver.ticket("lost"))
+    for layer in range(LAYOUT.num_layers):
+        session.push_layer(source, layer, SRC_BLOCKS, DST_BLOCKS)
+    began = time.monotonic()
+    with pytest.raises(TransferError) as failed:
+        session.commit(first_token_id=1, first_logprob=None, timeout=30)
+    assert time.monotonic() - began < 2.0, "the commit waited for the receiver instead of failing"
+    assert "NIXL write failed" in str(failed.value) and "REMOTE_DISCONNECT" in str(failed.value), str(failed.value)
+    session.abort(str(failed.value))
+    session.close(10)
+
+    monkeypatch.undo()
+    receiver.inbox.open("next", DST_BLOCKS)
+    following = sender.open("next", receiver.ticket("next"))
+    for layer in range(LAYOUT.num_layers):
+        following.push_layer(source, layer, SRC_BLOCKS, DST_BLOCKS)
+    following.commit(first_token_id=1, first_logprob=None, timeout=30)
+    following.close(10)
+    assert receiver.committed == ["next"]
     assert torch.equal(receiver.cache.data[:, DST_BLOCKS], source.data[:, SRC_BLOCKS])
 
 
