@@ -392,7 +392,7 @@ def _serve_tcp(pool_bytes: int) -> int:
     buffer = memoryview(bytearray(pool_bytes))  # bytearray() zero-fills: pages touched up front
     listener = socket.create_server(("127.0.0.1", 0))
     _say("READY " + json.dumps({"tcp_port": listener.getsockname()[1]}))
-    threading.Thread(target=_drain_stdin, daemon=True).start()
+    threading.Thread(target=_answer_until_closed, daemon=True).start()
     connection, _ = listener.accept()
     connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     while header := _recv_exactly(connection, memoryview(bytearray(8))):
@@ -413,16 +413,23 @@ def _recv_exactly(connection: socket.socket, view: memoryview) -> memoryview | N
     return view
 
 
-def _report_cpu() -> None:
-    """The answer to ``cpu`` (``Receiver.cpu_seconds``): this process's CPU seconds, every thread."""
-    _say(f"cpu {time.process_time()!r}")
-
-
-def _drain_stdin() -> None:
-    for line in sys.stdin:
-        if line.strip() == "cpu":
-            _report_cpu()
+def _answer_until_closed() -> None:
+    """The TCP receiver's control thread: its main thread is inside a blocking recv."""
+    _answer_commands({})
     os._exit(0)  # the bench closed our stdin: it is done with us
+
+
+def _answer_commands(commands: dict[str, Callable[..., None]]) -> None:
+    """Answers the bench's lines on stdin until it closes it: ``cpu`` (``Receiver.cpu_seconds``: this
+    process's CPU seconds, every thread) and ``commands``' own, each called with the line's arguments."""
+    for line in sys.stdin:
+        command, *args = line.split()
+        if command == "cpu":
+            _say(f"cpu {time.process_time()!r}")
+        elif command in commands:
+            commands[command](*args)
+        else:
+            raise SystemExit(f"unknown command {command!r}")
 
 
 def _serve_transport(kind: str, pool_bytes: int) -> int:
@@ -463,16 +470,12 @@ def _serve_transport(kind: str, pool_bytes: int) -> int:
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     _say("READY " + json.dumps({"address": f"127.0.0.1:{port}", "instance_id": instance_id}))
-    for line in sys.stdin:
-        command, *args = line.split()
-        if command == "cpu":
-            _report_cpu()
-            continue
-        if command != "open":
-            raise SystemExit(f"unknown command {command!r}")
-        request_id, num_blocks = args
+
+    def open_landing(request_id: str, num_blocks: str) -> None:
         inbox.open(request_id, range(int(num_blocks)))
         _say("ok")
+
+    _answer_commands({"open": open_landing})
     server.stop(1).wait(2)
     if nixl is not None:
         nixl.close()
