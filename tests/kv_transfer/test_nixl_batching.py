@@ -12,11 +12,18 @@ import pytest
 import torch
 
 from engine.kv_cache import KVLayout
-from kv_transfer.errors import TransferError
 from kv_transfer.integrity import region_checksum
 from kv_transfer.nixl_agent import NixlError
 from tests.kv_transfer.test_layer_ordering import LateReady
-from tests.kv_transfer.test_nixl_integrity import DST_BLOCKS, LAYOUT, SRC_BLOCKS, nixl_pair, pair  # noqa: F401 (fixture)
+from tests.kv_transfer.test_nixl_integrity import (  # noqa: F401 (pair: a fixture)
+    DST_BLOCKS,
+    LAYOUT,
+    SRC_BLOCKS,
+    commit_fails_within,
+    nixl_pair,
+    pair,
+    transfer,
+)
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -83,12 +90,7 @@ def test_a_write_is_announced_before_the_next_post_copies(pair, monkeypatch):  #
     its whole copy: the first WRITE's notification must go out between the two posts, not wait
     behind the second copy (which kept the receiver's verification a WRITE behind)."""
     receiver, source, sender = pair
-    receiver.inbox.open("warm-up", DST_BLOCKS)  # a new connection's first WRITE is not final at its post
-    warm_up = sender.open("warm-up", receiver.ticket("warm-up"))
-    for layer in range(LAYOUT.num_layers):
-        warm_up.push_layer(source, layer, SRC_BLOCKS, DST_BLOCKS)
-    warm_up.commit(first_token_id=1, first_logprob=None, timeout=30)
-    warm_up.close(10)
+    transfer(receiver, sender, source, "warm-up")  # a new connection's first WRITE is not final at its post
     arrived: list[float] = []
     landed = receiver.nixl._landed
     receiver.nixl._landed = lambda *note: (arrived.append(time.monotonic()), landed(*note))
@@ -133,25 +135,11 @@ def test_a_write_that_fails_after_its_post_fails_the_session_with_nixl_s_error(p
             self.done()
 
     monkeypatch.setattr(sender.pool, "write_slots", lambda *args: (write_slots(*args), Failed())[1])
-    receiver.inbox.open("lost", DST_BLOCKS)
-    session = sender.open("lost", receiver.ticket("lost"))
-    for layer in range(LAYOUT.num_layers):
-        session.push_layer(source, layer, SRC_BLOCKS, DST_BLOCKS)
-    began = time.monotonic()
-    with pytest.raises(TransferError) as failed:
-        session.commit(first_token_id=1, first_logprob=None, timeout=30)
-    assert time.monotonic() - began < 2.0, "the commit waited for the receiver instead of failing"
-    assert "NIXL write failed" in str(failed.value) and "REMOTE_DISCONNECT" in str(failed.value), str(failed.value)
-    session.abort(str(failed.value))
-    session.close(10)
+    failed = commit_fails_within(receiver, sender, source, "lost", seconds=2.0)
+    assert "NIXL write failed" in str(failed) and "REMOTE_DISCONNECT" in str(failed), str(failed)
 
     monkeypatch.undo()
-    receiver.inbox.open("next", DST_BLOCKS)
-    following = sender.open("next", receiver.ticket("next"))
-    for layer in range(LAYOUT.num_layers):
-        following.push_layer(source, layer, SRC_BLOCKS, DST_BLOCKS)
-    following.commit(first_token_id=1, first_logprob=None, timeout=30)
-    following.close(10)
+    transfer(receiver, sender, source, "next")
     assert receiver.committed == ["next"]
     assert torch.equal(receiver.cache.data[:, DST_BLOCKS], source.data[:, SRC_BLOCKS])
 
@@ -191,17 +179,8 @@ def test_an_unexpected_error_on_a_sender_thread_fails_the_commit_at_once(pair, m
         monkeypatch.setattr(sender.pool, "write_slots", lambda *args: {}["no such slot"])
     else:
         monkeypatch.setattr("kv_transfer.nixl_transport.region_checksum", lambda *args: 1 // 0)
-    receiver.inbox.open("buggy", DST_BLOCKS)
-    session = sender.open("buggy", receiver.ticket("buggy"))
-    for layer in range(LAYOUT.num_layers):
-        session.push_layer(source, layer, SRC_BLOCKS, DST_BLOCKS)
-    began = time.monotonic()
-    with pytest.raises(TransferError) as failed:
-        session.commit(first_token_id=1, first_logprob=None, timeout=30)
-    assert time.monotonic() - began < 2.0, "the commit waited for the receiver instead of failing"
-    assert f"{stage} layers" in str(failed.value), str(failed.value)
-    assert ("KeyError" if stage == "posting" else "ZeroDivisionError") in str(failed.value)
-    session.abort(str(failed.value))
-    session.close(10)
+    failed = commit_fails_within(receiver, sender, source, "buggy", seconds=2.0)
+    assert f"{stage} layers" in str(failed), str(failed)
+    assert ("KeyError" if stage == "posting" else "ZeroDivisionError") in str(failed)
     assert receiver.committed == []
     assert sender.pool.pending_writes == 0

@@ -101,13 +101,35 @@ def _push_all(session, source: PagedKVCache) -> None:
         session.push_layer(source, layer, SRC_BLOCKS, DST_BLOCKS)
 
 
-def test_every_layer_lands_exact_and_verified_against_the_senders_digest(pair):
-    receiver, source, sender = pair
-    receiver.inbox.open("ok", DST_BLOCKS)
-    session = sender.open("ok", receiver.ticket("ok"))
+def transfer(receiver: Receiver, sender: NixlKVSender, source: PagedKVCache, request_id: str) -> None:
+    """One whole request, as a prefill worker sends it: landing opened, every layer pushed, committed, closed."""
+    receiver.inbox.open(request_id, DST_BLOCKS)
+    session = sender.open(request_id, receiver.ticket(request_id))
     _push_all(session, source)
     session.commit(first_token_id=1, first_logprob=None, timeout=30)
     session.close(10)
+
+
+def commit_fails_within(
+    receiver: Receiver, sender: NixlKVSender, source: PagedKVCache, request_id: str, seconds: float
+) -> TransferError:
+    """Every layer pushed, then a commit that must fail within ``seconds`` (not wait out the receiver's
+    timeout); the session is then aborted and closed, as the prefill worker does. Returns the failure."""
+    receiver.inbox.open(request_id, DST_BLOCKS)
+    session = sender.open(request_id, receiver.ticket(request_id))
+    _push_all(session, source)
+    began = time.monotonic()
+    with pytest.raises(TransferError) as failed:
+        session.commit(first_token_id=1, first_logprob=None, timeout=30)
+    assert time.monotonic() - began < seconds, "the commit waited for the receiver's timeout instead of failing"
+    session.abort(str(failed.value))
+    session.close(10)
+    return failed.value
+
+
+def test_every_layer_lands_exact_and_verified_against_the_senders_digest(pair):
+    receiver, source, sender = pair
+    transfer(receiver, sender, source, "ok")
 
     assert receiver.committed == ["ok"] and not receiver.aborts
     assert torch.equal(receiver.cache.data[:, DST_BLOCKS], source.data[:, SRC_BLOCKS])
@@ -151,16 +173,8 @@ def test_an_error_while_verifying_fails_the_request_at_once(pair, monkeypatch):
         raise RuntimeError("CUDA error: an illegal memory access was encountered")
 
     monkeypatch.setattr("kv_transfer.inbox.region_checksum", broken)
-    receiver.inbox.open("unverified", DST_BLOCKS)
-    session = sender.open("unverified", receiver.ticket("unverified"))
-    _push_all(session, source)
-    began = time.monotonic()
-    with pytest.raises(TransferError) as refused:
-        session.commit(first_token_id=1, first_logprob=None, timeout=30)
-    assert time.monotonic() - began < 5, "the commit waited for the receiver's timeout"
-    assert "illegal memory access" in str(refused.value), str(refused.value)
-    session.abort(str(refused.value))
-    session.close(10)
+    refused = commit_fails_within(receiver, sender, source, "unverified", seconds=5)
+    assert "illegal memory access" in str(refused), str(refused)
     assert receiver.committed == []
     assert receiver.aborts[0][0] == "unverified" and receiver.aborts[0][2] is False
     assert sender.pool.pending_writes == 0
