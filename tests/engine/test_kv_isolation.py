@@ -64,10 +64,12 @@ def _engine(model_dir: str, backend: str) -> Engine:
     return engine
 
 
-def _run(engine: Engine, prompts: dict[str, list[int]]) -> dict[str, tuple[int, ...]]:
+def run_prompts(
+    engine: Engine, prompts: dict[str, list[int]], params: SamplingParams = GREEDY
+) -> dict[str, tuple[int, ...]]:
     """Adds ``prompts`` and steps until nothing is left; the tokens of every request that produced any."""
     for request_id, prompt in prompts.items():
-        engine.add_request(request_id, prompt, GREEDY)
+        engine.add_request(request_id, prompt, params)
     outputs: dict[str, list[int]] = {}
     while engine.has_unfinished():
         for output in engine.step():
@@ -94,7 +96,7 @@ def _blow_up(engine: Engine, victim: str, poison: float) -> None:
 def _second_round(engine: Engine, expected) -> None:
     """Fresh prompts on the blocks the poisoned request left behind (freed, or free and cached)."""
     prompts = {f"b{i}": p for i, (p, _) in enumerate(expected[1])}
-    got = _run(engine, prompts)
+    got = run_prompts(engine, prompts)
     assert [got[f"b{i}"] for i in range(len(prompts))] == [tokens for _, tokens in expected[1]]
 
 
@@ -108,7 +110,7 @@ def test_a_request_blowing_up_does_not_reach_its_neighbours_or_its_blocks_next_o
     _blow_up(engine, "victim", poison)
     prompts = {"victim": [5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21]}
     prompts |= {f"a{i}": p for i, (p, _) in enumerate(expected[0])}
-    got = _run(engine, prompts)
+    got = run_prompts(engine, prompts)
     assert [got[f"a{i}"] for i in range(len(expected[0]))] == [tokens for _, tokens in expected[0]]
     _second_round(engine, expected)
 
@@ -127,22 +129,14 @@ def test_non_finite_kv_received_from_a_peer_does_not_reach_other_requests(checkp
     for layer in range(layout.num_layers):
         engine.kv_cache.write_regions(layer, blocks, received.view(torch.uint8))
     engine.complete_reservation("peer", first_token_id=7)
-    got = _run(engine, {f"a{i}": p for i, (p, _) in enumerate(expected[0])})
+    got = run_prompts(engine, {f"a{i}": p for i, (p, _) in enumerate(expected[0])})
     assert [got[f"a{i}"] for i in range(len(expected[0]))] == [tokens for _, tokens in expected[0]]
     _second_round(engine, expected)
 
 
-@POISONS
-@BACKENDS
-@pytest.mark.parametrize("transport", ["nixl", "bulk"])
-def test_non_finite_kv_landed_in_place_by_a_peer_does_not_reach_other_requests(
-    checkpoint, expected, backend, poison, transport
-):
-    """NIXL and bulk TCP put the peer's bytes straight into the pool, past ``write_regions``; the
-    checksum only proves they are what the peer sent. The inbox, set up as the decode worker sets
-    it up for this attention backend, must not let them reach anyone else."""
-    model_dir, _ = checkpoint
-    engine = _engine(model_dir, backend)
+def land_in_place_and_adopt(engine: Engine, poison: float, transport: str = "nixl") -> None:
+    """A reservation whose KV a peer lands in place as ``poison`` (NIXL's WRITE, or bulk TCP's recv_into),
+    through an inbox set up as the decode worker sets it up for this engine's attention; then adopted."""
     inbox = KVInbox(
         engine.kv_cache,
         on_commit=lambda *_: None,
@@ -163,7 +157,21 @@ def test_non_finite_kv_landed_in_place_by_a_peer_does_not_reach_other_requests(
         else:
             inbox.receive_in_place("peer", layer, blocks, 0, fill=land)
     engine.complete_reservation("peer", first_token_id=7)
-    got = _run(engine, {f"a{i}": p for i, (p, _) in enumerate(expected[0])})
+
+
+@POISONS
+@BACKENDS
+@pytest.mark.parametrize("transport", ["nixl", "bulk"])
+def test_non_finite_kv_landed_in_place_by_a_peer_does_not_reach_other_requests(
+    checkpoint, expected, backend, poison, transport
+):
+    """NIXL and bulk TCP put the peer's bytes straight into the pool, past ``write_regions``; the
+    checksum only proves they are what the peer sent. The inbox, set up as the decode worker sets
+    it up for this attention backend, must not let them reach anyone else."""
+    model_dir, _ = checkpoint
+    engine = _engine(model_dir, backend)
+    land_in_place_and_adopt(engine, poison, transport)
+    got = run_prompts(engine, {f"a{i}": p for i, (p, _) in enumerate(expected[0])})
     assert [got[f"a{i}"] for i in range(len(expected[0]))] == [tokens for _, tokens in expected[0]]
     _second_round(engine, expected)
 

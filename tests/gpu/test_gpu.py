@@ -18,9 +18,9 @@ from engine.config import EngineConfig
 from engine.engine import Engine
 from engine.kv_cache import PagedKVCache
 from engine.layer_ready import record_layer_ready
-from kv_transfer.inbox import KVInbox
 from kv_transfer.integrity import device_checksum, region_checksum
 from tests.checkpoints import write_checkpoint
+from tests.engine.test_kv_isolation import land_in_place_and_adopt, run_prompts
 from tests.kv_transfer.test_layer_ordering import DST_BLOCKS, LAYOUT, SRC_BLOCKS, Receiver, _sender
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
@@ -110,23 +110,11 @@ def test_nan_kv_landed_in_place_reaches_no_other_request_on_compiled_flex(model_
         EngineConfig(model=model_dir, dtype="float32", device="cuda", num_kv_blocks=256, max_num_batched_tokens=40)
     )
     assert engine.runner.attention.reads_masked_slots
-    inbox = KVInbox(engine.kv_cache, lambda *_: None, lambda *_: None, verify_checksums=False, sanitize_in_place=True)
-    blocks = list(engine.reserve("peer", list(range(40, 75)), GREEDY).block_ids)
-    inbox.open("peer", blocks)
-    for layer in range(engine.layout.num_layers):
-        engine.kv_cache.data[layer, blocks] = float("nan")
-        inbox.landed("peer", layer, blocks, 0)
+    land_in_place_and_adopt(engine, float("nan"))
     assert torch.isfinite(engine.kv_cache.data).all()
-    engine.complete_reservation("peer", first_token_id=7)
     ids = [f"after-{i}" for i in range(len(_prompts()))]
-    for request_id, prompt in zip(ids, _prompts()):
-        engine.add_request(request_id, prompt, GREEDY)
-    got: dict[str, list[int]] = {request_id: [] for request_id in ids}
-    while engine.has_unfinished():
-        for output in engine.step():
-            if output.request_id in got:
-                got[output.request_id].extend(output.token_ids)
-    assert [got[request_id] for request_id in ids] == expected
+    got = run_prompts(engine, dict(zip(ids, _prompts())), GREEDY)
+    assert [list(got[request_id]) for request_id in ids] == expected
 
 
 @pytest.mark.parametrize("transport", ["grpc", "nixl"])
