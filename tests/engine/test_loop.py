@@ -44,7 +44,7 @@ def test_a_reservation_waiting_for_its_kv_leaves_the_loop_asleep_until_its_commi
         assert cpu < 0.3 * wall, f"the loop kept a core busy: {cpu:.2f} s of CPU in {wall:.2f} s"
 
         # The commit (a call, as the decode worker makes it) wakes the loop; the request then decodes to its end.
-        stream = loop.watch("r")
+        stream = loop.call(lambda e: loop.watch("r"))  # watch is the loop thread's (its contract)
         loop.call(lambda e: e.complete_reservation("r", first_token_id=5))
         tokens = [t for output in stream for t in output.token_ids]
         assert len(tokens) == PARAMS.max_tokens
