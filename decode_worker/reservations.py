@@ -1,4 +1,4 @@
-"""One state machine per decode reservation, owned by the decode engine thread.
+"""One state machine per decode reservation, owned by ``Reservations`` under its lock.
 
 A reservation is a prompt's blocks held here while a prefill worker computes and sends their KV,
 together with the output stream its client claims (outputs may come before the client does)::
@@ -22,8 +22,11 @@ together with the output stream its client claims (outputs may come before the c
 from __future__ import annotations
 
 import enum
+import functools
 import hmac
+import logging
 import secrets
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -38,6 +41,18 @@ from engine.sampler import TokenLogprobs
 from kv_transfer.errors import TransferError
 from kv_transfer.inbox import KVInbox
 from worker_server.base import WorkerCounters
+
+log = logging.getLogger(__name__)
+
+
+def _locked(method):
+    @functools.wraps(method)
+    def locked(self, *args, **kwargs):
+        with self._lock:
+            return method(self, *args, **kwargs)
+
+    return locked
+
 
 # A reservation's output stream waits this long for its client's Generate once the request ended.
 STREAM_TTL_S = 60.0
@@ -65,7 +80,7 @@ _TRANSITIONS = {
 
 @dataclass
 class Reservation:
-    """One reservation's record. Engine thread only."""
+    """One reservation's record. Read and changed only under ``Reservations``' lock."""
 
     request_id: str
     deadline: float  # clock time by which the KV must have landed
@@ -93,11 +108,17 @@ class Reservations:
     """Every reservation of one decode worker.
 
     Contract:
-    - Every method runs on the decode engine thread. RPC and transport threads never call them
-      directly: they enqueue an event (``EngineLoop.submit`` / ``call``, which run between steps)
-      — a commit (waiting for the verdict), an abort by the sender or its stream, an abort by the
-      client or its leaving, a client's Generate claiming the stream. ``tick`` runs after every
-      loop iteration: leases expire and stopped reservations are released there.
+    - The records and their transitions are this object's, under its lock. Whatever touches the
+      engine (reserve, adopt, free) runs on the decode engine thread: every method takes the
+      engine and runs there, except ``commit_at_once``. RPC and transport threads enqueue events
+      (``EngineLoop.submit`` / ``call``, which run between steps): an abort by the sender or its
+      stream, an abort by the client or its leaving, a client's Generate claiming the stream, a
+      commit the engine thread must refuse. ``tick`` runs after every loop iteration: leases
+      expire and stopped reservations are released there.
+    - A good commit is decided on the transport thread at once (``commit_at_once``), not after the
+      engine's current step: the sender's first token reaches its client a decode step sooner under
+      load. The record is COMMITTED from then on, and the engine thread adopts the KV at its next
+      call boundary, before anything queued after the verdict.
     - A reservation's blocks are freed only by its transition to RELEASED (``engine.abort`` of its
       request, exactly once), or, after COMMITTED, by the engine when the request ends.
     - Transport threads touch the blocks only through the inbox, pinned, while the reservation is
@@ -129,6 +150,7 @@ class Reservations:
         self.remote_writes = remote_writes
         self.clock = clock
         self._records: dict[str, Reservation] = {}
+        self._lock = threading.Lock()
         # Read by Stats from RPC threads (plain ints): reservations OPEN now, leases expired ever.
         self.in_flight = 0
         self.leases_expired = 0
@@ -141,6 +163,7 @@ class Reservations:
 
     # -- events -----------------------------------------------------------------------------------
 
+    @_locked
     def reserve(
         self,
         engine: Engine,
@@ -171,39 +194,38 @@ class Reservations:
         self.in_flight += 1
         return held
 
+    @_locked
+    def commit_at_once(
+        self, engine: Engine, request_id: str, first_token_id: int, first_logprob: TokenLogprobs | None
+    ) -> bool:
+        """Transport thread: the sender committed. True if the commit is good, decided now: COMMITTED,
+        and the engine thread adopts the KV at its next call boundary. False, changing nothing, if it is
+        to be refused: the engine thread's ``commit`` then refuses it and stops or releases what it must."""
+        if self._refusal(engine, request_id, first_token_id, first_logprob) is not None:
+            return False
+        self._committed(self._records[request_id])
+        self.streams.submit(lambda engine: self._adopt(engine, request_id, first_token_id, first_logprob))
+        return True
+
+    @_locked
     def commit(self, engine: Engine, request_id: str, first_token_id: int, first_logprob: TokenLogprobs | None) -> None:
         """The sender committed: adopt the KV, or raise TransferError saying why not (a first token or
         logprob this model and request could not have produced: INVALID_ARGUMENT, and the reservation stops)."""
+        refusal = self._refusal(engine, request_id, first_token_id, first_logprob)
+        if refusal is None:
+            self._committed(self._records[request_id])
+            engine.complete_reservation(request_id, first_token_id, first_logprob)
+            return
         record = self._records.get(request_id)
-        if record is None:
-            raise TransferError(f"no reservation {request_id!r} on this worker", "NOT_FOUND")
-        record.sender_stopped = True  # a sender commits only once its writes are final
-        if record.state is not ReservationState.OPEN:
-            self._try_release(engine, record)
-            raise TransferError(f"reservation {request_id} is {record.state.value}: {record.reason}", "ABORTED")
-        try:  # a token the model cannot read would fail every step it joins: refused here, where it enters
-            engine.check_remote_token(request_id, first_token_id, first_logprob)
-        except InvalidRequestError as exc:
-            reason = f"refused commit: {exc}"
-            self._stop(engine, record, ReservationState.ABORTED, reason)
-            raise TransferError(reason, "INVALID_ARGUMENT") from exc
-        landing = self.inbox.get(request_id)
-        received = landing.bytes_received if landing is not None else 0
-        if not self.inbox.close(request_id, "committed"):
-            reason = "commit before every layer landed"
-            self._stop(engine, record, ReservationState.ABORTED, reason)
-            raise TransferError(reason, "FAILED_PRECONDITION")
-        record.transition(ReservationState.COMMITTED)
-        record.trace.end(state="committed", bytes_received=received, kv_wait_ms=(self.clock() - record.opened_at) * 1e3)
-        self.in_flight -= 1
-        self.inbox.forget(request_id)
-        engine.complete_reservation(request_id, first_token_id, first_logprob)
-        self.counters.add(
-            kv_transfers_completed=1,
-            kv_transfer_bytes=received,
-            kv_transfer_seconds=self.clock() - record.opened_at,
-        )
+        if record is not None:
+            record.sender_stopped = True  # a sender commits only once its writes are final
+            if record.state is ReservationState.OPEN:
+                self._stop(engine, record, ReservationState.ABORTED, str(refusal))
+            else:
+                self._try_release(engine, record)
+        raise refusal
 
+    @_locked
     def sender_aborted(self, engine: Engine, request_id: str, reason: str, sender_stopped: bool) -> None:
         """The sender aborted, its stream broke or ended without a commit, or it sent bad data."""
         record = self._records.get(request_id)
@@ -216,6 +238,7 @@ class Reservations:
         else:
             self._try_release(engine, record)
 
+    @_locked
     def authorize(self, request_id: str, token: str) -> None:
         """A client's abort or claim of ``request_id``: raises PERMISSION_DENIED unless it presents the
         ticket's token. Nothing to check when there is no reservation record."""
@@ -223,6 +246,7 @@ class Reservations:
         if record is not None and not hmac.compare_digest(token.encode(), record.token.encode()):
             raise TransferError(f"wrong ticket token for reservation {request_id!r}", "PERMISSION_DENIED")
 
+    @_locked
     def client_aborted(self, engine: Engine, request_id: str, reason: str) -> bool | None:
         """The client aborted or left. True if that stopped an OPEN reservation, False if it had
         stopped already; None if there is nothing of ours to stop (no record, or COMMITTED: the
@@ -235,6 +259,7 @@ class Reservations:
             return True
         return False
 
+    @_locked
     def claim(self, request_id: str) -> RequestStream:
         """A client's Generate takes the reservation's output stream (once)."""
         record = self._records.get(request_id)
@@ -245,6 +270,7 @@ class Reservations:
             del self._records[request_id]
         return record.stream
 
+    @_locked
     def tick(self, engine: Engine) -> None:
         """After every loop iteration: expire leases, release what is safe, forget what is done."""
         now = self.clock()
@@ -263,6 +289,49 @@ class Reservations:
                 del self._records[record.request_id]
 
     # -- transitions ------------------------------------------------------------------------------
+
+    def _refusal(
+        self, engine: Engine, request_id: str, first_token_id: int, first_logprob: TokenLogprobs | None
+    ) -> TransferError | None:
+        """Why a commit is refused, or None. Changes nothing: ``check_remote_token`` reads only the
+        request's params, fixed at reserve, and the model's vocabulary, and the engine's request stays
+        while the reservation is OPEN (only its release, under our lock, aborts it)."""
+        record = self._records.get(request_id)
+        if record is None:
+            return TransferError(f"no reservation {request_id!r} on this worker", "NOT_FOUND")
+        if record.state is not ReservationState.OPEN:
+            return TransferError(f"reservation {request_id} is {record.state.value}: {record.reason}", "ABORTED")
+        try:  # a token the model cannot read would fail every step it joins: refused here, where it enters
+            engine.check_remote_token(request_id, first_token_id, first_logprob)
+        except InvalidRequestError as exc:
+            return TransferError(f"refused commit: {exc}", "INVALID_ARGUMENT")
+        if not self.inbox.layers_complete(request_id):
+            return TransferError("commit before every layer landed", "FAILED_PRECONDITION")
+        return None
+
+    def _committed(self, record: Reservation) -> None:
+        """OPEN -> COMMITTED, every layer landed: the gate shuts and the landing goes. The sender commits
+        only once its writes are final, so nothing writes the blocks any more."""
+        request_id = record.request_id
+        received = self.inbox.get(request_id).bytes_received
+        record.sender_stopped = True
+        self.inbox.close(request_id, "committed")
+        record.transition(ReservationState.COMMITTED)
+        waited = self.clock() - record.opened_at
+        record.trace.end(state="committed", bytes_received=received, kv_wait_ms=waited * 1e3)
+        self.in_flight -= 1
+        self.inbox.forget(request_id)
+        self.counters.add(kv_transfers_completed=1, kv_transfer_bytes=received, kv_transfer_seconds=waited)
+
+    def _adopt(self, engine: Engine, request_id: str, first_token_id: int, first_logprob: TokenLogprobs | None):
+        """Engine thread, after ``commit_at_once``: the request decodes from the next step. Its client may
+        have aborted it since the verdict (the KV then has no taker); any other failure ends its stream."""
+        try:
+            engine.complete_reservation(request_id, first_token_id, first_logprob)
+        except (InvalidRequestError, KeyError) as exc:
+            if request_id in engine.requests:
+                log.exception("request %s: could not adopt its committed KV", request_id)
+            self.streams.fail(engine, request_id, RequestFailed(f"the committed KV was not adopted: {exc}"))
 
     def _stop(self, engine: Engine, record: Reservation, state: ReservationState, reason: str) -> None:
         """OPEN -> ABORTED / EXPIRED: shut the gate, fail the stream, release if already safe."""

@@ -2,7 +2,8 @@
 
 A reserved request's life here is decode_worker/reservations.py's state machine: OPEN until the
 KV is committed (then the engine's request decodes it) or stopped (client, sender, lease), and its
-blocks freed once, when safe. RPC and transport threads only enqueue events to the engine thread.
+blocks freed once, when safe. RPC and transport threads enqueue events to the engine thread; a good
+commit alone is accepted on the transport thread at once (its KV adopted between steps).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ DEFAULT_LEASE_MS = 30_000
 # enough for one peer to hold every block until the leases expire.
 DEFAULT_RESERVATIONS_PER_PEER = 256
 MAX_LEASE_MS = 600_000
-# A sender's commit waits this long for the engine thread's verdict (at most a step, normally).
+# A refused commit waits this long for the engine thread's verdict (at most a step, normally).
 COMMIT_VERDICT_TIMEOUT_S = 30.0
 
 
@@ -224,8 +225,11 @@ class DecodeWorker(WorkerBase, decode_pb2_grpc.DecodeWorkerServicer):
         self.loop.submit(lambda engine: self.reservations.sender_aborted(engine, request_id, reason, sender_stopped))
 
     def _on_commit(self, request_id: str, first_token_id: int, first_logprob) -> None:
-        """Transport thread: every layer landed; waits for the engine thread to adopt the KV (or refuse)."""
+        """Transport thread: every layer landed. A good commit is accepted at once, its KV adopted between
+        steps; one to refuse waits for the engine thread's verdict (it stops or releases the reservation)."""
         logprob = logprob_from_wire(first_logprob)
+        if self.reservations.commit_at_once(self.engine, request_id, first_token_id, logprob):
+            return
         self.loop.call(
             lambda engine: self.reservations.commit(engine, request_id, first_token_id, logprob),
             timeout=COMMIT_VERDICT_TIMEOUT_S,

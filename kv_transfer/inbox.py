@@ -6,7 +6,8 @@ fact, not ours: it opens a landing, closes its gate the moment the reservation l
 forgets it once the blocks are adopted or freed. Transports only report what happened.
 
 Contract:
-- ``open`` / ``close`` / ``pinned`` / ``forget`` run on the decode engine thread (the owner).
+- ``open`` / ``close`` / ``pinned`` / ``forget`` are the owner's: the reservation state machine, under
+  its lock (on the decode engine thread, or on a transport thread deciding a good commit at once).
 - ``write`` (gRPC data), ``receive_in_place`` (bulk TCP data), ``landed`` (NIXL notifications),
   ``layers_complete``, ``wait_for_layers``, ``commit`` and ``abort`` run on transport threads. The
   first three touch the pool only while *pinned*: the pin is taken under the landing's lock and
@@ -17,8 +18,8 @@ Contract:
   ticket's token, which the owner handed the landing at ``open``; a wrong one is PERMISSION_DENIED
   and changes nothing.
 - ``commit`` and ``abort`` hand the event to the owner (``on_commit`` / ``on_abort``); they never
-  change a landing themselves. ``commit`` returns only once the owner adopted the KV, or raises
-  TransferError with the owner's reason.
+  change a landing themselves. ``commit`` returns only once the owner accepted the KV (it is then
+  the engine's, which decodes it from its next step), or raises TransferError with the owner's reason.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from kv_transfer.integrity import checksum, region_checksum
 # Received chunks are read-only bytes; they are only read (copied into the pool), never written.
 warnings.filterwarnings("ignore", message="The given buffer is not writable")
 
-# request id, first token id, first logprob (or None); blocks until adopted, raises TransferError if refused
+# request id, first token id, first logprob (or None); blocks until accepted, raises TransferError if refused
 CommitHandler = Callable[[str, int, object], None]
 # request id, reason, sender_stopped: the sender says it will write no more (every gRPC message from
 # it says so; a NIXL notification with bad data does not)
@@ -208,7 +209,7 @@ class KVInbox:
         return True
 
     def commit(self, request_id: str, first_token_id: int, first_logprob) -> int:
-        """Every layer landed: the owner adopts the KV. Returns the bytes received."""
+        """Every layer landed: the owner accepts the KV. Returns the bytes received."""
         landing = self._landing(request_id)
         with landing.lock:
             self._require_accepting(landing)

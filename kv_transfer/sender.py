@@ -91,7 +91,7 @@ class OutboundSession(ABC):
 
     @abstractmethod
     def commit(self, first_token_id: int, first_logprob: common_pb2.TokenLogprob | None, timeout: float) -> None:
-        """Blocks until the receiver has adopted the KV; raises TransferError otherwise."""
+        """Blocks until the receiver has accepted the KV (it decodes from it); raises TransferError otherwise."""
 
     @abstractmethod
     def abort(self, reason: str) -> None: ...

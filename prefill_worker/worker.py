@@ -132,7 +132,7 @@ class PrefillWorker(WorkerBase, prefill_pb2_grpc.PrefillWorkerServicer):
             context.add_callback(lambda: committed.is_set() or self._cancel(request.request_id, session))
             output = self._await_first_token(stream, session, context)
             first_logprob = logprob_to_wire(output.logprobs[0]) if output.logprobs else None
-            with tracing.start_span("kv.commit", kind="client"):  # until D adopted the KV: the exposed transfer
+            with tracing.start_span("kv.commit", kind="client"):  # until D accepted the KV: the exposed transfer
                 session.commit(output.token_ids[0], first_logprob, COMMIT_TIMEOUT_S)
             committed.set()
         except (EngineError, TransferError, ValueError) as exc:

@@ -55,7 +55,9 @@ class FakeEngine:
             raise InvalidRequestError(f"first_token_id must hold token ids in [0, {VOCAB})")
 
     def complete_reservation(self, request_id, first_token_id, logprobs=None) -> None:
-        assert request_id in self.requests and request_id not in self.committed
+        if request_id not in self.requests:  # as the engine's: the request is gone
+            raise KeyError(request_id)
+        assert request_id not in self.committed
         self.committed.add(request_id)
 
     def abort(self, request_id) -> bool:
@@ -111,6 +113,10 @@ class World:
     def tick(self) -> None:
         self.reservations.tick(self.engine)
 
+    def run_engine_calls(self) -> None:
+        """What the engine thread does between steps: run the calls queued for it, in order."""
+        self.loop._run_calls()
+
     @property
     def free(self) -> int:
         return self.engine.allocator.num_free_blocks
@@ -165,6 +171,67 @@ def test_commit_hands_the_blocks_to_the_engine(world):
     assert world.free == NUM_BLOCKS and not world.engine.aborts
     with pytest.raises(Exception):  # nothing was put on the stream by the reservation
         stream.get(timeout=0)
+
+
+def test_a_good_commit_is_accepted_at_once_and_adopted_between_steps(world):
+    world.reserve()
+    world.land_everything()
+    assert world.reservations.commit_at_once(world.engine, "r", 7, None)
+    assert world.state() is ReservationState.COMMITTED and world.reservations.in_flight == 0
+    assert world.counters.kv_transfers_completed == 1
+    assert "r" not in world.engine.committed  # the engine thread adopts between steps, not the transport thread
+    with pytest.raises(TransferError):  # the landing is gone at the verdict
+        world.land_everything()
+    world.tick()  # a step boundary before the queued adoption changes nothing
+    assert world.state() is ReservationState.COMMITTED and world.free == NUM_BLOCKS - 3
+    world.run_engine_calls()
+    assert "r" in world.engine.committed and not world.engine.aborts
+    world.engine.finish("r")
+    world.tick()
+    assert world.free == NUM_BLOCKS
+
+
+REFUSED_AT_ONCE = {
+    "a token the model cannot read": lambda w: w.land_everything(),
+    "layers missing": lambda w: None,
+    "stopped by its client": lambda w: (w.land_everything(), w.reservations.client_aborted(w.engine, "r", "gone")),
+}
+
+
+@pytest.mark.parametrize("case", list(REFUSED_AT_ONCE))
+def test_a_commit_to_refuse_is_left_to_the_engine_thread_unchanged(world, case):
+    world.reserve()
+    REFUSED_AT_ONCE[case](world)
+    token = VOCAB if case == "a token the model cannot read" else 7
+    state, free = world.state(), world.free
+    assert not world.reservations.commit_at_once(world.engine, "r", token, None)
+    assert world.state() is state and world.free == free and not world.engine.committed
+    landing = world.inbox.get("r")
+    assert landing is None or landing.accepting == (state is ReservationState.OPEN)
+    with pytest.raises(TransferError):  # the engine thread's verdict refuses it, as before
+        world.reservations.commit(world.engine, "r", token, None)
+    world.clock.now += LEASE_S
+    world.tick()
+    assert world.free == NUM_BLOCKS and world.engine.aborts["r"] == 1
+    assert not world.reservations.commit_at_once(world.engine, "unknown", 7, None)
+
+
+def test_a_client_abort_queued_before_the_verdict_frees_the_blocks_once(world):
+    """The client's abort was queued for the engine thread while the sender's commit was accepted: the
+    abort ends the committed request, and the adoption queued after it finds nothing to adopt."""
+    world.reserve()
+    stream = world.reservations.claim("r")
+    world.land_everything()
+    abort_queued_first = world.loop.submit(
+        lambda engine: world.reservations.client_aborted(engine, "r", "gone") is None and engine.abort("r")
+    )
+    assert world.reservations.commit_at_once(world.engine, "r", 7, None)
+    world.run_engine_calls()
+    assert abort_queued_first.result(0) is True
+    assert world.free == NUM_BLOCKS and world.engine.aborts["r"] == 1 and not world.engine.committed
+    assert "not adopted" in str(_error(stream))
+    world.tick()
+    assert world.free == NUM_BLOCKS and world.engine.aborts["r"] == 1
 
 
 def test_commit_before_every_layer_landed_is_refused_and_frees(world):
@@ -352,6 +419,7 @@ class ReservationMachine(RuleBasedStateMachine):
 
     @rule(request_id=st.sampled_from(IDS), lease=st.sampled_from([1.0, 5.0]))
     def reserve(self, request_id, lease):
+        self.world.run_engine_calls()
         try:
             self.world.reserve(request_id, lease)
         except InvalidRequestError:
@@ -371,6 +439,7 @@ class ReservationMachine(RuleBasedStateMachine):
 
     @rule(request_id=st.sampled_from(IDS))
     def commit(self, request_id):
+        self.world.run_engine_calls()
         try:
             self.r.commit(self.world.engine, request_id, 1, None)
         except TransferError:
@@ -378,19 +447,33 @@ class ReservationMachine(RuleBasedStateMachine):
         if self.world.state(request_id) is not None:
             self.stopped_by_sender.add(request_id)
 
+    @rule(request_id=st.sampled_from(IDS))
+    def commit_at_once(self, request_id):
+        """A transport thread's verdict. The adoption it queues runs before any event queued after it
+        (every rule that is an engine-thread event runs the queue first); a tick may come before."""
+        if self.r.commit_at_once(self.world.engine, request_id, 1, None):
+            self.stopped_by_sender.add(request_id)
+
+    @rule()
+    def engine_runs_calls(self):
+        self.world.run_engine_calls()
+
     @rule(request_id=st.sampled_from(IDS), stopped=st.booleans())
     def sender_abort(self, request_id, stopped):
+        self.world.run_engine_calls()
         self.r.sender_aborted(self.world.engine, request_id, "sender", stopped)
         if stopped and self.world.state(request_id) is not None:
             self.stopped_by_sender.add(request_id)
 
     @rule(request_id=st.sampled_from(IDS))
     def client_abort(self, request_id):
+        self.world.run_engine_calls()
         if self.r.client_aborted(self.world.engine, request_id, "client") is None:
             self.world.engine.abort(request_id)  # what the worker does: the engine's request is the client's
 
     @rule(request_id=st.sampled_from(IDS))
     def claim(self, request_id):
+        self.world.run_engine_calls()
         try:
             self.r.claim(request_id)
         except TransferError:
@@ -447,6 +530,7 @@ class ReservationMachine(RuleBasedStateMachine):
         )
 
     def teardown(self):
+        self.world.run_engine_calls()
         for contexts in self.pins.values():
             for context in contexts:
                 context.__exit__(None, None, None)
