@@ -49,6 +49,13 @@ def build_bench_parser() -> argparse.ArgumentParser:
     transfer_bench.add_argument("--worker-threads", type=int, default=1, help="torch threads of each worker process")
     transfer_bench.add_argument("--kv-cache-mb", type=int, default=512, help="KV pool of each worker process")
     transfer_bench.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    transfer_bench.add_argument(
+        "--decode-load",
+        type=int,
+        default=4,
+        help="long decodes kept running on each decode worker for extra exposure rows (layer push, shortest "
+        "prompt): the first token's wait when the decode engine is busy; 0 skips those rows",
+    )
     transfer_bench.add_argument("--skip-bandwidth", action="store_true")
     transfer_bench.add_argument("--skip-exposure", action="store_true")
     transfer_bench.add_argument(

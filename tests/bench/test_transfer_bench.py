@@ -33,9 +33,11 @@ def test_quick_transfer_bench_writes_rows(tmp_path, capsys):
         )
         assert target["cpu_ms"] == row["cpu_ms"] and target["cores"] >= 1
         assert target["cpu_allows"] > 0
-    combos = {(row["transport"], row["push_mode"], row["prompt_tokens"]) for row in report["exposure"]}
-    assert combos == {(t, m, n) for t in ("grpc", "nixl") for m in ("layer", "request") for n in (64, 256)}
+    combos = {(r["transport"], r["push_mode"], r["prompt_tokens"], r["decode_load"]) for r in report["exposure"]}
+    idle = {(t, m, n, 0) for t in ("grpc", "nixl") for m in ("layer", "request") for n in (64, 256)}
+    assert combos == idle | {(t, "layer", 64, 4) for t in ("grpc", "nixl")}  # beside 4 running decodes
     for row in report["exposure"]:
         assert row["median_prefill_ms"] > 0 and row["median_exposed_ms"] > 0 and row["exposed_share"] > 0, row
         assert row["kv_bytes"] > 0, row
     assert "grpc (xxh3)" in printed and "exposed/prefill" in printed and "cpu ms" in printed
+    assert "beside 4 running decodes" in printed
