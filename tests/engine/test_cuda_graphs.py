@@ -51,7 +51,10 @@ def test_padded_decode_step_gives_the_real_rows_the_same_logits(engine):
     padded = pad_decode_step(inputs, shape[0], shape[1] * 2, cache.layout.block_size, scratch)
     logits = model(padded.input_ids, padded.positions, cache, padded.batch, padded.logits_rows)
     torch.testing.assert_close(logits[:3], plain, rtol=1e-5, atol=1e-5)
-    changed = (cache.data != before).flatten(2).any(-1).any(0).nonzero().flatten().tolist()
+    # The real rows' own slots are written again with their K/V, which a matmul over 4 rows instead of 3
+    # may round differently (AVX2 kernels do): only values that moved beyond that count as written.
+    moved = ~torch.isclose(cache.data, before, rtol=1e-5, atol=1e-5, equal_nan=True)
+    changed = moved.flatten(2).any(-1).any(0).nonzero().flatten().tolist()
     assert changed in ([], [scratch]), f"padding wrote live blocks {changed}"
     engine.scheduler.step_done(plan, engine.requests)
     engine.allocator.free([scratch])
