@@ -325,11 +325,12 @@ class Reservations:
 
     def _adopt(self, engine: Engine, request_id: str, first_token_id: int, first_logprob: TokenLogprobs | None):
         """Engine thread, after ``commit_at_once``: the request decodes from the next step. Its client may
-        have aborted it since the verdict (the KV then has no taker); any other failure ends its stream."""
+        have aborted it since the verdict (the KV then has no taker); any other failure ends its stream
+        (nobody waits on this call's result: an error left there would leave the request waiting)."""
         try:
             engine.complete_reservation(request_id, first_token_id, first_logprob)
-        except (InvalidRequestError, KeyError) as exc:
-            if request_id in engine.requests:
+        except Exception as exc:  # noqa: BLE001 - ends the request's stream, below
+            if request_id in engine.requests:  # not the client's abort: a bug, said with its traceback
                 log.exception("request %s: could not adopt its committed KV", request_id)
             self.streams.fail(engine, request_id, RequestFailed(f"the committed KV was not adopted: {exc}"))
 

@@ -234,6 +234,23 @@ def test_a_client_abort_queued_before_the_verdict_frees_the_blocks_once(world):
     assert world.free == NUM_BLOCKS and world.engine.aborts["r"] == 1
 
 
+def test_an_adoption_that_fails_ends_the_stream_and_frees_the_blocks(world, monkeypatch, caplog):
+    """Nobody waits on the queued adoption's result: a failure there must not leave the client waiting."""
+    world.reserve()
+    stream = world.reservations.claim("r")
+    world.land_everything()
+    assert world.reservations.commit_at_once(world.engine, "r", 7, None)
+
+    def broken(*args):
+        raise RuntimeError("the scheduler's books do not add up")
+
+    monkeypatch.setattr(world.engine, "complete_reservation", broken)
+    world.run_engine_calls()
+    assert "books do not add up" in str(_error(stream))
+    assert world.free == NUM_BLOCKS and world.engine.aborts["r"] == 1
+    assert "could not adopt" in caplog.text
+
+
 def test_commit_before_every_layer_landed_is_refused_and_frees(world):
     world.reserve()
     with pytest.raises(TransferError) as refused:
