@@ -20,6 +20,7 @@ from prefill_worker.worker import PrefillWorker
 from protos import common_pb2, decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
 from protos.cluster_auth import ClusterAuth
 from tests.checkpoints import hf_greedy, write_checkpoint
+from tests.workers.harness import wait_until
 
 SECRET = "commit-test-secret"
 MAX_TOKENS = 8
@@ -114,12 +115,16 @@ def test_an_abort_queued_before_the_verdict_frees_every_block_once(workers, chec
             abort = pool.submit(
                 d.Abort, common_pb2.AbortRequest(request_id="aborted-meanwhile", token=ticket.token), timeout=30
             )
-            _wait_for(lambda: decode.loop._calls.qsize() == 1)  # the abort waits in the engine thread's queue
+            wait_until(lambda: decode.loop._calls.qsize() == 1, 10, what="the abort queued for the engine thread")
             prefill_with(p, ticket, prompt)  # accepted at once: the abort has not run yet
         finally:
             held.release()
         assert abort.result(30).found
-    _wait_for(lambda: decode.reservations.get("aborted-meanwhile") is None or _ended(decode, "aborted-meanwhile"))
+    wait_until(
+        lambda: decode.reservations.get("aborted-meanwhile") is None or _ended(decode, "aborted-meanwhile"),
+        10,
+        what="the aborted reservation's end",
+    )
     assert "aborted-meanwhile" not in decode.engine.requests and every_block_free(decode)
     # The worker serves on: the same prompt, reserved and sent again, decodes what transformers does.
     again = reserve(d, "after-the-abort", prompt)
@@ -135,17 +140,10 @@ def generate(stub, ticket) -> list[int]:
 
 def every_block_free(decode: DecodeWorker) -> bool:
     """No request or reservation holds a block (cached blocks nobody holds count as free)."""
-    _wait_for(lambda: not decode.engine.requests)
+    wait_until(lambda: not decode.engine.requests, 10, what="no request left on the engine")
     return decode.loop.call(lambda engine: engine.allocator.num_free_blocks) == decode.free_at_start
 
 
 def _ended(decode: DecodeWorker, request_id: str) -> bool:
     record = decode.reservations.get(request_id)
     return record is not None and record.ended_at is not None
-
-
-def _wait_for(condition, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.01)
