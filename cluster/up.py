@@ -55,6 +55,7 @@ def start_ray(config: ClusterConfig) -> None:
     # Logical CPUs: enough to place every pool at its maximum; the OS shares the real cores.
     num_cpus = config.ray_num_cpus or max(os.cpu_count() or 1, math.ceil(needed))
     ray.init(
+        address="local",  # embedded: a Ray of its own, never one found on the machine (ray_current_cluster)
         num_cpus=num_cpus,
         namespace=config.namespace,
         include_dashboard=False,

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import fcntl
+import functools
 import json
 import os
 import shutil
@@ -74,12 +75,13 @@ def _convert(name: str, source: Path, out_dir: Path) -> None:
     import transformers
 
     steps.update()
-    steps.set_postfix_str("reading the tokenizer")
-    tokenizer = transformers.AutoTokenizer.from_pretrained(str(source.parent), gguf_file=source.name)
-    steps.update()
-    steps.set_postfix_str("dequantizing the weights")
-    model = _dequantized(source, torch.float32)
-    steps.update()
+    with _gguf_parsed_once():
+        steps.set_postfix_str("reading the tokenizer")
+        tokenizer = transformers.AutoTokenizer.from_pretrained(str(source.parent), gguf_file=source.name)
+        steps.update()
+        steps.set_postfix_str("dequantizing the weights")
+        model = _dequantized(source, torch.float32)
+        steps.update()
     steps.set_postfix_str("writing safetensors and tokenizer files")
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
@@ -90,6 +92,31 @@ def _convert(name: str, source: Path, out_dir: Path) -> None:
     steps.update()
     steps.set_postfix_str(f"done in {time.monotonic() - started:.0f} s")
     steps.close()
+
+
+@contextmanager
+def _gguf_parsed_once():
+    """transformers parses the GGUF file anew for the tokenizer, the config and the weights (~11 s each on
+    a Zen 3 core, most of it the vocabulary's strings) and rebuilds gguf's tensor-name map for every tensor
+    (~15 s in all). Within the build, one reader per file and one map per (architecture, layers) serve
+    every call: transformers only reads either. Both names are gguf's public API, looked up by transformers
+    at call time (``from gguf import ...`` inside its loader)."""
+    import gguf
+
+    reader_class, name_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    readers: dict[tuple[str, str], object] = {}
+
+    def reader(path, mode="r"):
+        key = (os.fspath(path), mode)
+        if key not in readers:
+            readers[key] = reader_class(path, mode)
+        return readers[key]
+
+    gguf.GGUFReader, gguf.get_tensor_name_map = reader, functools.cache(name_map)
+    try:
+        yield
+    finally:
+        gguf.GGUFReader, gguf.get_tensor_name_map = reader_class, name_map
 
 
 def _dequantized(source: Path, dtype):

@@ -83,7 +83,7 @@ def start_local_ray(num_cpus: int = 8, attempts: int = 3) -> None:
         if ray.is_initialized():
             ray.shutdown()
         try:
-            ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+            ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
             return
         except Exception:  # noqa: BLE001 - Ray raises a bare Exception on a start-up timeout
             if attempt == attempts - 1:

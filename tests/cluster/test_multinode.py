@@ -15,7 +15,10 @@ from cluster.worker_actor import CONTROLLER_NAME
 def three_nodes():
     if ray.is_initialized():
         ray.shutdown()
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    # Three raylets on a loaded 2-core machine: no dashboard and no prestarted workers, so each registers
+    # with the GCS inside Ray's fixed 30 s start-up wait.
+    head = {"num_cpus": 1, "include_dashboard": False, "_system_config": {"enable_worker_prestart": False}}
+    cluster = Cluster(initialize_head=True, head_node_args=head)
     prefill_node = cluster.add_node(num_cpus=2, resources={"prefill_node": 4})
     decode_node = cluster.add_node(num_cpus=2, resources={"decode_node": 4})
     ray.init(address=cluster.address)
