@@ -36,7 +36,7 @@ from tests.workers.harness import (
 
 VOCAB = 320
 LEASE_MS = 60_000  # far longer than any wait below: only the failure itself can free the blocks
-STREAM_PARAMS = dict(max_tokens=300, ignore_eos=True)
+STREAM_PARAMS = dict(max_tokens=150, ignore_eos=True)  # neighbours still streaming when the commit is refused
 
 
 @dataclass
@@ -184,7 +184,9 @@ def test_hostile_commit_fails_its_reservation_only(workers, rng, case, how):
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, error.details()
     assert "first_" in error.details()
     refused = rpc_error(lambda: victim)
+    received = [len(tokens) for tokens in streams.tokens]
     assert refused.code() == grpc.StatusCode.ABORTED and "refused commit" in refused.details()
+    assert all(count < STREAM_PARAMS["max_tokens"] for count in received), f"neighbours ended first: {received}"
 
     streams.join()
     assert streams.errors == [None, None, None], [e.details() for e in streams.errors if e]
