@@ -156,6 +156,15 @@ async def run_cluster(config: ClusterConfig, stop: asyncio.Event, on_ready=None)
 
 
 def up(config: ClusterConfig) -> int:
+    if not config.address and os.environ.get("RAY_ADDRESS"):
+        # Ray's own variable names a cluster to join (a Ray job sets it); embedded Ray would not use it.
+        print(
+            f"splitserve: RAY_ADDRESS is set ({os.environ['RAY_ADDRESS']}) but --address is not: pass --address "
+            "to join that Ray cluster, or unset RAY_ADDRESS to start an embedded one",
+            file=sys.stderr,
+            flush=True,
+        )
+        return 2
     try:
         prepare_model(config.model)  # a GGUF preset is built once, before the router and the workers read it
     except ModelLoadError as exc:

@@ -100,3 +100,13 @@ def test_up_serves_reports_status_and_stops_cleanly(tmp_path):
         if process.poll() is None:
             process.kill()
             process.wait(10)
+
+
+def test_ray_address_without_address_is_refused_not_ignored(tmp_path):
+    """Embedded Ray (no --address) never joins a cluster found on the machine; RAY_ADDRESS, Ray's own way to
+    name one, is refused with a message rather than left unused."""
+    environment = dict(os.environ, RAY_ADDRESS="127.0.0.1:1", SPLITSERVE_CACHE=str(tmp_path))
+    command = [sys.executable, "-m", "cluster.cli", "up", "--model", "demo", "--port", "0", "--grpc-port", "0"]
+    done = subprocess.run(command, cwd=ROOT, env=environment, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "RAY_ADDRESS is set (127.0.0.1:1) but --address is not" in done.stderr, done.stderr
