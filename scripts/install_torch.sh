@@ -3,14 +3,12 @@
 # the multi-GB CUDA build: it is installed only where an NVIDIA GPU answers; elsewhere the CPU build
 # comes from PyTorch's CPU wheel index (the command PyTorch's install page gives).
 set -eu
-# --no-compile: pip byte-compiles every file it installs (torch: 55 s to install with it, 18 s without, 2-core Zen 3);
-# Python compiles the modules a process imports on first import instead.
 PIP="$1"
 TORCH="torch==2.13.0"
 CPU_INDEX="https://download.pytorch.org/whl/cpu"
 
 if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
-    exec "$PIP" install --quiet --no-compile "$TORCH"
+    exec "$PIP" install --quiet "$TORCH"
 fi
 
 # pip retries an unreachable index at length and prints each failure, so ask once, briefly, first.
@@ -18,7 +16,7 @@ if ! "$(dirname "$PIP")/python" -c 'import sys, urllib.request
 urllib.request.urlopen(sys.argv[1], timeout=10)' "$CPU_INDEX/torch/" 2>/dev/null; then
     echo "warning: no NVIDIA GPU here, and $CPU_INDEX cannot be reached: installing $TORCH from pip's" \
         "configured indexes, which may be the multi-GB CUDA build" >&2
-    exec "$PIP" install --quiet --no-compile "$TORCH"
+    exec "$PIP" install --quiet "$TORCH"
 fi
 
 # --index-url replaces pip's configured index; it comes back as an extra one (configured extra
@@ -26,4 +24,4 @@ fi
 # 2.13.0+cpu sorts above PyPI's 2.13.0 and wins.
 configured_index="${PIP_INDEX_URL:-$("$PIP" config get install.index-url 2>/dev/null ||
     "$PIP" config get global.index-url 2>/dev/null || echo https://pypi.org/simple)}"
-exec "$PIP" install --quiet --no-compile "$TORCH" --index-url "$CPU_INDEX" --extra-index-url "$configured_index"
+exec "$PIP" install --quiet "$TORCH" --index-url "$CPU_INDEX" --extra-index-url "$configured_index"
