@@ -45,6 +45,16 @@ def token_file(port: int) -> Path:
     return Path(os.environ.get("XDG_RUNTIME_DIR", "/tmp")) / f"splitserve-{port}.admin-token"
 
 
+def write_token_file(port: int, token: str) -> Path:
+    """The admin token where `splitserve status` looks for it, readable by its owner only from its
+    first byte (a file made by an earlier cluster is replaced, not reused with its mode)."""
+    path = token_file(port)
+    path.unlink(missing_ok=True)
+    with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as file:
+        file.write(token)
+    return path
+
+
 def start_ray(config: ClusterConfig) -> None:
     if config.address:
         ray.init(address=config.address, namespace=config.namespace, log_to_driver=True)
@@ -127,6 +137,9 @@ async def run_cluster(config: ClusterConfig, stop: asyncio.Event, on_ready=None)
     router_config = config.router_config(cluster_secret=cluster_secret, admin_token=admin_token)
     router = Router(router_config, RayControlPlane(controller))
     await router.start()
+    # From the moment the admin API answers: a file left by a killed earlier cluster on this port
+    # would otherwise make `splitserve status` fail with 403 while the workers come up.
+    path = write_token_file(router.http_port, admin_token)
     tasks = [
         asyncio.create_task(follow_membership(controller, router)),
         asyncio.create_task(exchange_with_planner(controller, router, config)),
@@ -135,9 +148,6 @@ async def run_cluster(config: ClusterConfig, stop: asyncio.Event, on_ready=None)
         if not await controller.wait_ready.remote():
             raise RuntimeError("workers did not become ready in time")
         await router.wait_ready()
-        path = token_file(router.http_port)
-        path.write_text(admin_token)
-        path.chmod(0o600)
         urls = router.urls
         print(
             f"splitserve is up: OpenAI API {urls['http']}/v1 | gRPC {urls['grpc']} | dashboard {urls['dashboard']}",
@@ -152,7 +162,7 @@ async def run_cluster(config: ClusterConfig, stop: asyncio.Event, on_ready=None)
             task.cancel()
         await router.stop()
         await controller.shutdown.remote()
-        token_file(router.http_port).unlink(missing_ok=True)
+        path.unlink(missing_ok=True)
 
 
 def up(config: ClusterConfig) -> int:

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.parse
 from pathlib import Path
 
 import openai
@@ -86,6 +87,9 @@ def test_up_serves_reports_status_and_stops_cleanly(tmp_path):
         assert sorted(row.split()[1] for row in rows) == ["decode", "prefill"], status.stdout
         assert all(" ready " in row for row in rows)
 
+        token = tmp_path / f"splitserve-{urllib.parse.urlparse(url).port}.admin-token"
+        assert token.stat().st_mode & 0o777 == 0o600, oct(token.stat().st_mode)
+
         family = _descendants(process.pid)
         assert family, "Ray and the workers run as children of `splitserve up`"
         process.send_signal(signal.SIGTERM)
@@ -96,6 +100,7 @@ def test_up_serves_reports_status_and_stops_cleanly(tmp_path):
             time.sleep(0.5)
         strays = [pid for pid in family if _alive(pid)]
         assert not strays, f"processes left behind: {strays}"
+        assert not token.exists(), "the admin token outlives its cluster"
     finally:
         if process.poll() is None:
             process.kill()
