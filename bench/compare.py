@@ -6,7 +6,9 @@ here an engine is one process of ``ENGINE_THREADS`` torch threads)::
     aggregated     client ─> router ─┬─> engine A (decode worker)  each prefills its own prompts, chunks
                                      └─> engine B (decode worker)  sharing steps with its decodes
     disaggregated  client ─> router ─> prefill worker ─KV─> decode worker
-                                       (--local-prefill-threshold 0: every prompt goes to the prefill worker)
+                                       (--local-prefill-threshold 0: every prompt goes to the prefill worker,
+                                       unless it would wait there longer than the TTFT SLO allows: then the
+                                       decode worker prefills it, if it has less queued; --max-prefill-wait-ms)
 
 (``--aggregated one-engine``: one aggregated engine with both engines' threads instead of two.)
 Both stacks are plain processes (``splitserve worker`` / ``splitserve router``) started once and
@@ -26,7 +28,13 @@ other request: the reference with no disaggregation and no interference):
    TPOT, one scale for both and one pair of SLOs for both systems. The disaggregated stack's own
    zero-load TTFT is the same prefill plus the KV transfer: disaggregation's price, charged to it.
 3. rates (``--rates auto``): fractions of one engine's prefill capacity, 1 / the disaggregated
-   stack's zero-load TTFT, in steps of 0.1 so that goodput is resolved to ~10% of it.
+   stack's zero-load TTFT, in steps of 0.1 so that goodput is resolved to ~10% of it; past the last
+   fraction the sweep goes on in the same steps while either system still meets the SLOs, up to
+   ``MAX_RATE_FRACTION`` (two engines' worth), so both goodputs are measured, not bounded.
+4. the disaggregated router's ``--max-prefill-wait-ms`` (auto): the TTFT SLO less that stack's
+   zero-load TTFT, the queueing a remote prefill can afford; a prompt that would wait longer behind
+   the prefill worker's backlog is prefilled on the decode worker, if it has less queued
+   (conditional disaggregation). ``0``: every prompt on the prefill worker.
 
 Goodput (DistServe): the highest rate at which >= 90% of requests meet both the TTFT and the TPOT
 SLO. From a sweep it is interpolated linearly between the last rate that reaches 90% and the
@@ -71,6 +79,7 @@ SIZING_OUTPUT_LEN = 16
 # gives ~1300-1700 tokens).
 PREFILL_IN_DECODE_STEPS = 20.0
 INPUT_LEN_BOUNDS = (128, 4096)
+MAX_RATE_FRACTION = 2.0  # of one engine's prefill capacity: the sweep's ceiling (two engines' worth)
 SLO_SCALES = (1.5, 2.0, 3.0, 4.0, 5.0, 6.0, 8.0)
 GRID_TTFT_SCALES = (2.0, 4.0, 6.0, 8.0, 12.0)  # the ratio with the TTFT and TPOT scales apart
 GRID_TPOT_SCALES = (1.5, 2.0, 3.0, 4.0, 6.0)
@@ -86,6 +95,7 @@ class System:
     prefill_threads: int | None
     decode_threads: int
     local_prefill_threshold: int
+    max_prefill_wait_ms: float = 0.0  # the router's; the disaggregated stack gets its own once the SLOs are known
 
 
 ENGINE_THREADS = 1
@@ -115,6 +125,7 @@ class CompareConfig:
     input_range_ratio: float
     output_range: tuple[int, int]
     slo_scale: float
+    max_prefill_wait_ms: float | None  # None: the TTFT SLO's slack over the disaggregated stack's zero-load TTFT
     burstiness: float
     seed: int
     kv_cache_mb: int
@@ -149,6 +160,7 @@ class CompareConfig:
             args.input_range_ratio,
             (low, high),
             args.slo_scale,
+            None if args.max_prefill_wait_ms == "auto" else _wait_ms(args.max_prefill_wait_ms),
             args.burstiness,
             args.seed,
             pick("kv_cache_mb"),
@@ -188,6 +200,16 @@ class Plan:
 
     def slos_at(self, scale: float) -> dict:
         return {name: scale * value for name, value in self.baseline_ms.items()}
+
+
+def _wait_ms(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:
+        raise SystemExit(f"splitserve: --max-prefill-wait-ms must be auto or a number >= 0, got {text!r}")
+    return value
 
 
 def _floats(text: str) -> tuple[float, ...]:
@@ -263,6 +285,7 @@ class Stack:
     system: System
     processes: list[Process]
     base_url: str = ""
+    addresses: dict[str, list[str]] = dataclasses.field(default_factory=dict)  # role -> its workers'
     meter: CpuMeter | None = None  # every stack's workers: what else used the cores during a run
 
 
@@ -300,32 +323,12 @@ def start_stacks(config: CompareConfig, systems: list[System]) -> list[Stack]:
         for stack in stacks:
             for process in stack.processes:
                 addresses[process.name] = json.loads(process.wait_ready().split("READY ", 1)[1])["address"]
-        routers = []
         for stack in stacks:
-            prefill = [addresses[p.name] for p in stack.processes if " prefill " in p.name]
-            decode = [addresses[p.name] for p in stack.processes if " decode " in p.name]
-            argv = [
-                "router",
-                "--model",
-                config.model,
-                "--decode",
-                *decode,
-                "--port",
-                "0",
-                "--grpc-port",
-                "0",
-                "--local-prefill-threshold",
-                str(stack.system.local_prefill_threshold),
-                "--log-level",
-                "WARNING",
-            ]
-            if prefill:
-                argv[3:3] = ["--prefill", *prefill]
-            router = Process(f"{stack.system.name} router", argv, "OpenAI API at")
-            stack.processes.append(router)
-            routers.append((stack, router))
-        for stack, router in routers:
-            stack.base_url = re.search(r"OpenAI API at (\S+/v1)", router.wait_ready()).group(1).rstrip(",")
+            for role in ("prefill", "decode"):
+                stack.addresses[role] = [addresses[p.name] for p in stack.processes if f" {role} " in p.name]
+            stack.processes.append(_router_process(stack, config))
+        for stack in stacks:
+            _wait_router(stack)
         workers = [p.process.pid for stack in stacks for p in stack.processes if not p.name.endswith("router")]
         for stack in stacks:
             stack.meter = CpuMeter(workers)
@@ -333,6 +336,42 @@ def start_stacks(config: CompareConfig, systems: list[System]) -> list[Stack]:
     except BaseException:
         stop_stacks(stacks)
         raise
+
+
+def _router_process(stack: Stack, config: CompareConfig) -> Process:
+    argv = [
+        "router",
+        "--model",
+        config.model,
+        "--decode",
+        *stack.addresses["decode"],
+        "--port",
+        "0",
+        "--grpc-port",
+        "0",
+        "--local-prefill-threshold",
+        str(stack.system.local_prefill_threshold),
+        "--max-prefill-wait-ms",
+        str(stack.system.max_prefill_wait_ms),
+        "--log-level",
+        "WARNING",
+    ]
+    if stack.addresses["prefill"]:
+        argv[3:3] = ["--prefill", *stack.addresses["prefill"]]
+    return Process(f"{stack.system.name} router", argv, "OpenAI API at")
+
+
+def _wait_router(stack: Stack) -> None:
+    router = stack.processes[-1]
+    stack.base_url = re.search(r"OpenAI API at (\S+/v1)", router.wait_ready()).group(1).rstrip(",")
+
+
+def set_max_prefill_wait(stack: Stack, config: CompareConfig, wait_ms: float) -> None:
+    """The stack's router again, with ``--max-prefill-wait-ms wait_ms`` (its workers stay up)."""
+    stack.processes.pop().stop()
+    stack.system = dataclasses.replace(stack.system, max_prefill_wait_ms=round(wait_ms, 1))
+    stack.processes.append(_router_process(stack, config))
+    _wait_router(stack)
 
 
 def stop_stacks(stacks: list[Stack]) -> None:
@@ -467,11 +506,20 @@ def make_plan(config: CompareConfig, input_len: int, sizing: dict, probes: dict)
     return Plan(input_len, rates, slos, baseline_ms, sizing)
 
 
-def sweep(stacks: dict[str, Stack], config: CompareConfig, plan: Plan) -> list[dict]:
-    base = config.requests(max(config.count_at(rate) for rate in plan.rates), config.seed, plan.input_len)
+def sweep(stacks: dict[str, Stack], config: CompareConfig, plan: Plan) -> tuple[list[dict], Plan]:
+    """The runs, and the plan with the rates swept: with ``--rates auto`` the sweep goes on past the planned rates,
+    in the same steps, while a system still meets the SLOs at the last one (up to ``MAX_RATE_FRACTION`` of one
+    engine's prefill capacity), so that both goodputs are measured rather than bounded."""
+    rates = list(plan.rates)
+    ceiling = rates[-1]
+    if config.rates is None and len(rates) > 1:
+        ceiling = plan.sizing["prefill_capacity_rps"] * MAX_RATE_FRACTION
+    base = config.requests(max(config.count_at(rate) for rate in (*rates, ceiling)), config.seed, plan.input_len)
     order = list(stacks.values())
     runs = []
-    for index, rate in enumerate(plan.rates):
+    index = 0
+    while index < len(rates):
+        rate = rates[index]
         # Both systems of a rate get the same prompts and arrival times; each rate its own arrival
         # draw, and its own first token so no run finds another's prompts in a prefix cache.
         requests = salted(base[: config.count_at(rate)], index)
@@ -486,7 +534,21 @@ def sweep(stacks: dict[str, Stack], config: CompareConfig, plan: Plan) -> list[d
                 flush=True,
             )
             runs.append(run)
-    return runs
+        index += 1
+        if index == len(rates) and (more := next_rate(rates, runs, [s.system for s in order], plan.slos, ceiling)):
+            rates.append(more)
+    return runs, dataclasses.replace(plan, rates=tuple(rates))
+
+
+def next_rate(rates: list[float], runs: list[dict], systems: list[System], slos: dict, ceiling: float) -> float | None:
+    """One step past the last rate, if a system met the SLOs there and the step stays within ``ceiling``."""
+    if len(rates) < 2:
+        return None
+    last, step = rates[-1], rates[-1] - rates[-2]
+    if step <= 0 or last + step > ceiling * (1 + 1e-9):
+        return None
+    at_last = goodputs([r for r in runs if r["rate"] == last], systems, slos)
+    return round(last + step, 3) if any(g["highest_passing_rate"] == last for g in at_last.values()) else None
 
 
 def goodput(points: list[tuple[float, float]], target: float = ATTAINMENT_TARGET) -> dict:
@@ -722,9 +784,11 @@ def _layout(system: dict) -> str:
         + system["decode_workers"] * system["decode_threads"]
     )
     if system["prefill_workers"]:
+        wait = system.get("max_prefill_wait_ms", 0.0)
         shape = (
             f"{system['prefill_workers']} prefill x {system['prefill_threads']} thread(s) -KV-> "
-            f"{system['decode_workers']} decode x {system['decode_threads']}"
+            f"{system['decode_workers']} decode x {system['decode_threads']}; "
+            + (f"D prefills a prompt that would wait > {wait:g} ms on P" if wait else "every prompt prefilled on P")
         )
     else:
         shape = f"{system['decode_workers']} x {system['decode_threads']} thread(s), each prefilling beside its decodes"
@@ -744,7 +808,10 @@ def _rates_source(sizing: dict) -> str:
     if sizing.get("rates") != "auto":
         return "from --rates"
     fractions = ", ".join(f"{f:g}" for f in sizing["rate_fractions"])
-    return f"{fractions} x one engine's prefill capacity {sizing['prefill_capacity_rps']:.3f} req/s"
+    return (
+        f"{fractions} x one engine's prefill capacity {sizing['prefill_capacity_rps']:.3f} req/s "
+        f"(then on while a system meets the SLOs, up to {MAX_RATE_FRACTION:g} x)"
+    )
 
 
 def _fmt(value: float | None, spec: str = ".0f") -> str:
@@ -769,12 +836,19 @@ def run(args: argparse.Namespace) -> int:
         input_len, sizing = size_input_len(stacks, config)
         probes = zero_load(stacks, config, input_len)
         plan = make_plan(config, input_len, sizing, probes)
+        wait_ms = config.max_prefill_wait_ms
+        if wait_ms is None:  # the TTFT a remote prefill may still spend queued on P
+            wait_ms = max(0.0, plan.slos["ttft"] - probes[DISAGGREGATED_NAME]["summary"]["ttft_ms"]["median"])
+        if wait_ms:
+            set_max_prefill_wait(stacks[DISAGGREGATED_NAME], config, wait_ms)
+        systems = [stack.system for stack in stack_list]
         print(
             f"plan: mean prompt {plan.input_len} tokens, rates {', '.join(f'{r:g}' for r in plan.rates)} req/s, "
-            f"SLOs TTFT {plan.slos['ttft']:.0f} ms, TPOT {plan.slos['tpot']:.0f} ms (scale {config.slo_scale:g})",
+            f"SLOs TTFT {plan.slos['ttft']:.0f} ms, TPOT {plan.slos['tpot']:.0f} ms (scale {config.slo_scale:g}), "
+            f"max prefill wait {stacks[DISAGGREGATED_NAME].system.max_prefill_wait_ms:g} ms",
             flush=True,
         )
-        runs = sweep(stacks, config, plan)
+        runs, plan = sweep(stacks, config, plan)
     finally:
         stop_stacks(stack_list)
     report = build_report(config, plan, systems, probes, runs, time.perf_counter() - started)
@@ -827,6 +901,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=sorted(AGGREGATED_LAYOUTS),
         help="replicas: as many 1-thread engines as the disaggregated stack has (equal engines and cores); "
         "one-engine: one engine with all their threads",
+    )
+    parser.add_argument(
+        "--max-prefill-wait-ms",
+        default="auto",
+        help="the disaggregated router's (conditional disaggregation); auto: the TTFT SLO less the disaggregated "
+        "stack's zero-load TTFT; 0: every prompt prefilled on the prefill worker",
     )
     parser.add_argument("--burstiness", type=float, default=1.0, help="1 = Poisson")
     parser.add_argument("--seed", type=int, default=0)

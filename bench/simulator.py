@@ -61,6 +61,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=8,
         help="in-flight prefills per worker beyond which prompts prefill locally",
     )
+    parser.add_argument(
+        "--max-prefill-wait-ms",
+        type=float,
+        default=0.0,
+        help="the router's: a prompt's expected wait on P beyond which D prefills it, if D has less queued (0: off)",
+    )
     parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
     parser.add_argument("--max-num-seqs", type=int, default=64)
     parser.add_argument(

@@ -73,6 +73,8 @@ def install_admin(
                 "healthy": w.healthy,
                 "draining": w.draining,
                 "active": w.active,
+                "prefill_backlog_tokens": w.prefill_backlog,
+                "prefill_ms_per_token": None if w.prefill_s_per_token is None else w.prefill_s_per_token * 1000.0,
                 "incompatible": w.incompatible.reason if w.incompatible else None,
             }
             for w in frontend.pool.workers.values()

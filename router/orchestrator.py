@@ -31,7 +31,7 @@ from engine.tokenizer import IncrementalDetokenizer
 from protos import common_pb2, decode_pb2, prefill_pb2
 from router.config import RouterConfig
 from router.metrics import RouterMetrics
-from router.routing import Decision, NoWorkerError, Route, prefill_cost, route
+from router.routing import Decision, NoWorkerError, Route, prefill_cost, route, timed_prefill
 from router.tracing import request_trace
 from router.workers import WorkerHandle, WorkerPool
 
@@ -98,6 +98,7 @@ class _Progress:
     """What the client has received so far, across retries and migrations."""
 
     tokens: list[int] = field(default_factory=list)
+    block_hashes: list[int] = field(default_factory=list)  # of the prompt, in the served model's blocks
     cached_tokens: int | None = None
     attempt: int = 0
     started: float = field(default_factory=time.perf_counter)
@@ -124,7 +125,7 @@ class Orchestrator:
         """Deltas for one request; the last one carries finish_reason and usage."""
         progress = _Progress()
         served = self.model.require()
-        hashes = compute_block_hashes(request.prompt_token_ids, served.block_size)
+        hashes = progress.block_hashes = compute_block_hashes(request.prompt_token_ids, served.block_size)
         exclude: set[str] = set()
         force_local = False
         while True:
@@ -133,7 +134,7 @@ class Orchestrator:
                 if chosen.decision is Decision.REMOTE_PREFILL:
                     stream = self._remote(request, chosen, progress, served)
                 else:
-                    stream = self._local(request, chosen.decode, progress)
+                    stream = self._local(request, chosen.decode, progress, chosen.uncached_tokens)
                 async for delta in stream:
                     yield self._observe(delta, progress, request)
                 return
@@ -186,9 +187,10 @@ class Orchestrator:
     # -- the two paths ----------------------------------------------------------------------------
 
     async def _local(
-        self, request: GenerationRequest, decode: WorkerHandle, progress: _Progress
+        self, request: GenerationRequest, decode: WorkerHandle, progress: _Progress, uncached: int
     ) -> AsyncIterator[Delta]:
-        """D prefills and decodes; resumes the output after ``progress.tokens`` when migrating."""
+        """D prefills (``uncached`` tokens of it not in D's prefix cache) and decodes; resumes the output after
+        ``progress.tokens`` when migrating."""
         worker_request = decode_pb2.GenerateRequest(
             request_id=progress.next_worker_request_id(request.request_id),
             prompt_token_ids=request.prompt_token_ids,
@@ -196,12 +198,15 @@ class Orchestrator:
             resume_token_ids=progress.tokens,
         )
         decode.active += 1
+        prefilled = decode.queue_prefill(uncached)
         try:
             call = self._open_generate(decode, worker_request, progress)
             async for delta in self._decode_stream(decode, call, skip_first=False):
+                prefilled()
                 yield delta
         finally:
             decode.active -= 1
+            prefilled()
 
     async def _remote(
         self, request: GenerationRequest, chosen: Route, progress: _Progress, served: ServedModel
@@ -211,43 +216,56 @@ class Orchestrator:
         tried: set[str] = set()
         for attempt in range(self.config.prefill_retries + 1):
             worker_id = progress.next_worker_request_id(request.request_id)
-            ticket = await self._reserve(decode, worker_id, request, progress)
-            decode_call = self._open_generate(
-                decode, decode_pb2.GenerateRequest(request_id=worker_id, reserved=True, token=ticket.token), progress
-            )
-            decode.active += 1
+            # In P's backlog from the routing decision (no await since) until P answers.
+            uncached = len(resumed) + len(request.prompt_token_ids)
+            uncached -= prefill.kv.prefix_blocks(progress.block_hashes) * served.block_size
+            timed = uncached if prefill.prefill_backlog == 0 else 0  # an idle P: its answer times its speed
+            prefilled = prefill.queue_prefill(uncached)
             try:
-                first = await self._prefill(prefill, worker_id, request, ticket, progress)
-                if first is None:
-                    decode_call.cancel()
-                    asyncio.ensure_future(self._abort(decode, worker_id, ticket.token))
-                    tried.add(prefill.address)
-                    prefill = self._another_prefill(request, tried, served.block_size)
-                    if prefill is None:
-                        break
-                    self.metrics.prefill_retries.inc()
-                    progress.trace.event("prefill_retry", attempt=attempt + 1, worker=prefill.address)
-                    await asyncio.sleep(self.config.retry_backoff_s * (2**attempt) * (0.5 + random.random()))
-                    continue
-                progress.cached_tokens = first.num_cached_tokens
-                self.metrics.kv_transfer_seconds.labels(ticket.transport).observe(first.exposed_transfer_ms / 1000.0)
-                first_delta = self._first_delta(first, request, served, resumed=bool(resumed))
-                yield first_delta
-                async for delta in self._decode_stream(
-                    decode, decode_call, skip_first=True, first_text_sent=bool(first_delta.text)
-                ):
-                    yield delta
-                return
+                ticket = await self._reserve(decode, worker_id, request, progress)
+                decode_call = self._open_generate(
+                    decode,
+                    decode_pb2.GenerateRequest(request_id=worker_id, reserved=True, token=ticket.token),
+                    progress,
+                )
+                decode.active += 1
+                try:
+                    first = await self._prefill(prefill, worker_id, request, ticket, progress, timed)
+                    prefilled()
+                    if first is None:
+                        decode_call.cancel()
+                        asyncio.ensure_future(self._abort(decode, worker_id, ticket.token))
+                        tried.add(prefill.address)
+                        prefill = self._another_prefill(request, progress, tried, served.block_size)
+                        if prefill is None:
+                            break
+                        self.metrics.prefill_retries.inc()
+                        progress.trace.event("prefill_retry", attempt=attempt + 1, worker=prefill.address)
+                        await asyncio.sleep(self.config.retry_backoff_s * (2**attempt) * (0.5 + random.random()))
+                        continue
+                    progress.cached_tokens = first.num_cached_tokens
+                    self.metrics.kv_transfer_seconds.labels(ticket.transport).observe(
+                        first.exposed_transfer_ms / 1000.0
+                    )
+                    first_delta = self._first_delta(first, request, served, resumed=bool(resumed))
+                    yield first_delta
+                    async for delta in self._decode_stream(
+                        decode, decode_call, skip_first=True, first_text_sent=bool(first_delta.text)
+                    ):
+                        yield delta
+                    return
+                finally:
+                    decode.active -= 1
+                    if not decode_call.done():
+                        decode_call.cancel()
+                        asyncio.ensure_future(self._abort(decode, worker_id, ticket.token))
             finally:
-                decode.active -= 1
-                if not decode_call.done():
-                    decode_call.cancel()
-                    asyncio.ensure_future(self._abort(decode, worker_id, ticket.token))
+                prefilled()
         log.warning(
             "request %s: prefill failed on every worker tried; prefilling on the decode worker", request.request_id
         )
         self.metrics.routing_decisions.labels(Decision.FALLBACK.value).inc()
-        async for delta in self._local(request, decode, progress):
+        async for delta in self._local(request, decode, progress, chosen.uncached_tokens):
             yield delta
 
     def _open_generate(self, decode: WorkerHandle, worker_request: decode_pb2.GenerateRequest, progress: _Progress):
@@ -287,13 +305,21 @@ class Orchestrator:
             span.end()
 
     async def _prefill(
-        self, prefill: WorkerHandle, worker_id: str, request: GenerationRequest, ticket, progress: _Progress
+        self,
+        prefill: WorkerHandle,
+        worker_id: str,
+        request: GenerationRequest,
+        ticket,
+        progress: _Progress,
+        timed_tokens: int,
     ) -> prefill_pb2.PrefillResponse | None:
-        """The prefill's answer, or None if this prefill worker failed (the caller retries)."""
+        """The prefill's answer, or None if this prefill worker failed (the caller retries). ``timed_tokens`` (if
+        any): the uncached tokens of a prompt sent to an idle worker, whose answer then measures its speed."""
         prefill.active += 1
         span = progress.trace.call("prefill", prefill, worker_id)
+        sent = time.perf_counter()
         try:
-            return await prefill.stub.Prefill(
+            response = await prefill.stub.Prefill(
                 prefill_pb2.PrefillRequest(
                     request_id=worker_id,
                     prompt_token_ids=request.prompt_token_ids,
@@ -304,6 +330,10 @@ class Orchestrator:
                 timeout=self.config.prefill_timeout_s,
                 metadata=span.metadata,
             )
+            if timed_tokens:
+                seconds = time.perf_counter() - sent
+                prefill.prefill_s_per_token = timed_prefill(prefill.prefill_s_per_token, timed_tokens, seconds)
+            return response
         except (asyncio.CancelledError, grpc.aio.UsageError):
             if not _channel_closed_under_call(prefill):
                 raise
@@ -321,12 +351,14 @@ class Orchestrator:
             prefill.active -= 1
             span.end()
 
-    def _another_prefill(self, request: GenerationRequest, tried: set[str], block_size: int) -> WorkerHandle | None:
-        hashes = compute_block_hashes(request.prompt_token_ids, block_size)
+    def _another_prefill(
+        self, request: GenerationRequest, progress: _Progress, tried: set[str], block_size: int
+    ) -> WorkerHandle | None:
         candidates = [p for p in self.pool.of_role("prefill") if p.address not in tried]
         if not candidates:
             return None
         blocks = -(-len(request.prompt_token_ids) // block_size)
+        hashes = progress.block_hashes
         return min(candidates, key=lambda p: (prefill_cost(p, hashes, blocks, self.config), random.random()))
 
     def _first_delta(

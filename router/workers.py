@@ -83,6 +83,12 @@ class WorkerHandle:
     draining: bool = False
     stats: common_pb2.WorkerStats = field(default_factory=common_pb2.WorkerStats)
     active: int = 0  # requests this router has in flight on the worker
+    # Uncached prompt tokens this router has sent the worker to prefill and not yet had a first token for: how much
+    # prefill a prompt sent now would queue behind.
+    prefill_backlog: int = 0
+    # Seconds from sending a prompt to its first token, per uncached token, of prompts sent while the worker had no
+    # backlog (an exponential average; None until one came back): turns a backlog into an expected wait.
+    prefill_s_per_token: float | None = None
     failures: int = 0
     kv: KVIndex = field(default_factory=KVIndex)
     last_seen: float = 0.0
@@ -100,6 +106,17 @@ class WorkerHandle:
     def load(self) -> int:
         """Requests on the worker as far as we know: ours in flight, or its own count if higher."""
         return max(self.active, self.stats.running + self.stats.waiting + self.stats.waiting_for_kv)
+
+    def queue_prefill(self, tokens: int) -> Callable[[], None]:
+        """Counts ``tokens`` into the backlog until the function returned is called (once or more)."""
+        self.prefill_backlog += tokens
+
+        def prefilled() -> None:
+            nonlocal tokens
+            self.prefill_backlog -= tokens
+            tokens = 0
+
+        return prefilled
 
     def mark_failed(self) -> None:
         self.failures += 1

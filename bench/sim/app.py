@@ -74,6 +74,7 @@ def build_deployment(args: argparse.Namespace) -> Deployment:
         link=Link(link_bytes),
         local_prefill_threshold=args.local_prefill_threshold,
         prefill_saturation=args.prefill_saturation,
+        max_prefill_wait_s=args.max_prefill_wait_ms / 1000.0,
         gpus_per_worker=args.tp if args.hardware != "cpu" else 1,
     )
 
@@ -118,6 +119,7 @@ def simulate_report(
             "decode": deployment.num_decode,
             "link_gbps": deployment.link.bytes_per_s * 8 / 1e9,
             "local_prefill_threshold": deployment.local_prefill_threshold,
+            "max_prefill_wait_ms": deployment.max_prefill_wait_s * 1000.0,
             "kv_capacity_tokens": deployment.decode.kv_capacity_tokens,
         },
         "latency_model": _latency_facts(deployment, round(sum(r.input_len for r in requests) / len(requests))),

@@ -1,6 +1,7 @@
 """A discrete-event simulation of the router, a prefill pool and a decode pool.
 
-    arrival ─> router ─┬─ local: short prompt, no prefill worker, or all saturated
+    arrival ─> router ─┬─ local: short prompt, no prefill worker, all saturated, or the wait on P over
+                       │         max_prefill_wait_s while D has less queued (the router's own rule)
                        │     └─> D waiting ─> D steps: chunked prefill beside the running decodes
                        └─ remote: reserve on D, queue on P ─> P steps (chunked prefill)
                              └─> KV pushed layer by layer over P's link ─> lands on D ─> D decode steps
@@ -38,6 +39,7 @@ from bench.serve_bench import RequestRecord
 from bench.sim.host import Host
 from bench.sim.latency import Chunk, LatencyModel, Step
 from bench.sim.workload import TraceRequest
+from router.routing import overflows_to_decode, timed_prefill
 
 
 @dataclass(frozen=True)
@@ -68,6 +70,7 @@ class Deployment:
     link: Link
     local_prefill_threshold: int = 0  # prompts shorter than this are prefilled on D
     prefill_saturation: int = 8  # in-flight prefills per worker at which the router falls back to local
+    max_prefill_wait_s: float = 0.0  # the router's max_prefill_wait_ms, in seconds (0: off)
     request_overhead_s: float = 0.0
     gpus_per_worker: int = 1
     host: Host | None = None  # None: each worker on its own accelerator; pushes overlap compute
@@ -77,6 +80,8 @@ class Deployment:
             raise ValueError(
                 f"need at least one decode worker and no negative counts, got {self.num_prefill}P:{self.num_decode}D"
             )
+        if not self.max_prefill_wait_s >= 0:
+            raise ValueError(f"max_prefill_wait_s must be >= 0 (0: off), got {self.max_prefill_wait_s!r}")
 
     def with_counts(self, num_prefill: int, num_decode: int) -> Deployment:
         return replace(self, num_prefill=num_prefill, num_decode=num_decode)
@@ -127,6 +132,7 @@ class _Request:
     first_token_at: float | None = None
     finished_at: float | None = None
     decode: _Worker | None = None
+    sent_at: float | None = None  # to a prefill worker with no backlog: its first token times that worker
 
     @property
     def kv_tokens(self) -> int:
@@ -143,6 +149,10 @@ class _Worker:
     stepping: bool = False
     in_flight: int = 0  # requests the router has placed here and not seen finish
     kv_used: int = 0  # decode: tokens reserved
+    # The router's view: prompt tokens sent here to prefill with no first token yet; seconds per token timed on
+    # prompts sent with none (router.routing.timed_prefill)
+    prefill_backlog: int = 0
+    prefill_s_per_token: float | None = None
     link_free: float = 0.0  # prefill: when the link has sent everything pushed so far
 
 
@@ -202,9 +212,13 @@ class _Simulation:
         decode.kv_used += request.kv_tokens
         prefill = self.choose_prefill(request)
         if prefill is None:
+            decode.prefill_backlog += request.input_len
             decode.waiting.append(request)
             self.kick(decode)
             return
+        if prefill.prefill_backlog == 0:
+            request.sent_at = self.now
+        prefill.prefill_backlog += request.input_len
         prefill.in_flight += 1
         prefill.waiting.append(request)
         self.kick(prefill)
@@ -218,8 +232,13 @@ class _Simulation:
         if not open_workers:
             self.decisions["fallback"] += 1
             return None
+        prefill = min(open_workers, key=lambda w: (w.in_flight, self.rng.random()))
+        backlogs = prefill.prefill_backlog, request.decode.prefill_backlog
+        if overflows_to_decode(*backlogs, prefill.prefill_s_per_token, self.deployment.max_prefill_wait_s):
+            self.decisions["fallback"] += 1
+            return None
         self.decisions["remote"] += 1
-        return min(open_workers, key=lambda w: (w.in_flight, self.rng.random()))
+        return prefill
 
     # -- a worker's step loop ----------------------------------------------------------------------
 
@@ -302,12 +321,18 @@ class _Simulation:
     def kv_landed(self, request: _Request, prefill: _Worker) -> None:
         """The commit: the first token reaches the client, the request joins D's batch."""
         prefill.in_flight -= 1
+        prefill.prefill_backlog -= request.input_len
+        if request.sent_at is not None:
+            elapsed = self.now - request.sent_at
+            prefill.prefill_s_per_token = timed_prefill(prefill.prefill_s_per_token, request.input_len, elapsed)
         decode = request.decode
         self.token(decode, request, joins=True)
 
     def token(self, decode: _Worker, request: _Request, joins: bool = False) -> None:
         request.generated += 1
         seen = self.now + self.deployment.request_overhead_s
+        if request.first_token_at is None and not joins:  # prefilled here
+            decode.prefill_backlog -= request.input_len
         if request.first_token_at is None:
             request.first_token_at = seen
         if request.generated >= request.output_len:

@@ -60,6 +60,7 @@ def deployment_for(
         kv_bytes_per_token=shape.kv_bytes_per_token,
         link=Link(profile["transfer"]["bytes_per_s"]),
         local_prefill_threshold=system["local_prefill_threshold"],
+        max_prefill_wait_s=system.get("max_prefill_wait_ms", 0.0) / 1000.0,
         request_overhead_s=request_overhead_s,
         host=host,
     )

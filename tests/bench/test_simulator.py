@@ -466,3 +466,21 @@ def test_raw_validation_takes_the_request_path_overhead_from_the_baselines_zero_
     assert checked["lockstep_stall_cores"] == 0.0
     assert checked["request_overhead_s"] == pytest.approx(0.05, rel=1e-6)
     assert checked["agreement"]["raw"]["median_abs_error"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_a_max_prefill_wait_sends_the_overflow_to_the_decode_worker_and_raises_ttft_bound_goodput():
+    # Prompts ~1.5 s of prefill each: a lone prefill worker at 0.6 req/s queues them for seconds; with a 1 s wait
+    # allowed, the decode worker takes the prompts that would wait longer, and the TTFT SLO holds at higher rates.
+    slos = {"ttft": 6000.0, "tpot": 200.0}
+    load = traffic(rate=0.6, count=80)
+    strict = deployment()
+    overflowing = replace(strict, max_prefill_wait_s=1.0)
+    trace = load.requests()
+    strict_run, overflow_run = simulate(strict, trace), simulate(overflowing, trace)
+    fallbacks = [run.decisions.get("fallback", 0) for run in (strict_run, overflow_run)]
+    assert fallbacks[0] + 5 < fallbacks[1] < len(trace) / 2, fallbacks  # strict: only past prefill_saturation
+    p90 = [summarize(run.records, 1.0)["ttft_ms"]["p90"] for run in (strict_run, overflow_run)]
+    assert p90[1] < p90[0] / 2, p90
+    assert max_goodput(overflowing, load, slos) > 1.2 * max_goodput(strict, load, slos)
+    with pytest.raises(ValueError, match="max_prefill_wait_s"):
+        replace(strict, max_prefill_wait_s=-1.0)

@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
 from engine.block_manager import compute_block_hashes
-from tests.router.conftest import SERVED_MODEL, random_prompt
+from router.routing import PREFILL_SPEED_WEIGHT, overflows_to_decode, timed_prefill
+from tests.router.conftest import SERVED_MODEL, greedy_ignoring_eos, random_prompt, token_ids
 from tests.workers.harness import wait_idle
 
 BLOCK = 16
@@ -88,3 +94,58 @@ def test_no_prefill_worker_falls_back_to_the_decode_worker(make_router, cluster,
     _complete(router, random_prompt(rng, 200))
     assert router.decisions() == {"fallback": 1.0}
     assert sum(w.stats().prompt_tokens for w in cluster.prefills) == prefill_before
+
+
+def test_overflow_rule_weighs_the_wait_on_the_prefill_worker_against_the_decode_workers_queue():
+    # 1000 tokens queued at 1 ms/token: a 1 s wait on P.
+    assert overflows_to_decode(1000, 0, 0.001, max_wait_s=0.5)
+    assert not overflows_to_decode(1000, 0, 0.001, max_wait_s=1.5), "within the wait allowed"
+    assert not overflows_to_decode(1000, 1000, 0.001, max_wait_s=0.5), "D has as much queued: P still"
+    assert not overflows_to_decode(1000, 0, None, max_wait_s=0.5), "no speed measured yet"
+    assert not overflows_to_decode(10**9, 0, 0.001, max_wait_s=0.0), "0 turns it off"
+    # the speed it weighs: an average of prompts' time to first token per token, newest weighted PREFILL_SPEED_WEIGHT
+    assert timed_prefill(None, 500, 0.5) == 0.001
+    assert timed_prefill(0.001, 500, 1.5) == pytest.approx(0.001 + PREFILL_SPEED_WEIGHT * (0.003 - 0.001))
+    assert timed_prefill(0.001, 0, 9.0) == 0.001, "a fully cached prompt times nothing"
+
+
+def test_max_prefill_wait_sends_the_overflow_to_the_decode_worker(make_router, cluster, checkpoint, rng):
+    prefill = cluster.prefills[0]
+    router = make_router([prefill], [cluster.decode], local_prefill_threshold=16, max_prefill_wait_ms=1.0)
+    pool = router.router.pool
+
+    def handle(worker):
+        return router.call(lambda: (pool.workers[worker.address].prefill_backlog, pool.workers[worker.address]))
+
+    _complete(router, random_prompt(rng, 300))  # alone on an idle prefill worker: its speed is measured
+    assert router.decisions() == {"remote_prefill": 1.0}
+    assert handle(prefill)[1].prefill_s_per_token > 0
+
+    prompts = [random_prompt(rng, 1500) for _ in range(4)]
+    clients = [router.openai() for _ in prompts]  # made beforehand: the prompts arrive together
+    barrier = threading.Barrier(len(prompts))
+
+    def complete(client, prompt):
+        barrier.wait()
+        out = client.completions.create(
+            model=SERVED_MODEL,
+            prompt=[prompt],
+            max_tokens=4,
+            temperature=0,
+            logprobs=0,
+            extra_body={"ignore_eos": True, "return_tokens_as_token_ids": True},
+        )
+        return token_ids(out.choices[0].logprobs.tokens)
+
+    with ThreadPoolExecutor(len(prompts)) as pool_of_clients:
+        outputs = list(pool_of_clients.map(complete, clients, prompts))
+    decisions = router.decisions()
+    # The first prompt finds the prefill worker idle; one arriving while it holds 1500 tokens (far over 1 ms of
+    # wait) goes to the decode worker, whose own queue is then as long: so both workers take some.
+    assert decisions.get("fallback", 0) >= 1, decisions
+    assert decisions["remote_prefill"] >= 2, decisions
+    for prompt, output in zip(prompts, outputs):
+        assert output == greedy_ignoring_eos(checkpoint.model, prompt, 4)
+    assert handle(prefill)[0] == 0 and handle(cluster.decode)[0] == 0, "every backlog token was taken off again"
+    for worker in cluster.workers:
+        wait_idle(worker)
