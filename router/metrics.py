@@ -245,6 +245,25 @@ class _PoolCollector:
                 count = sum(1 for w in workers if w.role == role and w.incompatible and name in w.incompatible.fields)
                 incompatible.add_metric([role, name], count)
         yield incompatible
+        backlog = GaugeMetricFamily(
+            "splitserve_router_prefill_backlog_tokens",
+            "Uncached prompt tokens this router has sent each worker to prefill and has no first token for (the "
+            "backlog max_prefill_wait_ms weighs)",
+            labels=["worker", "role"],
+        )
+        speed = GaugeMetricFamily(
+            "splitserve_router_prefill_seconds_per_token",
+            "Each prefill worker's time to first token per uncached token, as this router timed it on prompts sent "
+            "with no backlog (an exponential average; absent until one came back)",
+            labels=["worker", "role"],
+        )
+        for w in workers:
+            labels = [w.stats.worker_id or w.address, w.role]
+            backlog.add_metric(labels, w.prefill_backlog)
+            if w.prefill_s_per_token is not None:
+                speed.add_metric(labels, w.prefill_s_per_token)
+        yield backlog
+        yield speed
         yield from worker_metrics(w.stats for w in workers if w.stats.worker_id)
 
 

@@ -147,5 +147,11 @@ def test_max_prefill_wait_sends_the_overflow_to_the_decode_worker(make_router, c
     for prompt, output in zip(prompts, outputs):
         assert output == greedy_ignoring_eos(checkpoint.model, prompt, 4)
     assert handle(prefill)[0] == 0 and handle(cluster.decode)[0] == 0, "every backlog token was taken off again"
+    metrics = router.metrics()
+    key = (("role", "prefill"), ("worker", prefill.stats().worker_id))
+    speed = metrics[("splitserve_router_prefill_seconds_per_token", key)]
+    assert speed == pytest.approx(handle(prefill)[1].prefill_s_per_token)
+    backlogs = {k: v for k, v in metrics.items() if k[0] == "splitserve_router_prefill_backlog_tokens"}
+    assert len(backlogs) == 2 and set(backlogs.values()) == {0.0}, backlogs
     for worker in cluster.workers:
         wait_idle(worker)
