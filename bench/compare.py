@@ -517,9 +517,7 @@ def sweep(stacks: dict[str, Stack], config: CompareConfig, plan: Plan) -> tuple[
     base = config.requests(max(config.count_at(rate) for rate in (*rates, ceiling)), config.seed, plan.input_len)
     order = list(stacks.values())
     runs = []
-    index = 0
-    while index < len(rates):
-        rate = rates[index]
+    for index, rate in enumerate(rates):  # grows below while a system still passes
         # Both systems of a rate get the same prompts and arrival times; each rate its own arrival
         # draw, and its own first token so no run finds another's prompts in a prefix cache.
         requests = salted(base[: config.count_at(rate)], index)
@@ -534,8 +532,7 @@ def sweep(stacks: dict[str, Stack], config: CompareConfig, plan: Plan) -> tuple[
                 flush=True,
             )
             runs.append(run)
-        index += 1
-        if index == len(rates) and (more := next_rate(rates, runs, [s.system for s in order], plan.slos, ceiling)):
+        if index == len(rates) - 1 and (more := next_rate(rates, runs, [s.system for s in order], plan.slos, ceiling)):
             rates.append(more)
     return runs, dataclasses.replace(plan, rates=tuple(rates))
 

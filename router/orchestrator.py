@@ -31,7 +31,7 @@ from engine.tokenizer import IncrementalDetokenizer
 from protos import common_pb2, decode_pb2, prefill_pb2
 from router.config import RouterConfig
 from router.metrics import RouterMetrics
-from router.routing import Decision, NoWorkerError, Route, prefill_cost, route, timed_prefill
+from router.routing import Decision, NoWorkerError, Route, prefill_cost, route, timed_prefill, uncached_tokens
 from router.tracing import request_trace
 from router.workers import WorkerHandle, WorkerPool
 
@@ -217,50 +217,47 @@ class Orchestrator:
         for attempt in range(self.config.prefill_retries + 1):
             worker_id = progress.next_worker_request_id(request.request_id)
             # In P's backlog from the routing decision (no await since) until P answers.
-            uncached = len(resumed) + len(request.prompt_token_ids)
-            uncached -= prefill.kv.prefix_blocks(progress.block_hashes) * served.block_size
+            pushed = len(resumed) + len(request.prompt_token_ids)
+            uncached = uncached_tokens(prefill, progress.block_hashes, pushed, served.block_size)
             timed = uncached if prefill.prefill_backlog == 0 else 0  # an idle P: its answer times its speed
             prefilled = prefill.queue_prefill(uncached)
             try:
                 ticket = await self._reserve(decode, worker_id, request, progress)
-                decode_call = self._open_generate(
-                    decode,
-                    decode_pb2.GenerateRequest(request_id=worker_id, reserved=True, token=ticket.token),
-                    progress,
-                )
-                decode.active += 1
-                try:
-                    first = await self._prefill(prefill, worker_id, request, ticket, progress, timed)
-                    prefilled()
-                    if first is None:
-                        decode_call.cancel()
-                        asyncio.ensure_future(self._abort(decode, worker_id, ticket.token))
-                        tried.add(prefill.address)
-                        prefill = self._another_prefill(request, progress, tried, served.block_size)
-                        if prefill is None:
-                            break
-                        self.metrics.prefill_retries.inc()
-                        progress.trace.event("prefill_retry", attempt=attempt + 1, worker=prefill.address)
-                        await asyncio.sleep(self.config.retry_backoff_s * (2**attempt) * (0.5 + random.random()))
-                        continue
-                    progress.cached_tokens = first.num_cached_tokens
-                    self.metrics.kv_transfer_seconds.labels(ticket.transport).observe(
-                        first.exposed_transfer_ms / 1000.0
-                    )
-                    first_delta = self._first_delta(first, request, served, resumed=bool(resumed))
-                    yield first_delta
-                    async for delta in self._decode_stream(
-                        decode, decode_call, skip_first=True, first_text_sent=bool(first_delta.text)
-                    ):
-                        yield delta
-                    return
-                finally:
-                    decode.active -= 1
-                    if not decode_call.done():
-                        decode_call.cancel()
-                        asyncio.ensure_future(self._abort(decode, worker_id, ticket.token))
-            finally:
+                reserved = decode_pb2.GenerateRequest(request_id=worker_id, reserved=True, token=ticket.token)
+                decode_call = self._open_generate(decode, reserved, progress)
+            except BaseException:
                 prefilled()
+                raise
+            decode.active += 1
+            try:
+                first = await self._prefill(prefill, worker_id, request, ticket, progress, timed)
+                prefilled()
+                if first is None:
+                    decode_call.cancel()
+                    asyncio.ensure_future(self._abort(decode, worker_id, ticket.token))
+                    tried.add(prefill.address)
+                    prefill = self._another_prefill(request, progress, tried, served.block_size)
+                    if prefill is None:
+                        break
+                    self.metrics.prefill_retries.inc()
+                    progress.trace.event("prefill_retry", attempt=attempt + 1, worker=prefill.address)
+                    await asyncio.sleep(self.config.retry_backoff_s * (2**attempt) * (0.5 + random.random()))
+                    continue
+                progress.cached_tokens = first.num_cached_tokens
+                self.metrics.kv_transfer_seconds.labels(ticket.transport).observe(first.exposed_transfer_ms / 1000.0)
+                first_delta = self._first_delta(first, request, served, resumed=bool(resumed))
+                yield first_delta
+                async for delta in self._decode_stream(
+                    decode, decode_call, skip_first=True, first_text_sent=bool(first_delta.text)
+                ):
+                    yield delta
+                return
+            finally:
+                prefilled()  # a prefill that raised
+                decode.active -= 1
+                if not decode_call.done():
+                    decode_call.cancel()
+                    asyncio.ensure_future(self._abort(decode, worker_id, ticket.token))
         log.warning(
             "request %s: prefill failed on every worker tried; prefilling on the decode worker", request.request_id
         )

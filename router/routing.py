@@ -55,6 +55,11 @@ def choose_decode(
     return min(candidates, key=cost)
 
 
+def uncached_tokens(worker: WorkerHandle, block_hashes: list[int], prompt_len: int, block_size: int) -> int:
+    """Tokens of a prompt of ``prompt_len`` (hashed as ``block_hashes``) that ``worker``'s prefix cache lacks."""
+    return prompt_len - worker.kv.prefix_blocks(block_hashes) * block_size
+
+
 def prefill_cost(worker: WorkerHandle, block_hashes: list[int], prompt_blocks: int, config: RouterConfig) -> float:
     if config.routing_policy == "load":
         return float(worker.load)
@@ -96,7 +101,7 @@ def route(
     """``block_size``: the served model card's (the workers' own), which ``block_hashes`` were made with."""
     prompt_blocks = -(-prompt_len // block_size)
     decode = choose_decode(decodes, block_hashes, prompt_blocks, exclude)
-    uncached = prompt_len - decode.kv.prefix_blocks(block_hashes) * block_size
+    uncached = uncached_tokens(decode, block_hashes, prompt_len, block_size)
     candidates = [p for p in prefills if p.address not in exclude]
     if uncached < config.local_prefill_threshold:
         return _logged(

@@ -331,10 +331,10 @@ class _Simulation:
     def token(self, decode: _Worker, request: _Request, joins: bool = False) -> None:
         request.generated += 1
         seen = self.now + self.deployment.request_overhead_s
-        if request.first_token_at is None and not joins:  # prefilled here
-            decode.prefill_backlog -= request.input_len
         if request.first_token_at is None:
             request.first_token_at = seen
+            if not joins:  # prefilled here
+                decode.prefill_backlog -= request.input_len
         if request.generated >= request.output_len:
             request.finished_at = seen
             if not joins:
