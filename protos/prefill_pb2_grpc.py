@@ -40,6 +40,11 @@ class PrefillWorkerStub:
                 request_serializer=protos_dot_prefill__pb2.PrefillRequest.SerializeToString,
                 response_deserializer=protos_dot_prefill__pb2.PrefillResponse.FromString,
                 _registered_method=True)
+        self.SendTicket = channel.unary_unary(
+                '/splitserve.PrefillWorker/SendTicket',
+                request_serializer=protos_dot_prefill__pb2.TicketDelivery.SerializeToString,
+                response_deserializer=protos_dot_prefill__pb2.TicketAccepted.FromString,
+                _registered_method=True)
         self.Abort = channel.unary_unary(
                 '/splitserve.PrefillWorker/Abort',
                 request_serializer=protos_dot_common__pb2.AbortRequest.SerializeToString,
@@ -61,6 +66,12 @@ class PrefillWorkerServicer:
     """Missing associated documentation comment in .proto file."""
 
     def Prefill(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SendTicket(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -91,6 +102,11 @@ def add_PrefillWorkerServicer_to_server(servicer, server):
                     servicer.Prefill,
                     request_deserializer=protos_dot_prefill__pb2.PrefillRequest.FromString,
                     response_serializer=protos_dot_prefill__pb2.PrefillResponse.SerializeToString,
+            ),
+            'SendTicket': grpc.unary_unary_rpc_method_handler(
+                    servicer.SendTicket,
+                    request_deserializer=protos_dot_prefill__pb2.TicketDelivery.FromString,
+                    response_serializer=protos_dot_prefill__pb2.TicketAccepted.SerializeToString,
             ),
             'Abort': grpc.unary_unary_rpc_method_handler(
                     servicer.Abort,
@@ -135,6 +151,33 @@ class PrefillWorker:
             '/splitserve.PrefillWorker/Prefill',
             protos_dot_prefill__pb2.PrefillRequest.SerializeToString,
             protos_dot_prefill__pb2.PrefillResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SendTicket(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/splitserve.PrefillWorker/SendTicket',
+            protos_dot_prefill__pb2.TicketDelivery.SerializeToString,
+            protos_dot_prefill__pb2.TicketAccepted.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,6 +1,7 @@
 """One request's journey through the cluster, with its failure outcomes.
 
-reserve on D ──> prefill on P (ticket) ──> first token to the client ──> decode stream from D
+prefill on P ─┬─ ticket to P ──> first token to the client ──> decode stream from D
+reserve on D ─┘   (P computes while D reserves; it pushes KV once the ticket came)
    │ D full: another D          │ P fails: abort reservation, retry another P (bounded,
    │                            │          jittered backoff), else prefill locally on D
    └─ short prompt / no P ──> D prefills locally
@@ -66,6 +67,12 @@ class _DecodeLost(Exception):
 
 class _LeaseExpired(Exception):
     """The reservation's KV did not land before its lease ran out."""
+
+
+def _retrieve(task: asyncio.Future) -> None:
+    """A task left behind (its request failed meanwhile) logs no "exception never retrieved"."""
+    if not task.cancelled():
+        task.exception()
 
 
 def _channel_closed_under_call(worker: WorkerHandle) -> bool:
@@ -221,16 +228,22 @@ class Orchestrator:
             uncached = uncached_tokens(prefill, progress.block_hashes, pushed, served.block_size)
             timed = uncached if prefill.prefill_backlog == 0 else 0  # an idle P: its answer times its speed
             prefilled = prefill.queue_prefill(uncached)
+            # P computes while D reserves: the ticket follows the prefill (a Reserve waits for D's step to end).
+            prefilling = asyncio.ensure_future(self._prefill(prefill, worker_id, request, progress, timed))
+            prefilling.add_done_callback(_retrieve)
+            reserving = asyncio.ensure_future(self._reserve(decode, worker_id, request, progress))
             try:
-                ticket = await self._reserve(decode, worker_id, request, progress)
+                ticket = await asyncio.shield(reserving)  # a Reserve under way when the client leaves still ends
                 reserved = decode_pb2.GenerateRequest(request_id=worker_id, reserved=True, token=ticket.token)
                 decode_call = self._open_generate(decode, reserved, progress)
             except BaseException:
+                prefilling.cancel()
                 prefilled()
+                reserving.add_done_callback(lambda done: self._abort_reserved(decode, worker_id, done))
                 raise
             decode.active += 1
             try:
-                first = await self._prefill(prefill, worker_id, request, ticket, progress, timed)
+                first = await self._send_ticket(prefill, worker_id, ticket, prefilling)
                 prefilled()
                 if first is None:
                     decode_call.cancel()
@@ -306,12 +319,12 @@ class Orchestrator:
         prefill: WorkerHandle,
         worker_id: str,
         request: GenerationRequest,
-        ticket,
         progress: _Progress,
         timed_tokens: int,
     ) -> prefill_pb2.PrefillResponse | None:
-        """The prefill's answer, or None if this prefill worker failed (the caller retries). ``timed_tokens`` (if
-        any): the uncached tokens of a prompt sent to an idle worker, whose answer then measures its speed."""
+        """The prefill's answer, or None if this prefill worker failed (the caller retries). Its ticket follows
+        (``_send_ticket``). ``timed_tokens`` (if any): the uncached tokens of a prompt sent to an idle worker,
+        whose answer then measures its speed."""
         prefill.active += 1
         span = progress.trace.call("prefill", prefill, worker_id)
         sent = time.perf_counter()
@@ -321,7 +334,7 @@ class Orchestrator:
                     request_id=worker_id,
                     prompt_token_ids=request.prompt_token_ids,
                     params=_worker_params(request, progress),
-                    ticket=ticket,
+                    ticket_follows=True,
                     resume_token_ids=progress.tokens,
                 ),
                 timeout=self.config.prefill_timeout_s,
@@ -347,6 +360,35 @@ class Orchestrator:
         finally:
             prefill.active -= 1
             span.end()
+
+    def _abort_reserved(self, decode: WorkerHandle, worker_id: str, reserving: asyncio.Future) -> None:
+        """A Reserve whose request ended while it was under way: its reservation, if it got one, goes now
+        (not when its lease runs out)."""
+        if reserving.cancelled() or reserving.exception() is not None:
+            return
+        asyncio.ensure_future(self._abort(decode, worker_id, reserving.result().token))
+
+    async def _send_ticket(
+        self, prefill: WorkerHandle, worker_id: str, ticket: decode_pb2.Ticket, prefilling: asyncio.Future
+    ) -> prefill_pb2.PrefillResponse | None:
+        """Hands P the ticket of the prefill it computes, then its answer (None: P failed; the caller retries)."""
+        try:
+            await prefill.stub.SendTicket(prefill_pb2.TicketDelivery(request_id=worker_id, ticket=ticket), timeout=10.0)
+        except (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.CancelledError) as exc:
+            if isinstance(exc, asyncio.CancelledError) and not _channel_closed_under_call(prefill):
+                prefilling.cancel()
+                raise
+            if prefilling.done():  # P failed first: its own answer says how
+                return prefilling.result()
+            prefilling.cancel()
+            if isinstance(exc, grpc.aio.AioRpcError) and exc.code() in _WORKER_LOST:
+                prefill.mark_failed()
+            log.warning("ticket of %s for %s not delivered: %r", worker_id, prefill.address, exc)
+            return None
+        except BaseException:
+            prefilling.cancel()
+            raise
+        return await prefilling
 
     def _another_prefill(
         self, request: GenerationRequest, progress: _Progress, tried: set[str], block_size: int

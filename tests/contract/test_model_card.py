@@ -22,6 +22,7 @@ from contract.model_card import (
 )
 from engine.presets import build_model_card, load_model_tokenizer, model_weights_fingerprint, resolve_model_config
 from protos import common_pb2
+from protos.version import PROTOCOL_VERSION
 from tests.checkpoints import write_checkpoint
 from tests.engine.test_tokenizer import CHATML_TEMPLATE, write_model_dir
 
@@ -60,7 +61,7 @@ def test_equal_cards_match_and_labels_do_not_count():
         ("vocab_size", 512, "vocab size"),
         ("dtype", "bfloat16", "dtype"),
         ("block_size", 32, "block size"),
-        ("protocol_version", 2, "protocol version"),
+        ("protocol_version", PROTOCOL_VERSION + 1, "protocol version"),
     ],
 )
 def test_each_differing_field_is_named(field, value, named):

@@ -42,6 +42,8 @@ class Span:
     attributes: dict
     events: tuple[str, ...]
     status_code: int
+    start_ns: int = 0
+    end_ns: int = 0
 
 
 class OTLPReceiver(trace_service_pb2_grpc.TraceServiceServicer):
@@ -92,6 +94,8 @@ def _span(service: str, span) -> Span:
         _attributes(span.attributes),
         tuple(e.name for e in span.events),
         span.status.code,
+        span.start_time_unix_nano,
+        span.end_time_unix_nano,
     )
 
 
@@ -251,6 +255,8 @@ def test_one_trace_across_router_and_workers(traced_cluster, receiver):
     reserve, prefill, decode = (one("splitserve-router", n) for n in ("reserve", "prefill", "decode"))
     for child in (route, reserve, prefill, decode):
         assert child.parent_id == http.span_id, child
+    # P computes while D reserves: the prefill call starts before the Reserve (its ticket follows).
+    assert prefill.start_ns <= reserve.start_ns < reserve.end_ns, (prefill, reserve)
 
     # The decode worker: Reserve under the router's reserve, the reservation under it; Generate under decode.
     d_reserve = one("splitserve-decode", "splitserve.DecodeWorker/Reserve")
