@@ -63,9 +63,11 @@ class Outbound:
     sent: list[int]  # per layer: prompt blocks [0, sent[l]) are on their way or cached on D
     last_layer_done: float = 0.0
     pushes: LayerPushes | None = None  # while tracing: each layer push's timing, for its span
-    # Before the ticket came: the prompt tokens computed in every layer, and this worker's blocks for them.
+    # Before the ticket came: the prompt tokens computed in every layer, this worker's blocks for them, and
+    # how often the request had been preempted then (a preemption since frees those blocks: nothing is computed).
     computed_tokens: int = 0
     computed_blocks: list[int] = field(default_factory=list)
+    computed_preemptions: int = 0
 
 
 @dataclass
@@ -324,6 +326,7 @@ class PrefillWorker(WorkerBase, prefill_pb2_grpc.PrefillWorkerServicer):
             if outbound.session is None:  # no ticket yet: what to push once it comes
                 if layer == self._num_layers - 1:
                     outbound.computed_tokens, outbound.computed_blocks = end, list(chunk.block_ids[:last])
+                    outbound.computed_preemptions = self.engine.requests[chunk.request_id].num_preemptions
                 if prompt_computed:  # the request ends with this step: its blocks wait for the ticket
                     self._hold(chunk.request_id, outbound.computed_blocks)
                 continue
@@ -340,7 +343,9 @@ class PrefillWorker(WorkerBase, prefill_pb2_grpc.PrefillWorkerServicer):
         if self._outbound.get(request_id) is not outbound:
             return  # aborted meanwhile
         outbound.sent, outbound.session = self._first_unsent(session), session
-        end = outbound.computed_tokens
+        request = engine.requests.get(request_id)  # None: finished, its blocks held since its prompt was computed
+        preempted = request is not None and request.num_preemptions != outbound.computed_preemptions
+        end = 0 if preempted else outbound.computed_tokens  # recomputed blocks go as they are computed again
         if not end or (self.push_mode == "request" and end < outbound.prompt_len):
             return
         ready = record_layer_ready(engine.kv_cache.data.device)  # behind every step computed so far
