@@ -22,6 +22,8 @@ from protos.cluster_auth import ClusterAuth
 
 log = logging.getLogger(__name__)
 
+# Health checks that time out in a row before a worker is taken out of routing: a busy machine can stall one
+# check past its deadline (a worker that refuses or drops the connection is out at once).
 UNHEALTHY_AFTER_FAILURES = 2
 SOURCE_UNREADABLE = "source_unreadable"  # the router could not adopt the workers' card (no --model)
 INCOMPATIBLE_FIELDS = (*MISMATCH_FIELDS, SOURCE_UNREADABLE)
@@ -119,11 +121,18 @@ class WorkerHandle:
         return prefilled
 
     def mark_failed(self) -> None:
+        """A call failed in a way only a lost worker fails (refused, dropped, internal error): out at once."""
         self.failures += 1
-        if self.failures >= UNHEALTHY_AFTER_FAILURES or self.healthy:
-            if self.healthy:
-                log.warning("%s worker %s marked unhealthy", self.role, self.address)
-            self.healthy = False
+        if self.healthy:
+            log.warning("%s worker %s marked unhealthy", self.role, self.address)
+        self.healthy = False
+
+    def missed_check(self) -> None:
+        """A health check timed out: out once UNHEALTHY_AFTER_FAILURES did in a row (a stalled worker, not a
+        busy one)."""
+        self.failures += 1
+        if self.failures >= UNHEALTHY_AFTER_FAILURES:
+            self.mark_failed()
 
 
 class SecretStub:
@@ -217,8 +226,11 @@ class WorkerPool:
                     log.info("%s worker %s is healthy", worker.role, worker.address)
                 worker.healthy, worker.failures, worker.last_seen = serving, 0, time.monotonic()
                 worker.draining = worker.draining or worker.stats.draining
-            except grpc.aio.AioRpcError:
-                worker.mark_failed()
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                    worker.missed_check()
+                else:
+                    worker.mark_failed()
             except asyncio.CancelledError:
                 return
             await asyncio.sleep(self.health_interval_s * (0.8 + 0.4 * random.random()))

@@ -6,7 +6,10 @@ worker alive; then one decode worker; then the prefill worker).
 
 from __future__ import annotations
 
+import os
+import signal
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -168,6 +171,38 @@ def test_client_disconnects_return_every_block(make_router, failing, rng):
         extra_body={"ignore_eos": True},
     )
     assert out.usage.completion_tokens == 4
+
+
+# -- a worker stalls --------------------------------------------------------------------------------------
+
+
+def test_a_stalled_worker_leaves_routing_only_after_checks_in_a_row(make_router, failing):
+    """One health check that times out (a busy machine can stall a worker past its 1 s deadline) keeps the
+    worker routed to; a worker that stays stalled for several checks is taken out, and comes back."""
+    router = make_router(failing.prefills, failing.decodes[:1])
+    worker = failing.decodes[0]
+
+    def routed() -> bool:
+        return worker.address in router.call(lambda: [w.address for w in router.router.pool.of_role("decode")])
+
+    assert routed()
+    os.kill(worker.process.pid, signal.SIGSTOP)
+    try:
+        seen = []
+        deadline = time.monotonic() + 1.4  # one check times out (1 s), the next is answered
+        while time.monotonic() < deadline:
+            seen.append(routed())
+            time.sleep(0.05)
+    finally:
+        os.kill(worker.process.pid, signal.SIGCONT)
+    assert all(seen), "one missed health check took the worker out of routing"
+
+    os.kill(worker.process.pid, signal.SIGSTOP)
+    try:
+        wait_for(lambda: not routed(), 10, "the stalled worker to leave routing")
+    finally:
+        os.kill(worker.process.pid, signal.SIGCONT)
+    wait_for(routed, 10, "the worker to be routed to again once it answers")
 
 
 # -- a decode worker dies mid-stream --------------------------------------------------------------------
