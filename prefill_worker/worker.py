@@ -161,12 +161,9 @@ class PrefillWorker(WorkerBase, prefill_pb2_grpc.PrefillWorkerServicer):
             committed = threading.Event()
             context.add_callback(lambda: committed.is_set() or self._cancel(request.request_id, outbound.session))
             if follows:
-                ticket = self._await_ticket(request.request_id, context)
-                try:
-                    session = self._open_session(request.request_id, ticket, pushed_tokens)
-                finally:  # its pushes or its cancel: nothing waits for the slot any more
-                    with self._tickets_lock:
-                        self._tickets.pop(request.request_id, None)
+                session = self._open_session(
+                    request.request_id, self._await_ticket(request.request_id, context), pushed_tokens
+                )
                 self.loop.call(lambda engine: self._attach(engine, request.request_id, outbound, session))
             output = self._await_first_token(stream, session, context)
             first_logprob = logprob_to_wire(output.logprobs[0]) if output.logprobs else None
@@ -179,7 +176,7 @@ class PrefillWorker(WorkerBase, prefill_pb2_grpc.PrefillWorkerServicer):
                 self._cancel(request.request_id, session, str(exc))
             abort_on_error(context, exc)
         finally:
-            if follows:
+            if follows:  # the slot goes with the call (a ticket sent again meanwhile is refused, not orphaned)
                 with self._tickets_lock:
                     self._tickets.pop(request.request_id, None)
             if outbound is not None:
