@@ -130,6 +130,7 @@ class CompareConfig:
     seed: int
     kv_cache_mb: int
     max_num_batched_tokens: int
+    prefill_chunk_beside_decodes: int | None  # every worker's; None: the whole step budget
     vocab_size: int
     json_path: str | None
 
@@ -165,6 +166,7 @@ class CompareConfig:
             args.seed,
             pick("kv_cache_mb"),
             args.max_num_batched_tokens,
+            args.prefill_chunk_beside_decodes,
             args.vocab_size,
             args.json_path,
         )
@@ -317,6 +319,8 @@ def start_stacks(config: CompareConfig, systems: list[System]) -> list[Stack]:
                         "--max-num-batched-tokens",
                         str(config.max_num_batched_tokens),
                     ]
+                    if config.prefill_chunk_beside_decodes is not None:
+                        argv += ["--prefill-chunk-beside-decodes", str(config.prefill_chunk_beside_decodes)]
                     stack.processes.append(
                         Process(f"{stack.system.name} {role} worker {index}", argv, "READY ", threads)
                     )
@@ -914,6 +918,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=512,
         help="every worker's step token budget; longer prompts prefill in chunks. Small enough that a step "
         "stays well under the router's 2 s Stats deadline, which marks a slower worker unhealthy",
+    )
+    parser.add_argument(
+        "--prefill-chunk-beside-decodes",
+        type=int,
+        default=None,
+        metavar="TOKENS",
+        help="every worker's: a step that also decodes holds at most this many prompt tokens (default: the whole "
+        "step budget)",
     )
     parser.add_argument("--vocab-size", type=int, default=256, help="prompt token ids are drawn from [3, vocab)")
     parser.add_argument("--quick", action="store_true", help="a tiny run: 2 rates x 4 short requests")

@@ -24,6 +24,14 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--block-size", type=int, default=16, help="tokens per KV block (a power of two)")
     parser.add_argument("--max-num-seqs", type=int, default=64)
     parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    parser.add_argument(
+        "--prefill-chunk-beside-decodes",
+        type=int,
+        default=None,
+        metavar="TOKENS",
+        help="a step that also decodes holds at most this many prompt tokens (default: the whole step budget): "
+        "bounds how long a prompt stalls the decodes beside it",
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
 
 
@@ -39,6 +47,7 @@ def engine_config_from_args(args: argparse.Namespace):
         kv_cache_memory_bytes=args.kv_cache_mb * 1024 * 1024,
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
+        prefill_chunk_beside_decodes=args.prefill_chunk_beside_decodes,
         num_threads=args.threads,
     )
 

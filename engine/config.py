@@ -195,6 +195,9 @@ class EngineConfig:
     kv_cache_memory_bytes: int = 512 * 1024 * 1024
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048
+    # A step that also decodes holds at most this many prompt tokens (None: the whole budget): a small value
+    # bounds how long a prompt stalls the decodes beside it, at some prefill speed (engine/scheduler.py).
+    prefill_chunk_beside_decodes: int | None = None
     max_model_len: int | None = None
     enable_prefix_cache: bool = True
     seed: int = 0
@@ -210,6 +213,8 @@ class EngineConfig:
             raise ValueError(f"dtype must be one of {', '.join(_DTYPES)}, got {self.dtype!r}")
         if self.max_num_batched_tokens < 1 or self.max_num_seqs < 1:
             raise ValueError("max_num_batched_tokens and max_num_seqs must be >= 1")
+        if self.prefill_chunk_beside_decodes is not None and self.prefill_chunk_beside_decodes < 1:
+            raise ValueError(f"prefill_chunk_beside_decodes must be >= 1, got {self.prefill_chunk_beside_decodes}")
 
 
 def kv_block_bytes(model: ModelConfig, block_size: int, dtype_bytes: int) -> int:

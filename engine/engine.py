@@ -79,7 +79,13 @@ class Engine:
         self.kv_cache = PagedKVCache(self.layout, config.device)
         self.allocator = BlockAllocator(self.layout.num_blocks, config.block_size, config.enable_prefix_cache)
         self.scheduler = Scheduler(
-            SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, config.block_size), self.allocator
+            SchedulerConfig(
+                config.max_num_seqs,
+                config.max_num_batched_tokens,
+                config.block_size,
+                config.prefill_chunk_beside_decodes,
+            ),
+            self.allocator,
         )
         self.runner = ModelRunner(
             loaded.model, self.kv_cache, Sampler(self.model_config.vocab_size, config.seed), config.device

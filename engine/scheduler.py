@@ -6,6 +6,10 @@ One step's token budget is shared by everything scheduled in it::
     budget = max_num_batched_tokens
     [ running: decodes (1 token each) and unfinished prefill chunks ] -> then [ waiting, FCFS ]
 
+A step that decodes holds at most ``prefill_chunk_beside_decodes`` prompt tokens (if set): a prompt
+then stalls the decodes beside it for a bounded time each step (Sarathi-Serve's stall-free batching),
+while a step with no decode, a prefill worker's, still takes the whole budget.
+
 A request that cannot get a block preempts the most recently admitted running request
 (its blocks are freed; it recomputes later, mostly from the prefix cache).
 """
@@ -56,6 +60,7 @@ class SchedulerConfig:
     max_num_seqs: int
     max_num_batched_tokens: int
     block_size: int
+    prefill_chunk_beside_decodes: int | None = None  # None: the whole budget
 
 
 class Scheduler:
@@ -105,24 +110,37 @@ class Scheduler:
 
     def schedule(self) -> SchedulerOutput:
         budget = self.config.max_num_batched_tokens
+        prompt_budget = self._prompt_budget()
         scheduled: list[ScheduledChunk] = []
         preempted: list[str] = []
         index = 0
         while index < len(self.running) and budget > 0:
             request = self.running[index]
-            chunk = self._schedule_running(request, budget, preempted)
+            index += 1
+            remaining = request.num_tokens - request.num_computed_tokens
+            count = min(remaining, budget) if remaining == 1 else min(remaining, budget, prompt_budget)
+            if count == 0:
+                continue  # a prompt chunk waits for a step with prompt budget; the decodes after it still run
+            chunk = self._schedule_running(request, count, preempted)
             if chunk is None:
                 break  # the request preempted itself
             scheduled.append(chunk)
-            budget -= len(chunk.token_ids)
-            index += 1
+            budget -= count
+            if remaining > 1:
+                prompt_budget -= count
         if not preempted:
-            scheduled.extend(self._admit_waiting(budget))
+            scheduled.extend(self._admit_waiting(min(budget, prompt_budget)))
         scheduled.sort(key=lambda c: len(c.token_ids) == 1)  # stable: multi-token chunks first
         return SchedulerOutput(tuple(scheduled), tuple(preempted))
 
-    def _schedule_running(self, request: Request, budget: int, preempted: list[str]) -> ScheduledChunk | None:
-        count = min(request.num_tokens - request.num_computed_tokens, budget)
+    def _prompt_budget(self) -> int:
+        """Prompt tokens this step may hold: the cap beside decodes if a running request decodes."""
+        cap = self.config.prefill_chunk_beside_decodes
+        if cap is not None and any(r.num_tokens - r.num_computed_tokens == 1 for r in self.running):
+            return min(cap, self.config.max_num_batched_tokens)
+        return self.config.max_num_batched_tokens
+
+    def _schedule_running(self, request: Request, count: int, preempted: list[str]) -> ScheduledChunk | None:
         while not self._grow(request, count):
             victim = self.running.pop()
             self._preempt(victim)

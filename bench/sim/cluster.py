@@ -57,6 +57,7 @@ class WorkerSpec:
     max_num_batched_tokens: int = 2048
     max_num_seqs: int = 64
     threads: int = 1  # torch threads (a CPU host's cores it keeps busy while stepping)
+    prefill_chunk_beside_decodes: int | None = None  # as the engine's: prompt tokens a step that decodes may hold
 
 
 @dataclass(frozen=True)
@@ -268,26 +269,34 @@ class _Simulation:
         self.at(end, lambda _: self.step_done(worker, plan))
 
     def schedule(self, worker: _Worker) -> _Plan:
-        """As ``engine.scheduler.Scheduler.schedule``: running first, then waiting, in one budget."""
+        """As ``engine.scheduler.Scheduler.schedule``: running first, then waiting, in one budget; prompt chunks
+        in a step that decodes within ``prefill_chunk_beside_decodes``."""
         budget = worker.spec.max_num_batched_tokens
+        prompt_budget = budget
+        cap = worker.spec.prefill_chunk_beside_decodes
+        if cap is not None and any(r.computed >= r.input_len for r in worker.running):
+            prompt_budget = min(cap, budget)
         chunks: list[tuple[_Request, int]] = []
         decodes: list[_Request] = []
         for request in worker.running:
             if budget <= 0:
                 break
             if request.computed < request.input_len:
-                count = min(request.input_len - request.computed, budget)
-                chunks.append((request, count))
-                budget -= count
+                count = min(request.input_len - request.computed, budget, prompt_budget)
+                if count:
+                    chunks.append((request, count))
+                    budget -= count
+                    prompt_budget -= count
             else:
                 decodes.append(request)
                 budget -= 1
-        while worker.waiting and budget > 0 and len(worker.running) < worker.spec.max_num_seqs:
+        while worker.waiting and min(budget, prompt_budget) > 0 and len(worker.running) < worker.spec.max_num_seqs:
             request = worker.waiting.popleft()
             worker.running.append(request)
-            count = min(request.input_len - request.computed, budget)
+            count = min(request.input_len - request.computed, budget, prompt_budget)
             chunks.append((request, count))
             budget -= count
+            prompt_budget -= count
         contexts = [r.input_len + r.generated for r in decodes]
         step = Step(
             tuple(Chunk(count, r.computed) for r, count in chunks),

@@ -49,7 +49,13 @@ def deployment_for(
     budget = config["max_num_batched_tokens"]
 
     def spec(threads: int) -> WorkerSpec:
-        return WorkerSpec(FittedModel.from_profile(profile, threads), capacity, budget, threads=threads)
+        return WorkerSpec(
+            FittedModel.from_profile(profile, threads),
+            capacity,
+            budget,
+            threads=threads,
+            prefill_chunk_beside_decodes=config.get("prefill_chunk_beside_decodes"),
+        )
 
     return Deployment(
         num_prefill=system["prefill_workers"],

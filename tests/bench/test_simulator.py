@@ -112,6 +112,16 @@ def test_prefills_mixed_into_decode_steps_raise_tpot():
     assert disaggregated["tpot_ms"]["p90"] < aggregated["tpot_ms"]["p90"]
 
 
+def test_a_prompt_chunk_cap_beside_decodes_trades_ttft_for_tpot():
+    trace = traffic(rate=0.5).requests()
+    plain = deployment(num_prefill=0, num_decode=2, budget=512)
+    capped = replace(plain, decode=replace(plain.decode, prefill_chunk_beside_decodes=64))
+    before, after = (summarize(simulate(d, trace).records, 1.0) for d in (plain, capped))
+    assert after["completed"] == before["completed"] == len(trace)
+    assert after["tpot_ms"]["p99"] < before["tpot_ms"]["p99"]
+    assert after["ttft_ms"]["mean"] > before["ttft_ms"]["mean"]
+
+
 def test_split_search_returns_a_feasible_split_within_budget():
     slos = {"ttft": 5000.0, "tpot": 60.0}
     load = traffic(rate=0.6, count=80)

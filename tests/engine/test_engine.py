@@ -45,6 +45,33 @@ def test_chunked_prefill_matches_plain(model_dir, reference):
     assert [r.token_ids for r in engine.generate(prompts, GREEDY)] == expected
 
 
+def test_prompt_chunks_beside_decodes_are_capped_and_match_plain(model_dir, reference):
+    prompts, expected = reference
+    engine = _engine(model_dir, max_num_batched_tokens=64, prefill_chunk_beside_decodes=8, max_num_seqs=3)
+    steps = []
+    schedule = engine.scheduler.schedule
+
+    def recording():
+        steps.append(schedule())
+        return steps[-1]
+
+    engine.scheduler.schedule = recording
+    assert [r.token_ids for r in engine.generate(prompts, GREEDY)] == expected
+
+    def prompt_tokens(step):
+        return sum(len(c.token_ids) for c in step.chunks if len(c.token_ids) > 1)
+
+    mixed = [s for s in steps if prompt_tokens(s) and any(len(c.token_ids) == 1 for c in s.chunks)]
+    assert len(mixed) >= 3, "the prompts were meant to prefill beside decodes"
+    assert max(prompt_tokens(s) for s in mixed) == 8
+    assert max(prompt_tokens(s) for s in steps) > 8, "a step with no decode takes the whole budget"
+
+
+def test_prompt_chunk_beside_decodes_must_be_positive():
+    with pytest.raises(ValueError, match="prefill_chunk_beside_decodes must be >= 1, got 0"):
+        EngineConfig(prefill_chunk_beside_decodes=0)
+
+
 def test_prefix_cache_hits_match_plain(model_dir, reference):
     prompts, expected = reference
     engine = _engine(model_dir)
