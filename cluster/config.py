@@ -30,6 +30,10 @@ class PoolSpec:
     resources: dict = field(default_factory=dict)  # custom Ray resources, e.g. {"prefill_node": 1}
     threads: int = 1  # torch intra-op threads per worker
     kv_cache_mb: int = 512
+    # The engine's step limits (engine.config.EngineConfig); None: the engine's own default.
+    max_num_seqs: int | None = None
+    max_num_batched_tokens: int | None = None
+    prefill_chunk_beside_decodes: int | None = None
 
     def __post_init__(self) -> None:
         if not 0 <= self.min_replicas <= self.replicas <= self.max_replicas:
@@ -37,6 +41,9 @@ class PoolSpec:
                 f"need 0 <= min_replicas <= replicas <= max_replicas, got {self.min_replicas}, "
                 f"{self.replicas}, {self.max_replicas}"
             )
+        for name in ("max_num_seqs", "max_num_batched_tokens", "prefill_chunk_beside_decodes"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
     @property
     def ray_resources(self) -> dict:

@@ -22,6 +22,11 @@ IDLE_BEFORE_EXIT_S = 1.0
 def engine_config_for(config: ClusterConfig, pool: PoolSpec):
     from engine.config import EngineConfig
 
+    step_limits = {
+        name: getattr(pool, name)
+        for name in ("max_num_seqs", "max_num_batched_tokens", "prefill_chunk_beside_decodes")
+        if getattr(pool, name) is not None
+    }
     return EngineConfig(
         model=config.model,
         served_model_name=config.served_model_name,
@@ -29,6 +34,7 @@ def engine_config_for(config: ClusterConfig, pool: PoolSpec):
         device=_device(config.device),
         kv_cache_memory_bytes=pool.kv_cache_mb * 1024 * 1024,
         num_threads=pool.threads,
+        **step_limits,
     )
 
 

@@ -185,6 +185,20 @@ def test_an_unknown_router_key_is_refused_naming_it(tmp_path, capsys):
     assert "max_runing" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    "pool, message",
+    [
+        ({"max_num_batched_tokens": 0}, "max_num_batched_tokens must be >= 1, got 0"),
+        ({"prefill_chunk_beside_decodes": -4}, "prefill_chunk_beside_decodes must be >= 1, got -4"),
+        ({"max_num_seqs": "many"}, "decode.max_num_seqs"),
+        ({"chunk_size": 64}, "unknown decode keys: chunk_size"),
+    ],
+)
+def test_bad_engine_step_limits_of_a_pool_are_refused_naming_them(pool, message):
+    with pytest.raises(ValueError, match=message):
+        from_dict({"decode": pool})
+
+
 @pytest.mark.parametrize("name", ROUTER_KEYS)
 def test_a_router_setting_at_the_top_level_is_refused_with_its_new_spelling(name):
     with pytest.raises(ValueError, match=rf"use router\.{name}\b"):

@@ -123,6 +123,22 @@ def test_slo_set_to_null_is_dropped():
     assert not configmap_config(chart_objects()).planner.enabled
 
 
+def test_engine_step_limits_reach_each_pools_engine_config():
+    """Set per pool in the chart, they reach the engine config of that pool's workers; unset, the engine's own."""
+    from cluster.worker_actor import engine_config_for
+    from engine.config import EngineConfig
+
+    extra = ["--set", "decode.maxNumBatchedTokens=256", "--set", "decode.prefillChunkBesideDecodes=32"]
+    extra += ["--set", "prefill.maxNumSeqs=8"]
+    config = configmap_config(chart_objects(extra=extra))
+    decode, prefill = engine_config_for(config, config.decode), engine_config_for(config, config.prefill)
+    assert (decode.max_num_batched_tokens, decode.prefill_chunk_beside_decodes) == (256, 32)
+    assert (prefill.max_num_seqs, prefill.max_num_batched_tokens) == (8, EngineConfig.max_num_batched_tokens)
+    assert decode.max_num_seqs == EngineConfig.max_num_seqs and prefill.prefill_chunk_beside_decodes is None
+    with pytest.raises(HelmError, match="minimum"):
+        chart_objects(extra=["--set", "decode.prefillChunkBesideDecodes=0"])
+
+
 # -- NOTES and the test hook --------------------------------------------------------------------
 
 

@@ -98,6 +98,11 @@ router:
   resources: {{ toJson (dict $pool.rayResource 1) }}
   threads: {{ int $pool.threads }}
   kv_cache_mb: {{ int $pool.kvCacheMb }}
+  {{- range $key, $name := dict "maxNumSeqs" "max_num_seqs" "maxNumBatchedTokens" "max_num_batched_tokens" "prefillChunkBesideDecodes" "prefill_chunk_beside_decodes" }}
+  {{- with index $pool $key }}
+  {{ $name }}: {{ int . }}
+  {{- end }}
+  {{- end }}
 {{- end }}
 planner:
   enabled: {{ or (not (empty .Values.slo.ttftSeconds)) (not (empty .Values.slo.tpotSeconds)) }}
