@@ -70,6 +70,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
     parser.add_argument("--max-num-seqs", type=int, default=64)
     parser.add_argument(
+        "--prefill-chunk-beside-decodes",
+        type=int,
+        default=None,
+        metavar="TOKENS",
+        help="every worker's: prompt tokens a step that also decodes may hold (default: the whole step budget)",
+    )
+    parser.add_argument(
         "--rate", type=float, default=None, help="requests/s (default 4; with --trace: rescales its arrivals)"
     )
     parser.add_argument("--num-requests", type=int, default=400)

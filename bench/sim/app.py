@@ -67,8 +67,20 @@ def build_deployment(args: argparse.Namespace) -> Deployment:
     return Deployment(
         num_prefill=args.prefill,
         num_decode=args.decode,
-        prefill=WorkerSpec(prefill_model, prefill_capacity, args.max_num_batched_tokens, args.max_num_seqs),
-        decode=WorkerSpec(decode_model, decode_capacity, args.max_num_batched_tokens, args.max_num_seqs),
+        prefill=WorkerSpec(
+            prefill_model,
+            prefill_capacity,
+            args.max_num_batched_tokens,
+            args.max_num_seqs,
+            prefill_chunk_beside_decodes=args.prefill_chunk_beside_decodes,
+        ),
+        decode=WorkerSpec(
+            decode_model,
+            decode_capacity,
+            args.max_num_batched_tokens,
+            args.max_num_seqs,
+            prefill_chunk_beside_decodes=args.prefill_chunk_beside_decodes,
+        ),
         num_layers=config.num_layers,
         kv_bytes_per_token=shape.kv_bytes_per_token,
         link=Link(link_bytes),

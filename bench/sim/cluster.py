@@ -59,6 +59,12 @@ class WorkerSpec:
     threads: int = 1  # torch threads (a CPU host's cores it keeps busy while stepping)
     prefill_chunk_beside_decodes: int | None = None  # as the engine's: prompt tokens a step that decodes may hold
 
+    def __post_init__(self) -> None:
+        for name in ("max_num_batched_tokens", "max_num_seqs", "prefill_chunk_beside_decodes"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+
 
 @dataclass(frozen=True)
 class Deployment:

@@ -120,6 +120,8 @@ def test_a_prompt_chunk_cap_beside_decodes_trades_ttft_for_tpot():
     assert after["completed"] == before["completed"] == len(trace)
     assert after["tpot_ms"]["p99"] < before["tpot_ms"]["p99"]
     assert after["ttft_ms"]["mean"] > before["ttft_ms"]["mean"]
+    with pytest.raises(ValueError, match="prefill_chunk_beside_decodes must be >= 1, got 0"):
+        WorkerSpec(CPU_LIKE, 1000, prefill_chunk_beside_decodes=0)
 
 
 def test_split_search_returns_a_feasible_split_within_budget():
