@@ -118,9 +118,12 @@ class Scheduler:
             request = self.running[index]
             index += 1
             remaining = request.num_tokens - request.num_computed_tokens
-            count = min(remaining, budget) if remaining == 1 else min(remaining, budget, prompt_budget)
-            if count == 0:
-                continue  # a prompt chunk waits for a step with prompt budget; the decodes after it still run
+            if remaining > 1:
+                count = min(remaining, budget, prompt_budget)
+                if count == 0:
+                    continue  # a prompt chunk waits for a step with prompt budget; the decodes after it still run
+            else:
+                count = min(remaining, budget)
             chunk = self._schedule_running(request, count, preempted)
             if chunk is None:
                 break  # the request preempted itself
