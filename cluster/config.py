@@ -15,6 +15,7 @@ from pathlib import Path
 
 import yaml
 
+from engine.config import check_step_limits
 from router.config import RouterConfig
 
 
@@ -41,9 +42,7 @@ class PoolSpec:
                 f"need 0 <= min_replicas <= replicas <= max_replicas, got {self.min_replicas}, "
                 f"{self.replicas}, {self.max_replicas}"
             )
-        for name in ("max_num_seqs", "max_num_batched_tokens", "prefill_chunk_beside_decodes"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        check_step_limits(self)
 
     @property
     def ray_resources(self) -> dict:

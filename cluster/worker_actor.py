@@ -20,13 +20,9 @@ IDLE_BEFORE_EXIT_S = 1.0
 
 
 def engine_config_for(config: ClusterConfig, pool: PoolSpec):
-    from engine.config import EngineConfig
+    from engine.config import STEP_LIMITS, EngineConfig
 
-    step_limits = {
-        name: getattr(pool, name)
-        for name in ("max_num_seqs", "max_num_batched_tokens", "prefill_chunk_beside_decodes")
-        if getattr(pool, name) is not None
-    }
+    step_limits = {name: getattr(pool, name) for name in STEP_LIMITS if getattr(pool, name) is not None}
     return EngineConfig(
         model=config.model,
         served_model_name=config.served_model_name,

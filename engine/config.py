@@ -178,6 +178,19 @@ def _rope_scaling(raw: dict | None) -> RopeScaling | None:
     )
 
 
+# The limits of one engine step (EngineConfig fields, also settable per pool and in the simulator); None where
+# allowed means the engine's default.
+STEP_LIMITS = ("max_num_seqs", "max_num_batched_tokens", "prefill_chunk_beside_decodes")
+
+
+def check_step_limits(owner) -> None:
+    """ValueError naming the first of ``owner``'s STEP_LIMITS that is set and below 1."""
+    for name in STEP_LIMITS:
+        value = getattr(owner, name, None)
+        if value is not None and value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     """How one engine runs a model.
@@ -211,10 +224,7 @@ class EngineConfig:
             raise ValueError(f"block_size must be a power of two, got {self.block_size}")
         if self.dtype is not None and self.dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(_DTYPES)}, got {self.dtype!r}")
-        if self.max_num_batched_tokens < 1 or self.max_num_seqs < 1:
-            raise ValueError("max_num_batched_tokens and max_num_seqs must be >= 1")
-        if self.prefill_chunk_beside_decodes is not None and self.prefill_chunk_beside_decodes < 1:
-            raise ValueError(f"prefill_chunk_beside_decodes must be >= 1, got {self.prefill_chunk_beside_decodes}")
+        check_step_limits(self)
 
 
 def kv_block_bytes(model: ModelConfig, block_size: int, dtype_bytes: int) -> int:

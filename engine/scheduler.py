@@ -118,19 +118,16 @@ class Scheduler:
             request = self.running[index]
             index += 1
             remaining = request.num_tokens - request.num_computed_tokens
-            if remaining > 1:
-                count = min(remaining, budget, prompt_budget)
-                if count == 0:
-                    continue  # a prompt chunk waits for a step with prompt budget; the decodes after it still run
-            else:
-                count = min(remaining, budget)
+            prompt = remaining > 1  # else a decode (or nothing left): outside the prompt budget
+            count = min(remaining, budget, prompt_budget if prompt else remaining)
+            if prompt and count == 0:
+                continue  # a prompt chunk waits for a step with prompt budget; the decodes after it still run
             chunk = self._schedule_running(request, count, preempted)
             if chunk is None:
                 break  # the request preempted itself
             scheduled.append(chunk)
             budget -= count
-            if remaining > 1:
-                prompt_budget -= count
+            prompt_budget -= count if prompt else 0
         if not preempted:
             scheduled.extend(self._admit_waiting(min(budget, prompt_budget)))
         scheduled.sort(key=lambda c: len(c.token_ids) == 1)  # stable: multi-token chunks first

@@ -123,16 +123,19 @@ class WorkerHandle:
     def mark_failed(self) -> None:
         """A call failed in a way only a lost worker fails (refused, dropped, internal error): out at once."""
         self.failures += 1
-        if self.healthy:
-            log.warning("%s worker %s marked unhealthy", self.role, self.address)
-        self.healthy = False
+        self._take_out()
 
     def missed_check(self) -> None:
         """A health check timed out: out once UNHEALTHY_AFTER_FAILURES did in a row (a stalled worker, not a
         busy one)."""
         self.failures += 1
         if self.failures >= UNHEALTHY_AFTER_FAILURES:
-            self.mark_failed()
+            self._take_out()
+
+    def _take_out(self) -> None:
+        if self.healthy:
+            log.warning("%s worker %s marked unhealthy", self.role, self.address)
+        self.healthy = False
 
 
 class SecretStub:

@@ -14,6 +14,7 @@ from bench.sim.latency import FittedModel, ModelShape, RooflineModel, decode_ste
 from bench.sim.search import ATTAINMENT_TARGET, attainment, max_goodput, search_splits
 from bench.sim.validate import print_validation, validate
 from bench.sim.workload import TraceTraffic, Traffic, length_range, load_trace
+from engine.config import STEP_LIMITS
 from engine.errors import EngineError
 
 MIB = 1024 * 1024
@@ -64,23 +65,12 @@ def build_deployment(args: argparse.Namespace) -> Deployment:
         link_bytes = gpu.nic_gbps * args.tp * 1e9 / 8
     if args.link_gbps is not None:
         link_bytes = args.link_gbps * 1e9 / 8
+    limits = {name: getattr(args, name) for name in STEP_LIMITS}
     return Deployment(
         num_prefill=args.prefill,
         num_decode=args.decode,
-        prefill=WorkerSpec(
-            prefill_model,
-            prefill_capacity,
-            args.max_num_batched_tokens,
-            args.max_num_seqs,
-            prefill_chunk_beside_decodes=args.prefill_chunk_beside_decodes,
-        ),
-        decode=WorkerSpec(
-            decode_model,
-            decode_capacity,
-            args.max_num_batched_tokens,
-            args.max_num_seqs,
-            prefill_chunk_beside_decodes=args.prefill_chunk_beside_decodes,
-        ),
+        prefill=WorkerSpec(prefill_model, prefill_capacity, **limits),
+        decode=WorkerSpec(decode_model, decode_capacity, **limits),
         num_layers=config.num_layers,
         kv_bytes_per_token=shape.kv_bytes_per_token,
         link=Link(link_bytes),

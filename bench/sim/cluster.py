@@ -39,6 +39,7 @@ from bench.serve_bench import RequestRecord
 from bench.sim.host import Host
 from bench.sim.latency import Chunk, LatencyModel, Step
 from bench.sim.workload import TraceRequest
+from engine.config import check_step_limits
 from router.routing import overflows_to_decode, timed_prefill
 
 
@@ -60,10 +61,7 @@ class WorkerSpec:
     prefill_chunk_beside_decodes: int | None = None  # as the engine's: prompt tokens a step that decodes may hold
 
     def __post_init__(self) -> None:
-        for name in ("max_num_batched_tokens", "max_num_seqs", "prefill_chunk_beside_decodes"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise ValueError(f"{name} must be >= 1, got {value}")
+        check_step_limits(self)
 
 
 @dataclass(frozen=True)
