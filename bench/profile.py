@@ -7,8 +7,10 @@ the simulator uses (``bench.sim.latency.FittedModel``), per torch thread count::
 
 The engine runs in this process with the workers' step token budget (``--max-num-batched-tokens``),
 so a prompt longer than the budget is measured as the chunks a worker computes. Mixed steps (a
-chunk beside running decodes, as an aggregated worker runs them) are measured too and set beside
-what the fitted models compose for them; the median difference is kept as the models' ``mixed`` term.
+chunk beside running decodes, as an aggregated worker runs them, small chunks as under
+``--prefill-chunk-beside-decodes`` and full ones) are measured too and set beside what the fitted
+models compose for them; the difference, fitted as ``a + b*t`` over the chunk's tokens t, is the
+models' ``mixed`` term.
 
 The cores the rest of the machine kept busy meanwhile are recorded per thread count
 (``bench.sim.host``): a 2-thread step on 2 cores pays for them, and the simulator takes that toll
@@ -49,7 +51,9 @@ FIRST_REGULAR_TOKEN = 3  # ids below are pad/bos/eos in the presets' byte vocabu
 DECODE_STEPS = 4  # timed decode steps per (batch, context), after one untimed
 OUTLIER_ERROR = 0.3
 MAX_OUTLIERS = 2
-MIXED_ROWS = ((8, 512), (4, 1024), (2, 1536))  # (decodes, context) beside a chunk filling the rest of the budget
+MIXED_ROWS = ((8, 512), (4, 1024), (2, 1536))  # (decodes, context) beside chunks of each MIXED_CHUNKS share
+# Chunk sizes, as shares of the rest of the budget: capped ones (--prefill-chunk-beside-decodes) to a full one.
+MIXED_CHUNKS = (1 / 16, 1 / 4, 1.0)
 QUICK = dict(
     threads="1",
     prefill_tokens="32,64,128",
@@ -143,8 +147,8 @@ def profile_threads(engine: Engine, config: ProfileConfig, threads: int) -> tupl
         prompt["predicted_seconds"] = sum(
             model.step_s(Step((Chunk(p["tokens"], p["start"]),))) for p in prompt["steps"]
         )
-    mixed = measure_mixed(engine, config.mixed, config.max_num_batched_tokens, model)
-    fit["mixed"] = {"a": statistics.median(row["seconds"] - row["predicted_seconds"] for row in mixed)}
+    mixed = measure_mixed(engine, config.mixed, config.max_num_batched_tokens, model, config.repeats)
+    fit["mixed"] = fit_mixed(mixed)
     # What else kept cores busy meanwhile: the fits include its toll (bench.sim.host), which the
     # simulator takes out before putting its own host's other work back in.
     fit["cpu"] = meter.usage(before, meter.sample())
@@ -269,37 +273,54 @@ def measure_decode(engine: Engine, batches: tuple[int, ...], contexts: tuple[int
     return rows
 
 
-def measure_mixed(engine: Engine, shapes, budget: int, model: FittedModel) -> list[dict]:
-    """A prompt's first chunk (the rest of the budget) in the same step as running decodes, vs the
-    fitted models' composition."""
+def measure_mixed(engine: Engine, shapes, budget: int, model: FittedModel, repeats: int) -> list[dict]:
+    """A prompt's first chunk (each ``MIXED_CHUNKS`` share of the rest of the budget) in the same step
+    as running decodes, the median of ``repeats``, vs the fitted models' composition."""
     rng = random.Random(2)
     rows = []
     for batch, context in shapes:
-        tokens = budget - batch
-        ids = _reserve_decodes(engine, batch, context, rng, 4)
-        engine.step()  # the decodes run once alone, as they would before the prompt arrives
-        prompt_id = f"mixed-{next(_ids)}"
-        engine.add_request(
-            prompt_id,
-            _prompt(tokens, engine.model_config.vocab_size, rng),
-            SamplingParams(max_tokens=1, ignore_eos=True),
-        )
-        begin = time.perf_counter()
-        engine.step()
-        measured = time.perf_counter() - begin
-        _finish(engine, ids + [prompt_id])
-        predicted = model.step_s(Step((Chunk(tokens),), batch, batch * (context + 1), context + 1))
-        rows.append(
-            {
-                "tokens": tokens,
-                "batch": batch,
-                "context": context,
-                "seconds": measured,
-                "predicted_seconds": predicted,
-                "error": (predicted - measured) / measured,
-            }
-        )
+        for tokens in sorted({max(1, round((budget - batch) * share)) for share in MIXED_CHUNKS}):
+            seconds = [_one_mixed_step(engine, batch, context, tokens, rng) for _ in range(repeats)]
+            measured = statistics.median(seconds)
+            predicted = model.step_s(Step((Chunk(tokens),), batch, batch * (context + 1), context + 1))
+            rows.append(
+                {
+                    "tokens": tokens,
+                    "batch": batch,
+                    "context": context,
+                    "seconds": measured,
+                    "all_seconds": seconds,
+                    "predicted_seconds": predicted,
+                    "error": (predicted - measured) / measured,
+                }
+            )
     return rows
+
+
+def _one_mixed_step(engine: Engine, batch: int, context: int, tokens: int, rng: random.Random) -> float:
+    ids = _reserve_decodes(engine, batch, context, rng, 4)
+    engine.step()  # the decodes run once alone, as they would before the prompt arrives
+    prompt_id = f"mixed-{next(_ids)}"
+    engine.add_request(
+        prompt_id, _prompt(tokens, engine.model_config.vocab_size, rng), SamplingParams(max_tokens=1, ignore_eos=True)
+    )
+    begin = time.perf_counter()
+    engine.step()
+    measured = time.perf_counter() - begin
+    _finish(engine, ids + [prompt_id])
+    return measured
+
+
+def fit_mixed(rows: list[dict]) -> dict:
+    """What mixed steps cost beyond the composed parts, ``a + b*t`` over the chunk's tokens, least
+    squares (either sign: the parts' own fixed costs overlap in one step). One chunk size: b = 0."""
+    tokens = np.array([row["tokens"] for row in rows], dtype=float)
+    extra = np.array([row["seconds"] - row["predicted_seconds"] for row in rows])
+    if len(set(tokens)) < 2:
+        return {"a": float(np.median(extra)), "b": 0.0}
+    (a, b), *_ = np.linalg.lstsq(np.column_stack([np.ones_like(tokens), tokens]), extra, rcond=None)
+    residual = extra - (a + b * tokens)
+    return {"a": float(a), "b": float(b), "max_abs_residual_s": float(np.abs(residual).max())}
 
 
 def _drain(engine: Engine) -> None:
@@ -435,7 +456,7 @@ def print_report(report: dict) -> None:
         )
         print(
             f"{'':10} mixed steps (a chunk beside decodes), measured/composed: {mixed}; mixed term "
-            f"{fit['mixed']['a'] * 1e3:+.1f}ms"
+            f"{fit['mixed']['a'] * 1e3:+.1f}ms {fit['mixed'].get('b', 0.0) * 1e6:+.1f}us*t"
         )
         if fit.get("cpu"):
             print(f"{'':10} other work on the machine meanwhile: {fit['cpu']['other_cores']:.2f} cores busy")

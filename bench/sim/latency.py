@@ -113,29 +113,35 @@ class FittedModel:
 
         prefill chunk of t tokens after s computed = pa + pb*t + pc*t^2 + pd*t*s
         decode step of B sequences                 = da + db*B + dc*B*ctx_max
-        mixed step                                 = max(pa, da) + mixed + chunk parts + decode part
+        mixed step                                 = max(pa, da) + mixed + mixed_per_token*t
+                                                     + chunk parts + decode part
 
     ``pd`` apart from ``pc``: a chunk after cached tokens gathers them from the paged pool, a path
     slower per key than a fresh prompt's. ``ctx_max``: the engine pads every decode's gather to
-    the longest context in the batch. ``mixed``: what a step with both costs beyond its parts.
+    the longest context in the batch. ``mixed`` + ``mixed_per_token``*t (t: the step's prompt
+    tokens): what a step with both costs beyond its parts, measured for small and full chunks
+    (``bench profile``); a mixed step never takes less than either of its parts alone.
     """
 
     name: str
     prefill: tuple[float, float, float, float]
     decode: tuple[float, float, float]
     mixed: float = 0.0
+    mixed_per_token: float = 0.0
 
     def step_s(self, step: Step) -> float:
         if step.is_empty:
             return 0.0
         pa, pb, pc, pd = self.prefill
         da, db, dc = self.decode
-        fixed = max(pa if step.chunks else 0.0, da if step.decodes else 0.0)
-        if step.chunks and step.decodes:
-            fixed += self.mixed
         prefill = sum(pb * c.tokens + pc * c.tokens * c.tokens + pd * c.tokens * c.start for c in step.chunks)
         decode = db * step.decodes + dc * step.decodes * step.context_max if step.decodes else 0.0
-        return fixed + prefill + decode
+        if not step.decodes:
+            return pa + prefill
+        if not step.chunks:
+            return da + decode
+        beyond = self.mixed + self.mixed_per_token * sum(c.tokens for c in step.chunks)
+        return max(max(pa, da) + beyond + prefill + decode, pa + prefill, da + decode)
 
     def calibrated(self, prefill_factor: float, decode_step_overhead_s: float) -> FittedModel:
         """Prefill costs times ``prefill_factor``; ``decode_step_overhead_s`` more per step with decodes."""
@@ -146,6 +152,7 @@ class FittedModel:
             (pa, pb, pc, pd),
             (da + decode_step_overhead_s, db, dc),
             self.mixed * prefill_factor,
+            self.mixed_per_token * prefill_factor,
         )
 
     def times(self, factor: float) -> FittedModel:
@@ -155,6 +162,7 @@ class FittedModel:
             tuple(c * factor for c in self.prefill),
             tuple(c * factor for c in self.decode),
             self.mixed * factor,
+            self.mixed_per_token * factor,
         )
 
     @classmethod
@@ -171,6 +179,7 @@ class FittedModel:
             _coefficients(fit["prefill"], "abcd"),
             _coefficients(fit["decode"], "abc"),
             fit.get("mixed", {}).get("a", 0.0),
+            fit.get("mixed", {}).get("b", 0.0),
         )
         cores, other = profile.get("machine", {}).get("cpu_count"), (fit.get("cpu") or {}).get("other_cores")
         if not cores or other is None:
