@@ -12,9 +12,10 @@ Two predictions per run:
   worker whose threads fill both cores (``--aggregated one-engine``) has its steps stalled by the
   router, the client and anything else running, prefill and decode alike; 1-thread workers are
   stalled only while both step. A KV push is the prefill worker's own CPU work, after its step.
-  Two machine facts come from the baseline's zero-load requests (sent one at a time, before the
-  sweep): the lock-step stall of a worker filling every core, or else what a request's path
-  outside the engine steps (client, HTTP, router, gRPC hops) adds to its first token.
+  Machine facts come from the baseline's zero-load requests (sent one at a time, before the
+  sweep): the lock-step stall of a worker filling every core, or else what serving adds to the
+  engine's steps (``serving_overheads``): a request's path outside them (client, HTTP, router,
+  gRPC hops) to its first token, and the worker's loop and token relay to each decoding step.
 - ``calibrated``: the raw model without the request overhead, with each system's prefill costs
   scaled by measured / simulated TTFT and measured - simulated TPOT added to each decoding step,
   from the report's zero-load requests (see ``calibrate``): each system's whole zero-load gap
@@ -97,18 +98,34 @@ def lockstep_stall(compare: dict, profile: dict) -> float:
     return max(0.0, statistics.median(ratios) - 1.0) if ratios else 0.0
 
 
-def request_overhead(compare: dict, profile: dict) -> float:
-    """Seconds a request's path outside the engine steps (client, HTTP, router, gRPC hops, the step
-    loop's wakeup) adds to its first token. A machine fact, measured once: the baseline's zero-load
-    requests, TTFT measured - simulated with the cores to itself (median). 0 where the baseline
-    fills every core (the lock-step stall stands for that gap) or has no probes."""
+def serving_overheads(compare: dict, profile: dict) -> dict:
+    """What serving adds to the engine's steps, two machine facts measured once from the baseline's
+    zero-load requests, each simulated alone with the cores to itself (medians):
+
+    - ``request_overhead_s``: what a request's path outside the engine steps (client, HTTP, router,
+      gRPC hops, the step loop's wakeup) adds to its first token: TTFT measured - simulated;
+    - ``decode_step_overhead_s``: what serving adds to each step that decodes (the worker's loop and
+      its gRPC stream sharing the interpreter with the engine thread, the router and client relaying
+      each token): TPOT measured - simulated.
+
+    Both 0 where the baseline fills every core (the lock-step stall stands for the gaps) or has no probes."""
+    none = {"request_overhead_s": 0.0, "decode_step_overhead_s": 0.0}
     probe, cores = _baseline_probe(compare), compare.get("machine", {}).get("cpu_count")
     system = compare["config"]["systems"].get(BASELINE)
     if not probe or not system or (cores and system["decode_threads"] >= cores):
-        return 0.0
+        return none
     alone = deployment_for(system, compare["config"], profile, Host(cores) if cores else None)
-    gaps = [row["ttft"] - _simulated_alone(alone, row).ttft for row in probe["requests"] if row["success"]]
-    return max(0.0, statistics.median(gaps)) if gaps else 0.0
+    ttft, tpot = [], []
+    for row in probe["requests"]:
+        if row["success"]:
+            simulated = _simulated_alone(alone, row)
+            ttft.append(row["ttft"] - simulated.ttft)
+            if row["tpot"] and simulated.tpot:
+                tpot.append(row["tpot"] - simulated.tpot)
+    return {
+        "request_overhead_s": max(0.0, statistics.median(ttft)) if ttft else 0.0,
+        "decode_step_overhead_s": max(0.0, statistics.median(tpot)) if tpot else 0.0,
+    }
 
 
 def _baseline_probe(compare: dict) -> dict | None:
@@ -173,7 +190,7 @@ def validate(compare: dict, profile: dict) -> dict:
     if not compare.get("machine", {}).get("cpu_count") or not all(run.get("cpu") for run in compare["runs"]):
         notes.append("the report has no CPU usage of the runs: no other work on the cores assumed")
     stall = lockstep_stall(compare, profile)
-    overhead = request_overhead(compare, profile)
+    overheads = serving_overheads(compare, profile)
     factors = {}
     for name, system in config["systems"].items():
         probe = compare.get("zero_load", {}).get(name)
@@ -184,9 +201,12 @@ def validate(compare: dict, profile: dict) -> dict:
         )
     rows = []
     for run in compare["runs"]:
-        raw = deployment_for(config["systems"][run["system"]], config, profile, host_of(compare, run, stall), overhead)
+        bare = deployment_for(config["systems"][run["system"]], config, profile, host_of(compare, run, stall))
+        raw = calibrated(
+            replace(bare, request_overhead_s=overheads["request_overhead_s"]),
+            {"prefill_factor": 1.0, "decode_step_overhead_s": overheads["decode_step_overhead_s"]},
+        )
         predicted = {}
-        bare = replace(raw, request_overhead_s=0.0)
         for kind, deployment in (("raw", raw), ("calibrated", calibrated(bare, factors[run["system"]]))):
             result = simulate(deployment, trace_of(run), config["seed"])
             predicted[kind] = summarize(result.records, result.duration_s, slos)
@@ -194,7 +214,7 @@ def validate(compare: dict, profile: dict) -> dict:
     return {
         "tolerance": TOLERANCE,
         "lockstep_stall_cores": stall,
-        "request_overhead_s": overhead,
+        **overheads,
         "factors": factors,
         "notes": notes,
         "rows": rows,
@@ -241,8 +261,9 @@ def print_validation(report: dict) -> None:
     print(
         f"raw: the profile's fits, the machine's cores, each run's measured other CPU, and the lock-step "
         f"stall of a worker filling every core ({report['lockstep_stall_cores']:.2f} cores' worth, from the "
-        f"{BASELINE} stack's zero-load requests), or else the time a request's path outside the engine adds to "
-        f"its first token ({report['request_overhead_s'] * 1e3:.0f} ms, from the same requests); nothing from the "
+        f"{BASELINE} stack's zero-load requests), or else what serving adds to the engine's steps, from the same "
+        f"requests: {report['request_overhead_s'] * 1e3:.0f} ms to a first token (the request's path outside the "
+        f"engine), {report['decode_step_overhead_s'] * 1e3:.1f} ms to each step that decodes; nothing from the "
         "other system's runs"
     )
     for name, f in report["factors"].items():

@@ -455,10 +455,12 @@ def test_transfer_table_from_a_bench_transfer_report(tmp_path, capsys):
     assert main(["simulate", "--transfer-json", str(path)]) == 2  # refused without --transfer-table
 
 
-def test_raw_validation_takes_the_request_path_overhead_from_the_baselines_zero_load_requests():
+def test_raw_validation_takes_the_serving_overheads_from_the_baselines_zero_load_requests():
     """1-thread aggregated replicas leave no lock-step stall; what the client, HTTP, router and gRPC
-    hops add to a first token is read off the baseline's zero-load requests and replayed."""
-    spec = WorkerSpec(CPU_LIKE, 512 * 1024 * 1024 // KV_BYTES, 2048, threads=1)
+    hops add to a first token, and what serving adds to each decoding step, are read off the
+    baseline's zero-load requests and replayed."""
+    served = replace(CPU_LIKE, decode=(CPU_LIKE.decode[0] + 0.006, *CPU_LIKE.decode[1:]))  # 6 ms more a step
+    spec = WorkerSpec(served, 512 * 1024 * 1024 // KV_BYTES, 2048, threads=1)
     truth = Deployment(0, 2, spec, spec, LAYERS, KV_BYTES, Link(1e9), host=Host(2), request_overhead_s=0.05)
     config = _aggregated_compare_config(decode_workers=2, decode_threads=1)
 
@@ -477,6 +479,7 @@ def test_raw_validation_takes_the_request_path_overhead_from_the_baselines_zero_
     checked = validate(json.loads(json.dumps(report)), PROFILE)
     assert checked["lockstep_stall_cores"] == 0.0
     assert checked["request_overhead_s"] == pytest.approx(0.05, rel=1e-6)
+    assert checked["decode_step_overhead_s"] == pytest.approx(0.006, rel=1e-6)
     assert checked["agreement"]["raw"]["median_abs_error"] == pytest.approx(0.0, abs=1e-6)
 
 
