@@ -498,7 +498,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     # decode gather falls off a cache cliff the linear fit does not model (such points are left out).
     parser.add_argument("--decode-batches", default="1,2,4,8")
     parser.add_argument("--decode-contexts", default="256,512,1024,1536")
-    parser.add_argument("--repeats", type=int, default=3, help="timed prefills per size (median used)")
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="timed prefills per size, and mixed steps per shape (median used)"
+    )
     parser.add_argument(
         "--max-num-batched-tokens",
         type=int,

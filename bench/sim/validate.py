@@ -94,7 +94,7 @@ def lockstep_stall(compare: dict, profile: dict) -> float:
     if not probe or not cores or not system or system["decode_threads"] < cores:
         return 0.0
     alone = deployment_for(system, compare["config"], profile, Host(cores))
-    ratios = [row["latency"] / _simulated_alone(alone, row).latency for row in probe["requests"] if row["success"]]
+    ratios = [row["latency"] / simulated.latency for row, simulated in _measured_and_alone(alone, probe)]
     return max(0.0, statistics.median(ratios) - 1.0) if ratios else 0.0
 
 
@@ -115,13 +115,9 @@ def serving_overheads(compare: dict, profile: dict) -> dict:
     if not probe or not system or (cores and system["decode_threads"] >= cores):
         return none
     alone = deployment_for(system, compare["config"], profile, Host(cores) if cores else None)
-    ttft, tpot = [], []
-    for row in probe["requests"]:
-        if row["success"]:
-            simulated = _simulated_alone(alone, row)
-            ttft.append(row["ttft"] - simulated.ttft)
-            if row["tpot"] and simulated.tpot:
-                tpot.append(row["tpot"] - simulated.tpot)
+    pairs = _measured_and_alone(alone, probe)
+    ttft = [row["ttft"] - simulated.ttft for row, simulated in pairs]
+    tpot = [row["tpot"] - simulated.tpot for row, simulated in pairs if row["tpot"] and simulated.tpot]
     return {
         "request_overhead_s": max(0.0, statistics.median(ttft)) if ttft else 0.0,
         "decode_step_overhead_s": max(0.0, statistics.median(tpot)) if tpot else 0.0,
@@ -141,6 +137,11 @@ def _simulated_alone(deployment: Deployment, row: dict) -> RequestRecord:
     return simulate(deployment, [TraceRequest(0.0, row["prompt_len"], row["output_len"])]).records[0]
 
 
+def _measured_and_alone(deployment: Deployment, probe: dict) -> list[tuple[dict, RequestRecord]]:
+    """Each successful zero-load request of ``probe`` beside its simulated twin."""
+    return [(row, _simulated_alone(deployment, row)) for row in probe["requests"] if row["success"]]
+
+
 def trace_of(run: dict) -> list[TraceRequest]:
     return sorted(
         (TraceRequest(r["start"], r["prompt_len"], r["output_len"]) for r in run["requests"]), key=lambda r: r.arrival_s
@@ -154,14 +155,9 @@ def calibrate(deployment: Deployment, probe: dict) -> tuple[Deployment, dict]:
     other processes) grows with the prompt. Per step for decode: the gap (~18 ms with 2 threads,
     far more than the ~1 ms of CPU a streamed token costs the router and client) is a step's
     threads being descheduled by that other work on the same 2 cores, paid once per step."""
-    ttft, tpot = [], []
-    for row in probe["requests"]:
-        if not row["success"]:
-            continue
-        alone = _simulated_alone(deployment, row)
-        ttft.append(row["ttft"] / alone.ttft)
-        if row["tpot"] and alone.tpot:
-            tpot.append(row["tpot"] - alone.tpot)
+    pairs = _measured_and_alone(deployment, probe)
+    ttft = [row["ttft"] / simulated.ttft for row, simulated in pairs]
+    tpot = [row["tpot"] - simulated.tpot for row, simulated in pairs if row["tpot"] and simulated.tpot]
     factors = {
         "prefill_factor": statistics.median(ttft) if ttft else 1.0,
         "decode_step_overhead_s": statistics.median(tpot) if tpot else 0.0,
