@@ -18,8 +18,9 @@ out of the fits before charging its own host's.
 
 Decode rows need long contexts but not their values: their sequences are *reserved* and completed
 with a token, as a decode worker adopts received KV, so no prompt is prefilled for them. KV
-transfer bytes/s: ``--link-gbps``, else the gRPC (with checksums) row of a ``bench transfer``
-report (``--transfer-json``, or a short run of it).
+transfer bytes/s: ``--link-gbps``, else the gRPC transport as workers run it (its bulk TCP links,
+with checksums) in a ``bench transfer`` report (``--transfer-json``, or a short run of it), read as
+the transfer table reads it.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ import numpy as np
 
 from bench.sim.host import CpuMeter
 from bench.sim.latency import Chunk, FittedModel, ModelShape, Step
+from bench.sim.transfer import transports_from_report
 from contract.sampling import SamplingParams
 
 if TYPE_CHECKING:  # torch and the engine load when the profile runs, not when the CLI parses
@@ -385,7 +387,7 @@ def transfer_bytes_per_s(args: argparse.Namespace) -> dict:
     if args.link_gbps is not None:
         return {"bytes_per_s": args.link_gbps * 1e9 / 8, "source": "--link-gbps"}
     if args.transfer_json:
-        return _from_transfer_report(args.transfer_json)
+        return link_from_transfer_report(args.transfer_json)
     if args.quick:
         return {"bytes_per_s": DEFAULT_LINK_GBPS * 1e9 / 8, "source": "assumed (--quick measures no transfer)"}
     with tempfile.TemporaryDirectory() as scratch:
@@ -407,22 +409,22 @@ def transfer_bytes_per_s(args: argparse.Namespace) -> dict:
         print("profile: measuring KV transfer bytes/s (bench transfer, 16 MiB over gRPC) ...", flush=True)
         done = subprocess.run(command, capture_output=True, text=True, timeout=600)
         if done.returncode == 0:
-            return _from_transfer_report(path)
+            return link_from_transfer_report(path)
         reason = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
         print(f"profile: transfer measurement failed ({reason[0]}); assuming {DEFAULT_LINK_GBPS} Gb/s", file=sys.stderr)
         return {"bytes_per_s": DEFAULT_LINK_GBPS * 1e9 / 8, "source": f"assumed (measurement failed: {reason[0]})"}
 
 
-def _from_transfer_report(path: str) -> dict:
-    with open(path) as handle:
-        rows = [r for r in json.load(handle)["bandwidth"] if r["path"] == "grpc" and r["checksums"]]
-    if not rows:
+def link_from_transfer_report(path: str) -> dict:
+    """The gRPC transport's bytes/s as workers run it, read as the transfer table reads it
+    (``bench.sim.transfer.transports_from_report``: its bulk TCP links, with checksums)."""
+    try:
+        grpc = next((t for t in transports_from_report(path) if t.name == "grpc"), None)
+    except ValueError as exc:
+        raise SystemExit(f"splitserve: {exc}") from None
+    if grpc is None:
         raise SystemExit(f"splitserve: {path} has no gRPC (with checksums) bandwidth row")
-    row = max(rows, key=lambda r: r["size_bytes"])
-    return {
-        "bytes_per_s": row["gb_s"] * 1e9,
-        "source": f"bench transfer: gRPC with checksums, {row['size_mib']:.0f} MiB",
-    }
+    return {"bytes_per_s": grpc.bytes_per_s, "source": grpc.source}
 
 
 # -- report --------------------------------------------------------------------------------------------
@@ -511,7 +513,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--transfer-json",
         default=None,
-        help="a `splitserve bench transfer --json` report to take the gRPC bytes/s from",
+        help="a `splitserve bench transfer --json` report to take the gRPC transport's bytes/s from",
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="tiny sizes, one thread count, no transfer measurement")

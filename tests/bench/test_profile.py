@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from bench.profile import fit_mixed
+from bench.profile import fit_mixed, link_from_transfer_report
 from bench.sim.latency import Chunk, FittedModel, Step
+from bench.sim.transfer import transports_from_report
 
 ROOT = Path(__file__).resolve().parents[2]
 PARTS = FittedModel("parts", prefill=(0.02, 1.5e-3, 1e-7, 3e-7), decode=(0.03, 2e-3, 1e-6))
@@ -73,3 +74,24 @@ def test_a_small_chunk_beside_decodes_pays_a_small_share_of_the_mixed_term():
     assert overlapping.step_s(_mixed_step(16)) == pytest.approx(longer_part)
     # Scaling a model scales the term with it.
     assert model.times(2.0).step_s(_mixed_step(64)) == pytest.approx(2.0 * model.step_s(_mixed_step(64)))
+
+
+def test_the_profile_takes_the_grpc_transports_bytes_per_s_as_the_transfer_table_does(tmp_path):
+    """Workers move gRPC-transport KV on its bulk TCP links: the profile's link (the simulator's, for
+    CPU replays) and the GPU transfer table read the same row of a ``bench transfer`` report."""
+
+    def row(path: str, gb_s: float, checksums: bool = True, mib: int = 16) -> dict:
+        return {"path": path, "checksums": checksums, "size_bytes": mib << 20, "size_mib": mib, "gb_s": gb_s}
+
+    report = tmp_path / "transfer.json"
+    rows = [row("grpc", 0.3), row("bulk", 2.5), row("bulk", 3.1, checksums=False), row("bulk", 1.0, mib=1)]
+    report.write_text(json.dumps({"bandwidth": rows}))
+    link = link_from_transfer_report(str(report))
+    table = next(t for t in transports_from_report(str(report)) if t.name == "grpc")
+    assert link["bytes_per_s"] == table.bytes_per_s == 2.5e9 and link["source"] == table.source
+
+    report.write_text(json.dumps({"bandwidth": [row("grpc", 0.3)]}))  # an older report: the PushKV path only
+    assert link_from_transfer_report(str(report))["bytes_per_s"] == 0.3e9
+    report.write_text(json.dumps({"bandwidth": [row("nixl", 4.0)]}))
+    with pytest.raises(SystemExit, match="no gRPC \\(with checksums\\) bandwidth row"):
+        link_from_transfer_report(str(report))
