@@ -191,6 +191,14 @@ def check_step_limits(owner) -> None:
             raise ValueError(f"{name} must be >= 1, got {value}")
 
 
+def step_prompt_budget(max_num_batched_tokens: int, prefill_chunk_beside_decodes: int | None, decodes: bool) -> int:
+    """Prompt tokens one step may hold: the cap beside decodes if the step decodes, else the whole budget
+    (the engine's scheduler and the simulator's both ask this)."""
+    if prefill_chunk_beside_decodes is not None and decodes:
+        return min(prefill_chunk_beside_decodes, max_num_batched_tokens)
+    return max_num_batched_tokens
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     """How one engine runs a model.

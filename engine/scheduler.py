@@ -20,6 +20,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from engine.block_manager import BlockAllocator
+from engine.config import step_prompt_budget
 from engine.errors import NoFreeBlocksError
 from engine.request import Request, RequestState
 
@@ -134,11 +135,10 @@ class Scheduler:
         return SchedulerOutput(tuple(scheduled), tuple(preempted))
 
     def _prompt_budget(self) -> int:
-        """Prompt tokens this step may hold: the cap beside decodes if a running request decodes."""
-        cap = self.config.prefill_chunk_beside_decodes
-        if cap is not None and any(r.num_tokens - r.num_computed_tokens == 1 for r in self.running):
-            return min(cap, self.config.max_num_batched_tokens)
-        return self.config.max_num_batched_tokens
+        config = self.config
+        cap = config.prefill_chunk_beside_decodes  # no cap: no need to look for decodes
+        decodes = cap is not None and any(r.num_tokens - r.num_computed_tokens == 1 for r in self.running)
+        return step_prompt_budget(config.max_num_batched_tokens, cap, decodes)
 
     def _schedule_running(self, request: Request, count: int, preempted: list[str]) -> ScheduledChunk | None:
         while not self._grow(request, count):

@@ -39,7 +39,7 @@ from bench.serve_bench import RequestRecord
 from bench.sim.host import Host
 from bench.sim.latency import Chunk, LatencyModel, Step
 from bench.sim.workload import TraceRequest
-from engine.config import check_step_limits
+from engine.config import check_step_limits, step_prompt_budget
 from router.routing import overflows_to_decode, timed_prefill
 
 
@@ -276,10 +276,9 @@ class _Simulation:
         """As ``engine.scheduler.Scheduler.schedule``: running first, then waiting, in one budget; prompt chunks
         in a step that decodes within ``prefill_chunk_beside_decodes``."""
         budget = worker.spec.max_num_batched_tokens
-        prompt_budget = budget
-        cap = worker.spec.prefill_chunk_beside_decodes
-        if cap is not None and any(r.computed >= r.input_len for r in worker.running):
-            prompt_budget = min(cap, budget)
+        cap = worker.spec.prefill_chunk_beside_decodes  # no cap: no need to look for decodes
+        decodes = cap is not None and any(r.computed >= r.input_len for r in worker.running)
+        prompt_budget = step_prompt_budget(budget, cap, decodes)
         chunks: list[tuple[_Request, int]] = []
         decodes: list[_Request] = []
         for request in worker.running:

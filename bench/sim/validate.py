@@ -132,14 +132,13 @@ def _other_cores(run: dict | None) -> float:
     return ((run or {}).get("cpu") or {}).get("other_cores", 0.0)
 
 
-def _simulated_alone(deployment: Deployment, row: dict) -> RequestRecord:
-    """One measured request's simulated twin, sent alone at time 0 (its record)."""
-    return simulate(deployment, [TraceRequest(0.0, row["prompt_len"], row["output_len"])]).records[0]
-
-
 def _measured_and_alone(deployment: Deployment, probe: dict) -> list[tuple[dict, RequestRecord]]:
-    """Each successful zero-load request of ``probe`` beside its simulated twin."""
-    return [(row, _simulated_alone(deployment, row)) for row in probe["requests"] if row["success"]]
+    """Each successful zero-load request of ``probe`` beside its simulated twin, sent alone at time 0."""
+    return [
+        (row, simulate(deployment, [TraceRequest(0.0, row["prompt_len"], row["output_len"])]).records[0])
+        for row in probe["requests"]
+        if row["success"]
+    ]
 
 
 def trace_of(run: dict) -> list[TraceRequest]:

@@ -26,12 +26,8 @@ def _start(transport: str, out: Path) -> subprocess.Popen:
         *("--prompts", "64", "--max-tokens", "48", "--request-timeout", "90", "--seed", "1"),
         *("--json", str(out / "chaos.json"), "--log", str(out / "up.log")),
     ]
-    return subprocess.Popen(
-        [sys.executable, "-m", "cluster.cli", *command],
-        cwd=ROOT,
-        stdout=(out / "stdout").open("w"),
-        stderr=(out / "stderr").open("w"),
-    )
+    with (out / "stdout").open("w") as stdout, (out / "stderr").open("w") as stderr:  # the child keeps its copies
+        return subprocess.Popen([sys.executable, "-m", "cluster.cli", *command], cwd=ROOT, stdout=stdout, stderr=stderr)
 
 
 def _check(transport: str, returncode: int, out: Path) -> None:
