@@ -41,6 +41,13 @@ SLO. From a sweep it is interpolated linearly between the last rate that reaches
 first that does not; a system that reaches 90% at every rate has goodput >= the highest rate.
 The ratio is disaggregated / aggregated goodput from the same runs; the report also gives, from
 those runs, attainment and goodput at other SLO scales and with the two scales apart.
+
+What the machine allows: each system's cores busy (the whole machine's, router and client
+included) against the requests/s it completed, fitted over the sweep as idle + per-request cores,
+reach every core at that system's CPU ceiling. At the CPU per request measured, no schedule serves
+more requests/s than that, so the disaggregated stack's ceiling over the aggregated stack's goodput
+bounds the ratio this machine allows; a bound below the target says more cores or less CPU per
+request are needed, not a better schedule of the same work.
 """
 
 from __future__ import annotations
@@ -53,6 +60,7 @@ import os
 import queue
 import random
 import re
+import statistics
 import subprocess
 import sys
 import threading
@@ -64,6 +72,7 @@ import httpx
 
 from bench.serve_bench import BenchRequest, RequestRecord, meets, random_dataset, run_load, summarize
 from bench.sim.host import CpuMeter
+from engine.config import add_prefill_chunk_argument
 from protos.cluster_auth import ensure_secret_in_env
 
 ATTAINMENT_TARGET = 0.9
@@ -622,6 +631,38 @@ def _ratio_text(ratio: dict) -> str:
     return f"<= {high:.2f}x" if low == 0 else f"{low:.2f}-{high:.2f}x"
 
 
+def cpu_ceilings(runs: list[dict], systems: list[System], cores: int | None) -> dict[str, dict | None]:
+    """Per system: the machine's busy cores against requests/s completed, least squares over its runs
+    (idle cores + cores per request/s), and the requests/s at which that reaches ``cores``. None
+    without the runs' CPU usage, two distinct throughputs, or busy cores that grow with the load."""
+    out: dict[str, dict | None] = {}
+    for system in systems:
+        points = [
+            (run["summary"]["request_throughput"], run["cpu"]["machine_cores"])
+            for run in runs
+            if run["system"] == system.name and run.get("cpu")
+        ]
+        fit = None
+        if cores and len({rps for rps, _ in points}) >= 2:
+            per_request, idle = statistics.linear_regression(*zip(*points))
+            if per_request > 0:
+                fit = {
+                    "idle_cores": idle,
+                    "core_seconds_per_request": per_request,
+                    "ceiling_rps": (cores - idle) / per_request,
+                    "runs": len(points),
+                }
+        out[system.name] = fit
+    return out
+
+
+def ratio_bound(ceilings: dict[str, dict | None], good: dict) -> float | None:
+    """The most disaggregated / aggregated goodput these cores allow: the disaggregated stack's CPU
+    ceiling over the aggregated stack's goodput (None where either is unknown or zero)."""
+    ceiling, aggregated = ceilings.get(DISAGGREGATED_NAME), good[AGGREGATED_NAME]["low"]
+    return ceiling["ceiling_rps"] / aggregated if ceiling and aggregated > 0 else None
+
+
 def attainment_of(run: dict, slos: dict) -> float:
     records = [RequestRecord(**{k: v for k, v in row.items() if k in RECORD_FIELDS}) for row in run["requests"]]
     return sum(meets(r, slos) for r in records) / len(records)
@@ -659,6 +700,7 @@ def build_report(
 ) -> dict:
     good = goodputs(runs, systems, plan.slos)
     ratio = ratio_of(good)
+    ceilings = cpu_ceilings(runs, systems, os.cpu_count())
     config_json = {k: v for k, v in asdict(config).items() if k != "json_path"}
     # What ran: the sized workload and the SLOs in milliseconds (``simulate --validate`` reads these).
     config_json.update(input_len=plan.input_len, rates=plan.rates, slos=plan.slos)
@@ -673,7 +715,12 @@ def build_report(
         "goodput_ratio": ratio,
         "slo_scales": scale_curve(runs, systems, plan, config.slo_scale),
         "ratio_grid": ratio_grid(runs, systems, plan),
-        "target": {"ratio": GOODPUT_RATIO_TARGET, "met": ratio["low"] >= GOODPUT_RATIO_TARGET},
+        "cpu_ceilings": ceilings,
+        "target": {
+            "ratio": GOODPUT_RATIO_TARGET,
+            "met": ratio["low"] >= GOODPUT_RATIO_TARGET,
+            "machine_bound": ratio_bound(ceilings, good),
+        },
     }
 
 
@@ -739,6 +786,7 @@ def print_report(report: dict) -> None:
         f"disaggregated / aggregated goodput at SLO scale {config['slo_scale']:g}, same runs: {_ratio_text(ratio)} "
         f"(target >= {target['ratio']}x: {'met' if target['met'] else 'MISSED'})"
     )
+    print_cpu_ceilings(report.get("cpu_ceilings", {}), target, machine["cpu_count"])
     print_scale_curve(report["slo_scales"], config["rates"], config["slo_scale"])
     print_ratio_grid(report["ratio_grid"])
 
@@ -763,6 +811,27 @@ def print_scale_curve(rows: list[dict], rates: list[float], default_scale: float
             + f" {good[AGGREGATED_NAME]['rps']:>8.3f}/{good[DISAGGREGATED_NAME]['rps']:<9.3f} "
             f"{_ratio_text(row['ratio']):>10}"
         )
+
+
+def print_cpu_ceilings(ceilings: dict[str, dict | None], target: dict, cores: int) -> None:
+    print(f"what {cores} cores allow (busy cores vs requests/s completed, fitted over each system's runs):")
+    for name, fit in ceilings.items():
+        if fit is None:
+            print(f"  {name:14} n/a (no CPU usage, or too few runs)")
+            continue
+        print(
+            f"  {name:14} {fit['idle_cores']:.2f} cores idle + {fit['core_seconds_per_request']:.3f} "
+            f"core-s per request: at most {fit['ceiling_rps']:.2f} req/s"
+        )
+    bound = target.get("machine_bound")
+    if bound is None:
+        return
+    verdict = (
+        "below the target: more cores or less CPU per request are needed, not a better schedule of the same work"
+        if bound < target["ratio"]
+        else "the target is within reach of these cores"
+    )
+    print(f"  so the ratio can be at most {bound:.2f}x here (disaggregated ceiling / aggregated goodput): {verdict}")
 
 
 def _other_cores(run: dict) -> str:
@@ -919,14 +988,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="every worker's step token budget; longer prompts prefill in chunks. Small enough that a step "
         "stays well under the router's 2 s Stats deadline, which marks a slower worker unhealthy",
     )
-    parser.add_argument(
-        "--prefill-chunk-beside-decodes",
-        type=int,
-        default=None,
-        metavar="TOKENS",
-        help="every worker's: a step that also decodes holds at most this many prompt tokens (default: the whole "
-        "step budget)",
-    )
+    add_prefill_chunk_argument(parser, "every worker's: ")
     parser.add_argument("--vocab-size", type=int, default=256, help="prompt token ids are drawn from [3, vocab)")
     parser.add_argument("--quick", action="store_true", help="a tiny run: 2 rates x 4 short requests")
     parser.add_argument("--json", dest="json_path", default=None)

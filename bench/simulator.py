@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import argparse
 
+from engine.config import add_prefill_chunk_argument
+
 # Kept free of the simulator's imports: the CLI builds every parser on each invocation.
 GPU_CHOICES = ("h100", "h200")
 MODEL_HELP = (
@@ -69,13 +71,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
     parser.add_argument("--max-num-seqs", type=int, default=64)
-    parser.add_argument(
-        "--prefill-chunk-beside-decodes",
-        type=int,
-        default=None,
-        metavar="TOKENS",
-        help="every worker's: prompt tokens a step that also decodes may hold (default: the whole step budget)",
-    )
+    add_prefill_chunk_argument(parser, "every worker's: ")
     parser.add_argument(
         "--rate", type=float, default=None, help="requests/s (default 4; with --trace: rescales its arrivals)"
     )

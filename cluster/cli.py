@@ -9,6 +9,8 @@ import os
 import signal
 import sys
 
+from engine.config import add_prefill_chunk_argument
+
 
 def _add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
@@ -24,14 +26,7 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--block-size", type=int, default=16, help="tokens per KV block (a power of two)")
     parser.add_argument("--max-num-seqs", type=int, default=64)
     parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
-    parser.add_argument(
-        "--prefill-chunk-beside-decodes",
-        type=int,
-        default=None,
-        metavar="TOKENS",
-        help="a step that also decodes holds at most this many prompt tokens (default: the whole step budget): "
-        "bounds how long a prompt stalls the decodes beside it",
-    )
+    add_prefill_chunk_argument(parser)
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
 
 

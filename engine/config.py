@@ -191,6 +191,18 @@ def check_step_limits(owner) -> None:
             raise ValueError(f"{name} must be >= 1, got {value}")
 
 
+def add_prefill_chunk_argument(parser, whose: str = "") -> None:
+    """``--prefill-chunk-beside-decodes``, as each CLI that sets it declares it (``whose``: e.g. "every worker's: ")."""
+    parser.add_argument(
+        "--prefill-chunk-beside-decodes",
+        type=int,
+        default=None,
+        metavar="TOKENS",
+        help=f"{whose}a step that also decodes holds at most this many prompt tokens (default: the whole step "
+        "budget): bounds how long a prompt stalls the decodes beside it",
+    )
+
+
 def step_prompt_budget(max_num_batched_tokens: int, prefill_chunk_beside_decodes: int | None, decodes: bool) -> int:
     """Prompt tokens one step may hold: the cap beside decodes if the step decodes, else the whole budget
     (the engine's scheduler and the simulator's both ask this)."""

@@ -62,6 +62,11 @@ def test_quick_compare_writes_a_run_per_rate_and_system(tmp_path, capsys):
     assert "SLO attainment (aggregated/disaggregated) by SLO scale" in printed and "with the scales apart" in printed
     assert "SLO rule: scale x one engine's zero-load latency" in printed and "(target >= 1.3x: " in printed
     assert all(run["cpu"]["measured_cores"] >= 0 and run["cpu"]["other_cores"] >= 0 for run in report["runs"])
+    # what the machine's cores allow each system, from the same runs (the busy cores grow with the load)
+    assert set(report["cpu_ceilings"]) == {"aggregated", "disaggregated"}
+    for fit in report["cpu_ceilings"].values():
+        assert fit is None or (fit["ceiling_rps"] > 0 and fit["runs"] == len(rates)), fit
+    assert f"what {report['machine']['cpu_count']} cores allow" in printed
 
 
 def test_workload_is_sized_from_the_measured_speeds():
@@ -114,3 +119,31 @@ def test_the_sweep_goes_on_while_a_system_meets_the_slos_up_to_its_ceiling():
     assert next_rate(rates, one_passes, systems, slos, ceiling=2.0) == 1.5, "one system still passing is enough"
     both_fail = [run(s, 1.0, 3000) for s in systems]
     assert next_rate(rates, both_fail, systems, slos, ceiling=2.0) is None
+
+
+def test_the_cpu_ceiling_is_where_the_fitted_busy_cores_reach_every_core():
+    """Busy cores = idle + per-request cores x requests/s, fitted over a system's runs; the ratio this machine
+    allows is the disaggregated ceiling over the aggregated goodput."""
+    from bench.compare import AGGREGATED_LAYOUTS, DISAGGREGATED, cpu_ceilings, ratio_bound
+
+    systems = [AGGREGATED_LAYOUTS["replicas"], DISAGGREGATED]
+
+    def run(system, rps, cores):
+        return {"system": system.name, "summary": {"request_throughput": rps}, "cpu": {"machine_cores": cores}}
+
+    runs = [run(systems[0], rps, 0.5 + 0.75 * rps) for rps in (0.5, 1.0, 1.5)]  # 2 cores at 2.0 req/s
+    runs += [run(systems[1], rps, 0.4 + 0.6 * rps) for rps in (0.5, 1.5)]  # 2 cores at 2.667 req/s
+    ceilings = cpu_ceilings(runs, systems, cores=2)
+    assert ceilings["aggregated"]["ceiling_rps"] == pytest.approx(2.0)
+    assert ceilings["aggregated"]["idle_cores"] == pytest.approx(0.5)
+    assert ceilings["disaggregated"]["core_seconds_per_request"] == pytest.approx(0.6)
+    assert ceilings["disaggregated"]["ceiling_rps"] == pytest.approx(1.6 / 0.6)
+    good = {"aggregated": {"low": 1.8}, "disaggregated": {"low": 1.9}}
+    assert ratio_bound(ceilings, good) == pytest.approx(1.6 / 0.6 / 1.8)
+    assert ratio_bound(ceilings, {**good, "aggregated": {"low": 0.0}}) is None
+
+    # one throughput, no CPU usage, or cores that do not grow with the load: no ceiling
+    flat = [run(systems[1], rps, 1.0) for rps in (0.5, 1.5)] + [run(systems[0], 1.0, 1.0), run(systems[0], 1.0, 1.2)]
+    assert cpu_ceilings(flat, systems, cores=2) == {"aggregated": None, "disaggregated": None}
+    assert cpu_ceilings(runs, systems, cores=None) == {"aggregated": None, "disaggregated": None}
+    assert ratio_bound({"aggregated": None, "disaggregated": None}, good) is None
