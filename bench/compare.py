@@ -700,7 +700,8 @@ def build_report(
 ) -> dict:
     good = goodputs(runs, systems, plan.slos)
     ratio = ratio_of(good)
-    ceilings = cpu_ceilings(runs, systems, os.cpu_count())
+    cores = os.cpu_count()
+    ceilings = cpu_ceilings(runs, systems, cores)
     config_json = {k: v for k, v in asdict(config).items() if k != "json_path"}
     # What ran: the sized workload and the SLOs in milliseconds (``simulate --validate`` reads these).
     config_json.update(input_len=plan.input_len, rates=plan.rates, slos=plan.slos)
@@ -708,7 +709,7 @@ def build_report(
     return {
         "config": config_json,
         "plan": asdict(plan),
-        "machine": {"cpu_count": os.cpu_count(), "cpu_model": _cpu_model(), "wall_seconds": seconds},
+        "machine": {"cpu_count": cores, "cpu_model": _cpu_model(), "wall_seconds": seconds},
         "zero_load": probes,
         "runs": runs,
         "goodput": good,
