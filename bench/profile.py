@@ -316,13 +316,13 @@ def _one_mixed_step(engine: Engine, batch: int, context: int, tokens: int, rng: 
 def fit_mixed(rows: list[dict]) -> dict:
     """What mixed steps cost beyond the composed parts, ``a + b*t`` over the chunk's tokens, least
     squares (either sign: the parts' own fixed costs overlap in one step). One chunk size: b = 0."""
-    tokens = np.array([row["tokens"] for row in rows], dtype=float)
-    extra = np.array([row["seconds"] - row["predicted_seconds"] for row in rows])
+    tokens = [row["tokens"] for row in rows]
+    extra = [row["seconds"] - row["predicted_seconds"] for row in rows]
     if len(set(tokens)) < 2:
-        return {"a": float(np.median(extra)), "b": 0.0}
-    (a, b), *_ = np.linalg.lstsq(np.column_stack([np.ones_like(tokens), tokens]), extra, rcond=None)
-    residual = extra - (a + b * tokens)
-    return {"a": float(a), "b": float(b), "max_abs_residual_s": float(np.abs(residual).max())}
+        return {"a": statistics.median(extra), "b": 0.0}
+    b, a = statistics.linear_regression(tokens, extra)
+    residual = max(abs(e - (a + b * t)) for t, e in zip(tokens, extra))
+    return {"a": a, "b": b, "max_abs_residual_s": residual}
 
 
 def _drain(engine: Engine) -> None:

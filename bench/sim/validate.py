@@ -117,7 +117,7 @@ def serving_overheads(compare: dict, profile: dict) -> dict:
     alone = deployment_for(system, compare["config"], profile, Host(cores) if cores else None)
     pairs = _measured_and_alone(alone, probe)
     ttft = [row["ttft"] - simulated.ttft for row, simulated in pairs]
-    tpot = [row["tpot"] - simulated.tpot for row, simulated in pairs if row["tpot"] and simulated.tpot]
+    tpot = _decode_gaps(pairs)
     return {
         "request_overhead_s": max(0.0, statistics.median(ttft)) if ttft else 0.0,
         "decode_step_overhead_s": max(0.0, statistics.median(tpot)) if tpot else 0.0,
@@ -141,6 +141,11 @@ def _measured_and_alone(deployment: Deployment, probe: dict) -> list[tuple[dict,
     ]
 
 
+def _decode_gaps(pairs: list[tuple[dict, RequestRecord]]) -> list[float]:
+    """TPOT measured - simulated of each pair that decoded more than one token on both sides."""
+    return [row["tpot"] - simulated.tpot for row, simulated in pairs if row["tpot"] and simulated.tpot]
+
+
 def trace_of(run: dict) -> list[TraceRequest]:
     return sorted(
         (TraceRequest(r["start"], r["prompt_len"], r["output_len"]) for r in run["requests"]), key=lambda r: r.arrival_s
@@ -156,7 +161,7 @@ def calibrate(deployment: Deployment, probe: dict) -> tuple[Deployment, dict]:
     threads being descheduled by that other work on the same 2 cores, paid once per step."""
     pairs = _measured_and_alone(deployment, probe)
     ttft = [row["ttft"] / simulated.ttft for row, simulated in pairs]
-    tpot = [row["tpot"] - simulated.tpot for row, simulated in pairs if row["tpot"] and simulated.tpot]
+    tpot = _decode_gaps(pairs)
     factors = {
         "prefill_factor": statistics.median(ttft) if ttft else 1.0,
         "decode_step_overhead_s": statistics.median(tpot) if tpot else 0.0,
