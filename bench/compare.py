@@ -344,7 +344,8 @@ def start_stacks(config: CompareConfig, systems: list[System]) -> list[Stack]:
             _wait_router(stack)
         workers = [p.process.pid for stack in stacks for p in stack.processes if not p.name.endswith("router")]
         for stack in stacks:
-            stack.meter = CpuMeter(workers)
+            engines = {_worker_label(p.name): p.process.pid for p in stack.processes if not p.name.endswith("router")}
+            stack.meter = CpuMeter(workers, engines)
         return stacks
     except BaseException:
         stop_stacks(stacks)
@@ -755,7 +756,7 @@ def print_report(report: dict) -> None:
     )
     print(
         f"{'rate':>6} {'system':15} {'TTFT p50':>9} {'TTFT p99':>9} {'TPOT p50':>9} {'TPOT p99':>9} "
-        f"{'attain':>7} {'done':>5} {'load':>5} {'other':>5}  routing"
+        f"{'attain':>7} {'done':>5} {'load':>5} {'other':>5}  {'engines':15} routing"
     )
     zero = [dict(run, rate=0.0) for run in report["zero_load"].values()]
     for run in sorted(zero + report["runs"], key=lambda r: r["rate"]):
@@ -765,12 +766,13 @@ def print_report(report: dict) -> None:
             f"{run['rate'] or 'zero':>6} {run['system']:15} {_fmt(s['ttft_ms']['median']):>9} "
             f"{_fmt(s['ttft_ms']['p99']):>9} "
             f"{_fmt(s['tpot_ms']['median']):>9} {_fmt(s['tpot_ms']['p99']):>9} {attained:>7.0%} "
-            f"{s['completed']:>5} {run['load_1min_before']:>5.2f} {_other_cores(run):>5}  "
+            f"{s['completed']:>5} {run['load_1min_before']:>5.2f} {_other_cores(run):>5}  {_engine_cores(run):15} "
             f"{','.join(f'{k}:{v:.0f}' for k, v in run['routing'].items())}"
         )
     print(
         "zero: the mean-length requests, sent one at a time; load: 1-minute load average before the run; "
-        "other: cores busy with anything but the workers during it"
+        "other: cores busy with anything but the workers during it; engines: each worker's engine thread "
+        "(p: prefill, d: decode), cores busy during it (1.00: it never waited)"
     )
     for name, good in report["goodput"].items():
         notes = [good["bound"]] if good["bound"] else []
@@ -837,6 +839,18 @@ def print_cpu_ceilings(ceilings: dict[str, dict | None], target: dict, cores: in
 
 def _other_cores(run: dict) -> str:
     return "n/a" if not run.get("cpu") else f"{run['cpu']['other_cores']:.2f}"
+
+
+def _worker_label(process_name: str) -> str:
+    """``disaggregated decode worker 0`` -> ``d0``: a worker's column in the engine-cores field."""
+    _system, role, _worker, index = process_name.split()
+    return f"{role[0]}{index}"
+
+
+def _engine_cores(run: dict) -> str:
+    """Each worker's engine thread, cores busy during the run (1.00: it stepped all the time)."""
+    engines = (run.get("cpu") or {}).get("engine_cores") or {}
+    return " ".join(f"{name} {cores:.2f}" for name, cores in sorted(engines.items(), reverse=True)) or "n/a"
 
 
 def print_ratio_grid(rows: list[dict]) -> None:

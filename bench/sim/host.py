@@ -13,6 +13,7 @@ idle loses nothing until another worker takes that core too::
 
 from __future__ import annotations
 
+import glob
 import os
 import time
 from dataclasses import dataclass
@@ -39,15 +40,20 @@ class CpuSample:
     wall_s: float
     machine_busy_ticks: int  # every core, every process
     measured_ticks: int  # the measured processes, all their threads
+    engine_ticks: dict[str, int | None]  # by worker: its engine thread alone (None: not found)
 
 
 class CpuMeter:
-    """CPU time of the machine and of some processes (``/proc``), between two samples.
+    """CPU time of the machine and of some processes (``/proc``), between two samples; and of the engine
+    thread of each of ``engines`` (name -> worker pid): a worker whose engine thread keeps its core busy
+    steps no faster, whatever the rest of the machine has left.
 
     ``sample()`` returns None where there is no ``/proc`` (the simulator then assumes no other work)."""
 
-    def __init__(self, pids: list[int]) -> None:
+    def __init__(self, pids: list[int], engines: dict[str, int] | None = None) -> None:
         self.pids = pids
+        self.engines = engines or {}
+        self._engine_threads: dict[str, str] = {}  # name -> /proc path of its engine thread's stat
         self.tick_s = 1.0 / os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 0.01
 
     def sample(self) -> CpuSample | None:
@@ -58,7 +64,8 @@ class CpuMeter:
         except (OSError, ValueError, IndexError):
             return None
         user, nice, system, _idle, _iowait, irq, softirq, steal = (fields + [0] * 8)[:8]
-        return CpuSample(time.monotonic(), user + nice + system + irq + softirq + steal, measured)
+        engines = {name: self._engine_ticks(name, pid) for name, pid in self.engines.items()}
+        return CpuSample(time.monotonic(), user + nice + system + irq + softirq + steal, measured, engines)
 
     def usage(self, before: CpuSample | None, after: CpuSample | None) -> dict | None:
         """Cores kept busy on average between the samples: all, by the measured processes, by the rest."""
@@ -67,7 +74,34 @@ class CpuMeter:
         seconds = after.wall_s - before.wall_s
         machine = (after.machine_busy_ticks - before.machine_busy_ticks) * self.tick_s / seconds
         measured = (after.measured_ticks - before.measured_ticks) * self.tick_s / seconds
-        return {"machine_cores": machine, "measured_cores": measured, "other_cores": max(0.0, machine - measured)}
+        engines = {
+            name: (after.engine_ticks[name] - ticks) * self.tick_s / seconds
+            for name, ticks in before.engine_ticks.items()
+            if ticks is not None and after.engine_ticks.get(name) is not None
+        }
+        return {
+            "machine_cores": machine,
+            "measured_cores": measured,
+            "other_cores": max(0.0, machine - measured),
+            "engine_cores": engines,
+        }
+
+    def _engine_ticks(self, name: str, pid: int) -> int | None:
+        """The worker's engine thread (OS-named ``*-engine`` by engine/loop.py): its CPU ticks, or None."""
+        path = self._engine_threads.get(name)
+        if path is None:
+            for task in sorted(glob.glob(f"/proc/{pid}/task/*")):
+                try:
+                    with open(f"{task}/comm") as handle:
+                        if handle.read().strip().endswith("-engine"):
+                            path = self._engine_threads[name] = f"{task}/stat"
+                            break
+                except OSError:
+                    continue
+        try:
+            return stat_ticks(path) if path else None
+        except OSError:  # the worker or its thread is gone
+            return None
 
 
 def _process_ticks(pid: int) -> int:

@@ -4,6 +4,9 @@ processes, serve every request at every rate, and the report has a row per (rate
 from __future__ import annotations
 
 import json
+import os
+import threading
+import time
 
 import pytest
 
@@ -67,6 +70,44 @@ def test_quick_compare_writes_a_run_per_rate_and_system(tmp_path, capsys):
     for fit in report["cpu_ceilings"].values():
         assert fit is None or (fit["ceiling_rps"] > 0 and fit["runs"] == len(rates)), fit
     assert f"what {report['machine']['cpu_count']} cores allow" in printed
+    # each worker's engine thread, found by its OS name: busy, never more than its one core
+    for run in report["runs"]:
+        expected = {"d0", "d1"} if run["system"] == "aggregated" else {"p0", "d0"}
+        engines = run["cpu"]["engine_cores"]
+        assert set(engines) == expected and all(0 <= cores <= 1.05 for cores in engines.values()), engines
+        assert sum(engines.values()) > 0, engines
+    assert "engines: each worker's engine thread" in printed
+
+
+def test_the_cpu_meter_reads_each_engine_thread_by_its_os_name():
+    """A thread named ``*-engine`` (as engine/loop.py names the engine's) is found in its process and
+    metered alone: one spinning reads about a core, the process's other threads do not count."""
+    from bench.sim.host import CpuMeter
+    from engine.loop import name_os_thread
+
+    stop, named = threading.Event(), threading.Event()
+
+    def engine(spin: bool) -> None:
+        name_os_thread("decode-engine")
+        named.set()
+        while not stop.is_set():
+            if not spin:
+                stop.wait(0.01)
+
+    for spin in (True, False):
+        stop.clear()
+        named.clear()
+        thread = threading.Thread(target=engine, args=(spin,))
+        thread.start()
+        assert named.wait(10)
+        meter = CpuMeter([os.getpid()], {"d0": os.getpid()})
+        before = meter.sample()
+        time.sleep(0.5)
+        usage = meter.usage(before, meter.sample())
+        stop.set()
+        thread.join(10)
+        busy = usage["engine_cores"]["d0"]
+        assert (busy > 0.3) if spin else (busy < 0.1), (spin, usage)
 
 
 def test_workload_is_sized_from_the_measured_speeds():

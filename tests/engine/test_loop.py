@@ -5,6 +5,8 @@ and bulk TCP receivers): each of their wake-ups would wait out the interpreter's
 
 from __future__ import annotations
 
+import glob
+import os
 import statistics
 import sys
 import time
@@ -48,5 +50,20 @@ def test_a_reservation_waiting_for_its_kv_leaves_the_loop_asleep_until_its_commi
         loop.call(lambda e: e.complete_reservation("r", first_token_id=5))
         tokens = [t for output in stream for t in output.token_ids]
         assert len(tokens) == PARAMS.max_tokens
+    finally:
+        loop.stop()
+
+
+def test_the_engine_thread_carries_its_name_in_the_os(model_dir):  # noqa: F811
+    """``top -H``, py-spy and ``bench compare``'s engine-cores column find the engine thread by its OS name."""
+    loop = EngineLoop(Engine(EngineConfig(model=model_dir, dtype="float32", num_kv_blocks=64)), name="decode-engine")
+    loop.start()
+    try:
+        loop.call(lambda e: None)  # the loop thread is running
+        names = []
+        for task in glob.glob(f"/proc/{os.getpid()}/task/*/comm"):
+            with open(task) as handle:
+                names.append(handle.read().strip())
+        assert names.count("decode-engine") == 1, names
     finally:
         loop.stop()
