@@ -73,6 +73,7 @@ import httpx
 from bench.serve_bench import BenchRequest, RequestRecord, meets, random_dataset, run_load, summarize
 from bench.sim.host import CpuMeter
 from engine.config import add_prefill_chunk_argument
+from engine.threads import engine_thread_name
 from protos.cluster_auth import ensure_secret_in_env
 
 ATTAINMENT_TARGET = 0.9
@@ -239,11 +240,14 @@ def salted(requests: list[BenchRequest], salt: int) -> list[BenchRequest]:
 class Process:
     """A ``splitserve`` child process, waited for until it prints its ready line, then drained."""
 
-    def __init__(self, name: str, argv: list[str], ready: str, threads: int | None = None) -> None:
+    def __init__(
+        self, name: str, argv: list[str], ready: str, threads: int | None = None, worker: tuple[str, int] | None = None
+    ) -> None:
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         if threads:
             env["OMP_NUM_THREADS"] = str(threads)
         self.name = name
+        self.worker = worker  # (role, index) of a worker process; None for a router
         self.ready = ready
         self.tail: deque[str] = deque(maxlen=40)
         self.process = subprocess.Popen(
@@ -331,20 +335,24 @@ def start_stacks(config: CompareConfig, systems: list[System]) -> list[Stack]:
                     if config.prefill_chunk_beside_decodes is not None:
                         argv += ["--prefill-chunk-beside-decodes", str(config.prefill_chunk_beside_decodes)]
                     stack.processes.append(
-                        Process(f"{stack.system.name} {role} worker {index}", argv, "READY ", threads)
+                        Process(f"{stack.system.name} {role} worker {index}", argv, "READY ", threads, (role, index))
                     )
         for stack in stacks:
             for process in stack.processes:
                 addresses[process.name] = json.loads(process.wait_ready().split("READY ", 1)[1])["address"]
         for stack in stacks:
             for role in ("prefill", "decode"):
-                stack.addresses[role] = [addresses[p.name] for p in stack.processes if f" {role} " in p.name]
+                stack.addresses[role] = [addresses[p.name] for p in stack.processes if p.worker and p.worker[0] == role]
             stack.processes.append(_router_process(stack, config))
         for stack in stacks:
             _wait_router(stack)
-        workers = [p.process.pid for stack in stacks for p in stack.processes if not p.name.endswith("router")]
+        workers = [p.process.pid for stack in stacks for p in stack.processes if p.worker]
         for stack in stacks:
-            engines = {_worker_label(p.name): p.process.pid for p in stack.processes if not p.name.endswith("router")}
+            engines = {}  # a worker's label in the engines column -> (pid, its engine thread's OS name)
+            for p in stack.processes:
+                if p.worker:
+                    role, index = p.worker
+                    engines[f"{role[0]}{index}"] = (p.process.pid, engine_thread_name(role))
             stack.meter = CpuMeter(workers, engines)
         return stacks
     except BaseException:
@@ -839,12 +847,6 @@ def print_cpu_ceilings(ceilings: dict[str, dict | None], target: dict, cores: in
 
 def _other_cores(run: dict) -> str:
     return "n/a" if not run.get("cpu") else f"{run['cpu']['other_cores']:.2f}"
-
-
-def _worker_label(process_name: str) -> str:
-    """``disaggregated decode worker 0`` -> ``d0``: a worker's column in the engine-cores field."""
-    _system, role, _worker, index = process_name.split()
-    return f"{role[0]}{index}"
 
 
 def _engine_cores(run: dict) -> str:

@@ -16,10 +16,8 @@ Failures stay local; the loop thread never dies and no stream is left waiting:
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import queue
-import sys
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
@@ -31,6 +29,7 @@ from engine.block_manager import KVEvent
 from engine.engine import Engine
 from engine.output import RequestOutput
 from engine.request import RequestState
+from engine.threads import name_os_thread
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -245,17 +244,3 @@ def _drop_oldest_and_close(events: queue.Queue) -> None:
     except queue.Empty:
         pass
     events.put_nowait(None)
-
-
-_PR_SET_NAME = 15
-
-
-def name_os_thread(name: str) -> None:
-    """Gives the calling thread ``name`` in the OS too (Linux: its first 15 bytes), so ``top -H``, py-spy and
-    ``/proc/PID/task/TID/comm`` show which thread is the engine's (``bench compare`` reads its CPU that way).
-    Python 3.11 names its threads for itself only."""
-    if sys.platform.startswith("linux"):
-        try:
-            ctypes.CDLL(None).prctl(_PR_SET_NAME, name.encode()[:15], 0, 0, 0)
-        except (OSError, AttributeError):  # no prctl: the OS name stays "python"
-            pass

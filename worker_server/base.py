@@ -26,6 +26,7 @@ from engine.loop import EngineLoop
 from engine.output import RequestOutput
 from engine.presets import build_model_card
 from engine.sampler import TokenLogprobs
+from engine.threads import engine_thread_name
 from kv_transfer.errors import TransferError
 from kv_transfer.layout import layout_message
 from kv_transfer.sender import channel_options
@@ -106,7 +107,7 @@ class WorkerBase(ABC):
         ).to_wire()
         # Stats and /metrics read what the engine thread published after its last step, never wait for a step.
         self.engine_snapshot = self.engine.stats()
-        self.loop = EngineLoop(self.engine, name=f"{self.role}-engine", after_step=self._after_step)
+        self.loop = EngineLoop(self.engine, name=engine_thread_name(self.role), after_step=self._after_step)
         self.server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=max_rpc_threads),
             interceptors=server_interceptors(self.auth),

@@ -44,16 +44,16 @@ class CpuSample:
 
 
 class CpuMeter:
-    """CPU time of the machine and of some processes (``/proc``), between two samples; and of the engine
-    thread of each of ``engines`` (name -> worker pid): a worker whose engine thread keeps its core busy
-    steps no faster, whatever the rest of the machine has left.
+    """CPU time of the machine and of some processes (``/proc``), between two samples; and of one thread
+    of each of ``engines`` (label -> (worker pid, its engine thread's OS name)): a worker whose engine
+    thread keeps its core busy steps no faster, whatever the rest of the machine has left.
 
     ``sample()`` returns None where there is no ``/proc`` (the simulator then assumes no other work)."""
 
-    def __init__(self, pids: list[int], engines: dict[str, int] | None = None) -> None:
+    def __init__(self, pids: list[int], engines: dict[str, tuple[int, str]] | None = None) -> None:
         self.pids = pids
         self.engines = engines or {}
-        self._engine_threads: dict[str, str] = {}  # name -> /proc path of its engine thread's stat
+        self._engine_threads: dict[str, str] = {}  # label -> /proc path of its engine thread's stat
         self.tick_s = 1.0 / os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 0.01
 
     def sample(self) -> CpuSample | None:
@@ -64,7 +64,7 @@ class CpuMeter:
         except (OSError, ValueError, IndexError):
             return None
         user, nice, system, _idle, _iowait, irq, softirq, steal = (fields + [0] * 8)[:8]
-        engines = {name: self._engine_ticks(name, pid) for name, pid in self.engines.items()}
+        engines = {label: self._engine_ticks(label, *worker) for label, worker in self.engines.items()}
         return CpuSample(time.monotonic(), user + nice + system + irq + softirq + steal, measured, engines)
 
     def usage(self, before: CpuSample | None, after: CpuSample | None) -> dict | None:
@@ -86,15 +86,15 @@ class CpuMeter:
             "engine_cores": engines,
         }
 
-    def _engine_ticks(self, name: str, pid: int) -> int | None:
-        """The worker's engine thread (OS-named ``*-engine`` by engine/loop.py): its CPU ticks, or None."""
-        path = self._engine_threads.get(name)
+    def _engine_ticks(self, label: str, pid: int, thread_name: str) -> int | None:
+        """The CPU ticks of the worker's thread OS-named ``thread_name`` (engine/threads.py), or None."""
+        path = self._engine_threads.get(label)
         if path is None:
             for task in sorted(glob.glob(f"/proc/{pid}/task/*")):
                 try:
                     with open(f"{task}/comm") as handle:
-                        if handle.read().strip().endswith("-engine"):
-                            path = self._engine_threads[name] = f"{task}/stat"
+                        if handle.read().strip() == thread_name:
+                            path = self._engine_threads[label] = f"{task}/stat"
                             break
                 except OSError:
                     continue

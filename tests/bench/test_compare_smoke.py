@@ -83,7 +83,7 @@ def test_the_cpu_meter_reads_each_engine_thread_by_its_os_name():
     """A thread named ``*-engine`` (as engine/loop.py names the engine's) is found in its process and
     metered alone: one spinning reads about a core, the process's other threads do not count."""
     from bench.sim.host import CpuMeter
-    from engine.loop import name_os_thread
+    from engine.threads import name_os_thread
 
     stop, named = threading.Event(), threading.Event()
 
@@ -100,7 +100,7 @@ def test_the_cpu_meter_reads_each_engine_thread_by_its_os_name():
         thread = threading.Thread(target=engine, args=(spin,))
         thread.start()
         assert named.wait(10)
-        meter = CpuMeter([os.getpid()], {"d0": os.getpid()})
+        meter = CpuMeter([os.getpid()], {"d0": (os.getpid(), "decode-engine")})
         before = meter.sample()
         time.sleep(0.5)
         usage = meter.usage(before, meter.sample())
