@@ -672,6 +672,26 @@ def ratio_bound(ceilings: dict[str, dict | None], good: dict) -> float | None:
     return ceiling["ceiling_rps"] / aggregated if ceiling and aggregated > 0 else None
 
 
+def ratio_factors(ceilings: dict[str, dict | None], good: dict) -> dict | None:
+    """The goodput ratio taken apart: the ceilings' ratio (what each stack's idle and per-request CPU allow,
+    one over the other) times the disaggregated goodput's share of its ceiling, over the aggregated goodput's share
+    of its own (how close each schedule gets to its cores before the SLOs fail). Their product is the
+    ratio; None where a ceiling is unknown, a goodput only a bound, or the aggregated goodput zero."""
+    shares = {}
+    for name in (AGGREGATED_NAME, DISAGGREGATED_NAME):
+        fit = ceilings.get(name)
+        if not fit or good[name]["low"] != good[name]["high"]:
+            return None
+        shares[name] = good[name]["low"] / fit["ceiling_rps"]
+    if not shares[AGGREGATED_NAME]:
+        return None
+    return {
+        "ceilings": ceilings[DISAGGREGATED_NAME]["ceiling_rps"] / ceilings[AGGREGATED_NAME]["ceiling_rps"],
+        "aggregated_share": shares[AGGREGATED_NAME],
+        "disaggregated_share": shares[DISAGGREGATED_NAME],
+    }
+
+
 def attainment_of(run: dict, slos: dict) -> float:
     records = [RequestRecord(**{k: v for k, v in row.items() if k in RECORD_FIELDS}) for row in run["requests"]]
     return sum(meets(r, slos) for r in records) / len(records)
@@ -730,6 +750,7 @@ def build_report(
             "ratio": GOODPUT_RATIO_TARGET,
             "met": ratio["low"] >= GOODPUT_RATIO_TARGET,
             "machine_bound": ratio_bound(ceilings, good),
+            "factors": ratio_factors(ceilings, good),
         },
     }
 
@@ -843,6 +864,13 @@ def print_cpu_ceilings(ceilings: dict[str, dict | None], target: dict, cores: in
         else "the target is within reach of these cores"
     )
     print(f"  so the ratio can be at most {bound:.2f}x here (disaggregated ceiling / aggregated goodput): {verdict}")
+    factors = target.get("factors")
+    if factors:
+        print(
+            f"  the ratio taken apart: ceilings {factors['ceilings']:.2f}x apart (idle and per-request CPU) x "
+            f"disaggregated at {factors['disaggregated_share']:.0%} of its ceiling / aggregated at "
+            f"{factors['aggregated_share']:.0%} of its own (where each schedule's SLOs fail)"
+        )
 
 
 def _other_cores(run: dict) -> str:

@@ -70,6 +70,11 @@ def test_quick_compare_writes_a_run_per_rate_and_system(tmp_path, capsys):
     for fit in report["cpu_ceilings"].values():
         assert fit is None or (fit["ceiling_rps"] > 0 and fit["runs"] == len(rates)), fit
     assert f"what {report['machine']['cpu_count']} cores allow" in printed
+    factors = report["target"]["factors"]
+    if factors is not None:  # both fits and both goodputs measured: the factors multiply back to the ratio
+        product = factors["ceilings"] * factors["disaggregated_share"] / factors["aggregated_share"]
+        assert product == pytest.approx(report["goodput_ratio"]["low"]), factors
+        assert "the ratio taken apart: ceilings" in printed
     # each worker's engine thread, found by its OS name: busy, never more than its one core
     for run in report["runs"]:
         expected = {"d0", "d1"} if run["system"] == "aggregated" else {"p0", "d0"}
@@ -165,7 +170,7 @@ def test_the_sweep_goes_on_while_a_system_meets_the_slos_up_to_its_ceiling():
 def test_the_cpu_ceiling_is_where_the_fitted_busy_cores_reach_every_core():
     """Busy cores = idle + per-request cores x requests/s, fitted over a system's runs; the ratio this machine
     allows is the disaggregated ceiling over the aggregated goodput."""
-    from bench.compare import AGGREGATED_LAYOUTS, DISAGGREGATED, cpu_ceilings, ratio_bound
+    from bench.compare import AGGREGATED_LAYOUTS, DISAGGREGATED, cpu_ceilings, ratio_bound, ratio_factors
 
     systems = [AGGREGATED_LAYOUTS["replicas"], DISAGGREGATED]
 
@@ -179,12 +184,22 @@ def test_the_cpu_ceiling_is_where_the_fitted_busy_cores_reach_every_core():
     assert ceilings["aggregated"]["idle_cores"] == pytest.approx(0.5)
     assert ceilings["disaggregated"]["core_seconds_per_request"] == pytest.approx(0.6)
     assert ceilings["disaggregated"]["ceiling_rps"] == pytest.approx(1.6 / 0.6)
-    good = {"aggregated": {"low": 1.8}, "disaggregated": {"low": 1.9}}
+    good = {"aggregated": {"low": 1.8, "high": 1.8}, "disaggregated": {"low": 1.9, "high": 1.9}}
     assert ratio_bound(ceilings, good) == pytest.approx(1.6 / 0.6 / 1.8)
     assert ratio_bound(ceilings, {**good, "aggregated": {"low": 0.0}}) is None
+    # the ratio taken apart: ceilings 1.333x apart, disaggregated at 71% of its ceiling, aggregated at 90%
+    factors = ratio_factors(ceilings, good)
+    assert factors == pytest.approx(
+        {"ceilings": 4 / 3, "aggregated_share": 0.9, "disaggregated_share": 1.9 * 0.6 / 1.6}
+    )
+    product = factors["ceilings"] * factors["disaggregated_share"] / factors["aggregated_share"]
+    assert product == pytest.approx(1.9 / 1.8)
+    assert ratio_factors(ceilings, {**good, "aggregated": {"low": 0.0, "high": 0.0}}) is None
+    assert ratio_factors(ceilings, {**good, "disaggregated": {"low": 1.9, "high": 2.1}}) is None, "only a bound"
 
     # one throughput, no CPU usage, or cores that do not grow with the load: no ceiling
     flat = [run(systems[1], rps, 1.0) for rps in (0.5, 1.5)] + [run(systems[0], 1.0, 1.0), run(systems[0], 1.0, 1.2)]
     assert cpu_ceilings(flat, systems, cores=2) == {"aggregated": None, "disaggregated": None}
     assert cpu_ceilings(runs, systems, cores=None) == {"aggregated": None, "disaggregated": None}
     assert ratio_bound({"aggregated": None, "disaggregated": None}, good) is None
+    assert ratio_factors({"aggregated": ceilings["aggregated"], "disaggregated": None}, good) is None
