@@ -35,9 +35,10 @@ class RouterConfig:
     kv_weight: float = 1.0  # w in: cost(P) = w * uncached prompt blocks on P + active load of P
     local_prefill_threshold: int = 128  # uncached prompt tokens on D below which D prefills itself
     prefill_saturation: int = 8  # in-flight prefills per worker at which the pool counts as saturated
-    # Conditional disaggregation by time: when a prompt would wait longer than this on the best prefill worker (its
-    # backlog of prompt tokens x its measured seconds per token), and the decode worker has less prefill queued, the
-    # decode worker prefills it itself. 0: off (the prefill pool takes every long prompt until prefill_saturation).
+    # Conditional disaggregation by time: when a prompt would wait longer than this on the best prefill worker (the
+    # prompts it has not reported computed, at its measured speed: router/prefill_clock.py), and the decode worker has
+    # less prefill queued, the decode worker prefills it itself. 0: off (the prefill pool takes every long prompt until
+    # prefill_saturation).
     max_prefill_wait_ms: float = 0.0
     # failures
     prefill_timeout_s: float = 60.0
@@ -108,8 +109,9 @@ FIELD_HELP = {
     "kv_weight": "w in cost(P) = w * uncached prompt blocks on P + active load of P",
     "local_prefill_threshold": "uncached prompt tokens below which the decode worker prefills itself",
     "prefill_saturation": "in-flight prefills per worker at which the prefill pool counts as saturated",
-    "max_prefill_wait_ms": "expected wait on the best prefill worker (its queued prompt tokens x its measured "
-    "prefill speed) beyond which the decode worker prefills a prompt itself, if it has less queued; 0: off",
+    "max_prefill_wait_ms": "expected wait on the best prefill worker (the prompts it has not reported computed, at "
+    "its measured prefill speed) beyond which the decode worker prefills a prompt itself, if it has less queued; "
+    "0: off",
     "prefill_timeout_s": "seconds one prefill call may take",
     "prefill_retries": "other prefill workers tried after a failed prefill",
     "retry_backoff_s": "base of the jittered backoff between retries, in seconds",

@@ -247,14 +247,19 @@ class _PoolCollector:
         yield incompatible
         backlog = GaugeMetricFamily(
             "splitserve_router_prefill_backlog_tokens",
-            "Uncached prompt tokens this router has sent each worker to prefill and has no first token for (the "
-            "backlog max_prefill_wait_ms weighs)",
+            "Uncached prompt tokens this router has sent each worker to prefill and has no first token for",
             labels=["worker", "role"],
         )
         speed = GaugeMetricFamily(
             "splitserve_router_prefill_seconds_per_token",
-            "Each prefill worker's time to first token per uncached token, as this router timed it on prompts sent "
-            "with no backlog (an exponential average; absent until one came back)",
+            "Each prefill worker's compute time per uncached token, as its answers reported it (prefill_ms) for "
+            "prompts sent while it had nothing else unreported (an exponential average; absent until one came back)",
+            labels=["worker", "role"],
+        )
+        wait = GaugeMetricFamily(
+            "splitserve_router_prefill_wait_seconds",
+            "Each prefill worker's expected wait for a prompt sent now: the prompts it has not reported computed, at "
+            "its measured speed (the wait max_prefill_wait_ms weighs; absent until a speed was measured)",
             labels=["worker", "role"],
         )
         for w in workers:
@@ -262,8 +267,10 @@ class _PoolCollector:
             backlog.add_metric(labels, w.prefill_backlog)
             if w.prefill_s_per_token is not None:
                 speed.add_metric(labels, w.prefill_s_per_token)
+                wait.add_metric(labels, w.prefill_wait_s())
         yield backlog
         yield speed
+        yield wait
         yield from worker_metrics(w.stats for w in workers if w.stats.worker_id)
 
 

@@ -32,7 +32,8 @@ from engine.tokenizer import IncrementalDetokenizer
 from protos import common_pb2, decode_pb2, prefill_pb2
 from router.config import RouterConfig
 from router.metrics import RouterMetrics
-from router.routing import Decision, NoWorkerError, Route, prefill_cost, route, timed_prefill, uncached_tokens
+from router.prefill_clock import SentPrompt
+from router.routing import Decision, NoWorkerError, Route, prefill_cost, route, uncached_tokens
 from router.tracing import request_trace
 from router.workers import WorkerHandle, WorkerPool
 
@@ -226,10 +227,10 @@ class Orchestrator:
             # In P's backlog from the routing decision (no await since) until P answers.
             pushed = len(resumed) + len(request.prompt_token_ids)
             uncached = uncached_tokens(prefill, progress.block_hashes, pushed, served.block_size)
-            timed = uncached if prefill.prefill_backlog == 0 else 0  # an idle P: its answer times its speed
             prefilled = prefill.queue_prefill(uncached)
+            sent = prefill.prefill_clock.send(uncached, time.monotonic())
             # P computes while D reserves: the ticket follows the prefill (a Reserve waits for D's step to end).
-            prefilling = asyncio.ensure_future(self._prefill(prefill, worker_id, request, progress, timed))
+            prefilling = asyncio.ensure_future(self._prefill(prefill, worker_id, request, progress, sent))
             prefilling.add_done_callback(_retrieve)
             reserving = asyncio.ensure_future(self._reserve(decode, worker_id, request, progress))
             try:
@@ -320,14 +321,12 @@ class Orchestrator:
         worker_id: str,
         request: GenerationRequest,
         progress: _Progress,
-        timed_tokens: int,
+        sent: SentPrompt,
     ) -> prefill_pb2.PrefillResponse | None:
         """The prefill's answer, or None if this prefill worker failed (the caller retries). Its ticket follows
-        (``_send_ticket``). ``timed_tokens`` (if any): the uncached tokens of a prompt sent to an idle worker,
-        whose answer then measures its speed."""
+        (``_send_ticket``). ``sent``: the prompt in the worker's PrefillClock, which its answer reports computed."""
         prefill.active += 1
         span = progress.trace.call("prefill", prefill, worker_id)
-        sent = time.perf_counter()
         try:
             response = await prefill.stub.Prefill(
                 prefill_pb2.PrefillRequest(
@@ -340,9 +339,7 @@ class Orchestrator:
                 timeout=self.config.prefill_timeout_s,
                 metadata=span.metadata,
             )
-            if timed_tokens:
-                seconds = time.perf_counter() - sent
-                prefill.prefill_s_per_token = timed_prefill(prefill.prefill_s_per_token, timed_tokens, seconds)
+            prefill.prefill_clock.computed(sent, response.prefill_ms / 1000.0)
             return response
         except (asyncio.CancelledError, grpc.aio.UsageError):
             if not _channel_closed_under_call(prefill):
@@ -358,6 +355,7 @@ class Orchestrator:
             log.warning("prefill of %s on %s failed: %s %s", worker_id, prefill.address, exc.code().name, exc.details())
             return None
         finally:
+            prefill.prefill_clock.forget(sent)  # not reported computed: it will not be
             prefill.active -= 1
             span.end()
 

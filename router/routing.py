@@ -4,7 +4,7 @@ Pure decisions over the workers' known state; the orchestrator acts on them.
 
     decode   D = argmin  load(D) - prefix_hit_blocks(D)      (workers short of free blocks last)
     local    if uncached tokens on D < threshold, or no prefill worker, or the pool is saturated, or the prompt
-             would wait longer than max_prefill_wait_ms on P while D has less prefill queued
+             would wait longer than max_prefill_wait_ms on P (router/prefill_clock.py) while D has less prefill queued
     prefill  P = argmin  w * uncached_blocks(P) + load(P)    (kv_aware; "load" drops the first term)
 ties broken at random.
 """
@@ -67,26 +67,15 @@ def prefill_cost(worker: WorkerHandle, block_hashes: list[int], prompt_blocks: i
     return config.kv_weight * uncached + worker.load
 
 
-PREFILL_SPEED_WEIGHT = 0.2  # of the newest sample in a worker's measured seconds per prefill token
-
-
-def timed_prefill(previous: float | None, uncached_tokens: int, seconds: float) -> float | None:
-    """A worker's seconds per prefill token after a prompt sent to it with no backlog came back after ``seconds``:
-    an exponential average of such prompts' time to first token per uncached token (the router and the simulator)."""
-    if uncached_tokens <= 0:
-        return previous
-    sample = seconds / uncached_tokens
-    return sample if previous is None else previous + PREFILL_SPEED_WEIGHT * (sample - previous)
-
-
 def overflows_to_decode(
-    prefill_backlog: int, decode_backlog: int, prefill_s_per_token: float | None, max_wait_s: float
+    prefill_wait_s: float | None, decode_backlog: int, prefill_s_per_token: float | None, max_wait_s: float
 ) -> bool:
-    """Prefill on the decode worker instead: the prompt would wait over ``max_wait_s`` (0: never) behind the prefill
-    worker's backlog of prompt tokens, and the decode worker has less queued. The router and the simulator ask this."""
-    if max_wait_s <= 0 or prefill_s_per_token is None:
+    """Prefill on the decode worker instead: the prompt would wait over ``max_wait_s`` (0: never) for the prefill
+    worker (``router.prefill_clock.PrefillClock.wait_s``), and the decode worker has fewer prompt tokens queued than
+    that wait's worth at the prefill worker's speed. The router and the simulator ask this."""
+    if max_wait_s <= 0 or prefill_wait_s is None or prefill_s_per_token is None:
         return False
-    return prefill_backlog * prefill_s_per_token > max_wait_s and decode_backlog < prefill_backlog
+    return prefill_wait_s > max_wait_s and decode_backlog * prefill_s_per_token < prefill_wait_s
 
 
 def route(
@@ -122,11 +111,11 @@ def route(
     best = min(costs.values())
     prefill = random.choice([p for p in unsaturated if costs[p.address] == best])
     max_wait_s = config.max_prefill_wait_ms / 1000.0
-    if overflows_to_decode(prefill.prefill_backlog, decode.prefill_backlog, prefill.prefill_s_per_token, max_wait_s):
+    wait_s = prefill.prefill_wait_s()
+    if overflows_to_decode(wait_s, decode.prefill_backlog, prefill.prefill_s_per_token, max_wait_s):
         reason = (
-            f"prefill backlog {prefill.prefill_backlog} tokens on {prefill.address} "
-            f"(~{prefill.prefill_backlog * prefill.prefill_s_per_token * 1000:.0f} ms) > max_prefill_wait_ms, "
-            f"{decode.prefill_backlog} on the decode worker"
+            f"~{wait_s * 1000:.0f} ms of prefill queued on {prefill.address} > max_prefill_wait_ms, "
+            f"{decode.prefill_backlog} tokens on the decode worker"
         )
         return _logged(Route(Decision.FALLBACK, decode, None, uncached, reason))
     return _logged(Route(Decision.REMOTE_PREFILL, decode, prefill, uncached, f"prefill costs {costs}"))

@@ -19,6 +19,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from contract.model_card import MISMATCH_FIELDS, ModelCard, card_of_stats
 from protos import common_pb2, decode_pb2_grpc, prefill_pb2_grpc
 from protos.cluster_auth import ClusterAuth
+from router.prefill_clock import PrefillClock
 
 log = logging.getLogger(__name__)
 
@@ -85,12 +86,10 @@ class WorkerHandle:
     draining: bool = False
     stats: common_pb2.WorkerStats = field(default_factory=common_pb2.WorkerStats)
     active: int = 0  # requests this router has in flight on the worker
-    # Uncached prompt tokens this router has sent the worker to prefill and not yet had a first token for: how much
-    # prefill a prompt sent now would queue behind.
+    # Uncached prompt tokens this router has sent the worker to prefill and not yet had a first token for.
     prefill_backlog: int = 0
-    # Seconds from sending a prompt to its first token, per uncached token, of prompts sent while the worker had no
-    # backlog (an exponential average; None until one came back): turns a backlog into an expected wait.
-    prefill_s_per_token: float | None = None
+    # A prefill worker's queue as its answers report it: its measured speed and a prompt's expected wait.
+    prefill_clock: PrefillClock = field(default_factory=PrefillClock)
     failures: int = 0
     kv: KVIndex = field(default_factory=KVIndex)
     last_seen: float = 0.0
@@ -103,6 +102,14 @@ class WorkerHandle:
     @property
     def available(self) -> bool:
         return self.healthy and not self.draining and self.incompatible is None and not self.closed
+
+    @property
+    def prefill_s_per_token(self) -> float | None:
+        return self.prefill_clock.s_per_token
+
+    def prefill_wait_s(self) -> float | None:
+        """A prompt sent now: its expected wait on this prefill worker (None until a speed was measured)."""
+        return self.prefill_clock.wait_s(time.monotonic())
 
     @property
     def load(self) -> int:

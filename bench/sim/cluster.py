@@ -40,7 +40,8 @@ from bench.sim.host import Host
 from bench.sim.latency import Chunk, LatencyModel, Step
 from bench.sim.workload import TraceRequest
 from engine.config import check_step_limits, step_prompt_budget
-from router.routing import overflows_to_decode, timed_prefill
+from router.prefill_clock import PrefillClock, SentPrompt
+from router.routing import overflows_to_decode
 
 
 @dataclass(frozen=True)
@@ -137,7 +138,7 @@ class _Request:
     first_token_at: float | None = None
     finished_at: float | None = None
     decode: _Worker | None = None
-    sent_at: float | None = None  # to a prefill worker with no backlog: its first token times that worker
+    sent: SentPrompt | None = None  # in its prefill worker's PrefillClock (the router's view)
 
     @property
     def kv_tokens(self) -> int:
@@ -154,10 +155,10 @@ class _Worker:
     stepping: bool = False
     in_flight: int = 0  # requests the router has placed here and not seen finish
     kv_used: int = 0  # decode: tokens reserved
-    # The router's view: prompt tokens sent here to prefill with no first token yet; seconds per token timed on
-    # prompts sent with none (router.routing.timed_prefill)
+    # The router's view: a decode worker's prompt tokens sent to it to prefill with no first token yet; a prefill
+    # worker's queue as its answers report it (router.prefill_clock)
     prefill_backlog: int = 0
-    prefill_s_per_token: float | None = None
+    clock: PrefillClock = field(default_factory=PrefillClock)
     link_free: float = 0.0  # prefill: when the link has sent everything pushed so far
 
 
@@ -221,9 +222,7 @@ class _Simulation:
             decode.waiting.append(request)
             self.kick(decode)
             return
-        if prefill.prefill_backlog == 0:
-            request.sent_at = self.now
-        prefill.prefill_backlog += request.input_len
+        request.sent = prefill.clock.send(request.input_len, self.now)
         prefill.in_flight += 1
         prefill.waiting.append(request)
         self.kick(prefill)
@@ -238,8 +237,9 @@ class _Simulation:
             self.decisions["fallback"] += 1
             return None
         prefill = min(open_workers, key=lambda w: (w.in_flight, self.rng.random()))
-        backlogs = prefill.prefill_backlog, request.decode.prefill_backlog
-        if overflows_to_decode(*backlogs, prefill.prefill_s_per_token, self.deployment.max_prefill_wait_s):
+        wait_s = prefill.clock.wait_s(self.now)
+        backlog = request.decode.prefill_backlog
+        if overflows_to_decode(wait_s, backlog, prefill.clock.s_per_token, self.deployment.max_prefill_wait_s):
             self.decisions["fallback"] += 1
             return None
         self.decisions["remote"] += 1
@@ -317,6 +317,7 @@ class _Simulation:
                 continue
             if worker.role == "prefill":
                 worker.running.remove(request)
+                worker.clock.computed(request.sent, self.now - request.sent.at)  # as its answer's prefill_ms says
                 landed = worker.link_free + self.deployment.link.latency_s
                 released = max(released, worker.link_free)
                 self.at(landed, lambda r, p=worker: self.kv_landed(r, p), request)
@@ -333,10 +334,6 @@ class _Simulation:
     def kv_landed(self, request: _Request, prefill: _Worker) -> None:
         """The commit: the first token reaches the client, the request joins D's batch."""
         prefill.in_flight -= 1
-        prefill.prefill_backlog -= request.input_len
-        if request.sent_at is not None:
-            elapsed = self.now - request.sent_at
-            prefill.prefill_s_per_token = timed_prefill(prefill.prefill_s_per_token, request.input_len, elapsed)
         decode = request.decode
         self.token(decode, request, joins=True)
 

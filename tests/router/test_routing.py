@@ -8,7 +8,8 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from engine.block_manager import compute_block_hashes
-from router.routing import PREFILL_SPEED_WEIGHT, overflows_to_decode, timed_prefill
+from router.prefill_clock import PREFILL_SPEED_WEIGHT, PrefillClock, timed_prefill
+from router.routing import overflows_to_decode
 from tests.router.conftest import SERVED_MODEL, greedy_ignoring_eos, random_prompt, token_ids
 from tests.workers.harness import wait_idle
 
@@ -97,16 +98,47 @@ def test_no_prefill_worker_falls_back_to_the_decode_worker(make_router, cluster,
 
 
 def test_overflow_rule_weighs_the_wait_on_the_prefill_worker_against_the_decode_workers_queue():
-    # 1000 tokens queued at 1 ms/token: a 1 s wait on P.
-    assert overflows_to_decode(1000, 0, 0.001, max_wait_s=0.5)
-    assert not overflows_to_decode(1000, 0, 0.001, max_wait_s=1.5), "within the wait allowed"
-    assert not overflows_to_decode(1000, 1000, 0.001, max_wait_s=0.5), "D has as much queued: P still"
-    assert not overflows_to_decode(1000, 0, None, max_wait_s=0.5), "no speed measured yet"
-    assert not overflows_to_decode(10**9, 0, 0.001, max_wait_s=0.0), "0 turns it off"
-    # the speed it weighs: an average of prompts' time to first token per token, newest weighted PREFILL_SPEED_WEIGHT
+    # a 1 s wait on P at 1 ms/token: D's queue is weighed at the same speed
+    assert overflows_to_decode(1.0, 0, 0.001, max_wait_s=0.5)
+    assert not overflows_to_decode(1.0, 0, 0.001, max_wait_s=1.5), "within the wait allowed"
+    assert not overflows_to_decode(1.0, 1000, 0.001, max_wait_s=0.5), "D has as much queued: P still"
+    assert overflows_to_decode(1.0, 999, 0.001, max_wait_s=0.5)
+    assert not overflows_to_decode(None, 0, None, max_wait_s=0.5), "no speed measured yet"
+    assert not overflows_to_decode(10.0**9, 0, 0.001, max_wait_s=0.0), "0 turns it off"
+    # the speed it weighs: an average of prompts' compute time per token, newest weighted PREFILL_SPEED_WEIGHT
     assert timed_prefill(None, 500, 0.5) == 0.001
     assert timed_prefill(0.001, 500, 1.5) == pytest.approx(0.001 + PREFILL_SPEED_WEIGHT * (0.003 - 0.001))
     assert timed_prefill(0.001, 0, 9.0) == 0.001, "a fully cached prompt times nothing"
+
+
+def test_the_prefill_clock_times_compute_not_answers_and_reads_answers_in_the_order_sent():
+    clock = PrefillClock()
+    first = clock.send(1000, now=0.0)
+    assert clock.wait_s(0.0) is None, "no speed before an answer"
+    # P computed it in 1 s; its answer came 3 s later (the decode worker was busy): the speed is 1 ms/token
+    clock.computed(first, 1.0)
+    assert clock.s_per_token == pytest.approx(0.001)
+    assert clock.wait_s(4.0) == 0.0, "nothing left to compute"
+
+    # three prompts sent together, each of 500 tokens: 1.5 s of work, less what has passed
+    a, b, c = (clock.send(500, now=10.0) for _ in range(3))
+    assert clock.wait_s(10.0) == pytest.approx(1.5)
+    assert clock.wait_s(11.0) == pytest.approx(0.5)
+    assert clock.wait_s(12.0) == 0.0, "computed by now as far as the clock can tell, answered or not"
+    # b's answer: computed 2 s after it was sent (slower than the clock thought), and so was a, sent before it;
+    # c is timed from there. Neither queued prompt times the speed: each waited behind another.
+    clock.computed(b, 2.0)
+    assert clock.s_per_token == pytest.approx(0.001)
+    assert clock.wait_s(12.0) == pytest.approx(0.5)
+    clock.computed(a, 0.5)  # a's answer after b's: already counted
+    assert clock.wait_s(12.0) == pytest.approx(0.5)
+    clock.forget(c)  # its prefill failed: nothing of it is left to wait for
+    assert clock.wait_s(12.0) == 0.0
+
+    # a prompt sent while nothing is unreported times the speed again
+    lone = clock.send(1000, now=20.0)
+    clock.computed(lone, 3.0)
+    assert clock.s_per_token == pytest.approx(0.001 + PREFILL_SPEED_WEIGHT * (0.003 - 0.001))
 
 
 def test_max_prefill_wait_sends_the_overflow_to_the_decode_worker(make_router, cluster, checkpoint, rng):
@@ -153,5 +185,8 @@ def test_max_prefill_wait_sends_the_overflow_to_the_decode_worker(make_router, c
     assert speed == pytest.approx(handle(prefill)[1].prefill_s_per_token)
     backlogs = {k: v for k, v in metrics.items() if k[0] == "splitserve_router_prefill_backlog_tokens"}
     assert len(backlogs) == 2 and set(backlogs.values()) == {0.0}, backlogs
+    # every prompt answered: nothing left on the prefill worker's clock
+    assert metrics[("splitserve_router_prefill_wait_seconds", key)] == 0.0
+    assert handle(prefill)[1].prefill_wait_s() == 0.0
     for worker in cluster.workers:
         wait_idle(worker)
