@@ -2,42 +2,75 @@
 
 from __future__ import annotations
 
+import json
+import select
+import subprocess
+import sys
+import time
+
 import pytest
 import ray
-from ray.cluster_utils import Cluster
 
 from cluster.config import ClusterConfig, PoolSpec
 from cluster.controller import controller_class
 from cluster.worker_actor import CONTROLLER_NAME
 
-GCS_START_ATTEMPTS = 2
+START_TIMEOUT_S = 180.0
+STOP_TIMEOUT_S = 60.0
+READY = "CLUSTER "
+
+# The three nodes start in a process of their own. Started from the test process, they came up in seconds
+# alone, but twice in a full suite one never did: once the head's GCS wrote no port file, once the head's raylet
+# never started (no raylet log) and Ray gave up after 30 s. By then the test process holds the threads of every
+# earlier test (gRPC among them), and Ray forks each node's processes from it; a fresh process has none.
+# Three raylets on a loaded 2-core machine: no dashboard and no prestarted workers, so each registers with the
+# GCS inside Ray's fixed 30 s start-up wait.
+_START_CLUSTER = f"""
+import json, sys
+from ray.cluster_utils import Cluster
+head = {{"num_cpus": 1, "include_dashboard": False, "_system_config": {{"enable_worker_prestart": False}}}}
+cluster = Cluster(initialize_head=True, head_node_args=head)
+prefill = cluster.add_node(num_cpus=2, resources={{"prefill_node": 4}})
+decode = cluster.add_node(num_cpus=2, resources={{"decode_node": 4}})
+cluster.wait_for_nodes()
+print({READY!r} + json.dumps([cluster.address, prefill.node_id, decode.node_id]), flush=True)
+sys.stdin.read()  # until the test closes it
+cluster.shutdown()
+"""
+
+
+def _ready_line(process: subprocess.Popen, timeout: float) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not select.select([process.stdout], [], [], max(0.0, deadline - time.monotonic()))[0]:
+            break
+        line = process.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the cluster process exited ({process.wait()}) before its nodes were up")
+        if line.startswith(READY):
+            return line[len(READY) :]
+    raise TimeoutError(f"the cluster's three nodes were not up within {timeout:.0f} s")
 
 
 @pytest.fixture
-def three_nodes(monkeypatch):
+def three_nodes():
     if ray.is_initialized():
         ray.shutdown()
-    # Three raylets on a loaded 2-core machine: no dashboard and no prestarted workers, so each registers
-    # with the GCS inside Ray's fixed 30 s start-up wait.
-    head = {"num_cpus": 1, "include_dashboard": False, "_system_config": {"enable_worker_prestart": False}}
-    # Once in a full suite run the head's GCS never wrote its port file (no GCS log at all) and Ray gave up after
-    # its 30 s; the same test alone started in seconds. A head that does not come up is started again, once, with
-    # a longer wait: that is Ray starting, not the placement under test.
-    monkeypatch.setenv("RAY_gcs_server_port_wait_time_s", "60")
-    for attempt in range(1, GCS_START_ATTEMPTS + 1):
+    process = subprocess.Popen(
+        [sys.executable, "-c", _START_CLUSTER], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        address, prefill_node, decode_node = json.loads(_ready_line(process, START_TIMEOUT_S))
+        ray.init(address=address)
+        yield prefill_node, decode_node
+    finally:
+        ray.shutdown()
+        process.stdin.close()
         try:
-            cluster = Cluster(initialize_head=True, head_node_args=head)
-            break
-        except RuntimeError as exc:
-            if attempt == GCS_START_ATTEMPTS or "Timed out waiting for file" not in str(exc):
-                raise
-    prefill_node = cluster.add_node(num_cpus=2, resources={"prefill_node": 4})
-    decode_node = cluster.add_node(num_cpus=2, resources={"decode_node": 4})
-    ray.init(address=cluster.address)
-    cluster.wait_for_nodes()
-    yield prefill_node.node_id, decode_node.node_id
-    ray.shutdown()
-    cluster.shutdown()
+            process.wait(STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
 
 
 def test_pools_land_on_their_node_kind(three_nodes):
