@@ -73,7 +73,7 @@ def install_admin(
                 "healthy": w.healthy,
                 "draining": w.draining,
                 "active": w.active,
-                "prefill_backlog_tokens": w.prefill_backlog,
+                "prefill_backlog_tokens": w.queued_prefill_tokens,
                 "prefill_ms_per_token": None if w.prefill_s_per_token is None else w.prefill_s_per_token * 1000.0,
                 "prefill_wait_ms": None if (wait := w.prefill_wait_s()) is None else wait * 1000.0,
                 "incompatible": w.incompatible.reason if w.incompatible else None,

@@ -247,7 +247,8 @@ class _PoolCollector:
         yield incompatible
         backlog = GaugeMetricFamily(
             "splitserve_router_prefill_backlog_tokens",
-            "Uncached prompt tokens this router has sent each worker to prefill and has no first token for",
+            "Uncached prompt tokens this router has sent each worker to prefill and not had done: a decode worker's "
+            "until their first token, a prefill worker's until it reported them computed",
             labels=["worker", "role"],
         )
         speed = GaugeMetricFamily(
@@ -264,7 +265,7 @@ class _PoolCollector:
         )
         for w in workers:
             labels = [w.stats.worker_id or w.address, w.role]
-            backlog.add_metric(labels, w.prefill_backlog)
+            backlog.add_metric(labels, w.queued_prefill_tokens)
             if w.prefill_s_per_token is not None:
                 speed.add_metric(labels, w.prefill_s_per_token)
                 wait.add_metric(labels, w.prefill_wait_s())

@@ -224,10 +224,9 @@ class Orchestrator:
         tried: set[str] = set()
         for attempt in range(self.config.prefill_retries + 1):
             worker_id = progress.next_worker_request_id(request.request_id)
-            # In P's backlog from the routing decision (no await since) until P answers.
+            # On P's clock from the routing decision (no await since) until P reports it computed (``_prefill``).
             pushed = len(resumed) + len(request.prompt_token_ids)
             uncached = uncached_tokens(prefill, progress.block_hashes, pushed, served.block_size)
-            prefilled = prefill.queue_prefill(uncached)
             sent = prefill.prefill_clock.send(uncached, time.monotonic())
             # P computes while D reserves: the ticket follows the prefill (a Reserve waits for D's step to end).
             prefilling = asyncio.ensure_future(self._prefill(prefill, worker_id, request, progress, sent))
@@ -239,13 +238,11 @@ class Orchestrator:
                 decode_call = self._open_generate(decode, reserved, progress)
             except BaseException:
                 prefilling.cancel()
-                prefilled()
                 reserving.add_done_callback(lambda done: self._abort_reserved(decode, worker_id, done))
                 raise
             decode.active += 1
             try:
                 first = await self._send_ticket(prefill, worker_id, ticket, prefilling)
-                prefilled()
                 if first is None:
                     decode_call.cancel()
                     asyncio.ensure_future(self._abort(decode, worker_id, ticket.token))
@@ -267,7 +264,6 @@ class Orchestrator:
                     yield delta
                 return
             finally:
-                prefilled()  # a prefill that raised
                 decode.active -= 1
                 if not decode_call.done():
                     decode_call.cancel()

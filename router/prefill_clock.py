@@ -43,6 +43,11 @@ class PrefillClock:
     _unreported: list[SentPrompt] = field(default_factory=list)  # in the order sent
     _computed_until: float = float("-inf")  # when the newest prompt reported had been computed
 
+    @property
+    def queued_tokens(self) -> int:
+        """Uncached tokens of the prompts not reported computed yet."""
+        return sum(prompt.tokens for prompt in self._unreported)
+
     def send(self, tokens: int, now: float) -> SentPrompt:
         prompt = SentPrompt(now, tokens, timed=not self._unreported)
         self._unreported.append(prompt)

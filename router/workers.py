@@ -86,9 +86,10 @@ class WorkerHandle:
     draining: bool = False
     stats: common_pb2.WorkerStats = field(default_factory=common_pb2.WorkerStats)
     active: int = 0  # requests this router has in flight on the worker
-    # Uncached prompt tokens this router has sent the worker to prefill and not yet had a first token for.
+    # A decode worker's: uncached prompt tokens this router has sent it to prefill itself and has no first token for.
     prefill_backlog: int = 0
-    # A prefill worker's queue as its answers report it: its measured speed and a prompt's expected wait.
+    # A prefill worker's queue as its answers report it: the prompts not reported computed, its measured speed and a
+    # prompt's expected wait.
     prefill_clock: PrefillClock = field(default_factory=PrefillClock)
     failures: int = 0
     kv: KVIndex = field(default_factory=KVIndex)
@@ -102,6 +103,12 @@ class WorkerHandle:
     @property
     def available(self) -> bool:
         return self.healthy and not self.draining and self.incompatible is None and not self.closed
+
+    @property
+    def queued_prefill_tokens(self) -> int:
+        """Uncached prompt tokens sent here to prefill and not done as far as this router knows (each role keeps
+        one of the two: a decode worker its backlog, a prefill worker its clock)."""
+        return self.prefill_backlog + self.prefill_clock.queued_tokens
 
     @property
     def prefill_s_per_token(self) -> float | None:

@@ -147,7 +147,7 @@ def test_max_prefill_wait_sends_the_overflow_to_the_decode_worker(make_router, c
     pool = router.router.pool
 
     def handle(worker):
-        return router.call(lambda: (pool.workers[worker.address].prefill_backlog, pool.workers[worker.address]))
+        return router.call(lambda: (pool.workers[worker.address].queued_prefill_tokens, pool.workers[worker.address]))
 
     _complete(router, random_prompt(rng, 300))  # alone on an idle prefill worker: its speed is measured
     assert router.decisions() == {"remote_prefill": 1.0}
