@@ -55,6 +55,8 @@ TOKEN_LATENCY_BUCKETS = (
     2.0,
     5.0,
 )
+# Signed: a prefill worker's prompts computed sooner (+) or later (-) than the router's clock forecast.
+FORECAST_ERROR_BUCKETS = (-2.0, -1.0, -0.5, -0.2, -0.1, -0.05, 0.0, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0)
 
 
 class RouterMetrics:
@@ -130,6 +132,15 @@ class RouterMetrics:
             "by transport",
             ["transport"],
             buckets=TOKEN_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.prefill_forecast_error = Histogram(
+            "splitserve_router_prefill_forecast_error_seconds",
+            "Per prompt a prefill worker computed: the time until it was computed as this router forecast it when it "
+            "sent the prompt (its wait plus its own tokens, at the worker's measured speed), less the time the "
+            "worker's answer reported; negative: it took longer than the overflow rule assumed",
+            ["worker"],
+            buckets=FORECAST_ERROR_BUCKETS,
             registry=r,
         )
         self.planner_decisions = Counter(

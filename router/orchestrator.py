@@ -335,7 +335,10 @@ class Orchestrator:
                 timeout=self.config.prefill_timeout_s,
                 metadata=span.metadata,
             )
-            prefill.prefill_clock.computed(sent, response.prefill_ms / 1000.0)
+            error = prefill.prefill_clock.computed(sent, response.prefill_ms / 1000.0)
+            if error is not None:
+                worker = prefill.stats.worker_id or prefill.address
+                self.metrics.prefill_forecast_error.labels(worker).observe(error)
             return response
         except (asyncio.CancelledError, grpc.aio.UsageError):
             if not _channel_closed_under_call(prefill):

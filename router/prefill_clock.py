@@ -25,6 +25,7 @@ class SentPrompt:
     at: float  # when it was sent (the clock's time base, e.g. time.monotonic())
     tokens: int  # its uncached prompt tokens
     timed: bool  # sent while the worker had nothing else to compute: its compute time times the worker's speed
+    forecast_s: float | None = None  # the clock's, when sent: seconds until it is computed (None: no speed yet)
 
 
 @dataclass
@@ -49,18 +50,24 @@ class PrefillClock:
         return sum(prompt.tokens for prompt in self._unreported)
 
     def send(self, tokens: int, now: float) -> SentPrompt:
-        prompt = SentPrompt(now, tokens, timed=not self._unreported)
+        wait = self.wait_s(now)
+        forecast = None if wait is None else wait + tokens * self.s_per_token
+        prompt = SentPrompt(now, tokens, timed=not self._unreported, forecast_s=forecast)
         self._unreported.append(prompt)
         return prompt
 
-    def computed(self, prompt: SentPrompt, seconds: float) -> None:
-        """``prompt``'s answer: it was computed ``seconds`` after it was sent (and so was every prompt before it)."""
+    def computed(self, prompt: SentPrompt, seconds: float) -> float | None:
+        """``prompt``'s answer: it was computed ``seconds`` after it was sent (and so was every prompt before it).
+        Returns how far the clock's forecast for it was off, forecast - ``seconds`` (negative: it took longer than
+        the overflow rule assumed when it let the prompt wait there); None without a forecast, or if the prompt was
+        reported already."""
         if prompt not in self._unreported:
-            return  # reported already, by a later prompt's answer
+            return None  # reported already, by a later prompt's answer
         del self._unreported[: self._unreported.index(prompt) + 1]
         self._computed_until = max(self._computed_until, prompt.at + seconds)
         if prompt.timed:
             self.s_per_token = timed_prefill(self.s_per_token, prompt.tokens, seconds)
+        return None if prompt.forecast_s is None else prompt.forecast_s - seconds
 
     def forget(self, prompt: SentPrompt) -> None:
         """A prompt that will not be reported (its prefill failed or was cancelled)."""

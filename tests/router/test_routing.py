@@ -137,8 +137,25 @@ def test_the_prefill_clock_times_compute_not_answers_and_reads_answers_in_the_or
 
     # a prompt sent while nothing is unreported times the speed again
     lone = clock.send(1000, now=20.0)
-    clock.computed(lone, 3.0)
+    assert clock.computed(lone, 3.0) == pytest.approx(1.0 - 3.0), "forecast 1 s (1000 tokens), took 3 s"
     assert clock.s_per_token == pytest.approx(0.001 + PREFILL_SPEED_WEIGHT * (0.003 - 0.001))
+
+
+def test_the_prefill_clock_says_how_far_each_forecast_was_off():
+    clock = PrefillClock()
+    first = clock.send(1000, now=0.0)
+    assert first.forecast_s is None and clock.computed(first, 1.0) is None, "no speed, no forecast"
+    # 1 ms/token: each prompt's forecast is its wait plus its own tokens
+    a = clock.send(500, now=10.0)
+    b = clock.send(300, now=10.2)
+    assert a.forecast_s == pytest.approx(0.5)
+    assert b.forecast_s == pytest.approx(0.3 + 0.3), "a has 0.3 s left when b is sent"
+    assert clock.computed(a, 0.7) == pytest.approx(-0.2), "a took 0.2 s longer than forecast"
+    assert clock.computed(b, 0.4) == pytest.approx(0.2), "b was done 0.2 s sooner"
+    c, d = clock.send(200, now=20.0), clock.send(200, now=20.0)
+    assert d.forecast_s == pytest.approx(400 * clock.s_per_token), "a's answer timed the speed again: 1.08 ms/token"
+    assert clock.computed(d, 0.5) == pytest.approx(d.forecast_s - 0.5)
+    assert clock.computed(c, 0.3) is None, "reported already by d's answer: counted once"
 
 
 def test_max_prefill_wait_sends_the_overflow_to_the_decode_worker(make_router, cluster, checkpoint, rng):
@@ -185,6 +202,9 @@ def test_max_prefill_wait_sends_the_overflow_to_the_decode_worker(make_router, c
     assert speed == pytest.approx(handle(prefill)[1].prefill_s_per_token)
     backlogs = {k: v for k, v in metrics.items() if k[0] == "splitserve_router_prefill_backlog_tokens"}
     assert len(backlogs) == 2 and set(backlogs.values()) == {0.0}, backlogs
+    # every prompt sent to P after the first (which measured its speed) was forecast, its error observed once
+    errors = metrics[("splitserve_router_prefill_forecast_error_seconds_count", (("worker", key[1][1]),))]
+    assert errors == decisions["remote_prefill"] - 1, (errors, decisions)
     # every prompt answered: nothing left on the prefill worker's clock
     assert metrics[("splitserve_router_prefill_wait_seconds", key)] == 0.0
     assert handle(prefill)[1].prefill_wait_s() == 0.0
