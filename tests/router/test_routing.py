@@ -202,9 +202,10 @@ def test_max_prefill_wait_sends_the_overflow_to_the_decode_worker(make_router, c
     assert speed == pytest.approx(handle(prefill)[1].prefill_s_per_token)
     backlogs = {k: v for k, v in metrics.items() if k[0] == "splitserve_router_prefill_backlog_tokens"}
     assert len(backlogs) == 2 and set(backlogs.values()) == {0.0}, backlogs
-    # every prompt sent to P after the first (which measured its speed) was forecast, its error observed once
+    # every prompt sent to P after the first (which measured its speed) was forecast, and its error observed once
+    # unless a later prompt's answer came first and reported it computed; the newest one sent is always its own
     errors = metrics[("splitserve_router_prefill_forecast_error_seconds_count", (("worker", key[1][1]),))]
-    assert errors == decisions["remote_prefill"] - 1, (errors, decisions)
+    assert 1 <= errors <= decisions["remote_prefill"] - 1, (errors, decisions)
     # every prompt answered: nothing left on the prefill worker's clock
     assert metrics[("splitserve_router_prefill_wait_seconds", key)] == 0.0
     assert handle(prefill)[1].prefill_wait_s() == 0.0
