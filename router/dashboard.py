@@ -446,7 +446,7 @@ def pool_topology(pool: WorkerPool) -> dict:
         state = "draining" if handle.draining else "ready" if handle.healthy else "unhealthy"
         workers.append(
             {
-                "id": handle.stats.worker_id or handle.address,
+                "id": handle.label,
                 "role": handle.role,
                 "state": state,
                 "address": handle.address,

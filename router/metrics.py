@@ -275,7 +275,7 @@ class _PoolCollector:
             labels=["worker", "role"],
         )
         for w in workers:
-            labels = [w.stats.worker_id or w.address, w.role]
+            labels = [w.label, w.role]
             backlog.add_metric(labels, w.queued_prefill_tokens)
             if w.prefill_s_per_token is not None:
                 speed.add_metric(labels, w.prefill_s_per_token)

@@ -337,8 +337,7 @@ class Orchestrator:
             )
             error = prefill.prefill_clock.computed(sent, response.prefill_ms / 1000.0)
             if error is not None:
-                worker = prefill.stats.worker_id or prefill.address
-                self.metrics.prefill_forecast_error.labels(worker).observe(error)
+                self.metrics.prefill_forecast_error.labels(prefill.label).observe(error)
             return response
         except (asyncio.CancelledError, grpc.aio.UsageError):
             if not _channel_closed_under_call(prefill):

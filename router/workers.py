@@ -105,6 +105,11 @@ class WorkerHandle:
         return self.healthy and not self.draining and self.incompatible is None and not self.closed
 
     @property
+    def label(self) -> str:
+        """How metrics and the dashboard name this worker: its id once its Stats came, its address before."""
+        return self.stats.worker_id or self.address
+
+    @property
     def queued_prefill_tokens(self) -> int:
         """Uncached prompt tokens sent here to prefill and not done as far as this router knows (each role keeps
         one of the two: a decode worker its backlog, a prefill worker its clock)."""
