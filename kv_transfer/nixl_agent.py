@@ -41,19 +41,50 @@ flight), by ``remove_peer`` for that peer's writes, or by ``close()``.
 from __future__ import annotations
 
 import contextlib
+import importlib
+import importlib.util
 import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+from types import ModuleType
 from typing import Any
 
 import numpy as np
 import torch
-from nixl_cu12 import nixl_agent, nixl_agent_config
-from nixl_cu12._bindings import nixlNotAllowedError
 
 logger = logging.getLogger(__name__)
+
+
+def nixl_build_name(cuda_version: str | None = torch.version.cuda) -> str:
+    """The NIXL wheel's module for this process's torch: its UCX links the CUDA runtime of one major
+    version, so a CUDA 13 torch needs ``nixl_cu13`` and a CUDA 12 one ``nixl_cu12``. A CPU build of
+    torch moves DRAM only, which either build does: the one installed (``nixl-cu12`` by default)."""
+    if cuda_version:
+        return f"nixl_cu{cuda_version.split('.')[0]}"
+    for name in ("nixl_cu12", "nixl_cu13"):
+        if importlib.util.find_spec(name) is not None:
+            return name
+    return "nixl_cu12"
+
+
+def _import_nixl(name: str) -> ModuleType:
+    try:
+        return importlib.import_module(f"{name}._api")
+    except ModuleNotFoundError as error:
+        if error.name not in (name, f"{name}._api"):
+            raise
+        wanted = name.replace("_", "-")
+        raise ImportError(
+            f"NIXL: torch {torch.__version__} (CUDA {torch.version.cuda or 'none'}) needs the {wanted} "
+            f"package, which is not installed: pip install {wanted}"
+        ) from error
+
+
+_nixl = _import_nixl(nixl_build_name())
+nixl_agent, nixl_agent_config = _nixl.nixl_agent, _nixl.nixl_agent_config
+nixlNotAllowedError = importlib.import_module(f"{_nixl.__package__}._bindings").nixlNotAllowedError
 
 DESCRIPTOR_VERSION = 1
 DRAM = "DRAM"

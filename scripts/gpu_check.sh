@@ -104,18 +104,16 @@ for name in ("nixl-cu12", "nixl-cu13", "transformers", "grpcio", "protobuf", "tr
 if torch.__version__.split("+")[0] != "2.13.0":
     print(f"note: pyproject pins torch 2.13.0; this check runs with {torch.__version__}")
 failed = False
-if cuda and int(cuda.split(".")[0]) >= 13:
-    failed = True
-    print("FAIL: torch is built for CUDA 13, but kv_transfer imports nixl_cu12 (UCX built against CUDA 12,"
-          " it loads libcudart.so.12): the NIXL parts need nixl-cu13 and kv_transfer importing it")
 if torch.cuda.is_available():
     import ctypes
+    major = cuda.split(".")[0]
+    print(f"NIXL build for this torch: nixl-cu{major} (kv_transfer.nixl_agent imports nixl_cu{major})")
     try:
-        ctypes.CDLL("libcudart.so.12")
-        print("libcudart.so.12 loads (nixl-cu12's UCX CUDA memory hooks need it)")
+        ctypes.CDLL(f"libcudart.so.{major}")
+        print(f"libcudart.so.{major} loads (the UCX of nixl-cu{major} hooks CUDA memory through it)")
     except OSError as error:
         failed = True
-        print(f"FAIL: libcudart.so.12 does not load ({error}): nixl-cu12's UCX cannot hook CUDA memory")
+        print(f"FAIL: libcudart.so.{major} does not load ({error}): the UCX of nixl-cu{major} cannot hook CUDA memory")
 sys.exit(1 if failed else 0)
 PY
 }

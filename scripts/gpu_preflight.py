@@ -5,7 +5,7 @@
         OVERLAY a virtual environment that sees this python's packages (torch included) and installs
         them there from WHEELS_DIR with pip, offline; prints ``PYTHON <overlay python>`` for the script
         to use from then on. A virtual environment, not ``pip --target``: --target ignores what is
-        installed and would pull torch (nixl-cu12 depends on it) from the wheel folder; and pip may
+        installed and would pull torch (nixl-cu12/13 depend on it) from the wheel folder; and pip may
         write into it where PEP 668 forbids writing into the system's python.
     python scripts/gpu_preflight.py imports REQUIREMENTS MODULE...
         Imports each requirement's module and each MODULE (ours, which pull in the rest), reports versions.
@@ -40,9 +40,24 @@ class Requirement:
         return self.name + self.spec
 
 
+def torch_cuda_major() -> str:
+    """The CUDA major version this python's torch was built for; "12" for a CPU build or no torch (the
+    NIXL wheel is then the default one, which moves DRAM like any other)."""
+    try:
+        torch = importlib.import_module("torch")
+    except ImportError:
+        return "12"
+    cuda = getattr(torch.version, "cuda", None)
+    return cuda.split(".")[0] if cuda else "12"
+
+
 def read_requirements(path: Path) -> list[Requirement]:
+    cuda = None
     requirements = []
     for raw in path.read_text().splitlines():
+        if "{cuda}" in raw:
+            cuda = cuda or torch_cuda_major()
+            raw = raw.replace("{cuda}", cuda)
         text, _, comment = raw.partition("#")
         text = text.strip()
         if not text:

@@ -111,3 +111,22 @@ def test_a_wheel_from_wheels_dir_goes_into_an_overlay_that_still_sees_torch(tmp_
 def test_the_script_parses():
     done = subprocess.run(["bash", "-n", str(SCRIPT)], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
+
+
+def test_the_nixl_requirement_follows_torchs_cuda_major(tmp_path, monkeypatch):
+    """NIXL's UCX links one CUDA runtime: the preflight asks for the wheel that matches the torch it runs
+    with, and kv_transfer imports the same build (a CPU torch here: the default, nixl-cu12)."""
+    sys.path.insert(0, str(PREFLIGHT.parent))
+    try:
+        import gpu_preflight
+    finally:
+        sys.path.remove(str(PREFLIGHT.parent))
+    from kv_transfer.nixl_agent import nixl_build_name
+
+    requirements = tmp_path / "requirements.txt"
+    requirements.write_text("nixl-cu{cuda}>=0.6  # import: nixl_cu{cuda}\n")
+    monkeypatch.setattr(gpu_preflight, "torch_cuda_major", lambda: "13")
+    (nixl,) = gpu_preflight.read_requirements(requirements)
+    assert (nixl.name, nixl.module) == ("nixl-cu13", "nixl_cu13")
+    assert nixl_build_name("13.0") == "nixl_cu13" and nixl_build_name("12.8") == "nixl_cu12"
+    assert nixl_build_name(None) == "nixl_cu12"  # this machine: CPU torch, nixl-cu12 installed
