@@ -236,13 +236,14 @@ def hf_greedy(directory: str, device: str, dtype, prompts: list[list[int]], new_
     return outputs
 
 
-def engine_greedy(directory: str, device: str, dtype: str, prompts, new_tokens: int, attention=None):
-    """(tokens per prompt, the engine) — ``attention``: a backend to use instead of the device's choice."""
+def engine_greedy(directory: str, device: str, dtype: str, prompts, new_tokens: int, attention=None, **config):
+    """(tokens per prompt, the engine) — ``attention``: a backend to use instead of the device's choice;
+    ``config``: EngineConfig fields."""
     from contract.sampling import SamplingParams
     from engine.config import EngineConfig
     from engine.engine import Engine
 
-    engine = Engine(EngineConfig(model=directory, dtype=dtype, device=device, num_kv_blocks=256))
+    engine = Engine(EngineConfig(model=directory, dtype=dtype, device=device, num_kv_blocks=256, **config))
     if attention is not None:
         engine.runner.attention = attention
     completions = engine.generate(prompts, SamplingParams(max_tokens=new_tokens, temperature=0.0))
@@ -278,14 +279,17 @@ def parity(device: str, quick: bool) -> dict:
     with tempfile.TemporaryDirectory() as directory:
         write_tiny_checkpoint(directory)
         expected = hf_greedy(directory, device, torch.float32, prompts, new_tokens)
-        variants = [("device default", None)]
-        if device.startswith("cuda"):
-            variants.append(("torch path + CUDA graphs", TorchPagedAttention()))
-        for label, attention in variants:
-            got, engine = engine_greedy(directory, device, "float32", prompts, new_tokens, attention)
+        cuda = device.startswith("cuda")
+        # (label, attention backend, EngineConfig fields, whether decode steps must replay CUDA graphs)
+        variants = [("device default", None, {}, cuda)]
+        if cuda:
+            variants.append(("device default, no CUDA graphs", None, {"cuda_graph_max_batch": 0}, False))
+            variants.append(("torch path + CUDA graphs", TorchPagedAttention(), {}, True))
+        for label, attention, config, replays in variants:
+            got, engine = engine_greedy(directory, device, "float32", prompts, new_tokens, attention, **config)
             row = {"dtype": "float32", "variant": label, "attention": engine.runner.attention.name}
             row.update(compare_tokens(got, expected), graphs=graph_use(engine))
-            row["ok"] = row["identical"] == len(prompts)
+            row["ok"] = row["identical"] == len(prompts) and (row["graphs"]["replays"] > 0) == replays
             rows.append(row)
             del engine
         got, engine = engine_greedy(directory, device, "bfloat16", prompts, 3)

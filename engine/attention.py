@@ -237,7 +237,7 @@ def _scratch_decode_attention(q, step: ScratchStep, layer: int, scale, native=No
     else:
         query = q.view(decodes, kv_heads, -1, head_dim)
         out = F.scaled_dot_product_attention(query, key, value, attn_mask=step.mask, scale=scale)
-        out = out.view(decodes, -1, head_dim)
+        out = out.reshape(decodes, -1, head_dim)  # CUDA's SDPA kernels may return it non-contiguous
     return out if step.order is None else out.index_select(0, step.rows)
 
 
@@ -254,7 +254,7 @@ def _decode_attention(q, cache, layer, batch: AttentionBatch, scale, gather_buff
     value.masked_fill_(hidden, 0)
     query = q.view(decodes, kv_heads, -1, head_dim)
     out = F.scaled_dot_product_attention(query, key, value, attn_mask=batch.decode_mask, scale=scale)
-    return out.view(decodes, -1, head_dim)
+    return out.reshape(decodes, -1, head_dim)  # CUDA's SDPA kernels may return it non-contiguous
 
 
 def _gather_decode_kv(cache: PagedKVCache, layer: int, table: torch.Tensor, buffer: GatherBuffer | None):

@@ -8,10 +8,11 @@ captured graph replays them in one call. Shapes must be static, so a step is pad
     pad row: token/position of d0, writes its K/V into the scratch block, attends to slot 0 only
 
 Pad rows never touch a live block: the engine sets one block aside (``scratch_block``) for them.
-Steps with a prefill chunk, a larger batch or a wider table run eagerly, and so does every step of
-the FlexAttention backend (CUDA's default: its per-step block mask is no static buffer), so graphs
-replay only on the torch path; ``replays`` counts them. The padding is plain torch and runs on CPU
-(tests/engine/test_cuda_graphs.py); capture and replay need CUDA.
+Steps with a prefill chunk, a larger batch or a wider table run eagerly. A graph always holds the torch
+path's decode attention (a gather of the padded table into one static buffer), whatever backend the
+runner attends with otherwise: FlexAttention's per-step block mask is no static buffer, so on CUDA
+prefill and mixed steps run flex eagerly and decode-only steps replay; ``replays`` counts them. The
+padding is plain torch and runs on CPU (tests/engine/test_cuda_graphs.py); capture and replay need CUDA.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import dataclasses
 
 import torch
 
-from engine.attention import AttentionBatch
+from engine.attention import AttentionBatch, TorchPagedAttention
 from engine.kv_cache import PagedKVCache
 
 DEFAULT_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -95,6 +96,7 @@ class CudaGraphDecoder:
         self.max_width = width_bucket(max_width)
         self._graphs: dict[tuple[int, int], _Graph] = {}
         self._pool = None  # one memory pool shared by every graph
+        self.attention = TorchPagedAttention()  # what every graph attends with (see the module's note)
         self.replays = 0  # steps that ran as a graph replay: what a report may claim, not that graphs are on
 
     @property
@@ -102,14 +104,15 @@ class CudaGraphDecoder:
         return len(self._graphs)
 
     def shape_for(self, inputs) -> tuple[int, int] | None:
-        """(batch bucket, width bucket) the step would replay at, or None to run it eagerly (so far
-        every step of another attention backend than the torch path: FlexAttention's per-step block
-        mask is no static buffer)."""
+        """(batch bucket, width bucket) the step would replay at, or None to run it eagerly."""
         batch = inputs.batch
-        if not is_decode_only(batch) or batch.backend is None or batch.backend.name != "torch":
+        if not is_decode_only(batch):
             return None
-        size = bucket_for(batch.decode_block_table.shape[0], self.buckets)
-        width = width_bucket(batch.decode_block_table.shape[1])
+        return self.shape_of(*batch.decode_block_table.shape)
+
+    def shape_of(self, decodes: int, width: int) -> tuple[int, int] | None:
+        """The shape a decode-only step of ``decodes`` rows and a ``width``-block table replays at."""
+        size, width = bucket_for(decodes, self.buckets), width_bucket(width)
         return None if size is None or width > self.max_width else (size, width)
 
     def run(self, inputs, shape: tuple[int, int]) -> torch.Tensor:
@@ -127,7 +130,7 @@ class CudaGraphDecoder:
         return entry.logits[: inputs.batch.decode_block_table.shape[0]]
 
     def _capture(self, padded) -> _Graph:
-        static = dataclasses.replace(padded, batch=dataclasses.replace(padded.batch))
+        static = dataclasses.replace(padded, batch=dataclasses.replace(padded.batch, backend=self.attention))
         forward = lambda: self.model(  # noqa: E731
             static.input_ids, static.positions, self.cache, static.batch, static.logits_rows, None
         )

@@ -68,3 +68,43 @@ def test_steps_with_a_prefill_or_too_large_run_eagerly(engine):
     assert decoder.shape_for(inputs) is None  # a prefill chunk
     while engine.has_unfinished():
         engine.step()
+
+
+def test_a_decode_step_the_graphs_take_attends_with_their_torch_path_under_flex(engine):
+    """On CUDA the runner attends with FlexAttention and decode-only steps replay graphs: such a step
+    builds no block mask (the graph's own torch path reads the padded table), a step the graphs do not
+    take builds it, and the padded step's torch-path logits are flex's for the real rows."""
+    from engine.attention_flex import FlexPagedAttention
+
+    runner = engine.runner
+    saved = runner.attention
+    runner.attention = FlexPagedAttention(compiled=False)
+    (scratch,) = engine.allocator.allocate(1)
+    decoder = CudaGraphDecoder(runner.model, engine.kv_cache, max_batch=2, scratch_block=scratch, max_width=16)
+    try:
+        for index, length in enumerate((6, 21)):
+            engine.add_request(f"f{index}", list(range(5, 5 + length)), SamplingParams(max_tokens=3, temperature=0.0))
+        engine.step()  # the prefill, eagerly (no graphs on CPU)
+        plan = engine.scheduler.schedule()
+        eager = runner.prepare(plan.chunks)
+        assert eager.batch.plan is not None  # no graphs: flex's block mask
+        runner.graphs = decoder
+        graphed = runner.prepare(plan.chunks)
+        assert graphed.batch.plan is None
+        shape = decoder.shape_for(graphed)
+        assert shape == (2, width_bucket(graphed.batch.decode_block_table.shape[1]))
+        model, cache = runner.model, engine.kv_cache
+        expected = model(eager.input_ids, eager.positions, cache, eager.batch, eager.logits_rows)
+        padded = pad_decode_step(graphed, *shape, cache.layout.block_size, scratch)
+        padded = dataclasses.replace(padded, batch=dataclasses.replace(padded.batch, backend=decoder.attention))
+        got = model(padded.input_ids, padded.positions, cache, padded.batch, padded.logits_rows)
+        torch.testing.assert_close(got[:2], expected, rtol=1e-5, atol=1e-5)
+        decoder.buckets = (1,)  # two decodes no longer fit a graph: the step runs flex eagerly
+        assert runner.prepare(plan.chunks).batch.plan is not None
+        engine.scheduler.step_done(plan, engine.requests)
+    finally:
+        runner.graphs = None
+        runner.attention = saved
+        engine.allocator.free([scratch])
+    while engine.has_unfinished():
+        engine.step()
