@@ -195,7 +195,7 @@ def torch_paged_attention(
             scratch.append(layer, finite[begin:, 0], finite[begin:, 1])  # the scratch holds what the pool holds
         decodes = _scratch_decode_attention(q[begin:], scratch, layer, scale, native)
     elif batch.decode_block_table is not None:
-        decodes = _decode_attention(q[begin:], cache, layer, batch, scale, gather_buffer)
+        decodes = gathered_decode_attention(q[begin:], cache, layer, batch, scale, gather_buffer)
     if not batch.prefills and decodes is not None:
         return decodes  # a decode-only step: nothing to assemble
     out = torch.empty_like(q)
@@ -241,7 +241,7 @@ def _scratch_decode_attention(q, step: ScratchStep, layer: int, scale, native=No
     return out if step.order is None else out.index_select(0, step.rows)
 
 
-def _decode_attention(q, cache, layer, batch: AttentionBatch, scale, gather_buffer=None) -> torch.Tensor:
+def gathered_decode_attention(q, cache, layer, batch: AttentionBatch, scale, gather_buffer=None) -> torch.Tensor:
     """One query per sequence. The query heads sharing a KV head become that head's query rows
     (``[B, kv_heads, groups, D]``), so SDPA reads each sequence's KV once, without repeating it.
 

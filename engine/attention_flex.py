@@ -7,9 +7,10 @@ sequence, K and V interleaved per block; K and V are two views of it, V shifted 
     key[j]   = rows[j]          value[j] = rows[j + bs]         (valid where slot = j % 2bs < bs)
 
 A query row (sequence s, position p) may see key j iff its block j // 2bs is in s's block table at
-logical index L and L*bs + slot <= p — the lower-right causal rule for prefill chunks and a plain
-length limit for decodes, one mask for the whole step. The sparse block mask lists, per 128 query
-rows, only the key tiles holding blocks of the sequences in those rows.
+logical index L and L*bs + slot <= p — the lower-right causal rule of prefill chunks, one mask for
+the step's prefill rows. The sparse block mask lists, per 128 query rows, only the key tiles holding
+blocks of the sequences in those rows. Decode rows (one query each) attend over their gathered blocks
+as the torch path does (``attend`` says why).
 
 Those tiles hold masked slots too — other sequences' blocks, free blocks, block tails, and the next
 block's K under a V-half key row — read with probability 0; 0 x NaN is NaN, so this path relies on
@@ -18,12 +19,13 @@ the pool holding only finite values (engine/kv_cache.py) for one request's KV ne
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 
 import torch
 
-from engine.attention import AttentionBatch, StepSequences
+from engine.attention import AttentionBatch, StepSequences, gathered_decode_attention
 from engine.kv_cache import PagedKVCache
 
 Q_TILE = 128
@@ -61,14 +63,43 @@ class FlexPagedAttention:
         self.name = "flex" if compiled else "flex-eager"
 
     def plan(self, sequences: StepSequences, cache: PagedKVCache):
-        return build_block_mask(sequences, cache.data.device)
+        """The block mask of the prefill rows; None for a decode-only step."""
+        prefills = prefill_sequences(sequences)
+        return None if prefills is None else build_block_mask(prefills, cache.data.device)
 
     def attend(self, q, k, v, cache: PagedKVCache, layer: int, batch: AttentionBatch, scale: float) -> torch.Tensor:
+        """Flex over the prefill rows; the decode rows (one query each) attend over their gathered blocks
+        as the torch path does. A decode row in flex shares its query tile with every other sequence in
+        it and walks all of their key tiles: 5.1 ms per layer for 32 decodes on an H200 (scripts/gpu_check.sh
+        probe), where the gather and SDPA take a fraction of that."""
         cache.write(layer, k, v, batch.slot_block, batch.slot_offset)
+        begin = batch.decode_begin
+        decodes = None
+        if batch.decode_block_table is not None:
+            decodes = gathered_decode_attention(q[begin:], cache, layer, batch, scale)
+        if not begin:
+            return decodes
         key, value = pool_key_value(cache, layer)
-        query = q.transpose(0, 1).unsqueeze(0)  # [1, H, T, D]
-        out = self._flex(query, key, value, block_mask=batch.plan, scale=scale, enable_gqa=True)
-        return out[0].transpose(0, 1)
+        query = q[:begin].transpose(0, 1).unsqueeze(0)  # [1, H, prefill rows, D]
+        out = self._flex(query, key, value, block_mask=batch.plan, scale=scale, enable_gqa=True)[0].transpose(0, 1)
+        return out if decodes is None else torch.cat([out, decodes])
+
+
+def prefill_sequences(sequences: StepSequences) -> StepSequences | None:
+    """``sequences`` without its decodes (the last sequences, in the last rows); None when nothing is left."""
+    rows = sequences.row_sequence.numel() - sequences.num_decodes
+    if rows == 0:
+        return None
+    if not sequences.num_decodes:
+        return sequences
+    return dataclasses.replace(
+        sequences,
+        row_sequence=sequences.row_sequence[:rows],
+        positions=sequences.positions[:rows],
+        block_tables=sequences.block_tables[: len(sequences.block_tables) - sequences.num_decodes],
+        serials=sequences.serials[: len(sequences.serials) - sequences.num_decodes],
+        num_decodes=0,
+    )
 
 
 def pool_key_value(cache: PagedKVCache, layer: int) -> tuple[torch.Tensor, torch.Tensor]:

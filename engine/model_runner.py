@@ -119,10 +119,7 @@ class ModelRunner:
         position = torch.cat(positions)
         tables = [c.block_ids for c in chunks]
         slot_block = torch.tensor([tables[i][p // bs] for i, p in self._positions_by_chunk(chunks)], dtype=torch.long)
-        # A decode-only step that replays a CUDA graph attends with the graph's own (torch path) tensors:
-        # the backend's plan (FlexAttention's block mask) would go unbuilt-for.
-        graphed = self.graphs is not None and len(decodes) == len(chunks) and self._graph_takes(decodes)
-        plan = None if graphed else self._attention_plan(chunks, position, len(decodes))
+        plan = self._attention_plan(chunks, position, len(decodes))
         # The decode scratch holds the decodes' KV itself: their padded block table would go unread.
         decode_table, decode_mask = (None, None) if isinstance(plan, ScratchStep) else self._decode_tensors(decodes)
         batch = AttentionBatch(
@@ -163,10 +160,6 @@ class ModelRunner:
         for index, chunk in enumerate(chunks):
             for position in range(chunk.start, chunk.start + len(chunk.token_ids)):
                 yield index, position
-
-    def _graph_takes(self, decodes: Sequence[ScheduledChunk]) -> bool:
-        width = max(-(-(c.start + 1) // self.block_size) for c in decodes)
-        return self.graphs.shape_of(len(decodes), width) is not None
 
     def _decode_tensors(self, decodes: Sequence[ScheduledChunk]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         if not decodes:

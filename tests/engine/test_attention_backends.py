@@ -100,3 +100,25 @@ def assert_block_mask_exact_and_covered(sequences: StepSequences) -> None:
         for index in kv_indices[q_tile, : kv_num[q_tile]].tolist():
             covered[q_tile * 128 : (q_tile + 1) * 128, index * tile : (index + 1) * tile] = True
     assert not (expected & ~covered).any(), "a visible key lies outside the listed tiles"
+
+
+def test_flex_plans_the_prefill_rows_only(model_dir):
+    """Decode rows attend over their gathered blocks, not through flex (a decode row in a flex query tile
+    walks the key tiles of every sequence in it): the block mask spans the prefill rows, and a
+    decode-only step has none."""
+    engine = Engine(EngineConfig(model=model_dir, dtype="float32", num_kv_blocks=64, max_num_batched_tokens=24))
+    runner = engine.runner
+    runner.attention = FlexPagedAttention(compiled=False)
+    prepared = []
+    prepare = runner.prepare
+    runner.prepare = lambda chunks: prepared.append(prepare(chunks)) or prepared[-1]
+    engine.generate(_prompts(4, seed=5), GREEDY)
+    kinds = set()
+    for inputs in prepared:
+        rows, prefill_rows = inputs.input_ids.numel(), inputs.batch.decode_begin
+        if prefill_rows == 0:
+            assert inputs.batch.plan is None
+        else:
+            assert inputs.batch.plan.seq_lengths[0] == prefill_rows
+        kinds.add("decode-only" if prefill_rows == 0 else "mixed" if prefill_rows < rows else "prefill")
+    assert kinds == {"decode-only", "mixed", "prefill"}
