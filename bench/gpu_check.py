@@ -628,7 +628,7 @@ def decode_throughput(device: str, quick: bool) -> dict:
             dtype=dtype,
             device=device,
             num_kv_blocks=4 * batch * (prompt_len + steps) // 16 + 8,
-            max_num_seqs=batch,
+            max_num_seqs=batch + 1,  # the mixed step's prompt joins a full batch of decodes
             max_num_batched_tokens=max(2048, batch * prompt_len),
         )
     )
@@ -639,6 +639,7 @@ def decode_throughput(device: str, quick: bool) -> dict:
         engine_s.append(_engine_decode_seconds(engine, prompts, steps, device))
         hf_s.append(_hf_decode_seconds(hf, prompts, steps, device))
     engine_tok_s, hf_tok_s = batch * steps / min(engine_s[1:]), batch * steps / min(hf_s[1:])
+    mixed = mixed_step_ms(engine, batch, prompt_len, 2 * prompt_len, device)
     step_bytes = weight_bytes_per_step(engine.runner.model) + kv_bytes_per_step(engine, batch, prompt_len + steps / 2)
     bandwidth = read_bandwidth(device, 64 if quick else 1024)
     step_s = min(engine_s[1:]) / steps
@@ -654,6 +655,7 @@ def decode_throughput(device: str, quick: bool) -> dict:
         "roofline_fraction": step_bytes / bandwidth / step_s,  # a step at the roofline reads its bytes once
         "graphs": graph_use(engine),
         "attention": engine.runner.attention.name,
+        **mixed,
         "ok": True,
     }
     graphs = row["graphs"]
@@ -664,7 +666,63 @@ def decode_throughput(device: str, quick: bool) -> dict:
         f"cuda graphs: {graphs['replays']} replays" + ("" if graphs["replays"] else " (not used on this path)"),
         flush=True,
     )
+    print(
+        f"a {mixed['mixed_chunk_tokens']}-token prompt joining {batch} decodes: the step takes "
+        f"{mixed['mixed_step_ms']:.2f} ms, against {mixed['prefill_step_ms']:.2f} ms for that prompt alone plus "
+        f"{mixed['decode_step_ms']:.2f} ms for a decode step",
+        flush=True,
+    )
     return row
+
+
+def mixed_step_ms(engine, batch: int, prompt_len: int, chunk: int, device: str) -> dict:
+    """What a prompt joining running decodes costs them: the step that computes the ``chunk``-token prompt
+    beside ``batch`` decodes (eager: graphs take decode-only steps), against a decode-only step and the
+    same prompt's step on an idle engine. Each the best of two, after a warm-up of each shape."""
+    from bench.engine_bench import make_prompts
+    from contract.sampling import SamplingParams
+
+    vocab = engine.model_config.vocab_size
+    running = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)  # still decoding when it joins
+    one = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
+
+    def timed_step() -> tuple[float, list]:
+        _sync(device)
+        begin = time.perf_counter()
+        outputs = engine.step()
+        _sync(device)
+        return (time.perf_counter() - begin) * 1e3, outputs
+
+    def drain() -> None:
+        while engine.has_unfinished():
+            engine.step()
+
+    decode, mixed, alone = [], [], []
+    for trial in range(3):
+        (prompt,) = make_prompts(1, chunk, vocab, seed=f"gpu-check-mixed-alone-{trial}")
+        engine.add_request(f"gpu-check-alone-{uuid.uuid4().hex[:8]}", prompt, one)
+        alone.append(timed_step()[0])
+        drain()
+        for index, prompt in enumerate(make_prompts(batch, prompt_len, vocab, seed=f"gpu-check-mixed-{trial}")):
+            engine.add_request(f"gpu-check-mixed-{uuid.uuid4().hex[:8]}-{index}", prompt, running)
+        engine.step()  # their prefill
+        engine.step()  # a decode step of each shape first: a graph captured, kernels compiled
+        decode.append(timed_step()[0])
+        (prompt,) = make_prompts(1, chunk, vocab, seed=f"gpu-check-mixed-join-{trial}")
+        joining = f"gpu-check-join-{uuid.uuid4().hex[:8]}"
+        engine.add_request(joining, prompt, one)
+        elapsed, outputs = timed_step()
+        stepped = {o.request_id for o in outputs if o.token_ids}
+        if joining not in stepped or len(stepped) != batch + 1:
+            raise RuntimeError(f"the joining prompt's step was not mixed: {len(stepped)} requests got a token")
+        mixed.append(elapsed)
+        drain()
+    return {
+        "mixed_chunk_tokens": chunk,
+        "mixed_step_ms": min(mixed[1:]),
+        "prefill_step_ms": min(alone[1:]),
+        "decode_step_ms": min(decode[1:]),
+    }
 
 
 def weight_bytes_per_step(model) -> int:
@@ -759,7 +817,9 @@ def headline(section: str, row: dict) -> str:
     if section == "decode":
         return (
             f"{row['engine_tok_s']:.0f} vs {row['hf_tok_s']:.0f} tok/s ({row['ratio']:.2f}x), "
-            f"{row['roofline_fraction']:.0%} of roofline, {row['attention']}, graphs {row['graphs']['replays']} replays"
+            f"{row['roofline_fraction']:.0%} of roofline, {row['attention']}, "
+            f"graphs {row['graphs']['replays']} replays; mixed step {row['mixed_step_ms']:.1f} ms "
+            f"vs prefill {row['prefill_step_ms']:.1f} + decode {row['decode_step_ms']:.1f} ms"
         )
     return ""
 

@@ -41,6 +41,7 @@ def test_the_dry_run_passes_every_section_and_writes_its_numbers(tmp_path):
     # a step faster than the roofline would mean bytes or bandwidth miscounted
     assert 0 < report["decode"]["roofline_fraction"] <= 1.0
     assert report["decode"]["graphs"]["replays"] == 0  # CPU: no CUDA graphs, and the row says so
+    assert report["decode"]["mixed_step_ms"] > 0 and report["decode"]["decode_step_ms"] > 0
     assert (tmp_path / "pytest-junit.xml").exists() and (tmp_path / "logs" / "worker-nixl-decode.log").exists()
 
 

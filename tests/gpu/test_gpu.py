@@ -5,6 +5,7 @@ tests: its parity section runs the same comparison and records it); skipped here
 
 from __future__ import annotations
 
+import json
 import random
 import time
 
@@ -167,3 +168,81 @@ def test_device_checksum_agrees_across_pools_and_catches_a_flipped_byte():
     assert region_checksum(sender, 1, SRC_BLOCKS) == device_checksum(sender.read_regions(1, SRC_BLOCKS).cpu())
     receiver.regions[1, DST_BLOCKS[1], 17] ^= 4
     assert region_checksum(sender, 1, SRC_BLOCKS) != region_checksum(receiver, 1, DST_BLOCKS)
+
+
+def sample_every_field(device: str) -> dict:
+    """The sampler over random logits on ``device`` with every SamplingParams field at once, a batch of
+    three rows (seeded, unseeded, greedy with logprobs), 24 steps; and a JSON-schema grammar to its end.
+    Returns what the GPU test checks (tests/engine covers the fields' meaning on CPU)."""
+    from contract import grammar as specs
+    from engine.grammar import GrammarCompiler
+    from engine.sampler import Sampler, SamplingState
+    from engine.tokenizer import ByteTokenizer
+
+    vocab, banned = 320, 7
+    noise = torch.Generator(device=device).manual_seed(11)
+    logits = [torch.randn(3, vocab, generator=noise, device=device) * 4 for _ in range(24)]
+    for step in logits:
+        step[:, banned] += 50.0  # the favourite of every row, unless its bias holds
+    common = dict(
+        max_tokens=24,
+        top_k=40,
+        top_p=0.9,
+        min_p=0.01,
+        presence_penalty=0.5,
+        frequency_penalty=0.3,
+        repetition_penalty=1.2,
+        logit_bias=((banned, -100.0),),
+    )
+
+    def run() -> tuple[list[list[int]], list]:
+        params = [
+            SamplingParams(temperature=0.8, seed=1234, **common),
+            SamplingParams(temperature=1.0, **common),
+            SamplingParams(temperature=0.0, logprobs=3, **common),
+        ]
+        states = [SamplingState(p, [5, 6, 7]) for p in params]
+        sampler, tokens, logprobs = Sampler(vocab), [[], [], []], []
+        for step in logits:
+            result = sampler.sample(step, states)
+            for row, (state, token) in enumerate(zip(states, result.token_ids)):
+                state.record(token)
+                tokens[row].append(token)
+            logprobs.append(result.logprobs[2])
+        return tokens, logprobs
+
+    first, logprobs = run()
+    again, _ = run()
+    tokenizer = ByteTokenizer(vocab)
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
+    schema["additionalProperties"] = False
+    grammar = specs.json_schema(schema, "gpu")
+    compiler = GrammarCompiler(tokenizer, vocab, tokenizer.eos_token_ids)
+    params = SamplingParams(max_tokens=64, temperature=1.0, seed=3, grammar=grammar)
+    state = SamplingState(params, [5], grammar=compiler.matcher(grammar, [5]))
+    sampler, generated = Sampler(vocab), []
+    while not state.grammar.terminated and len(generated) < 64:
+        (token,) = sampler.sample(torch.randn(1, vocab, generator=noise, device=device) * 5, [state]).token_ids
+        state.record(token)
+        generated.append(token)
+    return {
+        "tokens": first,
+        "seeded_repeats": first[0] == again[0],
+        "greedy_repeats": first[2] == again[2],
+        "banned_sampled": any(banned in row for row in first),
+        "logprobs_complete": all(entry is not None for entry in logprobs),
+        "grammar_text": tokenizer.decode(generated),
+        "grammar_terminated": state.grammar.terminated,
+    }
+
+
+def test_every_sampling_field_runs_on_cuda_logits():
+    """Seeds, penalties, bias, top-k/p/min-p, logprobs and a grammar mask on CUDA logits: each row's
+    tokens are in the vocabulary, the bias holds, seeded and greedy rows repeat, the grammar's text parses."""
+    got = sample_every_field("cuda")
+    assert all(0 <= t < 320 for row in got["tokens"] for t in row)
+    assert got["seeded_repeats"] and got["greedy_repeats"]
+    assert not got["banned_sampled"]
+    assert got["logprobs_complete"]
+    assert got["grammar_terminated"]
+    assert isinstance(json.loads(got["grammar_text"])["n"], int)
