@@ -506,6 +506,11 @@ def transfer(device: str, log_dir: Path, quick: bool) -> dict:
             f"{row['device_copy_gb_s']:.1f} GB/s ({write['gb_s'] / row['device_copy_gb_s']:.2f}x)",
             flush=True,
         )
+    print(
+        f"device checksum: {row['device_checksum_gb_s']:.1f} GB/s "
+        f"({row['device_checksum_gb_s'] / row['device_copy_gb_s']:.2f}x the device copy)",
+        flush=True,
+    )
     print(f"data intact: {row['intact']}; UCX transports named: {row['ucx']['transports_named']}", flush=True)
     return row
 
@@ -575,6 +580,13 @@ def _transfer_sender(argv: list[str]) -> int:
         seconds = time.perf_counter() - begin
         writes.append({"region_bytes": region, "writes": repeats, "gb_s": repeats * nbytes / seconds / 1e9})
     result = {"bytes": nbytes, "device_copy_gb_s": nbytes / copy_s / 1e9, "writes": writes}
+    # What integrity costs a VRAM pool: the device checksum both ends run per layer (kv_transfer/integrity.py),
+    # over 16 KiB regions as a KV layer has them.
+    from kv_transfer.integrity import device_checksum
+
+    hashed = buffer[: min(nbytes, 256 << 20)]
+    checksum_s = _best_of(lambda: device_checksum(hashed.view(-1, 16 << 10)), device)
+    result["device_checksum_gb_s"] = hashed.numel() / checksum_s / 1e9
     result["checksum"] = _chunk_checksums(buffer)
     pool.close()
     print("RESULT " + json.dumps(result), flush=True)
@@ -813,7 +825,10 @@ def headline(section: str, row: dict) -> str:
         return "; ".join(parts)
     if section == "transfer":
         writes = ", ".join(f"{w['region_bytes'] >> 20} MiB regions {w['gb_s']:.1f} GB/s" for w in row["writes"])
-        return f"{writes} vs copy {row['device_copy_gb_s']:.1f} GB/s; ucx {','.join(row['ucx']['transports_named'])}"
+        return (
+            f"{writes} vs copy {row['device_copy_gb_s']:.1f} GB/s; checksum {row['device_checksum_gb_s']:.1f} GB/s; "
+            f"ucx {','.join(row['ucx']['transports_named'])}"
+        )
     if section == "decode":
         return (
             f"{row['engine_tok_s']:.0f} vs {row['hf_tok_s']:.0f} tok/s ({row['ratio']:.2f}x), "
