@@ -82,9 +82,10 @@ class DecodeWorker(WorkerBase, decode_pb2_grpc.DecodeWorkerServicer):
         )
 
     def _bulk_receiver(self):
-        """gRPC transport, pool in host memory, no TLS: KV bytes may come over plain TCP (offered in the
-        handshake; control stays on gRPC). Otherwise they come in PushKV messages."""
-        if self.engine.kv_cache.data.is_cuda or self.auth.tls is not None:
+        """gRPC transport, no TLS: KV bytes may come over plain TCP (offered in the handshake; control
+        stays on gRPC; a pool in GPU memory lands them through a pinned buffer). Otherwise they come in
+        PushKV messages."""
+        if self.auth.tls is not None:
             return None
         from kv_transfer.bulk_transport import BulkReceiver
 

@@ -11,11 +11,15 @@ reach, and the session falls back to ``PushKV`` messages (kv_transfer/grpc_trans
                                                       blocks, pinned (inbox) ─ xxh3 in place ─ ack
     commit: every frame acked, then Commit over gRPC (as NIXL); abort: Commit(abort) over gRPC
 
-No intermediate copy on either side: the sender writes straight from the pool's memory, the
-receiver reads straight into the reservation's blocks while the landing is pinned (so they are
-never written after the reservation stopped, nor freed while written). Adjacent blocks go as one
-run; the checksum is xxh3 over the regions in block order (kv_transfer/integrity.py), hashed in
-place on both sides.
+No intermediate copy on either side for pools in host memory: the sender writes straight from the
+pool's memory, the receiver reads straight into the reservation's blocks while the landing is pinned
+(so they are never written after the reservation stopped, nor freed while written). Adjacent blocks
+go as one run; the checksum is xxh3 over the regions in block order (kv_transfer/integrity.py),
+hashed in place on both sides. A pool in GPU memory is staged: the sender queues each frame's copy
+into pinned host memory on a side stream behind the layer's CUDA event (as the PushKV path does)
+and sends and hashes that buffer; the receiver reads a frame into a pinned buffer of its
+connection, verifies it there and copies it into the pool (``KVInbox.write``). The checksum is the
+same xxh3 of the bytes on the wire, so either end may keep its pool in either memory.
 
 Wire (big-endian):
 
@@ -52,12 +56,14 @@ import threading
 import time
 from collections.abc import Sequence
 
+import torch
+
 from engine.kv_cache import PagedKVCache
 from engine.layer_ready import COMPLETED, LayerReady
 from kv_transfer.errors import TransferError
-from kv_transfer.grpc_transport import DEFAULT_CHUNK_BYTES, GrpcKVSender
+from kv_transfer.grpc_transport import DEFAULT_CHUNK_BYTES, GrpcKVSender, stage_regions
 from kv_transfer.inbox import KVInbox
-from kv_transfer.integrity import pool_bytes, region_checksum, region_runs
+from kv_transfer.integrity import checksum, pool_bytes, region_checksum, region_runs
 from kv_transfer.sender import OutboundSession, OutOfBandSession, Peer
 from protos import common_pb2, decode_pb2
 from protos.cluster_auth import ClusterAuth
@@ -138,9 +144,13 @@ class BulkReceiver:
     """The decode worker's bulk listener: authenticated connections whose frames land in the inbox's
     open reservations (``KVInbox.receive_in_place``). ``port`` 0 picks a free one; ``.port`` says which."""
 
-    def __init__(self, inbox: KVInbox, host: str, port: int = 0, secret: str | None = None) -> None:
+    def __init__(
+        self, inbox: KVInbox, host: str, port: int = 0, secret: str | None = None, staged: bool | None = None
+    ) -> None:
+        """``staged``: land frames through a host buffer (default: when the pool is in GPU memory)."""
         self.inbox = inbox
         self._secret = secret
+        self._staged = inbox.cache.data.is_cuda if staged is None else staged
         self._listener = socket.create_server((host, port), family=_family(host), backlog=64)
         tune_socket(self._listener)  # accepted sockets inherit the buffer sizes
         self.port = self._listener.getsockname()[1]
@@ -164,9 +174,10 @@ class BulkReceiver:
 
     def _serve(self, sock: socket.socket) -> None:
         sent_here: set[str] = set()  # reservations this link carried frames for
+        staging = _Staging() if self._staged else None
         try:
             if self._admit(sock):
-                while self._frame(sock, sent_here):
+                while self._frame(sock, sent_here, staging):
                     pass
         except (OSError, ConnectionError, TransferError) as exc:
             log.info("bulk KV connection closed: %s", exc)
@@ -192,7 +203,7 @@ class BulkReceiver:
             log.warning("bulk KV connection from %s refused: wrong cluster credentials", _peer_name(sock))
         return admitted
 
-    def _frame(self, sock: socket.socket, sent_here: set[str]) -> bool:
+    def _frame(self, sock: socket.socket, sent_here: set[str], staging: _Staging | None) -> bool:
         """One frame: False when the sender closed the connection between frames."""
         sock.settimeout(None)  # an idle link waits for the next frame as long as it likes
         header = bytearray(FRAME_HEADER.size)
@@ -207,11 +218,11 @@ class BulkReceiver:
         request_id = _recv_bytes(sock, id_len).decode(errors="replace")
         token = _recv_bytes(sock, token_len).decode(errors="replace")
         blocks = list(struct.unpack(f"!{num_blocks}I", _recv_bytes(sock, 4 * num_blocks)))
-        landed = self._land(sock, request_id, token, layer, blocks, expected, sent_here)
+        landed = self._land(sock, request_id, token, layer, blocks, expected, sent_here, staging)
         sock.sendall(ACK_HEADER.pack(len(landed)) + landed)
         return True
 
-    def _land(self, sock, request_id: str, token: str, layer: int, blocks: list[int], expected: int, sent_here):
+    def _land(self, sock, request_id: str, token: str, layer: int, blocks, expected: int, sent_here, staging):
         """Receives the frame's regions into the reservation (or drains them); the ack's text."""
         payload = len(blocks) * self.inbox.cache.layout.region_bytes
         received = [0]
@@ -227,7 +238,13 @@ class BulkReceiver:
             if request_id not in sent_here and len(sent_here) >= 64:  # forget reservations already gone
                 sent_here.difference_update([r for r in sent_here if self.inbox.get(r) is None])
             sent_here.add(request_id)
-            self.inbox.receive_in_place(request_id, layer, blocks, expected, fill)
+            if staging is None:
+                self.inbox.receive_in_place(request_id, layer, blocks, expected, fill)
+            else:
+                data = staging.view(payload)
+                _recv_exactly(sock, data)
+                received[0] = payload
+                self.inbox.write(request_id, layer, blocks, data, expected)
             return b""
         except (OSError, ConnectionError):
             # Mid-frame: nobody can finish this layer now. Other frames on this link are their senders' business.
@@ -247,6 +264,19 @@ class BulkReceiver:
         self._listener.close()
         for sock in connections:
             _shutdown(sock)
+
+
+class _Staging:
+    """One connection's landing buffer for a pool in GPU memory: pinned where CUDA is (the copy into
+    the pool reads it directly), grown to the largest frame seen and reused."""
+
+    def __init__(self) -> None:
+        self._buffer: torch.Tensor | None = None
+
+    def view(self, nbytes: int) -> memoryview:
+        if self._buffer is None or self._buffer.numel() < nbytes:
+            self._buffer = torch.empty(nbytes, dtype=torch.uint8, pin_memory=torch.cuda.is_available())
+        return memoryview(self._buffer.numpy())[:nbytes]
 
 
 def _drain(sock: socket.socket, count: int) -> None:
@@ -283,8 +313,11 @@ class _Frame:
     the send; ``stop_reading`` returns once it no longer is, and keeps a frame not yet started from
     ever starting. ``acked`` is set with ``error`` None (landed) or the receiver's/link's reason."""
 
-    def __init__(self, session: BulkSession, cache: PagedKVCache, layer: int, src, dst, ready, checksum) -> None:
+    def __init__(
+        self, session: BulkSession, cache: PagedKVCache, layer: int, src, dst, ready, checksum, staged=None
+    ) -> None:
         self.session = session
+        self.staged = staged  # grpc_transport._StagedRegions: the pool is read by its copy, the frame sends that
         self.cache = cache
         self.layer = layer
         self.src_blocks = src
@@ -317,6 +350,9 @@ class _Frame:
                 self._state = "cancelled"
                 self._read.set()
                 self.finish("released before it was sent")
+        if self.staged is not None:
+            self.staged.stop_reading()  # its copy out of the pool is the only read of it; a send reads the copy
+            return True
         return self._read.wait(timeout)
 
     def finish(self, error: str | None) -> None:
@@ -384,6 +420,14 @@ class BulkLink:
     def _send_frame(self, frame: _Frame) -> None:
         if self.broken is not None:
             raise OSError(self.broken)
+        if frame.staged is not None:
+            data = frame.staged.host_view()
+            if data is None:  # released before its regions were read: acked as such, never sent
+                frame.finish("released before it was sent")
+                return
+            frame.checksum = checksum(data) if self.verify else 0
+            _send_all(self.sock, frame.header() + [data])
+            return
         if frame.checksum is None:
             frame.ready.synchronize()
             frame.checksum = region_checksum(frame.cache, frame.layer, frame.src_blocks) if self.verify else 0
@@ -463,12 +507,16 @@ class BulkSession(OutOfBandSession):
         frame_bytes: int,
         verify: bool,
         metadata=None,
+        copy_streams: dict | None = None,
     ) -> None:
+        """``copy_streams``: stage every frame through host memory (a CUDA pool; see the module's note),
+        with the side streams its copies run on."""
         super().__init__(request_id, ticket, peer, metadata)
         self._links = links
         self._frame_bytes = frame_bytes
         self._verify = verify
         self._frames: list[_Frame] = []
+        self._copy_streams = copy_streams
 
     def push_layer(
         self,
@@ -484,11 +532,13 @@ class BulkSession(OutOfBandSession):
             if self.closed or not self.lease_left():
                 return
             for begin in range(0, len(src_blocks), per_frame):
-                src = list(src_blocks[begin : begin + per_frame])
-                checksum = None
-                if complete:  # hashed here, while the links send earlier frames (xxh3 releases the GIL)
-                    checksum = region_checksum(cache, layer, src) if self._verify else 0
-                frame = _Frame(self, cache, layer, src, list(dst_blocks[begin : begin + per_frame]), ready, checksum)
+                src, dst = list(src_blocks[begin : begin + per_frame]), list(dst_blocks[begin : begin + per_frame])
+                digest, staged = None, None
+                if self._copy_streams is not None:  # hashed by the link, on the staged copy
+                    staged = stage_regions(cache, layer, src, dst, ready, self._copy_streams)
+                elif complete:  # hashed here, while the links send earlier frames (xxh3 releases the GIL)
+                    digest = region_checksum(cache, layer, src) if self._verify else 0
+                frame = _Frame(self, cache, layer, src, dst, ready, digest, staged)
                 min(self._links, key=lambda link: link.queued_bytes).send(frame)
                 self._frames.append(frame)
                 self.bytes_sent += frame.nbytes
@@ -530,7 +580,7 @@ class BulkSession(OutOfBandSession):
 class BulkKVSender(GrpcKVSender):
     """The gRPC transport with the bulk path: sessions go over ``connections`` TCP links per peer when
     the peer's handshake offers a bulk port, else as ``PushKV`` messages (the parent's). For pools in
-    host memory: a CUDA pool is staged through gRPC messages (``GrpcKVSender(staged=True)``)."""
+    ``staged``: the pool is in GPU memory; frames (and PushKV messages) go through pinned host memory."""
 
     def __init__(
         self,
@@ -541,8 +591,9 @@ class BulkKVSender(GrpcKVSender):
         auth: ClusterAuth | None = None,
         connections: int = DEFAULT_CONNECTIONS,
         frame_bytes: int = DEFAULT_FRAME_BYTES,
+        staged: bool = False,
     ) -> None:
-        super().__init__(layout, sender_id, chunk_bytes, verify, staged=False, auth=auth)
+        super().__init__(layout, sender_id, chunk_bytes, verify, staged=staged, auth=auth)
         if connections < 1 or frame_bytes < 1:
             raise ValueError(f"bulk KV needs at least one connection and frame byte, got {connections}, {frame_bytes}")
         self.connections = connections
@@ -584,7 +635,8 @@ class BulkKVSender(GrpcKVSender):
         links = self.links(peer)
         if not links:
             return super()._session(request_id, ticket, peer, metadata)
-        return BulkSession(request_id, ticket, peer, links, self.frame_bytes, self.verify, metadata)
+        copy_streams = self._copy_streams if self.staged else None
+        return BulkSession(request_id, ticket, peer, links, self.frame_bytes, self.verify, metadata, copy_streams)
 
     def close(self) -> None:
         with self._lock:

@@ -103,19 +103,11 @@ class GrpcSession(OutboundSession):
     def _push_staged(self, cache, layer, src_blocks, dst_blocks, ready: LayerReady) -> None:
         per_message = max(1, self._chunk_bytes // cache.layout.region_bytes)
         for begin in range(0, len(src_blocks), per_message):
-            src = list(src_blocks[begin : begin + per_message])
-            staged = _StagedRegions(cache, layer, src, dst_blocks[begin : begin + per_message], ready)
-            if cache.data.is_cuda:
-                staged.copy_on_side_stream(self._copy_stream(cache.data.device))
+            src, dst = src_blocks[begin : begin + per_message], dst_blocks[begin : begin + per_message]
+            staged = stage_regions(cache, layer, src, dst, ready, self._copy_streams)
             self._staged.append(staged)
             self._outbox.put(staged)
             self.bytes_sent += len(src) * cache.layout.region_bytes
-
-    def _copy_stream(self, device: torch.device):
-        stream = self._copy_streams.get(device)
-        if stream is None:
-            stream = self._copy_streams[device] = torch.cuda.Stream(device)
-        return stream
 
     def _staged_message(self, staged: _StagedRegions) -> kv_transfer_pb2.KVChunk | None:
         """Sender thread: wait for the regions (never the engine's business), then build the message."""
@@ -164,6 +156,18 @@ def _region_bytes(cache: PagedKVCache, layer: int, blocks: list[int]) -> bytes:
     return cache.read_regions(layer, blocks).cpu().numpy().tobytes()
 
 
+def stage_regions(cache: PagedKVCache, layer: int, src_blocks, dst_blocks, ready: LayerReady, copy_streams: dict):
+    """The regions of one message or frame, read off the engine thread (``_StagedRegions``): for a CUDA
+    pool the copy into pinned host memory is queued now, on the device's side stream in ``copy_streams``."""
+    staged = _StagedRegions(cache, layer, list(src_blocks), dst_blocks, ready)
+    if cache.data.is_cuda:
+        device = cache.data.device
+        if device not in copy_streams:
+            copy_streams[device] = torch.cuda.Stream(device)
+        staged.copy_on_side_stream(copy_streams[device])
+    return staged
+
+
 class _StagedRegions:
     """One message's regions, read from the pool only after the layer's ``ready`` completed.
 
@@ -198,8 +202,7 @@ class _StagedRegions:
 
     def take(self) -> bytes | None:
         if self._copied is not None:
-            self._copied.synchronize()
-            return self._host.numpy().tobytes()
+            return self.host_view().tobytes()
         self.ready.synchronize()  # outside the lock: stop_reading meanwhile need not wait for the layer
         with self._lock:
             if self._stopped:
@@ -207,6 +210,14 @@ class _StagedRegions:
             data = _region_bytes(self.cache, self.layer, self.src_blocks)
             self._stopped = True  # read once; the pool is not touched again
             return data
+
+    def host_view(self) -> memoryview | bytes | None:
+        """The regions in host memory, back to back, without another copy where they are staged
+        (CUDA: the pinned buffer, once the side-stream copy finished); else as ``take``."""
+        if self._copied is None:
+            return self.take()
+        self._copied.synchronize()
+        return memoryview(self._host.numpy().reshape(-1))
 
     def stop_reading(self) -> None:
         with self._lock:

@@ -110,10 +110,10 @@ class PrefillWorker(WorkerBase, prefill_pb2_grpc.PrefillWorkerServicer):
     def _make_sender(self, transport: str, verify: bool) -> KVSender:
         if transport == "grpc":
             staged = self.engine.kv_cache.data.is_cuda  # stage VRAM through pinned host buffers
-            if self.kv_bulk and not staged:  # KV bytes over plain TCP where the decode worker offers it
+            if self.kv_bulk:  # KV bytes over plain TCP where the decode worker offers it
                 from kv_transfer.bulk_transport import BulkKVSender
 
-                return BulkKVSender(self.layout, self.worker_id, verify=verify, auth=self.auth)
+                return BulkKVSender(self.layout, self.worker_id, verify=verify, auth=self.auth, staged=staged)
             return GrpcKVSender(self.layout, self.worker_id, verify=verify, staged=staged, auth=self.auth)
         if transport == "nixl":
             from kv_transfer.nixl_transport import NixlKVSender

@@ -121,7 +121,7 @@ def test_nan_kv_landed_in_place_reaches_no_other_request_on_compiled_flex(model_
     assert [list(got[request_id]) for request_id in ids] == expected
 
 
-@pytest.mark.parametrize("transport", ["grpc", "nixl"])
+@pytest.mark.parametrize("transport", ["grpc", "bulk", "nixl"])
 def test_push_waits_for_the_cuda_event_behind_the_kv_writes(transport):
     """The compute stream sleeps, then writes the layer: the receiver must get the written bytes."""
     receiver = Receiver(transport, device="cuda")

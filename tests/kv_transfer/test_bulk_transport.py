@@ -35,13 +35,13 @@ TOKEN = "ticket-token"
 class Receiver:
     """A decode side: inbox + KVReceiverService behind the cluster-secret interceptor + bulk listener."""
 
-    def __init__(self, bulk: bool = True) -> None:
+    def __init__(self, bulk: bool = True, staged: bool | None = None) -> None:
         self.cache = PagedKVCache(LAYOUT)
         self.committed: list[str] = []
         self.aborted: list[tuple[str, str]] = []
         self.inbox = KVInbox(self.cache, self._on_commit, self._on_abort)
         self.layout = layout_message(LAYOUT, "fingerprint")
-        self.bulk = BulkReceiver(self.inbox, "127.0.0.1", 0, SECRET) if bulk else None
+        self.bulk = BulkReceiver(self.inbox, "127.0.0.1", 0, SECRET, staged=staged) if bulk else None
         service = KVReceiverService(self.inbox, self.layout, "instance-1", None, self.bulk)
         self.server, self.address = serve_kv_receiver(service, server_interceptors(ClusterAuth(secret=SECRET)))
 
@@ -62,9 +62,11 @@ class Receiver:
             self.bulk.close()
 
 
-@pytest.fixture
-def receiver():
-    receiver = Receiver()
+@pytest.fixture(params=[False, True], ids=["in-place", "staged"])
+def receiver(request):
+    """The receiver lands frames in place (a pool in host memory) or through its connection's host
+    buffer (what a pool in GPU memory does; here the pool is in host memory and the path is the same)."""
+    receiver = Receiver(staged=request.param)
     yield receiver
     receiver.stop()
 
@@ -80,17 +82,26 @@ def _push_all(session, source: PagedKVCache) -> None:
         session.push_layer(source, layer, SRC_BLOCKS, DST_BLOCKS)
 
 
+@pytest.mark.parametrize("staged", [False, True], ids=["sent-in-place", "sent-staged"])
 @pytest.mark.parametrize("connections,frame_bytes", [(1, 1 << 20), (3, 2 * 512)])
-def test_bulk_kv_lands_byte_identical_in_the_reserved_blocks(receiver, connections, frame_bytes):
+def test_bulk_kv_lands_byte_identical_in_the_reserved_blocks(receiver, connections, frame_bytes, staged):
+    """Either end in place or staged (a GPU pool's path: each frame's regions copied to host memory and
+    sent from there; landed through a host buffer): one checksum, the same bytes in the same blocks."""
     source = _source()
     sender = BulkKVSender(
-        receiver.layout, "prefill", auth=ClusterAuth(secret=SECRET), connections=connections, frame_bytes=frame_bytes
+        receiver.layout,
+        "prefill",
+        auth=ClusterAuth(secret=SECRET),
+        connections=connections,
+        frame_bytes=frame_bytes,
+        staged=staged,
     )
     try:
         receiver.inbox.open("r", DST_BLOCKS, TOKEN)
         session = sender.open("r", receiver.ticket("r"))
         assert isinstance(session, BulkSession)
         _push_all(session, source)
+        assert all((frame.staged is not None) == staged for frame in session._frames)
         session.commit(7, None, 10.0)
         assert receiver.committed == ["r"]
         for layer in range(LAYOUT.num_layers):
@@ -165,7 +176,8 @@ def test_a_byte_flipped_on_the_wire_is_refused_and_stops_the_reservation(receive
     try:
         receiver.inbox.open("r", DST_BLOCKS, TOKEN)
         peer = sender.peer(receiver.ticket("r"))  # the control path; the data goes through the proxy
-        session = BulkSession("r", receiver.ticket("r"), peer, [link], 1 << 20, True)
+        staged = {} if receiver.bulk._staged else None  # both ends staged, or both in place
+        session = BulkSession("r", receiver.ticket("r"), peer, [link], 1 << 20, True, copy_streams=staged)
         _push_all(session, source)
         with pytest.raises(TransferError, match="checksum mismatch"):
             session.commit(7, None, 10.0)

@@ -3,7 +3,7 @@ once the layer's ``ready`` completed, and never blocks the pushing (engine) thre
 
 A stand-in ``ready`` that completes later plays a CUDA event whose layer is still computing: the
 pool is changed after ``push_layer`` returned and before ``ready`` completes, and the receiver must
-get the changed bytes. Real gRPC server and real NIXL agents on loopback; the CUDA-event version
+get the changed bytes. Real gRPC server, bulk TCP links and NIXL agents on loopback; the CUDA-event version
 is in tests/gpu/.
 """
 
@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from engine.kv_cache import KVLayout, PagedKVCache
+from kv_transfer.bulk_transport import BulkKVSender, BulkReceiver, BulkSession
 from kv_transfer.grpc_transport import GrpcKVSender
 from kv_transfer.inbox import KVInbox
 from kv_transfer.layout import layout_message
@@ -51,13 +52,15 @@ class Receiver:
         self.cache = PagedKVCache(LAYOUT, device)
         self.committed: list[str] = []
         self.inbox = KVInbox(self.cache, self._on_commit, self._on_abort)
-        self.nixl = None
+        self.nixl = self.bulk = None
         if transport == "nixl":
             from kv_transfer.nixl_transport import NixlReceiver
 
             self.nixl = NixlReceiver("order-receiver", self.cache, self.inbox)
+        if transport == "bulk":  # landed through a host buffer, as a GPU pool's are
+            self.bulk = BulkReceiver(self.inbox, "127.0.0.1", 0, staged=True)
         self.layout = layout_message(LAYOUT, "fingerprint")
-        service = KVReceiverService(self.inbox, self.layout, "instance-1", self.nixl)
+        service = KVReceiverService(self.inbox, self.layout, "instance-1", self.nixl, self.bulk)
         self.server, self.address = serve_kv_receiver(service)
 
     def _on_commit(self, request_id, first_token_id, logprob) -> None:
@@ -67,15 +70,18 @@ class Receiver:
         raise AssertionError(f"{request_id} aborted: {reason}")
 
     def ticket(self, request_id: str, transport: str) -> decode_pb2.Ticket:
-        return loopback_ticket(request_id, transport, self.address, self.layout, DST_BLOCKS)
+        wire = "grpc" if transport == "bulk" else transport  # bulk is the gRPC transport's, negotiated
+        return loopback_ticket(request_id, wire, self.address, self.layout, DST_BLOCKS)
 
     def stop(self) -> None:
         self.server.stop(0).wait()
         if self.nixl is not None:
             self.nixl.close()
+        if self.bulk is not None:
+            self.bulk.close()
 
 
-@pytest.fixture(params=["grpc", "nixl"])
+@pytest.fixture(params=["grpc", "bulk", "nixl"])
 def transport(request):
     return request.param
 
@@ -83,6 +89,8 @@ def transport(request):
 def _sender(transport: str, cache: PagedKVCache, layout):
     if transport == "grpc":
         return GrpcKVSender(layout, "prefill", staged=True)  # a CUDA pool's session stages on a side stream
+    if transport == "bulk":
+        return BulkKVSender(layout, "prefill", staged=True)  # frames staged as a CUDA pool's are
     from kv_transfer.nixl_transport import NixlKVSender
 
     return NixlKVSender(layout, "prefill", cache, "order-sender")
@@ -96,6 +104,7 @@ def test_a_layer_is_read_only_after_its_ready_completed(transport):
         receiver.inbox.open("r", DST_BLOCKS)
         session = sender.open("r", receiver.ticket("r", transport))
         assert session.reads_after_push, "a session that reads after push must say so (block holds)"
+        assert isinstance(session, BulkSession) == (transport == "bulk")
         readies = [LateReady() for _ in range(LAYOUT.num_layers)]
         for layer, ready in enumerate(readies):
             began = time.monotonic()
