@@ -56,6 +56,12 @@ def build_bench_parser() -> argparse.ArgumentParser:
         help="long decodes kept running on each decode worker for extra exposure rows (layer push, shortest "
         "prompt): the first token's wait when the decode engine is busy; 0 skips those rows",
     )
+    transfer_bench.add_argument(
+        "--device",
+        default="cpu",
+        help="where both ends keep their pools for the bandwidth rows (cuda: VRAM; memcpy is then a device "
+        "copy, raw TCP still sends from host memory); the exposure rows run on CPU only",
+    )
     transfer_bench.add_argument("--skip-bandwidth", action="store_true")
     transfer_bench.add_argument("--skip-exposure", action="store_true")
     transfer_bench.add_argument(

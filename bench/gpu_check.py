@@ -10,6 +10,8 @@ section per call so that one failing or hanging part costs only its own numbers:
   against transformers, with the bytes the prefill worker sent and the transfer time it could not hide;
 - ``transfer``: NIXL WRITE bytes/s between two processes' buffers (VRAM -> VRAM on CUDA) against a
   device-to-device copy, with the transports UCX chose;
+- ``kv-bench``: ``splitserve bench transfer --device`` (both pools in VRAM on CUDA): every transport as
+  the workers run it, against raw TCP and a device copy;
 - ``decode``: engine decode tok/s against transformers on the same device, and the step time as a
   fraction of the memory roofline (bytes a step must read / bandwidth of a large on-device copy).
 
@@ -36,7 +38,7 @@ import time
 import uuid
 from pathlib import Path
 
-SECTIONS = ("flex-probe", "parity", "disaggregated", "transfer", "decode")
+SECTIONS = ("flex-probe", "parity", "disaggregated", "transfer", "kv-bench", "decode")
 TINY = dict(
     vocab_size=320,
     hidden_size=64,
@@ -87,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         "parity": lambda: parity(args.device, args.quick),
         "disaggregated": lambda: disaggregated(args.device, log_dir, args.quick),
         "transfer": lambda: transfer(args.device, log_dir, args.quick),
+        "kv-bench": lambda: kv_bench(args.device, log_dir, args.quick),
         "decode": lambda: decode_throughput(args.device, args.quick),
     }
     began = time.monotonic()
@@ -612,6 +615,26 @@ def _best_of(run, device: str, repeats: int = 5) -> float:
     return best
 
 
+# -- kv-bench -----------------------------------------------------------------------------------------
+
+
+def kv_bench(device: str, log_dir: Path, quick: bool) -> dict:
+    """``splitserve bench transfer`` with both ends' pools on ``device``: the gRPC transport's bulk links
+    (VRAM staged through pinned host memory) against raw TCP, NIXL against a copy in the same memory."""
+    report_path = log_dir / "kv-bench.json"
+    sizes = ["--quick"] if quick else ["--sizes", "64,256", "--repeats", "3"]
+    command = [sys.executable, "-m", "cluster.cli", "bench", "transfer", "--device", device, "--skip-exposure"]
+    done = subprocess.run([*command, *sizes, "--json", str(report_path)], capture_output=True, text=True, timeout=600)
+    (log_dir / "kv-bench.log").write_text(done.stdout + done.stderr)
+    print(done.stdout[-6000:], flush=True)
+    if done.returncode != 0:
+        return {"ok": False, "error": f"bench transfer exited {done.returncode}: {done.stderr[-300:]}"}
+    rows = json.loads(report_path.read_text())["bandwidth"]
+    keep = ("path", "checksums", "size_mib", "gb_s", "vs_memcpy", "vs_tcp", "cpu_ms")
+    rows = [{key: row[key] for key in keep} for row in rows]
+    return {"rows": rows, "ok": all(row["gb_s"] > 0 for row in rows)}
+
+
 # -- decode -------------------------------------------------------------------------------------------
 
 
@@ -828,6 +851,13 @@ def headline(section: str, row: dict) -> str:
         return (
             f"{writes} vs copy {row['device_copy_gb_s']:.1f} GB/s; checksum {row['device_checksum_gb_s']:.1f} GB/s; "
             f"ucx {','.join(row['ucx']['transports_named'])}"
+        )
+    if section == "kv-bench":
+        checked = [r for r in row["rows"] if r["checksums"] and r["path"] in ("bulk", "nixl")]
+        return ", ".join(
+            f"{r['path']} {r['size_mib']} MiB {r['gb_s']:.2f} GB/s "
+            + (f"({r['vs_tcp']:.0%} of tcp)" if r["path"] == "bulk" else f"({r['vs_memcpy']:.0%} of copy)")
+            for r in checked
         )
     if section == "decode":
         return (

@@ -56,6 +56,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from engine.kv_cache import KVLayout, PagedKVCache
+from engine.layer_ready import record_layer_ready
 from protos.cluster_auth import ClusterAuth, ensure_secret_in_env
 
 MIB = 1024 * 1024
@@ -97,11 +98,20 @@ class BenchConfig:
     exposure: bool
     json_path: str | None
     decode_load: int = 0
+    device: str = "cpu"
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> BenchConfig:
         if args.decode_load < 0:
             raise SystemExit(f"--decode-load must be >= 0, got {args.decode_load}")
+        try:
+            device = torch.device(args.device)
+        except RuntimeError as error:
+            raise SystemExit(f"--device {args.device!r}: {error}") from error
+        if device.type != "cpu" and not args.skip_exposure:
+            raise SystemExit(f"--device {args.device} measures the bandwidth rows only: add --skip-exposure")
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise SystemExit(f"--device {args.device}: torch sees no CUDA device")
         quick = (
             dict(sizes="1,4", repeats=2, prompt_lens="64,256", exposure_repeats=1, long_prompt_repeats=1)
             if args.quick
@@ -122,6 +132,7 @@ class BenchConfig:
             exposure=not args.skip_exposure,
             json_path=args.json_path,
             decode_load=args.decode_load,
+            device=args.device,
         )
 
     def repeats_for(self, prompt_len: int) -> int:
@@ -196,8 +207,9 @@ class BandwidthRow:
 class Receiver:
     """A receiver child process; stdin/stdout lines are its control channel (never timed)."""
 
-    def __init__(self, kind: str, pool_bytes: int) -> None:
+    def __init__(self, kind: str, pool_bytes: int, device: str = "cpu") -> None:
         command = [sys.executable, "-m", "bench.transfer_bench", "serve", kind, "--pool-bytes", str(pool_bytes)]
+        command += ["--device", device]
         env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
         self.kind = kind
         self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
@@ -239,14 +251,14 @@ Transfer = Callable[[int, str], tuple[float, float]]  # (bytes, request id) -> (
 def measure_bandwidth(config: BenchConfig) -> list[BandwidthRow]:
     largest = max(config.sizes_mib) * MIB
     layout = bench_layout(largest)
-    cache = PagedKVCache(layout)
+    cache = PagedKVCache(layout, config.device)
     source = cache.data.view(-1).view(torch.uint8)
     source.copy_(torch.randint(0, 256, (largest,), dtype=torch.uint8))
     receivers: dict[str, Receiver] = {}
     closers: list[Callable[[], None]] = []
     try:
         for kind in ("tcp", *TRANSPORTS):
-            receivers[kind] = Receiver(kind, largest)
+            receivers[kind] = Receiver(kind, largest, "cpu" if kind == "tcp" else config.device)
             closers.append(receivers[kind].close)
         paths = _transfer_paths(cache, receivers, closers)
         rows = []
@@ -268,7 +280,8 @@ def _transfer_paths(
     from kv_transfer.nixl_transport import NixlKVSender
 
     message = layout_message(cache.layout, FINGERPRINT)
-    source = cache.data.view(-1).view(torch.uint8)
+    source = cache.data.view(-1).view(torch.uint8).cpu()  # raw TCP sends from host memory (a copy, if VRAM)
+    staged = cache.data.is_cuda  # the gRPC transport's senders stage VRAM through pinned host memory
     paths: dict[tuple[str, bool | None], Transfer] = {
         ("memcpy", None): _memcpy_transfer(cache),
         ("tcp", None): _tcp_transfer(source, receivers["tcp"], closers),
@@ -276,7 +289,7 @@ def _transfer_paths(
     for transport in TRANSPORTS:
         for verify in (True, False):
             if transport == "grpc":
-                sender = GrpcKVSender(message, f"bench-grpc-{verify}", verify=verify)
+                sender = GrpcKVSender(message, f"bench-grpc-{verify}", verify=verify, staged=staged)
             else:
                 sender = NixlKVSender(
                     message, f"bench-nixl-{verify}", cache, f"bench-sender-{uuid.uuid4().hex[:8]}", verify=verify
@@ -284,7 +297,9 @@ def _transfer_paths(
             closers.append(sender.close)
             paths[transport, verify] = _session_transfer(sender, cache, receivers[transport], message)
     for verify in (True, False):  # the gRPC transport as workers run it: bytes on its bulk TCP links
-        sender = BulkKVSender(message, f"bench-bulk-{verify}", verify=verify, connections=BULK_CONNECTIONS)
+        sender = BulkKVSender(
+            message, f"bench-bulk-{verify}", verify=verify, connections=BULK_CONNECTIONS, staged=staged
+        )
         closers.append(sender.close)
         paths["bulk", verify] = _session_transfer(sender, cache, receivers["grpc"], message)
     return paths
@@ -308,12 +323,15 @@ def _measure_size(paths: dict[tuple[str, bool | None], Transfer], nbytes: int, r
 def _memcpy_transfer(cache: PagedKVCache) -> Transfer:
     """The bytes a session moves, laid out as it finds them: blocks [0, n) of every layer, copied into
     the same blocks of a second pool of the same layout (one strided torch copy, one thread)."""
-    destination = PagedKVCache(cache.layout)  # zeroed: pages touched before any timing
+    destination = PagedKVCache(cache.layout, cache.data.device)  # zeroed: pages touched before any timing
+    sync = torch.cuda.synchronize if cache.data.is_cuda else (lambda: None)
 
     def transfer(nbytes: int, request_id: str) -> tuple[float, float]:
         num_blocks = nbytes // (LAYERS * cache.layout.region_bytes)
+        sync()
         cpu, begin = time.process_time(), time.perf_counter()
         destination.regions[:, :num_blocks].copy_(cache.regions[:, :num_blocks])
+        sync()
         return time.perf_counter() - begin, time.process_time() - cpu
 
     return transfer
@@ -360,8 +378,9 @@ def _session_transfer(sender, cache: PagedKVCache, receiver: Receiver, layout_me
         cpu = _both_ends_cpu(receiver)
         begin = time.perf_counter()
         session = sender.open(request_id, ticket)
+        ready = record_layer_ready(cache.data.device)  # a CUDA pool's stagers wait for an event
         for layer in range(LAYERS):
-            session.push_layer(cache, layer, blocks, blocks)
+            session.push_layer(cache, layer, blocks, blocks, ready)
         session.commit(0, None, COMMIT_TIMEOUT_S)
         elapsed = time.perf_counter() - begin
         cpu = _both_ends_cpu(receiver) - cpu
@@ -386,11 +405,12 @@ def serve(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(prog="bench.transfer_bench serve")
     parser.add_argument("kind", choices=["tcp", *TRANSPORTS])
     parser.add_argument("--pool-bytes", type=int, required=True)
+    parser.add_argument("--device", default="cpu", help="where the receiving pool lives (not for tcp)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     if args.kind == "tcp":
         return _serve_tcp(args.pool_bytes)
-    return _serve_transport(args.kind, args.pool_bytes)
+    return _serve_transport(args.kind, args.pool_bytes, args.device)
 
 
 def _say(line: str) -> None:
@@ -442,7 +462,7 @@ def _answer_commands(commands: dict[str, Callable[..., None]]) -> None:
             raise SystemExit(f"unknown command {command!r}")
 
 
-def _serve_transport(kind: str, pool_bytes: int) -> int:
+def _serve_transport(kind: str, pool_bytes: int, device: str = "cpu") -> int:
     import grpc
 
     from kv_transfer.inbox import KVInbox
@@ -451,7 +471,7 @@ def _serve_transport(kind: str, pool_bytes: int) -> int:
     from kv_transfer.sender import channel_options
     from protos import kv_transfer_pb2_grpc
 
-    cache = PagedKVCache(bench_layout(pool_bytes))
+    cache = PagedKVCache(bench_layout(pool_bytes), device)
     # The bench is the landings' owner: a commit or an abort simply forgets the landing.
     inbox = KVInbox(
         cache,

@@ -177,6 +177,7 @@ fi
 run_section parity 120 bench parity
 run_section disaggregated 150 bench disaggregated
 run_section transfer 60 bench transfer
+run_section kv-bench 120 bench kv-bench
 run_section decode 150 bench decode
 run_section gpu-tests 150 gpu_tests
 

@@ -28,7 +28,9 @@ def test_the_dry_run_passes_every_section_and_writes_its_numbers(tmp_path):
     done = _run_script(tmp_path)
     assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-3000:]
     summary = (tmp_path / "summary.txt").read_text()
-    for section in ("versions", "deps", "imports", "flex-probe", "parity", "disaggregated", "transfer", "decode"):
+    sections = ("versions", "deps", "imports", "flex-probe", "parity", "disaggregated", "transfer", "kv-bench")
+    sections += ("decode",)
+    for section in sections:
         assert f"{section} " in summary and "FAIL" not in summary, summary
     report = json.loads((tmp_path / "gpu_check.json").read_text())
     assert all(row["ok"] for row in report["parity"]["rows"])
@@ -38,6 +40,7 @@ def test_the_dry_run_passes_every_section_and_writes_its_numbers(tmp_path):
     assert all(request["kv_bytes_sent"] > 0 for row in disaggregated for request in row["requests"])
     assert disaggregated[0]["ucx"]["transports_named"], "UCX_PROTO_INFO named no transport for NIXL's writes"
     assert report["transfer"]["intact"] and report["transfer"]["ucx"]["transports_named"]
+    assert {(row["path"], row["checksums"]) for row in report["kv-bench"]["rows"]} >= {("bulk", True), ("nixl", True)}
     # a step faster than the roofline would mean bytes or bandwidth miscounted
     assert 0 < report["decode"]["roofline_fraction"] <= 1.0
     assert report["decode"]["graphs"]["replays"] == 0  # CPU: no CUDA graphs, and the row says so

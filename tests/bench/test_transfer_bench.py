@@ -41,3 +41,18 @@ def test_quick_transfer_bench_writes_rows(tmp_path, capsys):
         assert row["kv_bytes"] > 0, row
     assert "grpc (xxh3)" in printed and "exposed/prefill" in printed and "cpu ms" in printed
     assert "beside 4 running decodes" in printed
+
+
+def test_a_device_is_honoured_for_the_bandwidth_rows_or_refused():
+    """--device moves both ends' pools (CUDA: VRAM); the exposure rows run CPU workers, so a device
+    there is refused, naming the flag, as is a device this torch cannot use."""
+    import pytest
+    import torch
+
+    with pytest.raises(SystemExit, match="--skip-exposure"):
+        main(["bench", "transfer", "--quick", "--device", "cuda"])
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit, match="no CUDA device"):
+            main(["bench", "transfer", "--quick", "--skip-exposure", "--device", "cuda:0"])
+    with pytest.raises(SystemExit, match="--device 'warp-drive'"):
+        main(["bench", "transfer", "--quick", "--skip-exposure", "--device", "warp-drive"])
