@@ -36,6 +36,10 @@ class LayerReady(Protocol):
         """Blocks the calling thread until ``query()`` would be True."""
         ...
 
+    def wait(self, stream=None) -> None:
+        """Makes ``stream``'s later work wait until ``query()`` would be True (``Stream.wait_event`` calls it)."""
+        ...
+
 
 class _Completed:
     """CPU stand-in: the writes ran synchronously before the hook was called."""
@@ -45,6 +49,9 @@ class _Completed:
 
     def synchronize(self) -> None:
         return None
+
+    def wait(self, stream=None) -> None:
+        return None  # nothing to wait for: a side stream may copy at once
 
     def __repr__(self) -> str:
         return "COMPLETED"

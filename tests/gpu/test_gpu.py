@@ -150,6 +150,27 @@ def test_push_waits_for_the_cuda_event_behind_the_kv_writes(transport):
         receiver.stop()
 
 
+@pytest.mark.parametrize("transport", ["grpc", "bulk"])
+def test_a_staged_push_of_a_completed_layer_lands(transport):
+    """A push that passes no event (``COMPLETED``: the layer is already in the pool) from a VRAM pool:
+    the side stream's wait on it is a no-op, and the bytes land."""
+    receiver = Receiver(transport, device="cuda")
+    source = PagedKVCache(LAYOUT, "cuda")
+    source.data.normal_()
+    sender = _sender(transport, source, receiver.layout)
+    try:
+        receiver.inbox.open("r", DST_BLOCKS)
+        session = sender.open("r", receiver.ticket("r", transport))
+        for layer in range(LAYOUT.num_layers):
+            session.push_layer(source, layer, SRC_BLOCKS, DST_BLOCKS)
+        session.commit(first_token_id=1, first_logprob=None, timeout=60)
+        session.close(10)
+        assert torch.equal(receiver.cache.data[:, DST_BLOCKS], source.data[:, SRC_BLOCKS])
+    finally:
+        sender.close()
+        receiver.stop()
+
+
 def _warm_pinned_host_memory(cache: PagedKVCache) -> None:
     """The gRPC sender stages each pushed layer through pinned host memory, every layer's buffers alive
     at once; cudaHostAlloc synchronizes the device, so allocate (and free to torch's cache) them first."""
