@@ -177,7 +177,11 @@ class KVSender(ABC):
         return self._session(request_id, ticket, self.peer(ticket), metadata)
 
     def peer(self, ticket: decode_pb2.Ticket) -> Peer:
-        """The handshaken peer for a ticket; a new receiver instance (a restart) means a new handshake."""
+        """The handshaken peer for a ticket; a new receiver instance (a restart) means a new handshake.
+        A ticket without an address is refused (INVALID_ARGUMENT): no receiver issues one, so it is
+        bad input, not an unreachable peer (UNAVAILABLE, which a router retries elsewhere)."""
+        if not ticket.address:
+            raise TransferError("the ticket names no receiver (ticket.address is empty)", "INVALID_ARGUMENT")
         with self._lock:
             peer = self._peers.get(ticket.address)
             if peer is not None and peer.instance_id == ticket.instance_id:

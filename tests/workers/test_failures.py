@@ -442,3 +442,22 @@ def test_invalid_requests_are_refused_without_allocating(cluster, rng):
     wait_idle(decode, timeout=release_timeout(cluster))
     wait_idle(prefill)
     assert_still_serves(prefill, decode, rng)
+
+
+def test_a_ticket_without_an_address_is_refused_as_bad_input(cluster, rng):
+    """No receiver issues a ticket without an address: INVALID_ARGUMENT naming it, not UNAVAILABLE (which
+    tells a router the decode worker is down and to try another)."""
+    prefill, decode = cluster.prefill, cluster.decode
+    prompt = random_prompt(rng, 40)
+    request_id = new_id("no-address")
+    ticket = reserve(decode, request_id, prompt, lease_ms=lease_ms(cluster))
+    ticket.address = ""
+    error = rpc_error(prefill_future(prefill, request_id, prompt, ticket).result)
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, error.details()
+    assert "ticket.address" in error.details()
+    assert decode.stub.Abort(
+        common_pb2.AbortRequest(request_id=request_id, token=token_of(request_id)), timeout=5
+    ).found
+    wait_idle(prefill)
+    wait_idle(decode, timeout=release_timeout(cluster))
+    assert_still_serves(prefill, decode, rng)

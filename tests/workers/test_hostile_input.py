@@ -266,7 +266,10 @@ def _call(method, request, streaming: bool) -> grpc.StatusCode:
                 pass
         return grpc.StatusCode.OK
     except grpc.RpcError as exc:
-        assert exc.code() in WORKER_CODES, f"{exc.code().name}: {exc.details()} for {request}"
+        # The one stranger a fuzzed ticket names (NEAR_VALID's address) is down: a prefill worker that
+        # must push to it says so as documented (tests/workers/test_failures.py), UNAVAILABLE.
+        unreachable = exc.code() == grpc.StatusCode.UNAVAILABLE and "handshake with 127.0.0.1:1 " in exc.details()
+        assert exc.code() in WORKER_CODES or unreachable, f"{exc.code().name}: {exc.details()} for {request}"
         return exc.code()
 
 
