@@ -108,11 +108,8 @@ class CudaGraphDecoder:
         batch = inputs.batch
         if not is_decode_only(batch):
             return None
-        return self.shape_of(*batch.decode_block_table.shape)
-
-    def shape_of(self, decodes: int, width: int) -> tuple[int, int] | None:
-        """The shape a decode-only step of ``decodes`` rows and a ``width``-block table replays at."""
-        size, width = bucket_for(decodes, self.buckets), width_bucket(width)
+        size = bucket_for(batch.decode_block_table.shape[0], self.buckets)
+        width = width_bucket(batch.decode_block_table.shape[1])
         return None if size is None or width > self.max_width else (size, width)
 
     def run(self, inputs, shape: tuple[int, int]) -> torch.Tensor:
