@@ -6,6 +6,9 @@ from __future__ import annotations
 class TransferError(Exception):
     """A transfer cannot proceed; the message says why (shown to the sender)."""
 
-    def __init__(self, message: str, code: str = "FAILED_PRECONDITION") -> None:
+    def __init__(self, message: str, code: str = "FAILED_PRECONDITION", unreachable: str = "") -> None:
         super().__init__(message)
         self.code = code  # a grpc.StatusCode name
+        # The peer that could not be reached (its address): the failure is that peer's or the link's, not the
+        # sender's own; the worker says so in its answer (contract.errors.UNREACHABLE_PEER).
+        self.unreachable = unreachable

@@ -171,7 +171,8 @@ class KVSender(ABC):
         self.auth = auth if auth is not None else ClusterAuth.from_env()
         self._channels: dict[str, grpc.Channel] = {}
         self._peers: dict[str, Peer] = {}
-        self._lock = threading.Lock()
+        self._handshaking: dict[str, threading.Lock] = {}  # per address: one handshake at a time
+        self._lock = threading.Lock()  # the dicts above, and the peer hooks
 
     def open(self, request_id: str, ticket: decode_pb2.Ticket, metadata=None) -> OutboundSession:
         return self._session(request_id, ticket, self.peer(ticket), metadata)
@@ -179,29 +180,43 @@ class KVSender(ABC):
     def peer(self, ticket: decode_pb2.Ticket) -> Peer:
         """The handshaken peer for a ticket; a new receiver instance (a restart) means a new handshake.
         A ticket without an address is refused (INVALID_ARGUMENT): no receiver issues one, so it is
-        bad input, not an unreachable peer (UNAVAILABLE, which a router retries elsewhere)."""
-        if not ticket.address:
+        bad input, not an unreachable peer (UNAVAILABLE naming the peer, which a router routes around).
+        The handshake's call holds up only sessions to the same address: a receiver that does not answer
+        does not stall the sessions to every other."""
+        address = ticket.address
+        if not address:
             raise TransferError("the ticket names no receiver (ticket.address is empty)", "INVALID_ARGUMENT")
         with self._lock:
-            peer = self._peers.get(ticket.address)
+            peer = self._peers.get(address)
             if peer is not None and peer.instance_id == ticket.instance_id:
                 return peer
-            if peer is not None:
-                self._forget_peer(peer)
-            peer = self._handshake(ticket.address)
-            if peer.instance_id != ticket.instance_id:
-                raise TransferError(
-                    f"ticket is for receiver instance {ticket.instance_id}, {ticket.address} is now {peer.instance_id}",
-                    "FAILED_PRECONDITION",
-                )
-            self._peers[ticket.address] = peer
-            return peer
+            handshaking = self._handshaking.setdefault(address, threading.Lock())
+        with handshaking:
+            with self._lock:
+                peer = self._peers.get(address)
+                if peer is not None and peer.instance_id == ticket.instance_id:
+                    return peer  # another session shook hands meanwhile
+                if peer is not None:
+                    del self._peers[address]
+                    self._forget_peer(peer)
+                channel = self._channels.get(address)
+                if channel is None:
+                    channel = self._channels[address] = self.auth.channel(address, options=channel_options())
+            stub = kv_transfer_pb2_grpc.KVReceiverStub(channel)
+            response = self._handshake(address, stub)
+            with self._lock:
+                peer = Peer(address, stub, response.instance_id, response)
+                self._on_new_peer(peer)
+                if peer.instance_id != ticket.instance_id:
+                    raise TransferError(
+                        f"ticket is for receiver instance {ticket.instance_id}, {address} is now {peer.instance_id}",
+                        "FAILED_PRECONDITION",
+                    )
+                self._peers[address] = peer
+                return peer
 
-    def _handshake(self, address: str) -> Peer:
-        channel = self._channels.get(address)
-        if channel is None:
-            channel = self._channels[address] = self.auth.channel(address, options=channel_options())
-        stub = kv_transfer_pb2_grpc.KVReceiverStub(channel)
+    def _handshake(self, address: str, stub: kv_transfer_pb2_grpc.KVReceiverStub) -> kv_transfer_pb2.HandshakeResponse:
+        """The receiver's answer, checked: it accepted this sender and keeps the same KV layout."""
         request = kv_transfer_pb2.HandshakeRequest(
             layout=self.layout,
             sender_id=self.sender_id,
@@ -212,15 +227,15 @@ class KVSender(ABC):
         try:
             response = stub.Handshake(request, timeout=10.0)
         except grpc.RpcError as exc:
-            raise TransferError(f"handshake with {address} failed: {exc.details()}", "UNAVAILABLE") from exc
+            raise TransferError(
+                f"handshake with {address} failed: {exc.details()}", "UNAVAILABLE", unreachable=address
+            ) from exc
         if not response.accepted:
             raise TransferError(response.message, "FAILED_PRECONDITION")
         mismatch = layout_mismatch(response.layout, self.layout)
         if mismatch:
             raise TransferError(mismatch, "FAILED_PRECONDITION")
-        peer = Peer(address, stub, response.instance_id, response)
-        self._on_new_peer(peer)
-        return peer
+        return response
 
     def _nixl_metadata(self) -> bytes:
         return b""

@@ -120,6 +120,13 @@ class RouterMetrics:
         self.migrations = Counter(
             "splitserve_migrations", "Requests moved to another decode worker mid-stream", registry=r
         )
+        self.kv_link_failures = Counter(
+            "splitserve_router_kv_link_failures",
+            "Prefills failed because the prefill worker could not reach the decode worker's KV receiver (the pair "
+            "is then not routed together for a while; neither worker is taken out)",
+            ["prefill", "decode"],
+            registry=r,
+        )
         # The reservations themselves are counted by the decode worker that holds them (kv_lease_expirations).
         self.lease_expirations = Counter(
             "splitserve_lease_expired_requests",

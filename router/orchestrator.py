@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 
 import grpc
 
+from contract.errors import UNREACHABLE_PEER
 from engine.block_manager import compute_block_hashes
 from engine.tokenizer import IncrementalDetokenizer
 from protos import common_pb2, decode_pb2, prefill_pb2
@@ -48,6 +49,14 @@ _WORKER_LOST = {
     grpc.StatusCode.UNKNOWN,
     grpc.StatusCode.CANCELLED,
 }
+
+
+def _unreachable_peer(exc: grpc.aio.AioRpcError) -> str:
+    """The peer a worker's failed call names as unreachable (``UNREACHABLE_PEER``); "" if none."""
+    for key, value in exc.trailing_metadata() or ():
+        if key == UNREACHABLE_PEER:
+            return value
+    return ""
 
 
 class GenerationError(Exception):
@@ -229,7 +238,7 @@ class Orchestrator:
             uncached = uncached_tokens(prefill, progress.block_hashes, pushed, served.block_size)
             sent = prefill.prefill_clock.send(uncached, time.monotonic())
             # P computes while D reserves: the ticket follows the prefill (a Reserve waits for D's step to end).
-            prefilling = asyncio.ensure_future(self._prefill(prefill, worker_id, request, progress, sent))
+            prefilling = asyncio.ensure_future(self._prefill(prefill, decode, worker_id, request, progress, sent))
             prefilling.add_done_callback(_retrieve)
             reserving = asyncio.ensure_future(self._reserve(decode, worker_id, request, progress))
             try:
@@ -247,7 +256,7 @@ class Orchestrator:
                     decode_call.cancel()
                     asyncio.ensure_future(self._abort(decode, worker_id, ticket.token))
                     tried.add(prefill.address)
-                    prefill = self._another_prefill(request, progress, tried, served.block_size)
+                    prefill = self._another_prefill(request, progress, decode, tried, served.block_size)
                     if prefill is None:
                         break
                     self.metrics.prefill_retries.inc()
@@ -314,13 +323,16 @@ class Orchestrator:
     async def _prefill(
         self,
         prefill: WorkerHandle,
+        decode: WorkerHandle,
         worker_id: str,
         request: GenerationRequest,
         progress: _Progress,
         sent: SentPrompt,
     ) -> prefill_pb2.PrefillResponse | None:
         """The prefill's answer, or None if this prefill worker failed (the caller retries). Its ticket follows
-        (``_send_ticket``). ``sent``: the prompt in the worker's PrefillClock, which its answer reports computed."""
+        (``_send_ticket``), for ``decode``'s receiver. ``sent``: the prompt in the worker's PrefillClock, which its
+        answer reports computed. A prefill worker that could not reach the receiver is not taken out: the link
+        is marked down instead (``WorkerHandle.kv_link_failed``)."""
         prefill.active += 1
         span = progress.trace.call("prefill", prefill, worker_id)
         try:
@@ -348,7 +360,11 @@ class Orchestrator:
             span.fail(f"{exc.code().name}: {exc.details()}")
             if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
                 raise GenerationError(exc.details(), 400, "invalid_request_error") from exc
-            if exc.code() in _WORKER_LOST:
+            if _unreachable_peer(exc):
+                decode.kv_link_failed(prefill.address)
+                self.metrics.kv_link_failures.labels(prefill.label, decode.label).inc()
+                progress.trace.event("kv_link_down", prefill=prefill.address, decode=decode.address)
+            elif exc.code() in _WORKER_LOST:
                 prefill.mark_failed()
             log.warning("prefill of %s on %s failed: %s %s", worker_id, prefill.address, exc.code().name, exc.details())
             return None
@@ -387,9 +403,10 @@ class Orchestrator:
         return await prefilling
 
     def _another_prefill(
-        self, request: GenerationRequest, progress: _Progress, tried: set[str], block_size: int
+        self, request: GenerationRequest, progress: _Progress, decode: WorkerHandle, tried: set[str], block_size: int
     ) -> WorkerHandle | None:
-        candidates = [p for p in self.pool.of_role("prefill") if p.address not in tried]
+        prefills = self.pool.of_role("prefill")
+        candidates = [p for p in prefills if p.address not in tried and decode.reached_by(p.address)]
         if not candidates:
             return None
         blocks = -(-len(request.prompt_token_ids) // block_size)

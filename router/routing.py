@@ -5,7 +5,8 @@ Pure decisions over the workers' known state; the orchestrator acts on them.
     decode   D = argmin  load(D) - prefix_hit_blocks(D)      (workers short of free blocks last)
     local    if uncached tokens on D < threshold, or no prefill worker, or the pool is saturated, or the prompt
              would wait longer than max_prefill_wait_ms on P (router/prefill_clock.py) while D has less prefill queued
-    prefill  P = argmin  w * uncached_blocks(P) + load(P)    (kv_aware; "load" drops the first term)
+    prefill  P = argmin  w * uncached_blocks(P) + load(P)    (kv_aware; "load" drops the first term), among those
+             that reached D's KV receiver at their last try (or longer than KV_LINK_RETRY_S ago)
 ties broken at random.
 """
 
@@ -91,7 +92,7 @@ def route(
     prompt_blocks = -(-prompt_len // block_size)
     decode = choose_decode(decodes, block_hashes, prompt_blocks, exclude)
     uncached = uncached_tokens(decode, block_hashes, prompt_len, block_size)
-    candidates = [p for p in prefills if p.address not in exclude]
+    candidates = [p for p in prefills if p.address not in exclude and decode.reached_by(p.address)]
     if uncached < config.local_prefill_threshold:
         return _logged(
             Route(
@@ -103,7 +104,10 @@ def route(
             )
         )
     if not candidates:
-        return _logged(Route(Decision.FALLBACK, decode, None, uncached, "no healthy prefill worker"))
+        reason = "no healthy prefill worker"
+        if any(p.address not in exclude for p in prefills):
+            reason = f"no prefill worker reached {decode.address}'s KV receiver lately"
+        return _logged(Route(Decision.FALLBACK, decode, None, uncached, reason))
     unsaturated = [p for p in candidates if p.active < config.prefill_saturation]
     if not unsaturated:
         return _logged(Route(Decision.FALLBACK, decode, None, uncached, "prefill pool saturated"))

@@ -28,6 +28,9 @@ log = logging.getLogger(__name__)
 UNHEALTHY_AFTER_FAILURES = 2
 SOURCE_UNREADABLE = "source_unreadable"  # the router could not adopt the workers' card (no --model)
 INCOMPATIBLE_FIELDS = (*MISMATCH_FIELDS, SOURCE_UNREADABLE)
+# A prefill worker that could not reach a decode worker's KV receiver is not paired with it again for this long
+# (neither worker is taken out: each may serve every other pairing, and the decode worker can prefill itself).
+KV_LINK_RETRY_S = 10.0
 
 
 @dataclass
@@ -96,6 +99,9 @@ class WorkerHandle:
     last_seen: float = 0.0
     tasks: list[asyncio.Task] = field(default_factory=list)
     incompatible: Incompatible | None = None
+    # A decode worker's: the prefill workers (addresses) that could not reach its KV receiver, each with the
+    # time (monotonic) from which routing pairs them again.
+    kv_links_down: dict[str, float] = field(default_factory=dict)
     # Removed from the pool, its channel closed: calls in flight on it end in CancelledError, which the
     # orchestrator then reads as this worker lost (not the request cancelled).
     closed: bool = False
@@ -138,6 +144,20 @@ class WorkerHandle:
             tokens = 0
 
         return prefilled
+
+    def kv_link_failed(self, prefill: str) -> None:
+        """``prefill`` (an address) could not reach this decode worker's KV receiver: not paired for a while."""
+        self.kv_links_down[prefill] = time.monotonic() + KV_LINK_RETRY_S
+
+    def reached_by(self, prefill: str) -> bool:
+        """Whether ``prefill`` may push KV here: no failure to reach this worker within KV_LINK_RETRY_S."""
+        until = self.kv_links_down.get(prefill)
+        if until is None:
+            return True
+        if time.monotonic() < until:
+            return False
+        del self.kv_links_down[prefill]
+        return True
 
     def mark_failed(self) -> None:
         """A call failed in a way only a lost worker fails (refused, dropped, internal error): out at once."""

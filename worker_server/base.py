@@ -17,6 +17,7 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, start_http_server
 
 from contract import tracing
+from contract.errors import UNREACHABLE_PEER
 from contract.sampling import FieldError
 from engine.block_manager import KVEventKind
 from engine.config import EngineConfig
@@ -311,7 +312,8 @@ def output_to_wire(output: RequestOutput) -> decode_pb2.GenerateResponse:
 
 
 def abort_on_error(context: grpc.ServicerContext, exc: Exception) -> None:
-    """Maps engine and transfer errors to gRPC statuses with their message."""
+    """Maps engine and transfer errors to gRPC statuses with their message; a transfer that failed because its
+    peer could not be reached names that peer in the trailing metadata (``UNREACHABLE_PEER``)."""
     if isinstance(exc, InvalidRequestError):
         context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
     if isinstance(exc, FieldError):
@@ -319,6 +321,8 @@ def abort_on_error(context: grpc.ServicerContext, exc: Exception) -> None:
     if isinstance(exc, NoFreeBlocksError):
         context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
     if isinstance(exc, TransferError):
+        if exc.unreachable:
+            context.set_trailing_metadata(((UNREACHABLE_PEER, exc.unreachable),))
         context.abort(getattr(grpc.StatusCode, exc.code), str(exc))
     log.exception("unexpected error")
     context.abort(grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}")

@@ -80,8 +80,10 @@ def stop_workers(workers: list[WorkerProcess]) -> None:
         worker.stop()
 
 
-def launch_worker(role: str, model: str, transport: str = "grpc", *extra: str) -> WorkerProcess:
+def launch_worker(role: str, model: str, transport: str = "grpc", *extra: str, prefix: tuple = ()) -> WorkerProcess:
+    """``prefix``: a command the worker runs under (``ip netns exec NAME``: on a test host of its own)."""
     command = [
+        *prefix,
         sys.executable,
         "-m",
         "cluster.cli",

@@ -14,6 +14,7 @@ import time
 import grpc
 import pytest
 
+from contract.errors import UNREACHABLE_PEER
 from kv_transfer.integrity import checksum
 from protos import common_pb2, decode_pb2, kv_transfer_pb2, kv_transfer_pb2_grpc, prefill_pb2
 from tests.workers.conftest import LONG_PROMPT_LEN, SLOW_DECODE_LEASE_MS, random_prompt
@@ -434,6 +435,8 @@ def test_invalid_requests_are_refused_without_allocating(cluster, rng):
     nowhere.address = "127.0.0.1:1"
     unreachable = rpc_error(prefill_future(prefill, new_id("nowhere"), prompt, nowhere).result)
     assert unreachable.code() == code.UNAVAILABLE
+    # The peer is named, so a router blames the link and not this prefill worker (tests/router/test_partition.py).
+    assert dict(unreachable.trailing_metadata())[UNREACHABLE_PEER] == "127.0.0.1:1"
     out_of_vocab_prefill = rpc_error(prefill_future(prefill, new_id("pv"), prompt[:-1] + [999], ticket).result)
     assert out_of_vocab_prefill.code() == code.INVALID_ARGUMENT
     too_big_prefill = rpc_error(prefill_future(prefill, new_id("pbig"), prompt, ticket, huge_stop).result)

@@ -1,0 +1,156 @@
+"""A network partition between a prefill worker and a decode worker that the router still reaches.
+
+Test hosts: two network namespaces, each joined to this one by a veth pair on a /24 of its own, and no
+route further. The router (this process) reaches both; the prefill worker on one cannot reach the decode
+worker on the other, and its handshake fails at once (no route). A second prefill worker, on this host,
+reaches both.
+
+The prefill worker's answer names the peer it could not reach (``contract.errors.UNREACHABLE_PEER``), so
+the router blames the link, not the worker: it keeps the prefill worker in routing, does not pair the two
+for KV_LINK_RETRY_S, and the request is served exactly (by the other prefill worker, or by the decode
+worker prefilling itself). Health checks run every 30 s here, so a worker the router took out would stay out.
+
+Needs root (namespaces, veth); everything is torn down at the end, also on failure.
+"""
+
+from __future__ import annotations
+
+import random
+import subprocess
+import uuid
+
+import pytest
+
+from tests.router.conftest import SERVED_MODEL, greedy_ignoring_eos, metric_sum, random_prompt, stop_all, token_ids
+from tests.workers.harness import launch_worker, wait_idle, wait_ready
+
+MAX_TOKENS = 6
+PROMPT_TOKENS = 48  # over the routers' local_prefill_threshold: prefilled remotely when a prefill worker may
+SLOW_HEALTH_S = 30.0
+
+
+def _run(*command: str) -> None:
+    subprocess.run(command, check=True, capture_output=True, text=True, timeout=20)
+
+
+class NetnsHost:
+    """A network namespace joined to this one by a veth pair on its own /24: this namespace reaches it at
+    ``address``; it reaches only this namespace (it has no route further, so no other such host)."""
+
+    def __init__(self, subnet: str) -> None:
+        tag = uuid.uuid4().hex[:6]
+        self.namespace, self.outer, inner = f"ssh-{tag}", f"svo-{tag}", f"svi-{tag}"
+        self.address = f"{subnet}.2"
+        try:
+            _run("ip", "netns", "add", self.namespace)
+            _run("ip", "link", "add", self.outer, "type", "veth", "peer", "name", inner)
+            _run("ip", "link", "set", inner, "netns", self.namespace)
+            _run("ip", "addr", "add", f"{subnet}.1/24", "dev", self.outer)
+            _run("ip", "link", "set", self.outer, "up")
+            for command in (["addr", "add", f"{self.address}/24", "dev", inner], ["link", "set", inner, "up"]):
+                _run(*self.prefix, "ip", *command)
+            _run(*self.prefix, "ip", "link", "set", "lo", "up")
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def prefix(self) -> tuple[str, ...]:
+        return ("ip", "netns", "exec", self.namespace)
+
+    def close(self) -> None:
+        subprocess.run(["ip", "netns", "del", self.namespace], capture_output=True, timeout=20)  # and its veth
+
+
+@pytest.fixture(scope="module")
+def partitioned(checkpoint):
+    """(far prefill worker, near prefill worker, far decode worker): the far ones on two test hosts."""
+    first = random.randrange(100, 250)
+    hosts = [NetnsHost(f"10.{first}.{random.randrange(0, 250)}"), NetnsHost(f"10.{first + 1}.{random.randrange(250)}")]
+    model = str(checkpoint.path)
+    launched = []
+    try:
+        for role, host in (("prefill", hosts[0]), ("decode", hosts[1])):
+            launched.append(launch_worker(role, model, "grpc", "--host", host.address, prefix=host.prefix))
+        launched.append(launch_worker("prefill", model))
+        workers = [wait_ready(worker) for worker in launched]
+        yield workers[0], workers[2], workers[1]
+    finally:
+        stop_all(launched)
+        for host in hosts:
+            host.close()
+
+
+def _complete(router, prompt: list[int]) -> list[int]:
+    choice = (
+        router.openai()
+        .completions.create(
+            model=SERVED_MODEL,
+            prompt=[prompt],
+            max_tokens=MAX_TOKENS,
+            temperature=0,
+            logprobs=0,
+            extra_body={"ignore_eos": True, "return_tokens_as_token_ids": True},
+        )
+        .choices[0]
+    )
+    return token_ids(choice.logprobs.tokens)
+
+
+def _state(router, prefill_address: str) -> tuple[bool, str]:
+    """The router's view of a prefill worker: whether it is routed to, and its metrics label."""
+    return router.call(lambda: (lambda w: (w.available, w.label))(router.router.pool.workers[prefill_address]))
+
+
+def test_a_prefill_worker_cut_off_from_the_decode_worker_stays_in_routing(make_router, partitioned, checkpoint, rng):
+    far_prefill, _, decode = partitioned
+    router = make_router([far_prefill], [decode], health_interval_s=SLOW_HEALTH_S, local_prefill_threshold=16)
+    failed_before = far_prefill.stats().kv_transfers_failed
+    prompts = [random_prompt(rng, PROMPT_TOKENS) for _ in range(2)]
+
+    for prompt in prompts:
+        assert _complete(router, prompt) == greedy_ignoring_eos(checkpoint.model, prompt, MAX_TOKENS)
+
+    routed, label = _state(router, far_prefill.address)
+    assert routed, "the prefill worker was taken out of routing for its decode worker's unreachable receiver"
+    decode_label = router.call(lambda: router.router.pool.workers[decode.address].label)
+    samples = router.metrics()
+    assert metric_sum(samples, "splitserve_router_kv_link_failures_total", prefill=label, decode=decode_label) == 1
+    # The first request tried the far prefill worker, then fell back to the decode worker; the second was not
+    # sent to the far prefill worker at all (the link is down for KV_LINK_RETRY_S).
+    decisions = router.decisions()
+    assert (decisions.get("remote_prefill"), decisions.get("fallback"), decisions.get("local_prefill")) == (1, 2, None)
+    assert far_prefill.stats().kv_transfers_failed == failed_before + 1
+    wait_idle(far_prefill)
+    wait_idle(decode)
+
+
+def test_the_other_prefill_worker_takes_the_prompts_it_cannot_push(make_router, partitioned, checkpoint, rng):
+    far_prefill, near_prefill, decode = partitioned
+    router = make_router(
+        [far_prefill, near_prefill], [decode], health_interval_s=SLOW_HEALTH_S, local_prefill_threshold=16
+    )
+    served_before = near_prefill.stats().kv_transfers_completed
+    # Prefill workers of equal cost are drawn at random: send prompts until the far one was tried (bounded).
+    sent = 0
+    while sent < 16:
+        prompt = random_prompt(rng, PROMPT_TOKENS)
+        assert _complete(router, prompt) == greedy_ignoring_eos(checkpoint.model, prompt, MAX_TOKENS)
+        sent += 1
+        if metric_sum(router.metrics(), "splitserve_router_kv_link_failures_total") > 0:
+            break
+    assert metric_sum(router.metrics(), "splitserve_router_kv_link_failures_total") == 1, f"after {sent} prompts"
+    for _ in range(3):  # within KV_LINK_RETRY_S: the near prefill worker only
+        prompt = random_prompt(rng, PROMPT_TOKENS)
+        assert _complete(router, prompt) == greedy_ignoring_eos(checkpoint.model, prompt, MAX_TOKENS)
+        sent += 1
+
+    samples = router.metrics()
+    assert metric_sum(samples, "splitserve_router_kv_link_failures_total") == 1
+    assert metric_sum(samples, "splitserve_prefill_retries_total") == 1
+    decisions = router.decisions()
+    assert (decisions.get("remote_prefill"), decisions.get("fallback")) == (sent, None)
+    assert near_prefill.stats().kv_transfers_completed == served_before + sent
+    assert _state(router, far_prefill.address)[0], "the far prefill worker was taken out of routing"
+    for worker in partitioned:
+        wait_idle(worker)
