@@ -172,7 +172,7 @@ class KVSender(ABC):
         self._channels: dict[str, grpc.Channel] = {}
         self._peers: dict[str, Peer] = {}
         self._handshaking: dict[str, threading.Lock] = {}  # per address: one handshake at a time
-        self._lock = threading.Lock()  # the dicts above, and the peer hooks
+        self._lock = threading.Lock()  # the dicts above
 
     def open(self, request_id: str, ticket: decode_pb2.Ticket, metadata=None) -> OutboundSession:
         return self._session(request_id, ticket, self.peer(ticket), metadata)
@@ -198,22 +198,24 @@ class KVSender(ABC):
                     return peer  # another session shook hands meanwhile
                 if peer is not None:
                     del self._peers[address]
-                    self._forget_peer(peer)
                 channel = self._channels.get(address)
                 if channel is None:
                     channel = self._channels[address] = self.auth.channel(address, options=channel_options())
+            # The call and the hooks (a bulk link's connect, NIXL's metadata) run under this address's lock only.
+            if peer is not None:
+                self._forget_peer(peer)
             stub = kv_transfer_pb2_grpc.KVReceiverStub(channel)
             response = self._handshake(address, stub)
+            peer = Peer(address, stub, response.instance_id, response)
+            self._on_new_peer(peer)
+            if peer.instance_id != ticket.instance_id:
+                raise TransferError(
+                    f"ticket is for receiver instance {ticket.instance_id}, {address} is now {peer.instance_id}",
+                    "FAILED_PRECONDITION",
+                )
             with self._lock:
-                peer = Peer(address, stub, response.instance_id, response)
-                self._on_new_peer(peer)
-                if peer.instance_id != ticket.instance_id:
-                    raise TransferError(
-                        f"ticket is for receiver instance {ticket.instance_id}, {address} is now {peer.instance_id}",
-                        "FAILED_PRECONDITION",
-                    )
                 self._peers[address] = peer
-                return peer
+            return peer
 
     def _handshake(self, address: str, stub: kv_transfer_pb2_grpc.KVReceiverStub) -> kv_transfer_pb2.HandshakeResponse:
         """The receiver's answer, checked: it accepted this sender and keeps the same KV layout."""

@@ -65,6 +65,10 @@ class Receiver:
 
     def _on_commit(self, request_id, first_token_id, logprob) -> None:
         self.committed.append(request_id)
+        # As the decode worker's reservations do: a committed landing is done, so a link closing later
+        # (the sender's close) has nothing left to abort.
+        self.inbox.close(request_id, "committed")
+        self.inbox.forget(request_id)
 
     def _on_abort(self, request_id, reason, sender_stopped) -> None:
         raise AssertionError(f"{request_id} aborted: {reason}")

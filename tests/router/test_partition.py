@@ -8,7 +8,8 @@ reaches both.
 The prefill worker's answer names the peer it could not reach (``contract.errors.UNREACHABLE_PEER``), so
 the router blames the link, not the worker: it keeps the prefill worker in routing, does not pair the two
 for KV_LINK_RETRY_S, and the request is served exactly (by the other prefill worker, or by the decode
-worker prefilling itself). Health checks run every 30 s here, so a worker the router took out would stay out.
+worker prefilling itself); the dashboard shows the link down. Health checks run every 30 s here, so a
+worker the router took out would stay out.
 
 Needs root (namespaces, veth); everything is torn down at the end, also on failure.
 """
@@ -19,9 +20,18 @@ import random
 import subprocess
 import uuid
 
+import httpx
 import pytest
 
-from tests.router.conftest import SERVED_MODEL, greedy_ignoring_eos, metric_sum, random_prompt, stop_all, token_ids
+from tests.router.conftest import (
+    SERVED_MODEL,
+    greedy_ignoring_eos,
+    metric_sum,
+    random_prompt,
+    stop_all,
+    token_ids,
+    wait_for,
+)
 from tests.workers.harness import launch_worker, wait_idle, wait_ready
 
 MAX_TOKENS = 6
@@ -121,6 +131,13 @@ def test_a_prefill_worker_cut_off_from_the_decode_worker_stays_in_routing(make_r
     decisions = router.decisions()
     assert (decisions.get("remote_prefill"), decisions.get("fallback"), decisions.get("local_prefill")) == (1, 2, None)
     assert far_prefill.stats().kv_transfers_failed == failed_before + 1
+
+    def unreached() -> dict[str, list[str]]:  # the dashboard's snapshot: taken anew about once a second
+        workers = httpx.get(f"{router.http}/dashboard/api/snapshot", timeout=10).json()["workers"]
+        return {w["address"]: w["kv_unreachable_from"] for w in workers}
+
+    shown = {decode.address: [far_prefill.address], far_prefill.address: []}
+    wait_for(lambda: unreached() == shown, 5, "the dashboard to show the link down")
     wait_idle(far_prefill)
     wait_idle(decode)
 
