@@ -162,7 +162,13 @@ def build_parser() -> argparse.ArgumentParser:
     worker = commands.add_parser("worker", help="run one prefill or decode worker as a plain process (no Ray)")
     worker.add_argument("role", choices=["prefill", "decode"])
     _add_engine_args(worker)
-    worker.add_argument("--host", default="127.0.0.1")
+    worker.add_argument("--host", default="127.0.0.1", help="the address to listen on (0.0.0.0: every one)")
+    worker.add_argument(
+        "--advertise-host",
+        default=None,
+        help="the host peers dial, named in this worker's tickets and READY line; default: --host, or for a "
+        "wildcard --host the address of the default route's interface",
+    )
     worker.add_argument("--port", type=int, default=0, help="0: any free port")
     worker.add_argument("--transport", choices=["grpc", "nixl"], default="grpc")
     worker.add_argument(
@@ -323,6 +329,7 @@ def _run_worker(args: argparse.Namespace) -> int:
         verify_checksums=not args.no_verify_kv,
         kv_bulk=not args.no_kv_bulk,
         host=args.host,
+        advertise_host=args.advertise_host,
         port=args.port,
         worker_id=args.worker_id,
     )

@@ -97,7 +97,9 @@ class ClusterConfig:
     address: str | None = None  # Ray address to join; None: start embedded Ray
     ray_num_cpus: int | None = None  # embedded Ray only; default: enough logical CPUs for the pools
     namespace: str = "splitserve"
-    worker_host: str = "127.0.0.1"  # where workers bind; "auto": the node's IP (multi-node clusters)
+    # Where workers bind; "auto": the node's IP (multi-node clusters); a wildcard (0.0.0.0): every address, the
+    # workers naming their default route's (worker_server.security.advertised_host).
+    worker_host: str = "127.0.0.1"
     prefill: PoolSpec = field(default_factory=PoolSpec)
     decode: PoolSpec = field(default_factory=PoolSpec)
     planner: PlannerSpec = field(default_factory=PlannerSpec)

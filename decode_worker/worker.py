@@ -89,7 +89,7 @@ class DecodeWorker(WorkerBase, decode_pb2_grpc.DecodeWorkerServicer):
             return None
         from kv_transfer.bulk_transport import BulkReceiver
 
-        return BulkReceiver(self.inbox, self.address.rsplit(":", 1)[0].strip("[]"), 0, self.auth.secret)
+        return BulkReceiver(self.inbox, self.bind_host, 0, self.auth.secret)
 
     def add_services(self, server: grpc.Server) -> None:
         decode_pb2_grpc.add_DecodeWorkerServicer_to_server(self, server)

@@ -34,7 +34,14 @@ from kv_transfer.sender import channel_options
 from protos import common_pb2, decode_pb2
 from protos.cluster_auth import ClusterAuth
 from protos.worker_metrics import worker_metrics
-from worker_server.security import PeerLimit, bind, confine_listeners, peer_of, server_interceptors
+from worker_server.security import (
+    PeerLimit,
+    advertised_host,
+    bind,
+    confine_listeners,
+    peer_of,
+    server_interceptors,
+)
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +91,7 @@ class WorkerBase(ABC):
         host: str = "127.0.0.1",
         port: int = 0,
         worker_id: str | None = None,
+        advertise_host: str | None = None,
         max_rpc_threads: int = 256,
         auth: ClusterAuth | None = None,
         subscriptions_per_peer: int = SUBSCRIPTIONS_PER_PEER,
@@ -92,6 +100,8 @@ class WorkerBase(ABC):
         tracing.configure(f"splitserve-{self.role}")  # OTEL_*; before the engine loads, so a bad value fails fast
         self.auth = auth if auth is not None else ClusterAuth.from_env()
         confine_listeners(host)
+        self.bind_host = host  # where this worker listens; its address names advertised_host (the one peers dial)
+        advertised = advertised_host(host, advertise_host)
         self.instance_id = uuid.uuid4().hex[:12]
         self.worker_id = worker_id or f"{self.role}-{self.instance_id}"
         self.engine = Engine(config, on_layer_done=self.on_layer_done)
@@ -119,7 +129,7 @@ class WorkerBase(ABC):
         self.port = bind(self.server, f"{host}:{port}", self.auth)
         if self.port == 0:
             raise OSError(f"cannot bind {host}:{port}")
-        self.address = f"{host}:{self.port}"
+        self.address = f"[{advertised}]:{self.port}" if ":" in advertised else f"{advertised}:{self.port}"
         self.counters = WorkerCounters()
         self.transport = "grpc"
         self.draining = False  # set by the control plane: routers stop sending new work here
@@ -214,7 +224,7 @@ class WorkerBase(ABC):
         """Serves this worker's Prometheus metrics over HTTP on ``port`` (0: any); returns the port."""
         registry = CollectorRegistry()
         registry.register(_StatsCollector(self))
-        server, _ = start_http_server(port, addr=self.address.rsplit(":", 1)[0], registry=registry)
+        server, _ = start_http_server(port, addr=self.bind_host, registry=registry)
         return server.server_port
 
     def busy(self) -> bool:

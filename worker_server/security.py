@@ -12,6 +12,7 @@ from __future__ import annotations
 import hmac
 import ipaddress
 import os
+import socket
 import threading
 
 import grpc
@@ -64,6 +65,31 @@ def bind(server: grpc.Server, address: str, auth: ClusterAuth) -> int:
     cert, key, ca = auth.tls.read()
     credentials = grpc.ssl_server_credentials([(key, cert)], root_certificates=ca, require_client_auth=True)
     return server.add_secure_port(address, credentials)
+
+
+def advertised_host(host: str, advertise: str | None = None) -> str:
+    """The host a worker names in its address (its tickets, its READY line, the controller's records): the one
+    peers dial. ``advertise`` if given, else ``host`` — unless ``host`` is a wildcard (0.0.0.0, ::), which
+    listens everywhere but names nowhere a peer can reach: then the address of the interface this host's default
+    route leaves by (found without sending a packet). ValueError naming --advertise-host if there is none."""
+    if advertise:
+        return advertise
+    try:
+        wildcard = ipaddress.ip_address(host).is_unspecified
+    except ValueError:
+        wildcard = False
+    if not wildcard:
+        return host
+    family, probe = (socket.AF_INET6, "2001:db8::1") if ":" in host else (socket.AF_INET, "192.0.2.1")
+    try:
+        with socket.socket(family, socket.SOCK_DGRAM) as udp:
+            udp.connect((probe, 9))  # picks the route and source address; a UDP connect sends nothing
+            return udp.getsockname()[0]
+    except OSError as exc:
+        raise ValueError(
+            f"--host {host} listens on every address, but peers need one they can reach and this host has no "
+            f"default route to pick it by ({exc.strerror}): give it with --advertise-host"
+        ) from exc
 
 
 def confine_listeners(host: str) -> None:

@@ -16,13 +16,10 @@ Needs root (namespaces, veth); everything is torn down at the end, also on failu
 
 from __future__ import annotations
 
-import random
-import subprocess
-import uuid
-
 import httpx
 import pytest
 
+from tests.netns import NetnsHost, subnets
 from tests.router.conftest import (
     SERVED_MODEL,
     greedy_ignoring_eos,
@@ -39,44 +36,10 @@ PROMPT_TOKENS = 48  # over the routers' local_prefill_threshold: prefilled remot
 SLOW_HEALTH_S = 30.0
 
 
-def _run(*command: str) -> None:
-    subprocess.run(command, check=True, capture_output=True, text=True, timeout=20)
-
-
-class NetnsHost:
-    """A network namespace joined to this one by a veth pair on its own /24: this namespace reaches it at
-    ``address``; it reaches only this namespace (it has no route further, so no other such host)."""
-
-    def __init__(self, subnet: str) -> None:
-        tag = uuid.uuid4().hex[:6]
-        self.namespace, self.outer, inner = f"ssh-{tag}", f"svo-{tag}", f"svi-{tag}"
-        self.address = f"{subnet}.2"
-        try:
-            _run("ip", "netns", "add", self.namespace)
-            _run("ip", "link", "add", self.outer, "type", "veth", "peer", "name", inner)
-            _run("ip", "link", "set", inner, "netns", self.namespace)
-            _run("ip", "addr", "add", f"{subnet}.1/24", "dev", self.outer)
-            _run("ip", "link", "set", self.outer, "up")
-            for command in (["addr", "add", f"{self.address}/24", "dev", inner], ["link", "set", inner, "up"]):
-                _run(*self.prefix, "ip", *command)
-            _run(*self.prefix, "ip", "link", "set", "lo", "up")
-        except BaseException:
-            self.close()
-            raise
-
-    @property
-    def prefix(self) -> tuple[str, ...]:
-        return ("ip", "netns", "exec", self.namespace)
-
-    def close(self) -> None:
-        subprocess.run(["ip", "netns", "del", self.namespace], capture_output=True, timeout=20)  # and its veth
-
-
 @pytest.fixture(scope="module")
 def partitioned(checkpoint):
     """(far prefill worker, near prefill worker, far decode worker): the far ones on two test hosts."""
-    first = random.randrange(100, 250)
-    hosts = [NetnsHost(f"10.{first}.{random.randrange(0, 250)}"), NetnsHost(f"10.{first + 1}.{random.randrange(250)}")]
+    hosts = [NetnsHost(subnet) for subnet in subnets(2)]
     model = str(checkpoint.path)
     launched = []
     try:

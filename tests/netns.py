@@ -1,0 +1,49 @@
+"""Test hosts: network namespaces joined to this one by veth pairs (root only; torn down by ``close``)."""
+
+from __future__ import annotations
+
+import random
+import subprocess
+import uuid
+
+
+def subnets(count: int) -> list[str]:
+    """``count`` distinct /24 prefixes ("10.A.B") drawn at random, so test hosts of concurrent runs rarely meet."""
+    seconds = random.sample(range(100, 250), count)
+    return [f"10.{second}.{random.randrange(250)}" for second in seconds]
+
+
+def _run(*command: str) -> None:
+    subprocess.run(command, check=True, capture_output=True, text=True, timeout=20)
+
+
+class NetnsHost:
+    """A network namespace joined to this one by a veth pair on its own /24: this namespace reaches it at
+    ``address``; it reaches only this namespace (no route further, so no other such host; with ``default_route`` its
+    packets to anywhere go to this namespace, which does not forward them)."""
+
+    def __init__(self, subnet: str, default_route: bool = False) -> None:
+        tag = uuid.uuid4().hex[:6]
+        self.namespace, self.outer, inner = f"ssh-{tag}", f"svo-{tag}", f"svi-{tag}"
+        self.address = f"{subnet}.2"
+        try:
+            _run("ip", "netns", "add", self.namespace)
+            _run("ip", "link", "add", self.outer, "type", "veth", "peer", "name", inner)
+            _run("ip", "link", "set", inner, "netns", self.namespace)
+            _run("ip", "addr", "add", f"{subnet}.1/24", "dev", self.outer)
+            _run("ip", "link", "set", self.outer, "up")
+            for command in (["addr", "add", f"{self.address}/24", "dev", inner], ["link", "set", inner, "up"]):
+                _run(*self.prefix, "ip", *command)
+            _run(*self.prefix, "ip", "link", "set", "lo", "up")
+            if default_route:  # its packets to anywhere leave through this namespace (which forwards none)
+                _run(*self.prefix, "ip", "route", "add", "default", "via", f"{subnet}.1")
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def prefix(self) -> tuple[str, ...]:
+        return ("ip", "netns", "exec", self.namespace)
+
+    def close(self) -> None:
+        subprocess.run(["ip", "netns", "del", self.namespace], capture_output=True, timeout=20)  # and its veth
