@@ -74,7 +74,7 @@ def format_status(status: dict) -> str:
 
 
 def _model_lines(status: dict) -> list[str]:
-    """The served model, and the workers not routed to because their model card disagrees."""
+    """The served model, and the workers not routed to because their model card disagrees or they are down."""
     model = status.get("model") or {}
     lines = [""]
     if model.get("name"):
@@ -88,6 +88,10 @@ def _model_lines(status: dict) -> list[str]:
     if incompatible:
         lines.append("incompatible workers (not routed to):")
         lines += [f"  {w['role']} {w['address']}: {w['incompatible']}" for w in incompatible]
+    down = [w for w in status.get("router_view") or [] if w.get("down_reason")]
+    if down:
+        lines.append("workers down (the router's last health check of each failed):")
+        lines += [f"  {w['role']} {w['address']}: {w['down_reason']}" for w in down]
     return lines
 
 

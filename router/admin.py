@@ -77,6 +77,7 @@ def install_admin(
                 "prefill_ms_per_token": None if w.prefill_s_per_token is None else w.prefill_s_per_token * 1000.0,
                 "prefill_wait_ms": None if (wait := w.prefill_wait_s()) is None else wait * 1000.0,
                 "incompatible": w.incompatible.reason if w.incompatible else None,
+                "down_reason": w.down_reason,
             }
             for w in frontend.pool.workers.values()
         ]

@@ -81,6 +81,9 @@ class RouterConfig:
             raise ValueError(f"max_prefill_wait_ms must be >= 0 (0: off), got {self.max_prefill_wait_ms!r}")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len must be at least 1, got {self.max_model_len}")
+        both = sorted(set(self.prefill_addresses) & set(self.decode_addresses))
+        if both:
+            raise ValueError(f"a worker has one role: {', '.join(both)} given as both --prefill and --decode")
 
 
 # The settings with a fixed set of values (RouterConfig checks them; the CLI offers them as choices).

@@ -424,6 +424,7 @@ def cluster_topology(cluster: dict, pool: WorkerPool) -> dict:
                 "active": handle.active if handle is not None else 0,
                 "incompatible": _incompatible(handle),
                 "kv_unreachable_from": _kv_unreachable_from(handle),
+                "down_reason": handle.down_reason if handle is not None else None,
                 **_load_and_kv(stats),
             }
         )
@@ -456,6 +457,7 @@ def pool_topology(pool: WorkerPool) -> dict:
                 "active": handle.active,
                 "incompatible": _incompatible(handle),
                 "kv_unreachable_from": _kv_unreachable_from(handle),
+                "down_reason": handle.down_reason,
                 **_load_and_kv(_stats_of(handle)),
             }
         )

@@ -14,7 +14,7 @@ from router.config import RouterConfig
 from router.metrics import RouterMetrics
 from router.orchestrator import Delta, GenerationError, GenerationRequest, Orchestrator
 from router.served_model import ModelBinding
-from router.workers import WorkerPool
+from router.workers import WorkerPool, with_reasons
 
 
 class Overloaded(GenerationError):
@@ -70,6 +70,7 @@ class Frontend:
         self.pool = pool
         self.model = ModelBinding(config)  # which model is served: tokenizer, limits, block size
         pool.check_card = self.model.check
+        self.model.workers_down = pool.unavailable
         self.metrics = RouterMetrics(model_name=lambda: getattr(self.model.served, "name", None))
         self.metrics.watch_pool(pool)
         self.orchestrator = Orchestrator(config, pool, self.model, self.metrics)
@@ -161,7 +162,8 @@ class Frontend:
         async with self.admission.slot():
             if not self.pool.of_role("decode"):
                 self._check_decode_workers()  # names the incompatible workers, if that is why
-                raise Overloaded("no decode worker is ready", 503, retry_after=2)
+                message = with_reasons("no decode worker is ready", self.pool.unavailable("decode"))
+                raise Overloaded(message, 503, retry_after=2)
             deadline = asyncio.get_running_loop().time() + self.config.request_timeout_s
             async with asyncio.timeout_at(deadline):
                 async for delta in self.orchestrator.generate(request):

@@ -388,6 +388,8 @@ def create_app(frontend: Frontend, api_keys: tuple[str, ...] = ()) -> FastAPI:
                 {"address": w.address, "role": w.role, "reason": w.incompatible.reason, "fields": w.incompatible.fields}
                 for w in frontend.pool.incompatible()
             ],
+            # Every worker not routed to, with why (incompatible, draining, or its failed health check).
+            "unavailable_workers": frontend.pool.unavailable(),
         }
         return JSONResponse(body, status_code=200 if ready else 503)
 

@@ -36,7 +36,7 @@ from router.metrics import RouterMetrics
 from router.prefill_clock import SentPrompt
 from router.routing import Decision, NoWorkerError, Route, prefill_cost, route, uncached_tokens
 from router.tracing import request_trace
-from router.workers import WorkerHandle, WorkerPool
+from router.workers import WorkerHandle, WorkerPool, with_reasons
 
 if TYPE_CHECKING:
     from router.served_model import ModelBinding, ServedModel
@@ -183,7 +183,7 @@ class Orchestrator:
             decodes, prefills = self.pool.of_role("decode"), self.pool.of_role("prefill")
             chosen = route(decodes, prefills, prompt_len, hashes, block_size, self.config, exclude)
         except NoWorkerError as exc:
-            raise GenerationError(str(exc), 503) from exc
+            raise GenerationError(with_reasons(str(exc), self.pool.unavailable("decode")), 503) from exc
         local_migration = progress.tokens and self.config.migration_policy == "local"
         if (force_local or local_migration) and chosen.decision is Decision.REMOTE_PREFILL:
             chosen = Route(Decision.FALLBACK, chosen.decode, None, chosen.uncached_tokens, "recompute locally")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,7 +31,7 @@ from engine.presets import (
 from engine.tokenizer import Tokenizer
 from router.config import RouterConfig
 from router.orchestrator import GenerationError
-from router.workers import SOURCE_UNREADABLE, Incompatible
+from router.workers import SOURCE_UNREADABLE, Incompatible, with_reasons
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +60,8 @@ class ModelBinding:
         self._refused: dict[tuple, str] = {}  # adoption attempts that failed, by card contents
         self.refusal: str | None = None  # why the router cannot serve, when it cannot adopt
         self._served: ServedModel | None = None  # made once per reference: every request asks for it
+        # The workers not routed to, with why (WorkerPool.unavailable over both roles): named when no card came.
+        self.workers_down: Callable[[], list[str]] = list
         if config.model is not None:
             self._reference, self._tokenizer = _reference_from_files(config)
 
@@ -80,11 +83,11 @@ class ModelBinding:
             return served
         if self.refusal is not None:
             raise GenerationError(self.refusal, 503)
-        raise GenerationError(
-            "no worker has reported a compatible model card yet, so the router does not know the model to "
-            "serve; retry shortly",
-            503,
+        message = (
+            "no worker has reported a compatible model card yet, so the router does not know the model to serve; "
+            "retry shortly"
         )
+        raise GenerationError(with_reasons(message, self.workers_down()), 503)
 
     def check(self, card: ModelCard | None) -> Incompatible | None:
         """None if a worker advertising ``card`` may be routed to, else why not. Adopts the first card

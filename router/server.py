@@ -127,9 +127,7 @@ async def serve(config: RouterConfig, stop: asyncio.Event) -> None:
         await router.stop()
         return
     if not readiness.result():
-        problems = [router.frontend.model.refusal] + [
-            f"{w.role} worker {w.address}: {w.incompatible.reason}" for w in router.pool.incompatible()
-        ]
+        problems = [router.frontend.model.refusal, *router.pool.unavailable()]
         why = "; ".join(p for p in problems if p) or "no healthy decode worker yet"
         print(f"splitserve router: not ready — {why}", file=sys.stderr, flush=True)
     print(f"splitserve router: OpenAI API at {router.urls['http']}/v1, gRPC at {router.urls['grpc']}", flush=True)

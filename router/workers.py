@@ -95,6 +95,7 @@ class WorkerHandle:
     # prompt's expected wait.
     prefill_clock: PrefillClock = field(default_factory=PrefillClock)
     failures: int = 0
+    down_reason: str | None = None  # why its last health check failed (None: it passed, or none ran yet)
     kv: KVIndex = field(default_factory=KVIndex)
     last_seen: float = 0.0
     tasks: list[asyncio.Task] = field(default_factory=list)
@@ -241,6 +242,21 @@ class WorkerPool:
         for address in list(self.workers):
             await self.remove(address)
 
+    def unavailable(self, role: str | None = None) -> list[str]:
+        """Each worker (of ``role``) not routed to, with why: "ROLE worker ADDRESS: REASON", decode workers first."""
+        reasons = []
+        for w in sorted(self.workers.values(), key=lambda w: w.role != "decode"):
+            if w.available or role not in (None, w.role):
+                continue
+            if w.incompatible is not None:
+                why = w.incompatible.reason
+            elif w.draining:
+                why = "draining"
+            else:
+                why = w.down_reason or "its health check has not passed yet"
+            reasons.append(f"{w.role} worker {w.address}: {why}")
+        return reasons
+
     def of_role(self, role: str, available_only: bool = True) -> list[WorkerHandle]:
         return [w for w in self.workers.values() if w.role == role and (w.available or not available_only)]
 
@@ -267,8 +283,10 @@ class WorkerPool:
                 if serving and not worker.healthy:
                     log.info("%s worker %s is healthy", worker.role, worker.address)
                 worker.healthy, worker.failures, worker.last_seen = serving, 0, time.monotonic()
+                worker.down_reason = None if serving else "its health check says NOT_SERVING"
                 worker.draining = worker.draining or worker.stats.draining
             except grpc.aio.AioRpcError as exc:
+                worker.down_reason = _health_failure(worker.role, exc)
                 if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
                     worker.missed_check()
                 else:
@@ -303,3 +321,20 @@ class WorkerPool:
                 call.cancel()
                 return
             await asyncio.sleep(self.health_interval_s)
+
+
+def with_reasons(message: str, reasons: list[str]) -> str:
+    """``message``, followed by the reasons (``WorkerPool.unavailable``) in parentheses when there are any."""
+    return f"{message} ({'; '.join(reasons)})" if reasons else message
+
+
+def _health_failure(role: str, exc: grpc.aio.AioRpcError) -> str:
+    """Why a health check failed, for an operator: a worker that answers without this role's service
+    is most likely the other role's, given in the wrong list."""
+    if exc.code() == grpc.StatusCode.UNIMPLEMENTED:
+        other = "prefill" if role == "decode" else "decode"
+        return (
+            f"it answers but does not serve the {role} worker's API: a {other} worker given as a {role} worker "
+            f"(--{role})?"
+        )
+    return f"{exc.code().name}: {exc.details()}"

@@ -192,6 +192,10 @@
     const incompatible = worker.incompatible
       ? el("div", { class: "incompatible", title: worker.incompatible }, `not routed to: ${worker.incompatible}`)
       : null;
+    const down = worker.down_reason
+      ? el("div", { class: "incompatible down-reason", title: "why this router's last health check of the worker failed" },
+        `down: ${worker.down_reason}`)
+      : null;
     const unreached = worker.kv_unreachable_from.length
       ? el("div", { class: "incompatible kv-unreached", title: "these prefill workers could not reach this worker's KV receiver: not paired with it for now" },
         `KV not reachable from: ${worker.kv_unreachable_from.join(", ")}`)
@@ -204,6 +208,7 @@
         el("span", { class: `state state-${worker.state}` }, worker.state)),
       el("div", { class: "muted" }, worker.address || "no address yet", worker.restarts ? ` · ${worker.restarts} restart(s)` : ""),
       incompatible,
+      down,
       unreached,
       el("div", {}, `running ${load.running} · waiting ${load.waiting + load.waiting_for_kv} · from this router ${worker.active}`),
       el("div", { class: "kvbar", title: `KV blocks: ${kv.used} used, ${kv.free} free, of ${kv.total}; ${kv.cached} in the prefix cache` },

@@ -361,3 +361,9 @@ def test_the_readmes_example_config_loads(tmp_path):
     (path := tmp_path / "cluster.yaml").write_text(example)
     config = load_file(path)
     assert (config.router.max_running, config.lease_ms, config.prefill.replicas) == (128, 30000, 2)
+
+
+def test_an_address_given_as_both_roles_is_refused(capsys):
+    """A worker has one role: listed under both, the router would have served it as whichever came first."""
+    assert main(["router", "--prefill", "h:1", "p:2", "--decode", "h:1"]) == 2
+    assert "h:1 given as both --prefill and --decode" in capsys.readouterr().err
