@@ -371,7 +371,7 @@ def _session_transfer(sender, cache: PagedKVCache, receiver: Receiver, layout_me
             transport=receiver.kind,
             address=receiver.info["address"],
             layout=layout_message,
-            lease_deadline_unix_ms=int((time.time() + LEASE_MS / 1000) * 1000),
+            lease_ms=LEASE_MS,
             worker_id="bench-receiver",
             instance_id=receiver.info["instance_id"],
         )

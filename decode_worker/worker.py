@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import queue
-import time
 
 import grpc
 
@@ -122,7 +121,7 @@ class DecodeWorker(WorkerBase, decode_pb2_grpc.DecodeWorkerServicer):
             transport=self.transport,
             address=self.address,
             layout=self.layout,
-            lease_deadline_unix_ms=int((time.time() + lease_ms / 1000.0) * 1000),
+            lease_ms=lease_ms,
             worker_id=self.worker_id,
             instance_id=self.instance_id,
             token=token,

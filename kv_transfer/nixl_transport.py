@@ -340,8 +340,8 @@ class NixlSession(OutOfBandSession):
         for a WRITE final at its post; else the sealing thread, which waits for it)."""
         layers = None
         try:
-            layers = posted.hashed.result(max(0.0, self._deadline - time.time()))
-            posted.handle.wait(max(0.0, self._deadline - time.time()))
+            layers = posted.hashed.result(max(0.0, self._deadline - time.monotonic()))
+            posted.handle.wait(max(0.0, self._deadline - time.monotonic()))
         except RuntimeError as exc:  # a CUDA error surfaces here
             self.fail(f"could not hash layers {[p.layer for p in posted.batch]}: {exc}")
         except NixlError as exc:

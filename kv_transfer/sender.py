@@ -68,14 +68,15 @@ class OutboundSession(ABC):
         self.failed: str | None = None
         self.closed = False  # set by close(): later pushes are dropped
         self.bytes_sent = 0
-        self._deadline = ticket.lease_deadline_unix_ms / 1000.0 - LEASE_MARGIN_S
+        # The lease on this worker's own clock, from now (the ticket has just reached it): hosts' clocks differ.
+        self._deadline = time.monotonic() + ticket.lease_ms / 1000.0 - LEASE_MARGIN_S
 
     def fail(self, reason: str) -> None:
         if self.failed is None:
             self.failed = reason
 
     def lease_left(self) -> bool:
-        if time.time() >= self._deadline:
+        if time.monotonic() >= self._deadline:
             self.fail("lease expired before the KV was sent")
         return self.failed is None
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 from concurrent import futures
 
@@ -39,7 +38,7 @@ def loopback_ticket(
         transport=transport,
         address=address,
         layout=layout,
-        lease_deadline_unix_ms=int((time.time() + 60) * 1000),
+        lease_ms=60_000,
         worker_id="decode",
         instance_id="instance-1",
         token=token,
