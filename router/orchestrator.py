@@ -156,7 +156,7 @@ class Orchestrator:
                     yield self._observe(delta, progress, request)
                 return
             except _DecodeLost as exc:
-                chosen.decode.mark_failed()
+                chosen.decode.mark_failed(f"lost under a request: {exc}")
                 exclude.add(chosen.decode.address)
                 if len(exclude) > self.config.migration_retries:
                     raise GenerationError(f"decode workers lost mid-request: {exc}") from exc
@@ -365,7 +365,7 @@ class Orchestrator:
                 self.metrics.kv_link_failures.labels(prefill.label, decode.label).inc()
                 progress.trace.event("kv_link_down", prefill=prefill.address, decode=decode.address)
             elif exc.code() in _WORKER_LOST:
-                prefill.mark_failed()
+                prefill.mark_failed(f"Prefill failed: {exc.code().name}: {exc.details()}")
             log.warning("prefill of %s on %s failed: %s %s", worker_id, prefill.address, exc.code().name, exc.details())
             return None
         finally:
@@ -394,7 +394,7 @@ class Orchestrator:
                 return prefilling.result()
             prefilling.cancel()
             if isinstance(exc, grpc.aio.AioRpcError) and exc.code() in _WORKER_LOST:
-                prefill.mark_failed()
+                prefill.mark_failed(f"SendTicket failed: {exc.code().name}: {exc.details()}")
             log.warning("ticket of %s for %s not delivered: %r", worker_id, prefill.address, exc)
             return None
         except BaseException:
@@ -470,7 +470,7 @@ class Orchestrator:
         if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
             return GenerationError(f"decode worker {worker.address} is full: {exc.details()}", 503)
         if code in _WORKER_LOST:
-            worker.mark_failed()
+            worker.mark_failed(f"a call failed: {code.name}: {exc.details()}")
             return _DecodeLost(f"{code.name}: {exc.details()}")
         return GenerationError(f"{worker.role} worker error: {exc.details()}", 502, "upstream_error")
 

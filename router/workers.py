@@ -95,7 +95,7 @@ class WorkerHandle:
     # prompt's expected wait.
     prefill_clock: PrefillClock = field(default_factory=PrefillClock)
     failures: int = 0
-    down_reason: str | None = None  # why its last health check failed (None: it passed, or none ran yet)
+    down_reason: str | None = None  # why it was taken out of routing (None: it was not, or a check passed since)
     kv: KVIndex = field(default_factory=KVIndex)
     last_seen: float = 0.0
     tasks: list[asyncio.Task] = field(default_factory=list)
@@ -160,22 +160,22 @@ class WorkerHandle:
         del self.kv_links_down[prefill]
         return True
 
-    def mark_failed(self) -> None:
+    def mark_failed(self, reason: str) -> None:
         """A call failed in a way only a lost worker fails (refused, dropped, internal error): out at once."""
         self.failures += 1
-        self._take_out()
+        self._take_out(reason)
 
-    def missed_check(self) -> None:
+    def missed_check(self, reason: str) -> None:
         """A health check timed out: out once UNHEALTHY_AFTER_FAILURES did in a row (a stalled worker, not a
         busy one)."""
         self.failures += 1
         if self.failures >= UNHEALTHY_AFTER_FAILURES:
-            self._take_out()
+            self._take_out(reason)
 
-    def _take_out(self) -> None:
+    def _take_out(self, reason: str) -> None:
         if self.healthy:
-            log.warning("%s worker %s marked unhealthy", self.role, self.address)
-        self.healthy = False
+            log.warning("%s worker %s marked unhealthy: %s", self.role, self.address, reason)
+        self.healthy, self.down_reason = False, reason
 
 
 class SecretStub:
@@ -286,11 +286,11 @@ class WorkerPool:
                 worker.down_reason = None if serving else "its health check says NOT_SERVING"
                 worker.draining = worker.draining or worker.stats.draining
             except grpc.aio.AioRpcError as exc:
-                worker.down_reason = _health_failure(worker.role, exc)
+                why = _health_failure(worker.role, exc)
                 if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
-                    worker.missed_check()
+                    worker.missed_check(why)
                 else:
-                    worker.mark_failed()
+                    worker.mark_failed(why)
             except asyncio.CancelledError:
                 return
             await asyncio.sleep(self.health_interval_s * (0.8 + 0.4 * random.random()))

@@ -313,6 +313,9 @@ def test_prefill_workers_killed_under_load(make_router, failing, checkpoint, rng
         10,
         "the dead prefill workers to be marked unhealthy",
     )
+    unavailable = httpx.get(f"{router.http}/ready", timeout=10).json()["unavailable_workers"]
+    assert [why.split(": ", 1)[0] for why in unavailable] == [f"prefill worker {w.address}" for w in failing.prefills]
+    assert all(why.split(": ", 1)[1] for why in unavailable), unavailable  # each names what failed
     fallbacks = router.decisions()["fallback"]
     out = client.completions.create(model=SERVED_MODEL, prompt=[random_prompt(rng, 300)], max_tokens=6, temperature=0)
     assert out.usage.completion_tokens >= 1
