@@ -90,7 +90,7 @@ def _model_lines(status: dict) -> list[str]:
         lines += [f"  {w['role']} {w['address']}: {w['incompatible']}" for w in incompatible]
     down = [w for w in status.get("router_view") or [] if w.get("down_reason")]
     if down:
-        lines.append("workers down (the router's last health check of each failed):")
+        lines.append("workers down (taken out of routing, with why):")
         lines += [f"  {w['role']} {w['address']}: {w['down_reason']}" for w in down]
     return lines
 

@@ -314,7 +314,7 @@ class _Frame:
     ever starting. ``acked`` is set with ``error`` None (landed) or the receiver's/link's reason."""
 
     def __init__(
-        self, session: BulkSession, cache: PagedKVCache, layer: int, src, dst, ready, checksum, staged=None
+        self, session: BulkSession, cache: PagedKVCache, layer: int, src, dst, ready, digest, staged=None
     ) -> None:
         self.session = session
         self.staged = staged  # grpc_transport._StagedRegions: the pool is read by its copy, the frame sends that
@@ -323,7 +323,7 @@ class _Frame:
         self.src_blocks = src
         self.dst_blocks = dst
         self.ready = ready
-        self.checksum = checksum  # None: computed by the link once ``ready`` completed
+        self.checksum = digest  # None: computed by the link once ``ready`` completed
         self.nbytes = len(src) * cache.layout.region_bytes
         self.error: str | None = None
         self.acked = threading.Event()

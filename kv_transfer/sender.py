@@ -188,23 +188,20 @@ class KVSender(ABC):
         if not address:
             raise TransferError("the ticket names no receiver (ticket.address is empty)", "INVALID_ARGUMENT")
         with self._lock:
-            peer = self._peers.get(address)
-            if peer is not None and peer.instance_id == ticket.instance_id:
-                return peer
+            if (known := self._known(ticket)) is not None:
+                return known
             handshaking = self._handshaking.setdefault(address, threading.Lock())
         with handshaking:
             with self._lock:
-                peer = self._peers.get(address)
-                if peer is not None and peer.instance_id == ticket.instance_id:
-                    return peer  # another session shook hands meanwhile
-                if peer is not None:
-                    del self._peers[address]
+                if (known := self._known(ticket)) is not None:
+                    return known  # another session shook hands meanwhile
+                stale = self._peers.pop(address, None)  # the receiver's previous instance
                 channel = self._channels.get(address)
                 if channel is None:
                     channel = self._channels[address] = self.auth.channel(address, options=channel_options())
             # The call and the hooks (a bulk link's connect, NIXL's metadata) run under this address's lock only.
-            if peer is not None:
-                self._forget_peer(peer)
+            if stale is not None:
+                self._forget_peer(stale)
             stub = kv_transfer_pb2_grpc.KVReceiverStub(channel)
             response = self._handshake(address, stub)
             peer = Peer(address, stub, response.instance_id, response)
@@ -217,6 +214,11 @@ class KVSender(ABC):
             with self._lock:
                 self._peers[address] = peer
             return peer
+
+    def _known(self, ticket: decode_pb2.Ticket) -> Peer | None:
+        """Under ``_lock``: the peer already handshaken for the ticket's receiver instance."""
+        peer = self._peers.get(ticket.address)
+        return peer if peer is not None and peer.instance_id == ticket.instance_id else None
 
     def _handshake(self, address: str, stub: kv_transfer_pb2_grpc.KVReceiverStub) -> kv_transfer_pb2.HandshakeResponse:
         """The receiver's answer, checked: it accepted this sender and keeps the same KV layout."""

@@ -423,7 +423,7 @@ def cluster_topology(cluster: dict, pool: WorkerPool) -> dict:
                 "restarts": record.get("restarts", 0),
                 "active": handle.active if handle is not None else 0,
                 "incompatible": _incompatible(handle),
-                "kv_unreachable_from": _kv_unreachable_from(handle),
+                "kv_unreachable_from": handle.kv_unreachable_from if handle is not None else [],
                 "down_reason": handle.down_reason if handle is not None else None,
                 **_load_and_kv(stats),
             }
@@ -456,7 +456,7 @@ def pool_topology(pool: WorkerPool) -> dict:
                 "restarts": 0,
                 "active": handle.active,
                 "incompatible": _incompatible(handle),
-                "kv_unreachable_from": _kv_unreachable_from(handle),
+                "kv_unreachable_from": handle.kv_unreachable_from,
                 "down_reason": handle.down_reason,
                 **_load_and_kv(_stats_of(handle)),
             }
@@ -472,14 +472,6 @@ def pool_topology(pool: WorkerPool) -> dict:
         for role in ("prefill", "decode")
     }
     return {"pools": pools, "nodes": _nodes(workers), "workers": workers}
-
-
-def _kv_unreachable_from(handle: WorkerHandle | None) -> list[str]:
-    """A decode worker's: the prefill workers (addresses) routing does not pair with it now, because they
-    could not reach its KV receiver (``WorkerHandle.kv_link_failed``)."""
-    if handle is None:
-        return []
-    return sorted(prefill for prefill in list(handle.kv_links_down) if not handle.reached_by(prefill))
 
 
 def _incompatible(handle: WorkerHandle | None) -> str | None:

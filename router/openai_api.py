@@ -388,7 +388,7 @@ def create_app(frontend: Frontend, api_keys: tuple[str, ...] = ()) -> FastAPI:
                 {"address": w.address, "role": w.role, "reason": w.incompatible.reason, "fields": w.incompatible.fields}
                 for w in frontend.pool.incompatible()
             ],
-            # Every worker not routed to, with why (incompatible, draining, or its failed health check).
+            # Every worker not routed to, with why (incompatible, draining, or what took it out).
             "unavailable_workers": frontend.pool.unavailable(),
         }
         return JSONResponse(body, status_code=200 if ready else 503)

@@ -34,7 +34,7 @@ from protos import common_pb2, decode_pb2, prefill_pb2
 from router.config import RouterConfig
 from router.metrics import RouterMetrics
 from router.prefill_clock import SentPrompt
-from router.routing import Decision, NoWorkerError, Route, prefill_cost, route, uncached_tokens
+from router.routing import Decision, NoWorkerError, Route, paired_prefills, prefill_cost, route, uncached_tokens
 from router.tracing import request_trace
 from router.workers import WorkerHandle, WorkerPool, with_reasons
 
@@ -51,12 +51,9 @@ _WORKER_LOST = {
 }
 
 
-def _unreachable_peer(exc: grpc.aio.AioRpcError) -> str:
-    """The peer a worker's failed call names as unreachable (``UNREACHABLE_PEER``); "" if none."""
-    for key, value in exc.trailing_metadata() or ():
-        if key == UNREACHABLE_PEER:
-            return value
-    return ""
+def _names_unreachable_peer(exc: grpc.aio.AioRpcError) -> bool:
+    """Whether a worker's failed call blames a peer it could not reach (``UNREACHABLE_PEER``), not itself."""
+    return any(key == UNREACHABLE_PEER for key, _ in exc.trailing_metadata() or ())
 
 
 class GenerationError(Exception):
@@ -360,7 +357,7 @@ class Orchestrator:
             span.fail(f"{exc.code().name}: {exc.details()}")
             if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
                 raise GenerationError(exc.details(), 400, "invalid_request_error") from exc
-            if _unreachable_peer(exc):
+            if _names_unreachable_peer(exc):
                 decode.kv_link_failed(prefill.address)
                 self.metrics.kv_link_failures.labels(prefill.label, decode.label).inc()
                 progress.trace.event("kv_link_down", prefill=prefill.address, decode=decode.address)
@@ -405,8 +402,7 @@ class Orchestrator:
     def _another_prefill(
         self, request: GenerationRequest, progress: _Progress, decode: WorkerHandle, tried: set[str], block_size: int
     ) -> WorkerHandle | None:
-        prefills = self.pool.of_role("prefill")
-        candidates = [p for p in prefills if p.address not in tried and decode.reached_by(p.address)]
+        candidates = paired_prefills(decode, self.pool.of_role("prefill"), tried)
         if not candidates:
             return None
         blocks = -(-len(request.prompt_token_ids) // block_size)

@@ -56,6 +56,13 @@ def choose_decode(
     return min(candidates, key=cost)
 
 
+def paired_prefills(
+    decode: WorkerHandle, prefills: list[WorkerHandle], exclude: set[str] = frozenset()
+) -> list[WorkerHandle]:
+    """The prefill workers that may push KV to ``decode``: not excluded, and none whose link to it is down."""
+    return [p for p in prefills if p.address not in exclude and decode.reached_by(p.address)]
+
+
 def uncached_tokens(worker: WorkerHandle, block_hashes: list[int], prompt_len: int, block_size: int) -> int:
     """Tokens of a prompt of ``prompt_len`` (hashed as ``block_hashes``) that ``worker``'s prefix cache lacks."""
     return prompt_len - worker.kv.prefix_blocks(block_hashes) * block_size
@@ -92,7 +99,7 @@ def route(
     prompt_blocks = -(-prompt_len // block_size)
     decode = choose_decode(decodes, block_hashes, prompt_blocks, exclude)
     uncached = uncached_tokens(decode, block_hashes, prompt_len, block_size)
-    candidates = [p for p in prefills if p.address not in exclude and decode.reached_by(p.address)]
+    candidates = paired_prefills(decode, prefills, exclude)
     if uncached < config.local_prefill_threshold:
         return _logged(
             Route(

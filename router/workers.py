@@ -152,13 +152,12 @@ class WorkerHandle:
 
     def reached_by(self, prefill: str) -> bool:
         """Whether ``prefill`` may push KV here: no failure to reach this worker within KV_LINK_RETRY_S."""
-        until = self.kv_links_down.get(prefill)
-        if until is None:
-            return True
-        if time.monotonic() < until:
-            return False
-        del self.kv_links_down[prefill]
-        return True
+        return self.kv_links_down.get(prefill, 0.0) <= time.monotonic()
+
+    @property
+    def kv_unreachable_from(self) -> list[str]:
+        """A decode worker's: the prefill workers (addresses) routing does not pair with it now."""
+        return [prefill for prefill in sorted(self.kv_links_down) if not self.reached_by(prefill)]
 
     def mark_failed(self, reason: str) -> None:
         """A call failed in a way only a lost worker fails (refused, dropped, internal error): out at once."""

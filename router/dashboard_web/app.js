@@ -193,7 +193,7 @@
       ? el("div", { class: "incompatible", title: worker.incompatible }, `not routed to: ${worker.incompatible}`)
       : null;
     const down = worker.down_reason
-      ? el("div", { class: "incompatible down-reason", title: "why this router's last health check of the worker failed" },
+      ? el("div", { class: "incompatible down-reason", title: "why this router took the worker out of routing (a failed health check or call)" },
         `down: ${worker.down_reason}`)
       : null;
     const unreached = worker.kv_unreachable_from.length
