@@ -81,6 +81,7 @@ DEFAULT_CONNECTIONS = 2
 DEFAULT_FRAME_BYTES = 8 * 1024 * 1024  # a layer piece larger than this is split (and spread over links)
 SOCKET_BUFFER_BYTES = 32 * 1024 * 1024  # ~ the bandwidth-delay product of 100 Gb/s x 2.5 ms
 CONNECT_TIMEOUT_S = 5.0
+RECONNECT_S = 5.0  # after a failed connect, a peer's KV goes in gRPC messages this long before the next try
 HELLO_TIMEOUT_S = 5.0
 # Once a frame started, each of its reads and writes must progress within this: a stalled link
 # (no byte for this long) is broken, which unpins the landing and fails the sessions on it.
@@ -599,37 +600,71 @@ class BulkKVSender(GrpcKVSender):
         self.connections = connections
         self.frame_bytes = frame_bytes
         self._links: dict[str, list[BulkLink]] = {}  # peer address -> its links (under self._lock)
+        self._reconnect_at: dict[str, float] = {}  # peer address -> when a failed connect is tried again
 
     def _wants_bulk(self) -> bool:
         return self.auth.tls is None  # the bulk path has no TLS: with TLS, KV stays inside gRPC
 
     def _on_new_peer(self, peer: Peer) -> None:
         if peer.handshake.bulk_port:
-            self._links[peer.address] = self._connect(peer)
+            links = self._connect(peer)
+            with self._lock:
+                self._links[peer.address] = links
 
     def _connect(self, peer: Peer) -> list[BulkLink]:
+        """The peer's links, or none (KV then goes in gRPC messages) until RECONNECT_S from now."""
         host = peer.address.rsplit(":", 1)[0].strip("[]")
+        links: list[BulkLink] = []
         try:
-            return [
-                BulkLink(host, peer.handshake.bulk_port, self.auth.secret, self.verify) for _ in range(self.connections)
-            ]
+            for _ in range(self.connections):
+                links.append(BulkLink(host, peer.handshake.bulk_port, self.auth.secret, self.verify))
+            return links
         except (OSError, ConnectionError) as exc:
-            log.warning("bulk KV to %s unavailable (%s): KV goes in gRPC messages", peer.address, exc)
+            for link in links:
+                link.close()
+            log.warning(
+                "bulk KV to %s unavailable (%s): KV goes in gRPC messages, connecting again in %g s",
+                peer.address,
+                exc,
+                RECONNECT_S,
+            )
+            with self._lock:
+                self._reconnect_at[peer.address] = time.monotonic() + RECONNECT_S
             return []
 
     def _forget_peer(self, peer: Peer) -> None:
-        for link in self._links.pop(peer.address, []):
+        with self._lock:
+            links = self._links.pop(peer.address, [])
+            self._reconnect_at.pop(peer.address, None)
+        for link in links:
             link.close()
 
     def links(self, peer: Peer) -> list[BulkLink]:
-        """The peer's links, reconnected when one broke (a restart of the link, not of the peer)."""
+        """The peer's links: connected again when one broke (a restart of the link, not of the peer), or
+        RECONNECT_S after a connect failed. The connect holds up only sessions to that peer."""
         with self._lock:
-            links = self._links.get(peer.address, [])
-            if links and any(link.broken for link in links):
-                for link in links:
-                    link.close()
-                links = self._links[peer.address] = self._connect(peer)
+            if not self._reconnect_due(peer):
+                return self._links.get(peer.address, [])
+            one_at_a_time = self._address_lock(peer.address)
+        with one_at_a_time:
+            with self._lock:
+                if not self._reconnect_due(peer):  # another session connected meanwhile
+                    return self._links.get(peer.address, [])
+                old = self._links.pop(peer.address, [])
+                self._reconnect_at.pop(peer.address, None)
+            for link in old:
+                link.close()
+            links = self._connect(peer)
+            with self._lock:
+                self._links[peer.address] = links
             return links
+
+    def _reconnect_due(self, peer: Peer) -> bool:
+        """Under ``_lock``: a link of the peer broke, or its failed connect is due again."""
+        links = self._links.get(peer.address, [])
+        if links:
+            return any(link.broken for link in links)
+        return peer.handshake.bulk_port != 0 and time.monotonic() >= self._reconnect_at.get(peer.address, 0.0)
 
     def _session(self, request_id: str, ticket: decode_pb2.Ticket, peer: Peer, metadata) -> OutboundSession:
         links = self.links(peer)

@@ -49,6 +49,11 @@ log = logging.getLogger(__name__)
 LEASE_MARGIN_S = 0.25
 ABORT_RELEASE_TIMEOUT_S = 5.0  # an abort waits this long for the session's reads of the pool to end
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+# A handshake is one small call: this leaves room for a connect whose first two SYNs were lost (Linux
+# sends them again at 1 s and 3 s), and bounds what a request waits on a receiver that drops packets.
+# Later handshakes fail at once while the channel's connect attempts fail (gRPC's pick_first stays in
+# TRANSIENT_FAILURE until one succeeds; cluster_auth.MIN_CONNECT_TIMEOUT_MS bounds each attempt).
+HANDSHAKE_TIMEOUT_S = 5.0
 
 
 def channel_options() -> list[tuple[str, int]]:
@@ -172,7 +177,9 @@ class KVSender(ABC):
         self.auth = auth if auth is not None else ClusterAuth.from_env()
         self._channels: dict[str, grpc.Channel] = {}
         self._peers: dict[str, Peer] = {}
-        self._handshaking: dict[str, threading.Lock] = {}  # per address: one handshake at a time
+        self._per_address: dict[str, threading.Lock] = {}  # one handshake (or bulk connect) at a time per address
+        # per address: when its last handshake that could not reach it failed, and how (monotonic seconds)
+        self._unreached: dict[str, tuple[float, TransferError]] = {}
         self._lock = threading.Lock()  # the dicts above
 
     def open(self, request_id: str, ticket: decode_pb2.Ticket, metadata=None) -> OutboundSession:
@@ -183,18 +190,23 @@ class KVSender(ABC):
         A ticket without an address is refused (INVALID_ARGUMENT): no receiver issues one, so it is
         bad input, not an unreachable peer (UNAVAILABLE naming the peer, which a router routes around).
         The handshake's call holds up only sessions to the same address: a receiver that does not answer
-        does not stall the sessions to every other."""
+        does not stall the sessions to every other. Sessions that queued behind a handshake that could
+        not reach the receiver fail with it, rather than each waiting out a timeout of its own in turn."""
         address = ticket.address
         if not address:
             raise TransferError("the ticket names no receiver (ticket.address is empty)", "INVALID_ARGUMENT")
         with self._lock:
             if (known := self._known(ticket)) is not None:
                 return known
-            handshaking = self._handshaking.setdefault(address, threading.Lock())
-        with handshaking:
+            one_at_a_time = self._address_lock(address)
+        queued = time.monotonic()
+        with one_at_a_time:
             with self._lock:
                 if (known := self._known(ticket)) is not None:
                     return known  # another session shook hands meanwhile
+                failed_at, error = self._unreached.get(address, (0.0, None))
+                if failed_at > queued:  # another session's handshake failed meanwhile
+                    raise TransferError(str(error), error.code, unreachable=address)
                 stale = self._peers.pop(address, None)  # the receiver's previous instance
                 channel = self._channels.get(address)
                 if channel is None:
@@ -203,7 +215,13 @@ class KVSender(ABC):
             if stale is not None:
                 self._forget_peer(stale)
             stub = kv_transfer_pb2_grpc.KVReceiverStub(channel)
-            response = self._handshake(address, stub)
+            try:
+                response = self._handshake(address, stub)
+            except TransferError as exc:
+                if exc.unreachable:
+                    with self._lock:
+                        self._unreached[address] = (time.monotonic(), exc)
+                raise
             peer = Peer(address, stub, response.instance_id, response)
             self._on_new_peer(peer)
             if peer.instance_id != ticket.instance_id:
@@ -214,6 +232,10 @@ class KVSender(ABC):
             with self._lock:
                 self._peers[address] = peer
             return peer
+
+    def _address_lock(self, address: str) -> threading.Lock:
+        """Under ``_lock``: the lock that one handshake (or bulk connect) to ``address`` holds at a time."""
+        return self._per_address.setdefault(address, threading.Lock())
 
     def _known(self, ticket: decode_pb2.Ticket) -> Peer | None:
         """Under ``_lock``: the peer already handshaken for the ticket's receiver instance."""
@@ -230,7 +252,7 @@ class KVSender(ABC):
             bulk=self._wants_bulk(),
         )
         try:
-            response = stub.Handshake(request, timeout=10.0)
+            response = stub.Handshake(request, timeout=HANDSHAKE_TIMEOUT_S)
         except grpc.RpcError as exc:
             raise TransferError(
                 f"handshake with {address} failed: {exc.details()}", "UNAVAILABLE", unreachable=address

@@ -45,5 +45,18 @@ class NetnsHost:
     def prefix(self) -> tuple[str, ...]:
         return ("ip", "netns", "exec", self.namespace)
 
+    def link_to(self, other: NetnsHost, subnet: str) -> None:
+        """A veth pair of its own between this host and ``other`` on ``subnet``, and a route each way between their
+        ``address``es over it: where a default route to this namespace (which forwards nothing) dropped their packets
+        silently, they now flow."""
+        tag = uuid.uuid4().hex[:6]
+        here, there = f"sva-{tag}", f"svb-{tag}"
+        pair = ("type", "veth", "peer", "name", there, "netns", other.namespace)
+        _run("ip", "link", "add", here, "netns", self.namespace, *pair)
+        for host, device, own, peer, far in ((self, here, 1, 2, other), (other, there, 2, 1, self)):
+            _run(*host.prefix, "ip", "addr", "add", f"{subnet}.{own}/24", "dev", device)
+            _run(*host.prefix, "ip", "link", "set", device, "up")
+            _run(*host.prefix, "ip", "route", "add", f"{far.address}/32", "via", f"{subnet}.{peer}")
+
     def close(self) -> None:
         subprocess.run(["ip", "netns", "del", self.namespace], capture_output=True, timeout=20)  # and its veth

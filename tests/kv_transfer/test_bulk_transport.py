@@ -1,6 +1,7 @@
 """The bulk TCP path of the gRPC transport (kv_transfer/bulk_transport.py): bytes land exactly in the
 reserved blocks, a byte flipped on the wire is caught, the link admits cluster members only, a
-frame with a wrong ticket token writes nothing, and a receiver without bulk gets gRPC messages.
+frame with a wrong ticket token writes nothing, and a receiver without bulk gets gRPC messages (as one whose
+bulk listener refused, until the connect is tried again).
 Real gRPC server with the cluster-secret interceptor, real TCP sockets on loopback; the flipped
 byte is flipped by a real forwarding proxy between the two."""
 
@@ -8,11 +9,13 @@ from __future__ import annotations
 
 import socket
 import threading
+import time
 
 import pytest
 import torch
 
 from engine.kv_cache import KVLayout, PagedKVCache
+from kv_transfer import bulk_transport
 from kv_transfer.bulk_transport import FRAME_HEADER, BulkKVSender, BulkLink, BulkReceiver, BulkSession
 from kv_transfer.errors import TransferError
 from kv_transfer.grpc_transport import GrpcSession
@@ -227,6 +230,38 @@ def test_without_a_bulk_listener_kv_goes_in_grpc_messages():
         _push_all(session, source)
         session.commit(7, None, 10.0)
         assert torch.equal(receiver.cache.read_regions(2, DST_BLOCKS), source.read_regions(2, SRC_BLOCKS))
+    finally:
+        sender.close()
+        receiver.stop()
+
+
+def test_a_bulk_listener_that_refused_is_connected_again_after_a_while(monkeypatch):
+    """The handshake offers a bulk port that refuses the connect: KV goes in gRPC messages, exactly, and the
+    connect is tried again RECONNECT_S later (not never): once the listener is back, KV takes the bulk links."""
+    monkeypatch.setattr(bulk_transport, "RECONNECT_S", 0.5)
+    receiver = Receiver()
+    port = receiver.bulk.port
+    receiver.bulk.close()  # refuses connections from now on
+    sender = BulkKVSender(receiver.layout, "prefill", auth=ClusterAuth(secret=SECRET))
+    try:
+        kinds = []
+        for index, pause in enumerate((0.0, 0.0, 0.7)):
+            time.sleep(pause)
+            if index == 2:  # the listener is back on its port
+                receiver.bulk = BulkReceiver(receiver.inbox, "127.0.0.1", port, SECRET)
+            source = _source(seed=10 + index)
+            request_id = f"r{index}"
+            receiver.inbox.open(request_id, DST_BLOCKS, TOKEN)
+            session = sender.open(request_id, receiver.ticket(request_id))
+            kinds.append(type(session))
+            _push_all(session, source)
+            session.commit(7, None, 10.0)
+            for layer in range(LAYOUT.num_layers):
+                assert torch.equal(
+                    receiver.cache.read_regions(layer, DST_BLOCKS), source.read_regions(layer, SRC_BLOCKS)
+                )
+        assert kinds == [GrpcSession, GrpcSession, BulkSession]
+        assert receiver.committed == ["r0", "r1", "r2"]
     finally:
         sender.close()
         receiver.stop()

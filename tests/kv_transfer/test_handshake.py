@@ -1,5 +1,6 @@
 """Handshakes (kv_transfer/sender.py KVSender.peer): a receiver that does not answer holds up only the sessions
-to its own address, and its failure names it (the prefill worker's answer then names it to the router).
+to its own address, and its failure names it (the prefill worker's answer then names it to the router). Once a
+handshake could not reach a receiver, the sessions queued behind it fail with it.
 
 A real gRPC receiver on loopback, and a "silent" one: a listening socket that takes TCP connections and never
 speaks HTTP/2, as a hung or half-partitioned host does.
@@ -12,6 +13,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from engine.kv_cache import KVLayout, PagedKVCache
+from kv_transfer import sender as sender_module
 from kv_transfer.errors import TransferError
 from kv_transfer.grpc_transport import GrpcKVSender
 from kv_transfer.inbox import KVInbox
@@ -50,3 +52,49 @@ def test_a_silent_receiver_holds_up_only_its_own_handshake():
     assert isinstance(error, TransferError), error
     assert (error.code, error.unreachable) == ("UNAVAILABLE", silent_address)
     assert silent_address in str(error)
+
+
+def test_sessions_queued_behind_a_handshake_that_failed_fail_with_it(monkeypatch):
+    """Three sessions to a receiver that does not answer: the first handshake waits out its timeout, the two queued
+    behind it fail with it (naming the receiver) rather than each waiting out a timeout of its own in turn; once the
+    receiver answers on that address, a session reaches it over the same channel (its reconnect backoff is short)."""
+    monkeypatch.setattr(sender_module, "HANDSHAKE_TIMEOUT_S", 1.0)
+    layout = layout_message(LAYOUT, "fingerprint")
+    silent = socket.socket()
+    silent.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)
+    port = silent.getsockname()[1]
+    address = f"127.0.0.1:{port}"
+    sender = GrpcKVSender(layout, "prefill")
+    pool = ThreadPoolExecutor(3)
+    server = None
+    try:
+        began = time.monotonic()
+        queued = [pool.submit(sender.peer, loopback_ticket(f"q{i}", "grpc", address, layout, [0])) for i in range(3)]
+        errors = [future.exception(timeout=10) for future in queued]
+        waited = time.monotonic() - began
+        assert all(isinstance(error, TransferError) for error in errors), errors
+        assert {(error.code, error.unreachable) for error in errors} == {("UNAVAILABLE", address)}
+        assert all(address in str(error) for error in errors)
+        assert 0.9 < waited < 1.8, f"three queued sessions took {waited:.2f} s (one timeout is 1 s)"
+
+        silent.close()  # the receiver comes back on the same address
+        inbox = KVInbox(PagedKVCache(LAYOUT), lambda *args: None, lambda *args: None)
+        server, _ = serve_kv_receiver(KVReceiverService(inbox, layout, "instance-1"), port=port)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                assert sender.peer(loopback_ticket("back", "grpc", address, layout, [0])).instance_id == "instance-1"
+                break
+            except TransferError as error:
+                assert error.unreachable == address, error
+                assert time.monotonic() < deadline, "the receiver, back on its address, was never reached"
+                time.sleep(0.2)
+        print(f"reached {time.monotonic() - began - waited:.1f} s after the receiver came back")
+    finally:
+        sender.close()
+        pool.shutdown()
+        silent.close()
+        if server is not None:
+            server.stop(0).wait()

@@ -11,14 +11,25 @@ for KV_LINK_RETRY_S, and the request is served exactly (by the other prefill wor
 worker prefilling itself); the dashboard shows the link down. Health checks run every 30 s here, so a
 worker the router took out would stay out.
 
+A blackhole, where packets vanish rather than being refused: a prefill worker on a test host whose default route
+leads to this namespace, which forwards nothing, so its packets to the decode worker on another test host are
+dropped without a word. Its first handshake waits out HANDSHAKE_TIMEOUT_S; then it answers at
+once for as long as the link stays down (its channel's connect attempts, each bounded by
+cluster_auth.MIN_CONNECT_TIMEOUT_MS, keep failing, and gRPC fails calls on such a channel at once), so a request
+paired with it after the router's KV_LINK_RETRY_S costs a quick refusal, not another timeout (gRPC's own 20 s
+connect timeout made it wait again); once packets flow again, KV flows again within the channel's reconnect backoff.
+
 Needs root (namespaces, veth); everything is torn down at the end, also on failure.
 """
 
 from __future__ import annotations
 
+import time
+
 import httpx
 import pytest
 
+from kv_transfer.sender import HANDSHAKE_TIMEOUT_S
 from tests.netns import NetnsHost, subnets
 from tests.router.conftest import (
     SERVED_MODEL,
@@ -134,3 +145,65 @@ def test_the_other_prefill_worker_takes_the_prompts_it_cannot_push(make_router, 
     assert _state(router, far_prefill.address)[0], "the far prefill worker was taken out of routing"
     for worker in partitioned:
         wait_idle(worker)
+
+
+@pytest.fixture(scope="module")
+def blackholed(checkpoint):
+    """(prefill host, decode host, prefill worker, decode worker): the prefill host's packets to the other vanish."""
+    prefill_subnet, decode_subnet, link_subnet = subnets(3)
+    hosts = [NetnsHost(prefill_subnet, default_route=True), NetnsHost(decode_subnet)]
+    model = str(checkpoint.path)
+    launched = []
+    try:
+        for role, host in zip(("prefill", "decode"), hosts, strict=True):
+            launched.append(launch_worker(role, model, "grpc", "--host", host.address, prefix=host.prefix))
+        prefill, decode = (wait_ready(worker) for worker in launched)
+        yield *hosts, link_subnet, prefill, decode
+    finally:
+        stop_all(launched)
+        for host in hosts:
+            host.close()
+
+
+def test_a_blackholed_link_costs_one_handshake_timeout_then_quick_refusals(
+    make_router, blackholed, checkpoint, rng, monkeypatch
+):
+    prefill_host, decode_host, link_subnet, prefill, decode = blackholed
+    monkeypatch.setattr("router.workers.KV_LINK_RETRY_S", 1.0)
+    router = make_router([prefill], [decode], health_interval_s=SLOW_HEALTH_S, local_prefill_threshold=16)
+    before = prefill.stats()
+
+    def timed(prompt: list[int]) -> float:
+        began = time.monotonic()
+        assert _complete(router, prompt) == greedy_ignoring_eos(checkpoint.model, prompt, MAX_TOKENS)
+        return time.monotonic() - began
+
+    def link_failures() -> float:
+        return metric_sum(router.metrics(), "splitserve_router_kv_link_failures_total")
+
+    first = timed(random_prompt(rng, PROMPT_TOKENS))
+    assert HANDSHAKE_TIMEOUT_S - 0.5 < first < HANDSHAKE_TIMEOUT_S + 5, f"the first request took {first:.1f} s"
+    assert link_failures() == 1
+    # Each request from here is paired with the prefill worker again (the router's KV_LINK_RETRY_S has passed), over
+    # a window longer than the prefill worker's channel takes per connect attempt (cluster_auth.MIN_CONNECT_TIMEOUT_MS):
+    # however the channel stands, the prefill worker refuses at once rather than trying the link again.
+    for _ in range(6):
+        time.sleep(1.2)
+        took = timed(random_prompt(rng, PROMPT_TOKENS))
+        assert took < 3, f"a request paired with the blackholed link again waited {took:.1f} s"
+    assert link_failures() == 7
+    assert _state(router, prefill.address)[0], "the prefill worker was taken out of routing"
+    decisions = router.decisions()
+    assert (decisions.get("remote_prefill"), decisions.get("fallback")) == (7, 7), decisions
+
+    # Packets flow again: within the channel's reconnect backoff (cluster_auth.MAX_RECONNECT_BACKOFF_MS), KV flows.
+    prefill_host.link_to(decode_host, link_subnet)
+    lifted = time.monotonic()
+    while prefill.stats().kv_transfers_completed == before.kv_transfers_completed:
+        assert time.monotonic() - lifted < 20, "KV never flowed again after the blackhole was lifted"
+        time.sleep(1.2)
+        timed(random_prompt(rng, PROMPT_TOKENS))
+    print(f"KV flowed again {time.monotonic() - lifted:.1f} s after the blackhole was lifted")
+    assert prefill.stats().kv_transfers_failed >= before.kv_transfers_failed + 2
+    wait_idle(prefill)
+    wait_idle(decode)
