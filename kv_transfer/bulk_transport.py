@@ -86,7 +86,12 @@ HELLO_TIMEOUT_S = 5.0
 # Once a frame started, each of its reads and writes must progress within this: a stalled link
 # (no byte for this long) is broken, which unpins the landing and fails the sessions on it.
 STALL_TIMEOUT_S = 30.0
-MAX_CONNECTIONS = 256
+MAX_CONNECTIONS = 256  # admitted links
+# Connections still in their hello (HELLO_TIMEOUT_S at most, all of it), in all and from one address: a
+# neighbour that opens connections and says nothing holds these few slots, never an admitted link's.
+MAX_HELLOS = 64
+MAX_HELLOS_PER_HOST = 8
+REFUSAL_LOG_S = 10.0  # refusals are logged at most this often per host
 _DRAIN_BYTES = 1 << 20
 
 
@@ -110,18 +115,24 @@ def _sysctl(path: str) -> int:
         return 0
 
 
-def _recv_exactly(sock: socket.socket, view: memoryview) -> None:
+def _recv_exactly(sock: socket.socket, view: memoryview, deadline: float | None = None) -> None:
+    """Fills ``view``; with a ``deadline`` (monotonic), all of it by then (TimeoutError otherwise)."""
     got = 0
     while got < len(view):
+        if deadline is not None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"{len(view) - got} of {len(view)} bytes still missing at the deadline")
+            sock.settimeout(left)
         count = sock.recv_into(view[got:])
         if count == 0:
             raise ConnectionError("the peer closed the bulk connection")
         got += count
 
 
-def _recv_bytes(sock: socket.socket, count: int) -> bytes:
+def _recv_bytes(sock: socket.socket, count: int, deadline: float | None = None) -> bytes:
     buffer = bytearray(count)
-    _recv_exactly(sock, memoryview(buffer))
+    _recv_exactly(sock, memoryview(buffer), deadline)
     return bytes(buffer)
 
 
@@ -155,7 +166,9 @@ class BulkReceiver:
         self._listener = socket.create_server((host, port), family=_family(host), backlog=64)
         tune_socket(self._listener)  # accepted sockets inherit the buffer sizes
         self.port = self._listener.getsockname()[1]
-        self._connections: set[socket.socket] = set()
+        self._connections: set[socket.socket] = set()  # every open one, in its hello or admitted
+        self._hellos: collections.Counter[str] = collections.Counter()  # connections in their hello, per host
+        self._refusals_logged: dict[str, float] = {}  # per host: when a refusal was last logged (accepting thread)
         self._lock = threading.Lock()
         self._closed = False
         threading.Thread(target=self._accept, name="kv-bulk-accept", daemon=True).start()
@@ -163,27 +176,54 @@ class BulkReceiver:
     def _accept(self) -> None:
         while True:
             try:
-                sock, _ = self._listener.accept()
+                sock, peer = self._listener.accept()
             except OSError:
                 return  # closed
+            host = peer[0]
             with self._lock:
-                if self._closed or len(self._connections) >= MAX_CONNECTIONS:
-                    sock.close()
-                    continue
-                self._connections.add(sock)
-            threading.Thread(target=self._serve, args=(sock,), name="kv-bulk-conn", daemon=True).start()
+                refused = self._refusal(host)
+                if refused is None:
+                    self._connections.add(sock)
+                    self._hellos[host] += 1
+            if refused is not None:
+                sock.close()
+                if time.monotonic() - self._refusals_logged.get(host, -REFUSAL_LOG_S) >= REFUSAL_LOG_S:
+                    self._refusals_logged[host] = time.monotonic()
+                    log.warning("bulk KV connections from %s refused: %s", host, refused)
+                continue
+            threading.Thread(target=self._serve, args=(sock, host), name="kv-bulk-conn", daemon=True).start()
 
-    def _serve(self, sock: socket.socket) -> None:
+    def _refusal(self, host: str) -> str | None:
+        """Under ``_lock``: why a new connection from ``host`` is refused, if it is."""
+        hellos = sum(self._hellos.values())
+        if self._closed:
+            return "the listener is closing"
+        if self._hellos[host] >= MAX_HELLOS_PER_HOST:
+            return f"{MAX_HELLOS_PER_HOST} of its connections are in their hello already"
+        if hellos >= MAX_HELLOS:
+            return f"{MAX_HELLOS} connections are in their hello already"
+        if len(self._connections) - hellos >= MAX_CONNECTIONS:
+            return f"{MAX_CONNECTIONS} links are open already"
+        return None
+
+    def _serve(self, sock: socket.socket, host: str) -> None:
         sent_here: set[str] = set()  # reservations this link carried frames for
         staging = _Staging() if self._staged else None
+        in_hello = True
         try:
-            if self._admit(sock):
+            admitted = self._admit(sock)
+            with self._lock:
+                self._end_hello(host)
+                in_hello = False
+            if admitted:
                 while self._frame(sock, sent_here, staging):
                     pass
         except (OSError, ConnectionError, TransferError) as exc:
             log.info("bulk KV connection closed: %s", exc)
         finally:
             with self._lock:
+                if in_hello:
+                    self._end_hello(host)
                 self._connections.discard(sock)
             sock.close()
             # As a broken push stream does: a sender whose link is gone (it died, or the link broke)
@@ -192,12 +232,21 @@ class BulkReceiver:
                 if self.inbox.get(request_id) is not None:
                     self.inbox.abort(request_id, "the bulk KV link closed before a commit")
 
+    def _end_hello(self, host: str) -> None:
+        """Under ``_lock``: a connection from ``host`` is through its hello (admitted or not)."""
+        self._hellos[host] -= 1
+        if not self._hellos[host]:
+            del self._hellos[host]
+
     def _admit(self, sock: socket.socket) -> bool:
+        """The hello: a proof of the cluster secret within HELLO_TIMEOUT_S in all (a byte now and then does
+        not keep a connection in its hello longer)."""
         tune_socket(sock)
+        deadline = time.monotonic() + HELLO_TIMEOUT_S
         sock.settimeout(HELLO_TIMEOUT_S)
         nonce = secrets.token_bytes(NONCE_BYTES)
         sock.sendall(HELLO + bytes([VERSION]) + nonce)
-        proof = _recv_bytes(sock, hashlib.sha256().digest_size)
+        proof = _recv_bytes(sock, hashlib.sha256().digest_size, deadline)
         admitted = self._secret is None or hmac.compare_digest(proof, hello_proof(self._secret, nonce))
         sock.sendall(b"\x00" if admitted else b"\x01")
         if not admitted:

@@ -26,11 +26,12 @@ class NetnsHost:
         tag = uuid.uuid4().hex[:6]
         self.namespace, self.outer, inner = f"ssh-{tag}", f"svo-{tag}", f"svi-{tag}"
         self.address = f"{subnet}.2"
+        self.gateway = f"{subnet}.1"  # this namespace's end of the pair: the test host reaches this one there
         try:
             _run("ip", "netns", "add", self.namespace)
             _run("ip", "link", "add", self.outer, "type", "veth", "peer", "name", inner)
             _run("ip", "link", "set", inner, "netns", self.namespace)
-            _run("ip", "addr", "add", f"{subnet}.1/24", "dev", self.outer)
+            _run("ip", "addr", "add", f"{self.gateway}/24", "dev", self.outer)
             _run("ip", "link", "set", self.outer, "up")
             for command in (["addr", "add", f"{self.address}/24", "dev", inner], ["link", "set", inner, "up"]):
                 _run(*self.prefix, "ip", *command)

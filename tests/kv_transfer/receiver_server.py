@@ -12,13 +12,16 @@ from kv_transfer.sender import channel_options
 from protos import common_pb2, decode_pb2, kv_transfer_pb2_grpc
 
 
-def serve_kv_receiver(service: KVReceiverService, interceptors=None, port: int = 0) -> tuple[grpc.Server, str]:
-    """Starts ``service`` on a loopback port (a free one by default): the running server and its address."""
+def serve_kv_receiver(
+    service: KVReceiverService, interceptors=None, port: int = 0, host: str = "127.0.0.1"
+) -> tuple[grpc.Server, str]:
+    """Starts ``service`` on ``host`` (loopback by default), on ``port`` (a free one by default): the running server
+    and its address."""
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=4), interceptors=interceptors, options=channel_options()
     )
     kv_transfer_pb2_grpc.add_KVReceiverServicer_to_server(service, server)
-    address = f"127.0.0.1:{server.add_insecure_port(f'127.0.0.1:{port}')}"
+    address = f"{host}:{server.add_insecure_port(f'{host}:{port}')}"
     server.start()
     return server, address
 
