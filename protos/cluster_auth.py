@@ -39,6 +39,12 @@ SECRET_METADATA = "x-splitserve-cluster-secret"
 # (gRPC's own is 120 s). A member back from an outage of any length is reached within ~7 s of its return.
 MIN_CONNECT_TIMEOUT_MS = 5000
 MAX_RECONNECT_BACKOFF_MS = 2000
+# While a call is in flight on a member's channel, the channel pings the member every KEEPALIVE_TIME_MS, and a
+# ping not answered within KEEPALIVE_TIMEOUT_MS ends the connection and its calls (UNAVAILABLE): a host whose
+# packets vanish mid-call (its link down, a switch failed) is lost within ~10 s, not when TCP gives up (~15 min)
+# or the call's deadline passes. HTTP/2 pings are answered by gRPC's own threads, so a busy worker answers them.
+KEEPALIVE_TIME_MS = 5000
+KEEPALIVE_TIMEOUT_MS = 5000
 # Methods a worker answers without the secret: liveness tells nothing about the cluster.
 UNAUTHENTICATED_PREFIXES = ("/grpc.health.v1.Health/",)
 MISSING_SECRET_HELP = (
@@ -103,10 +109,20 @@ class ClusterAuth:
         options: list[tuple[str, object]] = [
             ("grpc.min_reconnect_backoff_ms", MIN_CONNECT_TIMEOUT_MS),  # the connect timeout, despite its name
             ("grpc.max_reconnect_backoff_ms", MAX_RECONNECT_BACKOFF_MS),
+            ("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS),
+            ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+            ("grpc.http2.max_pings_without_data", 0),  # a call that only receives (a stream of tokens) pings too
         ]
         if self.tls is not None and self.tls.server_name:
             options.append(("grpc.ssl_target_name_override", self.tls.server_name))
         return options
+
+
+def member_server_options() -> list[tuple[str, object]]:
+    """What a member's gRPC server takes of its clients' keepalive pings: one every KEEPALIVE_TIME_MS, while the
+    server sends nothing (gRPC's default counts a ping within 5 min of the last as a strike, and closes the
+    connection after two: every call on it would fail)."""
+    return [("grpc.http2.min_ping_interval_without_data_ms", KEEPALIVE_TIME_MS // 2)]
 
 
 def secret_from_env() -> str | None:

@@ -46,6 +46,11 @@ class NetnsHost:
     def prefix(self) -> tuple[str, ...]:
         return ("ip", "netns", "exec", self.namespace)
 
+    def set_link(self, up: bool) -> None:
+        """Takes this host's link to the test host down (every packet between them vanishes: connections
+        already open are not told) or brings it back up."""
+        _run("ip", "link", "set", self.outer, "up" if up else "down")
+
     def link_to(self, other: NetnsHost, subnet: str) -> None:
         """A veth pair of its own between this host and ``other`` on ``subnet``, and a route each way between their
         ``address``es over it: where a default route to this namespace (which forwards nothing) dropped their packets

@@ -13,7 +13,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
@@ -251,3 +251,33 @@ def router(checkpoint: Checkpoint, cluster: Cluster) -> Iterator[RouterThread]:
 def rng(request) -> random.Random:
     """Prompts unique to each test, so prefix caches never leak between tests."""
     return random.Random(request.node.nodeid)
+
+
+@dataclass
+class Stream:
+    """One streamed completion read by a client thread; progress is visible while it runs."""
+
+    ids: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    error: BaseException | None = None
+    done: threading.Event = field(default_factory=threading.Event)
+
+
+def stream_greedy(client: openai.OpenAI, prompt: list[int], max_tokens: int, stream: Stream) -> None:
+    try:
+        for chunk in client.completions.create(
+            model=SERVED_MODEL,
+            prompt=[prompt],
+            max_tokens=max_tokens,
+            temperature=0,
+            logprobs=0,
+            stream=True,
+            extra_body={"ignore_eos": True, "return_tokens_as_token_ids": True},
+        ):
+            for choice in chunk.choices:
+                stream.ids.extend(token_ids(choice.logprobs.tokens) if choice.logprobs else [])
+                stream.finish_reason = choice.finish_reason or stream.finish_reason
+    except BaseException as exc:  # noqa: BLE001 - the test inspects it
+        stream.error = exc
+    finally:
+        stream.done.set()

@@ -11,7 +11,7 @@ import signal
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import httpx
 import openai
@@ -21,9 +21,11 @@ from tests.checkpoints import hf_greedy
 from tests.router.conftest import (
     MAX_MODEL_LEN,
     SERVED_MODEL,
+    Stream,
     greedy_ignoring_eos,
     random_prompt,
     stop_all,
+    stream_greedy,
     token_ids,
     wait_for,
 )
@@ -55,36 +57,6 @@ def failing(checkpoint):
     cluster = FailureCluster([p1, p2], [d1, d2])
     yield cluster
     stop_all(cluster.workers)
-
-
-@dataclass
-class Stream:
-    """One streamed completion read by a client thread; progress is visible while it runs."""
-
-    ids: list[int] = field(default_factory=list)
-    finish_reason: str | None = None
-    error: BaseException | None = None
-    done: threading.Event = field(default_factory=threading.Event)
-
-
-def _stream_greedy(client: openai.OpenAI, prompt: list[int], max_tokens: int, stream: Stream) -> None:
-    try:
-        for chunk in client.completions.create(
-            model=SERVED_MODEL,
-            prompt=[prompt],
-            max_tokens=max_tokens,
-            temperature=0,
-            logprobs=0,
-            stream=True,
-            extra_body={"ignore_eos": True, "return_tokens_as_token_ids": True},
-        ):
-            for choice in chunk.choices:
-                stream.ids.extend(token_ids(choice.logprobs.tokens) if choice.logprobs else [])
-                stream.finish_reason = choice.finish_reason or stream.finish_reason
-    except BaseException as exc:  # noqa: BLE001 - the test inspects it
-        stream.error = exc
-    finally:
-        stream.done.set()
 
 
 # -- clients leaving ----------------------------------------------------------------------------------
@@ -217,7 +189,7 @@ def test_decode_worker_killed_mid_stream_migrates(make_router, failing, checkpoi
     expected = [greedy_ignoring_eos(checkpoint.model, p, max_tokens) for p in prompts]
     streams = [Stream() for _ in prompts]
     threads = [
-        threading.Thread(target=_stream_greedy, args=(client, p, max_tokens, s), daemon=True)
+        threading.Thread(target=stream_greedy, args=(client, p, max_tokens, s), daemon=True)
         for p, s in zip(prompts, streams)
     ]
     for thread in threads:

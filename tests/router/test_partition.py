@@ -19,24 +19,32 @@ cluster_auth.MIN_CONNECT_TIMEOUT_MS, keep failing, and gRPC fails calls on such 
 paired with it after the router's KV_LINK_RETRY_S costs a quick refusal, not another timeout (gRPC's own 20 s
 connect timeout made it wait again); once packets flow again, KV flows again within the channel's reconnect backoff.
 
+A decode worker whose link goes down mid-stream (every packet vanishes; the router's connection is not told): the
+router's channel pings it (cluster_auth.KEEPALIVE_TIME_MS), ends the connection when no answer comes, and the stream
+moves to the other decode worker, token-identical to transformers, within ~10 s rather than at its deadline.
+
 Needs root (namespaces, veth); everything is torn down at the end, also on failure.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 
 import httpx
 import pytest
 
 from kv_transfer.sender import HANDSHAKE_TIMEOUT_S
+from protos.cluster_auth import KEEPALIVE_TIME_MS, KEEPALIVE_TIMEOUT_MS
 from tests.netns import NetnsHost, subnets
 from tests.router.conftest import (
     SERVED_MODEL,
+    Stream,
     greedy_ignoring_eos,
     metric_sum,
     random_prompt,
     stop_all,
+    stream_greedy,
     token_ids,
     wait_for,
 )
@@ -207,3 +215,39 @@ def test_a_blackholed_link_costs_one_handshake_timeout_then_quick_refusals(
     assert prefill.stats().kv_transfers_failed >= before.kv_transfers_failed + 2
     wait_idle(prefill)
     wait_idle(decode)
+
+
+def test_a_decode_worker_whose_link_goes_down_mid_stream_is_migrated_from(make_router, checkpoint, rng):
+    host = NetnsHost(subnets(1)[0])
+    model = str(checkpoint.path)
+    launched = [launch_worker("decode", model, "grpc", "--host", host.address, prefix=host.prefix)]
+    launched.append(launch_worker("decode", model))
+    try:
+        far, near = (wait_ready(worker) for worker in launched)
+        router = make_router([], [far, near], migration_policy="local")
+        client, max_tokens = router.openai(), 400
+        for _ in range(8):  # decode workers of equal load are drawn at random: until a stream lands on the far one
+            prompt, stream = random_prompt(rng, 24), Stream()
+            threading.Thread(target=stream_greedy, args=(client, prompt, max_tokens, stream), daemon=True).start()
+            wait_for(lambda: len(stream.ids) >= 5 or stream.done.is_set(), 30, "the stream to start")  # noqa: B023
+            if router.worker_active()[far.address]:
+                break
+            assert stream.done.wait(60) and stream.error is None, stream.error
+        else:
+            raise AssertionError("no stream landed on the far decode worker in 8 tries")
+
+        host.set_link(False)
+        cut = time.monotonic()
+        bound = (KEEPALIVE_TIME_MS + KEEPALIVE_TIMEOUT_MS) / 1000 + 10
+        assert stream.done.wait(bound), "the stream hung after its decode worker's link went down"
+        print(f"the stream finished {time.monotonic() - cut:.1f} s after the link went down")
+        assert stream.error is None, stream.error
+        assert stream.finish_reason == "length"
+        assert stream.ids == greedy_ignoring_eos(checkpoint.model, prompt, max_tokens), "migrated output differs"
+        assert metric_sum(router.metrics(), "splitserve_migrations_total") == 1
+        host.set_link(True)
+        wait_idle(far)
+        wait_idle(near)
+    finally:
+        stop_all(launched)
+        host.close()
