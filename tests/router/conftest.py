@@ -258,12 +258,14 @@ class Stream:
     """One streamed completion read by a client thread; progress is visible while it runs."""
 
     ids: list[int] = field(default_factory=list)
+    text: str = ""
     finish_reason: str | None = None
     error: BaseException | None = None
     done: threading.Event = field(default_factory=threading.Event)
 
 
-def stream_greedy(client: openai.OpenAI, prompt: list[int], max_tokens: int, stream: Stream) -> None:
+def stream_greedy(client: openai.OpenAI, prompt: list[int], max_tokens: int, stream: Stream, **extra) -> None:
+    """Reads a greedy streamed completion of ``prompt`` into ``stream`` (``extra``: more request fields)."""
     try:
         for chunk in client.completions.create(
             model=SERVED_MODEL,
@@ -272,12 +274,21 @@ def stream_greedy(client: openai.OpenAI, prompt: list[int], max_tokens: int, str
             temperature=0,
             logprobs=0,
             stream=True,
-            extra_body={"ignore_eos": True, "return_tokens_as_token_ids": True},
+            extra_body={"ignore_eos": True, "return_tokens_as_token_ids": True, **extra.pop("extra_body", {})},
+            **extra,
         ):
             for choice in chunk.choices:
                 stream.ids.extend(token_ids(choice.logprobs.tokens) if choice.logprobs else [])
+                stream.text += choice.text
                 stream.finish_reason = choice.finish_reason or stream.finish_reason
     except BaseException as exc:  # noqa: BLE001 - the test inspects it
         stream.error = exc
     finally:
         stream.done.set()
+
+
+def start_stream(client: openai.OpenAI, prompt: list[int], max_tokens: int, **extra) -> Stream:
+    """``stream_greedy`` on a thread of its own; the Stream fills as it runs."""
+    stream = Stream()
+    threading.Thread(target=stream_greedy, args=(client, prompt, max_tokens, stream), kwargs=extra, daemon=True).start()
+    return stream

@@ -6,18 +6,24 @@ These workers are this module's own; the last test kills one of them.
 
 from __future__ import annotations
 
-import threading
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-import openai
 import pytest
 
 from contract.sampling import SamplingParams
 from engine.config import EngineConfig
 from engine.engine import Engine
 from tests.checkpoints import hf_greedy
-from tests.router.conftest import SERVED_MODEL, greedy_ignoring_eos, random_prompt, stop_all, token_ids, wait_for
+from tests.router.conftest import (
+    SERVED_MODEL,
+    greedy_ignoring_eos,
+    random_prompt,
+    start_stream,
+    stop_all,
+    token_ids,
+    wait_for,
+)
 from tests.workers.harness import start_workers, wait_idle
 
 REQUEST_TIMEOUT_S = 90
@@ -44,43 +50,6 @@ def workers(checkpoint):
     p1, p2, d1, d2 = start_workers(chunked, chunked, ("decode", model), ("decode", model))
     yield Workers([p1, p2], [d1, d2])
     stop_all([p1, p2, d1, d2])
-
-
-@dataclass
-class Stream:
-    ids: list[int] = field(default_factory=list)
-    text: str = ""
-    finish_reason: str | None = None
-    error: BaseException | None = None
-    done: threading.Event = field(default_factory=threading.Event)
-
-
-def _stream(client: openai.OpenAI, prompt: list[int], max_tokens: int, stream: Stream, **extra) -> None:
-    try:
-        for chunk in client.completions.create(
-            model=SERVED_MODEL,
-            prompt=[prompt],
-            max_tokens=max_tokens,
-            temperature=0,
-            logprobs=0,
-            stream=True,
-            extra_body={"ignore_eos": True, "return_tokens_as_token_ids": True, **extra.pop("extra_body", {})},
-            **extra,
-        ):
-            for choice in chunk.choices:
-                stream.ids.extend(token_ids(choice.logprobs.tokens) if choice.logprobs else [])
-                stream.text += choice.text
-                stream.finish_reason = choice.finish_reason or stream.finish_reason
-    except BaseException as exc:  # noqa: BLE001 - the test inspects it
-        stream.error = exc
-    finally:
-        stream.done.set()
-
-
-def _start(client, prompt, max_tokens, **extra) -> Stream:
-    stream = Stream()
-    threading.Thread(target=_stream, args=(client, prompt, max_tokens, stream), kwargs=extra, daemon=True).start()
-    return stream
 
 
 def test_worker_removed_from_the_pool_under_a_call_is_a_lost_worker(make_router, workers, checkpoint, rng):
@@ -114,7 +83,7 @@ def test_worker_removed_from_the_pool_under_a_call_is_a_lost_worker(make_router,
     # Mid-decode: the stream's decode worker leaves the pool.
     prompt = random_prompt(rng, 50)
     expected = greedy_ignoring_eos(checkpoint.model, prompt, 300)
-    stream = _start(client, prompt, 300)
+    stream = start_stream(client, prompt, 300)
     wait_for(lambda: len(stream.ids) >= 10 or stream.done.is_set(), 30, "the stream to start")
     serving = next(d for d in workers.decodes if router.worker_active().get(d.address))
     router.run(router.router.pool.remove(serving.address), 10)
@@ -138,7 +107,7 @@ def test_decode_worker_killed_inside_a_character_keeps_text_and_kv(make_router, 
     reference = _engine_reference(checkpoint, prompt, max_tokens, sampling)
     assert reference.text.count("\ufffd") >= max_tokens - 1
 
-    stream = _start(client, prompt, max_tokens, **sampling)
+    stream = start_stream(client, prompt, max_tokens, **sampling)
     wait_for(lambda: len(stream.ids) >= 20 or stream.done.is_set(), 60, "the stream to start")
     active = router.worker_active()
     victim = max(workers.decodes, key=lambda w: active[w.address])

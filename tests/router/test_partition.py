@@ -28,7 +28,6 @@ Needs root (namespaces, veth); everything is torn down at the end, also on failu
 
 from __future__ import annotations
 
-import threading
 import time
 
 import httpx
@@ -39,12 +38,11 @@ from protos.cluster_auth import KEEPALIVE_TIME_MS, KEEPALIVE_TIMEOUT_MS
 from tests.netns import NetnsHost, subnets
 from tests.router.conftest import (
     SERVED_MODEL,
-    Stream,
     greedy_ignoring_eos,
     metric_sum,
     random_prompt,
+    start_stream,
     stop_all,
-    stream_greedy,
     token_ids,
     wait_for,
 )
@@ -227,8 +225,8 @@ def test_a_decode_worker_whose_link_goes_down_mid_stream_is_migrated_from(make_r
         router = make_router([], [far, near], migration_policy="local")
         client, max_tokens = router.openai(), 400
         for _ in range(8):  # decode workers of equal load are drawn at random: until a stream lands on the far one
-            prompt, stream = random_prompt(rng, 24), Stream()
-            threading.Thread(target=stream_greedy, args=(client, prompt, max_tokens, stream), daemon=True).start()
+            prompt = random_prompt(rng, 24)
+            stream = start_stream(client, prompt, max_tokens)
             wait_for(lambda: len(stream.ids) >= 5 or stream.done.is_set(), 30, "the stream to start")  # noqa: B023
             if router.worker_active()[far.address]:
                 break
