@@ -170,7 +170,13 @@ def test_plain_manifests_are_helm_template_output(name):
         f"{path.relative_to(REPO)} differs from the chart: run "
         f"`$(python deploy/tools/find_helm.py) {' '.join(command)} > {path.relative_to(REPO)}`"
     )
-    assert [d["kind"] for d in yaml.safe_load_all(path.read_text()) if d] == ["ConfigMap", "Service", "RayCluster"]
+    assert [d["kind"] for d in yaml.safe_load_all(path.read_text()) if d] == [
+        "NetworkPolicy",
+        "NetworkPolicy",
+        "ConfigMap",
+        "Service",
+        "RayCluster",
+    ]
 
 
 @pytest.mark.parametrize("readme", [CHART / "README.md", REPO / "README.md"], ids=["chart", "repository"])

@@ -146,7 +146,7 @@ def test_raycluster_passes_the_operator_checks(objects):
 def test_every_object_is_known(objects, shared_crds):
     known = set(crd_kinds(shared_crds)) | {("monitoring.coreos.com/v1", "PodMonitor")}
     for obj in objects:
-        if obj["kind"] in ("Service", "ConfigMap", "Secret", "Pod"):
+        if obj["kind"] in ("Service", "ConfigMap", "Secret", "Pod", "NetworkPolicy"):  # Kubernetes schemas, above
             continue
         assert (obj["apiVersion"], obj["kind"]) in known, f"{obj['apiVersion']} {obj['kind']} is validated by no test"
 

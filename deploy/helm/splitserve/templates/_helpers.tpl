@@ -21,6 +21,12 @@ app.kubernetes.io/name: {{ include "splitserve.name" . }}
 app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end -}}
 
+{{/* The head pod (router, controller), by the labels KubeRay puts on the pods it makes. */}}
+{{- define "splitserve.headSelector" -}}
+ray.io/cluster: {{ include "splitserve.fullname" . }}
+ray.io/node-type: head
+{{- end -}}
+
 {{- define "splitserve.labels" -}}
 {{ include "splitserve.selectorLabels" . }}
 app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}

@@ -1,0 +1,177 @@
+"""The chart's NetworkPolicies, read with Kubernetes' rules (networking.k8s.io/v1): a pod that no policy selects
+takes ingress from anywhere; one that policies select takes only what one of their rules admits (a rule: from any
+of its peers, to any of its ports; no `from` or no `ports`: any). Pods are the RayCluster's templates with the
+labels KubeRay adds to the pods it makes (ray.io/cluster, ray.io/node-type, ray.io/group). Traffic from the pod's
+own node (kubelet probes) is always allowed, whatever the policies say, and is not modelled here.
+
+What must hold: the release's pods reach each other on every port (Ray's, the workers' gRPC, bulk KV, NIXL); a
+neighbour (another release's pod, another namespace's) reaches only the router's HTTP and gRPC ports on the head;
+networkPolicy.routerFrom narrows who reaches those; and the router's policy selects the pod the Service,
+PodMonitor and scrape annotations send to, with the ports they use.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import pytest
+
+from tests.deploy.conftest import chart_objects, one
+
+NAMESPACE = "serving"
+WORKER_PORTS = (6379, 8265, 10001, 35123, 41877)  # Ray's GCS, dashboard, client; a worker's gRPC, a bulk KV port
+
+
+@dataclass(frozen=True)
+class Pod:
+    labels: dict
+    namespace: str = NAMESPACE
+    namespace_labels: dict = field(default_factory=dict)
+    ports: dict = field(default_factory=dict)  # container port name -> number
+
+    def __hash__(self) -> int:
+        return id(self)
+
+
+def _selects(selector: dict, labels: dict) -> bool:
+    if any(labels.get(key) != value for key, value in selector.get("matchLabels", {}).items()):
+        return False
+    for expression in selector.get("matchExpressions", []):
+        key, operator, values = expression["key"], expression["operator"], expression.get("values", [])
+        present = key in labels
+        if not {
+            "In": present and labels[key] in values,
+            "NotIn": not present or labels[key] not in values,
+            "Exists": present,
+            "DoesNotExist": not present,
+        }[operator]:
+            return False
+    return True
+
+
+def _peer_admits(peer: dict, source: Pod) -> bool:
+    if "ipBlock" in peer:
+        return False  # sources here have no address to match
+    in_namespace = (
+        _selects(peer["namespaceSelector"], source.namespace_labels)
+        if "namespaceSelector" in peer
+        else source.namespace == NAMESPACE
+    )
+    return in_namespace and _selects(peer.get("podSelector", {}), source.labels)
+
+
+def _port_admits(entry: dict, port: int, target: Pod) -> bool:
+    wanted = entry.get("port")
+    return entry.get("protocol", "TCP") == "TCP" and (
+        wanted is None or wanted == port or (isinstance(wanted, str) and target.ports.get(wanted) == port)
+    )
+
+
+def admits(policies: list[dict], source: Pod, target: Pod, port: int) -> bool:
+    """Whether ``source`` may open a TCP connection to ``target``'s ``port`` under ``policies``."""
+    selecting = [
+        p for p in policies if target.namespace == NAMESPACE and _selects(p["spec"]["podSelector"], target.labels)
+    ]
+    if not selecting:
+        return True
+    return any(
+        (not rule.get("from") or any(_peer_admits(peer, source) for peer in rule["from"]))
+        and (not rule.get("ports") or any(_port_admits(entry, port, target) for entry in rule["ports"]))
+        for policy in selecting
+        for rule in policy["spec"].get("ingress", [])
+    )
+
+
+def pods(objects: list[dict]) -> dict[str, Pod]:
+    """The RayCluster's pods as KubeRay makes them: head, prefill and decode."""
+    raycluster = one(objects, "RayCluster")
+    name = raycluster["metadata"]["name"]
+    groups = {"head": ("head", raycluster["spec"]["headGroupSpec"])}
+    groups.update({g["groupName"]: ("worker", g) for g in raycluster["spec"]["workerGroupSpecs"]})
+    made = {}
+    for group, (node_type, spec) in groups.items():
+        labels = dict(spec["template"]["metadata"].get("labels", {}), **{"ray.io/cluster": name})
+        labels["ray.io/node-type"] = node_type
+        labels["ray.io/group"] = "headgroup" if node_type == "head" else group
+        ports = {
+            p["name"]: p["containerPort"] for c in spec["template"]["spec"]["containers"] for p in c.get("ports", [])
+        }
+        made[group] = Pod(labels, ports=ports)
+    return made
+
+
+def neighbours() -> dict[str, Pod]:
+    return {
+        "another release's pod": Pod({"app.kubernetes.io/name": "splitserve", "app.kubernetes.io/instance": "other"}),
+        "an unlabelled pod": Pod({}),
+        "a pod of another namespace": Pod({}, "web", {"kubernetes.io/metadata.name": "web"}),
+    }
+
+
+def policies_of(objects: list[dict]) -> list[dict]:
+    found = [o for o in objects if o["kind"] == "NetworkPolicy"]
+    assert len(found) == 2, [o["metadata"]["name"] for o in found]
+    return found
+
+
+def test_the_release_pods_reach_each_other_on_every_port(objects):
+    policies, members = policies_of(objects), pods(objects)
+    for source in members.values():
+        for target_name, target in members.items():
+            ports = (*WORKER_PORTS, *target.ports.values())
+            refused = [port for port in ports if not admits(policies, source, target, port)]
+            assert not refused, f"{source.labels['ray.io/group']} -> {target_name}: ports {refused} refused"
+
+
+def test_a_neighbour_reaches_only_the_router_ports_on_the_head(objects):
+    policies, members = policies_of(objects), pods(objects)
+    head = members["head"]
+    router_ports = {head.ports["http"], head.ports["grpc"]}
+    for name, neighbour in neighbours().items():
+        for target_name, target in members.items():
+            for port in (*WORKER_PORTS, *target.ports.values()):
+                expected = target is head and port in router_ports
+                assert admits(policies, neighbour, target, port) == expected, f"{name} -> {target_name}:{port}"
+
+
+def test_router_from_narrows_who_reaches_the_router():
+    ingress = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "ingress-nginx"}}}
+    objects = chart_objects(values={"networkPolicy": {"enabled": True, "routerFrom": [ingress]}})
+    policies, members = policies_of(objects), pods(objects)
+    head = members["head"]
+    controller = Pod({"app": "ingress"}, "ingress-nginx", {"kubernetes.io/metadata.name": "ingress-nginx"})
+    assert admits(policies, controller, head, head.ports["http"])
+    assert admits(policies, controller, head, head.ports["grpc"])
+    assert not admits(policies, controller, head, 6379)
+    for name, neighbour in neighbours().items():
+        assert not admits(policies, neighbour, head, head.ports["http"]), name
+    assert admits(policies, members["decode"], head, head.ports["http"]), "a member lost the router"
+
+
+def test_the_router_policy_opens_what_the_service_and_prometheus_use(objects):
+    router = next(p for p in policies_of(objects) if p["metadata"]["name"].endswith("-router"))
+    head = pods(objects)["head"]
+    service = one(objects, "Service")
+    assert router["spec"]["podSelector"]["matchLabels"] == service["spec"]["selector"]
+    opened = {entry["port"] for rule in router["spec"]["ingress"] for entry in rule["ports"]}
+    assert {p["targetPort"] for p in service["spec"]["ports"]} == opened
+    assert opened <= set(head.ports), f"ports {opened - set(head.ports)} are not the head container's"
+    for monitor in (o for o in objects if o["kind"] == "PodMonitor"):
+        assert monitor["spec"]["selector"]["matchLabels"] == service["spec"]["selector"]
+        assert {e["port"] for e in monitor["spec"]["podMetricsEndpoints"]} <= opened
+    annotations = one(objects, "RayCluster")["spec"]["headGroupSpec"]["template"]["metadata"].get("annotations", {})
+    if "prometheus.io/port" in annotations:
+        assert int(annotations["prometheus.io/port"]) in {head.ports[name] for name in opened}
+
+
+def test_without_network_policies_nothing_is_rendered():
+    objects = chart_objects(values={"networkPolicy": {"enabled": False, "routerFrom": []}})
+    assert not [o for o in objects if o["kind"] == "NetworkPolicy"]
+
+
+@pytest.mark.parametrize("peer", [{}, {"ports": [80]}])
+def test_router_from_takes_network_policy_peers_only(peer):
+    from tests.deploy.conftest import HelmError
+
+    with pytest.raises(HelmError, match="routerFrom"):
+        chart_objects(values={"networkPolicy": {"enabled": True, "routerFrom": [peer]}})
