@@ -37,7 +37,7 @@ class NetnsHost:
                 _run(*self.prefix, "ip", *command)
             _run(*self.prefix, "ip", "link", "set", "lo", "up")
             if default_route:  # its packets to anywhere leave through this namespace (which forwards none)
-                _run(*self.prefix, "ip", "route", "add", "default", "via", f"{subnet}.1")
+                _run(*self.prefix, "ip", "route", "add", "default", "via", self.gateway)
         except BaseException:
             self.close()
             raise
