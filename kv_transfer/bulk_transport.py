@@ -66,7 +66,7 @@ from kv_transfer.inbox import KVInbox
 from kv_transfer.integrity import checksum, pool_bytes, region_checksum, region_runs
 from kv_transfer.sender import OutboundSession, OutOfBandSession, Peer
 from protos import common_pb2, decode_pb2
-from protos.cluster_auth import ClusterAuth
+from protos.cluster_auth import KEEPALIVE_TIME_MS, KEEPALIVE_TIMEOUT_MS, ClusterAuth
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +86,12 @@ HELLO_TIMEOUT_S = 5.0
 # Once a frame started, each of its reads and writes must progress within this: a stalled link
 # (no byte for this long) is broken, which unpins the landing and fails the sessions on it.
 STALL_TIMEOUT_S = 30.0
+# A peer silent this long ends the connection, with its frames, whichever end notices: data it has not
+# acknowledged (TCP_USER_TIMEOUT), or, on an idle link, keepalive probes it does not answer (the first after
+# KEEPALIVE_TIME_MS of silence, then one a second). A host that vanishes mid-frame (its link down, packets
+# dropped, neither end told) is noticed in this bound, as the cluster's gRPC channels notice it, not at
+# STALL_TIMEOUT_S; a slow link still acknowledges, so only silence counts.
+PEER_SILENCE_S = (KEEPALIVE_TIME_MS + KEEPALIVE_TIMEOUT_MS) / 1000
 MAX_CONNECTIONS = 256  # admitted links
 # Connections still in their hello (HELLO_TIMEOUT_S at most, all of it), in all and from one address: a
 # neighbour that opens connections and says nothing holds these few slots, never an admitted link's.
@@ -102,6 +108,10 @@ def hello_proof(secret: str | None, nonce: bytes) -> bytes:
 def tune_socket(sock: socket.socket) -> None:
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, KEEPALIVE_TIME_MS // 1000)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, KEEPALIVE_TIMEOUT_MS // 1000)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(PEER_SILENCE_S * 1000))
     for option, limit in ((socket.SO_SNDBUF, "wmem_max"), (socket.SO_RCVBUF, "rmem_max")):
         if _sysctl(f"/proc/sys/net/core/{limit}") >= SOCKET_BUFFER_BYTES:
             sock.setsockopt(socket.SOL_SOCKET, option, SOCKET_BUFFER_BYTES)
@@ -376,6 +386,7 @@ class _Frame:
         self.checksum = digest  # None: computed by the link once ``ready`` completed
         self.nbytes = len(src) * cache.layout.region_bytes
         self.error: str | None = None
+        self.lost = False  # finished by its link's end, not by the receiver's answer
         self.acked = threading.Event()
         self._lock = threading.Lock()
         self._state = "queued"  # queued -> reading -> read, or queued -> cancelled
@@ -405,9 +416,9 @@ class _Frame:
             return True
         return self._read.wait(timeout)
 
-    def finish(self, error: str | None) -> None:
+    def finish(self, error: str | None, lost: bool = False) -> None:
         if not self.acked.is_set():
-            self.error = error
+            self.error, self.lost = error, lost
             self.acked.set()
 
     def header(self) -> list[bytes]:
@@ -424,6 +435,7 @@ class BulkLink:
 
     def __init__(self, host: str, port: int, secret: str | None, verify: bool) -> None:
         self.verify = verify
+        self.name = f"bulk KV link to {host}:{port}"
         self.sock = socket.create_connection((host, port), timeout=CONNECT_TIMEOUT_S)
         try:
             tune_socket(self.sock)
@@ -449,7 +461,7 @@ class BulkLink:
     def send(self, frame: _Frame) -> None:
         with self._lock:
             if self.broken is not None:
-                frame.finish(self.broken)
+                frame.finish(self.broken, lost=True)
                 frame.stop_reading(0)
                 return
             self.queued_bytes += frame.nbytes
@@ -463,7 +475,7 @@ class BulkLink:
             try:
                 self._send_frame(frame)
             except (OSError, ValueError) as exc:
-                self.break_link(f"bulk KV link failed while sending: {exc}")
+                self.break_link(f"{self.name} failed while sending: {exc}")
             finally:
                 frame.end_reading()
 
@@ -498,7 +510,7 @@ class BulkLink:
                     raise ConnectionError("an ack for no frame")
                 frame.finish(text or None)
         except (OSError, ConnectionError, struct.error) as exc:
-            self.break_link(f"bulk KV link lost: {exc}")
+            self.break_link(f"{self.name} lost: {exc}")
 
     def _next_sent_locked(self) -> _Frame | None:
         """The oldest unacked frame that was sent; frames cancelled before sending are acked as such."""
@@ -519,10 +531,10 @@ class BulkLink:
         _shutdown(self.sock)
         self._outbox.put(None)
         for frame in frames:
-            frame.finish(self.broken)
+            frame.finish(self.broken, lost=True)
 
     def close(self) -> None:
-        self.break_link("bulk KV link closed")
+        self.break_link(f"{self.name} closed")
         self.sock.close()
 
 
@@ -537,7 +549,7 @@ def _recv_bytes_blocking(sock: socket.socket, count: int) -> bytes:
         except TimeoutError:
             continue
         if received == 0:
-            raise ConnectionError("the receiver closed the bulk connection")
+            raise ConnectionError("the bulk connection ended (the receiver closed it, or it timed out)")
         got += received
     return bytes(buffer)
 
@@ -621,7 +633,7 @@ class BulkSession(OutOfBandSession):
                 self.fail("decode worker did not acknowledge the KV in time")
                 break
             if frame.error is not None:
-                self.fail(f"decode worker refused the KV: {frame.error}")
+                self.fail(frame.error if frame.lost else f"decode worker refused the KV: {frame.error}", frame.lost)
                 break
         self.release(max(0.0, deadline - time.monotonic()))
         self._commit_over_grpc(first_token_id, first_logprob, max(0.1, deadline - time.monotonic()))

@@ -68,8 +68,8 @@ class GrpcSession(OutboundSession):
     def _on_done(self, call: grpc.Future) -> None:
         if call.cancelled():
             self.fail("KV stream cancelled")
-        elif call.exception() is not None:
-            self.fail(f"decode worker refused the KV: {call.exception().details()}")
+        elif (exc := call.exception()) is not None:
+            self.fail_call(exc)
 
     def push_layer(
         self,
@@ -142,9 +142,9 @@ class GrpcSession(OutboundSession):
             self._call.cancel()
             raise TransferError("decode worker did not acknowledge the KV in time", "DEADLINE_EXCEEDED") from exc
         except grpc.RpcError:
-            pass
+            pass  # _on_done said why
         if self.failed is not None:
-            raise TransferError(self.failed, "ABORTED")
+            raise self.failure()
 
     def abort(self, reason: str) -> None:
         self.fail(reason)

@@ -401,7 +401,7 @@ class NixlSession(OutOfBandSession):
         call = self._sender.committing.submit(self._commit_over_grpc, first_token_id, first_logprob, timeout)
         self.release(timeout)
         if self.failed is not None:
-            raise TransferError(self.failed, "ABORTED")
+            raise self.failure()
         call.result()
 
 

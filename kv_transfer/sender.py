@@ -71,14 +71,30 @@ class OutboundSession(ABC):
         self.ticket = ticket
         self.metadata = metadata  # gRPC metadata every call of the session carries (the trace context)
         self.failed: str | None = None
+        # The failure is the link's: the receiver stopped answering mid-session (its connection lost), not a refusal.
+        self.lost = False
         self.closed = False  # set by close(): later pushes are dropped
         self.bytes_sent = 0
         # The lease on this worker's own clock, from now (the ticket has just reached it): hosts' clocks differ.
         self._deadline = time.monotonic() + ticket.lease_ms / 1000.0 - LEASE_MARGIN_S
 
-    def fail(self, reason: str) -> None:
+    def fail(self, reason: str, lost: bool = False) -> None:
         if self.failed is None:
-            self.failed = reason
+            self.failed, self.lost = reason, lost
+
+    def fail_call(self, exc: grpc.RpcError) -> None:
+        """A call to the receiver failed: it refused the KV, or (UNAVAILABLE) the connection to it was lost."""
+        if exc.code() == grpc.StatusCode.UNAVAILABLE:
+            self.fail(f"lost the connection to the decode worker at {self.ticket.address}: {exc.details()}", lost=True)
+        else:
+            self.fail(f"decode worker refused the KV: {exc.details()}")
+
+    def failure(self) -> TransferError:
+        """The error a failed session raises: a lost link names the receiver (UNAVAILABLE, ``unreachable``), so the
+        worker's answer blames the link, as a handshake that could not reach it does; anything else is ABORTED."""
+        if self.lost:
+            return TransferError(self.failed, "UNAVAILABLE", unreachable=self.ticket.address)
+        return TransferError(self.failed, "ABORTED")
 
     def lease_left(self) -> bool:
         if time.monotonic() >= self._deadline:
@@ -139,15 +155,15 @@ class OutOfBandSession(OutboundSession):
         if self.failed is None:
             self.lease_left()
         if self.failed is not None:
-            raise TransferError(self.failed, "ABORTED")
+            raise self.failure()
         request = self._commit_request(first_token_id=first_token_id)
         if first_logprob is not None:
             request.first_logprob.CopyFrom(first_logprob)
         try:
             self._peer.stub.Commit(request, timeout=timeout, metadata=self.metadata)
         except grpc.RpcError as exc:
-            self.fail(f"decode worker refused the KV: {exc.details()}")
-            raise TransferError(self.failed, "ABORTED") from exc
+            self.fail_call(exc)
+            raise self.failure() from exc
 
     def abort(self, reason: str) -> None:
         with self._lock:

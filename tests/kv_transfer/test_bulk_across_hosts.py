@@ -6,7 +6,13 @@ worker in the other (``ip netns exec ... splitserve worker --host ADDRESS``), an
 - a large prompt's KV (~100 MiB) over the bulk path fills the link: >= 70% of the shaped rate;
 - the link stalls (tbf at 8 kbit/s for a second: queue overflow, packets dropped) while requests
   run, then drops packets all along (a queue shorter than TCP's bursts):
-  output stays token-identical to transformers and every block returns on both workers.
+  output stays token-identical to transformers and every block returns on both workers;
+- the link goes down in the middle of a transfer (every packet vanishes; neither end is told), over
+  the bulk path and over gRPC messages (a prefill worker with ``--no-kv-bulk``): the prefill
+  worker's answer says so within the links' silence bound (bulk_transport.PEER_SILENCE_S: the bulk
+  path waited out its 30 s stall timeout) and blames the link (UNAVAILABLE, naming the decode
+  worker in contract.errors.UNREACHABLE_PEER, as a router reads it), and once the link is back
+  every block returns and the next request is exact.
 
 Needs root (namespaces, veth, tc); everything is torn down at the end, also on failure.
 """
@@ -25,6 +31,7 @@ from pathlib import Path
 
 import pytest
 
+from kv_transfer.bulk_transport import PEER_SILENCE_S
 from protos.cluster_auth import ensure_secret_in_env
 from tests.checkpoints import hf_greedy, write_checkpoint
 from tests.workers.harness import WorkerProcess, stop_workers, wait_ready
@@ -41,6 +48,7 @@ WIDE_SHAPE = dict(
 )
 FILL_PROMPT_TOKENS = 2048  # 96 MiB of KV
 FILL_TARGET = 0.70
+CUT_RATE_MBIT = 40  # a 2048-token prompt's KV takes ~20 s: the link is cut well inside it
 MAX_TOKENS = 6
 SPLITSERVE = str(Path(sys.executable).parent / "splitserve")
 
@@ -79,17 +87,22 @@ class Link:
     def exec(self, side: str, *command: str) -> subprocess.CompletedProcess:
         return _run("ip", "netns", "exec", self.namespaces[side], *command)
 
-    def shape(self, mode: str = "rate") -> None:
+    def shape(self, mode: str = "rate", rate_mbit: int = RATE_MBIT) -> None:
         """tbf on each end's egress (this kernel has no netem: no delay, no random loss):
-        ``rate``: RATE_MBIT; ``stall``: ~nothing gets through (the queue overflows, packets drop);
+        ``rate``: ``rate_mbit``; ``stall``: ~nothing gets through (the queue overflows, packets drop);
         ``drops``: RATE_MBIT with a queue too short for TCP's bursts (tail drops all along)."""
         settings = {
-            "rate": [f"{RATE_MBIT}mbit", "burst", "256kb", "latency", "50ms"],
+            "rate": [f"{rate_mbit}mbit", "burst", "256kb", "latency", "50ms"],
             "stall": ["8kbit", "burst", "1600", "limit", "3000"],
             "drops": [f"{RATE_MBIT}mbit", "burst", "32kb", "limit", "40kb"],
         }[mode]
         for side in self.namespaces:
             self.exec(side, "tc", "qdisc", "replace", "dev", self.devices[side], "root", "tbf", "rate", *settings)
+
+    def set_up(self, up: bool) -> None:
+        """The decode end of the pair down (the prefill end sends into a link with no carrier: every packet
+        vanishes, and neither end's connections are told) or up again."""
+        self.exec("decode", "ip", "link", "set", self.devices["decode"], "up" if up else "down")
 
     def prefix(self, side: str) -> list[str]:
         return ["ip", "netns", "exec", self.namespaces[side]]
@@ -99,10 +112,10 @@ class Link:
             _run("ip", "netns", "del", namespace, check=False)  # takes its end of the veth pair along
 
 
-def _launch(link: Link, role: str, checkpoint: Path) -> WorkerProcess:
+def _launch(link: Link, role: str, checkpoint: Path, *extra: str) -> WorkerProcess:
     command = [
         *link.prefix(role), SPLITSERVE, "worker", role, "--model", str(checkpoint), "--transport", "grpc",
-        "--host", link.addresses[role], "--port", "0", "--threads", "1", "--kv-cache-mb", "160",
+        "--host", link.addresses[role], "--port", "0", "--threads", "1", "--kv-cache-mb", "160", *extra,
         "--lease-ms", "120000",
     ]  # fmt: skip
     if role == "prefill":
@@ -121,9 +134,10 @@ def hosts(tmp_path_factory):
     workers: list[WorkerProcess] = []
     try:
         workers = [_launch(link, "prefill", checkpoint_dir), _launch(link, "decode", checkpoint_dir)]
+        workers.append(_launch(link, "prefill", checkpoint_dir, "--no-kv-bulk"))  # KV in gRPC messages
         for worker in workers:
             wait_ready(worker)
-        yield link, workers[0], workers[1], model
+        yield link, workers[0], workers[1], model, workers[2]
     finally:
         stop_workers(workers)
         link.close()
@@ -140,7 +154,7 @@ def _driver(link: Link, *args: str, timeout: float = 300) -> dict:
 
 
 def test_bulk_kv_fills_a_shaped_link(hosts):
-    link, _, decode, _ = hosts
+    link, _, decode, _, _ = hosts
     _driver(link, "fill", decode.address, "256")  # warm-up: first-request costs, links opened
     result = _driver(link, "fill", decode.address, str(FILL_PROMPT_TOKENS))
     achieved_mbit = result["bytes"] * 8 / result["seconds"] / 1e6
@@ -165,7 +179,7 @@ def _requests_during(link: Link, prefill, decode, prompts: list[list[int]], faul
 
 
 def test_output_stays_exact_through_a_stall_and_packet_loss(hosts):
-    link, prefill, decode, model = hosts
+    link, prefill, decode, model, _ = hosts
     rng = random.Random(7)
     stalled_prompts = [[rng.randrange(3, 320) for _ in range(n)] for n in (700, 900, 640, 800)]
     lossy_prompts = [[rng.randrange(3, 320) for _ in range(n)] for n in (500, 300)]
@@ -187,3 +201,57 @@ def test_output_stays_exact_through_a_stall_and_packet_loss(hosts):
         assert result["kv_bytes"] > 0
     print("stall:", [round(r["seconds"], 2) for r in stalled["results"]], "drops:",
           [round(r["seconds"], 2) for r in lossy["results"]])  # fmt: skip
+
+
+@pytest.mark.parametrize("path", ["bulk", "grpc"])
+def test_a_link_that_goes_down_mid_transfer_is_noticed_within_the_silence_bound(hosts, path):
+    link, bulk_prefill, decode, model, grpc_prefill = hosts
+    prefill = bulk_prefill if path == "bulk" else grpc_prefill
+    command = [*link.prefix("prefill"), sys.executable, "-m", "tests.kv_transfer.netns_driver", "cut"]
+    command += [prefill.address, decode.address, str(FILL_PROMPT_TOKENS)]
+    link.shape("rate", CUT_RATE_MBIT)
+    driver = subprocess.Popen(
+        command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        cwd=Path(__file__).parents[2],
+    )  # fmt: skip
+    lines: list[str] = []
+
+    def until(word: str) -> None:
+        for line in driver.stdout:
+            lines.append(line)
+            if line.startswith(word):
+                return
+        raise AssertionError(f"the driver ended before {word}: {''.join(lines)[-3000:]}")
+
+    timer = threading.Timer(120, driver.kill)  # bounded, whatever the driver waits for
+    timer.start()
+    try:
+        until("CUT")
+        link.set_up(False)
+        driver.stdin.write("down\n")
+        driver.stdin.flush()
+        until("FAILED")
+        link.set_up(True)
+        link.shape()
+        driver.stdin.write("up\n")
+        driver.stdin.flush()
+        until("RESULT")
+        assert driver.wait(60) == 0, "".join(lines)[-3000:]
+    finally:
+        timer.cancel()
+        driver.kill()
+        link.set_up(True)
+        link.shape()
+    result = json.loads(lines[-1][len("RESULT ") :])
+    print(f"the prefill worker answered {result['seconds']:.1f} s after the link went down: {result['error']}")
+    assert result["error"] is not None and result["error"].startswith("UNAVAILABLE: "), result["error"]
+    assert ("bulk KV link to" if path == "bulk" else "lost the connection to the decode worker") in result["error"]
+    assert result["unreachable"] == result["ticket_address"] == decode.address
+    assert result["seconds"] < PEER_SILENCE_S + 6, f"the lost link was noticed only after {result['seconds']:.1f} s"
+    assert result["prefill_blocks_used"] == 0 and result["decode_blocks_used"] == 0
+
+    rng = random.Random(f"after the cut, {path}")  # a prompt of its own: the decode worker has no block of it cached
+    prompt = [rng.randrange(3, 320) for _ in range(400)]
+    (after,) = _requests_during(link, prefill, decode, [prompt])["results"]
+    assert after["tokens"] == hf_greedy(model, prompt, MAX_TOKENS), "the request after the link came back differs"
+    assert after["kv_bytes"] > 0
