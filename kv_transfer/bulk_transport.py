@@ -66,7 +66,7 @@ from kv_transfer.inbox import KVInbox
 from kv_transfer.integrity import checksum, pool_bytes, region_checksum, region_runs
 from kv_transfer.sender import OutboundSession, OutOfBandSession, Peer
 from protos import common_pb2, decode_pb2
-from protos.cluster_auth import KEEPALIVE_TIME_MS, KEEPALIVE_TIMEOUT_MS, ClusterAuth
+from protos.cluster_auth import ClusterAuth, end_silent_peers
 
 log = logging.getLogger(__name__)
 
@@ -86,12 +86,8 @@ HELLO_TIMEOUT_S = 5.0
 # Once a frame started, each of its reads and writes must progress within this: a stalled link
 # (no byte for this long) is broken, which unpins the landing and fails the sessions on it.
 STALL_TIMEOUT_S = 30.0
-# A peer silent this long ends the connection, with its frames, whichever end notices: data it has not
-# acknowledged (TCP_USER_TIMEOUT), or, on an idle link, keepalive probes it does not answer (the first after
-# KEEPALIVE_TIME_MS of silence, then one a second). A host that vanishes mid-frame (its link down, packets
-# dropped, neither end told) is noticed in this bound, as the cluster's gRPC channels notice it, not at
-# STALL_TIMEOUT_S; a slow link still acknowledges, so only silence counts.
-PEER_SILENCE_S = (KEEPALIVE_TIME_MS + KEEPALIVE_TIMEOUT_MS) / 1000
+# A peer silent for cluster_auth.PEER_SILENCE_S (10 s) ends the link sooner, with its frames, whichever end
+# notices (cluster_auth.end_silent_peers): a host that vanishes mid-frame is not waited for this long.
 MAX_CONNECTIONS = 256  # admitted links
 # Connections still in their hello (HELLO_TIMEOUT_S at most, all of it), in all and from one address: a
 # neighbour that opens connections and says nothing holds these few slots, never an admitted link's.
@@ -107,11 +103,7 @@ def hello_proof(secret: str | None, nonce: bytes) -> bytes:
 
 def tune_socket(sock: socket.socket) -> None:
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, KEEPALIVE_TIME_MS // 1000)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 1)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, KEEPALIVE_TIMEOUT_MS // 1000)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(PEER_SILENCE_S * 1000))
+    end_silent_peers(sock)
     for option, limit in ((socket.SO_SNDBUF, "wmem_max"), (socket.SO_RCVBUF, "rmem_max")):
         if _sysctl(f"/proc/sys/net/core/{limit}") >= SOCKET_BUFFER_BYTES:
             sock.setsockopt(socket.SOL_SOCKET, option, SOCKET_BUFFER_BYTES)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import socket
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,8 +44,12 @@ MAX_RECONNECT_BACKOFF_MS = 2000
 # ping not answered within KEEPALIVE_TIMEOUT_MS ends the connection and its calls (UNAVAILABLE): a host whose
 # packets vanish mid-call (its link down, a switch failed) is lost within ~10 s, not when TCP gives up (~15 min)
 # or the call's deadline passes. HTTP/2 pings are answered by gRPC's own threads, so a busy worker answers them.
+# A member's server pings its callers the same way while their calls are in flight: a decode worker whose router
+# vanished mid-stream stops that stream (and frees its blocks) within ~10 s, not after decoding it for nobody.
 KEEPALIVE_TIME_MS = 5000
 KEEPALIVE_TIMEOUT_MS = 5000
+# Plain TCP connections give a silent peer as long: bulk KV links (end_silent_peers), the router's HTTP clients.
+PEER_SILENCE_S = (KEEPALIVE_TIME_MS + KEEPALIVE_TIMEOUT_MS) / 1000
 # Methods a worker answers without the secret: liveness tells nothing about the cluster.
 UNAUTHENTICATED_PREFIXES = ("/grpc.health.v1.Health/",)
 MISSING_SECRET_HELP = (
@@ -118,11 +123,34 @@ class ClusterAuth:
         return options
 
 
-def member_server_options() -> list[tuple[str, object]]:
-    """What a member's gRPC server takes of its clients' keepalive pings: one every KEEPALIVE_TIME_MS, while the
-    server sends nothing (gRPC's default counts a ping within 5 min of the last as a strike, and closes the
-    connection after two: every call on it would fail)."""
-    return [("grpc.http2.min_ping_interval_without_data_ms", KEEPALIVE_TIME_MS // 2)]
+def end_silent_peers(sock: socket.socket) -> None:
+    """A TCP socket (or a listener, whose accepted sockets inherit it) that ends its connection once the peer has
+    been silent PEER_SILENCE_S: data it has not acknowledged for that long (TCP_USER_TIMEOUT), or, on an idle
+    connection, keepalive probes it does not answer (the first after KEEPALIVE_TIME_MS of silence, then one a
+    second). A peer whose host vanished (its link down, packets dropped, neither end told) is noticed as the
+    cluster's gRPC channels notice it, not when TCP gives up (~15 min). A slow link still acknowledges; a peer that
+    stops reading for that long (its window shut) is ended too, so this is for peers of ours that always read."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for name, value in (
+        ("TCP_KEEPIDLE", KEEPALIVE_TIME_MS // 1000),
+        ("TCP_KEEPINTVL", 1),
+        ("TCP_KEEPCNT", KEEPALIVE_TIMEOUT_MS // 1000),
+        ("TCP_USER_TIMEOUT", int(PEER_SILENCE_S * 1000)),  # Linux only: elsewhere TCP's own timeouts stand
+    ):
+        if hasattr(socket, name):
+            sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, name), value)
+
+
+def keepalive_server_options() -> list[tuple[str, object]]:
+    """A gRPC server of ours (a worker's, the router's public one): it takes its clients' keepalive pings, one every
+    KEEPALIVE_TIME_MS / 2 at most while it sends nothing (gRPC's default counts a ping within 5 min of the last as a
+    strike, and closes the connection after two: every call on it would fail, a long prefill's too), and pings
+    them in turn while their calls are in flight, so a caller that vanished is let go within PEER_SILENCE_S."""
+    return [
+        ("grpc.http2.min_ping_interval_without_data_ms", KEEPALIVE_TIME_MS // 2),
+        ("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS),
+        ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+    ]
 
 
 def secret_from_env() -> str | None:

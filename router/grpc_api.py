@@ -14,6 +14,7 @@ from contract import tracing
 from contract.sampling import FIELDS as SAMPLING_FIELDS
 from contract.sampling import FieldError, SamplingParams
 from protos import generate_pb2, generate_pb2_grpc
+from protos.cluster_auth import keepalive_server_options
 from router.frontend import Frontend
 from router.orchestrator import GenerationError
 from router.structured import tool_turns
@@ -124,7 +125,9 @@ def create_grpc_server(
     frontend: Frontend, address: str, api_keys: tuple[str, ...] = (), tls: tuple[bytes, bytes] | None = None
 ) -> tuple[grpc.aio.Server, int]:
     """``tls``: (certificate chain, key) PEM: the endpoint then serves TLS only."""
-    server = grpc.aio.server(interceptors=[_ReflectionNeedsKey(api_keys)] if api_keys else None)
+    server = grpc.aio.server(
+        interceptors=[_ReflectionNeedsKey(api_keys)] if api_keys else None, options=keepalive_server_options()
+    )
     generate_pb2_grpc.add_GenerateServicer_to_server(GenerateService(frontend, api_keys), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -9,14 +9,29 @@ uvicorn bounds only the idle time between requests (``timeout_keep_alive``). Her
 Each deadline is a total, not an idle timer: a byte every few seconds does not extend it. The response is
 never timed: a slow but progressing stream is the application's business (its own request timeout).
 A 408 goes out only while no response has started (HTTP allows it then); otherwise the connection closes.
+
+A client whose host vanished (its link down: no FIN, no RST ever comes) is let go once it has acknowledged
+nothing for cluster_auth.PEER_SILENCE_S while data waits for it (the kernel's TCP_INFO, read every second): its
+request sees the disconnect, and the decode worker stops its stream, where TCP would retransmit for ~15 min. A
+client that only stops reading is kept: its kernel still acknowledges the window probes (TCP_USER_TIMEOUT
+would end it too, so it is not used here).
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import socket
+import struct
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
+
+from protos.cluster_auth import PEER_SILENCE_S
+
+# struct tcp_info (linux/tcp.h): eight one-byte fields, then 32-bit ones in a fixed order.
+_TCP_INFO_BYTES = 104
+_UNACKED = struct.Struct("=24xI")  # tcpi_unacked: segments sent and not yet acknowledged
+_LAST_ACK_RECV = struct.Struct("=56xI")  # tcpi_last_ack_recv: ms since the peer last acknowledged anything
 
 
 def _response_408(message: str) -> bytes:
@@ -40,12 +55,32 @@ class DeadlineProtocol(HttpToolsProtocol):
         super().__init__(*args, **kwargs)
         self._header_deadline: asyncio.TimerHandle | None = None
         self._body_deadline: asyncio.TimerHandle | None = None
+        self._socket: socket.socket | None = None
+        self._silence_check: asyncio.TimerHandle | None = None
 
     # -- headers --------------------------------------------------------------------------------------
 
     def connection_made(self, transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         self._arm_header_deadline()  # a connection that never sends a byte is held no longer than a slow one
+        sock = transport.get_extra_info("socket")
+        self._socket = sock if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6) else None
+        if self._socket is not None and hasattr(socket, "TCP_INFO"):  # Linux's; elsewhere TCP's own timeouts stand
+            self._silence_check = self.loop.call_later(1.0, self._check_silence)
+
+    def _check_silence(self) -> None:
+        self._silence_check = None
+        if self.transport.is_closing():
+            return
+        try:
+            info = self._socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_BYTES)
+        except OSError:
+            return
+        unacked, silent_ms = _UNACKED.unpack_from(info)[0], _LAST_ACK_RECV.unpack_from(info)[0]
+        if unacked and silent_ms >= PEER_SILENCE_S * 1000:
+            self.transport.abort()  # connection_lost follows: the application sees the client gone
+            return
+        self._silence_check = self.loop.call_later(1.0, self._check_silence)
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
@@ -100,6 +135,9 @@ class DeadlineProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_header_deadline()
+        if self._silence_check is not None:
+            self._silence_check.cancel()
+            self._silence_check = None
         if self._body_deadline is not None:
             self._body_deadline.cancel()
             self._body_deadline = None

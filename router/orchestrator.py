@@ -213,6 +213,7 @@ class Orchestrator:
         )
         decode.active += 1
         prefilled = decode.queue_prefill(uncached)
+        call = None
         try:
             call = self._open_generate(decode, worker_request, progress)
             async for delta in self._decode_stream(decode, call, skip_first=False):
@@ -221,6 +222,10 @@ class Orchestrator:
         finally:
             decode.active -= 1
             prefilled()
+            # Closed before the stream finished (the client left: its stream closed, not cancelled mid-await): the
+            # worker stops decoding for nobody. Dropped unfinished, the call would run on to max_tokens.
+            if call is not None and not call.done():
+                call.cancel()
 
     async def _remote(
         self, request: GenerationRequest, chosen: Route, progress: _Progress, served: ServedModel

@@ -9,7 +9,7 @@ worker in the other (``ip netns exec ... splitserve worker --host ADDRESS``), an
   output stays token-identical to transformers and every block returns on both workers;
 - the link goes down in the middle of a transfer (every packet vanishes; neither end is told), over
   the bulk path and over gRPC messages (a prefill worker with ``--no-kv-bulk``): the prefill
-  worker's answer says so within the links' silence bound (bulk_transport.PEER_SILENCE_S: the bulk
+  worker's answer says so within the links' silence bound (cluster_auth.PEER_SILENCE_S: the bulk
   path waited out its 30 s stall timeout) and blames the link (UNAVAILABLE, naming the decode
   worker in contract.errors.UNREACHABLE_PEER, as a router reads it), and once the link is back
   every block returns and the next request is exact.
@@ -31,8 +31,7 @@ from pathlib import Path
 
 import pytest
 
-from kv_transfer.bulk_transport import PEER_SILENCE_S
-from protos.cluster_auth import ensure_secret_in_env
+from protos.cluster_auth import PEER_SILENCE_S, ensure_secret_in_env
 from tests.checkpoints import hf_greedy, write_checkpoint
 from tests.workers.harness import WorkerProcess, stop_workers, wait_ready
 
