@@ -1,6 +1,9 @@
-"""The public gRPC API: the same tokens as HTTP, health checking, reflection, errors as status codes."""
+"""The public gRPC API: the same tokens as HTTP, health checking, reflection, errors as status codes, and
+clients' keepalive pings taken through a quiet call."""
 
 from __future__ import annotations
+
+import time
 
 import grpc
 import pytest
@@ -152,3 +155,22 @@ def test_grpc_api_key(make_router, cluster):
         assert _status(channel, request, [("authorization", "Bearer nope")]) == grpc.StatusCode.UNAUTHENTICATED
         chunks = _generate(channel, request, [("authorization", "Bearer sk-grpc")])
         assert chunks[-1].usage.completion_tokens == 2
+
+
+def test_a_client_that_pings_every_3_s_through_a_quiet_call_keeps_it(router):
+    """A client's keepalive pings every 3 s while the server sends nothing (a Health Watch, a long prefill): gRPC's
+    default server counts each ping within 5 min of the last as a strike and ends the connection at the third ("too
+    many pings", after ~9 s); the router takes one every 2.5 s (cluster_auth.keepalive_server_options)."""
+    options = [
+        ("grpc.keepalive_time_ms", 3000),
+        ("grpc.keepalive_timeout_ms", 5000),
+        ("grpc.http2.max_pings_without_data", 0),
+    ]
+    with grpc.insecure_channel(router.grpc, options=options) as channel:
+        began = time.monotonic()
+        call = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=""), timeout=11)
+        assert next(call).status == health_pb2.HealthCheckResponse.SERVING
+        with pytest.raises(grpc.RpcError) as ended:
+            next(call)  # nothing more to say: the call runs to its deadline
+    assert ended.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED, ended.value.details()
+    assert time.monotonic() - began > 10
