@@ -48,7 +48,7 @@ MAX_RECONNECT_BACKOFF_MS = 2000
 # vanished mid-stream stops that stream (and frees its blocks) within ~10 s, not after decoding it for nobody.
 KEEPALIVE_TIME_MS = 5000
 KEEPALIVE_TIMEOUT_MS = 5000
-# Plain TCP connections give a silent peer as long: bulk KV links (end_silent_peers), the router's HTTP clients.
+# Plain TCP connections give a silent peer as long (end_silent_peers): bulk KV links, the router's HTTP clients.
 PEER_SILENCE_S = (KEEPALIVE_TIME_MS + KEEPALIVE_TIMEOUT_MS) / 1000
 # Methods a worker answers without the secret: liveness tells nothing about the cluster.
 UNAUTHENTICATED_PREFIXES = ("/grpc.health.v1.Health/",)
@@ -123,21 +123,24 @@ class ClusterAuth:
         return options
 
 
-def end_silent_peers(sock: socket.socket) -> None:
+def end_silent_peers(sock: socket.socket, unacknowledged: bool = True) -> None:
     """A TCP socket (or a listener, whose accepted sockets inherit it) that ends its connection once the peer has
-    been silent PEER_SILENCE_S: data it has not acknowledged for that long (TCP_USER_TIMEOUT), or, on an idle
-    connection, keepalive probes it does not answer (the first after KEEPALIVE_TIME_MS of silence, then one a
-    second). A peer whose host vanished (its link down, packets dropped, neither end told) is noticed as the
-    cluster's gRPC channels notice it, not when TCP gives up (~15 min). A slow link still acknowledges; a peer that
-    stops reading for that long (its window shut) is ended too, so this is for peers of ours that always read."""
+    been silent PEER_SILENCE_S: on an idle connection, keepalive probes it does not answer (the first after
+    KEEPALIVE_TIME_MS of silence, then one a second); with ``unacknowledged``, also data it has not acknowledged for
+    that long (TCP_USER_TIMEOUT). A peer whose host vanished (its link down, packets dropped, neither end told) is
+    noticed as the cluster's gRPC channels notice it, not when TCP gives up (~15 min). A slow link still
+    acknowledges; but TCP_USER_TIMEOUT also ends a peer that stops reading for that long (its window shut), so it is
+    for peers of ours that always read (bulk KV links), not for clients (router/http_protocol.py watches theirs)."""
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-    for name, value in (
+    options = [
         ("TCP_KEEPIDLE", KEEPALIVE_TIME_MS // 1000),
         ("TCP_KEEPINTVL", 1),
         ("TCP_KEEPCNT", KEEPALIVE_TIMEOUT_MS // 1000),
-        ("TCP_USER_TIMEOUT", int(PEER_SILENCE_S * 1000)),  # Linux only: elsewhere TCP's own timeouts stand
-    ):
-        if hasattr(socket, name):
+    ]
+    if unacknowledged:
+        options.append(("TCP_USER_TIMEOUT", int(PEER_SILENCE_S * 1000)))
+    for name, value in options:
+        if hasattr(socket, name):  # TCP_USER_TIMEOUT is Linux's: elsewhere TCP's own timeouts stand
             sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, name), value)
 
 

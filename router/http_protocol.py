@@ -10,11 +10,12 @@ Each deadline is a total, not an idle timer: a byte every few seconds does not e
 never timed: a slow but progressing stream is the application's business (its own request timeout).
 A 408 goes out only while no response has started (HTTP allows it then); otherwise the connection closes.
 
-A client whose host vanished (its link down: no FIN, no RST ever comes) is let go once it has acknowledged
-nothing for cluster_auth.PEER_SILENCE_S while data waits for it (the kernel's TCP_INFO, read every second): its
-request sees the disconnect, and the decode worker stops its stream, where TCP would retransmit for ~15 min. A
-client that only stops reading is kept: its kernel still acknowledges the window probes (TCP_USER_TIMEOUT
-would end it too, so it is not used here).
+A client whose host vanished (its link down: no FIN, no RST ever comes) is let go once it has been silent for
+cluster_auth.PEER_SILENCE_S: while data waits for it, it has acknowledged nothing (the kernel's TCP_INFO, read every
+second); while it waits for an answer (a completion not streamed), it has not answered TCP keepalive probes. Its
+request sees the disconnect, and the decode worker stops its stream, where TCP would wait ~15 min, or for ever. A
+client that only stops reading is kept: its kernel still acknowledges the window probes (TCP_USER_TIMEOUT would
+end it too, so it is not used here).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import struct
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
-from protos.cluster_auth import PEER_SILENCE_S
+from protos.cluster_auth import PEER_SILENCE_S, end_silent_peers
 
 # struct tcp_info (linux/tcp.h): eight one-byte fields, then 32-bit ones in a fixed order.
 _TCP_INFO_BYTES = 104
@@ -65,8 +66,10 @@ class DeadlineProtocol(HttpToolsProtocol):
         self._arm_header_deadline()  # a connection that never sends a byte is held no longer than a slow one
         sock = transport.get_extra_info("socket")
         self._socket = sock if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6) else None
-        if self._socket is not None and hasattr(socket, "TCP_INFO"):  # Linux's; elsewhere TCP's own timeouts stand
-            self._silence_check = self.loop.call_later(1.0, self._check_silence)
+        if self._socket is not None:
+            end_silent_peers(self._socket, unacknowledged=False)
+            if hasattr(socket, "TCP_INFO"):  # Linux's; elsewhere TCP's own timeouts stand
+                self._silence_check = self.loop.call_later(1.0, self._check_silence)
 
     def _check_silence(self) -> None:
         self._silence_check = None

@@ -2,10 +2,11 @@
 tests/router/test_vanished_client.py: prints ``STREAMING <tokens/s>`` after 200 tokens, then reads on until its
 link goes down (or it is killed).
 
-    python -m tests.router.stream_client decode|grpc|http ADDRESS MAX_TOKENS [MODEL]
+    python -m tests.router.stream_client decode|grpc|http|http-whole ADDRESS MAX_TOKENS [MODEL]
 
 ``decode``: a decode worker's Generate, as a router calls it; ``grpc``: the router's public gRPC API; ``http``: the
-router's OpenAI completions API (ADDRESS is then its base URL, MODEL the served name), server-sent events.
+router's OpenAI completions API (ADDRESS is then its base URL, MODEL the served name), server-sent events;
+``http-whole``: the same, not streamed (nothing is printed: the answer would come only at the end).
 """
 
 from __future__ import annotations
@@ -36,8 +37,11 @@ def _chunks(kind: str, address: str, max_tokens: int, model: str = "") -> Iterat
         for chunk in generate_pb2_grpc.GenerateStub(grpc.insecure_channel(address)).Generate(request, timeout=600):
             yield len(chunk.token_ids)
     else:
-        body = {"model": model, "prompt": PROMPT, "max_tokens": max_tokens, "stream": True}
+        body = {"model": model, "prompt": PROMPT, "max_tokens": max_tokens, "stream": kind == "http"}
         body |= {"temperature": 0, "ignore_eos": True}
+        if kind == "http-whole":
+            yield httpx.post(f"{address}/v1/completions", json=body, timeout=600).json()["usage"]["completion_tokens"]
+            return
         with httpx.stream("POST", f"{address}/v1/completions", json=body, timeout=600) as response:
             for line in response.iter_lines():
                 if line.startswith("data: {"):

@@ -7,8 +7,9 @@ decoded on to max_tokens for nobody (minutes here).
 - a client of the router's public gRPC API: the router's server pings it the same way, and the router cancels the
   decode worker's call when the stream is closed unfinished;
 - a client of the router's HTTP API: the router ends its connection once it has acknowledged nothing for
-  cluster_auth.PEER_SILENCE_S while SSE chunks wait for it (router/http_protocol.py). A client that only stops
-  reading for longer than that is kept (its kernel acknowledges the window probes), and reads on.
+  cluster_auth.PEER_SILENCE_S while SSE chunks wait for it (router/http_protocol.py), or, waiting for a completion
+  not streamed, once it has not answered TCP keepalive probes for as long. A client that only stops reading for
+  longer than that is kept (its kernel acknowledges the window probes), and reads on.
 
 A client of the public gRPC API that cancels its stream (no fault) stops its decode at once.
 
@@ -36,7 +37,7 @@ from tests.checkpoints import write_checkpoint
 from tests.netns import NetnsHost, subnets
 from tests.router.conftest import SERVED_MODEL, Checkpoint, RouterThread, router_config, stop_all
 from tests.router.stream_client import PROMPT
-from tests.workers.harness import launch_worker, wait_idle, wait_ready
+from tests.workers.harness import launch_worker, wait_idle, wait_ready, wait_until
 
 # A model whose decode step reads ~90 MB of weights (~90-130 tokens/s on one core of a 2-core EPYC) with room for a
 # 12,000-token output (6 KiB of KV a token): a stream that lasts minutes, far past the bound.
@@ -134,6 +135,24 @@ def test_a_client_that_vanished_mid_stream_stops_its_decode(far_host, decode, lo
     finally:
         if client is not None:
             client.kill()
+        router.stop()
+
+
+def test_a_client_that_vanished_waiting_for_a_whole_completion_stops_its_decode(far_host, decode, long_stream_model):
+    router = RouterThread(router_config(Checkpoint(long_stream_model, None), [], [decode], host=far_host.gateway))
+    address = f"http://{far_host.gateway}:{router.router.http_port}"
+    command = [*far_host.prefix, sys.executable, "-m", "tests.router.stream_client", "http-whole", address]
+    client = subprocess.Popen(
+        [*command, str(MAX_TOKENS), SERVED_MODEL], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        cwd=Path(__file__).parents[2],
+    )  # fmt: skip
+    try:
+        wait_until(lambda: decode.stats().running == 1, 60, what="the completion to start decoding")
+        time.sleep(2.0)  # decoding, nothing sent to the client yet: its connection is idle
+        _cut(far_host, decode, "http client of a whole completion")
+        assert router.worker_active()[decode.address] == 0
+    finally:
+        client.kill()
         router.stop()
 
 
