@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import signal
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -21,11 +20,10 @@ from tests.checkpoints import hf_greedy
 from tests.router.conftest import (
     MAX_MODEL_LEN,
     SERVED_MODEL,
-    Stream,
     greedy_ignoring_eos,
     random_prompt,
+    start_stream,
     stop_all,
-    stream_greedy,
     token_ids,
     wait_for,
 )
@@ -187,13 +185,7 @@ def test_decode_worker_killed_mid_stream_migrates(make_router, failing, checkpoi
     max_tokens = 250
     prompts = [random_prompt(rng, n) for n in (20, 40, 70, 90)]  # local and remote prefills
     expected = [greedy_ignoring_eos(checkpoint.model, p, max_tokens) for p in prompts]
-    streams = [Stream() for _ in prompts]
-    threads = [
-        threading.Thread(target=stream_greedy, args=(client, p, max_tokens, s), daemon=True)
-        for p, s in zip(prompts, streams)
-    ]
-    for thread in threads:
-        thread.start()
+    streams = [start_stream(client, p, max_tokens) for p in prompts]
 
     wait_for(
         lambda: all(len(s.ids) >= 5 for s in streams) or any(s.done.is_set() for s in streams),

@@ -35,7 +35,7 @@ from protos import common_pb2, generate_pb2, generate_pb2_grpc
 from protos.cluster_auth import PEER_SILENCE_S
 from tests.checkpoints import write_checkpoint
 from tests.netns import NetnsHost, subnets
-from tests.router.conftest import SERVED_MODEL, Checkpoint, RouterThread, router_config, stop_all
+from tests.router.conftest import SERVED_MODEL, Checkpoint, stop_all
 from tests.router.stream_client import PROMPT
 from tests.workers.harness import launch_worker, wait_idle, wait_ready, wait_until
 
@@ -56,14 +56,16 @@ BOUND_S = PEER_SILENCE_S + 6
 
 
 @pytest.fixture(scope="module")
-def long_stream_model(tmp_path_factory) -> Path:
+def checkpoint(tmp_path_factory) -> Checkpoint:
+    """This module's model, for its workers and for the conftest's ``make_router`` (no transformers oracle: no test
+    here compares tokens)."""
     path = tmp_path_factory.mktemp("long-stream") / "llama"
     write_checkpoint(path, "LlamaForCausalLM", seed=5, **LONG_STREAM_SHAPE)
-    return path
+    return Checkpoint(path, None)
 
 
-def _decode_worker(model: Path, *extra: str):
-    launched = [launch_worker("decode", str(model), "grpc", "--kv-cache-mb", POOL_MB, *extra)]
+def _decode_worker(checkpoint: Checkpoint, *extra: str):
+    launched = [launch_worker("decode", str(checkpoint.path), "grpc", "--kv-cache-mb", POOL_MB, *extra)]
     try:
         yield wait_ready(launched[0])
     finally:
@@ -71,9 +73,9 @@ def _decode_worker(model: Path, *extra: str):
 
 
 @pytest.fixture
-def decode(long_stream_model):
+def decode(checkpoint):
     """A decode worker of the long-stream model, on loopback."""
-    yield from _decode_worker(long_stream_model)
+    yield from _decode_worker(checkpoint)
 
 
 @pytest.fixture
@@ -84,18 +86,23 @@ def far_host():
 
 
 @pytest.fixture
-def decode_on_test_link(far_host, long_stream_model):
+def decode_on_test_link(far_host, checkpoint):
     """A decode worker listening on this namespace's end of the test host's link."""
-    yield from _decode_worker(long_stream_model, "--host", far_host.gateway)
+    yield from _decode_worker(checkpoint, "--host", far_host.gateway)
+
+
+def _client(host: NetnsHost, kind: str, address: str) -> subprocess.Popen:
+    """tests/router/stream_client.py on the test host."""
+    command = [*host.prefix, sys.executable, "-m", "tests.router.stream_client", kind, address, str(MAX_TOKENS)]
+    return subprocess.Popen(
+        [*command, SERVED_MODEL], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        cwd=Path(__file__).parents[2],
+    )  # fmt: skip
 
 
 def _stream_from(host: NetnsHost, kind: str, address: str) -> subprocess.Popen:
     """The stream client on the test host, once it streams (within 120 s), its stream checked to outlast the bound."""
-    command = [*host.prefix, sys.executable, "-m", "tests.router.stream_client", kind, address, str(MAX_TOKENS)]
-    client = subprocess.Popen(
-        [*command, SERVED_MODEL], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        cwd=Path(__file__).parents[2],
-    )  # fmt: skip
+    client = _client(host, kind, address)
     timer = threading.Timer(120, client.kill)
     timer.start()
     line = client.stdout.readline()
@@ -122,30 +129,22 @@ def test_a_decode_worker_whose_router_vanished_stops_its_stream(far_host, decode
 
 
 @pytest.mark.parametrize("api", ["http", "grpc"])
-def test_a_client_that_vanished_mid_stream_stops_its_decode(far_host, decode, long_stream_model, api):
-    router = RouterThread(router_config(Checkpoint(long_stream_model, None), [], [decode], host=far_host.gateway))
-    client = None
+def test_a_client_that_vanished_mid_stream_stops_its_decode(make_router, far_host, decode, api):
+    router = make_router([], [decode], host=far_host.gateway)
+    if api == "http":
+        client = _stream_from(far_host, api, f"http://{far_host.gateway}:{router.router.http_port}")
+    else:
+        client = _stream_from(far_host, api, f"{far_host.gateway}:{router.router.grpc_port}")
     try:
-        if api == "http":
-            client = _stream_from(far_host, api, f"http://{far_host.gateway}:{router.router.http_port}")
-        else:
-            client = _stream_from(far_host, api, f"{far_host.gateway}:{router.router.grpc_port}")
         _cut(far_host, decode, f"{api} client")
         assert router.worker_active()[decode.address] == 0
     finally:
-        if client is not None:
-            client.kill()
-        router.stop()
+        client.kill()
 
 
-def test_a_client_that_vanished_waiting_for_a_whole_completion_stops_its_decode(far_host, decode, long_stream_model):
-    router = RouterThread(router_config(Checkpoint(long_stream_model, None), [], [decode], host=far_host.gateway))
-    address = f"http://{far_host.gateway}:{router.router.http_port}"
-    command = [*far_host.prefix, sys.executable, "-m", "tests.router.stream_client", "http-whole", address]
-    client = subprocess.Popen(
-        [*command, str(MAX_TOKENS), SERVED_MODEL], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        cwd=Path(__file__).parents[2],
-    )  # fmt: skip
+def test_a_client_that_vanished_waiting_for_a_whole_completion_stops_its_decode(make_router, far_host, decode):
+    router = make_router([], [decode], host=far_host.gateway)
+    client = _client(far_host, "http-whole", f"http://{far_host.gateway}:{router.router.http_port}")
     try:
         wait_until(lambda: decode.stats().running == 1, 60, what="the completion to start decoding")
         time.sleep(2.0)  # decoding, nothing sent to the client yet: its connection is idle
@@ -153,50 +152,43 @@ def test_a_client_that_vanished_waiting_for_a_whole_completion_stops_its_decode(
         assert router.worker_active()[decode.address] == 0
     finally:
         client.kill()
-        router.stop()
 
 
-def test_a_grpc_client_that_cancels_its_stream_stops_its_decode(decode, long_stream_model):
-    router = RouterThread(router_config(Checkpoint(long_stream_model, None), [], [decode]))
-    try:
-        with grpc.insecure_channel(router.grpc) as channel:
-            request = generate_pb2.CompletionRequest(
-                token_ids=generate_pb2.TokenIds(ids=PROMPT),
-                params=common_pb2.SamplingParams(max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True),
-            )
-            call = generate_pb2_grpc.GenerateStub(channel).Generate(request, timeout=600)
-            count = 0
-            for chunk in call:
-                count += len(chunk.token_ids)
-                if count >= 100:
-                    break
-            call.cancel()
-            wait_idle(decode, 5)
-        assert router.worker_active()[decode.address] == 0
-    finally:
-        router.stop()
+def test_a_grpc_client_that_cancels_its_stream_stops_its_decode(make_router, decode):
+    router = make_router([], [decode])
+    with grpc.insecure_channel(router.grpc) as channel:
+        request = generate_pb2.CompletionRequest(
+            token_ids=generate_pb2.TokenIds(ids=PROMPT),
+            params=common_pb2.SamplingParams(max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True),
+        )
+        call = generate_pb2_grpc.GenerateStub(channel).Generate(request, timeout=600)
+        count = 0
+        for chunk in call:
+            count += len(chunk.token_ids)
+            if count >= 100:
+                break
+        call.cancel()
+        wait_idle(decode, 5)
+    assert router.worker_active()[decode.address] == 0
 
 
-def test_an_http_client_that_stops_reading_is_kept(decode, long_stream_model):
+def test_an_http_client_that_stops_reading_is_kept(make_router, decode):
     """Its window shuts while it does not read (a small receive buffer), for longer than the silence bound; its kernel
     still acknowledges the router's window probes, so it is kept and reads on (TCP_USER_TIMEOUT would end it)."""
-    router = RouterThread(router_config(Checkpoint(long_stream_model, None), [], [decode]))
-    try:
-        body = {"model": SERVED_MODEL, "prompt": PROMPT, "max_tokens": MAX_TOKENS, "stream": True}
-        body = json.dumps(body | {"temperature": 0, "ignore_eos": True}).encode()
-        with socket.socket() as client:
-            client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-            client.settimeout(30)
-            client.connect(("127.0.0.1", router.router.http_port))
-            head = "POST /v1/completions HTTP/1.1\r\nhost: router\r\ncontent-type: application/json\r\n"
-            client.sendall(f"{head}content-length: {len(body)}\r\n\r\n".encode() + body)
-            assert b" 200 " in client.recv(4096).split(b"\r\n", 1)[0]
-            time.sleep(PEER_SILENCE_S + 4)  # not reading: the window shuts, the router's writes wait
-            received = b""
-            while received.count(b"data: {") < 300:
-                chunk = client.recv(65536)
-                assert chunk, "the router ended the connection of a client that only stopped reading"
-                received += chunk
-        wait_idle(decode, 5)  # closed now: its stream stops
-    finally:
-        router.stop()
+    router = make_router([], [decode])
+    body = {"model": SERVED_MODEL, "prompt": PROMPT, "max_tokens": MAX_TOKENS, "stream": True}
+    body = json.dumps(body | {"temperature": 0, "ignore_eos": True}).encode()
+    with socket.socket() as client:
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        client.settimeout(30)
+        client.connect(("127.0.0.1", router.router.http_port))
+        head = "POST /v1/completions HTTP/1.1\r\nhost: router\r\ncontent-type: application/json\r\n"
+        client.sendall(f"{head}content-length: {len(body)}\r\n\r\n".encode() + body)
+        assert b" 200 " in client.recv(4096).split(b"\r\n", 1)[0]
+        time.sleep(PEER_SILENCE_S + 4)  # not reading: the window shuts, the router's writes wait
+        received = b""
+        while received.count(b"data: {") < 300:
+            chunk = client.recv(65536)
+            assert chunk, "the router ended the connection of a client that only stopped reading"
+            received += chunk
+    wait_idle(decode, 5)  # closed now: its stream stops
