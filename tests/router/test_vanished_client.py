@@ -5,7 +5,8 @@ decoded on to max_tokens for nobody (minutes here).
 - a router that vanished, seen by its decode worker: the worker's gRPC server pings the connections of calls in
   flight (cluster_auth.keepalive_server_options; a ping unanswered for KEEPALIVE_TIMEOUT_MS ends the connection);
 - a client of the router's public gRPC API: the router's server pings it the same way, and the router cancels the
-  decode worker's call when the stream is closed unfinished;
+  decode worker's call when the stream is closed unfinished (prefilled by the decode worker, or by a prefill worker
+  that pushed its KV);
 - a client of the router's HTTP API: the router ends its connection once it has acknowledged nothing for
   cluster_auth.PEER_SILENCE_S while SSE chunks wait for it (router/http_protocol.py), or, waiting for a completion
   not streamed, once it has not answered TCP keepalive probes for as long. A client that only stops reading for
@@ -79,6 +80,16 @@ def decode(checkpoint):
 
 
 @pytest.fixture
+def prefill(checkpoint):
+    """A prefill worker of the long-stream model, on loopback."""
+    launched = [launch_worker("prefill", str(checkpoint.path), "grpc", "--kv-cache-mb", POOL_MB)]
+    try:
+        yield wait_ready(launched[0])
+    finally:
+        stop_all(launched)
+
+
+@pytest.fixture
 def far_host():
     host = NetnsHost(subnets(1)[0])
     yield host
@@ -138,6 +149,25 @@ def test_a_client_that_vanished_mid_stream_stops_its_decode(make_router, far_hos
     try:
         _cut(far_host, decode, f"{api} client")
         assert router.worker_active()[decode.address] == 0
+    finally:
+        client.kill()
+
+
+@pytest.mark.parametrize("api", ["http", "grpc"])
+def test_a_client_that_vanished_from_a_remotely_prefilled_stream_stops_its_decode(
+    make_router, far_host, prefill, decode, api
+):
+    """The same over the disaggregated path: P prefilled the prompt and pushed its KV to D's reservation, D streams."""
+    router = make_router([prefill], [decode], host=far_host.gateway, local_prefill_threshold=1)
+    address = f"{far_host.gateway}:{router.router.grpc_port}"
+    client = _stream_from(
+        far_host, api, f"http://{far_host.gateway}:{router.router.http_port}" if api == "http" else address
+    )
+    try:
+        assert router.decisions().get("remote_prefill") == 1, router.decisions()
+        _cut(far_host, decode, f"{api} client of a remotely prefilled stream")
+        assert router.worker_active() == {decode.address: 0, prefill.address: 0}
+        wait_idle(prefill, 5)
     finally:
         client.kill()
 
