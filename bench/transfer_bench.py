@@ -8,7 +8,8 @@ Bandwidth: this process is the sender; each path's receiver is a child process
     PagedKVCache ── GrpcKVSender ──────────────>  KVInbox + KVReceiverService on a gRPC server
     (random bytes)  NixlKVSender ──────────────>  same + NixlReceiver (registered pool)
                     BulkKVSender ──── TCP ─────>  same (grpc child) + BulkReceiver: recv_into the blocks
-    numpy view ──── plain socket (sendall) ────>  recv_into a preallocated buffer, 1-byte ack
+    numpy view ──── plain sockets (sendall) ───>  recv_into a preallocated buffer, 1-byte acks
+                    (as many, tuned as the bulk path's: each sends one contiguous part)
     torch copy_ on one thread, in this process: the same regions into a second pool of the same layout
 
 One transfer = open a session, push every layer (all blocks), commit; timed until the commit
@@ -338,18 +339,37 @@ def _memcpy_transfer(cache: PagedKVCache) -> Transfer:
 
 
 def _tcp_transfer(source: torch.Tensor, receiver: Receiver, closers: list) -> Transfer:
-    connection = socket.create_connection(("127.0.0.1", receiver.info["tcp_port"]))
-    connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    closers.append(connection.close)
+    """Raw TCP at its best here, as the bulk path runs it: as many connections, the same socket settings, each
+    sending one contiguous part of the bytes (no framing, no checksum, no layout) from a thread of its own."""
+    from kv_transfer.bulk_transport import tune_socket
+
+    connections = []
+    for _ in range(BULK_CONNECTIONS):
+        connection = socket.socket()
+        tune_socket(connection)  # before connect(): the window scale is agreed in the SYN
+        connection.connect(("127.0.0.1", receiver.info["tcp_port"]))
+        closers.append(connection.close)
+        connections.append(connection)
+    senders = futures.ThreadPoolExecutor(len(connections), thread_name_prefix="bench-tcp")
+    closers.append(senders.shutdown)
     payload = memoryview(source.numpy())
 
-    def transfer(nbytes: int, request_id: str) -> tuple[float, float]:
-        cpu = _both_ends_cpu(receiver)
-        begin = time.perf_counter()
-        connection.sendall(struct.pack("!Q", nbytes))
-        connection.sendall(payload[:nbytes])
+    def send_part(connection: socket.socket, offset: int, nbytes: int) -> None:
+        connection.sendall(struct.pack("!QQ", offset, nbytes))
+        connection.sendall(payload[offset : offset + nbytes])
         if connection.recv(1) != b"k":
             raise RuntimeError("TCP receiver closed the connection")
+
+    def transfer(nbytes: int, request_id: str) -> tuple[float, float]:
+        part = -(-nbytes // len(connections))
+        cpu = _both_ends_cpu(receiver)
+        begin = time.perf_counter()
+        sent = [
+            senders.submit(send_part, connection, offset, min(part, nbytes - offset))
+            for connection, offset in zip(connections, range(0, nbytes, part))
+        ]
+        for future in sent:
+            future.result()
         elapsed = time.perf_counter() - begin
         return elapsed, _both_ends_cpu(receiver) - cpu
 
@@ -419,18 +439,27 @@ def _say(line: str) -> None:
 
 
 def _serve_tcp(pool_bytes: int) -> int:
+    """Raw TCP's receiver: each connection, on a thread of its own, lands (offset, length) parts of a transfer
+    straight into one preallocated buffer and acks each with a byte."""
+    from kv_transfer.bulk_transport import tune_socket
+
     buffer = memoryview(bytearray(pool_bytes))  # bytearray() zero-fills: pages touched up front
     listener = socket.create_server(("127.0.0.1", 0))
+    tune_socket(listener)  # buffer sizes set before accept() carry over to the accepted sockets
     _say("READY " + json.dumps({"tcp_port": listener.getsockname()[1]}))
     threading.Thread(target=_answer_until_closed, daemon=True).start()
-    connection, _ = listener.accept()
-    connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    while header := _recv_exactly(connection, memoryview(bytearray(8))):
-        (nbytes,) = struct.unpack("!Q", header)
-        if not _recv_exactly(connection, buffer[:nbytes]):
+    while True:
+        connection, _ = listener.accept()
+        tune_socket(connection)
+        threading.Thread(target=_land_parts, args=(connection, buffer), daemon=True).start()
+
+
+def _land_parts(connection: socket.socket, buffer: memoryview) -> None:
+    while header := _recv_exactly(connection, memoryview(bytearray(16))):
+        offset, nbytes = struct.unpack("!QQ", header)
+        if not _recv_exactly(connection, buffer[offset : offset + nbytes]):
             break
         connection.sendall(b"k")
-    return 0
 
 
 def _recv_exactly(connection: socket.socket, view: memoryview) -> memoryview | None:

@@ -42,7 +42,7 @@ from kv_transfer.errors import TransferError
 from kv_transfer.inbox import KVInbox
 from kv_transfer.integrity import region_checksum
 from kv_transfer.nixl_agent import NixlError, NixlPool, PoolDescriptor, WriteHandle
-from kv_transfer.sender import KVSender, OutboundSession, OutOfBandSession, Peer
+from kv_transfer.sender import COMMIT_THREADS, KVSender, OutboundSession, OutOfBandSession, Peer
 from protos import common_pb2, decode_pb2
 from protos.cluster_auth import ClusterAuth
 
@@ -57,7 +57,6 @@ _MOVING_POLL_S = 0.0002  # a notification arrived within _MOVING_S, or a commit 
 _MOVING_S = 0.02
 _MAX_BATCH_LAYERS = 4  # bounds a notification's size and how much the receiver verifies at once
 _WRITE_POLL_S = 0.0001  # the poller's pace over WRITEs still in flight after their post
-_COMMIT_THREADS = 16  # commits waiting for their receivers at once; more queue
 
 
 def _notification(request_id: str, token: str, layers: list[tuple[int, list[int], int]]) -> bytes:
@@ -392,17 +391,9 @@ class NixlSession(OutOfBandSession):
                     self.fail(f"NIXL write failed: {exc}")
 
     def commit(self, first_token_id: int, first_logprob: common_pb2.TokenLogprob | None, timeout: float) -> None:
-        """The commit travels while the last WRITEs finish: the receiver adopts only once every
-        layer's notification arrived, and each follows its WRITE's data, so a commit can never
-        adopt KV still in flight; its round trip hides behind the transfer's tail instead of
-        following it. It is made on the sender's committing threads (a blocking call: a gRPC future
-        would start a thread of its own on an idle channel). A session that fails meanwhile does
-        not wait for it: the worker's abort, which follows, stops the receiver's wait."""
-        call = self._sender.committing.submit(self._commit_over_grpc, first_token_id, first_logprob, timeout)
-        self.release(timeout)
-        if self.failed is not None:
-            raise self.failure()
-        call.result()
+        """The commit travels while the last WRITEs finish (``_commit_beside``): each layer's
+        notification follows its WRITE's data, and the receiver adopts once every one arrived."""
+        self._commit_beside(self._sender.committing, self.release, first_token_id, first_logprob, timeout)
 
 
 class NixlKVSender(KVSender):
@@ -421,7 +412,7 @@ class NixlKVSender(KVSender):
         self._remote_pools: dict[str, PoolDescriptor] = {}  # address -> the peer's pool
         self._posting = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nixl-post")
         self.sealing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nixl-seal")
-        self.committing = ThreadPoolExecutor(max_workers=_COMMIT_THREADS, thread_name_prefix="nixl-commit")
+        self.committing = ThreadPoolExecutor(max_workers=COMMIT_THREADS, thread_name_prefix="nixl-commit")
         self.poller = _WritePoller(self.pool)
 
     def post_when_ready(self, post, *args) -> Future:

@@ -31,7 +31,8 @@ import logging
 import threading
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import Executor
 from dataclasses import dataclass
 
 import grpc
@@ -48,6 +49,7 @@ log = logging.getLogger(__name__)
 # Safety margin: a sender stops writing this long before the receiver's lease deadline.
 LEASE_MARGIN_S = 0.25
 ABORT_RELEASE_TIMEOUT_S = 5.0  # an abort waits this long for the session's reads of the pool to end
+COMMIT_THREADS = 16  # an out-of-band sender's commits waiting for their receivers at once; more queue
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 # A handshake is one small call: this leaves room for a connect whose first two SYNs were lost (Linux
 # sends them again at 1 s and 3 s), and bounds what a request waits on a receiver that drops packets.
@@ -147,6 +149,26 @@ class OutOfBandSession(OutboundSession):
         # Posting excludes failing or closing the session: once abort() or close() ran, nothing is
         # posted after they collected what to wait for.
         self._lock = threading.Lock()
+
+    def _commit_beside(
+        self,
+        committing: Executor,
+        settle: Callable[[float], None],
+        first_token_id: int,
+        first_logprob: common_pb2.TokenLogprob | None,
+        timeout: float,
+    ) -> None:
+        """The commit travels on one of ``committing``'s threads while ``settle(timeout)`` waits for the
+        session's data to land and ``release``s the pool. The receiver accepts only once every layer landed
+        and was verified (``KVInbox.wait_for_layers``), so a commit never adopts KV still in flight, and its
+        round trip hides behind the transfer's tail instead of following it. A blocking call on a thread: a
+        gRPC future would start a thread of its own on an idle channel. A session that fails meanwhile does
+        not wait for it: the worker's abort, which follows, ends the receiver's wait."""
+        call = committing.submit(self._commit_over_grpc, first_token_id, first_logprob, timeout)
+        settle(timeout)
+        if self.failed is not None:
+            raise self.failure()
+        call.result()
 
     def _commit_over_grpc(
         self, first_token_id: int, first_logprob: common_pb2.TokenLogprob | None, timeout: float

@@ -244,7 +244,9 @@ def test_a_link_that_goes_down_mid_transfer_is_noticed_within_the_silence_bound(
     result = json.loads(lines[-1][len("RESULT ") :])
     print(f"the prefill worker answered {result['seconds']:.1f} s after the link went down: {result['error']}")
     assert result["error"] is not None and result["error"].startswith("UNAVAILABLE: "), result["error"]
-    assert ("bulk KV link to" if path == "bulk" else "lost the connection to the decode worker") in result["error"]
+    # Over bulk, the link's end or the commit travelling beside the frames (on the same dead route) may say so first.
+    said = ["lost the connection to the decode worker"] + (["bulk KV link to"] if path == "bulk" else [])
+    assert any(words in result["error"] for words in said), result["error"]
     assert result["unreachable"] == result["ticket_address"] == decode.address
     assert result["seconds"] < PEER_SILENCE_S + 6, f"the lost link was noticed only after {result['seconds']:.1f} s"
     assert result["prefill_blocks_used"] == 0 and result["decode_blocks_used"] == 0

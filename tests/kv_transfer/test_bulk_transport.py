@@ -1,13 +1,15 @@
 """The bulk TCP path of the gRPC transport (kv_transfer/bulk_transport.py): bytes land exactly in the
 reserved blocks, a byte flipped on the wire is caught, the link admits cluster members only, a
-frame with a wrong ticket token writes nothing, and a receiver without bulk gets gRPC messages (as one whose
-bulk listener refused, until the connect is tried again).
+frame with a wrong ticket token writes nothing, a frame that stalls halfway stops its reservation,
+and a receiver without bulk gets gRPC messages (as one whose bulk listener refused, until the
+connect is tried again).
 Real gRPC server with the cluster-secret interceptor, real TCP sockets on loopback; the flipped
 byte is flipped by a real forwarding proxy between the two."""
 
 from __future__ import annotations
 
 import socket
+import struct
 import threading
 import time
 
@@ -180,7 +182,9 @@ def test_a_byte_flipped_on_the_wire_is_refused_and_stops_the_reservation(receive
         receiver.inbox.open("r", DST_BLOCKS, TOKEN)
         peer = sender.peer(receiver.ticket("r"))  # the control path; the data goes through the proxy
         staged = {} if receiver.bulk._staged else None  # both ends staged, or both in place
-        session = BulkSession("r", receiver.ticket("r"), peer, [link], 1 << 20, True, copy_streams=staged)
+        session = BulkSession(
+            "r", receiver.ticket("r"), peer, [link], 1 << 20, True, sender.committing, copy_streams=staged
+        )
         _push_all(session, source)
         with pytest.raises(TransferError, match="checksum mismatch"):
             session.commit(7, None, 10.0)
@@ -217,6 +221,46 @@ def test_a_frame_with_a_wrong_token_writes_nothing(receiver):
         assert receiver.committed == ["r"]
     finally:
         sender.close()
+
+
+def test_a_sender_that_stalls_mid_frame_stops_the_reservation_after_the_stall_timeout(receiver, monkeypatch):
+    """A cluster member's link that goes quiet halfway through a frame (alive: TCP keeps answering) holds the
+    landing pinned only until STALL_TIMEOUT_S passes without a byte (the kernel's SO_RCVTIMEO): then the
+    reservation stops, unpinned, and an idle link between frames is not ended by the same timeout."""
+    monkeypatch.setattr(bulk_transport, "STALL_TIMEOUT_S", 1.0)
+    idle = BulkLink("127.0.0.1", receiver.bulk.port, SECRET, verify=True)
+    link = BulkLink("127.0.0.1", receiver.bulk.port, SECRET, verify=True)
+    try:
+        receiver.inbox.open("r", DST_BLOCKS, TOKEN)
+        header = FRAME_HEADER.pack(b"KVF1", 1, len(TOKEN), 0, len(DST_BLOCKS), 0)
+        header += b"r" + TOKEN.encode() + struct.pack(f"!{len(DST_BLOCKS)}I", *DST_BLOCKS)
+        link.sock.sendall(header + bytes(LAYOUT.region_bytes * len(DST_BLOCKS) // 2))
+        began = time.monotonic()
+        while not receiver.aborted and time.monotonic() - began < 10:
+            time.sleep(0.05)
+        waited = time.monotonic() - began
+        assert receiver.aborted and "mid-frame" in receiver.aborted[0][1], receiver.aborted
+        assert 0.9 <= waited < 3.0, f"the stalled frame was given up after {waited:.1f} s, not ~1 s"
+        assert not receiver.inbox.pinned("r")
+        # The quiet link, idle since its hello for longer than the timeout, still carries a frame.
+        receiver.inbox.open("s", DST_BLOCKS, TOKEN)
+        sender = BulkKVSender(receiver.layout, "prefill", auth=ClusterAuth(secret=SECRET), connections=1)
+        try:
+            peer = sender.peer(receiver.ticket("s"))
+            staged = {} if receiver.bulk._staged else None
+            session = BulkSession(
+                "s", receiver.ticket("s"), peer, [idle], 1 << 20, True, sender.committing, copy_streams=staged
+            )
+            source = _source(seed=8)
+            _push_all(session, source)
+            session.commit(7, None, 10.0)
+        finally:
+            sender.close()
+        assert receiver.committed == ["s"]
+        assert torch.equal(receiver.cache.read_regions(1, DST_BLOCKS), source.read_regions(1, SRC_BLOCKS))
+    finally:
+        link.close()
+        idle.close()
 
 
 def test_without_a_bulk_listener_kv_goes_in_grpc_messages():
