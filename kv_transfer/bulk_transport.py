@@ -86,9 +86,7 @@ CONNECT_TIMEOUT_S = 5.0
 RECONNECT_S = 5.0  # after a failed connect, a peer's KV goes in gRPC messages this long before the next try
 HELLO_TIMEOUT_S = 5.0
 # Once a frame started, each of its reads and writes must progress within this: a stalled link
-# (no byte for this long) is broken, which unpins the landing and fails the sessions on it. Kept by the
-# kernel (SO_RCVTIMEO, SO_SNDTIMEO; ``stall_timeouts``), not by Python's socket timeouts, which poll()
-# before every recv and send: on loopback that cost the bulk path ~20% of its rate.
+# (no byte for this long) is broken, which unpins the landing and fails the sessions on it.
 STALL_TIMEOUT_S = 30.0
 # A peer silent for cluster_auth.PEER_SILENCE_S (10 s) ends the link sooner, with its frames, whichever end
 # notices (cluster_auth.end_silent_peers): a host that vanishes mid-frame is not waited for this long.
@@ -113,21 +111,6 @@ def tune_socket(sock: socket.socket) -> None:
             sock.setsockopt(socket.SOL_SOCKET, option, SOCKET_BUFFER_BYTES)
 
 
-def stall_timeouts(sock: socket.socket, receiving: bool) -> None:
-    """After the hello: the socket blocks (no Python timeout), and a send that moves no byte for
-    STALL_TIMEOUT_S fails, as does a read if ``receiving`` (an ack reader waits as long as its link
-    lives). ``_recv_exactly`` and ``_send_all`` turn the kernel's EAGAIN into a TimeoutError."""
-    sock.settimeout(None)
-    seconds = struct.pack("ll", int(STALL_TIMEOUT_S), int(STALL_TIMEOUT_S % 1 * 1e6))
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, seconds)
-    if receiving:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, seconds)
-
-
-def _stalled(exc: BlockingIOError, what: str) -> TimeoutError:
-    return TimeoutError(f"{what} no byte for {STALL_TIMEOUT_S:g} s: the bulk KV link stalled ({exc})")
-
-
 def _sysctl(path: str) -> int:
     try:
         with open(path) as handle:
@@ -145,10 +128,7 @@ def _recv_exactly(sock: socket.socket, view: memoryview, deadline: float | None 
             if left <= 0:
                 raise TimeoutError(f"{len(view) - got} of {len(view)} bytes still missing at the deadline")
             sock.settimeout(left)
-        try:
-            count = sock.recv_into(view[got:])
-        except BlockingIOError as exc:  # SO_RCVTIMEO (stall_timeouts)
-            raise _stalled(exc, "received") from None
+        count = sock.recv_into(view[got:])
         if count == 0:
             raise ConnectionError("the peer closed the bulk connection")
         got += count
@@ -164,10 +144,7 @@ def _send_all(sock: socket.socket, buffers: list) -> None:
     """``sendmsg`` the buffers, resuming after a partial send; no buffer is joined or copied."""
     views = [memoryview(b).cast("B") for b in buffers]
     while views:
-        try:
-            sent = sock.sendmsg(views[:512])  # IOV_MAX is 1024 on Linux
-        except BlockingIOError as exc:  # SO_SNDTIMEO (stall_timeouts)
-            raise _stalled(exc, "sent") from None
+        sent = sock.sendmsg(views[:512])  # IOV_MAX is 1024 on Linux
         while sent and views:
             if sent >= len(views[0]):
                 sent -= len(views.pop(0))
@@ -243,7 +220,6 @@ class BulkReceiver:
                 self._end_hello(host)
                 in_hello = False
             if admitted:
-                stall_timeouts(sock, receiving=True)
                 while self._frame(sock, sent_here, staging):
                     pass
         except (OSError, ConnectionError, TransferError) as exc:
@@ -283,15 +259,12 @@ class BulkReceiver:
 
     def _frame(self, sock: socket.socket, sent_here: set[str], staging: _Staging | None) -> bool:
         """One frame: False when the sender closed the connection between frames."""
+        sock.settimeout(None)  # an idle link waits for the next frame as long as it likes
         header = bytearray(FRAME_HEADER.size)
-        while True:  # an idle link waits for the next frame as long as it likes
-            try:
-                first = sock.recv_into(header)
-                break
-            except BlockingIOError:  # SO_RCVTIMEO passed between frames
-                continue
+        first = sock.recv_into(header)
         if first == 0:
             return False
+        sock.settimeout(STALL_TIMEOUT_S)
         _recv_exactly(sock, memoryview(header)[first:])
         magic, id_len, token_len, layer, num_blocks, expected = FRAME_HEADER.unpack(header)
         if magic != FRAME_MAGIC or num_blocks == 0 or num_blocks > self.inbox.cache.layout.num_blocks:
@@ -467,7 +440,7 @@ class BulkLink:
             self.sock.sendall(hello_proof(secret, greeting[len(HELLO) + 1 :]))
             if _recv_bytes(self.sock, 1) != b"\x00":
                 raise ConnectionError(f"{host}:{port} refused our cluster credentials on the bulk KV link")
-            stall_timeouts(self.sock, receiving=False)
+            self.sock.settimeout(STALL_TIMEOUT_S)
         except BaseException:
             self.sock.close()
             raise
@@ -561,11 +534,14 @@ class BulkLink:
 
 def _recv_bytes_blocking(sock: socket.socket, count: int) -> bytes:
     """Acks may be far apart (a long frame, or none in flight): the ack reader waits as long as the
-    link lives (its socket has no read timeout); a stalled send breaks the link, which ends this wait too."""
+    link lives; a stalled send breaks the link, which ends this wait too."""
     buffer = bytearray(count)
     view, got = memoryview(buffer), 0
     while got < count:
-        received = sock.recv_into(view[got:])
+        try:
+            received = sock.recv_into(view[got:])
+        except TimeoutError:
+            continue
         if received == 0:
             raise ConnectionError("the bulk connection ended (the receiver closed it, or it timed out)")
         got += received

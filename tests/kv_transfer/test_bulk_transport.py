@@ -225,8 +225,8 @@ def test_a_frame_with_a_wrong_token_writes_nothing(receiver):
 
 def test_a_sender_that_stalls_mid_frame_stops_the_reservation_after_the_stall_timeout(receiver, monkeypatch):
     """A cluster member's link that goes quiet halfway through a frame (alive: TCP keeps answering) holds the
-    landing pinned only until STALL_TIMEOUT_S passes without a byte (the kernel's SO_RCVTIMEO): then the
-    reservation stops, unpinned, and an idle link between frames is not ended by the same timeout."""
+    landing pinned only until STALL_TIMEOUT_S passes without a byte: then the reservation stops, unpinned, and
+    an idle link between frames is not ended by the same timeout."""
     monkeypatch.setattr(bulk_transport, "STALL_TIMEOUT_S", 1.0)
     idle = BulkLink("127.0.0.1", receiver.bulk.port, SECRET, verify=True)
     link = BulkLink("127.0.0.1", receiver.bulk.port, SECRET, verify=True)
