@@ -140,8 +140,9 @@ class Peer:
 
 class OutOfBandSession(OutboundSession):
     """A session whose KV bytes travel outside gRPC (NIXL WRITEs, bulk TCP links) while its commit
-    and abort are ``KVReceiver.Commit`` calls, made once ``release`` says nothing of the session
-    reads the pool any more. Subclasses implement ``push_layer``, ``release`` and ``commit``."""
+    and abort are ``KVReceiver.Commit`` calls: the commit travels beside the last data
+    (``_commit_beside``), an abort once ``release`` says nothing of the session reads the pool any
+    more. Subclasses implement ``push_layer``, ``release`` and ``commit``."""
 
     def __init__(self, request_id: str, ticket: decode_pb2.Ticket, peer: Peer, metadata=None) -> None:
         super().__init__(request_id, ticket, metadata)
@@ -173,7 +174,7 @@ class OutOfBandSession(OutboundSession):
     def _commit_over_grpc(
         self, first_token_id: int, first_logprob: common_pb2.TokenLogprob | None, timeout: float
     ) -> None:
-        """After ``release``: the lease checked, then the commit (raises TransferError if refused)."""
+        """The lease checked, then the commit (raises TransferError if refused)."""
         if self.failed is None:
             self.lease_left()
         if self.failed is not None:
