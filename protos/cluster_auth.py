@@ -132,10 +132,11 @@ def end_silent_peers(sock: socket.socket, unacknowledged: bool = True) -> None:
     acknowledges; but TCP_USER_TIMEOUT also ends a peer that stops reading for that long (its window shut), so it is
     for peers of ours that always read (bulk KV links), not for clients (router/http_protocol.py watches theirs)."""
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    probe_interval_s = 1
     options = [
         ("TCP_KEEPIDLE", KEEPALIVE_TIME_MS // 1000),
-        ("TCP_KEEPINTVL", 1),
-        ("TCP_KEEPCNT", KEEPALIVE_TIMEOUT_MS // 1000),
+        ("TCP_KEEPINTVL", probe_interval_s),
+        ("TCP_KEEPCNT", KEEPALIVE_TIMEOUT_MS // 1000 // probe_interval_s),  # unanswered for KEEPALIVE_TIMEOUT_MS
     ]
     if unacknowledged:
         options.append(("TCP_USER_TIMEOUT", int(PEER_SILENCE_S * 1000)))

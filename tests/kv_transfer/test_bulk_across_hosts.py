@@ -27,6 +27,7 @@ import sys
 import threading
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -124,19 +125,31 @@ def _launch(link: Link, role: str, checkpoint: Path, *extra: str) -> WorkerProce
     return WorkerProcess(role, "", process)
 
 
+@dataclass
+class Hosts:
+    link: Link
+    prefill: WorkerProcess  # pushes KV over the bulk path
+    decode: WorkerProcess
+    model: object  # the transformers model of the workers' checkpoint
+    grpc_prefill: WorkerProcess  # --no-kv-bulk: pushes KV in gRPC messages
+
+
 @pytest.fixture(scope="module")
-def hosts(tmp_path_factory):
+def hosts(tmp_path_factory) -> Hosts:
     ensure_secret_in_env()
     checkpoint_dir = tmp_path_factory.mktemp("wide") / "wide"
     model = write_checkpoint(checkpoint_dir, "LlamaForCausalLM", seed=21, **WIDE_SHAPE)
     link = Link()
     workers: list[WorkerProcess] = []
     try:
-        workers = [_launch(link, "prefill", checkpoint_dir), _launch(link, "decode", checkpoint_dir)]
-        workers.append(_launch(link, "prefill", checkpoint_dir, "--no-kv-bulk"))  # KV in gRPC messages
+        workers = [
+            _launch(link, "prefill", checkpoint_dir),
+            _launch(link, "decode", checkpoint_dir),
+            _launch(link, "prefill", checkpoint_dir, "--no-kv-bulk"),
+        ]
         for worker in workers:
             wait_ready(worker)
-        yield link, workers[0], workers[1], model, workers[2]
+        yield Hosts(link, workers[0], workers[1], model, workers[2])
     finally:
         stop_workers(workers)
         link.close()
@@ -153,7 +166,7 @@ def _driver(link: Link, *args: str, timeout: float = 300) -> dict:
 
 
 def test_bulk_kv_fills_a_shaped_link(hosts):
-    link, _, decode, _, _ = hosts
+    link, decode = hosts.link, hosts.decode
     _driver(link, "fill", decode.address, "256")  # warm-up: first-request costs, links opened
     result = _driver(link, "fill", decode.address, str(FILL_PROMPT_TOKENS))
     achieved_mbit = result["bytes"] * 8 / result["seconds"] / 1e6
@@ -178,7 +191,7 @@ def _requests_during(link: Link, prefill, decode, prompts: list[list[int]], faul
 
 
 def test_output_stays_exact_through_a_stall_and_packet_loss(hosts):
-    link, prefill, decode, model, _ = hosts
+    link, prefill, decode, model = hosts.link, hosts.prefill, hosts.decode, hosts.model
     rng = random.Random(7)
     stalled_prompts = [[rng.randrange(3, 320) for _ in range(n)] for n in (700, 900, 640, 800)]
     lossy_prompts = [[rng.randrange(3, 320) for _ in range(n)] for n in (500, 300)]
@@ -204,8 +217,8 @@ def test_output_stays_exact_through_a_stall_and_packet_loss(hosts):
 
 @pytest.mark.parametrize("path", ["bulk", "grpc"])
 def test_a_link_that_goes_down_mid_transfer_is_noticed_within_the_silence_bound(hosts, path):
-    link, bulk_prefill, decode, model, grpc_prefill = hosts
-    prefill = bulk_prefill if path == "bulk" else grpc_prefill
+    link, decode, model = hosts.link, hosts.decode, hosts.model
+    prefill = hosts.prefill if path == "bulk" else hosts.grpc_prefill
     command = [*link.prefix("prefill"), sys.executable, "-m", "tests.kv_transfer.netns_driver", "cut"]
     command += [prefill.address, decode.address, str(FILL_PROMPT_TOKENS)]
     link.shape("rate", CUT_RATE_MBIT)
