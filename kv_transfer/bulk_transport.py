@@ -7,18 +7,18 @@ sender opens ``connections`` links to it. Either side without bulk, or a listene
 reach, and the session falls back to ``PushKV`` messages (kv_transfer/grpc_transport.py).
 
     prefill (sender)                                  decode (receiver)
-    push_layer ─ frame ─> link queue ─ sendmsg(header, pool memoryviews) ─> recv_into the destination
+    push_layer ─ piece ─> link queue ─ sendmsg(header, pool memoryviews) ─> recv_into the destination
                                                       blocks, pinned (inbox) ─ xxh3 in place ─ ack
-    commit: Commit over gRPC, sent while the last frames land (the receiver adopts once every layer
+    commit: Commit over gRPC, sent while the last pieces land (the receiver adopts once every layer
             landed and was verified, as for NIXL); abort: Commit(abort) over gRPC
 
 No intermediate copy on either side for pools in host memory: the sender writes straight from the
 pool's memory, the receiver reads straight into the reservation's blocks while the landing is pinned
 (so they are never written after the reservation stopped, nor freed while written). Adjacent blocks
 go as one run; the checksum is xxh3 over the regions in block order (kv_transfer/integrity.py),
-hashed in place on both sides. A pool in GPU memory is staged: the sender queues each frame's copy
+hashed in place on both sides. A pool in GPU memory is staged: the sender queues each piece's copy
 into pinned host memory on a side stream behind the layer's CUDA event (as the PushKV path does)
-and sends and hashes that buffer; the receiver reads a frame into a pinned buffer of its
+and sends and hashes that buffer; the receiver reads a piece into a pinned buffer of its
 connection, verifies it there and copies it into the pool (``KVInbox.write``). The checksum is the
 same xxh3 of the bytes on the wire, so either end may keep its pool in either memory.
 
@@ -27,17 +27,24 @@ Wire (big-endian):
     hello  receiver -> sender  b"SSKV" version:u8 nonce[32]
            sender -> receiver  HMAC-SHA256(cluster secret, HELLO_CONTEXT + nonce)    32 bytes
            receiver -> sender  0 (admitted) or 1 (refused; the connection closes)
-    frame  sender -> receiver  b"KVF1" request_id_len:u16 token_len:u16 layer:u32 num_blocks:u32
-                               checksum:u64 | request id | ticket token | block ids (u32 each)
-                               | num_blocks x region_bytes of regions in block order
-    ack    receiver -> sender  length:u32 | "" when the frame landed (and verified), else
-                               "CODE message" (a TransferError code); one per frame, in order
+    frame  sender -> receiver  b"KVF2" request_id_len:u16 token_len:u16 pieces:u16 | request id
+                               | ticket token | pieces x (layer:u32 num_blocks:u32 checksum:u64)
+                               | every piece's block ids (u32 each), piece after piece
+                               | every piece's regions (num_blocks x region_bytes, in block order)
+    ack    receiver -> sender  length:u32 | "" when every piece landed (and verified), else
+                               "CODE message" (a TransferError code: the first piece that did not);
+                               one per frame, in order
+
+A piece is one layer's blocks (a layer larger than the frame size is cut into several). A link sends
+the pieces queued for it meanwhile as one frame, ``MAX_PIECES`` at most, when they belong to the same
+request: a whole-request push, or layers pushed faster than the link drains, costs a header, a
+``sendmsg`` and an ack per frame rather than per layer.
 
 Trust is the control path's: the link authenticates with the cluster secret (it never crosses the
 wire), and every frame presents its ticket's token (``KVInbox.authorize``). Without TLS the bytes
 travel in the clear, as gRPC's without TLS do; with TLS configured the bulk path is not offered.
 
-Threads: ``push_layer`` (engine thread) hashes a complete layer and queues its frames; each link
+Threads: ``push_layer`` (engine thread) hashes a complete layer and queues its pieces; each link
 has a sending thread and an ack-reading thread; the receiver has an accepting thread and one
 thread per connection. Socket buffers: raised to ``SOCKET_BUFFER_BYTES`` where the kernel allows
 it (``net.core.[rw]mem_max``), else left to TCP autotuning, which a smaller fixed size would cap.
@@ -46,10 +53,10 @@ it (``net.core.[rw]mem_max``), else left to TCP autotuning, which a smaller fixe
 from __future__ import annotations
 
 import collections
+import functools
 import hashlib
 import hmac
 import logging
-import queue
 import secrets
 import socket
 import struct
@@ -72,15 +79,17 @@ from protos.cluster_auth import ClusterAuth, end_silent_peers
 
 log = logging.getLogger(__name__)
 
-VERSION = 1
+VERSION = 2
 HELLO = b"SSKV"
 HELLO_CONTEXT = b"splitserve-kv-bulk-v1"
 NONCE_BYTES = 32
-FRAME_MAGIC = b"KVF1"
-FRAME_HEADER = struct.Struct("!4sHHIIQ")
+FRAME_MAGIC = b"KVF2"
+FRAME_HEADER = struct.Struct("!4sHHH")
+PIECE_HEADER = struct.Struct("!IIQ")  # layer, blocks, checksum
+MAX_PIECES = 64  # per frame: bounds its header, and what one ack answers for
 ACK_HEADER = struct.Struct("!I")
 DEFAULT_CONNECTIONS = 2
-DEFAULT_FRAME_BYTES = 8 * 1024 * 1024  # a layer piece larger than this is split (and spread over links)
+DEFAULT_PIECE_BYTES = 8 * 1024 * 1024  # a layer larger than this is cut into pieces (spread over links)
 SOCKET_BUFFER_BYTES = 32 * 1024 * 1024  # ~ the bandwidth-delay product of 100 Gb/s x 2.5 ms
 CONNECT_TIMEOUT_S = 5.0
 RECONNECT_S = 5.0  # after a failed connect, a peer's KV goes in gRPC messages this long before the next try
@@ -101,6 +110,21 @@ _DRAIN_BYTES = 1 << 20
 
 def hello_proof(secret: str | None, nonce: bytes) -> bytes:
     return hmac.new((secret or "").encode(), HELLO_CONTEXT + nonce, hashlib.sha256).digest()
+
+
+def frame_header(request_id: str, token: str, pieces: Sequence[tuple[int, Sequence[int], int]]) -> bytes:
+    """A frame's header: its ``pieces`` as (layer, destination blocks, checksum; 0: unchecked)."""
+    request, ticket = request_id.encode(), token.encode()
+    blocks = [block for _, dst_blocks, _ in pieces for block in dst_blocks]
+    return b"".join(
+        [
+            FRAME_HEADER.pack(FRAME_MAGIC, len(request), len(ticket), len(pieces)),
+            request,
+            ticket,
+            *(PIECE_HEADER.pack(layer, len(dst_blocks), digest) for layer, dst_blocks, digest in pieces),
+            struct.pack(f"!{len(blocks)}I", *blocks),
+        ]
+    )
 
 
 def tune_socket(sock: socket.socket) -> None:
@@ -220,6 +244,7 @@ class BulkReceiver:
                 self._end_hello(host)
                 in_hello = False
             if admitted:
+                sock.settimeout(STALL_TIMEOUT_S)  # each read within a frame; between frames, _frame waits on
                 while self._frame(sock, sent_here, staging):
                     pass
         except (OSError, ConnectionError, TransferError) as exc:
@@ -259,54 +284,72 @@ class BulkReceiver:
 
     def _frame(self, sock: socket.socket, sent_here: set[str], staging: _Staging | None) -> bool:
         """One frame: False when the sender closed the connection between frames."""
-        sock.settimeout(None)  # an idle link waits for the next frame as long as it likes
         header = bytearray(FRAME_HEADER.size)
-        first = sock.recv_into(header)
-        if first == 0:
-            return False
-        sock.settimeout(STALL_TIMEOUT_S)
+        first = 0
+        while not first:  # an idle link waits for the next frame as long as it likes
+            try:
+                first = sock.recv_into(header)
+            except TimeoutError:
+                continue
+            if first == 0:
+                return False
         _recv_exactly(sock, memoryview(header)[first:])
-        magic, id_len, token_len, layer, num_blocks, expected = FRAME_HEADER.unpack(header)
-        if magic != FRAME_MAGIC or num_blocks == 0 or num_blocks > self.inbox.cache.layout.num_blocks:
-            raise ConnectionError(f"malformed bulk KV frame (magic {magic!r}, {num_blocks} blocks)")
-        request_id = _recv_bytes(sock, id_len).decode(errors="replace")
-        token = _recv_bytes(sock, token_len).decode(errors="replace")
-        blocks = list(struct.unpack(f"!{num_blocks}I", _recv_bytes(sock, 4 * num_blocks)))
-        landed = self._land(sock, request_id, token, layer, blocks, expected, sent_here, staging)
+        magic, id_len, token_len, count = FRAME_HEADER.unpack(header)
+        if magic != FRAME_MAGIC or not 0 < count <= MAX_PIECES:
+            raise ConnectionError(f"malformed bulk KV frame (magic {magic!r}, {count} pieces)")
+        names = _recv_bytes(sock, id_len + token_len + PIECE_HEADER.size * count)
+        request_id = names[:id_len].decode(errors="replace")
+        token = names[id_len : id_len + token_len].decode(errors="replace")
+        shapes = list(PIECE_HEADER.iter_unpack(names[id_len + token_len :]))
+        if any(not 0 < num_blocks <= self.inbox.cache.layout.num_blocks for _, num_blocks, _ in shapes):
+            raise ConnectionError(f"malformed bulk KV frame (pieces of {[n for _, n, _ in shapes]} blocks)")
+        total = sum(num_blocks for _, num_blocks, _ in shapes)
+        blocks = struct.unpack(f"!{total}I", _recv_bytes(sock, 4 * total))
+        pieces, begin = [], 0
+        for layer, num_blocks, expected in shapes:
+            pieces.append((layer, blocks[begin : begin + num_blocks], expected))
+            begin += num_blocks
+        landed = self._land(sock, request_id, token, pieces, sent_here, staging)
         sock.sendall(ACK_HEADER.pack(len(landed)) + landed)
         return True
 
-    def _land(self, sock, request_id: str, token: str, layer: int, blocks, expected: int, sent_here, staging):
-        """Receives the frame's regions into the reservation (or drains them); the ack's text."""
-        payload = len(blocks) * self.inbox.cache.layout.region_bytes
-        received = [0]
+    def _land(self, sock, request_id: str, token: str, pieces, sent_here, staging) -> bytes:
+        """Receives the frame's pieces into the reservation, in order, or drains what is left of them
+        after one was refused; the ack's text."""
+        region = self.inbox.cache.layout.region_bytes
+        payload = sum(len(blocks) for _, blocks, _ in pieces) * region
+        received = 0
 
-        def fill() -> None:
+        def fill(layer: int, blocks) -> None:
+            nonlocal received
             pool = pool_bytes(self.inbox.cache)
             for start, length in region_runs(self.inbox.cache, layer, blocks):
                 _recv_exactly(sock, pool[start : start + length])
-                received[0] += length
+                received += length
 
         try:
             self.inbox.authorize(request_id, token)
             if request_id not in sent_here and len(sent_here) >= 64:  # forget reservations already gone
                 sent_here.difference_update([r for r in sent_here if self.inbox.get(r) is None])
             sent_here.add(request_id)
-            if staging is None:
-                self.inbox.receive_in_place(request_id, layer, blocks, expected, fill)
-            else:
-                data = staging.view(payload)
-                _recv_exactly(sock, data)
-                received[0] = payload
-                self.inbox.write(request_id, layer, blocks, data, expected)
+            for layer, blocks, expected in pieces:
+                if staging is None:
+                    self.inbox.receive_in_place(
+                        request_id, layer, blocks, expected, functools.partial(fill, layer, blocks)
+                    )
+                else:
+                    data = staging.view(len(blocks) * region)
+                    _recv_exactly(sock, data)
+                    received += len(data)
+                    self.inbox.write(request_id, layer, blocks, data, expected)
             return b""
         except (OSError, ConnectionError):
-            # Mid-frame: nobody can finish this layer now. Other frames on this link are their senders' business.
+            # Mid-frame: nobody can finish these layers now. Other frames on this link are their senders' business.
             self.inbox.abort(request_id, "the bulk KV connection broke mid-frame")
             raise
         except TransferError as exc:
-            if received[0] < payload:
-                _drain(sock, payload - received[0])
+            if received < payload:
+                _drain(sock, payload - received)
             if exc.code == "DATA_LOSS":  # we are the only writer of these blocks: stop the reservation
                 self.inbox.abort(request_id, str(exc))
             return f"{exc.code} {exc}".encode()
@@ -322,7 +365,7 @@ class BulkReceiver:
 
 class _Staging:
     """One connection's landing buffer for a pool in GPU memory: pinned where CUDA is (the copy into
-    the pool reads it directly), grown to the largest frame seen and reused."""
+    the pool reads it directly), grown to the largest piece seen and reused."""
 
     def __init__(self) -> None:
         self._buffer: torch.Tensor | None = None
@@ -362,16 +405,17 @@ def _shutdown(sock: socket.socket) -> None:
 # -- sender -----------------------------------------------------------------------------------------
 
 
-class _Frame:
-    """One piece of one layer on its way. The pool is read between ``begin_reading`` and the end of
-    the send; ``stop_reading`` returns once it no longer is, and keeps a frame not yet started from
-    ever starting. ``acked`` is set with ``error`` None (landed) or the receiver's/link's reason."""
+class _Piece:
+    """One layer's blocks on their way (a layer larger than the frame size is cut into several). The
+    pool is read between ``begin_reading`` and the end of the send; ``stop_reading`` returns once it no
+    longer is, and keeps a piece not yet started from ever starting. ``acked`` is set with ``error``
+    None (landed) or the receiver's/link's reason."""
 
     def __init__(
         self, session: BulkSession, cache: PagedKVCache, layer: int, src, dst, ready, digest, staged=None
     ) -> None:
         self.session = session
-        self.staged = staged  # grpc_transport._StagedRegions: the pool is read by its copy, the frame sends that
+        self.staged = staged  # grpc_transport._StagedRegions: the pool is read by its copy, the piece sends that
         self.cache = cache
         self.layer = layer
         self.src_blocks = src
@@ -399,7 +443,7 @@ class _Frame:
         self._read.set()
 
     def stop_reading(self, timeout: float) -> bool:
-        """True once the pool is not read by this frame (now or ever again)."""
+        """True once the pool is not read by this piece (now or ever again)."""
         with self._lock:
             if self._state == "queued":
                 self._state = "cancelled"
@@ -415,17 +459,25 @@ class _Frame:
             self.error, self.lost = error, lost
             self.acked.set()
 
-    def header(self) -> list[bytes]:
-        request_id, token = self.session.request_id.encode(), self.session.ticket.token.encode()
-        fixed = FRAME_HEADER.pack(
-            FRAME_MAGIC, len(request_id), len(token), self.layer, len(self.dst_blocks), self.checksum
-        )
-        return [fixed, request_id, token, struct.pack(f"!{len(self.dst_blocks)}I", *self.dst_blocks)]
+    def regions(self, verify: bool) -> list | None:
+        """Sending thread, once reading: the bytes to send (views of the pool, or the staged copy) with
+        ``checksum`` set; None if the staged copy was released before its regions were read."""
+        if self.staged is not None:
+            data = self.staged.host_view()
+            if data is None:
+                return None
+            self.checksum = checksum(data) if verify else 0
+            return [data]
+        if self.checksum is None:
+            self.ready.synchronize()
+            self.checksum = region_checksum(self.cache, self.layer, self.src_blocks) if verify else 0
+        pool = pool_bytes(self.cache)
+        return [pool[start : start + length] for start, length in region_runs(self.cache, self.layer, self.src_blocks)]
 
 
 class BulkLink:
     """One authenticated TCP connection to a receiver's bulk listener, with its sending thread (FIFO)
-    and its ack-reading thread. Broken for good on any error: every frame on it then fails."""
+    and its ack-reading thread. Broken for good on any error: every piece on it then fails."""
 
     def __init__(self, host: str, port: int, secret: str | None, verify: bool) -> None:
         self.verify = verify
@@ -445,53 +497,76 @@ class BulkLink:
             self.sock.close()
             raise
         self.broken: str | None = None
-        self.queued_bytes = 0  # sent or waiting, not yet acked: where the next frame goes
-        self._outbox: queue.Queue[_Frame | None] = queue.Queue()
-        self._unacked: collections.deque[_Frame] = collections.deque()
+        self.queued_bytes = 0  # queued or sent, not yet acked: where the next piece goes
+        self._queued: collections.deque[_Piece] = collections.deque()  # for the sending thread
+        self._sent: collections.deque[list[_Piece]] = collections.deque()  # frames sent, not yet acked
         self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
         threading.Thread(target=self._send_loop, name="kv-bulk-send", daemon=True).start()
         threading.Thread(target=self._ack_loop, name="kv-bulk-acks", daemon=True).start()
 
-    def send(self, frame: _Frame) -> None:
+    def send(self, piece: _Piece) -> None:
         with self._lock:
             if self.broken is not None:
-                frame.finish(self.broken, lost=True)
-                frame.stop_reading(0)
+                piece.finish(self.broken, lost=True)
+                piece.stop_reading(0)
                 return
-            self.queued_bytes += frame.nbytes
-            self._unacked.append(frame)  # acks come in send order
-            self._outbox.put(frame)
+            self.queued_bytes += piece.nbytes
+            self._queued.append(piece)
+            self._wake.notify()
 
     def _send_loop(self) -> None:
-        while (frame := self._outbox.get()) is not None:
-            if not frame.begin_reading():
-                continue  # released before it started: never sent, never acked
+        while (pieces := self._next_frame()) is not None:
             try:
-                self._send_frame(frame)
+                self._send_frame(pieces)
             except (OSError, ValueError) as exc:
                 self.break_link(f"{self.name} failed while sending: {exc}")
+                for piece in pieces:
+                    piece.finish(self.broken, lost=True)
             finally:
-                frame.end_reading()
+                for piece in pieces:
+                    piece.end_reading()
 
-    def _send_frame(self, frame: _Frame) -> None:
-        if self.broken is not None:
-            raise OSError(self.broken)
-        if frame.staged is not None:
-            data = frame.staged.host_view()
-            if data is None:  # released before its regions were read: acked as such, never sent
-                frame.finish("released before it was sent")
+    def _next_frame(self) -> list[_Piece] | None:
+        """The next frame's pieces, each begun reading: the oldest queued piece and those of the same
+        session queued right behind it, ``MAX_PIECES`` at most; None once the link is broken."""
+        with self._lock:
+            while True:
+                while not self._queued and self.broken is None:
+                    self._wake.wait()
+                if self.broken is not None:
+                    return None
+                session, pieces = self._queued[0].session, []
+                while self._queued and self._queued[0].session is session and len(pieces) < MAX_PIECES:
+                    piece = self._queued.popleft()
+                    if piece.begin_reading():
+                        pieces.append(piece)
+                    else:  # released before it was sent: never sent, never acked
+                        self.queued_bytes -= piece.nbytes
+                if pieces:
+                    return pieces
+
+    def _send_frame(self, pieces: list[_Piece]) -> None:
+        sent, buffers = [], []
+        for piece in pieces:
+            regions = piece.regions(self.verify)
+            if regions is None:
+                piece.finish("released before it was sent")
+                continue
+            sent.append(piece)
+            buffers += regions
+        session = pieces[0].session
+        header = frame_header(
+            session.request_id, session.ticket.token, [(p.layer, p.dst_blocks, p.checksum) for p in sent]
+        )
+        with self._lock:
+            if self.broken is not None:
+                raise OSError(self.broken)
+            self.queued_bytes -= sum(p.nbytes for p in pieces if p not in sent)
+            if not sent:
                 return
-            frame.checksum = checksum(data) if self.verify else 0
-            _send_all(self.sock, frame.header() + [data])
-            return
-        if frame.checksum is None:
-            frame.ready.synchronize()
-            frame.checksum = region_checksum(frame.cache, frame.layer, frame.src_blocks) if self.verify else 0
-        pool = pool_bytes(frame.cache)
-        regions = [
-            pool[start : start + length] for start, length in region_runs(frame.cache, frame.layer, frame.src_blocks)
-        ]
-        _send_all(self.sock, frame.header() + regions)
+            self._sent.append(sent)  # before the bytes go: the ack reader finds the frame its ack answers
+        _send_all(self.sock, [header, *buffers])
 
     def _ack_loop(self) -> None:
         try:
@@ -499,33 +574,27 @@ class BulkLink:
                 (length,) = ACK_HEADER.unpack(_recv_bytes_blocking(self.sock, ACK_HEADER.size))
                 text = _recv_bytes_blocking(self.sock, length).decode(errors="replace") if length else ""
                 with self._lock:
-                    frame = self._next_sent_locked()
-                if frame is None:
+                    pieces = self._sent.popleft() if self._sent else None
+                    self.queued_bytes -= sum(p.nbytes for p in pieces or [])
+                if pieces is None:
                     raise ConnectionError("an ack for no frame")
-                frame.finish(text or None)
+                for piece in pieces:
+                    piece.finish(text or None)
         except (OSError, ConnectionError, struct.error) as exc:
             self.break_link(f"{self.name} lost: {exc}")
-
-    def _next_sent_locked(self) -> _Frame | None:
-        """The oldest unacked frame that was sent; frames cancelled before sending are acked as such."""
-        while self._unacked:
-            frame = self._unacked.popleft()
-            self.queued_bytes -= frame.nbytes
-            if frame.acked.is_set():  # cancelled before it was sent
-                continue
-            return frame
-        return None
 
     def break_link(self, reason: str) -> None:
         with self._lock:
             if self.broken is None:
                 self.broken = reason
-            frames, self._unacked = list(self._unacked), collections.deque()
+            pieces = [*self._queued, *(piece for frame in self._sent for piece in frame)]
+            self._queued.clear()
+            self._sent.clear()
             self.queued_bytes = 0
+            self._wake.notify_all()
         _shutdown(self.sock)
-        self._outbox.put(None)
-        for frame in frames:
-            frame.finish(self.broken, lost=True)
+        for piece in pieces:
+            piece.finish(self.broken, lost=True)
 
     def close(self) -> None:
         self.break_link(f"{self.name} closed")
@@ -560,20 +629,20 @@ class BulkSession(OutOfBandSession):
         ticket: decode_pb2.Ticket,
         peer: Peer,
         links: list[BulkLink],
-        frame_bytes: int,
+        piece_bytes: int,
         verify: bool,
         committing: Executor,
         metadata=None,
         copy_streams: dict | None = None,
     ) -> None:
-        """``committing``: the sender's threads that make commits; ``copy_streams``: stage every frame
+        """``committing``: the sender's threads that make commits; ``copy_streams``: stage every piece
         through host memory (a CUDA pool; see the module's note), with the side streams its copies run on."""
         super().__init__(request_id, ticket, peer, metadata)
         self._committing = committing
         self._links = links
-        self._frame_bytes = frame_bytes
+        self._piece_bytes = piece_bytes
         self._verify = verify
-        self._frames: list[_Frame] = []
+        self._pieces: list[_Piece] = []
         self._copy_streams = copy_streams
 
     def push_layer(
@@ -584,22 +653,22 @@ class BulkSession(OutOfBandSession):
         dst_blocks: Sequence[int],
         ready: LayerReady = COMPLETED,
     ) -> None:
-        per_frame = max(1, self._frame_bytes // cache.layout.region_bytes)
+        per_piece = max(1, self._piece_bytes // cache.layout.region_bytes)
         complete = ready.query()
         with self._lock:
             if self.closed or not self.lease_left():
                 return
-            for begin in range(0, len(src_blocks), per_frame):
-                src, dst = list(src_blocks[begin : begin + per_frame]), list(dst_blocks[begin : begin + per_frame])
+            for begin in range(0, len(src_blocks), per_piece):
+                src, dst = list(src_blocks[begin : begin + per_piece]), list(dst_blocks[begin : begin + per_piece])
                 digest, staged = None, None
                 if self._copy_streams is not None:  # hashed by the link, on the staged copy
                     staged = stage_regions(cache, layer, src, dst, ready, self._copy_streams)
-                elif complete:  # hashed here, while the links send earlier frames (xxh3 releases the GIL)
+                elif complete:  # hashed here, while the links send earlier pieces (xxh3 releases the GIL)
                     digest = region_checksum(cache, layer, src) if self._verify else 0
-                frame = _Frame(self, cache, layer, src, dst, ready, digest, staged)
-                min(self._links, key=lambda link: link.queued_bytes).send(frame)
-                self._frames.append(frame)
-                self.bytes_sent += frame.nbytes
+                piece = _Piece(self, cache, layer, src, dst, ready, digest, staged)
+                min(self._links, key=lambda link: link.queued_bytes).send(piece)
+                self._pieces.append(piece)
+                self.bytes_sent += piece.nbytes
 
     def close(self, timeout: float) -> None:
         with self._lock:
@@ -607,35 +676,35 @@ class BulkSession(OutOfBandSession):
         self.release(timeout)
 
     def release(self, timeout: float) -> None:
-        """Returns once no frame of this session reads the pool: each finished sending or never will.
+        """Returns once no piece of this session reads the pool: each finished sending or never will.
         A send stalled past ``timeout`` breaks its link, which ends the send."""
         deadline = time.monotonic() + timeout
         with self._lock:
-            frames = list(self._frames)
-        for frame in frames:
-            if not frame.stop_reading(max(0.0, deadline - time.monotonic())):
+            pieces = list(self._pieces)
+        for piece in pieces:
+            if not piece.stop_reading(max(0.0, deadline - time.monotonic())):
                 for link in self._links:
                     link.break_link("a KV send did not finish in time")
-                frame.stop_reading(STALL_TIMEOUT_S)
+                piece.stop_reading(STALL_TIMEOUT_S)
                 self.fail("a KV send did not finish in time")
 
     def commit(self, first_token_id: int, first_logprob: common_pb2.TokenLogprob | None, timeout: float) -> None:
-        """The commit travels while the last frames land (``_commit_beside``): the receiver marks a
-        frame's layer landed once its regions are in and verified, and adopts once every layer is."""
+        """The commit travels while the last pieces land (``_commit_beside``): the receiver marks a
+        piece landed once its regions are in and verified, and adopts once every layer is."""
         self._commit_beside(self._committing, self._settle, first_token_id, first_logprob, timeout)
 
     def _settle(self, timeout: float) -> None:
-        """Every frame acknowledged (landed and verified), or the session failed on the first that was
+        """Every piece acknowledged (landed and verified), or the session failed on the first that was
         not; then ``release``."""
         deadline = time.monotonic() + timeout
         with self._lock:
-            frames = list(self._frames)
-        for frame in frames:
-            if not frame.acked.wait(max(0.0, deadline - time.monotonic())):
+            pieces = list(self._pieces)
+        for piece in pieces:
+            if not piece.acked.wait(max(0.0, deadline - time.monotonic())):
                 self.fail("decode worker did not acknowledge the KV in time")
                 break
-            if frame.error is not None:
-                self.fail(frame.error if frame.lost else f"decode worker refused the KV: {frame.error}", frame.lost)
+            if piece.error is not None:
+                self.fail(piece.error if piece.lost else f"decode worker refused the KV: {piece.error}", piece.lost)
                 break
         self.release(max(0.0, deadline - time.monotonic()))
 
@@ -643,7 +712,7 @@ class BulkSession(OutOfBandSession):
 class BulkKVSender(GrpcKVSender):
     """The gRPC transport with the bulk path: sessions go over ``connections`` TCP links per peer when
     the peer's handshake offers a bulk port, else as ``PushKV`` messages (the parent's). For pools in
-    ``staged``: the pool is in GPU memory; frames (and PushKV messages) go through pinned host memory."""
+    ``staged``: the pool is in GPU memory; pieces (and PushKV messages) go through pinned host memory."""
 
     def __init__(
         self,
@@ -653,14 +722,14 @@ class BulkKVSender(GrpcKVSender):
         verify: bool = True,
         auth: ClusterAuth | None = None,
         connections: int = DEFAULT_CONNECTIONS,
-        frame_bytes: int = DEFAULT_FRAME_BYTES,
+        piece_bytes: int = DEFAULT_PIECE_BYTES,
         staged: bool = False,
     ) -> None:
         super().__init__(layout, sender_id, chunk_bytes, verify, staged=staged, auth=auth)
-        if connections < 1 or frame_bytes < 1:
-            raise ValueError(f"bulk KV needs at least one connection and frame byte, got {connections}, {frame_bytes}")
+        if connections < 1 or piece_bytes < 1:
+            raise ValueError(f"bulk KV needs at least one connection and piece byte, got {connections}, {piece_bytes}")
         self.connections = connections
-        self.frame_bytes = frame_bytes
+        self.piece_bytes = piece_bytes
         self._links: dict[str, list[BulkLink]] = {}  # peer address -> its links (under self._lock)
         self._reconnect_at: dict[str, float] = {}  # peer address -> when a failed connect is tried again
         self.committing = ThreadPoolExecutor(max_workers=COMMIT_THREADS, thread_name_prefix="kv-bulk-commit")
@@ -735,7 +804,7 @@ class BulkKVSender(GrpcKVSender):
             return super()._session(request_id, ticket, peer, metadata)
         copy_streams = self._copy_streams if self.staged else None
         return BulkSession(
-            request_id, ticket, peer, links, self.frame_bytes, self.verify, self.committing, metadata, copy_streams
+            request_id, ticket, peer, links, self.piece_bytes, self.verify, self.committing, metadata, copy_streams
         )
 
     def close(self) -> None:

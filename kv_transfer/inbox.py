@@ -86,7 +86,7 @@ class KVInbox:
         self.verify_checksums = verify_checksums
         self._landings: dict[str, Landing] = {}
         self._lock = threading.Lock()
-        self._changed = threading.Condition()  # notified when a landing gains layers or shuts its gate
+        self._changed = threading.Condition()  # notified when a landing is complete or shuts its gate
         self._commits_waiting = 0  # commits inside wait_for_layers (under _changed)
 
     # -- owner (decode engine thread) -------------------------------------------------------------
@@ -262,7 +262,9 @@ class KVInbox:
         with landing.lock:
             landing.written[layer].update(block_ids)
             landing.bytes_received += nbytes
-        self._signal()
+            complete = landing.complete
+        if complete:  # a waiting commit wakes once, not once per piece
+            self._signal()
 
     def _signal(self) -> None:
         with self._changed:

@@ -18,7 +18,7 @@ import torch
 
 from engine.kv_cache import KVLayout, PagedKVCache
 from kv_transfer import bulk_transport
-from kv_transfer.bulk_transport import FRAME_HEADER, BulkKVSender, BulkLink, BulkReceiver, BulkSession
+from kv_transfer.bulk_transport import BulkKVSender, BulkLink, BulkReceiver, BulkSession, frame_header
 from kv_transfer.errors import TransferError
 from kv_transfer.grpc_transport import GrpcSession
 from kv_transfer.inbox import KVInbox
@@ -88,9 +88,9 @@ def _push_all(session, source: PagedKVCache) -> None:
 
 
 @pytest.mark.parametrize("staged", [False, True], ids=["sent-in-place", "sent-staged"])
-@pytest.mark.parametrize("connections,frame_bytes", [(1, 1 << 20), (3, 2 * 512)])
-def test_bulk_kv_lands_byte_identical_in_the_reserved_blocks(receiver, connections, frame_bytes, staged):
-    """Either end in place or staged (a GPU pool's path: each frame's regions copied to host memory and
+@pytest.mark.parametrize("connections,piece_bytes", [(1, 1 << 20), (3, 2 * 512)])
+def test_bulk_kv_lands_byte_identical_in_the_reserved_blocks(receiver, connections, piece_bytes, staged):
+    """Either end in place or staged (a GPU pool's path: each piece's regions copied to host memory and
     sent from there; landed through a host buffer): one checksum, the same bytes in the same blocks."""
     source = _source()
     sender = BulkKVSender(
@@ -98,7 +98,7 @@ def test_bulk_kv_lands_byte_identical_in_the_reserved_blocks(receiver, connectio
         "prefill",
         auth=ClusterAuth(secret=SECRET),
         connections=connections,
-        frame_bytes=frame_bytes,
+        piece_bytes=piece_bytes,
         staged=staged,
     )
     try:
@@ -106,7 +106,7 @@ def test_bulk_kv_lands_byte_identical_in_the_reserved_blocks(receiver, connectio
         session = sender.open("r", receiver.ticket("r"))
         assert isinstance(session, BulkSession)
         _push_all(session, source)
-        assert all((frame.staged is not None) == staged for frame in session._frames)
+        assert all((piece.staged is not None) == staged for piece in session._pieces)
         session.commit(7, None, 10.0)
         assert receiver.committed == ["r"]
         for layer in range(LAYOUT.num_layers):
@@ -174,8 +174,10 @@ class FlippingProxy:
 def test_a_byte_flipped_on_the_wire_is_refused_and_stops_the_reservation(receiver):
     source = _source(seed=4)
     hello = 32  # the sender's side of the hello: its proof
-    header = FRAME_HEADER.size + len("r") + len(TOKEN) + 4 * len(DST_BLOCKS)
-    proxy = FlippingProxy(receiver.bulk.port, hello + header + 1000)  # a byte inside the first frame's regions
+    # A byte inside the first layer's regions, however many layers the first frame carries.
+    header = len(frame_header("r", TOKEN, [(layer, DST_BLOCKS, 0) for layer in range(LAYOUT.num_layers)]))
+    assert header + 1000 < len(frame_header("r", TOKEN, [(0, DST_BLOCKS, 0)])) + len(DST_BLOCKS) * LAYOUT.region_bytes
+    proxy = FlippingProxy(receiver.bulk.port, hello + header + 1000)
     link = BulkLink("127.0.0.1", proxy.port, SECRET, verify=True)
     sender = BulkKVSender(receiver.layout, "prefill", auth=ClusterAuth(secret=SECRET), connections=1)
     try:
@@ -223,6 +225,115 @@ def test_a_frame_with_a_wrong_token_writes_nothing(receiver):
         sender.close()
 
 
+def _member_connection(port: int) -> socket.socket:
+    """A connection to the bulk listener past its hello (the cluster secret proven), for frames written by hand."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    greeting = _read(sock, len(bulk_transport.HELLO) + 1 + bulk_transport.NONCE_BYTES)
+    sock.sendall(bulk_transport.hello_proof(SECRET, greeting[len(bulk_transport.HELLO) + 1 :]))
+    assert _read(sock, 1) == b"\x00"
+    return sock
+
+
+def _read(sock: socket.socket, count: int) -> bytes:
+    data = b""
+    while len(data) < count:
+        chunk = sock.recv(count - len(data))
+        assert chunk, "the receiver closed the connection"
+        data += chunk
+    return data
+
+
+def _ack(sock: socket.socket) -> str:
+    (length,) = struct.unpack("!I", _read(sock, 4))
+    return _read(sock, length).decode()
+
+
+def _regions(cache: PagedKVCache, layer: int, blocks: list[int]) -> bytes:
+    return cache.read_regions(layer, blocks).numpy().tobytes()
+
+
+def test_a_frame_of_several_pieces_lands_each_and_a_refused_piece_leaves_the_link_working(receiver):
+    """One frame carries pieces of two layers (one layer cut in two): each lands in its blocks. A frame whose
+    middle piece names a block outside the reservation is answered with the reason; the piece before it
+    landed, the one behind it is read off the wire unwritten, and the next frame on the connection lands."""
+    source = _source(seed=11)
+    receiver.inbox.open("r", DST_BLOCKS, TOKEN)
+    sock = _member_connection(receiver.bulk.port)
+    try:
+        cut = [(0, SRC_BLOCKS[:2], DST_BLOCKS[:2]), (0, SRC_BLOCKS[2:], DST_BLOCKS[2:]), (1, SRC_BLOCKS, DST_BLOCKS)]
+        payloads = [_regions(source, layer, src) for layer, src, _ in cut]
+        pieces = [(layer, dst, checksum(data)) for (layer, _, dst), data in zip(cut, payloads)]
+        sock.sendall(frame_header("r", TOKEN, pieces) + b"".join(payloads))
+        assert _ack(sock) == ""
+        for layer in (0, 1):
+            assert torch.equal(receiver.cache.read_regions(layer, DST_BLOCKS), source.read_regions(layer, SRC_BLOCKS))
+
+        stray = max(set(range(LAYOUT.num_blocks)) - set(DST_BLOCKS))
+        head, tail = _regions(source, 2, SRC_BLOCKS[:3]), _regions(source, 2, SRC_BLOCKS[3:])
+        pieces = [(2, DST_BLOCKS[:3], checksum(head)), (2, [stray], 0), (2, DST_BLOCKS[3:], checksum(tail))]
+        sock.sendall(frame_header("r", TOKEN, pieces) + head + bytes(LAYOUT.region_bytes) + tail)
+        assert _ack(sock).startswith(f"INVALID_ARGUMENT blocks [{stray}] are not reserved")
+        assert torch.equal(receiver.cache.read_regions(2, DST_BLOCKS[:3]), source.read_regions(2, SRC_BLOCKS[:3]))
+        assert not receiver.cache.read_regions(2, DST_BLOCKS[3:]).any()
+        assert not receiver.cache.read_regions(2, [stray]).any()
+
+        sock.sendall(frame_header("r", TOKEN, [(2, DST_BLOCKS[3:], checksum(tail))]) + tail)
+        assert _ack(sock) == ""
+        assert receiver.inbox.layers_complete("r")
+        assert torch.equal(receiver.cache.read_regions(2, DST_BLOCKS), source.read_regions(2, SRC_BLOCKS))
+    finally:
+        sock.close()
+
+
+class _Gate:
+    """A layer whose K/V is not written yet (a ``LayerReady``): a link that reads it waits until ``open``."""
+
+    def __init__(self) -> None:
+        self.waited_on = threading.Event()
+        self._open = threading.Event()
+
+    def query(self) -> bool:
+        return self._open.is_set()
+
+    def synchronize(self) -> None:
+        self.waited_on.set()
+        assert self._open.wait(10), "the gate was never opened"
+
+    def wait(self, stream=None) -> None:
+        self.synchronize()
+
+    def open(self) -> None:
+        self._open.set()
+
+
+def test_pieces_queued_while_the_link_is_busy_go_out_as_one_frame(receiver, monkeypatch):
+    """The link's sending thread is held reading layer 0 (not written yet) while layers 1 and 2 are pushed:
+    they follow as one frame of two pieces, not two frames, and everything lands exactly."""
+    frames: list[int] = []
+    header = bulk_transport.frame_header
+    monkeypatch.setattr(
+        bulk_transport, "frame_header", lambda r, t, pieces: frames.append(len(pieces)) or header(r, t, pieces)
+    )
+    source = _source(seed=12)
+    sender = BulkKVSender(receiver.layout, "prefill", auth=ClusterAuth(secret=SECRET), connections=1)
+    try:
+        receiver.inbox.open("r", DST_BLOCKS, TOKEN)
+        session = sender.open("r", receiver.ticket("r"))
+        gate = _Gate()
+        session.push_layer(source, 0, SRC_BLOCKS, DST_BLOCKS, gate)
+        assert gate.waited_on.wait(10)
+        for layer in (1, 2):
+            session.push_layer(source, layer, SRC_BLOCKS, DST_BLOCKS)
+        gate.open()
+        session.commit(7, None, 10.0)
+        assert frames == [1, 2]
+        assert receiver.committed == ["r"]
+        for layer in range(LAYOUT.num_layers):
+            assert torch.equal(receiver.cache.read_regions(layer, DST_BLOCKS), source.read_regions(layer, SRC_BLOCKS))
+    finally:
+        sender.close()
+
+
 def test_a_sender_that_stalls_mid_frame_stops_the_reservation_after_the_stall_timeout(receiver, monkeypatch):
     """A cluster member's link that goes quiet halfway through a frame (alive: TCP keeps answering) holds the
     landing pinned only until STALL_TIMEOUT_S passes without a byte: then the reservation stops, unpinned, and
@@ -232,8 +343,7 @@ def test_a_sender_that_stalls_mid_frame_stops_the_reservation_after_the_stall_ti
     link = BulkLink("127.0.0.1", receiver.bulk.port, SECRET, verify=True)
     try:
         receiver.inbox.open("r", DST_BLOCKS, TOKEN)
-        header = FRAME_HEADER.pack(b"KVF1", 1, len(TOKEN), 0, len(DST_BLOCKS), 0)
-        header += b"r" + TOKEN.encode() + struct.pack(f"!{len(DST_BLOCKS)}I", *DST_BLOCKS)
+        header = frame_header("r", TOKEN, [(0, DST_BLOCKS, 0)])
         link.sock.sendall(header + bytes(LAYOUT.region_bytes * len(DST_BLOCKS) // 2))
         began = time.monotonic()
         while not receiver.aborted and time.monotonic() - began < 10:
