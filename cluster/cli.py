@@ -9,6 +9,7 @@ import os
 import signal
 import sys
 
+from contract.heap import freeze_startup_heap
 from engine.config import add_prefill_chunk_argument
 
 
@@ -344,6 +345,7 @@ def _run_worker(args: argparse.Namespace) -> int:
             lease = {} if args.lease_ms is None else {"default_lease_ms": args.lease_ms}  # else: the worker's own
             worker = DecodeWorker(engine_config_from_args(args), **lease, **common)
         address = worker.start()
+        freeze_startup_heap()
         if args.metrics_port is not None:
             print(f"metrics on port {worker.serve_metrics(args.metrics_port)}", flush=True)
     except (EngineError, OSError, ValueError) as exc:

@@ -17,6 +17,7 @@ import ray
 from cluster.config import ClusterConfig
 from cluster.controller import controller_class
 from cluster.worker_actor import CONTROLLER_NAME
+from contract.heap import freeze_startup_heap
 from engine.errors import ModelLoadError
 from engine.presets import prepare_model
 from protos.cluster_auth import secret_from_env
@@ -187,7 +188,7 @@ def up(config: ClusterConfig) -> int:
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(signum, stop.set)
-        await run_cluster(config, stop)
+        await run_cluster(config, stop, on_ready=lambda router: freeze_startup_heap())  # this process serves
 
     try:
         asyncio.run(main())

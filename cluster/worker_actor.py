@@ -12,6 +12,7 @@ import time
 import ray
 
 from cluster.config import ClusterConfig, PoolSpec
+from contract.heap import freeze_startup_heap
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +64,7 @@ class WorkerActor:
 
             self.worker = DecodeWorker(engine_config_for(config, pool), default_lease_ms=config.lease_ms, **common)
         self.address = self.worker.start()
+        freeze_startup_heap()
         self.worker_id = worker_id
         self.role = role
         self.node_id = ray.get_runtime_context().get_node_id()

@@ -8,6 +8,7 @@ import sys
 
 import uvicorn
 
+from contract.heap import freeze_startup_heap
 from protos.cluster_auth import ClusterAuth
 from router import tracing
 from router.admin import install_admin
@@ -120,6 +121,7 @@ class Router:
 async def serve(config: RouterConfig, stop: asyncio.Event) -> None:
     router = Router(config)
     await router.start()
+    freeze_startup_heap()
     readiness = asyncio.create_task(router.wait_ready())
     await asyncio.wait((readiness, asyncio.create_task(stop.wait())), return_when=asyncio.FIRST_COMPLETED)
     if stop.is_set():  # SIGTERM while waiting for workers: stop now, not after the wait
