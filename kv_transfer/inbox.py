@@ -88,6 +88,9 @@ class KVInbox:
         self._lock = threading.Lock()
         self._changed = threading.Condition()  # notified when a landing is complete or shuts its gate
         self._commits_waiting = 0  # commits inside wait_for_layers (under _changed)
+        # Set when a commit starts waiting for layers still to land: a transport that paces its polling
+        # (NIXL's notifications) polls at once rather than at the end of its current wait.
+        self.commit_arrived = threading.Event()
 
     # -- owner (decode engine thread) -------------------------------------------------------------
 
@@ -199,6 +202,8 @@ class KVInbox:
         with self._changed:
             self._commits_waiting += 1
             try:
+                if not self.layers_complete(request_id):
+                    self.commit_arrived.set()
                 while not self.layers_complete(request_id):
                     left = deadline - time.monotonic()
                     if left <= 0:

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from engine.kv_cache import KVLayout
+from kv_transfer import nixl_transport
 from kv_transfer.integrity import region_checksum
 from kv_transfer.nixl_agent import NixlError
 from tests.kv_transfer.test_layer_ordering import LateReady
@@ -184,3 +185,24 @@ def test_an_unexpected_error_on_a_sender_thread_fails_the_commit_at_once(pair, m
     assert ("KeyError" if stage == "posting" else "ZeroDivisionError") in str(failed)
     assert receiver.committed == []
     assert sender.pool.pending_writes == 0
+
+
+def test_a_commit_wakes_the_receiver_that_polls_slowly_while_nothing_arrives(pair, monkeypatch):  # noqa: F811
+    """A reservation open and quiet, the receiver polls at its open pace (here 5 s, ~1 ms in service). The
+    commit arrives while the notifications wait to be taken and makes it poll at once: the request is
+    adopted well within one such pause, not at its end."""
+    monkeypatch.setattr(nixl_transport, "_OPEN_POLL_S", 5.0)
+    receiver, source, sender = pair
+    transfer(receiver, sender, source, "warm-up")  # the connection is made; the receiver keeps a landing open
+    receiver.inbox.open("quiet", DST_BLOCKS)
+    time.sleep(0.3)  # past the moving pace: the poller sleeps its open pace now
+    session = sender.open("quiet", receiver.ticket("quiet"))
+    began = time.monotonic()
+    for layer in range(LAYOUT.num_layers):
+        session.push_layer(source, layer, SRC_BLOCKS, DST_BLOCKS)
+    session.commit(first_token_id=1, first_logprob=None, timeout=30)
+    took = time.monotonic() - began
+    session.close(10)
+    assert receiver.committed[-1] == "quiet" and not receiver.aborts
+    assert torch.equal(receiver.cache.data[:, DST_BLOCKS], source.data[:, SRC_BLOCKS])
+    assert took < 2.0, f"adopted {took:.2f} s after the first push: the poller slept its pace out"
