@@ -85,11 +85,12 @@ class OutboundSession(ABC):
             self.failed, self.lost = reason, lost
 
     def fail_call(self, exc: grpc.RpcError) -> None:
-        """A call to the receiver failed: it refused the KV, or (UNAVAILABLE) the connection to it was lost."""
+        """A call to the receiver failed: it refused the KV, or (UNAVAILABLE) the connection to it was lost. A
+        refusal reads "CODE message" whichever path brought it (a call's status, a bulk link's ack)."""
         if exc.code() == grpc.StatusCode.UNAVAILABLE:
             self.fail(f"lost the connection to the decode worker at {self.ticket.address}: {exc.details()}", lost=True)
         else:
-            self.fail(f"decode worker refused the KV: {exc.details()}")
+            self.fail(f"decode worker refused the KV: {exc.code().name} {exc.details()}")
 
     def failure(self) -> TransferError:
         """The error a failed session raises: a lost link names the receiver (UNAVAILABLE, ``unreachable``), so the
