@@ -63,6 +63,16 @@ def params(max_tokens: int = 4) -> common_pb2.SamplingParams:
     return common_pb2.SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
 
 
+def _after_the_answer(first, later, pause_s: float = 0.3):
+    """A push stream whose second message follows once the receiver had time to answer the first: its
+    refusal of the first then reaches the client as its status. (Sent back to back, gRPC's client may
+    report the stream CANCELLED instead, when it was still sending as the receiver ended the call.)
+    A receiver that wrongly took the first would read the second and write it."""
+    yield first
+    time.sleep(pause_s)
+    yield later
+
+
 def code_of(call, *args, **kwargs) -> grpc.StatusCode:
     try:
         result = call(*args, **kwargs)
@@ -120,7 +130,7 @@ def test_another_requests_ticket_or_a_wrong_token_is_refused_and_disturbs_nothin
         poison = kv_transfer_pb2.KVChunk(layer=0, block_ids=victim.block_ids[:1], data=b"\x55" * region)
         for token in (mine.token, "", victim.token[:-1] + "A"):
             first = kv_transfer_pb2.KVChunk(request_id="victim", instance_id=victim.instance_id, token=token)
-            assert code_of(kv.PushKV, iter([first, poison]), timeout=5) == grpc.StatusCode.PERMISSION_DENIED
+            assert code_of(kv.PushKV, _after_the_answer(first, poison), timeout=5) == grpc.StatusCode.PERMISSION_DENIED
             commit = kv_transfer_pb2.CommitRequest(request_id="victim", token=token, first_token_id=1)
             assert code_of(kv.Commit, commit, timeout=5) == grpc.StatusCode.PERMISSION_DENIED
             abort = kv_transfer_pb2.CommitRequest(request_id="victim", token=token, abort=True)
