@@ -285,14 +285,9 @@ class BulkReceiver:
     def _frame(self, sock: socket.socket, sent_here: set[str], staging: _Staging | None) -> bool:
         """One frame: False when the sender closed the connection between frames."""
         header = bytearray(FRAME_HEADER.size)
-        first = 0
-        while not first:  # an idle link waits for the next frame as long as it likes
-            try:
-                first = sock.recv_into(header)
-            except TimeoutError:
-                continue
-            if first == 0:
-                return False
+        first = _recv_into_idle(sock, memoryview(header))  # an idle link waits for its next frame as long as it likes
+        if first == 0:
+            return False
         _recv_exactly(sock, memoryview(header)[first:])
         magic, id_len, token_len, count = FRAME_HEADER.unpack(header)
         if magic != FRAME_MAGIC or not 0 < count <= MAX_PIECES:
@@ -411,9 +406,7 @@ class _Piece:
     longer is, and keeps a piece not yet started from ever starting. ``acked`` is set with ``error``
     None (landed) or the receiver's/link's reason."""
 
-    def __init__(
-        self, session: BulkSession, cache: PagedKVCache, layer: int, src, dst, ready, digest, staged=None
-    ) -> None:
+    def __init__(self, session: BulkSession, cache: PagedKVCache, layer: int, src, dst, ready, staged=None) -> None:
         self.session = session
         self.staged = staged  # grpc_transport._StagedRegions: the pool is read by its copy, the piece sends that
         self.cache = cache
@@ -421,7 +414,7 @@ class _Piece:
         self.src_blocks = src
         self.dst_blocks = dst
         self.ready = ready
-        self.checksum = digest  # None: computed by the link once ``ready`` completed
+        self.checksum: int | None = None  # None: computed by the link once ``ready`` completed
         self.nbytes = len(src) * cache.layout.region_bytes
         self.error: str | None = None
         self.lost = False  # finished by its link's end, not by the receiver's answer
@@ -459,6 +452,10 @@ class _Piece:
             self.error, self.lost = error, lost
             self.acked.set()
 
+    def hash_in_place(self, verify: bool) -> None:
+        """Sets ``checksum`` from the pool's regions (0: unchecked); the layer's K/V must be written."""
+        self.checksum = region_checksum(self.cache, self.layer, self.src_blocks) if verify else 0
+
     def regions(self, verify: bool) -> list | None:
         """Sending thread, once reading: the bytes to send (views of the pool, or the staged copy) with
         ``checksum`` set; None if the staged copy was released before its regions were read."""
@@ -470,7 +467,7 @@ class _Piece:
             return [data]
         if self.checksum is None:
             self.ready.synchronize()
-            self.checksum = region_checksum(self.cache, self.layer, self.src_blocks) if verify else 0
+            self.hash_in_place(verify)
         pool = pool_bytes(self.cache)
         return [pool[start : start + length] for start, length in region_runs(self.cache, self.layer, self.src_blocks)]
 
@@ -547,25 +544,26 @@ class BulkLink:
                     return pieces
 
     def _send_frame(self, pieces: list[_Piece]) -> None:
-        sent, buffers = [], []
+        sent, buffers, dropped = [], [], 0
         for piece in pieces:
             regions = piece.regions(self.verify)
             if regions is None:
                 piece.finish("released before it was sent")
+                dropped += piece.nbytes
                 continue
             sent.append(piece)
             buffers += regions
-        session = pieces[0].session
-        header = frame_header(
-            session.request_id, session.ticket.token, [(p.layer, p.dst_blocks, p.checksum) for p in sent]
-        )
         with self._lock:
             if self.broken is not None:
                 raise OSError(self.broken)
-            self.queued_bytes -= sum(p.nbytes for p in pieces if p not in sent)
+            self.queued_bytes -= dropped
             if not sent:
                 return
             self._sent.append(sent)  # before the bytes go: the ack reader finds the frame its ack answers
+        session = sent[0].session
+        header = frame_header(
+            session.request_id, session.ticket.token, [(p.layer, p.dst_blocks, p.checksum) for p in sent]
+        )
         _send_all(self.sock, [header, *buffers])
 
     def _ack_loop(self) -> None:
@@ -601,16 +599,23 @@ class BulkLink:
         self.sock.close()
 
 
+def _recv_into_idle(sock: socket.socket, view: memoryview) -> int:
+    """``recv_into`` on a socket with a stall timeout that may stay idle as long as the link lives (between
+    frames, between acks): bytes read, 0 once the peer closed."""
+    while True:
+        try:
+            return sock.recv_into(view)
+        except TimeoutError:
+            continue
+
+
 def _recv_bytes_blocking(sock: socket.socket, count: int) -> bytes:
     """Acks may be far apart (a long frame, or none in flight): the ack reader waits as long as the
     link lives; a stalled send breaks the link, which ends this wait too."""
     buffer = bytearray(count)
     view, got = memoryview(buffer), 0
     while got < count:
-        try:
-            received = sock.recv_into(view[got:])
-        except TimeoutError:
-            continue
+        received = _recv_into_idle(sock, view[got:])
         if received == 0:
             raise ConnectionError("the bulk connection ended (the receiver closed it, or it timed out)")
         got += received
@@ -660,12 +665,12 @@ class BulkSession(OutOfBandSession):
                 return
             for begin in range(0, len(src_blocks), per_piece):
                 src, dst = list(src_blocks[begin : begin + per_piece]), list(dst_blocks[begin : begin + per_piece])
-                digest, staged = None, None
+                staged = None
                 if self._copy_streams is not None:  # hashed by the link, on the staged copy
                     staged = stage_regions(cache, layer, src, dst, ready, self._copy_streams)
-                elif complete:  # hashed here, while the links send earlier pieces (xxh3 releases the GIL)
-                    digest = region_checksum(cache, layer, src) if self._verify else 0
-                piece = _Piece(self, cache, layer, src, dst, ready, digest, staged)
+                piece = _Piece(self, cache, layer, src, dst, ready, staged)
+                if staged is None and complete:  # hashed here, while the links send earlier pieces (xxh3 frees the GIL)
+                    piece.hash_in_place(self._verify)
                 min(self._links, key=lambda link: link.queued_bytes).send(piece)
                 self._pieces.append(piece)
                 self.bytes_sent += piece.nbytes
