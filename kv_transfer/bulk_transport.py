@@ -1,6 +1,6 @@
 """KV at line rate over plain TCP: the gRPC transport's bulk path.
 
-Control stays on gRPC — handshake, commit, abort (``KVReceiver``) — and only the regions' bytes
+Control stays on gRPC — handshake, abort (``KVReceiver``) — and the regions' bytes and the commit
 take TCP connections the handshake negotiated: the sender asks for bulk (``HandshakeRequest.bulk``),
 a receiver that has a bulk listener answers its port (``HandshakeResponse.bulk_port``), and the
 sender opens ``connections`` links to it. Either side without bulk, or a listener the sender cannot
@@ -9,8 +9,10 @@ reach, and the session falls back to ``PushKV`` messages (kv_transfer/grpc_trans
     prefill (sender)                                  decode (receiver)
     push_layer ─ piece ─> link queue ─ sendmsg(header, pool memoryviews) ─> recv_into the destination
                                                       blocks, pinned (inbox) ─ xxh3 in place ─ ack
-    commit: Commit over gRPC, sent while the last pieces land (the receiver adopts once every layer
-            landed and was verified, as for NIXL); abort: Commit(abort) over gRPC
+    commit: a commit frame on the session's first link, behind its pieces there, sent while the last
+            pieces land; the receiver answers it in that frame's ack once every layer landed and
+            was verified, from every link, and the owner accepted the KV (KVReceiverService.commit,
+            as for a Commit call); abort: Commit(abort) over gRPC
 
 No intermediate copy on either side for pools in host memory: the sender writes straight from the
 pool's memory, the receiver reads straight into the reservation's blocks while the landing is pinned
@@ -27,13 +29,21 @@ Wire (big-endian):
     hello  receiver -> sender  b"SSKV" version:u8 nonce[32]
            sender -> receiver  HMAC-SHA256(cluster secret, HELLO_CONTEXT + nonce)    32 bytes
            receiver -> sender  0 (admitted) or 1 (refused; the connection closes)
-    frame  sender -> receiver  b"KVF2" request_id_len:u16 token_len:u16 pieces:u16 | request id
+    frame  sender -> receiver  b"KVF3" request_id_len:u16 token_len:u16 pieces:u16 | request id
                                | ticket token | pieces x (layer:u32 num_blocks:u32 checksum:u64)
                                | every piece's block ids (u32 each), piece after piece
                                | every piece's regions (num_blocks x region_bytes, in block order)
-    ack    receiver -> sender  length:u32 | "" when every piece landed (and verified), else
-                               "CODE message" (a TransferError code: the first piece that did not);
-                               one per frame, in order
+    commit sender -> receiver  a frame of 0 pieces: its header, request id and ticket token
+                               | request_len:u32 context_len:u32 | a CommitRequest (its first token,
+                               logprob and instance; the frame names the request and token)
+                               | the sender's trace context (JSON [[key, value], ...]; may be empty)
+    ack    receiver -> sender  length:u32 | "" when every piece landed (and verified), or the commit
+                               was accepted, else "CODE message" (a TransferError code: the first
+                               piece that did not, or why the commit was refused); one per frame,
+                               in order
+
+The link that carries a commit waits for the session's pieces on its other links; those links never
+carry a commit, so they never wait for it, and no two links can wait for each other.
 
 A piece is one layer's blocks (a layer larger than the frame size is cut into several). A link sends
 the pieces queued for it meanwhile as one frame, ``MAX_PIECES`` at most, when they belong to the same
@@ -44,8 +54,9 @@ Trust is the control path's: the link authenticates with the cluster secret (it 
 wire), and every frame presents its ticket's token (``KVInbox.authorize``). Without TLS the bytes
 travel in the clear, as gRPC's without TLS do; with TLS configured the bulk path is not offered.
 
-Threads: ``push_layer`` (engine thread) hashes a complete layer and queues its pieces; each link
-has a sending thread and an ack-reading thread; the receiver has an accepting thread and one
+Threads: ``push_layer`` (engine thread) only queues a layer's pieces; each link has a sending
+thread, which hashes the pieces of a frame (xxh3 frees the GIL, so two links hash on two cores)
+and sends them, and an ack-reading thread; the receiver has an accepting thread and one
 thread per connection. Socket buffers: raised to ``SOCKET_BUFFER_BYTES`` where the kernel allows
 it (``net.core.[rw]mem_max``), else left to TCP autotuning, which a smaller fixed size would cap.
 """
@@ -56,16 +67,17 @@ import collections
 import functools
 import hashlib
 import hmac
+import json
 import logging
 import secrets
 import socket
 import struct
 import threading
 import time
-from collections.abc import Sequence
-from concurrent.futures import Executor, ThreadPoolExecutor
+from collections.abc import Callable, Sequence
 
 import torch
+from google.protobuf.message import DecodeError
 
 from engine.kv_cache import PagedKVCache
 from engine.layer_ready import COMPLETED, LayerReady
@@ -73,20 +85,22 @@ from kv_transfer.errors import TransferError
 from kv_transfer.grpc_transport import DEFAULT_CHUNK_BYTES, GrpcKVSender, stage_regions
 from kv_transfer.inbox import KVInbox
 from kv_transfer.integrity import checksum, pool_bytes, region_checksum, region_runs
-from kv_transfer.sender import COMMIT_THREADS, OutboundSession, OutOfBandSession, Peer
-from protos import common_pb2, decode_pb2
+from kv_transfer.sender import OutboundSession, OutOfBandSession, Peer
+from protos import common_pb2, decode_pb2, kv_transfer_pb2
 from protos.cluster_auth import ClusterAuth, end_silent_peers
 
 log = logging.getLogger(__name__)
 
-VERSION = 2
+VERSION = 3
 HELLO = b"SSKV"
 HELLO_CONTEXT = b"splitserve-kv-bulk-v1"
 NONCE_BYTES = 32
-FRAME_MAGIC = b"KVF2"
+FRAME_MAGIC = b"KVF3"
 FRAME_HEADER = struct.Struct("!4sHHH")
 PIECE_HEADER = struct.Struct("!IIQ")  # layer, blocks, checksum
 MAX_PIECES = 64  # per frame: bounds its header, and what one ack answers for
+COMMIT_HEADER = struct.Struct("!II")  # a commit frame's CommitRequest bytes, its trace context's bytes
+MAX_COMMIT_BYTES = 64 * 1024  # both together: a first token's logprobs and a trace context fit many times
 ACK_HEADER = struct.Struct("!I")
 DEFAULT_CONNECTIONS = 2
 DEFAULT_PIECE_BYTES = 8 * 1024 * 1024  # a layer larger than this is cut into pieces (spread over links)
@@ -125,6 +139,13 @@ def frame_header(request_id: str, token: str, pieces: Sequence[tuple[int, Sequen
             struct.pack(f"!{len(blocks)}I", *blocks),
         ]
     )
+
+
+def commit_frame(request_id: str, token: str, request: kv_transfer_pb2.CommitRequest, metadata) -> bytes:
+    """A commit frame: ``request`` (first token, logprob, instance) for ``request_id``, with the trace
+    context the session's gRPC calls carry (``metadata``: (key, value) pairs, or None)."""
+    body, context = request.SerializeToString(), json.dumps(list(metadata or ())).encode()
+    return frame_header(request_id, token, []) + COMMIT_HEADER.pack(len(body), len(context)) + body + context
 
 
 def tune_socket(sock: socket.socket) -> None:
@@ -199,7 +220,14 @@ class BulkReceiver:
         self._refusals_logged: dict[str, float] = {}  # per host: when a refusal was last logged (accepting thread)
         self._lock = threading.Lock()
         self._closed = False
+        # (CommitRequest, trace metadata) -> None, or raises TransferError: KVReceiverService's commit
+        self._commits: Callable[[kv_transfer_pb2.CommitRequest, tuple], None] | None = None
         threading.Thread(target=self._accept, name="kv-bulk-accept", daemon=True).start()
+
+    def take_commits(self, commit: Callable[[kv_transfer_pb2.CommitRequest, tuple], None]) -> None:
+        """The service that decides commits (``KVReceiverService.link_commit``); without one, a commit
+        frame is answered UNIMPLEMENTED and the sender's session fails."""
+        self._commits = commit
 
     def _accept(self) -> None:
         while True:
@@ -290,11 +318,15 @@ class BulkReceiver:
             return False
         _recv_exactly(sock, memoryview(header)[first:])
         magic, id_len, token_len, count = FRAME_HEADER.unpack(header)
-        if magic != FRAME_MAGIC or not 0 < count <= MAX_PIECES:
+        if magic != FRAME_MAGIC or count > MAX_PIECES:
             raise ConnectionError(f"malformed bulk KV frame (magic {magic!r}, {count} pieces)")
         names = _recv_bytes(sock, id_len + token_len + PIECE_HEADER.size * count)
         request_id = names[:id_len].decode(errors="replace")
         token = names[id_len : id_len + token_len].decode(errors="replace")
+        if count == 0:
+            answer = self._commit(sock, request_id, token)
+            sock.sendall(ACK_HEADER.pack(len(answer)) + answer)
+            return True
         shapes = list(PIECE_HEADER.iter_unpack(names[id_len + token_len :]))
         if any(not 0 < num_blocks <= self.inbox.cache.layout.num_blocks for _, num_blocks, _ in shapes):
             raise ConnectionError(f"malformed bulk KV frame (pieces of {[n for _, n, _ in shapes]} blocks)")
@@ -307,6 +339,27 @@ class BulkReceiver:
         landed = self._land(sock, request_id, token, pieces, sent_here, staging)
         sock.sendall(ACK_HEADER.pack(len(landed)) + landed)
         return True
+
+    def _commit(self, sock: socket.socket, request_id: str, token: str) -> bytes:
+        """A commit frame's body, then its answer (the ack's text): waits, on this link's thread, for the
+        session's pieces on the sender's other links (they never wait for this one)."""
+        body_len, context_len = COMMIT_HEADER.unpack(_recv_bytes(sock, COMMIT_HEADER.size))
+        if body_len + context_len > MAX_COMMIT_BYTES:
+            raise ConnectionError(f"malformed bulk KV commit ({body_len + context_len} bytes)")
+        body = _recv_bytes(sock, body_len + context_len)
+        try:
+            request = kv_transfer_pb2.CommitRequest.FromString(body[:body_len])
+            metadata = tuple((str(key), str(value)) for key, value in json.loads(body[body_len:]))
+        except (DecodeError, ValueError, TypeError) as exc:
+            return f"INVALID_ARGUMENT malformed commit for {request_id!r}: {exc}".encode()
+        if self._commits is None:
+            return b"UNIMPLEMENTED this receiver takes commits over gRPC only"
+        request.request_id, request.token = request_id, token  # the frame names them, as for its pieces
+        try:
+            self._commits(request, metadata)
+            return b""
+        except TransferError as exc:
+            return f"{exc.code} {exc}".encode()
 
     def _land(self, sock, request_id: str, token: str, pieces, sent_here, staging) -> bytes:
         """Receives the frame's pieces into the reservation, in order, or drains what is left of them
@@ -400,25 +453,37 @@ def _shutdown(sock: socket.socket) -> None:
 # -- sender -----------------------------------------------------------------------------------------
 
 
-class _Piece:
+class _Answered:
+    """What an ack answers (a piece, or a commit): ``acked`` is set with ``error`` None (landed, or
+    accepted) or the receiver's/link's reason."""
+
+    def __init__(self, session: BulkSession) -> None:
+        self.session = session
+        self.error: str | None = None
+        self.lost = False  # finished by its link's end, not by the receiver's answer
+        self.acked = threading.Event()
+
+    def finish(self, error: str | None, lost: bool = False) -> None:
+        if not self.acked.is_set():
+            self.error, self.lost = error, lost
+            self.acked.set()
+
+
+class _Piece(_Answered):
     """One layer's blocks on their way (a layer larger than the frame size is cut into several). The
     pool is read between ``begin_reading`` and the end of the send; ``stop_reading`` returns once it no
-    longer is, and keeps a piece not yet started from ever starting. ``acked`` is set with ``error``
-    None (landed) or the receiver's/link's reason."""
+    longer is, and keeps a piece not yet started from ever starting."""
 
     def __init__(self, session: BulkSession, cache: PagedKVCache, layer: int, src, dst, ready, staged=None) -> None:
-        self.session = session
+        super().__init__(session)
         self.staged = staged  # grpc_transport._StagedRegions: the pool is read by its copy, the piece sends that
         self.cache = cache
         self.layer = layer
         self.src_blocks = src
         self.dst_blocks = dst
         self.ready = ready
-        self.checksum: int | None = None  # None: computed by the link once ``ready`` completed
+        self.checksum: int | None = None  # set by the link, from what it sends, once ``ready`` completed
         self.nbytes = len(src) * cache.layout.region_bytes
-        self.error: str | None = None
-        self.lost = False  # finished by its link's end, not by the receiver's answer
-        self.acked = threading.Event()
         self._lock = threading.Lock()
         self._state = "queued"  # queued -> reading -> read, or queued -> cancelled
         self._read = threading.Event()
@@ -447,29 +512,38 @@ class _Piece:
             return True
         return self._read.wait(timeout)
 
-    def finish(self, error: str | None, lost: bool = False) -> None:
-        if not self.acked.is_set():
-            self.error, self.lost = error, lost
-            self.acked.set()
-
-    def hash_in_place(self, verify: bool) -> None:
-        """Sets ``checksum`` from the pool's regions (0: unchecked); the layer's K/V must be written."""
-        self.checksum = region_checksum(self.cache, self.layer, self.src_blocks) if verify else 0
-
     def regions(self, verify: bool) -> list | None:
         """Sending thread, once reading: the bytes to send (views of the pool, or the staged copy) with
-        ``checksum`` set; None if the staged copy was released before its regions were read."""
+        ``checksum`` set (0: unchecked); None if the staged copy was released before its regions were read."""
         if self.staged is not None:
             data = self.staged.host_view()
             if data is None:
                 return None
             self.checksum = checksum(data) if verify else 0
             return [data]
-        if self.checksum is None:
-            self.ready.synchronize()
-            self.hash_in_place(verify)
+        self.ready.synchronize()  # the layer's K/V are written
+        self.checksum = region_checksum(self.cache, self.layer, self.src_blocks) if verify else 0
         pool = pool_bytes(self.cache)
         return [pool[start : start + length] for start, length in region_runs(self.cache, self.layer, self.src_blocks)]
+
+
+class _Commit(_Answered):
+    """A session's commit frame on its way. It reads no pool memory: nothing to begin or stop reading."""
+
+    nbytes = 0
+
+    def __init__(self, session: BulkSession, frame: bytes) -> None:
+        super().__init__(session)
+        self.frame = frame
+
+    def begin_reading(self) -> bool:
+        return True
+
+    def end_reading(self) -> None:
+        pass
+
+    def stop_reading(self, timeout: float) -> bool:
+        return True
 
 
 class BulkLink:
@@ -495,14 +569,14 @@ class BulkLink:
             raise
         self.broken: str | None = None
         self.queued_bytes = 0  # queued or sent, not yet acked: where the next piece goes
-        self._queued: collections.deque[_Piece] = collections.deque()  # for the sending thread
-        self._sent: collections.deque[list[_Piece]] = collections.deque()  # frames sent, not yet acked
+        self._queued: collections.deque[_Piece | _Commit] = collections.deque()  # for the sending thread
+        self._sent: collections.deque[list] = collections.deque()  # frames sent (pieces, or a commit), not acked
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
         threading.Thread(target=self._send_loop, name="kv-bulk-send", daemon=True).start()
         threading.Thread(target=self._ack_loop, name="kv-bulk-acks", daemon=True).start()
 
-    def send(self, piece: _Piece) -> None:
+    def send(self, piece: _Piece | _Commit) -> None:
         with self._lock:
             if self.broken is not None:
                 piece.finish(self.broken, lost=True)
@@ -524,17 +598,24 @@ class BulkLink:
                 for piece in pieces:
                     piece.end_reading()
 
-    def _next_frame(self) -> list[_Piece] | None:
-        """The next frame's pieces, each begun reading: the oldest queued piece and those of the same
-        session queued right behind it, ``MAX_PIECES`` at most; None once the link is broken."""
+    def _next_frame(self) -> list | None:
+        """The next frame: a commit alone, or pieces, each begun reading: the oldest queued piece and those
+        of the same session queued right behind it, ``MAX_PIECES`` at most; None once the link is broken."""
         with self._lock:
             while True:
                 while not self._queued and self.broken is None:
                     self._wake.wait()
                 if self.broken is not None:
                     return None
+                if isinstance(self._queued[0], _Commit):
+                    return [self._queued.popleft()]
                 session, pieces = self._queued[0].session, []
-                while self._queued and self._queued[0].session is session and len(pieces) < MAX_PIECES:
+                while (
+                    self._queued
+                    and self._queued[0].session is session
+                    and isinstance(self._queued[0], _Piece)
+                    and len(pieces) < MAX_PIECES
+                ):
                     piece = self._queued.popleft()
                     if piece.begin_reading():
                         pieces.append(piece)
@@ -543,7 +624,14 @@ class BulkLink:
                 if pieces:
                     return pieces
 
-    def _send_frame(self, pieces: list[_Piece]) -> None:
+    def _send_frame(self, pieces: list) -> None:
+        if isinstance(pieces[0], _Commit):
+            with self._lock:
+                if self.broken is not None:
+                    raise OSError(self.broken)
+                self._sent.append(pieces)
+            _send_all(self.sock, [pieces[0].frame])
+            return
         sent, buffers, dropped = [], [], 0
         for piece in pieces:
             regions = piece.regions(self.verify)
@@ -635,18 +723,14 @@ class BulkSession(OutOfBandSession):
         peer: Peer,
         links: list[BulkLink],
         piece_bytes: int,
-        verify: bool,
-        committing: Executor,
         metadata=None,
         copy_streams: dict | None = None,
     ) -> None:
-        """``committing``: the sender's threads that make commits; ``copy_streams``: stage every piece
-        through host memory (a CUDA pool; see the module's note), with the side streams its copies run on."""
+        """``copy_streams``: stage every piece through host memory (a CUDA pool; see the module's note),
+        with the side streams its copies run on."""
         super().__init__(request_id, ticket, peer, metadata)
-        self._committing = committing
         self._links = links
         self._piece_bytes = piece_bytes
-        self._verify = verify
         self._pieces: list[_Piece] = []
         self._copy_streams = copy_streams
 
@@ -659,18 +743,15 @@ class BulkSession(OutOfBandSession):
         ready: LayerReady = COMPLETED,
     ) -> None:
         per_piece = max(1, self._piece_bytes // cache.layout.region_bytes)
-        complete = ready.query()
         with self._lock:
             if self.closed or not self.lease_left():
                 return
             for begin in range(0, len(src_blocks), per_piece):
                 src, dst = list(src_blocks[begin : begin + per_piece]), list(dst_blocks[begin : begin + per_piece])
                 staged = None
-                if self._copy_streams is not None:  # hashed by the link, on the staged copy
+                if self._copy_streams is not None:
                     staged = stage_regions(cache, layer, src, dst, ready, self._copy_streams)
                 piece = _Piece(self, cache, layer, src, dst, ready, staged)
-                if staged is None and complete:  # hashed here, while the links send earlier pieces (xxh3 frees the GIL)
-                    piece.hash_in_place(self._verify)
                 min(self._links, key=lambda link: link.queued_bytes).send(piece)
                 self._pieces.append(piece)
                 self.bytes_sent += piece.nbytes
@@ -694,9 +775,27 @@ class BulkSession(OutOfBandSession):
                 self.fail("a KV send did not finish in time")
 
     def commit(self, first_token_id: int, first_logprob: common_pb2.TokenLogprob | None, timeout: float) -> None:
-        """The commit travels while the last pieces land (``_commit_beside``): the receiver marks a
-        piece landed once its regions are in and verified, and adopts once every layer is."""
-        self._commit_beside(self._committing, self._settle, first_token_id, first_logprob, timeout)
+        """The commit goes on the session's first link behind its pieces there, while the last pieces land:
+        the receiver marks a piece landed once its regions are in and verified, and answers the commit once
+        every layer is and the owner accepted the KV. A session that fails meanwhile does not wait for the
+        answer: the worker's abort, which follows, ends the receiver's wait."""
+        deadline = time.monotonic() + timeout
+        note = None
+        with self._lock:
+            if self.failed is None and self.lease_left():
+                request = kv_transfer_pb2.CommitRequest(
+                    instance_id=self.ticket.instance_id, first_token_id=first_token_id, first_logprob=first_logprob
+                )
+                note = _Commit(self, commit_frame(self.request_id, self.ticket.token, request, self.metadata))
+        if note is not None:
+            self._links[0].send(note)
+        self._settle(timeout)
+        if self.failed is None and not note.acked.wait(max(0.0, deadline - time.monotonic())):
+            self.fail("decode worker did not answer the commit in time")
+        if self.failed is None and note.error is not None:
+            self.fail(note.error if note.lost else f"decode worker refused the KV: {note.error}", note.lost)
+        if self.failed is not None:
+            raise self.failure()
 
     def _settle(self, timeout: float) -> None:
         """Every piece acknowledged (landed and verified), or the session failed on the first that was
@@ -737,7 +836,6 @@ class BulkKVSender(GrpcKVSender):
         self.piece_bytes = piece_bytes
         self._links: dict[str, list[BulkLink]] = {}  # peer address -> its links (under self._lock)
         self._reconnect_at: dict[str, float] = {}  # peer address -> when a failed connect is tried again
-        self.committing = ThreadPoolExecutor(max_workers=COMMIT_THREADS, thread_name_prefix="kv-bulk-commit")
 
     def _wants_bulk(self) -> bool:
         return self.auth.tls is None  # the bulk path has no TLS: with TLS, KV stays inside gRPC
@@ -808,14 +906,11 @@ class BulkKVSender(GrpcKVSender):
         if not links:
             return super()._session(request_id, ticket, peer, metadata)
         copy_streams = self._copy_streams if self.staged else None
-        return BulkSession(
-            request_id, ticket, peer, links, self.piece_bytes, self.verify, self.committing, metadata, copy_streams
-        )
+        return BulkSession(request_id, ticket, peer, links, self.piece_bytes, metadata, copy_streams)
 
     def close(self) -> None:
         with self._lock:
             every, self._links = [link for links in self._links.values() for link in links], {}
         for link in every:
             link.close()
-        self.committing.shutdown(wait=True)
         super().close()

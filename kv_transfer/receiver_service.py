@@ -1,4 +1,5 @@
-"""The KVReceiver gRPC service a decode worker hosts: handshake, gRPC pushes, NIXL commits.
+"""The KVReceiver gRPC service a decode worker hosts: handshake, gRPC pushes, commits (also those a
+bulk link carries).
 
 Every message from a sender about a reservation (a commit, an abort, the end or break of its push
 stream) is also its word that it writes no more into that reservation's blocks (see
@@ -42,6 +43,8 @@ class KVReceiverService(kv_transfer_pb2_grpc.KVReceiverServicer):
         self.instance_id = instance_id
         self.nixl = nixl
         self.bulk = bulk
+        if bulk is not None:  # looked up per commit: tracing may wrap link_commit later
+            bulk.take_commits(lambda request, metadata: self.link_commit(request, metadata))
 
     def Handshake(self, request, context):
         response = kv_transfer_pb2.HandshakeResponse(layout=self.layout, instance_id=self.instance_id)
@@ -106,27 +109,38 @@ class KVReceiverService(kv_transfer_pb2_grpc.KVReceiverServicer):
         return chunk.request_id
 
     def Commit(self, request, context):
+        try:
+            self.commit(request)
+        except TransferError as exc:
+            context.abort(getattr(grpc.StatusCode, exc.code), str(exc))
+        return kv_transfer_pb2.CommitResponse()
+
+    def link_commit(self, request: kv_transfer_pb2.CommitRequest, metadata) -> None:
+        """A commit that came on a bulk link (kv_transfer/bulk_transport.py), with the trace context the
+        sender's gRPC calls carry (``metadata``; while tracing, worker_server/tracing.py spans it)."""
+        self.commit(request)
+
+    def commit(self, request: kv_transfer_pb2.CommitRequest) -> None:
+        """A sender's commit or abort, whichever way it came: returns once the owner accepted the KV (or
+        took the abort); raises TransferError when refused. A request for another instance, or one whose
+        ticket does not match, changes nothing; any other refusal stops the reservation."""
         if request.instance_id and request.instance_id != self.instance_id:
             # Not about any reservation of this instance: leave them alone.
-            context.abort(
-                grpc.StatusCode.FAILED_PRECONDITION,
+            raise TransferError(
                 f"ticket is for instance {request.instance_id}; this worker is {self.instance_id}",
+                "FAILED_PRECONDITION",
             )
-        try:
-            self.inbox.authorize(request.request_id, request.token)
-        except TransferError as exc:  # not this sender's reservation: leave it alone
-            context.abort(getattr(grpc.StatusCode, exc.code), str(exc))
+        self.inbox.authorize(request.request_id, request.token)  # not this sender's reservation: leave it alone
         try:
             if request.abort:
                 self.inbox.abort(request.request_id, request.abort_reason or "aborted by the prefill worker")
-                return kv_transfer_pb2.CommitResponse()
+                return
             self._wait_for_layers(request.request_id)
             self.inbox.commit(request.request_id, request.first_token_id, _logprob(request))
         except TransferError as exc:
             if exc.code != "NOT_FOUND":
                 self.inbox.abort(request.request_id, str(exc))
-            context.abort(getattr(grpc.StatusCode, exc.code), str(exc))
-        return kv_transfer_pb2.CommitResponse()
+            raise
 
     def _wait_for_layers(self, request_id: str) -> None:
         self.inbox.wait_for_layers(request_id, COMMIT_WAIT_S)  # if in vain, commit() names the missing layers

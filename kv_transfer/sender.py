@@ -15,8 +15,9 @@ Contract of an OutboundSession (one request's KV on its way to a decode worker):
 - ``abort`` is sent only once every write of the session is final: the receiver takes it (and the
   end of a push stream) as the sender's word that it writes no more into the reservation, and
   may free the blocks on it. So is ``commit``, except where the receiver adopts only once every
-  layer is known to have landed (NIXL: a layer's notification follows its WRITE's data); there
-  it may travel while the last writes finish, and ``commit`` returns after both.
+  layer is known to have landed (NIXL: a layer's notification follows its WRITE's data; a bulk
+  link: a piece is acked once landed and verified); there it may travel while the last writes
+  finish, and ``commit`` returns after both.
 - ``reads_after_push``: False when ``push_layer`` copies the regions before it returns (gRPC);
   True when the transfer reads the pool later (NIXL). Then the prefill worker keeps a reference
   on the source blocks until ``release`` returned — on an RPC thread, never the engine thread.
@@ -140,10 +141,10 @@ class Peer:
 
 
 class OutOfBandSession(OutboundSession):
-    """A session whose KV bytes travel outside gRPC (NIXL WRITEs, bulk TCP links) while its commit
-    and abort are ``KVReceiver.Commit`` calls: the commit travels beside the last data
-    (``_commit_beside``), an abort once ``release`` says nothing of the session reads the pool any
-    more. Subclasses implement ``push_layer``, ``release`` and ``commit``."""
+    """A session whose KV bytes travel outside gRPC (NIXL WRITEs, bulk TCP links) while its abort is a
+    ``KVReceiver.Commit`` call, sent once ``release`` says nothing of the session reads the pool any
+    more. Its commit travels beside the last data: a Commit call (``_commit_beside``, NIXL) or a
+    commit frame on a bulk link. Subclasses implement ``push_layer``, ``release`` and ``commit``."""
 
     def __init__(self, request_id: str, ticket: decode_pb2.Ticket, peer: Peer, metadata=None) -> None:
         super().__init__(request_id, ticket, metadata)

@@ -61,8 +61,9 @@ class LayerPushes:
 
 
 def trace_kv_receiver(receiver) -> None:
-    """While tracing: the receiver's push streams and commits run in SERVER spans that continue the
-    sender's context (the prefill worker's Prefill span), the bytes received on the push's span."""
+    """While tracing: the receiver's push streams and commits (over gRPC or a bulk link) run in SERVER
+    spans that continue the sender's context (the prefill worker's Prefill span), the bytes received
+    on the push's span."""
     if not tracing.ENABLED:
         return
     push = receiver.PushKV
@@ -74,3 +75,13 @@ def trace_kv_receiver(receiver) -> None:
 
     receiver.PushKV = tracing.server_span("splitserve.KVReceiver/PushKV")(push_kv)
     receiver.Commit = tracing.server_span("splitserve.KVReceiver/Commit")(receiver.Commit)
+    link_commit = receiver.link_commit
+
+    def traced_link_commit(request, metadata) -> None:
+        # A commit a bulk link carried is the same step as one over gRPC: the same span, the sender's child.
+        with tracing.start_span(
+            "splitserve.KVReceiver/Commit", kind="server", parent=tracing.extract(metadata), transport="bulk"
+        ):
+            link_commit(request, metadata)
+
+    receiver.link_commit = traced_link_commit

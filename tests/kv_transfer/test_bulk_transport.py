@@ -17,15 +17,22 @@ import pytest
 import torch
 
 from engine.kv_cache import KVLayout, PagedKVCache
-from kv_transfer import bulk_transport
-from kv_transfer.bulk_transport import BulkKVSender, BulkLink, BulkReceiver, BulkSession, frame_header
+from kv_transfer import bulk_transport, receiver_service
+from kv_transfer.bulk_transport import (
+    BulkKVSender,
+    BulkLink,
+    BulkReceiver,
+    BulkSession,
+    commit_frame,
+    frame_header,
+)
 from kv_transfer.errors import TransferError
 from kv_transfer.grpc_transport import GrpcSession
 from kv_transfer.inbox import KVInbox
 from kv_transfer.integrity import checksum, region_checksum
 from kv_transfer.layout import layout_message
 from kv_transfer.receiver_service import KVReceiverService
-from protos import decode_pb2
+from protos import common_pb2, decode_pb2, kv_transfer_pb2
 from protos.cluster_auth import ClusterAuth
 from tests.kv_transfer.receiver_server import loopback_ticket, serve_kv_receiver
 from worker_server.security import server_interceptors
@@ -47,8 +54,8 @@ class Receiver:
         self.inbox = KVInbox(self.cache, self._on_commit, self._on_abort)
         self.layout = layout_message(LAYOUT, "fingerprint")
         self.bulk = BulkReceiver(self.inbox, "127.0.0.1", 0, SECRET, staged=staged) if bulk else None
-        service = KVReceiverService(self.inbox, self.layout, "instance-1", None, self.bulk)
-        self.server, self.address = serve_kv_receiver(service, server_interceptors(ClusterAuth(secret=SECRET)))
+        self.service = KVReceiverService(self.inbox, self.layout, "instance-1", None, self.bulk)
+        self.server, self.address = serve_kv_receiver(self.service, server_interceptors(ClusterAuth(secret=SECRET)))
 
     def _on_commit(self, request_id, first_token_id, logprob) -> None:
         self.committed.append(request_id)
@@ -184,9 +191,7 @@ def test_a_byte_flipped_on_the_wire_is_refused_and_stops_the_reservation(receive
         receiver.inbox.open("r", DST_BLOCKS, TOKEN)
         peer = sender.peer(receiver.ticket("r"))  # the control path; the data goes through the proxy
         staged = {} if receiver.bulk._staged else None  # both ends staged, or both in place
-        session = BulkSession(
-            "r", receiver.ticket("r"), peer, [link], 1 << 20, True, sender.committing, copy_streams=staged
-        )
+        session = BulkSession("r", receiver.ticket("r"), peer, [link], 1 << 20, copy_streams=staged)
         _push_all(session, source)
         with pytest.raises(TransferError, match="checksum mismatch"):
             session.commit(7, None, 10.0)
@@ -285,6 +290,116 @@ def test_a_frame_of_several_pieces_lands_each_and_a_refused_piece_leaves_the_lin
         sock.close()
 
 
+def test_the_commit_rides_the_first_link_with_its_first_token_and_trace_context(receiver, monkeypatch):
+    """Five sessions at once over three links: each commit goes on the session's first link, not in a Commit
+    call, with the first token, its logprob and the session's trace context, and is accepted only once the
+    pieces on the other links landed; every session lands exactly (no link waits for another for good)."""
+    seen: dict[str, tuple] = {}
+    link_commit = receiver.service.link_commit
+
+    def record(request, metadata):
+        seen[request.request_id] = (request.first_token_id, request.first_logprob, metadata)
+        link_commit(request, metadata)
+
+    monkeypatch.setattr(receiver.service, "link_commit", record)
+    sender = BulkKVSender(receiver.layout, "prefill", auth=ClusterAuth(secret=SECRET), connections=3, piece_bytes=512)
+    sources = {f"r{i}": _source(seed=20 + i) for i in range(5)}
+    blocks = {request_id: list(range(6 * i, 6 * i + 6)) for i, request_id in enumerate(sources)}
+
+    def one(request_id: str) -> None:
+        receiver.inbox.open(request_id, blocks[request_id], TOKEN)
+        ticket = loopback_ticket(request_id, "grpc", receiver.address, receiver.layout, blocks[request_id], TOKEN)
+        session = sender.open(request_id, ticket, metadata=(("traceparent", f"00-{request_id}"),))
+        for layer in range(LAYOUT.num_layers):
+            session.push_layer(sources[request_id], layer, SRC_BLOCKS, blocks[request_id])
+        logprob = common_pb2.TokenLogprob(token_id=9, logprob=-0.25)
+        session.commit(9, logprob, 10.0)
+
+    try:
+        threads = [threading.Thread(target=one, args=(request_id,)) for request_id in sources]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+        assert sorted(receiver.committed) == sorted(sources)
+        for request_id, source in sources.items():
+            first_token, logprob, metadata = seen[request_id]
+            assert (first_token, logprob.token_id, logprob.logprob) == (9, 9, -0.25)
+            assert metadata == (("traceparent", f"00-{request_id}"),)
+            for layer in range(LAYOUT.num_layers):
+                landed = receiver.cache.read_regions(layer, blocks[request_id])
+                assert torch.equal(landed, source.read_regions(layer, SRC_BLOCKS))
+    finally:
+        sender.close()
+
+
+def test_a_refused_commit_names_its_reason_and_the_links_carry_the_next_session(receiver, monkeypatch):
+    """A session whose last layer never comes: its commit on the link is refused with the receiver's code and
+    reason, the reservation stops, and the same links (none broken) carry the next session to its commit."""
+    monkeypatch.setattr(receiver_service, "COMMIT_WAIT_S", 0.3)
+    sender = BulkKVSender(receiver.layout, "prefill", auth=ClusterAuth(secret=SECRET), connections=2)
+    try:
+        receiver.inbox.open("r", DST_BLOCKS, TOKEN)
+        session = sender.open("r", receiver.ticket("r"))
+        for layer in range(LAYOUT.num_layers - 1):
+            session.push_layer(_source(seed=30), layer, SRC_BLOCKS, DST_BLOCKS)
+        with pytest.raises(TransferError, match=r"refused the KV: FAILED_PRECONDITION commit before layers \[2\]"):
+            session.commit(7, None, 10.0)
+        assert receiver.committed == [] and [request_id for request_id, _ in receiver.aborted] == ["r"]
+        links = session._links
+        assert links and not any(link.broken for link in links)
+
+        receiver.inbox.open("s", DST_BLOCKS, TOKEN)
+        source = _source(seed=31)
+        session = sender.open("s", receiver.ticket("s"))
+        assert session._links == links
+        _push_all(session, source)
+        session.commit(7, None, 10.0)
+        assert receiver.committed == ["s"]
+        for layer in range(LAYOUT.num_layers):
+            assert torch.equal(receiver.cache.read_regions(layer, DST_BLOCKS), source.read_regions(layer, SRC_BLOCKS))
+    finally:
+        sender.close()
+
+
+def test_commit_frames_written_by_hand_are_checked_before_anything_is_decided(receiver):
+    """On one member connection: a commit with a wrong token, for another instance, or with a body that is not
+    a CommitRequest is answered with the reason and decides nothing; the right one, once the data landed, is
+    accepted. A commit frame larger than MAX_COMMIT_BYTES ends its connection."""
+    source = _source(seed=13)
+    receiver.inbox.open("r", DST_BLOCKS, TOKEN)
+    good = kv_transfer_pb2.CommitRequest(instance_id="instance-1", first_token_id=7)
+    sock = _member_connection(receiver.bulk.port)
+    try:
+        payloads = [_regions(source, layer, SRC_BLOCKS) for layer in range(LAYOUT.num_layers)]
+        pieces = [(layer, DST_BLOCKS, checksum(data)) for layer, data in enumerate(payloads)]
+        sock.sendall(frame_header("r", TOKEN, pieces) + b"".join(payloads))
+        assert _ack(sock) == ""
+
+        sock.sendall(commit_frame("r", "not-the-token", good, None))
+        assert _ack(sock) == "PERMISSION_DENIED wrong ticket token for reservation 'r'"
+        other = kv_transfer_pb2.CommitRequest(instance_id="instance-2", first_token_id=7)
+        sock.sendall(commit_frame("r", TOKEN, other, None))
+        assert _ack(sock).startswith("FAILED_PRECONDITION ticket is for instance instance-2")
+        body = b"\xff\xff\xff"
+        sock.sendall(frame_header("r", TOKEN, []) + struct.pack("!II", len(body), 0) + body)
+        assert _ack(sock).startswith("INVALID_ARGUMENT malformed commit for 'r'")
+        assert receiver.committed == [] and receiver.aborted == []
+
+        sock.sendall(commit_frame("r", TOKEN, good, (("traceparent", "00-x"),)))
+        assert _ack(sock) == ""
+        assert receiver.committed == ["r"]
+    finally:
+        sock.close()
+    sock = _member_connection(receiver.bulk.port)
+    try:
+        too_long = bulk_transport.MAX_COMMIT_BYTES + 1
+        sock.sendall(frame_header("r", TOKEN, []) + struct.pack("!II", too_long, 0))
+        assert sock.recv(1) == b"", "the receiver ends a connection that announces an oversized commit"
+    finally:
+        sock.close()
+
+
 class _Gate:
     """A layer whose K/V is not written yet (a ``LayerReady``): a link that reads it waits until ``open``."""
 
@@ -326,7 +441,8 @@ def test_pieces_queued_while_the_link_is_busy_go_out_as_one_frame(receiver, monk
             session.push_layer(source, layer, SRC_BLOCKS, DST_BLOCKS)
         gate.open()
         session.commit(7, None, 10.0)
-        assert frames == [1, 2]
+        assert [pieces for pieces in frames if pieces] == [1, 2]
+        assert frames.count(0) == 1  # the commit's frame
         assert receiver.committed == ["r"]
         for layer in range(LAYOUT.num_layers):
             assert torch.equal(receiver.cache.read_regions(layer, DST_BLOCKS), source.read_regions(layer, SRC_BLOCKS))
@@ -358,9 +474,7 @@ def test_a_sender_that_stalls_mid_frame_stops_the_reservation_after_the_stall_ti
         try:
             peer = sender.peer(receiver.ticket("s"))
             staged = {} if receiver.bulk._staged else None
-            session = BulkSession(
-                "s", receiver.ticket("s"), peer, [idle], 1 << 20, True, sender.committing, copy_streams=staged
-            )
+            session = BulkSession("s", receiver.ticket("s"), peer, [idle], 1 << 20, copy_streams=staged)
             source = _source(seed=8)
             _push_all(session, source)
             session.commit(7, None, 10.0)
@@ -403,6 +517,7 @@ def test_a_bulk_listener_that_refused_is_connected_again_after_a_while(monkeypat
             time.sleep(pause)
             if index == 2:  # the listener is back on its port
                 receiver.bulk = BulkReceiver(receiver.inbox, "127.0.0.1", port, SECRET)
+                receiver.bulk.take_commits(receiver.service.link_commit)  # as the service does with its own
             source = _source(seed=10 + index)
             request_id = f"r{index}"
             receiver.inbox.open(request_id, DST_BLOCKS, TOKEN)
