@@ -503,6 +503,48 @@ def test_without_a_bulk_listener_kv_goes_in_grpc_messages():
         receiver.stop()
 
 
+def test_a_listener_on_another_wire_version_is_not_used_and_kv_goes_in_grpc_messages():
+    """The handshake offers a bulk port whose listener greets with another wire version (a release before
+    the commit rode the link): the sender does not use it, and the session goes in PushKV messages, exactly."""
+    receiver = Receiver()
+    other = socket.create_server(("127.0.0.1", 0))
+    greeted: list[socket.socket] = []
+
+    def greet() -> None:
+        while True:
+            try:
+                connection, _ = other.accept()
+            except OSError:
+                return
+            greeted.append(connection)
+            connection.sendall(bulk_transport.HELLO + bytes([bulk_transport.VERSION - 1]) + bytes(32))
+            try:  # it admits whoever answers: only the version keeps the sender off this link
+                if len(connection.recv(32, socket.MSG_WAITALL)) == 32:
+                    connection.sendall(b"\x00")
+            except OSError:
+                pass
+
+    threading.Thread(target=greet, daemon=True).start()
+    receiver.bulk.port = other.getsockname()[1]  # what the handshake offers
+    sender = BulkKVSender(receiver.layout, "prefill", auth=ClusterAuth(secret=SECRET))
+    try:
+        receiver.inbox.open("r", DST_BLOCKS, TOKEN)
+        source = _source(seed=14)
+        session = sender.open("r", receiver.ticket("r"))
+        assert isinstance(session, GrpcSession) and greeted
+        _push_all(session, source)
+        session.commit(7, None, 10.0)
+        assert receiver.committed == ["r"]
+        for layer in range(LAYOUT.num_layers):
+            assert torch.equal(receiver.cache.read_regions(layer, DST_BLOCKS), source.read_regions(layer, SRC_BLOCKS))
+    finally:
+        sender.close()
+        other.close()
+        for connection in greeted:
+            connection.close()
+        receiver.stop()
+
+
 def test_a_bulk_listener_that_refused_is_connected_again_after_a_while(monkeypatch):
     """The handshake offers a bulk port that refuses the connect: KV goes in gRPC messages, exactly, and the
     connect is tried again RECONNECT_S later (not never): once the listener is back, KV takes the bulk links."""
