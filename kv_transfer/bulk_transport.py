@@ -43,7 +43,9 @@ Wire (big-endian):
                                in order
 
 The link that carries a commit waits for the session's pieces on its other links; those links never
-carry a commit, so they never wait for it, and no two links can wait for each other.
+carry a commit, so they never wait for it, and no two links can wait for each other. The wait is the
+Commit call's (receiver_service.COMMIT_WAIT_S at most, and it ends when the reservation stops, as it
+does when another of the session's links breaks); frames behind the commit on its link wait with it.
 
 A piece is one layer's blocks (a layer larger than the frame size is cut into several). A link sends
 the pieces queued for it meanwhile as one frame, ``MAX_PIECES`` at most, when they belong to the same
