@@ -36,7 +36,7 @@ Wire (big-endian):
     commit sender -> receiver  a frame of 0 pieces: its header, request id and ticket token
                                | request_len:u32 context_len:u32 | a CommitRequest (its first token,
                                logprob and instance; the frame names the request and token)
-                               | the sender's trace context (JSON [[key, value], ...]; may be empty)
+                               | the sender's trace context (JSON [[key, value], ...], or no bytes)
     ack    receiver -> sender  length:u32 | "" when every piece landed (and verified), or the commit
                                was accepted, else "CODE message" (a TransferError code: the first
                                piece that did not, or why the commit was refused); one per frame,
@@ -351,7 +351,8 @@ class BulkReceiver:
         body = _recv_bytes(sock, body_len + context_len)
         try:
             request = kv_transfer_pb2.CommitRequest.FromString(body[:body_len])
-            metadata = tuple((str(key), str(value)) for key, value in json.loads(body[body_len:]))
+            context = json.loads(body[body_len:]) if context_len else []  # no bytes: no trace context
+            metadata = tuple((str(key), str(value)) for key, value in context)
         except (DecodeError, ValueError, TypeError) as exc:
             return f"INVALID_ARGUMENT malformed commit for {request_id!r}: {exc}".encode()
         if self._commits is None:

@@ -381,12 +381,16 @@ def test_commit_frames_written_by_hand_are_checked_before_anything_is_decided(re
         other = kv_transfer_pb2.CommitRequest(instance_id="instance-2", first_token_id=7)
         sock.sendall(commit_frame("r", TOKEN, other, None))
         assert _ack(sock).startswith("FAILED_PRECONDITION ticket is for instance instance-2")
+        body, context = good.SerializeToString(), b"[[1]]"
+        sock.sendall(frame_header("r", TOKEN, []) + struct.pack("!II", len(body), len(context)) + body + context)
+        assert _ack(sock).startswith("INVALID_ARGUMENT malformed commit for 'r'")
         body = b"\xff\xff\xff"
         sock.sendall(frame_header("r", TOKEN, []) + struct.pack("!II", len(body), 0) + body)
         assert _ack(sock).startswith("INVALID_ARGUMENT malformed commit for 'r'")
         assert receiver.committed == [] and receiver.aborted == []
 
-        sock.sendall(commit_frame("r", TOKEN, good, (("traceparent", "00-x"),)))
+        body = good.SerializeToString()  # no trace context: no bytes for it
+        sock.sendall(frame_header("r", TOKEN, []) + struct.pack("!II", len(body), 0) + body)
         assert _ack(sock) == ""
         assert receiver.committed == ["r"]
     finally:
