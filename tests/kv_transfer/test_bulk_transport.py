@@ -94,6 +94,24 @@ def _push_all(session, source: PagedKVCache) -> None:
         session.push_layer(source, layer, SRC_BLOCKS, DST_BLOCKS)
 
 
+def _one_session(receiver: Receiver, sender: BulkKVSender, request_id: str, seed: int):
+    """Reserves DST_BLOCKS for ``request_id``, pushes every layer of a source and commits; checks that it
+    landed exactly, and returns the session."""
+    receiver.inbox.open(request_id, DST_BLOCKS, TOKEN)
+    source = _source(seed=seed)
+    session = sender.open(request_id, receiver.ticket(request_id))
+    _push_all(session, source)
+    session.commit(7, None, 10.0)
+    _assert_landed(receiver, source)
+    return session
+
+
+def _assert_landed(receiver: Receiver, source: PagedKVCache, dst_blocks: list[int] = DST_BLOCKS) -> None:
+    """Every layer of ``source``'s SRC_BLOCKS is in the receiver's ``dst_blocks``, byte for byte."""
+    for layer in range(LAYOUT.num_layers):
+        assert torch.equal(receiver.cache.read_regions(layer, dst_blocks), source.read_regions(layer, SRC_BLOCKS))
+
+
 @pytest.mark.parametrize("staged", [False, True], ids=["sent-in-place", "sent-staged"])
 @pytest.mark.parametrize("connections,piece_bytes", [(1, 1 << 20), (3, 2 * 512)])
 def test_bulk_kv_lands_byte_identical_in_the_reserved_blocks(receiver, connections, piece_bytes, staged):
@@ -116,8 +134,7 @@ def test_bulk_kv_lands_byte_identical_in_the_reserved_blocks(receiver, connectio
         assert all((piece.staged is not None) == staged for piece in session._pieces)
         session.commit(7, None, 10.0)
         assert receiver.committed == ["r"]
-        for layer in range(LAYOUT.num_layers):
-            assert torch.equal(receiver.cache.read_regions(layer, DST_BLOCKS), source.read_regions(layer, SRC_BLOCKS))
+        _assert_landed(receiver, source)
         untouched = sorted(set(range(LAYOUT.num_blocks)) - set(DST_BLOCKS))
         assert not receiver.cache.read_regions(0, untouched).any()
     finally:
@@ -326,9 +343,7 @@ def test_the_commit_rides_the_first_link_with_its_first_token_and_trace_context(
             first_token, logprob, metadata = seen[request_id]
             assert (first_token, logprob.token_id, logprob.logprob) == (9, 9, -0.25)
             assert metadata == (("traceparent", f"00-{request_id}"),)
-            for layer in range(LAYOUT.num_layers):
-                landed = receiver.cache.read_regions(layer, blocks[request_id])
-                assert torch.equal(landed, source.read_regions(layer, SRC_BLOCKS))
+            _assert_landed(receiver, source, blocks[request_id])
     finally:
         sender.close()
 
@@ -349,15 +364,8 @@ def test_a_refused_commit_names_its_reason_and_the_links_carry_the_next_session(
         links = session._links
         assert links and not any(link.broken for link in links)
 
-        receiver.inbox.open("s", DST_BLOCKS, TOKEN)
-        source = _source(seed=31)
-        session = sender.open("s", receiver.ticket("s"))
-        assert session._links == links
-        _push_all(session, source)
-        session.commit(7, None, 10.0)
+        assert _one_session(receiver, sender, "s", seed=31)._links == links
         assert receiver.committed == ["s"]
-        for layer in range(LAYOUT.num_layers):
-            assert torch.equal(receiver.cache.read_regions(layer, DST_BLOCKS), source.read_regions(layer, SRC_BLOCKS))
     finally:
         sender.close()
 
@@ -448,8 +456,7 @@ def test_pieces_queued_while_the_link_is_busy_go_out_as_one_frame(receiver, monk
         assert [pieces for pieces in frames if pieces] == [1, 2]
         assert frames.count(0) == 1  # the commit's frame
         assert receiver.committed == ["r"]
-        for layer in range(LAYOUT.num_layers):
-            assert torch.equal(receiver.cache.read_regions(layer, DST_BLOCKS), source.read_regions(layer, SRC_BLOCKS))
+        _assert_landed(receiver, source)
     finally:
         sender.close()
 
@@ -532,15 +539,8 @@ def test_a_listener_on_another_wire_version_is_not_used_and_kv_goes_in_grpc_mess
     receiver.bulk.port = other.getsockname()[1]  # what the handshake offers
     sender = BulkKVSender(receiver.layout, "prefill", auth=ClusterAuth(secret=SECRET))
     try:
-        receiver.inbox.open("r", DST_BLOCKS, TOKEN)
-        source = _source(seed=14)
-        session = sender.open("r", receiver.ticket("r"))
-        assert isinstance(session, GrpcSession) and greeted
-        _push_all(session, source)
-        session.commit(7, None, 10.0)
+        assert isinstance(_one_session(receiver, sender, "r", seed=14), GrpcSession) and greeted
         assert receiver.committed == ["r"]
-        for layer in range(LAYOUT.num_layers):
-            assert torch.equal(receiver.cache.read_regions(layer, DST_BLOCKS), source.read_regions(layer, SRC_BLOCKS))
     finally:
         sender.close()
         other.close()
@@ -571,10 +571,7 @@ def test_a_bulk_listener_that_refused_is_connected_again_after_a_while(monkeypat
             kinds.append(type(session))
             _push_all(session, source)
             session.commit(7, None, 10.0)
-            for layer in range(LAYOUT.num_layers):
-                assert torch.equal(
-                    receiver.cache.read_regions(layer, DST_BLOCKS), source.read_regions(layer, SRC_BLOCKS)
-                )
+            _assert_landed(receiver, source)
         assert kinds == [GrpcSession, GrpcSession, BulkSession]
         assert receiver.committed == ["r0", "r1", "r2"]
     finally:
