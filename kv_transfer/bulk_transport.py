@@ -76,7 +76,7 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 from google.protobuf.message import DecodeError
@@ -222,14 +222,14 @@ class BulkReceiver:
         self._refusals_logged: dict[str, float] = {}  # per host: when a refusal was last logged (accepting thread)
         self._lock = threading.Lock()
         self._closed = False
-        # (CommitRequest, trace metadata) -> None, or raises TransferError: KVReceiverService's commit
-        self._commits: Callable[[kv_transfer_pb2.CommitRequest, tuple], None] | None = None
+        self._commits = None  # KVReceiverService: decides the commits frames carry (``take_commits``)
         threading.Thread(target=self._accept, name="kv-bulk-accept", daemon=True).start()
 
-    def take_commits(self, commit: Callable[[kv_transfer_pb2.CommitRequest, tuple], None]) -> None:
-        """The service that decides commits (``KVReceiverService.link_commit``); without one, a commit
-        frame is answered UNIMPLEMENTED and the sender's session fails."""
-        self._commits = commit
+    def take_commits(self, service) -> None:
+        """The service whose ``link_commit(request, trace metadata)`` decides commit frames (returns once
+        accepted, raises TransferError when refused); without one, a commit frame is answered
+        UNIMPLEMENTED and the sender's session fails."""
+        self._commits = service
 
     def _accept(self) -> None:
         while True:
@@ -327,9 +327,15 @@ class BulkReceiver:
         token = names[id_len : id_len + token_len].decode(errors="replace")
         if count == 0:
             answer = self._commit(sock, request_id, token)
-            sock.sendall(ACK_HEADER.pack(len(answer)) + answer)
-            return True
-        shapes = list(PIECE_HEADER.iter_unpack(names[id_len + token_len :]))
+        else:
+            pieces = self._pieces(sock, names[id_len + token_len :])
+            answer = self._land(sock, request_id, token, pieces, sent_here, staging)
+        sock.sendall(ACK_HEADER.pack(len(answer)) + answer)
+        return True
+
+    def _pieces(self, sock: socket.socket, shapes_bytes: bytes) -> list[tuple[int, tuple[int, ...], int]]:
+        """A frame's pieces as (layer, destination blocks, checksum), their block ids read off the wire."""
+        shapes = list(PIECE_HEADER.iter_unpack(shapes_bytes))
         if any(not 0 < num_blocks <= self.inbox.cache.layout.num_blocks for _, num_blocks, _ in shapes):
             raise ConnectionError(f"malformed bulk KV frame (pieces of {[n for _, n, _ in shapes]} blocks)")
         total = sum(num_blocks for _, num_blocks, _ in shapes)
@@ -338,9 +344,7 @@ class BulkReceiver:
         for layer, num_blocks, expected in shapes:
             pieces.append((layer, blocks[begin : begin + num_blocks], expected))
             begin += num_blocks
-        landed = self._land(sock, request_id, token, pieces, sent_here, staging)
-        sock.sendall(ACK_HEADER.pack(len(landed)) + landed)
-        return True
+        return pieces
 
     def _commit(self, sock: socket.socket, request_id: str, token: str) -> bytes:
         """A commit frame's body, then its answer (the ack's text): waits, on this link's thread, for the
@@ -359,10 +363,10 @@ class BulkReceiver:
             return b"UNIMPLEMENTED this receiver takes commits over gRPC only"
         request.request_id, request.token = request_id, token  # the frame names them, as for its pieces
         try:
-            self._commits(request, metadata)
+            self._commits.link_commit(request, metadata)
             return b""
         except TransferError as exc:
-            return f"{exc.code} {exc}".encode()
+            return _refusal(exc)
 
     def _land(self, sock, request_id: str, token: str, pieces, sent_here, staging) -> bytes:
         """Receives the frame's pieces into the reservation, in order, or drains what is left of them
@@ -403,7 +407,7 @@ class BulkReceiver:
                 _drain(sock, payload - received)
             if exc.code == "DATA_LOSS":  # we are the only writer of these blocks: stop the reservation
                 self.inbox.abort(request_id, str(exc))
-            return f"{exc.code} {exc}".encode()
+            return _refusal(exc)
 
     def close(self) -> None:
         with self._lock:
@@ -425,6 +429,11 @@ class _Staging:
         if self._buffer is None or self._buffer.numel() < nbytes:
             self._buffer = torch.empty(nbytes, dtype=torch.uint8, pin_memory=torch.cuda.is_available())
         return memoryview(self._buffer.numpy())[:nbytes]
+
+
+def _refusal(exc: TransferError) -> bytes:
+    """An ack's text for a refused piece or commit: "CODE message"."""
+    return f"{exc.code} {exc}".encode()
 
 
 def _drain(sock: socket.socket, count: int) -> None:
@@ -531,16 +540,13 @@ class _Piece(_Answered):
 
 
 class _Commit(_Answered):
-    """A session's commit frame on its way. It reads no pool memory: nothing to begin or stop reading."""
+    """A session's commit frame on its way. It reads no pool memory: nothing to end or stop reading."""
 
     nbytes = 0
 
     def __init__(self, session: BulkSession, frame: bytes) -> None:
         super().__init__(session)
         self.frame = frame
-
-    def begin_reading(self) -> bool:
-        return True
 
     def end_reading(self) -> None:
         pass
@@ -627,23 +633,8 @@ class BulkLink:
                 if pieces:
                     return pieces
 
-    def _send_frame(self, pieces: list) -> None:
-        if isinstance(pieces[0], _Commit):
-            with self._lock:
-                if self.broken is not None:
-                    raise OSError(self.broken)
-                self._sent.append(pieces)
-            _send_all(self.sock, [pieces[0].frame])
-            return
-        sent, buffers, dropped = [], [], 0
-        for piece in pieces:
-            regions = piece.regions(self.verify)
-            if regions is None:
-                piece.finish("released before it was sent")
-                dropped += piece.nbytes
-                continue
-            sent.append(piece)
-            buffers += regions
+    def _send_frame(self, items: list) -> None:
+        sent, buffers, dropped = self._frame_bytes(items)
         with self._lock:
             if self.broken is not None:
                 raise OSError(self.broken)
@@ -651,11 +642,27 @@ class BulkLink:
             if not sent:
                 return
             self._sent.append(sent)  # before the bytes go: the ack reader finds the frame its ack answers
-        session = sent[0].session
-        header = frame_header(
-            session.request_id, session.ticket.token, [(p.layer, p.dst_blocks, p.checksum) for p in sent]
-        )
-        _send_all(self.sock, [header, *buffers])
+        _send_all(self.sock, buffers)
+
+    def _frame_bytes(self, items: list) -> tuple[list, list, int]:
+        """What the frame answers for (a commit, or the pieces still to send), its buffers, and the bytes of
+        the pieces released before they were read."""
+        if isinstance(items[0], _Commit):
+            return items, [items[0].frame], 0
+        sent, buffers, dropped = [], [], 0
+        for piece in items:
+            regions = piece.regions(self.verify)
+            if regions is None:
+                piece.finish("released before it was sent")
+                dropped += piece.nbytes
+                continue
+            sent.append(piece)
+            buffers += regions
+        if sent:
+            session = sent[0].session
+            pieces = [(p.layer, p.dst_blocks, p.checksum) for p in sent]
+            buffers.insert(0, frame_header(session.request_id, session.ticket.token, pieces))
+        return sent, buffers, dropped
 
     def _ack_loop(self) -> None:
         try:
@@ -793,10 +800,8 @@ class BulkSession(OutOfBandSession):
         if note is not None:
             self._links[0].send(note)
         self._settle(timeout)
-        if self.failed is None and not note.acked.wait(max(0.0, deadline - time.monotonic())):
-            self.fail("decode worker did not answer the commit in time")
-        if self.failed is None and note.error is not None:
-            self.fail(note.error if note.lost else f"decode worker refused the KV: {note.error}", note.lost)
+        if self.failed is None:
+            self._answered(note, deadline, "decode worker did not answer the commit in time")
         if self.failed is not None:
             raise self.failure()
 
@@ -807,13 +812,22 @@ class BulkSession(OutOfBandSession):
         with self._lock:
             pieces = list(self._pieces)
         for piece in pieces:
-            if not piece.acked.wait(max(0.0, deadline - time.monotonic())):
-                self.fail("decode worker did not acknowledge the KV in time")
-                break
-            if piece.error is not None:
-                self.fail(piece.error if piece.lost else f"decode worker refused the KV: {piece.error}", piece.lost)
+            if not self._answered(piece, deadline, "decode worker did not acknowledge the KV in time"):
                 break
         self.release(max(0.0, deadline - time.monotonic()))
+
+    def _answered(self, item: _Answered, deadline: float, late: str) -> bool:
+        """Waits for the answer to a piece or the commit: True if it landed or was accepted; otherwise the
+        session fails with the link's reason, the receiver's refusal, or ``late``."""
+        if not item.acked.wait(max(0.0, deadline - time.monotonic())):
+            self.fail(late)
+        elif item.lost:
+            self.fail(item.error, lost=True)
+        elif item.error is not None:
+            self.refused(item.error)
+        else:
+            return True
+        return False
 
 
 class BulkKVSender(GrpcKVSender):

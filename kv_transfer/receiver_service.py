@@ -43,8 +43,8 @@ class KVReceiverService(kv_transfer_pb2_grpc.KVReceiverServicer):
         self.instance_id = instance_id
         self.nixl = nixl
         self.bulk = bulk
-        if bulk is not None:  # looked up per commit: tracing may wrap link_commit later
-            bulk.take_commits(lambda request, metadata: self.link_commit(request, metadata))
+        if bulk is not None:
+            bulk.take_commits(self)  # it calls link_commit (which tracing may wrap) per commit frame
 
     def Handshake(self, request, context):
         response = kv_transfer_pb2.HandshakeResponse(layout=self.layout, instance_id=self.instance_id)

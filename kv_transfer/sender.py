@@ -91,7 +91,11 @@ class OutboundSession(ABC):
         if exc.code() == grpc.StatusCode.UNAVAILABLE:
             self.fail(f"lost the connection to the decode worker at {self.ticket.address}: {exc.details()}", lost=True)
         else:
-            self.fail(f"decode worker refused the KV: {exc.code().name} {exc.details()}")
+            self.refused(f"{exc.code().name} {exc.details()}")
+
+    def refused(self, reason: str) -> None:
+        """The receiver refused the KV: ``reason`` is "CODE message"."""
+        self.fail(f"decode worker refused the KV: {reason}")
 
     def failure(self) -> TransferError:
         """The error a failed session raises: a lost link names the receiver (UNAVAILABLE, ``unreachable``), so the

@@ -563,7 +563,7 @@ def test_a_bulk_listener_that_refused_is_connected_again_after_a_while(monkeypat
             time.sleep(pause)
             if index == 2:  # the listener is back on its port
                 receiver.bulk = BulkReceiver(receiver.inbox, "127.0.0.1", port, SECRET)
-                receiver.bulk.take_commits(receiver.service.link_commit)  # as the service does with its own
+                receiver.bulk.take_commits(receiver.service)  # as the service does with its own
             source = _source(seed=10 + index)
             request_id = f"r{index}"
             receiver.inbox.open(request_id, DST_BLOCKS, TOKEN)
