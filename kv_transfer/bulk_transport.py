@@ -86,7 +86,7 @@ from engine.layer_ready import COMPLETED, LayerReady
 from kv_transfer.errors import TransferError
 from kv_transfer.grpc_transport import DEFAULT_CHUNK_BYTES, GrpcKVSender, stage_regions
 from kv_transfer.inbox import KVInbox
-from kv_transfer.integrity import checksum, pool_bytes, region_checksum, region_runs
+from kv_transfer.integrity import checksum, region_views, views_checksum
 from kv_transfer.sender import OutboundSession, OutOfBandSession, Peer
 from protos import common_pb2, decode_pb2, kv_transfer_pb2
 from protos.cluster_auth import ClusterAuth, end_silent_peers
@@ -377,10 +377,9 @@ class BulkReceiver:
 
         def fill(layer: int, blocks) -> None:
             nonlocal received
-            pool = pool_bytes(self.inbox.cache)
-            for start, length in region_runs(self.inbox.cache, layer, blocks):
-                _recv_exactly(sock, pool[start : start + length])
-                received += length
+            for view in region_views(self.inbox.cache, layer, blocks):
+                _recv_exactly(sock, view)
+                received += len(view)
 
         try:
             self.inbox.authorize(request_id, token)
@@ -534,9 +533,9 @@ class _Piece(_Answered):
             self.checksum = checksum(data) if verify else 0
             return [data]
         self.ready.synchronize()  # the layer's K/V are written
-        self.checksum = region_checksum(self.cache, self.layer, self.src_blocks) if verify else 0
-        pool = pool_bytes(self.cache)
-        return [pool[start : start + length] for start, length in region_runs(self.cache, self.layer, self.src_blocks)]
+        views = region_views(self.cache, self.layer, self.src_blocks)
+        self.checksum = views_checksum(views) if verify else 0
+        return views
 
 
 class _Commit(_Answered):

@@ -59,6 +59,10 @@ class Landing:
     closed_reason: str = ""
     pins: int = 0  # transport threads touching this landing's blocks right now
     lock: threading.Lock = field(default_factory=threading.Lock)
+    reserved: frozenset[int] = field(init=False, repr=False)  # block_ids, for checking each chunk's blocks
+
+    def __post_init__(self) -> None:
+        self.reserved = frozenset(self.block_ids)
 
     @property
     def complete(self) -> bool:
@@ -256,11 +260,9 @@ class KVInbox:
     def _check_chunk(self, landing: Landing, layer: int, block_ids: Sequence[int]) -> None:
         if not 0 <= layer < self.cache.layout.num_layers:
             raise TransferError(f"layer {layer} outside [0, {self.cache.layout.num_layers})", "INVALID_ARGUMENT")
-        stray = set(block_ids) - set(landing.block_ids)
-        if stray or not block_ids:
-            raise TransferError(
-                f"blocks {sorted(stray)[:8]} are not reserved for {landing.request_id}", "INVALID_ARGUMENT"
-            )
+        if not block_ids or not landing.reserved.issuperset(block_ids):
+            stray = sorted(set(block_ids) - landing.reserved)
+            raise TransferError(f"blocks {stray[:8]} are not reserved for {landing.request_id}", "INVALID_ARGUMENT")
 
     def _mark_written(self, landing: Landing, layer: int, block_ids: Sequence[int]) -> None:
         nbytes = len(block_ids) * self.cache.layout.region_bytes

@@ -13,6 +13,7 @@ checksums on).
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 
 import torch
@@ -25,6 +26,7 @@ from engine.kv_cache import PagedKVCache
 _PRIME = (1 << 31) - 1
 _LANE_MULTIPLIERS = (1_103_515_245, 740_103_789)
 _coefficients: dict[tuple[torch.device, int], torch.Tensor] = {}
+_pool_views: weakref.WeakKeyDictionary[PagedKVCache, memoryview] = weakref.WeakKeyDictionary()
 
 
 def checksum(data) -> int:
@@ -41,17 +43,33 @@ def region_checksum(cache: PagedKVCache, layer: int, block_ids: Sequence[int]) -
     if rows.is_cuda:
         index = torch.as_tensor(list(block_ids), dtype=torch.long).to(rows.device, non_blocking=True)
         return device_checksum(rows.index_select(0, index))
-    # xxh3 streamed over pieces equals xxh3 of their concatenation, so each side hashes its own
-    # contiguous runs in one call (the GIL is released inside) and both still agree.
-    pool, digest = pool_bytes(cache), xxhash.xxh3_64()
-    for start, length in region_runs(cache, layer, block_ids):
-        digest.update(pool[start : start + length])
+    return views_checksum(region_views(cache, layer, block_ids))
+
+
+def views_checksum(views: Sequence[memoryview]) -> int:
+    """``checksum`` of the views' bytes back to back, hashed where they lie: xxh3 streamed over pieces equals
+    xxh3 of their concatenation, so each side hashes its own contiguous runs, one call each (the GIL released
+    inside), and both still agree."""
+    digest = xxhash.xxh3_64()
+    for view in views:
+        digest.update(view)
     return digest.intdigest()
 
 
 def pool_bytes(cache: PagedKVCache) -> memoryview:
-    """The whole CPU pool as one writable byte memoryview (no copy): what the host transports slice."""
-    return memoryview(cache.data.view(-1).view(torch.uint8).numpy())
+    """The whole CPU pool as one writable byte memoryview (no copy): what the host transports slice. Made once
+    per pool (the pool's tensor never changes), not once per layer moved."""
+    view = _pool_views.get(cache)
+    if view is None:
+        view = _pool_views[cache] = memoryview(cache.data.view(-1).view(torch.uint8).numpy())
+    return view
+
+
+def region_views(cache: PagedKVCache, layer: int, block_ids: Sequence[int]) -> list[memoryview]:
+    """The CPU pool's bytes of ``block_ids``' regions on ``layer``, as views (no copy), one per run of
+    ``region_runs``: what a host transport sends from, receives into and hashes."""
+    pool = pool_bytes(cache)
+    return [pool[start : start + length] for start, length in region_runs(cache, layer, block_ids)]
 
 
 def region_runs(cache: PagedKVCache, layer: int, block_ids: Sequence[int]) -> list[tuple[int, int]]:
@@ -61,6 +79,8 @@ def region_runs(cache: PagedKVCache, layer: int, block_ids: Sequence[int]) -> li
     """
     layout = cache.layout
     region, runs = layout.region_bytes, []
+    if block_ids and list(block_ids) == list(range(block_ids[0], block_ids[0] + len(block_ids))):
+        return [(layout.region_offset(layer, block_ids[0]), len(block_ids) * region)]  # one run (checked in C)
     previous = None
     for block in block_ids:
         if previous is not None and block == previous + 1:

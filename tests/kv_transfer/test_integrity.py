@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from engine.kv_cache import KVLayout, PagedKVCache
-from kv_transfer.integrity import checksum, device_checksum, region_checksum
+from kv_transfer.integrity import checksum, device_checksum, region_checksum, region_views, views_checksum
 
 LAYOUT = KVLayout(num_layers=2, num_blocks=12, block_size=4, num_kv_heads=2, head_dim=8, dtype="bfloat16")
 BLOCKS = [7, 0, 3, 11]
@@ -54,3 +54,27 @@ def test_sender_and_receiver_pools_agree_when_the_regions_do():
     receiver.write_regions(1, targets, sender.read_regions(1, BLOCKS))
     assert device_checksum(receiver.read_regions(1, targets)) == device_checksum(sender.read_regions(1, BLOCKS))
     assert region_checksum(receiver, 1, targets) == region_checksum(sender, 1, BLOCKS)
+
+
+def test_region_views_are_the_regions_in_order_however_the_blocks_lie():
+    """What the host transports send from, land into and hash: the regions of the blocks in the order given,
+    adjacent ascending blocks as one run, for blocks in one run, scattered, descending, repeated or one."""
+    cache = _pool(seed=5)
+    for blocks in ([4, 5, 6, 7], (4, 5, 6, 9, 10), [7, 6, 5], [2, 2], [11], [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]):
+        views = region_views(cache, 1, blocks)
+        runs = 1 + sum(1 for a, b in zip(blocks, blocks[1:]) if b != a + 1)
+        assert len(views) == runs, (blocks, len(views))
+        expected = cache.read_regions(1, list(blocks)).numpy().tobytes()
+        assert b"".join(bytes(view) for view in views) == expected, blocks
+        assert views_checksum(views) == checksum(expected) == region_checksum(cache, 1, blocks)
+
+
+def test_region_views_write_into_the_pool_itself():
+    """A receiver lands bytes through the views: they are the pool's memory, not a copy, also once the pool's
+    byte view is reused for later calls."""
+    cache = _pool(seed=6)
+    region_views(cache, 0, [3])  # the pool's byte view is made here and reused below
+    view = region_views(cache, 0, [8, 9])[0]
+    view[:] = bytes(range(256)) * (len(view) // 256)
+    assert cache.read_regions(0, [8, 9]).numpy().tobytes() == bytes(view)
+    assert cache.read_regions(0, [8]).view(-1)[:4].tolist() == [0, 1, 2, 3]
