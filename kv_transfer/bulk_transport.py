@@ -66,7 +66,6 @@ it (``net.core.[rw]mem_max``), else left to TCP autotuning, which a smaller fixe
 from __future__ import annotations
 
 import collections
-import functools
 import hashlib
 import hmac
 import json
@@ -185,6 +184,21 @@ def _recv_bytes(sock: socket.socket, count: int, deadline: float | None = None) 
     buffer = bytearray(count)
     _recv_exactly(sock, memoryview(buffer), deadline)
     return bytes(buffer)
+
+
+def _recv_views(sock: socket.socket, views: list[memoryview]) -> None:
+    """Fills every view, in order: ``recvmsg_into`` scatters what has arrived over as many of them as it
+    covers, one call rather than one per view (a frame's pieces land in a few calls)."""
+    while views:
+        count = sock.recvmsg_into(views[:512])[0]  # IOV_MAX is 1024 on Linux
+        if count == 0:
+            raise ConnectionError("the peer closed the bulk connection")
+        while count and views:
+            if count >= len(views[0]):
+                count -= len(views.pop(0))
+            else:
+                views[0] = views[0][count:]
+                count = 0
 
 
 def _send_all(sock: socket.socket, buffers: list) -> None:
@@ -369,29 +383,27 @@ class BulkReceiver:
             return _refusal(exc)
 
     def _land(self, sock, request_id: str, token: str, pieces, sent_here, staging) -> bytes:
-        """Receives the frame's pieces into the reservation, in order, or drains what is left of them
-        after one was refused; the ack's text."""
+        """Receives the frame's pieces into the reservation, or drains what is left of them once refused (a
+        frame naming a block or layer it may not is refused whole, before any byte is written); the ack's text."""
         region = self.inbox.cache.layout.region_bytes
         payload = sum(len(blocks) for _, blocks, _ in pieces) * region
         received = 0
 
-        def fill(layer: int, blocks) -> None:
+        def fill(layer: int, blocks) -> None:  # a piece's regions, in as few calls as the kernel allows
             nonlocal received
-            for view in region_views(self.inbox.cache, layer, blocks):
-                _recv_exactly(sock, view)
-                received += len(view)
+            _recv_views(sock, region_views(self.inbox.cache, layer, blocks))
+            received += len(blocks) * region
 
         try:
             self.inbox.authorize(request_id, token)
             if request_id not in sent_here and len(sent_here) >= 64:  # forget reservations already gone
                 sent_here.difference_update([r for r in sent_here if self.inbox.get(r) is None])
             sent_here.add(request_id)
-            for layer, blocks, expected in pieces:
-                if staging is None:
-                    self.inbox.receive_in_place(
-                        request_id, layer, blocks, expected, functools.partial(fill, layer, blocks)
-                    )
-                else:
+            if staging is None:
+                self.inbox.receive_in_place(request_id, pieces, fill)
+            else:
+                self.inbox.check(request_id, pieces)  # refused whole, as in place
+                for layer, blocks, expected in pieces:
                     data = staging.view(len(blocks) * region)
                     _recv_exactly(sock, data)
                     received += len(data)

@@ -9,7 +9,7 @@ Contract:
 - ``open`` / ``close`` / ``pinned`` / ``forget`` are the owner's: the reservation state machine, under
   its lock (on the decode engine thread, or on a transport thread deciding a good commit at once).
 - ``write`` (gRPC data), ``receive_in_place`` (bulk TCP data), ``landed`` (NIXL notifications),
-  ``layers_complete``, ``wait_for_layers``, ``commit`` and ``abort`` run on transport threads. The
+  ``check``, ``layers_complete``, ``wait_for_layers``, ``commit`` and ``abort`` run on transport threads. The
   first three touch the pool only while *pinned*: the pin is taken under the landing's lock and
   only while the gate is open, and the owner frees a landing's blocks only once it is closed and
   unpinned. So no block is written (or read for a
@@ -41,6 +41,8 @@ from kv_transfer.integrity import checksum, region_checksum
 # Received chunks are read-only bytes; they are only read (copied into the pool), never written.
 warnings.filterwarnings("ignore", message="The given buffer is not writable")
 
+# What landed, or is landing: (layer, destination blocks, checksum; 0: unchecked)
+Piece = tuple[int, Sequence[int], int]
 # request id, first token id, first logprob (or None); blocks until accepted, raises TransferError if refused
 CommitHandler = Callable[[str, int, object], None]
 # request id, reason, sender_stopped: the sender says it will write no more (every gRPC message from
@@ -166,32 +168,37 @@ class KVInbox:
         regions = torch.frombuffer(data, dtype=torch.uint8).view(len(block_ids), region_bytes)
         with self.pin(landing):
             self.cache.write_regions(layer, block_ids, regions)
-            self._mark_written(landing, layer, block_ids)
+            self._mark_written(landing, [(layer, block_ids, expected_checksum)])
 
-    def landed(self, request_id: str, layer: int, block_ids: Sequence[int], expected_checksum: int) -> None:
-        """A NIXL notification: the sender's WRITE of ``block_ids`` on ``layer`` has landed in place
+    def landed(self, request_id: str, pieces: Sequence[Piece]) -> None:
+        """A NIXL notification: the sender's WRITE of ``pieces`` (layer, blocks, checksum) has landed in place
         (nothing left to fill: verify and mark)."""
-        self.receive_in_place(request_id, layer, block_ids, expected_checksum, fill=lambda: None)
+        self.receive_in_place(request_id, pieces, fill=lambda layer, block_ids: None)
 
     def receive_in_place(
-        self, request_id: str, layer: int, block_ids: Sequence[int], expected_checksum: int, fill: Callable[[], None]
+        self, request_id: str, pieces: Sequence[Piece], fill: Callable[[int, Sequence[int]], None]
     ) -> None:
-        """Bulk TCP data (kv_transfer/bulk_transport.py): ``fill`` reads the regions of ``block_ids``
-        on ``layer`` from the network straight into the pool; they are then verified in place. The
-        landing stays pinned throughout, so a refused or stopped reservation is never written."""
-        landing = self._landing(request_id)
-        self._check_chunk(landing, layer, block_ids)
+        """Bulk TCP data (kv_transfer/bulk_transport.py): piece after piece (layer, blocks, checksum; 0:
+        unchecked), ``fill(layer, blocks)`` reads its regions from the network straight into the pool and they
+        are verified in place while still in cache. The landing stays pinned throughout, so a refused or
+        stopped reservation is never written; one pin, and one mark, for all of a frame's pieces."""
+        landing = self.check(request_id, pieces)
         with self.pin(landing):
-            fill()
-            if (
-                self.verify_checksums
-                and expected_checksum
-                and region_checksum(self.cache, layer, block_ids) != expected_checksum
-            ):
-                raise TransferError(f"checksum mismatch on layer {layer} of {request_id}", "DATA_LOSS")
-            if self.sanitize_in_place:
-                self.cache.sanitize(layer, block_ids)
-            self._mark_written(landing, layer, block_ids)
+            for layer, block_ids, expected in pieces:
+                fill(layer, block_ids)
+                if self.verify_checksums and expected and region_checksum(self.cache, layer, block_ids) != expected:
+                    raise TransferError(f"checksum mismatch on layer {layer} of {request_id}", "DATA_LOSS")
+                if self.sanitize_in_place:
+                    self.cache.sanitize(layer, block_ids)
+            self._mark_written(landing, pieces)
+
+    def check(self, request_id: str, pieces: Sequence[Piece]) -> Landing:
+        """Raises TransferError unless every piece names a layer of the pool and blocks of the reservation:
+        a frame of pieces is refused whole, before any of it is written. The landing."""
+        landing = self._landing(request_id)
+        for layer, block_ids, _ in pieces:
+            self._check_chunk(landing, layer, block_ids)
+        return landing
 
     def layers_complete(self, request_id: str) -> bool:
         landing = self._landing(request_id)
@@ -264,11 +271,11 @@ class KVInbox:
             stray = sorted(set(block_ids) - landing.reserved)
             raise TransferError(f"blocks {stray[:8]} are not reserved for {landing.request_id}", "INVALID_ARGUMENT")
 
-    def _mark_written(self, landing: Landing, layer: int, block_ids: Sequence[int]) -> None:
-        nbytes = len(block_ids) * self.cache.layout.region_bytes
+    def _mark_written(self, landing: Landing, pieces: Sequence[Piece]) -> None:
         with landing.lock:
-            landing.written[layer].update(block_ids)
-            landing.bytes_received += nbytes
+            for layer, block_ids, _ in pieces:
+                landing.written[layer].update(block_ids)
+                landing.bytes_received += len(block_ids) * self.cache.layout.region_bytes
             complete = landing.complete
         if complete:  # a waiting commit wakes once, not once per piece
             self._signal()

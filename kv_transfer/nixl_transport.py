@@ -190,8 +190,7 @@ class NixlReceiver:
         try:
             note = msgpack.unpackb(message)
             self.inbox.authorize(note["request_id"], note["token"])
-            for layer, blocks, checksum in note["layers"]:
-                self.inbox.landed(note["request_id"], layer, blocks, checksum)
+            self.inbox.landed(note["request_id"], note["layers"])
         except TransferError as exc:
             log.warning("KV from %s rejected: %s", sender, exc)
             if exc.code == "DATA_LOSS":  # the sender did not say it stopped: it may still be writing

@@ -276,8 +276,8 @@ def _regions(cache: PagedKVCache, layer: int, blocks: list[int]) -> bytes:
 
 def test_a_frame_of_several_pieces_lands_each_and_a_refused_piece_leaves_the_link_working(receiver):
     """One frame carries pieces of two layers (one layer cut in two): each lands in its blocks. A frame whose
-    middle piece names a block outside the reservation is answered with the reason; the piece before it
-    landed, the one behind it is read off the wire unwritten, and the next frame on the connection lands."""
+    middle piece names a block outside the reservation is refused whole with the reason: no piece of it is
+    written (all are read off the wire), and the next frame on the connection lands."""
     source = _source(seed=11)
     receiver.inbox.open("r", DST_BLOCKS, TOKEN)
     sock = _member_connection(receiver.bulk.port)
@@ -295,11 +295,12 @@ def test_a_frame_of_several_pieces_lands_each_and_a_refused_piece_leaves_the_lin
         pieces = [(2, DST_BLOCKS[:3], checksum(head)), (2, [stray], 0), (2, DST_BLOCKS[3:], checksum(tail))]
         sock.sendall(frame_header("r", TOKEN, pieces) + head + bytes(LAYOUT.region_bytes) + tail)
         assert _ack(sock).startswith(f"INVALID_ARGUMENT blocks [{stray}] are not reserved")
-        assert torch.equal(receiver.cache.read_regions(2, DST_BLOCKS[:3]), source.read_regions(2, SRC_BLOCKS[:3]))
-        assert not receiver.cache.read_regions(2, DST_BLOCKS[3:]).any()
+        assert not receiver.cache.read_regions(2, DST_BLOCKS).any()
         assert not receiver.cache.read_regions(2, [stray]).any()
+        assert not receiver.inbox.layers_complete("r")
 
-        sock.sendall(frame_header("r", TOKEN, [(2, DST_BLOCKS[3:], checksum(tail))]) + tail)
+        pieces = [(2, DST_BLOCKS[:3], checksum(head)), (2, DST_BLOCKS[3:], checksum(tail))]
+        sock.sendall(frame_header("r", TOKEN, pieces) + head + tail)
         assert _ack(sock) == ""
         assert receiver.inbox.layers_complete("r")
         assert torch.equal(receiver.cache.read_regions(2, DST_BLOCKS), source.read_regions(2, SRC_BLOCKS))

@@ -37,12 +37,13 @@ class FlippingInbox(KVInbox):
 
     flip_layer: int | None = None
 
-    def landed(self, request_id, layer, block_ids, expected_checksum) -> None:
-        self.checksums_seen.append((layer, expected_checksum))
-        if layer == self.flip_layer:
-            region = self.cache.regions[layer, block_ids[len(block_ids) // 2]]
-            region[self.cache.layout.region_bytes // 3] ^= 0x10
-        super().landed(request_id, layer, block_ids, expected_checksum)
+    def landed(self, request_id, pieces) -> None:
+        for layer, block_ids, expected_checksum in pieces:
+            self.checksums_seen.append((layer, expected_checksum))
+            if layer == self.flip_layer:
+                region = self.cache.regions[layer, block_ids[len(block_ids) // 2]]
+                region[self.cache.layout.region_bytes // 3] ^= 0x10
+        super().landed(request_id, pieces)
 
 
 class Receiver:
