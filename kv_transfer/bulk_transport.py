@@ -7,8 +7,9 @@ sender opens ``connections`` links to it. Either side without bulk, or a listene
 reach, and the session falls back to ``PushKV`` messages (kv_transfer/grpc_transport.py).
 
     prefill (sender)                                  decode (receiver)
-    push_layer ─ piece ─> link queue ─ sendmsg(header, pool memoryviews) ─> recv_into the destination
-                                                      blocks, pinned (inbox) ─ xxh3 in place ─ ack
+    push_layer ─ piece ─> link queue ─ sendmsg(header, pool memoryviews) ─> recvmsg_into the destination
+                         then xxh3 of what went ─ sendmsg(trailer)        blocks, pinned (inbox) ─ xxh3 in
+                                                                          place ─ trailer compared ─ ack
     commit: a commit frame on the session's first link, behind its pieces there, sent while the last
             pieces land; the receiver answers it in that frame's ack once every layer landed and
             was verified, from every link, and the owner accepted the KV (KVReceiverService.commit,
@@ -18,21 +19,28 @@ No intermediate copy on either side for pools in host memory: the sender writes 
 pool's memory, the receiver reads straight into the reservation's blocks while the landing is pinned
 (so they are never written after the reservation stopped, nor freed while written). Adjacent blocks
 go as one run; the checksum is xxh3 over the regions in block order (kv_transfer/integrity.py),
-hashed in place on both sides. A pool in GPU memory is staged: the sender queues each piece's copy
-into pinned host memory on a side stream behind the layer's CUDA event (as the PushKV path does)
-and sends and hashes that buffer; the receiver reads a piece into a pinned buffer of its
-connection, verifies it there and copies it into the pool (``KVInbox.write``). The checksum is the
-same xxh3 of the bytes on the wire, so either end may keep its pool in either memory.
+hashed in place on both sides. The checksums follow the regions, in the frame's trailer: the sender
+hashes a group of pieces (``SEND_GROUP_BYTES``) just after sending it, while the receiver lands it,
+rather than hashing a whole frame before its first byte (which held a second link's first byte up
+0.4-1.6 ms at 16 MiB on two cores), and each side hashes bytes its copy just brought into cache.
+The receiver hashes each piece as it lands and compares once the trailer came; a mismatch refuses the
+frame and stops the reservation (its blocks were written, pinned, and are never adopted). A pool in
+GPU memory is staged: the sender queues each piece's copy into pinned host memory on a side stream
+behind the layer's CUDA event (as the PushKV path does) and sends and hashes that buffer; the
+receiver reads a piece into a pinned buffer of its connection, hashes it there and copies it into
+the pool. The checksum is the same xxh3 of the bytes on the wire, so either end may keep its pool
+in either memory.
 
 Wire (big-endian):
 
     hello  receiver -> sender  b"SSKV" version:u8 nonce[32]
            sender -> receiver  HMAC-SHA256(cluster secret, HELLO_CONTEXT + nonce)    32 bytes
            receiver -> sender  0 (admitted) or 1 (refused; the connection closes)
-    frame  sender -> receiver  b"KVF3" request_id_len:u16 token_len:u16 pieces:u16 | request id
-                               | ticket token | pieces x (layer:u32 num_blocks:u32 checksum:u64)
+    frame  sender -> receiver  b"KVF4" request_id_len:u16 token_len:u16 pieces:u16 checked:u8 | request id
+                               | ticket token | pieces x (layer:u32 num_blocks:u32)
                                | every piece's block ids (u32 each), piece after piece
                                | every piece's regions (num_blocks x region_bytes, in block order)
+                               | pieces x checksum:u64 (the trailer; 0: unchecked)
     commit sender -> receiver  a frame of 0 pieces: its header, request id and ticket token
                                | request_len:u32 context_len:u32 | a CommitRequest (its first token,
                                logprob and instance; the frame names the request and token)
@@ -50,15 +58,16 @@ does when another of the session's links breaks); frames behind the commit on it
 A piece is one layer's blocks (a layer larger than the frame size is cut into several). A link sends
 the pieces queued for it meanwhile as one frame, ``MAX_PIECES`` at most, when they belong to the same
 request: a whole-request push, or layers pushed faster than the link drains, costs a header, a
-``sendmsg`` and an ack per frame rather than per layer.
+trailer and an ack per frame rather than per layer, and lands under one pin. A frame that names a
+layer or block it may not is refused whole, before any of it is written.
 
 Trust is the control path's: the link authenticates with the cluster secret (it never crosses the
 wire), and every frame presents its ticket's token (``KVInbox.authorize``). Without TLS the bytes
 travel in the clear, as gRPC's without TLS do; with TLS configured the bulk path is not offered.
 
 Threads: ``push_layer`` (engine thread) only queues a layer's pieces; each link has a sending
-thread, which hashes the pieces of a frame (xxh3 frees the GIL, so two links hash on two cores)
-and sends them, and an ack-reading thread; the receiver has an accepting thread and one
+thread, which sends the pieces of a frame and hashes them as they go (xxh3 frees the GIL, so two
+links hash on two cores), and an ack-reading thread; the receiver has an accepting thread and one
 thread per connection. Socket buffers: raised to ``SOCKET_BUFFER_BYTES`` where the kernel allows
 it (``net.core.[rw]mem_max``), else left to TCP autotuning, which a smaller fixed size would cap.
 """
@@ -85,26 +94,28 @@ from engine.layer_ready import COMPLETED, LayerReady
 from kv_transfer.errors import TransferError
 from kv_transfer.grpc_transport import DEFAULT_CHUNK_BYTES, GrpcKVSender, stage_regions
 from kv_transfer.inbox import KVInbox
-from kv_transfer.integrity import checksum, region_views, views_checksum
+from kv_transfer.integrity import region_views, views_checksum
 from kv_transfer.sender import OutboundSession, OutOfBandSession, Peer
 from protos import common_pb2, decode_pb2, kv_transfer_pb2
 from protos.cluster_auth import ClusterAuth, end_silent_peers
 
 log = logging.getLogger(__name__)
 
-VERSION = 3
+VERSION = 4
 HELLO = b"SSKV"
 HELLO_CONTEXT = b"splitserve-kv-bulk-v1"
 NONCE_BYTES = 32
-FRAME_MAGIC = b"KVF3"
-FRAME_HEADER = struct.Struct("!4sHHH")
-PIECE_HEADER = struct.Struct("!IIQ")  # layer, blocks, checksum
+FRAME_MAGIC = b"KVF4"
+FRAME_HEADER = struct.Struct("!4sHHHB")  # magic, request id and token lengths, pieces, checked
+PIECE_HEADER = struct.Struct("!II")  # layer, blocks
+CHECKSUM = struct.Struct("!Q")  # a piece's, in the frame's trailer
 MAX_PIECES = 64  # per frame: bounds its header, and what one ack answers for
 COMMIT_HEADER = struct.Struct("!II")  # a commit frame's CommitRequest bytes, its trace context's bytes
 MAX_COMMIT_BYTES = 64 * 1024  # both together: a first token's logprobs and a trace context fit many times
 ACK_HEADER = struct.Struct("!I")
 DEFAULT_CONNECTIONS = 2
 DEFAULT_PIECE_BYTES = 8 * 1024 * 1024  # a layer larger than this is cut into pieces (spread over links)
+SEND_GROUP_BYTES = 1 << 20  # a frame's pieces go in sends of about this much, each hashed once it went
 SOCKET_BUFFER_BYTES = 32 * 1024 * 1024  # ~ the bandwidth-delay product of 100 Gb/s x 2.5 ms
 CONNECT_TIMEOUT_S = 5.0
 RECONNECT_S = 5.0  # after a failed connect, a peer's KV goes in gRPC messages this long before the next try
@@ -127,19 +138,27 @@ def hello_proof(secret: str | None, nonce: bytes) -> bytes:
     return hmac.new((secret or "").encode(), HELLO_CONTEXT + nonce, hashlib.sha256).digest()
 
 
-def frame_header(request_id: str, token: str, pieces: Sequence[tuple[int, Sequence[int], int]]) -> bytes:
-    """A frame's header: its ``pieces`` as (layer, destination blocks, checksum; 0: unchecked)."""
+def frame_header(
+    request_id: str, token: str, pieces: Sequence[tuple[int, Sequence[int]]], checked: bool = True
+) -> bytes:
+    """A frame's header: its ``pieces`` as (layer, destination blocks); ``checked``: its trailer holds their
+    checksums (else zeros, and the receiver hashes nothing)."""
     request, ticket = request_id.encode(), token.encode()
-    blocks = [block for _, dst_blocks, _ in pieces for block in dst_blocks]
+    blocks = [block for _, dst_blocks in pieces for block in dst_blocks]
     return b"".join(
         [
-            FRAME_HEADER.pack(FRAME_MAGIC, len(request), len(ticket), len(pieces)),
+            FRAME_HEADER.pack(FRAME_MAGIC, len(request), len(ticket), len(pieces), checked),
             request,
             ticket,
-            *(PIECE_HEADER.pack(layer, len(dst_blocks), digest) for layer, dst_blocks, digest in pieces),
+            *(PIECE_HEADER.pack(layer, len(dst_blocks)) for layer, dst_blocks in pieces),
             struct.pack(f"!{len(blocks)}I", *blocks),
         ]
     )
+
+
+def frame_trailer(checksums: Sequence[int]) -> bytes:
+    """A frame's trailer, behind its regions: each piece's checksum (0: unchecked), in order."""
+    return struct.pack(f"!{len(checksums)}Q", *checksums)
 
 
 def commit_frame(request_id: str, token: str, request: kv_transfer_pb2.CommitRequest, metadata) -> bytes:
@@ -189,6 +208,7 @@ def _recv_bytes(sock: socket.socket, count: int, deadline: float | None = None) 
 def _recv_views(sock: socket.socket, views: list[memoryview]) -> None:
     """Fills every view, in order: ``recvmsg_into`` scatters what has arrived over as many of them as it
     covers, one call rather than one per view (a frame's pieces land in a few calls)."""
+    views = list(views)
     while views:
         count = sock.recvmsg_into(views[:512])[0]  # IOV_MAX is 1024 on Linux
         if count == 0:
@@ -333,7 +353,7 @@ class BulkReceiver:
         if first == 0:
             return False
         _recv_exactly(sock, memoryview(header)[first:])
-        magic, id_len, token_len, count = FRAME_HEADER.unpack(header)
+        magic, id_len, token_len, count, checked = FRAME_HEADER.unpack(header)
         if magic != FRAME_MAGIC or count > MAX_PIECES:
             raise ConnectionError(f"malformed bulk KV frame (magic {magic!r}, {count} pieces)")
         names = _recv_bytes(sock, id_len + token_len + PIECE_HEADER.size * count)
@@ -343,20 +363,20 @@ class BulkReceiver:
             answer = self._commit(sock, request_id, token)
         else:
             pieces = self._pieces(sock, names[id_len + token_len :])
-            answer = self._land(sock, request_id, token, pieces, sent_here, staging)
+            answer = self._land(sock, request_id, token, pieces, bool(checked), sent_here, staging)
         sock.sendall(ACK_HEADER.pack(len(answer)) + answer)
         return True
 
-    def _pieces(self, sock: socket.socket, shapes_bytes: bytes) -> list[tuple[int, tuple[int, ...], int]]:
-        """A frame's pieces as (layer, destination blocks, checksum), their block ids read off the wire."""
+    def _pieces(self, sock: socket.socket, shapes_bytes: bytes) -> list[tuple[int, tuple[int, ...]]]:
+        """A frame's pieces as (layer, destination blocks), their block ids read off the wire."""
         shapes = list(PIECE_HEADER.iter_unpack(shapes_bytes))
-        if any(not 0 < num_blocks <= self.inbox.cache.layout.num_blocks for _, num_blocks, _ in shapes):
-            raise ConnectionError(f"malformed bulk KV frame (pieces of {[n for _, n, _ in shapes]} blocks)")
-        total = sum(num_blocks for _, num_blocks, _ in shapes)
+        if any(not 0 < num_blocks <= self.inbox.cache.layout.num_blocks for _, num_blocks in shapes):
+            raise ConnectionError(f"malformed bulk KV frame (pieces of {[n for _, n in shapes]} blocks)")
+        total = sum(num_blocks for _, num_blocks in shapes)
         blocks = struct.unpack(f"!{total}I", _recv_bytes(sock, 4 * total))
         pieces, begin = [], 0
-        for layer, num_blocks, expected in shapes:
-            pieces.append((layer, blocks[begin : begin + num_blocks], expected))
+        for layer, num_blocks in shapes:
+            pieces.append((layer, blocks[begin : begin + num_blocks]))
             begin += num_blocks
         return pieces
 
@@ -382,32 +402,41 @@ class BulkReceiver:
         except TransferError as exc:
             return _refusal(exc)
 
-    def _land(self, sock, request_id: str, token: str, pieces, sent_here, staging) -> bytes:
-        """Receives the frame's pieces into the reservation, or drains what is left of them once refused (a
-        frame naming a block or layer it may not is refused whole, before any byte is written); the ack's text."""
+    def _land(self, sock, request_id: str, token: str, pieces, checked: bool, sent_here, staging) -> bytes:
+        """Receives the frame's pieces into the reservation, each hashed as it lands (while in cache) and checked
+        against the trailer's checksums, or drains what is left of the frame once refused (a frame naming a block
+        or layer it may not is refused whole, before any byte is written); the ack's text."""
         region = self.inbox.cache.layout.region_bytes
-        payload = sum(len(blocks) for _, blocks, _ in pieces) * region
+        payload = sum(len(blocks) for _, blocks in pieces) * region + CHECKSUM.size * len(pieces)
         received = 0
+        hashing = checked and self.inbox.verify_checksums
 
-        def fill(layer: int, blocks) -> None:  # a piece's regions, in as few calls as the kernel allows
+        def fill(layer: int, blocks) -> int:  # a piece's regions, in as few calls as the kernel allows
             nonlocal received
-            _recv_views(sock, region_views(self.inbox.cache, layer, blocks))
+            if staging is None:
+                views = region_views(self.inbox.cache, layer, blocks)
+                _recv_views(sock, views)
+            else:  # through a host buffer, then copied into the pool
+                views = [staging.view(len(blocks) * region)]
+                _recv_exactly(sock, views[0])
             received += len(blocks) * region
+            digest = views_checksum(views) if hashing else 0
+            if staging is not None:
+                self.inbox.cache.write_regions(layer, blocks, staging.regions(len(blocks), region))
+            return digest
+
+        def checksums() -> tuple[int, ...]:
+            nonlocal received
+            trailer = _recv_bytes(sock, CHECKSUM.size * len(pieces))
+            received += len(trailer)
+            return struct.unpack(f"!{len(pieces)}Q", trailer)
 
         try:
             self.inbox.authorize(request_id, token)
             if request_id not in sent_here and len(sent_here) >= 64:  # forget reservations already gone
                 sent_here.difference_update([r for r in sent_here if self.inbox.get(r) is None])
             sent_here.add(request_id)
-            if staging is None:
-                self.inbox.receive_in_place(request_id, pieces, fill)
-            else:
-                self.inbox.check(request_id, pieces)  # refused whole, as in place
-                for layer, blocks, expected in pieces:
-                    data = staging.view(len(blocks) * region)
-                    _recv_exactly(sock, data)
-                    received += len(data)
-                    self.inbox.write(request_id, layer, blocks, data, expected)
+            self.inbox.receive_in_place(request_id, pieces, fill, checksums)
             return b""
         except (OSError, ConnectionError):
             # Mid-frame: nobody can finish these layers now. Other frames on this link are their senders' business.
@@ -440,6 +469,10 @@ class _Staging:
         if self._buffer is None or self._buffer.numel() < nbytes:
             self._buffer = torch.empty(nbytes, dtype=torch.uint8, pin_memory=torch.cuda.is_available())
         return memoryview(self._buffer.numpy())[:nbytes]
+
+    def regions(self, count: int, region_bytes: int) -> torch.Tensor:
+        """What ``view`` received, as ``count`` regions of ``region_bytes`` (the pool's write reads it)."""
+        return self._buffer[: count * region_bytes].view(count, region_bytes)
 
 
 def _refusal(exc: TransferError) -> bytes:
@@ -505,7 +538,6 @@ class _Piece(_Answered):
         self.src_blocks = src
         self.dst_blocks = dst
         self.ready = ready
-        self.checksum: int | None = None  # set by the link, from what it sends, once ``ready`` completed
         self.nbytes = len(src) * cache.layout.region_bytes
         self._lock = threading.Lock()
         self._state = "queued"  # queued -> reading -> read, or queued -> cancelled
@@ -535,19 +567,14 @@ class _Piece(_Answered):
             return True
         return self._read.wait(timeout)
 
-    def regions(self, verify: bool) -> list | None:
-        """Sending thread, once reading: the bytes to send (views of the pool, or the staged copy) with
-        ``checksum`` set (0: unchecked); None if the staged copy was released before its regions were read."""
+    def regions(self) -> list | None:
+        """Sending thread, once reading: the bytes to send and hash (views of the pool, or the staged copy);
+        None if the staged copy was released before its regions were read."""
         if self.staged is not None:
             data = self.staged.host_view()
-            if data is None:
-                return None
-            self.checksum = checksum(data) if verify else 0
-            return [data]
+            return None if data is None else [data]
         self.ready.synchronize()  # the layer's K/V are written
-        views = region_views(self.cache, self.layer, self.src_blocks)
-        self.checksum = views_checksum(views) if verify else 0
-        return views
+        return region_views(self.cache, self.layer, self.src_blocks)
 
 
 class _Commit(_Answered):
@@ -610,7 +637,9 @@ class BulkLink:
         while (pieces := self._next_frame()) is not None:
             try:
                 self._send_frame(pieces)
-            except (OSError, ValueError) as exc:
+            except Exception as exc:  # OSError, or a bug: either way the link ends, and its pieces fail now
+                if not isinstance(exc, (OSError, ValueError)):
+                    log.exception("%s: sending a frame failed", self.name)
                 self.break_link(f"{self.name} failed while sending: {exc}")
                 for piece in pieces:
                     piece.finish(self.broken, lost=True)
@@ -645,35 +674,49 @@ class BulkLink:
                     return pieces
 
     def _send_frame(self, items: list) -> None:
-        sent, buffers, dropped = self._frame_bytes(items)
+        """A commit's frame, or the pieces' (those still to send): their bytes in sends of SEND_GROUP_BYTES or so,
+        each group hashed once its bytes went (while the receiver lands them), then the trailer of checksums."""
+        if isinstance(items[0], _Commit):
+            sent, groups = items, [[items[0].frame]]
+        else:
+            sent, groups, dropped = self._readable(items)
+            with self._lock:
+                self.queued_bytes -= dropped
         with self._lock:
             if self.broken is not None:
                 raise OSError(self.broken)
-            self.queued_bytes -= dropped
             if not sent:
                 return
             self._sent.append(sent)  # before the bytes go: the ack reader finds the frame its ack answers
-        _send_all(self.sock, buffers)
+        if isinstance(sent[0], _Commit):
+            _send_all(self.sock, groups[0])
+            return
+        session = sent[0].session
+        pieces = [(p.layer, p.dst_blocks) for p in sent]
+        header = frame_header(session.request_id, session.ticket.token, pieces, self.verify)
+        checksums, batch, batch_bytes = [], [header], 0
+        for index, regions in enumerate(groups):
+            batch += regions
+            batch_bytes += sent[index].nbytes
+            if batch_bytes >= SEND_GROUP_BYTES or index == len(groups) - 1:
+                _send_all(self.sock, batch)
+                first = len(checksums)
+                checksums += [views_checksum(r) if self.verify else 0 for r in groups[first : index + 1]]
+                batch, batch_bytes = [], 0
+        _send_all(self.sock, [frame_trailer(checksums)])
 
-    def _frame_bytes(self, items: list) -> tuple[list, list, int]:
-        """What the frame answers for (a commit, or the pieces still to send), its buffers, and the bytes of
-        the pieces released before they were read."""
-        if isinstance(items[0], _Commit):
-            return items, [items[0].frame], 0
-        sent, buffers, dropped = [], [], 0
-        for piece in items:
-            regions = piece.regions(self.verify)
+    def _readable(self, pieces: list) -> tuple[list, list, int]:
+        """The pieces still to send, each one's buffers, and the bytes of those released before they were read."""
+        sent, groups, dropped = [], [], 0
+        for piece in pieces:
+            regions = piece.regions()
             if regions is None:
                 piece.finish("released before it was sent")
                 dropped += piece.nbytes
                 continue
             sent.append(piece)
-            buffers += regions
-        if sent:
-            session = sent[0].session
-            pieces = [(p.layer, p.dst_blocks, p.checksum) for p in sent]
-            buffers.insert(0, frame_header(session.request_id, session.ticket.token, pieces))
-        return sent, buffers, dropped
+            groups.append(regions)
+        return sent, groups, dropped
 
     def _ack_loop(self) -> None:
         try:

@@ -41,8 +41,8 @@ from kv_transfer.integrity import checksum, region_checksum
 # Received chunks are read-only bytes; they are only read (copied into the pool), never written.
 warnings.filterwarnings("ignore", message="The given buffer is not writable")
 
-# What landed, or is landing: (layer, destination blocks, checksum; 0: unchecked)
-Piece = tuple[int, Sequence[int], int]
+# What lands: (layer, destination blocks)
+Piece = tuple[int, Sequence[int]]
 # request id, first token id, first logprob (or None); blocks until accepted, raises TransferError if refused
 CommitHandler = Callable[[str, int, object], None]
 # request id, reason, sender_stopped: the sender says it will write no more (every gRPC message from
@@ -168,25 +168,38 @@ class KVInbox:
         regions = torch.frombuffer(data, dtype=torch.uint8).view(len(block_ids), region_bytes)
         with self.pin(landing):
             self.cache.write_regions(layer, block_ids, regions)
-            self._mark_written(landing, [(layer, block_ids, expected_checksum)])
+            self._mark_written(landing, [(layer, block_ids)])
 
-    def landed(self, request_id: str, pieces: Sequence[Piece]) -> None:
-        """A NIXL notification: the sender's WRITE of ``pieces`` (layer, blocks, checksum) has landed in place
-        (nothing left to fill: verify and mark)."""
-        self.receive_in_place(request_id, pieces, fill=lambda layer, block_ids: None)
+    def landed(self, request_id: str, layers: Sequence[tuple[int, Sequence[int], int]]) -> None:
+        """A NIXL notification: the sender's WRITE of ``layers`` (layer, blocks, checksum; 0: unchecked) has
+        landed in place (nothing left to fill: verify in place and mark)."""
+
+        expected = iter([checksum for _, _, checksum in layers])  # fill is called once per piece, in order
+
+        def verify(layer: int, block_ids: Sequence[int]) -> int:  # an unchecked layer is not hashed
+            return region_checksum(self.cache, layer, block_ids) if next(expected) and self.verify_checksums else 0
+
+        pieces = [(layer, block_ids) for layer, block_ids, _ in layers]
+        self.receive_in_place(request_id, pieces, verify, lambda: [checksum for _, _, checksum in layers])
 
     def receive_in_place(
-        self, request_id: str, pieces: Sequence[Piece], fill: Callable[[int, Sequence[int]], None]
+        self,
+        request_id: str,
+        pieces: Sequence[Piece],
+        fill: Callable[[int, Sequence[int]], int],
+        checksums: Callable[[], Sequence[int]],
     ) -> None:
-        """Bulk TCP data (kv_transfer/bulk_transport.py): piece after piece (layer, blocks, checksum; 0:
-        unchecked), ``fill(layer, blocks)`` reads its regions from the network straight into the pool and they
-        are verified in place while still in cache. The landing stays pinned throughout, so a refused or
-        stopped reservation is never written; one pin, and one mark, for all of a frame's pieces."""
+        """Bulk TCP data (kv_transfer/bulk_transport.py): piece after piece (layer, blocks), ``fill(layer,
+        blocks)`` reads its regions from the network into the pool and returns their checksum, hashed while still
+        in cache (anything when ``verify_checksums`` is off); ``checksums()`` then gives the sender's, in order
+        (0: unchecked). The landing stays pinned throughout, so a refused or stopped reservation is never
+        written; a mismatch is DATA_LOSS, and nothing of the frame is marked landed. One pin, and one mark, for
+        all of a frame's pieces."""
         landing = self.check(request_id, pieces)
         with self.pin(landing):
-            for layer, block_ids, expected in pieces:
-                fill(layer, block_ids)
-                if self.verify_checksums and expected and region_checksum(self.cache, layer, block_ids) != expected:
+            digests = [fill(layer, block_ids) for layer, block_ids in pieces]
+            for (layer, block_ids), digest, expected in zip(pieces, digests, checksums(), strict=True):
+                if self.verify_checksums and expected and digest != expected:
                     raise TransferError(f"checksum mismatch on layer {layer} of {request_id}", "DATA_LOSS")
                 if self.sanitize_in_place:
                     self.cache.sanitize(layer, block_ids)
@@ -196,7 +209,7 @@ class KVInbox:
         """Raises TransferError unless every piece names a layer of the pool and blocks of the reservation:
         a frame of pieces is refused whole, before any of it is written. The landing."""
         landing = self._landing(request_id)
-        for layer, block_ids, _ in pieces:
+        for layer, block_ids in pieces:
             self._check_chunk(landing, layer, block_ids)
         return landing
 
@@ -273,7 +286,7 @@ class KVInbox:
 
     def _mark_written(self, landing: Landing, pieces: Sequence[Piece]) -> None:
         with landing.lock:
-            for layer, block_ids, _ in pieces:
+            for layer, block_ids in pieces:
                 landing.written[layer].update(block_ids)
                 landing.bytes_received += len(block_ids) * self.cache.layout.region_bytes
             complete = landing.complete

@@ -148,14 +148,14 @@ def land_in_place_and_adopt(engine: Engine, poison: float, transport: str = "nix
     inbox.open("peer", blocks)
     for layer in range(engine.layout.num_layers):
 
-        def land(layer=layer, blocks=blocks):  # what the peer's WRITE (or recv_into) put there
+        def land(layer=layer):  # what the peer's WRITE (or recv_into) put there
             engine.kv_cache.data[layer, blocks] = poison
 
         if transport == "nixl":
             land()
             inbox.landed("peer", [(layer, blocks, 0)])
         else:
-            inbox.receive_in_place("peer", [(layer, blocks, 0)], fill=land)
+            inbox.receive_in_place("peer", [(layer, blocks)], fill=lambda *piece: land() or 0, checksums=lambda: [0])
     engine.complete_reservation("peer", first_token_id=7)
 
 

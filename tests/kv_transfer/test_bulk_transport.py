@@ -25,6 +25,7 @@ from kv_transfer.bulk_transport import (
     BulkSession,
     commit_frame,
     frame_header,
+    frame_trailer,
 )
 from kv_transfer.errors import TransferError
 from kv_transfer.grpc_transport import GrpcSession
@@ -199,8 +200,8 @@ def test_a_byte_flipped_on_the_wire_is_refused_and_stops_the_reservation(receive
     source = _source(seed=4)
     hello = 32  # the sender's side of the hello: its proof
     # A byte inside the first layer's regions, however many layers the first frame carries.
-    header = len(frame_header("r", TOKEN, [(layer, DST_BLOCKS, 0) for layer in range(LAYOUT.num_layers)]))
-    assert header + 1000 < len(frame_header("r", TOKEN, [(0, DST_BLOCKS, 0)])) + len(DST_BLOCKS) * LAYOUT.region_bytes
+    header = len(frame_header("r", TOKEN, [(layer, DST_BLOCKS) for layer in range(LAYOUT.num_layers)]))
+    assert header + 1000 < len(frame_header("r", TOKEN, [(0, DST_BLOCKS)])) + len(DST_BLOCKS) * LAYOUT.region_bytes
     proxy = FlippingProxy(receiver.bulk.port, hello + header + 1000)
     link = BulkLink("127.0.0.1", proxy.port, SECRET, verify=True)
     sender = BulkKVSender(receiver.layout, "prefill", auth=ClusterAuth(secret=SECRET), connections=1)
@@ -274,6 +275,15 @@ def _regions(cache: PagedKVCache, layer: int, blocks: list[int]) -> bytes:
     return cache.read_regions(layer, blocks).numpy().tobytes()
 
 
+def _frame(request_id: str, token: str, pieces: list[tuple[int, list[int], bytes]], checksums=None) -> bytes:
+    """A frame written by hand: ``pieces`` as (layer, destination blocks, their bytes), the trailer holding each
+    piece's true checksum unless ``checksums`` says otherwise."""
+    if checksums is None:
+        checksums = [checksum(data) for _, _, data in pieces]
+    header = frame_header(request_id, token, [(layer, blocks) for layer, blocks, _ in pieces])
+    return header + b"".join(data for _, _, data in pieces) + frame_trailer(checksums)
+
+
 def test_a_frame_of_several_pieces_lands_each_and_a_refused_piece_leaves_the_link_working(receiver):
     """One frame carries pieces of two layers (one layer cut in two): each lands in its blocks. A frame whose
     middle piece names a block outside the reservation is refused whole with the reason: no piece of it is
@@ -283,27 +293,50 @@ def test_a_frame_of_several_pieces_lands_each_and_a_refused_piece_leaves_the_lin
     sock = _member_connection(receiver.bulk.port)
     try:
         cut = [(0, SRC_BLOCKS[:2], DST_BLOCKS[:2]), (0, SRC_BLOCKS[2:], DST_BLOCKS[2:]), (1, SRC_BLOCKS, DST_BLOCKS)]
-        payloads = [_regions(source, layer, src) for layer, src, _ in cut]
-        pieces = [(layer, dst, checksum(data)) for (layer, _, dst), data in zip(cut, payloads)]
-        sock.sendall(frame_header("r", TOKEN, pieces) + b"".join(payloads))
+        sock.sendall(_frame("r", TOKEN, [(layer, dst, _regions(source, layer, src)) for layer, src, dst in cut]))
         assert _ack(sock) == ""
         for layer in (0, 1):
             assert torch.equal(receiver.cache.read_regions(layer, DST_BLOCKS), source.read_regions(layer, SRC_BLOCKS))
 
         stray = max(set(range(LAYOUT.num_blocks)) - set(DST_BLOCKS))
         head, tail = _regions(source, 2, SRC_BLOCKS[:3]), _regions(source, 2, SRC_BLOCKS[3:])
-        pieces = [(2, DST_BLOCKS[:3], checksum(head)), (2, [stray], 0), (2, DST_BLOCKS[3:], checksum(tail))]
-        sock.sendall(frame_header("r", TOKEN, pieces) + head + bytes(LAYOUT.region_bytes) + tail)
+        pieces = [(2, DST_BLOCKS[:3], head), (2, [stray], bytes(LAYOUT.region_bytes)), (2, DST_BLOCKS[3:], tail)]
+        sock.sendall(_frame("r", TOKEN, pieces))
         assert _ack(sock).startswith(f"INVALID_ARGUMENT blocks [{stray}] are not reserved")
         assert not receiver.cache.read_regions(2, DST_BLOCKS).any()
         assert not receiver.cache.read_regions(2, [stray]).any()
         assert not receiver.inbox.layers_complete("r")
 
-        pieces = [(2, DST_BLOCKS[:3], checksum(head)), (2, DST_BLOCKS[3:], checksum(tail))]
-        sock.sendall(frame_header("r", TOKEN, pieces) + head + tail)
+        sock.sendall(_frame("r", TOKEN, [(2, DST_BLOCKS[:3], head), (2, DST_BLOCKS[3:], tail)]))
         assert _ack(sock) == ""
         assert receiver.inbox.layers_complete("r")
         assert torch.equal(receiver.cache.read_regions(2, DST_BLOCKS), source.read_regions(2, SRC_BLOCKS))
+    finally:
+        sock.close()
+
+
+def test_the_trailer_checksums_decide_what_lands(receiver):
+    """The checksums follow the regions, in the frame's trailer: a frame whose trailer disagrees with its second
+    piece is refused (DATA_LOSS, the reservation stops) and none of its pieces counts as landed; a frame sent
+    unchecked (its header says so, its trailer is zeros) lands as it came."""
+    source = _source(seed=14)
+    receiver.inbox.open("r", DST_BLOCKS, TOKEN)
+    receiver.inbox.open("s", DST_BLOCKS, TOKEN)
+    sock = _member_connection(receiver.bulk.port)
+    try:
+        pieces = [(layer, DST_BLOCKS, _regions(source, layer, SRC_BLOCKS)) for layer in (0, 1)]
+        truth = [checksum(data) for _, _, data in pieces]
+        sock.sendall(_frame("r", TOKEN, pieces, checksums=[truth[0], truth[1] ^ 1]))
+        assert _ack(sock) == "DATA_LOSS checksum mismatch on layer 1 of r"
+        assert receiver.aborted and receiver.aborted[0][0] == "r"
+        assert not receiver.inbox.pinned("r")
+
+        header = frame_header("s", TOKEN, [(layer, blocks) for layer, blocks, _ in pieces], checked=False)
+        sock.sendall(header + b"".join(data for _, _, data in pieces) + frame_trailer([0, 0]))
+        assert _ack(sock) == ""
+        for layer in (0, 1):
+            assert torch.equal(receiver.cache.read_regions(layer, DST_BLOCKS), source.read_regions(layer, SRC_BLOCKS))
+        assert receiver.inbox.get("s").written[1] == set(DST_BLOCKS)
     finally:
         sock.close()
 
@@ -380,9 +413,8 @@ def test_commit_frames_written_by_hand_are_checked_before_anything_is_decided(re
     good = kv_transfer_pb2.CommitRequest(instance_id="instance-1", first_token_id=7)
     sock = _member_connection(receiver.bulk.port)
     try:
-        payloads = [_regions(source, layer, SRC_BLOCKS) for layer in range(LAYOUT.num_layers)]
-        pieces = [(layer, DST_BLOCKS, checksum(data)) for layer, data in enumerate(payloads)]
-        sock.sendall(frame_header("r", TOKEN, pieces) + b"".join(payloads))
+        pieces = [(layer, DST_BLOCKS, _regions(source, layer, SRC_BLOCKS)) for layer in range(LAYOUT.num_layers)]
+        sock.sendall(_frame("r", TOKEN, pieces))
         assert _ack(sock) == ""
 
         sock.sendall(commit_frame("r", "not-the-token", good, None))
@@ -440,7 +472,9 @@ def test_pieces_queued_while_the_link_is_busy_go_out_as_one_frame(receiver, monk
     frames: list[int] = []
     header = bulk_transport.frame_header
     monkeypatch.setattr(
-        bulk_transport, "frame_header", lambda r, t, pieces: frames.append(len(pieces)) or header(r, t, pieces)
+        bulk_transport,
+        "frame_header",
+        lambda r, t, pieces, *rest: frames.append(len(pieces)) or header(r, t, pieces, *rest),
     )
     source = _source(seed=12)
     sender = BulkKVSender(receiver.layout, "prefill", auth=ClusterAuth(secret=SECRET), connections=1)
@@ -471,7 +505,7 @@ def test_a_sender_that_stalls_mid_frame_stops_the_reservation_after_the_stall_ti
     link = BulkLink("127.0.0.1", receiver.bulk.port, SECRET, verify=True)
     try:
         receiver.inbox.open("r", DST_BLOCKS, TOKEN)
-        header = frame_header("r", TOKEN, [(0, DST_BLOCKS, 0)])
+        header = frame_header("r", TOKEN, [(0, DST_BLOCKS)])
         link.sock.sendall(header + bytes(LAYOUT.region_bytes * len(DST_BLOCKS) // 2))
         began = time.monotonic()
         while not receiver.aborted and time.monotonic() - began < 10:
