@@ -213,25 +213,24 @@ def _recv_views(sock: socket.socket, views: list[memoryview]) -> None:
         count = sock.recvmsg_into(views[:512])[0]  # IOV_MAX is 1024 on Linux
         if count == 0:
             raise ConnectionError("the peer closed the bulk connection")
-        while count and views:
-            if count >= len(views[0]):
-                count -= len(views.pop(0))
-            else:
-                views[0] = views[0][count:]
-                count = 0
+        _advance(views, count)
 
 
 def _send_all(sock: socket.socket, buffers: list) -> None:
     """``sendmsg`` the buffers, resuming after a partial send; no buffer is joined or copied."""
     views = [memoryview(b).cast("B") for b in buffers]
     while views:
-        sent = sock.sendmsg(views[:512])  # IOV_MAX is 1024 on Linux
-        while sent and views:
-            if sent >= len(views[0]):
-                sent -= len(views.pop(0))
-            else:
-                views[0] = views[0][sent:]
-                sent = 0
+        _advance(views, sock.sendmsg(views[:512]))  # IOV_MAX is 1024 on Linux
+
+
+def _advance(views: list[memoryview], count: int) -> None:
+    """Drops the first ``count`` bytes of ``views`` (a scatter/gather list) after a call moved them."""
+    while count and views:
+        if count >= len(views[0]):
+            count -= len(views.pop(0))
+        else:
+            views[0] = views[0][count:]
+            count = 0
 
 
 # -- receiver ---------------------------------------------------------------------------------------
