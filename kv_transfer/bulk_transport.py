@@ -673,35 +673,40 @@ class BulkLink:
                     return pieces
 
     def _send_frame(self, items: list) -> None:
-        """A commit's frame, or the pieces' (those still to send): their bytes in sends of SEND_GROUP_BYTES or so,
-        each group hashed once its bytes went (while the receiver lands them), then the trailer of checksums."""
+        """A commit's frame, or the pieces' (those still to send)."""
         if isinstance(items[0], _Commit):
-            sent, groups = items, [[items[0].frame]]
-        else:
-            sent, groups, dropped = self._readable(items)
-            with self._lock:
-                self.queued_bytes -= dropped
+            if self._expect_ack(items, dropped=0):
+                _send_all(self.sock, [items[0].frame])
+            return
+        sent, groups, dropped = self._readable(items)
+        if self._expect_ack(sent, dropped):
+            self._send_pieces(sent, groups)
+
+    def _expect_ack(self, sent: list, dropped: int) -> bool:
+        """Before a frame's bytes go, so that the ack reader finds what its ack answers: False if there is
+        nothing to send (every piece released meanwhile); raises OSError on a broken link."""
         with self._lock:
             if self.broken is not None:
                 raise OSError(self.broken)
-            if not sent:
-                return
-            self._sent.append(sent)  # before the bytes go: the ack reader finds the frame its ack answers
-        if isinstance(sent[0], _Commit):
-            _send_all(self.sock, groups[0])
-            return
+            self.queued_bytes -= dropped
+            if sent:
+                self._sent.append(sent)
+            return bool(sent)
+
+    def _send_pieces(self, sent: list[_Piece], groups: list[list]) -> None:
+        """The pieces' bytes in sends of SEND_GROUP_BYTES or so, each group hashed once its bytes went (while
+        the receiver lands them), then the trailer of checksums."""
         session = sent[0].session
         pieces = [(p.layer, p.dst_blocks) for p in sent]
-        header = frame_header(session.request_id, session.ticket.token, pieces, self.verify)
-        checksums, batch, batch_bytes = [], [header], 0
-        for index, regions in enumerate(groups):
-            batch += regions
-            batch_bytes += sent[index].nbytes
-            if batch_bytes >= SEND_GROUP_BYTES or index == len(groups) - 1:
-                _send_all(self.sock, batch)
-                first = len(checksums)
-                checksums += [views_checksum(r) if self.verify else 0 for r in groups[first : index + 1]]
-                batch, batch_bytes = [], 0
+        buffers = [frame_header(session.request_id, session.ticket.token, pieces, self.verify)]
+        checksums, start, size = [], 0, 0
+        for end, (piece, regions) in enumerate(zip(sent, groups), 1):
+            buffers += regions
+            size += piece.nbytes
+            if size >= SEND_GROUP_BYTES or end == len(sent):
+                _send_all(self.sock, buffers)
+                checksums += [views_checksum(r) if self.verify else 0 for r in groups[start:end]]
+                start, buffers, size = end, [], 0
         _send_all(self.sock, [frame_trailer(checksums)])
 
     def _readable(self, pieces: list) -> tuple[list, list, int]:
@@ -845,10 +850,8 @@ class BulkSession(OutOfBandSession):
         deadline = time.monotonic() + timeout
         note = None
         with self._lock:
-            if self.failed is None and self.lease_left():
-                request = kv_transfer_pb2.CommitRequest(
-                    instance_id=self.ticket.instance_id, first_token_id=first_token_id, first_logprob=first_logprob
-                )
+            if self.lease_left():  # else the session failed, and says why below
+                request = self._commit_request(first_token_id=first_token_id, first_logprob=first_logprob)
                 note = _Commit(self, commit_frame(self.request_id, self.ticket.token, request, self.metadata))
         if note is not None:
             self._links[0].send(note)

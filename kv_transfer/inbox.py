@@ -173,25 +173,22 @@ class KVInbox:
     def landed(self, request_id: str, layers: Sequence[tuple[int, Sequence[int], int]]) -> None:
         """A NIXL notification: the sender's WRITE of ``layers`` (layer, blocks, checksum; 0: unchecked) has
         landed in place (nothing left to fill: verify in place and mark)."""
-
-        expected = iter([checksum for _, _, checksum in layers])  # fill is called once per piece, in order
-
-        def verify(layer: int, block_ids: Sequence[int]) -> int:  # an unchecked layer is not hashed
-            return region_checksum(self.cache, layer, block_ids) if next(expected) and self.verify_checksums else 0
-
         pieces = [(layer, block_ids) for layer, block_ids, _ in layers]
-        self.receive_in_place(request_id, pieces, verify, lambda: [checksum for _, _, checksum in layers])
+        self.receive_in_place(
+            request_id, pieces, lambda layer, block_ids: None, lambda: [checksum for _, _, checksum in layers]
+        )
 
     def receive_in_place(
         self,
         request_id: str,
         pieces: Sequence[Piece],
-        fill: Callable[[int, Sequence[int]], int],
+        fill: Callable[[int, Sequence[int]], int | None],
         checksums: Callable[[], Sequence[int]],
     ) -> None:
         """Bulk TCP data (kv_transfer/bulk_transport.py): piece after piece (layer, blocks), ``fill(layer,
         blocks)`` reads its regions from the network into the pool and returns their checksum, hashed while still
-        in cache (anything when ``verify_checksums`` is off); ``checksums()`` then gives the sender's, in order
+        in cache (anything when ``verify_checksums`` is off), or None to have them hashed in place here, only
+        where a checksum is expected (NIXL's, landed before); ``checksums()`` then gives the sender's, in order
         (0: unchecked). The landing stays pinned throughout, so a refused or stopped reservation is never
         written; a mismatch is DATA_LOSS, and nothing of the frame is marked landed. One pin, and one mark, for
         all of a frame's pieces."""
@@ -199,8 +196,11 @@ class KVInbox:
         with self.pin(landing):
             digests = [fill(layer, block_ids) for layer, block_ids in pieces]
             for (layer, block_ids), digest, expected in zip(pieces, digests, checksums(), strict=True):
-                if self.verify_checksums and expected and digest != expected:
-                    raise TransferError(f"checksum mismatch on layer {layer} of {request_id}", "DATA_LOSS")
+                if self.verify_checksums and expected:
+                    if digest is None:
+                        digest = region_checksum(self.cache, layer, block_ids)
+                    if digest != expected:
+                        raise TransferError(f"checksum mismatch on layer {layer} of {request_id}", "DATA_LOSS")
                 if self.sanitize_in_place:
                     self.cache.sanitize(layer, block_ids)
             self._mark_written(landing, pieces)

@@ -185,9 +185,7 @@ class OutOfBandSession(OutboundSession):
             self.lease_left()
         if self.failed is not None:
             raise self.failure()
-        request = self._commit_request(first_token_id=first_token_id)
-        if first_logprob is not None:
-            request.first_logprob.CopyFrom(first_logprob)
+        request = self._commit_request(first_token_id=first_token_id, first_logprob=first_logprob)
         try:
             self._peer.stub.Commit(request, timeout=timeout, metadata=self.metadata)
         except grpc.RpcError as exc:
