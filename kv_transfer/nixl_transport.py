@@ -15,7 +15,8 @@ batch's source in contiguous runs (the GIL released) while the posting thread co
 notification with the digests goes out once the WRITE is final. On DRAM a WRITE is final when its
 post returns, so the posting thread sends it between two posts (a notification from another thread
 would wait for the pool's lock behind the next post's whole copy); a WRITE still moving (RDMA,
-VRAM) is announced by the sealing thread once it completes::
+VRAM, or a DRAM post UCX left unfinished) is announced by the announcing thread once it completes: never
+by the sealing thread, whose wait for it would hold every later batch's hash up behind that WRITE::
 
     engine thread:   push 0 push 1 ... push 15 ── commit (sent at once, answered after the last verify)
     posting thread:    WRITE 0 │note│ WRITE 1-4 │note│ WRITE 5-8 │note│ ... WRITE 13-15 │note
@@ -223,7 +224,7 @@ class NixlSession(OutOfBandSession):
         self._drains: list[Future] = []
         self._writes: list[WriteHandle] = []
         self._posting = threading.Lock()  # held across one post: a failing release waits behind it
-        self._seals: list[Future] = []  # hashes and announcements on the sealing thread
+        self._seals: list[Future] = []  # hashes on the sealing thread, announcements on the announcing one
         self._announcing = threading.Lock()  # held across one notification, as _posting is across a post
         # One release at a time: a second caller (close after abort) returns only once the writes
         # the first one collected are final too.
@@ -316,11 +317,11 @@ class NixlSession(OutOfBandSession):
     def _announce_posted(self, unannounced: list[_Posted], wait_for_hashes: bool) -> None:
         """Posting thread, between posts: announces the posted WRITEs in order while they are final
         and hashed (waiting for the hashes if ``wait_for_hashes``: nothing is left to post); hands a
-        WRITE still moving to the sealing thread, which announces it once it completes."""
+        WRITE still moving to the announcing thread, which announces it once it completes."""
         while unannounced:
             posted = unannounced[0]
             if not _final(posted.handle):
-                seal = self._sender.sealing.submit(self._announce, posted)
+                seal = self._sender.announcing.submit(self._announce, posted)
                 with self._lock:
                     self._seals.append(seal)
             elif posted.hashed.done() or wait_for_hashes:
@@ -337,7 +338,7 @@ class NixlSession(OutOfBandSession):
 
     def _announce(self, posted: _Posted) -> None:
         """Sends the WRITE's notification with its digests once the WRITE is final (posting thread
-        for a WRITE final at its post; else the sealing thread, which waits for it)."""
+        for a WRITE final at its post; else the announcing thread, which waits for it)."""
         layers = None
         try:
             layers = posted.hashed.result(max(0.0, self._deadline - time.monotonic()))
@@ -413,6 +414,8 @@ class NixlKVSender(KVSender):
         self._remote_pools: dict[str, PoolDescriptor] = {}  # address -> the peer's pool
         self._posting = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nixl-post")
         self.sealing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nixl-seal")
+        # Waits for WRITEs still moving after their post, then announces them, in posting order.
+        self.announcing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nixl-announce")
         self.committing = ThreadPoolExecutor(max_workers=COMMIT_THREADS, thread_name_prefix="nixl-commit")
         self.poller = _WritePoller(self.pool)
 
@@ -456,6 +459,7 @@ class NixlKVSender(KVSender):
     def close(self) -> None:
         self._posting.shutdown(wait=True)
         self.sealing.shutdown(wait=True)
+        self.announcing.shutdown(wait=True)
         self.committing.shutdown(wait=True)
         self.poller.close()
         super().close()

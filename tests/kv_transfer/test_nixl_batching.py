@@ -206,3 +206,57 @@ def test_a_commit_wakes_the_receiver_that_polls_slowly_while_nothing_arrives(pai
     assert receiver.committed[-1] == "quiet" and not receiver.aborts
     assert torch.equal(receiver.cache.data[:, DST_BLOCKS], source.data[:, SRC_BLOCKS])
     assert took < 2.0, f"adopted {took:.2f} s after the first push: the poller slept its pace out"
+
+
+def test_a_write_still_moving_after_its_post_holds_no_later_hash_up(pair, monkeypatch):  # noqa: F811
+    """A WRITE that UCX leaves unfinished at its post (RDMA and VRAM always, DRAM now and then) is announced
+    once it completes, by a thread of its own: while it still moves, the layers pushed after it are hashed,
+    rather than queued behind its wait on the one sealing thread."""
+    receiver, source, sender = pair
+    moving = threading.Event()  # set: the first WRITE completes
+
+    class StillMoving:  # the first WRITE's real handle, in flight until ``moving`` is set
+        def __init__(self, handle) -> None:
+            self.handle = handle
+
+        def done(self) -> bool:
+            return moving.is_set() and self.handle.done()
+
+        def wait(self, timeout: float) -> None:
+            assert moving.wait(timeout), "the first WRITE never completed"
+            self.handle.wait(timeout)
+
+    write_slots, posted = sender.pool.write_slots, []
+
+    def posting(*args):
+        handle = write_slots(*args)
+        posted.append(handle)
+        return StillMoving(handle) if len(posted) == 1 else handle
+
+    hashed: list[int] = []
+
+    def hashing(cache, layer, blocks):
+        hashed.append(layer)
+        return region_checksum(cache, layer, blocks)
+
+    monkeypatch.setattr(sender.pool, "write_slots", posting)
+    monkeypatch.setattr(nixl_transport, "region_checksum", hashing)
+    receiver.inbox.open("moving", DST_BLOCKS)
+    session = sender.open("moving", receiver.ticket("moving"))
+    session.push_layer(source, 0, SRC_BLOCKS, DST_BLOCKS)
+    deadline = time.monotonic() + 10
+    while not posted and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert posted, "layer 0 was never posted"
+    for layer in range(1, LAYOUT.num_layers):
+        session.push_layer(source, layer, SRC_BLOCKS, DST_BLOCKS)
+    while len(hashed) < LAYOUT.num_layers and time.monotonic() < deadline:
+        time.sleep(0.01)
+    still_moving = sorted(hashed)
+    moving.set()
+    session.commit(first_token_id=1, first_logprob=None, timeout=30)
+    session.close(10)
+
+    assert still_moving == list(range(LAYOUT.num_layers)), "later layers waited for the first WRITE to complete"
+    assert receiver.committed == ["moving"] and not receiver.aborts
+    assert torch.equal(receiver.cache.data[:, DST_BLOCKS], source.data[:, SRC_BLOCKS])
