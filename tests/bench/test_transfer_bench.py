@@ -19,7 +19,7 @@ def test_quick_transfer_bench_writes_rows(tmp_path, capsys, monkeypatch):
     report = json.loads(path.read_text())
     paths = {(row["path"], row["checksums"]) for row in report["bandwidth"]}
     transports = {(t, checked) for t in ("grpc", "bulk", "nixl") for checked in (True, False)}
-    assert paths == {("memcpy", None), ("tcp", None), ("cma", None)} | transports
+    assert paths == {("memcpy", None), ("tcp", None), ("cma", None), ("cma+xxh3", None)} | transports
     assert {row["size_mib"] for row in report["bandwidth"]} == {1, 4}
     for row in report["bandwidth"]:
         assert row["gb_s"] > 0 and row["vs_memcpy"] > 0 and row["vs_tcp"] > 0, row
@@ -41,15 +41,19 @@ def test_quick_transfer_bench_writes_rows(tmp_path, capsys, monkeypatch):
             cma = next(r for r in report["bandwidth"] if r["path"] == "cma" and r["size_mib"] == target["size_mib"])
             assert target["vs_copy"] == pytest.approx(row["gb_s"] / cma["gb_s"])
             assert target["copy_ratio"] == pytest.approx(cma["vs_memcpy"])
+            floor = next(
+                r for r in report["bandwidth"] if r["path"] == "cma+xxh3" and r["size_mib"] == target["size_mib"]
+            )
+            assert target["floor_ratio"] == pytest.approx(floor["vs_memcpy"])
         else:
-            assert target["vs_copy"] is None
+            assert target["vs_copy"] is None and target["floor_ratio"] is None
     combos = {(r["transport"], r["push_mode"], r["prompt_tokens"], r["decode_load"]) for r in report["exposure"]}
     idle = {(t, m, n, 0) for t in ("grpc", "nixl") for m in ("layer", "request") for n in (64, 256)}
     assert combos == idle | {(t, "layer", 64, 4) for t in ("grpc", "nixl")}  # beside 4 running decodes
     for row in report["exposure"]:
         assert row["median_prefill_ms"] > 0 and row["median_exposed_ms"] > 0 and row["exposed_share"] > 0, row
         assert row["kv_bytes"] > 0, row
-    assert "of cma, its kernel copy" in printed
+    assert "of cma, its kernel copy" in printed and "both hashes at once reach" in printed
     assert "grpc (xxh3)" in printed and "exposed/prefill" in printed and "cpu ms" in printed
     assert "beside 4 running decodes" in printed
 
