@@ -306,8 +306,8 @@ def _transfer_paths(
         ("tcp", None): _tcp_transfer(source, receivers["tcp"], closers),
     }
     if not cache.data.is_cuda:  # on VRAM NIXL's UCX copies with cuda_ipc, not the kernel
-        paths["cma", None] = _kernel_copy_transfer(cache, receivers["nixl"])
-        paths["cma+xxh3", None] = _kernel_copy_transfer(cache, receivers["nixl"], hashed=True, closers=closers)
+        paths["cma", None] = _kernel_copy_transfer(cache, receivers["nixl"], closers)
+        paths["cma+xxh3", None] = _kernel_copy_transfer(cache, receivers["nixl"], closers, hashed=True)
     for transport in TRANSPORTS:
         for verify in (True, False):
             if transport == "grpc":
@@ -363,16 +363,12 @@ class _IOVec(ctypes.Structure):
     _fields_ = [("base", ctypes.c_void_p), ("length", ctypes.c_size_t)]
 
 
-def _kernel_copy_transfer(
-    cache: PagedKVCache, receiver: Receiver, hashed: bool = False, closers: list | None = None
-) -> Transfer:
+def _kernel_copy_transfer(cache: PagedKVCache, receiver: Receiver, closers: list, hashed: bool = False) -> Transfer:
     """The copy NIXL's transport makes on DRAM: UCX's CMA transport writes into the peer process with one
     ``process_vm_writev`` per post, the WRITE's merged runs as its vectors. Here: the runs a session's WRITEs
     carry (blocks [0, n) of every layer), in one call from one thread, into the NIXL receiver child's pool.
     ``hashed``: the child starts hashing its runs and a thread here the source's, then the copy runs, and the
     transfer ends when all three have (the work of NIXL with checksums, overlapped as far as it can be)."""
-    from kv_transfer.integrity import region_views, views_checksum
-
     writev = ctypes.CDLL(None, use_errno=True).process_vm_writev
     writev.restype = ctypes.c_ssize_t
     writev.argtypes = [ctypes.c_int, ctypes.POINTER(_IOVec), ctypes.c_ulong]
@@ -389,17 +385,13 @@ def _kernel_copy_transfer(
     def runs(base: int, nbytes: int) -> ctypes.Array:
         return (_IOVec * LAYERS)(*[(base + layer * layer_bytes, nbytes // LAYERS) for layer in range(LAYERS)])
 
-    def hash_source(nbytes: int) -> list[int]:
-        blocks = range(nbytes // (LAYERS * region))
-        return [views_checksum(region_views(cache, layer, blocks)) for layer in range(LAYERS)]
-
     def transfer(nbytes: int, request_id: str) -> tuple[float, float]:
         local, remote = runs(local_base, nbytes), runs(remote_base, nbytes)
         cpu = _both_ends_cpu(receiver)
         if hashing is not None:
             receiver.start_hash(nbytes)  # returns once the child's hash began: the timing starts after it
         begin = time.perf_counter()
-        source_hashed = hashing.submit(hash_source, nbytes) if hashing is not None else None
+        source_hashed = hashing.submit(_hash_runs, cache, nbytes) if hashing is not None else None
         moved = writev(pid, local, LAYERS, remote, LAYERS, 0)
         if hashing is not None:
             source_hashed.result()
@@ -411,6 +403,14 @@ def _kernel_copy_transfer(
         return elapsed, _both_ends_cpu(receiver) - cpu
 
     return transfer
+
+
+def _hash_runs(cache: PagedKVCache, nbytes: int) -> list[int]:
+    """Each layer's checksum over the runs a transfer of ``nbytes`` moves (blocks [0, n)), as NIXL's ends hash."""
+    from kv_transfer.integrity import region_checksum
+
+    blocks = range(nbytes // (LAYERS * cache.layout.region_bytes))
+    return [region_checksum(cache, layer, blocks) for layer in range(LAYERS)]
 
 
 def _tcp_transfer(source: torch.Tensor, receiver: Receiver, closers: list) -> Transfer:
@@ -615,12 +615,8 @@ def _serve_transport(kind: str, pool_bytes: int, device: str = "cpu") -> int:
         _say("ok")
 
     def hash_runs(nbytes: str) -> None:
-        from kv_transfer.integrity import region_views, views_checksum
-
-        blocks = range(int(nbytes) // (LAYERS * cache.layout.region_bytes))
         _say("started")
-        for layer in range(LAYERS):
-            views_checksum(region_views(cache, layer, blocks))
+        _hash_runs(cache, int(nbytes))
         _say("hashed")
 
     _answer_commands({"open": open_landing, "hash": hash_runs})
