@@ -13,6 +13,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
+from functools import cache
 from typing import Any, Literal
 
 from fastapi import FastAPI, Request
@@ -239,7 +240,7 @@ class _SamplingFields(_Strict):
         ``grammar`` (a tool_choice's) stands for the structured-output fields, which then must be unset."""
         if self.stream_options is not None and not self.stream:
             raise FieldError("stream_options", "stream_options is only allowed when stream is true")
-        same = {name: getattr(self, name) for name in SAMPLING_FIELDS if name in type(self).model_fields}
+        same = {name: getattr(self, name) for name in _record_fields(type(self))}
         same.update(stop=self.stop or (), stop_token_ids=tuple(self.stop_token_ids or ()))
         same.update(logit_bias=_logit_bias_ids(self.logit_bias or {}), min_tokens=self.min_tokens)
         asked = grammar_from_fields(self)
@@ -251,6 +252,12 @@ class _SamplingFields(_Strict):
                 "min_tokens", f"min_tokens ({params.min_tokens}) must not exceed max_tokens ({max_tokens})"
             )
         return params
+
+
+@cache
+def _record_fields(body: type[_SamplingFields]) -> tuple[str, ...]:
+    """The sampling record's fields that a request body has under the same names (once per body class)."""
+    return tuple(name for name in SAMPLING_FIELDS if name in body.model_fields)
 
 
 class CompletionBody(_refusing("_CompletionRefused", _SamplingFields, COMPLETION_REFUSED)):
@@ -364,7 +371,12 @@ _GENERATES = errors(400, *_GUARDED, 404, 429, 499, 502, 503, 504)
 
 def create_app(frontend: Frontend, api_keys: tuple[str, ...] = ()) -> FastAPI:
     app = FastAPI(
-        title="splitserve", version="0.1.0", description="OpenAI-compatible API of a disaggregated LLM serving cluster"
+        title="splitserve",
+        version="0.1.0",
+        description="OpenAI-compatible API of a disaggregated LLM serving cluster",
+        # HTTP spans have one owner, router/tracing.py (OTEL_* variables). FastAPI's own telemetry (0.165 on) would
+        # be a second one, reading OpenTelemetry's global providers on every request to decide it has nothing to do.
+        telemetry={"tracing": False, "metrics": False, "logs": False},
     )
     app.state.frontend = frontend
     _install_errors(app)
@@ -463,6 +475,10 @@ def create_app(frontend: Frontend, api_keys: tuple[str, ...] = ()) -> FastAPI:
         calls = tools if tools is not None and tools.parses else None
         return await _respond(request, frontend, body, jobs, "chat.completion", "chatcmpl", calls)
 
+    # Starlette tries routes in order: the two that nearly every request is for go before the docs' and the rest.
+    app.router.routes.sort(
+        key=lambda route: getattr(route, "path", None) not in ("/v1/completions", "/v1/chat/completions")
+    )
     return app
 
 

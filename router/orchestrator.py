@@ -213,19 +213,20 @@ class Orchestrator:
         )
         decode.active += 1
         prefilled = decode.queue_prefill(uncached)
-        call = None
+        call, finished = None, False
         try:
             call = self._open_generate(decode, worker_request, progress)
             async for delta in self._decode_stream(decode, call, skip_first=False):
                 prefilled()
                 yield delta
+            finished = True
         finally:
             decode.active -= 1
             prefilled()
             # Closed before the stream finished (the client left: its stream closed, not cancelled mid-await): the
             # worker stops decoding for nobody. Dropped unfinished, the call would run on to max_tokens.
-            if call is not None and not call.done():
-                call.cancel()
+            if call is not None:
+                _end_call(call, finished)
 
     async def _remote(
         self, request: GenerationRequest, chosen: Route, progress: _Progress, served: ServedModel
@@ -252,6 +253,7 @@ class Orchestrator:
                 reserving.add_done_callback(lambda done: self._abort_reserved(decode, worker_id, done))
                 raise
             decode.active += 1
+            finished = False
             try:
                 first = await self._send_ticket(prefill, worker_id, ticket, prefilling)
                 if first is None:
@@ -273,11 +275,11 @@ class Orchestrator:
                     decode, decode_call, skip_first=True, first_text_sent=bool(first_delta.text)
                 ):
                     yield delta
+                finished = True
                 return
             finally:
                 decode.active -= 1
-                if not decode_call.done():
-                    decode_call.cancel()
+                if not _end_call(decode_call, finished):
                     asyncio.ensure_future(self._abort(decode, worker_id, ticket.token))
         log.warning(
             "request %s: prefill failed on every worker tried; prefilling on the decode worker", request.request_id
@@ -518,6 +520,26 @@ class Orchestrator:
         self.metrics.generation_tokens.inc(usage.completion_tokens)
         self.metrics.cached_tokens.inc(cached)
         return replace(delta, usage=usage)
+
+
+def _end_call(call, finished: bool) -> bool:
+    """Leaves a Generate call that has given its finish to end by itself; cancels one that has not. True when the
+    call ended or will: False when it was cancelled unfinished (a reserved one then still needs an Abort).
+
+    The worker's status follows its finish by a moment. Cancelled meanwhile, or dropped (grpc cancels a call it
+    collects unfinished), the call would cost both ends a cancellation, and a reserved one an Abort RPC, on every
+    request; held until its status lands (a done-callback holds it; its deadline bounds the wait), it costs neither."""
+    if call.done():
+        return True
+    if finished:
+        call.add_done_callback(_nothing_to_do)  # its closure over the call is what holds it
+        return True
+    call.cancel()
+    return False
+
+
+def _nothing_to_do(call) -> None:
+    pass
 
 
 def _worker_params(request: GenerationRequest, progress: _Progress) -> common_pb2.SamplingParams:

@@ -1,5 +1,6 @@
 """The request path's shortcuts keep their contracts: the cluster secret on every worker call, admission's queue and
-refusals, a decode stream's iterator closed when its finish arrives (not left to the garbage collector)."""
+refusals, a decode stream's iterator closed when its finish arrives (not left to the garbage collector), and a
+finished stream left to end by itself (no cancellation, no Abort)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from router.frontend import Admission, Overloaded
 from router.metrics import RouterMetrics
 from router.orchestrator import Orchestrator
 from router.workers import SecretStub, WorkerHandle
+from tests.router.conftest import SERVED_MODEL, random_prompt, wait_for
 
 SECRET = (("x-splitserve-cluster-secret", "s3cret"),)
 
@@ -114,3 +116,50 @@ def test_decode_stream_closes_the_response_iterator_on_finish():
     deltas, closed = asyncio.run(collect())
     assert [(d.token_ids, d.text, d.finish_reason) for d in deltas] == [((7,), "a", None), ((8,), "b", "length")]
     assert closed
+
+
+class _CountingStub:
+    """A worker's real stub, recording each call made through it (method name, the call object)."""
+
+    def __init__(self, stub) -> None:
+        self._stub = stub
+        self.calls: list[tuple[str, object]] = []
+
+    def __getattr__(self, name: str):
+        method = getattr(self._stub, name)
+
+        def call(*args, **kwargs):
+            made = method(*args, **kwargs)
+            self.calls.append((name, made))
+            return made
+
+        return call
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_finished_request_cancels_nothing_and_aborts_nothing(make_router, cluster, rng, stream):
+    """A Generate stream whose finish arrived ends by itself: the router neither cancels it (grpc would tell the
+    worker) nor, for a reserved one, sends the decode worker an Abort, on every request, disaggregated or not."""
+    router = make_router(cluster.prefills, [cluster.decode], local_prefill_threshold=32)
+    handle = router.router.pool.workers[cluster.decode.address]
+    counting = _CountingStub(handle.stub)
+    router.call(lambda: setattr(handle, "stub", counting))
+    client = router.openai()
+    for length in (40, 8, 40, 8):  # remote prefill (reserved on D), then prefilled by D itself
+        prompt = random_prompt(rng, length)
+        made = client.completions.create(
+            model=SERVED_MODEL,
+            prompt=[prompt],
+            max_tokens=3,
+            temperature=0,
+            stream=stream,
+            extra_body={"ignore_eos": True},
+        )
+        finishes = [c.choices[0].finish_reason for c in made] if stream else [made.choices[0].finish_reason]
+        assert finishes[-1] == "length"
+    assert router.decisions() == {"remote_prefill": 2.0, "local_prefill": 2.0}
+    generates = [call for name, call in counting.calls if name == "Generate"]
+    assert len(generates) == 4
+    wait_for(lambda: router.call(lambda: all(call.done() for call in generates)), 10, "the Generate calls' statuses")
+    assert router.call(lambda: [call.cancelled() for call in generates]) == [False] * 4
+    assert "Abort" not in [name for name, _ in counting.calls]

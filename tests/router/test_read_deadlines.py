@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import socket
+import struct
 import time
 from urllib.parse import urlparse
 
@@ -166,3 +167,41 @@ def test_a_normal_request_with_a_body_is_answered(router):
         response, took = read_until_closed(sock, 10)
     assert not response.startswith(b"HTTP/1.1 408 "), response[:200]
     assert took < HEADER_TIMEOUT_S  # answered at once, not by a deadline
+
+
+# struct tcp_info (linux/tcp.h): tcpi_data_segs_in, the segments with data this end has received.
+_DATA_SEGS_IN = struct.Struct("=152xI")
+
+
+def _data_segments_received(sock: socket.socket) -> int:
+    return _DATA_SEGS_IN.unpack_from(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 256))[0]
+
+
+@pytest.mark.parametrize(
+    "request_bytes",
+    [
+        b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}",
+    ],
+    ids=["200", "400"],
+)
+def test_a_response_leaves_in_one_segment(router, request_bytes):
+    """uvicorn writes a response's head and its body apart; with TCP_NODELAY that is two segments and two wake-ups of
+    the client. The router's transport sends them together (router/http_protocol.py, _HeadJoinsBody)."""
+    with connect(router) as sock:
+        for _ in range(3):  # the first request on the connection, and kept-alive ones after it
+            before = _data_segments_received(sock)
+            sock.sendall(request_bytes)
+            head = b""
+            while b"\r\n\r\n" not in head:
+                head += sock.recv(65536)
+            head, _, body = head.partition(b"\r\n\r\n")
+            length = int(
+                next(
+                    v for k, _, v in (h.partition(b":") for h in head.split(b"\r\n")) if k.lower() == b"content-length"
+                )
+            )
+            while len(body) < length:
+                body += sock.recv(65536)
+            assert len(body) == length and json.loads(body)
+            assert _data_segments_received(sock) - before == 1, head
