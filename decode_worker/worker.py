@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import queue
+from collections.abc import Callable
 
 import grpc
 
@@ -155,7 +156,12 @@ class DecodeWorker(WorkerBase, decode_pb2_grpc.DecodeWorkerServicer):
             stream = self._stream_for(request)
         except (EngineError, TransferError, ValueError) as exc:
             abort_on_error(context, exc)
-        context.add_callback(lambda: self._cancel(request.request_id, "the client went away"))
+        finished = []
+        # gRPC runs this when the call ends, however it ends, on the one thread that takes every call's events: it
+        # waits for no engine step there (that would hold every other stream's sends), and has nothing to stop once
+        # the request finished.
+        left = self._canceller(request.request_id, "the client went away")
+        context.add_callback(lambda: finished or self.loop.submit(left))
         try:
             while True:
                 try:
@@ -165,6 +171,7 @@ class DecodeWorker(WorkerBase, decode_pb2_grpc.DecodeWorkerServicer):
                         return
                     continue
                 if output.finished:  # counted first: the client may close the stream on the last message
+                    finished.append(True)
                     self.counters.add(
                         requests_finished=1,
                         generated_tokens=output.num_output_tokens,
@@ -209,8 +216,12 @@ class DecodeWorker(WorkerBase, decode_pb2_grpc.DecodeWorkerServicer):
     # -- events for the reservations (any thread; decided on the engine thread) ------------------
 
     def _cancel(self, request_id: str, reason: str = "aborted by the client", token: str | None = None) -> bool:
-        """The client aborted or left: stop its reservation, or abort its request once committed.
-        ``token``: an Abort RPC's, checked against the reservation's (None: our own Generate's client left)."""
+        """The client aborted: stop its reservation, or abort its request once committed; whether one was found."""
+        return self.loop.call(self._canceller(request_id, reason, token))
+
+    def _canceller(self, request_id: str, reason: str, token: str | None = None) -> Callable[[Engine], bool]:
+        """What stops a request on the engine thread. ``token``: an Abort RPC's, checked against the reservation's
+        (None: our own Generate's client left)."""
 
         def cancel(engine: Engine) -> bool:
             if token is not None:
@@ -218,7 +229,7 @@ class DecodeWorker(WorkerBase, decode_pb2_grpc.DecodeWorkerServicer):
             stopped = self.reservations.client_aborted(engine, request_id, reason)
             return engine.abort(request_id) if stopped is None else stopped
 
-        return self.loop.call(cancel)
+        return cancel
 
     def _on_sender_abort(self, request_id: str, reason: str, sender_stopped: bool) -> None:
         """Transport thread: the sender aborted, its stream broke, or its data was bad."""

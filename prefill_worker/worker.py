@@ -157,9 +157,11 @@ class PrefillWorker(WorkerBase, prefill_pb2_grpc.PrefillWorkerServicer):
                 pushes=LayerPushes.if_tracing(self.transport, self.engine.kv_cache.layout.region_bytes),
             )
             stream = self.loop.call(lambda engine: self._start(engine, request, params, outbound))
-            # Runs when the RPC ends, however it ends: only a request that did not commit has anything to abort.
+            # Runs when the RPC ends, however it ends: only a request that did not commit has anything to abort. gRPC
+            # runs it on the one thread that takes every call's events, which must not wait there for the engine's
+            # step or the decode worker's answer to the abort: a thread of its own does.
             committed = threading.Event()
-            context.add_callback(lambda: committed.is_set() or self._cancel(request.request_id, outbound.session))
+            context.add_callback(lambda: committed.is_set() or self._cancel_apart(request.request_id, outbound))
             if follows:
                 session = self._open_session(
                     request.request_id, self._await_ticket(request.request_id, context), pushed_tokens
@@ -276,6 +278,12 @@ class PrefillWorker(WorkerBase, prefill_pb2_grpc.PrefillWorkerServicer):
             if output.token_ids:
                 self.counters.add(prefix_hit_tokens=output.num_cached_tokens)
                 return output
+
+    def _cancel_apart(self, request_id: str, outbound: Outbound) -> None:
+        """``_cancel`` on a thread of its own (it waits for the engine and for the decode worker)."""
+        threading.Thread(
+            target=lambda: self._cancel(request_id, outbound.session), name=f"cancel-{request_id}", daemon=True
+        ).start()
 
     def _cancel(self, request_id: str, session: OutboundSession | None, reason: str = "aborted by the client") -> bool:
         found = self.loop.abort(request_id)
