@@ -16,6 +16,8 @@ second); while it waits for an answer (a completion not streamed), it has not an
 request sees the disconnect, and the decode worker stops its stream, where TCP would wait ~15 min, or for ever. A
 client that only stops reading is kept: its kernel still acknowledges the window probes (TCP_USER_TIMEOUT would
 end it too, so it is not used here).
+
+A response's head, which uvicorn writes apart from its body, goes out with it in one send (``_HeadJoinsBody``).
 """
 
 from __future__ import annotations
