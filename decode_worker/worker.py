@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import threading
 from collections.abc import Callable
 
 import grpc
@@ -156,12 +157,12 @@ class DecodeWorker(WorkerBase, decode_pb2_grpc.DecodeWorkerServicer):
             stream = self._stream_for(request)
         except (EngineError, TransferError, ValueError) as exc:
             abort_on_error(context, exc)
-        finished = []
         # gRPC runs this when the call ends, however it ends, on the one thread that takes every call's events: it
         # waits for no engine step there (that would hold every other stream's sends), and has nothing to stop once
         # the request finished.
+        finished = threading.Event()
         left = self._canceller(request.request_id, "the client went away")
-        context.add_callback(lambda: finished or self.loop.submit(left))
+        context.add_callback(lambda: finished.is_set() or self.loop.submit(left))
         try:
             while True:
                 try:
@@ -171,7 +172,7 @@ class DecodeWorker(WorkerBase, decode_pb2_grpc.DecodeWorkerServicer):
                         return
                     continue
                 if output.finished:  # counted first: the client may close the stream on the last message
-                    finished.append(True)
+                    finished.set()
                     self.counters.add(
                         requests_finished=1,
                         generated_tokens=output.num_output_tokens,

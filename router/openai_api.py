@@ -476,9 +476,7 @@ def create_app(frontend: Frontend, api_keys: tuple[str, ...] = ()) -> FastAPI:
         return await _respond(request, frontend, body, jobs, "chat.completion", "chatcmpl", calls)
 
     # Starlette tries routes in order: the two that nearly every request is for go before the docs' and the rest.
-    app.router.routes.sort(
-        key=lambda route: getattr(route, "path", None) not in ("/v1/completions", "/v1/chat/completions")
-    )
+    app.router.routes.sort(key=lambda route: getattr(route, "endpoint", None) not in (completions, chat))
     return app
 
 
