@@ -204,7 +204,9 @@ class Reservations:
         if self._refusal(engine, request_id, first_token_id, first_logprob) is not None:
             return False
         self._committed(self._records[request_id])
-        self.streams.submit(lambda engine: self._adopt(engine, request_id, first_token_id, first_logprob))
+        self.streams.post(
+            lambda engine: self._adopt(engine, request_id, first_token_id, first_logprob), f"adopting {request_id}'s KV"
+        )
         return True
 
     @_locked

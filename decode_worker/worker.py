@@ -162,7 +162,7 @@ class DecodeWorker(WorkerBase, decode_pb2_grpc.DecodeWorkerServicer):
         # the request finished.
         finished = threading.Event()
         left = self._canceller(request.request_id, "the client went away")
-        context.add_callback(lambda: finished.is_set() or self.loop.submit(left))
+        context.add_callback(lambda: finished.is_set() or self.loop.post(left, f"stopping {request.request_id}"))
         try:
             while True:
                 try:
@@ -234,7 +234,10 @@ class DecodeWorker(WorkerBase, decode_pb2_grpc.DecodeWorkerServicer):
 
     def _on_sender_abort(self, request_id: str, reason: str, sender_stopped: bool) -> None:
         """Transport thread: the sender aborted, its stream broke, or its data was bad."""
-        self.loop.submit(lambda engine: self.reservations.sender_aborted(engine, request_id, reason, sender_stopped))
+        self.loop.post(
+            lambda engine: self.reservations.sender_aborted(engine, request_id, reason, sender_stopped),
+            f"the sender's abort of {request_id}",
+        )
 
     def _on_commit(self, request_id: str, first_token_id: int, first_logprob) -> None:
         """Transport thread: every layer landed. A good commit is accepted at once, its KV adopted between

@@ -1,8 +1,9 @@
 """Runs an Engine on its own thread and hands work in and outputs out, for the workers.
 
 Contract: only the loop thread touches the engine. Other threads use ``call`` (run a function of
-the engine between steps and wait for its result), ``add_request`` / ``watch`` (get a
-RequestStream of a request's outputs) and ``abort``. Hooks run on the loop thread.
+the engine between steps and wait for its result), ``post`` (the same with nobody waiting: its error
+is logged), ``add_request`` / ``watch`` (get a RequestStream of a request's outputs) and ``abort``.
+Hooks run on the loop thread.
 
 Failures stay local; the loop thread never dies and no stream is left waiting:
 - an error attributable to one request (recording its results, or its part of a step, which the
@@ -110,6 +111,16 @@ class EngineLoop:
         self._wake.set()
         return future
 
+    def post(self, fn: Callable[[Engine], object], what: str) -> None:
+        """Runs ``fn(engine)`` on the loop thread between steps, nobody waiting for it: an error it raises is
+        logged, naming ``what``, rather than kept in a Future no one reads."""
+
+        def logged(future: Future) -> None:
+            if future.exception() is not None:
+                log.error("%s failed on the engine thread", what, exc_info=future.exception())
+
+        self.submit(fn).add_done_callback(logged)
+
     def call(self, fn: Callable[[Engine], T], timeout: float | None = 30.0) -> T:
         """Runs ``fn(engine)`` on the loop thread between steps; returns its result or raises its error."""
         return self.submit(fn).result(timeout)
@@ -156,8 +167,9 @@ class EngineLoop:
         return self.call(subscribe)
 
     def unsubscribe(self, subscription: KVEventSubscription) -> None:
-        self.submit(
-            lambda engine: self._subscribers.remove(subscription) if subscription in self._subscribers else None
+        self.post(
+            lambda engine: self._subscribers.remove(subscription) if subscription in self._subscribers else None,
+            "dropping a KV event subscription",
         )
 
     # -- the loop ---------------------------------------------------------------------------------

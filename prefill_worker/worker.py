@@ -307,7 +307,9 @@ class PrefillWorker(WorkerBase, prefill_pb2_grpc.PrefillWorkerServicer):
         before its ticket came)."""
         if session is not None:
             session.close(RELEASE_TIMEOUT_S)
-        self.loop.submit(lambda engine: self._drop_source_refs(engine, request_id))
+        self.loop.post(
+            lambda engine: self._drop_source_refs(engine, request_id), f"releasing {request_id}'s source blocks"
+        )
 
     def _drop_source_refs(self, engine: Engine, request_id: str) -> None:
         self._outbound.pop(request_id, None)  # nothing more is pushed for it, so nothing more is held

@@ -67,3 +67,22 @@ def test_the_engine_thread_carries_its_name_in_the_os(model_dir):  # noqa: F811
         assert names.count("decode-engine") == 1, names
     finally:
         loop.stop()
+
+
+def test_a_posted_call_that_fails_is_logged_by_name_and_the_loop_serves_on(model_dir, caplog):  # noqa: F811
+    engine = Engine(EngineConfig(model=model_dir, dtype="float32", num_kv_blocks=64))
+    loop = EngineLoop(engine).start()
+
+    def broken(engine: Engine) -> None:
+        raise KeyError("no such request")
+
+    try:
+        with caplog.at_level("ERROR", logger="engine.loop"):
+            loop.post(broken, "stopping r-7")
+            loop.post(lambda e: None, "a call that works")
+            assert loop.call(lambda e: e.has_unfinished()) is False  # served after the failed one
+        failures = [r for r in caplog.records if r.name == "engine.loop"]
+        assert [r.getMessage() for r in failures] == ["stopping r-7 failed on the engine thread"]
+        assert isinstance(failures[0].exc_info[1], KeyError)
+    finally:
+        loop.stop()
