@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import codecs
 import json
+import re
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from datetime import datetime
@@ -19,7 +20,7 @@ import jinja2.nodes
 from jinja2.ext import loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as BackendTokenizer
-from tokenizers import processors
+from tokenizers import decoders, processors
 
 from engine.errors import InvalidRequestError, ModelLoadError
 
@@ -63,6 +64,11 @@ class Tokenizer(ABC):
 
         ``skip_special_tokens`` drops BOS/EOS/pad/unk and every added token marked special.
         """
+
+    @abstractmethod
+    def token_bytes(self, token_id: int, skip_special_tokens: bool = True) -> bytes:
+        """The raw bytes ``token_id`` stands for on its own, which may be part of a UTF-8 character (where
+        ``decode([token_id])`` shows U+FFFD); a special token's text, or nothing when skipped."""
 
     @abstractmethod
     def apply_chat_template(
@@ -189,7 +195,6 @@ class ByteTokenizer(Tokenizer):
         return data.decode("utf-8", errors="replace")
 
     def token_bytes(self, token_id: int, skip_special_tokens: bool = True) -> bytes:
-        """The bytes ``token_id`` stands for (a special token's text, or nothing when skipped)."""
         if token_id < self.FIRST_BYTE_ID:
             return b"" if skip_special_tokens else self._SPECIAL_TEXT[token_id]
         return self._SINGLE_BYTES[(token_id - self.FIRST_BYTE_ID) % 256]
@@ -233,6 +238,7 @@ class HFTokenizer(Tokenizer):
         eos_ids = [self._id_of(self._token_text["eos_token"]), *model_eos_ids]
         self.eos_token_ids = tuple(dict.fromkeys(i for i in eos_ids if i is not None))
         self._special_ids = self._collect_special_ids(tokenizer_config)
+        self._byte_level = isinstance(backend.decoder, decoders.ByteLevel)
         if "add_bos_token" in tokenizer_config or "add_eos_token" in tokenizer_config:
             add_bos, add_eos = tokenizer_config.get("add_bos_token"), tokenizer_config.get("add_eos_token")
             self._set_post_processor(bool(add_bos), bool(add_eos))
@@ -264,6 +270,21 @@ class HFTokenizer(Tokenizer):
         if skip_special_tokens:
             token_ids = [t for t in token_ids if t not in self._special_ids]
         return self._backend.decode(list(token_ids), skip_special_tokens=False)
+
+    def token_bytes(self, token_id: int, skip_special_tokens: bool = True) -> bytes:
+        if skip_special_tokens and token_id in self._special_ids:
+            return b""
+        text = self._backend.decode([token_id], skip_special_tokens=False)
+        if REPLACEMENT_CHAR not in text:
+            return text.encode("utf-8")
+        # Part of a character: the vocabulary's own spelling of the bytes (byte-fallback <0xNN>, or GPT-2's
+        # byte-level alphabet), not the U+FFFD that decoding one token alone shows.
+        piece = self._backend.id_to_token(token_id) or ""
+        if fallback := _BYTE_FALLBACK.fullmatch(piece):
+            return bytes([int(fallback.group(1), 16)])
+        if self._byte_level and all(char in _BYTE_LEVEL_BYTES for char in piece):
+            return bytes(_BYTE_LEVEL_BYTES[char] for char in piece)
+        return text.encode("utf-8")
 
     def apply_chat_template(
         self, messages: list[dict], add_generation_prompt: bool = True, tools: list[dict] | None = None
@@ -298,6 +319,20 @@ class HFTokenizer(Tokenizer):
         token_id = self._id_of(text)
         return [] if token_id is None else [(text, token_id)]
 
+
+_BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+
+def _byte_level_alphabet() -> dict[str, int]:
+    """GPT-2's byte-level BPE alphabet, read backwards: each byte is spelled as one printable character (the
+    printable Latin-1 bytes as themselves, the rest as U+0100 onwards, in byte order)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    shifted = [b for b in range(256) if b not in printable]
+    spelling = {b: chr(b) for b in printable} | {b: chr(256 + i) for i, b in enumerate(shifted)}
+    return {char: b for b, char in spelling.items()}
+
+
+_BYTE_LEVEL_BYTES = _byte_level_alphabet()
 
 _SLOW_TOKENIZER_FILES = ("tokenizer.model", "vocab.json", "tokenizer_config.json")
 

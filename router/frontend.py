@@ -7,7 +7,7 @@ import contextlib
 import uuid
 from collections.abc import AsyncIterator
 
-from contract.sampling import SamplingParams, check_text, check_token_ids, check_vocabulary
+from contract.sampling import FieldError, SamplingParams, check_text, check_token_ids, check_vocabulary
 from engine.errors import InvalidRequestError
 from engine.tokenizer import Tokenizer
 from router.config import RouterConfig
@@ -24,15 +24,30 @@ class Overloaded(GenerationError):
 
 
 class Admission:
-    """At most ``max_running`` requests in flight; up to ``max_queued`` wait; the rest are refused at once."""
+    """At most ``max_running`` requests in flight; up to ``max_queued`` wait; the rest are refused at once.
+    Each choice of a request is admitted on its own."""
 
     def __init__(self, max_running: int, max_queued: int, queue_timeout_s: float, metrics: RouterMetrics) -> None:
         self._slots = asyncio.Semaphore(max_running)
+        self._max_running = max_running
         self._max_queued = max_queued
         self._queue_timeout_s = queue_timeout_s
         self._metrics = metrics
         self.waiting = 0
         self.running = 0
+
+    def check_fits(self, prompts: int, per_prompt: int, per_prompt_field: str) -> None:
+        """FieldError for a request of more choices (``prompts`` × ``per_prompt``) than may ever be in flight at once,
+        which would be refused a 429 on an idle server and again on every retry. It names ``prompt`` when the
+        prompts alone are too many, else ``per_prompt_field`` (n or best_of)."""
+        limit = self._max_running + self._max_queued
+        if prompts * per_prompt > limit:
+            raise FieldError(
+                "prompt" if prompts > limit else per_prompt_field,
+                f"this request asks for {prompts * per_prompt} choices ({prompts} prompts × {per_prompt} each); at "
+                f"most {limit} may be in flight at once (max_running {self._max_running} + max_queued "
+                f"{self._max_queued})",
+            )
 
     @contextlib.asynccontextmanager
     async def slot(self):
@@ -101,7 +116,7 @@ class Frontend:
         self._check_decode_workers()
         if model and model != self.model_name:
             raise GenerationError(
-                f"The model `{model}` does not exist. Available: {self.model_name}", 404, "model_not_found"
+                f"The model `{model}` does not exist. Available: {self.model_name}", 404, "model_not_found", "model"
             )
 
     def encode_text(self, text: str, field: str = "prompt") -> list[int]:
@@ -119,15 +134,16 @@ class Frontend:
                 messages, add_generation_prompt=add_generation_prompt, tools=tools
             )
         except InvalidRequestError as exc:
-            raise GenerationError(str(exc), 400, "invalid_request_error") from exc
+            raise GenerationError(str(exc), 400, "invalid_request_error", "messages") from exc
         # Chat templates write their own BOS where the model wants one.
         return self.tokenizer.encode(rendered, add_special_tokens=add_special_tokens)
 
-    def room(self, prompt_ids: list[int]) -> int:
-        """How many tokens may follow ``prompt_ids``; GenerationError(400) or FieldError if it is bad or too long."""
+    def room(self, prompt_ids: list[int], prompt_field: str = "prompt") -> int:
+        """How many tokens may follow ``prompt_ids``; GenerationError(400) or FieldError naming ``prompt_field``
+        (the request's field the prompt came from) if it is bad or too long."""
         if not prompt_ids:
-            raise _bad("prompt must not be empty", "prompt")
-        check_token_ids(prompt_ids, self.vocab_size, "prompt")
+            raise _bad(f"{prompt_field} must not be empty", prompt_field)
+        check_token_ids(prompt_ids, self.vocab_size, prompt_field)
         room = self.max_model_len - len(prompt_ids)
         if room < 1:
             raise GenerationError(
@@ -135,13 +151,20 @@ class Frontend:
                 f"{len(prompt_ids)} tokens, which leaves no room for the completion.",
                 400,
                 "context_length_exceeded",
+                prompt_field,
             )
         return room
 
-    def build(self, prompt_ids: list[int], params: SamplingParams) -> GenerationRequest:
+    def build(
+        self,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        prompt_field: str = "prompt",
+        max_tokens_field: str = "max_tokens",
+    ) -> GenerationRequest:
         """Checks what the record cannot alone (the prompt, the context, the vocabulary); GenerationError(400)
-        or FieldError names the first problem."""
-        room = self.room(prompt_ids)
+        or FieldError names the first problem, by the request's names for the prompt and max_tokens."""
+        room = self.room(prompt_ids, prompt_field)
         if params.max_tokens > room:
             raise GenerationError(
                 f"This model's maximum context length is {self.max_model_len} tokens. However, you requested "
@@ -149,6 +172,7 @@ class Frontend:
                 "for the completion).",
                 400,
                 "context_length_exceeded",
+                max_tokens_field,
             )
         check_vocabulary(params, self.vocab_size)
         if params.grammar is not None and params.grammar.accepted_prompt_tokens > len(prompt_ids):
@@ -171,6 +195,10 @@ class Frontend:
 
     def token_text(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id], skip_special_tokens=False)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The token's raw bytes: part of a UTF-8 character where ``token_text`` shows U+FFFD."""
+        return self.tokenizer.token_bytes(token_id, skip_special_tokens=False)
 
     def _check_decode_workers(self) -> None:
         """GenerationError(503) while no model is served, or when every decode worker serves another."""

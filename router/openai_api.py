@@ -21,7 +21,16 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from prometheus_client import generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, create_model, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    create_model,
+    field_validator,
+    model_validator,
+)
 from pydantic_core import PydanticCustomError
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -29,6 +38,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from contract.grammar import Grammar
 from contract.sampling import FIELDS as SAMPLING_FIELDS
 from contract.sampling import FieldError, SamplingParams, check_text, check_token_ids, wrap_seed
+from engine.tokenizer import IncrementalDetokenizer, Tokenizer
 from protos import common_pb2
 from router.frontend import Frontend, Overloaded
 from router.orchestrator import Delta, GenerationError, GenerationRequest
@@ -157,9 +167,20 @@ STREAM_OPTIONS_REFUSED: dict[str, Refusal] = {}
 
 
 class _Strict(BaseModel):
-    """Unknown fields are a 400; every string must be valid UTF-8 (JSON escapes can carry lone surrogates)."""
+    """Unknown fields are a 400; every string must be valid UTF-8 (JSON escapes can carry lone surrogates).
 
-    model_config = ConfigDict(extra="forbid")
+    Values are of their field's JSON type (strict: ``true`` is no integer, ``"3"`` no number, ``1`` no boolean), but
+    for a JSON integer where a number is wanted. A known field's null means "not given", as OpenAI reads it (its
+    SDK sends null for a parameter passed as None): the field keeps its declared default."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_not_given(cls, data: Any) -> Any:
+        if isinstance(data, dict) and None in data.values():
+            return {k: v for k, v in data.items() if v is not None or k not in cls.model_fields}
+        return data
 
     @field_validator("*")
     @classmethod
@@ -262,7 +283,7 @@ def _record_fields(body: type[_SamplingFields]) -> tuple[str, ...]:
 
 class CompletionBody(_refusing("_CompletionRefused", _SamplingFields, COMPLETION_REFUSED)):
     prompt: str | list[int] | list[str] | list[list[int]]
-    max_tokens: int | None = 16  # 0: nothing generated (with echo and logprobs: the prompt scored)
+    max_tokens: int = 16  # 0: nothing generated (with echo and logprobs: the prompt scored)
     logprobs: int | None = None
     echo: bool = False  # the prompt before the completion; with logprobs, the prompt tokens' logprobs too
     best_of: int | None = Field(default=None, ge=1, le=16)  # candidates per prompt; the n most likely are returned
@@ -352,7 +373,7 @@ _ERROR_MEANINGS = {
     429: "Too many requests in flight; retry after the Retry-After header's seconds",
     499: "The client disconnected before the answer (no one receives this)",
     502: "A worker failed the request",
-    503: "No model is served yet, no decode worker is ready, or every one is full",
+    503: "No model is served yet, or no decode worker is ready",
     504: "The request timed out",
 }
 
@@ -417,11 +438,13 @@ def create_app(frontend: Frontend, api_keys: tuple[str, ...] = ()) -> FastAPI:
     async def completions(body: CompletionBody, request: Request):
         frontend.check_model(body.model)
         prompts = _completion_prompts(frontend, body.prompt)
-        shape = _Completions.of(body, prompts, _echo_texts(frontend, body.prompt, prompts) if body.echo else None)
+        texts = _prompt_texts(frontend, body.prompt, prompts) if body.echo or body.logprobs is not None else None
+        shape = _Completions.of(body, prompts, texts)
         params = body.sampling(shape.worker_max_tokens, shape.worker_logprobs(body.logprobs))
         if body.echo and body.logprobs is not None:
             params = replace(params, prompt_logprobs=body.logprobs)
         choices = [p for p in prompts for _ in range(shape.best_of)]
+        frontend.admission.check_fits(len(prompts), shape.best_of, "n" if body.best_of is None else "best_of")
         jobs = [frontend.build(p, choice) for p, choice in zip(choices, _seeded(params, len(choices)))]
         return await _respond(request, frontend, body, jobs, "text_completion", "cmpl", completions=shape)
 
@@ -463,15 +486,18 @@ def create_app(frontend: Frontend, api_keys: tuple[str, ...] = ()) -> FastAPI:
         messages = _conversation(frontend, body.messages)
         tools = _chat_tools(frontend, body)
         prompt = frontend.encode_chat(messages, tools.template_tools if tools else None)
+        frontend.admission.check_fits(1, body.n, "n")
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         if body.top_logprobs is not None and not body.logprobs:
             raise GenerationError(
                 "top_logprobs requires logprobs to be true", 400, "invalid_request_error", "top_logprobs"
             )
-        max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+        limit_field = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
+        max_tokens = getattr(body, limit_field)
         tool_grammar = tools.grammar() if tools else None
-        params = body.sampling(frontend.room(prompt) if max_tokens is None else max_tokens, logprobs, tool_grammar)
-        jobs = [frontend.build(prompt, choice) for choice in _seeded(params, body.n)]
+        room = frontend.room(prompt, "messages") if max_tokens is None else max_tokens
+        params = body.sampling(room, logprobs, tool_grammar)
+        jobs = [frontend.build(prompt, choice, "messages", limit_field) for choice in _seeded(params, body.n)]
         calls = tools if tools is not None and tools.parses else None
         return await _respond(request, frontend, body, jobs, "chat.completion", "chatcmpl", calls)
 
@@ -497,6 +523,12 @@ def _conversation(frontend: Frontend, messages: list[ChatMessageBody]) -> list[d
 
 def _chat_tools(frontend: Frontend, body: ChatBody) -> Tools | None:
     """The request's tools, if any; a 400 naming ``tools`` when the model's chat template cannot render them."""
+    if not body.tools:
+        # As OpenAI answers: without tools there is nothing to choose from (tool_choice "none" asks for nothing).
+        if body.tool_choice not in (None, "none"):
+            raise FieldError("tool_choice", "tool_choice is only allowed when tools are given")
+        if body.parallel_tool_calls is not None:
+            raise FieldError("parallel_tool_calls", "parallel_tool_calls is only allowed when tools are given")
     syntax = tool_call_format(frontend.tokenizer.chat_template_source)
     tools = Tools.from_request(body.tools, body.tool_choice, body.parallel_tool_calls, syntax)
     if tools is not None and not frontend.tokenizer.supports_tools:
@@ -528,8 +560,9 @@ def _model_card(frontend: Frontend) -> dict:
     }
 
 
-def _echo_texts(frontend: Frontend, prompt, prompts: list[list[int]]) -> list[str]:
-    """What echo returns before each completion: a text prompt as sent, a token prompt decoded."""
+def _prompt_texts(frontend: Frontend, prompt, prompts: list[list[int]]) -> list[str]:
+    """Each prompt's text, as echo returns it before the completion: a text prompt as sent, a token prompt decoded
+    (special tokens shown)."""
     if isinstance(prompt, str):
         return [prompt]
     if prompt and all(isinstance(p, str) for p in prompt):
@@ -546,21 +579,24 @@ class _Completions:
     cumulative logprob returned; choice ``i * n + j`` is prompt i's j-th."""
 
     prompts: list[list[int]]
-    echo_texts: list[str] | None
+    prompt_texts: list[str] | None  # with echo or logprobs (text offsets count from the prompt's start)
+    echo: bool
+    texts_sent: bool  # the prompts came as text (their texts show no special token), not as token ids
     max_tokens: int
     logprobs: bool  # the client asked for logprobs
     n: int
     best_of: int
 
     @classmethod
-    def of(cls, body: CompletionBody, prompts: list[list[int]], echo_texts: list[str] | None) -> _Completions:
+    def of(cls, body: CompletionBody, prompts: list[list[int]], prompt_texts: list[str] | None) -> _Completions:
         best_of = body.n if body.best_of is None else body.best_of
         if best_of < body.n:
             raise FieldError("best_of", f"best_of ({best_of}) must be at least n ({body.n})")
         if body.stream and best_of > body.n:
             raise FieldError("best_of", "best_of greater than n cannot stream: the best are known only at the end")
-        max_tokens = 16 if body.max_tokens is None else body.max_tokens
-        return cls(prompts, echo_texts, max_tokens, body.logprobs is not None, body.n, best_of)
+        texts_sent = not isinstance(body.prompt, list) or isinstance(body.prompt[0], str)
+        logprobs = body.logprobs is not None
+        return cls(prompts, prompt_texts, body.echo, texts_sent, body.max_tokens, logprobs, body.n, best_of)
 
     @property
     def scoring(self) -> bool:
@@ -575,8 +611,12 @@ class _Completions:
 
     def stream(self, index: int, stream: AsyncIterator[Delta]) -> AsyncIterator[Delta]:
         prompt = index // self.best_of
-        echo = (tuple(self.prompts[prompt]), self.echo_texts[prompt]) if self.echo_texts is not None else None
+        echo = (tuple(self.prompts[prompt]), self.prompt_texts[prompt]) if self.echo else None
         return _shaped(stream, echo, self.scoring)
+
+    def text_offsets(self, tokenizer: Tokenizer, index: int) -> _TextOffsets:
+        """The text offsets of returned choice ``index`` (choice ``i * n + j`` is prompt i's j-th)."""
+        return _TextOffsets(tokenizer, self.prompt_texts[index // self.n], not self.texts_sent)
 
     def best(self, results: list[list[Delta]]) -> list[list[Delta]]:
         """The n most likely of each prompt's best_of candidates (all of them when best_of == n), logprobs
@@ -643,7 +683,7 @@ async def _respond(
     completions: _Completions | None = None,
 ):
     response_id = f"{prefix}-{uuid.uuid4().hex}"
-    token_text = (lambda t: f"token_id:{t}") if body.return_tokens_as_token_ids else frontend.token_text
+    names = _TokenNames(frontend, body.return_tokens_as_token_ids, completions)
     created = int(time.time())
     chat = kind == "chat.completion"
     streams = [frontend.stream(job) for job in jobs]
@@ -658,7 +698,7 @@ async def _respond(
         # Admission, routing and prefill run before the headers go out: their errors keep their status (429, 503).
         first = await _first_or_cancel(request, deltas)
         return StreamingResponse(
-            _sse(frontend, _chained(first, deltas), len(jobs), response_id, created, chat, options, token_text, tally),
+            _sse(frontend, _chained(first, deltas), len(jobs), response_id, created, chat, options, names, tally),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
@@ -668,7 +708,7 @@ async def _respond(
             tally.add(index, delta)
     if completions is not None:
         results = completions.best(results)
-    response = _full_response(frontend, results, response_id, created, chat, token_text, tally)
+    response = _full_response(frontend, results, response_id, created, chat, names, tally)
     for choice in response["choices"] if tools is not None else ():
         content, calls = tools.parse(choice["message"]["content"])
         if calls:
@@ -771,7 +811,7 @@ def _full_response(
     response_id: str,
     created: int,
     chat: bool,
-    token_text,
+    names: _TokenNames,
     tally: _UsageTally,
 ) -> dict:
     choices = []
@@ -782,10 +822,10 @@ def _full_response(
         choice: dict[str, Any] = {"index": index, "finish_reason": last.finish_reason, "stop_reason": last.stop_reason}
         if chat:
             choice["message"] = {"role": "assistant", "content": text}
-            choice["logprobs"] = _chat_logprobs(token_text, logprobs) if logprobs else None
+            choice["logprobs"] = _chat_logprobs(names, logprobs) if logprobs else None
         else:
             choice["text"] = text
-            choice["logprobs"] = _completion_logprobs(token_text, deltas)
+            choice["logprobs"] = _completion_logprobs(names, deltas, names.text_offsets(index))
         choices.append(choice)
     return {
         "id": response_id,
@@ -830,10 +870,11 @@ async def _sse(
     created: int,
     chat: bool,
     options: StreamOptions,
-    token_text,
+    names: _TokenNames,
     tally: _UsageTally,
 ) -> AsyncIterator[str]:
     kind = "chat.completion.chunk" if chat else "text_completion"
+    offsets: dict[int, _TextOffsets] = {}  # per choice, across its chunks
 
     def chunk(choices: list[dict], last: bool = False) -> str:
         payload = {
@@ -864,7 +905,9 @@ async def _sse(
                 )
         async for index, delta in deltas:
             tally.add(index, delta)
-            yield chunk([_stream_choice(token_text, index, delta, chat)])
+            if not chat and index not in offsets:
+                offsets[index] = names.text_offsets(index)
+            yield chunk([_stream_choice(names, index, delta, chat, offsets.get(index))])
         if options.include_usage:
             yield chunk([], last=True)
     except GenerationError as exc:
@@ -874,16 +917,16 @@ async def _sse(
     yield "data: [DONE]\n\n"
 
 
-def _stream_choice(token_text, index: int, delta: Delta, chat: bool) -> dict:
+def _stream_choice(names: _TokenNames, index: int, delta: Delta, chat: bool, offsets: _TextOffsets | None) -> dict:
     choice: dict[str, Any] = {"index": index, "finish_reason": delta.finish_reason, "stop_reason": delta.stop_reason}
     if chat:
         choice["delta"] = {"content": delta.text} if delta.text or not delta.finish_reason else {}
         if getattr(delta, "tool_calls", ()):
             choice["delta"]["tool_calls"] = list(delta.tool_calls)
-        choice["logprobs"] = _chat_logprobs(token_text, delta.logprobs) if delta.logprobs else None
+        choice["logprobs"] = _chat_logprobs(names, delta.logprobs) if delta.logprobs else None
     else:
         choice["text"] = delta.text
-        choice["logprobs"] = _completion_logprobs(token_text, [delta])
+        choice["logprobs"] = _completion_logprobs(names, [delta], offsets)
     return choice
 
 
@@ -918,34 +961,104 @@ async def _merge(streams: list[AsyncIterator[Delta]]) -> AsyncIterator[tuple[int
             task.cancel()
 
 
-def _completion_logprobs(token_text, deltas: list[Delta]) -> dict | None:
+@dataclass(frozen=True)
+class _TokenNames:
+    """How a response's logprobs name tokens: by text (or ``token_id:N``, vLLM's return_tokens_as_token_ids), by
+    raw bytes, and (legacy completions) by where each starts in its choice's text."""
+
+    frontend: Frontend
+    as_ids: bool
+    completions: _Completions | None
+
+    def text(self, token_id: int) -> str:
+        return f"token_id:{token_id}" if self.as_ids else self.frontend.token_text(token_id)
+
+    def raw(self, token_id: int) -> list[int]:
+        return list(self.frontend.token_bytes(token_id))
+
+    def text_offsets(self, index: int) -> _TextOffsets | None:
+        if self.completions is None or self.completions.prompt_texts is None:
+            return None  # no logprobs asked for
+        return self.completions.text_offsets(self.frontend.tokenizer, index)
+
+
+class _TextOffsets:
+    """Where each token of one completion choice starts in the choice's text, in characters (the legacy logprobs'
+    ``text_offset``, OpenAI's count): an echoed prompt's tokens from 0, the generated ones after the prompt, whose
+    length counts whether or not it is echoed. A token ending inside a character starts where the character does,
+    and no offset passes the text returned so far (a stop string held back or cut off). Feed it a choice's deltas in
+    order, each once.
+
+    ::
+
+        text:     | prompt (echoed or not) | generated text ...
+        offset:   0                        len(prompt) + characters the earlier generated tokens decode to
+    """
+
+    def __init__(self, tokenizer: Tokenizer, prompt_text: str, special_shown: bool) -> None:
+        self._tokenizer = tokenizer
+        self._prompt = prompt_text
+        self._special_shown = special_shown  # the prompt text shows its special tokens (it was decoded from ids)
+        self._generated = IncrementalDetokenizer(tokenizer)  # as the workers decode: special tokens skipped
+        self._decoded = 0  # characters the generated tokens decode to so far
+        self._returned = 0  # characters of generated text returned so far
+
+    def of(self, delta: Delta, prompt_ids: list[int]) -> list[int]:
+        """Offsets of ``prompt_ids`` (the echoed prompt's, with the first delta) then of the delta's own tokens."""
+        offsets = []
+        if prompt_ids:
+            detokenizer = IncrementalDetokenizer(self._tokenizer, skip_special_tokens=not self._special_shown)
+            decoded = 0
+            for token_id in prompt_ids:
+                offsets.append(min(decoded, len(self._prompt)))
+                decoded += len(detokenizer.push(token_id))
+        start = len(self._prompt)
+        self._returned += len(delta.text) - (start if isinstance(delta, _EchoedDelta) else 0)
+        for lp in delta.logprobs:
+            offsets.append(start + min(self._decoded, self._returned))
+            self._decoded += len(self._generated.push(lp.token_id))
+        return offsets
+
+
+def _completion_logprobs(names: _TokenNames, deltas: list[Delta], offsets: _TextOffsets | None) -> dict | None:
     """The legacy logprobs object of ``deltas``, echoed prompt first (its first token has none); None if empty."""
     token_ids: list[int] = []
     values: list[float | None] = []
     tops: list[dict | None] = []
+    text_offset: list[int] = []
     for delta in deltas:
+        prompt_ids: list[int] = []
         if isinstance(delta, _EchoedDelta) and delta.prompt_logprobs:
+            prompt_ids = [delta.echo_ids[0], *(lp.token_id for lp in delta.prompt_logprobs)]
             token_ids.append(delta.echo_ids[0])  # the prompt's first token: nothing before it to score it
             values.append(None)
             tops.append(None)
         for lp in (*delta.prompt_logprobs, *delta.logprobs):
             token_ids.append(lp.token_id)
             values.append(lp.logprob)
-            tops.append({token_text(t.token_id): t.logprob for t in lp.top})
+            # Two candidates may read the same (say, two different parts of characters, each U+FFFD): the key keeps
+            # the higher logprob, the ranked order's first. The client cannot tell the two apart by their text, and a
+            # key holding a lower-ranked token's logprob would misreport the one it names first.
+            top: dict[str, float] = {}
+            for t in lp.top:
+                top.setdefault(names.text(t.token_id), t.logprob)
+            tops.append(top)
+        if offsets is not None:
+            text_offset.extend(offsets.of(delta, prompt_ids))
     if not token_ids:
         return None
     return {
-        "tokens": [token_text(t) for t in token_ids],
+        "tokens": [names.text(t) for t in token_ids],
         "token_logprobs": values,
         "top_logprobs": tops,
-        "text_offset": [],
+        "text_offset": text_offset,
     }
 
 
-def _chat_logprobs(token_text, logprobs) -> dict:
+def _chat_logprobs(names: _TokenNames, logprobs) -> dict:
     def entry(token_id: int, logprob: float) -> dict:
-        text = token_text(token_id)
-        return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+        # bytes: the token's own, which may be part of a character: joined, they rebuild the text.
+        return {"token": names.text(token_id), "logprob": logprob, "bytes": names.raw(token_id)}
 
     return {
         "content": [
