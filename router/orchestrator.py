@@ -76,6 +76,12 @@ class _LeaseExpired(Exception):
     """The reservation's KV did not land before its lease ran out."""
 
 
+class _DecodeFull(Exception):
+    """The decode worker had no free blocks to reserve for the prompt (or held as many reservations of this router
+    as it takes): a moment's state, not a refusal of the request, which the engine refuses up front if it can
+    never fit."""
+
+
 def _retrieve(task: asyncio.Future) -> None:
     """A task left behind (its request failed meanwhile) logs no "exception never retrieved"."""
     if not task.cancelled():
@@ -141,9 +147,9 @@ class Orchestrator:
         served = self.model.require()
         hashes = progress.block_hashes = compute_block_hashes(request.prompt_token_ids, served.block_size)
         exclude: set[str] = set()
-        force_local = False
+        local_because = ""  # set: prefill on the decode worker, for this reason
         while True:
-            chosen = self._route(request, progress, hashes, served.block_size, exclude, force_local)
+            chosen = self._route(request, progress, hashes, served.block_size, exclude, local_because)
             try:
                 if chosen.decision is Decision.REMOTE_PREFILL:
                     stream = self._remote(request, chosen, progress, served)
@@ -170,10 +176,16 @@ class Orchestrator:
                 progress.trace.event("lease_expired", worker=chosen.decode.address, policy=self.config.lease_policy)
                 if self.config.lease_policy == "fail":
                     raise GenerationError(f"KV transfer did not complete in time: {exc}", 503) from exc
-                force_local = True
+                local_because = "recompute locally"
+            except _DecodeFull as exc:
+                # A reservation needs its blocks now; a request in the decode engine's own queue waits for them. So the
+                # request is prefilled where it decodes, once blocks free, rather than refused while they are taken.
+                progress.trace.event("decode_full", worker=chosen.decode.address)
+                log.info("request %s: %s; prefilling on a decode worker", request.request_id, exc)
+                local_because = "decode worker full"
 
     def _route(
-        self, request, progress: _Progress, hashes, block_size: int, exclude: set[str], force_local: bool
+        self, request, progress: _Progress, hashes, block_size: int, exclude: set[str], local_because: str
     ) -> Route:
         try:
             prompt_len = len(request.prompt_token_ids) + len(progress.tokens)
@@ -182,8 +194,9 @@ class Orchestrator:
         except NoWorkerError as exc:
             raise GenerationError(with_reasons(str(exc), self.pool.unavailable("decode")), 503) from exc
         local_migration = progress.tokens and self.config.migration_policy == "local"
-        if (force_local or local_migration) and chosen.decision is Decision.REMOTE_PREFILL:
-            chosen = Route(Decision.FALLBACK, chosen.decode, None, chosen.uncached_tokens, "recompute locally")
+        if (local_because or local_migration) and chosen.decision is Decision.REMOTE_PREFILL:
+            reason = local_because or "recompute locally"
+            chosen = Route(Decision.FALLBACK, chosen.decode, None, chosen.uncached_tokens, reason)
         elif (
             request.params.HasField("prompt_logprobs")
             and not progress.tokens
@@ -316,6 +329,8 @@ class Orchestrator:
             )
         except grpc.aio.AioRpcError as exc:
             span.fail(f"{exc.code().name}: {exc.details()}")
+            if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                raise _DecodeFull(f"decode worker {decode.address} is full: {exc.details()}") from exc
             raise self._worker_error(decode, exc) from exc
         except (asyncio.CancelledError, grpc.aio.UsageError) as exc:
             if not _channel_closed_under_call(decode):
