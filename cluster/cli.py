@@ -13,7 +13,36 @@ from contract.heap import freeze_startup_heap
 from engine.config import add_prefill_chunk_argument
 
 
+def _bounded(kind, bound):
+    """An argparse type: a ``kind`` within ``bound`` (router.config.Bound), else an error naming the flag."""
+
+    def parse(text: str):
+        value = kind(text)
+        if not bound.admits(value):
+            raise argparse.ArgumentTypeError(f"must be {bound}, got {text}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names it in "invalid int value"
+    return parse
+
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+def _add_log_level_arg(parser: argparse.ArgumentParser, default: str) -> None:
+    parser.add_argument(
+        "--log-level",
+        default=default,
+        type=str.upper,
+        choices=LOG_LEVELS,
+        metavar="LEVEL",
+        help=f"{', '.join(LOG_LEVELS)} (default: {default})",
+    )
+
+
 def _add_engine_args(parser: argparse.ArgumentParser) -> None:
+    from cluster.config import POOL_BOUNDS
+
     parser.add_argument(
         "--model",
         default="demo",
@@ -23,12 +52,19 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
         "--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="default: the model's own"
     )
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0")
-    parser.add_argument("--kv-cache-mb", type=int, default=512, help="KV pool memory budget in MiB")
+    parser.add_argument(
+        "--kv-cache-mb",
+        type=_bounded(int, POOL_BOUNDS["kv_cache_mb"]),
+        default=512,
+        help="KV pool memory budget in MiB",
+    )
     parser.add_argument("--block-size", type=int, default=16, help="tokens per KV block (a power of two)")
     parser.add_argument("--max-num-seqs", type=int, default=64)
     parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
     add_prefill_chunk_argument(parser)
-    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    parser.add_argument(
+        "--threads", type=_bounded(int, POOL_BOUNDS["threads"]), default=None, help="torch intra-op threads"
+    )
 
 
 def engine_config_from_args(args: argparse.Namespace):
@@ -144,6 +180,9 @@ def _given_settings(args: argparse.Namespace, names) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from cluster.config import MIN_DECODE_REPLICAS
+    from router.config import BOUNDS, PORT, Bound
+
     parser = argparse.ArgumentParser(
         prog="splitserve",
         description="Serve an LLM with prefill and decode disaggregated: a router, prefill and decode workers, Ray.",
@@ -170,11 +209,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="the host peers dial, named in this worker's tickets and READY line; default: --host, or for a "
         "wildcard --host the address of the default route's interface",
     )
-    worker.add_argument("--port", type=int, default=0, help="0: any free port")
+    worker.add_argument("--port", type=_bounded(int, PORT), default=0, help="0: any free port")
     worker.add_argument("--transport", choices=["grpc", "nixl"], default="grpc")
     worker.add_argument(
         "--lease-ms",
-        type=int,
+        type=_bounded(int, BOUNDS["lease_ms"]),
         default=None,
         help="decode: how long a reservation waits for its KV when the router does not say; default: the worker's own",
     )
@@ -187,15 +226,15 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument(
         "--push-mode",
         choices=["layer", "request"],
-        default="layer",
-        help="prefill: push KV layer by layer as computed, or all of it after the prompt (a baseline)",
+        default=None,
+        help="prefill: push KV layer by layer as computed (the default), or all of it after the prompt (a baseline)",
     )
     worker.add_argument("--worker-id", default=None)
     worker.add_argument(
         "--served-model-name", default=None, help="the name in the model card; default: the preset or directory name"
     )
     worker.add_argument(
-        "--metrics-port", type=int, default=None, help="serve Prometheus /metrics on this port (0: any)"
+        "--metrics-port", type=_bounded(int, PORT), default=None, help="serve Prometheus /metrics on this port (0: any)"
     )
     worker.add_argument(
         "--insecure",
@@ -222,14 +261,14 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     up.add_argument("--device", default=None, help="cpu or cuda")
     up.add_argument("--prefill", type=int, default=None, help="prefill workers")
-    up.add_argument("--decode", type=int, default=None, help="decode workers")
+    up.add_argument("--decode", type=_bounded(int, Bound(MIN_DECODE_REPLICAS)), default=None, help="decode workers")
     up.add_argument("--transport", choices=["grpc", "nixl"], default=None)
     up.add_argument("--worker-host", default=None, help="address workers bind to; 'auto': the node's IP")
     up.add_argument("--ttft-slo", type=float, default=None, help="seconds; turns the planner on")
     up.add_argument("--tpot-slo", type=float, default=None, help="seconds; turns the planner on")
     up.add_argument("--min-prefill", type=int, default=None)
     up.add_argument("--max-prefill", type=int, default=None)
-    up.add_argument("--min-decode", type=int, default=None)
+    up.add_argument("--min-decode", type=_bounded(int, Bound(MIN_DECODE_REPLICAS)), default=None)
     up.add_argument("--max-decode", type=int, default=None)
     _add_secret_args(
         up,
@@ -237,7 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
         admin_token_help="a file holding the admin token; default: $SPLITSERVE_ADMIN_TOKEN[_FILE], else a random "
         "token written next to the runtime files",
     )
-    up.add_argument("--log-level", default="WARNING")
+    _add_log_level_arg(up, "WARNING")
     _add_router_setting_args(up, router_flag_fields("up"))
     up.set_defaults(run=_run_up)
 
@@ -274,7 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="a cluster config file (YAML/TOML, as `splitserve up --config` reads): its router section and the "
         "cluster-wide keys it names (model, served_model_name, lease_ms, health_interval_s); flags override it",
     )
-    router.add_argument("--log-level", default="INFO")
+    _add_log_level_arg(router, "INFO")
     _add_router_setting_args(router, router_flag_fields("router"))
     router.set_defaults(run=_run_router)
 
@@ -315,6 +354,10 @@ def _run_worker(args: argparse.Namespace) -> int:
     from engine.errors import EngineError
     from protos.cluster_auth import MISSING_SECRET_HELP, ClusterAuth
 
+    unused = _flag_of_the_other_role(args)
+    if unused:
+        print(f"splitserve worker {args.role}: {unused}", file=sys.stderr)
+        return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         auth = ClusterAuth.from_env()
@@ -338,7 +381,8 @@ def _run_worker(args: argparse.Namespace) -> int:
         if args.role == "prefill":
             from prefill_worker.worker import PrefillWorker
 
-            worker = PrefillWorker(engine_config_from_args(args), push_mode=args.push_mode, **common)
+            push = {} if args.push_mode is None else {"push_mode": args.push_mode}  # else: the worker's own
+            worker = PrefillWorker(engine_config_from_args(args), **push, **common)
         else:
             from decode_worker.worker import DecodeWorker
 
@@ -360,6 +404,18 @@ def _run_worker(args: argparse.Namespace) -> int:
     stop.wait()
     worker.stop()
     return 0
+
+
+# Flags of one worker role: given to the other, they would be dropped.
+_ROLE_FLAGS = {"lease_ms": ("--lease-ms", "decode"), "push_mode": ("--push-mode", "prefill")}
+
+
+def _flag_of_the_other_role(args: argparse.Namespace) -> str | None:
+    """Why a flag given is not this worker role's, or None."""
+    for name, (flag, role) in _ROLE_FLAGS.items():
+        if getattr(args, name) is not None and args.role != role:
+            return f"{flag} is a {role} worker's setting; a {args.role} worker does not use it"
+    return None
 
 
 def cluster_config_from_args(args: argparse.Namespace):
@@ -405,7 +461,7 @@ def cluster_config_from_args(args: argparse.Namespace):
 
 
 def _run_up(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         config = cluster_config_from_args(args)
     except (OSError, ValueError) as exc:
@@ -463,7 +519,7 @@ def _run_router(args: argparse.Namespace) -> int:
     from engine.errors import EngineError
     from router.server import serve
 
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     async def main(config) -> None:
         stop = asyncio.Event()

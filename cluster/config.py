@@ -15,8 +15,11 @@ from pathlib import Path
 
 import yaml
 
-from engine.config import check_step_limits
-from router.config import RouterConfig
+from engine.config import _DTYPES, check_step_limits
+from router.config import AT_LEAST_ONE, BOUNDS, NON_NEGATIVE, POSITIVE, Bound, RouterConfig, check_bounds
+
+DEVICES = ("cpu", "cuda")  # a GPU worker uses the first device Ray gives it (cluster.worker_actor)
+MIN_DECODE_REPLICAS = 1  # the cluster serves through its decode workers: none, and it can never serve
 
 
 @dataclass(frozen=True)
@@ -27,7 +30,7 @@ class PoolSpec:
     min_replicas: int = 1
     max_replicas: int = 4
     num_cpus: float = 1.0
-    num_gpus: float = 0.0  # > 1: the worker spans devices and is placed with a placement group
+    num_gpus: float = 0.0  # at most 1: a worker runs on one device (the engine has no tensor or pipeline parallelism)
     resources: dict = field(default_factory=dict)  # custom Ray resources, e.g. {"prefill_node": 1}
     threads: int = 1  # torch intra-op threads per worker
     kv_cache_mb: int = 512
@@ -42,12 +45,21 @@ class PoolSpec:
                 f"need 0 <= min_replicas <= replicas <= max_replicas, got {self.min_replicas}, "
                 f"{self.replicas}, {self.max_replicas}"
             )
+        if self.num_gpus > 1:
+            raise ValueError(
+                f"num_gpus must be at most 1, got {self.num_gpus!r}: a worker runs on one device (the engine has no "
+                "tensor or pipeline parallelism)"
+            )
+        check_bounds(self, POOL_BOUNDS)
         check_step_limits(self)
 
     @property
     def ray_resources(self) -> dict:
         """What one worker asks Ray for (the manifests in deploy/ must offer the same names)."""
         return {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus, "resources": dict(self.resources)}
+
+
+POOL_BOUNDS = {"num_cpus": NON_NEGATIVE, "num_gpus": NON_NEGATIVE, "threads": AT_LEAST_ONE, "kv_cache_mb": AT_LEAST_ONE}
 
 
 @dataclass(frozen=True)
@@ -61,6 +73,21 @@ class PlannerSpec:
     scale_down_cooldown_s: float = 30.0
     hysteresis: float = 0.2  # scale down only when the p90 is below (1 - hysteresis) * target
     min_samples: int = 5
+
+    def __post_init__(self) -> None:
+        check_bounds(self, PLANNER_BOUNDS)
+
+
+PLANNER_BOUNDS = {
+    "ttft_target_s": POSITIVE,
+    "tpot_target_s": POSITIVE,
+    "interval_s": POSITIVE,
+    "window_s": POSITIVE,
+    "scale_up_cooldown_s": NON_NEGATIVE,
+    "scale_down_cooldown_s": NON_NEGATIVE,
+    "hysteresis": Bound(0, 1),
+    "min_samples": AT_LEAST_ONE,
+}
 
 
 # RouterConfig fields the cluster owns: set once, at the top level of the cluster config, because the workers or the
@@ -112,13 +139,39 @@ class ClusterConfig:
     router: RouterConfig = field(default_factory=RouterConfig)
 
     def __post_init__(self) -> None:
+        self._check_worker_settings()
         if self.transport not in ("grpc", "nixl"):
             raise ValueError(f"transport must be grpc or nixl, got {self.transport!r}")
+        if self.decode.min_replicas < MIN_DECODE_REPLICAS:
+            raise ValueError(
+                f"decode.min_replicas must be >= {MIN_DECODE_REPLICAS}, got {self.decode.min_replicas}: the cluster "
+                "serves through its decode workers"
+            )
+        self._check_ray_settings()
+        # The facts shared with the router have the router's bounds (lease_ms: the decode workers' cap too).
+        check_bounds(self, {name: BOUNDS[name] for name in CLUSTER_WIDE if name in BOUNDS})
         if not isinstance(self.router, RouterConfig):
             raise ValueError(f"router must be a RouterConfig, got {type(self.router).__name__}")
         for name, why in (CLUSTER_WIDE | SET_BY_UP).items():
             if getattr(self.router, name) != router_default(name):
                 raise ValueError(f"router.{name} is not a router section setting: {why}{_instead(name)}")
+
+    def _check_worker_settings(self) -> None:
+        """What every worker's engine is built with: refused here, not by each worker actor dying in Ray's log."""
+        if not isinstance(self.model, str) or not self.model.strip():
+            raise ValueError(f"model must name a preset or a model directory, got {self.model!r}")
+        if self.dtype is not None and self.dtype not in _DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(_DTYPES)} (unset: the model's own), got {self.dtype!r}")
+        if self.device not in DEVICES:
+            raise ValueError(f"device must be {' or '.join(DEVICES)}, got {self.device!r}")
+
+    def _check_ray_settings(self) -> None:
+        if self.ray_num_cpus is not None and self.address is not None:
+            raise ValueError(
+                f"ray_num_cpus sizes the embedded Ray only; a joined Ray cluster (address {self.address!r}) has its "
+                "own CPUs: leave ray_num_cpus unset"
+            )
+        check_bounds(self, {"ray_num_cpus": AT_LEAST_ONE, "max_restarts": NON_NEGATIVE})
 
     def pool(self, role: str) -> PoolSpec:
         return self.prefill if role == "prefill" else self.decode
@@ -195,7 +248,13 @@ def _build(kind, values: dict, where: str, known=None):
     if unknown:
         raise ValueError(f"unknown {where} keys: {', '.join(sorted(unknown))}; known: {', '.join(sorted(known))}")
     hints = typing.get_type_hints(kind)
-    return kind(**{name: _typed(value, hints[name], f"{where}.{name}") for name, value in values.items()})
+    typed = {name: _typed(value, hints[name], f"{where}.{name}") for name, value in values.items()}
+    if where == "config":
+        return kind(**typed)
+    try:
+        return kind(**typed)
+    except ValueError as exc:  # a section's own checks name its keys: say which section
+        raise ValueError(f"{where}: {exc}") from None
 
 
 def _typed(value, hint, where: str):

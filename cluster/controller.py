@@ -18,8 +18,6 @@ from dataclasses import asdict, dataclass, field
 import grpc
 import ray
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from ray.util.placement_group import placement_group, remove_placement_group
-from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from cluster.config import ClusterConfig
 from cluster.planner import Observation, Planner
@@ -64,7 +62,6 @@ class Controller:
         self.desired = {role: self.config.pool(role).replicas for role in ROLES}
         self.records: dict[str, WorkerRecord] = {}
         self.actors: dict[str, object] = {}
-        self.groups: dict[str, object] = {}
         self.version = 0
         self._changed = asyncio.Condition()
         self._tasks: list[asyncio.Task] = []
@@ -172,10 +169,12 @@ class Controller:
     async def scale(self, role: str, replicas: int) -> dict:
         if role not in ROLES:
             raise ValueError(f"role must be prefill or decode, got {role!r}")
-        low = 1 if role == "decode" else 0
-        high = self.config.pool(role).max_replicas
-        if not low <= replicas <= high:
-            raise ValueError(f"{role} replicas must be between {low} and {high}, got {replicas}")
+        pool = self.config.pool(role)
+        if not pool.min_replicas <= replicas <= pool.max_replicas:
+            raise ValueError(
+                f"{role} replicas must be between the pool's min_replicas {pool.min_replicas} and max_replicas "
+                f"{pool.max_replicas}, got {replicas}"
+            )
         self.desired[role] = replicas
         self._request_resources()
         self._reconcile()
@@ -185,11 +184,17 @@ class Controller:
         record = self.records.get(worker_id)
         if record is None or record.state in ("dead", "draining"):
             raise ValueError(f"no running worker {worker_id!r}")
-        self.desired[record.role] = max(self.desired[record.role] - 1, 1 if record.role == "decode" else 0)
+        # At the pool's min_replicas the pool keeps its size: the drained worker is replaced, never left out.
+        floor = self.config.pool(record.role).min_replicas
+        replaced = self.desired[record.role] <= floor
+        self.desired[record.role] = max(self.desired[record.role] - 1, floor)
         record.state = "draining"  # at once, so reconciliation does not pick another victim meanwhile
         await self._bump()
         asyncio.ensure_future(self._finish_drain(record))
-        return {"worker_id": worker_id, "state": "draining"}
+        reply = {"worker_id": worker_id, "state": "draining"}
+        if replaced:
+            reply["replaced"] = f"the {record.role} pool is at its min_replicas {floor}: a new worker takes its place"
+        return reply
 
     async def report(self, observation: dict) -> None:
         """The router's latest latency window, for the planner."""
@@ -198,14 +203,8 @@ class Controller:
     async def shutdown(self) -> None:
         for task in self._tasks:
             task.cancel()
-        for worker_id, actor in list(self.actors.items()):
-            try:
-                await asyncio.wait_for(actor.stop.remote(), 3.0)
-            except Exception:  # noqa: BLE001 - it may be gone already
-                pass
-            ray.kill(actor, no_restart=True)
-        for group in self.groups.values():
-            remove_placement_group(group)
+        # All at once: a worker still starting (or never placed) answers no stop, and each waits out its timeout.
+        await asyncio.gather(*(self._stop_actor(actor) for actor in self.actors.values()))
 
     # -- reconciliation ---------------------------------------------------------------------------
 
@@ -238,17 +237,8 @@ class Controller:
             resources=dict(pool.resources) or None,
             max_restarts=0,
             max_concurrency=4,
+            num_gpus=pool.num_gpus,  # at most 1 (PoolSpec): a worker runs on one device
         )
-        if pool.num_gpus > 1:
-            # A multi-device worker: all its devices (and its node-kind resource) reserved together on one node.
-            group = placement_group(
-                [{"GPU": pool.num_gpus, "CPU": pool.num_cpus, **pool.resources}], strategy="STRICT_PACK"
-            )
-            self.groups[worker_id] = group
-            options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
-                group, placement_group_bundle_index=0, placement_group_capture_child_tasks=True
-            )
-        options["num_gpus"] = pool.num_gpus
         self.records.setdefault(worker_id, record or WorkerRecord(worker_id, role))
         self.actors[worker_id] = self._actor_class.options(**options).remote(
             worker_id, role, self.config.to_json(), self._cluster_secret
@@ -275,17 +265,18 @@ class Controller:
     async def _retire(self, record: WorkerRecord) -> None:
         actor = self.actors.pop(record.worker_id, None)
         if actor is not None:
-            try:
-                await asyncio.wait_for(actor.stop.remote(), 3.0)
-            except Exception:  # noqa: BLE001
-                pass
-            ray.kill(actor, no_restart=True)
-        group = self.groups.pop(record.worker_id, None)
-        if group is not None:
-            remove_placement_group(group)
+            await self._stop_actor(actor)
         record.state = "dead"
         log.info("worker %s retired", record.worker_id)
         await self._bump()
+
+    @staticmethod
+    async def _stop_actor(actor) -> None:
+        try:
+            await asyncio.wait_for(actor.stop.remote(), 3.0)
+        except Exception:  # noqa: BLE001 - it may be gone already, or not started
+            pass
+        ray.kill(actor, no_restart=True)
 
     def _request_resources(self) -> None:
         """On an autoscaling cluster, ask for the nodes the desired pools need (KubeRay adds them)."""

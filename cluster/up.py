@@ -15,7 +15,7 @@ from pathlib import Path
 import ray
 
 from cluster.config import ClusterConfig
-from cluster.controller import controller_class
+from cluster.controller import START_TIMEOUT_S, controller_class
 from cluster.worker_actor import CONTROLLER_NAME
 from contract.heap import freeze_startup_heap
 from engine.errors import ModelLoadError
@@ -116,6 +116,25 @@ async def exchange_with_planner(controller, router: Router, config: ClusterConfi
                 seen = decision["at"]
 
 
+class NotReady(RuntimeError):
+    """The workers did not start: `up` tears the cluster down and says why."""
+
+
+class StoppedBeforeReady(RuntimeError):
+    """Ctrl-C or SIGTERM came while the cluster was starting."""
+
+
+async def _unless_stopped(awaitable, stop: asyncio.Event):
+    """``awaitable``'s result, or StoppedBeforeReady as soon as ``stop`` is set (the wait is cancelled)."""
+    waiting, stopping = asyncio.ensure_future(awaitable), asyncio.ensure_future(stop.wait())
+    await asyncio.wait((waiting, stopping), return_when=asyncio.FIRST_COMPLETED)
+    if not waiting.done():
+        waiting.cancel()
+        raise StoppedBeforeReady("asked to stop while the workers were starting")
+    stopping.cancel()
+    return waiting.result()
+
+
 async def run_cluster(config: ClusterConfig, stop: asyncio.Event, on_ready=None) -> None:
     # Workers accept calls from cluster members only: the secret is $SPLITSERVE_CLUSTER_SECRET[_FILE]
     # or one made here, handed to the controller and through it to each worker actor's constructor
@@ -146,14 +165,22 @@ async def run_cluster(config: ClusterConfig, stop: asyncio.Event, on_ready=None)
         asyncio.create_task(exchange_with_planner(controller, router, config)),
     ]
     try:
-        if not await controller.wait_ready.remote():
-            raise RuntimeError("workers did not become ready in time")
-        await router.wait_ready()
-        urls = router.urls
         print(
-            f"splitserve is up: OpenAI API {urls['http']}/v1 | gRPC {urls['grpc']} | dashboard {urls['dashboard']}",
+            f"splitserve: router on {router.urls['http']}; starting {config.prefill.replicas} prefill and "
+            f"{config.decode.replicas} decode workers (Ctrl-C stops)",
             flush=True,
         )
+        if not await _unless_stopped(controller.wait_ready.remote(), stop):
+            raise NotReady(f"the workers did not become ready within {START_TIMEOUT_S:g} s")
+        urls = router.urls
+        where = f"OpenAI API {urls['http']}/v1 | gRPC {urls['grpc']} | dashboard {urls['dashboard']}"
+        if await _unless_stopped(router.wait_ready(), stop):
+            print(f"splitserve is up: {where}", flush=True)
+        else:  # as `splitserve router` does: say why, and serve (/ready says no) for the operator to look
+            problems = [router.frontend.model.refusal, *router.pool.unavailable()]
+            why = "; ".join(p for p in problems if p) or "no healthy decode worker"
+            print(f"splitserve: not ready — {why}", file=sys.stderr, flush=True)
+            print(f"splitserve serving, not ready: {where}", flush=True)
         print(f"admin token in {path}", flush=True)
         if on_ready is not None:
             on_ready(router)
@@ -192,6 +219,12 @@ def up(config: ClusterConfig) -> int:
 
     try:
         asyncio.run(main())
+    except StoppedBeforeReady as exc:
+        print(f"splitserve: {exc}; stopped", flush=True)
+        return 0
+    except NotReady as exc:
+        print(f"splitserve: not ready — {exc}; stopped", file=sys.stderr, flush=True)
+        return 1
     finally:
         ray.shutdown()
     print("splitserve stopped", flush=True)

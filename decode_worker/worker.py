@@ -27,6 +27,7 @@ from kv_transfer.errors import TransferError
 from kv_transfer.inbox import KVInbox
 from kv_transfer.receiver_service import KVReceiverService
 from protos import common_pb2, decode_pb2, decode_pb2_grpc, kv_transfer_pb2_grpc
+from router.config import BOUNDS, MAX_LEASE_MS
 from worker_server.base import WorkerBase, abort_on_error, logprob_from_wire, output_to_wire
 from worker_server.security import peer_of
 from worker_server.tracing import trace_kv_receiver
@@ -37,7 +38,6 @@ DEFAULT_LEASE_MS = 30_000
 # Open reservations one peer (a router's address) may hold: enough for a router's concurrency, not
 # enough for one peer to hold every block until the leases expire.
 DEFAULT_RESERVATIONS_PER_PEER = 256
-MAX_LEASE_MS = 600_000
 # A refused commit waits this long for the engine thread's verdict (at most a step, normally).
 COMMIT_VERDICT_TIMEOUT_S = 30.0
 
@@ -56,6 +56,8 @@ class DecodeWorker(WorkerBase, decode_pb2_grpc.DecodeWorkerServicer):
         kv_bulk: bool = True,
         **kwargs,
     ) -> None:
+        if not BOUNDS["lease_ms"].admits(default_lease_ms):  # the router's bound: a longer default would be capped
+            raise ValueError(f"default_lease_ms must be {BOUNDS['lease_ms']}, got {default_lease_ms!r}")
         super().__init__(config, **kwargs)
         self.transport = transport
         self.default_lease_ms = default_lease_ms

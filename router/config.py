@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -9,6 +10,44 @@ from pathlib import Path
 ROUTING_POLICIES = ("kv_aware", "load")
 MIGRATION_POLICIES = ("prefill", "local")
 LEASE_POLICIES = ("recompute", "fail")
+# The longest lease a decode worker grants: a router may not ask for more (RouterConfig.lease_ms), and a worker caps
+# what a peer asks for at it (decode_worker/worker.py).
+MAX_LEASE_MS = 600_000
+
+
+@dataclass(frozen=True)
+class Bound:
+    """The values a numeric setting admits: finite, at least ``low`` (above it where ``low_open``), at most ``high``."""
+
+    low: float
+    high: float | None = None
+    low_open: bool = False
+
+    def admits(self, value) -> bool:
+        if not math.isfinite(value) or (self.high is not None and value > self.high):
+            return False
+        return value > self.low if self.low_open else value >= self.low
+
+    def __str__(self) -> str:
+        if self.high is not None:
+            return f"between {self.low:g} and {self.high:g}"
+        return f"{'>' if self.low_open else '>='} {self.low:g}"
+
+
+POSITIVE = Bound(0, low_open=True)
+NON_NEGATIVE = Bound(0)
+AT_LEAST_ONE = Bound(1)
+PORT = Bound(0, 65535)  # 0: any free port
+
+
+def check_bounds(owner, bounds: dict[str, Bound], where: str = "") -> None:
+    """ValueError naming the first of ``owner``'s fields in ``bounds`` that is set (not None) and out of its bound;
+    ``where`` prefixes the name (a config file's section, e.g. "planner.")."""
+    for name, bound in bounds.items():
+        value = getattr(owner, name)
+        if value is not None and not bound.admits(value):
+            finite = "" if math.isfinite(value) else "finite and "
+            raise ValueError(f"{where}{name} must be {finite}{bound}, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -74,17 +113,35 @@ class RouterConfig:
         for name, allowed in CHOICES.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be {' or '.join(allowed)}, got {getattr(self, name)!r}")
-        for name in ("header_timeout_s", "body_timeout_s"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be a positive number of seconds, got {getattr(self, name)!r}")
-        if not self.max_prefill_wait_ms >= 0:
-            raise ValueError(f"max_prefill_wait_ms must be >= 0 (0: off), got {self.max_prefill_wait_ms!r}")
-        if self.max_model_len is not None and self.max_model_len < 1:
-            raise ValueError(f"max_model_len must be at least 1, got {self.max_model_len}")
+        check_bounds(self, BOUNDS)
         both = sorted(set(self.prefill_addresses) & set(self.decode_addresses))
         if both:
             raise ValueError(f"a worker has one role: {', '.join(both)} given as both --prefill and --decode")
 
+
+# The numeric settings' bounds (RouterConfig checks them, so the flags, the config file and `splitserve up` share them).
+BOUNDS = {
+    "port": PORT,
+    "grpc_port": PORT,
+    "max_body_bytes": AT_LEAST_ONE,
+    "request_timeout_s": POSITIVE,
+    "max_model_len": AT_LEAST_ONE,
+    "max_running": AT_LEAST_ONE,
+    "max_queued": NON_NEGATIVE,
+    "queue_timeout_s": POSITIVE,
+    "kv_weight": NON_NEGATIVE,
+    "local_prefill_threshold": NON_NEGATIVE,
+    "prefill_saturation": AT_LEAST_ONE,
+    "max_prefill_wait_ms": NON_NEGATIVE,  # 0: off
+    "prefill_timeout_s": POSITIVE,
+    "prefill_retries": NON_NEGATIVE,
+    "retry_backoff_s": NON_NEGATIVE,
+    "migration_retries": NON_NEGATIVE,
+    "lease_ms": Bound(1, MAX_LEASE_MS),
+    "health_interval_s": POSITIVE,
+    "header_timeout_s": POSITIVE,
+    "body_timeout_s": POSITIVE,
+}
 
 # The settings with a fixed set of values (RouterConfig checks them; the CLI offers them as choices).
 CHOICES = {"routing_policy": ROUTING_POLICIES, "migration_policy": MIGRATION_POLICIES, "lease_policy": LEASE_POLICIES}

@@ -15,7 +15,7 @@ from pathlib import Path
 import yaml
 
 from cluster.cli import build_parser, cluster_config_from_args
-from cluster.config import ClusterConfig, PoolSpec, from_dict
+from cluster.config import ClusterConfig, from_dict
 from tests.deploy.conftest import head_container, one, worker_group
 
 ROLES = ("prefill", "decode")
@@ -118,20 +118,16 @@ class _ActorClassRecorder:
         return object()
 
 
-def spawn_options(config: ClusterConfig, role: str, monkeypatch) -> dict:
+def spawn_options(config: ClusterConfig, role: str) -> dict:
     """The options the controller passes to Ray when it starts one worker of ``role``."""
     from cluster import controller as controller_module
 
     recorder = _ActorClassRecorder()
-    groups = []
-    monkeypatch.setattr(
-        controller_module, "placement_group", lambda bundles, strategy: groups.append(bundles) or ("group", bundles)
-    )
     controller = controller_module.Controller(config.to_json())
     controller._actor_class = recorder
     controller._spawn(role)
     (options,) = recorder.calls
-    return {**options, "placement_group_bundles": groups[0] if groups else None}
+    return options
 
 
 def demand_of(options: dict) -> dict:
@@ -177,11 +173,11 @@ def test_worker_groups_offer_what_each_pool_asks_for(objects):
         )
 
 
-def test_each_worker_fits_its_own_group_only_once_per_pod(objects, monkeypatch):
+def test_each_worker_fits_its_own_group_only_once_per_pod(objects):
     config, raycluster = configmap_config(objects), one(objects, "RayCluster")
     node_types = autoscaler_node_types(raycluster)
     for role in ROLES:
-        options = spawn_options(config, role, monkeypatch)
+        options = spawn_options(config, role)
         demand = demand_of(options)
         fits = {name for name, t in node_types.items() if workers_fitting(t["resources"], demand) >= 1}
         assert fits == {role}, f"a {role} worker asking for {demand} fits node types {sorted(fits)}"
@@ -236,18 +232,6 @@ def test_cpu_and_gpu_renders_differ_where_they_should():
     assert (cpu.device, cpu.prefill.num_gpus, cpu.decode.num_gpus) == ("cpu", 0, 0)
     assert (gpu.device, gpu.prefill.num_gpus, gpu.decode.num_gpus) == ("cuda", 1, 1)
     assert gpu.planner.enabled and not cpu.planner.enabled
-
-
-def test_multi_gpu_worker_is_placeable(monkeypatch):
-    config = ClusterConfig(prefill=PoolSpec(num_gpus=2, num_cpus=8, resources={"prefill_node": 1}))
-    options = spawn_options(config, "prefill", monkeypatch)
-    bundles = options["placement_group_bundles"]
-    assert bundles is not None
-    for key, amount in (options.get("resources") or {}).items():
-        assert any(bundle.get(key, 0) >= amount for bundle in bundles), f"no bundle of {bundles} reserves {key}"
-    assert options["num_gpus"] == 2 and sum(b.get("GPU", 0) for b in bundles) == 2, (
-        "the worker must see all of its GPUs"
-    )
 
 
 # -- the shell lines KubeRay runs ---------------------------------------------------------------

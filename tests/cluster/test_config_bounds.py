@@ -1,0 +1,279 @@
+"""Every setting is honoured or refused when the config is built, naming it: the config file, the flags of `splitserve
+up`, `router` and `worker`, and the controller's scale and drain share one check per setting (rule 15). No Ray."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import typing
+
+import pytest
+
+from cluster.cli import build_parser, main, router_config_from_args
+from cluster.config import ClusterConfig, PoolSpec, from_dict
+from cluster.controller import Controller, WorkerRecord
+from router.config import BOUNDS, MAX_LEASE_MS, RouterConfig
+
+
+@pytest.fixture(autouse=True)
+def nothing_starts(monkeypatch):
+    """A value wrongly accepted fails the test at once instead of starting a cluster or a router."""
+    import cluster.up
+    import router.server
+
+    def started(*_, **__):
+        raise AssertionError("accepted: the command went on to start")
+
+    monkeypatch.setattr(cluster.up, "up", started)
+    monkeypatch.setattr(router.server, "serve", started)
+
+
+# -- finding 4: worker settings are checked at load, not by each worker actor dying ----------------
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        ({"dtype": "int8"}, "dtype must be one of float32, bfloat16, float16"),
+        ({"device": "tpu"}, "device must be cpu or cuda, got 'tpu'"),
+        ({"model": ""}, "model must name a preset or a model directory"),
+    ],
+)
+def test_a_worker_setting_no_worker_can_use_is_refused_at_load(tmp_path, capsys, raw, message):
+    with pytest.raises(ValueError, match=message):
+        from_dict(raw)
+    path = tmp_path / "cluster.yaml"
+    path.write_text("".join(f"{key}: {value!r}\n" for key, value in raw.items()))
+    assert main(["up", "--config", str(path)]) == 2  # refused before Ray or any worker starts
+    assert message in capsys.readouterr().err
+
+
+# -- finding 7: a worker uses one device -----------------------------------------------------------
+
+
+def test_more_than_one_gpu_per_worker_is_refused_naming_num_gpus(tmp_path, capsys):
+    with pytest.raises(ValueError, match=r"decode: num_gpus must be at most 1, got 2"):
+        from_dict({"device": "cuda", "decode": {"num_gpus": 2}})
+    path = tmp_path / "cluster.yaml"
+    path.write_text("device: cuda\nprefill:\n  num_gpus: 4\n")
+    assert main(["up", "--config", str(path)]) == 2
+    assert "prefill: num_gpus must be at most 1, got 4" in capsys.readouterr().err
+    assert PoolSpec(num_gpus=1).num_gpus == 1 and PoolSpec(num_gpus=0.5).num_gpus == 0.5  # one device, or a share
+
+
+# -- finding 8: the lease cap has one owner ---------------------------------------------------------
+
+
+def test_the_decode_workers_lease_cap_is_the_one_the_router_checks_against():
+    import decode_worker.worker
+
+    assert decode_worker.worker.MAX_LEASE_MS is MAX_LEASE_MS
+    assert BOUNDS["lease_ms"].high == MAX_LEASE_MS
+
+
+@pytest.mark.parametrize("lease_ms", [0, -1, MAX_LEASE_MS + 1])
+def test_a_lease_the_decode_workers_would_not_grant_is_refused_everywhere(tmp_path, capsys, lease_ms):
+    message = f"lease_ms must be between 1 and {MAX_LEASE_MS}, got {lease_ms}"
+    for argv in (["up", "--lease-ms", str(lease_ms)], ["router", "--decode", "d:1", "--lease-ms", str(lease_ms)]):
+        assert main(argv) == 2
+        assert message in capsys.readouterr().err
+    with pytest.raises(ValueError, match=message):
+        from_dict({"lease_ms": lease_ms})
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["worker", "decode", "--lease-ms", str(lease_ms)])
+    assert f"argument --lease-ms: must be between 1 and {MAX_LEASE_MS}" in capsys.readouterr().err
+    assert RouterConfig(lease_ms=MAX_LEASE_MS).lease_ms == MAX_LEASE_MS
+
+
+def test_the_decode_worker_refuses_a_default_lease_it_would_cap():
+    from decode_worker.worker import DecodeWorker
+    from engine.config import EngineConfig
+
+    with pytest.raises(ValueError, match="default_lease_ms must be between 1 and"):
+        DecodeWorker(EngineConfig(), default_lease_ms=MAX_LEASE_MS + 1)  # refused before the model loads
+
+
+# -- finding 9: no cluster without decode workers --------------------------------------------------
+
+
+@pytest.mark.parametrize(("flag", "value"), [("--decode", "0"), ("--min-decode", "0"), ("--decode", "-1")])
+def test_up_refuses_fewer_than_one_decode_worker_naming_the_flag(capsys, flag, value):
+    with pytest.raises(SystemExit) as refused:
+        main(["up", flag, value])
+    assert refused.value.code == 2
+    assert f"argument {flag}: must be >= 1, got {value}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("decode", [{"replicas": 0, "min_replicas": 0}, {"min_replicas": 0}])
+def test_a_config_without_decode_workers_is_refused_naming_the_key(decode):
+    with pytest.raises(ValueError, match="decode.min_replicas must be >= 1, got 0"):
+        from_dict({"decode": decode})
+    assert from_dict({"prefill": {"replicas": 0, "min_replicas": 0}}).prefill.replicas == 0  # decode-only is fine
+
+
+# -- finding 10: range checks where each setting is owned ------------------------------------------
+
+
+ROUTER_CASES = [
+    ("max_running", 0, "max_running must be >= 1, got 0"),
+    ("max_queued", -1, "max_queued must be >= 0, got -1"),
+    ("prefill_retries", -1, "prefill_retries must be >= 0, got -1"),
+    ("migration_retries", -1, "migration_retries must be >= 0, got -1"),
+    ("request_timeout_s", -1.0, "request_timeout_s must be > 0, got -1.0"),
+    ("queue_timeout_s", -3.0, "queue_timeout_s must be > 0, got -3.0"),
+    ("health_interval_s", 0.0, "health_interval_s must be > 0, got 0.0"),
+    ("port", -5, "port must be between 0 and 65535, got -5"),
+    ("grpc_port", 70000, "grpc_port must be between 0 and 65535, got 70000"),
+    ("kv_weight", float("nan"), "kv_weight must be finite and >= 0, got nan"),
+    ("header_timeout_s", float("inf"), "header_timeout_s must be finite and > 0, got inf"),
+]
+
+
+@pytest.mark.parametrize(("name", "value", "message"), ROUTER_CASES, ids=[c[0] for c in ROUTER_CASES])
+def test_a_router_setting_out_of_range_is_refused_by_flag_and_file(capsys, name, value, message):
+    from cluster.cli import router_flag
+
+    with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+        RouterConfig(**{name: value})
+    flag = [router_flag(name), str(value)]
+    for argv in (["router", "--decode", "d:1", *flag], ["up", *flag]):
+        assert main(argv) == 2
+        assert message in capsys.readouterr().err
+    where = "config" if name == "health_interval_s" else "router"
+    raw = {name: value} if where == "config" else {"router": {name: value}}
+    with pytest.raises(ValueError, match=message):
+        from_dict(raw)
+
+
+def test_every_numeric_router_setting_has_a_bound():
+    hints = typing.get_type_hints(RouterConfig)
+    numeric = {
+        f.name
+        for f in dataclasses.fields(RouterConfig)
+        if set(typing.get_args(hints[f.name]) or (hints[f.name],)) & {int, float} and hints[f.name] is not bool
+    }
+    assert numeric - set(BOUNDS) == set(), "a number RouterConfig accepts unchecked"
+
+
+def test_zero_ports_still_mean_any_free_port():
+    config = router_config_from_args(build_parser().parse_args(["router", "--decode", "d:1", "--port", "0"]))
+    assert (config.port, RouterConfig(grpc_port=0).grpc_port) == (0, 0)
+
+
+@pytest.mark.parametrize(
+    ("planner", "message"),
+    [
+        ({"interval_s": 0}, "planner: interval_s must be > 0, got 0"),
+        ({"ttft_target_s": -1}, "planner: ttft_target_s must be > 0, got -1"),
+        ({"tpot_target_s": 0}, "planner: tpot_target_s must be > 0, got 0"),
+        ({"hysteresis": 5}, "planner: hysteresis must be between 0 and 1, got 5"),
+        ({"min_samples": -3}, "planner: min_samples must be >= 1, got -3"),
+        ({"window_s": 0}, "planner: window_s must be > 0, got 0"),
+    ],
+)
+def test_planner_keys_out_of_range_are_refused_as_the_helm_schema_does(planner, message):
+    with pytest.raises(ValueError, match=message):
+        from_dict({"planner": planner})
+
+
+@pytest.mark.parametrize(
+    ("pool", "message"),
+    [
+        ({"threads": 0}, "prefill: threads must be >= 1, got 0"),
+        ({"kv_cache_mb": 0}, "prefill: kv_cache_mb must be >= 1, got 0"),
+        ({"kv_cache_mb": -5}, "prefill: kv_cache_mb must be >= 1, got -5"),
+        ({"num_cpus": -1}, "prefill: num_cpus must be >= 0, got -1"),
+    ],
+)
+def test_pool_settings_out_of_range_are_refused(pool, message):
+    with pytest.raises(ValueError, match=message):
+        from_dict({"prefill": pool})
+
+
+@pytest.mark.parametrize("command", [["worker", "decode"], ["generate"]])
+@pytest.mark.parametrize(("flag", "value"), [("--threads", "0"), ("--kv-cache-mb", "0"), ("--kv-cache-mb", "-5")])
+def test_engine_flags_out_of_range_are_refused_naming_the_flag(capsys, command, flag, value):
+    with pytest.raises(SystemExit) as refused:
+        build_parser().parse_args([*command, flag, value])
+    assert refused.value.code == 2
+    assert f"argument {flag}: must be >= 1, got {value}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["worker", "prefill", "--lease-ms", "5"], "--lease-ms is a decode worker's setting"),
+        (["worker", "decode", "--push-mode", "request"], "--push-mode is a prefill worker's setting"),
+    ],
+)
+def test_a_worker_flag_of_the_other_role_is_refused(capsys, monkeypatch, argv, message):
+    import decode_worker.worker
+    import prefill_worker.worker
+
+    def started(*_, **__):
+        raise AssertionError("accepted: the worker went on to start")
+
+    monkeypatch.setattr(prefill_worker.worker, "PrefillWorker", started)
+    monkeypatch.setattr(decode_worker.worker, "DecodeWorker", started)
+    assert main([*argv, "--insecure"]) == 2  # refused before any model loads
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", [["up"], ["router", "--decode", "d:1"]])
+def test_a_bad_log_level_is_refused_naming_the_flag(capsys, command):
+    with pytest.raises(SystemExit) as refused:
+        main([*command, "--log-level", "loud"])
+    assert refused.value.code == 2
+    assert "argument --log-level: invalid choice: 'LOUD'" in capsys.readouterr().err
+    assert build_parser().parse_args([*command, "--log-level", "debug"]).log_level == "DEBUG"
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        ({"ray_num_cpus": 0}, "ray_num_cpus must be >= 1, got 0"),
+        ({"ray_num_cpus": 4, "address": "auto"}, "ray_num_cpus sizes the embedded Ray only"),
+        ({"max_restarts": -1}, "max_restarts must be >= 0, got -1"),
+    ],
+)
+def test_ray_settings_that_would_be_ignored_are_refused(raw, message):
+    with pytest.raises(ValueError, match=message):
+        from_dict(raw)
+
+
+# -- finding 6: scale and drain respect min_replicas as they do max_replicas -----------------------
+
+
+def _controller(**prefill) -> Controller:
+    config = ClusterConfig(prefill=PoolSpec(**prefill))
+    controller = Controller(config.to_json())
+    controller._reconcile = lambda: None  # no Ray: only the bookkeeping runs
+    controller._request_resources = lambda: None
+    return controller
+
+
+def test_scale_below_a_pools_min_replicas_is_refused_naming_it():
+    controller = _controller(replicas=3, min_replicas=2, max_replicas=4)
+    with pytest.raises(ValueError, match="prefill replicas must be between the pool's min_replicas 2 and"):
+        asyncio.run(controller.scale("prefill", 1))
+    with pytest.raises(ValueError, match="max_replicas 4, got 5"):
+        asyncio.run(controller.scale("prefill", 5))
+    assert asyncio.run(controller.scale("prefill", 2)) == {"role": "prefill", "desired": 2}
+
+
+def test_drain_at_a_pools_min_replicas_replaces_the_worker():
+    controller = _controller(replicas=2, min_replicas=2, max_replicas=4)
+
+    async def drain() -> dict:
+        controller.records["prefill-a"] = WorkerRecord("prefill-a", "prefill", state="ready")
+        reply = await controller.drain("prefill-a")
+        await asyncio.sleep(0)  # the drain finishes (no actor to wait for)
+        return reply
+
+    reply = asyncio.run(drain())
+    assert controller.desired["prefill"] == 2, "drain took the pool below its min_replicas"
+    assert "min_replicas 2" in reply["replaced"]
+    above = _controller(replicas=3, min_replicas=2, max_replicas=4)
+    above.records["prefill-b"] = WorkerRecord("prefill-b", "prefill", state="ready")
+    assert "replaced" not in asyncio.run(above.drain("prefill-b"))
+    assert above.desired["prefill"] == 2
