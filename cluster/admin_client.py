@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import http.client
 import json
+import os
+import ssl
 import sys
 import urllib.error
 import urllib.parse
@@ -11,15 +14,43 @@ import urllib.request
 from cluster.up import token_file
 from router.config import admin_token_from_env, api_keys_from_env, read_api_keys, read_secret
 
+# Where the router is and how to trust it, from the environment (the Helm chart sets both in the head pod). A CA
+# path is no secret, but the admin commands take it here, beside --url's fallback, not as a flag of their own.
+URL_ENV = "SPLITSERVE_URL"
+ROUTER_CA_ENV = "SPLITSERVE_ROUTER_CA"  # PEM: the CA of the router's HTTPS certificate (not SPLITSERVE_TLS_CA's)
+DEFAULT_URL = "http://127.0.0.1:8000"  # cluster/cli.py's --url default
 
-def _admin_token(args) -> str | None:
+
+def router_url(args) -> str:
+    """--url, else $SPLITSERVE_URL, else http://127.0.0.1:8000. The parser fills in --url's default, so a --url
+    equal to it counts as not given."""
+    if args.url and args.url != DEFAULT_URL:
+        return args.url
+    return os.environ.get(URL_ENV) or DEFAULT_URL
+
+
+def tls_context(url: str) -> ssl.SSLContext | None:
+    """For an https URL, a context verifying the router's certificate: against $SPLITSERVE_ROUTER_CA alone when
+    set, else the system's CAs. The CA with an http URL is refused: it would verify nothing."""
+    ca_file = os.environ.get(ROUTER_CA_ENV)
+    if urllib.parse.urlparse(url).scheme != "https":
+        if ca_file:
+            raise SystemExit(f"splitserve: {ROUTER_CA_ENV} is set, but {url} is not https: use an https:// URL")
+        return None
+    try:
+        return ssl.create_default_context(cafile=ca_file or None)
+    except (OSError, ssl.SSLError) as exc:
+        raise SystemExit(f"splitserve: {ROUTER_CA_ENV}={ca_file}: not a readable PEM CA file ({exc})") from exc
+
+
+def _admin_token(args, url: str) -> str | None:
     """--admin-token-file, else $SPLITSERVE_ADMIN_TOKEN[_FILE], else the token file `up` wrote for this port."""
     if args.admin_token_file:
         return read_secret(args.admin_token_file, "admin token")
     if token := admin_token_from_env():
         return token
-    port = urllib.parse.urlparse(args.url).port or 80
-    path = token_file(port)
+    parsed = urllib.parse.urlparse(url)
+    path = token_file(parsed.port or (443 if parsed.scheme == "https" else 80))
     return path.read_text().strip() if path.is_file() else None
 
 
@@ -29,22 +60,29 @@ def _api_key(args) -> str | None:
 
 
 def _request(args, method: str, path: str, body: dict | None = None) -> dict:
+    url = router_url(args)
+    context = tls_context(url)
     headers = {"Content-Type": "application/json"}
     if api_key := _api_key(args):
         headers["Authorization"] = f"Bearer {api_key}"
-    token = _admin_token(args)  # status too: it shows addresses, nodes and load
+    token = _admin_token(args, url)  # status too: it shows addresses, nodes and load
     if token:
         headers["X-Admin-Token"] = token
     data = json.dumps(body).encode() if body is not None else None
-    request = urllib.request.Request(args.url.rstrip("/") + path, data=data, headers=headers, method=method)
+    request = urllib.request.Request(url.rstrip("/") + path, data=data, headers=headers, method=method)
     try:
-        with urllib.request.urlopen(request, timeout=30) as response:
+        with urllib.request.urlopen(request, timeout=30, context=context) as response:
             return json.loads(response.read())
     except urllib.error.HTTPError as exc:
         detail = json.loads(exc.read() or b"{}").get("error", {}).get("message", exc.reason)
         raise SystemExit(f"splitserve: {exc.code}: {detail}") from exc
     except urllib.error.URLError as exc:
-        raise SystemExit(f"splitserve: cannot reach {args.url}: {exc.reason}") from exc
+        hint = ""
+        if isinstance(exc.reason, ssl.SSLCertVerificationError):
+            hint = f" (set {ROUTER_CA_ENV} to the PEM file of the CA that signed the router's certificate)"
+        raise SystemExit(f"splitserve: cannot reach {url}: {exc.reason}{hint}") from exc
+    except (http.client.HTTPException, ConnectionError) as exc:  # e.g. plain http to a router serving TLS
+        raise SystemExit(f"splitserve: {url} answered no HTTP ({exc!r}): does the router serve https?") from exc
 
 
 def format_status(status: dict) -> str:

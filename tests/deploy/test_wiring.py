@@ -164,7 +164,10 @@ def test_api_keys_come_from_a_secret_the_release_holds():
 def test_default_render_has_no_secret_and_no_key_env():
     objects = RENDERS["chart-default"]()
     assert not [o for o in objects if o["kind"] == "Secret"]
-    assert "env" not in head_container(one(objects, "RayCluster"))
+    # Only where `splitserve status` finds the router: no key, token or secret file.
+    assert head_container(one(objects, "RayCluster"))["env"] == [
+        {"name": "SPLITSERVE_URL", "value": "http://127.0.0.1:8000"}
+    ]
 
 
 def test_pod_monitor_scrapes_the_router_only():

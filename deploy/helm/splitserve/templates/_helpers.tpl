@@ -135,6 +135,31 @@ ulimit -n 65536; eval "${KUBERAY_GEN_RAY_START_CMD/--block/}" && exec splitserve
 {{- if .Values.tls.existingSecret }} --tls-cert /etc/splitserve-tls/tls.crt --tls-key /etc/splitserve-tls/tls.key{{ end }}
 {{- end -}}
 
+{{/*
+The router's public TLS (tls.existingSecret), as its in-cluster clients see it. They dial and verify the
+Service's name, which the certificate must carry; the head pod resolves that name to itself (hostAliases), so
+`splitserve status` there reaches its own router even before the Service has it as an endpoint.
+*/}}
+{{- define "splitserve.routerServerName" -}}
+{{- printf "%s.%s.svc" (include "splitserve.fullname" .) .Release.Namespace -}}
+{{- end -}}
+
+{{/* The router's URL for the helm test Pod (through the Service) and `splitserve` in the head pod (itself). */}}
+{{- define "splitserve.routerUrl" -}}
+{{- if .root.Values.tls.existingSecret -}}
+{{- printf "https://%s:%d" (include "splitserve.routerServerName" .root) (int .root.Values.router.httpPort) -}}
+{{- else -}}
+{{- printf "http://%s:%d" .host (int .root.Values.router.httpPort) -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Where a pod that mounts the router-tls Secret finds the CA of the router's certificate; empty: the system's CAs. */}}
+{{- define "splitserve.routerCAFile" -}}
+{{- if and .Values.tls.existingSecret .Values.tls.caKey -}}
+{{- printf "/etc/splitserve-tls/%s" .Values.tls.caKey -}}
+{{- end -}}
+{{- end -}}
+
 {{/* Data-plane trust, in every pod: the cluster secret as a file, mutual-TLS files (env entries). */}}
 {{- define "splitserve.trustEnv" -}}
 {{- with .Values.clusterSecret.existingSecret }}
@@ -190,16 +215,18 @@ ulimit -n 65536; eval "$KUBERAY_GEN_RAY_START_CMD"
 
 {{/*
 The `helm test` Pod's Python (the image has no curl): /health, /ready (a decode worker serves) and
-/v1/models through the Service, the last with the release's first API key; any HTTP error fails it.
+/v1/models through the Service, the last with the release's first API key; any HTTP error fails it. Over
+HTTPS it verifies the router's certificate with $SPLITSERVE_ROUTER_CA, else the system's CAs.
 */}}
 {{- define "splitserve.testScript" -}}
-import json, os, urllib.request
+import json, os, ssl, urllib.request
 url = os.environ["SPLITSERVE_URL"]
 key = os.environ.get("SPLITSERVE_API_KEYS", "").split(",")[0]
+tls = ssl.create_default_context(cafile=os.environ.get("SPLITSERVE_ROUTER_CA"))
 for path in ("/health", "/ready"):
-    urllib.request.urlopen(url + path, timeout=10).read()
+    urllib.request.urlopen(url + path, timeout=10, context=tls).read()
 request = urllib.request.Request(url + "/v1/models", headers={"Authorization": "Bearer " + key} if key else {})
-with urllib.request.urlopen(request, timeout=10) as response:
+with urllib.request.urlopen(request, timeout=10, context=tls) as response:
     models = [model["id"] for model in json.load(response)["data"]]
 if not models:
     raise SystemExit("the router lists no model")
