@@ -181,7 +181,8 @@ def _given_settings(args: argparse.Namespace, names) -> dict:
 
 def build_parser() -> argparse.ArgumentParser:
     from cluster.config import MIN_DECODE_REPLICAS
-    from router.config import BOUNDS, PORT, Bound
+    from contract.bounds import PORT, Bound
+    from router.config import BOUNDS
 
     parser = argparse.ArgumentParser(
         prog="splitserve",

@@ -15,8 +15,9 @@ from pathlib import Path
 
 import yaml
 
+from contract.bounds import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, Bound, check_bounds
 from engine.config import _DTYPES, check_step_limits
-from router.config import AT_LEAST_ONE, BOUNDS, NON_NEGATIVE, POSITIVE, Bound, RouterConfig, check_bounds
+from router.config import BOUNDS, RouterConfig
 
 DEVICES = ("cpu", "cuda")  # a GPU worker uses the first device Ray gives it (cluster.worker_actor)
 MIN_DECODE_REPLICAS = 1  # the cluster serves through its decode workers: none, and it can never serve

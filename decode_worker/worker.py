@@ -16,6 +16,7 @@ from collections.abc import Callable
 import grpc
 
 from contract import tracing
+from contract.bounds import LEASE_MS, MAX_LEASE_MS
 from contract.sampling import SamplingParams
 from decode_worker.reservations import Reservations
 from engine.config import EngineConfig
@@ -27,7 +28,6 @@ from kv_transfer.errors import TransferError
 from kv_transfer.inbox import KVInbox
 from kv_transfer.receiver_service import KVReceiverService
 from protos import common_pb2, decode_pb2, decode_pb2_grpc, kv_transfer_pb2_grpc
-from router.config import BOUNDS, MAX_LEASE_MS
 from worker_server.base import WorkerBase, abort_on_error, logprob_from_wire, output_to_wire
 from worker_server.security import peer_of
 from worker_server.tracing import trace_kv_receiver
@@ -56,8 +56,8 @@ class DecodeWorker(WorkerBase, decode_pb2_grpc.DecodeWorkerServicer):
         kv_bulk: bool = True,
         **kwargs,
     ) -> None:
-        if not BOUNDS["lease_ms"].admits(default_lease_ms):  # the router's bound: a longer default would be capped
-            raise ValueError(f"default_lease_ms must be {BOUNDS['lease_ms']}, got {default_lease_ms!r}")
+        if not LEASE_MS.admits(default_lease_ms):  # the router's bound too: a longer default would be capped
+            raise ValueError(f"default_lease_ms must be {LEASE_MS}, got {default_lease_ms!r}")
         super().__init__(config, **kwargs)
         self.transport = transport
         self.default_lease_ms = default_lease_ms

@@ -2,52 +2,15 @@
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from contract.bounds import AT_LEAST_ONE, LEASE_MS, NON_NEGATIVE, PORT, POSITIVE, check_bounds
+
 ROUTING_POLICIES = ("kv_aware", "load")
 MIGRATION_POLICIES = ("prefill", "local")
 LEASE_POLICIES = ("recompute", "fail")
-# The longest lease a decode worker grants: a router may not ask for more (RouterConfig.lease_ms), and a worker caps
-# what a peer asks for at it (decode_worker/worker.py).
-MAX_LEASE_MS = 600_000
-
-
-@dataclass(frozen=True)
-class Bound:
-    """The values a numeric setting admits: finite, at least ``low`` (above it where ``low_open``), at most ``high``."""
-
-    low: float
-    high: float | None = None
-    low_open: bool = False
-
-    def admits(self, value) -> bool:
-        if not math.isfinite(value) or (self.high is not None and value > self.high):
-            return False
-        return value > self.low if self.low_open else value >= self.low
-
-    def __str__(self) -> str:
-        if self.high is not None:
-            return f"between {self.low:g} and {self.high:g}"
-        return f"{'>' if self.low_open else '>='} {self.low:g}"
-
-
-POSITIVE = Bound(0, low_open=True)
-NON_NEGATIVE = Bound(0)
-AT_LEAST_ONE = Bound(1)
-PORT = Bound(0, 65535)  # 0: any free port
-
-
-def check_bounds(owner, bounds: dict[str, Bound], where: str = "") -> None:
-    """ValueError naming the first of ``owner``'s fields in ``bounds`` that is set (not None) and out of its bound;
-    ``where`` prefixes the name (a config file's section, e.g. "planner.")."""
-    for name, bound in bounds.items():
-        value = getattr(owner, name)
-        if value is not None and not bound.admits(value):
-            finite = "" if math.isfinite(value) else "finite and "
-            raise ValueError(f"{where}{name} must be {finite}{bound}, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -137,7 +100,7 @@ BOUNDS = {
     "prefill_retries": NON_NEGATIVE,
     "retry_backoff_s": NON_NEGATIVE,
     "migration_retries": NON_NEGATIVE,
-    "lease_ms": Bound(1, MAX_LEASE_MS),
+    "lease_ms": LEASE_MS,
     "health_interval_s": POSITIVE,
     "header_timeout_s": POSITIVE,
     "body_timeout_s": POSITIVE,

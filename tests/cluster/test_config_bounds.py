@@ -12,7 +12,8 @@ import pytest
 from cluster.cli import build_parser, main, router_config_from_args
 from cluster.config import ClusterConfig, PoolSpec, from_dict
 from cluster.controller import Controller, WorkerRecord
-from router.config import BOUNDS, MAX_LEASE_MS, RouterConfig
+from contract.bounds import MAX_LEASE_MS
+from router.config import BOUNDS, RouterConfig
 
 
 @pytest.fixture(autouse=True)
@@ -28,7 +29,7 @@ def nothing_starts(monkeypatch):
     monkeypatch.setattr(router.server, "serve", started)
 
 
-# -- finding 4: worker settings are checked at load, not by each worker actor dying ----------------
+# -- worker settings are checked at load, not by each worker actor dying ----------------
 
 
 @pytest.mark.parametrize(
@@ -48,7 +49,7 @@ def test_a_worker_setting_no_worker_can_use_is_refused_at_load(tmp_path, capsys,
     assert message in capsys.readouterr().err
 
 
-# -- finding 7: a worker uses one device -----------------------------------------------------------
+# -- a worker uses one device -----------------------------------------------------------
 
 
 def test_more_than_one_gpu_per_worker_is_refused_naming_num_gpus(tmp_path, capsys):
@@ -61,7 +62,7 @@ def test_more_than_one_gpu_per_worker_is_refused_naming_num_gpus(tmp_path, capsy
     assert PoolSpec(num_gpus=1).num_gpus == 1 and PoolSpec(num_gpus=0.5).num_gpus == 0.5  # one device, or a share
 
 
-# -- finding 8: the lease cap has one owner ---------------------------------------------------------
+# -- the lease cap has one owner ---------------------------------------------------------
 
 
 def test_the_decode_workers_lease_cap_is_the_one_the_router_checks_against():
@@ -93,7 +94,7 @@ def test_the_decode_worker_refuses_a_default_lease_it_would_cap():
         DecodeWorker(EngineConfig(), default_lease_ms=MAX_LEASE_MS + 1)  # refused before the model loads
 
 
-# -- finding 9: no cluster without decode workers --------------------------------------------------
+# -- no cluster without decode workers --------------------------------------------------
 
 
 @pytest.mark.parametrize(("flag", "value"), [("--decode", "0"), ("--min-decode", "0"), ("--decode", "-1")])
@@ -111,7 +112,7 @@ def test_a_config_without_decode_workers_is_refused_naming_the_key(decode):
     assert from_dict({"prefill": {"replicas": 0, "min_replicas": 0}}).prefill.replicas == 0  # decode-only is fine
 
 
-# -- finding 10: range checks where each setting is owned ------------------------------------------
+# -- range checks where each setting is owned ------------------------------------------
 
 
 ROUTER_CASES = [
@@ -241,7 +242,7 @@ def test_ray_settings_that_would_be_ignored_are_refused(raw, message):
         from_dict(raw)
 
 
-# -- finding 6: scale and drain respect min_replicas as they do max_replicas -----------------------
+# -- scale and drain respect min_replicas as they do max_replicas -----------------------
 
 
 def _controller(**prefill) -> Controller:

@@ -189,6 +189,24 @@ def token_ids(logprobs_tokens: list[str]) -> list[int]:
     return [int(t.removeprefix("token_id:")) for t in logprobs_tokens]
 
 
+def complete_ids(router: RouterThread, prompt: list[int], max_tokens: int) -> list[int]:
+    """The ids of a greedy completion of ``prompt`` through ``router`` that, like ``greedy_ignoring_eos``, runs on
+    past EOS."""
+    choice = (
+        router.openai()
+        .completions.create(
+            model=SERVED_MODEL,
+            prompt=[prompt],
+            max_tokens=max_tokens,
+            temperature=0,
+            logprobs=0,
+            extra_body={"ignore_eos": True, "return_tokens_as_token_ids": True},
+        )
+        .choices[0]
+    )
+    return token_ids(choice.logprobs.tokens)
+
+
 # -- fixtures ---------------------------------------------------------------------------------------
 
 

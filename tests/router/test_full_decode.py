@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 import openai
 import pytest
 
-from tests.router.conftest import SERVED_MODEL, greedy_ignoring_eos, random_prompt, stop_all, token_ids
+from tests.router.conftest import SERVED_MODEL, complete_ids, greedy_ignoring_eos, random_prompt, stop_all
 from tests.workers.harness import start_workers, wait_idle
 
 POOL_MB = "1"  # 16 blocks of 16 tokens for this checkpoint: two 100-token prompts' reservations, not three
@@ -31,23 +31,11 @@ def test_requests_beyond_a_full_decode_pool_wait_for_blocks_and_match_transforme
 ):
     prefill, decode = small_pool
     router = make_router([prefill], [decode], local_prefill_threshold=0)  # every prompt goes to the prefill worker
-    client = router.openai()
     prompts = [random_prompt(rng, PROMPT_TOKENS) for _ in range(CONCURRENT)]
-
-    def complete(prompt):
-        return client.completions.create(
-            model=SERVED_MODEL,
-            prompt=[prompt],
-            max_tokens=MAX_TOKENS,
-            temperature=0,
-            logprobs=0,
-            extra_body={"ignore_eos": True, "return_tokens_as_token_ids": True},
-        )
-
     with ThreadPoolExecutor(CONCURRENT) as pool:
-        outs = list(pool.map(complete, prompts))
-    for prompt, out in zip(prompts, outs, strict=True):
-        assert token_ids(out.choices[0].logprobs.tokens) == greedy_ignoring_eos(checkpoint.model, prompt, MAX_TOKENS)
+        outs = list(pool.map(lambda prompt: complete_ids(router, prompt, MAX_TOKENS), prompts))
+    for prompt, ids in zip(prompts, outs, strict=True):
+        assert ids == greedy_ignoring_eos(checkpoint.model, prompt, MAX_TOKENS)
     decisions = router.decisions()
     assert decisions.get("remote_prefill", 0) >= 1  # some were disaggregated ...
     assert decisions.get("fallback", 0) >= 1  # ... and some found the pool full and queued on the decode worker

@@ -38,7 +38,7 @@ def _byte_starts(data: bytes) -> list[int]:
     return starts
 
 
-# -- finding 1: chat logprobs' bytes are the token's own ------------------------------------------------------------
+# -- chat logprobs' bytes are the token's own ------------------------------------------------------------
 
 
 def test_chat_logprob_bytes_are_each_tokens_raw_bytes(router):
@@ -62,7 +62,7 @@ def test_chat_logprob_bytes_are_each_tokens_raw_bytes(router):
     assert [e.bytes for e in streamed] == [e.bytes for e in content], "the same seed streams the same tokens"
 
 
-# -- finding 2: colliding top_logprobs keys keep the most likely ----------------------------------------------------
+# -- colliding top_logprobs keys keep the most likely ----------------------------------------------------
 
 
 def test_top_logprobs_that_read_the_same_keep_the_most_likely(router, rng):
@@ -87,7 +87,7 @@ def _text_of(token_id: int) -> str:
     return bytes([(token_id - FIRST_BYTE_ID) % 256]).decode("utf-8", errors="replace")
 
 
-# -- finding 3: text_offset -----------------------------------------------------------------------------------------
+# -- text_offset -----------------------------------------------------------------------------------------
 
 
 def test_text_offset_points_into_the_returned_text(router):
@@ -126,7 +126,7 @@ def test_text_offset_of_multibyte_generated_text(router):
     assert choice["logprobs"]["text_offset"] == starts
 
 
-# -- finding 4: requests too large ever to be admitted --------------------------------------------------------------
+# -- requests too large ever to be admitted --------------------------------------------------------------
 
 
 def test_more_choices_than_can_ever_be_in_flight_is_a_400(router, make_router, cluster):
@@ -145,7 +145,7 @@ def test_more_choices_than_can_ever_be_in_flight_is_a_400(router, make_router, c
     assert post(small, "/v1/chat/completions", {"messages": USER, "n": 2, "max_tokens": 1}).status_code == 200
 
 
-# -- finding 5: null is "not given" ---------------------------------------------------------------------------------
+# -- null is "not given" ---------------------------------------------------------------------------------
 
 
 def test_null_optional_fields_read_as_not_given(router):
@@ -160,7 +160,7 @@ def test_null_optional_fields_read_as_not_given(router):
     assert_error(post(router, "/v1/completions", {"prompt": "x", "frobnicate": None}), 400, param="frobnicate")
 
 
-# -- finding 6: wrong JSON types are refused, not converted ---------------------------------------------------------
+# -- wrong JSON types are refused, not converted ---------------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -189,7 +189,7 @@ def test_integers_are_numbers(router):
     assert post(router, "/v1/completions", body).status_code == 200
 
 
-# -- finding 7: errors name their field -----------------------------------------------------------------------------
+# -- errors name their field -----------------------------------------------------------------------------
 
 
 def test_context_and_model_errors_name_the_field(router, rng):

@@ -37,13 +37,12 @@ from kv_transfer.sender import HANDSHAKE_TIMEOUT_S
 from protos.cluster_auth import KEEPALIVE_TIME_MS, KEEPALIVE_TIMEOUT_MS
 from tests.netns import NetnsHost, subnets
 from tests.router.conftest import (
-    SERVED_MODEL,
+    complete_ids,
     greedy_ignoring_eos,
     metric_sum,
     random_prompt,
     start_stream,
     stop_all,
-    token_ids,
     wait_for,
 )
 from tests.workers.harness import launch_worker, wait_idle, wait_ready
@@ -72,19 +71,7 @@ def partitioned(checkpoint):
 
 
 def _complete(router, prompt: list[int]) -> list[int]:
-    choice = (
-        router.openai()
-        .completions.create(
-            model=SERVED_MODEL,
-            prompt=[prompt],
-            max_tokens=MAX_TOKENS,
-            temperature=0,
-            logprobs=0,
-            extra_body={"ignore_eos": True, "return_tokens_as_token_ids": True},
-        )
-        .choices[0]
-    )
-    return token_ids(choice.logprobs.tokens)
+    return complete_ids(router, prompt, MAX_TOKENS)
 
 
 def _state(router, prefill_address: str) -> tuple[bool, str]:
