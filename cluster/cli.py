@@ -14,7 +14,7 @@ from engine.config import add_prefill_chunk_argument
 
 
 def _bounded(kind, bound):
-    """An argparse type: a ``kind`` within ``bound`` (router.config.Bound), else an error naming the flag."""
+    """An argparse type: a ``kind`` within ``bound`` (contract.bounds.Bound), else an error naming the flag."""
 
     def parse(text: str):
         value = kind(text)

@@ -21,7 +21,7 @@ from contract.heap import freeze_startup_heap
 from engine.errors import ModelLoadError
 from engine.presets import prepare_model
 from protos.cluster_auth import secret_from_env
-from router.server import Router
+from router.server import Router, Stopped, unless_stopped
 
 log = logging.getLogger(__name__)
 
@@ -120,21 +120,6 @@ class NotReady(RuntimeError):
     """The workers did not start: `up` tears the cluster down and says why."""
 
 
-class StoppedBeforeReady(RuntimeError):
-    """Ctrl-C or SIGTERM came while the cluster was starting."""
-
-
-async def _unless_stopped(awaitable, stop: asyncio.Event):
-    """``awaitable``'s result, or StoppedBeforeReady as soon as ``stop`` is set (the wait is cancelled)."""
-    waiting, stopping = asyncio.ensure_future(awaitable), asyncio.ensure_future(stop.wait())
-    await asyncio.wait((waiting, stopping), return_when=asyncio.FIRST_COMPLETED)
-    if not waiting.done():
-        waiting.cancel()
-        raise StoppedBeforeReady("asked to stop while the workers were starting")
-    stopping.cancel()
-    return waiting.result()
-
-
 async def run_cluster(config: ClusterConfig, stop: asyncio.Event, on_ready=None) -> None:
     # Workers accept calls from cluster members only: the secret is $SPLITSERVE_CLUSTER_SECRET[_FILE]
     # or one made here, handed to the controller and through it to each worker actor's constructor
@@ -170,16 +155,14 @@ async def run_cluster(config: ClusterConfig, stop: asyncio.Event, on_ready=None)
             f"{config.decode.replicas} decode workers (Ctrl-C stops)",
             flush=True,
         )
-        if not await _unless_stopped(controller.wait_ready.remote(), stop):
+        if not await unless_stopped(controller.wait_ready.remote(), stop):
             raise NotReady(f"the workers did not become ready within {START_TIMEOUT_S:g} s")
         urls = router.urls
         where = f"OpenAI API {urls['http']}/v1 | gRPC {urls['grpc']} | dashboard {urls['dashboard']}"
-        if await _unless_stopped(router.wait_ready(), stop):
+        if await unless_stopped(router.wait_ready(), stop):
             print(f"splitserve is up: {where}", flush=True)
         else:  # as `splitserve router` does: say why, and serve (/ready says no) for the operator to look
-            problems = [router.frontend.model.refusal, *router.pool.unavailable()]
-            why = "; ".join(p for p in problems if p) or "no healthy decode worker"
-            print(f"splitserve: not ready — {why}", file=sys.stderr, flush=True)
+            print(f"splitserve: not ready — {router.not_ready_reason()}", file=sys.stderr, flush=True)
             print(f"splitserve serving, not ready: {where}", flush=True)
         print(f"admin token in {path}", flush=True)
         if on_ready is not None:
@@ -219,7 +202,7 @@ def up(config: ClusterConfig) -> int:
 
     try:
         asyncio.run(main())
-    except StoppedBeforeReady as exc:
+    except Stopped as exc:
         print(f"splitserve: {exc}; stopped", flush=True)
         return 0
     except NotReady as exc:

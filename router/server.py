@@ -98,6 +98,11 @@ class Router:
     def ready(self) -> bool:
         return self.frontend.model.served is not None and bool(self.pool.of_role("decode"))
 
+    def not_ready_reason(self) -> str:
+        """Why the router is not ready: the model's refusal and every worker not routed to, with why."""
+        problems = [self.frontend.model.refusal, *self.pool.unavailable()]
+        return "; ".join(p for p in problems if p) or "no healthy decode worker yet"
+
     async def stop(self) -> None:
         await self.dashboard.stop()
         if self._http is not None:
@@ -118,20 +123,32 @@ class Router:
         }
 
 
+class Stopped(Exception):
+    """A stop (SIGINT, SIGTERM) was asked while waiting."""
+
+
+async def unless_stopped(awaitable, stop: asyncio.Event):
+    """``awaitable``'s result, or Stopped as soon as ``stop`` is set (the wait is then cancelled)."""
+    waiting, stopping = asyncio.ensure_future(awaitable), asyncio.ensure_future(stop.wait())
+    await asyncio.wait((waiting, stopping), return_when=asyncio.FIRST_COMPLETED)
+    stopping.cancel()
+    if not waiting.done():
+        waiting.cancel()
+        raise Stopped("asked to stop while the workers were starting")
+    return waiting.result()
+
+
 async def serve(config: RouterConfig, stop: asyncio.Event) -> None:
     router = Router(config)
     await router.start()
     freeze_startup_heap()
-    readiness = asyncio.create_task(router.wait_ready())
-    await asyncio.wait((readiness, asyncio.create_task(stop.wait())), return_when=asyncio.FIRST_COMPLETED)
-    if stop.is_set():  # SIGTERM while waiting for workers: stop now, not after the wait
-        readiness.cancel()
+    try:
+        ready = await unless_stopped(router.wait_ready(), stop)
+    except Stopped:  # SIGTERM while waiting for workers: stop now, not after the wait
         await router.stop()
         return
-    if not readiness.result():
-        problems = [router.frontend.model.refusal, *router.pool.unavailable()]
-        why = "; ".join(p for p in problems if p) or "no healthy decode worker yet"
-        print(f"splitserve router: not ready — {why}", file=sys.stderr, flush=True)
+    if not ready:
+        print(f"splitserve router: not ready — {router.not_ready_reason()}", file=sys.stderr, flush=True)
     print(f"splitserve router: OpenAI API at {router.urls['http']}/v1, gRPC at {router.urls['grpc']}", flush=True)
     try:
         await stop.wait()
