@@ -109,6 +109,16 @@ class Frontend:
     def model_name(self) -> str:
         return self.model.require().name
 
+    @property
+    def ready(self) -> bool:
+        """Ready to serve: a model is bound and some decode worker serves it (``/ready``, ``splitserve up``)."""
+        return self.model.served is not None and bool(self.pool.of_role("decode"))
+
+    def not_ready_reason(self) -> str:
+        """Why not ready: the model's refusal and every worker not routed to, with why."""
+        problems = [self.model.refusal, *self.pool.unavailable()]
+        return "; ".join(p for p in problems if p) or "no healthy decode worker yet"
+
     # -- input ------------------------------------------------------------------------------------
 
     def check_model(self, model: str | None) -> None:

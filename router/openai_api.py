@@ -410,11 +410,10 @@ def create_app(frontend: Frontend, api_keys: tuple[str, ...] = ()) -> FastAPI:
 
     @app.get("/ready", responses={503: {"description": "Not ready (same body: what is missing)"}})
     async def ready():
-        decodes = frontend.pool.of_role("decode")
-        ready = bool(decodes) and frontend.model.served is not None
+        ready = frontend.ready
         body = {
             "ready": ready,
-            "decode_workers": len(decodes),
+            "decode_workers": len(frontend.pool.of_role("decode")),
             "prefill_workers": len(frontend.pool.of_role("prefill")),
             "model": frontend.model.describe(),
             "incompatible_workers": [

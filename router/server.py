@@ -96,12 +96,10 @@ class Router:
 
     @property
     def ready(self) -> bool:
-        return self.frontend.model.served is not None and bool(self.pool.of_role("decode"))
+        return self.frontend.ready
 
     def not_ready_reason(self) -> str:
-        """Why the router is not ready: the model's refusal and every worker not routed to, with why."""
-        problems = [self.frontend.model.refusal, *self.pool.unavailable()]
-        return "; ".join(p for p in problems if p) or "no healthy decode worker yet"
+        return self.frontend.not_ready_reason()
 
     async def stop(self) -> None:
         await self.dashboard.stop()
