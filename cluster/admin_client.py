@@ -11,22 +11,21 @@ import urllib.error
 import urllib.parse
 import urllib.request
 
+from cluster.cli import ROUTER_URL_ENV as URL_ENV
+from cluster.cli import default_router_url
 from cluster.up import token_file
 from router.config import admin_token_from_env, api_keys_from_env, read_api_keys, read_secret
 
-# Where the router is and how to trust it, from the environment (the Helm chart sets both in the head pod). A CA
+# How to trust the router, from the environment (the Helm chart sets it, and $SPLITSERVE_URL, in the head pod). A CA
 # path is no secret, but the admin commands take it here, beside --url's fallback, not as a flag of their own.
-URL_ENV = "SPLITSERVE_URL"
 ROUTER_CA_ENV = "SPLITSERVE_ROUTER_CA"  # PEM: the CA of the router's HTTPS certificate (not SPLITSERVE_TLS_CA's)
-DEFAULT_URL = "http://127.0.0.1:8000"  # cluster/cli.py's --url default
 
 
 def router_url(args) -> str:
-    """--url, else $SPLITSERVE_URL, else http://127.0.0.1:8000. The parser fills in --url's default, so a --url
-    equal to it counts as not given."""
-    if args.url and args.url != DEFAULT_URL:
+    """--url if given (whatever its value), else $SPLITSERVE_URL, else where `up` serves by default."""
+    if args.url is not None:
         return args.url
-    return os.environ.get(URL_ENV) or DEFAULT_URL
+    return os.environ.get(URL_ENV) or default_router_url()
 
 
 def tls_context(url: str) -> ssl.SSLContext | None:
@@ -102,6 +101,11 @@ def format_status(status: dict) -> str:
             f"{worker['node_id'][:8] or '-':10} "
             f"{stats.get('running', 0):>4} {stats.get('waiting', 0):>4} {kv:>14}"
         )
+    errors = [w for w in cluster.get("workers", []) if w.get("last_error")]
+    if errors:
+        lines.append("")
+        lines.append("worker deaths (latest each):")
+        lines += [f"  {w['worker_id']} ({w['state']}): {w['last_error']}" for w in errors]
     lines += _model_lines(status)
     decisions = (cluster.get("planner") or {}).get("decisions") or []
     if decisions:

@@ -27,21 +27,26 @@ def _bounded(kind, bound):
 
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+# Of every command that serves (up, router, worker): at INFO they log state changes an operator wants to see (a
+# worker joining, healthy or dropped, the model card adopted, a KV event gap), a few lines, never one a request
+# (those are DEBUG; uvicorn's access log stays off). Ray's own logging under `up` has its own level (cluster.up).
+LOG_LEVEL = "INFO"
 
 
-def _add_log_level_arg(parser: argparse.ArgumentParser, default: str) -> None:
+def _add_log_level_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--log-level",
-        default=default,
+        default=LOG_LEVEL,
         type=str.upper,
         choices=LOG_LEVELS,
         metavar="LEVEL",
-        help=f"{', '.join(LOG_LEVELS)} (default: {default})",
+        help=f"{', '.join(LOG_LEVELS)} (default: {LOG_LEVEL})",
     )
 
 
-def _add_engine_args(parser: argparse.ArgumentParser) -> None:
-    from cluster.config import POOL_BOUNDS
+def _add_engine_args(parser: argparse.ArgumentParser, threads_default: int | None, threads_help: str) -> None:
+    """The engine's settings; their defaults are EngineConfig's (threads: the command's own, ``threads_default``)."""
+    from cluster.config import MIB, POOL_BOUNDS, engine_default
 
     parser.add_argument(
         "--model",
@@ -55,19 +60,35 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--kv-cache-mb",
         type=_bounded(int, POOL_BOUNDS["kv_cache_mb"]),
-        default=512,
-        help="KV pool memory budget in MiB",
+        default=engine_default("kv_cache_memory_bytes") // MIB,
+        help="KV pool memory budget in MiB (default: %(default)s)",
     )
-    parser.add_argument("--block-size", type=int, default=16, help="tokens per KV block (a power of two)")
-    parser.add_argument("--max-num-seqs", type=int, default=64)
-    parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    parser.add_argument(
+        "--block-size",
+        type=int,
+        default=engine_default("block_size"),
+        help="tokens per KV block, a power of two (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--max-num-seqs", type=int, default=engine_default("max_num_seqs"), help="(default: %(default)s)"
+    )
+    parser.add_argument(
+        "--max-num-batched-tokens",
+        type=int,
+        default=engine_default("max_num_batched_tokens"),
+        help="(default: %(default)s)",
+    )
     add_prefill_chunk_argument(parser)
     parser.add_argument(
-        "--threads", type=_bounded(int, POOL_BOUNDS["threads"]), default=None, help="torch intra-op threads"
+        "--threads",
+        type=_bounded(int, POOL_BOUNDS["threads"]),
+        default=threads_default,
+        help=f"torch intra-op threads (default: {threads_help})",
     )
 
 
 def engine_config_from_args(args: argparse.Namespace):
+    from cluster.config import MIB
     from engine.config import EngineConfig
 
     return EngineConfig(
@@ -76,7 +97,7 @@ def engine_config_from_args(args: argparse.Namespace):
         dtype=args.dtype,
         device=args.device,
         block_size=args.block_size,
-        kv_cache_memory_bytes=args.kv_cache_mb * 1024 * 1024,
+        kv_cache_memory_bytes=args.kv_cache_mb * MIB,
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
         prefill_chunk_beside_decodes=args.prefill_chunk_beside_decodes,
@@ -97,6 +118,18 @@ class _SecretOnCommandLine(argparse.Action):
             f"{option_string} puts a secret on the command line, where `ps` shows it to every user of the machine; "
             f"use {self.alternatives}"
         )
+
+
+# The admin commands' router: --url, else this variable (the Helm chart sets it in the head pod), else
+# default_router_url().
+ROUTER_URL_ENV = "SPLITSERVE_URL"
+
+
+def default_router_url() -> str:
+    """Where `splitserve up` serves by default: RouterConfig's host and port."""
+    from cluster.config import router_default
+
+    return f"http://{router_default('host')}:{router_default('port')}"
 
 
 API_KEY_SOURCES = "--api-key-file PATH, SPLITSERVE_API_KEYS or SPLITSERVE_API_KEYS_FILE"
@@ -180,8 +213,8 @@ def _given_settings(args: argparse.Namespace, names) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from cluster.config import MIN_DECODE_REPLICAS
-    from contract.bounds import PORT, Bound
+    from cluster.config import MIN_DECODE_REPLICAS, PLANNER_BOUNDS, SLO_FLAGS, WORKER_THREADS
+    from contract.bounds import NON_NEGATIVE, PORT, Bound
     from router.config import BOUNDS
 
     parser = argparse.ArgumentParser(
@@ -193,7 +226,8 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     generate = commands.add_parser("generate", help="generate text with the engine alone (no cluster)")
-    _add_engine_args(generate)
+    # The engine alone, in this one process: every core is its own.
+    _add_engine_args(generate, None, "torch's own, a thread per core: the engine runs alone here")
     generate.add_argument("--prompt", action="append", help="a prompt (repeatable); default: a short demo prompt")
     generate.add_argument("--chat", action="store_true", help="apply the model's chat template to each prompt")
     generate.add_argument("--max-tokens", type=int, default=32)
@@ -202,7 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     worker = commands.add_parser("worker", help="run one prefill or decode worker as a plain process (no Ray)")
     worker.add_argument("role", choices=["prefill", "decode"])
-    _add_engine_args(worker)
+    _add_engine_args(worker, WORKER_THREADS, f"{WORKER_THREADS}, as for a worker `splitserve up` starts")
     worker.add_argument("--host", default="127.0.0.1", help="the address to listen on (0.0.0.0: every one)")
     worker.add_argument(
         "--advertise-host",
@@ -243,6 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="serve without a cluster secret: anyone who can reach the port may push KV, reserve and abort "
         "(default: refuse to start unless SPLITSERVE_CLUSTER_SECRET or SPLITSERVE_CLUSTER_SECRET_FILE is set)",
     )
+    _add_log_level_arg(worker)
     worker.set_defaults(run=_run_worker)
 
     up = commands.add_parser("up", help="start the cluster (embedded Ray by default) and serve the OpenAI API")
@@ -261,23 +296,45 @@ def build_parser() -> argparse.ArgumentParser:
     )
     up.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     up.add_argument("--device", default=None, help="cpu or cuda")
-    up.add_argument("--prefill", type=int, default=None, help="prefill workers")
-    up.add_argument("--decode", type=_bounded(int, Bound(MIN_DECODE_REPLICAS)), default=None, help="decode workers")
+    within = (
+        "within the pool's min and max replicas where a flag or the config file sets them (outside one that is set: "
+        "refused); a bound nobody set follows the count"
+    )
+    count = _bounded(int, NON_NEGATIVE)
+    up.add_argument("--prefill", type=count, default=None, metavar="N", help=f"prefill workers, {within}")
+    up.add_argument(
+        "--decode",
+        type=_bounded(int, Bound(MIN_DECODE_REPLICAS)),
+        default=None,
+        metavar="N",
+        help=f"decode workers, {within}",
+    )
     up.add_argument("--transport", choices=["grpc", "nixl"], default=None)
     up.add_argument("--worker-host", default=None, help="address workers bind to; 'auto': the node's IP")
-    up.add_argument("--ttft-slo", type=float, default=None, help="seconds; turns the planner on")
-    up.add_argument("--tpot-slo", type=float, default=None, help="seconds; turns the planner on")
-    up.add_argument("--min-prefill", type=int, default=None)
-    up.add_argument("--max-prefill", type=int, default=None)
-    up.add_argument("--min-decode", type=_bounded(int, Bound(MIN_DECODE_REPLICAS)), default=None)
-    up.add_argument("--max-decode", type=int, default=None)
+    for name, pool, what in (
+        ("ttft_target_s", "prefill", "time to first token"),
+        ("tpot_target_s", "decode", "time per output token"),
+    ):
+        up.add_argument(
+            SLO_FLAGS[name],
+            dest=name,
+            type=_bounded(float, PLANNER_BOUNDS[name]),
+            default=None,
+            metavar="SECONDS",
+            help=f"the p90 {what} to hold: turns the planner on for the {pool} pool; a pool without its own "
+            "target keeps its size",
+        )
+    up.add_argument("--min-prefill", type=count, default=None, metavar="N")
+    up.add_argument("--max-prefill", type=count, default=None, metavar="N")
+    up.add_argument("--min-decode", type=_bounded(int, Bound(MIN_DECODE_REPLICAS)), default=None, metavar="N")
+    up.add_argument("--max-decode", type=count, default=None, metavar="N")
     _add_secret_args(
         up,
         api_key_help="a file of API keys clients must send (one a line); also SPLITSERVE_API_KEYS[_FILE]",
         admin_token_help="a file holding the admin token; default: $SPLITSERVE_ADMIN_TOKEN[_FILE], else a random "
         "token written next to the runtime files",
     )
-    _add_log_level_arg(up, "WARNING")
+    _add_log_level_arg(up)
     _add_router_setting_args(up, router_flag_fields("up"))
     up.set_defaults(run=_run_up)
 
@@ -287,7 +344,12 @@ def build_parser() -> argparse.ArgumentParser:
         ("drain", "drain a worker: no new work, finish, exit"),
     ):
         admin = commands.add_parser(name, help=text)
-        admin.add_argument("--url", default="http://127.0.0.1:8000", help="the router's HTTP address")
+        admin.add_argument(
+            "--url",
+            default=None,
+            help=f"the router's HTTP(S) address; default: ${ROUTER_URL_ENV}, else {default_router_url()} (a --url "
+            f"given wins over ${ROUTER_URL_ENV})",
+        )
         _add_secret_args(
             admin,
             api_key_help="a file holding the API key to send; default: the first of $SPLITSERVE_API_KEYS[_FILE]",
@@ -314,7 +376,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="a cluster config file (YAML/TOML, as `splitserve up --config` reads): its router section and the "
         "cluster-wide keys it names (model, served_model_name, lease_ms, health_interval_s); flags override it",
     )
-    _add_log_level_arg(router, "INFO")
+    _add_log_level_arg(router)
     _add_router_setting_args(router, router_flag_fields("router"))
     router.set_defaults(run=_run_router)
 
@@ -359,7 +421,7 @@ def _run_worker(args: argparse.Namespace) -> int:
     if unused:
         print(f"splitserve worker {args.role}: {unused}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         auth = ClusterAuth.from_env()
     except (OSError, ValueError) as exc:
@@ -423,7 +485,7 @@ def cluster_config_from_args(args: argparse.Namespace):
     """The config file's ClusterConfig (or the defaults) with the given flags over it."""
     import dataclasses
 
-    from cluster.config import CLUSTER_WIDE, ClusterConfig, load_file
+    from cluster.config import CLUSTER_WIDE, SLO_FLAGS, ClusterConfig, load_file
     from router.config import read_api_keys
 
     config = load_file(args.config) if args.config else ClusterConfig()
@@ -446,19 +508,44 @@ def cluster_config_from_args(args: argparse.Namespace):
     }
     router.update({k: v for k, v in secrets.items() if v is not None})
     config = dataclasses.replace(config, **top, router=dataclasses.replace(config.router, **router))
-    for role, count, low, high in (
-        ("prefill", args.prefill, args.min_prefill, args.max_prefill),
-        ("decode", args.decode, args.min_decode, args.max_decode),
-    ):
-        pool = config.pool(role)
-        replicas = count if count is not None else pool.replicas
-        low = low if low is not None else min(pool.min_replicas, replicas)
-        high = high if high is not None else max(pool.max_replicas, replicas)
-        config = config.with_pool(role, replicas=replicas, min_replicas=low, max_replicas=high)
-    slo = {k: v for k, v in (("ttft_target_s", args.ttft_slo), ("tpot_target_s", args.tpot_slo)) if v is not None}
+    for role in ("prefill", "decode"):
+        config = config.with_pool(role, **_pool_size_from_args(args, role, config.pool(role)))
+    slo = {name: getattr(args, name) for name in SLO_FLAGS if getattr(args, name) is not None}
     if slo:
         config = dataclasses.replace(config, planner=dataclasses.replace(config.planner, enabled=True, **slo))
     return config
+
+
+def _pool_size_from_args(args: argparse.Namespace, role: str, pool) -> dict:
+    """A pool's replicas, min_replicas and max_replicas: each flag given over the config's value. Where the count
+    and a bound disagree, the one nobody set (no flag, not in the config file) follows the other (`up --prefill 0`:
+    min_replicas 0, an aggregated cluster; `up --min-decode 2`: two decode workers); where both were set, refused,
+    naming the flags and keys involved."""
+    from cluster.config import pool_keys_in_file
+
+    flags = {"replicas": f"--{role}", "min_replicas": f"--min-{role}", "max_replicas": f"--max-{role}"}
+    given = {key: getattr(args, flag[2:].replace("-", "_")) for key, flag in flags.items()}
+    size = {key: getattr(pool, key) if value is None else value for key, value in given.items()}
+    in_file = pool_keys_in_file(args.config, role) if args.config else set()
+
+    def is_set(key: str) -> bool:
+        return given[key] is not None or key in in_file
+
+    def named(key: str) -> str:
+        return f"{flags[key]} {size[key]}" if given[key] is not None else f"{role}.{key} {size[key]}"
+
+    # Twice round: a count that follows the maximum down may then fall below a minimum nobody set.
+    for bound, where in (("min_replicas", "below"), ("max_replicas", "above")) * 2:
+        outside = size["replicas"] < size[bound] if bound == "min_replicas" else size["replicas"] > size[bound]
+        if not outside:
+            continue
+        if not is_set(bound):
+            size[bound] = size["replicas"]
+        elif not is_set("replicas"):
+            size["replicas"] = size[bound]
+        else:
+            raise ValueError(f"{named('replicas')} is {where} {named(bound)}")
+    return size
 
 
 def _run_up(args: argparse.Namespace) -> int:

@@ -16,11 +16,22 @@ from pathlib import Path
 import yaml
 
 from contract.bounds import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, Bound, check_bounds
-from engine.config import _DTYPES, check_step_limits
+from engine.config import _DTYPES, EngineConfig, check_step_limits
 from router.config import BOUNDS, RouterConfig
 
 DEVICES = ("cpu", "cuda")  # a GPU worker uses the first device Ray gives it (cluster.worker_actor)
 MIN_DECODE_REPLICAS = 1  # the cluster serves through its decode workers: none, and it can never serve
+MIB = 1024 * 1024
+# Torch intra-op threads of one worker, under `up` (PoolSpec.threads) and `splitserve worker`: one, as a worker
+# reserves one CPU of Ray by default (PoolSpec.num_cpus) and several workers share a machine (a laptop's `up`, a
+# node's pools, the benchmarks' processes); torch's own default, a thread per core in every worker, oversubscribes
+# the cores. A worker given a node of its own (the Helm chart's pools) is given more threads with it.
+WORKER_THREADS = 1
+
+
+def engine_default(name: str):
+    """EngineConfig's default of a field: the one a pool's and `splitserve worker`'s settings start from."""
+    return {f.name: f.default for f in dataclasses.fields(EngineConfig)}[name]
 
 
 @dataclass(frozen=True)
@@ -33,8 +44,8 @@ class PoolSpec:
     num_cpus: float = 1.0
     num_gpus: float = 0.0  # at most 1: a worker runs on one device (the engine has no tensor or pipeline parallelism)
     resources: dict = field(default_factory=dict)  # custom Ray resources, e.g. {"prefill_node": 1}
-    threads: int = 1  # torch intra-op threads per worker
-    kv_cache_mb: int = 512
+    threads: int = WORKER_THREADS  # torch intra-op threads per worker
+    kv_cache_mb: int = engine_default("kv_cache_memory_bytes") // MIB
     # The engine's step limits (engine.config.EngineConfig); None: the engine's own default.
     max_num_seqs: int | None = None
     max_num_batched_tokens: int | None = None
@@ -63,11 +74,18 @@ class PoolSpec:
 POOL_BOUNDS = {"num_cpus": NON_NEGATIVE, "num_gpus": NON_NEGATIVE, "threads": AT_LEAST_ONE, "kv_cache_mb": AT_LEAST_ONE}
 
 
+# The flag of `splitserve up` that sets each planner target (and turns the planner on).
+SLO_FLAGS = {"ttft_target_s": "--ttft-slo", "tpot_target_s": "--tpot-slo"}
+
+
 @dataclass(frozen=True)
 class PlannerSpec:
+    """The SLO planner. Each pool is planned by its own target only, and only when that target is set: a target
+    nobody set is None, never a default that would scale a pool against it (cluster.planner)."""
+
     enabled: bool = False
-    ttft_target_s: float = 1.0  # SLO on time to first token -> prefill pool
-    tpot_target_s: float = 0.1  # SLO on time per output token -> decode pool
+    ttft_target_s: float | None = None  # SLO on time to first token -> prefill pool; None: prefill is not planned
+    tpot_target_s: float | None = None  # SLO on time per output token -> decode pool; None: decode is not planned
     interval_s: float = 2.0
     window_s: float = 10.0  # latencies older than this are not considered
     scale_up_cooldown_s: float = 10.0
@@ -77,6 +95,22 @@ class PlannerSpec:
 
     def __post_init__(self) -> None:
         check_bounds(self, PLANNER_BOUNDS)
+        if self.enabled and not self.planned_roles:
+            raise ValueError(
+                "enabled is true, but neither ttft_target_s nor tpot_target_s is set "
+                f"({' / '.join(SLO_FLAGS.values())}): the planner would have nothing to plan; set a target or "
+                "leave the planner disabled"
+            )
+
+    @property
+    def targets(self) -> dict[str, float | None]:
+        """Each pool's target: TTFT sizes prefill, TPOT sizes decode."""
+        return {"prefill": self.ttft_target_s, "decode": self.tpot_target_s}
+
+    @property
+    def planned_roles(self) -> tuple[str, ...]:
+        """The pools whose own target is set: the only ones the planner resizes."""
+        return tuple(role for role, target in self.targets.items() if target is not None)
 
 
 PLANNER_BOUNDS = {
@@ -165,6 +199,15 @@ class ClusterConfig:
             raise ValueError(f"dtype must be one of {', '.join(_DTYPES)} (unset: the model's own), got {self.dtype!r}")
         if self.device not in DEVICES:
             raise ValueError(f"device must be {' or '.join(DEVICES)}, got {self.device!r}")
+        for role in ("prefill", "decode"):
+            pool = self.pool(role)
+            # A cuda worker without a GPU reserved would land where Ray has none, or share one unaccounted for.
+            # A pool that never starts a worker (max_replicas 0) needs none.
+            if self.device == "cuda" and pool.num_gpus == 0 and pool.max_replicas > 0:
+                raise ValueError(
+                    f"device cuda (--device) needs a GPU reserved for each worker, but {role}.num_gpus is 0: set "
+                    f"{role}.num_gpus in the config (1: a GPU each, or a share), or use device cpu"
+                )
 
     def _check_ray_settings(self) -> None:
         if self.ray_num_cpus is not None and self.address is not None:
@@ -293,6 +336,12 @@ def _type_name(hint) -> str:
 
 def load_file(path: str | Path) -> ClusterConfig:
     return from_dict(_read(path))
+
+
+def pool_keys_in_file(path: str | Path, role: str) -> set[str]:
+    """The keys a config file sets in a pool's section: what a flag must not move silently."""
+    section = _read(path).get(role)
+    return set(section) if isinstance(section, dict) else set()
 
 
 def router_config_from_file(path: str | Path) -> RouterConfig:

@@ -1,8 +1,9 @@
 """The controller: one named Ray actor holding the cluster's desired state.
 
 It starts worker actors with the resources their pool asks for, learns their gRPC addresses as they
-register, checks their health, lets Ray restart crashed ones (bounded) and replaces ones that are
-gone, drains workers it scales away, runs the SLO planner, and tells routers about membership
+register, checks their health, restarts crashed ones (bounded) and replaces ones that are gone — a
+worker that dies while still starting included, its reason shown in ``status`` — drains workers it
+scales away, runs the SLO planner, and tells routers about membership
 changes through ``watch`` (a long poll: it answers as soon as the membership version moves).
 """
 
@@ -30,13 +31,16 @@ log = logging.getLogger(__name__)
 ROLES = ("prefill", "decode")
 UNHEALTHY_AFTER = 2
 START_TIMEOUT_S = 300.0
+FAILED_KEPT = 10  # failed workers kept in the status, for their reasons (the latest ones)
+REPLACE_BACKOFF_MAX_S = 60.0  # a pool whose workers keep failing gets a replacement at most this often
+GONE = ("dead", "failed")  # dead: retired; failed: died once too often (last_error says why), replaced
 
 
 @dataclass
 class WorkerRecord:
     worker_id: str
     role: str
-    state: str = "starting"  # starting | ready | unhealthy | draining | dead
+    state: str = "starting"  # starting | ready | unhealthy | draining | failed | dead
     address: str = ""
     node_id: str = ""
     incarnation: str = ""
@@ -46,6 +50,7 @@ class WorkerRecord:
     failures: int = 0
     started_at: float = field(default_factory=time.time)
     stats: dict = field(default_factory=dict)
+    last_error: str = ""  # why its last incarnation died (e.g. its constructor's exception), for `status`
 
     def public(self) -> dict:
         return {k: v for k, v in asdict(self).items()}
@@ -72,6 +77,12 @@ class Controller:
         )
         self.decisions: deque = deque(maxlen=100)
         self._actor_class = actor_class()
+        self._start_watches: dict[str, tuple[object, asyncio.Task]] = {}  # worker id -> (its actor, the watch)
+        self._stopping = False
+        # Per pool: workers failed since one last registered, and when the next replacement may start. A worker
+        # that always fails (a bad model) is replaced 1, 2, 4 ... 60 s apart, not on every reconcile tick.
+        self._failed_in_a_row = dict.fromkeys(ROLES, 0)
+        self._replace_after = dict.fromkeys(ROLES, 0.0)
 
     async def start(self) -> None:
         self._reconcile()
@@ -83,20 +94,38 @@ class Controller:
             self._tasks.append(asyncio.create_task(self._loop(self._planner_tick, self.config.planner.interval_s)))
 
     async def wait_ready(self, timeout_s: float = START_TIMEOUT_S) -> bool:
+        """True once every pool has its desired ready workers; False after ``timeout_s``, or as soon as a worker
+        has failed (died more often than max_restarts allows: not_ready_reason says why)."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             ready = {role: sum(1 for r in self._live(role) if r.state == "ready") for role in ROLES}
             if all(ready[role] >= self.desired[role] for role in ROLES):
                 return True
+            if self._failed():
+                return False
             await asyncio.sleep(0.1)
         return False
+
+    async def not_ready_reason(self) -> str:
+        """Why the pools are short: each failed worker's last error, else the workers still starting."""
+        failed = self._failed()
+        if failed:
+            return "; ".join(
+                f"{r.role} worker {r.worker_id} failed ({r.restarts} restarts): {r.last_error}" for r in failed
+            )
+        starting = [r for r in self.records.values() if r.state == "starting"]
+        why = "; ".join(f"{r.worker_id}: {r.last_error}" for r in starting if r.last_error)
+        return f"{len(starting)} workers still starting" + (f" ({why})" if why else "")
+
+    def _failed(self) -> list[WorkerRecord]:
+        return [r for r in self.records.values() if r.state == "failed"]
 
     # -- membership -------------------------------------------------------------------------------
 
     async def register(self, info: dict) -> None:
         """Called by a worker actor once its gRPC server runs (again after a restart)."""
         record = self.records.get(info["worker_id"])
-        if record is None or record.state == "dead" or record.incarnation == info["incarnation"]:
+        if record is None or record.state in GONE or record.incarnation == info["incarnation"]:
             return
         record.address, record.node_id, record.incarnation, record.pid = (
             info["address"],
@@ -106,6 +135,7 @@ class Controller:
         )
         record.registrations += 1
         record.failures = 0
+        self._failed_in_a_row[record.role] = 0
         if record.state != "draining":
             record.state = "ready"
         log.info(
@@ -153,7 +183,7 @@ class Controller:
         }
         return {
             "pools": pools,
-            "workers": [r.public() for r in self.records.values() if r.state != "dead"],
+            "workers": [r.public() for r in self.records.values() if r.state != "dead"],  # failed ones: why
             "planner": {
                 "enabled": self.config.planner.enabled,
                 "decisions": list(self.decisions),
@@ -182,7 +212,7 @@ class Controller:
 
     async def drain(self, worker_id: str) -> dict:
         record = self.records.get(worker_id)
-        if record is None or record.state in ("dead", "draining"):
+        if record is None or record.state in (*GONE, "draining"):
             raise ValueError(f"no running worker {worker_id!r}")
         # At the pool's min_replicas the pool keeps its size: the drained worker is replaced, never left out.
         floor = self.config.pool(record.role).min_replicas
@@ -201,7 +231,8 @@ class Controller:
         self._observation = Observation(**observation)
 
     async def shutdown(self) -> None:
-        for task in self._tasks:
+        self._stopping = True  # the actors stopped below are not deaths to restart
+        for task in [*self._tasks, *(watch for _, watch in self._start_watches.values())]:
             task.cancel()
         # All at once: a worker still starting (or never placed) answers no stop, and each waits out its timeout.
         await asyncio.gather(*(self._stop_actor(actor) for actor in self.actors.values()))
@@ -214,7 +245,8 @@ class Controller:
     def _reconcile(self) -> None:
         for role in ROLES:
             live = self._live(role)
-            for _ in range(self.desired[role] - len(live)):
+            backing_off = time.monotonic() < self._replace_after[role]  # after failures: a later tick replaces them
+            for _ in range(0 if backing_off else self.desired[role] - len(live)):
                 self._spawn(role)
             surplus = len(live) - self.desired[role]
             if surplus > 0:
@@ -224,6 +256,15 @@ class Controller:
 
     async def _reconcile_tick(self) -> None:
         self._reconcile()
+        self._watch_starting()
+
+    def _watch_starting(self) -> None:
+        """A watch (_watch_start) on each actor still starting, one per incarnation."""
+        for record in self.records.values():
+            actor = self.actors.get(record.worker_id)
+            watched = self._start_watches.get(record.worker_id)
+            if record.state == "starting" and actor is not None and (watched is None or watched[0] is not actor):
+                self._start_watches[record.worker_id] = (actor, asyncio.ensure_future(self._watch_start(record, actor)))
 
     def _spawn(self, role: str, record: WorkerRecord | None = None) -> None:
         """Starts a worker actor: a new worker, or a new incarnation of ``record`` (a restart)."""
@@ -245,8 +286,26 @@ class Controller:
         )
         log.info("starting %s worker %s with %s", role, worker_id, pool.ray_resources)
 
+    async def _watch_start(self, record: WorkerRecord, actor) -> None:
+        """Until a starting actor's constructor returns, no health check sees it (it has no address yet): an actor
+        that dies meanwhile — its constructor raised, its process was killed, its node lost — would stay
+        "starting" for ever. Ray answers an actor's first call once its constructor is done, or fails the call
+        when the actor died: awaiting one tells which. (An actor Ray cannot place yet keeps waiting: not a death.)
+        Watches start from the reconcile loop, within half a second of the spawn."""
+        try:
+            await actor.ping.remote()
+            return
+        except ray.exceptions.RayError as exc:
+            reason = _death_reason(exc)
+        finally:
+            if self._start_watches.get(record.worker_id, (None,))[0] is actor:
+                del self._start_watches[record.worker_id]
+        if self._stopping or self.actors.get(record.worker_id) is not actor:
+            return  # stopped by us (retired, drained, shut down), or a later incarnation runs
+        await self._actor_died(record, f"died while starting: {reason}")
+
     async def _start_drain(self, record: WorkerRecord) -> None:
-        if record.state in ("draining", "dead"):
+        if record.state in ("draining", *GONE):
             return
         record.state = "draining"
         await self._bump()
@@ -340,20 +399,33 @@ class Controller:
             return  # alive but not answering gRPC: stays unhealthy until it does
         except TimeoutError:
             return
-        except ray.exceptions.RayError:
-            pass
-        self.actors.pop(record.worker_id, None)
-        ray.kill(actor, no_restart=True)
-        record.address, record.state = "", "starting"
+        except ray.exceptions.RayError as exc:
+            reason = _death_reason(exc)
+        if self.actors.get(record.worker_id) is actor:
+            await self._actor_died(record, f"died: {reason}")
+
+    async def _actor_died(self, record: WorkerRecord, reason: str) -> None:
+        """Restarts the worker of a dead actor (up to max_restarts), then marks it failed and replaces it."""
+        actor = self.actors.pop(record.worker_id, None)
+        if actor is not None:
+            ray.kill(actor, no_restart=True)
+        record.address, record.state, record.last_error = "", "starting", reason
         await self._bump()
         if record.restarts < self.config.max_restarts:
             record.restarts += 1
-            log.warning("worker %s died; restart %d of %d", record.worker_id, record.restarts, self.config.max_restarts)
+            log.warning(
+                "worker %s %s; restart %d of %d", record.worker_id, reason, record.restarts, self.config.max_restarts
+            )
             self._spawn(record.role, record)
-        else:
-            log.warning("worker %s died and used up its restarts; replacing it", record.worker_id)
-            record.state = "dead"
-            self._reconcile()
+            return
+        log.warning("worker %s %s, and used up its restarts; replacing it", record.worker_id, reason)
+        record.state = "failed"
+        for old in self._failed()[:-FAILED_KEPT]:
+            old.state = "dead"
+        self._failed_in_a_row[record.role] += 1
+        backoff = min(REPLACE_BACKOFF_MAX_S, 2.0 ** (self._failed_in_a_row[record.role] - 1))
+        self._replace_after[record.role] = time.monotonic() + backoff
+        self._reconcile()
 
     # -- planner ----------------------------------------------------------------------------------
 
@@ -371,6 +443,18 @@ class Controller:
             except Exception:  # noqa: BLE001 - one bad tick must not stop the control loop
                 log.exception("controller %s failed", tick.__name__)
             await asyncio.sleep(interval)
+
+
+def _death_reason(exc: Exception) -> str:
+    """The line of a Ray actor error that says why: the constructor's exception, else Ray's account of the death."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    raised = [line for line in lines if _names_an_exception(line)]
+    return (raised[-1] if raised else lines[0] if lines else type(exc).__name__)[:500]
+
+
+def _names_an_exception(line: str) -> bool:
+    name = line.split(":", 1)[0].rsplit(".", 1)[-1]  # engine.errors.ModelLoadError: ...
+    return ":" in line and name.isidentifier() and name.endswith(("Error", "Exception"))
 
 
 def _load(record: WorkerRecord) -> int:

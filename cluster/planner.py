@@ -1,6 +1,7 @@
 """The SLO planner: TTFT → prefill pool size, TPOT → decode pool size.
 
-Each pool follows its own signal, one step at a time, within its bounds::
+Only a pool whose own target is set is planned (PlannerSpec.planned_roles); the other keeps the size it was given
+or scaled to by hand. Each planned pool follows its own signal, one step at a time, within its bounds::
 
     p90 > target                         → +1 (unless in the scale-up cooldown)
     p90 < (1 - hysteresis) * target and
@@ -55,10 +56,12 @@ class Planner:
     def decide(self, now: float, observation: Observation, current: dict[str, int]) -> list[PlannerDecision]:
         decisions = []
         signals = {
-            "prefill": (observation.ttft_p90_s, observation.ttft_samples, self.spec.ttft_target_s),
-            "decode": (observation.tpot_p90_s, observation.tpot_samples, self.spec.tpot_target_s),
+            "prefill": (observation.ttft_p90_s, observation.ttft_samples),
+            "decode": (observation.tpot_p90_s, observation.tpot_samples),
         }
-        for role, (p90, samples, target) in signals.items():
+        for role in self.spec.planned_roles:
+            p90, samples = signals[role]
+            target = self.spec.targets[role]
             decision = self._decide_pool(now, role, p90, samples, target, current[role], observation)
             if decision is not None:
                 log.info(

@@ -156,7 +156,8 @@ async def run_cluster(config: ClusterConfig, stop: asyncio.Event, on_ready=None)
             flush=True,
         )
         if not await unless_stopped(controller.wait_ready.remote(), stop):
-            raise NotReady(f"the workers did not become ready within {START_TIMEOUT_S:g} s")
+            reason = await controller.not_ready_reason.remote()
+            raise NotReady(f"the workers did not become ready (waited at most {START_TIMEOUT_S:g} s): {reason}")
         urls = router.urls
         where = f"OpenAI API {urls['http']}/v1 | gRPC {urls['grpc']} | dashboard {urls['dashboard']}"
         if await unless_stopped(router.wait_ready(), stop):

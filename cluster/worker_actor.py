@@ -11,7 +11,7 @@ import time
 
 import ray
 
-from cluster.config import ClusterConfig, PoolSpec
+from cluster.config import MIB, ClusterConfig, PoolSpec
 from contract.heap import freeze_startup_heap
 
 log = logging.getLogger(__name__)
@@ -29,7 +29,7 @@ def engine_config_for(config: ClusterConfig, pool: PoolSpec):
         served_model_name=config.served_model_name,
         dtype=config.dtype,
         device=_device(config.device),
-        kv_cache_memory_bytes=pool.kv_cache_mb * 1024 * 1024,
+        kv_cache_memory_bytes=pool.kv_cache_mb * MIB,
         num_threads=pool.threads,
         **step_limits,
     )

@@ -52,12 +52,16 @@ HISTORY_POINTS = 120  # two minutes of snapshots: what a page's charts hold
 
 @dataclass(frozen=True)
 class SLOTargets:
-    ttft_s: float
-    tpot_s: float
+    """The latency targets set; None: that one is not (the planner then leaves its pool alone)."""
+
+    ttft_s: float | None
+    tpot_s: float | None
 
     def by_name(self) -> dict[str, float]:
-        """The targets under the ``slo`` label values of ``splitserve_slo_target_seconds``."""
-        return {"ttft": self.ttft_s, "tpot": self.tpot_s}
+        """The targets set, under the ``slo`` label values of ``splitserve_slo_target_seconds``."""
+        return {
+            name: seconds for name, seconds in (("ttft", self.ttft_s), ("tpot", self.tpot_s)) if seconds is not None
+        }
 
 
 # -- recent activity ----------------------------------------------------------------------------------
@@ -200,6 +204,11 @@ def _buckets(histogram) -> tuple[list[float], list[float]]:
     ]
     pairs.sort()
     return [b for b, _ in pairs], [c for _, c in pairs]
+
+
+def _attainment(window: HistogramWindow, target_s: float | None) -> float | None:
+    """The window's share within the target; None while that target is not set."""
+    return window.share_within(target_s) if target_s is not None else None
 
 
 def _counter_total(counter, where: Callable[[dict], bool] = lambda labels: True) -> float:
@@ -349,7 +358,7 @@ class Dashboard:
         planner = (cluster or {}).get("planner") or {}
         if not planner.get("enabled"):
             return None
-        return SLOTargets(ttft_s=planner["ttft_target_s"], tpot_s=planner["tpot_target_s"])
+        return SLOTargets(ttft_s=planner.get("ttft_target_s"), tpot_s=planner.get("tpot_target_s"))
 
     def _series(self, now: float, slo: SLOTargets | None) -> dict:
         metrics = self.frontend.metrics
@@ -360,8 +369,8 @@ class Dashboard:
             "ttft_p99_s": self.ttft.quantile(0.99),
             "tpot_p50_s": self.tpot.quantile(0.5),
             "tpot_p99_s": self.tpot.quantile(0.99),
-            "ttft_attainment": self.ttft.share_within(slo.ttft_s) if slo is not None else None,
-            "tpot_attainment": self.tpot.share_within(slo.tpot_s) if slo is not None else None,
+            "ttft_attainment": _attainment(self.ttft, slo and slo.ttft_s),
+            "tpot_attainment": _attainment(self.tpot, slo and slo.tpot_s),
             "tokens_per_s": self.rates.rate("tokens", _counter_total(metrics.generation_tokens), now),
             "requests_per_s": self.rates.rate("requests", _counter_total(metrics.requests, _generate_request), now),
             "errors_per_s": self.rates.rate("errors", _counter_total(metrics.requests, _failed_generate_request), now),
@@ -424,7 +433,8 @@ def cluster_topology(cluster: dict, pool: WorkerPool) -> dict:
                 "active": handle.active if handle is not None else 0,
                 "incompatible": _incompatible(handle),
                 "kv_unreachable_from": handle.kv_unreachable_from if handle is not None else [],
-                "down_reason": handle.down_reason if handle is not None else None,
+                # why it is out: this router's view, else the controller's (a worker that died: its last error)
+                "down_reason": handle.down_reason if handle is not None else record.get("last_error") or None,
                 **_load_and_kv(stats),
             }
         )
@@ -436,7 +446,7 @@ def cluster_topology(cluster: dict, pool: WorkerPool) -> dict:
             "min": spec.get("min"),
             "max": spec.get("max"),
             "ready": sum(1 for w in of_role if w["state"] == "ready"),
-            "total": len(of_role),
+            "total": sum(1 for w in of_role if w["state"] != "failed"),  # failed ones stay listed for their reason
         }
     return {"pools": pools, "nodes": _nodes(workers), "workers": workers}
 

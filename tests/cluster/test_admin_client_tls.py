@@ -146,3 +146,35 @@ def test_kubectl_exec_head_splitserve_status_with_the_charts_tls(tmp_path, monke
     finally:
         stop()
     assert "WORKER" in capsys.readouterr().out
+
+
+# -- where the admin commands find the router: --url, else $SPLITSERVE_URL, else up's default ---------------
+
+
+def test_a_url_flag_wins_over_the_environment_even_when_it_names_the_default(monkeypatch):
+    from cluster.admin_client import router_url
+    from cluster.cli import default_router_url
+
+    default = f"http://{RouterConfig().host}:{RouterConfig().port}"  # where `up` serves by default
+    assert default_router_url() == default
+    monkeypatch.setenv(URL_ENV, "https://from-the-environment:8443")
+    for given in (default, "http://10.0.0.9:8000"):
+        assert router_url(build_parser().parse_args(["status", "--url", given])) == given
+    assert router_url(build_parser().parse_args(["status"])) == "https://from-the-environment:8443"
+    monkeypatch.delenv(URL_ENV)
+    assert router_url(build_parser().parse_args(["scale", "decode", "2"])) == default
+
+
+def test_the_url_help_states_the_precedence(capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["status", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert f"default: ${URL_ENV}, else http://127.0.0.1:8000 (a --url given wins over ${URL_ENV})" in text
+
+
+def test_status_goes_where_the_flag_says_though_the_environment_names_another_router(tls_router):
+    router, ca = tls_router
+    live = f"https://127.0.0.1:{router.http_port}"
+    flag_wins = _status({ROUTER_CA_ENV: ca.path, URL_ENV: "https://127.0.0.1:1"}, "--url", live)
+    assert flag_wins.returncode == 0, flag_wins.stderr
+    assert "WORKER" in flag_wins.stdout

@@ -278,3 +278,139 @@ def test_drain_at_a_pools_min_replicas_replaces_the_worker():
     above.records["prefill-b"] = WorkerRecord("prefill-b", "prefill", state="ready")
     assert "replaced" not in asyncio.run(above.drain("prefill-b"))
     assert above.desired["prefill"] == 2
+
+
+# -- one owner for each default the commands share ----------------------------------------
+
+
+_CHANGED_ENGINE_DEFAULTS = """
+import dataclasses, json
+import engine.config as ec
+
+changed = dict(kv_cache_memory_bytes=96 * 1024 * 1024, block_size=32, max_num_seqs=7, max_num_batched_tokens=999)
+fields = [
+    (f.name, f.type, dataclasses.field(default=changed.get(f.name, f.default)))
+    for f in dataclasses.fields(ec.EngineConfig)
+]
+namespace = {"__post_init__": ec.EngineConfig.__post_init__}
+ec.EngineConfig = dataclasses.make_dataclass("EngineConfig", fields, frozen=True, namespace=namespace)
+ec.EngineConfig.__module__ = "engine.config"
+
+from cluster.cli import build_parser, engine_config_from_args
+from cluster.config import ClusterConfig, PoolSpec
+from cluster.worker_actor import engine_config_for
+
+names = list(changed)
+seen = {"pool": engine_config_for(ClusterConfig(), PoolSpec())}
+for command in (["worker", "decode"], ["generate"]):
+    seen[command[0]] = engine_config_from_args(build_parser().parse_args(command))
+print(json.dumps({where: {name: getattr(config, name) for name in names} for where, config in seen.items()}))
+"""
+
+
+def test_a_default_changed_in_engineconfig_is_the_one_pools_and_engine_flags_use():
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    result = subprocess.run(
+        [sys.executable, "-c", _CHANGED_ENGINE_DEFAULTS], cwd=root, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    seen = json.loads(result.stdout)
+    changed = {
+        "kv_cache_memory_bytes": 96 * 1024 * 1024,
+        "block_size": 32,
+        "max_num_seqs": 7,
+        "max_num_batched_tokens": 999,
+    }
+    assert seen["worker"] == seen["generate"] == changed
+    # A pool has no block size or step-limit defaults of its own (None: the engine's); its KV budget is EngineConfig's.
+    assert seen["pool"] == changed
+
+
+def test_a_worker_has_the_same_thread_default_under_up_and_as_a_process(capsys):
+    from cluster.config import WORKER_THREADS
+
+    worker = build_parser().parse_args(["worker", "decode"])
+    assert worker.threads == PoolSpec().threads == WORKER_THREADS
+    # The engine alone (`generate`) takes every core, and says so.
+    assert build_parser().parse_args(["generate"]).threads is None
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["generate", "--help"])
+    assert "a thread per core" in " ".join(capsys.readouterr().out.split())
+
+
+def test_every_serving_command_has_one_log_level_default():
+    from cluster.cli import LOG_LEVEL
+
+    commands = (["up"], ["router", "--decode", "d:1"], ["worker", "decode"])
+    assert {build_parser().parse_args(command).log_level for command in commands} == {LOG_LEVEL}
+    assert build_parser().parse_args(["worker", "decode", "--log-level", "debug"]).log_level == "DEBUG"
+
+
+# -- a cuda worker has a GPU reserved -------------------------------------------------------
+
+
+def test_device_cuda_without_a_gpu_per_worker_is_refused_naming_both(tmp_path, capsys):
+    message = "device cuda (--device) needs a GPU reserved for each worker, but prefill.num_gpus is 0"
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        from_dict({"device": "cuda"})
+    assert main(["up", "--device", "cuda"]) == 2
+    assert message in capsys.readouterr().err
+    with pytest.raises(ValueError, match="but decode.num_gpus is 0"):
+        from_dict({"device": "cuda", "prefill": {"num_gpus": 1}})
+    path = tmp_path / "cluster.yaml"
+    path.write_text("prefill:\n  num_gpus: 1\ndecode:\n  num_gpus: 0.5\n")
+    with pytest.raises(AssertionError, match="accepted"):  # a GPU each, or a share: it goes on to start
+        main(["up", "--config", str(path), "--device", "cuda"])
+    decode_only = {"device": "cuda", "prefill": {"replicas": 0, "min_replicas": 0, "max_replicas": 0}}
+    assert from_dict({**decode_only, "decode": {"num_gpus": 1}}).prefill.num_gpus == 0  # never starts a worker
+
+
+# -- replica counts on `up` stay within the pool's bounds ---------------------------------
+
+
+@pytest.mark.parametrize(
+    ("argv", "file", "message"),
+    [
+        (["--decode", "3", "--max-decode", "2"], "", "--decode 3 is above --max-decode 2"),
+        (["--prefill", "3", "--min-prefill", "4"], "", "--prefill 3 is below --min-prefill 4"),
+        (
+            ["--prefill", "1"],
+            "prefill:\n  replicas: 3\n  min_replicas: 2\n",
+            "--prefill 1 is below prefill.min_replicas 2",
+        ),
+        (["--max-decode", "2"], "decode:\n  replicas: 3\n", "decode.replicas 3 is above --max-decode 2"),
+    ],
+)
+def test_a_replica_count_against_a_bound_that_was_set_is_refused_naming_both(tmp_path, capsys, argv, file, message):
+    """Both set, by flags or the config file, and they disagree: neither is moved silently."""
+    path = tmp_path / "cluster.yaml"
+    path.write_text(file)
+    assert main(["up", *(["--config", str(path)] if file else []), *argv]) == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("argv", "file", "role", "size"),
+    [
+        (["--prefill", "0"], "", "prefill", (0, 0, 4)),  # an aggregated cluster: the default minimum follows
+        (["--decode", "6"], "", "decode", (6, 1, 6)),  # the default maximum follows
+        (["--min-decode", "2"], "", "decode", (2, 2, 4)),  # the default count follows the minimum set
+        (["--max-prefill", "0"], "", "prefill", (0, 0, 0)),
+        (["--prefill", "0", "--min-prefill", "0"], "", "prefill", (0, 0, 4)),
+        (["--decode", "6", "--max-decode", "8"], "", "decode", (6, 1, 8)),
+        (["--prefill", "4"], "prefill:\n  replicas: 2\n  min_replicas: 2\n", "prefill", (4, 2, 4)),
+    ],
+)
+def test_a_replica_count_or_bound_nobody_set_follows_the_one_given(tmp_path, argv, file, role, size):
+    from cluster.cli import cluster_config_from_args
+
+    path = tmp_path / "cluster.yaml"
+    path.write_text(file)
+    args = build_parser().parse_args(["up", *(["--config", str(path)] if file else []), *argv])
+    pool = cluster_config_from_args(args).pool(role)
+    assert (pool.replicas, pool.min_replicas, pool.max_replicas) == size

@@ -19,8 +19,10 @@ from router.dashboard import (
     _error_message,
     _failed_generate_request,
     _generate_request,
+    cluster_topology,
 )
 from router.metrics import RouterMetrics
+from router.workers import WorkerPool
 
 BUCKETS = (0.1, 0.2, 0.5, 1.0)
 
@@ -126,3 +128,20 @@ def test_kv_transfer_rate_is_unknown_when_no_worker_reports_it():
     older = SimpleNamespace(address="d:1", role="decode", last_seen=1.0, stats=_OlderStats())
     never_seen = SimpleNamespace(address="p:1", role="prefill", last_seen=0.0, stats=_Stats(0))
     assert _dashboard([older, never_seen])._kv_transfer_gbps(0.0) is None
+
+
+def test_a_failed_worker_is_shown_with_its_reason_and_not_counted_in_its_pool():
+    """The controller keeps a worker that died too often as ``failed``, with ``last_error`` (cluster/controller.py)."""
+    record = {"role": "decode", "restarts": 3, "node_id": "", "stats": {}}
+    cluster = {
+        "pools": {"decode": {"desired": 1, "min": 1, "max": 2}},
+        "workers": [
+            {**record, "worker_id": "decode-1", "state": "failed", "address": "", "last_error": "ModelLoadError: no"},
+            {**record, "worker_id": "decode-2", "state": "starting", "address": "", "last_error": ""},
+        ],
+    }
+    topology = cluster_topology(cluster, WorkerPool())
+    assert topology["pools"]["decode"]["total"] == 1
+    failed, starting = topology["workers"]
+    assert failed["state"] == "failed" and failed["down_reason"] == "ModelLoadError: no"
+    assert starting["down_reason"] is None

@@ -274,6 +274,13 @@ def test_the_configured_slo_targets_are_exported(ttft, tpot):
     assert _slo_targets(PlannerControl(True, ttft, tpot)) == {"ttft": ttft, "tpot": tpot}
 
 
+@pytest.mark.parametrize(("ttft", "tpot"), [(0.5, None), (None, 0.05)], ids=["ttft-only", "tpot-only"])
+def test_one_slo_set_exports_that_target_alone(ttft, tpot):
+    """The planner plans only the pool whose target is set (cluster/planner.py): the other is None, not exported."""
+    set_ = {name: seconds for name, seconds in (("ttft", ttft), ("tpot", tpot)) if seconds is not None}
+    assert _slo_targets(PlannerControl(True, ttft, tpot)) == set_
+
+
 def test_an_unreachable_control_plane_leaves_the_slo_target_as_last_learnt():
     """An outage of the control plane must not unset the target, or the SLO alerts' ``for:`` would restart."""
     assert _slo_targets(PlannerControl(True, 0.5, 0.05), then_unreachable=True) == {"ttft": 0.5, "tpot": 0.05}
