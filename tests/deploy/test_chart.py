@@ -104,9 +104,9 @@ def test_slo_seconds_render_from_set_and_set_string(flag, text, seconds):
 @pytest.mark.parametrize(
     "flag, text, message",
     [
-        ("--set-string", "0", "slo.ttftSeconds must be a positive number of seconds, got 0"),
-        ("--set", "0.0", "slo.ttftSeconds must be a positive number of seconds"),
-        ("--set", "0", "exclusiveMinimum"),
+        ("--set-string", "0", "at '/slo/ttftSeconds'"),
+        ("--set", "0.0", "at '/slo/ttftSeconds'"),
+        ("--set", "0", "at '/slo/ttftSeconds': exclusiveMinimum"),
         ("--set-string", "soon", "does not match pattern"),
         ("--set-string", "-1", "does not match pattern"),
     ],
@@ -116,11 +116,42 @@ def test_slo_seconds_that_are_not_positive_numbers_are_refused(flag, text, messa
         chart_objects(extra=[flag, f"slo.ttftSeconds={text}"])
 
 
+def _planner_section(objects: list[dict]) -> dict:
+    return yaml.safe_load(configmap_text(objects, "/etc/splitserve/cluster.yaml"))["planner"]
+
+
 def test_slo_set_to_null_is_dropped():
     objects = chart_objects([GPU_VALUES], extra=["--set", "slo.ttftSeconds=null"])
-    planner = yaml.safe_load(configmap_text(objects, "/etc/splitserve/cluster.yaml"))["planner"]
+    planner = _planner_section(objects)
     assert planner["enabled"] and "ttft_target_s" not in planner and planner["tpot_target_s"] == 0.05
-    assert not configmap_config(chart_objects()).planner.enabled
+    assert configmap_config(objects).planner.ttft_target_s is None
+    default = chart_objects()
+    assert not configmap_config(default).planner.enabled
+    assert not {"ttft_target_s", "tpot_target_s"} & set(_planner_section(default))
+
+
+@pytest.mark.parametrize(
+    "value, target, other",
+    [("ttftSeconds", "ttft_target_s", "tpot_target_s"), ("tpotSeconds", "tpot_target_s", "ttft_target_s")],
+)
+@pytest.mark.parametrize("flag", ["--set", "--set-string", "--set-json"])
+def test_one_slo_target_plans_its_own_pool_only(flag, value, target, other):
+    """slo.ttftSeconds alone turns the planner on for the prefill pool; the config holds no TPOT target, so the
+    decode pool is not planned (and the other way round): the chart writes no default for the target left unset."""
+    objects = chart_objects(extra=[flag, f"slo.{value}=0.5"])
+    planner = _planner_section(objects)
+    assert planner["enabled"] is True and planner[target] == 0.5 and other not in planner, planner
+    loaded = configmap_config(objects).planner
+    assert (getattr(loaded, target), getattr(loaded, other)) == (0.5, None)
+
+
+def test_values_and_readme_say_which_target_plans_which_pool():
+    comment = (CHART / "values.yaml").read_text().split("\nslo:\n", 1)[0].rsplit("\n\n", 1)[1]
+    flat = " ".join(line.lstrip("# ") for line in comment.splitlines())
+    assert "slo.ttftSeconds plans the prefill pool; slo.tpotSeconds plans the decode pool" in flat, comment
+    rows = _values_rows_text()
+    assert "plans the prefill pool" in rows["slo.ttftSeconds"] and "decode" not in rows["slo.ttftSeconds"]
+    assert "plans the decode pool" in rows["slo.tpotSeconds"] and "prefill" not in rows["slo.tpotSeconds"]
 
 
 def test_engine_step_limits_reach_each_pools_engine_config():
@@ -203,6 +234,16 @@ def _values_rows() -> dict[str, str]:
             rows.update({key.replace("<pool>", pool): d for pool, d in zip(("prefill", "decode"), per_pool)})
         else:
             (rows[key],) = defaults
+    return rows
+
+
+def _values_rows_text() -> dict[str, str]:
+    """key -> description cell of the README's values table."""
+    rows = {}
+    for line in (CHART / "README.md").read_text().split("## Values", 1)[1].splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split(" | ")]
+        if len(cells) == 3 and cells[0].startswith("`"):
+            rows[cells[0].strip("`")] = cells[2]
     return rows
 
 

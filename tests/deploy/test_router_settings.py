@@ -1,6 +1,6 @@
 """The chart's router settings come from the one owner, router.config.RouterConfig: the values schema admits, under
-router.settings, exactly the router-section keys the chart does not set itself, each typed as RouterConfig types it;
-each reaches the config `splitserve up` reads in the head pod."""
+router.settings, exactly the router-section keys the chart does not set itself, each typed as RouterConfig types it and
+bounded as router.config.BOUNDS bounds it; each reaches the config `splitserve up` reads in the head pod."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from cluster.config import ROUTER_KEYS
-from router.config import CHOICES, RouterConfig
+from router.config import BOUNDS, CHOICES, RouterConfig
 from tests.cluster.test_config import other_value
 from tests.deploy.conftest import CHART, HelmError, chart_objects
 from tests.deploy.test_placement import configmap_config, configmap_text, head_config
@@ -33,10 +33,19 @@ def setting_schema(name: str) -> dict:
         return {"enum": list(CHOICES[name])}
     if kind is bool:
         return {"type": "boolean"}
+    bound = BOUNDS.get(name)
     if kind is int:
-        return {"type": ["integer", "null"] if optional else "integer"}
+        schema = {"type": ["integer", "null"] if optional else "integer"}
+        if bound is not None:  # an integer bound: the low end inclusive (tests/deploy/test_value_bounds.py probes it)
+            schema["minimum"] = int(bound.low) + (1 if bound.low_open else 0)
+            schema |= {} if bound.high is None else {"maximum": int(bound.high)}
+        return schema
     assert kind is float, f"{name}: a RouterConfig type the chart's schema does not know"
-    return {"anyOf": [{"type": "number"}, {"$ref": "#/definitions/decimalString"}]}
+    if bound is None:
+        return {"anyOf": [{"type": "number"}, {"$ref": "#/definitions/decimalString"}]}
+    # A decimal string's pattern can say "> 0" or ">= 0", nothing else.
+    assert bound.high is None and bound.low == 0, f"{name}: a bound {bound} the chart's schema cannot state"
+    return {"$ref": "#/definitions/positiveNumber" if bound.low_open else "#/definitions/nonNegativeNumber"}
 
 
 def chart_router_keys() -> set[str]:

@@ -72,7 +72,9 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 The splitserve cluster config (cluster/config.py, ClusterConfig) in the ConfigMap; the router's settings
 (router/config.py, RouterConfig) in its router section. Each pool asks
 Ray for its rayResource, which only that pool's worker group offers: the controller's placement
-and the RayCluster's worker groups are written from the same values.
+and the RayCluster's worker groups are written from the same values. The planner gets only the SLO
+targets set (slo.ttftSeconds plans the prefill pool, slo.tpotSeconds the decode pool), never a value
+for the other: a pool without its own target is not planned (cluster/config.py, PlannerSpec).
 */}}
 {{- define "splitserve.clusterConfig" -}}
 # splitserve cluster config (cluster/config.py); the head adds --address auto --host 0.0.0.0 --worker-host auto.
@@ -312,13 +314,6 @@ fsGroup: 1000
 {{- end }}
 {{- if and .Values.metrics.podMonitor.enabled (not (include "splitserve.metricsTokenSecret" .)) }}
 {{- fail "metrics.podMonitor: /metrics wants an API key (router.openMetrics false): set metrics.podMonitor.bearerTokenSecret.name to a Secret holding one, or use apiKeys.create" }}
-{{- end }}
-{{- end }}
-{{- /* The schema admits these as decimal strings too (--set-string, --set 0.5); only here is their sign known. */}}
-{{- $positive := dict "slo.ttftSeconds" .Values.slo.ttftSeconds "slo.tpotSeconds" .Values.slo.tpotSeconds "planner.intervalSeconds" .Values.planner.intervalSeconds "planner.windowSeconds" .Values.planner.windowSeconds }}
-{{- range $key, $seconds := $positive }}
-{{- if and (not (kindIs "invalid" $seconds)) (le (float64 $seconds) 0.0) }}
-{{- fail (printf "%s must be a positive number of seconds, got %v" $key $seconds) }}
 {{- end }}
 {{- end }}
 {{- if and .Values.apiKeys.create (empty .Values.apiKeys.keys) }}
