@@ -236,7 +236,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     worker = commands.add_parser("worker", help="run one prefill or decode worker as a plain process (no Ray)")
     worker.add_argument("role", choices=["prefill", "decode"])
-    _add_engine_args(worker, WORKER_THREADS, f"{WORKER_THREADS}, as for a worker `splitserve up` starts")
+    _add_engine_args(
+        worker,
+        WORKER_THREADS,
+        f"{WORKER_THREADS}, as for a worker `splitserve up` starts; a worker alone on its machine: pass its cores",
+    )
     worker.add_argument("--host", default="127.0.0.1", help="the address to listen on (0.0.0.0: every one)")
     worker.add_argument(
         "--advertise-host",
