@@ -38,7 +38,11 @@ class SamplingParams:
     prompt token after the first (computed where the prompt is prefilled, so never from a prefix cache).
     ``logit_bias`` holds (token id, bias) pairs, sorted by id, each bias as the float32 the wire carries; it is
     added to the logits before sampling. ``min_tokens`` suppresses EOS and ``stop_token_ids`` (and defers stop
-    strings) until that many tokens are generated; it may exceed ``max_tokens``, which still ends the request.
+    strings) until that many tokens are generated; it must not exceed ``max_tokens``.
+
+    ``max_tokens_defaulted``: the client set no limit, so ``max_tokens`` is a default (the context's room, or
+    16) that the engine lowers to what its KV pool holds after the prompt, ending there with "length"
+    (``Engine``). A limit the client set is never lowered: one that does not fit is refused.
     """
 
     max_tokens: int = 16
@@ -58,6 +62,7 @@ class SamplingParams:
     min_tokens: int = 0
     prompt_logprobs: int | None = None
     grammar: Grammar | None = None
+    max_tokens_defaulted: bool = False
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -87,12 +92,18 @@ class SamplingParams:
             set_(self, "logprobs", _integer("logprobs", self.logprobs, 0, MAX_TOP_LOGPROBS + 1))
         set_(self, "logit_bias", _logit_bias(self.logit_bias))
         set_(self, "min_tokens", _integer("min_tokens", self.min_tokens, 0, _UINT32))
+        if self.min_tokens > self.max_tokens:
+            raise FieldError(
+                "min_tokens", f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})"
+            )
         if self.prompt_logprobs is not None:
             set_(self, "prompt_logprobs", _integer("prompt_logprobs", self.prompt_logprobs, 0, MAX_TOP_LOGPROBS + 1))
         if self.grammar is not None:
             if not isinstance(self.grammar, Grammar):
                 raise FieldError("grammar", "grammar must be a contract.grammar.Grammar")
             self.grammar.compiled()  # a grammar the engine cannot compile is refused here, by name
+        if not isinstance(self.max_tokens_defaulted, bool):
+            raise FieldError("max_tokens_defaulted", "max_tokens_defaulted must be a boolean")
 
     @property
     def greedy(self) -> bool:
@@ -119,6 +130,7 @@ class SamplingParams:
             ignore_eos=self.ignore_eos,
             logit_bias=dict(self.logit_bias),
             min_tokens=self.min_tokens,
+            max_tokens_defaulted=self.max_tokens_defaulted,
         )
         if self.seed is not None:
             message.seed = self.seed
@@ -133,9 +145,10 @@ class SamplingParams:
     @classmethod
     def from_wire(cls, message: common_pb2.SamplingParams, default_max_tokens: int | None = None) -> SamplingParams:
         """proto3 zero values mean "unset" where zero is no valid setting: max_tokens (then
-        ``default_max_tokens``, if given), top_p and repetition_penalty (then off). A zero
-        temperature is greedy; a zero top_k is off."""
+        ``default_max_tokens``, if given, marked ``max_tokens_defaulted``), top_p and repetition_penalty
+        (then off). A zero temperature is greedy; a zero top_k is off."""
         max_tokens = message.max_tokens or default_max_tokens
+        defaulted = message.max_tokens_defaulted or not message.max_tokens
         if max_tokens is None:
             raise FieldError("max_tokens", "max_tokens must be at least 1")
         return cls(
@@ -156,6 +169,7 @@ class SamplingParams:
             min_tokens=message.min_tokens,
             prompt_logprobs=message.prompt_logprobs if message.HasField("prompt_logprobs") else None,
             grammar=Grammar.from_wire(message.grammar) if message.HasField("grammar") else None,
+            max_tokens_defaulted=defaulted,
         )
 
 

@@ -212,6 +212,7 @@ class Engine:
         """A request with its output stream started (and its resumed output replayed through it)."""
         prompt, resumed = list(prompt_token_ids), list(resume_token_ids)
         self._validate(request_id, prompt, params, resumed)
+        params = self._fitted(prompt, params, resumed)
         grammar = self.grammars.matcher(params.grammar, prompt) if params.grammar is not None else None
         sampling = SamplingState(params, prompt, self.outputs.eos_token_ids, grammar=grammar)
         request = Request(request_id, prompt, params, sampling, self.config.block_size)
@@ -236,15 +237,44 @@ class Engine:
             check_vocabulary(params, self.model_config.vocab_size)
         except FieldError as exc:
             raise InvalidRequestError(str(exc)) from exc
-        total = len(prompt) + params.max_tokens
-        if total > self.max_model_len:
-            raise InvalidRequestError(
-                f"prompt ({len(prompt)} tokens) + max_tokens ({params.max_tokens}) = {total} exceeds "
-                f"the maximum context length {self.max_model_len}"
-            )
+
+    @property
+    def token_capacity(self) -> int:
+        """The most tokens (prompt and output) one request may hold here: the context, or the KV pool if smaller."""
         usable = self.layout.num_blocks - self._num_scratch_blocks
-        if -(-total // self.config.block_size) > usable:
-            raise InvalidRequestError(f"{total} tokens do not fit in this worker's KV pool ({usable} blocks)")
+        return min(self.max_model_len, usable * self.config.block_size)
+
+    def _fitted(self, prompt: list[int], params: SamplingParams, resumed: list[int]) -> SamplingParams:
+        """``params`` if prompt + max_tokens fits ``token_capacity``. A defaulted max_tokens (the client set
+        none) is lowered to fit instead, so the request ends with "length" there; an explicit one that does not
+        fit, a prompt (with resumed output) that leaves no room, or a min_tokens above the lowered limit is
+        refused, naming the field."""
+        capacity, used = self.token_capacity, len(prompt) + len(resumed)
+        room = capacity - len(prompt)
+        if params.max_tokens <= room:
+            return params
+        where = self._capacity_spelled()
+        if not params.max_tokens_defaulted:
+            raise InvalidRequestError(
+                f"prompt ({len(prompt)} tokens) + max_tokens ({params.max_tokens}) = {len(prompt) + params.max_tokens} "
+                f"tokens do not fit in {where}: at most {max(room, 0)} may follow this prompt"
+            )
+        if used >= capacity:
+            raise InvalidRequestError(
+                f"prompt ({len(prompt)} tokens{f' + {len(resumed)} resumed' if resumed else ''}) leaves no room "
+                f"for output in {where}"
+            )
+        if params.min_tokens > room:
+            raise InvalidRequestError(
+                f"min_tokens ({params.min_tokens}) exceeds the {room} tokens that fit after the prompt in {where}"
+            )
+        return replace(params, max_tokens=room)
+
+    def _capacity_spelled(self) -> str:
+        usable = self.layout.num_blocks - self._num_scratch_blocks
+        if self.max_model_len <= usable * self.config.block_size:
+            return f"the maximum context length {self.max_model_len}"
+        return f"this worker's KV pool ({usable} blocks of {self.config.block_size} tokens)"
 
     # -- the loop -------------------------------------------------------------------------------
 

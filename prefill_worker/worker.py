@@ -145,8 +145,15 @@ class PrefillWorker(WorkerBase, prefill_pb2_grpc.PrefillWorkerServicer):
                     else "a prefill needs the decode worker's ticket (or ticket_follows)"
                 )
             # Resumed output (migration) is replayed as this request's own: the token sampled is the one after it.
+            # min_tokens capped alike: it holds back that token's EOS exactly when the request's would.
             resumed = len(request.resume_token_ids)
-            params = dataclasses.replace(SamplingParams.from_wire(request.params), max_tokens=resumed + 1)
+            params = SamplingParams.from_wire(request.params)
+            params = dataclasses.replace(
+                params,
+                max_tokens=resumed + 1,
+                min_tokens=min(params.min_tokens, resumed + 1),
+                max_tokens_defaulted=False,
+            )
             pushed_tokens = len(request.prompt_token_ids) + resumed
             if not follows:
                 session = self._open_session(request.request_id, request.ticket, pushed_tokens)

@@ -256,9 +256,12 @@ class _SamplingFields(_Strict):
     guided_grammar: str | None = None
     structured_outputs: dict[str, Any] | None = None  # vLLM's: {"json" | "regex" | "choice" | "grammar" | ...: ...}
 
-    def sampling(self, max_tokens: int, logprobs: int | None, grammar: Grammar | None = None) -> SamplingParams:
+    def sampling(
+        self, max_tokens: int, logprobs: int | None, grammar: Grammar | None = None, defaulted: bool = False
+    ) -> SamplingParams:
         """The sampling record; fields named as in the record pass through. FieldError names a bad one.
-        ``grammar`` (a tool_choice's) stands for the structured-output fields, which then must be unset."""
+        ``grammar`` (a tool_choice's) stands for the structured-output fields, which then must be unset.
+        ``defaulted``: the client set no max_tokens (the engine may lower ``max_tokens`` to fit its KV pool)."""
         if self.stream_options is not None and not self.stream:
             raise FieldError("stream_options", "stream_options is only allowed when stream is true")
         same = {name: getattr(self, name) for name in _record_fields(type(self))}
@@ -267,12 +270,8 @@ class _SamplingFields(_Strict):
         asked = grammar_from_fields(self)
         if grammar is not None and asked is not None:
             raise FieldError("tool_choice", "a required or named tool_choice constrains the output already")
-        params = SamplingParams(**{**same, "max_tokens": max_tokens, "logprobs": logprobs, "grammar": grammar or asked})
-        if params.min_tokens > params.max_tokens:
-            raise FieldError(
-                "min_tokens", f"min_tokens ({params.min_tokens}) must not exceed max_tokens ({max_tokens})"
-            )
-        return params
+        limits = {"max_tokens": max_tokens, "max_tokens_defaulted": defaulted}
+        return SamplingParams(**{**same, **limits, "logprobs": logprobs, "grammar": grammar or asked})
 
 
 @cache
@@ -439,12 +438,14 @@ def create_app(frontend: Frontend, api_keys: tuple[str, ...] = ()) -> FastAPI:
         prompts = _completion_prompts(frontend, body.prompt)
         texts = _prompt_texts(frontend, body.prompt, prompts) if body.echo or body.logprobs is not None else None
         shape = _Completions.of(body, prompts, texts)
-        params = body.sampling(shape.worker_max_tokens, shape.worker_logprobs(body.logprobs))
+        defaulted = "max_tokens" not in body.model_fields_set
+        params = body.sampling(shape.worker_max_tokens, shape.worker_logprobs(body.logprobs), defaulted=defaulted)
         if body.echo and body.logprobs is not None:
             params = replace(params, prompt_logprobs=body.logprobs)
-        choices = [p for p in prompts for _ in range(shape.best_of)]
         frontend.admission.check_fits(len(prompts), shape.best_of, "n" if body.best_of is None else "best_of")
-        jobs = [frontend.build(p, choice) for p, choice in zip(choices, _seeded(params, len(choices)))]
+        # Choice i * best_of + j is prompt i's j-th candidate: seeded alike whatever the prompt's place in the list.
+        candidates = _seeded(params, shape.best_of)
+        jobs = [frontend.build(p, candidate) for p in prompts for candidate in candidates]
         return await _respond(request, frontend, body, jobs, "text_completion", "cmpl", completions=shape)
 
     @app.get("/v1/models/{model_id:path}", responses=errors(*_GUARDED, 404))
@@ -495,7 +496,7 @@ def create_app(frontend: Frontend, api_keys: tuple[str, ...] = ()) -> FastAPI:
         max_tokens = getattr(body, limit_field)
         tool_grammar = tools.grammar() if tools else None
         room = frontend.room(prompt, "messages") if max_tokens is None else max_tokens
-        params = body.sampling(room, logprobs, tool_grammar)
+        params = body.sampling(room, logprobs, tool_grammar, defaulted=max_tokens is None)
         jobs = [frontend.build(prompt, choice, "messages", limit_field) for choice in _seeded(params, body.n)]
         calls = tools if tools is not None and tools.parses else None
         return await _respond(request, frontend, body, jobs, "chat.completion", "chatcmpl", calls)
@@ -662,7 +663,8 @@ async def _shaped(
 
 
 def _seeded(params: SamplingParams, choices: int) -> list[SamplingParams]:
-    """n > 1 with a seed: each choice gets its own seed, so the choices differ yet reproduce."""
+    """A prompt's ``choices`` records: with a seed and n > 1, choice j gets seed + j, so the choices differ yet
+    reproduce (each prompt of a list starts again from the request's seed, as vLLM seeds each prompt)."""
     if params.seed is None or choices < 2:
         return [params] * choices
     return [replace(params, seed=wrap_seed(params.seed + index)) for index in range(choices)]

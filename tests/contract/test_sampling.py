@@ -77,6 +77,7 @@ def test_record_and_proto_have_the_same_fields():
         ("logit_bias", "5"),
         ("min_tokens", -1),
         ("min_tokens", 1 << 32),
+        ("max_tokens_defaulted", 1),
         ("prompt_logprobs", -1),
         ("prompt_logprobs", MAX_TOP_LOGPROBS + 1),
     ],
@@ -106,6 +107,7 @@ def test_edges_are_valid_and_round_trip():
         logit_bias={(1 << 32) - 1: 100.0, 0: -100.0, 7: 0.1},
         min_tokens=(1 << 32) - 1,
         prompt_logprobs=MAX_TOP_LOGPROBS,
+        max_tokens_defaulted=True,
     )
     assert edges.logit_bias == ((0, -100.0), (7, f32(0.1)), ((1 << 32) - 1, 100.0)), "sorted, as float32"
     again = SamplingParams.from_wire(common_pb2.SamplingParams.FromString(edges.to_wire().SerializeToString()))
@@ -120,11 +122,26 @@ def test_from_wire_reads_proto3_zeros_as_unset():
         SamplingParams.from_wire(zero)
     assert caught.value.field == "max_tokens"
     params = SamplingParams.from_wire(zero, default_max_tokens=16)
-    assert params == SamplingParams(max_tokens=16, temperature=0.0)  # zero temperature is greedy; top_p etc. off
+    # zero temperature is greedy; top_p etc. off; the default is marked one (the engine may lower it to its pool)
+    assert params == SamplingParams(max_tokens=16, temperature=0.0, max_tokens_defaulted=True)
     assert (params.top_p, params.repetition_penalty, params.seed, params.logprobs) == (1.0, 1.0, None, None)
     assert (params.logit_bias, params.min_tokens, params.prompt_logprobs) == ((), 0, None)
     explicit = SamplingParams.from_wire(common_pb2.SamplingParams(max_tokens=3, seed=0, logprobs=0, prompt_logprobs=0))
     assert (explicit.seed, explicit.logprobs, explicit.prompt_logprobs) == (0, 0, 0)
+    assert not explicit.max_tokens_defaulted
+    marked = SamplingParams.from_wire(common_pb2.SamplingParams(max_tokens=3, max_tokens_defaulted=True))
+    assert (marked.max_tokens, marked.max_tokens_defaulted) == (3, True), "carried unchanged (a migration)"
+
+
+def test_min_tokens_may_not_exceed_max_tokens():
+    """One check for every API that builds the record (HTTP, gRPC) and for the wire."""
+    assert SamplingParams(max_tokens=5, min_tokens=5).min_tokens == 5
+    with pytest.raises(FieldError, match=r"min_tokens \(50\) must not exceed max_tokens \(5\)") as caught:
+        SamplingParams(max_tokens=5, min_tokens=50)
+    assert caught.value.field == "min_tokens"
+    with pytest.raises(FieldError) as caught:
+        SamplingParams.from_wire(common_pb2.SamplingParams(max_tokens=5, min_tokens=50))
+    assert caught.value.field == "min_tokens"
 
 
 def test_vocabulary_and_text_helpers():
@@ -184,6 +201,7 @@ _VALUES = {
     "logit_bias": st.dictionaries(_integers, _numbers, max_size=3),
     "min_tokens": _integers,
     "prompt_logprobs": st.one_of(st.none(), _integers),
+    "max_tokens_defaulted": st.one_of(st.booleans(), st.integers(0, 1)),
 }
 _FLOATS = {f.name for f in fields(SamplingParams) if f.type == "float"}
 
@@ -195,8 +213,11 @@ def test_valid_means_the_wire_carries_it(values):
         params = SamplingParams(**values)
     except FieldError as exc:
         assert exc.field in values, f"{exc.field} was not even set"
+        alone = {exc.field: values[exc.field]}
+        if exc.field == "min_tokens" and "max_tokens" in values:  # checked against max_tokens: bad beside it
+            alone["max_tokens"] = values["max_tokens"]
         with pytest.raises(FieldError):  # the named field alone is bad
-            SamplingParams(**{exc.field: values[exc.field]})
+            SamplingParams(**alone)
         return
     wire = params.to_wire()  # never raises for a valid record (range, type, UTF-8)
     again = SamplingParams.from_wire(common_pb2.SamplingParams.FromString(wire.SerializeToString()))

@@ -161,7 +161,9 @@ def test_resumed_reservation_decodes_like_the_unmoved_run(engines):
     prefill = Engine(EngineConfig(model="demo", dtype="float32", num_kv_blocks=128), on_layer_done=copy_layer)
     held = decode.reserve("r-b", prompt, params, before)
     assert len(held.block_ids) == -(-(len(prompt) + k) // decode.config.block_size)
-    prefill.add_request("r-b", prompt, dataclasses.replace(params, max_tokens=k + 1), before)
+    # As prefill_worker does: one token after the resumed ones, min_tokens capped alike.
+    first_only = dataclasses.replace(params, max_tokens=k + 1, min_tokens=min(params.min_tokens, k + 1))
+    prefill.add_request("r-b", prompt, first_only, before)
     (first,) = [t for o in _drain(prefill, "r-b")[:1] for t in o]
     decode.complete_reservation("r-b", first)
     after, text_after, last = _drain(decode, "r-b")

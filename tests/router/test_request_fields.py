@@ -13,6 +13,7 @@ import pytest
 import torch
 from pydantic import BaseModel
 
+import tests.router.test_defaulted_max_tokens as defaulted_tests
 import tests.router.test_errors as error_tests
 import tests.router.test_grpc_api as grpc_tests
 import tests.router.test_openai_api as api_tests
@@ -342,6 +343,7 @@ def test_grpc_sampling_params_mean_what_http_means(router, rng):
         min_tokens=2,
         prompt_logprobs=2,
         grammar=common_pb2.Grammar(kind="regex", text="[a-z ]{1,60}"),
+        max_tokens_defaulted=True,  # 12 fits: nothing to lower
     )
     params = common_pb2.SamplingParams(**values)
     assert {f.name for f, _ in params.ListFields()} == set(SAMPLING_FIELDS), "set every field"
@@ -439,6 +441,7 @@ BEHAVIOUR = {
     },
     "grpc": {
         **{name: test_grpc_sampling_params_mean_what_http_means for name in SAMPLING_FIELDS},
+        "max_tokens_defaulted": defaulted_tests.test_completions_and_grpc_default_limits_are_lowered_too,
         "model": grpc_tests.test_grpc_errors_are_status_codes,
         "text": grpc_tests.test_grpc_streams_the_same_tokens_as_http,
         "token_ids": grpc_tests.test_grpc_streams_the_same_tokens_as_http,
