@@ -48,6 +48,9 @@ MAX_RECONNECT_BACKOFF_MS = 2000
 # vanished mid-stream stops that stream (and frees its blocks) within ~10 s, not after decoding it for nobody.
 KEEPALIVE_TIME_MS = 5000
 KEEPALIVE_TIMEOUT_MS = 5000
+# gRPC (1.85) times an unanswered ping on a connection with calls in flight by its HTTP/2 ping timeout (default 60 s),
+# not by keepalive_timeout_ms: both channels and servers of ours set it to the keepalive timeout.
+_PING_TIMEOUT = (("grpc.http2.ping_timeout_ms", KEEPALIVE_TIMEOUT_MS),)
 # Plain TCP connections give a silent peer as long (end_silent_peers): bulk KV links, the router's HTTP clients.
 PEER_SILENCE_S = (KEEPALIVE_TIME_MS + KEEPALIVE_TIMEOUT_MS) / 1000
 # Methods a worker answers without the secret: liveness tells nothing about the cluster.
@@ -116,6 +119,7 @@ class ClusterAuth:
             ("grpc.max_reconnect_backoff_ms", MAX_RECONNECT_BACKOFF_MS),
             ("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS),
             ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+            *_PING_TIMEOUT,
             ("grpc.http2.max_pings_without_data", 0),  # a call that only receives (a stream of tokens) pings too
         ]
         if self.tls is not None and self.tls.server_name:
@@ -154,6 +158,7 @@ def keepalive_server_options() -> list[tuple[str, object]]:
         ("grpc.http2.min_ping_interval_without_data_ms", KEEPALIVE_TIME_MS // 2),
         ("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS),
         ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+        *_PING_TIMEOUT,
     ]
 
 

@@ -139,6 +139,8 @@ class Frontend:
         add_generation_prompt: bool = True,
         add_special_tokens: bool = False,
     ) -> list[int]:
+        if not messages:  # the template would render only the assistant's header: nothing was asked
+            raise _bad("messages must not be empty", "messages")
         try:
             rendered = self.tokenizer.apply_chat_template(
                 messages, add_generation_prompt=add_generation_prompt, tools=tools

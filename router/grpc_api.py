@@ -24,6 +24,11 @@ _STATUS = {
     401: grpc.StatusCode.UNAUTHENTICATED,
     404: grpc.StatusCode.NOT_FOUND,
     429: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    # Both retryable: a request that can never succeed is a 400 wherever it is refused (a worker's refusal included).
+    # 502: a worker failed this request (a KV transfer that failed, its engine's error): the next try may not.
+    502: grpc.StatusCode.UNAVAILABLE,
+    # 503: no worker can take it now (none healthy, all full, the queue waited too long).
+    503: grpc.StatusCode.UNAVAILABLE,
     504: grpc.StatusCode.DEADLINE_EXCEEDED,
 }
 
@@ -38,6 +43,7 @@ HONOURED: dict[str, frozenset[str]] = {
     "Grammar": frozenset({"kind", "text", "accepted_prompt_tokens"}),
 }
 DEFAULT_MAX_TOKENS = 16  # when params.max_tokens is 0 (unset)
+MAX_REQUEST_ID_CHARS = 256  # a client's request_id is echoed in every chunk: a longer one is refused
 REFLECTION_PREFIXES = ("/grpc.reflection.v1alpha.ServerReflection/", "/grpc.reflection.v1.ServerReflection/")
 
 
@@ -55,6 +61,7 @@ class GenerateService(generate_pb2_grpc.GenerateServicer):
             )
         try:
             frontend.check_model(request.model)
+            _check_request_id(request.request_id)
             prompt = self._prompt(request)
             job = frontend.build(prompt, SamplingParams.from_wire(request.params, DEFAULT_MAX_TOKENS))
             async for delta in frontend.stream(job):
@@ -70,7 +77,7 @@ class GenerateService(generate_pb2_grpc.GenerateServicer):
                     chunk.usage.CopyFrom(delta.usage)
                 yield chunk
         except GenerationError as exc:
-            await context.abort(_STATUS.get(exc.status, grpc.StatusCode.UNAVAILABLE), str(exc))
+            await context.abort(_STATUS.get(exc.status, grpc.StatusCode.INTERNAL), str(exc))
         except FieldError as exc:  # the status names the field, as HTTP's 400 does in its param
             text = str(exc)
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, text if exc.field in text else f"{exc.field}: {text}")
@@ -92,6 +99,13 @@ class GenerateService(generate_pb2_grpc.GenerateServicer):
             said = [{"role": m.role, "content": m.content} for m in request.chat.messages]
             return self.frontend.encode_chat(tool_turns(said, self.frontend.tokenizer.supports_tool_calls))
         raise GenerationError("the request needs text, token_ids or chat", 400, "invalid_request_error")
+
+
+def _check_request_id(request_id: str) -> None:
+    if len(request_id) > MAX_REQUEST_ID_CHARS:
+        raise FieldError(
+            "request_id", f"request_id has {len(request_id)} characters; at most {MAX_REQUEST_ID_CHARS} are allowed"
+        )
 
 
 def _has_key(metadata, api_keys: tuple[str, ...]) -> bool:

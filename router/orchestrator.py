@@ -88,6 +88,14 @@ def _retrieve(task: asyncio.Future) -> None:
         task.exception()
 
 
+def _let_go_under_call(worker: WorkerHandle) -> bool:
+    """Whether a CancelledError from a tracked call on ``worker`` (``WorkerHandle.track_call``) means the pool let
+    the worker go under it, its channel closed or the worker taken out of routing, not that this request was
+    cancelled."""
+    task = asyncio.current_task()
+    return (worker.closed or worker.taken_out) and (task is None or task.cancelling() == 0)
+
+
 def _channel_closed_under_call(worker: WorkerHandle) -> bool:
     """Whether a CancelledError (or UsageError) from a call on ``worker`` means the pool closed its channel
     (the worker left the pool), not that this request was cancelled: that one still propagates."""
@@ -294,6 +302,9 @@ class Orchestrator:
                 decode.active -= 1
                 if not _end_call(decode_call, finished):
                     asyncio.ensure_future(self._abort(decode, worker_id, ticket.token))
+        # Taken out meanwhile (often why the prefill failed): routed again, without it, rather than prefilled there.
+        if decode.taken_out or decode.closed:
+            raise _DecodeLost(f"decode worker {decode.address} was taken out of routing: {decode.down_reason}")
         log.warning(
             "request %s: prefill failed on every worker tried; prefilling on the decode worker", request.request_id
         )
@@ -309,6 +320,7 @@ class Orchestrator:
             span.end()
             raise _DecodeLost(f"decode worker {decode.address} left the pool") from exc
         progress.trace.end_when_done(span, call)
+        decode.track_call(call)
         return call
 
     async def _reserve(
@@ -316,7 +328,7 @@ class Orchestrator:
     ) -> decode_pb2.Ticket:
         span = progress.trace.call("reserve", decode, worker_id)
         try:
-            return await decode.stub.Reserve(
+            call = decode.stub.Reserve(
                 decode_pb2.ReserveRequest(
                     request_id=worker_id,
                     prompt_token_ids=request.prompt_token_ids,
@@ -327,15 +339,17 @@ class Orchestrator:
                 timeout=10.0,
                 metadata=span.metadata,
             )
+            decode.track_call(call)
+            return await call
         except grpc.aio.AioRpcError as exc:
             span.fail(f"{exc.code().name}: {exc.details()}")
             if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
                 raise _DecodeFull(f"decode worker {decode.address} is full: {exc.details()}") from exc
             raise self._worker_error(decode, exc) from exc
         except (asyncio.CancelledError, grpc.aio.UsageError) as exc:
-            if not _channel_closed_under_call(decode):
+            if not _let_go_under_call(decode):
                 raise
-            raise _DecodeLost(f"decode worker {decode.address} left the pool during Reserve") from exc
+            raise _DecodeLost(f"decode worker {decode.address} left routing during Reserve") from exc
         finally:
             span.end()
 
@@ -470,15 +484,15 @@ class Orchestrator:
                     await responses.aclose()
                     return
         except asyncio.CancelledError as exc:
-            if not _channel_closed_under_call(decode):
+            if not _let_go_under_call(decode):
                 raise
-            raise _DecodeLost(f"decode worker {decode.address} left the pool mid-stream") from exc
+            raise _DecodeLost(f"decode worker {decode.address} left routing mid-stream ({decode.down_reason})") from exc
         except grpc.aio.AioRpcError as exc:
             if exc.code() == grpc.StatusCode.ABORTED and "lease expired" in (exc.details() or ""):
                 raise _LeaseExpired(exc.details()) from exc
             if exc.code() in _WORKER_LOST or exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
                 raise _DecodeLost(f"{exc.code().name}: {exc.details()}") from exc
-            raise GenerationError(f"decode worker error: {exc.details()}", 502, "upstream_error") from exc
+            raise self._worker_error(decode, exc) from exc  # a refusal of the request is the client's 400
         raise _DecodeLost("decode stream ended without a finish")
 
     def _worker_error(self, worker: WorkerHandle, exc: grpc.aio.AioRpcError) -> Exception:
@@ -487,7 +501,7 @@ class Orchestrator:
             return GenerationError(exc.details(), 400, "invalid_request_error")
         if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
             return GenerationError(f"decode worker {worker.address} is full: {exc.details()}", 503)
-        if code in _WORKER_LOST:
+        if code in _WORKER_LOST or code == grpc.StatusCode.DEADLINE_EXCEEDED:  # a Reserve unanswered in 10 s: stalled
             worker.mark_failed(f"a call failed: {code.name}: {exc.details()}")
             return _DecodeLost(f"{code.name}: {exc.details()}")
         return GenerationError(f"{worker.role} worker error: {exc.details()}", 502, "upstream_error")

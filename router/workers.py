@@ -106,10 +106,19 @@ class WorkerHandle:
     # Removed from the pool, its channel closed: calls in flight on it end in CancelledError, which the
     # orchestrator then reads as this worker lost (not the request cancelled).
     closed: bool = False
+    # A decode worker's Reserve and Generate calls in flight: cancelled when it is taken out of routing, so that the
+    # orchestrator migrates their requests at once rather than when keepalive or a deadline ends them.
+    calls: set = field(default_factory=set)
 
     @property
     def available(self) -> bool:
         return self.healthy and not self.draining and self.incompatible is None and not self.closed
+
+    @property
+    def taken_out(self) -> bool:
+        """Out of routing for failing (``mark_failed``, ``missed_check``), no check passed since; not a worker that
+        says NOT_SERVING, or one not checked yet."""
+        return not self.healthy and self.failures > 0
 
     @property
     def label(self) -> str:
@@ -160,21 +169,35 @@ class WorkerHandle:
         return [prefill for prefill in sorted(self.kv_links_down) if not self.reached_by(prefill)]
 
     def mark_failed(self, reason: str) -> None:
-        """A call failed in a way only a lost worker fails (refused, dropped, internal error): out at once."""
+        """A call failed in a way only a lost worker fails (refused, dropped, internal error): out at once. Its
+        other calls go on: a lost worker's fail by themselves, and one call's internal error spares the rest."""
         self.failures += 1
-        self._take_out(reason)
+        self._take_out(reason, cancel_calls=False)
 
     def missed_check(self, reason: str) -> None:
         """A health check timed out: out once UNHEALTHY_AFTER_FAILURES did in a row (a stalled worker, not a
         busy one)."""
         self.failures += 1
         if self.failures >= UNHEALTHY_AFTER_FAILURES:
-            self._take_out(reason)
+            self._take_out(reason, cancel_calls=True)
 
-    def _take_out(self, reason: str) -> None:
+    def track_call(self, call) -> None:
+        """A call on this worker, cancelled if the worker is (or is already) taken out before the call ends."""
+        if self.taken_out:
+            call.cancel()
+            return
+        self.calls.add(call)
+        call.add_done_callback(self.calls.discard)
+
+    def _take_out(self, reason: str, cancel_calls: bool) -> None:
+        """Out of routing. ``cancel_calls`` (a stalled worker: its health checks went unanswered): its tracked
+        calls are cancelled too, which the orchestrator reads as the worker lost, and migrates their requests at
+        once; they would otherwise wait for keepalive to end them, ~PEER_SILENCE_S."""
         if self.healthy:
             log.warning("%s worker %s marked unhealthy: %s", self.role, self.address, reason)
         self.healthy, self.down_reason = False, reason
+        for call in list(self.calls) if cancel_calls else ():
+            call.cancel()
 
 
 class SecretStub:

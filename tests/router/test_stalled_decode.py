@@ -1,0 +1,93 @@
+"""A decode worker that stalls mid-stream (SIGSTOP: its process frozen, its kernel still acknowledging TCP) loses its
+streams to another decode worker as soon as the router takes it out of routing (two missed health checks), not when
+gRPC gives up on the connection (60 s with gRPC's default ping timeout): they finish exactly as an unstalled run
+would, and the streams on the other worker are not disturbed."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+
+from tests.router.conftest import greedy_ignoring_eos, random_prompt, start_stream, stop_all, wait_for
+from tests.workers.harness import start_workers, wait_idle
+
+MAX_TOKENS = 600  # seconds of decoding on the test checkpoint: the stall lands mid-stream
+STALL_BOUND_S = 25  # from the stall to every stream done; well under gRPC's 60 s ping timeout
+RESERVE_TIMEOUT_S = 10  # the router's deadline for a Reserve (router/orchestrator.py)
+
+
+@pytest.fixture(scope="module")
+def workers(checkpoint):
+    model = str(checkpoint.path)
+    prefill, *decodes = start_workers(("prefill", model), ("decode", model), ("decode", model))
+    yield prefill, decodes
+    for worker in decodes:
+        if worker.process.poll() is None:
+            os.kill(worker.process.pid, signal.SIGCONT)
+    stop_all([prefill, *decodes])
+
+
+def test_streams_on_a_stalled_decode_worker_migrate_promptly_and_exactly(make_router, workers, checkpoint, rng):
+    prefill, decodes = workers
+    router = make_router([prefill], decodes, local_prefill_threshold=32)
+    prompts = [random_prompt(rng, n) for n in (20, 40, 70, 90)]  # prefilled locally and remotely
+    expected = [greedy_ignoring_eos(checkpoint.model, p, MAX_TOKENS) for p in prompts]
+    client = router.openai()
+    streams = [start_stream(client, p, MAX_TOKENS) for p in prompts]
+    wait_for(
+        lambda: all(len(s.ids) >= 5 for s in streams) or any(s.done.is_set() for s in streams),
+        30,
+        "every stream to start",
+    )
+    assert not any(s.done.is_set() for s in streams), [s.error for s in streams]
+    active = router.worker_active()
+    victim = max(decodes, key=lambda w: active[w.address])
+    on_victim = active[victim.address]
+    assert 1 <= on_victim < len(streams), active  # streams on both workers
+
+    os.kill(victim.process.pid, signal.SIGSTOP)
+    stalled_at = time.monotonic()
+    try:
+        for stream in streams:
+            stream.done.wait(max(0.0, stalled_at + STALL_BOUND_S - time.monotonic()))
+        waited = time.monotonic() - stalled_at
+        assert all(s.done.is_set() for s in streams), f"streams on the stalled worker still open after {waited:.0f}s"
+    finally:
+        os.kill(victim.process.pid, signal.SIGCONT)
+
+    for i, (stream, want) in enumerate(zip(streams, expected)):
+        assert stream.error is None, f"stream {i} failed: {stream.error!r}"
+        assert stream.finish_reason == "length"
+        assert stream.ids == want, f"stream {i}: output differs from an unstalled run"
+    # Only the stalled worker's streams moved.
+    assert router.metrics()[("splitserve_migrations_total", ())] == on_victim
+    survivor = next(w for w in decodes if w is not victim)
+    for worker in (prefill, survivor):
+        wait_idle(worker, timeout=10)
+
+
+def test_a_reserve_on_a_stalled_decode_worker_moves_to_another(make_router, workers, checkpoint, rng):
+    """A request whose Reserve waits on a stalled decode worker goes to another once the router takes the stalled
+    one out, rather than failing when the Reserve's deadline passes."""
+    prefill, (stalled, other) = workers
+    router = make_router([prefill], [stalled], local_prefill_threshold=32)
+    prompt = random_prompt(rng, 100)  # prefilled remotely: reserved on the decode worker first
+    expected = greedy_ignoring_eos(checkpoint.model, prompt, 40)
+    os.kill(stalled.process.pid, signal.SIGSTOP)
+    stalled_at = time.monotonic()
+    try:
+        stream = start_stream(router.openai(), prompt, 40)
+        wait_for(lambda: sum(router.decisions().values()) >= 1, 10, "the request to be routed to the stalled worker")
+        router.call(lambda: router.router.pool.add(other.address, "decode"))
+        assert stream.done.wait(STALL_BOUND_S), "the request hung on the stalled decode worker"
+        waited = time.monotonic() - stalled_at
+    finally:
+        os.kill(stalled.process.pid, signal.SIGCONT)
+    assert stream.error is None, f"failed after {waited:.1f}s: {stream.error!r}"
+    assert stream.ids == expected
+    assert waited < RESERVE_TIMEOUT_S, f"moved only after {waited:.1f}s"
+    for worker in (prefill, stalled, other):
+        wait_idle(worker, timeout=10)
