@@ -489,10 +489,11 @@ def cluster_config_from_args(args: argparse.Namespace):
     """The config file's ClusterConfig (or the defaults) with the given flags over it."""
     import dataclasses
 
-    from cluster.config import CLUSTER_WIDE, SLO_FLAGS, ClusterConfig, load_file
+    from cluster.config import CLUSTER_WIDE, SLO_FLAGS, ClusterConfig, from_dict, read_file
     from router.config import read_api_keys
 
-    config = load_file(args.config) if args.config else ClusterConfig()
+    raw = read_file(args.config) if args.config else {}  # read once: the config, and which keys the file sets
+    config = from_dict(raw) if args.config else ClusterConfig()
     top = {
         "model": args.model,
         "served_model_name": args.served_model_name,
@@ -513,24 +514,22 @@ def cluster_config_from_args(args: argparse.Namespace):
     router.update({k: v for k, v in secrets.items() if v is not None})
     config = dataclasses.replace(config, **top, router=dataclasses.replace(config.router, **router))
     for role in ("prefill", "decode"):
-        config = config.with_pool(role, **_pool_size_from_args(args, role, config.pool(role)))
+        in_file = set(raw.get(role) or ())  # from_dict checked it is a mapping
+        config = config.with_pool(role, **_pool_size_from_args(args, role, config.pool(role), in_file))
     slo = {name: getattr(args, name) for name in SLO_FLAGS if getattr(args, name) is not None}
     if slo:
         config = dataclasses.replace(config, planner=dataclasses.replace(config.planner, enabled=True, **slo))
     return config
 
 
-def _pool_size_from_args(args: argparse.Namespace, role: str, pool) -> dict:
+def _pool_size_from_args(args: argparse.Namespace, role: str, pool, in_file: set[str]) -> dict:
     """A pool's replicas, min_replicas and max_replicas: each flag given over the config's value. Where the count
     and a bound disagree, the one nobody set (no flag, not in the config file) follows the other (`up --prefill 0`:
     min_replicas 0, an aggregated cluster; `up --min-decode 2`: two decode workers); where both were set, refused,
-    naming the flags and keys involved."""
-    from cluster.config import pool_keys_in_file
-
+    naming the flags and keys involved. ``in_file``: the keys the config file sets in the pool's section."""
     flags = {"replicas": f"--{role}", "min_replicas": f"--min-{role}", "max_replicas": f"--max-{role}"}
     given = {key: getattr(args, flag[2:].replace("-", "_")) for key, flag in flags.items()}
     size = {key: getattr(pool, key) if value is None else value for key, value in given.items()}
-    in_file = pool_keys_in_file(args.config, role) if args.config else set()
 
     def is_set(key: str) -> bool:
         return given[key] is not None or key in in_file

@@ -335,13 +335,7 @@ def _type_name(hint) -> str:
 
 
 def load_file(path: str | Path) -> ClusterConfig:
-    return from_dict(_read(path))
-
-
-def pool_keys_in_file(path: str | Path, role: str) -> set[str]:
-    """The keys a config file sets in a pool's section: what a flag must not move silently."""
-    section = _read(path).get(role)
-    return set(section) if isinstance(section, dict) else set()
+    return from_dict(read_file(path))
 
 
 def router_config_from_file(path: str | Path) -> RouterConfig:
@@ -349,12 +343,12 @@ def router_config_from_file(path: str | Path) -> RouterConfig:
     section, and the cluster-wide facts (CLUSTER_WIDE) the file names, so one file configures `up` and every router.
     The whole file is checked as `up` checks it. A fact the file leaves out keeps RouterConfig's default, not the
     cluster's (no model named: the router adopts its workers', where `up` would serve the demo)."""
-    raw = _read(path)
+    raw = read_file(path)
     config = from_dict(raw)
     return dataclasses.replace(config.router, **{name: getattr(config, name) for name in CLUSTER_WIDE if name in raw})
 
 
-def _read(path: str | Path) -> dict:
+def read_file(path: str | Path) -> dict:
     """A config file's data: TOML by its suffix, else YAML. A file that does not parse is a ValueError naming it."""
     path = Path(path)
     text = path.read_text()

@@ -36,11 +36,11 @@ PORT = Bound(0, 65535)  # 0: any free port
 LEASE_MS = Bound(1, MAX_LEASE_MS)
 
 
-def check_bounds(owner, bounds: dict[str, Bound], where: str = "") -> None:
-    """ValueError naming the first of ``owner``'s fields in ``bounds`` that is set (not None) and out of its bound;
-    ``where`` prefixes the name (a config file's section, e.g. "planner.")."""
+def check_bounds(owner, bounds: dict[str, Bound]) -> None:
+    """ValueError naming the first of ``owner``'s fields in ``bounds`` that is set (not None) and out of its bound
+    (a config file's loader names the section: cluster.config)."""
     for name, bound in bounds.items():
         value = getattr(owner, name)
         if value is not None and not bound.admits(value):
             finite = "" if math.isfinite(value) else "finite and "
-            raise ValueError(f"{where}{name} must be {finite}{bound}, got {value!r}")
+            raise ValueError(f"{name} must be {finite}{bound}, got {value!r}")

@@ -89,18 +89,11 @@ def _retrieve(task: asyncio.Future) -> None:
 
 
 def _let_go_under_call(worker: WorkerHandle) -> bool:
-    """Whether a CancelledError from a tracked call on ``worker`` (``WorkerHandle.track_call``) means the pool let
-    the worker go under it, its channel closed or the worker taken out of routing, not that this request was
-    cancelled."""
+    """Whether a CancelledError (or UsageError) from a call on ``worker`` means the pool let the worker go under it
+    (its channel closed: it left the pool; or, for a call it tracks, ``WorkerHandle.track_call``, taken out of
+    routing), not that this request was cancelled: that one still propagates."""
     task = asyncio.current_task()
     return (worker.closed or worker.taken_out) and (task is None or task.cancelling() == 0)
-
-
-def _channel_closed_under_call(worker: WorkerHandle) -> bool:
-    """Whether a CancelledError (or UsageError) from a call on ``worker`` means the pool closed its channel
-    (the worker left the pool), not that this request was cancelled: that one still propagates."""
-    task = asyncio.current_task()
-    return worker.closed and (task is None or task.cancelling() == 0)
 
 
 @dataclass(frozen=True)
@@ -385,7 +378,7 @@ class Orchestrator:
                 self.metrics.prefill_forecast_error.labels(prefill.label).observe(error)
             return response
         except (asyncio.CancelledError, grpc.aio.UsageError):
-            if not _channel_closed_under_call(prefill):
+            if not _let_go_under_call(prefill):
                 raise
             log.warning("prefill of %s on %s: the worker left the pool under the call", worker_id, prefill.address)
             return None
@@ -420,7 +413,7 @@ class Orchestrator:
         try:
             await prefill.stub.SendTicket(prefill_pb2.TicketDelivery(request_id=worker_id, ticket=ticket), timeout=10.0)
         except (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.CancelledError) as exc:
-            if isinstance(exc, asyncio.CancelledError) and not _channel_closed_under_call(prefill):
+            if isinstance(exc, asyncio.CancelledError) and not _let_go_under_call(prefill):
                 prefilling.cancel()
                 raise
             if prefilling.done():  # P failed first: its own answer says how
@@ -490,9 +483,7 @@ class Orchestrator:
         except grpc.aio.AioRpcError as exc:
             if exc.code() == grpc.StatusCode.ABORTED and "lease expired" in (exc.details() or ""):
                 raise _LeaseExpired(exc.details()) from exc
-            if exc.code() in _WORKER_LOST or exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
-                raise _DecodeLost(f"{exc.code().name}: {exc.details()}") from exc
-            raise self._worker_error(decode, exc) from exc  # a refusal of the request is the client's 400
+            raise self._worker_error(decode, exc) from exc  # lost: _DecodeLost; a refusal: the client's 400
         raise _DecodeLost("decode stream ended without a finish")
 
     def _worker_error(self, worker: WorkerHandle, exc: grpc.aio.AioRpcError) -> Exception:
@@ -513,7 +504,7 @@ class Orchestrator:
         except (grpc.aio.AioRpcError, grpc.aio.UsageError):  # gone, or left the pool: nothing to abort there
             pass
         except asyncio.CancelledError:
-            if not _channel_closed_under_call(worker):
+            if not _let_go_under_call(worker):
                 raise
 
     def _observe(self, delta: Delta, progress: _Progress, request: GenerationRequest) -> Delta:

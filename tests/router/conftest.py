@@ -310,3 +310,16 @@ def start_stream(client: openai.OpenAI, prompt: list[int], max_tokens: int, **ex
     stream = Stream()
     threading.Thread(target=stream_greedy, args=(client, prompt, max_tokens, stream), kwargs=extra, daemon=True).start()
     return stream
+
+
+def streams_under_way(client: openai.OpenAI, prompts: list[list[int]], max_tokens: int) -> list[Stream]:
+    """A stream of each prompt, returned once every one has output (5 tokens) and none has finished: a fault made
+    now lands mid-stream."""
+    streams = [start_stream(client, p, max_tokens) for p in prompts]
+    wait_for(
+        lambda: all(len(s.ids) >= 5 for s in streams) or any(s.done.is_set() for s in streams),
+        30,
+        "every stream to start",
+    )
+    assert not any(s.done.is_set() for s in streams), [s.error for s in streams]
+    return streams

@@ -22,8 +22,8 @@ from tests.router.conftest import (
     SERVED_MODEL,
     greedy_ignoring_eos,
     random_prompt,
-    start_stream,
     stop_all,
+    streams_under_way,
     token_ids,
     wait_for,
 )
@@ -185,14 +185,7 @@ def test_decode_worker_killed_mid_stream_migrates(make_router, failing, checkpoi
     max_tokens = 250
     prompts = [random_prompt(rng, n) for n in (20, 40, 70, 90)]  # local and remote prefills
     expected = [greedy_ignoring_eos(checkpoint.model, p, max_tokens) for p in prompts]
-    streams = [start_stream(client, p, max_tokens) for p in prompts]
-
-    wait_for(
-        lambda: all(len(s.ids) >= 5 for s in streams) or any(s.done.is_set() for s in streams),
-        30,
-        "every stream to start",
-    )
-    assert not any(s.done.is_set() for s in streams), [s.error for s in streams]
+    streams = streams_under_way(client, prompts, max_tokens)
     active = router.worker_active()
     victim = max(failing.decodes, key=lambda w: active[w.address])
     assert active[victim.address] >= 1

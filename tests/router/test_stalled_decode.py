@@ -11,7 +11,14 @@ import time
 
 import pytest
 
-from tests.router.conftest import greedy_ignoring_eos, random_prompt, start_stream, stop_all, wait_for
+from tests.router.conftest import (
+    greedy_ignoring_eos,
+    random_prompt,
+    start_stream,
+    stop_all,
+    streams_under_way,
+    wait_for,
+)
 from tests.workers.harness import start_workers, wait_idle
 
 MAX_TOKENS = 600  # seconds of decoding on the test checkpoint: the stall lands mid-stream
@@ -36,13 +43,7 @@ def test_streams_on_a_stalled_decode_worker_migrate_promptly_and_exactly(make_ro
     prompts = [random_prompt(rng, n) for n in (20, 40, 70, 90)]  # prefilled locally and remotely
     expected = [greedy_ignoring_eos(checkpoint.model, p, MAX_TOKENS) for p in prompts]
     client = router.openai()
-    streams = [start_stream(client, p, MAX_TOKENS) for p in prompts]
-    wait_for(
-        lambda: all(len(s.ids) >= 5 for s in streams) or any(s.done.is_set() for s in streams),
-        30,
-        "every stream to start",
-    )
-    assert not any(s.done.is_set() for s in streams), [s.error for s in streams]
+    streams = streams_under_way(client, prompts, MAX_TOKENS)
     active = router.worker_active()
     victim = max(decodes, key=lambda w: active[w.address])
     on_victim = active[victim.address]
