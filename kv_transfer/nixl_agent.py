@@ -99,7 +99,17 @@ _DONE, _IN_PROGRESS = "DONE", "PROC"
 
 class NixlError(Exception):
     """NIXL could not move the data: unknown or vanished peer, a failed or timed-out write,
-    or a pool that is closed. The message says which."""
+    or a pool that is closed. The message says which; ``peer_lost``: NIXL said the peer
+    disconnected (the link's fault, as a lost gRPC connection is, not a refusal)."""
+
+    def __init__(self, message: str, peer_lost: bool = False) -> None:
+        super().__init__(message)
+        self.peer_lost = peer_lost
+
+
+def _peer_lost(error: Exception) -> bool:
+    """Whether a NIXL binding's error is NIXL_ERR_REMOTE_DISCONNECT (the bindings raise one class per status)."""
+    return type(error).__name__ == "nixlRemoteDisconnectError"
 
 
 @dataclass(frozen=True)
@@ -182,6 +192,7 @@ class WriteHandle:
         self.peer_agent_name = peer_agent_name
         self._complete = False
         self._error: str | None = None
+        self._peer_lost = False
 
     def done(self) -> bool:
         """True once every region (and the notification) went out; raises NixlError if NIXL
@@ -192,7 +203,7 @@ class WriteHandle:
             if self._transfer is not None:
                 self._poll_locked()
         if self._error is not None:
-            raise NixlError(self._error)
+            raise NixlError(self._error, self._peer_lost)
         return self._complete
 
     def wait(self, timeout: float) -> None:
@@ -203,7 +214,7 @@ class WriteHandle:
             if time.monotonic() >= deadline:
                 self._abort(f"write to {self.peer_agent_name} not complete after {timeout:.3g} s")
                 if self._error is not None:  # else it finished at the last moment
-                    raise NixlError(self._error)
+                    raise NixlError(self._error, self._peer_lost)
                 return
             time.sleep(_POLL_INTERVAL_S)
 
@@ -215,7 +226,7 @@ class WriteHandle:
         try:
             status = self._owner._agent.check_xfer_state(self._transfer)
         except Exception as error:  # the bindings raise one class per NIXL status
-            self._finish_locked(f"write to {self.peer_agent_name} failed: {error!r}")
+            self._finish_locked(f"write to {self.peer_agent_name} failed: {error!r}", _peer_lost(error))
             return
         if status == _DONE:
             self._finish_locked(None)
@@ -229,14 +240,14 @@ class WriteHandle:
             if self._transfer is not None:
                 self._finish_locked(reason)
 
-    def _finish_locked(self, error: str | None) -> None:
+    def _finish_locked(self, error: str | None, peer_lost: bool = False) -> None:
         """Final state reached (or forced): record it and release the NIXL handle. Caller holds the lock."""
         transfer, self._transfer = self._transfer, None
         self._owner._live_writes.discard(self)
         if error is None:
             self._complete = True
         else:
-            self._error = error
+            self._error, self._peer_lost = error, peer_lost
         try:
             transfer.release()
         except Exception:
@@ -364,7 +375,7 @@ class NixlPool:
                 local, remote = self._local_grid(nbytes), self._remote_grid(peer, nbytes)
                 transfer = self._agent.make_prepped_xfer("WRITE", local, src_slots, remote, dst_slots, notification)
             except Exception as error:
-                raise NixlError(f"cannot create write to {peer.agent_name}: {error!r}") from error
+                raise NixlError(f"cannot create write to {peer.agent_name}: {error!r}", _peer_lost(error)) from error
             handle = WriteHandle(self, transfer, peer.agent_name)
             self._live_writes.add(handle)
             self._post_locked(handle)
@@ -378,7 +389,7 @@ class NixlPool:
             try:
                 self._agent.send_notif(peer_agent_name, message)
             except Exception as error:
-                raise NixlError(f"cannot notify {peer_agent_name}: {error!r}") from error
+                raise NixlError(f"cannot notify {peer_agent_name}: {error!r}", _peer_lost(error)) from error
 
     def poll_notifications(self) -> list[tuple[str, bytes]]:
         """Notifications that arrived since the last poll, as (sender agent name, message); each
@@ -459,7 +470,7 @@ class NixlPool:
         try:
             status = self._agent.transfer(handle._transfer)
         except Exception as error:  # e.g. the peer disconnected since we loaded it
-            handle._finish_locked(f"write to {handle.peer_agent_name} failed: {error!r}")
+            handle._finish_locked(f"write to {handle.peer_agent_name} failed: {error!r}", _peer_lost(error))
         else:
             if status == _DONE:
                 handle._finish_locked(None)
@@ -467,7 +478,7 @@ class NixlPool:
                 handle._finish_locked(f"write to {handle.peer_agent_name} failed: NIXL status {status}")
         if handle._error is not None:
             self._progress_agent_locked()  # let UCX clean up the failed request now (see close())
-            raise NixlError(handle._error)
+            raise NixlError(handle._error, handle._peer_lost)
 
     def _progress_agent_locked(self) -> None:
         """One round of NIXL/UCX progress; notifications it yields wait in the inbox."""

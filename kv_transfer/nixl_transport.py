@@ -305,7 +305,7 @@ class NixlSession(OutOfBandSession):
             try:
                 handle = pool.write_slots(self._remote, src, dst, region, note)
             except (NixlError, ValueError) as exc:
-                self.fail(f"NIXL write failed: {exc}")
+                self.fail(f"NIXL write failed: {exc}", lost=isinstance(exc, NixlError) and exc.peer_lost)
                 return None
             with self._lock:
                 self._writes.append(handle)
@@ -346,7 +346,7 @@ class NixlSession(OutOfBandSession):
         except RuntimeError as exc:  # a CUDA error surfaces here
             self.fail(f"could not hash layers {[p.layer for p in posted.batch]}: {exc}")
         except NixlError as exc:
-            self.fail(f"NIXL write failed: {exc}")
+            self.fail(f"NIXL write failed: {exc}", lost=exc.peer_lost)
         except Exception as exc:
             self._fail_on_bug("sealing", posted.batch, exc)
         with self._announcing:
@@ -356,7 +356,7 @@ class NixlSession(OutOfBandSession):
                 note = _notification(self.request_id, self.ticket.token, layers)
                 self._sender.pool.notify(self._remote.agent_name, note)
             except NixlError as exc:
-                self.fail(f"NIXL notification failed: {exc}")
+                self.fail(f"NIXL notification failed: {exc}", lost=exc.peer_lost)
 
     def _fail_on_bug(self, stage: str, batch: list[_Push], exc: Exception) -> None:
         """An error neither NIXL nor CUDA raised on a sender thread: fail the session now, rather than
@@ -390,7 +390,7 @@ class NixlSession(OutOfBandSession):
                 try:
                     handle.wait(max(0.0, deadline - time.monotonic()))
                 except NixlError as exc:
-                    self.fail(f"NIXL write failed: {exc}")
+                    self.fail(f"NIXL write failed: {exc}", lost=exc.peer_lost)
 
     def commit(self, first_token_id: int, first_logprob: common_pb2.TokenLogprob | None, timeout: float) -> None:
         """The commit travels while the last WRITEs finish (``_commit_beside``): each layer's

@@ -271,7 +271,7 @@ class PrefillWorker(WorkerBase, prefill_pb2_grpc.PrefillWorkerServicer):
     def _await_first_token(self, stream, session: OutboundSession, context) -> RequestOutput:
         while True:
             if session.failed is not None:
-                raise TransferError(session.failed, "ABORTED")
+                raise session.failure()  # a lost link stays UNAVAILABLE naming the receiver, whenever it is noticed
             if not context.is_active():
                 raise TransferError("client cancelled", "CANCELLED")
             try:
@@ -281,7 +281,7 @@ class PrefillWorker(WorkerBase, prefill_pb2_grpc.PrefillWorkerServicer):
             except RequestFailed as exc:  # the engine failed this request (engine/loop.py)
                 raise TransferError(str(exc), "ABORTED") from exc
             if output.finish_reason == "abort":
-                raise TransferError(session.failed or "prefill aborted", "ABORTED")
+                raise session.failure() if session.failed else TransferError("prefill aborted", "ABORTED")
             if output.token_ids:
                 self.counters.add(prefix_hit_tokens=output.num_cached_tokens)
                 return output
