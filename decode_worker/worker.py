@@ -164,7 +164,9 @@ class DecodeWorker(WorkerBase, decode_pb2_grpc.DecodeWorkerServicer):
         # the request finished.
         finished = threading.Event()
         left = self._canceller(request.request_id, "the client went away")
-        context.add_callback(lambda: finished.is_set() or self.loop.post(left, f"stopping {request.request_id}"))
+        stop = lambda: finished.is_set() or self.loop.post(left, f"stopping {request.request_id}")
+        if not context.add_callback(stop):  # ended already (a step held up adding its request): no callback will run
+            stop()
         try:
             while True:
                 try:

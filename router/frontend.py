@@ -54,7 +54,7 @@ class Admission:
         if self._slots.locked():
             await self._queue()
         else:
-            await self._slots.acquire()  # free: returns at once (wait_for would cost a task and a timer)
+            await self._slots.acquire()  # free: returns at once (a timeout would cost a timer)
         self.running += 1
         self._metrics.running.set(self.running)
         try:
@@ -71,7 +71,11 @@ class Admission:
         self.waiting += 1
         self._metrics.queue_depth.set(self.waiting)
         try:
-            await asyncio.wait_for(self._slots.acquire(), self._queue_timeout_s)
+            # In this task, not wait_for's: a request cancelled (its client gone) in the turn its slot came would see
+            # wait_for return the slot and swallow the cancellation, then run to its end for nobody. Cancelled here,
+            # the semaphore hands the slot on.
+            async with asyncio.timeout(self._queue_timeout_s):
+                await self._slots.acquire()
         except TimeoutError as exc:
             raise Overloaded("the request waited too long for a slot", 503, retry_after=2) from exc
         finally:

@@ -234,7 +234,9 @@ class WorkerBase(ABC):
     def kv_event_batches(self, context: grpc.ServicerContext):
         """Snapshot first, then events as they happen, until the client leaves or falls behind."""
         subscription = self.loop.subscribe_kv_events()
-        context.add_callback(lambda: self.loop.unsubscribe(subscription))
+        if not context.add_callback(lambda: self.loop.unsubscribe(subscription)):
+            self.loop.unsubscribe(subscription)  # the call ended while the engine's step ran: nobody will read it
+            return
         yield common_pb2.KVEventBatch(
             worker_id=self.worker_id,
             snapshot=True,
