@@ -206,6 +206,12 @@ class WriteHandle:
             raise NixlError(self._error, self._peer_lost)
         return self._complete
 
+    @property
+    def settled(self) -> bool:
+        """Final (complete or failed) when last polled; asks NIXL nothing and takes no lock, so it never
+        waits behind a post (``NixlPool.progress`` polls every write in flight)."""
+        return self._transfer is None
+
     def wait(self, timeout: float) -> None:
         """Block until done. On error raises NixlError; on timeout aborts the write (its
         destination regions are then undefined) and raises NixlError."""

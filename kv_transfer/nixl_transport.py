@@ -15,8 +15,10 @@ batch's source in contiguous runs (the GIL released) while the posting thread co
 notification with the digests goes out once the WRITE is final. On DRAM a WRITE is final when its
 post returns, so the posting thread sends it between two posts (a notification from another thread
 would wait for the pool's lock behind the next post's whole copy); a WRITE still moving (RDMA,
-VRAM, or a DRAM post UCX left unfinished) is announced by the announcing thread once it completes: never
-by the sealing thread, whose wait for it would hold every later batch's hash up behind that WRITE::
+VRAM, or a DRAM post UCX left unfinished) is announced by the write poller once it completes: never by
+the sealing thread, whose wait for it would hold every later batch's hash up behind that WRITE, and never
+by a thread that waits for it, which would hold every later WRITE's announcement up, to every decode
+worker: a WRITE to a stalled one stays in flight until its lease runs out::
 
     engine thread:   push 0 push 1 ... push 15 ── commit (sent at once, answered after the last verify)
     posting thread:    WRITE 0 │note│ WRITE 1-4 │note│ WRITE 5-8 │note│ ... WRITE 13-15 │note
@@ -59,7 +61,11 @@ _OPEN_POLL_S = 0.001  # reservations open, nothing arrived lately: a transfer's 
 _MOVING_POLL_S = 0.0002  # a notification arrived within _MOVING_S, or a commit waits for its last ones
 _MOVING_S = 0.02
 _MAX_BATCH_LAYERS = 4  # bounds a notification's size and how much the receiver verifies at once
-_WRITE_POLL_S = 0.0001  # the poller's pace over WRITEs still in flight after their post
+_WRITE_POLL_S = 0.0001  # the poller's pace over WRITEs still in flight after their post, for _WRITE_FAST_S
+_WRITE_FAST_S = 0.02
+# Then: a WRITE to a stalled decode worker stays in flight until its lease ends; polled at the first pace all that
+# time it took 18% of a core from the prefill worker, 8% at this one.
+_STRAGGLER_POLL_S = 0.001
 
 
 def _notification(request_id: str, token: str, layers: list[tuple[int, list[int], int]]) -> bytes:
@@ -106,10 +112,15 @@ class _Posted:
 class _WritePoller:
     """A sender's thread that polls WRITEs still in flight after their post (RDMA, VRAM; a DRAM
     WRITE usually completes inside its post), so that NIXL sends each one's notification as soon as
-    it completes rather than at commit. Sleeps while nothing is in flight."""
+    it completes rather than at commit; with checksums, it announces each such WRITE once it is final
+    and its source hashed (``announce``). It never waits for one WRITE: a decode worker that stopped
+    progressing (stalled) holds up its own sessions' announcements only, never another's. Polls fast for
+    a moment after each post, slower after that; sleeps while nothing is in flight."""
 
     def __init__(self, pool: NixlPool) -> None:
         self._pool = pool
+        self._unannounced: list[tuple[NixlSession, _Posted, Future]] = []  # under self._lock
+        self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="nixl-writes", daemon=True)
@@ -118,25 +129,59 @@ class _WritePoller:
     def watch(self) -> None:
         self._wake.set()
 
+    def announce(self, session: NixlSession, posted: _Posted) -> Future:
+        """Announces ``posted`` once that waits for nothing (``NixlSession._announce_settled``); the
+        Future completes then."""
+        announced = Future()
+        with self._lock:
+            self._unannounced.append((session, posted, announced))
+        self._wake.set()
+        return announced
+
     def close(self) -> None:
+        """Stops polling; a session whose WRITE is still to be announced fails."""
         self._stopping = True
         self._wake.set()
         self._thread.join()
+        with self._lock:
+            left, self._unannounced = self._unannounced, []
+        for session, _, announced in left:
+            session.fail("the KV sender closed before a WRITE completed")
+            announced.set_result(None)
 
     def _run(self) -> None:
+        pace, fast_until = None, 0.0  # None: nothing in flight, sleep until a post wakes us
         while True:
-            self._wake.wait()
+            woken = self._wake.wait(pace)
             if self._stopping:
                 return
             self._wake.clear()  # before looking: a write posted from here on sets it again
+            now = time.monotonic()
+            if woken:
+                fast_until = now + _WRITE_FAST_S
             try:
-                self._pool.progress(wait=False)  # skipped while a post holds the agent
+                # Skipped while a post holds the agent, unless an announcement waits: as long as posts follow each
+                # other, it would wait for all of them.
+                self._pool.progress(wait=bool(self._unannounced))
                 in_flight = self._pool.pending_writes
             except NixlError:
-                return  # closed
-            if in_flight:
-                self._wake.set()
-                time.sleep(_WRITE_POLL_S)
+                in_flight = 0  # closed: every WRITE failed, which the announcements below say
+            waiting = self._announce_settled()
+            if not (in_flight or waiting):
+                pace = None
+            else:
+                pace = _WRITE_POLL_S if now < fast_until else _STRAGGLER_POLL_S
+
+    def _announce_settled(self) -> int:
+        """Announces every WRITE that waits for nothing any more; how many still wait."""
+        with self._lock:
+            unannounced = list(self._unannounced)
+        settled = [item for item in unannounced if item[0]._announce_settled(item[1])]
+        for _, _, announced in settled:
+            announced.set_result(None)
+        with self._lock:
+            self._unannounced = [item for item in self._unannounced if item not in settled]
+            return len(self._unannounced)
 
 
 class NixlReceiver:
@@ -224,7 +269,7 @@ class NixlSession(OutOfBandSession):
         self._drains: list[Future] = []
         self._writes: list[WriteHandle] = []
         self._posting = threading.Lock()  # held across one post: a failing release waits behind it
-        self._seals: list[Future] = []  # hashes on the sealing thread, announcements on the announcing one
+        self._seals: list[Future] = []  # hashes on the sealing thread, announcements by the write poller
         self._announcing = threading.Lock()  # held across one notification, as _posting is across a post
         # One release at a time: a second caller (close after abort) returns only once the writes
         # the first one collected are final too.
@@ -304,8 +349,11 @@ class NixlSession(OutOfBandSession):
             note = b"" if verify else _notification(self.request_id, self.ticket.token, unchecked)
             try:
                 handle = pool.write_slots(self._remote, src, dst, region, note)
-            except (NixlError, ValueError) as exc:
-                self.fail(f"NIXL write failed: {exc}", lost=isinstance(exc, NixlError) and exc.peer_lost)
+            except NixlError as exc:
+                self._nixl_failed("NIXL write failed", exc)
+                return None
+            except ValueError as exc:
+                self.fail(f"NIXL write failed: {exc}")
                 return None
             with self._lock:
                 self._writes.append(handle)
@@ -317,11 +365,11 @@ class NixlSession(OutOfBandSession):
     def _announce_posted(self, unannounced: list[_Posted], wait_for_hashes: bool) -> None:
         """Posting thread, between posts: announces the posted WRITEs in order while they are final
         and hashed (waiting for the hashes if ``wait_for_hashes``: nothing is left to post); hands a
-        WRITE still moving to the announcing thread, which announces it once it completes."""
+        WRITE still moving to the write poller, which announces it once it completes."""
         while unannounced:
             posted = unannounced[0]
             if not _final(posted.handle):
-                seal = self._sender.announcing.submit(self._announce, posted)
+                seal = self._sender.poller.announce(self, posted)
                 with self._lock:
                     self._seals.append(seal)
             elif posted.hashed.done() or wait_for_hashes:
@@ -336,9 +384,24 @@ class NixlSession(OutOfBandSession):
             push.ready.synchronize()
         return [(p.layer, p.dst_blocks, region_checksum(p.cache, p.layer, p.src_blocks)) for p in batch]
 
+    def _announce_settled(self, posted: _Posted) -> bool:
+        """Write poller: announces a WRITE that was still moving at its post if that waits for nothing now
+        (it is final, its source hashed). True once nothing is left to do for it: announced, or the session
+        failed (a WRITE still moving at the lease deadline is aborted, which fails it)."""
+        if self.failed is None and not posted.handle.settled and time.monotonic() >= self._deadline:
+            posted.handle.release()
+            self.fail(f"a WRITE to {self._remote.agent_name} was still moving at the lease deadline")
+        if self.failed is not None:
+            return True  # nothing more is announced; release() waits for the WRITE itself
+        if not (posted.handle.settled and posted.hashed.done()):
+            return False
+        self._announce(posted)
+        return True
+
     def _announce(self, posted: _Posted) -> None:
         """Sends the WRITE's notification with its digests once the WRITE is final (posting thread
-        for a WRITE final at its post; else the announcing thread, which waits for it)."""
+        for a WRITE final at its post, which waits for the hashes; else the write poller, once it
+        completed and was hashed)."""
         layers = None
         try:
             layers = posted.hashed.result(max(0.0, self._deadline - time.monotonic()))
@@ -346,7 +409,7 @@ class NixlSession(OutOfBandSession):
         except RuntimeError as exc:  # a CUDA error surfaces here
             self.fail(f"could not hash layers {[p.layer for p in posted.batch]}: {exc}")
         except NixlError as exc:
-            self.fail(f"NIXL write failed: {exc}", lost=exc.peer_lost)
+            self._nixl_failed("NIXL write failed", exc)
         except Exception as exc:
             self._fail_on_bug("sealing", posted.batch, exc)
         with self._announcing:
@@ -356,7 +419,15 @@ class NixlSession(OutOfBandSession):
                 note = _notification(self.request_id, self.ticket.token, layers)
                 self._sender.pool.notify(self._remote.agent_name, note)
             except NixlError as exc:
-                self.fail(f"NIXL notification failed: {exc}", lost=exc.peer_lost)
+                self._nixl_failed("NIXL notification failed", exc)
+
+    def _nixl_failed(self, what: str, exc: NixlError) -> None:
+        """NIXL failed a WRITE or notification: so does the session. A peer NIXL says disconnected (its process
+        gone, or its link) is forgotten too (``KVSender.forget``): its agent, metadata and prepared lists would
+        otherwise stay loaded until another instance shook hands at its address, which may never happen."""
+        self.fail(f"{what}: {exc}", lost=exc.peer_lost)
+        if exc.peer_lost:
+            self._sender.forget_soon(self._peer)
 
     def _fail_on_bug(self, stage: str, batch: list[_Push], exc: Exception) -> None:
         """An error neither NIXL nor CUDA raised on a sender thread: fail the session now, rather than
@@ -390,12 +461,17 @@ class NixlSession(OutOfBandSession):
                 try:
                     handle.wait(max(0.0, deadline - time.monotonic()))
                 except NixlError as exc:
-                    self.fail(f"NIXL write failed: {exc}", lost=exc.peer_lost)
+                    self._nixl_failed("NIXL write failed", exc)
 
     def commit(self, first_token_id: int, first_logprob: common_pb2.TokenLogprob | None, timeout: float) -> None:
         """The commit travels while the last WRITEs finish (``_commit_beside``): each layer's
         notification follows its WRITE's data, and the receiver adopts once every one arrived."""
         self._commit_beside(self._sender.committing, self.release, first_token_id, first_logprob, timeout)
+
+
+def _pool_of(peer: Peer) -> PoolDescriptor:
+    """The pool a NIXL receiver's handshake described."""
+    return PoolDescriptor.from_dict(msgpack.unpackb(peer.handshake.nixl_pool))
 
 
 class NixlKVSender(KVSender):
@@ -411,11 +487,9 @@ class NixlKVSender(KVSender):
         super().__init__(layout, sender_id, auth)
         self.verify = verify
         self.pool = NixlPool(agent_name, cache.data)
-        self._remote_pools: dict[str, PoolDescriptor] = {}  # address -> the peer's pool
+        self._remote_pools: dict[str, tuple[Peer, PoolDescriptor]] = {}  # address -> its instance's peer and pool
         self._posting = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nixl-post")
         self.sealing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nixl-seal")
-        # Waits for WRITEs still moving after their post, then announces them, in posting order.
-        self.announcing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nixl-announce")
         self.committing = ThreadPoolExecutor(max_workers=COMMIT_THREADS, thread_name_prefix="nixl-commit")
         self.poller = _WritePoller(self.pool)
 
@@ -434,7 +508,7 @@ class NixlKVSender(KVSender):
             raise TransferError(
                 f"{peer.address} does not receive KV over NIXL (transport mismatch)", "FAILED_PRECONDITION"
             )
-        descriptor = PoolDescriptor.from_dict(msgpack.unpackb(peer.handshake.nixl_pool))
+        descriptor = _pool_of(peer)
         ours = self.pool.descriptor.memory
         if self.verify and descriptor.memory != ours:  # the checksum is chosen by memory (integrity.py)
             raise TransferError(
@@ -443,15 +517,33 @@ class NixlKVSender(KVSender):
                 "FAILED_PRECONDITION",
             )
         self.pool.add_peer(peer.handshake.nixl_metadata)
-        self._remote_pools[peer.address] = descriptor
+        self._remote_pools[peer.address] = (peer, descriptor)
 
     def _forget_peer(self, peer: Peer) -> None:
-        descriptor = self._remote_pools.pop(peer.address, None)
-        if descriptor is not None:
-            self.pool.remove_peer(descriptor.agent_name)
+        """Drops ``peer``'s own agent (agent names are unique per instance): never another instance's that
+        shook hands at its address since."""
+        if self._remote_pools.get(peer.address, (None,))[0] is peer:
+            del self._remote_pools[peer.address]
+        self.pool.remove_peer(_pool_of(peer).agent_name)
+
+    def forget_soon(self, peer: Peer) -> None:
+        """``forget(peer)`` on a thread that may wait for a handshake to its address (not a sender's thread)."""
+        try:
+            self.committing.submit(self.forget, peer)
+        except RuntimeError:  # closing: the pool goes with every peer
+            pass
 
     def remote_pool(self, peer: Peer) -> PoolDescriptor:
-        return self._remote_pools[peer.address]
+        """The pool of ``peer``'s instance; UNAVAILABLE if that instance was forgotten or replaced meanwhile:
+        a session never writes one instance's ticket into another's pool."""
+        known, descriptor = self._remote_pools.get(peer.address, (None, None))
+        if known is not peer:
+            raise TransferError(
+                f"the decode worker at {peer.address} (instance {peer.instance_id}) is gone",
+                "UNAVAILABLE",
+                unreachable=peer.address,
+            )
+        return descriptor
 
     def _session(self, request_id: str, ticket: decode_pb2.Ticket, peer: Peer, metadata) -> OutboundSession:
         return NixlSession(request_id, ticket, peer, self, metadata)
@@ -459,7 +551,6 @@ class NixlKVSender(KVSender):
     def close(self) -> None:
         self._posting.shutdown(wait=True)
         self.sealing.shutdown(wait=True)
-        self.announcing.shutdown(wait=True)
         self.committing.shutdown(wait=True)
         self.poller.close()
         super().close()

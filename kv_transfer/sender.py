@@ -66,6 +66,12 @@ def channel_options() -> list[tuple[str, int]]:
     ]
 
 
+# A sender's channel to a receiver keeps its connection to itself: a channel made anew after the receiver was lost
+# (``KVSender.forget``) connects at once, rather than share the old one's reconnect backoff through gRPC's global
+# subchannel pool.
+_SENDER_CHANNEL = [*channel_options(), ("grpc.use_local_subchannel_pool", 1)]
+
+
 class OutboundSession(ABC):
     reads_after_push = False
 
@@ -253,7 +259,7 @@ class KVSender(ABC):
                 stale = self._peers.pop(address, None)  # the receiver's previous instance
                 channel = self._channels.get(address)
                 if channel is None:
-                    channel = self._channels[address] = self.auth.channel(address, options=channel_options())
+                    channel = self._channels[address] = self.auth.channel(address, options=_SENDER_CHANNEL)
             # The call and the hooks (a bulk link's connect, NIXL's metadata) run under this address's lock only.
             if stale is not None:
                 self._forget_peer(stale)
@@ -275,6 +281,23 @@ class KVSender(ABC):
             with self._lock:
                 self._peers[address] = peer
             return peer
+
+    def forget(self, peer: Peer) -> None:
+        """``peer``'s instance is gone (its process, or its link: NIXL said it disconnected): what this sender keeps
+        about it goes now, not when another instance shakes hands at its address, which one may never do (a
+        restarted worker often listens elsewhere). A later ticket for its address shakes hands anew, on a channel
+        of its own: the old one's reconnect backoff would refuse a worker back at that address for a while (its
+        calls still under way keep it until they end). Waits for a handshake to that address under way; a peer
+        forgotten already, or replaced, is left alone."""
+        with self._lock:
+            one_at_a_time = self._address_lock(peer.address)
+        with one_at_a_time:
+            with self._lock:
+                if self._peers.get(peer.address) is not peer:
+                    return
+                del self._peers[peer.address]
+                self._channels.pop(peer.address, None)
+            self._forget_peer(peer)
 
     def _address_lock(self, address: str) -> threading.Lock:
         """Under ``_lock``: the lock that one handshake (or bulk connect) to ``address`` holds at a time."""

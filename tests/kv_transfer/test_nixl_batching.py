@@ -129,6 +129,8 @@ def test_a_write_that_fails_after_its_post_fails_the_session_with_nixl_s_error(p
     write_slots = sender.pool.write_slots
 
     class Failed:  # what a WriteHandle answers once NIXL reported the write failed
+        settled = True
+
         def done(self):
             raise NixlError("write to the peer failed: NIXL_ERR_REMOTE_DISCONNECT")
 
@@ -221,6 +223,10 @@ def test_a_write_still_moving_after_its_post_holds_no_later_hash_up(pair, monkey
 
         def done(self) -> bool:
             return moving.is_set() and self.handle.done()
+
+        @property
+        def settled(self) -> bool:
+            return moving.is_set() and self.handle.settled
 
         def wait(self, timeout: float) -> None:
             assert moving.wait(timeout), "the first WRITE never completed"

@@ -30,6 +30,7 @@ pytestmark = pytest.mark.timeout(120)
 LAYOUT = KVLayout(num_layers=4, num_blocks=24, block_size=4, num_kv_heads=2, head_dim=8, dtype="bfloat16")
 SRC_BLOCKS = [3, 4, 5, 6, 11, 0, 1]  # runs and strays, as a used pool hands them out
 DST_BLOCKS = [9, 10, 11, 2, 3, 4, 20]
+FINGERPRINT = "fingerprint"  # the model every Receiver and its senders claim
 
 
 class FlippingInbox(KVInbox):
@@ -49,17 +50,25 @@ class FlippingInbox(KVInbox):
 class Receiver:
     """A decode worker's KV side in miniature; the owner's callbacks only record what they were told."""
 
-    def __init__(self, layout: KVLayout = LAYOUT, blocks: list[int] = DST_BLOCKS) -> None:
+    def __init__(
+        self,
+        layout: KVLayout = LAYOUT,
+        blocks: list[int] = DST_BLOCKS,
+        name: str = "integrity-receiver",
+        port: int = 0,
+        instance_id: str = "instance-1",
+    ) -> None:
         self.cache = PagedKVCache(layout)
+        self.instance_id = instance_id
         self.blocks = blocks
         self.committed: list[str] = []
         self.aborts: list[tuple[str, str, bool]] = []
         self.inbox = FlippingInbox(self.cache, self._on_commit, self._on_abort)
         self.inbox.checksums_seen = []
-        self.nixl = NixlReceiver("integrity-receiver", self.cache, self.inbox)
-        self.layout = layout_message(layout, "fingerprint")
-        service = KVReceiverService(self.inbox, self.layout, "instance-1", self.nixl)
-        self.server, self.address = serve_kv_receiver(service)
+        self.nixl = NixlReceiver(name, self.cache, self.inbox)
+        self.layout = layout_message(layout, FINGERPRINT)
+        service = KVReceiverService(self.inbox, self.layout, instance_id, self.nixl)
+        self.server, self.address = serve_kv_receiver(service, port=port)
 
     def _on_commit(self, request_id, first_token_id, logprob) -> None:
         self.committed.append(request_id)
@@ -70,7 +79,9 @@ class Receiver:
         self.inbox.close(request_id, reason)
 
     def ticket(self, request_id: str) -> decode_pb2.Ticket:
-        return loopback_ticket(request_id, "nixl", self.address, self.layout, self.blocks)
+        ticket = loopback_ticket(request_id, "nixl", self.address, self.layout, self.blocks)
+        ticket.instance_id = self.instance_id
+        return ticket
 
     def stop(self) -> None:
         self.server.stop(0).wait()

@@ -1,0 +1,173 @@
+"""A NIXL sender beside decode workers that stall or die, real agents and gRPC receivers on loopback: a stalled
+receiver holds up only its own KV, a dead one is forgotten (its agent, metadata and prepared lists) rather than
+kept for ever, and one that comes back at the same address gets its KV exact.
+
+A stall is the receiver's notification poller held (a decode worker under SIGSTOP, or a hung host, stops there
+too): over UCX a WRITE to it completes, and is announced, only once it progresses again."""
+
+from __future__ import annotations
+
+import threading
+import time
+from contextlib import contextmanager
+
+import pytest
+import torch
+
+from engine.kv_cache import PagedKVCache
+from kv_transfer.errors import TransferError
+from kv_transfer.nixl_agent import WriteHandle
+from kv_transfer.nixl_transport import NixlKVSender
+from tests.kv_transfer.nixl_receiver_process import start_receiver_process
+from tests.kv_transfer.test_nixl_integrity import DST_BLOCKS, LAYOUT, SRC_BLOCKS, Receiver
+
+pytestmark = pytest.mark.timeout(120)
+
+COMMIT_BOUND_S = 2.0  # a commit whose layers landed at once; the receiver gives up on missing ones after 5 s
+POLL_WINDOW_S = 0.5
+MAX_STRAGGLER_POLLS_PER_S = 2000  # a WRITE long in flight is polled about every ms (it was every 0.1 ms)
+
+
+@contextmanager
+def stalled(receiver: Receiver):
+    """The receiver takes no notification (and so lets no WRITE to it complete) until the block ends."""
+    going = threading.Event()
+    poll = receiver.nixl.pool.poll_notifications
+
+    def held():
+        going.wait()
+        return poll()
+
+    receiver.nixl.pool.poll_notifications = held
+    time.sleep(0.05)  # the poller is inside its current poll no more
+    try:
+        yield
+    finally:
+        going.set()
+        receiver.nixl.pool.poll_notifications = poll
+
+
+@pytest.fixture
+def source() -> PagedKVCache:
+    cache = PagedKVCache(LAYOUT)
+    cache.data.copy_(torch.randn(cache.data.shape, generator=torch.Generator().manual_seed(3)))
+    return cache
+
+
+@pytest.fixture
+def receivers():
+    made = [Receiver(name="stalling-receiver"), Receiver(name="healthy-receiver")]
+    yield made
+    for receiver in made:
+        receiver.stop()
+
+
+def _push_all(session, source: PagedKVCache) -> None:
+    for layer in range(LAYOUT.num_layers):
+        session.push_layer(source, layer, SRC_BLOCKS, DST_BLOCKS)
+
+
+def _wait_until(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out after {timeout} s waiting for {what}"
+        time.sleep(0.01)
+
+
+def _polls_within(sender: NixlKVSender, seconds: float) -> int:
+    """How often the sender asks NIXL about its WRITEs in flight within ``seconds``."""
+    counted = [0]
+    poll = WriteHandle._poll_locked
+
+    def counting(handle) -> None:
+        counted[0] += 1
+        poll(handle)
+
+    WriteHandle._poll_locked = counting
+    try:
+        time.sleep(seconds)
+    finally:
+        WriteHandle._poll_locked = poll
+    assert sender.pool.pending_writes, "no WRITE was in flight"
+    return counted[0]
+
+
+def test_a_stalled_receiver_holds_up_no_other_receiver_s_kv(receivers, source):
+    slow, healthy = receivers
+    sender = NixlKVSender(slow.layout, "prefill", source, "stall-sender", verify=True)
+    try:
+        with stalled(slow):
+            slow.inbox.open("stuck", DST_BLOCKS)
+            stuck = sender.open("stuck", slow.ticket("stuck"))
+            _push_all(stuck, source)
+            _wait_until(lambda: sender.pool.pending_writes > 0, 10, "a WRITE to the stalled receiver in flight")
+            time.sleep(0.1)  # its announcement is waiting for it now
+            with stalled(healthy):  # its WRITEs, too, move on only once it progresses, as they often do under load
+                healthy.inbox.open("other", DST_BLOCKS)
+                other = sender.open("other", healthy.ticket("other"))
+                _push_all(other, source)
+                _wait_until(lambda: not other._queued, 10, "the other request's layers posted")
+            began = time.monotonic()
+            other.commit(first_token_id=1, first_logprob=None, timeout=30)
+            took = time.monotonic() - began
+            other.close(10)
+            assert healthy.committed == ["other"] and not healthy.aborts
+            assert took < COMMIT_BOUND_S, f"the other receiver's commit took {took:.1f} s behind the stalled one"
+            assert torch.equal(healthy.cache.data[:, DST_BLOCKS], source.data[:, SRC_BLOCKS])
+            # Until the stalled receiver's lease ends, its WRITE is polled at a pace that costs little.
+            polls = _polls_within(sender, POLL_WINDOW_S)
+            assert polls < POLL_WINDOW_S * MAX_STRAGGLER_POLLS_PER_S, f"{polls} polls in {POLL_WINDOW_S} s"
+        # The stalled receiver goes on: its KV lands, exact.
+        stuck.commit(first_token_id=1, first_logprob=None, timeout=30)
+        stuck.close(10)
+        assert slow.committed == ["stuck"] and not slow.aborts
+        assert torch.equal(slow.cache.data[:, DST_BLOCKS], source.data[:, SRC_BLOCKS])
+    finally:
+        sender.close()
+
+
+def test_a_dead_receiver_is_forgotten_and_one_back_at_its_address_gets_its_kv(source):
+    doomed = start_receiver_process("doomed-receiver", "first", ["before", "during"])
+    sender = NixlKVSender(doomed.layout, "prefill", source, "bereaved-sender", verify=True)
+    reborn = None
+    try:
+        before = sender.open("before", doomed.ticket("before"))
+        _push_all(before, source)
+        before.commit(first_token_id=1, first_logprob=None, timeout=30)
+        before.close(10)
+        assert sender.pool.peers() == ["doomed-receiver"]
+
+        stale = sender.peer(doomed.ticket("late"))  # a session to the first instance, about to open
+        during = sender.open("during", doomed.ticket("during"))
+        during.push_layer(source, 0, SRC_BLOCKS, DST_BLOCKS)
+        doomed.kill()
+        for layer in range(1, LAYOUT.num_layers):
+            during.push_layer(source, layer, SRC_BLOCKS, DST_BLOCKS)
+        with pytest.raises(TransferError) as failed:
+            during.commit(first_token_id=1, first_logprob=None, timeout=30)
+        assert failed.value.unreachable == doomed.address, str(failed.value)
+        during.close(10)
+        # Its agent, metadata and prepared lists go, though nothing ever comes back at its address.
+        _wait_until(lambda: not sender.pool.peers(), 5, "the dead receiver's NIXL agent to be forgotten")
+
+        reborn = Receiver(name="reborn-receiver", port=int(doomed.address.rsplit(":", 1)[1]), instance_id="second")
+        reborn.inbox.open("after", DST_BLOCKS)
+        after = sender.open("after", reborn.ticket("after"))
+        # The session that was opening meanwhile never writes the first instance's ticket into the second's pool.
+        with pytest.raises(TransferError) as gone:
+            late = sender._session("late", doomed.ticket("late"), stale, None)
+            _push_all(late, source)
+            late.close(10)
+        assert gone.value.code == "UNAVAILABLE", str(gone.value)
+        assert not reborn.cache.data.any(), "KV of a ticket of the dead instance landed in the new one"
+        _push_all(after, source)
+        after.commit(first_token_id=1, first_logprob=None, timeout=30)
+        after.close(10)
+        assert reborn.committed == ["after"] and not reborn.aborts
+        assert torch.equal(reborn.cache.data[:, DST_BLOCKS], source.data[:, SRC_BLOCKS])
+        assert sender.pool.peers() == ["reborn-receiver"]
+    finally:
+        doomed.kill()
+        sender.close()
+        if reborn is not None:
+            reborn.stop()
