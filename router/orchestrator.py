@@ -362,7 +362,7 @@ class Orchestrator:
         prefill.active += 1
         span = progress.trace.call("prefill", prefill, worker_id)
         try:
-            response = await prefill.stub.Prefill(
+            call = prefill.stub.Prefill(
                 prefill_pb2.PrefillRequest(
                     request_id=worker_id,
                     prompt_token_ids=request.prompt_token_ids,
@@ -373,6 +373,8 @@ class Orchestrator:
                 timeout=self.config.prefill_timeout_s,
                 metadata=span.metadata,
             )
+            prefill.track_call(call)  # a stalled worker taken out lets go of it at once: retried on another
+            response = await call
             error = prefill.prefill_clock.computed(sent, response.prefill_ms / 1000.0)
             if error is not None:
                 self.metrics.prefill_forecast_error.labels(prefill.label).observe(error)
@@ -411,7 +413,10 @@ class Orchestrator:
     ) -> prefill_pb2.PrefillResponse | None:
         """Hands P the ticket of the prefill it computes, then its answer (None: P failed; the caller retries)."""
         try:
-            await prefill.stub.SendTicket(prefill_pb2.TicketDelivery(request_id=worker_id, ticket=ticket), timeout=10.0)
+            delivery = prefill_pb2.TicketDelivery(request_id=worker_id, ticket=ticket)
+            call = prefill.stub.SendTicket(delivery, timeout=10.0)
+            prefill.track_call(call)
+            await call
         except (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.CancelledError) as exc:
             if isinstance(exc, asyncio.CancelledError) and not _let_go_under_call(prefill):
                 prefilling.cancel()

@@ -1,7 +1,8 @@
-"""A decode worker that stalls mid-stream (SIGSTOP: its process frozen, its kernel still acknowledging TCP) loses its
-streams to another decode worker as soon as the router takes it out of routing (two missed health checks), not when
-gRPC gives up on the connection (60 s with gRPC's default ping timeout): they finish exactly as an unstalled run
-would, and the streams on the other worker are not disturbed."""
+"""A worker that stalls (SIGSTOP: its process frozen, its kernel still acknowledging TCP). A decode worker stalled
+mid-stream loses its streams to another decode worker as soon as the router takes it out of routing (two missed health
+checks), not when gRPC gives up on the connection: they finish exactly as an unstalled run would, and the streams on
+the other worker are not disturbed. A prefill worker stalled under a prefill lets go of it the same way: the prefill
+is retried on another."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import time
 
 import pytest
 
+from protos.cluster_auth import KEEPALIVE_TIMEOUT_MS
 from tests.router.conftest import (
     greedy_ignoring_eos,
     random_prompt,
@@ -35,6 +37,13 @@ def workers(checkpoint):
         if worker.process.poll() is None:
             os.kill(worker.process.pid, signal.SIGCONT)
     stop_all([prefill, *decodes])
+
+
+@pytest.fixture(scope="module")
+def spare_prefill(checkpoint):
+    (worker,) = start_workers(("prefill", str(checkpoint.path)))
+    yield worker
+    stop_all([worker])
 
 
 def test_streams_on_a_stalled_decode_worker_migrate_promptly_and_exactly(make_router, workers, checkpoint, rng):
@@ -91,4 +100,30 @@ def test_a_reserve_on_a_stalled_decode_worker_moves_to_another(make_router, work
     assert stream.ids == expected
     assert waited < RESERVE_TIMEOUT_S, f"moved only after {waited:.1f}s"
     for worker in (prefill, stalled, other):
+        wait_idle(worker, timeout=10)
+
+
+def test_a_prefill_on_a_stalled_prefill_worker_moves_to_another(make_router, workers, spare_prefill, checkpoint, rng):
+    """A remote prefill waiting on a stalled prefill worker is retried on another once the router takes the stalled
+    one out (its Prefill and SendTicket calls let go), not when gRPC gives up on the connection."""
+    stalled, (decode, _) = workers
+    router = make_router([stalled], [decode], local_prefill_threshold=32, health_interval_s=0.2)  # out in ~1.2 s
+    prompt = random_prompt(rng, 100)  # prefilled remotely
+    expected = greedy_ignoring_eos(checkpoint.model, prompt, 40)
+    os.kill(stalled.process.pid, signal.SIGSTOP)
+    stalled_at = time.monotonic()
+    try:
+        stream = start_stream(router.openai(), prompt, 40)
+        wait_for(lambda: sum(router.decisions().values()) >= 1, 10, "the request to be routed to the stalled worker")
+        router.call(lambda: router.router.pool.add(spare_prefill.address, "prefill"))
+        assert stream.done.wait(STALL_BOUND_S), "the request hung on the stalled prefill worker"
+        waited = time.monotonic() - stalled_at
+    finally:
+        os.kill(stalled.process.pid, signal.SIGCONT)
+    assert stream.error is None, f"failed after {waited:.1f}s: {stream.error!r}"
+    assert stream.ids == expected
+    # gRPC's ping would end the call only KEEPALIVE_TIMEOUT_MS after a ping sent once the worker stalled
+    assert waited < KEEPALIVE_TIMEOUT_MS / 1000, f"retried only after {waited:.1f}s"
+    print(f"the stalled prefill worker's request finished {waited:.1f}s after the stall")
+    for worker in (stalled, spare_prefill, decode):
         wait_idle(worker, timeout=10)
