@@ -79,11 +79,9 @@ def test_streams_on_a_stalled_decode_worker_migrate_promptly_and_exactly(make_ro
         wait_idle(worker, timeout=10)
 
 
-def test_a_reserve_on_a_stalled_decode_worker_moves_to_another(make_router, workers, checkpoint, rng):
-    """A request whose Reserve waits on a stalled decode worker goes to another once the router takes the stalled
-    one out, rather than failing when the Reserve's deadline passes."""
-    prefill, (stalled, other) = workers
-    router = make_router([prefill], [stalled], local_prefill_threshold=32)
+def _one_request_past_a_stall(router, stalled, spare, role: str, checkpoint, rng) -> float:
+    """Stalls ``stalled``, sends a remotely prefilled request that the router routes to it, then adds ``spare`` to
+    the ``role`` pool: asserts the request finishes exactly; returns how long after the stall it did."""
     prompt = random_prompt(rng, 100)  # prefilled remotely: reserved on the decode worker first
     expected = greedy_ignoring_eos(checkpoint.model, prompt, 40)
     os.kill(stalled.process.pid, signal.SIGSTOP)
@@ -91,13 +89,22 @@ def test_a_reserve_on_a_stalled_decode_worker_moves_to_another(make_router, work
     try:
         stream = start_stream(router.openai(), prompt, 40)
         wait_for(lambda: sum(router.decisions().values()) >= 1, 10, "the request to be routed to the stalled worker")
-        router.call(lambda: router.router.pool.add(other.address, "decode"))
-        assert stream.done.wait(STALL_BOUND_S), "the request hung on the stalled decode worker"
+        router.call(lambda: router.router.pool.add(spare.address, role))
+        assert stream.done.wait(STALL_BOUND_S), f"the request hung on the stalled {role} worker"
         waited = time.monotonic() - stalled_at
     finally:
         os.kill(stalled.process.pid, signal.SIGCONT)
     assert stream.error is None, f"failed after {waited:.1f}s: {stream.error!r}"
     assert stream.ids == expected
+    return waited
+
+
+def test_a_reserve_on_a_stalled_decode_worker_moves_to_another(make_router, workers, checkpoint, rng):
+    """A request whose Reserve waits on a stalled decode worker goes to another once the router takes the stalled
+    one out, rather than failing when the Reserve's deadline passes."""
+    prefill, (stalled, other) = workers
+    router = make_router([prefill], [stalled], local_prefill_threshold=32)
+    waited = _one_request_past_a_stall(router, stalled, other, "decode", checkpoint, rng)
     assert waited < RESERVE_TIMEOUT_S, f"moved only after {waited:.1f}s"
     for worker in (prefill, stalled, other):
         wait_idle(worker, timeout=10)
@@ -108,20 +115,7 @@ def test_a_prefill_on_a_stalled_prefill_worker_moves_to_another(make_router, wor
     one out (its Prefill and SendTicket calls let go), not when gRPC gives up on the connection."""
     stalled, (decode, _) = workers
     router = make_router([stalled], [decode], local_prefill_threshold=32, health_interval_s=0.2)  # out in ~1.2 s
-    prompt = random_prompt(rng, 100)  # prefilled remotely
-    expected = greedy_ignoring_eos(checkpoint.model, prompt, 40)
-    os.kill(stalled.process.pid, signal.SIGSTOP)
-    stalled_at = time.monotonic()
-    try:
-        stream = start_stream(router.openai(), prompt, 40)
-        wait_for(lambda: sum(router.decisions().values()) >= 1, 10, "the request to be routed to the stalled worker")
-        router.call(lambda: router.router.pool.add(spare_prefill.address, "prefill"))
-        assert stream.done.wait(STALL_BOUND_S), "the request hung on the stalled prefill worker"
-        waited = time.monotonic() - stalled_at
-    finally:
-        os.kill(stalled.process.pid, signal.SIGCONT)
-    assert stream.error is None, f"failed after {waited:.1f}s: {stream.error!r}"
-    assert stream.ids == expected
+    waited = _one_request_past_a_stall(router, stalled, spare_prefill, "prefill", checkpoint, rng)
     # gRPC's ping would end the call only KEEPALIVE_TIMEOUT_MS after a ping sent once the worker stalled
     assert waited < KEEPALIVE_TIMEOUT_MS / 1000, f"retried only after {waited:.1f}s"
     print(f"the stalled prefill worker's request finished {waited:.1f}s after the stall")
