@@ -487,7 +487,6 @@ class NixlKVSender(KVSender):
         super().__init__(layout, sender_id, auth)
         self.verify = verify
         self.pool = NixlPool(agent_name, cache.data)
-        self._remote_pools: dict[str, tuple[Peer, PoolDescriptor]] = {}  # address -> its instance's peer and pool
         self._posting = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nixl-post")
         self.sealing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nixl-seal")
         self.committing = ThreadPoolExecutor(max_workers=COMMIT_THREADS, thread_name_prefix="nixl-commit")
@@ -517,13 +516,10 @@ class NixlKVSender(KVSender):
                 "FAILED_PRECONDITION",
             )
         self.pool.add_peer(peer.handshake.nixl_metadata)
-        self._remote_pools[peer.address] = (peer, descriptor)
 
     def _forget_peer(self, peer: Peer) -> None:
         """Drops ``peer``'s own agent (agent names are unique per instance): never another instance's that
         shook hands at its address since."""
-        if self._remote_pools.get(peer.address, (None,))[0] is peer:
-            del self._remote_pools[peer.address]
         self.pool.remove_peer(_pool_of(peer).agent_name)
 
     def forget_soon(self, peer: Peer) -> None:
@@ -536,14 +532,13 @@ class NixlKVSender(KVSender):
     def remote_pool(self, peer: Peer) -> PoolDescriptor:
         """The pool of ``peer``'s instance; UNAVAILABLE if that instance was forgotten or replaced meanwhile:
         a session never writes one instance's ticket into another's pool."""
-        known, descriptor = self._remote_pools.get(peer.address, (None, None))
-        if known is not peer:
+        if not self.is_current(peer):
             raise TransferError(
                 f"the decode worker at {peer.address} (instance {peer.instance_id}) is gone",
                 "UNAVAILABLE",
                 unreachable=peer.address,
             )
-        return descriptor
+        return _pool_of(peer)
 
     def _session(self, request_id: str, ticket: decode_pb2.Ticket, peer: Peer, metadata) -> OutboundSession:
         return NixlSession(request_id, ticket, peer, self, metadata)

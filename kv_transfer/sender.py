@@ -282,6 +282,11 @@ class KVSender(ABC):
                 self._peers[address] = peer
             return peer
 
+    def is_current(self, peer: Peer) -> bool:
+        """Whether ``peer`` is still the instance this sender knows at its address (not forgotten, not replaced)."""
+        with self._lock:
+            return self._peers.get(peer.address) is peer
+
     def forget(self, peer: Peer) -> None:
         """``peer``'s instance is gone (its process, or its link: NIXL said it disconnected): what this sender keeps
         about it goes now, not when another instance shakes hands at its address, which one may never do (a
