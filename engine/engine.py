@@ -239,10 +239,14 @@ class Engine:
             raise InvalidRequestError(str(exc)) from exc
 
     @property
+    def _usable_blocks(self) -> int:
+        """The KV pool's blocks that requests may hold (CUDA graphs keep some as scratch)."""
+        return self.layout.num_blocks - self._num_scratch_blocks
+
+    @property
     def token_capacity(self) -> int:
         """The most tokens (prompt and output) one request may hold here: the context, or the KV pool if smaller."""
-        usable = self.layout.num_blocks - self._num_scratch_blocks
-        return min(self.max_model_len, usable * self.config.block_size)
+        return min(self.max_model_len, self._usable_blocks * self.config.block_size)
 
     def _fitted(self, prompt: list[int], params: SamplingParams, resumed: list[int]) -> SamplingParams:
         """``params`` if prompt + max_tokens fits ``token_capacity``. A defaulted max_tokens (the client set
@@ -271,10 +275,9 @@ class Engine:
         return replace(params, max_tokens=room)
 
     def _capacity_spelled(self) -> str:
-        usable = self.layout.num_blocks - self._num_scratch_blocks
-        if self.max_model_len <= usable * self.config.block_size:
+        if self.token_capacity == self.max_model_len:
             return f"the maximum context length {self.max_model_len}"
-        return f"this worker's KV pool ({usable} blocks of {self.config.block_size} tokens)"
+        return f"this worker's KV pool ({self._usable_blocks} blocks of {self.config.block_size} tokens)"
 
     # -- the loop -------------------------------------------------------------------------------
 
