@@ -8,7 +8,9 @@ or, by default, at a ``splitserve up`` it starts itself, it
 2. replays the prompts from ``--clients`` concurrent clients for ``--duration`` seconds while, every
    ``--kill-every`` seconds, the next fault of ``--faults`` hits a worker: SIGKILL of a prefill worker, of a
    decode worker, of both at once, a SIGSTOP/SIGCONT stall, or a prefill worker frozen past the decode
-   worker's lease; and ``--disconnect-fraction`` of the requests close their connection mid-stream;
+   worker's lease; and ``--disconnect-fraction`` of the requests close their connection mid-stream. A client
+   refused with a Retry-After waits that long before its next request, as the OpenAI SDK does (a client
+   that retried at once would spin: thousands of refusals a second, on the CPUs the workers restart on);
 3. judges every request: exactly its reference (text and token ids), or a clean error with a status; a
    request with no answer within ``--request-timeout`` is a hang;
 4. once traffic stops and the cluster is quiet, counts the KV blocks still in use (leaks), and reports each
@@ -26,6 +28,7 @@ import os
 import random
 import re
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
@@ -57,6 +60,7 @@ from router.config import admin_token_from_env, api_keys_from_env, read_api_keys
 
 UP_READY = re.compile(r"splitserve is up: OpenAI API (http://\S+)/v1")
 FAILURE_COUNTERS = ("migrations", "prefill_retries", "lease_expired_requests")
+MAX_RETRY_AFTER_S = 60.0  # the OpenAI SDK honours a Retry-After up to a minute
 
 
 @dataclass
@@ -143,6 +147,8 @@ def local_up(args):
         yield url
     finally:
         _stop(process)
+        if args.log:  # else the log printed above lives here: kept
+            shutil.rmtree(workdir, ignore_errors=True)
 
 
 def _wait_for_up(process: subprocess.Popen, log_path: Path, timeout_s: float) -> str:
@@ -219,10 +225,16 @@ async def client_loop(run: Run, index: int, feed, end: float, rng: random.Random
         prompt = next(feed)
         disconnect = rng.random() < args.disconnect_fraction
         disconnect_after = rng.randint(1, max(1, args.max_tokens // 2)) if disconnect else None
-        run.records.append(await one_request(run, prompt, index, disconnect_after))
+        record, retry_after = await one_request(run, prompt, index, disconnect_after)
+        run.records.append(record)
+        if retry_after:  # as the OpenAI SDK does: a refused client waits what the server asked before trying again
+            await asyncio.sleep(min(retry_after, MAX_RETRY_AFTER_S, max(0.0, end - time.monotonic())))
 
 
-async def one_request(run: Run, prompt: Prompt, client: int, disconnect_after: int | None) -> Record:
+async def one_request(
+    run: Run, prompt: Prompt, client: int, disconnect_after: int | None
+) -> tuple[Record, float | None]:
+    """The request's record, and the seconds its refusal's Retry-After asked the client to wait (or None)."""
     args = run.args
     record = Record(prompt.prompt_id, prompt.kind, client, run.since_start(), disconnect_after=disconnect_after)
     earlier = [f.at_s for f in run.faults if f.at_s <= record.start_s]
@@ -250,7 +262,7 @@ async def one_request(run: Run, prompt: Prompt, client: int, disconnect_after: i
         record.outcome, record.error, record.error_key = "error", answer.error, answer.error_key
     else:
         record.outcome, record.evidence = judge(answer, run.references[prompt.prompt_id], args.tie_tolerance)
-    return record
+    return record, answer.retry_after_s
 
 
 def prompt_feed(prompts: list[Prompt], rng: random.Random):

@@ -97,6 +97,7 @@ class Answer:
     token_ids_known: bool = True  # the server returned "token_id:N" for every token
     pieces: list[str] = field(default_factory=list)  # the text of each output chunk, in order
     first_byte_s: float | None = None
+    retry_after_s: float | None = None  # a 429/503's Retry-After header: how long a client waits before its next try
 
 
 async def stream(
@@ -120,6 +121,7 @@ async def stream(
             answer.first_byte_s = time.monotonic() - started
             if response.status_code != 200:
                 text = (await response.aread()).decode(errors="replace")
+                answer.retry_after_s = _seconds(response.headers.get("retry-after"))
                 answer.error, answer.error_key = f"HTTP {response.status_code}: {text[:300]}", f"HTTP {answer.status}"
                 return answer
             async for line in response.aiter_lines():
@@ -140,6 +142,14 @@ async def stream(
     if not answer.done and not answer.error:
         answer.error, answer.error_key = "the stream ended without [DONE]", "stream cut"
     return answer
+
+
+def _seconds(header: str | None) -> float | None:
+    """Retry-After as seconds (its delay-seconds form, the one the router sends); None when absent or a date."""
+    try:
+        return max(0.0, float(header)) if header is not None else None
+    except ValueError:
+        return None
 
 
 def _take_chunk(chunk: dict, answer: Answer, chat: bool) -> None:

@@ -130,6 +130,7 @@ install_deps() {
   overlay="$(mktemp -d "${TMPDIR:-/tmp}/splitserve-gpu-check-env.XXXXXX")"
   reply="$("$PYTHON" "$here/gpu_preflight.py" install "$REQUIREMENTS" "$WHEELS_DIR" "$overlay")"
   local rc=$?
+  rmdir "$overlay" 2>/dev/null  # empty: nothing needed installing
   printf '%s\n' "$reply"
   local python_line
   python_line="$(grep '^PYTHON ' <<<"$reply" | tail -1)"
