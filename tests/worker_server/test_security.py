@@ -63,14 +63,26 @@ def params(max_tokens: int = 4) -> common_pb2.SamplingParams:
     return common_pb2.SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
 
 
-def _after_the_answer(first, later, pause_s: float = 0.3):
-    """A push stream whose second message follows once the receiver had time to answer the first: its
-    refusal of the first then reaches the client as its status. (Sent back to back, gRPC's client may
-    report the stream CANCELLED instead, when it was still sending as the receiver ended the call.)
-    A receiver that wrongly took the first would read the second and write it."""
-    yield first
-    time.sleep(pause_s)
-    yield later
+def _push_after_the_answer(push, first, later, timeout: float = 5) -> grpc.StatusCode:
+    """The status of a push stream whose second message follows only once the receiver answered the first
+    (or after ``timeout``, when it took it): its refusal of the first then reaches the client as its status.
+    (Sent back to back, or after a fixed pause a loaded receiver outlasts, gRPC's client may report the stream
+    CANCELLED instead, when it was still sending as the receiver ended the call.) A receiver that wrongly took
+    the first would read the second and write it."""
+    answered = threading.Event()
+
+    def messages():
+        yield first
+        answered.wait(timeout)
+        yield later
+
+    call = push.future(messages(), timeout=timeout * 2)
+    call.add_done_callback(lambda _: answered.set())
+    try:
+        call.result()
+    except grpc.RpcError as exc:
+        return exc.code()
+    return grpc.StatusCode.OK
 
 
 def code_of(call, *args, **kwargs) -> grpc.StatusCode:
@@ -126,33 +138,39 @@ def test_another_requests_ticket_or_a_wrong_token_is_refused_and_disturbs_nothin
         victim = d.Reserve(decode_pb2.ReserveRequest(request_id="victim", prompt_token_ids=prompt, params=params()))
         mine = d.Reserve(decode_pb2.ReserveRequest(request_id="insider", prompt_token_ids=[9] * 40, params=params()))
         assert victim.token and mine.token and victim.token != mine.token
-        region = decode.engine.kv_cache.layout.region_bytes
-        poison = kv_transfer_pb2.KVChunk(layer=0, block_ids=victim.block_ids[:1], data=b"\x55" * region)
-        for token in (mine.token, "", victim.token[:-1] + "A"):
-            first = kv_transfer_pb2.KVChunk(request_id="victim", instance_id=victim.instance_id, token=token)
-            assert code_of(kv.PushKV, _after_the_answer(first, poison), timeout=5) == grpc.StatusCode.PERMISSION_DENIED
-            commit = kv_transfer_pb2.CommitRequest(request_id="victim", token=token, first_token_id=1)
-            assert code_of(kv.Commit, commit, timeout=5) == grpc.StatusCode.PERMISSION_DENIED
-            abort = kv_transfer_pb2.CommitRequest(request_id="victim", token=token, abort=True)
-            assert code_of(kv.Commit, abort, timeout=5) == grpc.StatusCode.PERMISSION_DENIED
-            assert code_of(d.Abort, common_pb2.AbortRequest(request_id="victim", token=token), timeout=5) == (
-                grpc.StatusCode.PERMISSION_DENIED
+        try:
+            region = decode.engine.kv_cache.layout.region_bytes
+            poison = kv_transfer_pb2.KVChunk(layer=0, block_ids=victim.block_ids[:1], data=b"\x55" * region)
+            for token in (mine.token, "", victim.token[:-1] + "A"):
+                first = kv_transfer_pb2.KVChunk(request_id="victim", instance_id=victim.instance_id, token=token)
+                assert _push_after_the_answer(kv.PushKV, first, poison) == grpc.StatusCode.PERMISSION_DENIED
+                commit = kv_transfer_pb2.CommitRequest(request_id="victim", token=token, first_token_id=1)
+                assert code_of(kv.Commit, commit, timeout=5) == grpc.StatusCode.PERMISSION_DENIED
+                abort = kv_transfer_pb2.CommitRequest(request_id="victim", token=token, abort=True)
+                assert code_of(kv.Commit, abort, timeout=5) == grpc.StatusCode.PERMISSION_DENIED
+                assert code_of(d.Abort, common_pb2.AbortRequest(request_id="victim", token=token), timeout=5) == (
+                    grpc.StatusCode.PERMISSION_DENIED
+                )
+                claim = decode_pb2.GenerateRequest(request_id="victim", reserved=True, token=token)
+                assert code_of(d.Generate, claim, timeout=5) == grpc.StatusCode.PERMISSION_DENIED
+            landing = decode.inbox.get("victim")
+            assert landing is not None and landing.accepting and landing.bytes_received == 0
+            # The real sender still delivers, and the client gets the right tokens.
+            outputs = d.Generate(decode_pb2.GenerateRequest(request_id="victim", reserved=True, token=victim.token))
+            first = prefill_pb2_grpc.PrefillWorkerStub(p_channel).Prefill(
+                prefill_pb2.PrefillRequest(
+                    request_id="victim", prompt_token_ids=prompt, params=params(), ticket=victim
+                ),
+                timeout=30,
             )
-            claim = decode_pb2.GenerateRequest(request_id="victim", reserved=True, token=token)
-            assert code_of(d.Generate, claim, timeout=5) == grpc.StatusCode.PERMISSION_DENIED
-        landing = decode.inbox.get("victim")
-        assert landing is not None and landing.accepting and landing.bytes_received == 0
-        # The real sender still delivers, and the client gets the right tokens.
-        outputs = d.Generate(decode_pb2.GenerateRequest(request_id="victim", reserved=True, token=victim.token))
-        first = prefill_pb2_grpc.PrefillWorkerStub(p_channel).Prefill(
-            prefill_pb2.PrefillRequest(request_id="victim", prompt_token_ids=prompt, params=params(), ticket=victim),
-            timeout=30,
-        )
-        tokens = [t for output in outputs for t in output.token_ids]
-        local = d.Generate(decode_pb2.GenerateRequest(request_id="local", prompt_token_ids=prompt, params=params()))
-        assert tokens == [t for output in local for t in output.token_ids]
-        assert tokens[0] == first.first_token_id
-        assert d.Abort(common_pb2.AbortRequest(request_id="insider", token=mine.token), timeout=5).found
+            tokens = [t for output in outputs for t in output.token_ids]
+            local = d.Generate(decode_pb2.GenerateRequest(request_id="local", prompt_token_ids=prompt, params=params()))
+            assert tokens == [t for output in local for t in output.token_ids]
+            assert tokens[0] == first.first_token_id
+            assert d.Abort(common_pb2.AbortRequest(request_id="insider", token=mine.token), timeout=5).found
+        finally:  # a failure above leaves the module's decode worker no reservation of this test's
+            for ticket in (victim, mine):
+                code_of(d.Abort, common_pb2.AbortRequest(request_id=ticket.request_id, token=ticket.token), timeout=5)
 
 
 # -- per-peer limits ----------------------------------------------------------------------------------
