@@ -6,6 +6,7 @@ Parameters are named as in Hugging Face checkpoints except two fused projections
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 
@@ -26,6 +27,20 @@ def _onednn_packing_available() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
 
 
+@functools.cache
+def _cpu_multiplies_bf16_row_by_row() -> bool:
+    """A CPU without bf16 arithmetic (no AVX512_BF16 nor AMX: every AVX2-only x86) gets no oneDNN bf16
+    GEMM: torch multiplies a bf16 ``F.linear`` one row at a time, ~10 GFLOP/s on a Zen 1 core where float32
+    runs ~57 at 512 rows (`bench engine` on such a CPU: bf16 prefill 5x slower than float32)."""
+    return not (torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+# From this many rows a bf16 product on such a CPU is taken in float32, the weight widened on each call: 1.4x
+# faster at 32 rows for the widest weight (SmolLM2's lm_head), 2.5-5.5x from 64 to 512 rows for every
+# projection; below ~16 rows widening the weight costs more than the row-by-row product it replaces.
+WIDEN_BF16_FROM_ROWS = 32
+
+
 class Linear(nn.Linear):
     """nn.Linear that, once ``pack``ed, multiplies by a copy of its weight in oneDNN's blocked layout.
 
@@ -44,6 +59,14 @@ class Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._packed is None:
+            if (
+                x.dtype == torch.bfloat16
+                and x.device.type == "cpu"
+                and x.numel() >= WIDEN_BF16_FROM_ROWS * x.shape[-1]
+                and _cpu_multiplies_bf16_row_by_row()
+            ):
+                bias = None if self.bias is None else self.bias.float()
+                return F.linear(x.float(), self.weight.float(), bias).to(torch.bfloat16)
             return F.linear(x, self.weight, self.bias)
         if self._packed_version != self.weight._version:
             self.pack(self._batch_hint)
