@@ -230,7 +230,7 @@ class CausalLM(nn.Module):
         weight = self.lm_head.weight
         if weight.device.type != "cpu" or weight.dtype != torch.bfloat16 or not _onednn_packing_available():
             return False
-        if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        if _cpu_multiplies_bf16_row_by_row():  # no oneDNN bf16 GEMM to pack for
             return False
         for module in self.modules():
             if isinstance(module, Linear):
