@@ -22,7 +22,6 @@ def _cpu_flags() -> set[str]:
     return set()
 
 
-@pytest.mark.skipif(not Path("/proc/cpuinfo").exists(), reason="reads the CPU's flags from /proc/cpuinfo (Linux)")
 def test_the_row_by_row_cpus_are_the_ones_without_bf16_arithmetic():
     flags = _cpu_flags()
     has_bf16 = bool(flags & {"avx512_bf16", "amx_bf16"})
