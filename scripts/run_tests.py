@@ -1,0 +1,97 @@
+"""The whole pytest suite as `make test` runs it: the tests that must run alone, then two pytest processes side by side.
+
+Most of the suite waits (a keepalive to expire, a worker to start, a stream to stall): one pytest process left a
+2-core machine ~45% idle. Two processes side by side fill it. The split is by directory:
+
+- every test that starts Ray (only ``cluster/`` imports it) is on one side, so two Ray clusters of tests never start
+  at once (``ray.cluster_utils.Cluster`` heads and ``splitserve up`` in one machine's shared /tmp/ray);
+- the tests whose pass depends on a bound measured on a loaded machine, and that load both cores themselves, run
+  alone, first, on a quiet machine: the chaos soak (a count of completions under faults, two clusters at once) and
+  the shaped links between test hosts (a link's fill and its silence bound).
+
+Every file under tests/ runs in exactly one process: the second side is "everything else" (``--ignore`` of the
+others), so a new test file lands there without a list to update. Arguments are passed to every pytest process
+(``--durations=0``, ``-x``); to run a part of the suite, call pytest directly.
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RAY_SIDE = ("tests/cluster", "tests/dashboard", "tests/deploy", "tests/router")
+ALONE = ("tests/bench/test_chaos.py", "tests/kv_transfer/test_bulk_across_hosts.py")
+# Router tests that start no Ray, run on the other side so that both sides take about as long (on a 2-core Zen 1 the
+# Ray side's directories took 784 s alone, the rest 682 s).
+TO_THE_OTHER_SIDE = ("tests/router/test_defaulted_max_tokens.py", "tests/router/test_stalled_decode.py")
+NO_TESTS_COLLECTED = 5  # pytest's exit status when a -k or -m the caller gave selects nothing in one process
+
+
+def pytest_runs(extra: list[str]) -> list[list[tuple[str, list[str]]]]:
+    """Phases in order; each phase's (name, pytest arguments) run side by side."""
+    ray_side = [*RAY_SIDE, *(f"--ignore={path}" for path in TO_THE_OTHER_SIDE)]
+    ray_side_files = sorted(
+        path.relative_to(ROOT).as_posix() for directory in RAY_SIDE for path in (ROOT / directory).rglob("test_*.py")
+    )  # file by file: pytest does not collect a file named on its command line inside an ignored directory
+    rest = ["tests", *(f"--ignore={path}" for path in (*ray_side_files, *ALONE) if path not in TO_THE_OTHER_SIDE)]
+    return [
+        [("alone", [*ALONE, *extra])],
+        [("ray+router", [*ray_side, *extra]), ("rest", [*rest, *extra])],
+    ]
+
+
+def run_phase(runs: list[tuple[str, list[str]]], lock: threading.Lock) -> dict[str, tuple[int, float]]:
+    """Starts each run, relays its output line by line under its name, and waits for all: name → (status, seconds)."""
+    began = time.monotonic()
+    results: dict[str, tuple[int, float]] = {}
+
+    def relay(name: str, process: subprocess.Popen) -> None:
+        for line in process.stdout:
+            with lock:
+                sys.stdout.write(f"[{name}] {line}")
+                sys.stdout.flush()
+        results[name] = (process.wait(), time.monotonic() - began)
+
+    processes = {
+        name: subprocess.Popen(
+            [sys.executable, "-m", "pytest", *args], cwd=ROOT, text=True, bufsize=1,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        )
+        for name, args in runs
+    }  # fmt: skip
+    relays = [threading.Thread(target=relay, args=item, daemon=True) for item in processes.items()]
+    for thread in relays:
+        thread.start()
+    try:
+        for thread in relays:
+            thread.join()
+    except KeyboardInterrupt:
+        for process in processes.values():
+            process.send_signal(signal.SIGINT)
+        for process in processes.values():
+            process.wait()
+        raise
+    return results
+
+
+def main(extra: list[str]) -> int:
+    lock = threading.Lock()
+    results: dict[str, tuple[int, float]] = {}
+    for phase in pytest_runs(extra):
+        results.update(run_phase(phase, lock))
+    failed = []
+    for name, (status, seconds) in results.items():
+        passed = status == 0 or (status == NO_TESTS_COLLECTED and extra)
+        print(f"pytest {name}: {'passed' if passed else f'FAILED (exit {status})'} in {seconds:.0f} s")
+        if not passed:
+            failed.append(name)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
