@@ -11,7 +11,7 @@ Most of the suite waits (a keepalive to expire, a worker to start, a stream to s
 
 Every file under tests/ runs in exactly one process: the second side is "everything else" (``--ignore`` of the
 others), so a new test file lands there without a list to update. Arguments are passed to every pytest process
-(``--durations=0``, ``-x``); to run a part of the suite, call pytest directly.
+(``--durations=0``, ``-x``); a test path is refused: to run a part of the suite, call pytest directly.
 """
 
 from __future__ import annotations
@@ -80,6 +80,10 @@ def run_phase(runs: list[tuple[str, list[str]]], lock: threading.Lock) -> dict[s
 
 
 def main(extra: list[str]) -> int:
+    paths = [arg for arg in extra if not arg.startswith("-") and (ROOT / arg.split("::")[0]).exists()]
+    if paths:  # every process would run them beside its own part
+        print(f"run_tests.py: {' '.join(paths)}: the runner splits the whole suite; run pytest itself for a part")
+        return 2
     lock = threading.Lock()
     results: dict[str, tuple[int, float]] = {}
     for phase in pytest_runs(extra):

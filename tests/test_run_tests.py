@@ -3,6 +3,7 @@ Ray on the same side."""
 
 import json
 import re
+import runpy
 import subprocess
 import sys
 from pathlib import Path
@@ -57,3 +58,10 @@ def test_every_test_file_runs_once_and_every_one_that_may_start_ray_on_one_side(
     starting = {path for path in test_files - {this_file} if STARTS_RAY.search((ROOT / path).read_text())}
     assert "tests/cluster/test_multinode.py" in starting  # the pattern finds what it is for
     assert starting <= allowed, sorted(starting - allowed)
+
+
+def test_a_test_path_is_refused_not_run_beside_every_part():
+    main = runpy.run_path(str(ROOT / "scripts" / "run_tests.py"))["main"]
+    # --collect-only: were the path not refused, the runs would only collect (not run this test again)
+    assert main(["--collect-only", "-q", "tests/router/test_errors.py::test_api_keys_and_body_limit"]) == 2
+    assert main(["--collect-only", "-q", "tests/engine"]) == 2
