@@ -65,3 +65,10 @@ def test_a_test_path_is_refused_not_run_beside_every_part():
     # --collect-only: were the path not refused, the runs would only collect (not run this test again)
     assert main(["--collect-only", "-q", "tests/router/test_errors.py::test_api_keys_and_body_limit"]) == 2
     assert main(["--collect-only", "-q", "tests/engine"]) == 2
+
+
+def test_a_run_that_collects_nothing_fails_unless_the_caller_selected_tests():
+    passed = runpy.run_path(str(ROOT / "scripts" / "run_tests.py"))["passed"]
+    assert passed(0, ["-q"]) and not passed(1, ["-q", "-k", "x"])
+    assert not passed(5, ["-q"]) and not passed(5, ["--durations=30"])
+    assert passed(5, ["-q", "-k", "grpc"]) and passed(5, ["-m", "not slow"]) and passed(5, ["--lf"])
