@@ -46,10 +46,11 @@ def pytest_runs(extra: list[str]) -> list[list[tuple[str, list[str]]]]:
     ]
 
 
-def run_phase(runs: list[tuple[str, list[str]]], lock: threading.Lock) -> dict[str, tuple[int, float]]:
+def run_phase(runs: list[tuple[str, list[str]]]) -> dict[str, tuple[int, float]]:
     """Starts each run, relays its output line by line under its name, and waits for all: name → (status, seconds)."""
     began = time.monotonic()
     results: dict[str, tuple[int, float]] = {}
+    lock = threading.Lock()  # one line at a time on our stdout
 
     def relay(name: str, process: subprocess.Popen) -> None:
         for line in process.stdout:
@@ -90,10 +91,9 @@ def main(extra: list[str]) -> int:
     if paths:  # every process would run them beside its own part
         print(f"run_tests.py: {' '.join(paths)}: the runner splits the whole suite; run pytest itself for a part")
         return 2
-    lock = threading.Lock()
     results: dict[str, tuple[int, float]] = {}
     for phase in pytest_runs(extra):
-        results.update(run_phase(phase, lock))
+        results.update(run_phase(phase))
     for name, (status, seconds) in results.items():
         print(f"pytest {name}: {'passed' if passed(status, extra) else f'FAILED (exit {status})'} in {seconds:.0f} s")
     return 0 if all(passed(status, extra) for status, _ in results.values()) else 1

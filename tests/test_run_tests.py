@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+RUNNER = runpy.run_path(str(ROOT / "scripts" / "run_tests.py"))
 # What starts a Ray cluster in a test: Ray itself, the cluster tests' harness, or `splitserve up`.
 STARTS_RAY = re.compile(r"ray\.init|cluster_utils|import ray|from ray|tests\.cluster\.harness|\"up\"")
 
@@ -61,14 +62,14 @@ def test_every_test_file_runs_once_and_every_one_that_may_start_ray_on_one_side(
 
 
 def test_a_test_path_is_refused_not_run_beside_every_part():
-    main = runpy.run_path(str(ROOT / "scripts" / "run_tests.py"))["main"]
+    main = RUNNER["main"]
     # --collect-only: were the path not refused, the runs would only collect (not run this test again)
     assert main(["--collect-only", "-q", "tests/router/test_errors.py::test_api_keys_and_body_limit"]) == 2
     assert main(["--collect-only", "-q", "tests/engine"]) == 2
 
 
 def test_a_run_that_collects_nothing_fails_unless_the_caller_selected_tests():
-    passed = runpy.run_path(str(ROOT / "scripts" / "run_tests.py"))["passed"]
+    passed = RUNNER["passed"]
     assert passed(0, ["-q"]) and not passed(1, ["-q", "-k", "x"])
     assert not passed(5, ["-q"]) and not passed(5, ["--durations=30"])
     assert passed(5, ["-q", "-k", "grpc"]) and passed(5, ["-m", "not slow"]) and passed(5, ["--lf"])
