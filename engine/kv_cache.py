@@ -129,6 +129,11 @@ class PagedKVCache:
         self.data = host_pool(shape, dtype) if on_host else torch.zeros(shape, dtype=dtype, device=device)
         # The same memory as rows of bytes, one per (layer, block) region: what transports copy.
         self.regions = self.data.view(torch.uint8).view(layout.num_layers, layout.num_blocks, layout.region_bytes)
+        # The same rows as the widest integer words that divide a region, for copying whole regions by index:
+        # torch's CPU index_copy_/index_select move one element per step, so on uint8 rows they ran at
+        # ~0.14 GiB/s (a Zen 1), on int64 rows at ~3 GiB/s.
+        word = next(dtype for dtype in _WORDS if layout.region_bytes % dtype.itemsize == 0)
+        self._region_words = self.regions.view(word)
 
     def write(
         self, layer: int, key: torch.Tensor, value: torch.Tensor, slot_block: torch.Tensor, slot_offset: torch.Tensor
@@ -156,14 +161,16 @@ class PagedKVCache:
 
     def read_regions(self, layer: int, blocks: Sequence[int]) -> torch.Tensor:
         """A copy of the regions of ``blocks`` on ``layer``, back to back: ``[len(blocks), region_bytes]`` uint8."""
-        return self.regions[layer].index_select(0, torch.as_tensor(blocks, dtype=torch.long, device=self.data.device))
+        index = torch.as_tensor(blocks, dtype=torch.long, device=self.data.device)
+        return self._region_words[layer].index_select(0, index).view(torch.uint8)
 
     def write_regions(self, layer: int, blocks: Sequence[int], data: torch.Tensor) -> None:
         """Store ``data`` (``[len(blocks), region_bytes]`` uint8) into the regions of ``blocks`` on ``layer``
         (non-finite values as 0)."""
         index = torch.as_tensor(blocks, dtype=torch.long, device=self.data.device)
-        received = data.to(self.data.device).view(self.data.dtype)
-        self.regions[layer].index_copy_(0, index, _finite(received).view(torch.uint8))
+        finite = _finite(data.to(self.data.device).view(self.data.dtype))  # a new tensor, so aligned for any word
+        words = self._region_words
+        words[layer].index_copy_(0, index, finite.view(torch.uint8).view(words.dtype))
 
     def sanitize(self, layer: int, blocks: Sequence[int]) -> None:
         """Replaces non-finite values in the regions of ``blocks`` on ``layer`` by 0, in place: for
@@ -173,6 +180,9 @@ class PagedKVCache:
     def region(self, layer: int, block: int) -> torch.Tensor:
         """The contiguous ``[2, block_size, kv_heads, head_dim]`` view of one (layer, block)."""
         return self.data[layer, block]
+
+
+_WORDS = (torch.int64, torch.int32, torch.int16, torch.uint8)
 
 
 def _finite(values: torch.Tensor) -> torch.Tensor:

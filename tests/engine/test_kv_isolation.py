@@ -188,3 +188,28 @@ def test_the_pool_holds_only_finite_values_after_any_write():
     assert torch.isfinite(cache.data).all()
     assert cache.data[1, 2, 1, 3, 1, 3] == 0 and cache.data[1, 5, 0, 0, 0, 6] == values[2, 0, 6]
     assert cache.data[0, 3].flatten()[5] == 0 and cache.data[0, 3].flatten()[4] == received[0, 4]
+
+
+@pytest.mark.parametrize(
+    ("layout", "word"),
+    [
+        (KVLayout(2, 9, 4, 2, 8, "bfloat16"), torch.int64),  # 256-byte regions
+        (KVLayout(2, 9, 1, 1, 3, "bfloat16"), torch.int32),  # 12
+        (KVLayout(2, 9, 1, 1, 5, "float32"), torch.int64),  # 40
+    ],
+)
+def test_regions_copied_by_index_in_words_land_exactly_where_named(layout, word):
+    """Transports copy whole regions by index, through the widest words that divide a region: every byte of
+    the named blocks, in the order named, and none of any other block."""
+    cache = PagedKVCache(layout)
+    assert cache._region_words.dtype == word
+    before = cache.regions.clone()
+    blocks = [7, 2, 5]
+    values = torch.randn(len(blocks), layout.region_elements).to(getattr(torch, layout.dtype))
+    cache.write_regions(1, blocks, values.view(torch.uint8))
+    assert torch.equal(cache.read_regions(1, blocks), values.view(torch.uint8))
+    assert torch.equal(cache.read_regions(1, [5]), values[2:].view(torch.uint8))
+    untouched = [block for block in range(layout.num_blocks) if block not in blocks]
+    assert torch.equal(cache.regions[1, untouched], before[1, untouched]) and torch.equal(cache.regions[0], before[0])
+    assert cache.read_regions(0, []).shape == (0, layout.region_bytes)
+    cache.write_regions(0, [], torch.empty(0, layout.region_bytes, dtype=torch.uint8))
