@@ -159,8 +159,9 @@ class PagedKVCache:
         key, value = gathered.view(shape).unbind(0)
         return key, value
 
-    def read_regions(self, layer: int, blocks: Sequence[int]) -> torch.Tensor:
-        """A copy of the regions of ``blocks`` on ``layer``, back to back: ``[len(blocks), region_bytes]`` uint8."""
+    def read_regions(self, layer: int, blocks: Sequence[int] | torch.Tensor) -> torch.Tensor:
+        """A copy of the regions of ``blocks`` on ``layer``, back to back: ``[len(blocks), region_bytes]`` uint8.
+        ``blocks`` may be a long tensor on the pool's device already (then no copy is made of it)."""
         index = torch.as_tensor(blocks, dtype=torch.long, device=self.data.device)
         return self._region_words[layer].index_select(0, index).view(torch.uint8)
 

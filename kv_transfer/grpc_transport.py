@@ -194,7 +194,7 @@ class _StagedRegions:
         with torch.cuda.stream(stream):
             stream.wait_event(self.ready)  # the side stream waits; compute and this thread do not
             index = torch.tensor(self.src_blocks, dtype=torch.long).pin_memory().to(device, non_blocking=True)
-            regions = self.cache.regions[self.layer].index_select(0, index)
+            regions = self.cache.read_regions(self.layer, index)
             self._host = torch.empty(regions.shape, dtype=torch.uint8, pin_memory=True)
             self._host.copy_(regions, non_blocking=True)
             self._copied = torch.cuda.Event()
