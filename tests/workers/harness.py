@@ -13,8 +13,10 @@ from dataclasses import dataclass, field
 
 import grpc
 
+from cluster.cli import EXIT_WITH_PARENT_ENV
 from protos import common_pb2, decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
 from protos.cluster_auth import ClusterAuth
+from tests.workers.forked import ForkedProcess
 
 START_TIMEOUT_S = 180  # several workers start at once on two shared cores
 
@@ -23,7 +25,7 @@ START_TIMEOUT_S = 180  # several workers start at once on two shared cores
 class WorkerProcess:
     role: str
     address: str
-    process: subprocess.Popen
+    process: subprocess.Popen | ForkedProcess
     log_lines: list[str] = field(default_factory=list)
 
     @property
@@ -81,12 +83,9 @@ def stop_workers(workers: list[WorkerProcess]) -> None:
 
 
 def launch_worker(role: str, model: str, transport: str = "grpc", *extra: str, prefix: tuple = ()) -> WorkerProcess:
-    """``prefix``: a command the worker runs under (``ip netns exec NAME``: on a test host of its own)."""
-    command = [
-        *prefix,
-        sys.executable,
-        "-m",
-        "cluster.cli",
+    """``prefix``: a command the worker runs under (``ip netns exec NAME``: on a test host of its own); without one,
+    the worker is forked from a server that has its modules imported (tests/workers/forked.py)."""
+    argv = [
         "worker",
         role,
         "--model",
@@ -102,7 +101,11 @@ def launch_worker(role: str, model: str, transport: str = "grpc", *extra: str, p
         *extra,
     ]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    if prefix or EXIT_WITH_PARENT_ENV in env:
+        command = [*prefix, sys.executable, "-m", "cluster.cli", *argv]
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    else:
+        process = ForkedProcess(argv, env)
     return WorkerProcess(role, "", process)
 
 
