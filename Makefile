@@ -30,7 +30,9 @@ LOADGEN_STAMP := $(LOADGEN_VENV)/.installed
 up: $(STAMP)  ## start the cluster on embedded Ray with $(MODEL); OpenAI API on :8000
 	$(BIN)/splitserve up --model $(MODEL) $(UP_ARGS)
 
-test: $(STAMP) system-packages loadgen  ## lint, the whole test suite, then a base install (no extras) serving a completion
+# test's set-up: the two venvs and the Debian packages at once (downloads, unpacking and bytecode overlap).
+test:  ## lint, the whole test suite, then a base install (no extras) serving a completion
+	$(MAKE) --no-print-directory -j3 $(STAMP) $(LOADGEN_STAMP) system-packages
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/python scripts/run_tests.py -q $(PYTEST_ARGS)
@@ -60,10 +62,13 @@ system-packages:
 
 loadgen: $(LOADGEN_STAMP)
 
-$(LOADGEN_STAMP): scripts/loadgen-requirements.txt | $(STAMP)
+# With a uv of its own, so that it installs while .venv does.
+$(LOADGEN_STAMP): scripts/loadgen-requirements.txt
 	$(PYTHON) -m venv $(LOADGEN_VENV)
-	UV=$(UV) scripts/install_torch.sh $(LOADGEN_VENV)/bin/pip
-	$(UV_INSTALL) $(LOADGEN_VENV)/bin/python -r scripts/loadgen-requirements.txt
+	$(LOADGEN_VENV)/bin/pip install --quiet $(UV_PACKAGE)
+	UV=$(LOADGEN_VENV)/bin/uv scripts/install_torch.sh $(LOADGEN_VENV)/bin/pip
+	$(LOADGEN_VENV)/bin/uv pip install --quiet --compile-bytecode --python $(LOADGEN_VENV)/bin/python \
+		-r scripts/loadgen-requirements.txt
 	touch $(LOADGEN_STAMP)
 
 clean:
