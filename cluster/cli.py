@@ -416,7 +416,6 @@ def _run_generate(args: argparse.Namespace) -> int:
 def _run_worker(args: argparse.Namespace) -> int:
     import json
     import signal
-    import threading
 
     from engine.errors import EngineError
     from protos.cluster_auth import MISSING_SECRET_HELP, ClusterAuth
@@ -462,15 +461,27 @@ def _run_worker(args: argparse.Namespace) -> int:
     except (EngineError, OSError, ValueError) as exc:
         print(f"splitserve: {exc}", file=sys.stderr)
         return 2
-    stop = threading.Event()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda *_: stop.set())
+    stop_signal = _stop_signal_pipe()
     trust = "cluster secret required" if auth.secret else "UNAUTHENTICATED (--insecure)"
     print(f"splitserve {args.role} worker serving on {address} (transport {args.transport}, {trust})", flush=True)
     print("READY " + json.dumps({"role": args.role, "address": address, "worker_id": worker.worker_id}), flush=True)
-    stop.wait()
+    while os.read(stop_signal, 1)[0] not in (signal.SIGINT, signal.SIGTERM):
+        pass  # another signal with a Python handler (none of ours): Python wrote its number too
     worker.stop()
     return 0
+
+
+def _stop_signal_pipe() -> int:
+    """A pipe's read end that gets a byte on SIGINT or SIGTERM. Python's wakeup fd writes it, from C, on whichever
+    thread the signal lands; the handlers themselves do nothing. A handler that took a lock (``Event.set``) deadlocked
+    the worker when a second signal came in while the first one's handler held it: a supervisor's SIGTERM twice, or
+    Ctrl-C twice, left it stuck until SIGKILL."""
+    read_end, write_end = os.pipe()
+    os.set_blocking(write_end, False)
+    signal.set_wakeup_fd(write_end)
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: None)
+    return read_end
 
 
 # Flags of one worker role: given to the other, they would be dropped.
