@@ -86,14 +86,15 @@ def test_quick_compare_writes_a_run_per_rate_and_system(tmp_path, capsys):
 
 def test_the_cpu_meter_reads_each_engine_thread_by_its_os_name():
     """A thread named ``*-engine`` (as engine/loop.py names the engine's) is found in its process and
-    metered alone: one spinning reads about a core, the process's other threads do not count."""
+    metered alone: one spinning reads about a core, the process's other threads do not count. Its name is this
+    test's own: this pytest process may still hold a decode engine's thread of an earlier test, ending."""
     from bench.sim.host import CpuMeter
     from engine.threads import name_os_thread
 
     stop, named = threading.Event(), threading.Event()
 
     def engine(spin: bool) -> None:
-        name_os_thread("decode-engine")
+        name_os_thread("probe-engine")
         named.set()
         while not stop.is_set():
             if not spin:
@@ -105,7 +106,7 @@ def test_the_cpu_meter_reads_each_engine_thread_by_its_os_name():
         thread = threading.Thread(target=engine, args=(spin,))
         thread.start()
         assert named.wait(10)
-        meter = CpuMeter([os.getpid()], {"d0": (os.getpid(), "decode-engine")})
+        meter = CpuMeter([os.getpid()], {"d0": (os.getpid(), "probe-engine")})
         before = meter.sample()
         time.sleep(0.5)
         usage = meter.usage(before, meter.sample())
