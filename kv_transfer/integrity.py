@@ -39,10 +39,8 @@ def region_checksum(cache: PagedKVCache, layer: int, block_ids: Sequence[int]) -
 
     CPU: hashed in place (no gathered copy), equal to ``checksum`` of the same regions sent back
     to back. CUDA: ``device_checksum`` of the gathered regions, on the device."""
-    rows = cache.regions[layer]
-    if rows.is_cuda:
-        index = torch.as_tensor(list(block_ids), dtype=torch.long).to(rows.device, non_blocking=True)
-        return device_checksum(rows.index_select(0, index))
+    if cache.data.is_cuda:
+        return device_checksum(cache.read_regions(layer, list(block_ids)))
     return views_checksum(region_views(cache, layer, block_ids))
 
 
