@@ -415,7 +415,6 @@ def _run_generate(args: argparse.Namespace) -> int:
 
 def _run_worker(args: argparse.Namespace) -> int:
     import json
-    import signal
 
     from engine.errors import EngineError
     from protos.cluster_auth import MISSING_SECRET_HELP, ClusterAuth
