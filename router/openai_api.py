@@ -41,6 +41,7 @@ from contract.sampling import FieldError, SamplingParams, check_text, check_toke
 from engine.tokenizer import IncrementalDetokenizer, Tokenizer
 from protos import common_pb2
 from router.frontend import Frontend, Overloaded
+from router.json_route import JsonBodyRoute
 from router.orchestrator import Delta, GenerationError, GenerationRequest
 from router.structured import CHAT_ROLES, Tools, grammar_from_fields, tool_call_format, tool_turns
 
@@ -432,7 +433,17 @@ def create_app(frontend: Frontend, api_keys: tuple[str, ...] = ()) -> FastAPI:
     async def models() -> dict:
         return {"object": "list", "data": [_model_card(frontend)]}
 
-    @app.post("/v1/completions", responses=_GENERATES)
+    def generating(path: str):
+        # The two routes nearly every request is for take the short request path (router/json_route.py).
+        def add(endpoint):
+            app.router.add_api_route(
+                path, endpoint, methods=["POST"], responses=_GENERATES, route_class_override=JsonBodyRoute
+            )
+            return endpoint
+
+        return add
+
+    @generating("/v1/completions")
     async def completions(body: CompletionBody, request: Request):
         frontend.check_model(body.model)
         prompts = _completion_prompts(frontend, body.prompt)
@@ -480,7 +491,7 @@ def create_app(frontend: Frontend, api_keys: tuple[str, ...] = ()) -> FastAPI:
     async def version() -> dict:
         return {"version": importlib.metadata.version("splitserve")}
 
-    @app.post("/v1/chat/completions", responses=_GENERATES)
+    @generating("/v1/chat/completions")
     async def chat(body: ChatBody, request: Request):
         frontend.check_model(body.model)
         messages = _conversation(frontend, body.messages)

@@ -1,0 +1,76 @@
+"""A FastAPI route for the endpoints nearly every request is for (a JSON body model and the Request): the body is
+read, parsed and validated by FastAPI's own pieces (the route's body field, its errors), and the endpoint called,
+without FastAPI's general request path (dependency solving, its exit stacks and telemetry hooks, a MIME parse of
+the content type), which cost ~0.4 ms of the router's TTFT on a Zen 1 vCPU. The route keeps everything else of
+an APIRoute: its OpenAPI document, and the app's exception handlers (Starlette's ``request_response``).
+
+Answers as FastAPI's would: a body that is not JSON is a ``json_invalid`` validation error, one that cannot be
+decoded a 400; a content type other than JSON leaves the body as bytes (and so invalid); an empty body is a
+missing one."""
+
+from __future__ import annotations
+
+import json
+
+from fastapi import HTTPException
+from fastapi.dependencies.utils import get_missing_field_error
+from fastapi.exceptions import RequestValidationError
+from fastapi.routing import APIRoute
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import request_response
+
+_BODY_LOC = ("body",)
+
+
+class JsonBodyRoute(APIRoute):
+    def __init__(self, path: str, endpoint, **kwargs) -> None:
+        super().__init__(path, endpoint, **kwargs)
+        dependant = self.dependant
+        others = (dependant.query_params, dependant.path_params, dependant.header_params, dependant.cookie_params)
+        if len(dependant.body_params) != 1 or any(others) or dependant.dependencies:
+            raise TypeError(f"{path}: a JsonBodyRoute endpoint takes one body model and the request, nothing else")
+        body_field, request_name = self.body_field, dependant.request_param_name
+
+        async def handle(request: Request) -> Response:
+            value = _json_body(await request.body(), request.headers.get("content-type"))
+            body, errors = body_field.validate(value, loc=_BODY_LOC)
+            if errors:
+                raise RequestValidationError(errors, body=value)
+            arguments = {body_field.name: body}
+            if request_name is not None:
+                arguments[request_name] = request
+            response = await endpoint(**arguments)
+            if not isinstance(response, Response):
+                raise TypeError(f"{path}: a JsonBodyRoute endpoint returns a Response")
+            return response
+
+        self.app = request_response(handle)
+
+
+def _json_body(raw: bytes, content_type: str | None):
+    """The parsed body; the raw bytes when the content type is not JSON (FastAPI's strict content type)."""
+    if not raw:
+        raise RequestValidationError([get_missing_field_error(_BODY_LOC)])
+    if not _is_json(content_type):
+        return raw
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError as exc:
+        error = {"type": "json_invalid", "loc": (*_BODY_LOC, exc.pos), "msg": "JSON decode error", "input": {}}
+        raise RequestValidationError([{**error, "ctx": {"error": exc.msg}}], body=exc.doc) from exc
+    except Exception as exc:  # not UTF-8, or nested past the parser's depth
+        raise HTTPException(400, "There was an error parsing the body") from exc
+
+
+def _is_json(content_type: str | None) -> bool:
+    """application/json or application/*+json, parameters and case aside (what FastAPI reads as JSON)."""
+    if not content_type:
+        return False
+    kind, slash, subtype = content_type.split(";", 1)[0].strip().lower().partition("/")
+    return (
+        bool(slash)
+        and kind == "application"
+        and "/" not in subtype
+        and (subtype == "json" or subtype.endswith("+json"))
+    )

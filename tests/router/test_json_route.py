@@ -1,0 +1,93 @@
+"""The short request path of the generating routes (router/json_route.py) answers every body as FastAPI's own route
+does: one app serves the same endpoint, with the router's request model and error handlers, both ways, over real
+HTTP; each body below must get the same status and the same answer from both, and the OpenAPI document must describe
+both routes' request bodies alike."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+
+import httpx
+import pytest
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+
+from router.json_route import JsonBodyRoute
+from router.openai_api import CompletionBody, _install_errors
+from tests.router.conftest import free_port, wait_for
+
+VALID = {"model": "m", "prompt": [1, 2, 3], "max_tokens": 4}
+
+# (body, content type): what a client may send, well or badly
+CASES = {
+    "valid": (json.dumps(VALID), "application/json"),
+    "charset": (json.dumps(VALID), "application/json; charset=utf-8"),
+    "upper case": (json.dumps(VALID), "APPLICATION/JSON"),
+    "+json": (json.dumps(VALID), "application/vnd.api+json"),
+    "not json type": (json.dumps(VALID), "text/plain"),
+    "x-json": (json.dumps(VALID), "application/x-json"),
+    "two slashes": (json.dumps(VALID), "application/json/x"),
+    "no content type": (json.dumps(VALID), None),
+    "empty": (b"", "application/json"),
+    "truncated": (b'{"model": "m", "prompt": ', "application/json"),
+    "not utf-8": (b"\xff\xfe not json", "application/json"),
+    "nested past the parser": (b"[" * 100_000, "application/json"),
+    "array": (b"[1, 2]", "application/json"),
+    "unknown field": (json.dumps({**VALID, "bogus_field": 1}), "application/json"),
+    "wrong type": (json.dumps({**VALID, "max_tokens": "many"}), "application/json"),
+    "missing prompt": (json.dumps({"model": "m"}), "application/json"),
+    "lone surrogate": ('{"model": "m", "prompt": "\\ud800"}', "application/json"),
+    "NaN": ('{"model": "m", "prompt": [1], "temperature": NaN}', "application/json"),  # the sampling record refuses it
+}
+ACCEPTED = ("valid", "charset", "upper case", "+json", "NaN")
+
+
+async def echo(body: CompletionBody, request: Request):
+    return JSONResponse({"fields": sorted(body.model_fields_set), "method": request.method})
+
+
+@pytest.fixture(scope="module")
+def server():
+    app = FastAPI()
+    _install_errors(app)
+    app.router.add_api_route("/fastapi", echo, methods=["POST"])
+    app.router.add_api_route("/short", echo, methods=["POST"], route_class_override=JsonBodyRoute)
+    port = free_port()
+    uvi = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off"))
+    thread = threading.Thread(target=lambda: asyncio.run(uvi.serve()), daemon=True)
+    thread.start()
+    wait_for(lambda: uvi.started, 10, "the test server to start")
+    yield app, f"http://127.0.0.1:{port}"
+    uvi.should_exit = True
+    thread.join(10)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_the_short_route_answers_as_fastapis_own(server, case):
+    _, url = server
+    body, content_type = CASES[case]
+    headers = {"content-type": content_type} if content_type else {}
+    with httpx.Client(timeout=30) as client:
+        # httpx sets no content type for raw content, so "no content type" really sends none
+        answers = [client.post(f"{url}{path}", content=body, headers=headers) for path in ("/fastapi", "/short")]
+    expected, got = answers
+    assert (got.status_code, got.json()) == (expected.status_code, expected.json()), case
+    assert expected.status_code == (200 if case in ACCEPTED else 400), expected.text
+
+
+def test_the_short_route_is_documented_as_fastapis(server):
+    app, _ = server
+    paths = app.openapi()["paths"]
+    assert paths["/short"]["post"]["requestBody"] == paths["/fastapi"]["post"]["requestBody"]
+    assert "CompletionBody" in json.dumps(paths["/short"]["post"]["requestBody"])
+
+
+def test_an_endpoint_with_other_parameters_is_refused():
+    async def with_query(body: CompletionBody, limit: int):
+        return JSONResponse({})
+
+    with pytest.raises(TypeError, match="one body model and the request"):
+        FastAPI().router.add_api_route("/x", with_query, methods=["POST"], route_class_override=JsonBodyRoute)
