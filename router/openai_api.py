@@ -9,6 +9,7 @@ import asyncio
 import hmac
 import importlib.metadata
 import json
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -44,6 +45,8 @@ from router.frontend import Frontend, Overloaded
 from router.json_route import JsonBodyRoute
 from router.orchestrator import Delta, GenerationError, GenerationRequest
 from router.structured import CHAT_ROLES, Tools, grammar_from_fields, tool_call_format, tool_turns
+
+log = logging.getLogger(__name__)
 
 # -- request bodies -----------------------------------------------------------------------------------
 #
@@ -763,30 +766,68 @@ async def _tool_call_deltas(deltas: AsyncIterator[tuple[int, Delta]], tools: Too
         yield index, delta
 
 
+DISCONNECT_CHECK_S = 0.5  # how often a request still waiting for its answer asks whether its client left
+
+
 async def _first_or_cancel(request: Request, deltas: AsyncIterator[tuple[int, Delta]]) -> tuple[int, Delta]:
     """The first delta of a stream; if the client disconnects first, closes the stream (and so the workers' work)."""
     try:
-        return await _unless_disconnected(request, asyncio.ensure_future(anext(deltas)))
+        return await _unless_disconnected(request, anext(deltas))
     except BaseException:
         await deltas.aclose()
         raise
 
 
-async def _unless_disconnected(request: Request, future: asyncio.Future):
-    """``future``'s result; if the client disconnects first, cancels it and answers 499 (to nobody)."""
+async def _unless_disconnected(request: Request, awaitable):
+    """``awaitable``'s result, awaited in this task; if the client disconnects first, the task is cancelled (and
+    with it the workers' work), and answers 499 (to nobody)."""
+    task = asyncio.current_task()
+    watch = _ClientWatch(request, task)
     try:
-        while True:
-            done, _ = await asyncio.wait({future}, timeout=0.5)
-            if done:
-                return future.result()
-            if await request.is_disconnected():
-                raise GenerationError("client disconnected", 499, "client_closed_request")
+        result = await awaitable
+    except asyncio.CancelledError:
+        if watch.fired and task.uncancel() == 0:  # cancelled by the watch alone
+            raise GenerationError("client disconnected", 499, "client_closed_request") from None
+        raise
     finally:
-        if not future.done():
-            future.cancel()
-            await asyncio.wait({future})
-            if not future.cancelled():
-                future.exception()  # a cancelled gather ends with CancelledError as its exception: mark it seen
+        watch.stop()
+    if watch.fired:  # the work swallowed the cancellation: the client is gone all the same
+        task.uncancel()
+        raise GenerationError("client disconnected", 499, "client_closed_request")
+    return result
+
+
+class _ClientWatch:
+    """Asks every DISCONNECT_CHECK_S whether ``request``'s client disconnected, from a timer (a request answered
+    sooner costs no task and no wait), and cancels ``task`` if it did (``fired``)."""
+
+    def __init__(self, request: Request, task: asyncio.Task) -> None:
+        self._request, self._task = request, task
+        self._loop = asyncio.get_running_loop()
+        self._check: asyncio.Task | None = None
+        self.fired = self._stopped = False
+        self._timer = self._loop.call_later(DISCONNECT_CHECK_S, self._start_check)
+
+    def _start_check(self) -> None:
+        self._check = self._loop.create_task(self._request.is_disconnected())
+        self._check.add_done_callback(self._checked)
+
+    def _checked(self, check: asyncio.Task) -> None:
+        if self._stopped or check.cancelled():
+            return
+        if check.exception() is not None:
+            log.warning("could not tell whether a client disconnected: %r", check.exception())
+        elif check.result():
+            self.fired = True
+            self._task.cancel()
+            return
+        self._timer = self._loop.call_later(DISCONNECT_CHECK_S, self._start_check)
+
+    def stop(self) -> None:
+        self._stopped = True
+        self._timer.cancel()
+        if self._check is not None:
+            self._check.cancel()
 
 
 async def _chained(
@@ -803,12 +844,8 @@ async def _collect(stream: AsyncIterator[Delta]) -> list[Delta]:
 
 async def _collect_or_cancel(request: Request, coroutines) -> list[list[Delta]]:
     """Runs the generations; if the client disconnects first, cancels them (and so the workers' work)."""
-    if len(coroutines) == 1:  # the common case: one task, no gather
-        task = asyncio.ensure_future(coroutines[0])
-        try:
-            return [await _unless_disconnected(request, task)]
-        finally:
-            task.cancel()
+    if len(coroutines) == 1:  # the common case: awaited in the request's task, no gather
+        return [await _unless_disconnected(request, coroutines[0])]
     tasks = [asyncio.ensure_future(c) for c in coroutines]
     try:
         return await _unless_disconnected(request, asyncio.gather(*tasks))

@@ -1,6 +1,7 @@
 """The request path's shortcuts keep their contracts: the cluster secret on every worker call, admission's queue and
-refusals, a decode stream's iterator closed when its finish arrives (not left to the garbage collector), and a
-finished stream left to end by itself (no cancellation, no Abort)."""
+refusals, a decode stream's iterator closed when its finish arrives (not left to the garbage collector), a
+finished stream left to end by itself (no cancellation, no Abort), and a request that waits for its answer in its own
+task, where only its client's leaving becomes a 499."""
 
 from __future__ import annotations
 
@@ -9,10 +10,11 @@ import asyncio
 import pytest
 
 from protos import decode_pb2
+from router import openai_api
 from router.config import RouterConfig
 from router.frontend import Admission, Overloaded
 from router.metrics import RouterMetrics
-from router.orchestrator import Orchestrator
+from router.orchestrator import GenerationError, Orchestrator
 from router.workers import SecretStub, WorkerHandle
 from tests.router.conftest import SERVED_MODEL, random_prompt, wait_for
 
@@ -163,3 +165,59 @@ def test_a_finished_request_cancels_nothing_and_aborts_nothing(make_router, clus
     wait_for(lambda: router.call(lambda: all(call.done() for call in generates)), 10, "the Generate calls' statuses")
     assert router.call(lambda: [call.cancelled() for call in generates]) == [False] * 4
     assert "Abort" not in [name for name, _ in counting.calls]
+
+
+class _Client:
+    """Stands in for the one thing ``_unless_disconnected`` asks of Starlette's Request: whether its client has
+    disconnected (here: from the ``gone_after``-th ask on)."""
+
+    def __init__(self, gone_after: int | None = None) -> None:
+        self.gone_after, self.asks = gone_after, 0
+
+    async def is_disconnected(self) -> bool:
+        self.asks += 1
+        return self.gone_after is not None and self.asks >= self.gone_after
+
+
+def test_a_request_waits_in_its_own_task_and_only_its_clients_leaving_is_a_499(monkeypatch):
+    monkeypatch.setattr(openai_api, "DISCONNECT_CHECK_S", 0.01)
+
+    async def answered_at_once():
+        client, before = _Client(gone_after=1), len(asyncio.all_tasks())
+
+        async def work():
+            assert len(asyncio.all_tasks()) == before  # no task of its own, and no watcher task yet
+            return "answer"
+
+        result = await openai_api._unless_disconnected(client, work())
+        await asyncio.sleep(0.05)  # the watch's timer would have fired by now
+        return result, client.asks, asyncio.current_task().cancelling()
+
+    assert asyncio.run(answered_at_once()) == ("answer", 0, 0)
+
+    async def client_leaves():
+        client, stopped = _Client(gone_after=3), asyncio.Event()
+
+        async def work():
+            try:
+                await asyncio.Event().wait()
+            finally:
+                stopped.set()  # the work's own clean-up ran before the 499 left
+
+        with pytest.raises(GenerationError) as caught:
+            await openai_api._unless_disconnected(client, work())
+        return caught.value.status, client.asks, stopped.is_set(), asyncio.current_task().cancelling()
+
+    assert asyncio.run(client_leaves()) == (499, 3, True, 0)
+
+    async def cancelled_from_outside():
+        async def request():
+            await openai_api._unless_disconnected(_Client(), asyncio.Event().wait())
+
+        task = asyncio.ensure_future(request())
+        await asyncio.sleep(0.05)  # a few checks, the client still there
+        task.cancel()  # the server shutting down, say: that is no client leaving
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(cancelled_from_outside())
