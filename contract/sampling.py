@@ -216,21 +216,27 @@ def _integer(name: str, value, low: int, end: int, spelled: str | None = None) -
 
 def _number(name: str, value, low: float, high: float, open_low: bool = False) -> float:
     """``value`` as a float in [low, high] (or (low, high]), checked again as the float32 the wire carries."""
-    interval = f"{'(' if open_low else '['}{low:g}, {high:g}]"
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise FieldError(name, f"{name} must be a number in {interval}")
+        raise FieldError(name, f"{name} must be a number in {_interval(low, high, open_low)}")
     value = float(value)
     for candidate in (value, _as_float32(value)):
         inside = (low < candidate if open_low else low <= candidate) and candidate <= high  # NaN is never inside
         if not inside:
-            raise FieldError(name, f"{name} must be in {interval}")
+            raise FieldError(name, f"{name} must be in {_interval(low, high, open_low)}")
     return value
+
+
+def _interval(low: float, high: float, open_low: bool) -> str:
+    return f"{'(' if open_low else '['}{low:g}, {high:g}]"
+
+
+_FLOAT32 = struct.Struct("<f")
 
 
 def _as_float32(value: float) -> float:
     if not math.isfinite(value) or abs(value) > 3.4e38:
         return value
-    return struct.unpack("<f", struct.pack("<f", value))[0]
+    return _FLOAT32.unpack(_FLOAT32.pack(value))[0]
 
 
 def _stop_strings(stop: Sequence[str]) -> tuple[str, ...]:
