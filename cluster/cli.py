@@ -618,7 +618,7 @@ def _run_router(args: argparse.Namespace) -> int:
     import signal
 
     from engine.errors import EngineError
-    from router.server import serve
+    from router.server import run_event_loop, serve
 
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
@@ -635,7 +635,7 @@ def _run_router(args: argparse.Namespace) -> int:
         print(f"splitserve: {exc}", file=sys.stderr)
         return 2
     try:
-        asyncio.run(main(config))
+        run_event_loop(main(config))
     except (EngineError, ValueError) as exc:  # --model unreadable, or a bad flag value
         print(f"splitserve: {exc}", file=sys.stderr)
         return 2

@@ -21,7 +21,7 @@ from contract.heap import freeze_startup_heap
 from engine.errors import ModelLoadError
 from engine.presets import prepare_model
 from protos.cluster_auth import secret_from_env
-from router.server import Router, Stopped, unless_stopped
+from router.server import Router, Stopped, run_event_loop, unless_stopped
 
 log = logging.getLogger(__name__)
 
@@ -202,7 +202,7 @@ def up(config: ClusterConfig) -> int:
         await run_cluster(config, stop, on_ready=lambda router: freeze_startup_heap())  # this process serves
 
     try:
-        asyncio.run(main())
+        run_event_loop(main())
     except Stopped as exc:
         print(f"splitserve: {exc}; stopped", flush=True)
         return 0

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
+from collections.abc import Coroutine
+from typing import Any, TypeVar
 
 import uvicorn
 
@@ -22,6 +24,25 @@ from router.openai_api import create_app
 from router.workers import WorkerPool
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+def new_event_loop() -> asyncio.AbstractEventLoop:
+    """The router's event loop: uvloop's, a base dependency except on Windows, whose turns cost less than asyncio's
+    (~0.1 ms of the TTFT a request through the router pays, on a Zen 1 vCPU); asyncio's own where uvloop is not
+    installed."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
+
+
+def run_event_loop(main: Coroutine[Any, Any, T]) -> T:
+    """Runs ``main`` on a new router event loop (``asyncio.run``'s, with its loop)."""
+    with asyncio.Runner(loop_factory=new_event_loop) as runner:
+        return runner.run(main)
 
 
 class Router:

@@ -11,6 +11,7 @@ import ray
 
 from cluster.config import ClusterConfig
 from cluster.up import run_cluster
+from router.server import new_event_loop
 
 
 class RunningCluster:
@@ -20,7 +21,7 @@ class RunningCluster:
         self.config = config
         self._ready = threading.Event()
         self._error: BaseException | None = None
-        self._loop = asyncio.new_event_loop()
+        self._loop = new_event_loop()  # the router process's own kind of loop
         self._stop: asyncio.Event | None = None
         self.router = None
         self._thread = threading.Thread(target=self._run, daemon=True)

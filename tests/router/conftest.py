@@ -23,7 +23,7 @@ import torch
 from prometheus_client.parser import text_string_to_metric_families
 
 from router.config import RouterConfig
-from router.server import Router
+from router.server import Router, new_event_loop
 from tests.checkpoints import write_checkpoint
 from tests.workers.harness import WorkerProcess, start_workers
 
@@ -62,7 +62,7 @@ class RouterThread:
     """A Router on its own event loop in a daemon thread; HTTP and gRPC on ports the OS picked."""
 
     def __init__(self, config: RouterConfig, ready: bool = True) -> None:
-        self.loop = asyncio.new_event_loop()
+        self.loop = new_event_loop()  # the router process's own kind of loop
         self.thread = threading.Thread(target=self.loop.run_forever, name="router-loop", daemon=True)
         self.thread.start()
         self.router: Router = self.call(lambda: Router(config))

@@ -15,7 +15,7 @@ from decode_worker.worker import DecodeWorker
 from protos import generate_pb2_grpc
 from protos.cluster_auth import ClusterAuth
 from router.config import RouterConfig
-from router.server import Router
+from router.server import Router, new_event_loop
 from tests.worker_server.certs import TestCA
 from tests.worker_server.test_security import SECRET, engine_config
 
@@ -35,7 +35,7 @@ def tls_router(tiny, tmp_path):
         tls_keyfile=issued.key,
         health_interval_s=0.2,
     )
-    loop = asyncio.new_event_loop()
+    loop = new_event_loop()  # the router process's own kind of loop
     threading.Thread(target=loop.run_forever, daemon=True).start()
     router = Router(config)
     asyncio.run_coroutine_threadsafe(router.start(), loop).result(30)
