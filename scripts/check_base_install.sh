@@ -30,6 +30,8 @@ cd "$work"  # not the checkout: the installed package must be what runs
 "$bin/splitserve" up --help > /dev/null
 # the CPU decode-attention kernel's source ships in the package: it is compiled on first use
 "$bin/python" -c "from engine.native_kernels import SOURCE; assert (SOURCE.parent / 'bf16_steps.h').is_file(), SOURCE"
+# the router's event loop is uvloop's, a base dependency (router/server.py)
+"$bin/python" -c "import uvloop; from router.server import new_event_loop; assert isinstance(new_event_loop(), uvloop.Loop)"
 if "$bin/python" -c "import httpx" 2>/dev/null; then
     echo "base install check: httpx is installed, so this is not a base install" >&2; exit 1
 fi

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+import uvloop
 
 from protos import decode_pb2
 from router import openai_api
@@ -15,6 +16,7 @@ from router.config import RouterConfig
 from router.frontend import Admission, Overloaded
 from router.metrics import RouterMetrics
 from router.orchestrator import GenerationError, Orchestrator
+from router.server import run_event_loop
 from router.workers import SecretStub, WorkerHandle
 from tests.router.conftest import SERVED_MODEL, random_prompt, wait_for
 
@@ -221,3 +223,10 @@ def test_a_request_waits_in_its_own_task_and_only_its_clients_leaving_is_a_499(m
             await task
 
     asyncio.run(cancelled_from_outside())
+
+
+def test_the_router_runs_on_uvloops_event_loop():
+    async def running_loop():
+        return type(asyncio.get_running_loop())
+
+    assert run_event_loop(running_loop()) is uvloop.Loop
