@@ -1,8 +1,9 @@
 """A FastAPI route for the endpoints nearly every request is for (a JSON body model and the Request): the body is
 read, parsed and validated by FastAPI's own pieces (the route's body field, its errors), and the endpoint called,
 without FastAPI's general request path (dependency solving, its exit stacks and telemetry hooks, a MIME parse of
-the content type), which cost ~0.4 ms of the router's TTFT on a Zen 1 vCPU. The route keeps everything else of
-an APIRoute: its OpenAPI document, and the app's exception handlers (Starlette's ``request_response``).
+the content type): on a Zen 1 vCPU a request took 0.26 ms from the middlewares to the endpoint this way, 0.38 ms
+FastAPI's (medians of 500 requests, wall-clock stamps in the router). The route keeps everything else of an
+APIRoute: its OpenAPI document, and the app's exception handlers (Starlette's ``request_response``).
 
 Answers as FastAPI's would: a body that is not JSON is a ``json_invalid`` validation error, one that cannot be
 decoded a 400; a content type other than JSON leaves the body as bytes (and so invalid); an empty body is a
