@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from router.config import RouterConfig
-from tests.router.conftest import RouterThread, stop_all
-from tests.workers.harness import start_workers
+from tests.router.conftest import RouterThread
+from tests.workers.harness import start_workers, stop_workers
 
 ROOT = Path(__file__).resolve().parents[2]
 SERVED = "bench-demo"  # not the old default `demo`: a run that completes took the name from /v1/models
@@ -39,7 +39,7 @@ def server() -> Iterator[str]:
         finally:
             router.stop()
     finally:
-        stop_all([decode])
+        stop_workers([decode])
 
 
 def bench_serve(*args: str) -> subprocess.CompletedProcess:

@@ -30,8 +30,8 @@ from engine.presets import (
 )
 from router.config import RouterConfig
 from tests.checkpoints import hf_greedy
-from tests.router.conftest import RouterThread, stop_all
-from tests.workers.harness import start_workers
+from tests.router.conftest import RouterThread
+from tests.workers.harness import start_workers, stop_workers
 
 PRESET = "smollm2-135m-instruct"
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
@@ -154,4 +154,4 @@ def test_served_by_router_and_workers_through_the_openai_sdk(built):
     finally:
         if router is not None:
             router.stop()
-        stop_all(workers)
+        stop_workers(workers)

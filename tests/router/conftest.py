@@ -25,7 +25,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from router.config import RouterConfig
 from router.server import Router, new_event_loop
 from tests.checkpoints import write_checkpoint
-from tests.workers.harness import WorkerProcess, start_workers
+from tests.workers.harness import WorkerProcess, start_workers, stop_workers
 
 SERVED_MODEL = "tiny-llama"
 VOCAB = 320
@@ -152,15 +152,6 @@ def wait_for(predicate, timeout: float, what: str, interval: float = 0.05):
         time.sleep(interval)
 
 
-def stop_all(workers: list[WorkerProcess]) -> None:
-    """Stops workers together (each takes a moment to shut down gracefully)."""
-    for worker in workers:
-        if worker.process.poll() is None:
-            worker.process.terminate()
-    for worker in workers:
-        worker.stop()
-
-
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -224,7 +215,7 @@ def cluster(checkpoint: Checkpoint) -> Iterator[Cluster]:
     p1, p2, d1 = start_workers(("prefill", model), ("prefill", model), ("decode", model))
     cluster = Cluster([p1, p2], d1)
     yield cluster
-    stop_all(cluster.workers)
+    stop_workers(cluster.workers)
 
 
 def router_config(checkpoint: Checkpoint, prefills, decodes, **overrides) -> RouterConfig:

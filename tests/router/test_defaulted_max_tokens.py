@@ -16,8 +16,8 @@ import transformers
 from engine.presets import model_directory, prepare_model
 from protos import common_pb2, generate_pb2, generate_pb2_grpc
 from router.config import RouterConfig
-from tests.router.conftest import RouterThread, greedy_ignoring_eos, stop_all, token_ids
-from tests.workers.harness import start_workers
+from tests.router.conftest import RouterThread, greedy_ignoring_eos, token_ids
+from tests.workers.harness import start_workers, stop_workers
 
 PRESET = "smollm2-135m-instruct"
 POOL_TOKENS = 22 * 16  # --kv-cache-mb 16 in float32: 22 blocks of 16 tokens
@@ -41,7 +41,7 @@ def workers(hf) -> Iterator[tuple]:
         ("decode", PRESET, "grpc", "--dtype", "float32", "--kv-cache-mb", "16"),
     )
     yield prefill, decode
-    stop_all([prefill, decode])
+    stop_workers([prefill, decode])
 
 
 @pytest.fixture(scope="module", params=["aggregated", "disaggregated"])

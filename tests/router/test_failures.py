@@ -22,12 +22,11 @@ from tests.router.conftest import (
     SERVED_MODEL,
     greedy_ignoring_eos,
     random_prompt,
-    stop_all,
     streams_under_way,
     token_ids,
     wait_for,
 )
-from tests.workers.harness import WorkerProcess, start_workers, wait_idle
+from tests.workers.harness import WorkerProcess, start_workers, stop_workers, wait_idle
 
 REQUEST_TIMEOUT_S = 60
 LONG_GENERATION = MAX_MODEL_LEN - 200  # several seconds of decoding: far longer than any wait below
@@ -54,7 +53,7 @@ def failing(checkpoint):
     p1, p2, d1, d2 = start_workers(chunked, chunked, ("decode", model), ("decode", model))
     cluster = FailureCluster([p1, p2], [d1, d2])
     yield cluster
-    stop_all(cluster.workers)
+    stop_workers(cluster.workers)
 
 
 # -- clients leaving ----------------------------------------------------------------------------------

@@ -9,8 +9,8 @@ from concurrent.futures import ThreadPoolExecutor
 import openai
 import pytest
 
-from tests.router.conftest import SERVED_MODEL, complete_ids, greedy_ignoring_eos, random_prompt, stop_all
-from tests.workers.harness import start_workers, wait_idle
+from tests.router.conftest import SERVED_MODEL, complete_ids, greedy_ignoring_eos, random_prompt
+from tests.workers.harness import start_workers, stop_workers, wait_idle
 
 POOL_MB = "1"  # 16 blocks of 16 tokens for this checkpoint: two 100-token prompts' reservations, not three
 PROMPT_TOKENS = 100
@@ -23,7 +23,7 @@ def small_pool(checkpoint):
     model = str(checkpoint.path)
     workers = start_workers(("prefill", model), ("decode", model, "grpc", "--kv-cache-mb", POOL_MB))
     yield workers
-    stop_all(workers)
+    stop_workers(workers)
 
 
 def test_requests_beyond_a_full_decode_pool_wait_for_blocks_and_match_transformers(

@@ -16,8 +16,8 @@ from schemathesis.checks import not_a_server_error, status_code_conformance
 
 from protos import generate_pb2, generate_pb2_grpc
 from tests.protobuf_strategies import messages
-from tests.router.conftest import SERVED_MODEL, RouterThread, router_config, stop_all
-from tests.workers.harness import start_workers, wait_idle
+from tests.router.conftest import SERVED_MODEL, RouterThread, router_config
+from tests.workers.harness import start_workers, stop_workers, wait_idle
 
 PUBLIC_CODES = {
     grpc.StatusCode.OK,
@@ -35,7 +35,7 @@ def fuzz_router(checkpoint):
     router = RouterThread(router_config(checkpoint, [], [decode], max_body_bytes=256 * 1024, open_docs=True))
     yield router, decode
     router.stop()
-    stop_all([decode])
+    stop_workers([decode])
 
 
 def _operations(router: RouterThread):

@@ -23,8 +23,8 @@ from tokenizers import Tokenizer as BackendTokenizer
 from router.config import RouterConfig
 from tests.checkpoints import write_checkpoint
 from tests.engine.test_tokenizer import write_model_dir
-from tests.router.conftest import RouterThread, metric_sum, stop_all
-from tests.workers.harness import start_workers
+from tests.router.conftest import RouterThread, metric_sum
+from tests.workers.harness import start_workers, stop_workers
 
 ROOT = Path(__file__).resolve().parents[2]
 MODEL = "bpe-llama"
@@ -65,7 +65,7 @@ def stack(tmp_path_factory) -> Iterator[tuple[Path, RouterThread]]:
         finally:
             router.stop()
     finally:
-        stop_all([prefill, decode])
+        stop_workers([prefill, decode])
 
 
 def _assert_our_metrics_saw(before: dict, after: dict, prompt_tokens: int, client_ttft_s: float) -> None:

@@ -20,11 +20,10 @@ from tests.router.conftest import (
     greedy_ignoring_eos,
     random_prompt,
     start_stream,
-    stop_all,
     token_ids,
     wait_for,
 )
-from tests.workers.harness import start_workers, wait_idle
+from tests.workers.harness import start_workers, stop_workers, wait_idle
 
 REQUEST_TIMEOUT_S = 90
 FIRST_BYTE_ID = 3
@@ -49,7 +48,7 @@ def workers(checkpoint):
     chunked = ("prefill", model, "grpc", "--max-num-batched-tokens", "64")  # a long prompt prefills for a while
     p1, p2, d1, d2 = start_workers(chunked, chunked, ("decode", model), ("decode", model))
     yield Workers([p1, p2], [d1, d2])
-    stop_all([p1, p2, d1, d2])
+    stop_workers([p1, p2, d1, d2])
 
 
 def test_worker_removed_from_the_pool_under_a_call_is_a_lost_worker(make_router, workers, checkpoint, rng):

@@ -24,8 +24,8 @@ from engine.block_manager import compute_block_hashes
 from router.config import RouterConfig
 from tests.checkpoints import write_checkpoint
 from tests.engine.test_tokenizer import CHATML_TEMPLATE, write_model_dir
-from tests.router.conftest import RouterThread, greedy_ignoring_eos, stop_all, token_ids, wait_for
-from tests.workers.harness import WorkerProcess, start_workers, wait_idle
+from tests.router.conftest import RouterThread, greedy_ignoring_eos, token_ids, wait_for
+from tests.workers.harness import WorkerProcess, start_workers, stop_workers, wait_idle
 
 GREEDY = dict(temperature=0, extra_body={"ignore_eos": True, "return_tokens_as_token_ids": True})
 MAX_TOKENS = 12
@@ -72,7 +72,7 @@ def setup(tmp_path_factory) -> Iterator[Setup]:
     hf_tokenizer = transformers.AutoTokenizer.from_pretrained(model)
     setup = Setup(model_dir, other_dir, oracle, hf_tokenizer, tuple(workers[:2]), tuple(workers[2:4]), workers[4])
     yield setup
-    stop_all(setup.workers)
+    stop_workers(setup.workers)
 
 
 @pytest.fixture

@@ -42,10 +42,9 @@ from tests.router.conftest import (
     metric_sum,
     random_prompt,
     start_stream,
-    stop_all,
     wait_for,
 )
-from tests.workers.harness import launch_worker, wait_idle, wait_ready
+from tests.workers.harness import launch_worker, stop_workers, wait_idle, wait_ready
 
 MAX_TOKENS = 6
 PROMPT_TOKENS = 48  # over the routers' local_prefill_threshold: prefilled remotely when a prefill worker may
@@ -65,7 +64,7 @@ def partitioned(checkpoint):
         workers = [wait_ready(worker) for worker in launched]
         yield workers[0], workers[2], workers[1]
     finally:
-        stop_all(launched)
+        stop_workers(launched)
         for host in hosts:
             host.close()
 
@@ -153,7 +152,7 @@ def blackholed(checkpoint):
         prefill, decode = (wait_ready(worker) for worker in launched)
         yield *hosts, link_subnet, prefill, decode
     finally:
-        stop_all(launched)
+        stop_workers(launched)
         for host in hosts:
             host.close()
 
@@ -234,5 +233,5 @@ def test_a_decode_worker_whose_link_goes_down_mid_stream_is_migrated_from(make_r
         wait_idle(far)
         wait_idle(near)
     finally:
-        stop_all(launched)
+        stop_workers(launched)
         host.close()

@@ -16,8 +16,8 @@ import pytest
 from protos import common_pb2, generate_pb2, generate_pb2_grpc
 from router.grpc_api import MAX_REQUEST_ID_CHARS
 from router.orchestrator import GenerationError
-from tests.router.conftest import SERVED_MODEL, RouterThread, random_prompt, router_config, stop_all
-from tests.workers.harness import start_worker
+from tests.router.conftest import SERVED_MODEL, RouterThread, random_prompt, router_config
+from tests.workers.harness import start_worker, stop_workers
 
 SMALL_POOL_TOKENS = 256  # --kv-cache-mb 1 of the test checkpoint (4 KiB of KV per token)
 OVER_THE_POOL = 1000  # max_tokens: within the model's 2048-token context, over the pool
@@ -27,7 +27,7 @@ OVER_THE_POOL = 1000  # max_tokens: within the model's 2048-token context, over 
 def small_decode(checkpoint):
     worker = start_worker("decode", str(checkpoint.path), "grpc", "--kv-cache-mb", "1")
     yield worker
-    stop_all([worker])
+    stop_workers([worker])
 
 
 @pytest.fixture(scope="module")

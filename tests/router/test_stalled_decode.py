@@ -17,11 +17,10 @@ from tests.router.conftest import (
     greedy_ignoring_eos,
     random_prompt,
     start_stream,
-    stop_all,
     streams_under_way,
     wait_for,
 )
-from tests.workers.harness import start_workers, wait_idle
+from tests.workers.harness import start_workers, stop_workers, wait_idle
 
 MAX_TOKENS = 600  # seconds of decoding on the test checkpoint: the stall lands mid-stream
 STALL_BOUND_S = 25  # from the stall to every stream done; well under gRPC's 60 s ping timeout
@@ -36,14 +35,14 @@ def workers(checkpoint):
     for worker in decodes:
         if worker.process.poll() is None:
             os.kill(worker.process.pid, signal.SIGCONT)
-    stop_all([prefill, *decodes])
+    stop_workers([prefill, *decodes])
 
 
 @pytest.fixture(scope="module")
 def spare_prefill(checkpoint):
     (worker,) = start_workers(("prefill", str(checkpoint.path)))
     yield worker
-    stop_all([worker])
+    stop_workers([worker])
 
 
 def test_streams_on_a_stalled_decode_worker_migrate_promptly_and_exactly(make_router, workers, checkpoint, rng):

@@ -23,9 +23,9 @@ from protos import common_pb2, generate_pb2, generate_pb2_grpc
 from router.config import RouterConfig
 from tests.checkpoints import write_checkpoint
 from tests.engine.test_tokenizer import write_model_dir
-from tests.router.conftest import RouterThread, stop_all
+from tests.router.conftest import RouterThread
 from tests.router.test_errors import assert_error, post
-from tests.workers.harness import WorkerProcess, start_workers, wait_idle
+from tests.workers.harness import WorkerProcess, start_workers, stop_workers, wait_idle
 
 MODEL = "bpe-qwen"
 # Qwen2.5's tool layout, shortened: tools in the system turn, calls as <tool_call>{json}</tool_call>.
@@ -118,7 +118,7 @@ def setup(tmp_path_factory) -> Iterator[Setup]:
     finally:
         for router in routers.values():
             router.stop()
-        stop_all(started)
+        stop_workers(started)
 
 
 def _client(setup: Setup, transport: str) -> openai.OpenAI:

@@ -21,10 +21,10 @@ from engine.tokenizer import HFTokenizer
 from router.config import RouterConfig
 from tests.checkpoints import write_checkpoint
 from tests.engine.test_tokenizer import write_model_dir
-from tests.router.conftest import RouterThread, greedy_ignoring_eos, stop_all, token_ids
+from tests.router.conftest import RouterThread, greedy_ignoring_eos, token_ids
 from tests.router.test_errors import assert_error, post
 from tests.router.test_structured_output import QWEN_TOOLS_TEMPLATE, WEATHER
-from tests.workers.harness import start_workers
+from tests.workers.harness import start_workers, stop_workers
 
 MODEL = "bpe-qwen-tools"
 QWEN25_TEMPLATE = """{%- if tools %}
@@ -99,7 +99,7 @@ def setup(tmp_path_factory) -> Iterator[Setup]:
         finally:
             router.stop()
     finally:
-        stop_all([decode])
+        stop_workers([decode])
 
 
 @pytest.fixture(scope="module")

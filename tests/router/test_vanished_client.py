@@ -36,9 +36,9 @@ from protos import common_pb2, generate_pb2, generate_pb2_grpc
 from protos.cluster_auth import PEER_SILENCE_S
 from tests.checkpoints import write_checkpoint
 from tests.netns import NetnsHost, subnets
-from tests.router.conftest import SERVED_MODEL, Checkpoint, stop_all
+from tests.router.conftest import SERVED_MODEL, Checkpoint
 from tests.router.stream_client import PROMPT
-from tests.workers.harness import launch_worker, wait_idle, wait_ready, wait_until
+from tests.workers.harness import launch_worker, stop_workers, wait_idle, wait_ready, wait_until
 
 # A model whose decode step reads ~90 MB of weights (~90-130 tokens/s on one core of a 2-core EPYC) with room for a
 # 12,000-token output (6 KiB of KV a token): a stream that lasts minutes, far past the bound.
@@ -70,7 +70,7 @@ def _decode_worker(checkpoint: Checkpoint, *extra: str):
     try:
         yield wait_ready(launched[0])
     finally:
-        stop_all(launched)
+        stop_workers(launched)
 
 
 @pytest.fixture
@@ -86,7 +86,7 @@ def prefill(checkpoint):
     try:
         yield wait_ready(launched[0])
     finally:
-        stop_all(launched)
+        stop_workers(launched)
 
 
 @pytest.fixture
