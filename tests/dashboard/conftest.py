@@ -8,10 +8,7 @@ from __future__ import annotations
 
 import os
 import shutil
-import threading
-import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 
 import pytest
 
@@ -62,22 +59,3 @@ def give_token(page, token: str) -> None:
     """Types the admin token into the page's field and submits it: the page shows nothing without it."""
     page.fill("#admin-token", token)
     page.press("#admin-token", "Enter")
-
-
-@contextmanager
-def serve_app(app) -> Iterator[str]:
-    """``app`` served by uvicorn on a free local port in a daemon thread; yields its base URL."""
-    import uvicorn
-
-    server = uvicorn.Server(
-        uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="off", timeout_graceful_shutdown=1)
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
-    server.should_exit = True
-    thread.join(10)

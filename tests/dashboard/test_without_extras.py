@@ -14,7 +14,8 @@ from router.dashboard import WEB_DIR, install_dashboard
 from router.frontend import Frontend
 from router.openai_api import create_app
 from router.workers import WorkerPool
-from tests.dashboard.conftest import PageProblems, give_token, serve_app
+from tests.asgi_server import serve_app
+from tests.dashboard.conftest import PageProblems, give_token
 
 
 @pytest.fixture(scope="module")

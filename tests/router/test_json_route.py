@@ -5,19 +5,16 @@ both routes' request bodies alike."""
 
 from __future__ import annotations
 
-import asyncio
 import json
-import threading
 
 import httpx
 import pytest
-import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from router.json_route import JsonBodyRoute
 from router.openai_api import CompletionBody, _install_errors
-from tests.router.conftest import free_port, wait_for
+from tests.asgi_server import serve_app
 
 VALID = {"model": "m", "prompt": [1, 2, 3], "max_tokens": 4}
 
@@ -55,14 +52,8 @@ def server():
     _install_errors(app)
     app.router.add_api_route("/fastapi", echo, methods=["POST"])
     app.router.add_api_route("/short", echo, methods=["POST"], route_class_override=JsonBodyRoute)
-    port = free_port()
-    uvi = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off"))
-    thread = threading.Thread(target=lambda: asyncio.run(uvi.serve()), daemon=True)
-    thread.start()
-    wait_for(lambda: uvi.started, 10, "the test server to start")
-    yield app, f"http://127.0.0.1:{port}"
-    uvi.should_exit = True
-    thread.join(10)
+    with serve_app(app) as url:
+        yield app, url
 
 
 @pytest.mark.parametrize("case", list(CASES))
