@@ -219,10 +219,10 @@ def _number(name: str, value, low: float, high: float, open_low: bool = False) -
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise FieldError(name, f"{name} must be a number in {_interval(low, high, open_low)}")
     value = float(value)
-    for candidate in (value, _as_float32(value)):
-        inside = (low < candidate if open_low else low <= candidate) and candidate <= high  # NaN is never inside
-        if not inside:
-            raise FieldError(name, f"{name} must be in {_interval(low, high, open_low)}")
+    narrow = _as_float32(value)
+    least, most = (value, narrow) if value <= narrow else (narrow, value)
+    if not ((low < least if open_low else low <= least) and most <= high):  # NaN is never inside
+        raise FieldError(name, f"{name} must be in {_interval(low, high, open_low)}")
     return value
 
 
@@ -252,6 +252,8 @@ def _stop_strings(stop: Sequence[str]) -> tuple[str, ...]:
 
 def _logit_bias(bias) -> tuple[tuple[int, float], ...]:
     """(token id, bias) pairs from a mapping or pairs: ids in uint32, biases in [-100, 100] as float32."""
+    if isinstance(bias, (dict, tuple, list)) and not bias:  # none: nearly every request
+        return ()
     pairs = tuple(bias.items()) if isinstance(bias, Mapping) else bias
     if not isinstance(pairs, (tuple, list)) or not all(isinstance(p, (tuple, list)) and len(p) == 2 for p in pairs):
         raise FieldError("logit_bias", "logit_bias must map token ids to biases")
@@ -262,8 +264,12 @@ def _logit_bias(bias) -> tuple[tuple[int, float], ...]:
     return tuple(sorted((token_id, _as_float32(b)) for token_id, b in zip(ids, biases)))
 
 
+_INT_ONLY = frozenset({int})
+
+
 def _token_ids(name: str, token_ids: Iterable[int], end: int) -> tuple[int, ...]:
     ids = tuple(token_ids)
-    if not all(not isinstance(t, bool) and isinstance(t, int) and 0 <= t < end for t in ids):
+    plain = not ids or (set(map(type, ids)) == _INT_ONLY and 0 <= min(ids) and max(ids) < end)  # at C speed
+    if not plain and not all(not isinstance(t, bool) and isinstance(t, int) and 0 <= t < end for t in ids):
         raise FieldError(name, f"{name} must hold token ids in [0, {end})")
     return ids
