@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import uuid
+import secrets
 from collections.abc import AsyncIterator
 
 from contract.sampling import FieldError, SamplingParams, check_text, check_token_ids, check_vocabulary
@@ -193,7 +193,7 @@ class Frontend:
         check_vocabulary(params, self.vocab_size)
         if params.grammar is not None and params.grammar.accepted_prompt_tokens > len(prompt_ids):
             raise _bad("grammar.accepted_prompt_tokens exceeds the prompt", "grammar")
-        return GenerationRequest(uuid.uuid4().hex, tuple(prompt_ids), params.to_wire())
+        return GenerationRequest(secrets.token_hex(16), tuple(prompt_ids), params.to_wire())
 
     # -- output -----------------------------------------------------------------------------------
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import time
 from collections import deque
 from collections.abc import Callable
@@ -114,6 +115,11 @@ class RouterMetrics:
         self.routing_decisions = Counter(
             "splitserve_routing_decisions", "Routing decisions by type", ["decision"], registry=r
         )
+        # The labelled families counted on every request, each child remembered by its label values (small fixed
+        # sets): a dict lookup, where labels() takes a lock and checks its arguments every time.
+        self.requests_by = functools.cache(self.requests.labels)
+        self.finished_by = functools.cache(self.finished.labels)
+        self.decisions_by = functools.cache(self.routing_decisions.labels)
         self.prefill_retries = Counter(
             "splitserve_prefill_retries", "Prefill attempts retried on another worker", registry=r
         )

@@ -10,8 +10,8 @@ import hmac
 import importlib.metadata
 import json
 import logging
+import secrets
 import time
-import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
 from functools import cache
@@ -625,6 +625,8 @@ class _Completions:
 
     def stream(self, index: int, stream: AsyncIterator[Delta]) -> AsyncIterator[Delta]:
         prompt = index // self.best_of
+        if not self.echo and not self.scoring:
+            return stream  # nothing to shape: no layer to pass through
         echo = (tuple(self.prompts[prompt]), self.prompt_texts[prompt]) if self.echo else None
         return _shaped(stream, echo, self.scoring)
 
@@ -642,7 +644,7 @@ class _Completions:
                 candidates = sorted(candidates, key=lambda r: -sum(lp.logprob for d in r for lp in d.logprobs))
             chosen.extend(candidates[: self.n])
         if not self.logprobs:
-            chosen = [[replace(d, logprobs=()) for d in deltas] for deltas in chosen]
+            chosen = [[replace(d, logprobs=()) if d.logprobs else d for d in deltas] for deltas in chosen]
         return chosen
 
 
@@ -697,7 +699,7 @@ async def _respond(
     tools: Tools | None = None,
     completions: _Completions | None = None,
 ):
-    response_id = f"{prefix}-{uuid.uuid4().hex}"
+    response_id = f"{prefix}-{secrets.token_hex(16)}"
     names = _TokenNames(frontend, body.return_tokens_as_token_ids, completions)
     created = int(time.time())
     chat = kind == "chat.completion"
@@ -1259,7 +1261,7 @@ class _Guard:
             await self.app(scope, receive, counting_send)
         finally:
             if status:
-                self.frontend.metrics.requests.labels(_route_template(scope), str(status)).inc()
+                self.frontend.metrics.requests_by(_route_template(scope), str(status)).inc()
 
     def _too_large(self) -> JSONResponse:
         return error_response(f"request body larger than {self.limit} bytes", 413, "request_too_large")

@@ -206,7 +206,7 @@ class Orchestrator:
             # Prompt logprobs need the logits of every prompt position: the worker that prefills computes them.
             reason = "prompt logprobs are computed where the prompt is prefilled"
             chosen = Route(Decision.LOCAL_PREFILL, chosen.decode, None, chosen.uncached_tokens, reason)
-        self.metrics.routing_decisions.labels(chosen.decision.value).inc()
+        self.metrics.decisions_by(chosen.decision.value).inc()
         if self.on_route is not None:
             self.on_route(request.request_id, chosen)
         progress.trace.routed(chosen, hashes)
@@ -301,7 +301,7 @@ class Orchestrator:
         log.warning(
             "request %s: prefill failed on every worker tried; prefilling on the decode worker", request.request_id
         )
-        self.metrics.routing_decisions.labels(Decision.FALLBACK.value).inc()
+        self.metrics.decisions_by(Decision.FALLBACK.value).inc()
         async for delta in self._local(request, decode, progress, chosen.uncached_tokens):
             yield delta
 
@@ -459,9 +459,8 @@ class Orchestrator:
     ) -> AsyncIterator[Delta]:
         """Deltas from a decode worker's Generate stream. With ``skip_first`` the first response (the
         token the prefill worker already returned) contributes only text the client has not had."""
-        responses = aiter(call)
         try:
-            async for response in responses:
+            while (response := await call.read()) is not grpc.aio.EOF:  # read: no async iterator layer to go through
                 tokens = tuple(response.token_ids)
                 text, logprobs = response.text, tuple(response.logprobs)
                 if skip_first and tokens:
@@ -477,10 +476,7 @@ class Orchestrator:
                         tokens, text, logprobs, response.finish_reason or None, usage, prompt_logprobs, stop_reason
                     )
                 if response.finish_reason:
-                    # The worker's status is still to come: closed now, the stream's iterator is not left to the
-                    # garbage collector, whose asyncio finalizer costs a thread-safe wakeup and a task per request.
-                    await responses.aclose()
-                    return
+                    return  # the worker's status is still to come: the call ends by itself (_end_call)
         except asyncio.CancelledError as exc:
             if not _let_go_under_call(decode):
                 raise
@@ -535,7 +531,7 @@ class Orchestrator:
             prompt_tokens=len(request.prompt_token_ids), completion_tokens=len(progress.tokens), cached_tokens=cached
         )
         self.metrics.e2e.observe(now - progress.started)
-        self.metrics.finished.labels(delta.finish_reason).inc()
+        self.metrics.finished_by(delta.finish_reason).inc()
         progress.trace.finished(delta.finish_reason, usage.prompt_tokens, usage.completion_tokens, cached)
         if len(progress.tokens) > 1 and progress.first_token_at is not None:
             tpot = (now - progress.first_token_at) / (len(progress.tokens) - 1)

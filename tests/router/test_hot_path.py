@@ -85,25 +85,24 @@ def test_admission_takes_free_slots_at_once_queues_then_refuses():
 
 
 class _Stream:
-    """A gRPC response stream: its iterator says when it was closed."""
+    """A gRPC response stream read with ``read()``; after its responses the status is still to come (a read
+    waits). An async iterator over it would be a layer more per response: refused."""
 
     def __init__(self, responses) -> None:
-        self.responses = responses
-        self.closed = False
+        self.responses = list(responses)
+        self.reads = 0
+
+    async def read(self):
+        self.reads += 1
+        if self.reads <= len(self.responses):
+            return self.responses[self.reads - 1]
+        await asyncio.Event().wait()  # the status, still to come
 
     def __aiter__(self):
-        return self._iterate()
-
-    async def _iterate(self):
-        try:
-            for response in self.responses:
-                yield response
-            await asyncio.Event().wait()  # the status, still to come
-        finally:
-            self.closed = True
+        raise AssertionError("the decode stream is read, not iterated")
 
 
-def test_decode_stream_closes_the_response_iterator_on_finish():
+def test_decode_stream_reads_up_to_the_finish_and_no_further():
     stream = _Stream(
         [
             decode_pb2.GenerateResponse(token_ids=[7], text="a"),
@@ -114,12 +113,16 @@ def test_decode_stream_closes_the_response_iterator_on_finish():
     worker = WorkerHandle("d:1", "decode", channel=None, stub=None)
 
     async def collect():
-        deltas = [delta async for delta in orchestrator._decode_stream(worker, stream, skip_first=False)]
-        return deltas, stream.closed  # before the loop had a turn to finalize an abandoned iterator
+        stream_of = orchestrator._decode_stream(worker, stream, skip_first=False)
+        return await asyncio.wait_for(_all(stream_of), 5)  # a read past the finish would wait for the status
 
-    deltas, closed = asyncio.run(collect())
+    deltas = asyncio.run(collect())
     assert [(d.token_ids, d.text, d.finish_reason) for d in deltas] == [((7,), "a", None), ((8,), "b", "length")]
-    assert closed
+    assert stream.reads == 2
+
+
+async def _all(stream) -> list:
+    return [item async for item in stream]
 
 
 class _CountingStub:
