@@ -163,6 +163,22 @@ class RouterMetrics:
             registry=r,
         )
 
+    def first_token(self, ttft_s: float) -> None:
+        self.ttft.observe(ttft_s)
+        self.window.record_ttft(ttft_s)
+
+    def finished_request(self, e2e_s: float, finish_reason: str, usage, tpot_s: float | None) -> None:
+        """A generation's end: its latencies (``tpot_s`` None for one token), finish reason and token counts
+        (``usage``: a common_pb2.Usage)."""
+        self.e2e.observe(e2e_s)
+        self.finished_by(finish_reason).inc()
+        if tpot_s is not None:
+            self.tpot.observe(tpot_s)
+            self.window.record_tpot(tpot_s)
+        self.prompt_tokens.inc(usage.prompt_tokens)
+        self.generation_tokens.inc(usage.completion_tokens)
+        self.cached_tokens.inc(usage.cached_tokens)
+
     def watch_pool(self, pool) -> None:
         """Adds the cluster's view: every worker's last Stats, and workers by pool and state."""
         self.registry.register(_PoolCollector(pool))

@@ -509,15 +509,16 @@ class Orchestrator:
                 raise
 
     def _observe(self, delta: Delta, progress: _Progress, request: GenerationRequest) -> Delta:
-        """Bookkeeping and latency metrics per delta; completes usage on the last one."""
+        """Bookkeeping per delta; completes usage on the last one. Its latency metrics are recorded when the event
+        loop's turn ends: after the response this delta makes is written, not before it (``call_soon``)."""
         now = time.perf_counter()
+        record = asyncio.get_running_loop().call_soon
         if delta.token_ids:
             if progress.first_token_at is None:
                 progress.first_token_at = now
-                self.metrics.ttft.observe(now - progress.started)
-                self.metrics.window.record_ttft(now - progress.started)
+                record(self.metrics.first_token, now - progress.started)
             elif progress.last_token_at is not None:
-                self.metrics.itl.observe(now - progress.last_token_at)
+                record(self.metrics.itl.observe, now - progress.last_token_at)
             progress.last_token_at = now
             progress.tokens.extend(delta.token_ids)
         if delta.finish_reason is None:
@@ -530,16 +531,11 @@ class Orchestrator:
         usage = common_pb2.Usage(
             prompt_tokens=len(request.prompt_token_ids), completion_tokens=len(progress.tokens), cached_tokens=cached
         )
-        self.metrics.e2e.observe(now - progress.started)
-        self.metrics.finished_by(delta.finish_reason).inc()
         progress.trace.finished(delta.finish_reason, usage.prompt_tokens, usage.completion_tokens, cached)
+        tpot = None
         if len(progress.tokens) > 1 and progress.first_token_at is not None:
             tpot = (now - progress.first_token_at) / (len(progress.tokens) - 1)
-            self.metrics.tpot.observe(tpot)
-            self.metrics.window.record_tpot(tpot)
-        self.metrics.prompt_tokens.inc(usage.prompt_tokens)
-        self.metrics.generation_tokens.inc(usage.completion_tokens)
-        self.metrics.cached_tokens.inc(cached)
+        record(self.metrics.finished_request, now - progress.started, delta.finish_reason, usage, tpot)
         return replace(delta, usage=usage)
 
 
