@@ -5,9 +5,10 @@ the content type): on a Zen 1 vCPU a request took 0.26 ms from the middlewares t
 FastAPI's (medians of 500 requests, wall-clock stamps in the router). The route keeps everything else of an
 APIRoute: its OpenAPI document, and the app's exception handlers (Starlette's ``request_response``).
 
-Answers as FastAPI's would: a body that is not JSON is a ``json_invalid`` validation error, one that cannot be
-decoded a 400; a content type other than JSON leaves the body as bytes (and so invalid); an empty body is a
-missing one."""
+A valid JSON body is parsed and validated in one pass, by pydantic's JSON parser. Any other body takes FastAPI's
+own pieces, and gets FastAPI's answer: a body that is not JSON is a ``json_invalid`` validation error, and one that
+cannot be decoded is a 400. A content type other than JSON leaves the body as bytes (and so invalid). An empty body
+is a missing one."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from fastapi import HTTPException
 from fastapi.dependencies.utils import get_missing_field_error
 from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
+from pydantic import BaseModel, ValidationError
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import request_response
@@ -32,12 +34,18 @@ class JsonBodyRoute(APIRoute):
         if len(dependant.body_params) != 1 or any(others) or dependant.dependencies:
             raise TypeError(f"{path}: a JsonBodyRoute endpoint takes one body model and the request, nothing else")
         body_field, request_name = self.body_field, dependant.request_param_name
+        model = body_field.field_info.annotation
+        if not (isinstance(model, type) and issubclass(model, BaseModel)):
+            raise TypeError(f"{path}: a JsonBodyRoute body is a pydantic model, not {model!r}")
 
         async def handle(request: Request) -> Response:
-            value = _json_body(await request.body(), request.headers.get("content-type"))
-            body, errors = body_field.validate(value, loc=_BODY_LOC)
-            if errors:
-                raise RequestValidationError(errors, body=value)
+            raw, content_type = await request.body(), request.headers.get("content-type")
+            body = _parsed_and_valid(model, raw, content_type)
+            if body is None:  # FastAPI's own path, to say what is wrong in its words
+                value = _json_body(raw, content_type)
+                body, errors = body_field.validate(value, loc=_BODY_LOC)
+                if errors:
+                    raise RequestValidationError(errors, body=value)
             arguments = {body_field.name: body}
             if request_name is not None:
                 arguments[request_name] = request
@@ -47,6 +55,17 @@ class JsonBodyRoute(APIRoute):
             return response
 
         self.app = request_response(handle)
+
+
+def _parsed_and_valid(model: type[BaseModel], raw: bytes, content_type: str | None) -> BaseModel | None:
+    """The body, parsed and validated in one pass by pydantic's JSON parser (on a Zen 1, 21 us where json.loads and
+    validating what it made took 33, warm); None when it is not a valid JSON body, for any reason."""
+    if not raw or not _is_json(content_type):
+        return None
+    try:
+        return model.model_validate_json(raw)
+    except ValidationError:
+        return None
 
 
 def _json_body(raw: bytes, content_type: str | None):

@@ -38,12 +38,22 @@ CASES = {
     "missing prompt": (json.dumps({"model": "m"}), "application/json"),
     "lone surrogate": ('{"model": "m", "prompt": "\\ud800"}', "application/json"),
     "NaN": ('{"model": "m", "prompt": [1], "temperature": NaN}', "application/json"),  # the sampling record refuses it
+    "Infinity": ('{"model": "m", "prompt": [1], "temperature": -Infinity}', "application/json"),
+    "duplicate key": ('{"model": "m", "prompt": [1], "prompt": "the last one"}', "application/json"),
+    "null field": (json.dumps({**VALID, "stop": None, "seed": None}), "application/json"),
+    "big int": (json.dumps({**VALID, "seed": 2**80}), "application/json"),
+    "float for an int": (json.dumps({**VALID, "max_tokens": 4.0}), "application/json"),
+    "escapes": (json.dumps({**VALID, "prompt": "caf\u00e9 \n \ud83d\ude00", "stop": ["\t"]}), "application/json"),
 }
-ACCEPTED = ("valid", "charset", "upper case", "+json", "NaN")
+ACCEPTED = {"valid", "charset", "upper case", "+json", "NaN", "Infinity", "duplicate key", "null field", "big int"}
+ACCEPTED |= {"escapes"}
 
 
 async def echo(body: CompletionBody, request: Request):
-    return JSONResponse({"fields": sorted(body.model_fields_set), "method": request.method})
+    # the whole validated body, as Python writes it (NaN and all): both routes must make the same one
+    return JSONResponse(
+        {"fields": sorted(body.model_fields_set), "body": repr(body.model_dump()), "method": request.method}
+    )
 
 
 @pytest.fixture(scope="module")
