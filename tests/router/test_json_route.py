@@ -13,7 +13,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from router.json_route import JsonBodyRoute
-from router.openai_api import CompletionBody, _install_errors
+from router.openai_api import ChatBody, CompletionBody, _install_errors
 from tests.asgi_server import serve_app
 
 VALID = {"model": "m", "prompt": [1, 2, 3], "max_tokens": 4}
@@ -49,11 +49,39 @@ ACCEPTED = {"valid", "charset", "upper case", "+json", "NaN", "Infinity", "dupli
 ACCEPTED |= {"escapes"}
 
 
+HELLO = {"role": "user", "content": "hello"}
+# Chat bodies: nested models, each with its own refusals and validators
+CHAT_CASES = {
+    "valid": {"model": "m", "messages": [HELLO]},
+    "content parts": {"model": "m", "messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]},
+    "null content": {"model": "m", "messages": [{"role": "assistant", "content": None}, HELLO]},
+    "tool exchange": {
+        "model": "m",
+        "messages": [
+            HELLO,
+            {"role": "assistant", "tool_calls": [{"id": "c", "type": "function", "function": {"name": "f"}}]},
+            {"role": "tool", "tool_call_id": "c", "content": "42"},
+        ],
+    },
+    "no messages": {"model": "m", "messages": []},
+    "unknown role": {"model": "m", "messages": [{"role": "narrator", "content": "once"}]},
+    "unknown message field": {"model": "m", "messages": [{**HELLO, "bogus": 1}]},
+    "message not an object": {"model": "m", "messages": ["hello"]},
+    "lone surrogate in a part": {"model": "m", "messages": [{"role": "user", "content": [{"text": "\ud800"}]}]},
+    "content a number": {"model": "m", "messages": [{"role": "user", "content": 7}]},
+}
+CHAT_ACCEPTED = {"valid", "content parts", "null content", "tool exchange"}
+
+
 async def echo(body: CompletionBody, request: Request):
     # the whole validated body, as Python writes it (NaN and all): both routes must make the same one
     return JSONResponse(
         {"fields": sorted(body.model_fields_set), "body": repr(body.model_dump()), "method": request.method}
     )
+
+
+async def echo_chat(body: ChatBody, request: Request):
+    return JSONResponse({"fields": sorted(body.model_fields_set), "body": repr(body.model_dump())})
 
 
 @pytest.fixture(scope="module")
@@ -62,6 +90,8 @@ def server():
     _install_errors(app)
     app.router.add_api_route("/fastapi", echo, methods=["POST"])
     app.router.add_api_route("/short", echo, methods=["POST"], route_class_override=JsonBodyRoute)
+    app.router.add_api_route("/fastapi/chat", echo_chat, methods=["POST"])
+    app.router.add_api_route("/short/chat", echo_chat, methods=["POST"], route_class_override=JsonBodyRoute)
     with serve_app(app) as url:
         yield app, url
 
@@ -77,6 +107,20 @@ def test_the_short_route_answers_as_fastapis_own(server, case):
     expected, got = answers
     assert (got.status_code, got.json()) == (expected.status_code, expected.json()), case
     assert expected.status_code == (200 if case in ACCEPTED else 400), expected.text
+
+
+@pytest.mark.parametrize("case", list(CHAT_CASES))
+def test_the_short_route_answers_chat_bodies_as_fastapis_own(server, case):
+    _, url = server
+    body = json.dumps(CHAT_CASES[case])
+    with httpx.Client(timeout=30) as client:
+        answers = [
+            client.post(f"{url}{path}/chat", content=body, headers={"content-type": "application/json"})
+            for path in ("/fastapi", "/short")
+        ]
+    expected, got = answers
+    assert (got.status_code, got.json()) == (expected.status_code, expected.json()), case
+    assert expected.status_code == (200 if case in CHAT_ACCEPTED else 400), expected.text
 
 
 def test_the_short_route_is_documented_as_fastapis(server):
