@@ -167,6 +167,9 @@ class RouterMetrics:
         self.ttft.observe(ttft_s)
         self.window.record_ttft(ttft_s)
 
+    def next_token(self, itl_s: float) -> None:
+        self.itl.observe(itl_s)
+
     def finished_request(self, e2e_s: float, finish_reason: str, usage, tpot_s: float | None) -> None:
         """A generation's end: its latencies (``tpot_s`` None for one token), finish reason and token counts
         (``usage``: a common_pb2.Usage)."""

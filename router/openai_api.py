@@ -624,9 +624,9 @@ class _Completions:
         return asked if asked is not None or self.best_of == self.n else 0
 
     def stream(self, index: int, stream: AsyncIterator[Delta]) -> AsyncIterator[Delta]:
-        prompt = index // self.best_of
         if not self.echo and not self.scoring:
             return stream  # nothing to shape: no layer to pass through
+        prompt = index // self.best_of
         echo = (tuple(self.prompts[prompt]), self.prompt_texts[prompt]) if self.echo else None
         return _shaped(stream, echo, self.scoring)
 
@@ -789,14 +789,18 @@ async def _unless_disconnected(request: Request, awaitable):
         result = await awaitable
     except asyncio.CancelledError:
         if watch.fired and task.uncancel() == 0:  # cancelled by the watch alone
-            raise GenerationError("client disconnected", 499, "client_closed_request") from None
+            raise _client_gone() from None
         raise
     finally:
         watch.stop()
     if watch.fired:  # the work swallowed the cancellation: the client is gone all the same
         task.uncancel()
-        raise GenerationError("client disconnected", 499, "client_closed_request")
+        raise _client_gone()
     return result
+
+
+def _client_gone() -> GenerationError:
+    return GenerationError("client disconnected", 499, "client_closed_request")
 
 
 class _ClientWatch:

@@ -518,7 +518,7 @@ class Orchestrator:
                 progress.first_token_at = now
                 record(self.metrics.first_token, now - progress.started)
             elif progress.last_token_at is not None:
-                record(self.metrics.itl.observe, now - progress.last_token_at)
+                record(self.metrics.next_token, now - progress.last_token_at)
             progress.last_token_at = now
             progress.tokens.extend(delta.token_ids)
         if delta.finish_reason is None:

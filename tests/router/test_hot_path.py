@@ -1,7 +1,7 @@
 """The request path's shortcuts keep their contracts: the cluster secret on every worker call, admission's queue and
-refusals, a decode stream's iterator closed when its finish arrives (not left to the garbage collector), a
-finished stream left to end by itself (no cancellation, no Abort), and a request that waits for its answer in its own
-task, where only its client's leaving becomes a 499."""
+refusals, a decode stream read up to its finish and no further (no async iterator between), a finished stream left
+to end by itself (no cancellation, no Abort), and a request that waits for its answer in its own task, where only
+its client's leaving becomes a 499."""
 
 from __future__ import annotations
 
