@@ -45,7 +45,7 @@ from kv_transfer.errors import TransferError
 from kv_transfer.inbox import KVInbox
 from kv_transfer.integrity import region_checksum
 from kv_transfer.nixl_agent import NixlError, NixlPool, PoolDescriptor, WriteHandle
-from kv_transfer.sender import COMMIT_THREADS, KVSender, OutboundSession, OutOfBandSession, Peer
+from kv_transfer.sender import COMMIT_THREADS, FORGET_THREADS, KVSender, OutboundSession, OutOfBandSession, Peer
 from protos import common_pb2, decode_pb2
 from protos.cluster_auth import ClusterAuth
 
@@ -263,7 +263,8 @@ class NixlSession(OutOfBandSession):
     ) -> None:
         super().__init__(request_id, ticket, peer, metadata)
         self._sender = sender
-        self._remote = sender.remote_pool(peer)
+        self._receiver = sender.receiver(peer)
+        self._remote = self._receiver.pool
         self._queued: list[_Push] = []  # pushed, not yet taken by the posting thread (self._lock)
         self._draining = False  # a drain of _queued is scheduled or running (self._lock)
         self._drains: list[Future] = []
@@ -466,12 +467,26 @@ class NixlSession(OutOfBandSession):
     def commit(self, first_token_id: int, first_logprob: common_pb2.TokenLogprob | None, timeout: float) -> None:
         """The commit travels while the last WRITEs finish (``_commit_beside``): each layer's
         notification follows its WRITE's data, and the receiver adopts once every one arrived."""
-        self._commit_beside(self._sender.committing, self.release, first_token_id, first_logprob, timeout)
+        self._commit_beside(self._receiver.committing, self.release, first_token_id, first_logprob, timeout)
 
 
 def _pool_of(peer: Peer) -> PoolDescriptor:
     """The pool a NIXL receiver's handshake described."""
     return PoolDescriptor.from_dict(msgpack.unpackb(peer.handshake.nixl_pool))
+
+
+@dataclass(frozen=True)
+class _Receiver:
+    """What a sender keeps per receiver instance: its pool, read from the handshake once, and the threads its
+    commits wait on, its own: a receiver that stalls holds up only its own commits, never another's."""
+
+    pool: PoolDescriptor
+    committing: ThreadPoolExecutor  # threads start as commits need them, at most COMMIT_THREADS
+
+
+def _receiver_of(peer: Peer) -> _Receiver:
+    committing = ThreadPoolExecutor(max_workers=COMMIT_THREADS, thread_name_prefix=f"nixl-commit-{peer.address}")
+    return _Receiver(_pool_of(peer), committing)
 
 
 class NixlKVSender(KVSender):
@@ -489,7 +504,9 @@ class NixlKVSender(KVSender):
         self.pool = NixlPool(agent_name, cache.data)
         self._posting = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nixl-post")
         self.sealing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nixl-seal")
-        self.committing = ThreadPoolExecutor(max_workers=COMMIT_THREADS, thread_name_prefix="nixl-commit")
+        # per receiver instance handshaken (its instance id): dropped when it is forgotten or replaced
+        self._receivers: dict[str, _Receiver] = {}
+        self._forgetting = ThreadPoolExecutor(max_workers=FORGET_THREADS, thread_name_prefix="nixl-forget")
         self.poller = _WritePoller(self.pool)
 
     def post_when_ready(self, post, *args) -> Future:
@@ -507,38 +524,45 @@ class NixlKVSender(KVSender):
             raise TransferError(
                 f"{peer.address} does not receive KV over NIXL (transport mismatch)", "FAILED_PRECONDITION"
             )
-        descriptor = _pool_of(peer)
+        receiver = _receiver_of(peer)
         ours = self.pool.descriptor.memory
-        if self.verify and descriptor.memory != ours:  # the checksum is chosen by memory (integrity.py)
+        if self.verify and receiver.pool.memory != ours:  # the checksum is chosen by memory (integrity.py)
             raise TransferError(
-                f"{peer.address} keeps its KV pool in {descriptor.memory}, this worker in {ours}: checksums "
+                f"{peer.address} keeps its KV pool in {receiver.pool.memory}, this worker in {ours}: checksums "
                 "would differ; put both pools on the same kind of memory or turn KV checksums off",
                 "FAILED_PRECONDITION",
             )
         self.pool.add_peer(peer.handshake.nixl_metadata)
+        with self._lock:
+            self._receivers[peer.instance_id] = receiver
 
     def _forget_peer(self, peer: Peer) -> None:
         """Drops ``peer``'s own agent (agent names are unique per instance): never another instance's that
-        shook hands at its address since."""
-        self.pool.remove_peer(_pool_of(peer).agent_name)
+        shook hands at its address since. Its sessions still open keep their ``_Receiver``: their commits end
+        as the receiver answers or their timeouts run out, and its idle threads go with the last of them."""
+        with self._lock:
+            receiver = self._receivers.pop(peer.instance_id, None)
+        self.pool.remove_peer((receiver.pool if receiver is not None else _pool_of(peer)).agent_name)
 
     def forget_soon(self, peer: Peer) -> None:
         """``forget(peer)`` on a thread that may wait for a handshake to its address (not a sender's thread)."""
         try:
-            self.committing.submit(self.forget, peer)
+            self._forgetting.submit(self.forget, peer)
         except RuntimeError:  # closing: the pool goes with every peer
             pass
 
-    def remote_pool(self, peer: Peer) -> PoolDescriptor:
-        """The pool of ``peer``'s instance; UNAVAILABLE if that instance was forgotten or replaced meanwhile:
-        a session never writes one instance's ticket into another's pool."""
-        if not self.is_current(peer):
+    def receiver(self, peer: Peer) -> _Receiver:
+        """The pool and commit threads of ``peer``'s instance; UNAVAILABLE if that instance was forgotten or
+        replaced meanwhile: a session never writes one instance's ticket into another's pool."""
+        with self._lock:
+            receiver = self._receivers.get(peer.instance_id) if self._peers.get(peer.address) is peer else None
+        if receiver is None:
             raise TransferError(
                 f"the decode worker at {peer.address} (instance {peer.instance_id}) is gone",
                 "UNAVAILABLE",
                 unreachable=peer.address,
             )
-        return _pool_of(peer)
+        return receiver
 
     def _session(self, request_id: str, ticket: decode_pb2.Ticket, peer: Peer, metadata) -> OutboundSession:
         return NixlSession(request_id, ticket, peer, self, metadata)
@@ -546,7 +570,11 @@ class NixlKVSender(KVSender):
     def close(self) -> None:
         self._posting.shutdown(wait=True)
         self.sealing.shutdown(wait=True)
-        self.committing.shutdown(wait=True)
+        self._forgetting.shutdown(wait=True)
+        with self._lock:
+            receivers, self._receivers = list(self._receivers.values()), {}
+        for receiver in receivers:
+            receiver.committing.shutdown(wait=True)
         self.poller.close()
         super().close()
         self.pool.close()

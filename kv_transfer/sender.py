@@ -50,7 +50,8 @@ log = logging.getLogger(__name__)
 # Safety margin: a sender stops writing this long before the receiver's lease deadline.
 LEASE_MARGIN_S = 0.25
 ABORT_RELEASE_TIMEOUT_S = 5.0  # an abort waits this long for the session's reads of the pool to end
-COMMIT_THREADS = 16  # an out-of-band sender's commits waiting for their receivers at once; more queue
+COMMIT_THREADS = 16  # an out-of-band sender's commits waiting for one receiver at once; more queue
+FORGET_THREADS = 4  # receivers being forgotten at once (each may wait for a handshake to its address)
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 # A handshake is one small call: this leaves room for a connect whose first two SYNs were lost (Linux
 # sends them again at 1 s and 3 s), and bounds what a request waits on a receiver that drops packets.

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from engine.kv_cache import PagedKVCache
+from kv_transfer import nixl_transport
 from kv_transfer.errors import TransferError
 from kv_transfer.nixl_agent import WriteHandle
 from kv_transfer.nixl_transport import NixlKVSender
@@ -122,6 +123,58 @@ def test_a_stalled_receiver_holds_up_no_other_receiver_s_kv(receivers, source):
         stuck.close(10)
         assert slow.committed == ["stuck"] and not slow.aborts
         assert torch.equal(slow.cache.data[:, DST_BLOCKS], source.data[:, SRC_BLOCKS])
+    finally:
+        sender.close()
+
+
+def test_a_stalled_receiver_s_commits_hold_no_thread_another_receiver_s_commit_needs(receivers, source, monkeypatch):
+    """Commits to a stalled receiver wait for it on as many commit threads as the sender gives one receiver; a
+    commit to another receiver goes out at once on threads of its own, and the stalled one's land exact later."""
+    monkeypatch.setattr(nixl_transport, "COMMIT_THREADS", 2)
+    slow, healthy = receivers
+    sender = NixlKVSender(slow.layout, "prefill", source, "stall-commit-sender", verify=True)
+    waiting: list[threading.Thread] = []
+    outcomes: dict[str, BaseException | None] = {}
+
+    def commit(session) -> None:
+        try:
+            session.commit(first_token_id=1, first_logprob=None, timeout=30)
+            outcomes[session.request_id] = None
+        except BaseException as exc:  # noqa: BLE001 - the assertion below names it
+            outcomes[session.request_id] = exc
+
+    try:
+        with stalled(slow):
+            stuck = []
+            for index in range(nixl_transport.COMMIT_THREADS):
+                slow.inbox.open(f"stuck-{index}", DST_BLOCKS)
+                stuck.append(sender.open(f"stuck-{index}", slow.ticket(f"stuck-{index}")))
+                _push_all(stuck[-1], source)
+                waiting.append(threading.Thread(target=commit, args=(stuck[-1],)))
+                waiting[-1].start()
+            _wait_until(
+                lambda: sum(t.name.startswith(f"nixl-commit-{slow.address}") for t in threading.enumerate()) == 2,
+                10,
+                "every commit thread of the stalled receiver taken",
+            )
+            healthy.inbox.open("other", DST_BLOCKS)
+            other = sender.open("other", healthy.ticket("other"))
+            _push_all(other, source)
+            began = time.monotonic()
+            other.commit(first_token_id=1, first_logprob=None, timeout=30)
+            took = time.monotonic() - began
+            other.close(10)
+            assert healthy.committed == ["other"] and not healthy.aborts
+            assert took < COMMIT_BOUND_S, f"the other receiver's commit took {took:.1f} s behind the stalled one's"
+            assert torch.equal(healthy.cache.data[:, DST_BLOCKS], source.data[:, SRC_BLOCKS])
+            assert all(thread.is_alive() for thread in waiting), "the stalled receiver's commits ended while it stalled"
+        for thread in waiting:
+            thread.join(30)
+        assert outcomes == {session.request_id: None for session in stuck}
+        assert sorted(slow.committed) == sorted(session.request_id for session in stuck) and not slow.aborts
+        assert torch.equal(slow.cache.data[:, DST_BLOCKS], source.data[:, SRC_BLOCKS])
+        for session in stuck:
+            session.close(10)
     finally:
         sender.close()
 
