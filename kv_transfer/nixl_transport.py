@@ -130,7 +130,7 @@ class _WritePoller:
         self._wake.set()
 
     def announce(self, session: NixlSession, posted: _Posted) -> Future:
-        """Announces ``posted`` once that waits for nothing (``NixlSession._announce_settled``); the
+        """Announces ``posted`` once that waits for nothing (``NixlSession.announce_if_settled``); the
         Future completes then."""
         announced = Future()
         with self._lock:
@@ -176,7 +176,7 @@ class _WritePoller:
         """Announces every WRITE that waits for nothing any more; how many still wait."""
         with self._lock:
             unannounced = list(self._unannounced)
-        settled = [item for item in unannounced if item[0]._announce_settled(item[1])]
+        settled = [item for item in unannounced if item[0].announce_if_settled(item[1])]
         for _, _, announced in settled:
             announced.set_result(None)
         with self._lock:
@@ -385,7 +385,7 @@ class NixlSession(OutOfBandSession):
             push.ready.synchronize()
         return [(p.layer, p.dst_blocks, region_checksum(p.cache, p.layer, p.src_blocks)) for p in batch]
 
-    def _announce_settled(self, posted: _Posted) -> bool:
+    def announce_if_settled(self, posted: _Posted) -> bool:
         """Write poller: announces a WRITE that was still moving at its post if that waits for nothing now
         (it is final, its source hashed). True once nothing is left to do for it: announced, or the session
         failed (a WRITE still moving at the lease deadline is aborted, which fails it)."""

@@ -34,6 +34,7 @@ TO_THE_OTHER_SIDE = ("tests/router/test_defaulted_max_tokens.py", "tests/router/
 TO_THE_RAY_SIDE = ("tests/bench/test_transfer_bench.py",)
 NO_TESTS_COLLECTED = 5  # pytest's exit status when nothing was collected: a pass where the caller selected tests
 SELECTING = ("-k", "-m", "--deselect", "--lf", "--last-failed")  # the arguments that may leave a process nothing
+INTERRUPT_GRACE_S = 10.0  # after Ctrl-C, how long the children have to stop on the SIGINT they got themselves
 
 
 def pytest_runs(extra: list[str]) -> list[list[tuple[str, list[str]]]]:
@@ -76,8 +77,14 @@ def run_phase(runs: list[tuple[str, list[str]]]) -> dict[str, tuple[int, float]]
         for thread in relays:
             thread.join()
     except KeyboardInterrupt:
+        # A terminal's Ctrl-C reached the children too (one process group): a second SIGINT would make pytest stop
+        # at once, without its summary. Only a child still running after a moment gets one from here.
+        deadline = time.monotonic() + INTERRUPT_GRACE_S
         for process in processes.values():
-            process.send_signal(signal.SIGINT)
+            try:
+                process.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                process.send_signal(signal.SIGINT)
         for process in processes.values():
             process.wait()
         raise
