@@ -75,6 +75,17 @@ def _wait_until(predicate, timeout: float, what: str) -> None:
         time.sleep(0.01)
 
 
+def _commits_at_once(session, receiver: Receiver, source: PagedKVCache) -> None:
+    """``session``'s commit (its only one, to ``receiver``) is adopted within COMMIT_BOUND_S, its KV exact."""
+    began = time.monotonic()
+    session.commit(first_token_id=1, first_logprob=None, timeout=30)
+    took = time.monotonic() - began
+    session.close(10)
+    assert receiver.committed == [session.request_id] and not receiver.aborts
+    assert took < COMMIT_BOUND_S, f"the other receiver's commit took {took:.1f} s behind the stalled one's"
+    assert torch.equal(receiver.cache.data[:, DST_BLOCKS], source.data[:, SRC_BLOCKS])
+
+
 def _polls_within(sender: NixlKVSender, seconds: float) -> int:
     """How often the sender asks NIXL about its WRITEs in flight within ``seconds``."""
     counted = [0]
@@ -108,13 +119,7 @@ def test_a_stalled_receiver_holds_up_no_other_receiver_s_kv(receivers, source):
                 other = sender.open("other", healthy.ticket("other"))
                 _push_all(other, source)
                 _wait_until(lambda: not other._queued, 10, "the other request's layers posted")
-            began = time.monotonic()
-            other.commit(first_token_id=1, first_logprob=None, timeout=30)
-            took = time.monotonic() - began
-            other.close(10)
-            assert healthy.committed == ["other"] and not healthy.aborts
-            assert took < COMMIT_BOUND_S, f"the other receiver's commit took {took:.1f} s behind the stalled one"
-            assert torch.equal(healthy.cache.data[:, DST_BLOCKS], source.data[:, SRC_BLOCKS])
+            _commits_at_once(other, healthy, source)
             # Until the stalled receiver's lease ends, its WRITE is polled at a pace that costs little.
             polls = _polls_within(sender, POLL_WINDOW_S)
             assert polls < POLL_WINDOW_S * MAX_STRAGGLER_POLLS_PER_S, f"{polls} polls in {POLL_WINDOW_S} s"
@@ -160,13 +165,7 @@ def test_a_stalled_receiver_s_commits_hold_no_thread_another_receiver_s_commit_n
             healthy.inbox.open("other", DST_BLOCKS)
             other = sender.open("other", healthy.ticket("other"))
             _push_all(other, source)
-            began = time.monotonic()
-            other.commit(first_token_id=1, first_logprob=None, timeout=30)
-            took = time.monotonic() - began
-            other.close(10)
-            assert healthy.committed == ["other"] and not healthy.aborts
-            assert took < COMMIT_BOUND_S, f"the other receiver's commit took {took:.1f} s behind the stalled one's"
-            assert torch.equal(healthy.cache.data[:, DST_BLOCKS], source.data[:, SRC_BLOCKS])
+            _commits_at_once(other, healthy, source)
             assert all(thread.is_alive() for thread in waiting), "the stalled receiver's commits ended while it stalled"
         for thread in waiting:
             thread.join(30)
