@@ -49,6 +49,7 @@ class EngineStats:
     running: int
     waiting: int
     waiting_for_kv: int
+    token_capacity: int  # Engine.token_capacity
 
 
 @dataclass(frozen=True)
@@ -411,6 +412,7 @@ class Engine:
             running=len(self.scheduler.running),
             waiting=len(self.scheduler.waiting),
             waiting_for_kv=len(self.scheduler.awaiting_kv),
+            token_capacity=self.token_capacity,
         )
 
     def take_kv_events(self) -> list[KVEvent]:

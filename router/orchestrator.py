@@ -34,7 +34,17 @@ from protos import common_pb2, decode_pb2, prefill_pb2
 from router.config import RouterConfig
 from router.metrics import RouterMetrics
 from router.prefill_clock import SentPrompt
-from router.routing import Decision, NoWorkerError, Route, paired_prefills, prefill_cost, route, uncached_tokens
+from router.routing import (
+    Decision,
+    NoWorkerError,
+    Route,
+    paired_prefills,
+    prefill_cost,
+    prompt_holders,
+    route,
+    tokens_held,
+    uncached_tokens,
+)
 from router.tracing import request_trace
 from router.workers import WorkerHandle, WorkerPool, with_reasons
 
@@ -190,8 +200,12 @@ class Orchestrator:
     ) -> Route:
         try:
             prompt_len = len(request.prompt_token_ids) + len(progress.tokens)
+            params = request.params
+            tokens = tokens_held(
+                len(request.prompt_token_ids), len(progress.tokens), params.max_tokens, params.max_tokens_defaulted
+            )
             decodes, prefills = self.pool.of_role("decode"), self.pool.of_role("prefill")
-            chosen = route(decodes, prefills, prompt_len, hashes, block_size, self.config, exclude)
+            chosen = route(decodes, prefills, prompt_len, hashes, block_size, self.config, exclude, tokens=tokens)
         except NoWorkerError as exc:
             raise GenerationError(with_reasons(str(exc), self.pool.unavailable("decode")), 503) from exc
         local_migration = progress.tokens and self.config.migration_policy == "local"
@@ -436,7 +450,8 @@ class Orchestrator:
     def _another_prefill(
         self, request: GenerationRequest, progress: _Progress, decode: WorkerHandle, tried: set[str], block_size: int
     ) -> WorkerHandle | None:
-        candidates = paired_prefills(decode, self.pool.of_role("prefill"), tried)
+        pushed = len(request.prompt_token_ids) + len(progress.tokens)
+        candidates = prompt_holders(paired_prefills(decode, self.pool.of_role("prefill"), tried), pushed)
         if not candidates:
             return None
         blocks = -(-len(request.prompt_token_ids) // block_size)

@@ -2,9 +2,11 @@
 
 Pure decisions over the workers' known state; the orchestrator acts on them.
 
-    decode   D = argmin  load(D) - prefix_hit_blocks(D)      (workers short of free blocks last)
-    local    if uncached tokens on D < threshold, or no prefill worker, or the pool is saturated, or the prompt
-             would wait longer than max_prefill_wait_ms on P (router/prefill_clock.py) while D has less prefill queued
+    decode   D = argmin  load(D) - prefix_hit_blocks(D)      (workers that cannot hold the request at all last, then
+                                                          those short of free blocks)
+    local    if uncached tokens on D < threshold, or no prefill worker, or the pool is saturated, or no prefill
+             worker's KV pool holds the prompt, or the prompt would wait longer than max_prefill_wait_ms on P
+             (router/prefill_clock.py) while D has less prefill queued
     prefill  P = argmin  w * uncached_blocks(P) + load(P)    (kv_aware; "load" drops the first term), among those
              that reached D's KV receiver at their last try (or longer than KV_LINK_RETRY_S ago)
 ties broken at random.
@@ -43,17 +45,38 @@ class NoWorkerError(Exception):
 
 
 def choose_decode(
-    decodes: list[WorkerHandle], block_hashes: list[int], prompt_blocks: int, exclude: set[str] = frozenset()
+    decodes: list[WorkerHandle],
+    block_hashes: list[int],
+    prompt_blocks: int,
+    exclude: set[str] = frozenset(),
+    *,
+    tokens: int,
 ) -> WorkerHandle:
+    """``tokens``: what the request holds at its end (prompt and output; ``tokens_held``). A worker whose
+    ``token_capacity`` (its engine's: the context, or its KV pool if smaller) is below that goes last: its engine
+    would refuse the request (a 400) where a worker with a larger pool takes it. When none can hold it, one of
+    them refuses it, with its engine's own message."""
     candidates = [w for w in decodes if w.address not in exclude]
     if not candidates:
         raise NoWorkerError("no healthy decode worker")
 
     def cost(worker: WorkerHandle) -> tuple:
         short_of_blocks = worker.stats.kv_blocks_total > 0 and worker.stats.kv_blocks_free < prompt_blocks
-        return (short_of_blocks, worker.load - worker.kv.prefix_blocks(block_hashes), random.random())
+        load = worker.load - worker.kv.prefix_blocks(block_hashes)
+        return (not holds(worker, tokens), short_of_blocks, load, random.random())
 
     return min(candidates, key=cost)
+
+
+def holds(worker: WorkerHandle, tokens: int) -> bool:
+    """Whether ``worker``'s engine holds a request of ``tokens`` tokens (its ``token_capacity``; not said yet: yes)."""
+    capacity = worker.stats.token_capacity
+    return capacity == 0 or capacity >= tokens
+
+
+def prompt_holders(prefills: list[WorkerHandle], prompt_len: int) -> list[WorkerHandle]:
+    """The prefill workers whose pools hold a prompt (with any output resumed) and the one token sampled after it."""
+    return [p for p in prefills if holds(p, prompt_len + 1)]
 
 
 def paired_prefills(
@@ -86,6 +109,13 @@ def overflows_to_decode(
     return prefill_wait_s > max_wait_s and decode_backlog * prefill_s_per_token < prefill_wait_s
 
 
+def tokens_held(prompt_len: int, generated: int, max_tokens: int, defaulted: bool) -> int:
+    """The tokens a request holds at its end, as the engine counts them (``Engine._fitted``): its prompt and
+    ``max_tokens`` (the output ``generated`` before a migration among them). A defaulted max_tokens the engine
+    lowers to what fits: the request needs room for one more token after what it holds."""
+    return prompt_len + (generated + 1 if defaulted else max_tokens)
+
+
 def route(
     decodes: list[WorkerHandle],
     prefills: list[WorkerHandle],
@@ -94,10 +124,13 @@ def route(
     block_size: int,
     config: RouterConfig,
     exclude: set[str] = frozenset(),
+    *,
+    tokens: int,
 ) -> Route:
-    """``block_size``: the served model card's (the workers' own), which ``block_hashes`` were made with."""
+    """``block_size``: the served model card's (the workers' own), which ``block_hashes`` were made with.
+    ``tokens``: what the request holds at its end (``tokens_held``)."""
     prompt_blocks = -(-prompt_len // block_size)
-    decode = choose_decode(decodes, block_hashes, prompt_blocks, exclude)
+    decode = choose_decode(decodes, block_hashes, prompt_blocks, exclude, tokens=tokens)
     uncached = uncached_tokens(decode, block_hashes, prompt_len, block_size)
     candidates = paired_prefills(decode, prefills, exclude)
     if uncached < config.local_prefill_threshold:
@@ -118,9 +151,12 @@ def route(
     unsaturated = [p for p in candidates if p.active < config.prefill_saturation]
     if not unsaturated:
         return _logged(Route(Decision.FALLBACK, decode, None, uncached, "prefill pool saturated"))
-    costs = {p.address: prefill_cost(p, block_hashes, prompt_blocks, config) for p in unsaturated}
+    holding = prompt_holders(unsaturated, prompt_len)  # one whose pool is smaller would refuse the prompt
+    if not holding:
+        return _logged(Route(Decision.FALLBACK, decode, None, uncached, "no prefill worker's KV pool holds the prompt"))
+    costs = {p.address: prefill_cost(p, block_hashes, prompt_blocks, config) for p in holding}
     best = min(costs.values())
-    prefill = random.choice([p for p in unsaturated if costs[p.address] == best])
+    prefill = random.choice([p for p in holding if costs[p.address] == best])
     max_wait_s = config.max_prefill_wait_ms / 1000.0
     wait_s = prefill.prefill_wait_s()
     if overflows_to_decode(wait_s, decode.prefill_backlog, prefill.prefill_s_per_token, max_wait_s):

@@ -208,6 +208,7 @@ class WorkerBase(ABC):
             kv_blocks_used=snapshot.blocks_used,
             kv_blocks_free=snapshot.blocks_free,
             kv_blocks_cached=snapshot.blocks_cached,
+            token_capacity=snapshot.token_capacity,
             running=snapshot.running,
             waiting=snapshot.waiting,
             waiting_for_kv=snapshot.waiting_for_kv,

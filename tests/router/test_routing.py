@@ -10,8 +10,16 @@ import pytest
 from engine.block_manager import compute_block_hashes
 from router.prefill_clock import PREFILL_SPEED_WEIGHT, PrefillClock, timed_prefill
 from router.routing import overflows_to_decode
-from tests.router.conftest import SERVED_MODEL, greedy_ignoring_eos, random_prompt, token_ids
-from tests.workers.harness import wait_idle
+from tests.router.conftest import (
+    MAX_MODEL_LEN,
+    SERVED_MODEL,
+    complete_ids,
+    greedy_ignoring_eos,
+    random_prompt,
+    token_ids,
+    wait_for,
+)
+from tests.workers.harness import start_workers, stop_workers, wait_idle
 
 BLOCK = 16
 
@@ -211,3 +219,50 @@ def test_max_prefill_wait_sends_the_overflow_to_the_decode_worker(make_router, c
     assert handle(prefill)[1].prefill_wait_s() == 0.0
     for worker in cluster.workers:
         wait_idle(worker)
+
+
+def test_a_request_goes_to_a_decode_worker_whose_kv_pool_holds_it(make_router, checkpoint, cluster, rng):
+    """Decode workers with KV pools of different sizes: a request that only the larger one holds is served there,
+    token for token transformers' greedy output, where the smaller one's engine would refuse it (a 400)."""
+    (small,) = start_workers(("decode", str(checkpoint.path), "grpc", "--kv-cache-mb", "1"))
+    try:
+        capacity, large = small.stats().token_capacity, cluster.decode.stats().token_capacity
+        assert 0 < capacity < large == MAX_MODEL_LEN, (capacity, large)
+        router = make_router([], [small, cluster.decode])
+        decodes = lambda: router.router.pool.of_role("decode")  # noqa: E731
+        wait_for(
+            lambda: router.call(lambda: sorted(w.stats.token_capacity for w in decodes())) == [capacity, large],
+            10,
+            "the router to learn both pools",
+        )
+        before = cluster.decode.stats().requests_finished
+        for _ in range(6):  # prompts no worker has cached: each of the two would be drawn at random, load for load
+            prompt, max_tokens = random_prompt(rng, capacity - 8), 16  # 8 tokens over the small pool at the end
+            assert complete_ids(router, prompt, max_tokens) == greedy_ignoring_eos(checkpoint.model, prompt, max_tokens)
+        assert cluster.decode.stats().requests_finished - before == 6
+        assert small.stats().requests_finished == 0
+    finally:
+        stop_workers([small])
+
+
+def test_a_prompt_no_prefill_worker_holds_is_prefilled_where_it_decodes(make_router, checkpoint, cluster, rng):
+    """A prefill worker whose KV pool is smaller than a prompt is not sent it (its engine would refuse it, and the
+    request would wait out a failed prefill): the decode worker prefills it, exact. A prompt it holds goes to it."""
+    (small,) = start_workers(("prefill", str(checkpoint.path), "grpc", "--kv-cache-mb", "1"))
+    try:
+        capacity = small.stats().token_capacity
+        assert 0 < capacity < MAX_MODEL_LEN
+        router = make_router([small], [cluster.decode], local_prefill_threshold=16)
+        prefills = lambda: router.router.pool.of_role("prefill")  # noqa: E731
+        wait_for(
+            lambda: router.call(lambda: [w.stats.token_capacity for w in prefills()]) == [capacity],
+            10,
+            "the router to learn the prefill worker's pool",
+        )
+        for length, decision in ((capacity + 8, "fallback"), (capacity // 2, "remote_prefill")):
+            prompt = random_prompt(rng, length)
+            assert complete_ids(router, prompt, 4) == greedy_ignoring_eos(checkpoint.model, prompt, 4)
+            assert router.decisions().get(decision) == 1.0, router.decisions()
+        assert small.stats().prompt_tokens == capacity // 2
+    finally:
+        stop_workers([small])
