@@ -91,7 +91,8 @@ def format_status(status: dict) -> str:
         lines.append(f"{role:8} desired {pool['desired']} (min {pool['min']}, max {pool['max']})")
     lines.append("")
     lines.append(
-        f"{'WORKER':18} {'ROLE':8} {'STATE':10} {'ADDRESS':22} {'NODE':10} {'RUN':>4} {'WAIT':>4} {'KV USED/TOTAL':>14}"
+        f"{'WORKER':18} {'ROLE':8} {'STATE':10} {'ADDRESS':22} {'NODE':10} {'RUN':>4} {'WAIT':>4} "
+        f"{'KV USED/TOTAL':>14} {'HOLDS':>6}"  # HOLDS: the most tokens one request may hold there (context or pool)
     )
     for worker in cluster.get("workers", []):
         stats = worker.get("stats") or {}
@@ -99,7 +100,7 @@ def format_status(status: dict) -> str:
         lines.append(
             f"{worker['worker_id']:18} {worker['role']:8} {worker['state']:10} {worker['address'] or '-':22} "
             f"{worker['node_id'][:8] or '-':10} "
-            f"{stats.get('running', 0):>4} {stats.get('waiting', 0):>4} {kv:>14}"
+            f"{stats.get('running', 0):>4} {stats.get('waiting', 0):>4} {kv:>14} {stats.get('token_capacity', 0):>6}"
         )
     errors = [w for w in cluster.get("workers", []) if w.get("last_error")]
     if errors:

@@ -13,7 +13,10 @@ from pathlib import Path
 
 import openai
 
+from engine.presets import PRESETS
+
 ROOT = Path(__file__).resolve().parents[2]
+DEMO_CONTEXT = PRESETS["demo"].max_context
 UP_LINE = re.compile(r"OpenAI API (http://\S+)/v1")
 
 
@@ -86,6 +89,8 @@ def test_up_serves_reports_status_and_stops_cleanly(tmp_path):
         rows = [line for line in status.stdout.splitlines() if re.match(r"(prefill|decode)-\w+ ", line)]
         assert sorted(row.split()[1] for row in rows) == ["decode", "prefill"], status.stdout
         assert all(" ready " in row for row in rows)
+        # HOLDS: what one request may hold on each (the demo model's context, its pools being larger)
+        assert [int(row.split()[-1]) for row in rows] == [DEMO_CONTEXT] * 2, status.stdout
 
         token = tmp_path / f"splitserve-{urllib.parse.urlparse(url).port}.admin-token"
         assert token.stat().st_mode & 0o777 == 0o600, oct(token.stat().st_mode)
