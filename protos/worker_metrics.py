@@ -56,12 +56,18 @@ def _pool_metrics(stats: list[common_pb2.WorkerStats]) -> Iterator[Metric]:
         "KV blocks published in the prefix cache: counted inside used while held, inside free while evictable",
         labels=_LABELS,
     )
+    capacity = GaugeMetricFamily(
+        "splitserve_worker_token_capacity",
+        "The most tokens (prompt and output) one request may hold on each worker: the context, or the pool if smaller",
+        labels=_LABELS,
+    )
     for s in stats:
         blocks.add_metric([*_labels(s), "used"], s.kv_blocks_used)
         blocks.add_metric([*_labels(s), "free"], s.kv_blocks_free)
         pool.add_metric(_labels(s), s.kv_blocks_total)
         cached.add_metric(_labels(s), s.kv_blocks_cached)
-    yield from (blocks, pool, cached)
+        capacity.add_metric(_labels(s), s.token_capacity)
+    yield from (blocks, pool, cached, capacity)
 
 
 def _engine_metrics(stats: list[common_pb2.WorkerStats]) -> Iterator[Metric]:

@@ -133,6 +133,7 @@ def _pool(samples, **labels) -> dict[str, float]:
         "pool": metric_sum(samples, "splitserve_worker_kv_pool_blocks", **labels),
         "cached": metric_sum(samples, "splitserve_worker_kv_cached_blocks", **labels),
         "usage": metric_sum(samples, "vllm:kv_cache_usage_perc", **labels),
+        "capacity": metric_sum(samples, "splitserve_worker_token_capacity", **labels),
     }
 
 
@@ -171,10 +172,13 @@ def test_kv_pool_states_partition_the_pool_on_a_live_worker(cluster):
         if name == "vllm:cache_config_info"
     ]
     assert [int(i["num_gpu_blocks"]) for i in info] == [idle["pool"]] and int(info[0]["block_size"]) > 0
+    # what one request may hold: the context, or the pool if smaller
+    assert 0 < idle["capacity"] <= idle["pool"] * int(info[0]["block_size"]), idle
 
     aggregated = _samples(cluster.router)  # the router's view, from every worker's Stats
     for role in ("prefill", "decode"):
         _assert_partition(_pool(aggregated, role=role))
+        assert _pool(aggregated, role=role)["capacity"] > 0
 
 
 def test_unmatched_paths_share_one_series(router_url):
