@@ -246,8 +246,8 @@ def test_a_request_goes_to_a_decode_worker_whose_kv_pool_holds_it(make_router, c
 
 
 def test_a_prompt_no_prefill_worker_holds_is_prefilled_where_it_decodes(make_router, checkpoint, cluster, rng):
-    """A prefill worker whose KV pool is smaller than a prompt is not sent it (its engine would refuse it, and the
-    request would wait out a failed prefill): the decode worker prefills it, exact. A prompt it holds goes to it."""
+    """A prefill worker whose KV pool is smaller than a prompt is not sent it (its engine refused it, and the client
+    got that 400): the decode worker prefills it, exact. A prompt it holds goes to it."""
     (small,) = start_workers(("prefill", str(checkpoint.path), "grpc", "--kv-cache-mb", "1"))
     try:
         capacity = small.stats().token_capacity
