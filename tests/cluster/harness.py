@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
+import signal
 import threading
 import time
 
@@ -77,9 +80,12 @@ class RunningCluster:
         self._thread.join(60)
 
 
+RAY_SESSION_LATEST = "/tmp/ray/session_latest"  # the session Ray's last start made (Ray's default temp dir)
+
+
 def start_local_ray(num_cpus: int = 8, attempts: int = 3) -> None:
     """Local Ray for a test module. Start-up can time out on a loaded machine (a previous module's
-    Ray still exiting): try again a bounded number of times."""
+    Ray still exiting): try again a bounded number of times, each on a machine rid of the last try's head."""
     for attempt in range(attempts):
         if ray.is_initialized():
             ray.shutdown()
@@ -87,6 +93,29 @@ def start_local_ray(num_cpus: int = 8, attempts: int = 3) -> None:
             ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
             return
         except Exception:  # noqa: BLE001 - Ray raises a bare Exception on a start-up timeout
+            _kill_failed_head()
             if attempt == attempts - 1:
                 raise
             time.sleep(5)
+
+
+def _kill_failed_head() -> None:
+    """A ``ray.init`` that timed out leaves the head it started running (GCS, monitor, dashboard, and its raylet if
+    that started), unknown to ``ray.shutdown()``: seen in a fresh ``make test``, three such heads loaded the machine
+    until the pytest process ended, and each later try timed out too. They are this process's children whose command
+    lines name the session that start made."""
+    try:
+        session = os.readlink(RAY_SESSION_LATEST).encode()
+    except OSError:
+        return
+    me = str(os.getpid())
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/stat") as stat, open(f"/proc/{pid}/cmdline", "rb") as cmdline:
+                parent = stat.read().rsplit(")", 1)[1].split()[1]
+                named = session in cmdline.read()
+        except OSError:  # gone meanwhile
+            continue
+        if parent == me and named:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(pid), signal.SIGKILL)

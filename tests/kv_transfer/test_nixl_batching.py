@@ -158,11 +158,14 @@ def test_a_128k_token_prompt_lands_with_its_block_lists_in_one_notification():
         notes = _count_notifications(receiver)
         receiver.inbox.open("long", dst)
         session = sender.open("long", receiver.ticket("long"))
-        first = LateReady()  # every layer queued before the first post: they share one WRITE
-        session.push_layer(source, 0, src, dst, first)
-        for layer in range(1, layout.num_layers):
+        # Every layer queued before the first post, so they share one WRITE: the sender's one posting thread waits
+        # on a gate queued ahead of the drain (a LateReady on layer 0 would not do: a drain that started at once,
+        # before the later pushes, takes layer 0 alone and only then waits for it).
+        gate = threading.Event()
+        sender.post_when_ready(gate.wait, 30)
+        for layer in range(layout.num_layers):
             session.push_layer(source, layer, src, dst)
-        first.complete()
+        gate.set()
         session.commit(first_token_id=1, first_logprob=None, timeout=30)
         session.close(10)
 
