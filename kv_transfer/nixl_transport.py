@@ -541,8 +541,8 @@ class NixlKVSender(KVSender):
         shook hands at its address since. Its sessions still open keep their ``_Receiver``: their commits end
         as the receiver answers or their timeouts run out, and its idle threads go with the last of them."""
         with self._lock:
-            receiver = self._receivers.pop(peer.instance_id, None)
-        self.pool.remove_peer((receiver.pool if receiver is not None else _pool_of(peer)).agent_name)
+            self._receivers.pop(peer.instance_id, None)
+        self.pool.remove_peer(_pool_of(peer).agent_name)
 
     def forget_soon(self, peer: Peer) -> None:
         """``forget(peer)`` on a thread that may wait for a handshake to its address (not a sender's thread)."""

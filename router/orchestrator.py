@@ -288,7 +288,7 @@ class Orchestrator:
                     decode_call.cancel()
                     asyncio.ensure_future(self._abort(decode, worker_id, ticket.token))
                     tried.add(prefill.address)
-                    prefill = self._another_prefill(request, progress, decode, tried, served.block_size)
+                    prefill = self._another_prefill(request, progress, decode, tried, pushed, served.block_size)
                     if prefill is None:
                         break
                     self.metrics.prefill_retries.inc()
@@ -448,9 +448,15 @@ class Orchestrator:
         return await prefilling
 
     def _another_prefill(
-        self, request: GenerationRequest, progress: _Progress, decode: WorkerHandle, tried: set[str], block_size: int
+        self,
+        request: GenerationRequest,
+        progress: _Progress,
+        decode: WorkerHandle,
+        tried: set[str],
+        pushed: int,
+        block_size: int,
     ) -> WorkerHandle | None:
-        pushed = len(request.prompt_token_ids) + len(progress.tokens)
+        """``pushed``: the tokens whose KV the prefill worker computes (the prompt and any output resumed)."""
         candidates = prompt_holders(paired_prefills(decode, self.pool.of_role("prefill"), tried), pushed)
         if not candidates:
             return None
