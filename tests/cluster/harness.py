@@ -15,6 +15,7 @@ import ray
 from cluster.config import ClusterConfig
 from cluster.up import run_cluster
 from router.server import new_event_loop
+from tests.procfs import cmdlines, parent_of
 
 
 class RunningCluster:
@@ -108,14 +109,7 @@ def _kill_failed_head() -> None:
         session = os.readlink(RAY_SESSION_LATEST).encode()
     except OSError:
         return
-    me = str(os.getpid())
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{pid}/stat") as stat, open(f"/proc/{pid}/cmdline", "rb") as cmdline:
-                parent = stat.read().rsplit(")", 1)[1].split()[1]
-                named = session in cmdline.read()
-        except OSError:  # gone meanwhile
-            continue
-        if parent == me and named:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(int(pid), signal.SIGKILL)
+    for pid, cmdline in cmdlines().items():
+        with contextlib.suppress(OSError):  # gone meanwhile
+            if session in cmdline and parent_of(pid) == os.getpid():
+                os.kill(pid, signal.SIGKILL)

@@ -14,36 +14,11 @@ from pathlib import Path
 import openai
 
 from engine.presets import PRESETS
+from tests.procfs import alive, descendants
 
 ROOT = Path(__file__).resolve().parents[2]
 DEMO_CONTEXT = PRESETS["demo"].max_context
 UP_LINE = re.compile(r"OpenAI API (http://\S+)/v1")
-
-
-def _descendants(pid: int) -> set[int]:
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(parent, []).append(int(entry.name))
-    found, todo = set(), [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            if child not in found:
-                found.add(child)
-                todo.append(child)
-    return found
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
 
 
 def test_up_serves_reports_status_and_stops_cleanly(tmp_path):
@@ -95,15 +70,15 @@ def test_up_serves_reports_status_and_stops_cleanly(tmp_path):
         token = tmp_path / f"splitserve-{urllib.parse.urlparse(url).port}.admin-token"
         assert token.stat().st_mode & 0o777 == 0o600, oct(token.stat().st_mode)
 
-        family = _descendants(process.pid)
+        family = descendants(process.pid)
         assert family, "Ray and the workers run as children of `splitserve up`"
         process.send_signal(signal.SIGTERM)
         process.wait(timeout=90)
         assert process.returncode == 0, "".join(output) + process.stdout.read()
         deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and any(_alive(pid) for pid in family):
+        while time.monotonic() < deadline and any(alive(pid) for pid in family):
             time.sleep(0.5)
-        strays = [pid for pid in family if _alive(pid)]
+        strays = [pid for pid in family if alive(pid)]
         assert not strays, f"processes left behind: {strays}"
         assert not token.exists(), "the admin token outlives its cluster"
     finally:

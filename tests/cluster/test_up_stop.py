@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.cluster.test_up_process import _alive, _descendants
+from tests.procfs import alive, descendants
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -33,7 +33,7 @@ def test_up_stops_while_its_workers_are_starting(tmp_path, signum):
             assert process.poll() is None, "splitserve up exited early:\n" + process.stdout.read()
             time.sleep(0.2)
         assert list(tmp_path.glob("splitserve-*.admin-token")), "the router did not start"
-        family = _descendants(process.pid)
+        family = descendants(process.pid)
         process.send_signal(signum)
         try:
             output, _ = process.communicate(timeout=60)
@@ -43,13 +43,13 @@ def test_up_stops_while_its_workers_are_starting(tmp_path, signum):
         assert "asked to stop while the workers were starting; stopped" in output, output
         assert "Traceback" not in output and "is up" not in output, output
         deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and any(_alive(pid) for pid in family):
+        while time.monotonic() < deadline and any(alive(pid) for pid in family):
             time.sleep(0.5)
-        assert not [pid for pid in family if _alive(pid)], "processes left behind"
+        assert not [pid for pid in family if alive(pid)], "processes left behind"
         assert not list(tmp_path.glob("splitserve-*.admin-token")), "the admin token outlives its cluster"
     finally:
         if process.poll() is None:  # failed: leave nothing behind (Ray's processes are its children)
-            for pid in [*_descendants(process.pid), process.pid]:
+            for pid in [*descendants(process.pid), process.pid]:
                 try:
                     os.kill(pid, signal.SIGKILL)
                 except ProcessLookupError:

@@ -20,6 +20,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from router.config import RouterConfig
+from tests.procfs import cmdlines
 from tests.router.conftest import RouterThread, free_port
 
 API_KEY = "sk-edge-key-7d1f"
@@ -102,17 +103,6 @@ def test_grpc_reflection_wants_an_api_key(closed):
 # -- secrets from files and the environment, never argv -----------------------------------------------------------
 
 
-def _cmdlines() -> dict[int, bytes]:
-    found = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                found[int(entry.name)] = (entry / "cmdline").read_bytes()
-            except OSError:
-                continue
-    return found
-
-
 def _cli(*args: str, env: dict | None = None, **kwargs) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "cluster.cli", *args],
@@ -153,10 +143,10 @@ def test_router_takes_its_secrets_from_files_and_no_command_line_shows_them(tmp_
             assert httpx.get(f"{url}/v1/models", headers={"Authorization": f"Bearer {key}"}).status_code != 401
         assert httpx.get(f"{url}/admin/status", headers={"X-Admin-Token": ADMIN_TOKEN}).status_code == 200
         showing = {
-            pid: line for pid, line in _cmdlines().items() if API_KEY.encode() in line or ADMIN_TOKEN.encode() in line
+            pid: line for pid, line in cmdlines().items() if API_KEY.encode() in line or ADMIN_TOKEN.encode() in line
         }
         assert showing == {}, f"secrets on a command line: {showing}"
-        assert router.pid in _cmdlines()  # the scan saw the router itself
+        assert router.pid in cmdlines()  # the scan saw the router itself
     finally:
         router.terminate()
         router.wait(15)

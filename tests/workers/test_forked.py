@@ -8,13 +8,9 @@ import subprocess
 
 import pytest
 
+from tests.procfs import parent_of
 from tests.workers.forked import ForkedProcess
 from tests.workers.harness import launch_worker, wait_ready
-
-
-def parent_of(pid: int) -> int:
-    with open(f"/proc/{pid}/stat") as stat:
-        return int(stat.read().rsplit(")", 1)[1].split()[1])
 
 
 def test_a_forked_worker_serves_stops_on_sigterm_and_dies_on_sigkill():
