@@ -86,15 +86,18 @@ def test_quick_compare_writes_a_run_per_rate_and_system(tmp_path, capsys):
 
 def test_the_cpu_meter_reads_each_engine_thread_by_its_os_name():
     """A thread named ``*-engine`` (as engine/loop.py names the engine's) is found in its process and
-    metered alone: one spinning reads about a core, the process's other threads do not count. Its name is this
-    test's own: this pytest process may still hold a decode engine's thread of an earlier test, ending."""
+    metered alone: one spinning reads about a core, the process's other threads do not count. Each thread's
+    name is its own: this pytest process may still hold a decode engine's thread of an earlier test, ending,
+    and a joined thread's OS task can outlive its ``join`` for a moment (one CI run metered the spinning
+    thread's task, which then vanished: KeyError)."""
     from bench.sim.host import CpuMeter
     from engine.threads import name_os_thread
 
     stop, named = threading.Event(), threading.Event()
+    names = {True: "spin-engine", False: "idle-engine"}
 
     def engine(spin: bool) -> None:
-        name_os_thread("probe-engine")
+        name_os_thread(names[spin])
         named.set()
         while not stop.is_set():
             if not spin:
@@ -106,12 +109,13 @@ def test_the_cpu_meter_reads_each_engine_thread_by_its_os_name():
         thread = threading.Thread(target=engine, args=(spin,))
         thread.start()
         assert named.wait(10)
-        meter = CpuMeter([os.getpid()], {"d0": (os.getpid(), "probe-engine")})
+        meter = CpuMeter([os.getpid()], {"d0": (os.getpid(), names[spin])})
         before = meter.sample()
         time.sleep(0.5)
         usage = meter.usage(before, meter.sample())
         stop.set()
         thread.join(10)
+        assert not thread.is_alive()
         busy = usage["engine_cores"]["d0"]
         assert (busy > 0.3) if spin else (busy < 0.1), (spin, usage)
 
