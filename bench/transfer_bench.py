@@ -67,7 +67,7 @@ import torch
 
 from engine.kv_cache import KVLayout, PagedKVCache
 from engine.layer_ready import record_layer_ready
-from protos.cluster_auth import ClusterAuth, ensure_secret_in_env, keepalive_server_options
+from protos.cluster_auth import ClusterAuth, ensure_secret_in_env, server_options
 
 MIB = 1024 * 1024
 LAYERS = 16
@@ -600,7 +600,7 @@ def _serve_transport(kind: str, pool_bytes: int, device: str = "cpu") -> int:
         bulk,
     )
     server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=16), options=[*channel_options(), *keepalive_server_options()]
+        futures.ThreadPoolExecutor(max_workers=16), options=[*channel_options(), *server_options()]
     )
     kv_transfer_pb2_grpc.add_KVReceiverServicer_to_server(service, server)
     port = server.add_insecure_port("127.0.0.1:0")

@@ -618,6 +618,7 @@ def _run_router(args: argparse.Namespace) -> int:
     import signal
 
     from engine.errors import EngineError
+    from protos.cluster_auth import ListenError
     from router.server import run_event_loop, serve
 
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -636,7 +637,7 @@ def _run_router(args: argparse.Namespace) -> int:
         return 2
     try:
         run_event_loop(main(config))
-    except (EngineError, ValueError) as exc:  # --model unreadable, or a bad flag value
+    except (EngineError, ValueError, ListenError) as exc:  # --model unreadable, a bad flag value, a port taken
         print(f"splitserve: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -20,8 +20,8 @@ from cluster.worker_actor import CONTROLLER_NAME
 from contract.heap import freeze_startup_heap
 from engine.errors import ModelLoadError
 from engine.presets import prepare_model
-from protos.cluster_auth import secret_from_env
-from router.server import Router, Stopped, run_event_loop, unless_stopped
+from protos.cluster_auth import ListenError, secret_from_env
+from router.server import Router, Stopped, check_ports, run_event_loop, unless_stopped
 
 log = logging.getLogger(__name__)
 
@@ -188,8 +188,9 @@ def up(config: ClusterConfig) -> int:
         )
         return 2
     try:
+        check_ports(config.router)  # in a second, not after Ray and the workers started
         prepare_model(config.model)  # a GGUF preset is built once, before the router and the workers read it
-    except ModelLoadError as exc:
+    except (ListenError, ModelLoadError) as exc:
         print(f"splitserve: {exc}", file=sys.stderr, flush=True)
         return 2
     start_ray(config)
@@ -209,6 +210,9 @@ def up(config: ClusterConfig) -> int:
     except NotReady as exc:
         print(f"splitserve: not ready — {exc}; stopped", file=sys.stderr, flush=True)
         return 1
+    except ListenError as exc:  # taken since check_ports
+        print(f"splitserve: {exc}; stopped", file=sys.stderr, flush=True)
+        return 2
     finally:
         ray.shutdown()
     print("splitserve stopped", flush=True)

@@ -149,17 +149,74 @@ def end_silent_peers(sock: socket.socket, unacknowledged: bool = True) -> None:
             sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, name), value)
 
 
-def keepalive_server_options() -> list[tuple[str, object]]:
-    """A gRPC server of ours (a worker's, the router's public one): it takes its clients' keepalive pings, one every
-    KEEPALIVE_TIME_MS / 2 at most while it sends nothing (gRPC's default counts a ping within 5 min of the last as a
-    strike, and closes the connection after two: every call on it would fail, a long prefill's too), and pings
-    them in turn while their calls are in flight, so a caller that vanished is let go within PEER_SILENCE_S."""
+def server_options() -> list[tuple[str, object]]:
+    """Every gRPC server of ours (a worker's, the router's public one) is made with these.
+
+    - It takes its clients' keepalive pings, one every KEEPALIVE_TIME_MS / 2 at most while it sends nothing (gRPC's
+      default counts a ping within 5 min of the last as a strike, and closes the connection after two: every call
+      on it would fail, a long prefill's too), and pings them in turn while their calls are in flight, so a caller
+      that vanished is let go within PEER_SILENCE_S.
+    - It never shares its port (no SO_REUSEPORT, gRPC's default on Linux): a second router or worker told to listen
+      where one already does fails to start (``add_port``), where the kernel would otherwise split the clients'
+      connections between the two, each answering as itself."""
     return [
         ("grpc.http2.min_ping_interval_without_data_ms", KEEPALIVE_TIME_MS // 2),
         ("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS),
         ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
         *_PING_TIMEOUT,
+        ("grpc.so_reuseport", 0),
     ]
+
+
+class ListenError(OSError):
+    """A server of ours cannot listen where it was told to; the message names the address and why (``reason``)."""
+
+    def __init__(self, message: str, reason: str = "") -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+def add_port(server, address: str, credentials: grpc.ServerCredentials | None = None) -> int:
+    """``server`` (made with ``server_options``) listens on ``address`` (``host:port``; port 0: a free one), with
+    ``credentials`` if given; the port. ListenError names the address and the OS's reason when it cannot."""
+    try:
+        port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
+    except RuntimeError:  # gRPC raises where older versions returned 0
+        port = 0
+    if port == 0:
+        host, _, wanted = address.rpartition(":")
+        reason = (unbindable(host.strip("[]"), int(wanted)) if wanted.isdigit() else None) or "gRPC could not bind it"
+        raise ListenError(f"cannot listen on {address}: {reason}", reason)
+    return port
+
+
+def bind_tcp(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to ``host:port``, not listening yet, as our listeners bind: SO_REUSEADDR (a port a stopped
+    server left in TIME_WAIT is taken again at once), never SO_REUSEPORT (a port another server listens on is
+    refused). Raises OSError as the OS does."""
+    try:
+        family, kind, proto, _, where = socket.getaddrinfo(
+            host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+    except socket.gaierror as exc:
+        raise OSError(f"cannot resolve {host!r}: {exc.strerror}") from exc
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(where)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def unbindable(host: str, port: int) -> str | None:
+    """Why a listener could not bind ``host:port`` here now ("Address already in use", ...), or None."""
+    try:
+        bind_tcp(host, port).close()
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    return None
 
 
 def secret_from_env() -> str | None:

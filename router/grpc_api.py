@@ -14,7 +14,7 @@ from contract import tracing
 from contract.sampling import FIELDS as SAMPLING_FIELDS
 from contract.sampling import FieldError, SamplingParams
 from protos import generate_pb2, generate_pb2_grpc
-from protos.cluster_auth import keepalive_server_options
+from protos.cluster_auth import add_port, server_options
 from router.frontend import Frontend
 from router.orchestrator import GenerationError
 from router.structured import tool_turns
@@ -138,20 +138,20 @@ class _ReflectionNeedsKey(grpc.aio.ServerInterceptor):
 def create_grpc_server(
     frontend: Frontend, address: str, api_keys: tuple[str, ...] = (), tls: tuple[bytes, bytes] | None = None
 ) -> tuple[grpc.aio.Server, int]:
-    """``tls``: (certificate chain, key) PEM: the endpoint then serves TLS only."""
+    """``tls``: (certificate chain, key) PEM: the endpoint then serves TLS only. ListenError where it cannot listen."""
     server = grpc.aio.server(
-        interceptors=[_ReflectionNeedsKey(api_keys)] if api_keys else None, options=keepalive_server_options()
+        interceptors=[_ReflectionNeedsKey(api_keys)] if api_keys else None, options=server_options()
     )
     generate_pb2_grpc.add_GenerateServicer_to_server(GenerateService(frontend, api_keys), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     service_name = generate_pb2.DESCRIPTOR.services_by_name["Generate"].full_name
     reflection.enable_server_reflection((service_name, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-    if tls is None:
-        port = server.add_insecure_port(address)
-    else:
+    credentials = None
+    if tls is not None:
         cert, key = tls
-        port = server.add_secure_port(address, grpc.ssl_server_credentials([(key, cert)]))
+        credentials = grpc.ssl_server_credentials([(key, cert)])
+    port = add_port(server, address, credentials)
     server.health_servicer = health_servicer
     server.health_service_name = service_name
     return server, port

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import sys
 from collections.abc import Coroutine
 from typing import Any, TypeVar
@@ -11,7 +12,7 @@ from typing import Any, TypeVar
 import uvicorn
 
 from contract.heap import freeze_startup_heap
-from protos.cluster_auth import ClusterAuth
+from protos.cluster_auth import ClusterAuth, ListenError, bind_tcp, unbindable
 from router import tracing
 from router.admin import install_admin
 from router.config import RouterConfig, admin_token_from_env, api_keys_from_env
@@ -72,9 +73,14 @@ class Router:
             self.pool.add(address, "prefill")
         for address in self.config.decode_addresses:
             self.pool.add(address, "decode")
-        self._grpc, self.grpc_port = create_grpc_server(
-            self.frontend, f"{self.config.host}:{self.config.grpc_port}", self.api_keys, self._grpc_tls()
-        )
+        http_socket = listen_socket(self.config.host, self.config.port)
+        try:
+            self._grpc, self.grpc_port = create_grpc_server(
+                self.frontend, f"{self.config.host}:{self.config.grpc_port}", self.api_keys, self._grpc_tls()
+            )
+        except ListenError as exc:
+            http_socket.close()
+            raise cannot_listen(self.config.host, self.config.grpc_port, exc.reason, "grpc") from None
         await self._grpc.start()
         await mark_serving(self._grpc)
         http_config = uvicorn.Config(
@@ -89,12 +95,12 @@ class Router:
             ssl_keyfile=self.config.tls_keyfile,
         )
         self._http = uvicorn.Server(http_config)
-        self._http_task = asyncio.create_task(self._http.serve())
+        self._http_task = asyncio.create_task(self._http.serve(sockets=[http_socket]))
         while not self._http.started:
             if self._http_task.done():
-                self._http_task.result()  # raises the bind error
+                self._http_task.result()
             await asyncio.sleep(0.02)
-        self.http_port = self._http.servers[0].sockets[0].getsockname()[1]
+        self.http_port = http_socket.getsockname()[1]
         self.dashboard.start()  # recent history from now on, watched or not
 
     def _grpc_tls(self) -> tuple[bytes, bytes] | None:
@@ -140,6 +146,32 @@ class Router:
             "grpc": f"{host}:{self.grpc_port}",
             "dashboard": f"{scheme}://{host}:{self.http_port}/dashboard",
         }
+
+
+_LISTENERS = {"http": ("the OpenAI API", "--port"), "grpc": ("the gRPC API", "--grpc-port")}
+
+
+def listen_socket(host: str, port: int) -> socket.socket:
+    """The router's HTTP socket, bound here rather than by uvicorn (which logs a bind error and exits the process)."""
+    try:
+        return bind_tcp(host, port)
+    except OSError as exc:
+        raise cannot_listen(host, port, exc.strerror or str(exc), "http") from None
+
+
+def check_ports(config: RouterConfig) -> None:
+    """Before anything starts (`splitserve up` starts Ray and workers first): ListenError where the router could
+    not listen on its configured ports now. A port 0 is any free one."""
+    for listener, port in (("http", config.port), ("grpc", config.grpc_port)):
+        reason = unbindable(config.host, port) if port else None
+        if reason:
+            raise cannot_listen(config.host, port, reason, listener)
+
+
+def cannot_listen(host: str, port: int, reason: str, listener: str) -> ListenError:
+    """The error naming the address, why, what listens there and the flag that moves it."""
+    what, flag = _LISTENERS[listener]
+    return ListenError(f"cannot listen on {host}:{port}: {reason} ({what}, {flag})", reason)
 
 
 class Stopped(Exception):

@@ -32,7 +32,7 @@ from kv_transfer.errors import TransferError
 from kv_transfer.layout import layout_message
 from kv_transfer.sender import channel_options
 from protos import common_pb2, decode_pb2
-from protos.cluster_auth import ClusterAuth, keepalive_server_options
+from protos.cluster_auth import ClusterAuth, server_options
 from protos.worker_metrics import worker_metrics
 from worker_server.security import (
     PeerLimit,
@@ -122,13 +122,11 @@ class WorkerBase(ABC):
         self.server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=max_rpc_threads),
             interceptors=server_interceptors(self.auth),
-            options=[*channel_options(), *keepalive_server_options()],
+            options=[*channel_options(), *server_options()],
         )
         self.subscriptions = PeerLimit(subscriptions_per_peer, max(1, max_rpc_threads // SUBSCRIPTIONS_SHARE))
         self.health = health.HealthServicer()
         self.port = bind(self.server, f"{host}:{port}", self.auth)
-        if self.port == 0:
-            raise OSError(f"cannot bind {host}:{port}")
         self.address = f"[{advertised}]:{self.port}" if ":" in advertised else f"{advertised}:{self.port}"
         self.counters = WorkerCounters()
         self.transport = "grpc"

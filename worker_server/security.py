@@ -17,7 +17,7 @@ import threading
 
 import grpc
 
-from protos.cluster_auth import SECRET_METADATA, UNAUTHENTICATED_PREFIXES, ClusterAuth
+from protos.cluster_auth import SECRET_METADATA, UNAUTHENTICATED_PREFIXES, ClusterAuth, add_port
 
 
 class ClusterSecretInterceptor(grpc.ServerInterceptor):
@@ -59,12 +59,13 @@ def server_interceptors(auth: ClusterAuth) -> list[grpc.ServerInterceptor]:
 
 
 def bind(server: grpc.Server, address: str, auth: ClusterAuth) -> int:
-    """Listens on exactly ``address`` (TLS requiring a client certificate when configured); the port."""
+    """Listens on exactly ``address`` (TLS requiring a client certificate when configured); the port. ListenError
+    (an OSError) where it cannot: its port in use by another process, a host that is not this machine's."""
     if auth.tls is None:
-        return server.add_insecure_port(address)
+        return add_port(server, address)
     cert, key, ca = auth.tls.read()
     credentials = grpc.ssl_server_credentials([(key, cert)], root_certificates=ca, require_client_auth=True)
-    return server.add_secure_port(address, credentials)
+    return add_port(server, address, credentials)
 
 
 def advertised_host(host: str, advertise: str | None = None) -> str:

@@ -10,7 +10,7 @@ import grpc
 from kv_transfer.receiver_service import KVReceiverService
 from kv_transfer.sender import channel_options
 from protos import common_pb2, decode_pb2, kv_transfer_pb2_grpc
-from protos.cluster_auth import keepalive_server_options
+from protos.cluster_auth import server_options
 
 
 def serve_kv_receiver(
@@ -18,7 +18,7 @@ def serve_kv_receiver(
 ) -> tuple[grpc.Server, str]:
     """Starts ``service`` on ``host`` (loopback by default), on ``port`` (a free one by default): the running server
     and its address."""
-    options = [*channel_options(), *keepalive_server_options()]
+    options = [*channel_options(), *server_options()]
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), interceptors=interceptors, options=options)
     kv_transfer_pb2_grpc.add_KVReceiverServicer_to_server(service, server)
     address = f"{host}:{server.add_insecure_port(f'{host}:{port}')}"

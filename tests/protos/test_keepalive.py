@@ -15,7 +15,7 @@ from concurrent import futures
 
 import grpc
 
-from protos.cluster_auth import PEER_SILENCE_S, ClusterAuth, keepalive_server_options
+from protos.cluster_auth import PEER_SILENCE_S, ClusterAuth, server_options
 
 METHOD = "/keepalive.Test/Stream"
 BOUND_S = PEER_SILENCE_S + 5  # a ping within KEEPALIVE_TIME_MS, unanswered for KEEPALIVE_TIMEOUT_MS; gRPC's default: 60
@@ -25,7 +25,7 @@ _PEER = """
 import sys, time
 from concurrent import futures
 import grpc
-from protos.cluster_auth import ClusterAuth, keepalive_server_options
+from protos.cluster_auth import ClusterAuth, server_options
 
 def stream(request, context):
     while context.is_active():
@@ -33,7 +33,7 @@ def stream(request, context):
         time.sleep(0.05)
 
 if sys.argv[1] == "server":
-    server = grpc.server(futures.ThreadPoolExecutor(4), options=keepalive_server_options())
+    server = grpc.server(futures.ThreadPoolExecutor(4), options=server_options())
     handler = grpc.unary_stream_rpc_method_handler(stream)
     server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler("keepalive.Test", {"Stream": handler})])
     print(server.add_insecure_port("127.0.0.1:0"), flush=True)
@@ -88,7 +88,7 @@ def test_a_stream_to_a_stalled_caller_ends_within_peer_silence():
             time.sleep(0.05)
         ended.set()
 
-    server = grpc.server(futures.ThreadPoolExecutor(4), options=keepalive_server_options())
+    server = grpc.server(futures.ThreadPoolExecutor(4), options=server_options())
     handler = grpc.unary_stream_rpc_method_handler(stream)
     server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler("keepalive.Test", {"Stream": handler})])
     port = server.add_insecure_port("127.0.0.1:0")

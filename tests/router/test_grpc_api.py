@@ -160,7 +160,7 @@ def test_grpc_api_key(make_router, cluster):
 def test_a_client_that_pings_every_3_s_through_a_quiet_call_keeps_it(router):
     """A client's keepalive pings every 3 s while the server sends nothing (a Health Watch, a long prefill): gRPC's
     default server counts each ping within 5 min of the last as a strike and ends the connection at the third ("too
-    many pings", after ~9 s); the router takes one every 2.5 s (cluster_auth.keepalive_server_options)."""
+    many pings", after ~9 s); the router takes one every 2.5 s (cluster_auth.server_options)."""
     options = [
         ("grpc.keepalive_time_ms", 3000),
         ("grpc.keepalive_timeout_ms", 5000),

@@ -3,7 +3,7 @@ go within ~10 s, and the decode worker stops the stream, with every block back i
 decoded on to max_tokens for nobody (minutes here).
 
 - a router that vanished, seen by its decode worker: the worker's gRPC server pings the connections of calls in
-  flight (cluster_auth.keepalive_server_options; a ping unanswered for KEEPALIVE_TIMEOUT_MS ends the connection);
+  flight (cluster_auth.server_options; a ping unanswered for KEEPALIVE_TIMEOUT_MS ends the connection);
 - a client of the router's public gRPC API: the router's server pings it the same way, and the router cancels the
   decode worker's call when the stream is closed unfinished (prefilled by the decode worker, or by a prefill worker
   that pushed its KV);
