@@ -100,5 +100,14 @@ def test_a_worker_refuses_a_taken_port_naming_it():
         port = taken.getsockname()[1]
         status, stderr, _ = _cli("worker", "--model", "demo", "--port", str(port), "decode")
     assert status == 2, stderr
-    assert f"cannot listen on 127.0.0.1:{port}: Address already in use" in stderr, stderr
+    assert f"cannot listen on 127.0.0.1:{port}: Address already in use (the worker's gRPC API, --port)" in stderr
+    assert "Traceback" not in stderr, stderr
+
+
+def test_a_worker_refuses_a_taken_metrics_port_naming_it():
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        status, stderr, _ = _cli("worker", "--model", "demo", "--port", "0", "--metrics-port", str(port), "decode")
+    assert status == 2, stderr
+    assert f"cannot listen on 127.0.0.1:{port}: Address already in use (metrics, --metrics-port)" in stderr, stderr
     assert "Traceback" not in stderr, stderr
