@@ -646,10 +646,38 @@ def _run_router(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     _exit_with_parent(os.environ.get(EXIT_WITH_PARENT_ENV))
+    raise_open_files_limit()
     if argv and argv[0] in DELEGATED_COMMANDS:
         return _run_delegated(argv[0], argv[1:])
     args = build_parser().parse_args(argv)
     return args.run(args)
+
+
+# Open files a splitserve process asks for: a router holds a socket per client connection for as long as a streamed
+# completion lasts, and the soft limit most systems start a shell with (1024 on Linux, 256 on macOS) refused the
+# 233rd of 400 connections held open to a router started under 256 (tests/router/test_listen.py).
+OPEN_FILES = 65536
+MACOS_OPEN_MAX = 10240
+
+
+def raise_open_files_limit() -> None:
+    """Raises this process's soft limit on open files to OPEN_FILES, or to its hard limit if that is lower (what an
+    unprivileged process may do); children (`up`'s Ray and workers) inherit it. Where the OS refuses, it stays."""
+    try:
+        import resource
+    except ImportError:  # not a POSIX system
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = OPEN_FILES if hard == resource.RLIM_INFINITY else min(OPEN_FILES, hard)
+    if soft == resource.RLIM_INFINITY:
+        return
+    for limit in (wanted, MACOS_OPEN_MAX):  # macOS refuses more than OPEN_MAX, whatever hard limit it reports
+        if soft < limit <= wanted:
+            try:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (limit, hard))
+                return
+            except (ValueError, OSError):
+                continue
 
 
 # Set by a launcher (bench/processes.py) to its PID: this process gets SIGTERM when that one dies.
