@@ -615,20 +615,17 @@ def router_config_from_args(args: argparse.Namespace):
 
 def _run_router(args: argparse.Namespace) -> int:
     import asyncio
-    import signal
 
     from engine.errors import EngineError
     from protos.cluster_auth import ListenError
-    from router.server import run_event_loop, serve
+    from router.server import on_stop_signals, run_event_loop, serve
 
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     async def main(config) -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(signum, stop.set)
-        await serve(config, stop)
+        stop, cut = asyncio.Event(), asyncio.Event()
+        on_stop_signals(stop, cut)
+        await serve(config, stop, cut)
 
     try:
         config = router_config_from_args(args)

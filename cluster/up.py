@@ -8,7 +8,6 @@ import logging
 import math
 import os
 import secrets
-import signal
 import sys
 from pathlib import Path
 
@@ -21,7 +20,7 @@ from contract.heap import freeze_startup_heap
 from engine.errors import ModelLoadError
 from engine.presets import prepare_model
 from protos.cluster_auth import ListenError, secret_from_env
-from router.server import Router, Stopped, check_ports, run_event_loop, unless_stopped
+from router.server import Router, Stopped, check_ports, on_stop_signals, run_event_loop, unless_stopped
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +119,9 @@ class NotReady(RuntimeError):
     """The workers did not start: `up` tears the cluster down and says why."""
 
 
-async def run_cluster(config: ClusterConfig, stop: asyncio.Event, on_ready=None) -> None:
+async def run_cluster(
+    config: ClusterConfig, stop: asyncio.Event, on_ready=None, cut: asyncio.Event | None = None
+) -> None:
     # Workers accept calls from cluster members only: the secret is $SPLITSERVE_CLUSTER_SECRET[_FILE]
     # or one made here, handed to the controller and through it to each worker actor's constructor
     # (never a command line), and to the router in this process.
@@ -172,7 +173,7 @@ async def run_cluster(config: ClusterConfig, stop: asyncio.Event, on_ready=None)
     finally:
         for task in tasks:
             task.cancel()
-        await router.stop()
+        await router.stop(cut)
         await controller.shutdown.remote()
         path.unlink(missing_ok=True)
 
@@ -196,11 +197,9 @@ def up(config: ClusterConfig) -> int:
     start_ray(config)
 
     async def main() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(signum, stop.set)
-        await run_cluster(config, stop, on_ready=lambda router: freeze_startup_heap())  # this process serves
+        stop, cut = asyncio.Event(), asyncio.Event()
+        on_stop_signals(stop, cut)
+        await run_cluster(config, stop, on_ready=lambda router: freeze_startup_heap(), cut=cut)  # this process serves
 
     try:
         run_event_loop(main())

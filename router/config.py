@@ -64,6 +64,9 @@ class RouterConfig:
     # of its headers. Past either: 408 when a response can still be written, else the connection is closed.
     header_timeout_s: float = 10.0
     body_timeout_s: float = 30.0
+    # On SIGTERM or Ctrl-C: the listeners close at once (HTTP, gRPC) and the requests in flight have this long to
+    # finish before they are cut; a second signal cuts them at once. Under Kubernetes' default 30 s termination grace.
+    shutdown_grace_s: float = 25.0
     # The cluster secret workers require on every call (None: $SPLITSERVE_CLUSTER_SECRET[_FILE]).
     cluster_secret: str | None = field(default=None, repr=False)
     # TLS for the public HTTP and gRPC endpoints: PEM certificate (chain) and key; both or neither.
@@ -104,6 +107,7 @@ BOUNDS = {
     "health_interval_s": POSITIVE,
     "header_timeout_s": POSITIVE,
     "body_timeout_s": POSITIVE,
+    "shutdown_grace_s": NON_NEGATIVE,
 }
 
 # The settings with a fixed set of values (RouterConfig checks them; the CLI offers them as choices).
@@ -149,6 +153,8 @@ FIELD_HELP = {
     "open_docs": "serve /docs, /redoc and /openapi.json without an API key",
     "header_timeout_s": "seconds a client has to send a request's headers",
     "body_timeout_s": "seconds a client has to send a request's body, once its headers are in",
+    "shutdown_grace_s": "on SIGTERM or Ctrl-C, seconds the requests in flight have to finish (new ones are refused); "
+    "a second signal stops at once",
     "cluster_secret": "the secret workers require; default: $SPLITSERVE_CLUSTER_SECRET[_FILE]",
     "tls_certfile": "PEM certificate (chain): serve HTTPS and gRPC over TLS",
     "tls_keyfile": "PEM private key of the TLS certificate",

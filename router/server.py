@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
 import socket
 import sys
+from asyncio import FIRST_COMPLETED
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
@@ -27,6 +29,19 @@ from router.workers import WorkerPool
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+CUT_UNWIND_S = 2.0  # a request whose client was cut at the end of a stop's grace has this long to unwind
+
+
+def on_stop_signals(stop: asyncio.Event, cut: asyncio.Event) -> None:
+    """SIGINT and SIGTERM on the running loop: the first sets ``stop`` (a graceful stop: ``Router.stop``), any later
+    one ``cut`` (the requests in flight end now)."""
+
+    def signalled() -> None:
+        (cut if stop.is_set() else stop).set()
+
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, signalled)
 
 
 def new_event_loop() -> asyncio.AbstractEventLoop:
@@ -89,7 +104,8 @@ class Router:
             port=self.config.port,
             log_level="warning",
             lifespan="off",
-            timeout_graceful_shutdown=2,
+            # Our stop closes what is left at the end of the grace (cut_in_flight); this ends what still runs after
+            timeout_graceful_shutdown=self.config.shutdown_grace_s + CUT_UNWIND_S,
             http=protocol_with_deadlines(self.config.header_timeout_s, self.config.body_timeout_s),
             ssl_certfile=self.config.tls_certfile,
             ssl_keyfile=self.config.tls_keyfile,
@@ -128,14 +144,41 @@ class Router:
     def not_ready_reason(self) -> str:
         return self.frontend.not_ready_reason()
 
-    async def stop(self) -> None:
+    async def stop(self, cut: asyncio.Event | None = None) -> None:
+        """Closes both listeners at once and gives the requests in flight ``shutdown_grace_s`` to finish; then, or as
+        soon as ``cut`` is set (a second stop signal), ends them (``cut_in_flight``)."""
         await self.dashboard.stop()
+        in_flight = self.frontend.admission.running + self.frontend.admission.waiting
+        if in_flight:
+            print(
+                f"splitserve: stopping; {in_flight} request(s) in flight have up to {self.config.shutdown_grace_s:g} s "
+                "to finish (a second Ctrl-C or SIGTERM ends them now)",
+                file=sys.stderr,
+                flush=True,
+            )
+        stopping = []
         if self._http is not None:
-            self._http.should_exit = True
-            await self._http_task
+            self._http.should_exit = True  # uvicorn closes its listener and idle connections, then waits for the rest
+            stopping.append(self._http_task)
         if self._grpc is not None:
-            await self._grpc.stop(1.0)
+            stopping.append(self._grpc.stop(self.config.shutdown_grace_s))  # gRPC aborts what is left at the end
+        stopped = asyncio.ensure_future(asyncio.gather(*stopping))
+        cut_asked = asyncio.ensure_future(cut.wait() if cut is not None else asyncio.Event().wait())
+        await asyncio.wait((stopped, cut_asked), timeout=self.config.shutdown_grace_s, return_when=FIRST_COMPLETED)
+        cut_asked.cancel()
+        if not stopped.done():
+            self.cut_in_flight()
+        await stopped
         await self.pool.close()
+
+    def cut_in_flight(self) -> None:
+        """Ends every request in flight now, as if its client had gone: an HTTP client's connection is closed (its
+        request unwinds as after a disconnect: the decode stops, its KV returns to the pool), a gRPC call aborted."""
+        if self._http is not None:
+            for connection in list(self._http.server_state.connections):
+                connection.transport.close()
+        if self._grpc is not None:
+            asyncio.ensure_future(self._grpc.stop(0))
 
     @property
     def urls(self) -> dict[str, str]:
@@ -189,14 +232,14 @@ async def unless_stopped(awaitable, stop: asyncio.Event):
     return waiting.result()
 
 
-async def serve(config: RouterConfig, stop: asyncio.Event) -> None:
+async def serve(config: RouterConfig, stop: asyncio.Event, cut: asyncio.Event | None = None) -> None:
     router = Router(config)
     await router.start()
     freeze_startup_heap()
     try:
         ready = await unless_stopped(router.wait_ready(), stop)
     except Stopped:  # SIGTERM while waiting for workers: stop now, not after the wait
-        await router.stop()
+        await router.stop(cut)
         return
     if not ready:
         print(f"splitserve router: not ready — {router.not_ready_reason()}", file=sys.stderr, flush=True)
@@ -204,4 +247,4 @@ async def serve(config: RouterConfig, stop: asyncio.Event) -> None:
     try:
         await stop.wait()
     finally:
-        await router.stop()
+        await router.stop(cut)

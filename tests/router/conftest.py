@@ -228,6 +228,7 @@ def router_config(checkpoint: Checkpoint, prefills, decodes, **overrides) -> Rou
         decode_addresses=tuple(w if isinstance(w, str) else w.address for w in decodes),
         health_interval_s=0.2,
         request_timeout_s=REQUEST_TIMEOUT_S,
+        shutdown_grace_s=2.0,  # a test may end with a request still in flight (a stalled worker's): cut it soon
     )
     settings.update(overrides)
     return RouterConfig(**settings)
