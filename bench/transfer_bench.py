@@ -599,9 +599,7 @@ def _serve_transport(kind: str, pool_bytes: int, device: str = "cpu") -> int:
         nixl,
         bulk,
     )
-    server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=16), options=[*channel_options(), *server_options()]
-    )
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=16), options=[*channel_options(), *server_options()])
     kv_transfer_pb2_grpc.add_KVReceiverServicer_to_server(service, server)
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
