@@ -89,7 +89,7 @@ class SamplingParams:
         if not isinstance(self.ignore_eos, bool):
             raise FieldError("ignore_eos", "ignore_eos must be a boolean")
         if self.logprobs is not None:
-            set_(self, "logprobs", _integer("logprobs", self.logprobs, 0, MAX_TOP_LOGPROBS + 1))
+            set_(self, "logprobs", logprobs_count(self.logprobs))
         set_(self, "logit_bias", _logit_bias(self.logit_bias))
         set_(self, "min_tokens", _integer("min_tokens", self.min_tokens, 0, _UINT32))
         if self.min_tokens > self.max_tokens:
@@ -97,7 +97,7 @@ class SamplingParams:
                 "min_tokens", f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})"
             )
         if self.prompt_logprobs is not None:
-            set_(self, "prompt_logprobs", _integer("prompt_logprobs", self.prompt_logprobs, 0, MAX_TOP_LOGPROBS + 1))
+            set_(self, "prompt_logprobs", logprobs_count(self.prompt_logprobs, "prompt_logprobs"))
         if self.grammar is not None:
             if not isinstance(self.grammar, Grammar):
                 raise FieldError("grammar", "grammar must be a contract.grammar.Grammar")
@@ -205,6 +205,12 @@ def wrap_seed(seed: int) -> int:
 
 
 # -- field checks -----------------------------------------------------------------------------------
+
+
+def logprobs_count(value, name: str = "logprobs") -> int:
+    """A count of most likely tokens to return, checked under the name the client gave it (chat's ``top_logprobs``
+    is the record's ``logprobs``)."""
+    return _integer(name, value, 0, MAX_TOP_LOGPROBS + 1)
 
 
 def _integer(name: str, value, low: int, end: int, spelled: str | None = None) -> int:

@@ -38,7 +38,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from contract.grammar import Grammar
 from contract.sampling import FIELDS as SAMPLING_FIELDS
-from contract.sampling import FieldError, SamplingParams, check_text, check_token_ids, wrap_seed
+from contract.sampling import FieldError, SamplingParams, check_text, check_token_ids, logprobs_count, wrap_seed
 from engine.tokenizer import IncrementalDetokenizer, Tokenizer
 from protos import common_pb2
 from router.frontend import Frontend, Overloaded
@@ -501,11 +501,11 @@ def create_app(frontend: Frontend, api_keys: tuple[str, ...] = ()) -> FastAPI:
         tools = _chat_tools(frontend, body)
         prompt = frontend.encode_chat(messages, tools.template_tools if tools else None)
         frontend.admission.check_fits(1, body.n, "n")
-        logprobs = (body.top_logprobs or 0) if body.logprobs else None
         if body.top_logprobs is not None and not body.logprobs:
             raise GenerationError(
                 "top_logprobs requires logprobs to be true", 400, "invalid_request_error", "top_logprobs"
             )
+        logprobs = logprobs_count(body.top_logprobs or 0, "top_logprobs") if body.logprobs else None
         limit_field = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
         max_tokens = getattr(body, limit_field)
         tool_grammar = tools.grammar() if tools else None
