@@ -191,19 +191,14 @@ def add_port(server, address: str, credentials: grpc.ServerCredentials | None = 
 
 
 def bind_tcp(host: str, port: int) -> socket.socket:
-    """A TCP socket bound to ``host:port``, not listening yet, as our listeners bind: SO_REUSEADDR (a port a stopped
-    server left in TIME_WAIT is taken again at once), never SO_REUSEPORT (a port another server listens on is
-    refused). Raises OSError as the OS does."""
-    try:
-        family, kind, proto, _, where = socket.getaddrinfo(
-            host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-        )[0]
-    except socket.gaierror as exc:
-        raise OSError(f"cannot resolve {host!r}: {exc.strerror}") from exc
-    sock = socket.socket(family, kind, proto)
+    """A TCP socket bound to ``host:port``, not listening yet, as our listeners bind: IPv6 for an address with a
+    colon, else IPv4 (a name such as ``localhost`` resolves to its IPv4 address, as uvicorn binds it); SO_REUSEADDR (a
+    port a stopped server left in TIME_WAIT is taken again at once), never SO_REUSEPORT (a port another server
+    listens on is refused). Raises OSError as the OS does."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(where)
+        sock.bind((host, port))
     except OSError:
         sock.close()
         raise
