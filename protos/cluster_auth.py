@@ -178,16 +178,19 @@ class ListenError(OSError):
 
 def add_port(server, address: str, credentials: grpc.ServerCredentials | None = None) -> int:
     """``server`` (made with ``server_options``) listens on ``address`` (``host:port``; port 0: a free one), with
-    ``credentials`` if given; the port. ListenError names the address and the OS's reason when it cannot."""
-    try:
-        port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
-    except RuntimeError:  # gRPC raises where older versions returned 0
-        port = 0
-    if port == 0:
-        host, _, wanted = address.rpartition(":")
-        reason = (unbindable(host.strip("[]"), int(wanted)) if wanted.isdigit() else None) or "gRPC could not bind it"
-        raise ListenError(f"cannot listen on {address}: {reason}", reason)
-    return port
+    ``credentials`` if given; the port. ListenError names the address and the OS's reason when it cannot: asked of
+    the OS first, so that gRPC's own error line is not printed above ours."""
+    host, _, wanted = address.rpartition(":")
+    reason = unbindable(host.strip("[]"), int(wanted)) if wanted.isdigit() and int(wanted) else None
+    if reason is None:
+        try:
+            port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
+        except RuntimeError:  # gRPC raises where older versions returned 0
+            port = 0
+        if port:
+            return port
+        reason = "gRPC could not bind it"
+    raise ListenError(f"cannot listen on {address}: {reason}", reason)
 
 
 def bind_tcp(host: str, port: int) -> socket.socket:
