@@ -105,6 +105,14 @@ class WorkerBase(ABC):
         self.instance_id = uuid.uuid4().hex[:12]
         self.worker_id = worker_id or f"{self.role}-{self.instance_id}"
         self.engine = Engine(config, on_layer_done=self.on_layer_done)
+        if self.engine.token_capacity < self.engine.max_model_len:  # served, but say so once: the router routes by it
+            log.warning(
+                "this %s worker's KV pool holds %d tokens, fewer than the model's context (%d): it refuses longer "
+                "requests (the router sends them to a worker that holds them); raise kv_cache_mb (--kv-cache-mb) to hold a whole one",
+                self.role,
+                self.engine.token_capacity,
+                self.engine.max_model_len,
+            )
         self.layout = layout_message(self.engine.layout, self.engine.fingerprint)
         self.model_card = build_model_card(
             config.model,

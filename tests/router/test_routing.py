@@ -228,6 +228,9 @@ def test_a_request_goes_to_a_decode_worker_whose_kv_pool_holds_it(make_router, c
     try:
         capacity, large = small.stats().token_capacity, cluster.decode.stats().token_capacity
         assert 0 < capacity < large == MAX_MODEL_LEN, (capacity, large)
+        said = f"KV pool holds {capacity} tokens, fewer than the model's context ({MAX_MODEL_LEN})"
+        assert any(said in line for line in small.log_lines), "the small worker did not say so at its start"
+        assert not any("fewer than the model's context" in line for line in cluster.decode.log_lines)
         router = make_router([], [small, cluster.decode])
         decodes = lambda: router.router.pool.of_role("decode")  # noqa: E731
         wait_for(
