@@ -108,7 +108,8 @@ class WorkerBase(ABC):
         if self.engine.token_capacity < self.engine.max_model_len:  # served, but say so once: the router routes by it
             log.warning(
                 "this %s worker's KV pool holds %d tokens, fewer than the model's context (%d): it refuses longer "
-                "requests (the router sends them to a worker that holds them); raise kv_cache_mb (--kv-cache-mb) to hold a whole one",
+                "requests (the router sends them to a worker that holds them); raise kv_cache_mb (--kv-cache-mb) "
+                "to hold a whole one",
                 self.role,
                 self.engine.token_capacity,
                 self.engine.max_model_len,
