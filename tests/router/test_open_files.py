@@ -19,12 +19,11 @@ START_TIMEOUT_S = 30
 
 
 def _start_router(port: int) -> subprocess.Popen:
-    def low_soft_limit() -> None:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (SOFT_LIMIT, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
-
-    command = [sys.executable, "-m", "cluster.cli", "router", "--model", "demo", "--decode", "127.0.0.1:1"]
-    command += ["--port", str(port), "--grpc-port", "0"]
-    router = subprocess.Popen(command, preexec_fn=low_soft_limit, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    """From a shell that lowered its soft limit, as a user's would (not a preexec_fn: Python in a child forked from
+    this process, whose gRPC threads run, crashed in gRPC's fork handler once)."""
+    command = ["bash", "-c", f'ulimit -Sn {SOFT_LIMIT} && exec "$@"', "bash", sys.executable, "-m", "cluster.cli"]
+    command += ["router", "--model", "demo", "--decode", "127.0.0.1:1", "--port", str(port), "--grpc-port", "0"]
+    router = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + START_TIMEOUT_S
     while time.monotonic() < deadline:
         try:
