@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 import socket
 import sys
 from asyncio import FIRST_COMPLETED
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Iterator
 from typing import Any, TypeVar
 
 import uvicorn
@@ -42,6 +43,16 @@ def on_stop_signals(stop: asyncio.Event, cut: asyncio.Event) -> None:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, signalled)
+
+
+class _HttpServer(uvicorn.Server):
+    """uvicorn's server without its own signal handling: ``on_stop_signals`` and ``Router.stop`` decide. uvicorn's
+    would take SIGINT and SIGTERM for itself while it serves and raise each one again as it exits, which reached ours
+    as a second signal and cut the gRPC calls still in their grace."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
 
 
 def new_event_loop() -> asyncio.AbstractEventLoop:
@@ -110,7 +121,7 @@ class Router:
             ssl_certfile=self.config.tls_certfile,
             ssl_keyfile=self.config.tls_keyfile,
         )
-        self._http = uvicorn.Server(http_config)
+        self._http = _HttpServer(http_config)
         self._http_task = asyncio.create_task(self._http.serve(sockets=[http_socket]))
         while not self._http.started:
             if self._http_task.done():

@@ -14,9 +14,11 @@ import sys
 import threading
 import time
 
+import grpc
 import openai
 import pytest
 
+from protos import common_pb2, generate_pb2, generate_pb2_grpc
 from tests.router.conftest import SERVED_MODEL, free_port
 from tests.workers.harness import wait_idle, wait_until
 
@@ -62,11 +64,11 @@ class StreamingClient(threading.Thread):
             self.first_chunk.set()
 
 
-def _start_router(checkpoint, cluster, *extra: str) -> tuple[subprocess.Popen, str]:
+def _start_router(checkpoint, cluster, *extra: str, grpc_port: int = 0) -> tuple[subprocess.Popen, str]:
     port = free_port()
     command = [sys.executable, "-m", "cluster.cli", "router", "--model", str(checkpoint.path)]
     command += ["--served-model-name", SERVED_MODEL, "--prefill", cluster.prefills[0].address]
-    command += ["--decode", cluster.decode.address, "--port", str(port), "--grpc-port", "0", *extra]
+    command += ["--decode", cluster.decode.address, "--port", str(port), "--grpc-port", str(grpc_port), *extra]
     router = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=5)
@@ -142,5 +144,26 @@ def test_a_cut_ends_the_streams_in_flight_and_their_kv_returns_to_the_pool(check
         assert "Traceback" not in output, output
         for worker in (cluster.decode, *cluster.prefills):
             wait_idle(worker, timeout=30)  # nothing left running, every block back in the pool
+    finally:
+        _stop(router)
+
+
+def test_a_grpc_stream_in_flight_at_sigterm_finishes(checkpoint, cluster, rng):
+    """The public gRPC API stops as the HTTP one does: its listener closes, the call in flight has the grace."""
+    grpc_port = free_port()
+    router, _ = _start_router(checkpoint, cluster, "--shutdown-grace", str(GRACE_S), grpc_port=grpc_port)
+    try:
+        params = common_pb2.SamplingParams(max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True)
+        prompt = " ".join(str(rng.randrange(1000)) for _ in range(12))
+        with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
+            stream = generate_pb2_grpc.GenerateStub(channel).Generate(
+                generate_pb2.CompletionRequest(model=SERVED_MODEL, text=prompt, params=params), timeout=GRACE_S
+            )
+            chunks = [next(stream)]
+            router.send_signal(signal.SIGTERM)
+            chunks += list(stream)  # raises grpc.RpcError if the call was cut
+        assert chunks[-1].finish_reason == "length" and chunks[-1].usage.completion_tokens == MAX_TOKENS
+        assert router.wait(30) == 0
+        assert "Traceback" not in _stop(router)
     finally:
         _stop(router)
