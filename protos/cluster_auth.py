@@ -176,10 +176,15 @@ class ListenError(OSError):
         self.reason = reason
 
 
-def add_port(server, address: str, credentials: grpc.ServerCredentials | None = None) -> int:
+def cannot_listen(address: str, reason: str, listener: str = "") -> ListenError:
+    """The error naming the address, why, and (``listener``) what listens there and the flag that moves it."""
+    return ListenError(f"cannot listen on {address}: {reason}" + (f" ({listener})" if listener else ""), reason)
+
+
+def add_port(server, address: str, credentials: grpc.ServerCredentials | None = None, listener: str = "") -> int:
     """``server`` (made with ``server_options``) listens on ``address`` (``host:port``; port 0: a free one), with
-    ``credentials`` if given; the port. ListenError names the address and the OS's reason when it cannot: asked of
-    the OS first, so that gRPC's own error line is not printed above ours."""
+    ``credentials`` if given; the port. ListenError (``cannot_listen``, naming ``listener``) gives the OS's reason
+    when it cannot: asked of the OS first, so that gRPC's own error line is not printed above ours."""
     host, _, wanted = address.rpartition(":")
     reason = unbindable(host.strip("[]"), int(wanted)) if wanted.isdigit() and int(wanted) else None
     if reason is None:
@@ -190,7 +195,7 @@ def add_port(server, address: str, credentials: grpc.ServerCredentials | None = 
         if port:
             return port
         reason = "gRPC could not bind it"
-    raise ListenError(f"cannot listen on {address}: {reason}", reason)
+    raise cannot_listen(address, reason, listener)
 
 
 def bind_tcp(host: str, port: int) -> socket.socket:

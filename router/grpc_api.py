@@ -136,9 +136,14 @@ class _ReflectionNeedsKey(grpc.aio.ServerInterceptor):
 
 
 def create_grpc_server(
-    frontend: Frontend, address: str, api_keys: tuple[str, ...] = (), tls: tuple[bytes, bytes] | None = None
+    frontend: Frontend,
+    address: str,
+    api_keys: tuple[str, ...] = (),
+    tls: tuple[bytes, bytes] | None = None,
+    listener: str = "",
 ) -> tuple[grpc.aio.Server, int]:
-    """``tls``: (certificate chain, key) PEM: the endpoint then serves TLS only. ListenError where it cannot listen."""
+    """``tls``: (certificate chain, key) PEM: the endpoint then serves TLS only. ListenError (naming ``listener``)
+    where it cannot listen."""
     server = grpc.aio.server(
         interceptors=[_ReflectionNeedsKey(api_keys)] if api_keys else None, options=server_options()
     )
@@ -151,7 +156,7 @@ def create_grpc_server(
     if tls is not None:
         cert, key = tls
         credentials = grpc.ssl_server_credentials([(key, cert)])
-    port = add_port(server, address, credentials)
+    port = add_port(server, address, credentials, listener)
     server.health_servicer = health_servicer
     server.health_service_name = service_name
     return server, port

@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 import uvicorn
 
 from contract.heap import freeze_startup_heap
-from protos.cluster_auth import ClusterAuth, ListenError, bind_tcp, unbindable
+from protos.cluster_auth import ClusterAuth, ListenError, bind_tcp, cannot_listen, unbindable
 from router import tracing
 from router.admin import install_admin
 from router.config import RouterConfig, admin_token_from_env, api_keys_from_env
@@ -100,13 +100,14 @@ class Router:
         for address in self.config.decode_addresses:
             self.pool.add(address, "decode")
         http_socket = listen_socket(self.config.host, self.config.port)
+        address = f"{self.config.host}:{self.config.grpc_port}"
         try:
             self._grpc, self.grpc_port = create_grpc_server(
-                self.frontend, f"{self.config.host}:{self.config.grpc_port}", self.api_keys, self._grpc_tls()
+                self.frontend, address, self.api_keys, self._grpc_tls(), _LISTENERS["grpc"]
             )
-        except ListenError as exc:
+        except ListenError:
             http_socket.close()
-            raise cannot_listen(self.config.host, self.config.grpc_port, exc.reason, "grpc") from None
+            raise
         await self._grpc.start()
         await mark_serving(self._grpc)
         http_config = uvicorn.Config(
@@ -174,7 +175,7 @@ class Router:
         if self._grpc is not None:
             stopping.append(self._grpc.stop(self.config.shutdown_grace_s))  # gRPC aborts what is left at the end
         stopped = asyncio.ensure_future(asyncio.gather(*stopping))
-        cut_asked = asyncio.ensure_future(cut.wait() if cut is not None else asyncio.Event().wait())
+        cut_asked = asyncio.ensure_future((cut or asyncio.Event()).wait())
         await asyncio.wait((stopped, cut_asked), timeout=self.config.shutdown_grace_s, return_when=FIRST_COMPLETED)
         cut_asked.cancel()
         if not stopped.done():
@@ -202,7 +203,7 @@ class Router:
         }
 
 
-_LISTENERS = {"http": ("the OpenAI API", "--port"), "grpc": ("the gRPC API", "--grpc-port")}
+_LISTENERS = {"http": "the OpenAI API, --port", "grpc": "the gRPC API, --grpc-port"}  # what listens, the flag
 
 
 def listen_socket(host: str, port: int) -> socket.socket:
@@ -210,7 +211,7 @@ def listen_socket(host: str, port: int) -> socket.socket:
     try:
         return bind_tcp(host, port)
     except OSError as exc:
-        raise cannot_listen(host, port, exc.strerror or str(exc), "http") from None
+        raise cannot_listen(f"{host}:{port}", exc.strerror or str(exc), _LISTENERS["http"]) from None
 
 
 def check_ports(config: RouterConfig) -> None:
@@ -219,13 +220,7 @@ def check_ports(config: RouterConfig) -> None:
     for listener, port in (("http", config.port), ("grpc", config.grpc_port)):
         reason = unbindable(config.host, port) if port else None
         if reason:
-            raise cannot_listen(config.host, port, reason, listener)
-
-
-def cannot_listen(host: str, port: int, reason: str, listener: str) -> ListenError:
-    """The error naming the address, why, what listens there and the flag that moves it."""
-    what, flag = _LISTENERS[listener]
-    return ListenError(f"cannot listen on {host}:{port}: {reason} ({what}, {flag})", reason)
+            raise cannot_listen(f"{config.host}:{port}", reason, _LISTENERS[listener])
 
 
 class Stopped(Exception):

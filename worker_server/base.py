@@ -32,7 +32,7 @@ from kv_transfer.errors import TransferError
 from kv_transfer.layout import layout_message
 from kv_transfer.sender import channel_options
 from protos import common_pb2, decode_pb2
-from protos.cluster_auth import ClusterAuth, ListenError, server_options
+from protos.cluster_auth import ClusterAuth, cannot_listen, server_options
 from protos.worker_metrics import worker_metrics
 from worker_server.security import (
     PeerLimit,
@@ -135,10 +135,7 @@ class WorkerBase(ABC):
         )
         self.subscriptions = PeerLimit(subscriptions_per_peer, max(1, max_rpc_threads // SUBSCRIPTIONS_SHARE))
         self.health = health.HealthServicer()
-        try:
-            self.port = bind(self.server, f"{host}:{port}", self.auth)
-        except ListenError as exc:
-            raise ListenError(f"{exc} (the worker's gRPC API, --port)", exc.reason) from None
+        self.port = bind(self.server, f"{host}:{port}", self.auth, "the worker's gRPC API, --port")
         self.address = f"[{advertised}]:{self.port}" if ":" in advertised else f"{advertised}:{self.port}"
         self.counters = WorkerCounters()
         self.transport = "grpc"
@@ -240,8 +237,7 @@ class WorkerBase(ABC):
             server, _ = start_http_server(port, addr=self.bind_host, registry=registry)
         except OSError as exc:
             reason = exc.strerror or str(exc)
-            message = f"cannot listen on {self.bind_host}:{port}: {reason} (metrics, --metrics-port)"
-            raise ListenError(message, reason) from None
+            raise cannot_listen(f"{self.bind_host}:{port}", reason, "metrics, --metrics-port") from None
         return server.server_port
 
     def busy(self) -> bool:

@@ -58,14 +58,14 @@ def server_interceptors(auth: ClusterAuth) -> list[grpc.ServerInterceptor]:
     return [ClusterSecretInterceptor(auth.secret)] if auth.secret else []
 
 
-def bind(server: grpc.Server, address: str, auth: ClusterAuth) -> int:
+def bind(server: grpc.Server, address: str, auth: ClusterAuth, listener: str = "") -> int:
     """Listens on exactly ``address`` (TLS requiring a client certificate when configured); the port. ListenError
     (an OSError) where it cannot: its port in use by another process, a host that is not this machine's."""
     if auth.tls is None:
-        return add_port(server, address)
+        return add_port(server, address, listener=listener)
     cert, key, ca = auth.tls.read()
     credentials = grpc.ssl_server_credentials([(key, cert)], root_certificates=ca, require_client_auth=True)
-    return add_port(server, address, credentials)
+    return add_port(server, address, credentials, listener)
 
 
 def advertised_host(host: str, advertise: str | None = None) -> str:
