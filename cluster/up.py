@@ -197,8 +197,7 @@ def up(config: ClusterConfig) -> int:
     start_ray(config)
 
     async def main() -> None:
-        stop, cut = asyncio.Event(), asyncio.Event()
-        on_stop_signals(stop, cut)
+        stop, cut = on_stop_signals()
         await run_cluster(config, stop, on_ready=lambda router: freeze_startup_heap(), cut=cut)  # this process serves
 
     try:

@@ -33,9 +33,10 @@ T = TypeVar("T")
 CUT_UNWIND_S = 2.0  # a request whose client was cut at the end of a stop's grace has this long to unwind
 
 
-def on_stop_signals(stop: asyncio.Event, cut: asyncio.Event) -> None:
-    """SIGINT and SIGTERM on the running loop: the first sets ``stop`` (a graceful stop: ``Router.stop``), any later
-    one ``cut`` (the requests in flight end now)."""
+def on_stop_signals() -> tuple[asyncio.Event, asyncio.Event]:
+    """(stop, cut), set by SIGINT and SIGTERM on the running loop: the first signal sets ``stop`` (a graceful stop:
+    ``Router.stop``), any later one ``cut`` (the requests in flight end now)."""
+    stop, cut = asyncio.Event(), asyncio.Event()
 
     def signalled() -> None:
         (cut if stop.is_set() else stop).set()
@@ -43,6 +44,7 @@ def on_stop_signals(stop: asyncio.Event, cut: asyncio.Event) -> None:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, signalled)
+    return stop, cut
 
 
 class _HttpServer(uvicorn.Server):
