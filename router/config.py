@@ -64,8 +64,18 @@ class RouterConfig:
     # of its headers. Past either: 408 when a response can still be written, else the connection is closed.
     header_timeout_s: float = 10.0
     body_timeout_s: float = 30.0
-    # On SIGTERM or Ctrl-C: the listeners close at once (HTTP, gRPC) and the requests in flight have this long to
-    # finish before they are cut; a second signal cuts them at once. Under Kubernetes' default 30 s termination grace.
+    # How long an idle client connection stays open for its next request. Behind a load balancer that keeps
+    # connections to its backends, set it above that balancer's idle timeout (nginx and AWS ALB 60 s, Google Cloud's
+    # 600 s): else the balancer may send a request down a connection the router is closing, and its client gets a
+    # 502. The chart sets 620 s; uvicorn's and vLLM's 5 s here, for clients that connect directly.
+    keep_alive_s: float = 5.0
+    # On SIGTERM or Ctrl-C the router first serves on for shutdown_delay_s while /ready and gRPC health say it is
+    # stopping, so that load balancers take it out of rotation before its listeners refuse anyone (0: at once; the
+    # Helm chart sets a few seconds, the time a Service takes to drop an ending pod). Then the listeners close (HTTP,
+    # gRPC) and the requests in flight have shutdown_grace_s to finish before they are cut: each ends with an error
+    # naming the stop (an SSE error event, gRPC UNAVAILABLE). A second signal skips what is left of both.
+    # Delay and grace together stay under the pod's termination grace.
+    shutdown_delay_s: float = 0.0
     shutdown_grace_s: float = 25.0
     # The cluster secret workers require on every call (None: $SPLITSERVE_CLUSTER_SECRET[_FILE]).
     cluster_secret: str | None = field(default=None, repr=False)
@@ -107,6 +117,8 @@ BOUNDS = {
     "health_interval_s": POSITIVE,
     "header_timeout_s": POSITIVE,
     "body_timeout_s": POSITIVE,
+    "keep_alive_s": POSITIVE,
+    "shutdown_delay_s": NON_NEGATIVE,
     "shutdown_grace_s": NON_NEGATIVE,
 }
 
@@ -153,8 +165,11 @@ FIELD_HELP = {
     "open_docs": "serve /docs, /redoc and /openapi.json without an API key",
     "header_timeout_s": "seconds a client has to send a request's headers",
     "body_timeout_s": "seconds a client has to send a request's body, once its headers are in",
-    "shutdown_grace_s": "on SIGTERM or Ctrl-C, seconds the requests in flight have to finish (new ones are refused); "
-    "a second signal stops at once",
+    "keep_alive_s": "seconds an idle client connection stays open; above the idle timeout of a load balancer in front",
+    "shutdown_delay_s": "on SIGTERM or Ctrl-C, seconds the router serves on while /ready says it is stopping "
+    "(load balancers take it out first); a second signal stops at once",
+    "shutdown_grace_s": "on SIGTERM or Ctrl-C, after the delay, seconds the requests in flight have to finish (new "
+    "ones are refused); a second signal stops at once",
     "cluster_secret": "the secret workers require; default: $SPLITSERVE_CLUSTER_SECRET[_FILE]",
     "tls_certfile": "PEM certificate (chain): serve HTTPS and gRPC over TLS",
     "tls_keyfile": "PEM private key of the TLS certificate",

@@ -16,6 +16,15 @@ from router.orchestrator import Delta, GenerationError, GenerationRequest, Orche
 from router.served_model import ModelBinding
 from router.workers import WorkerPool, with_reasons
 
+MAX_REQUEST_ID_CHARS = 256  # a client's request id is echoed (gRPC: in every chunk): a longer one is refused
+
+
+def check_request_id(request_id: str, field: str) -> None:
+    """A client's request id (gRPC's ``request_id``, HTTP's ``X-Request-Id``): FieldError naming ``field`` past
+    MAX_REQUEST_ID_CHARS."""
+    if len(request_id) > MAX_REQUEST_ID_CHARS:
+        raise FieldError(field, f"{field} has {len(request_id)} characters; at most {MAX_REQUEST_ID_CHARS} are allowed")
+
 
 class Overloaded(GenerationError):
     def __init__(self, message: str, status: int, retry_after: int) -> None:
@@ -94,6 +103,11 @@ class Frontend:
         self.metrics.watch_pool(pool)
         self.orchestrator = Orchestrator(config, pool, self.model, self.metrics)
         self.admission = Admission(config.max_running, config.max_queued, config.queue_timeout_s, self.metrics)
+        self.stopping = False  # a stop began: /ready says so (Router.stop), new requests are still served
+        self._cut_reason: str | None = None  # set by cut: every request in flight ends with it
+        # Each request's deadline, which cut brings forward, and whether the request waits inside this frontend for
+        # its next delta (else its caller holds one: a cut landing there would cancel the caller's send instead)
+        self._in_flight: dict[asyncio.Timeout, bool] = {}
 
     # Each of these is the served model card's; until there is one, GenerationError(503).
 
@@ -116,11 +130,12 @@ class Frontend:
     @property
     def ready(self) -> bool:
         """Ready to serve: a model is bound and some decode worker serves it (``/ready``, ``splitserve up``)."""
-        return self.model.served is not None and bool(self.pool.of_role("decode"))
+        return not self.stopping and self.model.served is not None and bool(self.pool.of_role("decode"))
 
     def not_ready_reason(self) -> str:
-        """Why not ready: the model's refusal and every worker not routed to, with why."""
-        problems = [self.model.refusal, *self.pool.unavailable()]
+        """Why not ready: the stop, the model's refusal and every worker not routed to, with why."""
+        stopping = "the router is stopping" if self.stopping else None
+        problems = [stopping, self.model.refusal, *self.pool.unavailable()]
         return "; ".join(p for p in problems if p) or "no healthy decode worker yet"
 
     # -- input ------------------------------------------------------------------------------------
@@ -198,16 +213,44 @@ class Frontend:
     # -- output -----------------------------------------------------------------------------------
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[Delta]:
-        """Admission, then the orchestrated deltas, under the per-request timeout."""
-        async with self.admission.slot():
-            if not self.pool.of_role("decode"):
-                self._check_decode_workers()  # names the incompatible workers, if that is why
-                message = with_reasons("no decode worker is ready", self.pool.unavailable("decode"))
-                raise Overloaded(message, 503, retry_after=2)
-            deadline = asyncio.get_running_loop().time() + self.config.request_timeout_s
-            async with asyncio.timeout_at(deadline):
-                async for delta in self.orchestrator.generate(request):
-                    yield delta
+        """Admission, then the orchestrated deltas, under the per-request timeout; GenerationError(503) naming the
+        stop once ``cut`` is called."""
+        if self._cut_reason is not None:
+            raise GenerationError(self._cut_reason, 503)
+        try:
+            async with asyncio.timeout(None) as deadline:
+                self._in_flight[deadline] = True
+                try:
+                    async with self.admission.slot():
+                        if not self.pool.of_role("decode"):
+                            self._check_decode_workers()  # names the incompatible workers, if that is why
+                            message = with_reasons("no decode worker is ready", self.pool.unavailable("decode"))
+                            raise Overloaded(message, 503, retry_after=2)
+                        if self._cut_reason is None:
+                            deadline.reschedule(asyncio.get_running_loop().time() + self.config.request_timeout_s)
+                        async with contextlib.aclosing(self.orchestrator.generate(request)) as deltas:
+                            async for delta in deltas:
+                                self._in_flight[deadline] = False
+                                yield delta
+                                if self._cut_reason is not None:  # cut while the caller sent this delta
+                                    raise GenerationError(self._cut_reason, 503)
+                                self._in_flight[deadline] = True
+                finally:
+                    del self._in_flight[deadline]
+        except TimeoutError:
+            if self._cut_reason is not None:
+                raise GenerationError(self._cut_reason, 503) from None
+            raise
+
+    def cut(self, reason: str) -> None:
+        """Ends every request in flight, queued ones too, with GenerationError(503, ``reason``): as at its timeout,
+        its workers stop and its KV returns to the pool; its client gets the error (an SSE error event, a gRPC
+        status). Requests that come after get it at once."""
+        self._cut_reason = reason
+        now = asyncio.get_running_loop().time()
+        for deadline, waiting in list(self._in_flight.items()):
+            if waiting and not deadline.expired():  # one expiring already ends with its own timeout
+                deadline.reschedule(now)
 
     def token_text(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id], skip_special_tokens=False)

@@ -15,7 +15,7 @@ from contract.sampling import FIELDS as SAMPLING_FIELDS
 from contract.sampling import FieldError, SamplingParams
 from protos import generate_pb2, generate_pb2_grpc
 from protos.cluster_auth import add_port, server_options
-from router.frontend import Frontend
+from router.frontend import Frontend, check_request_id
 from router.orchestrator import GenerationError
 from router.structured import tool_turns
 
@@ -43,7 +43,6 @@ HONOURED: dict[str, frozenset[str]] = {
     "Grammar": frozenset({"kind", "text", "accepted_prompt_tokens"}),
 }
 DEFAULT_MAX_TOKENS = 16  # when params.max_tokens is 0 (unset)
-MAX_REQUEST_ID_CHARS = 256  # a client's request_id is echoed in every chunk: a longer one is refused
 REFLECTION_PREFIXES = ("/grpc.reflection.v1alpha.ServerReflection/", "/grpc.reflection.v1.ServerReflection/")
 
 
@@ -61,7 +60,8 @@ class GenerateService(generate_pb2_grpc.GenerateServicer):
             )
         try:
             frontend.check_model(request.model)
-            _check_request_id(request.request_id)
+            check_request_id(request.request_id, "request_id")
+            tracing.annotate(request_id=request.request_id or None)
             prompt = self._prompt(request)
             job = frontend.build(prompt, SamplingParams.from_wire(request.params, DEFAULT_MAX_TOKENS))
             async for delta in frontend.stream(job):
@@ -99,13 +99,6 @@ class GenerateService(generate_pb2_grpc.GenerateServicer):
             said = [{"role": m.role, "content": m.content} for m in request.chat.messages]
             return self.frontend.encode_chat(tool_turns(said, self.frontend.tokenizer.supports_tool_calls))
         raise GenerationError("the request needs text, token_ids or chat", 400, "invalid_request_error")
-
-
-def _check_request_id(request_id: str) -> None:
-    if len(request_id) > MAX_REQUEST_ID_CHARS:
-        raise FieldError(
-            "request_id", f"request_id has {len(request_id)} characters; at most {MAX_REQUEST_ID_CHARS} are allowed"
-        )
 
 
 def _has_key(metadata, api_keys: tuple[str, ...]) -> bool:
@@ -165,3 +158,8 @@ def create_grpc_server(
 async def mark_serving(server: grpc.aio.Server) -> None:
     for name in ("", server.health_service_name):
         await server.health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+
+async def mark_stopping(server: grpc.aio.Server) -> None:
+    """Health says NOT_SERVING from now on (a stop began), while the server still serves through its delay."""
+    await server.health_servicer.enter_graceful_shutdown()

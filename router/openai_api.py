@@ -36,12 +36,13 @@ from pydantic_core import PydanticCustomError
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from contract import tracing
 from contract.grammar import Grammar
 from contract.sampling import FIELDS as SAMPLING_FIELDS
 from contract.sampling import FieldError, SamplingParams, check_text, check_token_ids, logprobs_count, wrap_seed
 from engine.tokenizer import IncrementalDetokenizer, Tokenizer
 from protos import common_pb2
-from router.frontend import Frontend, Overloaded
+from router.frontend import Frontend, Overloaded, check_request_id
 from router.json_route import JsonBodyRoute
 from router.orchestrator import Delta, GenerationError, GenerationRequest
 from router.structured import CHAT_ROLES, Tools, grammar_from_fields, tool_call_format, tool_turns
@@ -416,6 +417,7 @@ def create_app(frontend: Frontend, api_keys: tuple[str, ...] = ()) -> FastAPI:
         ready = frontend.ready
         body = {
             "ready": ready,
+            "stopping": frontend.stopping,  # a stop began: still serving through its delay, then refusing
             "decode_workers": len(frontend.pool.of_role("decode")),
             "prefill_workers": len(frontend.pool.of_role("prefill")),
             "model": frontend.model.describe(),
@@ -1235,6 +1237,22 @@ class _Guard:
             await self.app(scope, receive, send)
             return
         path, headers = scope["path"], Headers(scope=scope)
+        # Every answer names its request (X-Request-Id, which OpenAI's SDKs read as `_request_id`): the client's
+        # own, as a proxy in front may set it, or one made here; the request's trace span carries it too.
+        request_id = headers.get(REQUEST_ID_HEADER)
+        try:
+            check_request_id(request_id or "", REQUEST_ID_HEADER)
+        except FieldError as exc:
+            request_id = None
+            refusal = error_response(str(exc), 400, "invalid_request_error", REQUEST_ID_HEADER)
+        else:
+            refusal = None
+        request_id = request_id or f"req_{secrets.token_hex(16)}"
+        tracing.annotate(request_id=request_id)
+        send = _naming_request(send, request_id.encode("latin-1"))
+        if refusal is not None:
+            await refusal(scope, receive, send)
+            return
         # The operator API and the dashboard answer to the admin token instead (router/admin.py).
         if self.api_keys and path not in self.open_paths and not path.startswith(ADMIN_PREFIXES):
             supplied = headers.get("authorization", "").removeprefix("Bearer ").strip()
@@ -1286,6 +1304,18 @@ class _Guard:
 
 
 _CLIENT_GONE = object()
+REQUEST_ID_HEADER = "x-request-id"
+
+
+def _naming_request(send, request_id: bytes):
+    """``send`` that adds the X-Request-Id header to the response's start."""
+
+    async def naming_send(message) -> None:
+        if message["type"] == "http.response.start":
+            message["headers"] = [*message.get("headers", ()), (b"x-request-id", request_id)]
+        await send(message)
+
+    return naming_send
 
 
 def _route_template(scope) -> str:

@@ -22,7 +22,7 @@ from router.config import RouterConfig, admin_token_from_env, api_keys_from_env
 from router.control import ControlPlane
 from router.dashboard import install_dashboard
 from router.frontend import Frontend
-from router.grpc_api import create_grpc_server, mark_serving
+from router.grpc_api import create_grpc_server, mark_serving, mark_stopping
 from router.http_protocol import protocol_with_deadlines
 from router.openai_api import create_app
 from router.workers import WorkerPool
@@ -118,9 +118,10 @@ class Router:
             port=self.config.port,
             log_level="warning",
             lifespan="off",
-            # Our stop closes what is left at the end of the grace (cut_in_flight); this ends what still runs after
-            timeout_graceful_shutdown=self.config.shutdown_grace_s + CUT_UNWIND_S,
+            # Our stop cuts what is left at the end of the grace (cut_in_flight); this ends what still runs after
+            timeout_graceful_shutdown=self.config.shutdown_grace_s + 2 * CUT_UNWIND_S,
             http=protocol_with_deadlines(self.config.header_timeout_s, self.config.body_timeout_s),
+            timeout_keep_alive=self.config.keep_alive_s,
             ssl_certfile=self.config.tls_certfile,
             ssl_keyfile=self.config.tls_keyfile,
         )
@@ -159,11 +160,27 @@ class Router:
         return self.frontend.not_ready_reason()
 
     async def stop(self, cut: asyncio.Event | None = None) -> None:
-        """Closes both listeners at once and gives the requests in flight ``shutdown_grace_s`` to finish; then, or as
-        soon as ``cut`` is set (a second stop signal), ends them (``cut_in_flight``)."""
+        """First ``shutdown_delay_s`` of serving on while /ready and gRPC health say the router is stopping; then
+        both listeners close and the requests in flight have ``shutdown_grace_s`` to finish. At its end, or as soon
+        as ``cut`` is set (a second stop signal), they are cut (``cut_in_flight``)."""
+        cut = cut or asyncio.Event()
+        routed_to = self.frontend.ready  # a router never ready is in no load balancer's rotation: no delay
+        self.frontend.stopping = True
+        if self._grpc is not None:
+            await mark_stopping(self._grpc)
+        delay = self.config.shutdown_delay_s
+        if delay and routed_to and not cut.is_set():
+            print(
+                f"splitserve: stopping in {delay:g} s; until then /ready answers 503 and requests are still served "
+                "(a second Ctrl-C or SIGTERM stops now)",
+                file=sys.stderr,
+                flush=True,
+            )
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(cut.wait(), delay)
         await self.dashboard.stop()
         in_flight = self.frontend.admission.running + self.frontend.admission.waiting
-        if in_flight:
+        if in_flight and not cut.is_set():
             print(
                 f"splitserve: stopping; {in_flight} request(s) in flight have up to {self.config.shutdown_grace_s:g} s "
                 "to finish (a second Ctrl-C or SIGTERM ends them now)",
@@ -175,19 +192,27 @@ class Router:
             self._http.should_exit = True  # uvicorn closes its listener and idle connections, then waits for the rest
             stopping.append(self._http_task)
         if self._grpc is not None:
-            stopping.append(self._grpc.stop(self.config.shutdown_grace_s))  # gRPC aborts what is left at the end
+            # gRPC aborts what is left at the end of its grace: after our cut, which tells each call why
+            stopping.append(self._grpc.stop(self.config.shutdown_grace_s + CUT_UNWIND_S))
         stopped = asyncio.ensure_future(asyncio.gather(*stopping))
-        cut_asked = asyncio.ensure_future((cut or asyncio.Event()).wait())
+        cut_asked = asyncio.ensure_future(cut.wait())
         await asyncio.wait((stopped, cut_asked), timeout=self.config.shutdown_grace_s, return_when=FIRST_COMPLETED)
         cut_asked.cancel()
         if not stopped.done():
-            self.cut_in_flight()
+            when = "at once, as asked" if cut.is_set() else f"after its {self.config.shutdown_grace_s:g} s grace"
+            await self.cut_in_flight(f"the router is stopping: this request was cut {when}", stopped)
         await stopped
         await self.pool.close()
 
-    def cut_in_flight(self) -> None:
-        """Ends every request in flight now, as if its client had gone: an HTTP client's connection is closed (its
-        request unwinds as after a disconnect: the decode stops, its KV returns to the pool), a gRPC call aborted."""
+    async def cut_in_flight(self, reason: str, stopped: asyncio.Future) -> None:
+        """Ends every request in flight: each gets ``reason`` as its error (an SSE error event, a gRPC status) and
+        unwinds as at its timeout (the decode stops, its KV returns to the pool). What has not ended when
+        ``stopped`` is done or CUT_UNWIND_S has passed ends as if its client had gone: its HTTP connection closed,
+        its gRPC call aborted."""
+        self.frontend.cut(reason)
+        await asyncio.wait((stopped,), timeout=CUT_UNWIND_S)
+        if stopped.done():
+            return
         if self._http is not None:
             for connection in list(self._http.server_state.connections):
                 connection.transport.close()

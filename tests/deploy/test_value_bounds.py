@@ -39,6 +39,8 @@ def _per_pool(values: dict[str, Bound]) -> dict[str, Bound]:
 OWNED = {
     "router.localPrefillThreshold": BOUNDS["local_prefill_threshold"],
     "router.leaseMs": BOUNDS["lease_ms"],
+    "router.shutdownDelaySeconds": BOUNDS["shutdown_delay_s"],
+    "router.keepAliveSeconds": BOUNDS["keep_alive_s"],
     **_router_settings(),
     "slo.ttftSeconds": PLANNER_BOUNDS["ttft_target_s"],
     "slo.tpotSeconds": PLANNER_BOUNDS["tpot_target_s"],

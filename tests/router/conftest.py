@@ -8,8 +8,13 @@ lasts seconds — long enough for kills and disconnects to land mid-stream.
 from __future__ import annotations
 
 import asyncio
+import os
 import random
+import re
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -199,6 +204,69 @@ def complete_ids(router: RouterThread, prompt: list[int], max_tokens: int) -> li
 
 
 # -- fixtures ---------------------------------------------------------------------------------------
+
+
+class RouterProcess:
+    """A `splitserve router` process (``python -m cluster.cli router ARGS``), its output read as it comes: a pipe left
+    unread fills up and blocks the router's logging, and with it the router. ``http`` is its OpenAI API's URL, from
+    the line it prints once its workers are ready."""
+
+    def __init__(self, *args: str, env: dict | None = None, timeout: float = 60) -> None:
+        command = [sys.executable, "-m", "cluster.cli", "router", *args]
+        environment = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
+        self.process = subprocess.Popen(
+            command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=environment
+        )
+        self.lines: list[str] = []
+        self._ended = threading.Event()
+        threading.Thread(target=self._read, daemon=True).start()
+        try:
+            self.http = self.wait_for(r"OpenAI API at (http://\S+)/v1", timeout).group(1)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _read(self) -> None:
+        for line in self.process.stdout:
+            self.lines.append(line)
+        self._ended.set()
+
+    @property
+    def output(self) -> str:
+        return "".join(self.lines)
+
+    def wait_for(self, pattern: str, timeout: float) -> re.Match:
+        """The first output line matching ``pattern``, waiting for it as long as the router runs."""
+        deadline = time.monotonic() + timeout
+        while True:
+            for line in list(self.lines):
+                match = re.search(pattern, line)
+                if match:
+                    return match
+            assert not self._ended.is_set(), f"the router ended without printing {pattern!r}:\n{self.output}"
+            assert time.monotonic() < deadline, f"the router did not print {pattern!r} in {timeout} s:\n{self.output}"
+            time.sleep(0.05)
+
+    def signal(self, number: int = signal.SIGTERM) -> None:
+        self.process.send_signal(number)
+
+    def wait(self, timeout: float) -> int:
+        """Its exit status, once it has exited and its output is all read."""
+        status = self.process.wait(timeout)
+        self._ended.wait(10)
+        return status
+
+    def stop(self) -> str:
+        """Stops it (SIGTERM, then SIGKILL after 15 s) if it still runs; its whole output."""
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(15)
+        self._ended.wait(10)
+        return self.output
 
 
 @pytest.fixture(scope="session")

@@ -111,3 +111,38 @@ def test_a_worker_refuses_a_taken_metrics_port_naming_it():
     assert status == 2, stderr
     assert f"cannot listen on 127.0.0.1:{port}: Address already in use (metrics, --metrics-port)" in stderr, stderr
     assert "Traceback" not in stderr, stderr
+
+
+def _get_health(connection: socket.socket) -> bytes:
+    connection.sendall(b"GET /health HTTP/1.1\r\nHost: router\r\n\r\n")
+    answer = b""
+    while not answer.endswith(b'{"status":"ok"}'):
+        chunk = connection.recv(4096)
+        assert chunk, f"the router closed the connection mid-answer: {answer!r}"
+        answer += chunk
+    return answer
+
+
+def test_an_idle_connection_stays_open_for_keep_alive_s_then_closes():
+    """--keep-alive: what a load balancer that reuses connections needs the router to honour (uvicorn's own is 5 s)."""
+    keep_alive = 1.5
+
+    def client(port: int) -> float:
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as connection:
+            assert _get_health(connection).startswith(b"HTTP/1.1 200")
+            time.sleep(keep_alive / 2)
+            assert _get_health(connection).startswith(b"HTTP/1.1 200")  # the same connection, reused while idle
+            answered = time.monotonic()
+            assert connection.recv(1) == b"", "the router sent more than its answer"
+            return time.monotonic() - answered
+
+    async def scenario() -> float:
+        router = Router(RouterConfig(model="demo", port=0, grpc_port=0, keep_alive_s=keep_alive))
+        await router.start()
+        try:
+            return await asyncio.to_thread(client, router.http_port)
+        finally:
+            await router.stop()
+
+    idle = asyncio.run(scenario())
+    assert keep_alive - 0.2 < idle < keep_alive + 1.5, f"the idle connection closed after {idle:.2f} s"

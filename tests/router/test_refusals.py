@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from protos import common_pb2, generate_pb2, generate_pb2_grpc
-from router.grpc_api import MAX_REQUEST_ID_CHARS
+from router.frontend import MAX_REQUEST_ID_CHARS
 from router.orchestrator import GenerationError
 from tests.router.conftest import SERVED_MODEL, RouterThread, random_prompt, router_config
 from tests.workers.harness import start_worker, stop_workers

@@ -8,10 +8,6 @@ one trace whose spans nest router → workers → each layer's KV push.
 
 from __future__ import annotations
 
-import os
-import re
-import subprocess
-import sys
 import threading
 import time
 from concurrent import futures
@@ -22,7 +18,7 @@ import httpx
 import pytest
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 
-from tests.router.conftest import MODEL_SHAPE, SERVED_MODEL, random_prompt
+from tests.router.conftest import MODEL_SHAPE, SERVED_MODEL, RouterProcess, random_prompt
 from tests.workers.harness import WorkerProcess, launch_worker, stop_workers, wait_ready
 
 CLIENT_TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
@@ -149,61 +145,14 @@ def traced_cluster(checkpoint, receiver):
     stop_workers(workers)
 
 
-@dataclass
-class RouterProcess:
-    process: subprocess.Popen
-    http: str
-    lines: list[str]
-
-    def stop(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(15)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-
-
 def start_router(model: str, prefill: WorkerProcess, decode: WorkerProcess, otel: dict) -> RouterProcess:
-    command = [
-        sys.executable,
-        "-m",
-        "cluster.cli",
-        "router",
-        "--model",
-        model,
-        "--served-model-name",
-        SERVED_MODEL,
-        "--prefill",
-        prefill.address,
-        "--decode",
-        decode.address,
-        "--port",
-        "0",
-        "--grpc-port",
-        "0",
-        "--local-prefill-threshold",
-        "16",
-    ]
-    env = dict(os.environ, PYTHONUNBUFFERED="1", **otel)
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    lines: list[str] = []
-    found = threading.Event()
-    result: dict = {}
-
-    def read() -> None:
-        for line in process.stdout:
-            lines.append(line)
-            match = re.search(r"OpenAI API at (http://\S+)/v1", line)
-            if match:
-                result["http"] = match.group(1)
-                found.set()
-        found.set()
-
-    threading.Thread(target=read, daemon=True).start()
-    if not found.wait(120) or "http" not in result:
-        process.kill()
-        raise RuntimeError("router did not start: " + "".join(lines))
-    return RouterProcess(process, result["http"], lines)
+    return RouterProcess(
+        *("--model", model, "--served-model-name", SERVED_MODEL),
+        *("--prefill", prefill.address, "--decode", decode.address),
+        *("--port", "0", "--grpc-port", "0", "--local-prefill-threshold", "16"),
+        env=otel,
+        timeout=120,
+    )
 
 
 def test_one_trace_across_router_and_workers(traced_cluster, receiver):
@@ -213,10 +162,11 @@ def test_one_trace_across_router_and_workers(traced_cluster, receiver):
     response = httpx.post(
         f"{traced_cluster.http}/v1/completions",
         json={"model": SERVED_MODEL, "prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0, "ignore_eos": True},
-        headers={"traceparent": f"00-{CLIENT_TRACE_ID}-{CLIENT_SPAN_ID}-01"},
+        headers={"traceparent": f"00-{CLIENT_TRACE_ID}-{CLIENT_SPAN_ID}-01", "x-request-id": "traced-1"},
         timeout=60,
     )
     assert response.status_code == 200, response.text
+    assert response.headers["x-request-id"] == "traced-1"
     assert response.json()["usage"]["completion_tokens"] == MAX_TOKENS
 
     wanted = {
@@ -248,6 +198,7 @@ def test_one_trace_across_router_and_workers(traced_cluster, receiver):
     assert http.attributes["http.route"] == "/v1/completions", http.attributes
     assert http.attributes["http.response.status_code"] == 200
     assert http.attributes["splitserve.completion_tokens"] == MAX_TOKENS
+    assert http.attributes["splitserve.request_id"] == "traced-1"  # the client's X-Request-Id, on its span
     route = one("splitserve-router", "route")
     assert route.attributes["splitserve.decision"] == "remote_prefill"
     assert route.attributes["splitserve.prefill_worker"] and route.attributes["splitserve.decode_worker"]

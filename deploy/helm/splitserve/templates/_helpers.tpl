@@ -91,6 +91,8 @@ router:
   local_prefill_threshold: {{ int .Values.router.localPrefillThreshold }}
   open_metrics: {{ .Values.router.openMetrics }}
   open_docs: {{ .Values.router.openDocs }}
+  shutdown_delay_s: {{ .Values.router.shutdownDelaySeconds }}
+  keep_alive_s: {{ .Values.router.keepAliveSeconds }}
   {{- /* --set hands helm a fraction as a string; the schema admits only numbers and decimal strings where a number goes. */}}
   {{- range $name, $value := .Values.router.settings }}
   {{ $name }}: {{ if and (kindIs "string" $value) (regexMatch "^[0-9.]" $value) }}{{ float64 $value | toJson }}{{ else }}{{ toJson $value }}{{ end }}

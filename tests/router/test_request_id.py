@@ -1,0 +1,75 @@
+"""Every HTTP answer names its request in X-Request-Id, as OpenAI's API does (its SDKs read it as `_request_id`): the
+client's own id, as a proxy in front (Envoy, nginx) sets it, or one the router makes; streams and errors too. An id
+longer than gRPC's request_id may be is refused naming the header, the one limit both APIs share; the request's trace
+span carries the id (tests/router/test_tracing.py)."""
+
+from __future__ import annotations
+
+import re
+
+import httpx
+import openai
+import pytest
+
+from router.frontend import MAX_REQUEST_ID_CHARS
+from tests.router.conftest import SERVED_MODEL
+
+MADE = re.compile(r"req_[0-9a-f]{32}")
+
+
+@pytest.fixture(scope="module")
+def client(router) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{router.http}/v1", api_key="none", max_retries=0, timeout=60)
+
+
+def test_the_clients_request_id_comes_back_on_a_completion_and_a_stream(client):
+    completion = client.completions.create(
+        model=SERVED_MODEL, prompt="1 2 3", max_tokens=3, temperature=0, extra_headers={"X-Request-Id": "client-7 a"}
+    )
+    assert completion._request_id == "client-7 a"
+    with client.chat.completions.with_streaming_response.create(
+        model=SERVED_MODEL,
+        messages=[{"role": "user", "content": "hi"}],
+        max_tokens=3,
+        stream=True,
+        extra_headers={"X-Request-Id": "stream-8"},
+    ) as response:
+        assert response.headers["x-request-id"] == "stream-8"
+        assert "data: [DONE]" in response.read().decode()
+
+
+def test_without_one_the_router_makes_a_fresh_id_for_each_answer(client, router):
+    first = client.completions.create(model=SERVED_MODEL, prompt="1 2 3", max_tokens=2, temperature=0)
+    second = client.completions.create(model=SERVED_MODEL, prompt="1 2 3", max_tokens=2, temperature=0)
+    assert MADE.fullmatch(first._request_id) and MADE.fullmatch(second._request_id), (first, second)
+    assert first._request_id != second._request_id
+    for path in ("/health", "/ready", "/v1/models", "/no/such/path"):
+        assert MADE.fullmatch(httpx.get(f"{router.http}{path}", timeout=10).headers["x-request-id"]), path
+
+
+def test_an_error_answer_names_the_request_too(client):
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.completions.create(
+            model=SERVED_MODEL,
+            prompt="1 2 3",
+            max_tokens=2,
+            extra_body={"bogus_field": 1},
+            extra_headers={"X-Request-Id": "bad-9"},
+        )
+    assert refused.value.request_id == "bad-9"
+    assert "bogus_field" in str(refused.value)
+
+
+def test_a_request_id_longer_than_the_shared_limit_is_refused_naming_the_header(client):
+    longest = "r" * MAX_REQUEST_ID_CHARS
+    completion = client.completions.create(
+        model=SERVED_MODEL, prompt="1 2 3", max_tokens=2, temperature=0, extra_headers={"X-Request-Id": longest}
+    )
+    assert completion._request_id == longest
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.completions.create(
+            model=SERVED_MODEL, prompt="1 2 3", max_tokens=2, extra_headers={"X-Request-Id": longest + "r"}
+        )
+    error = refused.value.body
+    assert error["param"] == "x-request-id" and str(MAX_REQUEST_ID_CHARS) in error["message"], error
+    assert MADE.fullmatch(refused.value.request_id)  # not the refused one echoed back
