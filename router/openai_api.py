@@ -42,10 +42,11 @@ from contract.sampling import FIELDS as SAMPLING_FIELDS
 from contract.sampling import FieldError, SamplingParams, check_text, check_token_ids, logprobs_count, wrap_seed
 from engine.tokenizer import IncrementalDetokenizer, Tokenizer
 from protos import common_pb2
+from router import responses_api
 from router.frontend import Frontend, Overloaded, check_request_id
 from router.json_route import JsonBodyRoute
 from router.orchestrator import Delta, GenerationError, GenerationRequest
-from router.structured import CHAT_ROLES, Tools, grammar_from_fields, tool_call_format, tool_turns
+from router.structured import CHAT_ROLES, Tools, grammar_from_fields, text_format, tool_call_format, tool_turns
 
 log = logging.getLogger(__name__)
 
@@ -333,6 +334,86 @@ class ChatBody(_refusing("_ChatRefused", _SamplingFields, CHAT_REFUSED)):
     parallel_tool_calls: bool | None = None
 
 
+_NOT_STORED = "responses are not stored"
+_CHAT_ONLY = "implemented on /v1/chat/completions"
+RESPONSES_REFUSED: dict[str, Refusal] = {
+    "store": Refusal(_NOT_STORED, neutral=(None, False)),
+    "previous_response_id": Refusal(_NOT_STORED),
+    "conversation": Refusal(_NOT_STORED),
+    "background": Refusal(_NOT_STORED, neutral=(None, False)),
+    "prompt": Refusal("prompt templates are stored ones; send input"),
+    "tools": Refusal(f"tools are {_CHAT_ONLY}", neutral=(None, [])),
+    "tool_choice": Refusal(f"tools are {_CHAT_ONLY}", neutral=(None, "none", "auto")),  # nothing to choose from
+    "parallel_tool_calls": Refusal(f"tools are {_CHAT_ONLY}", neutral=(None, True, False)),
+    "max_tool_calls": Refusal(f"tools are {_CHAT_ONLY}"),
+    "reasoning": Refusal("the served model does not reason", neutral=(None, {})),
+    "include": Refusal(neutral=(None, [])),
+    "top_logprobs": Refusal(f"logprobs are {_CHAT_ONLY}", neutral=(None, 0)),
+    "truncation": Refusal("an input longer than the context is refused, never truncated", neutral=(None, "disabled")),
+    "service_tier": Refusal(neutral=(None, "auto", "default")),
+    "stream_options": Refusal("events are never obfuscated", neutral=(None, {}, {"include_obfuscation": False})),
+    "prompt_cache_retention": Refusal(),
+}
+RESPONSES_HONOURED = METADATA | {
+    "model",
+    "input",
+    "instructions",
+    "max_output_tokens",
+    "temperature",
+    "top_p",
+    "stream",
+    "text",
+    "metadata",
+}
+
+
+class ResponsesBody(_refusing("_ResponsesRefused", _Strict, RESPONSES_REFUSED)):
+    """OpenAI's Responses API (router/responses_api.py): text in, one assistant message out; nothing stored."""
+
+    model: str | None = None
+    input: str | list[dict[str, Any]]
+    instructions: str | None = None  # a system message before the input
+    max_output_tokens: int | None = None
+    temperature: float = 1.0
+    top_p: float = 1.0
+    stream: bool = False
+    text: dict[str, Any] | None = None  # {"format": ...}: structured output (router/structured.py text_format)
+    metadata: dict[str, str] | None = None  # echoed back in the response
+    user: str | None = None
+    safety_identifier: str | None = None
+    prompt_cache_key: str | None = None
+
+    def sampling(self, room: int) -> SamplingParams:
+        """The record; a limit out of range is refused naming max_output_tokens (the record calls it max_tokens)."""
+        limit = room if self.max_output_tokens is None else self.max_output_tokens
+        try:
+            return SamplingParams(
+                max_tokens=limit,
+                max_tokens_defaulted=self.max_output_tokens is None,
+                temperature=self.temperature,
+                top_p=self.top_p,
+                grammar=text_format(self.text),
+            )
+        except FieldError as exc:
+            if exc.field != "max_tokens":
+                raise
+            raise FieldError("max_output_tokens", str(exc).replace("max_tokens", "max_output_tokens")) from None
+
+    def echoed(self) -> dict[str, Any]:
+        """The request's settings as a response carries them back."""
+        return {
+            "instructions": self.instructions,
+            "max_output_tokens": self.max_output_tokens,
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "text": {"format": (self.text or {}).get("format") or {"type": "text"}},
+            "metadata": responses_api.check_metadata(self.metadata or {}),
+            "user": self.user,
+            "safety_identifier": self.safety_identifier,
+            "prompt_cache_key": self.prompt_cache_key,
+        }
+
+
 class TokenizeBody(_Strict):
     """vLLM's /tokenize: ``prompt`` (special tokens added unless ``add_special_tokens`` is false) or ``messages``
     (rendered with the chat template; special tokens added only if ``add_special_tokens`` is true)."""
@@ -516,6 +597,33 @@ def create_app(frontend: Frontend, api_keys: tuple[str, ...] = ()) -> FastAPI:
         jobs = [frontend.build(prompt, choice, "messages", limit_field) for choice in _seeded(params, body.n)]
         calls = tools if tools is not None and tools.parses else None
         return await _respond(request, frontend, body, jobs, "chat.completion", "chatcmpl", calls)
+
+    @generating("/v1/responses")
+    async def responses(body: ResponsesBody, request: Request):
+        frontend.check_model(body.model)
+        said = responses_api.messages(body.input, body.instructions)
+        prompt = frontend.encode_chat(tool_turns(said, frontend.tokenizer.supports_tool_calls))
+        params = body.sampling(frontend.room(prompt, "input"))
+        job = frontend.build(prompt, params, "input", "max_output_tokens")
+        shape = responses_api.ResponseShape(frontend.model_name, body.echoed())
+        deltas = frontend.stream(job)
+        if body.stream:
+            # Admission, routing and prefill run before the headers go out: their errors keep their status.
+            merged = _merge([deltas])
+            first = await _first_or_cancel(request, merged)
+            texts = (delta async for _, delta in _chained(first, merged))
+            events = responses_api.events(shape, texts, len(prompt), _error_body)
+            return StreamingResponse(events, media_type="text/event-stream", headers=_STREAM_HEADERS)
+        (results,) = await _collect_or_cancel(request, [_collect(deltas)])
+        tally = _UsageTally([job], 1)
+        for delta in results:
+            tally.add(0, delta)
+        counted = tally.usage()
+        usage = responses_api.usage(
+            counted["prompt_tokens"], counted["completion_tokens"], counted["prompt_tokens_details"]["cached_tokens"]
+        )
+        status = responses_api.status_of(results[-1].finish_reason if results else None)
+        return JSONResponse(shape.response(status, "".join(d.text for d in results), usage))
 
     # Starlette tries routes in order: the two that nearly every request is for go before the docs' and the rest.
     app.router.routes.sort(key=lambda route: getattr(route, "endpoint", None) not in (completions, chat))
@@ -719,7 +827,7 @@ async def _respond(
         return StreamingResponse(
             _sse(frontend, _chained(first, deltas), len(jobs), response_id, created, chat, options, names, tally),
             media_type="text/event-stream",
-            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            headers=_STREAM_HEADERS,
         )
     results = await _collect_or_cancel(request, [_collect(stream) for stream in streams])
     for index, deltas in enumerate(results):
@@ -770,6 +878,7 @@ async def _tool_call_deltas(deltas: AsyncIterator[tuple[int, Delta]], tools: Too
         yield index, delta
 
 
+_STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}  # no cache or proxy holds events back
 DISCONNECT_CHECK_S = 0.5  # how often a request still waiting for its answer asks whether its client left
 
 

@@ -72,6 +72,36 @@ def _response_format(value: Any) -> Grammar | None:
     )
 
 
+def text_format(text: Any) -> Grammar | None:
+    """The grammar a Responses request's ``text`` asks for (its ``format``: text, json_object, or json_schema with
+    the schema beside its name, where chat nests it in ``json_schema``); FieldError naming ``text.format``."""
+    field = "text.format"
+    if text is None:
+        return None
+    unknown = sorted(set(text) - {"format", "verbosity"})
+    if unknown:
+        raise FieldError(f"text.{unknown[0]}", f"text.{unknown[0]} is not supported")
+    if text.get("verbosity") not in (None, "medium"):
+        raise FieldError("text.verbosity", "text.verbosity is not supported (the served model has one verbosity)")
+    value = text.get("format")
+    kind = value.get("type") if isinstance(value, dict) else None
+    if value is None or (kind == "text" and set(value) == {"type"}):
+        return None
+    if kind == "json_object" and set(value) == {"type"}:
+        return specs.json_schema({"type": "object"}, field)
+    if (
+        kind == "json_schema"
+        and "schema" in value
+        and set(value) <= {"type", "name", "description", "schema", "strict"}
+    ):
+        return specs.json_schema(value["schema"], field)
+    raise FieldError(
+        field,
+        'text.format must be {"type": "text"}, {"type": "json_object"} or '
+        '{"type": "json_schema", "name": ..., "schema": {...}}',
+    )
+
+
 def _structured_outputs(value: Any) -> Grammar | None:
     field = "structured_outputs"
     if not isinstance(value, dict):

@@ -30,7 +30,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from router.config import RouterConfig
 from router.server import Router, new_event_loop
 from tests.checkpoints import write_checkpoint
-from tests.workers.harness import WorkerProcess, start_workers, stop_workers
+from tests.workers.harness import WorkerProcess, start_workers, stop_process, stop_workers
 
 SERVED_MODEL = "tiny-llama"
 VOCAB = 320
@@ -258,13 +258,7 @@ class RouterProcess:
 
     def stop(self) -> str:
         """Stops it (SIGTERM, then SIGKILL after 15 s) if it still runs; its whole output."""
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(15)
+        stop_process(self.process, 15)
         self._ended.wait(10)
         return self.output
 

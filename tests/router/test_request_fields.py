@@ -18,6 +18,7 @@ import tests.router.test_errors as error_tests
 import tests.router.test_grpc_api as grpc_tests
 import tests.router.test_openai_api as api_tests
 import tests.router.test_openai_contract as contract_tests
+import tests.router.test_responses_api as responses_tests
 import tests.router.test_structured_output as structured_tests
 import tests.router.test_tool_messages as tool_message_tests
 from contract.sampling import FIELDS as SAMPLING_FIELDS
@@ -33,6 +34,7 @@ TABLES = {
     openai_api.StreamOptions: (openai_api.STREAM_OPTIONS_HONOURED, openai_api.STREAM_OPTIONS_REFUSED),
     openai_api.TokenizeBody: (openai_api.TOKENIZE_HONOURED, {}),
     openai_api.DetokenizeBody: (openai_api.DETOKENIZE_HONOURED, {}),
+    openai_api.ResponsesBody: (openai_api.RESPONSES_HONOURED, openai_api.RESPONSES_REFUSED),
 }
 GRPC_MESSAGES = {
     "CompletionRequest": generate_pb2.CompletionRequest,
@@ -98,6 +100,10 @@ _BASES = {
     "/v1/chat/completions": (
         {"model": SERVED_MODEL, "messages": [{"role": "user", "content": "refuse me"}], "max_tokens": 2},
         openai_api.CHAT_REFUSED,
+    ),
+    "/v1/responses": (
+        {"model": SERVED_MODEL, "input": "refuse me", "max_output_tokens": 2},
+        openai_api.RESPONSES_REFUSED,
     ),
 }
 _REFUSALS = [(path, name) for path, (_, refused) in _BASES.items() for name in refused]
@@ -433,6 +439,11 @@ BEHAVIOUR = {
         "add_generation_prompt": contract_tests.test_model_tokenize_detokenize_and_version_endpoints,
         "add_special_tokens": contract_tests.test_model_tokenize_detokenize_and_version_endpoints,
         "tokens": contract_tests.test_model_tokenize_detokenize_and_version_endpoints,
+        "input": responses_tests.test_a_response_is_the_chat_completion_of_its_instructions_and_input,
+        "instructions": responses_tests.test_a_response_is_the_chat_completion_of_its_instructions_and_input,
+        "max_output_tokens": responses_tests.test_a_response_is_the_chat_completion_of_its_instructions_and_input,
+        "text": structured_tests.test_a_responses_text_format_constrains_the_output_to_its_schema,
+        "metadata": responses_tests.test_metadata_comes_back_and_is_bounded,
         "tools": structured_tests.test_tools_reach_the_template_and_auto_or_none_leave_text,
         "tool_choice": structured_tests.test_named_tool_choice_returns_a_call_whose_arguments_validate,
         "parallel_tool_calls": structured_tests.test_tools_reach_the_template_and_auto_or_none_leave_text,

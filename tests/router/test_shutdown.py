@@ -9,6 +9,7 @@ A real `splitserve router` process over the shared workers; its client is the `o
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import socket
 import threading
@@ -190,16 +191,22 @@ def test_a_second_signal_in_the_delay_stops_at_once(checkpoint, cluster):
         router.stop()
 
 
+@contextlib.contextmanager
+def _long_grpc_stream(grpc_port: int, rng):
+    """A call to the router's public gRPC API streaming MAX_TOKENS tokens."""
+    params = common_pb2.SamplingParams(max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True)
+    prompt = " ".join(str(rng.randrange(1000)) for _ in range(12))
+    with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
+        yield generate_pb2_grpc.GenerateStub(channel).Generate(
+            generate_pb2.CompletionRequest(model=SERVED_MODEL, text=prompt, params=params), timeout=GRACE_S
+        )
+
+
 def test_a_cut_grpc_call_ends_unavailable_naming_the_stop(checkpoint, cluster, rng):
     grpc_port = free_port()
     router = _start_router(checkpoint, cluster, "--shutdown-grace", "1", grpc_port=grpc_port)
     try:
-        params = common_pb2.SamplingParams(max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True)
-        prompt = " ".join(str(rng.randrange(1000)) for _ in range(12))
-        with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
-            stream = generate_pb2_grpc.GenerateStub(channel).Generate(
-                generate_pb2.CompletionRequest(model=SERVED_MODEL, text=prompt, params=params), timeout=GRACE_S
-            )
+        with _long_grpc_stream(grpc_port, rng) as stream:
             next(stream)
             router.signal(signal.SIGTERM)
             with pytest.raises(grpc.RpcError) as cut:
@@ -219,12 +226,7 @@ def test_a_grpc_stream_in_flight_at_sigterm_finishes(checkpoint, cluster, rng):
     grpc_port = free_port()
     router = _start_router(checkpoint, cluster, "--shutdown-grace", str(GRACE_S), grpc_port=grpc_port)
     try:
-        params = common_pb2.SamplingParams(max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True)
-        prompt = " ".join(str(rng.randrange(1000)) for _ in range(12))
-        with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
-            stream = generate_pb2_grpc.GenerateStub(channel).Generate(
-                generate_pb2.CompletionRequest(model=SERVED_MODEL, text=prompt, params=params), timeout=GRACE_S
-            )
+        with _long_grpc_stream(grpc_port, rng) as stream:
             chunks = [next(stream)]
             router.signal(signal.SIGTERM)
             chunks += list(stream)  # raises grpc.RpcError if the call was cut

@@ -159,6 +159,23 @@ def test_json_schema_output_validates_against_the_schema(setup, transport):
     _remote_only(setup, transport)
 
 
+def test_a_responses_text_format_constrains_the_output_to_its_schema(setup):
+    """The Responses API's json_schema format (its schema beside its name) is the same grammar as chat's; the SDK's
+    ``responses.parse`` reads the answer back."""
+    client = _client(setup, "grpc")
+    text = {"format": {"type": "json_schema", "name": "person", "schema": PERSON, "strict": True}}
+    for seed in range(2):
+        response = client.responses.create(
+            model=MODEL, input=f"Describe person {seed} as JSON.", max_output_tokens=120, temperature=1.0, text=text
+        )
+        assert response.status == "completed", response.output_text
+        jsonschema.validate(json.loads(response.output_text), PERSON)
+        assert response.text.format.type == "json_schema"
+    free = client.responses.create(model=MODEL, input="Describe person 0 as JSON.", max_output_tokens=40)
+    with pytest.raises(ValueError):  # without the mask, the random model's text is not JSON
+        json.loads(free.output_text)
+
+
 @pytest.mark.parametrize("transport", ["grpc", "nixl"])
 def test_vllm_guided_fields_constrain_completions_and_streams(setup, transport):
     client = _client(setup, transport)
