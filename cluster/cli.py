@@ -8,6 +8,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 
 from contract.heap import freeze_startup_heap
 from engine.config import add_prefill_chunk_argument
@@ -31,6 +32,9 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 # worker joining, healthy or dropped, the model card adopted, a KV event gap), a few lines, never one a request
 # (those are DEBUG; uvicorn's access log stays off). Ray's own logging under `up` has its own level (cluster.up).
 LOG_LEVEL = "INFO"
+# A `splitserve worker` stopped by SIGTERM or Ctrl-C drains this long at most: as the router's default grace, under
+# Kubernetes' default 30 s termination grace. (`splitserve up`'s workers are drained by its controller instead.)
+DEFAULT_SHUTDOWN_GRACE_S = 25.0
 
 
 def _add_log_level_arg(parser: argparse.ArgumentParser) -> None:
@@ -276,6 +280,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--metrics-port", type=_bounded(int, PORT), default=None, help="serve Prometheus /metrics on this port (0: any)"
     )
     worker.add_argument(
+        "--shutdown-grace",
+        type=_bounded(float, NON_NEGATIVE),
+        default=DEFAULT_SHUTDOWN_GRACE_S,
+        metavar="SECONDS",
+        help="on SIGTERM or Ctrl-C, seconds the requests in flight have to finish while routers send no new work "
+        f"(0: stop at once; a second signal stops at once; default: {DEFAULT_SHUTDOWN_GRACE_S:g})",
+    )
+    worker.add_argument(
         "--insecure",
         action="store_true",
         help="serve without a cluster secret: anyone who can reach the port may push KV, reserve and abort "
@@ -464,10 +476,24 @@ def _run_worker(args: argparse.Namespace) -> int:
     trust = "cluster secret required" if auth.secret else "UNAUTHENTICATED (--insecure)"
     print(f"splitserve {args.role} worker serving on {address} (transport {args.transport}, {trust})", flush=True)
     print("READY " + json.dumps({"role": args.role, "address": address, "worker_id": worker.worker_id}), flush=True)
-    while os.read(stop_signal, 1)[0] not in (signal.SIGINT, signal.SIGTERM):
-        pass  # another signal with a Python handler (none of ours): Python wrote its number too
+    _wait_for_stop(stop_signal)
+    if args.shutdown_grace > 0:
+        print(
+            f"splitserve {args.role} worker: draining: routers send it no new work, and what is in flight has up to "
+            f"{args.shutdown_grace:g} s to finish (a second Ctrl-C or SIGTERM stops now)",
+            flush=True,
+        )
+        second = threading.Event()
+        threading.Thread(target=lambda: (_wait_for_stop(stop_signal), second.set()), daemon=True).start()
+        if not worker.drain(args.shutdown_grace, stop_early=second):
+            print(f"splitserve {args.role} worker: stopping with requests still in flight", file=sys.stderr, flush=True)
     worker.stop()
     return 0
+
+
+def _wait_for_stop(stop_signal: int) -> None:
+    while os.read(stop_signal, 1)[0] not in (signal.SIGINT, signal.SIGTERM):
+        pass  # another signal with a Python handler (none of ours): Python wrote its number too
 
 
 def _stop_signal_pipe() -> int:

@@ -17,7 +17,6 @@ from contract.heap import freeze_startup_heap
 log = logging.getLogger(__name__)
 
 CONTROLLER_NAME = "splitserve-controller"
-IDLE_BEFORE_EXIT_S = 1.0
 
 
 def engine_config_for(config: ClusterConfig, pool: PoolSpec):
@@ -87,18 +86,7 @@ class WorkerActor:
 
     def drain(self, timeout_s: float = 600.0) -> bool:
         """Take no new work, finish what is in flight; True once idle (the controller then kills us)."""
-        self.worker.draining = True
-        deadline = time.monotonic() + timeout_s
-        idle_since = None
-        while time.monotonic() < deadline:
-            if self.worker.busy():
-                idle_since = None
-            elif idle_since is None:
-                idle_since = time.monotonic()
-            elif time.monotonic() - idle_since >= IDLE_BEFORE_EXIT_S:
-                return True
-            time.sleep(0.1)
-        return False
+        return self.worker.drain(timeout_s)
 
     def stop(self) -> None:
         self.worker.stop(grace=1.0)

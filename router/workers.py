@@ -86,7 +86,7 @@ class WorkerHandle:
     channel: grpc.aio.Channel
     stub: object
     healthy: bool = False
-    draining: bool = False
+    drain_ordered: bool = False  # by the control plane (`splitserve up`'s controller, in its membership)
     stats: common_pb2.WorkerStats = field(default_factory=common_pb2.WorkerStats)
     active: int = 0  # requests this router has in flight on the worker
     # A decode worker's: uncached prompt tokens this router has sent it to prefill itself and has no first token for.
@@ -109,6 +109,12 @@ class WorkerHandle:
     # A decode worker's Reserve and Generate calls in flight: cancelled when it is taken out of routing, so that the
     # orchestrator migrates their requests at once rather than when keepalive or a deadline ends them.
     calls: set = field(default_factory=set)
+
+    @property
+    def draining(self) -> bool:
+        """Taking no new work: ordered so, or saying so itself (its last Stats: a worker stopping on SIGTERM, or
+        drained by the control plane). A worker that came back after it stopped says so no more."""
+        return self.drain_ordered or self.stats.draining
 
     @property
     def available(self) -> bool:
@@ -288,7 +294,7 @@ class WorkerPool:
 
     def draining(self, address: str, value: bool = True) -> None:
         if address in self.workers:
-            self.workers[address].draining = value
+            self.workers[address].drain_ordered = value
 
     # -- background -------------------------------------------------------------------------------
 
@@ -306,7 +312,6 @@ class WorkerPool:
                     log.info("%s worker %s is healthy", worker.role, worker.address)
                 worker.healthy, worker.failures, worker.last_seen = serving, 0, time.monotonic()
                 worker.down_reason = None if serving else "its health check says NOT_SERVING"
-                worker.draining = worker.draining or worker.stats.draining
             except grpc.aio.AioRpcError as exc:
                 why = _health_failure(worker.role, exc)
                 if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 import uuid
 from abc import ABC, abstractmethod
 from concurrent import futures
@@ -44,6 +45,8 @@ from worker_server.security import (
 )
 
 log = logging.getLogger(__name__)
+IDLE_BEFORE_STOP_S = 1.0  # a draining worker stops once idle this long: past routers' next health check (0.5 s)
+DRAIN_POLL_S = 0.1
 
 # KV-event subscriptions hold an RPC thread each for as long as they last: bounded per peer and in
 # all, so the threads that health checks, Stats and the data path need are never all taken.
@@ -243,6 +246,23 @@ class WorkerBase(ABC):
     def busy(self) -> bool:
         """Any request still in this worker's engine (queued, running or waiting for KV)."""
         return self.loop.call(lambda engine: engine.has_unfinished())
+
+    def drain(self, timeout_s: float, stop_early: threading.Event | None = None) -> bool:
+        """Takes no new work (routers read ``draining`` in Stats) and waits for what is in flight to finish: True
+        once idle for IDLE_BEFORE_STOP_S (a request that was routed here just before routers saw the drain has
+        come by then); False at ``timeout_s``, or as soon as ``stop_early`` is set."""
+        self.draining = True
+        deadline = time.monotonic() + timeout_s
+        idle_since = None
+        while time.monotonic() < deadline and not (stop_early is not None and stop_early.is_set()):
+            if self.busy():
+                idle_since = None
+            elif idle_since is None:
+                idle_since = time.monotonic()
+            elif time.monotonic() - idle_since >= IDLE_BEFORE_STOP_S:
+                return True
+            time.sleep(DRAIN_POLL_S)
+        return False
 
     def kv_event_batches(self, context: grpc.ServicerContext):
         """Snapshot first, then events as they happen, until the client leaves or falls behind."""

@@ -104,6 +104,8 @@ def launch_worker(role: str, model: str, transport: str = "grpc", *extra: str, p
         "1",
         "--kv-cache-mb",
         "64",
+        "--shutdown-grace",  # tests stop idle workers often: no drain (tests/router/test_worker_shutdown.py has one)
+        "0",
         *extra,
     ]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
