@@ -342,10 +342,7 @@ RESPONSES_REFUSED: dict[str, Refusal] = {
     "conversation": Refusal(_NOT_STORED),
     "background": Refusal(_NOT_STORED, neutral=(None, False)),
     "prompt": Refusal("prompt templates are stored ones; send input"),
-    "tools": Refusal(f"tools are {_CHAT_ONLY}", neutral=(None, [])),
-    "tool_choice": Refusal(f"tools are {_CHAT_ONLY}", neutral=(None, "none", "auto")),  # nothing to choose from
-    "parallel_tool_calls": Refusal(f"tools are {_CHAT_ONLY}", neutral=(None, True, False)),
-    "max_tool_calls": Refusal(f"tools are {_CHAT_ONLY}"),
+    "max_tool_calls": Refusal("the model makes the calls of one turn; the client runs them"),
     "reasoning": Refusal("the served model does not reason", neutral=(None, {})),
     "include": Refusal(neutral=(None, [])),
     "top_logprobs": Refusal(f"logprobs are {_CHAT_ONLY}", neutral=(None, 0)),
@@ -364,6 +361,9 @@ RESPONSES_HONOURED = METADATA | {
     "stream",
     "text",
     "metadata",
+    "tools",
+    "tool_choice",
+    "parallel_tool_calls",
 }
 
 
@@ -382,17 +382,24 @@ class ResponsesBody(_refusing("_ResponsesRefused", _Strict, RESPONSES_REFUSED)):
     user: str | None = None
     safety_identifier: str | None = None
     prompt_cache_key: str | None = None
+    tools: list[Any] | None = None  # function tools, flat (router/responses_api.py chat_tools)
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
 
-    def sampling(self, room: int) -> SamplingParams:
-        """The record; a limit out of range is refused naming max_output_tokens (the record calls it max_tokens)."""
+    def sampling(self, room: int, tool_grammar: Grammar | None) -> SamplingParams:
+        """The record; a limit out of range is refused naming max_output_tokens (the record calls it max_tokens).
+        ``tool_grammar``: a required or named tool_choice's, which text.format then must not constrain too."""
         limit = room if self.max_output_tokens is None else self.max_output_tokens
+        asked = text_format(self.text)
+        if tool_grammar is not None and asked is not None:
+            raise FieldError("tool_choice", "a required or named tool_choice constrains the output already")
         try:
             return SamplingParams(
                 max_tokens=limit,
                 max_tokens_defaulted=self.max_output_tokens is None,
                 temperature=self.temperature,
                 top_p=self.top_p,
-                grammar=text_format(self.text),
+                grammar=tool_grammar or asked,
             )
         except FieldError as exc:
             if exc.field != "max_tokens":
@@ -411,6 +418,9 @@ class ResponsesBody(_refusing("_ResponsesRefused", _Strict, RESPONSES_REFUSED)):
             "user": self.user,
             "safety_identifier": self.safety_identifier,
             "prompt_cache_key": self.prompt_cache_key,
+            "tools": self.tools or [],
+            "tool_choice": self.tool_choice or ("auto" if self.tools else "none"),
+            "parallel_tool_calls": True if self.parallel_tool_calls is None else self.parallel_tool_calls,
         }
 
 
@@ -602,8 +612,13 @@ def create_app(frontend: Frontend, api_keys: tuple[str, ...] = ()) -> FastAPI:
     async def responses(body: ResponsesBody, request: Request):
         frontend.check_model(body.model)
         said = responses_api.messages(body.input, body.instructions)
-        prompt = frontend.encode_chat(tool_turns(said, frontend.tokenizer.supports_tool_calls))
-        params = body.sampling(frontend.room(prompt, "input"))
+        try:
+            said = tool_turns(said, frontend.tokenizer.supports_tool_calls)
+        except FieldError as exc:  # named as in the turns the items make, which are not the items' places
+            raise FieldError("input", f"the turns in input do not add up: {exc}") from None
+        tools = _responses_tools(frontend, body)
+        prompt = frontend.encode_chat(said, tools.template_tools if tools else None)
+        params = body.sampling(frontend.room(prompt, "input"), tools.grammar() if tools else None)
         job = frontend.build(prompt, params, "input", "max_output_tokens")
         shape = responses_api.ResponseShape(frontend.model_name, body.echoed())
         deltas = frontend.stream(job)
@@ -612,7 +627,7 @@ def create_app(frontend: Frontend, api_keys: tuple[str, ...] = ()) -> FastAPI:
             merged = _merge([deltas])
             first = await _first_or_cancel(request, merged)
             texts = (delta async for _, delta in _chained(first, merged))
-            events = responses_api.events(shape, texts, len(prompt), _error_body)
+            events = responses_api.events(shape, texts, len(prompt), _error_body, tools)
             return StreamingResponse(events, media_type="text/event-stream", headers=_STREAM_HEADERS)
         (results,) = await _collect_or_cancel(request, [_collect(deltas)])
         tally = _UsageTally([job], 1)
@@ -623,7 +638,15 @@ def create_app(frontend: Frontend, api_keys: tuple[str, ...] = ()) -> FastAPI:
             counted["prompt_tokens"], counted["completion_tokens"], counted["prompt_tokens_details"]["cached_tokens"]
         )
         status = responses_api.status_of(results[-1].finish_reason if results else None)
-        return JSONResponse(shape.response(status, "".join(d.text for d in results), usage))
+        text, calls = responses_api.split("".join(d.text for d in results), tools)
+        return JSONResponse(shape.response(status, shape.output(status, text, calls), usage))
+
+    @app.api_route("/v1/responses/{response_id}", methods=["GET", "DELETE"], responses=errors(*_GUARDED, 404))
+    @app.post("/v1/responses/{response_id}/cancel", responses=errors(*_GUARDED, 404))
+    async def stored_response(response_id: str):
+        raise GenerationError(
+            f"No response with id '{response_id}': {_NOT_STORED} (every answer says store: false)", 404, "not_found"
+        )
 
     # Starlette tries routes in order: the two that nearly every request is for go before the docs' and the rest.
     app.router.routes.sort(key=lambda route: getattr(route, "endpoint", None) not in (completions, chat))
@@ -653,11 +676,32 @@ def _chat_tools(frontend: Frontend, body: ChatBody) -> Tools | None:
             raise FieldError("tool_choice", "tool_choice is only allowed when tools are given")
         if body.parallel_tool_calls is not None:
             raise FieldError("parallel_tool_calls", "parallel_tool_calls is only allowed when tools are given")
+    return _tools(frontend, body.tools, body.tool_choice, body.parallel_tool_calls)
+
+
+def _responses_tools(frontend: Frontend, body: ResponsesBody) -> Tools | None:
+    """A Responses request's function tools, as chat's; without tools, its choice may say only what asks nothing
+    ("auto", "none": the SDK's defaults). Errors name the Responses fields (``tools.0.name``, not chat's
+    ``tools.0.function.name``)."""
+    if not body.tools:
+        if body.tool_choice not in (None, "auto", "none"):
+            raise FieldError("tool_choice", "tool_choice is only allowed when tools are given")
+        return None
+    try:
+        tools, choice = responses_api.chat_tools(body.tools, body.tool_choice)
+        return _tools(frontend, tools, choice, body.parallel_tool_calls)
+    except FieldError as exc:
+        raise FieldError(exc.field.replace(".function", ""), str(exc).replace(".function", "")) from None
+
+
+def _tools(frontend: Frontend, tools, tool_choice, parallel) -> Tools | None:
+    """Tools in chat's form, with the model's tool-call syntax; FieldError naming ``tools`` when its chat template
+    cannot render them."""
     syntax = tool_call_format(frontend.tokenizer.chat_template_source)
-    tools = Tools.from_request(body.tools, body.tool_choice, body.parallel_tool_calls, syntax)
-    if tools is not None and not frontend.tokenizer.supports_tools:
+    found = Tools.from_request(tools, tool_choice, parallel, syntax)
+    if found is not None and not frontend.tokenizer.supports_tools:
         raise FieldError("tools", "this model's chat template does not render tools, so the model cannot call them")
-    return tools
+    return found
 
 
 def _completion_prompts(frontend: Frontend, prompt) -> list[list[int]]:

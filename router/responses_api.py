@@ -1,10 +1,12 @@
 """OpenAI's Responses API (``POST /v1/responses``) over the same generation as chat completions: what its request's
-``input`` and ``instructions`` say as chat messages, and its answer's shape, whole or as the stream of typed events
-OpenAI's SDKs read (``client.responses.create``, ``client.responses.stream``).
+``instructions`` and ``input`` items say as chat turns (messages; function_call and function_call_output items as an
+assistant's tool calls and their results), its function tools as chat's, and its answer's shape, whole or as the
+stream of typed events OpenAI's SDKs read (``client.responses.create``, ``client.responses.stream``).
 
-One assistant message per response, of one ``output_text`` part. Nothing is stored: ``store`` is false in every
-answer, and what needs a stored response (``previous_response_id``, ``conversation``) is refused where the body is
-read (router/openai_api.py), as are tools, reasoning and the other fields this server does not implement.
+The output is one assistant message and, with tools, a function_call item per call the model made. Nothing is
+stored: ``store`` is false in every answer, and what needs a stored response (``previous_response_id``,
+``conversation``) is refused where the body is read (router/openai_api.py), as are built-in tools, reasoning and the
+other fields this server does not implement.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import Any
 
 from contract.sampling import FieldError
 from router.orchestrator import Delta, GenerationError
+from router.structured import ToolCall, Tools
 
 # An input message's role, as the chat template reads it (a developer message is the system prompt of chat models).
 _ROLES = {"user": "user", "system": "system", "developer": "system", "assistant": "assistant"}
@@ -33,11 +36,22 @@ def messages(input_: str | list[dict[str, Any]], instructions: str | None) -> li
         return [*said, {"role": "user", "content": input_}]
     if not input_:
         raise FieldError("input", "input must not be empty")
+    said = list(said)
     for index, item in enumerate(input_):
         where = f"input.{index}"
         kind = item.get("type", "message")
+        if kind in _CALL_ITEMS:
+            turn = _call_turn(item, kind, where)
+            previous = said[-1] if said else {}
+            if turn.get("tool_calls") and previous.get("tool_calls") and previous.get("content") is None:
+                previous["tool_calls"].extend(turn["tool_calls"])  # calls in a row: one assistant turn
+            else:
+                said.append(turn)
+            continue
         if kind != "message":
-            raise FieldError(f"{where}.type", f"{where} is a {kind!r} item; only message items are supported")
+            raise FieldError(
+                f"{where}.type", f"{where} is a {kind!r} item; only message, function_call and function_call_output"
+            )
         unknown = sorted(set(item) - {"type", "role", "content", "id", "status"})
         if unknown:
             raise FieldError(f"{where}.{unknown[0]}", f"{where}.{unknown[0]} is not supported")
@@ -46,6 +60,32 @@ def messages(input_: str | list[dict[str, Any]], instructions: str | None) -> li
             raise FieldError(f"{where}.role", f"{where}.role must be one of {', '.join(_ROLES)}; got {role!r}")
         said.append({"role": _ROLES[role], "content": _text(item.get("content"), _TEXT_PARTS[role], where)})
     return said
+
+
+# An earlier turn's function call, and its result: the chat template's assistant tool_calls and tool message.
+_CALL_ITEMS = {
+    "function_call": {"type", "call_id", "name", "arguments", "id", "status"},
+    "function_call_output": {"type", "call_id", "output", "id", "status"},
+}
+
+
+def _call_turn(item: dict, kind: str, where: str) -> dict:
+    """The chat turn a function_call or function_call_output item is."""
+    unknown = sorted(set(item) - _CALL_ITEMS[kind])
+    if unknown:
+        raise FieldError(f"{where}.{unknown[0]}", f"{where}.{unknown[0]} is not supported")
+    wanted = ("call_id", "name", "arguments") if kind == "function_call" else ("call_id", "output")
+    for key in wanted:
+        if not isinstance(item.get(key), str):
+            raise FieldError(f"{where}.{key}", f"{where}.{key} must be a string")
+    if kind == "function_call_output":
+        return {"role": "tool", "tool_call_id": item["call_id"], "content": item["output"]}
+    function = {"name": item["name"], "arguments": item["arguments"]}
+    return {
+        "role": "assistant",
+        "content": None,
+        "tool_calls": [{"id": item["call_id"], "type": "function", "function": function}],
+    }
 
 
 def _text(content: Any, part_type: str, where: str) -> str:
@@ -80,9 +120,28 @@ def check_metadata(metadata: dict[str, str]) -> dict[str, str]:
     return metadata
 
 
+def chat_tools(tools: list[Any] | None, tool_choice: Any) -> tuple[list[dict] | None, Any]:
+    """Responses' function tools and tool_choice as chat's (``{"type": "function", "name": ...}`` at the top level
+    where chat nests them in ``function``); FieldError naming the tool or choice that is not a function's."""
+    converted = []
+    for index, tool in enumerate(tools or ()):
+        where = f"tools.{index}"
+        if not isinstance(tool, dict) or tool.get("type") != "function":
+            kind = tool.get("type") if isinstance(tool, dict) else type(tool).__name__
+            raise FieldError(f"{where}.type", f"{where} is a {kind!r} tool; only function tools are supported")
+        converted.append({"type": "function", "function": {k: v for k, v in tool.items() if k != "type"}})
+    if isinstance(tool_choice, dict):
+        if tool_choice.get("type") != "function" or set(tool_choice) != {"type", "name"}:
+            raise FieldError(
+                "tool_choice", 'tool_choice must be "auto", "none", "required" or {"type": "function", "name": ...}'
+            )
+        tool_choice = {"type": "function", "function": {"name": tool_choice["name"]}}
+    return converted or None, tool_choice
+
+
 class ResponseShape:
     """One response's answer: its fixed fields (the request's settings, echoed as OpenAI echoes them), then its
-    status, text and usage as the generation ends."""
+    status, output items and usage as the generation ends."""
 
     def __init__(self, model: str, settings: dict[str, Any]) -> None:
         self.id = f"resp_{secrets.token_hex(24)}"
@@ -92,9 +151,8 @@ class ResponseShape:
         self.settings = settings
 
     def response(
-        self, status: str, text: str | None = None, usage: dict | None = None, error: dict | None = None
+        self, status: str, output: list[dict] | None = None, usage: dict | None = None, error: dict | None = None
     ) -> dict:
-        """The response object; ``text`` None: no output yet."""
         incomplete = {"reason": "max_output_tokens"} if status == "incomplete" else None
         return {
             "id": self.id,
@@ -104,21 +162,35 @@ class ResponseShape:
             "error": error,
             "incomplete_details": incomplete,
             "model": self.model,
-            "output": [] if text is None else [self.message(_item_status(status), text)],
+            "output": output or [],
             "usage": usage,
             "store": False,
             "background": False,
             "previous_response_id": None,
-            "tools": [],
-            "tool_choice": "none",
-            "parallel_tool_calls": False,
             "truncation": "disabled",
             **self.settings,
         }
 
+    def output(self, status: str, text: str, calls: list[ToolCall] = ()) -> list[dict]:
+        """The output items: the message (unless the model only called functions), then one item per call."""
+        items = [self.message(_item_status(status), text)] if text or not calls else []
+        return items + [function_call(call) for call in calls]
+
     def message(self, status: str, text: str | None) -> dict:
         content = [] if text is None else [_output_text(text)]
         return {"type": "message", "id": self.message_id, "status": status, "role": "assistant", "content": content}
+
+
+def function_call(call: ToolCall) -> dict:
+    """A function_call output item (its ``call_id`` is what a function_call_output item answers)."""
+    return {
+        "type": "function_call",
+        "id": f"fc_{call.id.removeprefix('call_')}",
+        "call_id": call.id,
+        "name": call.name,
+        "arguments": call.arguments,
+        "status": "completed",
+    }
 
 
 def _item_status(status: str) -> str:
@@ -145,13 +217,22 @@ def usage(prompt_tokens: int, output_tokens: int, cached_tokens: int) -> dict:
     }
 
 
+def split(text: str, tools: Tools | None) -> tuple[str, list[ToolCall]]:
+    """(message text, function calls) of a finished output: calls are read out of it when the request has tools."""
+    if tools is None or not tools.parses:
+        return text, []
+    content, calls = tools.parse(text)
+    return content or "", calls
+
+
 async def events(
-    shape: ResponseShape, deltas: AsyncIterator[Delta], prompt_tokens: int, error_body
+    shape: ResponseShape, deltas: AsyncIterator[Delta], prompt_tokens: int, error_body, tools: Tools | None = None
 ) -> AsyncIterator[str]:
-    """The SSE stream of a response: created, the message's item and part opened, a delta per piece of text, then
-    everything closed and ``response.completed`` (``response.incomplete`` at the token limit). A generation that
-    fails midway ends with an ``error`` event and ``response.failed`` naming why (``error_body``: OpenAI's error
-    object of a GenerationError)."""
+    """The SSE stream of a response: created; the message's item and part opened, a delta per piece of text, all
+    closed; then ``response.completed`` (``response.incomplete`` at the token limit). With tools, the text is held
+    to its end, where calls are read out of it: each output item then opens, fills and closes in turn (a call's
+    arguments as one delta). A generation that fails midway ends with an ``error`` event and ``response.failed``
+    (``error_body``: OpenAI's error object of a GenerationError)."""
     sequence = 0
 
     def event(kind: str, **fields) -> str:
@@ -160,11 +241,13 @@ async def events(
         payload = {"type": kind, "sequence_number": sequence - 1, **fields}
         return f"event: {kind}\ndata: {json.dumps(payload)}\n\n"
 
-    where = {"item_id": shape.message_id, "output_index": 0}
+    held = tools is not None and tools.parses
+    where = {"item_id": shape.message_id, "output_index": 0, "content_index": 0}
     yield event("response.created", response=shape.response("in_progress"))
     yield event("response.in_progress", response=shape.response("in_progress"))
-    yield event("response.output_item.added", output_index=0, item=shape.message("in_progress", None))
-    yield event("response.content_part.added", **where, content_index=0, part=_output_text(""))
+    if not held:
+        yield event("response.output_item.added", output_index=0, item=shape.message("in_progress", None))
+        yield event("response.content_part.added", **where, part=_output_text(""))
     texts, output_tokens, cached, finish = [], 0, 0, None
     try:
         async for delta in deltas:
@@ -174,17 +257,37 @@ async def events(
             finish = delta.finish_reason or finish
             if delta.text:
                 texts.append(delta.text)
-                yield event("response.output_text.delta", **where, content_index=0, delta=delta.text, logprobs=[])
+                if not held:
+                    yield event("response.output_text.delta", **where, delta=delta.text, logprobs=[])
     except (GenerationError, TimeoutError) as exc:
         failure = exc if isinstance(exc, GenerationError) else GenerationError("request timed out", 504, "timeout")
         error = error_body(failure)["error"]
         yield event("error", code=error["code"], message=error["message"], param=error["param"])
         failed = {"code": "server_error", "message": error["message"]}
-        yield event("response.failed", response=shape.response("failed", "".join(texts), error=failed))
+        output = shape.output("failed", "".join(texts)) if not held else []
+        yield event("response.failed", response=shape.response("failed", output, error=failed))
         return
-    text, status = "".join(texts), status_of(finish)
-    yield event("response.output_text.done", **where, content_index=0, text=text, logprobs=[])
-    yield event("response.content_part.done", **where, content_index=0, part=_output_text(text))
-    yield event("response.output_item.done", output_index=0, item=shape.message(_item_status(status), text))
-    final = shape.response(status, text, usage(prompt_tokens, output_tokens, cached))
-    yield event(f"response.{status}", response=final)
+    status = status_of(finish)
+    text, calls = split("".join(texts), tools)
+    output = shape.output(status, text, calls)
+    for index, item in enumerate(output):
+        if item["type"] == "message":
+            if held:
+                yield event("response.output_item.added", output_index=index, item=shape.message("in_progress", None))
+                yield event("response.content_part.added", **where, part=_output_text(""))
+                yield event("response.output_text.delta", **where, delta=text, logprobs=[])
+            yield event("response.output_text.done", **where, text=text, logprobs=[])
+            yield event("response.content_part.done", **where, part=_output_text(text))
+        else:
+            call = {"item_id": item["id"], "output_index": index}
+            yield event(
+                "response.output_item.added",
+                output_index=index,
+                item={**item, "arguments": "", "status": "in_progress"},
+            )
+            yield event("response.function_call_arguments.delta", **call, delta=item["arguments"])
+            yield event("response.function_call_arguments.done", **call, arguments=item["arguments"])
+        yield event("response.output_item.done", output_index=index, item=item)
+    yield event(
+        f"response.{status}", response=shape.response(status, output, usage(prompt_tokens, output_tokens, cached))
+    )

@@ -122,7 +122,7 @@ def test_metadata_comes_back_and_is_bounded(client):
 @pytest.mark.parametrize(
     ("body", "param"),
     [
-        ({"input": [{"type": "function_call_output", "call_id": "c", "output": "1"}]}, "input.0.type"),
+        ({"input": [{"type": "reasoning", "summary": []}]}, "input.0.type"),
         ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]}, "input.0.content.0"),
         ({"input": [{"role": "tool", "content": "1"}]}, "input.0.role"),
         ({"input": [{"role": "user", "content": "1", "name": "bob"}]}, "input.0.name"),
@@ -133,7 +133,9 @@ def test_metadata_comes_back_and_is_bounded(client):
         ({"input": "1 2", "text": {"format": {"type": "xml"}}}, "text.format"),
         ({"input": "1 2", "previous_response_id": "resp_1"}, "previous_response_id"),
         ({"input": "1 2", "store": True}, "store"),
-        ({"input": "1 2", "tools": [{"type": "web_search"}]}, "tools"),
+        ({"input": "1 2", "tools": [{"type": "web_search"}]}, "tools.0.type"),
+        ({"input": "1 2", "tool_choice": "required"}, "tool_choice"),
+        ({"input": [{"type": "function_call", "call_id": "c1", "name": "f"}]}, "input.0.arguments"),
     ],
     ids=lambda value: value if isinstance(value, str) else None,
 )
@@ -176,3 +178,11 @@ def test_a_stream_that_fails_midway_ends_with_an_error_and_response_failed():
     failed = sent[-1]["response"]
     assert failed["status"] == "failed" and "cut at once" in failed["error"]["message"]
     assert failed["output"][0]["content"][0]["text"] == "5 6" and failed["output"][0]["status"] == "incomplete"
+
+
+def test_a_stored_response_is_asked_for_in_vain_with_a_404_saying_why(client):
+    response = client.responses.create(model=SERVED_MODEL, input=QUESTION, max_output_tokens=2)
+    for call in (client.responses.retrieve, client.responses.delete, client.responses.cancel):
+        with pytest.raises(openai.NotFoundError) as missing:
+            call(response.id)
+        assert "responses are not stored" in str(missing.value) and response.id in str(missing.value)

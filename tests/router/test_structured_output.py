@@ -283,6 +283,42 @@ def test_named_tool_choice_returns_a_call_whose_arguments_validate(setup, transp
     _remote_only(setup, transport)
 
 
+RESPONSES_WEATHER = {"type": "function", **WEATHER["function"]}  # the Responses API's flat function tool
+
+
+def test_a_responses_named_tool_choice_makes_a_function_call_item_whose_arguments_validate(setup):
+    """Responses' function tools are chat's (flat where chat nests them in ``function``); its second turn, the call
+    and its output sent back as items: tests/router/test_tool_messages.py."""
+    client = _client(setup, "grpc")
+    named = {"type": "function", "name": "get_weather"}
+    for seed in range(2):
+        response = client.responses.create(
+            model=MODEL, input=ASK, tools=[RESPONSES_WEATHER], tool_choice=named, max_output_tokens=150, temperature=1.0
+        )
+        assert response.status == "completed"
+        (call,) = response.output
+        assert (call.type, call.name, call.status) == ("function_call", "get_weather", "completed")
+        assert call.call_id.startswith("call_") and call.id.startswith("fc_")
+        jsonschema.validate(json.loads(call.arguments), WEATHER["function"]["parameters"])
+        assert response.tool_choice.name == "get_weather" and response.tools[0].name == "get_weather"
+
+
+def test_a_streamed_response_sends_its_function_calls_as_items_at_the_end(setup):
+    client = _client(setup, "grpc")
+    named = {"type": "function", "name": "get_weather"}
+    args = dict(model=MODEL, input=ASK, tools=[RESPONSES_WEATHER], tool_choice=named, max_output_tokens=150)
+    whole = client.responses.create(**args, temperature=0)
+    events = list(client.responses.create(**args, temperature=0, stream=True))
+    kinds = [event.type for event in events]
+    # The text was held to the end, where the calls were read out of it: at most one delta, the message's whole text.
+    texts = [item.content[0].text for item in whole.output if item.type == "message"]
+    assert [e.delta for e in events if e.type == "response.output_text.delta"] == texts, (kinds, whole.output)
+    done = [event.arguments for event in events if event.type == "response.function_call_arguments.done"]
+    assert done == [item.arguments for item in whole.output if item.type == "function_call"] and done
+    assert kinds[-1] == f"response.{whole.status}" == "response.completed"
+    assert [item.type for item in events[-1].response.output] == [item.type for item in whole.output]
+
+
 def test_tool_calls_stream_at_the_end(setup):
     client = _client(setup, "grpc")
     stream = client.chat.completions.create(

@@ -140,6 +140,29 @@ def test_a_second_turn_with_tool_results_is_the_prompt_transformers_renders(setu
     assert generated == greedy_ignoring_eos(setup.model, prompt, 8)
 
 
+def test_a_responses_second_turn_is_the_chat_turn_of_its_items(setup):
+    """The same second turn as Responses items (two function_call items in a row are one assistant turn, each
+    function_call_output a tool message) reaches the model as the chat request's does, and answers alike."""
+    said = second_turn()
+    calls, results = said[2]["tool_calls"], said[3:]
+    items = [
+        *said[1:2],
+        *({"type": "function_call", "call_id": c["id"], **c["function"]} for c in calls),
+        *({"type": "function_call_output", "call_id": r["tool_call_id"], "output": r["content"]} for r in results),
+    ]
+    client = setup.router.openai()
+    tool = {"type": "function", **WEATHER["function"]}
+    response = client.responses.create(
+        model=MODEL, instructions=said[0]["content"], input=items, tools=[tool], max_output_tokens=8, temperature=0
+    )
+    chat = client.chat.completions.create(model=MODEL, messages=said, tools=[WEATHER], max_tokens=8, temperature=0)
+    assert response.usage.input_tokens == chat.usage.prompt_tokens
+    assert response.output_text == (chat.choices[0].message.content or "")
+    bad = [*items[:-1], {**items[-1], "call_id": "call_zzz"}]  # answers no call that was made
+    error = assert_error(post(setup.router, "/v1/responses", {"model": MODEL, "input": bad}), 400, param="input")
+    assert "call_zzz" in error["message"]
+
+
 def _changed(index: int, **changes) -> list[dict]:
     messages = second_turn()
     messages[index] = {**messages[index], **changes}

@@ -5,6 +5,7 @@ its streams migrated elsewhere or failed. A worker that comes back at the same a
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import time
 
@@ -26,7 +27,9 @@ def _prompt(rng) -> str:
     return " ".join(str(rng.randrange(1000)) for _ in range(12))
 
 
-def test_a_worker_stopped_by_sigterm_finishes_its_streams_and_takes_no_new_work(checkpoint, cluster, make_router, rng):
+@contextlib.contextmanager
+def _stopped_with_a_stream(checkpoint, cluster, make_router, rng):
+    """(decode worker, router, stream): a router's only decode worker, SIGTERMed with a long stream in flight."""
     decode = _decode(checkpoint)
     try:
         router = make_router(cluster.prefills, [decode])
@@ -34,9 +37,15 @@ def test_a_worker_stopped_by_sigterm_finishes_its_streams_and_takes_no_new_work(
         stream.start()
         assert stream.first_chunk.wait(30) and stream.error is None, stream.error
         decode.process.terminate()
-        wait_until(
-            lambda: router.call(lambda: router.router.pool.workers[decode.address].draining), 10, what="draining"
-        )
+        yield decode, router, stream
+    finally:
+        stop_workers([decode])
+
+
+def test_a_worker_stopped_by_sigterm_finishes_its_streams_and_takes_no_new_work(checkpoint, cluster, make_router, rng):
+    with _stopped_with_a_stream(checkpoint, cluster, make_router, rng) as (decode, router, stream):
+        handle = router.router.pool.workers[decode.address]
+        wait_until(lambda: router.call(lambda: handle.draining), 10, what="the router to see it draining")
         client = router.openai()
         with pytest.raises(openai.APIStatusError) as refused:  # the only decode worker takes no new work
             client.completions.create(model=SERVED_MODEL, prompt=_prompt(rng), max_tokens=2)
@@ -48,18 +57,10 @@ def test_a_worker_stopped_by_sigterm_finishes_its_streams_and_takes_no_new_work(
         assert metric_sum(router.metrics(), "splitserve_migrations_total") == 0  # it finished where it was
         assert decode.process.wait(15) == 0
         assert any("draining" in line for line in decode.log_lines), decode.log_lines
-    finally:
-        stop_workers([decode])
 
 
 def test_a_second_signal_stops_a_draining_worker_at_once(checkpoint, cluster, make_router, rng):
-    decode = _decode(checkpoint)
-    try:
-        router = make_router(cluster.prefills, [decode])
-        stream = StreamingClient(router.http, _prompt(rng))
-        stream.start()
-        assert stream.first_chunk.wait(30) and stream.error is None, stream.error
-        decode.process.terminate()
+    with _stopped_with_a_stream(checkpoint, cluster, make_router, rng) as (decode, _, stream):
         wait_until(lambda: any("draining" in line for line in decode.log_lines), 10, what="the worker to say it drains")
         began = time.monotonic()
         decode.process.send_signal(signal.SIGTERM)
@@ -67,8 +68,6 @@ def test_a_second_signal_stops_a_draining_worker_at_once(checkpoint, cluster, ma
         assert time.monotonic() - began < 10
         stream.join(30)
         assert stream.error is not None, "the stream claimed to finish on a stopped worker"
-    finally:
-        stop_workers([decode])
 
 
 def test_a_worker_back_at_its_address_after_a_drain_is_routed_to_again(checkpoint, cluster, make_router):
