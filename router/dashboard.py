@@ -34,7 +34,7 @@ from fastapi.responses import FileResponse, PlainTextResponse, StreamingResponse
 from router.admin import admin_refusal
 from router.control import ControlPlane
 from router.frontend import Frontend
-from router.openai_api import error_response
+from router.openai_api import GENERATING_PATHS, error_response
 from router.routing import Route
 from router.workers import WorkerHandle, WorkerPool
 
@@ -219,7 +219,7 @@ def _counter_total(counter, where: Callable[[dict], bool] = lambda labels: True)
 
 
 def _generate_request(labels: dict) -> bool:
-    return labels.get("endpoint") in ("/v1/completions", "/v1/chat/completions")
+    return labels.get("endpoint") in GENERATING_PATHS
 
 
 def _failed_generate_request(labels: dict) -> bool:

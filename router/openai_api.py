@@ -478,6 +478,8 @@ def errors(*statuses: int) -> dict[int | str, dict]:
     return {status: {"model": ErrorBody, "description": _ERROR_MEANINGS[status]} for status in statuses}
 
 
+# The routes that generate: one owner for what counts as a generation request (the dashboard's request rates).
+GENERATING_PATHS = ("/v1/completions", "/v1/chat/completions", "/v1/responses")
 _GUARDED = (401, 413)
 _GENERATES = errors(400, *_GUARDED, 404, 429, 499, 502, 503, 504)
 
@@ -530,7 +532,9 @@ def create_app(frontend: Frontend, api_keys: tuple[str, ...] = ()) -> FastAPI:
         return {"object": "list", "data": [_model_card(frontend)]}
 
     def generating(path: str):
-        # The two routes nearly every request is for take the short request path (router/json_route.py).
+        # The routes nearly every request is for take the short request path (router/json_route.py).
+        assert path in GENERATING_PATHS, path
+
         def add(endpoint):
             app.router.add_api_route(
                 path, endpoint, methods=["POST"], responses=_GENERATES, route_class_override=JsonBodyRoute
@@ -648,8 +652,8 @@ def create_app(frontend: Frontend, api_keys: tuple[str, ...] = ()) -> FastAPI:
             f"No response with id '{response_id}': {_NOT_STORED} (every answer says store: false)", 404, "not_found"
         )
 
-    # Starlette tries routes in order: the two that nearly every request is for go before the docs' and the rest.
-    app.router.routes.sort(key=lambda route: getattr(route, "endpoint", None) not in (completions, chat))
+    # Starlette tries routes in order: the ones that nearly every request is for go before the docs' and the rest.
+    app.router.routes.sort(key=lambda route: getattr(route, "path", None) not in GENERATING_PATHS)
     return app
 
 

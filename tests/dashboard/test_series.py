@@ -80,10 +80,11 @@ def test_counter_totals_filter_by_label():
     requests = Counter("requests", "test", ["endpoint", "status"], registry=CollectorRegistry())
     requests.labels("/v1/completions", "200").inc(3)
     requests.labels("/v1/chat/completions", "503").inc(2)
+    requests.labels("/v1/responses", "400").inc(4)
     requests.labels("/v1/models", "200").inc(7)
-    assert _counter_total(requests) == 12
-    assert _counter_total(requests, _generate_request) == 5
-    assert _counter_total(requests, _failed_generate_request) == 2
+    assert _counter_total(requests) == 16
+    assert _counter_total(requests, _generate_request) == 9
+    assert _counter_total(requests, _failed_generate_request) == 6
 
 
 def test_activity_log_keeps_the_newest_first():
