@@ -69,6 +69,9 @@ class RouterConfig:
     # 600 s): else the balancer may send a request down a connection the router is closing, and its client gets a
     # 502. The chart sets 620 s; uvicorn's and vLLM's 5 s here, for clients that connect directly.
     keep_alive_s: float = 5.0
+    # One INFO line per HTTP request on the "splitserve.access" logger, whatever the log level: client, method and
+    # path, status, time to the answer's end, request id (X-Request-Id). Off: uvicorn's access log stays off too.
+    access_log: bool = False
     # On SIGTERM or Ctrl-C the router first serves on for shutdown_delay_s while /ready and gRPC health say it is
     # stopping, so that load balancers take it out of rotation before its listeners refuse anyone (0: at once; the
     # Helm chart sets a few seconds, the time a Service takes to drop an ending pod). Then the listeners close (HTTP,
@@ -166,6 +169,7 @@ FIELD_HELP = {
     "header_timeout_s": "seconds a client has to send a request's headers",
     "body_timeout_s": "seconds a client has to send a request's body, once its headers are in",
     "keep_alive_s": "seconds an idle client connection stays open; above the idle timeout of a load balancer in front",
+    "access_log": "log one line per HTTP request (client, request, status, ms, request id) at any log level",
     "shutdown_delay_s": "on SIGTERM or Ctrl-C, seconds the router serves on while /ready says it is stopping "
     "(load balancers take it out first); a second signal stops at once",
     "shutdown_grace_s": "on SIGTERM or Ctrl-C, after the delay, seconds the requests in flight have to finish (new "

@@ -1388,12 +1388,16 @@ class _Guard:
         self.api_keys = api_keys
         self.limit = frontend.config.max_body_bytes
         self.open_paths = open_paths(frontend.config)
+        self.access_log = frontend.config.access_log
+        if self.access_log:
+            ACCESS_LOG.setLevel(logging.INFO)  # on at any --log-level: asked for by name
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        path, headers = scope["path"], Headers(scope=scope)
+        started = time.monotonic()
+        headers = Headers(scope=scope)
         # Every answer names its request (X-Request-Id, which OpenAI's SDKs read as `_request_id`): the client's
         # own, as a proxy in front may set it, or one made here; the request's trace span carries it too.
         request_id = headers.get(REQUEST_ID_HEADER)
@@ -1406,10 +1410,24 @@ class _Guard:
             refusal = None
         request_id = request_id or f"req_{secrets.token_hex(16)}"
         tracing.annotate(request_id=request_id)
-        send = _naming_request(send, request_id.encode("latin-1"))
-        if refusal is not None:
-            await refusal(scope, receive, send)
-            return
+        answer = _Answer(send, request_id)
+        try:
+            await (refusal or self._guarded)(scope, receive, answer)
+        finally:
+            if self.access_log:
+                client = scope.get("client") or ("-", 0)
+                ACCESS_LOG.info(
+                    '%s:%s "%s %s" %s %.1f ms request_id=%s',
+                    *client[:2],
+                    scope["method"],
+                    scope["path"],
+                    answer.status or "-",  # -: the client left before any answer
+                    (time.monotonic() - started) * 1000,
+                    request_id,
+                )
+
+    async def _guarded(self, scope, receive, send: _Answer) -> None:
+        path, headers = scope["path"], Headers(scope=scope)
         # The operator API and the dashboard answer to the admin token instead (router/admin.py).
         if self.api_keys and path not in self.open_paths and not path.startswith(ADMIN_PREFIXES):
             supplied = headers.get("authorization", "").removeprefix("Bearer ").strip()
@@ -1428,19 +1446,11 @@ class _Guard:
                 await self._too_large()(scope, receive, send)
                 return
             receive = _replaying(body, receive)
-        status = 0
-
-        async def counting_send(message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
         try:
-            await self.app(scope, receive, counting_send)
+            await self.app(scope, receive, send)
         finally:
-            if status:
-                self.frontend.metrics.requests_by(_route_template(scope), str(status)).inc()
+            if send.status:
+                self.frontend.metrics.requests_by(_route_template(scope), str(send.status)).inc()
 
     def _too_large(self) -> JSONResponse:
         return error_response(f"request body larger than {self.limit} bytes", 413, "request_too_large")
@@ -1462,17 +1472,23 @@ class _Guard:
 
 _CLIENT_GONE = object()
 REQUEST_ID_HEADER = "x-request-id"
+# One line per HTTP request when the router's access_log is on: client, request line, status, time, request id.
+ACCESS_LOG = logging.getLogger("splitserve.access")
 
 
-def _naming_request(send, request_id: bytes):
-    """``send`` that adds the X-Request-Id header to the response's start."""
+class _Answer:
+    """The ASGI ``send`` of one request: adds its X-Request-Id header to the response's start, and keeps its status."""
 
-    async def naming_send(message) -> None:
+    def __init__(self, send, request_id: str) -> None:
+        self._send = send
+        self._request_id = request_id.encode("latin-1")
+        self.status = 0
+
+    async def __call__(self, message) -> None:
         if message["type"] == "http.response.start":
-            message["headers"] = [*message.get("headers", ()), (b"x-request-id", request_id)]
-        await send(message)
-
-    return naming_send
+            self.status = message["status"]
+            message["headers"] = [*message.get("headers", ()), (b"x-request-id", self._request_id)]
+        await self._send(message)
 
 
 def _route_template(scope) -> str:

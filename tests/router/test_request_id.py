@@ -5,6 +5,7 @@ span carries the id (tests/router/test_tracing.py)."""
 
 from __future__ import annotations
 
+import logging
 import re
 
 import httpx
@@ -13,6 +14,7 @@ import pytest
 
 from router.frontend import MAX_REQUEST_ID_CHARS
 from tests.router.conftest import SERVED_MODEL
+from tests.workers.harness import wait_until
 
 MADE = re.compile(r"req_[0-9a-f]{32}")
 
@@ -73,3 +75,26 @@ def test_a_request_id_longer_than_the_shared_limit_is_refused_naming_the_header(
     error = refused.value.body
     assert error["param"] == "x-request-id" and str(MAX_REQUEST_ID_CHARS) in error["message"], error
     assert MADE.fullmatch(refused.value.request_id)  # not the refused one echoed back
+
+
+def test_the_access_log_has_a_line_per_request_naming_its_id_and_is_off_by_default(
+    make_router, cluster, router, caplog
+):
+    logged = make_router(cluster.prefills, [cluster.decode], access_log=True)
+    client = openai.OpenAI(base_url=f"{logged.http}/v1", api_key="none", max_retries=0, timeout=60)
+    with caplog.at_level(logging.DEBUG, logger="splitserve.access"):
+        client.completions.create(
+            model=SERVED_MODEL, prompt="1 2 3", max_tokens=2, extra_headers={"X-Request-Id": "logged-1"}
+        )
+        refused = httpx.post(f"{logged.http}/v1/completions", json={"prompt": "1", "bogus_field": 1}, timeout=10)
+        quiet = httpx.get(f"{router.http}/v1/models", headers={"X-Request-Id": "not-logged"}, timeout=10)
+        wait_until(lambda: len(_access_lines(caplog)) >= 2, 10, what="two access log lines")
+    lines = _access_lines(caplog)
+    assert re.fullmatch(r'127\.0\.0\.1:\d+ "POST /v1/completions" 200 [\d.]+ ms request_id=logged-1', lines[0]), lines
+    made = refused.headers["x-request-id"]
+    assert re.fullmatch(rf'127\.0\.0\.1:\d+ "POST /v1/completions" 400 [\d.]+ ms request_id={made}', lines[1]), lines
+    assert quiet.status_code == 200 and not [line for line in lines if "not-logged" in line]
+
+
+def _access_lines(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "splitserve.access"]
