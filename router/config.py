@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -72,6 +73,9 @@ class RouterConfig:
     # One INFO line per HTTP request on the "splitserve.access" logger, whatever the log level: client, method and
     # path, status, time to the answer's end, request id (X-Request-Id). Off: uvicorn's access log stays off too.
     access_log: bool = False
+    # Web pages allowed to call the API from a browser (CORS): their origins, comma-separated ("https://chat.example,
+    # http://localhost:3000"), or "*" for any. None: no CORS headers, so browsers keep other pages' scripts out.
+    cors_origins: str | None = None
     # On SIGTERM or Ctrl-C the router first serves on for shutdown_delay_s while /ready and gRPC health say it is
     # stopping, so that load balancers take it out of rotation before its listeners refuse anyone (0: at once; the
     # Helm chart sets a few seconds, the time a Service takes to drop an ending pod). Then the listeners close (HTTP,
@@ -93,9 +97,21 @@ class RouterConfig:
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be {' or '.join(allowed)}, got {getattr(self, name)!r}")
         check_bounds(self, BOUNDS)
+        cors_origin_list(self.cors_origins)  # ValueError naming a malformed one
         both = sorted(set(self.prefill_addresses) & set(self.decode_addresses))
         if both:
             raise ValueError(f"a worker has one role: {', '.join(both)} given as both --prefill and --decode")
+
+
+def cors_origin_list(origins: str | None) -> list[str]:
+    """The origins ``cors_origins`` names; ValueError for one that is not "*" or scheme://host[:port]."""
+    listed = [origin.strip() for origin in (origins or "").split(",") if origin.strip()]
+    for origin in listed:
+        if origin != "*" and not re.fullmatch(r"https?://[^/\s:]+(:\d{1,5})?", origin):
+            raise ValueError(f"cors_origins: {origin!r} is not an origin (scheme://host[:port], no path) or *")
+    if origins is not None and not listed:
+        raise ValueError("cors_origins names no origin; leave it unset for none")
+    return listed
 
 
 # The numeric settings' bounds (RouterConfig checks them, so the flags, the config file and `splitserve up` share them).
@@ -170,6 +186,8 @@ FIELD_HELP = {
     "body_timeout_s": "seconds a client has to send a request's body, once its headers are in",
     "keep_alive_s": "seconds an idle client connection stays open; above the idle timeout of a load balancer in front",
     "access_log": "log one line per HTTP request (client, request, status, ms, request id) at any log level",
+    "cors_origins": "web origins whose pages may call the API from a browser, comma-separated, or * for any "
+    "(default: none)",
     "shutdown_delay_s": "on SIGTERM or Ctrl-C, seconds the router serves on while /ready says it is stopping "
     "(load balancers take it out first); a second signal stops at once",
     "shutdown_grace_s": "on SIGTERM or Ctrl-C, after the delay, seconds the requests in flight have to finish (new "

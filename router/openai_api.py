@@ -35,6 +35,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.cors import CORSMiddleware
 
 from contract import tracing
 from contract.grammar import Grammar
@@ -43,6 +44,7 @@ from contract.sampling import FieldError, SamplingParams, check_text, check_toke
 from engine.tokenizer import IncrementalDetokenizer, Tokenizer
 from protos import common_pb2
 from router import responses_api
+from router.config import cors_origin_list
 from router.frontend import Frontend, Overloaded, check_request_id
 from router.json_route import JsonBodyRoute
 from router.orchestrator import Delta, GenerationError, GenerationRequest
@@ -1375,6 +1377,18 @@ def open_paths(config) -> frozenset[str]:
 
 def _install_guards(app: FastAPI, frontend: Frontend, api_keys: tuple[str, ...]) -> None:
     app.add_middleware(_Guard, frontend=frontend, api_keys=api_keys)
+    origins = cors_origin_list(frontend.config.cors_origins)
+    if origins:
+        # Outside the guard: a browser's preflight (OPTIONS) carries no API key, and is answered here. The API key
+        # travels in a header, never a cookie: no credentials. Scripts may read the request id and Retry-After.
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=origins,
+            allow_methods=["GET", "POST", "DELETE"],
+            allow_headers=["*"],
+            expose_headers=["x-request-id", "retry-after"],
+            max_age=600,
+        )
 
 
 class _Guard:

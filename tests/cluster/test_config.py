@@ -28,6 +28,9 @@ FIELDS = {f.name: f for f in dataclasses.fields(RouterConfig)}
 HINTS = typing.get_type_hints(RouterConfig)
 
 
+FORMATTED = {"cors_origins": "https://chat.example,http://localhost:3000"}  # strings RouterConfig checks the form of
+
+
 def other_value(name: str):
     """A value of the field's type that is not its default (so that a dropped setting shows)."""
     default = FIELDS[name].default
@@ -42,7 +45,7 @@ def other_value(name: str):
     if kind is float:
         return (default or 0) * 2 + 0.25
     if kind is str:
-        return f"{name}-value"
+        return FORMATTED.get(name, f"{name}-value")
     assert typing.get_origin(kind) is tuple, f"{name}: a RouterConfig field of a type this test does not know"
     return (f"{name}-1", f"{name}-2")
 

@@ -33,6 +33,8 @@ def setting_schema(name: str) -> dict:
         return {"enum": list(CHOICES[name])}
     if kind is bool:
         return {"type": "boolean"}
+    if kind is str:
+        return {"type": ["string", "null"] if optional else "string"}
     bound = BOUNDS.get(name)
     if kind is int:
         schema = {"type": ["integer", "null"] if optional else "integer"}
