@@ -70,8 +70,9 @@ class RouterConfig:
     # 600 s): else the balancer may send a request down a connection the router is closing, and its client gets a
     # 502. The chart sets 620 s; uvicorn's and vLLM's 5 s here, for clients that connect directly.
     keep_alive_s: float = 5.0
-    # One INFO line per HTTP request on the "splitserve.access" logger, whatever the log level: client, method and
-    # path, status, time to the answer's end, request id (X-Request-Id). Off: uvicorn's access log stays off too.
+    # One INFO line per request on the "splitserve.access" logger, whatever the log level: client, method and path
+    # (or the public gRPC method), status, time to the answer's end, request id (X-Request-Id, gRPC's request_id).
+    # uvicorn's own access log stays off.
     access_log: bool = False
     # Web pages allowed to call the API from a browser (CORS): their origins, comma-separated ("https://chat.example,
     # http://localhost:3000"), or "*" for any. None: no CORS headers, so browsers keep other pages' scripts out.
@@ -185,7 +186,7 @@ FIELD_HELP = {
     "header_timeout_s": "seconds a client has to send a request's headers",
     "body_timeout_s": "seconds a client has to send a request's body, once its headers are in",
     "keep_alive_s": "seconds an idle client connection stays open; above the idle timeout of a load balancer in front",
-    "access_log": "log one line per HTTP request (client, request, status, ms, request id) at any log level",
+    "access_log": "log one line per request, HTTP or gRPC (client, request, status, ms, request id), at any log level",
     "cors_origins": "web origins whose pages may call the API from a browser, comma-separated, or * for any "
     "(default: none)",
     "shutdown_delay_s": "on SIGTERM or Ctrl-C, seconds the router serves on while /ready says it is stopping "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import secrets
 from collections.abc import AsyncIterator
 
@@ -16,6 +17,9 @@ from router.orchestrator import Delta, GenerationError, GenerationRequest, Orche
 from router.served_model import ModelBinding
 from router.workers import WorkerPool, with_reasons
 
+# With the router's access_log on, one INFO line per request of either API, at any --log-level: client, request,
+# status, time to the answer's end, request id.
+ACCESS_LOG = logging.getLogger("splitserve.access")
 MAX_REQUEST_ID_CHARS = 256  # a client's request id is echoed (gRPC: in every chunk): a longer one is refused
 
 
@@ -103,6 +107,8 @@ class Frontend:
         self.metrics.watch_pool(pool)
         self.orchestrator = Orchestrator(config, pool, self.model, self.metrics)
         self.admission = Admission(config.max_running, config.max_queued, config.queue_timeout_s, self.metrics)
+        if config.access_log:
+            ACCESS_LOG.setLevel(logging.INFO)  # on at any --log-level: asked for by name
         self.stopping = False  # a stop began: /ready says so (Router.stop), new requests are still served
         self._cut_reason: str | None = None  # set by cut: every request in flight ends with it
         # Each request's deadline, which cut brings forward, and whether the request waits inside this frontend for

@@ -45,7 +45,7 @@ from engine.tokenizer import IncrementalDetokenizer, Tokenizer
 from protos import common_pb2
 from router import responses_api
 from router.config import cors_origin_list
-from router.frontend import Frontend, Overloaded, check_request_id
+from router.frontend import ACCESS_LOG, Frontend, Overloaded, check_request_id
 from router.json_route import JsonBodyRoute
 from router.orchestrator import Delta, GenerationError, GenerationRequest
 from router.structured import CHAT_ROLES, Tools, grammar_from_fields, text_format, tool_call_format, tool_turns
@@ -1403,8 +1403,6 @@ class _Guard:
         self.limit = frontend.config.max_body_bytes
         self.open_paths = open_paths(frontend.config)
         self.access_log = frontend.config.access_log
-        if self.access_log:
-            ACCESS_LOG.setLevel(logging.INFO)  # on at any --log-level: asked for by name
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
@@ -1486,8 +1484,6 @@ class _Guard:
 
 _CLIENT_GONE = object()
 REQUEST_ID_HEADER = "x-request-id"
-# One line per HTTP request when the router's access_log is on: client, request line, status, time, request id.
-ACCESS_LOG = logging.getLogger("splitserve.access")
 
 
 class _Answer:

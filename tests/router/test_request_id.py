@@ -8,10 +8,12 @@ from __future__ import annotations
 import logging
 import re
 
+import grpc
 import httpx
 import openai
 import pytest
 
+from protos import common_pb2, generate_pb2, generate_pb2_grpc
 from router.frontend import MAX_REQUEST_ID_CHARS
 from tests.router.conftest import SERVED_MODEL
 from tests.workers.harness import wait_until
@@ -88,8 +90,22 @@ def test_the_access_log_has_a_line_per_request_naming_its_id_and_is_off_by_defau
         )
         refused = httpx.post(f"{logged.http}/v1/completions", json={"prompt": "1", "bogus_field": 1}, timeout=10)
         quiet = httpx.get(f"{router.http}/v1/models", headers={"X-Request-Id": "not-logged"}, timeout=10)
-        wait_until(lambda: len(_access_lines(caplog)) >= 2, 10, what="two access log lines")
+        with grpc.insecure_channel(logged.grpc) as channel:
+            stub = generate_pb2_grpc.GenerateStub(channel)
+            params = common_pb2.SamplingParams(max_tokens=2)
+            list(
+                stub.Generate(generate_pb2.CompletionRequest(text="1 2", params=params, request_id="rpc-1"), timeout=30)
+            )
+            with pytest.raises(grpc.RpcError):
+                list(stub.Generate(generate_pb2.CompletionRequest(model="other", text="1"), timeout=30))
+        wait_until(lambda: len(_access_lines(caplog)) >= 4, 10, what="four access log lines")
     lines = _access_lines(caplog)
+    calls = [line for line in lines if "gRPC" in line]
+    assert re.fullmatch(
+        r'ipv4:127\.0\.0\.1:\d+ "gRPC splitserve.Generate/Generate" OK [\d.]+ ms request_id=rpc-1', calls[0]
+    ), calls
+    assert re.fullmatch(r'\S+ "gRPC splitserve.Generate/Generate" NOT_FOUND [\d.]+ ms request_id=-', calls[1]), calls
+    lines = [line for line in lines if "gRPC" not in line]
     assert re.fullmatch(r'127\.0\.0\.1:\d+ "POST /v1/completions" 200 [\d.]+ ms request_id=logged-1', lines[0]), lines
     made = refused.headers["x-request-id"]
     assert re.fullmatch(rf'127\.0\.0\.1:\d+ "POST /v1/completions" 400 [\d.]+ ms request_id={made}', lines[1]), lines
