@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import secrets
+import time
 from collections.abc import AsyncIterator
 
 from contract.sampling import FieldError, SamplingParams, check_text, check_token_ids, check_vocabulary
@@ -20,6 +21,15 @@ from router.workers import WorkerPool, with_reasons
 # With the router's access_log on, one INFO line per request of either API, at any --log-level: client, request,
 # status, time to the answer's end, request id.
 ACCESS_LOG = logging.getLogger("splitserve.access")
+
+
+def log_access(client: str, request: str, status: int | str, started: float, request_id: str) -> None:
+    """One access log line: who asked, what (an HTTP request line, a gRPC method), how it ended, the time to its
+    end since ``started`` (``time.monotonic``) and its request id."""
+    took_ms = (time.monotonic() - started) * 1000
+    ACCESS_LOG.info('%s "%s" %s %.1f ms request_id=%s', client, request, status, took_ms, request_id)
+
+
 MAX_REQUEST_ID_CHARS = 256  # a client's request id is echoed (gRPC: in every chunk): a longer one is refused
 
 

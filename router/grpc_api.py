@@ -17,7 +17,7 @@ from contract.sampling import FIELDS as SAMPLING_FIELDS
 from contract.sampling import FieldError, SamplingParams
 from protos import generate_pb2, generate_pb2_grpc
 from protos.cluster_auth import add_port, server_options
-from router.frontend import ACCESS_LOG, Frontend, check_request_id
+from router.frontend import Frontend, check_request_id, log_access
 from router.orchestrator import GenerationError
 from router.structured import tool_turns
 
@@ -55,10 +55,6 @@ class GenerateService(generate_pb2_grpc.GenerateServicer):
 
     @tracing.server_span("splitserve.Generate/Generate")  # the request's trace: continues a client's traceparent
     async def Generate(self, request: generate_pb2.CompletionRequest, context: grpc.aio.ServicerContext):
-        if not self.frontend.config.access_log:
-            async for chunk in self._generate(request, context):
-                yield chunk
-            return
         started, code = time.monotonic(), "OK"
         try:
             async for chunk in self._generate(request, context):
@@ -70,13 +66,9 @@ class GenerateService(generate_pb2_grpc.GenerateServicer):
             code = getattr(context.code(), "name", "UNKNOWN")
             raise
         finally:
-            ACCESS_LOG.info(
-                '%s "gRPC splitserve.Generate/Generate" %s %.1f ms request_id=%s',
-                context.peer(),
-                code,
-                (time.monotonic() - started) * 1000,
-                request.request_id or "-",
-            )
+            if self.frontend.config.access_log:
+                method = "gRPC splitserve.Generate/Generate"
+                log_access(context.peer(), method, code, started, request.request_id or "-")
 
     async def _generate(self, request: generate_pb2.CompletionRequest, context: grpc.aio.ServicerContext):
         frontend = self.frontend

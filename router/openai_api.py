@@ -45,7 +45,7 @@ from engine.tokenizer import IncrementalDetokenizer, Tokenizer
 from protos import common_pb2
 from router import responses_api
 from router.config import cors_origin_list
-from router.frontend import ACCESS_LOG, Frontend, Overloaded, check_request_id
+from router.frontend import Frontend, Overloaded, check_request_id, log_access
 from router.json_route import JsonBodyRoute
 from router.orchestrator import Delta, GenerationError, GenerationRequest
 from router.structured import CHAT_ROLES, Tools, grammar_from_fields, text_format, tool_call_format, tool_turns
@@ -384,7 +384,7 @@ class ResponsesBody(_refusing("_ResponsesRefused", _Strict, RESPONSES_REFUSED)):
     user: str | None = None
     safety_identifier: str | None = None
     prompt_cache_key: str | None = None
-    tools: list[Any] | None = None  # function tools, flat (router/responses_api.py chat_tools)
+    tools: list[Any] | None = None  # function tools, flat (router/structured.py Tools.from_request)
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
 
@@ -636,16 +636,10 @@ def create_app(frontend: Frontend, api_keys: tuple[str, ...] = ()) -> FastAPI:
             events = responses_api.events(shape, texts, len(prompt), _error_body, tools)
             return StreamingResponse(events, media_type="text/event-stream", headers=_STREAM_HEADERS)
         (results,) = await _collect_or_cancel(request, [_collect(deltas)])
-        tally = _UsageTally([job], 1)
+        generated = responses_api.Generated()
         for delta in results:
-            tally.add(0, delta)
-        counted = tally.usage()
-        usage = responses_api.usage(
-            counted["prompt_tokens"], counted["completion_tokens"], counted["prompt_tokens_details"]["cached_tokens"]
-        )
-        status = responses_api.status_of(results[-1].finish_reason if results else None)
-        text, calls = responses_api.split("".join(d.text for d in results), tools)
-        return JSONResponse(shape.response(status, shape.output(status, text, calls), usage))
+            generated.add(delta)
+        return JSONResponse(shape.finished(generated, len(prompt), tools))
 
     @app.api_route("/v1/responses/{response_id}", methods=["GET", "DELETE"], responses=errors(*_GUARDED, 404))
     @app.post("/v1/responses/{response_id}/cancel", responses=errors(*_GUARDED, 404))
@@ -686,25 +680,20 @@ def _chat_tools(frontend: Frontend, body: ChatBody) -> Tools | None:
 
 
 def _responses_tools(frontend: Frontend, body: ResponsesBody) -> Tools | None:
-    """A Responses request's function tools, as chat's; without tools, its choice may say only what asks nothing
-    ("auto", "none": the SDK's defaults). Errors name the Responses fields (``tools.0.name``, not chat's
-    ``tools.0.function.name``)."""
+    """A Responses request's function tools; without tools, its choice may say only what asks nothing ("auto",
+    "none": the SDK's defaults)."""
     if not body.tools:
         if body.tool_choice not in (None, "auto", "none"):
             raise FieldError("tool_choice", "tool_choice is only allowed when tools are given")
         return None
-    try:
-        tools, choice = responses_api.chat_tools(body.tools, body.tool_choice)
-        return _tools(frontend, tools, choice, body.parallel_tool_calls)
-    except FieldError as exc:
-        raise FieldError(exc.field.replace(".function", ""), str(exc).replace(".function", "")) from None
+    return _tools(frontend, body.tools, body.tool_choice, body.parallel_tool_calls, flat=True)
 
 
-def _tools(frontend: Frontend, tools, tool_choice, parallel) -> Tools | None:
-    """Tools in chat's form, with the model's tool-call syntax; FieldError naming ``tools`` when its chat template
-    cannot render them."""
+def _tools(frontend: Frontend, tools, tool_choice, parallel, flat: bool = False) -> Tools | None:
+    """The request's tools (``flat``: in the Responses API's shape), with the model's tool-call syntax; FieldError
+    naming ``tools`` when its chat template cannot render them."""
     syntax = tool_call_format(frontend.tokenizer.chat_template_source)
-    found = Tools.from_request(tools, tool_choice, parallel, syntax)
+    found = Tools.from_request(tools, tool_choice, parallel, syntax, flat)
     if found is not None and not frontend.tokenizer.supports_tools:
         raise FieldError("tools", "this model's chat template does not render tools, so the model cannot call them")
     return found
@@ -1424,22 +1413,18 @@ class _Guard:
         tracing.annotate(request_id=request_id)
         answer = _Answer(send, request_id)
         try:
-            await (refusal or self._guarded)(scope, receive, answer)
+            if refusal is not None:
+                await refusal(scope, receive, answer)
+            else:
+                await self._guarded(scope, receive, answer, headers)
         finally:
             if self.access_log:
-                client = scope.get("client") or ("-", 0)
-                ACCESS_LOG.info(
-                    '%s:%s "%s %s" %s %.1f ms request_id=%s',
-                    *client[:2],
-                    scope["method"],
-                    scope["path"],
-                    answer.status or "-",  # -: the client left before any answer
-                    (time.monotonic() - started) * 1000,
-                    request_id,
-                )
+                host, port = (scope.get("client") or ("-", 0))[:2]
+                request = f"{scope['method']} {scope['path']}"
+                log_access(f"{host}:{port}", request, answer.status or "-", started, request_id)  # -: client gone
 
-    async def _guarded(self, scope, receive, send: _Answer) -> None:
-        path, headers = scope["path"], Headers(scope=scope)
+    async def _guarded(self, scope, receive, send: _Answer, headers: Headers) -> None:
+        path = scope["path"]
         # The operator API and the dashboard answer to the admin token instead (router/admin.py).
         if self.api_keys and path not in self.open_paths and not path.startswith(ADMIN_PREFIXES):
             supplied = headers.get("authorization", "").removeprefix("Bearer ").strip()

@@ -15,6 +15,7 @@ import json
 import secrets
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 from typing import Any
 
 from contract.sampling import FieldError
@@ -120,25 +121,6 @@ def check_metadata(metadata: dict[str, str]) -> dict[str, str]:
     return metadata
 
 
-def chat_tools(tools: list[Any] | None, tool_choice: Any) -> tuple[list[dict] | None, Any]:
-    """Responses' function tools and tool_choice as chat's (``{"type": "function", "name": ...}`` at the top level
-    where chat nests them in ``function``); FieldError naming the tool or choice that is not a function's."""
-    converted = []
-    for index, tool in enumerate(tools or ()):
-        where = f"tools.{index}"
-        if not isinstance(tool, dict) or tool.get("type") != "function":
-            kind = tool.get("type") if isinstance(tool, dict) else type(tool).__name__
-            raise FieldError(f"{where}.type", f"{where} is a {kind!r} tool; only function tools are supported")
-        converted.append({"type": "function", "function": {k: v for k, v in tool.items() if k != "type"}})
-    if isinstance(tool_choice, dict):
-        if tool_choice.get("type") != "function" or set(tool_choice) != {"type", "name"}:
-            raise FieldError(
-                "tool_choice", 'tool_choice must be "auto", "none", "required" or {"type": "function", "name": ...}'
-            )
-        tool_choice = {"type": "function", "function": {"name": tool_choice["name"]}}
-    return converted or None, tool_choice
-
-
 class ResponseShape:
     """One response's answer: its fixed fields (the request's settings, echoed as OpenAI echoes them), then its
     status, output items and usage as the generation ends."""
@@ -171,6 +153,16 @@ class ResponseShape:
             **self.settings,
         }
 
+    def finished(self, generated: Generated, prompt_tokens: int, tools: Tools | None) -> dict:
+        """The response once its generation ended: its status, output items (with tools, the calls read out of the
+        text) and usage."""
+        text, calls = generated.text, []
+        if tools is not None and tools.parses:
+            content, calls = tools.parse(text)
+            text = content or ""
+        status = generated.status
+        return self.response(status, self.output(status, text, calls), generated.usage(prompt_tokens))
+
     def output(self, status: str, text: str, calls: list[ToolCall] = ()) -> list[dict]:
         """The output items: the message (unless the model only called functions), then one item per call."""
         items = [self.message(_item_status(status), text)] if text or not calls else []
@@ -202,27 +194,39 @@ def _output_text(text: str) -> dict:
     return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
 
 
-def status_of(finish_reason: str | None) -> str:
-    """A response's status from its one choice's finish: cut at its token limit, it is incomplete."""
-    return "incomplete" if finish_reason == "length" else "completed"
+@dataclass
+class Generated:
+    """What a response's generation has given so far."""
 
+    texts: list[str] = field(default_factory=list)
+    output_tokens: int = 0
+    cached_tokens: int = 0
+    finish_reason: str | None = None
 
-def usage(prompt_tokens: int, output_tokens: int, cached_tokens: int) -> dict:
-    return {
-        "input_tokens": prompt_tokens,
-        "input_tokens_details": {"cached_tokens": cached_tokens},
-        "output_tokens": output_tokens,
-        "output_tokens_details": {"reasoning_tokens": 0},
-        "total_tokens": prompt_tokens + output_tokens,
-    }
+    def add(self, delta: Delta) -> None:
+        self.texts.append(delta.text)
+        self.output_tokens += len(delta.token_ids)
+        if delta.usage is not None:
+            self.cached_tokens = max(self.cached_tokens, delta.usage.cached_tokens)
+        self.finish_reason = delta.finish_reason or self.finish_reason
 
+    @property
+    def text(self) -> str:
+        return "".join(self.texts)
 
-def split(text: str, tools: Tools | None) -> tuple[str, list[ToolCall]]:
-    """(message text, function calls) of a finished output: calls are read out of it when the request has tools."""
-    if tools is None or not tools.parses:
-        return text, []
-    content, calls = tools.parse(text)
-    return content or "", calls
+    @property
+    def status(self) -> str:
+        """Cut at its token limit, a response is incomplete."""
+        return "incomplete" if self.finish_reason == "length" else "completed"
+
+    def usage(self, prompt_tokens: int) -> dict:
+        return {
+            "input_tokens": prompt_tokens,
+            "input_tokens_details": {"cached_tokens": self.cached_tokens},
+            "output_tokens": self.output_tokens,
+            "output_tokens_details": {"reasoning_tokens": 0},
+            "total_tokens": prompt_tokens + self.output_tokens,
+        }
 
 
 async def events(
@@ -248,30 +252,24 @@ async def events(
     if not held:
         yield event("response.output_item.added", output_index=0, item=shape.message("in_progress", None))
         yield event("response.content_part.added", **where, part=_output_text(""))
-    texts, output_tokens, cached, finish = [], 0, 0, None
+    generated = Generated()
     try:
         async for delta in deltas:
-            output_tokens += len(delta.token_ids)
-            if delta.usage is not None:
-                cached = max(cached, delta.usage.cached_tokens)
-            finish = delta.finish_reason or finish
-            if delta.text:
-                texts.append(delta.text)
-                if not held:
-                    yield event("response.output_text.delta", **where, delta=delta.text, logprobs=[])
+            generated.add(delta)
+            if delta.text and not held:
+                yield event("response.output_text.delta", **where, delta=delta.text, logprobs=[])
     except (GenerationError, TimeoutError) as exc:
         failure = exc if isinstance(exc, GenerationError) else GenerationError("request timed out", 504, "timeout")
         error = error_body(failure)["error"]
         yield event("error", code=error["code"], message=error["message"], param=error["param"])
         failed = {"code": "server_error", "message": error["message"]}
-        output = shape.output("failed", "".join(texts)) if not held else []
+        output = shape.output("failed", generated.text) if not held else []
         yield event("response.failed", response=shape.response("failed", output, error=failed))
         return
-    status = status_of(finish)
-    text, calls = split("".join(texts), tools)
-    output = shape.output(status, text, calls)
-    for index, item in enumerate(output):
+    final = shape.finished(generated, prompt_tokens, tools)
+    for index, item in enumerate(final["output"]):
         if item["type"] == "message":
+            text = item["content"][0]["text"]
             if held:
                 yield event("response.output_item.added", output_index=index, item=shape.message("in_progress", None))
                 yield event("response.content_part.added", **where, part=_output_text(""))
@@ -288,6 +286,4 @@ async def events(
             yield event("response.function_call_arguments.delta", **call, delta=item["arguments"])
             yield event("response.function_call_arguments.done", **call, arguments=item["arguments"])
         yield event("response.output_item.done", output_index=index, item=item)
-    yield event(
-        f"response.{status}", response=shape.response(status, output, usage(prompt_tokens, output_tokens, cached))
-    )
+    yield event(f"response.{final['status']}", response=final)

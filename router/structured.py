@@ -30,7 +30,7 @@ def grammar_from_fields(body: Any) -> Grammar | None:
     found: list[tuple[str, Grammar]] = []
     response_format = getattr(body, "response_format", None)
     if response_format is not None:
-        grammar = _response_format(response_format)
+        grammar = _format_grammar(response_format, "response_format", flat=False)
         if grammar is not None:
             found.append(("response_format", grammar))
     if getattr(body, "guided_json", None) is not None:
@@ -50,32 +50,38 @@ def grammar_from_fields(body: Any) -> Grammar | None:
     return found[0][1] if found else None
 
 
-def _response_format(value: Any) -> Grammar | None:
-    field = "response_format"
+_SCHEMA_FORMAT_KEYS = {"name", "description", "schema", "strict"}
+# A json_schema format as chat (False) and the Responses API (True, flat) write it.
+_SCHEMA_FORMAT = {
+    False: '{"type": "json_schema", "json_schema": {"name": ..., "schema": {...}}}',
+    True: '{"type": "json_schema", "name": ..., "schema": {...}}',
+}
+
+
+def _format_grammar(value: Any, field: str, flat: bool) -> Grammar | None:
+    """The grammar an OpenAI output format asks for: None for text, a JSON object's, or a json_schema format's
+    schema, which chat nests in ``json_schema`` and the Responses API keeps beside ``type`` (``flat``); FieldError
+    naming ``field`` for any other shape."""
     kind = value.get("type") if isinstance(value, dict) else None
-    if kind == "text" and set(value) == {"type"}:
-        return None
-    if kind == "json_object" and set(value) == {"type"}:
-        return specs.json_schema({"type": "object"}, field)
-    if kind == "json_schema" and set(value) == {"type", "json_schema"} and isinstance(value["json_schema"], dict):
+    if kind in ("text", "json_object") and set(value) == {"type"}:
+        return None if kind == "text" else specs.json_schema({"type": "object"}, field)
+    described = None
+    if kind == "json_schema" and flat:
+        described = {k: v for k, v in value.items() if k != "type"}
+    elif kind == "json_schema" and set(value) == {"type", "json_schema"} and isinstance(value["json_schema"], dict):
         described = value["json_schema"]
-        unknown = set(described) - {"name", "description", "schema", "strict"}
-        if unknown or "schema" not in described:
-            raise FieldError(
-                field, "response_format.json_schema needs a schema (and may have name, description, strict)"
-            )
-        return specs.json_schema(described["schema"], field)
-    raise FieldError(
-        field,
-        'response_format must be {"type": "text"}, {"type": "json_object"} or '
-        '{"type": "json_schema", "json_schema": {"name": ..., "schema": {...}}}',
-    )
+        if set(described) - _SCHEMA_FORMAT_KEYS or "schema" not in described:
+            raise FieldError(field, f"{field}.json_schema needs a schema (and may have name, description, strict)")
+    if described is None or set(described) - _SCHEMA_FORMAT_KEYS or "schema" not in described:
+        raise FieldError(
+            field, f'{field} must be {{"type": "text"}}, {{"type": "json_object"}} or {_SCHEMA_FORMAT[flat]}'
+        )
+    return specs.json_schema(described["schema"], field)
 
 
 def text_format(text: Any) -> Grammar | None:
     """The grammar a Responses request's ``text`` asks for (its ``format``: text, json_object, or json_schema with
-    the schema beside its name, where chat nests it in ``json_schema``); FieldError naming ``text.format``."""
-    field = "text.format"
+    the schema beside its name); FieldError naming ``text.format``."""
     if text is None:
         return None
     unknown = sorted(set(text) - {"format", "verbosity"})
@@ -83,23 +89,7 @@ def text_format(text: Any) -> Grammar | None:
         raise FieldError(f"text.{unknown[0]}", f"text.{unknown[0]} is not supported")
     if text.get("verbosity") not in (None, "medium"):
         raise FieldError("text.verbosity", "text.verbosity is not supported (the served model has one verbosity)")
-    value = text.get("format")
-    kind = value.get("type") if isinstance(value, dict) else None
-    if value is None or (kind == "text" and set(value) == {"type"}):
-        return None
-    if kind == "json_object" and set(value) == {"type"}:
-        return specs.json_schema({"type": "object"}, field)
-    if (
-        kind == "json_schema"
-        and "schema" in value
-        and set(value) <= {"type", "name", "description", "schema", "strict"}
-    ):
-        return specs.json_schema(value["schema"], field)
-    raise FieldError(
-        field,
-        'text.format must be {"type": "text"}, {"type": "json_object"} or '
-        '{"type": "json_schema", "name": ..., "schema": {...}}',
-    )
+    return None if text.get("format") is None else _format_grammar(text["format"], "text.format", flat=True)
 
 
 def _structured_outputs(value: Any) -> Grammar | None:
@@ -160,13 +150,15 @@ class Tools:
     syntax: str
 
     @classmethod
-    def from_request(cls, tools: Any, tool_choice: Any, parallel: Any, syntax: str) -> Tools | None:
-        """None when there is nothing to do (no tools); FieldError names a malformed field."""
-        definitions = tuple(_tool_definition(t, i) for i, t in enumerate(tools or ()))
+    def from_request(cls, tools: Any, tool_choice: Any, parallel: Any, syntax: str, flat: bool = False) -> Tools | None:
+        """None when there is nothing to do (no tools); FieldError names a malformed field. ``flat``: the Responses
+        API's shape, a function's fields beside its ``type`` (chat nests them in ``function``), its choice too; the
+        definitions are kept in chat's shape, which chat templates read."""
+        definitions = tuple(_tool_definition(t, i, flat) for i, t in enumerate(tools or ()))
         names = [d["function"]["name"] for d in definitions]
         if len(set(names)) != len(names):
             raise FieldError("tools", "tools must have distinct function names")
-        choice = _tool_choice(tool_choice, names)
+        choice = _tool_choice(tool_choice, names, flat)
         if parallel is not None and not isinstance(parallel, bool):
             raise FieldError("parallel_tool_calls", "parallel_tool_calls must be a boolean")
         if not definitions:
@@ -212,37 +204,42 @@ class Tools:
         return content.strip() or None, calls
 
 
-def _tool_definition(tool: Any, index: int) -> dict:
+def _tool_definition(tool: Any, index: int, flat: bool) -> dict:
     where = f"tools.{index}"
-    function = tool.get("function") if isinstance(tool, dict) else None
-    if not isinstance(tool, dict) or tool.get("type") != "function" or not isinstance(function, dict):
-        raise FieldError(where, f'{where} must be {{"type": "function", "function": {{"name": ..., ...}}}}')
-    if set(tool) != {"type", "function"}:
-        raise FieldError(where, f"{where} has unknown keys: {sorted(set(tool) - {'type', 'function'})}")
+    if flat:
+        if not isinstance(tool, dict) or tool.get("type") != "function":
+            kind = tool.get("type") if isinstance(tool, dict) else type(tool).__name__
+            raise FieldError(f"{where}.type", f"{where} is a {kind!r} tool; only function tools are supported")
+        function, at = {k: v for k, v in tool.items() if k != "type"}, where
+    else:
+        function, at = tool.get("function") if isinstance(tool, dict) else None, f"{where}.function"
+        if not isinstance(tool, dict) or tool.get("type") != "function" or not isinstance(function, dict):
+            raise FieldError(where, f'{where} must be {{"type": "function", "function": {{"name": ..., ...}}}}')
+        if set(tool) != {"type", "function"}:
+            raise FieldError(where, f"{where} has unknown keys: {sorted(set(tool) - {'type', 'function'})}")
     name = function.get("name")
     if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_.\-]{1,64}", name):
-        raise FieldError(f"{where}.function.name", "a function name is 1-64 letters, digits, _ . or -")
+        raise FieldError(f"{at}.name", "a function name is 1-64 letters, digits, _ . or -")
     unknown = set(function) - {"name", "description", "parameters", "strict"}
     if unknown:
-        raise FieldError(f"{where}.function", f"{where}.function has unknown keys: {sorted(unknown)}")
+        raise FieldError(at, f"{at} has unknown keys: {sorted(unknown)}")
     parameters = function.get("parameters", {"type": "object"})
-    specs.json_schema(parameters, f"{where}.function.parameters")  # a schema the grammar engine compiles
+    specs.json_schema(parameters, f"{at}.parameters")  # a schema the grammar engine compiles
     return {"type": "function", "function": {**function, "parameters": parameters}}
 
 
-def _tool_choice(value: Any, names: list[str]) -> str:
+def _tool_choice(value: Any, names: list[str], flat: bool) -> str:
     if value is None:
         return "auto" if names else "none"
     if value in ("auto", "required", "none"):
         if value == "required" and not names:
             raise FieldError("tool_choice", 'tool_choice "required" needs tools')
         return value
-    name = value.get("function", {}).get("name") if isinstance(value, dict) else None
+    named = value if flat else value.get("function", {}) if isinstance(value, dict) else None
+    name = named.get("name") if isinstance(named, dict) else None
     if not isinstance(value, dict) or value.get("type") != "function" or not isinstance(name, str):
-        raise FieldError(
-            "tool_choice",
-            'tool_choice must be "auto", "required", "none" or {"type": "function", "function": {"name"}}',
-        )
+        shape = '{"type": "function", "name": ...}' if flat else '{"type": "function", "function": {"name"}}'
+        raise FieldError("tool_choice", f'tool_choice must be "auto", "required", "none" or {shape}')
     if name not in names:
         raise FieldError("tool_choice", f"tool_choice names {name!r}, which is not among the tools")
     return name
