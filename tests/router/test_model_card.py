@@ -168,8 +168,12 @@ def test_router_told_another_model_refuses_with_the_reason(setup, make_router):
     status = httpx.get(f"{router.http}/admin/status").json()
     assert all(w["incompatible"] for w in status["router_view"])
     assert "incompatible workers (not routed to):" in format_status(status)
-    snapshot = httpx.get(f"{router.http}/dashboard/api/snapshot").json()
-    assert all("weights" in w["incompatible"] for w in snapshot["workers"])
+
+    def dashboard_says() -> bool:  # its snapshot may be up to one interval old: taken before the card checks
+        workers = httpx.get(f"{router.http}/dashboard/api/snapshot").json()["workers"]
+        return bool(workers) and all("weights" in (w["incompatible"] or "") for w in workers)
+
+    wait_for(dashboard_says, 5, "the dashboard to show the incompatible workers")
 
 
 def test_mismatched_decode_worker_gets_no_traffic(setup, make_router):
