@@ -19,6 +19,8 @@ from protos import common_pb2
 
 MAX_TOP_LOGPROBS = 20
 MAX_STOP_STRINGS = 16
+MAX_BAD_WORDS = 64
+MAX_BAD_WORD_CHARS = 1000  # each is tokenized where the request is added, on the engine's thread
 MAX_TEMPERATURE = 2.0
 MAX_PENALTY = 2.0  # presence and frequency penalties lie in [-2, 2]; repetition_penalty in (0, 2]
 MAX_LOGIT_BIAS = 100.0  # OpenAI's range: each bias lies in [-100, 100]
@@ -39,6 +41,15 @@ class SamplingParams:
     ``logit_bias`` holds (token id, bias) pairs, sorted by id, each bias as the float32 the wire carries; it is
     added to the logits before sampling. ``min_tokens`` suppresses EOS and ``stop_token_ids`` (and defers stop
     strings) until that many tokens are generated; it must not exceed ``max_tokens``.
+
+    ``allowed_token_ids``: when not empty, only these ids may be sampled (a mask beside logit_bias, so greedy takes the
+    likeliest allowed token and EOS ends the request only if allowed); logprobs stay those of the raw distribution.
+    ``skip_special_tokens=False`` keeps special tokens' text (``<|im_end|>``, ``</s>``) in the output text.
+    ``include_stop_str_in_output``: the text ends with what stopped it, the stop string (nothing after it), or the
+    stop token's or EOS's text (empty for a special token unless kept); ``stop_reason`` names it all the same.
+    ``bad_words``: words never generated, as vLLM bans them: where the tokens generated so far end with all but the
+    last token of a word (spelled as it starts the text or, where that is as many tokens, after a space), that last
+    token may not be sampled (``engine.sampler.bad_word_token_ids``).
 
     ``max_tokens_defaulted``: the client set no limit, so ``max_tokens`` is a default (the context's room, or
     16) that the engine lowers to what its KV pool holds after the prompt, ending there with "length"
@@ -63,6 +74,10 @@ class SamplingParams:
     prompt_logprobs: int | None = None
     grammar: Grammar | None = None
     max_tokens_defaulted: bool = False
+    skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+    allowed_token_ids: tuple[int, ...] = ()
+    bad_words: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -102,8 +117,11 @@ class SamplingParams:
             if not isinstance(self.grammar, Grammar):
                 raise FieldError("grammar", "grammar must be a contract.grammar.Grammar")
             self.grammar.compiled()  # a grammar the engine cannot compile is refused here, by name
-        if not isinstance(self.max_tokens_defaulted, bool):
-            raise FieldError("max_tokens_defaulted", "max_tokens_defaulted must be a boolean")
+        for flag in ("max_tokens_defaulted", "skip_special_tokens", "include_stop_str_in_output"):
+            if not isinstance(getattr(self, flag), bool):
+                raise FieldError(flag, f"{flag} must be a boolean")
+        set_(self, "allowed_token_ids", _token_ids("allowed_token_ids", self.allowed_token_ids, _UINT32))
+        set_(self, "bad_words", _bad_words(self.bad_words))
 
     @property
     def greedy(self) -> bool:
@@ -131,7 +149,12 @@ class SamplingParams:
             logit_bias=dict(self.logit_bias),
             min_tokens=self.min_tokens,
             max_tokens_defaulted=self.max_tokens_defaulted,
+            include_stop_str_in_output=self.include_stop_str_in_output,
+            allowed_token_ids=self.allowed_token_ids,
+            bad_words=self.bad_words,
         )
+        if not self.skip_special_tokens:  # unset means the default, True
+            message.skip_special_tokens = False
         if self.seed is not None:
             message.seed = self.seed
         if self.logprobs is not None:
@@ -146,7 +169,7 @@ class SamplingParams:
     def from_wire(cls, message: common_pb2.SamplingParams, default_max_tokens: int | None = None) -> SamplingParams:
         """proto3 zero values mean "unset" where zero is no valid setting: max_tokens (then
         ``default_max_tokens``, if given, marked ``max_tokens_defaulted``), top_p and repetition_penalty
-        (then off). A zero temperature is greedy; a zero top_k is off."""
+        (then off). A zero temperature is greedy; a zero top_k is off. An unset skip_special_tokens is True."""
         max_tokens = message.max_tokens or default_max_tokens
         defaulted = message.max_tokens_defaulted or not message.max_tokens
         if max_tokens is None:
@@ -170,6 +193,10 @@ class SamplingParams:
             prompt_logprobs=message.prompt_logprobs if message.HasField("prompt_logprobs") else None,
             grammar=Grammar.from_wire(message.grammar) if message.HasField("grammar") else None,
             max_tokens_defaulted=defaulted,
+            skip_special_tokens=message.skip_special_tokens if message.HasField("skip_special_tokens") else True,
+            include_stop_str_in_output=message.include_stop_str_in_output,
+            allowed_token_ids=tuple(message.allowed_token_ids),
+            bad_words=tuple(message.bad_words),
         )
 
 
@@ -180,7 +207,8 @@ FIELDS: tuple[str, ...] = tuple(f.name for f in fields(SamplingParams))
 
 
 def check_token_ids(token_ids: Iterable[int], vocab_size: int, field: str) -> None:
-    """Token ids a model can read: each in [0, vocab_size). For prompts, stop_token_ids and logit_bias's keys."""
+    """Token ids a model can read: each in [0, vocab_size). For prompts, stop_token_ids, logit_bias's keys and
+    allowed_token_ids."""
     _token_ids(field, token_ids, vocab_size)
 
 
@@ -188,6 +216,7 @@ def check_vocabulary(params: SamplingParams, vocab_size: int) -> None:
     """Every token id the record names is one the model has; FieldError names the field otherwise."""
     check_token_ids(params.stop_token_ids, vocab_size, "stop_token_ids")
     check_token_ids((token_id for token_id, _ in params.logit_bias), vocab_size, "logit_bias")
+    check_token_ids(params.allowed_token_ids, vocab_size, "allowed_token_ids")
 
 
 def check_text(value: str, field: str) -> str:
@@ -256,6 +285,23 @@ def _stop_strings(stop: Sequence[str]) -> tuple[str, ...]:
     return stop
 
 
+def _bad_words(words: Sequence[str]) -> tuple[str, ...]:
+    if not isinstance(words, (tuple, list)):  # a bare string would read as its characters
+        raise FieldError("bad_words", "bad_words must be a list of strings")
+    words = tuple(words)
+    if len(words) > MAX_BAD_WORDS or not all(
+        isinstance(w, str) and w.strip() and len(w) <= MAX_BAD_WORD_CHARS for w in words
+    ):
+        raise FieldError(
+            "bad_words",
+            f"bad_words must be at most {MAX_BAD_WORDS} strings, each with a non-space and at most "
+            f"{MAX_BAD_WORD_CHARS} characters",
+        )
+    for word in words:
+        check_text(word, "bad_words")
+    return words
+
+
 def _logit_bias(bias) -> tuple[tuple[int, float], ...]:
     """(token id, bias) pairs from a mapping or pairs: ids in uint32, biases in [-100, 100] as float32."""
     if isinstance(bias, (dict, tuple, list)) and not bias:  # none: nearly every request
@@ -274,7 +320,10 @@ _INT_ONLY = frozenset({int})
 
 
 def _token_ids(name: str, token_ids: Iterable[int], end: int) -> tuple[int, ...]:
-    ids = tuple(token_ids)
+    try:
+        ids = tuple(token_ids)
+    except TypeError:  # not a sequence at all
+        ids = (None,)
     plain = not ids or (set(map(type, ids)) == _INT_ONLY and 0 <= min(ids) and max(ids) < end)  # at C speed
     if not plain and not all(not isinstance(t, bool) and isinstance(t, int) and 0 <= t < end for t in ids):
         raise FieldError(name, f"{name} must hold token ids in [0, {end})")

@@ -24,7 +24,7 @@ from engine.kv_cache import KVLayout, PagedKVCache
 from engine.model_runner import LayerHook, ModelRunner, StepResult
 from engine.output import OutputProcessor, RequestOutput
 from engine.request import Request, RequestState
-from engine.sampler import Sampler, SamplingState, TokenLogprobs
+from engine.sampler import Sampler, SamplingState, TokenLogprobs, bad_word_token_ids, held_back_by_min_tokens
 from engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from engine.weights import load_model
 
@@ -181,12 +181,19 @@ class Engine:
 
     def check_remote_token(self, request_id: str, token_id: int, logprobs: TokenLogprobs | None) -> None:
         """Raises InvalidRequestError unless a peer's first token for ``request_id`` is one this model can
-        read (an id in the vocabulary) and its logprobs are what the request asked for: present exactly when
-        it asked, about that token, at most the asked-for alternatives, ids in the vocabulary, finite values
-        <= 0. Changes nothing. (An id outside the vocabulary would fail the next step's embedding lookup.)"""
-        params = self.requests[request_id].params
+        read (an id in the vocabulary) and the request allows (``allowed_token_ids``, ``min_tokens``, a one-token
+        bad word), and its logprobs are what
+        the request asked for: present exactly when it asked, about that token, at most the asked-for
+        alternatives, ids in the vocabulary, finite values <= 0. Changes nothing. (An id outside the vocabulary
+        would fail the next step's embedding lookup.)"""
+        request = self.requests[request_id]
+        params = request.params
         vocab = self.model_config.vocab_size
         _check_token_ids([token_id], vocab, "first_token_id")
+        if params.allowed_token_ids and token_id not in params.allowed_token_ids:
+            raise InvalidRequestError(f"first_token_id {token_id} is not one of the request's allowed_token_ids")
+        if token_id in request.sampling.suppressed_token_ids:
+            raise InvalidRequestError(f"first_token_id {token_id} may not be sampled first (min_tokens, bad_words)")
         if (logprobs is None) != (params.logprobs is None):
             asked = "asked for" if params.logprobs is not None else "did not ask for"
             raise InvalidRequestError(f"first_logprob: the request {asked} logprobs")
@@ -215,7 +222,10 @@ class Engine:
         self._validate(request_id, prompt, params, resumed)
         params = self._fitted(prompt, params, resumed)
         grammar = self.grammars.matcher(params.grammar, prompt) if params.grammar is not None else None
-        sampling = SamplingState(params, prompt, self.outputs.eos_token_ids, grammar=grammar)
+        bad_words = bad_word_token_ids(self._word_ids, params.bad_words) if params.bad_words else ()
+        if params.allowed_token_ids and {w[0] for w in bad_words if len(w) == 1}.issuperset(params.allowed_token_ids):
+            raise InvalidRequestError("bad_words ban every one of allowed_token_ids: nothing could be generated")
+        sampling = SamplingState(params, prompt, self.outputs.eos_token_ids, grammar, bad_words)
         request = Request(request_id, prompt, params, sampling, self.config.block_size)
         self.outputs.start(request)
         try:
@@ -226,6 +236,9 @@ class Engine:
         if register:
             self.requests[request_id] = request
         return request
+
+    def _word_ids(self, word: str) -> list[int]:
+        return self.tokenizer.encode(word, add_special_tokens=False)
 
     def _validate(self, request_id: str, prompt: list[int], params: SamplingParams, resumed: list[int]) -> None:
         if request_id in self.requests:
@@ -238,6 +251,12 @@ class Engine:
             check_vocabulary(params, self.model_config.vocab_size)
         except FieldError as exc:
             raise InvalidRequestError(str(exc)) from exc
+        held = held_back_by_min_tokens(params, self.outputs.eos_token_ids)
+        if params.allowed_token_ids and held.issuperset(params.allowed_token_ids):
+            raise InvalidRequestError(
+                "allowed_token_ids holds only EOS and stop_token_ids, which min_tokens keeps from being sampled: "
+                "nothing could be generated"
+            )
 
     @property
     def _usable_blocks(self) -> int:

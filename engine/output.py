@@ -31,13 +31,19 @@ class RequestOutput:
 
 
 class TextStream:
-    """Detokenizes one request's tokens and finds stop strings, which are never emitted.
+    """Detokenizes one request's tokens and finds stop strings; the text ends before the stop string found, or
+    with it (``include_stop``), and never goes on past it.
 
-    Text that could still be the start of a stop string is held back until it cannot be."""
+    Text that could still be the start of a stop string is held back until it cannot be. (Held back with
+    ``include_stop`` too: a short stop string found once min_tokens lets the search start may end inside text
+    already searched, and the cut must not fall before text already emitted.)"""
 
-    def __init__(self, tokenizer: Tokenizer, stop: tuple[str, ...]) -> None:
-        self._detokenizer = IncrementalDetokenizer(tokenizer)
+    def __init__(
+        self, tokenizer: Tokenizer, stop: tuple[str, ...], skip_special_tokens: bool = True, include_stop: bool = False
+    ) -> None:
+        self._detokenizer = IncrementalDetokenizer(tokenizer, skip_special_tokens)
         self._stop = stop
+        self._include_stop = include_stop
         self._hold = max((len(s) for s in stop), default=1) - 1
         self._text = ""
         self._emitted = 0
@@ -65,8 +71,9 @@ class TextStream:
         self._text += piece
         found = _first_stop(self._text, self._stop, search_from) if find_stops else None
         if found is not None:
-            self._text = self._text[: found[0]]
-            self.stopped, self.matched = True, found[1]
+            where, matched = found
+            self._text = self._text[: where + len(matched) if self._include_stop else where]
+            self.stopped, self.matched = True, matched
         return self.stopped
 
 
@@ -87,7 +94,10 @@ class OutputProcessor:
         self._new_tokens: dict[str, list[int]] = {}
 
     def start(self, request: Request) -> None:
-        self._streams[request.request_id] = TextStream(self.tokenizer, request.params.stop)
+        params = request.params
+        self._streams[request.request_id] = TextStream(
+            self.tokenizer, params.stop, params.skip_special_tokens, params.include_stop_str_in_output
+        )
         self._new_tokens[request.request_id] = []
 
     def resume(self, request: Request, token_ids: list[int]) -> None:
@@ -97,7 +107,11 @@ class OutputProcessor:
         penalties, seed steps, grammar and token counts are where the other worker left them; its text counts
         as emitted, and what that worker held back (an unfinished character, a possible start of a stop
         string) comes out with the next token here. InvalidRequestError if that output had already finished
-        the request (the other worker would have ended it) or breaks its grammar."""
+        the request (the other worker would have ended it), breaks its grammar or holds a token outside its
+        allowed_token_ids."""
+        allowed = request.params.allowed_token_ids
+        if allowed and not set(token_ids) <= set(allowed):
+            raise InvalidRequestError("resume_token_ids hold a token outside allowed_token_ids")
         for token_id in token_ids:
             if self.add_token(request, token_id, None) is not None:
                 raise InvalidRequestError("resume_token_ids already finish the request")
@@ -122,10 +136,12 @@ class OutputProcessor:
         stream = self._streams[request.request_id]
         # Below min_tokens nothing stops the request but its length (the sampler keeps stop ids out).
         may_stop = len(request.output_token_ids) > params.min_tokens
-        if may_stop and token_id in params.stop_token_ids:
-            request.stop_reason = token_id
-            return RequestState.FINISHED_STOPPED
-        if may_stop and not params.ignore_eos and token_id in self.eos_token_ids:
+        eos = not params.ignore_eos and token_id in self.eos_token_ids
+        if may_stop and (eos or token_id in params.stop_token_ids):
+            if params.include_stop_str_in_output:  # its text, as vLLM's; no stop string is looked for in it
+                stream.add_token(token_id, find_stops=False)
+            if token_id in params.stop_token_ids:
+                request.stop_reason = token_id
             return RequestState.FINISHED_STOPPED
         if stream.add_token(token_id, find_stops=len(request.output_token_ids) >= params.min_tokens):
             request.stop_reason = stream.matched

@@ -2,12 +2,16 @@
 
 Pipeline per row (vLLM / OpenAI semantics):
 
-    raw logits ──► logit_bias, min_tokens ──► penalties ──► grammar mask (structured output)
+    raw logits ──► logit_bias, allowed_token_ids, min_tokens ──► penalties ──► grammar mask (structured output)
         │      ──► /temperature ──► top-k ──► top-p ──► min-p ──► sample
         │
         └──► log_softmax ──► logprobs (always of the *raw* distribution, as vLLM's default)
 
-``min_tokens`` sets EOS and ``stop_token_ids`` to -inf while fewer than ``min_tokens`` tokens are generated.
+``allowed_token_ids`` sets every other token to -inf. ``min_tokens`` sets EOS and ``stop_token_ids`` to -inf while
+fewer than ``min_tokens`` tokens are generated; ``bad_words`` sets the last token of a word to -inf where the tokens
+generated so far end with the rest of it. Masks only remove tokens: each row that has one is left with a token
+to sample (``held_back_by_min_tokens`` lets the engine refuse a request whose masks could leave none; a grammar that
+allows none of ``allowed_token_ids`` fails the request rather than sample a forbidden token).
 
 Sampling uses the exponential-race trick: ``argmax(probs / E)`` with ``E ~ Exp(1)`` i.i.d. is an
 exact draw from ``probs``. Each seeded row draws its own noise from its own generator, so its
@@ -19,7 +23,8 @@ Stop tokens, EOS and ``max_tokens`` are the engine's business, not the sampler's
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections import deque
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -39,6 +44,7 @@ class TokenLogprobs:
     token_id: int
     logprob: float  # log-prob of the sampled token under log_softmax of the unprocessed logits
     top: tuple[tuple[int, float], ...]  # params.logprobs most likely (token_id, logprob), most likely first
+    rank: int = 0  # a prompt token's: 1 + how many tokens the model found more likely; 0 for a sampled token's
 
 
 @dataclass(frozen=True)
@@ -65,17 +71,21 @@ class SamplingState:
         prompt_token_ids: Sequence[int],
         eos_token_ids: Sequence[int] = (),
         grammar: GrammarMatcher | None = None,
+        bad_words: Sequence[Sequence[int]] = (),
     ):
+        """``bad_words``: the token sequences of ``params.bad_words`` (``bad_word_token_ids``)."""
         self.params = params
         self.num_generated = 0
         self.grammar = grammar  # structured output: masks the logits, advanced by every recorded token
-        # What min_tokens holds back: the stop token ids, and EOS unless it is ignored (vLLM's rule).
-        stops = set(params.stop_token_ids) | (set() if params.ignore_eos else set(eos_token_ids))
-        self._min_tokens_suppressed = tuple(sorted(stops)) if params.min_tokens else ()
+        self._min_tokens_suppressed = tuple(sorted(held_back_by_min_tokens(params, eos_token_ids)))
         # Penalty inputs are kept only for requests that use them.
         self._output_token_ids: list[int] = []
         self._prompt_token_set = _unique_ids(prompt_token_ids) if params.repetition_penalty != 1.0 else None
         self._generators: dict[torch.device, torch.Generator] = {}
+        self._allowed_ids: dict[torch.device, torch.Tensor] = {}
+        self._bad_words = tuple(tuple(word) for word in bad_words if word)
+        # The last tokens generated, as many as the longest bad word could need to end with.
+        self._recent: deque[int] = deque(maxlen=max((len(w) - 1 for w in self._bad_words), default=0))
 
     def record(self, token_id: int) -> None:
         self.num_generated += 1
@@ -83,6 +93,8 @@ class SamplingState:
             self.grammar.accept(token_id)
         if self.params.has_penalties:
             self._output_token_ids.append(int(token_id))
+        if self._recent.maxlen:
+            self._recent.append(int(token_id))
 
     @property
     def output_token_ids(self) -> list[int]:
@@ -91,13 +103,34 @@ class SamplingState:
 
     @property
     def suppressed_token_ids(self) -> tuple[int, ...]:
-        """Token ids that may not be sampled at this step (stop and EOS ids, until min_tokens are generated)."""
-        return self._min_tokens_suppressed if self.num_generated < self.params.min_tokens else ()
+        """Token ids that may not be sampled at this step: stop and EOS ids until min_tokens are generated, and the
+        last token of each bad word whose other tokens the output ends with."""
+        held = self._min_tokens_suppressed if self.num_generated < self.params.min_tokens else ()
+        return held + self.banned_token_ids if self._bad_words else held
+
+    @property
+    def banned_token_ids(self) -> tuple[int, ...]:
+        """The bad words' tokens that may not be sampled at this step."""
+        recent = tuple(self._recent)
+        return tuple(
+            word[-1]
+            for word in self._bad_words
+            if len(word) - 1 <= len(recent) and recent[len(recent) - len(word) + 1 :] == word[:-1]
+        )
 
     @property
     def adjusts_logits(self) -> bool:
-        """Whether logit_bias or min_tokens changes this step's logits."""
-        return bool(self.params.logit_bias) or bool(self.suppressed_token_ids)
+        """Whether logit_bias, allowed_token_ids or min_tokens changes this step's logits."""
+        params = self.params
+        return bool(params.logit_bias) or bool(params.allowed_token_ids) or bool(self.suppressed_token_ids)
+
+    def allowed_ids(self, device: torch.device) -> torch.Tensor:
+        """``params.allowed_token_ids`` as a long tensor on ``device`` (made once per device)."""
+        ids = self._allowed_ids.get(device)
+        if ids is None:
+            ids = torch.tensor(self.params.allowed_token_ids, dtype=torch.long, device=device)
+            self._allowed_ids[device] = ids
+        return ids
 
     @property
     def prompt_token_set(self) -> torch.Tensor | None:
@@ -146,13 +179,17 @@ class Sampler:
     def prompt_logprobs(self, logits: torch.Tensor, targets: Sequence[int], num_top: int) -> list[TokenLogprobs]:
         """Logprobs of prompt tokens: row j of ``logits`` [R, V] is the model's prediction of ``targets[j]``.
 
-        Each entry holds the target's logprob and the ``num_top`` most likely tokens, of the raw distribution."""
+        Each entry holds the target's logprob and rank and the ``num_top`` most likely tokens, of the raw
+        distribution."""
         logprobs = logits[:, : self.vocab_size].float().log_softmax(dim=-1)
-        chosen = logprobs.gather(1, torch.tensor(targets, device=logits.device)[:, None]).squeeze(1).tolist()
+        chosen = logprobs.gather(1, torch.tensor(targets, device=logits.device)[:, None])
+        ranks = ((logprobs > chosen).sum(dim=-1) + 1).tolist()
         top_values, top_ids = logprobs.topk(num_top, dim=-1) if num_top else (logprobs[:, :0], logprobs[:, :0].long())
         return [
-            TokenLogprobs(token_id=t, logprob=lp, top=tuple(zip(ids, values)))
-            for t, lp, ids, values in zip(targets, chosen, top_ids.tolist(), top_values.tolist())
+            TokenLogprobs(token_id=t, logprob=lp, top=tuple(zip(ids, values)), rank=rank)
+            for t, lp, rank, ids, values in zip(
+                targets, chosen.squeeze(1).tolist(), ranks, top_ids.tolist(), top_values.tolist()
+            )
         ]
 
     def _choose_tokens(self, raw: torch.Tensor, states: Sequence[SamplingState]) -> torch.Tensor:
@@ -210,7 +247,8 @@ def _plain_greedy(state: SamplingState) -> bool:
 
 
 def _apply_bias_and_suppression(raw: torch.Tensor, states: Sequence[SamplingState]) -> torch.Tensor:
-    """``raw`` plus each row's logit_bias, with its suppressed ids at -inf (a new tensor if any row asks)."""
+    """``raw`` plus each row's logit_bias, with the ids outside its allowed_token_ids and its suppressed ids at -inf
+    (a new tensor if any row asks; the other rows are copied unchanged)."""
     rows = [i for i, s in enumerate(states) if s.adjusts_logits]
     if not rows:
         return raw
@@ -220,9 +258,16 @@ def _apply_bias_and_suppression(raw: torch.Tensor, states: Sequence[SamplingStat
         if bias:
             ids = torch.tensor([t for t, _ in bias], dtype=torch.long, device=raw.device)
             out[i].index_add_(0, ids, torch.tensor([b for _, b in bias], dtype=raw.dtype, device=raw.device))
+        if states[i].params.allowed_token_ids:
+            allowed = states[i].allowed_ids(raw.device)
+            kept = out[i, allowed]
+            out[i] = -math.inf
+            out[i, allowed] = kept
         suppressed = states[i].suppressed_token_ids
         if suppressed:
             out[i, torch.tensor(suppressed, dtype=torch.long, device=raw.device)] = -math.inf
+            if states[i].params.allowed_token_ids and out[i, states[i].allowed_ids(raw.device)].isneginf().all():
+                raise ValueError("bad_words or min_tokens hold back every one of allowed_token_ids: nothing to sample")
     return out
 
 
@@ -231,7 +276,11 @@ def _apply_grammar(logits: torch.Tensor, raw: torch.Tensor, states: Sequence[Sam
     rows = [i for i, s in enumerate(states) if s.grammar is not None]
     if not rows:
         return logits
-    allowed = torch.stack([states[i].grammar.allowed() for i in rows]).to(logits.device)
+    masks = [states[i].grammar.allowed() for i in rows]
+    for i, mask in zip(rows, masks):
+        if states[i].params.allowed_token_ids and not mask[states[i].allowed_ids(mask.device)].any():
+            raise ValueError("the grammar allows none of allowed_token_ids here: there is no token to sample")
+    allowed = torch.stack(masks).to(logits.device)
     out = logits.clone() if logits is raw else logits
     row_index = torch.tensor(rows, device=logits.device)
     out[row_index] = out[row_index].masked_fill(~allowed[:, : out.size(1)], -math.inf)
@@ -337,6 +386,27 @@ def _gather_logprobs(
         top = tuple(zip(top_ids[j][:n], top_values[j][:n]))
         result[i] = TokenLogprobs(token_id=token_ids[i], logprob=chosen[j], top=top)
     return result
+
+
+def bad_word_token_ids(encode: Callable[[str], list[int]], words: Sequence[str]) -> tuple[tuple[int, ...], ...]:
+    """The token sequences that spell ``words`` (``encode``: text to ids, no special tokens), as vLLM finds them:
+    each word spelled as it would start the text, and again after a space where that spelling is as many tokens
+    but starts with another (a BPE's word-initial token, " word"), so that both places are banned."""
+    sequences = []
+    for word in words:
+        alone = tuple(encode(word.lstrip()))
+        sequences.append(alone)
+        spaced = tuple(encode(" " + word.lstrip()))
+        if spaced and alone and spaced[0] != alone[0] and len(spaced) == len(alone):
+            sequences.append(spaced)
+    return tuple(s for s in sequences if s)
+
+
+def held_back_by_min_tokens(params: SamplingParams, eos_token_ids: Sequence[int]) -> frozenset[int]:
+    """The ids min_tokens keeps from being sampled: the stop token ids, and EOS unless it is ignored (vLLM's rule)."""
+    if not params.min_tokens:
+        return frozenset()
+    return frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else frozenset(eos_token_ids))
 
 
 def _column(values: list[float], like: torch.Tensor) -> torch.Tensor:

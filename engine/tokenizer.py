@@ -9,7 +9,7 @@ import codecs
 import json
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -22,6 +22,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as BackendTokenizer
 from tokenizers import decoders, processors
 
+from contract.errors import FieldError
 from engine.errors import InvalidRequestError, ModelLoadError
 
 REPLACEMENT_CHAR = "\ufffd"
@@ -70,17 +71,29 @@ class Tokenizer(ABC):
         """The raw bytes ``token_id`` stands for on its own, which may be part of a UTF-8 character (where
         ``decode([token_id])`` shows U+FFFD); a special token's text, or nothing when skipped."""
 
-    @abstractmethod
     def apply_chat_template(
-        self, messages: list[dict], add_generation_prompt: bool = True, tools: list[dict] | None = None
+        self,
+        messages: list[dict],
+        add_generation_prompt: bool = True,
+        tools: list[dict] | None = None,
+        continue_final_message: bool = False,
+        template_kwargs: Mapping[str, Any] | None = None,
     ) -> str:
         """Render a conversation (``[{"role": ..., "content": ...}, ...]``) as prompt text.
 
         Many templates already emit ``bos_token``: encode their output with ``add_special_tokens=False``
         unless the model needs encode's BOS too. ``tools`` (OpenAI tool definitions) reach the template as
-        transformers passes them; see ``supports_tools``. Raises InvalidRequestError when the template rejects
-        the conversation.
+        transformers passes them; see ``supports_tools``. ``continue_final_message`` and ``template_kwargs``:
+        see ``ChatTemplate.render``. Raises InvalidRequestError when the template rejects the conversation,
+        FieldError for a bad ``continue_final_message`` or ``template_kwargs``.
         """
+        return self._chat_template.render(
+            messages, add_generation_prompt, self._template_tokens(), tools, continue_final_message, template_kwargs
+        )
+
+    @abstractmethod
+    def _template_tokens(self) -> dict[str, str]:
+        """The named special tokens' text a chat template reads (``bos_token``, ``eos_token``, ...)."""
 
     @abstractmethod
     def is_special(self, token_id: int) -> bool:
@@ -118,8 +131,12 @@ class ChatTemplate:
         environment = _sandbox()
         self._template = environment.from_string(source)
         parsed = environment.parse(source)
-        self.reads_tools = "tools" in jinja2.meta.find_undeclared_variables(parsed)
+        read = jinja2.meta.find_undeclared_variables(parsed)
+        self.reads_tools = "tools" in read
         self.reads_tool_calls = _reads_key(parsed, "tool_calls")
+        # What a request's chat_template_kwargs may set: the variables the template reads that nobody else sets.
+        self._reserved = _SET_BY_RENDER | set(environment.globals)
+        self.extra_variables = frozenset(read - self._reserved)
 
     def render(
         self,
@@ -127,14 +144,73 @@ class ChatTemplate:
         add_generation_prompt: bool,
         special_tokens: dict[str, str],
         tools: list[dict] | None = None,
+        continue_final_message: bool = False,
+        template_kwargs: Mapping[str, Any] | None = None,
     ) -> str:
-        """Prompt text; ``special_tokens`` maps names like ``bos_token`` to their text."""
+        """Prompt text; ``special_tokens`` maps names like ``bos_token`` to their text.
+
+        ``template_kwargs`` sets variables the template reads beyond what render sets (``extra_variables``,
+        e.g. a Qwen3 template's ``enable_thinking``); any other name is a FieldError naming chat_template_kwargs.
+        ``continue_final_message`` renders the conversation up to the final (assistant) message's content and
+        leaves that message open for the model to continue, cut where transformers cuts it."""
+        kwargs = dict(template_kwargs or {})
+        for name in kwargs:
+            if name not in self.extra_variables:
+                raise FieldError("chat_template_kwargs", self._not_settable(name))
+        said = _continued(messages, add_generation_prompt) if continue_final_message else messages
         try:
-            return self._template.render(
-                messages=messages, add_generation_prompt=add_generation_prompt, tools=tools, **special_tokens
+            text = self._template.render(
+                messages=said,
+                add_generation_prompt=add_generation_prompt,
+                tools=tools,
+                **special_tokens,
+                **kwargs,
             )
         except Exception as exc:  # the template is the model's code: any failure means it rejects these messages
             raise InvalidRequestError(f"chat template cannot render these messages: {exc}") from exc
+        return _cut_at_tag(text, messages[-1]["content"]) if continue_final_message else text
+
+    def _not_settable(self, name: str) -> str:
+        if name in self._reserved:
+            return f"chat_template_kwargs.{name} is set by the server" + (
+                " (send add_generation_prompt)" if name == "add_generation_prompt" else ""
+            )
+        readable = ", ".join(sorted(self.extra_variables)) or "none"
+        return f"the model's chat template does not read {name!r} (chat_template_kwargs it reads: {readable})"
+
+
+# Variables ChatTemplate.render sets itself (and with the environment's globals, no request overrides them), and
+# ``documents``, which transformers passes alone (a field the chat API refuses).
+_SET_BY_RENDER = frozenset({"messages", "add_generation_prompt", "tools", "documents", *_NAMED_SPECIAL_TOKENS})
+
+
+def _continued(messages: list[dict], add_generation_prompt: bool) -> list[dict]:
+    """The conversation with ``_CONTINUE_TAG`` after the final (assistant) message's content, which
+    continue_final_message continues; FieldError if it cannot be."""
+    if add_generation_prompt:
+        raise FieldError(
+            "continue_final_message", "continue_final_message and add_generation_prompt cannot both be true"
+        )
+    final = messages[-1] if messages else {}
+    if final.get("role") != "assistant" or final.get("tool_calls") or not isinstance(final.get("content"), str):
+        raise FieldError(
+            "continue_final_message", "continue_final_message needs the last message to be an assistant's text"
+        )
+    return [*messages[:-1], {**final, "content": final["content"] + _CONTINUE_TAG}]
+
+
+# Where the final message's content ends, as transformers marks it: the prompt is cut there (before the tag, or
+# where a template trimmed the tag's space, before the whitespace it trimmed).
+_CONTINUE_TAG = "CONTINUE_FINAL_MESSAGE_TAG "
+
+
+def _cut_at_tag(text: str, content: str) -> str:
+    if content.strip() not in text or _CONTINUE_TAG.strip() not in text:
+        raise FieldError(
+            "continue_final_message", "the model's chat template does not render the final message's content as sent"
+        )
+    where = text.rindex(_CONTINUE_TAG.strip())
+    return text[:where] if text[where : where + len(_CONTINUE_TAG)] == _CONTINUE_TAG else text[:where].rstrip()
 
 
 def _reads_key(parsed: jinja2.nodes.Template, key: str) -> bool:
@@ -199,11 +275,8 @@ class ByteTokenizer(Tokenizer):
             return b"" if skip_special_tokens else self._SPECIAL_TEXT[token_id]
         return self._SINGLE_BYTES[(token_id - self.FIRST_BYTE_ID) % 256]
 
-    def apply_chat_template(
-        self, messages: list[dict], add_generation_prompt: bool = True, tools: list[dict] | None = None
-    ) -> str:
-        special_tokens = {"bos_token": "<s>", "eos_token": "</s>"}
-        return self._chat_template.render(messages, add_generation_prompt, special_tokens, tools)
+    def _template_tokens(self) -> dict[str, str]:
+        return {"bos_token": "<s>", "eos_token": "</s>"}
 
     def is_special(self, token_id: int) -> bool:
         return 0 <= token_id < self.FIRST_BYTE_ID
@@ -286,11 +359,8 @@ class HFTokenizer(Tokenizer):
             return bytes(_BYTE_LEVEL_BYTES[char] for char in piece)
         return text.encode("utf-8")
 
-    def apply_chat_template(
-        self, messages: list[dict], add_generation_prompt: bool = True, tools: list[dict] | None = None
-    ) -> str:
-        special_tokens = {name: text for name, text in self._token_text.items() if text is not None}
-        return self._chat_template.render(messages, add_generation_prompt, special_tokens, tools)
+    def _template_tokens(self) -> dict[str, str]:
+        return {name: text for name, text in self._token_text.items() if text is not None}
 
     def is_special(self, token_id: int) -> bool:
         return token_id in self._special_ids

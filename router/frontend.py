@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
 
+from contract import tracing
 from contract.sampling import FieldError, SamplingParams, check_text, check_token_ids, check_vocabulary
 from engine.errors import InvalidRequestError
 from engine.tokenizer import Tokenizer
@@ -31,6 +34,17 @@ def log_access(client: str, request: str, status: int | str, started: float, req
 
 
 MAX_REQUEST_ID_CHARS = 256  # a client's request id is echoed (gRPC: in every chunk): a longer one is refused
+
+# The id the client knows the request being served by (X-Request-Id, gRPC's request_id); "" where it gave none
+# and knows the router's own. The router's log lines about a request name it (``GenerationRequest.named``).
+_PUBLIC_REQUEST_ID: contextvars.ContextVar[str] = contextvars.ContextVar("splitserve_public_request_id", default="")
+
+
+def serving(request_id: str) -> None:
+    """The request this task serves is known to its client as ``request_id``: its trace span and the router's log
+    lines about it carry that id."""
+    _PUBLIC_REQUEST_ID.set(request_id)
+    tracing.annotate(request_id=request_id or None)
 
 
 def check_request_id(request_id: str, field: str) -> None:
@@ -164,21 +178,27 @@ class Frontend:
                 f"The model `{model}` does not exist. Available: {self.model_name}", 404, "model_not_found", "model"
             )
 
-    def encode_text(self, text: str, field: str = "prompt") -> list[int]:
-        return self.tokenizer.encode(check_text(text, field))
+    def encode_text(self, text: str, field: str = "prompt", add_special_tokens: bool = True) -> list[int]:
+        return self.tokenizer.encode(check_text(text, field), add_special_tokens=add_special_tokens)
 
     def encode_chat(
         self,
         messages: list[dict],
         tools: list[dict] | None = None,
-        add_generation_prompt: bool = True,
+        add_generation_prompt: bool | None = None,
         add_special_tokens: bool = False,
+        continue_final_message: bool = False,
+        template_kwargs: Mapping[str, Any] | None = None,
     ) -> list[int]:
+        """The prompt of a conversation. ``add_generation_prompt`` None: opens the assistant's turn unless
+        ``continue_final_message`` continues the last one (``Tokenizer.apply_chat_template``)."""
         if not messages:  # the template would render only the assistant's header: nothing was asked
             raise _bad("messages must not be empty", "messages")
+        if add_generation_prompt is None:
+            add_generation_prompt = not continue_final_message
         try:
             rendered = self.tokenizer.apply_chat_template(
-                messages, add_generation_prompt=add_generation_prompt, tools=tools
+                messages, add_generation_prompt, tools, continue_final_message, template_kwargs
             )
         except InvalidRequestError as exc:
             raise GenerationError(str(exc), 400, "invalid_request_error", "messages") from exc
@@ -224,7 +244,7 @@ class Frontend:
         check_vocabulary(params, self.vocab_size)
         if params.grammar is not None and params.grammar.accepted_prompt_tokens > len(prompt_ids):
             raise _bad("grammar.accepted_prompt_tokens exceeds the prompt", "grammar")
-        return GenerationRequest(secrets.token_hex(16), tuple(prompt_ids), params.to_wire())
+        return GenerationRequest(secrets.token_hex(16), tuple(prompt_ids), params.to_wire(), _PUBLIC_REQUEST_ID.get())
 
     # -- output -----------------------------------------------------------------------------------
 

@@ -17,7 +17,7 @@ from contract.sampling import FIELDS as SAMPLING_FIELDS
 from contract.sampling import FieldError, SamplingParams
 from protos import generate_pb2, generate_pb2_grpc
 from protos.cluster_auth import add_port, server_options
-from router.frontend import Frontend, check_request_id, log_access
+from router.frontend import Frontend, check_request_id, log_access, serving
 from router.orchestrator import GenerationError
 from router.structured import tool_turns
 
@@ -79,7 +79,7 @@ class GenerateService(generate_pb2_grpc.GenerateServicer):
         try:
             frontend.check_model(request.model)
             check_request_id(request.request_id, "request_id")
-            tracing.annotate(request_id=request.request_id or None)
+            serving(request.request_id)
             prompt = self._prompt(request)
             job = frontend.build(prompt, SamplingParams.from_wire(request.params, DEFAULT_MAX_TOKENS))
             async for delta in frontend.stream(job):

@@ -37,7 +37,6 @@ from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
 
-from contract import tracing
 from contract.grammar import Grammar
 from contract.sampling import FIELDS as SAMPLING_FIELDS
 from contract.sampling import FieldError, SamplingParams, check_text, check_token_ids, logprobs_count, wrap_seed
@@ -45,7 +44,7 @@ from engine.tokenizer import IncrementalDetokenizer, Tokenizer
 from protos import common_pb2
 from router import responses_api
 from router.config import cors_origin_list
-from router.frontend import Frontend, Overloaded, check_request_id, log_access
+from router.frontend import Frontend, Overloaded, check_request_id, log_access, serving
 from router.json_route import JsonBodyRoute
 from router.orchestrator import Delta, GenerationError, GenerationRequest
 from router.structured import CHAT_ROLES, Tools, grammar_from_fields, text_format, tool_call_format, tool_turns
@@ -76,9 +75,16 @@ _SAMPLING_HONOURED = frozenset(
         "stream_options",
         "ignore_eos",
         "return_tokens_as_token_ids",
+        "skip_special_tokens",
+        "include_stop_str_in_output",
+        "allowed_token_ids",
         "user",
         "logit_bias",
         "min_tokens",
+        "truncate_prompt_tokens",
+        "add_special_tokens",
+        "prompt_logprobs",
+        "bad_words",
         # structured output (router/structured.py): one grammar from any one of these
         "response_format",
         "guided_json",
@@ -101,6 +107,9 @@ CHAT_HONOURED = _SAMPLING_HONOURED | {
     "tools",
     "tool_choice",
     "parallel_tool_calls",
+    "add_generation_prompt",
+    "continue_final_message",
+    "chat_template_kwargs",
 }
 MESSAGE_HONOURED = frozenset({"role", "content", "tool_calls", "tool_call_id"})
 STREAM_OPTIONS_HONOURED = frozenset({"include_usage", "continuous_usage_stats"})
@@ -125,15 +134,9 @@ _SAMPLING_REFUSED: dict[str, Refusal] = {
     "structural_tag": _NOT_STRUCTURED,
     "use_beam_search": Refusal(neutral=(None, False)),
     "length_penalty": Refusal(neutral=(None, 1, 1.0)),
-    "include_stop_str_in_output": Refusal(neutral=(None, False)),
-    "skip_special_tokens": Refusal(),
-    "spaces_between_special_tokens": Refusal(),
-    "truncate_prompt_tokens": Refusal(),
-    "prompt_logprobs": Refusal(),
-    "allowed_token_ids": Refusal(),
-    "bad_words": Refusal(neutral=(None, [])),
+    # true, vLLM's default that clients send, is what the tokenizer does with the special tokens' texts it keeps
+    "spaces_between_special_tokens": Refusal("special tokens are decoded as the tokenizer joins them", (None, True)),
     "logits_processors": Refusal(),
-    "add_special_tokens": Refusal(),
     "priority": Refusal(neutral=(None, 0)),
     "request_id": Refusal(),
 }
@@ -157,10 +160,7 @@ CHAT_REFUSED: dict[str, Refusal] = {
     "store": Refusal("completions are not stored", neutral=(None, False)),
     "metadata": Refusal("completions are not stored", neutral=(None, {})),
     "service_tier": Refusal(neutral=(None, "auto", "default")),
-    "add_generation_prompt": Refusal("the assistant's turn is always opened", neutral=(None, True)),
-    "continue_final_message": Refusal(neutral=(None, False)),
     "chat_template": Refusal("the model's own chat template is used"),
-    "chat_template_kwargs": Refusal(neutral=(None, {})),
     "documents": Refusal(),
     "mm_processor_kwargs": Refusal(),
 }
@@ -257,12 +257,33 @@ class _SamplingFields(_Strict):
     return_tokens_as_token_ids: bool = False  # vLLM's extension: logprob tokens as "token_id:N"
     logit_bias: dict[str, float] | None = None  # token id (a JSON key, so a string) -> bias in [-100, 100]
     min_tokens: int = 0  # vLLM's extension: no EOS, stop token or stop string before this many tokens
+    skip_special_tokens: bool = True  # vLLM's: false keeps special tokens' text (EOS's with include_stop_str_in_output)
+    include_stop_str_in_output: bool = False  # vLLM's: the text ends with the stop string (or stop token) that ended it
+    allowed_token_ids: list[int] = Field(default=[], min_length=1)  # vLLM's: only these may be sampled (unset: any)
     response_format: dict[str, Any] | None = None
     guided_json: dict[str, Any] | str | None = None
     guided_regex: str | None = None
     guided_choice: list[str] | None = None
     guided_grammar: str | None = None
     structured_outputs: dict[str, Any] | None = None  # vLLM's: {"json" | "regex" | "choice" | "grammar" | ...: ...}
+    # vLLM's: keep the prompt's last n tokens (-1: as many as the context holds); text echoed is then theirs
+    truncate_prompt_tokens: int | None = None
+    bad_words: list[str] | None = None  # vLLM's: words never generated (contract/sampling.py)
+    prompt_logprobs: int | None = None  # vLLM's: each prompt token's logprob, rank and the n most likely (not streamed)
+    add_special_tokens: bool | None = None  # the tokenizer's BOS/EOS around the prompt (default: completions only)
+
+    def prompt_tokens(self, frontend: Frontend, prompts: list[list[int]]) -> list[list[int]]:
+        """``prompts`` cut to ``truncate_prompt_tokens`` (their tails); FieldError names it when out of range."""
+        keep = self.truncate_prompt_tokens
+        if keep is None:
+            return prompts
+        limit = frontend.max_model_len
+        if keep != -1 and not 1 <= keep <= limit:
+            raise FieldError(
+                "truncate_prompt_tokens", f"truncate_prompt_tokens must be -1 (the context, {limit}) or in [1, {limit}]"
+            )
+        keep = limit if keep == -1 else keep
+        return [p[-keep:] for p in prompts]
 
     def sampling(
         self, max_tokens: int, logprobs: int | None, grammar: Grammar | None = None, defaulted: bool = False
@@ -272,8 +293,11 @@ class _SamplingFields(_Strict):
         ``defaulted``: the client set no max_tokens (the engine may lower ``max_tokens`` to fit its KV pool)."""
         if self.stream_options is not None and not self.stream:
             raise FieldError("stream_options", "stream_options is only allowed when stream is true")
+        if self.prompt_logprobs is not None and self.stream:
+            raise FieldError("prompt_logprobs", "prompt_logprobs are not returned when stream is true")
         same = {name: getattr(self, name) for name in _record_fields(type(self))}
         same.update(stop=self.stop or (), stop_token_ids=tuple(self.stop_token_ids or ()))
+        same.update(bad_words=tuple(self.bad_words or ()))
         same.update(logit_bias=_logit_bias_ids(self.logit_bias or {}), min_tokens=self.min_tokens)
         asked = grammar_from_fields(self)
         if grammar is not None and asked is not None:
@@ -323,7 +347,15 @@ class ChatMessageBody(_refusing("_ChatMessageRefused", _Strict, MESSAGE_REFUSED)
         return self.content or ""
 
 
-class ChatBody(_refusing("_ChatRefused", _SamplingFields, CHAT_REFUSED)):
+class _Rendering(_Strict):
+    """How a conversation becomes the prompt (vLLM's fields; ``Tokenizer.apply_chat_template`` implements them)."""
+
+    add_generation_prompt: bool | None = None  # default: open the assistant's turn unless continuing the last one
+    continue_final_message: bool = False  # the last (assistant) message stays open for the model to continue
+    chat_template_kwargs: dict[str, Any] | None = None  # variables the model's chat template reads
+
+
+class ChatBody(_refusing("_ChatRefused", _SamplingFields, CHAT_REFUSED), _Rendering):
     messages: list[ChatMessageBody] = Field(min_length=1)
     max_tokens: int | None = None
     max_completion_tokens: int | None = None
@@ -337,7 +369,6 @@ class ChatBody(_refusing("_ChatRefused", _SamplingFields, CHAT_REFUSED)):
 
 
 _NOT_STORED = "responses are not stored"
-_CHAT_ONLY = "implemented on /v1/chat/completions"
 RESPONSES_REFUSED: dict[str, Refusal] = {
     "store": Refusal(_NOT_STORED, neutral=(None, False)),
     "previous_response_id": Refusal(_NOT_STORED),
@@ -346,8 +377,6 @@ RESPONSES_REFUSED: dict[str, Refusal] = {
     "prompt": Refusal("prompt templates are stored ones; send input"),
     "max_tool_calls": Refusal("the model makes the calls of one turn; the client runs them"),
     "reasoning": Refusal("the served model does not reason", neutral=(None, {})),
-    "include": Refusal(neutral=(None, [])),
-    "top_logprobs": Refusal(f"logprobs are {_CHAT_ONLY}", neutral=(None, 0)),
     "truncation": Refusal("an input longer than the context is refused, never truncated", neutral=(None, "disabled")),
     "service_tier": Refusal(neutral=(None, "auto", "default")),
     "stream_options": Refusal("events are never obfuscated", neutral=(None, {}, {"include_obfuscation": False})),
@@ -366,6 +395,8 @@ RESPONSES_HONOURED = METADATA | {
     "tools",
     "tool_choice",
     "parallel_tool_calls",
+    "include",
+    "top_logprobs",
 }
 
 
@@ -387,8 +418,25 @@ class ResponsesBody(_refusing("_ResponsesRefused", _Strict, RESPONSES_REFUSED)):
     tools: list[Any] | None = None  # function tools, flat (router/structured.py Tools.from_request)
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
+    include: list[str] | None = None  # only responses_api.LOGPROBS_INCLUDE: the output text's logprobs
+    top_logprobs: int | None = None  # with those logprobs, the most likely tokens at each place (0 to 20)
 
-    def sampling(self, room: int, tool_grammar: Grammar | None) -> SamplingParams:
+    def logprobs(self, tools: Tools | None) -> int | None:
+        """The record's logprobs: None unless ``include`` asks for them (then ``top_logprobs``'s count); FieldError
+        naming what else include asks for, or what cannot be had (logprobs of text that function calls are read
+        out of: ``tools``, when they parse the output)."""
+        wanted = set(self.include or ())
+        for item in sorted(wanted - {responses_api.LOGPROBS_INCLUDE}):
+            raise FieldError("include", f"include {item!r} is not supported: only {responses_api.LOGPROBS_INCLUDE!r}")
+        if responses_api.LOGPROBS_INCLUDE not in wanted:
+            if self.top_logprobs:
+                raise FieldError("top_logprobs", f"top_logprobs needs include [{responses_api.LOGPROBS_INCLUDE!r}]")
+            return None
+        if tools is not None and tools.parses:
+            raise FieldError("include", "logprobs are not returned with function tools: calls are read out of the text")
+        return logprobs_count(self.top_logprobs or 0, "top_logprobs")
+
+    def sampling(self, room: int, tool_grammar: Grammar | None, logprobs: int | None = None) -> SamplingParams:
         """The record; a limit out of range is refused naming max_output_tokens (the record calls it max_tokens).
         ``tool_grammar``: a required or named tool_choice's, which text.format then must not constrain too."""
         limit = room if self.max_output_tokens is None else self.max_output_tokens
@@ -402,6 +450,7 @@ class ResponsesBody(_refusing("_ResponsesRefused", _Strict, RESPONSES_REFUSED)):
                 temperature=self.temperature,
                 top_p=self.top_p,
                 grammar=tool_grammar or asked,
+                logprobs=logprobs,
             )
         except FieldError as exc:
             if exc.field != "max_tokens":
@@ -423,17 +472,18 @@ class ResponsesBody(_refusing("_ResponsesRefused", _Strict, RESPONSES_REFUSED)):
             "tools": self.tools or [],
             "tool_choice": self.tool_choice or ("auto" if self.tools else "none"),
             "parallel_tool_calls": True if self.parallel_tool_calls is None else self.parallel_tool_calls,
+            "top_logprobs": self.top_logprobs,
         }
 
 
-class TokenizeBody(_Strict):
+class TokenizeBody(_Rendering):
     """vLLM's /tokenize: ``prompt`` (special tokens added unless ``add_special_tokens`` is false) or ``messages``
-    (rendered with the chat template; special tokens added only if ``add_special_tokens`` is true)."""
+    (rendered with the chat template as a chat completion's are; special tokens added only if
+    ``add_special_tokens`` is true)."""
 
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessageBody] | None = None
-    add_generation_prompt: bool = True
     add_special_tokens: bool | None = None
 
 
@@ -548,12 +598,17 @@ def create_app(frontend: Frontend, api_keys: tuple[str, ...] = ()) -> FastAPI:
     @generating("/v1/completions")
     async def completions(body: CompletionBody, request: Request):
         frontend.check_model(body.model)
-        prompts = _completion_prompts(frontend, body.prompt)
-        texts = _prompt_texts(frontend, body.prompt, prompts) if body.echo or body.logprobs is not None else None
+        sent = _completion_prompts(frontend, body.prompt, body.add_special_tokens is not False)
+        prompts = body.prompt_tokens(frontend, sent)
+        # Text is echoed as sent, unless truncate_prompt_tokens cut it: then the tokens kept, decoded.
+        as_sent = body.prompt if prompts == sent else prompts
+        texts = _prompt_texts(frontend, as_sent, prompts) if body.echo or body.logprobs is not None else None
         shape = _Completions.of(body, prompts, texts)
         defaulted = "max_tokens" not in body.model_fields_set
         params = body.sampling(shape.worker_max_tokens, shape.worker_logprobs(body.logprobs), defaulted=defaulted)
         if body.echo and body.logprobs is not None:
+            if body.prompt_logprobs not in (None, body.logprobs):
+                raise FieldError("prompt_logprobs", "with echo and logprobs, prompt_logprobs must equal logprobs")
             params = replace(params, prompt_logprobs=body.logprobs)
         frontend.admission.check_fits(len(prompts), shape.best_of, "n" if body.best_of is None else "best_of")
         # Choice i * best_of + j is prompt i's j-th candidate: seeded alike whatever the prompt's place in the list.
@@ -576,11 +631,7 @@ def create_app(frontend: Frontend, api_keys: tuple[str, ...] = ()) -> FastAPI:
             add_special = True if body.add_special_tokens is None else body.add_special_tokens
             tokens = frontend.tokenizer.encode(check_text(body.prompt, "prompt"), add_special_tokens=add_special)
         else:
-            tokens = frontend.encode_chat(
-                _conversation(frontend, body.messages),
-                add_generation_prompt=body.add_generation_prompt,
-                add_special_tokens=bool(body.add_special_tokens),
-            )
+            tokens = _rendered(frontend, body, body.messages)
         return {"tokens": tokens, "count": len(tokens), "max_model_len": frontend.max_model_len}
 
     @app.post("/detokenize", responses=errors(400, *_GUARDED, 404, 503))
@@ -596,9 +647,9 @@ def create_app(frontend: Frontend, api_keys: tuple[str, ...] = ()) -> FastAPI:
     @generating("/v1/chat/completions")
     async def chat(body: ChatBody, request: Request):
         frontend.check_model(body.model)
-        messages = _conversation(frontend, body.messages)
         tools = _chat_tools(frontend, body)
-        prompt = frontend.encode_chat(messages, tools.template_tools if tools else None)
+        rendered = _rendered(frontend, body, body.messages, tools.template_tools if tools else None)
+        (prompt,) = body.prompt_tokens(frontend, [rendered])
         frontend.admission.check_fits(1, body.n, "n")
         if body.top_logprobs is not None and not body.logprobs:
             raise GenerationError(
@@ -624,9 +675,12 @@ def create_app(frontend: Frontend, api_keys: tuple[str, ...] = ()) -> FastAPI:
             raise FieldError("input", f"the turns in input do not add up: {exc}") from None
         tools = _responses_tools(frontend, body)
         prompt = frontend.encode_chat(said, tools.template_tools if tools else None)
-        params = body.sampling(frontend.room(prompt, "input"), tools.grammar() if tools else None)
+        logprobs = body.logprobs(tools)
+        params = body.sampling(frontend.room(prompt, "input"), tools.grammar() if tools else None, logprobs)
         job = frontend.build(prompt, params, "input", "max_output_tokens")
-        shape = responses_api.ResponseShape(frontend.model_name, body.echoed())
+        names = _TokenNames(frontend, False, None)
+        written = (lambda lps: _chat_logprobs(names, lps)["content"]) if logprobs is not None else None
+        shape = responses_api.ResponseShape(frontend.model_name, body.echoed(), written)
         deltas = frontend.stream(job)
         if body.stream:
             # Admission, routing and prefill run before the headers go out: their errors keep their status.
@@ -668,6 +722,21 @@ def _conversation(frontend: Frontend, messages: list[ChatMessageBody]) -> list[d
     return tool_turns(said, frontend.tokenizer.supports_tool_calls)
 
 
+def _rendered(
+    frontend: Frontend, body: _Rendering, messages: list[ChatMessageBody], tools: list[dict] | None = None
+) -> list[int]:
+    """``messages`` rendered and tokenized as ``body``'s fields say (``add_special_tokens``: default false, as
+    chat templates write their own BOS)."""
+    return frontend.encode_chat(
+        _conversation(frontend, messages),
+        tools,
+        body.add_generation_prompt,
+        bool(body.add_special_tokens),
+        body.continue_final_message,
+        body.chat_template_kwargs,
+    )
+
+
 def _chat_tools(frontend: Frontend, body: ChatBody) -> Tools | None:
     """The request's tools, if any; a 400 naming ``tools`` when the model's chat template cannot render them."""
     if not body.tools:
@@ -699,13 +768,13 @@ def _tools(frontend: Frontend, tools, tool_choice, parallel, flat: bool = False)
     return found
 
 
-def _completion_prompts(frontend: Frontend, prompt) -> list[list[int]]:
+def _completion_prompts(frontend: Frontend, prompt, add_special_tokens: bool) -> list[list[int]]:
     if isinstance(prompt, str):
-        return [frontend.encode_text(prompt)]
+        return [frontend.encode_text(prompt, add_special_tokens=add_special_tokens)]
     if prompt and all(isinstance(p, int) for p in prompt):
         return [list(prompt)]
     if prompt and all(isinstance(p, str) for p in prompt):
-        return [frontend.encode_text(p) for p in prompt]
+        return [frontend.encode_text(p, add_special_tokens=add_special_tokens) for p in prompt]
     if prompt and all(isinstance(p, list) for p in prompt):
         return [list(p) for p in prompt]
     raise GenerationError(
@@ -749,6 +818,7 @@ class _Completions:
     logprobs: bool  # the client asked for logprobs
     n: int
     best_of: int
+    skip_special_tokens: bool = True  # the generated text leaves special tokens out (text offsets count as it does)
 
     @classmethod
     def of(cls, body: CompletionBody, prompts: list[list[int]], prompt_texts: list[str] | None) -> _Completions:
@@ -759,7 +829,17 @@ class _Completions:
             raise FieldError("best_of", "best_of greater than n cannot stream: the best are known only at the end")
         texts_sent = not isinstance(body.prompt, list) or isinstance(body.prompt[0], str)
         logprobs = body.logprobs is not None
-        return cls(prompts, prompt_texts, body.echo, texts_sent, body.max_tokens, logprobs, body.n, best_of)
+        return cls(
+            prompts,
+            prompt_texts,
+            body.echo,
+            texts_sent,
+            body.max_tokens,
+            logprobs,
+            body.n,
+            best_of,
+            body.skip_special_tokens,
+        )
 
     @property
     def scoring(self) -> bool:
@@ -781,7 +861,9 @@ class _Completions:
 
     def text_offsets(self, tokenizer: Tokenizer, index: int) -> _TextOffsets:
         """The text offsets of returned choice ``index`` (choice ``i * n + j`` is prompt i's j-th)."""
-        return _TextOffsets(tokenizer, self.prompt_texts[index // self.n], not self.texts_sent)
+        return _TextOffsets(
+            tokenizer, self.prompt_texts[index // self.n], not self.texts_sent, self.skip_special_tokens
+        )
 
     def best(self, results: list[list[Delta]]) -> list[list[Delta]]:
         """The n most likely of each prompt's best_of candidates (all of them when best_of == n), logprobs
@@ -875,6 +957,13 @@ async def _respond(
     if completions is not None:
         results = completions.best(results)
     response = _full_response(frontend, results, response_id, created, chat, names, tally)
+    if body.prompt_logprobs is not None:  # vLLM's place: each choice's, a chat's once (its choices share the prompt)
+        written = [_prompt_logprobs(names, deltas) for deltas in results]
+        if chat:
+            response["prompt_logprobs"] = written[0]
+        else:
+            for choice, scored in zip(response["choices"], written):
+                choice["prompt_logprobs"] = scored
     for choice in response["choices"] if tools is not None else ():
         content, calls = tools.parse(choice["message"]["content"])
         if calls:
@@ -1200,11 +1289,11 @@ class _TextOffsets:
         offset:   0                        len(prompt) + characters the earlier generated tokens decode to
     """
 
-    def __init__(self, tokenizer: Tokenizer, prompt_text: str, special_shown: bool) -> None:
+    def __init__(self, tokenizer: Tokenizer, prompt_text: str, special_shown: bool, skip_special_tokens: bool) -> None:
         self._tokenizer = tokenizer
         self._prompt = prompt_text
         self._special_shown = special_shown  # the prompt text shows its special tokens (it was decoded from ids)
-        self._generated = IncrementalDetokenizer(tokenizer)  # as the workers decode: special tokens skipped
+        self._generated = IncrementalDetokenizer(tokenizer, skip_special_tokens)  # as the workers decode
         self._decoded = 0  # characters the generated tokens decode to so far
         self._returned = 0  # characters of generated text returned so far
 
@@ -1258,6 +1347,24 @@ def _completion_logprobs(names: _TokenNames, deltas: list[Delta], offsets: _Text
         "top_logprobs": tops,
         "text_offset": text_offset,
     }
+
+
+def _prompt_logprobs(names: _TokenNames, deltas: list[Delta]) -> list[dict | None]:
+    """vLLM's prompt_logprobs of a choice (its first delta carries them): null for the first prompt token (nothing
+    before it predicts it), then for each one after, by token id, the token's own logprob and rank and the most likely
+    tokens' (ranks 1, 2, ...)."""
+    scored = next((d.prompt_logprobs for d in deltas if d.prompt_logprobs), ())
+
+    def entry(token_id: int, logprob: float, rank: int) -> dict:
+        return {"logprob": logprob, "rank": rank, "decoded_token": names.text(token_id)}
+
+    written: list[dict | None] = [None]
+    for lp in scored:
+        tokens = {str(lp.token_id): entry(lp.token_id, lp.logprob, lp.rank)}
+        for rank, top in enumerate(lp.top, 1):
+            tokens.setdefault(str(top.token_id), entry(top.token_id, top.logprob, rank))
+        written.append(tokens)
+    return written
 
 
 def _chat_logprobs(names: _TokenNames, logprobs) -> dict:
@@ -1410,7 +1517,7 @@ class _Guard:
         else:
             refusal = None
         request_id = request_id or f"req_{secrets.token_hex(16)}"
-        tracing.annotate(request_id=request_id)
+        serving(request_id)
         answer = _Answer(send, request_id)
         try:
             if refusal is not None:

@@ -108,9 +108,15 @@ def _let_go_under_call(worker: WorkerHandle) -> bool:
 
 @dataclass(frozen=True)
 class GenerationRequest:
-    request_id: str
+    request_id: str  # the router's own, unique: the workers know the request by it
     prompt_token_ids: tuple[int, ...]
     params: common_pb2.SamplingParams
+    public_id: str = ""  # the client's name for it (X-Request-Id, gRPC's request_id), if another
+
+    @property
+    def named(self) -> str:
+        """The request as log lines name it: by both ids, so that either finds it."""
+        return f"{self.public_id} ({self.request_id})" if self.public_id else self.request_id
 
 
 @dataclass(frozen=True)
@@ -178,7 +184,7 @@ class Orchestrator:
                 progress.trace.event("migration", lost_worker=chosen.decode.address, tokens_so_far=len(progress.tokens))
                 log.warning(
                     "request %s: decode worker %s lost after %d tokens; migrating",
-                    request.request_id,
+                    request.named,
                     chosen.decode.address,
                     len(progress.tokens),
                 )
@@ -192,7 +198,7 @@ class Orchestrator:
                 # A reservation needs its blocks now; a request in the decode engine's own queue waits for them. So the
                 # request is prefilled where it decodes, once blocks free, rather than refused while they are taken.
                 progress.trace.event("decode_full", worker=chosen.decode.address)
-                log.info("request %s: %s; prefilling on a decode worker", request.request_id, exc)
+                log.info("request %s: %s; prefilling on a decode worker", request.named, exc)
                 local_because = "decode worker full"
 
     def _route(
@@ -312,9 +318,7 @@ class Orchestrator:
         # Taken out meanwhile (often why the prefill failed): routed again, without it, rather than prefilled there.
         if decode.taken_out or decode.closed:
             raise _DecodeLost(f"decode worker {decode.address} was taken out of routing: {decode.down_reason}")
-        log.warning(
-            "request %s: prefill failed on every worker tried; prefilling on the decode worker", request.request_id
-        )
+        log.warning("request %s: prefill failed on every worker tried; prefilling on the decode worker", request.named)
         self.metrics.decisions_by(Decision.FALLBACK.value).inc()
         async for delta in self._local(request, decode, progress, chosen.uncached_tokens):
             yield delta
@@ -396,7 +400,12 @@ class Orchestrator:
         except (asyncio.CancelledError, grpc.aio.UsageError):
             if not _let_go_under_call(prefill):
                 raise
-            log.warning("prefill of %s on %s: the worker left the pool under the call", worker_id, prefill.address)
+            log.warning(
+                "prefill of %s as %s on %s: the worker left the pool under the call",
+                request.named,
+                worker_id,
+                prefill.address,
+            )
             return None
         except grpc.aio.AioRpcError as exc:
             span.fail(f"{exc.code().name}: {exc.details()}")
@@ -408,7 +417,14 @@ class Orchestrator:
                 progress.trace.event("kv_link_down", prefill=prefill.address, decode=decode.address)
             elif exc.code() in _WORKER_LOST:
                 prefill.mark_failed(f"Prefill failed: {exc.code().name}: {exc.details()}")
-            log.warning("prefill of %s on %s failed: %s %s", worker_id, prefill.address, exc.code().name, exc.details())
+            log.warning(
+                "prefill of %s as %s on %s failed: %s %s",
+                request.named,
+                worker_id,
+                prefill.address,
+                exc.code().name,
+                exc.details(),
+            )
             return None
         finally:
             prefill.prefill_clock.forget(sent)  # not reported computed: it will not be
@@ -467,10 +483,13 @@ class Orchestrator:
     def _first_delta(
         self, first: prefill_pb2.PrefillResponse, request: GenerationRequest, served: ServedModel, resumed: bool
     ) -> Delta:
-        # Without stop strings, and at the start of the output, the decode worker's first text piece is
-        # exactly what an incremental detokenizer makes of this one token, so the client gets it now rather
-        # than after decode. Otherwise the text comes with the decode worker's first response.
-        fresh = not request.params.stop and not resumed
+        # Without stop strings, at the start of the output and unless it is a stop token (whose text is cut, or kept
+        # with include_stop_str_in_output), the decode worker's first text piece is exactly what an incremental
+        # detokenizer makes of this one token, so the client gets it now rather than after decode. Special tokens are
+        # skipped here whatever skip_special_tokens says: one (EOS, say) may end the request, which only the decode
+        # worker knows, and an empty piece leaves the text to its first response, as does anything else.
+        params = request.params
+        fresh = not params.stop and not resumed and first.first_token_id not in params.stop_token_ids
         text = IncrementalDetokenizer(served.tokenizer).push(first.first_token_id) if fresh else ""
         logprobs = (first.first_logprob,) if first.HasField("first_logprob") else ()
         return Delta((first.first_token_id,), text, logprobs)

@@ -14,11 +14,12 @@ from __future__ import annotations
 import json
 import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from contract.sampling import FieldError
+from protos import common_pb2
 from router.orchestrator import Delta, GenerationError
 from router.structured import ToolCall, Tools
 
@@ -27,6 +28,11 @@ _ROLES = {"user": "user", "system": "system", "developer": "system", "assistant"
 _TEXT_PARTS = {"user": "input_text", "system": "input_text", "developer": "input_text", "assistant": "output_text"}
 # OpenAI's metadata limits: what a client may attach, echoed back in the response.
 MAX_METADATA_KEYS, MAX_METADATA_KEY_CHARS, MAX_METADATA_VALUE_CHARS = 16, 64, 512
+# What ``include`` may ask for: the output text's logprobs (the rest names outputs of tools this server has not).
+LOGPROBS_INCLUDE = "message.output_text.logprobs"
+
+# The output text's logprobs as OpenAI writes them (each token's text, bytes, logprob and top_logprobs).
+Logprobs = Callable[[Sequence[common_pb2.TokenLogprob]], list[dict]]
 
 
 def messages(input_: str | list[dict[str, Any]], instructions: str | None) -> list[dict[str, str]]:
@@ -125,12 +131,14 @@ class ResponseShape:
     """One response's answer: its fixed fields (the request's settings, echoed as OpenAI echoes them), then its
     status, output items and usage as the generation ends."""
 
-    def __init__(self, model: str, settings: dict[str, Any]) -> None:
+    def __init__(self, model: str, settings: dict[str, Any], logprobs: Logprobs | None = None) -> None:
+        """``logprobs``: writes the output text's logprobs, when the request includes them."""
         self.id = f"resp_{secrets.token_hex(24)}"
         self.message_id = f"msg_{secrets.token_hex(24)}"
         self.created_at = int(time.time())
         self.model = model
         self.settings = settings
+        self._logprobs = logprobs
 
     def response(
         self, status: str, output: list[dict] | None = None, usage: dict | None = None, error: dict | None = None
@@ -161,16 +169,27 @@ class ResponseShape:
             content, calls = tools.parse(text)
             text = content or ""
         status = generated.status
-        return self.response(status, self.output(status, text, calls), generated.usage(prompt_tokens))
+        output = self.output(status, text, calls, generated.logprobs)
+        return self.response(status, output, generated.usage(prompt_tokens))
 
-    def output(self, status: str, text: str, calls: list[ToolCall] = ()) -> list[dict]:
-        """The output items: the message (unless the model only called functions), then one item per call."""
-        items = [self.message(_item_status(status), text)] if text or not calls else []
+    def output(
+        self, status: str, text: str, calls: list[ToolCall] = (), logprobs: Sequence[common_pb2.TokenLogprob] = ()
+    ) -> list[dict]:
+        """The output items: the message (unless the model only called functions), then one item per call.
+        ``logprobs``: the text's tokens' (a response with tools has none: a call is no text)."""
+        items = [self.message(_item_status(status), self.text_part(text, logprobs))] if text or not calls else []
         return items + [function_call(call) for call in calls]
 
-    def message(self, status: str, text: str | None) -> dict:
-        content = [] if text is None else [_output_text(text)]
+    def message(self, status: str, part: dict | None) -> dict:
+        content = [] if part is None else [part]
         return {"type": "message", "id": self.message_id, "status": status, "role": "assistant", "content": content}
+
+    def text_part(self, text: str, logprobs: Sequence[common_pb2.TokenLogprob] = ()) -> dict:
+        """An output_text content part; its logprobs are the tokens' when the request includes them."""
+        return {"type": "output_text", "text": text, "annotations": [], "logprobs": self.logprobs(logprobs)}
+
+    def logprobs(self, logprobs: Sequence[common_pb2.TokenLogprob]) -> list[dict]:
+        return self._logprobs(logprobs) if self._logprobs is not None else []
 
 
 def function_call(call: ToolCall) -> dict:
@@ -190,21 +209,19 @@ def _item_status(status: str) -> str:
     return "completed" if status == "completed" else "incomplete"
 
 
-def _output_text(text: str) -> dict:
-    return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
-
-
 @dataclass
 class Generated:
     """What a response's generation has given so far."""
 
     texts: list[str] = field(default_factory=list)
+    logprobs: list[common_pb2.TokenLogprob] = field(default_factory=list)  # when the request asked for them
     output_tokens: int = 0
     cached_tokens: int = 0
     finish_reason: str | None = None
 
     def add(self, delta: Delta) -> None:
         self.texts.append(delta.text)
+        self.logprobs.extend(delta.logprobs)
         self.output_tokens += len(delta.token_ids)
         if delta.usage is not None:
             self.cached_tokens = max(self.cached_tokens, delta.usage.cached_tokens)
@@ -251,31 +268,33 @@ async def events(
     yield event("response.in_progress", response=shape.response("in_progress"))
     if not held:
         yield event("response.output_item.added", output_index=0, item=shape.message("in_progress", None))
-        yield event("response.content_part.added", **where, part=_output_text(""))
+        yield event("response.content_part.added", **where, part=shape.text_part(""))
     generated = Generated()
     try:
         async for delta in deltas:
             generated.add(delta)
-            if delta.text and not held:
-                yield event("response.output_text.delta", **where, delta=delta.text, logprobs=[])
+            if (delta.text or delta.logprobs) and not held:  # a token may end inside a character: no text yet
+                logprobs = shape.logprobs(delta.logprobs)
+                yield event("response.output_text.delta", **where, delta=delta.text, logprobs=logprobs)
     except (GenerationError, TimeoutError) as exc:
         failure = exc if isinstance(exc, GenerationError) else GenerationError("request timed out", 504, "timeout")
         error = error_body(failure)["error"]
         yield event("error", code=error["code"], message=error["message"], param=error["param"])
         failed = {"code": "server_error", "message": error["message"]}
-        output = shape.output("failed", generated.text) if not held else []
+        output = shape.output("failed", generated.text, logprobs=generated.logprobs) if not held else []
         yield event("response.failed", response=shape.response("failed", output, error=failed))
         return
     final = shape.finished(generated, prompt_tokens, tools)
     for index, item in enumerate(final["output"]):
         if item["type"] == "message":
-            text = item["content"][0]["text"]
+            part = item["content"][0]
+            text = part["text"]
             if held:
                 yield event("response.output_item.added", output_index=index, item=shape.message("in_progress", None))
-                yield event("response.content_part.added", **where, part=_output_text(""))
-                yield event("response.output_text.delta", **where, delta=text, logprobs=[])
-            yield event("response.output_text.done", **where, text=text, logprobs=[])
-            yield event("response.content_part.done", **where, part=_output_text(text))
+                yield event("response.content_part.added", **where, part=shape.text_part(""))
+                yield event("response.output_text.delta", **where, delta=text, logprobs=part["logprobs"])
+            yield event("response.output_text.done", **where, text=text, logprobs=part["logprobs"])
+            yield event("response.content_part.done", **where, part=part)
         else:
             call = {"item_id": item["id"], "output_index": index}
             yield event(

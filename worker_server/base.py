@@ -324,13 +324,16 @@ def logprob_to_wire(logprobs: TokenLogprobs) -> common_pb2.TokenLogprob:
         token_id=logprobs.token_id,
         logprob=logprobs.logprob,
         top=[common_pb2.TopLogprob(token_id=t, logprob=lp) for t, lp in logprobs.top],
+        rank=logprobs.rank,
     )
 
 
 def logprob_from_wire(message: common_pb2.TokenLogprob | None) -> TokenLogprobs | None:
     if message is None:
         return None
-    return TokenLogprobs(message.token_id, message.logprob, tuple((t.token_id, t.logprob) for t in message.top))
+    return TokenLogprobs(
+        message.token_id, message.logprob, tuple((t.token_id, t.logprob) for t in message.top), message.rank
+    )
 
 
 def output_to_wire(output: RequestOutput) -> decode_pb2.GenerateResponse:

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from contract.sampling import (
     FIELDS,
+    MAX_BAD_WORDS,
     MAX_STOP_STRINGS,
     MAX_TOP_LOGPROBS,
     FieldError,
@@ -65,6 +66,7 @@ def test_record_and_proto_have_the_same_fields():
         ("stop", (5,)),
         ("stop_token_ids", (-1,)),
         ("stop_token_ids", (1 << 32,)),
+        ("stop_token_ids", 5),  # not a sequence: a FieldError, not a TypeError
         ("ignore_eos", 1),
         ("logprobs", -1),
         ("logprobs", MAX_TOP_LOGPROBS + 1),
@@ -80,6 +82,19 @@ def test_record_and_proto_have_the_same_fields():
         ("max_tokens_defaulted", 1),
         ("prompt_logprobs", -1),
         ("prompt_logprobs", MAX_TOP_LOGPROBS + 1),
+        ("skip_special_tokens", 0),
+        ("include_stop_str_in_output", "yes"),
+        ("allowed_token_ids", (-1,)),
+        ("allowed_token_ids", (1 << 32,)),
+        ("allowed_token_ids", (True,)),
+        ("allowed_token_ids", 5),
+        ("bad_words", "word"),  # a string is no list of words
+        ("bad_words", ("",)),
+        ("bad_words", (" ",)),
+        ("bad_words", (5,)),
+        ("bad_words", ("\ud800",)),
+        ("bad_words", ("w",) * (MAX_BAD_WORDS + 1)),
+        ("bad_words", ("w" * 1001,)),
     ],
 )
 def test_each_bad_value_names_its_field(field, value):
@@ -108,7 +123,12 @@ def test_edges_are_valid_and_round_trip():
         min_tokens=(1 << 32) - 1,
         prompt_logprobs=MAX_TOP_LOGPROBS,
         max_tokens_defaulted=True,
+        skip_special_tokens=False,
+        include_stop_str_in_output=True,
+        allowed_token_ids=[0, (1 << 32) - 1],
+        bad_words=["w"] * MAX_BAD_WORDS,
     )
+    assert edges.allowed_token_ids == (0, (1 << 32) - 1), "a tuple, in the order given"
     assert edges.logit_bias == ((0, -100.0), (7, f32(0.1)), ((1 << 32) - 1, 100.0)), "sorted, as float32"
     again = SamplingParams.from_wire(common_pb2.SamplingParams.FromString(edges.to_wire().SerializeToString()))
     assert again == replace(edges, top_p=f32(1e-7))
@@ -126,6 +146,12 @@ def test_from_wire_reads_proto3_zeros_as_unset():
     assert params == SamplingParams(max_tokens=16, temperature=0.0, max_tokens_defaulted=True)
     assert (params.top_p, params.repetition_penalty, params.seed, params.logprobs) == (1.0, 1.0, None, None)
     assert (params.logit_bias, params.min_tokens, params.prompt_logprobs) == ((), 0, None)
+    # skip_special_tokens is optional on the wire: unset is its default (true), not the proto3 zero
+    assert params.skip_special_tokens and not params.include_stop_str_in_output and params.allowed_token_ids == ()
+    assert not SamplingParams(max_tokens=3).to_wire().HasField("skip_special_tokens")
+    for skip in (True, False):
+        wire = common_pb2.SamplingParams(max_tokens=3, skip_special_tokens=skip)
+        assert SamplingParams.from_wire(wire).skip_special_tokens is skip
     explicit = SamplingParams.from_wire(common_pb2.SamplingParams(max_tokens=3, seed=0, logprobs=0, prompt_logprobs=0))
     assert (explicit.seed, explicit.logprobs, explicit.prompt_logprobs) == (0, 0, 0)
     assert not explicit.max_tokens_defaulted
@@ -146,10 +172,11 @@ def test_min_tokens_may_not_exceed_max_tokens():
 
 def test_vocabulary_and_text_helpers():
     check_token_ids([0, 319], 320, "prompt")
-    check_vocabulary(SamplingParams(stop_token_ids=(319,), logit_bias={0: 1.0}), 320)
+    check_vocabulary(SamplingParams(stop_token_ids=(319,), logit_bias={0: 1.0}, allowed_token_ids=(0, 319)), 320)
     for field, bad in [
         ("stop_token_ids", SamplingParams(stop_token_ids=(320,))),
         ("logit_bias", SamplingParams(logit_bias={320: 1})),
+        ("allowed_token_ids", SamplingParams(allowed_token_ids=(5, 320))),
     ]:
         with pytest.raises(FieldError) as caught:
             check_vocabulary(bad, 320)
@@ -202,6 +229,10 @@ _VALUES = {
     "min_tokens": _integers,
     "prompt_logprobs": st.one_of(st.none(), _integers),
     "max_tokens_defaulted": st.one_of(st.booleans(), st.integers(0, 1)),
+    "skip_special_tokens": st.one_of(st.booleans(), st.integers(0, 1)),
+    "include_stop_str_in_output": st.one_of(st.booleans(), st.integers(0, 1)),
+    "allowed_token_ids": st.lists(_integers, max_size=4).map(tuple),
+    "bad_words": st.lists(st.text(max_size=3), max_size=3).map(tuple),
 }
 _FLOATS = {f.name for f in fields(SamplingParams) if f.type == "float"}
 

@@ -114,7 +114,8 @@ def test_resumed_output_is_the_unmoved_output(engines, variant):
     pytest.fail(f"only {checked} outputs had a point inside a multi-byte character")
 
 
-def test_stop_string_across_the_migration_point(engines):
+@pytest.mark.parametrize("include_stop", [False, True], ids=["cut", "include_stop_str_in_output"])
+def test_stop_string_across_the_migration_point(engines, include_stop):
     source, target = engines
     free = VARIANTS["greedy"]
     for seed in range(40):
@@ -128,11 +129,12 @@ def test_stop_string_across_the_migration_point(engines):
             stop = reference.text[cut - 2 : cut + 2]  # two characters the client had, two it had not
             if len(stop) < 4 or reference.text.find(stop) != cut - 2:
                 continue
-            params = dataclasses.replace(free, stop=(stop,))
+            params = dataclasses.replace(free, stop=(stop,), include_stop_str_in_output=include_stop)
             stopped = _reference(target, prompt, params)
             assert stopped.finish_reason == "stop" and stopped.stop_reason == stop
-            before, text_before = _first_outputs(source, f"s-a-{seed}", prompt, params, k)
-            after, text_after, last = _resumed(target, f"s-b-{seed}", prompt, params, before)
+            assert stopped.text == reference.text[: cut + 2 if include_stop else cut - 2]
+            before, text_before = _first_outputs(source, f"s-a-{seed}-{include_stop}", prompt, params, k)
+            after, text_after, last = _resumed(target, f"s-b-{seed}-{include_stop}", prompt, params, before)
             assert before + after == list(stopped.token_ids)
             assert text_before + text_after == stopped.text
             assert (last.finish_reason, last.stop_reason) == ("stop", stop)
@@ -179,6 +181,8 @@ def test_resumed_output_that_already_finished_is_refused(engines):
         target.add_request("done", _prompt(1), params, [70, 71, 72, 73])
     with pytest.raises(InvalidRequestError, match="resume_token_ids"):
         target.add_request("bad", _prompt(1), params, [10**6])
+    with pytest.raises(InvalidRequestError, match="allowed_token_ids"):
+        target.add_request("outside", _prompt(1), dataclasses.replace(params, allowed_token_ids=(70, 71)), [70, 72])
     assert "done" not in target.requests and not target.has_unfinished()
 
 

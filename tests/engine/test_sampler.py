@@ -341,6 +341,8 @@ MIXED_ROWS = [
     dict(temperature=1.3, min_p=0.05, frequency_penalty=0.7, seed=12, logprobs=1),
     dict(temperature=1.0, seed=13, repetition_penalty=0.8, prompt=[5], logprobs=0),
     dict(temperature=0.6, top_p=0.5, seed=14),
+    dict(temperature=0.0, allowed_token_ids=(3, 9, 17, 30), logprobs=2),
+    dict(temperature=0.9, top_p=0.8, seed=15, allowed_token_ids=(1, 4, 7, 30), presence_penalty=0.5),
 ]
 
 
@@ -369,3 +371,5 @@ def test_mixed_batch_matches_each_row_alone():
         assert batch_logprobs[i] == alone_logprobs[0], f"row {i}"
     unseeded_top4 = [set(x[-1].topk(4).indices.tolist()) for x in steps]
     assert all(t in allowed for t, allowed in zip(batch_tokens[-1], unseeded_top4))
+    for i, row in enumerate(MIXED_ROWS):
+        assert set(batch_tokens[i]) <= set(row.get("allowed_token_ids", range(VOCAB))), f"row {i}"

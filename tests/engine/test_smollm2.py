@@ -4,6 +4,7 @@ on the built directory, and it answers questions."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -131,6 +132,42 @@ def test_answers_the_capital_of_france(engine):
     assert "Paris" in tokenizer.decode(result.token_ids)
 
 
+def test_allowed_token_ids_greedy_is_transformers_argmax_over_the_allowed_set(engine, hf):
+    """Step by step, transformers' fp32 logits restricted to the allowed ids, argmax: the engine's greedy output."""
+    hf_model, hf_tokenizer = hf
+    prompt = _chat_ids(hf_tokenizer, QUESTION)
+    words = " The capital of France is Paris London Berlin a city."
+    allowed = tuple(sorted(set(hf_tokenizer.encode(words, add_special_tokens=False))))
+    params = SamplingParams(max_tokens=8, temperature=0.0, allowed_token_ids=allowed)
+    (result,) = engine.generate([prompt], params)
+    expected: list[int] = []
+    with torch.no_grad():
+        for _ in range(8):
+            logits = hf_model(torch.tensor([prompt + expected])).logits[0, -1].float()
+            expected.append(allowed[int(logits[list(allowed)].argmax())])
+    assert list(result.token_ids) == expected
+    assert list(result.token_ids) != hf_greedy(hf_model, prompt, 8), "the mask should change the answer"
+
+
+def test_special_tokens_text_is_kept_on_request(engine):
+    """The answer ends with EOS, <|im_end|>: left out of the text unless asked for (vLLM's two fields)."""
+    tokenizer = engine.tokenizer
+    prompt = tokenizer.encode(tokenizer.apply_chat_template(QUESTION), add_special_tokens=False)
+    params = SamplingParams(max_tokens=40, temperature=0.0)
+    (plain,) = engine.generate([prompt], params)
+    shown = SamplingParams(max_tokens=40, temperature=0.0, skip_special_tokens=False, include_stop_str_in_output=True)
+    (kept,) = engine.generate([prompt], shown)
+    assert plain.finish_reason == kept.finish_reason == "stop" and kept.token_ids == plain.token_ids
+    assert "<|im_end|>" not in plain.text and kept.text == plain.text + "<|im_end|>"
+    # Special tokens that do not end the request show up in the middle of the text.
+    start = tokenizer.encode("<|im_start|>", add_special_tokens=False)
+    assert len(start) == 1 and tokenizer.is_special(start[0])
+    middle = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True, logit_bias={start[0]: 100})
+    (skipped,) = engine.generate([prompt], middle)
+    (shown_middle,) = engine.generate([prompt], dataclasses.replace(middle, skip_special_tokens=False))
+    assert (skipped.text, shown_middle.text) == ("", "<|im_start|>" * 3)
+
+
 def test_served_by_router_and_workers_through_the_openai_sdk(built):
     assert os.environ["SPLITSERVE_CACHE"] == str(built.parent.parent)  # the workers resolve the name alike
     workers = start_workers(("prefill", PRESET), ("decode", PRESET))
@@ -151,6 +188,15 @@ def test_served_by_router_and_workers_through_the_openai_sdk(built):
         answer = client.chat.completions.create(model=PRESET, messages=QUESTION, max_tokens=24, temperature=0.0)
         assert "Paris" in answer.choices[0].message.content
         assert answer.choices[0].finish_reason == "stop"
+        # P samples the first token, D the rest: both keep EOS's text, <|im_end|>, when asked to.
+        shown = client.chat.completions.create(
+            model=PRESET,
+            messages=QUESTION,
+            max_tokens=24,
+            temperature=0.0,
+            extra_body={"skip_special_tokens": False, "include_stop_str_in_output": True},
+        )
+        assert shown.choices[0].message.content == answer.choices[0].message.content + "<|im_end|>"
     finally:
         if router is not None:
             router.stop()

@@ -6,7 +6,9 @@ worker alive; then one decode worker; then the prefill worker).
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -177,10 +179,18 @@ def test_a_stalled_worker_leaves_routing_only_after_checks_in_a_row(make_router,
 # -- a decode worker dies mid-stream --------------------------------------------------------------------
 
 
-def test_decode_worker_killed_mid_stream_migrates(make_router, failing, checkpoint, rng):
+def test_decode_worker_killed_mid_stream_migrates(make_router, failing, checkpoint, rng, caplog):
     assert len(alive(failing.decodes)) == 2
     router = make_router(alive(failing.prefills), failing.decodes, local_prefill_threshold=32)
-    client = router.openai()
+    # The client's X-Request-Id (one for all four streams, as a client may reuse one) names them in the router's log.
+    client = openai.OpenAI(
+        base_url=f"{router.http}/v1",
+        api_key="none",
+        max_retries=0,
+        timeout=60,
+        default_headers={"X-Request-Id": "streams-4"},
+    )
+    caplog.set_level(logging.WARNING, logger="router.orchestrator")
     max_tokens = 250
     prompts = [random_prompt(rng, n) for n in (20, 40, 70, 90)]  # local and remote prefills
     expected = [greedy_ignoring_eos(checkpoint.model, p, max_tokens) for p in prompts]
@@ -198,6 +208,12 @@ def test_decode_worker_killed_mid_stream_migrates(make_router, failing, checkpoi
         assert stream.ids == want, f"stream {i}: migrated output differs from transformers"
     migrations = router.metrics()[("splitserve_migrations_total", ())]
     assert migrations >= 1, "no stream was migrated"
+    migrated = [r.getMessage() for r in caplog.records if "migrating" in r.getMessage()]
+    assert len(migrated) == migrations, migrated
+    for line in migrated:
+        assert re.fullmatch(
+            r"request streams-4 \([0-9a-f]{32}\): decode worker \S+ lost after \d+ tokens; migrating", line
+        )
 
     survivor = next(w for w in failing.decodes if w is not victim)
     for worker in alive([*failing.prefills, survivor]):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib.metadata
 
 import httpx
+import pytest
 import torch
 
 from tests.router.conftest import EOS, MAX_MODEL_LEN, SERVED_MODEL, VOCAB, greedy_ignoring_eos, random_prompt, token_ids
@@ -62,6 +63,170 @@ def test_logit_bias_and_min_tokens_on_both_paths(router, rng):
     ]
 
 
+@pytest.fixture(params=["remote", "local"])
+def path(request, router, make_router, cluster):
+    """(router, prompt length, decision): every request prefilled on a prefill worker, which samples the first
+    token (a router whose threshold sends even a cached prompt there), or on the decode worker (the shared
+    router, with a prompt below its threshold)."""
+    if request.param == "remote":
+        return make_router(cluster.prefills, [cluster.decode], local_prefill_threshold=0), 40, "remote_prefill"
+    return router, 8, "local_prefill"
+
+
+def _only(decision: str, before: dict[str, float], after: dict[str, float]) -> None:
+    grown = {d for d in after if after[d] != before.get(d, 0)}
+    assert grown == {decision}, (decision, before, after)
+
+
+def _masked_greedy(model, prompt: list[int], allowed: list[int], steps: int) -> list[int]:
+    """transformers' fp32 logits at each step, argmax over the allowed ids only."""
+    tokens: list[int] = []
+    with torch.no_grad():
+        for _ in range(steps):
+            logits = model(torch.tensor([prompt + tokens])).logits[0, -1].float()
+            tokens.append(allowed[int(logits[allowed].argmax())])
+    return tokens
+
+
+def test_allowed_token_ids_on_both_paths(path, checkpoint, rng):
+    """The mask holds on the first token and on every decode step: greedy is transformers' argmax over the allowed
+    ids, and sampling draws only them."""
+    router, length, decision = path
+    client = router.openai()
+    before = router.decisions()
+    allowed = sorted(rng.sample(range(3, VOCAB), 10))  # no EOS among them: every request runs to max_tokens
+    prompt = random_prompt(rng, length)
+    args = dict(model=SERVED_MODEL, prompt=[prompt], max_tokens=8, logprobs=0)
+    extra = {**AS_IDS, "allowed_token_ids": allowed}
+    greedy = client.completions.create(**args, temperature=0, extra_body=extra).choices[0]
+    assert token_ids(greedy.logprobs.tokens) == _masked_greedy(checkpoint.model, prompt, allowed, 8)
+    assert token_ids(greedy.logprobs.tokens) != greedy_ignoring_eos(checkpoint.model, prompt, 8)
+    sampled = client.completions.create(**args, temperature=1.5, seed=4, stream=True, extra_body=extra)
+    ids = [t for c in sampled for t in token_ids(c.choices[0].logprobs.tokens if c.choices[0].logprobs else [])]
+    assert len(ids) == 8 and set(ids) <= set(allowed), ids
+    favoured = rng.randrange(3, VOCAB)
+    chat = {"model": SERVED_MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, "temperature": 0}
+    answer = post(router, "/v1/chat/completions", {**chat, "allowed_token_ids": [favoured], "logprobs": True})
+    assert answer.status_code == 200, answer.text
+    assert [c["token"] for c in answer.json()["choices"][0]["logprobs"]["content"]] == [
+        router.router.frontend.token_text(favoured)
+    ] * 3
+    if decision == "remote_prefill":
+        _only(decision, before, router.decisions())
+    body = {"model": SERVED_MODEL, "prompt": "mask", "max_tokens": 2}
+    for bad in ([VOCAB], [-1], [], 7):
+        assert_error(
+            post(router, "/v1/completions", {**body, "allowed_token_ids": bad}), 400, param="allowed_token_ids"
+        )
+
+
+def test_bad_words_on_both_paths(path, checkpoint, rng):
+    """A one-token bad word is never sampled, the prefill worker's first token included; a two-token one never
+    finishes. Output restricted to letters (one byte token each), so that words and tokens line up."""
+    router, length, decision = path
+    client = router.openai()
+    before = router.decisions()
+    letters = [3 + ord(c) for c in "abcdefgh"]
+    prompt = random_prompt(rng, length)
+    plain = _masked_greedy(checkpoint.model, prompt, letters, 10)
+    words = [chr(plain[0] - 3), chr(plain[2] - 3) + chr(plain[3] - 3)]
+    banned = [tuple(3 + ord(c) for c in word) for word in words]
+    expected: list[int] = []
+    with torch.no_grad():
+        for _ in range(10):
+            logits = checkpoint.model(torch.tensor([prompt + expected])).logits[0, -1].float()
+            tail = tuple(expected)
+            held = {w[-1] for w in banned if len(w) - 1 <= len(tail) and tail[len(tail) - len(w) + 1 :] == w[:-1]}
+            expected.append(max((t for t in letters if t not in held), key=lambda t, row=logits: float(row[t])))
+    assert expected != plain
+    args = dict(model=SERVED_MODEL, prompt=[prompt], max_tokens=10, temperature=0, logprobs=0)
+    extra = {**AS_IDS, "allowed_token_ids": letters, "bad_words": words}
+    for stream in (False, True):
+        if stream:
+            chunks = list(client.completions.create(**args, stream=True, extra_body=extra))
+            got = [t for c in chunks if c.choices[0].logprobs for t in token_ids(c.choices[0].logprobs.tokens)]
+        else:
+            got = token_ids(client.completions.create(**args, extra_body=extra).choices[0].logprobs.tokens)
+        assert got == expected, stream
+    if decision == "remote_prefill":
+        _only(decision, before, router.decisions())
+    body = {"model": SERVED_MODEL, "prompt": "words", "max_tokens": 2}
+    for bad, param in [([""], "bad_words"), (["  "], "bad_words"), (["x"] * 65, "bad_words"), ([3], "bad_words.0")]:
+        assert_error(post(router, "/v1/completions", {**body, "bad_words": bad}), 400, param=param)
+
+
+def test_special_tokens_and_stop_strings_kept_on_request_on_both_paths(path, rng):
+    """skip_special_tokens and include_stop_str_in_output (vLLM's semantics), streamed and not."""
+    router, length, decision = path
+    client = router.openai()
+    before = router.decisions()
+    letters = [3 + ord(c) for c in "abcdefgh"]  # byte tokens: one per character
+    prompt = random_prompt(rng, length)
+
+    def completion(stream: bool = False, **extra) -> tuple[str, str]:
+        args = dict(model=SERVED_MODEL, prompt=[prompt], max_tokens=extra.pop("max_tokens", 8), temperature=0)
+        if stream:
+            chunks = list(client.completions.create(**args, stream=True, extra_body=extra))
+            return "".join(c.choices[0].text for c in chunks), chunks[-1].choices[0].finish_reason
+        choice = client.completions.create(**args, extra_body=extra).choices[0]
+        return choice.text, choice.finish_reason
+
+    # EOS first: it ends the request; its text, </s>, only with both fields.
+    eos = {"logit_bias": {str(EOS): 100}}
+    both = {"skip_special_tokens": False, "include_stop_str_in_output": True}
+    for stream in (False, True):
+        assert completion(stream, **eos) == ("", "stop")
+        assert completion(stream, **eos, skip_special_tokens=False) == ("", "stop")
+        assert completion(stream, **eos, include_stop_str_in_output=True) == ("", "stop")
+        assert completion(stream, **eos, **both) == ("</s>", "stop"), stream
+        # Special tokens that do not stop the request: kept on request.
+        assert completion(stream, **eos, ignore_eos=True, skip_special_tokens=False) == ("</s>" * 8, "length")
+    # A stop token as the first token: its text, "a", only with include_stop_str_in_output.
+    first = {"logit_bias": {str(letters[0]): 100}, "stop_token_ids": [letters[0]]}
+    for stream in (False, True):
+        assert completion(stream, **first) == ("", "stop"), stream
+        assert completion(stream, **first, include_stop_str_in_output=True) == ("a", "stop"), stream
+    # A stop string across tokens: the text up to and including it, nothing after; stop_reason names it.
+    free = {"allowed_token_ids": letters, "ignore_eos": True, "max_tokens": 30}
+    plain, _ = completion(**free)
+    stop = plain[10:13]
+    expected = plain[: plain.find(stop) + len(stop)]
+    for stream in (False, True):
+        assert completion(stream, **free, stop=[stop]) == (expected[: -len(stop)], "stop")
+        assert completion(stream, **free, stop=[stop], include_stop_str_in_output=True) == (expected, "stop")
+    body = {"model": SERVED_MODEL, "prompt": prompt, "temperature": 0, "stop": [stop], **free}
+    kept = post(router, "/v1/completions", {**body, "include_stop_str_in_output": True}).json()["choices"][0]
+    assert (kept["text"], kept["stop_reason"]) == (expected, stop)
+    # text_offset counts the special tokens' text the choice shows.
+    shown = client.completions.create(
+        model=SERVED_MODEL,
+        prompt=[prompt],
+        max_tokens=3,
+        temperature=0,
+        logprobs=0,
+        extra_body={**eos, "ignore_eos": True, "skip_special_tokens": False},
+    ).choices[0]
+    start = len(router.router.frontend.tokenizer.decode(prompt, skip_special_tokens=False))
+    assert (shown.text, shown.logprobs.text_offset) == ("</s>" * 3, [start, start + 4, start + 8])
+    # Chat: the same fields.
+    messages = [{"role": "user", "content": f"special {rng.random()}"}]
+    args = dict(model=SERVED_MODEL, messages=messages, max_tokens=4, temperature=0)
+    assert client.chat.completions.create(**args, extra_body={**eos, **both}).choices[0].message.content == "</s>"
+    chunks = client.chat.completions.create(**args, stream=True, extra_body={**eos, **both})
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "</s>"
+    if decision == "remote_prefill":
+        _only(decision, before, router.decisions())
+    # spaces_between_special_tokens: true, vLLM's default that clients send, asks for nothing; false is refused.
+    body = {"model": SERVED_MODEL, "prompt": "spaces", "max_tokens": 2}
+    assert post(router, "/v1/completions", {**body, "spaces_between_special_tokens": True}).status_code == 200
+    error = assert_error(
+        post(router, "/v1/completions", {**body, "spaces_between_special_tokens": False}),
+        400,
+        param="spaces_between_special_tokens",
+    )
+    assert "spaces_between_special_tokens is not supported" in error["message"]
+
+
 def test_echo_scores_the_prompt_like_transformers(router, checkpoint, rng):
     """lm-eval-harness's log-likelihood request: echo, max_tokens 0, logprobs. A 48-token prompt would be prefilled
     remotely; prompt logprobs send it to a decode worker's local prefill instead."""
@@ -97,6 +262,56 @@ def test_echo_scores_the_prompt_like_transformers(router, checkpoint, rng):
     # Echo of a text prompt returns it as sent; without logprobs nothing is scored.
     text = client.completions.create(model=SERVED_MODEL, prompt="echo me", max_tokens=0, echo=True)
     assert (text.choices[0].text, text.choices[0].logprobs) == ("echo me", None)
+
+
+def test_prompt_logprobs_are_transformers_scores_and_ranks(router, checkpoint, rng):
+    """vLLM's prompt_logprobs: per prompt token after the first, by token id, its logprob and rank among the whole
+    vocabulary and the most likely tokens'; a completion's on each choice, a chat's once beside its choices."""
+    client = router.openai()
+    prompt = random_prompt(rng, 40)
+    with torch.no_grad():
+        oracle = checkpoint.model(torch.tensor([prompt])).logits[0, :-1].float().log_softmax(-1)
+    out = client.completions.create(
+        model=SERVED_MODEL,
+        prompt=[prompt],
+        max_tokens=2,
+        temperature=0,
+        extra_body={**AS_IDS, "prompt_logprobs": 2, "ignore_eos": True},
+    )
+    scored = out.model_dump()["choices"][0]["prompt_logprobs"]
+    assert len(scored) == len(prompt) and scored[0] is None
+    ranks = []
+    for position, (token_id, entries) in enumerate(zip(prompt[1:], scored[1:])):
+        row = oracle[position]
+        own = entries[str(token_id)]
+        rank = int((row > row[token_id]).sum()) + 1
+        assert (own["rank"], own["decoded_token"]) == (rank, f"token_id:{token_id}")
+        assert own["logprob"] == pytest.approx(float(row[token_id]), abs=1e-3)
+        top = row.topk(2)
+        for r, (value, top_id) in enumerate(zip(top.values.tolist(), top.indices.tolist()), 1):
+            assert entries[str(top_id)]["rank"] == r
+            assert entries[str(top_id)]["logprob"] == pytest.approx(value, abs=1e-3)
+        assert len(entries) == 2 + (rank > 2)
+        ranks.append(rank)
+    assert max(ranks) > 2, "a random prompt has tokens outside the top two: their own entry is the third"
+    assert out.usage.completion_tokens == 2  # and the completion is generated as usual
+
+    chat = client.chat.completions.create(
+        model=SERVED_MODEL,
+        messages=[{"role": "user", "content": "score me"}],
+        max_tokens=2,
+        n=2,
+        extra_body={"prompt_logprobs": 0},
+    ).model_dump()
+    assert len(chat["prompt_logprobs"]) == chat["usage"]["prompt_tokens"] and chat["prompt_logprobs"][0] is None
+    assert all(len(entries) == 1 for entries in chat["prompt_logprobs"][1:])
+    assert all("prompt_logprobs" not in choice for choice in chat["choices"])
+    for body, param in [
+        ({"prompt": "x", "prompt_logprobs": 1, "stream": True}, "prompt_logprobs"),
+        ({"prompt": "x", "prompt_logprobs": 21}, "prompt_logprobs"),
+        ({"prompt": "x", "prompt_logprobs": 1, "echo": True, "logprobs": 2}, "prompt_logprobs"),
+    ]:
+        assert_error(post(router, "/v1/completions", {"model": SERVED_MODEL, **body}), 400, param=param)
 
 
 def test_best_of_returns_the_most_likely_candidates(router, rng):

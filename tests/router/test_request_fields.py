@@ -13,6 +13,7 @@ import pytest
 import torch
 from pydantic import BaseModel
 
+import tests.router.test_chat_rendering as rendering_tests
 import tests.router.test_defaulted_max_tokens as defaulted_tests
 import tests.router.test_errors as error_tests
 import tests.router.test_grpc_api as grpc_tests
@@ -140,6 +141,7 @@ def test_nested_refusals_unknown_fields_and_neutral_values(router):
         "store": False,
         "echo": False,
         "parallel_tool_calls": None,
+        "spaces_between_special_tokens": True,
     }
     ok = post(router, chat, {**_BASES[chat][0], **neutral, "messages": [{**user, "tool_calls": None, "refusal": None}]})
     assert ok.status_code == 200, ok.text
@@ -165,6 +167,8 @@ def test_nested_refusals_unknown_fields_and_neutral_values(router):
         ("temperature", 1e400),
         ("stop", ["lone \ud800"]),
         ("logprobs", 1 << 64),
+        ("allowed_token_ids", [1 << 32]),
+        ("allowed_token_ids", [VOCAB]),
     ],
 )
 def test_values_the_wire_cannot_carry_are_a_400(router, field, value):
@@ -350,6 +354,10 @@ def test_grpc_sampling_params_mean_what_http_means(router, rng):
         prompt_logprobs=2,
         grammar=common_pb2.Grammar(kind="regex", text="[a-z ]{1,60}"),
         max_tokens_defaulted=True,  # 12 fits: nothing to lower
+        skip_special_tokens=False,
+        include_stop_str_in_output=True,
+        allowed_token_ids=[3 + ord(c) for c in "splitserve "],  # within the grammar's letters: both apply
+        bad_words=["pl", "v"],
     )
     params = common_pb2.SamplingParams(**values)
     assert {f.name for f, _ in params.ListFields()} == set(SAMPLING_FIELDS), "set every field"
@@ -363,8 +371,13 @@ def test_grpc_sampling_params_mean_what_http_means(router, rng):
     assert all(len(lp.top) == 2 for c in chunks for lp in c.logprobs)
     grpc_prompt_logprobs = [lp.logprob for lp in chunks[0].prompt_logprobs]
     assert [lp.token_id for lp in chunks[0].prompt_logprobs] == prompt[1:]
+    assert all(1 <= lp.rank <= VOCAB for lp in chunks[0].prompt_logprobs)
+    grpc_text = "".join(c.text for c in chunks)
+    assert "pl" not in grpc_text and "v" not in grpc_text, grpc_text
     http_fields = {k: values[k] for k in ("temperature", "top_p", "seed", "presence_penalty", "frequency_penalty")}
     extra = {k: values[k] for k in ("top_k", "min_p", "repetition_penalty", "stop_token_ids", "min_tokens")}
+    extra |= {k: values[k] for k in ("skip_special_tokens", "include_stop_str_in_output", "allowed_token_ids")}
+    extra["bad_words"] = values["bad_words"]
     out = router.openai().completions.create(
         model=SERVED_MODEL,
         prompt=[prompt],
@@ -383,6 +396,7 @@ def test_grpc_sampling_params_mean_what_http_means(router, rng):
     )
     echoed = out.choices[0].logprobs
     assert token_ids(echoed.tokens) == prompt + grpc_ids
+    assert set(grpc_ids) <= set(values["allowed_token_ids"])
     assert echoed.token_logprobs[1 : len(prompt)] == pytest.approx(grpc_prompt_logprobs, abs=1e-5)
     unset = common_pb2.SamplingParams(temperature=0, ignore_eos=True)  # max_tokens 0: the API's default
     with grpc.insecure_channel(router.grpc) as channel:
@@ -408,6 +422,9 @@ _SAMPLING_BEHAVIOUR = {
     "logprobs": api_tests.test_logprobs_shapes,
     "logit_bias": contract_tests.test_logit_bias_and_min_tokens_on_both_paths,
     "min_tokens": contract_tests.test_logit_bias_and_min_tokens_on_both_paths,
+    "allowed_token_ids": contract_tests.test_allowed_token_ids_on_both_paths,
+    "skip_special_tokens": contract_tests.test_special_tokens_and_stop_strings_kept_on_request_on_both_paths,
+    "include_stop_str_in_output": contract_tests.test_special_tokens_and_stop_strings_kept_on_request_on_both_paths,
     "response_format": structured_tests.test_json_schema_output_validates_against_the_schema,
     "guided_json": structured_tests.test_vllm_guided_fields_constrain_completions_and_streams,
     "guided_regex": structured_tests.test_vllm_guided_fields_constrain_completions_and_streams,
@@ -436,8 +453,14 @@ BEHAVIOUR = {
         "echo": contract_tests.test_echo_scores_the_prompt_like_transformers,
         "best_of": contract_tests.test_best_of_returns_the_most_likely_candidates,
         "continuous_usage_stats": contract_tests.test_lists_of_prompts_stream_with_indices_and_count_usage_once,
-        "add_generation_prompt": contract_tests.test_model_tokenize_detokenize_and_version_endpoints,
-        "add_special_tokens": contract_tests.test_model_tokenize_detokenize_and_version_endpoints,
+        "add_generation_prompt": rendering_tests.test_chat_template_fields_give_the_prompt_transformers_renders,
+        "continue_final_message": rendering_tests.test_chat_template_fields_give_the_prompt_transformers_renders,
+        "chat_template_kwargs": rendering_tests.test_chat_template_fields_give_the_prompt_transformers_renders,
+        "add_special_tokens": rendering_tests.test_add_special_tokens_adds_or_leaves_out_the_tokenizers_bos,
+        "truncate_prompt_tokens": rendering_tests.test_truncate_prompt_tokens_keeps_the_prompts_tail,
+        "prompt_logprobs": contract_tests.test_prompt_logprobs_are_transformers_scores_and_ranks,
+        "bad_words": contract_tests.test_bad_words_on_both_paths,
+        "include": responses_tests.test_included_logprobs_are_the_chat_completions_whole_and_streamed,
         "tokens": contract_tests.test_model_tokenize_detokenize_and_version_endpoints,
         "input": responses_tests.test_a_response_is_the_chat_completion_of_its_instructions_and_input,
         "instructions": responses_tests.test_a_response_is_the_chat_completion_of_its_instructions_and_input,

@@ -14,7 +14,7 @@ import pytest
 
 from router import openai_api
 from router.orchestrator import Delta, GenerationError
-from router.responses_api import MAX_METADATA_KEYS, ResponseShape, events
+from router.responses_api import LOGPROBS_INCLUDE, MAX_METADATA_KEYS, ResponseShape, events
 from tests.router.conftest import SERVED_MODEL
 from tests.router.test_errors import assert_error, post
 
@@ -104,6 +104,26 @@ def test_a_streamed_response_is_the_typed_event_sequence_of_the_same_text(client
     assert events[0].response.status == "in_progress" and final.id == events[0].response.id
 
 
+def test_included_logprobs_are_the_chat_completions_whole_and_streamed(client):
+    messages = [{"role": "user", "content": QUESTION}]
+    chat = client.chat.completions.create(
+        model=SERVED_MODEL, messages=messages, max_tokens=LIMIT, temperature=0, logprobs=True, top_logprobs=3
+    )
+    expected = [entry.model_dump() for entry in chat.choices[0].logprobs.content]
+    assert len(expected) == chat.usage.completion_tokens and all(len(e["top_logprobs"]) == 3 for e in expected)
+    asked = dict(model=SERVED_MODEL, input=QUESTION, max_output_tokens=LIMIT, temperature=0, top_logprobs=3)
+    response = client.responses.create(**asked, include=[LOGPROBS_INCLUDE])
+    (part,) = response.output[0].content
+    assert [entry.model_dump() for entry in part.logprobs] == expected
+    assert response.top_logprobs == 3 and response.output_text == chat.choices[0].message.content
+    streamed = list(client.responses.create(**asked, include=[LOGPROBS_INCLUDE], stream=True))
+    deltas = [lp.model_dump() for e in streamed if e.type == "response.output_text.delta" for lp in e.logprobs]
+    (done,) = [e for e in streamed if e.type == "response.output_text.done"]
+    assert deltas == [lp.model_dump() for lp in done.logprobs] == expected
+    plain = client.responses.create(**{**asked, "top_logprobs": 0})  # not included: none
+    assert plain.output[0].content[0].logprobs == []
+
+
 def test_metadata_comes_back_and_is_bounded(client):
     response = client.responses.create(
         model=SERVED_MODEL, input=QUESTION, max_output_tokens=2, metadata={"ticket": "T-7"}, user="u1"
@@ -136,6 +156,9 @@ def test_metadata_comes_back_and_is_bounded(client):
         ({"input": "1 2", "tools": [{"type": "web_search"}]}, "tools.0.type"),
         ({"input": "1 2", "tool_choice": "required"}, "tool_choice"),
         ({"input": [{"type": "function_call", "call_id": "c1", "name": "f"}]}, "input.0.arguments"),
+        ({"input": "1 2", "include": [LOGPROBS_INCLUDE, "file_search_call.results"]}, "include"),
+        ({"input": "1 2", "top_logprobs": 2}, "top_logprobs"),
+        ({"input": "1 2", "include": [LOGPROBS_INCLUDE], "top_logprobs": 21}, "top_logprobs"),
     ],
     ids=lambda value: value if isinstance(value, str) else None,
 )

@@ -1,0 +1,228 @@
+"""How a request becomes its prompt, through the real router and workers: the chat-template fields
+(``add_generation_prompt``, ``continue_final_message``, ``chat_template_kwargs``) give the prompt transformers
+renders, and ``truncate_prompt_tokens`` / ``add_special_tokens`` give the tokens they name.
+
+The chat-template checkpoint is a random Qwen2 with a trained BPE tokenizer and a Qwen3-style template that
+reads ``enable_thinking``; the oracle is transformers rendering the same conversation with the same arguments."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from tokenizers import Tokenizer as BackendTokenizer
+
+from router.config import RouterConfig
+from tests.checkpoints import write_checkpoint
+from tests.engine.test_tokenizer import write_model_dir
+from tests.router.conftest import (
+    MAX_MODEL_LEN,
+    SERVED_MODEL,
+    RouterThread,
+    greedy_ignoring_eos,
+    random_prompt,
+    token_ids,
+)
+from tests.router.test_errors import assert_error, post
+from tests.workers.harness import start_workers, stop_workers
+
+MODEL = "bpe-qwen-thinking"
+THINKING_TEMPLATE = """{%- for message in messages %}
+{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>\\n' }}
+{%- endfor %}
+{%- if add_generation_prompt %}
+{{- '<|im_start|>assistant\\n' }}
+{%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\\n\\n</think>\\n\\n' }}{%- endif %}
+{%- endif %}"""
+
+QUESTION = [{"role": "user", "content": "Name a colour."}]
+STARTED = [*QUESTION, {"role": "assistant", "content": "A colour: bl"}]
+GREEDY = {"ignore_eos": True, "return_tokens_as_token_ids": True}
+
+
+@dataclass
+class Setup:
+    model_dir: Path
+    model: object  # the transformers model the worker serves, fp32
+    router: RouterThread
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory) -> Iterator[Setup]:
+    model_dir = write_model_dir(tmp_path_factory.mktemp("rendering") / MODEL, chat_template=THINKING_TEMPLATE)
+    vocab = BackendTokenizer.from_file(str(model_dir / "tokenizer.json")).get_vocab_size(with_added_tokens=True)
+    model = write_checkpoint(model_dir, "Qwen2ForCausalLM", seed=11, vocab_size=vocab, max_position_embeddings=2048)
+    (decode,) = start_workers(("decode", str(model_dir)))
+    try:
+        config = RouterConfig(
+            port=0, grpc_port=0, decode_addresses=(decode.address,), health_interval_s=0.2, request_timeout_s=60.0
+        )
+        router = RouterThread(config)
+        try:
+            yield Setup(model_dir, model, router)
+        finally:
+            router.stop()
+    finally:
+        stop_workers([decode])
+
+
+@pytest.fixture(scope="module")
+def oracle(setup):
+    transformers = pytest.importorskip("transformers")
+    return transformers.AutoTokenizer.from_pretrained(str(setup.model_dir))
+
+
+def _hf_ids(oracle, messages: list[dict], **kwargs) -> list[int]:
+    ids = oracle.apply_chat_template(messages, tokenize=True, return_dict=False, **kwargs)
+    return list(ids["input_ids"] if isinstance(ids, dict) else ids)
+
+
+def _tokenize(router: RouterThread, messages: list[dict], **fields) -> list[int]:
+    response = post(router, "/tokenize", {"model": MODEL, "messages": messages, **fields})
+    assert response.status_code == 200, response.text
+    return response.json()["tokens"]
+
+
+def test_chat_template_fields_give_the_prompt_transformers_renders(setup, oracle):
+    router = setup.router
+    cases = [  # (the request's fields, the conversation, transformers' arguments)
+        ({}, QUESTION, dict(add_generation_prompt=True)),
+        ({"add_generation_prompt": False}, QUESTION, dict(add_generation_prompt=False)),
+        ({"continue_final_message": True}, STARTED, dict(continue_final_message=True)),
+        ({"continue_final_message": True, "add_generation_prompt": False}, STARTED, dict(continue_final_message=True)),
+        (
+            {"continue_final_message": True},
+            [*QUESTION, {"role": "assistant", "content": "Trailing space "}],
+            dict(continue_final_message=True),
+        ),
+        (
+            {"chat_template_kwargs": {"enable_thinking": False}},
+            QUESTION,
+            dict(add_generation_prompt=True, enable_thinking=False),
+        ),
+        (
+            {"chat_template_kwargs": {"enable_thinking": True}},
+            QUESTION,
+            dict(add_generation_prompt=True, enable_thinking=True),
+        ),
+    ]
+    seen = set()
+    for fields, messages, hf_kwargs in cases:
+        ours = _tokenize(router, messages, **fields)
+        assert ours == _hf_ids(oracle, messages, **hf_kwargs), fields
+        seen.add(tuple(ours))
+    # Two pairs render alike: continuing with and without an explicit add_generation_prompt false, and
+    # enable_thinking true with the template's default.
+    assert len(seen) == len(cases) - 2
+    opened = oracle.decode(_tokenize(router, STARTED, continue_final_message=True))
+    assert opened.endswith("<|im_start|>assistant\nA colour: bl"), opened
+    assert "<think>" in oracle.decode(_tokenize(router, QUESTION, chat_template_kwargs={"enable_thinking": False}))
+
+    # The model sees those prompts: its greedy tokens are transformers' on transformers' prompt.
+    client = router.openai()
+    for fields, hf_kwargs in [
+        ({"continue_final_message": True}, dict(continue_final_message=True)),
+        ({"chat_template_kwargs": {"enable_thinking": False}}, dict(add_generation_prompt=True, enable_thinking=False)),
+    ]:
+        messages = STARTED if "continue_final_message" in fields else QUESTION
+        out = client.chat.completions.create(
+            model=MODEL, messages=messages, max_tokens=6, temperature=0, logprobs=True, extra_body={**GREEDY, **fields}
+        )
+        prompt = _hf_ids(oracle, messages, **hf_kwargs)
+        assert out.usage.prompt_tokens == len(prompt)
+        generated = token_ids([t.token for t in out.choices[0].logprobs.content])
+        assert generated == greedy_ignoring_eos(setup.model, prompt, 6), fields
+
+
+@pytest.mark.parametrize(
+    ("fields", "messages", "param", "says"),
+    [
+        (
+            {"continue_final_message": True, "add_generation_prompt": True},
+            STARTED,
+            "continue_final_message",
+            "cannot both be true",
+        ),
+        ({"continue_final_message": True}, QUESTION, "continue_final_message", "an assistant's text"),
+        ({"chat_template_kwargs": {"enable_thinkin": False}}, QUESTION, "chat_template_kwargs", "enable_thinking"),
+        ({"chat_template_kwargs": {"messages": []}}, QUESTION, "chat_template_kwargs", "set by the server"),
+        (
+            {"chat_template_kwargs": {"add_generation_prompt": False}},
+            QUESTION,
+            "chat_template_kwargs",
+            "send add_generation_prompt",
+        ),
+        ({"chat_template_kwargs": ["enable_thinking"]}, QUESTION, "chat_template_kwargs", ""),
+    ],
+)
+def test_chat_template_fields_that_cannot_be_honoured_are_a_400_naming_them(setup, fields, messages, param, says):
+    for path, body in [
+        ("/v1/chat/completions", {"messages": messages, "max_tokens": 2}),
+        ("/tokenize", {"messages": messages}),
+    ]:
+        error = assert_error(post(setup.router, path, {**body, **fields}), 400, "invalid_request_error", param)
+        assert says in error["message"], error
+
+
+# -- on the shared router (a byte tokenizer that adds BOS; prompts of 32+ tokens are prefilled remotely) ----
+
+
+def test_truncate_prompt_tokens_keeps_the_prompts_tail(router, checkpoint, rng):
+    client = router.openai()
+    prompt = random_prompt(rng, 60)
+    tail = prompt[-40:]
+    out = client.completions.create(
+        model=SERVED_MODEL,
+        prompt=[prompt],
+        max_tokens=8,
+        temperature=0,
+        logprobs=0,
+        echo=True,
+        extra_body={**GREEDY, "truncate_prompt_tokens": 40},
+    )
+    assert out.usage.prompt_tokens == 40
+    assert token_ids(out.choices[0].logprobs.tokens) == tail + greedy_ignoring_eos(checkpoint.model, tail, 8)
+    text = "".join(chr(65 + rng.randrange(26)) for _ in range(50))  # a text prompt: its tokens' tail is echoed
+    cut = client.completions.create(
+        model=SERVED_MODEL, prompt=text, max_tokens=1, echo=True, extra_body={"truncate_prompt_tokens": 12}
+    )
+    assert (cut.usage.prompt_tokens, cut.choices[0].text[:12]) == (12, text[-12:])
+    whole = client.completions.create(
+        model=SERVED_MODEL, prompt=[prompt], max_tokens=1, extra_body={"truncate_prompt_tokens": -1}
+    )
+    assert whole.usage.prompt_tokens == len(prompt)
+    chat = client.chat.completions.create(
+        model=SERVED_MODEL,
+        messages=[{"role": "user", "content": text}],
+        max_tokens=1,
+        extra_body={"truncate_prompt_tokens": 7},
+    )
+    assert chat.usage.prompt_tokens == 7
+    for bad in (0, -2, MAX_MODEL_LEN + 1):
+        body = {"model": SERVED_MODEL, "prompt": "x", "max_tokens": 1, "truncate_prompt_tokens": bad}
+        error = assert_error(
+            post(router, "/v1/completions", body), 400, "invalid_request_error", "truncate_prompt_tokens"
+        )
+        assert f"[1, {MAX_MODEL_LEN}]" in error["message"]
+
+
+def test_add_special_tokens_adds_or_leaves_out_the_tokenizers_bos(router, checkpoint):
+    client = router.openai()
+    tokenizer = router.router.frontend.tokenizer
+    text = "Special tokens, or not."
+    for add, expected in [(None, tokenizer.encode(text)), (False, tokenizer.encode(text, add_special_tokens=False))]:
+        fields = {} if add is None else {"add_special_tokens": add}
+        out = client.completions.create(
+            model=SERVED_MODEL, prompt=text, max_tokens=6, temperature=0, logprobs=0, extra_body={**GREEDY, **fields}
+        )
+        assert out.usage.prompt_tokens == len(expected)
+        assert token_ids(out.choices[0].logprobs.tokens) == greedy_ignoring_eos(checkpoint.model, expected, 6)
+    assert tokenizer.encode(text)[0] == tokenizer.bos_token_id != tokenizer.encode(text, add_special_tokens=False)[0]
+    messages = [{"role": "user", "content": text}]
+    plain = client.chat.completions.create(model=SERVED_MODEL, messages=messages, max_tokens=1)
+    with_bos = client.chat.completions.create(
+        model=SERVED_MODEL, messages=messages, max_tokens=1, extra_body={"add_special_tokens": True}
+    )
+    assert with_bos.usage.prompt_tokens == plain.usage.prompt_tokens + 1
