@@ -12,6 +12,7 @@ from contract.bounds import AT_LEAST_ONE, LEASE_MS, NON_NEGATIVE, PORT, POSITIVE
 ROUTING_POLICIES = ("kv_aware", "load")
 MIGRATION_POLICIES = ("prefill", "local")
 LEASE_POLICIES = ("recompute", "fail")
+SCHEDULING_POLICIES = ("fcfs", "priority")
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,8 @@ class RouterConfig:
     max_running: int = 256
     max_queued: int = 512
     queue_timeout_s: float = 30.0
+    # "fcfs": the queue in arrival order; "priority": by each request's priority (lower first), then arrival
+    scheduling_policy: str = "fcfs"
     # routing
     routing_policy: str = "kv_aware"  # "kv_aware" | "load"
     kv_weight: float = 1.0  # w in: cost(P) = w * uncached prompt blocks on P + active load of P
@@ -143,7 +146,12 @@ BOUNDS = {
 }
 
 # The settings with a fixed set of values (RouterConfig checks them; the CLI offers them as choices).
-CHOICES = {"routing_policy": ROUTING_POLICIES, "migration_policy": MIGRATION_POLICIES, "lease_policy": LEASE_POLICIES}
+CHOICES = {
+    "routing_policy": ROUTING_POLICIES,
+    "migration_policy": MIGRATION_POLICIES,
+    "lease_policy": LEASE_POLICIES,
+    "scheduling_policy": SCHEDULING_POLICIES,
+}
 
 # What each RouterConfig field means, in a line: the one help text of `splitserve router`'s and `splitserve up`'s flags
 # (cluster/cli.py derives them, names, types and defaults included, from the fields) and of the docs.
@@ -164,6 +172,8 @@ FIELD_HELP = {
     "max_running": "requests served at once; beyond it they queue",
     "max_queued": "requests waiting for a slot; beyond it: 429",
     "queue_timeout_s": "seconds a request may wait in the queue for a slot (then 503)",
+    "scheduling_policy": "the order of the queue: fcfs (arrival) or priority (each request's priority, lower first, "
+    "then arrival; with fcfs a request that sets one is refused)",
     "routing_policy": "kv_aware: prefer workers whose prefix cache holds the prompt; load: least loaded only",
     "kv_weight": "w in cost(P) = w * uncached prompt blocks on P + active load of P",
     "local_prefill_threshold": "uncached prompt tokens below which the decode worker prefills itself",

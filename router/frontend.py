@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import heapq
+import itertools
 import logging
 import secrets
 import time
@@ -33,6 +35,7 @@ def log_access(client: str, request: str, status: int | str, started: float, req
     ACCESS_LOG.info('%s "%s" %s %.1f ms request_id=%s', client, request, status, took_ms, request_id)
 
 
+MAX_PRIORITY = (1 << 31) - 1  # a request's priority is gRPC's int32 (lower goes first)
 MAX_REQUEST_ID_CHARS = 256  # a client's request id is echoed (gRPC: in every chunk): a longer one is refused
 
 # The id the client knows the request being served by (X-Request-Id, gRPC's request_id); "" where it gave none
@@ -62,14 +65,27 @@ class Overloaded(GenerationError):
 
 class Admission:
     """At most ``max_running`` requests in flight; up to ``max_queued`` wait; the rest are refused at once.
-    Each choice of a request is admitted on its own."""
+    Each choice of a request is admitted on its own. A slot that frees goes to the first in the queue: by arrival,
+    or (``by_priority``) by the request's priority, lower first, then by arrival."""
 
-    def __init__(self, max_running: int, max_queued: int, queue_timeout_s: float, metrics: RouterMetrics) -> None:
-        self._slots = asyncio.Semaphore(max_running)
+    def __init__(
+        self,
+        max_running: int,
+        max_queued: int,
+        queue_timeout_s: float,
+        metrics: RouterMetrics,
+        by_priority: bool = False,
+    ) -> None:
+        self._free = max_running  # slots no request holds; while any is free, nobody waits
         self._max_running = max_running
         self._max_queued = max_queued
         self._queue_timeout_s = queue_timeout_s
         self._metrics = metrics
+        self.by_priority = by_priority
+        # The queue: (priority, arrival, future), the first in a heap; a future resolved is a slot handed over. One
+        # that left (timed out, its client gone) is cancelled and skipped when it comes up.
+        self._queue: list[tuple[int, int, asyncio.Future]] = []
+        self._arrivals = itertools.count()
         self.waiting = 0
         self.running = 0
 
@@ -87,11 +103,11 @@ class Admission:
             )
 
     @contextlib.asynccontextmanager
-    async def slot(self):
-        if self._slots.locked():
-            await self._queue()
+    async def slot(self, priority: int = 0):
+        if self._free:
+            self._free -= 1  # free: at once (a timeout would cost a timer)
         else:
-            await self._slots.acquire()  # free: returns at once (a timeout would cost a timer)
+            await self._wait(priority if self.by_priority else 0)
         self.running += 1
         self._metrics.running.set(self.running)
         try:
@@ -99,25 +115,42 @@ class Admission:
         finally:
             self.running -= 1
             self._metrics.running.set(self.running)
-            self._slots.release()
+            self._release()
 
-    async def _queue(self) -> None:
-        """Waits for a slot in the queue, or refuses: 429 when the queue is full, 503 after queue_timeout_s."""
+    def _release(self) -> None:
+        """A slot frees: the first in the queue that still waits takes it, or it is free."""
+        while self._queue:
+            _, _, future = heapq.heappop(self._queue)
+            if not future.done():
+                future.set_result(None)
+                return
+        self._free += 1
+
+    async def _wait(self, priority: int) -> None:
+        """Waits in the queue for a slot, or refuses: 429 when the queue is full, 503 after queue_timeout_s."""
         if self.waiting >= self._max_queued:
             raise Overloaded("too many requests in flight; retry shortly", 429, retry_after=1)
+        handed = asyncio.get_running_loop().create_future()
+        heapq.heappush(self._queue, (priority, next(self._arrivals), handed))
         self.waiting += 1
         self._metrics.queue_depth.set(self.waiting)
+        admitted = False
         try:
             # In this task, not wait_for's: a request cancelled (its client gone) in the turn its slot came would see
-            # wait_for return the slot and swallow the cancellation, then run to its end for nobody. Cancelled here,
-            # the semaphore hands the slot on.
+            # wait_for return the slot and swallow the cancellation, then run to its end for nobody.
             async with asyncio.timeout(self._queue_timeout_s):
-                await self._slots.acquire()
+                await handed
+            admitted = True
         except TimeoutError as exc:
             raise Overloaded("the request waited too long for a slot", 503, retry_after=2) from exc
         finally:
             self.waiting -= 1
             self._metrics.queue_depth.set(self.waiting)
+            if not admitted:
+                if handed.done() and not handed.cancelled():
+                    self._release()  # the slot came in the turn it left: the next one takes it
+                else:
+                    handed.cancel()
 
 
 class Frontend:
@@ -130,7 +163,13 @@ class Frontend:
         self.metrics = RouterMetrics(model_name=lambda: getattr(self.model.served, "name", None))
         self.metrics.watch_pool(pool)
         self.orchestrator = Orchestrator(config, pool, self.model, self.metrics)
-        self.admission = Admission(config.max_running, config.max_queued, config.queue_timeout_s, self.metrics)
+        self.admission = Admission(
+            config.max_running,
+            config.max_queued,
+            config.queue_timeout_s,
+            self.metrics,
+            by_priority=config.scheduling_policy == "priority",
+        )
         if config.access_log:
             ACCESS_LOG.setLevel(logging.INFO)  # on at any --log-level: asked for by name
         self.stopping = False  # a stop began: /ready says so (Router.stop), new requests are still served
@@ -228,9 +267,18 @@ class Frontend:
         params: SamplingParams,
         prompt_field: str = "prompt",
         max_tokens_field: str = "max_tokens",
+        priority: int = 0,
     ) -> GenerationRequest:
-        """Checks what the record cannot alone (the prompt, the context, the vocabulary); GenerationError(400)
-        or FieldError names the first problem, by the request's names for the prompt and max_tokens."""
+        """Checks what the record cannot alone (the prompt, the context, the vocabulary, a priority the queue does
+        not order by); GenerationError(400) or FieldError names the first problem, by the request's names for the
+        prompt and max_tokens."""
+        if priority and not self.admission.by_priority:
+            raise FieldError(
+                "priority",
+                "priority orders the queue only under the router's --scheduling-policy priority (it is fcfs)",
+            )
+        if not -MAX_PRIORITY <= priority <= MAX_PRIORITY:
+            raise FieldError("priority", f"priority must lie in [{-MAX_PRIORITY}, {MAX_PRIORITY}]")
         room = self.room(prompt_ids, prompt_field)
         if params.max_tokens > room:
             raise GenerationError(
@@ -244,7 +292,9 @@ class Frontend:
         check_vocabulary(params, self.vocab_size)
         if params.grammar is not None and params.grammar.accepted_prompt_tokens > len(prompt_ids):
             raise _bad("grammar.accepted_prompt_tokens exceeds the prompt", "grammar")
-        return GenerationRequest(secrets.token_hex(16), tuple(prompt_ids), params.to_wire(), _PUBLIC_REQUEST_ID.get())
+        return GenerationRequest(
+            secrets.token_hex(16), tuple(prompt_ids), params.to_wire(), _PUBLIC_REQUEST_ID.get(), priority
+        )
 
     # -- output -----------------------------------------------------------------------------------
 
@@ -257,7 +307,7 @@ class Frontend:
             async with asyncio.timeout(None) as deadline:
                 self._in_flight[deadline] = True
                 try:
-                    async with self.admission.slot():
+                    async with self.admission.slot(request.priority):
                         if not self.pool.of_role("decode"):
                             self._check_decode_workers()  # names the incompatible workers, if that is why
                             message = with_reasons("no decode worker is ready", self.pool.unavailable("decode"))

@@ -37,7 +37,7 @@ _STATUS = {
 # Every field of every request message, honoured (tests/router/test_request_fields.py walks the protos and fails on a
 # field missing here). Nothing is refused: the messages carry only what the router implements.
 HONOURED: dict[str, frozenset[str]] = {
-    "CompletionRequest": frozenset({"model", "text", "token_ids", "chat", "params", "request_id"}),
+    "CompletionRequest": frozenset({"model", "text", "token_ids", "chat", "params", "request_id", "priority"}),
     "ChatMessages": frozenset({"messages"}),
     "ChatMessage": frozenset({"role", "content"}),
     "TokenIds": frozenset({"ids"}),
@@ -81,7 +81,8 @@ class GenerateService(generate_pb2_grpc.GenerateServicer):
             check_request_id(request.request_id, "request_id")
             serving(request.request_id)
             prompt = self._prompt(request)
-            job = frontend.build(prompt, SamplingParams.from_wire(request.params, DEFAULT_MAX_TOKENS))
+            params = SamplingParams.from_wire(request.params, DEFAULT_MAX_TOKENS)
+            job = frontend.build(prompt, params, priority=request.priority)
             async for delta in frontend.stream(job):
                 chunk = generate_pb2.CompletionChunk(
                     request_id=request.request_id or job.request_id,

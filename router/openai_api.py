@@ -85,6 +85,7 @@ _SAMPLING_HONOURED = frozenset(
         "add_special_tokens",
         "prompt_logprobs",
         "bad_words",
+        "priority",
         # structured output (router/structured.py): one grammar from any one of these
         "response_format",
         "guided_json",
@@ -137,7 +138,6 @@ _SAMPLING_REFUSED: dict[str, Refusal] = {
     # true, vLLM's default that clients send, is what the tokenizer does with the special tokens' texts it keeps
     "spaces_between_special_tokens": Refusal("special tokens are decoded as the tokenizer joins them", (None, True)),
     "logits_processors": Refusal(),
-    "priority": Refusal(neutral=(None, 0)),
     "request_id": Refusal(),
 }
 COMPLETION_REFUSED: dict[str, Refusal] = {
@@ -268,6 +268,7 @@ class _SamplingFields(_Strict):
     structured_outputs: dict[str, Any] | None = None  # vLLM's: {"json" | "regex" | "choice" | "grammar" | ...: ...}
     # vLLM's: keep the prompt's last n tokens (-1: as many as the context holds); text echoed is then theirs
     truncate_prompt_tokens: int | None = None
+    priority: int = 0  # vLLM's: the request's place in the router's queue, lower first (scheduling_policy priority)
     bad_words: list[str] | None = None  # vLLM's: words never generated (contract/sampling.py)
     prompt_logprobs: int | None = None  # vLLM's: each prompt token's logprob, rank and the n most likely (not streamed)
     add_special_tokens: bool | None = None  # the tokenizer's BOS/EOS around the prompt (default: completions only)
@@ -613,7 +614,7 @@ def create_app(frontend: Frontend, api_keys: tuple[str, ...] = ()) -> FastAPI:
         frontend.admission.check_fits(len(prompts), shape.best_of, "n" if body.best_of is None else "best_of")
         # Choice i * best_of + j is prompt i's j-th candidate: seeded alike whatever the prompt's place in the list.
         candidates = _seeded(params, shape.best_of)
-        jobs = [frontend.build(p, candidate) for p in prompts for candidate in candidates]
+        jobs = [frontend.build(p, candidate, priority=body.priority) for p in prompts for candidate in candidates]
         return await _respond(request, frontend, body, jobs, "text_completion", "cmpl", completions=shape)
 
     @app.get("/v1/models/{model_id:path}", responses=errors(*_GUARDED, 404))
@@ -661,7 +662,9 @@ def create_app(frontend: Frontend, api_keys: tuple[str, ...] = ()) -> FastAPI:
         tool_grammar = tools.grammar() if tools else None
         room = frontend.room(prompt, "messages") if max_tokens is None else max_tokens
         params = body.sampling(room, logprobs, tool_grammar, defaulted=max_tokens is None)
-        jobs = [frontend.build(prompt, choice, "messages", limit_field) for choice in _seeded(params, body.n)]
+        jobs = [
+            frontend.build(prompt, choice, "messages", limit_field, body.priority) for choice in _seeded(params, body.n)
+        ]
         calls = tools if tools is not None and tools.parses else None
         return await _respond(request, frontend, body, jobs, "chat.completion", "chatcmpl", calls)
 

@@ -112,6 +112,7 @@ class GenerationRequest:
     prompt_token_ids: tuple[int, ...]
     params: common_pb2.SamplingParams
     public_id: str = ""  # the client's name for it (X-Request-Id, gRPC's request_id), if another
+    priority: int = 0  # its place in the router's queue under scheduling_policy "priority": lower first
 
     @property
     def named(self) -> str:

@@ -19,6 +19,7 @@ import tests.router.test_errors as error_tests
 import tests.router.test_grpc_api as grpc_tests
 import tests.router.test_openai_api as api_tests
 import tests.router.test_openai_contract as contract_tests
+import tests.router.test_priority as priority_tests
 import tests.router.test_responses_api as responses_tests
 import tests.router.test_structured_output as structured_tests
 import tests.router.test_tool_messages as tool_message_tests
@@ -460,6 +461,7 @@ BEHAVIOUR = {
         "truncate_prompt_tokens": rendering_tests.test_truncate_prompt_tokens_keeps_the_prompts_tail,
         "prompt_logprobs": contract_tests.test_prompt_logprobs_are_transformers_scores_and_ranks,
         "bad_words": contract_tests.test_bad_words_on_both_paths,
+        "priority": priority_tests.test_a_freed_slot_goes_to_the_lowest_priority_then_the_earliest,
         "include": responses_tests.test_included_logprobs_are_the_chat_completions_whole_and_streamed,
         "tokens": contract_tests.test_model_tokenize_detokenize_and_version_endpoints,
         "input": responses_tests.test_a_response_is_the_chat_completion_of_its_instructions_and_input,
@@ -486,6 +488,7 @@ BEHAVIOUR = {
         "content": grpc_tests.test_grpc_streams_the_same_tokens_as_http,
         "params": test_grpc_sampling_params_mean_what_http_means,
         "request_id": grpc_tests.test_grpc_streams_the_same_tokens_as_http,
+        "priority": priority_tests.test_priorities_out_of_grpcs_range_are_refused,
         "kind": structured_tests.test_grpc_grammar_continues_after_accepted_prompt_tokens,
         "accepted_prompt_tokens": structured_tests.test_grpc_grammar_continues_after_accepted_prompt_tokens,
     },

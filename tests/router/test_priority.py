@@ -1,0 +1,103 @@
+"""--scheduling-policy priority (vLLM's `priority`: lower goes first): a slot that frees goes to the queued request
+with the lowest priority, then to the earliest; under the default fcfs a request that sets one is refused by name,
+over HTTP and gRPC. A queued request that leaves (its client gone, its queue timeout) hands on nothing and loses no
+slot."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import grpc
+import pytest
+
+from protos import common_pb2, generate_pb2, generate_pb2_grpc
+from tests.router.conftest import SERVED_MODEL, random_prompt, start_stream, wait_for
+from tests.router.test_errors import assert_error, post
+
+
+def _queued(router) -> int:
+    return router.router.frontend.admission.waiting
+
+
+def test_a_freed_slot_goes_to_the_lowest_priority_then_the_earliest(make_router, cluster, rng):
+    router = make_router(cluster.prefills, [cluster.decode], max_running=1, max_queued=8, scheduling_policy="priority")
+    client = router.openai()
+    holder = start_stream(client, random_prompt(rng, 8), 300)  # holds the only slot while the others queue
+    wait_for(lambda: holder.ids, 30, "the first request to run")
+    first_token_at: dict[str, float] = {}
+
+    def queued(name: str, priority: int) -> None:
+        chunks = client.completions.create(
+            model=SERVED_MODEL,
+            prompt=[random_prompt(rng, 8)],
+            max_tokens=12,
+            temperature=0,
+            stream=True,
+            extra_body={"priority": priority, "ignore_eos": True},
+        )
+        for _ in chunks:
+            first_token_at.setdefault(name, time.monotonic())
+
+    threads = []
+    for count, (name, priority) in enumerate([("late-5", 5), ("one", 1), ("three", 3), ("one-again", 1), ("neg", -2)]):
+        threads.append(threading.Thread(target=queued, args=(name, priority), daemon=True))
+        threads[-1].start()
+        wait_for(lambda n=count + 1: _queued(router) == n, 10, f"{name} to queue")
+    assert not holder.done.is_set(), "the first request ended before the queue filled: lengthen it"
+    for thread in threads:
+        thread.join(60)
+    assert holder.error is None and len(first_token_at) == 5
+    assert sorted(first_token_at, key=first_token_at.get) == ["neg", "one", "one-again", "three", "late-5"]
+
+
+def test_a_request_that_leaves_the_queue_loses_no_slot(make_router, cluster, rng):
+    router = make_router(
+        cluster.prefills,
+        [cluster.decode],
+        max_running=1,
+        max_queued=4,
+        queue_timeout_s=0.3,
+        scheduling_policy="priority",
+    )
+    client = router.openai()
+    holder = start_stream(client, random_prompt(rng, 8), 400)
+    wait_for(lambda: holder.ids, 30, "the first request to run")
+    body = {"model": SERVED_MODEL, "prompt": "wait", "max_tokens": 2, "priority": 1}
+    assert_error(post(router, "/v1/completions", body), 503)  # waited 0.3 s: its queue timeout
+    assert not holder.done.is_set(), "the first request ended before the other timed out: lengthen it"
+    assert _queued(router) == 0
+    assert holder.done.wait(60) and holder.error is None
+    for _ in range(3):  # the slot is free again, each time
+        assert post(router, "/v1/completions", body).status_code == 200
+    assert router.router.frontend.admission.running == 0
+
+
+def test_without_the_priority_policy_a_priority_is_refused_by_name(router):
+    body = {"model": SERVED_MODEL, "prompt": "first", "max_tokens": 2}
+    assert post(router, "/v1/completions", {**body, "priority": 0}).status_code == 200  # the default asks nothing
+    error = assert_error(post(router, "/v1/completions", {**body, "priority": 3}), 400, param="priority")
+    assert "--scheduling-policy priority" in error["message"]
+    chat = {"model": SERVED_MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "priority": -1}
+    assert_error(post(router, "/v1/chat/completions", chat), 400, param="priority")
+    with grpc.insecure_channel(router.grpc) as channel:
+        request = generate_pb2.CompletionRequest(
+            text="first", params=common_pb2.SamplingParams(max_tokens=2), priority=2
+        )
+        with pytest.raises(grpc.RpcError) as refused:
+            list(generate_pb2_grpc.GenerateStub(channel).Generate(request, timeout=30))
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "priority" in refused.value.details()
+
+
+def test_priorities_out_of_grpcs_range_are_refused(make_router, cluster):
+    router = make_router(cluster.prefills, [cluster.decode], scheduling_policy="priority")
+    body = {"model": SERVED_MODEL, "prompt": "range", "max_tokens": 2}
+    assert post(router, "/v1/completions", {**body, "priority": (1 << 31) - 1}).status_code == 200
+    for value in (1 << 31, -(1 << 31) - 1, 1 << 80):
+        assert_error(post(router, "/v1/completions", {**body, "priority": value}), 400, param="priority")
+    with grpc.insecure_channel(router.grpc) as channel:
+        request = generate_pb2.CompletionRequest(
+            text="range", params=common_pb2.SamplingParams(max_tokens=2), priority=-7
+        )
+        chunks = list(generate_pb2_grpc.GenerateStub(channel).Generate(request, timeout=30))
+    assert chunks[-1].usage.completion_tokens == 2
