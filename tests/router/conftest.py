@@ -8,6 +8,8 @@ lasts seconds — long enough for kills and disconnects to land mid-stream.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import os
 import random
 import re
@@ -26,10 +28,12 @@ import openai
 import pytest
 import torch
 from prometheus_client.parser import text_string_to_metric_families
+from tokenizers import Tokenizer as BackendTokenizer
 
 from router.config import RouterConfig
 from router.server import Router, new_event_loop
 from tests.checkpoints import write_checkpoint
+from tests.engine.test_tokenizer import write_model_dir
 from tests.workers.harness import WorkerProcess, start_workers, stop_process, stop_workers
 
 SERVED_MODEL = "tiny-llama"
@@ -201,6 +205,46 @@ def complete_ids(router: RouterThread, prompt: list[int], max_tokens: int) -> li
         .choices[0]
     )
     return token_ids(choice.logprobs.tokens)
+
+
+@dataclass
+class TemplatedModel:
+    model_dir: Path
+    model: object  # the transformers model the worker serves, fp32
+    router: RouterThread
+
+    @functools.cached_property
+    def oracle(self):
+        """transformers' tokenizer of the same directory: the oracle of what the chat template renders."""
+        import transformers
+
+        return transformers.AutoTokenizer.from_pretrained(str(self.model_dir))
+
+    def oracle_ids(self, messages: list[dict], **kwargs) -> list[int]:
+        """The prompt transformers renders and tokenizes from ``messages`` (``kwargs``: apply_chat_template's)."""
+        ids = self.oracle.apply_chat_template(messages, tokenize=True, return_dict=False, **kwargs)
+        return list(ids["input_ids"] if isinstance(ids, dict) else ids)
+
+
+@contextlib.contextmanager
+def templated_model(model_dir: Path, chat_template: str, seed: int) -> Iterator[TemplatedModel]:
+    """A random Qwen2 with a trained BPE tokenizer and ``chat_template``, written to ``model_dir``, served by one
+    decode worker behind a router in this process (for tests of what a chat template makes of a request)."""
+    write_model_dir(model_dir, chat_template=chat_template)
+    vocab = BackendTokenizer.from_file(str(model_dir / "tokenizer.json")).get_vocab_size(with_added_tokens=True)
+    model = write_checkpoint(model_dir, "Qwen2ForCausalLM", seed=seed, vocab_size=vocab, max_position_embeddings=2048)
+    (decode,) = start_workers(("decode", str(model_dir)))
+    try:
+        config = RouterConfig(
+            port=0, grpc_port=0, decode_addresses=(decode.address,), health_interval_s=0.2, request_timeout_s=60.0
+        )
+        router = RouterThread(config)
+        try:
+            yield TemplatedModel(model_dir, model, router)
+        finally:
+            router.stop()
+    finally:
+        stop_workers([decode])
 
 
 # -- fixtures ---------------------------------------------------------------------------------------

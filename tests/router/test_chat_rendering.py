@@ -8,25 +8,20 @@ reads ``enable_thinking``; the oracle is transformers rendering the same convers
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
-from tokenizers import Tokenizer as BackendTokenizer
 
-from router.config import RouterConfig
-from tests.checkpoints import write_checkpoint
-from tests.engine.test_tokenizer import write_model_dir
 from tests.router.conftest import (
     MAX_MODEL_LEN,
     SERVED_MODEL,
     RouterThread,
+    TemplatedModel,
     greedy_ignoring_eos,
     random_prompt,
+    templated_model,
     token_ids,
 )
 from tests.router.test_errors import assert_error, post
-from tests.workers.harness import start_workers, stop_workers
 
 MODEL = "bpe-qwen-thinking"
 THINKING_TEMPLATE = """{%- for message in messages %}
@@ -42,41 +37,10 @@ STARTED = [*QUESTION, {"role": "assistant", "content": "A colour: bl"}]
 GREEDY = {"ignore_eos": True, "return_tokens_as_token_ids": True}
 
 
-@dataclass
-class Setup:
-    model_dir: Path
-    model: object  # the transformers model the worker serves, fp32
-    router: RouterThread
-
-
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory) -> Iterator[Setup]:
-    model_dir = write_model_dir(tmp_path_factory.mktemp("rendering") / MODEL, chat_template=THINKING_TEMPLATE)
-    vocab = BackendTokenizer.from_file(str(model_dir / "tokenizer.json")).get_vocab_size(with_added_tokens=True)
-    model = write_checkpoint(model_dir, "Qwen2ForCausalLM", seed=11, vocab_size=vocab, max_position_embeddings=2048)
-    (decode,) = start_workers(("decode", str(model_dir)))
-    try:
-        config = RouterConfig(
-            port=0, grpc_port=0, decode_addresses=(decode.address,), health_interval_s=0.2, request_timeout_s=60.0
-        )
-        router = RouterThread(config)
-        try:
-            yield Setup(model_dir, model, router)
-        finally:
-            router.stop()
-    finally:
-        stop_workers([decode])
-
-
-@pytest.fixture(scope="module")
-def oracle(setup):
-    transformers = pytest.importorskip("transformers")
-    return transformers.AutoTokenizer.from_pretrained(str(setup.model_dir))
-
-
-def _hf_ids(oracle, messages: list[dict], **kwargs) -> list[int]:
-    ids = oracle.apply_chat_template(messages, tokenize=True, return_dict=False, **kwargs)
-    return list(ids["input_ids"] if isinstance(ids, dict) else ids)
+def setup(tmp_path_factory) -> Iterator[TemplatedModel]:
+    with templated_model(tmp_path_factory.mktemp("rendering") / MODEL, THINKING_TEMPLATE, seed=11) as served:
+        yield served
 
 
 def _tokenize(router: RouterThread, messages: list[dict], **fields) -> list[int]:
@@ -85,7 +49,7 @@ def _tokenize(router: RouterThread, messages: list[dict], **fields) -> list[int]
     return response.json()["tokens"]
 
 
-def test_chat_template_fields_give_the_prompt_transformers_renders(setup, oracle):
+def test_chat_template_fields_give_the_prompt_transformers_renders(setup):
     router = setup.router
     cases = [  # (the request's fields, the conversation, transformers' arguments)
         ({}, QUESTION, dict(add_generation_prompt=True)),
@@ -111,14 +75,16 @@ def test_chat_template_fields_give_the_prompt_transformers_renders(setup, oracle
     seen = set()
     for fields, messages, hf_kwargs in cases:
         ours = _tokenize(router, messages, **fields)
-        assert ours == _hf_ids(oracle, messages, **hf_kwargs), fields
+        assert ours == setup.oracle_ids(messages, **hf_kwargs), fields
         seen.add(tuple(ours))
     # Two pairs render alike: continuing with and without an explicit add_generation_prompt false, and
     # enable_thinking true with the template's default.
     assert len(seen) == len(cases) - 2
-    opened = oracle.decode(_tokenize(router, STARTED, continue_final_message=True))
+    opened = setup.oracle.decode(_tokenize(router, STARTED, continue_final_message=True))
     assert opened.endswith("<|im_start|>assistant\nA colour: bl"), opened
-    assert "<think>" in oracle.decode(_tokenize(router, QUESTION, chat_template_kwargs={"enable_thinking": False}))
+    assert "<think>" in setup.oracle.decode(
+        _tokenize(router, QUESTION, chat_template_kwargs={"enable_thinking": False})
+    )
 
     # The model sees those prompts: its greedy tokens are transformers' on transformers' prompt.
     client = router.openai()
@@ -130,7 +96,7 @@ def test_chat_template_fields_give_the_prompt_transformers_renders(setup, oracle
         out = client.chat.completions.create(
             model=MODEL, messages=messages, max_tokens=6, temperature=0, logprobs=True, extra_body={**GREEDY, **fields}
         )
-        prompt = _hf_ids(oracle, messages, **hf_kwargs)
+        prompt = setup.oracle_ids(messages, **hf_kwargs)
         assert out.usage.prompt_tokens == len(prompt)
         generated = token_ids([t.token for t in out.choices[0].logprobs.content])
         assert generated == greedy_ignoring_eos(setup.model, prompt, 6), fields

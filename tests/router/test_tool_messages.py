@@ -10,21 +10,15 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from dataclasses import dataclass
-from pathlib import Path
 
 import httpx
 import pytest
-from tokenizers import Tokenizer as BackendTokenizer
 
 from engine.tokenizer import HFTokenizer
-from router.config import RouterConfig
-from tests.checkpoints import write_checkpoint
 from tests.engine.test_tokenizer import write_model_dir
-from tests.router.conftest import RouterThread, greedy_ignoring_eos, token_ids
+from tests.router.conftest import TemplatedModel, greedy_ignoring_eos, templated_model, token_ids
 from tests.router.test_errors import assert_error, post
 from tests.router.test_structured_output import QWEN_TOOLS_TEMPLATE, WEATHER
-from tests.workers.harness import start_workers, stop_workers
 
 MODEL = "bpe-qwen-tools"
 QWEN25_TEMPLATE = """{%- if tools %}
@@ -76,50 +70,19 @@ def second_turn(arguments=json.dumps) -> list[dict]:
     ]
 
 
-@dataclass
-class Setup:
-    model_dir: Path
-    model: object  # the transformers model the worker serves, fp32
-    router: RouterThread
-
-
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory) -> Iterator[Setup]:
-    model_dir = write_model_dir(tmp_path_factory.mktemp("tool-messages") / MODEL, chat_template=QWEN25_TEMPLATE)
-    vocab = BackendTokenizer.from_file(str(model_dir / "tokenizer.json")).get_vocab_size(with_added_tokens=True)
-    model = write_checkpoint(model_dir, "Qwen2ForCausalLM", seed=7, vocab_size=vocab, max_position_embeddings=2048)
-    (decode,) = start_workers(("decode", str(model_dir)))
-    try:
-        config = RouterConfig(
-            port=0, grpc_port=0, decode_addresses=(decode.address,), health_interval_s=0.2, request_timeout_s=60.0
-        )
-        router = RouterThread(config)
-        try:
-            yield Setup(model_dir, model, router)
-        finally:
-            router.stop()
-    finally:
-        stop_workers([decode])
+def setup(tmp_path_factory) -> Iterator[TemplatedModel]:
+    with templated_model(tmp_path_factory.mktemp("tool-messages") / MODEL, QWEN25_TEMPLATE, seed=7) as served:
+        yield served
 
 
-@pytest.fixture(scope="module")
-def oracle(setup):
-    transformers = pytest.importorskip("transformers")
-    return transformers.AutoTokenizer.from_pretrained(str(setup.model_dir))
-
-
-def _hf_ids(oracle, messages: list[dict], **kwargs) -> list[int]:
-    ids = oracle.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False, **kwargs)
-    return list(ids["input_ids"] if isinstance(ids, dict) else ids)
-
-
-def test_a_second_turn_with_tool_results_is_the_prompt_transformers_renders(setup, oracle):
+def test_a_second_turn_with_tool_results_is_the_prompt_transformers_renders(setup):
     http = httpx.post(
         f"{setup.router.http}/tokenize", json={"model": MODEL, "messages": second_turn()}, timeout=30
     ).raise_for_status()
-    expected = _hf_ids(oracle, second_turn(arguments=dict))
+    expected = setup.oracle_ids(second_turn(arguments=dict), add_generation_prompt=True)
     assert http.json()["tokens"] == expected
-    text = oracle.decode(expected)
+    text = setup.oracle.decode(expected)
     assert '"arguments": {"city": "Paris", "unit": "celsius", "days": 2}' in text  # an object, not a quoted string
     assert text.count("<tool_response>") == 2
 
@@ -134,7 +97,7 @@ def test_a_second_turn_with_tool_results_is_the_prompt_transformers_renders(setu
         logprobs=True,
         extra_body={"ignore_eos": True, "return_tokens_as_token_ids": True},
     )
-    prompt = _hf_ids(oracle, second_turn(arguments=dict), tools=[WEATHER])
+    prompt = setup.oracle_ids(second_turn(arguments=dict), tools=[WEATHER], add_generation_prompt=True)
     assert out.usage.prompt_tokens == len(prompt) > len(expected)
     generated = token_ids([t.token for t in out.choices[0].logprobs.content])
     assert generated == greedy_ignoring_eos(setup.model, prompt, 8)
