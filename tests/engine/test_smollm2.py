@@ -168,7 +168,7 @@ def test_special_tokens_text_is_kept_on_request(engine):
     assert (skipped.text, shown_middle.text) == ("", "<|im_start|>" * 3)
 
 
-def test_served_by_router_and_workers_through_the_openai_sdk(built):
+def test_served_by_router_and_workers_through_the_openai_sdk(built, hf):
     assert os.environ["SPLITSERVE_CACHE"] == str(built.parent.parent)  # the workers resolve the name alike
     workers = start_workers(("prefill", PRESET), ("decode", PRESET))
     router = None
@@ -197,6 +197,26 @@ def test_served_by_router_and_workers_through_the_openai_sdk(built):
             extra_body={"skip_special_tokens": False, "include_stop_str_in_output": True},
         )
         assert shown.choices[0].message.content == answer.choices[0].message.content + "<|im_end|>"
+        # An answer begun by the client, continued (the prompt transformers renders with continue_final_message).
+        _, hf_tokenizer = hf
+        begun = [*QUESTION, {"role": "assistant", "content": "The capital of France is"}]
+        continued = client.chat.completions.create(
+            model=PRESET,
+            messages=begun,
+            max_tokens=8,
+            temperature=0.0,
+            extra_body={"continue_final_message": True},
+        )
+        rendered = hf_tokenizer.apply_chat_template(
+            begun, continue_final_message=True, tokenize=True, return_dict=False
+        )
+        prompt = list(rendered["input_ids"] if hasattr(rendered, "keys") else rendered)
+        assert continued.usage.prompt_tokens == len(prompt)
+        assert (
+            continued.choices[0].message.content
+            == hf_tokenizer.decode(hf_greedy(hf[0], prompt, 8)).split("<|im_end|>")[0]
+        )
+        assert "Paris" in continued.choices[0].message.content
     finally:
         if router is not None:
             router.stop()
