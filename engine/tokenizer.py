@@ -152,22 +152,33 @@ class ChatTemplate:
         ``template_kwargs`` sets variables the template reads beyond what render sets (``extra_variables``,
         e.g. a Qwen3 template's ``enable_thinking``); any other name is a FieldError naming chat_template_kwargs.
         ``continue_final_message`` renders the conversation up to the final (assistant) message's content and
-        leaves that message open for the model to continue, cut where transformers cuts it."""
+        leaves that message open for the model to continue, cut where transformers cuts it. A message's ``name``
+        reaches the template; FieldError naming the first where the template renders the same without them."""
         kwargs = dict(template_kwargs or {})
         for name in kwargs:
             if name not in self.extra_variables:
                 raise FieldError("chat_template_kwargs", self._not_settable(name))
         said = _continued(messages, add_generation_prompt) if continue_final_message else messages
-        try:
-            text = self._template.render(
-                messages=said,
-                add_generation_prompt=add_generation_prompt,
-                tools=tools,
-                **special_tokens,
-                **kwargs,
+
+        def rendered(conversation: list[dict]) -> str:
+            try:
+                return self._template.render(
+                    messages=conversation,
+                    add_generation_prompt=add_generation_prompt,
+                    tools=tools,
+                    **special_tokens,
+                    **kwargs,
+                )
+            except Exception as exc:  # the template is the model's code: any failure means it rejects these messages
+                raise InvalidRequestError(f"chat template cannot render these messages: {exc}") from exc
+
+        text = rendered(said)
+        named = [i for i, message in enumerate(said) if message.get("name") is not None]
+        if named and rendered([{k: v for k, v in m.items() if k != "name"} for m in said]) == text:
+            raise FieldError(
+                f"messages.{named[0]}.name",
+                "the model's chat template does not render names, so the model would not see it",
             )
-        except Exception as exc:  # the template is the model's code: any failure means it rejects these messages
-            raise InvalidRequestError(f"chat template cannot render these messages: {exc}") from exc
         return _cut_at_tag(text, messages[-1]["content"]) if continue_final_message else text
 
     def _not_settable(self, name: str) -> str:

@@ -112,7 +112,7 @@ CHAT_HONOURED = _SAMPLING_HONOURED | {
     "continue_final_message",
     "chat_template_kwargs",
 }
-MESSAGE_HONOURED = frozenset({"role", "content", "tool_calls", "tool_call_id"})
+MESSAGE_HONOURED = frozenset({"role", "content", "tool_calls", "tool_call_id", "name"})
 STREAM_OPTIONS_HONOURED = frozenset({"include_usage", "continuous_usage_stats"})
 
 
@@ -165,7 +165,6 @@ CHAT_REFUSED: dict[str, Refusal] = {
     "mm_processor_kwargs": Refusal(),
 }
 MESSAGE_REFUSED: dict[str, Refusal] = {
-    "name": Refusal(),
     "function_call": Refusal(_NO_TOOLS),
     "refusal": Refusal(),
     "audio": Refusal(),
@@ -336,6 +335,7 @@ class ChatMessageBody(_refusing("_ChatMessageRefused", _Strict, MESSAGE_REFUSED)
     content: str | list[dict[str, Any]] | None = None
     tool_calls: list[Any] | None = None  # an assistant's earlier calls; checked by router/structured.py
     tool_call_id: str | None = None  # the call a tool message answers
+    name: str | None = None  # the participant's: to the template, refused where it renders none (ChatTemplate.render)
 
     def text(self) -> str:
         if isinstance(self.content, list):
@@ -720,7 +720,7 @@ def _conversation(frontend: Frontend, messages: list[ChatMessageBody]) -> list[d
             content = None if m.content is None else m.text()
         except ValueError as exc:
             raise GenerationError(str(exc), 400, "invalid_request_error", "messages") from exc
-        fields = {"tool_calls": m.tool_calls, "tool_call_id": m.tool_call_id}
+        fields = {"tool_calls": m.tool_calls, "tool_call_id": m.tool_call_id, "name": m.name}
         said.append({"role": m.role, "content": content, **{k: v for k, v in fields.items() if v is not None}})
     return tool_turns(said, frontend.tokenizer.supports_tool_calls)
 

@@ -316,6 +316,8 @@ def tool_turns(messages: list[dict], renders_tool_calls: bool) -> list[dict]:
         if message["role"] not in CHAT_ROLES:
             raise FieldError(f"{where}.role", f"{where}.role must be one of {', '.join(CHAT_ROLES)}")
         turn = {"role": message["role"], "content": message["content"]}
+        if message.get("name") is not None:
+            turn["name"] = message["name"]
         if message.get("tool_calls"):
             if message["role"] != "assistant":
                 raise FieldError(f"{where}.tool_calls", "only assistant messages carry tool_calls")

@@ -25,7 +25,8 @@ from tests.router.test_errors import assert_error, post
 
 MODEL = "bpe-qwen-thinking"
 THINKING_TEMPLATE = """{%- for message in messages %}
-{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>\\n' }}
+{{- '<|im_start|>' + message.role + (' ' + message.name if message.name is defined else '') + '\\n' }}
+{{- message.content + '<|im_end|>\\n' }}
 {%- endfor %}
 {%- if add_generation_prompt %}
 {{- '<|im_start|>assistant\\n' }}
@@ -53,6 +54,7 @@ def test_chat_template_fields_give_the_prompt_transformers_renders(setup):
     router = setup.router
     cases = [  # (the request's fields, the conversation, transformers' arguments)
         ({}, QUESTION, dict(add_generation_prompt=True)),
+        ({}, [{**QUESTION[0], "name": "ada"}], dict(add_generation_prompt=True)),  # a template that renders names
         ({"add_generation_prompt": False}, QUESTION, dict(add_generation_prompt=False)),
         ({"continue_final_message": True}, STARTED, dict(continue_final_message=True)),
         ({"continue_final_message": True, "add_generation_prompt": False}, STARTED, dict(continue_final_message=True)),
