@@ -78,17 +78,24 @@ class Tokenizer(ABC):
         tools: list[dict] | None = None,
         continue_final_message: bool = False,
         template_kwargs: Mapping[str, Any] | None = None,
+        documents: list[dict] | None = None,
     ) -> str:
         """Render a conversation (``[{"role": ..., "content": ...}, ...]``) as prompt text.
 
         Many templates already emit ``bos_token``: encode their output with ``add_special_tokens=False``
         unless the model needs encode's BOS too. ``tools`` (OpenAI tool definitions) reach the template as
-        transformers passes them; see ``supports_tools``. ``continue_final_message`` and ``template_kwargs``:
-        see ``ChatTemplate.render``. Raises InvalidRequestError when the template rejects the conversation,
-        FieldError for a bad ``continue_final_message`` or ``template_kwargs``.
+        transformers passes them; see ``supports_tools``. ``continue_final_message``, ``template_kwargs`` and
+        ``documents``: see ``ChatTemplate.render``. Raises InvalidRequestError when the template rejects the
+        conversation, FieldError for a field the template cannot honour.
         """
         return self._chat_template.render(
-            messages, add_generation_prompt, self._template_tokens(), tools, continue_final_message, template_kwargs
+            messages,
+            add_generation_prompt,
+            self._template_tokens(),
+            tools,
+            continue_final_message,
+            template_kwargs,
+            documents,
         )
 
     @abstractmethod
@@ -133,6 +140,7 @@ class ChatTemplate:
         parsed = environment.parse(source)
         read = jinja2.meta.find_undeclared_variables(parsed)
         self.reads_tools = "tools" in read
+        self.reads_documents = "documents" in read
         self.reads_tool_calls = _reads_key(parsed, "tool_calls")
         # What a request's chat_template_kwargs may set: the variables the template reads that nobody else sets.
         self._reserved = _SET_BY_RENDER | set(environment.globals)
@@ -146,6 +154,7 @@ class ChatTemplate:
         tools: list[dict] | None = None,
         continue_final_message: bool = False,
         template_kwargs: Mapping[str, Any] | None = None,
+        documents: list[dict] | None = None,
     ) -> str:
         """Prompt text; ``special_tokens`` maps names like ``bos_token`` to their text.
 
@@ -153,7 +162,10 @@ class ChatTemplate:
         e.g. a Qwen3 template's ``enable_thinking``); any other name is a FieldError naming chat_template_kwargs.
         ``continue_final_message`` renders the conversation up to the final (assistant) message's content and
         leaves that message open for the model to continue, cut where transformers cuts it. A message's ``name``
-        reaches the template; FieldError naming the first where the template renders the same without them."""
+        reaches the template; FieldError naming the first where the template renders the same without them.
+        ``documents`` (retrieved passages, as transformers passes them) need a template that reads them."""
+        if documents and not self.reads_documents:
+            raise FieldError("documents", "the model's chat template does not render documents")
         kwargs = dict(template_kwargs or {})
         for name in kwargs:
             if name not in self.extra_variables:
@@ -166,6 +178,7 @@ class ChatTemplate:
                     messages=conversation,
                     add_generation_prompt=add_generation_prompt,
                     tools=tools,
+                    documents=documents,
                     **special_tokens,
                     **kwargs,
                 )
@@ -190,8 +203,7 @@ class ChatTemplate:
         return f"the model's chat template does not read {name!r} (chat_template_kwargs it reads: {readable})"
 
 
-# Variables ChatTemplate.render sets itself (and with the environment's globals, no request overrides them), and
-# ``documents``, which transformers passes alone (a field the chat API refuses).
+# Variables ChatTemplate.render sets itself (and with the environment's globals, no request overrides them).
 _SET_BY_RENDER = frozenset({"messages", "add_generation_prompt", "tools", "documents", *_NAMED_SPECIAL_TOKENS})
 
 

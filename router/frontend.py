@@ -228,6 +228,7 @@ class Frontend:
         add_special_tokens: bool = False,
         continue_final_message: bool = False,
         template_kwargs: Mapping[str, Any] | None = None,
+        documents: list[dict] | None = None,
     ) -> list[int]:
         """The prompt of a conversation. ``add_generation_prompt`` None: opens the assistant's turn unless
         ``continue_final_message`` continues the last one (``Tokenizer.apply_chat_template``)."""
@@ -237,7 +238,7 @@ class Frontend:
             add_generation_prompt = not continue_final_message
         try:
             rendered = self.tokenizer.apply_chat_template(
-                messages, add_generation_prompt, tools, continue_final_message, template_kwargs
+                messages, add_generation_prompt, tools, continue_final_message, template_kwargs, documents
             )
         except InvalidRequestError as exc:
             raise GenerationError(str(exc), 400, "invalid_request_error", "messages") from exc

@@ -111,6 +111,7 @@ CHAT_HONOURED = _SAMPLING_HONOURED | {
     "add_generation_prompt",
     "continue_final_message",
     "chat_template_kwargs",
+    "documents",
 }
 MESSAGE_HONOURED = frozenset({"role", "content", "tool_calls", "tool_call_id", "name"})
 STREAM_OPTIONS_HONOURED = frozenset({"include_usage", "continuous_usage_stats"})
@@ -161,7 +162,6 @@ CHAT_REFUSED: dict[str, Refusal] = {
     "metadata": Refusal("completions are not stored", neutral=(None, {})),
     "service_tier": Refusal(neutral=(None, "auto", "default")),
     "chat_template": Refusal("the model's own chat template is used"),
-    "documents": Refusal(),
     "mm_processor_kwargs": Refusal(),
 }
 MESSAGE_REFUSED: dict[str, Refusal] = {
@@ -354,6 +354,7 @@ class _Rendering(_Strict):
     add_generation_prompt: bool | None = None  # default: open the assistant's turn unless continuing the last one
     continue_final_message: bool = False  # the last (assistant) message stays open for the model to continue
     chat_template_kwargs: dict[str, Any] | None = None  # variables the model's chat template reads
+    documents: list[dict[str, Any]] | None = None  # retrieved passages, for a chat template that renders them
 
 
 class ChatBody(_refusing("_ChatRefused", _SamplingFields, CHAT_REFUSED), _Rendering):
@@ -737,6 +738,7 @@ def _rendered(
         bool(body.add_special_tokens),
         body.continue_final_message,
         body.chat_template_kwargs,
+        body.documents,
     )
 
 

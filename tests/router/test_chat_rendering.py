@@ -1,9 +1,9 @@
 """How a request becomes its prompt, through the real router and workers: the chat-template fields
-(``add_generation_prompt``, ``continue_final_message``, ``chat_template_kwargs``) give the prompt transformers
-renders, and ``truncate_prompt_tokens`` / ``add_special_tokens`` give the tokens they name.
+(``add_generation_prompt``, ``continue_final_message``, ``chat_template_kwargs``, ``documents``, a message's
+``name``) give the prompt transformers renders, and ``truncate_prompt_tokens`` / ``add_special_tokens`` give the tokens they name.
 
 The chat-template checkpoint is a random Qwen2 with a trained BPE tokenizer and a Qwen3-style template that
-reads ``enable_thinking``; the oracle is transformers rendering the same conversation with the same arguments."""
+reads ``enable_thinking`` (and renders documents and names); the oracle is transformers rendering the same conversation with the same arguments."""
 
 from __future__ import annotations
 
@@ -24,7 +24,12 @@ from tests.router.conftest import (
 from tests.router.test_errors import assert_error, post
 
 MODEL = "bpe-qwen-thinking"
-THINKING_TEMPLATE = """{%- for message in messages %}
+THINKING_TEMPLATE = """{%- if documents %}
+{{- '<|im_start|>system\\nDocuments:' }}
+{%- for doc in documents %}{{- '\\n' + doc.title + ': ' + doc.text }}{%- endfor %}
+{{- '<|im_end|>\\n' }}
+{%- endif %}
+{%- for message in messages %}
 {{- '<|im_start|>' + message.role + (' ' + message.name if message.name is defined else '') + '\\n' }}
 {{- message.content + '<|im_end|>\\n' }}
 {%- endfor %}
@@ -35,6 +40,7 @@ THINKING_TEMPLATE = """{%- for message in messages %}
 
 QUESTION = [{"role": "user", "content": "Name a colour."}]
 STARTED = [*QUESTION, {"role": "assistant", "content": "A colour: bl"}]
+DOCUMENTS = [{"title": "Sky", "text": "The sky is blue."}, {"title": "Grass", "text": "Grass is green."}]
 GREEDY = {"ignore_eos": True, "return_tokens_as_token_ids": True}
 
 
@@ -55,6 +61,7 @@ def test_chat_template_fields_give_the_prompt_transformers_renders(setup):
     cases = [  # (the request's fields, the conversation, transformers' arguments)
         ({}, QUESTION, dict(add_generation_prompt=True)),
         ({}, [{**QUESTION[0], "name": "ada"}], dict(add_generation_prompt=True)),  # a template that renders names
+        ({"documents": DOCUMENTS}, QUESTION, dict(add_generation_prompt=True, documents=DOCUMENTS)),
         ({"add_generation_prompt": False}, QUESTION, dict(add_generation_prompt=False)),
         ({"continue_final_message": True}, STARTED, dict(continue_final_message=True)),
         ({"continue_final_message": True, "add_generation_prompt": False}, STARTED, dict(continue_final_message=True)),

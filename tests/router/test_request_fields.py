@@ -126,6 +126,9 @@ def test_nested_refusals_unknown_fields_and_neutral_values(router):
     # A name the model's chat template would not render (the shared checkpoint's built-in one renders none).
     error = assert_error(post(router, chat, {"messages": [{**user, "name": "bob"}]}), 400, param="messages.0.name")
     assert "does not render names" in error["message"]
+    passages = {"messages": [user], "documents": [{"title": "a", "text": "b"}]}
+    error = assert_error(post(router, chat, passages), 400, param="documents")
+    assert "does not render documents" in error["message"]
     body = {"messages": [user], "stream": True, "stream_options": {"continuous_usage_stats": True, "other": 1}}
     assert_error(post(router, chat, body), 400, param="stream_options.other")
     assert_error(
@@ -476,6 +479,7 @@ BEHAVIOUR = {
         "tool_calls": tool_message_tests.test_a_second_turn_with_tool_results_is_the_prompt_transformers_renders,
         "tool_call_id": tool_message_tests.test_tool_turns_that_do_not_add_up_are_a_400_naming_them,
         "name": rendering_tests.test_chat_template_fields_give_the_prompt_transformers_renders,
+        "documents": rendering_tests.test_chat_template_fields_give_the_prompt_transformers_renders,
     },
     "grpc": {
         **{name: test_grpc_sampling_params_mean_what_http_means for name in SAMPLING_FIELDS},
