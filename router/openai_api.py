@@ -603,9 +603,13 @@ def create_app(frontend: Frontend, api_keys: tuple[str, ...] = ()) -> FastAPI:
         sent = _completion_prompts(frontend, body.prompt, body.add_special_tokens is not False)
         prompts = body.prompt_tokens(frontend, sent)
         # Text is echoed as sent, unless truncate_prompt_tokens cut it: then the tokens kept, decoded.
-        as_sent = body.prompt if prompts == sent else prompts
-        texts = _prompt_texts(frontend, as_sent, prompts) if body.echo or body.logprobs is not None else None
-        shape = _Completions.of(body, prompts, texts)
+        cut = prompts != sent
+        texts = (
+            _prompt_texts(frontend, prompts if cut else body.prompt, prompts)
+            if body.echo or body.logprobs is not None
+            else None
+        )
+        shape = _Completions.of(body, prompts, texts, cut)
         defaulted = "max_tokens" not in body.model_fields_set
         params = body.sampling(shape.worker_max_tokens, shape.worker_logprobs(body.logprobs), defaulted=defaulted)
         if body.echo and body.logprobs is not None:
@@ -826,13 +830,16 @@ class _Completions:
     skip_special_tokens: bool = True  # the generated text leaves special tokens out (text offsets count as it does)
 
     @classmethod
-    def of(cls, body: CompletionBody, prompts: list[list[int]], prompt_texts: list[str] | None) -> _Completions:
+    def of(
+        cls, body: CompletionBody, prompts: list[list[int]], prompt_texts: list[str] | None, cut: bool = False
+    ) -> _Completions:
+        """``cut``: truncate_prompt_tokens cut a prompt, so that ``prompt_texts`` are the kept tokens' decoded."""
         best_of = body.n if body.best_of is None else body.best_of
         if best_of < body.n:
             raise FieldError("best_of", f"best_of ({best_of}) must be at least n ({body.n})")
         if body.stream and best_of > body.n:
             raise FieldError("best_of", "best_of greater than n cannot stream: the best are known only at the end")
-        texts_sent = not isinstance(body.prompt, list) or isinstance(body.prompt[0], str)
+        texts_sent = not cut and (not isinstance(body.prompt, list) or isinstance(body.prompt[0], str))
         logprobs = body.logprobs is not None
         return cls(
             prompts,

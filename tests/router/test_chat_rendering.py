@@ -161,9 +161,10 @@ def test_truncate_prompt_tokens_keeps_the_prompts_tail(router, checkpoint, rng):
     assert token_ids(out.choices[0].logprobs.tokens) == tail + greedy_ignoring_eos(checkpoint.model, tail, 8)
     text = "".join(chr(65 + rng.randrange(26)) for _ in range(50))  # a text prompt: its tokens' tail is echoed
     cut = client.completions.create(
-        model=SERVED_MODEL, prompt=text, max_tokens=1, echo=True, extra_body={"truncate_prompt_tokens": 12}
+        model=SERVED_MODEL, prompt=text, max_tokens=1, echo=True, logprobs=0, extra_body={"truncate_prompt_tokens": 12}
     )
     assert (cut.usage.prompt_tokens, cut.choices[0].text[:12]) == (12, text[-12:])
+    assert cut.choices[0].logprobs.text_offset == list(range(13))  # one character a token, counted from the tail
     whole = client.completions.create(
         model=SERVED_MODEL, prompt=[prompt], max_tokens=1, extra_body={"truncate_prompt_tokens": -1}
     )
