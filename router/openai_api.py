@@ -42,12 +42,22 @@ from contract.sampling import FIELDS as SAMPLING_FIELDS
 from contract.sampling import FieldError, SamplingParams, check_text, check_token_ids, logprobs_count, wrap_seed
 from engine.tokenizer import IncrementalDetokenizer, Tokenizer
 from protos import common_pb2
-from router import responses_api
+from router import anthropic_api, responses_api
 from router.config import cors_origin_list
 from router.frontend import Frontend, Overloaded, check_request_id, log_access, serving
 from router.json_route import JsonBodyRoute
 from router.orchestrator import Delta, GenerationError, GenerationRequest
-from router.structured import CHAT_ROLES, Tools, grammar_from_fields, text_format, tool_call_format, tool_turns
+from router.structured import (
+    ANTHROPIC,
+    CHAT,
+    CHAT_ROLES,
+    RESPONSES,
+    Tools,
+    grammar_from_fields,
+    text_format,
+    tool_call_format,
+    tool_turns,
+)
 
 log = logging.getLogger(__name__)
 
@@ -478,6 +488,103 @@ class ResponsesBody(_refusing("_ResponsesRefused", _Strict, RESPONSES_REFUSED)):
         }
 
 
+ANTHROPIC_REFUSED: dict[str, Refusal] = {
+    "thinking": Refusal("the served model does not think", neutral=(None, {"type": "disabled"})),
+    "mcp_servers": Refusal(neutral=(None, [])),
+    "container": Refusal(),
+    "context_management": Refusal(),
+    "service_tier": Refusal(neutral=(None, "auto", "standard_only")),
+    "speed": Refusal(neutral=(None, "standard")),
+    "inference_geo": Refusal(),
+    "diagnostics": Refusal(),
+}
+ANTHROPIC_HONOURED = frozenset(
+    {
+        "model",
+        "max_tokens",
+        "messages",
+        "system",
+        "stop_sequences",
+        "temperature",
+        "top_p",
+        "top_k",
+        "stream",
+        "metadata",
+        "cache_control",
+        "output_config",
+        "tools",
+        "tool_choice",
+    }
+)
+
+
+class _AnthropicPrompt(_Strict):
+    model: str
+    messages: list[Any]
+    system: str | list[Any] | None = None
+    tools: list[Any] | None = None  # client tools (router/structured.py Tools.from_request, Anthropic's shape)
+    tool_choice: dict[str, Any] | None = None
+
+    def said(self, frontend: Frontend) -> tuple[list[dict], Tools | None]:
+        """The chat turns and the tools of the request; FieldError naming what is malformed."""
+        choice = self.tool_choice or {}
+        parallel = choice.get("disable_parallel_tool_use", False)
+        if not isinstance(parallel, bool):
+            raise FieldError("tool_choice.disable_parallel_tool_use", "disable_parallel_tool_use must be a boolean")
+        tools = _tools(frontend, self.tools, self.tool_choice, not parallel, ANTHROPIC)
+        said = anthropic_api.conversation(self.system, self.messages)
+        try:
+            said = tool_turns(said, frontend.tokenizer.supports_tool_calls)
+        except FieldError as exc:  # named as in the chat turns, which are not the messages' places
+            raise FieldError("messages", f"the tool turns in messages do not add up: {exc}") from None
+        return said, tools
+
+    def prompt(self, frontend: Frontend) -> tuple[list[int], Tools | None]:
+        said, tools = self.said(frontend)
+        return frontend.encode_chat(said, tools.template_tools if tools else None), tools
+
+
+class AnthropicBody(_refusing("_AnthropicRefused", _AnthropicPrompt, ANTHROPIC_REFUSED)):
+    """Anthropic's Messages API (router/anthropic_api.py): text in, one assistant message out."""
+
+    max_tokens: int
+    stop_sequences: list[str] | None = None
+    temperature: float = 1.0  # Anthropic's range: [0, 1]
+    top_p: float = 1.0
+    top_k: int = 0  # 0: off
+    stream: bool = False
+    metadata: dict[str, Any] | None = None  # {"user_id": ...}: metadata, changes nothing generated
+    cache_control: dict[str, Any] | None = None  # a hint: every prompt's prefix is cached while the pool holds it
+    output_config: dict[str, Any] | None = None  # {"format": {"type": "json_schema", "schema": ...}}: structured
+
+    def sampling(self, tools: Tools | None) -> SamplingParams:
+        """The record; ``tools``' grammar (a tool_choice of any or one tool) or output_config's format."""
+        tool_grammar = tools.grammar() if tools else None
+        asked = anthropic_api.output_format(self.output_config)
+        if tool_grammar is not None and asked is not None:
+            raise FieldError("tool_choice", "a tool_choice of any or one tool constrains the output already")
+        if self.temperature > anthropic_api.MAX_TEMPERATURE:
+            raise FieldError("temperature", f"temperature must lie in [0, {anthropic_api.MAX_TEMPERATURE}]")
+        anthropic_api.check_metadata(self.metadata)
+        anthropic_api.check_cache_control(self.cache_control, "cache_control")
+        return SamplingParams(
+            max_tokens=self.max_tokens,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=self.top_k,
+            stop=tuple(self.stop_sequences or ()),
+            grammar=tool_grammar or asked,
+        )
+
+
+ANTHROPIC_COUNT_REFUSED = {name: ANTHROPIC_REFUSED[name] for name in ("thinking", "mcp_servers")}
+ANTHROPIC_COUNT_HONOURED = frozenset({"model", "messages", "system", "tools", "tool_choice"})
+
+
+class AnthropicCountBody(_refusing("_AnthropicCountRefused", _AnthropicPrompt, ANTHROPIC_COUNT_REFUSED)):
+    """Anthropic's count_tokens: the prompt tokens its Messages request would have."""
+
+
 class TokenizeBody(_Rendering):
     """vLLM's /tokenize: ``prompt`` (special tokens added unless ``add_special_tokens`` is false) or ``messages``
     (rendered with the chat template as a chat completion's are; special tokens added only if
@@ -533,7 +640,7 @@ def errors(*statuses: int) -> dict[int | str, dict]:
 
 
 # The routes that generate: one owner for what counts as a generation request (the dashboard's request rates).
-GENERATING_PATHS = ("/v1/completions", "/v1/chat/completions", "/v1/responses")
+GENERATING_PATHS = ("/v1/completions", "/v1/chat/completions", "/v1/responses", "/v1/messages")
 _GUARDED = (401, 413)
 _GENERATES = errors(400, *_GUARDED, 404, 429, 499, 502, 503, 504)
 
@@ -703,6 +810,30 @@ def create_app(frontend: Frontend, api_keys: tuple[str, ...] = ()) -> FastAPI:
             generated.add(delta)
         return JSONResponse(shape.finished(generated, len(prompt), tools))
 
+    @generating("/v1/messages")
+    async def messages(body: AnthropicBody, request: Request):
+        frontend.check_model(body.model)
+        prompt, tools = body.prompt(frontend)
+        job = frontend.build(prompt, body.sampling(tools), "messages", "max_tokens")
+        message = anthropic_api.Message(frontend.model_name, len(prompt), tools)
+        deltas = frontend.stream(job)
+        if body.stream:
+            # Admission, routing and prefill run before the headers go out: their errors keep their status.
+            merged = _merge([deltas])
+            first = await _first_or_cancel(request, merged)
+            texts = (delta async for _, delta in _chained(first, merged))
+            events = anthropic_api.events(message, texts, lambda exc: _printable(str(exc)))
+            return StreamingResponse(events, media_type="text/event-stream", headers=_STREAM_HEADERS)
+        (results,) = await _collect_or_cancel(request, [_collect(deltas)])
+        for delta in results:
+            message.add(delta)
+        return JSONResponse(message.whole())
+
+    @app.post("/v1/messages/count_tokens", responses=errors(400, *_GUARDED, 404, 503))
+    async def count_tokens(body: AnthropicCountBody) -> dict:
+        frontend.check_model(body.model)
+        return {"input_tokens": len(body.prompt(frontend)[0])}
+
     @app.api_route("/v1/responses/{response_id}", methods=["GET", "DELETE"], responses=errors(*_GUARDED, 404))
     @app.post("/v1/responses/{response_id}/cancel", responses=errors(*_GUARDED, 404))
     async def stored_response(response_id: str):
@@ -764,14 +895,14 @@ def _responses_tools(frontend: Frontend, body: ResponsesBody) -> Tools | None:
         if body.tool_choice not in (None, "auto", "none"):
             raise FieldError("tool_choice", "tool_choice is only allowed when tools are given")
         return None
-    return _tools(frontend, body.tools, body.tool_choice, body.parallel_tool_calls, flat=True)
+    return _tools(frontend, body.tools, body.tool_choice, body.parallel_tool_calls, RESPONSES)
 
 
-def _tools(frontend: Frontend, tools, tool_choice, parallel, flat: bool = False) -> Tools | None:
-    """The request's tools (``flat``: in the Responses API's shape), with the model's tool-call syntax; FieldError
+def _tools(frontend: Frontend, tools, tool_choice, parallel, shape: str = CHAT) -> Tools | None:
+    """The request's tools (in ``shape``: router/structured.py's), with the model's tool-call syntax; FieldError
     naming ``tools`` when its chat template cannot render them."""
     syntax = tool_call_format(frontend.tokenizer.chat_template_source)
-    found = Tools.from_request(tools, tool_choice, parallel, syntax, flat)
+    found = Tools.from_request(tools, tool_choice, parallel, syntax, shape)
     if found is not None and not frontend.tokenizer.supports_tools:
         raise FieldError("tools", "this model's chat template does not render tools, so the model cannot call them")
     return found
@@ -1530,7 +1661,7 @@ class _Guard:
             refusal = None
         request_id = request_id or f"req_{secrets.token_hex(16)}"
         serving(request_id)
-        answer = _Answer(send, request_id)
+        answer = _Answer(send, request_id, anthropic_api.is_anthropic(scope["path"]))
         try:
             if refusal is not None:
                 await refusal(scope, receive, answer)
@@ -1546,7 +1677,8 @@ class _Guard:
         path = scope["path"]
         # The operator API and the dashboard answer to the admin token instead (router/admin.py).
         if self.api_keys and path not in self.open_paths and not path.startswith(ADMIN_PREFIXES):
-            supplied = headers.get("authorization", "").removeprefix("Bearer ").strip()
+            # OpenAI's SDKs send the key as a bearer token, Anthropic's as x-api-key.
+            supplied = headers.get("authorization", "").removeprefix("Bearer ").strip() or headers.get("x-api-key", "")
             if not any(hmac.compare_digest(supplied, key) for key in self.api_keys):
                 await error_response("Incorrect API key provided.", 401, "invalid_api_key")(scope, receive, send)
                 return
@@ -1591,17 +1723,33 @@ REQUEST_ID_HEADER = "x-request-id"
 
 
 class _Answer:
-    """The ASGI ``send`` of one request: adds its X-Request-Id header to the response's start, and keeps its status."""
+    """The ASGI ``send`` of one request: adds its X-Request-Id header to the response's start, and keeps its status.
+    ``anthropic``: an error answer's body is rewritten into Anthropic's error shape (router/anthropic_api.py), one
+    place for every error a route of that API answers with (the guard's, validation's, the handlers')."""
 
-    def __init__(self, send, request_id: str) -> None:
+    def __init__(self, send, request_id: str, anthropic: bool = False) -> None:
         self._send = send
         self._request_id = request_id.encode("latin-1")
+        self._anthropic = anthropic
+        self._held: dict | None = None  # an error's response start, sent with its rewritten body
         self.status = 0
 
     async def __call__(self, message) -> None:
         if message["type"] == "http.response.start":
             self.status = message["status"]
             message["headers"] = [*message.get("headers", ()), (b"x-request-id", self._request_id)]
+            if self._anthropic and self.status >= 400:
+                self._held = message
+                return
+        elif self._held is not None and message["type"] == "http.response.body":
+            start, self._held = self._held, None
+            error = json.loads(message.get("body", b"") or b"{}").get("error", {})
+            said, param = error.get("message", ""), error.get("param")
+            said = f"{param}: {said}" if param and param not in said else said  # Anthropic's errors have no param
+            body = json.dumps(anthropic_api.error_body(said, self.status)).encode()
+            kept = [(k, v) for k, v in start["headers"] if k.lower() != b"content-length"]
+            await self._send({**start, "headers": [*kept, (b"content-length", str(len(body)).encode())]})
+            message = {"type": "http.response.body", "body": body, "more_body": False}
         await self._send(message)
 
 

@@ -131,6 +131,9 @@ class ToolCall:
         return call if index is None else {"index": index, **call}
 
 
+# The shapes a request's tools come in: chat completions', the Responses API's, Anthropic's Messages API's.
+CHAT, RESPONSES, ANTHROPIC = "chat", "responses", "anthropic"
+
 HERMES = "hermes"  # <tool_call>\n{"name": ..., "arguments": {...}}\n</tool_call>   (Qwen2, Qwen3, Hermes)
 LLAMA_JSON = "llama_json"  # {"name": ..., "parameters": {...}}                     (Llama 3.1+)
 
@@ -150,15 +153,16 @@ class Tools:
     syntax: str
 
     @classmethod
-    def from_request(cls, tools: Any, tool_choice: Any, parallel: Any, syntax: str, flat: bool = False) -> Tools | None:
-        """None when there is nothing to do (no tools); FieldError names a malformed field. ``flat``: the Responses
-        API's shape, a function's fields beside its ``type`` (chat nests them in ``function``), its choice too; the
-        definitions are kept in chat's shape, which chat templates read."""
-        definitions = tuple(_tool_definition(t, i, flat) for i, t in enumerate(tools or ()))
+    def from_request(cls, tools: Any, tool_choice: Any, parallel: Any, syntax: str, shape: str = CHAT) -> Tools | None:
+        """None when there is nothing to do (no tools); FieldError names a malformed field, by its name in the
+        request's ``shape``: chat's (a function's fields nested in ``function``), the Responses API's (beside its
+        ``type``, its choice too) or Anthropic's (``input_schema``, a choice of ``auto``, ``any``, ``tool`` or
+        ``none``). The definitions are kept in chat's shape, which chat templates read."""
+        definitions = tuple(_tool_definition(t, i, shape) for i, t in enumerate(tools or ()))
         names = [d["function"]["name"] for d in definitions]
         if len(set(names)) != len(names):
             raise FieldError("tools", "tools must have distinct function names")
-        choice = _tool_choice(tool_choice, names, flat)
+        choice = _tool_choice(tool_choice, names, shape)
         if parallel is not None and not isinstance(parallel, bool):
             raise FieldError("parallel_tool_calls", "parallel_tool_calls must be a boolean")
         if not definitions:
@@ -204,9 +208,22 @@ class Tools:
         return content.strip() or None, calls
 
 
-def _tool_definition(tool: Any, index: int, flat: bool) -> dict:
+def _tool_definition(tool: Any, index: int, shape: str) -> dict:
     where = f"tools.{index}"
-    if flat:
+    schema_field = "parameters"
+    if shape == ANTHROPIC:
+        if not isinstance(tool, dict) or tool.get("type", "custom") != "custom":
+            kind = tool.get("type") if isinstance(tool, dict) else type(tool).__name__
+            raise FieldError(f"{where}.type", f"{where} is a {kind!r} tool; only custom (client) tools are supported")
+        unknown = set(tool) - {"type", "name", "description", "input_schema", "cache_control"}
+        if unknown:
+            raise FieldError(where, f"{where} has unknown keys: {sorted(unknown)}")
+        if not isinstance(tool.get("input_schema"), dict):
+            raise FieldError(f"{where}.input_schema", f"{where}.input_schema must be a JSON schema (an object)")
+        function = {k: v for k, v in tool.items() if k in ("name", "description")}
+        function["parameters"] = tool["input_schema"]
+        at, schema_field = where, "input_schema"
+    elif shape == RESPONSES:
         if not isinstance(tool, dict) or tool.get("type") != "function":
             kind = tool.get("type") if isinstance(tool, dict) else type(tool).__name__
             raise FieldError(f"{where}.type", f"{where} is a {kind!r} tool; only function tools are supported")
@@ -224,13 +241,16 @@ def _tool_definition(tool: Any, index: int, flat: bool) -> dict:
     if unknown:
         raise FieldError(at, f"{at} has unknown keys: {sorted(unknown)}")
     parameters = function.get("parameters", {"type": "object"})
-    specs.json_schema(parameters, f"{at}.parameters")  # a schema the grammar engine compiles
+    specs.json_schema(parameters, f"{at}.{schema_field}")  # a schema the grammar engine compiles
     return {"type": "function", "function": {**function, "parameters": parameters}}
 
 
-def _tool_choice(value: Any, names: list[str], flat: bool) -> str:
+def _tool_choice(value: Any, names: list[str], shape: str) -> str:
     if value is None:
         return "auto" if names else "none"
+    if shape == ANTHROPIC:
+        return _anthropic_tool_choice(value, names)
+    flat = shape == RESPONSES
     if value in ("auto", "required", "none"):
         if value == "required" and not names:
             raise FieldError("tool_choice", 'tool_choice "required" needs tools')
@@ -243,6 +263,23 @@ def _tool_choice(value: Any, names: list[str], flat: bool) -> str:
     if name not in names:
         raise FieldError("tool_choice", f"tool_choice names {name!r}, which is not among the tools")
     return name
+
+
+# An Anthropic tool_choice's type, as chat's choice: "tool" names the one to call.
+_ANTHROPIC_CHOICES = {"auto": "auto", "any": "required", "none": "none"}
+
+
+def _anthropic_tool_choice(value: Any, names: list[str]) -> str:
+    kind = value.get("type") if isinstance(value, dict) else None
+    if kind not in (*_ANTHROPIC_CHOICES, "tool") or set(value) - {"type", "name", "disable_parallel_tool_use"}:
+        raise FieldError("tool_choice", 'tool_choice must be {"type": "auto" | "any" | "tool" | "none"}')
+    if kind == "any" and not names:
+        raise FieldError("tool_choice", 'tool_choice "any" needs tools')
+    if kind != "tool":
+        return _ANTHROPIC_CHOICES[kind]
+    if value.get("name") not in names:
+        raise FieldError("tool_choice.name", f"tool_choice names {value.get('name')!r}, which is not among the tools")
+    return value["name"]
 
 
 def _call_schema(function: dict, arguments: str) -> dict:

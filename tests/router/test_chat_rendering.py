@@ -1,9 +1,11 @@
 """How a request becomes its prompt, through the real router and workers: the chat-template fields
 (``add_generation_prompt``, ``continue_final_message``, ``chat_template_kwargs``, ``documents``, a message's
-``name``) give the prompt transformers renders, and ``truncate_prompt_tokens`` / ``add_special_tokens`` give the tokens they name.
+``name``) give the prompt transformers renders, and ``truncate_prompt_tokens`` / ``add_special_tokens`` give the
+tokens they name.
 
-The chat-template checkpoint is a random Qwen2 with a trained BPE tokenizer and a Qwen3-style template that
-reads ``enable_thinking`` (and renders documents and names); the oracle is transformers rendering the same conversation with the same arguments."""
+The chat-template checkpoint is a random Qwen2 with a trained BPE tokenizer and a Qwen3-style template that reads
+``enable_thinking`` (and renders documents and names); the oracle is transformers rendering the same conversation
+with the same arguments."""
 
 from __future__ import annotations
 

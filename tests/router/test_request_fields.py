@@ -13,6 +13,7 @@ import pytest
 import torch
 from pydantic import BaseModel
 
+import tests.router.test_anthropic_api as anthropic_tests
 import tests.router.test_chat_rendering as rendering_tests
 import tests.router.test_defaulted_max_tokens as defaulted_tests
 import tests.router.test_errors as error_tests
@@ -37,6 +38,8 @@ TABLES = {
     openai_api.TokenizeBody: (openai_api.TOKENIZE_HONOURED, {}),
     openai_api.DetokenizeBody: (openai_api.DETOKENIZE_HONOURED, {}),
     openai_api.ResponsesBody: (openai_api.RESPONSES_HONOURED, openai_api.RESPONSES_REFUSED),
+    openai_api.AnthropicBody: (openai_api.ANTHROPIC_HONOURED, openai_api.ANTHROPIC_REFUSED),
+    openai_api.AnthropicCountBody: (openai_api.ANTHROPIC_COUNT_HONOURED, openai_api.ANTHROPIC_COUNT_REFUSED),
 }
 GRPC_MESSAGES = {
     "CompletionRequest": generate_pb2.CompletionRequest,
@@ -480,6 +483,10 @@ BEHAVIOUR = {
         "tool_call_id": tool_message_tests.test_tool_turns_that_do_not_add_up_are_a_400_naming_them,
         "name": rendering_tests.test_chat_template_fields_give_the_prompt_transformers_renders,
         "documents": rendering_tests.test_chat_template_fields_give_the_prompt_transformers_renders,
+        "system": anthropic_tests.test_a_message_is_the_chat_completion_of_its_system_and_messages,
+        "stop_sequences": anthropic_tests.test_stop_sequences_and_an_assistant_turn,
+        "cache_control": anthropic_tests.test_a_message_is_the_chat_completion_of_its_system_and_messages,
+        "output_config": anthropic_tests.test_output_config_format_constrains_the_text_to_a_json_schema,
     },
     "grpc": {
         **{name: test_grpc_sampling_params_mean_what_http_means for name in SAMPLING_FIELDS},

@@ -11,7 +11,9 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 
+import anthropic
 import httpx
+import jsonschema
 import pytest
 
 from engine.tokenizer import HFTokenizer
@@ -124,6 +126,63 @@ def test_a_responses_second_turn_is_the_chat_turn_of_its_items(setup):
     bad = [*items[:-1], {**items[-1], "call_id": "call_zzz"}]  # answers no call that was made
     error = assert_error(post(setup.router, "/v1/responses", {"model": MODEL, "input": bad}), 400, param="input")
     assert "call_zzz" in error["message"]
+
+
+def test_an_anthropic_second_turn_is_the_chat_turn_of_its_blocks(setup):
+    """The same second turn as Anthropic's Messages (tool_use blocks in the assistant's message, tool_result blocks
+    in the next user message) reaches the model as the chat request's does and answers alike; a tool_choice of one
+    tool answers with a tool_use block whose input follows the tool's input_schema, whole and streamed."""
+    said = second_turn()
+    calls, results = said[2]["tool_calls"], said[3:]
+    messages = [
+        said[1],
+        {
+            "role": "assistant",
+            "content": [
+                {
+                    "type": "tool_use",
+                    "id": c["id"],
+                    "name": c["function"]["name"],
+                    "input": json.loads(c["function"]["arguments"]),
+                }
+                for c in calls
+            ],
+        },
+        {
+            "role": "user",
+            "content": [
+                {"type": "tool_result", "tool_use_id": r["tool_call_id"], "content": r["content"]} for r in results
+            ],
+        },
+    ]
+    function = WEATHER["function"]
+    tool = {"name": function["name"], "description": function["description"], "input_schema": function["parameters"]}
+    client = anthropic.Anthropic(base_url=setup.router.http, api_key="unused", max_retries=0, timeout=60)
+    args = dict(model=MODEL, max_tokens=8, system=said[0]["content"], messages=messages, tools=[tool])
+    counted = client.messages.count_tokens(**{k: v for k, v in args.items() if k != "max_tokens"})
+    prompt = setup.oracle_ids(second_turn(arguments=dict), tools=[WEATHER], add_generation_prompt=True)
+    assert counted.input_tokens == len(prompt)
+    message = client.messages.create(**args, extra_body={"temperature": 0})
+    chat = setup.router.openai().chat.completions.create(
+        model=MODEL, messages=said, tools=[WEATHER], max_tokens=8, temperature=0
+    )
+    text = "".join(block.text for block in message.content if block.type == "text")
+    assert text == (chat.choices[0].message.content or "")
+
+    greedy = {"temperature": 0}  # as older SDKs send it: the two answers below are then the same call
+    chosen = {**args, "max_tokens": 200, "tool_choice": {"type": "tool", "name": "get_weather"}, "extra_body": greedy}
+    called = client.messages.create(**chosen)
+    assert called.stop_reason == "tool_use" and [b.type for b in called.content] == ["tool_use"], called
+    (use,) = called.content
+    assert use.name == "get_weather" and use.id.startswith("toolu_")
+    jsonschema.validate(use.input, function["parameters"])
+    with client.messages.stream(**chosen) as stream:
+        streamed = stream.get_final_message()
+    assert [(b.type, b.name, b.input) for b in streamed.content] == [("tool_use", use.name, use.input)]
+    assert streamed.stop_reason == "tool_use"
+    bad = [*messages[:2], {"role": "user", "content": [{**messages[2]["content"][0], "tool_use_id": "toolu_zzz"}]}]
+    answer = post(setup.router, "/v1/messages", {**args, "messages": bad})
+    assert answer.status_code == 400 and "toolu_zzz" in answer.json()["error"]["message"], answer.text
 
 
 def _changed(index: int, **changes) -> list[dict]:
