@@ -276,14 +276,17 @@ def _apply_grammar(logits: torch.Tensor, raw: torch.Tensor, states: Sequence[Sam
     rows = [i for i, s in enumerate(states) if s.grammar is not None]
     if not rows:
         return logits
-    masks = [states[i].grammar.allowed() for i in rows]
-    for i, mask in zip(rows, masks):
-        if states[i].params.allowed_token_ids and not mask[states[i].allowed_ids(mask.device)].any():
-            raise ValueError("the grammar allows none of allowed_token_ids here: there is no token to sample")
-    allowed = torch.stack(masks).to(logits.device)
+    allowed = torch.stack([states[i].grammar.allowed() for i in rows]).to(logits.device)
     out = logits.clone() if logits is raw else logits
     row_index = torch.tensor(rows, device=logits.device)
     out[row_index] = out[row_index].masked_fill(~allowed[:, : out.size(1)], -math.inf)
+    # The grammar may allow only what the other masks took away (EOS, while min_tokens holds it back; ids outside
+    # allowed_token_ids; a bad word's token): no token is left, and the argmax of nothing would be token 0.
+    if bool(out[row_index].isneginf().all(dim=-1).any()):
+        raise ValueError(
+            "the grammar allows none of the tokens that min_tokens, allowed_token_ids and bad_words leave here: "
+            "there is no token to sample"
+        )
     return out
 
 

@@ -909,13 +909,17 @@ def _tools(frontend: Frontend, tools, tool_choice, parallel, shape: str = CHAT) 
 
 
 def _completion_prompts(frontend: Frontend, prompt, add_special_tokens: bool) -> list[list[int]]:
+    """The prompts' token ids; ids the model cannot read are a 400 here, before anything decodes them (echo)."""
     if isinstance(prompt, str):
         return [frontend.encode_text(prompt, add_special_tokens=add_special_tokens)]
     if prompt and all(isinstance(p, int) for p in prompt):
+        check_token_ids(prompt, frontend.vocab_size, "prompt")
         return [list(prompt)]
     if prompt and all(isinstance(p, str) for p in prompt):
         return [frontend.encode_text(p, add_special_tokens=add_special_tokens) for p in prompt]
     if prompt and all(isinstance(p, list) for p in prompt):
+        for ids in prompt:
+            check_token_ids(ids, frontend.vocab_size, "prompt")
         return [list(p) for p in prompt]
     raise GenerationError(
         "prompt must be a string, a list of strings, or token ids", 400, "invalid_request_error", "prompt"

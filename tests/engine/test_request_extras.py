@@ -267,6 +267,19 @@ def test_allowed_token_ids_are_checked_against_the_vocabulary_eos_and_the_gramma
     assert "allowed_token_ids" in next(iter(engine.take_failures().values()))
 
 
+def test_a_grammar_whose_next_token_is_banned_fails_the_request_rather_than_sample_token_0(checkpoint):
+    """After "a" the regex allows only "b", a bad word: no token is left to sample, where the argmax of nothing was
+    token 0."""
+    model_dir, _ = checkpoint
+    engine = _engine(model_dir)
+    params = SamplingParams(max_tokens=6, temperature=0, grammar=Grammar("regex", "ab"), bad_words=("b",))
+    (failed,) = engine.generate([_prompt(15, 20)], params)
+    assert failed.finish_reason == "abort" and 0 not in failed.token_ids, failed
+    assert "bad_words" in next(iter(engine.take_failures().values()))
+    (fine,) = engine.generate([_prompt(15, 20)], replace(params, bad_words=()))
+    assert (fine.text, fine.finish_reason) == ("ab", "stop")
+
+
 def test_a_peers_first_token_outside_allowed_token_ids_is_refused(checkpoint):
     """The decode side of a disaggregated request checks the prefill worker's first token against the mask."""
     model_dir, _ = checkpoint

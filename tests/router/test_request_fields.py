@@ -184,6 +184,14 @@ def test_values_the_wire_cannot_carry_are_a_400(router, field, value):
     assert_error(post(router, "/v1/completions", body), 400, param=field)
 
 
+def test_token_prompts_outside_the_vocabulary_are_a_400_echoed_or_not(router):
+    """Found by the fuzzer: with echo, a token prompt was decoded before it was checked, and -11 was a 500."""
+    for prompt in ([-11, 5], [[5, VOCAB]], [[3, 4], [-1]]):
+        for echo in (False, True):
+            body = {"model": SERVED_MODEL, "prompt": prompt, "echo": echo, "max_tokens": 1}
+            assert_error(post(router, "/v1/completions", body), 400, param="prompt")
+
+
 def test_lone_surrogates_are_a_400_naming_where(router):
     chat, user = "/v1/chat/completions", {"role": "user", "content": "hi"}
     cases = [
