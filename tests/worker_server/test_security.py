@@ -141,9 +141,11 @@ def test_another_requests_ticket_or_a_wrong_token_is_refused_and_disturbs_nothin
         try:
             region = decode.engine.kv_cache.layout.region_bytes
             poison = kv_transfer_pb2.KVChunk(layer=0, block_ids=victim.block_ids[:1], data=b"\x55" * region)
-            for token in (mine.token, "", victim.token[:-1] + "A"):
+            near_miss = victim.token[:-1] + ("A" if victim.token[-1] != "A" else "B")  # one character off, always
+            for token in (mine.token, "", near_miss):
                 first = kv_transfer_pb2.KVChunk(request_id="victim", instance_id=victim.instance_id, token=token)
-                assert _push_after_the_answer(kv.PushKV, first, poison) == grpc.StatusCode.PERMISSION_DENIED
+                pushed = _push_after_the_answer(kv.PushKV, first, poison)
+                assert pushed == grpc.StatusCode.PERMISSION_DENIED, (token == mine.token, token, victim.token, pushed)
                 commit = kv_transfer_pb2.CommitRequest(request_id="victim", token=token, first_token_id=1)
                 assert code_of(kv.Commit, commit, timeout=5) == grpc.StatusCode.PERMISSION_DENIED
                 abort = kv_transfer_pb2.CommitRequest(request_id="victim", token=token, abort=True)
