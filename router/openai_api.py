@@ -540,8 +540,13 @@ class _AnthropicPrompt(_Strict):
         return said, tools
 
     def prompt(self, frontend: Frontend) -> tuple[list[int], Tools | None]:
+        """The prompt; a last assistant message of text is the start of the answer, which the model continues (as
+        Anthropic's API prefills a response), where chat would close it and open a new turn."""
         said, tools = self.said(frontend)
-        return frontend.encode_chat(said, tools.template_tools if tools else None), tools
+        final = said[-1]
+        prefilled = final["role"] == "assistant" and not final.get("tool_calls")
+        template_tools = tools.template_tools if tools else None
+        return frontend.encode_chat(said, template_tools, continue_final_message=prefilled), tools
 
 
 class AnthropicBody(_refusing("_AnthropicRefused", _AnthropicPrompt, ANTHROPIC_REFUSED)):

@@ -107,6 +107,19 @@ def test_stop_sequences_and_an_assistant_turn(router, client):
     assert sampled.content == greedy.content
 
 
+def test_a_last_assistant_message_is_the_start_of_the_answer(router, client):
+    """Anthropic's prefill: the model continues the assistant's words (chat's continue_final_message), where a chat
+    completion would close that turn and open another."""
+    said = [{"role": "user", "content": QUESTION}, {"role": "assistant", "content": "17 19"}]
+    chat = _chat(router, said, extra_body={"continue_final_message": True, "add_generation_prompt": False})
+    message = client.messages.create(model=SERVED_MODEL, max_tokens=LIMIT, messages=said, extra_body=GREEDY)
+    assert message.content[0].text == chat.choices[0].message.content
+    counted = client.messages.count_tokens(model=SERVED_MODEL, messages=said).input_tokens
+    assert counted == chat.usage.prompt_tokens
+    closed = _chat(router, said)  # the turn closed and a new one opened: another prompt
+    assert closed.usage.prompt_tokens != counted
+
+
 def test_output_config_format_constrains_the_text_to_a_json_schema(client):
     schema = {
         "type": "object",
