@@ -281,8 +281,10 @@ def _apply_grammar(logits: torch.Tensor, raw: torch.Tensor, states: Sequence[Sam
     row_index = torch.tensor(rows, device=logits.device)
     out[row_index] = out[row_index].masked_fill(~allowed[:, : out.size(1)], -math.inf)
     # The grammar may allow only what the other masks took away (EOS, while min_tokens holds it back; ids outside
-    # allowed_token_ids; a bad word's token): no token is left, and the argmax of nothing would be token 0.
-    if bool(out[row_index].isneginf().all(dim=-1).any()):
+    # allowed_token_ids; a bad word's token): no token is left, and the argmax of nothing would be token 0. A grammar
+    # alone always leaves one, so only rows with another mask pay for the look.
+    masked = [j for j, i in enumerate(rows) if states[i].adjusts_logits]
+    if masked and bool(out[row_index[masked]].isneginf().all(dim=-1).any()):
         raise ValueError(
             "the grammar allows none of the tokens that min_tokens, allowed_token_ids and bad_words leave here: "
             "there is no token to sample"

@@ -107,7 +107,7 @@ class Admission:
         if self._free:
             self._free -= 1  # free: at once (a timeout would cost a timer)
         else:
-            await self._wait(priority if self.by_priority else 0)
+            await self._wait(priority)  # 0 under fcfs: build refused any other
         self.running += 1
         self._metrics.running.set(self.running)
         try:

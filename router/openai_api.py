@@ -438,8 +438,11 @@ class ResponsesBody(_refusing("_ResponsesRefused", _Strict, RESPONSES_REFUSED)):
         naming what else include asks for, or what cannot be had (logprobs of text that function calls are read
         out of: ``tools``, when they parse the output)."""
         wanted = set(self.include or ())
-        for item in sorted(wanted - {responses_api.LOGPROBS_INCLUDE}):
-            raise FieldError("include", f"include {item!r} is not supported: only {responses_api.LOGPROBS_INCLUDE!r}")
+        unknown = sorted(wanted - {responses_api.LOGPROBS_INCLUDE})
+        if unknown:
+            raise FieldError(
+                "include", f"include {unknown[0]!r} is not supported: only {responses_api.LOGPROBS_INCLUDE!r}"
+            )
         if responses_api.LOGPROBS_INCLUDE not in wanted:
             if self.top_logprobs:
                 raise FieldError("top_logprobs", f"top_logprobs needs include [{responses_api.LOGPROBS_INCLUDE!r}]")
