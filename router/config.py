@@ -36,6 +36,10 @@ class RouterConfig:
     queue_timeout_s: float = 30.0
     # "fcfs": the queue in arrival order; "priority": by each request's priority (lower first), then arrival
     scheduling_policy: str = "fcfs"
+    # The Responses API's store (router/stored_responses.py): the memory its stored responses may take, in MiB; past it
+    # the least recently used go first. 0: nothing is stored (a request that asks to store, or to continue one, is
+    # refused).
+    responses_store_mb: float = 64.0
     # routing
     routing_policy: str = "kv_aware"  # "kv_aware" | "load"
     kv_weight: float = 1.0  # w in: cost(P) = w * uncached prompt blocks on P + active load of P
@@ -128,6 +132,7 @@ BOUNDS = {
     "max_running": AT_LEAST_ONE,
     "max_queued": NON_NEGATIVE,
     "queue_timeout_s": POSITIVE,
+    "responses_store_mb": NON_NEGATIVE,  # 0: off
     "kv_weight": NON_NEGATIVE,
     "local_prefill_threshold": NON_NEGATIVE,
     "prefill_saturation": AT_LEAST_ONE,
@@ -174,6 +179,8 @@ FIELD_HELP = {
     "queue_timeout_s": "seconds a request may wait in the queue for a slot (then 503)",
     "scheduling_policy": "the order of the queue: fcfs (arrival) or priority (each request's priority, lower first, "
     "then arrival; with fcfs a request that sets one is refused)",
+    "responses_store_mb": "MiB of memory the Responses API's stored responses may take (least recently used go first "
+    "past it); 0: store none, and refuse store, previous_response_id and background",
     "routing_policy": "kv_aware: prefer workers whose prefix cache holds the prompt; load: least loaded only",
     "kv_weight": "w in cost(P) = w * uncached prompt blocks on P + active load of P",
     "local_prefill_threshold": "uncached prompt tokens below which the decode worker prefills itself",

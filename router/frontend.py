@@ -21,6 +21,7 @@ from router.config import RouterConfig
 from router.metrics import RouterMetrics
 from router.orchestrator import Delta, GenerationError, GenerationRequest, Orchestrator
 from router.served_model import ModelBinding
+from router.stored_responses import ResponseStore
 from router.workers import WorkerPool, with_reasons
 
 # With the router's access_log on, one INFO line per request of either API, at any --log-level: client, request,
@@ -170,6 +171,9 @@ class Frontend:
             self.metrics,
             by_priority=config.scheduling_policy == "priority",
         )
+        self.responses = ResponseStore(config.responses_store_mb)  # the Responses API's stored responses
+        self.metrics.stored_responses.set_function(lambda: len(self.responses))
+        self.metrics.stored_responses_bytes.set_function(lambda: self.responses.bytes)
         if config.access_log:
             ACCESS_LOG.setLevel(logging.INFO)  # on at any --log-level: asked for by name
         self.stopping = False  # a stop began: /ready says so (Router.stop), new requests are still served

@@ -104,6 +104,10 @@ class RouterMetrics:
         )
         self.queue_depth = Gauge("splitserve_queue_depth", "Requests waiting for admission", registry=r)
         self.running = Gauge("splitserve_running_requests", "Requests admitted and in flight", registry=r)
+        self.stored_responses = Gauge("splitserve_stored_responses", "Responses API responses stored", registry=r)
+        self.stored_responses_bytes = Gauge(
+            "splitserve_stored_responses_bytes", "Bytes (as JSON) the stored responses take", registry=r
+        )
         self._routing_families(self.registry)
         self.registry.register(_ModelLabelled(self._per_model, model_name))
         self._slo = _SLOCollector()

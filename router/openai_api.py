@@ -10,6 +10,7 @@ import hmac
 import importlib.metadata
 import json
 import logging
+import re
 import secrets
 import time
 from collections.abc import AsyncIterator
@@ -47,6 +48,7 @@ from router.config import cors_origin_list
 from router.frontend import Frontend, Overloaded, check_request_id, log_access, serving
 from router.json_route import JsonBodyRoute
 from router.orchestrator import Delta, GenerationError, GenerationRequest
+from router.stored_responses import ResponseStore
 from router.structured import (
     ANTHROPIC,
     CHAT,
@@ -380,12 +382,8 @@ class ChatBody(_refusing("_ChatRefused", _SamplingFields, CHAT_REFUSED), _Render
     parallel_tool_calls: bool | None = None
 
 
-_NOT_STORED = "responses are not stored"
 RESPONSES_REFUSED: dict[str, Refusal] = {
-    "store": Refusal(_NOT_STORED, neutral=(None, False)),
-    "previous_response_id": Refusal(_NOT_STORED),
-    "conversation": Refusal(_NOT_STORED),
-    "background": Refusal(_NOT_STORED, neutral=(None, False)),
+    "conversation": Refusal("conversations are not kept; continue a stored response with previous_response_id"),
     "prompt": Refusal("prompt templates are stored ones; send input"),
     "max_tool_calls": Refusal("the model makes the calls of one turn; the client runs them"),
     "reasoning": Refusal("the served model does not reason", neutral=(None, {})),
@@ -409,11 +407,15 @@ RESPONSES_HONOURED = METADATA | {
     "parallel_tool_calls",
     "include",
     "top_logprobs",
+    "store",
+    "previous_response_id",
+    "background",
 }
 
 
 class ResponsesBody(_refusing("_ResponsesRefused", _Strict, RESPONSES_REFUSED)):
-    """OpenAI's Responses API (router/responses_api.py): text in, one assistant message out; nothing stored."""
+    """OpenAI's Responses API (router/responses_api.py): text in, one assistant message out; stored by default, to
+    be continued, read back or run in the background (router/stored_responses.py)."""
 
     model: str | None = None
     input: str | list[dict[str, Any]]
@@ -432,6 +434,17 @@ class ResponsesBody(_refusing("_ResponsesRefused", _Strict, RESPONSES_REFUSED)):
     parallel_tool_calls: bool | None = None
     include: list[str] | None = None  # only responses_api.LOGPROBS_INCLUDE: the output text's logprobs
     top_logprobs: int | None = None  # with those logprobs, the most likely tokens at each place (0 to 20)
+    store: bool | None = None  # None: as OpenAI, true (where the router keeps a store: responses_store_mb)
+    previous_response_id: str | None = None  # the stored response whose conversation this one continues
+    background: bool = False  # answered at once, queued; the client polls GET /v1/responses/{id}
+
+    def stored(self, store: ResponseStore) -> bool:
+        """Whether the response is stored; FieldError naming what the store cannot do for this request."""
+        stored = store.enabled if self.store is None else self.store
+        store.check(stored, self.background, self.previous_response_id)
+        if self.background and self.stream:
+            raise FieldError("background", "a background response is polled (GET /v1/responses/{id}), not streamed")
+        return stored
 
     def logprobs(self, tools: Tools | None) -> int | None:
         """The record's logprobs: None unless ``include`` asks for them (then ``top_logprobs``'s count); FieldError
@@ -472,9 +485,12 @@ class ResponsesBody(_refusing("_ResponsesRefused", _Strict, RESPONSES_REFUSED)):
                 raise
             raise FieldError("max_output_tokens", str(exc).replace("max_tokens", "max_output_tokens")) from None
 
-    def echoed(self) -> dict[str, Any]:
+    def echoed(self, stored: bool) -> dict[str, Any]:
         """The request's settings as a response carries them back."""
         return {
+            "store": stored,
+            "background": self.background,
+            "previous_response_id": self.previous_response_id,
             "instructions": self.instructions,
             "max_output_tokens": self.max_output_tokens,
             "temperature": self.temperature,
@@ -791,7 +807,11 @@ def create_app(frontend: Frontend, api_keys: tuple[str, ...] = ()) -> FastAPI:
     @generating("/v1/responses")
     async def responses(body: ResponsesBody, request: Request):
         frontend.check_model(body.model)
-        said = responses_api.messages(body.input, body.instructions)
+        store = frontend.responses
+        stored = body.stored(store)
+        previous = body.previous_response_id
+        earlier = store.previous(previous).history if previous is not None else []
+        said = responses_api.messages(body.input, body.instructions, earlier)
         try:
             said = tool_turns(said, frontend.tokenizer.supports_tool_calls)
         except FieldError as exc:  # named as in the turns the items make, which are not the items' places
@@ -803,20 +823,32 @@ def create_app(frontend: Frontend, api_keys: tuple[str, ...] = ()) -> FastAPI:
         job = frontend.build(prompt, params, "input", "max_output_tokens")
         names = _TokenNames(frontend, False, None)
         written = (lambda lps: _chat_logprobs(names, lps)["content"]) if logprobs is not None else None
-        shape = responses_api.ResponseShape(frontend.model_name, body.echoed(), written)
+        shape = responses_api.ResponseShape(frontend.model_name, body.echoed(stored), written)
+        items = [*earlier, *responses_api.input_items(body.input)]  # what its input_items list, when stored
+
+        def keep(response: dict) -> None:
+            if stored:
+                store.put(response, items)
+
+        if body.background:
+            queued = shape.response("queued")
+            store.run(store.put(queued, items), _in_background(frontend, shape, job, len(prompt), tools))
+            return JSONResponse(queued)
         deltas = frontend.stream(job)
         if body.stream:
             # Admission, routing and prefill run before the headers go out: their errors keep their status.
             merged = _merge([deltas])
             first = await _first_or_cancel(request, merged)
             texts = (delta async for _, delta in _chained(first, merged))
-            events = responses_api.events(shape, texts, len(prompt), _error_body, tools)
+            events = responses_api.events(shape, texts, len(prompt), _error_body, tools, keep)
             return StreamingResponse(events, media_type="text/event-stream", headers=_STREAM_HEADERS)
         (results,) = await _collect_or_cancel(request, [_collect(deltas)])
         generated = responses_api.Generated()
         for delta in results:
             generated.add(delta)
-        return JSONResponse(shape.finished(generated, len(prompt), tools))
+        final = shape.finished(generated, len(prompt), tools)
+        keep(final)
+        return JSONResponse(final)
 
     @generating("/v1/messages")
     async def messages(body: AnthropicBody, request: Request):
@@ -842,16 +874,87 @@ def create_app(frontend: Frontend, api_keys: tuple[str, ...] = ()) -> FastAPI:
         frontend.check_model(body.model)
         return {"input_tokens": len(body.prompt(frontend)[0])}
 
-    @app.api_route("/v1/responses/{response_id}", methods=["GET", "DELETE"], responses=errors(*_GUARDED, 404))
-    @app.post("/v1/responses/{response_id}/cancel", responses=errors(*_GUARDED, 404))
-    async def stored_response(response_id: str):
-        raise GenerationError(
-            f"No response with id '{response_id}': {_NOT_STORED} (every answer says store: false)", 404, "not_found"
-        )
+    @app.get("/v1/responses/{response_id}", responses=errors(400, *_GUARDED, 404))
+    async def stored_response(response_id: str, request: Request) -> dict:
+        _query(request)
+        return frontend.responses.get(response_id).response
+
+    @app.delete("/v1/responses/{response_id}", responses=errors(400, *_GUARDED, 404))
+    async def delete_response(response_id: str, request: Request) -> dict:
+        _query(request)
+        frontend.responses.delete(response_id)
+        return {"id": response_id, "object": "response.deleted", "deleted": True}
+
+    @app.post("/v1/responses/{response_id}/cancel", responses=errors(400, *_GUARDED, 404))
+    async def cancel_response(response_id: str, request: Request) -> dict:
+        _query(request)
+        return await frontend.responses.cancel(response_id)
+
+    @app.get("/v1/responses/{response_id}/input_items", responses=errors(400, *_GUARDED, 404))
+    async def response_input_items(
+        response_id: str, request: Request, limit: str = "20", order: str = "desc", after: str | None = None
+    ) -> dict:
+        _query(request, "limit", "order", "after")
+        return _page(frontend.responses.get(response_id).items, limit, order, after)
 
     # Starlette tries routes in order: the ones that nearly every request is for go before the docs' and the rest.
     app.router.routes.sort(key=lambda route: getattr(route, "path", None) not in GENERATING_PATHS)
     return app
+
+
+async def _in_background(
+    frontend: Frontend, shape: responses_api.ResponseShape, job: GenerationRequest, prompt_tokens: int, tools
+) -> None:
+    """A background response's generation: queued until its first token, in progress until its end, which it
+    writes to the store (failed with its error, or cancelled)."""
+    store, generated = frontend.responses, responses_api.Generated()
+    try:
+        async for delta in frontend.stream(job):
+            if not generated.texts:
+                store.update(shape.response("in_progress"))
+            generated.add(delta)
+        store.update(shape.finished(generated, prompt_tokens, tools))
+    except (GenerationError, TimeoutError) as exc:
+        message = _error_body(responses_api.failure(exc))["error"]["message"]
+        store.update(shape.failed(generated, message, tools is not None and tools.parses))
+    except asyncio.CancelledError:
+        store.update(shape.response("cancelled"))
+        raise
+
+
+def _query(request: Request, *allowed: str) -> None:
+    """A 400 naming a query parameter not among ``allowed``, or one given more than once."""
+    query = request.query_params
+    for name in query:
+        if name not in allowed:
+            raise FieldError(name, f"query parameter {name!r} is not supported here")
+        if len(query.getlist(name)) > 1:
+            raise FieldError(name, f"query parameter {name!r} is given more than once")
+
+
+MAX_PAGE = 100  # OpenAI's limit on one page of a list
+
+
+def _page(items: list[dict], limit: str, order: str, after: str | None) -> dict:
+    """A page of ``items`` as OpenAI lists them: ``limit`` of them, newest first unless ``order`` is asc, from after
+    the item whose id is ``after``; a 400 naming the parameter that is out of range or names no item."""
+    if not re.fullmatch(r"[0-9]{1,3}", limit) or not 1 <= int(limit) <= MAX_PAGE:
+        raise FieldError("limit", f"limit must be an integer from 1 to {MAX_PAGE}")
+    if order not in ("asc", "desc"):
+        raise FieldError("order", f"order must be asc or desc; got {order!r}")
+    ordered = items if order == "asc" else items[::-1]
+    ids = [item["id"] for item in ordered]
+    if after is not None and after not in ids:
+        raise FieldError("after", f"after: no input item has id {after!r}")
+    start = 0 if after is None else ids.index(after) + 1
+    page = ordered[start : start + int(limit)]
+    return {
+        "object": "list",
+        "data": page,
+        "first_id": page[0]["id"] if page else None,
+        "last_id": page[-1]["id"] if page else None,
+        "has_more": start + len(page) < len(ordered),
+    }
 
 
 def _conversation(frontend: Frontend, messages: list[ChatMessageBody]) -> list[dict]:

@@ -3,10 +3,10 @@
 assistant's tool calls and their results), its function tools as chat's, and its answer's shape, whole or as the
 stream of typed events OpenAI's SDKs read (``client.responses.create``, ``client.responses.stream``).
 
-The output is one assistant message and, with tools, a function_call item per call the model made. Nothing is
-stored: ``store`` is false in every answer, and what needs a stored response (``previous_response_id``,
-``conversation``) is refused where the body is read (router/openai_api.py), as are built-in tools, reasoning and the
-other fields this server does not implement.
+The output is one assistant message and, with tools, a function_call item per call the model made. What a stored
+response keeps, and how a later one continues it, is router/stored_responses.py's; built-in tools, reasoning,
+``conversation`` and the other fields this server does not implement are refused where the body is read
+(router/openai_api.py).
 """
 
 from __future__ import annotations
@@ -35,17 +35,19 @@ LOGPROBS_INCLUDE = "message.output_text.logprobs"
 Logprobs = Callable[[Sequence[common_pb2.TokenLogprob]], list[dict]]
 
 
-def messages(input_: str | list[dict[str, Any]], instructions: str | None) -> list[dict[str, str]]:
-    """The chat messages the request's ``instructions`` and ``input`` (a text, or a list of message items) say;
-    FieldError naming the item or part that is not a text message."""
+def messages(
+    input_: str | list[dict[str, Any]], instructions: str | None, earlier: Sequence[dict[str, Any]] = ()
+) -> list[dict[str, str]]:
+    """The chat messages the request's ``instructions`` and ``input`` (a text, or a list of message items) say, after
+    the ``earlier`` items of the response it continues (which were checked when they came); FieldError naming the
+    input item or part that is not a text message."""
     said = [{"role": "system", "content": instructions}] if instructions is not None else []
     if isinstance(input_, str):
-        return [*said, {"role": "user", "content": input_}]
-    if not input_:
+        input_ = [{"role": "user", "content": input_}]
+    elif not input_:
         raise FieldError("input", "input must not be empty")
-    said = list(said)
-    for index, item in enumerate(input_):
-        where = f"input.{index}"
+    for index, item in enumerate([*earlier, *input_]):
+        where = f"input.{index - len(earlier)}"
         kind = item.get("type", "message")
         if kind in _CALL_ITEMS:
             turn = _call_turn(item, kind, where)
@@ -67,6 +69,23 @@ def messages(input_: str | list[dict[str, Any]], instructions: str | None) -> li
             raise FieldError(f"{where}.role", f"{where}.role must be one of {', '.join(_ROLES)}; got {role!r}")
         said.append({"role": _ROLES[role], "content": _text(item.get("content"), _TEXT_PARTS[role], where)})
     return said
+
+
+def input_items(input_: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The request's input (which ``messages`` checked) as a stored response's input items: each with an id, a
+    message's text as its one part."""
+    listed = [{"role": "user", "content": input_}] if isinstance(input_, str) else input_
+    items = []
+    for item in listed:
+        kind = item.get("type", "message")
+        stored = {"type": kind, **item, "id": item.get("id") or f"{_ITEM_ID_PREFIXES[kind]}_{secrets.token_hex(24)}"}
+        if kind == "message" and isinstance(item["content"], str):
+            stored["content"] = [{"type": _TEXT_PARTS[item["role"]], "text": item["content"]}]
+        items.append(stored)
+    return items
+
+
+_ITEM_ID_PREFIXES = {"message": "msg", "function_call": "fc", "function_call_output": "fco"}
 
 
 # An earlier turn's function call, and its result: the chat template's assistant tool_calls and tool message.
@@ -154,9 +173,6 @@ class ResponseShape:
             "model": self.model,
             "output": output or [],
             "usage": usage,
-            "store": False,
-            "background": False,
-            "previous_response_id": None,
             "truncation": "disabled",
             **self.settings,
         }
@@ -171,6 +187,12 @@ class ResponseShape:
         status = generated.status
         output = self.output(status, text, calls, generated.logprobs)
         return self.response(status, output, generated.usage(prompt_tokens))
+
+    def failed(self, generated: Generated, message: str, held: bool = False) -> dict:
+        """The response of a generation that failed with ``message``, holding the text it gave (none when the text
+        was ``held`` for function calls to be read out of it)."""
+        output = [] if held else self.output("failed", generated.text, logprobs=generated.logprobs)
+        return self.response("failed", output, error={"code": "server_error", "message": message})
 
     def output(
         self, status: str, text: str, calls: list[ToolCall] = (), logprobs: Sequence[common_pb2.TokenLogprob] = ()
@@ -247,13 +269,18 @@ class Generated:
 
 
 async def events(
-    shape: ResponseShape, deltas: AsyncIterator[Delta], prompt_tokens: int, error_body, tools: Tools | None = None
+    shape: ResponseShape,
+    deltas: AsyncIterator[Delta],
+    prompt_tokens: int,
+    error_body,
+    tools: Tools | None = None,
+    ended: Callable[[dict], None] = lambda response: None,
 ) -> AsyncIterator[str]:
     """The SSE stream of a response: created; the message's item and part opened, a delta per piece of text, all
     closed; then ``response.completed`` (``response.incomplete`` at the token limit). With tools, the text is held
     to its end, where calls are read out of it: each output item then opens, fills and closes in turn (a call's
     arguments as one delta). A generation that fails midway ends with an ``error`` event and ``response.failed``
-    (``error_body``: OpenAI's error object of a GenerationError)."""
+    (``error_body``: OpenAI's error object of a GenerationError). ``ended`` gets the last event's response."""
     sequence = 0
 
     def event(kind: str, **fields) -> str:
@@ -277,12 +304,11 @@ async def events(
                 logprobs = shape.logprobs(delta.logprobs)
                 yield event("response.output_text.delta", **where, delta=delta.text, logprobs=logprobs)
     except (GenerationError, TimeoutError) as exc:
-        failure = exc if isinstance(exc, GenerationError) else GenerationError("request timed out", 504, "timeout")
-        error = error_body(failure)["error"]
+        error = error_body(failure(exc))["error"]
         yield event("error", code=error["code"], message=error["message"], param=error["param"])
-        failed = {"code": "server_error", "message": error["message"]}
-        output = shape.output("failed", generated.text, logprobs=generated.logprobs) if not held else []
-        yield event("response.failed", response=shape.response("failed", output, error=failed))
+        failed = shape.failed(generated, error["message"], held)
+        ended(failed)
+        yield event("response.failed", response=failed)
         return
     final = shape.finished(generated, prompt_tokens, tools)
     for index, item in enumerate(final["output"]):
@@ -305,4 +331,10 @@ async def events(
             yield event("response.function_call_arguments.delta", **call, delta=item["arguments"])
             yield event("response.function_call_arguments.done", **call, arguments=item["arguments"])
         yield event("response.output_item.done", output_index=index, item=item)
+    ended(final)
     yield event(f"response.{final['status']}", response=final)
+
+
+def failure(exc: GenerationError | TimeoutError) -> GenerationError:
+    """What ended a generation, as the GenerationError its error body is written from."""
+    return exc if isinstance(exc, GenerationError) else GenerationError("request timed out", 504, "timeout")

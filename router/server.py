@@ -187,7 +187,7 @@ class Router:
                 file=sys.stderr,
                 flush=True,
             )
-        stopping = []
+        stopping = [self.frontend.responses.background_done()]  # background responses run on as requests do
         if self._http is not None:
             self._http.should_exit = True  # uvicorn closes its listener and idle connections, then waits for the rest
             stopping.append(self._http_task)

@@ -134,6 +134,9 @@ class RouterThread:
         )
 
     def stop(self) -> None:
+        """Stops the router, then its loop (once: a test may stop a router that make_router stops after it)."""
+        if not self.thread.is_alive():
+            return
         try:
             self.run(self.router.stop(), 15)
         finally:

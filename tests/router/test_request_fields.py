@@ -22,6 +22,7 @@ import tests.router.test_openai_api as api_tests
 import tests.router.test_openai_contract as contract_tests
 import tests.router.test_priority as priority_tests
 import tests.router.test_responses_api as responses_tests
+import tests.router.test_stored_responses as stored_tests
 import tests.router.test_structured_output as structured_tests
 import tests.router.test_tool_messages as tool_message_tests
 from contract.sampling import FIELDS as SAMPLING_FIELDS
@@ -484,6 +485,9 @@ BEHAVIOUR = {
         "max_output_tokens": responses_tests.test_a_response_is_the_chat_completion_of_its_instructions_and_input,
         "text": structured_tests.test_a_responses_text_format_constrains_the_output_to_its_schema,
         "metadata": responses_tests.test_metadata_comes_back_and_is_bounded,
+        "store": stored_tests.test_deleted_and_unstored_responses_are_gone_with_a_404_naming_them,
+        "previous_response_id": stored_tests.test_a_chain_of_responses_is_the_chat_of_every_turn_before_it,
+        "background": stored_tests.test_a_background_response_is_polled_to_the_answer_it_would_have_given,
         "tools": structured_tests.test_tools_reach_the_template_and_auto_or_none_leave_text,
         "tool_choice": structured_tests.test_named_tool_choice_returns_a_call_whose_arguments_validate,
         "parallel_tool_calls": structured_tests.test_tools_reach_the_template_and_auto_or_none_leave_text,

@@ -1,7 +1,8 @@
 """OpenAI's Responses API (`client.responses.create`, streamed or not) on the shared router: a response is the chat
 completion of the messages its instructions and input say, token for token, in the Responses shape the SDK parses
 (output_text, status incomplete at the limit, usage in input/output tokens); its stream is the typed event sequence,
-whose deltas make the same text; what it cannot do (other item types, stored responses, tools) is a 400 naming it.
+whose deltas make the same text; what it cannot do (other item types, built-in tools) is a 400 naming it. Stored
+responses: tests/router/test_stored_responses.py.
 Structured output through text.format: tests/router/test_structured_output.py."""
 
 from __future__ import annotations
@@ -60,7 +61,7 @@ def test_a_response_is_the_chat_completion_of_its_instructions_and_input(client,
     assert response.usage.output_tokens == chat.usage.completion_tokens
     assert response.usage.total_tokens == chat.usage.total_tokens
     assert (response.instructions, response.max_output_tokens, response.model) == (INSTRUCTIONS, LIMIT, SERVED_MODEL)
-    assert response.store is False and response.id.startswith("resp_")
+    assert response.store is True and response.id.startswith("resp_")  # stored by default, as OpenAI stores
 
 
 def test_a_conversation_with_a_developer_message_and_an_assistant_turn(client):
@@ -151,8 +152,6 @@ def test_metadata_comes_back_and_is_bounded(client):
         ({"input": "1 2", "max_output_tokens": 5000}, "max_output_tokens"),
         ({"input": "1 " * 3000}, "input"),
         ({"input": "1 2", "text": {"format": {"type": "xml"}}}, "text.format"),
-        ({"input": "1 2", "previous_response_id": "resp_1"}, "previous_response_id"),
-        ({"input": "1 2", "store": True}, "store"),
         ({"input": "1 2", "tools": [{"type": "web_search"}]}, "tools.0.type"),
         ({"input": "1 2", "tool_choice": "required"}, "tool_choice"),
         ({"input": [{"type": "function_call", "call_id": "c1", "name": "f"}]}, "input.0.arguments"),
@@ -201,11 +200,3 @@ def test_a_stream_that_fails_midway_ends_with_an_error_and_response_failed():
     failed = sent[-1]["response"]
     assert failed["status"] == "failed" and "cut at once" in failed["error"]["message"]
     assert failed["output"][0]["content"][0]["text"] == "5 6" and failed["output"][0]["status"] == "incomplete"
-
-
-def test_a_stored_response_is_asked_for_in_vain_with_a_404_saying_why(client):
-    response = client.responses.create(model=SERVED_MODEL, input=QUESTION, max_output_tokens=2)
-    for call in (client.responses.retrieve, client.responses.delete, client.responses.cancel):
-        with pytest.raises(openai.NotFoundError) as missing:
-            call(response.id)
-        assert "responses are not stored" in str(missing.value) and response.id in str(missing.value)

@@ -128,6 +128,39 @@ def test_a_responses_second_turn_is_the_chat_turn_of_its_items(setup):
     assert "call_zzz" in error["message"]
 
 
+def test_a_tool_loop_chained_by_previous_response_id_is_the_chat_turn_of_its_calls(setup):
+    """The agent loop of OpenAI's Responses guide: the first response calls a function (a named tool_choice makes
+    it); the next request sends only the call's output and the first response's id. The model sees the chat of the
+    whole conversation (the call as the assistant's tool_calls, the output as a tool message) and answers alike."""
+    client = setup.router.openai()
+    tool = {"type": "function", **WEATHER["function"]}
+    question = "Weather in Paris?"
+    first = client.responses.create(
+        model=MODEL,
+        input=question,
+        tools=[tool],
+        tool_choice={"type": "function", "name": "get_weather"},
+        max_output_tokens=200,
+        temperature=0,
+    )
+    (call,) = [item for item in first.output if item.type == "function_call"]
+    output = {"type": "function_call_output", "call_id": call.call_id, "output": '{"temp": 21}'}
+    second = client.responses.create(
+        model=MODEL, previous_response_id=first.id, input=[output], tools=[tool], max_output_tokens=8, temperature=0
+    )
+    calls = [{"id": call.call_id, "type": "function", "function": {"name": call.name, "arguments": call.arguments}}]
+    said = [
+        {"role": "user", "content": question},
+        {"role": "assistant", "content": None, "tool_calls": calls},
+        {"role": "tool", "tool_call_id": call.call_id, "content": '{"temp": 21}'},
+    ]
+    chat = client.chat.completions.create(model=MODEL, messages=said, tools=[WEATHER], max_tokens=8, temperature=0)
+    assert second.usage.input_tokens == chat.usage.prompt_tokens
+    assert second.output_text == (chat.choices[0].message.content or "")
+    items = client.responses.input_items.list(second.id, order="asc").data
+    assert [item.type for item in items] == ["message", "function_call", "function_call_output"]
+
+
 def test_an_anthropic_second_turn_is_the_chat_turn_of_its_blocks(setup):
     """The same second turn as Anthropic's Messages (tool_use blocks in the assistant's message, tool_result blocks
     in the next user message) reaches the model as the chat request's does and answers alike; a tool_choice of one
