@@ -173,9 +173,11 @@ class Reservations:
         lease_s: float,
         resume_token_ids: Sequence[int] = (),
         peer: str = "",
+        priority: int = 0,
     ) -> HeldBlocks:
         """Blocks, landing and output stream appear together. Raises (holding nothing) if the engine refuses.
         ``resume_token_ids``: output generated elsewhere before (``Engine.add_request``); its KV lands too.
+        ``priority``: the request's, as ``Engine.add_request`` takes it.
         The ticket's token is then ``get(request_id).token``."""
         open_of_peer = sum(1 for r in self._records.values() if r.peer == peer and r.state is ReservationState.OPEN)
         if open_of_peer >= self.max_per_peer:
@@ -183,7 +185,7 @@ class Reservations:
                 f"{peer or 'this peer'} holds {open_of_peer} open reservations already (at most {self.max_per_peer})",
                 "RESOURCE_EXHAUSTED",
             )
-        held = engine.reserve(request_id, list(prompt), params, resume_token_ids)
+        held = engine.reserve(request_id, list(prompt), params, resume_token_ids, priority)
         first_missing = held.num_cached_tokens // engine.config.block_size
         token = secrets.token_urlsafe(24)
         self.inbox.open(request_id, held.block_ids[first_missing:], token)

@@ -140,6 +140,7 @@ class DecodeWorker(WorkerBase, decode_pb2_grpc.DecodeWorkerServicer):
             lease_ms / 1000.0,
             request.resume_token_ids,
             peer=peer,
+            priority=request.priority,
         )
         self.counters.add(prompt_tokens=len(request.prompt_token_ids), prefix_hit_tokens=reservation.num_cached_tokens)
         record = self.reservations.get(request.request_id)
@@ -205,7 +206,7 @@ class DecodeWorker(WorkerBase, decode_pb2_grpc.DecodeWorkerServicer):
         params = SamplingParams.from_wire(request.params)
         self.counters.add(prompt_tokens=len(request.prompt_token_ids))
         return self.loop.add_request(
-            request.request_id, list(request.prompt_token_ids), params, list(request.resume_token_ids)
+            request.request_id, list(request.prompt_token_ids), params, list(request.resume_token_ids), request.priority
         )
 
     def Abort(self, request, context):

@@ -137,14 +137,16 @@ class Engine:
         prompt_token_ids: Sequence[int],
         params: SamplingParams,
         resume_token_ids: Sequence[int] = (),
+        priority: int = 0,
     ) -> None:
-        """Queue a prompt to be prefilled here and decoded.
+        """Queue a prompt to be prefilled here and decoded (``priority``: its place in the queue, lower first, and
+        the order of preemption: ``Scheduler``).
 
         ``resume_token_ids``: output another worker generated for this request already (migration). The
         request continues after it exactly as if it had generated it here — text already emitted, stop
         strings across the boundary, penalties, seeds, grammar, ``min_tokens`` and ``max_tokens`` all count
         it — and its KV is computed with the prompt's. Its first output carries only new tokens."""
-        request = self._new_request(request_id, prompt_token_ids, params, resume_token_ids)
+        request = self._new_request(request_id, prompt_token_ids, params, resume_token_ids, priority)
         self.scheduler.add(request)
 
     def reserve(
@@ -153,12 +155,13 @@ class Engine:
         prompt_token_ids: Sequence[int],
         params: SamplingParams,
         resume_token_ids: Sequence[int] = (),
+        priority: int = 0,
     ) -> Reservation:
-        """Hold blocks for a prompt (and ``resume_token_ids``, as in ``add_request``) whose KV another worker
-        computes (state WAITING_FOR_KV).
+        """Hold blocks for a prompt (and ``resume_token_ids`` and ``priority``, as in ``add_request``) whose KV
+        another worker computes (state WAITING_FOR_KV).
 
         Raises NoFreeBlocksError, with nothing allocated, if the pool is too full."""
-        request = self._new_request(request_id, prompt_token_ids, params, resume_token_ids, register=False)
+        request = self._new_request(request_id, prompt_token_ids, params, resume_token_ids, priority, register=False)
         try:
             self.scheduler.reserve(request)
         except NoFreeBlocksError:
@@ -216,7 +219,9 @@ class Engine:
         self._pending.append(self._finalize(request))
         return True
 
-    def _new_request(self, request_id, prompt_token_ids, params, resume_token_ids=(), register: bool = True) -> Request:
+    def _new_request(
+        self, request_id, prompt_token_ids, params, resume_token_ids=(), priority: int = 0, register: bool = True
+    ) -> Request:
         """A request with its output stream started (and its resumed output replayed through it)."""
         prompt, resumed = list(prompt_token_ids), list(resume_token_ids)
         self._validate(request_id, prompt, params, resumed)
@@ -226,7 +231,7 @@ class Engine:
         if params.allowed_token_ids and {w[0] for w in bad_words if len(w) == 1}.issuperset(params.allowed_token_ids):
             raise InvalidRequestError("bad_words ban every one of allowed_token_ids: nothing could be generated")
         sampling = SamplingState(params, prompt, self.outputs.eos_token_ids, grammar, bad_words)
-        request = Request(request_id, prompt, params, sampling, self.config.block_size)
+        request = Request(request_id, prompt, params, sampling, self.config.block_size, priority=priority)
         self.outputs.start(request)
         try:
             self.outputs.resume(request, resumed)

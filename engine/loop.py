@@ -126,10 +126,15 @@ class EngineLoop:
         return self.submit(fn).result(timeout)
 
     def add_request(
-        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, resume_token_ids: list[int] = ()
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        resume_token_ids: list[int] = (),
+        priority: int = 0,
     ) -> RequestStream:
         def add(engine: Engine) -> RequestStream:
-            engine.add_request(request_id, prompt_token_ids, params, resume_token_ids)
+            engine.add_request(request_id, prompt_token_ids, params, resume_token_ids, priority)
             return self.watch(request_id)
 
         return self.call(add)

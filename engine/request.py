@@ -60,6 +60,7 @@ class Request:
     sampling: SamplingState
     block_size: int
     arrival_time: float = field(default_factory=time.monotonic)
+    priority: int = 0  # lower first: the place in the waiting queue, and the last to be preempted
     state: RequestState = RequestState.WAITING
     output_token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0

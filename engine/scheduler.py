@@ -4,20 +4,24 @@ The scheduler decides *what* runs and returns plain data; the model runner owns 
 One step's token budget is shared by everything scheduled in it::
 
     budget = max_num_batched_tokens
-    [ running: decodes (1 token each) and unfinished prefill chunks ] -> then [ waiting, FCFS ]
+    [ running: decodes (1 token each) and unfinished prefill chunks ] -> then [ waiting, by priority ]
 
 A step that decodes holds at most ``prefill_chunk_beside_decodes`` prompt tokens (if set): a prompt
 then stalls the decodes beside it for a bounded time each step (Sarathi-Serve's stall-free batching),
 while a step with no decode, a prefill worker's, still takes the whole budget.
 
-A request that cannot get a block preempts the most recently admitted running request
-(its blocks are freed; it recomputes later, mostly from the prefix cache).
+The waiting queue is ordered by each request's priority (lower first), then by arrival: with every priority
+equal (the router sends none unless its scheduling policy is priority), first come, first served.
+
+A request that cannot get a block preempts a running request not yet scheduled in this step: the one of the
+highest priority value, the most recently admitted among equals (its blocks are freed; it waits at the head of its
+priority and recomputes later, mostly from the prefix cache).
 """
 
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from engine.block_manager import BlockAllocator
 from engine.config import step_prompt_budget
@@ -64,6 +68,31 @@ class SchedulerConfig:
     prefill_chunk_beside_decodes: int | None = None  # None: the whole budget
 
 
+@dataclass
+class _Step:
+    """One step's plan of running requests as ``Scheduler.schedule`` makes it: each one's chunk (and whether it is
+    a prompt chunk), the budgets left, and the requests preempted (one scheduled already gives its tokens back)."""
+
+    budget: int
+    prompt_budget: int
+    chunks: dict[str, tuple[ScheduledChunk, bool]] = field(default_factory=dict)
+    preempted: list[str] = field(default_factory=list)
+
+    def add(self, chunk: ScheduledChunk, prompt: bool) -> None:
+        self.chunks[chunk.request_id] = (chunk, prompt)
+        self._spend(len(chunk.token_ids), prompt)
+
+    def preempt(self, request_id: str) -> None:
+        self.preempted.append(request_id)
+        if request_id in self.chunks:
+            chunk, prompt = self.chunks.pop(request_id)
+            self._spend(-len(chunk.token_ids), prompt)
+
+    def _spend(self, tokens: int, prompt: bool) -> None:
+        self.budget -= tokens
+        self.prompt_budget -= tokens if prompt else 0
+
+
 class Scheduler:
     """Owns the waiting and running queues and every block a request holds. Engine thread only."""
 
@@ -77,7 +106,12 @@ class Scheduler:
     # -- admission ----------------------------------------------------------------------------
 
     def add(self, request: Request) -> None:
-        self.waiting.append(request)
+        """Queues a request behind every waiting one of its priority or lower (a scan from the tail that stops
+        at once when all priorities are equal)."""
+        index = len(self.waiting)
+        while index and self.waiting[index - 1].priority > request.priority:
+            index -= 1
+        self.waiting.insert(index, request)
 
     def reserve(self, request: Request) -> None:
         """Hold blocks for every token known so far (the prompt, and output resumed from another worker),
@@ -110,44 +144,39 @@ class Scheduler:
     # -- one step ------------------------------------------------------------------------------
 
     def schedule(self) -> SchedulerOutput:
-        budget = self.config.max_num_batched_tokens
-        prompt_budget = self._prompt_budget()
-        scheduled: list[ScheduledChunk] = []
-        preempted: list[str] = []
+        step = _Step(self.config.max_num_batched_tokens, self._prompt_budget())
         index = 0
-        while index < len(self.running) and budget > 0:
+        while index < len(self.running) and step.budget > 0:
             request = self.running[index]
-            index += 1
             remaining = request.num_tokens - request.num_computed_tokens
             prompt = remaining > 1  # else a decode (or nothing left): outside the prompt budget
-            count = min(remaining, budget, prompt_budget if prompt else remaining)
+            count = min(remaining, step.budget, step.prompt_budget if prompt else remaining)
             if prompt and count == 0:
-                continue  # a prompt chunk waits for a step with prompt budget; the decodes after it still run
-            chunk = self._schedule_running(request, count, preempted)
-            if chunk is None:
-                break  # the request preempted itself
-            scheduled.append(chunk)
-            budget -= count
-            prompt_budget -= count if prompt else 0
-        if not preempted:
-            scheduled.extend(self._admit_waiting(min(budget, prompt_budget)))
+                index += 1  # a prompt chunk waits for a step with prompt budget; the decodes after it still run
+                continue
+            while not self._grow(request, count):
+                victim = max(reversed(self.running), key=lambda r: r.priority)  # the latest of the highest
+                if self.running.index(victim) < index:  # scheduled already: its chunk goes, its place too
+                    index -= 1
+                self.running.remove(victim)
+                self._preempt(victim)
+                step.preempt(victim.request_id)
+                if victim is request:
+                    break
+            else:
+                step.add(self._chunk(request, count), prompt)
+                index += 1
+        scheduled = [chunk for chunk, _ in step.chunks.values()]
+        if not step.preempted:
+            scheduled.extend(self._admit_waiting(min(step.budget, step.prompt_budget)))
         scheduled.sort(key=lambda c: len(c.token_ids) == 1)  # stable: multi-token chunks first
-        return SchedulerOutput(tuple(scheduled), tuple(preempted))
+        return SchedulerOutput(tuple(scheduled), tuple(step.preempted))
 
     def _prompt_budget(self) -> int:
         config = self.config
         cap = config.prefill_chunk_beside_decodes  # no cap: no need to look for decodes
         decodes = cap is not None and any(r.num_tokens - r.num_computed_tokens == 1 for r in self.running)
         return step_prompt_budget(config.max_num_batched_tokens, cap, decodes)
-
-    def _schedule_running(self, request: Request, count: int, preempted: list[str]) -> ScheduledChunk | None:
-        while not self._grow(request, count):
-            victim = self.running.pop()
-            self._preempt(victim)
-            preempted.append(victim.request_id)
-            if victim is request:
-                return None
-        return self._chunk(request, count)
 
     def _admit_waiting(self, budget: int) -> list[ScheduledChunk]:
         admitted: list[ScheduledChunk] = []
@@ -223,7 +252,10 @@ class Scheduler:
         request.num_computed_tokens = 0
         request.num_preemptions += 1
         request.transition(RequestState.WAITING)
-        self.waiting.appendleft(request)
+        index = 0  # ahead of every waiting request of its priority: it came before them
+        while index < len(self.waiting) and self.waiting[index].priority < request.priority:
+            index += 1
+        self.waiting.insert(index, request)
 
     # -- after the step ------------------------------------------------------------------------
 

@@ -263,7 +263,13 @@ class PrefillWorker(WorkerBase, prefill_pb2_grpc.PrefillWorkerServicer):
         return [session.ticket.num_cached_tokens // self.config.block_size] * self._num_layers
 
     def _start(self, engine: Engine, request, params, outbound: Outbound):
-        engine.add_request(request.request_id, list(request.prompt_token_ids), params, list(request.resume_token_ids))
+        engine.add_request(
+            request.request_id,
+            list(request.prompt_token_ids),
+            params,
+            list(request.resume_token_ids),
+            request.priority,
+        )
         self._outbound[request.request_id] = outbound
         self.counters.add(prompt_tokens=outbound.prompt_len)
         return self.loop.watch(request.request_id)

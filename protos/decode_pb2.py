@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from protos import common_pb2 as protos_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13protos/decode.proto\x12\nsplitserve\x1a\x13protos/common.proto\"\x96\x01\n\x0eReserveRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12*\n\x06params\x18\x03 \x01(\x0b\x32\x1a.splitserve.SamplingParams\x12\x10\n\x08lease_ms\x18\x04 \x01(\r\x12\x18\n\x10resume_token_ids\x18\x05 \x03(\r\"\xfb\x01\n\x06Ticket\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\tblock_ids\x18\x02 \x03(\r\x12\x19\n\x11num_cached_tokens\x18\x03 \x01(\r\x12\x11\n\ttransport\x18\x04 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x05 \x01(\t\x12$\n\x06layout\x18\x06 \x01(\x0b\x32\x14.splitserve.KVLayout\x12\x10\n\x08lease_ms\x18\n \x01(\r\x12\x11\n\tworker_id\x18\x08 \x01(\t\x12\x13\n\x0binstance_id\x18\t \x01(\t\x12\r\n\x05token\x18\x10 \x01(\tJ\x04\x08\x07\x10\x08R\x16lease_deadline_unix_ms\"\xa6\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12*\n\x06params\x18\x03 \x01(\x0b\x32\x1a.splitserve.SamplingParams\x12\x10\n\x08reserved\x18\x04 \x01(\x08\x12\r\n\x05token\x18\x10 \x01(\t\x12\x18\n\x10resume_token_ids\x18\x05 \x03(\r\"\x8a\x02\n\x10GenerateResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12*\n\x08logprobs\x18\x03 \x03(\x0b\x32\x18.splitserve.TokenLogprob\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12 \n\x05usage\x18\x05 \x01(\x0b\x32\x11.splitserve.Usage\x12\x31\n\x0fprompt_logprobs\x18\x06 \x03(\x0b\x32\x18.splitserve.TokenLogprob\x12\x15\n\x0bstop_string\x18\x07 \x01(\tH\x00\x12\x17\n\rstop_token_id\x18\x08 \x01(\rH\x00\x42\r\n\x0bstop_reason2\xe3\x02\n\x0c\x44\x65\x63odeWorker\x12\x39\n\x07Reserve\x12\x1a.splitserve.ReserveRequest\x1a\x12.splitserve.Ticket\x12G\n\x08Generate\x12\x1b.splitserve.GenerateRequest\x1a\x1c.splitserve.GenerateResponse0\x01\x12<\n\x05\x41\x62ort\x12\x18.splitserve.AbortRequest\x1a\x19.splitserve.AbortResponse\x12:\n\x05Stats\x12\x18.splitserve.StatsRequest\x1a\x17.splitserve.WorkerStats\x12U\n\x11SubscribeKVEvents\x12$.splitserve.SubscribeKVEventsRequest\x1a\x18.splitserve.KVEventBatch0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13protos/decode.proto\x12\nsplitserve\x1a\x13protos/common.proto\"\xa8\x01\n\x0eReserveRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12*\n\x06params\x18\x03 \x01(\x0b\x32\x1a.splitserve.SamplingParams\x12\x10\n\x08lease_ms\x18\x04 \x01(\r\x12\x18\n\x10resume_token_ids\x18\x05 \x03(\r\x12\x10\n\x08priority\x18\x06 \x01(\x05\"\xfb\x01\n\x06Ticket\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\tblock_ids\x18\x02 \x03(\r\x12\x19\n\x11num_cached_tokens\x18\x03 \x01(\r\x12\x11\n\ttransport\x18\x04 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x05 \x01(\t\x12$\n\x06layout\x18\x06 \x01(\x0b\x32\x14.splitserve.KVLayout\x12\x10\n\x08lease_ms\x18\n \x01(\r\x12\x11\n\tworker_id\x18\x08 \x01(\t\x12\x13\n\x0binstance_id\x18\t \x01(\t\x12\r\n\x05token\x18\x10 \x01(\tJ\x04\x08\x07\x10\x08R\x16lease_deadline_unix_ms\"\xb8\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12*\n\x06params\x18\x03 \x01(\x0b\x32\x1a.splitserve.SamplingParams\x12\x10\n\x08reserved\x18\x04 \x01(\x08\x12\r\n\x05token\x18\x10 \x01(\t\x12\x18\n\x10resume_token_ids\x18\x05 \x03(\r\x12\x10\n\x08priority\x18\x06 \x01(\x05\"\x8a\x02\n\x10GenerateResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12*\n\x08logprobs\x18\x03 \x03(\x0b\x32\x18.splitserve.TokenLogprob\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12 \n\x05usage\x18\x05 \x01(\x0b\x32\x11.splitserve.Usage\x12\x31\n\x0fprompt_logprobs\x18\x06 \x03(\x0b\x32\x18.splitserve.TokenLogprob\x12\x15\n\x0bstop_string\x18\x07 \x01(\tH\x00\x12\x17\n\rstop_token_id\x18\x08 \x01(\rH\x00\x42\r\n\x0bstop_reason2\xe3\x02\n\x0c\x44\x65\x63odeWorker\x12\x39\n\x07Reserve\x12\x1a.splitserve.ReserveRequest\x1a\x12.splitserve.Ticket\x12G\n\x08Generate\x12\x1b.splitserve.GenerateRequest\x1a\x1c.splitserve.GenerateResponse0\x01\x12<\n\x05\x41\x62ort\x12\x18.splitserve.AbortRequest\x1a\x19.splitserve.AbortResponse\x12:\n\x05Stats\x12\x18.splitserve.StatsRequest\x1a\x17.splitserve.WorkerStats\x12U\n\x11SubscribeKVEvents\x12$.splitserve.SubscribeKVEventsRequest\x1a\x18.splitserve.KVEventBatch0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,13 +33,13 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'protos.decode_pb2', _global
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_RESERVEREQUEST']._serialized_start=57
-  _globals['_RESERVEREQUEST']._serialized_end=207
-  _globals['_TICKET']._serialized_start=210
-  _globals['_TICKET']._serialized_end=461
-  _globals['_GENERATEREQUEST']._serialized_start=464
-  _globals['_GENERATEREQUEST']._serialized_end=630
-  _globals['_GENERATERESPONSE']._serialized_start=633
-  _globals['_GENERATERESPONSE']._serialized_end=899
-  _globals['_DECODEWORKER']._serialized_start=902
-  _globals['_DECODEWORKER']._serialized_end=1257
+  _globals['_RESERVEREQUEST']._serialized_end=225
+  _globals['_TICKET']._serialized_start=228
+  _globals['_TICKET']._serialized_end=479
+  _globals['_GENERATEREQUEST']._serialized_start=482
+  _globals['_GENERATEREQUEST']._serialized_end=666
+  _globals['_GENERATERESPONSE']._serialized_start=669
+  _globals['_GENERATERESPONSE']._serialized_end=935
+  _globals['_DECODEWORKER']._serialized_start=938
+  _globals['_DECODEWORKER']._serialized_end=1293
 # @@protoc_insertion_point(module_scope)

@@ -26,7 +26,7 @@ from protos import common_pb2 as protos_dot_common__pb2
 from protos import decode_pb2 as protos_dot_decode__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14protos/prefill.proto\x12\nsplitserve\x1a\x13protos/common.proto\x1a\x13protos/decode.proto\"\xc0\x01\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12*\n\x06params\x18\x03 \x01(\x0b\x32\x1a.splitserve.SamplingParams\x12\"\n\x06ticket\x18\x04 \x01(\x0b\x32\x12.splitserve.Ticket\x12\x18\n\x10resume_token_ids\x18\x05 \x03(\r\x12\x16\n\x0eticket_follows\x18\x06 \x01(\x08\"H\n\x0eTicketDelivery\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\"\n\x06ticket\x18\x02 \x01(\x0b\x32\x12.splitserve.Ticket\"\x10\n\x0eTicketAccepted\"\xbd\x01\n\x0fPrefillResponse\x12\x16\n\x0e\x66irst_token_id\x18\x01 \x01(\r\x12/\n\rfirst_logprob\x18\x02 \x01(\x0b\x32\x18.splitserve.TokenLogprob\x12\x19\n\x11num_cached_tokens\x18\x03 \x01(\r\x12\x15\n\rkv_bytes_sent\x18\x04 \x01(\x04\x12\x12\n\nprefill_ms\x18\x05 \x01(\x02\x12\x1b\n\x13\x65xposed_transfer_ms\x18\x06 \x01(\x02\x32\xea\x02\n\rPrefillWorker\x12\x42\n\x07Prefill\x12\x1a.splitserve.PrefillRequest\x1a\x1b.splitserve.PrefillResponse\x12\x44\n\nSendTicket\x12\x1a.splitserve.TicketDelivery\x1a\x1a.splitserve.TicketAccepted\x12<\n\x05\x41\x62ort\x12\x18.splitserve.AbortRequest\x1a\x19.splitserve.AbortResponse\x12:\n\x05Stats\x12\x18.splitserve.StatsRequest\x1a\x17.splitserve.WorkerStats\x12U\n\x11SubscribeKVEvents\x12$.splitserve.SubscribeKVEventsRequest\x1a\x18.splitserve.KVEventBatch0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14protos/prefill.proto\x12\nsplitserve\x1a\x13protos/common.proto\x1a\x13protos/decode.proto\"\xd2\x01\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12*\n\x06params\x18\x03 \x01(\x0b\x32\x1a.splitserve.SamplingParams\x12\"\n\x06ticket\x18\x04 \x01(\x0b\x32\x12.splitserve.Ticket\x12\x18\n\x10resume_token_ids\x18\x05 \x03(\r\x12\x16\n\x0eticket_follows\x18\x06 \x01(\x08\x12\x10\n\x08priority\x18\x07 \x01(\x05\"H\n\x0eTicketDelivery\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\"\n\x06ticket\x18\x02 \x01(\x0b\x32\x12.splitserve.Ticket\"\x10\n\x0eTicketAccepted\"\xbd\x01\n\x0fPrefillResponse\x12\x16\n\x0e\x66irst_token_id\x18\x01 \x01(\r\x12/\n\rfirst_logprob\x18\x02 \x01(\x0b\x32\x18.splitserve.TokenLogprob\x12\x19\n\x11num_cached_tokens\x18\x03 \x01(\r\x12\x15\n\rkv_bytes_sent\x18\x04 \x01(\x04\x12\x12\n\nprefill_ms\x18\x05 \x01(\x02\x12\x1b\n\x13\x65xposed_transfer_ms\x18\x06 \x01(\x02\x32\xea\x02\n\rPrefillWorker\x12\x42\n\x07Prefill\x12\x1a.splitserve.PrefillRequest\x1a\x1b.splitserve.PrefillResponse\x12\x44\n\nSendTicket\x12\x1a.splitserve.TicketDelivery\x1a\x1a.splitserve.TicketAccepted\x12<\n\x05\x41\x62ort\x12\x18.splitserve.AbortRequest\x1a\x19.splitserve.AbortResponse\x12:\n\x05Stats\x12\x18.splitserve.StatsRequest\x1a\x17.splitserve.WorkerStats\x12U\n\x11SubscribeKVEvents\x12$.splitserve.SubscribeKVEventsRequest\x1a\x18.splitserve.KVEventBatch0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,13 +34,13 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'protos.prefill_pb2', _globa
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_PREFILLREQUEST']._serialized_start=79
-  _globals['_PREFILLREQUEST']._serialized_end=271
-  _globals['_TICKETDELIVERY']._serialized_start=273
-  _globals['_TICKETDELIVERY']._serialized_end=345
-  _globals['_TICKETACCEPTED']._serialized_start=347
-  _globals['_TICKETACCEPTED']._serialized_end=363
-  _globals['_PREFILLRESPONSE']._serialized_start=366
-  _globals['_PREFILLRESPONSE']._serialized_end=555
-  _globals['_PREFILLWORKER']._serialized_start=558
-  _globals['_PREFILLWORKER']._serialized_end=920
+  _globals['_PREFILLREQUEST']._serialized_end=289
+  _globals['_TICKETDELIVERY']._serialized_start=291
+  _globals['_TICKETDELIVERY']._serialized_end=363
+  _globals['_TICKETACCEPTED']._serialized_start=365
+  _globals['_TICKETACCEPTED']._serialized_end=381
+  _globals['_PREFILLRESPONSE']._serialized_start=384
+  _globals['_PREFILLRESPONSE']._serialized_end=573
+  _globals['_PREFILLWORKER']._serialized_start=576
+  _globals['_PREFILLWORKER']._serialized_end=938
 # @@protoc_insertion_point(module_scope)

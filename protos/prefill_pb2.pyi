@@ -9,20 +9,22 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class PrefillRequest(_message.Message):
-    __slots__ = ("request_id", "prompt_token_ids", "params", "ticket", "resume_token_ids", "ticket_follows")
+    __slots__ = ("request_id", "prompt_token_ids", "params", "ticket", "resume_token_ids", "ticket_follows", "priority")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     PARAMS_FIELD_NUMBER: _ClassVar[int]
     TICKET_FIELD_NUMBER: _ClassVar[int]
     RESUME_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     TICKET_FOLLOWS_FIELD_NUMBER: _ClassVar[int]
+    PRIORITY_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
     params: _common_pb2.SamplingParams
     ticket: _decode_pb2.Ticket
     resume_token_ids: _containers.RepeatedScalarFieldContainer[int]
     ticket_follows: bool
-    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., params: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., ticket: _Optional[_Union[_decode_pb2.Ticket, _Mapping]] = ..., resume_token_ids: _Optional[_Iterable[int]] = ..., ticket_follows: _Optional[bool] = ...) -> None: ...
+    priority: int
+    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., params: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., ticket: _Optional[_Union[_decode_pb2.Ticket, _Mapping]] = ..., resume_token_ids: _Optional[_Iterable[int]] = ..., ticket_follows: _Optional[bool] = ..., priority: _Optional[int] = ...) -> None: ...
 
 class TicketDelivery(_message.Message):
     __slots__ = ("request_id", "ticket")

@@ -34,7 +34,8 @@ class RouterConfig:
     max_running: int = 256
     max_queued: int = 512
     queue_timeout_s: float = 30.0
-    # "fcfs": the queue in arrival order; "priority": by each request's priority (lower first), then arrival
+    # "fcfs": the queues (the router's, the workers') in arrival order; "priority": by each request's priority (lower
+    # first), then arrival, and a worker preempts the highest value first
     scheduling_policy: str = "fcfs"
     # The Responses API's store (router/stored_responses.py): the memory its stored responses may take, in MiB; past it
     # the least recently used go first. 0: nothing is stored (a request that asks to store, or to continue one, is
@@ -177,8 +178,9 @@ FIELD_HELP = {
     "max_running": "requests served at once; beyond it they queue",
     "max_queued": "requests waiting for a slot; beyond it: 429",
     "queue_timeout_s": "seconds a request may wait in the queue for a slot (then 503)",
-    "scheduling_policy": "the order of the queue: fcfs (arrival) or priority (each request's priority, lower first, "
-    "then arrival; with fcfs a request that sets one is refused)",
+    "scheduling_policy": "the order of the queues, the router's and the workers': fcfs (arrival) or priority (each "
+    "request's priority, lower first, then arrival; also the order of preemption; with fcfs a request that sets one "
+    "is refused)",
     "responses_store_mb": "MiB of memory the Responses API's stored responses may take (least recently used go first "
     "past it); 0: store none, and refuse store, previous_response_id and background",
     "routing_policy": "kv_aware: prefer workers whose prefix cache holds the prompt; load: least loaded only",

@@ -112,7 +112,8 @@ class GenerationRequest:
     prompt_token_ids: tuple[int, ...]
     params: common_pb2.SamplingParams
     public_id: str = ""  # the client's name for it (X-Request-Id, gRPC's request_id), if another
-    priority: int = 0  # its place in the router's queue under scheduling_policy "priority": lower first
+    # Under scheduling_policy "priority": its place in the router's queue and the workers' queues, lower first.
+    priority: int = 0
 
     @property
     def named(self) -> str:
@@ -245,6 +246,7 @@ class Orchestrator:
             prompt_token_ids=request.prompt_token_ids,
             params=_worker_params(request, progress),
             resume_token_ids=progress.tokens,
+            priority=request.priority,
         )
         decode.active += 1
         prefilled = decode.queue_prefill(uncached)
@@ -347,6 +349,7 @@ class Orchestrator:
                     params=_worker_params(request, progress),
                     lease_ms=self.config.lease_ms,
                     resume_token_ids=progress.tokens,
+                    priority=request.priority,
                 ),
                 timeout=10.0,
                 metadata=span.metadata,
@@ -388,6 +391,7 @@ class Orchestrator:
                     params=_worker_params(request, progress),
                     ticket_follows=True,
                     resume_token_ids=progress.tokens,
+                    priority=request.priority,
                 ),
                 timeout=self.config.prefill_timeout_s,
                 metadata=span.metadata,

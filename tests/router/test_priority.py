@@ -1,7 +1,7 @@
 """--scheduling-policy priority (vLLM's `priority`: lower goes first): a slot that frees goes to the queued request
 with the lowest priority, then to the earliest; under the default fcfs a request that sets one is refused by name,
 over HTTP and gRPC. A queued request that leaves (its client gone, its queue timeout) hands on nothing and loses no
-slot."""
+slot. The workers' queues are ordered the same way (the engine's order: tests/engine/test_priority.py)."""
 
 from __future__ import annotations
 
@@ -12,8 +12,9 @@ import grpc
 import pytest
 
 from protos import common_pb2, generate_pb2, generate_pb2_grpc
-from tests.router.conftest import SERVED_MODEL, random_prompt, start_stream, wait_for
+from tests.router.conftest import MAX_MODEL_LEN, SERVED_MODEL, random_prompt, start_stream, wait_for
 from tests.router.test_errors import assert_error, post
+from tests.workers.harness import start_worker
 
 
 def _queued(router) -> int:
@@ -101,3 +102,49 @@ def test_priorities_out_of_grpcs_range_are_refused(make_router, cluster):
         )
         chunks = list(generate_pb2_grpc.GenerateStub(channel).Generate(request, timeout=30))
     assert chunks[-1].usage.completion_tokens == 2
+
+
+@pytest.mark.parametrize("path", ["local", "remote"])
+def test_requests_waiting_in_a_workers_queue_are_served_by_priority(make_router, checkpoint, cluster, rng, path):
+    """With the router's queue open (its default max_running), requests wait in the worker's own queue instead: a
+    decode worker that prefills them itself (local), or a prefill worker (remote), each taking one request at a
+    time. The request sent second, with the lower priority value, is served first there."""
+    flags = ("--max-num-seqs", "1")
+    if path == "remote":  # a long prompt's prefill holds the worker for a hundred steps or so
+        flags += ("--max-num-batched-tokens", "16")
+    worker = start_worker("decode" if path == "local" else "prefill", str(checkpoint.path), "grpc", *flags)
+    try:
+        prefills, decode = ([], worker) if path == "local" else ([worker], cluster.decode)
+        router = make_router(prefills, [decode], scheduling_policy="priority", local_prefill_threshold=0)
+        client = router.openai()
+        if path == "local":
+            holder = start_stream(client, random_prompt(rng, 8), 300)  # decodes while the others wait
+        else:
+            holder = start_stream(client, random_prompt(rng, MAX_MODEL_LEN - 64), 2)  # prefills while they wait
+        wait_for(lambda: worker.stats().running == 1, 30, "the first request to run on the worker")
+        first_token_at: dict[str, float] = {}
+
+        def queued(name: str, priority: int) -> None:
+            stream = client.completions.create(
+                model=SERVED_MODEL,
+                prompt=[random_prompt(rng, 40)],
+                max_tokens=4,
+                temperature=0,
+                stream=True,
+                extra_body={"priority": priority, "ignore_eos": True},
+            )
+            for _ in stream:
+                first_token_at.setdefault(name, time.monotonic())
+
+        threads = []
+        for count, (name, priority) in enumerate([("five", 5), ("minus-five", -5)]):
+            threads.append(threading.Thread(target=queued, args=(name, priority), daemon=True))
+            threads[-1].start()
+            wait_for(lambda n=count + 1: worker.stats().waiting == n, 10, f"{name} to wait on the worker")
+        assert worker.stats().running == 1, "the first request ended before the others queued: lengthen it"
+        for thread in threads:
+            thread.join(60)
+        assert holder.done.wait(60) and holder.error is None
+        assert sorted(first_token_at, key=first_token_at.get) == ["minus-five", "five"]
+    finally:
+        worker.stop()
