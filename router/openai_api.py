@@ -387,7 +387,6 @@ RESPONSES_REFUSED: dict[str, Refusal] = {
     "prompt": Refusal("prompt templates are stored ones; send input"),
     "max_tool_calls": Refusal("the model makes the calls of one turn; the client runs them"),
     "reasoning": Refusal("the served model does not reason", neutral=(None, {})),
-    "truncation": Refusal("an input longer than the context is refused, never truncated", neutral=(None, "disabled")),
     "service_tier": Refusal(neutral=(None, "auto", "default")),
     "stream_options": Refusal("events are never obfuscated", neutral=(None, {}, {"include_obfuscation": False})),
     "prompt_cache_retention": Refusal(),
@@ -410,6 +409,7 @@ RESPONSES_HONOURED = METADATA | {
     "store",
     "previous_response_id",
     "background",
+    "truncation",
 }
 
 
@@ -437,6 +437,8 @@ class ResponsesBody(_refusing("_ResponsesRefused", _Strict, RESPONSES_REFUSED)):
     store: bool | None = None  # None: as OpenAI, true (where the router keeps a store: responses_store_mb)
     previous_response_id: str | None = None  # the stored response whose conversation this one continues
     background: bool = False  # answered at once, queued; the client polls GET /v1/responses/{id}
+    # "auto": a conversation too long for the context loses its earliest turns; "disabled" (the default): a 400
+    truncation: Literal["auto", "disabled"] = "disabled"
 
     def stored(self, store: ResponseStore) -> bool:
         """Whether the response is stored; FieldError naming what the store cannot do for this request."""
@@ -491,6 +493,7 @@ class ResponsesBody(_refusing("_ResponsesRefused", _Strict, RESPONSES_REFUSED)):
             "store": stored,
             "background": self.background,
             "previous_response_id": self.previous_response_id,
+            "truncation": self.truncation,
             "instructions": self.instructions,
             "max_output_tokens": self.max_output_tokens,
             "temperature": self.temperature,
@@ -812,19 +815,17 @@ def create_app(frontend: Frontend, api_keys: tuple[str, ...] = ()) -> FastAPI:
         previous = body.previous_response_id
         earlier = store.previous(previous).history if previous is not None else []
         said = responses_api.messages(body.input, body.instructions, earlier)
-        try:
-            said = tool_turns(said, frontend.tokenizer.supports_tool_calls)
-        except FieldError as exc:  # named as in the turns the items make, which are not the items' places
-            raise FieldError("input", f"the turns in input do not add up: {exc}") from None
         tools = _responses_tools(frontend, body)
-        prompt = frontend.encode_chat(said, tools.template_tools if tools else None)
+        prompt = _responses_prompt(frontend, said, tools)
+        items = [*earlier, *responses_api.input_items(body.input)]  # what its input_items list, when stored
+        if body.truncation == "auto":
+            prompt = _truncated(frontend, body, items, tools, prompt)
         logprobs = body.logprobs(tools)
         params = body.sampling(frontend.room(prompt, "input"), tools.grammar() if tools else None, logprobs)
         job = frontend.build(prompt, params, "input", "max_output_tokens")
         names = _TokenNames(frontend, False, None)
         written = (lambda lps: _chat_logprobs(names, lps)["content"]) if logprobs is not None else None
         shape = responses_api.ResponseShape(frontend.model_name, body.echoed(stored), written)
-        items = [*earlier, *responses_api.input_items(body.input)]  # what its input_items list, when stored
 
         def keep(response: dict) -> None:
             if stored:
@@ -900,6 +901,38 @@ def create_app(frontend: Frontend, api_keys: tuple[str, ...] = ()) -> FastAPI:
     # Starlette tries routes in order: the ones that nearly every request is for go before the docs' and the rest.
     app.router.routes.sort(key=lambda route: getattr(route, "path", None) not in GENERATING_PATHS)
     return app
+
+
+def _responses_prompt(frontend: Frontend, said: list[dict], tools: Tools | None) -> list[int]:
+    """The prompt of a Responses conversation's turns; a 400 naming ``input`` when its tool turns do not add up."""
+    try:
+        said = tool_turns(said, frontend.tokenizer.supports_tool_calls)
+    except FieldError as exc:  # named as in the turns the items make, which are not the items' places
+        raise FieldError("input", f"the turns in input do not add up: {exc}") from None
+    return frontend.encode_chat(said, tools.template_tools if tools else None)
+
+
+def _truncated(
+    frontend: Frontend, body: ResponsesBody, items: list[dict], tools: Tools | None, prompt: list[int]
+) -> list[int]:
+    """``truncation: "auto"``: the prompt of the conversation's latest turns that leave room for the output
+    (``max_output_tokens``, or a token), dropping whole turns from the start (each kept part starts at a user
+    message: the fewest dropped, found by bisection); ``prompt`` (the whole conversation's) where it fits already,
+    or where no user message starts a part that fits (then the context's 400 names input as without truncation)."""
+    limit = frontend.max_model_len - (body.max_output_tokens or 1)
+    if len(prompt) <= limit:
+        return prompt
+    starts = [i for i, item in enumerate(items) if i and item.get("type") == "message" and item["role"] == "user"]
+    render = lambda start: _responses_prompt(frontend, responses_api.messages(items[start:], body.instructions), tools)
+    low, high, best = 0, len(starts), prompt
+    while low < high:  # the earliest start whose prompt fits: later ones are shorter
+        middle = (low + high) // 2
+        candidate = render(starts[middle])
+        if len(candidate) <= limit:
+            best, high = candidate, middle
+        else:
+            low = middle + 1
+    return best
 
 
 async def _in_background(

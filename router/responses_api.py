@@ -173,7 +173,6 @@ class ResponseShape:
             "model": self.model,
             "output": output or [],
             "usage": usage,
-            "truncation": "disabled",
             **self.settings,
         }
 

@@ -488,6 +488,7 @@ BEHAVIOUR = {
         "store": stored_tests.test_deleted_and_unstored_responses_are_gone_with_a_404_naming_them,
         "previous_response_id": stored_tests.test_a_chain_of_responses_is_the_chat_of_every_turn_before_it,
         "background": stored_tests.test_a_background_response_is_polled_to_the_answer_it_would_have_given,
+        "truncation": stored_tests.test_truncation_auto_drops_the_earliest_turns_that_do_not_fit,
         "tools": structured_tests.test_tools_reach_the_template_and_auto_or_none_leave_text,
         "tool_choice": structured_tests.test_named_tool_choice_returns_a_call_whose_arguments_validate,
         "parallel_tool_calls": structured_tests.test_tools_reach_the_template_and_auto_or_none_leave_text,

@@ -153,6 +153,7 @@ def test_metadata_comes_back_and_is_bounded(client):
         ({"input": "1 " * 3000}, "input"),
         ({"input": "1 2", "text": {"format": {"type": "xml"}}}, "text.format"),
         ({"input": "1 2", "tools": [{"type": "web_search"}]}, "tools.0.type"),
+        ({"input": "1 2", "truncation": "middle"}, "truncation"),
         ({"input": "1 2", "tool_choice": "required"}, "tool_choice"),
         ({"input": [{"type": "function_call", "call_id": "c1", "name": "f"}]}, "input.0.arguments"),
         ({"input": "1 2", "include": [LOGPROBS_INCLUDE, "file_search_call.results"]}, "include"),

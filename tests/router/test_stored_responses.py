@@ -61,6 +61,41 @@ def test_a_chain_of_responses_is_the_chat_of_every_turn_before_it(client):
     _assert_answers_as(third, _chat(client, [{"role": "system", "content": "Be brief."}, *said]))
 
 
+def test_truncation_auto_drops_the_earliest_turns_that_do_not_fit(router, client):
+    """A chain whose conversation outgrows the context: without truncation a 400 naming input (as OpenAI answers);
+    with truncation "auto" the earliest whole turns go, and the answer is the chat completion of the turns kept."""
+    long_turn = lambda n: " ".join(str(n + i % 7) for i in range(500))  # a few hundred tokens or more
+
+    def tokens(text: str) -> int:
+        return httpx.post(f"{router.http}/tokenize", json={"prompt": text}, timeout=10).json()["count"]
+
+    per_turn = tokens(long_turn(1))
+    turns = MAX_MODEL_LEN // per_turn + 1  # together more than the context holds
+    response = _create(client, input=long_turn(0))
+    for n in range(1, turns):
+        response = _create(client, input=long_turn(n), previous_response_id=response.id, truncation="auto")
+    assert response.truncation == "auto"
+    body = {"model": SERVED_MODEL, "input": "and now?", "previous_response_id": response.id, "max_output_tokens": 8}
+    error = assert_error(post(router, "/v1/responses", body), 400, param="input")
+    assert "maximum context length" in error["message"]
+    last = _create(client, input="and now?", previous_response_id=response.id, truncation="auto")
+    # What it kept: the latest turns that leave room for its max_output_tokens, from a user message on.
+    items = list(client.responses.input_items.list(response.id, order="asc"))
+    said = [{"role": item.role, "content": item.content[0].text} for item in items]
+    said += [{"role": "assistant", "content": response.output_text}, {"role": "user", "content": "and now?"}]
+    kept = next(
+        said[start:]
+        for start in range(len(said))
+        if said[start]["role"] == "user" and _chat_tokens(router, said[start:]) + LIMIT <= MAX_MODEL_LEN
+    )
+    assert len(kept) < len(said)
+    _assert_answers_as(last, _chat(client, kept))
+
+
+def _chat_tokens(router, messages: list[dict]) -> int:
+    return httpx.post(f"{router.http}/tokenize", json={"messages": messages}, timeout=10).json()["count"]
+
+
 def test_a_stored_response_reads_back_as_answered_with_its_input_items_paged(router, client):
     first = _create(client, input=FIRST)
     second = _create(client, input=[{"role": "user", "content": SECOND}], previous_response_id=first.id)
