@@ -643,15 +643,27 @@ class ErrorDetail(BaseModel):
 
 
 class ErrorBody(BaseModel):
-    """OpenAI's error shape; every error leaves in it."""
+    """OpenAI's error shape; every error leaves in it, but the Messages API's."""
 
     error: ErrorDetail
+
+
+class AnthropicErrorDetail(BaseModel):
+    type: str
+    message: str
+
+
+class AnthropicErrorBody(BaseModel):
+    """Anthropic's error shape: every error of the Messages API's routes leaves in it (``_Answer`` rewrites them)."""
+
+    type: Literal["error"]
+    error: AnthropicErrorDetail
 
 
 _ERROR_MEANINGS = {
     400: "Invalid request: a field is malformed, out of range or not supported (``error.param`` names it)",
     401: "Missing or incorrect API key",
-    404: "No such model",
+    404: "No such model (or, where the path names one, no such stored response)",
     413: "Request body too large",
     429: "Too many requests in flight; retry after the Retry-After header's seconds",
     499: "The client disconnected before the answer (no one receives this)",
@@ -661,15 +673,17 @@ _ERROR_MEANINGS = {
 }
 
 
-def errors(*statuses: int) -> dict[int | str, dict]:
-    """``responses=`` of a route answering with ``statuses`` (401 and 413 apply to every guarded route)."""
-    return {status: {"model": ErrorBody, "description": _ERROR_MEANINGS[status]} for status in statuses}
+def errors(*statuses: int, path: str = "") -> dict[int | str, dict]:
+    """``responses=`` of a route answering with ``statuses`` (401 and 413 apply to every guarded route), in the
+    error shape of its API (``path``: the route's, where it is the Messages API's)."""
+    body = AnthropicErrorBody if anthropic_api.is_anthropic(path) else ErrorBody
+    return {status: {"model": body, "description": _ERROR_MEANINGS[status]} for status in statuses}
 
 
 # The routes that generate: one owner for what counts as a generation request (the dashboard's request rates).
 GENERATING_PATHS = ("/v1/completions", "/v1/chat/completions", "/v1/responses", "/v1/messages")
 _GUARDED = (401, 413)
-_GENERATES = errors(400, *_GUARDED, 404, 429, 499, 502, 503, 504)
+_GENERATING_STATUSES = (400, *_GUARDED, 404, 429, 499, 502, 503, 504)
 
 
 # -- the app ------------------------------------------------------------------------------------------
@@ -724,8 +738,9 @@ def create_app(frontend: Frontend, api_keys: tuple[str, ...] = ()) -> FastAPI:
         assert path in GENERATING_PATHS, path
 
         def add(endpoint):
+            documented = errors(*_GENERATING_STATUSES, path=path)
             app.router.add_api_route(
-                path, endpoint, methods=["POST"], responses=_GENERATES, route_class_override=JsonBodyRoute
+                path, endpoint, methods=["POST"], responses=documented, route_class_override=JsonBodyRoute
             )
             return endpoint
 
@@ -870,7 +885,7 @@ def create_app(frontend: Frontend, api_keys: tuple[str, ...] = ()) -> FastAPI:
             message.add(delta)
         return JSONResponse(message.whole())
 
-    @app.post("/v1/messages/count_tokens", responses=errors(400, *_GUARDED, 404, 503))
+    @app.post("/v1/messages/count_tokens", responses=errors(400, *_GUARDED, 404, 503, path="/v1/messages/count_tokens"))
     async def count_tokens(body: AnthropicCountBody) -> dict:
         frontend.check_model(body.model)
         return {"input_tokens": len(body.prompt(frontend)[0])}

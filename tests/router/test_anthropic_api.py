@@ -175,6 +175,28 @@ def test_what_a_message_cannot_do_is_an_error_in_anthropics_shape(router, client
     assert raised.value.status_code == answer.status_code and names in raised.value.message
 
 
+def test_each_api_documents_the_error_shape_it_sends(router):
+    """The OpenAPI document's 400 of each route is the schema its error answers validate against: Anthropic's
+    shape on the Messages API's routes (where OpenAI's was documented), OpenAI's elsewhere."""
+    document = httpx.get(f"{router.http}/openapi.json", timeout=10).json()
+    messages = {"model": SERVED_MODEL, "max_tokens": 2, "messages": [{"role": "user", "content": "1"}]}
+    bad = {
+        "/v1/messages": {**messages, "speed": "fast"},
+        "/v1/messages/count_tokens": {**messages, "bogus": 1},
+        "/v1/chat/completions": {"model": SERVED_MODEL, "messages": [], "max_tokens": 2},
+        "/v1/responses": {"model": SERVED_MODEL, "input": []},
+    }
+    shapes = {}
+    for path, body in bad.items():
+        documented = document["paths"][path]["post"]["responses"]["400"]["content"]["application/json"]["schema"]
+        shapes[path] = {**documented, "components": document["components"]}
+        answer = post(router, path, body)
+        assert answer.status_code == 400, answer.text
+        jsonschema.validate(answer.json(), shapes[path])
+    with pytest.raises(jsonschema.ValidationError):  # OpenAI's shape is not what the Messages API documents
+        jsonschema.validate(post(router, "/v1/responses", bad["/v1/responses"]).json(), shapes["/v1/messages"])
+
+
 @pytest.mark.parametrize("field", sorted(openai_api.ANTHROPIC_REFUSED))
 def test_each_refused_field_is_a_400_naming_it(router, field):
     value = "non-default"
