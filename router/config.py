@@ -13,6 +13,7 @@ ROUTING_POLICIES = ("kv_aware", "load")
 MIGRATION_POLICIES = ("prefill", "local")
 LEASE_POLICIES = ("recompute", "fail")
 SCHEDULING_POLICIES = ("fcfs", "priority")
+REASONING_PARSERS = ("none", "qwen3", "deepseek_r1")  # router/reasoning.py: both read <think>…</think>
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,9 @@ class RouterConfig:
     # the least recently used go first. 0: nothing is stored (a request that asks to store, or to continue one, is
     # refused).
     responses_store_mb: float = 64.0
+    # A reasoning model's thinking (<think>…</think>) returned apart from its answer, as a chat completion's
+    # reasoning_content (router/reasoning.py); "none": the output text as the model wrote it.
+    reasoning_parser: str = "none"
     # routing
     routing_policy: str = "kv_aware"  # "kv_aware" | "load"
     kv_weight: float = 1.0  # w in: cost(P) = w * uncached prompt blocks on P + active load of P
@@ -157,6 +161,7 @@ CHOICES = {
     "migration_policy": MIGRATION_POLICIES,
     "lease_policy": LEASE_POLICIES,
     "scheduling_policy": SCHEDULING_POLICIES,
+    "reasoning_parser": REASONING_PARSERS,
 }
 
 # What each RouterConfig field means, in a line: the one help text of `splitserve router`'s and `splitserve up`'s flags
@@ -183,6 +188,8 @@ FIELD_HELP = {
     "is refused)",
     "responses_store_mb": "MiB of memory the Responses API's stored responses may take (least recently used go first "
     "past it); 0: store none, and refuse store, previous_response_id and background",
+    "reasoning_parser": "qwen3 or deepseek_r1: a chat completion returns the model's thinking (<think>…</think>) as "
+    "reasoning_content, apart from content; none: the text as written",
     "routing_policy": "kv_aware: prefer workers whose prefix cache holds the prompt; load: least loaded only",
     "kv_weight": "w in cost(P) = w * uncached prompt blocks on P + active load of P",
     "local_prefill_threshold": "uncached prompt tokens below which the decode worker prefills itself",

@@ -48,6 +48,7 @@ from router.config import cors_origin_list
 from router.frontend import Frontend, Overloaded, check_request_id, log_access, serving
 from router.json_route import JsonBodyRoute
 from router.orchestrator import Delta, GenerationError, GenerationRequest
+from router.reasoning import Splitter
 from router.stored_responses import ResponseStore
 from router.structured import (
     ANTHROPIC,
@@ -820,7 +821,9 @@ def create_app(frontend: Frontend, api_keys: tuple[str, ...] = ()) -> FastAPI:
             frontend.build(prompt, choice, "messages", limit_field, body.priority) for choice in _seeded(params, body.n)
         ]
         calls = tools if tools is not None and tools.parses else None
-        return await _respond(request, frontend, body, jobs, "chat.completion", "chatcmpl", calls)
+        tags = frontend.model.require().think_tags
+        inside = tags.starts_inside(prompt) if tags is not None else None
+        return await _respond(request, frontend, body, jobs, "chat.completion", "chatcmpl", calls, thinking=inside)
 
     @generating("/v1/responses")
     async def responses(body: ResponsesBody, request: Request):
@@ -1235,7 +1238,10 @@ async def _respond(
     prefix: str,
     tools: Tools | None = None,
     completions: _Completions | None = None,
+    thinking: bool | None = None,
 ):
+    """``thinking``: with a reasoning parser, whether the output starts inside the model's thinking (each choice's
+    text is then split into reasoning_content and content: router/reasoning.py); None: the text as written."""
     response_id = f"{prefix}-{secrets.token_hex(16)}"
     names = _TokenNames(frontend, body.return_tokens_as_token_ids, completions)
     created = int(time.time())
@@ -1247,6 +1253,8 @@ async def _respond(
     if body.stream:
         options = body.stream_options or StreamOptions()
         deltas = _merge(streams)
+        if thinking is not None:
+            deltas = _reasoning_deltas(deltas, thinking)
         if tools is not None:
             deltas = _tool_call_deltas(deltas, tools)
         # Admission, routing and prefill run before the headers go out: their errors keep their status (429, 503).
@@ -1270,6 +1278,9 @@ async def _respond(
         else:
             for choice, scored in zip(response["choices"], written):
                 choice["prompt_logprobs"] = scored
+    for choice in response["choices"] if thinking is not None else ():
+        reasoning, content = Splitter(thinking).split(choice["message"]["content"])
+        choice["message"].update(reasoning_content=reasoning or None, content=content)
     for choice in response["choices"] if tools is not None else ():
         content, calls = tools.parse(choice["message"]["content"])
         if calls:
@@ -1277,6 +1288,19 @@ async def _respond(
             choice["finish_reason"] = _tool_finish(choice["finish_reason"])
     # Plain JSON types already: a Response skips FastAPI's jsonable_encoder walk of the whole body.
     return JSONResponse(response)
+
+
+async def _reasoning_deltas(deltas: AsyncIterator[tuple[int, Delta]], inside: bool) -> AsyncIterator[tuple[int, Delta]]:
+    """Each choice's text split as it streams into the model's thinking (a delta's ``reasoning``) and its answer
+    (the delta's text); ``inside``: the output starts inside the thinking."""
+    splitters: dict[int, Splitter] = {}
+    async for index, delta in deltas:
+        splitter = splitters.setdefault(index, Splitter(inside))
+        reasoning, text = splitter.feed(delta.text)
+        if delta.finish_reason:
+            held_reasoning, held_text = splitter.end()
+            reasoning, text = reasoning + held_reasoning, text + held_text
+        yield index, replace(delta, text=text, reasoning=reasoning)
 
 
 @dataclass(frozen=True)
@@ -1296,7 +1320,7 @@ async def _tool_call_deltas(deltas: AsyncIterator[tuple[int, Delta]], tools: Too
         first = index not in texts
         texts.setdefault(index, []).append(delta.text)
         if not delta.finish_reason:
-            if first or delta.logprobs:
+            if first or delta.logprobs or delta.reasoning:  # the thinking streams: tool calls follow it
                 yield index, replace(delta, text="")
             continue
         content, calls = tools.parse("".join(texts[index]))
@@ -1520,7 +1544,10 @@ async def _sse(
 def _stream_choice(names: _TokenNames, index: int, delta: Delta, chat: bool, offsets: _TextOffsets | None) -> dict:
     choice: dict[str, Any] = {"index": index, "finish_reason": delta.finish_reason, "stop_reason": delta.stop_reason}
     if chat:
-        choice["delta"] = {"content": delta.text} if delta.text or not delta.finish_reason else {}
+        said = delta.text or not (delta.finish_reason or delta.reasoning)
+        choice["delta"] = {"content": delta.text} if said else {}
+        if delta.reasoning:
+            choice["delta"]["reasoning_content"] = delta.reasoning
         if getattr(delta, "tool_calls", ()):
             choice["delta"]["tool_calls"] = list(delta.tool_calls)
         choice["logprobs"] = _chat_logprobs(names, delta.logprobs) if delta.logprobs else None

@@ -130,6 +130,7 @@ class Delta:
     usage: common_pb2.Usage | None = None
     prompt_logprobs: tuple[common_pb2.TokenLogprob, ...] = ()  # with the first delta, when asked for
     stop_reason: str | int | None = None  # with a "stop" finish: the stop string or token id (None for EOS)
+    reasoning: str = ""  # thinking split out of the text (router/reasoning.py): a chat delta's reasoning_content
 
 
 @dataclass

@@ -31,6 +31,7 @@ from engine.presets import (
 from engine.tokenizer import Tokenizer
 from router.config import RouterConfig
 from router.orchestrator import GenerationError
+from router.reasoning import ThinkTags
 from router.workers import SOURCE_UNREADABLE, Incompatible, with_reasons
 
 log = logging.getLogger(__name__)
@@ -42,6 +43,7 @@ class ServedModel:
     card: ModelCard  # the reference every worker is checked against, complete
     tokenizer: Tokenizer
     max_model_len: int  # what the router admits: the card's, or lower if the router was told so
+    think_tags: ThinkTags | None = None  # with a reasoning parser: where the thinking starts and ends
 
     @property
     def block_size(self) -> int:
@@ -64,6 +66,7 @@ class ModelBinding:
         self.workers_down: Callable[[], list[str]] = list
         if config.model is not None:
             self._reference, self._tokenizer = _reference_from_files(config)
+            _think_tags(config, self._tokenizer)  # ValueError at start: the parser cannot read this model
 
     @property
     def served(self) -> ServedModel | None:
@@ -73,7 +76,8 @@ class ModelBinding:
             return None
         if self._served is None or self._served.card is not reference or self._served.tokenizer is not self._tokenizer:
             name = self.config.served_model_name or reference.served_model_name
-            self._served = ServedModel(name, reference, self._tokenizer, reference.max_model_len)
+            tags = _think_tags(self.config, self._tokenizer)
+            self._served = ServedModel(name, reference, self._tokenizer, reference.max_model_len, tags)
         return self._served
 
     def require(self) -> ServedModel:
@@ -134,9 +138,20 @@ class ModelBinding:
             )
             log.error("cannot adopt the workers' model card: %s", self.refusal)
             return
+        try:
+            _think_tags(self.config, tokenizer)
+        except ValueError as exc:
+            self.refusal = self._refused[key] = f"the workers serve {card.source!r}: {exc}"
+            log.error("cannot adopt the workers' model card: %s", self.refusal)
+            return
         limit = min(self.config.max_model_len or card.max_model_len, card.max_model_len)
         self._reference, self._tokenizer, self.refusal = dataclasses.replace(card, max_model_len=limit), tokenizer, None
         log.info("adopted the workers' model card: %s from %s", card.served_model_name, card.source)
+
+
+def _think_tags(config: RouterConfig, tokenizer: Tokenizer) -> ThinkTags | None:
+    """The model's thinking tags where a reasoning parser reads them; ValueError when it has none."""
+    return None if config.reasoning_parser == "none" else ThinkTags.of(tokenizer)
 
 
 def _tokenizer_matching(card: ModelCard) -> Tokenizer:
