@@ -126,7 +126,7 @@ CHAT_HONOURED = _SAMPLING_HONOURED | {
     "chat_template_kwargs",
     "documents",
 }
-MESSAGE_HONOURED = frozenset({"role", "content", "tool_calls", "tool_call_id", "name"})
+MESSAGE_HONOURED = frozenset({"role", "content", "tool_calls", "tool_call_id", "name", "reasoning_content"})
 STREAM_OPTIONS_HONOURED = frozenset({"include_usage", "continuous_usage_stats"})
 
 
@@ -181,7 +181,6 @@ MESSAGE_REFUSED: dict[str, Refusal] = {
     "function_call": Refusal(_NO_TOOLS),
     "refusal": Refusal(),
     "audio": Refusal(),
-    "reasoning_content": Refusal(),
 }
 STREAM_OPTIONS_REFUSED: dict[str, Refusal] = {}
 
@@ -349,6 +348,9 @@ class ChatMessageBody(_refusing("_ChatMessageRefused", _Strict, MESSAGE_REFUSED)
     tool_calls: list[Any] | None = None  # an assistant's earlier calls; checked by router/structured.py
     tool_call_id: str | None = None  # the call a tool message answers
     name: str | None = None  # the participant's: to the template, refused where it renders none (ChatTemplate.render)
+    # An assistant turn's thinking (what --reasoning-parser returned): to the template, which renders it where the
+    # model keeps thinking (a reasoning model's, within the turn) or leaves it out
+    reasoning_content: str | None = None
 
     def text(self) -> str:
         if isinstance(self.content, list):
@@ -839,11 +841,15 @@ def create_app(frontend: Frontend, api_keys: tuple[str, ...] = ()) -> FastAPI:
         if body.truncation == "auto":
             prompt = _truncated(frontend, body, items, tools, prompt)
         logprobs = body.logprobs(tools)
+        tags = frontend.model.require().think_tags
+        if tags is not None and logprobs is not None:
+            raise FieldError("include", "logprobs are not returned with --reasoning-parser: the text is split")
         params = body.sampling(frontend.room(prompt, "input"), tools.grammar() if tools else None, logprobs)
         job = frontend.build(prompt, params, "input", "max_output_tokens")
         names = _TokenNames(frontend, False, None)
         written = (lambda lps: _chat_logprobs(names, lps)["content"]) if logprobs is not None else None
-        shape = responses_api.ResponseShape(frontend.model_name, body.echoed(stored), written)
+        thinking = tags.starts_inside(prompt) if tags is not None else None
+        shape = responses_api.ResponseShape(frontend.model_name, body.echoed(stored), written, thinking)
 
         def keep(response: dict) -> None:
             if stored:
@@ -1019,6 +1025,7 @@ def _conversation(frontend: Frontend, messages: list[ChatMessageBody]) -> list[d
         except ValueError as exc:
             raise GenerationError(str(exc), 400, "invalid_request_error", "messages") from exc
         fields = {"tool_calls": m.tool_calls, "tool_call_id": m.tool_call_id, "name": m.name}
+        fields["reasoning_content"] = m.reasoning_content
         said.append({"role": m.role, "content": content, **{k: v for k, v in fields.items() if v is not None}})
     return tool_turns(said, frontend.tokenizer.supports_tool_calls)
 
@@ -1295,11 +1302,7 @@ async def _reasoning_deltas(deltas: AsyncIterator[tuple[int, Delta]], inside: bo
     (the delta's text); ``inside``: the output starts inside the thinking."""
     splitters: dict[int, Splitter] = {}
     async for index, delta in deltas:
-        splitter = splitters.setdefault(index, Splitter(inside))
-        reasoning, text = splitter.feed(delta.text)
-        if delta.finish_reason:
-            held_reasoning, held_text = splitter.end()
-            reasoning, text = reasoning + held_reasoning, text + held_text
+        reasoning, text = splitters.setdefault(index, Splitter(inside)).feed(delta.text, bool(delta.finish_reason))
         yield index, replace(delta, text=text, reasoning=reasoning)
 
 

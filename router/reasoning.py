@@ -58,8 +58,12 @@ class Splitter:
         self._at_start = not inside  # an output that starts with <think> opens the thinking
         self._held = ""
 
-    def feed(self, text: str) -> tuple[str, str]:
-        """(thinking, answer) of the next piece of text."""
+    def feed(self, text: str, last: bool = False) -> tuple[str, str]:
+        """(thinking, answer) of the next piece of text (``last``: and of what was held back, the text ending)."""
+        if last:
+            thinking, answer = self.feed(text)
+            held_thinking, held_answer = self.end()
+            return thinking + held_thinking, answer + held_answer
         text, self._held = self._held + text, ""
         if self._at_start:
             if OPEN.startswith(text):
@@ -85,9 +89,7 @@ class Splitter:
 
     def split(self, text: str) -> tuple[str, str]:
         """A whole text's (thinking, answer)."""
-        thinking, answer = self.feed(text)
-        more_thinking, more_answer = self.end()
-        return thinking + more_thinking, answer + more_answer
+        return self.feed(text, last=True)
 
 
 def _partial_tag(text: str, tag: str) -> int:

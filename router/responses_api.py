@@ -14,13 +14,14 @@ from __future__ import annotations
 import json
 import secrets
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from contract.sampling import FieldError
 from protos import common_pb2
 from router.orchestrator import Delta, GenerationError
+from router.reasoning import Splitter
 from router.structured import ToolCall, Tools
 
 # An input message's role, as the chat template reads it (a developer message is the system prompt of chat models).
@@ -46,11 +47,17 @@ def messages(
         input_ = [{"role": "user", "content": input_}]
     elif not input_:
         raise FieldError("input", "input must not be empty")
+    thought = None  # a reasoning item's text: the next assistant turn's reasoning_content
     for index, item in enumerate([*earlier, *input_]):
         where = f"input.{index - len(earlier)}"
         kind = item.get("type", "message")
+        if kind == "reasoning":
+            thought = _thought(item, where)
+            continue
         if kind in _CALL_ITEMS:
             turn = _call_turn(item, kind, where)
+            if thought is not None and "tool_calls" in turn:
+                turn["reasoning_content"], thought = thought, None
             previous = said[-1] if said else {}
             if turn.get("tool_calls") and previous.get("tool_calls") and previous.get("content") is None:
                 previous["tool_calls"].extend(turn["tool_calls"])  # calls in a row: one assistant turn
@@ -59,7 +66,8 @@ def messages(
             continue
         if kind != "message":
             raise FieldError(
-                f"{where}.type", f"{where} is a {kind!r} item; only message, function_call and function_call_output"
+                f"{where}.type",
+                f"{where} is a {kind!r} item; only message, reasoning, function_call and function_call_output",
             )
         unknown = sorted(set(item) - {"type", "role", "content", "id", "status"})
         if unknown:
@@ -68,7 +76,25 @@ def messages(
         if role not in _ROLES:
             raise FieldError(f"{where}.role", f"{where}.role must be one of {', '.join(_ROLES)}; got {role!r}")
         said.append({"role": _ROLES[role], "content": _text(item.get("content"), _TEXT_PARTS[role], where)})
+        if thought is not None and role == "assistant":
+            said[-1]["reasoning_content"], thought = thought, None
     return said
+
+
+def _thought(item: dict, where: str) -> str:
+    """A reasoning item's text (its reasoning_text parts'), which the chat template reads as the next assistant
+    turn's ``reasoning_content`` (a reasoning model's renders it where it keeps thinking; others leave it out)."""
+    unknown = sorted(set(item) - {"type", "id", "summary", "content", "status", "encrypted_content"})
+    if unknown:
+        raise FieldError(f"{where}.{unknown[0]}", f"{where}.{unknown[0]} is not supported")
+    if item.get("encrypted_content"):
+        raise FieldError(f"{where}.encrypted_content", f"{where}: encrypted reasoning is another server's to read")
+    parts = item.get("content") or []
+    if not isinstance(parts, list) or not all(
+        isinstance(p, dict) and p.get("type") == "reasoning_text" and isinstance(p.get("text"), str) for p in parts
+    ):
+        raise FieldError(f"{where}.content", f"{where}.content must be a list of reasoning_text parts")
+    return "".join(part["text"] for part in parts)
 
 
 def input_items(input_: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -150,10 +176,16 @@ class ResponseShape:
     """One response's answer: its fixed fields (the request's settings, echoed as OpenAI echoes them), then its
     status, output items and usage as the generation ends."""
 
-    def __init__(self, model: str, settings: dict[str, Any], logprobs: Logprobs | None = None) -> None:
-        """``logprobs``: writes the output text's logprobs, when the request includes them."""
+    def __init__(
+        self, model: str, settings: dict[str, Any], logprobs: Logprobs | None = None, thinking: bool | None = None
+    ) -> None:
+        """``logprobs``: writes the output text's logprobs, when the request includes them. ``thinking``: with a
+        reasoning parser, whether the output starts inside the model's thinking (router/reasoning.py), which then
+        leads the output as a reasoning item; None: the text as written."""
         self.id = f"resp_{secrets.token_hex(24)}"
         self.message_id = f"msg_{secrets.token_hex(24)}"
+        self.reasoning_id = f"rs_{secrets.token_hex(24)}"
+        self.thinking = thinking
         self.created_at = int(time.time())
         self.model = model
         self.settings = settings
@@ -179,27 +211,47 @@ class ResponseShape:
     def finished(self, generated: Generated, prompt_tokens: int, tools: Tools | None) -> dict:
         """The response once its generation ended: its status, output items (with tools, the calls read out of the
         text) and usage."""
-        text, calls = generated.text, []
+        thinking, text = self.split(generated.text)
+        calls = []
         if tools is not None and tools.parses:
             content, calls = tools.parse(text)
             text = content or ""
         status = generated.status
-        output = self.output(status, text, calls, generated.logprobs)
+        output = self.output(status, text, calls, generated.logprobs, thinking)
         return self.response(status, output, generated.usage(prompt_tokens))
+
+    def split(self, text: str) -> tuple[str, str]:
+        """The output text's (thinking, answer): all answer without a reasoning parser."""
+        return Splitter(self.thinking).split(text) if self.thinking is not None else ("", text)
 
     def failed(self, generated: Generated, message: str, held: bool = False) -> dict:
         """The response of a generation that failed with ``message``, holding the text it gave (none when the text
         was ``held`` for function calls to be read out of it)."""
-        output = [] if held else self.output("failed", generated.text, logprobs=generated.logprobs)
+        thinking, text = self.split(generated.text)
+        output = self.output("failed", text, logprobs=generated.logprobs, thinking=thinking)
+        if held:  # what the model wrote was not read for calls: only its thinking is
+            output = [item for item in output if item["type"] == "reasoning"]
         return self.response("failed", output, error={"code": "server_error", "message": message})
 
     def output(
-        self, status: str, text: str, calls: list[ToolCall] = (), logprobs: Sequence[common_pb2.TokenLogprob] = ()
+        self,
+        status: str,
+        text: str,
+        calls: list[ToolCall] = (),
+        logprobs: Sequence[common_pb2.TokenLogprob] = (),
+        thinking: str = "",
     ) -> list[dict]:
-        """The output items: the message (unless the model only called functions), then one item per call.
-        ``logprobs``: the text's tokens' (a response with tools has none: a call is no text)."""
-        items = [self.message(_item_status(status), self.text_part(text, logprobs))] if text or not calls else []
+        """The output items: the thinking (if any), the message (unless the model only called functions), then one
+        item per call. ``logprobs``: the text's tokens' (a response with tools has none: a call is no text)."""
+        items = [self.reasoning(_item_status(status), thinking)] if thinking else []
+        if text or not calls:
+            items.append(self.message(_item_status(status), self.text_part(text, logprobs)))
         return items + [function_call(call) for call in calls]
+
+    def reasoning(self, status: str, thinking: str | None) -> dict:
+        """A reasoning item, its text as its one reasoning_text part (none yet: ``thinking`` None)."""
+        content = [] if thinking is None else [{"type": "reasoning_text", "text": thinking}]
+        return {"type": "reasoning", "id": self.reasoning_id, "summary": [], "content": content, "status": status}
 
     def message(self, status: str, part: dict | None) -> dict:
         content = [] if part is None else [part]
@@ -289,19 +341,39 @@ async def events(
         return f"event: {kind}\ndata: {json.dumps(payload)}\n\n"
 
     held = tools is not None and tools.parses
-    where = {"item_id": shape.message_id, "output_index": 0, "content_index": 0}
+    splitter = Splitter(shape.thinking) if shape.thinking is not None else None
+    opened: list[str] = []  # the items streaming, in output order ("reasoning", "message"): each one's index
+
+    def where(kind: str) -> dict:
+        item_id = shape.message_id if kind == "message" else shape.reasoning_id
+        return {"item_id": item_id, "output_index": opened.index(kind), "content_index": 0}
+
+    def open_item(kind: str) -> Iterator[str]:
+        opened.append(kind)
+        item = shape.message("in_progress", None) if kind == "message" else shape.reasoning("in_progress", None)
+        part = shape.text_part("") if kind == "message" else {"type": "reasoning_text", "text": ""}
+        yield event("response.output_item.added", output_index=len(opened) - 1, item=item)
+        yield event("response.content_part.added", **where(kind), part=part)
+
     yield event("response.created", response=shape.response("in_progress"))
     yield event("response.in_progress", response=shape.response("in_progress"))
-    if not held:
-        yield event("response.output_item.added", output_index=0, item=shape.message("in_progress", None))
-        yield event("response.content_part.added", **where, part=shape.text_part(""))
+    if not held and splitter is None:  # the text is the message's from its first token
+        for said in open_item("message"):
+            yield said
     generated = Generated()
     try:
         async for delta in deltas:
             generated.add(delta)
-            if (delta.text or delta.logprobs) and not held:  # a token may end inside a character: no text yet
+            thinking, text = _pieces(splitter, delta)
+            if thinking:
+                for said in open_item("reasoning") if "reasoning" not in opened else ():
+                    yield said
+                yield event("response.reasoning_text.delta", **where("reasoning"), delta=thinking)
+            if (text or delta.logprobs) and not held:  # a token may end inside a character: no text yet
+                for said in open_item("message") if "message" not in opened else ():
+                    yield said
                 logprobs = shape.logprobs(delta.logprobs)
-                yield event("response.output_text.delta", **where, delta=delta.text, logprobs=logprobs)
+                yield event("response.output_text.delta", **where("message"), delta=text, logprobs=logprobs)
     except (GenerationError, TimeoutError) as exc:
         error = error_body(failure(exc))["error"]
         yield event("error", code=error["code"], message=error["message"], param=error["param"])
@@ -311,15 +383,17 @@ async def events(
         return
     final = shape.finished(generated, prompt_tokens, tools)
     for index, item in enumerate(final["output"]):
-        if item["type"] == "message":
+        kind = item["type"]
+        if kind in ("message", "reasoning"):
             part = item["content"][0]
-            text = part["text"]
-            if held:
-                yield event("response.output_item.added", output_index=index, item=shape.message("in_progress", None))
-                yield event("response.content_part.added", **where, part=shape.text_part(""))
-                yield event("response.output_text.delta", **where, delta=text, logprobs=part["logprobs"])
-            yield event("response.output_text.done", **where, text=text, logprobs=part["logprobs"])
-            yield event("response.content_part.done", **where, part=part)
+            if kind not in opened:  # held to the end (or no text came): opened and filled now
+                for said in open_item(kind):
+                    yield said
+                text_delta = {"delta": part["text"]} | ({"logprobs": part["logprobs"]} if kind == "message" else {})
+                yield event(_TEXT_EVENTS[kind] + ".delta", **where(kind), **text_delta)
+            done = {"text": part["text"]} | ({"logprobs": part["logprobs"]} if kind == "message" else {})
+            yield event(_TEXT_EVENTS[kind] + ".done", **where(kind), **done)
+            yield event("response.content_part.done", **where(kind), part=part)
         else:
             call = {"item_id": item["id"], "output_index": index}
             yield event(
@@ -332,6 +406,14 @@ async def events(
         yield event("response.output_item.done", output_index=index, item=item)
     ended(final)
     yield event(f"response.{final['status']}", response=final)
+
+
+_TEXT_EVENTS = {"message": "response.output_text", "reasoning": "response.reasoning_text"}
+
+
+def _pieces(splitter: Splitter | None, delta: Delta) -> tuple[str, str]:
+    """A delta's (thinking, answer) text; at the generation's end, with what the splitter held back."""
+    return ("", delta.text) if splitter is None else splitter.feed(delta.text, bool(delta.finish_reason))
 
 
 def failure(exc: GenerationError | TimeoutError) -> GenerationError:

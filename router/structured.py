@@ -355,6 +355,10 @@ def tool_turns(messages: list[dict], renders_tool_calls: bool) -> list[dict]:
         turn = {"role": message["role"], "content": message["content"]}
         if message.get("name") is not None:
             turn["name"] = message["name"]
+        if message.get("reasoning_content") is not None:  # the turn's thinking: the template's to render
+            if message["role"] != "assistant":
+                raise FieldError(f"{where}.reasoning_content", "only assistant messages carry reasoning_content")
+            turn["reasoning_content"] = message["reasoning_content"]
         if message.get("tool_calls"):
             if message["role"] != "assistant":
                 raise FieldError(f"{where}.tool_calls", "only assistant messages carry tool_calls")

@@ -11,22 +11,31 @@ from dataclasses import dataclass
 
 import httpx
 import pytest
+import torch
+import transformers
 from tokenizers import AddedToken
 from tokenizers import Tokenizer as BackendTokenizer
 
 from router.config import RouterConfig
 from router.reasoning import CLOSE, OPEN, Splitter
 from router.served_model import ModelBinding
-from tests.checkpoints import write_checkpoint
+from tests.checkpoints import hf_greedy, write_checkpoint
 from tests.engine.test_tokenizer import write_model_dir
 from tests.router.conftest import SERVED_MODEL, RouterThread, wait_for
+from tests.router.test_errors import assert_error, post
 from tests.workers.harness import start_workers, stop_workers
 
+# The generation prompt opens the thinking unless open_thinking is false (DeepSeek-R1's and newer Qwen3 templates
+# open it; an earlier turn's reasoning_content is written inside its turn's tags).
 TEMPLATE = (
-    "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% if open_thinking %}<think>\n{% endif %}{% endif %}"
+    "{% for m in messages %}<|im_start|>{{ m.role }}\n"
+    "{% if m.reasoning_content %}<think>{{ m.reasoning_content }}</think>{% endif %}{{ m.content }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n"
+    "{% if open_thinking is not defined or open_thinking %}<think>\n{% endif %}{% endif %}"
 )
 MODEL = "bpe-thinking"
+QUESTION = "Think first: what is 2 + 2?"
+LIMIT = 24
 
 
 # -- the splitter, piece by piece -------------------------------------------------------------------
@@ -82,7 +91,6 @@ def test_workers_serving_a_model_without_think_tokens_are_not_adopted(cluster):
 class Served:
     parsed: RouterThread
     raw: RouterThread
-    close_id: int
 
 
 @pytest.fixture(scope="module")
@@ -91,13 +99,18 @@ def served(tmp_path_factory) -> Iterator[Served]:
     backend = BackendTokenizer.from_file(str(model_dir / "tokenizer.json"))
     backend.add_tokens([AddedToken(OPEN, special=False), AddedToken(CLOSE, special=False)])
     backend.save(str(model_dir / "tokenizer.json"))
-    write_checkpoint(
-        model_dir,
-        "Qwen2ForCausalLM",
-        seed=11,
-        vocab_size=backend.get_vocab_size(with_added_tokens=True),
-        max_position_embeddings=2048,
-    )
+    vocab = backend.get_vocab_size(with_added_tokens=True)
+    model = write_checkpoint(model_dir, "Qwen2ForCausalLM", seed=11, vocab_size=vocab, max_position_embeddings=2048)
+    # A model that closes its thinking partway: </think>'s output row becomes a little more than the row of the
+    # token its greedy answer gives third, which it then gives there instead (and wherever that token would win).
+    oracle = transformers.AutoTokenizer.from_pretrained(str(model_dir))
+    said = [{"role": "user", "content": QUESTION}]
+    prompt = oracle.apply_chat_template(said, add_generation_prompt=True, tokenize=True, return_dict=True)
+    third = hf_greedy(model, list(prompt["input_ids"]), 3)[2]
+    with torch.no_grad():
+        rows = model.get_output_embeddings().weight
+        rows[backend.token_to_id(CLOSE)] = 1.1 * rows[third]
+    model.save_pretrained(model_dir)
     (decode,) = start_workers(("decode", str(model_dir)))
     routers = []
     try:
@@ -106,22 +119,29 @@ def served(tmp_path_factory) -> Iterator[Served]:
                 port=0, grpc_port=0, decode_addresses=(decode.address,), reasoning_parser=parser, health_interval_s=0.2
             )
             routers.append(RouterThread(config))
-        yield Served(*routers, backend.token_to_id(CLOSE))
+        yield Served(*routers)
     finally:
         for router in routers:
             router.stop()
         stop_workers([decode])
 
 
-def _chat(router: RouterThread, served: Served, open_thinking: bool, stream: bool = False, **extra):
+def _chat(router: RouterThread, open_thinking: bool | None = None, stream: bool = False):
+    kwargs = {} if open_thinking is None else {"chat_template_kwargs": {"open_thinking": open_thinking}}
     return router.openai().chat.completions.create(
         model=MODEL,
-        messages=[{"role": "user", "content": "Think first: what is 2 + 2?"}],
-        max_tokens=24,
+        messages=[{"role": "user", "content": QUESTION}],
+        max_tokens=LIMIT,
         temperature=0,
         stream=stream,
-        logit_bias={str(served.close_id): 4},  # enough that the model closes its thinking partway
-        extra_body={"chat_template_kwargs": {"open_thinking": open_thinking}, **extra},
+        extra_body=kwargs,
+    )
+
+
+def _respond(router: RouterThread, stream: bool = False, **fields):
+    fields = {"input": QUESTION, **fields}
+    return router.openai().responses.create(
+        model=MODEL, max_output_tokens=LIMIT, temperature=0, stream=stream, **fields
     )
 
 
@@ -135,21 +155,70 @@ def _streamed(chunks) -> tuple[str, str]:
     return "".join(thinking), "".join(answer)
 
 
+def _raw_parts(served: Served) -> tuple[str, str]:
+    """The (thinking, answer) of the raw router's text, the prompt opening the thinking."""
+    raw = _chat(served.raw, open_thinking=True).choices[0].message.content
+    thinking, closed, answer = raw.partition(CLOSE)
+    assert closed and thinking and answer, f"the model was made to close its thinking partway: {raw!r}"
+    return thinking, answer
+
+
 def test_thinking_opened_by_the_prompt_is_reasoning_content_up_to_its_close(served):
-    raw = _chat(served.raw, served, open_thinking=True).choices[0].message
-    assert raw.content.count(CLOSE) >= 1 and not raw.content.startswith(CLOSE), (
-        f"the bias was meant to close the thinking partway: {raw.content!r}"
-    )
-    thinking, _, answer = raw.content.partition(CLOSE)
-    parsed = _chat(served.parsed, served, open_thinking=True).choices[0].message
+    thinking, answer = _raw_parts(served)
+    parsed = _chat(served.parsed, open_thinking=True).choices[0].message
     assert (parsed.model_dump()["reasoning_content"], parsed.content) == (thinking, answer)
-    assert _streamed(_chat(served.parsed, served, open_thinking=True, stream=True)) == (thinking, answer)
+    assert _streamed(_chat(served.parsed, open_thinking=True, stream=True)) == (thinking, answer)
 
 
 def test_without_thinking_opened_the_text_is_all_answer(served):
-    raw = _chat(served.raw, served, open_thinking=False).choices[0].message
-    assert not raw.content.startswith(OPEN) and CLOSE in raw.content  # a stray close is answer text too
-    parsed = _chat(served.parsed, served, open_thinking=False).choices[0].message
+    raw = _chat(served.raw, open_thinking=False).choices[0].message
+    assert not raw.content.startswith(OPEN)
+    parsed = _chat(served.parsed, open_thinking=False).choices[0].message
     assert (parsed.model_dump()["reasoning_content"], parsed.content) == (None, raw.content)
-    assert _streamed(_chat(served.parsed, served, open_thinking=False, stream=True)) == ("", raw.content)
-    assert "reasoning_content" not in _chat(served.raw, served, open_thinking=False).choices[0].message.model_dump()
+    assert _streamed(_chat(served.parsed, open_thinking=False, stream=True)) == ("", raw.content)
+    assert "reasoning_content" not in raw.model_dump()
+
+
+def test_a_response_leads_with_its_thinking_as_a_reasoning_item_whole_and_streamed(served):
+    thinking, answer = _raw_parts(served)
+    response = _respond(served.parsed)
+    reasoning, message = response.output
+    assert (reasoning.type, reasoning.content[0].text, reasoning.status) == ("reasoning", thinking, response.status)
+    assert (message.type, response.output_text) == ("message", answer)
+    events = list(_respond(served.parsed, stream=True))
+    deltas = {kind: "".join(e.delta for e in events if e.type == kind) for kind in _DELTAS}
+    assert deltas == {"response.reasoning_text.delta": thinking, "response.output_text.delta": answer}
+    added = [(e.output_index, e.item.type) for e in events if e.type == "response.output_item.added"]
+    assert added == [(0, "reasoning"), (1, "message")]
+    final = events[-1].response
+    assert [item.type for item in final.output] == ["reasoning", "message"] and final.output_text == answer
+    assert _respond(served.raw).output_text == f"{thinking}{CLOSE}{answer}"  # without the parser: as written
+
+
+def test_a_reasoning_item_sent_back_is_the_assistant_turns_reasoning_content(served):
+    """A client that keeps the conversation itself (store false) sends the reasoning item back, as OpenAI's SDK
+    guides: it reaches the template as the next assistant turn's reasoning_content. A stored response continued
+    reads the same."""
+    first = _respond(served.parsed, store=True)
+    items = [{"role": "user", "content": QUESTION}, *[item.model_dump(exclude_none=True) for item in first.output]]
+    items.append({"role": "user", "content": "and 3 + 3?"})
+    manual = _respond(served.parsed, input=items, store=False)
+    said = [
+        {"role": "user", "content": QUESTION},
+        {"role": "assistant", "content": first.output_text, "reasoning_content": first.output[0].content[0].text},
+        {"role": "user", "content": "and 3 + 3?"},
+    ]
+    rendered = httpx.post(f"{served.parsed.http}/tokenize", json={"messages": said}, timeout=10).json()["count"]
+    assert manual.usage.input_tokens == rendered
+    # A chat request's assistant message carries the same as reasoning_content, and answers alike.
+    chat = served.parsed.openai().chat.completions.create(model=MODEL, messages=said, max_tokens=LIMIT, temperature=0)
+    assert chat.usage.prompt_tokens == rendered
+    thought, answer = chat.choices[0].message.model_dump()["reasoning_content"], chat.choices[0].message.content
+    assert (manual.output[0].content[0].text, manual.output_text) == (thought, answer)
+    wrong = {"model": MODEL, "messages": [{"role": "user", "content": "hi", "reasoning_content": "x"}]}
+    assert_error(post(served.parsed, "/v1/chat/completions", wrong), 400, param="messages.0.reasoning_content")
+    continued = _respond(served.parsed, input="and 3 + 3?", previous_response_id=first.id)
+    assert (continued.usage.input_tokens, continued.output_text) == (rendered, manual.output_text)
+
+
+_DELTAS = ("response.reasoning_text.delta", "response.output_text.delta")

@@ -21,6 +21,7 @@ import tests.router.test_grpc_api as grpc_tests
 import tests.router.test_openai_api as api_tests
 import tests.router.test_openai_contract as contract_tests
 import tests.router.test_priority as priority_tests
+import tests.router.test_reasoning as reasoning_tests
 import tests.router.test_responses_api as responses_tests
 import tests.router.test_stored_responses as stored_tests
 import tests.router.test_structured_output as structured_tests
@@ -489,6 +490,7 @@ BEHAVIOUR = {
         "previous_response_id": stored_tests.test_a_chain_of_responses_is_the_chat_of_every_turn_before_it,
         "background": stored_tests.test_a_background_response_is_polled_to_the_answer_it_would_have_given,
         "truncation": stored_tests.test_truncation_auto_drops_the_earliest_turns_that_do_not_fit,
+        "reasoning_content": reasoning_tests.test_a_reasoning_item_sent_back_is_the_assistant_turns_reasoning_content,
         "tools": structured_tests.test_tools_reach_the_template_and_auto_or_none_leave_text,
         "tool_choice": structured_tests.test_named_tool_choice_returns_a_call_whose_arguments_validate,
         "parallel_tool_calls": structured_tests.test_tools_reach_the_template_and_auto_or_none_leave_text,

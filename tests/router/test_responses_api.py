@@ -143,7 +143,8 @@ def test_metadata_comes_back_and_is_bounded(client):
 @pytest.mark.parametrize(
     ("body", "param"),
     [
-        ({"input": [{"type": "reasoning", "summary": []}]}, "input.0.type"),
+        ({"input": [{"type": "image_generation_call", "id": "ig_1"}]}, "input.0.type"),
+        ({"input": [{"type": "reasoning", "summary": [], "encrypted_content": "gAAA"}]}, "input.0.encrypted_content"),
         ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]}, "input.0.content.0"),
         ({"input": [{"role": "tool", "content": "1"}]}, "input.0.role"),
         ({"input": [{"role": "user", "content": "1", "name": "bob"}]}, "input.0.name"),
