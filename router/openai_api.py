@@ -6,6 +6,7 @@ Every error leaves in OpenAI's shape ``{"error": {"message", "type", "param", "c
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import hmac
 import importlib.metadata
 import json
@@ -832,8 +833,9 @@ def create_app(frontend: Frontend, api_keys: tuple[str, ...] = ()) -> FastAPI:
         frontend.check_model(body.model)
         store = frontend.responses
         stored = body.stored(store)
+        owner = _owner(request)
         previous = body.previous_response_id
-        earlier = store.previous(previous).history if previous is not None else []
+        earlier = store.previous(previous, owner).history if previous is not None else []
         said = responses_api.messages(body.input, body.instructions, earlier)
         tools = _responses_tools(frontend, body)
         prompt = _responses_prompt(frontend, said, tools)
@@ -853,11 +855,11 @@ def create_app(frontend: Frontend, api_keys: tuple[str, ...] = ()) -> FastAPI:
 
         def keep(response: dict) -> None:
             if stored:
-                store.put(response, items)
+                store.put(response, items, owner)
 
         if body.background:
             queued = shape.response("queued")
-            store.run(store.put(queued, items), _in_background(frontend, shape, job, len(prompt), tools))
+            store.run(store.put(queued, items, owner), _in_background(frontend, shape, job, len(prompt), tools))
             return JSONResponse(queued)
         deltas = frontend.stream(job)
         if body.stream:
@@ -902,25 +904,25 @@ def create_app(frontend: Frontend, api_keys: tuple[str, ...] = ()) -> FastAPI:
     @app.get("/v1/responses/{response_id}", responses=errors(400, *_GUARDED, 404))
     async def stored_response(response_id: str, request: Request) -> dict:
         _query(request)
-        return frontend.responses.get(response_id).response
+        return frontend.responses.get(response_id, _owner(request)).response
 
     @app.delete("/v1/responses/{response_id}", responses=errors(400, *_GUARDED, 404))
     async def delete_response(response_id: str, request: Request) -> dict:
         _query(request)
-        frontend.responses.delete(response_id)
+        frontend.responses.delete(response_id, _owner(request))
         return {"id": response_id, "object": "response.deleted", "deleted": True}
 
     @app.post("/v1/responses/{response_id}/cancel", responses=errors(400, *_GUARDED, 404))
     async def cancel_response(response_id: str, request: Request) -> dict:
         _query(request)
-        return await frontend.responses.cancel(response_id)
+        return await frontend.responses.cancel(response_id, _owner(request))
 
     @app.get("/v1/responses/{response_id}/input_items", responses=errors(400, *_GUARDED, 404))
     async def response_input_items(
         response_id: str, request: Request, limit: str = "20", order: str = "desc", after: str | None = None
     ) -> dict:
         _query(request, "limit", "order", "after")
-        return _page(frontend.responses.get(response_id).items, limit, order, after)
+        return _page(frontend.responses.get(response_id, _owner(request)).items, limit, order, after)
 
     # Starlette tries routes in order: the ones that nearly every request is for go before the docs' and the rest.
     app.router.routes.sort(key=lambda route: getattr(route, "path", None) not in GENERATING_PATHS)
@@ -977,6 +979,11 @@ async def _in_background(
     except asyncio.CancelledError:
         store.update(shape.response("cancelled"))
         raise
+
+
+def _owner(request: Request) -> str:
+    """Whose request it is, for the store: its API key's hash ("" where the router wants no key)."""
+    return getattr(request.state, "api_key_owner", "")
 
 
 def _query(request: Request, *allowed: str) -> None:
@@ -1875,6 +1882,8 @@ class _Guard:
             if not any(hmac.compare_digest(supplied, key) for key in self.api_keys):
                 await error_response("Incorrect API key provided.", 401, "invalid_api_key")(scope, receive, send)
                 return
+            # Whose request it is: a stored response is its key's alone (router/stored_responses.py).
+            scope.setdefault("state", {})["api_key_owner"] = hashlib.sha256(supplied.encode()).hexdigest()
         declared = headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.limit:
             await self._too_large()(scope, receive, send)

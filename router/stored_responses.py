@@ -3,7 +3,8 @@ included), so that a later request continues it (``previous_response_id``), a cl
 (``GET /v1/responses/{id}`` and its ``input_items``) or deletes it, and a background response runs on after its
 request has been answered (polled until it ends; cancellable).
 
-One router owns its store, in memory, bounded by the bytes its responses take as JSON (``responses_store_mb``): past
+A stored response is the API key's whose request made it: another key's requests do not find it. One router owns
+its store, in memory, bounded by the bytes its responses take as JSON (``responses_store_mb``): past
 the bound the least recently used finished ones go first. A router's restart forgets them all, and a router started
 beside it holds its own (the chart runs one router).
 """
@@ -11,6 +12,7 @@ beside it holds its own (the chart runs one router).
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 from collections import OrderedDict
 from collections.abc import Coroutine
@@ -30,6 +32,7 @@ CONTINUABLE = frozenset({"completed", "incomplete"})  # what previous_response_i
 class Stored:
     response: dict[str, Any]
     items: list[dict[str, Any]]  # the input items, earlier turns' first: what input_items lists
+    owner: str = ""  # the API key's hash whose request made it: only that key's requests find it ("": no keys)
     size: int = 0
     task: asyncio.Task | None = field(default=None, repr=False)  # a background response's generation
 
@@ -75,10 +78,10 @@ class ResponseStore:
         if background and not store:
             raise FieldError("background", "a background response is read back later: it needs store true")
 
-    def previous(self, response_id: str) -> Stored:
-        """The response a request continues; 404 naming ``previous_response_id`` when it is not here, 400 when it
-        did not end in an answer to continue."""
-        stored = self._find(response_id, "previous_response_id")
+    def previous(self, response_id: str, owner: str) -> Stored:
+        """The response a request of ``owner`` continues; 404 naming ``previous_response_id`` when it is not here
+        (or another key's), 400 when it did not end in an answer to continue."""
+        stored = self._find(response_id, owner, "previous_response_id")
         status = stored.response["status"]
         if status not in CONTINUABLE:
             raise GenerationError(
@@ -89,13 +92,13 @@ class ResponseStore:
             )
         return stored
 
-    def get(self, response_id: str) -> Stored:
-        """The stored response (now the most recently used); 404 when there is none by that id."""
-        return self._find(response_id, None)
+    def get(self, response_id: str, owner: str = "") -> Stored:
+        """The stored response (now the most recently used); 404 when there is none by that id of ``owner``'s."""
+        return self._find(response_id, owner)
 
-    def put(self, response: dict[str, Any], items: list[dict[str, Any]]) -> Stored:
-        """Stores a response; then the least recently used finished ones go until the store fits."""
-        stored = Stored(response, items)
+    def put(self, response: dict[str, Any], items: list[dict[str, Any]], owner: str = "") -> Stored:
+        """Stores a response of ``owner``'s; then the least recently used finished ones go until the store fits."""
+        stored = Stored(response, items, owner)
         self._stored[response["id"]] = stored
         self._resize(stored)
         return stored
@@ -116,9 +119,9 @@ class ResponseStore:
                 break
             self.bytes -= self._stored.pop(response_id).size
 
-    def delete(self, response_id: str) -> None:
+    def delete(self, response_id: str, owner: str = "") -> None:
         """Forgets a response (a background one still running is cancelled first: nothing would read its end)."""
-        stored = self._find(response_id, None)
+        stored = self._find(response_id, owner)
         if stored.task is not None:
             stored.task.cancel()
         self.bytes -= self._stored.pop(response_id).size
@@ -127,10 +130,10 @@ class ResponseStore:
         """Runs a background response's generation, which puts its updates here itself."""
         stored.task = asyncio.get_running_loop().create_task(generation)
 
-    async def cancel(self, response_id: str) -> dict[str, Any]:
+    async def cancel(self, response_id: str, owner: str = "") -> dict[str, Any]:
         """Cancels a background response still running, and waits for it to write its end; the response as it
         stands. 400 for one not in the background, 404 for none."""
-        stored = self._find(response_id, None)
+        stored = self._find(response_id, owner)
         if stored.task is None:
             raise GenerationError(
                 f"Response '{response_id}' was not created in the background: only a background response is cancelled",
@@ -148,9 +151,10 @@ class ResponseStore:
         if tasks:
             await asyncio.wait(tasks)
 
-    def _find(self, response_id: str, param: str | None) -> Stored:
+    def _find(self, response_id: str, owner: str, param: str | None = None) -> Stored:
+        """Another key's response is not found, as if it were not here."""
         stored = self._stored.get(response_id)
-        if stored is None:
+        if stored is None or not hmac.compare_digest(stored.owner, owner):
             why = "it was never stored here, was deleted, or was dropped to keep the store within its bound"
             if not self.enabled:
                 why = "this router stores no responses (its responses_store_mb is 0)"

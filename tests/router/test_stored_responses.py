@@ -234,6 +234,19 @@ def test_a_router_stopping_gives_background_responses_its_grace_then_fails_them_
         wait_idle(worker, 5)
 
 
+def test_a_stored_response_is_found_only_by_the_api_key_that_made_it(make_router, cluster):
+    router = make_router(cluster.prefills, [cluster.decode], api_keys=("sk-alice", "sk-bob"))
+    alice, bob = router.openai(api_key="sk-alice"), router.openai(api_key="sk-bob")
+    made = _create(alice, input=FIRST)
+    for call in (bob.responses.retrieve, bob.responses.input_items.list, bob.responses.delete):
+        with pytest.raises(openai.NotFoundError):
+            call(made.id)
+    with pytest.raises(openai.NotFoundError):
+        _create(bob, input=SECOND, previous_response_id=made.id)
+    assert alice.responses.retrieve(made.id).id == made.id  # still there, for its own key
+    assert _create(alice, input=SECOND, previous_response_id=made.id).previous_response_id == made.id
+
+
 def test_a_router_without_a_store_refuses_by_name_what_needs_one(make_router, cluster):
     router = make_router(cluster.prefills, [cluster.decode], responses_store_mb=0)
     client = router.openai()
