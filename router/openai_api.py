@@ -390,7 +390,7 @@ RESPONSES_REFUSED: dict[str, Refusal] = {
     "conversation": Refusal("conversations are not kept; continue a stored response with previous_response_id"),
     "prompt": Refusal("prompt templates are stored ones; send input"),
     "max_tool_calls": Refusal("the model makes the calls of one turn; the client runs them"),
-    "reasoning": Refusal("the served model does not reason", neutral=(None, {})),
+    "reasoning": Refusal("reasoning effort and summaries are not offered", neutral=(None, {})),
     "service_tier": Refusal(neutral=(None, "auto", "default")),
     "stream_options": Refusal("events are never obfuscated", neutral=(None, {}, {"include_obfuscation": False})),
     "prompt_cache_retention": Refusal(),

@@ -111,7 +111,7 @@ def input_items(input_: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
     return items
 
 
-_ITEM_ID_PREFIXES = {"message": "msg", "function_call": "fc", "function_call_output": "fco"}
+_ITEM_ID_PREFIXES = {"message": "msg", "reasoning": "rs", "function_call": "fc", "function_call_output": "fco"}
 
 
 # An earlier turn's function call, and its result: the chat template's assistant tool_calls and tool message.

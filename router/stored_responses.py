@@ -44,7 +44,7 @@ class Stored:
 
 def as_input(item: dict[str, Any]) -> dict[str, Any]:
     """An output item as a later request's input item: a message's text parts lose their logprobs (the answer's,
-    not the conversation's); a function call stays as it was."""
+    not the conversation's); a reasoning item or a function call stays as it was."""
     if item["type"] != "message":
         return item
     content = [{"type": part["type"], "text": part["text"], "annotations": []} for part in item["content"]]
@@ -114,9 +114,14 @@ class ResponseStore:
         size = len(json.dumps(stored.response)) + len(json.dumps(stored.items))
         self.bytes += size - stored.size
         stored.size = size
-        for response_id in [rid for rid, s in self._stored.items() if s.response["status"] in ENDED]:
-            if self.bytes <= self.max_bytes:
+        excess, dropped = self.bytes - self.max_bytes, []
+        for response_id, oldest in self._stored.items():  # from the least recently used, only while over the bound
+            if excess <= 0:
                 break
+            if oldest.response["status"] in ENDED:
+                dropped.append(response_id)
+                excess -= oldest.size
+        for response_id in dropped:
             self.bytes -= self._stored.pop(response_id).size
 
     def delete(self, response_id: str, owner: str = "") -> None:

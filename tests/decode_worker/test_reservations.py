@@ -43,7 +43,7 @@ class FakeEngine:
         self.committed: set[str] = set()
         self.aborts: Counter[str] = Counter()
 
-    def reserve(self, request_id, prompt, params, resume_token_ids=()) -> HeldBlocks:
+    def reserve(self, request_id, prompt, params, resume_token_ids=(), priority=0) -> HeldBlocks:
         if request_id in self.requests:
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
         blocks = self.allocator.allocate(-(-(len(prompt) + len(resume_token_ids)) // BLOCK_SIZE))
