@@ -94,17 +94,23 @@ def test_shared_prefix_is_reused_across_requests(model_dir):
     assert [r.num_cached_tokens for r in rest] == [48, 48]
 
 
+def recorded_preemptions(engine: Engine) -> list[str]:
+    """The ids of the requests ``engine``'s scheduler preempts from now on, in order, as it preempts them."""
+    preempted = []
+    preempt = engine.scheduler._preempt
+
+    def recording(request):
+        preempted.append(request.request_id)
+        preempt(request)
+
+    engine.scheduler._preempt = recording
+    return preempted
+
+
 def test_preemption_by_recompute_matches_plain(model_dir, reference):
     prompts, expected = reference
     engine = _engine(model_dir, num_kv_blocks=14, enable_prefix_cache=False)
-    preempted = []
-    original = engine.scheduler._preempt
-
-    def counting_preempt(request):
-        preempted.append(request.request_id)
-        original(request)
-
-    engine.scheduler._preempt = counting_preempt
+    preempted = recorded_preemptions(engine)
     assert [r.token_ids for r in engine.generate(prompts, GREEDY)] == expected
     assert preempted, "the pool was sized so that preemption must happen"
     assert engine.allocator.num_used_blocks == 0

@@ -7,7 +7,13 @@ from __future__ import annotations
 
 from contract.sampling import SamplingParams
 from engine.engine import Engine
-from tests.engine.test_engine import GREEDY, _engine, _prompts, model_dir  # noqa: F401  (model_dir: a fixture)
+from tests.engine.test_engine import (  # noqa: F401  (model_dir: a fixture)
+    GREEDY,
+    _engine,
+    _prompts,
+    model_dir,
+    recorded_preemptions,
+)
 
 
 def _run(engine: Engine, until=lambda: False) -> tuple[list[str], dict[str, list[int]]]:
@@ -51,14 +57,7 @@ def test_a_request_short_of_blocks_preempts_the_lowest_priority_first(model_dir)
     longer = SamplingParams(max_tokens=60, temperature=0.0, ignore_eos=True)
     plain = [list(c.token_ids) for c in _engine(model_dir).generate(prompts, longer)]
     engine = _engine(model_dir, num_kv_blocks=10, enable_prefix_cache=False, max_num_seqs=2)
-    preempted = []
-    original = engine.scheduler._preempt
-
-    def recording(request):
-        preempted.append(request.request_id)
-        original(request)
-
-    engine.scheduler._preempt = recording
+    preempted = recorded_preemptions(engine)
     engine.add_request("low", prompts[0], longer, priority=1)
     start_first, start = _run(engine, until=lambda: bool(engine.scheduler.running))  # "low" admitted first
     engine.add_request("high", prompts[1], longer, priority=0)

@@ -21,18 +21,17 @@ def _queued(router) -> int:
     return router.router.frontend.admission.waiting
 
 
-def test_a_freed_slot_goes_to_the_lowest_priority_then_the_earliest(make_router, cluster, rng):
-    router = make_router(cluster.prefills, [cluster.decode], max_running=1, max_queued=8, scheduling_policy="priority")
-    client = router.openai()
-    holder = start_stream(client, random_prompt(rng, 8), 300)  # holds the only slot while the others queue
-    wait_for(lambda: holder.ids, 30, "the first request to run")
+def _send_in_turn(client, rng, requests, prompt_tokens: int, max_tokens: int, waiting, where: str):
+    """Streams a completion per (name, priority) of ``requests``, each on a thread of its own, the next sent once
+    ``waiting()`` counts the one before as waiting (in the ``where`` named); when each gave its first token, by name,
+    and the threads."""
     first_token_at: dict[str, float] = {}
 
-    def queued(name: str, priority: int) -> None:
+    def send(name: str, priority: int) -> None:
         chunks = client.completions.create(
             model=SERVED_MODEL,
-            prompt=[random_prompt(rng, 8)],
-            max_tokens=12,
+            prompt=[random_prompt(rng, prompt_tokens)],
+            max_tokens=max_tokens,
             temperature=0,
             stream=True,
             extra_body={"priority": priority, "ignore_eos": True},
@@ -41,10 +40,20 @@ def test_a_freed_slot_goes_to_the_lowest_priority_then_the_earliest(make_router,
             first_token_at.setdefault(name, time.monotonic())
 
     threads = []
-    for count, (name, priority) in enumerate([("late-5", 5), ("one", 1), ("three", 3), ("one-again", 1), ("neg", -2)]):
-        threads.append(threading.Thread(target=queued, args=(name, priority), daemon=True))
+    for count, (name, priority) in enumerate(requests):
+        threads.append(threading.Thread(target=send, args=(name, priority), daemon=True))
         threads[-1].start()
-        wait_for(lambda n=count + 1: _queued(router) == n, 10, f"{name} to queue")
+        wait_for(lambda n=count + 1: waiting() == n, 10, f"{name} to {where}")
+    return first_token_at, threads
+
+
+def test_a_freed_slot_goes_to_the_lowest_priority_then_the_earliest(make_router, cluster, rng):
+    router = make_router(cluster.prefills, [cluster.decode], max_running=1, max_queued=8, scheduling_policy="priority")
+    client = router.openai()
+    holder = start_stream(client, random_prompt(rng, 8), 300)  # holds the only slot while the others queue
+    wait_for(lambda: holder.ids, 30, "the first request to run")
+    order = [("late-5", 5), ("one", 1), ("three", 3), ("one-again", 1), ("neg", -2)]
+    first_token_at, threads = _send_in_turn(client, rng, order, 8, 12, lambda: _queued(router), "queue")
     assert not holder.done.is_set(), "the first request ended before the queue filled: lengthen it"
     for thread in threads:
         thread.join(60)
@@ -122,25 +131,10 @@ def test_requests_waiting_in_a_workers_queue_are_served_by_priority(make_router,
         else:
             holder = start_stream(client, random_prompt(rng, MAX_MODEL_LEN - 64), 2)  # prefills while they wait
         wait_for(lambda: worker.stats().running == 1, 30, "the first request to run on the worker")
-        first_token_at: dict[str, float] = {}
-
-        def queued(name: str, priority: int) -> None:
-            stream = client.completions.create(
-                model=SERVED_MODEL,
-                prompt=[random_prompt(rng, 40)],
-                max_tokens=4,
-                temperature=0,
-                stream=True,
-                extra_body={"priority": priority, "ignore_eos": True},
-            )
-            for _ in stream:
-                first_token_at.setdefault(name, time.monotonic())
-
-        threads = []
-        for count, (name, priority) in enumerate([("five", 5), ("minus-five", -5)]):
-            threads.append(threading.Thread(target=queued, args=(name, priority), daemon=True))
-            threads[-1].start()
-            wait_for(lambda n=count + 1: worker.stats().waiting == n, 10, f"{name} to wait on the worker")
+        waiting = lambda: worker.stats().waiting
+        first_token_at, threads = _send_in_turn(
+            client, rng, [("five", 5), ("minus-five", -5)], 40, 4, waiting, "wait on the worker"
+        )
         assert worker.stats().running == 1, "the first request ended before the others queued: lengthen it"
         for thread in threads:
             thread.join(60)
