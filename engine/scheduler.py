@@ -21,7 +21,7 @@ priority and recomputes later, mostly from the prefix cache).
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from engine.block_manager import BlockAllocator
 from engine.config import step_prompt_budget
@@ -66,31 +66,6 @@ class SchedulerConfig:
     max_num_batched_tokens: int
     block_size: int
     prefill_chunk_beside_decodes: int | None = None  # None: the whole budget
-
-
-@dataclass
-class _Step:
-    """One step's plan of running requests as ``Scheduler.schedule`` makes it: each one's chunk (and whether it is
-    a prompt chunk), the budgets left, and the requests preempted (one scheduled already gives its tokens back)."""
-
-    budget: int
-    prompt_budget: int
-    chunks: dict[str, tuple[ScheduledChunk, bool]] = field(default_factory=dict)
-    preempted: list[str] = field(default_factory=list)
-
-    def add(self, chunk: ScheduledChunk, prompt: bool) -> None:
-        self.chunks[chunk.request_id] = (chunk, prompt)
-        self._spend(len(chunk.token_ids), prompt)
-
-    def preempt(self, request_id: str) -> None:
-        self.preempted.append(request_id)
-        if request_id in self.chunks:
-            chunk, prompt = self.chunks.pop(request_id)
-            self._spend(-len(chunk.token_ids), prompt)
-
-    def _spend(self, tokens: int, prompt: bool) -> None:
-        self.budget -= tokens
-        self.prompt_budget -= tokens if prompt else 0
 
 
 class Scheduler:
@@ -144,33 +119,41 @@ class Scheduler:
     # -- one step ------------------------------------------------------------------------------
 
     def schedule(self) -> SchedulerOutput:
-        step = _Step(self.config.max_num_batched_tokens, self._prompt_budget())
+        budget = self.config.max_num_batched_tokens
+        prompt_budget = self._prompt_budget()
+        planned: dict[str, tuple[ScheduledChunk, bool]] = {}  # request id: its chunk, and whether a prompt chunk
+        preempted: list[str] = []
         index = 0
-        while index < len(self.running) and step.budget > 0:
+        while index < len(self.running) and budget > 0:
             request = self.running[index]
             remaining = request.num_tokens - request.num_computed_tokens
             prompt = remaining > 1  # else a decode (or nothing left): outside the prompt budget
-            count = min(remaining, step.budget, step.prompt_budget if prompt else remaining)
+            count = min(remaining, budget, prompt_budget if prompt else remaining)
             if prompt and count == 0:
                 index += 1  # a prompt chunk waits for a step with prompt budget; the decodes after it still run
                 continue
             while not self._grow(request, count):
                 victim = max(reversed(self.running), key=lambda r: r.priority)  # the latest of the highest
-                if self.running.index(victim) < index:  # scheduled already: its chunk goes, its place too
+                if self.running.index(victim) < index:  # planned already: its chunk goes, its tokens come back
                     index -= 1
+                    chunk, was_prompt = planned.pop(victim.request_id)
+                    budget += len(chunk.token_ids)
+                    prompt_budget += len(chunk.token_ids) if was_prompt else 0
                 self.running.remove(victim)
                 self._preempt(victim)
-                step.preempt(victim.request_id)
+                preempted.append(victim.request_id)
                 if victim is request:
                     break
             else:
-                step.add(self._chunk(request, count), prompt)
+                planned[request.request_id] = (self._chunk(request, count), prompt)
+                budget -= count
+                prompt_budget -= count if prompt else 0
                 index += 1
-        scheduled = [chunk for chunk, _ in step.chunks.values()]
-        if not step.preempted:
-            scheduled.extend(self._admit_waiting(min(step.budget, step.prompt_budget)))
+        scheduled = [chunk for chunk, _ in planned.values()]
+        if not preempted:
+            scheduled.extend(self._admit_waiting(min(budget, prompt_budget)))
         scheduled.sort(key=lambda c: len(c.token_ids) == 1)  # stable: multi-token chunks first
-        return SchedulerOutput(tuple(scheduled), tuple(step.preempted))
+        return SchedulerOutput(tuple(scheduled), tuple(preempted))
 
     def _prompt_budget(self) -> int:
         config = self.config
