@@ -18,6 +18,7 @@ from typing import Any
 from contract import grammar as specs
 from contract.grammar import Grammar
 from contract.sampling import FieldError
+from router import reasoning
 from router.orchestrator import Delta, GenerationError
 from router.structured import ToolCall, Tools
 
@@ -76,25 +77,39 @@ def _turns(role: str, content: Any, where: str) -> list[dict]:
         return [{"role": role, "content": content}]
     if not isinstance(content, list):
         raise FieldError(where, f"{where} must be a string or a list of content blocks")
-    texts, calls, results = [], [], []
+    texts, calls, results, thoughts = [], [], [], []
     for index, block in enumerate(content):
         here = f"{where}.{index}"
         kind = block.get("type") if isinstance(block, dict) else type(block).__name__
         if kind == "text":
             texts.append(_text([block], where, index))
+        elif kind == "thinking" and role == "assistant":
+            thoughts.append(_thinking(block, here))
         elif kind == "tool_use" and role == "assistant":
             calls.append(_tool_use(block, here))
         elif kind == "tool_result" and role == "user":
             results.append(_tool_result(block, here))
         else:
-            allowed = "text and tool_use" if role == "assistant" else "text and tool_result"
+            allowed = "thinking, text and tool_use" if role == "assistant" else "text and tool_result"
             raise FieldError(here, f"{here} is a {kind!r} block; {role} messages may hold {allowed} blocks")
     turns = list(results)
     if calls:
         turns.append({"role": role, "content": "".join(texts) or None, "tool_calls": calls})
     elif texts or not results:
         turns.append({"role": role, "content": "".join(texts)})
+    if thoughts:  # the turn's thinking: the chat template's to render (router/reasoning.py)
+        turns[-1]["reasoning_content"] = "".join(thoughts)
     return turns
+
+
+def _thinking(block: dict, where: str) -> str:
+    """An assistant's earlier thinking block's text (its signature, if any, is not checked: this server signs none)."""
+    unknown = sorted(set(block) - {"type", "thinking", "signature"})
+    if unknown:
+        raise FieldError(f"{where}.{unknown[0]}", f"{where}.{unknown[0]} is not supported")
+    if not isinstance(block.get("thinking"), str):
+        raise FieldError(f"{where}.thinking", f"{where}.thinking must be a string")
+    return block["thinking"]
 
 
 def _tool_use(block: dict, where: str) -> dict:
@@ -198,6 +213,9 @@ class Message:
     model: str
     input_tokens: int
     tools: Tools | None = None
+    # With a reasoning parser: whether the output starts inside the model's thinking, which then leads the answer
+    # as a thinking block (router/reasoning.py); None: the text as written.
+    thinking: bool | None = None
     id: str = field(default_factory=lambda: f"msg_{secrets.token_hex(12)}")
     texts: list[str] = field(default_factory=list)
     output_tokens: int = 0
@@ -230,7 +248,8 @@ class Message:
     def content(self) -> tuple[list[dict], tuple[str, str | None]]:
         """The finished answer's content blocks (its text, then a tool_use block per call) and its
         (stop_reason, stop_sequence)."""
-        text, uses = "".join(self.texts), []
+        thought, text = reasoning.split(self.thinking, "".join(self.texts))
+        uses = []
         if self.held:
             content, calls = self.tools.parse(text)
             uses = [_tool_use_block(call) for call in calls]
@@ -238,7 +257,8 @@ class Message:
                 uses = []
             else:
                 text = content or ""
-        blocks = [{"type": "text", "text": text}] if text else []
+        blocks = [_thinking_block(thought)] if thought else []
+        blocks += [{"type": "text", "text": text}] if text else []
         stop = ("tool_use", None) if uses else _stop(self.finish_reason, self.stop_reason)
         return blocks + uses, stop
 
@@ -260,6 +280,11 @@ class Message:
         }
 
 
+def _thinking_block(thinking: str) -> dict:
+    """A thinking block; unsigned (a signature is Anthropic's proof that its own model thought it)."""
+    return {"type": "thinking", "thinking": thinking, "signature": ""}
+
+
 def _tool_use_block(call: ToolCall) -> dict | None:
     try:
         arguments = json.loads(call.arguments)
@@ -279,23 +304,41 @@ async def events(message: Message, deltas: AsyncIterator[Delta], error_message) 
     def event(kind: str, **fields) -> str:
         return f"event: {kind}\ndata: {json.dumps({'type': kind, **fields})}\n\n"
 
+    splitter = reasoning.Splitter(message.thinking) if message.thinking is not None else None
+    streamed: list[str] = []  # the blocks streamed so far, by index ("thinking", "text"): the last one is open
+
+    def open_block(kind: str) -> list[str]:
+        said = [event("content_block_stop", index=len(streamed) - 1)] if streamed else []
+        streamed.append(kind)
+        block = {"type": "text", "text": ""} if kind == "text" else _thinking_block("")
+        return [*said, event("content_block_start", index=len(streamed) - 1, content_block=block)]
+
     yield event("message_start", message=message.start())
-    if not message.held:
-        yield event("content_block_start", index=0, content_block={"type": "text", "text": ""})
+    for said in open_block("text") if not message.held and splitter is None else ():
+        yield said
     yield event("ping")
     try:
         async for delta in deltas:
             message.add(delta)
-            if delta.text and not message.held:
-                yield event("content_block_delta", index=0, delta={"type": "text_delta", "text": delta.text})
+            thinking, text = reasoning.pieces(splitter, delta.text, bool(delta.finish_reason))
+            if thinking:
+                for said in open_block("thinking") if "thinking" not in streamed else ():
+                    yield said
+                said = {"type": "thinking_delta", "thinking": thinking}
+                yield event("content_block_delta", index=streamed.index("thinking"), delta=said)
+            if text and not message.held:
+                for said in open_block("text") if "text" not in streamed else ():
+                    yield said
+                index = streamed.index("text")
+                yield event("content_block_delta", index=index, delta={"type": "text_delta", "text": text})
     except (GenerationError, TimeoutError) as exc:
         failure = exc if isinstance(exc, GenerationError) else GenerationError("request timed out", 504, "timeout")
         yield event("error", error=error_body(error_message(failure), failure.status)["error"])
         return
     content, (stop_reason, stop_sequence) = message.content()
-    if not message.held:
-        yield event("content_block_stop", index=0)
-    for index, block in enumerate(content if message.held else ()):
+    if streamed:
+        yield event("content_block_stop", index=len(streamed) - 1)
+    for index, block in enumerate(content[len(streamed) :], len(streamed)):
         if block["type"] == "text":
             yield event("content_block_start", index=index, content_block={"type": "text", "text": ""})
             yield event("content_block_delta", index=index, delta={"type": "text_delta", "text": block["text"]})

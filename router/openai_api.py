@@ -44,12 +44,11 @@ from contract.sampling import FIELDS as SAMPLING_FIELDS
 from contract.sampling import FieldError, SamplingParams, check_text, check_token_ids, logprobs_count, wrap_seed
 from engine.tokenizer import IncrementalDetokenizer, Tokenizer
 from protos import common_pb2
-from router import anthropic_api, responses_api
+from router import anthropic_api, reasoning, responses_api
 from router.config import cors_origin_list
 from router.frontend import Frontend, Overloaded, check_request_id, log_access, serving
 from router.json_route import JsonBodyRoute
 from router.orchestrator import Delta, GenerationError, GenerationRequest
-from router.reasoning import Splitter
 from router.stored_responses import ResponseStore
 from router.structured import (
     ANTHROPIC,
@@ -824,9 +823,8 @@ def create_app(frontend: Frontend, api_keys: tuple[str, ...] = ()) -> FastAPI:
             frontend.build(prompt, choice, "messages", limit_field, body.priority) for choice in _seeded(params, body.n)
         ]
         calls = tools if tools is not None and tools.parses else None
-        tags = frontend.model.require().think_tags
-        inside = tags.starts_inside(prompt) if tags is not None else None
-        return await _respond(request, frontend, body, jobs, "chat.completion", "chatcmpl", calls, thinking=inside)
+        thinking = frontend.thinking(prompt)
+        return await _respond(request, frontend, body, jobs, "chat.completion", "chatcmpl", calls, thinking=thinking)
 
     @generating("/v1/responses")
     async def responses(body: ResponsesBody, request: Request):
@@ -843,14 +841,13 @@ def create_app(frontend: Frontend, api_keys: tuple[str, ...] = ()) -> FastAPI:
         if body.truncation == "auto":
             prompt = _truncated(frontend, body, items, tools, prompt)
         logprobs = body.logprobs(tools)
-        tags = frontend.model.require().think_tags
-        if tags is not None and logprobs is not None:
+        thinking = frontend.thinking(prompt)
+        if thinking is not None and logprobs is not None:
             raise FieldError("include", "logprobs are not returned with --reasoning-parser: the text is split")
         params = body.sampling(frontend.room(prompt, "input"), tools.grammar() if tools else None, logprobs)
         job = frontend.build(prompt, params, "input", "max_output_tokens")
         names = _TokenNames(frontend, False, None)
         written = (lambda lps: _chat_logprobs(names, lps)["content"]) if logprobs is not None else None
-        thinking = tags.starts_inside(prompt) if tags is not None else None
         shape = responses_api.ResponseShape(frontend.model_name, body.echoed(stored), written, thinking)
 
         def keep(response: dict) -> None:
@@ -882,7 +879,7 @@ def create_app(frontend: Frontend, api_keys: tuple[str, ...] = ()) -> FastAPI:
         frontend.check_model(body.model)
         prompt, tools = body.prompt(frontend)
         job = frontend.build(prompt, body.sampling(tools), "messages", "max_tokens")
-        message = anthropic_api.Message(frontend.model_name, len(prompt), tools)
+        message = anthropic_api.Message(frontend.model_name, len(prompt), tools, frontend.thinking(prompt))
         deltas = frontend.stream(job)
         if body.stream:
             # Admission, routing and prefill run before the headers go out: their errors keep their status.
@@ -1293,8 +1290,8 @@ async def _respond(
             for choice, scored in zip(response["choices"], written):
                 choice["prompt_logprobs"] = scored
     for choice in response["choices"] if thinking is not None else ():
-        reasoning, content = Splitter(thinking).split(choice["message"]["content"])
-        choice["message"].update(reasoning_content=reasoning or None, content=content)
+        thought, content = reasoning.split(thinking, choice["message"]["content"])
+        choice["message"].update(reasoning_content=thought or None, content=content)
     for choice in response["choices"] if tools is not None else ():
         content, calls = tools.parse(choice["message"]["content"])
         if calls:
@@ -1307,10 +1304,11 @@ async def _respond(
 async def _reasoning_deltas(deltas: AsyncIterator[tuple[int, Delta]], inside: bool) -> AsyncIterator[tuple[int, Delta]]:
     """Each choice's text split as it streams into the model's thinking (a delta's ``reasoning``) and its answer
     (the delta's text); ``inside``: the output starts inside the thinking."""
-    splitters: dict[int, Splitter] = {}
+    splitters: dict[int, reasoning.Splitter] = {}
     async for index, delta in deltas:
-        reasoning, text = splitters.setdefault(index, Splitter(inside)).feed(delta.text, bool(delta.finish_reason))
-        yield index, replace(delta, text=text, reasoning=reasoning)
+        splitter = splitters.setdefault(index, reasoning.Splitter(inside))
+        thought, text = reasoning.pieces(splitter, delta.text, bool(delta.finish_reason))
+        yield index, replace(delta, text=text, reasoning=thought)
 
 
 @dataclass(frozen=True)

@@ -98,3 +98,13 @@ def _partial_tag(text: str, tag: str) -> int:
         if tag.startswith(text[-length:]):
             return length
     return 0
+
+
+def split(inside: bool | None, text: str) -> tuple[str, str]:
+    """A whole output text's (thinking, answer): all answer without a reasoning parser (``inside`` None)."""
+    return ("", text) if inside is None else Splitter(inside).split(text)
+
+
+def pieces(splitter: Splitter | None, text: str, last: bool) -> tuple[str, str]:
+    """The (thinking, answer) of a streamed piece of text (``last``: the output's last); all answer without one."""
+    return ("", text) if splitter is None else splitter.feed(text, last)

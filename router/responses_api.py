@@ -20,8 +20,8 @@ from typing import Any
 
 from contract.sampling import FieldError
 from protos import common_pb2
+from router import reasoning
 from router.orchestrator import Delta, GenerationError
-from router.reasoning import Splitter
 from router.structured import ToolCall, Tools
 
 # An input message's role, as the chat template reads it (a developer message is the system prompt of chat models).
@@ -211,7 +211,7 @@ class ResponseShape:
     def finished(self, generated: Generated, prompt_tokens: int, tools: Tools | None) -> dict:
         """The response once its generation ended: its status, output items (with tools, the calls read out of the
         text) and usage."""
-        thinking, text = self.split(generated.text)
+        thinking, text = reasoning.split(self.thinking, generated.text)
         calls = []
         if tools is not None and tools.parses:
             content, calls = tools.parse(text)
@@ -220,14 +220,10 @@ class ResponseShape:
         output = self.output(status, text, calls, generated.logprobs, thinking)
         return self.response(status, output, generated.usage(prompt_tokens))
 
-    def split(self, text: str) -> tuple[str, str]:
-        """The output text's (thinking, answer): all answer without a reasoning parser."""
-        return Splitter(self.thinking).split(text) if self.thinking is not None else ("", text)
-
     def failed(self, generated: Generated, message: str, held: bool = False) -> dict:
         """The response of a generation that failed with ``message``, holding the text it gave (none when the text
         was ``held`` for function calls to be read out of it)."""
-        thinking, text = self.split(generated.text)
+        thinking, text = reasoning.split(self.thinking, generated.text)
         output = self.output("failed", text, logprobs=generated.logprobs, thinking=thinking)
         if held:  # what the model wrote was not read for calls: only its thinking is
             output = [item for item in output if item["type"] == "reasoning"]
@@ -243,12 +239,12 @@ class ResponseShape:
     ) -> list[dict]:
         """The output items: the thinking (if any), the message (unless the model only called functions), then one
         item per call. ``logprobs``: the text's tokens' (a response with tools has none: a call is no text)."""
-        items = [self.reasoning(_item_status(status), thinking)] if thinking else []
+        items = [self.reasoning_item(_item_status(status), thinking)] if thinking else []
         if text or not calls:
             items.append(self.message(_item_status(status), self.text_part(text, logprobs)))
         return items + [function_call(call) for call in calls]
 
-    def reasoning(self, status: str, thinking: str | None) -> dict:
+    def reasoning_item(self, status: str, thinking: str | None) -> dict:
         """A reasoning item, its text as its one reasoning_text part (none yet: ``thinking`` None)."""
         content = [] if thinking is None else [{"type": "reasoning_text", "text": thinking}]
         return {"type": "reasoning", "id": self.reasoning_id, "summary": [], "content": content, "status": status}
@@ -341,7 +337,7 @@ async def events(
         return f"event: {kind}\ndata: {json.dumps(payload)}\n\n"
 
     held = tools is not None and tools.parses
-    splitter = Splitter(shape.thinking) if shape.thinking is not None else None
+    splitter = reasoning.Splitter(shape.thinking) if shape.thinking is not None else None
     opened: list[str] = []  # the items streaming, in output order ("reasoning", "message"): each one's index
 
     def where(kind: str) -> dict:
@@ -350,7 +346,7 @@ async def events(
 
     def open_item(kind: str) -> Iterator[str]:
         opened.append(kind)
-        item = shape.message("in_progress", None) if kind == "message" else shape.reasoning("in_progress", None)
+        item = shape.message("in_progress", None) if kind == "message" else shape.reasoning_item("in_progress", None)
         part = shape.text_part("") if kind == "message" else {"type": "reasoning_text", "text": ""}
         yield event("response.output_item.added", output_index=len(opened) - 1, item=item)
         yield event("response.content_part.added", **where(kind), part=part)
@@ -364,7 +360,7 @@ async def events(
     try:
         async for delta in deltas:
             generated.add(delta)
-            thinking, text = _pieces(splitter, delta)
+            thinking, text = reasoning.pieces(splitter, delta.text, bool(delta.finish_reason))
             if thinking:
                 for said in open_item("reasoning") if "reasoning" not in opened else ():
                     yield said
@@ -409,11 +405,6 @@ async def events(
 
 
 _TEXT_EVENTS = {"message": "response.output_text", "reasoning": "response.reasoning_text"}
-
-
-def _pieces(splitter: Splitter | None, delta: Delta) -> tuple[str, str]:
-    """A delta's (thinking, answer) text; at the generation's end, with what the splitter held back."""
-    return ("", delta.text) if splitter is None else splitter.feed(delta.text, bool(delta.finish_reason))
 
 
 def failure(exc: GenerationError | TimeoutError) -> GenerationError:

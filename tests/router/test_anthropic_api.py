@@ -150,6 +150,11 @@ def test_output_config_format_constrains_the_text_to_a_json_schema(client):
         ({"temperature": 1.5}, "temperature"),
         ({"messages": [{"role": "user", "content": [{"type": "image", "source": {}}]}]}, "messages.0.content.0"),
         ({"messages": [{"role": "system", "content": "x"}]}, "messages.0.role"),
+        ({"messages": [{"role": "user", "content": [{"type": "thinking", "thinking": "x"}]}]}, "messages.0.content.0"),
+        (
+            {"messages": [{"role": "assistant", "content": [{"type": "redacted_thinking", "data": "x"}]}]},
+            "messages.0.content.0",
+        ),
         ({"metadata": {"user_id": "u", "team": "t"}}, "metadata.team"),
         ({"max_tokens": None}, "max_tokens"),
         ({"bogus_field": 1}, "bogus_field"),

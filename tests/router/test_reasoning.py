@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import anthropic
 import httpx
 import pytest
 import torch
@@ -220,6 +221,46 @@ def test_a_reasoning_item_sent_back_is_the_assistant_turns_reasoning_content(ser
     assert_error(post(served.parsed, "/v1/chat/completions", wrong), 400, param="messages.0.reasoning_content")
     continued = _respond(served.parsed, input="and 3 + 3?", previous_response_id=first.id)
     assert (continued.usage.input_tokens, continued.output_text) == (rendered, manual.output_text)
+
+
+def test_a_message_leads_with_its_thinking_as_a_thinking_block_whole_and_streamed(served):
+    """Anthropic's Messages API: the thinking is a thinking block (unsigned) before the text block, and streams as
+    thinking_delta events in block 0, closed before the text's block 1 opens. A thinking block sent back in an
+    assistant message is that turn's reasoning_content."""
+    thinking, answer = _raw_parts(served)
+    client = anthropic.Anthropic(base_url=served.parsed.http, api_key="unused", max_retries=0, timeout=60)
+    greedy = {"temperature": 0}  # as older SDKs send it
+    asked = dict(model=MODEL, max_tokens=LIMIT, messages=[{"role": "user", "content": QUESTION}], extra_body=greedy)
+    message = client.messages.create(**asked)
+    assert [b.model_dump() for b in message.content] == [
+        {"type": "thinking", "thinking": thinking, "signature": ""},
+        {"type": "text", "text": answer, "citations": None},
+    ]
+    events = list(client.messages.create(**asked, stream=True))
+    blocks = [(e.index, e.content_block.type) for e in events if e.type == "content_block_start"]
+    assert blocks == [(0, "thinking"), (1, "text")]
+    stops = [e.index for e in events if e.type == "content_block_stop"]
+    assert stops == [0, 1]
+    said = {
+        kind: "".join(
+            getattr(e.delta, field) for e in events if e.type == "content_block_delta" and e.delta.type == kind
+        )
+        for kind, field in (("thinking_delta", "thinking"), ("text_delta", "text"))
+    }
+    assert said == {"thinking_delta": thinking, "text_delta": answer}
+    # Sent back: the assistant turn's reasoning_content, as a chat message carrying it renders.
+    back = [
+        *asked["messages"],
+        {"role": "assistant", "content": [b.model_dump(exclude_none=True) for b in message.content]},
+    ]
+    back.append({"role": "user", "content": "and 3 + 3?"})
+    counted = client.messages.count_tokens(model=MODEL, messages=back).input_tokens
+    chat = [
+        {"role": "user", "content": QUESTION},
+        {"role": "assistant", "content": answer, "reasoning_content": thinking},
+        {"role": "user", "content": "and 3 + 3?"},
+    ]
+    assert counted == httpx.post(f"{served.parsed.http}/tokenize", json={"messages": chat}, timeout=10).json()["count"]
 
 
 _DELTAS = ("response.reasoning_text.delta", "response.output_text.delta")
