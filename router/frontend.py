@@ -249,11 +249,12 @@ class Frontend:
         # Chat templates write their own BOS where the model wants one.
         return self.tokenizer.encode(rendered, add_special_tokens=add_special_tokens)
 
-    def thinking(self, prompt_ids: list[int]) -> bool | None:
+    def thinking(self, prompt_ids: list[int], params: SamplingParams) -> bool | None:
         """With a reasoning parser, whether the output after ``prompt_ids`` starts inside the model's thinking
-        (router/reasoning.py); None without one: the output is the text as written."""
+        (router/reasoning.py); None without one, or under a grammar (structured output, a required tool call),
+        which holds the output to the answer's form from its first token: it is all answer, as written."""
         tags = self.model.require().think_tags
-        return None if tags is None else tags.starts_inside(prompt_ids)
+        return None if tags is None or params.grammar is not None else tags.starts_inside(prompt_ids)
 
     def room(self, prompt_ids: list[int], prompt_field: str = "prompt") -> int:
         """How many tokens may follow ``prompt_ids``; GenerationError(400) or FieldError naming ``prompt_field``

@@ -823,7 +823,7 @@ def create_app(frontend: Frontend, api_keys: tuple[str, ...] = ()) -> FastAPI:
             frontend.build(prompt, choice, "messages", limit_field, body.priority) for choice in _seeded(params, body.n)
         ]
         calls = tools if tools is not None and tools.parses else None
-        thinking = frontend.thinking(prompt)
+        thinking = frontend.thinking(prompt, params)
         return await _respond(request, frontend, body, jobs, "chat.completion", "chatcmpl", calls, thinking=thinking)
 
     @generating("/v1/responses")
@@ -841,10 +841,10 @@ def create_app(frontend: Frontend, api_keys: tuple[str, ...] = ()) -> FastAPI:
         if body.truncation == "auto":
             prompt = _truncated(frontend, body, items, tools, prompt)
         logprobs = body.logprobs(tools)
-        thinking = frontend.thinking(prompt)
+        params = body.sampling(frontend.room(prompt, "input"), tools.grammar() if tools else None, logprobs)
+        thinking = frontend.thinking(prompt, params)
         if thinking is not None and logprobs is not None:
             raise FieldError("include", "logprobs are not returned with --reasoning-parser: the text is split")
-        params = body.sampling(frontend.room(prompt, "input"), tools.grammar() if tools else None, logprobs)
         job = frontend.build(prompt, params, "input", "max_output_tokens")
         names = _TokenNames(frontend, False, None)
         written = (lambda lps: _chat_logprobs(names, lps)["content"]) if logprobs is not None else None
@@ -878,8 +878,9 @@ def create_app(frontend: Frontend, api_keys: tuple[str, ...] = ()) -> FastAPI:
     async def messages(body: AnthropicBody, request: Request):
         frontend.check_model(body.model)
         prompt, tools = body.prompt(frontend)
-        job = frontend.build(prompt, body.sampling(tools), "messages", "max_tokens")
-        message = anthropic_api.Message(frontend.model_name, len(prompt), tools, frontend.thinking(prompt))
+        params = body.sampling(tools)
+        job = frontend.build(prompt, params, "messages", "max_tokens")
+        message = anthropic_api.Message(frontend.model_name, len(prompt), tools, frontend.thinking(prompt, params))
         deltas = frontend.stream(job)
         if body.stream:
             # Admission, routing and prefill run before the headers go out: their errors keep their status.

@@ -6,11 +6,13 @@ makes it close the thinking partway. The oracle is the same request's text from 
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import anthropic
 import httpx
+import jsonschema
 import pytest
 import torch
 import transformers
@@ -178,6 +180,28 @@ def test_without_thinking_opened_the_text_is_all_answer(served):
     assert (parsed.model_dump()["reasoning_content"], parsed.content) == (None, raw.content)
     assert _streamed(_chat(served.parsed, open_thinking=False, stream=True)) == ("", raw.content)
     assert "reasoning_content" not in raw.model_dump()
+
+
+def test_under_a_grammar_the_output_is_all_answer(served):
+    """Structured output holds the output to the schema from its first token, so there is no thinking to split:
+    the JSON is the content even where the prompt opened the thinking (else it would have been reasoning_content,
+    the content empty)."""
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
+    format_ = {"type": "json_schema", "json_schema": {"name": "n", "schema": schema}}
+    chats = [
+        router.openai().chat.completions.create(
+            model=MODEL,
+            messages=[{"role": "user", "content": QUESTION}],
+            max_tokens=LIMIT,
+            temperature=0,
+            response_format=format_,
+        )
+        for router in (served.parsed, served.raw)
+    ]
+    parsed, raw = (chat.choices[0].message for chat in chats)
+    assert parsed.model_dump().get("reasoning_content") is None and parsed.content == raw.content
+    if chats[0].choices[0].finish_reason == "stop":
+        jsonschema.validate(json.loads(parsed.content), schema)
 
 
 def test_a_response_leads_with_its_thinking_as_a_reasoning_item_whole_and_streamed(served):
