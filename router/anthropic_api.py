@@ -213,9 +213,9 @@ class Message:
     model: str
     input_tokens: int
     tools: Tools | None = None
-    # With a reasoning parser: whether the output starts inside the model's thinking, which then leads the answer
-    # as a thinking block (router/reasoning.py); None: the text as written.
-    thinking: bool | None = None
+    # With a reasoning parser: the output's thinking, which then leads the answer as a thinking block
+    # (router/reasoning.py); None: the text as written.
+    thinking: reasoning.Thinking | None = None
     id: str = field(default_factory=lambda: f"msg_{secrets.token_hex(12)}")
     texts: list[str] = field(default_factory=list)
     output_tokens: int = 0
@@ -304,7 +304,7 @@ async def events(message: Message, deltas: AsyncIterator[Delta], error_message) 
     def event(kind: str, **fields) -> str:
         return f"event: {kind}\ndata: {json.dumps({'type': kind, **fields})}\n\n"
 
-    splitter = reasoning.Splitter(message.thinking) if message.thinking is not None else None
+    splitter = message.thinking.splitter() if message.thinking is not None else None
     streamed: list[str] = []  # the blocks streamed so far, by index ("thinking", "text"): the last one is open
 
     def open_block(kind: str) -> list[str]:

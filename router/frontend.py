@@ -20,6 +20,7 @@ from engine.tokenizer import Tokenizer
 from router.config import RouterConfig
 from router.metrics import RouterMetrics
 from router.orchestrator import Delta, GenerationError, GenerationRequest, Orchestrator
+from router.reasoning import Thinking
 from router.served_model import ModelBinding
 from router.stored_responses import ResponseStore
 from router.workers import WorkerPool, with_reasons
@@ -249,12 +250,12 @@ class Frontend:
         # Chat templates write their own BOS where the model wants one.
         return self.tokenizer.encode(rendered, add_special_tokens=add_special_tokens)
 
-    def thinking(self, prompt_ids: list[int], params: SamplingParams) -> bool | None:
-        """With a reasoning parser, whether the output after ``prompt_ids`` starts inside the model's thinking
-        (router/reasoning.py); None without one, or under a grammar (structured output, a required tool call),
-        which holds the output to the answer's form from its first token: it is all answer, as written."""
+    def thinking(self, prompt_ids: list[int], params: SamplingParams) -> Thinking | None:
+        """With a reasoning parser, the thinking of the output after ``prompt_ids`` (router/reasoning.py); None
+        without one, or under a grammar (structured output, a required tool call), which holds the output to the
+        answer's form from its first token: it is all answer, as written."""
         tags = self.model.require().think_tags
-        return None if tags is None or params.grammar is not None else tags.starts_inside(prompt_ids)
+        return None if tags is None or params.grammar is not None else tags.after(prompt_ids)
 
     def room(self, prompt_ids: list[int], prompt_field: str = "prompt") -> int:
         """How many tokens may follow ``prompt_ids``; GenerationError(400) or FieldError naming ``prompt_field``

@@ -1250,10 +1250,10 @@ async def _respond(
     prefix: str,
     tools: Tools | None = None,
     completions: _Completions | None = None,
-    thinking: bool | None = None,
+    thinking: reasoning.Thinking | None = None,
 ):
-    """``thinking``: with a reasoning parser, whether the output starts inside the model's thinking (each choice's
-    text is then split into reasoning_content and content: router/reasoning.py); None: the text as written."""
+    """``thinking``: with a reasoning parser, the output's thinking (each choice's text is then split into
+    reasoning_content and content: router/reasoning.py); None: the text as written."""
     response_id = f"{prefix}-{secrets.token_hex(16)}"
     names = _TokenNames(frontend, body.return_tokens_as_token_ids, completions)
     created = int(time.time())
@@ -1302,12 +1302,14 @@ async def _respond(
     return JSONResponse(response)
 
 
-async def _reasoning_deltas(deltas: AsyncIterator[tuple[int, Delta]], inside: bool) -> AsyncIterator[tuple[int, Delta]]:
+async def _reasoning_deltas(
+    deltas: AsyncIterator[tuple[int, Delta]], thinking: reasoning.Thinking
+) -> AsyncIterator[tuple[int, Delta]]:
     """Each choice's text split as it streams into the model's thinking (a delta's ``reasoning``) and its answer
-    (the delta's text); ``inside``: the output starts inside the thinking."""
+    (the delta's text)."""
     splitters: dict[int, reasoning.Splitter] = {}
     async for index, delta in deltas:
-        splitter = splitters.setdefault(index, reasoning.Splitter(inside))
+        splitter = splitters.setdefault(index, thinking.splitter())
         thought, text = reasoning.pieces(splitter, delta.text, bool(delta.finish_reason))
         yield index, replace(delta, text=text, reasoning=thought)
 

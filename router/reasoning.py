@@ -39,14 +39,33 @@ class ThinkTags:
             ids.append(encoded[0])
         return cls(*ids)
 
-    def starts_inside(self, prompt_ids: Sequence[int]) -> bool:
-        """Whether the output starts inside the thinking: the prompt's last tag is an open one."""
+    def after(self, prompt_ids: Sequence[int]) -> Thinking:
+        """The thinking of an output after ``prompt_ids``: inside it from the start where the prompt's last tag is an
+        open one."""
         for token in reversed(prompt_ids):
-            if token == self.close_id:
-                return False
-            if token == self.open_id:
-                return True
-        return False
+            if token in (self.open_id, self.close_id):
+                return Thinking(token == self.open_id, self)
+        return Thinking(False, self)
+
+
+@dataclass(frozen=True)
+class Thinking:
+    """One request's output under a reasoning parser: whether it starts inside the thinking, and the model's tags."""
+
+    inside: bool
+    tags: ThinkTags
+
+    def splitter(self) -> Splitter:
+        return Splitter(self.inside)
+
+    def tokens(self, output_ids: Sequence[int]) -> int:
+        """How many of the output's tokens are its thinking (its closing tag, and an opening one, included)."""
+        if not self.inside and (not output_ids or output_ids[0] != self.tags.open_id):
+            return 0
+        for index, token in enumerate(output_ids):
+            if token == self.tags.close_id:
+                return index + 1
+        return len(output_ids)
 
 
 class Splitter:
@@ -100,9 +119,9 @@ def _partial_tag(text: str, tag: str) -> int:
     return 0
 
 
-def split(inside: bool | None, text: str) -> tuple[str, str]:
-    """A whole output text's (thinking, answer): all answer without a reasoning parser (``inside`` None)."""
-    return ("", text) if inside is None else Splitter(inside).split(text)
+def split(thinking: Thinking | None, text: str) -> tuple[str, str]:
+    """A whole output text's (thinking, answer): all answer without a reasoning parser (``thinking`` None)."""
+    return ("", text) if thinking is None else thinking.splitter().split(text)
 
 
 def pieces(splitter: Splitter | None, text: str, last: bool) -> tuple[str, str]:

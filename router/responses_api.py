@@ -177,11 +177,15 @@ class ResponseShape:
     status, output items and usage as the generation ends."""
 
     def __init__(
-        self, model: str, settings: dict[str, Any], logprobs: Logprobs | None = None, thinking: bool | None = None
+        self,
+        model: str,
+        settings: dict[str, Any],
+        logprobs: Logprobs | None = None,
+        thinking: reasoning.Thinking | None = None,
     ) -> None:
         """``logprobs``: writes the output text's logprobs, when the request includes them. ``thinking``: with a
-        reasoning parser, whether the output starts inside the model's thinking (router/reasoning.py), which then
-        leads the output as a reasoning item; None: the text as written."""
+        reasoning parser, the output's thinking (router/reasoning.py), which then leads the output as a reasoning
+        item; None: the text as written."""
         self.id = f"resp_{secrets.token_hex(24)}"
         self.message_id = f"msg_{secrets.token_hex(24)}"
         self.reasoning_id = f"rs_{secrets.token_hex(24)}"
@@ -218,7 +222,8 @@ class ResponseShape:
             text = content or ""
         status = generated.status
         output = self.output(status, text, calls, generated.logprobs, thinking)
-        return self.response(status, output, generated.usage(prompt_tokens))
+        reasoning_tokens = self.thinking.tokens(generated.token_ids) if self.thinking is not None else 0
+        return self.response(status, output, generated.usage(prompt_tokens, reasoning_tokens))
 
     def failed(self, generated: Generated, message: str, held: bool = False) -> dict:
         """The response of a generation that failed with ``message``, holding the text it gave (none when the text
@@ -284,14 +289,14 @@ class Generated:
 
     texts: list[str] = field(default_factory=list)
     logprobs: list[common_pb2.TokenLogprob] = field(default_factory=list)  # when the request asked for them
-    output_tokens: int = 0
+    token_ids: list[int] = field(default_factory=list)
     cached_tokens: int = 0
     finish_reason: str | None = None
 
     def add(self, delta: Delta) -> None:
         self.texts.append(delta.text)
         self.logprobs.extend(delta.logprobs)
-        self.output_tokens += len(delta.token_ids)
+        self.token_ids.extend(delta.token_ids)
         if delta.usage is not None:
             self.cached_tokens = max(self.cached_tokens, delta.usage.cached_tokens)
         self.finish_reason = delta.finish_reason or self.finish_reason
@@ -305,12 +310,17 @@ class Generated:
         """Cut at its token limit, a response is incomplete."""
         return "incomplete" if self.finish_reason == "length" else "completed"
 
-    def usage(self, prompt_tokens: int) -> dict:
+    @property
+    def output_tokens(self) -> int:
+        return len(self.token_ids)
+
+    def usage(self, prompt_tokens: int, reasoning_tokens: int = 0) -> dict:
+        """``reasoning_tokens``: the output's thinking's (its tags included), which output_tokens counts too."""
         return {
             "input_tokens": prompt_tokens,
             "input_tokens_details": {"cached_tokens": self.cached_tokens},
             "output_tokens": self.output_tokens,
-            "output_tokens_details": {"reasoning_tokens": 0},
+            "output_tokens_details": {"reasoning_tokens": reasoning_tokens},
             "total_tokens": prompt_tokens + self.output_tokens,
         }
 
@@ -337,7 +347,7 @@ async def events(
         return f"event: {kind}\ndata: {json.dumps(payload)}\n\n"
 
     held = tools is not None and tools.parses
-    splitter = reasoning.Splitter(shape.thinking) if shape.thinking is not None else None
+    splitter = shape.thinking.splitter() if shape.thinking is not None else None
     opened: list[str] = []  # the items streaming, in output order ("reasoning", "message"): each one's index
 
     def where(kind: str) -> dict:

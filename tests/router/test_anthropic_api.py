@@ -132,6 +132,7 @@ def test_output_config_format_constrains_the_text_to_a_json_schema(client):
         max_tokens=40,
         messages=[{"role": "user", "content": QUESTION}],
         output_config={"format": {"type": "json_schema", "schema": schema}},
+        extra_body=GREEDY,  # sampled, an integer of many digits now and then ran past max_tokens
     )
     assert message.stop_reason == "end_turn", message
     jsonschema.validate(json.loads(message.content[0].text), schema)

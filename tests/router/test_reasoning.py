@@ -24,7 +24,7 @@ from router.reasoning import CLOSE, OPEN, Splitter
 from router.served_model import ModelBinding
 from tests.checkpoints import hf_greedy, write_checkpoint
 from tests.engine.test_tokenizer import write_model_dir
-from tests.router.conftest import SERVED_MODEL, RouterThread, wait_for
+from tests.router.conftest import SERVED_MODEL, RouterThread, token_ids, wait_for
 from tests.router.test_errors import assert_error, post
 from tests.workers.harness import start_workers, stop_workers
 
@@ -218,6 +218,21 @@ def test_a_response_leads_with_its_thinking_as_a_reasoning_item_whole_and_stream
     final = events[-1].response
     assert [item.type for item in final.output] == ["reasoning", "message"] and final.output_text == answer
     assert _respond(served.raw).output_text == f"{thinking}{CLOSE}{answer}"  # without the parser: as written
+    # reasoning_tokens: the output's tokens up to its </think>, which the raw router's token ids show.
+    raw = served.raw.openai().chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": QUESTION}],
+        max_tokens=LIMIT,
+        temperature=0,
+        logprobs=True,
+        extra_body={"return_tokens_as_token_ids": True},
+    )
+    output_ids = token_ids([t.token for t in raw.choices[0].logprobs.content])
+    close = httpx.post(
+        f"{served.raw.http}/tokenize", json={"prompt": CLOSE, "add_special_tokens": False}, timeout=10
+    ).json()["tokens"]
+    assert response.usage.output_tokens_details.reasoning_tokens == output_ids.index(close[0]) + 1 > 1
+    assert response.usage.output_tokens == len(output_ids)
 
 
 def test_a_reasoning_item_sent_back_is_the_assistant_turns_reasoning_content(served):
