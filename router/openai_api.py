@@ -1261,7 +1261,7 @@ async def _respond(
     streams = [frontend.stream(job) for job in jobs]
     if completions is not None:
         streams = [completions.stream(index, stream) for index, stream in enumerate(streams)]
-    tally = _UsageTally(jobs, completions.best_of if completions is not None else len(jobs))
+    tally = _UsageTally(jobs, completions.best_of if completions is not None else len(jobs), thinking)
     if body.stream:
         options = body.stream_options or StreamOptions()
         deltas = _merge(streams)
@@ -1476,25 +1476,36 @@ class _UsageTally:
     """A request's usage across its choices: each prompt's tokens counted once (choices ``i * per_prompt`` to
     ``(i + 1) * per_prompt - 1`` share prompt i), completion tokens as they come, cached tokens per prompt."""
 
-    def __init__(self, jobs: list[GenerationRequest], per_prompt: int) -> None:
+    def __init__(
+        self, jobs: list[GenerationRequest], per_prompt: int, thinking: reasoning.Thinking | None = None
+    ) -> None:
+        """``thinking``: with a reasoning parser, the output's thinking, whose tokens are counted apart too."""
         self.per_prompt = per_prompt
         self.prompt_tokens = sum(len(job.prompt_token_ids) for job in jobs[::per_prompt])
         self.completion_tokens = 0
         self.cached: dict[int, int] = {}
+        self.thinking = thinking
+        self.outputs: dict[int, list[int]] = {}  # each choice's tokens, where its thinking is counted
 
     def add(self, index: int, delta: Delta) -> None:
         self.completion_tokens += len(delta.token_ids)
+        if self.thinking is not None:
+            self.outputs.setdefault(index, []).extend(delta.token_ids)
         if delta.usage is not None:
             prompt = index // self.per_prompt
             self.cached[prompt] = max(self.cached.get(prompt, 0), delta.usage.cached_tokens)
 
     def usage(self) -> dict:
-        return {
+        usage = {
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,
             "total_tokens": self.prompt_tokens + self.completion_tokens,
             "prompt_tokens_details": {"cached_tokens": sum(self.cached.values())},
         }
+        if self.thinking is not None:  # OpenAI's place for them; completion_tokens counts them too
+            reasoning_tokens = sum(self.thinking.tokens(ids) for ids in self.outputs.values())
+            usage["completion_tokens_details"] = {"reasoning_tokens": reasoning_tokens}
+        return usage
 
 
 async def _sse(

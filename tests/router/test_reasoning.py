@@ -231,8 +231,23 @@ def test_a_response_leads_with_its_thinking_as_a_reasoning_item_whole_and_stream
     close = httpx.post(
         f"{served.raw.http}/tokenize", json={"prompt": CLOSE, "add_special_tokens": False}, timeout=10
     ).json()["tokens"]
-    assert response.usage.output_tokens_details.reasoning_tokens == output_ids.index(close[0]) + 1 > 1
+    reasoning_tokens = output_ids.index(close[0]) + 1
+    assert response.usage.output_tokens_details.reasoning_tokens == reasoning_tokens > 1
     assert response.usage.output_tokens == len(output_ids)
+    # A chat completion counts them where OpenAI's do, whole and in a stream's usage.
+    chat = _chat(served.parsed, open_thinking=True)
+    assert chat.usage.completion_tokens_details.reasoning_tokens == reasoning_tokens
+    streamed = served.parsed.openai().chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": QUESTION}],
+        max_tokens=LIMIT,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    (usage,) = [chunk.usage for chunk in streamed if chunk.usage is not None]
+    assert usage.completion_tokens_details.reasoning_tokens == reasoning_tokens
+    assert raw.usage.completion_tokens_details is None  # without the parser: not counted apart
 
 
 def test_a_reasoning_item_sent_back_is_the_assistant_turns_reasoning_content(served):
