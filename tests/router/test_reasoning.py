@@ -129,7 +129,8 @@ def served(tmp_path_factory) -> Iterator[Served]:
         stop_workers([decode])
 
 
-def _chat(router: RouterThread, open_thinking: bool | None = None, stream: bool = False):
+def _chat(router: RouterThread, open_thinking: bool | None = None, stream: bool = False, **fields):
+    """The question as a greedy chat completion (``fields``: more of the SDK's arguments)."""
     kwargs = {} if open_thinking is None else {"chat_template_kwargs": {"open_thinking": open_thinking}}
     return router.openai().chat.completions.create(
         model=MODEL,
@@ -137,7 +138,8 @@ def _chat(router: RouterThread, open_thinking: bool | None = None, stream: bool 
         max_tokens=LIMIT,
         temperature=0,
         stream=stream,
-        extra_body=kwargs,
+        extra_body={**kwargs, **fields.pop("extra_body", {})},
+        **fields,
     )
 
 
@@ -219,14 +221,7 @@ def test_a_response_leads_with_its_thinking_as_a_reasoning_item_whole_and_stream
     assert [item.type for item in final.output] == ["reasoning", "message"] and final.output_text == answer
     assert _respond(served.raw).output_text == f"{thinking}{CLOSE}{answer}"  # without the parser: as written
     # reasoning_tokens: the output's tokens up to its </think>, which the raw router's token ids show.
-    raw = served.raw.openai().chat.completions.create(
-        model=MODEL,
-        messages=[{"role": "user", "content": QUESTION}],
-        max_tokens=LIMIT,
-        temperature=0,
-        logprobs=True,
-        extra_body={"return_tokens_as_token_ids": True},
-    )
+    raw = _chat(served.raw, logprobs=True, extra_body={"return_tokens_as_token_ids": True})
     output_ids = token_ids([t.token for t in raw.choices[0].logprobs.content])
     close = httpx.post(
         f"{served.raw.http}/tokenize", json={"prompt": CLOSE, "add_special_tokens": False}, timeout=10
@@ -237,14 +232,7 @@ def test_a_response_leads_with_its_thinking_as_a_reasoning_item_whole_and_stream
     # A chat completion counts them where OpenAI's do, whole and in a stream's usage.
     chat = _chat(served.parsed, open_thinking=True)
     assert chat.usage.completion_tokens_details.reasoning_tokens == reasoning_tokens
-    streamed = served.parsed.openai().chat.completions.create(
-        model=MODEL,
-        messages=[{"role": "user", "content": QUESTION}],
-        max_tokens=LIMIT,
-        temperature=0,
-        stream=True,
-        stream_options={"include_usage": True},
-    )
+    streamed = _chat(served.parsed, stream=True, stream_options={"include_usage": True})
     (usage,) = [chunk.usage for chunk in streamed if chunk.usage is not None]
     assert usage.completion_tokens_details.reasoning_tokens == reasoning_tokens
     assert raw.usage.completion_tokens_details is None  # without the parser: not counted apart
