@@ -963,8 +963,10 @@ async def _in_background(
     frontend: Frontend, shape: responses_api.ResponseShape, job: GenerationRequest, prompt_tokens: int, tools
 ) -> None:
     """A background response's generation: queued until its first token, in progress until its end, which it
-    writes to the store (failed with its error, or cancelled)."""
+    writes to the store (failed with its error, or cancelled). Whatever ends it, the response ends: a client
+    polling it is never left with one in progress for good."""
     store, generated = frontend.responses, responses_api.Generated()
+    held = tools is not None and tools.parses
     try:
         async for delta in frontend.stream(job):
             if not generated.texts:
@@ -973,10 +975,13 @@ async def _in_background(
         store.update(shape.finished(generated, prompt_tokens, tools))
     except (GenerationError, TimeoutError) as exc:
         message = _error_body(responses_api.failure(exc))["error"]["message"]
-        store.update(shape.failed(generated, message, tools is not None and tools.parses))
+        store.update(shape.failed(generated, message, held))
     except asyncio.CancelledError:
         store.update(shape.response("cancelled"))
         raise
+    except Exception:  # a fault of this server's (a request's own faults are GenerationErrors): logged, and failed
+        log.exception("background response %s failed", shape.id)
+        store.update(shape.failed(generated, "the server failed this response (its log says why)", held))
 
 
 def _owner(request: Request) -> str:

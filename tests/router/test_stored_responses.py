@@ -224,6 +224,23 @@ def test_a_cancelled_background_response_stops_its_work_and_says_so(router, clus
     assert "cancelled" in str(refused.value)
 
 
+def test_a_background_response_whose_generation_breaks_ends_failed(make_router, cluster, caplog):
+    """A fault of the server's own (here, a stream that raises what no request raises) still ends the response:
+    failed, and logged, where the task died and left the response in progress for the client to poll for good."""
+    router = make_router(cluster.prefills, [cluster.decode])
+
+    async def broken(job):
+        raise RuntimeError("a bug")
+        yield  # an async generator, as Frontend.stream is
+
+    router.router.frontend.stream = broken
+    queued = _create(router.openai(), input=FIRST, background=True)
+    wait_for(lambda: router.openai().responses.retrieve(queued.id).status != "queued", 10, "the response to end")
+    ended = router.openai().responses.retrieve(queued.id)
+    assert ended.status == "failed" and "its log says why" in ended.error.message
+    assert "a bug" in caplog.text
+
+
 def test_a_router_stopping_gives_background_responses_its_grace_then_fails_them_naming_the_stop(make_router, cluster):
     router = make_router(cluster.prefills, [cluster.decode], shutdown_grace_s=0.5)
     long = _long_in_background(router.openai(), cluster)
