@@ -200,7 +200,9 @@ def test_a_dead_receiver_is_forgotten_and_one_back_at_its_address_gets_its_kv(so
         assert failed.value.unreachable == doomed.address, str(failed.value)
         during.close(10)
         # Its agent, metadata and prepared lists go, though nothing ever comes back at its address.
-        _wait_until(lambda: not sender.pool.peers(), 5, "the dead receiver's NIXL agent to be forgotten")
+        # Forgetting runs on a thread of its own and drops the agent through NIXL, which under the full suite's
+        # load on 2 cores once took more than 5 s: bounded, and not a latency this test is about.
+        _wait_until(lambda: not sender.pool.peers(), 20, "the dead receiver's NIXL agent to be forgotten")
 
         reborn = Receiver(name="reborn-receiver", port=int(doomed.address.rsplit(":", 1)[1]), instance_id="second")
         reborn.inbox.open("after", DST_BLOCKS)
