@@ -19,7 +19,7 @@ from contract import grammar as specs
 from contract.grammar import Grammar
 from contract.sampling import FieldError
 from router import reasoning
-from router.orchestrator import Delta, GenerationError
+from router.orchestrator import Delta, GenerationError, failure
 from router.structured import ToolCall, Tools
 
 PATHS = ("/v1/messages", "/v1/messages/count_tokens")
@@ -332,8 +332,8 @@ async def events(message: Message, deltas: AsyncIterator[Delta], error_message) 
                 index = streamed.index("text")
                 yield event("content_block_delta", index=index, delta={"type": "text_delta", "text": text})
     except (GenerationError, TimeoutError) as exc:
-        failure = exc if isinstance(exc, GenerationError) else GenerationError("request timed out", 504, "timeout")
-        yield event("error", error=error_body(error_message(failure), failure.status)["error"])
+        ended = failure(exc)
+        yield event("error", error=error_body(error_message(ended), ended.status)["error"])
         return
     content, (stop_reason, stop_sequence) = message.content()
     if streamed:

@@ -48,7 +48,7 @@ from router import anthropic_api, reasoning, responses_api
 from router.config import cors_origin_list
 from router.frontend import Frontend, Overloaded, check_request_id, log_access, serving
 from router.json_route import JsonBodyRoute
-from router.orchestrator import Delta, GenerationError, GenerationRequest
+from router.orchestrator import Delta, GenerationError, GenerationRequest, failure
 from router.stored_responses import ResponseStore
 from router.structured import (
     ANTHROPIC,
@@ -974,7 +974,7 @@ async def _in_background(
             generated.add(delta)
         store.update(shape.finished(generated, prompt_tokens, tools))
     except (GenerationError, TimeoutError) as exc:
-        message = _error_body(responses_api.failure(exc))["error"]["message"]
+        message = _error_body(failure(exc))["error"]["message"]
         store.update(shape.failed(generated, message, held))
     except asyncio.CancelledError:
         store.update(shape.response("cancelled"))
@@ -1561,10 +1561,8 @@ async def _sse(
             yield chunk([_stream_choice(names, index, delta, chat, offsets.get(index))])
         if options.include_usage:
             yield chunk([], last=True)
-    except GenerationError as exc:
-        yield f"data: {json.dumps(_error_body(exc))}\n\n"
-    except TimeoutError:
-        yield f"data: {json.dumps(_error_body(GenerationError('request timed out', 504, 'timeout')))}\n\n"
+    except (GenerationError, TimeoutError) as exc:
+        yield f"data: {json.dumps(_error_body(failure(exc)))}\n\n"
     yield "data: [DONE]\n\n"
 
 
@@ -1795,7 +1793,8 @@ def _install_errors(app: FastAPI) -> None:
 
     @app.exception_handler(TimeoutError)
     async def timeout_error(request: Request, exc: TimeoutError):
-        return error_response("request timed out", 504, "timeout")
+        ended = failure(exc)
+        return error_response(str(ended), ended.status, ended.code)
 
 
 def _document_errors_honestly(app: FastAPI) -> None:

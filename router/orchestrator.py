@@ -78,6 +78,11 @@ class GenerationError(Exception):
         self.param = param
 
 
+def failure(exc: GenerationError | TimeoutError) -> GenerationError:
+    """What ended a generation, as a GenerationError: a request's timeout is a 504 every API reports alike."""
+    return exc if isinstance(exc, GenerationError) else GenerationError("request timed out", 504, "timeout")
+
+
 class _DecodeLost(Exception):
     """The decode worker went away mid-stream."""
 

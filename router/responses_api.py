@@ -21,7 +21,7 @@ from typing import Any
 from contract.sampling import FieldError
 from protos import common_pb2
 from router import reasoning
-from router.orchestrator import Delta, GenerationError
+from router.orchestrator import Delta, GenerationError, failure
 from router.structured import ToolCall, Tools
 
 # An input message's role, as the chat template reads it (a developer message is the system prompt of chat models).
@@ -415,8 +415,3 @@ async def events(
 
 
 _TEXT_EVENTS = {"message": "response.output_text", "reasoning": "response.reasoning_text"}
-
-
-def failure(exc: GenerationError | TimeoutError) -> GenerationError:
-    """What ended a generation, as the GenerationError its error body is written from."""
-    return exc if isinstance(exc, GenerationError) else GenerationError("request timed out", 504, "timeout")
