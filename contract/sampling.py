@@ -51,6 +51,10 @@ class SamplingParams:
     last token of a word (spelled as it starts the text or, where that is as many tokens, after a space), that last
     token may not be sampled (``engine.sampler.bad_word_token_ids``).
 
+    ``thinking``: the output is a reasoning model's, its thinking before its answer (engine/thinking.py): the grammar
+    holds only the answer, and ``thinking_token_budget``, if set, is the most tokens the thinking may hold (its tags not
+    counted) before its closing tag is forced.
+
     ``max_tokens_defaulted``: the client set no limit, so ``max_tokens`` is a default (the context's room, or
     16) that the engine lowers to what its KV pool holds after the prompt, ending there with "length"
     (``Engine``). A limit the client set is never lowered: one that does not fit is refused.
@@ -78,6 +82,8 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     allowed_token_ids: tuple[int, ...] = ()
     bad_words: tuple[str, ...] = ()
+    thinking: bool = False
+    thinking_token_budget: int | None = None
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -117,11 +123,19 @@ class SamplingParams:
             if not isinstance(self.grammar, Grammar):
                 raise FieldError("grammar", "grammar must be a contract.grammar.Grammar")
             self.grammar.compiled()  # a grammar the engine cannot compile is refused here, by name
-        for flag in ("max_tokens_defaulted", "skip_special_tokens", "include_stop_str_in_output"):
+        for flag in ("max_tokens_defaulted", "skip_special_tokens", "include_stop_str_in_output", "thinking"):
             if not isinstance(getattr(self, flag), bool):
                 raise FieldError(flag, f"{flag} must be a boolean")
         set_(self, "allowed_token_ids", _token_ids("allowed_token_ids", self.allowed_token_ids, _UINT32))
         set_(self, "bad_words", _bad_words(self.bad_words))
+        if self.thinking_token_budget is not None:
+            set_(
+                self, "thinking_token_budget", _integer("thinking_token_budget", self.thinking_token_budget, 0, _UINT32)
+            )
+            if not self.thinking:
+                raise FieldError(
+                    "thinking_token_budget", "thinking_token_budget bounds a reasoning model's thinking: set thinking"
+                )
 
     @property
     def greedy(self) -> bool:
@@ -152,7 +166,10 @@ class SamplingParams:
             include_stop_str_in_output=self.include_stop_str_in_output,
             allowed_token_ids=self.allowed_token_ids,
             bad_words=self.bad_words,
+            thinking=self.thinking,
         )
+        if self.thinking_token_budget is not None:
+            message.thinking_token_budget = self.thinking_token_budget
         if not self.skip_special_tokens:  # unset means the default, True
             message.skip_special_tokens = False
         if self.seed is not None:
@@ -197,6 +214,8 @@ class SamplingParams:
             include_stop_str_in_output=message.include_stop_str_in_output,
             allowed_token_ids=tuple(message.allowed_token_ids),
             bad_words=tuple(message.bad_words),
+            thinking=message.thinking,
+            thinking_token_budget=message.thinking_token_budget if message.HasField("thinking_token_budget") else None,
         )
 
 

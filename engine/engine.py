@@ -26,6 +26,7 @@ from engine.output import OutputProcessor, RequestOutput
 from engine.request import Request, RequestState
 from engine.sampler import Sampler, SamplingState, TokenLogprobs, bad_word_token_ids, held_back_by_min_tokens
 from engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
+from engine.thinking import ThinkTags, Thoughts
 from engine.weights import load_model
 
 log = logging.getLogger(__name__)
@@ -95,6 +96,7 @@ class Engine:
         self._num_scratch_blocks = self._enable_cuda_graphs(loaded.model)
         self.outputs = OutputProcessor(self.tokenizer, self._eos_ids(), self.max_model_len)
         self.grammars = GrammarCompiler(self.tokenizer, self.model_config.vocab_size, self._eos_ids())
+        self._think_tags: ThinkTags | None = None  # the tokenizer's, found by the first request that thinks
         self.on_layer_done = on_layer_done
         self.requests: dict[str, Request] = {}
         self._pending: list[RequestOutput] = []
@@ -197,6 +199,9 @@ class Engine:
             raise InvalidRequestError(f"first_token_id {token_id} is not one of the request's allowed_token_ids")
         if token_id in request.sampling.suppressed_token_ids:
             raise InvalidRequestError(f"first_token_id {token_id} may not be sampled first (min_tokens, bad_words)")
+        forced = request.sampling.forced_token
+        if forced is not None and token_id != forced:
+            raise InvalidRequestError(f"first_token_id {token_id} is not {forced}, which thinking_token_budget forces")
         if (logprobs is None) != (params.logprobs is None):
             asked = "asked for" if params.logprobs is not None else "did not ask for"
             raise InvalidRequestError(f"first_logprob: the request {asked} logprobs")
@@ -230,7 +235,8 @@ class Engine:
         bad_words = bad_word_token_ids(self._word_ids, params.bad_words) if params.bad_words else ()
         if params.allowed_token_ids and {w[0] for w in bad_words if len(w) == 1}.issuperset(params.allowed_token_ids):
             raise InvalidRequestError("bad_words ban every one of allowed_token_ids: nothing could be generated")
-        sampling = SamplingState(params, prompt, self.outputs.eos_token_ids, grammar, bad_words)
+        thoughts = self._thoughts(prompt, params)
+        sampling = SamplingState(params, prompt, self.outputs.eos_token_ids, grammar, bad_words, thoughts)
         request = Request(request_id, prompt, params, sampling, self.config.block_size, priority=priority)
         self.outputs.start(request)
         try:
@@ -241,6 +247,27 @@ class Engine:
         if register:
             self.requests[request_id] = request
         return request
+
+    def _thoughts(self, prompt: list[int], params: SamplingParams) -> Thoughts | None:
+        """Where a reasoning model's output starts (``params.thinking``): inside its thinking if the prompt leaves it
+        open. A grammar's accepted prompt tokens are output already, all of it answer."""
+        if not params.thinking:
+            return None
+        if self._think_tags is None:
+            try:
+                self._think_tags = ThinkTags.of(self.tokenizer)
+            except ValueError as exc:
+                raise InvalidRequestError(f"thinking: {exc}") from exc
+        accepted = params.grammar.accepted_prompt_tokens if params.grammar is not None else 0
+        thoughts = Thoughts(self._think_tags.after(prompt[: len(prompt) - accepted]), params.thinking_token_budget)
+        if not all([thoughts.record(token) for token in prompt[len(prompt) - accepted :]]):
+            raise InvalidRequestError("grammar.accepted_prompt_tokens hold thinking, where they are the answer's")
+        if params.thinking_token_budget is not None and params.allowed_token_ids:
+            if thoughts.tags.close_id not in params.allowed_token_ids:
+                raise InvalidRequestError(
+                    "thinking_token_budget ends the thinking with </think>, not in allowed_token_ids"
+                )
+        return thoughts
 
     def _word_ids(self, word: str) -> list[int]:
         return self.tokenizer.encode(word, add_special_tokens=False)

@@ -3,7 +3,7 @@
 Pipeline per row (vLLM / OpenAI semantics):
 
     raw logits ──► logit_bias, allowed_token_ids, min_tokens ──► penalties ──► grammar mask (structured output)
-        │      ──► /temperature ──► top-k ──► top-p ──► min-p ──► sample
+        │      ──► /temperature ──► top-k ──► top-p ──► min-p ──► sample (or the token a thinking budget forces)
         │
         └──► log_softmax ──► logprobs (always of the *raw* distribution, as vLLM's default)
 
@@ -16,6 +16,10 @@ allows none of ``allowed_token_ids`` fails the request rather than sample a forb
 Sampling uses the exponential-race trick: ``argmax(probs / E)`` with ``E ~ Exp(1)`` i.i.d. is an
 exact draw from ``probs``. Each seeded row draws its own noise from its own generator, so its
 tokens do not depend on what else is in the batch; unseeded rows share the sampler's generator.
+
+A reasoning model's output (``params.thinking``) is followed token by token (engine/thinking.py): the grammar masks
+its answer, not its thinking (at the output's start it also allows the ``<think>`` that would open the thinking), and
+once the thinking holds ``thinking_token_budget`` tokens its closing tag is the next token.
 
 Stop tokens, EOS and ``max_tokens`` are the engine's business, not the sampler's.
 """
@@ -32,6 +36,7 @@ import torch
 from contract.sampling import SamplingParams
 from engine.grammar import GrammarMatcher
 from engine.native_kernels import elementwise_for
+from engine.thinking import Thoughts
 
 # Temperatures below this are treated as greedy: dividing by them overflows float32 logits.
 _SAMPLING_EPS = 1e-5
@@ -72,11 +77,14 @@ class SamplingState:
         eos_token_ids: Sequence[int] = (),
         grammar: GrammarMatcher | None = None,
         bad_words: Sequence[Sequence[int]] = (),
+        thoughts: Thoughts | None = None,
     ):
-        """``bad_words``: the token sequences of ``params.bad_words`` (``bad_word_token_ids``)."""
+        """``bad_words``: the token sequences of ``params.bad_words`` (``bad_word_token_ids``); ``thoughts``: where a
+        reasoning model's output stands (``params.thinking``)."""
         self.params = params
         self.num_generated = 0
-        self.grammar = grammar  # structured output: masks the logits, advanced by every recorded token
+        self.grammar = grammar  # structured output: masks the logits, advanced by every recorded token of the answer
+        self.thoughts = thoughts
         self._min_tokens_suppressed = tuple(sorted(held_back_by_min_tokens(params, eos_token_ids)))
         # Penalty inputs are kept only for requests that use them.
         self._output_token_ids: list[int] = []
@@ -89,7 +97,8 @@ class SamplingState:
 
     def record(self, token_id: int) -> None:
         self.num_generated += 1
-        if self.grammar is not None:
+        answering = self.thoughts is None or self.thoughts.record(token_id)
+        if self.grammar is not None and answering:
             self.grammar.accept(token_id)
         if self.params.has_penalties:
             self._output_token_ids.append(int(token_id))
@@ -117,6 +126,16 @@ class SamplingState:
             for word in self._bad_words
             if len(word) - 1 <= len(recent) and recent[len(recent) - len(word) + 1 :] == word[:-1]
         )
+
+    @property
+    def grammar_applies(self) -> bool:
+        """Whether the grammar masks this step: it holds the answer, not a reasoning model's thinking."""
+        return self.grammar is not None and (self.thoughts is None or not self.thoughts.inside)
+
+    @property
+    def forced_token(self) -> int | None:
+        """The token this step must be: a thinking's closing tag once its budget is spent; else None."""
+        return None if self.thoughts is None else self.thoughts.forced
 
     @property
     def adjusts_logits(self) -> bool:
@@ -202,6 +221,9 @@ class Sampler:
             rows = torch.tensor(sampled_rows, device=raw.device)
             sampled_states = [states[i] for i in sampled_rows]
             tokens[rows] = self._sample_rows(processed[rows], sampled_states)
+        for i, state in enumerate(states):
+            if state.forced_token is not None:
+                tokens[i] = state.forced_token
         return tokens
 
     def _sample_rows(self, logits: torch.Tensor, states: Sequence[SamplingState]) -> torch.Tensor:
@@ -243,7 +265,13 @@ def _is_greedy(params: SamplingParams) -> bool:
 def _plain_greedy(state: SamplingState) -> bool:
     """Greedy over the raw logits: nothing adjusts them first."""
     params = state.params
-    return _is_greedy(params) and not params.has_penalties and not state.adjusts_logits and state.grammar is None
+    return (
+        _is_greedy(params)
+        and not params.has_penalties
+        and not state.adjusts_logits
+        and not state.grammar_applies
+        and state.forced_token is None
+    )
 
 
 def _apply_bias_and_suppression(raw: torch.Tensor, states: Sequence[SamplingState]) -> torch.Tensor:
@@ -273,10 +301,10 @@ def _apply_bias_and_suppression(raw: torch.Tensor, states: Sequence[SamplingStat
 
 def _apply_grammar(logits: torch.Tensor, raw: torch.Tensor, states: Sequence[SamplingState]) -> torch.Tensor:
     """``logits`` with the tokens each row's grammar forbids at -inf (never writing into ``raw``)."""
-    rows = [i for i, s in enumerate(states) if s.grammar is not None]
+    rows = [i for i, s in enumerate(states) if s.grammar_applies]
     if not rows:
         return logits
-    allowed = torch.stack([states[i].grammar.allowed() for i in rows]).to(logits.device)
+    allowed = torch.stack([_grammar_allows(states[i]) for i in rows]).to(logits.device)
     out = logits.clone() if logits is raw else logits
     row_index = torch.tensor(rows, device=logits.device)
     out[row_index] = out[row_index].masked_fill(~allowed[:, : out.size(1)], -math.inf)
@@ -290,6 +318,16 @@ def _apply_grammar(logits: torch.Tensor, raw: torch.Tensor, states: Sequence[Sam
             "there is no token to sample"
         )
     return out
+
+
+def _grammar_allows(state: SamplingState) -> torch.Tensor:
+    """The tokens the row's grammar allows next, and at a reasoning model's output's start the one opening its
+    thinking."""
+    allowed = state.grammar.allowed()
+    thoughts = state.thoughts
+    if thoughts is not None and thoughts.at_start and thoughts.tags.open_id < allowed.numel():
+        allowed[thoughts.tags.open_id] = True
+    return allowed
 
 
 def _apply_penalties(raw: torch.Tensor, states: Sequence[SamplingState]) -> torch.Tensor:

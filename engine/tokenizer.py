@@ -112,6 +112,12 @@ class Tokenizer(ABC):
         return self._chat_template.source
 
     @property
+    def template_variables(self) -> frozenset[str]:
+        """What a request's chat_template_kwargs may set: the variables the chat template reads that nobody else
+        sets (a Qwen3 template's ``enable_thinking``)."""
+        return self._chat_template.extra_variables
+
+    @property
     def supports_tools(self) -> bool:
         """Whether the chat template renders tool definitions (it reads the ``tools`` variable)."""
         return self._chat_template.reads_tools

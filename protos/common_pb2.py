@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13protos/common.proto\x12\nsplitserve\"\xb8\x05\n\x0eSamplingParams\x12\x12\n\nmax_tokens\x18\x01 \x01(\r\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\r\n\x05top_k\x18\x04 \x01(\x05\x12\r\n\x05min_p\x18\x05 \x01(\x02\x12\x11\n\x04seed\x18\x06 \x01(\x03H\x00\x88\x01\x01\x12\x18\n\x10presence_penalty\x18\x07 \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\x08 \x01(\x02\x12\x1a\n\x12repetition_penalty\x18\t \x01(\x02\x12\x0c\n\x04stop\x18\n \x03(\t\x12\x16\n\x0estop_token_ids\x18\x0b \x03(\r\x12\x12\n\nignore_eos\x18\x0c \x01(\x08\x12\x15\n\x08logprobs\x18\r \x01(\rH\x01\x88\x01\x01\x12=\n\nlogit_bias\x18\x0e \x03(\x0b\x32).splitserve.SamplingParams.LogitBiasEntry\x12\x12\n\nmin_tokens\x18\x0f \x01(\r\x12\x1c\n\x0fprompt_logprobs\x18\x10 \x01(\rH\x02\x88\x01\x01\x12$\n\x07grammar\x18\x11 \x01(\x0b\x32\x13.splitserve.Grammar\x12\x1c\n\x14max_tokens_defaulted\x18\x12 \x01(\x08\x12 \n\x13skip_special_tokens\x18\x13 \x01(\x08H\x03\x88\x01\x01\x12\"\n\x1ainclude_stop_str_in_output\x18\x14 \x01(\x08\x12\x19\n\x11\x61llowed_token_ids\x18\x15 \x03(\r\x12\x11\n\tbad_words\x18\x16 \x03(\t\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x07\n\x05_seedB\x0b\n\t_logprobsB\x12\n\x10_prompt_logprobsB\x16\n\x14_skip_special_tokens\"E\n\x07Grammar\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x1e\n\x16\x61\x63\x63\x65pted_prompt_tokens\x18\x03 \x01(\r\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"d\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12#\n\x03top\x18\x03 \x03(\x0b\x32\x16.splitserve.TopLogprob\x12\x0c\n\x04rank\x18\x04 \x01(\r\"P\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x15\n\rcached_tokens\x18\x03 \x01(\r\"\xae\x01\n\x08KVLayout\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x19\n\x11model_fingerprint\x18\x02 \x01(\t\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\x12\n\nblock_size\x18\x04 \x01(\r\x12\x12\n\nnum_layers\x18\x05 \x01(\r\x12\x14\n\x0cnum_kv_heads\x18\x06 \x01(\r\x12\x10\n\x08head_dim\x18\x07 \x01(\r\x12\x0e\n\x06layout\x18\x08 \x01(\t\"\xfd\x01\n\tModelCard\x12\x19\n\x11served_model_name\x18\x01 \x01(\t\x12\x0e\n\x06source\x18\x02 \x01(\t\x12\x1b\n\x13weights_fingerprint\x18\x03 \x01(\t\x12\x1d\n\x15tokenizer_fingerprint\x18\x04 \x01(\t\x12!\n\x19\x63hat_template_fingerprint\x18\x05 \x01(\t\x12\r\n\x05\x64type\x18\x06 \x01(\t\x12\x12\n\nblock_size\x18\x07 \x01(\r\x12\x15\n\rmax_model_len\x18\x08 \x01(\r\x12\x12\n\nvocab_size\x18\t \x01(\r\x12\x18\n\x10protocol_version\x18\n \x01(\r\"\xd8\x04\n\x0bWorkerStats\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\x17\n\x0fkv_blocks_total\x18\x03 \x01(\r\x12\x16\n\x0ekv_blocks_used\x18\x04 \x01(\r\x12\x16\n\x0ekv_blocks_free\x18\x05 \x01(\r\x12\x18\n\x10kv_blocks_cached\x18\x06 \x01(\r\x12\x0f\n\x07running\x18\x07 \x01(\r\x12\x0f\n\x07waiting\x18\x08 \x01(\r\x12\x16\n\x0ewaiting_for_kv\x18\t \x01(\r\x12\x1b\n\x13transfers_in_flight\x18\n \x01(\r\x12\x16\n\x0eleases_expired\x18\x0b \x01(\x04\x12\x19\n\x11prefix_hit_tokens\x18\x0c \x01(\x04\x12\x15\n\rprompt_tokens\x18\r \x01(\x04\x12\x12\n\nblock_size\x18\x0e \x01(\r\x12\x10\n\x08\x64raining\x18\x0f \x01(\x08\x12\x11\n\ttransport\x18\x10 \x01(\t\x12\x19\n\x11kv_transfer_bytes\x18\x11 \x01(\x04\x12\x1e\n\x16kv_transfers_completed\x18\x12 \x01(\x04\x12\x1b\n\x13kv_transfers_failed\x18\x13 \x01(\x04\x12\x1b\n\x13kv_transfer_seconds\x18\x14 \x01(\x01\x12\x18\n\x10generated_tokens\x18\x15 \x01(\x04\x12\x19\n\x11requests_finished\x18\x16 \x01(\x04\x12)\n\nmodel_card\x18\x17 \x01(\x0b\x32\x15.splitserve.ModelCard\x12\x16\n\x0etoken_capacity\x18\x18 \x01(\r\"\x87\x01\n\x07KVEvent\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\x04\x12&\n\x04kind\x18\x02 \x01(\x0e\x32\x18.splitserve.KVEvent.Kind\x12\x14\n\x0c\x62lock_hashes\x18\x03 \x03(\x04\",\n\x04Kind\x12\n\n\x06STORED\x10\x00\x12\x0b\n\x07REMOVED\x10\x01\x12\x0b\n\x07\x43LEARED\x10\x02\"\x86\x01\n\x0cKVEventBatch\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x10\n\x08snapshot\x18\x02 \x01(\x08\x12\x15\n\rlast_event_id\x18\x03 \x01(\x04\x12\x15\n\rcached_hashes\x18\x04 \x03(\x04\x12#\n\x06\x65vents\x18\x05 \x03(\x0b\x32\x13.splitserve.KVEvent\"\x1a\n\x18SubscribeKVEventsRequest\"\x0e\n\x0cStatsRequest\"1\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05token\x18\x02 \x01(\t\"\x1e\n\rAbortResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13protos/common.proto\x12\nsplitserve\"\x88\x06\n\x0eSamplingParams\x12\x12\n\nmax_tokens\x18\x01 \x01(\r\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\r\n\x05top_k\x18\x04 \x01(\x05\x12\r\n\x05min_p\x18\x05 \x01(\x02\x12\x11\n\x04seed\x18\x06 \x01(\x03H\x00\x88\x01\x01\x12\x18\n\x10presence_penalty\x18\x07 \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\x08 \x01(\x02\x12\x1a\n\x12repetition_penalty\x18\t \x01(\x02\x12\x0c\n\x04stop\x18\n \x03(\t\x12\x16\n\x0estop_token_ids\x18\x0b \x03(\r\x12\x12\n\nignore_eos\x18\x0c \x01(\x08\x12\x15\n\x08logprobs\x18\r \x01(\rH\x01\x88\x01\x01\x12=\n\nlogit_bias\x18\x0e \x03(\x0b\x32).splitserve.SamplingParams.LogitBiasEntry\x12\x12\n\nmin_tokens\x18\x0f \x01(\r\x12\x1c\n\x0fprompt_logprobs\x18\x10 \x01(\rH\x02\x88\x01\x01\x12$\n\x07grammar\x18\x11 \x01(\x0b\x32\x13.splitserve.Grammar\x12\x1c\n\x14max_tokens_defaulted\x18\x12 \x01(\x08\x12 \n\x13skip_special_tokens\x18\x13 \x01(\x08H\x03\x88\x01\x01\x12\"\n\x1ainclude_stop_str_in_output\x18\x14 \x01(\x08\x12\x19\n\x11\x61llowed_token_ids\x18\x15 \x03(\r\x12\x11\n\tbad_words\x18\x16 \x03(\t\x12\x10\n\x08thinking\x18\x17 \x01(\x08\x12\"\n\x15thinking_token_budget\x18\x18 \x01(\rH\x04\x88\x01\x01\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x07\n\x05_seedB\x0b\n\t_logprobsB\x12\n\x10_prompt_logprobsB\x16\n\x14_skip_special_tokensB\x18\n\x16_thinking_token_budget\"E\n\x07Grammar\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x1e\n\x16\x61\x63\x63\x65pted_prompt_tokens\x18\x03 \x01(\r\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"d\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12#\n\x03top\x18\x03 \x03(\x0b\x32\x16.splitserve.TopLogprob\x12\x0c\n\x04rank\x18\x04 \x01(\r\"P\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x15\n\rcached_tokens\x18\x03 \x01(\r\"\xae\x01\n\x08KVLayout\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x19\n\x11model_fingerprint\x18\x02 \x01(\t\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\x12\n\nblock_size\x18\x04 \x01(\r\x12\x12\n\nnum_layers\x18\x05 \x01(\r\x12\x14\n\x0cnum_kv_heads\x18\x06 \x01(\r\x12\x10\n\x08head_dim\x18\x07 \x01(\r\x12\x0e\n\x06layout\x18\x08 \x01(\t\"\xfd\x01\n\tModelCard\x12\x19\n\x11served_model_name\x18\x01 \x01(\t\x12\x0e\n\x06source\x18\x02 \x01(\t\x12\x1b\n\x13weights_fingerprint\x18\x03 \x01(\t\x12\x1d\n\x15tokenizer_fingerprint\x18\x04 \x01(\t\x12!\n\x19\x63hat_template_fingerprint\x18\x05 \x01(\t\x12\r\n\x05\x64type\x18\x06 \x01(\t\x12\x12\n\nblock_size\x18\x07 \x01(\r\x12\x15\n\rmax_model_len\x18\x08 \x01(\r\x12\x12\n\nvocab_size\x18\t \x01(\r\x12\x18\n\x10protocol_version\x18\n \x01(\r\"\xd8\x04\n\x0bWorkerStats\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\x17\n\x0fkv_blocks_total\x18\x03 \x01(\r\x12\x16\n\x0ekv_blocks_used\x18\x04 \x01(\r\x12\x16\n\x0ekv_blocks_free\x18\x05 \x01(\r\x12\x18\n\x10kv_blocks_cached\x18\x06 \x01(\r\x12\x0f\n\x07running\x18\x07 \x01(\r\x12\x0f\n\x07waiting\x18\x08 \x01(\r\x12\x16\n\x0ewaiting_for_kv\x18\t \x01(\r\x12\x1b\n\x13transfers_in_flight\x18\n \x01(\r\x12\x16\n\x0eleases_expired\x18\x0b \x01(\x04\x12\x19\n\x11prefix_hit_tokens\x18\x0c \x01(\x04\x12\x15\n\rprompt_tokens\x18\r \x01(\x04\x12\x12\n\nblock_size\x18\x0e \x01(\r\x12\x10\n\x08\x64raining\x18\x0f \x01(\x08\x12\x11\n\ttransport\x18\x10 \x01(\t\x12\x19\n\x11kv_transfer_bytes\x18\x11 \x01(\x04\x12\x1e\n\x16kv_transfers_completed\x18\x12 \x01(\x04\x12\x1b\n\x13kv_transfers_failed\x18\x13 \x01(\x04\x12\x1b\n\x13kv_transfer_seconds\x18\x14 \x01(\x01\x12\x18\n\x10generated_tokens\x18\x15 \x01(\x04\x12\x19\n\x11requests_finished\x18\x16 \x01(\x04\x12)\n\nmodel_card\x18\x17 \x01(\x0b\x32\x15.splitserve.ModelCard\x12\x16\n\x0etoken_capacity\x18\x18 \x01(\r\"\x87\x01\n\x07KVEvent\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\x04\x12&\n\x04kind\x18\x02 \x01(\x0e\x32\x18.splitserve.KVEvent.Kind\x12\x14\n\x0c\x62lock_hashes\x18\x03 \x03(\x04\",\n\x04Kind\x12\n\n\x06STORED\x10\x00\x12\x0b\n\x07REMOVED\x10\x01\x12\x0b\n\x07\x43LEARED\x10\x02\"\x86\x01\n\x0cKVEventBatch\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x10\n\x08snapshot\x18\x02 \x01(\x08\x12\x15\n\rlast_event_id\x18\x03 \x01(\x04\x12\x15\n\rcached_hashes\x18\x04 \x03(\x04\x12#\n\x06\x65vents\x18\x05 \x03(\x0b\x32\x13.splitserve.KVEvent\"\x1a\n\x18SubscribeKVEventsRequest\"\x0e\n\x0cStatsRequest\"1\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05token\x18\x02 \x01(\t\"\x1e\n\rAbortResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,35 +34,35 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._loaded_options = None
   _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_options = b'8\001'
   _globals['_SAMPLINGPARAMS']._serialized_start=36
-  _globals['_SAMPLINGPARAMS']._serialized_end=732
-  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_start=618
-  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_end=666
-  _globals['_GRAMMAR']._serialized_start=734
-  _globals['_GRAMMAR']._serialized_end=803
-  _globals['_TOPLOGPROB']._serialized_start=805
-  _globals['_TOPLOGPROB']._serialized_end=852
-  _globals['_TOKENLOGPROB']._serialized_start=854
-  _globals['_TOKENLOGPROB']._serialized_end=954
-  _globals['_USAGE']._serialized_start=956
-  _globals['_USAGE']._serialized_end=1036
-  _globals['_KVLAYOUT']._serialized_start=1039
-  _globals['_KVLAYOUT']._serialized_end=1213
-  _globals['_MODELCARD']._serialized_start=1216
-  _globals['_MODELCARD']._serialized_end=1469
-  _globals['_WORKERSTATS']._serialized_start=1472
-  _globals['_WORKERSTATS']._serialized_end=2072
-  _globals['_KVEVENT']._serialized_start=2075
-  _globals['_KVEVENT']._serialized_end=2210
-  _globals['_KVEVENT_KIND']._serialized_start=2166
-  _globals['_KVEVENT_KIND']._serialized_end=2210
-  _globals['_KVEVENTBATCH']._serialized_start=2213
-  _globals['_KVEVENTBATCH']._serialized_end=2347
-  _globals['_SUBSCRIBEKVEVENTSREQUEST']._serialized_start=2349
-  _globals['_SUBSCRIBEKVEVENTSREQUEST']._serialized_end=2375
-  _globals['_STATSREQUEST']._serialized_start=2377
-  _globals['_STATSREQUEST']._serialized_end=2391
-  _globals['_ABORTREQUEST']._serialized_start=2393
-  _globals['_ABORTREQUEST']._serialized_end=2442
-  _globals['_ABORTRESPONSE']._serialized_start=2444
-  _globals['_ABORTRESPONSE']._serialized_end=2474
+  _globals['_SAMPLINGPARAMS']._serialized_end=812
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_start=672
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_end=720
+  _globals['_GRAMMAR']._serialized_start=814
+  _globals['_GRAMMAR']._serialized_end=883
+  _globals['_TOPLOGPROB']._serialized_start=885
+  _globals['_TOPLOGPROB']._serialized_end=932
+  _globals['_TOKENLOGPROB']._serialized_start=934
+  _globals['_TOKENLOGPROB']._serialized_end=1034
+  _globals['_USAGE']._serialized_start=1036
+  _globals['_USAGE']._serialized_end=1116
+  _globals['_KVLAYOUT']._serialized_start=1119
+  _globals['_KVLAYOUT']._serialized_end=1293
+  _globals['_MODELCARD']._serialized_start=1296
+  _globals['_MODELCARD']._serialized_end=1549
+  _globals['_WORKERSTATS']._serialized_start=1552
+  _globals['_WORKERSTATS']._serialized_end=2152
+  _globals['_KVEVENT']._serialized_start=2155
+  _globals['_KVEVENT']._serialized_end=2290
+  _globals['_KVEVENT_KIND']._serialized_start=2246
+  _globals['_KVEVENT_KIND']._serialized_end=2290
+  _globals['_KVEVENTBATCH']._serialized_start=2293
+  _globals['_KVEVENTBATCH']._serialized_end=2427
+  _globals['_SUBSCRIBEKVEVENTSREQUEST']._serialized_start=2429
+  _globals['_SUBSCRIBEKVEVENTSREQUEST']._serialized_end=2455
+  _globals['_STATSREQUEST']._serialized_start=2457
+  _globals['_STATSREQUEST']._serialized_end=2471
+  _globals['_ABORTREQUEST']._serialized_start=2473
+  _globals['_ABORTREQUEST']._serialized_end=2522
+  _globals['_ABORTRESPONSE']._serialized_start=2524
+  _globals['_ABORTRESPONSE']._serialized_end=2554
 # @@protoc_insertion_point(module_scope)

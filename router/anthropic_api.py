@@ -1,9 +1,9 @@
 """Anthropic's Messages API (``POST /v1/messages``, ``POST /v1/messages/count_tokens``) over the same generation as
 chat completions: its ``system`` and ``messages`` as chat turns (``tool_use`` blocks as an assistant's tool calls,
-``tool_result`` blocks as their results), its client tools as chat's, its answer in the Messages shape (text, then a
-``tool_use`` block per call the model made), whole or as the stream of events Anthropic's SDKs read
-(``client.messages.create``, ``client.messages.stream``), its errors in Anthropic's error shape. Server tools,
-extended thinking, images and the other fields this server does not implement are refused where the body is read
+``tool_result`` blocks as their results), its client tools as chat's, its answer in the Messages shape (a reasoning
+model's thinking block, text, then a ``tool_use`` block per call the model made), whole or as the stream of events
+Anthropic's SDKs read (``client.messages.create``, ``client.messages.stream``), its errors in Anthropic's error shape.
+Server tools, images and the other fields this server does not implement are refused where the body is read
 (router/openai_api.py), each by name.
 """
 
@@ -186,6 +186,44 @@ def output_format(config: dict[str, Any] | None) -> Grammar | None:
     return specs.json_schema(form["schema"], "output_config.format.schema")
 
 
+@dataclass(frozen=True)
+class ThinkingAsked:
+    """What a request's ``thinking`` asks of a reasoning model: its chat template's ``enable_thinking`` (where the
+    template reads one) and a budget of thinking tokens (``SamplingParams.thinking_token_budget``)."""
+
+    template_kwargs: dict[str, bool]
+    budget: int | None = None
+
+
+def thinking_asked(thinking: dict[str, Any] | None, thinks: bool, template_variables: frozenset[str]) -> ThinkingAsked:
+    """``thinking`` as Anthropic spells it: ``{"type": "enabled", "budget_tokens": n}`` thinks at most n tokens,
+    ``{"type": "adaptive"}`` as long as the model does, ``{"type": "disabled"}`` not at all (a thinking the model
+    opens anyway is closed at once). ``thinks``: the server reads the model's thinking (--reasoning-parser); a
+    model that does not think is only ever asked not to. FieldError naming what is malformed or cannot be done."""
+    if thinking is None:
+        return ThinkingAsked({})
+    kind = thinking.get("type") if isinstance(thinking, dict) else None
+    keys = {"enabled": {"type", "budget_tokens"}, "adaptive": {"type"}, "disabled": {"type"}}.get(kind)
+    if keys is None:
+        raise FieldError("thinking.type", 'thinking.type must be "enabled", "adaptive" or "disabled"')
+    unknown = sorted(set(thinking) - keys)
+    if unknown:
+        raise FieldError(f"thinking.{unknown[0]}", f"thinking.{unknown[0]} is not supported with {kind} thinking")
+    if not thinks:
+        if kind == "disabled":
+            return ThinkingAsked({})
+        raise FieldError("thinking", f"thinking: {reasoning.NOT_THINKING}")
+    template_kwargs = {"enable_thinking": kind != "disabled"} if "enable_thinking" in template_variables else {}
+    if kind == "adaptive":
+        return ThinkingAsked(template_kwargs)
+    if kind == "disabled":
+        return ThinkingAsked(template_kwargs, 0)
+    budget = thinking.get("budget_tokens")
+    if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
+        raise FieldError("thinking.budget_tokens", "thinking.budget_tokens must be a positive integer")
+    return ThinkingAsked(template_kwargs, budget)
+
+
 def check_metadata(metadata: dict[str, Any] | None) -> None:
     """Anthropic's metadata holds a user_id (an end user's id, kept as metadata: it changes nothing generated)."""
     unknown = sorted(set(metadata or {}) - {"user_id"})
@@ -304,7 +342,7 @@ async def events(message: Message, deltas: AsyncIterator[Delta], error_message) 
     def event(kind: str, **fields) -> str:
         return f"event: {kind}\ndata: {json.dumps({'type': kind, **fields})}\n\n"
 
-    splitter = message.thinking.splitter() if message.thinking is not None else None
+    splitter = reasoning.splitter(message.thinking)
     streamed: list[str] = []  # the blocks streamed so far, by index ("thinking", "text"): the last one is open
 
     def open_block(kind: str) -> list[str]:

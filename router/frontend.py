@@ -11,16 +11,18 @@ import logging
 import secrets
 import time
 from collections.abc import AsyncIterator, Mapping
+from dataclasses import replace
 from typing import Any
 
 from contract import tracing
 from contract.sampling import FieldError, SamplingParams, check_text, check_token_ids, check_vocabulary
 from engine.errors import InvalidRequestError
+from engine.thinking import Thinking
 from engine.tokenizer import Tokenizer
 from router.config import RouterConfig
 from router.metrics import RouterMetrics
 from router.orchestrator import Delta, GenerationError, GenerationRequest, Orchestrator
-from router.reasoning import Thinking
+from router.reasoning import NOT_THINKING
 from router.served_model import ModelBinding
 from router.stored_responses import ResponseStore
 from router.workers import WorkerPool, with_reasons
@@ -250,12 +252,17 @@ class Frontend:
         # Chat templates write their own BOS where the model wants one.
         return self.tokenizer.encode(rendered, add_special_tokens=add_special_tokens)
 
-    def thinking(self, prompt_ids: list[int], params: SamplingParams) -> Thinking | None:
-        """With a reasoning parser, the thinking of the output after ``prompt_ids`` (router/reasoning.py); None
-        without one, or under a grammar (structured output, a required tool call), which holds the output to the
-        answer's form from its first token: it is all answer, as written."""
+    def thinking(self, prompt_ids: list[int]) -> Thinking | None:
+        """With a reasoning parser, the thinking of the output after ``prompt_ids`` (engine/thinking.py), which a
+        grammar (structured output, a required tool call) does not hold: it holds the answer that follows; None
+        without one."""
         tags = self.model.require().think_tags
-        return None if tags is None or params.grammar is not None else tags.after(prompt_ids)
+        return None if tags is None else tags.after(prompt_ids)
+
+    @property
+    def thinks(self) -> bool:
+        """Whether the served model's output is thinking, then an answer (the server's --reasoning-parser)."""
+        return self.model.require().think_tags is not None
 
     def room(self, prompt_ids: list[int], prompt_field: str = "prompt") -> int:
         """How many tokens may follow ``prompt_ids``; GenerationError(400) or FieldError naming ``prompt_field``
@@ -305,6 +312,11 @@ class Frontend:
         check_vocabulary(params, self.vocab_size)
         if params.grammar is not None and params.grammar.accepted_prompt_tokens > len(prompt_ids):
             raise _bad("grammar.accepted_prompt_tokens exceeds the prompt", "grammar")
+        if params.thinking != self.thinks:  # every request's output is the served model's: thinking, or not
+            if params.thinking:
+                field = "thinking" if params.thinking_token_budget is None else "thinking_token_budget"
+                raise _bad(f"{field}: {NOT_THINKING}", field)
+            params = replace(params, thinking=True)
         return GenerationRequest(
             secrets.token_hex(16), tuple(prompt_ids), params.to_wire(), _PUBLIC_REQUEST_ID.get(), priority
         )

@@ -99,6 +99,7 @@ _SAMPLING_HONOURED = frozenset(
         "prompt_logprobs",
         "bad_words",
         "priority",
+        "thinking_token_budget",
         # structured output (router/structured.py): one grammar from any one of these
         "response_format",
         "guided_json",
@@ -277,6 +278,8 @@ class _SamplingFields(_Strict):
     guided_choice: list[str] | None = None
     guided_grammar: str | None = None
     structured_outputs: dict[str, Any] | None = None  # vLLM's: {"json" | "regex" | "choice" | "grammar" | ...: ...}
+    # vLLM's: at most this many tokens of thinking, then </think> (a reasoning model's: --reasoning-parser)
+    thinking_token_budget: int | None = None
     # vLLM's: keep the prompt's last n tokens (-1: as many as the context holds); text echoed is then theirs
     truncate_prompt_tokens: int | None = None
     priority: int = 0  # vLLM's: the request's place in the router's queue, lower first (scheduling_policy priority)
@@ -309,7 +312,7 @@ class _SamplingFields(_Strict):
             raise FieldError("prompt_logprobs", "prompt_logprobs are not returned when stream is true")
         same = {name: getattr(self, name) for name in _record_fields(type(self))}
         same.update(stop=self.stop or (), stop_token_ids=tuple(self.stop_token_ids or ()))
-        same.update(bad_words=tuple(self.bad_words or ()))
+        same.update(bad_words=tuple(self.bad_words or ()), thinking=self.thinking_token_budget is not None)
         same.update(logit_bias=_logit_bias_ids(self.logit_bias or {}), min_tokens=self.min_tokens)
         asked = grammar_from_fields(self)
         if grammar is not None and asked is not None:
@@ -514,7 +517,6 @@ class ResponsesBody(_refusing("_ResponsesRefused", _Strict, RESPONSES_REFUSED)):
 
 
 ANTHROPIC_REFUSED: dict[str, Refusal] = {
-    "thinking": Refusal("the served model does not think", neutral=(None, {"type": "disabled"})),
     "mcp_servers": Refusal(neutral=(None, [])),
     "container": Refusal(),
     "context_management": Refusal(),
@@ -539,6 +541,7 @@ ANTHROPIC_HONOURED = frozenset(
         "output_config",
         "tools",
         "tool_choice",
+        "thinking",
     }
 )
 
@@ -549,6 +552,7 @@ class _AnthropicPrompt(_Strict):
     system: str | list[Any] | None = None
     tools: list[Any] | None = None  # client tools (router/structured.py Tools.from_request, Anthropic's shape)
     tool_choice: dict[str, Any] | None = None
+    thinking: dict[str, Any] | None = None  # a reasoning model's (anthropic_api.thinking_asked)
 
     def said(self, frontend: Frontend) -> tuple[list[dict], Tools | None]:
         """The chat turns and the tools of the request; FieldError naming what is malformed."""
@@ -564,14 +568,19 @@ class _AnthropicPrompt(_Strict):
             raise FieldError("messages", f"the tool turns in messages do not add up: {exc}") from None
         return said, tools
 
-    def prompt(self, frontend: Frontend) -> tuple[list[int], Tools | None]:
-        """The prompt; a last assistant message of text is the start of the answer, which the model continues (as
-        Anthropic's API prefills a response), where chat would close it and open a new turn."""
+    def prompt(self, frontend: Frontend) -> tuple[list[int], Tools | None, anthropic_api.ThinkingAsked]:
+        """The prompt (and what it asks of the tools and the thinking); a last assistant message of text is the start
+        of the answer, which the model continues (as Anthropic's API prefills a response), where chat would close it
+        and open a new turn."""
         said, tools = self.said(frontend)
+        thinking = anthropic_api.thinking_asked(self.thinking, frontend.thinks, frontend.tokenizer.template_variables)
         final = said[-1]
         prefilled = final["role"] == "assistant" and not final.get("tool_calls")
         template_tools = tools.template_tools if tools else None
-        return frontend.encode_chat(said, template_tools, continue_final_message=prefilled), tools
+        prompt = frontend.encode_chat(
+            said, template_tools, continue_final_message=prefilled, template_kwargs=thinking.template_kwargs
+        )
+        return prompt, tools, thinking
 
 
 class AnthropicBody(_refusing("_AnthropicRefused", _AnthropicPrompt, ANTHROPIC_REFUSED)):
@@ -587,9 +596,13 @@ class AnthropicBody(_refusing("_AnthropicRefused", _AnthropicPrompt, ANTHROPIC_R
     cache_control: dict[str, Any] | None = None  # a hint: every prompt's prefix is cached while the pool holds it
     output_config: dict[str, Any] | None = None  # {"format": {"type": "json_schema", "schema": ...}}: structured
 
-    def sampling(self, tools: Tools | None) -> SamplingParams:
-        """The record; ``tools``' grammar (a tool_choice of any or one tool) or output_config's format."""
+    def sampling(self, tools: Tools | None, thinking: anthropic_api.ThinkingAsked) -> SamplingParams:
+        """The record; ``tools``' grammar (a tool_choice of any or one tool) or output_config's format, and
+        ``thinking``'s budget."""
         tool_grammar = tools.grammar() if tools else None
+        budget = thinking.budget
+        if budget is not None and budget >= self.max_tokens:
+            raise FieldError("thinking.budget_tokens", "thinking.budget_tokens must be less than max_tokens")
         asked = anthropic_api.output_format(self.output_config)
         if tool_grammar is not None and asked is not None:
             raise FieldError("tool_choice", "a tool_choice of any or one tool constrains the output already")
@@ -604,11 +617,13 @@ class AnthropicBody(_refusing("_AnthropicRefused", _AnthropicPrompt, ANTHROPIC_R
             top_k=self.top_k,
             stop=tuple(self.stop_sequences or ()),
             grammar=tool_grammar or asked,
+            thinking=budget is not None,
+            thinking_token_budget=budget,
         )
 
 
-ANTHROPIC_COUNT_REFUSED = {name: ANTHROPIC_REFUSED[name] for name in ("thinking", "mcp_servers")}
-ANTHROPIC_COUNT_HONOURED = frozenset({"model", "messages", "system", "tools", "tool_choice"})
+ANTHROPIC_COUNT_REFUSED = {name: ANTHROPIC_REFUSED[name] for name in ("mcp_servers",)}
+ANTHROPIC_COUNT_HONOURED = frozenset({"model", "messages", "system", "tools", "tool_choice", "thinking"})
 
 
 class AnthropicCountBody(_refusing("_AnthropicCountRefused", _AnthropicPrompt, ANTHROPIC_COUNT_REFUSED)):
@@ -823,7 +838,7 @@ def create_app(frontend: Frontend, api_keys: tuple[str, ...] = ()) -> FastAPI:
             frontend.build(prompt, choice, "messages", limit_field, body.priority) for choice in _seeded(params, body.n)
         ]
         calls = tools if tools is not None and tools.parses else None
-        thinking = frontend.thinking(prompt, params)
+        thinking = frontend.thinking(prompt)
         return await _respond(request, frontend, body, jobs, "chat.completion", "chatcmpl", calls, thinking=thinking)
 
     @generating("/v1/responses")
@@ -842,7 +857,7 @@ def create_app(frontend: Frontend, api_keys: tuple[str, ...] = ()) -> FastAPI:
             prompt = _truncated(frontend, body, items, tools, prompt)
         logprobs = body.logprobs(tools)
         params = body.sampling(frontend.room(prompt, "input"), tools.grammar() if tools else None, logprobs)
-        thinking = frontend.thinking(prompt, params)
+        thinking = frontend.thinking(prompt)
         if thinking is not None and logprobs is not None:
             raise FieldError("include", "logprobs are not returned with --reasoning-parser: the text is split")
         job = frontend.build(prompt, params, "input", "max_output_tokens")
@@ -877,10 +892,10 @@ def create_app(frontend: Frontend, api_keys: tuple[str, ...] = ()) -> FastAPI:
     @generating("/v1/messages")
     async def messages(body: AnthropicBody, request: Request):
         frontend.check_model(body.model)
-        prompt, tools = body.prompt(frontend)
-        params = body.sampling(tools)
+        prompt, tools, thinking = body.prompt(frontend)
+        params = body.sampling(tools, thinking)
         job = frontend.build(prompt, params, "messages", "max_tokens")
-        message = anthropic_api.Message(frontend.model_name, len(prompt), tools, frontend.thinking(prompt, params))
+        message = anthropic_api.Message(frontend.model_name, len(prompt), tools, frontend.thinking(prompt))
         deltas = frontend.stream(job)
         if body.stream:
             # Admission, routing and prefill run before the headers go out: their errors keep their status.
@@ -1314,7 +1329,7 @@ async def _reasoning_deltas(
     (the delta's text)."""
     splitters: dict[int, reasoning.Splitter] = {}
     async for index, delta in deltas:
-        splitter = splitters.setdefault(index, thinking.splitter())
+        splitter = splitters.setdefault(index, reasoning.Splitter(thinking.inside))
         thought, text = reasoning.pieces(splitter, delta.text, bool(delta.finish_reason))
         yield index, replace(delta, text=text, reasoning=thought)
 

@@ -1,71 +1,19 @@
-"""A reasoning model's thinking, split from its answer (``--reasoning-parser``): Qwen3's and DeepSeek-R1's output
-writes it between ``<think>`` and ``</think>``, and a chat completion returns it as ``reasoning_content`` (the
-message's, and each streamed delta's), beside ``content``, as vLLM's reasoning parsers and DeepSeek's API do.
-
-Whether the output starts inside the thinking is the prompt's to say: a prompt whose last tag is an open ``<think>``
-(DeepSeek-R1's generation prompt, newer Qwen3 ones, or an assistant message continued inside it) starts there;
-else the thinking is only what an output starting with ``<think>`` writes, up to ``</think>``. One block, at the
-start: what follows ``</think>`` is the answer, tags and all.
+"""A reasoning model's thinking, split from its answer (``--reasoning-parser``): a chat completion returns it as
+``reasoning_content`` (the message's, and each streamed delta's), beside ``content``, as vLLM's reasoning parsers and
+DeepSeek's API do; a response as a reasoning item; a message as a thinking block. Where the thinking starts and ends
+is engine/thinking.py's rule, which the sampler follows on the tokens and this module on the text.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from engine.thinking import CLOSE, OPEN, Thinking
 
-from engine.tokenizer import Tokenizer
-
-OPEN, CLOSE = "<think>", "</think>"
+NOT_THINKING = "the served model's thinking is not told from its answer (the server runs --reasoning-parser none)"
 
 
-@dataclass(frozen=True)
-class ThinkTags:
-    """The served model's ``<think>`` and ``</think>`` tokens."""
-
-    open_id: int
-    close_id: int
-
-    @classmethod
-    def of(cls, tokenizer: Tokenizer) -> ThinkTags:
-        """ValueError when either tag is not one token of the vocabulary that its output text writes."""
-        ids = []
-        for tag in (OPEN, CLOSE):
-            encoded = tokenizer.encode(tag, add_special_tokens=False)
-            if len(encoded) != 1 or tokenizer.decode(encoded, skip_special_tokens=True) != tag:
-                raise ValueError(
-                    f"the model's tokenizer has no {tag} token that its output text writes: its thinking cannot be "
-                    "told from its answer (--reasoning-parser none serves it)"
-                )
-            ids.append(encoded[0])
-        return cls(*ids)
-
-    def after(self, prompt_ids: Sequence[int]) -> Thinking:
-        """The thinking of an output after ``prompt_ids``: inside it from the start where the prompt's last tag is an
-        open one."""
-        for token in reversed(prompt_ids):
-            if token in (self.open_id, self.close_id):
-                return Thinking(token == self.open_id, self)
-        return Thinking(False, self)
-
-
-@dataclass(frozen=True)
-class Thinking:
-    """One request's output under a reasoning parser: whether it starts inside the thinking, and the model's tags."""
-
-    inside: bool
-    tags: ThinkTags
-
-    def splitter(self) -> Splitter:
-        return Splitter(self.inside)
-
-    def tokens(self, output_ids: Sequence[int]) -> int:
-        """How many of the output's tokens are its thinking (its closing tag, and an opening one, included)."""
-        if not self.inside and (not output_ids or output_ids[0] != self.tags.open_id):
-            return 0
-        for index, token in enumerate(output_ids):
-            if token == self.tags.close_id:
-                return index + 1
-        return len(output_ids)
+def splitter(thinking: Thinking | None) -> Splitter | None:
+    """A splitter of the output's text (None without a reasoning parser: all of it is answer)."""
+    return None if thinking is None else Splitter(thinking.inside)
 
 
 class Splitter:
@@ -121,7 +69,7 @@ def _partial_tag(text: str, tag: str) -> int:
 
 def split(thinking: Thinking | None, text: str) -> tuple[str, str]:
     """A whole output text's (thinking, answer): all answer without a reasoning parser (``thinking`` None)."""
-    return ("", text) if thinking is None else thinking.splitter().split(text)
+    return ("", text) if thinking is None else Splitter(thinking.inside).split(text)
 
 
 def pieces(splitter: Splitter | None, text: str, last: bool) -> tuple[str, str]:

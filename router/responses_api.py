@@ -347,7 +347,7 @@ async def events(
         return f"event: {kind}\ndata: {json.dumps(payload)}\n\n"
 
     held = tools is not None and tools.parses
-    splitter = shape.thinking.splitter() if shape.thinking is not None else None
+    splitter = reasoning.splitter(shape.thinking)
     opened: list[str] = []  # the items streaming, in output order ("reasoning", "message"): each one's index
 
     def where(kind: str) -> dict:

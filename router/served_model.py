@@ -28,10 +28,10 @@ from engine.presets import (
     model_weights_fingerprint,
     resolve_model_config,
 )
+from engine.thinking import ThinkTags
 from engine.tokenizer import Tokenizer
 from router.config import RouterConfig
 from router.orchestrator import GenerationError
-from router.reasoning import ThinkTags
 from router.workers import SOURCE_UNREADABLE, Incompatible, with_reasons
 
 log = logging.getLogger(__name__)

@@ -95,6 +95,10 @@ def test_record_and_proto_have_the_same_fields():
         ("bad_words", ("\ud800",)),
         ("bad_words", ("w",) * (MAX_BAD_WORDS + 1)),
         ("bad_words", ("w" * 1001,)),
+        ("thinking", 1),
+        ("thinking_token_budget", 5),  # without thinking: nothing to bound
+        ("thinking_token_budget", -1),
+        ("thinking_token_budget", 1 << 32),
     ],
 )
 def test_each_bad_value_names_its_field(field, value):
@@ -127,6 +131,8 @@ def test_edges_are_valid_and_round_trip():
         include_stop_str_in_output=True,
         allowed_token_ids=[0, (1 << 32) - 1],
         bad_words=["w"] * MAX_BAD_WORDS,
+        thinking=True,
+        thinking_token_budget=(1 << 32) - 1,
     )
     assert edges.allowed_token_ids == (0, (1 << 32) - 1), "a tuple, in the order given"
     assert edges.logit_bias == ((0, -100.0), (7, f32(0.1)), ((1 << 32) - 1, 100.0)), "sorted, as float32"
@@ -233,6 +239,8 @@ _VALUES = {
     "include_stop_str_in_output": st.one_of(st.booleans(), st.integers(0, 1)),
     "allowed_token_ids": st.lists(_integers, max_size=4).map(tuple),
     "bad_words": st.lists(st.text(max_size=3), max_size=3).map(tuple),
+    "thinking": st.one_of(st.booleans(), st.integers(0, 1)),
+    "thinking_token_budget": st.one_of(st.none(), _integers),
 }
 _FLOATS = {f.name for f in fields(SamplingParams) if f.type == "float"}
 
@@ -247,6 +255,8 @@ def test_valid_means_the_wire_carries_it(values):
         alone = {exc.field: values[exc.field]}
         if exc.field == "min_tokens" and "max_tokens" in values:  # checked against max_tokens: bad beside it
             alone["max_tokens"] = values["max_tokens"]
+        if exc.field == "thinking_token_budget" and values.get("thinking") is True:  # bad alone only in range
+            alone["thinking"] = True
         with pytest.raises(FieldError):  # the named field alone is bad
             SamplingParams(**alone)
         return

@@ -143,7 +143,10 @@ def test_output_config_format_constrains_the_text_to_a_json_schema(client):
     [
         ({"tools": [{"name": "f", "input_schema": {"type": "object"}}]}, "tools"),  # this template renders none
         ({"tools": [{"type": "web_search_20250305", "name": "web_search"}]}, "tools.0.type"),
-        ({"thinking": {"type": "enabled", "budget_tokens": 1024}}, "thinking"),
+        ({"thinking": {"type": "enabled", "budget_tokens": 1024}}, "--reasoning-parser none"),  # a model that does
+        ({"thinking": {"type": "adaptive"}}, "--reasoning-parser none"),  # not think is only asked not to
+        ({"thinking": {"type": "on"}}, "thinking.type"),
+        ({"thinking": {"type": "disabled", "budget_tokens": 5}}, "thinking.budget_tokens"),
         ({"output_config": {"effort": "high"}}, "output_config.effort"),
         ({"output_config": {"format": {"type": "json_schema", "schema": {"type": 7}}}}, "output_config.format"),
         ({"cache_control": {"type": "persistent"}}, "cache_control"),
@@ -214,7 +217,7 @@ def test_each_refused_field_is_a_400_naming_it(router, field):
         del request["max_tokens"]
         answer = post(router, "/v1/messages/count_tokens", request)
         assert answer.status_code == 400 and f"{field} is not supported" in answer.json()["error"]["message"]
-    neutral = {"service_tier": "auto", "thinking": {"type": "disabled"}, "mcp_servers": [], "speed": "standard"}
+    neutral = {"service_tier": "auto", "mcp_servers": [], "speed": "standard"}
     if field in neutral:  # what clients send by default asks nothing
         assert post(router, "/v1/messages", {**request, "max_tokens": 2, field: neutral[field]}).status_code == 200
 

@@ -2,39 +2,37 @@
 reasoning_content, apart from its content, whole and streamed, where the prompt says the output starts (inside the
 thinking when the prompt's last tag opens it). The model: a random Qwen2 whose BPE tokenizer has <think> and
 </think> tokens, and a template whose generation prompt opens the thinking when asked; a logit bias on </think>
-makes it close the thinking partway. The oracle is the same request's text from a router without the parser."""
+makes it close the thinking partway. The oracle is the same request's text from a router without the parser; under a
+grammar or a thinking budget, that router's completion after the prompt and the thinking."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import anthropic
+import grpc
 import httpx
-import jsonschema
 import pytest
-import torch
 import transformers
-from tokenizers import AddedToken
-from tokenizers import Tokenizer as BackendTokenizer
 
+from engine.thinking import CLOSE, OPEN
+from protos import common_pb2, generate_pb2, generate_pb2_grpc
 from router.config import RouterConfig
-from router.reasoning import CLOSE, OPEN, Splitter
+from router.reasoning import Splitter
 from router.served_model import ModelBinding
-from tests.checkpoints import hf_greedy, write_checkpoint
-from tests.engine.test_tokenizer import write_model_dir
+from tests.checkpoints import close_thinking_at, write_thinking_model
 from tests.router.conftest import SERVED_MODEL, RouterThread, token_ids, wait_for
 from tests.router.test_errors import assert_error, post
 from tests.workers.harness import start_workers, stop_workers
 
-# The generation prompt opens the thinking unless open_thinking is false (DeepSeek-R1's and newer Qwen3 templates
+# The generation prompt opens the thinking unless enable_thinking is false (DeepSeek-R1's and newer Qwen3 templates
 # open it; an earlier turn's reasoning_content is written inside its turn's tags).
 TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m.role }}\n"
     "{% if m.reasoning_content %}<think>{{ m.reasoning_content }}</think>{% endif %}{{ m.content }}<|im_end|>\n"
     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n"
-    "{% if open_thinking is not defined or open_thinking %}<think>\n{% endif %}{% endif %}"
+    "{% if enable_thinking is not defined or enable_thinking %}<think>\n{% endif %}{% endif %}"
 )
 MODEL = "bpe-thinking"
 QUESTION = "Think first: what is 2 + 2?"
@@ -94,44 +92,41 @@ def test_workers_serving_a_model_without_think_tokens_are_not_adopted(cluster):
 class Served:
     parsed: RouterThread
     raw: RouterThread
+    disaggregated: RouterThread  # parsed, its prompts prefilled apart: the first token is the prefill worker's
 
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory) -> Iterator[Served]:
-    model_dir = write_model_dir(tmp_path_factory.mktemp("thinking") / MODEL, chat_template=TEMPLATE)
-    backend = BackendTokenizer.from_file(str(model_dir / "tokenizer.json"))
-    backend.add_tokens([AddedToken(OPEN, special=False), AddedToken(CLOSE, special=False)])
-    backend.save(str(model_dir / "tokenizer.json"))
-    vocab = backend.get_vocab_size(with_added_tokens=True)
-    model = write_checkpoint(model_dir, "Qwen2ForCausalLM", seed=11, vocab_size=vocab, max_position_embeddings=2048)
-    # A model that closes its thinking partway: </think>'s output row becomes a little more than the row of the
-    # token its greedy answer gives third, which it then gives there instead (and wherever that token would win).
+    model_dir = tmp_path_factory.mktemp("thinking") / MODEL
+    model = write_thinking_model(model_dir, TEMPLATE)
     oracle = transformers.AutoTokenizer.from_pretrained(str(model_dir))
     said = [{"role": "user", "content": QUESTION}]
     prompt = oracle.apply_chat_template(said, add_generation_prompt=True, tokenize=True, return_dict=True)
-    third = hf_greedy(model, list(prompt["input_ids"]), 3)[2]
-    with torch.no_grad():
-        rows = model.get_output_embeddings().weight
-        rows[backend.token_to_id(CLOSE)] = 1.1 * rows[third]
-    model.save_pretrained(model_dir)
-    (decode,) = start_workers(("decode", str(model_dir)))
+    close_thinking_at(model, model_dir, list(prompt["input_ids"]), 2, oracle.convert_tokens_to_ids(CLOSE))
+    decode, prefill = start_workers(("decode", str(model_dir)), ("prefill", str(model_dir)))
     routers = []
     try:
-        for parser in ("qwen3", "none"):
+        for parser, prefills in (("qwen3", ()), ("none", ()), ("qwen3", (prefill.address,))):
             config = RouterConfig(
-                port=0, grpc_port=0, decode_addresses=(decode.address,), reasoning_parser=parser, health_interval_s=0.2
+                port=0,
+                grpc_port=0,
+                prefill_addresses=prefills,
+                decode_addresses=(decode.address,),
+                reasoning_parser=parser,
+                health_interval_s=0.2,
+                local_prefill_threshold=0,  # with a prefill worker, every prompt is prefilled there
             )
             routers.append(RouterThread(config))
         yield Served(*routers)
     finally:
         for router in routers:
             router.stop()
-        stop_workers([decode])
+        stop_workers([decode, prefill])
 
 
-def _chat(router: RouterThread, open_thinking: bool | None = None, stream: bool = False, **fields):
+def _chat(router: RouterThread, enable_thinking: bool | None = None, stream: bool = False, **fields):
     """The question as a greedy chat completion (``fields``: more of the SDK's arguments)."""
-    kwargs = {} if open_thinking is None else {"chat_template_kwargs": {"open_thinking": open_thinking}}
+    kwargs = {} if enable_thinking is None else {"chat_template_kwargs": {"enable_thinking": enable_thinking}}
     return router.openai().chat.completions.create(
         model=MODEL,
         messages=[{"role": "user", "content": QUESTION}],
@@ -162,7 +157,7 @@ def _streamed(chunks) -> tuple[str, str]:
 
 def _raw_parts(served: Served) -> tuple[str, str]:
     """The (thinking, answer) of the raw router's text, the prompt opening the thinking."""
-    raw = _chat(served.raw, open_thinking=True).choices[0].message.content
+    raw = _chat(served.raw, enable_thinking=True).choices[0].message.content
     thinking, closed, answer = raw.partition(CLOSE)
     assert closed and thinking and answer, f"the model was made to close its thinking partway: {raw!r}"
     return thinking, answer
@@ -170,40 +165,123 @@ def _raw_parts(served: Served) -> tuple[str, str]:
 
 def test_thinking_opened_by_the_prompt_is_reasoning_content_up_to_its_close(served):
     thinking, answer = _raw_parts(served)
-    parsed = _chat(served.parsed, open_thinking=True).choices[0].message
+    parsed = _chat(served.parsed, enable_thinking=True).choices[0].message
     assert (parsed.model_dump()["reasoning_content"], parsed.content) == (thinking, answer)
-    assert _streamed(_chat(served.parsed, open_thinking=True, stream=True)) == (thinking, answer)
+    assert _streamed(_chat(served.parsed, enable_thinking=True, stream=True)) == (thinking, answer)
 
 
 def test_without_thinking_opened_the_text_is_all_answer(served):
-    raw = _chat(served.raw, open_thinking=False).choices[0].message
+    raw = _chat(served.raw, enable_thinking=False).choices[0].message
     assert not raw.content.startswith(OPEN)
-    parsed = _chat(served.parsed, open_thinking=False).choices[0].message
+    parsed = _chat(served.parsed, enable_thinking=False).choices[0].message
     assert (parsed.model_dump()["reasoning_content"], parsed.content) == (None, raw.content)
-    assert _streamed(_chat(served.parsed, open_thinking=False, stream=True)) == ("", raw.content)
+    assert _streamed(_chat(served.parsed, enable_thinking=False, stream=True)) == ("", raw.content)
     assert "reasoning_content" not in raw.model_dump()
 
 
-def test_under_a_grammar_the_output_is_all_answer(served):
-    """Structured output holds the output to the schema from its first token, so there is no thinking to split:
-    the JSON is the content even where the prompt opened the thinking (else it would have been reasoning_content,
-    the content empty)."""
-    schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
-    format_ = {"type": "json_schema", "json_schema": {"name": "n", "schema": schema}}
-    chats = [
-        router.openai().chat.completions.create(
-            model=MODEL,
-            messages=[{"role": "user", "content": QUESTION}],
-            max_tokens=LIMIT,
-            temperature=0,
-            response_format=format_,
-        )
-        for router in (served.parsed, served.raw)
+SCHEMA = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
+
+
+def _output_ids(router: RouterThread, **fields) -> list[int]:
+    """The greedy chat completion's tokens (the question, the prompt opening the thinking)."""
+    chat = _chat(router, logprobs=True, extra_body={"return_tokens_as_token_ids": True, **fields})
+    return token_ids([t.token for t in chat.choices[0].logprobs.content])
+
+
+def _prompt_ids(router: RouterThread) -> list[int]:
+    said = {"messages": [{"role": "user", "content": QUESTION}]}
+    return httpx.post(f"{router.http}/tokenize", json=said, timeout=10).json()["tokens"]
+
+
+def _continued(router: RouterThread, prompt: list[int], limit: int, **fields) -> str:
+    """The raw router's greedy text after ``prompt`` (token ids)."""
+    body = {"model": MODEL, "prompt": prompt, "max_tokens": limit, "temperature": 0, **fields}
+    response = httpx.post(f"{router.http}/v1/completions", json=body, timeout=60)
+    assert response.status_code == 200, response.text
+    return response.json()["choices"][0]["text"]
+
+
+def _close_id(router: RouterThread) -> int:
+    body = {"prompt": CLOSE, "add_special_tokens": False}
+    (close,) = httpx.post(f"{router.http}/tokenize", json=body, timeout=10).json()["tokens"]
+    return close
+
+
+def test_structured_output_holds_the_answer_after_the_thinking(served):
+    """The grammar holds the answer, not the thinking: the thinking is the one the model writes unconstrained, and
+    the answer is what the grammar makes of the rest (the raw router's completion after the prompt and that
+    thinking, under the same schema). Chat (whole and streamed), Responses and Messages alike."""
+    thinking, _ = _raw_parts(served)
+    written = _output_ids(served.raw)
+    thought = written[: written.index(_close_id(served.raw)) + 1]
+    format_ = {"type": "json_schema", "json_schema": {"name": "n", "schema": SCHEMA}}
+    limit = LIMIT - len(thought)
+    answer = _continued(served.raw, _prompt_ids(served.raw) + thought, limit, response_format=format_)
+    assert answer.startswith('{"n":')
+    for router in (served.parsed, served.disaggregated):
+        parsed = _chat(router, response_format=format_).choices[0].message
+        assert (parsed.model_dump()["reasoning_content"], parsed.content) == (thinking, answer)
+    assert _streamed(_chat(served.parsed, response_format=format_, stream=True)) == (thinking, answer)
+    text = {"format": {"type": "json_schema", "name": "n", "schema": SCHEMA}}
+    response = _respond(served.parsed, text=text)
+    assert (response.output[0].content[0].text, response.output_text) == (thinking, answer)
+    client = anthropic.Anthropic(base_url=served.parsed.http, api_key="unused", max_retries=0, timeout=60)
+    message = client.messages.create(
+        model=MODEL,
+        max_tokens=LIMIT,
+        messages=[{"role": "user", "content": QUESTION}],
+        output_config={"format": {"type": "json_schema", "schema": SCHEMA}},
+        extra_body={"temperature": 0},  # as older SDKs send it
+    )
+    assert [(b.type, getattr(b, "thinking", None) or b.text) for b in message.content] == [
+        ("thinking", thinking),
+        ("text", answer),
     ]
-    parsed, raw = (chat.choices[0].message for chat in chats)
-    assert parsed.model_dump().get("reasoning_content") is None and parsed.content == raw.content
-    if chats[0].choices[0].finish_reason == "stop":
-        jsonschema.validate(json.loads(parsed.content), schema)
+    # Without the parser the grammar holds the output from its first token: no thinking, all JSON.
+    raw = _chat(served.raw, response_format=format_).choices[0].message.content
+    assert raw.startswith('{"n":') and CLOSE not in raw
+
+
+def test_a_thinking_token_budget_closes_the_thinking_there(served):
+    """vLLM's thinking_token_budget: after that many tokens of thinking </think> comes, and the answer follows it
+    (the raw router's completion after the prompt, those tokens and </think>)."""
+    written = _output_ids(served.raw)
+    close = _close_id(served.raw)
+    assert written.index(close) > 1, "the model thinks for more than one token"
+    thinking = [written[0], close]
+    answer = _continued(served.raw, _prompt_ids(served.raw) + thinking, LIMIT - 2)
+    first = _continued(served.raw, _prompt_ids(served.raw), 1)
+    for router in (served.parsed, served.disaggregated):  # the prefill worker's first token is the thinking's one
+        chat = _chat(router, extra_body={"thinking_token_budget": 1})
+        said = chat.choices[0].message
+        assert (said.model_dump()["reasoning_content"], said.content) == (first, answer)
+        assert chat.usage.completion_tokens_details.reasoning_tokens == 2
+    metrics = httpx.get(f"{served.disaggregated.http}/metrics", timeout=10).text
+    assert 'splitserve_routing_decisions_total{decision="remote_prefill"}' in metrics
+    assert 'decision="local_prefill"' not in metrics and 'decision="fallback"' not in metrics
+    budget_0 = _chat(served.disaggregated, extra_body={"thinking_token_budget": 0}).choices[0].message
+    closed = _continued(served.raw, _prompt_ids(served.raw) + [close], LIMIT - 1)
+    assert (budget_0.model_dump()["reasoning_content"], budget_0.content) == (None, closed)
+    # The gRPC API's record carries it too (its text is as written, the thinking not split off).
+    params = common_pb2.SamplingParams(max_tokens=LIMIT, thinking_token_budget=1, thinking=True)
+    chat = generate_pb2.ChatMessages(messages=[generate_pb2.ChatMessage(role="user", content=QUESTION)])
+    for router, told in ((served.parsed, None), (served.raw, "--reasoning-parser none")):
+        with grpc.insecure_channel(router.grpc) as channel:
+            stub = generate_pb2_grpc.GenerateStub(channel)
+            request = generate_pb2.CompletionRequest(model=MODEL, chat=chat, params=params)
+            if told is None:
+                assert "".join(c.text for c in stub.Generate(request, timeout=60)) == f"{first}{CLOSE}{answer}"
+                continue
+            with pytest.raises(grpc.RpcError) as refused:
+                list(stub.Generate(request, timeout=60))
+            assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT and told in refused.value.details()
+    refused = post(served.raw, "/v1/chat/completions", {**_BODY, "thinking_token_budget": 1})
+    assert "--reasoning-parser none" in assert_error(refused, 400, param="thinking_token_budget")["message"]
+    negative = post(served.parsed, "/v1/chat/completions", {**_BODY, "thinking_token_budget": -1})
+    assert_error(negative, 400, param="thinking_token_budget")
+
+
+_BODY = {"model": MODEL, "messages": [{"role": "user", "content": QUESTION}], "max_tokens": 4}
 
 
 def test_a_response_leads_with_its_thinking_as_a_reasoning_item_whole_and_streamed(served):
@@ -230,7 +308,7 @@ def test_a_response_leads_with_its_thinking_as_a_reasoning_item_whole_and_stream
     assert response.usage.output_tokens_details.reasoning_tokens == reasoning_tokens > 1
     assert response.usage.output_tokens == len(output_ids)
     # A chat completion counts them where OpenAI's do, whole and in a stream's usage.
-    chat = _chat(served.parsed, open_thinking=True)
+    chat = _chat(served.parsed, enable_thinking=True)
     assert chat.usage.completion_tokens_details.reasoning_tokens == reasoning_tokens
     streamed = _chat(served.parsed, stream=True, stream_options={"include_usage": True})
     (usage,) = [chunk.usage for chunk in streamed if chunk.usage is not None]
@@ -306,3 +384,39 @@ def test_a_message_leads_with_its_thinking_as_a_thinking_block_whole_and_streame
 
 
 _DELTAS = ("response.reasoning_text.delta", "response.output_text.delta")
+
+
+def test_anthropic_thinking_asks_the_template_and_bounds_the_thinking(served):
+    """Anthropic's thinking field: enabled with budget_tokens thinks that many tokens, then </think>; adaptive is the
+    model's own thinking; disabled asks the template not to open it (enable_thinking false, as a chat's
+    chat_template_kwargs would), and count_tokens counts the prompt each asks for."""
+    client = anthropic.Anthropic(base_url=served.parsed.http, api_key="unused", max_retries=0, timeout=60)
+    messages = [{"role": "user", "content": QUESTION}]
+    asked = dict(model=MODEL, max_tokens=LIMIT, messages=messages, extra_body={"temperature": 0})
+
+    def blocks(**fields) -> list[tuple[str, str]]:
+        message = client.messages.create(**asked, **fields)
+        return [(b.type, b.thinking if b.type == "thinking" else b.text) for b in message.content]
+
+    prompt = _prompt_ids(served.raw)
+    first = _continued(served.raw, prompt, 1)
+    thought = [_output_ids(served.raw)[0], _close_id(served.raw)]
+    budgeted = [("thinking", first), ("text", _continued(served.raw, prompt + thought, LIMIT - 2))]
+    assert blocks(thinking={"type": "enabled", "budget_tokens": 1}) == budgeted
+    thinking, answer = _raw_parts(served)
+    assert blocks(thinking={"type": "adaptive"}) == blocks() == [("thinking", thinking), ("text", answer)]
+    unopened = _chat(served.raw, enable_thinking=False).choices[0].message.content
+    assert blocks(thinking={"type": "disabled"}) == [("text", unopened)]
+    said = {"messages": messages}
+    tokenized = [
+        httpx.post(f"{served.raw.http}/tokenize", json={**said, **kwargs}, timeout=10).json()["count"]
+        for kwargs in ({}, {"chat_template_kwargs": {"enable_thinking": False}})
+    ]
+    counted = [
+        client.messages.count_tokens(model=MODEL, messages=messages, **fields).input_tokens
+        for fields in ({"thinking": {"type": "adaptive"}}, {"thinking": {"type": "disabled"}})
+    ]
+    assert counted == tokenized and tokenized[0] > tokenized[1]
+    too_much = {"type": "enabled", "budget_tokens": LIMIT}
+    with pytest.raises(anthropic.BadRequestError, match="thinking.budget_tokens must be less than max_tokens"):
+        client.messages.create(**asked, thinking=too_much)

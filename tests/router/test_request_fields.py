@@ -378,7 +378,8 @@ def test_grpc_sampling_params_mean_what_http_means(router, rng):
         bad_words=["pl", "v"],
     )
     params = common_pb2.SamplingParams(**values)
-    assert {f.name for f, _ in params.ListFields()} == set(SAMPLING_FIELDS), "set every field"
+    thinking = {"thinking", "thinking_token_budget"}  # a reasoning model's: tests/router/test_reasoning.py sets them
+    assert {f.name for f, _ in params.ListFields()} == set(SAMPLING_FIELDS) - thinking, "set every field"
     with grpc.insecure_channel(router.grpc) as channel:
         chunks = list(
             generate_pb2_grpc.GenerateStub(channel).Generate(
@@ -491,6 +492,8 @@ BEHAVIOUR = {
         "background": stored_tests.test_a_background_response_is_polled_to_the_answer_it_would_have_given,
         "truncation": stored_tests.test_truncation_auto_drops_the_earliest_turns_that_do_not_fit,
         "reasoning_content": reasoning_tests.test_a_reasoning_item_sent_back_is_the_assistant_turns_reasoning_content,
+        "thinking_token_budget": reasoning_tests.test_a_thinking_token_budget_closes_the_thinking_there,
+        "thinking": reasoning_tests.test_anthropic_thinking_asks_the_template_and_bounds_the_thinking,
         "tools": structured_tests.test_tools_reach_the_template_and_auto_or_none_leave_text,
         "tool_choice": structured_tests.test_named_tool_choice_returns_a_call_whose_arguments_validate,
         "parallel_tool_calls": structured_tests.test_tools_reach_the_template_and_auto_or_none_leave_text,
@@ -519,6 +522,8 @@ BEHAVIOUR = {
         "priority": priority_tests.test_priorities_out_of_grpcs_range_are_refused,
         "kind": structured_tests.test_grpc_grammar_continues_after_accepted_prompt_tokens,
         "accepted_prompt_tokens": structured_tests.test_grpc_grammar_continues_after_accepted_prompt_tokens,
+        "thinking": reasoning_tests.test_a_thinking_token_budget_closes_the_thinking_there,
+        "thinking_token_budget": reasoning_tests.test_a_thinking_token_budget_closes_the_thinking_there,
     },
 }
 
