@@ -22,13 +22,13 @@ from decode_worker.reservations import Reservations
 from engine.config import EngineConfig
 from engine.engine import Engine
 from engine.errors import EngineError
-from engine.loop import RequestFailed
+from engine.loop import RequestFailed, RequestStream
 from engine.output import RequestOutput
 from kv_transfer.errors import TransferError
 from kv_transfer.inbox import KVInbox
 from kv_transfer.receiver_service import KVReceiverService
 from protos import common_pb2, decode_pb2, decode_pb2_grpc, kv_transfer_pb2_grpc
-from worker_server.base import WorkerBase, abort_on_error, logprob_from_wire, output_to_wire
+from worker_server.base import WorkerBase, abort_on_error, logprob_from_wire, output_to_wire, status_of
 from worker_server.security import peer_of
 from worker_server.tracing import trace_kv_receiver
 
@@ -176,13 +176,9 @@ class DecodeWorker(WorkerBase, decode_pb2_grpc.DecodeWorkerServicer):
                     if not context.is_active():
                         return
                     continue
-                if output.finished:  # counted first: the client may close the stream on the last message
+                if output.finished:
                     finished.set()
-                    self.counters.add(
-                        requests_finished=1,
-                        generated_tokens=output.num_output_tokens,
-                        prefix_hit_tokens=0 if request.reserved else output.num_cached_tokens,
-                    )
+                    self._finished(request, output)
                     tracing.annotate(
                         request_id=request.request_id,
                         reserved=request.reserved,
@@ -196,18 +192,111 @@ class DecodeWorker(WorkerBase, decode_pb2_grpc.DecodeWorkerServicer):
             context.abort(grpc.StatusCode.ABORTED, str(exc))
 
     def _stream_for(self, request):
+        return self.loop.call(self._starter(request))
+
+    def _starter(self, request) -> Callable[[Engine], RequestStream]:
+        """What starts a Generate request on the engine thread (a reserved one: claims its reservation), returning
+        the request's stream. Not reserved, its sampling record is read here (a FieldError is the caller's)."""
         if request.reserved:
 
-            def claim(engine: Engine):
+            def claim(engine: Engine) -> RequestStream:
                 self.reservations.authorize(request.request_id, request.token)
                 return self.reservations.claim(request.request_id)
 
-            return self.loop.call(claim)
+            return claim
         params = SamplingParams.from_wire(request.params)
         self.counters.add(prompt_tokens=len(request.prompt_token_ids))
-        return self.loop.add_request(
-            request.request_id, list(request.prompt_token_ids), params, list(request.resume_token_ids), request.priority
+        prompt, resumed = list(request.prompt_token_ids), list(request.resume_token_ids)
+
+        def add(engine: Engine) -> RequestStream:
+            engine.add_request(request.request_id, prompt, params, resumed, request.priority)
+            return self.loop.watch(request.request_id)
+
+        return add
+
+    def _finished(self, request, output: RequestOutput) -> None:
+        """Counts a request that finished (first: its client may close the stream on the last message)."""
+        self.counters.add(
+            requests_finished=1,
+            generated_tokens=output.num_output_tokens,
+            prefix_hit_tokens=0 if request.reserved else output.num_cached_tokens,
         )
+
+    def GenerateStream(self, requests, context):
+        """Generate calls over one stream (decode.proto): each request starts as the engine thread takes it (the
+        stream's reader never waits on a step), its outputs join the one stream of responses, and a request the
+        client cancels, or every request still running when the stream ends, is stopped."""
+        responses: queue.SimpleQueue = queue.SimpleQueue()  # (request, output | exception), from any thread
+        running: dict[str, decode_pb2.GenerateRequest] = {}
+        lock = threading.Lock()
+
+        def stop(request_id: str, reason: str) -> None:
+            with lock:
+                found = running.pop(request_id, None) is not None
+            if found:
+                self.loop.post(self._canceller(request_id, reason), f"stopping {request_id}")
+
+        def start(request: decode_pb2.GenerateRequest) -> None:
+            with lock:
+                running[request.request_id] = request
+
+            def deliver(_request_id: str, item) -> None:
+                responses.put((request, item))
+
+            def started(future) -> None:
+                if future.exception() is not None:
+                    deliver(request.request_id, future.exception())
+                else:
+                    future.result().forward(deliver)
+
+            try:
+                self.loop.submit(self._starter(request)).add_done_callback(started)
+            except (EngineError, TransferError, ValueError) as exc:
+                deliver(request.request_id, exc)
+
+        def read() -> None:
+            try:
+                for message in requests:
+                    if message.HasField("generate"):
+                        start(message.generate)
+                    else:
+                        stop(message.cancel, "the client went away")
+            except grpc.RpcError:
+                pass  # the stream ended: what runs on it is stopped below
+            finally:
+                responses.put(None)
+
+        threading.Thread(target=read, name="generate-stream", daemon=True).start()
+        try:
+            while True:
+                try:
+                    item = responses.get(timeout=0.5)
+                except queue.Empty:
+                    if not context.is_active():
+                        return
+                    continue
+                if item is None:
+                    if not running:
+                        return
+                    continue  # the client wrote its last request: what runs still streams
+                request, output = item
+                request_id = request.request_id
+                with lock:
+                    if running.get(request_id) is not request:
+                        continue  # cancelled: its client reads no more
+                if isinstance(output, BaseException):
+                    with lock:
+                        running.pop(request_id, None)
+                    yield decode_pb2.GenerateStreamResponse(request_id=request_id, error=_call_status(output))
+                    continue
+                if output.finished:
+                    with lock:
+                        running.pop(request_id, None)
+                    self._finished(request, output)
+                yield decode_pb2.GenerateStreamResponse(request_id=request_id, response=output_to_wire(output))
+        finally:
+            for request_id in list(running):
+                stop(request_id, "the client's stream ended")
 
     def Abort(self, request, context):
         """A reservation's abort must present its ticket's token; a wrong one changes nothing."""
@@ -257,3 +346,9 @@ class DecodeWorker(WorkerBase, decode_pb2_grpc.DecodeWorkerServicer):
 
     def after_step(self, engine: Engine, outputs: list[RequestOutput]) -> None:
         self.reservations.tick(engine)
+
+
+def _call_status(exc: BaseException) -> decode_pb2.CallStatus:
+    """The status a request's own Generate call would have ended with, failing with ``exc``."""
+    code, details = (grpc.StatusCode.ABORTED, str(exc)) if isinstance(exc, RequestFailed) else status_of(exc)
+    return decode_pb2.CallStatus(code=code.value[0], details=details)

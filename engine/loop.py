@@ -46,9 +46,23 @@ class RequestStream:
     def __init__(self, request_id: str) -> None:
         self.request_id = request_id
         self._queue: queue.Queue[RequestOutput | BaseException] = queue.Queue()
+        self._lock = threading.Lock()
+        self._sink: Callable[[str, RequestOutput | BaseException], None] | None = None
 
     def put(self, item: RequestOutput | BaseException) -> None:
-        self._queue.put(item)
+        with self._lock:
+            if self._sink is None:
+                self._queue.put(item)
+                return
+        self._sink(self.request_id, item)
+
+    def forward(self, sink: Callable[[str, RequestOutput | BaseException], None]) -> None:
+        """From now on hands each output to ``sink(request_id, item)`` (in order: those queued first), where a
+        consumer serving many requests reads them (decode_worker's GenerateStream); ``get`` then has none."""
+        with self._lock:
+            while not self._queue.empty():
+                sink(self.request_id, self._queue.get_nowait())
+            self._sink = sink
 
     def get(self, timeout: float | None = None) -> RequestOutput:
         """The next output; raises queue.Empty on timeout, or the error the request failed with."""

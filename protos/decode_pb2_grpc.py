@@ -45,6 +45,11 @@ class DecodeWorkerStub:
                 request_serializer=protos_dot_decode__pb2.GenerateRequest.SerializeToString,
                 response_deserializer=protos_dot_decode__pb2.GenerateResponse.FromString,
                 _registered_method=True)
+        self.GenerateStream = channel.stream_stream(
+                '/splitserve.DecodeWorker/GenerateStream',
+                request_serializer=protos_dot_decode__pb2.GenerateStreamRequest.SerializeToString,
+                response_deserializer=protos_dot_decode__pb2.GenerateStreamResponse.FromString,
+                _registered_method=True)
         self.Abort = channel.unary_unary(
                 '/splitserve.DecodeWorker/Abort',
                 request_serializer=protos_dot_common__pb2.AbortRequest.SerializeToString,
@@ -72,6 +77,12 @@ class DecodeWorkerServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Generate(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GenerateStream(self, request_iterator, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -107,6 +118,11 @@ def add_DecodeWorkerServicer_to_server(servicer, server):
                     servicer.Generate,
                     request_deserializer=protos_dot_decode__pb2.GenerateRequest.FromString,
                     response_serializer=protos_dot_decode__pb2.GenerateResponse.SerializeToString,
+            ),
+            'GenerateStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.GenerateStream,
+                    request_deserializer=protos_dot_decode__pb2.GenerateStreamRequest.FromString,
+                    response_serializer=protos_dot_decode__pb2.GenerateStreamResponse.SerializeToString,
             ),
             'Abort': grpc.unary_unary_rpc_method_handler(
                     servicer.Abort,
@@ -178,6 +194,33 @@ class DecodeWorker:
             '/splitserve.DecodeWorker/Generate',
             protos_dot_decode__pb2.GenerateRequest.SerializeToString,
             protos_dot_decode__pb2.GenerateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GenerateStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/splitserve.DecodeWorker/GenerateStream',
+            protos_dot_decode__pb2.GenerateStreamRequest.SerializeToString,
+            protos_dot_decode__pb2.GenerateStreamResponse.FromString,
             options,
             channel_credentials,
             insecure,

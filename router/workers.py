@@ -19,6 +19,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from contract.model_card import MISMATCH_FIELDS, ModelCard, card_of_stats
 from protos import common_pb2, decode_pb2_grpc, prefill_pb2_grpc
 from protos.cluster_auth import ClusterAuth
+from router.generate_stream import GenerateLink
 from router.prefill_clock import PrefillClock
 
 log = logging.getLogger(__name__)
@@ -109,6 +110,7 @@ class WorkerHandle:
     # A decode worker's Reserve and Generate calls in flight: cancelled when it is taken out of routing, so that the
     # orchestrator migrates their requests at once rather than when keepalive or a deadline ends them.
     calls: set = field(default_factory=set)
+    link: GenerateLink | None = None  # a decode worker's Generate calls, on one stream (router/generate_stream.py)
 
     @property
     def draining(self) -> bool:
@@ -250,6 +252,8 @@ class WorkerPool:
         )
         stub_class = prefill_pb2_grpc.PrefillWorkerStub if role == "prefill" else decode_pb2_grpc.DecodeWorkerStub
         worker = WorkerHandle(address, role, channel, SecretStub(stub_class(channel), self.auth.metadata()))
+        if role == "decode":
+            worker.link = GenerateLink(worker.stub)
         self.workers[address] = worker
         worker.tasks = [
             asyncio.create_task(self._watch_health(worker)),

@@ -362,15 +362,18 @@ def output_to_wire(output: RequestOutput) -> decode_pb2.GenerateResponse:
 def abort_on_error(context: grpc.ServicerContext, exc: Exception) -> None:
     """Maps engine and transfer errors to gRPC statuses with their message; a transfer that failed because its
     peer could not be reached names that peer in the trailing metadata (``UNREACHABLE_PEER``)."""
-    if isinstance(exc, InvalidRequestError):
-        context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-    if isinstance(exc, FieldError):
-        context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+    if isinstance(exc, TransferError) and exc.unreachable:
+        context.set_trailing_metadata(((UNREACHABLE_PEER, exc.unreachable),))
+    context.abort(*status_of(exc))
+
+
+def status_of(exc: Exception) -> tuple[grpc.StatusCode, str]:
+    """The status and message a call ends with when ``exc`` ends it (an unexpected one, logged, is INTERNAL)."""
+    if isinstance(exc, (InvalidRequestError, FieldError)):
+        return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
     if isinstance(exc, NoFreeBlocksError):
-        context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)
     if isinstance(exc, TransferError):
-        if exc.unreachable:
-            context.set_trailing_metadata(((UNREACHABLE_PEER, exc.unreachable),))
-        context.abort(getattr(grpc.StatusCode, exc.code), str(exc))
-    log.exception("unexpected error")
-    context.abort(grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}")
+        return getattr(grpc.StatusCode, exc.code), str(exc)
+    log.error("unexpected error", exc_info=exc)
+    return grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}"

@@ -126,11 +126,12 @@ async def _all(stream) -> list:
 
 
 class _CountingStub:
-    """A worker's real stub, recording each call made through it (method name, the call object)."""
+    """A worker's real stub (or its generate link), recording each call made through it (method name, the call
+    object) in ``calls``."""
 
-    def __init__(self, stub) -> None:
+    def __init__(self, stub, calls: list | None = None) -> None:
         self._stub = stub
-        self.calls: list[tuple[str, object]] = []
+        self.calls: list[tuple[str, object]] = [] if calls is None else calls
 
     def __getattr__(self, name: str):
         method = getattr(self._stub, name)
@@ -145,12 +146,14 @@ class _CountingStub:
 
 @pytest.mark.parametrize("stream", [False, True])
 def test_a_finished_request_cancels_nothing_and_aborts_nothing(make_router, cluster, rng, stream):
-    """A Generate stream whose finish arrived ends by itself: the router neither cancels it (grpc would tell the
-    worker) nor, for a reserved one, sends the decode worker an Abort, on every request, disaggregated or not."""
+    """A Generate whose finish arrived ends by itself: the router neither cancels it (the worker would be told) nor,
+    for a reserved one, sends the decode worker an Abort, on every request, disaggregated or not. The requests go on
+    the worker's one stream (router/generate_stream.py), whose calls are counted as the stub's are."""
     router = make_router(cluster.prefills, [cluster.decode], local_prefill_threshold=32)
     handle = router.router.pool.workers[cluster.decode.address]
     counting = _CountingStub(handle.stub)
     router.call(lambda: setattr(handle, "stub", counting))
+    router.call(lambda: setattr(handle, "link", _CountingStub(handle.link, counting.calls)))
     client = router.openai()
     for length in (40, 8, 40, 8):  # remote prefill (reserved on D), then prefilled by D itself
         prompt = random_prompt(rng, length)
@@ -165,7 +168,7 @@ def test_a_finished_request_cancels_nothing_and_aborts_nothing(make_router, clus
         finishes = [c.choices[0].finish_reason for c in made] if stream else [made.choices[0].finish_reason]
         assert finishes[-1] == "length"
     assert router.decisions() == {"remote_prefill": 2.0, "local_prefill": 2.0}
-    generates = [call for name, call in counting.calls if name == "Generate"]
+    generates = [call for name, call in counting.calls if name in ("Generate", "generate")]
     assert len(generates) == 4
     wait_for(lambda: router.call(lambda: all(call.done() for call in generates)), 10, "the Generate calls' statuses")
     assert router.call(lambda: [call.cancelled() for call in generates]) == [False] * 4
