@@ -21,6 +21,7 @@ import grpc
 from protos import decode_pb2
 
 _CODES = {code.value[0]: code for code in grpc.StatusCode}
+_NONE = grpc.aio.Metadata()
 
 
 class StreamedCall:
@@ -76,7 +77,7 @@ class StreamedCall:
     def deliver(self, message: decode_pb2.GenerateStreamResponse) -> None:
         if message.HasField("error"):
             code = _CODES.get(message.error.code, grpc.StatusCode.UNKNOWN)
-            self.fail(grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), message.error.details))
+            self.fail(grpc.aio.AioRpcError(code, _NONE, _NONE, message.error.details))
             return
         self._put(message.response)
         if message.response.finish_reason:
@@ -98,7 +99,7 @@ class StreamedCall:
         self._done = True
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
-        self._link.forget(self.request_id)
+        self._link.forget(self)
         for callback in self._callbacks:
             callback(self)
         self._callbacks.clear()
@@ -115,7 +116,13 @@ class GenerateLink:
         self.opened = 0  # streams opened so far
 
     def generate(self, request: decode_pb2.GenerateRequest) -> StreamedCall:
-        """The request's call; ``grpc.aio.UsageError`` where the worker's channel is closed."""
+        """The request's call; ``grpc.aio.UsageError`` where the worker's channel is closed. An id the stream has
+        running already fails as the worker would refuse it (the running one keeps its responses)."""
+        if request.request_id in self._calls:
+            call = StreamedCall(self, request.request_id)
+            details = f"request id {request.request_id!r} is already in use"
+            call.fail(grpc.aio.AioRpcError(grpc.StatusCode.INVALID_ARGUMENT, _NONE, _NONE, details))
+            return call
         if self._reader is None or self._reader.done():
             self._open()
         call = self._calls[request.request_id] = StreamedCall(self, request.request_id)
@@ -126,8 +133,9 @@ class GenerateLink:
         if self._outbox is not None:
             self._outbox.put_nowait(message)
 
-    def forget(self, request_id: str) -> None:
-        self._calls.pop(request_id, None)
+    def forget(self, call: StreamedCall) -> None:
+        if self._calls.get(call.request_id) is call:
+            del self._calls[call.request_id]
 
     def _open(self) -> None:
         outbox: asyncio.Queue = asyncio.Queue()
@@ -148,9 +156,7 @@ class GenerateLink:
                 call = self._calls.get(message.request_id)
                 if call is not None:
                     call.deliver(message)
-            error = grpc.aio.AioRpcError(
-                grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(), "the generate stream ended"
-            )
+            error = grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, _NONE, _NONE, "the generate stream ended")
         except grpc.aio.AioRpcError as exc:
             error = exc
         except asyncio.CancelledError:  # the channel closed (the worker left the pool), or the router stops

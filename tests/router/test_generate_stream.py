@@ -76,6 +76,11 @@ def test_a_refused_request_fails_with_its_own_calls_status_and_the_stream_goes_o
         with pytest.raises(grpc.aio.AioRpcError) as shared:
             await _read_all(call)
         assert call.done()
+        running = link.generate(_request("twice", [5, 6], 3, ignore_eos=True))
+        with pytest.raises(grpc.aio.AioRpcError) as twice:  # an id running on the stream: as the engine refuses it
+            await _read_all(link.generate(_request("twice", [5, 6], 3)))
+        assert twice.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "already in use" in twice.value.details()
+        assert len(_said(await _read_all(running))[0]) == 3, "the running one keeps its responses"
         good = await _read_all(link.generate(_request("good", [5, 6, 7], 3, ignore_eos=True)))
         return own.value, shared.value, good, link.opened
 
