@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import secrets
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from contract import grammar as specs
@@ -186,22 +186,15 @@ def output_format(config: dict[str, Any] | None) -> Grammar | None:
     return specs.json_schema(form["schema"], "output_config.format.schema")
 
 
-@dataclass(frozen=True)
-class ThinkingAsked:
-    """What a request's ``thinking`` asks of a reasoning model: its chat template's ``enable_thinking`` (where the
-    template reads one) and a budget of thinking tokens (``SamplingParams.thinking_token_budget``)."""
-
-    template_kwargs: dict[str, bool]
-    budget: int | None = None
-
-
-def thinking_asked(thinking: dict[str, Any] | None, thinks: bool, template_variables: frozenset[str]) -> ThinkingAsked:
+def thinking_asked(
+    thinking: dict[str, Any] | None, thinks: bool, template_variables: frozenset[str]
+) -> reasoning.ThinkingAsked:
     """``thinking`` as Anthropic spells it: ``{"type": "enabled", "budget_tokens": n}`` thinks at most n tokens,
     ``{"type": "adaptive"}`` as long as the model does, ``{"type": "disabled"}`` not at all (a thinking the model
     opens anyway is closed at once). ``thinks``: the server reads the model's thinking (--reasoning-parser); a
     model that does not think is only ever asked not to. FieldError naming what is malformed or cannot be done."""
     if thinking is None:
-        return ThinkingAsked({})
+        return reasoning.ThinkingAsked({})
     kind = thinking.get("type") if isinstance(thinking, dict) else None
     keys = {"enabled": {"type", "budget_tokens"}, "adaptive": {"type"}, "disabled": {"type"}}.get(kind)
     if keys is None:
@@ -209,19 +202,17 @@ def thinking_asked(thinking: dict[str, Any] | None, thinks: bool, template_varia
     unknown = sorted(set(thinking) - keys)
     if unknown:
         raise FieldError(f"thinking.{unknown[0]}", f"thinking.{unknown[0]} is not supported with {kind} thinking")
-    if not thinks:
-        if kind == "disabled":
-            return ThinkingAsked({})
-        raise FieldError("thinking", f"thinking: {reasoning.NOT_THINKING}")
-    template_kwargs = {"enable_thinking": kind != "disabled"} if "enable_thinking" in template_variables else {}
-    if kind == "adaptive":
-        return ThinkingAsked(template_kwargs)
     if kind == "disabled":
-        return ThinkingAsked(template_kwargs, 0)
+        return reasoning.no_thinking(thinks, template_variables)
+    if not thinks:
+        raise FieldError("thinking", f"thinking: {reasoning.NOT_THINKING}")
+    enabled = reasoning.ThinkingAsked({"enable_thinking": True} if "enable_thinking" in template_variables else {})
+    if kind == "adaptive":
+        return enabled
     budget = thinking.get("budget_tokens")
     if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
         raise FieldError("thinking.budget_tokens", "thinking.budget_tokens must be a positive integer")
-    return ThinkingAsked(template_kwargs, budget)
+    return replace(enabled, budget=budget)
 
 
 def check_metadata(metadata: dict[str, Any] | None) -> None:

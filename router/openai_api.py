@@ -126,6 +126,7 @@ CHAT_HONOURED = _SAMPLING_HONOURED | {
     "continue_final_message",
     "chat_template_kwargs",
     "documents",
+    "reasoning_effort",
 }
 MESSAGE_HONOURED = frozenset({"role", "content", "tool_calls", "tool_call_id", "name", "reasoning_content"})
 STREAM_OPTIONS_HONOURED = frozenset({"include_usage", "continuous_usage_stats"})
@@ -169,7 +170,6 @@ CHAT_REFUSED: dict[str, Refusal] = {
     "audio": Refusal(),
     "modalities": Refusal(neutral=(None, ["text"])),
     "prediction": Refusal(),
-    "reasoning_effort": Refusal(),
     "verbosity": Refusal(),
     "web_search_options": Refusal(),
     "store": Refusal("completions are not stored", neutral=(None, False)),
@@ -386,13 +386,20 @@ class ChatBody(_refusing("_ChatRefused", _SamplingFields, CHAT_REFUSED), _Render
     tools: list[Any] | None = None  # checked by router/structured.py, each error naming its place
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
+    reasoning_effort: str | None = None  # router/reasoning.py effort_asked
+
+    def thinking(self, frontend: Frontend) -> reasoning.ThinkingAsked:
+        variables = frontend.tokenizer.template_variables
+        asked = reasoning.effort_asked(self.reasoning_effort, "reasoning_effort", frontend.thinks, variables)
+        if asked.budget is not None and self.thinking_token_budget is not None:
+            raise FieldError("reasoning_effort", "reasoning_effort none and thinking_token_budget: send one")
+        return asked
 
 
 RESPONSES_REFUSED: dict[str, Refusal] = {
     "conversation": Refusal("conversations are not kept; continue a stored response with previous_response_id"),
     "prompt": Refusal("prompt templates are stored ones; send input"),
     "max_tool_calls": Refusal("the model makes the calls of one turn; the client runs them"),
-    "reasoning": Refusal("reasoning effort and summaries are not offered", neutral=(None, {})),
     "service_tier": Refusal(neutral=(None, "auto", "default")),
     "stream_options": Refusal("events are never obfuscated", neutral=(None, {}, {"include_obfuscation": False})),
     "prompt_cache_retention": Refusal(),
@@ -416,6 +423,7 @@ RESPONSES_HONOURED = METADATA | {
     "previous_response_id",
     "background",
     "truncation",
+    "reasoning",
 }
 
 
@@ -445,6 +453,21 @@ class ResponsesBody(_refusing("_ResponsesRefused", _Strict, RESPONSES_REFUSED)):
     background: bool = False  # answered at once, queued; the client polls GET /v1/responses/{id}
     # "auto": a conversation too long for the context loses its earliest turns; "disabled" (the default): a 400
     truncation: Literal["auto", "disabled"] = "disabled"
+    reasoning: dict[str, Any] | None = None  # {"effort": ...}: router/reasoning.py effort_asked
+
+    def thinking(self, frontend: Frontend) -> reasoning.ThinkingAsked:
+        """What ``reasoning`` asks of the thinking; summaries are not made (the reasoning comes back whole)."""
+        asked = self.reasoning or {}
+        unknown = sorted(set(asked) - {"effort", "summary", "generate_summary"})
+        if unknown:
+            raise FieldError(f"reasoning.{unknown[0]}", f"reasoning.{unknown[0]} is not supported")
+        for name in ("summary", "generate_summary"):
+            if asked.get(name) is not None:
+                raise FieldError(
+                    f"reasoning.{name}", "reasoning summaries are not made: the reasoning comes back whole, as text"
+                )
+        variables = frontend.tokenizer.template_variables
+        return reasoning.effort_asked(asked.get("effort"), "reasoning.effort", frontend.thinks, variables)
 
     def stored(self, store: ResponseStore) -> bool:
         """Whether the response is stored; FieldError naming what the store cannot do for this request."""
@@ -472,9 +495,12 @@ class ResponsesBody(_refusing("_ResponsesRefused", _Strict, RESPONSES_REFUSED)):
             raise FieldError("include", "logprobs are not returned with function tools: calls are read out of the text")
         return logprobs_count(self.top_logprobs or 0, "top_logprobs")
 
-    def sampling(self, room: int, tool_grammar: Grammar | None, logprobs: int | None = None) -> SamplingParams:
+    def sampling(
+        self, room: int, tool_grammar: Grammar | None, logprobs: int | None, thinking: reasoning.ThinkingAsked
+    ) -> SamplingParams:
         """The record; a limit out of range is refused naming max_output_tokens (the record calls it max_tokens).
-        ``tool_grammar``: a required or named tool_choice's, which text.format then must not constrain too."""
+        ``tool_grammar``: a required or named tool_choice's, which text.format then must not constrain too;
+        ``thinking``: reasoning's budget."""
         limit = room if self.max_output_tokens is None else self.max_output_tokens
         asked = text_format(self.text)
         if tool_grammar is not None and asked is not None:
@@ -487,6 +513,8 @@ class ResponsesBody(_refusing("_ResponsesRefused", _Strict, RESPONSES_REFUSED)):
                 top_p=self.top_p,
                 grammar=tool_grammar or asked,
                 logprobs=logprobs,
+                thinking=thinking.budget is not None,
+                thinking_token_budget=thinking.budget,
             )
         except FieldError as exc:
             if exc.field != "max_tokens":
@@ -513,6 +541,7 @@ class ResponsesBody(_refusing("_ResponsesRefused", _Strict, RESPONSES_REFUSED)):
             "tool_choice": self.tool_choice or ("auto" if self.tools else "none"),
             "parallel_tool_calls": True if self.parallel_tool_calls is None else self.parallel_tool_calls,
             "top_logprobs": self.top_logprobs,
+            "reasoning": {"effort": (self.reasoning or {}).get("effort"), "summary": None},
         }
 
 
@@ -568,7 +597,7 @@ class _AnthropicPrompt(_Strict):
             raise FieldError("messages", f"the tool turns in messages do not add up: {exc}") from None
         return said, tools
 
-    def prompt(self, frontend: Frontend) -> tuple[list[int], Tools | None, anthropic_api.ThinkingAsked]:
+    def prompt(self, frontend: Frontend) -> tuple[list[int], Tools | None, reasoning.ThinkingAsked]:
         """The prompt (and what it asks of the tools and the thinking); a last assistant message of text is the start
         of the answer, which the model continues (as Anthropic's API prefills a response), where chat would close it
         and open a new turn."""
@@ -596,7 +625,7 @@ class AnthropicBody(_refusing("_AnthropicRefused", _AnthropicPrompt, ANTHROPIC_R
     cache_control: dict[str, Any] | None = None  # a hint: every prompt's prefix is cached while the pool holds it
     output_config: dict[str, Any] | None = None  # {"format": {"type": "json_schema", "schema": ...}}: structured
 
-    def sampling(self, tools: Tools | None, thinking: anthropic_api.ThinkingAsked) -> SamplingParams:
+    def sampling(self, tools: Tools | None, thinking: reasoning.ThinkingAsked) -> SamplingParams:
         """The record; ``tools``' grammar (a tool_choice of any or one tool) or output_config's format, and
         ``thinking``'s budget."""
         tool_grammar = tools.grammar() if tools else None
@@ -821,7 +850,9 @@ def create_app(frontend: Frontend, api_keys: tuple[str, ...] = ()) -> FastAPI:
     async def chat(body: ChatBody, request: Request):
         frontend.check_model(body.model)
         tools = _chat_tools(frontend, body)
-        rendered = _rendered(frontend, body, body.messages, tools.template_tools if tools else None)
+        asked = body.thinking(frontend)
+        template_kwargs = reasoning.with_template_kwargs(asked, body.chat_template_kwargs, "reasoning_effort")
+        rendered = _rendered(frontend, body, body.messages, tools.template_tools if tools else None, template_kwargs)
         (prompt,) = body.prompt_tokens(frontend, [rendered])
         frontend.admission.check_fits(1, body.n, "n")
         if body.top_logprobs is not None and not body.logprobs:
@@ -834,6 +865,8 @@ def create_app(frontend: Frontend, api_keys: tuple[str, ...] = ()) -> FastAPI:
         tool_grammar = tools.grammar() if tools else None
         room = frontend.room(prompt, "messages") if max_tokens is None else max_tokens
         params = body.sampling(room, logprobs, tool_grammar, defaulted=max_tokens is None)
+        if asked.budget is not None:
+            params = replace(params, thinking=True, thinking_token_budget=asked.budget)
         jobs = [
             frontend.build(prompt, choice, "messages", limit_field, body.priority) for choice in _seeded(params, body.n)
         ]
@@ -851,12 +884,13 @@ def create_app(frontend: Frontend, api_keys: tuple[str, ...] = ()) -> FastAPI:
         earlier = store.previous(previous, owner).history if previous is not None else []
         said = responses_api.messages(body.input, body.instructions, earlier)
         tools = _responses_tools(frontend, body)
-        prompt = _responses_prompt(frontend, said, tools)
+        asked = body.thinking(frontend)
+        prompt = _responses_prompt(frontend, said, tools, asked.template_kwargs)
         items = [*earlier, *responses_api.input_items(body.input)]  # what its input_items list, when stored
         if body.truncation == "auto":
-            prompt = _truncated(frontend, body, items, tools, prompt)
+            prompt = _truncated(frontend, body, items, tools, prompt, asked.template_kwargs)
         logprobs = body.logprobs(tools)
-        params = body.sampling(frontend.room(prompt, "input"), tools.grammar() if tools else None, logprobs)
+        params = body.sampling(frontend.room(prompt, "input"), tools.grammar() if tools else None, logprobs, asked)
         thinking = frontend.thinking(prompt)
         if thinking is not None and logprobs is not None:
             raise FieldError("include", "logprobs are not returned with --reasoning-parser: the text is split")
@@ -942,17 +976,25 @@ def create_app(frontend: Frontend, api_keys: tuple[str, ...] = ()) -> FastAPI:
     return app
 
 
-def _responses_prompt(frontend: Frontend, said: list[dict], tools: Tools | None) -> list[int]:
-    """The prompt of a Responses conversation's turns; a 400 naming ``input`` when its tool turns do not add up."""
+def _responses_prompt(
+    frontend: Frontend, said: list[dict], tools: Tools | None, template_kwargs: dict | None = None
+) -> list[int]:
+    """The prompt of a Responses conversation's turns (``template_kwargs``: the chat template's variables, as its
+    reasoning asks); a 400 naming ``input`` when its tool turns do not add up."""
     try:
         said = tool_turns(said, frontend.tokenizer.supports_tool_calls)
     except FieldError as exc:  # named as in the turns the items make, which are not the items' places
         raise FieldError("input", f"the turns in input do not add up: {exc}") from None
-    return frontend.encode_chat(said, tools.template_tools if tools else None)
+    return frontend.encode_chat(said, tools.template_tools if tools else None, template_kwargs=template_kwargs)
 
 
 def _truncated(
-    frontend: Frontend, body: ResponsesBody, items: list[dict], tools: Tools | None, prompt: list[int]
+    frontend: Frontend,
+    body: ResponsesBody,
+    items: list[dict],
+    tools: Tools | None,
+    prompt: list[int],
+    template_kwargs: dict | None = None,
 ) -> list[int]:
     """``truncation: "auto"``: the prompt of the conversation's latest turns that leave room for the output
     (``max_output_tokens``, or a token), dropping whole turns from the start (each kept part starts at a user
@@ -962,7 +1004,11 @@ def _truncated(
     if len(prompt) <= limit:
         return prompt
     starts = [i for i, item in enumerate(items) if i and item.get("type") == "message" and item["role"] == "user"]
-    render = lambda start: _responses_prompt(frontend, responses_api.messages(items[start:], body.instructions), tools)
+    render = (
+        lambda start: _responses_prompt(  # noqa: E731
+            frontend, responses_api.messages(items[start:], body.instructions), tools, template_kwargs
+        )
+    )
     low, high, best = 0, len(starts), prompt
     while low < high:  # the earliest start whose prompt fits: later ones are shorter
         middle = (low + high) // 2
@@ -1056,17 +1102,22 @@ def _conversation(frontend: Frontend, messages: list[ChatMessageBody]) -> list[d
 
 
 def _rendered(
-    frontend: Frontend, body: _Rendering, messages: list[ChatMessageBody], tools: list[dict] | None = None
+    frontend: Frontend,
+    body: _Rendering,
+    messages: list[ChatMessageBody],
+    tools: list[dict] | None = None,
+    template_kwargs: dict | None = None,
 ) -> list[int]:
     """``messages`` rendered and tokenized as ``body``'s fields say (``add_special_tokens``: default false, as
-    chat templates write their own BOS)."""
+    chat templates write their own BOS; ``template_kwargs``: the template's variables, if not only the body's
+    chat_template_kwargs)."""
     return frontend.encode_chat(
         _conversation(frontend, messages),
         tools,
         body.add_generation_prompt,
         bool(body.add_special_tokens),
         body.continue_final_message,
-        body.chat_template_kwargs,
+        body.chat_template_kwargs if template_kwargs is None else template_kwargs,
         body.documents,
     )
 

@@ -6,9 +6,51 @@ is engine/thinking.py's rule, which the sampler follows on the tokens and this m
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+from contract.errors import FieldError
 from engine.thinking import CLOSE, OPEN, Thinking
 
 NOT_THINKING = "the served model's thinking is not told from its answer (the server runs --reasoning-parser none)"
+EFFORTS = ("none", "minimal", "low", "medium", "high", "xhigh")  # OpenAI's reasoning efforts
+
+
+@dataclass(frozen=True)
+class ThinkingAsked:
+    """What a request asks of a reasoning model's thinking: variables of its chat template (``enable_thinking``,
+    ``reasoning_effort``, where the template reads them) and a budget of thinking tokens
+    (``SamplingParams.thinking_token_budget``)."""
+
+    template_kwargs: dict[str, bool | str]
+    budget: int | None = None
+
+
+def no_thinking(thinks: bool, template_variables: frozenset[str]) -> ThinkingAsked:
+    """No thinking: the template asked not to open it (``enable_thinking`` false, where it reads one), and one the
+    model opens anyway closed at once (a budget of 0). A model the server does not read as thinking is asked
+    nothing."""
+    if not thinks:
+        return ThinkingAsked({})
+    return ThinkingAsked({"enable_thinking": False} if "enable_thinking" in template_variables else {}, 0)
+
+
+def effort_asked(effort: str | None, field: str, thinks: bool, template_variables: frozenset[str]) -> ThinkingAsked:
+    """OpenAI's reasoning effort (chat's ``reasoning_effort``, a response's ``reasoning.effort``): the chat template's
+    ``reasoning_effort`` where it reads one (gpt-oss's does); else ``"none"`` is no thinking (``no_thinking``), and
+    another level, which only the model's template could say how to think at, is a FieldError naming ``field``."""
+    if effort is None:
+        return ThinkingAsked({})
+    if effort not in EFFORTS:
+        raise FieldError(field, f"{field} must be one of {', '.join(EFFORTS)}")
+    if "reasoning_effort" in template_variables:
+        return ThinkingAsked({"reasoning_effort": effort})
+    if effort == "none":
+        return no_thinking(thinks, template_variables)
+    raise FieldError(
+        field,
+        f"{field} {effort!r} is not offered: the model's chat template reads no reasoning_effort"
+        + ("" if thinks else f", and {NOT_THINKING}"),
+    )
 
 
 def splitter(thinking: Thinking | None) -> Splitter | None:
@@ -75,3 +117,14 @@ def split(thinking: Thinking | None, text: str) -> tuple[str, str]:
 def pieces(splitter: Splitter | None, text: str, last: bool) -> tuple[str, str]:
     """The (thinking, answer) of a streamed piece of text (``last``: the output's last); all answer without one."""
     return ("", text) if splitter is None else splitter.feed(text, last)
+
+
+def with_template_kwargs(asked: ThinkingAsked, template_kwargs: dict | None, field: str) -> dict:
+    """The chat template's variables: what the thinking asks, and ``template_kwargs`` (the request's
+    chat_template_kwargs) beside them; FieldError naming ``field`` where both set one differently."""
+    merged = dict(asked.template_kwargs)
+    for name, value in (template_kwargs or {}).items():
+        if name in merged and merged[name] != value:
+            raise FieldError(field, f"{field} sets chat_template_kwargs.{name} to {merged[name]!r}: it may not differ")
+        merged[name] = value
+    return merged

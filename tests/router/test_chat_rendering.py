@@ -4,8 +4,8 @@
 tokens they name.
 
 The chat-template checkpoint is a random Qwen2 with a trained BPE tokenizer and a Qwen3-style template that reads
-``enable_thinking`` (and renders documents and names); the oracle is transformers rendering the same conversation
-with the same arguments."""
+``enable_thinking`` and gpt-oss's ``reasoning_effort`` (and renders documents and names); the oracle is transformers
+rendering the same conversation with the same arguments."""
 
 from __future__ import annotations
 
@@ -30,6 +30,9 @@ THINKING_TEMPLATE = """{%- if documents %}
 {{- '<|im_start|>system\\nDocuments:' }}
 {%- for doc in documents %}{{- '\\n' + doc.title + ': ' + doc.text }}{%- endfor %}
 {{- '<|im_end|>\\n' }}
+{%- endif %}
+{%- if reasoning_effort is defined %}
+{{- '<|im_start|>system\\nReasoning: ' + reasoning_effort + '<|im_end|>\\n' }}
 {%- endif %}
 {%- for message in messages %}
 {{- '<|im_start|>' + message.role + (' ' + message.name if message.name is defined else '') + '\\n' }}
@@ -111,6 +114,37 @@ def test_chat_template_fields_give_the_prompt_transformers_renders(setup):
         assert out.usage.prompt_tokens == len(prompt)
         generated = token_ids([t.token for t in out.choices[0].logprobs.content])
         assert generated == greedy_ignoring_eos(setup.model, prompt, 6), fields
+
+
+def test_a_reasoning_effort_reaches_a_template_that_reads_one(setup):
+    """chat's reasoning_effort and a response's reasoning.effort are the template's reasoning_effort (gpt-oss's
+    templates say how hard to reason in the system turn): the prompt transformers renders with it, and the model's
+    greedy tokens on that prompt."""
+    client = setup.router.openai()
+    prompt = setup.oracle_ids(QUESTION, add_generation_prompt=True, reasoning_effort="low")
+    assert prompt != setup.oracle_ids(QUESTION, add_generation_prompt=True)
+    out = client.chat.completions.create(
+        model=MODEL,
+        messages=QUESTION,
+        max_tokens=6,
+        temperature=0,
+        logprobs=True,
+        reasoning_effort="low",
+        extra_body=GREEDY,
+    )
+    assert out.usage.prompt_tokens == len(prompt)
+    assert token_ids([t.token for t in out.choices[0].logprobs.content]) == greedy_ignoring_eos(setup.model, prompt, 6)
+    response = client.responses.create(
+        model=MODEL, input=QUESTION, max_output_tokens=2, temperature=0, reasoning={"effort": "high"}, store=False
+    )
+    high = setup.oracle_ids(QUESTION, add_generation_prompt=True, reasoning_effort="high")
+    assert (response.usage.input_tokens, response.reasoning.effort) == (len(high), "high")
+    for body, param in (
+        ({"reasoning_effort": "extreme"}, "reasoning_effort"),  # not one of OpenAI's levels
+        ({"reasoning_effort": "low", "chat_template_kwargs": {"reasoning_effort": "high"}}, "reasoning_effort"),
+    ):
+        request = {"model": MODEL, "messages": QUESTION, "max_tokens": 2, **body}
+        assert_error(post(setup.router, "/v1/chat/completions", request), 400, param=param)
 
 
 @pytest.mark.parametrize(

@@ -420,3 +420,35 @@ def test_anthropic_thinking_asks_the_template_and_bounds_the_thinking(served):
     too_much = {"type": "enabled", "budget_tokens": LIMIT}
     with pytest.raises(anthropic.BadRequestError, match="thinking.budget_tokens must be less than max_tokens"):
         client.messages.create(**asked, thinking=too_much)
+
+
+def test_a_reasoning_effort_of_none_is_no_thinking_and_other_levels_need_a_template_that_reads_one(served):
+    """OpenAI's reasoning effort, on a template that reads none: "none" asks the template not to open the thinking
+    (enable_thinking false, as Anthropic's disabled thinking does) and closes one opened anyway; a level is a 400
+    naming the field, as is a summary; a server without the parser takes "none" as asking nothing."""
+    unopened = _chat(served.raw, enable_thinking=False).choices[0].message.content
+    said = _chat(served.parsed, reasoning_effort="none").choices[0].message
+    assert (said.model_dump()["reasoning_content"], said.content) == (None, unopened)
+    response = _respond(served.parsed, reasoning={"effort": "none"})
+    assert [item.type for item in response.output] == ["message"] and response.output_text == unopened
+    assert response.reasoning.effort == "none"
+    assert (
+        _chat(served.raw, reasoning_effort="none").choices[0].message.content
+        == _chat(served.raw).choices[0].message.content
+    )
+    for router, body, param, says in (
+        (served.parsed, {"reasoning_effort": "low"}, "reasoning_effort", "reads no reasoning_effort"),
+        (served.raw, {"reasoning_effort": "high"}, "reasoning_effort", "--reasoning-parser none"),
+        (served.parsed, {"reasoning_effort": "none", "thinking_token_budget": 3}, "reasoning_effort", "send one"),
+        (
+            served.parsed,
+            {"reasoning_effort": "none", "chat_template_kwargs": {"enable_thinking": True}},
+            "reasoning_effort",
+            "may not differ",
+        ),
+    ):
+        error = assert_error(post(router, "/v1/chat/completions", {**_BODY, **body}), 400, param=param)
+        assert says in error["message"], error
+    for reasoning, param in (({"effort": "low"}, "reasoning.effort"), ({"summary": "auto"}, "reasoning.summary")):
+        body = {"model": MODEL, "input": QUESTION, "reasoning": reasoning}
+        assert_error(post(served.parsed, "/v1/responses", body), 400, param=param)

@@ -494,6 +494,8 @@ BEHAVIOUR = {
         "reasoning_content": reasoning_tests.test_a_reasoning_item_sent_back_is_the_assistant_turns_reasoning_content,
         "thinking_token_budget": reasoning_tests.test_a_thinking_token_budget_closes_the_thinking_there,
         "thinking": reasoning_tests.test_anthropic_thinking_asks_the_template_and_bounds_the_thinking,
+        "reasoning_effort": rendering_tests.test_a_reasoning_effort_reaches_a_template_that_reads_one,
+        "reasoning": rendering_tests.test_a_reasoning_effort_reaches_a_template_that_reads_one,
         "tools": structured_tests.test_tools_reach_the_template_and_auto_or_none_leave_text,
         "tool_choice": structured_tests.test_named_tool_choice_returns_a_call_whose_arguments_validate,
         "parallel_tool_calls": structured_tests.test_tools_reach_the_template_and_auto_or_none_leave_text,
