@@ -49,7 +49,7 @@ from router.config import cors_origin_list
 from router.frontend import Frontend, Overloaded, check_request_id, log_access, serving
 from router.json_route import JsonBodyRoute
 from router.orchestrator import Delta, GenerationError, GenerationRequest, failure
-from router.stored_responses import ResponseStore
+from router.stored_responses import ResponseStore, Stored
 from router.structured import (
     ANTHROPIC,
     CHAT,
@@ -473,8 +473,6 @@ class ResponsesBody(_refusing("_ResponsesRefused", _Strict, RESPONSES_REFUSED)):
         """Whether the response is stored; FieldError naming what the store cannot do for this request."""
         stored = store.enabled if self.store is None else self.store
         store.check(stored, self.background, self.previous_response_id)
-        if self.background and self.stream:
-            raise FieldError("background", "a background response is polled (GET /v1/responses/{id}), not streamed")
         return stored
 
     def logprobs(self, tools: Tools | None) -> int | None:
@@ -905,7 +903,12 @@ def create_app(frontend: Frontend, api_keys: tuple[str, ...] = ()) -> FastAPI:
 
         if body.background:
             queued = shape.response("queued")
-            store.run(store.put(queued, items, owner), _in_background(frontend, shape, job, len(prompt), tools))
+            stored_now = store.put(queued, items, owner, background=True)
+            store.run(stored_now, _in_background(frontend, shape, job, len(prompt), tools, stored_now))
+            if body.stream:  # its events as they come; the client may leave and stream it again from any of them
+                return StreamingResponse(
+                    store.follow(stored_now), media_type="text/event-stream", headers=_STREAM_HEADERS
+                )
             return JSONResponse(queued)
         deltas = frontend.stream(job)
         if body.stream:
@@ -949,9 +952,24 @@ def create_app(frontend: Frontend, api_keys: tuple[str, ...] = ()) -> FastAPI:
         return {"input_tokens": len(body.prompt(frontend)[0])}
 
     @app.get("/v1/responses/{response_id}", responses=errors(400, *_GUARDED, 404))
-    async def stored_response(response_id: str, request: Request) -> dict:
-        _query(request)
-        return frontend.responses.get(response_id, _owner(request)).response
+    async def stored_response(
+        response_id: str, request: Request, stream: str = "false", starting_after: str | None = None
+    ):
+        """The stored response; with ``stream=true``, a background one's events after ``starting_after`` (its
+        sequence number; default: from the first), as they come until its last."""
+        _query(request, "stream", "starting_after")
+        stored = frontend.responses.get(response_id, _owner(request))
+        if stream not in ("true", "false"):
+            raise FieldError("stream", "stream must be true or false")
+        if stream == "false":
+            if starting_after is not None:
+                raise FieldError("starting_after", "starting_after is for stream=true")
+            return stored.response
+        if stored.events is None:
+            raise FieldError("stream", "only a background response is streamed again: this one came in its request")
+        after = _integer_query("starting_after", starting_after, -1) if starting_after is not None else -1
+        events = frontend.responses.follow(stored, after)
+        return StreamingResponse(events, media_type="text/event-stream", headers=_STREAM_HEADERS)
 
     @app.delete("/v1/responses/{response_id}", responses=errors(400, *_GUARDED, 404))
     async def delete_response(response_id: str, request: Request) -> dict:
@@ -1021,28 +1039,34 @@ def _truncated(
 
 
 async def _in_background(
-    frontend: Frontend, shape: responses_api.ResponseShape, job: GenerationRequest, prompt_tokens: int, tools
+    frontend: Frontend,
+    shape: responses_api.ResponseShape,
+    job: GenerationRequest,
+    prompt_tokens: int,
+    tools,
+    stored: Stored,
 ) -> None:
     """A background response's generation: queued until its first token, in progress until its end, which it
-    writes to the store (failed with its error, or cancelled). Whatever ends it, the response ends: a client
-    polling it is never left with one in progress for good."""
+    writes to the store (failed with its error, or cancelled), its stream's events kept as they come. Whatever ends
+    it, the response ends: a client polling or following it is never left with one in progress for good."""
     store, generated = frontend.responses, responses_api.Generated()
     held = tools is not None and tools.parses
+    events = responses_api.events(
+        shape, frontend.stream(job), prompt_tokens, _error_body, tools, store.update, True, generated
+    )
     try:
-        async for delta in frontend.stream(job):
-            if not generated.texts:
+        async for event in events:
+            if generated.texts and stored.response["status"] == "queued":
                 store.update(shape.response("in_progress"))
-            generated.add(delta)
-        store.update(shape.finished(generated, prompt_tokens, tools))
-    except (GenerationError, TimeoutError) as exc:
-        message = _error_body(failure(exc))["error"]["message"]
-        store.update(shape.failed(generated, message, held))
+            store.record(stored, event)
     except asyncio.CancelledError:
         store.update(shape.response("cancelled"))
         raise
     except Exception:  # a fault of this server's (a request's own faults are GenerationErrors): logged, and failed
         log.exception("background response %s failed", shape.id)
         store.update(shape.failed(generated, "the server failed this response (its log says why)", held))
+    finally:
+        store.end_events(stored)
 
 
 def _owner(request: Request) -> str:
@@ -1061,6 +1085,13 @@ def _query(request: Request, *allowed: str) -> None:
 
 
 MAX_PAGE = 100  # OpenAI's limit on one page of a list
+
+
+def _integer_query(name: str, value: str, low: int) -> int:
+    """A query parameter's integer, at least ``low``; FieldError naming it otherwise."""
+    if not re.fullmatch(r"-?[0-9]{1,18}", value) or int(value) < low:
+        raise FieldError(name, f"{name} must be an integer of at least {low}")
+    return int(value)
 
 
 def _page(items: list[dict], limit: str, order: str, after: str | None) -> dict:

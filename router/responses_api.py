@@ -332,12 +332,16 @@ async def events(
     error_body,
     tools: Tools | None = None,
     ended: Callable[[dict], None] = lambda response: None,
+    background: bool = False,
+    generated: Generated | None = None,
 ) -> AsyncIterator[str]:
     """The SSE stream of a response: created; the message's item and part opened, a delta per piece of text, all
     closed; then ``response.completed`` (``response.incomplete`` at the token limit). With tools, the text is held
     to its end, where calls are read out of it: each output item then opens, fills and closes in turn (a call's
     arguments as one delta). A generation that fails midway ends with an ``error`` event and ``response.failed``
-    (``error_body``: OpenAI's error object of a GenerationError). ``ended`` gets the last event's response."""
+    (``error_body``: OpenAI's error object of a GenerationError). ``ended`` gets the last event's response.
+    ``background``: the response is created queued (``response.queued``), in progress from its first token;
+    ``generated``: what the deltas add up to, kept where the caller reads it."""
     sequence = 0
 
     def event(kind: str, **fields) -> str:
@@ -361,14 +365,29 @@ async def events(
         yield event("response.output_item.added", output_index=len(opened) - 1, item=item)
         yield event("response.content_part.added", **where(kind), part=part)
 
-    yield event("response.created", response=shape.response("in_progress"))
-    yield event("response.in_progress", response=shape.response("in_progress"))
-    if not held and splitter is None:  # the text is the message's from its first token
-        for said in open_item("message"):
+    started = False
+
+    def start() -> Iterator[str]:
+        nonlocal started
+        if started:
+            return
+        started = True
+        yield event("response.in_progress", response=shape.response("in_progress"))
+        if not held and splitter is None:  # the text is the message's from its first token
+            yield from open_item("message")
+
+    created = "queued" if background else "in_progress"
+    yield event("response.created", response=shape.response(created))
+    if background:
+        yield event("response.queued", response=shape.response(created))
+    else:
+        for said in start():
             yield said
-    generated = Generated()
+    generated = Generated() if generated is None else generated
     try:
         async for delta in deltas:
+            for said in start():
+                yield said
             generated.add(delta)
             thinking, text = reasoning.pieces(splitter, delta.text, bool(delta.finish_reason))
             if thinking:
@@ -381,12 +400,16 @@ async def events(
                 logprobs = shape.logprobs(delta.logprobs)
                 yield event("response.output_text.delta", **where("message"), delta=text, logprobs=logprobs)
     except (GenerationError, TimeoutError) as exc:
+        for said in start():
+            yield said
         error = error_body(failure(exc))["error"]
         yield event("error", code=error["code"], message=error["message"], param=error["param"])
         failed = shape.failed(generated, error["message"], held)
         ended(failed)
         yield event("response.failed", response=failed)
         return
+    for said in start():
+        yield said
     final = shape.finished(generated, prompt_tokens, tools)
     for index, item in enumerate(final["output"]):
         kind = item["type"]

@@ -1,7 +1,9 @@
 """The Responses API's store: each stored response's latest answer and the input items that made it (earlier turns'
 included), so that a later request continues it (``previous_response_id``), a client reads it back
 (``GET /v1/responses/{id}`` and its ``input_items``) or deletes it, and a background response runs on after its
-request has been answered (polled until it ends; cancellable).
+request has been answered (polled until it ends; cancellable). A background response keeps its stream's events, so
+a client streams it from any event on (``GET /v1/responses/{id}?stream=true&starting_after=n``), while it runs and
+after, as OpenAI's do.
 
 A stored response is the API key's whose request made it: another key's requests do not find it. One router owns
 its store, in memory, bounded by the bytes its responses take as JSON (``responses_store_mb``): past
@@ -15,7 +17,7 @@ import asyncio
 import hmac
 import json
 from collections import OrderedDict
-from collections.abc import Coroutine
+from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,6 +37,10 @@ class Stored:
     owner: str = ""  # the API key's hash whose request made it: only that key's requests find it ("": no keys)
     size: int = 0
     task: asyncio.Task | None = field(default=None, repr=False)  # a background response's generation
+    events: list[str] | None = field(default=None, repr=False)  # a background response's stream, event by event
+    events_size: int = 0
+    ended: bool = False  # a background response's stream has its last event
+    grew: asyncio.Event = field(default_factory=asyncio.Event, repr=False)  # set (and replaced) at each event
 
     @property
     def history(self) -> list[dict[str, Any]]:
@@ -96,9 +102,12 @@ class ResponseStore:
         """The stored response (now the most recently used); 404 when there is none by that id of ``owner``'s."""
         return self._find(response_id, owner)
 
-    def put(self, response: dict[str, Any], items: list[dict[str, Any]], owner: str = "") -> Stored:
-        """Stores a response of ``owner``'s; then the least recently used finished ones go until the store fits."""
-        stored = Stored(response, items, owner)
+    def put(
+        self, response: dict[str, Any], items: list[dict[str, Any]], owner: str = "", background: bool = False
+    ) -> Stored:
+        """Stores a response of ``owner``'s (``background``: one whose stream's events are kept as they come);
+        then the least recently used finished ones go until the store fits."""
+        stored = Stored(response, items, owner, events=[] if background else None)
         self._stored[response["id"]] = stored
         self._resize(stored)
         return stored
@@ -110,8 +119,39 @@ class ResponseStore:
             stored.response = response
             self._resize(stored)
 
+    def record(self, stored: Stored, event: str) -> None:
+        """A background response's next event (its sequence number its place in ``events``), to its followers."""
+        stored.events.append(event)
+        stored.events_size += len(event)
+        self._wake(stored)
+
+    def end_events(self, stored: Stored) -> None:
+        """A background response's stream has ended (whatever ended its generation); its events now count against
+        the store's bound."""
+        stored.ended = True
+        self._wake(stored)
+        if stored.response["id"] in self._stored:
+            self._resize(stored)
+
+    @staticmethod
+    def _wake(stored: Stored) -> None:
+        grew, stored.grew = stored.grew, asyncio.Event()
+        grew.set()
+
+    async def follow(self, stored: Stored, starting_after: int = -1) -> AsyncIterator[str]:
+        """A background response's events after the one numbered ``starting_after``, as they come, to its last."""
+        index = starting_after + 1
+        while True:
+            grew = stored.grew
+            while index < len(stored.events):
+                yield stored.events[index]
+                index += 1
+            if stored.ended:
+                return
+            await grew.wait()
+
     def _resize(self, stored: Stored) -> None:
-        size = len(json.dumps(stored.response)) + len(json.dumps(stored.items))
+        size = len(json.dumps(stored.response)) + len(json.dumps(stored.items)) + stored.events_size
         self.bytes += size - stored.size
         stored.size = size
         excess, dropped = self.bytes - self.max_bytes, []

@@ -1,7 +1,8 @@
 """The Responses API's store through the real router and workers, with the OpenAI SDK: a stored response is continued
 by ``previous_response_id`` (the model sees the chat of every earlier turn, as a chat completion of the same turns
 answers, token for token), read back whole and by its input items (paged as OpenAI pages them), deleted, and run in
-the background (polled to its end, or cancelled with its KV back in the pool); what the store cannot do is a 4xx
+the background (polled to its end, streamed as it runs and again from any event, or cancelled with its KV back in
+the pool); what the store cannot do is a 4xx
 naming it; the store keeps to its bound, dropping the least recently used first."""
 
 from __future__ import annotations
@@ -151,7 +152,6 @@ def test_deleted_and_unstored_responses_are_gone_with_a_404_naming_them(router, 
     ("body", "param"),
     [
         ({"background": True, "store": False}, "background"),
-        ({"background": True, "stream": True}, "background"),
         ({"conversation": "conv_1"}, "conversation"),
     ],
     ids=lambda value: value if isinstance(value, str) else None,
@@ -194,6 +194,48 @@ def test_a_background_response_is_polled_to_the_answer_it_would_have_given(clien
     assert counted(polled) == counted(foreground)
     # Cancelling one that ended changes nothing.
     assert client.responses.cancel(queued.id).status == foreground.status
+
+
+def test_a_background_response_streams_as_it_runs_and_again_from_any_event(client):
+    """Created with stream true, a background response streams its events as a foreground one does, but created
+    queued (response.queued, then in progress from its first token); the client may leave, and
+    retrieve(stream=True, starting_after=n) gives the same events after the n-th again."""
+    foreground = list(_create(client, input=THIRD, stream=True))
+    streamed = list(_create(client, input=THIRD, background=True, stream=True))
+    kinds = [event.type for event in streamed]
+    assert kinds[:3] == ["response.created", "response.queued", "response.in_progress"]
+    assert streamed[0].response.status == "queued" and streamed[0].response.background
+    assert kinds[3:] == [event.type for event in foreground][2:]  # after created and in_progress: the same
+    assert [e.sequence_number for e in streamed] == list(range(len(streamed)))
+    text = lambda events: "".join(e.delta for e in events if e.type == "response.output_text.delta")  # noqa: E731
+    assert (
+        text(streamed) == text(foreground) and streamed[-1].response.output_text == foreground[-1].response.output_text
+    )
+    response_id = streamed[0].response.id
+    assert client.responses.retrieve(response_id).status == streamed[-1].response.status
+    for after in (-1, 0, 4, len(streamed) - 2, len(streamed) - 1):
+        again = list(client.responses.retrieve(response_id, stream=True, starting_after=after))
+        assert [e.model_dump() for e in again] == [e.model_dump() for e in streamed[after + 1 :]], after
+    again = list(client.responses.retrieve(response_id, stream=True))
+    assert [e.model_dump() for e in again] == [e.model_dump() for e in streamed]
+
+
+def test_a_background_response_followed_while_it_runs_ends_its_stream_when_cancelled(router, cluster, client):
+    long = _long_in_background(client, cluster)
+    followed = client.responses.retrieve(long.id, stream=True)
+    first = [next(iter(followed)) for _ in range(5)]
+    assert [e.type for e in first[:3]] == ["response.created", "response.queued", "response.in_progress"]
+    assert client.responses.cancel(long.id).status == "cancelled"
+    rest = list(followed)  # the stream ends: its response was cancelled
+    assert all(e.type != "response.completed" for e in rest)
+    base = f"{router.http}/v1/responses/{long.id}"
+    for url, param in [
+        (f"{base}?stream=true&starting_after=-2", "starting_after"),
+        (f"{base}?stream=true&starting_after=x", "starting_after"),
+        (f"{base}?starting_after=3", "starting_after"),
+        (f"{base}?stream=yes", "stream"),
+    ]:
+        assert_error(httpx.get(url, timeout=10), 400, param=param)
 
 
 def _long_in_background(client: openai.OpenAI, cluster):
