@@ -20,6 +20,7 @@ from engine.errors import InvalidRequestError
 from engine.grammar import GrammarCompiler
 from engine.thinking import CLOSE, OPEN
 from tests.checkpoints import close_thinking_at, hf_greedy, write_thinking_model
+from tests.gpu.test_gpu import sample_every_field
 
 TEMPLATE = "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
 ASKED = "<|im_start|>user\nWhat is 2 + 2?<|im_end|>\n<|im_start|>assistant\n"
@@ -158,3 +159,12 @@ def test_what_cannot_think_is_refused(thinker, tmp_path):
     with pytest.raises(InvalidRequestError, match="not in allowed_token_ids"):
         thinker.engine.add_request("r", thinker.inside, allowed)
     assert not thinker.engine.has_unfinished()
+
+
+def test_the_gpu_tests_sampling_run_holds_on_the_cpu():
+    """tests/gpu's run of every sampling field (a reasoning model's row among them) on CPU logits: what the GPU test
+    asserts holds here, so that a GPU run tests the device, not the helper."""
+    got = sample_every_field("cpu")
+    assert got["thinking_closed_at"] is not None and got["thinking_closed_at"] <= 3 and got["thinking_terminated"]
+    assert isinstance(json.loads(got["thinking_answer"])["n"], int)
+    assert got["grammar_terminated"] and got["seeded_repeats"] and got["greedy_repeats"]

@@ -193,11 +193,13 @@ def test_device_checksum_agrees_across_pools_and_catches_a_flipped_byte():
 
 def sample_every_field(device: str) -> dict:
     """The sampler over random logits on ``device`` with every SamplingParams field at once, a batch of
-    three rows (seeded, unseeded, greedy with logprobs), 24 steps; and a JSON-schema grammar to its end.
-    Returns what the GPU test checks (tests/engine covers the fields' meaning on CPU)."""
+    three rows (seeded, unseeded, greedy with logprobs), 24 steps; a JSON-schema grammar to its end; and a reasoning
+    model's row, its thinking closed by its budget before the grammar holds its answer. Returns what the GPU test
+    checks (tests/engine covers the fields' meaning on CPU; test_thinking.py runs this on the CPU too)."""
     from contract import grammar as specs
     from engine.grammar import GrammarCompiler
     from engine.sampler import Sampler, SamplingState
+    from engine.thinking import ThinkTags, Thoughts
     from engine.tokenizer import ByteTokenizer
 
     vocab, banned = 320, 7
@@ -246,6 +248,21 @@ def sample_every_field(device: str) -> dict:
         (token,) = sampler.sample(torch.randn(1, vocab, generator=noise, device=device) * 5, [state]).token_ids
         state.record(token)
         generated.append(token)
+    # A reasoning model's row (engine/thinking.py): free while it thinks, </think> forced once 3 tokens are thought,
+    # then the grammar holds the answer.
+    tags = ThinkTags(open_id=300, close_id=301)
+    thinking = SamplingParams(
+        max_tokens=64, temperature=1.0, seed=4, grammar=grammar, thinking=True, thinking_token_budget=3
+    )
+    prompt = [5, tags.open_id]
+    matcher, thoughts = compiler.matcher(grammar, prompt), Thoughts(tags.after(prompt), 3)
+    thinker = SamplingState(thinking, prompt, grammar=matcher, thoughts=thoughts)
+    thought: list[int] = []
+    while not thinker.grammar.terminated and len(thought) < 64:
+        (token,) = sampler.sample(torch.randn(1, vocab, generator=noise, device=device) * 5, [thinker]).token_ids
+        thinker.record(token)
+        thought.append(token)
+    closed = thought.index(tags.close_id) if tags.close_id in thought else None
     return {
         "tokens": first,
         "seeded_repeats": first[0] == again[0],
@@ -254,6 +271,9 @@ def sample_every_field(device: str) -> dict:
         "logprobs_complete": all(entry is not None for entry in logprobs),
         "grammar_text": tokenizer.decode(generated),
         "grammar_terminated": state.grammar.terminated,
+        "thinking_closed_at": closed,
+        "thinking_answer": None if closed is None else tokenizer.decode(thought[closed + 1 :]),
+        "thinking_terminated": thinker.grammar.terminated,
     }
 
 
@@ -267,3 +287,5 @@ def test_every_sampling_field_runs_on_cuda_logits():
     assert got["logprobs_complete"]
     assert got["grammar_terminated"]
     assert isinstance(json.loads(got["grammar_text"])["n"], int)
+    assert got["thinking_closed_at"] is not None and got["thinking_closed_at"] <= 3 and got["thinking_terminated"]
+    assert isinstance(json.loads(got["thinking_answer"])["n"], int)
