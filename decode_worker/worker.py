@@ -238,6 +238,9 @@ class DecodeWorker(WorkerBase, decode_pb2_grpc.DecodeWorkerServicer):
 
         def start(request: decode_pb2.GenerateRequest) -> None:
             with lock:
+                if request.request_id in running:  # its answers could not be told from the running one's
+                    log.warning("generate stream: request id %r sent again while it runs; ignored", request.request_id)
+                    return
                 running[request.request_id] = request
 
             def deliver(_request_id: str, item) -> None:

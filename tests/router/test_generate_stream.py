@@ -139,3 +139,30 @@ def test_a_lost_worker_fails_every_request_on_its_stream_and_the_next_opens_anot
                 worker.stop()
     assert errors == [grpc.StatusCode.UNAVAILABLE] * 3
     assert len(_said(again)[0]) == 2 and opened >= 2
+
+
+def test_a_worker_ignores_an_id_sent_again_on_its_stream_while_it_runs(cluster):
+    """The router never sends an id twice (the link refuses it); a stream that does anyway gets the running
+    request's answers, once, where the second took the first's place and the client got an error for both."""
+    request = _request("again", [5, 6, 7], 5, ignore_eos=True)
+
+    async def scenario(stub, link):
+        finished = asyncio.Event()
+
+        async def requests():
+            for _ in range(2):
+                yield decode_pb2.GenerateStreamRequest(generate=request)
+            await finished.wait()  # then the client has written its last request
+
+        answers = []
+        async for message in stub.GenerateStream(requests()):
+            answers.append(message)
+            if message.HasField("error") or message.response.finish_reason:
+                finished.set()
+        return answers
+
+    answers = _run(cluster.decode.address, scenario)
+    assert not any(a.HasField("error") for a in answers), answers
+    assert {a.request_id for a in answers} == {"again"}
+    assert [a.response.finish_reason for a in answers if a.response.finish_reason] == ["length"]
+    assert len([t for a in answers for t in a.response.token_ids]) == 5
