@@ -2,5 +2,7 @@
 number, checked by the KV handshake (``KVLayout.protocol_version``) and by routers (``ModelCard``).
 Bump it when a change would make old and new peers misread each other."""
 
-# 2: PrefillRequest.ticket_follows and SendTicket; 3: Ticket.lease_ms (the lease left) replaces its wall-clock deadline
-PROTOCOL_VERSION = 3
+# 2: PrefillRequest.ticket_follows and SendTicket; 3: Ticket.lease_ms (the lease left) replaces its wall-clock deadline;
+# 4: DecodeWorker.GenerateStream, which routers send every Generate on, and SamplingParams.thinking and
+# thinking_token_budget, which an older worker would drop unread (a grammar holding the thinking, no budget)
+PROTOCOL_VERSION = 4
