@@ -13,6 +13,7 @@ from engine.thinking import CLOSE, OPEN, Thinking
 
 NOT_THINKING = "the served model's thinking is not told from its answer (the server runs --reasoning-parser none)"
 EFFORTS = ("none", "minimal", "low", "medium", "high", "xhigh")  # OpenAI's reasoning efforts
+DEFAULT_EFFORT = "medium"  # OpenAI's, where a request names none
 
 
 @dataclass(frozen=True)
@@ -36,8 +37,9 @@ def no_thinking(thinks: bool, template_variables: frozenset[str]) -> ThinkingAsk
 
 def effort_asked(effort: str | None, field: str, thinks: bool, template_variables: frozenset[str]) -> ThinkingAsked:
     """OpenAI's reasoning effort (chat's ``reasoning_effort``, a response's ``reasoning.effort``): the chat template's
-    ``reasoning_effort`` where it reads one (gpt-oss's does); else ``"none"`` is no thinking (``no_thinking``), and
-    another level, which only the model's template could say how to think at, is a FieldError naming ``field``."""
+    ``reasoning_effort`` where it reads one (gpt-oss's does); else ``"none"`` is no thinking (``no_thinking``),
+    ``"medium"`` (OpenAI's default) the model's own thinking, and another level, which only the model's template
+    could say how to think at, is a FieldError naming ``field``."""
     if effort is None:
         return ThinkingAsked({})
     if effort not in EFFORTS:
@@ -46,6 +48,8 @@ def effort_asked(effort: str | None, field: str, thinks: bool, template_variable
         return ThinkingAsked({"reasoning_effort": effort})
     if effort == "none":
         return no_thinking(thinks, template_variables)
+    if effort == DEFAULT_EFFORT:  # OpenAI's default level: the model's own thinking, all a model without levels has
+        return ThinkingAsked({})
     raise FieldError(
         field,
         f"{field} {effort!r} is not offered: the model's chat template reads no reasoning_effort"

@@ -424,18 +424,21 @@ def test_anthropic_thinking_asks_the_template_and_bounds_the_thinking(served):
 
 def test_a_reasoning_effort_of_none_is_no_thinking_and_other_levels_need_a_template_that_reads_one(served):
     """OpenAI's reasoning effort, on a template that reads none: "none" asks the template not to open the thinking
-    (enable_thinking false, as Anthropic's disabled thinking does) and closes one opened anyway; a level is a 400
-    naming the field, as is a summary; a server without the parser takes "none" as asking nothing."""
+    (enable_thinking false, as Anthropic's disabled thinking does) and closes one opened anyway; "medium" (OpenAI's
+    default) is the model's own thinking; another level is a 400 naming the field, as is a summary; a server without
+    the parser takes "none" as asking nothing."""
     unopened = _chat(served.raw, enable_thinking=False).choices[0].message.content
     said = _chat(served.parsed, reasoning_effort="none").choices[0].message
     assert (said.model_dump()["reasoning_content"], said.content) == (None, unopened)
     response = _respond(served.parsed, reasoning={"effort": "none"})
     assert [item.type for item in response.output] == ["message"] and response.output_text == unopened
     assert response.reasoning.effort == "none"
-    assert (
-        _chat(served.raw, reasoning_effort="none").choices[0].message.content
-        == _chat(served.raw).choices[0].message.content
-    )
+    plain = _chat(served.raw).choices[0].message.content
+    assert _chat(served.raw, reasoning_effort="none").choices[0].message.content == plain
+    # "medium", OpenAI's default, is the model's own thinking (what a client sending the default asks).
+    thinking, answer = _raw_parts(served)
+    medium = _chat(served.parsed, reasoning_effort="medium").choices[0].message
+    assert (medium.model_dump()["reasoning_content"], medium.content) == (thinking, answer)
     for router, body, param, says in (
         (served.parsed, {"reasoning_effort": "low"}, "reasoning_effort", "reads no reasoning_effort"),
         (served.raw, {"reasoning_effort": "high"}, "reasoning_effort", "--reasoning-parser none"),
