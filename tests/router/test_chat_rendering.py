@@ -139,6 +139,19 @@ def test_a_reasoning_effort_reaches_a_template_that_reads_one(setup):
     )
     high = setup.oracle_ids(QUESTION, add_generation_prompt=True, reasoning_effort="high")
     assert (response.usage.input_tokens, response.reasoning.effort) == (len(high), "high")
+    # truncation "auto" renders the turns it keeps as the whole was rendered: with the effort.
+    long = [{"role": "user", "content": "colour " * 900}, {"role": "assistant", "content": "Blue."}, *QUESTION]
+    assert len(setup.oracle_ids(long, add_generation_prompt=True)) > MAX_MODEL_LEN - 1100
+    truncated = client.responses.create(
+        model=MODEL,
+        input=long,
+        max_output_tokens=1100,
+        temperature=0,
+        reasoning={"effort": "high"},
+        truncation="auto",
+        store=False,
+    )
+    assert truncated.usage.input_tokens == len(high), "the last user turn, rendered with the effort"
     for body, param in (
         ({"reasoning_effort": "extreme"}, "reasoning_effort"),  # not one of OpenAI's levels
         ({"reasoning_effort": "low", "chat_template_kwargs": {"reasoning_effort": "high"}}, "reasoning_effort"),
