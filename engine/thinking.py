@@ -60,12 +60,8 @@ class Thinking:
 
     def tokens(self, output_ids: Sequence[int]) -> int:
         """How many of the output's tokens are its thinking (its closing tag, and an opening one, included)."""
-        if not self.inside and (not output_ids or output_ids[0] != self.tags.open_id):
-            return 0
-        for index, token in enumerate(output_ids):
-            if token == self.tags.close_id:
-                return index + 1
-        return len(output_ids)
+        thoughts = Thoughts(self)
+        return sum(not thoughts.record(token) for token in output_ids)
 
 
 class Thoughts:
@@ -79,10 +75,6 @@ class Thoughts:
         self.at_start = not thinking.inside
         self.inside = thinking.inside
         self.thought = 0
-
-    @property
-    def answering(self) -> bool:
-        return not self.at_start and not self.inside
 
     @property
     def forced(self) -> int | None:

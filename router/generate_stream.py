@@ -68,6 +68,11 @@ class StreamedCall:
         self._end()
         return True
 
+    def _wake(self) -> None:
+        """A read waiting for the next item goes on."""
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
     def add_done_callback(self, callback: Callable) -> None:
         if self._done:
             callback(self)
@@ -90,15 +95,13 @@ class StreamedCall:
 
     def _put(self, item) -> None:
         self._items.append(item)
-        if self._waiter is not None and not self._waiter.done():
-            self._waiter.set_result(None)
+        self._wake()
 
     def _end(self) -> None:
         if self._done:
             return
         self._done = True
-        if self._waiter is not None and not self._waiter.done():
-            self._waiter.set_result(None)
+        self._wake()
         self._link.forget(self)
         for callback in self._callbacks:
             callback(self)

@@ -301,18 +301,26 @@ class _SamplingFields(_Strict):
         return [p[-keep:] for p in prompts]
 
     def sampling(
-        self, max_tokens: int, logprobs: int | None, grammar: Grammar | None = None, defaulted: bool = False
+        self,
+        max_tokens: int,
+        logprobs: int | None,
+        grammar: Grammar | None = None,
+        defaulted: bool = False,
+        budget: int | None = None,
     ) -> SamplingParams:
         """The sampling record; fields named as in the record pass through. FieldError names a bad one.
         ``grammar`` (a tool_choice's) stands for the structured-output fields, which then must be unset.
-        ``defaulted``: the client set no max_tokens (the engine may lower ``max_tokens`` to fit its KV pool)."""
+        ``defaulted``: the client set no max_tokens (the engine may lower ``max_tokens`` to fit its KV pool).
+        ``budget``: the thinking's, where another field asks one (chat's reasoning_effort none) for the body's
+        thinking_token_budget."""
         if self.stream_options is not None and not self.stream:
             raise FieldError("stream_options", "stream_options is only allowed when stream is true")
         if self.prompt_logprobs is not None and self.stream:
             raise FieldError("prompt_logprobs", "prompt_logprobs are not returned when stream is true")
         same = {name: getattr(self, name) for name in _record_fields(type(self))}
         same.update(stop=self.stop or (), stop_token_ids=tuple(self.stop_token_ids or ()))
-        same.update(bad_words=tuple(self.bad_words or ()), thinking=self.thinking_token_budget is not None)
+        budget = self.thinking_token_budget if budget is None else budget
+        same.update(bad_words=tuple(self.bad_words or ()), thinking=budget is not None, thinking_token_budget=budget)
         same.update(logit_bias=_logit_bias_ids(self.logit_bias or {}), min_tokens=self.min_tokens)
         asked = grammar_from_fields(self)
         if grammar is not None and asked is not None:
@@ -862,9 +870,7 @@ def create_app(frontend: Frontend, api_keys: tuple[str, ...] = ()) -> FastAPI:
         max_tokens = getattr(body, limit_field)
         tool_grammar = tools.grammar() if tools else None
         room = frontend.room(prompt, "messages") if max_tokens is None else max_tokens
-        params = body.sampling(room, logprobs, tool_grammar, defaulted=max_tokens is None)
-        if asked.budget is not None:
-            params = replace(params, thinking=True, thinking_token_budget=asked.budget)
+        params = body.sampling(room, logprobs, tool_grammar, defaulted=max_tokens is None, budget=asked.budget)
         jobs = [
             frontend.build(prompt, choice, "messages", limit_field, body.priority) for choice in _seeded(params, body.n)
         ]
@@ -1051,8 +1057,9 @@ async def _in_background(
     it, the response ends: a client polling or following it is never left with one in progress for good."""
     store, generated = frontend.responses, responses_api.Generated()
     held = tools is not None and tools.parses
+    deltas = frontend.stream(job)
     events = responses_api.events(
-        shape, frontend.stream(job), prompt_tokens, _error_body, tools, store.update, True, generated
+        shape, deltas, prompt_tokens, _error_body, tools, store.update, background=True, generated=generated
     )
     try:
         async for event in events:
