@@ -20,10 +20,11 @@ pool's memory, the receiver reads straight into the reservation's blocks while t
 (so they are never written after the reservation stopped, nor freed while written). Adjacent blocks
 go as one run; the checksum is xxh3 over the regions in block order (kv_transfer/integrity.py),
 hashed in place on both sides. The checksums follow the regions, in the frame's trailer: the sender
-hashes a group of pieces (``SEND_GROUP_BYTES``) just after sending it, while the receiver lands it,
-rather than hashing a whole frame before its first byte (which held a second link's first byte up
-0.4-1.6 ms at 16 MiB on two cores), and each side hashes bytes its copy just brought into cache.
-The receiver hashes each piece as it lands and compares once the trailer came; a mismatch refuses the
+sends a frame in chunks of at most ``IN_CACHE_BYTES`` and hashes each just after it went, while the
+receiver lands it, rather than hashing a whole frame before its first byte (which held a second
+link's first byte up 0.4-1.6 ms at 16 MiB on two cores); the receiver reads each piece in such
+chunks and hashes each as it lands. So each side hashes bytes its own copy just brought into cache,
+never a second pass over memory. The receiver compares once the trailer came; a mismatch refuses the
 frame and stops the reservation (its blocks were written, pinned, and are never adopted). A pool in
 GPU memory is staged: the sender queues each piece's copy into pinned host memory on a side stream
 behind the layer's CUDA event (as the PushKV path does) and sends and hashes that buffer; the
@@ -94,7 +95,7 @@ from engine.layer_ready import COMPLETED, LayerReady
 from kv_transfer.errors import TransferError
 from kv_transfer.grpc_transport import DEFAULT_CHUNK_BYTES, GrpcKVSender, stage_regions
 from kv_transfer.inbox import KVInbox
-from kv_transfer.integrity import region_views, views_checksum
+from kv_transfer.integrity import in_cache_sized, region_views, running_checksum
 from kv_transfer.sender import OutboundSession, OutOfBandSession, Peer
 from protos import common_pb2, decode_pb2, kv_transfer_pb2
 from protos.cluster_auth import ClusterAuth, end_silent_peers
@@ -115,7 +116,6 @@ MAX_COMMIT_BYTES = 64 * 1024  # both together: a first token's logprobs and a tr
 ACK_HEADER = struct.Struct("!I")
 DEFAULT_CONNECTIONS = 2
 DEFAULT_PIECE_BYTES = 8 * 1024 * 1024  # a layer larger than this is cut into pieces (spread over links)
-SEND_GROUP_BYTES = 1 << 20  # a frame's pieces go in sends of about this much, each hashed once it went
 SOCKET_BUFFER_BYTES = 32 * 1024 * 1024  # ~ the bandwidth-delay product of 100 Gb/s x 2.5 ms
 CONNECT_TIMEOUT_S = 5.0
 RECONNECT_S = 5.0  # after a failed connect, a peer's KV goes in gRPC messages this long before the next try
@@ -410,19 +410,23 @@ class BulkReceiver:
         received = 0
         hashing = checked and self.inbox.verify_checksums
 
-        def fill(layer: int, blocks) -> int:  # a piece's regions, in as few calls as the kernel allows
+        def fill(layer: int, blocks) -> int:  # a piece's regions, each chunk hashed as soon as it landed, in cache
             nonlocal received
             if staging is None:
                 views = region_views(self.inbox.cache, layer, blocks)
-                _recv_views(sock, views)
             else:  # through a host buffer, then copied into the pool
                 views = [staging.view(len(blocks) * region)]
-                _recv_exactly(sock, views[0])
-            received += len(blocks) * region
-            digest = views_checksum(views) if hashing else 0
+            digest = running_checksum()
+            for chunk in in_cache_sized(views):
+                parts = [part for _, part in chunk]
+                _recv_views(sock, parts)
+                received += sum(len(part) for part in parts)
+                if hashing:
+                    for part in parts:
+                        digest.update(part)
             if staging is not None:
                 self.inbox.cache.write_regions(layer, blocks, staging.regions(len(blocks), region))
-            return digest
+            return digest.intdigest() if hashing else 0
 
         def checksums() -> tuple[int, ...]:
             nonlocal received
@@ -694,20 +698,20 @@ class BulkLink:
             return bool(sent)
 
     def _send_pieces(self, sent: list[_Piece], groups: list[list]) -> None:
-        """The pieces' bytes in sends of SEND_GROUP_BYTES or so, each group hashed once its bytes went (while
-        the receiver lands them), then the trailer of checksums."""
+        """The pieces' bytes in sends of at most IN_CACHE_BYTES, each hashed as soon as it went (the copy left
+        it in cache; the receiver lands it meanwhile), then the trailer of checksums."""
         session = sent[0].session
         pieces = [(p.layer, p.dst_blocks) for p in sent]
+        owners = [index for index, regions in enumerate(groups) for _ in regions]  # each view's piece
+        digests = [running_checksum() for _ in sent]
         buffers = [frame_header(session.request_id, session.ticket.token, pieces, self.verify)]
-        checksums, start, size = [], 0, 0
-        for end, (piece, regions) in enumerate(zip(sent, groups), 1):
-            buffers += regions
-            size += piece.nbytes
-            if size >= SEND_GROUP_BYTES or end == len(sent):
-                _send_all(self.sock, buffers)
-                checksums += [views_checksum(r) if self.verify else 0 for r in groups[start:end]]
-                start, buffers, size = end, [], 0
-        _send_all(self.sock, [frame_trailer(checksums)])
+        for chunk in in_cache_sized([view for regions in groups for view in regions]):
+            _send_all(self.sock, buffers + [part for _, part in chunk])
+            buffers = []
+            if self.verify:
+                for index, part in chunk:
+                    digests[owners[index]].update(part)
+        _send_all(self.sock, [frame_trailer([d.intdigest() if self.verify else 0 for d in digests])])
 
     def _readable(self, pieces: list) -> tuple[list, list, int]:
         """The pieces still to send, each one's buffers, and the bytes of those released before they were read."""
