@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import random
+import socket
 import subprocess
 import sys
 import threading
@@ -77,9 +79,32 @@ def running(*processes: subprocess.Popen):
         stop(*processes)
 
 
-def free_port() -> int:
-    import socket
+_PORTS_GIVEN: set[int] = set()
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+
+def free_port() -> int:
+    """A port on 127.0.0.1 that is free now, for a server this process starts next to bind. It lies below the
+    kernel's ephemeral range, so no port-0 bind (a worker's gRPC server) and no outgoing connection can take it
+    in between, and it is never given twice by this process."""
+    low = _ephemeral_low()
+    for _ in range(2000):
+        port = random.randrange(10_000, low) if low > 12_000 else 0
+        if port in _PORTS_GIVEN:
+            continue
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            port = sock.getsockname()[1]
+        _PORTS_GIVEN.add(port)
+        return port
+    raise RuntimeError("no free port below the ephemeral range")
+
+
+def _ephemeral_low() -> int:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as ports:
+            return int(ports.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 0  # not Linux: the kernel picks (port 0)

@@ -5,7 +5,6 @@ router ports and scrapes each with the scheme its prometheus.io/scheme annotatio
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -13,6 +12,7 @@ from pathlib import Path
 import httpx
 import yaml
 
+from bench.processes import free_port
 from tests.deploy.conftest import chart_objects, one
 from tests.deploy.test_wiring import SCRAPE_CONFIG, discovered_targets, kuberay_pods
 
@@ -42,12 +42,6 @@ def test_promtool_checks_the_scrape_job(tmp_path):
     assert _promtool("check", "config", str(broken)).returncode != 0, "promtool checks no relabelling here"
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _file_sd_groups() -> list[dict]:
     """Every container port of both releases' pods, each a target group carrying the labels kubernetes_sd gives it."""
     groups = []
@@ -65,7 +59,7 @@ def _prometheus_targets(directory: Path) -> dict:
     groups = _file_sd_groups()
     (directory / "targets.json").write_text(json.dumps(groups))
     config = _job_config(directory)
-    url = f"http://127.0.0.1:{_free_port()}"
+    url = f"http://127.0.0.1:{free_port()}"
     log = directory / "prometheus.log"
     with log.open("w") as out:
         process = subprocess.Popen(
