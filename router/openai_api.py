@@ -49,7 +49,7 @@ from router.config import cors_origin_list
 from router.frontend import Frontend, Overloaded, check_request_id, log_access, serving
 from router.json_route import JsonBodyRoute
 from router.orchestrator import Delta, GenerationError, GenerationRequest, failure
-from router.stored_responses import ResponseStore, Stored
+from router.stored_responses import ENDED, ResponseStore, Stored
 from router.structured import (
     ANTHROPIC,
     CHAT,
@@ -1071,7 +1071,8 @@ async def _in_background(
         raise
     except Exception:  # a fault of this server's (a request's own faults are GenerationErrors): logged, and failed
         log.exception("background response %s failed", shape.id)
-        store.update(shape.failed(generated, "the server failed this response (its log says why)", held))
+        if stored.response["status"] not in ENDED:  # failed before its events could say so
+            store.update(shape.failed(generated, responses_api.SERVER_FAULT, held))
     finally:
         store.end_events(stored)
 

@@ -325,6 +325,9 @@ class Generated:
         }
 
 
+SERVER_FAULT = "the server failed this response (its log says why)"
+
+
 async def events(
     shape: ResponseShape,
     deltas: AsyncIterator[Delta],
@@ -339,7 +342,8 @@ async def events(
     closed; then ``response.completed`` (``response.incomplete`` at the token limit). With tools, the text is held
     to its end, where calls are read out of it: each output item then opens, fills and closes in turn (a call's
     arguments as one delta). A generation that fails midway ends with an ``error`` event and ``response.failed``
-    (``error_body``: OpenAI's error object of a GenerationError). ``ended`` gets the last event's response.
+    (``error_body``: OpenAI's error object of a GenerationError); in the background, so does a fault of the
+    server's own (SERVER_FAULT), which is then raised for the caller to log. ``ended`` gets the last event's response.
     ``background``: the response is created queued (``response.queued``), in progress from its first token;
     ``generated``: what the deltas add up to, kept where the caller reads it."""
     sequence = 0
@@ -399,14 +403,19 @@ async def events(
                     yield said
                 logprobs = shape.logprobs(delta.logprobs)
                 yield event("response.output_text.delta", **where("message"), delta=text, logprobs=logprobs)
-    except (GenerationError, TimeoutError) as exc:
+    except Exception as exc:
+        ours = not isinstance(exc, (GenerationError, TimeoutError))  # a fault of this server's, not of the request
+        if ours and not background:
+            raise  # the client's connection breaks; the route logs why
         for said in start():
             yield said
-        error = error_body(failure(exc))["error"]
+        error = error_body(GenerationError(SERVER_FAULT, 500, "server_error") if ours else failure(exc))["error"]
         yield event("error", code=error["code"], message=error["message"], param=error["param"])
         failed = shape.failed(generated, error["message"], held)
         ended(failed)
         yield event("response.failed", response=failed)
+        if ours:
+            raise  # the background task logs it, once its followers have the end
         return
     for said in start():
         yield said

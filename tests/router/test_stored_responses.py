@@ -280,7 +280,15 @@ def test_a_background_response_whose_generation_breaks_ends_failed(make_router, 
     wait_for(lambda: router.openai().responses.retrieve(queued.id).status != "queued", 10, "the response to end")
     ended = router.openai().responses.retrieve(queued.id)
     assert ended.status == "failed" and "its log says why" in ended.error.message
-    assert "a bug" in caplog.text
+    assert "a bug" in caplog.text and len([r for r in caplog.records if r.levelname == "ERROR"]) == 1  # logged once
+    # Its stream ends as a failed one does, so that a client following it learns the end from the stream.
+    streamed = list(router.openai().responses.retrieve(queued.id, stream=True))
+    kinds = [e.type for e in streamed]
+    assert kinds[:3] == ["response.created", "response.queued", "response.in_progress"], kinds
+    assert kinds[-2:] == ["error", "response.failed"], kinds
+    assert streamed[-2].code == "server_error" and "its log says why" in streamed[-2].message
+    assert streamed[-1].response.model_dump() == ended.model_dump()
+    assert [e.sequence_number for e in streamed] == list(range(len(streamed)))
 
 
 def test_a_router_stopping_gives_background_responses_its_grace_then_fails_them_naming_the_stop(make_router, cluster):
