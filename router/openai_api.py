@@ -100,6 +100,7 @@ _SAMPLING_HONOURED = frozenset(
         "bad_words",
         "priority",
         "thinking_token_budget",
+        "request_id",
         # structured output (router/structured.py): one grammar from any one of these
         "response_format",
         "guided_json",
@@ -154,7 +155,6 @@ _SAMPLING_REFUSED: dict[str, Refusal] = {
     # true, vLLM's default that clients send, is what the tokenizer does with the special tokens' texts it keeps
     "spaces_between_special_tokens": Refusal("special tokens are decoded as the tokenizer joins them", (None, True)),
     "logits_processors": Refusal(),
-    "request_id": Refusal(),
 }
 COMPLETION_REFUSED: dict[str, Refusal] = {
     **_SAMPLING_REFUSED,
@@ -251,6 +251,7 @@ class StreamOptions(_Strict):
 
 class _SamplingFields(_Strict):
     model: str | None = None
+    request_id: str | None = None  # vLLM's: the client's name for the request, as X-Request-Id is (_name_request)
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = -1
@@ -802,6 +803,7 @@ def create_app(frontend: Frontend, api_keys: tuple[str, ...] = ()) -> FastAPI:
     @generating("/v1/completions")
     async def completions(body: CompletionBody, request: Request):
         frontend.check_model(body.model)
+        _name_request(request, body.request_id)
         sent = _completion_prompts(frontend, body.prompt, body.add_special_tokens is not False)
         prompts = body.prompt_tokens(frontend, sent)
         # Text is echoed as sent, unless truncate_prompt_tokens cut it: then the tokens kept, decoded.
@@ -855,6 +857,7 @@ def create_app(frontend: Frontend, api_keys: tuple[str, ...] = ()) -> FastAPI:
     @generating("/v1/chat/completions")
     async def chat(body: ChatBody, request: Request):
         frontend.check_model(body.model)
+        _name_request(request, body.request_id)
         tools = _chat_tools(frontend, body)
         asked = body.thinking(frontend)
         template_kwargs = reasoning.with_template_kwargs(asked, body.chat_template_kwargs, "reasoning_effort")
@@ -1983,6 +1986,7 @@ class _Guard:
         request_id = request_id or f"req_{secrets.token_hex(16)}"
         serving(request_id)
         answer = _Answer(send, request_id, anthropic_api.is_anthropic(scope["path"]))
+        scope.setdefault("state", {})["answer"] = answer  # a body's request_id renames it (_name_request)
         try:
             if refusal is not None:
                 await refusal(scope, receive, answer)
@@ -1991,8 +1995,8 @@ class _Guard:
         finally:
             if self.access_log:
                 host, port = (scope.get("client") or ("-", 0))[:2]
-                request = f"{scope['method']} {scope['path']}"
-                log_access(f"{host}:{port}", request, answer.status or "-", started, request_id)  # -: client gone
+                request = f"{scope['method']} {scope['path']}"  # status "-": the client left before an answer
+                log_access(f"{host}:{port}", request, answer.status or "-", started, answer.request_id)
 
     async def _guarded(self, scope, receive, send: _Answer, headers: Headers) -> None:
         path = scope["path"]
@@ -2045,6 +2049,21 @@ _CLIENT_GONE = object()
 REQUEST_ID_HEADER = "x-request-id"
 
 
+def _name_request(request: Request, request_id: str | None) -> None:
+    """vLLM's ``request_id`` field: the client's name for its request, honoured as X-Request-Id is (the answer's
+    header, the router's log lines, the trace); a 400 naming it where the header names the request otherwise."""
+    if not request_id:
+        return
+    check_request_id(request_id, "request_id")
+    if not (request_id.isascii() and request_id.isprintable()):  # it goes out as a header
+        raise FieldError("request_id", "request_id must be printable ASCII")
+    sent = request.headers.get(REQUEST_ID_HEADER)
+    if sent and sent != request_id:
+        raise FieldError("request_id", f"request_id {request_id!r} differs from the X-Request-Id header {sent!r}")
+    request.scope["state"]["answer"].request_id = request_id
+    serving(request_id)
+
+
 class _Answer:
     """The ASGI ``send`` of one request: adds its X-Request-Id header to the response's start, and keeps its status.
     ``anthropic``: an error answer's body is rewritten into Anthropic's error shape (router/anthropic_api.py), one
@@ -2052,7 +2071,7 @@ class _Answer:
 
     def __init__(self, send, request_id: str, anthropic: bool = False) -> None:
         self._send = send
-        self._request_id = request_id.encode("latin-1")
+        self.request_id = request_id
         self._anthropic = anthropic
         self._held: dict | None = None  # an error's response start, sent with its rewritten body
         self.status = 0
@@ -2060,7 +2079,7 @@ class _Answer:
     async def __call__(self, message) -> None:
         if message["type"] == "http.response.start":
             self.status = message["status"]
-            message["headers"] = [*message.get("headers", ()), (b"x-request-id", self._request_id)]
+            message["headers"] = [*message.get("headers", ()), (b"x-request-id", self.request_id.encode("latin-1"))]
             if self._anthropic and self.status >= 400:
                 self._held = message
                 return

@@ -22,6 +22,7 @@ import tests.router.test_openai_api as api_tests
 import tests.router.test_openai_contract as contract_tests
 import tests.router.test_priority as priority_tests
 import tests.router.test_reasoning as reasoning_tests
+import tests.router.test_request_id as request_id_tests
 import tests.router.test_responses_api as responses_tests
 import tests.router.test_stored_responses as stored_tests
 import tests.router.test_structured_output as structured_tests
@@ -455,6 +456,7 @@ BEHAVIOUR = {
     "http": {
         **_SAMPLING_BEHAVIOUR,
         "model": error_tests.test_unknown_model,
+        "request_id": request_id_tests.test_vllms_request_id_field_names_the_request_as_the_header_does,
         "prompt": api_tests.test_greedy_fp32_equals_transformers,
         "messages": api_tests.test_stream_and_non_stream_agree,
         "role": api_tests.test_stream_and_non_stream_agree,

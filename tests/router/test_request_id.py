@@ -114,3 +114,41 @@ def test_the_access_log_has_a_line_per_request_naming_its_id_and_is_off_by_defau
 
 def _access_lines(caplog) -> list[str]:
     return [r.getMessage() for r in caplog.records if r.name == "splitserve.access"]
+
+
+def test_vllms_request_id_field_names_the_request_as_the_header_does(make_router, cluster, caplog):
+    """vLLM's body field ``request_id`` is the client's name for the request, as X-Request-Id is: it comes back in
+    the answer's header and names the request in the access log; refused by name where the header names the
+    request otherwise, or where it could not go out as a header."""
+    logged = make_router(cluster.prefills, [cluster.decode], access_log=True)
+    client = openai.OpenAI(base_url=f"{logged.http}/v1", api_key="none", max_retries=0, timeout=60)
+    with caplog.at_level(logging.DEBUG, logger="splitserve.access"):
+        completion = client.completions.create(
+            model=SERVED_MODEL, prompt="1 2 3", max_tokens=2, temperature=0, extra_body={"request_id": "body-1"}
+        )
+        wait_until(lambda: _access_lines(caplog), 10, what="the access log line")
+    assert completion._request_id == "body-1"
+    assert re.fullmatch(
+        r'127\.0\.0\.1:\d+ "POST /v1/completions" 200 [\d.]+ ms request_id=body-1', _access_lines(caplog)[0]
+    )
+    with client.chat.completions.with_streaming_response.create(
+        model=SERVED_MODEL,
+        messages=[{"role": "user", "content": "hi"}],
+        max_tokens=3,
+        stream=True,
+        extra_body={"request_id": "body-2"},
+        extra_headers={"X-Request-Id": "body-2"},  # the same id both ways is the same name
+    ) as response:
+        assert response.headers["x-request-id"] == "body-2"
+        assert "data: [DONE]" in response.read().decode()
+    for request_id, header in [("body-3", "other-3"), ("é-4", None), ("line\n5", None), ("r" * 257, None), (6, None)]:
+        with pytest.raises(openai.BadRequestError) as refused:
+            client.completions.create(
+                model=SERVED_MODEL,
+                prompt="1",
+                max_tokens=1,
+                extra_body={"request_id": request_id},
+                extra_headers={"X-Request-Id": header} if header else None,
+            )
+        assert refused.value.body["param"] == "request_id", (request_id, refused.value.body)
+        assert refused.value.request_id == header or MADE.fullmatch(refused.value.request_id)
