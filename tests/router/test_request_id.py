@@ -31,15 +31,16 @@ def test_the_clients_request_id_comes_back_on_a_completion_and_a_stream(client):
         model=SERVED_MODEL, prompt="1 2 3", max_tokens=3, temperature=0, extra_headers={"X-Request-Id": "client-7 a"}
     )
     assert completion._request_id == "client-7 a"
+    assert _streamed_chat_request_id(client, extra_headers={"X-Request-Id": "stream-8"}) == "stream-8"
+
+
+def _streamed_chat_request_id(client: openai.OpenAI, **extra) -> str:
+    """A streamed chat completion's X-Request-Id, once its stream ended."""
     with client.chat.completions.with_streaming_response.create(
-        model=SERVED_MODEL,
-        messages=[{"role": "user", "content": "hi"}],
-        max_tokens=3,
-        stream=True,
-        extra_headers={"X-Request-Id": "stream-8"},
+        model=SERVED_MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=3, stream=True, **extra
     ) as response:
-        assert response.headers["x-request-id"] == "stream-8"
         assert "data: [DONE]" in response.read().decode()
+        return response.headers["x-request-id"]
 
 
 def test_without_one_the_router_makes_a_fresh_id_for_each_answer(client, router):
@@ -131,16 +132,8 @@ def test_vllms_request_id_field_names_the_request_as_the_header_does(make_router
     assert re.fullmatch(
         r'127\.0\.0\.1:\d+ "POST /v1/completions" 200 [\d.]+ ms request_id=body-1', _access_lines(caplog)[0]
     )
-    with client.chat.completions.with_streaming_response.create(
-        model=SERVED_MODEL,
-        messages=[{"role": "user", "content": "hi"}],
-        max_tokens=3,
-        stream=True,
-        extra_body={"request_id": "body-2"},
-        extra_headers={"X-Request-Id": "body-2"},  # the same id both ways is the same name
-    ) as response:
-        assert response.headers["x-request-id"] == "body-2"
-        assert "data: [DONE]" in response.read().decode()
+    same = {"extra_body": {"request_id": "body-2"}, "extra_headers": {"X-Request-Id": "body-2"}}  # one name, twice
+    assert _streamed_chat_request_id(client, **same) == "body-2"
     for request_id, header in [("body-3", "other-3"), ("é-4", None), ("line\n5", None), ("r" * 257, None), (6, None)]:
         with pytest.raises(openai.BadRequestError) as refused:
             client.completions.create(
