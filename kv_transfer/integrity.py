@@ -60,12 +60,12 @@ def views_checksum(views: Sequence[memoryview]) -> int:
     return digest.intdigest()
 
 
-def in_cache_sized(views: Sequence[memoryview], limit: int = IN_CACHE_BYTES) -> Iterator[list[tuple[int, memoryview]]]:
-    """The views' bytes, in order, as consecutive chunks of at most ``limit`` bytes, each a list of (index of the
+def in_cache_sized(views: Sequence[memoryview]) -> Iterator[list[tuple[int, memoryview]]]:
+    """The views' bytes, in order, as consecutive chunks of at most IN_CACHE_BYTES, each a list of (index of the
     view it is from, part of that view); a view is split where a chunk ends. A host transport copies a chunk and
     hashes it at once, while the copy left it in the core's cache: xxh3 right after a 512 KiB copy reads ~40 GB/s
     here, against ~10 GB/s over a 16 MiB one (Emerald Rapids, docs/PERFORMANCE.md)."""
-    chunk, size = [], 0
+    limit, chunk, size = IN_CACHE_BYTES, [], 0
     for index, view in enumerate(views):
         while len(view):
             part = view[: limit - size]

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from engine.kv_cache import KVLayout, PagedKVCache
-from kv_transfer import bulk_transport, receiver_service
+from kv_transfer import bulk_transport, integrity, receiver_service
 from kv_transfer.bulk_transport import (
     BulkKVSender,
     BulkLink,
@@ -113,11 +113,17 @@ def _assert_landed(receiver: Receiver, source: PagedKVCache, dst_blocks: list[in
         assert torch.equal(receiver.cache.read_regions(layer, dst_blocks), source.read_regions(layer, SRC_BLOCKS))
 
 
+@pytest.mark.parametrize("in_cache_bytes", [integrity.IN_CACHE_BYTES, 1000], ids=["whole-pieces", "cut-pieces"])
 @pytest.mark.parametrize("staged", [False, True], ids=["sent-in-place", "sent-staged"])
 @pytest.mark.parametrize("connections,piece_bytes", [(1, 1 << 20), (3, 2 * 512)])
-def test_bulk_kv_lands_byte_identical_in_the_reserved_blocks(receiver, connections, piece_bytes, staged):
+def test_bulk_kv_lands_byte_identical_in_the_reserved_blocks(
+    receiver, connections, piece_bytes, staged, in_cache_bytes, monkeypatch
+):
     """Either end in place or staged (a GPU pool's path: each piece's regions copied to host memory and
-    sent from there; landed through a host buffer): one checksum, the same bytes in the same blocks."""
+    sent from there; landed through a host buffer): one checksum, the same bytes in the same blocks. Both
+    ends move and hash a piece in chunks of IN_CACHE_BYTES: chunks of 1000 bytes cut the 512-byte regions
+    and runs mid-way, as 512 KiB chunks cut a GPU prefill's layers."""
+    monkeypatch.setattr(integrity, "IN_CACHE_BYTES", in_cache_bytes)
     source = _source()
     sender = BulkKVSender(
         receiver.layout,
@@ -196,7 +202,9 @@ class FlippingProxy:
         self.listener.close()
 
 
-def test_a_byte_flipped_on_the_wire_is_refused_and_stops_the_reservation(receiver):
+@pytest.mark.parametrize("in_cache_bytes", [integrity.IN_CACHE_BYTES, 700], ids=["whole-pieces", "cut-pieces"])
+def test_a_byte_flipped_on_the_wire_is_refused_and_stops_the_reservation(receiver, in_cache_bytes, monkeypatch):
+    monkeypatch.setattr(integrity, "IN_CACHE_BYTES", in_cache_bytes)  # 700: the flip lands in a piece's 2nd chunk
     source = _source(seed=4)
     hello = 32  # the sender's side of the hello: its proof
     # A byte inside the first layer's regions, however many layers the first frame carries.

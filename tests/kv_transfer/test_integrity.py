@@ -6,7 +6,16 @@ from __future__ import annotations
 import torch
 
 from engine.kv_cache import KVLayout, PagedKVCache
-from kv_transfer.integrity import checksum, device_checksum, region_checksum, region_views, views_checksum
+from kv_transfer import integrity
+from kv_transfer.integrity import (
+    checksum,
+    device_checksum,
+    in_cache_sized,
+    region_checksum,
+    region_views,
+    running_checksum,
+    views_checksum,
+)
 
 LAYOUT = KVLayout(num_layers=2, num_blocks=12, block_size=4, num_kv_heads=2, head_dim=8, dtype="bfloat16")
 BLOCKS = [7, 0, 3, 11]
@@ -78,3 +87,21 @@ def test_region_views_write_into_the_pool_itself():
     view[:] = bytes(range(256)) * (len(view) // 256)
     assert cache.read_regions(0, [8, 9]).numpy().tobytes() == bytes(view)
     assert cache.read_regions(0, [8]).view(-1)[:4].tolist() == [0, 1, 2, 3]
+
+
+def test_in_cache_sized_cuts_views_into_chunks_of_at_most_the_limit_in_order(monkeypatch):
+    monkeypatch.setattr(integrity, "IN_CACHE_BYTES", 100)
+    data = bytes(range(256)) * 4
+    views = [memoryview(data)[a:b] for a, b in [(0, 30), (30, 30), (30, 250), (250, 300), (300, 1024)]]
+    chunks = list(in_cache_sized(views))
+    assert [sum(len(part) for _, part in chunk) for chunk in chunks] == [100] * 10 + [24]
+    by_view = {}
+    for chunk in chunks:
+        for index, part in chunk:
+            by_view[index] = by_view.get(index, b"") + bytes(part)
+    assert by_view == {i: bytes(v) for i, v in enumerate(views) if len(v)}  # each view whole, in order; none empty
+    digest = running_checksum()  # a checksum streamed over the cuts is the whole one
+    for chunk in chunks:
+        for _, part in chunk:
+            digest.update(part)
+    assert digest.intdigest() == checksum(data)
