@@ -337,14 +337,26 @@ class Frontend:
                             self._check_decode_workers()  # names the incompatible workers, if that is why
                             message = with_reasons("no decode worker is ready", self.pool.unavailable("decode"))
                             raise Overloaded(message, 503, retry_after=2)
+                        loop = asyncio.get_running_loop()
                         if self._cut_reason is None:
-                            deadline.reschedule(asyncio.get_running_loop().time() + self.config.request_timeout_s)
+                            deadline.reschedule(loop.time() + self.config.request_timeout_s)
                         async with contextlib.aclosing(self.orchestrator.generate(request)) as deltas:
                             async for delta in deltas:
+                                # The deadline's cancel must land here, never in the caller's send of a delta: a
+                                # gRPC write cancelled so is left with no status at all. So a cut that came with
+                                # this delta (its timeout fires a loop turn later) ends the request now, and the
+                                # deadline waits while the caller holds the delta; its time is checked after.
+                                if self._cut_reason is not None:
+                                    raise GenerationError(self._cut_reason, 503)
+                                due = deadline.when()
+                                deadline.reschedule(None)
                                 self._in_flight[deadline] = False
                                 yield delta
                                 if self._cut_reason is not None:  # cut while the caller sent this delta
                                     raise GenerationError(self._cut_reason, 503)
+                                if due is not None and loop.time() >= due:
+                                    raise TimeoutError  # the request's time ran out while the caller sent it
+                                deadline.reschedule(due)
                                 self._in_flight[deadline] = True
                 finally:
                     del self._in_flight[deadline]

@@ -9,6 +9,7 @@ A real `splitserve router` process over the shared workers; its client is the `o
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import signal
 import socket
@@ -21,7 +22,9 @@ import openai
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from contract.sampling import SamplingParams
 from protos import common_pb2, generate_pb2, generate_pb2_grpc
+from router.orchestrator import Delta, GenerationError
 from tests.router.conftest import SERVED_MODEL, RouterProcess, free_port
 from tests.workers.harness import wait_idle, wait_until
 
@@ -235,3 +238,70 @@ def test_a_grpc_stream_in_flight_at_sigterm_finishes(checkpoint, cluster, rng):
         assert "Traceback" not in router.stop()
     finally:
         router.stop()
+
+
+def test_a_cut_while_a_delta_arrives_ends_the_stream_with_the_stop_not_in_the_callers_send(make_router, cluster):
+    """A cut brings a waiting request's deadline forward; its timeout fires a loop turn later. When the request's
+    next delta arrives in between, the request must end with the stop there and then: handed to the caller, the
+    delta would be followed by the timeout's cancel landing in the caller's own send (a gRPC call's write, which
+    then never ends with the stop's status: test_a_cut_grpc_call_ends_unavailable_naming_the_stop did so under
+    load)."""
+    router = make_router(cluster.prefills, [cluster.decode])
+    frontend = router.router.frontend
+
+    async def scenario() -> tuple[str, str]:
+        loop = asyncio.get_running_loop()
+        second = loop.create_future()
+        stream = _scripted_stream(frontend, second)
+        await anext(stream)
+        # Once the request waits for its next delta: that delta, then the cut, in the same loop turn.
+        loop.call_soon(lambda: (second.set_result(Delta((6,), "b")), frontend.cut("stopping now")))
+        try:
+            await anext(stream)
+        except GenerationError as exc:
+            outcome = f"ended: {exc}"
+        else:
+            outcome = "delta handed to the caller"
+        return outcome, await _send(stream, 0.05)
+
+    assert router.run(scenario(), 10) == ("ended: stopping now", "the caller's send went on")
+
+
+def test_a_request_whose_time_runs_out_while_its_caller_sends_a_delta_times_out_after_the_send(make_router, cluster):
+    """The request's own deadline waits while its caller sends a delta, for the same reason, and ends the request
+    at its next step if it passed meanwhile."""
+    router = make_router(cluster.prefills, [cluster.decode], request_timeout_s=0.2)
+    frontend = router.router.frontend
+
+    async def scenario() -> tuple[str, str]:
+        stream = _scripted_stream(frontend, asyncio.get_running_loop().create_future())  # no second delta
+        await anext(stream)
+        sent = await _send(stream, 0.4)  # a send longer than the request's whole time
+        try:
+            await anext(stream)
+        except TimeoutError:
+            return sent, "timed out at its next step"
+        return sent, "went on"
+
+    assert router.run(scenario(), 10) == ("the caller's send went on", "timed out at its next step")
+
+
+def _scripted_stream(frontend, second: asyncio.Future):
+    """``frontend.stream`` of a request whose deltas are one at once, then ``second``'s when it is set."""
+
+    async def generate(request):
+        yield Delta((5,), "a")
+        yield await second
+
+    frontend.orchestrator.generate = generate
+    return frontend.stream(frontend.build([3, 4, 5], SamplingParams(max_tokens=4)))
+
+
+async def _send(stream, seconds: float) -> str:
+    """The caller sending what it got (a write that takes ``seconds``): whether the request's deadline cancelled it."""
+    try:
+        await asyncio.sleep(seconds)
+    except asyncio.CancelledError:
+        await stream.aclose()
+        return "the caller's send was cancelled"
+    return "the caller's send went on"
