@@ -97,9 +97,13 @@ class EngineLoop:
         name: str = "engine-loop",
         after_step: Callable[[Engine, list[RequestOutput]], None] | None = None,
         idle_interval: float = 0.05,
+        after_call: Callable[[Engine], None] | None = None,
     ) -> None:
+        """``after_step``: run after every loop iteration; ``after_call``: after each call, before its caller has
+        its result (a worker's stats snapshot: what a call did shows in Stats once the call returned)."""
         self.engine = engine
         self._after_step = after_step
+        self._after_call = after_call
         self._idle_interval = idle_interval
         self._calls: queue.SimpleQueue[tuple[Callable[[Engine], object], Future]] = queue.SimpleQueue()
         self._wake = threading.Event()
@@ -222,9 +226,20 @@ class EngineLoop:
             if not future.set_running_or_notify_cancel():
                 continue
             try:
-                future.set_result(fn(self.engine))
+                result = fn(self.engine)
             except BaseException as exc:  # noqa: BLE001 - handed to the caller
+                self._called()
                 future.set_exception(exc)
+            else:
+                self._called()
+                future.set_result(result)
+
+    def _called(self) -> None:
+        if self._after_call is not None:
+            try:
+                self._after_call(self.engine)
+            except Exception:  # a bug in a hook must not fail the call, nor stop the loop
+                log.exception("after-call hook failed")
 
     def _step(self) -> list[RequestOutput]:
         try:

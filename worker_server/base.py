@@ -130,7 +130,9 @@ class WorkerBase(ABC):
         ).to_wire()
         # Stats and /metrics read what the engine thread published after its last step, never wait for a step.
         self.engine_snapshot = self.engine.stats()
-        self.loop = EngineLoop(self.engine, name=engine_thread_name(self.role), after_step=self._after_step)
+        self.loop = EngineLoop(
+            self.engine, name=engine_thread_name(self.role), after_step=self._after_step, after_call=self._snapshot
+        )
         self.server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=max_rpc_threads),
             interceptors=server_interceptors(self.auth),
@@ -183,6 +185,10 @@ class WorkerBase(ABC):
 
     def _after_step(self, engine: Engine, outputs: list[RequestOutput]) -> None:
         self.after_step(engine, outputs)
+        self._snapshot(engine)
+
+    def _snapshot(self, engine: Engine) -> None:
+        """After every step and every call (a Reserve's blocks show in Stats once it answered)."""
         self.engine_snapshot = engine.stats()  # one reference swap: readers see a whole snapshot
 
     # -- shared RPCs ------------------------------------------------------------------------------

@@ -11,9 +11,12 @@ import statistics
 import sys
 import time
 
+import pytest
+
 from contract.sampling import SamplingParams
 from engine.config import EngineConfig
 from engine.engine import Engine
+from engine.errors import EngineError
 from engine.loop import EngineLoop
 from engine.request import RequestState
 from tests.engine.test_failure_isolation import model_dir  # noqa: F401 (fixture)
@@ -86,5 +89,23 @@ def test_a_posted_call_that_fails_is_logged_by_name_and_the_loop_serves_on(model
         failures = [r for r in caplog.records if r.name == "engine.loop"]
         assert [r.getMessage() for r in failures] == ["stopping r-7 failed on the engine thread"]
         assert isinstance(failures[0].exc_info[1], KeyError)
+    finally:
+        loop.stop()
+
+
+def test_a_call_returns_once_the_after_call_hook_has_seen_what_it_did(model_dir):  # noqa: F811
+    """A worker's Stats answer from the snapshot its hooks take: one taken after each call, before the caller has
+    the result, is what lets a Reserve's blocks show in the Stats asked for next (after the next step only, they
+    did not yet when that step was slow to come)."""
+    engine = Engine(EngineConfig(model=model_dir, dtype="float32", num_kv_blocks=64))
+    seen: list[tuple[int, int]] = []
+    loop = EngineLoop(engine, after_call=lambda e: seen.append((e.stats().blocks_used, e.stats().waiting_for_kv)))
+    loop.start()
+    try:
+        loop.call(lambda e: e.reserve("r", list(range(3, 40)), PARAMS))  # 37 tokens: 3 blocks of 16
+        assert seen[-1] == (3, 1)
+        with pytest.raises(EngineError, match="already"):  # the same id again: refused; the hook runs all the same
+            loop.call(lambda e: e.reserve("r", list(range(3, 40)), PARAMS))
+        assert len(seen) == 2 and seen[-1] == (3, 1)
     finally:
         loop.stop()
