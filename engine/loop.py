@@ -226,20 +226,18 @@ class EngineLoop:
             if not future.set_running_or_notify_cancel():
                 continue
             try:
-                result = fn(self.engine)
+                result, error = fn(self.engine), None
             except BaseException as exc:  # noqa: BLE001 - handed to the caller
-                self._called()
-                future.set_exception(exc)
-            else:
-                self._called()
+                result, error = None, exc
+            if self._after_call is not None:
+                try:
+                    self._after_call(self.engine)
+                except Exception:  # a bug in a hook must not fail the call, nor stop the loop
+                    log.exception("after-call hook failed")
+            if error is None:
                 future.set_result(result)
-
-    def _called(self) -> None:
-        if self._after_call is not None:
-            try:
-                self._after_call(self.engine)
-            except Exception:  # a bug in a hook must not fail the call, nor stop the loop
-                log.exception("after-call hook failed")
+            else:
+                future.set_exception(error)
 
     def _step(self) -> list[RequestOutput]:
         try:
