@@ -3,7 +3,7 @@
 1. TTFT the router adds: the same 1-token request (same prompt, same sampling record on the wire) straight to the
    decode worker's gRPC Generate vs through the router's HTTP API, from this process, in rounds whose order is drawn
    at random; p50 and p99 of each path, their difference checked against the targets (1 ms p50, 2 ms p99). The router
-   sends its requests on one stream per worker (router/generate_stream.py), a client's direct call is a call of its
+   sends its requests on one stream per worker (router/worker_streams.py), a client's direct call is a call of its
    own: the same request straight on such a stream is measured too, and what the router's HTTP, validation and
    routing cost against it is printed apart. The HTTP side uses a minimal keep-alive HTTP/1.1 client, so that what is
    measured is the router and not an HTTP client library; what httpx would add on top is measured too.
@@ -32,7 +32,7 @@ from bench.sim.host import stat_ticks
 from contract.sampling import SamplingParams
 from protos import decode_pb2, decode_pb2_grpc
 from protos.cluster_auth import ClusterAuth
-from router.generate_stream import GenerateLink
+from router.worker_streams import GenerateLink
 
 PROMPT = list(range(3, 35))
 TARGET_P50_MS = 1.0

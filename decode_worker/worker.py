@@ -29,6 +29,7 @@ from kv_transfer.inbox import KVInbox
 from kv_transfer.receiver_service import KVReceiverService
 from protos import common_pb2, decode_pb2, decode_pb2_grpc, kv_transfer_pb2_grpc
 from worker_server.base import WorkerBase, abort_on_error, logprob_from_wire, output_to_wire, status_of
+from worker_server.calls import call_status, serve_calls
 from worker_server.security import peer_of
 from worker_server.tracing import trace_kv_receiver
 
@@ -118,6 +119,9 @@ class DecodeWorker(WorkerBase, decode_pb2_grpc.DecodeWorkerServicer):
             )
         except (EngineError, TransferError, ValueError) as exc:
             abort_on_error(context, exc)
+        if not context.is_active():  # its caller left meanwhile: nobody will claim or abort the reservation
+            self._cancel(request.request_id, "the Reserve call ended before its ticket went")
+            context.abort(grpc.StatusCode.CANCELLED, "the Reserve call ended before its ticket went")
         return decode_pb2.Ticket(
             request_id=request.request_id,
             block_ids=reservation.block_ids,
@@ -130,6 +134,11 @@ class DecodeWorker(WorkerBase, decode_pb2_grpc.DecodeWorkerServicer):
             instance_id=self.instance_id,
             token=token,
         )
+
+    def Calls(self, requests, context):
+        """Reserve calls over one stream (worker_server/calls.py)."""
+        handlers = {"reserve": (self.Reserve, "ticket")}
+        return serve_calls(requests, context, handlers, decode_pb2.DecodeAnswer, self.rpc_threads)
 
     def _reserve(self, engine: Engine, request, params, lease_ms: int, peer: str, trace_parent=None):
         reservation = self.reservations.reserve(
@@ -353,5 +362,4 @@ class DecodeWorker(WorkerBase, decode_pb2_grpc.DecodeWorkerServicer):
 
 def _call_status(exc: BaseException) -> decode_pb2.CallStatus:
     """The status a request's own Generate call would have ended with, failing with ``exc``."""
-    code, details = (grpc.StatusCode.ABORTED, str(exc)) if isinstance(exc, RequestFailed) else status_of(exc)
-    return decode_pb2.CallStatus(code=code.value[0], details=details)
+    return call_status(*((grpc.StatusCode.ABORTED, str(exc)) if isinstance(exc, RequestFailed) else status_of(exc)))

@@ -41,6 +41,7 @@ from kv_transfer.grpc_transport import GrpcKVSender
 from kv_transfer.sender import KVSender, OutboundSession
 from protos import common_pb2, decode_pb2, prefill_pb2, prefill_pb2_grpc
 from worker_server.base import WorkerBase, abort_on_error, logprob_to_wire
+from worker_server.calls import serve_calls
 from worker_server.tracing import LayerPushes
 
 log = logging.getLogger(__name__)
@@ -231,6 +232,11 @@ class PrefillWorker(WorkerBase, prefill_pb2_grpc.PrefillWorkerServicer):
             slot.ticket = request.ticket
         slot.arrived.set()
         return prefill_pb2.TicketAccepted()
+
+    def Calls(self, requests, context):
+        """Prefill and SendTicket calls over one stream (worker_server/calls.py)."""
+        handlers = {"prefill": (self.Prefill, "prefill"), "ticket": (self.SendTicket, "accepted")}
+        return serve_calls(requests, context, handlers, prefill_pb2.PrefillAnswer, self.rpc_threads)
 
     def _ticket_slot(self, request_id: str) -> _TicketSlot:
         """The request's slot, made by whichever of Prefill and SendTicket comes first. Slots older than

@@ -50,6 +50,11 @@ class DecodeWorkerStub:
                 request_serializer=protos_dot_decode__pb2.GenerateStreamRequest.SerializeToString,
                 response_deserializer=protos_dot_decode__pb2.GenerateStreamResponse.FromString,
                 _registered_method=True)
+        self.Calls = channel.stream_stream(
+                '/splitserve.DecodeWorker/Calls',
+                request_serializer=protos_dot_decode__pb2.DecodeCall.SerializeToString,
+                response_deserializer=protos_dot_decode__pb2.DecodeAnswer.FromString,
+                _registered_method=True)
         self.Abort = channel.unary_unary(
                 '/splitserve.DecodeWorker/Abort',
                 request_serializer=protos_dot_common__pb2.AbortRequest.SerializeToString,
@@ -83,6 +88,12 @@ class DecodeWorkerServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GenerateStream(self, request_iterator, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Calls(self, request_iterator, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -123,6 +134,11 @@ def add_DecodeWorkerServicer_to_server(servicer, server):
                     servicer.GenerateStream,
                     request_deserializer=protos_dot_decode__pb2.GenerateStreamRequest.FromString,
                     response_serializer=protos_dot_decode__pb2.GenerateStreamResponse.SerializeToString,
+            ),
+            'Calls': grpc.stream_stream_rpc_method_handler(
+                    servicer.Calls,
+                    request_deserializer=protos_dot_decode__pb2.DecodeCall.FromString,
+                    response_serializer=protos_dot_decode__pb2.DecodeAnswer.SerializeToString,
             ),
             'Abort': grpc.unary_unary_rpc_method_handler(
                     servicer.Abort,
@@ -221,6 +237,33 @@ class DecodeWorker:
             '/splitserve.DecodeWorker/GenerateStream',
             protos_dot_decode__pb2.GenerateStreamRequest.SerializeToString,
             protos_dot_decode__pb2.GenerateStreamResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Calls(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/splitserve.DecodeWorker/Calls',
+            protos_dot_decode__pb2.DecodeCall.SerializeToString,
+            protos_dot_decode__pb2.DecodeAnswer.FromString,
             options,
             channel_credentials,
             insecure,

@@ -53,3 +53,27 @@ class PrefillResponse(_message.Message):
     prefill_ms: float
     exposed_transfer_ms: float
     def __init__(self, first_token_id: _Optional[int] = ..., first_logprob: _Optional[_Union[_common_pb2.TokenLogprob, _Mapping]] = ..., num_cached_tokens: _Optional[int] = ..., kv_bytes_sent: _Optional[int] = ..., prefill_ms: _Optional[float] = ..., exposed_transfer_ms: _Optional[float] = ...) -> None: ...
+
+class PrefillCall(_message.Message):
+    __slots__ = ("id", "prefill", "ticket", "cancel")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_FIELD_NUMBER: _ClassVar[int]
+    TICKET_FIELD_NUMBER: _ClassVar[int]
+    CANCEL_FIELD_NUMBER: _ClassVar[int]
+    id: int
+    prefill: PrefillRequest
+    ticket: TicketDelivery
+    cancel: bool
+    def __init__(self, id: _Optional[int] = ..., prefill: _Optional[_Union[PrefillRequest, _Mapping]] = ..., ticket: _Optional[_Union[TicketDelivery, _Mapping]] = ..., cancel: _Optional[bool] = ...) -> None: ...
+
+class PrefillAnswer(_message.Message):
+    __slots__ = ("id", "prefill", "accepted", "error")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTED_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    id: int
+    prefill: PrefillResponse
+    accepted: TicketAccepted
+    error: _decode_pb2.CallStatus
+    def __init__(self, id: _Optional[int] = ..., prefill: _Optional[_Union[PrefillResponse, _Mapping]] = ..., accepted: _Optional[_Union[TicketAccepted, _Mapping]] = ..., error: _Optional[_Union[_decode_pb2.CallStatus, _Mapping]] = ...) -> None: ...

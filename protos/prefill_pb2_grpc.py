@@ -45,6 +45,11 @@ class PrefillWorkerStub:
                 request_serializer=protos_dot_prefill__pb2.TicketDelivery.SerializeToString,
                 response_deserializer=protos_dot_prefill__pb2.TicketAccepted.FromString,
                 _registered_method=True)
+        self.Calls = channel.stream_stream(
+                '/splitserve.PrefillWorker/Calls',
+                request_serializer=protos_dot_prefill__pb2.PrefillCall.SerializeToString,
+                response_deserializer=protos_dot_prefill__pb2.PrefillAnswer.FromString,
+                _registered_method=True)
         self.Abort = channel.unary_unary(
                 '/splitserve.PrefillWorker/Abort',
                 request_serializer=protos_dot_common__pb2.AbortRequest.SerializeToString,
@@ -72,6 +77,12 @@ class PrefillWorkerServicer:
         raise NotImplementedError('Method not implemented!')
 
     def SendTicket(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Calls(self, request_iterator, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -107,6 +118,11 @@ def add_PrefillWorkerServicer_to_server(servicer, server):
                     servicer.SendTicket,
                     request_deserializer=protos_dot_prefill__pb2.TicketDelivery.FromString,
                     response_serializer=protos_dot_prefill__pb2.TicketAccepted.SerializeToString,
+            ),
+            'Calls': grpc.stream_stream_rpc_method_handler(
+                    servicer.Calls,
+                    request_deserializer=protos_dot_prefill__pb2.PrefillCall.FromString,
+                    response_serializer=protos_dot_prefill__pb2.PrefillAnswer.SerializeToString,
             ),
             'Abort': grpc.unary_unary_rpc_method_handler(
                     servicer.Abort,
@@ -178,6 +194,33 @@ class PrefillWorker:
             '/splitserve.PrefillWorker/SendTicket',
             protos_dot_prefill__pb2.TicketDelivery.SerializeToString,
             protos_dot_prefill__pb2.TicketAccepted.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Calls(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/splitserve.PrefillWorker/Calls',
+            protos_dot_prefill__pb2.PrefillCall.SerializeToString,
+            protos_dot_prefill__pb2.PrefillAnswer.FromString,
             options,
             channel_credentials,
             insecure,

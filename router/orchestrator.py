@@ -335,7 +335,7 @@ class Orchestrator:
     def _open_generate(self, decode: WorkerHandle, worker_request: decode_pb2.GenerateRequest, progress: _Progress):
         span = progress.trace.call("decode", decode, worker_request.request_id)
         try:
-            if span.metadata is None:  # tracing off: on the worker's stream (router/generate_stream.py)
+            if span.metadata is None:  # tracing off: on the worker's stream (router/worker_streams.py)
                 call = decode.link.generate(worker_request)
             else:
                 timeout = self.config.request_timeout_s
@@ -352,7 +352,8 @@ class Orchestrator:
     ) -> decode_pb2.Ticket:
         span = progress.trace.call("reserve", decode, worker_id)
         try:
-            call = decode.stub.Reserve(
+            call = decode.call(
+                "Reserve",
                 decode_pb2.ReserveRequest(
                     request_id=worker_id,
                     prompt_token_ids=request.prompt_token_ids,
@@ -394,7 +395,8 @@ class Orchestrator:
         prefill.active += 1
         span = progress.trace.call("prefill", prefill, worker_id)
         try:
-            call = prefill.stub.Prefill(
+            call = prefill.call(
+                "Prefill",
                 prefill_pb2.PrefillRequest(
                     request_id=worker_id,
                     prompt_token_ids=request.prompt_token_ids,
@@ -459,7 +461,7 @@ class Orchestrator:
         """Hands P the ticket of the prefill it computes, then its answer (None: P failed; the caller retries)."""
         try:
             delivery = prefill_pb2.TicketDelivery(request_id=worker_id, ticket=ticket)
-            call = prefill.stub.SendTicket(delivery, timeout=10.0)
+            call = prefill.call("SendTicket", delivery, timeout=10.0)
             prefill.track_call(call)
             await call
         except (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.CancelledError) as exc:
@@ -556,9 +558,7 @@ class Orchestrator:
     async def _abort(self, worker: WorkerHandle, worker_request_id: str, token: str = "") -> None:
         """``token``: a reservation's ticket token (its abort needs it)."""
         try:
-            await worker.stub.Abort(common_pb2.AbortRequest(request_id=worker_request_id, token=token), timeout=5.0)
-        except (grpc.aio.AioRpcError, grpc.aio.UsageError):  # gone, or left the pool: nothing to abort there
-            pass
+            await worker.abort(worker_request_id, token)
         except asyncio.CancelledError:
             if not _let_go_under_call(worker):
                 raise

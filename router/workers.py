@@ -17,10 +17,10 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from contract.model_card import MISMATCH_FIELDS, ModelCard, card_of_stats
-from protos import common_pb2, decode_pb2_grpc, prefill_pb2_grpc
+from protos import common_pb2, decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
 from protos.cluster_auth import ClusterAuth
-from router.generate_stream import GenerateLink
 from router.prefill_clock import PrefillClock
+from router.worker_streams import CallLink, GenerateLink
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +110,8 @@ class WorkerHandle:
     # A decode worker's Reserve and Generate calls in flight: cancelled when it is taken out of routing, so that the
     # orchestrator migrates their requests at once rather than when keepalive or a deadline ends them.
     calls: set = field(default_factory=set)
-    link: GenerateLink | None = None  # a decode worker's Generate calls, on one stream (router/generate_stream.py)
+    link: GenerateLink | None = None  # a decode worker's Generate calls, on one stream (router/worker_streams.py)
+    unary: CallLink | None = None  # its Reserve, or Prefill and SendTicket, calls, on one stream (the same)
 
     @property
     def draining(self) -> bool:
@@ -189,6 +190,27 @@ class WorkerHandle:
         if self.failures >= UNHEALTHY_AFTER_FAILURES:
             self._take_out(reason, cancel_calls=True)
 
+    def call(self, method: str, request, timeout: float, metadata=None):
+        """A unary call to this worker (``method``: "Reserve", "Prefill", "SendTicket"): on its ``Calls`` stream,
+        or, carrying ``metadata`` (a span's context), as a call of its own. Awaited: the response."""
+        if metadata is None:
+            return self.unary.call(method, request, timeout)
+        return getattr(self.stub, method)(request, timeout=timeout, metadata=metadata)
+
+    async def abort(self, request_id: str, token: str = "") -> None:
+        """Stops a request here (a reservation's abort needs its ticket's ``token``); a worker gone, or that left the
+        pool, has nothing to stop."""
+        try:
+            await self.stub.Abort(common_pb2.AbortRequest(request_id=request_id, token=token), timeout=5.0)
+        except (grpc.aio.AioRpcError, grpc.aio.UsageError):
+            pass
+
+    def late_answer(self, answer) -> None:
+        """An answer to a call on the ``Calls`` stream that this router gave up on (cancelled, or past its deadline):
+        a Reserve's ticket is released now, not when its lease runs out (nobody will claim it)."""
+        if answer.WhichOneof("kind") == "ticket":
+            asyncio.ensure_future(self.abort(answer.ticket.request_id, answer.ticket.token))
+
     def track_call(self, call) -> None:
         """A call on this worker, cancelled if the worker is (or is already) taken out before the call ends."""
         if self.taken_out:
@@ -254,6 +276,10 @@ class WorkerPool:
         worker = WorkerHandle(address, role, channel, SecretStub(stub_class(channel), self.auth.metadata()))
         if role == "decode":
             worker.link = GenerateLink(worker.stub)
+            worker.unary = CallLink(worker.stub, decode_pb2.DecodeCall, {"Reserve": "reserve"}, worker.late_answer)
+        else:
+            kinds = {"Prefill": "prefill", "SendTicket": "ticket"}
+            worker.unary = CallLink(worker.stub, prefill_pb2.PrefillCall, kinds)
         self.workers[address] = worker
         worker.tasks = [
             asyncio.create_task(self._watch_health(worker)),

@@ -133,8 +133,9 @@ class WorkerBase(ABC):
         self.loop = EngineLoop(
             self.engine, name=engine_thread_name(self.role), after_step=self._after_step, after_call=self._snapshot
         )
+        self.rpc_threads = futures.ThreadPoolExecutor(max_workers=max_rpc_threads)  # calls, and calls on a stream
         self.server = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=max_rpc_threads),
+            self.rpc_threads,
             interceptors=server_interceptors(self.auth),
             options=[*channel_options(), *server_options()],
         )

@@ -1,4 +1,4 @@
-"""A decode worker's Generate calls over one stream (router/generate_stream.py, decode.proto's GenerateStream), against
+"""A decode worker's Generate calls over one stream (router/worker_streams.py, decode.proto's GenerateStream), against
 a real decode worker: requests sharing the stream come back as their own calls would (tokens, text, finish), a refused
 one fails with its own call's status and leaves the stream to the others, a cancelled one stops on the worker and
 returns its blocks, and a worker lost fails every request on its stream with the error a lost call has, after which
@@ -14,7 +14,7 @@ import pytest
 
 from protos import decode_pb2, decode_pb2_grpc
 from protos.cluster_auth import ClusterAuth
-from router.generate_stream import GenerateLink
+from router.worker_streams import GenerateLink
 from tests.router.conftest import random_prompt
 from tests.workers.harness import start_worker, wait_idle, wire_params
 

@@ -148,7 +148,7 @@ class _CountingStub:
 def test_a_finished_request_cancels_nothing_and_aborts_nothing(make_router, cluster, rng, stream):
     """A Generate whose finish arrived ends by itself: the router neither cancels it (the worker would be told) nor,
     for a reserved one, sends the decode worker an Abort, on every request, disaggregated or not. The requests go on
-    the worker's one stream (router/generate_stream.py), whose calls are counted as the stub's are."""
+    the worker's one stream (router/worker_streams.py), whose calls are counted as the stub's are."""
     router = make_router(cluster.prefills, [cluster.decode], local_prefill_threshold=32)
     handle = router.router.pool.workers[cluster.decode.address]
     counting = _CountingStub(handle.stub)
