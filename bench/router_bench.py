@@ -7,7 +7,11 @@
    own: the same request straight on such a stream is measured too, and what the router's HTTP, validation and
    routing cost against it is printed apart. The HTTP side uses a minimal keep-alive HTTP/1.1 client, so that what is
    measured is the router and not an HTTP client library; what httpx would add on top is measured too.
-2. The highest request rate one router process sustains without errors: 1-token streamed requests at rising rates
+2. The same for a disaggregated request (a router that sends every prompt to a prefill worker): through the router
+   against a client that makes the same calls itself (Prefill beside Reserve, SendTicket, then the reserved Generate,
+   each a call of its own), prompts drawn at random (no prefix cache hit, so each request moves its KV), and the
+   router's event-loop CPU per such request.
+3. The highest request rate one router process sustains without errors: 1-token streamed requests at rising rates
    until requests fail or the router falls behind the arrivals. For each rate the CPU time per request of the
    router (all threads, and its event-loop thread alone), the decode worker and this load generator is measured
    from /proc: the event-loop thread's CPU per request bounds one router process at 1 / that rate on a whole core.
@@ -30,11 +34,12 @@ from bench import processes
 from bench.serve_bench import BenchRequest, run_load, summarize
 from bench.sim.host import stat_ticks
 from contract.sampling import SamplingParams
-from protos import decode_pb2, decode_pb2_grpc
+from protos import common_pb2, decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
 from protos.cluster_auth import ClusterAuth
-from router.worker_streams import GenerateLink
+from router.worker_streams import CallLink, GenerateLink
 
 PROMPT = list(range(3, 35))
+DISAGGREGATED_PROMPT_TOKENS = 64  # 4 blocks of 16: a KV transfer to make, small beside the calls around it
 TARGET_P50_MS = 1.0
 TARGET_P99_MS = 2.0
 WARMUP_PAIRS = 20
@@ -137,18 +142,149 @@ async def measure_overhead(decode_address: str, url: str, samples: int, seed: in
                 elapsed = await _timed(paths[name])
                 if index >= WARMUP_PAIRS:
                     times[name].append(elapsed)
-    ms = {name: np.array(values) * 1000 for name, values in times.items()}
-    q = lambda name, p: float(np.percentile(ms[name], p))  # noqa: E731
+    q = _percentiles(times)
+    paired = (np.array(times["routed"]) - np.array(times["direct"])) * 1000
     return {
         "samples": samples,
-        **{f"{name}_p{p}_ms": q(name, p) for name in paths for p in (50, 99)},
-        "added_p50_ms": q("routed", 50) - q("direct", 50),
-        "added_p99_ms": q("routed", 99) - q("direct", 99),
-        "paired_added_p50_ms": float(np.median(ms["routed"] - ms["direct"])),
-        "added_to_stream_p50_ms": q("routed", 50) - q("stream", 50),
-        "added_to_stream_p99_ms": q("routed", 99) - q("stream", 99),
-        "httpx_extra_p50_ms": q("httpx", 50) - q("routed", 50),
+        **q,
+        "added_p50_ms": q["routed_p50_ms"] - q["direct_p50_ms"],
+        "added_p99_ms": q["routed_p99_ms"] - q["direct_p99_ms"],
+        "paired_added_p50_ms": float(np.median(paired)),
+        "added_to_stream_p50_ms": q["routed_p50_ms"] - q["stream_p50_ms"],
+        "added_to_stream_p99_ms": q["routed_p99_ms"] - q["stream_p99_ms"],
+        "httpx_extra_p50_ms": q["httpx_p50_ms"] - q["routed_p50_ms"],
     }
+
+
+def _percentiles(times: dict[str, list[float]]) -> dict:
+    ms = {name: np.array(values) * 1000 for name, values in times.items()}
+    return {f"{name}_p{p}_ms": float(np.percentile(values, p)) for name, values in ms.items() for p in (50, 99)}
+
+
+async def measure_disaggregated(
+    prefill_address: str, decode_address: str, url: str, samples: int, meter: CpuMeter, seed: int = 0
+) -> dict:
+    """1-token requests with a prompt of their own, alternately through the router (which prefills every prompt on
+    the prefill worker) and straight to the workers; the router's CPU over the routed requests."""
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    rng = random.Random(seed)
+    params = SamplingParams(max_tokens=1, temperature=0.0).to_wire()
+    auth = ClusterAuth.from_env()
+    async with (
+        auth.aio_channel(prefill_address) as p_channel,
+        auth.aio_channel(decode_address) as d_channel,
+        HttpClient(host, int(port)) as http,
+    ):
+        prefill, decode = prefill_pb2_grpc.PrefillWorkerStub(p_channel), decode_pb2_grpc.DecodeWorkerStub(d_channel)
+        counter = itertools.count()
+
+        def prompt() -> list[int]:
+            return [rng.randrange(3, 250) for _ in range(DISAGGREGATED_PROMPT_TOKENS)]
+
+        d_link = CallLink(decode, decode_pb2.DecodeCall, {"Reserve": "reserve"})
+        p_link = CallLink(prefill, prefill_pb2.PrefillCall, {"Prefill": "prefill", "SendTicket": "ticket"})
+        generate_link = GenerateLink(decode)
+
+        async def by_hand(reserve, prefill_call, send_ticket, generate) -> None:
+            """The calls the router makes, in its order: Prefill beside Reserve, SendTicket, the reserved Generate."""
+            request_id, tokens = f"direct-{next(counter)}", prompt()
+            prefilling = asyncio.ensure_future(
+                prefill_call(
+                    prefill_pb2.PrefillRequest(
+                        request_id=request_id, prompt_token_ids=tokens, params=params, ticket_follows=True
+                    )
+                )
+            )
+            ticket = await reserve(
+                decode_pb2.ReserveRequest(request_id=request_id, prompt_token_ids=tokens, params=params)
+            )
+            await send_ticket(prefill_pb2.TicketDelivery(request_id=request_id, ticket=ticket))
+            await prefilling
+            await generate(decode_pb2.GenerateRequest(request_id=request_id, reserved=True, token=ticket.token))
+
+        async def own_generate(request) -> None:
+            async for _ in decode.Generate(request, timeout=30):
+                pass
+
+        async def streamed_generate(request) -> None:
+            call = generate_link.generate(request)
+            while await call.read() is not grpc.aio.EOF:
+                pass
+
+        def direct():  # each a call of its own, as a client without the router's streams makes them
+            return by_hand(
+                lambda r: decode.Reserve(r, timeout=30),
+                lambda r: prefill.Prefill(r, timeout=30),
+                lambda r: prefill.SendTicket(r, timeout=30),
+                own_generate,
+            )
+
+        def direct_stream():  # on one stream per worker and kind, as the router sends them
+            return by_hand(
+                lambda r: d_link.call("Reserve", r, 30),
+                lambda r: p_link.call("Prefill", r, 30),
+                lambda r: p_link.call("SendTicket", r, 30),
+                streamed_generate,
+            )
+
+        async def routed() -> None:
+            payload = {"model": "demo", "prompt": prompt(), "max_tokens": 1, "temperature": 0}
+            await http.send(http.request_bytes("/v1/completions", payload))
+
+        paths = {"direct": direct, "stream": direct_stream, "routed": routed}
+        times: dict[str, list[float]] = {name: [] for name in paths}
+        transfers = (await prefill.Stats(common_pb2.StatsRequest())).kv_transfers_completed
+        for index in range(WARMUP_PAIRS + samples):
+            if index == WARMUP_PAIRS:
+                before = meter.sample()
+            order = list(paths)
+            rng.shuffle(order)
+            for name in order:
+                elapsed = await _timed(paths[name])
+                if index >= WARMUP_PAIRS:
+                    times[name].append(elapsed)
+        after = meter.sample()
+        transfers = (await prefill.Stats(common_pb2.StatsRequest())).kv_transfers_completed - transfers
+    if transfers != len(paths) * (WARMUP_PAIRS + samples):
+        raise RuntimeError(
+            f"{transfers} KV transfers for {WARMUP_PAIRS + samples} requests a path: not all disaggregated"
+        )
+    result = {"samples": samples, **_percentiles(times)}
+    result["added_p50_ms"] = result["routed_p50_ms"] - result["direct_p50_ms"]
+    result["added_p99_ms"] = result["routed_p99_ms"] - result["direct_p99_ms"]
+    result["added_to_stream_p50_ms"] = result["routed_p50_ms"] - result["stream_p50_ms"]
+    result["added_to_stream_p99_ms"] = result["routed_p99_ms"] - result["stream_p99_ms"]
+    result["cpu_ms_per_request"] = {
+        name: (after[name] - before[name]) * 1000 / samples if before[name] is not None else None
+        for name in ("router", "router_loop")
+    }
+    return result
+
+
+def print_disaggregated(result: dict) -> None:
+    r, cpu = result, result["cpu_ms_per_request"]
+    print(
+        f"a disaggregated request ({r['samples']} samples per path, {DISAGGREGATED_PROMPT_TOKENS}-token prompts drawn "
+        "at random, 1 token; the prefill worker computes each prompt and moves its KV):"
+    )
+    print(f"  straight to the workers (4 calls) p50 {r['direct_p50_ms']:.2f} ms  p99 {r['direct_p99_ms']:.2f} ms")
+    print(f"  through the router (HTTP)         p50 {r['routed_p50_ms']:.2f} ms  p99 {r['routed_p99_ms']:.2f} ms")
+    p50, p99 = r["added_p50_ms"], r["added_p99_ms"]
+    print(
+        f"  added by the router               p50 {p50:.2f} ms ({_verdict(p50, TARGET_P50_MS)})  "
+        f"p99 {p99:.2f} ms ({_verdict(p99, TARGET_P99_MS)})"
+    )
+    print(
+        f"  straight on the workers' streams (as the router sends) p50 {r['stream_p50_ms']:.2f} ms  p99 "
+        f"{r['stream_p99_ms']:.2f} ms: the router's HTTP, validation and routing add p50 "
+        f"{r['added_to_stream_p50_ms']:.2f} ms, p99 {r['added_to_stream_p99_ms']:.2f} ms to it"
+    )
+    print(
+        f"  the router's CPU per request: {_ms(cpu['router'])} ms (event loop {_ms(cpu['router_loop'])} ms: one "
+        f"router process tops out near {1000 / cpu['router_loop']:.0f} such req/s with a whole core to itself)"
+        if cpu["router_loop"]
+        else "  the router's CPU per request: n/a (no /proc here)"
+    )
 
 
 def print_overhead(overhead: dict) -> None:
@@ -270,33 +406,47 @@ def run(args) -> int:
     if args.samples < 500:
         print(f"note: {args.samples} samples per path; a p99 of fewer than 500 rests on its 5 largest values or fewer")
     decode, decode_address = processes.start_worker("decode", "--model", args.model, "--threads", "1")
-    port = processes.free_port()
-    router = processes.start_router(
-        port,
-        processes.free_port(),
-        [],
-        [decode_address],
-        "--model",
-        args.model,
-        "--max-running",
-        "1024",
-        "--max-queued",
-        "4096",
-    )
-    url = f"http://127.0.0.1:{port}"
-    with processes.running(router, decode):
-        overhead = asyncio.run(measure_overhead(decode_address, url, args.samples))
-        print_overhead(overhead)
-        print("sustained request rate of one router process (streamed 1-token requests, httpx load generator):")
-        rates = [float(r) for r in args.rates.split(",")]
-        meter = CpuMeter(router=router.pid, decode=decode.pid, client=os.getpid())
-        rows = sustained_rate(url, rates, args.seconds, meter)
+    prefill, prefill_address = processes.start_worker("prefill", "--model", args.model, "--threads", "1")
+    with processes.running(decode, prefill):
+        port = processes.free_port()
+        # Every prompt on the prefill worker (none is short enough to stay on the decode worker).
+        router = processes.start_router(
+            port, processes.free_port(), [prefill_address], [decode_address], "--model", args.model,
+            "--local-prefill-threshold", "1",
+        )  # fmt: skip
+        with processes.running(router):
+            meter = CpuMeter(router=router.pid)
+            url = f"http://127.0.0.1:{port}"
+            disaggregated = asyncio.run(
+                measure_disaggregated(prefill_address, decode_address, url, args.samples, meter)
+            )
+        processes.stop(prefill)  # out of the way of what follows
+        port = processes.free_port()
+        router = processes.start_router(
+            port, processes.free_port(), [], [decode_address], "--model", args.model,
+            "--max-running", "1024", "--max-queued", "4096",
+        )  # fmt: skip
+        url = f"http://127.0.0.1:{port}"
+        with processes.running(router):
+            overhead = asyncio.run(measure_overhead(decode_address, url, args.samples))
+            print_overhead(overhead)
+            print_disaggregated(disaggregated)
+            print("sustained request rate of one router process (streamed 1-token requests, httpx load generator):")
+            rates = [float(r) for r in args.rates.split(",")]
+            meter = CpuMeter(router=router.pid, decode=decode.pid, client=os.getpid())
+            rows = sustained_rate(url, rates, args.seconds, meter)
     best = max((r["offered_rps"] for r in rows if r["sustained"]), default=0.0)
     print(f"highest sustained rate: {best:.0f} req/s")
     print_bound(rows)
     if args.json_path:
         with open(args.json_path, "w") as handle:
-            json.dump({"overhead": overhead, "rates": rows, "highest_sustained_rps": best}, handle, indent=1)
+            report = {
+                "overhead": overhead,
+                "disaggregated": disaggregated,
+                "rates": rows,
+                "highest_sustained_rps": best,
+            }
+            json.dump(report, handle, indent=1)
     return 0
 
 
