@@ -9,8 +9,8 @@
    measured is the router and not an HTTP client library; what httpx would add on top is measured too.
 2. The same for a disaggregated request (a router that sends every prompt to a prefill worker): through the router
    against a client that makes the same calls itself (Prefill beside Reserve, SendTicket, then the reserved Generate,
-   each a call of its own), prompts drawn at random (no prefix cache hit, so each request moves its KV), and the
-   router's event-loop CPU per such request.
+   each a call of its own, and on the workers' streams as the router sends them), prompts drawn at random (no prefix
+   cache hit, so each request moves its KV); then the router's CPU per such request, over routed requests alone.
 3. The highest request rate one router process sustains without errors: 1-token streamed requests at rising rates
    until requests fail or the router falls behind the arrivals. For each rate the CPU time per request of the
    router (all threads, and its event-loop thread alone), the decode worker and this load generator is measured
@@ -235,20 +235,22 @@ async def measure_disaggregated(
         times: dict[str, list[float]] = {name: [] for name in paths}
         transfers = (await prefill.Stats(common_pb2.StatsRequest())).kv_transfers_completed
         for index in range(WARMUP_PAIRS + samples):
-            if index == WARMUP_PAIRS:
-                before = meter.sample()
             order = list(paths)
             rng.shuffle(order)
             for name in order:
                 elapsed = await _timed(paths[name])
                 if index >= WARMUP_PAIRS:
                     times[name].append(elapsed)
+        # The router's CPU over routed requests alone, back to back: between them, the requests made by hand would
+        # cost it too (their KV events reach it).
+        before = meter.sample()
+        for _ in range(samples):
+            await routed()
         after = meter.sample()
         transfers = (await prefill.Stats(common_pb2.StatsRequest())).kv_transfers_completed - transfers
-    if transfers != len(paths) * (WARMUP_PAIRS + samples):
-        raise RuntimeError(
-            f"{transfers} KV transfers for {WARMUP_PAIRS + samples} requests a path: not all disaggregated"
-        )
+    made = len(paths) * (WARMUP_PAIRS + samples) + samples
+    if transfers != made:
+        raise RuntimeError(f"{transfers} KV transfers for {made} requests: not all disaggregated")
     result = {"samples": samples, **_percentiles(times)}
     result["added_p50_ms"] = result["routed_p50_ms"] - result["direct_p50_ms"]
     result["added_p99_ms"] = result["routed_p99_ms"] - result["direct_p99_ms"]
