@@ -153,9 +153,9 @@ class _StreamLink:
         try:
             while (message := await stream.read()) is not grpc.aio.EOF:
                 call = self._calls.get(self._key(message))
-                if call is not None:
+                if call is not None and not call.done():
                     call.deliver(message)
-                elif self._late is not None:
+                elif self._late is not None:  # given up on: gone, or ended and not yet forgotten
                     self._late(message)
             error = grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, _NONE, _NONE, "the worker's stream ended")
         except grpc.aio.AioRpcError as exc:

@@ -2,8 +2,8 @@
 RPC of decode.proto and prefill.proto), against real workers: a disaggregated request's Reserve, Prefill and SendTicket
 on the streams give what their own calls give; a refused call fails with its own call's status, details and trailing
 metadata (UNREACHABLE_PEER) and the stream goes on; a cancelled call, or one past its deadline, stops on the worker and
-returns what it held; a lost worker fails every call on its stream as a lost call fails, and the next call opens
-another stream."""
+returns what it held, and a Reserve given up on as the worker answers it leaves no reservation behind; a lost worker
+fails every call on its stream as a lost call fails, and the next call opens another stream."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from contract.errors import UNREACHABLE_PEER
 from protos import common_pb2, decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
 from protos.cluster_auth import ClusterAuth
 from router.worker_streams import CallLink
+from router.workers import WorkerHandle
 from tests.workers.harness import new_id, start_worker, wait_idle, wait_until, wire_params
 
 TIMEOUT_S = 60
@@ -190,6 +191,31 @@ def test_a_cancelled_call_and_one_past_its_deadline_stop_on_the_worker(cluster):
     code, stats, opened = _links(cluster.decode.address, prefill_worker.address, scenario)
     assert code == grpc.StatusCode.DEADLINE_EXCEEDED and opened == 1
     assert stats.transfers_in_flight == 0 and stats.running == 0
+
+
+def test_reserves_given_up_on_as_the_worker_answers_them_leave_no_reservation(cluster):
+    """A Reserve whose deadline passes while the worker makes it: the worker skips it, releases it itself, or answers
+    it after the router gave up, which releases the ticket (``WorkerHandle.late_answer``). Either way no block waits
+    for the lease (20 s here)."""
+    decode_worker = cluster.decode
+
+    async def scenario(decode, d_link, prefill, p_link):
+        handle = WorkerHandle(decode_worker.address, "decode", None, decode)
+        link = CallLink(decode, decode_pb2.DecodeCall, {"Reserve": "reserve"}, handle.late_answer)
+        outcomes = []
+        for i in range(24):
+            call = link.call("Reserve", _reserve(new_id(f"given-up-{i}")), timeout=0.0005 * (i % 6))
+            try:
+                ticket = await call
+                await handle.abort(ticket.request_id, ticket.token)  # in time: ours to release
+                outcomes.append("answered")
+            except grpc.aio.AioRpcError as exc:
+                outcomes.append(exc.code().name)
+        await asyncio.to_thread(wait_idle, decode_worker, 5)
+        return outcomes
+
+    outcomes = _links(decode_worker.address, cluster.prefills[0].address, scenario)
+    assert "DEADLINE_EXCEEDED" in outcomes, outcomes
 
 
 def test_a_lost_worker_fails_every_call_on_its_stream_and_the_next_opens_another(cluster, checkpoint):
