@@ -36,7 +36,7 @@ from bench.sim.host import stat_ticks
 from contract.sampling import SamplingParams
 from protos import common_pb2, decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
 from protos.cluster_auth import ClusterAuth
-from router.worker_streams import CallLink, GenerateLink
+from router.worker_streams import GenerateLink, decode_calls, prefill_calls
 
 PROMPT = list(range(3, 35))
 DISAGGREGATED_PROMPT_TOKENS = 64  # 4 blocks of 16: a KV transfer to make, small beside the calls around it
@@ -102,6 +102,33 @@ async def _timed(call) -> float:
     return time.perf_counter() - start
 
 
+async def _own_generate(stub, request: decode_pb2.GenerateRequest) -> None:
+    """A Generate as a call of its own, read to its end."""
+    async for _ in stub.Generate(request, timeout=30):
+        pass
+
+
+async def _streamed_generate(link: GenerateLink, request: decode_pb2.GenerateRequest) -> None:
+    """A Generate on the worker's stream, as the router sends it, read to its end."""
+    call = link.generate(request)
+    while await call.read() is not grpc.aio.EOF:
+        pass
+
+
+async def _alternate(paths: dict, samples: int, rng: random.Random) -> dict[str, list[float]]:
+    """Each path's time, ``samples`` rounds after WARMUP_PAIRS, the order drawn each round: no path always runs first,
+    or right after another."""
+    times: dict[str, list[float]] = {name: [] for name in paths}
+    for index in range(WARMUP_PAIRS + samples):
+        order = list(paths)
+        rng.shuffle(order)
+        for name in order:
+            elapsed = await _timed(paths[name])
+            if index >= WARMUP_PAIRS:
+                times[name].append(elapsed)
+    return times
+
+
 async def measure_overhead(decode_address: str, url: str, samples: int, seed: int = 0) -> dict:
     host, port = url.removeprefix("http://").rsplit(":", 1)
     async with (
@@ -115,13 +142,10 @@ async def measure_overhead(decode_address: str, url: str, samples: int, seed: in
         counter = itertools.count()
 
         async def direct() -> None:
-            async for _ in stub.Generate(_direct_request(next(counter)), timeout=30):
-                pass
+            await _own_generate(stub, _direct_request(next(counter)))
 
         async def direct_stream() -> None:
-            call = link.generate(_direct_request(next(counter)))
-            while await call.read() is not grpc.aio.EOF:
-                pass
+            await _streamed_generate(link, _direct_request(next(counter)))
 
         async def routed() -> None:
             await http.send(routed_request)
@@ -133,15 +157,7 @@ async def measure_overhead(decode_address: str, url: str, samples: int, seed: in
         if answer["usage"]["completion_tokens"] != 1:
             raise RuntimeError(f"the routed request did not generate one token: {answer}")
         paths = {"direct": direct, "stream": direct_stream, "routed": routed, "httpx": routed_httpx}
-        times: dict[str, list[float]] = {name: [] for name in paths}
-        rng = random.Random(seed)
-        for index in range(WARMUP_PAIRS + samples):
-            order = list(paths)
-            rng.shuffle(order)  # no path always runs first, or right after another
-            for name in order:
-                elapsed = await _timed(paths[name])
-                if index >= WARMUP_PAIRS:
-                    times[name].append(elapsed)
+        times = await _alternate(paths, samples, random.Random(seed))
     q = _percentiles(times)
     paired = (np.array(times["routed"]) - np.array(times["direct"])) * 1000
     return {
@@ -181,8 +197,7 @@ async def measure_disaggregated(
         def prompt() -> list[int]:
             return [rng.randrange(3, 250) for _ in range(DISAGGREGATED_PROMPT_TOKENS)]
 
-        d_link = CallLink(decode, decode_pb2.DecodeCall, {"Reserve": "reserve"})
-        p_link = CallLink(prefill, prefill_pb2.PrefillCall, {"Prefill": "prefill", "SendTicket": "ticket"})
+        d_link, p_link = decode_calls(decode), prefill_calls(prefill)
         generate_link = GenerateLink(decode)
 
         async def by_hand(reserve, prefill_call, send_ticket, generate) -> None:
@@ -202,21 +217,12 @@ async def measure_disaggregated(
             await prefilling
             await generate(decode_pb2.GenerateRequest(request_id=request_id, reserved=True, token=ticket.token))
 
-        async def own_generate(request) -> None:
-            async for _ in decode.Generate(request, timeout=30):
-                pass
-
-        async def streamed_generate(request) -> None:
-            call = generate_link.generate(request)
-            while await call.read() is not grpc.aio.EOF:
-                pass
-
         def direct():  # each a call of its own, as a client without the router's streams makes them
             return by_hand(
                 lambda r: decode.Reserve(r, timeout=30),
                 lambda r: prefill.Prefill(r, timeout=30),
                 lambda r: prefill.SendTicket(r, timeout=30),
-                own_generate,
+                lambda r: _own_generate(decode, r),
             )
 
         def direct_stream():  # on one stream per worker and kind, as the router sends them
@@ -224,7 +230,7 @@ async def measure_disaggregated(
                 lambda r: d_link.call("Reserve", r, 30),
                 lambda r: p_link.call("Prefill", r, 30),
                 lambda r: p_link.call("SendTicket", r, 30),
-                streamed_generate,
+                lambda r: _streamed_generate(generate_link, r),
             )
 
         async def routed() -> None:
@@ -232,15 +238,8 @@ async def measure_disaggregated(
             await http.send(http.request_bytes("/v1/completions", payload))
 
         paths = {"direct": direct, "stream": direct_stream, "routed": routed}
-        times: dict[str, list[float]] = {name: [] for name in paths}
         transfers = (await prefill.Stats(common_pb2.StatsRequest())).kv_transfers_completed
-        for index in range(WARMUP_PAIRS + samples):
-            order = list(paths)
-            rng.shuffle(order)
-            for name in order:
-                elapsed = await _timed(paths[name])
-                if index >= WARMUP_PAIRS:
-                    times[name].append(elapsed)
+        times = await _alternate(paths, samples, rng)
         # The router's CPU over routed requests alone, back to back: between them, the requests made by hand would
         # cost it too (their KV events reach it).
         before = meter.sample()

@@ -120,8 +120,9 @@ class DecodeWorker(WorkerBase, decode_pb2_grpc.DecodeWorkerServicer):
         except (EngineError, TransferError, ValueError) as exc:
             abort_on_error(context, exc)
         if not context.is_active():  # its caller left meanwhile: nobody will claim or abort the reservation
-            self._cancel(request.request_id, "the Reserve call ended before its ticket went")
-            context.abort(grpc.StatusCode.CANCELLED, "the Reserve call ended before its ticket went")
+            reason = "the Reserve call ended before its ticket went"
+            self._cancel(request.request_id, reason)
+            context.abort(grpc.StatusCode.CANCELLED, reason)
         return decode_pb2.Ticket(
             request_id=request.request_id,
             block_ids=reservation.block_ids,

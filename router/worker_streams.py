@@ -17,11 +17,12 @@ from __future__ import annotations
 import asyncio
 import collections
 import itertools
+import operator
 from collections.abc import AsyncIterator, Callable
 
 import grpc
 
-from protos import decode_pb2
+from protos import decode_pb2, prefill_pb2
 
 _CODES = {code.value[0]: code for code in grpc.StatusCode}
 _NONE = grpc.aio.Metadata()
@@ -67,7 +68,7 @@ class StreamedCall:
         if self._done:
             return False
         self._cancelled = True
-        self._link.send(decode_pb2.GenerateStreamRequest(cancel=self.request_id))
+        self._link.tell_cancelled(self)
         self._end()
         return True
 
@@ -112,10 +113,13 @@ class StreamedCall:
 
 class _StreamLink:
     """One worker's stream of a kind, opened by the first call and again after it breaks: each message read goes to
-    the call it names (``_calls``, by ``_key``); when the stream ends, every call still on it fails."""
+    the call it names (``key``: a message's call key); ``cancelling``: the message that tells the worker a call (by
+    its key) was given up on; when the stream ends, every call still on it fails."""
 
-    def __init__(self, method: Callable, late: Callable | None = None) -> None:
+    def __init__(self, method: Callable, key: Callable, cancelling: Callable, late: Callable | None = None) -> None:
         self._method = method  # the worker's stream method (SecretStub's: the stream carries the cluster secret)
+        self._key = key
+        self._cancelling = cancelling
         self._late = late  # given each message for a call no longer on the stream (ended, cancelled, past its deadline)
         self._calls: dict = {}
         self._outbox: asyncio.Queue | None = None
@@ -125,6 +129,10 @@ class _StreamLink:
     def send(self, message) -> None:
         if self._outbox is not None:
             self._outbox.put_nowait(message)
+
+    def tell_cancelled(self, call) -> None:
+        """The worker stops ``call`` (unless the stream is gone: then it ended every call itself)."""
+        self.send(self._cancelling(call.key))
 
     def forget(self, call) -> None:
         if self._calls.get(call.key) is call:
@@ -169,16 +177,13 @@ class _StreamLink:
             call.fail(error)
         stream.cancel()
 
-    @staticmethod
-    def _key(message):
-        raise NotImplementedError
-
 
 class GenerateLink(_StreamLink):
     """One decode worker's GenerateStream."""
 
     def __init__(self, stub) -> None:
-        super().__init__(stub.GenerateStream)
+        cancelling = lambda request_id: decode_pb2.GenerateStreamRequest(cancel=request_id)  # noqa: E731
+        super().__init__(stub.GenerateStream, operator.attrgetter("request_id"), cancelling)
 
     def generate(self, request: decode_pb2.GenerateRequest) -> StreamedCall:
         """The request's call; ``grpc.aio.UsageError`` where the worker's channel is closed. An id the stream has
@@ -191,10 +196,6 @@ class GenerateLink(_StreamLink):
         self._start(call)
         self.send(decode_pb2.GenerateStreamRequest(generate=request))
         return call
-
-    @staticmethod
-    def _key(message: decode_pb2.GenerateStreamResponse) -> str:
-        return message.request_id
 
 
 class UnaryCall:
@@ -241,12 +242,12 @@ class UnaryCall:
 
     def _expire(self) -> None:
         if not self._future.done():
-            self._link.send(self._link.cancel_message(self.key))
+            self._link.tell_cancelled(self)
             self.fail(grpc.aio.AioRpcError(grpc.StatusCode.DEADLINE_EXCEEDED, _NONE, _NONE, "Deadline Exceeded"))
 
     def _ended(self, future: asyncio.Future) -> None:
-        if future.cancelled():  # the worker is told, unless the stream is gone (then it ended every call itself)
-            self._link.send(self._link.cancel_message(self.key))
+        if future.cancelled():
+            self._link.tell_cancelled(self)
         else:
             future.exception()  # retrieved: a call that failed after its caller stopped waiting logs nothing
         if self._timer is not None:
@@ -261,7 +262,7 @@ class CallLink(_StreamLink):
     release, say)."""
 
     def __init__(self, stub, message: type, kinds: dict[str, str], late: Callable | None = None) -> None:
-        super().__init__(stub.Calls, late)
+        super().__init__(stub.Calls, operator.attrgetter("id"), lambda key: message(id=key, cancel=True), late)
         self._message = message
         self._kinds = kinds
         self._ids = itertools.count(1)
@@ -278,12 +279,15 @@ class CallLink(_StreamLink):
         self.send(self._message(id=call.key, **{self._kinds[method]: request}))
         return call
 
-    def cancel_message(self, key: int):
-        return self._message(id=key, cancel=True)
 
-    @staticmethod
-    def _key(message) -> int:
-        return message.id
+def decode_calls(stub, late: Callable | None = None) -> CallLink:
+    """A decode worker's ``Calls`` stream: its Reserve calls."""
+    return CallLink(stub, decode_pb2.DecodeCall, {"Reserve": "reserve"}, late)
+
+
+def prefill_calls(stub) -> CallLink:
+    """A prefill worker's ``Calls`` stream: its Prefill and SendTicket calls."""
+    return CallLink(stub, prefill_pb2.PrefillCall, {"Prefill": "prefill", "SendTicket": "ticket"})
 
 
 def _rpc_error(status: decode_pb2.CallStatus) -> grpc.aio.AioRpcError:

@@ -17,10 +17,10 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from contract.model_card import MISMATCH_FIELDS, ModelCard, card_of_stats
-from protos import common_pb2, decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
+from protos import common_pb2, decode_pb2_grpc, prefill_pb2_grpc
 from protos.cluster_auth import ClusterAuth
 from router.prefill_clock import PrefillClock
-from router.worker_streams import CallLink, GenerateLink
+from router.worker_streams import CallLink, GenerateLink, decode_calls, prefill_calls
 
 log = logging.getLogger(__name__)
 
@@ -276,10 +276,9 @@ class WorkerPool:
         worker = WorkerHandle(address, role, channel, SecretStub(stub_class(channel), self.auth.metadata()))
         if role == "decode":
             worker.link = GenerateLink(worker.stub)
-            worker.unary = CallLink(worker.stub, decode_pb2.DecodeCall, {"Reserve": "reserve"}, worker.late_answer)
+            worker.unary = decode_calls(worker.stub, worker.late_answer)
         else:
-            kinds = {"Prefill": "prefill", "SendTicket": "ticket"}
-            worker.unary = CallLink(worker.stub, prefill_pb2.PrefillCall, kinds)
+            worker.unary = prefill_calls(worker.stub)
         self.workers[address] = worker
         worker.tasks = [
             asyncio.create_task(self._watch_health(worker)),

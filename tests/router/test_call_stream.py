@@ -16,7 +16,7 @@ from bench.processes import free_port
 from contract.errors import UNREACHABLE_PEER
 from protos import common_pb2, decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
 from protos.cluster_auth import ClusterAuth
-from router.worker_streams import CallLink
+from router.worker_streams import CallLink, decode_calls, prefill_calls
 from router.workers import WorkerHandle
 from tests.workers.harness import new_id, start_worker, wait_idle, wait_until, wire_params
 
@@ -31,8 +31,7 @@ def _links(decode_address: str, prefill_address: str, scenario, timeout: float =
         auth = ClusterAuth.from_env()
         async with auth.aio_channel(decode_address) as d_channel, auth.aio_channel(prefill_address) as p_channel:
             decode, prefill = decode_pb2_grpc.DecodeWorkerStub(d_channel), prefill_pb2_grpc.PrefillWorkerStub(p_channel)
-            d_link = CallLink(decode, decode_pb2.DecodeCall, {"Reserve": "reserve"})
-            p_link = CallLink(prefill, prefill_pb2.PrefillCall, {"Prefill": "prefill", "SendTicket": "ticket"})
+            d_link, p_link = decode_calls(decode), prefill_calls(prefill)
             return await asyncio.wait_for(scenario(decode, d_link, prefill, p_link), timeout)
 
     return asyncio.run(main())
@@ -55,6 +54,15 @@ async def _generated(decode, ticket: decode_pb2.Ticket) -> list[int]:
     return [token for response in [r async for r in decode.Generate(request)] for token in response.token_ids]
 
 
+def _on_streams(d_link: CallLink, p_link: CallLink) -> tuple:
+    """Reserve, Prefill and SendTicket on the workers' streams, with the router's deadlines."""
+    return (
+        lambda request: d_link.call("Reserve", request, 10),
+        lambda request: p_link.call("Prefill", request, 30),
+        lambda delivery: p_link.call("SendTicket", delivery, 10),
+    )
+
+
 async def _request(decode, prefill, reserve, prefill_call, send_ticket, tag: str) -> tuple[int, list[int], int]:
     """One disaggregated request as the router makes it, with the given ways of calling: (first token, the decode
     worker's tokens, the ticket's blocks)."""
@@ -75,9 +83,7 @@ def test_a_disaggregated_request_on_the_streams_gets_what_its_own_calls_get(clus
             await _request(
                 decode,
                 prefill,
-                lambda request: d_link.call("Reserve", request, 10),
-                lambda request: p_link.call("Prefill", request, 30),
-                lambda delivery: p_link.call("SendTicket", delivery, 10),
+                *_on_streams(d_link, p_link),
                 f"streamed-{i}",
             )
             for i in range(3)
@@ -139,9 +145,7 @@ def test_a_refused_call_fails_as_its_own_call_would_and_the_stream_goes_on(clust
         after = await _request(
             decode,
             prefill,
-            lambda request: d_link.call("Reserve", request, 10),
-            lambda request: p_link.call("Prefill", request, 30),
-            lambda delivery: p_link.call("SendTicket", delivery, 10),
+            *_on_streams(d_link, p_link),
             "after",
         )
         return outcomes, after, d_link.opened, p_link.opened
@@ -201,7 +205,7 @@ def test_reserves_given_up_on_as_the_worker_answers_them_leave_no_reservation(cl
 
     async def scenario(decode, d_link, prefill, p_link):
         handle = WorkerHandle(decode_worker.address, "decode", None, decode)
-        link = CallLink(decode, decode_pb2.DecodeCall, {"Reserve": "reserve"}, handle.late_answer)
+        link = decode_calls(decode, handle.late_answer)
         outcomes = []
         for i in range(24):
             call = link.call("Reserve", _reserve(new_id(f"given-up-{i}")), timeout=0.0005 * (i % 6))
@@ -240,9 +244,7 @@ def test_a_lost_worker_fails_every_call_on_its_stream_and_the_next_opens_another
                     again = await _request(
                         decode,
                         prefill,
-                        lambda request: d_link.call("Reserve", request, 10),
-                        lambda request: p_link.call("Prefill", request, 30),
-                        lambda delivery: p_link.call("SendTicket", delivery, 10),
+                        *_on_streams(d_link, p_link),
                         "again",
                     )
                     return errors, again, p_link.opened
