@@ -101,8 +101,10 @@ def serve_calls(
 
     def finish(call_id: int, call: StreamedContext, message) -> None:
         with lock:  # an answer is queued before its call leaves ``running``: the stream ends only after both
-            if running.get(call_id) is call:  # else cancelled meanwhile: the client expects nothing more
-                answers.put(message)
+            # Sent even when the call was cancelled meanwhile: what it did (a Reserve's blocks) is the client's to undo,
+            # and only the answer tells it (the router's late answers, router/worker_streams.py).
+            answers.put(message)
+            if running.get(call_id) is call:
                 del running[call_id]
         call.end()
 
