@@ -81,6 +81,7 @@ GOODPUT_RATIO_TARGET = 1.3
 START_TIMEOUT_S = 240.0
 WARMUP_REQUESTS = 2
 ZERO_LOAD_REQUESTS = 3
+TOGETHER_ROUNDS = 4  # of the baseline's zero-load requests sent as many at once as it has engines
 SIZING_PROMPT_LEN = 256
 SIZING_OUTPUT_LEN = 16
 # The mean prompt's prefill on an aggregated engine, in its decode steps: a mixed-in prompt stalls
@@ -413,13 +414,20 @@ def run_system(
     arrival_seed: int,
     slos: dict | None = None,
     max_concurrency: int | None = None,
+    at_once: int | None = None,
 ) -> dict:
+    """``requests`` at ``rate``; or, with ``at_once``, in groups of that many sent together, each group once the
+    one before it finished."""
     load_before = os.getloadavg()[0]
     decisions_before = routing_decisions(stack)
     cpu_before = stack.meter.sample()
-    records, duration = asyncio.run(
-        run_load(stack.base_url, config.model, requests, rate, config.burstiness, max_concurrency, 0, arrival_seed)
-    )
+    groups = [requests] if at_once is None else [requests[i : i + at_once] for i in range(0, len(requests), at_once)]
+    records, duration = [], 0.0
+    for group in groups:
+        got, seconds = asyncio.run(
+            run_load(stack.base_url, config.model, group, rate, config.burstiness, max_concurrency, 0, arrival_seed)
+        )
+        records, duration = records + got, duration + seconds
     cpu = stack.meter.usage(cpu_before, stack.meter.sample())
     decisions = {
         k: v - decisions_before.get(k, 0) for k, v in routing_decisions(stack).items() if v > decisions_before.get(k, 0)
@@ -509,6 +517,26 @@ def zero_load(stacks: dict[str, Stack], config: CompareConfig, input_len: int) -
             flush=True,
         )
     return out
+
+
+def zero_load_together(stacks: dict[str, Stack], config: CompareConfig, input_len: int) -> dict:
+    """The baseline's mean-length requests in rounds of as many at once as it has engines, each round once the one
+    before it finished, so that every engine prefills beside the others with nothing queued: how much they slow
+    each other (``simulate --validate`` reads it as ``Host.co_step``). Empty where the baseline has one engine (its
+    own threads fill the cores)."""
+    stack = stacks[BASELINE_NAME]
+    engines = stack.system.decode_workers
+    if engines < 2:
+        return {}
+    probes = _fixed_length(TOGETHER_ROUNDS * engines, input_len, config.mean_output_len, config, 3)
+    run = run_system(stack, config, probes, float("inf"), config.seed, at_once=engines)
+    s = run["summary"]
+    print(
+        f"zero load, {BASELINE_NAME}, {engines} at once: TTFT p50 {_fmt(s['ttft_ms']['median'])} ms, "
+        f"TPOT p50 {_fmt(s['tpot_ms']['median'], '.1f')} ms",
+        flush=True,
+    )
+    return {BASELINE_NAME: run}
 
 
 def make_plan(config: CompareConfig, input_len: int, sizing: dict, probes: dict) -> Plan:
@@ -725,7 +753,13 @@ def ratio_grid(runs: list[dict], systems: list[System], plan: Plan) -> list[dict
 
 
 def build_report(
-    config: CompareConfig, plan: Plan, systems: list[System], probes: dict, runs: list[dict], seconds: float
+    config: CompareConfig,
+    plan: Plan,
+    systems: list[System],
+    probes: dict,
+    together: dict,
+    runs: list[dict],
+    seconds: float,
 ) -> dict:
     good = goodputs(runs, systems, plan.slos)
     ratio = ratio_of(good)
@@ -740,6 +774,7 @@ def build_report(
         "plan": asdict(plan),
         "machine": {"cpu_count": cores, "cpu_model": _cpu_model(), "wall_seconds": seconds},
         "zero_load": probes,
+        "zero_load_together": together,
         "runs": runs,
         "goodput": good,
         "goodput_ratio": ratio,
@@ -950,6 +985,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         input_len, sizing = size_input_len(stacks, config)
         probes = zero_load(stacks, config, input_len)
+        together = zero_load_together(stacks, config, input_len)
         plan = make_plan(config, input_len, sizing, probes)
         wait_ms = config.max_prefill_wait_ms
         if wait_ms is None:  # the TTFT a remote prefill may still spend queued on P
@@ -966,7 +1002,7 @@ def run(args: argparse.Namespace) -> int:
         runs, plan = sweep(stacks, config, plan)
     finally:
         stop_stacks(stack_list)
-    report = build_report(config, plan, systems, probes, runs, time.perf_counter() - started)
+    report = build_report(config, plan, systems, probes, together, runs, time.perf_counter() - started)
     # e.g. "worker marked unhealthy": the router then prefills locally, which the routing counts show
     report["router_warnings"] = {
         s.system.name: [line for p in s.processes if p.name.endswith("router") for line in p.tail if "WARNING" in line]

@@ -17,8 +17,10 @@ other and with other work (router, client, anything else), and a KV push is CPU 
     step time = engine step x Host.slowdown(its threads, threads of every worker stepping now)
     prefill step on a CPU host: + its KV bytes / link bytes/s   (serialized, checksummed and sent by
                                                                  the worker itself: not overlapped)
+    while other workers step on every other core: that time runs Host.crowding times slower
 
-The slowdown is set when a step starts (a step is not slowed again by one that starts after it).
+The slowdown is set when a step starts (a step is not slowed again by one that starts after it); the
+crowding follows the workers stepping as they start and stop, each step's end moved to match.
 
 Simplifications, on purpose: a decode worker reserves a request's whole KV (prompt + output) when
 the router places it, so nothing is ever preempted (the router queues what fits nowhere); prefill
@@ -160,6 +162,13 @@ class _Worker:
     prefill_backlog: int = 0
     clock: PrefillClock = field(default_factory=PrefillClock)
     link_free: float = 0.0  # prefill: when the link has sent everything pushed so far
+    # The step computing now (None between steps): its time left at its own pace, that pace (Host.crowding) and
+    # since when, and the serial of its end event (an end moved by a new pace leaves the old event void)
+    step: _Plan | None = None
+    step_left: float = 0.0
+    step_pace: float = 1.0
+    step_since: float = 0.0
+    step_serial: int = 0
 
 
 @dataclass(frozen=True)
@@ -269,8 +278,40 @@ class _Simulation:
                 worker.link_free = self.now + duration
             else:
                 worker.link_free = _push_end(worker.link_free, self.now, duration, tokens, self.deployment)
-        end = self.now + duration
-        self.at(end, lambda _: self.step_done(worker, plan))
+        worker.step, worker.step_left, worker.step_pace, worker.step_since = plan, duration, 1.0, self.now
+        self.end_step_at(worker)
+        self.pace_steps()
+
+    def end_step_at(self, worker: _Worker) -> None:
+        """Schedules the end of ``worker``'s step from its time left and pace; an end scheduled before is void."""
+        worker.step_serial += 1
+        end = self.now + worker.step_left * worker.step_pace
+        if worker.role == "prefill" and self.deployment.host:
+            worker.link_free = end  # the push is the step's last part
+        self.at(end, self.step_ended, (worker, worker.step_serial))
+
+    def step_ended(self, ended: tuple[_Worker, int]) -> None:
+        worker, serial = ended
+        if serial != worker.step_serial:
+            return  # moved by a change of pace
+        plan, worker.step = worker.step, None
+        self.step_done(worker, plan)
+        self.pace_steps()
+
+    def pace_steps(self) -> None:
+        """On a host whose workers slow each other while they step on every core (``Host.co_step``): each step
+        computing goes on at the pace the workers computing now allow, its end moved to match."""
+        host = self.deployment.host
+        if not host or not host.co_step:
+            return
+        computing = [w for w in (*self.prefills, *self.decodes) if w.step is not None]
+        busy = sum(w.spec.threads for w in computing)
+        for worker in computing:
+            pace = host.crowding(worker.spec.threads, busy)
+            if pace != worker.step_pace:
+                worker.step_left -= (self.now - worker.step_since) / worker.step_pace
+                worker.step_pace, worker.step_since = pace, self.now
+                self.end_step_at(worker)
 
     def schedule(self, worker: _Worker) -> _Plan:
         """As ``engine.scheduler.Scheduler.schedule``: running first, then waiting, in one budget; prompt chunks

@@ -9,6 +9,13 @@ idle loses nothing until another worker takes that core too::
     2 cores, aggregated (2 threads)      2 cores, disaggregated (1 + 1 threads)
     core 0  [P/D step ][router]          core 0  [prefill ......]
     core 1  [P/D step ]........ <- waits core 1  [decode][router][decode]   (prefill unaffected)
+
+Workers that step on every core at once also slow each other beyond that CPU (``Host.co_step``): each
+worker's serving threads (gRPC pollers, token streams, KV links), the router's and the client's wake on a
+core an engine thread is stepping on, and what they leave in the cores' caches costs it more than their
+own CPU time shows. On a 2-vCPU Zen 5, engine steps timed in service took 12-19% (prompt steps) and 9-17%
+(decode steps) longer while the other worker stepped than while it did not, where two bare engines stepping
+side by side slowed each other 2-3% (docs/PERFORMANCE.md, "Workers that step together").
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ class Host:
 
     cores: int
     other_cores: float = 0.0
+    co_step: float = 0.0  # a step's extra share of time while other workers' threads step on every other core
 
     def slowdown(self, threads: int, busy_threads: int) -> float:
         """A step of a ``threads``-thread worker while ``busy_threads`` (its own included) step. The
@@ -33,6 +41,11 @@ class Host:
         is time its step loses."""
         excess = busy_threads + self.other_cores - self.cores
         return 1.0 + max(0.0, min(excess, self.other_cores)) * threads / busy_threads
+
+    def crowding(self, threads: int, busy_threads: int) -> float:
+        """How much longer a ``threads``-thread worker's step runs while ``busy_threads`` (its own included)
+        step: ``1 + co_step`` while other workers' threads step on every other core, else 1."""
+        return 1.0 + self.co_step if busy_threads >= self.cores and busy_threads > threads else 1.0
 
 
 @dataclass(frozen=True)

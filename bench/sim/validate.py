@@ -15,7 +15,9 @@ Two predictions per run:
   Machine facts come from the baseline's zero-load requests (sent one at a time, before the
   sweep): the lock-step stall of a worker filling every core, or else what serving adds to the
   engine's steps (``serving_overheads``): a request's path outside them (client, HTTP, router,
-  gRPC hops) to its first token, and the worker's loop and token relay to each decoding step.
+  gRPC hops) to its first token, and the worker's loop and token relay to each decoding step; and
+  from the same requests sent as many at once as the baseline has engines, how much workers
+  stepping on every core at once slow each other (``co_step_slowdown``, ``Host.co_step``).
 - ``calibrated``: the raw model without the request overhead, with each system's prefill costs
   scaled by measured / simulated TTFT and measured - simulated TPOT added to each decoding step,
   from the report's zero-load requests (see ``calibrate``): each system's whole zero-load gap
@@ -73,13 +75,39 @@ def deployment_for(
     )
 
 
-def host_of(compare: dict, run: dict, stall_cores: float = 0.0) -> Host | None:
+def host_of(compare: dict, run: dict, stall_cores: float = 0.0, co_step: float = 0.0) -> Host | None:
     """The machine's cores; the other work: ``stall_cores`` plus what ``run`` measured beyond the
-    baseline's zero-load requests (which ``stall_cores`` already stands for)."""
+    baseline's zero-load requests (which ``stall_cores`` already stands for); ``co_step``."""
     cores = compare.get("machine", {}).get("cpu_count")
     if not cores:
         return None
-    return Host(cores, stall_cores + max(0.0, _other_cores(run) - _other_cores(_baseline_probe(compare))))
+    other = stall_cores + max(0.0, _other_cores(run) - _other_cores(_baseline_probe(compare)))
+    return Host(cores, other, co_step)
+
+
+def co_step_slowdown(compare: dict, profile: dict) -> float:
+    """How much longer a 1-thread worker's step takes while the others step on every other core
+    (``Host.co_step``), a machine fact: the baseline's zero-load requests sent as many at once as it has
+    engines (``bench compare``'s ``zero_load_together``: every engine prefilling, nothing queued) against the
+    same requests sent one at a time, each simulated alone with the cores to itself; the medians of measured
+    over simulated TTFT, one over the other, less 1. TTFT, not the whole latency: a zero-load request's first
+    token is its prompt's step, while each of its later steps decodes one token, and relaying that token (the
+    worker's stream, the router, the client) finds no idle core either: other work, which each run's measured
+    other CPU stands for. 0 where the report has no such requests, or the baseline's own threads fill every
+    core (the lock-step stall stands for that)."""
+    probe, cores = _baseline_probe(compare), compare.get("machine", {}).get("cpu_count")
+    together = compare.get("zero_load_together", {}).get(BASELINE)
+    system = compare["config"]["systems"].get(BASELINE)
+    if not probe or not together or not cores or not system or system["decode_threads"] >= cores:
+        return 0.0
+    alone = deployment_for(system, compare["config"], profile, Host(cores))
+
+    def slower(requests: dict) -> float:
+        return statistics.median(
+            row["ttft"] / simulated.ttft for row, simulated in _measured_and_alone(alone, requests)
+        )
+
+    return max(0.0, slower(together) / slower(probe) - 1.0)
 
 
 def lockstep_stall(compare: dict, profile: dict) -> float:
@@ -189,19 +217,19 @@ def validate(compare: dict, profile: dict) -> dict:
         )
     if not compare.get("machine", {}).get("cpu_count") or not all(run.get("cpu") for run in compare["runs"]):
         notes.append("the report has no CPU usage of the runs: no other work on the cores assumed")
-    stall = lockstep_stall(compare, profile)
+    stall, co_step = lockstep_stall(compare, profile), co_step_slowdown(compare, profile)
     overheads = serving_overheads(compare, profile)
     factors = {}
     for name, system in config["systems"].items():
         probe = compare.get("zero_load", {}).get(name)
         factors[name] = (
-            calibrate(deployment_for(system, config, profile, host_of(compare, probe, stall)), probe)[1]
+            calibrate(deployment_for(system, config, profile, host_of(compare, probe, stall, co_step)), probe)[1]
             if probe
             else {"prefill_factor": 1.0, "decode_step_overhead_s": 0.0}
         )
     rows = []
     for run in compare["runs"]:
-        bare = deployment_for(config["systems"][run["system"]], config, profile, host_of(compare, run, stall))
+        bare = deployment_for(config["systems"][run["system"]], config, profile, host_of(compare, run, stall, co_step))
         raw = calibrated(
             replace(bare, request_overhead_s=overheads["request_overhead_s"]),
             {"prefill_factor": 1.0, "decode_step_overhead_s": overheads["decode_step_overhead_s"]},
@@ -214,6 +242,7 @@ def validate(compare: dict, profile: dict) -> dict:
     return {
         "tolerance": TOLERANCE,
         "lockstep_stall_cores": stall,
+        "co_step": co_step,
         **overheads,
         "factors": factors,
         "notes": notes,
@@ -263,8 +292,9 @@ def print_validation(report: dict) -> None:
         f"stall of a worker filling every core ({report['lockstep_stall_cores']:.2f} cores' worth, from the "
         f"{BASELINE} stack's zero-load requests), or else what serving adds to the engine's steps, from the same "
         f"requests: {report['request_overhead_s'] * 1e3:.0f} ms to a first token (the request's path outside the "
-        f"engine), {report['decode_step_overhead_s'] * 1e3:.1f} ms to each step that decodes; nothing from the "
-        "other system's runs"
+        f"engine), {report['decode_step_overhead_s'] * 1e3:.1f} ms to each step that decodes; a step "
+        f"{report['co_step']:.0%} longer while other workers step on every other core (the same requests sent "
+        "together); nothing from the other system's runs"
     )
     for name, f in report["factors"].items():
         print(

@@ -43,6 +43,10 @@ def test_quick_compare_writes_a_run_per_rate_and_system(tmp_path, capsys):
     assert engines == {"aggregated": 2, "disaggregated": 2}
     assert systems["aggregated"]["decode_threads"] == systems["disaggregated"]["prefill_threads"] == 1
     assert set(report["zero_load"]) == {"aggregated", "disaggregated"}
+    # the baseline's requests also went two at once, one per replica (simulate --validate reads Host.co_step off them)
+    together = report["zero_load_together"]["aggregated"]
+    assert together["summary"]["completed"] == 8 and together["routing"] == {"fallback": 8}
+    assert "zero load, aggregated, 2 at once" in printed
     # the disaggregated router was started again with the SLO's slack as its max prefill wait
     slack = report["config"]["slos"]["ttft"] - report["zero_load"]["disaggregated"]["summary"]["ttft_ms"]["median"]
     assert systems["disaggregated"]["max_prefill_wait_ms"] == pytest.approx(slack, abs=0.1) and slack > 0

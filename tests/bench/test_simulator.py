@@ -286,6 +286,10 @@ def test_host_slowdown_by_hand():
     assert host.slowdown(1, 2) == pytest.approx(1.15)
     assert Host(2, 1.5).slowdown(1, 1) == pytest.approx(1.5)  # only the 0.5 beyond the idle core
     assert Host(2, 0.0).slowdown(2, 2) == 1.0
+    # workers stepping on every core at once slow each other by co_step; a worker filling the cores alone does not
+    crowded = Host(2, 0.3, co_step=0.12)
+    assert crowded.crowding(1, 2) == pytest.approx(1.12)
+    assert crowded.crowding(1, 1) == crowded.crowding(2, 2) == 1.0
 
 
 def test_on_a_host_the_push_follows_the_prefill_and_contended_steps_stretch():
@@ -302,6 +306,20 @@ def test_on_a_host_the_push_follows_the_prefill_and_contended_steps_stretch():
     assert record.latency - record.ttft == pytest.approx(
         1.5 * sum(decode_step_s(CPU_LIKE, 1, 1000 + g) for g in range(1, 4)), rel=1e-9
     )
+
+
+def test_a_step_runs_slower_while_another_worker_steps_beside_it_and_faster_again_once_it_stops():
+    """Two 1-thread replicas on 2 cores, co_step 0.5, each prompt a single prefill step of P seconds alone. A
+    starts at 0, B at P/2 on the other replica: A does P/2 alone, then its other P/2 at 1.5x, ending at 1.25 P;
+    by then B has done (1.25 - 0.5) P / 1.5 = P/2, and does the rest alone, ending at 1.75 P."""
+    spec = WorkerSpec(CPU_LIKE, 100_000, 4096, threads=1)
+    setup = Deployment(0, 2, spec, spec, LAYERS, KV_BYTES, Link(1e8), host=Host(2, co_step=0.5))
+    p = prefill_s(CPU_LIKE, 1000)
+    first, second = simulate(setup, [TraceRequest(0.0, 1000, 1), TraceRequest(p / 2, 1000, 1)]).records
+    assert first.ttft == pytest.approx(1.25 * p, rel=1e-9)
+    assert second.ttft == pytest.approx(1.25 * p, rel=1e-9)
+    alone = simulate(setup, [TraceRequest(0.0, 1000, 1), TraceRequest(2 * p, 1000, 1)]).records
+    assert [r.ttft for r in alone] == pytest.approx([p, p], rel=1e-9)
 
 
 def test_profile_fits_lose_the_toll_of_the_other_work_measured_beside_them():
@@ -481,6 +499,37 @@ def test_raw_validation_takes_the_serving_overheads_from_the_baselines_zero_load
     assert checked["request_overhead_s"] == pytest.approx(0.05, rel=1e-6)
     assert checked["decode_step_overhead_s"] == pytest.approx(0.006, rel=1e-6)
     assert checked["agreement"]["raw"]["median_abs_error"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_raw_validation_takes_the_co_step_slowdown_from_zero_load_requests_sent_together():
+    """Two 1-thread aggregated replicas on 2 cores whose steps take 15% longer while both step: the baseline's
+    zero-load requests, sent one at a time and then two at once, say so before any run is replayed, and the raw
+    model then reproduces runs where the replicas often step together; a report without the requests sent together
+    (as ``bench compare`` wrote before) is replayed as before, optimistic."""
+    spec = WorkerSpec(CPU_LIKE, 512 * 1024 * 1024 // KV_BYTES, 2048, threads=1)
+    truth = Deployment(0, 2, spec, spec, LAYERS, KV_BYTES, Link(1e9), host=Host(2, co_step=0.15))
+    config = _aggregated_compare_config(decode_workers=2, decode_threads=1)
+
+    def measured(trace: list[TraceRequest], rate: float, alone: bool = False) -> dict:
+        records, rows = _replayed(truth, trace, alone)
+        return {"system": "aggregated", "rate": rate, "requests": rows, "summary": summarize(records, 1.0)}
+
+    probes = [TraceRequest(0.0, 1024, 48)] * 3  # mean-length requests, as bench compare sends them
+    pairs = [TraceRequest(100.0 * (i // 2), 1024, 48) for i in range(6)]
+    report = {
+        "config": config,
+        "machine": {"cpu_count": 2},
+        "zero_load": {"aggregated": measured(probes, float("inf"), alone=True)},
+        "zero_load_together": {"aggregated": measured(pairs, float("inf"))},
+        "runs": [measured(traffic(rate=rate, count=30).requests(), rate) for rate in (0.6, 1.2)],
+    }
+
+    checked = validate(json.loads(json.dumps(report)), PROFILE)
+    assert checked["co_step"] == pytest.approx(0.15, rel=1e-6)
+    assert checked["agreement"]["raw"]["median_abs_error"] == pytest.approx(0.0, abs=1e-6)
+    before = validate(json.loads(json.dumps(dict(report, zero_load_together={}))), PROFILE)
+    assert before["co_step"] == 0.0
+    assert before["agreement"]["raw"]["median_abs_error"] > 0.03
 
 
 def test_a_max_prefill_wait_sends_the_overflow_to_the_decode_worker_and_raises_ttft_bound_goodput():
