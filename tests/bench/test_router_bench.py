@@ -25,8 +25,9 @@ def test_quick_router_bench_measures_every_path(tmp_path):
         assert 0 < overhead[f"{path}_p50_ms"] <= overhead[f"{path}_p99_ms"], path
     for path in ("direct", "stream", "routed"):
         assert 0 < disaggregated[f"{path}_p50_ms"] <= disaggregated[f"{path}_p99_ms"], path
-    # A disaggregated request does more than an aggregated one: a prefill worker's call, a KV transfer, a commit.
-    assert disaggregated["routed_p50_ms"] > overhead["routed_p50_ms"]
+    # A disaggregated request does more than an aggregated one: a prefill worker's call, a KV transfer, a commit. The
+    # fastest of each, not the medians: 20 samples each, at different moments of a busy machine, let those cross.
+    assert disaggregated["routed_p0_ms"] > overhead["routed_p0_ms"]
     assert disaggregated["cpu_ms_per_request"]["router_loop"] > 0
     assert report["rates"][0]["offered_rps"] == 20 and report["rates"][0]["failed"] == 0
     assert "a disaggregated request" in done.stdout and "added by the router" in done.stdout
