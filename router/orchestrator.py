@@ -335,11 +335,7 @@ class Orchestrator:
     def _open_generate(self, decode: WorkerHandle, worker_request: decode_pb2.GenerateRequest, progress: _Progress):
         span = progress.trace.call("decode", decode, worker_request.request_id)
         try:
-            if span.metadata is None:  # tracing off: on the worker's stream (router/worker_streams.py)
-                call = decode.link.generate(worker_request)
-            else:
-                timeout = self.config.request_timeout_s
-                call = decode.stub.Generate(worker_request, timeout=timeout, metadata=span.metadata)
+            call = decode.generate(worker_request, self.config.request_timeout_s, span.metadata)
         except grpc.aio.UsageError as exc:  # the pool closed its channel since it was routed to
             span.end()
             raise _DecodeLost(f"decode worker {decode.address} left the pool") from exc

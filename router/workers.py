@@ -197,6 +197,13 @@ class WorkerHandle:
             return self.unary.call(method, request, timeout)
         return getattr(self.stub, method)(request, timeout=timeout, metadata=metadata)
 
+    def generate(self, request, timeout: float, metadata=None):
+        """A decode worker's Generate call, as ``call`` places the unary ones: on its stream, or, carrying
+        ``metadata`` (a span's context), as a call of its own, with ``timeout``. Iterated: the worker's outputs."""
+        if metadata is None:
+            return self.link.generate(request)
+        return self.stub.Generate(request, timeout=timeout, metadata=metadata)
+
     async def abort(self, request_id: str, token: str = "") -> None:
         """Stops a request here (a reservation's abort needs its ticket's ``token``); a worker gone, or that left the
         pool, has nothing to stop."""

@@ -273,9 +273,8 @@ class _Simulation:
             duration *= host.slowdown(worker.spec.threads, busy)
         if worker.role == "prefill":
             tokens = sum(count for _, count in plan.chunks)
-            if host:  # the push is the worker's own CPU work, after the step's compute
+            if host:  # the push is the worker's own CPU work, after the step's compute (its end: end_step_at)
                 duration += tokens * self.deployment.kv_bytes_per_token / self.deployment.link.bytes_per_s
-                worker.link_free = self.now + duration
             else:
                 worker.link_free = _push_end(worker.link_free, self.now, duration, tokens, self.deployment)
         worker.step, worker.step_left, worker.step_pace, worker.step_since = plan, duration, 1.0, self.now

@@ -95,12 +95,11 @@ def co_step_slowdown(compare: dict, profile: dict) -> float:
     worker's stream, the router, the client) finds no idle core either: other work, which each run's measured
     other CPU stands for. 0 where the report has no such requests, or the baseline's own threads fill every
     core (the lock-step stall stands for that)."""
-    probe, cores = _baseline_probe(compare), compare.get("machine", {}).get("cpu_count")
+    baseline = _baseline_alone(compare, profile, fills_cores=False)
     together = compare.get("zero_load_together", {}).get(BASELINE)
-    system = compare["config"]["systems"].get(BASELINE)
-    if not probe or not together or not cores or not system or system["decode_threads"] >= cores:
+    if baseline is None or not together or not compare.get("machine", {}).get("cpu_count"):
         return 0.0
-    alone = deployment_for(system, compare["config"], profile, Host(cores))
+    probe, alone = baseline
 
     def slower(requests: dict) -> float:
         return statistics.median(
@@ -117,11 +116,10 @@ def lockstep_stall(compare: dict, profile: dict) -> float:
     accounting shows as ~0) stalls the whole step. A machine fact, measured once: the baseline's
     zero-load requests, end-to-end latency measured / simulated with the cores to itself. 0 when
     the baseline leaves a core idle (the 1-thread workers see no such stall) or has no probes."""
-    probe, cores = _baseline_probe(compare), compare.get("machine", {}).get("cpu_count")
-    system = compare["config"]["systems"].get(BASELINE)
-    if not probe or not cores or not system or system["decode_threads"] < cores:
+    baseline = _baseline_alone(compare, profile, fills_cores=True)
+    if baseline is None:
         return 0.0
-    alone = deployment_for(system, compare["config"], profile, Host(cores))
+    probe, alone = baseline
     ratios = [row["latency"] / simulated.latency for row, simulated in _measured_and_alone(alone, probe)]
     return max(0.0, statistics.median(ratios) - 1.0) if ratios else 0.0
 
@@ -137,12 +135,10 @@ def serving_overheads(compare: dict, profile: dict) -> dict:
       each token): TPOT measured - simulated.
 
     Both 0 where the baseline fills every core (the lock-step stall stands for the gaps) or has no probes."""
-    none = {"request_overhead_s": 0.0, "decode_step_overhead_s": 0.0}
-    probe, cores = _baseline_probe(compare), compare.get("machine", {}).get("cpu_count")
-    system = compare["config"]["systems"].get(BASELINE)
-    if not probe or not system or (cores and system["decode_threads"] >= cores):
-        return none
-    alone = deployment_for(system, compare["config"], profile, Host(cores) if cores else None)
+    baseline = _baseline_alone(compare, profile, fills_cores=False)
+    if baseline is None:
+        return {"request_overhead_s": 0.0, "decode_step_overhead_s": 0.0}
+    probe, alone = baseline
     pairs = _measured_and_alone(alone, probe)
     ttft = [row["ttft"] - simulated.ttft for row, simulated in pairs]
     tpot = _decode_gaps(pairs)
@@ -154,6 +150,20 @@ def serving_overheads(compare: dict, profile: dict) -> dict:
 
 def _baseline_probe(compare: dict) -> dict | None:
     return compare.get("zero_load", {}).get(BASELINE)
+
+
+def _baseline_alone(compare: dict, profile: dict, fills_cores: bool) -> tuple[dict, Deployment] | None:
+    """The baseline's zero-load requests and its simulated twin with the cores to itself, where its own threads fill
+    every core (``fills_cores``) or leave one idle (not; also where the report does not say the machine's cores);
+    None without such requests or where the layout is the other one."""
+    probe, cores = _baseline_probe(compare), compare.get("machine", {}).get("cpu_count")
+    system = compare["config"]["systems"].get(BASELINE)
+    if not probe or not system:
+        return None
+    fills = bool(cores) and system["decode_threads"] >= cores
+    if fills != fills_cores:
+        return None
+    return probe, deployment_for(system, compare["config"], profile, Host(cores) if cores else None)
 
 
 def _other_cores(run: dict | None) -> float:
