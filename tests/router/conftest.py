@@ -375,12 +375,13 @@ class Stream:
     finish_reason: str | None = None
     error: BaseException | None = None
     done: threading.Event = field(default_factory=threading.Event)
+    leave: threading.Event = field(default_factory=threading.Event)  # set: the client leaves at its next chunk
 
 
 def stream_greedy(client: openai.OpenAI, prompt: list[int], max_tokens: int, stream: Stream, **extra) -> None:
     """Reads a greedy streamed completion of ``prompt`` into ``stream`` (``extra``: more request fields)."""
     try:
-        for chunk in client.completions.create(
+        with client.completions.create(
             model=SERVED_MODEL,
             prompt=[prompt],
             max_tokens=max_tokens,
@@ -389,11 +390,14 @@ def stream_greedy(client: openai.OpenAI, prompt: list[int], max_tokens: int, str
             stream=True,
             extra_body={"ignore_eos": True, "return_tokens_as_token_ids": True, **extra.pop("extra_body", {})},
             **extra,
-        ):
-            for choice in chunk.choices:
-                stream.ids.extend(token_ids(choice.logprobs.tokens) if choice.logprobs else [])
-                stream.text += choice.text
-                stream.finish_reason = choice.finish_reason or stream.finish_reason
+        ) as chunks:
+            for chunk in chunks:
+                for choice in chunk.choices:
+                    stream.ids.extend(token_ids(choice.logprobs.tokens) if choice.logprobs else [])
+                    stream.text += choice.text
+                    stream.finish_reason = choice.finish_reason or stream.finish_reason
+                if stream.leave.is_set():
+                    break
     except BaseException as exc:  # noqa: BLE001 - the test inspects it
         stream.error = exc
     finally:

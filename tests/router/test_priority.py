@@ -50,11 +50,12 @@ def _send_in_turn(client, rng, requests, prompt_tokens: int, max_tokens: int, wa
 def test_a_freed_slot_goes_to_the_lowest_priority_then_the_earliest(make_router, cluster, rng):
     router = make_router(cluster.prefills, [cluster.decode], max_running=1, max_queued=8, scheduling_policy="priority")
     client = router.openai()
-    holder = start_stream(client, random_prompt(rng, 8), 300)  # holds the only slot while the others queue
+    holder = start_stream(client, random_prompt(rng, 8), MAX_MODEL_LEN - 64)  # holds the only slot till it leaves
     wait_for(lambda: holder.ids, 30, "the first request to run")
     order = [("late-5", 5), ("one", 1), ("three", 3), ("one-again", 1), ("neg", -2)]
     first_token_at, threads = _send_in_turn(client, rng, order, 8, 12, lambda: _queued(router), "queue")
-    assert not holder.done.is_set(), "the first request ended before the queue filled: lengthen it"
+    assert not holder.done.is_set(), "the first request ended before the queue filled"
+    holder.leave.set()
     for thread in threads:
         thread.join(60)
     assert holder.error is None and len(first_token_at) == 5
@@ -71,12 +72,13 @@ def test_a_request_that_leaves_the_queue_loses_no_slot(make_router, cluster, rng
         scheduling_policy="priority",
     )
     client = router.openai()
-    holder = start_stream(client, random_prompt(rng, 8), 400)
+    holder = start_stream(client, random_prompt(rng, 8), MAX_MODEL_LEN - 64)  # holds the only slot till it leaves
     wait_for(lambda: holder.ids, 30, "the first request to run")
     body = {"model": SERVED_MODEL, "prompt": "wait", "max_tokens": 2, "priority": 1}
     assert_error(post(router, "/v1/completions", body), 503)  # waited 0.3 s: its queue timeout
-    assert not holder.done.is_set(), "the first request ended before the other timed out: lengthen it"
+    assert not holder.done.is_set(), "the first request ended before the other timed out"
     assert _queued(router) == 0
+    holder.leave.set()
     assert holder.done.wait(60) and holder.error is None
     for _ in range(3):  # the slot is free again, each time
         assert post(router, "/v1/completions", body).status_code == 200
@@ -119,15 +121,15 @@ def test_requests_waiting_in_a_workers_queue_are_served_by_priority(make_router,
     decode worker that prefills them itself (local), or a prefill worker (remote), each taking one request at a
     time. The request sent second, with the lower priority value, is served first there."""
     flags = ("--max-num-seqs", "1")
-    if path == "remote":  # a long prompt's prefill holds the worker for a hundred steps or so
-        flags += ("--max-num-batched-tokens", "16")
+    if path == "remote":  # a long prompt's prefill holds the worker for some 500 steps
+        flags += ("--max-num-batched-tokens", "4")
     worker = start_worker("decode" if path == "local" else "prefill", str(checkpoint.path), "grpc", *flags)
     try:
         prefills, decode = ([], worker) if path == "local" else ([worker], cluster.decode)
         router = make_router(prefills, [decode], scheduling_policy="priority", local_prefill_threshold=0)
         client = router.openai()
-        if path == "local":
-            holder = start_stream(client, random_prompt(rng, 8), 300)  # decodes while the others wait
+        if path == "local":  # decodes until its client leaves, once the others wait
+            holder = start_stream(client, random_prompt(rng, 8), MAX_MODEL_LEN - 64)
         else:
             holder = start_stream(client, random_prompt(rng, MAX_MODEL_LEN - 64), 2)  # prefills while they wait
         wait_for(lambda: worker.stats().running == 1, 30, "the first request to run on the worker")
@@ -135,7 +137,8 @@ def test_requests_waiting_in_a_workers_queue_are_served_by_priority(make_router,
         first_token_at, threads = _send_in_turn(
             client, rng, [("five", 5), ("minus-five", -5)], 40, 4, waiting, "wait on the worker"
         )
-        assert worker.stats().running == 1, "the first request ended before the others queued: lengthen it"
+        assert worker.stats().running == 1, "the first request ended before the others queued"
+        holder.leave.set()
         for thread in threads:
             thread.join(60)
         assert holder.done.wait(60) and holder.error is None
