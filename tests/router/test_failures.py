@@ -7,10 +7,7 @@ worker alive; then one decode worker; then the prefill worker).
 from __future__ import annotations
 
 import logging
-import os
 import re
-import signal
-import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -28,7 +25,7 @@ from tests.router.conftest import (
     token_ids,
     wait_for,
 )
-from tests.workers.harness import WorkerProcess, start_workers, stop_workers, wait_idle
+from tests.workers.harness import WorkerProcess, frozen, start_workers, stop_workers, wait_idle
 
 REQUEST_TIMEOUT_S = 60
 LONG_GENERATION = MAX_MODEL_LEN - 200  # several seconds of decoding: far longer than any wait below
@@ -156,23 +153,21 @@ def test_a_stalled_worker_leaves_routing_only_after_checks_in_a_row(make_router,
     def routed() -> bool:
         return worker.address in router.call(lambda: [w.address for w in router.router.pool.of_role("decode")])
 
+    seen: list[bool] = []
+
+    def missed_checks() -> int:
+        """Health checks missed in a row, as the router counts them; whether it routes to the worker goes in seen."""
+        seen.append(routed())
+        return router.call(lambda: router.router.pool.workers[worker.address].failures)
+
     assert routed()
-    os.kill(worker.process.pid, signal.SIGSTOP)
-    try:
-        seen = []
-        deadline = time.monotonic() + 1.4  # one check times out (1 s), the next is answered
-        while time.monotonic() < deadline:
-            seen.append(routed())
-            time.sleep(0.05)
-    finally:
-        os.kill(worker.process.pid, signal.SIGCONT)
+    with frozen(worker):  # until one check has timed out (1 s), not for a fixed time: the next one is answered
+        wait_for(lambda: missed_checks() >= 1, 10, "a health check to time out")
+    wait_for(lambda: missed_checks() == 0, 10, "a health check to pass again")
     assert all(seen), "one missed health check took the worker out of routing"
 
-    os.kill(worker.process.pid, signal.SIGSTOP)
-    try:
+    with frozen(worker):
         wait_for(lambda: not routed(), 10, "the stalled worker to leave routing")
-    finally:
-        os.kill(worker.process.pid, signal.SIGCONT)
     wait_for(routed, 10, "the worker to be routed to again once it answers")
 
 

@@ -23,7 +23,7 @@ from tests.router.conftest import (
     token_ids,
     wait_for,
 )
-from tests.workers.harness import start_workers, stop_workers, wait_idle
+from tests.workers.harness import frozen, start_workers, stop_workers, wait_idle
 
 REQUEST_TIMEOUT_S = 90
 FIRST_BYTE_ID = 3
@@ -57,25 +57,27 @@ def test_worker_removed_from_the_pool_under_a_call_is_a_lost_worker(make_router,
     router = make_router(workers.prefills, workers.decodes, local_prefill_threshold=32, health_interval_s=0.2)
     client = router.openai(timeout=REQUEST_TIMEOUT_S)
 
-    # Mid-prefill: a 1,300-token prompt takes a chunked prefill worker many steps.
+    # Mid-prefill: a 1,300-token prompt (~0.2 s of chunks on a 2-core EPYC, a few looks), both prefill workers frozen
+    # until one has it and has left the pool, so that it cannot end first on a faster machine.
     prompt = random_prompt(rng, 1300)
     expected = hf_greedy(checkpoint.model, prompt, 6)
     with ThreadPoolExecutor(1) as pool:
-        future = pool.submit(
-            client.completions.create,
-            model=SERVED_MODEL,
-            prompt=[prompt],
-            max_tokens=6,
-            temperature=0,
-            logprobs=0,
-            extra_body={"return_tokens_as_token_ids": True},
-        )
-        busy = wait_for(
-            lambda: next((p for p in workers.prefills if router.worker_active().get(p.address)), None),
-            30,
-            "a prefill in flight",
-        )
-        router.run(router.router.pool.remove(busy.address), 10)
+        with frozen(workers.prefills[0]), frozen(workers.prefills[1]):
+            future = pool.submit(
+                client.completions.create,
+                model=SERVED_MODEL,
+                prompt=[prompt],
+                max_tokens=6,
+                temperature=0,
+                logprobs=0,
+                extra_body={"return_tokens_as_token_ids": True},
+            )
+            busy = wait_for(
+                lambda: next((p for p in workers.prefills if router.worker_active().get(p.address)), None),
+                30,
+                "a prefill in flight",
+            )
+            router.run(router.router.pool.remove(busy.address), 10)
         out = future.result(REQUEST_TIMEOUT_S)
     assert token_ids(out.choices[0].logprobs.tokens) == expected
 

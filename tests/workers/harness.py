@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import grpc
@@ -51,6 +54,18 @@ class WorkerProcess:
         stop_process(self.process, 10)
         if hasattr(self, "_channel"):
             self._channel.close()
+
+
+@contextlib.contextmanager
+def frozen(worker: WorkerProcess) -> Iterator[WorkerProcess]:
+    """``worker``'s process stopped (SIGSTOP) for the block, resumed after it unless killed meanwhile: what it has
+    under way stays under way while the test acts, however fast the machine; calls to it wait. Keep the block short:
+    a router's health checks take a stopped worker out after two seconds or so."""
+    worker.process.send_signal(signal.SIGSTOP)
+    try:
+        yield worker
+    finally:
+        worker.process.send_signal(signal.SIGCONT)  # a no-op once the process is reaped
 
 
 def stop_process(process: subprocess.Popen, grace_s: float) -> None:

@@ -9,7 +9,7 @@ release does not wait for it, and a short one on NIXL; the cancellation tests us
 
 from __future__ import annotations
 
-import time
+import contextlib
 
 import grpc
 import pytest
@@ -22,6 +22,7 @@ from tests.workers.harness import (
     aggregated,
     claim,
     disaggregated,
+    frozen,
     new_id,
     prefill_future,
     reserve,
@@ -118,12 +119,14 @@ def test_abort_mid_transfer(cluster, rng, how):
     ticket = reserve(decode, request_id, prompt)
     stream = claim(decode, request_id)
     future = prefill_future(prefill, request_id, prompt, ticket)
-    wait_until(lambda: prefill.stats().running >= 1, 10, what="the prefill to start")
-    time.sleep(0.2)
-    if how == "cancel":
-        assert future.cancel(), "the prefill finished before it could be cancelled"
-    else:
-        assert prefill.stub.Abort(common_pb2.AbortRequest(request_id=request_id), timeout=5).found
+    wait_until(lambda: prefill.stats().running >= 1, 10, interval=0.02, what="the prefill to start")
+    with frozen(prefill):  # the prefill stays under way until the cancel or abort is sent, however fast the machine
+        if how == "cancel":
+            assert future.cancel(), "the prefill finished before it could be cancelled"
+        else:
+            abort = prefill.stub.Abort.future(common_pb2.AbortRequest(request_id=request_id), timeout=5)
+    if how == "abort_rpc":
+        assert abort.result().found
         error = rpc_error(future.result)
         assert error.code() == grpc.StatusCode.ABORTED, error.details()
 
@@ -136,26 +139,29 @@ def test_abort_mid_transfer(cluster, rng, how):
 CANCEL_LEASE_MS = 20_000  # far longer than any wait below: only the cancellation can free the blocks
 
 
+@contextlib.contextmanager
 def _long_transfer(cluster, rng, request_id):
+    """A long prompt's prefill on the slow pair, started; the block runs with the prefill worker frozen, so the
+    prefill stays under way, however fast the machine, until the block has acted."""
     decode, prefill = cluster.slow_decode, cluster.slow_prefill
     prompt = random_prompt(rng, LONG_PROMPT_LEN)
     ticket = reserve(decode, request_id, prompt, lease_ms=CANCEL_LEASE_MS)
     stream = claim(decode, request_id, timeout=60)
     future = prefill_future(prefill, request_id, prompt, ticket, timeout=60)
     wait_until(lambda: prefill.stats().running >= 1, 10, interval=0.02, what="the prefill to start")
-    time.sleep(0.2)
-    assert decode.stats().kv_blocks_used >= 94, "the reservation does not hold its blocks"
-    return stream, future
+    with frozen(prefill):
+        assert decode.stats().kv_blocks_used >= 94, "the reservation does not hold its blocks"
+        yield stream, future
 
 
 def test_client_leaving_mid_transfer_frees_every_block_at_once(cluster, rng):
     """What the router does when its client goes: cancel the decode stream and the prefill together."""
     decode, prefill = cluster.slow_decode, cluster.slow_prefill
     expired_before = decode.stats().leases_expired
-    stream, future = _long_transfer(cluster, rng, new_id("leaving"))
-    assert not future.done(), "the prefill finished before the client left"
-    stream.cancel()
-    future.cancel()
+    with _long_transfer(cluster, rng, new_id("leaving")) as (stream, future):
+        assert not future.done(), "the prefill finished before the client left"
+        stream.cancel()
+        future.cancel()
 
     wait_idle(decode, timeout=3)  # NIXL too: the sender's abort says its writes are over
     wait_idle(prefill, timeout=10)
@@ -168,10 +174,11 @@ def test_client_gone_before_commit_stops_the_sender(cluster, rng):
     — over gRPC at once, over NIXL when the sender's commit (after its last write) is refused."""
     decode, prefill = cluster.slow_decode, cluster.slow_prefill
     expired_before = decode.stats().leases_expired
-    stream, future = _long_transfer(cluster, rng, new_id("gone"))
-    stream.cancel()
-    if cluster.transport == "grpc":
-        wait_idle(decode, timeout=3)
+    with _long_transfer(cluster, rng, new_id("gone")) as (stream, future):
+        assert not future.done(), "the prefill finished before the client left"
+        stream.cancel()
+        if cluster.transport == "grpc":  # the reservation is gone before the prefill's next chunk
+            wait_idle(decode, timeout=3)
     error = rpc_error(future.result)
     assert error.code() == grpc.StatusCode.ABORTED, error.details()
     if cluster.transport == "nixl":  # over gRPC the blocks are gone already: later chunks find no reservation

@@ -3,6 +3,7 @@ with a status, returns every block, and keeps serving."""
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 import grpc
@@ -13,6 +14,7 @@ from tests.workers.harness import (
     aggregated,
     claim,
     disaggregated,
+    frozen,
     new_id,
     prefill_future,
     reserve,
@@ -22,26 +24,26 @@ from tests.workers.harness import (
     wire_params,
 )
 
-# SIGKILL lands this long after the prefill started: the slow model needs about a second in all.
-KILL_AFTER_S = 0.3
 
-
-def _start_long_prefill(prefill, decode, rng):
+@contextlib.contextmanager
+def _long_prefill(prefill, decode, rng):
+    """A long prompt's prefill, started; the block runs with the prefill worker frozen, so the prefill stays under
+    way, however fast the machine, until the block has killed a worker."""
     prompt = random_prompt(rng, LONG_PROMPT_LEN)
     request_id = new_id("doomed")
     ticket = reserve(decode, request_id, prompt)
     stream = claim(decode, request_id)
     future = prefill_future(prefill, request_id, prompt, ticket, timeout=60)
     wait_until(lambda: prefill.stats().running >= 1, 10, interval=0.02, what="the prefill to start")
-    time.sleep(KILL_AFTER_S)
-    return request_id, stream, future
+    with frozen(prefill):
+        yield request_id, stream, future
 
 
 def test_decode_killed_mid_transfer(cluster, rng):
     prefill, victim = cluster.slow_prefill, cluster.doomed_decode
-    _, _, future = _start_long_prefill(prefill, victim, rng)
-    assert not future.done(), "the prefill finished before the decode worker was killed"
-    victim.kill()
+    with _long_prefill(prefill, victim, rng) as (_, _, future):
+        assert not future.done(), "the prefill finished before the decode worker was killed"
+        victim.kill()
 
     error = rpc_error(future.result)
     # The link's fault, however far the prefill had got when it was noticed: UNAVAILABLE naming the receiver, so a
@@ -67,10 +69,10 @@ def test_prefill_killed_mid_transfer(cluster, rng):
         len(disaggregated(victim, decode, new_id("warm"), random_prompt(rng, 20), wire_params(2), timeout=30)[0]) == 2
     )
     expired_before = decode.stats().leases_expired
-    request_id, stream, future = _start_long_prefill(victim, decode, rng)
-    assert not future.done(), "the prefill finished before the prefill worker was killed"
-    victim.kill()
-    killed_at = time.monotonic()
+    with _long_prefill(victim, decode, rng) as (request_id, stream, future):
+        assert not future.done(), "the prefill finished before the prefill worker was killed"
+        victim.kill()
+        killed_at = time.monotonic()
 
     assert rpc_error(future.result).code() == grpc.StatusCode.UNAVAILABLE
     if cluster.transport == "grpc":
