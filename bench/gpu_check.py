@@ -38,20 +38,9 @@ import time
 import uuid
 from pathlib import Path
 
+from bench.tiny_model import TINY_SHAPE, write_checkpoint
+
 SECTIONS = ("flex-probe", "parity", "disaggregated", "transfer", "kv-bench", "decode")
-TINY = dict(
-    vocab_size=320,
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=512,
-    rms_norm_eps=1e-6,
-    bos_token_id=1,
-    eos_token_id=2,
-    pad_token_id=0,
-)
 START_TIMEOUT_S = 90.0  # a worker: import, CUDA context, weights; its first request compiles flex
 RPC_TIMEOUT_S = 60.0
 UCX_TRANSPORT_NAMES = ("cuda_ipc", "cuda_copy", "gdr_copy", "rc_mlx5", "rc_verbs", "dc_mlx5", "ud_mlx5", "tcp")
@@ -201,25 +190,9 @@ def _probe_attend(backend, layout, pool, sequences, slot_block, slot_offset, q, 
 # -- parity -------------------------------------------------------------------------------------------
 
 
-def write_tiny_checkpoint(directory: str) -> None:
-    """A random Llama written by transformers, weights drawn wide so that greedy picks have clear
-    winners (the comparison then tests the math, not float noise)."""
-    import torch
-    import transformers
-
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**TINY)).eval()
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            scale, offset = (0.1, 1.0) if "norm" in name else (0.15, 0.0)
-            param.copy_(offset + scale * torch.randn(param.shape, generator=generator))
-    model.save_pretrained(directory)
-
-
 def parity_prompts(count: int, seed: int = 2) -> list[list[int]]:
     rng = random.Random(seed)
-    return [[rng.randrange(3, TINY["vocab_size"]) for _ in range(rng.randint(3, 70))] for _ in range(count)]
+    return [[rng.randrange(3, TINY_SHAPE["vocab_size"]) for _ in range(rng.randint(3, 70))] for _ in range(count)]
 
 
 def hf_greedy(directory: str, device: str, dtype, prompts: list[list[int]], new_tokens: int) -> list[list[int]]:
@@ -280,7 +253,7 @@ def parity(device: str, quick: bool) -> dict:
     new_tokens = 8 if quick else 16
     rows = []
     with tempfile.TemporaryDirectory() as directory:
-        write_tiny_checkpoint(directory)
+        write_checkpoint(directory)
         expected = hf_greedy(directory, device, torch.float32, prompts, new_tokens)
         cuda = device.startswith("cuda")
         # (label, attention backend, EngineConfig fields, whether decode steps must replay CUDA graphs)
@@ -325,7 +298,7 @@ def disaggregated(device: str, log_dir: Path, quick: bool) -> dict:
     new_tokens = 8 if quick else 12
     rows = []
     with tempfile.TemporaryDirectory() as directory:
-        write_tiny_checkpoint(directory)
+        write_checkpoint(directory)
         expected = hf_greedy(directory, device, torch.float32, prompts, new_tokens)
         for transport in ("nixl", "grpc"):
             try:

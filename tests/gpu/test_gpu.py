@@ -12,7 +12,7 @@ import time
 import pytest
 import torch
 
-from bench.gpu_check import compare_tokens, engine_greedy, hf_greedy, parity_prompts, write_tiny_checkpoint
+from bench.gpu_check import compare_tokens, engine_greedy, hf_greedy, parity_prompts
 from contract.sampling import SamplingParams
 from engine.attention import TorchPagedAttention
 from engine.config import EngineConfig
@@ -41,7 +41,7 @@ def model_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def parity_dir(tmp_path_factory):
     directory = tmp_path_factory.mktemp("llama-gpu-parity")
-    write_tiny_checkpoint(str(directory))
+    write_checkpoint(directory)
     return str(directory)
 
 

@@ -48,17 +48,7 @@ def listening_addresses(pid: int) -> list[tuple[str, int]]:
 def test_a_worker_started_on_loopback_listens_only_there(tmp_path, transport):
     from tests.checkpoints import write_checkpoint
 
-    write_checkpoint(
-        tmp_path,
-        "LlamaForCausalLM",
-        seed=3,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-    )
+    write_checkpoint(tmp_path, "LlamaForCausalLM", seed=3)
     worker = wait_ready(launch_worker("decode", str(tmp_path), transport, "--host", "127.0.0.1", "--metrics-port", "0"))
     try:
         listening = listening_addresses(worker.process.pid)
