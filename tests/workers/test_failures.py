@@ -47,6 +47,7 @@ def release_timeout(cluster, nixl_ms: int = NIXL_LEASE_MS) -> float:
 
 
 def assert_still_serves(prefill, decode, rng) -> None:
+    """The pair serves a request after a failure: disaggregated, its tokens the decode worker's own; both idle after."""
     prompt = random_prompt(rng, 21)
     tokens, last = disaggregated(prefill, decode, new_id("alive"), prompt, wire_params(5), timeout=30)
     assert tokens == aggregated(decode, new_id("alive-agg"), prompt, wire_params(5), timeout=30)

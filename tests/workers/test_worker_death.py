@@ -11,7 +11,6 @@ import grpc
 from contract.errors import UNREACHABLE_PEER
 from tests.workers.conftest import LONG_PROMPT_LEN, SLOW_DECODE_LEASE_MS, random_prompt
 from tests.workers.harness import (
-    aggregated,
     claim,
     disaggregated,
     frozen,
@@ -23,6 +22,7 @@ from tests.workers.harness import (
     wait_until,
     wire_params,
 )
+from tests.workers.test_failures import assert_still_serves
 
 
 @contextlib.contextmanager
@@ -52,14 +52,7 @@ def test_decode_killed_mid_transfer(cluster, rng):
     assert dict(error.trailing_metadata()).get(UNREACHABLE_PEER) == victim.address, error.trailing_metadata()
     wait_idle(prefill, timeout=15)
 
-    # The prefill worker serves the next request with another decode worker.
-    fresh = cluster.slow_decode
-    prompt = random_prompt(rng, 40)
-    tokens, last = disaggregated(prefill, fresh, new_id("after"), prompt, wire_params(6), timeout=30)
-    assert tokens == aggregated(fresh, new_id("after-agg"), prompt, wire_params(6), timeout=30)
-    assert last.finish_reason == "length"
-    wait_idle(prefill)
-    wait_idle(fresh)
+    assert_still_serves(prefill, cluster.slow_decode, rng)  # the next request, with another decode worker
 
 
 def test_prefill_killed_mid_transfer(cluster, rng):
