@@ -174,7 +174,7 @@ class Engine:
 
     def complete_reservation(self, request_id: str, first_token_id: int, logprobs: TokenLogprobs | None = None) -> None:
         """Adopt the received KV (the caller has verified it) and the first token sampled remotely;
-        the request then decodes here. Its first output comes with the next step().
+        the request then decodes here. Its first output comes with ``take_outputs()``, or the next step().
         InvalidRequestError, with nothing changed, if the token or its logprobs are not ones this model
         and request could have produced (``check_remote_token``)."""
         request = self.requests[request_id]
@@ -426,6 +426,13 @@ class Engine:
         output = self.outputs.emit(request)
         del self.requests[request.request_id]
         return output
+
+    def take_outputs(self) -> list[RequestOutput]:
+        """The outputs recorded since the last step outside one (a remote first token on adoption, an abort's
+        end), now rather than with the next step's: a loop that calls this between steps hands a disaggregated
+        request's first token on before the step it then decodes in."""
+        outputs, self._pending = self._pending, []
+        return outputs
 
     def has_unfinished(self) -> bool:
         return self.scheduler.num_unfinished > 0 or bool(self._pending)

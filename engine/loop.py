@@ -201,9 +201,11 @@ class EngineLoop:
         name_os_thread(self._thread.name)
         while not self._stop.is_set():
             self._run_calls()
-            outputs: list[RequestOutput] = []
+            # What the calls recorded goes out before the next step, which may be long: an adopted request's first
+            # token (it came with its KV) reaches its client without waiting for the step it then decodes in.
+            outputs = self._deliver(self.engine.take_outputs())
             if self.engine.has_unfinished():
-                outputs = self._step()
+                outputs += self._step()
             try:
                 self._publish_events(self.engine.take_kv_events())
                 if self._after_step is not None:
@@ -245,7 +247,12 @@ class EngineLoop:
         except Exception as exc:  # names no request (see the module docstring): fail those in steps, serve on
             log.exception("engine step failed; aborting the requests in steps")
             self._fail_requests_in_steps(RequestFailed(f"engine error: {exc}"))
-            outputs = []  # their aborted outputs come with the next step, for the hooks
+            outputs = []  # their aborted outputs come with the next iteration, for the hooks
+        return self._deliver(outputs)
+
+    def _deliver(self, outputs: list[RequestOutput]) -> list[RequestOutput]:
+        """Hands ``outputs`` to their streams; first, a request that failed ends its stream with its error instead
+        (its own abort output, among ``outputs``, then finds no stream)."""
         for request_id, reason in self.engine.take_failures().items():
             stream = self.detach(request_id)
             if stream is not None:

@@ -9,6 +9,7 @@ import glob
 import os
 import statistics
 import sys
+import threading
 import time
 
 import pytest
@@ -54,6 +55,32 @@ def test_a_reservation_waiting_for_its_kv_leaves_the_loop_asleep_until_its_commi
         tokens = [t for output in stream for t in output.token_ids]
         assert len(tokens) == PARAMS.max_tokens
     finally:
+        loop.stop()
+
+
+def test_an_adopted_requests_first_token_goes_out_before_the_step_it_then_decodes_in(model_dir):  # noqa: F811
+    """The first token came with the KV: it reaches the stream as soon as the commit is adopted, not at the end of
+    the next step, which on a busy decode worker may be long (here: held until the test lets it run)."""
+    engine = Engine(EngineConfig(model=model_dir, dtype="float32", num_kv_blocks=64))
+    gate, execute = threading.Event(), engine.runner.execute
+
+    def held(*args, **kwargs):
+        assert gate.wait(30), "the step was never let run"
+        return execute(*args, **kwargs)
+
+    engine.runner.execute = held
+    loop = EngineLoop(engine).start()
+    try:
+        loop.call(lambda e: e.reserve("r", list(range(3, 40)), PARAMS))
+        stream = loop.call(lambda e: loop.watch("r"))
+        loop.call(lambda e: e.complete_reservation("r", first_token_id=5))
+        first = stream.get(timeout=10)  # the step the request decodes in is held meanwhile
+        assert first.token_ids == (5,) and not first.finished
+        gate.set()
+        tokens = [5] + [t for output in stream for t in output.token_ids]
+        assert len(tokens) == PARAMS.max_tokens
+    finally:
+        gate.set()
         loop.stop()
 
 
