@@ -372,7 +372,8 @@ class _Simulation:
             self.start_step(worker)
 
     def kv_landed(self, request: _Request, prefill: _Worker) -> None:
-        """The commit: the first token reaches the client, the request joins D's batch."""
+        """The commit: the first token reaches the client (the router sends it from the prefill worker's answer,
+        not waiting for D's stream or its step), the request joins D's batch."""
         prefill.in_flight -= 1
         decode = request.decode
         self.token(decode, request, joins=True)
