@@ -34,9 +34,16 @@ class TextStream:
     """Detokenizes one request's tokens and finds stop strings; the text ends before the stop string found, or
     with it (``include_stop``), and never goes on past it.
 
-    Text that could still be the start of a stop string is held back until it cannot be. (Held back with
-    ``include_stop`` too: a short stop string found once min_tokens lets the search start may end inside text
-    already searched, and the cut must not fall before text already emitted.)"""
+    Text that could still be the start of a stop string is held back until it cannot be: the longest end of the
+    text that some stop string begins with, no more (so a stop string that only ever shares no end with the text
+    holds nothing back)::
+
+        stop "zzqx", text "I saw zz"   emitted "I saw "   held "zz"
+        stop "zzqx", text "I saw a"    emitted "I saw a"  held ""
+
+    What a stop string found may cut is never text already emitted: the search starts where emission stopped.
+    (Held back with ``include_stop`` too.) The emitted length only grows with the text, so a worker that resumes
+    another's output (migration) and replays its tokens emits from where that one stopped."""
 
     def __init__(
         self, tokenizer: Tokenizer, stop: tuple[str, ...], skip_special_tokens: bool = True, include_stop: bool = False
@@ -59,15 +66,23 @@ class TextStream:
             self._add_text(self._detokenizer.flush())
 
     def take(self, final: bool) -> str:
-        limit = len(self._text) if final or self.stopped else max(self._emitted, len(self._text) - self._hold)
+        limit = len(self._text) if final or self.stopped else max(self._emitted, len(self._text) - self._held())
         piece = self._text[self._emitted : limit]
         self._emitted = limit
         return piece
 
+    def _held(self) -> int:
+        """How long the text's longest end is that a stop string begins with (shorter than every such string)."""
+        for length in range(min(self._hold, len(self._text)), 0, -1):
+            end = self._text[-length:]
+            if any(stop.startswith(end) for stop in self._stop):
+                return length
+        return 0
+
     def _add_text(self, piece: str, find_stops: bool = True) -> bool:
         if not piece or self.stopped:
             return self.stopped
-        search_from = max(0, len(self._text) - self._hold)
+        search_from = max(0, len(self._text) - self._hold, self._emitted)
         self._text += piece
         found = _first_stop(self._text, self._stop, search_from) if find_stops else None
         if found is not None:

@@ -341,6 +341,31 @@ def test_skip_special_tokens_false_keeps_eos_and_other_special_tokens_text(check
     assert skipped.text == "x" * kept.token_ids.count(x)
 
 
+def test_streamed_text_holds_back_only_what_could_begin_a_stop_string(checkpoint):
+    """Each token's text goes out with it unless the text now ends with the start of a stop string: a stop string
+    the text never begins holds nothing back (not its length less one), and the whole text is the same."""
+    model_dir, _ = checkpoint
+    engine = _engine(model_dir)
+    prompt = _prompt(19, 20)
+    ascii_letters = tuple(ByteTokenizer.FIRST_BYTE_ID + ord(c) for c in "abcdefgh")  # one token per character
+    free = SamplingParams(max_tokens=30, temperature=0, ignore_eos=True, allowed_token_ids=ascii_letters)
+    plain = _streamed_texts(engine, prompt, free)
+    assert all(len(piece) == 1 for piece in plain)
+    assert _streamed_texts(engine, prompt, replace(free, stop=("\x00never", "zzz"))) == plain
+
+    text = "".join(plain)
+    stop = text[12:15]
+    cut = text[: text.find(stop)]
+    streamed = _streamed_texts(engine, prompt, replace(free, stop=(stop,)))
+    assert "".join(streamed) == cut
+    sent = ""
+    for count, piece in enumerate(streamed[: len(cut)], start=1):
+        sent += piece
+        so_far = text[:count]
+        if not (so_far.endswith(stop[0]) or so_far.endswith(stop[:2])):
+            assert sent == so_far, f"after {count} tokens {sent!r} went out of {so_far!r}"
+
+
 def _streamed_texts(engine: Engine, prompt: list[int], params: SamplingParams) -> list[str]:
     engine.add_request("streamed", prompt, params)
     texts = []
