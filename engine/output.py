@@ -35,8 +35,7 @@ class TextStream:
     with it (``include_stop``), and never goes on past it.
 
     Text that could still be the start of a stop string is held back until it cannot be: the longest end of the
-    text that some stop string begins with, no more (so a stop string that only ever shares no end with the text
-    holds nothing back)::
+    text that some stop string begins with, no more (a text whose end begins no stop string holds nothing back)::
 
         stop "zzqx", text "I saw zz"   emitted "I saw "   held "zz"
         stop "zzqx", text "I saw a"    emitted "I saw a"  held ""
@@ -51,7 +50,7 @@ class TextStream:
         self._detokenizer = IncrementalDetokenizer(tokenizer, skip_special_tokens)
         self._stop = stop
         self._include_stop = include_stop
-        self._hold = max((len(s) for s in stop), default=1) - 1
+        self._most_held = max((len(s) for s in stop), default=1) - 1
         self._text = ""
         self._emitted = 0
         self.stopped = False
@@ -72,8 +71,9 @@ class TextStream:
         return piece
 
     def _held(self) -> int:
-        """How long the text's longest end is that a stop string begins with (shorter than every such string)."""
-        for length in range(min(self._hold, len(self._text)), 0, -1):
+        """How many of the text's last characters a stop string could begin with: the longest such end (shorter
+        than the longest stop string; a whole one is found, not held)."""
+        for length in range(min(self._most_held, len(self._text)), 0, -1):
             end = self._text[-length:]
             if any(stop.startswith(end) for stop in self._stop):
                 return length
@@ -82,7 +82,7 @@ class TextStream:
     def _add_text(self, piece: str, find_stops: bool = True) -> bool:
         if not piece or self.stopped:
             return self.stopped
-        search_from = max(0, len(self._text) - self._hold, self._emitted)
+        search_from = max(0, len(self._text) - self._most_held, self._emitted)
         self._text += piece
         found = _first_stop(self._text, self._stop, search_from) if find_stops else None
         if found is not None:
