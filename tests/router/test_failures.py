@@ -186,7 +186,7 @@ def test_decode_worker_killed_mid_stream_migrates(make_router, failing, checkpoi
         default_headers={"X-Request-Id": "streams-4"},
     )
     caplog.set_level(logging.WARNING, logger="router.orchestrator")
-    max_tokens = 250
+    max_tokens = 500  # ~1 s of stream here: the kill lands mid-stream on a machine a few times faster too
     prompts = [random_prompt(rng, n) for n in (20, 40, 70, 90)]  # local and remote prefills
     expected = [greedy_ignoring_eos(checkpoint.model, p, max_tokens) for p in prompts]
     streams = streams_under_way(client, prompts, max_tokens)
