@@ -72,8 +72,9 @@ class TextStream:
 
     def _held(self) -> int:
         """How many of the text's last characters a stop string could begin with: the longest such end (shorter
-        than the longest stop string; a whole one is found, not held)."""
-        for length in range(min(self._most_held, len(self._text)), 0, -1):
+        than the longest stop string; a whole one is found, not held). Only the text not yet emitted is looked at:
+        such an end never starts before it (the emitted length only grows)."""
+        for length in range(min(self._most_held, len(self._text) - self._emitted), 0, -1):
             end = self._text[-length:]
             if any(stop.startswith(end) for stop in self._stop):
                 return length

@@ -6,8 +6,6 @@ is retried on another."""
 
 from __future__ import annotations
 
-import os
-import signal
 import time
 
 import pytest
@@ -20,7 +18,7 @@ from tests.router.conftest import (
     streams_under_way,
     wait_for,
 )
-from tests.workers.harness import start_workers, stop_workers, wait_idle
+from tests.workers.harness import frozen, start_workers, stop_workers, wait_idle
 
 MAX_TOKENS = 600  # seconds of decoding on the test checkpoint: the stall lands mid-stream
 STALL_BOUND_S = 25  # from the stall to every stream done; well under gRPC's 60 s ping timeout
@@ -32,9 +30,6 @@ def workers(checkpoint):
     model = str(checkpoint.path)
     prefill, *decodes = start_workers(("prefill", model), ("decode", model), ("decode", model))
     yield prefill, decodes
-    for worker in decodes:
-        if worker.process.poll() is None:
-            os.kill(worker.process.pid, signal.SIGCONT)
     stop_workers([prefill, *decodes])
 
 
@@ -57,15 +52,12 @@ def test_streams_on_a_stalled_decode_worker_migrate_promptly_and_exactly(make_ro
     on_victim = active[victim.address]
     assert 1 <= on_victim < len(streams), active  # streams on both workers
 
-    os.kill(victim.process.pid, signal.SIGSTOP)
-    stalled_at = time.monotonic()
-    try:
+    with frozen(victim):
+        stalled_at = time.monotonic()
         for stream in streams:
             stream.done.wait(max(0.0, stalled_at + STALL_BOUND_S - time.monotonic()))
         waited = time.monotonic() - stalled_at
         assert all(s.done.is_set() for s in streams), f"streams on the stalled worker still open after {waited:.0f}s"
-    finally:
-        os.kill(victim.process.pid, signal.SIGCONT)
 
     for i, (stream, want) in enumerate(zip(streams, expected)):
         assert stream.error is None, f"stream {i} failed: {stream.error!r}"
@@ -83,16 +75,13 @@ def _one_request_past_a_stall(router, stalled, spare, role: str, checkpoint, rng
     the ``role`` pool: asserts the request finishes exactly; returns how long after the stall it did."""
     prompt = random_prompt(rng, 100)  # prefilled remotely: reserved on the decode worker first
     expected = greedy_ignoring_eos(checkpoint.model, prompt, 40)
-    os.kill(stalled.process.pid, signal.SIGSTOP)
-    stalled_at = time.monotonic()
-    try:
+    with frozen(stalled):
+        stalled_at = time.monotonic()
         stream = start_stream(router.openai(), prompt, 40)
         wait_for(lambda: sum(router.decisions().values()) >= 1, 10, "the request to be routed to the stalled worker")
         router.call(lambda: router.router.pool.add(spare.address, role))
         assert stream.done.wait(STALL_BOUND_S), f"the request hung on the stalled {role} worker"
         waited = time.monotonic() - stalled_at
-    finally:
-        os.kill(stalled.process.pid, signal.SIGCONT)
     assert stream.error is None, f"failed after {waited:.1f}s: {stream.error!r}"
     assert stream.ids == expected
     return waited
