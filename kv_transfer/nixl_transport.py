@@ -1,37 +1,37 @@
 """KV over NIXL: the prefill worker WRITEs (layer, block) regions straight into the decode worker's
 registered pool and the decode worker adopts them when the sender commits over gRPC.
 
-A push only queues its layer. The sender's posting thread reads the pool once the layer is ready
-(on CPU the copy itself runs inside the post, so the engine thread never pays it) and posts the
-layers pushed meanwhile as one WRITE, at most ``_MAX_BATCH_LAYERS``: a layer-wise push during a
-prefill posts about a layer per WRITE; a whole-request push, or layers that finish faster than they
-post, share WRITEs and save each WRITE's and notification's fixed cost. Every WRITE is announced by
-one notification (msgpack: request id, token, and per layer its destination blocks and checksum)
-that reaches the decode worker after the regions landed; it verifies each layer in place on a
-thread of its own while later WRITEs land.
+A push only queues its layer. The sender's posting threads read the pool once the layer is ready and
+post the layers pushed meanwhile as one WRITE (at most ``_MAX_BATCH_LAYERS`` layers, at most
+``_WRITE_BYTES``; a larger layer goes in pieces of its blocks): a layer-wise push during a prefill posts
+about a layer per WRITE; a whole-request push, or layers that finish faster than they post, share WRITEs
+and save each WRITE's and notification's fixed cost. Every WRITE carries one notification (msgpack:
+request id, token, and per piece its layer, destination blocks and checksum), which NIXL delivers once the
+regions landed; the decode worker verifies each piece in place on a thread of its own while later WRITEs
+land.
 
-Checksums off: the notification rides with the WRITE. On (the default): the sealing thread hashes a
-batch's source in contiguous runs (the GIL released) while the posting thread copies it, and the
-notification with the digests goes out once the WRITE is final. On DRAM a WRITE is final when its
-post returns, so the posting thread sends it between two posts (a notification from another thread
-would wait for the pool's lock behind the next post's whole copy); a WRITE still moving (RDMA,
-VRAM, or a DRAM post UCX left unfinished) is announced by the write poller once it completes: never by
-the sealing thread, whose wait for it would hold every later batch's hash up behind that WRITE, and never
-by a thread that waits for it, which would hold every later WRITE's announcement up, to every decode
-worker: a WRITE to a stalled one stays in flight until its lease runs out::
+Two posting threads (``POSTING_AGENTS``), each with a NIXL agent of its own: on DRAM UCX's CMA transport
+copies a WRITE inside its post, on the posting thread, and one agent posts one WRITE at a time, so only
+two agents copy side by side. With checksums on (the default) a posting thread hashes a batch's source
+just before posting it, so the copy reads what the hash just brought into cache and the digests ride
+with the WRITE; while one thread hashes, the other copies::
 
-    engine thread:   push 0 push 1 ... push 15 ── commit (sent at once, answered after the last verify)
-    posting thread:    WRITE 0 │note│ WRITE 1-4 │note│ WRITE 5-8 │note│ ... WRITE 13-15 │note
-    sealing thread:    hash 0  │      hash 1-4  │      hash 5-8  │      ... hash 13-15
-    decode verify thread:       verify 0         verify 1-4          ...            verify 13-15
+    engine thread:     push 0 push 1 ... push 15 ── commit (sent at once, answered after the last verify)
+    posting thread 1:  hash 0 │ WRITE 0 ·note│ hash 2 │ WRITE 2 ·note│ ...
+    posting thread 2:         hash 1 │ WRITE 1 ·note│ hash 3 │ WRITE 3 ·note│ ...
+    decode verify thread:            verify 0        verify 1   verify 2 ...
+
+A WRITE still moving after its post (RDMA, VRAM, or a DRAM post UCX left unfinished) holds nothing up:
+the posting thread goes on, and the write poller drives it until NIXL sends its notification.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass
@@ -61,6 +61,12 @@ _OPEN_POLL_S = 0.001  # reservations open, nothing arrived lately: a transfer's 
 _MOVING_POLL_S = 0.0002  # a notification arrived within _MOVING_S, or a commit waits for its last ones
 _MOVING_S = 0.02
 _MAX_BATCH_LAYERS = 4  # bounds a notification's size and how much the receiver verifies at once
+# A WRITE's most bytes. Smaller WRITEs let the two posting threads share a transfer, and a hash leave its batch in
+# cache for the copy; each costs a post, a notification and a verify task. With a hash and a notification per WRITE
+# over two agents (a throwaway script, 64 MiB on a 2-vCPU Zen 5): 2 MiB WRITEs 52%, 4 MiB 51-57%, 16 MiB 44% of
+# memcpy; 512 KiB 16%, each WRITE waiting for the receiver's next poll of the notification before it.
+_WRITE_BYTES = 4 << 20
+POSTING_AGENTS = 2
 _WRITE_POLL_S = 0.0001  # the poller's pace over WRITEs still in flight after their post, for _WRITE_FAST_S
 _WRITE_FAST_S = 0.02
 # Then: a WRITE to a stalled decode worker stays in flight until its lease ends; polled at the first pace all that
@@ -68,9 +74,9 @@ _WRITE_FAST_S = 0.02
 _STRAGGLER_POLL_S = 0.001
 
 
-def _notification(request_id: str, token: str, layers: list[tuple[int, list[int], int]]) -> bytes:
-    """One WRITE's notification: its layers as (layer, destination blocks, checksum; 0: unchecked)."""
-    return msgpack.packb({"request_id": request_id, "token": token, "layers": layers})
+def _notification(request_id: str, token: str, pieces: list[tuple[int, list[int], int]]) -> bytes:
+    """One WRITE's notification: its pieces as (layer, destination blocks, checksum; 0: unchecked)."""
+    return msgpack.packb({"request_id": request_id, "token": token, "layers": pieces})
 
 
 def _slots(batch: list[_Push], side: str, blocks_per_layer: int) -> np.ndarray:
@@ -82,7 +88,7 @@ def _slots(batch: list[_Push], side: str, blocks_per_layer: int) -> np.ndarray:
 
 @dataclass(eq=False)
 class _Push:
-    """A pushed layer piece waiting for the posting thread."""
+    """A pushed layer, or a piece of its blocks, waiting for a posting thread."""
 
     cache: PagedKVCache
     layer: int
@@ -90,37 +96,60 @@ class _Push:
     dst_blocks: list[int]
     ready: LayerReady
 
+    @property
+    def nbytes(self) -> int:
+        return len(self.src_blocks) * self.cache.layout.region_bytes
+
+
+def _pieces(push: _Push) -> list[_Push]:
+    """``push`` in pieces of at most ``_WRITE_BYTES`` (at least one block each)."""
+    per_piece = max(1, _WRITE_BYTES // push.cache.layout.region_bytes)
+    if len(push.src_blocks) <= per_piece:
+        return [push]
+    cuts = [slice(i, i + per_piece) for i in range(0, len(push.src_blocks), per_piece)]
+    return [_Push(push.cache, push.layer, push.src_blocks[c], push.dst_blocks[c], push.ready) for c in cuts]
+
+
+def _take_batch(queued: list[_Push]) -> list[_Push]:
+    """Takes the next WRITE's pieces off the front of ``queued``: at most ``_MAX_BATCH_LAYERS`` of them and
+    ``_WRITE_BYTES`` in all, at least one."""
+    taken, nbytes = 0, 0
+    while taken < min(len(queued), _MAX_BATCH_LAYERS):
+        nbytes += queued[taken].nbytes
+        if taken and nbytes > _WRITE_BYTES:
+            break
+        taken += 1
+    batch = queued[:taken]
+    del queued[:taken]
+    return batch
+
 
 def _final(handle: WriteHandle) -> bool:
-    """Whether the WRITE completed; a failed one counts as still moving: whoever waits for it next
-    (``release``, ``_announce``) gets its error and fails the session."""
+    """Whether the WRITE completed; a failed one counts as still moving: ``release`` waits for it next, gets its
+    error and fails the session."""
     try:
         return handle.done()
     except NixlError:
         return False
 
 
-@dataclass(eq=False)
-class _Posted:
-    """A posted WRITE waiting for its notification: the batch, its digests (a Future), its handle."""
+class _Poster:
+    """A NIXL agent and the one thread that posts on it."""
 
-    batch: list[_Push]
-    hashed: Future
-    handle: WriteHandle
+    def __init__(self, name: str, cache: PagedKVCache) -> None:
+        self.pool = NixlPool(name, cache.data)
+        self.thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"nixl-post-{name}")
 
 
 class _WritePoller:
-    """A sender's thread that polls WRITEs still in flight after their post (RDMA, VRAM; a DRAM
-    WRITE usually completes inside its post), so that NIXL sends each one's notification as soon as
-    it completes rather than at commit; with checksums, it announces each such WRITE once it is final
-    and its source hashed (``announce``). It never waits for one WRITE: a decode worker that stopped
-    progressing (stalled) holds up its own sessions' announcements only, never another's. Polls fast for
-    a moment after each post, slower after that; sleeps while nothing is in flight."""
+    """A sender's thread that polls WRITEs still in flight after their post (RDMA, VRAM; a DRAM WRITE usually
+    completes inside its post), so that NIXL sends each one's notification as soon as it completes rather than
+    when someone next waits for it. Polls fast for a moment after each such post, slower after that (a WRITE to
+    a stalled decode worker stays in flight until its session's lease runs out); sleeps while nothing is in
+    flight. Never waits for an agent a post holds: the posting thread progresses it then."""
 
-    def __init__(self, pool: NixlPool) -> None:
-        self._pool = pool
-        self._unannounced: list[tuple[NixlSession, _Posted, Future]] = []  # under self._lock
-        self._lock = threading.Lock()
+    def __init__(self, pools: list[NixlPool]) -> None:
+        self._pools = pools
         self._wake = threading.Event()
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="nixl-writes", daemon=True)
@@ -129,25 +158,10 @@ class _WritePoller:
     def watch(self) -> None:
         self._wake.set()
 
-    def announce(self, session: NixlSession, posted: _Posted) -> Future:
-        """Announces ``posted`` once that waits for nothing (``NixlSession.announce_if_settled``); the
-        Future completes then."""
-        announced = Future()
-        with self._lock:
-            self._unannounced.append((session, posted, announced))
-        self._wake.set()
-        return announced
-
     def close(self) -> None:
-        """Stops polling; a session whose WRITE is still to be announced fails."""
         self._stopping = True
         self._wake.set()
         self._thread.join()
-        with self._lock:
-            left, self._unannounced = self._unannounced, []
-        for session, _, announced in left:
-            session.fail("the KV sender closed before a WRITE completed")
-            announced.set_result(None)
 
     def _run(self) -> None:
         pace, fast_until = None, 0.0  # None: nothing in flight, sleep until a post wakes us
@@ -159,29 +173,17 @@ class _WritePoller:
             now = time.monotonic()
             if woken:
                 fast_until = now + _WRITE_FAST_S
-            try:
-                # Skipped while a post holds the agent, unless an announcement waits: as long as posts follow each
-                # other, it would wait for all of them.
-                self._pool.progress(wait=bool(self._unannounced))
-                in_flight = self._pool.pending_writes
-            except NixlError:
-                in_flight = 0  # closed: every WRITE failed, which the announcements below say
-            waiting = self._announce_settled()
-            if not (in_flight or waiting):
+            in_flight = 0
+            for pool in self._pools:
+                try:
+                    pool.progress(wait=False)
+                    in_flight += pool.pending_writes
+                except NixlError:
+                    pass  # closed: every WRITE failed, which their sessions learn as they wait for them
+            if not in_flight:
                 pace = None
             else:
                 pace = _WRITE_POLL_S if now < fast_until else _STRAGGLER_POLL_S
-
-    def _announce_settled(self) -> int:
-        """Announces every WRITE that waits for nothing any more; how many still wait."""
-        with self._lock:
-            unannounced = list(self._unannounced)
-        settled = [item for item in unannounced if item[0].announce_if_settled(item[1])]
-        for _, _, announced in settled:
-            announced.set_result(None)
-        with self._lock:
-            self._unannounced = [item for item in self._unannounced if item not in settled]
-            return len(self._unannounced)
 
 
 class NixlReceiver:
@@ -256,7 +258,7 @@ class NixlReceiver:
 
 
 class NixlSession(OutOfBandSession):
-    reads_after_push = True  # the posting thread reads our pool after push_layer returned
+    reads_after_push = True  # the posting threads read our pool after push_layer returned
 
     def __init__(
         self, request_id: str, ticket: decode_pb2.Ticket, peer: Peer, sender: NixlKVSender, metadata=None
@@ -265,13 +267,12 @@ class NixlSession(OutOfBandSession):
         self._sender = sender
         self._receiver = sender.receiver(peer)
         self._remote = self._receiver.pool
-        self._queued: list[_Push] = []  # pushed, not yet taken by the posting thread (self._lock)
-        self._draining = False  # a drain of _queued is scheduled or running (self._lock)
+        self._queued: list[_Push] = []  # pushed, not yet taken by a posting thread (self._lock)
+        self._draining = 0  # drains of _queued scheduled or running, at most one per posting thread (self._lock)
         self._drains: list[Future] = []
         self._writes: list[WriteHandle] = []
-        self._posting = threading.Lock()  # held across one post: a failing release waits behind it
-        self._seals: list[Future] = []  # hashes on the sealing thread, announcements by the write poller
-        self._announcing = threading.Lock()  # held across one notification, as _posting is across a post
+        self._posts_under_way = 0  # (self._lock) a failing release waits for them: none starts after it
+        self._posted = threading.Condition(self._lock)
         # One release at a time: a second caller (close after abort) returns only once the writes
         # the first one collected are final too.
         self._releasing = threading.Lock()
@@ -284,148 +285,85 @@ class NixlSession(OutOfBandSession):
         dst_blocks: Sequence[int],
         ready: LayerReady = COMPLETED,
     ) -> None:
-        """Queues the layer for the posting thread, which reads it once ``ready`` completed."""
+        """Queues the layer for the posting threads, which read it once ``ready`` completed."""
         with self._lock:
             if self.closed or not self.lease_left():
                 return
-            self._queued.append(_Push(cache, layer, list(src_blocks), list(dst_blocks), ready))
-            if not self._draining:
-                self._draining = True
+            self._queued += _pieces(_Push(cache, layer, list(src_blocks), list(dst_blocks), ready))
+            if self._draining < len(self._sender.posters):
+                self._draining += 1
                 self._drains = [f for f in self._drains if not f.done()]
                 self._drains.append(self._sender.post_when_ready(self._drain))
 
-    def _drain(self) -> None:
-        """Posting thread: posts what was pushed, in push order, up to ``_MAX_BATCH_LAYERS`` layers
-        per WRITE, until nothing is queued; with checksums, announces each WRITE as soon as both
-        it is final and its source is hashed."""
-        unannounced: list[_Posted] = []
+    def _drain(self, pool: NixlPool) -> None:
+        """A posting thread: posts what was pushed, in push order, a batch per WRITE, until nothing is queued
+        (another posting thread may drain the same session beside it)."""
         while True:
             with self._lock:
-                batch = self._queued[:_MAX_BATCH_LAYERS]
-                del self._queued[:_MAX_BATCH_LAYERS]
-            if not batch:
-                self._announce_posted(unannounced, wait_for_hashes=True)
-                with self._lock:
-                    if not self._queued:  # a push meanwhile found _draining set: it is ours to post
-                        self._draining = False
-                        return
-                continue
-            hashed = self._hash_beside_post(batch)
+                batch = _take_batch(self._queued)
+                if not batch:
+                    self._draining -= 1
+                    return
             try:
-                handle = self._post(batch)
-                if hashed is not None and handle is not None:
-                    unannounced.append(_Posted(batch, hashed, handle))
-                    self._announce_posted(unannounced, wait_for_hashes=False)
+                self._post(pool, batch)
             except Exception as exc:
                 self._fail_on_bug("posting", batch, exc)
 
-    def _hash_beside_post(self, batch: list[_Push]) -> Future | None:
-        """With checksums: the batch's digests, computed on the sealing thread during its post."""
-        if not self._sender.verify:
-            return None
-        hashed = self._sender.sealing.submit(self._hash, batch)
-        with self._lock:
-            self._seals.append(hashed)
-        return hashed
-
-    def _post(self, batch: list[_Push]) -> WriteHandle | None:
-        """Posts the batch as one WRITE; None if it was not posted (the session failed or closed)."""
+    def _post(self, pool: NixlPool, batch: list[_Push]) -> None:
+        """Hashes the batch's source (with checksums) and posts it as one WRITE with its notification."""
         try:
             for push in batch:
                 push.ready.synchronize()
         except RuntimeError as exc:  # a CUDA error surfaces here
             self.fail(f"layers {[p.layer for p in batch]} never became ready: {exc}")
-            return None
+            return
+        pieces = self._hash(batch)
+        if pieces is None:
+            return
         layout = batch[0].cache.layout
         region = layout.region_bytes
         src = _slots(batch, "src_blocks", layout.num_blocks)
         dst = _slots(batch, "dst_blocks", self._remote.nbytes // (layout.num_layers * region))
-        verify, pool = self._sender.verify, self._sender.pool
-        with self._posting:
+        note = _notification(self.request_id, self.ticket.token, pieces)
+        with self._lock:
             if self.closed or not self.lease_left():
-                return None
-            # Checksums off: the notification rides with the WRITE (NIXL sends it once the regions
-            # landed). On: it follows the WRITE, once the source is hashed (_announce).
-            unchecked = [(p.layer, p.dst_blocks, 0) for p in batch]
-            note = b"" if verify else _notification(self.request_id, self.ticket.token, unchecked)
-            try:
-                handle = pool.write_slots(self._remote, src, dst, region, note)
-            except NixlError as exc:
-                self._nixl_failed("NIXL write failed", exc)
-                return None
-            except ValueError as exc:
-                self.fail(f"NIXL write failed: {exc}")
-                return None
-            with self._lock:
-                self._writes.append(handle)
-                self.bytes_sent += len(src) * region
-        if not verify and not _final(handle):
-            self._sender.poller.watch()  # its notification goes out when a poll sees it complete
-        return handle
-
-    def _announce_posted(self, unannounced: list[_Posted], wait_for_hashes: bool) -> None:
-        """Posting thread, between posts: announces the posted WRITEs in order while they are final
-        and hashed (waiting for the hashes if ``wait_for_hashes``: nothing is left to post); hands a
-        WRITE still moving to the write poller, which announces it once it completes."""
-        while unannounced:
-            posted = unannounced[0]
-            if not _final(posted.handle):
-                seal = self._sender.poller.announce(self, posted)
-                with self._lock:
-                    self._seals.append(seal)
-            elif posted.hashed.done() or wait_for_hashes:
-                self._announce(posted)
-            else:
-                return  # its hash is still running: announce it after the next post
-            unannounced.pop(0)
-
-    def _hash(self, batch: list[_Push]) -> list[tuple[int, list[int], int]]:
-        """Sealing thread: each layer's (layer, destination blocks, checksum of its source regions)."""
-        for push in batch:
-            push.ready.synchronize()
-        return [(p.layer, p.dst_blocks, region_checksum(p.cache, p.layer, p.src_blocks)) for p in batch]
-
-    def announce_if_settled(self, posted: _Posted) -> bool:
-        """Write poller: announces a WRITE that was still moving at its post if that waits for nothing now
-        (it is final, its source hashed). True once nothing is left to do for it: announced, or the session
-        failed (a WRITE still moving at the lease deadline is aborted, which fails it)."""
-        if self.failed is None and not posted.handle.settled and time.monotonic() >= self._deadline:
-            posted.handle.release()
-            self.fail(f"a WRITE to {self._remote.agent_name} was still moving at the lease deadline")
-        if self.failed is not None:
-            return True  # nothing more is announced; release() waits for the WRITE itself
-        if not (posted.handle.settled and posted.hashed.done()):
-            return False
-        self._announce(posted)
-        return True
-
-    def _announce(self, posted: _Posted) -> None:
-        """Sends the WRITE's notification with its digests once the WRITE is final (posting thread
-        for a WRITE final at its post, which waits for the hashes; else the write poller, once it
-        completed and was hashed)."""
-        layers = None
+                return
+            self._posts_under_way += 1
         try:
-            layers = posted.hashed.result(max(0.0, self._deadline - time.monotonic()))
-            posted.handle.wait(max(0.0, self._deadline - time.monotonic()))
-        except RuntimeError as exc:  # a CUDA error surfaces here
-            self.fail(f"could not hash layers {[p.layer for p in posted.batch]}: {exc}")
+            handle = pool.write_slots(self._remote, src, dst, region, note)
         except NixlError as exc:
             self._nixl_failed("NIXL write failed", exc)
+            return
+        except ValueError as exc:
+            self.fail(f"NIXL write failed: {exc}")
+            return
+        finally:
+            with self._lock:
+                self._posts_under_way -= 1
+                self._posted.notify_all()
+        with self._lock:
+            self._writes.append(handle)
+            self.bytes_sent += len(src) * region
+        if not _final(handle):
+            self._sender.poller.watch()  # its notification goes out when a poll sees it complete
+
+    def _hash(self, batch: list[_Push]) -> list[tuple[int, list[int], int]] | None:
+        """Each piece's (layer, destination blocks, checksum of its source regions; 0 with checksums off); None
+        if hashing failed, which fails the session."""
+        if not self._sender.verify:
+            return [(p.layer, p.dst_blocks, 0) for p in batch]
+        try:
+            return [(p.layer, p.dst_blocks, region_checksum(p.cache, p.layer, p.src_blocks)) for p in batch]
+        except RuntimeError as exc:  # a CUDA error surfaces here
+            self.fail(f"could not hash layers {[p.layer for p in batch]}: {exc}")
         except Exception as exc:
-            self._fail_on_bug("sealing", posted.batch, exc)
-        with self._announcing:
-            if self.failed is not None:
-                return
-            try:
-                note = _notification(self.request_id, self.ticket.token, layers)
-                self._sender.pool.notify(self._remote.agent_name, note)
-            except NixlError as exc:
-                self._nixl_failed("NIXL notification failed", exc)
+            self._fail_on_bug("hashing", batch, exc)
+        return None
 
     def _nixl_failed(self, what: str, exc: NixlError) -> None:
-        """NIXL failed a WRITE or notification: so does the session. A peer NIXL says disconnected (its process
-        gone, or its link) is forgotten too (``KVSender.forget``): its agent, metadata and prepared lists would
-        otherwise stay loaded until another instance shook hands at its address, which may never happen."""
+        """NIXL failed a WRITE: so does the session. A peer NIXL says disconnected (its process gone, or its link)
+        is forgotten too (``KVSender.forget``): its agent, metadata and prepared lists would otherwise stay loaded
+        until another instance shook hands at its address, which may never happen."""
         self.fail(f"{what}: {exc}", lost=exc.peer_lost)
         if exc.peer_lost:
             self._sender.forget_soon(self._peer)
@@ -449,13 +387,9 @@ class NixlSession(OutOfBandSession):
             with self._lock:
                 drains = list(self._drains)
             if wait_futures(drains, timeout=timeout).not_done:
-                with self._posting:  # a post under way ends first; none starts after this
-                    self.fail("a pushed layer did not become ready in time")
-            with self._lock:
-                seals = list(self._seals)
-            if wait_futures(seals, timeout=max(0.0, deadline - time.monotonic())).not_done:
-                with self._announcing:  # a notification under way goes first; none after this
-                    self.fail("a pushed layer was not sealed in time")
+                with self._lock:
+                    self.fail("a pushed layer did not become ready in time")  # no post starts after this
+                    self._posted.wait_for(lambda: not self._posts_under_way)  # one under way ends first
             with self._lock:
                 writes, self._writes = self._writes, []
             for handle in writes:
@@ -465,8 +399,8 @@ class NixlSession(OutOfBandSession):
                     self._nixl_failed("NIXL write failed", exc)
 
     def commit(self, first_token_id: int, first_logprob: common_pb2.TokenLogprob | None, timeout: float) -> None:
-        """The commit travels while the last WRITEs finish (``_commit_beside``): each layer's
-        notification follows its WRITE's data, and the receiver adopts once every one arrived."""
+        """The commit travels while the last WRITEs finish (``_commit_beside``): each WRITE's
+        notification follows its data, and the receiver adopts once every one arrived."""
         self._commit_beside(self._receiver.committing, self.release, first_token_id, first_logprob, timeout)
 
 
@@ -501,23 +435,34 @@ class NixlKVSender(KVSender):
     ) -> None:
         super().__init__(layout, sender_id, auth)
         self.verify = verify
-        self.pool = NixlPool(agent_name, cache.data)
-        self._posting = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nixl-post")
-        self.sealing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nixl-seal")
+        names = [agent_name] + [f"{agent_name}.{i}" for i in range(1, POSTING_AGENTS)]
+        self.posters = [_Poster(name, cache) for name in names]
+        self._next_poster = itertools.cycle(self.posters)  # under self._lock
         # per receiver instance handshaken (its instance id): dropped when it is forgotten or replaced
         self._receivers: dict[str, _Receiver] = {}
         self._forgetting = ThreadPoolExecutor(max_workers=FORGET_THREADS, thread_name_prefix="nixl-forget")
-        self.poller = _WritePoller(self.pool)
+        self.poller = _WritePoller(self.pools)
 
-    def post_when_ready(self, post, *args) -> Future:
-        """Runs ``post(*args)`` on this sender's one posting thread (FIFO across sessions)."""
-        return self._posting.submit(post, *args)
+    @property
+    def pools(self) -> list[NixlPool]:
+        return [poster.pool for poster in self.posters]
+
+    @property
+    def pending_writes(self) -> int:
+        """WRITEs posted and not yet final, over every agent."""
+        return sum(pool.pending_writes for pool in self.pools)
+
+    def post_when_ready(self, post: Callable[[NixlPool], None]) -> Future:
+        """Runs ``post(pool)`` on the next posting thread in turn, with its agent (FIFO on each thread)."""
+        with self._lock:
+            poster = next(self._next_poster)
+        return poster.thread.submit(post, poster.pool)
 
     def _nixl_metadata(self) -> bytes:
-        return self.pool.metadata()
+        return self.posters[0].pool.metadata()  # the receiver loads no sender's metadata: one of them is enough
 
-    def _nixl_agent(self) -> str:
-        return self.pool.name
+    def _nixl_agents(self) -> list[str]:
+        return [pool.name for pool in self.pools]
 
     def _on_new_peer(self, peer: Peer) -> None:
         if not peer.handshake.nixl_metadata:
@@ -525,14 +470,15 @@ class NixlKVSender(KVSender):
                 f"{peer.address} does not receive KV over NIXL (transport mismatch)", "FAILED_PRECONDITION"
             )
         receiver = _receiver_of(peer)
-        ours = self.pool.descriptor.memory
+        ours = self.posters[0].pool.descriptor.memory
         if self.verify and receiver.pool.memory != ours:  # the checksum is chosen by memory (integrity.py)
             raise TransferError(
                 f"{peer.address} keeps its KV pool in {receiver.pool.memory}, this worker in {ours}: checksums "
                 "would differ; put both pools on the same kind of memory or turn KV checksums off",
                 "FAILED_PRECONDITION",
             )
-        self.pool.add_peer(peer.handshake.nixl_metadata)
+        for pool in self.pools:
+            pool.add_peer(peer.handshake.nixl_metadata)
         with self._lock:
             self._receivers[peer.instance_id] = receiver
 
@@ -542,7 +488,8 @@ class NixlKVSender(KVSender):
         as the receiver answers or their timeouts run out, and its idle threads go with the last of them."""
         with self._lock:
             self._receivers.pop(peer.instance_id, None)
-        self.pool.remove_peer(_pool_of(peer).agent_name)
+        for pool in self.pools:
+            pool.remove_peer(_pool_of(peer).agent_name)
 
     def forget_soon(self, peer: Peer) -> None:
         """``forget(peer)`` on a thread that may wait for a handshake to its address (not a sender's thread)."""
@@ -568,8 +515,8 @@ class NixlKVSender(KVSender):
         return NixlSession(request_id, ticket, peer, self, metadata)
 
     def close(self) -> None:
-        self._posting.shutdown(wait=True)
-        self.sealing.shutdown(wait=True)
+        for poster in self.posters:
+            poster.thread.shutdown(wait=True)
         self._forgetting.shutdown(wait=True)
         with self._lock:
             receivers, self._receivers = list(self._receivers.values()), {}
@@ -577,4 +524,5 @@ class NixlKVSender(KVSender):
             receiver.committing.shutdown(wait=True)
         self.poller.close()
         super().close()
-        self.pool.close()
+        for pool in self.pools:
+            pool.close()

@@ -54,10 +54,11 @@ class KVReceiverService(kv_transfer_pb2_grpc.KVReceiverServicer):
             response.message = mismatch
             return response
         if self.nixl is not None:
-            if not request.nixl_agent:
-                response.message = "a NIXL sender must name its agent in the handshake"
+            if not request.nixl_agents:
+                response.message = "a NIXL sender must name its agents in the handshake"
                 return response
-            self.nixl.admit(request.nixl_agent)
+            for agent in request.nixl_agents:
+                self.nixl.admit(agent)
             response.nixl_metadata = self.nixl.metadata()
             response.nixl_pool = self.nixl.pool_descriptor_bytes()
         elif self.bulk is not None and request.bulk:

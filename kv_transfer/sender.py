@@ -320,7 +320,7 @@ class KVSender(ABC):
             layout=self.layout,
             sender_id=self.sender_id,
             nixl_metadata=self._nixl_metadata(),
-            nixl_agent=self._nixl_agent(),
+            nixl_agents=self._nixl_agents(),
             bulk=self._wants_bulk(),
         )
         try:
@@ -339,8 +339,8 @@ class KVSender(ABC):
     def _nixl_metadata(self) -> bytes:
         return b""
 
-    def _nixl_agent(self) -> str:
-        return ""
+    def _nixl_agents(self) -> list[str]:
+        return []
 
     def _wants_bulk(self) -> bool:
         """Hook: the sender can take KV bytes over the receiver's bulk TCP listener (bulk_transport.py)."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 import threading
 import time
 
+import msgpack
 import pytest
 import torch
 
@@ -83,50 +84,59 @@ def test_an_early_commit_waits_for_the_last_layer_to_land(pair):  # noqa: F811
     assert outcome == [None] and receiver.committed == ["early"]
     assert torch.equal(receiver.cache.data[:, DST_BLOCKS], source.data[:, SRC_BLOCKS])
     session.close(10)
-    assert sender.pool.pending_writes == 0
+    assert sender.pending_writes == 0
 
 
-def test_a_write_is_announced_before_the_next_post_copies(pair, monkeypatch):  # noqa: F811
-    """On DRAM a WRITE is final when its post returns, and the next post holds the pool's lock for
-    its whole copy: the first WRITE's notification must go out between the two posts, not wait
-    behind the second copy (which kept the receiver's verification a WRITE behind)."""
+def test_two_writes_of_one_session_copy_side_by_side_on_the_two_agents(pair, monkeypatch):  # noqa: F811
+    """On DRAM a WRITE is copied inside its post, and one agent posts one WRITE at a time: a session's
+    WRITEs go to both posting threads, each with its agent, so a second copy runs while the first one does."""
     receiver, source, sender = pair
-    transfer(receiver, sender, source, "warm-up")  # a new connection's first WRITE is not final at its post
-    arrived: list[float] = []
-    landed = receiver.nixl._landed
-    receiver.nixl._landed = lambda *note: (arrived.append(time.monotonic()), landed(*note))
-    posted: list[float] = []  # the announced session's posts
-    copying = threading.Event()
-    write_slots = sender.pool.write_slots
+    assert len(sender.pools) == nixl_transport.POSTING_AGENTS == 2
+    posts: list[tuple[str, float, float]] = []  # (agent, began, ended)
 
-    def long_copy(*args):
-        copying.set()
-        with sender.pool._lock:  # as a DRAM copy of a large WRITE holds it
-            handle = write_slots(*args)
-            time.sleep(0.3)
-        posted.append(time.monotonic())
-        return handle
+    def slow_copy(pool, write_slots):
+        def posting(*args):
+            began = time.monotonic()
+            with pool._lock:  # as a DRAM copy of a large WRITE holds it
+                handle = write_slots(*args)
+                time.sleep(0.3)
+            posts.append((pool.name, began, time.monotonic()))
+            return handle
 
-    monkeypatch.setattr(sender.pool, "write_slots", long_copy)
-    receiver.inbox.open("announced", DST_BLOCKS)
-    session = sender.open("announced", receiver.ticket("announced"))
-    session.push_layer(source, 0, SRC_BLOCKS, DST_BLOCKS)
-    assert copying.wait(10)
-    for layer in range(1, LAYOUT.num_layers):  # queued behind layer 0's copy: a second WRITE
-        session.push_layer(source, layer, SRC_BLOCKS, DST_BLOCKS)
-    session.commit(first_token_id=1, first_logprob=None, timeout=30)
-    session.close(10)
+        return posting
 
-    assert receiver.committed == ["warm-up", "announced"] and len(posted) == len(arrived) == 2, (posted, arrived)
-    assert arrived[0] < posted[1] - 0.15, f"WRITE 0 announced {arrived[0] - posted[1]:+.3f} s after WRITE 1's post"
+    for pool in sender.pools:
+        monkeypatch.setattr(pool, "write_slots", slow_copy(pool, pool.write_slots))
+    monkeypatch.setattr(nixl_transport, "_MAX_BATCH_LAYERS", 1)  # a WRITE per layer
+    transfer(receiver, sender, source, "side-by-side")
+
+    assert receiver.committed == ["side-by-side"] and not receiver.aborts
     assert torch.equal(receiver.cache.data[:, DST_BLOCKS], source.data[:, SRC_BLOCKS])
+    assert len(posts) == LAYOUT.num_layers and {name for name, _, _ in posts} == {p.name for p in sender.pools}
+    overlaps = [(a, b) for a in posts for b in posts if a[0] < b[0] and a[1] < b[2] and b[1] < a[2]]
+    assert overlaps, f"no two WRITEs were copied at once: {posts}"
+
+
+def test_a_layer_larger_than_a_write_goes_in_pieces_and_lands_exact(pair, monkeypatch):  # noqa: F811
+    """A layer whose blocks pass ``_WRITE_BYTES`` is cut into WRITEs of its blocks, each hashed and verified
+    on its own, and the receiver adopts once every block of every layer landed."""
+    receiver, source, sender = pair
+    notes = _count_notifications(receiver)
+    monkeypatch.setattr(nixl_transport, "_WRITE_BYTES", 2 * LAYOUT.region_bytes)  # two blocks a WRITE
+    transfer(receiver, sender, source, "pieces")
+
+    assert receiver.committed == ["pieces"] and not receiver.aborts
+    assert torch.equal(receiver.cache.data[:, DST_BLOCKS], source.data[:, SRC_BLOCKS])
+    pieces = [piece for note in notes for piece in msgpack.unpackb(note)["layers"]]
+    per_layer = -(-len(DST_BLOCKS) // 2)
+    assert len(pieces) == LAYOUT.num_layers * per_layer, pieces
+    assert all(len(blocks) <= 2 and checksum for _, blocks, checksum in pieces), pieces
 
 
 def test_a_write_that_fails_after_its_post_fails_the_session_with_nixl_s_error(pair, monkeypatch):  # noqa: F811
     """A WRITE posted fine and then failed (the peer went away): the session fails at once with
     the write's error, and the sender's other sessions carry on."""
     receiver, source, sender = pair
-    write_slots = sender.pool.write_slots
 
     class Failed:  # what a WriteHandle answers once NIXL reported the write failed
         settled = True
@@ -137,7 +147,8 @@ def test_a_write_that_fails_after_its_post_fails_the_session_with_nixl_s_error(p
         def wait(self, timeout):
             self.done()
 
-    monkeypatch.setattr(sender.pool, "write_slots", lambda *args: (write_slots(*args), Failed())[1])
+    for pool in sender.pools:
+        monkeypatch.setattr(pool, "write_slots", lambda *args, post=pool.write_slots: (post(*args), Failed())[1])
     failed = commit_fails_within(receiver, sender, source, "lost", seconds=2.0)
     assert "NIXL write failed" in str(failed) and "REMOTE_DISCONNECT" in str(failed), str(failed)
 
@@ -158,11 +169,12 @@ def test_a_128k_token_prompt_lands_with_its_block_lists_in_one_notification():
         notes = _count_notifications(receiver)
         receiver.inbox.open("long", dst)
         session = sender.open("long", receiver.ticket("long"))
-        # Every layer queued before the first post, so they share one WRITE: the sender's one posting thread waits
-        # on a gate queued ahead of the drain (a LateReady on layer 0 would not do: a drain that started at once,
-        # before the later pushes, takes layer 0 alone and only then waits for it).
+        # Every layer queued before the first post, so they share one WRITE: each posting thread waits on a gate
+        # queued ahead of the drains (a LateReady on layer 0 would not do: a drain that started at once, before
+        # the later pushes, takes layer 0 alone and only then waits for it).
         gate = threading.Event()
-        sender.post_when_ready(gate.wait, 30)
+        for _ in sender.posters:
+            sender.post_when_ready(lambda pool: gate.wait(30))
         for layer in range(layout.num_layers):
             session.push_layer(source, layer, src, dst)
         gate.set()
@@ -176,20 +188,21 @@ def test_a_128k_token_prompt_lands_with_its_block_lists_in_one_notification():
     assert dict(receiver.inbox.checksums_seen) == expected
 
 
-@pytest.mark.parametrize("stage", ["posting", "sealing"])
+@pytest.mark.parametrize("stage", ["posting", "hashing"])
 def test_an_unexpected_error_on_a_sender_thread_fails_the_commit_at_once(pair, monkeypatch, stage):  # noqa: F811
-    """A bug inside the posting or sealing thread (not a NIXL or CUDA error) must not sit unseen in
+    """A bug while a posting thread posts or hashes (not a NIXL or CUDA error) must not sit unseen in
     its Future while the commit waits out the receiver's timeout: the session fails with it."""
     receiver, source, sender = pair
     if stage == "posting":
-        monkeypatch.setattr(sender.pool, "write_slots", lambda *args: {}["no such slot"])
+        for pool in sender.pools:
+            monkeypatch.setattr(pool, "write_slots", lambda *args: {}["no such slot"])
     else:
         monkeypatch.setattr("kv_transfer.nixl_transport.region_checksum", lambda *args: 1 // 0)
     failed = commit_fails_within(receiver, sender, source, "buggy", seconds=2.0)
     assert f"{stage} layers" in str(failed), str(failed)
     assert ("KeyError" if stage == "posting" else "ZeroDivisionError") in str(failed)
     assert receiver.committed == []
-    assert sender.pool.pending_writes == 0
+    assert sender.pending_writes == 0
 
 
 def test_a_commit_wakes_the_receiver_that_polls_slowly_while_nothing_arrives(pair, monkeypatch):  # noqa: F811
@@ -213,10 +226,10 @@ def test_a_commit_wakes_the_receiver_that_polls_slowly_while_nothing_arrives(pai
     assert took < 2.0, f"adopted {took:.2f} s after the first push: the poller slept its pace out"
 
 
-def test_a_write_still_moving_after_its_post_holds_no_later_hash_up(pair, monkeypatch):  # noqa: F811
-    """A WRITE that UCX leaves unfinished at its post (RDMA and VRAM always, DRAM now and then) is announced
-    once it completes, by a thread of its own: while it still moves, the layers pushed after it are hashed,
-    rather than queued behind its wait on the one sealing thread."""
+def test_a_write_still_moving_after_its_post_holds_no_later_post_up(pair, monkeypatch):  # noqa: F811
+    """A WRITE that UCX leaves unfinished at its post (RDMA and VRAM always, DRAM now and then) holds nothing
+    up: while it still moves, the layers pushed after it are hashed and posted, and the commit is answered
+    once it completed."""
     receiver, source, sender = pair
     moving = threading.Event()  # set: the first WRITE completes
 
@@ -227,45 +240,37 @@ def test_a_write_still_moving_after_its_post_holds_no_later_hash_up(pair, monkey
         def done(self) -> bool:
             return moving.is_set() and self.handle.done()
 
-        @property
-        def settled(self) -> bool:
-            return moving.is_set() and self.handle.settled
-
         def wait(self, timeout: float) -> None:
             assert moving.wait(timeout), "the first WRITE never completed"
             self.handle.wait(timeout)
 
-    write_slots, posted = sender.pool.write_slots, []
+    posted: list[int] = []  # how many regions each WRITE carried, in posting order
+    lock = threading.Lock()
 
-    def posting(*args):
-        handle = write_slots(*args)
-        posted.append(handle)
-        return StillMoving(handle) if len(posted) == 1 else handle
+    def posting_on(write_slots):
+        def posting(peer, src, dst, nbytes, note):
+            handle = write_slots(peer, src, dst, nbytes, note)
+            with lock:
+                posted.append(len(src))
+                return StillMoving(handle) if len(posted) == 1 else handle
 
-    hashed: list[int] = []
+        return posting
 
-    def hashing(cache, layer, blocks):
-        hashed.append(layer)
-        return region_checksum(cache, layer, blocks)
-
-    monkeypatch.setattr(sender.pool, "write_slots", posting)
-    monkeypatch.setattr(nixl_transport, "region_checksum", hashing)
+    for pool in sender.pools:
+        monkeypatch.setattr(pool, "write_slots", posting_on(pool.write_slots))
+    monkeypatch.setattr(nixl_transport, "_MAX_BATCH_LAYERS", 1)  # a WRITE per layer
     receiver.inbox.open("moving", DST_BLOCKS)
     session = sender.open("moving", receiver.ticket("moving"))
-    session.push_layer(source, 0, SRC_BLOCKS, DST_BLOCKS)
-    deadline = time.monotonic() + 10
-    while not posted and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert posted, "layer 0 was never posted"
-    for layer in range(1, LAYOUT.num_layers):
+    for layer in range(LAYOUT.num_layers):
         session.push_layer(source, layer, SRC_BLOCKS, DST_BLOCKS)
-    while len(hashed) < LAYOUT.num_layers and time.monotonic() < deadline:
+    deadline = time.monotonic() + 10
+    while len(posted) < LAYOUT.num_layers and time.monotonic() < deadline:
         time.sleep(0.01)
-    still_moving = sorted(hashed)
+    posted_while_moving = len(posted)
     moving.set()
     session.commit(first_token_id=1, first_logprob=None, timeout=30)
     session.close(10)
 
-    assert still_moving == list(range(LAYOUT.num_layers)), "later layers waited for the first WRITE to complete"
+    assert posted_while_moving == LAYOUT.num_layers, "later layers waited for the first WRITE to complete"
     assert receiver.committed == ["moving"] and not receiver.aborts
     assert torch.equal(receiver.cache.data[:, DST_BLOCKS], source.data[:, SRC_BLOCKS])

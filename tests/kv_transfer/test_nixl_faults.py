@@ -100,7 +100,7 @@ def _polls_within(sender: NixlKVSender, seconds: float) -> int:
         time.sleep(seconds)
     finally:
         WriteHandle._poll_locked = poll
-    assert sender.pool.pending_writes, "no WRITE was in flight"
+    assert sender.pending_writes, "no WRITE was in flight"
     return counted[0]
 
 
@@ -112,7 +112,7 @@ def test_a_stalled_receiver_holds_up_no_other_receiver_s_kv(receivers, source):
             slow.inbox.open("stuck", DST_BLOCKS)
             stuck = sender.open("stuck", slow.ticket("stuck"))
             _push_all(stuck, source)
-            _wait_until(lambda: sender.pool.pending_writes > 0, 10, "a WRITE to the stalled receiver in flight")
+            _wait_until(lambda: sender.pending_writes > 0, 10, "a WRITE to the stalled receiver in flight")
             time.sleep(0.1)  # its announcement is waiting for it now
             with stalled(healthy):  # its WRITEs, too, move on only once it progresses, as they often do under load
                 healthy.inbox.open("other", DST_BLOCKS)
@@ -178,6 +178,11 @@ def test_a_stalled_receiver_s_commits_hold_no_thread_another_receiver_s_commit_n
         sender.close()
 
 
+def _peers(sender: NixlKVSender) -> list[list[str]]:
+    """The receivers each of the sender's agents has loaded."""
+    return [pool.peers() for pool in sender.pools]
+
+
 def test_a_dead_receiver_is_forgotten_and_one_back_at_its_address_gets_its_kv(source):
     doomed = start_receiver_process("doomed-receiver", "first", ["before", "during"])
     sender = NixlKVSender(doomed.layout, "prefill", source, "bereaved-sender", verify=True)
@@ -187,7 +192,7 @@ def test_a_dead_receiver_is_forgotten_and_one_back_at_its_address_gets_its_kv(so
         _push_all(before, source)
         before.commit(first_token_id=1, first_logprob=None, timeout=30)
         before.close(10)
-        assert sender.pool.peers() == ["doomed-receiver"]
+        assert _peers(sender) == [["doomed-receiver"]] * len(sender.pools)
 
         stale = sender.peer(doomed.ticket("late"))  # a session to the first instance, about to open
         during = sender.open("during", doomed.ticket("during"))
@@ -202,7 +207,7 @@ def test_a_dead_receiver_is_forgotten_and_one_back_at_its_address_gets_its_kv(so
         # Its agent, metadata and prepared lists go, though nothing ever comes back at its address.
         # Forgetting runs on a thread of its own and drops the agent through NIXL, which under the full suite's
         # load on 2 cores once took more than 5 s: bounded, and not a latency this test is about.
-        _wait_until(lambda: not sender.pool.peers(), 20, "the dead receiver's NIXL agent to be forgotten")
+        _wait_until(lambda: not any(_peers(sender)), 20, "the dead receiver's NIXL agent to be forgotten")
 
         reborn = Receiver(name="reborn-receiver", port=int(doomed.address.rsplit(":", 1)[1]), instance_id="second")
         reborn.inbox.open("after", DST_BLOCKS)
@@ -219,7 +224,7 @@ def test_a_dead_receiver_is_forgotten_and_one_back_at_its_address_gets_its_kv(so
         after.close(10)
         assert reborn.committed == ["after"] and not reborn.aborts
         assert torch.equal(reborn.cache.data[:, DST_BLOCKS], source.data[:, SRC_BLOCKS])
-        assert sender.pool.peers() == ["reborn-receiver"]
+        assert _peers(sender) == [["reborn-receiver"]] * len(sender.pools)
     finally:
         doomed.kill()
         sender.close()

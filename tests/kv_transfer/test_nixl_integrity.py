@@ -148,7 +148,7 @@ def test_every_layer_lands_exact_and_verified_against_the_senders_digest(pair):
     expected = {layer: region_checksum(source, layer, SRC_BLOCKS) for layer in range(LAYOUT.num_layers)}
     assert dict(receiver.inbox.checksums_seen) == expected, "each notification carries its layer's source digest"
     assert all(expected.values())
-    assert sender.pool.pending_writes == 0
+    assert sender.pending_writes == 0
 
 
 @pytest.mark.parametrize("flip_layer", [0, LAYOUT.num_layers - 1])
@@ -172,7 +172,7 @@ def test_a_byte_flipped_after_the_write_is_caught_and_the_request_fails_cleanly(
     assert first[2] is False, "bad data is not the sender's word that it stopped writing"
     assert any(stopped for _, _, stopped in receiver.aborts[1:]), "the sender's refused commit or abort says it stopped"
     assert not receiver.inbox.pinned("bad"), "no transport thread is left inside the blocks: the owner may free them"
-    assert sender.pool.pending_writes == 0, "no write of the session is left in flight"
+    assert sender.pending_writes == 0, "no write of the session is left in flight"
 
 
 def test_an_error_while_verifying_fails_the_request_at_once(pair, monkeypatch):
@@ -189,7 +189,7 @@ def test_an_error_while_verifying_fails_the_request_at_once(pair, monkeypatch):
     assert "illegal memory access" in str(refused), str(refused)
     assert receiver.committed == []
     assert receiver.aborts[0][0] == "unverified" and receiver.aborts[0][2] is False
-    assert sender.pool.pending_writes == 0
+    assert sender.pending_writes == 0
 
 
 def test_a_failed_session_announces_nothing_more(pair):
@@ -202,7 +202,7 @@ def test_a_failed_session_announces_nothing_more(pair):
     seen = len(receiver.inbox.checksums_seen)
     time.sleep(0.2)
     assert len(receiver.inbox.checksums_seen) == seen
-    assert sender.pool.pending_writes == 0
+    assert sender.pending_writes == 0
 
 
 def test_the_receiver_polls_fast_only_while_kv_moves(pair):
