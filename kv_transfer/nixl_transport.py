@@ -145,8 +145,8 @@ class _WritePoller:
     """A sender's thread that polls WRITEs still in flight after their post (RDMA, VRAM; a DRAM WRITE usually
     completes inside its post), so that NIXL sends each one's notification as soon as it completes rather than
     when someone next waits for it. Polls fast for a moment after each such post, slower after that (a WRITE to
-    a stalled decode worker stays in flight until its session's lease runs out); sleeps while nothing is in
-    flight. Never waits for an agent a post holds: the posting thread progresses it then."""
+    a stalled decode worker stays in flight until its session's ``release`` gives up on it and aborts it); sleeps
+    while nothing is in flight. Never waits for an agent a post holds: the posting thread progresses it then."""
 
     def __init__(self, pools: list[NixlPool]) -> None:
         self._pools = pools
@@ -329,6 +329,7 @@ class NixlSession(OutOfBandSession):
             if self.closed or not self.lease_left():
                 return
             self._posts_under_way += 1
+        handle = None
         try:
             handle = pool.write_slots(self._remote, src, dst, region, note)
         except NixlError as exc:
@@ -338,12 +339,12 @@ class NixlSession(OutOfBandSession):
             self.fail(f"NIXL write failed: {exc}")
             return
         finally:
-            with self._lock:
+            with self._lock:  # the WRITE is known to release before the post counts as over
+                if handle is not None:
+                    self._writes.append(handle)
+                    self.bytes_sent += len(src) * region
                 self._posts_under_way -= 1
                 self._posted.notify_all()
-        with self._lock:
-            self._writes.append(handle)
-            self.bytes_sent += len(src) * region
         if not _final(handle):
             self._sender.poller.watch()  # its notification goes out when a poll sees it complete
 
