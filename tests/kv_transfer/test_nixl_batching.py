@@ -1,7 +1,7 @@
 """How the NIXL sender posts (kv_transfer/nixl_transport.py), real agents on loopback: a push only
-queues its layer; the posting thread puts the layers pushed while it was busy into one WRITE with
-one notification; the commit travels while the last WRITEs finish, and the receiver still adopts
-only once every layer landed and verified."""
+queues its layer; two posting threads, an agent each, put the layers pushed while they were busy into
+WRITEs with one notification each; the commit travels while the last WRITEs finish, and the receiver
+still adopts only once every layer landed and verified."""
 
 from __future__ import annotations
 
@@ -47,7 +47,7 @@ def test_layers_pushed_while_a_write_posts_share_a_write_and_land_exact(pair):  
     notes = _count_notifications(receiver)
     receiver.inbox.open("batched", DST_BLOCKS)
     session = sender.open("batched", receiver.ticket("batched"))
-    first = LateReady()  # holds the posting thread on layer 0 while the other layers are pushed
+    first = LateReady()  # holds one posting thread on layer 0 while the other layers are pushed
     session.push_layer(source, 0, SRC_BLOCKS, DST_BLOCKS, first)
     for layer in range(1, LAYOUT.num_layers):
         session.push_layer(source, layer, SRC_BLOCKS, DST_BLOCKS)

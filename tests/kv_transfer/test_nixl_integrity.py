@@ -193,7 +193,7 @@ def test_an_error_while_verifying_fails_the_request_at_once(pair, monkeypatch):
 
 
 def test_a_failed_session_announces_nothing_more(pair):
-    """After an abort, release waits for every seal and no notification follows the abort."""
+    """After an abort, release waits for every WRITE, and no notification follows the abort."""
     receiver, source, sender = pair
     receiver.inbox.open("gone", DST_BLOCKS)
     session = sender.open("gone", receiver.ticket("gone"))
