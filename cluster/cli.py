@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import ctypes
 import logging
 import os
@@ -659,6 +660,8 @@ def _run_router(args: argparse.Namespace) -> int:
     except (EngineError, ValueError, ListenError) as exc:  # --model unreadable, a bad flag value, a port taken
         print(f"splitserve: {exc}", file=sys.stderr)
         return 2
+    except asyncio.CancelledError:  # a stop forced by signals (on_stop_signals said why)
+        return 1
     return 0
 
 

@@ -173,9 +173,11 @@ async def run_cluster(
     finally:
         for task in tasks:
             task.cancel()
-        await router.stop(cut)
-        await controller.shutdown.remote()
-        path.unlink(missing_ok=True)
+        try:
+            await router.stop(cut)
+        finally:  # a stop forced by signals (on_stop_signals) still stops the workers, unless forced again
+            path.unlink(missing_ok=True)
+            await controller.shutdown.remote()
 
 
 def up(config: ClusterConfig) -> int:
@@ -211,6 +213,8 @@ def up(config: ClusterConfig) -> int:
     except ListenError as exc:  # taken since check_ports
         print(f"splitserve: {exc}; stopped", file=sys.stderr, flush=True)
         return 2
+    except asyncio.CancelledError:  # a stop forced by signals (on_stop_signals said why); Ray still goes below
+        return 1
     finally:
         ray.shutdown()
     print("splitserve stopped", flush=True)

@@ -31,17 +31,35 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 CUT_UNWIND_S = 2.0  # a request whose client was cut at the end of a stop's grace has this long to unwind
+# After a second stop signal, what the stop still waits for (the requests cut unwinding, the listeners closing, the
+# workers told to stop: a few seconds) may take this long before it is cancelled.
+FORCED_STOP_S = 15.0
 
 
 def on_stop_signals() -> tuple[asyncio.Event, asyncio.Event]:
-    """(stop, cut), set by SIGINT and SIGTERM on the running loop: the first signal sets ``stop`` (a graceful stop:
-    ``Router.stop``), any later one ``cut`` (the requests in flight end now)."""
+    """(stop, cut), set by SIGINT and SIGTERM on the running loop, from inside the process's main coroutine: the
+    first signal sets ``stop`` (a graceful stop: ``Router.stop``), the second ``cut`` (the requests in flight end
+    now). Whatever the stop still waits for ``FORCED_STOP_S`` after the second signal, or at a third, is cancelled:
+    the main coroutine's task is, so its ``finally`` blocks run and ``run_event_loop`` raises CancelledError. A
+    second Ctrl-C always stops the process, whatever in the stop may hang."""
     stop, cut = asyncio.Event(), asyncio.Event()
+    main = asyncio.current_task()
+    loop = asyncio.get_running_loop()
+
+    def force(why: str) -> None:
+        if main is not None and not main.done():
+            print(f"splitserve: {why}: stopping without waiting for the rest", file=sys.stderr, flush=True)
+            main.cancel()
 
     def signalled() -> None:
-        (cut if stop.is_set() else stop).set()
+        if not stop.is_set():
+            stop.set()
+        elif not cut.is_set():
+            cut.set()
+            loop.call_later(FORCED_STOP_S, force, f"the stop had not ended {FORCED_STOP_S:g} s after a second signal")
+        else:
+            force("a third stop signal")
 
-    loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, signalled)
     return stop, cut
