@@ -459,9 +459,6 @@ class NixlKVSender(KVSender):
             poster = next(self._next_poster)
         return poster.thread.submit(post, poster.pool)
 
-    def _nixl_metadata(self) -> bytes:
-        return self.posters[0].pool.metadata()  # the receiver loads no sender's metadata: one of them is enough
-
     def _nixl_agents(self) -> list[str]:
         return [pool.name for pool in self.pools]
 

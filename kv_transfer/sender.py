@@ -319,7 +319,6 @@ class KVSender(ABC):
         request = kv_transfer_pb2.HandshakeRequest(
             layout=self.layout,
             sender_id=self.sender_id,
-            nixl_metadata=self._nixl_metadata(),
             nixl_agents=self._nixl_agents(),
             bulk=self._wants_bulk(),
         )
@@ -335,9 +334,6 @@ class KVSender(ABC):
         if mismatch:
             raise TransferError(mismatch, "FAILED_PRECONDITION")
         return response
-
-    def _nixl_metadata(self) -> bytes:
-        return b""
 
     def _nixl_agents(self) -> list[str]:
         return []

@@ -25,25 +25,25 @@ _sym_db = _symbol_database.Default()
 from protos import common_pb2 as protos_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18protos/kv_transfer.proto\x12\nsplitserve\x1a\x13protos/common.proto\"\x85\x01\n\x10HandshakeRequest\x12$\n\x06layout\x18\x01 \x01(\x0b\x32\x14.splitserve.KVLayout\x12\x11\n\tsender_id\x18\x02 \x01(\t\x12\x15\n\rnixl_metadata\x18\x03 \x01(\x0c\x12\x13\n\x0bnixl_agents\x18\x04 \x03(\t\x12\x0c\n\x04\x62ulk\x18\x05 \x01(\x08\"\xae\x01\n\x11HandshakeResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x0f\n\x07message\x18\x02 \x01(\t\x12$\n\x06layout\x18\x03 \x01(\x0b\x32\x14.splitserve.KVLayout\x12\x13\n\x0binstance_id\x18\x04 \x01(\t\x12\x15\n\rnixl_metadata\x18\x05 \x01(\x0c\x12\x11\n\tnixl_pool\x18\x06 \x01(\x0c\x12\x11\n\tbulk_port\x18\x07 \x01(\r\"\x81\x02\n\x07KVChunk\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x13\n\x0binstance_id\x18\x02 \x01(\t\x12\r\n\x05layer\x18\x03 \x01(\r\x12\x11\n\tblock_ids\x18\x04 \x03(\r\x12\x0c\n\x04\x64\x61ta\x18\x05 \x01(\x0c\x12\x10\n\x08\x63hecksum\x18\x06 \x01(\x04\x12\x0e\n\x06\x63ommit\x18\x07 \x01(\x08\x12\x16\n\x0e\x66irst_token_id\x18\x08 \x01(\r\x12/\n\rfirst_logprob\x18\t \x01(\x0b\x32\x18.splitserve.TokenLogprob\x12\r\n\x05\x61\x62ort\x18\n \x01(\x08\x12\x14\n\x0c\x61\x62ort_reason\x18\x0b \x01(\t\x12\r\n\x05token\x18\x0c \x01(\t\"$\n\nPushResult\x12\x16\n\x0e\x62ytes_received\x18\x01 \x01(\x04\"\xb5\x01\n\rCommitRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x13\n\x0binstance_id\x18\x02 \x01(\t\x12\x16\n\x0e\x66irst_token_id\x18\x03 \x01(\r\x12/\n\rfirst_logprob\x18\x04 \x01(\x0b\x32\x18.splitserve.TokenLogprob\x12\r\n\x05\x61\x62ort\x18\x05 \x01(\x08\x12\x14\n\x0c\x61\x62ort_reason\x18\x06 \x01(\t\x12\r\n\x05token\x18\x07 \x01(\t\"\x10\n\x0e\x43ommitResponse2\xd0\x01\n\nKVReceiver\x12H\n\tHandshake\x12\x1c.splitserve.HandshakeRequest\x1a\x1d.splitserve.HandshakeResponse\x12\x37\n\x06PushKV\x12\x13.splitserve.KVChunk\x1a\x16.splitserve.PushResult(\x01\x12?\n\x06\x43ommit\x12\x19.splitserve.CommitRequest\x1a\x1a.splitserve.CommitResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18protos/kv_transfer.proto\x12\nsplitserve\x1a\x13protos/common.proto\"t\n\x10HandshakeRequest\x12$\n\x06layout\x18\x01 \x01(\x0b\x32\x14.splitserve.KVLayout\x12\x11\n\tsender_id\x18\x02 \x01(\t\x12\x13\n\x0bnixl_agents\x18\x04 \x03(\t\x12\x0c\n\x04\x62ulk\x18\x05 \x01(\x08J\x04\x08\x03\x10\x04\"\xae\x01\n\x11HandshakeResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x0f\n\x07message\x18\x02 \x01(\t\x12$\n\x06layout\x18\x03 \x01(\x0b\x32\x14.splitserve.KVLayout\x12\x13\n\x0binstance_id\x18\x04 \x01(\t\x12\x15\n\rnixl_metadata\x18\x05 \x01(\x0c\x12\x11\n\tnixl_pool\x18\x06 \x01(\x0c\x12\x11\n\tbulk_port\x18\x07 \x01(\r\"\x81\x02\n\x07KVChunk\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x13\n\x0binstance_id\x18\x02 \x01(\t\x12\r\n\x05layer\x18\x03 \x01(\r\x12\x11\n\tblock_ids\x18\x04 \x03(\r\x12\x0c\n\x04\x64\x61ta\x18\x05 \x01(\x0c\x12\x10\n\x08\x63hecksum\x18\x06 \x01(\x04\x12\x0e\n\x06\x63ommit\x18\x07 \x01(\x08\x12\x16\n\x0e\x66irst_token_id\x18\x08 \x01(\r\x12/\n\rfirst_logprob\x18\t \x01(\x0b\x32\x18.splitserve.TokenLogprob\x12\r\n\x05\x61\x62ort\x18\n \x01(\x08\x12\x14\n\x0c\x61\x62ort_reason\x18\x0b \x01(\t\x12\r\n\x05token\x18\x0c \x01(\t\"$\n\nPushResult\x12\x16\n\x0e\x62ytes_received\x18\x01 \x01(\x04\"\xb5\x01\n\rCommitRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x13\n\x0binstance_id\x18\x02 \x01(\t\x12\x16\n\x0e\x66irst_token_id\x18\x03 \x01(\r\x12/\n\rfirst_logprob\x18\x04 \x01(\x0b\x32\x18.splitserve.TokenLogprob\x12\r\n\x05\x61\x62ort\x18\x05 \x01(\x08\x12\x14\n\x0c\x61\x62ort_reason\x18\x06 \x01(\t\x12\r\n\x05token\x18\x07 \x01(\t\"\x10\n\x0e\x43ommitResponse2\xd0\x01\n\nKVReceiver\x12H\n\tHandshake\x12\x1c.splitserve.HandshakeRequest\x1a\x1d.splitserve.HandshakeResponse\x12\x37\n\x06PushKV\x12\x13.splitserve.KVChunk\x1a\x16.splitserve.PushResult(\x01\x12?\n\x06\x43ommit\x12\x19.splitserve.CommitRequest\x1a\x1a.splitserve.CommitResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'protos.kv_transfer_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_HANDSHAKEREQUEST']._serialized_start=62
-  _globals['_HANDSHAKEREQUEST']._serialized_end=195
-  _globals['_HANDSHAKERESPONSE']._serialized_start=198
-  _globals['_HANDSHAKERESPONSE']._serialized_end=372
-  _globals['_KVCHUNK']._serialized_start=375
-  _globals['_KVCHUNK']._serialized_end=632
-  _globals['_PUSHRESULT']._serialized_start=634
-  _globals['_PUSHRESULT']._serialized_end=670
-  _globals['_COMMITREQUEST']._serialized_start=673
-  _globals['_COMMITREQUEST']._serialized_end=854
-  _globals['_COMMITRESPONSE']._serialized_start=856
-  _globals['_COMMITRESPONSE']._serialized_end=872
-  _globals['_KVRECEIVER']._serialized_start=875
-  _globals['_KVRECEIVER']._serialized_end=1083
+  _globals['_HANDSHAKEREQUEST']._serialized_start=61
+  _globals['_HANDSHAKEREQUEST']._serialized_end=177
+  _globals['_HANDSHAKERESPONSE']._serialized_start=180
+  _globals['_HANDSHAKERESPONSE']._serialized_end=354
+  _globals['_KVCHUNK']._serialized_start=357
+  _globals['_KVCHUNK']._serialized_end=614
+  _globals['_PUSHRESULT']._serialized_start=616
+  _globals['_PUSHRESULT']._serialized_end=652
+  _globals['_COMMITREQUEST']._serialized_start=655
+  _globals['_COMMITREQUEST']._serialized_end=836
+  _globals['_COMMITRESPONSE']._serialized_start=838
+  _globals['_COMMITRESPONSE']._serialized_end=854
+  _globals['_KVRECEIVER']._serialized_start=857
+  _globals['_KVRECEIVER']._serialized_end=1065
 # @@protoc_insertion_point(module_scope)

@@ -8,18 +8,16 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class HandshakeRequest(_message.Message):
-    __slots__ = ("layout", "sender_id", "nixl_metadata", "nixl_agents", "bulk")
+    __slots__ = ("layout", "sender_id", "nixl_agents", "bulk")
     LAYOUT_FIELD_NUMBER: _ClassVar[int]
     SENDER_ID_FIELD_NUMBER: _ClassVar[int]
-    NIXL_METADATA_FIELD_NUMBER: _ClassVar[int]
     NIXL_AGENTS_FIELD_NUMBER: _ClassVar[int]
     BULK_FIELD_NUMBER: _ClassVar[int]
     layout: _common_pb2.KVLayout
     sender_id: str
-    nixl_metadata: bytes
     nixl_agents: _containers.RepeatedScalarFieldContainer[str]
     bulk: bool
-    def __init__(self, layout: _Optional[_Union[_common_pb2.KVLayout, _Mapping]] = ..., sender_id: _Optional[str] = ..., nixl_metadata: _Optional[bytes] = ..., nixl_agents: _Optional[_Iterable[str]] = ..., bulk: _Optional[bool] = ...) -> None: ...
+    def __init__(self, layout: _Optional[_Union[_common_pb2.KVLayout, _Mapping]] = ..., sender_id: _Optional[str] = ..., nixl_agents: _Optional[_Iterable[str]] = ..., bulk: _Optional[bool] = ...) -> None: ...
 
 class HandshakeResponse(_message.Message):
     __slots__ = ("accepted", "message", "layout", "instance_id", "nixl_metadata", "nixl_pool", "bulk_port")

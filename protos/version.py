@@ -6,5 +6,6 @@ Bump it when a change would make old and new peers misread each other."""
 # 4: DecodeWorker.GenerateStream, which routers send every Generate on, and SamplingParams.thinking and
 # thinking_token_budget, which an older worker would drop unread (a grammar holding the thinking, no budget);
 # 5: HandshakeRequest.nixl_agents, a NIXL sender's agents (one per posting thread), which an older receiver would read
-# as one name, ignoring the other agents' notifications until every commit timed out
+# as one name, ignoring the other agents' notifications until every commit timed out (and its nixl_metadata, never
+# read, is gone)
 PROTOCOL_VERSION = 5
