@@ -13,8 +13,7 @@ land.
 Two posting threads (``POSTING_AGENTS``), each with a NIXL agent of its own: on DRAM UCX's CMA transport
 copies a WRITE inside its post, on the posting thread, and one agent posts one WRITE at a time, so only
 two agents copy side by side. With checksums on (the default) a posting thread hashes a batch's source
-just before posting it, so the copy reads what the hash just brought into cache and the digests ride
-with the WRITE; while one thread hashes, the other copies::
+just before posting it, and the digests ride with the WRITE; while one thread hashes, the other copies::
 
     engine thread:     push 0 push 1 ... push 15 ── commit (sent at once, answered after the last verify)
     posting thread 1:  hash 0 │ WRITE 0 ·note│ hash 2 │ WRITE 2 ·note│ ...
@@ -61,8 +60,8 @@ _OPEN_POLL_S = 0.001  # reservations open, nothing arrived lately: a transfer's 
 _MOVING_POLL_S = 0.0002  # a notification arrived within _MOVING_S, or a commit waits for its last ones
 _MOVING_S = 0.02
 _MAX_BATCH_LAYERS = 4  # bounds a notification's size and how much the receiver verifies at once
-# A WRITE's most bytes. Smaller WRITEs let the two posting threads share a transfer, and a hash leave its batch in
-# cache for the copy; each costs a post, a notification and a verify task. With a hash and a notification per WRITE
+# A WRITE's most bytes. Smaller WRITEs let the two posting threads share a transfer; each costs a post, a notification
+# and a verify task. With a hash and a notification per WRITE
 # over two agents (a throwaway script, 64 MiB on a 2-vCPU Zen 5): 2 MiB WRITEs 52%, 4 MiB 51-57%, 16 MiB 44% of
 # memcpy; 512 KiB 16%, each WRITE waiting for the receiver's next poll of the notification before it.
 _WRITE_BYTES = 4 << 20
