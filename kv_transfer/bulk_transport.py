@@ -96,7 +96,7 @@ from kv_transfer.errors import TransferError
 from kv_transfer.grpc_transport import DEFAULT_CHUNK_BYTES, GrpcKVSender, stage_regions
 from kv_transfer.inbox import KVInbox
 from kv_transfer.integrity import in_cache_sized, region_views, running_checksum
-from kv_transfer.sender import OutboundSession, OutOfBandSession, Peer
+from kv_transfer.sender import OutboundSession, OutOfBandSession, Peer, block_pieces
 from protos import common_pb2, decode_pb2, kv_transfer_pb2
 from protos.cluster_auth import ClusterAuth, end_silent_peers
 
@@ -814,12 +814,10 @@ class BulkSession(OutOfBandSession):
         dst_blocks: Sequence[int],
         ready: LayerReady = COMPLETED,
     ) -> None:
-        per_piece = max(1, self._piece_bytes // cache.layout.region_bytes)
         with self._lock:
             if self.closed or not self.lease_left():
                 return
-            for begin in range(0, len(src_blocks), per_piece):
-                src, dst = list(src_blocks[begin : begin + per_piece]), list(dst_blocks[begin : begin + per_piece])
+            for src, dst in block_pieces(src_blocks, dst_blocks, cache.layout.region_bytes, self._piece_bytes):
                 staged = None
                 if self._copy_streams is not None:
                     staged = stage_regions(cache, layer, src, dst, ready, self._copy_streams)

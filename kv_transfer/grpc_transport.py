@@ -24,7 +24,7 @@ from engine.kv_cache import PagedKVCache
 from engine.layer_ready import COMPLETED, LayerReady
 from kv_transfer.errors import TransferError
 from kv_transfer.integrity import checksum
-from kv_transfer.sender import KVSender, OutboundSession, Peer
+from kv_transfer.sender import KVSender, OutboundSession, Peer, block_pieces
 from protos import common_pb2, decode_pb2, kv_transfer_pb2
 from protos.cluster_auth import ClusterAuth
 
@@ -85,15 +85,13 @@ class GrpcSession(OutboundSession):
             self._push_staged(cache, layer, src_blocks, dst_blocks, ready)
             return
         ready.synchronize()  # unstaged sessions serve CPU pools, whose layers are complete already
-        per_message = max(1, self._chunk_bytes // cache.layout.region_bytes)
-        for begin in range(0, len(src_blocks), per_message):
-            src = list(src_blocks[begin : begin + per_message])
+        for src, dst in block_pieces(src_blocks, dst_blocks, cache.layout.region_bytes, self._chunk_bytes):
             data = _region_bytes(cache, layer, src)
             self._outbox.put(
                 kv_transfer_pb2.KVChunk(
                     request_id=self.request_id,
                     layer=layer,
-                    block_ids=dst_blocks[begin : begin + per_message],
+                    block_ids=dst,
                     data=data,
                     checksum=checksum(data) if self._verify else 0,
                 )
@@ -101,9 +99,7 @@ class GrpcSession(OutboundSession):
             self.bytes_sent += len(data)
 
     def _push_staged(self, cache, layer, src_blocks, dst_blocks, ready: LayerReady) -> None:
-        per_message = max(1, self._chunk_bytes // cache.layout.region_bytes)
-        for begin in range(0, len(src_blocks), per_message):
-            src, dst = src_blocks[begin : begin + per_message], dst_blocks[begin : begin + per_message]
+        for src, dst in block_pieces(src_blocks, dst_blocks, cache.layout.region_bytes, self._chunk_bytes):
             staged = stage_regions(cache, layer, src, dst, ready, self._copy_streams)
             self._staged.append(staged)
             self._outbox.put(staged)

@@ -44,7 +44,15 @@ from kv_transfer.errors import TransferError
 from kv_transfer.inbox import KVInbox
 from kv_transfer.integrity import region_checksum
 from kv_transfer.nixl_agent import NixlError, NixlPool, PoolDescriptor, WriteHandle
-from kv_transfer.sender import COMMIT_THREADS, FORGET_THREADS, KVSender, OutboundSession, OutOfBandSession, Peer
+from kv_transfer.sender import (
+    COMMIT_THREADS,
+    FORGET_THREADS,
+    KVSender,
+    OutboundSession,
+    OutOfBandSession,
+    Peer,
+    block_pieces,
+)
 from protos import common_pb2, decode_pb2
 from protos.cluster_auth import ClusterAuth
 
@@ -98,15 +106,6 @@ class _Push:
     @property
     def nbytes(self) -> int:
         return len(self.src_blocks) * self.cache.layout.region_bytes
-
-
-def _pieces(push: _Push) -> list[_Push]:
-    """``push`` in pieces of at most ``_WRITE_BYTES`` (at least one block each)."""
-    per_piece = max(1, _WRITE_BYTES // push.cache.layout.region_bytes)
-    if len(push.src_blocks) <= per_piece:
-        return [push]
-    cuts = [slice(i, i + per_piece) for i in range(0, len(push.src_blocks), per_piece)]
-    return [_Push(push.cache, push.layer, push.src_blocks[c], push.dst_blocks[c], push.ready) for c in cuts]
 
 
 def _take_batch(queued: list[_Push]) -> list[_Push]:
@@ -288,7 +287,9 @@ class NixlSession(OutOfBandSession):
         with self._lock:
             if self.closed or not self.lease_left():
                 return
-            self._queued += _pieces(_Push(cache, layer, list(src_blocks), list(dst_blocks), ready))
+            region = cache.layout.region_bytes
+            for src, dst in block_pieces(src_blocks, dst_blocks, region, _WRITE_BYTES):  # a large layer: in pieces
+                self._queued.append(_Push(cache, layer, src, dst, ready))
             if self._draining < len(self._sender.posters):
                 self._draining += 1
                 self._drains = [f for f in self._drains if not f.done()]

@@ -32,7 +32,7 @@ import logging
 import threading
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
 
@@ -65,6 +65,16 @@ def channel_options() -> list[tuple[str, int]]:
         ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
         ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ]
+
+
+def block_pieces(
+    src_blocks: Sequence[int], dst_blocks: Sequence[int], region_bytes: int, most_bytes: int
+) -> Iterator[tuple[list[int], list[int]]]:
+    """A layer's (source, destination) block lists cut, in order, into pieces of at most ``most_bytes`` of regions,
+    at least one block each: what a transport sends as one message, frame piece or WRITE."""
+    per_piece = max(1, most_bytes // region_bytes)
+    for begin in range(0, len(src_blocks), per_piece):
+        yield list(src_blocks[begin : begin + per_piece]), list(dst_blocks[begin : begin + per_piece])
 
 
 # A sender's channel to a receiver keeps its connection to itself: a channel made anew after the receiver was lost
