@@ -173,9 +173,8 @@ class _WritePoller:
                 fast_until = now + _WRITE_FAST_S
             in_flight = 0
             for pool in self._pools:
-                try:
-                    pool.progress(wait=False)
-                    in_flight += pool.pending_writes
+                try:  # a post holds the agent: it is in flight itself, look again at the next pace
+                    in_flight += pool.pending_writes if pool.progress(wait=False) else 1
                 except NixlError:
                     pass  # closed: every WRITE failed, which their sessions learn as they wait for them
             if not in_flight:
