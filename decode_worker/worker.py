@@ -199,7 +199,7 @@ class DecodeWorker(WorkerBase, decode_pb2_grpc.DecodeWorkerServicer):
                 if output.finished:
                     return
         except RequestFailed as exc:
-            context.abort(grpc.StatusCode.ABORTED, str(exc))
+            context.abort(*status_of(exc))
 
     def _stream_for(self, request):
         return self.loop.call(self._starter(request))
@@ -300,7 +300,9 @@ class DecodeWorker(WorkerBase, decode_pb2_grpc.DecodeWorkerServicer):
                 if isinstance(output, BaseException):
                     with lock:
                         running.pop(request_id, None)
-                    yield decode_pb2.GenerateStreamResponse(request_id=request_id, error=_call_status(output))
+                    yield decode_pb2.GenerateStreamResponse(
+                        request_id=request_id, error=call_status(*status_of(output))
+                    )
                     continue
                 if output.finished:
                     with lock:
@@ -359,8 +361,3 @@ class DecodeWorker(WorkerBase, decode_pb2_grpc.DecodeWorkerServicer):
 
     def after_step(self, engine: Engine, outputs: list[RequestOutput]) -> None:
         self.reservations.tick(engine)
-
-
-def _call_status(exc: BaseException) -> decode_pb2.CallStatus:
-    """The status a request's own Generate call would have ended with, failing with ``exc``."""
-    return call_status(*((grpc.StatusCode.ABORTED, str(exc)) if isinstance(exc, RequestFailed) else status_of(exc)))

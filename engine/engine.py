@@ -101,7 +101,7 @@ class Engine:
         self.requests: dict[str, Request] = {}
         self._pending: list[RequestOutput] = []
         self._ran_nothing = False  # the last step scheduled nothing and had nothing to report
-        self._failures: dict[str, str] = {}  # request id -> why it failed, until take_failures()
+        self._failures: dict[str, BaseException] = {}  # request id -> what failed it, until take_failures()
         # Bounded: an owner that never drains KV events must not grow memory; readers see the
         # gap in event ids and resynchronise from a snapshot.
         self._kv_events: deque[KVEvent] = deque(maxlen=65536)
@@ -399,7 +399,7 @@ class Engine:
         request = self.requests.get(request_id)
         if request is None:
             return
-        self._failures[request_id] = f"engine error in request {request_id}: {type(error).__name__}: {error}"
+        self._failures[request_id] = error
         if not request.state.finished:
             self.scheduler.finish(request, RequestState.FINISHED_ABORTED)
         try:
@@ -409,8 +409,9 @@ class Engine:
             self.requests.pop(request_id, None)
             self._pending.append(RequestOutput(request_id, (), "", (), "abort", request.num_prompt_tokens, 0, 0))
 
-    def take_failures(self) -> dict[str, str]:
-        """Requests that failed since the last call, with why. Each also had a last, aborted output."""
+    def take_failures(self) -> dict[str, BaseException]:
+        """Requests that failed since the last call, with what failed each (an InvalidRequestError: the request's
+        own fields, which no retry changes). Each also had a last, aborted output."""
         failures, self._failures = self._failures, {}
         return failures
 

@@ -28,6 +28,7 @@ from typing import TypeVar
 from contract.sampling import SamplingParams
 from engine.block_manager import KVEvent
 from engine.engine import Engine
+from engine.errors import InvalidRequestError
 from engine.output import RequestOutput
 from engine.request import RequestState
 from engine.threads import name_os_thread
@@ -37,7 +38,20 @@ T = TypeVar("T")
 
 
 class RequestFailed(Exception):
-    """A request ended without a normal finish (lease expired, transfer failed, engine error)."""
+    """A request ended without a normal finish (lease expired, transfer failed, engine error). ``invalid``: what
+    failed it was the request's own (fields that contradict each other), which a worker reports as the caller's
+    error, INVALID_ARGUMENT."""
+
+    def __init__(self, reason: str, invalid: bool = False) -> None:
+        super().__init__(reason)
+        self.invalid = invalid
+
+    @classmethod
+    def of(cls, request_id: str, error: BaseException) -> RequestFailed:
+        """What the engine's failing ``error`` says to the request's caller."""
+        if isinstance(error, InvalidRequestError):
+            return cls(str(error), invalid=True)
+        return cls(f"engine error in request {request_id}: {type(error).__name__}: {error}")
 
 
 class RequestStream:
@@ -253,10 +267,10 @@ class EngineLoop:
     def _deliver(self, outputs: list[RequestOutput]) -> list[RequestOutput]:
         """Hands ``outputs`` to their streams; first, a request that failed ends its stream with its error instead
         (its own abort output, among ``outputs``, then finds no stream)."""
-        for request_id, reason in self.engine.take_failures().items():
+        for request_id, error in self.engine.take_failures().items():
             stream = self.detach(request_id)
             if stream is not None:
-                stream.put(RequestFailed(reason))
+                stream.put(RequestFailed.of(request_id, error))
         for output in outputs:
             stream = self._streams.get(output.request_id)
             if stream is not None:

@@ -164,6 +164,11 @@ class OutputProcessor:
             return RequestState.FINISHED_STOPPED
         grammar = request.sampling.grammar
         if grammar is not None and grammar.terminated:  # complete: nothing may follow (broken only by bad input)
+            if len(request.output_token_ids) < params.min_tokens:
+                raise InvalidRequestError(
+                    f"the grammar's output is complete after {len(request.output_token_ids)} tokens, fewer than "
+                    f"min_tokens ({params.min_tokens}): nothing may follow it"
+                )
             return RequestState.FINISHED_STOPPED
         if len(request.output_token_ids) >= params.max_tokens or request.num_tokens >= self.max_model_len:
             return RequestState.FINISHED_LENGTH

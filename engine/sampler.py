@@ -34,6 +34,7 @@ from dataclasses import dataclass
 import torch
 
 from contract.sampling import SamplingParams
+from engine.errors import InvalidRequestError
 from engine.grammar import GrammarMatcher
 from engine.native_kernels import elementwise_for
 from engine.thinking import Thoughts
@@ -295,7 +296,9 @@ def _apply_bias_and_suppression(raw: torch.Tensor, states: Sequence[SamplingStat
         if suppressed:
             out[i, torch.tensor(suppressed, dtype=torch.long, device=raw.device)] = -math.inf
             if states[i].params.allowed_token_ids and out[i, states[i].allowed_ids(raw.device)].isneginf().all():
-                raise ValueError("bad_words or min_tokens hold back every one of allowed_token_ids: nothing to sample")
+                raise InvalidRequestError(
+                    "bad_words or min_tokens hold back every one of allowed_token_ids: nothing to sample"
+                )
     return out
 
 
@@ -313,7 +316,7 @@ def _apply_grammar(logits: torch.Tensor, raw: torch.Tensor, states: Sequence[Sam
     # alone always leaves one, so only rows with another mask pay for the look.
     masked = [j for j, i in enumerate(rows) if states[i].adjusts_logits]
     if masked and bool(out[row_index[masked]].isneginf().all(dim=-1).any()):
-        raise ValueError(
+        raise InvalidRequestError(  # the request's own fields contradict each other: the client's error
             "the grammar allows none of the tokens that min_tokens, allowed_token_ids and bad_words leave here: "
             "there is no token to sample"
         )

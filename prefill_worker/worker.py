@@ -40,7 +40,7 @@ from kv_transfer.errors import TransferError
 from kv_transfer.grpc_transport import GrpcKVSender
 from kv_transfer.sender import KVSender, OutboundSession
 from protos import common_pb2, decode_pb2, prefill_pb2, prefill_pb2_grpc
-from worker_server.base import WorkerBase, abort_on_error, logprob_to_wire
+from worker_server.base import WorkerBase, abort_on_error, logprob_to_wire, status_of
 from worker_server.calls import serve_calls
 from worker_server.tracing import LayerPushes
 
@@ -291,7 +291,7 @@ class PrefillWorker(WorkerBase, prefill_pb2_grpc.PrefillWorkerServicer):
             except queue.Empty:
                 continue
             except RequestFailed as exc:  # the engine failed this request (engine/loop.py)
-                raise TransferError(str(exc), "ABORTED") from exc
+                raise TransferError(str(exc), status_of(exc)[0].name) from exc
             if output.finish_reason == "abort":
                 raise session.failure() if session.failed else TransferError("prefill aborted", "ABORTED")
             if output.token_ids:

@@ -24,7 +24,7 @@ from engine.block_manager import KVEventKind
 from engine.config import EngineConfig
 from engine.engine import Engine
 from engine.errors import InvalidRequestError, NoFreeBlocksError
-from engine.loop import EngineLoop
+from engine.loop import EngineLoop, RequestFailed
 from engine.output import RequestOutput
 from engine.presets import build_model_card
 from engine.sampler import TokenLogprobs
@@ -378,6 +378,8 @@ def status_of(exc: Exception) -> tuple[grpc.StatusCode, str]:
     """The status and message a call ends with when ``exc`` ends it (an unexpected one, logged, is INTERNAL)."""
     if isinstance(exc, (InvalidRequestError, FieldError)):
         return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
+    if isinstance(exc, RequestFailed):  # the engine ended it: the request's own fault, or not
+        return grpc.StatusCode.INVALID_ARGUMENT if exc.invalid else grpc.StatusCode.ABORTED, str(exc)
     if isinstance(exc, NoFreeBlocksError):
         return grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)
     if isinstance(exc, TransferError):

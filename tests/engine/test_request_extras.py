@@ -264,7 +264,8 @@ def test_allowed_token_ids_are_checked_against_the_vocabulary_eos_and_the_gramma
     )
     (failed,) = engine.generate([prompt], digits)
     assert (failed.token_ids, failed.finish_reason) == ((), "abort")
-    assert "allowed_token_ids" in next(iter(engine.take_failures().values()))
+    (failure,) = engine.take_failures().values()
+    assert isinstance(failure, InvalidRequestError) and "allowed_token_ids" in str(failure)  # the request's own: a 400
 
 
 def test_a_grammar_whose_next_token_is_banned_fails_the_request_rather_than_sample_token_0(checkpoint):
@@ -275,9 +276,17 @@ def test_a_grammar_whose_next_token_is_banned_fails_the_request_rather_than_samp
     params = SamplingParams(max_tokens=6, temperature=0, grammar=Grammar("regex", "ab"), bad_words=("b",))
     (failed,) = engine.generate([_prompt(15, 20)], params)
     assert failed.finish_reason == "abort" and 0 not in failed.token_ids, failed
-    assert "bad_words" in next(iter(engine.take_failures().values()))
+    (failure,) = engine.take_failures().values()
+    assert isinstance(failure, InvalidRequestError) and "bad_words" in str(failure)  # the request's own: a 400
     (fine,) = engine.generate([_prompt(15, 20)], replace(params, bad_words=()))
     assert (fine.text, fine.finish_reason) == ("ab", "stop")
+    # min_tokens past where the grammar is complete cannot hold: refused, where it was ignored. Up to it, it holds.
+    (short,) = engine.generate([_prompt(15, 20)], replace(params, bad_words=(), min_tokens=3))
+    assert short.finish_reason == "abort", short
+    (failure,) = engine.take_failures().values()
+    assert isinstance(failure, InvalidRequestError) and "min_tokens (3)" in str(failure)
+    (exact,) = engine.generate([_prompt(15, 20)], replace(params, bad_words=(), min_tokens=2))
+    assert (exact.text, exact.finish_reason) == ("ab", "stop")
 
 
 def test_a_peers_first_token_outside_allowed_token_ids_is_refused(checkpoint):

@@ -262,6 +262,19 @@ def test_two_constraints_are_a_400(setup):
     assert_error(post(router, "/v1/chat/completions", body), 400, param="tool_choice")
 
 
+def test_a_grammar_that_the_other_fields_leave_no_token_is_the_clients_400(setup):
+    """The regex allows only digits and allowed_token_ids only a letter: no token is left to sample. That is the
+    request's own contradiction, found where the worker samples: a 400 naming no worker's request id, not a 502."""
+    router = setup.routers["grpc"]
+    letter = BackendTokenizer.from_file(str(setup.model_dir / "tokenizer.json")).encode("a").ids
+    body = {"model": MODEL, "prompt": "Code:", "max_tokens": 4, "guided_regex": "[0-9]+", "allowed_token_ids": letter}
+    answer = post(router, "/v1/completions", body)
+    assert_error(answer, 400)
+    assert "no token to sample" in answer.json()["error"]["message"] and "engine error" not in answer.text
+    fine = post(router, "/v1/completions", {**body, "guided_regex": "a+"})
+    assert fine.status_code == 200 and set(fine.json()["choices"][0]["text"]) == {"a"}, fine.text
+
+
 # -- tools ----------------------------------------------------------------------------------------------
 
 
