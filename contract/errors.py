@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import re
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+
 
 class FieldError(ValueError):
     """A request field is malformed or out of range; ``field`` names it (an OpenAI ``param``)."""
@@ -9,6 +13,21 @@ class FieldError(ValueError):
     def __init__(self, field: str, message: str) -> None:
         super().__init__(message)
         self.field = field
+
+
+@contextmanager
+def fields_named(names: Mapping[str, str]) -> Iterator[None]:
+    """Renames the field of a FieldError raised inside, where the request spells it otherwise than the record that
+    checked it (``names``: the record's name to the request's, e.g. ``{"stop": "stop_sequences"}``); the message's
+    mentions of the field too. A field under a renamed one (``messages.2.role``) keeps its tail."""
+    try:
+        yield
+    except FieldError as exc:
+        head, dot, tail = exc.field.partition(".")
+        if head not in names:
+            raise
+        message = re.sub(rf"(?<![\w.]){re.escape(head)}\b", names[head], str(exc))
+        raise FieldError(f"{names[head]}{dot}{tail}", message) from None
 
 
 # Trailing metadata of a worker's failed call when the failure is a peer's, not the worker's own: the worker could

@@ -325,10 +325,12 @@ def _tool_use_block(call: ToolCall) -> dict | None:
 
 
 async def events(message: Message, deltas: AsyncIterator[Delta], error_message) -> AsyncIterator[str]:
-    """The SSE stream of an answer: message_start; a text block (its start, a text_delta per piece, its stop), or
-    with tools the text held to the end, where each block of the answer opens, fills and closes in turn (a tool_use
-    block's input as one input_json_delta); message_delta with the stop reason and usage; message_stop. A generation
-    that fails midway ends with an ``error`` event (``error_message``: the client's message of a GenerationError)."""
+    """The SSE stream of an answer: message_start; a text block once there is text (its start, a text_delta per
+    piece, its stop), or with tools the text held to the end, where each block of the answer opens, fills and closes
+    in turn (a tool_use block's input as one input_json_delta); message_delta with the stop reason and the whole
+    usage; message_stop. The blocks are those the whole answer has (an answer without text has no text block). A
+    generation that fails midway ends with an ``error`` event (``error_message``: the client's message of a
+    GenerationError)."""
 
     def event(kind: str, **fields) -> str:
         return f"event: {kind}\ndata: {json.dumps({'type': kind, **fields})}\n\n"
@@ -343,8 +345,6 @@ async def events(message: Message, deltas: AsyncIterator[Delta], error_message) 
         return [*said, event("content_block_start", index=len(streamed) - 1, content_block=block)]
 
     yield event("message_start", message=message.start())
-    for said in open_block("text") if not message.held and splitter is None else ():
-        yield said
     yield event("ping")
     try:
         async for delta in deltas:
@@ -376,6 +376,7 @@ async def events(message: Message, deltas: AsyncIterator[Delta], error_message) 
             partial = {"type": "input_json_delta", "partial_json": json.dumps(block["input"], ensure_ascii=False)}
             yield event("content_block_delta", index=index, delta=partial)
         yield event("content_block_stop", index=index)
-    usage = {"output_tokens": message.output_tokens}
+    # The usage so far, whole: message_start's counted the prompt before the prefix cache said what it held.
+    usage = message.usage()
     yield event("message_delta", delta={"stop_reason": stop_reason, "stop_sequence": stop_sequence}, usage=usage)
     yield event("message_stop")

@@ -56,9 +56,11 @@ def serving(request_id: str) -> None:
 
 def check_request_id(request_id: str, field: str) -> None:
     """A client's request id (gRPC's ``request_id``, HTTP's ``X-Request-Id``): FieldError naming ``field`` past
-    MAX_REQUEST_ID_CHARS."""
+    MAX_REQUEST_ID_CHARS or where it is not printable ASCII (it goes into log lines, and out as a header)."""
     if len(request_id) > MAX_REQUEST_ID_CHARS:
         raise FieldError(field, f"{field} has {len(request_id)} characters; at most {MAX_REQUEST_ID_CHARS} are allowed")
+    if not (request_id.isascii() and request_id.isprintable()):
+        raise FieldError(field, f"{field} must be printable ASCII")
 
 
 class Overloaded(GenerationError):
@@ -240,7 +242,7 @@ class Frontend:
         """The prompt of a conversation. ``add_generation_prompt`` None: opens the assistant's turn unless
         ``continue_final_message`` continues the last one (``Tokenizer.apply_chat_template``)."""
         if not messages:  # the template would render only the assistant's header: nothing was asked
-            raise _bad("messages must not be empty", "messages")
+            raise FieldError("messages", "messages must not be empty")
         if add_generation_prompt is None:
             add_generation_prompt = not continue_final_message
         try:

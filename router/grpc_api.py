@@ -6,13 +6,16 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import inspect
 import time
 
 import grpc
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from contract import tracing
+from contract.errors import fields_named
 from contract.sampling import FIELDS as SAMPLING_FIELDS
 from contract.sampling import FieldError, SamplingParams
 from protos import generate_pb2, generate_pb2_grpc
@@ -80,9 +83,9 @@ class GenerateService(generate_pb2_grpc.GenerateServicer):
             frontend.check_model(request.model)
             check_request_id(request.request_id, "request_id")
             serving(request.request_id)
-            prompt = self._prompt(request)
+            prompt, prompt_field = self._prompt(request)
             params = SamplingParams.from_wire(request.params, DEFAULT_MAX_TOKENS)
-            job = frontend.build(prompt, params, priority=request.priority)
+            job = frontend.build(prompt, params, prompt_field, "params.max_tokens", request.priority)
             async for delta in frontend.stream(job):
                 chunk = generate_pb2.CompletionChunk(
                     request_id=request.request_id or job.request_id,
@@ -96,33 +99,94 @@ class GenerateService(generate_pb2_grpc.GenerateServicer):
                     chunk.usage.CopyFrom(delta.usage)
                 yield chunk
         except GenerationError as exc:
-            await context.abort(_STATUS.get(exc.status, grpc.StatusCode.INTERNAL), str(exc))
-        except FieldError as exc:  # the status names the field, as HTTP's 400 does in its param
-            text = str(exc)
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, text if exc.field in text else f"{exc.field}: {text}")
+            await context.abort(_STATUS.get(exc.status, grpc.StatusCode.INTERNAL), _naming(str(exc), exc.param))
+        except FieldError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, _naming(str(exc), exc.field))
         except TimeoutError:
             await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "request timed out")
 
     def _authorized(self, context: grpc.aio.ServicerContext) -> bool:
         return _has_key(context.invocation_metadata(), self.api_keys)
 
-    def _prompt(self, request: generate_pb2.CompletionRequest) -> list[int]:
+    def _prompt(self, request: generate_pb2.CompletionRequest) -> tuple[list[int], str]:
+        """The prompt, and the field it came from (errors about it name that field)."""
         kind = request.WhichOneof("input")
         if kind == "text":
-            return self.frontend.encode_text(request.text)
+            return self.frontend.encode_text(request.text, "text"), "text"
         if kind == "token_ids":
-            return list(request.token_ids.ids)
+            return list(request.token_ids.ids), "token_ids.ids"
         if kind == "chat":
-            # Checked as HTTP's are (router/structured.py): a ChatMessage carries no tool calls, so a tool message
-            # has no earlier call to answer and is refused by name, as is an unknown role.
+            # Checked as HTTP's are (router/structured.py), an unknown role refused by name. A ChatMessage carries
+            # no tool calls and no tool_call_id, so it cannot be a tool's result.
             said = [{"role": m.role, "content": m.content} for m in request.chat.messages]
-            return self.frontend.encode_chat(tool_turns(said, self.frontend.tokenizer.supports_tool_calls))
+            for index, message in enumerate(said):
+                if message["role"] == "tool":
+                    where = f"chat.messages.{index}.role"
+                    raise FieldError(where, f"{where}: a tool message needs a tool_call_id, which ChatMessage lacks")
+            with fields_named({"messages": "chat.messages"}):
+                turns = tool_turns(said, self.frontend.tokenizer.supports_tool_calls)
+                return self.frontend.encode_chat(turns), "chat.messages"
         raise GenerationError("the request needs text, token_ids or chat", 400, "invalid_request_error")
+
+
+def _naming(message: str, field: str | None) -> str:
+    """A status's message names the request's field it is about, as HTTP's error does in its param."""
+    return message if field is None or field in message else f"{field}: {message}"
 
 
 def _has_key(metadata, api_keys: tuple[str, ...]) -> bool:
     supplied = str(dict(metadata or ()).get("authorization", "")).removeprefix("Bearer ").strip()
     return any(hmac.compare_digest(supplied.encode(), key.encode()) for key in api_keys)
+
+
+class _Malformed:
+    """A request whose bytes did not parse as its message."""
+
+    def __init__(self, error: str) -> None:
+        self.error = error
+
+
+class _RefuseMalformed(grpc.aio.ServerInterceptor):
+    """A unary request that is no valid message (corrupt wire format, a string that is not UTF-8) gets
+    INVALID_ARGUMENT saying so, where grpcio would answer UNKNOWN and log the parser's traceback as the server's own
+    error."""
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        if handler is None or handler.request_streaming or handler.request_deserializer is None:
+            return handler
+        parse = handler.request_deserializer
+
+        def parse_or_name(data: bytes):
+            try:
+                return parse(data)
+            except DecodeError as exc:
+                return _Malformed(str(exc))
+
+        async def refuse(malformed: _Malformed, context) -> None:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, f"the request is not a valid message: {malformed.error}"
+            )
+
+        behaviour = handler.unary_stream if handler.response_streaming else handler.unary_unary
+        if not (inspect.iscoroutinefunction(behaviour) or inspect.isasyncgenfunction(behaviour)):
+            return handler  # a synchronous handler: grpcio runs it in a thread, as it is
+
+        async def answer(request, context):  # a unary answer, or a stream written with context.write
+            if isinstance(request, _Malformed):
+                await refuse(request, context)
+            return await behaviour(request, context)
+
+        async def stream(request, context):  # a stream yielded
+            if isinstance(request, _Malformed):
+                await refuse(request, context)
+            async for response in behaviour(request, context):
+                yield response
+
+        checked = stream if inspect.isasyncgenfunction(behaviour) else answer
+        if handler.response_streaming:
+            return handler._replace(request_deserializer=parse_or_name, unary_stream=checked)
+        return handler._replace(request_deserializer=parse_or_name, unary_unary=checked)
 
 
 class _ReflectionNeedsKey(grpc.aio.ServerInterceptor):
@@ -157,7 +221,8 @@ def create_grpc_server(
     """``tls``: (certificate chain, key) PEM: the endpoint then serves TLS only. ListenError (naming ``listener``)
     where it cannot listen."""
     server = grpc.aio.server(
-        interceptors=[_ReflectionNeedsKey(api_keys)] if api_keys else None, options=server_options()
+        interceptors=[_RefuseMalformed(), *([_ReflectionNeedsKey(api_keys)] if api_keys else [])],
+        options=server_options(),
     )
     generate_pb2_grpc.add_GenerateServicer_to_server(GenerateService(frontend, api_keys), server)
     health_servicer = health.aio.HealthServicer()

@@ -39,6 +39,7 @@ from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
 
+from contract.errors import fields_named
 from contract.grammar import Grammar
 from contract.sampling import FIELDS as SAMPLING_FIELDS
 from contract.sampling import FieldError, SamplingParams, check_text, check_token_ids, logprobs_count, wrap_seed
@@ -319,7 +320,7 @@ class _SamplingFields(_Strict):
         if self.prompt_logprobs is not None and self.stream:
             raise FieldError("prompt_logprobs", "prompt_logprobs are not returned when stream is true")
         same = {name: getattr(self, name) for name in _record_fields(type(self))}
-        same.update(stop=self.stop or (), stop_token_ids=tuple(self.stop_token_ids or ()))
+        same.update(stop=() if self.stop is None else self.stop, stop_token_ids=tuple(self.stop_token_ids or ()))
         budget = self.thinking_token_budget if budget is None else budget
         same.update(bad_words=tuple(self.bad_words or ()), thinking=budget is not None, thinking_token_budget=budget)
         same.update(logit_bias=_logit_bias_ids(self.logit_bias or {}), min_tokens=self.min_tokens)
@@ -344,14 +345,15 @@ class CompletionBody(_refusing("_CompletionRefused", _SamplingFields, COMPLETION
     best_of: int | None = Field(default=None, ge=1, le=16)  # candidates per prompt; the n most likely are returned
 
 
-def _logit_bias_ids(bias: dict[str, float]) -> dict[int, float]:
-    """JSON's string keys as token ids; FieldError(logit_bias) for a key that is not one."""
-    ids = {}
+def _logit_bias_ids(bias: dict[str, float]) -> list[tuple[int, float]]:
+    """JSON's string keys as token ids (ASCII digits: ``str.isdigit`` would take "²"), in pairs, so that two keys
+    of one id ("28", "028") reach the record, which refuses them; FieldError(logit_bias) for a key that is no id."""
+    pairs = []
     for key, value in bias.items():
-        if not key.strip().isdigit():
+        if not (key.isascii() and key.isdigit()):
             raise FieldError("logit_bias", f"logit_bias keys must be token ids, got {key!r}")
-        ids[int(key)] = value
-    return ids
+        pairs.append((int(key), value))
+    return pairs
 
 
 class ChatMessageBody(_refusing("_ChatMessageRefused", _Strict, MESSAGE_REFUSED)):
@@ -512,7 +514,7 @@ class ResponsesBody(_refusing("_ResponsesRefused", _Strict, RESPONSES_REFUSED)):
         asked = text_format(self.text)
         if tool_grammar is not None and asked is not None:
             raise FieldError("tool_choice", "a required or named tool_choice constrains the output already")
-        try:
+        with fields_named({"max_tokens": "max_output_tokens"}):
             return SamplingParams(
                 max_tokens=limit,
                 max_tokens_defaulted=self.max_output_tokens is None,
@@ -523,10 +525,6 @@ class ResponsesBody(_refusing("_ResponsesRefused", _Strict, RESPONSES_REFUSED)):
                 thinking=thinking.budget is not None,
                 thinking_token_budget=thinking.budget,
             )
-        except FieldError as exc:
-            if exc.field != "max_tokens":
-                raise
-            raise FieldError("max_output_tokens", str(exc).replace("max_tokens", "max_output_tokens")) from None
 
     def echoed(self, stored: bool) -> dict[str, Any]:
         """The request's settings as a response carries them back."""
@@ -642,20 +640,21 @@ class AnthropicBody(_refusing("_AnthropicRefused", _AnthropicPrompt, ANTHROPIC_R
         asked = anthropic_api.output_format(self.output_config)
         if tool_grammar is not None and asked is not None:
             raise FieldError("tool_choice", "a tool_choice of any or one tool constrains the output already")
-        if self.temperature > anthropic_api.MAX_TEMPERATURE:
+        if not 0 <= self.temperature <= anthropic_api.MAX_TEMPERATURE:  # NaN too
             raise FieldError("temperature", f"temperature must lie in [0, {anthropic_api.MAX_TEMPERATURE}]")
         anthropic_api.check_metadata(self.metadata)
         anthropic_api.check_cache_control(self.cache_control, "cache_control")
-        return SamplingParams(
-            max_tokens=self.max_tokens,
-            temperature=self.temperature,
-            top_p=self.top_p,
-            top_k=self.top_k,
-            stop=tuple(self.stop_sequences or ()),
-            grammar=tool_grammar or asked,
-            thinking=budget is not None,
-            thinking_token_budget=budget,
-        )
+        with fields_named({"stop": "stop_sequences"}):
+            return SamplingParams(
+                max_tokens=self.max_tokens,
+                temperature=self.temperature,
+                top_p=self.top_p,
+                top_k=self.top_k,
+                stop=tuple(self.stop_sequences or ()),
+                grammar=tool_grammar or asked,
+                thinking=budget is not None,
+                thinking_token_budget=budget,
+            )
 
 
 ANTHROPIC_COUNT_REFUSED = {name: ANTHROPIC_REFUSED[name] for name in ("mcp_servers",)}
@@ -1737,7 +1736,7 @@ class _TokenNames:
         return list(self.frontend.token_bytes(token_id))
 
     def text_offsets(self, index: int) -> _TextOffsets | None:
-        if self.completions is None or self.completions.prompt_texts is None:
+        if self.completions is None or not self.completions.logprobs:
             return None  # no logprobs asked for
         return self.completions.text_offsets(self.frontend.tokenizer, index)
 
@@ -1781,19 +1780,25 @@ class _TextOffsets:
 
 
 def _completion_logprobs(names: _TokenNames, deltas: list[Delta], offsets: _TextOffsets | None) -> dict | None:
-    """The legacy logprobs object of ``deltas``, echoed prompt first (its first token has none); None if empty."""
+    """The legacy logprobs object of ``deltas``: the tokens of the text returned, an echoed prompt's first (its first
+    token has none); None if empty, or where ``offsets`` is None: no logprobs were asked for (those of best_of's
+    ranking, and prompt_logprobs, which have a place of their own, are not the client's here)."""
+    if offsets is None:
+        return None
     token_ids: list[int] = []
     values: list[float | None] = []
     tops: list[dict | None] = []
     text_offset: list[int] = []
     for delta in deltas:
         prompt_ids: list[int] = []
+        echoed: tuple[common_pb2.TokenLogprob, ...] = ()
         if isinstance(delta, _EchoedDelta) and delta.prompt_logprobs:
-            prompt_ids = [delta.echo_ids[0], *(lp.token_id for lp in delta.prompt_logprobs)]
+            echoed = delta.prompt_logprobs
+            prompt_ids = [delta.echo_ids[0], *(lp.token_id for lp in echoed)]
             token_ids.append(delta.echo_ids[0])  # the prompt's first token: nothing before it to score it
             values.append(None)
             tops.append(None)
-        for lp in (*delta.prompt_logprobs, *delta.logprobs):
+        for lp in (*echoed, *delta.logprobs):
             token_ids.append(lp.token_id)
             values.append(lp.logprob)
             # Two candidates may read the same (say, two different parts of characters, each U+FFFD): the key keeps
@@ -1803,8 +1808,7 @@ def _completion_logprobs(names: _TokenNames, deltas: list[Delta], offsets: _Text
             for t in lp.top:
                 top.setdefault(names.text(t.token_id), t.logprob)
             tops.append(top)
-        if offsets is not None:
-            text_offset.extend(offsets.of(delta, prompt_ids))
+        text_offset.extend(offsets.of(delta, prompt_ids))
     if not token_ids:
         return None
     return {
@@ -1849,6 +1853,22 @@ def _chat_logprobs(names: _TokenNames, logprobs) -> dict:
 # -- errors and guards ----------------------------------------------------------------------------------
 
 
+# The parts of a validation error's location that name a union's member type, not a field: "str", "list[int]",
+# "function-after[...]", a model's class name. Request fields are lower case, with no brackets.
+_TYPE_TAG = re.compile(r"[A-Z]\w*|str|int|float|bool|none|[a-z-]+\[.*\]")
+
+
+def _located(error: dict) -> tuple[list[str], list[str]]:
+    """A validation error's field path (the param), and the union member types it passed through."""
+    fields, forms = [], []
+    for part in error.get("loc", ()):
+        if part == "body":
+            continue
+        is_form = isinstance(part, str) and _TYPE_TAG.fullmatch(part)
+        (forms if is_form else fields).append(str(part))
+    return fields, forms
+
+
 def _error_body(exc: GenerationError) -> dict:
     kind = "invalid_request_error" if exc.status < 500 else "server_error"
     param = _printable(exc.param) if exc.param is not None else None
@@ -1877,8 +1897,11 @@ def _install_errors(app: FastAPI) -> None:
         first = exc.errors()[0] if exc.errors() else {"msg": "invalid request", "loc": ()}
         if first.get("type") == "json_invalid":
             return error_response("We could not parse the JSON body of your request.", 400, "invalid_json")
-        location = [str(part) for part in first.get("loc", ()) if part != "body"]
+        location, forms = _located(first)
         param = ".".join(location) or None
+        if forms:  # a value that is none of a union's types: each type's error names its form
+            forms = [form for error in exc.errors() for form in _located(error)[1] if _located(error)[0] == location]
+            first = {**first, "msg": f"{first.get('msg')} (the forms it may take: {', '.join(dict.fromkeys(forms))})"}
         if first.get("type") == "extra_forbidden":
             return error_response(
                 f"Unrecognized request argument supplied: {param}", 400, "invalid_request_error", param
@@ -2055,8 +2078,6 @@ def _name_request(request: Request, request_id: str | None) -> None:
     if not request_id:
         return
     check_request_id(request_id, "request_id")
-    if not (request_id.isascii() and request_id.isprintable()):  # it goes out as a header
-        raise FieldError("request_id", "request_id must be printable ASCII")
     sent = request.headers.get(REQUEST_ID_HEADER)
     if sent and sent != request_id:
         raise FieldError("request_id", f"request_id {request_id!r} differs from the X-Request-Id header {sent!r}")

@@ -79,6 +79,11 @@ def test_a_streamed_message_is_the_event_sequence_of_the_same_text(client):
         final = stream.get_final_message()
     assert text == final.content[0].text == whole.content[0].text
     assert (final.stop_reason, final.usage.output_tokens) == (whole.stop_reason, whole.usage.output_tokens)
+    # The usage the stream ends with is whole: its prompt's cached part apart, as a message's after it says. (The
+    # stream's message_start counted the prompt before the prefix cache said what it held.)
+    after = client.messages.create(**args)
+    assert after.usage.cache_read_input_tokens > 0
+    assert final.usage == after.usage
     kinds = [event.type for event in client.messages.create(**args, stream=True)]
     assert kinds[:2] == ["message_start", "content_block_start"]  # then a ping, which the SDK keeps to itself
     assert kinds[-3:] == ["content_block_stop", "message_delta", "message_stop"]
@@ -151,7 +156,9 @@ def test_output_config_format_constrains_the_text_to_a_json_schema(client):
         ({"output_config": {"format": {"type": "json_schema", "schema": {"type": 7}}}}, "output_config.format"),
         ({"cache_control": {"type": "persistent"}}, "cache_control"),
         ({"speed": "fast"}, "speed"),
-        ({"temperature": 1.5}, "temperature"),
+        ({"temperature": 1.5}, "temperature must lie in [0, 1.0]"),
+        ({"temperature": -0.1}, "temperature must lie in [0, 1.0]"),  # the record's range would say 2
+        ({"stop_sequences": [""]}, "stop_sequences must be"),  # the record calls them stop
         ({"messages": [{"role": "user", "content": [{"type": "image", "source": {}}]}]}, "messages.0.content.0"),
         ({"messages": [{"role": "system", "content": "x"}]}, "messages.0.role"),
         ({"messages": [{"role": "user", "content": [{"type": "thinking", "thinking": "x"}]}]}, "messages.0.content.0"),

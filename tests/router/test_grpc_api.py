@@ -135,10 +135,39 @@ def test_grpc_errors_are_status_codes(router, channel, rng):
     assert len(_generate(channel, generate_pb2.CompletionRequest(text="fine", params=params))) >= 1
 
 
-def test_grpc_chat_turns_are_checked_as_over_http(router, channel):
-    """A ChatMessage carries no tool calls, so a tool message answers nothing; an unknown role is no role."""
+def test_grpc_errors_name_the_request_field_and_a_corrupt_request_is_invalid(router, channel):
+    """A status's message names the field as the proto spells it (the input's oneof, params.max_tokens), not as the
+    router's record does; a request id must be printable ASCII, as over HTTP (it goes into log lines); bytes that are
+    no CompletionRequest are INVALID_ARGUMENT, not grpcio's UNKNOWN."""
     params = common_pb2.SamplingParams(max_tokens=4)
-    for role, field in (("tool", "messages.1.tool_call_id"), ("wizard", "messages.1.role")):
+    for request, field in [
+        (generate_pb2.CompletionRequest(token_ids=generate_pb2.TokenIds(ids=[]), params=params), "token_ids.ids must"),
+        (generate_pb2.CompletionRequest(token_ids=generate_pb2.TokenIds(ids=[10**9]), params=params), "token_ids.ids"),
+        (generate_pb2.CompletionRequest(chat=generate_pb2.ChatMessages(), params=params), "chat.messages must not"),
+        (generate_pb2.CompletionRequest(text="x", request_id="a\nb", params=params), "request_id must be printable"),
+        (
+            generate_pb2.CompletionRequest(text="x", params=common_pb2.SamplingParams(max_tokens=MAX_MODEL_LEN)),
+            "params.max_tokens",
+        ),
+    ]:
+        with pytest.raises(grpc.RpcError) as caught:
+            _generate(channel, request)
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, request
+        assert field in caught.value.details() and not caught.value.details().startswith("prompt")
+    generate = channel.unary_stream(f"/{SERVICE}/Generate")  # raw bytes out, parsed replies back
+    for corrupt in [b"\xff\xff\xff\xff", generate_pb2.CompletionRequest(text="x").SerializeToString()[:-1] + b"\xff"]:
+        with pytest.raises(grpc.RpcError) as caught:
+            list(generate(corrupt, timeout=30))
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "not a valid message" in caught.value.details()
+    assert len(_generate(channel, generate_pb2.CompletionRequest(text="fine", params=params))) >= 1
+
+
+def test_grpc_chat_turns_are_checked_as_over_http(router, channel):
+    """A ChatMessage carries no tool calls or tool_call_id, so it cannot be a tool's result; an unknown role is no
+    role."""
+    params = common_pb2.SamplingParams(max_tokens=4)
+    for role, field in (("tool", "chat.messages.1.role"), ("wizard", "chat.messages.1.role")):
         said = [generate_pb2.ChatMessage(role="user", content="hi"), generate_pb2.ChatMessage(role=role, content="x")]
         request = generate_pb2.CompletionRequest(chat=generate_pb2.ChatMessages(messages=said), params=params)
         with pytest.raises(grpc.RpcError) as caught:

@@ -52,6 +52,9 @@ def test_logit_bias_and_min_tokens_on_both_paths(router, rng):
     body = {"model": SERVED_MODEL, "prompt": "bias", "max_tokens": 2}
     assert_error(post(router, "/v1/completions", {**body, "logit_bias": {str(VOCAB): 1}}), 400, param="logit_bias")
     assert_error(post(router, "/v1/completions", {**body, "logit_bias": {"x": 1}}), 400, param="logit_bias")
+    # A digit that is not ASCII ("²" would have crashed int(), "٣" read as 3), and one id under two keys.
+    for bias in ({"²": 1}, {"٣": 1}, {"28": 1, "028": 2}):
+        assert_error(post(router, "/v1/completions", {**body, "logit_bias": bias}), 400, param="logit_bias")
     assert_error(post(router, "/v1/completions", {**body, "logit_bias": {"5": 101}}), 400, param="logit_bias")
     assert_error(post(router, "/v1/completions", {**body, "min_tokens": 3}), 400, param="min_tokens")
     chat = {"model": SERVED_MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, "temperature": 0}
@@ -295,6 +298,15 @@ def test_prompt_logprobs_are_transformers_scores_and_ranks(router, checkpoint, r
         ranks.append(rank)
     assert max(ranks) > 2, "a random prompt has tokens outside the top two: their own entry is the third"
     assert out.usage.completion_tokens == 2  # and the completion is generated as usual
+    # prompt_logprobs have their own place: the choice's logprobs are the returned text's, and only if asked for.
+    assert out.choices[0].logprobs is None
+    asked = dict(model=SERVED_MODEL, prompt=[prompt], max_tokens=2, temperature=0)
+    scored_too = client.completions.create(
+        **asked, logprobs=1, extra_body={**AS_IDS, "prompt_logprobs": 1, "ignore_eos": True}
+    ).choices[0]
+    assert len(scored_too.logprobs.tokens) == len(scored_too.logprobs.text_offset) == 2
+    echoed = client.completions.create(**asked, echo=True, extra_body={"prompt_logprobs": 1}).choices[0]
+    assert echoed.logprobs is None and len(echoed.model_dump()["prompt_logprobs"]) == len(prompt)
 
     chat = client.chat.completions.create(
         model=SERVED_MODEL,
