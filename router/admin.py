@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import hmac
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
+from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 from starlette.datastructures import Headers
 
@@ -47,6 +48,13 @@ def admin_refusal(headers: Headers, admin_token: str | None, api_keys: tuple[str
     return None
 
 
+class _Refused(Exception):
+    """An action refused before its body is read (who may not act learns nothing of what a body should hold)."""
+
+    def __init__(self, response: JSONResponse) -> None:
+        self.response = response
+
+
 def install_admin(
     app: FastAPI,
     frontend: Frontend,
@@ -54,12 +62,17 @@ def install_admin(
     admin_token: str | None,
     api_keys: tuple[str, ...] = (),
 ) -> None:
-    def refused(request: Request):
+    def action_allowed(request: Request) -> None:  # a dependency: FastAPI runs it before reading the body
         if control is None:
-            return error_response(
-                "this router has no control plane (started with static workers)", 501, "not_implemented"
+            raise _Refused(
+                error_response("this router has no control plane (started with static workers)", 501, "not_implemented")
             )
-        return admin_refusal(request.headers, admin_token, api_keys, action=True)
+        if (problem := admin_refusal(request.headers, admin_token, api_keys, action=True)) is not None:
+            raise _Refused(problem)
+
+    @app.exception_handler(_Refused)
+    async def refusal(request: Request, exc: _Refused) -> JSONResponse:
+        return exc.response
 
     @app.get("/admin/status")
     async def status(request: Request):
@@ -89,19 +102,15 @@ def install_admin(
             "router_view": known,
         }
 
-    @app.post("/admin/scale")
-    async def scale(body: ScaleBody, request: Request):
-        if (problem := refused(request)) is not None:
-            return problem
+    @app.post("/admin/scale", dependencies=[Depends(action_allowed)])
+    async def scale(body: ScaleBody):
         try:
             return await control.scale(body.role, body.replicas)
         except ValueError as exc:
             return error_response(str(exc), 400, "invalid_request_error")
 
-    @app.post("/admin/drain")
-    async def drain(body: DrainBody, request: Request):
-        if (problem := refused(request)) is not None:
-            return problem
+    @app.post("/admin/drain", dependencies=[Depends(action_allowed)])
+    async def drain(body: DrainBody):
         try:
             return await control.drain(body.worker_id)
         except ValueError as exc:

@@ -40,7 +40,9 @@ _ERROR_TYPES = {
 
 
 def is_anthropic(path: str) -> bool:
-    return path in PATHS
+    """Whether ``path`` is the Messages API's (its errors in Anthropic's shape), one this server serves or not
+    (``/v1/messages/batches``: a 404 an Anthropic SDK reads)."""
+    return path == PATHS[0] or path.startswith(f"{PATHS[0]}/")
 
 
 def error_body(message: str, status: int) -> dict:

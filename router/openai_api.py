@@ -1068,8 +1068,8 @@ async def _in_background(
             if generated.texts and stored.response["status"] == "queued":
                 store.update(shape.response("in_progress"))
             store.record(stored, event)
-    except asyncio.CancelledError:
-        store.update(shape.response("cancelled"))
+    except asyncio.CancelledError:  # what it gave so far stays: its followers had it already
+        store.update(shape.cancelled(generated, prompt_tokens, held))
         raise
     except Exception:  # a fault of this server's (a request's own faults are GenerationErrors): logged, and failed
         log.exception("background response %s failed", shape.id)

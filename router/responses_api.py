@@ -47,12 +47,17 @@ def messages(
         input_ = [{"role": "user", "content": input_}]
     elif not input_:
         raise FieldError("input", "input must not be empty")
-    thought = None  # a reasoning item's text: the next assistant turn's reasoning_content
+    # A reasoning item's text: the reasoning_content of the assistant turn right after it (a message or a call). A
+    # client's item that leads none is refused; an earlier response's, cut short while it thought, is left out.
+    thought, thought_at = None, None
     for index, item in enumerate([*earlier, *input_]):
         where = f"input.{index - len(earlier)}"
         kind = item.get("type", "message")
+        if thought is not None and not (kind == "function_call" or item.get("role") == "assistant"):
+            _unled(thought_at)
+            thought = None
         if kind == "reasoning":
-            thought = _thought(item, where)
+            thought, thought_at = _thought(item, where), where if index >= len(earlier) else None
             continue
         if kind in _CALL_ITEMS:
             turn = _call_turn(item, kind, where)
@@ -78,7 +83,15 @@ def messages(
         said.append({"role": _ROLES[role], "content": _text(item.get("content"), _TEXT_PARTS[role], where)})
         if thought is not None and role == "assistant":
             said[-1]["reasoning_content"], thought = thought, None
+    if thought is not None:
+        _unled(thought_at)
     return said
+
+
+def _unled(where: str | None) -> None:
+    """A reasoning item with no assistant turn right after it: refused where it is the client's (``where``)."""
+    if where is not None:
+        raise FieldError(where, f"{where}: a reasoning item must lead the assistant message or call right after it")
 
 
 def _thought(item: dict, where: str) -> str:
@@ -89,6 +102,8 @@ def _thought(item: dict, where: str) -> str:
         raise FieldError(f"{where}.{unknown[0]}", f"{where}.{unknown[0]} is not supported")
     if item.get("encrypted_content"):
         raise FieldError(f"{where}.encrypted_content", f"{where}: encrypted reasoning is another server's to read")
+    if item.get("summary"):  # this server's own items have none: a summary is not the thinking the model saw
+        raise FieldError(f"{where}.summary", f"{where}.summary: the thinking is read from content (reasoning_text)")
     parts = item.get("content") or []
     if not isinstance(parts, list) or not all(
         isinstance(p, dict) and p.get("type") == "reasoning_text" and isinstance(p.get("text"), str) for p in parts
@@ -228,11 +243,19 @@ class ResponseShape:
     def failed(self, generated: Generated, message: str, held: bool = False) -> dict:
         """The response of a generation that failed with ``message``, holding the text it gave (none when the text
         was ``held`` for function calls to be read out of it)."""
+        error = {"code": "server_error", "message": message}
+        return self.response("failed", self._cut_short("failed", generated, held), error=error)
+
+    def cancelled(self, generated: Generated, prompt_tokens: int, held: bool = False) -> dict:
+        """The response of a background generation cancelled midway: what it gave, as ``failed``, and its usage."""
+        return self.response("cancelled", self._cut_short("cancelled", generated, held), generated.usage(prompt_tokens))
+
+    def _cut_short(self, status: str, generated: Generated, held: bool) -> list[dict]:
         thinking, text = reasoning.split(self.thinking, generated.text)
-        output = self.output("failed", text, logprobs=generated.logprobs, thinking=thinking)
+        output = self.output(status, text, logprobs=generated.logprobs, thinking=thinking)
         if held:  # what the model wrote was not read for calls: only its thinking is
             output = [item for item in output if item["type"] == "reasoning"]
-        return self.response("failed", output, error={"code": "server_error", "message": message})
+        return output
 
     def output(
         self,

@@ -76,6 +76,10 @@ def _format_grammar(value: Any, field: str, flat: bool) -> Grammar | None:
         raise FieldError(
             field, f'{field} must be {{"type": "text"}}, {{"type": "json_object"}} or {_SCHEMA_FORMAT[flat]}'
         )
+    where = field if flat else f"{field}.json_schema"
+    for key, kind in (("name", str), ("description", str), ("strict", bool)):
+        if described.get(key) is not None and not isinstance(described[key], kind):
+            raise FieldError(f"{where}.{key}", f"{where}.{key} must be a {'string' if kind is str else 'boolean'}")
     return specs.json_schema(described["schema"], field)
 
 

@@ -136,6 +136,9 @@ def test_scale_up_and_down_under_load_fails_nothing(cluster):
 def test_scale_and_drain_need_the_admin_token_and_valid_bounds(cluster):
     refused = httpx.post(f"{cluster.url}/admin/scale", json={"role": "decode", "replicas": 2}, timeout=10)
     assert refused.status_code == 403 and refused.json()["error"]["code"] == "invalid_admin_token"
+    for action in ("scale", "drain"):  # refused before its body is read: no lesson in what it should hold
+        refused = httpx.post(f"{cluster.url}/admin/{action}", json={}, timeout=10)
+        assert refused.status_code == 403 and refused.json()["error"]["code"] == "invalid_admin_token"
     too_many = httpx.post(
         f"{cluster.url}/admin/scale", json={"role": "decode", "replicas": 99}, headers=cluster.admin_headers, timeout=10
     )

@@ -54,6 +54,7 @@ def test_actions_need_a_control_plane(bare_router):
         f"{bare_router}/admin/scale", json={"role": "prefill", "replicas": 2}, headers={"X-Admin-Token": "unused"}
     )
     assert reply.status_code == 501
+    assert httpx.post(f"{bare_router}/admin/drain", json={}, headers={"X-Admin-Token": "unused"}).status_code == 501
     assert httpx.get(f"{bare_router}/dashboard/lib/chart.js").status_code == 404
     snapshot = httpx.get(f"{bare_router}/dashboard/api/snapshot", headers={"X-Admin-Token": "unused"}).json()
     assert snapshot["control"] is False and snapshot["chart_library"] is False and snapshot["workers"] == []

@@ -240,3 +240,10 @@ def test_the_api_key_goes_in_x_api_key(make_router, cluster, tmp_path):
     # The OpenAI routes keep OpenAI's shape, whichever header carries the key.
     answer = httpx.post(f"{keys.http}/v1/completions", json={"prompt": "1"}, headers={"x-api-key": "no"}, timeout=10)
     assert answer.status_code == 401 and answer.json()["error"]["code"] == "invalid_api_key"
+
+
+def test_a_messages_api_path_this_server_lacks_is_a_404_in_anthropics_shape(router):
+    """Message Batches (and any other path under /v1/messages) is not served: its 404 is one an Anthropic SDK reads."""
+    answer = post(router, "/v1/messages/batches", {"requests": []})
+    assert answer.status_code == 404
+    assert answer.json()["type"] == "error" and answer.json()["error"]["type"] == "not_found_error", answer.text

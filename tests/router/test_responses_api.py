@@ -145,6 +145,18 @@ def test_metadata_comes_back_and_is_bounded(client):
     [
         ({"input": [{"type": "image_generation_call", "id": "ig_1"}]}, "input.0.type"),
         ({"input": [{"type": "reasoning", "summary": [], "encrypted_content": "gAAA"}]}, "input.0.encrypted_content"),
+        (
+            {"input": [{"type": "reasoning", "summary": "garbage"}, {"role": "assistant", "content": "1"}]},
+            "input.0.summary",
+        ),
+        # A reasoning item leads the assistant turn right after it: before a user's message, or last, it leads none.
+        ({"input": [{"type": "reasoning", "content": []}, {"role": "user", "content": "1"}]}, "input.0"),
+        ({"input": [{"role": "user", "content": "1"}, {"type": "reasoning", "content": []}]}, "input.1"),
+        ({"input": "1 2", "text": {"format": {"type": "json_schema", "name": 123, "schema": {}}}}, "text.format.name"),
+        (
+            {"input": "1 2", "text": {"format": {"type": "json_schema", "strict": "yes", "schema": {}}}},
+            "text.format.strict",
+        ),
         ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]}, "input.0.content.0"),
         ({"input": [{"role": "tool", "content": "1"}]}, "input.0.role"),
         ({"input": [{"role": "user", "content": "1", "name": "bob"}]}, "input.0.name"),

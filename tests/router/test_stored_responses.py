@@ -228,6 +228,11 @@ def test_a_background_response_followed_while_it_runs_ends_its_stream_when_cance
     assert client.responses.cancel(long.id).status == "cancelled"
     rest = list(followed)  # the stream ends: its response was cancelled
     assert all(e.type != "response.completed" for e in rest)
+    # What it gave stays in the cancelled response, as its followers had it, and what it cost.
+    streamed = "".join(e.delta for e in first + rest if e.type == "response.output_text.delta")
+    stored = client.responses.retrieve(long.id)
+    assert stored.status == "cancelled" and streamed and stored.output_text == streamed
+    assert stored.output[0].status == "incomplete" and stored.usage.output_tokens >= 1
     base = f"{router.http}/v1/responses/{long.id}"
     for url, param in [
         (f"{base}?stream=true&starting_after=-2", "starting_after"),
