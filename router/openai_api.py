@@ -870,6 +870,11 @@ def create_app(frontend: Frontend, api_keys: tuple[str, ...] = ()) -> FastAPI:
         logprobs = logprobs_count(body.top_logprobs or 0, "top_logprobs") if body.logprobs else None
         limit_field = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
         max_tokens = getattr(body, limit_field)
+        if body.max_tokens not in (None, max_tokens):  # one limit, said twice: the two must agree
+            raise FieldError(
+                "max_tokens",
+                f"max_tokens ({body.max_tokens}) and max_completion_tokens ({max_tokens}) disagree; send one",
+            )
         tool_grammar = tools.grammar() if tools else None
         room = frontend.room(prompt, "messages") if max_tokens is None else max_tokens
         params = body.sampling(room, logprobs, tool_grammar, defaulted=max_tokens is None, budget=asked.budget)

@@ -9,6 +9,7 @@ import types
 import typing
 
 import grpc
+import openai
 import pytest
 import torch
 from pydantic import BaseModel
@@ -311,12 +312,15 @@ def test_max_tokens_and_max_completion_tokens(router, rng):
     for fields, expected in [
         ({"max_tokens": 4}, 4),
         ({"max_completion_tokens": 5}, 5),
-        ({"max_tokens": 9, "max_completion_tokens": 3}, 3),
+        ({"max_tokens": 3, "max_completion_tokens": 3}, 3),  # the same limit twice
     ]:
         chat = client.chat.completions.create(
             model=SERVED_MODEL, messages=messages, temperature=0, extra_body={"ignore_eos": True}, **fields
         )
         assert chat.usage.completion_tokens == expected, fields
+    with pytest.raises(openai.BadRequestError) as refused:  # two limits: which one the client meant is unknown
+        client.chat.completions.create(model=SERVED_MODEL, messages=messages, max_tokens=9, max_completion_tokens=3)
+    assert refused.value.body["param"] == "max_tokens" and "disagree" in refused.value.body["message"]
 
 
 def test_metadata_fields_change_nothing(router, rng):
