@@ -226,6 +226,11 @@ def _failed_generate_request(labels: dict) -> bool:
     return _generate_request(labels) and labels.get("status", "").isdigit() and int(labels["status"]) >= 400
 
 
+def _failed_grpc_call(labels: dict) -> bool:
+    """A public gRPC call that failed (a client that left, CANCELLED, did not)."""
+    return labels.get("code") not in ("OK", "CANCELLED")
+
+
 class RateMeter:
     """Per-second rates of cumulative values between consecutive samples; a value that went down
     (a worker restarted and its counter with it) counts from zero."""
@@ -372,8 +377,17 @@ class Dashboard:
             "ttft_attainment": _attainment(self.ttft, slo and slo.ttft_s),
             "tpot_attainment": _attainment(self.tpot, slo and slo.tpot_s),
             "tokens_per_s": self.rates.rate("tokens", _counter_total(metrics.generation_tokens), now),
-            "requests_per_s": self.rates.rate("requests", _counter_total(metrics.requests, _generate_request), now),
-            "errors_per_s": self.rates.rate("errors", _counter_total(metrics.requests, _failed_generate_request), now),
+            "requests_per_s": self.rates.rate(
+                "requests",
+                _counter_total(metrics.requests, _generate_request) + _counter_total(metrics.grpc_requests),
+                now,
+            ),
+            "errors_per_s": self.rates.rate(
+                "errors",
+                _counter_total(metrics.requests, _failed_generate_request)
+                + _counter_total(metrics.grpc_requests, _failed_grpc_call),
+                now,
+            ),
             "kv_transfer_gbps": self._kv_transfer_gbps(now),
         }
 

@@ -48,6 +48,7 @@ HONOURED: dict[str, frozenset[str]] = {
     "Grammar": frozenset({"kind", "text", "accepted_prompt_tokens"}),
 }
 DEFAULT_MAX_TOKENS = 16  # when params.max_tokens is 0 (unset)
+GENERATE_METHOD = "splitserve.Generate/Generate"
 REFLECTION_PREFIXES = ("/grpc.reflection.v1alpha.ServerReflection/", "/grpc.reflection.v1.ServerReflection/")
 
 
@@ -56,7 +57,7 @@ class GenerateService(generate_pb2_grpc.GenerateServicer):
         self.frontend = frontend
         self.api_keys = api_keys
 
-    @tracing.server_span("splitserve.Generate/Generate")  # the request's trace: continues a client's traceparent
+    @tracing.server_span(GENERATE_METHOD)  # the request's trace: continues a client's traceparent
     async def Generate(self, request: generate_pb2.CompletionRequest, context: grpc.aio.ServicerContext):
         started, code = time.monotonic(), "OK"
         try:
@@ -69,9 +70,9 @@ class GenerateService(generate_pb2_grpc.GenerateServicer):
             code = getattr(context.code(), "name", "UNKNOWN")
             raise
         finally:
+            self.frontend.metrics.grpc_requests_by(GENERATE_METHOD, code).inc()
             if self.frontend.config.access_log:
-                method = "gRPC splitserve.Generate/Generate"
-                log_access(context.peer(), method, code, started, request.request_id or "-")
+                log_access(context.peer(), f"gRPC {GENERATE_METHOD}", code, started, request.request_id or "-")
 
     async def _generate(self, request: generate_pb2.CompletionRequest, context: grpc.aio.ServicerContext):
         frontend = self.frontend

@@ -76,6 +76,12 @@ class RouterMetrics:
             ["endpoint", "status"],
             registry=r,
         )
+        self.grpc_requests = Counter(
+            "splitserve_grpc_requests",
+            "Public gRPC API calls finished, by method and status code",
+            ["method", "code"],
+            registry=r,
+        )
         self.ttft = Histogram(
             "splitserve_time_to_first_token_seconds", "Time to first token", buckets=LATENCY_BUCKETS, registry=r
         )
@@ -122,6 +128,7 @@ class RouterMetrics:
         # The labelled families counted on every request, each child remembered by its label values (small fixed
         # sets): a dict lookup, where labels() takes a lock and checks its arguments every time.
         self.requests_by = functools.cache(self.requests.labels)
+        self.grpc_requests_by = functools.cache(self.grpc_requests.labels)
         self.finished_by = functools.cache(self.finished.labels)
         self.decisions_by = functools.cache(self.routing_decisions.labels)
         self.prefill_retries = Counter(

@@ -7,11 +7,13 @@ import asyncio
 import time
 from types import SimpleNamespace
 
+import grpc
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from bench import processes
+from protos import common_pb2, generate_pb2, generate_pb2_grpc
 from router.config import RouterConfig
 from router.server import Router
 from tests.router.conftest import metric_sum
@@ -28,12 +30,16 @@ def cluster():
     prefill, prefill_address = processes.start_worker(
         "prefill", "--model", "demo", "--threads", "1", "--kv-cache-mb", "32"
     )
-    port = processes.free_port()
+    port, grpc_port = processes.free_port(), processes.free_port()
     router = processes.start_router(
-        port, processes.free_port(), [prefill_address], [decode_address], "--local-prefill-threshold", "16"
+        port, grpc_port, [prefill_address], [decode_address], "--local-prefill-threshold", "16"
     )
     with processes.running(router, prefill, decode):
-        yield SimpleNamespace(router=f"http://127.0.0.1:{port}", decode_metrics=f"http://127.0.0.1:{decode_metrics}")
+        yield SimpleNamespace(
+            router=f"http://127.0.0.1:{port}",
+            grpc=f"127.0.0.1:{grpc_port}",
+            decode_metrics=f"http://127.0.0.1:{decode_metrics}",
+        )
 
 
 @pytest.fixture(scope="module")
@@ -110,6 +116,23 @@ def test_counters_and_histograms_match_the_traffic(router_url):
         == delta("splitserve_kv_transfer_bytes_total", role="decode")
         > 0
     )
+
+
+def test_public_grpc_calls_are_counted_by_method_and_code(cluster):
+    before = _samples(cluster.router)
+    ids = generate_pb2.TokenIds(ids=PROMPT)
+    with grpc.insecure_channel(cluster.grpc) as channel:
+        generate = generate_pb2_grpc.GenerateStub(channel).Generate
+        request = generate_pb2.CompletionRequest(token_ids=ids, params=common_pb2.SamplingParams(max_tokens=2))
+        assert list(generate(request, timeout=60))[-1].usage.completion_tokens == 2
+        bad = generate_pb2.CompletionRequest(token_ids=ids, params=common_pb2.SamplingParams(temperature=9))
+        with pytest.raises(grpc.RpcError):
+            list(generate(bad, timeout=60))
+    after = _samples(cluster.router)
+    method = "splitserve.Generate/Generate"
+    for code in ("OK", "INVALID_ARGUMENT"):
+        counted = metric_sum(after, "splitserve_grpc_requests_total", method=method, code=code)
+        assert counted - metric_sum(before, "splitserve_grpc_requests_total", method=method, code=code) == 1, code
 
 
 def test_worker_serves_its_own_metrics():
