@@ -464,7 +464,11 @@ class NixlKVSender(KVSender):
     def _on_new_peer(self, peer: Peer) -> None:
         if not peer.handshake.nixl_metadata:
             raise TransferError(
-                f"{peer.address} does not receive KV over NIXL (transport mismatch)", "FAILED_PRECONDITION"
+                f"{peer.address} does not receive KV over NIXL (transport mismatch: start the prefill and decode "
+                "workers with the same --transport)",
+                "FAILED_PRECONDITION",
+                unreachable=peer.address,
+                refused=True,
             )
         receiver = _receiver_of(peer)
         ours = self.posters[0].pool.descriptor.memory

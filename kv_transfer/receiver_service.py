@@ -55,7 +55,11 @@ class KVReceiverService(kv_transfer_pb2_grpc.KVReceiverServicer):
             return response
         if self.nixl is not None:
             if not request.nixl_agents:
-                response.message = "a NIXL sender must name its agents in the handshake"
+                # A gRPC sender: it would stream what NIXL WRITEs here (the reverse is the sender's to say).
+                response.message = (
+                    "the decode worker receives KV over NIXL and this sender offers no NIXL agent (transport "
+                    "mismatch: start the prefill and decode workers with the same --transport)"
+                )
                 return response
             for agent in request.nixl_agents:
                 self.nixl.admit(agent)

@@ -243,9 +243,35 @@ class KVSender(ABC):
         self._lock = threading.Lock()  # the dicts above
 
     def open(self, request_id: str, ticket: decode_pb2.Ticket, metadata=None) -> OutboundSession:
-        return self._session(request_id, ticket, self.peer(ticket), metadata)
+        return self._session(request_id, ticket, self.peer(ticket, request_id), metadata)
 
-    def peer(self, ticket: decode_pb2.Ticket) -> Peer:
+    def _abort_refused(self, request_id: str, ticket: decode_pb2.Ticket, reason: str) -> None:
+        """The receiver refused this sender: no KV will come for ``ticket``, which its reservation learns now (our
+        abort, which says we write nothing) rather than when its lease runs out (a NIXL receiver waits for the
+        sender's word, or the lease, before it frees blocks a peer may write)."""
+        with self._lock:
+            channel = self._channels.get(ticket.address)
+        if channel is None:
+            return
+        abort = kv_transfer_pb2.CommitRequest(
+            request_id=request_id, instance_id=ticket.instance_id, token=ticket.token, abort=True, abort_reason=reason
+        )
+        try:
+            kv_transfer_pb2_grpc.KVReceiverStub(channel).Commit(abort, timeout=5.0)
+        except grpc.RpcError as exc:
+            log.info("could not tell %s about the abort of %s: %s", ticket.address, request_id, exc.details())
+
+    def peer(self, ticket: decode_pb2.Ticket, request_id: str = "") -> Peer:
+        """``_peer``; where the receiver refuses this sender, ``request_id``'s reservation hears at once that no KV
+        will come (``_abort_refused``)."""
+        try:
+            return self._peer(ticket)
+        except TransferError as exc:
+            if exc.refused and request_id:
+                self._abort_refused(request_id, ticket, str(exc))
+            raise
+
+    def _peer(self, ticket: decode_pb2.Ticket) -> Peer:
         """The handshaken peer for a ticket; a new receiver instance (a restart) means a new handshake.
         A ticket without an address is refused (INVALID_ARGUMENT): no receiver issues one, so it is
         bad input, not an unreachable peer (UNAVAILABLE naming the peer, which a router routes around).
@@ -266,7 +292,7 @@ class KVSender(ABC):
                     return known  # another session shook hands meanwhile
                 failed_at, error = self._unreached.get(address, (0.0, None))
                 if failed_at > queued:  # another session's handshake failed meanwhile
-                    raise TransferError(str(error), error.code, unreachable=address)
+                    raise TransferError(str(error), error.code, unreachable=address, refused=error.refused)
                 stale = self._peers.pop(address, None)  # the receiver's previous instance
                 channel = self._channels.get(address)
                 if channel is None:
@@ -338,11 +364,12 @@ class KVSender(ABC):
             raise TransferError(
                 f"handshake with {address} failed: {exc.details()}", "UNAVAILABLE", unreachable=address
             ) from exc
+        # Refused: this pair cannot move KV (a routing layer pairs them no more for a while, as if unreachable).
         if not response.accepted:
-            raise TransferError(response.message, "FAILED_PRECONDITION")
+            raise TransferError(response.message, "FAILED_PRECONDITION", unreachable=address, refused=True)
         mismatch = layout_mismatch(response.layout, self.layout)
         if mismatch:
-            raise TransferError(mismatch, "FAILED_PRECONDITION")
+            raise TransferError(mismatch, "FAILED_PRECONDITION", unreachable=address, refused=True)
         return response
 
     def _nixl_agents(self) -> list[str]:

@@ -258,7 +258,7 @@ class PrefillWorker(WorkerBase, prefill_pb2_grpc.PrefillWorkerServicer):
         return slot.ticket
 
     def _open_session(self, request_id: str, ticket: decode_pb2.Ticket, pushed_tokens: int) -> OutboundSession:
-        self.sender.peer(ticket)  # handshake first: a layout mismatch explains a block-count mismatch
+        self.sender.peer(ticket, request_id)  # handshake first: a layout mismatch explains a block-count mismatch
         expected_blocks = -(-pushed_tokens // self.config.block_size)
         if len(ticket.block_ids) != expected_blocks:
             raise InvalidRequestError(f"ticket has {len(ticket.block_ids)} blocks for a prompt of {expected_blocks}")
