@@ -20,25 +20,42 @@ from contract.heap import freeze_startup_heap
 from engine.errors import ModelLoadError
 from engine.presets import prepare_model
 from protos.cluster_auth import ListenError, secret_from_env
+from router.control import ControlPlaneUnavailable
 from router.server import Router, Stopped, check_ports, on_stop_signals, run_event_loop, unless_stopped
 
 log = logging.getLogger(__name__)
 
 
 class RayControlPlane:
-    """The router's ControlPlane, backed by the controller actor."""
+    """The router's ControlPlane, backed by the controller actor. Its refusals (ValueError) come without Ray's
+    wrapping (the actor's traceback, pid and address); a controller that cannot answer is ControlPlaneUnavailable."""
 
     def __init__(self, controller) -> None:
         self.controller = controller
 
     async def status(self) -> dict:
-        return await self.controller.status.remote()
+        return await self._call("status")
 
     async def scale(self, role: str, replicas: int) -> dict:
-        return await self.controller.scale.remote(role, replicas)
+        return await self._call("scale", role, replicas)
 
     async def drain(self, worker_id: str) -> dict:
-        return await self.controller.drain.remote(worker_id)
+        return await self._call("drain", worker_id)
+
+    async def _call(self, method: str, *args):
+        try:
+            return await getattr(self.controller, method).remote(*args)
+        except ray.exceptions.RayTaskError as exc:
+            if isinstance(exc.cause, ValueError):
+                raise ValueError(str(exc.cause)) from None
+            raise ControlPlaneUnavailable(f"the controller's {method} failed: {exc.cause!r}") from None
+        except ray.exceptions.RayError as exc:
+            raise ControlPlaneUnavailable(f"the controller cannot answer: {type(exc).__name__}") from None
+
+
+class ControlPlaneLost(RuntimeError):
+    """The controller actor died: the workers it placed died with it (Ray ends the actors an actor owns), and
+    nothing places new ones. `up` stops and says so, for its supervisor to start the cluster again."""
 
 
 def token_file(port: int) -> Path:
@@ -81,6 +98,8 @@ async def follow_membership(controller, router: Router) -> None:
     while True:
         try:
             membership = await controller.watch.remote(version)
+        except ray.exceptions.ActorDiedError as exc:
+            raise ControlPlaneLost(f"the controller died ({str(exc).splitlines()[0]})") from None
         except ray.exceptions.RayError as exc:
             log.warning("membership watch failed: %s", exc)
             await asyncio.sleep(1.0)
@@ -169,7 +188,11 @@ async def run_cluster(
         print(f"admin token in {path}", flush=True)
         if on_ready is not None:
             on_ready(router)
-        await stop.wait()
+        stopping = asyncio.ensure_future(stop.wait())
+        await asyncio.wait([stopping, tasks[0]], return_when=asyncio.FIRST_COMPLETED)
+        stopping.cancel()
+        if tasks[0].done():
+            tasks[0].result()  # ControlPlaneLost: the workers are gone and nothing starts new ones
     finally:
         for task in tasks:
             task.cancel()
@@ -177,7 +200,10 @@ async def run_cluster(
             await router.stop(cut)
         finally:  # a stop forced by signals (on_stop_signals) still stops the workers, unless forced again
             path.unlink(missing_ok=True)
-            await controller.shutdown.remote()
+            try:
+                await controller.shutdown.remote()
+            except ray.exceptions.RayActorError:
+                pass  # died already, and its workers with it
 
 
 def up(config: ClusterConfig) -> int:
@@ -209,6 +235,9 @@ def up(config: ClusterConfig) -> int:
         return 0
     except NotReady as exc:
         print(f"splitserve: not ready — {exc}; stopped", file=sys.stderr, flush=True)
+        return 1
+    except ControlPlaneLost as exc:
+        print(f"splitserve: {exc}; its workers died with it: stopped", file=sys.stderr, flush=True)
         return 1
     except ListenError as exc:  # taken since check_ports
         print(f"splitserve: {exc}; stopped", file=sys.stderr, flush=True)

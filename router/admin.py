@@ -15,7 +15,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 from starlette.datastructures import Headers
 
-from router.control import ControlPlane
+from router.control import ControlPlane, ControlPlaneUnavailable
 from router.frontend import Frontend
 from router.openai_api import error_response
 
@@ -94,7 +94,10 @@ def install_admin(
             }
             for w in frontend.pool.workers.values()
         ]
-        cluster = await control.status() if control is not None else None
+        try:
+            cluster = await control.status() if control is not None else None
+        except ControlPlaneUnavailable as exc:
+            return error_response(str(exc), 503, "control_plane_unavailable")
         return {
             "cluster": cluster,
             "router": routers["router"],
@@ -108,6 +111,8 @@ def install_admin(
             return await control.scale(body.role, body.replicas)
         except ValueError as exc:
             return error_response(str(exc), 400, "invalid_request_error")
+        except ControlPlaneUnavailable as exc:
+            return error_response(str(exc), 503, "control_plane_unavailable")
 
     @app.post("/admin/drain", dependencies=[Depends(action_allowed)])
     async def drain(body: DrainBody):
@@ -115,3 +120,5 @@ def install_admin(
             return await control.drain(body.worker_id)
         except ValueError as exc:
             return error_response(str(exc), 404, "not_found")
+        except ControlPlaneUnavailable as exc:
+            return error_response(str(exc), 503, "control_plane_unavailable")

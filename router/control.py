@@ -5,9 +5,14 @@ from __future__ import annotations
 from typing import Protocol
 
 
+class ControlPlaneUnavailable(Exception):
+    """The control plane cannot answer (its process died, or its call failed on the way): a 503, not a 500."""
+
+
 class ControlPlane(Protocol):
     async def status(self) -> dict:
-        """Pools (desired, bounds), workers (id, role, node, address, state, load), planner decisions."""
+        """Pools (desired, bounds), workers (id, role, node, address, state, load), planner decisions; raises
+        ControlPlaneUnavailable when it cannot answer (as scale and drain do)."""
 
     async def scale(self, role: str, replicas: int) -> dict:
         """Set a pool's size; raises ValueError outside its bounds."""

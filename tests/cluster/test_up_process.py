@@ -14,7 +14,7 @@ from pathlib import Path
 import openai
 
 from engine.presets import PRESETS
-from tests.procfs import alive, descendants
+from tests.procfs import alive, cmdlines, descendants
 
 ROOT = Path(__file__).resolve().parents[2]
 DEMO_CONTEXT = PRESETS["demo"].max_context
@@ -81,6 +81,36 @@ def test_up_serves_reports_status_and_stops_cleanly(tmp_path):
         strays = [pid for pid in family if alive(pid)]
         assert not strays, f"processes left behind: {strays}"
         assert not token.exists(), "the admin token outlives its cluster"
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(10)
+
+
+def test_a_dead_controller_stops_up_with_its_reason_for_a_supervisor_to_restart(tmp_path):
+    """The controller actor owns the workers: killed (the OOM killer, say), it takes them with it and nothing places
+    new ones. `up` must not go on answering /health with no worker behind it: it stops, says why, exits 1 and leaves
+    nothing behind, so that its supervisor (Kubernetes' liveness probe, systemd) starts the cluster again."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", XDG_RUNTIME_DIR=str(tmp_path))
+    command = [sys.executable, "-m", "cluster.cli", "up", "--model", "demo", "--port", "0", "--grpc-port", "0"]
+    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    output = []
+    try:
+        while not any(UP_LINE.search(line) for line in output):
+            line = process.stdout.readline()
+            assert line, "splitserve up exited early:\n" + "".join(output)
+            output.append(line)
+        family = descendants(process.pid)
+        (controller,) = [pid for pid, line in cmdlines().items() if pid in family and b"ray::Controller" in line]
+        os.kill(controller, signal.SIGKILL)
+        rest, _ = process.communicate(timeout=90)
+        said = "".join(output) + rest
+        assert process.returncode == 1, said
+        assert "the controller died" in said and "stopped" in said, said
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and any(alive(pid) for pid in family):
+            time.sleep(0.5)
+        assert not [pid for pid in family if alive(pid)], "processes left behind"
     finally:
         if process.poll() is None:
             process.kill()
