@@ -18,10 +18,18 @@ from cluster.controller import START_TIMEOUT_S, controller_class
 from cluster.worker_actor import CONTROLLER_NAME
 from contract.heap import freeze_startup_heap
 from engine.errors import ModelLoadError
-from engine.presets import prepare_model
+from engine.presets import prepare_model, resolve_model_config
 from protos.cluster_auth import ListenError, secret_from_env
 from router.control import ControlPlaneUnavailable
-from router.server import Router, Stopped, check_ports, on_stop_signals, run_event_loop, unless_stopped
+from router.server import (
+    Router,
+    Stopped,
+    check_ports,
+    on_stop_signals,
+    read_tls,
+    run_event_loop,
+    unless_stopped,
+)
 
 log = logging.getLogger(__name__)
 
@@ -218,8 +226,10 @@ def up(config: ClusterConfig) -> int:
         return 2
     try:
         check_ports(config.router)  # in a second, not after Ray and the workers started
+        read_tls(config.router)
         prepare_model(config.model)  # a GGUF preset is built once, before the router and the workers read it
-    except (ListenError, ModelLoadError) as exc:
+        resolve_model_config(config.model)  # a model that is none (a typo) is said now, not once Ray started
+    except (ListenError, ModelLoadError, ValueError) as exc:
         print(f"splitserve: {exc}", file=sys.stderr, flush=True)
         return 2
     start_ray(config)

@@ -7,9 +7,11 @@ import contextlib
 import logging
 import signal
 import socket
+import ssl
 import sys
 from asyncio import FIRST_COMPLETED
 from collections.abc import Coroutine, Iterator
+from pathlib import Path
 from typing import Any, TypeVar
 
 import uvicorn
@@ -154,10 +156,7 @@ class Router:
 
     def _grpc_tls(self) -> tuple[bytes, bytes] | None:
         """(certificate chain, key) PEM for the public gRPC endpoint, when TLS is configured."""
-        if self.config.tls_certfile is None:
-            return None
-        with open(self.config.tls_certfile, "rb") as cert, open(self.config.tls_keyfile, "rb") as key:
-            return cert.read(), key.read()
+        return read_tls(self.config)
 
     async def wait_ready(self, timeout: float = 30.0) -> bool:
         """Until the model is known, a compatible decode worker is healthy and every known worker has
@@ -257,6 +256,28 @@ def listen_socket(host: str, port: int) -> socket.socket:
         return bind_tcp(host, port)
     except OSError as exc:
         raise cannot_listen(f"{host}:{port}", exc.strerror or str(exc), _LISTENERS["http"]) from None
+
+
+def read_tls(config: RouterConfig) -> tuple[bytes, bytes] | None:
+    """(certificate chain, key) PEM for the public endpoints, when TLS is configured; ValueError naming --tls-cert
+    or --tls-key where a file cannot be read, or where the two are no certificate chain and its private key (which
+    gRPC would report only as a port it "could not bind")."""
+    if config.tls_certfile is None:
+        return None
+    read = []
+    for flag, path in (("--tls-cert", config.tls_certfile), ("--tls-key", config.tls_keyfile)):
+        try:
+            read.append(Path(path).read_bytes())
+        except OSError as exc:
+            raise ValueError(f"{flag} {path}: {exc.strerror or exc}") from None
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(config.tls_certfile, config.tls_keyfile)
+    except ssl.SSLError as exc:
+        raise ValueError(
+            f"--tls-cert {config.tls_certfile} and --tls-key {config.tls_keyfile} are not a PEM certificate chain "
+            f"and its private key ({exc.reason or exc})"
+        ) from None
+    return read[0], read[1]
 
 
 def check_ports(config: RouterConfig) -> None:

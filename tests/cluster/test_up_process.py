@@ -125,3 +125,20 @@ def test_ray_address_without_address_is_refused_not_ignored(tmp_path):
     done = subprocess.run(command, cwd=ROOT, env=environment, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2, done.stdout + done.stderr
     assert "RAY_ADDRESS is set (127.0.0.1:1) but --address is not" in done.stderr, done.stderr
+
+
+def test_a_model_or_tls_files_that_cannot_serve_are_refused_before_ray_starts(tmp_path):
+    """What `up` can check alone it checks first, in a line naming the flag: not after Ray, the controller and the
+    router started (a traceback once the router read them)."""
+    not_pem = tmp_path / "not.pem"
+    not_pem.write_text("x\n")
+    cases = [
+        (["--model", str(tmp_path / "no-such-model")], "is neither a preset"),
+        (["--tls-cert", str(tmp_path / "none.pem"), "--tls-key", str(not_pem)], "--tls-cert"),
+        (["--tls-cert", str(not_pem), "--tls-key", str(not_pem)], "are not a PEM certificate chain"),
+    ]
+    for extra, named in cases:
+        command = [sys.executable, "-m", "cluster.cli", "up", "--model", "demo", "--port", "0", "--grpc-port", "0"]
+        done = subprocess.run([*command, *extra], cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 2 and named in done.stderr, (extra, done.stdout, done.stderr)
+        assert "Traceback" not in done.stderr and "router on" not in done.stdout, (done.stdout, done.stderr)
