@@ -48,7 +48,7 @@ class ModelCardError(ValueError):
 
 @dataclass(frozen=True)
 class ModelCard:
-    served_model_name: str
+    served_model_name: str | None  # None only on a router's reference card: learned from the workers
     source: str  # preset name or model directory (absolute path)
     weights_fingerprint: str | None  # None only on a reference made from a directory without weights
     tokenizer_fingerprint: str
@@ -101,6 +101,8 @@ def card_of_stats(stats: common_pb2.WorkerStats) -> ModelCard | None:
 
 _MUST_MATCH = (
     ("protocol_version", "protocol version"),
+    # The name clients use: a router told none serves the first worker's, which the rest must share.
+    ("served_model_name", "served model name"),
     ("weights_fingerprint", "weights"),
     ("tokenizer_fingerprint", "tokenizer files"),
     ("chat_template_fingerprint", "chat template"),

@@ -144,7 +144,7 @@ class ModelBinding:
             self.refusal = self._refused[key] = f"the workers serve {card.source!r}: {exc}"
             log.error("cannot adopt the workers' model card: %s", self.refusal)
             return
-        limit = min(self.config.max_model_len or card.max_model_len, card.max_model_len)
+        limit = _context_limit(self.config, card.max_model_len)
         self._reference, self._tokenizer, self.refusal = dataclasses.replace(card, max_model_len=limit), tokenizer, None
         log.info("adopted the workers' model card: %s from %s", card.served_model_name, card.source)
 
@@ -183,11 +183,23 @@ def _reference_from_files(config: RouterConfig) -> tuple[ModelCard, Tokenizer]:
     weights = None
     if config.model in PRESETS or _has_weights(model_directory(config.model)):
         weights = model_weights_fingerprint(config.model, model_config)
-    limit = min(config.max_model_len or model_config.max_context, model_config.max_context)
-    card = build_model_card(
-        config.model, model_config, tokenizer, weights=weights, max_model_len=limit, served_model_name=None
-    )
-    return card, tokenizer
+    limit = _context_limit(config, model_config.max_context)
+    card = build_model_card(config.model, model_config, tokenizer, weights=weights, max_model_len=limit)
+    # The workers name the model (the router's --served-model-name, if any, is what clients use): the first
+    # worker's name is pinned, and the rest must share it.
+    return dataclasses.replace(card, served_model_name=None), tokenizer
+
+
+def _context_limit(config: RouterConfig, model_takes: int) -> int:
+    """The tokens a request may hold: --max-model-len lowers what the model takes, never raises it (said once)."""
+    if config.max_model_len and config.max_model_len > model_takes:
+        log.warning(
+            "--max-model-len %d is more than the model takes (%d tokens): serving %d",
+            config.max_model_len,
+            model_takes,
+            model_takes,
+        )
+    return min(config.max_model_len or model_takes, model_takes)
 
 
 def _has_weights(model_dir: Path) -> bool:

@@ -60,12 +60,25 @@ def test_adopts_the_first_card_and_its_tokenizer(bpe_dir):
     # Adopted, the card is the reference: a worker with other blocks is not routed to.
     verdict = binding.check(dataclasses.replace(card, block_size=16))
     assert verdict.fields == ("block_size",) and "block size: router 32, worker 16" in verdict.reason
+    # Nor one that names the model otherwise: clients would have to use whichever name came first.
+    verdict = binding.check(dataclasses.replace(card, served_model_name="alpha"))
+    assert verdict.fields == ("served_model_name",) and "'bpe-model', worker 'alpha'" in verdict.reason
 
 
-def test_max_model_len_flag_never_raises_the_cards():
+def test_told_the_model_the_workers_still_name_it_alike(bpe_dir):
+    """A router told --model (and a name of its own) pins the workers' name from the first: the rest share it."""
+    binding = ModelBinding(RouterConfig(model=str(bpe_dir), served_model_name="mine"))
+    assert binding.check(worker_card(str(bpe_dir))) is None
+    assert binding.check(worker_card(str(bpe_dir), served_model_name="alpha")).fields == ("served_model_name",)
+    assert binding.require().name == "mine"
+
+
+def test_max_model_len_flag_never_raises_the_cards(caplog):
     binding = ModelBinding(RouterConfig(max_model_len=10**6))
     assert binding.check(worker_card("demo")) is None
-    assert binding.require().max_model_len == resolve_model_config("demo").max_context
+    takes = resolve_model_config("demo").max_context
+    assert binding.require().max_model_len == takes
+    assert f"--max-model-len 1000000 is more than the model takes ({takes} tokens)" in caplog.text  # said, not hid
 
 
 def test_unreadable_source_refuses_and_says_to_pass_model(bpe_dir):
