@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import http.client
+import ipaddress
 import json
 import os
+import socket
 import ssl
 import sys
 import urllib.error
@@ -14,11 +16,19 @@ import urllib.request
 from cluster.cli import ROUTER_URL_ENV as URL_ENV
 from cluster.cli import default_router_url
 from cluster.up import token_file
-from router.config import admin_token_from_env, api_keys_from_env, read_api_keys, read_secret
+from router.config import (
+    ADMIN_TOKEN_ENV,
+    ADMIN_TOKEN_FILE_ENV,
+    admin_token_from_env,
+    api_keys_from_env,
+    read_api_keys,
+    read_secret,
+)
 
 # How to trust the router, from the environment (the Helm chart sets it, and $SPLITSERVE_URL, in the head pod). A CA
 # path is no secret, but the admin commands take it here, beside --url's fallback, not as a flag of their own.
 ROUTER_CA_ENV = "SPLITSERVE_ROUTER_CA"  # PEM: the CA of the router's HTTPS certificate (not SPLITSERVE_TLS_CA's)
+REQUEST_TIMEOUT_S = 30
 
 
 def router_url(args) -> str:
@@ -26,6 +36,30 @@ def router_url(args) -> str:
     if args.url is not None:
         return args.url
     return os.environ.get(URL_ENV) or default_router_url()
+
+
+def _url_source(args) -> str:
+    """Where router_url found the URL: the flag or variable an error about it names."""
+    if args.url is not None:
+        return "--url"
+    return f"${URL_ENV}" if os.environ.get(URL_ENV) else "the default URL"
+
+
+def check_url(url: str, source: str) -> None:
+    """ValueError naming ``source`` unless ``url`` is http(s)://host[:port] with a port in 1-65535: anything else
+    would fail later with urllib's words, or (ftp://) wait for a timeout."""
+    try:
+        parsed = urllib.parse.urlsplit(url)
+    except ValueError:  # e.g. an unclosed [IPv6 address
+        parsed = None
+    if parsed is None or parsed.scheme not in ("http", "https") or not parsed.hostname:
+        raise ValueError(f"{source} {url!r} is not the router's http:// or https:// URL (e.g. {default_router_url()})")
+    try:
+        port = parsed.port
+    except ValueError:
+        port = 0
+    if port == 0:  # urllib's None (no port: the scheme's) passes
+        raise ValueError(f"{source} {url!r}: the port must be a number between 1 and 65535")
 
 
 def tls_context(url: str) -> ssl.SSLContext | None:
@@ -42,38 +76,66 @@ def tls_context(url: str) -> ssl.SSLContext | None:
         raise SystemExit(f"splitserve: {ROUTER_CA_ENV}={ca_file}: not a readable PEM CA file ({exc})") from exc
 
 
-def _admin_token(args, url: str) -> str | None:
-    """--admin-token-file, else $SPLITSERVE_ADMIN_TOKEN[_FILE], else the token file `up` wrote for this port."""
+def is_this_machine(host: str) -> bool:
+    """Whether ``host`` is a loopback address (127.0.0.0/8, ::1), localhost, or a name every address of which is one
+    (the Helm chart maps the router's Service name to 127.0.0.1 in the head pod): a router there is one on this
+    machine, whose admin token `up` may have written here. A name that does not resolve is not."""
+    if host.rstrip(".").lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        pass  # a name
+    try:
+        addresses = {info[4][0] for info in socket.getaddrinfo(host, None)}
+    except (OSError, UnicodeError):
+        return False
+    return bool(addresses) and all(ipaddress.ip_address(a.split("%")[0]).is_loopback for a in addresses)
+
+
+def _admin_token(args, url: str) -> tuple[str | None, str]:
+    """The admin token to send, and where it came from (where the CLI looked, when None): --admin-token-file, else
+    $SPLITSERVE_ADMIN_TOKEN[_FILE], else, for a router on this machine only, the token file `up` wrote for its
+    port. A router elsewhere never gets the local cluster's token: only a token given for it."""
     if args.admin_token_file:
-        return read_secret(args.admin_token_file, "admin token")
+        return read_secret(args.admin_token_file, "--admin-token-file"), f"--admin-token-file {args.admin_token_file}"
     if token := admin_token_from_env():
-        return token
-    parsed = urllib.parse.urlparse(url)
+        return token, f"${ADMIN_TOKEN_ENV}[_FILE]"
+    looked = f"none in --admin-token-file, ${ADMIN_TOKEN_ENV} or ${ADMIN_TOKEN_FILE_ENV}"
+    parsed = urllib.parse.urlsplit(url)
+    if not is_this_machine(parsed.hostname or ""):
+        return None, f"{looked} (`up`'s token file is read only for a router on this machine; {url} is not one)"
     path = token_file(parsed.port or (443 if parsed.scheme == "https" else 80))
-    return path.read_text().strip() if path.is_file() else None
+    if path.is_file():
+        return read_secret(path, "`up`'s admin token file"), f"`up`'s token file {path}"
+    return None, f"{looked}, and `up`'s token file {path} does not exist"
 
 
 def _api_key(args) -> str | None:
-    keys = read_api_keys(args.api_key_file) if args.api_key_file else api_keys_from_env()
+    keys = read_api_keys(args.api_key_file, "--api-key-file") if args.api_key_file else api_keys_from_env()
     return keys[0] if keys else None
 
 
 def _request(args, method: str, path: str, body: dict | None = None) -> dict:
     url = router_url(args)
+    check_url(url, _url_source(args))
     context = tls_context(url)
     headers = {"Content-Type": "application/json"}
     if api_key := _api_key(args):
         headers["Authorization"] = f"Bearer {api_key}"
-    token = _admin_token(args, url)  # status too: it shows addresses, nodes and load
+    token, token_source = _admin_token(args, url)  # status too: it shows addresses, nodes and load
     if token:
         headers["X-Admin-Token"] = token
     data = json.dumps(body).encode() if body is not None else None
     request = urllib.request.Request(url.rstrip("/") + path, data=data, headers=headers, method=method)
     try:
-        with urllib.request.urlopen(request, timeout=30, context=context) as response:
-            return json.loads(response.read())
+        with urllib.request.urlopen(request, timeout=REQUEST_TIMEOUT_S, context=context) as response:
+            return _json_object(response.read(), url)
     except urllib.error.HTTPError as exc:
-        detail = json.loads(exc.read() or b"{}").get("error", {}).get("message", exc.reason)
+        detail = _error_message(exc)
+        if exc.code == 403:
+            sent = f"the admin token sent came from {token_source}" if token else f"no admin token sent: {token_source}"
+            detail += f" ({sent})"
         raise SystemExit(f"splitserve: {exc.code}: {detail}") from exc
     except urllib.error.URLError as exc:
         hint = ""
@@ -82,6 +144,31 @@ def _request(args, method: str, path: str, body: dict | None = None) -> dict:
         raise SystemExit(f"splitserve: cannot reach {url}: {exc.reason}{hint}") from exc
     except (http.client.HTTPException, ConnectionError) as exc:  # e.g. plain http to a router serving TLS
         raise SystemExit(f"splitserve: {url} answered no HTTP ({exc!r}): does the router serve https?") from exc
+    except TimeoutError as exc:
+        raise SystemExit(f"splitserve: {url} did not answer within {REQUEST_TIMEOUT_S} s") from exc
+
+
+def _json_object(body: bytes, url: str) -> dict:
+    """A router's answer: a JSON object, else SystemExit saying the URL is no splitserve router's."""
+    try:
+        answer = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        answer = None
+    if not isinstance(answer, dict):
+        raise SystemExit(f"splitserve: {url} answered, but not with a JSON object: is it a splitserve router?")
+    return answer
+
+
+def _error_message(exc: urllib.error.HTTPError) -> str:
+    """The message of a router's error answer ({"error": {"message": ...}}), else the HTTP reason."""
+    try:
+        error = json.loads(exc.read() or b"{}").get("error")
+    except (ValueError, UnicodeDecodeError, AttributeError, OSError):
+        error = None
+    message = error.get("message") if isinstance(error, dict) else None
+    if isinstance(message, str) and message:
+        return message
+    return f"{exc.reason} (not a splitserve router's error answer: is the URL a splitserve router?)"
 
 
 def format_status(status: dict) -> str:
@@ -139,12 +226,29 @@ def _model_lines(status: dict) -> list[str]:
 
 
 def run_admin(args) -> int:
+    try:
+        text = _run(args)
+    except ValueError as exc:  # a secret file or the URL, named by its flag or variable
+        raise SystemExit(f"splitserve: {exc}") from None
+    try:
+        print(text)
+        sys.stdout.flush()
+    except BrokenPipeError:  # `splitserve status | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # else Python's exit flush complains
+        return 1
+    return 0
+
+
+def _run(args) -> str:
     if args.command == "status":
         status = _request(args, "GET", "/admin/status")
-        print(format_status(status))
-    elif args.command == "scale":
-        print(json.dumps(_request(args, "POST", "/admin/scale", {"role": args.role, "replicas": args.replicas})))
-    else:
-        print(json.dumps(_request(args, "POST", "/admin/drain", {"worker_id": args.worker_id})))
-    sys.stdout.flush()
-    return 0
+        try:
+            return format_status(status)
+        except (KeyError, TypeError, AttributeError) as exc:
+            raise SystemExit(
+                f"splitserve: {router_url(args)} answered a status this CLI cannot read ({exc!r}): "
+                "is it a splitserve router of this version?"
+            ) from None
+    if args.command == "scale":
+        return json.dumps(_request(args, "POST", "/admin/scale", {"role": args.role, "replicas": args.replicas}))
+    return json.dumps(_request(args, "POST", "/admin/drain", {"worker_id": args.worker_id}))

@@ -93,9 +93,12 @@ def _add_engine_args(parser: argparse.ArgumentParser, threads_default: int | Non
 
 
 def engine_config_from_args(args: argparse.Namespace):
+    """The engine's config from `generate`'s or `worker`'s flags; ValueError naming the flag of a bad value."""
     from cluster.config import MIB
     from engine.config import EngineConfig
 
+    _check_engine_flags(args)
+    _check_device(args.device)
     return EngineConfig(
         model=args.model,
         served_model_name=getattr(args, "served_model_name", None),  # workers only
@@ -108,6 +111,45 @@ def engine_config_from_args(args: argparse.Namespace):
         prefill_chunk_beside_decodes=args.prefill_chunk_beside_decodes,
         num_threads=args.threads,
     )
+
+
+# Engine flags whose rules EngineConfig owns (a power-of-two block size, step limits of at least 1), each the field's
+# name dashed.
+_ENGINE_CHECKED_FLAGS = ("block_size", "max_num_seqs", "max_num_batched_tokens", "prefill_chunk_beside_decodes")
+
+
+def _check_engine_flags(args: argparse.Namespace) -> None:
+    """Each flag checked alone by EngineConfig's own rules, so that its error names the flag."""
+    from engine.config import EngineConfig
+
+    for name in _ENGINE_CHECKED_FLAGS:
+        value = getattr(args, name)
+        if value is None:
+            continue
+        try:
+            EngineConfig(**{name: value})
+        except ValueError as exc:
+            raise ValueError(f"--{name.replace('_', '-')} {value}: {exc}") from None
+
+
+def _check_device(device: str) -> None:
+    """--device: a device of a kind the engine runs on (cluster.config.DEVICES), present in this torch."""
+    import torch
+
+    from cluster.config import DEVICES
+
+    try:
+        parsed = torch.device(device)
+    except RuntimeError:
+        parsed = None
+    if parsed is None or parsed.type not in DEVICES:
+        raise ValueError(f"--device {device!r}: not a device the engine runs on; use cpu, cuda or cuda:N")
+    if parsed.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(f"--device {device}: this machine's torch sees no CUDA device; use --device cpu")
+        if parsed.index is not None and parsed.index >= count:
+            raise ValueError(f"--device {device}: torch sees {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
 
 
 class _SecretOnCommandLine(argparse.Action):
@@ -344,7 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--min-prefill", type=count, default=None, metavar="N")
     up.add_argument("--max-prefill", type=count, default=None, metavar="N")
     up.add_argument("--min-decode", type=_bounded(int, Bound(MIN_DECODE_REPLICAS)), default=None, metavar="N")
-    up.add_argument("--max-decode", type=count, default=None, metavar="N")
+    up.add_argument("--max-decode", type=_bounded(int, Bound(MIN_DECODE_REPLICAS)), default=None, metavar="N")
     _add_secret_args(
         up,
         api_key_help="a file of API keys clients must send (one a line); also SPLITSERVE_API_KEYS[_FILE]",
@@ -410,7 +452,12 @@ def _run_generate(args: argparse.Namespace) -> int:
     from engine.errors import EngineError
 
     try:
-        engine = Engine(engine_config_from_args(args))
+        config = engine_config_from_args(args)
+    except ValueError as exc:
+        print(f"splitserve: {exc}", file=sys.stderr)
+        return 2
+    try:
+        engine = Engine(config)
         prompts = args.prompt or ["The quick brown fox"]
         if args.chat:
             prompts = [engine.tokenizer.apply_chat_template([{"role": "user", "content": p}]) for p in prompts]
@@ -435,6 +482,9 @@ def _run_worker(args: argparse.Namespace) -> int:
     unused = _flag_of_the_other_role(args)
     if unused:
         print(f"splitserve worker {args.role}: {unused}", file=sys.stderr)
+        return 2
+    if not args.host.strip():  # bound as given, '' would listen on every address
+        print("splitserve: --host '' names no address: give one (0.0.0.0 for every address)", file=sys.stderr)
         return 2
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
@@ -527,7 +577,6 @@ def cluster_config_from_args(args: argparse.Namespace):
     import dataclasses
 
     from cluster.config import CLUSTER_WIDE, SLO_FLAGS, ClusterConfig, from_dict, read_file
-    from router.config import read_api_keys
 
     raw = read_file(args.config) if args.config else {}  # read once: the config, and which keys the file sets
     config = from_dict(raw) if args.config else ClusterConfig()
@@ -546,7 +595,7 @@ def cluster_config_from_args(args: argparse.Namespace):
     top.update({name: value for name, value in settings.items() if name in CLUSTER_WIDE})
     secrets = {
         "admin_token": admin_token_from_args(args),
-        "api_keys": read_api_keys(args.api_key_file) if args.api_key_file else None,
+        "api_keys": api_keys_from_args(args),
     }
     router.update({k: v for k, v in secrets.items() if v is not None})
     config = dataclasses.replace(config, **top, router=dataclasses.replace(config.router, **router))
@@ -554,8 +603,8 @@ def cluster_config_from_args(args: argparse.Namespace):
         in_file = set(raw.get(role) or ())  # from_dict checked it is a mapping
         config = config.with_pool(role, **_pool_size_from_args(args, role, config.pool(role), in_file))
     slo = {name: getattr(args, name) for name in SLO_FLAGS if getattr(args, name) is not None}
-    if slo:
-        config = dataclasses.replace(config, planner=dataclasses.replace(config.planner, enabled=True, **slo))
+    if slo:  # enabled None: PlannerSpec's one rule, a target turns the planner on (as a file's target does)
+        config = dataclasses.replace(config, planner=dataclasses.replace(config.planner, enabled=None, **slo))
     return config
 
 
@@ -574,6 +623,8 @@ def _pool_size_from_args(args: argparse.Namespace, role: str, pool, in_file: set
     def named(key: str) -> str:
         return f"{flags[key]} {size[key]}" if given[key] is not None else f"{role}.{key} {size[key]}"
 
+    if is_set("min_replicas") and is_set("max_replicas") and size["min_replicas"] > size["max_replicas"]:
+        raise ValueError(f"{role} pool: {named('min_replicas')} is above {named('max_replicas')}")  # no count fits
     # Twice round: a count that follows the maximum down may then fall below a minimum nobody set.
     for bound, where in (("min_replicas", "below"), ("max_replicas", "above")) * 2:
         outside = size["replicas"] < size[bound] if bound == "min_replicas" else size["replicas"] > size[bound]
@@ -616,7 +667,16 @@ def admin_token_from_args(args: argparse.Namespace) -> str | None:
     """--admin-token-file's content, else $SPLITSERVE_ADMIN_TOKEN[_FILE]'s."""
     from router.config import admin_token_from_env, read_secret
 
-    return read_secret(args.admin_token_file, "admin token") if args.admin_token_file else admin_token_from_env()
+    return read_secret(args.admin_token_file, "--admin-token-file") if args.admin_token_file else admin_token_from_env()
+
+
+def api_keys_from_args(args: argparse.Namespace) -> tuple[str, ...] | None:
+    """--api-key-file's keys (None: not given). The environment's are checked too, here: the router reads them only
+    when it starts, which under `up` is after Ray and the workers."""
+    from router.config import api_keys_from_env, read_api_keys
+
+    api_keys_from_env()  # ValueError naming the variable that names no key or an unreadable file
+    return read_api_keys(args.api_key_file, "--api-key-file") if args.api_key_file else None
 
 
 def router_config_from_args(args: argparse.Namespace):
@@ -624,12 +684,12 @@ def router_config_from_args(args: argparse.Namespace):
     import dataclasses
 
     from cluster.config import router_config_from_file
-    from router.config import RouterConfig, read_api_keys
+    from router.config import RouterConfig
 
     config = router_config_from_file(args.config) if args.config else RouterConfig()
     secrets = {
         "admin_token": admin_token_from_args(args),
-        "api_keys": read_api_keys(args.api_key_file) if args.api_key_file else None,
+        "api_keys": api_keys_from_args(args),
     }
     return dataclasses.replace(
         config,

@@ -10,6 +10,7 @@ import json
 import tomllib
 import types
 import typing
+from collections.abc import Hashable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -54,8 +55,8 @@ class PoolSpec:
     def __post_init__(self) -> None:
         if not 0 <= self.min_replicas <= self.replicas <= self.max_replicas:
             raise ValueError(
-                f"need 0 <= min_replicas <= replicas <= max_replicas, got {self.min_replicas}, "
-                f"{self.replicas}, {self.max_replicas}"
+                f"need 0 <= min_replicas <= replicas <= max_replicas, got min_replicas {self.min_replicas}, "
+                f"replicas {self.replicas}, max_replicas {self.max_replicas}"
             )
         if self.num_gpus > 1:
             raise ValueError(
@@ -64,6 +65,15 @@ class PoolSpec:
             )
         check_bounds(self, POOL_BOUNDS)
         check_step_limits(self)
+        self._check_resources()
+
+    def _check_resources(self) -> None:
+        """Custom Ray resources: names and non-negative amounts, refused here rather than by Ray's placement."""
+        for name, amount in self.resources.items():
+            if not isinstance(name, str) or not name:
+                raise ValueError(f"resources: {name!r} is not a resource name")
+            if isinstance(amount, bool) or not isinstance(amount, (int, float)) or not NON_NEGATIVE.admits(amount):
+                raise ValueError(f"resources.{name} must be a number >= 0, got {amount!r}")
 
     @property
     def ray_resources(self) -> dict:
@@ -83,7 +93,9 @@ class PlannerSpec:
     """The SLO planner. Each pool is planned by its own target only, and only when that target is set: a target
     nobody set is None, never a default that would scale a pool against it (cluster.planner)."""
 
-    enabled: bool = False
+    # None: on exactly when a target is set (a target turns the planner on for its pool, in a file as with its flag);
+    # false beside a target is refused. Set by __post_init__, so that `enabled` is a plain bool once built.
+    enabled: bool | None = None
     ttft_target_s: float | None = None  # SLO on time to first token -> prefill pool; None: prefill is not planned
     tpot_target_s: float | None = None  # SLO on time per output token -> decode pool; None: decode is not planned
     interval_s: float = 2.0
@@ -95,6 +107,14 @@ class PlannerSpec:
 
     def __post_init__(self) -> None:
         check_bounds(self, PLANNER_BOUNDS)
+        if self.enabled is None:
+            object.__setattr__(self, "enabled", bool(self.planned_roles))
+        if not self.enabled and self.planned_roles:
+            targets = " and ".join(f"{name} ({SLO_FLAGS[name]})" for name in self._set_targets)
+            raise ValueError(
+                f"enabled is false, but {targets} is set: a target turns the planner on for its pool; drop "
+                "enabled: false, or the target"
+            )
         if self.enabled and not self.planned_roles:
             raise ValueError(
                 "enabled is true, but neither ttft_target_s nor tpot_target_s is set "
@@ -111,6 +131,10 @@ class PlannerSpec:
     def planned_roles(self) -> tuple[str, ...]:
         """The pools whose own target is set: the only ones the planner resizes."""
         return tuple(role for role, target in self.targets.items() if target is not None)
+
+    @property
+    def _set_targets(self) -> tuple[str, ...]:
+        return tuple(name for name in SLO_FLAGS if getattr(self, name) is not None)
 
 
 PLANNER_BOUNDS = {
@@ -195,6 +219,11 @@ class ClusterConfig:
         """What every worker's engine is built with: refused here, not by each worker actor dying in Ray's log."""
         if not isinstance(self.model, str) or not self.model.strip():
             raise ValueError(f"model must name a preset or a model directory, got {self.model!r}")
+        if not isinstance(self.worker_host, str) or not self.worker_host.strip():
+            raise ValueError(
+                f"worker_host (--worker-host) must name an address for the workers to listen on ('auto': the node's "
+                f"IP; 0.0.0.0: every address), got {self.worker_host!r}"
+            )
         if self.dtype is not None and self.dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(_DTYPES)} (unset: the model's own), got {self.dtype!r}")
         if self.device not in DEVICES:
@@ -282,6 +311,9 @@ def router_from_dict(raw: dict) -> RouterConfig:
 def _mapping(values, where: str) -> dict:
     if not isinstance(values, dict):
         raise ValueError(f"{where}: expected a mapping of settings, got {type(values).__name__}")
+    for key in values:
+        if not isinstance(key, str):
+            raise ValueError(f"{where}: {key!r} is not a setting's name: keys are strings")
     return values
 
 
@@ -349,11 +381,43 @@ def router_config_from_file(path: str | Path) -> RouterConfig:
 
 
 def read_file(path: str | Path) -> dict:
-    """A config file's data: TOML by its suffix, else YAML. A file that does not parse is a ValueError naming it."""
+    """A config file's data (`--config`): TOML by its suffix, else YAML. A file that cannot be read or does not
+    parse, or that gives a key twice, is a one-line ValueError naming it."""
     path = Path(path)
-    text = path.read_text()
     try:
-        raw = tomllib.loads(text) if path.suffix == ".toml" else yaml.safe_load(text)
-    except (tomllib.TOMLDecodeError, yaml.YAMLError) as exc:
-        raise ValueError(f"{path}: not valid {'TOML' if path.suffix == '.toml' else 'YAML'}: {exc}") from None
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"--config {path}: cannot read it ({getattr(exc, 'strerror', None) or exc})") from None
+    try:
+        raw = tomllib.loads(text) if path.suffix == ".toml" else yaml.load(text, Loader=_UniqueKeyLoader)
+    except tomllib.TOMLDecodeError as exc:
+        raise ValueError(f"{path}: not valid TOML: {exc}") from None
+    except yaml.YAMLError as exc:
+        raise ValueError(f"{path}: not valid YAML: {_yaml_problem(exc)}") from None
     return {} if raw is None else raw
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a key given twice in one mapping (PyYAML keeps the last one silently; TOML's
+    parser refuses it too)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *defaults`: keys given after it override, by design
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, Hashable) and key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"the key {key!r} is given twice (give each setting once)", key_node.start_mark
+                )
+            if isinstance(key, Hashable):
+                seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """A YAML error in one line: what is wrong, and where (PyYAML's own text quotes the line, over several)."""
+    mark = getattr(exc, "problem_mark", None)
+    where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+    return f"{getattr(exc, 'problem', None) or exc}{where}"

@@ -110,10 +110,23 @@ class RouterConfig:
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be {' or '.join(allowed)}, got {getattr(self, name)!r}")
         check_bounds(self, BOUNDS)
+        check_listeners(self)
         cors_origin_list(self.cors_origins)  # ValueError naming a malformed one
         both = sorted(set(self.prefill_addresses) & set(self.decode_addresses))
         if both:
             raise ValueError(f"a worker has one role: {', '.join(both)} given as both --prefill and --decode")
+
+
+def check_listeners(config: RouterConfig) -> None:
+    """What the router binds, refused with the config (before `splitserve up` starts Ray), not by a failed bind."""
+    if not isinstance(config.host, str) or not config.host.strip():
+        # bound as given, '' would listen on every address; that takes a wildcard said out loud
+        raise ValueError(f"host (--host) must name an address to listen on (0.0.0.0: every one), got {config.host!r}")
+    if config.port and config.port == config.grpc_port:
+        raise ValueError(
+            f"port (--port) and grpc_port (--grpc-port) are both {config.port}: the HTTP and the gRPC API each need "
+            "a port of their own (0: any free one)"
+        )
 
 
 def cors_origin_list(origins: str | None) -> list[str]:
@@ -231,24 +244,47 @@ ADMIN_TOKEN_ENV = "SPLITSERVE_ADMIN_TOKEN"
 ADMIN_TOKEN_FILE_ENV = "SPLITSERVE_ADMIN_TOKEN_FILE"
 
 
-def read_api_keys(path: str | os.PathLike) -> tuple[str, ...]:
-    """The keys in a file: one a line or comma-separated (a mounted Secret holding SPLITSERVE_API_KEYS's value)."""
-    text = Path(path).read_text()
-    return tuple(k.strip() for k in text.replace("\n", ",").split(",") if k.strip())
+def read_api_keys(path: str | os.PathLike, source: str = "--api-key-file") -> tuple[str, ...]:
+    """The keys in a file: one a line or comma-separated (a mounted Secret holding SPLITSERVE_API_KEYS's value).
+    A file that holds none is refused, naming ``source`` (the flag or variable that named it): no keys means no
+    authentication, never what an operator who names a key file asks for."""
+    keys = _split_keys(_read_secret_file(path, source))
+    if not keys:
+        raise ValueError(f"{source} {path} holds no API key (an empty list would mean no authentication)")
+    return keys
 
 
-def read_secret(path: str | os.PathLike, what: str) -> str:
-    value = Path(path).read_text().strip()
+def read_secret(path: str | os.PathLike, source: str) -> str:
+    """The secret a file holds, stripped; ValueError naming ``source`` (its flag or variable): unreadable or empty."""
+    value = _read_secret_file(path, source).strip()
     if not value:
-        raise ValueError(f"{what} file {path} is empty")
+        raise ValueError(f"{source} {path} is empty")
     return value
 
 
+def _read_secret_file(path: str | os.PathLike, source: str) -> str:
+    try:
+        return Path(path).read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{source} {path}: cannot read it ({getattr(exc, 'strerror', None) or exc})") from None
+
+
+def _split_keys(text: str) -> tuple[str, ...]:
+    return tuple(k.strip() for k in text.replace("\n", ",").split(",") if k.strip())
+
+
 def api_keys_from_env(configured: tuple[str, ...] = ()) -> tuple[str, ...]:
-    """Keys from config plus $SPLITSERVE_API_KEYS plus the file $SPLITSERVE_API_KEYS_FILE names."""
-    from_env = tuple(k.strip() for k in os.environ.get(API_KEYS_ENV, "").split(",") if k.strip())
+    """Keys from config plus $SPLITSERVE_API_KEYS plus the file $SPLITSERVE_API_KEYS_FILE names. A variable set but
+    naming no key is refused, as an empty key file is: it would turn authentication off."""
+    from_env = ()
+    if API_KEYS_ENV in os.environ:
+        from_env = _split_keys(os.environ[API_KEYS_ENV])
+        if not from_env:
+            raise ValueError(f"{API_KEYS_ENV} is set but names no API key (an empty list would mean no authentication)")
     path = os.environ.get(API_KEYS_FILE_ENV)
-    return configured + from_env + (read_api_keys(path) if path else ())
+    if path is not None and not path.strip():
+        raise ValueError(f"{API_KEYS_FILE_ENV} is set but empty: name a file of API keys, or unset it")
+    return configured + from_env + (read_api_keys(path, API_KEYS_FILE_ENV) if path else ())
 
 
 def admin_token_from_env() -> str | None:
@@ -256,4 +292,4 @@ def admin_token_from_env() -> str | None:
     if os.environ.get(ADMIN_TOKEN_ENV, "").strip():
         return os.environ[ADMIN_TOKEN_ENV].strip()
     path = os.environ.get(ADMIN_TOKEN_FILE_ENV)
-    return read_secret(path, "admin token") if path else None
+    return read_secret(path, ADMIN_TOKEN_FILE_ENV) if path else None
