@@ -112,9 +112,25 @@ class RouterConfig:
         check_bounds(self, BOUNDS)
         check_listeners(self)
         cors_origin_list(self.cors_origins)  # ValueError naming a malformed one
+        for flag, addresses in (
+            ("prefill_addresses (--prefill)", self.prefill_addresses),
+            ("decode_addresses (--decode)", self.decode_addresses),
+        ):
+            for address in addresses:
+                check_worker_address(address, flag)
         both = sorted(set(self.prefill_addresses) & set(self.decode_addresses))
         if both:
             raise ValueError(f"a worker has one role: {', '.join(both)} given as both --prefill and --decode")
+
+
+def check_worker_address(address: str, flag: str) -> None:
+    """A worker's gRPC address as gRPC dials it: host:port ([v6]:port), the port in 1-65535; ValueError naming
+    ``flag`` for anything else (gRPC would take port 99999 as 34463, or no port as 443, or a URL as a host)."""
+    host, _, port = address.rpartition(":") if isinstance(address, str) else ("", "", "")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not host or "/" in host or not port.isascii() or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ValueError(f"{flag} {address!r} is no worker address: host:port, the port between 1 and 65535")
 
 
 def check_listeners(config: RouterConfig) -> None:

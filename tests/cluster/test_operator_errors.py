@@ -369,6 +369,13 @@ def test_the_router_names_its_missing_files_by_flag(tmp_path):
     assert_refused(cli(*argv, "--admin-token-file", "/nonexistent/t", home=tmp_path), "--admin-token-file")
 
 
+@pytest.mark.parametrize("address", ["127.0.0.1:99999", "http://127.0.0.1:7001", "127.0.0.1", "", "h:0"])
+def test_a_worker_address_grpc_would_misread_is_refused_naming_its_flag(tmp_path, address):
+    """gRPC dials port 99999 as 34463 and no port as 443: such an address is refused before the router starts."""
+    argv = ["router", "--port", "0", "--grpc-port", "0", "--prefill", "127.0.0.1:7002", "--decode", address]
+    assert_refused(cli(*argv, home=tmp_path), "decode_addresses (--decode)", repr(address))
+
+
 # -- a planner target in a config file turns the planner on, as its flag does ---------------------------------------
 
 
