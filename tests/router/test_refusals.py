@@ -13,9 +13,9 @@ import grpc
 import httpx
 import pytest
 
+from contract.errors import FieldError
 from protos import common_pb2, generate_pb2, generate_pb2_grpc
 from router.frontend import MAX_REQUEST_ID_CHARS
-from router.orchestrator import GenerationError
 from tests.router.conftest import SERVED_MODEL, RouterThread, random_prompt, router_config
 from tests.workers.harness import start_worker, stop_workers
 
@@ -89,9 +89,9 @@ def test_an_empty_chat_is_refused_over_grpc(router):
 
 def test_an_empty_chat_is_refused_by_the_frontend(router):
     """The one owner of the check, which both APIs call (HTTP's schema also refuses an empty list first)."""
-    with pytest.raises(GenerationError) as caught:
+    with pytest.raises(FieldError) as caught:  # a 400 naming the field, by the name each API gives it
         router.call(lambda: router.router.frontend.encode_chat([]))
-    assert (caught.value.status, caught.value.param) == (400, "messages")
+    assert caught.value.field == "messages"
 
 
 def test_a_grpc_request_id_is_bounded(router):
