@@ -173,8 +173,12 @@ class Orchestrator:
         hashes = progress.block_hashes = compute_block_hashes(request.prompt_token_ids, served.block_size)
         exclude: set[str] = set()
         local_because = ""  # set: prefill on the decode worker, for this reason
+        migrating = False  # a decode worker was lost: the route that follows, if any, is a migration
         while True:
             chosen = self._route(request, progress, hashes, served.block_size, exclude, local_because)
+            if migrating:  # counted once it has a worker to move to: a move with none is no migration
+                self.metrics.migrations.inc()
+                migrating = False
             try:
                 if chosen.decision is Decision.REMOTE_PREFILL:
                     stream = self._remote(request, chosen, progress, served)
@@ -188,7 +192,7 @@ class Orchestrator:
                 exclude.add(chosen.decode.address)
                 if len(exclude) > self.config.migration_retries:
                     raise GenerationError(f"decode workers lost mid-request: {exc}") from exc
-                self.metrics.migrations.inc()
+                migrating = True
                 progress.trace.event("migration", lost_worker=chosen.decode.address, tokens_so_far=len(progress.tokens))
                 log.warning(
                     "request %s: decode worker %s lost after %d tokens; migrating",

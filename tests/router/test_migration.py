@@ -96,6 +96,19 @@ def test_worker_removed_from_the_pool_under_a_call_is_a_lost_worker(make_router,
         wait_idle(worker, timeout=10)
 
 
+def test_a_lost_decode_worker_with_none_to_move_to_fails_and_counts_no_migration(make_router, workers, rng):
+    """The only decode worker leaves under a stream: the client gets an error, and no migration is counted (a move
+    with no worker to move to is none)."""
+    router = make_router(workers.prefills, workers.decodes[:1], local_prefill_threshold=32, health_interval_s=0.2)
+    stream = start_stream(router.openai(timeout=REQUEST_TIMEOUT_S), random_prompt(rng, 50), 300)
+    wait_for(lambda: len(stream.ids) >= 10 or stream.done.is_set(), 30, "the stream to start")
+    router.run(router.router.pool.remove(workers.decodes[0].address), 10)
+    assert stream.done.wait(REQUEST_TIMEOUT_S), "the stream hung after its only decode worker left the pool"
+    assert stream.error is not None and len(stream.ids) < 300
+    assert router.metrics().get(("splitserve_migrations_total", ()), 0) == 0
+    wait_idle(workers.decodes[0], timeout=10)
+
+
 def test_decode_worker_killed_inside_a_character_keeps_text_and_kv(make_router, workers, checkpoint, rng):
     """Killed mid-decode, while its detokenizer holds an unfinished character back: the client's text is
     the no-fault text exactly (nothing lost at the migration point), penalties continue over the output,
