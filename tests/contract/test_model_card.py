@@ -46,10 +46,13 @@ def test_wire_round_trip():
     assert card_of_stats(common_pb2.WorkerStats(worker_id="old-worker")) is None
 
 
-def test_equal_cards_match_and_labels_do_not_count():
-    other_labels = dataclasses.replace(CARD, served_model_name="alias", source="/elsewhere/tiny")
-    assert card_mismatch(CARD, other_labels) is None
-    assert mismatched_fields(CARD, other_labels) == ()
+def test_equal_cards_match_and_the_source_path_does_not_count():
+    elsewhere = dataclasses.replace(CARD, source="/elsewhere/tiny")  # a path means nothing on another machine
+    assert card_mismatch(CARD, elsewhere) is None
+    assert mismatched_fields(CARD, elsewhere) == ()
+    # The name clients use does: workers that name the model otherwise would split one model in two.
+    assert mismatched_fields(CARD, dataclasses.replace(CARD, served_model_name="alias")) == ("served_model_name",)
+    assert card_mismatch(dataclasses.replace(CARD, served_model_name=None), elsewhere) is None  # None: not checked
 
 
 @pytest.mark.parametrize(
@@ -134,12 +137,12 @@ def test_tokenizer_and_template_fingerprints_are_separate(tmp_path):
     other_template = tmp_path / "template"
     write_checkpoint(other_template, "LlamaForCausalLM", vocab_size=512)
     write_model_dir(other_template, chat_template=CHATML_TEMPLATE.replace("assistant", "bot"))
-    assert mismatched_fields(card, _card(other_template)) == ("chat_template_fingerprint",)
+    assert mismatched_fields(card, _card(other_template)) == ("served_model_name", "chat_template_fingerprint")
 
     other_tokenizer = tmp_path / "tokenizer"
     write_checkpoint(other_tokenizer, "LlamaForCausalLM", vocab_size=512)
     write_model_dir(other_tokenizer, bos_token="<pad>")
-    assert mismatched_fields(card, _card(other_tokenizer)) == ("tokenizer_fingerprint",)
+    assert mismatched_fields(card, _card(other_tokenizer)) == ("served_model_name", "tokenizer_fingerprint")
 
 
 def test_byte_tokenizers_of_one_vocab_agree(tmp_path):
