@@ -47,7 +47,7 @@ def other_value(name: str):
     if kind is str:
         return FORMATTED.get(name, f"{name}-value")
     assert typing.get_origin(kind) is tuple, f"{name}: a RouterConfig field of a type this test does not know"
-    return (f"{name}-1", f"{name}-2")
+    return (f"{name}-1:7001", f"{name}-2:7001")  # worker addresses: host:port
 
 
 def test_every_router_field_is_a_router_key_a_cluster_wide_key_or_set_by_up():
