@@ -28,11 +28,26 @@ ALL_OPTIONS = {
     "apiKeys": {"create": True, "keys": ["key-one", "key-two"]},
     "adminToken": {"existingSecret": "splitserve-admin"},
     "metrics": {"podMonitor": {"enabled": True, "labels": {"release": "prometheus"}}},
-    "model": {"name": "/models/m", "volume": {"persistentVolumeClaim": {"claimName": "weights", "readOnly": True}}},
+    # --set-json model=... replaces values-gpu.yaml's model section whole: it restates the device.
+    "model": {
+        "name": "/models/m",
+        "servedName": "m",
+        "device": "cuda",
+        "volume": {"persistentVolumeClaim": {"claimName": "weights", "readOnly": True}},
+    },
     "imagePullSecrets": [{"name": "registry"}],
     "slo": {"ttftSeconds": 0.25},
     "service": {"type": "LoadBalancer", "annotations": {"example.com/lb": "internal"}},
-    "head": {"podAnnotations": {"example.com/team": "llm"}, "nodeSelector": {"pool": "cpu"}},
+    "head": {
+        "podAnnotations": {"example.com/team": "llm"},
+        "nodeSelector": {"pool": "cpu"},
+        "env": [{"name": "OTEL_EXPORTER_OTLP_ENDPOINT", "value": "http://otel-collector:4317"}],
+    },
+    # Prometheus admitted by its own policy (the router's ports stay open to all: routerFrom is tested apart).
+    "networkPolicy": {
+        "enabled": True,
+        "metricsFrom": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}],
+    },
 }
 GPU_VALUES = CHART / "values-gpu.yaml"
 

@@ -119,8 +119,10 @@ def neighbours() -> dict[str, Pod]:
 
 
 def policies_of(objects: list[dict]) -> list[dict]:
+    """The release's policies: members and router, and metrics when networkPolicy.metricsFrom is set."""
     found = [o for o in objects if o["kind"] == "NetworkPolicy"]
-    assert len(found) == 2, [o["metadata"]["name"] for o in found]
+    roles = [o["metadata"]["name"].rsplit("-", 1)[1] for o in found]
+    assert roles in (["members", "router"], ["members", "router", "metrics"]), roles
     return found
 
 
@@ -144,9 +146,16 @@ def test_a_neighbour_reaches_only_the_router_ports_on_the_head(objects):
                 assert admits(policies, neighbour, target, port) == expected, f"{name} -> {target_name}:{port}"
 
 
+INGRESS = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "ingress-nginx"}}}
+MONITORING = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}
+RAY_METRICS_PORT = 8080
+
+
 def test_router_from_narrows_who_reaches_the_router():
-    ingress = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "ingress-nginx"}}}
-    objects = chart_objects(values={"networkPolicy": {"enabled": True, "routerFrom": [ingress]}})
+    ingress = INGRESS
+    objects = chart_objects(
+        values={"networkPolicy": {"enabled": True, "routerFrom": [ingress]}, "metrics": {"podAnnotations": False}}
+    )
     policies, members = policies_of(objects), pods(objects)
     head = members["head"]
     controller = Pod({"app": "ingress"}, "ingress-nginx", {"kubernetes.io/metadata.name": "ingress-nginx"})
@@ -187,3 +196,55 @@ def test_router_from_takes_network_policy_peers_only(peer):
 
     with pytest.raises(HelmError, match="routerFrom"):
         chart_objects(values={"networkPolicy": {"enabled": True, "routerFrom": [peer]}})
+
+
+# -- Prometheus through a narrowed policy (networkPolicy.metricsFrom) ------------------------------
+
+
+@pytest.mark.parametrize(
+    "metrics, named",
+    [
+        ({"podAnnotations": True}, "metrics.podAnnotations"),
+        ({"podAnnotations": False, "podMonitor": {"enabled": True}}, "metrics.podMonitor.enabled"),
+    ],
+)
+def test_a_narrowed_router_policy_with_a_scrape_needs_metrics_from(metrics, named):
+    from tests.deploy.conftest import HelmError
+
+    with pytest.raises(HelmError, match=f"networkPolicy.routerFrom .*{named} is true.*networkPolicy.metricsFrom"):
+        chart_objects(values={"networkPolicy": {"enabled": True, "routerFrom": [INGRESS]}, "metrics": metrics})
+
+
+@pytest.mark.parametrize("podmonitor", [False, True])
+def test_metrics_from_lets_prometheus_scrape_the_router_and_ray(podmonitor):
+    metrics = {"podAnnotations": not podmonitor, "podMonitor": {"enabled": podmonitor}}
+    network = {"enabled": True, "routerFrom": [INGRESS], "metricsFrom": [MONITORING]}
+    objects = chart_objects(values={"networkPolicy": network, "metrics": metrics})
+    policies, members = policies_of(objects), pods(objects)
+    assert len(policies) == 3
+    head = members["head"]
+    prometheus = Pod({"app": "prometheus"}, "monitoring", {"kubernetes.io/metadata.name": "monitoring"})
+    scraped = {e["port"] for m in objects if m["kind"] == "PodMonitor" for e in m["spec"]["podMetricsEndpoints"]}
+    annotations = one(objects, "RayCluster")["spec"]["headGroupSpec"]["template"]["metadata"]["annotations"]
+    if "prometheus.io/port" in annotations:
+        scraped.add(int(annotations["prometheus.io/port"]))
+    assert scraped, "no scrape configured"
+    for port in scraped:
+        assert admits(policies, prometheus, head, head.ports[port] if isinstance(port, str) else port)
+    for name, target in members.items():
+        assert admits(policies, prometheus, target, RAY_METRICS_PORT), f"Ray's metrics on {name}"
+        assert not admits(policies, prometheus, target, 6379), name
+    assert not admits(policies, prometheus, head, head.ports["grpc"])
+    for name, neighbour in neighbours().items():
+        assert not admits(policies, neighbour, head, head.ports["http"]), name
+        assert not admits(policies, neighbour, members["decode"], RAY_METRICS_PORT), name
+    ingress = Pod({"app": "ingress"}, "ingress-nginx", {"kubernetes.io/metadata.name": "ingress-nginx"})
+    assert not admits(policies, ingress, members["decode"], RAY_METRICS_PORT)
+
+
+def test_peers_without_network_policies_are_refused():
+    from tests.deploy.conftest import HelmError
+
+    for key in ("routerFrom", "metricsFrom"):
+        with pytest.raises(HelmError, match=f"networkPolicy.{key} is set but networkPolicy.enabled is false"):
+            chart_objects(values={"networkPolicy": {"enabled": False, key: [MONITORING]}})

@@ -79,6 +79,9 @@ for the other: a pool without its own target is not planned (cluster/config.py, 
 {{- define "splitserve.clusterConfig" -}}
 # splitserve cluster config (cluster/config.py); the head adds --address auto --host 0.0.0.0 --worker-host auto.
 model: {{ toJson .Values.model.name }}
+{{- with .Values.model.servedName }}
+served_model_name: {{ toJson . }}
+{{- end }}
 {{- with .Values.model.dtype }}
 dtype: {{ toJson . }}
 {{- end }}
@@ -290,26 +293,177 @@ runAsGroup: 1000
 fsGroup: 1000
 {{- end -}}
 
-{{/* Checks the values cannot express on their own; an error here stops `helm install`. */}}
-{{- define "splitserve.validate" -}}
-{{- range $role := list "prefill" "decode" }}
-{{- $pool := index $.Values $role }}
+{{/*
+Ray's own ports in the head pod (KubeRay 1.7's defaults; the autoscaler sidecar shares the pod's network).
+"declared": the head container lists them by name; the others are bound all the same. The router's ports must
+be none of them.
+*/}}
+{{- define "splitserve.rayHeadPorts" -}}
+{{- toJson (dict
+  "declared" (dict "gcs-server" 6379 "dashboard" 8265 "client" 10001 "metrics" 8080)
+  "bound" (dict "dashboard-agent" 52365 "autoscaler-metrics" 44217 "dashboard-metrics" 44227)) -}}
+{{- end -}}
+
+{{/* Ray's metrics port on every pod (KubeRay's --metrics-export-port). */}}
+{{- define "splitserve.rayMetricsPort" -}}
+{{- (include "splitserve.rayHeadPorts" . | fromJson).declared.metrics | int -}}
+{{- end -}}
+
+{{/*
+Environment variables the chart or KubeRay set in the pods, with the value that owns each: head.env and
+<pool>.env may not name them (a second copy would shadow or be shadowed by the first).
+*/}}
+{{- define "splitserve.reservedEnv" -}}
+{{- toJson (dict
+  "SPLITSERVE_URL" "the chart, from router.httpPort and tls.existingSecret"
+  "SPLITSERVE_ROUTER_CA" "the chart, from tls.caKey"
+  "SPLITSERVE_API_KEYS" "the chart, from apiKeys"
+  "SPLITSERVE_API_KEYS_FILE" "the chart, from apiKeys"
+  "SPLITSERVE_ADMIN_TOKEN" "the chart, from adminToken"
+  "SPLITSERVE_ADMIN_TOKEN_FILE" "the chart, from adminToken"
+  "SPLITSERVE_CLUSTER_SECRET" "the chart, from clusterSecret"
+  "SPLITSERVE_CLUSTER_SECRET_FILE" "the chart, from clusterSecret"
+  "SPLITSERVE_TLS_CERT" "the chart, from clusterTLS.existingSecret"
+  "SPLITSERVE_TLS_KEY" "the chart, from clusterTLS.existingSecret"
+  "SPLITSERVE_TLS_CA" "the chart, from clusterTLS.existingSecret"
+  "SPLITSERVE_TLS_SERVER_NAME" "the chart, from clusterTLS.serverName"
+  "KUBERAY_GEN_RAY_START_CMD" "KubeRay (the pod's ray start)"
+  "RAY_ADDRESS" "KubeRay (the head's address)"
+  "RAY_PORT" "KubeRay (the head's address)"
+  "RAY_IP" "KubeRay (the head's address)"
+  "FQ_RAY_IP" "KubeRay (the head's address)"
+  "RAY_CLUSTER_NAME" "KubeRay (the RayCluster's name)"
+  "RAY_CLOUD_INSTANCE_ID" "KubeRay (the pod's name)"
+  "RAY_NODE_TYPE_NAME" "KubeRay (the worker group)") -}}
+{{- end -}}
+
+{{/* "true" when the chart's API-keys Secret also holds the PodMonitor's bearer token (its first key). */}}
+{{- define "splitserve.writesMetricsKey" -}}
+{{- if and .Values.apiKeys.create (not .Values.router.openMetrics) (not .Values.metrics.podMonitor.bearerTokenSecret.name) -}}true{{- end -}}
+{{- end -}}
+
+{{/* The data of the chart's API-keys Secret: secret.yaml writes it, the head's checksum/api-keys hashes it. */}}
+{{- define "splitserve.apiKeysSecretData" -}}
+# SPLITSERVE_API_KEYS: the keys, comma-separated.
+{{ .Values.apiKeys.secretKey }}: {{ join "," .Values.apiKeys.keys | b64enc }}
+{{- if include "splitserve.writesMetricsKey" . }}
+# The PodMonitor's bearer token while /metrics wants a key: the first API key.
+{{ .Values.metrics.podMonitor.bearerTokenSecret.key }}: {{ first .Values.apiKeys.keys | default "" | b64enc }}
+{{- end }}
+{{- end -}}
+
+{{/* A CPU quantity in millicores ("2", 2, "1.5", "500m"); empty for any other form. */}}
+{{- define "splitserve.millicpus" -}}
+{{- $quantity := toString . -}}
+{{- if regexMatch "^[0-9]+m$" $quantity -}}
+{{- trimSuffix "m" $quantity | int -}}
+{{- else if regexMatch "^[0-9]+(\\.[0-9]+)?$" $quantity -}}
+{{- mulf (float64 $quantity) 1000 | int -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Container env entries given in the values (head.env, <pool>.env): none the chart or KubeRay sets, none twice. */}}
+{{- define "splitserve.validateEnv" -}}
+{{- $reserved := include "splitserve.reservedEnv" .root | fromJson -}}
+{{- $seen := dict -}}
+{{- range $entry := .env }}
+{{- with get $reserved $entry.name }}
+{{- fail (printf "%s: %s is set by %s; it cannot be set here too" $.key $entry.name .) }}
+{{- end }}
+{{- if hasKey $seen $entry.name }}
+{{- fail (printf "%s: %s is given twice" $.key $entry.name) }}
+{{- end }}
+{{- $_ := set $seen $entry.name true }}
+{{- end }}
+{{- end -}}
+
+{{/* One pool's checks: replicas in order, its GPUs and CPUs agreeing with the device, threads and pod. */}}
+{{- define "splitserve.validatePool" -}}
+{{- $role := .role -}}
+{{- $pool := index .root.Values $role -}}
+{{- $device := .root.Values.model.device -}}
 {{- if not (and (le (int $pool.minReplicas) (int $pool.replicas)) (le (int $pool.replicas) (int $pool.maxReplicas))) }}
 {{- fail (printf "%s: need minReplicas <= replicas <= maxReplicas, got %d, %d, %d" $role (int $pool.minReplicas) (int $pool.replicas) (int $pool.maxReplicas)) }}
 {{- end }}
-{{- if and (eq $.Values.model.device "cuda") (lt (int $pool.gpusPerWorker) 1) }}
+{{- if and (eq $device "cuda") (lt (int $pool.gpusPerWorker) 1) }}
 {{- fail (printf "%s: model.device cuda needs gpusPerWorker >= 1" $role) }}
 {{- end }}
+{{- if and (eq $device "cpu") (gt (int $pool.gpusPerWorker) 0) }}
+{{- fail (printf "%s.gpusPerWorker is %d but model.device is cpu: each pod would hold a GPU its worker never uses; set model.device cuda (and image.variant cuda) or %s.gpusPerWorker 0" $role (int $pool.gpusPerWorker) $role) }}
 {{- end }}
-{{- if lt (int .Values.decode.minReplicas) 1 }}
-{{- fail "decode: minReplicas must be at least 1 (the router needs a decode worker)" }}
+{{- if gt (int $pool.threads) (int $pool.cpusPerWorker) }}
+{{- fail (printf "%s.threads (%d) is more than %s.cpusPerWorker (%d), the CPUs Ray gives the worker: lower %s.threads or raise %s.cpusPerWorker" $role (int $pool.threads) $role (int $pool.cpusPerWorker) $role $role) }}
 {{- end }}
-{{- if eq .Values.prefill.rayResource .Values.decode.rayResource }}
-{{- fail "prefill.rayResource and decode.rayResource must differ: each pool is pinned to its own worker group" }}
+{{- $requested := include "splitserve.millicpus" $pool.resources.requests.cpu }}
+{{- if not $requested }}
+{{- fail (printf "%s.resources.requests.cpu %v: give CPUs as a number (2, 1.5) or in millicores (500m)" $role $pool.resources.requests.cpu) }}
 {{- end }}
-{{- if and .Values.apiKeys.create .Values.apiKeys.existingSecret }}
-{{- fail "apiKeys: set either create or existingSecret, not both" }}
+{{- if gt (mul (int $pool.cpusPerWorker) 1000) (int $requested) }}
+{{- fail (printf "%s.cpusPerWorker (%d) is more than %s.resources.requests.cpu (%v): Ray would offer CPUs the pod is not given; raise %s.resources.requests.cpu or lower %s.cpusPerWorker" $role (int $pool.cpusPerWorker) $role $pool.resources.requests.cpu $role $role) }}
 {{- end }}
+{{- include "splitserve.validateEnv" (dict "root" .root "key" (printf "%s.env" $role) "env" ($pool.env | default list)) }}
+{{- end -}}
+
+{{/* The model: the image that can run its device, and a path that lies on the mounted volume. */}}
+{{- define "splitserve.validateModel" -}}
+{{- $model := .Values.model -}}
+{{- if ne (eq $model.device "cuda") (eq .Values.image.variant "cuda") }}
+{{- fail (printf "model.device %s and image.variant %s disagree: the cpu image has a CPU-only torch, and the cuda image is for GPU pods; set both to cpu or both to cuda" $model.device .Values.image.variant) }}
+{{- end }}
+{{- $mount := clean $model.mountPath }}
+{{- $under := printf "%s/" (trimSuffix "/" $mount) }}
+{{- if hasPrefix "/" $model.name }}
+{{- if not $model.volume }}
+{{- fail (printf "model.name %s is a path, but model.volume is empty: nothing is mounted there; set model.volume (mounted at model.mountPath %s) to the volume holding it" $model.name $mount) }}
+{{- end }}
+{{- $path := clean $model.name }}
+{{- if not (or (eq $path $mount) (hasPrefix $under $path)) }}
+{{- fail (printf "model.name %s is not under model.mountPath %s, where model.volume is mounted: the pods would find no model there" $model.name $mount) }}
+{{- end }}
+{{- else if $model.volume }}
+{{- fail (printf "model.volume is mounted at model.mountPath %s, but model.name %s is not a path under it: set model.name to the model directory there (e.g. %smodel), or leave model.volume empty" $mount $model.name $under) }}
+{{- end }}
+{{- end -}}
+
+{{/* The router's two ports: distinct, and none of Ray's in the head pod. */}}
+{{- define "splitserve.validatePorts" -}}
+{{- $http := int .Values.router.httpPort -}}
+{{- $grpc := int .Values.router.grpcPort -}}
+{{- if eq $http $grpc }}
+{{- fail (printf "router.httpPort and router.grpcPort are both %d: give them different ports" $http) }}
+{{- end }}
+{{- $ray := include "splitserve.rayHeadPorts" . | fromJson }}
+{{- range $name, $port := merge (dict) $ray.declared $ray.bound }}
+{{- range $key, $mine := dict "router.httpPort" $http "router.grpcPort" $grpc }}
+{{- if eq (int $port) $mine }}
+{{- fail (printf "%s %d is Ray's %s port in the head pod: pick another port" $key $mine $name) }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- end -}}
+
+{{/* API keys: from one place, and never given only to be ignored. */}}
+{{- define "splitserve.validateApiKeys" -}}
+{{- $keys := .Values.apiKeys -}}
+{{- if and $keys.create $keys.existingSecret }}
+{{- fail "apiKeys.create and apiKeys.existingSecret are both set: the keys come from one Secret; set either" }}
+{{- end }}
+{{- if and $keys.create (empty $keys.keys) }}
+{{- fail "apiKeys.create needs at least one key in apiKeys.keys (the router refuses an empty SPLITSERVE_API_KEYS)" }}
+{{- end }}
+{{- if and (not $keys.create) (not (empty $keys.keys)) }}
+{{- if $keys.existingSecret }}
+{{- fail (printf "apiKeys.keys is set beside apiKeys.existingSecret: the keys come from the Secret %s, so apiKeys.keys would be ignored; leave apiKeys.keys empty, or drop apiKeys.existingSecret and set apiKeys.create true" $keys.existingSecret) }}
+{{- end }}
+{{- fail "apiKeys.keys is set but apiKeys.create is false: no Secret would hold the keys and the API would stay open; set apiKeys.create true" }}
+{{- end }}
+{{- if and (include "splitserve.writesMetricsKey" .) (eq .Values.metrics.podMonitor.bearerTokenSecret.key $keys.secretKey) }}
+{{- fail (printf "metrics.podMonitor.bearerTokenSecret.key and apiKeys.secretKey are both %s: the chart's API-keys Secret holds both the keys and the PodMonitor's token; give them different names" $keys.secretKey) }}
+{{- end }}
+{{- end -}}
+
+{{/* Metrics: a scrape the chart sets up is one that can authenticate and get through the NetworkPolicy. */}}
+{{- define "splitserve.validateMetrics" -}}
 {{- if include "splitserve.metricsNeedKey" . }}
 {{- if .Values.metrics.podAnnotations }}
 {{- fail "metrics.podAnnotations: an annotation-discovered scrape sends no API key, and /metrics wants one (API keys set, router.openMetrics false): set router.openMetrics true, or metrics.podAnnotations false and use the PodMonitor" }}
@@ -318,7 +472,48 @@ fsGroup: 1000
 {{- fail "metrics.podMonitor: /metrics wants an API key (router.openMetrics false): set metrics.podMonitor.bearerTokenSecret.name to a Secret holding one, or use apiKeys.create" }}
 {{- end }}
 {{- end }}
-{{- if and .Values.apiKeys.create (empty .Values.apiKeys.keys) }}
-{{- fail "apiKeys.create needs at least one key in apiKeys.keys" }}
+{{- $policy := .Values.networkPolicy }}
+{{- if not $policy.enabled }}
+{{- range $key := list "routerFrom" "metricsFrom" }}
+{{- if not (empty (get $policy $key)) }}
+{{- fail (printf "networkPolicy.%s is set but networkPolicy.enabled is false: no NetworkPolicy would carry it" $key) }}
+{{- end }}
+{{- end }}
+{{- else if and (not (empty $policy.routerFrom)) (empty $policy.metricsFrom) }}
+{{- range $key, $on := dict "metrics.podMonitor.enabled" .Values.metrics.podMonitor.enabled "metrics.podAnnotations" .Values.metrics.podAnnotations }}
+{{- if $on }}
+{{- fail (printf "networkPolicy.routerFrom admits only its peers to the router's http port, where Prometheus scrapes /metrics (%s is true): set networkPolicy.metricsFrom to Prometheus' pods (e.g. [{namespaceSelector: {matchLabels: {kubernetes.io/metadata.name: monitoring}}}]), or set %s false" $key $key) }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- end -}}
+
+{{/* Checks the values cannot express on their own; an error here stops `helm install`. */}}
+{{- define "splitserve.validate" -}}
+{{- range $role := list "prefill" "decode" }}
+{{- include "splitserve.validatePool" (dict "root" $ "role" $role) }}
+{{- end }}
+{{- if lt (int .Values.decode.minReplicas) 1 }}
+{{- fail "decode: minReplicas must be at least 1 (the router needs a decode worker)" }}
+{{- end }}
+{{- if eq .Values.prefill.rayResource .Values.decode.rayResource }}
+{{- fail "prefill.rayResource and decode.rayResource must differ: each pool is pinned to its own worker group" }}
+{{- end }}
+{{- include "splitserve.validateModel" . }}
+{{- include "splitserve.validatePorts" . }}
+{{- include "splitserve.validateApiKeys" . }}
+{{- include "splitserve.validateMetrics" . }}
+{{- include "splitserve.validateEnv" (dict "root" . "key" "head.env" "env" (.Values.head.env | default list)) }}
+{{- if not .Values.autoscaler.enabled }}
+{{- range $key := list "ttftSeconds" "tpotSeconds" }}
+{{- if not (empty (get $.Values.slo $key)) }}
+{{- fail (printf "slo.%s turns the SLO planner on, which sizes its pool between minReplicas and maxReplicas, but autoscaler.enabled is false: no worker pod beyond replicas would ever be made; set autoscaler.enabled true or slo.%s null" $key $key) }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- range $key := keys .Values.head.podAnnotations | sortAlpha }}
+{{- if or (hasPrefix "checksum/" $key) (and $.Values.metrics.podAnnotations (hasPrefix "prometheus.io/" $key)) }}
+{{- fail (printf "head.podAnnotations: %s is the chart's own annotation (checksum/* from the config and Secrets, prometheus.io/* from metrics.podAnnotations)" $key) }}
+{{- end }}
 {{- end }}
 {{- end -}}
