@@ -77,6 +77,20 @@ def block_pieces(
         yield list(src_blocks[begin : begin + per_piece]), list(dst_blocks[begin : begin + per_piece])
 
 
+def tell_abort(
+    stub: kv_transfer_pb2_grpc.KVReceiverStub, request_id: str, ticket: decode_pb2.Ticket, reason: str, metadata=None
+) -> None:
+    """Tells the ticket's receiver that this sender writes nothing more for ``request_id`` (a Commit that aborts), so
+    that its reservation goes now; best effort: a receiver that does not hear it frees the blocks at the lease's end."""
+    abort = kv_transfer_pb2.CommitRequest(
+        request_id=request_id, instance_id=ticket.instance_id, token=ticket.token, abort=True, abort_reason=reason
+    )
+    try:
+        stub.Commit(abort, timeout=5.0, metadata=metadata)
+    except grpc.RpcError as exc:
+        log.info("could not tell %s about the abort of %s: %s", ticket.address, request_id, exc.details())
+
+
 # A sender's channel to a receiver keeps its connection to itself: a channel made anew after the receiver was lost
 # (``KVSender.forget``) connects at once, rather than share the old one's reconnect backoff through gRPC's global
 # subchannel pool.
@@ -213,12 +227,7 @@ class OutOfBandSession(OutboundSession):
         with self._lock:
             self.fail(reason)
         self.release(ABORT_RELEASE_TIMEOUT_S)  # our abort tells the receiver we write no more: make it true
-        try:
-            self._peer.stub.Commit(
-                self._commit_request(abort=True, abort_reason=reason), timeout=5.0, metadata=self.metadata
-            )
-        except grpc.RpcError as exc:
-            log.info("could not tell %s about the abort of %s: %s", self._peer.address, self.request_id, exc.details())
+        tell_abort(self._peer.stub, self.request_id, self.ticket, reason, self.metadata)
 
     def _commit_request(self, **fields) -> kv_transfer_pb2.CommitRequest:
         return kv_transfer_pb2.CommitRequest(
@@ -251,15 +260,8 @@ class KVSender(ABC):
         sender's word, or the lease, before it frees blocks a peer may write)."""
         with self._lock:
             channel = self._channels.get(ticket.address)
-        if channel is None:
-            return
-        abort = kv_transfer_pb2.CommitRequest(
-            request_id=request_id, instance_id=ticket.instance_id, token=ticket.token, abort=True, abort_reason=reason
-        )
-        try:
-            kv_transfer_pb2_grpc.KVReceiverStub(channel).Commit(abort, timeout=5.0)
-        except grpc.RpcError as exc:
-            log.info("could not tell %s about the abort of %s: %s", ticket.address, request_id, exc.details())
+        if channel is not None:
+            tell_abort(kv_transfer_pb2_grpc.KVReceiverStub(channel), request_id, ticket, reason)
 
     def peer(self, ticket: decode_pb2.Ticket, request_id: str = "") -> Peer:
         """``_peer``; where the receiver refuses this sender, ``request_id``'s reservation hears at once that no KV

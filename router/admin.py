@@ -74,6 +74,10 @@ def install_admin(
     async def refusal(request: Request, exc: _Refused) -> JSONResponse:
         return exc.response
 
+    @app.exception_handler(ControlPlaneUnavailable)  # whichever admin call asked it
+    async def unavailable(request: Request, exc: ControlPlaneUnavailable) -> JSONResponse:
+        return error_response(str(exc), 503, "control_plane_unavailable")
+
     @app.get("/admin/status")
     async def status(request: Request):
         if (problem := admin_refusal(request.headers, admin_token, api_keys, action=False)) is not None:
@@ -94,10 +98,7 @@ def install_admin(
             }
             for w in frontend.pool.workers.values()
         ]
-        try:
-            cluster = await control.status() if control is not None else None
-        except ControlPlaneUnavailable as exc:
-            return error_response(str(exc), 503, "control_plane_unavailable")
+        cluster = await control.status() if control is not None else None
         return {
             "cluster": cluster,
             "router": routers["router"],
@@ -111,8 +112,6 @@ def install_admin(
             return await control.scale(body.role, body.replicas)
         except ValueError as exc:
             return error_response(str(exc), 400, "invalid_request_error")
-        except ControlPlaneUnavailable as exc:
-            return error_response(str(exc), 503, "control_plane_unavailable")
 
     @app.post("/admin/drain", dependencies=[Depends(action_allowed)])
     async def drain(body: DrainBody):
@@ -120,5 +119,3 @@ def install_admin(
             return await control.drain(body.worker_id)
         except ValueError as exc:
             return error_response(str(exc), 404, "not_found")
-        except ControlPlaneUnavailable as exc:
-            return error_response(str(exc), 503, "control_plane_unavailable")

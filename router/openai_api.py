@@ -1905,7 +1905,8 @@ def _install_errors(app: FastAPI) -> None:
         location, forms = _located(first)
         param = ".".join(location) or None
         if forms:  # a value that is none of a union's types: each type's error names its form
-            forms = [form for error in exc.errors() for form in _located(error)[1] if _located(error)[0] == location]
+            located = [_located(error) for error in exc.errors()]
+            forms = [form for where, its_forms in located if where == location for form in its_forms]
             first = {**first, "msg": f"{first.get('msg')} (the forms it may take: {', '.join(dict.fromkeys(forms))})"}
         if first.get("type") == "extra_forbidden":
             return error_response(

@@ -125,7 +125,7 @@ class Router:
         address = f"{self.config.host}:{self.config.grpc_port}"
         try:
             self._grpc, self.grpc_port = create_grpc_server(
-                self.frontend, address, self.api_keys, self._grpc_tls(), _LISTENERS["grpc"]
+                self.frontend, address, self.api_keys, read_tls(self.config), _LISTENERS["grpc"]
             )
         except ListenError:
             http_socket.close()
@@ -153,10 +153,6 @@ class Router:
             await asyncio.sleep(0.02)
         self.http_port = http_socket.getsockname()[1]
         self.dashboard.start()  # recent history from now on, watched or not
-
-    def _grpc_tls(self) -> tuple[bytes, bytes] | None:
-        """(certificate chain, key) PEM for the public gRPC endpoint, when TLS is configured."""
-        return read_tls(self.config)
 
     async def wait_ready(self, timeout: float = 30.0) -> bool:
         """Until the model is known, a compatible decode worker is healthy and every known worker has
