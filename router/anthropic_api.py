@@ -68,6 +68,10 @@ def conversation(system: str | list[dict] | None, messages: list[dict]) -> list[
         role, content = message.get("role"), message.get("content")
         if role not in _ROLES:
             raise FieldError(f"{where}.role", f"{where}.role must be user or assistant; got {role!r}")
+        if content in ("", []) and not (role == "assistant" and index == len(messages) - 1):
+            # As Anthropic's API: an empty turn says nothing to the model, and only a final assistant turn (the
+            # answer's start) may be empty.
+            raise FieldError(f"{where}.content", f"{where}.content must not be empty (only a final assistant may be)")
         said.extend(_turns(role, content, f"{where}.content"))
     return said
 
@@ -157,6 +161,8 @@ def _text(content: Any, where: str, first: int = 0) -> str:
         if set(block) - _TEXT_BLOCK_KEYS or block.get("citations"):
             raise FieldError(here, f"{here} may hold only its type, text and cache_control")
         check_cache_control(block.get("cache_control"), f"{here}.cache_control")
+        if not block["text"]:
+            raise FieldError(f"{here}.text", f"{here}.text must not be empty: text blocks hold text")
         texts.append(block["text"])
     return "".join(texts)
 

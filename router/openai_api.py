@@ -1218,10 +1218,11 @@ def _completion_prompts(frontend: Frontend, prompt, add_special_tokens: bool) ->
 
 
 def _model_card(frontend: Frontend) -> dict:
+    served = frontend.model.require()
     return {
-        "id": frontend.model_name,
+        "id": served.name,
         "object": "model",
-        "created": 0,
+        "created": served.since,
         "owned_by": "splitserve",
         "max_model_len": frontend.max_model_len,
     }

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +45,8 @@ class ServedModel:
     tokenizer: Tokenizer
     max_model_len: int  # what the router admits: the card's, or lower if the router was told so
     think_tags: ThinkTags | None = None  # with a reasoning parser: where the thinking starts and ends
+    # When this router began serving it (Unix seconds): /v1/models' ``created``.
+    since: int = dataclasses.field(default_factory=lambda: int(time.time()))
 
     @property
     def block_size(self) -> int:

@@ -123,6 +123,10 @@ def test_a_last_assistant_message_is_the_start_of_the_answer(router, client):
     assert counted == chat.usage.prompt_tokens
     closed = _chat(router, said)  # the turn closed and a new one opened: another prompt
     assert closed.usage.prompt_tokens != counted
+    # Only the final assistant turn may be empty: the answer starts from nothing after the opened turn.
+    opened = [{"role": "user", "content": QUESTION}, {"role": "assistant", "content": ""}]
+    empty = client.messages.create(model=SERVED_MODEL, max_tokens=LIMIT, messages=opened, extra_body=GREEDY)
+    assert empty.content and empty.content[0].text
 
 
 def test_output_config_format_constrains_the_text_to_a_json_schema(client):
@@ -166,6 +170,14 @@ def test_output_config_format_constrains_the_text_to_a_json_schema(client):
             {"messages": [{"role": "assistant", "content": [{"type": "redacted_thinking", "data": "x"}]}]},
             "messages.0.content.0",
         ),
+        ({"messages": [{"role": "user", "content": ""}]}, "messages.0.content must not be empty"),
+        ({"messages": [{"role": "user", "content": []}]}, "messages.0.content must not be empty"),
+        (
+            {"messages": [{"role": "assistant", "content": ""}, {"role": "user", "content": "hi"}]},
+            "messages.0.content must not be empty",  # only a final assistant turn may be empty
+        ),
+        ({"messages": [{"role": "user", "content": [{"type": "text", "text": ""}]}]}, "messages.0.content.0.text"),
+        ({"system": [{"type": "text", "text": ""}]}, "system.0.text"),
         ({"metadata": {"user_id": "u", "team": "t"}}, "metadata.team"),
         ({"max_tokens": None}, "max_tokens"),
         ({"bogus_field": 1}, "bogus_field"),

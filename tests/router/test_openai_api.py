@@ -3,6 +3,7 @@ stop strings, n > 1, logprobs."""
 
 from __future__ import annotations
 
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -289,3 +290,5 @@ def test_logprobs_shapes(router, rng):
 def test_models_lists_the_served_model(router):
     models = router.openai().models.list()
     assert [m.id for m in models.data] == [SERVED_MODEL]
+    # created: when this router began serving the model, not 0 (clients sort and cache by it).
+    assert time.time() - 24 * 3600 < models.data[0].created <= time.time()
