@@ -260,8 +260,8 @@ def _given_settings(args: argparse.Namespace, names) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from cluster.config import MIN_DECODE_REPLICAS, PLANNER_BOUNDS, SLO_FLAGS, WORKER_THREADS
-    from contract.bounds import NON_NEGATIVE, PORT, Bound
+    from cluster.config import MIN_DECODE_REPLICAS, PLANNER_BOUNDS, SLO_FLAGS, WORKER_THREADS, ClusterConfig
+    from contract.bounds import NON_NEGATIVE, PORT, POSITIVE, Bound
     from router.config import BOUNDS
 
     parser = argparse.ArgumentParser(
@@ -383,6 +383,14 @@ def build_parser() -> argparse.ArgumentParser:
             help=f"the p90 {what} to hold: turns the planner on for the {pool} pool; a pool without its own "
             "target keeps its size",
         )
+    up.add_argument(
+        "--start-timeout-s",
+        type=_bounded(float, POSITIVE),
+        default=None,
+        metavar="SECONDS",
+        help="how long to wait for the first workers (placement, model loading) before stopping; default "
+        f"{ClusterConfig.start_timeout_s:g}",
+    )
     up.add_argument("--min-prefill", type=count, default=None, metavar="N")
     up.add_argument("--max-prefill", type=count, default=None, metavar="N")
     up.add_argument("--min-decode", type=_bounded(int, Bound(MIN_DECODE_REPLICAS)), default=None, metavar="N")
@@ -588,6 +596,7 @@ def cluster_config_from_args(args: argparse.Namespace):
         "transport": args.transport,
         "address": args.address,
         "worker_host": args.worker_host,
+        "start_timeout_s": args.start_timeout_s,
     }
     top = {k: v for k, v in top.items() if v is not None}
     settings = _given_settings(args, router_flag_fields("up"))

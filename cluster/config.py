@@ -190,6 +190,9 @@ class ClusterConfig:
     decode: PoolSpec = field(default_factory=PoolSpec)
     planner: PlannerSpec = field(default_factory=PlannerSpec)
     max_restarts: int = 3
+    # How long `up` waits for its first workers (placement, a node's start, an image pull, the model's loading)
+    # before it gives up and stops the cluster, naming what is still starting.
+    start_timeout_s: float = 300.0
     lease_ms: int = router_default("lease_ms")
     health_interval_s: float = router_default("health_interval_s")
     # The router's own settings (router/config.py owns them and their defaults). Its secrets (api_keys,
@@ -244,7 +247,7 @@ class ClusterConfig:
                 f"ray_num_cpus sizes the embedded Ray only; a joined Ray cluster (address {self.address!r}) has its "
                 "own CPUs: leave ray_num_cpus unset"
             )
-        check_bounds(self, {"ray_num_cpus": AT_LEAST_ONE, "max_restarts": NON_NEGATIVE})
+        check_bounds(self, {"ray_num_cpus": AT_LEAST_ONE, "max_restarts": NON_NEGATIVE, "start_timeout_s": POSITIVE})
 
     def pool(self, role: str) -> PoolSpec:
         return self.prefill if role == "prefill" else self.decode

@@ -30,7 +30,6 @@ log = logging.getLogger(__name__)
 
 ROLES = ("prefill", "decode")
 UNHEALTHY_AFTER = 2
-START_TIMEOUT_S = 300.0
 FAILED_KEPT = 10  # failed workers kept in the status, for their reasons (the latest ones)
 REPLACE_BACKOFF_MAX_S = 60.0  # a pool whose workers keep failing gets a replacement at most this often
 GONE = ("dead", "failed")  # dead: retired; failed: died once too often (last_error says why), replaced
@@ -93,7 +92,7 @@ class Controller:
         if self.config.planner.enabled:
             self._tasks.append(asyncio.create_task(self._loop(self._planner_tick, self.config.planner.interval_s)))
 
-    async def wait_ready(self, timeout_s: float = START_TIMEOUT_S) -> bool:
+    async def wait_ready(self, timeout_s: float) -> bool:
         """True once every pool has its desired ready workers; False after ``timeout_s``, or as soon as a worker
         has failed (died more often than max_restarts allows: not_ready_reason says why)."""
         deadline = time.monotonic() + timeout_s

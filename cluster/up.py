@@ -14,7 +14,7 @@ from pathlib import Path
 import ray
 
 from cluster.config import ClusterConfig
-from cluster.controller import START_TIMEOUT_S, controller_class
+from cluster.controller import controller_class
 from cluster.worker_actor import CONTROLLER_NAME
 from contract.heap import freeze_startup_heap
 from engine.errors import ModelLoadError
@@ -183,9 +183,12 @@ async def run_cluster(
             f"{config.decode.replicas} decode workers (Ctrl-C stops)",
             flush=True,
         )
-        if not await unless_stopped(controller.wait_ready.remote(), stop):
+        if not await unless_stopped(controller.wait_ready.remote(config.start_timeout_s), stop):
             reason = await controller.not_ready_reason.remote()
-            raise NotReady(f"the workers did not become ready (waited at most {START_TIMEOUT_S:g} s): {reason}")
+            raise NotReady(
+                f"the workers did not become ready (waited at most {config.start_timeout_s:g} s, start_timeout_s / "
+                f"--start-timeout-s): {reason}"
+            )
         urls = router.urls
         where = f"OpenAI API {urls['http']}/v1 | gRPC {urls['grpc']} | dashboard {urls['dashboard']}"
         if await unless_stopped(router.wait_ready(), stop):

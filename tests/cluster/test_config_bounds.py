@@ -235,6 +235,7 @@ def test_a_bad_log_level_is_refused_naming_the_flag(capsys, command):
         ({"ray_num_cpus": 0}, "ray_num_cpus must be >= 1, got 0"),
         ({"ray_num_cpus": 4, "address": "auto"}, "ray_num_cpus sizes the embedded Ray only"),
         ({"max_restarts": -1}, "max_restarts must be >= 0, got -1"),
+        ({"start_timeout_s": 0}, "start_timeout_s must be > 0, got 0"),
     ],
 )
 def test_ray_settings_that_would_be_ignored_are_refused(raw, message):

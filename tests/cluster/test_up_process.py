@@ -117,6 +117,24 @@ def test_a_dead_controller_stops_up_with_its_reason_for_a_supervisor_to_restart(
             process.wait(10)
 
 
+def test_workers_slower_than_the_start_timeout_stop_up_naming_the_setting(tmp_path):
+    """A model that loads slower than `up` waits (slow storage, a node still being provisioned): `up` stops with
+    status 1, saying how long it waited, which setting says so and what is still starting: the same wait, set
+    longer, is what lets such a cluster come up."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", XDG_RUNTIME_DIR=str(tmp_path))
+    command = [sys.executable, "-m", "cluster.cli", "up", "--port", "0", "--grpc-port", "0", "--start-timeout-s", "0.2"]
+    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        said, _ = process.communicate(timeout=240)
+        assert process.returncode == 1, said
+        assert "waited at most 0.2 s, start_timeout_s / --start-timeout-s" in said, said
+        assert "workers still starting" in said and "splitserve is up" not in said, said
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(10)
+
+
 def test_ray_address_without_address_is_refused_not_ignored(tmp_path):
     """Embedded Ray (no --address) never joins a cluster found on the machine; RAY_ADDRESS, Ray's own way to
     name one, is refused with a message rather than left unused."""

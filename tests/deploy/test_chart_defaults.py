@@ -6,13 +6,14 @@ the relation it keeps instead is checked. (rayVersion vs the Dockerfile's RAY_VE
 from __future__ import annotations
 
 import operator
+import re
 
 import pytest
 import yaml
 
 from cluster.config import ClusterConfig
 from router.server import CUT_UNWIND_S
-from tests.deploy.conftest import CHART, RENDERS, one, worker_group
+from tests.deploy.conftest import CHART, RENDERS, REPO, one, worker_group
 from tests.deploy.test_placement import configmap_config, quantity
 
 VALUES = yaml.safe_load((CHART / "values.yaml").read_text())
@@ -67,6 +68,9 @@ DIFFERS = {
     # A pod per worker: the worker gets the pod's cores, and torch as many threads; PoolSpec's 1 suits every worker
     # of `splitserve up` sharing one machine. Checked below: threads <= cpusPerWorker <= the pod's CPUs.
     **_per_pool({"cpusPerWorker": "num_cpus", "threads": "threads"}),
+    # A worker pod may first wait for a node (the autoscaler's) and an image pull; `splitserve up` on one machine
+    # waits for processes only. Checked below: the docs' `kubectl wait` outlasts it.
+    "startTimeoutSeconds": "start_timeout_s",
 }
 
 
@@ -127,3 +131,13 @@ def test_the_routers_stop_fits_in_the_head_pods_termination_grace(render):
         f"{render}: delay {router.shutdown_delay_s} + grace {router.shutdown_grace_s} + unwinding {2 * CUT_UNWIND_S} "
         f"+ workers {WORKERS_STOP_S} s against terminationGracePeriodSeconds {pod['terminationGracePeriodSeconds']}"
     )
+
+
+def test_the_docs_wait_outlasts_the_heads_wait_for_its_workers():
+    """Each `kubectl wait` the docs give must wait out startTimeoutSeconds: a shorter one reports a failure while the
+    head is still waiting for workers a node is being provisioned for."""
+    wait = re.compile(r"kubectl .*wait --for=condition=Ready .*--timeout=(\d+)m")
+    for doc in (REPO / "README.md", CHART / "README.md", CHART / "templates" / "NOTES.txt"):
+        minutes = [int(m) for m in wait.findall(doc.read_text())]
+        assert minutes, f"{doc}: no kubectl wait"
+        assert all(m * 60 >= _value("startTimeoutSeconds") for m in minutes), (doc, minutes)

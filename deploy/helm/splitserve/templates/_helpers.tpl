@@ -87,6 +87,7 @@ dtype: {{ toJson . }}
 {{- end }}
 device: {{ toJson .Values.model.device }}
 transport: {{ toJson .Values.transport }}
+start_timeout_s: {{ int .Values.startTimeoutSeconds }}
 lease_ms: {{ int .Values.router.leaseMs }}
 router:
   port: {{ int .Values.router.httpPort }}
