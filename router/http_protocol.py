@@ -10,6 +10,10 @@ Each deadline is a total, not an idle timer: a byte every few seconds does not e
 never timed: a slow but progressing stream is the application's business (its own request timeout).
 A 408 goes out only while no response has started (HTTP allows it then); otherwise the connection closes.
 
+A request's line and headers are bounded in size too (``MAX_HEADER_BYTES``, 431 + close past it): httptools
+gathers a header a piece at a time, at a cost that grows with the square of its length, on the one event loop
+that serves every client and checks the workers' health; a 90 MB header, sent within the deadline, held it 7 s.
+
 A client whose host vanished (its link down: no FIN, no RST ever comes) is let go once it has been silent for
 cluster_auth.PEER_SILENCE_S: while data waits for it, it has acknowledged nothing (the kernel's TCP_INFO, read every
 second); while it waits for an answer (a completion not streamed), it has not answered TCP keepalive probes. Its
@@ -37,15 +41,19 @@ _UNACKED = struct.Struct("=24xI")  # tcpi_unacked: segments sent and not yet ack
 _LAST_ACK_RECV = struct.Struct("=56xI")  # tcpi_last_ack_recv: ms since the peer last acknowledged anything
 
 
+# A request line and headers above this are refused (431): Node's limit is 16 KiB, nginx's 4 x 8 KiB buffers.
+MAX_HEADER_BYTES = 64 * 1024
+
+
+def _closing_response(status: str, kind: str, message: str) -> bytes:
+    """A whole response, in the OpenAI error shape, for a connection about to close."""
+    body = json.dumps({"error": {"message": message, "type": kind, "param": None, "code": None}}).encode()
+    fields = ("content-type: application/json", "connection: close", f"content-length: {len(body)}")
+    return "\r\n".join((f"HTTP/1.1 {status}", *fields, "", "")).encode() + body
+
+
 def _response_408(message: str) -> bytes:
-    body = json.dumps({"error": {"message": message, "type": "request_timeout", "param": None, "code": None}}).encode()
-    head = (
-        b"HTTP/1.1 408 Request Timeout\r\n"
-        b"content-type: application/json\r\n"
-        b"connection: close\r\n"
-        b"content-length: " + str(len(body)).encode() + b"\r\n\r\n"
-    )
-    return head + body
+    return _closing_response("408 Request Timeout", "request_timeout", message)
 
 
 class DeadlineProtocol(HttpToolsProtocol):
@@ -60,6 +68,11 @@ class DeadlineProtocol(HttpToolsProtocol):
         self._body_deadline: asyncio.TimerHandle | None = None
         self._socket: socket.socket | None = None
         self._silence_check: asyncio.TimerHandle | None = None
+        # Between one request's end and the next one's headers' end: the bytes read meanwhile (a read that also
+        # ended a request is not counted: what of it the next request's headers hold is at most one read).
+        self._in_headers = True
+        self._header_bytes = 0
+        self._headers_ended = 0
 
     # -- headers --------------------------------------------------------------------------------------
 
@@ -87,12 +100,28 @@ class DeadlineProtocol(HttpToolsProtocol):
             return
         self._silence_check = self.loop.call_later(1.0, self._check_silence)
 
+    def data_received(self, data: bytes) -> None:
+        ended = self._headers_ended
+        in_headers = self._in_headers
+        super().data_received(data)
+        if not (in_headers and self._in_headers and ended == self._headers_ended):
+            return  # a request's headers ended within this read, or its body came
+        self._header_bytes += len(data)
+        if self._header_bytes > MAX_HEADER_BYTES and not self.transport.is_closing():
+            if self.cycle is None or self.cycle.response_complete:
+                message = f"the request line and headers exceed {MAX_HEADER_BYTES} bytes"
+                status = "431 Request Header Fields Too Large"
+                self.transport.write(_closing_response(status, "invalid_request_error", message))
+            self.transport.close()  # else a response is being written (a pipelined request): no room for a 431
+
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self._arm_header_deadline()
 
     def on_headers_complete(self) -> None:
         self._cancel_header_deadline()
+        self._in_headers, self._header_bytes = False, 0
+        self._headers_ended += 1
         super().on_headers_complete()
 
     def _arm_header_deadline(self) -> None:
@@ -122,6 +151,7 @@ class DeadlineProtocol(HttpToolsProtocol):
         super()._start_asgi_task(cycle, app)
 
     def on_message_complete(self) -> None:
+        self._in_headers = True  # what comes next is the next request's
         if self.cycle is not None and self._body_deadline is not None:
             self._body_deadline.cancel()
             self._body_deadline = None

@@ -7,6 +7,7 @@ A real Router (its uvicorn server, no workers needed: nothing here reaches a wor
 from __future__ import annotations
 
 import json
+import re
 import socket
 import struct
 import time
@@ -15,6 +16,7 @@ from urllib.parse import urlparse
 import pytest
 
 from router.config import RouterConfig
+from router.http_protocol import MAX_HEADER_BYTES
 from tests.router.conftest import RouterThread
 
 HEADER_TIMEOUT_S = 1.0
@@ -167,6 +169,40 @@ def test_a_normal_request_with_a_body_is_answered(router):
         response, took = read_until_closed(sock, 10)
     assert not response.startswith(b"HTTP/1.1 408 "), response[:200]
     assert took < HEADER_TIMEOUT_S  # answered at once, not by a deadline
+
+
+def test_headers_past_the_size_cap_get_431_at_once(router):
+    """A header that grows within the deadline: refused once the headers pass MAX_HEADER_BYTES, long before the
+    megabytes sent (each parsed at a cost that grows with the square of its length, on the router's one loop)."""
+    with connect(router) as sock:
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: ")
+        start, sent = time.monotonic(), 0
+        try:
+            while sent < 64 * MAX_HEADER_BYTES:
+                sock.sendall(b"a" * 16384)
+                sent += 16384
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        response, _ = read_until_closed(sock, SLACK_S)
+    head, _, body = response.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 431 "), response[:200]
+    assert str(MAX_HEADER_BYTES) in json.loads(body)["error"]["message"]
+    assert time.monotonic() - start < HEADER_TIMEOUT_S  # refused as it grew, not at the deadline
+
+
+def test_headers_under_the_cap_and_bodies_past_it_are_answered(router):
+    """The cap counts a request's line and headers only: large headers under it, and a body many times its size
+    with a pipelined request behind it, are served."""
+    under = b"".join(b"X-H%d: %s\r\n" % (i, b"v" * 1000) for i in range(MAX_HEADER_BYTES // 1100))
+    body = json.dumps({"model": "nothing-served", "prompt": "x" * (4 * MAX_HEADER_BYTES)}).encode()
+    post = b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    with connect(router) as sock:
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n" + under + b"\r\n")
+        sock.sendall(post + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        response, _ = read_until_closed(sock, 10)
+    statuses = re.findall(rb"HTTP/1\.1 (\d{3}) ", response)
+    assert statuses == [b"200", b"503", b"200"], response[:300]  # 503: this router serves no model
 
 
 # struct tcp_info (linux/tcp.h): tcpi_data_segs_in, the segments with data this end has received.
