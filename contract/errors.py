@@ -15,6 +15,20 @@ class FieldError(ValueError):
         self.field = field
 
 
+# A request id is echoed (gRPC: in every chunk) and goes into log lines: a longer one is refused, as is one that is
+# not printable ASCII (a newline would forge a log line). The router holds its clients' ids to it, the workers every
+# id they are sent.
+MAX_REQUEST_ID_CHARS = 256
+
+
+def check_request_id(request_id: str, field: str) -> None:
+    """FieldError naming ``field`` for a request id past MAX_REQUEST_ID_CHARS or not printable ASCII."""
+    if len(request_id) > MAX_REQUEST_ID_CHARS:
+        raise FieldError(field, f"{field} has {len(request_id)} characters; at most {MAX_REQUEST_ID_CHARS} are allowed")
+    if not (request_id.isascii() and request_id.isprintable()):
+        raise FieldError(field, f"{field} must be printable ASCII")
+
+
 @contextmanager
 def fields_named(names: Mapping[str, str]) -> Iterator[None]:
     """Renames the field of a FieldError raised inside, where the request spells it otherwise than the record that

@@ -15,6 +15,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from contract.errors import check_request_id
 from contract.sampling import FieldError, SamplingParams, check_token_ids, check_vocabulary
 from engine.block_manager import BlockAllocator, KVEvent
 from engine.config import EngineConfig, blocks_for_budget
@@ -273,6 +274,12 @@ class Engine:
         return self.tokenizer.encode(word, add_special_tokens=False)
 
     def _validate(self, request_id: str, prompt: list[int], params: SamplingParams, resumed: list[int]) -> None:
+        if not request_id:
+            raise InvalidRequestError("request_id must not be empty")
+        try:
+            check_request_id(request_id, "request_id")  # as the router's: a peer's megabytes would be kept
+        except FieldError as exc:
+            raise InvalidRequestError(str(exc)) from exc
         if request_id in self.requests:
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
         if not prompt:

@@ -40,7 +40,6 @@ def log_access(client: str, request: str, status: int | str, started: float, req
 
 
 MAX_PRIORITY = (1 << 31) - 1  # a request's priority is gRPC's int32 (lower goes first)
-MAX_REQUEST_ID_CHARS = 256  # a client's request id is echoed (gRPC: in every chunk): a longer one is refused
 
 # The id the client knows the request being served by (X-Request-Id, gRPC's request_id); "" where it gave none
 # and knows the router's own. The router's log lines about a request name it (``GenerationRequest.named``).
@@ -52,15 +51,6 @@ def serving(request_id: str) -> None:
     lines about it carry that id."""
     _PUBLIC_REQUEST_ID.set(request_id)
     tracing.annotate(request_id=request_id or None)
-
-
-def check_request_id(request_id: str, field: str) -> None:
-    """A client's request id (gRPC's ``request_id``, HTTP's ``X-Request-Id``): FieldError naming ``field`` past
-    MAX_REQUEST_ID_CHARS or where it is not printable ASCII (it goes into log lines, and out as a header)."""
-    if len(request_id) > MAX_REQUEST_ID_CHARS:
-        raise FieldError(field, f"{field} has {len(request_id)} characters; at most {MAX_REQUEST_ID_CHARS} are allowed")
-    if not (request_id.isascii() and request_id.isprintable()):
-        raise FieldError(field, f"{field} must be printable ASCII")
 
 
 class Overloaded(GenerationError):

@@ -15,12 +15,12 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from contract import tracing
-from contract.errors import fields_named
+from contract.errors import check_request_id, fields_named
 from contract.sampling import FIELDS as SAMPLING_FIELDS
 from contract.sampling import FieldError, SamplingParams
 from protos import generate_pb2, generate_pb2_grpc
 from protos.cluster_auth import add_port, server_options
-from router.frontend import Frontend, check_request_id, log_access, serving
+from router.frontend import Frontend, log_access, serving
 from router.orchestrator import GenerationError
 from router.structured import tool_turns
 

@@ -39,7 +39,7 @@ from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
 
-from contract.errors import fields_named
+from contract.errors import check_request_id, fields_named
 from contract.grammar import Grammar
 from contract.sampling import FIELDS as SAMPLING_FIELDS
 from contract.sampling import FieldError, SamplingParams, check_text, check_token_ids, logprobs_count, wrap_seed
@@ -47,7 +47,7 @@ from engine.tokenizer import IncrementalDetokenizer, Tokenizer
 from protos import common_pb2
 from router import anthropic_api, reasoning, responses_api
 from router.config import cors_origin_list
-from router.frontend import Frontend, Overloaded, check_request_id, log_access, serving
+from router.frontend import Frontend, Overloaded, log_access, serving
 from router.json_route import JsonBodyRoute
 from router.orchestrator import Delta, GenerationError, GenerationRequest, failure
 from router.stored_responses import ENDED, ResponseStore, Stored

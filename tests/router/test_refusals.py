@@ -13,9 +13,8 @@ import grpc
 import httpx
 import pytest
 
-from contract.errors import FieldError
+from contract.errors import MAX_REQUEST_ID_CHARS, FieldError
 from protos import common_pb2, generate_pb2, generate_pb2_grpc
-from router.frontend import MAX_REQUEST_ID_CHARS
 from tests.router.conftest import SERVED_MODEL, RouterThread, random_prompt, router_config
 from tests.workers.harness import start_worker, stop_workers
 

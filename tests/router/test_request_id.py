@@ -13,8 +13,8 @@ import httpx
 import openai
 import pytest
 
+from contract.errors import MAX_REQUEST_ID_CHARS
 from protos import common_pb2, generate_pb2, generate_pb2_grpc
-from router.frontend import MAX_REQUEST_ID_CHARS
 from tests.router.conftest import SERVED_MODEL
 from tests.workers.harness import wait_until
 

@@ -15,6 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from contract.errors import MAX_REQUEST_ID_CHARS
 from kv_transfer.integrity import checksum
 from protos import common_pb2, decode_pb2, kv_transfer_pb2, kv_transfer_pb2_grpc, prefill_pb2
 from tests.protobuf_strategies import messages
@@ -312,3 +313,34 @@ def test_worker_services_answer_only_documented_codes(workers, data):
 def test_after_the_worker_fuzz_every_block_returns(workers):
     wait_idle(workers.decode, timeout=30)
     wait_idle(workers.prefill, timeout=30)
+
+
+@pytest.mark.parametrize(
+    ("request_id", "said"),
+    [("", "must not be empty"), ("r" * (MAX_REQUEST_ID_CHARS + 1), "at most"), ("a\nb", "printable ASCII")],
+    ids=["empty", "too long", "a newline"],
+)
+def test_a_request_id_the_router_would_refuse_is_refused_by_every_worker_entry(workers, rng, request_id, said):
+    """A peer's request ids are held to the router's rule: a worker kept a reservation's 40 MB id as long as its lease
+    (twelve of them took 600 MB), and an empty one reserved blocks no KV could ever reach."""
+    prompt = random_prompt(rng, 24, VOCAB)
+    calls = [
+        (
+            workers.decode.stub.Reserve,
+            decode_pb2.ReserveRequest(request_id=request_id, prompt_token_ids=prompt, params=wire_params(4)),
+        ),
+        (
+            workers.decode.stub.Generate,
+            decode_pb2.GenerateRequest(request_id=request_id, prompt_token_ids=prompt, params=wire_params(4)),
+        ),
+        (
+            workers.prefill.stub.Prefill,
+            prefill_pb2.PrefillRequest(
+                request_id=request_id, prompt_token_ids=prompt, params=wire_params(4), ticket_follows=True
+            ),
+        ),
+    ]
+    for call, request in calls:
+        error = rpc_error(call, request, timeout=20)
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and said in error.details(), (call, error.details())
+    wait_idle(workers.decode, timeout=30)
