@@ -128,8 +128,8 @@ class Reservations:
       (a late commit is refused, a late abort ignored).
     - A reservation is a capability: ``reserve`` mints an unguessable token for its ticket and hands
       the landing its copy (the KV receiver checks senders against it before enqueueing anything);
-      the client's abort and claim must present it too (``authorize``). A wrong token is
-      PERMISSION_DENIED and changes nothing.
+      the client's abort and claim must present it too (``authorize``), for as long as the request
+      lives, its record gone or not. A wrong token is PERMISSION_DENIED and changes nothing.
     - One peer holds at most ``max_per_peer`` OPEN reservations (RESOURCE_EXHAUSTED beyond), so it
       cannot hold every block until leases expire.
     """
@@ -150,6 +150,9 @@ class Reservations:
         self.remote_writes = remote_writes
         self.clock = clock
         self._records: dict[str, Reservation] = {}
+        # The token of each request that came through a reservation, until the engine has forgotten it: a claimed
+        # reservation's record goes, and its request is still only its ticket's holder's to abort.
+        self._owners: dict[str, str] = {}
         self._lock = threading.Lock()
         # Read by Stats from RPC threads (plain ints): reservations OPEN now, leases expired ever.
         self.in_flight = 0
@@ -188,6 +191,7 @@ class Reservations:
         held = engine.reserve(request_id, list(prompt), params, resume_token_ids, priority)
         first_missing = held.num_cached_tokens // engine.config.block_size
         token = secrets.token_urlsafe(24)
+        self._owners[request_id] = token
         self.inbox.open(request_id, held.block_ids[first_missing:], token)
         now = self.clock()
         self._records[request_id] = Reservation(
@@ -245,9 +249,9 @@ class Reservations:
     @_locked
     def authorize(self, request_id: str, token: str) -> None:
         """A client's abort or claim of ``request_id``: raises PERMISSION_DENIED unless it presents the
-        ticket's token. Nothing to check when there is no reservation record."""
-        record = self._records.get(request_id)
-        if record is not None and not hmac.compare_digest(token.encode(), record.token.encode()):
+        ticket's token. Nothing to check for a request that came through no reservation."""
+        owner = self._owners.get(request_id)
+        if owner is not None and not hmac.compare_digest(token.encode(), owner.encode()):
             raise TransferError(f"wrong ticket token for reservation {request_id!r}", "PERMISSION_DENIED")
 
     @_locked
@@ -291,6 +295,8 @@ class Reservations:
                 record.ended_at = now
             if self._done(record, now):
                 del self._records[record.request_id]
+        for request_id in [r for r in self._owners if r not in self._records and r not in engine.requests]:
+            del self._owners[request_id]
 
     # -- transitions ------------------------------------------------------------------------------
 

@@ -175,6 +175,39 @@ def test_another_requests_ticket_or_a_wrong_token_is_refused_and_disturbs_nothin
                 code_of(d.Abort, common_pb2.AbortRequest(request_id=ticket.request_id, token=ticket.token), timeout=5)
 
 
+def test_a_claimed_reservations_request_is_still_only_its_tickets_holders_to_abort(pair):
+    """A reservation whose KV landed before its client claimed it loses its record at the claim, and its request runs
+    on: a wrong token's Abort must still be PERMISSION_DENIED (it ended another request's stream 277 tokens into 300),
+    and the stream goes on to the same tokens as without it."""
+    decode, prefill = pair
+    prompt, limit = [5 + i % 40 for i in range(50)], 900  # long enough to be running at the abort
+    with member(decode.address) as d_channel, member(prefill.address) as p_channel:
+        d = decode_pb2_grpc.DecodeWorkerStub(d_channel)
+        reserve = decode_pb2.ReserveRequest(request_id="claimed", prompt_token_ids=prompt, params=params(limit))
+        victim = d.Reserve(reserve)
+        try:
+            prefill_pb2_grpc.PrefillWorkerStub(p_channel).Prefill(
+                prefill_pb2.PrefillRequest(
+                    request_id="claimed", prompt_token_ids=prompt, params=params(limit), ticket=victim
+                ),
+                timeout=30,
+            )
+            outputs = d.Generate(decode_pb2.GenerateRequest(request_id="claimed", reserved=True, token=victim.token))
+            first = next(outputs)
+            assert decode.reservations.get("claimed") is None and "claimed" in decode.engine.requests
+            for token in ("", "not-the-token"):
+                abort = common_pb2.AbortRequest(request_id="claimed", token=token)
+                assert code_of(d.Abort, abort, timeout=5) == grpc.StatusCode.PERMISSION_DENIED
+            rest = list(outputs)
+        finally:
+            code_of(d.Abort, common_pb2.AbortRequest(request_id="claimed", token=victim.token), timeout=5)
+        local = d.Generate(
+            decode_pb2.GenerateRequest(request_id="unclaimed", prompt_token_ids=prompt, params=params(limit))
+        )
+        assert rest[-1].finish_reason == "length"
+        assert [t for o in (first, *rest) for t in o.token_ids] == [t for o in local for t in o.token_ids]
+
+
 # -- per-peer limits ----------------------------------------------------------------------------------
 
 
