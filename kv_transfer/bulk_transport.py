@@ -85,7 +85,7 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from google.protobuf.message import DecodeError
@@ -205,15 +205,18 @@ def _recv_bytes(sock: socket.socket, count: int, deadline: float | None = None) 
     return bytes(buffer)
 
 
-def _recv_views(sock: socket.socket, views: list[memoryview]) -> None:
+def _recv_views(sock: socket.socket, views: list[memoryview], arrived: Callable[[int], None]) -> None:
     """Fills every view, in order: ``recvmsg_into`` scatters what has arrived over as many of them as it
-    covers, one call rather than one per view (a frame's pieces land in a few calls)."""
+    covers, one call rather than one per view (a frame's pieces land in a few calls). ``arrived`` is told each
+    call's bytes, and raises to stop (a frame that trickles in must not hold its reservation's blocks past its
+    lease)."""
     views = list(views)
     while views:
         count = sock.recvmsg_into(views[:512])[0]  # IOV_MAX is 1024 on Linux
         if count == 0:
             raise ConnectionError("the peer closed the bulk connection")
         _advance(views, count)
+        arrived(count)
 
 
 def _send_all(sock: socket.socket, buffers: list) -> None:
@@ -411,7 +414,13 @@ class BulkReceiver:
         hashing = checked and self.inbox.verify_checksums
 
         def fill(layer: int, blocks) -> int:  # a piece's regions, each chunk hashed as soon as it landed, in cache
-            nonlocal received
+            landing = self.inbox.get(request_id)
+
+            def arrived(count: int) -> None:
+                nonlocal received
+                received += count
+                self.inbox.require_accepting(landing)  # stopped meanwhile: unpinned, the rest drained
+
             if staging is None:
                 views = region_views(self.inbox.cache, layer, blocks)
             else:  # through a host buffer, then copied into the pool
@@ -419,8 +428,7 @@ class BulkReceiver:
             digest = running_checksum()
             for chunk in in_cache_sized(views):
                 parts = [part for _, part in chunk]
-                _recv_views(sock, parts)
-                received += sum(len(part) for part in parts)
+                _recv_views(sock, parts, arrived)
                 if hashing:
                     for part in parts:
                         digest.update(part)

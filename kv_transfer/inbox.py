@@ -216,7 +216,7 @@ class KVInbox:
     def layers_complete(self, request_id: str) -> bool:
         landing = self._landing(request_id)
         with landing.lock:
-            self._require_accepting(landing)
+            self.require_accepting(landing)
             return landing.complete
 
     def wait_for_layers(self, request_id: str, timeout: float) -> bool:
@@ -241,7 +241,7 @@ class KVInbox:
         """Every layer landed: the owner accepts the KV. Returns the bytes received."""
         landing = self._landing(request_id)
         with landing.lock:
-            self._require_accepting(landing)
+            self.require_accepting(landing)
             if not landing.complete:
                 missing = landing.missing_layers()
                 raise TransferError(f"commit before layers {missing[:8]} landed", "FAILED_PRECONDITION")
@@ -263,7 +263,7 @@ class KVInbox:
     def pin(self, landing: Landing) -> Iterator[None]:
         """Transport threads: hold while touching a landing's blocks; refused once its gate is shut."""
         with landing.lock:
-            self._require_accepting(landing)
+            self.require_accepting(landing)
             landing.pins += 1
         try:
             yield
@@ -272,7 +272,8 @@ class KVInbox:
                 landing.pins -= 1
 
     @staticmethod
-    def _require_accepting(landing: Landing) -> None:
+    def require_accepting(landing: Landing) -> None:
+        """TransferError ABORTED once the reservation left OPEN (its gate shut: lease expired, aborted, committed)."""
         if not landing.accepting:
             reason = landing.closed_reason or "stopped"
             raise TransferError(f"reservation {landing.request_id} takes no more KV: {reason}", "ABORTED")

@@ -541,6 +541,36 @@ def test_a_sender_that_stalls_mid_frame_stops_the_reservation_after_the_stall_ti
         idle.close()
 
 
+def test_a_frame_that_trickles_holds_no_blocks_once_its_reservation_stopped(receiver):
+    """A byte now and then, each within the stall timeout, kept a frame's landing pinned, and so its reservation's
+    blocks held past its lease, for as long as the sender liked: once the reservation stops (its lease ran out here),
+    the frame's next byte unpins it, and the link answers the frame refused."""
+    receiver.inbox.open("r", DST_BLOCKS, TOKEN)
+    link = BulkLink("127.0.0.1", receiver.bulk.port, SECRET, verify=True)
+    try:
+        payload = LAYOUT.region_bytes * len(DST_BLOCKS)
+        link.sock.sendall(frame_header("r", TOKEN, [(0, DST_BLOCKS)]) + bytes(payload // 2))
+        assert wait_for(lambda: receiver.inbox.pinned("r"), 5), "the frame never started landing"
+        receiver.inbox.close("r", "lease expired before the KV landed")  # what the decode worker's tick does
+        time.sleep(0.2)
+        assert receiver.inbox.pinned("r"), "nothing came since: the read still waits"
+        link.sock.sendall(b"\0")  # the trickle's next byte
+        assert wait_for(lambda: not receiver.inbox.pinned("r"), 5), "the stopped reservation is still pinned"
+        link.sock.sendall(bytes(payload - payload // 2 - 1) + frame_trailer([0]))  # the rest is drained
+        assert "takes no more KV: lease expired" in _ack(link.sock)
+    finally:
+        link.close()
+
+
+def wait_for(predicate, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
 def test_without_a_bulk_listener_kv_goes_in_grpc_messages():
     receiver = Receiver(bulk=False)
     source = _source(seed=6)
