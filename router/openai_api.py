@@ -1443,14 +1443,20 @@ def _tool_finish(finish_reason: str | None) -> str | None:
 
 async def _tool_call_deltas(deltas: AsyncIterator[tuple[int, Delta]], tools: Tools) -> AsyncIterator[tuple[int, Delta]]:
     """A stream whose text is held back to its end, where tool calls are parsed out of it: the last delta of each
-    choice carries the content (if any) and the calls. Logprobs still stream as they come."""
+    choice carries the content (if any) and the calls. Logprobs still stream as they come. A delta held back whole
+    passes its tokens to the next one sent (the usage counts every token)."""
     texts: dict[int, list[str]] = {}
+    held: dict[int, tuple[int, ...]] = {}  # per choice: the tokens of deltas not sent, for the next one sent
     async for index, delta in deltas:
         first = index not in texts
         texts.setdefault(index, []).append(delta.text)
+        if held.get(index):
+            delta = replace(delta, token_ids=held.pop(index) + tuple(delta.token_ids))
         if not delta.finish_reason:
             if first or delta.logprobs or delta.reasoning:  # the thinking streams: tool calls follow it
                 yield index, replace(delta, text="")
+            else:
+                held[index] = tuple(delta.token_ids)
             continue
         content, calls = tools.parse("".join(texts[index]))
         if calls:

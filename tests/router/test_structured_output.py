@@ -334,10 +334,13 @@ def test_a_streamed_response_sends_its_function_calls_as_items_at_the_end(setup)
 
 def test_tool_calls_stream_at_the_end(setup):
     client = _client(setup, "grpc")
-    stream = client.chat.completions.create(
-        model=MODEL, messages=ASK, tools=[WEATHER], tool_choice="required", max_tokens=150, seed=3, stream=True
-    )
-    chunks = [c for c in stream if c.choices]
+    asked = dict(model=MODEL, messages=ASK, tools=[WEATHER], tool_choice="required", max_tokens=150, seed=3)
+    stream = client.chat.completions.create(**asked, stream=True, stream_options={"include_usage": True})
+    everything = list(stream)
+    chunks = [c for c in everything if c.choices]
+    # The usage counts every token, the ones held back with the text too (it counted 2 of 40).
+    whole = client.chat.completions.create(**asked)
+    assert everything[-1].usage.completion_tokens == whole.usage.completion_tokens > 2
     last = chunks[-1].choices[0]
     assert last.finish_reason == "tool_calls"
     assert not any(c.choices[0].delta.tool_calls for c in chunks[:-1])
