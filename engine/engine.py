@@ -317,15 +317,15 @@ class Engine:
         if params.max_tokens <= room:
             return params
         where = self._capacity_spelled()
-        if not params.max_tokens_defaulted:
-            raise InvalidRequestError(
-                f"prompt ({len(prompt)} tokens) + max_tokens ({params.max_tokens}) = {len(prompt) + params.max_tokens} "
-                f"tokens do not fit in {where}: at most {max(room, 0)} may follow this prompt"
-            )
-        if used >= capacity:
+        if used >= capacity:  # whatever max_tokens says: the prompt is what to shorten
             raise InvalidRequestError(
                 f"prompt ({len(prompt)} tokens{f' + {len(resumed)} resumed' if resumed else ''}) leaves no room "
                 f"for output in {where}"
+            )
+        if not params.max_tokens_defaulted:
+            raise InvalidRequestError(
+                f"prompt ({len(prompt)} tokens) + max_tokens ({params.max_tokens}) = {len(prompt) + params.max_tokens} "
+                f"tokens do not fit in {where}: at most {room} may follow this prompt"
             )
         if params.min_tokens > room:
             raise InvalidRequestError(

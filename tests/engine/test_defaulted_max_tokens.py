@@ -69,6 +69,9 @@ def test_an_explicit_max_tokens_that_does_not_fit_is_refused_by_name(engine):
 def test_no_room_or_a_min_tokens_above_the_lowered_limit_is_refused(engine):
     with pytest.raises(InvalidRequestError, match="leaves no room"):
         engine.add_request("full", _prompt(POOL_TOKENS), DEFAULTED)
+    # A max_tokens given or not, a prompt that fills the pool is what to shorten (not "at most 0 may follow").
+    with pytest.raises(InvalidRequestError, match=r"^prompt \(\d+ tokens\) leaves no room"):
+        engine.add_request("full", _prompt(POOL_TOKENS), SamplingParams(max_tokens=5, temperature=0.0))
     with pytest.raises(InvalidRequestError, match=r"min_tokens \(100\) exceeds the 88 tokens"):
         engine.add_request(
             "min", _prompt(40), SamplingParams(max_tokens=1000, min_tokens=100, max_tokens_defaulted=True)
