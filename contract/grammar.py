@@ -89,9 +89,44 @@ def text_grammar(kind: str, text, field: str) -> Grammar:
     """A regex or a Lark/GBNF grammar."""
     if not isinstance(text, str) or not text:
         raise FieldError(field, f"{field} must be a non-empty string")
-    grammar = Grammar(kind, text)
+    grammar = Grammar(kind, ascii_classes(text) if kind == "regex" else text)
     grammar.check(field)
     return grammar
+
+
+_ASCII_CLASSES = {"d": "0-9", "w": "0-9A-Za-z_"}
+
+
+def ascii_classes(pattern: str) -> str:
+    """``pattern`` with ``\\d`` and ``\\w`` (and ``\\D``, ``\\W`` outside a class) spelled as the ASCII classes JSON
+    Schema's ``pattern`` and vLLM's regexes mean. llguidance reads them as Unicode's: a phone number's digits came out
+    as U+1FBF8, a digit to it."""
+    out, i, in_class = [], 0, False
+    while i < len(pattern):
+        char = pattern[i]
+        if char == "\\" and i + 1 < len(pattern):
+            escaped = pattern[i + 1]
+            body = _ASCII_CLASSES.get(escaped.lower())
+            if body is None or (in_class and escaped.isupper()):
+                out.append(pattern[i : i + 2])  # another escape, or a negated class inside a class: as written
+            elif in_class:
+                out.append(body)
+            else:
+                out.append(f"[{'^' if escaped.isupper() else ''}{body}]")
+            i += 2
+            continue
+        if char == "[" and not in_class:
+            in_class = True
+            opening = 1 + (pattern[i + 1 : i + 2] == "^")
+            opening += pattern[i + opening : i + opening + 1] == "]"  # a ']' first in a class is itself
+            out.append(pattern[i : i + opening])
+            i += opening
+            continue
+        if char == "]" and in_class:
+            in_class = False
+        out.append(char)
+        i += 1
+    return "".join(out)
 
 
 @functools.lru_cache(maxsize=256)

@@ -4,6 +4,7 @@ recorded token, and resumable after tokens generated elsewhere (a migration)."""
 from __future__ import annotations
 
 import json
+import re
 
 import jsonschema
 import pytest
@@ -72,3 +73,15 @@ def test_compiled_matchers_are_cached_by_spec_key(bpe):
     compiler.matcher(first, [1])
     compiler.matcher(specs.Grammar("regex", "[0-9]+", accepted_prompt_tokens=0), [1])
     assert list(compiler._compiled) == [first.key]
+
+
+def test_a_regexs_digit_and_word_classes_are_ascii_as_json_schema_and_vllm_read_them():
+    """llguidance reads \\d as any Unicode digit: a regex for a phone number gave U+1FBF8s. On random byte logits, a
+    sample of \\d and \\w runs holds only ASCII."""
+    tokenizer = ByteTokenizer(320)
+    for seed in range(6):
+        params = SamplingParams(
+            max_tokens=100, temperature=1.5, grammar=specs.text_grammar("regex", r"\d{4}-[\w]{4}", "r")
+        )
+        text = tokenizer.decode(_run(tokenizer, 320, params, seed))
+        assert re.fullmatch(r"[0-9]{4}-[0-9A-Za-z_]{4}", text), repr(text)
