@@ -19,6 +19,7 @@ consecutive snapshots.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import math
@@ -281,6 +282,7 @@ class Dashboard:
         self.admin_token = admin_token
         self.history: deque[dict] = deque(maxlen=HISTORY_POINTS)
         self._sampler: asyncio.Task | None = None
+        self.stopped = asyncio.Event()  # the router is stopping: the feeds end
         self.activity = ActivityLog()
         self.ttft = HistogramWindow(frontend.metrics.ttft)
         self.tpot = HistogramWindow(frontend.metrics.tpot)
@@ -308,6 +310,8 @@ class Dashboard:
             self._sampler = asyncio.create_task(self._sample_forever())
 
     async def stop(self) -> None:
+        """The sampler stops, and every open feed ends: a page is no request in flight, for the router to wait on."""
+        self.stopped.set()
         if self._sampler is not None:
             self._sampler.cancel()
             await asyncio.gather(self._sampler, return_exceptions=True)
@@ -609,9 +613,10 @@ def _install_feed(app: FastAPI, dashboard: Dashboard, api_keys: tuple[str, ...])
             return problem
 
         async def stream():
-            while not await request.is_disconnected():
+            while not dashboard.stopped.is_set() and not await request.is_disconnected():
                 yield f"data: {json.dumps(await dashboard.snapshot())}\n\n"
-                await asyncio.sleep(SNAPSHOT_INTERVAL_S)
+                with contextlib.suppress(TimeoutError):  # the router stopping ends the feed at once
+                    await asyncio.wait_for(dashboard.stopped.wait(), SNAPSHOT_INTERVAL_S)
 
         return StreamingResponse(
             stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
