@@ -14,6 +14,10 @@ from prometheus_client.samples import Sample
 from protos.worker_metrics import worker_metrics
 from router.workers import INCOMPATIBLE_FIELDS
 
+# The quantile an SLO target holds (--ttft-slo, --tpot-slo): the planner scales on it, and the alerting rules
+# (deploy/prometheus/rules.yaml) page on it.
+SLO_QUANTILE = 0.9
+
 LATENCY_BUCKETS = (
     0.005,
     0.01,
@@ -357,8 +361,8 @@ class LatencyWindow:
         ttft = sorted(v for t, v in self._ttft if t >= since)
         tpot = sorted(v for t, v in self._tpot if t >= since)
         return {
-            "ttft_p90_s": _quantile(ttft, 0.9),
-            "tpot_p90_s": _quantile(tpot, 0.9),
+            "ttft_p90_s": _quantile(ttft, SLO_QUANTILE),
+            "tpot_p90_s": _quantile(tpot, SLO_QUANTILE),
             "ttft_samples": len(ttft),
             "tpot_samples": len(tpot),
             "queue_depth": queue_depth,

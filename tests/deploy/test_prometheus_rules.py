@@ -10,6 +10,7 @@ import subprocess
 import pytest
 import yaml
 
+from router.metrics import SLO_QUANTILE
 from tests.deploy.conftest import DEPLOY
 
 RULES = DEPLOY / "prometheus" / "rules.yaml"
@@ -50,8 +51,8 @@ def test_promtool_catches_a_broken_rule(tmp_path):
 
 
 SLO_ALERTS = {
-    "SplitserveTTFTAboveSLO": ("splitserve:time_to_first_token_seconds:p99_5m", "ttft"),
-    "SplitserveTPOTAboveSLO": ("splitserve:time_per_output_token_seconds:p99_5m", "tpot"),
+    "SplitserveTTFTAboveSLO": ("splitserve:time_to_first_token_seconds:p90_5m", "ttft"),
+    "SplitserveTPOTAboveSLO": ("splitserve:time_per_output_token_seconds:p90_5m", "tpot"),
 }
 
 
@@ -70,6 +71,17 @@ def test_the_slo_alerts_compare_with_the_exported_target(name):
     assert f'splitserve_slo_target_seconds{{slo="{slo}"}}' in right
     assert not re.search(r"\b\d", right.replace(f'"{slo}"', "")), f"a number in the threshold: {right}"
     assert not re.search(r"\b\d+(\.\d+)? ?m?s\b", rule["annotations"]["summary"]), "a fixed number in the summary"
+
+
+@pytest.mark.parametrize("name", sorted(SLO_ALERTS))
+def test_the_slo_alerts_page_on_the_quantile_the_planner_scales_on(name):
+    """--ttft-slo and --tpot-slo are targets for a p90 (SLO_QUANTILE): an alert on the p99 paged for an SLO the
+    planner held met, while it shrank the pool."""
+    rules = yaml.safe_load(RULES.read_text())
+    (recorded,) = [r for g in rules["groups"] for r in g["rules"] if r.get("record") == SLO_ALERTS[name][0]]
+    quantile = re.match(r"histogram_quantile\(([0-9.]+),", recorded["expr"])
+    assert quantile and float(quantile.group(1)) == SLO_QUANTILE, recorded["expr"]
+    assert f"p{round(SLO_QUANTILE * 100)} of" in _alert(rules, name)["annotations"]["summary"]
 
 
 @pytest.mark.parametrize("threshold", ["0.3", "1", "1.5"])
