@@ -207,7 +207,17 @@ class Controller:
         self.desired[role] = replicas
         self._request_resources()
         self._reconcile()
-        return {"role": role, "desired": replicas}
+        reply = {"role": role, "desired": replicas}
+        if self.config.planner.enabled and role in self.config.planner.planned_roles:
+            # Else the planner undid it at its next tick (2 s), under a success banner.
+            self.planner.operator_set(role, time.time())
+            spec = self.config.planner
+            reply["planner"] = (
+                f"the planner sizes the {role} pool to its SLO target: it leaves this size for "
+                f"{spec.scale_up_cooldown_s:g} s before growing it and {spec.scale_down_cooldown_s:g} s before "
+                "shrinking it"
+            )
+        return reply
 
     async def drain(self, worker_id: str) -> dict:
         record = self.records.get(worker_id)

@@ -53,6 +53,10 @@ class Planner:
     _last_up: dict[str, float] = field(default_factory=dict)
     _last_down: dict[str, float] = field(default_factory=dict)
 
+    def operator_set(self, role: str, now: float) -> None:
+        """An operator sized ``role``'s pool: it holds for both cooldowns, as the planner's own change would."""
+        self._last_up[role] = self._last_down[role] = now
+
     def decide(self, now: float, observation: Observation, current: dict[str, int]) -> list[PlannerDecision]:
         decisions = []
         signals = {

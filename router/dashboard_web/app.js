@@ -246,7 +246,8 @@
       return showResult("error", `Refused (${response.status}): ${reason}`);
     }
     showResult("ok", kind === "scale"
-      ? `The ${body.role} pool is now set to ${payload.desired ?? body.replicas}; workers appear below as they start or drain.`
+      ? `The ${body.role} pool is now set to ${payload.desired ?? body.replicas}; workers appear below as they start or drain.` +
+        (payload.planner ? ` Note: ${payload.planner}.` : "")
       : `Worker ${body.worker_id} is draining; it leaves the topology once its work is done.`);
   }
 

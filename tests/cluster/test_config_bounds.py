@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import time
 import typing
 
 import pytest
 
 from cluster.cli import build_parser, main, router_config_from_args
-from cluster.config import ClusterConfig, PoolSpec, from_dict
+from cluster.config import ClusterConfig, PlannerSpec, PoolSpec, from_dict
 from cluster.controller import Controller, WorkerRecord
+from cluster.planner import Observation
 from contract.bounds import MAX_LEASE_MS
 from router.config import BOUNDS, RouterConfig
 
@@ -261,6 +263,26 @@ def test_scale_below_a_pools_min_replicas_is_refused_naming_it():
     with pytest.raises(ValueError, match="max_replicas 4, got 5"):
         asyncio.run(controller.scale("prefill", 5))
     assert asyncio.run(controller.scale("prefill", 2)) == {"role": "prefill", "desired": 2}
+
+
+def test_a_manual_scale_of_a_planned_pool_holds_for_the_planners_cooldowns_and_says_so():
+    """The planner undid a `splitserve scale` at its next tick (2 s later), while the reply and the dashboard said
+    done: an operator's size now holds as the planner's own change would, and the reply says for how long."""
+    config = ClusterConfig(
+        prefill=PoolSpec(replicas=1, min_replicas=1, max_replicas=3), planner=PlannerSpec(ttft_target_s=1.0)
+    )
+    controller = Controller(config.to_json())
+    controller._reconcile = controller._request_resources = lambda: None
+    reply = asyncio.run(controller.scale("prefill", 2))
+    assert "planner sizes the prefill pool" in reply["planner"] and "30 s before shrinking" in reply["planner"]
+    idle = Observation(
+        ttft_p90_s=None, tpot_p90_s=None, ttft_samples=0, tpot_samples=0, queue_depth=0, requests_in_window=0
+    )
+    now = time.time()
+    assert controller.planner.decide(now + 2, idle, dict(controller.desired)) == []
+    (later,) = controller.planner.decide(now + 31, idle, dict(controller.desired))
+    assert (later.role, later.current, later.target) == ("prefill", 2, 1)
+    assert "planner" not in asyncio.run(controller.scale("decode", 1))  # a pool the planner leaves alone
 
 
 def test_drain_at_a_pools_min_replicas_replaces_the_worker():
