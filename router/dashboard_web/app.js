@@ -45,16 +45,18 @@
   // The feed, with the token given when it starts; a refused token stops it until another is given.
   async function connect() {
     if (feed) feed.abort();
+    // Tried without a token too: a router without admin auth serves its data to anyone, and asks for none.
     const secret = token();
-    if (!secret) {
-      setConnection("no admin token");
-      return showBanner($("token-needed"), "Enter the admin token to see the cluster (`splitserve up` prints where it is).");
-    }
     const controller = new AbortController();
     feed = controller;
     while (feed === controller) {
       try {
-        const response = await fetch("/dashboard/events", { headers: { "X-Admin-Token": secret }, signal: controller.signal, cache: "no-store" });
+        const headers = secret ? { "X-Admin-Token": secret } : {};
+        const response = await fetch("/dashboard/events", { headers, signal: controller.signal, cache: "no-store" });
+        if ((response.status === 401 || response.status === 403) && !secret) {
+          setConnection("no admin token");
+          return showBanner($("token-needed"), "Enter the admin token to see the cluster (`splitserve up` prints where it is).");
+        }
         if (response.status === 401 || response.status === 403) {
           const payload = await response.json().catch(() => ({}));
           setConnection("token refused");

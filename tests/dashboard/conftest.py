@@ -55,7 +55,18 @@ class PageProblems:
         page.on("pageerror", lambda error: self.messages.append(f"uncaught: {error}"))
 
 
-def give_token(page, token: str) -> None:
-    """Types the admin token into the page's field and submits it: the page shows nothing without it."""
+# The page tries the feed without a token first (a router without admin auth needs none): against one with admin
+# auth, that try's 403 is the browser's console line, not a problem of the page's.
+TOKENLESS_TRY = "console: Failed to load resource: the server responded with a status of 403 (Forbidden)"
+
+
+def give_token(page, token: str, problems: PageProblems | None = None) -> None:
+    """Types the admin token into the page's field and submits it, once its try without one ended: the page shows
+    nothing without it. ``problems``: the page's, if not ``page.problems``."""
+    settled = "['no admin token', 'token refused', 'live'].includes(document.querySelector('#connection').textContent)"
+    page.wait_for_function(f"() => {settled}")
+    problems = problems or getattr(page, "problems", None)
+    if problems is not None and TOKENLESS_TRY in problems.messages:
+        problems.messages.remove(TOKENLESS_TRY)
     page.fill("#admin-token", token)
     page.press("#admin-token", "Enter")

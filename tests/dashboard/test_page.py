@@ -79,6 +79,20 @@ def test_the_page_shows_nothing_until_given_the_admin_token(page, router):
     assert page.problems.messages == []
 
 
+def test_a_router_without_admin_auth_shows_its_cluster_without_asking_for_a_token(page):
+    """Its data is open (router/admin.py): the page asked for a token anyway, then took any string."""
+    config = RouterConfig(model="demo", decode_addresses=("127.0.0.1:9",), port=0, grpc_port=0)
+    open_router = RouterThread(config, ready=False)
+    try:
+        page.goto(f"{open_router.http}/dashboard")
+        page.locator("#connection.pill-on").wait_for()
+        page.locator("#pool-decode").wait_for()
+        assert page.locator("#token-needed").is_hidden()
+        assert page.problems.messages == []
+    finally:
+        open_router.stop()
+
+
 def test_charts_open_on_recent_history(page, router):
     deadline = time.monotonic() + 30
     while len(history(router)) < HISTORY_AT_LEAST:  # the router samples whether or not a page watches

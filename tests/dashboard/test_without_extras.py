@@ -36,7 +36,7 @@ def test_page_explains_missing_charts_and_disables_actions(browser, bare_router)
     problems = PageProblems(page)
     try:
         page.goto(f"{bare_router}/dashboard")  # no API key: the dashboard wants the admin token instead
-        give_token(page, "unused")
+        give_token(page, "unused", problems)
         missing = page.locator("#chart-missing")
         missing.wait_for(timeout=10_000)
         assert "npm ci --prefix router/dashboard_web" in missing.inner_text()
