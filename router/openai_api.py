@@ -38,6 +38,7 @@ from pydantic_core import PydanticCustomError
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
+from starlette.routing import Match
 
 from contract.errors import check_request_id, fields_named
 from contract.grammar import Grammar
@@ -1975,7 +1976,7 @@ def open_paths(config) -> frozenset[str]:
 
 
 def _install_guards(app: FastAPI, frontend: Frontend, api_keys: tuple[str, ...]) -> None:
-    app.add_middleware(_Guard, frontend=frontend, api_keys=api_keys)
+    app.add_middleware(_Guard, frontend=frontend, api_keys=api_keys, routes=app.router.routes)
     origins = cors_origin_list(frontend.config.cors_origins)
     if origins:
         # Outside the guard: a browser's preflight (OPTIONS) carries no API key, and is answered here. The API key
@@ -1995,8 +1996,9 @@ class _Guard:
     (``@app.middleware``) would hide the client's disconnect from ``request.is_disconnected()``, and with it
     the cancellation of a non-streaming request whose client left."""
 
-    def __init__(self, app, frontend: Frontend, api_keys: tuple[str, ...]) -> None:
+    def __init__(self, app, frontend: Frontend, api_keys: tuple[str, ...], routes: list) -> None:
         self.app = app
+        self.routes = routes  # the app's, to name the route of a request refused before routing
         self.frontend = frontend
         self.api_keys = api_keys
         self.limit = frontend.config.max_body_bytes
@@ -2029,6 +2031,8 @@ class _Guard:
             else:
                 await self._guarded(scope, receive, answer, headers)
         finally:
+            if answer.status:  # every answer, refusals of the guard's own included (a 401 is what to watch for)
+                self.frontend.metrics.requests_by(self._route_template(scope), str(answer.status)).inc()
             if self.access_log:
                 host, port = (scope.get("client") or ("-", 0))[:2]
                 request = f"{scope['method']} {scope['path']}"  # status "-": the client left before an answer
@@ -2057,11 +2061,15 @@ class _Guard:
                 await self._too_large()(scope, receive, send)
                 return
             receive = _replaying(body, receive)
-        try:
-            await self.app(scope, receive, send)
-        finally:
-            if send.status:
-                self.frontend.metrics.requests_by(_route_template(scope), str(send.status)).inc()
+        await self.app(scope, receive, send)
+
+    def _route_template(self, scope) -> str:
+        """The matched route's path template (Starlette sets ``scope["route"]``; a request refused before routing is
+        matched here), or "other": a bounded label set, where raw paths would make a series per junk path."""
+        route = scope.get("route")
+        if route is None:
+            route = next((r for r in self.routes if r.matches(scope)[0] is not Match.NONE), None)
+        return getattr(route, "path", None) or "other"
 
     def _too_large(self) -> JSONResponse:
         return error_response(f"request body larger than {self.limit} bytes", 413, "request_too_large")
@@ -2127,13 +2135,6 @@ class _Answer:
             await self._send({**start, "headers": [*kept, (b"content-length", str(len(body)).encode())]})
             message = {"type": "http.response.body", "body": body, "more_body": False}
         await self._send(message)
-
-
-def _route_template(scope) -> str:
-    """The matched route's path template (Starlette sets ``scope["route"]``), or "other": a bounded label set, where
-    raw paths would make a series per junk path."""
-    route = scope.get("route")
-    return getattr(route, "path", None) or "other"
 
 
 def _replaying(body: bytes, receive):

@@ -8,9 +8,11 @@ Real routers (uvicorn and gRPC servers; no workers needed) and, for the command 
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 import time
+import urllib.parse
 from pathlib import Path
 
 import grpc
@@ -18,6 +20,7 @@ import httpx
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from prometheus_client.parser import text_string_to_metric_families
 
 from router.config import RouterConfig
 from tests.procfs import cmdlines
@@ -57,6 +60,49 @@ def test_metrics_and_docs_want_an_api_key_unless_opened(closed):
             assert get(opened, path).status_code == 200, path
     finally:
         opened.stop()
+
+
+def _requests_counted(router) -> dict[tuple[str, str], float]:
+    text = get_text(router, "/metrics", Authorization=f"Bearer {API_KEY}")
+    counted = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "splitserve_requests_total":
+                counted[sample.labels["endpoint"], sample.labels["status"]] = sample.value
+    return counted
+
+
+def get_text(router, path: str, **headers) -> str:
+    return httpx.get(f"{router.http}{path}", headers=headers, timeout=10).text
+
+
+def test_requests_the_edge_refuses_are_counted_under_their_route(closed):
+    """A 401 (a wrong or missing key), a 413 and a malformed X-Request-Id never reached a route: they went uncounted,
+    and a credential rotation's failures were nowhere on the dashboards."""
+    before = _requests_counted(closed)
+    chat = f"{closed.http}/v1/chat/completions"
+    with httpx.Client(timeout=10) as client:
+        assert client.post(chat, json={}).status_code == 401
+        assert client.post(chat, json={}, headers={"Authorization": "Bearer sk-wrong"}).status_code == 401
+        url = urllib.parse.urlparse(closed.http)
+        with socket.create_connection((url.hostname, url.port), timeout=10) as sock:
+            too_large = closed.router.config.max_body_bytes + 1  # declared, and answered before any of it is read
+            sock.sendall(
+                f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {API_KEY}\r\n"
+                f"Content-Length: {too_large}\r\n\r\n".encode()
+            )
+            assert sock.recv(65536).startswith(b"HTTP/1.1 413 ")
+        assert client.post(chat, json={}, headers={"X-Request-Id": "a\tb"}).status_code == 400
+        assert client.post(f"{closed.http}/no/such/path", json={}).status_code == 401
+    after = _requests_counted(closed)
+
+    def added(endpoint: str, status: str) -> float:
+        return after.get((endpoint, status), 0) - before.get((endpoint, status), 0)
+
+    assert added("/v1/chat/completions", "401") == 2
+    assert added("/v1/chat/completions", "413") == 1
+    assert added("/v1/chat/completions", "400") == 1
+    assert added("other", "401") == 1  # no route: one bounded series
 
 
 def test_operator_data_wants_the_admin_token(closed):
