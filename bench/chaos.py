@@ -21,6 +21,7 @@ Exit status 1 on any wrong answer, hang, leak or worker that did not come back; 
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import itertools
 import json
@@ -42,6 +43,18 @@ from pathlib import Path
 import httpx
 
 from bench import processes
+from bench.args import (
+    Given,
+    add_api_key_arguments,
+    api_key_from,
+    int_between,
+    non_negative_float,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    report_config,
+    share,
+)
 from bench.chaos_faults import (
     FAULT_KINDS,
     ClusterView,
@@ -56,7 +69,8 @@ from bench.chaos_faults import (
     wait_recovered,
 )
 from bench.chaos_workload import Answer, Prompt, Reference, build_prompts, judge, stream
-from router.config import admin_token_from_env, api_keys_from_env, read_api_keys
+from contract.bounds import MAX_LEASE_MS
+from router.config import admin_token_from_env
 
 UP_READY = re.compile(r"splitserve is up: OpenAI API (http://\S+)/v1")
 FAILURE_COUNTERS = ("migrations", "prefill_retries", "lease_expired_requests")
@@ -479,11 +493,10 @@ async def _first_model(client: httpx.AsyncClient, base_url: str, api_key: str | 
 
 
 def _write_json(args, run: Run, summary: dict) -> None:
-    config = {k: v for k, v in vars(args).items() if k not in ("run", "module")}
     with open(args.json_path, "w") as handle:
         json.dump(
             {
-                "config": config,
+                "config": report_config(args),
                 "summary": summary,
                 "faults": [asdict(f) for f in run.faults],
                 "requests": [asdict(r) for r in run.records],
@@ -493,19 +506,22 @@ def _write_json(args, run: Run, summary: dict) -> None:
         )
 
 
+LOCAL_UP_ONLY = ("prefill_flag", "decode_flag", "transport_flag", "kv_cache_mb", "log")
+
+
+def check_args(args, given: Given) -> None:
+    if args.url:
+        given.refuse(LOCAL_UP_ONLY, "for the local up this command starts; not with --url")
+
+
 def run(args) -> int:
-    if args.url and any(v is not None for v in (args.prefill_flag, args.decode_flag, args.transport_flag)):
-        raise SystemExit(
-            "splitserve bench chaos: --prefill, --decode and --transport describe a local up; not with --url"
-        )
     args.prefill = args.prefill_flag if args.prefill_flag is not None else 2
     args.decode = args.decode_flag if args.decode_flag is not None else 2
     args.transport = args.transport_flag or "grpc"
     args.served_model = args.model if args.url else None
     args.settle_timeout = args.settle_timeout or 2 * args.lease_ms / 1000.0 + 20.0
     args.admin_token = admin_token_from_env()  # $SPLITSERVE_ADMIN_TOKEN[_FILE]; a local up gets one of ours
-    keys = read_api_keys(args.api_key_file) if args.api_key_file else api_keys_from_env()
-    args.api_key = keys[0] if keys else None  # never a flag: `ps` shows those
+    args.api_key = api_key_from(args)
     previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
         if args.url:
@@ -524,7 +540,7 @@ def _fault_list(text: str) -> list[str]:
     kinds = [k.strip() for k in text.split(",") if k.strip()]
     unknown = [k for k in kinds if k not in FAULT_KINDS]
     if unknown or not kinds:
-        raise ValueError(f"--faults takes a comma-separated list of {', '.join(FAULT_KINDS)}; got {text!r}")
+        raise argparse.ArgumentTypeError(f"takes a comma-separated list of {', '.join(FAULT_KINDS)}; got {text!r}")
     return kinds
 
 
@@ -532,10 +548,20 @@ def add_arguments(parser) -> None:
     target = parser.add_argument_group("deployment (default: a local `splitserve up` started and stopped here)")
     target.add_argument("--url", default=None, help="an existing deployment's router, http://HOST:PORT")
     target.add_argument(
-        "--prefill", dest="prefill_flag", type=int, default=None, metavar="N", help="local up: prefill workers (2)"
+        "--prefill",
+        dest="prefill_flag",
+        type=non_negative_int,
+        default=None,
+        metavar="N",
+        help="local up: prefill workers (2)",
     )
     target.add_argument(
-        "--decode", dest="decode_flag", type=int, default=None, metavar="N", help="local up: decode workers (2)"
+        "--decode",
+        dest="decode_flag",
+        type=positive_int,
+        default=None,
+        metavar="N",
+        help="local up: decode workers (2)",
     )
     target.add_argument(
         "--transport", dest="transport_flag", choices=["grpc", "nixl"], default=None, help="local up: (grpc)"
@@ -543,20 +569,19 @@ def add_arguments(parser) -> None:
     target.add_argument("--model", default=None, help="local up: the model (demo); --url: the served name to ask for")
     target.add_argument(
         "--kv-cache-mb",
-        type=int,
+        type=positive_int,
         default=8,
         help="local up: each worker's KV pool; small, so replayed prompts leave the prefix caches and go P→D",
     )
     target.add_argument(
-        "--lease-ms", type=int, default=5000, help="the decode workers' reservation lease (local up: set to this)"
+        "--lease-ms",
+        type=int_between(1, MAX_LEASE_MS),
+        default=5000,
+        help="the decode workers' reservation lease (local up: set to this)",
     )
     target.add_argument("--log", default=None, help="local up: write its output here (default: a temporary file)")
-    target.add_argument("--up-timeout", type=float, default=240.0, help="seconds for the cluster to serve")
-    target.add_argument(
-        "--api-key-file",
-        default=None,
-        help="file with the router's API key (default: $SPLITSERVE_API_KEYS[_FILE])",
-    )
+    target.add_argument("--up-timeout", type=positive_float, default=240.0, help="seconds for the cluster to serve")
+    add_api_key_arguments(target, "file with the router's API key (default: $SPLITSERVE_API_KEYS[_FILE])")
     hooks = parser.add_argument_group(
         "hooks: shell templates with {worker_id} {role} {address} {host} {port} {pid} {seconds}; "
         "default: signals to the PIDs /admin/status reports (local processes only)"
@@ -565,26 +590,32 @@ def add_arguments(parser) -> None:
     hooks.add_argument("--restart-hook", default=None, help="run after each kill, where nothing restarts workers")
     hooks.add_argument("--stall-hook", default=None, help="freezes a worker for {seconds} and returns after")
     load = parser.add_argument_group("load and faults")
-    load.add_argument("--duration", type=float, default=300.0, help="seconds of traffic under faults")
-    load.add_argument("--clients", type=int, default=6, help="concurrent clients")
-    load.add_argument("--kill-every", type=float, default=45.0, help="seconds between faults")
+    load.add_argument("--duration", type=positive_float, default=300.0, help="seconds of traffic under faults")
+    load.add_argument("--clients", type=positive_int, default=6, help="concurrent clients")
+    load.add_argument("--kill-every", type=positive_float, default=45.0, help="seconds between faults")
     load.add_argument(
         "--faults", type=_fault_list, default=list(FAULT_KINDS), help=f"cycled in order: {','.join(FAULT_KINDS)}"
     )
-    load.add_argument("--stall-seconds", type=float, default=6.0, help="how long a `stall` freezes its worker")
-    load.add_argument("--disconnect-fraction", type=float, default=0.1, help="requests closed after a few chunks")
-    load.add_argument("--prompts", type=int, default=64, help="distinct prompts, each with its reference")
-    load.add_argument("--prompt-len", type=int, default=320, help="bytes of a long prompt (demo model: tokens)")
-    load.add_argument("--max-tokens", type=int, default=48)
-    load.add_argument("--request-timeout", type=float, default=120.0, help="no answer within this: a hang")
-    load.add_argument("--recovery-timeout", type=float, default=120.0, help="a worker not back within this: a failure")
-    load.add_argument("--settle-timeout", type=float, default=None, help="default: 2 leases + 20 s")
+    load.add_argument("--stall-seconds", type=positive_float, default=6.0, help="how long a `stall` freezes its worker")
+    load.add_argument("--disconnect-fraction", type=share, default=0.1, help="requests closed after a few chunks")
+    load.add_argument("--prompts", type=positive_int, default=64, help="distinct prompts, each with its reference")
+    load.add_argument(
+        "--prompt-len", type=positive_int, default=320, help="bytes of a long prompt (demo model: tokens)"
+    )
+    load.add_argument("--max-tokens", type=positive_int, default=48)
+    load.add_argument("--request-timeout", type=positive_float, default=120.0, help="no answer within this: a hang")
+    load.add_argument(
+        "--recovery-timeout", type=positive_float, default=120.0, help="a worker not back within this: a failure"
+    )
+    load.add_argument("--settle-timeout", type=positive_float, default=None, help="default: 2 leases + 20 s")
     load.add_argument(
         "--tie-tolerance",
-        type=float,
+        type=non_negative_float,
         default=1e-4,
         help="a token mismatch where the reference's best two logprobs were this close is a near tie, not wrong",
     )
-    load.add_argument("--max-requests", type=int, default=100_000, help="per client, a bound besides --duration")
+    load.add_argument(
+        "--max-requests", type=positive_int, default=100_000, help="per client, a bound besides --duration"
+    )
     load.add_argument("--seed", type=int, default=0)
     load.add_argument("--json", dest="json_path", default=None, help="write the summary, faults and requests here")

@@ -70,6 +70,19 @@ from dataclasses import asdict, dataclass
 
 import httpx
 
+from bench.args import (
+    DTYPES,
+    Given,
+    int_at_least,
+    int_range,
+    list_of,
+    non_negative_float,
+    or_word,
+    positive_float,
+    positive_int,
+    refuse_beside_quick,
+    share,
+)
 from bench.serve_bench import BenchRequest, RequestRecord, meets, random_dataset, run_load, summarize
 from bench.sim.host import CpuMeter
 from engine.config import add_prefill_chunk_argument
@@ -147,35 +160,23 @@ class CompareConfig:
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> CompareConfig:
-        quick = (
-            dict(rates="1,2", num_prompts=4, duration_s=0.0, input_len="64", output_range="4,8", kv_cache_mb=64)
-            if args.quick
-            else {}
-        )
-
-        def pick(name: str):
-            return quick.get(name, getattr(args, name))
-
-        low, high = (int(part) for part in pick("output_range").split(","))
-        rates, input_len = pick("rates"), pick("input_len")
-        if args.slo_scale <= 0:
-            raise SystemExit(f"splitserve: --slo-scale must be > 0, got {args.slo_scale}")
+        sizes = QUICK if args.quick else {name: getattr(args, name) for name in QUICK}
         return cls(
             args.model,
             args.dtype,
             args.aggregated,
-            None if rates == "auto" else _floats(rates),
-            _floats(args.rate_fractions),
-            pick("num_prompts"),
-            pick("duration_s"),
-            None if input_len == "auto" else int(input_len),
+            None if sizes["rates"] == "auto" else sizes["rates"],
+            args.rate_fractions,
+            sizes["num_prompts"],
+            sizes["duration_s"],
+            None if sizes["input_len"] == "auto" else sizes["input_len"],
             args.input_range_ratio,
-            (low, high),
+            sizes["output_range"],
             args.slo_scale,
-            None if args.max_prefill_wait_ms == "auto" else _wait_ms(args.max_prefill_wait_ms),
+            None if args.max_prefill_wait_ms == "auto" else args.max_prefill_wait_ms,
             args.burstiness,
             args.seed,
-            pick("kv_cache_mb"),
+            sizes["kv_cache_mb"],
             args.max_num_batched_tokens,
             args.prefill_chunk_beside_decodes,
             args.vocab_size,
@@ -213,20 +214,6 @@ class Plan:
 
     def slos_at(self, scale: float) -> dict:
         return {name: scale * value for name, value in self.baseline_ms.items()}
-
-
-def _wait_ms(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not value >= 0:
-        raise SystemExit(f"splitserve: --max-prefill-wait-ms must be auto or a number >= 0, got {text!r}")
-    return value
-
-
-def _floats(text: str) -> tuple[float, ...]:
-    return tuple(float(part) for part in str(text).split(",") if part.strip())
 
 
 def salted(requests: list[BenchRequest], salt: int) -> list[BenchRequest]:
@@ -976,6 +963,15 @@ def _cpu_model() -> str:
         return ""
 
 
+QUICK = dict(rates=(1.0, 2.0), num_prompts=4, duration_s=0.0, input_len=64, output_range=(4, 8), kv_cache_mb=64)
+
+
+def check_args(args: argparse.Namespace, given: Given) -> None:
+    refuse_beside_quick(given, QUICK)
+    if args.rates != "auto":
+        given.refuse(["rate_fractions"], "sizes --rates auto only; not with --rates N,...")
+
+
 def run(args: argparse.Namespace) -> int:
     config = CompareConfig.from_args(args)
     systems = config.systems
@@ -1018,30 +1014,40 @@ def run(args: argparse.Namespace) -> int:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="bench-125m")
-    parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--dtype", default="bfloat16", choices=DTYPES)
     parser.add_argument(
-        "--rates", default="auto", help="requests/s, comma-separated; auto: --rate-fractions x the prefill capacity"
+        "--rates",
+        type=or_word("auto", list_of(positive_float)),
+        default="auto",
+        help="requests/s, comma-separated; auto: --rate-fractions x the prefill capacity",
     )
     parser.add_argument(
         "--rate-fractions",
+        type=list_of(positive_float),
         default="0.3,0.4,0.5,0.6,0.7,0.8,0.9",
         help="with --rates auto: rates as fractions of one engine's prefill capacity (1 / the disaggregated "
         "stack's zero-load TTFT); its prefill worker saturates below 1 (it shares the machine with the rest)",
     )
-    parser.add_argument("--num-prompts", type=int, default=16, help="at least this many requests per rate and system")
     parser.add_argument(
-        "--duration-s", type=float, default=32.0, help="... or as many as arrive in this long at the rate, if more"
+        "--num-prompts", type=positive_int, default=16, help="at least this many requests per rate and system"
+    )
+    parser.add_argument(
+        "--duration-s",
+        type=non_negative_float,
+        default=32.0,
+        help="... or as many as arrive in this long at the rate, if more",
     )
     parser.add_argument(
         "--input-len",
+        type=or_word("auto", positive_int),
         default="auto",
         help="mean prompt tokens; auto: its prefill lasts as long as ~20 decode steps of an aggregated engine here",
     )
-    parser.add_argument("--input-range-ratio", type=float, default=0.5, help="inputs uniform in len * [1 - r, 1 + r]")
-    parser.add_argument("--output-range", default="32,64", help="outputs uniform in LOW,HIGH tokens")
+    parser.add_argument("--input-range-ratio", type=share, default=0.5, help="inputs uniform in len * [1 - r, 1 + r]")
+    parser.add_argument("--output-range", type=int_range, default="32,64", help="outputs uniform in LOW,HIGH tokens")
     parser.add_argument(
         "--slo-scale",
-        type=float,
+        type=positive_float,
         default=4.0,
         help="SLOs = this x one engine's zero-load TTFT and TPOT, measured on the aggregated stack (DistServe's "
         "SLO scale)",
@@ -1055,21 +1061,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--max-prefill-wait-ms",
+        type=or_word("auto", non_negative_float),
         default="auto",
         help="the disaggregated router's (conditional disaggregation); auto: the TTFT SLO less the disaggregated "
         "stack's zero-load TTFT; 0: every prompt prefilled on the prefill worker",
     )
-    parser.add_argument("--burstiness", type=float, default=1.0, help="1 = Poisson")
+    parser.add_argument("--burstiness", type=positive_float, default=1.0, help="1 = Poisson")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--kv-cache-mb", type=int, default=512, help="KV pool of each worker")
+    parser.add_argument("--kv-cache-mb", type=positive_int, default=512, help="KV pool of each worker")
     parser.add_argument(
         "--max-num-batched-tokens",
-        type=int,
+        type=positive_int,
         default=512,
         help="every worker's step token budget; longer prompts prefill in chunks. Small enough that a step "
         "stays well under the router's 2 s Stats deadline, which marks a slower worker unhealthy",
     )
     add_prefill_chunk_argument(parser, "every worker's: ")
-    parser.add_argument("--vocab-size", type=int, default=256, help="prompt token ids are drawn from [3, vocab)")
-    parser.add_argument("--quick", action="store_true", help="a tiny run: 2 rates x 4 short requests")
+    parser.add_argument(
+        "--vocab-size",
+        type=int_at_least(FIRST_REGULAR_TOKEN + 1),
+        default=256,
+        help="prompt token ids are drawn from [3, vocab)",
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="a tiny run: 2 rates x 4 short requests; refused beside a size flag it sets (rather than overriding it)",
+    )
     parser.add_argument("--json", dest="json_path", default=None)

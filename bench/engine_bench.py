@@ -36,6 +36,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from bench.args import Given, refuse_beside_quick
 from bench.gpu_check import kv_bytes_per_step, read_bandwidth, weight_bytes_per_step
 from contract.sampling import SamplingParams
 from engine.config import EngineConfig, ModelConfig
@@ -55,6 +56,11 @@ MATMUL_SHAPE = (2048, 768, 2048)  # (m, k, n): roughly one prefill projection of
 # The reference matmul stops repeating after this long (a slow CPU's 20 repeats would be most of the run).
 MATMUL_BUDGET_S = 10.0
 _request_counter = itertools.count()
+QUICK = dict(batch_sizes=(1, 4), prompt_len=32, decode_steps=8, prefill_batch=2, repeats=1)
+
+
+def check_args(args: argparse.Namespace, given: Given) -> None:
+    refuse_beside_quick(given, QUICK)
 
 
 @dataclass(frozen=True)
@@ -71,20 +77,8 @@ class BenchConfig:
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> BenchConfig:
-        quick = getattr(args, "quick", False)
-        sizes = dict(batch_sizes="1,4", prompt_len=32, decode_steps=8, prefill_batch=2, repeats=1) if quick else {}
-        batch_sizes = tuple(int(b) for b in sizes.get("batch_sizes", args.batch_sizes).split(",") if b.strip())
-        return cls(
-            model=args.model,
-            dtype=args.dtype,
-            batch_sizes=batch_sizes,
-            prompt_len=sizes.get("prompt_len", args.prompt_len),
-            decode_steps=sizes.get("decode_steps", args.decode_steps),
-            prefill_batch=sizes.get("prefill_batch", getattr(args, "prefill_batch", 8)),
-            repeats=sizes.get("repeats", getattr(args, "repeats", 3)),
-            threads=args.threads,
-            json_path=args.json_path,
-        )
+        sizes = QUICK if args.quick else {name: getattr(args, name) for name in QUICK}
+        return cls(model=args.model, dtype=args.dtype, threads=args.threads, json_path=args.json_path, **sizes)
 
     @property
     def torch_dtype(self) -> torch.dtype:

@@ -25,6 +25,7 @@ import time
 import httpx
 
 from bench import processes
+from bench.args import DTYPES, Given, Refused, positive_int, report_config
 from protos import common_pb2, decode_pb2_grpc
 from protos.cluster_auth import ClusterAuth
 
@@ -34,14 +35,27 @@ FREEZE_S = 0.3
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="bench-125m")
-    parser.add_argument("--dtype", default="float32")
-    parser.add_argument("--prompt-len", type=int, default=2000)
-    parser.add_argument("--max-tokens", type=int, default=64)
-    parser.add_argument("--kill-after", type=int, default=16, help="tokens streamed before the decode worker dies")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--worker-threads", type=int, default=1)
-    parser.add_argument("--kv-cache-mb", type=int, default=512)
+    parser.add_argument("--dtype", default="float32", choices=DTYPES)
+    parser.add_argument("--prompt-len", type=positive_int, default=2000)
+    parser.add_argument("--max-tokens", type=positive_int, default=64)
+    parser.add_argument(
+        "--kill-after",
+        type=positive_int,
+        default=16,
+        help="tokens streamed before the decode worker dies (fewer than --max-tokens)",
+    )
+    parser.add_argument("--repeats", type=positive_int, default=3)
+    parser.add_argument("--worker-threads", type=positive_int, default=1)
+    parser.add_argument("--kv-cache-mb", type=positive_int, default=512)
     parser.add_argument("--json", dest="json_path", default=None)
+
+
+def check_args(args: argparse.Namespace, given: Given) -> None:
+    if args.kill_after >= args.max_tokens:
+        raise Refused(
+            f"--kill-after {args.kill_after} must be below --max-tokens {args.max_tokens}: "
+            "the stream would end before the kill"
+        )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -71,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"time to next token after a decode kill: local recompute / KV from the prefill worker = {ratio:.2f}x")
     if args.json_path:
         with open(args.json_path, "w") as out:
-            json.dump({"args": vars(args), "runs": results, "summary": summary, "ratio": ratio}, out, indent=2)
+            json.dump({"args": report_config(args), "runs": results, "summary": summary, "ratio": ratio}, out, indent=2)
     return 0 if all(s["identical"] for s in summary.values()) else 1
 
 

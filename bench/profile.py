@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from bench.args import DTYPES, Given, Refused, list_of, positive_float, positive_int, refuse_beside_quick
 from bench.sim.host import CpuMeter
 from bench.sim.latency import Chunk, FittedModel, ModelShape, Step
 from bench.sim.transfer import transports_from_report
@@ -57,10 +58,10 @@ MIXED_ROWS = ((8, 512), (4, 1024), (2, 1536))  # (decodes, context) beside chunk
 # Chunk sizes, as shares of the rest of the budget: capped ones (--prefill-chunk-beside-decodes) to a full one.
 MIXED_CHUNKS = (1 / 16, 1 / 4, 1.0)
 QUICK = dict(
-    threads="1",
-    prefill_tokens="32,64,128",
-    decode_batches="1,2",
-    decode_contexts="32,64",
+    threads=(1,),
+    prefill_tokens=(32, 64, 128),
+    decode_batches=(1, 2),
+    decode_contexts=(32, 64),
     repeats=1,
     max_num_batched_tokens=64,
 )
@@ -82,18 +83,30 @@ class ProfileConfig:
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> ProfileConfig:
-        pick = (lambda name: QUICK[name]) if args.quick else (lambda name: getattr(args, name))
+        sizes = QUICK if args.quick else {name: getattr(args, name) for name in QUICK}
         return cls(
             args.model,
             args.dtype,
-            _ints(pick("threads")),
-            _ints(pick("prefill_tokens")),
-            _ints(pick("decode_batches")),
-            _ints(pick("decode_contexts")),
+            sizes["threads"],
+            sizes["prefill_tokens"],
+            sizes["decode_batches"],
+            sizes["decode_contexts"],
             QUICK_MIXED if args.quick else MIXED_ROWS,
-            pick("repeats"),
-            pick("max_num_batched_tokens"),
+            sizes["repeats"],
+            sizes["max_num_batched_tokens"],
             args.seed,
+        )
+
+
+def check_args(args: argparse.Namespace, given: Given) -> None:
+    refuse_beside_quick(given, QUICK)
+    if args.link_gbps is not None and args.transfer_json:
+        raise Refused("--link-gbps and --transfer-json both give the KV link's speed: pass one")
+    config = ProfileConfig.from_args(args)
+    if max(config.decode_batches) > config.max_num_batched_tokens:
+        raise Refused(
+            f"--decode-batches up to {max(config.decode_batches)} need --max-num-batched-tokens >= that "
+            f"(it is {config.max_num_batched_tokens})"
         )
 
 
@@ -177,8 +190,6 @@ def _engine(config: ProfileConfig) -> Engine:
     most_tokens = max(
         max(batches) * (max(contexts) + 2 * DECODE_STEPS), max(tokens), *(budget + b * (c + 8) for b, c in mixed)
     )
-    if max(batches) > budget:
-        raise SystemExit(f"splitserve: decode batches up to {max(batches)} need --max-num-batched-tokens >= that")
     engine_config = EngineConfig(
         model=config.model,
         dtype=config.dtype,
@@ -387,7 +398,10 @@ def transfer_bytes_per_s(args: argparse.Namespace) -> dict:
     if args.link_gbps is not None:
         return {"bytes_per_s": args.link_gbps * 1e9 / 8, "source": "--link-gbps"}
     if args.transfer_json:
-        return link_from_transfer_report(args.transfer_json)
+        try:
+            return link_from_transfer_report(args.transfer_json)
+        except ValueError as exc:
+            raise Refused(f"--transfer-json {exc}") from None
     if args.quick:
         return {"bytes_per_s": DEFAULT_LINK_GBPS * 1e9 / 8, "source": "assumed (--quick measures no transfer)"}
     with tempfile.TemporaryDirectory() as scratch:
@@ -420,10 +434,10 @@ def link_from_transfer_report(path: str) -> dict:
     (``bench.sim.transfer.transports_from_report``: its bulk TCP links, with checksums)."""
     try:
         grpc = next((t for t in transports_from_report(path) if t.name == "grpc"), None)
-    except ValueError as exc:
-        raise SystemExit(f"splitserve: {exc}") from None
+    except (OSError, KeyError, ValueError) as exc:
+        raise ValueError(f"{path}: not a `bench transfer --json` report ({exc})") from None
     if grpc is None:
-        raise SystemExit(f"splitserve: {path} has no gRPC (with checksums) bandwidth row")
+        raise ValueError(f"{path} has no gRPC (with checksums) bandwidth row")
     return {"bytes_per_s": grpc.bytes_per_s, "source": grpc.source}
 
 
@@ -487,34 +501,42 @@ def _machine() -> dict:
     }
 
 
-def _ints(text: str) -> tuple[int, ...]:
-    return tuple(int(part) for part in str(text).split(",") if part.strip())
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="bench-125m")
-    parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--threads", default="1,2", help="torch thread counts to profile (a fit for each)")
-    parser.add_argument("--prefill-tokens", default="64,128,256,512,768,1024,1536,2048")
+    parser.add_argument("--dtype", default="bfloat16", choices=DTYPES)
+    parser.add_argument(
+        "--threads", type=list_of(positive_int), default="1,2", help="torch thread counts to profile (a fit for each)"
+    )
+    parser.add_argument("--prefill-tokens", type=list_of(positive_int), default="64,128,256,512,768,1024,1536,2048")
     # bench compare's contexts reach ~1600 and its batches ~8. Beyond ~10k keys per step the
     # decode gather falls off a cache cliff the linear fit does not model (such points are left out).
-    parser.add_argument("--decode-batches", default="1,2,4,8")
-    parser.add_argument("--decode-contexts", default="256,512,1024,1536")
+    parser.add_argument("--decode-batches", type=list_of(positive_int), default="1,2,4,8")
+    parser.add_argument("--decode-contexts", type=list_of(positive_int), default="256,512,1024,1536")
     parser.add_argument(
-        "--repeats", type=int, default=3, help="timed prefills per size, and mixed steps per shape (median used)"
+        "--repeats",
+        type=positive_int,
+        default=3,
+        help="timed prefills per size, and mixed steps per shape (median used)",
     )
     parser.add_argument(
         "--max-num-batched-tokens",
-        type=int,
+        type=positive_int,
         default=512,
         help="the step token budget, as the workers run (bench compare's default)",
     )
-    parser.add_argument("--link-gbps", type=float, default=None, help="KV link gigabits/s (skips the measurement)")
+    parser.add_argument(
+        "--link-gbps", type=positive_float, default=None, help="KV link gigabits/s (skips the measurement)"
+    )
     parser.add_argument(
         "--transfer-json",
         default=None,
         help="a `splitserve bench transfer --json` report to take the gRPC transport's bytes/s from",
     )
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--quick", action="store_true", help="tiny sizes, one thread count, no transfer measurement")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="tiny sizes, one thread count, no transfer measurement (--link-gbps or --transfer-json still give one); "
+        "refused beside a size flag it sets (rather than overriding it)",
+    )
     parser.add_argument("--json", dest="json_path", default=None)

@@ -31,6 +31,7 @@ import httpx
 import numpy as np
 
 from bench import processes
+from bench.args import list_of, positive_float, positive_int
 from bench.serve_bench import BenchRequest, run_load, summarize
 from bench.sim.host import stat_ticks
 from contract.sampling import SamplingParams
@@ -433,9 +434,8 @@ def run(args) -> int:
             print_overhead(overhead)
             print_disaggregated(disaggregated)
             print("sustained request rate of one router process (streamed 1-token requests, httpx load generator):")
-            rates = [float(r) for r in args.rates.split(",")]
             meter = CpuMeter(router=router.pid, decode=decode.pid, client=os.getpid())
-            rows = sustained_rate(url, rates, args.seconds, meter)
+            rows = sustained_rate(url, list(args.rates), args.seconds, meter)
     best = max((r["offered_rps"] for r in rows if r["sustained"]), default=0.0)
     print(f"highest sustained rate: {best:.0f} req/s")
     print_bound(rows)
@@ -453,7 +453,11 @@ def run(args) -> int:
 
 def add_arguments(parser) -> None:
     parser.add_argument("--model", default="demo")
-    parser.add_argument("--samples", type=int, default=1000, help="timed requests per path (at least 500)")
-    parser.add_argument("--rates", default="50,100,200,300,400,500,600,800")
-    parser.add_argument("--seconds", type=float, default=6.0, help="per rate")
+    parser.add_argument(
+        "--samples", type=positive_int, default=1000, help="timed requests per path (500 or more for a p99)"
+    )
+    parser.add_argument(
+        "--rates", type=list_of(positive_float), default="50,100,200,300,400,500,600,800", help="requests/s"
+    )
+    parser.add_argument("--seconds", type=positive_float, default=6.0, help="per rate")
     parser.add_argument("--json", dest="json_path", default=None)

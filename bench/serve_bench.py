@@ -11,6 +11,7 @@ the model defaults to the first the server lists at ``GET /v1/models``.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import random
@@ -20,6 +21,22 @@ from dataclasses import asdict, dataclass, field
 
 import httpx
 import numpy as np
+
+from bench.args import (
+    Given,
+    Refused,
+    add_api_key_arguments,
+    api_key_from,
+    int_at_least,
+    int_between,
+    non_negative_int,
+    or_inf,
+    positive_float,
+    positive_int,
+    report_config,
+    share,
+)
+from cluster.cli import API_KEY_SOURCES
 
 COMPLETIONS = "/v1/completions"
 CHAT_COMPLETIONS = "/v1/chat/completions"
@@ -282,14 +299,12 @@ def meets(record: RequestRecord, slos: dict[str, float]) -> bool:
     return record.success and all(values[name] <= limit for name, limit in slos.items())
 
 
-def parse_goodput(items: list[str] | None) -> dict[str, float]:
-    slos = {}
-    for item in items or []:
-        name, _, value = item.partition(":")
-        if name not in ("ttft", "tpot", "e2el") or not value:
-            raise ValueError(f"--goodput takes ttft:MS tpot:MS e2el:MS, got {item!r}")
-        slos[name] = float(value)
-    return slos
+def goodput_slo(text: str) -> tuple[str, float]:
+    """One --goodput item, NAME:MS: an SLO in milliseconds on ttft, tpot or e2el."""
+    name, _, value = text.partition(":")
+    if name not in ("ttft", "tpot", "e2el") or not value:
+        raise argparse.ArgumentTypeError(f"takes ttft:MS tpot:MS e2el:MS, got {text!r}")
+    return name, positive_float(value)
 
 
 def print_summary(summary: dict, title: str = "serving benchmark") -> None:
@@ -322,8 +337,8 @@ def resolve_target(args) -> Target:
         return Target.of(base_url, BACKEND_ENDPOINTS[args.backend or "openai"])
     target = Target.of(base_url, args.endpoint)
     if args.backend is not None and target.chat != (BACKEND_ENDPOINTS[args.backend] == CHAT_COMPLETIONS):
-        raise SystemExit(
-            f"splitserve bench serve: --backend {args.backend} speaks {BACKEND_ENDPOINTS[args.backend]}, "
+        raise Refused(
+            f"--backend {args.backend} speaks {BACKEND_ENDPOINTS[args.backend]}, "
             f"not --endpoint {args.endpoint}: change one of them, or leave --backend out"
         )
     return target
@@ -359,7 +374,7 @@ def advice(record: RequestRecord, target: Target, model: str, api_key: str | Non
     if record.status == 0:
         return f"is the server up at {target.base_url}? --base-url takes http://HOST:PORT, with or without /v1"
     if record.status in (401, 403):
-        return "the server wants an API key: pass --api-key KEY"
+        return f"the server wants an API key: give it in {API_KEY_SOURCES}"
     if record.status not in (404, 405):
         return None
     try:
@@ -394,11 +409,26 @@ async def send_one(target: Target, model: str, request: BenchRequest, api_key: s
         return await send(client, target, model, request, api_key)
 
 
-def build_requests(args) -> list[BenchRequest]:
+RANDOM_ONLY = ("input_len", "output_len", "range_ratio", "prefix_len", "vocab_size")
+
+
+def check_args(args: argparse.Namespace, given: Given) -> None:
     if args.dataset == "sharegpt":
         if not args.dataset_path:
-            raise SystemExit("splitserve: --dataset sharegpt needs --dataset-path FILE")
-        return sharegpt_dataset(args.dataset_path, args.num_prompts + args.warmup, args.seed)
+            raise Refused("--dataset sharegpt needs --dataset-path FILE")
+        given.refuse(RANDOM_ONLY, "for --dataset random; not with --dataset sharegpt")
+    elif args.dataset_path:
+        raise Refused("--dataset-path is the ShareGPT file: it goes with --dataset sharegpt")
+    if args.base_url:
+        given.refuse(("host", "port"), "--base-url names the server; not with --host/--port")
+
+
+def build_requests(args) -> list[BenchRequest]:
+    if args.dataset == "sharegpt":
+        try:
+            return sharegpt_dataset(args.dataset_path, args.num_prompts + args.warmup, args.seed)
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError, TypeError) as exc:
+            raise Refused(f"--dataset-path {args.dataset_path}: not a readable ShareGPT JSON list ({exc})") from None
     return random_dataset(
         args.num_prompts + args.warmup,
         args.input_len,
@@ -412,14 +442,15 @@ def build_requests(args) -> list[BenchRequest]:
 
 def run(args) -> int:
     target = resolve_target(args)
-    model = args.model or default_model(target, args.api_key)
     requests = build_requests(args)
-    goodput = parse_goodput(args.goodput)
+    api_key = api_key_from(args)
+    model = args.model or default_model(target, api_key)
+    goodput = dict(args.goodput or ())
     print(f"benchmarking model {model} at {target.url}", flush=True)
     # One request first, as vLLM's bench does: a misconfigured run fails once, with advice.
-    probe = asyncio.run(send_one(target, model, requests[0], args.api_key))
+    probe = asyncio.run(send_one(target, model, requests[0], api_key))
     if not probe.success:
-        report_failures([probe], target, model, args.api_key)
+        report_failures([probe], target, model, api_key)
         return 1
     records, duration = asyncio.run(
         run_load(
@@ -431,19 +462,18 @@ def run(args) -> int:
             args.max_concurrency,
             args.warmup,
             args.seed,
-            args.api_key,
+            api_key,
             endpoint=target.endpoint,
         )
     )
     summary = summarize(records, duration, goodput)
     print_summary(summary)
-    report_failures(records, target, model, args.api_key)
+    report_failures(records, target, model, api_key)
     if args.json_path:
-        config = {k: v for k, v in vars(args).items() if k not in ("run", "module")}
         with open(args.json_path, "w") as handle:
             json.dump(
                 {
-                    "config": {**config, "model": model, "url": target.url},
+                    "config": {**report_config(args), "model": model, "url": target.url},
                     "summary": summary,
                     "requests": [asdict(r) for r in records],
                 },
@@ -465,26 +495,36 @@ def add_arguments(parser) -> None:
         "--base-url", default=None, help="the server, http://HOST:PORT (with or without /v1); default: --host, --port"
     )
     parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--port", type=int_between(1, 65535), default=8000)
     parser.add_argument(
         "--endpoint", default=None, help=f"{COMPLETIONS} or {CHAT_COMPLETIONS}; default: the --backend's"
     )
     parser.add_argument("--model", default=None, help="default: the first model the server lists at /v1/models")
-    parser.add_argument("--api-key", default=None)
+    add_api_key_arguments(
+        parser, "a file holding the API key to send; default: the first of $SPLITSERVE_API_KEYS[_FILE]"
+    )
     parser.add_argument("--dataset", "--dataset-name", choices=["random", "sharegpt"], default="random")
     parser.add_argument("--dataset-path", default=None, help="ShareGPT-format JSON file")
-    parser.add_argument("--num-prompts", type=int, default=100)
-    parser.add_argument("--input-len", "--random-input-len", type=int, default=256)
-    parser.add_argument("--output-len", "--random-output-len", type=int, default=64)
-    parser.add_argument("--range-ratio", "--random-range-ratio", type=float, default=0.0)
+    parser.add_argument("--num-prompts", type=positive_int, default=100)
+    parser.add_argument("--input-len", "--random-input-len", type=positive_int, default=256)
+    parser.add_argument("--output-len", "--random-output-len", type=positive_int, default=64)
+    parser.add_argument("--range-ratio", "--random-range-ratio", type=share, default=0.0)
     parser.add_argument(
-        "--prefix-len", "--random-prefix-len", type=int, default=0, help="tokens shared by every prompt"
+        "--prefix-len", "--random-prefix-len", type=non_negative_int, default=0, help="tokens shared by every prompt"
     )
-    parser.add_argument("--vocab-size", type=int, default=256, help="random prompts draw token ids from [3, vocab)")
-    parser.add_argument("--request-rate", type=float, default=float("inf"), help="requests/s; inf = all at once")
-    parser.add_argument("--burstiness", type=float, default=1.0, help="1 = Poisson; < 1 burstier, > 1 steadier")
-    parser.add_argument("--max-concurrency", type=int, default=None)
-    parser.add_argument("--warmup", "--num-warmups", type=int, default=2)
+    parser.add_argument(
+        "--vocab-size", type=int_at_least(4), default=256, help="random prompts draw token ids from [3, vocab)"
+    )
+    parser.add_argument(
+        "--request-rate", type=or_inf(positive_float), default=float("inf"), help="requests/s; inf = all at once"
+    )
+    parser.add_argument(
+        "--burstiness", type=positive_float, default=1.0, help="1 = Poisson; < 1 burstier, > 1 steadier"
+    )
+    parser.add_argument("--max-concurrency", type=positive_int, default=None)
+    parser.add_argument("--warmup", "--num-warmups", type=non_negative_int, default=2)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--goodput", nargs="*", default=None, metavar="NAME:MS", help="SLOs, e.g. ttft:500 tpot:50")
+    parser.add_argument(
+        "--goodput", nargs="*", type=goodput_slo, default=None, metavar="NAME:MS", help="SLOs, e.g. ttft:500 tpot:50"
+    )
     parser.add_argument("--json", dest="json_path", default=None)

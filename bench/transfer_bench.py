@@ -65,6 +65,8 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from bench.args import Given, Refused, refuse_beside_quick
+from cluster.cli import check_device
 from engine.kv_cache import KVLayout, PagedKVCache
 from engine.layer_ready import record_layer_ready
 from protos.cluster_auth import ClusterAuth, ensure_secret_in_env, server_options
@@ -112,29 +114,15 @@ class BenchConfig:
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> BenchConfig:
-        if args.decode_load < 0:
-            raise SystemExit(f"--decode-load must be >= 0, got {args.decode_load}")
-        try:
-            device = torch.device(args.device)
-        except RuntimeError as error:
-            raise SystemExit(f"--device {args.device!r}: {error}") from error
-        if device.type != "cpu" and not args.skip_exposure:
-            raise SystemExit(f"--device {args.device} measures the bandwidth rows only: add --skip-exposure")
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise SystemExit(f"--device {args.device}: torch sees no CUDA device")
-        quick = (
-            dict(sizes="1,4", repeats=2, prompt_lens="64,256", exposure_repeats=1, long_prompt_repeats=1)
-            if args.quick
-            else {}
-        )
+        sizes = QUICK if args.quick else {name: getattr(args, name) for name in QUICK}
         return cls(
-            sizes_mib=_ints(quick.get("sizes", args.sizes)),
-            repeats=quick.get("repeats", args.repeats),
+            sizes_mib=sizes["sizes"],
+            repeats=sizes["repeats"],
             model=args.model,
             dtype=args.dtype,
-            prompt_lens=_ints(quick.get("prompt_lens", args.prompt_lens)),
-            exposure_repeats=quick.get("exposure_repeats", args.exposure_repeats),
-            long_prompt_repeats=quick.get("long_prompt_repeats", args.long_prompt_repeats),
+            prompt_lens=sizes["prompt_lens"],
+            exposure_repeats=sizes["exposure_repeats"],
+            long_prompt_repeats=sizes["long_prompt_repeats"],
             worker_threads=args.worker_threads,
             kv_cache_mb=args.kv_cache_mb,
             max_num_batched_tokens=args.max_num_batched_tokens,
@@ -150,8 +138,19 @@ class BenchConfig:
         return self.long_prompt_repeats if prompt_len >= LONG_PROMPT_TOKENS else self.exposure_repeats
 
 
-def _ints(text: str) -> tuple[int, ...]:
-    return tuple(int(part) for part in text.split(",") if part.strip())
+QUICK = dict(sizes=(1, 4), repeats=2, prompt_lens=(64, 256), exposure_repeats=1, long_prompt_repeats=1)
+
+
+def check_args(args: argparse.Namespace, given: Given) -> None:
+    refuse_beside_quick(given, QUICK)
+    if args.skip_bandwidth and args.skip_exposure:
+        raise Refused("--skip-bandwidth with --skip-exposure leaves nothing to measure")
+    if args.device != "cpu" and not args.skip_exposure:
+        raise Refused(f"--device {args.device} measures the bandwidth rows only: add --skip-exposure")
+    try:
+        check_device(args.device)  # what the engine's workers accept: cpu, cuda, cuda:N of a device torch sees
+    except ValueError as exc:
+        raise Refused(str(exc)) from None
 
 
 # -- entry point ----------------------------------------------------------------------------------

@@ -11,22 +11,9 @@ import signal
 import sys
 import threading
 
+from contract.bounds import flag_type
 from contract.heap import freeze_startup_heap
 from engine.config import add_prefill_chunk_argument
-
-
-def _bounded(kind, bound):
-    """An argparse type: a ``kind`` within ``bound`` (contract.bounds.Bound), else an error naming the flag."""
-
-    def parse(text: str):
-        value = kind(text)
-        if not bound.admits(value):
-            raise argparse.ArgumentTypeError(f"must be {bound}, got {text}")
-        return value
-
-    parse.__name__ = kind.__name__  # argparse names it in "invalid int value"
-    return parse
-
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 # Of every command that serves (up, router, worker): at INFO they log state changes an operator wants to see (a
@@ -64,7 +51,7 @@ def _add_engine_args(parser: argparse.ArgumentParser, threads_default: int | Non
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0")
     parser.add_argument(
         "--kv-cache-mb",
-        type=_bounded(int, POOL_BOUNDS["kv_cache_mb"]),
+        type=flag_type(int, POOL_BOUNDS["kv_cache_mb"]),
         default=engine_default("kv_cache_memory_bytes") // MIB,
         help="KV pool memory budget in MiB (default: %(default)s)",
     )
@@ -86,7 +73,7 @@ def _add_engine_args(parser: argparse.ArgumentParser, threads_default: int | Non
     add_prefill_chunk_argument(parser)
     parser.add_argument(
         "--threads",
-        type=_bounded(int, POOL_BOUNDS["threads"]),
+        type=flag_type(int, POOL_BOUNDS["threads"]),
         default=threads_default,
         help=f"torch intra-op threads (default: {threads_help})",
     )
@@ -98,7 +85,7 @@ def engine_config_from_args(args: argparse.Namespace):
     from engine.config import EngineConfig
 
     _check_engine_flags(args)
-    _check_device(args.device)
+    check_device(args.device)
     return EngineConfig(
         model=args.model,
         served_model_name=getattr(args, "served_model_name", None),  # workers only
@@ -132,7 +119,7 @@ def _check_engine_flags(args: argparse.Namespace) -> None:
             raise ValueError(f"--{name.replace('_', '-')} {value}: {exc}") from None
 
 
-def _check_device(device: str) -> None:
+def check_device(device: str) -> None:
     """--device: a device of a kind the engine runs on (cluster.config.DEVICES), present in this torch."""
     import torch
 
@@ -152,7 +139,7 @@ def _check_device(device: str) -> None:
             raise ValueError(f"--device {device}: torch sees {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
 
 
-class _SecretOnCommandLine(argparse.Action):
+class SecretOnCommandLine(argparse.Action):
     """A flag that would put a secret in argv, where ``ps`` and /proc/PID/cmdline show it to every user: refused,
     naming where the secret goes instead."""
 
@@ -184,9 +171,9 @@ ADMIN_TOKEN_SOURCES = "--admin-token-file PATH, SPLITSERVE_ADMIN_TOKEN or SPLITS
 
 
 def _add_secret_args(parser: argparse.ArgumentParser, api_key_help: str, admin_token_help: str) -> None:
-    parser.add_argument("--api-key", action=_SecretOnCommandLine, alternatives=API_KEY_SOURCES)
+    parser.add_argument("--api-key", action=SecretOnCommandLine, alternatives=API_KEY_SOURCES)
     parser.add_argument("--api-key-file", default=None, metavar="PATH", help=api_key_help)
-    parser.add_argument("--admin-token", action=_SecretOnCommandLine, alternatives=ADMIN_TOKEN_SOURCES)
+    parser.add_argument("--admin-token", action=SecretOnCommandLine, alternatives=ADMIN_TOKEN_SOURCES)
     parser.add_argument("--admin-token-file", default=None, metavar="PATH", help=admin_token_help)
 
 
@@ -295,11 +282,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="the host peers dial, named in this worker's tickets and READY line; default: --host, or for a "
         "wildcard --host the address of the default route's interface",
     )
-    worker.add_argument("--port", type=_bounded(int, PORT), default=0, help="0: any free port")
+    worker.add_argument("--port", type=flag_type(int, PORT), default=0, help="0: any free port")
     worker.add_argument("--transport", choices=["grpc", "nixl"], default="grpc")
     worker.add_argument(
         "--lease-ms",
-        type=_bounded(int, BOUNDS["lease_ms"]),
+        type=flag_type(int, BOUNDS["lease_ms"]),
         default=None,
         help="decode: how long a reservation waits for its KV when the router does not say; default: the worker's own",
     )
@@ -320,11 +307,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--served-model-name", default=None, help="the name in the model card; default: the preset or directory name"
     )
     worker.add_argument(
-        "--metrics-port", type=_bounded(int, PORT), default=None, help="serve Prometheus /metrics on this port (0: any)"
+        "--metrics-port",
+        type=flag_type(int, PORT),
+        default=None,
+        help="serve Prometheus /metrics on this port (0: any)",
     )
     worker.add_argument(
         "--shutdown-grace",
-        type=_bounded(float, NON_NEGATIVE),
+        type=flag_type(float, NON_NEGATIVE),
         default=DEFAULT_SHUTDOWN_GRACE_S,
         metavar="SECONDS",
         help="on SIGTERM or Ctrl-C, seconds the requests in flight have to finish while routers send no new work "
@@ -359,11 +349,11 @@ def build_parser() -> argparse.ArgumentParser:
         "within the pool's min and max replicas where a flag or the config file sets them (outside one that is set: "
         "refused); a bound nobody set follows the count"
     )
-    count = _bounded(int, NON_NEGATIVE)
+    count = flag_type(int, NON_NEGATIVE)
     up.add_argument("--prefill", type=count, default=None, metavar="N", help=f"prefill workers, {within}")
     up.add_argument(
         "--decode",
-        type=_bounded(int, Bound(MIN_DECODE_REPLICAS)),
+        type=flag_type(int, Bound(MIN_DECODE_REPLICAS)),
         default=None,
         metavar="N",
         help=f"decode workers, {within}",
@@ -377,7 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
         up.add_argument(
             SLO_FLAGS[name],
             dest=name,
-            type=_bounded(float, PLANNER_BOUNDS[name]),
+            type=flag_type(float, PLANNER_BOUNDS[name]),
             default=None,
             metavar="SECONDS",
             help=f"the p90 {what} to hold: turns the planner on for the {pool} pool; a pool without its own "
@@ -385,7 +375,7 @@ def build_parser() -> argparse.ArgumentParser:
         )
     up.add_argument(
         "--start-timeout-s",
-        type=_bounded(float, POSITIVE),
+        type=flag_type(float, POSITIVE),
         default=None,
         metavar="SECONDS",
         help="how long to wait for the first workers (placement, model loading) before stopping; default "
@@ -393,8 +383,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     up.add_argument("--min-prefill", type=count, default=None, metavar="N")
     up.add_argument("--max-prefill", type=count, default=None, metavar="N")
-    up.add_argument("--min-decode", type=_bounded(int, Bound(MIN_DECODE_REPLICAS)), default=None, metavar="N")
-    up.add_argument("--max-decode", type=_bounded(int, Bound(MIN_DECODE_REPLICAS)), default=None, metavar="N")
+    up.add_argument("--min-decode", type=flag_type(int, Bound(MIN_DECODE_REPLICAS)), default=None, metavar="N")
+    up.add_argument("--max-decode", type=flag_type(int, Bound(MIN_DECODE_REPLICAS)), default=None, metavar="N")
     _add_secret_args(
         up,
         api_key_help="a file of API keys clients must send (one a line); also SPLITSERVE_API_KEYS[_FILE]",
@@ -794,7 +784,7 @@ _PR_SET_PDEATHSIG = 1
 
 
 DELEGATED_COMMANDS = {
-    "bench": "benchmarks; they print ratios against a baseline run side by side (needs the [bench] extra)",
+    "bench": "benchmarks, most with a baseline run side by side and its ratio (needs the [bench] extra)",
     "simulate": "discrete-event simulation of a prefill/decode cluster; split search; validation",
 }
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 # The longest lease a decode worker grants: a router may not ask for more (RouterConfig.lease_ms), and a worker caps
@@ -44,3 +46,20 @@ def check_bounds(owner, bounds: dict[str, Bound]) -> None:
         if value is not None and not bound.admits(value):
             finite = "" if math.isfinite(value) else "finite and "
             raise ValueError(f"{name} must be {finite}{bound}, got {value!r}")
+
+
+def flag_type(convert: Callable[[str], float], bound: Bound, admits: str | None = None) -> Callable[[str], float]:
+    """An argparse type: a number ``convert`` reads from the flag's text, within ``bound`` (``admits`` says so where
+    str(bound) would not); else ArgumentTypeError, which argparse prints naming the flag."""
+    kind = "an integer" if convert is int else "a number"
+
+    def parse(text: str):
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {kind}") from None
+        if not bound.admits(value):
+            raise argparse.ArgumentTypeError(f"must be {admits or bound}, got {text}")
+        return value
+
+    return parse

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 
+from bench.args import Refused
 from bench.sim import transfer
 from bench.sim.cluster import Deployment, Link, WorkerSpec
 from bench.sim.hardware import GPUS, resolve_model
@@ -24,15 +24,12 @@ def run(args: argparse.Namespace) -> int:
     try:
         if args.transfer_table:
             return _run_transfer_table(args)
-        if args.transfer_json or args.transport_gbps:
-            raise ValueError("--transfer-json and --transport-gbps go with --transfer-table")
         if args.validate:
             return _run_validation(args)
         deployment = build_deployment(args)
         traffic = build_traffic(args)
-    except (OSError, ValueError, KeyError, EngineError) as exc:
-        print(f"splitserve: {exc}", file=sys.stderr)
-        return 2
+    except (OSError, ValueError, KeyError, EngineError) as exc:  # a file or model the flags name, unusable
+        raise Refused(str(exc)) from None
     slos = {"ttft": args.ttft_slo_ms, "tpot": args.tpot_slo_ms}
     report = simulate_report(deployment, traffic, slos, args)
     print_report(report)
@@ -47,8 +44,6 @@ def build_deployment(args: argparse.Namespace) -> Deployment:
     config = resolve_model(args.model)
     shape = ModelShape.of(config, args.dtype)
     if args.hardware == "cpu":
-        if not args.profile:
-            raise ValueError("--hardware cpu needs --profile (from `splitserve bench profile --json`)")
         profile = _load(args.profile)
         prefill_model, decode_model = (
             FittedModel.from_profile(profile, t) for t in (args.prefill_threads, args.decode_threads)
@@ -230,8 +225,6 @@ def _ms(value: float | None) -> str:
 
 
 def _run_validation(args: argparse.Namespace) -> int:
-    if not args.profile:
-        raise ValueError("--validate needs --profile (the `bench profile` JSON of this machine)")
     report = validate(_load(args.validate), _load(args.profile))
     print_validation(report)
     if args.json_path:
@@ -242,18 +235,22 @@ def _run_validation(args: argparse.Namespace) -> int:
 
 
 def _run_transfer_table(args: argparse.Namespace) -> int:
-    if bool(args.transfer_json) == bool(args.transport_gbps):
-        raise ValueError("--transfer-table needs one of --transfer-json FILE or --transport-gbps NAME=GBPS,...")
     transports = (
         transfer.transports_from_report(args.transfer_json)
         if args.transfer_json
         else transfer.transports_from_flags(args.transport_gbps)
     )
-    prompt_lens = tuple(int(part) for part in args.transfer_prompt_lens.split(","))
-    rows = transfer.table(transports, prompt_lens, step_overhead_s=args.step_overhead_ms / 1000)
+    rows = transfer.table(
+        transports,
+        args.transfer_prompt_lens,
+        step_overhead_s=args.step_overhead_ms / 1000,
+        compute_efficiency=args.compute_efficiency,
+        bandwidth_efficiency=args.bandwidth_efficiency,
+    )
     print(
         f"Exposed KV transfer / TTFT of a lone prompt, layer-wise / whole-request push (roofline prefill: "
-        f"{args.step_overhead_ms:g} ms step overhead, 60% of peak FLOP/s, 80% of peak HBM bytes/s):"
+        f"{args.step_overhead_ms:g} ms step overhead, {args.compute_efficiency:.0%} of peak FLOP/s, "
+        f"{args.bandwidth_efficiency:.0%} of peak HBM bytes/s):"
     )
     for t in transports:
         print(f"- {t.name}: {t.bytes_per_s * 8 / 1e9:.1f} Gb/s per GPU link ({t.source})")

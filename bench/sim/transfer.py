@@ -58,16 +58,9 @@ def transports_from_report(path: str) -> list[Transport]:
     return out
 
 
-def transports_from_flags(text: str) -> list[Transport]:
-    """``NAME=GBPS,...`` (gigabits/s per GPU link)."""
-    out = []
-    for item in text.split(","):
-        name, _, gbps = item.partition("=")
-        try:
-            out.append(Transport(name.strip(), float(gbps) * 1e9 / 8, "--transport-gbps"))
-        except ValueError:
-            raise ValueError(f"--transport-gbps takes NAME=GBPS,..., got {item!r}") from None
-    return out
+def transports_from_flags(rates: tuple[tuple[str, float], ...]) -> list[Transport]:
+    """--transport-gbps's (name, gigabits/s per GPU link) pairs."""
+    return [Transport(name, gbps * 1e9 / 8, "--transport-gbps") for name, gbps in rates]
 
 
 def exposed_s(deployment: Deployment, prefill: float, tokens: int, mode: str) -> float:
@@ -103,16 +96,21 @@ def deployment_with_link(deployment: Deployment, bytes_per_s: float) -> Deployme
 
 
 def table(
-    transports: list[Transport], prompt_lens=PROMPT_LENS, shapes=SHAPES, step_overhead_s: float = 0.002
+    transports: list[Transport],
+    prompt_lens=PROMPT_LENS,
+    shapes=SHAPES,
+    step_overhead_s: float = RooflineModel.step_overhead_s,
+    compute_efficiency: float = RooflineModel.compute_efficiency,
+    bandwidth_efficiency: float = RooflineModel.bandwidth_efficiency,
 ) -> list[dict]:
     """A row per (model, GPU, prompt length): prefill, KV bytes, each transport's exposed share per
-    push mode, and the link each push mode needs."""
+    push mode, and the link each push mode needs; prefill by the roofline at these efficiencies."""
     rows = []
     for model_name, *tps in shapes:
         config = resolve_model(model_name)
         shape = ModelShape.of(config, "bfloat16")
         for (gpu_name, gpu), tp in zip(GPUS.items(), tps):
-            latency = RooflineModel(gpu, shape, tp, step_overhead_s=step_overhead_s)
+            latency = RooflineModel(gpu, shape, tp, compute_efficiency, bandwidth_efficiency, step_overhead_s)
             for tokens in prompt_lens:
                 rows.append(_row(model_name, gpu_name, gpu, tp, latency, shape, tokens, transports))
     return rows

@@ -96,5 +96,5 @@ def test_the_profile_takes_the_grpc_transports_bytes_per_s_as_the_transfer_table
     report.write_text(json.dumps({"bandwidth": [row("grpc", 0.3)]}))  # an older report: the PushKV path only
     assert link_from_transfer_report(str(report))["bytes_per_s"] == 0.3e9
     report.write_text(json.dumps({"bandwidth": [row("nixl", 4.0)]}))
-    with pytest.raises(SystemExit, match="no gRPC \\(with checksums\\) bandwidth row"):
+    with pytest.raises(ValueError, match="no gRPC \\(with checksums\\) bandwidth row"):
         link_from_transfer_report(str(report))
