@@ -127,7 +127,8 @@ STALL_TIMEOUT_S = 30.0
 # notices (cluster_auth.end_silent_peers): a host that vanishes mid-frame is not waited for this long.
 MAX_CONNECTIONS = 256  # admitted links
 # Connections still in their hello (HELLO_TIMEOUT_S at most, all of it), in all and from one address: a
-# neighbour that opens connections and says nothing holds these few slots, never an admitted link's.
+# neighbour that opens connections and says nothing holds these few slots, never an admitted link's, and never a
+# member's (an address that proved the secret before is held to its own address's slots only).
 MAX_HELLOS = 64
 MAX_HELLOS_PER_HOST = 8
 REFUSAL_LOG_S = 10.0  # refusals are logged at most this often per host
@@ -255,6 +256,7 @@ class BulkReceiver:
         self.port = self._listener.getsockname()[1]
         self._connections: set[socket.socket] = set()  # every open one, in its hello or admitted
         self._hellos: collections.Counter[str] = collections.Counter()  # connections in their hello, per host
+        self._members: set[str] = set()  # hosts that proved the cluster secret: the cluster's, a bounded few
         self._refusals_logged: dict[str, float] = {}  # per host: when a refusal was last logged (accepting thread)
         self._lock = threading.Lock()
         self._closed = False
@@ -294,7 +296,7 @@ class BulkReceiver:
             return "the listener is closing"
         if self._hellos[host] >= MAX_HELLOS_PER_HOST:
             return f"{MAX_HELLOS_PER_HOST} of its connections are in their hello already"
-        if hellos >= MAX_HELLOS:
+        if hellos >= MAX_HELLOS and host not in self._members:
             return f"{MAX_HELLOS} connections are in their hello already"
         if len(self._connections) - hellos >= MAX_CONNECTIONS:
             return f"{MAX_CONNECTIONS} links are open already"
@@ -309,6 +311,8 @@ class BulkReceiver:
             with self._lock:
                 self._end_hello(host)
                 in_hello = False
+                if admitted:
+                    self._members.add(host)
             if admitted:
                 sock.settimeout(STALL_TIMEOUT_S)  # each read within a frame; between frames, _frame waits on
                 while self._frame(sock, sent_here, staging):

@@ -562,6 +562,44 @@ def test_a_frame_that_trickles_holds_no_blocks_once_its_reservation_stopped(rece
         link.close()
 
 
+def test_silent_connections_from_many_addresses_keep_no_member_off_the_link(receiver):
+    """Neighbours on enough addresses can hold every one of the listener's MAX_HELLOS slots (each address its
+    MAX_HELLOS_PER_HOST): an address that proved the cluster secret before still gets its links, a new one does not."""
+    source = _source(seed=11)
+    first = BulkKVSender(receiver.layout, "prefill", auth=ClusterAuth(secret=SECRET))
+    try:
+        _one_session(receiver, first, "before", seed=11)  # 127.0.0.1 is a member from now on
+    finally:
+        first.close()
+    per_host = bulk_transport.MAX_HELLOS_PER_HOST
+    hosts = [f"127.0.0.{10 + i}" for i in range(-(-bulk_transport.MAX_HELLOS // per_host))]
+    silent = [
+        socket.create_connection(("127.0.0.1", receiver.bulk.port), timeout=5, source_address=(host, 0))
+        for host in hosts
+        for _ in range(per_host)
+    ]
+    try:
+        assert wait_for(lambda: sum(receiver.bulk._hellos.values()) >= bulk_transport.MAX_HELLOS, 3)
+        stranger = socket.create_connection(
+            ("127.0.0.1", receiver.bulk.port), timeout=5, source_address=("127.0.0.99", 0)
+        )
+        with stranger:
+            assert stranger.recv(64) == b"", "a new address got a hello slot past MAX_HELLOS"
+        member = BulkKVSender(receiver.layout, "prefill", auth=ClusterAuth(secret=SECRET))
+        try:
+            receiver.inbox.open("after", DST_BLOCKS, TOKEN)
+            session = member.open("after", receiver.ticket("after"))
+            assert isinstance(session, BulkSession), f"a member was kept off the bulk link: {session}"
+            _push_all(session, source)
+            session.commit(7, None, 10.0)
+        finally:
+            member.close()
+        _assert_landed(receiver, source)
+    finally:
+        for sock in silent:
+            sock.close()
+
+
 def wait_for(predicate, timeout: float) -> bool:
     deadline = time.monotonic() + timeout
     while not predicate():
