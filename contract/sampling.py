@@ -345,5 +345,7 @@ def _token_ids(name: str, token_ids: Iterable[int], end: int) -> tuple[int, ...]
         ids = (None,)
     plain = not ids or (set(map(type, ids)) == _INT_ONLY and 0 <= min(ids) and max(ids) < end)  # at C speed
     if not plain and not all(not isinstance(t, bool) and isinstance(t, int) and 0 <= t < end for t in ids):
-        raise FieldError(name, f"{name} must hold token ids in [0, {end})")
+        # The record alone knows no vocabulary, only the wire's range: it names none (check_token_ids names it).
+        within = "of the model's vocabulary" if end == _UINT32 else f"in [0, {end})"
+        raise FieldError(name, f"{name} must hold token ids {within}")
     return ids

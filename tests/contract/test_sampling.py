@@ -188,9 +188,12 @@ def test_vocabulary_and_text_helpers():
             check_vocabulary(bad, 320)
         assert caught.value.field == field
     for bad in ([320], [-1], [True]):
-        with pytest.raises(FieldError, match="prompt must hold token ids") as caught:
+        with pytest.raises(FieldError, match=r"prompt must hold token ids in \[0, 320\)") as caught:
             check_token_ids(bad, 320, "prompt")
         assert caught.value.field == "prompt"
+    # Past the wire's range, before any vocabulary is known: no range of the wire's is named as the model's.
+    with pytest.raises(FieldError, match="^logit_bias must hold token ids of the model's vocabulary$"):
+        SamplingParams(logit_bias={2**40: 1})
     assert check_text("fine ✓", "model") == "fine ✓"
     with pytest.raises(FieldError) as caught:
         check_text("bad \udfff", "model")
