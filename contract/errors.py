@@ -40,11 +40,18 @@ def fields_named(names: Mapping[str, str]) -> Iterator[None]:
         head, dot, tail = exc.field.partition(".")
         if head not in names:
             raise
-        message = re.sub(rf"(?<![\w.]){re.escape(head)}\b", names[head], str(exc))
-        raise FieldError(f"{names[head]}{dot}{tail}", message) from None
+        raise FieldError(f"{names[head]}{dot}{tail}", renamed(str(exc), head, names[head])) from None
+
+
+def renamed(message: str, field: str, name: str) -> str:
+    """``message`` with its mentions of ``field`` as the request spells it, ``name``."""
+    return re.sub(rf"(?<![\w.]){re.escape(field)}\b", name, message)
 
 
 # Trailing metadata of a worker's failed call when the failure is a peer's, not the worker's own: the worker could
 # not reach the address it names (a prefill worker: its ticket's KV receiver). The call's status is UNAVAILABLE,
 # which alone would say the worker itself is gone; a router reads this key to blame the link instead.
 UNREACHABLE_PEER = "splitserve-unreachable-peer"
+# Trailing metadata of a worker's INVALID_ARGUMENT where the refusal is of one request field (engine's
+# InvalidRequestError.field): the router's 400 names it as the client's API spells it.
+REFUSED_FIELD = "splitserve-refused-field"

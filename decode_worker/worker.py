@@ -28,7 +28,14 @@ from kv_transfer.errors import TransferError
 from kv_transfer.inbox import KVInbox
 from kv_transfer.receiver_service import KVReceiverService
 from protos import common_pb2, decode_pb2, decode_pb2_grpc, kv_transfer_pb2_grpc
-from worker_server.base import WorkerBase, abort_on_error, logprob_from_wire, output_to_wire, status_of
+from worker_server.base import (
+    WorkerBase,
+    abort_on_error,
+    logprob_from_wire,
+    output_to_wire,
+    status_of,
+    trailing_of,
+)
 from worker_server.calls import call_status, serve_calls
 from worker_server.security import peer_of
 from worker_server.tracing import trace_kv_receiver
@@ -199,7 +206,7 @@ class DecodeWorker(WorkerBase, decode_pb2_grpc.DecodeWorkerServicer):
                 if output.finished:
                     return
         except RequestFailed as exc:
-            context.abort(*status_of(exc))
+            abort_on_error(context, exc)
 
     def _stream_for(self, request):
         return self.loop.call(self._starter(request))
@@ -301,7 +308,7 @@ class DecodeWorker(WorkerBase, decode_pb2_grpc.DecodeWorkerServicer):
                     with lock:
                         running.pop(request_id, None)
                     yield decode_pb2.GenerateStreamResponse(
-                        request_id=request_id, error=call_status(*status_of(output))
+                        request_id=request_id, error=call_status(*status_of(output), trailing_of(output))
                     )
                     continue
                 if output.finished:

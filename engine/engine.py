@@ -320,16 +320,19 @@ class Engine:
         if used >= capacity:  # whatever max_tokens says: the prompt is what to shorten
             raise InvalidRequestError(
                 f"prompt ({len(prompt)} tokens{f' + {len(resumed)} resumed' if resumed else ''}) leaves no room "
-                f"for output in {where}"
+                f"for output in {where}",
+                "prompt",
             )
         if not params.max_tokens_defaulted:
             raise InvalidRequestError(
                 f"prompt ({len(prompt)} tokens) + max_tokens ({params.max_tokens}) = {len(prompt) + params.max_tokens} "
-                f"tokens do not fit in {where}: at most {room} may follow this prompt"
+                f"tokens do not fit in {where}: at most {room} may follow this prompt",
+                "max_tokens",
             )
         if params.min_tokens > room:
             raise InvalidRequestError(
-                f"min_tokens ({params.min_tokens}) exceeds the {room} tokens that fit after the prompt in {where}"
+                f"min_tokens ({params.min_tokens}) exceeds the {room} tokens that fit after the prompt in {where}",
+                "min_tokens",
             )
         return replace(params, max_tokens=room)
 

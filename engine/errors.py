@@ -10,7 +10,12 @@ class EngineError(Exception):
 
 
 class InvalidRequestError(EngineError, ValueError):
-    """The request itself is wrong (parameters out of range, prompt too long, empty prompt)."""
+    """The request itself is wrong (parameters out of range, prompt too long, empty prompt); ``field``: the request's
+    field to change, where one is (``prompt``, ``max_tokens``), which the router names as the client's API spells it."""
+
+    def __init__(self, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
 
 
 class ModelLoadError(EngineError):

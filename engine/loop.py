@@ -42,15 +42,16 @@ class RequestFailed(Exception):
     failed it was the request's own (fields that contradict each other), which a worker reports as the caller's
     error, INVALID_ARGUMENT."""
 
-    def __init__(self, reason: str, invalid: bool = False) -> None:
+    def __init__(self, reason: str, invalid: bool = False, field: str | None = None) -> None:
         super().__init__(reason)
         self.invalid = invalid
+        self.field = field  # an invalid request's field to change, if one is (InvalidRequestError.field)
 
     @classmethod
     def of(cls, request_id: str, error: BaseException) -> RequestFailed:
         """What the engine's failing ``error`` says to the request's caller."""
         if isinstance(error, InvalidRequestError):
-            return cls(str(error), invalid=True)
+            return cls(str(error), invalid=True, field=error.field)
         return cls(f"engine error in request {request_id}: {type(error).__name__}: {error}")
 
 

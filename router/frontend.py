@@ -15,6 +15,7 @@ from dataclasses import replace
 from typing import Any
 
 from contract import tracing
+from contract.errors import renamed
 from contract.sampling import FieldError, SamplingParams, check_text, check_token_ids, check_vocabulary
 from engine.errors import InvalidRequestError
 from engine.thinking import Thinking
@@ -309,8 +310,9 @@ class Frontend:
                 field = "thinking" if params.thinking_token_budget is None else "thinking_token_budget"
                 raise _bad(f"{field}: {NOT_THINKING}", field)
             params = replace(params, thinking=True)
+        spelled = tuple((k, v) for k, v in (("prompt", prompt_field), ("max_tokens", max_tokens_field)) if k != v)
         return GenerationRequest(
-            secrets.token_hex(16), tuple(prompt_ids), params.to_wire(), _PUBLIC_REQUEST_ID.get(), priority
+            secrets.token_hex(16), tuple(prompt_ids), params.to_wire(), _PUBLIC_REQUEST_ID.get(), priority, spelled
         )
 
     # -- output -----------------------------------------------------------------------------------
@@ -356,6 +358,11 @@ class Frontend:
             if self._cut_reason is not None:
                 raise GenerationError(self._cut_reason, 503) from None
             raise
+        except GenerationError as exc:  # a worker's refusal names the record's field: the client's name for it
+            name = dict(request.spelled).get(exc.param)
+            if name is None:
+                raise
+            raise GenerationError(renamed(str(exc), exc.param, name), exc.status, exc.code, name) from exc
 
     def cut(self, reason: str) -> None:
         """Ends every request in flight, queued ones too, with GenerationError(503, ``reason``): as at its timeout,

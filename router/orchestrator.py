@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 
 import grpc
 
-from contract.errors import UNREACHABLE_PEER
+from contract.errors import REFUSED_FIELD, UNREACHABLE_PEER
 from engine.block_manager import compute_block_hashes
 from engine.tokenizer import IncrementalDetokenizer
 from protos import common_pb2, decode_pb2, prefill_pb2
@@ -59,6 +59,13 @@ _WORKER_LOST = {
     grpc.StatusCode.UNKNOWN,
     grpc.StatusCode.CANCELLED,
 }
+
+
+def _refused(exc: grpc.aio.AioRpcError) -> GenerationError:
+    """A worker's refusal of the request: the client's 400, naming the field the worker named (``REFUSED_FIELD``) as
+    the record spells it (Frontend.stream spells it as the client's API does)."""
+    field = next((value for key, value in exc.trailing_metadata() or () if key == REFUSED_FIELD), None)
+    return GenerationError(exc.details(), 400, "invalid_request_error", field)
 
 
 def _names_unreachable_peer(exc: grpc.aio.AioRpcError) -> bool:
@@ -119,6 +126,9 @@ class GenerationRequest:
     public_id: str = ""  # the client's name for it (X-Request-Id, gRPC's request_id), if another
     # Under scheduling_policy "priority": its place in the router's queue and the workers' queues, lower first.
     priority: int = 0
+    # The record's fields the client's API spells otherwise (prompt: messages, max_tokens: max_completion_tokens):
+    # a worker's refusal names them so.
+    spelled: tuple[tuple[str, str], ...] = ()
 
     @property
     def named(self) -> str:
@@ -427,7 +437,7 @@ class Orchestrator:
         except grpc.aio.AioRpcError as exc:
             span.fail(f"{exc.code().name}: {exc.details()}")
             if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
-                raise GenerationError(exc.details(), 400, "invalid_request_error") from exc
+                raise _refused(exc) from exc
             if _names_unreachable_peer(exc):
                 decode.kv_link_failed(prefill.address)
                 self.metrics.kv_link_failures.labels(prefill.label, decode.label).inc()
@@ -547,7 +557,7 @@ class Orchestrator:
     def _worker_error(self, worker: WorkerHandle, exc: grpc.aio.AioRpcError) -> Exception:
         code = exc.code()
         if code == grpc.StatusCode.INVALID_ARGUMENT:
-            return GenerationError(exc.details(), 400, "invalid_request_error")
+            return _refused(exc)
         if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
             return GenerationError(f"decode worker {worker.address} is full: {exc.details()}", 503)
         if code in _WORKER_LOST or code == grpc.StatusCode.DEADLINE_EXCEEDED:  # a Reserve unanswered in 10 s: stalled

@@ -18,7 +18,7 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, start_http_server
 
 from contract import tracing
-from contract.errors import UNREACHABLE_PEER
+from contract.errors import REFUSED_FIELD, UNREACHABLE_PEER
 from contract.sampling import FieldError
 from engine.block_manager import KVEventKind
 from engine.config import EngineConfig
@@ -368,10 +368,21 @@ def output_to_wire(output: RequestOutput) -> decode_pb2.GenerateResponse:
 
 def abort_on_error(context: grpc.ServicerContext, exc: Exception) -> None:
     """Maps engine and transfer errors to gRPC statuses with their message; a transfer that failed because its
-    peer could not be reached names that peer in the trailing metadata (``UNREACHABLE_PEER``)."""
-    if isinstance(exc, TransferError) and exc.unreachable:
-        context.set_trailing_metadata(((UNREACHABLE_PEER, exc.unreachable),))
+    peer could not be reached names that peer in the trailing metadata (``UNREACHABLE_PEER``), a request refused
+    for one of its fields that field (``REFUSED_FIELD``)."""
+    if trailing := trailing_of(exc):
+        context.set_trailing_metadata(trailing)
     context.abort(*status_of(exc))
+
+
+def trailing_of(exc: Exception) -> tuple[tuple[str, str], ...]:
+    """What a call ended by ``exc`` says in its trailing metadata: the peer it could not reach, or the request field
+    it refused (an engine's InvalidRequestError, or a RequestFailed that was one)."""
+    if isinstance(exc, TransferError) and exc.unreachable:
+        return ((UNREACHABLE_PEER, exc.unreachable),)
+    if isinstance(exc, (InvalidRequestError, RequestFailed)) and exc.field:
+        return ((REFUSED_FIELD, exc.field),)
+    return ()
 
 
 def status_of(exc: Exception) -> tuple[grpc.StatusCode, str]:

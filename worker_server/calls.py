@@ -20,7 +20,7 @@ from concurrent.futures import Executor
 import grpc
 
 from protos import decode_pb2
-from worker_server.base import status_of
+from worker_server.base import status_of, trailing_of
 
 log = logging.getLogger(__name__)
 POLL_S = 0.5  # how often a stream with nothing to send checks that its client is still there
@@ -116,7 +116,7 @@ def serve_calls(
         except _Aborted:
             message = answer(id=call_id, error=call_status(call.code(), call.details(), call.trailing_metadata))
         except Exception as exc:  # what a call of its own would end with: INTERNAL, logged
-            message = answer(id=call_id, error=call_status(*status_of(exc)))
+            message = answer(id=call_id, error=call_status(*status_of(exc), trailing_of(exc)))
         finish(call_id, call, message)
 
     def start(message) -> None:

@@ -114,7 +114,13 @@ def test_an_explicit_max_tokens_too_big_for_the_pool_is_refused(router, hf):
         body = {"model": PRESET, "messages": MESSAGES, limit: room + 1}
         response = httpx.post(f"{router.http}/v1/chat/completions", json=body, timeout=120)
         assert response.status_code == 400, response.text
-        message = response.json()["error"]["message"]
-        assert "max_tokens" in message and "do not fit" in message, message
+        error = response.json()["error"]
+        # Named as the request spelled it: the worker's refusal carries its field (it came with param null).
+        assert error["param"] == limit and f"{limit} ({room + 1})" in error["message"], error
+        assert "do not fit" in error["message"], error
+    # A prompt that leaves the pool no room is the prompt's to shorten: messages, as chat calls it.
+    long = [{"role": "user", "content": MESSAGES[0]["content"] + " and more" * 20}]
+    response = httpx.post(f"{router.http}/v1/chat/completions", json={"model": PRESET, "messages": long}, timeout=120)
+    assert response.status_code == 400 and response.json()["error"]["param"] == "messages", response.text
     ok = {"model": PRESET, "messages": MESSAGES, "max_tokens": room, "temperature": 0, "ignore_eos": True}
     assert httpx.post(f"{router.http}/v1/chat/completions", json=ok, timeout=120).status_code == 200
