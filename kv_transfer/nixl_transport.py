@@ -470,7 +470,16 @@ class NixlKVSender(KVSender):
                 unreachable=peer.address,
                 refused=True,
             )
-        receiver = _receiver_of(peer)
+        try:
+            receiver = _receiver_of(peer)
+        except (ValueError, KeyError, TypeError, AttributeError, msgpack.UnpackException) as exc:  # a peer's bytes
+            raise TransferError(
+                f"{peer.address} described its NIXL pool in a form this worker cannot read ({type(exc).__name__}: "
+                f"{exc}): are both workers the same splitserve version?",
+                "FAILED_PRECONDITION",
+                unreachable=peer.address,
+                refused=True,
+            ) from exc
         ours = self.posters[0].pool.descriptor.memory
         if self.verify and receiver.pool.memory != ours:  # the checksum is chosen by memory (integrity.py)
             raise TransferError(

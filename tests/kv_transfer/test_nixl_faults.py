@@ -230,3 +230,22 @@ def test_a_dead_receiver_is_forgotten_and_one_back_at_its_address_gets_its_kv(so
         sender.close()
         if reborn is not None:
             reborn.stop()
+
+
+@pytest.mark.parametrize(
+    "described", [b"\xc1", b"\x93\x01\x02\x03", b"\x81\xa4name\xa1x"], ids=["not msgpack", "a list", "keys missing"]
+)
+def test_a_receiver_describing_its_pool_unreadably_is_refused_naming_it(source, described):
+    """Bytes from a peer (another version, or a hostile member): a handshake whose pool description does not parse
+    is a refusal naming the peer, not an INTERNAL error of the prefill worker's own."""
+    receiver = Receiver(name="garbled-receiver")
+    receiver.nixl.pool_descriptor_bytes = lambda: described
+    sender = NixlKVSender(receiver.layout, "prefill", source, "garbled-sender", verify=True)
+    try:
+        with pytest.raises(TransferError) as refused:
+            sender.open("r", receiver.ticket("r"))
+        assert refused.value.code == "FAILED_PRECONDITION" and receiver.address in str(refused.value)
+        assert refused.value.refused and "cannot read" in str(refused.value)
+    finally:
+        sender.close()
+        receiver.stop()
