@@ -278,6 +278,8 @@ class Dashboard:
         self.slo_override = slo
         self.slo = slo  # the SLO in force, as of the last snapshot; /metrics exports it for the alerting rules
         frontend.metrics.watch_slo(lambda: self.slo.by_name() if self.slo is not None else None)
+        self.desired: dict[str, int] | None = None  # each pool's size the control plane aims at, as last learnt
+        frontend.metrics.watch_desired(lambda: self.desired)
         self.web_dir = web_dir
         self.admin_token = admin_token
         self.history: deque[dict] = deque(maxlen=HISTORY_POINTS)
@@ -331,6 +333,8 @@ class Dashboard:
         topology = cluster_topology(cluster, self.frontend.pool) if cluster else pool_topology(self.frontend.pool)
         if control_error is None:  # a control plane out of reach leaves the SLO as last learnt, not unset
             self.slo = self._slo(cluster)
+            desired = {role: pool["desired"] for role, pool in topology["pools"].items() if pool["desired"] is not None}
+            self.desired = desired or None
         slo = self.slo
         return {
             "at": time.time(),

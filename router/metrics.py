@@ -122,6 +122,8 @@ class RouterMetrics:
         self.registry.register(_ModelLabelled(self._per_model, model_name))
         self._slo = _SLOCollector()
         self.registry.register(self._slo)
+        self._desired = _DesiredCollector()
+        self.registry.register(self._desired)
         self.window = LatencyWindow()
 
     def _routing_families(self, r: CollectorRegistry) -> None:
@@ -205,6 +207,11 @@ class RouterMetrics:
         """Exports the SLO ``targets`` returns at scrape time ({"ttft": s, "tpot": s}; None: no SLO is set)."""
         self._slo.targets = targets
 
+    def watch_desired(self, desired: Callable[[], dict[str, int] | None]) -> None:
+        """Exports the pools' sizes the control plane aims at, as ``desired`` returns them at scrape time
+        ({"prefill": n, "decode": n}; None: no control plane, the router's workers are whatever it was given)."""
+        self._desired.desired = desired
+
 
 # The router's families exported again under vLLM's names (same semantics; vLLM's time_per_output_token_seconds
 # is its older name of the inter-token latency).
@@ -254,6 +261,25 @@ def _relabelled(family: Metric, name: str, added: dict[str, str], renamed: dict[
         for s in family.samples
     ]
     return copy
+
+
+class _DesiredCollector:
+    """``splitserve_pool_desired_workers{role}``: how many workers each pool should have (the controller's, through
+    the dashboard's last snapshot). Beside splitserve_workers{state="ready"}: a pool short of it has workers starting,
+    dead or never placed, which the router, knowing only the workers that serve, cannot count."""
+
+    def __init__(self) -> None:
+        self.desired: Callable[[], dict[str, int] | None] = lambda: None
+
+    def collect(self):
+        family = GaugeMetricFamily(
+            "splitserve_pool_desired_workers",
+            "Workers each pool should have, as the control plane aims (absent without one)",
+            labels=["role"],
+        )
+        for role, count in sorted((self.desired() or {}).items()):
+            family.add_metric([role], count)
+        yield family
 
 
 class _SLOCollector:

@@ -254,25 +254,31 @@ class PlannerControl:
     """A control plane whose status carries the planner section as the controller reports it
     (cluster/controller.py: enabled, ttft_target_s, tpot_target_s from the cluster config's planner spec)."""
 
-    def __init__(self, enabled: bool, ttft_target_s: float = 1.0, tpot_target_s: float = 0.1) -> None:
+    def __init__(
+        self, enabled: bool, ttft_target_s: float = 1.0, tpot_target_s: float = 0.1, desired: dict | None = None
+    ) -> None:
         self.planner = {
             "enabled": enabled,
             "decisions": [],
             "ttft_target_s": ttft_target_s,
             "tpot_target_s": tpot_target_s,
         }
-
+        self.pools = {role: {"desired": n, "min": 0, "max": n} for role, n in (desired or {}).items()}
         self.reachable = True
 
     async def status(self) -> dict:
         if not self.reachable:
             raise ConnectionError("control plane unreachable")
-        return {"pools": {}, "workers": [], "planner": self.planner}
+        return {"pools": self.pools, "workers": [], "planner": self.planner}
 
 
 def _slo_targets(control: PlannerControl | None, then_unreachable: bool = False) -> dict[str, float]:
-    """splitserve_slo_target_seconds on the /metrics of a router (no workers) given ``control``, after its
-    dashboard has asked the control plane once (and, ``then_unreachable``, once more in vain)."""
+    return _exported(control, "splitserve_slo_target_seconds", "slo", then_unreachable)
+
+
+def _exported(control: PlannerControl | None, name: str, label: str, then_unreachable: bool = False) -> dict:
+    """Family ``name`` by ``label`` on the /metrics of a router (no workers) given ``control``, after its dashboard
+    has asked the control plane once (and, ``then_unreachable``, once more in vain)."""
 
     async def scrape() -> str:
         router = Router(RouterConfig(model="demo", port=0, grpc_port=0), control)
@@ -289,11 +295,21 @@ def _slo_targets(control: PlannerControl | None, then_unreachable: bool = False)
             await router.stop()
 
     return {
-        s.labels["slo"]: s.value
+        s.labels[label]: s.value
         for family in text_string_to_metric_families(asyncio.run(scrape()))
         for s in family.samples
-        if s.name == "splitserve_slo_target_seconds"
+        if s.name == name
     }
+
+
+def test_the_pools_desired_sizes_are_exported_as_last_learnt():
+    """Beside the ready workers: a pool short of its size has workers starting, dead or never placed, which the
+    router cannot count (a killed worker left splitserve_workers altogether)."""
+    desired = {"prefill": 2, "decode": 3}
+    family = ("splitserve_pool_desired_workers", "role")
+    assert _exported(PlannerControl(False, desired=desired), *family) == desired
+    assert _exported(PlannerControl(False, desired=desired), *family, then_unreachable=True) == desired
+    assert _exported(None, *family) == {}  # a router given its workers aims at no size
 
 
 @pytest.mark.parametrize(("ttft", "tpot"), [(0.25, 0.04), (2.0, 0.3)])
