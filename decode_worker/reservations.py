@@ -263,7 +263,7 @@ class Reservations:
         if record is None or record.state is ReservationState.COMMITTED:
             return None
         if record.state is ReservationState.OPEN:
-            self._stop(engine, record, ReservationState.ABORTED, reason)
+            self._stop(engine, record, ReservationState.ABORTED, reason, cancelled=True)
             return True
         return False
 
@@ -344,8 +344,11 @@ class Reservations:
                 log.exception("request %s: could not adopt its committed KV", request_id)
             self.streams.fail(engine, request_id, RequestFailed(f"the committed KV was not adopted: {exc}"))
 
-    def _stop(self, engine: Engine, record: Reservation, state: ReservationState, reason: str) -> None:
-        """OPEN -> ABORTED / EXPIRED: shut the gate, fail the stream, release if already safe."""
+    def _stop(
+        self, engine: Engine, record: Reservation, state: ReservationState, reason: str, cancelled: bool = False
+    ) -> None:
+        """OPEN -> ABORTED / EXPIRED: shut the gate, fail the stream, release if already safe. ``cancelled``: the
+        client left, which fails no transfer."""
         record.transition(state)
         record.reason = reason
         record.trace.fail(reason)
@@ -354,7 +357,7 @@ class Reservations:
         self.inbox.close(record.request_id, reason)
         if state is ReservationState.EXPIRED:
             self.leases_expired += 1
-        self.counters.add(kv_transfers_failed=1)
+        self.counters.add(**{"kv_transfers_cancelled" if cancelled else "kv_transfers_failed": 1})
         self.streams.detach(record.request_id)
         record.stream.put(RequestFailed(reason))
         self._try_release(engine, record)

@@ -164,12 +164,14 @@ class PrefillWorker(WorkerBase, prefill_pb2_grpc.PrefillWorkerServicer):
                 self._first_unsent(session) if session is not None else [],
                 pushes=LayerPushes.if_tracing(self.transport, self.engine.kv_cache.layout.region_bytes),
             )
-            stream = self.loop.call(lambda engine: self._start(engine, request, params, outbound))
+            stream = self.loop.call(lambda engine: self._start_unless_gone(engine, request, params, outbound, context))
             # Runs when the RPC ends, however it ends: only a request that did not commit has anything to abort. gRPC
             # runs it on the one thread that takes every call's events, which must not wait there for the engine's
             # step or the decode worker's answer to the abort: a thread of its own does.
             committed = threading.Event()
-            context.add_callback(lambda: committed.is_set() or self._cancel_apart(request.request_id, outbound))
+            cancel = lambda: committed.is_set() or self._cancel_apart(request.request_id, outbound)  # noqa: E731
+            if not context.add_callback(cancel):  # the call ended while its start waited for a step: none will run
+                cancel()
             if follows:
                 session = self._open_session(
                     request.request_id, self._await_ticket(request.request_id, context), pushed_tokens
@@ -181,8 +183,8 @@ class PrefillWorker(WorkerBase, prefill_pb2_grpc.PrefillWorkerServicer):
                 session.commit(output.token_ids[0], first_logprob, COMMIT_TIMEOUT_S)
             committed.set()
         except (EngineError, TransferError, ValueError) as exc:
-            if outbound is not None:
-                self.counters.add(kv_transfers_failed=1)
+            if outbound is not None:  # a caller gone (its client left) failed no transfer
+                self.counters.add(**{"kv_transfers_failed" if context.is_active() else "kv_transfers_cancelled": 1})
                 self._cancel(request.request_id, session, str(exc))
             abort_on_error(context, exc)
         finally:
@@ -267,6 +269,13 @@ class PrefillWorker(WorkerBase, prefill_pb2_grpc.PrefillWorkerServicer):
     def _first_unsent(self, session: OutboundSession) -> list[int]:
         """Per layer, the first block to push: the ones before it are cached on D."""
         return [session.ticket.num_cached_tokens // self.config.block_size] * self._num_layers
+
+    def _start_unless_gone(self, engine: Engine, request, params, outbound: Outbound, context):
+        """``_start``, unless the call ended while it waited for the engine's step (its client left: a long prompt's
+        step takes seconds), when nothing is computed for nobody."""
+        if not context.is_active():
+            raise TransferError("the call ended before its prefill started", "CANCELLED")
+        return self._start(engine, request, params, outbound)
 
     def _start(self, engine: Engine, request, params, outbound: Outbound):
         engine.add_request(

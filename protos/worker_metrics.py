@@ -111,6 +111,7 @@ def _transfer_metrics(stats: list[common_pb2.WorkerStats]) -> Iterator[Metric]:
         transfer_seconds.add_metric(transfer, s.kv_transfer_seconds)
         transfers.add_metric([*transfer, "completed"], s.kv_transfers_completed)
         transfers.add_metric([*transfer, "failed"], s.kv_transfers_failed)
+        transfers.add_metric([*transfer, "cancelled"], s.kv_transfers_cancelled)
         in_flight.add_metric(transfer, s.transfers_in_flight)
         if s.role == "decode":
             leases.add_metric(transfer, s.leases_expired)

@@ -71,6 +71,7 @@ class WorkerCounters:
     kv_transfer_bytes: int = 0
     kv_transfers_completed: int = 0
     kv_transfers_failed: int = 0
+    kv_transfers_cancelled: int = 0  # the client left before its first token: no failure of the transfer's
     kv_transfer_seconds: float = 0.0
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 

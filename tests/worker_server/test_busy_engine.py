@@ -92,3 +92,33 @@ def test_a_client_leaving_while_the_engine_is_busy_holds_up_no_other_call(worker
         10,
         what="every block free",
     )
+
+
+def test_a_prefill_whose_client_left_while_it_waited_for_the_engine_computes_nothing(config):
+    """A long prompt's step holds the engine for seconds; a Prefill whose client left meanwhile was added once the
+    step ended, and its cancel (registered too late, so never run) never came: the worker computed it for nobody.
+    Now its start sees the call gone, nothing is added, and the outcome counts as cancelled, not as a failure."""
+    worker = PrefillWorker(config, auth=ClusterAuth(secret=SECRET))
+    worker.start()
+    try:
+        before = worker.counters.snapshot()
+        with ClusterAuth(secret=SECRET).channel(worker.address) as channel:
+            held = HeldEngine(worker)
+            try:
+                request = prefill_pb2.PrefillRequest(
+                    request_id="gone",
+                    prompt_token_ids=PROMPT,
+                    params=common_pb2.SamplingParams(max_tokens=1),
+                    ticket_follows=True,
+                )
+                call = prefill_pb2_grpc.PrefillWorkerStub(channel).Prefill.future(request, timeout=0.5)
+                assert call.exception(10).code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            finally:
+                held.release()
+        wait_until(lambda: worker.counters.snapshot()["kv_transfers_cancelled"] == 1, 10, what="the start refused")
+        after = worker.counters.snapshot()
+        assert after["prompt_tokens"] == before["prompt_tokens"], "the prompt was computed for nobody"
+        assert after["kv_transfers_failed"] == before["kv_transfers_failed"]
+        assert "gone" not in worker.engine.requests and worker.transfer_state()[0] == 0
+    finally:
+        worker.stop()
