@@ -2025,18 +2025,19 @@ class _Guard:
         serving(request_id)
         answer = _Answer(send, request_id, anthropic_api.is_anthropic(scope["path"]))
         scope.setdefault("state", {})["answer"] = answer  # a body's request_id renames it (_name_request)
+        receive = answer.watching(receive)
         try:
             if refusal is not None:
                 await refusal(scope, receive, answer)
             else:
                 await self._guarded(scope, receive, answer, headers)
         finally:
-            if answer.status:  # every answer, refusals of the guard's own included (a 401 is what to watch for)
-                self.frontend.metrics.requests_by(self._route_template(scope), str(answer.status)).inc()
+            if answer.outcome:  # every answer, refusals of the guard's own included (a 401 is what to watch for)
+                self.frontend.metrics.requests_by(self._route_template(scope), str(answer.outcome)).inc()
             if self.access_log:
                 host, port = (scope.get("client") or ("-", 0))[:2]
                 request = f"{scope['method']} {scope['path']}"  # status "-": the client left before an answer
-                log_access(f"{host}:{port}", request, answer.status or "-", started, answer.request_id)
+                log_access(f"{host}:{port}", request, answer.outcome or "-", started, answer.request_id)
 
     async def _guarded(self, scope, receive, send: _Answer, headers: Headers) -> None:
         path = scope["path"]
@@ -2117,8 +2118,29 @@ class _Answer:
         self._anthropic = anthropic
         self._held: dict | None = None  # an error's response start, sent with its rewritten body
         self.status = 0
+        self.complete = False  # the response's last body message went
+        self.client_left = False  # the client disconnected (the app's receive said so)
+
+    @property
+    def outcome(self) -> int:
+        """The status to count and log: 499 where the client left before the answer was whole (nginx's), whatever
+        status the answer began with (a stream starts 200 to a client gone a moment before); 0: no answer."""
+        return 499 if self.client_left and not self.complete else self.status
+
+    def watching(self, receive):
+        """``receive``, noting a disconnect."""
+
+        async def watched():
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                self.client_left = True
+            return message
+
+        return watched
 
     async def __call__(self, message) -> None:
+        if message["type"] == "http.response.body" and not message.get("more_body", False):
+            self.complete = True
         if message["type"] == "http.response.start":
             self.status = message["status"]
             message["headers"] = [*message.get("headers", ()), (b"x-request-id", self.request_id.encode("latin-1"))]

@@ -4,7 +4,10 @@ bounded; the KV pool's states partition it on a live worker; the vLLM-named fami
 from __future__ import annotations
 
 import asyncio
+import json
+import socket
 import time
+import urllib.parse
 from types import SimpleNamespace
 
 import grpc
@@ -116,6 +119,40 @@ def test_counters_and_histograms_match_the_traffic(router_url):
         == delta("splitserve_kv_transfer_bytes_total", role="decode")
         > 0
     )
+
+
+def test_a_client_that_leaves_before_its_answer_is_whole_is_counted_499(router_url):
+    """A stream whose client left before its first byte began 200 to nobody: it counted as a success the client never
+    saw. It is 499 (nginx's client closed request), and so is one cut mid-stream; a whole answer stays 200."""
+    before = _samples(router_url)
+    body = {"model": "demo", "prompt": PROMPT, "max_tokens": 300, "temperature": 0, "ignore_eos": True, "stream": True}
+    url = urllib.parse.urlparse(router_url)
+    payload = json.dumps(body).encode()
+    with socket.create_connection((url.hostname, url.port), timeout=10) as sock:  # sends the request, then leaves
+        sock.sendall(
+            b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            + f"Content-Length: {len(payload)}\r\n\r\n".encode()
+            + payload
+        )
+    with httpx.Client(timeout=60) as client:
+        with client.stream("POST", f"{router_url}/v1/completions", json=body) as response:  # leaves mid-stream
+            lines = response.iter_lines()
+            for _ in range(3):
+                next(lines)
+        short = {**body, "max_tokens": 3}
+        assert client.post(f"{router_url}/v1/completions", json=short).status_code == 200
+
+    def delta(status: str) -> float:
+        after = _samples(router_url)
+        labels = {"endpoint": "/v1/completions", "status": status}
+        return metric_sum(after, "splitserve_requests_total", **labels) - metric_sum(
+            before, "splitserve_requests_total", **labels
+        )
+
+    deadline = time.monotonic() + 15
+    while delta("499") < 2 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert (delta("499"), delta("200")) == (2, 1)
 
 
 def test_public_grpc_calls_are_counted_by_method_and_code(cluster):
