@@ -157,7 +157,7 @@ def api_key_from(args: argparse.Namespace) -> str | None:
 
 def add_api_key_arguments(parser: argparse.ArgumentParser, api_key_file_help: str) -> None:
     """--api-key-file PATH, and --api-key refused as `splitserve status` refuses it (`ps` shows a command line)."""
-    from cluster.cli import API_KEY_SOURCES, SecretOnCommandLine
+    from router.config import API_KEY_SOURCES, SecretOnCommandLine
 
     parser.add_argument("--api-key", action=SecretOnCommandLine, alternatives=API_KEY_SOURCES)
     parser.add_argument("--api-key-file", default=None, metavar="PATH", help=api_key_file_help)

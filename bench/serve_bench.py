@@ -36,7 +36,7 @@ from bench.args import (
     report_config,
     share,
 )
-from cluster.cli import API_KEY_SOURCES
+from router.config import API_KEY_SOURCES
 
 COMPLETIONS = "/v1/completions"
 CHAT_COMPLETIONS = "/v1/chat/completions"

@@ -66,7 +66,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from bench.args import Given, Refused, refuse_beside_quick
-from cluster.cli import check_device
+from engine.config import check_device
 from engine.kv_cache import KVLayout, PagedKVCache
 from engine.layer_ready import record_layer_ready
 from protos.cluster_auth import ClusterAuth, ensure_secret_in_env, server_options

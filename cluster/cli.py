@@ -13,7 +13,7 @@ import threading
 
 from contract.bounds import flag_type
 from contract.heap import freeze_startup_heap
-from engine.config import add_prefill_chunk_argument
+from engine.config import add_prefill_chunk_argument, check_device
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 # Of every command that serves (up, router, worker): at INFO they log state changes an operator wants to see (a
@@ -119,41 +119,6 @@ def _check_engine_flags(args: argparse.Namespace) -> None:
             raise ValueError(f"--{name.replace('_', '-')} {value}: {exc}") from None
 
 
-def check_device(device: str) -> None:
-    """--device: a device of a kind the engine runs on (cluster.config.DEVICES), present in this torch."""
-    import torch
-
-    from cluster.config import DEVICES
-
-    try:
-        parsed = torch.device(device)
-    except RuntimeError:
-        parsed = None
-    if parsed is None or parsed.type not in DEVICES:
-        raise ValueError(f"--device {device!r}: not a device the engine runs on; use cpu, cuda or cuda:N")
-    if parsed.type == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if count == 0:
-            raise ValueError(f"--device {device}: this machine's torch sees no CUDA device; use --device cpu")
-        if parsed.index is not None and parsed.index >= count:
-            raise ValueError(f"--device {device}: torch sees {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
-
-
-class SecretOnCommandLine(argparse.Action):
-    """A flag that would put a secret in argv, where ``ps`` and /proc/PID/cmdline show it to every user: refused,
-    naming where the secret goes instead."""
-
-    def __init__(self, option_strings, dest, alternatives: str, **kwargs) -> None:
-        self.alternatives = alternatives
-        super().__init__(option_strings, dest, help=f"refused (`ps` would show it): use {alternatives}", **kwargs)
-
-    def __call__(self, parser, namespace, values, option_string=None) -> None:
-        parser.error(
-            f"{option_string} puts a secret on the command line, where `ps` shows it to every user of the machine; "
-            f"use {self.alternatives}"
-        )
-
-
 # The admin commands' router: --url, else this variable (the Helm chart sets it in the head pod), else
 # default_router_url().
 ROUTER_URL_ENV = "SPLITSERVE_URL"
@@ -166,11 +131,9 @@ def default_router_url() -> str:
     return f"http://{router_default('host')}:{router_default('port')}"
 
 
-API_KEY_SOURCES = "--api-key-file PATH, SPLITSERVE_API_KEYS or SPLITSERVE_API_KEYS_FILE"
-ADMIN_TOKEN_SOURCES = "--admin-token-file PATH, SPLITSERVE_ADMIN_TOKEN or SPLITSERVE_ADMIN_TOKEN_FILE"
-
-
 def _add_secret_args(parser: argparse.ArgumentParser, api_key_help: str, admin_token_help: str) -> None:
+    from router.config import ADMIN_TOKEN_SOURCES, API_KEY_SOURCES, SecretOnCommandLine
+
     parser.add_argument("--api-key", action=SecretOnCommandLine, alternatives=API_KEY_SOURCES)
     parser.add_argument("--api-key-file", default=None, metavar="PATH", help=api_key_help)
     parser.add_argument("--admin-token", action=SecretOnCommandLine, alternatives=ADMIN_TOKEN_SOURCES)

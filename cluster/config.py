@@ -17,10 +17,9 @@ from pathlib import Path
 import yaml
 
 from contract.bounds import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, Bound, check_bounds
-from engine.config import _DTYPES, EngineConfig, check_step_limits
+from engine.config import _DTYPES, DEVICES, EngineConfig, check_step_limits
 from router.config import BOUNDS, RouterConfig
 
-DEVICES = ("cpu", "cuda")  # a GPU worker uses the first device Ray gives it (cluster.worker_actor)
 MIN_DECODE_REPLICAS = 1  # the cluster serves through its decode workers: none, and it can never serve
 MIB = 1024 * 1024
 # Torch intra-op threads of one worker, under `up` (PoolSpec.threads) and `splitserve worker`: one, as a worker

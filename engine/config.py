@@ -254,3 +254,24 @@ def kv_block_bytes(model: ModelConfig, block_size: int, dtype_bytes: int) -> int
 
 def blocks_for_budget(model: ModelConfig, block_size: int, dtype_bytes: int, budget_bytes: int) -> int:
     return max(1, math.floor(budget_bytes / kv_block_bytes(model, block_size, dtype_bytes)))
+
+
+DEVICES = ("cpu", "cuda")  # the kinds of torch device the engine runs on (a GPU worker: the first Ray gives it)
+
+
+def check_device(device: str) -> None:
+    """--device: a device of a kind the engine runs on (DEVICES), present in this torch; ValueError naming it."""
+    import torch
+
+    try:
+        parsed = torch.device(device)
+    except RuntimeError:
+        parsed = None
+    if parsed is None or parsed.type not in DEVICES:
+        raise ValueError(f"--device {device!r}: not a device the engine runs on; use cpu, cuda or cuda:N")
+    if parsed.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(f"--device {device}: this machine's torch sees no CUDA device; use --device cpu")
+        if parsed.index is not None and parsed.index >= count:
+            raise ValueError(f"--device {device}: torch sees {count} CUDA device(s), cuda:0 to cuda:{count - 1}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import re
 from dataclasses import dataclass, field
@@ -309,3 +310,23 @@ def admin_token_from_env() -> str | None:
         return os.environ[ADMIN_TOKEN_ENV].strip()
     path = os.environ.get(ADMIN_TOKEN_FILE_ENV)
     return read_secret(path, ADMIN_TOKEN_FILE_ENV) if path else None
+
+
+# Where secrets go instead of a command line, as a refused flag names them (SecretOnCommandLine).
+API_KEY_SOURCES = "--api-key-file PATH, SPLITSERVE_API_KEYS or SPLITSERVE_API_KEYS_FILE"
+ADMIN_TOKEN_SOURCES = "--admin-token-file PATH, SPLITSERVE_ADMIN_TOKEN or SPLITSERVE_ADMIN_TOKEN_FILE"
+
+
+class SecretOnCommandLine(argparse.Action):
+    """A flag that would put a secret in argv, where ``ps`` and /proc/PID/cmdline show it to every user: refused,
+    naming where the secret goes instead (every command that takes a secret: the cluster's and the benchmarks')."""
+
+    def __init__(self, option_strings, dest, alternatives: str, **kwargs) -> None:
+        self.alternatives = alternatives
+        super().__init__(option_strings, dest, help=f"refused (`ps` would show it): use {alternatives}", **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        parser.error(
+            f"{option_string} puts a secret on the command line, where `ps` shows it to every user of the machine; "
+            f"use {self.alternatives}"
+        )
