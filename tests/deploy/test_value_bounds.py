@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from cluster.config import PLANNER_BOUNDS, POOL_BOUNDS, PoolSpec
-from contract.bounds import AT_LEAST_ONE, PORT, Bound
+from contract.bounds import AT_LEAST_ONE, PORT, POSITIVE, Bound
 from engine.config import STEP_LIMITS
 from router.config import BOUNDS
 from tests.deploy.conftest import CHART, HelmError, chart_objects, find_helm, helm
@@ -72,6 +72,8 @@ NARROWER = {
     **_per_pool({"cpusPerWorker": (Bound(1), POOL_BOUNDS["num_cpus"])}),
     # PoolSpec refuses num_gpus > 1 itself (a worker runs on one device): the table holds only the low end.
     **_per_pool({"gpusPerWorker": (Bound(0, 1), POOL_BOUNDS["num_gpus"])}),
+    # Whole seconds in the chart (a timeout in a values file); ClusterConfig takes any positive fraction.
+    "startTimeoutSeconds": (Bound(1), POSITIVE),
 }
 
 # Numeric values that become no bounded setting: the replica counts (PoolSpec checks their order, and so does the

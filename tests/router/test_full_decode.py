@@ -46,5 +46,6 @@ def test_requests_beyond_a_full_decode_pool_wait_for_blocks_and_match_transforme
 def test_a_prompt_that_can_never_fit_the_decode_pool_is_refused_at_once(make_router, small_pool, rng):
     prefill, decode = small_pool
     client = make_router([prefill], [decode], local_prefill_threshold=0).openai()
-    with pytest.raises(openai.BadRequestError, match="do not fit"):
+    with pytest.raises(openai.BadRequestError, match="leaves no room for output in this worker's KV pool") as refused:
         client.completions.create(model=SERVED_MODEL, prompt=[random_prompt(rng, 400)], max_tokens=8, temperature=0)
+    assert refused.value.body["param"] == "prompt"  # the prompt is what to shorten, as the worker said
