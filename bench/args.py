@@ -10,9 +10,6 @@ from collections.abc import Callable, Iterable
 
 from contract.bounds import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, Bound
 from contract.bounds import flag_type as bounded
-from engine.config import _DTYPES
-
-DTYPES = _DTYPES  # the dtypes the engine runs (engine.config owns them)
 
 
 class Refused(ValueError):

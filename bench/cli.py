@@ -11,7 +11,6 @@ import importlib
 import sys
 
 from bench.args import (
-    DTYPES,
     Given,
     Refused,
     check_json_path,
@@ -19,6 +18,7 @@ from bench.args import (
     non_negative_int,
     positive_int,
 )
+from engine.config import DTYPES
 
 
 def _add_arguments(module: str, parser: argparse.ArgumentParser) -> None:

@@ -71,7 +71,6 @@ from dataclasses import asdict, dataclass
 import httpx
 
 from bench.args import (
-    DTYPES,
     Given,
     int_at_least,
     int_range,
@@ -85,7 +84,7 @@ from bench.args import (
 )
 from bench.serve_bench import BenchRequest, RequestRecord, meets, random_dataset, run_load, summarize
 from bench.sim.host import CpuMeter
-from engine.config import add_prefill_chunk_argument
+from engine.config import DTYPES, add_prefill_chunk_argument
 from engine.threads import engine_thread_name
 from protos.cluster_auth import ensure_secret_in_env
 

@@ -25,7 +25,8 @@ import time
 import httpx
 
 from bench import processes
-from bench.args import DTYPES, Given, Refused, positive_int, report_config
+from bench.args import Given, Refused, positive_int, report_config
+from engine.config import DTYPES
 from protos import common_pb2, decode_pb2_grpc
 from protos.cluster_auth import ClusterAuth
 

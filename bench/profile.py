@@ -41,11 +41,12 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from bench.args import DTYPES, Given, Refused, list_of, positive_float, positive_int, refuse_beside_quick
+from bench.args import Given, Refused, list_of, positive_float, positive_int, refuse_beside_quick
 from bench.sim.host import CpuMeter
 from bench.sim.latency import Chunk, FittedModel, ModelShape, Step
 from bench.sim.transfer import transports_from_report
 from contract.sampling import SamplingParams
+from engine.config import DTYPES
 
 if TYPE_CHECKING:  # torch and the engine load when the profile runs, not when the CLI parses
     from engine.engine import Engine

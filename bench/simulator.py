@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 
 from bench.args import (
-    DTYPES,
     Given,
     Refused,
     fraction,
@@ -32,7 +31,7 @@ from bench.args import (
     positive_int,
     share,
 )
-from engine.config import add_prefill_chunk_argument
+from engine.config import DTYPES, add_prefill_chunk_argument
 
 # Kept free of the simulator's imports: the CLI builds every parser on each invocation.
 GPU_CHOICES = ("h100", "h200")

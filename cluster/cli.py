@@ -13,7 +13,7 @@ import threading
 
 from contract.bounds import flag_type
 from contract.heap import freeze_startup_heap
-from engine.config import add_prefill_chunk_argument, check_device
+from engine.config import DTYPES, add_prefill_chunk_argument, check_device
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 # Of every command that serves (up, router, worker): at INFO they log state changes an operator wants to see (a
@@ -45,9 +45,7 @@ def _add_engine_args(parser: argparse.ArgumentParser, threads_default: int | Non
         default="demo",
         help="preset (demo, bench-125m, smollm2-135m-instruct) or a local Hugging Face directory",
     )
-    parser.add_argument(
-        "--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="default: the model's own"
-    )
+    parser.add_argument("--dtype", default=None, choices=DTYPES, help="default: the model's own")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0")
     parser.add_argument(
         "--kv-cache-mb",
@@ -306,7 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument(
         "--served-model-name", default=None, help="the name clients use; default: the preset or directory name"
     )
-    up.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    up.add_argument("--dtype", default=None, choices=DTYPES)
     up.add_argument("--device", default=None, help="cpu or cuda")
     within = (
         "within the pool's min and max replicas where a flag or the config file sets them (outside one that is set: "

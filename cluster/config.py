@@ -17,7 +17,7 @@ from pathlib import Path
 import yaml
 
 from contract.bounds import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, Bound, check_bounds
-from engine.config import _DTYPES, DEVICES, EngineConfig, check_step_limits
+from engine.config import DEVICES, DTYPES, EngineConfig, check_step_limits
 from router.config import BOUNDS, RouterConfig
 
 MIN_DECODE_REPLICAS = 1  # the cluster serves through its decode workers: none, and it can never serve
@@ -226,8 +226,8 @@ class ClusterConfig:
                 f"worker_host (--worker-host) must name an address for the workers to listen on ('auto': the node's "
                 f"IP; 0.0.0.0: every address), got {self.worker_host!r}"
             )
-        if self.dtype is not None and self.dtype not in _DTYPES:
-            raise ValueError(f"dtype must be one of {', '.join(_DTYPES)} (unset: the model's own), got {self.dtype!r}")
+        if self.dtype is not None and self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)} (unset: the model's own), got {self.dtype!r}")
         if self.device not in DEVICES:
             raise ValueError(f"device must be {' or '.join(DEVICES)}, got {self.device!r}")
         for role in ("prefill", "decode"):

@@ -16,7 +16,7 @@ SUPPORTED_ARCHITECTURES = (
     "Qwen3ForCausalLM",
 )
 
-_DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclass(frozen=True)
@@ -60,8 +60,8 @@ class ModelConfig:
             raise ModelLoadError(
                 f"num_attention_heads {self.num_heads} is not a multiple of num_key_value_heads {self.num_kv_heads}"
             )
-        if self.dtype not in _DTYPES:
-            raise ModelLoadError(f"unsupported torch_dtype {self.dtype!r}; supported: {', '.join(_DTYPES)}")
+        if self.dtype not in DTYPES:
+            raise ModelLoadError(f"unsupported torch_dtype {self.dtype!r}; supported: {', '.join(DTYPES)}")
 
     @property
     def qkv_bias(self) -> bool:
@@ -242,8 +242,8 @@ class EngineConfig:
             raise ValueError(f"cuda_graph_max_batch must be >= 0, got {self.cuda_graph_max_batch}")
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size must be a power of two, got {self.block_size}")
-        if self.dtype is not None and self.dtype not in _DTYPES:
-            raise ValueError(f"dtype must be one of {', '.join(_DTYPES)}, got {self.dtype!r}")
+        if self.dtype is not None and self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         check_step_limits(self)
 
 

@@ -164,7 +164,7 @@ class PrefillWorker(WorkerBase, prefill_pb2_grpc.PrefillWorkerServicer):
                 self._first_unsent(session) if session is not None else [],
                 pushes=LayerPushes.if_tracing(self.transport, self.engine.kv_cache.layout.region_bytes),
             )
-            stream = self.loop.call(lambda engine: self._start_unless_gone(engine, request, params, outbound, context))
+            stream = self.loop.call(lambda engine: self._start(engine, request, params, outbound, context))
             # Runs when the RPC ends, however it ends: only a request that did not commit has anything to abort. gRPC
             # runs it on the one thread that takes every call's events, which must not wait there for the engine's
             # step or the decode worker's answer to the abort: a thread of its own does.
@@ -270,14 +270,11 @@ class PrefillWorker(WorkerBase, prefill_pb2_grpc.PrefillWorkerServicer):
         """Per layer, the first block to push: the ones before it are cached on D."""
         return [session.ticket.num_cached_tokens // self.config.block_size] * self._num_layers
 
-    def _start_unless_gone(self, engine: Engine, request, params, outbound: Outbound, context):
-        """``_start``, unless the call ended while it waited for the engine's step (its client left: a long prompt's
-        step takes seconds), when nothing is computed for nobody."""
+    def _start(self, engine: Engine, request, params, outbound: Outbound, context):
+        """Adds the request, unless its call ended while this waited for the engine's step (its client left: a long
+        prompt's step takes seconds), when nothing is computed for nobody."""
         if not context.is_active():
             raise TransferError("the call ended before its prefill started", "CANCELLED")
-        return self._start(engine, request, params, outbound)
-
-    def _start(self, engine: Engine, request, params, outbound: Outbound):
         engine.add_request(
             request.request_id,
             list(request.prompt_token_ids),

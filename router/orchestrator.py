@@ -64,13 +64,17 @@ _WORKER_LOST = {
 def _refused(exc: grpc.aio.AioRpcError) -> GenerationError:
     """A worker's refusal of the request: the client's 400, naming the field the worker named (``REFUSED_FIELD``) as
     the record spells it (Frontend.stream spells it as the client's API does)."""
-    field = next((value for key, value in exc.trailing_metadata() or () if key == REFUSED_FIELD), None)
-    return GenerationError(exc.details(), 400, "invalid_request_error", field)
+    return GenerationError(exc.details(), 400, "invalid_request_error", _trailing(exc, REFUSED_FIELD))
 
 
 def _names_unreachable_peer(exc: grpc.aio.AioRpcError) -> bool:
     """Whether a worker's failed call blames a peer it could not reach (``UNREACHABLE_PEER``), not itself."""
-    return any(key == UNREACHABLE_PEER for key, _ in exc.trailing_metadata() or ())
+    return _trailing(exc, UNREACHABLE_PEER) is not None
+
+
+def _trailing(exc: grpc.aio.AioRpcError, key: str) -> str | None:
+    """What a worker's failed call says under ``key`` in its trailing metadata (worker_server.base.trailing_of)."""
+    return next((value for name, value in exc.trailing_metadata() or () if name == key), None)
 
 
 class GenerationError(Exception):
