@@ -546,20 +546,20 @@ def test_a_frame_that_trickles_holds_no_blocks_once_its_reservation_stopped(rece
     blocks held past its lease, for as long as the sender liked: once the reservation stops (its lease ran out here),
     the frame's next byte unpins it, and the link answers the frame refused."""
     receiver.inbox.open("r", DST_BLOCKS, TOKEN)
-    link = BulkLink("127.0.0.1", receiver.bulk.port, SECRET, verify=True)
+    sock = _member_connection(receiver.bulk.port)  # by hand: a BulkLink's own thread would read the ack
     try:
         payload = LAYOUT.region_bytes * len(DST_BLOCKS)
-        link.sock.sendall(frame_header("r", TOKEN, [(0, DST_BLOCKS)]) + bytes(payload // 2))
+        sock.sendall(frame_header("r", TOKEN, [(0, DST_BLOCKS)]) + bytes(payload // 2))
         assert wait_for(lambda: receiver.inbox.pinned("r"), 5), "the frame never started landing"
         receiver.inbox.close("r", "lease expired before the KV landed")  # what the decode worker's tick does
         time.sleep(0.2)
         assert receiver.inbox.pinned("r"), "nothing came since: the read still waits"
-        link.sock.sendall(b"\0")  # the trickle's next byte
+        sock.sendall(b"\0")  # the trickle's next byte
         assert wait_for(lambda: not receiver.inbox.pinned("r"), 5), "the stopped reservation is still pinned"
-        link.sock.sendall(bytes(payload - payload // 2 - 1) + frame_trailer([0]))  # the rest is drained
-        assert "takes no more KV: lease expired" in _ack(link.sock)
+        sock.sendall(bytes(payload - payload // 2 - 1) + frame_trailer([0]))  # the rest is drained
+        assert "takes no more KV: lease expired" in _ack(sock)
     finally:
-        link.close()
+        sock.close()
 
 
 def test_silent_connections_from_many_addresses_keep_no_member_off_the_link(receiver):
