@@ -70,6 +70,8 @@ def json_schema(schema, field: str) -> Grammar:
             schema = json.loads(schema)
         except json.JSONDecodeError as exc:
             raise FieldError(field, f"{field} is not valid JSON: {exc}") from exc
+        except RecursionError:
+            raise FieldError(field, f"{field} nests deeper than its JSON can be read") from None
     if not isinstance(schema, (dict, bool)):
         raise FieldError(field, f"{field} must be a JSON schema (an object)")
     grammar = Grammar("json_schema", json.dumps(schema, separators=(",", ":")))  # key order is output order

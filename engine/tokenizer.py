@@ -129,6 +129,12 @@ class Tokenizer(ABC):
         Tool results are messages with ``role`` ``tool``, ``content`` and ``tool_call_id``."""
         return self._chat_template.reads_tool_calls
 
+    @property
+    def developer_role(self) -> str:
+        """The role an OpenAI developer message has in the chat template: its own where the template names it,
+        else system, which OpenAI's developer messages replace."""
+        return "developer" if self._chat_template.names_developer else "system"
+
 
 class ChatTemplate:
     """A Hugging Face style jinja chat template, compiled once.
@@ -148,6 +154,8 @@ class ChatTemplate:
         self.reads_tools = "tools" in read
         self.reads_documents = "documents" in read
         self.reads_tool_calls = _reads_key(parsed, "tool_calls")
+        # Whether it renders OpenAI's developer role as its own: most name only system, which developer replaces.
+        self.names_developer = any(node.value == "developer" for node in parsed.find_all(jinja2.nodes.Const))
         # What a request's chat_template_kwargs may set: the variables the template reads that nobody else sets.
         self._reserved = _SET_BY_RENDER | set(environment.globals)
         self.extra_variables = frozenset(read - self._reserved)

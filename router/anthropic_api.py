@@ -325,7 +325,7 @@ def _thinking_block(thinking: str) -> dict:
 def _tool_use_block(call: ToolCall) -> dict | None:
     try:
         arguments = json.loads(call.arguments)
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):  # nested past what Python parses
         return None
     if not isinstance(arguments, dict):
         return None

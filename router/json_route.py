@@ -7,8 +7,9 @@ APIRoute: its OpenAPI document, and the app's exception handlers (Starlette's ``
 
 A valid JSON body is parsed and validated in one pass, by pydantic's JSON parser. Any other body takes FastAPI's
 own pieces, and gets FastAPI's answer: a body that is not JSON is a ``json_invalid`` validation error, and one that
-cannot be decoded is a 400. A content type other than JSON leaves the body as bytes (and so invalid). An empty body
-is a missing one."""
+cannot be decoded is a 400. A content type other than JSON is a 415 that names it, and a body nested deeper than
+pydantic's parser reads (``MAX_JSON_DEPTH``) a 400 that says so, however Python's own parser would take it: what
+reads the body after (a field's check, a template) need not guard its own recursion. An empty body is a missing one."""
 
 from __future__ import annotations
 
@@ -24,6 +25,9 @@ from starlette.responses import Response
 from starlette.routing import request_response
 
 _BODY_LOC = ("body",)
+# How many arrays and objects deep a request body may nest: as deep as pydantic's JSON parser (jiter) reads (its
+# recursion limit, 200, counts those inside the outermost), past which the fast path fails.
+MAX_JSON_DEPTH = 201
 
 
 class JsonBodyRoute(APIRoute):
@@ -69,18 +73,36 @@ def _parsed_and_valid(model: type[BaseModel], raw: bytes, content_type: str | No
 
 
 def _json_body(raw: bytes, content_type: str | None):
-    """The parsed body; the raw bytes when the content type is not JSON (FastAPI's strict content type)."""
+    """The parsed body: an HTTPException for a body that is not JSON, by its content type or its depth."""
     if not raw:
         raise RequestValidationError([get_missing_field_error(_BODY_LOC)])
     if not _is_json(content_type):
-        return raw
+        sent = f"Content-Type {content_type}" if content_type else "no Content-Type"
+        raise HTTPException(415, f"the body must be JSON, sent with Content-Type: application/json ({sent} was sent)")
     try:
-        return json.loads(raw)
+        body = json.loads(raw)
     except json.JSONDecodeError as exc:
         error = {"type": "json_invalid", "loc": (*_BODY_LOC, exc.pos), "msg": "JSON decode error", "input": {}}
         raise RequestValidationError([{**error, "ctx": {"error": exc.msg}}], body=exc.doc) from exc
-    except Exception as exc:  # not UTF-8, or nested past the parser's depth
+    except Exception as exc:  # not UTF-8, or nested past Python's own recursion limit
         raise HTTPException(400, "There was an error parsing the body") from exc
+    if _deeper_than(body, MAX_JSON_DEPTH):
+        raise HTTPException(400, f"the body nests deeper than {MAX_JSON_DEPTH} levels of arrays and objects")
+    return body
+
+
+def _deeper_than(value, limit: int) -> bool:
+    """Whether ``value`` nests more than ``limit`` containers deep (walked without recursion)."""
+    level = [value]
+    for _ in range(limit):
+        level = [child for node in level if isinstance(node, (dict, list)) for child in _children(node)]
+        if not level:
+            return False
+    return any(isinstance(node, (dict, list)) for node in level)
+
+
+def _children(node: dict | list):
+    return (v for v in (node.values() if isinstance(node, dict) else node) if isinstance(v, (dict, list)))
 
 
 def _is_json(content_type: str | None) -> bool:

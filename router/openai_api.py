@@ -213,16 +213,20 @@ class _Strict(BaseModel):
 
 
 def _valid_utf8(value: Any) -> bool:
-    if isinstance(value, str):
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError:
-            return False
-        return True
-    if isinstance(value, dict):
-        return all(_valid_utf8(k) and _valid_utf8(v) for k, v in value.items())
-    if isinstance(value, (list, tuple)):
-        return all(_valid_utf8(v) for v in value if type(v) is not int)  # token ids: no call per id
+    """Whether every string in ``value`` encodes (no lone surrogate), walked without recursion."""
+    pending = [value]
+    while pending:
+        value = pending.pop()
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                return False
+        elif isinstance(value, dict):
+            pending.extend(value)
+            pending.extend(value.values())
+        elif isinstance(value, (list, tuple)):
+            pending.extend(v for v in value if type(v) is not int)  # token ids: not one pop per id
     return True
 
 
@@ -598,7 +602,7 @@ class _AnthropicPrompt(_Strict):
         tools = _tools(frontend, self.tools, self.tool_choice, not parallel, ANTHROPIC)
         said = anthropic_api.conversation(self.system, self.messages)
         try:
-            said = tool_turns(said, frontend.tokenizer.supports_tool_calls)
+            said = tool_turns(said, frontend.tokenizer)
         except FieldError as exc:  # named as in the chat turns, which are not the messages' places
             raise FieldError("messages", f"the tool turns in messages do not add up: {exc}") from None
         return said, tools
@@ -1014,7 +1018,7 @@ def _responses_prompt(
     """The prompt of a Responses conversation's turns (``template_kwargs``: the chat template's variables, as its
     reasoning asks); a 400 naming ``input`` when its tool turns do not add up."""
     try:
-        said = tool_turns(said, frontend.tokenizer.supports_tool_calls)
+        said = tool_turns(said, frontend.tokenizer)
     except FieldError as exc:  # named as in the turns the items make, which are not the items' places
         raise FieldError("input", f"the turns in input do not add up: {exc}") from None
     return frontend.encode_chat(said, tools.template_tools if tools else None, template_kwargs=template_kwargs)
@@ -1145,7 +1149,7 @@ def _conversation(frontend: Frontend, messages: list[ChatMessageBody]) -> list[d
         fields = {"tool_calls": m.tool_calls, "tool_call_id": m.tool_call_id, "name": m.name}
         fields["reasoning_content"] = m.reasoning_content
         said.append({"role": m.role, "content": content, **{k: v for k, v in fields.items() if v is not None}})
-    return tool_turns(said, frontend.tokenizer.supports_tool_calls)
+    return tool_turns(said, frontend.tokenizer)
 
 
 def _rendered(
@@ -2050,6 +2054,11 @@ class _Guard:
                 return
             # Whose request it is: a stored response is its key's alone (router/stored_responses.py).
             scope.setdefault("state", {})["api_key_owner"] = hashlib.sha256(supplied.encode()).hexdigest()
+        encoding = headers.get("content-encoding", "identity")
+        if encoding.strip().lower() != "identity":  # a compressed body is not read as one: refused, not misread
+            message = f"Content-Encoding {encoding!r} is not supported: send the body uncompressed"
+            await error_response(message, 415, "invalid_request_error", "Content-Encoding")(scope, receive, send)
+            return
         declared = headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.limit:
             await self._too_large()(scope, receive, send)

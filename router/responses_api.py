@@ -24,8 +24,8 @@ from router import reasoning
 from router.orchestrator import Delta, GenerationError, failure
 from router.structured import ToolCall, Tools
 
-# An input message's role, as the chat template reads it (a developer message is the system prompt of chat models).
-_ROLES = {"user": "user", "system": "system", "developer": "system", "assistant": "assistant"}
+# An input message's roles, each with its text part's type (a developer message takes the role the chat template
+# gives it: router/structured.py).
 _TEXT_PARTS = {"user": "input_text", "system": "input_text", "developer": "input_text", "assistant": "output_text"}
 # OpenAI's metadata limits: what a client may attach, echoed back in the response.
 MAX_METADATA_KEYS, MAX_METADATA_KEY_CHARS, MAX_METADATA_VALUE_CHARS = 16, 64, 512
@@ -78,9 +78,9 @@ def messages(
         if unknown:
             raise FieldError(f"{where}.{unknown[0]}", f"{where}.{unknown[0]} is not supported")
         role = item.get("role")
-        if role not in _ROLES:
-            raise FieldError(f"{where}.role", f"{where}.role must be one of {', '.join(_ROLES)}; got {role!r}")
-        said.append({"role": _ROLES[role], "content": _text(item.get("content"), _TEXT_PARTS[role], where)})
+        if role not in _TEXT_PARTS:
+            raise FieldError(f"{where}.role", f"{where}.role must be one of {', '.join(_TEXT_PARTS)}; got {role!r}")
+        said.append({"role": role, "content": _text(item.get("content"), _TEXT_PARTS[role], where)})
         if thought is not None and role == "assistant":
             said[-1]["reasoning_content"], thought = thought, None
     if thought is not None:

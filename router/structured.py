@@ -322,7 +322,7 @@ def _llama_calls(text: str) -> list[tuple[ToolCall, str]]:
 def _call_from_json(text: str, arguments_key: str) -> ToolCall | None:
     try:
         value = json.loads(text)
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):  # nested past what Python parses
         return None
     if not isinstance(value, dict) or not isinstance(value.get("name"), str):
         return None
@@ -340,15 +340,16 @@ def _call_from_json(text: str, arguments_key: str) -> ToolCall | None:
 CHAT_ROLES = ("system", "user", "assistant", "tool", "developer")
 
 
-def tool_turns(messages: list[dict], renders_tool_calls: bool) -> list[dict]:
-    """The conversation as Hugging Face chat templates read it, its tool turns checked.
+def tool_turns(messages: list[dict], template) -> list[dict]:
+    """The conversation as the chat template of ``template`` (the served model's tokenizer) reads it, its tool turns
+    checked, and a developer message in the role the template gives it (``developer_role``), on every API.
 
     ``messages`` are ``{"role", "content"}`` with ``tool_calls`` / ``tool_call_id`` where the client sent them.
     An assistant's ``tool_calls`` reach the template as ``{"id", "type", "function": {"name", "arguments"}}``
     with ``arguments`` parsed from OpenAI's JSON string into the object templates expect (they write it with
     ``tojson``); a tool message keeps ``tool_call_id``, which must name a call an earlier assistant message made.
     FieldError names the offending ``messages.i...`` field, also when the template cannot render tool turns
-    (``renders_tool_calls`` false): dropping them would show the model a different conversation.
+    (``template.supports_tool_calls`` false): dropping them would show the model a different conversation.
     """
     issued: set[str] = set()
     turns = []
@@ -356,7 +357,8 @@ def tool_turns(messages: list[dict], renders_tool_calls: bool) -> list[dict]:
         where = f"messages.{i}"
         if message["role"] not in CHAT_ROLES:
             raise FieldError(f"{where}.role", f"{where}.role must be one of {', '.join(CHAT_ROLES)}")
-        turn = {"role": message["role"], "content": message["content"]}
+        role = template.developer_role if message["role"] == "developer" else message["role"]
+        turn = {"role": role, "content": message["content"]}
         if message.get("name") is not None:
             turn["name"] = message["name"]
         if message.get("reasoning_content") is not None:  # the turn's thinking: the template's to render
@@ -366,7 +368,7 @@ def tool_turns(messages: list[dict], renders_tool_calls: bool) -> list[dict]:
         if message.get("tool_calls"):
             if message["role"] != "assistant":
                 raise FieldError(f"{where}.tool_calls", "only assistant messages carry tool_calls")
-            if not renders_tool_calls:
+            if not template.supports_tool_calls:
                 raise FieldError(
                     f"{where}.tool_calls",
                     "this model's chat template does not render tool calls, so it cannot see them",
@@ -409,7 +411,7 @@ def _earlier_call(call: Any, where: str, issued: set[str]) -> dict:
     arguments = function["arguments"]
     try:
         parsed = json.loads(arguments) if isinstance(arguments, str) else None
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):  # nested past what Python parses
         parsed = None
     if not isinstance(parsed, dict):
         raise FieldError(

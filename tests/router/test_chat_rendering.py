@@ -13,6 +13,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from engine.tokenizer import ChatTemplate
 from tests.router.conftest import (
     MAX_MODEL_LEN,
     SERVED_MODEL,
@@ -114,6 +115,22 @@ def test_chat_template_fields_give_the_prompt_transformers_renders(setup):
         assert out.usage.prompt_tokens == len(prompt)
         generated = token_ids([t.token for t in out.choices[0].logprobs.content])
         assert generated == greedy_ignoring_eos(setup.model, prompt, 6), fields
+
+
+def test_a_developer_message_is_the_system_prompt_of_a_template_without_a_developer_role(setup):
+    """OpenAI's developer messages replace system messages: a template that names no developer role renders one as
+    its system prompt, on chat (and /tokenize) as on the Responses API, where chat passed the role through as a turn
+    the model never saw in training. A template that names the role renders it as its own (engine/tokenizer.py)."""
+    said = [{"role": "developer", "content": "Answer in French."}, {"role": "user", "content": "hi"}]
+    as_system = [{**said[0], "role": "system"}, said[1]]
+    expected = setup.oracle_ids(as_system, add_generation_prompt=True)
+    assert _tokenize(setup.router, said) == expected
+    chat = post(setup.router, "/v1/chat/completions", {"model": MODEL, "messages": said, "max_tokens": 1})
+    assert chat.status_code == 200 and chat.json()["usage"]["prompt_tokens"] == len(expected), chat.text
+    response = post(setup.router, "/v1/responses", {"model": MODEL, "input": said, "max_output_tokens": 1})
+    assert response.status_code == 200 and response.json()["usage"]["input_tokens"] == len(expected), response.text
+    assert setup.router.router.frontend.tokenizer.developer_role == "system"
+    assert ChatTemplate("{% if m == 'developer' %}d{% endif %}").names_developer
 
 
 def test_a_reasoning_effort_reaches_a_template_that_reads_one(setup):

@@ -258,3 +258,56 @@ def test_no_decode_worker_is_503(make_router, cluster):
 def test_shared_router_still_serves_after_every_error(router):
     assert_serving(router)
     assert httpx.get(f"{router.http}/ready", timeout=10).json()["ready"] is True
+
+
+def _nested(depth: int):
+    value: list = []
+    for _ in range(depth - 1):
+        value = [value]
+    return value
+
+
+def test_json_nested_past_what_is_read_is_a_400_never_a_500(router):
+    """A body nested deeper than pydantic's parser reads took json.loads' path, whose value a field's check then
+    walked with Python's recursion (a 500); JSON nested in a string field (a schema, tool-call arguments) overflowed
+    json.loads itself, which raised RecursionError where only JSONDecodeError was caught (a 500)."""
+    chat = {"model": SERVED_MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    for body in (
+        {**chat, "chat_template_kwargs": {"a": _nested(400)}},
+        {
+            "model": SERVED_MODEL,
+            "prompt": "hi",
+            "max_tokens": 2,
+            "response_format": {"type": "json_object", "x": _nested(400)},
+        },
+    ):
+        error = assert_error(
+            post(router, "/v1/chat/completions" if "messages" in body else "/v1/completions", body), 400
+        )
+        assert "nests deeper than 201 levels" in error["message"]
+    deep_text = "[" * 5000 + "]" * 5000
+    error = assert_error(
+        post(router, "/v1/chat/completions", {**chat, "guided_json": deep_text}), 400, param="guided_json"
+    )
+    assert "nests deeper" in error["message"]
+    anthropic = {**chat, "metadata": {"user_id": _nested(400)}}
+    response = post(router, "/v1/messages", anthropic)
+    assert response.status_code == 400 and response.json()["type"] == "error", response.text
+    assert_serving(router)
+
+
+def test_a_body_not_sent_as_json_or_sent_compressed_is_refused_naming_the_header(router):
+    """Valid JSON with no Content-Type, or curl -d's form type, was told it was "not a valid dictionary"; a
+    Content-Encoding was ignored (gzip's bytes were a parse error, a plain body labelled gzip was served)."""
+    body = json.dumps({"model": SERVED_MODEL, "prompt": "hi", "max_tokens": 2})
+    for content_type in (None, "application/x-www-form-urlencoded", "text/plain"):
+        headers = {} if content_type is None else {"content-type": content_type}
+        response = httpx.post(f"{router.http}/v1/completions", content=body, headers=headers, timeout=30)
+        assert response.status_code == 415, response.text
+        message = response.json()["error"]["message"]
+        assert "Content-Type: application/json" in message and (content_type or "no Content-Type") in message
+    for encoding in ("gzip", "br"):
+        response = post(router, "/v1/completions", body, headers={"content-encoding": encoding})
+        error = assert_error(response, 415, param="Content-Encoding")
+        assert encoding in error["message"]
+    assert post(router, "/v1/completions", body, headers={"content-encoding": "identity"}).status_code == 200
