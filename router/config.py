@@ -207,7 +207,7 @@ FIELD_HELP = {
     "port": "the OpenAI HTTP API's port (0: any free port)",
     "grpc_port": "the public gRPC API's port (0: any free port)",
     "api_keys": "API keys clients must send; empty: no authentication",
-    "max_body_bytes": "largest request body accepted, in bytes (larger: 413)",
+    "max_body_bytes": "largest request accepted, in bytes (larger: an HTTP 413, gRPC RESOURCE_EXHAUSTED)",
     "request_timeout_s": "seconds a request may take from getting its slot to its last token",
     "max_model_len": "admit at most this many tokens (prompt + max_tokens); lowers the model card's, never raises it",
     "max_running": "requests served at once; beyond it they queue",

@@ -10,7 +10,7 @@ import itertools
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import replace
 from typing import Any
 
@@ -45,6 +45,14 @@ MAX_PRIORITY = (1 << 31) - 1  # a request's priority is gRPC's int32 (lower goes
 # The id the client knows the request being served by (X-Request-Id, gRPC's request_id); "" where it gave none
 # and knows the router's own. The router's log lines about a request name it (``GenerationRequest.named``).
 _PUBLIC_REQUEST_ID: contextvars.ContextVar[str] = contextvars.ContextVar("splitserve_public_request_id", default="")
+
+
+# How the API serving this task ends its call when the request's time runs out while the client does not take a
+# delta (it stopped reading; its send waits on flow control): the gRPC API's call ends DEADLINE_EXCEEDED. Unset (the
+# HTTP APIs, whose deltas are read ahead of the client's send): the request's time waits for the caller's send.
+STALLED_SEND: contextvars.ContextVar[Callable[[], Awaitable[None]] | None] = contextvars.ContextVar(
+    "splitserve_stalled_send", default=None
+)
 
 
 def serving(request_id: str) -> None:
@@ -177,6 +185,7 @@ class Frontend:
         # Each request's deadline, which cut brings forward, and whether the request waits inside this frontend for
         # its next delta (else its caller holds one: a cut landing there would cancel the caller's send instead)
         self._in_flight: dict[asyncio.Timeout, bool] = {}
+        self._ending: set[asyncio.Future] = set()  # stalled sends being ended (Frontend._end)
 
     # Each of these is the served model card's; until there is one, GenerationError(503).
 
@@ -339,13 +348,22 @@ class Frontend:
                                 # The deadline's cancel must land here, never in the caller's send of a delta: a
                                 # gRPC write cancelled so is left with no status at all. So a cut that came with
                                 # this delta (its timeout fires a loop turn later) ends the request now, and the
-                                # deadline waits while the caller holds the delta; its time is checked after.
+                                # deadline waits while the caller holds the delta; its time is checked after. A
+                                # send still waiting then (a client that stopped reading) is ended by its API.
                                 if self._cut_reason is not None:
                                     raise GenerationError(self._cut_reason, 503)
                                 due = deadline.when()
                                 deadline.reschedule(None)
                                 self._in_flight[deadline] = False
-                                yield delta
+                                stalled = STALLED_SEND.get()
+                                overdue = (
+                                    None if due is None or stalled is None else loop.call_at(due, self._end, stalled)
+                                )
+                                try:
+                                    yield delta
+                                finally:
+                                    if overdue is not None:
+                                        overdue.cancel()
                                 if self._cut_reason is not None:  # cut while the caller sent this delta
                                     raise GenerationError(self._cut_reason, 503)
                                 if due is not None and loop.time() >= due:
@@ -363,6 +381,12 @@ class Frontend:
             if name is None:
                 raise
             raise GenerationError(renamed(str(exc), exc.param, name), exc.status, exc.code, name) from exc
+
+    def _end(self, stalled: Callable[[], Awaitable[None]]) -> None:
+        """A request's time ran out while its client did not take a delta: its API ends the call."""
+        ending = asyncio.ensure_future(stalled())
+        self._ending.add(ending)
+        ending.add_done_callback(self._ending.discard)
 
     def cut(self, reason: str) -> None:
         """Ends every request in flight, queued ones too, with GenerationError(503, ``reason``): as at its timeout,

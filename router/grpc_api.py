@@ -1,16 +1,20 @@
 """The public gRPC API: ``splitserve.Generate/Generate`` streams a completion; plus standard health
-checking and server reflection. With API keys set, Generate and reflection (it describes the services)
-want a key in the ``authorization`` metadata; health stays open for probes."""
+checking (SERVING exactly while the router is ready, as ``/ready`` answers) and server reflection. With API keys
+set, Generate and reflection (it describes the services) want a key in the ``authorization`` metadata; health stays
+open for probes."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import hmac
 import inspect
 import time
 
 import grpc
-from google.protobuf.message import DecodeError
+from google.protobuf.message import DecodeError, Message
+from google.protobuf.unknown_fields import UnknownFieldSet
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -20,7 +24,7 @@ from contract.sampling import FIELDS as SAMPLING_FIELDS
 from contract.sampling import FieldError, SamplingParams
 from protos import generate_pb2, generate_pb2_grpc
 from protos.cluster_auth import add_port, server_options
-from router.frontend import Frontend, log_access, serving
+from router.frontend import STALLED_SEND, Frontend, log_access, serving
 from router.orchestrator import GenerationError
 from router.structured import tool_turns
 
@@ -64,7 +68,7 @@ class GenerateService(generate_pb2_grpc.GenerateServicer):
             async for chunk in self._generate(request, context):
                 yield chunk
         except asyncio.CancelledError:
-            code = "CANCELLED"  # the client left, or the server stopped
+            code = getattr(context.code(), "name", "CANCELLED")  # the client left, the server stopped, or timed out
             raise
         except BaseException:
             code = getattr(context.code(), "name", "UNKNOWN")
@@ -81,6 +85,8 @@ class GenerateService(generate_pb2_grpc.GenerateServicer):
                 grpc.StatusCode.UNAUTHENTICATED, "missing or incorrect API key (metadata authorization: Bearer KEY)"
             )
         try:
+            STALLED_SEND.set(functools.partial(_end_stalled, context, asyncio.current_task()))
+            check_known_fields(request)
             frontend.check_model(request.model)
             check_request_id(request.request_id, "request_id")
             serving(request.request_id)
@@ -125,7 +131,7 @@ class GenerateService(generate_pb2_grpc.GenerateServicer):
                     where = f"chat.messages.{index}.role"
                     raise FieldError(where, f"{where}: a tool message needs a tool_call_id, which ChatMessage lacks")
             with fields_named({"messages": "chat.messages"}):
-                turns = tool_turns(said, self.frontend.tokenizer.supports_tool_calls)
+                turns = tool_turns(said, self.frontend.tokenizer)
                 return self.frontend.encode_chat(turns), "chat.messages"
         raise GenerationError("the request needs text, token_ids or chat", 400, "invalid_request_error")
 
@@ -133,6 +139,38 @@ class GenerateService(generate_pb2_grpc.GenerateServicer):
 def _naming(message: str, field: str | None) -> str:
     """A status's message names the request's field it is about, as HTTP's error does in its param."""
     return message if field is None or field in message else f"{field}: {message}"
+
+
+async def _end_stalled(context: grpc.aio.ServicerContext, handler: asyncio.Task) -> None:
+    """Ends a call whose time ran out while its client read nothing (the write waits on HTTP/2 flow control): its
+    status, DEADLINE_EXCEEDED, is queued behind the messages the client has yet to read, then the handler is
+    cancelled, which frees its slot and stops its workers. (A handler cancelled alone leaves the call no status.)"""
+    with contextlib.suppress(Exception):  # the abort's AbortError, or its wait for a client that reads nothing
+        await asyncio.wait_for(context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "request timed out"), 0.1)
+    handler.cancel()
+
+
+def check_known_fields(message: Message, where: str = "") -> None:
+    """FieldError naming a field this router's protos do not have, anywhere in ``message`` (a client built from a
+    newer .proto sent it): refused, where protobuf would keep it aside and the request would run without it."""
+    unknown = UnknownFieldSet(message)
+    if len(unknown):
+        numbers = ", ".join(str(field.field_number) for field in unknown)
+        place = where or message.DESCRIPTOR.name
+        raise FieldError(where, f"{place} has field number(s) {numbers}, unknown to this router's protos")
+    for field, value in message.ListFields():
+        name = f"{where}.{field.name}" if where else field.name
+        if field.message_type is None:
+            continue
+        if field.message_type.GetOptions().map_entry:  # logit_bias: scalar values, nothing of its own to check
+            if field.message_type.fields_by_name["value"].message_type is not None:
+                for key, item in value.items():
+                    check_known_fields(item, f"{name}.{key}")
+        elif field.is_repeated:
+            for index, item in enumerate(value):
+                check_known_fields(item, f"{name}.{index}")
+        else:
+            check_known_fields(value, name)
 
 
 def _has_key(metadata, api_keys: tuple[str, ...]) -> bool:
@@ -223,12 +261,13 @@ def create_grpc_server(
     where it cannot listen."""
     server = grpc.aio.server(
         interceptors=[_RefuseMalformed(), *([_ReflectionNeedsKey(api_keys)] if api_keys else [])],
-        options=server_options(),
+        # A request past max_body_bytes is refused (RESOURCE_EXHAUSTED) before it is read, as HTTP's 413
+        options=[*server_options(), ("grpc.max_receive_message_length", frontend.config.max_body_bytes)],
     )
     generate_pb2_grpc.add_GenerateServicer_to_server(GenerateService(frontend, api_keys), server)
-    health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     service_name = generate_pb2.DESCRIPTOR.services_by_name["Generate"].full_name
+    health_servicer = ReadinessHealth(frontend, ("", service_name))
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((service_name, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     credentials = None
     if tls is not None:
@@ -236,13 +275,38 @@ def create_grpc_server(
         credentials = grpc.ssl_server_credentials([(key, cert)])
     port = add_port(server, address, credentials, listener)
     server.health_servicer = health_servicer
-    server.health_service_name = service_name
     return server, port
 
 
-async def mark_serving(server: grpc.aio.Server) -> None:
-    for name in ("", server.health_service_name):
-        await server.health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+class ReadinessHealth(health.aio.HealthServicer):
+    """grpc.health.v1 for the router's ``services`` (the server's, "", and the API's): SERVING while the router is
+    ready (``Frontend.ready``: a model bound, a decode worker routable, no stop begun), NOT_SERVING otherwise. A
+    Check reads it then; ``follow`` tells Watch streams each change."""
+
+    def __init__(self, frontend: Frontend, services: tuple[str, ...]) -> None:
+        super().__init__()
+        self.frontend = frontend
+        self.services = services
+
+    async def refresh(self) -> None:
+        serving = (
+            health_pb2.HealthCheckResponse.SERVING
+            if self.frontend.ready
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for name in self.services:
+            if self._server_status.get(name) != serving:
+                await self.set(name, serving)  # nothing once a stop began (enter_graceful_shutdown)
+
+    async def Check(self, request: health_pb2.HealthCheckRequest, context):
+        await self.refresh()
+        return await super().Check(request, context)
+
+    async def follow(self, interval_s: float) -> None:
+        """Until cancelled: readiness looked at every ``interval_s`` (the workers' health checks' pace)."""
+        while True:
+            await self.refresh()
+            await asyncio.sleep(interval_s)
 
 
 async def mark_stopping(server: grpc.aio.Server) -> None:

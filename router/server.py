@@ -24,7 +24,7 @@ from router.config import RouterConfig, admin_token_from_env, api_keys_from_env
 from router.control import ControlPlane
 from router.dashboard import install_dashboard
 from router.frontend import Frontend
-from router.grpc_api import create_grpc_server, mark_serving, mark_stopping
+from router.grpc_api import create_grpc_server, mark_stopping
 from router.http_protocol import protocol_with_deadlines
 from router.openai_api import create_app
 from router.workers import WorkerPool
@@ -113,6 +113,7 @@ class Router:
         self._http: uvicorn.Server | None = None
         self._http_task: asyncio.Task | None = None
         self._grpc = None
+        self._health_task: asyncio.Task | None = None
         self.http_port = config.port
         self.grpc_port = config.grpc_port
 
@@ -131,7 +132,7 @@ class Router:
             http_socket.close()
             raise
         await self._grpc.start()
-        await mark_serving(self._grpc)
+        self._health_task = asyncio.create_task(self._grpc.health_servicer.follow(self.config.health_interval_s))
         http_config = uvicorn.Config(
             self.app,
             host=self.config.host,
@@ -215,6 +216,8 @@ class Router:
             when = "at once, as asked" if cut.is_set() else f"after its {self.config.shutdown_grace_s:g} s grace"
             await self.cut_in_flight(f"the router is stopping: this request was cut {when}", stopped)
         await stopped
+        if self._health_task is not None:
+            self._health_task.cancel()
         await self.pool.close()
 
     async def cut_in_flight(self, reason: str, stopped: asyncio.Future) -> None:

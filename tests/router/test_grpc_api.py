@@ -6,12 +6,13 @@ from __future__ import annotations
 import time
 
 import grpc
+import httpx
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from protos import common_pb2, generate_pb2, generate_pb2_grpc
-from tests.router.conftest import MAX_MODEL_LEN, SERVED_MODEL, random_prompt, token_ids
+from tests.router.conftest import MAX_MODEL_LEN, SERVED_MODEL, free_port, random_prompt, token_ids
 
 SERVICE = "splitserve.Generate"
 
@@ -203,3 +204,59 @@ def test_a_client_that_pings_every_3_s_through_a_quiet_call_keeps_it(router):
             next(call)  # nothing more to say: the call runs to its deadline
     assert ended.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED, ended.value.details()
     assert time.monotonic() - began > 10
+
+
+def test_health_says_what_ready_says(make_router, cluster):
+    """gRPC health is the router's readiness, as /ready answers it: NOT_SERVING while no decode worker serves (a
+    balancer checking it sends nothing there), SERVING once one does, each change told to a Watch stream."""
+    router = make_router([], [f"127.0.0.1:{free_port()}"], ready=False)  # nothing listens there
+    with grpc.insecure_channel(router.grpc) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        for service in ("", SERVICE):
+            status = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=10).status
+            assert status == health_pb2.HealthCheckResponse.NOT_SERVING, service
+        assert httpx.get(f"{router.http}/ready", timeout=10).status_code == 503
+        watch = health.Watch(health_pb2.HealthCheckRequest(service=SERVICE), timeout=30)
+        assert next(watch).status == health_pb2.HealthCheckResponse.NOT_SERVING
+        router.call(lambda: router.router.pool.add(cluster.decode.address, "decode"))
+        assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+        watch.cancel()
+        assert httpx.get(f"{router.http}/ready", timeout=10).status_code == 200
+
+
+def test_a_field_this_router_does_not_know_is_refused_naming_it(router, channel):
+    """A client built from a newer .proto sends a field this router's protos lack (here number 99): refused, as HTTP
+    refuses an unknown body field, where protobuf would set it aside and the request would run without it."""
+    unknown = bytes([0x98, 0x06, 0x01])  # field 99, varint 1
+    params = common_pb2.SamplingParams(max_tokens=2)
+    generate = channel.unary_stream(
+        f"/{SERVICE}/Generate", response_deserializer=generate_pb2.CompletionChunk.FromString
+    )
+    outer = generate_pb2.CompletionRequest(text="x", params=params).SerializeToString() + unknown
+    inner = generate_pb2.CompletionRequest(text="x")
+    inner.params.ParseFromString(params.SerializeToString() + unknown)
+    turn = generate_pb2.CompletionRequest(params=params)
+    turn.chat.messages.add().ParseFromString(
+        generate_pb2.ChatMessage(role="user", content="hi").SerializeToString() + unknown
+    )
+    for request, named in (
+        (outer, "CompletionRequest has field number(s) 99"),
+        (inner.SerializeToString(), "params has field number(s) 99"),
+        (turn.SerializeToString(), "chat.messages.0 has field number(s) 99"),
+    ):
+        with pytest.raises(grpc.RpcError) as caught:
+            list(generate(request, timeout=30))
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert named in caught.value.details()
+    assert len(list(generate(generate_pb2.CompletionRequest(text="x", params=params).SerializeToString(), timeout=30)))
+
+
+def test_max_body_bytes_bounds_a_grpc_request_as_an_http_body(make_router, cluster):
+    router = make_router(cluster.prefills, [cluster.decode], max_body_bytes=4096)
+    request = generate_pb2.CompletionRequest(text="y" * 5000, params=common_pb2.SamplingParams(max_tokens=2))
+    with grpc.insecure_channel(router.grpc) as channel:
+        assert _status(channel, request) == grpc.StatusCode.RESOURCE_EXHAUSTED
+        small = generate_pb2.CompletionRequest(text="y" * 100, params=common_pb2.SamplingParams(max_tokens=2))
+        assert _generate(channel, small)[-1].usage.completion_tokens == 2
+    response = httpx.post(f"{router.http}/v1/completions", json={"prompt": "y" * 5000, "max_tokens": 2}, timeout=30)
+    assert response.status_code == 413
