@@ -159,7 +159,8 @@ class DecodeWorker(WorkerBase, decode_pb2_grpc.DecodeWorkerServicer):
             peer=peer,
             priority=request.priority,
         )
-        self.counters.add(prompt_tokens=len(request.prompt_token_ids), prefix_hit_tokens=reservation.num_cached_tokens)
+        prompt_hits = min(reservation.num_cached_tokens, len(request.prompt_token_ids))  # not a resumed output's
+        self.counters.add(prompt_tokens=len(request.prompt_token_ids), prefix_hit_tokens=prompt_hits)
         record = self.reservations.get(request.request_id)
         if tracing.ENABLED:  # ends when the reservation leaves OPEN: how long the KV took to land
             record.trace = tracing.start_span(

@@ -39,7 +39,7 @@ class Reservation:
 
     request_id: str
     block_ids: tuple[int, ...]  # one per prompt block, in order
-    num_cached_tokens: int  # leading prompt tokens already in this pool's prefix cache
+    num_cached_tokens: int  # leading tokens already in this pool's prefix cache (a resumed request's output too)
 
 
 @dataclass(frozen=True)

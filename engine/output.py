@@ -188,7 +188,8 @@ class OutputProcessor:
             finish_reason=request.state.finish_reason,
             num_prompt_tokens=request.num_prompt_tokens,
             num_output_tokens=len(request.output_token_ids),
-            num_cached_tokens=request.num_cached_tokens,
+            # the prompt's share: a resumed request's cache hits cover its earlier output too, which is no prompt
+            num_cached_tokens=min(request.num_cached_tokens, request.num_prompt_tokens),
             prompt_logprobs=self._take_prompt_logprobs(request),
             stop_reason=request.stop_reason,
         )

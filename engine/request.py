@@ -64,7 +64,8 @@ class Request:
     state: RequestState = RequestState.WAITING
     output_token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
-    num_cached_tokens: int = 0  # prompt tokens served from a prefix cache (first admission only)
+    # leading tokens served from a prefix cache (first admission only): a resumed request's earlier output too
+    num_cached_tokens: int = 0
     block_ids: list[int] = field(default_factory=list)
     block_hashes: list[int] = field(default_factory=list)  # of every full block of all_token_ids
     num_published_blocks: int = 0

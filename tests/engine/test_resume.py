@@ -191,3 +191,19 @@ def _text_of(token_ids) -> str:
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     tokenizer = ByteTokenizer(512)
     return "".join(decoder.decode(tokenizer.token_bytes(t)) for t in token_ids)
+
+
+def test_a_resumed_requests_cached_tokens_count_its_prompt_alone(engines):
+    """A request resumed where its prompt and earlier output are cached hits blocks past its prompt: those are what
+    the KV transfer skips (the reservation's count), but usage's cached tokens are the prompt's, never more than the
+    prompt (they reached Anthropic's usage as input_tokens = prompt - cached, negative after a migration)."""
+    engine, _ = engines
+    params = SamplingParams(max_tokens=80, temperature=0.0, ignore_eos=True)
+    prompt = _prompt(5)[:20]
+    before = _reference(engine, prompt, params).token_ids[:60]  # prompt and output now in the prefix cache
+    reservation = engine.reserve("r", prompt, params, before)
+    assert reservation.num_cached_tokens > len(prompt)  # the transfer skips cached output blocks too
+    engine.abort("r")
+    engine.step()
+    _, _, last = _resumed(engine, "moved", prompt, params, before)
+    assert last.num_cached_tokens == last.num_prompt_tokens == len(prompt)  # all of it cached, and no more
