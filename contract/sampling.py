@@ -19,6 +19,9 @@ from protos import common_pb2
 
 MAX_TOP_LOGPROBS = 20
 MAX_STOP_STRINGS = 16
+# A request's max_tokens where it names none and no room is computed for it (OpenAI's completions default; the
+# gRPC API's, whose unset field is 0)
+DEFAULT_MAX_TOKENS = 16
 MAX_BAD_WORDS = 64
 MAX_BAD_WORD_CHARS = 1000  # each is tokenized where the request is added, on the engine's thread
 MAX_TEMPERATURE = 2.0
@@ -60,7 +63,7 @@ class SamplingParams:
     (``Engine``). A limit the client set is never lowered: one that does not fit is refused.
     """
 
-    max_tokens: int = 16
+    max_tokens: int = DEFAULT_MAX_TOKENS
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0

@@ -10,6 +10,7 @@ import contextlib
 import functools
 import hmac
 import inspect
+import re
 import time
 
 import grpc
@@ -20,8 +21,8 @@ from grpc_reflection.v1alpha import reflection
 
 from contract import tracing
 from contract.errors import check_request_id, fields_named
+from contract.sampling import DEFAULT_MAX_TOKENS, FieldError, SamplingParams
 from contract.sampling import FIELDS as SAMPLING_FIELDS
-from contract.sampling import FieldError, SamplingParams
 from protos import generate_pb2, generate_pb2_grpc
 from protos.cluster_auth import add_port, server_options
 from router.frontend import STALLED_SEND, Frontend, log_access, serving
@@ -51,7 +52,9 @@ HONOURED: dict[str, frozenset[str]] = {
     "SamplingParams": frozenset(SAMPLING_FIELDS),
     "Grammar": frozenset({"kind", "text", "accepted_prompt_tokens"}),
 }
-DEFAULT_MAX_TOKENS = 16  # when params.max_tokens is 0 (unset)
+# A sampling field's errors name it as the proto spells it (params.temperature), on every input kind. An unset
+# params.max_tokens (0) is DEFAULT_MAX_TOKENS, a chat's too (common.proto says what each zero value means).
+_PARAMS_NAMED = {name: f"params.{name}" for name in SAMPLING_FIELDS}
 GENERATE_METHOD = "splitserve.Generate/Generate"
 REFLECTION_PREFIXES = ("/grpc.reflection.v1alpha.ServerReflection/", "/grpc.reflection.v1.ServerReflection/")
 
@@ -91,8 +94,9 @@ class GenerateService(generate_pb2_grpc.GenerateServicer):
             check_request_id(request.request_id, "request_id")
             serving(request.request_id)
             prompt, prompt_field = self._prompt(request)
-            params = SamplingParams.from_wire(request.params, DEFAULT_MAX_TOKENS)
-            job = frontend.build(prompt, params, prompt_field, "params.max_tokens", request.priority)
+            with fields_named(_PARAMS_NAMED):
+                params = SamplingParams.from_wire(request.params, DEFAULT_MAX_TOKENS)
+                job = frontend.build(prompt, params, prompt_field, "params.max_tokens", request.priority)
             async for delta in frontend.stream(job):
                 chunk = generate_pb2.CompletionChunk(
                     request_id=request.request_id or job.request_id,
@@ -137,8 +141,11 @@ class GenerateService(generate_pb2_grpc.GenerateServicer):
 
 
 def _naming(message: str, field: str | None) -> str:
-    """A status's message names the request's field it is about, as HTTP's error does in its param."""
-    return message if field is None or field in message else f"{field}: {message}"
+    """A status's message names the request's field it is about, as HTTP's error does in its param (a word of the
+    message that merely contains the field's name, "context" for text, does not)."""
+    if not field or re.search(rf"(?<![\w.]){re.escape(field)}\b", message):
+        return message
+    return f"{field}: {message}"
 
 
 async def _end_stalled(context: grpc.aio.ServicerContext, handler: asyncio.Task) -> None:

@@ -42,8 +42,16 @@ from starlette.routing import Match
 
 from contract.errors import check_request_id, fields_named
 from contract.grammar import Grammar
+from contract.sampling import (
+    DEFAULT_MAX_TOKENS,
+    FieldError,
+    SamplingParams,
+    check_text,
+    check_token_ids,
+    logprobs_count,
+    wrap_seed,
+)
 from contract.sampling import FIELDS as SAMPLING_FIELDS
-from contract.sampling import FieldError, SamplingParams, check_text, check_token_ids, logprobs_count, wrap_seed
 from engine.tokenizer import IncrementalDetokenizer, Tokenizer
 from protos import common_pb2
 from router import anthropic_api, reasoning, responses_api
@@ -344,7 +352,7 @@ def _record_fields(body: type[_SamplingFields]) -> tuple[str, ...]:
 
 class CompletionBody(_refusing("_CompletionRefused", _SamplingFields, COMPLETION_REFUSED)):
     prompt: str | list[int] | list[str] | list[list[int]]
-    max_tokens: int = 16  # 0: nothing generated (with echo and logprobs: the prompt scored)
+    max_tokens: int = DEFAULT_MAX_TOKENS  # 0: nothing generated (with echo and logprobs: the prompt scored)
     logprobs: int | None = None
     echo: bool = False  # the prompt before the completion; with logprobs, the prompt tokens' logprobs too
     best_of: int | None = Field(default=None, ge=1, le=16)  # candidates per prompt; the n most likely are returned

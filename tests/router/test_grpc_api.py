@@ -260,3 +260,21 @@ def test_max_body_bytes_bounds_a_grpc_request_as_an_http_body(make_router, clust
         assert _generate(channel, small)[-1].usage.completion_tokens == 2
     response = httpx.post(f"{router.http}/v1/completions", json={"prompt": "y" * 5000, "max_tokens": 2}, timeout=30)
     assert response.status_code == 413
+
+
+def test_a_sampling_fields_error_names_it_as_the_proto_spells_it(router, channel):
+    """Over gRPC a sampling field is params.<name> (HTTP names it bare, in its param); a text prompt's context-length
+    error names text, which its message's "context" had hidden from the check of whether it named it."""
+    for params, named in (
+        (common_pb2.SamplingParams(max_tokens=4, temperature=5), "params.temperature"),
+        (common_pb2.SamplingParams(max_tokens=4, top_k=-7), "params.top_k"),
+        (common_pb2.SamplingParams(max_tokens=4, min_tokens=9), "params.min_tokens"),
+    ):
+        with pytest.raises(grpc.RpcError) as caught:
+            _generate(channel, generate_pb2.CompletionRequest(text="x", params=params))
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert caught.value.details().startswith(named), caught.value.details()
+    long_text = generate_pb2.CompletionRequest(text="y" * (MAX_MODEL_LEN + 10), params=common_pb2.SamplingParams())
+    with pytest.raises(grpc.RpcError) as caught:
+        _generate(channel, long_text)
+    assert caught.value.details().startswith("text: "), caught.value.details()

@@ -28,6 +28,7 @@ import tests.router.test_responses_api as responses_tests
 import tests.router.test_stored_responses as stored_tests
 import tests.router.test_structured_output as structured_tests
 import tests.router.test_tool_messages as tool_message_tests
+from contract.sampling import DEFAULT_MAX_TOKENS
 from contract.sampling import FIELDS as SAMPLING_FIELDS
 from protos import common_pb2, generate_pb2, generate_pb2_grpc
 from router import grpc_api, openai_api
@@ -426,7 +427,7 @@ def test_grpc_sampling_params_mean_what_http_means(router, rng):
     with grpc.insecure_channel(router.grpc) as channel:
         request = generate_pb2.CompletionRequest(token_ids=generate_pb2.TokenIds(ids=prompt), params=unset)
         chunks = list(generate_pb2_grpc.GenerateStub(channel).Generate(request, timeout=60))
-    assert chunks[-1].usage.completion_tokens == grpc_api.DEFAULT_MAX_TOKENS
+    assert chunks[-1].usage.completion_tokens == DEFAULT_MAX_TOKENS
 
 
 # field -> the test that shows its effect. Every honoured field needs one: a new field without one fails here.
