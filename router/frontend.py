@@ -55,6 +55,11 @@ STALLED_SEND: contextvars.ContextVar[Callable[[], Awaitable[None]] | None] = con
 )
 
 
+def served_id() -> str:
+    """The id this task's request is known to its client by (``serving``); "" where none was given yet."""
+    return _PUBLIC_REQUEST_ID.get()
+
+
 def serving(request_id: str) -> None:
     """The request this task serves is known to its client as ``request_id``: its trace span and the router's log
     lines about it carry that id."""

@@ -25,7 +25,7 @@ from contract.sampling import DEFAULT_MAX_TOKENS, FieldError, SamplingParams
 from contract.sampling import FIELDS as SAMPLING_FIELDS
 from protos import generate_pb2, generate_pb2_grpc
 from protos.cluster_auth import add_port, server_options
-from router.frontend import STALLED_SEND, Frontend, log_access, serving
+from router.frontend import STALLED_SEND, Frontend, log_access, served_id, serving
 from router.orchestrator import GenerationError
 from router.structured import tool_turns
 
@@ -79,7 +79,7 @@ class GenerateService(generate_pb2_grpc.GenerateServicer):
         finally:
             self.frontend.metrics.grpc_requests_by(GENERATE_METHOD, code).inc()
             if self.frontend.config.access_log:
-                log_access(context.peer(), f"gRPC {GENERATE_METHOD}", code, started, request.request_id or "-")
+                log_access(context.peer(), f"gRPC {GENERATE_METHOD}", code, started, served_id() or "-")
 
     async def _generate(self, request: generate_pb2.CompletionRequest, context: grpc.aio.ServicerContext):
         frontend = self.frontend
@@ -97,6 +97,8 @@ class GenerateService(generate_pb2_grpc.GenerateServicer):
             with fields_named(_PARAMS_NAMED):
                 params = SamplingParams.from_wire(request.params, DEFAULT_MAX_TOKENS)
                 job = frontend.build(prompt, params, prompt_field, "params.max_tokens", request.priority)
+            if not request.request_id:  # the client knows it by the id its chunks carry: its log line's, its span's
+                serving(job.request_id)
             async for delta in frontend.stream(job):
                 chunk = generate_pb2.CompletionChunk(
                     request_id=request.request_id or job.request_id,
