@@ -52,6 +52,7 @@ class EngineStats:
     waiting: int
     waiting_for_kv: int
     token_capacity: int  # Engine.token_capacity
+    preemptions: int = 0  # running requests preempted for want of blocks since start (Scheduler.preemptions)
 
 
 @dataclass(frozen=True)
@@ -482,6 +483,7 @@ class Engine:
             waiting=len(self.scheduler.waiting),
             waiting_for_kv=len(self.scheduler.awaiting_kv),
             token_capacity=self.token_capacity,
+            preemptions=self.scheduler.preemptions,
         )
 
     def take_kv_events(self) -> list[KVEvent]:

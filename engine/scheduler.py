@@ -77,6 +77,7 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.awaiting_kv: dict[str, Request] = {}
+        self.preemptions = 0  # running requests preempted since start (their blocks freed, recomputed later)
 
     # -- admission ----------------------------------------------------------------------------
 
@@ -234,6 +235,7 @@ class Scheduler:
         self._release_blocks(request)
         request.num_computed_tokens = 0
         request.num_preemptions += 1
+        self.preemptions += 1
         request.transition(RequestState.WAITING)
         index = 0  # ahead of every waiting request of its priority: it came before them
         while index < len(self.waiting) and self.waiting[index].priority < request.priority:

@@ -151,7 +151,7 @@ class ModelCard(_message.Message):
     def __init__(self, served_model_name: _Optional[str] = ..., source: _Optional[str] = ..., weights_fingerprint: _Optional[str] = ..., tokenizer_fingerprint: _Optional[str] = ..., chat_template_fingerprint: _Optional[str] = ..., dtype: _Optional[str] = ..., block_size: _Optional[int] = ..., max_model_len: _Optional[int] = ..., vocab_size: _Optional[int] = ..., protocol_version: _Optional[int] = ...) -> None: ...
 
 class WorkerStats(_message.Message):
-    __slots__ = ("worker_id", "role", "kv_blocks_total", "kv_blocks_used", "kv_blocks_free", "kv_blocks_cached", "running", "waiting", "waiting_for_kv", "transfers_in_flight", "leases_expired", "prefix_hit_tokens", "prompt_tokens", "block_size", "draining", "transport", "kv_transfer_bytes", "kv_transfers_completed", "kv_transfers_failed", "kv_transfer_seconds", "generated_tokens", "requests_finished", "model_card", "token_capacity", "kv_transfers_cancelled")
+    __slots__ = ("worker_id", "role", "kv_blocks_total", "kv_blocks_used", "kv_blocks_free", "kv_blocks_cached", "running", "waiting", "waiting_for_kv", "transfers_in_flight", "leases_expired", "prefix_hit_tokens", "prompt_tokens", "block_size", "draining", "transport", "kv_transfer_bytes", "kv_transfers_completed", "kv_transfers_failed", "kv_transfer_seconds", "generated_tokens", "requests_finished", "model_card", "token_capacity", "kv_transfers_cancelled", "preemptions")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     KV_BLOCKS_TOTAL_FIELD_NUMBER: _ClassVar[int]
@@ -177,6 +177,7 @@ class WorkerStats(_message.Message):
     MODEL_CARD_FIELD_NUMBER: _ClassVar[int]
     TOKEN_CAPACITY_FIELD_NUMBER: _ClassVar[int]
     KV_TRANSFERS_CANCELLED_FIELD_NUMBER: _ClassVar[int]
+    PREEMPTIONS_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     role: str
     kv_blocks_total: int
@@ -202,7 +203,8 @@ class WorkerStats(_message.Message):
     model_card: ModelCard
     token_capacity: int
     kv_transfers_cancelled: int
-    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[str] = ..., kv_blocks_total: _Optional[int] = ..., kv_blocks_used: _Optional[int] = ..., kv_blocks_free: _Optional[int] = ..., kv_blocks_cached: _Optional[int] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., waiting_for_kv: _Optional[int] = ..., transfers_in_flight: _Optional[int] = ..., leases_expired: _Optional[int] = ..., prefix_hit_tokens: _Optional[int] = ..., prompt_tokens: _Optional[int] = ..., block_size: _Optional[int] = ..., draining: _Optional[bool] = ..., transport: _Optional[str] = ..., kv_transfer_bytes: _Optional[int] = ..., kv_transfers_completed: _Optional[int] = ..., kv_transfers_failed: _Optional[int] = ..., kv_transfer_seconds: _Optional[float] = ..., generated_tokens: _Optional[int] = ..., requests_finished: _Optional[int] = ..., model_card: _Optional[_Union[ModelCard, _Mapping]] = ..., token_capacity: _Optional[int] = ..., kv_transfers_cancelled: _Optional[int] = ...) -> None: ...
+    preemptions: int
+    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[str] = ..., kv_blocks_total: _Optional[int] = ..., kv_blocks_used: _Optional[int] = ..., kv_blocks_free: _Optional[int] = ..., kv_blocks_cached: _Optional[int] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., waiting_for_kv: _Optional[int] = ..., transfers_in_flight: _Optional[int] = ..., leases_expired: _Optional[int] = ..., prefix_hit_tokens: _Optional[int] = ..., prompt_tokens: _Optional[int] = ..., block_size: _Optional[int] = ..., draining: _Optional[bool] = ..., transport: _Optional[str] = ..., kv_transfer_bytes: _Optional[int] = ..., kv_transfers_completed: _Optional[int] = ..., kv_transfers_failed: _Optional[int] = ..., kv_transfer_seconds: _Optional[float] = ..., generated_tokens: _Optional[int] = ..., requests_finished: _Optional[int] = ..., model_card: _Optional[_Union[ModelCard, _Mapping]] = ..., token_capacity: _Optional[int] = ..., kv_transfers_cancelled: _Optional[int] = ..., preemptions: _Optional[int] = ...) -> None: ...
 
 class KVEvent(_message.Message):
     __slots__ = ("event_id", "kind", "block_hashes")

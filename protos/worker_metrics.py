@@ -29,6 +29,7 @@ _COUNTERS = (
     ("prefix_hit_tokens", "Prompt tokens found in the prefix cache"),
     ("generated_tokens", "Tokens generated"),
     ("requests_finished", "Requests finished"),
+    ("preemptions", "Running requests preempted for want of KV blocks (recomputed when readmitted)"),
 )
 
 
@@ -139,6 +140,9 @@ def _vllm_metrics(stats: list[common_pb2.WorkerStats]) -> Iterator[Metric]:
         "vllm:prefix_cache_queries", "Prompt tokens looked up in the prefix cache", labels=_VLLM_LABELS
     )
     hits = CounterMetricFamily("vllm:prefix_cache_hits", "Prompt tokens found in the prefix cache", labels=_VLLM_LABELS)
+    preemptions = CounterMetricFamily(
+        "vllm:num_preemptions", "Running requests preempted for want of KV blocks", labels=_VLLM_LABELS
+    )
     for s in stats:
         labels = [s.model_card.served_model_name, s.worker_id, s.role]
         waiting.add_metric(labels, s.waiting + s.waiting_for_kv)
@@ -147,4 +151,5 @@ def _vllm_metrics(stats: list[common_pb2.WorkerStats]) -> Iterator[Metric]:
         info.add_metric([*labels, str(s.block_size), str(s.kv_blocks_total)], 1)
         queries.add_metric(labels, s.prompt_tokens)
         hits.add_metric(labels, s.prefix_hit_tokens)
-    yield from (waiting, running, usage, info, queries, hits)
+        preemptions.add_metric(labels, s.preemptions)
+    yield from (waiting, running, usage, info, queries, hits, preemptions)

@@ -230,6 +230,7 @@ class WorkerBase(ABC):
             running=snapshot.running,
             waiting=snapshot.waiting,
             waiting_for_kv=snapshot.waiting_for_kv,
+            preemptions=snapshot.preemptions,
             transfers_in_flight=transfers_in_flight,
             leases_expired=leases_expired,
             block_size=self.config.block_size,

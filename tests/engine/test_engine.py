@@ -113,6 +113,7 @@ def test_preemption_by_recompute_matches_plain(model_dir, reference):
     preempted = recorded_preemptions(engine)
     assert [r.token_ids for r in engine.generate(prompts, GREEDY)] == expected
     assert preempted, "the pool was sized so that preemption must happen"
+    assert engine.stats().preemptions == len(preempted)  # what a worker's Stats and /metrics count
     assert engine.allocator.num_used_blocks == 0
 
 

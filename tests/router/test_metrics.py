@@ -8,6 +8,7 @@ import json
 import socket
 import time
 import urllib.parse
+from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
 
 import grpc
@@ -16,10 +17,11 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from bench import processes
-from protos import common_pb2, generate_pb2, generate_pb2_grpc
+from protos import common_pb2, decode_pb2, generate_pb2, generate_pb2_grpc
 from router.config import RouterConfig
 from router.server import Router
 from tests.router.conftest import metric_sum
+from tests.workers.harness import WorkerProcess
 
 PROMPT = list(range(3, 60))  # 57 tokens: above the threshold below, so prefill is remote
 
@@ -373,3 +375,31 @@ def test_no_slo_target_without_an_slo(control):
 
 def test_a_static_router_exports_no_slo_target(router_url):
     assert not [name for name, _ in _samples(router_url) if name == "splitserve_slo_target_seconds"]
+
+
+def test_a_worker_counts_the_requests_it_preempts():
+    """A decode worker whose pool cannot hold every running request to its end preempts some (their blocks freed,
+    their tokens recomputed later): Stats.preemptions, splitserve_worker_preemptions_total and vLLM's
+    vllm:num_preemptions_total say how often, where docs/metrics.md had said the count meant nothing here."""
+    metrics_port = processes.free_port()
+    process, address = processes.start_worker(
+        "decode", "--model", "demo", "--threads", "1", "--kv-cache-mb", "1", "--metrics-port", str(metrics_port)
+    )
+    with processes.running(process):
+        worker = WorkerProcess("decode", address, process)
+        capacity = worker.stats().token_capacity
+        params = common_pb2.SamplingParams(max_tokens=capacity - 8, temperature=0, ignore_eos=True)
+
+        def generate(index: int) -> int:
+            request = decode_pb2.GenerateRequest(
+                request_id=f"p{index}", prompt_token_ids=[5, 6, 7, index], params=params
+            )
+            return sum(len(r.token_ids) for r in worker.stub.Generate(request, timeout=300))
+
+        with ThreadPoolExecutor(4) as pool:
+            assert list(pool.map(generate, range(4))) == [capacity - 8] * 4  # each ran to its end regardless
+        preempted = worker.stats().preemptions
+        samples = _samples(f"http://127.0.0.1:{metrics_port}")
+    assert preempted > 0, "four requests, each as long as the pool, must take turns"
+    assert metric_sum(samples, "splitserve_worker_preemptions_total") == preempted
+    assert metric_sum(samples, "vllm:num_preemptions_total") == preempted
