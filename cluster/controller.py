@@ -2,8 +2,9 @@
 
 It starts worker actors with the resources their pool asks for, learns their gRPC addresses as they
 register, checks their health, restarts crashed ones (bounded) and replaces ones that are gone — a
-worker that dies while still starting included, its reason shown in ``status`` — drains workers it
-scales away, runs the SLO planner, and tells routers about membership
+worker that dies while still starting included, its reason shown in ``status`` — kills and restarts
+the same way one that hangs (answers no health check for HUNG_AFTER_S), drains workers it scales
+away (killing one that hangs while draining), runs the SLO planner, and tells routers about membership
 changes through ``watch`` (a long poll: it answers as soon as the membership version moves).
 """
 
@@ -22,9 +23,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from cluster.config import ClusterConfig
 from cluster.planner import Observation, Planner
-from cluster.worker_actor import actor_class
+from cluster.worker_actor import DRAIN_TIMEOUT_S, actor_class
 from protos import common_pb2, decode_pb2_grpc, prefill_pb2_grpc
-from protos.cluster_auth import ClusterAuth
+from protos.cluster_auth import PEER_SILENCE_S, ClusterAuth
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +34,10 @@ UNHEALTHY_AFTER = 2
 FAILED_KEPT = 10  # failed workers kept in the status, for their reasons (the latest ones)
 REPLACE_BACKOFF_MAX_S = 60.0  # a pool whose workers keep failing gets a replacement at most this often
 GONE = ("dead", "failed")  # dead: retired; failed: died once too often (last_error says why), replaced
+# A worker that has answered no health check for this long is hung (a stopped process, a wedged device or engine):
+# it is killed, and restarted or replaced as a dead one is. The cluster's bound on a silent member: by then keepalive
+# has ended the routers' calls to it and its streams have moved, so nothing waits on it any more.
+HUNG_AFTER_S = PEER_SILENCE_S
 
 
 @dataclass
@@ -50,9 +55,10 @@ class WorkerRecord:
     started_at: float = field(default_factory=time.time)
     stats: dict = field(default_factory=dict)
     last_error: str = ""  # why its last incarnation died (e.g. its constructor's exception), for `status`
+    silent_since: float | None = None  # time.monotonic() of its first failed health check in a row; None: answering
 
     def public(self) -> dict:
-        return {k: v for k, v in asdict(self).items()}
+        return {k: v for k, v in asdict(self).items() if k != "silent_since"}
 
 
 class Controller:
@@ -133,7 +139,7 @@ class Controller:
             info["pid"],
         )
         record.registrations += 1
-        record.failures = 0
+        record.failures, record.silent_since = 0, None
         self._failed_in_a_row[record.role] = 0
         if record.state != "draining":
             record.state = "ready"
@@ -321,12 +327,24 @@ class Controller:
         await self._finish_drain(record)
 
     async def _finish_drain(self, record: WorkerRecord) -> None:
-        """Waits until the worker's in-flight work is done, then retires it."""
+        """Waits until the worker's in-flight work is done, at most DRAIN_TIMEOUT_S, then retires it. A worker that
+        hangs meanwhile is killed by the health checks (_check_actor), which ends the wait; the bound here is for
+        one that answers its health checks but not the drain."""
         actor = self.actors.get(record.worker_id)
         try:
             if actor is not None and record.address:
-                await actor.drain.remote()
-        except Exception as exc:  # noqa: BLE001 - the worker died while draining: nothing left to wait for
+                idle = await asyncio.wait_for(actor.drain.remote(DRAIN_TIMEOUT_S), DRAIN_TIMEOUT_S + HUNG_AFTER_S)
+                if not idle:
+                    log.warning(
+                        "worker %s still had work after draining %g s; stopping it", record.worker_id, DRAIN_TIMEOUT_S
+                    )
+        except TimeoutError:
+            log.warning(
+                "worker %s did not answer its drain within %g s; killing it",
+                record.worker_id,
+                DRAIN_TIMEOUT_S + HUNG_AFTER_S,
+            )
+        except Exception as exc:  # noqa: BLE001 - the worker died (or was killed) while draining: nothing to wait for
             log.warning("drain of %s ended early: %s", record.worker_id, exc)
         await self._retire(record)
 
@@ -365,7 +383,7 @@ class Controller:
     # -- health -----------------------------------------------------------------------------------
 
     async def _health_tick(self) -> None:
-        records = [r for r in self.records.values() if r.address and r.state in ("ready", "unhealthy")]
+        records = [r for r in self.records.values() if r.address and r.state in ("ready", "unhealthy", "draining")]
         await asyncio.gather(*(self._check(r) for r in records))
 
     async def _check(self, record: WorkerRecord) -> None:
@@ -385,13 +403,15 @@ class Controller:
         if record.address != address:
             return  # re-registered meanwhile
         if healthy:
-            record.failures = 0
+            record.failures, record.silent_since = 0, None
             # Scalars only: the status goes out as JSON (the model card is the routers' to judge).
             record.stats = {f.name: v for f, v in stats.ListFields() if f.message_type is None} if stats else {}
             if record.state == "unhealthy":
                 record.state = "ready"
                 await self._bump()
             return
+        if record.failures == 0:
+            record.silent_since = time.monotonic()
         record.failures += 1
         if record.failures >= UNHEALTHY_AFTER and record.state == "ready":
             record.state = "unhealthy"
@@ -401,20 +421,35 @@ class Controller:
             await self._check_actor(record)
 
     async def _check_actor(self, record: WorkerRecord) -> None:
-        """An unreachable worker whose actor died is restarted (up to max_restarts), then replaced."""
+        """An unreachable worker whose actor died is restarted (up to max_restarts), then replaced; one whose actor
+        lives but that has answered no health check for HUNG_AFTER_S is hung: killed, then the same. A draining
+        worker is retired instead, by its drain's end (_finish_drain): a dead one's drain call fails, a hung one's
+        fails once it is killed here."""
         actor = self.actors.get(record.worker_id)
+        if actor is None:
+            return  # retired meanwhile
         try:
             await asyncio.wait_for(actor.ping.remote(), 2.0)
-            return  # alive but not answering gRPC: stays unhealthy until it does
+            ping = "answers Ray's ping"
         except TimeoutError:
-            return
+            ping = "answers no Ray ping either"
         except ray.exceptions.RayError as exc:
-            reason = _death_reason(exc)
-        if self.actors.get(record.worker_id) is actor:
-            await self._actor_died(record, f"died: {reason}")
+            if self.actors.get(record.worker_id) is actor and record.state != "draining":
+                await self._actor_died(record, f"died: {_death_reason(exc)}")
+            return
+        silent_s = time.monotonic() - (record.silent_since or time.monotonic())
+        if silent_s < HUNG_AFTER_S or self.actors.get(record.worker_id) is not actor:
+            return  # alive, not answering gRPC for now (a stalled machine): unhealthy, out of routing, until it does
+        reason = f"hung: answered no health check for {silent_s:.0f} s and {ping}; killed"
+        if record.state == "draining":
+            log.warning("draining worker %s %s", record.worker_id, reason)
+            ray.kill(actor, no_restart=True)
+            return
+        await self._actor_died(record, reason)
 
     async def _actor_died(self, record: WorkerRecord, reason: str) -> None:
-        """Restarts the worker of a dead actor (up to max_restarts), then marks it failed and replaces it."""
+        """Restarts the worker of a dead (or hung, killed here) actor (up to max_restarts), then marks it failed and
+        replaces it."""
         actor = self.actors.pop(record.worker_id, None)
         if actor is not None:
             ray.kill(actor, no_restart=True)

@@ -1,5 +1,6 @@
 """A Ray actor hosting one prefill or decode worker: the worker serves gRPC on its node; the actor is
-only its control handle (start, register, drain, stop). Ray restarts a crashed actor; the new
+only its control handle (start, register, drain, stop). Ray never restarts it (max_restarts=0): the
+controller does, starting a new actor for a worker that died or hung (cluster.controller); the new
 incarnation registers its new address with the controller."""
 
 from __future__ import annotations
@@ -17,6 +18,9 @@ from contract.heap import freeze_startup_heap
 log = logging.getLogger(__name__)
 
 CONTROLLER_NAME = "splitserve-controller"
+# How long a drained worker's in-flight work may take to finish; the controller stops it then, and kills it if the
+# drain has not answered a while after (a hung worker).
+DRAIN_TIMEOUT_S = 600.0
 
 
 def engine_config_for(config: ClusterConfig, pool: PoolSpec):
@@ -84,7 +88,7 @@ class WorkerActor:
     def ping(self) -> dict:
         return self.info()
 
-    def drain(self, timeout_s: float = 600.0) -> bool:
+    def drain(self, timeout_s: float = DRAIN_TIMEOUT_S) -> bool:
         """Take no new work, finish what is in flight; True once idle (the controller then kills us)."""
         return self.worker.drain(timeout_s)
 
