@@ -349,12 +349,14 @@ class Controller:
         await self._retire(record)
 
     async def _retire(self, record: WorkerRecord) -> None:
+        """Out of the membership first, then stopped: routers let a retired worker go before its server closes,
+        rather than see it refuse their health checks as a failed one would."""
         actor = self.actors.pop(record.worker_id, None)
+        record.state = "dead"
+        await self._bump()
         if actor is not None:
             await self._stop_actor(actor)
-        record.state = "dead"
         log.info("worker %s retired", record.worker_id)
-        await self._bump()
 
     @staticmethod
     async def _stop_actor(actor) -> None:
