@@ -12,7 +12,6 @@ import pytest
 import yaml
 
 from cluster.config import ClusterConfig
-from router.server import CUT_UNWIND_S
 from tests.deploy.conftest import CHART, RENDERS, REPO, one, worker_group
 from tests.deploy.test_placement import configmap_config, quantity
 
@@ -60,7 +59,7 @@ DIFFERS = {
     # Prometheus scrapes the head pod from inside the cluster; `splitserve up` alone keeps /metrics closed.
     "router.openMetrics": "router.open_metrics",
     # A Service drops an ending pod's endpoint seconds late: the router says it is stopping and serves on meanwhile.
-    # `splitserve up` on a laptop stops at once. Checked below: delay and grace fit the head pod's termination grace.
+    # `splitserve up` on a laptop stops at once. The pods' termination grace follows: tests/deploy/test_pod_timing.py.
     "router.shutdownDelaySeconds": "router.shutdown_delay_s",
     # Load balancers keep connections to the router idle up to 60 s (ingress-nginx, AWS ALB) or 600 s (Google Cloud):
     # one closing a connection the balancer reuses answers 502. `splitserve up` keeps uvicorn's 5 s for direct clients.
@@ -114,23 +113,6 @@ def test_threads_fit_the_workers_cpus_and_the_pods(render):
         assert 1 <= pool.threads <= pool.num_cpus <= pod_cpus, (
             f"{render} {role}: threads {pool.threads}, cpusPerWorker {pool.num_cpus}, pod CPUs {pod_cpus}"
         )
-
-
-WORKERS_STOP_S = 20  # what the head's `splitserve up` keeps for its workers' stop after the router's
-
-
-@pytest.mark.parametrize("render", ["chart-default", "chart-gpu"])
-def test_the_routers_stop_fits_in_the_head_pods_termination_grace(render):
-    """Kubernetes kills the head when its termination grace ends: the router's delay, its grace for the requests in
-    flight, the cut's unwinding and the workers' stop must all fit before."""
-    objects = RENDERS[render]()
-    router = configmap_config(objects).router
-    pod = one(objects, "RayCluster")["spec"]["headGroupSpec"]["template"]["spec"]
-    needs = router.shutdown_delay_s + router.shutdown_grace_s + 2 * CUT_UNWIND_S + WORKERS_STOP_S
-    assert router.shutdown_delay_s > 0 and needs <= pod["terminationGracePeriodSeconds"], (
-        f"{render}: delay {router.shutdown_delay_s} + grace {router.shutdown_grace_s} + unwinding {2 * CUT_UNWIND_S} "
-        f"+ workers {WORKERS_STOP_S} s against terminationGracePeriodSeconds {pod['terminationGracePeriodSeconds']}"
-    )
 
 
 def test_the_docs_wait_outlasts_the_heads_wait_for_its_workers():

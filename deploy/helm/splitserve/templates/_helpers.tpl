@@ -216,6 +216,25 @@ Service's name, which the certificate must carry; the head pod resolves that nam
 {{- end }}
 {{- end -}}
 
+{{/*
+terminationGracePeriodSeconds of every pod: the longest `splitserve up` in the head takes to stop on SIGTERM
+(router/server.py, Router.stop; cluster/up.py), derived from the values that set it, so Kubernetes kills nothing
+partway. The router serves on for router.shutdownDelaySeconds, gives the requests in flight
+router.settings.shutdown_grace_s (unset: router/config.py's default, 25 s), then 4 s for the requests it cut to unwind
+(2 x router/server.py's CUT_UNWIND_S); then `up` stops the workers (the controller waits up to 3 s for each, all at
+once, then kills it) and leaves Ray: 20 s kept for that. A worker pod's PID 1 (bash) ignores SIGTERM, so its workers
+serve on until the head stops them; given less, they would be killed under the head's drain when every pod stops at
+once (helm uninstall, upgradeStrategy Recreate). tests/deploy/test_pod_timing.py holds the 25 and the 4 to their
+owners.
+*/}}
+{{- define "splitserve.terminationGraceSeconds" -}}
+{{- $grace := 25.0 -}}
+{{- if hasKey .Values.router.settings "shutdown_grace_s" -}}
+{{- $grace = float64 .Values.router.settings.shutdown_grace_s -}}
+{{- end -}}
+{{- addf (float64 .Values.router.shutdownDelaySeconds) $grace | ceil | int | add 4 20 -}}
+{{- end -}}
+
 {{/* A worker pod is a plain Ray node; `--block` keeps `ray start` in the foreground. */}}
 {{- define "splitserve.workerScript" -}}
 ulimit -n 65536; eval "$KUBERAY_GEN_RAY_START_CMD"
