@@ -15,28 +15,18 @@ import openai
 import pytest
 import ray
 
-from cluster.config import ClusterConfig, PlannerSpec, PoolSpec
+from cluster.config import PlannerSpec, PoolSpec
 from router.config import RouterConfig
-from tests.cluster.harness import RunningCluster, start_local_ray
+from tests.cluster.harness import local_cluster
 
 POOL = PoolSpec(replicas=1, min_replicas=1, max_replicas=3, threads=1, kv_cache_mb=64)
 
 
 @pytest.fixture(scope="module")
 def cluster():
-    start_local_ray(num_cpus=8)
-    config = ClusterConfig(
-        model="demo",
-        prefill=POOL,
-        decode=POOL,
-        namespace="splitserve-test",
-        health_interval_s=0.25,
-        router=RouterConfig(port=0, grpc_port=0, local_prefill_threshold=32, max_queued=100),
-    )
-    running = RunningCluster(config)
-    yield running
-    running.stop()
-    ray.shutdown()
+    router = RouterConfig(port=0, grpc_port=0, local_prefill_threshold=32, max_queued=100)
+    with local_cluster(8, prefill=POOL, decode=POOL, namespace="splitserve-test", router=router) as running:
+        yield running
 
 
 class Load:

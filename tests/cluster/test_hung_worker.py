@@ -12,12 +12,11 @@ import time
 
 import httpx
 import pytest
-import ray
 
-from cluster.config import ClusterConfig, PoolSpec
+from cluster.config import PoolSpec
 from cluster.controller import HUNG_AFTER_S
 from router.config import RouterConfig
-from tests.cluster.harness import RunningCluster, start_local_ray
+from tests.cluster.harness import RunningCluster, local_cluster
 from tests.procfs import alive
 
 NO_PREFILL = PoolSpec(replicas=0, min_replicas=0, max_replicas=0, kv_cache_mb=16)  # aggregated: decode prefills
@@ -28,19 +27,9 @@ RESTART_BOUND_S = HUNG_AFTER_S + 60
 
 @pytest.fixture(scope="module")
 def cluster():
-    start_local_ray(num_cpus=4)
-    config = ClusterConfig(
-        model="demo",
-        prefill=NO_PREFILL,
-        decode=DECODE,
-        namespace="splitserve-hung-test",
-        health_interval_s=0.25,
-        router=RouterConfig(port=0, grpc_port=0),
-    )
-    running = RunningCluster(config)
-    yield running
-    running.stop()
-    ray.shutdown()
+    config = dict(prefill=NO_PREFILL, decode=DECODE, namespace="splitserve-hung-test")
+    with local_cluster(4, router=RouterConfig(port=0, grpc_port=0), **config) as running:
+        yield running
 
 
 @contextlib.contextmanager

@@ -11,11 +11,10 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-import ray
 
-from cluster.config import ClusterConfig, PoolSpec
+from cluster.config import PoolSpec
 from router.config import RouterConfig
-from tests.cluster.harness import RunningCluster, start_local_ray
+from tests.cluster.harness import local_cluster
 from tests.dashboard.conftest import PageProblems, give_token
 
 POOL = PoolSpec(replicas=1, min_replicas=1, max_replicas=3, threads=1, kv_cache_mb=64)
@@ -26,19 +25,9 @@ SCREENSHOT = "/tmp/dashboard.png"
 
 @pytest.fixture(scope="module")
 def cluster():
-    start_local_ray(num_cpus=8)
-    config = ClusterConfig(
-        model="demo",
-        prefill=POOL,
-        decode=POOL,
-        namespace="splitserve-dashboard-test",
-        health_interval_s=0.25,
-        router=RouterConfig(port=0, grpc_port=0, local_prefill_threshold=32, admin_token=ADMIN_TOKEN),
-    )
-    running = RunningCluster(config)
-    yield running
-    running.stop()
-    ray.shutdown()
+    router = RouterConfig(port=0, grpc_port=0, local_prefill_threshold=32, admin_token=ADMIN_TOKEN)
+    with local_cluster(8, prefill=POOL, decode=POOL, namespace="splitserve-dashboard-test", router=router) as running:
+        yield running
 
 
 @pytest.fixture(scope="module")
