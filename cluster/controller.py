@@ -210,6 +210,7 @@ class Controller:
                 f"{role} replicas must be between the pool's min_replicas {pool.min_replicas} and max_replicas "
                 f"{pool.max_replicas}, got {replicas}"
             )
+        self._check_fits({**self.desired, role: replicas})
         self.desired[role] = replicas
         self._request_resources()
         self._reconcile()
@@ -224,6 +225,29 @@ class Controller:
                 "shrinking it"
             )
         return reply
+
+    def _check_fits(self, desired: dict[str, int]) -> None:
+        """On the embedded Ray, which no autoscaler grows, ValueError where pools of ``desired`` sizes ask for more
+        than it has: the workers Ray cannot place would say "starting" for good. (A Ray joined by address may add
+        nodes: what it lacks is asked for, _request_resources.)"""
+        if self.config.address:
+            return
+        total = self._cluster_resources()
+        needed: dict[str, float] = {}
+        for role, count in desired.items():
+            pool = self.config.pool(role)
+            for name, amount in (("CPU", pool.num_cpus), ("GPU", pool.num_gpus), *pool.resources.items()):
+                needed[name] = needed.get(name, 0.0) + amount * count
+        short = {name: amount for name, amount in needed.items() if amount > total.get(name, 0.0) + 1e-9}
+        if short:
+            asked = ", ".join(f"{name} {amount:g} (it has {total.get(name, 0.0):g})" for name, amount in short.items())
+            sizes = ", ".join(f"{role} {count}" for role, count in desired.items())
+            hint = "; ray_num_cpus sets its CPUs" if "CPU" in short else ""
+            raise ValueError(f"pools of {sizes} need more than this cluster's Ray has: {asked}{hint}")
+
+    @staticmethod
+    def _cluster_resources() -> dict[str, float]:
+        return ray.cluster_resources()
 
     async def drain(self, worker_id: str) -> dict:
         record = self.records.get(worker_id)

@@ -253,6 +253,7 @@ def _controller(**prefill) -> Controller:
     controller = Controller(config.to_json())
     controller._reconcile = lambda: None  # no Ray: only the bookkeeping runs
     controller._request_resources = lambda: None
+    controller._cluster_resources = lambda: {"CPU": 64.0}
     return controller
 
 
@@ -273,6 +274,7 @@ def test_a_manual_scale_of_a_planned_pool_holds_for_the_planners_cooldowns_and_s
     )
     controller = Controller(config.to_json())
     controller._reconcile = controller._request_resources = lambda: None
+    controller._cluster_resources = lambda: {"CPU": 64.0}
     reply = asyncio.run(controller.scale("prefill", 2))
     assert "planner sizes the prefill pool" in reply["planner"] and "30 s before shrinking" in reply["planner"]
     idle = Observation(
@@ -283,6 +285,26 @@ def test_a_manual_scale_of_a_planned_pool_holds_for_the_planners_cooldowns_and_s
     (later,) = controller.planner.decide(now + 31, idle, dict(controller.desired))
     assert (later.role, later.current, later.target) == ("prefill", 2, 1)
     assert "planner" not in asyncio.run(controller.scale("decode", 1))  # a pool the planner leaves alone
+
+
+def test_a_scale_the_embedded_ray_cannot_place_is_refused_naming_what_it_lacks():
+    """The embedded Ray has a fixed size (no autoscaler grows it): a scale past it was accepted and its new workers
+    said "starting" for good; now it is refused, naming what is short. A Ray joined by address may grow: allowed."""
+    controller = _controller(replicas=1, min_replicas=1, max_replicas=4, num_cpus=1.0)
+    controller._cluster_resources = lambda: {"CPU": 2.0}  # the decode pool's one worker and one prefill worker
+    with pytest.raises(
+        ValueError, match=r"pools of prefill 3, decode 1 need more .*: CPU 4 \(it has 2\); ray_num_cpus"
+    ):
+        asyncio.run(controller.scale("prefill", 3))
+    assert controller.desired["prefill"] == 1
+    gpu = _controller(replicas=0, min_replicas=0, max_replicas=1, num_gpus=1.0)
+    gpu._cluster_resources = lambda: {"CPU": 8.0}
+    with pytest.raises(ValueError, match=r"GPU 1 \(it has 0\)"):
+        asyncio.run(gpu.scale("prefill", 1))
+    joined = Controller(ClusterConfig(address="ray://head:10001", prefill=PoolSpec(max_replicas=4)).to_json())
+    joined._reconcile = joined._request_resources = lambda: None
+    joined._cluster_resources = lambda: {"CPU": 1.0}
+    assert asyncio.run(joined.scale("prefill", 4))["desired"] == 4
 
 
 def test_drain_at_a_pools_min_replicas_replaces_the_worker():
