@@ -45,7 +45,8 @@ def test_a_second_router_on_a_taken_grpc_port_refuses_to_start():
                 await second.start()
             assert f"cannot listen on 127.0.0.1:{grpc_port}: Address already in use" in str(refused.value)
             assert "(the gRPC API, --grpc-port)" in str(refused.value)
-            assert await asyncio.to_thread(_serving_at, grpc_port) == "SERVING"  # the first serves on
+            # the first answers on (NOT_SERVING: no decode worker, as its /ready says)
+            assert await asyncio.to_thread(_serving_at, grpc_port) == "NOT_SERVING"
         finally:
             await first.stop()
 

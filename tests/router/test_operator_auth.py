@@ -141,9 +141,11 @@ def test_grpc_reflection_wants_an_api_key(closed):
         _list_services(closed)
     assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
     assert "splitserve.Generate" in _list_services(closed, (("authorization", f"Bearer {API_KEY}"),))
-    with grpc.insecure_channel(closed.grpc) as channel:  # health stays open for probes
+    with grpc.insecure_channel(closed.grpc) as channel:  # health stays open for probes, and says what /ready does
         health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
-        assert health.status == health_pb2.HealthCheckResponse.SERVING
+        ready = httpx.get(f"{closed.http}/ready", timeout=10).status_code == 200
+        serving = health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING
+        assert health.status == serving
 
 
 # -- secrets from files and the environment, never argv -----------------------------------------------------------
