@@ -5,12 +5,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import ctypes
-import logging
 import os
 import signal
 import sys
 import threading
 
+from cluster import log_setup
 from contract.bounds import flag_type
 from contract.heap import freeze_startup_heap
 from engine.config import DTYPES, add_prefill_chunk_argument, check_device
@@ -18,7 +18,8 @@ from engine.config import DTYPES, add_prefill_chunk_argument, check_device
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 # Of every command that serves (up, router, worker): at INFO they log state changes an operator wants to see (a
 # worker joining, healthy or dropped, the model card adopted, a KV event gap), a few lines, never one a request
-# (those are DEBUG; uvicorn's access log stays off). Ray's own logging under `up` has its own level (cluster.up).
+# (those are DEBUG; uvicorn's access log stays off). Under `up` the controller and the workers in Ray's processes log
+# at the same level (cluster/log_setup.py); Ray's own logging has its own (cluster.up).
 LOG_LEVEL = "INFO"
 # A `splitserve worker` stopped by SIGTERM or Ctrl-C drains this long at most: as the router's default grace, under
 # Kubernetes' default 30 s termination grace. (`splitserve up`'s workers are drained by its controller instead.)
@@ -445,7 +446,7 @@ def _run_worker(args: argparse.Namespace) -> int:
     if not args.host.strip():  # bound as given, '' would listen on every address
         print("splitserve: --host '' names no address: give one (0.0.0.0 for every address)", file=sys.stderr)
         return 2
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    log_setup.configure(args.log_level)
     try:
         auth = ClusterAuth.from_env()
     except (OSError, ValueError) as exc:
@@ -600,7 +601,7 @@ def _pool_size_from_args(args: argparse.Namespace, role: str, pool, in_file: set
 
 
 def _run_up(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    log_setup.configure(args.log_level)
     try:
         config = cluster_config_from_args(args)
     except (OSError, ValueError) as exc:
@@ -665,7 +666,7 @@ def _run_router(args: argparse.Namespace) -> int:
     from protos.cluster_auth import ListenError
     from router.server import on_stop_signals, run_event_loop, serve
 
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    log_setup.configure(args.log_level)
 
     async def main(config) -> None:
         await serve(config, *on_stop_signals())

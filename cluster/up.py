@@ -15,6 +15,7 @@ import ray
 
 from cluster.config import ClusterConfig
 from cluster.controller import controller_class
+from cluster.log_setup import ray_runtime_env
 from cluster.worker_actor import CONTROLLER_NAME
 from contract.heap import freeze_startup_heap
 from engine.errors import ModelLoadError
@@ -82,7 +83,7 @@ def write_token_file(port: int, token: str) -> Path:
 
 def start_ray(config: ClusterConfig) -> None:
     if config.address:
-        ray.init(address=config.address, namespace=config.namespace, log_to_driver=True)
+        ray.init(address=config.address, namespace=config.namespace, log_to_driver=True, runtime_env=ray_runtime_env())
         return
     # Token auth for this embedded cluster is chosen in cluster.cli, before `import ray` reads RAY_AUTH_MODE.
     pools = (config.prefill, config.decode)
@@ -97,6 +98,7 @@ def start_ray(config: ClusterConfig) -> None:
         log_to_driver=True,
         configure_logging=True,
         logging_level=logging.WARNING,
+        runtime_env=ray_runtime_env(),
     )
 
 

@@ -74,7 +74,13 @@ def test_up_serves_reports_status_and_stops_cleanly(tmp_path):
         assert family, "Ray and the workers run as children of `splitserve up`"
         process.send_signal(signal.SIGTERM)
         process.wait(timeout=90)
-        assert process.returncode == 0, "".join(output) + process.stdout.read()
+        said = "".join(output) + process.stdout.read()
+        assert process.returncode == 0, said
+        # The controller's record reaches up's output at its --log-level (INFO): Ray's processes logged WARNING alone
+        for role in ("prefill", "decode"):
+            assert re.search(
+                rf"\(Controller pid=\d+\).* INFO cluster\.controller: worker {role}-\w+ \({role}\) registered", said
+            ), said
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline and any(alive(pid) for pid in family):
             time.sleep(0.5)
