@@ -17,6 +17,7 @@ from pathlib import Path
 import yaml
 
 from contract.bounds import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, Bound, check_bounds
+from contract.model_card import check_served_model_name
 from engine.config import DEVICES, DTYPES, EngineConfig, check_step_limits
 from router.config import BOUNDS, RouterConfig
 
@@ -200,6 +201,7 @@ class ClusterConfig:
     router: RouterConfig = field(default_factory=RouterConfig)
 
     def __post_init__(self) -> None:
+        check_served_model_name(self.served_model_name)
         self._check_worker_settings()
         if self.transport not in ("grpc", "nixl"):
             raise ValueError(f"transport must be grpc or nixl, got {self.transport!r}")
@@ -241,6 +243,8 @@ class ClusterConfig:
                 )
 
     def _check_ray_settings(self) -> None:
+        if not self.namespace:
+            raise ValueError("namespace must not be empty: it names the cluster's Ray namespace")
         if self.ray_num_cpus is not None and self.address is not None:
             raise ValueError(
                 f"ray_num_cpus sizes the embedded Ray only; a joined Ray cluster (address {self.address!r}) has its "

@@ -81,6 +81,23 @@ def write_token_file(port: int, token: str) -> Path:
     return path
 
 
+def check_ray_options(config: ClusterConfig) -> None:
+    """Each pool's worker options as Ray reads them when the controller places a worker (CPU or GPU named as a
+    custom resource, a fraction finer than 0.0001, an accelerator count it does not support): ValueError naming the
+    pool's keys before Ray starts, where Ray's refusal was a traceback from inside the controller."""
+    try:
+        from ray._common.ray_option_utils import validate_actor_options
+    except ImportError:  # Ray before 2.49
+        from ray._private.ray_option_utils import validate_actor_options
+    for role in ("prefill", "decode"):
+        pool = config.pool(role)
+        options = {"num_cpus": pool.num_cpus, "num_gpus": pool.num_gpus, "resources": dict(pool.resources) or None}
+        try:
+            validate_actor_options(options, in_options=True)
+        except ValueError as exc:
+            raise ValueError(f"{role}.num_cpus, {role}.num_gpus or {role}.resources: {exc}") from None
+
+
 def start_ray(config: ClusterConfig) -> None:
     if config.address:
         ray.init(address=config.address, namespace=config.namespace, log_to_driver=True, runtime_env=ray_runtime_env())
@@ -234,6 +251,7 @@ def up(config: ClusterConfig) -> int:
         read_tls(config.router)
         prepare_model(config.model)  # a GGUF preset is built once, before the router and the workers read it
         resolve_model_config(config.model)  # a model that is none (a typo) is said now, not once Ray started
+        check_ray_options(config)
     except (ListenError, ModelLoadError, ValueError) as exc:
         print(f"splitserve: {exc}", file=sys.stderr, flush=True)
         return 2

@@ -148,6 +148,13 @@ def _differences(reference: ModelCard, worker: ModelCard | None) -> list[tuple[s
 # -- names --------------------------------------------------------------------------------------------
 
 
+def check_served_model_name(name: str | None) -> None:
+    """ValueError for a served model name set to nothing (--served-model-name ''): it was taken as unset, and the
+    model served under its default name. None: unset."""
+    if name is not None and not name.strip():
+        raise ValueError("served_model_name (--served-model-name) must not be empty: leave it unset for the default")
+
+
 def default_served_model_name(source: str) -> str:
     """A preset's name, or a model directory's basename: never a path unless the user passes one."""
     return PurePath(source.rstrip("/")).name or source

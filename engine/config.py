@@ -7,6 +7,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from contract.model_card import check_served_model_name
 from engine.errors import ModelLoadError
 
 SUPPORTED_ARCHITECTURES = (
@@ -238,6 +239,7 @@ class EngineConfig:
     cuda_graph_max_batch: int = 64  # CUDA: decode steps up to this batch replay captured graphs; 0: never
 
     def __post_init__(self) -> None:
+        check_served_model_name(self.served_model_name)
         if self.cuda_graph_max_batch < 0:
             raise ValueError(f"cuda_graph_max_batch must be >= 0, got {self.cuda_graph_max_batch}")
         if self.block_size < 1 or self.block_size & (self.block_size - 1):

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from contract.bounds import AT_LEAST_ONE, LEASE_MS, NON_NEGATIVE, PORT, POSITIVE, check_bounds
+from contract.model_card import check_served_model_name
 
 ROUTING_POLICIES = ("kv_aware", "load")
 MIGRATION_POLICIES = ("prefill", "local")
@@ -105,6 +106,7 @@ class RouterConfig:
     tls_keyfile: str | None = None
 
     def __post_init__(self) -> None:
+        check_served_model_name(self.served_model_name)
         if (self.tls_certfile is None) != (self.tls_keyfile is None):
             raise ValueError("tls_certfile and tls_keyfile go together: give both or neither")
         for name, allowed in CHOICES.items():

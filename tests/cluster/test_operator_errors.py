@@ -416,3 +416,34 @@ def test_max_decode_zero_is_refused_by_its_flag(capsys):
     with pytest.raises(SystemExit):
         build_parser().parse_args(["up", "--max-decode", "0"])
     assert "--max-decode: must be >= 1, got 0" in capsys.readouterr().err
+
+
+def test_an_empty_served_model_name_is_refused_by_every_command(tmp_path):
+    """--served-model-name '' (or served_model_name: '' in a config file) was taken as unset: the model was served
+    under its default name. The Helm chart's schema refused it; every command now does, before it starts anything."""
+    for argv in (
+        ("up", "--model", "demo", "--served-model-name", ""),
+        ("router", "--decode", "127.0.0.1:1", "--served-model-name", ""),
+        ("worker", "decode", "--model", "demo", "--insecure", "--served-model-name", ""),
+    ):
+        assert_refused(cli(*argv, home=tmp_path), "served_model_name (--served-model-name) must not be empty")
+    with pytest.raises(ValueError, match="served_model_name"):
+        from_dict({"served_model_name": ""})
+
+
+def test_ray_options_ray_would_refuse_are_refused_before_ray_starts(tmp_path):
+    """A pool's resources Ray refuses at placement (CPU or GPU as a custom resource, a fraction finer than Ray's
+    0.0001, an accelerator count it does not support) crashed `up` with a traceback from inside the controller; an
+    empty namespace, inside ray.init. Each is now one line naming the keys, before Ray starts."""
+    for pool, said in (
+        ("resources: {GPU: 1}", "Use the 'num_cpus' and 'num_gpus'"),
+        ("num_cpus: 0.00001", "cannot go beyond 0.0001"),
+        ("resources: {TPU: 3}", "not a supported chip configuration"),
+    ):
+        config = tmp_path / "cluster.yaml"
+        config.write_text(f"model: demo\ndecode:\n  {pool}\n")
+        result = cli("up", "--config", str(config), home=tmp_path)
+        assert_refused(result, "decode.num_cpus, decode.num_gpus or decode.resources", said)
+        assert "Ray" not in result.stdout  # refused before Ray started
+    (tmp_path / "cluster.yaml").write_text("model: demo\nnamespace: ''\n")
+    assert_refused(cli("up", "--config", str(tmp_path / "cluster.yaml"), home=tmp_path), "namespace must not be empty")
