@@ -165,6 +165,10 @@ class NotReady(RuntimeError):
     """The workers did not start: `up` tears the cluster down and says why."""
 
 
+class AlreadyRunning(RuntimeError):
+    """The Ray cluster joined already runs a splitserve cluster in this namespace: `up` starts nothing."""
+
+
 async def run_cluster(
     config: ClusterConfig, stop: asyncio.Event, on_ready=None, cut: asyncio.Event | None = None
 ) -> None:
@@ -173,17 +177,23 @@ async def run_cluster(
     # (never a command line), and to the router in this process.
     cluster_secret = secret_from_env() or secrets.token_urlsafe(32)
     # On the head node: the autoscaler may remove an idle worker node, never the head.
-    controller = (
-        controller_class()
-        .options(
-            name=CONTROLLER_NAME,
-            namespace=config.namespace,
-            num_cpus=0,
-            max_concurrency=1000,
-            resources={"node:__internal_head__": 0.001},
+    try:
+        controller = (
+            controller_class()
+            .options(
+                name=CONTROLLER_NAME,
+                namespace=config.namespace,
+                num_cpus=0,
+                max_concurrency=1000,
+                resources={"node:__internal_head__": 0.001},
+            )
+            .remote(config.without_secrets().to_json(), cluster_secret)
         )
-        .remote(config.without_secrets().to_json(), cluster_secret)
-    )
+    except ray.exceptions.ActorAlreadyExistsError:
+        raise AlreadyRunning(
+            f"this Ray cluster already runs a splitserve cluster in namespace {config.namespace!r}: stop it, or give "
+            "this one a namespace of its own (namespace in the config file)"
+        ) from None
     await controller.start.remote()
     admin_token = config.router.admin_token or secrets.token_urlsafe(24)
     router_config = config.router_config(cluster_secret=cluster_secret, admin_token=admin_token)
@@ -269,6 +279,9 @@ def up(config: ClusterConfig) -> int:
     except NotReady as exc:
         print(f"splitserve: not ready — {exc}; stopped", file=sys.stderr, flush=True)
         return 1
+    except AlreadyRunning as exc:
+        print(f"splitserve: {exc}", file=sys.stderr, flush=True)
+        return 2
     except ControlPlaneLost as exc:
         print(f"splitserve: {exc}; its workers died with it: stopped", file=sys.stderr, flush=True)
         return 1

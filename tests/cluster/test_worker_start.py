@@ -3,6 +3,7 @@ sees it, says why in its status, restarts it (bounded) and stops waiting for it,
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import pytest
@@ -11,6 +12,7 @@ import ray
 from cluster.admin_client import format_status
 from cluster.config import ClusterConfig, PoolSpec
 from cluster.controller import controller_class
+from cluster.up import AlreadyRunning, run_cluster
 from cluster.worker_actor import CONTROLLER_NAME
 from tests.cluster.harness import start_local_ray
 
@@ -92,3 +94,19 @@ def test_a_worker_killed_while_starting_is_restarted_and_serves(tmp_path):
         assert worker["last_error"].startswith("died while starting:"), worker
     finally:
         _stop(controller)
+
+
+def test_up_on_a_ray_that_runs_a_cluster_in_its_namespace_starts_nothing_and_says_so():
+    """`up --address` joined to a Ray cluster whose namespace already has a splitserve controller crashed with Ray's
+    ActorAlreadyExistsError traceback (advising ray.get_actor); it now refuses, naming the namespace setting."""
+
+    @ray.remote(num_cpus=0)
+    class Taken:
+        pass
+
+    holder = Taken.options(name=CONTROLLER_NAME, namespace="splitserve-taken").remote()
+    try:
+        with pytest.raises(AlreadyRunning, match="already runs a splitserve cluster in namespace 'splitserve-taken'"):
+            asyncio.run(run_cluster(ClusterConfig(model="demo", namespace="splitserve-taken"), asyncio.Event()))
+    finally:
+        ray.kill(holder)
