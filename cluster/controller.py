@@ -3,7 +3,7 @@
 It starts worker actors with the resources their pool asks for, learns their gRPC addresses as they
 register, checks their health, restarts crashed ones (bounded) and replaces ones that are gone — a
 worker that dies while still starting included, its reason shown in ``status`` — kills and restarts
-the same way one that hangs (answers no health check for HUNG_AFTER_S), drains workers it scales
+the same way one that hangs (answers no health check for HUNG_AFTER_S, nor Ray's ping), drains workers it scales
 away (killing one that hangs while draining), runs the SLO planner, and tells routers about membership
 changes through ``watch`` (a long poll: it answers as soon as the membership version moves).
 """
@@ -34,10 +34,11 @@ UNHEALTHY_AFTER = 2
 FAILED_KEPT = 10  # failed workers kept in the status, for their reasons (the latest ones)
 REPLACE_BACKOFF_MAX_S = 60.0  # a pool whose workers keep failing gets a replacement at most this often
 GONE = ("dead", "failed")  # dead: retired; failed: died once too often (last_error says why), replaced
-# A worker that has answered no health check for this long is hung (a stopped process, a wedged device or engine):
-# it is killed, and restarted or replaced as a dead one is. The cluster's bound on a silent member: by then keepalive
-# has ended the routers' calls to it and its streams have moved, so nothing waits on it any more.
-HUNG_AFTER_S = PEER_SILENCE_S
+# A worker that has answered no health check for this long, and its actor no Ray ping either, is hung (a stopped
+# process, a wedged host): it is killed, and restarted or replaced as a dead one is. Three times the cluster's bound
+# on a silent member (by then keepalive has ended the routers' calls to it and its streams have moved): a worker
+# starting on a starved CPU missed its checks for 11 s, and one that answers Ray is alive, however slow.
+HUNG_AFTER_S = 3 * PEER_SILENCE_S
 
 
 @dataclass
@@ -447,26 +448,26 @@ class Controller:
             await self._check_actor(record)
 
     async def _check_actor(self, record: WorkerRecord) -> None:
-        """An unreachable worker whose actor died is restarted (up to max_restarts), then replaced; one whose actor
-        lives but that has answered no health check for HUNG_AFTER_S is hung: killed, then the same. A draining
-        worker is retired instead, by its drain's end (_finish_drain): a dead one's drain call fails, a hung one's
-        fails once it is killed here."""
+        """An unreachable worker whose actor died is restarted (up to max_restarts), then replaced; one that has
+        answered no health check for HUNG_AFTER_S and whose actor answers no Ray ping is hung: killed, then the
+        same. A draining worker is retired instead, by its drain's end (_finish_drain): a dead one's drain call
+        fails, a hung one's fails once it is killed here."""
         actor = self.actors.get(record.worker_id)
         if actor is None:
             return  # retired meanwhile
         try:
             await asyncio.wait_for(actor.ping.remote(), 2.0)
-            ping = "answers Ray's ping"
+            return  # alive, not answering gRPC for now (a stalled machine): unhealthy, out of routing, until it does
         except TimeoutError:
-            ping = "answers no Ray ping either"
+            pass
         except ray.exceptions.RayError as exc:
             if self.actors.get(record.worker_id) is actor and record.state != "draining":
                 await self._actor_died(record, f"died: {_death_reason(exc)}")
             return
         silent_s = time.monotonic() - (record.silent_since or time.monotonic())
         if silent_s < HUNG_AFTER_S or self.actors.get(record.worker_id) is not actor:
-            return  # alive, not answering gRPC for now (a stalled machine): unhealthy, out of routing, until it does
-        reason = f"hung: answered no health check for {silent_s:.0f} s and {ping}; killed"
+            return
+        reason = f"hung: answered no health check for {silent_s:.0f} s, nor Ray's ping; killed"
         if record.state == "draining":
             log.warning("draining worker %s %s", record.worker_id, reason)
             ray.kill(actor, no_restart=True)
